@@ -1,0 +1,392 @@
+//! `fsck` (structure, reference counts, space accounting, leaks) and
+//! `scrub` (read and verify every node and data extent).
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::pool::Pool;
+
+/// What fsck found.
+#[derive(Debug, Default, Serialize)]
+pub struct FsckReport {
+    pub errors: Vec<String>,
+    pub volumes: usize,
+    pub snapshots: usize,
+    pub volume_nodes: u64,
+    pub refcount_nodes: u64,
+    pub catalog_nodes: u64,
+    pub catalog_blocks: u64,
+    pub extents: u64,
+    pub data_bytes: u64,
+    pub used_blocks: u64,
+    pub deferred_free_blocks: u64,
+    pub leaked_blocks: u64,
+}
+
+impl FsckReport {
+    pub fn is_clean(&self) -> bool {
+        self.errors.is_empty()
+    }
+    /// Metadata bytes (every tree node and catalog record).
+    pub fn metadata_bytes(&self) -> u64 {
+        (self.volume_nodes + self.refcount_nodes + self.catalog_nodes + self.catalog_blocks) * UNIT
+    }
+}
+
+/// One bad spot found by scrub.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScrubError {
+    /// `volume NAME` or `snapshot VOLUME@ID`.
+    pub target: String,
+    /// Byte offset in the target (for a node: the first offset it maps).
+    pub offset: u64,
+    pub pool_block: u64,
+    pub what: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ScrubReport {
+    pub nodes_checked: u64,
+    pub extents_checked: u64,
+    pub bytes_checked: u64,
+    pub errors: Vec<ScrubError>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Obj {
+    Node,
+    Extent(u32),
+}
+
+impl Pool {
+    /// Checks the whole pool: every tree's structure and checksums, that the
+    /// stored reference counts equal the references actually present, and
+    /// that every allocated block is accounted for (no leaks, no overlaps).
+    pub fn fsck(&self) -> Result<FsckReport> {
+        let mut g = self.lock()?;
+        let mut rep = FsckReport::default();
+        let roots = g.roots();
+        rep.volumes = roots.iter().filter(|r| r.0.starts_with("volume ")).count();
+        rep.snapshots = roots.len() - rep.volumes;
+        let total = g.store.alloc.total();
+        // Expected references, from walking every root.
+        let mut refs: HashMap<u64, (u32, Obj)> = HashMap::new();
+        let mut entries_under: HashMap<u64, u64> = HashMap::new();
+        for (name, root, bs) in &roots {
+            if root.is_null() {
+                continue;
+            }
+            let first = {
+                let e = refs.entry(root.addr).or_insert((0, Obj::Node));
+                e.0 += 1;
+                e.0 == 1
+            };
+            if !first {
+                continue;
+            }
+            // (ptr, lo, hi, level above)
+            let mut stack = vec![(*root, 0u64, u64::MAX, u8::MAX)];
+            while let Some((p, lo, hi, parent_level)) = stack.pop() {
+                let n = match g.store.load(TreeKind::Volume, p) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        rep.errors.push(format!("{name}: {e}"));
+                        continue;
+                    }
+                };
+                rep.volume_nodes += 1;
+                if parent_level != u8::MAX && n.level + 1 != parent_level {
+                    rep.errors.push(format!(
+                        "{name}: node at block {} has level {} under level {}",
+                        p.addr, n.level, parent_level
+                    ));
+                }
+                if n.is_empty() {
+                    rep.errors
+                        .push(format!("{name}: empty node at block {}", p.addr));
+                }
+                if n.keys.first().is_some_and(|&k| k < lo)
+                    || n.keys.last().is_some_and(|&k| k >= hi)
+                {
+                    rep.errors.push(format!(
+                        "{name}: node at block {} has keys outside its parent's range",
+                        p.addr
+                    ));
+                }
+                for i in 0..n.len() {
+                    if n.is_leaf() {
+                        let e = Extent::decode(n.val(i));
+                        rep.extents += 1;
+                        if e.stored_len == 0
+                            || e.stored_len > *bs
+                            || e.addr < RESERVED_BLOCKS
+                            || e.addr + e.blocks() as u64 > total
+                        {
+                            rep.errors.push(format!(
+                                "{name}: bad extent at offset {} (block {}, {} bytes)",
+                                n.keys[i] * *bs as u64,
+                                e.addr,
+                                e.stored_len
+                            ));
+                            continue;
+                        }
+                        let r = refs.entry(e.addr).or_insert((0, Obj::Extent(e.blocks())));
+                        r.0 += 1;
+                        if r.1 != Obj::Extent(e.blocks()) {
+                            rep.errors.push(format!(
+                                "{name}: pool block {} is used as two different objects",
+                                e.addr
+                            ));
+                        }
+                        if r.0 == 1 {
+                            rep.data_bytes += e.stored_len as u64;
+                        }
+                    } else {
+                        let c = n.child(i);
+                        let chi = if i + 1 < n.len() { n.keys[i + 1] } else { hi };
+                        let r = refs.entry(c.addr).or_insert((0, Obj::Node));
+                        r.0 += 1;
+                        if r.1 != Obj::Node {
+                            rep.errors.push(format!(
+                                "{name}: pool block {} is used as two different objects",
+                                c.addr
+                            ));
+                        }
+                        if r.0 == 1 {
+                            stack.push((c, n.keys[i].max(lo), chi, n.level));
+                        }
+                    }
+                }
+            }
+        }
+        // Per-volume allocated block counters.
+        for (name, root, _bs) in &roots {
+            let counted = count_entries(&mut g, *root, &mut entries_under);
+            match counted {
+                Ok(c) => {
+                    if let Some(stored) = g.allocated_blocks_of(name) {
+                        if stored != c {
+                            rep.errors.push(format!(
+                                "{name}: records {stored} allocated blocks, tree maps {c}"
+                            ));
+                        }
+                    }
+                }
+                Err(e) => rep.errors.push(format!("{name}: {e}")),
+            }
+        }
+        // Stored reference counts against the expected ones.
+        let mut stored: HashMap<u64, RcVal> = HashMap::new();
+        let rc_root = g.store.rc_root;
+        let mut rc_nodes = Vec::new();
+        let walk = g.walk_nodes(TreeKind::Refcount, rc_root, &mut |addr, n| {
+            rc_nodes.push(addr);
+            if n.is_leaf() {
+                for i in 0..n.len() {
+                    stored.insert(n.keys[i], RcVal::decode(n.val(i)));
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = walk {
+            rep.errors.push(format!("refcount tree: {e}"));
+        }
+        // Uncommitted changes override the tree.
+        for (a, v) in g.store.rc_delta.clone() {
+            match v {
+                Some(v) => stored.insert(a, v),
+                None => stored.remove(&a),
+            };
+        }
+        rep.refcount_nodes = rc_nodes.len() as u64;
+        for (addr, (n, obj)) in &refs {
+            let blocks = match obj {
+                Obj::Node => 1,
+                Obj::Extent(b) => *b,
+            };
+            match stored.get(addr) {
+                None => rep.errors.push(format!(
+                    "pool block {addr} is referenced {n} time(s) but has no refcount"
+                )),
+                Some(v) if v.refs != *n || v.blocks != blocks => rep.errors.push(format!(
+                    "pool block {addr}: refcount {} x {} blocks stored, {n} x {blocks} found",
+                    v.refs, v.blocks
+                )),
+                _ => {}
+            }
+        }
+        for (addr, v) in &stored {
+            if !refs.contains_key(addr) {
+                rep.errors.push(format!("pool block {addr} ({} blocks) has refcount {} but nothing references it (leak)", v.blocks, v.refs));
+                rep.leaked_blocks += v.blocks as u64;
+            }
+        }
+        // Space accounting: every used block is owned by exactly one object.
+        let mut claimed = vec![false; total as usize];
+        let mut claim = |rep: &mut FsckReport, a: u64, n: u64, what: &str| {
+            for b in a..a + n {
+                match claimed.get_mut(b as usize) {
+                    Some(c) if !*c => *c = true,
+                    Some(_) => {
+                        rep.errors
+                            .push(format!("pool block {b} is claimed twice ({what})"));
+                        return;
+                    }
+                    None => {
+                        rep.errors
+                            .push(format!("pool block {b} lies past the end ({what})"));
+                        return;
+                    }
+                }
+            }
+        };
+        claim(&mut rep, 0, RESERVED_BLOCKS, "reserved");
+        for (addr, (_, obj)) in &refs {
+            let n = match obj {
+                Obj::Node => 1,
+                Obj::Extent(b) => *b as u64,
+            };
+            claim(&mut rep, *addr, n, "volume data");
+        }
+        for a in &rc_nodes {
+            claim(&mut rep, *a, 1, "refcount node");
+        }
+        let cat_root = g.catalog_root();
+        let mut cat_nodes = Vec::new();
+        if let Err(e) = g.walk_nodes(TreeKind::Catalog, cat_root, &mut |a, _| {
+            cat_nodes.push(a);
+            Ok(())
+        }) {
+            rep.errors.push(format!("catalog tree: {e}"));
+        }
+        rep.catalog_nodes = cat_nodes.len() as u64;
+        for a in cat_nodes {
+            claim(&mut rep, a, 1, "catalog node");
+        }
+        for (a, n) in g.blob_list() {
+            rep.catalog_blocks += n;
+            claim(&mut rep, a, n, "catalog record");
+        }
+        for (a, n) in g.deferred_frees() {
+            rep.deferred_free_blocks += n;
+            claim(&mut rep, a, n, "freed, awaiting commit");
+        }
+        let uncommitted = g.has_uncommitted();
+        for (b, c) in claimed.iter().enumerate() {
+            let used = g.store.alloc.is_set(b as u64);
+            if *c && !used {
+                rep.errors
+                    .push(format!("pool block {b} is in use but marked free"));
+            } else if !*c && used && !uncommitted {
+                rep.errors.push(format!(
+                    "pool block {b} is marked used but nothing owns it (leak)"
+                ));
+                rep.leaked_blocks += 1;
+            }
+        }
+        rep.used_blocks = g.store.alloc.used();
+        Ok(rep)
+    }
+
+    /// Reads every node and data extent from the device and verifies its
+    /// checksum; names the volume or snapshot and offset of each bad spot.
+    pub fn scrub(&self) -> Result<ScrubReport> {
+        let mut g = self.lock()?;
+        let mut rep = ScrubReport::default();
+        let roots = g.roots();
+        let mut seen_nodes: HashMap<u64, bool> = HashMap::new();
+        let mut seen_ext: HashMap<u64, bool> = HashMap::new();
+        let dev = self.dev().clone();
+        for (name, root, bs) in roots {
+            if root.is_null() {
+                continue;
+            }
+            let mut stack = vec![(root, 0u64)];
+            while let Some((p, first_key)) = stack.pop() {
+                let node = if g.store.dirty.contains_key(&p.addr) {
+                    g.store.load(TreeKind::Volume, p)
+                } else {
+                    let mut buf = vec![0u8; NODE_SIZE];
+                    dev.read_at(&mut buf, p.addr * UNIT)
+                        .map_err(Error::from)
+                        .and_then(|_| Node::decode(&buf, p.addr, p.csum))
+                        .map(std::sync::Arc::new)
+                };
+                let n = match node {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if seen_nodes.insert(p.addr, false).is_none() {
+                            rep.nodes_checked += 1;
+                        }
+                        rep.errors.push(ScrubError {
+                            target: name.clone(),
+                            offset: first_key * bs as u64,
+                            pool_block: p.addr,
+                            what: e.to_string(),
+                        });
+                        continue;
+                    }
+                };
+                if seen_nodes.insert(p.addr, true).is_none() {
+                    rep.nodes_checked += 1;
+                }
+                for i in 0..n.len() {
+                    if !n.is_leaf() {
+                        stack.push((n.child(i), n.keys[i]));
+                        continue;
+                    }
+                    let e = Extent::decode(n.val(i));
+                    let ok = match seen_ext.get(&e.addr) {
+                        Some(ok) => *ok,
+                        None => {
+                            let mut buf = vec![0u8; e.stored_len as usize];
+                            let ok =
+                                dev.read_at(&mut buf, e.addr * UNIT).is_ok() && crc(&buf) == e.csum;
+                            rep.extents_checked += 1;
+                            rep.bytes_checked += e.stored_len as u64;
+                            seen_ext.insert(e.addr, ok);
+                            ok
+                        }
+                    };
+                    if !ok {
+                        rep.errors.push(ScrubError {
+                            target: name.clone(),
+                            offset: n.keys[i] * bs as u64,
+                            pool_block: e.addr,
+                            what: "data checksum mismatch".into(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(rep)
+    }
+}
+
+fn count_entries(
+    g: &mut crate::pool::Inner,
+    root: Ptr,
+    memo: &mut HashMap<u64, u64>,
+) -> Result<u64> {
+    if root.is_null() {
+        return Ok(0);
+    }
+    if let Some(c) = memo.get(&root.addr) {
+        return Ok(*c);
+    }
+    let n = g.store.load(TreeKind::Volume, root)?;
+    let c = if n.is_leaf() {
+        n.len() as u64
+    } else {
+        let mut c = 0;
+        for i in 0..n.len() {
+            c += count_entries(g, n.child(i), memo)?;
+        }
+        c
+    };
+    memo.insert(root.addr, c);
+    Ok(c)
+}

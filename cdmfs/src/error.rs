@@ -1,0 +1,63 @@
+//! Engine errors. Every failure the engine can meet has a variant with enough
+//! context to name what is wrong (which pool block, which volume and offset).
+
+use std::io;
+
+/// Result type of the engine.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Errors of the cdmfs engine.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("not a cdmfs pool (bad magic in every superblock slot)")]
+    BadMagic,
+    #[error("pool format version {found} is newer than this program supports ({supported})")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("pool is truncated: superblock says {expected} bytes, device has {actual}")]
+    Truncated { expected: u64, actual: u64 },
+    #[error("corrupt pool: {0}")]
+    Corrupt(String),
+    #[error("checksum mismatch in {what} at pool block {block}")]
+    MetadataChecksum { what: &'static str, block: u64 },
+    #[error("checksum mismatch reading {target} at offset {offset} (pool block {block})")]
+    DataChecksum {
+        target: String,
+        offset: u64,
+        block: u64,
+    },
+    #[error("no space left in pool")]
+    NoSpace,
+    #[error("I/O out of range: offset {offset} + length {len} exceeds size {size}")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Exists(String),
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    #[error("read-only: {0}")]
+    ReadOnly(String),
+    #[error("busy: {0}")]
+    Busy(String),
+    #[error("pool is failed after an earlier I/O error; reopen it")]
+    Failed,
+}
+
+impl Error {
+    /// The errno an I/O layer (NBD, FUSE) should report for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            Error::NoSpace => libc::ENOSPC,
+            Error::OutOfRange { .. } | Error::Invalid(_) => libc::EINVAL,
+            Error::NotFound(_) => libc::ENOENT,
+            Error::Exists(_) => libc::EEXIST,
+            Error::ReadOnly(_) => libc::EPERM,
+            Error::Busy(_) => libc::EBUSY,
+            _ => libc::EIO,
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! On-disk structures: superblock ring, B+tree nodes and their value types.
+//! All integers are little-endian. See docs/on-disk-format.md.
+
+use crate::error::{Error, Result};
+
+/// Allocation unit of the pool: every address is a block number of this size.
+pub const UNIT: u64 = 4096;
+/// Size of a B+tree node (one unit).
+pub const NODE_SIZE: usize = 4096;
+/// Number of superblock slots in the ring (blocks 0..SB_SLOTS).
+pub const SB_SLOTS: u64 = 4;
+/// Blocks reserved at the start of the pool (superblock ring and room for labels).
+pub const RESERVED_BLOCKS: u64 = 256;
+/// Bytes of a superblock that are checksummed (fits in one 512-byte sector,
+/// which disks write atomically).
+pub const SB_BYTES: usize = 512;
+pub const SB_MAGIC: &[u8; 8] = b"CDMFSPL\0";
+pub const FORMAT_VERSION: u32 = 1;
+pub const NODE_MAGIC: u32 = u32::from_le_bytes(*b"CDMN");
+pub const NODE_HDR: usize = 32;
+
+/// Volume block sizes the engine accepts.
+pub const MIN_BLOCK_SIZE: u32 = 4096;
+pub const MAX_BLOCK_SIZE: u32 = 1 << 20;
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+
+pub fn crc(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
+pub(crate) fn rd_u16(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+pub(crate) fn rd_u32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
+}
+pub(crate) fn rd_u64(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+pub(crate) fn wr_u16(b: &mut [u8], o: usize, v: u16) {
+    b[o..o + 2].copy_from_slice(&v.to_le_bytes());
+}
+pub(crate) fn wr_u32(b: &mut [u8], o: usize, v: u32) {
+    b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+}
+pub(crate) fn wr_u64(b: &mut [u8], o: usize, v: u64) {
+    b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// A pointer to a node or blob with the checksum of what it points to
+/// (parents carry their children's checksums: a Merkle tree).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ptr {
+    pub addr: u64,
+    pub csum: u32,
+}
+
+impl Ptr {
+    pub const NULL: Ptr = Ptr { addr: 0, csum: 0 };
+    pub fn is_null(&self) -> bool {
+        self.addr == 0
+    }
+}
+
+/// The superblock: points at the catalog and refcount trees of one commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub version: u32,
+    pub uuid: [u8; 16],
+    pub generation: u64,
+    pub total_blocks: u64,
+    /// Upper bound of entries per node (0 = as many as fit); small values
+    /// make deep trees for tests.
+    pub max_fanout: u32,
+    pub catalog: Ptr,
+    pub refcounts: Ptr,
+    pub next_id: u64,
+    pub commit_time_ns: u64,
+}
+
+impl Superblock {
+    pub fn encode(&self) -> [u8; SB_BYTES] {
+        let mut b = [0u8; SB_BYTES];
+        b[0..8].copy_from_slice(SB_MAGIC);
+        wr_u32(&mut b, 8, self.version);
+        wr_u32(&mut b, 12, 0); // incompatible feature flags
+        b[16..32].copy_from_slice(&self.uuid);
+        wr_u64(&mut b, 32, self.generation);
+        wr_u64(&mut b, 40, self.total_blocks);
+        wr_u32(&mut b, 48, UNIT as u32);
+        wr_u32(&mut b, 52, NODE_SIZE as u32);
+        wr_u32(&mut b, 56, self.max_fanout);
+        wr_u64(&mut b, 64, self.catalog.addr);
+        wr_u32(&mut b, 72, self.catalog.csum);
+        wr_u64(&mut b, 80, self.refcounts.addr);
+        wr_u32(&mut b, 88, self.refcounts.csum);
+        wr_u64(&mut b, 96, self.next_id);
+        wr_u64(&mut b, 104, self.commit_time_ns);
+        let c = crc(&b[..SB_BYTES - 4]);
+        wr_u32(&mut b, SB_BYTES - 4, c);
+        b
+    }
+
+    /// Decodes one slot. `Ok(None)` for a slot that was never written.
+    pub fn decode(b: &[u8]) -> std::result::Result<Option<Superblock>, SbError> {
+        if b.len() < SB_BYTES {
+            return Err(SbError::Torn);
+        }
+        if b[..SB_BYTES].iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        if &b[0..8] != SB_MAGIC {
+            return Err(SbError::Magic);
+        }
+        if crc(&b[..SB_BYTES - 4]) != rd_u32(b, SB_BYTES - 4) {
+            return Err(SbError::Torn);
+        }
+        let version = rd_u32(b, 8);
+        if version > FORMAT_VERSION || rd_u32(b, 12) != 0 {
+            return Err(SbError::Version(version));
+        }
+        if rd_u32(b, 48) as u64 != UNIT || rd_u32(b, 52) as usize != NODE_SIZE {
+            return Err(SbError::Torn);
+        }
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&b[16..32]);
+        Ok(Some(Superblock {
+            version,
+            uuid,
+            generation: rd_u64(b, 32),
+            total_blocks: rd_u64(b, 40),
+            max_fanout: rd_u32(b, 56),
+            catalog: Ptr {
+                addr: rd_u64(b, 64),
+                csum: rd_u32(b, 72),
+            },
+            refcounts: Ptr {
+                addr: rd_u64(b, 80),
+                csum: rd_u32(b, 88),
+            },
+            next_id: rd_u64(b, 96),
+            commit_time_ns: rd_u64(b, 104),
+        }))
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SbError {
+    Magic,
+    Torn,
+    Version(u32),
+}
+
+/// Which tree a node belongs to. Volume trees are shared (refcounted,
+/// snapshotted, cloned); the catalog and refcount trees are private to the
+/// pool and shadowed without refcounts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TreeKind {
+    /// logical block -> [`Extent`]
+    Volume = 1,
+    /// pool block -> [`RcVal`]
+    Refcount = 2,
+    /// record key -> [`Ptr`] to a blob
+    Catalog = 3,
+}
+
+impl TreeKind {
+    pub fn from_u8(v: u8) -> Option<TreeKind> {
+        match v {
+            1 => Some(TreeKind::Volume),
+            2 => Some(TreeKind::Refcount),
+            3 => Some(TreeKind::Catalog),
+            _ => None,
+        }
+    }
+    /// Size of a leaf value.
+    pub fn val_size(self) -> usize {
+        match self {
+            TreeKind::Volume => Extent::SIZE,
+            TreeKind::Refcount => RcVal::SIZE,
+            TreeKind::Catalog => PTR_SIZE,
+        }
+    }
+    pub fn shared(self) -> bool {
+        self == TreeKind::Volume
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            TreeKind::Volume => "volume tree node",
+            TreeKind::Refcount => "refcount tree node",
+            TreeKind::Catalog => "catalog tree node",
+        }
+    }
+}
+
+pub const PTR_SIZE: usize = 12;
+
+pub fn enc_ptr(p: Ptr) -> [u8; PTR_SIZE] {
+    let mut b = [0u8; PTR_SIZE];
+    wr_u64(&mut b, 0, p.addr);
+    wr_u32(&mut b, 8, p.csum);
+    b
+}
+pub fn dec_ptr(b: &[u8]) -> Ptr {
+    Ptr {
+        addr: rd_u64(b, 0),
+        csum: rd_u32(b, 8),
+    }
+}
+
+/// Extent flags. Only `NONE` is written by this version; the others are the
+/// room the data pipeline (compression, encryption, dedup) fills in.
+pub mod flags {
+    pub const COMPRESSED: u16 = 1 << 0;
+    pub const ENCRYPTED: u16 = 1 << 1;
+    pub const DEDUP: u16 = 1 << 2;
+}
+
+/// A leaf value of a volume tree: where one logical block lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// First pool block of the stored bytes.
+    pub addr: u64,
+    /// Stored length in bytes (after compression/encryption); allocated
+    /// length is this rounded up to [`UNIT`].
+    pub stored_len: u32,
+    /// crc32c of the stored bytes.
+    pub csum: u32,
+    pub flags: u16,
+    /// Pipeline parameter (codec level or key slot), 0 for plain data.
+    pub aux: u16,
+}
+
+impl Extent {
+    pub const SIZE: usize = 20;
+    pub fn blocks(&self) -> u32 {
+        self.stored_len.div_ceil(UNIT as u32)
+    }
+    pub fn encode(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        wr_u64(&mut b, 0, self.addr);
+        wr_u32(&mut b, 8, self.stored_len);
+        wr_u32(&mut b, 12, self.csum);
+        wr_u16(&mut b, 16, self.flags);
+        wr_u16(&mut b, 18, self.aux);
+        b
+    }
+    pub fn decode(b: &[u8]) -> Extent {
+        Extent {
+            addr: rd_u64(b, 0),
+            stored_len: rd_u32(b, 8),
+            csum: rd_u32(b, 12),
+            flags: rd_u16(b, 16),
+            aux: rd_u16(b, 18),
+        }
+    }
+}
+
+/// A leaf value of the refcount tree: an allocated object and its references.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RcVal {
+    pub blocks: u32,
+    pub refs: u32,
+}
+
+impl RcVal {
+    pub const SIZE: usize = 8;
+    pub fn encode(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        wr_u32(&mut b, 0, self.blocks);
+        wr_u32(&mut b, 4, self.refs);
+        b
+    }
+    pub fn decode(b: &[u8]) -> RcVal {
+        RcVal {
+            blocks: rd_u32(b, 0),
+            refs: rd_u32(b, 4),
+        }
+    }
+}
+
+/// A B+tree node in memory. Leaves hold `kind.val_size()` bytes per key;
+/// internal nodes hold a [`Ptr`] per key, the key being the smallest key
+/// reachable through that child.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    pub kind: TreeKind,
+    pub level: u8,
+    pub keys: Vec<u64>,
+    pub vals: Vec<u8>,
+}
+
+impl Node {
+    pub fn new(kind: TreeKind, level: u8) -> Node {
+        Node {
+            kind,
+            level,
+            keys: Vec::new(),
+            vals: Vec::new(),
+        }
+    }
+    pub fn is_leaf(&self) -> bool {
+        self.level == 0
+    }
+    pub fn stride(&self) -> usize {
+        if self.is_leaf() {
+            self.kind.val_size()
+        } else {
+            PTR_SIZE
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+    pub fn val(&self, i: usize) -> &[u8] {
+        let s = self.stride();
+        &self.vals[i * s..(i + 1) * s]
+    }
+    pub fn set_val(&mut self, i: usize, v: &[u8]) {
+        let s = self.stride();
+        self.vals[i * s..(i + 1) * s].copy_from_slice(v);
+    }
+    pub fn child(&self, i: usize) -> Ptr {
+        dec_ptr(self.val(i))
+    }
+    pub fn set_child(&mut self, i: usize, p: Ptr) {
+        self.set_val(i, &enc_ptr(p));
+    }
+    pub fn insert_at(&mut self, i: usize, key: u64, v: &[u8]) {
+        let s = self.stride();
+        self.keys.insert(i, key);
+        self.vals.splice(i * s..i * s, v.iter().copied());
+    }
+    pub fn remove_at(&mut self, i: usize) {
+        let s = self.stride();
+        self.keys.remove(i);
+        self.vals.drain(i * s..(i + 1) * s);
+    }
+    /// Moves entries `at..` into a new node.
+    pub fn split_off(&mut self, at: usize) -> Node {
+        let s = self.stride();
+        Node {
+            kind: self.kind,
+            level: self.level,
+            keys: self.keys.split_off(at),
+            vals: self.vals.split_off(at * s),
+        }
+    }
+    /// Index of the child whose range holds `key` (internal nodes).
+    pub fn child_index(&self, key: u64) -> usize {
+        match self.keys.binary_search(&key) {
+            Ok(i) => i,
+            Err(0) => 0,
+            Err(i) => i - 1,
+        }
+    }
+
+    /// Most entries a node of this kind and level can hold.
+    pub fn capacity(kind: TreeKind, level: u8, max_fanout: u32) -> usize {
+        let stride = if level == 0 {
+            kind.val_size()
+        } else {
+            PTR_SIZE
+        };
+        let fit = (NODE_SIZE - NODE_HDR) / (8 + stride);
+        if max_fanout >= 3 {
+            fit.min(max_fanout as usize)
+        } else {
+            fit
+        }
+    }
+
+    /// Serializes the node for pool block `addr`; returns the bytes and their checksum.
+    pub fn encode(&self, addr: u64, generation: u64) -> (Vec<u8>, u32) {
+        let mut b = vec![0u8; NODE_SIZE];
+        wr_u32(&mut b, 0, NODE_MAGIC);
+        wr_u64(&mut b, 8, addr);
+        wr_u64(&mut b, 16, generation);
+        b[24] = self.kind as u8;
+        b[25] = self.level;
+        wr_u16(&mut b, 26, self.keys.len() as u16);
+        let mut o = NODE_HDR;
+        for k in &self.keys {
+            wr_u64(&mut b, o, *k);
+            o += 8;
+        }
+        b[o..o + self.vals.len()].copy_from_slice(&self.vals);
+        let c = crc(&b[8..]);
+        wr_u32(&mut b, 4, c);
+        (b, c)
+    }
+
+    /// Parses and verifies a node read from pool block `addr`, whose parent
+    /// recorded checksum `expect`.
+    pub fn decode(b: &[u8], addr: u64, expect: u32) -> Result<Node> {
+        let bad = |why: &str| Error::Corrupt(format!("node at pool block {addr}: {why}"));
+        if b.len() != NODE_SIZE {
+            return Err(bad("short read"));
+        }
+        let c = crc(&b[8..]);
+        if rd_u32(b, 0) != NODE_MAGIC || c != rd_u32(b, 4) || c != expect {
+            let what = TreeKind::from_u8(b[24])
+                .map(|k| k.name())
+                .unwrap_or("tree node");
+            return Err(Error::MetadataChecksum { what, block: addr });
+        }
+        if rd_u64(b, 8) != addr {
+            return Err(bad("misdirected write (node records another address)"));
+        }
+        let kind = TreeKind::from_u8(b[24]).ok_or_else(|| bad("unknown tree kind"))?;
+        let level = b[25];
+        let n = rd_u16(b, 26) as usize;
+        let stride = if level == 0 {
+            kind.val_size()
+        } else {
+            PTR_SIZE
+        };
+        if level > 32 || NODE_HDR + n * (8 + stride) > NODE_SIZE {
+            return Err(bad("entry count or level out of bounds"));
+        }
+        let mut keys = Vec::with_capacity(n);
+        let mut o = NODE_HDR;
+        for _ in 0..n {
+            keys.push(rd_u64(b, o));
+            o += 8;
+        }
+        if keys.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(bad("keys out of order"));
+        }
+        let vals = b[o..o + n * stride].to_vec();
+        Ok(Node {
+            kind,
+            level,
+            keys,
+            vals,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn superblock_roundtrip_and_damage() {
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            uuid: [7; 16],
+            generation: 42,
+            total_blocks: 1 << 20,
+            max_fanout: 0,
+            catalog: Ptr { addr: 300, csum: 5 },
+            refcounts: Ptr { addr: 301, csum: 6 },
+            next_id: 9,
+            commit_time_ns: 1,
+        };
+        let b = sb.encode();
+        assert_eq!(Superblock::decode(&b).unwrap(), Some(sb.clone()));
+        let mut t = b;
+        t[33] ^= 1;
+        assert_eq!(Superblock::decode(&t), Err(SbError::Torn));
+        let mut m = b;
+        m[0] = b'X';
+        assert_eq!(Superblock::decode(&m), Err(SbError::Magic));
+        assert_eq!(Superblock::decode(&[0u8; SB_BYTES]), Ok(None));
+        let mut v = sb.clone();
+        v.version = FORMAT_VERSION + 1;
+        assert_eq!(
+            Superblock::decode(&v.encode()),
+            Err(SbError::Version(FORMAT_VERSION + 1))
+        );
+    }
+
+    #[test]
+    fn node_roundtrip_and_checks() {
+        let mut n = Node::new(TreeKind::Volume, 0);
+        for i in 0..10u64 {
+            let e = Extent {
+                addr: 1000 + i,
+                stored_len: 65536,
+                csum: i as u32,
+                flags: 0,
+                aux: 0,
+            };
+            n.insert_at(i as usize, i * 3, &e.encode());
+        }
+        let (b, c) = n.encode(77, 3);
+        assert_eq!(Node::decode(&b, 77, c).unwrap(), n);
+        assert!(matches!(Node::decode(&b, 78, c), Err(Error::Corrupt(_))));
+        assert!(matches!(
+            Node::decode(&b, 77, c ^ 1),
+            Err(Error::MetadataChecksum { .. })
+        ));
+        let mut d = b.clone();
+        d[100] ^= 0x10;
+        assert!(matches!(
+            Node::decode(&d, 77, c),
+            Err(Error::MetadataChecksum { .. })
+        ));
+    }
+
+    #[test]
+    fn capacities() {
+        assert_eq!(Node::capacity(TreeKind::Volume, 0, 0), 145);
+        assert_eq!(Node::capacity(TreeKind::Volume, 1, 0), 203);
+        assert_eq!(Node::capacity(TreeKind::Refcount, 0, 0), 254);
+        assert_eq!(Node::capacity(TreeKind::Volume, 0, 4), 4);
+    }
+}

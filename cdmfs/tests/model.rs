@@ -1,0 +1,148 @@
+//! Property tests: random operation sequences on a real pool, every read
+//! compared with a simple in-memory model; fsck clean throughout.
+
+mod common;
+
+use std::sync::Arc;
+
+use cdmfs::{FormatOptions, MemDev, OpenOptions, Pool};
+use common::{Harness, Op};
+use proptest::prelude::*;
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        2 => (16u32..600, any::<u8>()).prop_map(|(size_kib, bs_shift)| Op::Create { size_kib, bs_shift }),
+        12 => (any::<usize>(), any::<u32>(), 1u32..200_000, any::<u8>()).prop_map(|(v, off, len, seed)| Op::Write { v, off, len, seed }),
+        3 => (any::<usize>(), any::<u32>(), 1u32..300_000).prop_map(|(v, off, len)| Op::Zero { v, off, len }),
+        3 => Just(Op::Flush),
+        3 => any::<usize>().prop_map(|v| Op::Snapshot { v }),
+        2 => any::<usize>().prop_map(|s| Op::Clone { s }),
+        2 => any::<usize>().prop_map(|s| Op::DeleteSnapshot { s }),
+        1 => any::<usize>().prop_map(|v| Op::DeleteVolume { v }),
+        1 => (any::<usize>(), 1u32..200).prop_map(|(v, add_kib)| Op::Grow { v, add_kib }),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
+    ]
+}
+
+fn run(ops: &[Op], fanout: u32) {
+    let dev = Arc::new(MemDev::new(64 << 20));
+    Pool::format(&*dev, &FormatOptions { max_fanout: fanout }).unwrap();
+    let opts = OpenOptions {
+        cache_nodes: 64,
+        dirty_limit: 256,
+    };
+    let mut h = Harness::new(dev, opts);
+    h.apply(&Op::Create {
+        size_kib: 300,
+        bs_shift: 0,
+    })
+    .unwrap();
+    for op in ops {
+        if let Some(v) = h.apply(op).unwrap_or_else(|e| panic!("{op:?} failed: {e}")) {
+            h.check_volume(&v);
+        }
+    }
+    h.check_all(&h.model.clone());
+    h.fsck_clean();
+    h.apply(&Op::Reopen).unwrap();
+    h.check_all(&h.model.clone());
+    h.fsck_clean();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Deep trees (fan-out 4) so that splits, collapses and shared
+    /// interior nodes happen within small volumes.
+    #[test]
+    fn deep_trees_match_model(ops in prop::collection::vec(op_strategy(), 1..80)) {
+        run(&ops, 4);
+    }
+
+    /// Real node sizes.
+    #[test]
+    fn full_nodes_match_model(ops in prop::collection::vec(op_strategy(), 1..60)) {
+        run(&ops, 0);
+    }
+}
+
+#[test]
+fn snapshot_chain_and_clones_share_space() {
+    let dev = Arc::new(MemDev::new(256 << 20));
+    Pool::format(&*dev, &FormatOptions::default()).unwrap();
+    let pool = Pool::open(dev.clone(), &OpenOptions::default()).unwrap();
+    let v = pool.create_volume("db", 64 << 20, 65536).unwrap();
+    let data = vec![0xabu8; 32 << 20];
+    pool.write(v.id, 0, &data).unwrap();
+    pool.flush().unwrap();
+    let used0 = pool.space().unwrap().used_bytes;
+    let mut snaps = Vec::new();
+    for i in 0..20u64 {
+        pool.write(v.id, i * 65536, &[i as u8 + 1; 65536]).unwrap();
+        snaps.push(
+            pool.create_snapshot("db", &format!("s{i}"), serde_json::Value::Null)
+                .unwrap()
+                .id,
+        );
+        pool.flush().unwrap();
+    }
+    // 20 changed blocks plus metadata, not 20 copies.
+    let grown = pool.space().unwrap().used_bytes - used0;
+    assert!(grown < 20 * 65536 + 4 << 20, "snapshots cost {grown} bytes");
+    let c = pool.clone_snapshot(snaps[5], "dev1").unwrap();
+    assert_eq!(c.unique_bytes, 0);
+    let mut b = vec![0u8; 65536];
+    pool.read(cdmfs::Target::Volume(c.id), 3 * 65536, &mut b)
+        .unwrap();
+    assert_eq!(b, vec![4u8; 65536]);
+    pool.read(cdmfs::Target::Volume(c.id), 7 * 65536, &mut b)
+        .unwrap();
+    assert_eq!(b, vec![0xab; 65536]);
+    // Deleting every snapshot and the clone returns the space.
+    for s in snaps {
+        pool.delete_snapshot(s).unwrap();
+    }
+    pool.delete_volume("dev1", false).unwrap();
+    for _ in 0..3 {
+        pool.flush().unwrap();
+        pool.write(v.id, 0, &[1; 512]).unwrap();
+    }
+    let rep = pool.fsck().unwrap();
+    assert!(rep.is_clean(), "{:?}", rep.errors);
+    let info = pool.volume("db").unwrap();
+    assert_eq!(info.allocated_bytes, 32 << 20);
+    assert_eq!(info.unique_bytes, 32 << 20);
+}
+
+#[test]
+fn regression_zero_after_snapshot() {
+    run(
+        &[
+            Op::Write {
+                v: 0,
+                off: 3817848832,
+                len: 16385,
+                seed: 0,
+            },
+            Op::Zero {
+                v: 0,
+                off: 536399855,
+                len: 1,
+            },
+            Op::Write {
+                v: 0,
+                off: 404621506,
+                len: 67391,
+                seed: 0,
+            },
+            Op::Snapshot { v: 0 },
+            Op::Zero {
+                v: 0,
+                off: 3243437978,
+                len: 90214,
+            },
+        ],
+        4,
+    );
+}
