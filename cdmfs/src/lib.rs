@@ -14,10 +14,11 @@ pub mod error;
 pub mod format;
 pub mod pool;
 mod store;
+pub mod units;
 
 pub use dev::{BlockDev, CrashDev, FileDev, MemDev};
 pub use error::{Error, Result};
 pub use format::DEFAULT_BLOCK_SIZE;
 pub use pool::{
-    FormatOptions, OpenOptions, Pool, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo,
+    FormatOptions, OpenOptions, PhysicalMap, Pool, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo,
 };

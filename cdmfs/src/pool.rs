@@ -115,6 +115,15 @@ pub struct SpaceInfo {
     pub generation: u64,
 }
 
+/// Physical layout of one target.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PhysicalMap {
+    /// Pool byte offsets of its tree nodes.
+    pub nodes: Vec<u64>,
+    /// (logical byte offset, pool byte offset, stored length) per extent.
+    pub extents: Vec<(u64, u64, u32)>,
+}
+
 /// What an I/O addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Target {
@@ -734,7 +743,7 @@ impl Pool {
         let bs64 = bs as u64;
         let (b0, b1) = (offset / bs64, (offset + data.len() as u64 - 1) / bs64 + 1);
         let _g = self.ranges.lock(vol, b0, b1);
-        self.write_locked(vol, offset, Some(data), data.len() as u64, bs)
+        self.write_locked(vol, offset, Some(data), data.len() as u64, bs, false)
     }
 
     /// Makes a range read as zeros, freeing whole blocks (trim and
@@ -752,13 +761,13 @@ impl Pool {
         let full0 = offset.div_ceil(bs64);
         let full1 = end / bs64;
         if full0 >= full1 {
-            return self.write_locked(vol, offset, None, len, bs);
+            return self.write_locked(vol, offset, None, len, bs, false);
         }
         if offset < full0 * bs64 {
-            self.write_locked(vol, offset, None, full0 * bs64 - offset, bs)?;
+            self.write_locked(vol, offset, None, full0 * bs64 - offset, bs, false)?;
         }
         if end > full1 * bs64 {
-            self.write_locked(vol, full1 * bs64, None, end - full1 * bs64, bs)?;
+            self.write_locked(vol, full1 * bs64, None, end - full1 * bs64, bs, false)?;
         }
         let need_commit = {
             let mut g = self.lock()?;
@@ -786,12 +795,36 @@ impl Pool {
         Ok(())
     }
 
+    /// Writes zeros as allocated data (NBD `NO_HOLE`): block status reports
+    /// the range as data. Copy-on-write means this cannot reserve space for
+    /// later overwrites; it only keeps the range from reading as a hole.
+    pub fn write_zeroes_allocated(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
+        let (size, bs) = self.geometry(Target::Volume(vol))?;
+        check_range(offset, len, size)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let bs64 = bs as u64;
+        let end = offset + len;
+        let _g = self.ranges.lock(vol, offset / bs64, (end - 1) / bs64 + 1);
+        let chunk = (4u64 << 20).max(bs64);
+        let zeros = vec![0u8; chunk as usize];
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(chunk - pos % bs64);
+            self.write_locked(vol, pos, Some(&zeros[..n as usize]), n, bs, true)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
     /// Trim: same as [`Pool::write_zeroes`] (deallocates whole blocks).
     pub fn trim(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
         self.write_zeroes(vol, offset, len)
     }
 
-    /// The write path; the caller holds the range lock. `data` None writes zeros.
+    /// The write path; the caller holds the range lock. `data` None writes
+    /// zeros. All-zero blocks become holes unless `keep_zeros`.
     fn write_locked(
         &self,
         vol: u64,
@@ -799,6 +832,7 @@ impl Pool {
         data: Option<&[u8]>,
         len: u64,
         bs: u32,
+        keep_zeros: bool,
     ) -> Result<()> {
         let bs64 = bs as u64;
         let end = offset + len;
@@ -837,8 +871,12 @@ impl Pool {
                     None => Vec::new(),
                 },
             };
-            let is_zero = content.iter().all(|&x| x == 0);
-            blocks.push((b, if is_zero { None } else { Some(content) }));
+            let hole = if keep_zeros {
+                content.len() != bs as usize
+            } else {
+                content.iter().all(|&x| x == 0)
+            };
+            blocks.push((b, if hole { None } else { Some(content) }));
         }
         // Allocate, preferably one contiguous run so the data lands sequentially.
         let units = bs64 / UNIT;
@@ -987,6 +1025,27 @@ impl Pool {
             push(pos * bs, b1 * bs, false);
         }
         Ok(runs)
+    }
+
+    /// Where a target's tree nodes and data extents live (pool byte
+    /// offsets), for `cdmfs dump --map`, debugging and damage tests.
+    pub fn physical_map(&self, t: Target) -> Result<PhysicalMap> {
+        let mut g = self.lock()?;
+        let (root, _, bs) = g.target(t)?;
+        let mut map = PhysicalMap::default();
+        g.walk_nodes(TreeKind::Volume, root, &mut |addr, n| {
+            map.nodes.push(addr * UNIT);
+            if n.is_leaf() {
+                for i in 0..n.len() {
+                    let e = Extent::decode(n.val(i));
+                    map.extents
+                        .push((n.keys[i] * bs as u64, e.addr * UNIT, e.stored_len));
+                }
+            }
+            Ok(())
+        })?;
+        map.extents.sort_unstable();
+        Ok(map)
     }
 
     /// Cache occupancy, for tests of the memory bound.

@@ -1,0 +1,513 @@
+//! `cdmfs`: format, check and use a pool offline (before or without the daemon).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cdmfs::units::{human, parse_size};
+use cdmfs::{FileDev, FormatOptions, OpenOptions, Pool, Target};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cdmfs",
+    version,
+    about = "cdm pool engine tool: format, check and use a pool offline"
+)]
+struct Cli {
+    /// Pool file or block device.
+    #[arg(
+        short,
+        long,
+        env = "CDMFS_POOL",
+        global = true,
+        default_value = "./cdm-data/pool"
+    )]
+    pool: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create an empty pool (a sparse file of --size, or a whole block device).
+    Format {
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Overwrite an existing pool.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check structure, checksums of metadata, reference counts and space accounting.
+    Fsck,
+    /// Read every node and data extent and verify its checksum.
+    Scrub,
+    /// Pool space.
+    Space,
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+    /// Make a writable volume from a snapshot: clone VOLUME@SNAPSHOT NAME.
+    Clone { snapshot: String, name: String },
+    /// Write bytes of a volume or snapshot (VOLUME or VOLUME@ID) to stdout.
+    Cat {
+        export: String,
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        offset: u64,
+        /// Bytes to read (default: to the end).
+        #[arg(long, value_parser = parse_size)]
+        length: Option<u64>,
+    },
+    /// Hex dump a byte range; with --map, the physical layout instead.
+    Dump {
+        export: String,
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        offset: u64,
+        #[arg(long, default_value = "512", value_parser = parse_size)]
+        length: u64,
+        #[arg(long)]
+        map: bool,
+    },
+    /// Write a file (or stdin) into a volume at --offset.
+    Write {
+        volume: String,
+        /// Input file; stdin when absent or "-".
+        file: Option<PathBuf>,
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        offset: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create a volume (stage disk).
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// 4K to 1M, a power of two.
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        block_size: u64,
+    },
+    List,
+    /// Grow a volume to --size.
+    Grow {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Delete a volume (with --force, its snapshots too).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCmd {
+    Create {
+        volume: String,
+        #[arg(long, default_value = "")]
+        label: String,
+        /// JSON object stored with the snapshot.
+        #[arg(long)]
+        metadata: Option<String>,
+    },
+    List {
+        volume: Option<String>,
+    },
+    /// Delete VOLUME@ID (or a bare ID).
+    Delete {
+        snapshot: String,
+    },
+}
+
+fn open_pool(path: &Path) -> Result<Pool> {
+    let dev =
+        FileDev::open(path).with_context(|| format!("cannot open pool {}", path.display()))?;
+    Pool::open(Arc::new(dev), &OpenOptions::default())
+        .with_context(|| format!("cannot open pool {}", path.display()))
+}
+
+fn snapshot_id(pool: &Pool, s: &str) -> Result<u64> {
+    if s.contains('@') {
+        match pool.resolve(s)? {
+            Target::Snapshot(id) => Ok(id),
+            Target::Volume(_) => bail!("{s} is not a snapshot"),
+        }
+    } else {
+        s.parse().with_context(|| format!("bad snapshot id {s:?}"))
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn time(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    let (d, s) = (secs / 86400, secs % 86400);
+    // days since 1970-01-01 -> civil date (Howard Hinnant's algorithm)
+    let z = d as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let path = &cli.pool;
+    match cli.cmd {
+        Cmd::Format { size, force } => {
+            if path.exists() && !force {
+                if let Ok(p) = open_pool(path) {
+                    drop(p);
+                    bail!(
+                        "{} already holds a pool; use --force to overwrite it",
+                        path.display()
+                    );
+                }
+            }
+            let dev = match size {
+                Some(s) => {
+                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    FileDev::create(path, s)?
+                }
+                None => FileDev::open(path)
+                    .with_context(|| format!("{} does not exist: give --size", path.display()))?,
+            };
+            Pool::format(&dev, &FormatOptions::default())?;
+            println!(
+                "formatted {} ({})",
+                path.display(),
+                human(cdmfs::BlockDev::len(&dev)?)
+            );
+        }
+        Cmd::Fsck => {
+            let pool = open_pool(path)?;
+            let rep = pool.fsck()?;
+            if cli.json {
+                print_json(&rep)?;
+            } else {
+                println!(
+                    "{} volumes, {} snapshots, {} extents ({} data), metadata {} ({} volume-tree, {} refcount, {} catalog nodes)",
+                    rep.volumes,
+                    rep.snapshots,
+                    rep.extents,
+                    human(rep.data_bytes),
+                    human(rep.metadata_bytes()),
+                    rep.volume_nodes,
+                    rep.refcount_nodes,
+                    rep.catalog_nodes
+                );
+                for e in &rep.errors {
+                    println!("ERROR: {e}");
+                }
+                println!("{}", if rep.is_clean() { "clean" } else { "NOT CLEAN" });
+            }
+            return Ok(if rep.is_clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        Cmd::Scrub => {
+            let pool = open_pool(path)?;
+            let rep = pool.scrub()?;
+            if cli.json {
+                print_json(&rep)?;
+            } else {
+                println!(
+                    "{} nodes, {} extents, {} verified",
+                    rep.nodes_checked,
+                    rep.extents_checked,
+                    human(rep.bytes_checked)
+                );
+                for e in &rep.errors {
+                    println!(
+                        "BAD: {} offset {} (pool block {}): {}",
+                        e.target, e.offset, e.pool_block, e.what
+                    );
+                }
+                println!("{} error(s)", rep.errors.len());
+            }
+            return Ok(if rep.errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        Cmd::Space => {
+            let pool = open_pool(path)?;
+            let s = pool.space()?;
+            if cli.json {
+                print_json(&s)?;
+            } else {
+                println!(
+                    "total {}  used {}  free {}  generation {}",
+                    human(s.total_bytes),
+                    human(s.used_bytes),
+                    human(s.free_bytes),
+                    s.generation
+                );
+            }
+        }
+        Cmd::Volume(v) => {
+            let pool = open_pool(path)?;
+            match v {
+                VolumeCmd::Create {
+                    name,
+                    size,
+                    block_size,
+                } => {
+                    let bs = u32::try_from(block_size).context("block size too large")?;
+                    let info = pool.create_volume(&name, size, bs)?;
+                    pool.close()?;
+                    if cli.json {
+                        print_json(&info)?;
+                    } else {
+                        println!(
+                            "created volume {} ({}, {} blocks)",
+                            info.name,
+                            human(info.size),
+                            human(info.block_size as u64)
+                        );
+                    }
+                }
+                VolumeCmd::List => {
+                    let list = pool.list_volumes()?;
+                    if cli.json {
+                        print_json(&list)?;
+                    } else {
+                        println!(
+                            "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} CREATED",
+                            "NAME", "SIZE", "BLOCK", "ALLOCATED", "UNIQUE", "SNAPS", "ORIGIN"
+                        );
+                        for v in list {
+                            println!(
+                                "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} {}",
+                                v.name,
+                                human(v.size),
+                                human(v.block_size as u64),
+                                human(v.allocated_bytes),
+                                human(v.unique_bytes),
+                                v.snapshots,
+                                v.origin
+                                    .map(|o| o.to_string())
+                                    .unwrap_or_else(|| "-".into()),
+                                time(v.created_ns)
+                            );
+                        }
+                    }
+                }
+                VolumeCmd::Grow { name, size } => {
+                    let info = pool.grow_volume(&name, size)?;
+                    pool.close()?;
+                    println!("volume {} is now {}", info.name, human(info.size));
+                }
+                VolumeCmd::Delete { name, force } => {
+                    pool.delete_volume(&name, force)?;
+                    pool.close()?;
+                    println!("deleted volume {name}");
+                }
+            }
+        }
+        Cmd::Snapshot(s) => {
+            let pool = open_pool(path)?;
+            match s {
+                SnapshotCmd::Create {
+                    volume,
+                    label,
+                    metadata,
+                } => {
+                    let meta = match metadata {
+                        Some(m) => {
+                            serde_json::from_str(&m).context("--metadata is not valid JSON")?
+                        }
+                        None => serde_json::Value::Null,
+                    };
+                    let info = pool.create_snapshot(&volume, &label, meta)?;
+                    pool.close()?;
+                    if cli.json {
+                        print_json(&info)?;
+                    } else {
+                        println!("created snapshot {}@{}", info.volume, info.id);
+                    }
+                }
+                SnapshotCmd::List { volume } => {
+                    let list = pool.list_snapshots(volume.as_deref())?;
+                    if cli.json {
+                        print_json(&list)?;
+                    } else {
+                        println!(
+                            "{:<30} {:<20} {:>12} {:>12} {:<20} METADATA",
+                            "SNAPSHOT", "LABEL", "ALLOCATED", "UNIQUE", "CREATED"
+                        );
+                        for s in list {
+                            println!(
+                                "{:<30} {:<20} {:>12} {:>12} {:<20} {}",
+                                format!("{}@{}", s.volume, s.id),
+                                s.label,
+                                human(s.allocated_bytes),
+                                human(s.unique_bytes),
+                                time(s.created_ns),
+                                s.metadata
+                            );
+                        }
+                    }
+                }
+                SnapshotCmd::Delete { snapshot } => {
+                    let id = snapshot_id(&pool, &snapshot)?;
+                    pool.delete_snapshot(id)?;
+                    pool.close()?;
+                    println!("deleted snapshot {id}");
+                }
+            }
+        }
+        Cmd::Clone { snapshot, name } => {
+            let pool = open_pool(path)?;
+            let id = snapshot_id(&pool, &snapshot)?;
+            let info = pool.clone_snapshot(id, &name)?;
+            pool.close()?;
+            if cli.json {
+                print_json(&info)?;
+            } else {
+                println!("created clone {} of snapshot {id}", info.name);
+            }
+        }
+        Cmd::Cat {
+            export,
+            offset,
+            length,
+        } => {
+            let pool = open_pool(path)?;
+            let t = pool.resolve(&export)?;
+            let (size, _) = pool.geometry(t)?;
+            let len = length.unwrap_or(size.saturating_sub(offset));
+            let mut out = std::io::stdout().lock();
+            let mut buf = vec![0u8; 4 << 20];
+            let mut pos = offset;
+            while pos < offset + len {
+                let n = (offset + len - pos).min(buf.len() as u64) as usize;
+                pool.read(t, pos, &mut buf[..n])?;
+                out.write_all(&buf[..n])?;
+                pos += n as u64;
+            }
+            out.flush()?;
+        }
+        Cmd::Dump {
+            export,
+            offset,
+            length,
+            map,
+        } => {
+            let pool = open_pool(path)?;
+            let t = pool.resolve(&export)?;
+            if map {
+                let m = pool.physical_map(t)?;
+                if cli.json {
+                    print_json(&m)?;
+                } else {
+                    println!("{} tree nodes at pool offsets {:?}", m.nodes.len(), m.nodes);
+                    for (l, p, n) in m.extents {
+                        println!("logical {l:>14}  pool {p:>14}  {n} bytes");
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut buf = vec![0u8; usize::try_from(length).context("length too large")?];
+            pool.read(t, offset, &mut buf)?;
+            for (i, row) in buf.chunks(16).enumerate() {
+                let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
+                let asc: String = row
+                    .iter()
+                    .map(|&b| {
+                        if (0x20..0x7f).contains(&b) {
+                            b as char
+                        } else {
+                            '.'
+                        }
+                    })
+                    .collect();
+                println!(
+                    "{:012x}  {:<47}  {asc}",
+                    offset + i as u64 * 16,
+                    hex.join(" ")
+                );
+            }
+        }
+        Cmd::Write {
+            volume,
+            file,
+            offset,
+        } => {
+            let pool = open_pool(path)?;
+            let id = pool.volume_id(&volume)?;
+            let mut input: Box<dyn Read> = match file.as_deref() {
+                None => Box::new(std::io::stdin().lock()),
+                Some(p) if p == Path::new("-") => Box::new(std::io::stdin().lock()),
+                Some(p) => Box::new(
+                    std::fs::File::open(p)
+                        .with_context(|| format!("cannot open {}", p.display()))?,
+                ),
+            };
+            let mut buf = vec![0u8; 4 << 20];
+            let mut pos = offset;
+            loop {
+                let mut n = 0;
+                while n < buf.len() {
+                    let r = input.read(&mut buf[n..])?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                }
+                if n == 0 {
+                    break;
+                }
+                pool.write(id, pos, &buf[..n])?;
+                pos += n as u64;
+            }
+            pool.close()?;
+            println!(
+                "wrote {} to {volume} at offset {offset}",
+                human(pos - offset)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cdmfs: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,82 @@
+//! `cdm-nbd`: serve a pool's volumes and snapshots over NBD without the
+//! daemon (tests, socket activation by nbdcopy/libnbd, rescue). The daemon
+//! `snapshotd` embeds the same server.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use cdmfs::{FileDev, OpenOptions, Pool};
+use clap::Parser;
+use nbd_server::{signals, Listener, Server, ServerConfig};
+
+#[derive(Parser)]
+#[command(name = "cdm-nbd", version, about = "Serve a cdm pool over NBD")]
+struct Args {
+    /// Pool file or block device.
+    #[arg(short, long, env = "CDMFS_POOL")]
+    pool: PathBuf,
+    /// HOST:PORT or unix:PATH; repeatable. Ignored under socket activation.
+    #[arg(short, long, default_value = "127.0.0.1:10809")]
+    listen: Vec<String>,
+    /// Export served for the empty export name.
+    #[arg(short = 'e', long)]
+    default_export: Option<String>,
+    /// Serve every export read-only.
+    #[arg(short, long)]
+    read_only: bool,
+    /// Worker threads per connection.
+    #[arg(long, default_value = "4")]
+    workers: usize,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    signals::block_termination();
+    let dev = FileDev::open(&args.pool)
+        .with_context(|| format!("cannot open pool {}", args.pool.display()))?;
+    let pool =
+        Arc::new(Pool::open(Arc::new(dev), &OpenOptions::default()).context("cannot open pool")?);
+    let cfg = ServerConfig {
+        default_export: args.default_export,
+        workers: args.workers,
+        read_only: args.read_only,
+        ..Default::default()
+    };
+    let server = Server::new(pool.clone(), cfg);
+    let mut listeners = Listener::from_env()?;
+    if listeners.is_empty() {
+        for a in &args.listen {
+            listeners.push(Listener::bind(a).with_context(|| format!("cannot listen on {a}"))?);
+        }
+    }
+    for l in listeners {
+        tracing::info!(addr = %l.local_addr(), "serving NBD");
+        let s = server.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = s.serve(l) {
+                tracing::error!(error = %e, "listener failed");
+            }
+        });
+    }
+    // Background commits bound what a crash can lose for clients that never flush.
+    let p = pool.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        if let Err(e) = p.flush() {
+            tracing::error!(error = %e, "periodic commit failed");
+            break;
+        }
+    });
+    let sig = signals::wait_for_termination();
+    tracing::info!(sig, "terminating: committing the pool");
+    server.shutdown();
+    pool.flush().context("final commit failed")?;
+    Ok(())
+}

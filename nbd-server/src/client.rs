@@ -1,0 +1,596 @@
+//! A synchronous NBD client: fixed newstyle, structured replies or extended
+//! headers, base:allocation. One request at a time per connection; open
+//! several connections for parallelism (servers that advertise
+//! CAN_MULTI_CONN keep them consistent).
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+
+use crate::proto::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("server refused option {option}: {msg} ({code:#x})")]
+    Refused { option: u32, code: u32, msg: String },
+    #[error("server error {errno} ({msg})")]
+    Errno { errno: u32, msg: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// What to negotiate.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    pub structured: bool,
+    pub extended: bool,
+    /// Select base:allocation for block_status.
+    pub allocation: bool,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            structured: true,
+            extended: false,
+            allocation: true,
+        }
+    }
+}
+
+/// Where a server is: `HOST:PORT`, `unix:PATH`, or an NBD URI
+/// (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Address {
+    pub endpoint: String,
+    pub export: Option<String>,
+}
+
+impl Address {
+    pub fn parse(s: &str) -> Result<Address> {
+        if let Some(rest) = s.strip_prefix("nbd+unix://") {
+            let (path, query) = rest
+                .split_once('?')
+                .ok_or_else(|| ClientError::Other(format!("{s}: missing ?socket=")))?;
+            let export = path.trim_start_matches('/');
+            let sock = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .ok_or_else(|| ClientError::Other(format!("{s}: missing socket=")))?;
+            return Ok(Address {
+                endpoint: format!("unix:{sock}"),
+                export: Some(export.to_string()),
+            });
+        }
+        if let Some(rest) = s.strip_prefix("nbd://") {
+            let (hostport, export) = rest.split_once('/').unwrap_or((rest, ""));
+            let ep = if hostport.contains(':') {
+                hostport.to_string()
+            } else {
+                format!("{hostport}:10809")
+            };
+            return Ok(Address {
+                endpoint: ep,
+                export: Some(export.to_string()),
+            });
+        }
+        Ok(Address {
+            endpoint: s.to_string(),
+            export: None,
+        })
+    }
+}
+
+pub struct Client {
+    r: Box<dyn Read + Send>,
+    w: Box<dyn Write + Send>,
+    pub size: u64,
+    pub flags: u16,
+    /// (minimum, preferred, maximum payload) block sizes.
+    pub block_sizes: (u32, u32, u32),
+    structured: bool,
+    extended: bool,
+    meta_id: Option<u32>,
+    cookie: u64,
+}
+
+fn open_stream(endpoint: &str) -> Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+    if let Some(path) = endpoint.strip_prefix("unix:") {
+        let s = UnixStream::connect(path)?;
+        let w = s.try_clone()?;
+        Ok((Box::new(s), Box::new(w)))
+    } else {
+        let s = TcpStream::connect(endpoint)?;
+        s.set_nodelay(true)?;
+        let w = s.try_clone()?;
+        Ok((Box::new(s), Box::new(w)))
+    }
+}
+
+struct Handshake {
+    r: Box<dyn Read + Send>,
+    w: Box<dyn Write + Send>,
+}
+
+impl Handshake {
+    fn start(endpoint: &str) -> Result<Handshake> {
+        let (mut r, mut w) = open_stream(endpoint)?;
+        let mut hello = [0u8; 18];
+        r.read_exact(&mut hello)?;
+        if be_u64(&hello, 0)? != NBDMAGIC {
+            return Err(ProtoError::Magic(be_u64(&hello, 0)?).into());
+        }
+        if be_u64(&hello, 8)? != IHAVEOPT {
+            return Err(ClientError::Other(
+                "server does not speak newstyle negotiation".into(),
+            ));
+        }
+        let sflags = be_u16(&hello, 16)?;
+        if sflags & FLAG_FIXED_NEWSTYLE == 0 {
+            return Err(ClientError::Other(
+                "server does not speak fixed newstyle".into(),
+            ));
+        }
+        let mut cf = C_FIXED_NEWSTYLE;
+        if sflags & FLAG_NO_ZEROES != 0 {
+            cf |= C_NO_ZEROES;
+        }
+        w.write_all(&cf.to_be_bytes())?;
+        Ok(Handshake { r, w })
+    }
+
+    fn send(&mut self, opt: u32, data: &[u8]) -> Result<()> {
+        self.w.write_all(&encode_opt(opt, data))?;
+        self.w.flush()?;
+        Ok(())
+    }
+
+    /// Next option reply: (type, data).
+    fn reply(&mut self, opt: u32) -> Result<(u32, Vec<u8>)> {
+        let mut h = [0u8; 20];
+        self.r.read_exact(&mut h)?;
+        let (o, typ, len) = parse_opt_reply(&h)?;
+        if o != opt {
+            return Err(ClientError::Other(format!(
+                "reply for option {o} while waiting for {opt}"
+            )));
+        }
+        if len > 16 << 20 {
+            return Err(ClientError::Other("option reply too large".into()));
+        }
+        let mut d = vec![0u8; len as usize];
+        self.r.read_exact(&mut d)?;
+        if typ & 0x8000_0000 != 0 {
+            return Err(ClientError::Refused {
+                option: opt,
+                code: typ,
+                msg: String::from_utf8_lossy(&d).into_owned(),
+            });
+        }
+        Ok((typ, d))
+    }
+
+    fn simple_option(&mut self, opt: u32) -> Result<bool> {
+        self.send(opt, &[])?;
+        match self.reply(opt) {
+            Ok((REP_ACK, _)) => Ok(true),
+            Ok((t, _)) => Err(ClientError::Other(format!(
+                "unexpected reply {t} to option {opt}"
+            ))),
+            Err(ClientError::Refused { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Client {
+    /// Lists the exports of a server.
+    pub fn list(endpoint: &str) -> Result<Vec<String>> {
+        let mut h = Handshake::start(endpoint)?;
+        h.send(OPT_LIST, &[])?;
+        let mut names = Vec::new();
+        loop {
+            let (typ, d) = h.reply(OPT_LIST)?;
+            match typ {
+                REP_SERVER => {
+                    let n = be_u32(&d, 0)? as usize;
+                    let name = d.get(4..4 + n).ok_or(ProtoError::Short)?;
+                    names.push(String::from_utf8_lossy(name).into_owned());
+                }
+                REP_ACK => break,
+                t => return Err(ClientError::Other(format!("unexpected LIST reply {t}"))),
+            }
+        }
+        let _ = h.send(OPT_ABORT, &[]);
+        Ok(names)
+    }
+
+    /// Connects to `export` at an address or URI.
+    pub fn connect(addr: &str, export: Option<&str>, opts: &ClientOptions) -> Result<Client> {
+        let a = Address::parse(addr)?;
+        let export = export.map(str::to_string).or(a.export).unwrap_or_default();
+        let mut h = Handshake::start(&a.endpoint)?;
+        let extended = opts.extended && h.simple_option(OPT_EXTENDED_HEADERS)?;
+        let structured = extended || (opts.structured && h.simple_option(OPT_STRUCTURED_REPLY)?);
+        let mut meta_id = None;
+        if structured && opts.allocation {
+            h.send(
+                OPT_SET_META_CONTEXT,
+                &encode_meta_request(&export, &[BASE_ALLOCATION]),
+            )?;
+            loop {
+                let (typ, d) = h.reply(OPT_SET_META_CONTEXT)?;
+                match typ {
+                    REP_META_CONTEXT => {
+                        if d.get(4..) == Some(BASE_ALLOCATION.as_bytes()) {
+                            meta_id = Some(be_u32(&d, 0)?);
+                        }
+                    }
+                    REP_ACK => break,
+                    t => return Err(ClientError::Other(format!("unexpected reply {t}"))),
+                }
+            }
+        }
+        h.send(OPT_GO, &encode_info_request(&export, &[INFO_BLOCK_SIZE]))?;
+        let (mut size, mut flags, mut bsz) = (None, 0u16, (1u32, 4096u32, MAX_PAYLOAD));
+        loop {
+            let (typ, d) = h.reply(OPT_GO)?;
+            match typ {
+                REP_INFO => match be_u16(&d, 0)? {
+                    INFO_EXPORT => {
+                        size = Some(be_u64(&d, 2)?);
+                        flags = be_u16(&d, 10)?;
+                    }
+                    INFO_BLOCK_SIZE => bsz = (be_u32(&d, 2)?, be_u32(&d, 6)?, be_u32(&d, 10)?),
+                    _ => {}
+                },
+                REP_ACK => break,
+                t => return Err(ClientError::Other(format!("unexpected GO reply {t}"))),
+            }
+        }
+        let size = size.ok_or_else(|| ClientError::Other("server sent no export size".into()))?;
+        Ok(Client {
+            r: h.r,
+            w: h.w,
+            size,
+            flags,
+            block_sizes: bsz,
+            structured,
+            extended,
+            meta_id,
+            cookie: 0,
+        })
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.flags & TF_READ_ONLY != 0
+    }
+    pub fn structured(&self) -> bool {
+        self.structured
+    }
+    pub fn extended(&self) -> bool {
+        self.extended
+    }
+
+    fn request(
+        &mut self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<u64> {
+        self.cookie += 1;
+        let mut flags = flags;
+        if self.extended && !payload.is_empty() {
+            flags |= CMD_FLAG_PAYLOAD_LEN;
+        }
+        let q = Request {
+            flags,
+            typ,
+            cookie: self.cookie,
+            offset,
+            length,
+            payload: payload.len() as u64,
+        };
+        let mut b = encode_request(&q, self.extended);
+        b.extend_from_slice(payload);
+        self.w.write_all(&b)?;
+        self.w.flush()?;
+        Ok(self.cookie)
+    }
+
+    /// Reads one reply header; returns it.
+    fn header(&mut self) -> Result<ReplyHeader> {
+        let mut h = [0u8; 32];
+        self.r.read_exact(&mut h[..16])?;
+        let need = match be_u32(&h, 0)? {
+            SIMPLE_REPLY_MAGIC => 16,
+            STRUCTURED_REPLY_MAGIC => 20,
+            EXT_REPLY_MAGIC => 32,
+            m => return Err(ProtoError::Magic(m as u64).into()),
+        };
+        if need > 16 {
+            self.r.read_exact(&mut h[16..need])?;
+        }
+        Ok(parse_reply_header(&h[..need])?.0)
+    }
+
+    fn payload(&mut self, len: u64) -> Result<Vec<u8>> {
+        if len > MAX_PAYLOAD as u64 + 4096 {
+            return Err(ClientError::Other(format!("reply payload of {len} bytes")));
+        }
+        let mut d = vec![0u8; len as usize];
+        self.r.read_exact(&mut d)?;
+        Ok(d)
+    }
+
+    fn chunk_error(d: &[u8]) -> ClientError {
+        let errno = be_u32(d, 0).unwrap_or(EIO);
+        let n = be_u16(d, 4).unwrap_or(0) as usize;
+        let msg = d
+            .get(6..6 + n)
+            .map(|m| String::from_utf8_lossy(m).into_owned())
+            .unwrap_or_default();
+        ClientError::Errno { errno, msg }
+    }
+
+    /// Waits for the reply of a command with no data.
+    fn simple_wait(&mut self, cookie: u64) -> Result<()> {
+        loop {
+            match self.header()? {
+                ReplyHeader::Simple { error, cookie: c } => {
+                    check_cookie(c, cookie)?;
+                    return if error == 0 {
+                        Ok(())
+                    } else {
+                        Err(ClientError::Errno {
+                            errno: error,
+                            msg: String::new(),
+                        })
+                    };
+                }
+                ReplyHeader::Chunk {
+                    flags,
+                    typ,
+                    cookie: c,
+                    len,
+                } => {
+                    check_cookie(c, cookie)?;
+                    let d = self.payload(len)?;
+                    if typ & 0x8000 != 0 {
+                        return Err(Self::chunk_error(&d));
+                    }
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let max = self.block_sizes.2.max(1) as usize;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(max);
+            self.read_one(offset + done as u64, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_one(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let cookie = self.request(CMD_READ, 0, offset, buf.len() as u64, &[])?;
+        loop {
+            match self.header()? {
+                ReplyHeader::Simple { error, cookie: c } => {
+                    check_cookie(c, cookie)?;
+                    if error != 0 {
+                        return Err(ClientError::Errno {
+                            errno: error,
+                            msg: String::new(),
+                        });
+                    }
+                    self.r.read_exact(buf)?;
+                    return Ok(());
+                }
+                ReplyHeader::Chunk {
+                    flags,
+                    typ,
+                    cookie: c,
+                    len,
+                } => {
+                    check_cookie(c, cookie)?;
+                    match typ {
+                        REPLY_TYPE_OFFSET_DATA => {
+                            let mut o = [0u8; 8];
+                            self.r.read_exact(&mut o)?;
+                            let at = u64::from_be_bytes(o)
+                                .checked_sub(offset)
+                                .ok_or(ProtoError::Invalid("chunk before request"))?;
+                            let n = len.checked_sub(8).ok_or(ProtoError::Short)?;
+                            let end = at
+                                .checked_add(n)
+                                .filter(|&e| e <= buf.len() as u64)
+                                .ok_or(ProtoError::Invalid("chunk past request"))?;
+                            self.r.read_exact(&mut buf[at as usize..end as usize])?;
+                        }
+                        REPLY_TYPE_OFFSET_HOLE => {
+                            let d = self.payload(len)?;
+                            let at = be_u64(&d, 0)?
+                                .checked_sub(offset)
+                                .ok_or(ProtoError::Invalid("hole before request"))?;
+                            let n = be_u32(&d, 8)? as u64;
+                            let end = at
+                                .checked_add(n)
+                                .filter(|&e| e <= buf.len() as u64)
+                                .ok_or(ProtoError::Invalid("hole past request"))?;
+                            buf[at as usize..end as usize].fill(0);
+                        }
+                        t if t & 0x8000 != 0 => {
+                            let d = self.payload(len)?;
+                            return Err(Self::chunk_error(&d));
+                        }
+                        _ => {
+                            self.payload(len)?;
+                        }
+                    }
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let max = self.block_sizes.2.max(1) as usize;
+        let mut done = 0;
+        while done < data.len() {
+            let n = (data.len() - done).min(max);
+            let c = self.request(
+                CMD_WRITE,
+                if fua { CMD_FLAG_FUA } else { 0 },
+                offset + done as u64,
+                n as u64,
+                &data[done..done + n],
+            )?;
+            self.simple_wait(c)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self) -> Result<()> {
+        let c = self.request(CMD_FLUSH, 0, 0, 0, &[])?;
+        self.simple_wait(c)
+    }
+
+    pub fn trim(&mut self, offset: u64, len: u64) -> Result<()> {
+        let c = self.request(CMD_TRIM, 0, offset, len, &[])?;
+        self.simple_wait(c)
+    }
+
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, flags: u16) -> Result<()> {
+        let c = self.request(CMD_WRITE_ZEROES, flags, offset, len, &[])?;
+        self.simple_wait(c)
+    }
+
+    /// Allocation status from `offset`: (length, NBD_STATE_* flags) runs,
+    /// possibly covering less than `len`.
+    pub fn block_status(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
+        let id = self
+            .meta_id
+            .ok_or_else(|| ClientError::Other("base:allocation was not negotiated".into()))?;
+        let len = if self.extended {
+            len
+        } else {
+            len.min(u32::MAX as u64 & !0xfff)
+        };
+        let cookie = self.request(CMD_BLOCK_STATUS, 0, offset, len, &[])?;
+        let mut out = Vec::new();
+        loop {
+            match self.header()? {
+                ReplyHeader::Simple { error, cookie: c } => {
+                    check_cookie(c, cookie)?;
+                    return Err(ClientError::Errno {
+                        errno: error,
+                        msg: "simple reply to block status".into(),
+                    });
+                }
+                ReplyHeader::Chunk {
+                    flags,
+                    typ,
+                    cookie: c,
+                    len,
+                } => {
+                    check_cookie(c, cookie)?;
+                    let d = self.payload(len)?;
+                    match typ {
+                        REPLY_TYPE_BLOCK_STATUS if be_u32(&d, 0)? == id => {
+                            for e in d[4..].chunks_exact(8) {
+                                out.push((be_u32(e, 0)? as u64, be_u32(e, 4)?));
+                            }
+                        }
+                        REPLY_TYPE_BLOCK_STATUS_EXT if be_u32(&d, 0)? == id => {
+                            for e in d[8..].chunks_exact(16) {
+                                out.push((be_u64(e, 0)?, be_u64(e, 8)? as u32));
+                            }
+                        }
+                        t if t & 0x8000 != 0 => return Err(Self::chunk_error(&d)),
+                        _ => {}
+                    }
+                    if flags & REPLY_FLAG_DONE != 0 {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the session cleanly.
+    pub fn disconnect(mut self) -> Result<()> {
+        self.request(CMD_DISC, 0, 0, 0, &[])?;
+        Ok(())
+    }
+
+    /// Sends a raw request (tests of bad input).
+    pub fn raw_request(
+        &mut self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+    ) -> Result<()> {
+        let c = self.request(typ, flags, offset, length, payload)?;
+        self.simple_wait(c)
+    }
+}
+
+fn check_cookie(got: u64, want: u64) -> Result<()> {
+    if got != want {
+        return Err(ClientError::Other(format!(
+            "reply cookie {got} for request {want}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn uris() {
+        assert_eq!(
+            Address::parse("nbd://h:99/v@3").unwrap(),
+            Address {
+                endpoint: "h:99".into(),
+                export: Some("v@3".into())
+            }
+        );
+        assert_eq!(
+            Address::parse("nbd://h/").unwrap(),
+            Address {
+                endpoint: "h:10809".into(),
+                export: Some("".into())
+            }
+        );
+        assert_eq!(
+            Address::parse("nbd+unix:///db?socket=/run/x.sock").unwrap(),
+            Address {
+                endpoint: "unix:/run/x.sock".into(),
+                export: Some("db".into())
+            }
+        );
+        assert!(Address::parse("nbd+unix:///db").is_err());
+        assert_eq!(Address::parse("unix:/s").unwrap().endpoint, "unix:/s");
+    }
+}
