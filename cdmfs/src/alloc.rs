@@ -91,13 +91,13 @@ impl Allocator {
         let mut run = 0u64;
         while b < to {
             let w = self.bits[(b / 64) as usize];
-            if b % 64 == 0 && w == u64::MAX {
+            if b.is_multiple_of(64) && w == u64::MAX {
                 run = 0;
                 b += 64;
                 run_start = b;
                 continue;
             }
-            if b % 64 == 0 && w == 0 && to - b >= 64 {
+            if b.is_multiple_of(64) && w == 0 && to - b >= 64 {
                 if run == 0 {
                     run_start = b;
                 }

@@ -31,6 +31,7 @@ impl FileDev {
             .read(true)
             .write(true)
             .open(path)?;
+        lock_exclusive(&file, path)?;
         Ok(FileDev { file })
     }
 
@@ -42,6 +43,7 @@ impl FileDev {
             .create(true)
             .truncate(true)
             .open(path)?;
+        lock_exclusive(&file, path)?;
         file.set_len(size)?;
         Ok(FileDev { file })
     }
@@ -71,6 +73,26 @@ impl BlockDev for FileDev {
         let mut f = &self.file;
         f.seek(io::SeekFrom::End(0))
     }
+}
+
+fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!(
+                    "{} is in use by another process (snapshotd or cdm-nbd?)",
+                    path.display()
+                ),
+            ));
+        }
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// An in-memory device (tests, tools).

@@ -709,13 +709,8 @@ impl Pool {
             } else {
                 let mut tmp = vec![0u8; run_bytes as usize];
                 self.dev.read_at(&mut tmp, phys)?;
-                for k in i..=j {
-                    let e = &map[k];
-                    let o = if i == j {
-                        0
-                    } else {
-                        (k - i) as usize * bs as usize
-                    };
+                for (n, e) in map[i..=j].iter().enumerate() {
+                    let o = n * bs as usize;
                     let stored = &tmp[o..o + e.1.stored_len as usize];
                     verify(t, e, stored, bs)?;
                     let ls = e.0 * bs;
@@ -1088,7 +1083,7 @@ fn write_runs(dev: &dyn BlockDev, mut io: Vec<(u64, Vec<u8>)>) -> Result<()> {
         let mut next = io[i].0 + (io[i].1.len() as u64).div_ceil(UNIT);
         while j + 1 < io.len()
             && io[j + 1].0 == next
-            && io[j].1.len() as u64 % UNIT == 0
+            && (io[j].1.len() as u64).is_multiple_of(UNIT)
             && j - i < 255
         {
             j += 1;

@@ -21,6 +21,10 @@ use crate::dev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::*;
 
+/// What an insert below a node produced: a new right sibling (its first key
+/// and address) if the node split, and the value the key had before.
+type InsertOutcome = (Option<(u64, u64)>, Option<Vec<u8>>);
+
 pub(crate) fn internal(msg: &str) -> Error {
     Error::Corrupt(format!("internal invariant broken: {msg}"))
 }
@@ -368,7 +372,7 @@ impl Store {
         addr: u64,
         key: u64,
         val: &[u8],
-    ) -> Result<(Option<(u64, u64)>, Option<Vec<u8>>)> {
+    ) -> Result<InsertOutcome> {
         let old;
         let last_inserted;
         if self.dirty_node(addr)?.is_leaf() {

@@ -18,7 +18,7 @@ use rand::{Rng, SeedableRng};
 fn one_cut(seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let crash = Arc::new(CrashDev::new(48 << 20));
-    let fanout = if seed % 2 == 0 { 4 } else { 0 };
+    let fanout = if seed.is_multiple_of(2) { 4 } else { 0 };
     Pool::format(&*crash, &FormatOptions { max_fanout: fanout }).unwrap();
     crash.sync().unwrap();
     // Commits happen only at flushes in this test, so the model knows which

@@ -908,3 +908,36 @@ impl Server {
         }
     }
 }
+
+/// Serves `listeners` (or the socket-activation sockets, if any were passed)
+/// until SIGTERM/SIGINT/SIGHUP, committing the pool every `commit_every`;
+/// then stops accepting and makes everything durable. Call
+/// [`crate::signals::block_termination`] first, before any thread starts.
+pub fn serve_until_signal(server: &Arc<Server>, mut listeners: Vec<Listener>, commit_every: std::time::Duration) -> cdmfs::Result<()> {
+    let activated = Listener::from_env()?;
+    if !activated.is_empty() {
+        listeners = activated;
+    }
+    for l in listeners {
+        tracing::info!(addr = %l.local_addr(), "serving NBD");
+        let s = server.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = s.serve(l) {
+                tracing::error!(error = %e, "listener failed");
+            }
+        });
+    }
+    // Background commits bound what a crash can lose for clients that never flush.
+    let p = server.pool().clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(commit_every);
+        if let Err(e) = p.flush() {
+            tracing::error!(error = %e, "periodic commit failed");
+            break;
+        }
+    });
+    let sig = crate::signals::wait_for_termination();
+    tracing::info!(sig, "terminating: committing the pool");
+    server.shutdown();
+    server.pool().flush()
+}

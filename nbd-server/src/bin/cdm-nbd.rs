@@ -8,6 +8,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use cdmfs::{FileDev, OpenOptions, Pool};
 use clap::Parser;
+use std::time::Duration;
+
+use nbd_server::server::serve_until_signal;
 use nbd_server::{signals, Listener, Server, ServerConfig};
 
 #[derive(Parser)]
@@ -49,34 +52,13 @@ fn main() -> Result<()> {
         read_only: args.read_only,
         ..Default::default()
     };
-    let server = Server::new(pool.clone(), cfg);
-    let mut listeners = Listener::from_env()?;
-    if listeners.is_empty() {
+    let server = Server::new(pool, cfg);
+    let mut listeners = Vec::new();
+    if std::env::var_os("LISTEN_FDS").is_none() {
         for a in &args.listen {
             listeners.push(Listener::bind(a).with_context(|| format!("cannot listen on {a}"))?);
         }
     }
-    for l in listeners {
-        tracing::info!(addr = %l.local_addr(), "serving NBD");
-        let s = server.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = s.serve(l) {
-                tracing::error!(error = %e, "listener failed");
-            }
-        });
-    }
-    // Background commits bound what a crash can lose for clients that never flush.
-    let p = pool.clone();
-    std::thread::spawn(move || loop {
-        std::thread::sleep(std::time::Duration::from_secs(5));
-        if let Err(e) = p.flush() {
-            tracing::error!(error = %e, "periodic commit failed");
-            break;
-        }
-    });
-    let sig = signals::wait_for_termination();
-    tracing::info!(sig, "terminating: committing the pool");
-    server.shutdown();
-    pool.flush().context("final commit failed")?;
+    serve_until_signal(&server, listeners, Duration::from_secs(5)).context("final commit failed")?;
     Ok(())
 }

@@ -1,0 +1,208 @@
+//! Helpers for end-to-end tests: the project's binaries, pools in temporary
+//! directories, a running NBD server, and checks that a real tool exists
+//! (a missing tool fails the test: scripts/test installs them).
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of one of the workspace's binaries (built by `cargo build --workspace --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace --bins` (scripts/test does)",
+        p.display()
+    );
+    p
+}
+
+/// Fails the test if a required tool is missing.
+pub fn require(tool: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{tool} is not installed: scripts/test installs it (Debian packages)"
+    );
+}
+
+/// Runs a command; panics with its output unless it succeeds. Returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs a command that must fail; returns stdout+stderr.
+pub fn run_fail(cmd: &mut Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(!out.status.success(), "{cmd:?} should have failed");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs a shell snippet.
+pub fn sh(script: &str) -> String {
+    run(Command::new("bash").arg("-ec").arg(script))
+}
+
+/// A pool in a temporary directory.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub pool: PathBuf,
+}
+
+impl Env {
+    pub fn new(size: &str) -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("cdm-e2e-")
+            .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .expect("tempdir");
+        let pool = dir.path().join("pool");
+        let env = Env { dir, pool };
+        env.cdmfs(&["format", "--size", size]);
+        env
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Runs the `cdmfs` tool on this pool.
+    pub fn cdmfs(&self, args: &[&str]) -> String {
+        run(Command::new(bin("cdmfs"))
+            .arg("--pool")
+            .arg(&self.pool)
+            .args(args))
+    }
+
+    pub fn cdmfs_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.cdmfs(&a)).expect("cdmfs --json output")
+    }
+
+    /// Starts `cdm-nbd` on a unix socket and a TCP port.
+    pub fn serve(&self, extra: &[&str]) -> NbdServer {
+        let sock = self.path("nbd.sock");
+        let port = free_port();
+        let log = std::fs::File::create(self.path("nbd.log")).expect("log file");
+        let child = Command::new(bin("cdm-nbd"))
+            .arg("--pool")
+            .arg(&self.pool)
+            .arg("--listen")
+            .arg(format!("unix:{}", sock.display()))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start cdm-nbd");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(&sock).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "cdm-nbd did not start; log: {}",
+                std::fs::read_to_string(self.path("nbd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        NbdServer {
+            child: Some(child),
+            sock,
+            port,
+        }
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+pub struct NbdServer {
+    child: Option<Child>,
+    pub sock: PathBuf,
+    pub port: u16,
+}
+
+impl NbdServer {
+    pub fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+    pub fn tcp_uri(&self, export: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{export}", self.port)
+    }
+    pub fn endpoint(&self) -> String {
+        format!("unix:{}", self.sock.display())
+    }
+    /// SIGTERM: the server commits and exits 0.
+    pub fn stop(mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let st = c.wait().expect("wait for cdm-nbd");
+            assert!(st.success(), "cdm-nbd exited with {st}");
+        }
+    }
+    /// SIGKILL: like a crash of the process (the pool must still be consistent).
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; len];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+pub fn write_file(p: &Path, data: &[u8]) {
+    std::fs::File::create(p)
+        .and_then(|mut f| f.write_all(data))
+        .expect("write file");
+}
