@@ -44,6 +44,11 @@ pub enum Error {
     Busy(String),
     #[error("pool is failed after an earlier I/O error; reopen it")]
     Failed,
+    /// Internal: a lookup that must not do I/O under the pool lock needs a
+    /// node that is not cached. Never returned to callers.
+    #[doc(hidden)]
+    #[error("metadata node not cached")]
+    NodeMiss,
 }
 
 impl Error {

@@ -655,7 +655,7 @@ impl Pool {
         let b1 = (offset + buf.len() as u64 - 1) / bs + 1;
         let mut last_err = None;
         for _attempt in 0..2 {
-            let map = self.lock()?.mappings(t, b0, b1)?;
+            let map = self.mappings_unlocked_io(t, b0, b1)?;
             match self.read_mapped(t, &map, bs, offset, buf) {
                 Ok(()) => return Ok(()),
                 // The extent may have been freed and reused by a concurrent
@@ -842,7 +842,7 @@ impl Pool {
         for &b in &partial {
             if let std::collections::hash_map::Entry::Vacant(e) = old.entry(b) {
                 let mut cur = vec![0u8; bs as usize];
-                let map = self.lock()?.mappings(Target::Volume(vol), b, b + 1)?;
+                let map = self.mappings_unlocked_io(Target::Volume(vol), b, b + 1)?;
                 self.read_mapped(Target::Volume(vol), &map, bs64, b * bs64, &mut cur)?;
                 e.insert(cur);
             }
@@ -979,6 +979,44 @@ impl Pool {
             self.flush()?;
         }
         Err(Error::NoSpace)
+    }
+
+    /// Looks up the extents of blocks `b0..b1` without doing device I/O
+    /// while holding the pool lock: a node missing from the cache is read
+    /// and verified (against its parent's checksum) outside the lock, then
+    /// the lookup runs again. Committed nodes are immutable, so a node read
+    /// this way is either exactly the one expected or fails its checksum
+    /// (freed and reused meanwhile), in which case the lookup retries.
+    fn mappings_unlocked_io(&self, t: Target, b0: u64, b1: u64) -> Result<Vec<(u64, Extent)>> {
+        for _ in 0..16 {
+            let (kind, p) = {
+                let mut g = self.lock()?;
+                g.store.no_io = true;
+                let r = g.mappings(t, b0, b1);
+                g.store.no_io = false;
+                match r {
+                    Err(Error::NodeMiss) => g
+                        .store
+                        .missing
+                        .take()
+                        .ok_or_else(|| internal("node miss without a node"))?,
+                    other => return other,
+                }
+            };
+            let mut buf = vec![0u8; NODE_SIZE];
+            let node = self
+                .dev
+                .read_at(&mut buf, p.addr * UNIT)
+                .map_err(Error::from)
+                .and_then(|_| Node::decode(&buf, p.addr, p.csum));
+            match node {
+                Ok(n) if n.kind == kind => self.lock()?.store.cache_insert(p, Arc::new(n)),
+                // Possibly freed and reused under us; the retry (or the
+                // locked fallback below) tells a race from damage.
+                _ => continue,
+            }
+        }
+        self.lock()?.mappings(t, b0, b1)
     }
 
     /// Allocated and unallocated runs of `[offset, offset+len)`.

@@ -43,6 +43,11 @@ pub(crate) struct Store {
     /// no longer let any valid superblock reach them.
     pub pending_free: Vec<(u64, u64)>,
     pub stats: StoreStats,
+    /// While set, `load` never reads the device: a miss fails with
+    /// [`Error::NodeMiss`] and records the node in `missing`, so callers can
+    /// read it without holding the pool lock.
+    pub no_io: bool,
+    pub missing: Option<(TreeKind, Ptr)>,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -71,6 +76,15 @@ impl Store {
             rc_delta: HashMap::new(),
             pending_free: Vec::new(),
             stats: StoreStats::default(),
+            no_io: false,
+            missing: None,
+        }
+    }
+
+    /// Adds a node read and verified outside the lock (see `no_io`).
+    pub fn cache_insert(&mut self, p: Ptr, n: Arc<Node>) {
+        if !self.dirty.contains_key(&p.addr) {
+            self.cache.put(p.addr, (n, p.csum));
         }
     }
 
@@ -88,6 +102,10 @@ impl Store {
                 self.stats.cache_hits += 1;
                 return Ok(n.clone());
             }
+        }
+        if self.no_io {
+            self.missing = Some((kind, p));
+            return Err(Error::NodeMiss);
         }
         if p.addr < RESERVED_BLOCKS || p.addr >= self.alloc.total() {
             return Err(Error::Corrupt(format!(

@@ -89,7 +89,10 @@ fn snapshot_chain_and_clones_share_space() {
     }
     // 20 changed blocks plus metadata, not 20 copies.
     let grown = pool.space().unwrap().used_bytes - used0;
-    assert!(grown < 20 * 65536 + (4 << 20), "snapshots cost {grown} bytes");
+    assert!(
+        grown < 20 * 65536 + (4 << 20),
+        "snapshots cost {grown} bytes"
+    );
     let c = pool.clone_snapshot(snaps[5], "dev1").unwrap();
     assert_eq!(c.unique_bytes, 0);
     let mut b = vec![0u8; 65536];

@@ -913,7 +913,11 @@ impl Server {
 /// until SIGTERM/SIGINT/SIGHUP, committing the pool every `commit_every`;
 /// then stops accepting and makes everything durable. Call
 /// [`crate::signals::block_termination`] first, before any thread starts.
-pub fn serve_until_signal(server: &Arc<Server>, mut listeners: Vec<Listener>, commit_every: std::time::Duration) -> cdmfs::Result<()> {
+pub fn serve_until_signal(
+    server: &Arc<Server>,
+    mut listeners: Vec<Listener>,
+    commit_every: std::time::Duration,
+) -> cdmfs::Result<()> {
     let activated = Listener::from_env()?;
     if !activated.is_empty() {
         listeners = activated;

@@ -18,7 +18,11 @@ use nbd_server::server::serve_until_signal;
 use nbd_server::{signals, Listener, Server, ServerConfig};
 
 #[derive(Parser)]
-#[command(name = "snapshotd", version, about = "cdm appliance daemon: owns the pool and serves it over NBD")]
+#[command(
+    name = "snapshotd",
+    version,
+    about = "cdm appliance daemon: owns the pool and serves it over NBD"
+)]
 struct Args {
     /// Data directory; the pool is DATA/pool.
     #[arg(long, default_value = "./cdm-data")]
@@ -36,22 +40,28 @@ struct Args {
 
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     signals::block_termination();
-    std::fs::create_dir_all(&args.data).with_context(|| format!("cannot create {}", args.data.display()))?;
+    std::fs::create_dir_all(&args.data)
+        .with_context(|| format!("cannot create {}", args.data.display()))?;
     let path = args.data.join("pool");
     let dev = if path.exists() {
         FileDev::open(&path).with_context(|| format!("cannot open {}", path.display()))?
     } else {
-        let dev = FileDev::create(&path, args.pool_size).with_context(|| format!("cannot create {}", path.display()))?;
+        let dev = FileDev::create(&path, args.pool_size)
+            .with_context(|| format!("cannot create {}", path.display()))?;
         Pool::format(&dev, &FormatOptions::default()).context("cannot format the pool")?;
         tracing::info!(path = %path.display(), size = %human(args.pool_size), "created a new pool");
         dev
     };
-    let pool = Arc::new(Pool::open(Arc::new(dev), &OpenOptions::default()).context("cannot open the pool")?);
+    let pool = Arc::new(
+        Pool::open(Arc::new(dev), &OpenOptions::default()).context("cannot open the pool")?,
+    );
     let space = pool.space()?;
     tracing::info!(
         volumes = pool.list_volumes()?.len(),
@@ -66,7 +76,12 @@ fn main() -> Result<()> {
             listeners.push(Listener::bind(a).with_context(|| format!("cannot listen on {a}"))?);
         }
     }
-    serve_until_signal(&server, listeners, Duration::from_secs(args.commit_interval.max(1))).context("final commit failed")?;
+    serve_until_signal(
+        &server,
+        listeners,
+        Duration::from_secs(args.commit_interval.max(1)),
+    )
+    .context("final commit failed")?;
     tracing::info!("pool committed; exiting");
     Ok(())
 }

@@ -41,10 +41,20 @@ fn first_start_serve_restart() {
     let d = start(&data, &sock);
     assert!(data.join("pool").exists());
     // The pool is owned by the daemon: offline tools refuse it.
-    let err = run_fail(Command::new(bin("cdmfs")).arg("--pool").arg(data.join("pool")).args(["volume", "list"]));
+    let err = run_fail(
+        Command::new(bin("cdmfs"))
+            .arg("--pool")
+            .arg(data.join("pool"))
+            .args(["volume", "list"]),
+    );
     assert!(err.contains("in use"), "{err}");
     term(d);
-    let cdmfs = |args: &[&str]| run(Command::new(bin("cdmfs")).arg("--pool").arg(data.join("pool")).args(args));
+    let cdmfs = |args: &[&str]| {
+        run(Command::new(bin("cdmfs"))
+            .arg("--pool")
+            .arg(data.join("pool"))
+            .args(args))
+    };
     cdmfs(&["volume", "create", "stage", "--size", "64M"]);
     let d = start(&data, &sock);
     let uri = format!("nbd+unix:///stage?socket={}", sock.display());

@@ -59,6 +59,7 @@ fn main() -> Result<()> {
             listeners.push(Listener::bind(a).with_context(|| format!("cannot listen on {a}"))?);
         }
     }
-    serve_until_signal(&server, listeners, Duration::from_secs(5)).context("final commit failed")?;
+    serve_until_signal(&server, listeners, Duration::from_secs(5))
+        .context("final commit failed")?;
     Ok(())
 }
