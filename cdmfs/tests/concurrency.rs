@@ -130,7 +130,7 @@ fn readers_race_writers_and_commits() {
                 pool.write(v.id, b * 4096, &vec![ver; n as usize * 4096])
                     .unwrap();
                 ver = if ver == 255 { 2 } else { ver + 1 };
-                if x % 5 == 0 {
+                if x.is_multiple_of(5) {
                     pool.flush().unwrap();
                 }
             }
