@@ -14,6 +14,9 @@ pub trait BlockDev: Send + Sync {
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
     fn sync(&self) -> io::Result<()>;
     fn len(&self) -> io::Result<u64>;
+    /// Hints that these byte ranges will be read soon (a read of scattered
+    /// extents lets the device fetch them in parallel). Optional.
+    fn will_need(&self, _ranges: &[(u64, u64)]) {}
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
@@ -62,6 +65,20 @@ impl BlockDev for FileDev {
     }
     fn sync(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+    fn will_need(&self, ranges: &[(u64, u64)]) {
+        use std::os::fd::AsRawFd;
+        for &(off, len) in ranges {
+            // SAFETY: advisory call on our own descriptor; failure is harmless.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    off as i64,
+                    len as i64,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+        }
     }
     fn len(&self) -> io::Result<u64> {
         let meta = self.file.metadata()?;

@@ -677,6 +677,21 @@ impl Pool {
     ) -> Result<()> {
         let end = offset + buf.len() as u64;
         buf.fill(0);
+        // Extents scattered by copy-on-write: let the device fetch them all
+        // at once rather than one synchronous read after another.
+        if map.len() > 1 {
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for (_, e) in map {
+                let (o, l) = (e.addr * UNIT, e.stored_len as u64);
+                match ranges.last_mut() {
+                    Some(r) if r.0 + r.1 == o => r.1 += l,
+                    _ => ranges.push((o, l)),
+                }
+            }
+            if ranges.len() > 1 {
+                self.dev.will_need(&ranges);
+            }
+        }
         let mut i = 0;
         while i < map.len() {
             // A run of logically and physically contiguous plain extents.
