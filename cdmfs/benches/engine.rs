@@ -335,13 +335,13 @@ fn snapshots(dir: &Path, sizes: &[u64], n: usize) {
                 format!("{:.1}", pct(v, 0.5))
             }
         };
+        let create_s = format!(
+            "{:.4} / {:.4}",
+            pct(&mut create, 0.5),
+            pct(&mut create, 0.99)
+        );
         println!(
-            "| {gib} GiB | {} | {} | {} | {} | {} |",
-            format!(
-                "{:.4} / {:.4}",
-                pct(&mut create, 0.5),
-                pct(&mut create, 0.99)
-            ),
+            "| {gib} GiB | {create_s} | {} | {} | {} | {} |",
             pair(&mut commit),
             p50(&mut proc_ms),
             pair(&mut q),
