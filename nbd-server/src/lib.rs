@@ -5,6 +5,7 @@ pub mod client;
 pub mod proto;
 pub mod server;
 pub mod signals;
+pub mod tls;
 
 pub use client::{Client, ClientError, ClientOptions};
 pub use server::{ClientInfo, Listener, Server, ServerConfig};

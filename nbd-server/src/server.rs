@@ -26,6 +26,8 @@ pub struct ServerConfig {
     pub read_only: bool,
     /// Bytes of requests in flight per connection before reading pauses.
     pub max_inflight_bytes: u64,
+    /// TLS (STARTTLS); None: plaintext only.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for ServerConfig {
@@ -35,6 +37,7 @@ impl Default for ServerConfig {
             workers: 4,
             read_only: false,
             max_inflight_bytes: 256 << 20,
+            tls: None,
         }
     }
 }
@@ -74,6 +77,12 @@ struct Session {
     structured: bool,
     extended: bool,
     base_alloc: bool,
+}
+
+enum Outcome {
+    Closed,
+    StartTls,
+    Go(Session, String),
 }
 
 struct Negotiated {
@@ -192,51 +201,92 @@ impl Server {
         f
     }
 
-    /// Serves one connection to its end.
+    /// Serves one connection over plain streams (no TLS possible).
     pub fn handle(
         self: &Arc<Self>,
-        mut r: Box<dyn Read + Send>,
+        r: Box<dyn Read + Send>,
         w: Box<dyn Write + Send>,
         peer: &str,
     ) -> Result<(), ConnError> {
-        let w: SharedWriter = Arc::new(Mutex::new(w));
-        let Some((sess, name)) = self.negotiate(&mut *r, &w)? else {
-            return Ok(());
-        };
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let since = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        lock(&self.clients).insert(
-            id,
-            ClientInfo {
-                id,
-                peer: peer.to_string(),
-                export: name,
-                since_unix: since,
-            },
-        );
-        let res = self.transmit(Arc::new(sess), &mut *r, w);
-        lock(&self.clients).remove(&id);
-        res
+        self.run(r, w, None, peer)
     }
 
-    fn negotiate(
-        &self,
-        r: &mut dyn Read,
-        w: &SharedWriter,
-    ) -> Result<Option<(Session, String)>, ConnError> {
-        let send = |b: &[u8]| -> io::Result<()> {
-            let mut g = lock(w);
-            g.write_all(b)?;
-            g.flush()
+    /// Serves one connection; `raw` is the socket itself, for STARTTLS.
+    pub fn handle_socket(
+        self: &Arc<Self>,
+        raw: Box<dyn crate::tls::RawConn>,
+        r: Box<dyn Read + Send>,
+        w: Box<dyn Write + Send>,
+        peer: &str,
+    ) -> Result<(), ConnError> {
+        self.run(r, w, Some(raw), peer)
+    }
+
+    fn run(
+        self: &Arc<Self>,
+        mut r: Box<dyn Read + Send>,
+        w: Box<dyn Write + Send>,
+        mut raw: Option<Box<dyn crate::tls::RawConn>>,
+        peer: &str,
+    ) -> Result<(), ConnError> {
+        let mut w: SharedWriter = Arc::new(Mutex::new(w));
+        let Some(no_zeroes) = self.greet(&mut *r, &w)? else {
+            return Ok(());
         };
+        let mut tls_active = false;
+        loop {
+            match self.negotiate(&mut *r, &w, no_zeroes, tls_active, raw.is_some())? {
+                Outcome::Closed => return Ok(()),
+                Outcome::StartTls => {
+                    let (Some(sock), Some(tls)) = (raw.take(), self.cfg.tls.as_ref()) else {
+                        return Err(ConnError::Refused(
+                            "STARTTLS without a socket or TLS settings".into(),
+                        ));
+                    };
+                    drop(r);
+                    drop(w);
+                    let plain = crate::tls::start(sock, tls.config.clone())?;
+                    r = Box::new(plain.try_clone()?);
+                    w = Arc::new(Mutex::new(Box::new(io::BufWriter::with_capacity(
+                        256 << 10,
+                        plain,
+                    ))));
+                    tls_active = true;
+                }
+                Outcome::Go(sess, name) => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let since = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    lock(&self.clients).insert(
+                        id,
+                        ClientInfo {
+                            id,
+                            peer: peer.to_string(),
+                            export: name,
+                            since_unix: since,
+                        },
+                    );
+                    let res = self.transmit(Arc::new(sess), &mut *r, w);
+                    lock(&self.clients).remove(&id);
+                    return res;
+                }
+            }
+        }
+    }
+
+    /// Sends the greeting and reads the client flags; Some(no_zeroes).
+    fn greet(&self, r: &mut dyn Read, w: &SharedWriter) -> Result<Option<bool>, ConnError> {
         let mut hello = Vec::with_capacity(18);
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
         hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        send(&hello)?;
+        {
+            let mut g = lock(w);
+            g.write_all(&hello)?;
+            g.flush()?;
+        }
         let mut cf = [0u8; 4];
         if !read_exact_or_eof(r, &mut cf)? {
             return Ok(None);
@@ -247,16 +297,35 @@ impl Server {
                 "unknown client flags {cflags:#x}"
             )));
         }
+        Ok(Some(cflags & C_NO_ZEROES != 0))
+    }
+
+    /// The option haggling phase, from the first option (or the first after
+    /// STARTTLS, which discards what was negotiated before).
+    fn negotiate(
+        &self,
+        r: &mut dyn Read,
+        w: &SharedWriter,
+        no_zeroes: bool,
+        tls_active: bool,
+        tls_possible: bool,
+    ) -> Result<Outcome, ConnError> {
+        let send = |b: &[u8]| -> io::Result<()> {
+            let mut g = lock(w);
+            g.write_all(b)?;
+            g.flush()
+        };
+        let tls_required = self.cfg.tls.as_ref().is_some_and(|t| t.required) && !tls_active;
         let mut n = Negotiated {
             structured: false,
             extended: false,
-            no_zeroes: cflags & C_NO_ZEROES != 0,
+            no_zeroes,
             meta: None,
         };
         loop {
             let mut h = [0u8; 16];
             if !read_exact_or_eof(r, &mut h)? {
-                return Ok(None);
+                return Ok(Outcome::Closed);
             }
             let oh = parse_opt_header(&h)?;
             if oh.length > MAX_OPTION {
@@ -279,6 +348,15 @@ impl Server {
                 err(REP_ERR_SHUTDOWN, "server is shutting down")?;
                 continue;
             }
+            if tls_required && !matches!(oh.option, OPT_STARTTLS | OPT_ABORT) {
+                if oh.option == OPT_EXPORT_NAME {
+                    return Err(ConnError::Refused(
+                        "EXPORT_NAME before STARTTLS on a TLS-only server".into(),
+                    ));
+                }
+                err(REP_ERR_TLS_REQD, "this server requires TLS: use STARTTLS")?;
+                continue;
+            }
             match oh.option {
                 OPT_EXPORT_NAME => {
                     if n.extended {
@@ -296,7 +374,7 @@ impl Server {
                     }
                     send(&b)?;
                     let base_alloc = n.meta.as_deref() == Some(name.as_str());
-                    return Ok(Some((
+                    return Ok(Outcome::Go(
                         Session {
                             target: t,
                             size,
@@ -306,11 +384,11 @@ impl Server {
                             base_alloc,
                         },
                         name,
-                    )));
+                    ));
                 }
                 OPT_ABORT => {
                     let _ = reply(REP_ACK, &[]);
-                    return Ok(None);
+                    return Ok(Outcome::Closed);
                 }
                 OPT_LIST => {
                     if !data.is_empty() {
@@ -324,7 +402,18 @@ impl Server {
                     }
                     reply(REP_ACK, &[])?;
                 }
-                OPT_STARTTLS => err(REP_ERR_POLICY, "TLS is not configured on this server")?,
+                OPT_STARTTLS => {
+                    if self.cfg.tls.is_none() || !tls_possible {
+                        err(REP_ERR_POLICY, "TLS is not configured on this server")?;
+                    } else if tls_active {
+                        err(REP_ERR_INVALID, "TLS is already active")?;
+                    } else if !data.is_empty() {
+                        err(REP_ERR_INVALID, "STARTTLS takes no data")?;
+                    } else {
+                        reply(REP_ACK, &[])?;
+                        return Ok(Outcome::StartTls);
+                    }
+                }
                 OPT_INFO | OPT_GO => {
                     let (name, infos) = match parse_info_request(&data) {
                         Ok(x) => x,
@@ -370,7 +459,7 @@ impl Server {
                             extended: n.extended,
                             base_alloc,
                         };
-                        return Ok(Some((sess, name)));
+                        return Ok(Outcome::Go(sess, name));
                     }
                 }
                 OPT_STRUCTURED_REPLY => {
@@ -857,19 +946,27 @@ impl Listener {
     }
 }
 
-fn split_tcp(s: TcpStream) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+type Split = (
+    Box<dyn crate::tls::RawConn>,
+    Box<dyn Read + Send>,
+    Box<dyn Write + Send>,
+);
+
+fn split_tcp(s: TcpStream) -> io::Result<Split> {
     s.set_nodelay(true)?;
-    let w = s.try_clone()?;
+    let (r, w) = (s.try_clone()?, s.try_clone()?);
     Ok((
         Box::new(s),
+        Box::new(r),
         Box::new(io::BufWriter::with_capacity(256 << 10, w)),
     ))
 }
 
-fn split_unix(s: UnixStream) -> io::Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
-    let w = s.try_clone()?;
+fn split_unix(s: UnixStream) -> io::Result<Split> {
+    let (r, w) = (s.try_clone()?, s.try_clone()?);
     Ok((
         Box::new(s),
+        Box::new(r),
         Box::new(io::BufWriter::with_capacity(256 << 10, w)),
     ))
 }
@@ -891,7 +988,7 @@ impl Server {
             if self.is_shutdown() {
                 return Ok(());
             }
-            let (r, w) = match streams {
+            let (raw, r, w) = match streams {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot set up connection");
@@ -901,7 +998,7 @@ impl Server {
             let me = self.clone();
             std::thread::spawn(move || {
                 tracing::debug!(%peer, "client connected");
-                if let Err(e) = me.handle(r, w, &peer) {
+                if let Err(e) = me.handle_socket(raw, r, w, &peer) {
                     tracing::info!(%peer, error = %e, "connection ended");
                 }
             });

@@ -36,6 +36,8 @@ struct Args {
     /// Seconds between background commits.
     #[arg(long, default_value = "5")]
     commit_interval: u64,
+    #[command(flatten)]
+    tls: nbd_server::tls::TlsArgs,
 }
 
 fn main() -> Result<()> {
@@ -69,7 +71,11 @@ fn main() -> Result<()> {
         total = %human(space.total_bytes),
         "pool open"
     );
-    let server = Server::new(pool, ServerConfig::default());
+    let cfg = ServerConfig {
+        tls: args.tls.settings().context("TLS settings")?,
+        ..Default::default()
+    };
+    let server = Server::new(pool, cfg);
     let mut listeners = Vec::new();
     if std::env::var_os("LISTEN_FDS").is_none() {
         for a in &args.nbd {

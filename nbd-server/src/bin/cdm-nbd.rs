@@ -31,6 +31,8 @@ struct Args {
     /// Worker threads per connection.
     #[arg(long, default_value = "4")]
     workers: usize,
+    #[command(flatten)]
+    tls: nbd_server::tls::TlsArgs,
 }
 
 fn main() -> Result<()> {
@@ -50,6 +52,7 @@ fn main() -> Result<()> {
         default_export: args.default_export,
         workers: args.workers,
         read_only: args.read_only,
+        tls: args.tls.settings().context("TLS settings")?,
         ..Default::default()
     };
     let server = Server::new(pool, cfg);

@@ -1,0 +1,265 @@
+//! TLS for NBD (`NBD_OPT_STARTTLS`) with rustls. After the server
+//! acknowledges STARTTLS it runs the handshake on the raw socket, then a
+//! pump thread moves bytes between the TLS session and one end of a socket
+//! pair; the protocol code reads and writes the other end exactly as it would
+//! a plain connection (reader thread, workers replying under a write lock).
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// A raw connection TLS can run over.
+pub trait RawConn: Read + Write + AsRawFd + Send {
+    fn set_nonblocking(&self, nb: bool) -> io::Result<()>;
+}
+
+impl RawConn for std::net::TcpStream {
+    fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
+        std::net::TcpStream::set_nonblocking(self, nb)
+    }
+}
+
+impl RawConn for UnixStream {
+    fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
+        UnixStream::set_nonblocking(self, nb)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {msg}")]
+    File { path: String, msg: String },
+    #[error("TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// TLS settings of a server.
+#[derive(Clone)]
+pub struct TlsSettings {
+    pub config: Arc<ServerConfig>,
+    /// Refuse everything but STARTTLS before TLS (FORCEDTLS). When false,
+    /// plaintext clients are served too (SELECTIVETLS with every export open).
+    pub required: bool,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("required", &self.required)
+            .finish()
+    }
+}
+
+/// Loads a PEM certificate chain and key; with `client_ca`, clients must
+/// present a certificate signed by it.
+pub fn load(
+    cert: &Path,
+    key: &Path,
+    client_ca: Option<&Path>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let ferr = |p: &Path, e: &dyn std::fmt::Display| TlsError::File {
+        path: p.display().to_string(),
+        msg: e.to_string(),
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| ferr(cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| ferr(cert, &e))?;
+    if certs.is_empty() {
+        return Err(ferr(cert, &"no certificate in file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ferr(key, &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| ferr(ca, &e))? {
+                roots.add(c.map_err(|e| ferr(ca, &e))?)?;
+            }
+            let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| ferr(ca, &e))?;
+            builder.with_client_cert_verifier(v)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    Ok(Arc::new(builder.with_single_cert(certs, key)?))
+}
+
+/// Runs the TLS handshake on `raw` and returns the plaintext side.
+pub fn start(mut raw: Box<dyn RawConn>, cfg: Arc<ServerConfig>) -> io::Result<UnixStream> {
+    let mut conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
+    // The pump bounds what is buffered (it takes more plaintext only once
+    // the last was sent), so rustls's own 64 KiB cap would only make
+    // large replies fail.
+    conn.set_buffer_limit(None);
+    while conn.is_handshaking() {
+        conn.complete_io(&mut raw)?;
+    }
+    let (ours, theirs) = UnixStream::pair()?;
+    raw.set_nonblocking(true)?;
+    theirs.set_nonblocking(true)?;
+    std::thread::spawn(move || {
+        if let Err(e) = pump(conn, raw, theirs) {
+            tracing::debug!(error = %e, "TLS session ended");
+        }
+    });
+    Ok(ours)
+}
+
+fn poll2(a: RawFd, ea: i16, b: RawFd, eb: i16) -> io::Result<(i16, i16)> {
+    let mut fds = [
+        libc::pollfd {
+            fd: a,
+            events: ea,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: b,
+            events: eb,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: fds is a valid array of two pollfd.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc >= 0 {
+            return Ok((fds[0].revents, fds[1].revents));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn would_block(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::WouldBlock
+}
+
+fn pump(
+    mut conn: ServerConnection,
+    mut raw: Box<dyn RawConn>,
+    mut plain: UnixStream,
+) -> io::Result<()> {
+    const MAX_PENDING: usize = 8 << 20;
+    let mut to_plain: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 256 << 10];
+    let (mut raw_eof, mut plain_eof) = (false, false);
+    loop {
+        while conn.wants_write() {
+            match conn.write_tls(&mut raw) {
+                Ok(_) => {}
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        while !to_plain.is_empty() {
+            match plain.write(&to_plain) {
+                Ok(n) => {
+                    to_plain.drain(..n);
+                }
+                Err(e) if would_block(&e) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        if raw_eof && to_plain.is_empty() {
+            let _ = plain.shutdown(std::net::Shutdown::Write);
+            if plain_eof {
+                return Ok(());
+            }
+        }
+        if plain_eof && !conn.wants_write() {
+            return Ok(());
+        }
+        let mut ev_raw = 0;
+        if !raw_eof && to_plain.len() < MAX_PENDING {
+            ev_raw |= libc::POLLIN;
+        }
+        if conn.wants_write() {
+            ev_raw |= libc::POLLOUT;
+        }
+        let mut ev_plain = 0;
+        // Backpressure: take more plaintext only once the last was sent.
+        if !plain_eof && !conn.wants_write() {
+            ev_plain |= libc::POLLIN;
+        }
+        if !to_plain.is_empty() {
+            ev_plain |= libc::POLLOUT;
+        }
+        let (r_raw, r_plain) = poll2(raw.as_raw_fd(), ev_raw, plain.as_raw_fd(), ev_plain)?;
+        if r_raw & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !raw_eof {
+            match conn.read_tls(&mut raw) {
+                Ok(0) => raw_eof = true,
+                Ok(_) => {
+                    if let Err(e) = conn.process_new_packets() {
+                        let _ = conn.write_tls(&mut raw);
+                        return Err(io::Error::other(e));
+                    }
+                    loop {
+                        match conn.reader().read(&mut buf) {
+                            Ok(0) => {
+                                raw_eof = true;
+                                break;
+                            }
+                            Ok(n) => to_plain.extend_from_slice(&buf[..n]),
+                            Err(e) if would_block(&e) => break,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+                Err(e) if would_block(&e) => {}
+                Err(_) => raw_eof = true,
+            }
+        }
+        if r_plain & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !plain_eof {
+            match plain.read(&mut buf) {
+                Ok(0) => {
+                    plain_eof = true;
+                    conn.send_close_notify();
+                }
+                Ok(n) => conn.writer().write_all(&buf[..n])?,
+                Err(e) if would_block(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Command-line TLS options shared by `cdm-nbd` and `snapshotd`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// PEM certificate chain; enables STARTTLS (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Require client certificates signed by this CA (PEM).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Also serve plaintext clients (default with TLS: refuse them).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_optional: bool,
+}
+
+impl TlsArgs {
+    pub fn settings(&self) -> Result<Option<TlsSettings>, TlsError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Ok(Some(TlsSettings {
+                config: load(c, k, self.tls_client_ca.as_deref())?,
+                required: !self.tls_optional,
+            })),
+            _ => Ok(None),
+        }
+    }
+}
