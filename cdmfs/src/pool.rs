@@ -1487,36 +1487,28 @@ impl Inner {
         let mut written = HashMap::new();
         let mut out = Vec::new();
         // 1. Volume and snapshot trees, children before parents.
-        let ids: Vec<u64> = self.volumes.keys().copied().collect();
-        for id in ids {
-            let Some(v) = self.volumes.get(&id) else {
-                continue;
-            };
-            let p = Ptr {
-                addr: v.root,
-                csum: v.root_csum,
-            };
-            if self.store.dirty.contains_key(&p.addr) || written.contains_key(&p.addr) {
-                let np = self.store.write_tree(p, &mut written, &mut out)?;
-                if let Some(v) = self.volumes.get_mut(&id) {
-                    v.root_csum = np.csum;
-                }
-            }
-        }
-        let snaps: Vec<u64> = self.snapshots.keys().copied().collect();
-        for id in snaps {
-            let Some(s) = self.snapshots.get(&id) else {
-                continue;
-            };
-            let p = Ptr {
-                addr: s.root,
-                csum: s.root_csum,
-            };
-            if self.store.dirty.contains_key(&p.addr) || written.contains_key(&p.addr) {
-                let np = self.store.write_tree(p, &mut written, &mut out)?;
-                if let Some(s) = self.snapshots.get_mut(&id) {
-                    s.root_csum = np.csum;
-                }
+        let store = &mut self.store;
+        let roots = self
+            .volumes
+            .values_mut()
+            .map(|v| (v.root, &mut v.root_csum))
+            .chain(
+                self.snapshots
+                    .values_mut()
+                    .map(|s| (s.root, &mut s.root_csum)),
+            );
+        for (root, csum) in roots {
+            if store.dirty.contains_key(&root) || written.contains_key(&root) {
+                *csum = store
+                    .write_tree(
+                        Ptr {
+                            addr: root,
+                            csum: *csum,
+                        },
+                        &mut written,
+                        &mut out,
+                    )?
+                    .csum;
             }
         }
         // 2. Catalog records.

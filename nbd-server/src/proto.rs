@@ -490,7 +490,7 @@ mod tests {
         ));
         assert_eq!(
             parse_request(&bad[..10], false),
-            Err(ProtoError::Magic(0x25609512))
+            Err(ProtoError::Magic(0x24609513))
         );
         assert_eq!(
             parse_request(&encode_request(&w, false)[..10], false),

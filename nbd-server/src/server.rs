@@ -895,6 +895,21 @@ impl Listener {
         }
     }
 
+    /// Binds every address, unless the service manager passed sockets
+    /// (then [`serve_until_signal`] uses those and this returns none).
+    pub fn bind_all(addrs: &[String]) -> io::Result<Vec<Listener>> {
+        if std::env::var_os("LISTEN_FDS").is_some() {
+            return Ok(Vec::new());
+        }
+        addrs
+            .iter()
+            .map(|a| {
+                Listener::bind(a)
+                    .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {a}: {e}")))
+            })
+            .collect()
+    }
+
     /// Listening sockets passed by systemd socket activation (`LISTEN_PID`,
     /// `LISTEN_FDS`), if any.
     pub fn from_env() -> io::Result<Vec<Listener>> {

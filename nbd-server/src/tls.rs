@@ -146,6 +146,22 @@ fn would_block(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::WouldBlock
 }
 
+/// Moves every decrypted byte rustls holds into `out`; true at close_notify.
+fn drain_plaintext(
+    conn: &mut ServerConnection,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    loop {
+        match conn.reader().read(buf) {
+            Ok(0) => return Ok(true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if would_block(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 fn pump(
     mut conn: ServerConnection,
     mut raw: Box<dyn RawConn>,
@@ -155,6 +171,11 @@ fn pump(
     let mut to_plain: Vec<u8> = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
     let (mut raw_eof, mut plain_eof) = (false, false);
+    // The handshake may already have read the client's first records (a
+    // TLS 1.3 client can send right after its Finished): deliver them before
+    // waiting on the socket, or both sides would wait forever.
+    conn.process_new_packets().map_err(io::Error::other)?;
+    raw_eof |= drain_plaintext(&mut conn, &mut buf, &mut to_plain)?;
     loop {
         while conn.wants_write() {
             match conn.write_tls(&mut raw) {
@@ -205,17 +226,7 @@ fn pump(
                         let _ = conn.write_tls(&mut raw);
                         return Err(io::Error::other(e));
                     }
-                    loop {
-                        match conn.reader().read(&mut buf) {
-                            Ok(0) => {
-                                raw_eof = true;
-                                break;
-                            }
-                            Ok(n) => to_plain.extend_from_slice(&buf[..n]),
-                            Err(e) if would_block(&e) => break,
-                            Err(e) => return Err(e),
-                        }
-                    }
+                    raw_eof |= drain_plaintext(&mut conn, &mut buf, &mut to_plain)?;
                 }
                 Err(e) if would_block(&e) => {}
                 Err(_) => raw_eof = true,

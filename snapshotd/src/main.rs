@@ -76,12 +76,7 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let server = Server::new(pool, cfg);
-    let mut listeners = Vec::new();
-    if std::env::var_os("LISTEN_FDS").is_none() {
-        for a in &args.nbd {
-            listeners.push(Listener::bind(a).with_context(|| format!("cannot listen on {a}"))?);
-        }
-    }
+    let listeners = Listener::bind_all(&args.nbd)?;
     serve_until_signal(
         &server,
         listeners,

@@ -40,11 +40,41 @@ pub fn require(tool: &str) {
     );
 }
 
+/// How long one external command may run before the test kills it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs a command with a watchdog: a hung client fails the test instead of
+/// stalling the suite.
+fn output(cmd: &mut Command) -> std::process::Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if rx.recv_timeout(COMMAND_TIMEOUT).is_err() {
+            // SAFETY: kill(2) on the child we spawned.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return true;
+        }
+        false
+    });
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"));
+    let _ = tx.send(());
+    if watchdog.join().unwrap_or(false) {
+        panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}; killed");
+    }
+    out
+}
+
 /// Runs a command; panics with its output unless it succeeds. Returns stdout.
 pub fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = output(cmd);
     if !out.status.success() {
         panic!(
             "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -58,9 +88,7 @@ pub fn run(cmd: &mut Command) -> String {
 
 /// Runs a command that must fail; returns stdout+stderr.
 pub fn run_fail(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = output(cmd);
     assert!(!out.status.success(), "{cmd:?} should have failed");
     format!(
         "{}{}",

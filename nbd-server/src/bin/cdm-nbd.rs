@@ -56,12 +56,7 @@ fn main() -> Result<()> {
         ..Default::default()
     };
     let server = Server::new(pool, cfg);
-    let mut listeners = Vec::new();
-    if std::env::var_os("LISTEN_FDS").is_none() {
-        for a in &args.listen {
-            listeners.push(Listener::bind(a).with_context(|| format!("cannot listen on {a}"))?);
-        }
-    }
+    let listeners = Listener::bind_all(&args.listen)?;
     serve_until_signal(&server, listeners, Duration::from_secs(5))
         .context("final commit failed")?;
     Ok(())
