@@ -269,6 +269,7 @@ fn fio_nbd_engine_verify_crc32c() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--output-format=json",
         ]));
         let j: serde_json::Value = serde_json::from_str(&out[out.find('{').unwrap()..]).unwrap();
