@@ -127,7 +127,7 @@ impl Pool {
                         {
                             rep.errors.push(format!(
                                 "{name}: bad extent at offset {} (block {}, {} bytes)",
-                                n.keys[i] * *bs as u64,
+                                n.keys[i].saturating_mul(*bs as u64),
                                 e.addr,
                                 e.stored_len
                             ));
@@ -310,10 +310,20 @@ impl Pool {
                     g.store.load(TreeKind::Volume, p)
                 } else {
                     let mut buf = vec![0u8; NODE_SIZE];
-                    dev.read_at(&mut buf, p.addr * UNIT)
+                    dev.read_at(&mut buf, p.addr.saturating_mul(UNIT))
                         .map_err(Error::from)
                         .and_then(|_| Node::decode(&buf, p.addr, p.csum))
-                        .map(std::sync::Arc::new)
+                        .and_then(|n| {
+                            if n.kind == TreeKind::Volume {
+                                Ok(std::sync::Arc::new(n))
+                            } else {
+                                Err(Error::Corrupt(format!(
+                                    "pool block {} holds a {} inside a volume tree",
+                                    p.addr,
+                                    n.kind.name()
+                                )))
+                            }
+                        })
                 };
                 let n = match node {
                     Ok(n) => n,
@@ -323,7 +333,7 @@ impl Pool {
                         }
                         rep.errors.push(ScrubError {
                             target: name.clone(),
-                            offset: first_key * bs as u64,
+                            offset: first_key.saturating_mul(bs as u64),
                             pool_block: p.addr,
                             what: e.to_string(),
                         });
@@ -354,7 +364,7 @@ impl Pool {
                     if !ok {
                         rep.errors.push(ScrubError {
                             target: name.clone(),
-                            offset: n.keys[i] * bs as u64,
+                            offset: n.keys[i].saturating_mul(bs as u64),
                             pool_block: e.addr,
                             what: "data checksum mismatch".into(),
                         });

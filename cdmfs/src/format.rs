@@ -18,6 +18,10 @@ pub const SB_MAGIC: &[u8; 8] = b"CDMFSPL\0";
 pub const FORMAT_VERSION: u32 = 1;
 pub const NODE_MAGIC: u32 = u32::from_le_bytes(*b"CDMN");
 pub const NODE_HDR: usize = 32;
+/// No pointer may name a block at or past this: byte offsets of every block
+/// (and of everything after it) then fit in a u64. Values beyond it in a
+/// node are rejected as corrupt even if its checksum matches.
+pub const MAX_BLOCK_ADDR: u64 = 1 << 51;
 
 /// Volume block sizes the engine accepts.
 pub const MIN_BLOCK_SIZE: u32 = 4096;
@@ -122,6 +126,9 @@ impl Superblock {
             return Err(SbError::Version(version));
         }
         if rd_u32(b, 48) as u64 != UNIT || rd_u32(b, 52) as usize != NODE_SIZE {
+            return Err(SbError::Torn);
+        }
+        if rd_u64(b, 40) >= MAX_BLOCK_ADDR {
             return Err(SbError::Torn);
         }
         let mut uuid = [0u8; 16];
@@ -434,12 +441,44 @@ impl Node {
             return Err(bad("keys out of order"));
         }
         let vals = b[o..o + n * stride].to_vec();
-        Ok(Node {
+        let node = Node {
             kind,
             level,
             keys,
             vals,
-        })
+        };
+        // A checksum proves the bytes are what was written, not that they
+        // are sane: check every value a reader will compute with.
+        for i in 0..n {
+            let v = node.val(i);
+            let ok = if level > 0 {
+                let p = dec_ptr(v);
+                p.addr >= RESERVED_BLOCKS && p.addr < MAX_BLOCK_ADDR
+            } else {
+                match kind {
+                    TreeKind::Volume => {
+                        let e = Extent::decode(v);
+                        e.addr >= RESERVED_BLOCKS
+                            && e.addr < MAX_BLOCK_ADDR
+                            && e.stored_len > 0
+                            && e.stored_len <= MAX_BLOCK_SIZE
+                            && node.keys[i] < MAX_BLOCK_ADDR
+                    }
+                    TreeKind::Refcount => {
+                        let r = RcVal::decode(v);
+                        r.blocks > 0 && r.refs > 0 && node.keys[i] < MAX_BLOCK_ADDR
+                    }
+                    TreeKind::Catalog => {
+                        let p = dec_ptr(v);
+                        p.addr >= RESERVED_BLOCKS && p.addr < MAX_BLOCK_ADDR
+                    }
+                }
+            };
+            if !ok {
+                return Err(bad(&format!("entry {i} holds an impossible value")));
+            }
+        }
+        Ok(node)
     }
 }
 
@@ -503,6 +542,59 @@ mod tests {
             Node::decode(&d, 77, c),
             Err(Error::MetadataChecksum { .. })
         ));
+    }
+
+    #[test]
+    fn valid_checksum_does_not_make_values_sane() {
+        for bad in [
+            Extent {
+                addr: 3,
+                stored_len: 4096,
+                csum: 0,
+                flags: 0,
+                aux: 0,
+            },
+            Extent {
+                addr: MAX_BLOCK_ADDR,
+                stored_len: 4096,
+                csum: 0,
+                flags: 0,
+                aux: 0,
+            },
+            Extent {
+                addr: 1000,
+                stored_len: 0,
+                csum: 0,
+                flags: 0,
+                aux: 0,
+            },
+            Extent {
+                addr: 1000,
+                stored_len: MAX_BLOCK_SIZE + 1,
+                csum: 0,
+                flags: 0,
+                aux: 0,
+            },
+        ] {
+            let mut n = Node::new(TreeKind::Volume, 0);
+            n.insert_at(0, 1, &bad.encode());
+            let (b, c) = n.encode(500, 1);
+            assert!(
+                matches!(Node::decode(&b, 500, c), Err(Error::Corrupt(_))),
+                "{bad:?} accepted"
+            );
+        }
+        let mut n = Node::new(TreeKind::Volume, 1);
+        n.insert_at(
+            0,
+            0,
+            &enc_ptr(Ptr {
+                addr: u64::MAX,
+                csum: 0,
+            }),
+        );
+        let (b, c) = n.encode(500, 1);
+        assert!(matches!(Node::decode(&b, 500, c), Err(Error::Corrupt(_))));
     }
 
     #[test]

@@ -1106,6 +1106,20 @@ impl Pool {
     }
 }
 
+/// Rejects a catalog record no version of this program writes.
+fn check_record(key: u64, size: u64, block_size: u32, root: u64) -> Result<()> {
+    if check_block_size(block_size).is_err()
+        || size == 0
+        || size > (1 << 60)
+        || (root != 0 && !(RESERVED_BLOCKS..MAX_BLOCK_ADDR).contains(&root))
+    {
+        return Err(Error::Corrupt(format!(
+            "catalog record {key:#x} has impossible values"
+        )));
+    }
+    Ok(())
+}
+
 fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
     match offset.checked_add(len) {
         Some(e) if e <= size => Ok(()),
@@ -1388,11 +1402,13 @@ impl Inner {
             match key & !((1 << 56) - 1) {
                 KEY_VOLUME => {
                     let v: VolumeRec = serde_json::from_slice(&bytes).map_err(bad)?;
+                    check_record(key, v.size, v.block_size, v.root)?;
                     self.names.insert(v.name.clone(), v.id);
                     self.volumes.insert(v.id, v);
                 }
                 KEY_SNAPSHOT => {
                     let s: SnapshotRec = serde_json::from_slice(&bytes).map_err(bad)?;
+                    check_record(key, s.size, s.block_size, s.root)?;
                     self.snapshots.insert(s.id, s);
                 }
                 _ => return Err(Error::Corrupt(format!("unknown catalog key {key:#x}"))),
