@@ -745,29 +745,40 @@ impl Pool {
     /// Writes `data` at `offset` of a volume. Partial blocks are read,
     /// patched and written to a new place (never overwritten in place).
     pub fn write(&self, vol: u64, offset: u64, data: &[u8]) -> Result<()> {
-        let (size, bs) = self.geometry(Target::Volume(vol))?;
-        check_range(offset, data.len() as u64, size)?;
-        if data.is_empty() {
+        let Some((_g, bs)) = self.begin_write(vol, offset, data.len() as u64)? else {
             return Ok(());
+        };
+        self.write_locked(vol, offset, Some(data), data.len() as u64, bs, false)
+    }
+
+    /// Checks a write of `len` bytes at `offset` of a volume and locks the
+    /// blocks it touches; None for an empty range.
+    fn begin_write(
+        &self,
+        vol: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(RangeGuard<'_>, u32)>> {
+        let (size, bs) = self.geometry(Target::Volume(vol))?;
+        check_range(offset, len, size)?;
+        if len == 0 {
+            return Ok(None);
         }
         let bs64 = bs as u64;
-        let (b0, b1) = (offset / bs64, (offset + data.len() as u64 - 1) / bs64 + 1);
-        let _g = self.ranges.lock(vol, b0, b1);
-        self.write_locked(vol, offset, Some(data), data.len() as u64, bs, false)
+        let g = self
+            .ranges
+            .lock(vol, offset / bs64, (offset + len - 1) / bs64 + 1);
+        Ok(Some((g, bs)))
     }
 
     /// Makes a range read as zeros, freeing whole blocks (trim and
     /// write-zeroes are the same operation here: holes read as zeros).
     pub fn write_zeroes(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
-        let (size, bs) = self.geometry(Target::Volume(vol))?;
-        check_range(offset, len, size)?;
-        if len == 0 {
+        let Some((_g, bs)) = self.begin_write(vol, offset, len)? else {
             return Ok(());
-        }
+        };
         let bs64 = bs as u64;
         let end = offset + len;
-        let (b0, b1) = (offset / bs64, (end - 1) / bs64 + 1);
-        let _g = self.ranges.lock(vol, b0, b1);
         let full0 = offset.div_ceil(bs64);
         let full1 = end / bs64;
         if full0 >= full1 {
@@ -809,14 +820,11 @@ impl Pool {
     /// the range as data. Copy-on-write means this cannot reserve space for
     /// later overwrites; it only keeps the range from reading as a hole.
     pub fn write_zeroes_allocated(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
-        let (size, bs) = self.geometry(Target::Volume(vol))?;
-        check_range(offset, len, size)?;
-        if len == 0 {
+        let Some((_g, bs)) = self.begin_write(vol, offset, len)? else {
             return Ok(());
-        }
+        };
         let bs64 = bs as u64;
         let end = offset + len;
-        let _g = self.ranges.lock(vol, offset / bs64, (end - 1) / bs64 + 1);
         let chunk = (4u64 << 20).max(bs64);
         let zeros = vec![0u8; chunk as usize];
         let mut pos = offset;

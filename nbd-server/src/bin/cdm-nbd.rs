@@ -36,12 +36,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    nbd_server::init_logging();
     let args = Args::parse();
     signals::block_termination();
     let dev = FileDev::open(&args.pool)
