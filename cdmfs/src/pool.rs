@@ -676,7 +676,19 @@ impl Pool {
         buf: &mut [u8],
     ) -> Result<()> {
         let end = offset + buf.len() as u64;
-        buf.fill(0);
+        // Holes read as zeros; mapped blocks are overwritten below, so only
+        // the gaps between them are cleared (not the whole buffer twice).
+        let mut pos = offset;
+        for (k, e) in map {
+            let (ls, le) = (k * bs, k * bs + e.stored_len as u64);
+            if ls > pos {
+                buf[(pos - offset) as usize..(ls.min(end) - offset) as usize].fill(0);
+            }
+            pos = pos.max(le.min(end));
+        }
+        if pos < end {
+            buf[(pos - offset) as usize..].fill(0);
+        }
         // Extents scattered by copy-on-write: let the device fetch them all
         // at once rather than one synchronous read after another.
         if map.len() > 1 {

@@ -99,6 +99,15 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Writes `parts` as one reply under the connection's write lock, then flushes.
+fn send(w: &SharedWriter, parts: &[&[u8]]) -> io::Result<()> {
+    let mut g = lock(w);
+    for p in parts {
+        g.write_all(p)?;
+    }
+    g.flush()
+}
+
 fn read_exact_or_eof(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<bool> {
     let mut n = 0;
     while n < buf.len() {
@@ -282,11 +291,7 @@ impl Server {
         hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
         hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
         hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-        {
-            let mut g = lock(w);
-            g.write_all(&hello)?;
-            g.flush()?;
-        }
+        send(w, &[&hello])?;
         let mut cf = [0u8; 4];
         if !read_exact_or_eof(r, &mut cf)? {
             return Ok(None);
@@ -310,11 +315,7 @@ impl Server {
         tls_active: bool,
         tls_possible: bool,
     ) -> Result<Outcome, ConnError> {
-        let send = |b: &[u8]| -> io::Result<()> {
-            let mut g = lock(w);
-            g.write_all(b)?;
-            g.flush()
-        };
+        let send = |b: &[u8]| send(w, &[b]);
         let tls_required = self.cfg.tls.as_ref().is_some_and(|t| t.required) && !tls_active;
         let mut n = Negotiated {
             structured: false,
@@ -755,9 +756,7 @@ impl Server {
         } else {
             simple_reply(0, q.cookie).to_vec()
         };
-        let mut g = lock(w);
-        g.write_all(&b)?;
-        g.flush()
+        send(w, &[&b])
     }
 
     fn reply_error(
@@ -783,9 +782,7 @@ impl Server {
         } else {
             simple_reply(e, q.cookie).to_vec()
         };
-        let mut g = lock(w);
-        g.write_all(&b)?;
-        g.flush()
+        send(w, &[&b])
     }
 
     fn reply_read(
@@ -820,12 +817,12 @@ impl Server {
         } else {
             simple_reply(0, q.cookie).to_vec()
         };
-        let mut g = lock(w);
-        g.write_all(&head)?;
-        if !(s.structured && data.is_empty()) {
-            g.write_all(data)?;
-        }
-        g.flush()
+        let body: &[u8] = if s.structured && data.is_empty() {
+            &[]
+        } else {
+            data
+        };
+        send(w, &[&head, body])
     }
 
     fn reply_status(
@@ -872,9 +869,7 @@ impl Server {
             p.len() as u64,
         );
         b.extend_from_slice(&p);
-        let mut g = lock(w);
-        g.write_all(&b)?;
-        g.flush()
+        send(w, &[&b])
     }
 }
 

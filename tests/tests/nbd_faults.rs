@@ -198,6 +198,39 @@ fn malformed_requests() {
     assert_eq!(st.iter().map(|e| e.0).sum::<u64>(), size);
     assert_eq!(errno(x.read(size, &mut buf)), EINVAL);
     x.write(8192, &[3u8; 100], false).unwrap();
+    // WRITE_ZEROES: without NO_HOLE the range becomes a hole; with NO_HOLE it
+    // stays allocated (reads zero); FAST_ZERO with NO_HOLE fails fast.
+    let b = 1u64 << 20;
+    x.write(b, &vec![7u8; 4 << 16], true).unwrap();
+    x.write_zeroes(b, 1 << 16, 0).unwrap();
+    x.write_zeroes(b + (1 << 16), 1 << 16, CMD_FLAG_NO_HOLE)
+        .unwrap();
+    assert_eq!(
+        errno(x.write_zeroes(
+            b + (2 << 16),
+            1 << 16,
+            CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO
+        )),
+        ENOTSUP
+    );
+    x.write_zeroes(b + (3 << 16), 1 << 16, CMD_FLAG_FAST_ZERO)
+        .unwrap();
+    let st = x.block_status(b, 4 << 16).unwrap();
+    assert_eq!(
+        st,
+        vec![
+            (1 << 16, STATE_HOLE | STATE_ZERO),
+            (2 << 16, 0),
+            (1 << 16, STATE_HOLE | STATE_ZERO)
+        ],
+        "hole, allocated zeros + untouched data, hole"
+    );
+    let mut z = vec![1u8; 2 << 16];
+    x.read(b, &mut z).unwrap();
+    assert!(z.iter().all(|&v| v == 0));
+    let mut d = vec![0u8; 1 << 16];
+    x.read(b + (2 << 16), &mut d).unwrap();
+    assert!(d.iter().all(|&v| v == 7), "a failed FAST_ZERO changed data");
     // A write payload over the advertised maximum: the server hangs up.
     let mut r = Raw::connect(&srv, 3);
     r.go("db");

@@ -17,6 +17,9 @@ openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=cdm-test-ca -keyout 
 openssl req -newkey rsa:2048 -nodes -subj /CN=localhost -keyout server-key.pem -out server.csr 2>/dev/null
 printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext.cnf
 openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 -extfile ext.cnf -out server-cert.pem 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -subj /CN=cdm-client -keyout client-key.pem -out client.csr 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\n' > cext.cnf
+openssl x509 -req -in client.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 2 -extfile cext.cnf -out client-cert.pem 2>/dev/null
 "#,
         d = dir.display()
     ));
@@ -82,5 +85,41 @@ fn starttls_with_libnbd_and_qemu_plaintext_refused() {
     run_fail(Command::new("nbdinfo").arg(&bad));
     // The server kept serving.
     run(Command::new("nbdinfo").arg(&tls_uri));
+    srv.stop();
+}
+
+#[test]
+fn client_certificates_required_with_client_ca() {
+    require("nbdinfo");
+    let env = Env::new("1G");
+    env.cdmfs(&["volume", "create", "sec", "--size", "8M"]);
+    let pki = env.path("pki");
+    make_pki(&pki);
+    let p = |f: &str| pki.join(f).to_str().unwrap().to_string();
+    let srv = env.serve(&[
+        "--tls-cert",
+        &p("server-cert.pem"),
+        "--tls-key",
+        &p("server-key.pem"),
+        "--tls-client-ca",
+        &p("ca-cert.pem"),
+    ]);
+    // The client presents DIR/client-cert.pem signed by the CA: accepted.
+    let ok = format!(
+        "nbds://localhost:{}/sec?tls-certificates={}",
+        srv.port,
+        pki.display()
+    );
+    assert!(run(Command::new("nbdinfo").arg("--size").arg(&ok)).trim() == (8u64 << 20).to_string());
+    // Same CA trust but no client certificate: refused.
+    let bare = env.path("bare");
+    std::fs::create_dir_all(&bare).unwrap();
+    std::fs::copy(pki.join("ca-cert.pem"), bare.join("ca-cert.pem")).unwrap();
+    let no_cert = format!(
+        "nbds://localhost:{}/sec?tls-certificates={}",
+        srv.port,
+        bare.display()
+    );
+    run_fail(Command::new("nbdinfo").arg("--size").arg(&no_cert));
     srv.stop();
 }
