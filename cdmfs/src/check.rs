@@ -294,42 +294,70 @@ impl Pool {
     /// Reads every node and data extent from the device and verifies its
     /// checksum; names the volume or snapshot and offset of each bad spot.
     pub fn scrub(&self) -> Result<ScrubReport> {
-        let mut g = self.lock()?;
+        self.scrub_with(&|_, _| {})
+    }
+
+    /// [`Pool::scrub`] on a live pool, calling `progress(bytes_done,
+    /// bytes_total)` as it goes. It commits, then reads the committed trees
+    /// without holding the pool lock (I/O goes on meanwhile); blocks freed
+    /// while it runs are not reused until it ends, so nothing it reads can be
+    /// overwritten under it.
+    pub fn scrub_with(&self, progress: &dyn Fn(u64, u64)) -> Result<ScrubReport> {
+        struct Pin<'a>(&'a Pool);
+        impl Drop for Pin<'_> {
+            fn drop(&mut self) {
+                if let Ok(mut g) = self.0.lock() {
+                    g.pins = g.pins.saturating_sub(1);
+                }
+            }
+        }
+        let (roots, total) = {
+            let mut g = self.lock()?;
+            g.commit()?;
+            g.pins += 1;
+            let roots = g.roots();
+            let total: u64 = roots
+                .iter()
+                .map(|(n, _, bs)| g.allocated_blocks_of(n).unwrap_or(0) * *bs as u64)
+                .sum();
+            (roots, total)
+        };
+        let _pin = Pin(self);
         let mut rep = ScrubReport::default();
-        let roots = g.roots();
         let mut seen_nodes: HashMap<u64, bool> = HashMap::new();
         let mut seen_ext: HashMap<u64, bool> = HashMap::new();
         let dev = self.dev().clone();
+        let mut done = 0u64;
+        progress(0, total);
         for (name, root, bs) in roots {
             if root.is_null() {
                 continue;
             }
             let mut stack = vec![(root, 0u64)];
             while let Some((p, first_key)) = stack.pop() {
-                let node = if g.store.dirty.contains_key(&p.addr) {
-                    g.store.load(TreeKind::Volume, p)
-                } else {
-                    let mut buf = vec![0u8; NODE_SIZE];
-                    dev.read_at(&mut buf, p.addr.saturating_mul(UNIT))
-                        .map_err(Error::from)
-                        .and_then(|_| Node::decode(&buf, p.addr, p.csum))
-                        .and_then(|n| {
-                            if n.kind == TreeKind::Volume {
-                                Ok(std::sync::Arc::new(n))
-                            } else {
-                                Err(Error::Corrupt(format!(
-                                    "pool block {} holds a {} inside a volume tree",
-                                    p.addr,
-                                    n.kind.name()
-                                )))
-                            }
-                        })
-                };
+                let mut buf = vec![0u8; NODE_SIZE];
+                let node = dev
+                    .read_at(&mut buf, p.addr.saturating_mul(UNIT))
+                    .map_err(Error::from)
+                    .and_then(|_| Node::decode(&buf, p.addr, p.csum))
+                    .and_then(|n| {
+                        if n.kind == TreeKind::Volume {
+                            Ok(n)
+                        } else {
+                            Err(Error::Corrupt(format!(
+                                "pool block {} holds a {} inside a volume tree",
+                                p.addr,
+                                n.kind.name()
+                            )))
+                        }
+                    });
+                let first_visit = !seen_nodes.contains_key(&p.addr);
                 let n = match node {
                     Ok(n) => n,
                     Err(e) => {
-                        if seen_nodes.insert(p.addr, false).is_none() {
+                        if first_visit {
                             rep.nodes_checked += 1;
+                            seen_nodes.insert(p.addr, false);
                         }
                         rep.errors.push(ScrubError {
                             target: name.clone(),
@@ -340,8 +368,9 @@ impl Pool {
                         continue;
                     }
                 };
-                if seen_nodes.insert(p.addr, true).is_none() {
+                if first_visit {
                     rep.nodes_checked += 1;
+                    seen_nodes.insert(p.addr, true);
                 }
                 for i in 0..n.len() {
                     if !n.is_leaf() {
@@ -349,6 +378,7 @@ impl Pool {
                         continue;
                     }
                     let e = Extent::decode(n.val(i));
+                    done += bs as u64;
                     let ok = match seen_ext.get(&e.addr) {
                         Some(ok) => *ok,
                         None => {
@@ -370,8 +400,10 @@ impl Pool {
                         });
                     }
                 }
+                progress(done.min(total), total);
             }
         }
+        progress(total, total);
         Ok(rep)
     }
 }

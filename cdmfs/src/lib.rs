@@ -20,5 +20,6 @@ pub use dev::{BlockDev, CrashDev, FileDev, MemDev};
 pub use error::{Error, Result};
 pub use format::DEFAULT_BLOCK_SIZE;
 pub use pool::{
-    FormatOptions, OpenOptions, PhysicalMap, Pool, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo,
+    Brief, FormatOptions, OpenOptions, PhysicalMap, Pool, Run, SnapshotInfo, SpaceInfo, Target,
+    VolumeInfo,
 };

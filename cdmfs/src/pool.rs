@@ -106,6 +106,18 @@ pub struct SnapshotInfo {
     pub unique_bytes: u64,
 }
 
+/// A catalog entry without space accounting: cheap to list often.
+#[derive(Clone, Debug, Serialize)]
+pub struct Brief {
+    pub id: u64,
+    pub name: String,
+    /// For snapshots, the id of their volume; for volumes, their own id.
+    pub volume_id: u64,
+    pub created_ns: u64,
+    /// Clones: the snapshot they were made from.
+    pub origin: Option<u64>,
+}
+
 /// Pool-wide space figures.
 #[derive(Clone, Debug, Serialize)]
 pub struct SpaceInfo {
@@ -156,6 +168,12 @@ pub(crate) struct Inner {
     next_id: u64,
     failed: bool,
     dirty_limit: usize,
+    /// Readers outside the pool lock (a live scrub) that need every block a
+    /// committed root reached to stay unreused: frees wait while this is > 0.
+    pub(crate) pins: usize,
+    /// Commits done since open and the time they took.
+    commits: u64,
+    commit_ns: u64,
 }
 
 /// Locks on block ranges of a volume, held by writers for read-modify-write.
@@ -340,6 +358,9 @@ impl Pool {
             catalog_dirty: BTreeMap::new(),
             blobs: HashMap::new(),
             free_queue: VecDeque::new(),
+            pins: 0,
+            commits: 0,
+            commit_ns: 0,
             ops: 0,
             next_id: sb.next_id,
             failed: false,
@@ -517,6 +538,18 @@ impl Pool {
         label: &str,
         metadata: serde_json::Value,
     ) -> Result<SnapshotInfo> {
+        self.create_snapshot_at(volume, label, metadata, now_ns())
+    }
+
+    /// [`Pool::create_snapshot`] with a given creation time (nanoseconds
+    /// since the Unix epoch), for callers that keep their own clock.
+    pub fn create_snapshot_at(
+        &self,
+        volume: &str,
+        label: &str,
+        metadata: serde_json::Value,
+        created_ns: u64,
+    ) -> Result<SnapshotInfo> {
         let meta_len = serde_json::to_vec(&metadata)
             .map(|v| v.len())
             .unwrap_or(usize::MAX);
@@ -541,7 +574,7 @@ impl Pool {
             id,
             volume_id: vid,
             label: label.to_string(),
-            created_ns: now_ns(),
+            created_ns,
             metadata,
             root: v.root,
             root_csum: v.root_csum,
@@ -613,6 +646,59 @@ impl Pool {
         };
         g.add_volume(rec);
         g.volume_info(id)
+    }
+
+    /// Detaches a clone from the snapshot it was made from: it becomes an
+    /// ordinary volume (it already shares blocks by reference count, so
+    /// nothing is copied).
+    pub fn promote_clone(&self, name: &str) -> Result<VolumeInfo> {
+        let mut g = self.lock()?;
+        let id = g.vol_id(name)?;
+        let v = g
+            .volumes
+            .get_mut(&id)
+            .ok_or_else(|| internal("volume vanished"))?;
+        if v.origin.is_none() {
+            return Err(Error::Invalid(format!("volume {name} is not a clone")));
+        }
+        v.origin = None;
+        g.touch_volume(id);
+        g.volume_info(id)
+    }
+
+    /// Volumes and snapshots (oldest first) without space accounting, which
+    /// [`Pool::list_volumes`] computes by walking trees.
+    pub fn catalog(&self) -> Result<(Vec<Brief>, Vec<Brief>)> {
+        let g = self.lock()?;
+        let vols = g
+            .volumes
+            .values()
+            .map(|v| Brief {
+                id: v.id,
+                name: v.name.clone(),
+                volume_id: v.id,
+                created_ns: v.created_ns,
+                origin: v.origin,
+            })
+            .collect();
+        let snaps = g
+            .snapshots
+            .values()
+            .map(|s| Brief {
+                id: s.id,
+                name: s.label.clone(),
+                volume_id: s.volume_id,
+                created_ns: s.created_ns,
+                origin: None,
+            })
+            .collect();
+        Ok((vols, snaps))
+    }
+
+    /// Commits done since open and their total time in nanoseconds.
+    pub fn commit_stats(&self) -> Result<(u64, u64)> {
+        let g = self.lock()?;
+        Ok((g.commits, g.commit_ns))
     }
 
     /// Resolves an export name: `VOLUME` or `VOLUME@SNAPSHOT_ID`.
@@ -1502,8 +1588,14 @@ impl Inner {
 
     // ---- commit ------------------------------------------------------------
 
-    fn commit(&mut self) -> Result<()> {
+    pub(crate) fn commit(&mut self) -> Result<()> {
+        let t0 = std::time::Instant::now();
+        let dirty = self.has_uncommitted();
         let r = self.commit_inner();
+        if dirty && r.is_ok() {
+            self.commits += 1;
+            self.commit_ns += t0.elapsed().as_nanos() as u64;
+        }
         if let Err(e) = &r {
             tracing::error!(error = %e, "commit failed; the pool must be reopened");
             self.failed = true;
@@ -1627,7 +1719,7 @@ impl Inner {
         self.sb = sb;
         self.free_queue
             .push_back(std::mem::take(&mut self.store.pending_free));
-        while self.free_queue.len() > FREE_DELAY {
+        while self.free_queue.len() > FREE_DELAY && self.pins == 0 {
             if let Some(list) = self.free_queue.pop_front() {
                 for (a, n) in list {
                     self.store.alloc.free(a, n);

@@ -5,10 +5,11 @@ pub mod client;
 pub mod proto;
 pub mod server;
 pub mod signals;
+pub mod stats;
 pub mod tls;
 
 pub use client::{Client, ClientError, ClientOptions};
-pub use server::{ClientInfo, Listener, Server, ServerConfig};
+pub use server::{ClientInfo, ConnEvent, Listener, Server, ServerConfig};
 
 /// Logs to stderr, `info` unless `RUST_LOG` says otherwise (the daemons).
 pub fn init_logging() {

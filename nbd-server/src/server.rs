@@ -14,9 +14,20 @@ use std::time::SystemTime;
 use cdmfs::{Pool, Target};
 
 use crate::proto::*;
+use crate::stats::{ExportStats, StatsSnapshot};
+
+/// A client entering or leaving transmission on an export.
+#[derive(Clone, Debug)]
+pub enum ConnEvent {
+    Connected(ClientInfo),
+    Disconnected(ClientInfo),
+}
+
+/// Called on [`ConnEvent`]s, without any server lock held.
+pub type EventHook = Arc<dyn Fn(ConnEvent) + Send + Sync>;
 
 /// Server settings.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Export served for the empty name (`nbd://host/`).
     pub default_export: Option<String>,
@@ -28,6 +39,21 @@ pub struct ServerConfig {
     pub max_inflight_bytes: u64,
     /// TLS (STARTTLS); None: plaintext only.
     pub tls: Option<crate::tls::TlsSettings>,
+    /// Told when clients attach to and leave exports.
+    pub on_event: Option<EventHook>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("default_export", &self.default_export)
+            .field("workers", &self.workers)
+            .field("read_only", &self.read_only)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
+            .field("tls", &self.tls.is_some())
+            .field("on_event", &self.on_event.is_some())
+            .finish()
+    }
 }
 
 impl Default for ServerConfig {
@@ -38,6 +64,7 @@ impl Default for ServerConfig {
             read_only: false,
             max_inflight_bytes: 256 << 20,
             tls: None,
+            on_event: None,
         }
     }
 }
@@ -68,6 +95,12 @@ pub struct Server {
     shutdown: AtomicBool,
     next_id: AtomicU64,
     clients: Mutex<HashMap<u64, ClientInfo>>,
+    /// I/O counters per export name.
+    stats: Mutex<HashMap<String, Arc<ExportStats>>>,
+    /// Requests being processed, across connections (for [`Server::drain`]).
+    inflight: AtomicU64,
+    /// Addresses [`start`] listens on, to wake blocked accepts at shutdown.
+    listening: Mutex<Vec<String>>,
 }
 
 struct Session {
@@ -77,6 +110,7 @@ struct Session {
     structured: bool,
     extended: bool,
     base_alloc: bool,
+    stats: Arc<ExportStats>,
 }
 
 enum Outcome {
@@ -142,6 +176,9 @@ impl Server {
             shutdown: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             clients: Mutex::new(HashMap::new()),
+            stats: Mutex::new(HashMap::new()),
+            inflight: AtomicU64::new(0),
+            listening: Mutex::new(Vec::new()),
         })
     }
 
@@ -149,9 +186,61 @@ impl Server {
         &self.pool
     }
 
-    /// Stops accepting; connections see ESHUTDOWN on new requests.
+    /// Stops accepting; connections see ESHUTDOWN on new requests. Accept
+    /// threads blocked in accept(2) are woken by a connection to each
+    /// address [`start`] listens on, notice the flag and exit.
     pub fn shutdown(&self) {
         self.shutdown.store(true, Ordering::SeqCst);
+        for a in lock(&self.listening).iter() {
+            match a.strip_prefix("unix:") {
+                Some(p) => {
+                    let _ = UnixStream::connect(p);
+                }
+                None => {
+                    // A wildcard listener is reachable on loopback.
+                    let a = a
+                        .replace("0.0.0.0:", "127.0.0.1:")
+                        .replace("[::]:", "[::1]:");
+                    let _ = TcpStream::connect(a);
+                }
+            }
+        }
+    }
+
+    /// After [`Server::shutdown`], waits until no request is being
+    /// processed; false if `timeout` passed first.
+    pub fn drain(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.inflight.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
+    /// I/O counters of every export a client has opened, by name.
+    pub fn io_stats(&self) -> Vec<(String, StatsSnapshot)> {
+        let mut v: Vec<(String, StatsSnapshot)> = lock(&self.stats)
+            .iter()
+            .map(|(n, s)| (n.clone(), s.snapshot()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    fn stats_for(&self, export: &str) -> Arc<ExportStats> {
+        lock(&self.stats)
+            .entry(export.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn notify(&self, e: ConnEvent) {
+        if let Some(h) = &self.cfg.on_event {
+            h(e);
+        }
     }
 
     pub fn is_shutdown(&self) -> bool {
@@ -262,23 +351,24 @@ impl Server {
                     ))));
                     tls_active = true;
                 }
-                Outcome::Go(sess, name) => {
+                Outcome::Go(mut sess, name) => {
+                    sess.stats = self.stats_for(&name);
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let since = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
                         .map(|d| d.as_secs())
                         .unwrap_or(0);
-                    lock(&self.clients).insert(
+                    let info = ClientInfo {
                         id,
-                        ClientInfo {
-                            id,
-                            peer: peer.to_string(),
-                            export: name,
-                            since_unix: since,
-                        },
-                    );
+                        peer: peer.to_string(),
+                        export: name,
+                        since_unix: since,
+                    };
+                    lock(&self.clients).insert(id, info.clone());
+                    self.notify(ConnEvent::Connected(info.clone()));
                     let res = self.transmit(Arc::new(sess), &mut *r, w);
                     lock(&self.clients).remove(&id);
+                    self.notify(ConnEvent::Disconnected(info));
                     return res;
                 }
             }
@@ -383,6 +473,7 @@ impl Server {
                             structured: n.structured,
                             extended: false,
                             base_alloc,
+                            stats: Arc::default(),
                         },
                         name,
                     ));
@@ -459,6 +550,7 @@ impl Server {
                             structured: n.structured || n.extended,
                             extended: n.extended,
                             base_alloc,
+                            stats: Arc::default(),
                         };
                         return Ok(Outcome::Go(sess, name));
                     }
@@ -621,7 +713,23 @@ impl Server {
         result
     }
 
+    /// Processes one request: counted in flight, timed into the export's stats.
     fn process(
+        &self,
+        s: &Session,
+        q: &Request,
+        payload: &[u8],
+        w: &SharedWriter,
+    ) -> io::Result<()> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let t0 = std::time::Instant::now();
+        let r = self.process_inner(s, q, payload, w);
+        s.stats.record(q.typ, q.length, t0.elapsed());
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        r
+    }
+
+    fn process_inner(
         &self,
         s: &Session,
         q: &Request,
@@ -767,6 +875,7 @@ impl Server {
         msg: &str,
         w: &SharedWriter,
     ) -> io::Result<()> {
+        s.stats.error();
         let b = if s.extended || (s.structured && matches!(q.typ, CMD_READ | CMD_BLOCK_STATUS)) {
             let p = error_payload(e, msg);
             let mut b = chunk_header(
@@ -1016,21 +1125,23 @@ impl Server {
     }
 }
 
-/// Serves `listeners` (or the socket-activation sockets, if any were passed)
-/// until SIGTERM/SIGINT/SIGHUP, committing the pool every `commit_every`;
-/// then stops accepting and makes everything durable. Call
-/// [`crate::signals::block_termination`] first, before any thread starts.
-pub fn serve_until_signal(
+/// Starts serving `listeners` (or the socket-activation sockets, if any
+/// were passed) on their own threads, and a thread that commits the pool
+/// every `commit_every`. Returns the addresses served.
+pub fn start(
     server: &Arc<Server>,
     mut listeners: Vec<Listener>,
     commit_every: std::time::Duration,
-) -> cdmfs::Result<()> {
+) -> io::Result<Vec<String>> {
     let activated = Listener::from_env()?;
     if !activated.is_empty() {
         listeners = activated;
     }
+    let mut addrs = Vec::new();
     for l in listeners {
-        tracing::info!(addr = %l.local_addr(), "serving NBD");
+        let a = l.local_addr();
+        tracing::info!(addr = %a, "serving NBD");
+        addrs.push(a);
         let s = server.clone();
         std::thread::spawn(move || {
             if let Err(e) = s.serve(l) {
@@ -1038,17 +1149,37 @@ pub fn serve_until_signal(
             }
         });
     }
+    lock(&server.listening).extend(addrs.iter().cloned());
     // Background commits bound what a crash can lose for clients that never flush.
     let p = server.pool().clone();
+    let me = server.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(commit_every);
+        if me.is_shutdown() {
+            break;
+        }
         if let Err(e) = p.flush() {
             tracing::error!(error = %e, "periodic commit failed");
             break;
         }
     });
+    Ok(addrs)
+}
+
+/// [`start`], then waits for SIGTERM/SIGINT/SIGHUP; stops accepting, lets
+/// requests in flight finish (up to 10 s) and makes everything durable.
+/// Call [`crate::signals::block_termination`] first, before any thread starts.
+pub fn serve_until_signal(
+    server: &Arc<Server>,
+    listeners: Vec<Listener>,
+    commit_every: std::time::Duration,
+) -> cdmfs::Result<()> {
+    start(server, listeners, commit_every)?;
     let sig = crate::signals::wait_for_termination();
     tracing::info!(sig, "terminating: committing the pool");
     server.shutdown();
+    if !server.drain(std::time::Duration::from_secs(10)) {
+        tracing::warn!("requests still in flight after 10 s; committing anyway");
+    }
     server.pool().flush()
 }

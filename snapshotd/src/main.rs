@@ -1,83 +1,284 @@
 //! `snapshotd`: the appliance daemon. One process owns the pool under the
-//! data directory and serves its volumes (read-write) and snapshots
-//! (read-only, `VOLUME@ID`) over NBD. On first start it creates the pool.
-//!
-//! The HTTP API, scheduler and webhooks come with the daemon issue; until
-//! then volumes and snapshots are managed offline with `cdmfs` while the
-//! daemon is stopped.
+//! data directory, serves its volumes (read-write), clones and snapshots
+//! (read-only, `VOLUME@ID`) over NBD, and the HTTP API that manages them;
+//! runs snapshot schedules, retention and webhooks. On first start it
+//! creates the pool and an admin token.
 
-use std::path::PathBuf;
+mod appliance;
+mod clock;
+mod cron;
+mod events;
+mod jobs;
+mod metrics;
+mod scheduler;
+mod state;
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use cdmfs::units::{human, parse_size};
 use cdmfs::{FileDev, FormatOptions, OpenOptions, Pool};
 use clap::Parser;
-use nbd_server::server::serve_until_signal;
 use nbd_server::{signals, Listener, Server, ServerConfig};
+use serde::Deserialize;
+use serde_json::json;
 
 #[derive(Parser)]
 #[command(
     name = "snapshotd",
     version,
-    about = "cdm appliance daemon: owns the pool and serves it over NBD"
+    about = "cdm appliance daemon: owns the pool, serves it over NBD and the HTTP API"
 )]
 struct Args {
-    /// Data directory; the pool is DATA/pool.
-    #[arg(long, default_value = "./cdm-data")]
-    data: PathBuf,
-    /// NBD listener, HOST:PORT or unix:PATH; repeatable.
-    #[arg(long, default_value = "127.0.0.1:10809")]
+    /// Configuration file (TOML); command-line options override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory: the pool is DATA/pool, the appliance state DATA/state.redb
+    /// [default: ./cdm-data].
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// NBD listener, HOST:PORT or unix:PATH; repeatable [default: 127.0.0.1:10809].
+    #[arg(long)]
     nbd: Vec<String>,
-    /// Size of the pool file created on first start (sparse).
-    #[arg(long, default_value = "64G", value_parser = parse_size)]
-    pool_size: u64,
-    /// Seconds between background commits.
-    #[arg(long, default_value = "5")]
-    commit_interval: u64,
+    /// HTTP API listener, HOST:PORT [default: 127.0.0.1:8080].
+    #[arg(long)]
+    api: Option<String>,
+    /// Size of the pool file created on first start (sparse) [default: 64G].
+    #[arg(long, value_parser = parse_size)]
+    pool_size: Option<u64>,
+    /// Seconds between background commits [default: 5].
+    #[arg(long)]
+    commit_interval: Option<u64>,
+    /// A clock that `POST /v1/clock` moves forward (for tests of schedules
+    /// and retention; never in production).
+    #[arg(long)]
+    fake_clock: bool,
     #[command(flatten)]
     tls: nbd_server::tls::TlsArgs,
+}
+
+/// The configuration file; every key is optional.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    data: Option<PathBuf>,
+    nbd: Option<Vec<String>>,
+    api: Option<String>,
+    pool_size: Option<String>,
+    commit_interval: Option<u64>,
+    fake_clock: Option<bool>,
+    /// Milliseconds between scheduler ticks.
+    scheduler_tick_ms: Option<u64>,
+    #[serde(default)]
+    webhooks: events::WebhookConfig,
+}
+
+struct Settings {
+    data: PathBuf,
+    nbd: Vec<String>,
+    api: String,
+    pool_size: u64,
+    commit_interval: u64,
+    fake_clock: bool,
+    tick: Duration,
+    webhooks: events::WebhookConfig,
+}
+
+fn settings(args: &Args) -> Result<Settings> {
+    let cfg: Config = match &args.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read {}", p.display()))?;
+            toml::from_str(&text)
+                .with_context(|| format!("bad configuration in {}", p.display()))?
+        }
+        None => Config::default(),
+    };
+    let pool_size = match (&args.pool_size, &cfg.pool_size) {
+        (Some(s), _) => *s,
+        (None, Some(s)) => parse_size(s).map_err(|e| anyhow::anyhow!("pool_size: {e}"))?,
+        (None, None) => 64 << 30,
+    };
+    Ok(Settings {
+        data: args
+            .data
+            .clone()
+            .or(cfg.data)
+            .unwrap_or_else(|| PathBuf::from("./cdm-data")),
+        nbd: if !args.nbd.is_empty() {
+            args.nbd.clone()
+        } else {
+            cfg.nbd
+                .unwrap_or_else(|| vec!["127.0.0.1:10809".to_string()])
+        },
+        api: args
+            .api
+            .clone()
+            .or(cfg.api)
+            .unwrap_or_else(|| "127.0.0.1:8080".to_string()),
+        pool_size,
+        commit_interval: args
+            .commit_interval
+            .or(cfg.commit_interval)
+            .unwrap_or(5)
+            .max(1),
+        fake_clock: args.fake_clock || cfg.fake_clock.unwrap_or(false),
+        tick: Duration::from_millis(cfg.scheduler_tick_ms.unwrap_or(1000).max(10)),
+        webhooks: cfg.webhooks,
+    })
+}
+
+fn open_pool(path: &Path, size: u64) -> Result<Pool> {
+    let dev = if path.exists() {
+        FileDev::open(path).with_context(|| format!("cannot open {}", path.display()))?
+    } else {
+        let dev = FileDev::create(path, size)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Pool::format(&dev, &FormatOptions::default()).context("cannot format the pool")?;
+        tracing::info!(path = %path.display(), size = %human(size), "created a new pool");
+        dev
+    };
+    Pool::open(Arc::new(dev), &OpenOptions::default()).context("cannot open the pool")
+}
+
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    Ok(())
 }
 
 fn main() -> Result<()> {
     nbd_server::init_logging();
     let args = Args::parse();
+    let s = settings(&args)?;
     signals::block_termination();
-    std::fs::create_dir_all(&args.data)
-        .with_context(|| format!("cannot create {}", args.data.display()))?;
-    let path = args.data.join("pool");
-    let dev = if path.exists() {
-        FileDev::open(&path).with_context(|| format!("cannot open {}", path.display()))?
-    } else {
-        let dev = FileDev::create(&path, args.pool_size)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        Pool::format(&dev, &FormatOptions::default()).context("cannot format the pool")?;
-        tracing::info!(path = %path.display(), size = %human(args.pool_size), "created a new pool");
-        dev
-    };
-    let pool = Arc::new(
-        Pool::open(Arc::new(dev), &OpenOptions::default()).context("cannot open the pool")?,
+    std::fs::create_dir_all(&s.data)
+        .with_context(|| format!("cannot create {}", s.data.display()))?;
+    let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size)?);
+    let state = Arc::new(
+        state::State::open(&s.data.join("state.redb")).context("cannot open the state database")?,
     );
+    let clock = Arc::new(clock::Clock::new(s.fake_clock));
+    if s.fake_clock {
+        tracing::warn!("fake clock enabled: POST /v1/clock moves time forward");
+    }
+    let events = events::Events::new(state.clone(), clock.clone(), s.webhooks.clone());
+    events.start();
+
+    let ev = events.clone();
+    let cfg = ServerConfig {
+        tls: args.tls.settings().context("TLS settings")?,
+        on_event: Some(Arc::new(move |e: nbd_server::server::ConnEvent| {
+            let (kind, c) = match e {
+                nbd_server::server::ConnEvent::Connected(c) => ("export.connected", c),
+                nbd_server::server::ConnEvent::Disconnected(c) => ("export.disconnected", c),
+            };
+            ev.emit(
+                kind,
+                &c.export,
+                "nbd",
+                json!({"client": c.id, "peer": c.peer}),
+            );
+        })),
+        ..Default::default()
+    };
+    let server = Server::new(pool.clone(), cfg);
+    let listeners = Listener::bind_all(&s.nbd)?;
+    let nbd_addrs =
+        nbd_server::server::start(&server, listeners, Duration::from_secs(s.commit_interval))?;
+
+    let jobs = jobs::Jobs::new(state.clone(), clock.clone(), events.clone());
+    let sched =
+        scheduler::Scheduler::new(pool.clone(), state.clone(), events.clone(), clock.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    sched.start(s.tick, stop.clone());
+    let app = appliance::Appliance::new(
+        pool.clone(),
+        server.clone(),
+        state.clone(),
+        events.clone(),
+        clock.clone(),
+        jobs,
+        sched,
+        nbd_addrs.clone(),
+    );
+    match app.bootstrap_admin() {
+        Ok(Some(token)) => {
+            let p = s.data.join("admin.token");
+            write_secret(&p, &token)?;
+            println!("admin token (shown once; also in {}): {token}", p.display());
+        }
+        Ok(None) => {}
+        Err(e) => bail!("cannot create the admin user: {}", e.message),
+    }
+    // Bound only now, so whoever sees the API up also finds admin.token.
+    let api_listener = std::net::TcpListener::bind(&s.api)
+        .with_context(|| format!("cannot listen on {} for the API", s.api))?;
+    api_listener.set_nonblocking(true)?;
     let space = pool.space()?;
+    events.emit(
+        "pool.opened",
+        "pool",
+        "snapshotd",
+        json!({"used_bytes": space.used_bytes, "total_bytes": space.total_bytes}),
+    );
     tracing::info!(
         volumes = pool.list_volumes()?.len(),
         used = %human(space.used_bytes),
         total = %human(space.total_bytes),
-        "pool open"
+        api = %s.api,
+        nbd = ?nbd_addrs,
+        "snapshotd ready"
     );
-    let cfg = ServerConfig {
-        tls: args.tls.settings().context("TLS settings")?,
-        ..Default::default()
-    };
-    let server = Server::new(pool, cfg);
-    let listeners = Listener::bind_all(&args.nbd)?;
-    serve_until_signal(
-        &server,
-        listeners,
-        Duration::from_secs(args.commit_interval.max(1)),
-    )
-    .context("final commit failed")?;
+
+    // The API on a small tokio runtime; NBD keeps its own threads.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let router = cdm_api::routes::router(app.clone() as Arc<dyn cdm_api::backend::Backend>);
+    let api_thread = std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(api_listener)?;
+                axum::serve(l, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = rx.await;
+                    })
+                    .await
+            })
+        })?;
+
+    let sig = signals::wait_for_termination();
+    tracing::info!(sig, "terminating: draining NBD and API requests");
+    let _ = tx.send(());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    server.shutdown();
+    if !server.drain(Duration::from_secs(10)) {
+        tracing::warn!("NBD requests still in flight after 10 s; committing anyway");
+    }
+    match api_thread.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "API server ended with an error"),
+        Err(_) => tracing::warn!("API thread panicked"),
+    }
+    pool.flush().context("final commit failed")?;
+    events.stop();
     tracing::info!("pool committed; exiting");
     Ok(())
 }

@@ -234,3 +234,231 @@ pub fn write_file(p: &Path, data: &[u8]) {
         .and_then(|mut f| f.write_all(data))
         .expect("write file");
 }
+
+/// A running `snapshotd` on a temporary data directory: NBD on a unix
+/// socket, the API on a free TCP port. Killed when dropped.
+pub struct Appliance {
+    pub dir: tempfile::TempDir,
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub api: String,
+    pub config: Option<PathBuf>,
+    child: Option<Child>,
+}
+
+/// Config for tests: fast scheduler ticks and webhook retries.
+pub const FAST_CONFIG: &str = "scheduler_tick_ms = 100\nfake_clock = true\n[webhooks]\nbackoff_ms = 100\nmax_backoff_ms = 400\nmax_attempts = 4\ntimeout_ms = 2000\n";
+
+impl Appliance {
+    /// Starts a new appliance; `config` is the TOML config file's text, if any.
+    pub fn start(config: Option<&str>) -> Appliance {
+        let dir = tempfile::Builder::new()
+            .prefix("cdm-appliance-")
+            .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .expect("tempdir");
+        let data = dir.path().join("data");
+        let sock = dir.path().join("nbd.sock");
+        let config = config.map(|text| {
+            let p = dir.path().join("snapshotd.toml");
+            write_file(&p, text.as_bytes());
+            p
+        });
+        let mut a = Appliance {
+            dir,
+            data,
+            sock,
+            api: String::new(),
+            config,
+            child: None,
+        };
+        a.restart();
+        a
+    }
+
+    /// Starts (again) on the same data directory and config.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let port = free_port();
+        self.api = format!("127.0.0.1:{port}");
+        let _ = std::fs::remove_file(&self.sock);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("snapshotd.log"))
+            .expect("log file");
+        let mut cmd = Command::new(bin("snapshotd"));
+        cmd.arg("--data")
+            .arg(&self.data)
+            .arg("--nbd")
+            .arg(format!("unix:{}", self.sock.display()))
+            .arg("--api")
+            .arg(&self.api)
+            .args(["--pool-size", "4G"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        self.child = Some(cmd.spawn().expect("start snapshotd"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let up = UnixStream::connect(&self.sock).is_ok()
+                && std::net::TcpStream::connect(&self.api).is_ok();
+            if up {
+                break;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("snapshotd exited with {st}; log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "snapshotd did not start; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("snapshotd.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.api)
+    }
+
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.data.join("admin.token"))
+            .expect("DATA/admin.token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.sock.display())
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// SIGTERM; asserts a clean exit 0.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let st = c.wait().expect("wait for snapshotd");
+            assert!(
+                st.success(),
+                "snapshotd exited with {st}; log:\n{}",
+                self.log()
+            );
+        }
+    }
+
+    /// SIGKILL, like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `f` every 50 ms until it returns Some, or fails after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A raw HTTP call to the API: `(status, JSON body or Null)`. `body` is sent
+/// as-is with `Content-Type: application/json`.
+pub fn http(
+    base: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(60))
+        .build();
+    let mut req = agent.request(method, &format!("{base}{path}"));
+    if let Some(t) = token {
+        req = req.set("Authorization", &format!("Bearer {t}"));
+    }
+    let res = match body {
+        Some(b) => req.set("Content-Type", "application/json").send_string(b),
+        None => req.call(),
+    };
+    let resp = match res {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("{method} {path}: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap_or_default();
+    let v = if text.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+    };
+    (status, v)
+}
+
+/// An API caller with a token.
+pub struct Api {
+    pub base: String,
+    pub token: String,
+}
+
+impl Api {
+    pub fn new(a: &Appliance, token: &str) -> Api {
+        Api {
+            base: a.url(),
+            token: token.to_string(),
+        }
+    }
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let b = body.map(|v| v.to_string());
+        http(&self.base, method, path, Some(&self.token), b.as_deref())
+    }
+    /// A call that must answer `status`; returns the body.
+    pub fn expect(
+        &self,
+        status: u16,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> serde_json::Value {
+        let (s, v) = self.call(method, path, body);
+        assert_eq!(s, status, "{method} {path} answered {s}: {v}");
+        if status >= 400 {
+            assert!(
+                v["error"]["code"].is_string() && v["error"]["message"].is_string(),
+                "error shape: {v}"
+            );
+        }
+        v
+    }
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        self.expect(200, "GET", path, None)
+    }
+}

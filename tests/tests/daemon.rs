@@ -39,6 +39,8 @@ fn start_with(data: &std::path::Path, sock: &std::path::Path, extra: &[&str]) ->
         .arg(data)
         .arg("--nbd")
         .arg(format!("unix:{}", sock.display()))
+        .arg("--api")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .args(["--pool-size", "2G"])
         .stderr(Stdio::null())
         .spawn()

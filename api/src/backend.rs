@@ -1,0 +1,97 @@
+//! What the API needs from the appliance. `snapshotd` implements it over the
+//! pool, the NBD server and its state store; the routes call it from
+//! blocking threads, after checking the caller's role.
+
+use serde_json::Value;
+
+use crate::auth::Caller;
+use crate::error::ApiResult;
+use crate::types::*;
+
+/// The appliance behind the API. Every method may block (disk I/O, commits).
+/// Methods that change something record who did it (`caller`) in events.
+pub trait Backend: Send + Sync + 'static {
+    /// Resolves a bearer token to its user (401 if unknown, revoked or expired).
+    fn authenticate(&self, token: &str) -> ApiResult<Caller>;
+    /// Password login: a new session token.
+    fn login(&self, req: Login) -> ApiResult<TokenCreated>;
+    /// Revokes the token the caller used.
+    fn logout(&self, caller: &Caller) -> ApiResult<()>;
+
+    fn pool(&self) -> ApiResult<PoolInfo>;
+    fn set_pool_policy(&self, caller: &Caller, p: PoolPolicy) -> ApiResult<PoolInfo>;
+
+    fn create_volume(&self, caller: &Caller, req: VolumeCreate) -> ApiResult<Volume>;
+    fn list_volumes(&self) -> ApiResult<Vec<Volume>>;
+    fn volume(&self, name: &str) -> ApiResult<Volume>;
+    fn grow_volume(&self, caller: &Caller, name: &str, size: u64) -> ApiResult<Volume>;
+    /// Refused (409) with snapshots, clones of its snapshots or connected
+    /// clients unless `force`.
+    fn delete_volume(&self, caller: &Caller, name: &str, force: bool) -> ApiResult<()>;
+    fn policy(&self, volume: &str) -> ApiResult<Policy>;
+    fn set_policy(&self, caller: &Caller, volume: &str, p: Policy) -> ApiResult<Policy>;
+
+    fn create_snapshot(
+        &self,
+        caller: &Caller,
+        volume: &str,
+        req: SnapshotCreate,
+    ) -> ApiResult<Snapshot>;
+    fn list_snapshots(&self, volume: &str) -> ApiResult<Vec<Snapshot>>;
+    fn snapshot(&self, volume: &str, id: u64) -> ApiResult<Snapshot>;
+    /// Refused (409) with clones or connected clients unless `force`.
+    fn delete_snapshot(&self, caller: &Caller, volume: &str, id: u64, force: bool)
+        -> ApiResult<()>;
+
+    fn create_clone(
+        &self,
+        caller: &Caller,
+        volume: &str,
+        snapshot: u64,
+        name: &str,
+    ) -> ApiResult<Volume>;
+    fn list_clones(&self) -> ApiResult<Vec<Volume>>;
+    /// Makes a clone an ordinary stage disk, independent of its origin.
+    fn promote_clone(&self, caller: &Caller, name: &str) -> ApiResult<Volume>;
+    fn delete_clone(&self, caller: &Caller, name: &str, force: bool) -> ApiResult<()>;
+
+    fn list_exports(&self) -> ApiResult<Vec<Export>>;
+
+    fn start_job(&self, caller: &Caller, req: JobCreate) -> ApiResult<Job>;
+    fn list_jobs(&self) -> ApiResult<Vec<Job>>;
+    fn job(&self, id: u64) -> ApiResult<Job>;
+
+    fn events(&self, q: EventQuery) -> ApiResult<Vec<Event>>;
+    fn audit(&self, q: AuditQuery) -> ApiResult<Vec<AuditEntry>>;
+    /// Records one change made through the API.
+    fn record_audit(&self, caller: &Caller, method: &str, path: &str, status: u16);
+
+    fn create_webhook(&self, caller: &Caller, req: WebhookCreate) -> ApiResult<Webhook>;
+    fn list_webhooks(&self) -> ApiResult<Vec<Webhook>>;
+    fn webhook(&self, id: u64) -> ApiResult<Webhook>;
+    fn delete_webhook(&self, caller: &Caller, id: u64) -> ApiResult<()>;
+    fn deliveries(&self, id: u64) -> ApiResult<Vec<Delivery>>;
+
+    fn create_user(&self, caller: &Caller, req: UserCreate) -> ApiResult<User>;
+    fn list_users(&self) -> ApiResult<Vec<User>>;
+    fn user(&self, name: &str) -> ApiResult<User>;
+    fn update_user(&self, caller: &Caller, name: &str, req: UserUpdate) -> ApiResult<User>;
+    fn delete_user(&self, caller: &Caller, name: &str) -> ApiResult<()>;
+    fn create_token(
+        &self,
+        caller: &Caller,
+        user: &str,
+        req: TokenCreate,
+    ) -> ApiResult<TokenCreated>;
+    fn list_tokens(&self, user: &str) -> ApiResult<Vec<Token>>;
+    fn delete_token(&self, caller: &Caller, user: &str, id: &str) -> ApiResult<()>;
+
+    fn clock(&self) -> ApiResult<Clock>;
+    /// Moves a fake clock forward (404 when the clock is real).
+    fn advance_clock(&self, caller: &Caller, secs: u64) -> ApiResult<Clock>;
+
+    /// Prometheus text exposition.
+    fn metrics(&self) -> ApiResult<String>;
+    /// Extra JSON for `/health` (pool state); must be cheap.
+    fn health(&self) -> ApiResult<Value>;
+}

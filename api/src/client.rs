@@ -1,0 +1,381 @@
+//! A blocking client of the API, used by `cdmctl` (and usable by scripts and
+//! the host agent). One method per route; errors keep the API's status, code
+//! and message.
+
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::types::*;
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The API answered with an error.
+    #[error("{message} (HTTP {status}, {code})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// The server could not be reached or the connection broke.
+    #[error("cannot reach the API: {0}")]
+    Transport(String),
+    /// The answer was not what the route returns.
+    #[error("unexpected answer: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// Exit code for `cdmctl`: 3 auth, 4 not found, 5 conflict, 6 bad
+    /// request, 7 unreachable, 8 server error, 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Api { status, .. } => match status {
+                401 | 403 => 3,
+                404 => 4,
+                409 => 5,
+                400 | 413 | 415 | 422 => 6,
+                500..=599 => 8,
+                _ => 1,
+            },
+            ClientError::Transport(_) => 7,
+            ClientError::Decode(_) => 1,
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// Percent-encodes one path segment (everything but `A-Za-z0-9._-~`).
+pub fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The API at `base_url` with an optional bearer token.
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    agent: ureq::Agent,
+}
+
+fn e(s: &str) -> String {
+    encode_segment(s)
+}
+
+impl Client {
+    pub fn new(base_url: &str, token: Option<String>) -> Client {
+        Client::with_timeout(base_url, token, Duration::from_secs(30))
+    }
+
+    pub fn with_timeout(base_url: &str, token: Option<String>, timeout: Duration) -> Client {
+        Client {
+            base: base_url.trim_end_matches('/').to_string(),
+            token,
+            agent: ureq::AgentBuilder::new().timeout(timeout).build(),
+        }
+    }
+
+    /// A raw call: `(status, body as JSON, or a JSON string for non-JSON, or null)`.
+    /// Only transport failures are errors.
+    pub fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let mut req = self.agent.request(method, &format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let res = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        let resp = match res {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => return Err(ClientError::Transport(t.to_string())),
+        };
+        let status = resp.status();
+        let text = resp
+            .into_string()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let v = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Ok((status, v))
+    }
+
+    fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<T> {
+        let (status, v) = self.request(method, path, body.as_ref())?;
+        if !(200..300).contains(&status) {
+            let (code, message) = match (&v["error"]["code"], &v["error"]["message"]) {
+                (Value::String(c), Value::String(m)) => (c.clone(), m.clone()),
+                _ => (
+                    "http".to_string(),
+                    match &v {
+                        Value::String(s) => s.clone(),
+                        Value::Null => format!("HTTP {status}"),
+                        other => other.to_string(),
+                    },
+                ),
+            };
+            return Err(ClientError::Api {
+                status,
+                code,
+                message,
+            });
+        }
+        serde_json::from_value(v).map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    fn json<B: Serialize>(b: &B) -> Result<Option<Value>> {
+        serde_json::to_value(b)
+            .map(Some)
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    fn done(&self, method: &str, path: &str) -> Result<()> {
+        let _: Value = self.call(method, path, None)?;
+        Ok(())
+    }
+
+    pub fn health(&self) -> Result<Value> {
+        self.call("GET", "/health", None)
+    }
+    pub fn metrics(&self) -> Result<String> {
+        match self.call::<Value>("GET", "/metrics", None)? {
+            Value::String(s) => Ok(s),
+            v => Ok(v.to_string()),
+        }
+    }
+    pub fn openapi(&self) -> Result<Value> {
+        self.call("GET", "/v1/openapi.json", None)
+    }
+    pub fn login(&self, req: &Login) -> Result<TokenCreated> {
+        self.call("POST", "/v1/login", Self::json(req)?)
+    }
+    pub fn logout(&self) -> Result<()> {
+        self.done("POST", "/v1/logout")
+    }
+
+    pub fn pool(&self) -> Result<PoolInfo> {
+        self.call("GET", "/v1/pool", None)
+    }
+    pub fn set_pool_policy(&self, p: &PoolPolicy) -> Result<PoolInfo> {
+        self.call("PUT", "/v1/pool/policy", Self::json(p)?)
+    }
+
+    pub fn create_volume(&self, req: &VolumeCreate) -> Result<Volume> {
+        self.call("POST", "/v1/volumes", Self::json(req)?)
+    }
+    pub fn list_volumes(&self) -> Result<Vec<Volume>> {
+        self.call("GET", "/v1/volumes", None)
+    }
+    pub fn volume(&self, name: &str) -> Result<Volume> {
+        self.call("GET", &format!("/v1/volumes/{}", e(name)), None)
+    }
+    pub fn grow_volume(&self, name: &str, size: u64) -> Result<Volume> {
+        let b = Self::json(&VolumeUpdate { size })?;
+        self.call("PATCH", &format!("/v1/volumes/{}", e(name)), b)
+    }
+    pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
+        self.done("DELETE", &format!("/v1/volumes/{}?force={force}", e(name)))
+    }
+    pub fn policy(&self, name: &str) -> Result<Policy> {
+        self.call("GET", &format!("/v1/volumes/{}/policy", e(name)), None)
+    }
+    pub fn set_policy(&self, name: &str, p: &Policy) -> Result<Policy> {
+        self.call(
+            "PUT",
+            &format!("/v1/volumes/{}/policy", e(name)),
+            Self::json(p)?,
+        )
+    }
+
+    pub fn create_snapshot(&self, volume: &str, req: &SnapshotCreate) -> Result<Snapshot> {
+        let b = Self::json(req)?;
+        self.call("POST", &format!("/v1/volumes/{}/snapshots", e(volume)), b)
+    }
+    pub fn list_snapshots(&self, volume: &str) -> Result<Vec<Snapshot>> {
+        self.call("GET", &format!("/v1/volumes/{}/snapshots", e(volume)), None)
+    }
+    pub fn snapshot(&self, volume: &str, id: u64) -> Result<Snapshot> {
+        self.call(
+            "GET",
+            &format!("/v1/volumes/{}/snapshots/{id}", e(volume)),
+            None,
+        )
+    }
+    pub fn delete_snapshot(&self, volume: &str, id: u64, force: bool) -> Result<()> {
+        self.done(
+            "DELETE",
+            &format!("/v1/volumes/{}/snapshots/{id}?force={force}", e(volume)),
+        )
+    }
+
+    pub fn create_clone(&self, volume: &str, snapshot: u64, name: &str) -> Result<Volume> {
+        let b = Self::json(&CloneCreate {
+            name: name.to_string(),
+        })?;
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/snapshots/{snapshot}/clones", e(volume)),
+            b,
+        )
+    }
+    pub fn list_clones(&self) -> Result<Vec<Volume>> {
+        self.call("GET", "/v1/clones", None)
+    }
+    pub fn promote_clone(&self, name: &str) -> Result<Volume> {
+        self.call("POST", &format!("/v1/clones/{}/promote", e(name)), None)
+    }
+    pub fn delete_clone(&self, name: &str, force: bool) -> Result<()> {
+        self.done("DELETE", &format!("/v1/clones/{}?force={force}", e(name)))
+    }
+
+    pub fn exports(&self) -> Result<Vec<Export>> {
+        self.call("GET", "/v1/exports", None)
+    }
+
+    pub fn start_job(&self, req: &JobCreate) -> Result<Job> {
+        self.call("POST", "/v1/jobs", Self::json(req)?)
+    }
+    pub fn jobs(&self) -> Result<Vec<Job>> {
+        self.call("GET", "/v1/jobs", None)
+    }
+    pub fn job(&self, id: u64) -> Result<Job> {
+        self.call("GET", &format!("/v1/jobs/{id}"), None)
+    }
+
+    pub fn events(&self, q: &EventQuery) -> Result<Vec<Event>> {
+        let mut p = Vec::new();
+        if let Some(a) = q.after {
+            p.push(format!("after={a}"));
+        }
+        if let Some(t) = &q.kind {
+            p.push(format!("type={}", e(t)));
+        }
+        if let Some(l) = q.limit {
+            p.push(format!("limit={l}"));
+        }
+        self.call("GET", &format!("/v1/events?{}", p.join("&")), None)
+    }
+    pub fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEntry>> {
+        let mut p = Vec::new();
+        if let Some(a) = q.after {
+            p.push(format!("after={a}"));
+        }
+        if let Some(u) = &q.user {
+            p.push(format!("user={}", e(u)));
+        }
+        if let Some(l) = q.limit {
+            p.push(format!("limit={l}"));
+        }
+        self.call("GET", &format!("/v1/audit?{}", p.join("&")), None)
+    }
+
+    pub fn create_webhook(&self, req: &WebhookCreate) -> Result<Webhook> {
+        self.call("POST", "/v1/webhooks", Self::json(req)?)
+    }
+    pub fn webhooks(&self) -> Result<Vec<Webhook>> {
+        self.call("GET", "/v1/webhooks", None)
+    }
+    pub fn webhook(&self, id: u64) -> Result<Webhook> {
+        self.call("GET", &format!("/v1/webhooks/{id}"), None)
+    }
+    pub fn delete_webhook(&self, id: u64) -> Result<()> {
+        self.done("DELETE", &format!("/v1/webhooks/{id}"))
+    }
+    pub fn deliveries(&self, id: u64) -> Result<Vec<Delivery>> {
+        self.call("GET", &format!("/v1/webhooks/{id}/deliveries"), None)
+    }
+
+    pub fn create_user(&self, req: &UserCreate) -> Result<User> {
+        self.call("POST", "/v1/users", Self::json(req)?)
+    }
+    pub fn users(&self) -> Result<Vec<User>> {
+        self.call("GET", "/v1/users", None)
+    }
+    pub fn user(&self, name: &str) -> Result<User> {
+        self.call("GET", &format!("/v1/users/{}", e(name)), None)
+    }
+    pub fn update_user(&self, name: &str, req: &UserUpdate) -> Result<User> {
+        self.call("PATCH", &format!("/v1/users/{}", e(name)), Self::json(req)?)
+    }
+    pub fn delete_user(&self, name: &str) -> Result<()> {
+        self.done("DELETE", &format!("/v1/users/{}", e(name)))
+    }
+    pub fn create_token(&self, user: &str, req: &TokenCreate) -> Result<TokenCreated> {
+        self.call(
+            "POST",
+            &format!("/v1/users/{}/tokens", e(user)),
+            Self::json(req)?,
+        )
+    }
+    pub fn tokens(&self, user: &str) -> Result<Vec<Token>> {
+        self.call("GET", &format!("/v1/users/{}/tokens", e(user)), None)
+    }
+    pub fn delete_token(&self, user: &str, id: &str) -> Result<()> {
+        self.done("DELETE", &format!("/v1/users/{}/tokens/{}", e(user), e(id)))
+    }
+
+    pub fn clock(&self) -> Result<Clock> {
+        self.call("GET", "/v1/clock", None)
+    }
+    pub fn advance_clock(&self, secs: u64) -> Result<Clock> {
+        let b = Self::json(&ClockAdvance { advance_secs: secs })?;
+        self.call("POST", "/v1/clock", b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_are_encoded() {
+        assert_eq!(encode_segment("db-1.x_y~"), "db-1.x_y~");
+        assert_eq!(encode_segment("../etc"), "..%2Fetc");
+        assert_eq!(encode_segment("a b@c"), "a%20b%40c");
+        assert_eq!(encode_segment("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn exit_codes() {
+        let api = |status| ClientError::Api {
+            status,
+            code: "x".into(),
+            message: "m".into(),
+        };
+        assert_eq!(api(401).exit_code(), 3);
+        assert_eq!(api(403).exit_code(), 3);
+        assert_eq!(api(404).exit_code(), 4);
+        assert_eq!(api(409).exit_code(), 5);
+        assert_eq!(api(400).exit_code(), 6);
+        assert_eq!(api(413).exit_code(), 6);
+        assert_eq!(api(500).exit_code(), 8);
+        assert_eq!(api(507).exit_code(), 8);
+        assert_eq!(ClientError::Transport("x".into()).exit_code(), 7);
+    }
+
+    #[test]
+    fn unreachable_server_is_a_transport_error() {
+        let c = Client::with_timeout("http://127.0.0.1:1", None, Duration::from_secs(2));
+        let err = c.list_volumes().unwrap_err();
+        assert_eq!(err.exit_code(), 7, "{err}");
+    }
+}

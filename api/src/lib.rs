@@ -1,0 +1,13 @@
+//! The cdm HTTP API: JSON resources ([`types`]), errors, roles, the axum
+//! routes over a [`backend::Backend`], the OpenAPI document, and the
+//! blocking [`client`] that `cdmctl` and tests use.
+
+pub mod auth;
+pub mod backend;
+pub mod client;
+pub mod error;
+pub mod openapi;
+pub mod routes;
+pub mod types;
+
+pub use error::{ApiError, ApiResult};

@@ -1,0 +1,641 @@
+//! The axum router: authentication, roles, the audit log, size limits, and
+//! one handler per route, each a thin call into the [`Backend`] on a
+//! blocking thread.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::auth::{Action, Caller};
+use crate::backend::Backend;
+use crate::error::{ApiError, ApiResult};
+use crate::openapi::BearerAuth;
+use crate::types::*;
+
+/// Largest request body accepted (413 above).
+pub const MAX_BODY: usize = 1 << 20;
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    pub backend: Arc<dyn Backend>,
+}
+
+/// Runs a backend call on a blocking thread.
+async fn run<T, F>(s: &AppState, f: F) -> ApiResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Backend) -> ApiResult<T> + Send + 'static,
+{
+    let b = s.backend.clone();
+    tokio::task::spawn_blocking(move || f(&*b))
+        .await
+        .map_err(|e| ApiError::internal(format!("request task failed: {e}")))?
+}
+
+/// JSON body whose rejections are API errors (400 `invalid_json`, 413, 415).
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(json_rejection(e)),
+        }
+    }
+}
+
+fn json_rejection(e: JsonRejection) -> ApiError {
+    let status = e.status().as_u16();
+    match status {
+        413 => ApiError::new(
+            413,
+            "payload_too_large",
+            format!("request body above {MAX_BODY} bytes"),
+        ),
+        415 => ApiError::new(
+            415,
+            "bad_request",
+            "expected Content-Type: application/json",
+        ),
+        _ => ApiError::new(400, "invalid_json", e.body_text()),
+    }
+}
+
+/// Query string whose rejections are 400s.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e: QueryRejection| ApiError::bad_request(e.body_text()))
+    }
+}
+
+fn parse_id(s: &str, what: &str) -> ApiResult<u64> {
+    s.parse()
+        .map_err(|_| ApiError::bad_request(format!("{what} id {s:?} is not a number")))
+}
+
+/// Checks a resource name from a path or body before anything looks it up:
+/// 1–128 of `A-Za-z0-9._-`, not starting with `.` or `-` (no `/`, `..`, `@`).
+pub fn check_name(kind: &str, name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && !name.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "bad {kind} name {name:?}: use 1-128 characters of A-Z a-z 0-9 . _ -, not starting with . or -"
+        )))
+    }
+}
+
+async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path().to_string();
+    if path == "/health" || path == "/v1/login" {
+        return next.run(req).await;
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(|t| t.trim().to_string());
+    let Some(token) = token else {
+        return ApiError::unauthorized("missing Authorization: Bearer TOKEN").into_response();
+    };
+    let caller = match run(&s, move |b| b.authenticate(&token)).await {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let method = req.method().clone();
+    req.extensions_mut().insert(caller.clone());
+    let resp = next.run(req).await;
+    if method != Method::GET && method != Method::HEAD {
+        let status = resp.status().as_u16();
+        let m = method.to_string();
+        let _ = run(&s, move |b| {
+            b.record_audit(&caller, &m, &path, status);
+            Ok(())
+        })
+        .await;
+    }
+    resp
+}
+
+/// The whole API.
+pub fn router(backend: Arc<dyn Backend>) -> Router {
+    let state = AppState { backend };
+    let v1 = Router::new()
+        .route("/login", post(login))
+        .route("/logout", post(logout))
+        .route("/openapi.json", get(openapi))
+        .route("/pool", get(pool))
+        .route("/pool/policy", axum::routing::put(set_pool_policy))
+        .route("/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/volumes/{name}",
+            get(volume).patch(grow_volume).delete(delete_volume),
+        )
+        .route("/volumes/{name}/policy", get(policy).put(set_policy))
+        .route(
+            "/volumes/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/volumes/{name}/snapshots/{id}",
+            get(snapshot).delete(delete_snapshot),
+        )
+        .route("/volumes/{name}/snapshots/{id}/clones", post(create_clone))
+        .route("/clones", get(list_clones))
+        .route("/clones/{name}", axum::routing::delete(delete_clone))
+        .route("/clones/{name}/promote", post(promote_clone))
+        .route("/exports", get(exports))
+        .route("/jobs", get(list_jobs).post(start_job))
+        .route("/jobs/{id}", get(job))
+        .route("/events", get(events))
+        .route("/audit", get(audit))
+        .route("/webhooks", get(list_webhooks).post(create_webhook))
+        .route("/webhooks/{id}", get(webhook).delete(delete_webhook))
+        .route("/webhooks/{id}/deliveries", get(deliveries))
+        .route("/users", get(list_users).post(create_user))
+        .route(
+            "/users/{name}",
+            get(user).patch(update_user).delete(delete_user),
+        )
+        .route("/users/{name}/tokens", get(list_tokens).post(create_token))
+        .route(
+            "/users/{name}/tokens/{id}",
+            axum::routing::delete(delete_token),
+        )
+        .route("/clock", get(clock).post(advance_clock));
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), auth_layer))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {method} {}", uri.path()))
+}
+
+type Caller_ = Extension<Caller>;
+type S = State<AppState>;
+
+fn created<T: serde::Serialize>(v: T) -> Response {
+    (StatusCode::CREATED, Json(v)).into_response()
+}
+
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Health)))]
+async fn health(State(s): S) -> Response {
+    let extra = run(&s, |b| b.health()).await;
+    let mut v = serde_json::json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")});
+    match extra {
+        Ok(Value::Object(m)) => {
+            if let Some(o) = v.as_object_mut() {
+                o.extend(m)
+            }
+        }
+        Ok(_) => {}
+        Err(e) => return e.into_response(),
+    }
+    Json(v).into_response()
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")), security(("bearer" = [])))]
+async fn metrics(State(s): S) -> ApiResult<Response> {
+    let text = run(&s, |b| b.metrics()).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+async fn openapi() -> Json<Value> {
+    Json(crate::openapi::document())
+}
+
+#[utoipa::path(post, path = "/v1/login", request_body = Login, responses((status = 201, body = TokenCreated), (status = 401, body = ErrorBody)))]
+async fn login(State(s): S, ApiJson(req): ApiJson<Login>) -> ApiResult<Response> {
+    Ok(created(run(&s, move |b| b.login(req)).await?))
+}
+
+#[utoipa::path(post, path = "/v1/logout", responses((status = 204)), security(("bearer" = [])))]
+async fn logout(State(s): S, Extension(c): Caller_) -> ApiResult<StatusCode> {
+    run(&s, move |b| b.logout(&c)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/pool", responses((status = 200, body = PoolInfo)), security(("bearer" = [])))]
+async fn pool(State(s): S) -> ApiResult<Json<PoolInfo>> {
+    Ok(Json(run(&s, |b| b.pool()).await?))
+}
+
+#[utoipa::path(put, path = "/v1/pool/policy", request_body = PoolPolicy, responses((status = 200, body = PoolInfo), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
+async fn set_pool_policy(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(p): ApiJson<PoolPolicy>,
+) -> ApiResult<Json<PoolInfo>> {
+    c.require(Action::Admin)?;
+    Ok(Json(run(&s, move |b| b.set_pool_policy(&c, p)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = [Volume])), security(("bearer" = [])))]
+async fn list_volumes(State(s): S) -> ApiResult<Json<Vec<Volume>>> {
+    Ok(Json(run(&s, |b| b.list_volumes()).await?))
+}
+
+#[utoipa::path(post, path = "/v1/volumes", request_body = VolumeCreate,
+    responses((status = 201, body = Volume), (status = 400, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn create_volume(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(req): ApiJson<VolumeCreate>,
+) -> ApiResult<Response> {
+    c.require(Action::Write)?;
+    check_name("volume", &req.name)?;
+    Ok(created(run(&s, move |b| b.create_volume(&c, req)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}", params(("name" = String, Path)), responses((status = 200, body = Volume), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn volume(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Volume>> {
+    check_name("volume", &name)?;
+    Ok(Json(run(&s, move |b| b.volume(&name)).await?))
+}
+
+#[utoipa::path(patch, path = "/v1/volumes/{name}", params(("name" = String, Path)), request_body = VolumeUpdate, responses((status = 200, body = Volume)), security(("bearer" = [])))]
+async fn grow_volume(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<VolumeUpdate>,
+) -> ApiResult<Json<Volume>> {
+    c.require(Action::Write)?;
+    check_name("volume", &name)?;
+    Ok(Json(
+        run(&s, move |b| b.grow_volume(&c, &name, req.size)).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/volumes/{name}", params(("name" = String, Path), DeleteQuery), responses((status = 204), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn delete_volume(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> ApiResult<StatusCode> {
+    c.require(Action::Delete)?;
+    check_name("volume", &name)?;
+    run(&s, move |b| b.delete_volume(&c, &name, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), responses((status = 200, body = Policy)), security(("bearer" = [])))]
+async fn policy(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Policy>> {
+    check_name("volume", &name)?;
+    Ok(Json(run(&s, move |b| b.policy(&name)).await?))
+}
+
+#[utoipa::path(put, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), request_body = Policy, responses((status = 200, body = Policy)), security(("bearer" = [])))]
+async fn set_policy(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiJson(p): ApiJson<Policy>,
+) -> ApiResult<Json<Policy>> {
+    c.require(Action::Write)?;
+    check_name("volume", &name)?;
+    Ok(Json(run(&s, move |b| b.set_policy(&c, &name, p)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots", params(("name" = String, Path)), responses((status = 200, body = [Snapshot])), security(("bearer" = [])))]
+async fn list_snapshots(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Vec<Snapshot>>> {
+    check_name("volume", &name)?;
+    Ok(Json(run(&s, move |b| b.list_snapshots(&name)).await?))
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/snapshots", params(("name" = String, Path)), request_body = SnapshotCreate, responses((status = 201, body = Snapshot)), security(("bearer" = [])))]
+async fn create_snapshot(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<SnapshotCreate>,
+) -> ApiResult<Response> {
+    c.require(Action::Write)?;
+    check_name("volume", &name)?;
+    Ok(created(
+        run(&s, move |b| b.create_snapshot(&c, &name, req)).await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots/{id}", params(("name" = String, Path), ("id" = u64, Path)), responses((status = 200, body = Snapshot)), security(("bearer" = [])))]
+async fn snapshot(
+    State(s): S,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Json<Snapshot>> {
+    check_name("volume", &name)?;
+    let id = parse_id(&id, "snapshot")?;
+    Ok(Json(run(&s, move |b| b.snapshot(&name, id)).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/volumes/{name}/snapshots/{id}", params(("name" = String, Path), ("id" = u64, Path), DeleteQuery), responses((status = 204), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn delete_snapshot(
+    State(s): S,
+    Extension(c): Caller_,
+    Path((name, id)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> ApiResult<StatusCode> {
+    c.require(Action::Delete)?;
+    check_name("volume", &name)?;
+    let id = parse_id(&id, "snapshot")?;
+    run(&s, move |b| b.delete_snapshot(&c, &name, id, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/snapshots/{id}/clones", params(("name" = String, Path), ("id" = u64, Path)), request_body = CloneCreate, responses((status = 201, body = Volume)), security(("bearer" = [])))]
+async fn create_clone(
+    State(s): S,
+    Extension(c): Caller_,
+    Path((name, id)): Path<(String, String)>,
+    ApiJson(req): ApiJson<CloneCreate>,
+) -> ApiResult<Response> {
+    c.require(Action::Write)?;
+    check_name("volume", &name)?;
+    check_name("clone", &req.name)?;
+    let id = parse_id(&id, "snapshot")?;
+    Ok(created(
+        run(&s, move |b| b.create_clone(&c, &name, id, &req.name)).await?,
+    ))
+}
+
+#[utoipa::path(get, path = "/v1/clones", responses((status = 200, body = [Volume])), security(("bearer" = [])))]
+async fn list_clones(State(s): S) -> ApiResult<Json<Vec<Volume>>> {
+    Ok(Json(run(&s, |b| b.list_clones()).await?))
+}
+
+#[utoipa::path(post, path = "/v1/clones/{name}/promote", params(("name" = String, Path)), responses((status = 200, body = Volume)), security(("bearer" = [])))]
+async fn promote_clone(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Volume>> {
+    c.require(Action::Write)?;
+    check_name("clone", &name)?;
+    Ok(Json(run(&s, move |b| b.promote_clone(&c, &name)).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/clones/{name}", params(("name" = String, Path), DeleteQuery), responses((status = 204)), security(("bearer" = [])))]
+async fn delete_clone(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<DeleteQuery>,
+) -> ApiResult<StatusCode> {
+    c.require(Action::Delete)?;
+    check_name("clone", &name)?;
+    run(&s, move |b| b.delete_clone(&c, &name, q.force)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/exports", responses((status = 200, body = [Export])), security(("bearer" = [])))]
+async fn exports(State(s): S) -> ApiResult<Json<Vec<Export>>> {
+    Ok(Json(run(&s, |b| b.list_exports()).await?))
+}
+
+#[utoipa::path(get, path = "/v1/jobs", responses((status = 200, body = [Job])), security(("bearer" = [])))]
+async fn list_jobs(State(s): S) -> ApiResult<Json<Vec<Job>>> {
+    Ok(Json(run(&s, |b| b.list_jobs()).await?))
+}
+
+#[utoipa::path(post, path = "/v1/jobs", request_body = JobCreate, responses((status = 202, body = Job)), security(("bearer" = [])))]
+async fn start_job(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(req): ApiJson<JobCreate>,
+) -> ApiResult<Response> {
+    c.require(if req.kind == "delete-volume" {
+        Action::Delete
+    } else {
+        Action::Write
+    })?;
+    if let Some(v) = &req.volume {
+        check_name("volume", v)?;
+    }
+    let j = run(&s, move |b| b.start_job(&c, req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(j)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/jobs/{id}", params(("id" = u64, Path)), responses((status = 200, body = Job)), security(("bearer" = [])))]
+async fn job(State(s): S, Path(id): Path<String>) -> ApiResult<Json<Job>> {
+    let id = parse_id(&id, "job")?;
+    Ok(Json(run(&s, move |b| b.job(id)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/events", params(EventQuery), responses((status = 200, body = [Event])), security(("bearer" = [])))]
+async fn events(State(s): S, ApiQuery(q): ApiQuery<EventQuery>) -> ApiResult<Json<Vec<Event>>> {
+    Ok(Json(run(&s, move |b| b.events(q)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/audit", params(AuditQuery), responses((status = 200, body = [AuditEntry])), security(("bearer" = [])))]
+async fn audit(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiQuery(q): ApiQuery<AuditQuery>,
+) -> ApiResult<Json<Vec<AuditEntry>>> {
+    c.require(Action::ReadAudit)?;
+    Ok(Json(run(&s, move |b| b.audit(q)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/webhooks", responses((status = 200, body = [Webhook])), security(("bearer" = [])))]
+async fn list_webhooks(State(s): S) -> ApiResult<Json<Vec<Webhook>>> {
+    Ok(Json(run(&s, |b| b.list_webhooks()).await?))
+}
+
+#[utoipa::path(post, path = "/v1/webhooks", request_body = WebhookCreate, responses((status = 201, body = Webhook)), security(("bearer" = [])))]
+async fn create_webhook(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(req): ApiJson<WebhookCreate>,
+) -> ApiResult<Response> {
+    c.require(Action::Write)?;
+    Ok(created(run(&s, move |b| b.create_webhook(&c, req)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/webhooks/{id}", params(("id" = u64, Path)), responses((status = 200, body = Webhook)), security(("bearer" = [])))]
+async fn webhook(State(s): S, Path(id): Path<String>) -> ApiResult<Json<Webhook>> {
+    let id = parse_id(&id, "webhook")?;
+    Ok(Json(run(&s, move |b| b.webhook(id)).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/webhooks/{id}", params(("id" = u64, Path)), responses((status = 204)), security(("bearer" = [])))]
+async fn delete_webhook(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    c.require(Action::Write)?;
+    let id = parse_id(&id, "webhook")?;
+    run(&s, move |b| b.delete_webhook(&c, id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/webhooks/{id}/deliveries", params(("id" = u64, Path)), responses((status = 200, body = [Delivery])), security(("bearer" = [])))]
+async fn deliveries(State(s): S, Path(id): Path<String>) -> ApiResult<Json<Vec<Delivery>>> {
+    let id = parse_id(&id, "webhook")?;
+    Ok(Json(run(&s, move |b| b.deliveries(id)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/users", responses((status = 200, body = [User])), security(("bearer" = [])))]
+async fn list_users(State(s): S, Extension(c): Caller_) -> ApiResult<Json<Vec<User>>> {
+    c.require(Action::Admin)?;
+    Ok(Json(run(&s, |b| b.list_users()).await?))
+}
+
+#[utoipa::path(post, path = "/v1/users", request_body = UserCreate, responses((status = 201, body = User)), security(("bearer" = [])))]
+async fn create_user(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(req): ApiJson<UserCreate>,
+) -> ApiResult<Response> {
+    c.require(Action::Admin)?;
+    check_name("user", &req.name)?;
+    Ok(created(run(&s, move |b| b.create_user(&c, req)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/users/{name}", params(("name" = String, Path)), responses((status = 200, body = User)), security(("bearer" = [])))]
+async fn user(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+) -> ApiResult<Json<User>> {
+    check_name("user", &name)?;
+    c.require_self_or_admin(&name)?;
+    Ok(Json(run(&s, move |b| b.user(&name)).await?))
+}
+
+#[utoipa::path(patch, path = "/v1/users/{name}", params(("name" = String, Path)), request_body = UserUpdate, responses((status = 200, body = User)), security(("bearer" = [])))]
+async fn update_user(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<UserUpdate>,
+) -> ApiResult<Json<User>> {
+    c.require(Action::Admin)?;
+    check_name("user", &name)?;
+    Ok(Json(run(&s, move |b| b.update_user(&c, &name, req)).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/users/{name}", params(("name" = String, Path)), responses((status = 204)), security(("bearer" = [])))]
+async fn delete_user(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    c.require(Action::Admin)?;
+    check_name("user", &name)?;
+    run(&s, move |b| b.delete_user(&c, &name)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/users/{name}/tokens", params(("name" = String, Path)), responses((status = 200, body = [Token])), security(("bearer" = [])))]
+async fn list_tokens(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<Token>>> {
+    check_name("user", &name)?;
+    c.require_self_or_admin(&name)?;
+    Ok(Json(run(&s, move |b| b.list_tokens(&name)).await?))
+}
+
+#[utoipa::path(post, path = "/v1/users/{name}/tokens", params(("name" = String, Path)), request_body = TokenCreate, responses((status = 201, body = TokenCreated)), security(("bearer" = [])))]
+async fn create_token(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<TokenCreate>,
+) -> ApiResult<Response> {
+    check_name("user", &name)?;
+    c.require_self_or_admin(&name)?;
+    check_name("token", &req.name)?;
+    Ok(created(
+        run(&s, move |b| b.create_token(&c, &name, req)).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/users/{name}/tokens/{id}", params(("name" = String, Path), ("id" = String, Path)), responses((status = 204)), security(("bearer" = [])))]
+async fn delete_token(
+    State(s): S,
+    Extension(c): Caller_,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    check_name("user", &name)?;
+    c.require_self_or_admin(&name)?;
+    run(&s, move |b| b.delete_token(&c, &name, &id)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/clock", responses((status = 200, body = Clock)), security(("bearer" = [])))]
+async fn clock(State(s): S) -> ApiResult<Json<Clock>> {
+    Ok(Json(run(&s, |b| b.clock()).await?))
+}
+
+#[utoipa::path(post, path = "/v1/clock", request_body = ClockAdvance, responses((status = 200, body = Clock)), security(("bearer" = [])))]
+async fn advance_clock(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(req): ApiJson<ClockAdvance>,
+) -> ApiResult<Json<Clock>> {
+    c.require(Action::Admin)?;
+    Ok(Json(
+        run(&s, move |b| b.advance_clock(&c, req.advance_secs)).await?,
+    ))
+}
+
+/// Paths documented in the OpenAPI document (kept here, next to the handlers).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "cdm appliance API", description = "Volumes (stage disks and clones), snapshots, exports, policies, jobs, events, webhooks, users and tokens."),
+    paths(
+        health, metrics, login, logout, pool, set_pool_policy, list_volumes, create_volume,
+        volume, grow_volume, delete_volume, policy, set_policy, list_snapshots,
+        create_snapshot, snapshot, delete_snapshot, create_clone, list_clones,
+        promote_clone, delete_clone, exports, list_jobs, start_job, job, events, audit,
+        list_webhooks, create_webhook, webhook, delete_webhook, deliveries, list_users,
+        create_user, user, update_user, delete_user, list_tokens, create_token,
+        delete_token, clock, advance_clock
+    ),
+    modifiers(&BearerAuth)
+)]
+pub struct ApiDoc;

@@ -1,0 +1,466 @@
+//! The JSON resources of the API, shared by the server, `cdmctl` and tests.
+//! Times are Unix seconds (`*_unix`); sizes are bytes.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// `POST /v1/volumes`: a new stage disk.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeCreate {
+    /// 1–128 characters of `A-Z a-z 0-9 . _ -`, not starting with `.` or `-`.
+    pub name: String,
+    /// Logical size in bytes.
+    pub size: u64,
+    /// Block (chunk) size: a power of two from 4096 to 1048576; default 65536.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<u32>,
+    /// Fingerprint deduplication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<bool>,
+    /// zstd level: 0 = off, 1 (fastest) … 29 (smallest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<u8>,
+    /// `none`, `aes-256-xts`, `aes-128-xts` or `sm4-xts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<String>,
+}
+
+/// `PATCH /v1/volumes/{name}`: grow a volume.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeUpdate {
+    /// New size in bytes; volumes only grow.
+    pub size: u64,
+}
+
+/// Where a clone came from.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub volume: Option<String>,
+    pub snapshot: u64,
+}
+
+/// A volume: a stage disk, or a writable clone of a snapshot.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Volume {
+    pub name: String,
+    pub id: u64,
+    /// `stage` or `clone`.
+    pub kind: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub created_unix: u64,
+    /// The snapshot a clone was made from (until promoted).
+    pub origin: Option<Origin>,
+    /// Bytes of data the volume maps.
+    pub allocated_bytes: u64,
+    /// Bytes only this volume references (what deleting it frees).
+    pub unique_bytes: u64,
+    pub snapshots: usize,
+    pub dedup: bool,
+    pub compression: u8,
+    pub encryption: String,
+    /// NBD export name (read-write).
+    pub export: String,
+    /// NBD clients connected now.
+    pub clients: usize,
+}
+
+/// `POST /v1/volumes/{name}/snapshots`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Any JSON object kept with the snapshot (backup job, LSN, host…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// A snapshot: a read-only point in time of a volume.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Snapshot {
+    pub id: u64,
+    pub volume: String,
+    pub label: String,
+    pub created_unix: u64,
+    pub metadata: Value,
+    pub size: u64,
+    pub block_size: u32,
+    pub allocated_bytes: u64,
+    /// Bytes only this snapshot references (what deleting it frees).
+    pub unique_bytes: u64,
+    /// NBD export name (read-only): `VOLUME@ID`.
+    pub export: String,
+    /// Clones made from this snapshot that still name it as origin.
+    pub clones: Vec<String>,
+}
+
+/// `POST /v1/volumes/{name}/snapshots/{id}/clones`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct CloneCreate {
+    pub name: String,
+}
+
+/// A connected NBD client.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct ExportClient {
+    pub id: u64,
+    pub peer: String,
+    pub since_unix: u64,
+}
+
+/// An NBD export and who uses it.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Export {
+    pub name: String,
+    /// `stage`, `clone` or `snapshot`.
+    pub kind: String,
+    pub read_only: bool,
+    pub size: u64,
+    /// NBD URIs, one per listener (`nbd://HOST:PORT/NAME`, `nbd+unix:///NAME?socket=PATH`).
+    pub uris: Vec<String>,
+    pub clients: Vec<ExportClient>,
+}
+
+/// `POST /v1/jobs`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct JobCreate {
+    /// `scrub` (verify every checksum in the pool), `retention` (apply
+    /// retention policies and the pool quota now) or `delete-volume`.
+    pub kind: String,
+    /// For `delete-volume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// For `delete-volume`: also delete snapshots, even with clients or clones.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// A long operation.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Job {
+    pub id: u64,
+    pub kind: String,
+    /// `running`, `succeeded` or `failed`.
+    pub state: String,
+    /// 0.0 … 1.0.
+    pub progress: f64,
+    pub done: u64,
+    pub total: u64,
+    pub message: String,
+    pub created_by: String,
+    pub created_unix: u64,
+    pub finished_unix: Option<u64>,
+    /// Outcome details (a scrub report, expired snapshots…).
+    pub result: Option<Value>,
+}
+
+/// Something that happened on the appliance.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Event {
+    /// Increasing sequence number.
+    pub id: u64,
+    pub time_unix: u64,
+    /// `MODULE.ACTION`, e.g. `volume.created`, `snapshot.expired`, `alert.raised`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What it is about (a volume name, `VOLUME@ID`, a user…).
+    pub subject: String,
+    /// Who caused it (a user, `scheduler`, `nbd`).
+    pub actor: String,
+    pub data: Value,
+}
+
+/// One change made through the API.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub time_unix: u64,
+    pub user: String,
+    /// Name of the token used.
+    pub token: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+/// `POST /v1/users`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct UserCreate {
+    pub name: String,
+    /// `admin`, `operator` or `auditor`.
+    pub role: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Extra rights: `delete` lets an operator delete volumes, snapshots and clones.
+    #[serde(default)]
+    pub grants: Vec<String>,
+}
+
+/// `PATCH /v1/users/{name}`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UserUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grants: Option<Vec<String>>,
+}
+
+/// A user.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct User {
+    pub name: String,
+    pub role: String,
+    pub grants: Vec<String>,
+    pub has_password: bool,
+    pub created_unix: u64,
+}
+
+/// `POST /v1/users/{name}/tokens`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreate {
+    pub name: String,
+    /// Lifetime in seconds; none = until revoked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+}
+
+/// An API token (its secret is never shown again after creation).
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Token {
+    pub id: String,
+    pub name: String,
+    pub user: String,
+    pub created_unix: u64,
+    pub expires_unix: Option<u64>,
+}
+
+/// A new token with its secret: shown once.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct TokenCreated {
+    pub id: String,
+    pub name: String,
+    pub user: String,
+    pub created_unix: u64,
+    pub expires_unix: Option<u64>,
+    /// Use as `Authorization: Bearer TOKEN`.
+    pub token: String,
+}
+
+/// `POST /v1/login`: a password login that returns a session token.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    pub name: String,
+    pub password: String,
+}
+
+/// `POST /v1/webhooks`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookCreate {
+    /// `http://` or `https://` receiver.
+    pub url: String,
+    /// Event types (`volume.created`), module wildcards (`snapshot.*`) or `*`.
+    #[serde(default = "all_events")]
+    pub events: Vec<String>,
+    /// HMAC-SHA256 key for the `X-Cdm-Signature` header; generated if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+fn all_events() -> Vec<String> {
+    vec!["*".to_string()]
+}
+
+/// A webhook subscription.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Webhook {
+    pub id: u64,
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_unix: u64,
+    /// Only in the answer to `POST /v1/webhooks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// One attempt series to deliver one event to one webhook.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Delivery {
+    pub id: u64,
+    pub webhook: u64,
+    pub event: u64,
+    pub event_type: String,
+    /// `pending`, `delivered` or `failed` (gave up).
+    pub state: String,
+    pub attempts: u32,
+    /// HTTP status of the last attempt, if one answered.
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub updated_unix: u64,
+    pub next_attempt_unix: Option<u64>,
+}
+
+/// When a volume is snapshotted automatically.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Every N seconds (at least 60).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_secs: Option<u64>,
+    /// Five-field cron expression in UTC: `MIN HOUR DOM MON DOW`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+}
+
+/// Which snapshots are kept (as restic's `forget`): a snapshot is kept when
+/// any rule that is set keeps it, when it is one of the newest `min_keep`
+/// (at least 1), or when clones were made from it; the others expire. With
+/// no rule set nothing expires (but the pool quota may still expire old
+/// snapshots).
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Keep the newest N snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<u32>,
+    /// Keep snapshots younger than N days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_days: Option<u32>,
+    /// Never fewer than this many (at least 1).
+    #[serde(default = "one")]
+    pub min_keep: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            keep_last: None,
+            keep_days: None,
+            min_keep: 1,
+        }
+    }
+}
+
+/// A volume's snapshot schedule and retention (`PUT /v1/volumes/{name}/policy`).
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<Schedule>,
+    #[serde(default)]
+    pub retention: Retention,
+}
+
+/// Pool-wide settings (`PUT /v1/pool/policy`).
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolPolicy {
+    /// When used space exceeds this, the oldest snapshots are expired (each
+    /// volume keeps its newest `min_keep`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quota_bytes: Option<u64>,
+}
+
+/// The pool.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct PoolInfo {
+    pub uuid: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    /// Commit generation of the newest superblock.
+    pub generation: u64,
+    pub volumes: usize,
+    pub snapshots: usize,
+    pub policy: PoolPolicy,
+}
+
+/// `POST /v1/clock` (only with `--fake-clock`, for tests of schedules and retention).
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ClockAdvance {
+    pub advance_secs: u64,
+}
+
+/// The appliance's clock.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Clock {
+    pub now_unix: u64,
+    pub fake: bool,
+}
+
+/// `GET /health`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// Every error answer: `{"error": {"code", "message"}}`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// Machine-readable `code` (`bad_request`, `invalid_json`, `unauthorized`,
+/// `forbidden`, `not_found`, `conflict`, `payload_too_large`, `unsupported`,
+/// `no_space`, `internal`, `unavailable`) and a human `message`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+/// Query of `GET /v1/events`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct EventQuery {
+    /// Only events with a larger id.
+    pub after: Option<u64>,
+    /// Only this type, or a module wildcard (`snapshot.*`).
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Newest N (default 100, at most 10000).
+    pub limit: Option<usize>,
+}
+
+/// Query of `GET /v1/audit`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    pub after: Option<u64>,
+    pub user: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// Query of deletions.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// Delete even with snapshots, clones or connected clients.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Roles, in decreasing power.
+pub const ROLES: [&str; 3] = ["admin", "operator", "auditor"];
+/// Grants an operator can hold.
+pub const GRANTS: [&str; 1] = ["delete"];
+/// Encryption modes a volume can ask for.
+pub const ENCRYPTIONS: [&str; 4] = ["none", "aes-256-xts", "aes-128-xts", "sm4-xts"];

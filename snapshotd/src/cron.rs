@@ -1,0 +1,205 @@
+//! Five-field cron expressions (`MIN HOUR DOM MON DOW`, UTC) for snapshot
+//! schedules: `*`, `N`, `A-B`, `*/S`, `A-B/S` and comma lists; day of week
+//! 0-7 (0 and 7 are Sunday). As in Vixie cron, when both day fields are
+//! restricted a day matches if either does.
+
+use crate::clock::civil_from_days;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cron {
+    minutes: u64,
+    hours: u64,
+    doms: u64,
+    months: u64,
+    dows: u64,
+    dom_star: bool,
+    dow_star: bool,
+}
+
+fn field(s: &str, lo: u32, hi: u32, name: &str) -> Result<(u64, bool), String> {
+    let mut bits = 0u64;
+    for part in s.split(',') {
+        let (range, step) = match part.split_once('/') {
+            Some((r, st)) => {
+                let st: u32 = st
+                    .parse()
+                    .map_err(|_| format!("bad step {st:?} in {name} field"))?;
+                if st == 0 {
+                    return Err(format!("step 0 in {name} field"));
+                }
+                (r, st)
+            }
+            None => (part, 1),
+        };
+        let (a, b) = if range == "*" {
+            (lo, hi)
+        } else if let Some((a, b)) = range.split_once('-') {
+            let a: u32 = a.parse().map_err(|_| format!("bad {name} {a:?}"))?;
+            let b: u32 = b.parse().map_err(|_| format!("bad {name} {b:?}"))?;
+            (a, b)
+        } else {
+            let a: u32 = range.parse().map_err(|_| format!("bad {name} {range:?}"))?;
+            (a, if part.contains('/') { hi } else { a })
+        };
+        if a < lo || b > hi || a > b {
+            return Err(format!("{name} {range:?} outside {lo}-{hi}"));
+        }
+        let mut v = a;
+        while v <= b {
+            bits |= 1 << v;
+            v += step;
+        }
+    }
+    Ok((bits, s == "*"))
+}
+
+impl Cron {
+    pub fn parse(expr: &str) -> Result<Cron, String> {
+        let f: Vec<&str> = expr.split_whitespace().collect();
+        if f.len() != 5 {
+            return Err(format!(
+                "cron expression {expr:?} needs 5 fields: MIN HOUR DOM MON DOW"
+            ));
+        }
+        let (minutes, _) = field(f[0], 0, 59, "minute")?;
+        let (hours, _) = field(f[1], 0, 23, "hour")?;
+        let (doms, dom_star) = field(f[2], 1, 31, "day of month")?;
+        let (months, _) = field(f[3], 1, 12, "month")?;
+        let (mut dows, dow_star) = field(f[4], 0, 7, "day of week")?;
+        if dows & (1 << 7) != 0 {
+            dows |= 1;
+        }
+        Ok(Cron {
+            minutes,
+            hours,
+            doms,
+            months,
+            dows,
+            dom_star,
+            dow_star,
+        })
+    }
+
+    fn day_matches(&self, days: i64) -> bool {
+        let (_, m, d) = civil_from_days(days);
+        if self.months & (1 << m) == 0 {
+            return false;
+        }
+        let dow = (days + 4).rem_euclid(7) as u32; // 1970-01-01 was a Thursday
+        let dom_ok = self.doms & (1 << d) != 0;
+        let dow_ok = self.dows & (1 << dow) != 0;
+        match (self.dom_star, self.dow_star) {
+            (true, true) => true,
+            (false, true) => dom_ok,
+            (true, false) => dow_ok,
+            (false, false) => dom_ok || dow_ok,
+        }
+    }
+
+    /// The first matching minute strictly after `unix` (seconds), within
+    /// five years; None if the expression never matches (`0 0 31 2 *`).
+    pub fn next_after(&self, unix: u64) -> Option<u64> {
+        let mut t = (unix / 60 + 1) * 60;
+        let end = unix + 5 * 366 * 86_400;
+        while t <= end {
+            let days = (t / 86_400) as i64;
+            if !self.day_matches(days) {
+                t = (t / 86_400 + 1) * 86_400;
+                continue;
+            }
+            let h = (t % 86_400 / 3600) as u32;
+            if self.hours & (1 << h) == 0 {
+                t = (t / 3600 + 1) * 3600;
+                continue;
+            }
+            let m = (t % 3600 / 60) as u32;
+            if self.minutes & (1 << m) != 0 {
+                return Some(t);
+            }
+            t += 60;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // 2026-11-24 00:00:00 UTC, a Tuesday.
+    const T0: u64 = 1_795_478_400;
+
+    #[test]
+    fn daily_and_steps() {
+        let c = Cron::parse("0 2 * * *").unwrap();
+        assert_eq!(c.next_after(T0), Some(T0 + 2 * 3600));
+        assert_eq!(c.next_after(T0 + 2 * 3600), Some(T0 + 86_400 + 2 * 3600));
+        let c = Cron::parse("*/15 * * * *").unwrap();
+        assert_eq!(c.next_after(T0), Some(T0 + 900));
+        assert_eq!(c.next_after(T0 + 901), Some(T0 + 1800));
+        let c = Cron::parse("30 8-10/2 * * *").unwrap();
+        assert_eq!(c.next_after(T0), Some(T0 + 8 * 3600 + 1800));
+        assert_eq!(
+            c.next_after(T0 + 8 * 3600 + 1800),
+            Some(T0 + 10 * 3600 + 1800)
+        );
+    }
+
+    #[test]
+    fn weekdays_months_and_or_rule() {
+        // Sundays (0 and 7) at midnight: next is 2026-11-29.
+        for e in ["0 0 * * 0", "0 0 * * 7"] {
+            assert_eq!(
+                Cron::parse(e).unwrap().next_after(T0),
+                Some(T0 + 5 * 86_400)
+            );
+        }
+        // 1st of the month OR Wednesday: Wednesday 25th comes first.
+        let c = Cron::parse("0 0 1 * 3").unwrap();
+        assert_eq!(c.next_after(T0), Some(T0 + 86_400));
+        // January 1st.
+        let c = Cron::parse("0 0 1 1 *").unwrap();
+        assert_eq!(c.next_after(T0), Some(1_798_761_600));
+        assert_eq!(Cron::parse("0 0 31 2 *").unwrap().next_after(T0), None);
+    }
+
+    #[test]
+    fn random_input_never_panics_and_matches_are_real() {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(7);
+        let alphabet = b"0123456789*/,- x";
+        for _ in 0..20_000 {
+            let n = r.gen_range(0..24);
+            let e: String = (0..n)
+                .map(|_| alphabet[r.gen_range(0..alphabet.len())] as char)
+                .collect();
+            if let Ok(c) = Cron::parse(&e) {
+                if let Some(t) = c.next_after(T0) {
+                    assert!(t > T0 && t % 60 == 0, "{e}");
+                    assert!(c.day_matches((t / 86_400) as i64), "{e}");
+                }
+            }
+        }
+        // Leap day: found within the five-year horizon.
+        let c = Cron::parse("0 0 29 2 *").unwrap();
+        assert_eq!(c.next_after(T0), Some(1_835_395_200)); // 2028-02-29
+    }
+
+    #[test]
+    fn rejects_bad_expressions() {
+        for e in [
+            "",
+            "* * * *",
+            "60 * * * *",
+            "* 24 * * *",
+            "* * 0 * *",
+            "*/0 * * * *",
+            "a * * * *",
+            "5-1 * * * *",
+            "* * * 13 *",
+            "* * * * 8",
+        ] {
+            assert!(Cron::parse(e).is_err(), "{e}");
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Long operations run on their own threads with progress the API reports.
+//! A job's record is stored when it starts and when it ends; progress lives
+//! in memory. Jobs still running when the daemon stopped are marked failed
+//! at the next start.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cdm_api::types::Job;
+use serde_json::{json, Value};
+
+use crate::clock::Clock;
+use crate::events::Events;
+use crate::state::{State, StateError, Sync, JOBS};
+
+pub struct Jobs {
+    state: Arc<State>,
+    clock: Arc<Clock>,
+    events: Arc<Events>,
+    running: Mutex<HashMap<u64, Job>>,
+}
+
+/// Handed to a job's body to report progress.
+pub struct Progress {
+    jobs: Arc<Jobs>,
+    id: u64,
+}
+
+impl Progress {
+    pub fn set(&self, done: u64, total: u64) {
+        if let Some(j) = lock(&self.jobs.running).get_mut(&self.id) {
+            j.done = done;
+            j.total = total;
+            j.progress = if total == 0 {
+                0.0
+            } else {
+                (done as f64 / total as f64).min(1.0)
+            };
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Jobs {
+    pub fn new(state: Arc<State>, clock: Arc<Clock>, events: Arc<Events>) -> Arc<Jobs> {
+        // Anything recorded as running belongs to a previous process.
+        if let Ok(stale) = state.scan::<Job>(JOBS, 0, usize::MAX, false, |j| j.state == "running") {
+            for mut j in stale {
+                j.state = "failed".into();
+                j.message = "interrupted: the daemon stopped while it ran".into();
+                j.finished_unix = Some(clock.now());
+                let _ = state.put_seq(JOBS, j.id, &j, Sync::Now);
+            }
+        }
+        Arc::new(Jobs {
+            state,
+            clock,
+            events,
+            running: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Starts `body` on a new thread; its Ok value becomes the job's result.
+    pub fn start<F>(self: &Arc<Self>, kind: &str, by: &str, body: F) -> Result<Job, StateError>
+    where
+        F: FnOnce(&Progress) -> Result<Value, String> + Send + 'static,
+    {
+        let now = self.clock.now();
+        let job = self.state.append(JOBS, Sync::Now, |id| Job {
+            id,
+            kind: kind.to_string(),
+            state: "running".into(),
+            progress: 0.0,
+            done: 0,
+            total: 0,
+            message: String::new(),
+            created_by: by.to_string(),
+            created_unix: now,
+            finished_unix: None,
+            result: None,
+        })?;
+        lock(&self.running).insert(job.id, job.clone());
+        self.events.emit(
+            "job.created",
+            &format!("job {}", job.id),
+            by,
+            json!({"id": job.id, "kind": kind}),
+        );
+        let me = self.clone();
+        let id = job.id;
+        let kind_s = kind.to_string();
+        let by_s = by.to_string();
+        let spawned = std::thread::Builder::new()
+            .name(format!("job-{id}"))
+            .spawn(move || {
+                let p = Progress {
+                    jobs: me.clone(),
+                    id,
+                };
+                let out = body(&p);
+                let Some(mut j) = lock(&me.running).remove(&id) else {
+                    return;
+                };
+                j.finished_unix = Some(me.clock.now());
+                match out {
+                    Ok(v) => {
+                        j.state = "succeeded".into();
+                        j.progress = 1.0;
+                        j.done = j.total.max(j.done);
+                        j.message = "done".into();
+                        j.result = Some(v);
+                    }
+                    Err(e) => {
+                        j.state = "failed".into();
+                        j.message = e;
+                    }
+                }
+                if let Err(e) = me.state.put_seq(JOBS, id, &j, Sync::Now) {
+                    tracing::error!(job = id, error = %e, "cannot record job outcome");
+                }
+                me.events.emit(
+                    &format!("job.{}", j.state),
+                    &format!("job {id}"),
+                    &by_s,
+                    json!({"id": id, "kind": kind_s, "message": j.message}),
+                );
+            });
+        if let Err(e) = spawned {
+            let mut j = lock(&self.running).remove(&id).unwrap_or(job.clone());
+            j.state = "failed".into();
+            j.message = format!("cannot start a thread: {e}");
+            self.state.put_seq(JOBS, id, &j, Sync::Now)?;
+            return Ok(j);
+        }
+        Ok(job)
+    }
+
+    pub fn get(&self, id: u64) -> Result<Option<Job>, StateError> {
+        if let Some(j) = lock(&self.running).get(&id) {
+            return Ok(Some(j.clone()));
+        }
+        self.state.get_seq(JOBS, id)
+    }
+
+    /// The newest 200 jobs, newest first.
+    pub fn list(&self) -> Result<Vec<Job>, StateError> {
+        let mut v: Vec<Job> = self.state.scan(JOBS, 0, 200, true, |_| true)?;
+        let running = lock(&self.running);
+        for j in v.iter_mut() {
+            if let Some(r) = running.get(&j.id) {
+                *j = r.clone();
+            }
+        }
+        v.reverse();
+        Ok(v)
+    }
+}

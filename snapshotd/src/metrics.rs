@@ -1,0 +1,184 @@
+//! `/metrics`: Prometheus text exposition of I/O per export (from the NBD
+//! server), pool space and commits, catalog counts, clients, jobs and
+//! webhook deliveries.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::appliance::Appliance;
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+pub fn render(a: &Appliance) -> cdmfs::Result<String> {
+    let mut o = String::with_capacity(16 << 10);
+    let sp = a.pool.space()?;
+    let (commits, commit_ns) = a.pool.commit_stats()?;
+    let (vols, snaps) = a.pool.catalog()?;
+
+    head(&mut o, "cdm_pool_size_bytes", "gauge", "Pool capacity.");
+    let _ = writeln!(o, "cdm_pool_size_bytes {}", sp.total_bytes);
+    head(
+        &mut o,
+        "cdm_pool_used_bytes",
+        "gauge",
+        "Pool bytes in use (data and metadata).",
+    );
+    let _ = writeln!(o, "cdm_pool_used_bytes {}", sp.used_bytes);
+    head(
+        &mut o,
+        "cdm_pool_generation",
+        "gauge",
+        "Commit generation of the newest superblock.",
+    );
+    let _ = writeln!(o, "cdm_pool_generation {}", sp.generation);
+    head(
+        &mut o,
+        "cdm_pool_commits_total",
+        "counter",
+        "Commits since the daemon started.",
+    );
+    let _ = writeln!(o, "cdm_pool_commits_total {commits}");
+    head(
+        &mut o,
+        "cdm_pool_commit_seconds_total",
+        "counter",
+        "Time spent in commits.",
+    );
+    let _ = writeln!(
+        o,
+        "cdm_pool_commit_seconds_total {:.6}",
+        commit_ns as f64 / 1e9
+    );
+
+    head(&mut o, "cdm_volumes", "gauge", "Volumes by kind.");
+    let clones = vols.iter().filter(|v| v.origin.is_some()).count();
+    let _ = writeln!(o, "cdm_volumes{{kind=\"stage\"}} {}", vols.len() - clones);
+    let _ = writeln!(o, "cdm_volumes{{kind=\"clone\"}} {clones}");
+    head(&mut o, "cdm_snapshots", "gauge", "Snapshots per volume.");
+    let mut per: BTreeMap<&str, usize> = vols.iter().map(|v| (v.name.as_str(), 0)).collect();
+    for s in &snaps {
+        if let Some(v) = vols.iter().find(|v| v.id == s.volume_id) {
+            *per.entry(v.name.as_str()).or_default() += 1;
+        }
+    }
+    for (v, n) in &per {
+        let _ = writeln!(o, "cdm_snapshots{{volume=\"{}\"}} {n}", esc(v));
+    }
+
+    head(
+        &mut o,
+        "cdm_nbd_clients",
+        "gauge",
+        "Connected NBD clients per export.",
+    );
+    let mut clients: BTreeMap<String, usize> = BTreeMap::new();
+    for c in a.nbd.clients() {
+        *clients.entry(c.export).or_default() += 1;
+    }
+    for (e, n) in &clients {
+        let _ = writeln!(o, "cdm_nbd_clients{{export=\"{}\"}} {n}", esc(e));
+    }
+    nbd_io(&mut o, a);
+
+    head(
+        &mut o,
+        "cdm_webhook_deliveries",
+        "gauge",
+        "Webhook deliveries by state (newest 10000).",
+    );
+    for (state, n) in a.events.delivery_counts() {
+        let _ = writeln!(o, "cdm_webhook_deliveries{{state=\"{state}\"}} {n}");
+    }
+    Ok(o)
+}
+
+fn nbd_io(o: &mut String, a: &Appliance) {
+    let stats = a.nbd.io_stats();
+    head(
+        o,
+        "cdm_nbd_ops_total",
+        "counter",
+        "NBD requests per export and operation.",
+    );
+    for (e, s) in &stats {
+        for (op, n) in &s.ops {
+            let _ = writeln!(
+                o,
+                "cdm_nbd_ops_total{{export=\"{}\",op=\"{op}\"}} {n}",
+                esc(e)
+            );
+        }
+    }
+    head(
+        o,
+        "cdm_nbd_bytes_total",
+        "counter",
+        "Bytes per export and data operation.",
+    );
+    for (e, s) in &stats {
+        for (op, n) in &s.bytes {
+            let _ = writeln!(
+                o,
+                "cdm_nbd_bytes_total{{export=\"{}\",op=\"{op}\"}} {n}",
+                esc(e)
+            );
+        }
+    }
+    head(
+        o,
+        "cdm_nbd_errors_total",
+        "counter",
+        "NBD requests answered with an error.",
+    );
+    for (e, s) in &stats {
+        let _ = writeln!(
+            o,
+            "cdm_nbd_errors_total{{export=\"{}\"}} {}",
+            esc(e),
+            s.errors
+        );
+    }
+    head(
+        o,
+        "cdm_nbd_request_duration_seconds",
+        "histogram",
+        "NBD request latency, from decoded request to reply sent.",
+    );
+    for (e, s) in &stats {
+        let e = esc(e);
+        for (class, h) in &s.latency {
+            let mut cum = 0u64;
+            for (i, c) in h.counts.iter().enumerate() {
+                cum += c;
+                let le = h
+                    .bounds
+                    .get(i)
+                    .map(|b| b.to_string())
+                    .unwrap_or_else(|| "+Inf".into());
+                let _ = writeln!(
+                    o,
+                    "cdm_nbd_request_duration_seconds_bucket{{export=\"{e}\",op=\"{class}\",le=\"{le}\"}} {cum}"
+                );
+            }
+            let _ = writeln!(
+                o,
+                "cdm_nbd_request_duration_seconds_sum{{export=\"{e}\",op=\"{class}\"}} {:.9}",
+                h.sum_ns as f64 / 1e9
+            );
+            let _ = writeln!(
+                o,
+                "cdm_nbd_request_duration_seconds_count{{export=\"{e}\",op=\"{class}\"}} {}",
+                h.count
+            );
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Snapshot schedules, retention (chapter 3.4 of the white paper) and the
+//! pool quota. A thread ticks once a second: it takes the snapshots that are
+//! due, then expires what the policies no longer keep. Each volume always
+//! keeps its newest `min_keep` (≥ 1) snapshots and every snapshot with clones.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cdm_api::types::{Policy, PoolPolicy, Retention};
+use cdmfs::Pool;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::clock::{stamp, Clock};
+use crate::cron::Cron;
+use crate::events::Events;
+use crate::state::{State, Sync, META, POLICIES};
+
+/// A volume's policy as stored, with the schedule's next due time.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct PolicyRec {
+    pub policy: Policy,
+    pub next_run_unix: Option<u64>,
+}
+
+/// The next time a schedule is due after `now`.
+pub fn next_run(p: &Policy, now: u64) -> Result<Option<u64>, String> {
+    let Some(s) = &p.schedule else {
+        return Ok(None);
+    };
+    match (s.interval_secs, &s.cron) {
+        (Some(_), Some(_)) => Err("give a schedule interval or a cron expression, not both".into()),
+        (Some(i), None) if i < 60 => Err("schedule interval must be at least 60 seconds".into()),
+        (Some(i), None) => Ok(Some(now + i)),
+        (None, Some(c)) => {
+            let c = Cron::parse(c)?;
+            c.next_after(now)
+                .map(Some)
+                .ok_or_else(|| "cron expression never matches".to_string())
+        }
+        (None, None) => Err("schedule needs interval_secs or cron".into()),
+    }
+}
+
+/// A snapshot as retention sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Snap {
+    pub id: u64,
+    pub created_unix: u64,
+    pub has_clones: bool,
+}
+
+/// Ids of `snaps` (one volume's, any order) that `r` does not keep at `now`.
+pub fn expired(snaps: &[Snap], r: &Retention, now: u64) -> Vec<u64> {
+    let mut s: Vec<Snap> = snaps.to_vec();
+    s.sort_by_key(|x| (x.created_unix, x.id));
+    let n = s.len();
+    let min_keep = r.min_keep.max(1) as usize;
+    if r.keep_last.is_none() && r.keep_days.is_none() {
+        return Vec::new();
+    }
+    s.iter()
+        .enumerate()
+        .filter(|(i, x)| {
+            let rank = n - 1 - i; // 0 = newest
+            let kept = rank < min_keep
+                || x.has_clones
+                || r.keep_last.is_some_and(|k| rank < k as usize)
+                || r.keep_days
+                    .is_some_and(|d| now.saturating_sub(x.created_unix) < d as u64 * 86_400);
+            !kept
+        })
+        .map(|(_, x)| x.id)
+        .collect()
+}
+
+pub struct Scheduler {
+    pool: Arc<Pool>,
+    state: Arc<State>,
+    events: Arc<Events>,
+    clock: Arc<Clock>,
+    /// One sweep at a time (the thread and `retention` jobs).
+    sweep: Mutex<()>,
+    over_quota: AtomicBool,
+}
+
+impl Scheduler {
+    pub fn new(
+        pool: Arc<Pool>,
+        state: Arc<State>,
+        events: Arc<Events>,
+        clock: Arc<Clock>,
+    ) -> Arc<Scheduler> {
+        Arc::new(Scheduler {
+            pool,
+            state,
+            events,
+            clock,
+            sweep: Mutex::new(()),
+            over_quota: AtomicBool::new(false),
+        })
+    }
+
+    pub fn start(self: &Arc<Self>, tick: Duration, stop: Arc<AtomicBool>) {
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("scheduler".into())
+            .spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(tick);
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    me.tick();
+                }
+            });
+    }
+
+    /// Takes due snapshots, then applies retention and the quota.
+    pub fn tick(&self) {
+        if let Err(e) = self.run_schedules() {
+            tracing::error!(error = %e, "scheduled snapshots failed");
+        }
+        if let Err(e) = self.apply_retention("scheduler") {
+            tracing::error!(error = %e, "retention failed");
+        }
+    }
+
+    fn run_schedules(&self) -> Result<(), String> {
+        let now = self.clock.now();
+        let mut due = Vec::new();
+        let recs: Vec<(String, PolicyRec)> = self
+            .state
+            .all::<(String, PolicyRec)>(POLICIES)
+            .map_err(|e| e.to_string())?;
+        for (name, rec) in recs {
+            if rec.next_run_unix.is_some_and(|t| t <= now) {
+                due.push((name, rec));
+            }
+        }
+        for (name, mut rec) in due {
+            let label = format!("auto-{}", stamp(now));
+            match self.pool.create_snapshot_at(
+                &name,
+                &label,
+                json!({"scheduled": true}),
+                self.clock.now_ns(),
+            ) {
+                Ok(s) => {
+                    if let Err(e) = self.pool.flush() {
+                        self.events.emit(
+                            "alert.raised",
+                            &name,
+                            "scheduler",
+                            json!({"message": format!("scheduled snapshot not committed: {e}")}),
+                        );
+                        continue;
+                    }
+                    self.events.emit(
+                        "snapshot.created",
+                        &format!("{name}@{}", s.id),
+                        "scheduler",
+                        json!({"volume": name, "id": s.id, "label": label, "scheduled": true}),
+                    );
+                }
+                Err(e) => {
+                    self.events.emit(
+                        "alert.raised",
+                        &name,
+                        "scheduler",
+                        json!({"message": format!("scheduled snapshot failed: {e}")}),
+                    );
+                }
+            }
+            rec.next_run_unix = next_run(&rec.policy, now).unwrap_or(None);
+            self.state
+                .put(POLICIES, &name, &(name.clone(), rec), Sync::Now)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Expires snapshots the volume policies and the pool quota no longer
+    /// keep; returns the expired snapshot exports.
+    pub fn apply_retention(&self, actor: &str) -> Result<Vec<String>, String> {
+        let _one = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.now();
+        let (vols, snaps) = self.pool.catalog().map_err(|e| e.to_string())?;
+        let policies: HashMap<String, Policy> = self
+            .state
+            .all::<(String, PolicyRec)>(POLICIES)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(n, r)| (n, r.policy))
+            .collect();
+        let cloned: HashSet<u64> = vols.iter().filter_map(|v| v.origin).collect();
+        let vname: HashMap<u64, String> = vols.iter().map(|v| (v.id, v.name.clone())).collect();
+        let mut by_vol: HashMap<u64, Vec<Snap>> = HashMap::new();
+        for s in &snaps {
+            by_vol.entry(s.volume_id).or_default().push(Snap {
+                id: s.id,
+                created_unix: s.created_ns / 1_000_000_000,
+                has_clones: cloned.contains(&s.id),
+            });
+        }
+        let mut gone = Vec::new();
+        let expire = |id: u64, vol: &str, reason: &str, gone: &mut Vec<String>| match self
+            .pool
+            .delete_snapshot(id)
+        {
+            Ok(()) => {
+                let export = format!("{vol}@{id}");
+                self.events.emit(
+                    "snapshot.expired",
+                    &export,
+                    actor,
+                    json!({"volume": vol, "id": id, "reason": reason}),
+                );
+                gone.push(export);
+            }
+            Err(e) => tracing::warn!(snapshot = id, error = %e, "cannot expire snapshot"),
+        };
+        for (vid, list) in &by_vol {
+            let Some(name) = vname.get(vid) else { continue };
+            let Some(p) = policies.get(name) else {
+                continue;
+            };
+            for id in expired(list, &p.retention, now) {
+                expire(id, name, "retention", &mut gone);
+            }
+        }
+        // Pool quota: oldest snapshots first, each volume keeping its newest min_keep.
+        let quota: Option<u64> = self
+            .state
+            .get::<PoolPolicy>(META, "pool_policy")
+            .map_err(|e| e.to_string())?
+            .and_then(|p| p.quota_bytes);
+        if let Some(q) = quota {
+            let mut used = self.pool.space().map_err(|e| e.to_string())?.used_bytes;
+            if used > q {
+                let gone_ids: HashSet<&str> = gone.iter().map(|s| s.as_str()).collect();
+                let mut cands: Vec<(u64, u64, u64)> = Vec::new(); // (created, id, volume)
+                for (vid, list) in &by_vol {
+                    let min_keep = vname
+                        .get(vid)
+                        .and_then(|n| policies.get(n))
+                        .map(|p| p.retention.min_keep.max(1))
+                        .unwrap_or(1) as usize;
+                    let mut l: Vec<&Snap> = list
+                        .iter()
+                        .filter(|s| {
+                            let e = format!(
+                                "{}@{}",
+                                vname.get(vid).map(|s| s.as_str()).unwrap_or(""),
+                                s.id
+                            );
+                            !gone_ids.contains(e.as_str())
+                        })
+                        .collect();
+                    l.sort_by_key(|s| (s.created_unix, s.id));
+                    let keep_from = l.len().saturating_sub(min_keep);
+                    for s in &l[..keep_from] {
+                        if !s.has_clones {
+                            cands.push((s.created_unix, s.id, *vid));
+                        }
+                    }
+                }
+                cands.sort();
+                for (_, id, vid) in cands {
+                    if used <= q {
+                        break;
+                    }
+                    let freed = self.pool.snapshot(id).map(|s| s.unique_bytes).unwrap_or(0);
+                    let name = vname.get(&vid).cloned().unwrap_or_default();
+                    expire(id, &name, "quota", &mut gone);
+                    used = used.saturating_sub(freed);
+                }
+                let over = used > q;
+                if over && !self.over_quota.swap(true, Ordering::SeqCst) {
+                    self.events.emit(
+                        "alert.raised",
+                        "pool",
+                        actor,
+                        json!({"message": "pool above its quota and nothing more may expire", "used_bytes": used, "quota_bytes": q}),
+                    );
+                } else if !over {
+                    self.over_quota.store(false, Ordering::SeqCst);
+                }
+            } else {
+                self.over_quota.store(false, Ordering::SeqCst);
+            }
+        }
+        if !gone.is_empty() {
+            self.pool.flush().map_err(|e| e.to_string())?;
+        }
+        Ok(gone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snaps(ages_days: &[u64], now: u64) -> Vec<Snap> {
+        ages_days
+            .iter()
+            .enumerate()
+            .map(|(i, a)| Snap {
+                id: i as u64 + 1,
+                created_unix: now - a * 86_400 - 1,
+                has_clones: false,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn keep_last_and_days_are_a_union() {
+        let now = 1_000_000_000;
+        let s = snaps(&[10, 8, 6, 4, 2, 0], now); // ids 1..6, oldest first
+        let r = Retention {
+            keep_last: Some(2),
+            keep_days: None,
+            min_keep: 1,
+        };
+        assert_eq!(expired(&s, &r, now), vec![1, 2, 3, 4]);
+        let r = Retention {
+            keep_last: None,
+            keep_days: Some(5),
+            min_keep: 1,
+        };
+        assert_eq!(expired(&s, &r, now), vec![1, 2, 3]);
+        let r = Retention {
+            keep_last: Some(1),
+            keep_days: Some(3),
+            min_keep: 1,
+        };
+        assert_eq!(expired(&s, &r, now), vec![1, 2, 3, 4]);
+        // Nothing set: nothing expires.
+        assert!(expired(&s, &Retention::default(), now).is_empty());
+    }
+
+    #[test]
+    fn min_keep_and_clones_protect() {
+        let now = 1_000_000_000;
+        let mut s = snaps(&[30, 20, 10], now);
+        let r = Retention {
+            keep_last: None,
+            keep_days: Some(1),
+            min_keep: 0,
+        };
+        // min_keep 0 still keeps one.
+        assert_eq!(expired(&s, &r, now), vec![1, 2]);
+        let r2 = Retention {
+            min_keep: 2,
+            ..r.clone()
+        };
+        assert_eq!(expired(&s, &r2, now), vec![1]);
+        s[0].has_clones = true;
+        assert_eq!(expired(&s, &r, now), vec![2]);
+    }
+
+    #[test]
+    fn schedules() {
+        let p = |i: Option<u64>, c: Option<&str>| Policy {
+            schedule: Some(cdm_api::types::Schedule {
+                interval_secs: i,
+                cron: c.map(String::from),
+            }),
+            retention: Retention::default(),
+        };
+        assert_eq!(next_run(&p(Some(3600), None), 100).unwrap(), Some(3700));
+        assert!(next_run(&p(Some(10), None), 100).is_err());
+        assert!(next_run(&p(Some(3600), Some("* * * * *")), 100).is_err());
+        assert!(next_run(&p(None, None), 100).is_err());
+        assert_eq!(
+            next_run(&p(None, Some("*/5 * * * *")), 0).unwrap(),
+            Some(300)
+        );
+        assert_eq!(next_run(&Policy::default(), 0).unwrap(), None);
+    }
+}

@@ -1,0 +1,337 @@
+//! The appliance's own state next to the pool: users, tokens, policies,
+//! webhooks and their delivery log, events, the audit log and job history,
+//! in a redb database (`DATA/state.redb`). Records are JSON values keyed by
+//! name or by an increasing sequence number.
+
+use std::path::Path;
+
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Tables keyed by name.
+pub const USERS: TableDefinition<&str, &[u8]> = TableDefinition::new("users");
+pub const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+pub const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
+pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Tables keyed by sequence number.
+pub const WEBHOOKS: TableDefinition<u64, &[u8]> = TableDefinition::new("webhooks");
+pub const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("deliveries");
+pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+pub const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+
+/// Logs keep at most this many newest entries.
+pub const LOG_KEEP: u64 = 100_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database: {0}")]
+    Db(String),
+    #[error("state record {0} is corrupt: {1}")]
+    Corrupt(String, String),
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StateError {
+            fn from(e: $t) -> Self { StateError::Db(e.to_string()) }
+        }
+    )*};
+}
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type Result<T> = std::result::Result<T, StateError>;
+
+/// How durable a write must be: configuration (users, tokens, policies,
+/// webhooks) is synced at once; logs ride along with the next synced write.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Sync {
+    Now,
+    Lazy,
+}
+
+pub struct State {
+    db: Database,
+}
+
+fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(|e| StateError::Db(e.to_string()))
+}
+
+fn dec<T: DeserializeOwned>(key: &str, b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(|e| StateError::Corrupt(key.to_string(), e.to_string()))
+}
+
+impl State {
+    pub fn open(path: &Path) -> Result<State> {
+        let db = Database::create(path)?;
+        // Create every table so readers never meet a missing one.
+        let tx = db.begin_write()?;
+        tx.open_table(USERS)?;
+        tx.open_table(TOKENS)?;
+        tx.open_table(POLICIES)?;
+        tx.open_table(META)?;
+        tx.open_table(WEBHOOKS)?;
+        tx.open_table(DELIVERIES)?;
+        tx.open_table(EVENTS)?;
+        tx.open_table(AUDIT)?;
+        tx.open_table(JOBS)?;
+        tx.commit()?;
+        Ok(State { db })
+    }
+
+    fn write(&self, sync: Sync) -> Result<redb::WriteTransaction> {
+        let mut tx = self.db.begin_write()?;
+        if sync == Sync::Lazy {
+            tx.set_durability(Durability::None);
+        }
+        Ok(tx)
+    }
+
+    // ---- named records ----------------------------------------------------
+
+    pub fn get<T: DeserializeOwned>(
+        &self,
+        t: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>> {
+        let tx = self.db.begin_read()?;
+        let tab = tx.open_table(t)?;
+        match tab.get(key)? {
+            Some(v) => Ok(Some(dec(key, v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn all<T: DeserializeOwned>(&self, t: TableDefinition<&str, &[u8]>) -> Result<Vec<T>> {
+        let tx = self.db.begin_read()?;
+        let tab = tx.open_table(t)?;
+        let mut out = Vec::new();
+        for r in tab.iter()? {
+            let (k, v) = r?;
+            out.push(dec(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn put<T: Serialize>(
+        &self,
+        t: TableDefinition<&str, &[u8]>,
+        key: &str,
+        v: &T,
+        sync: Sync,
+    ) -> Result<()> {
+        let b = enc(v)?;
+        let tx = self.write(sync)?;
+        tx.open_table(t)?.insert(key, b.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Inserts only if absent; false if the key exists.
+    pub fn put_new<T: Serialize>(
+        &self,
+        t: TableDefinition<&str, &[u8]>,
+        key: &str,
+        v: &T,
+    ) -> Result<bool> {
+        let b = enc(v)?;
+        let tx = self.write(Sync::Now)?;
+        {
+            let mut tab = tx.open_table(t)?;
+            if tab.get(key)?.is_some() {
+                return Ok(false);
+            }
+            tab.insert(key, b.as_slice())?;
+        }
+        tx.commit()?;
+        Ok(true)
+    }
+
+    /// Removes a key; true if it existed.
+    pub fn remove(&self, t: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool> {
+        let tx = self.write(Sync::Now)?;
+        let existed = tx.open_table(t)?.remove(key)?.is_some();
+        tx.commit()?;
+        Ok(existed)
+    }
+
+    /// Removes every record of `t` for which `f` is true; returns them.
+    pub fn remove_where<T: DeserializeOwned>(
+        &self,
+        t: TableDefinition<&str, &[u8]>,
+        f: impl Fn(&T) -> bool,
+    ) -> Result<Vec<T>> {
+        let tx = self.write(Sync::Now)?;
+        let mut gone = Vec::new();
+        {
+            let mut tab = tx.open_table(t)?;
+            let mut keys = Vec::new();
+            for r in tab.iter()? {
+                let (k, v) = r?;
+                let rec: T = dec(k.value(), v.value())?;
+                if f(&rec) {
+                    keys.push(k.value().to_string());
+                    gone.push(rec);
+                }
+            }
+            for k in keys {
+                tab.remove(k.as_str())?;
+            }
+        }
+        tx.commit()?;
+        Ok(gone)
+    }
+
+    // ---- sequences ----------------------------------------------------------
+
+    /// Appends a record under the next sequence number, built by `make(id)`;
+    /// logs are trimmed to their newest [`LOG_KEEP`] entries.
+    pub fn append<T: Serialize>(
+        &self,
+        t: TableDefinition<u64, &[u8]>,
+        sync: Sync,
+        make: impl FnOnce(u64) -> T,
+    ) -> Result<T> {
+        let tx = self.write(sync)?;
+        let rec;
+        {
+            let mut tab = tx.open_table(t)?;
+            let id = match tab.last()? {
+                Some((k, _)) => k.value() + 1,
+                None => 1,
+            };
+            rec = make(id);
+            let b = enc(&rec)?;
+            tab.insert(id, b.as_slice())?;
+            if id % 1000 == 0 && id > LOG_KEEP && tab.len()? > LOG_KEEP {
+                let cut = id - LOG_KEEP;
+                tab.retain_in(..cut, |_, _| false)?;
+            }
+        }
+        tx.commit()?;
+        Ok(rec)
+    }
+
+    pub fn get_seq<T: DeserializeOwned>(
+        &self,
+        t: TableDefinition<u64, &[u8]>,
+        id: u64,
+    ) -> Result<Option<T>> {
+        let tx = self.db.begin_read()?;
+        let tab = tx.open_table(t)?;
+        match tab.get(id)? {
+            Some(v) => Ok(Some(dec(&id.to_string(), v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn put_seq<T: Serialize>(
+        &self,
+        t: TableDefinition<u64, &[u8]>,
+        id: u64,
+        v: &T,
+        sync: Sync,
+    ) -> Result<()> {
+        let b = enc(v)?;
+        let tx = self.write(sync)?;
+        tx.open_table(t)?.insert(id, b.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn remove_seq(&self, t: TableDefinition<u64, &[u8]>, id: u64) -> Result<bool> {
+        let tx = self.write(Sync::Now)?;
+        let existed = tx.open_table(t)?.remove(id)?.is_some();
+        tx.commit()?;
+        Ok(existed)
+    }
+
+    /// Records with ids above `after` that pass `f`: the newest `limit`
+    /// (oldest first) when `newest`, else the first `limit`.
+    pub fn scan<T: DeserializeOwned>(
+        &self,
+        t: TableDefinition<u64, &[u8]>,
+        after: u64,
+        limit: usize,
+        newest: bool,
+        f: impl Fn(&T) -> bool,
+    ) -> Result<Vec<T>> {
+        let tx = self.db.begin_read()?;
+        let tab = tx.open_table(t)?;
+        let mut out = Vec::new();
+        let start = after.saturating_add(1);
+        if newest {
+            for r in tab.range(start..)?.rev() {
+                let (k, v) = r?;
+                let rec: T = dec(&k.value().to_string(), v.value())?;
+                if f(&rec) {
+                    out.push(rec);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+            out.reverse();
+        } else {
+            for r in tab.range(start..)? {
+                let (k, v) = r?;
+                let rec: T = dec(&k.value().to_string(), v.value())?;
+                if f(&rec) {
+                    out.push(rec);
+                    if out.len() >= limit {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_and_sequences_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.redb");
+        {
+            let s = State::open(&p).unwrap();
+            s.put(USERS, "a", &serde_json::json!({"x": 1}), Sync::Now)
+                .unwrap();
+            assert!(!s.put_new(USERS, "a", &serde_json::json!({})).unwrap());
+            for i in 0..5u64 {
+                let r = s
+                    .append(
+                        EVENTS,
+                        Sync::Lazy,
+                        |id| serde_json::json!({"id": id, "i": i}),
+                    )
+                    .unwrap();
+                assert_eq!(r["id"], i + 1);
+            }
+            s.put(META, "sync", &1, Sync::Now).unwrap();
+        }
+        let s = State::open(&p).unwrap();
+        let v: serde_json::Value = s.get(USERS, "a").unwrap().unwrap();
+        assert_eq!(v["x"], 1);
+        let evs: Vec<serde_json::Value> = s.scan(EVENTS, 2, 2, true, |_| true).unwrap();
+        assert_eq!(evs.len(), 2);
+        assert_eq!(evs[0]["id"], 4);
+        assert_eq!(evs[1]["id"], 5);
+        let first: Vec<serde_json::Value> = s.scan(EVENTS, 0, 2, false, |_| true).unwrap();
+        assert_eq!(first[0]["id"], 1);
+        assert!(s.remove(USERS, "a").unwrap());
+        assert!(s.get::<serde_json::Value>(USERS, "a").unwrap().is_none());
+    }
+}

@@ -1,0 +1,1264 @@
+//! The appliance as its admins use it: snapshotd's HTTP API over real HTTP,
+//! with real NBD clients (qemu-io, our client) on the volumes it manages.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cdm_e2e::*;
+use nbd_server::client::{Client, ClientOptions};
+use serde_json::{json, Value};
+
+fn qemu_io(a: &Appliance, export: &str, cmd: &str) -> String {
+    // Snapshot exports are read-only: open them so.
+    let ro: &[&str] = if export.contains('@') { &["-r"] } else { &[] };
+    run(Command::new("qemu-io")
+        .args(ro)
+        .args(["-f", "raw", "-c", cmd])
+        .arg(a.unix_uri(export)))
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|s| s["id"].as_u64().expect("id"))
+        .collect()
+}
+
+fn event_types(api: &Api) -> Vec<String> {
+    api.get("/v1/events?limit=1000")
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[test]
+fn lifecycle_volume_snapshot_clone_through_nbd() {
+    require("qemu-io");
+    let a = Appliance::start(None);
+    let tok_path = a.data.join("admin.token");
+    let mode = std::fs::metadata(&tok_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "admin.token must be private");
+    let (s, h) = http(&a.url(), "GET", "/health", None, None);
+    assert_eq!(s, 200);
+    assert_eq!(h["status"], "ok");
+    let api = Api::new(&a, &a.admin_token());
+
+    let v = api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "db", "size": 64 << 20})),
+    );
+    assert_eq!(v["kind"], "stage");
+    assert_eq!(v["export"], "db");
+    assert_eq!(v["block_size"], 65536);
+    qemu_io(&a, "db", "write -P 0x11 0 1M");
+    let snap = api.expect(
+        201,
+        "POST",
+        "/v1/volumes/db/snapshots",
+        Some(json!({"label": "after full", "metadata": {"lsn": "0/16B3F28"}})),
+    );
+    let sid = snap["id"].as_u64().unwrap();
+    assert_eq!(snap["export"], format!("db@{sid}"));
+    assert_eq!(snap["metadata"]["lsn"], "0/16B3F28");
+    qemu_io(&a, "db", "write -P 0x22 0 1M");
+
+    let c = api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/db/snapshots/{sid}/clones"),
+        Some(json!({"name": "db-test"})),
+    );
+    assert_eq!(c["kind"], "clone");
+    assert_eq!(c["origin"]["snapshot"], sid);
+    assert_eq!(c["origin"]["volume"], "db");
+    qemu_io(&a, "db-test", "read -P 0x11 0 1M");
+    qemu_io(&a, &format!("db@{sid}"), "read -P 0x11 0 1M");
+    qemu_io(&a, "db", "read -P 0x22 0 1M");
+    qemu_io(&a, "db-test", "write -P 0x33 0 64k");
+    qemu_io(&a, &format!("db@{sid}"), "read -P 0x11 0 1M");
+    // Snapshots are read-only over NBD.
+    let err = run_fail(
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write 0 4k"])
+            .arg(a.unix_uri(&format!("db@{sid}"))),
+    );
+    assert!(!err.is_empty());
+
+    let snaps = api.get("/v1/volumes/db/snapshots");
+    assert_eq!(snaps[0]["clones"], json!(["db-test"]));
+    assert_eq!(api.get("/v1/clones").as_array().unwrap().len(), 1);
+
+    // A connected client: exports show it, deletion is refused unless forced.
+    let ep = format!("unix:{}", a.sock.display());
+    let mut client = Client::connect(&ep, Some("db-test"), &ClientOptions::default()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    client.read(0, &mut buf).unwrap();
+    assert!(buf.iter().all(|&b| b == 0x33));
+    let ex = api.get("/v1/exports");
+    let e = ex
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "db-test")
+        .expect("clone export")
+        .clone();
+    assert_eq!(e["clients"].as_array().unwrap().len(), 1, "{e}");
+    assert!(e["uris"][0]
+        .as_str()
+        .unwrap()
+        .starts_with("nbd+unix:///db-test?socket="));
+    assert!(ex
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == format!("db@{sid}") && e["read_only"] == true));
+    let err = api.expect(409, "DELETE", "/v1/clones/db-test", None);
+    assert!(err["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("exported"));
+    // The volume has a snapshot with a clone: refused too.
+    api.expect(409, "DELETE", "/v1/volumes/db", None);
+    api.expect(
+        409,
+        "DELETE",
+        &format!("/v1/volumes/db/snapshots/{sid}"),
+        None,
+    );
+    client.disconnect().unwrap();
+    wait_for(10, "client to leave", || {
+        let ex = api.get("/v1/exports");
+        ex.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["clients"].as_array().unwrap().is_empty())
+            .then_some(())
+    });
+
+    // Promote: the clone no longer pins its origin.
+    let p = api.expect(200, "POST", "/v1/clones/db-test/promote", None);
+    assert_eq!(p["kind"], "stage");
+    assert!(p["origin"].is_null());
+    api.expect(409, "POST", "/v1/clones/db-test/promote", None);
+    api.expect(409, "DELETE", "/v1/clones/db-test", None); // not a clone any more
+    api.expect(409, "DELETE", "/v1/volumes/db", None); // still has a snapshot
+    api.expect(
+        204,
+        "DELETE",
+        &format!("/v1/volumes/db/snapshots/{sid}"),
+        None,
+    );
+    api.expect(204, "DELETE", "/v1/volumes/db", None);
+    qemu_io(&a, "db-test", "read -P 0x33 0 64k");
+    qemu_io(&a, "db-test", "read -P 0x11 64k 960k");
+    api.expect(204, "DELETE", "/v1/volumes/db-test", None);
+    assert!(api.get("/v1/volumes").as_array().unwrap().is_empty());
+
+    let t = event_types(&api);
+    for want in [
+        "user.created",
+        "pool.opened",
+        "volume.created",
+        "snapshot.created",
+        "clone.created",
+        "export.connected",
+        "export.disconnected",
+        "clone.promoted",
+        "snapshot.deleted",
+        "volume.deleted",
+    ] {
+        assert!(t.iter().any(|x| x == want), "no {want} event in {t:?}");
+    }
+    // Filters: module wildcard, after.
+    let vs = api.get("/v1/events?type=volume.*&limit=100");
+    assert!(vs
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["type"].as_str().unwrap().starts_with("volume.")));
+    let last = api.get("/v1/events?limit=1")[0]["id"].as_u64().unwrap();
+    assert!(api
+        .get(&format!("/v1/events?after={last}"))
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    let pool = api.get("/v1/pool");
+    assert!(pool["total_bytes"].as_u64().unwrap() >= 4 << 30);
+    let doc = api.get("/v1/openapi.json");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for p in [
+        "/v1/volumes",
+        "/v1/volumes/{name}/snapshots/{id}/clones",
+        "/v1/users/{name}/tokens",
+    ] {
+        assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
+    }
+    assert!(doc["components"]["schemas"]["VolumeCreate"].is_object());
+
+    let (s, m) = http(&a.url(), "GET", "/metrics", Some(&a.admin_token()), None);
+    assert_eq!(s, 200);
+    let m = m.as_str().unwrap().to_string();
+    for want in [
+        "cdm_pool_used_bytes",
+        "cdm_pool_commits_total",
+        "cdm_nbd_bytes_total{export=\"db\",op=\"write\"}",
+        "cdm_nbd_request_duration_seconds_bucket{export=\"db\",op=\"write\",le=\"+Inf\"}",
+    ] {
+        assert!(m.contains(want), "metrics lack {want}:\n{m}");
+    }
+}
+
+#[test]
+fn auth_roles_audit_and_bad_requests() {
+    let a = Appliance::start(None);
+    let base = a.url();
+    let admin = Api::new(&a, &a.admin_token());
+
+    // 401s.
+    let (s, v) = http(&base, "GET", "/v1/volumes", None, None);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    for bad in ["nope", "cdm_zz_zz", "cdm_0123456789ab_00", ""] {
+        let (s, _) = http(&base, "GET", "/v1/volumes", Some(bad), None);
+        assert_eq!(s, 401, "token {bad:?}");
+    }
+    let (s, _) = http(&base, "GET", "/metrics", None, None);
+    assert_eq!(s, 401);
+
+    // Users and tokens.
+    admin.expect(
+        201,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "op", "role": "operator", "password": "operator-pass"})),
+    );
+    admin.expect(
+        201,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "aud", "role": "auditor", "password": "auditor-pass"})),
+    );
+    admin.expect(
+        201,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "opdel", "role": "operator", "grants": ["delete"]})),
+    );
+    admin.expect(
+        409,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "op", "role": "operator"})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "x", "role": "root"})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "y", "role": "operator", "grants": ["everything"]})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "z", "role": "operator", "password": "short"})),
+    );
+    let t = admin.expect(
+        201,
+        "POST",
+        "/v1/users/op/tokens",
+        Some(json!({"name": "ci"})),
+    );
+    let op = Api {
+        base: base.clone(),
+        token: t["token"].as_str().unwrap().to_string(),
+    };
+    let t = admin.expect(
+        201,
+        "POST",
+        "/v1/users/opdel/tokens",
+        Some(json!({"name": "ci"})),
+    );
+    let opdel = Api {
+        base: base.clone(),
+        token: t["token"].as_str().unwrap().to_string(),
+    };
+    let (s, l) = http(
+        &base,
+        "POST",
+        "/v1/login",
+        None,
+        Some(r#"{"name":"aud","password":"auditor-pass"}"#),
+    );
+    assert_eq!(s, 201, "{l}");
+    let aud = Api {
+        base: base.clone(),
+        token: l["token"].as_str().unwrap().to_string(),
+    };
+    let (s, _) = http(
+        &base,
+        "POST",
+        "/v1/login",
+        None,
+        Some(r#"{"name":"aud","password":"wrong-password"}"#),
+    );
+    assert_eq!(s, 401);
+    let (s, _) = http(
+        &base,
+        "POST",
+        "/v1/login",
+        None,
+        Some(r#"{"name":"ghost","password":"whatever1"}"#),
+    );
+    assert_eq!(s, 401);
+
+    // Roles.
+    aud.get("/v1/volumes");
+    aud.expect(
+        403,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "v", "size": 1 << 20})),
+    );
+    aud.get("/v1/audit");
+    aud.expect(403, "GET", "/v1/users", None);
+    op.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "v", "size": 1 << 20})),
+    );
+    op.expect(201, "POST", "/v1/volumes/v/snapshots", Some(json!({})));
+    op.expect(403, "DELETE", "/v1/volumes/v?force=true", None);
+    op.expect(403, "GET", "/v1/audit", None);
+    op.expect(
+        403,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "evil", "role": "admin"})),
+    );
+    op.expect(
+        403,
+        "PUT",
+        "/v1/pool/policy",
+        Some(json!({"quota_bytes": 1})),
+    );
+    op.expect(403, "GET", "/v1/users/aud/tokens", None);
+    let own = op.expect(
+        201,
+        "POST",
+        "/v1/users/op/tokens",
+        Some(json!({"name": "second"})),
+    );
+    assert_eq!(op.get("/v1/users/op/tokens").as_array().unwrap().len(), 2);
+    opdel.expect(204, "DELETE", "/v1/volumes/v?force=true", None);
+
+    // Bad requests: names, sizes, JSON, limits, routes.
+    for (name, code) in [
+        ("../etc", 400),
+        (".hidden", 400),
+        ("a b", 400),
+        ("x@1", 400),
+        ("", 400),
+    ] {
+        let (s, v) = admin.call(
+            "POST",
+            "/v1/volumes",
+            Some(json!({"name": name, "size": 1 << 20})),
+        );
+        assert_eq!(s, code, "{name:?}: {v}");
+        assert_eq!(v["error"]["code"], "bad_request");
+    }
+    for path in [
+        "/v1/volumes/..%2F..%2Fetc%2Fpasswd",
+        "/v1/volumes/a%40b/snapshots",
+        "/v1/volumes/%00",
+    ] {
+        let (s, v) = admin.call("GET", path, None);
+        assert_eq!(s, 400, "{path}: {v}");
+    }
+    // Dot segments are resolved before routing: never a volume named "..".
+    let (s, v) = admin.call("GET", "/v1/volumes/%2E%2E", None);
+    assert!(s == 400 || s == 404, "{s} {v}");
+    assert!(v["error"]["code"].is_string());
+    admin.expect(
+        400,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "b", "size": 1 << 20, "block_size": 1000})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "b", "size": 0})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "b", "size": 1 << 20, "colour": "red"})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "b", "size": 1 << 20, "compression": 30})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "b", "size": 1 << 20, "encryption": "rot13"})),
+    );
+    let u = admin.expect(
+        501,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "b", "size": 1 << 20, "dedup": true})),
+    );
+    assert_eq!(u["error"]["code"], "unsupported");
+    admin.expect(201, "POST", "/v1/volumes", Some(json!({"name": "b", "size": 1 << 20, "dedup": false, "compression": 0, "encryption": "none"})));
+    admin.expect(
+        409,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "b", "size": 1 << 20})),
+    );
+    admin.expect(404, "GET", "/v1/volumes/nothere", None);
+    admin.expect(404, "GET", "/v1/volumes/b/snapshots/999", None);
+    admin.expect(400, "GET", "/v1/volumes/b/snapshots/abc", None);
+    admin.expect(404, "GET", "/v1/nothing", None);
+    admin.expect(400, "PATCH", "/v1/volumes/b", Some(json!({"size": 1024})));
+    let g = admin.expect(
+        200,
+        "PATCH",
+        "/v1/volumes/b",
+        Some(json!({"size": 2 << 20})),
+    );
+    assert_eq!(g["size"], 2 << 20);
+    let tok = a.admin_token();
+    for body in [
+        "{",
+        "{\"name\": 5}",
+        "[]",
+        "null",
+        "{\"name\":\"c\",\"size\":-1}",
+    ] {
+        let (s, v) = http(&base, "POST", "/v1/volumes", Some(&tok), Some(body));
+        assert_eq!(s, 400, "{body}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_json", "{body}: {v}");
+    }
+    let big = format!(
+        "{{\"name\":\"c\",\"size\":1,\"x\":\"{}\"}}",
+        "a".repeat(2 << 20)
+    );
+    let (s, v) = http(&base, "POST", "/v1/volumes", Some(&tok), Some(&big));
+    assert_eq!(s, 413, "{v}");
+    assert_eq!(v["error"]["code"], "payload_too_large");
+    // Snapshot metadata: up to 255 KiB is kept, more is refused (the body
+    // itself is under the 1 MiB limit).
+    admin.expect(
+        201,
+        "POST",
+        "/v1/volumes/b/snapshots",
+        Some(json!({"metadata": {"x": "a".repeat(200 << 10)}})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/volumes/b/snapshots",
+        Some(json!({"metadata": {"x": "a".repeat(600 << 10)}})),
+    );
+    admin.expect(
+        400,
+        "POST",
+        "/v1/volumes/b/snapshots",
+        Some(json!({"metadata": [1, 2]})),
+    );
+
+    // The audit log names who changed what, including refusals.
+    let audit = admin.get("/v1/audit?limit=1000");
+    let rows = audit.as_array().unwrap();
+    assert!(rows.iter().any(|r| r["user"] == "op"
+        && r["method"] == "POST"
+        && r["path"] == "/v1/volumes"
+        && r["status"] == 201));
+    assert!(rows
+        .iter()
+        .any(|r| r["user"] == "op" && r["method"] == "DELETE" && r["status"] == 403));
+    assert!(rows
+        .iter()
+        .any(|r| r["user"] == "opdel" && r["method"] == "DELETE" && r["status"] == 204));
+    let only_op = admin.get("/v1/audit?user=op&limit=1000");
+    assert!(only_op
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["user"] == "op"));
+
+    // Revocation: logout, token deletion and user deletion end access.
+    aud.expect(204, "POST", "/v1/logout", None);
+    aud.expect(401, "GET", "/v1/volumes", None);
+    let own_id = own["id"].as_str().unwrap();
+    op.expect(
+        204,
+        "DELETE",
+        &format!("/v1/users/op/tokens/{own_id}"),
+        None,
+    );
+    op.get("/v1/volumes");
+    admin.expect(204, "DELETE", "/v1/users/op", None);
+    op.expect(401, "GET", "/v1/volumes", None);
+    admin.expect(409, "DELETE", "/v1/users/admin", None);
+    let types = event_types(&admin);
+    for want in [
+        "user.login",
+        "user.login_failed",
+        "user.logout",
+        "token.created",
+        "token.deleted",
+        "user.deleted",
+    ] {
+        assert!(types.iter().any(|x| x == want), "no {want} event");
+    }
+}
+
+fn snapshot_ids(api: &Api, vol: &str) -> Vec<u64> {
+    ids(&api.get(&format!("/v1/volumes/{vol}/snapshots")))
+}
+
+fn advance(api: &Api, secs: u64) {
+    api.expect(
+        200,
+        "POST",
+        "/v1/clock",
+        Some(json!({"advance_secs": secs})),
+    );
+}
+
+#[test]
+fn schedules_retention_and_quota_on_a_fake_clock() {
+    require("qemu-io");
+    let a = Appliance::start(Some(FAST_CONFIG));
+    let api = Api::new(&a, &a.admin_token());
+    assert_eq!(api.get("/v1/clock")["fake"], true);
+
+    // Hourly snapshots, keep the last 3.
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "h", "size": 16 << 20})),
+    );
+    api.expect(
+        400,
+        "PUT",
+        "/v1/volumes/h/policy",
+        Some(json!({"schedule": {"interval_secs": 5}})),
+    );
+    api.expect(
+        400,
+        "PUT",
+        "/v1/volumes/h/policy",
+        Some(json!({"schedule": {"cron": "61 * * * *"}})),
+    );
+    api.expect(404, "PUT", "/v1/volumes/none/policy", Some(json!({})));
+    let p =
+        json!({"schedule": {"interval_secs": 3600}, "retention": {"keep_last": 3, "min_keep": 1}});
+    assert_eq!(
+        api.expect(200, "PUT", "/v1/volumes/h/policy", Some(p.clone())),
+        p
+    );
+    assert_eq!(api.get("/v1/volumes/h/policy"), p);
+    assert!(snapshot_ids(&api, "h").is_empty());
+    let mut taken = 0;
+    for i in 0..5u8 {
+        qemu_io(&a, "h", &format!("write -P {} 0 64k", i + 1));
+        advance(&api, 3600);
+        taken += 1;
+        let want = taken.min(3);
+        let now = wait_for(10, "scheduled snapshot", || {
+            let s = api.get("/v1/volumes/h/snapshots");
+            let n = s.as_array().unwrap().len();
+            let newest_ok = s.as_array().unwrap().last().is_some_and(|x| {
+                x["label"].as_str().unwrap_or("").starts_with("auto-")
+                    && x["metadata"]["scheduled"] == true
+            });
+            (n == want && newest_ok && event_count(&api, "snapshot.created") == taken).then_some(s)
+        });
+        // The newest scheduled snapshot holds what was written before it.
+        let id = now.as_array().unwrap().last().unwrap()["id"]
+            .as_u64()
+            .unwrap();
+        qemu_io(&a, &format!("h@{id}"), &format!("read -P {} 0 64k", i + 1));
+    }
+    let expired: Vec<Value> = api
+        .get("/v1/events?type=snapshot.expired&limit=100")
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(expired.len(), 2);
+    assert!(expired
+        .iter()
+        .all(|e| e["data"]["reason"] == "retention" && e["actor"] == "scheduler"));
+
+    // Age: keep 2 days, but never fewer than 1, and never one with clones.
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "d", "size": 16 << 20})),
+    );
+    let s1 = api.expect(
+        201,
+        "POST",
+        "/v1/volumes/d/snapshots",
+        Some(json!({"label": "s1"})),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    let s2 = api.expect(
+        201,
+        "POST",
+        "/v1/volumes/d/snapshots",
+        Some(json!({"label": "s2"})),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    let s3 = api.expect(
+        201,
+        "POST",
+        "/v1/volumes/d/snapshots",
+        Some(json!({"label": "s3"})),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/d/snapshots/{s1}/clones"),
+        Some(json!({"name": "d-dev"})),
+    );
+    api.expect(
+        200,
+        "PUT",
+        "/v1/volumes/d/policy",
+        Some(json!({"retention": {"keep_days": 2}})),
+    );
+    advance(&api, 86_400);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        snapshot_ids(&api, "d"),
+        vec![s1, s2, s3],
+        "nothing is 2 days old yet"
+    );
+    advance(&api, 2 * 86_400);
+    wait_for(10, "age expiry", || {
+        (snapshot_ids(&api, "d") == vec![s1, s3]).then_some(())
+    });
+    let s4 = api.expect(
+        201,
+        "POST",
+        "/v1/volumes/d/snapshots",
+        Some(json!({"label": "s4"})),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    advance(&api, 3 * 86_400);
+    wait_for(10, "age expiry keeps the newest", || {
+        (snapshot_ids(&api, "d") == vec![s1, s4]).then_some(())
+    });
+
+    // Pool quota: oldest snapshots go first; each volume keeps its newest.
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "q", "size": 256 << 20})),
+    );
+    let mut qs = Vec::new();
+    for i in 0..4u8 {
+        qemu_io(&a, "q", &format!("write -P {} 0 48M", 0x40 + i));
+        qs.push(
+            api.expect(201, "POST", "/v1/volumes/q/snapshots", Some(json!({})))["id"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    let used = api.get("/v1/pool")["used_bytes"].as_u64().unwrap();
+    assert!(used > 190 << 20, "used {used}");
+    // Room for about two generations of q: the two oldest must go.
+    api.expect(
+        200,
+        "PUT",
+        "/v1/pool/policy",
+        Some(json!({"quota_bytes": used - (90 << 20)})),
+    );
+    let job = api.expect(202, "POST", "/v1/jobs", Some(json!({"kind": "retention"})));
+    let jid = job["id"].as_u64().unwrap();
+    let done = wait_for(30, "retention job", || {
+        let j = api.get(&format!("/v1/jobs/{jid}"));
+        (j["state"] != "running").then_some(j)
+    });
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let left = snapshot_ids(&api, "q");
+    assert_eq!(left, qs[2..].to_vec(), "quota expiry took {done}");
+    let q_exp = api.get("/v1/events?type=snapshot.expired&limit=100");
+    assert_eq!(
+        q_exp
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"]["reason"] == "quota" && e["data"]["volume"] == "q")
+            .count(),
+        2
+    );
+    // Older snapshots of other volumes went first (their newest stay).
+    assert_eq!(snapshot_ids(&api, "h").len(), 1);
+    // A quota nothing more can meet raises one alert and keeps every volume's newest snapshot.
+    api.expect(
+        200,
+        "PUT",
+        "/v1/pool/policy",
+        Some(json!({"quota_bytes": 1 << 20})),
+    );
+    wait_for(10, "quota alert", || {
+        (event_count(&api, "alert.raised") >= 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        event_count(&api, "alert.raised"),
+        1,
+        "one alert, not one per tick"
+    );
+    assert_eq!(snapshot_ids(&api, "q"), vec![qs[3]]);
+    assert_eq!(snapshot_ids(&api, "h").len(), 1);
+    assert_eq!(
+        snapshot_ids(&api, "d"),
+        vec![s1, s4],
+        "clone origin and newest survive"
+    );
+    // The clock is real without --fake-clock: covered by the lifecycle test's appliance.
+}
+
+fn event_count(api: &Api, kind: &str) -> usize {
+    api.get(&format!("/v1/events?type={kind}&limit=10000"))
+        .as_array()
+        .map(|v| v.len())
+        .unwrap_or(0)
+}
+
+/// Requests a receiver got: headers (lower-case names) and body.
+type Received = Arc<Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>;
+
+/// A tiny HTTP receiver: answers the first `fail_first` requests with 500,
+/// then 200 (or never answers when `hang`), recording each request.
+struct Receiver {
+    port: u16,
+    got: Received,
+}
+
+fn receiver(fail_first: usize, hang: bool) -> Receiver {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got: Received = Arc::default();
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut headers = Vec::new();
+            let mut len = 0usize;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.trim_end().split_once(':') {
+                    let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+                    if k == "content-length" {
+                        len = v.parse().unwrap_or(0);
+                    }
+                    headers.push((k, v));
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            let n = {
+                let mut gl = g.lock().unwrap();
+                gl.push((headers, body));
+                gl.len()
+            };
+            if hang {
+                std::thread::sleep(Duration::from_secs(30));
+                continue;
+            }
+            let status = if n <= fail_first {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+        }
+    });
+    Receiver { port, got }
+}
+
+fn header<'a>(h: &'a [(String, String)], k: &str) -> Option<&'a str> {
+    h.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn webhooks_are_signed_retried_and_never_slow_io() {
+    use hmac::{Hmac, Mac};
+    require("qemu-io");
+    let a = Appliance::start(Some(FAST_CONFIG));
+    let api = Api::new(&a, &a.admin_token());
+    let rx = receiver(2, false);
+    let secret = "0123456789abcdef-secret";
+    api.expect(
+        400,
+        "POST",
+        "/v1/webhooks",
+        Some(json!({"url": "ftp://x/", "events": ["*"]})),
+    );
+    api.expect(
+        400,
+        "POST",
+        "/v1/webhooks",
+        Some(json!({"url": "http://h/", "events": ["Volume Created"]})),
+    );
+    api.expect(
+        400,
+        "POST",
+        "/v1/webhooks",
+        Some(json!({"url": "http://h/", "secret": "short"})),
+    );
+    let hook = api.expect(
+        201,
+        "POST",
+        "/v1/webhooks",
+        Some(json!({"url": format!("http://127.0.0.1:{}/hook", rx.port), "events": ["volume.*"], "secret": secret})),
+    );
+    assert_eq!(hook["secret"], secret);
+    let hid = hook["id"].as_u64().unwrap();
+    assert!(
+        api.get(&format!("/v1/webhooks/{hid}"))["secret"].is_null(),
+        "secret shown once"
+    );
+
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "w", "size": 1 << 20})),
+    );
+    api.expect(201, "POST", "/v1/volumes/w/snapshots", Some(json!({}))); // not subscribed
+    let d = wait_for(20, "delivery after retries", || {
+        let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
+        (d.as_array()
+            .unwrap()
+            .first()
+            .is_some_and(|x| x["state"] == "delivered"))
+        .then_some(d)
+    });
+    let d0 = &d.as_array().unwrap()[0];
+    assert_eq!(d0["attempts"], 3, "{d0}");
+    assert_eq!(d0["event_type"], "volume.created");
+    assert_eq!(d0["last_status"], 200);
+    let got = rx.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 3, "two 500s then a 200; only volume.* events");
+    for (h, body) in &got {
+        assert_eq!(header(h, "x-cdm-event"), Some("volume.created"));
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(body);
+        let want = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(header(h, "x-cdm-signature"), Some(want.as_str()));
+        let v: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["event"]["type"], "volume.created");
+        assert_eq!(v["event"]["subject"], "w");
+        assert_eq!(v["event"]["actor"], "admin");
+    }
+
+    // A receiver that never answers and one that is gone: deliveries wait
+    // on their own threads; NBD I/O and API calls do not.
+    let dead_port = free_port();
+    let slow = receiver(0, true);
+    for port in [slow.port, dead_port] {
+        api.expect(
+            201,
+            "POST",
+            "/v1/webhooks",
+            Some(json!({"url": format!("http://127.0.0.1:{port}/"), "events": ["*"]})),
+        );
+    }
+    for i in 0..5 {
+        let t = Instant::now();
+        api.expect(
+            201,
+            "POST",
+            "/v1/volumes/w/snapshots",
+            Some(json!({"label": format!("s{i}")})),
+        );
+        qemu_io(&a, "w", "write -P 0x5a 0 256k");
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "I/O slowed by webhooks: {:?}",
+            t.elapsed()
+        );
+    }
+    let hooks = api.get("/v1/webhooks");
+    let dead = hooks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["url"].as_str().unwrap().contains(&dead_port.to_string()))
+        .unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let failed = wait_for(30, "dead receiver given up", || {
+        let d = api.get(&format!("/v1/webhooks/{dead}/deliveries"));
+        d.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["state"] == "failed")
+            .cloned()
+    });
+    assert_eq!(failed["attempts"], 4);
+    assert!(failed["last_error"].as_str().is_some());
+    api.expect(204, "DELETE", &format!("/v1/webhooks/{dead}"), None);
+    api.expect(404, "GET", &format!("/v1/webhooks/{dead}"), None);
+    let (_, m) = http(&a.url(), "GET", "/metrics", Some(&a.admin_token()), None);
+    assert!(m
+        .as_str()
+        .unwrap()
+        .contains("cdm_webhook_deliveries{state=\"failed\"}"));
+}
+
+#[test]
+fn restart_keeps_state_and_sigterm_loses_no_flushed_data() {
+    let mut a = Appliance::start(None);
+    let admin_tok = a.admin_token();
+    let api = Api::new(&a, &admin_tok);
+    api.expect(
+        201,
+        "POST",
+        "/v1/users",
+        Some(json!({"name": "ops", "role": "operator", "password": "operator-pass"})),
+    );
+    let t = api.expect(
+        201,
+        "POST",
+        "/v1/users/ops/tokens",
+        Some(json!({"name": "cron"})),
+    );
+    let ops_tok = t["token"].as_str().unwrap().to_string();
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "pg", "size": 64 << 20, "block_size": 4096})),
+    );
+    let p =
+        json!({"schedule": {"cron": "0 2 * * *"}, "retention": {"keep_days": 14, "min_keep": 2}});
+    api.expect(200, "PUT", "/v1/volumes/pg/policy", Some(p.clone()));
+    api.expect(
+        201,
+        "POST",
+        "/v1/webhooks",
+        Some(json!({"url": "http://127.0.0.1:9/", "events": ["alert.*"]})),
+    );
+    api.expect(
+        200,
+        "PUT",
+        "/v1/pool/policy",
+        Some(json!({"quota_bytes": 3u64 << 30})),
+    );
+
+    // Writers flush as they go; SIGTERM lands in the middle.
+    let ep = format!("unix:{}", a.sock.display());
+    let flushed = Arc::new(AtomicU64::new(0));
+    let f2 = flushed.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&ep, Some("pg"), &ClientOptions::default()).unwrap();
+        let mut i = 0u64;
+        loop {
+            let block = random_bytes(4096, i);
+            if c.write(i * 4096, &block, false).is_err() {
+                break;
+            }
+            i += 1;
+            if i.is_multiple_of(16) {
+                if c.flush().is_err() {
+                    break;
+                }
+                f2.store(i, Ordering::SeqCst);
+            }
+            if i >= 16_000 {
+                break;
+            }
+        }
+    });
+    wait_for(30, "writes under way", || {
+        (flushed.load(Ordering::SeqCst) >= 512).then_some(())
+    });
+    let snap = api.expect(
+        201,
+        "POST",
+        "/v1/volumes/pg/snapshots",
+        Some(json!({"label": "mid-write"})),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    a.stop(); // SIGTERM: must exit 0 with writes in flight
+    writer.join().unwrap();
+    let n = flushed.load(Ordering::SeqCst);
+    assert!(n >= 512);
+
+    a.restart();
+    assert_eq!(a.admin_token(), admin_tok, "the admin token is made once");
+    let api = Api::new(&a, &admin_tok);
+    let ops = Api {
+        base: a.url(),
+        token: ops_tok,
+    };
+    assert_eq!(ops.get("/v1/volumes")[0]["name"], "pg");
+    assert_eq!(api.get("/v1/volumes/pg/policy"), p);
+    assert_eq!(api.get("/v1/pool")["policy"]["quota_bytes"], 3u64 << 30);
+    assert_eq!(api.get("/v1/webhooks").as_array().unwrap().len(), 1);
+    assert_eq!(api.get("/v1/users").as_array().unwrap().len(), 2);
+    assert_eq!(
+        api.get(&format!("/v1/volumes/pg/snapshots/{snap}"))["label"],
+        "mid-write"
+    );
+    assert!(api.get("/v1/audit?limit=1000").as_array().unwrap().len() >= 5);
+    let ep = format!("unix:{}", a.sock.display());
+    let mut c = Client::connect(&ep, Some("pg"), &ClientOptions::default()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    for i in 0..n {
+        c.read(i * 4096, &mut buf).unwrap();
+        assert!(
+            buf == random_bytes(4096, i),
+            "flushed block {i} of {n} lost"
+        );
+    }
+    c.disconnect().unwrap();
+    a.stop();
+}
+
+fn cdmctl(a: &Appliance, args: &[&str]) -> std::process::Output {
+    Command::new(bin("cdmctl"))
+        .args(["--url", &a.url()])
+        .args(args)
+        .env_remove("CDM_TOKEN")
+        .env("CDM_TOKEN_FILE", a.data.join("admin.token"))
+        .output()
+        .expect("run cdmctl")
+}
+
+fn ok_json(a: &Appliance, args: &[&str]) -> Value {
+    let mut v = vec!["--json"];
+    v.extend_from_slice(args);
+    let o = cdmctl(a, &v);
+    assert!(
+        o.status.success(),
+        "cdmctl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("cdmctl {args:?} printed no JSON: {e}"))
+}
+
+#[test]
+fn cdmctl_drives_the_appliance_with_exit_codes() {
+    require("qemu-io");
+    let a = Appliance::start(None);
+    let v = ok_json(
+        &a,
+        &[
+            "volume",
+            "create",
+            "pg",
+            "--size",
+            "64M",
+            "--block-size",
+            "16K",
+        ],
+    );
+    assert_eq!(
+        (v["size"].as_u64(), v["block_size"].as_u64()),
+        (Some(64 << 20), Some(16384))
+    );
+    qemu_io(&a, "pg", "write -P 0x42 0 2M");
+    let s = ok_json(
+        &a,
+        &[
+            "snapshot",
+            "create",
+            "pg",
+            "--label",
+            "nightly",
+            "--metadata",
+            r#"{"lsn":"0/1"}"#,
+        ],
+    );
+    let sid = s["id"].as_u64().unwrap().to_string();
+    assert_eq!(s["metadata"]["lsn"], "0/1");
+    ok_json(&a, &["clone", "create", "pg", &sid, "pg-dev"]);
+    qemu_io(&a, "pg-dev", "read -P 0x42 0 2M");
+    // Human tables name what they list.
+    let o = cdmctl(&a, &["volume", "list"]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.starts_with("NAME") && t.contains("pg-dev") && t.contains(&format!("pg@{sid}")),
+        "{t}"
+    );
+    let o = cdmctl(&a, &["snapshot", "list", "pg"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("nightly"));
+    // A job with --wait ends with its outcome.
+    let j = ok_json(&a, &["job", "start", "scrub", "--wait"]);
+    assert_eq!(j["state"], "succeeded");
+    assert_eq!(j["result"]["error_count"], 0);
+    assert!(j["result"]["bytes_checked"].as_u64().unwrap() >= 2 << 20);
+    ok_json(
+        &a,
+        &[
+            "volume",
+            "set-policy",
+            "pg",
+            "--cron",
+            "0 2 * * *",
+            "--keep-days",
+            "14",
+            "--min-keep",
+            "2",
+        ],
+    );
+    assert_eq!(
+        ok_json(&a, &["volume", "policy", "pg"])["retention"]["keep_days"],
+        14
+    );
+    let u = ok_json(&a, &["user", "create", "aud", "--role", "auditor"]);
+    assert_eq!(u["role"], "auditor");
+    let t = ok_json(&a, &["token", "create", "aud", "ro", "--expires-in", "1d"]);
+    let aud_token = t["token"].as_str().unwrap().to_string();
+    assert!(
+        ok_json(&a, &["event", "list", "--type", "snapshot.*"])
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    );
+    assert!(!ok_json(&a, &["audit", "list", "--user", "admin"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Exit codes.
+    let code = |o: std::process::Output| o.status.code().unwrap_or(-1);
+    assert_eq!(code(cdmctl(&a, &["volume", "show", "missing"])), 4);
+    assert_eq!(
+        code(cdmctl(&a, &["volume", "create", "pg", "--size", "1M"])),
+        5
+    );
+    assert_eq!(
+        code(cdmctl(&a, &["volume", "delete", "pg"])),
+        5,
+        "has snapshots"
+    );
+    assert_eq!(
+        code(cdmctl(
+            &a,
+            &["volume", "create", "bad/name", "--size", "1M"]
+        )),
+        6
+    );
+    assert_eq!(
+        code(cdmctl(
+            &a,
+            &["volume", "create", "x", "--size", "1M", "--dedup"]
+        )),
+        8,
+        "501 unsupported"
+    );
+    assert_eq!(code(cdmctl(&a, &["volume", "create", "x"])), 2, "usage");
+    assert_eq!(
+        code(cdmctl(
+            &a,
+            &["--token", &aud_token, "volume", "create", "y", "--size", "1M"]
+        )),
+        3,
+        "auditor may not write"
+    );
+    assert_eq!(
+        code(cdmctl(&a, &["--token", "cdm_00_00", "volume", "list"])),
+        3
+    );
+    let o = Command::new(bin("cdmctl"))
+        .args(["--url", &a.url(), "volume", "list"])
+        .env_remove("CDM_TOKEN")
+        .env_remove("CDM_TOKEN_FILE")
+        .current_dir(a.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(code(o), 3, "no token anywhere");
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let o = Command::new(bin("cdmctl"))
+        .args(["--url", &dead, "--token", "cdm_00_00", "volume", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(code(o), 7, "server unreachable");
+    let o = cdmctl(&a, &["volume", "show", "missing"]);
+    assert!(String::from_utf8_lossy(&o.stderr).starts_with("cdmctl: volume missing not found"));
+    // Delete with force through a background job.
+    let j = ok_json(
+        &a,
+        &[
+            "job",
+            "start",
+            "delete-volume",
+            "--volume",
+            "pg-dev",
+            "--wait",
+        ],
+    );
+    assert_eq!(j["state"], "succeeded");
+    let o = cdmctl(
+        &a,
+        &["job", "start", "delete-volume", "--volume", "pg", "--wait"],
+    );
+    assert_eq!(code(o), 1, "refused without force: the job fails");
+    assert_eq!(
+        ok_json(&a, &["volume", "list"]).as_array().unwrap().len(),
+        1
+    );
+    let o = cdmctl(&a, &["metrics"]);
+    assert!(String::from_utf8_lossy(&o.stdout)
+        .contains("cdm_nbd_bytes_total{export=\"pg\",op=\"write\"} 2097152"));
+}
