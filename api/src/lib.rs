@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod backend;
 pub mod client;
+pub mod cron;
 pub mod error;
 pub mod openapi;
 pub mod routes;

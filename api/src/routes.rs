@@ -131,9 +131,14 @@ async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> 
     };
     let method = req.method().clone();
     req.extensions_mut().insert(caller.clone());
+    let t0 = std::time::Instant::now();
     let resp = next.run(req).await;
-    if method != Method::GET && method != Method::HEAD {
-        let status = resp.status().as_u16();
+    let status = resp.status().as_u16();
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    if method == Method::GET || method == Method::HEAD {
+        tracing::debug!(%method, %path, status, user = %caller.user, ms, "request");
+    } else {
+        tracing::info!(%method, %path, status, user = %caller.user, ms, "request");
         let m = method.to_string();
         let _ = run(&s, move |b| {
             b.record_audit(&caller, &m, &path, status);

@@ -116,6 +116,8 @@ pub struct Brief {
     pub created_ns: u64,
     /// Clones: the snapshot they were made from.
     pub origin: Option<u64>,
+    /// Logical size in bytes.
+    pub size: u64,
 }
 
 /// Pool-wide space figures.
@@ -125,6 +127,9 @@ pub struct SpaceInfo {
     pub used_bytes: u64,
     pub free_bytes: u64,
     pub generation: u64,
+    /// Part of `used_bytes` already freed, waiting for the commits after
+    /// which it may be reused (deferred frees).
+    pub freeing_bytes: u64,
 }
 
 /// Physical layout of one target.
@@ -410,11 +415,13 @@ impl Pool {
         let g = self.lock()?;
         let total = g.store.alloc.total() * UNIT;
         let used = g.store.alloc.used() * UNIT;
+        let freeing: u64 = g.deferred_frees().iter().map(|(_, n)| n).sum::<u64>() * UNIT;
         Ok(SpaceInfo {
             total_bytes: total,
             used_bytes: used,
             free_bytes: total - used,
             generation: g.sb.generation,
+            freeing_bytes: freeing.min(used),
         })
     }
 
@@ -463,11 +470,24 @@ impl Pool {
     }
 
     pub fn list_volumes(&self) -> Result<Vec<VolumeInfo>> {
+        self.list_volumes_with(true)
+    }
+
+    /// Volumes without `unique_bytes` (left 0), which costs a walk of each
+    /// volume's uniquely owned subtree under the pool lock.
+    pub fn list_volumes_brief(&self) -> Result<Vec<VolumeInfo>> {
+        self.list_volumes_with(false)
+    }
+
+    fn list_volumes_with(&self, unique: bool) -> Result<Vec<VolumeInfo>> {
         let mut g = self.lock()?;
         let mut named: Vec<(String, u64)> =
             g.names.iter().map(|(n, id)| (n.clone(), *id)).collect();
         named.sort();
-        named.into_iter().map(|(_, id)| g.volume_info(id)).collect()
+        named
+            .into_iter()
+            .map(|(_, id)| g.volume_info_with(id, unique))
+            .collect()
     }
 
     /// Grows a volume; the new space reads as zeros.
@@ -679,6 +699,7 @@ impl Pool {
                 volume_id: v.id,
                 created_ns: v.created_ns,
                 origin: v.origin,
+                size: v.size,
             })
             .collect();
         let snaps = g
@@ -690,6 +711,7 @@ impl Pool {
                 volume_id: s.volume_id,
                 created_ns: s.created_ns,
                 origin: None,
+                size: s.size,
             })
             .collect();
         Ok((vols, snaps))
@@ -1410,15 +1432,23 @@ impl Inner {
     }
 
     fn volume_info(&mut self, id: u64) -> Result<VolumeInfo> {
+        self.volume_info_with(id, true)
+    }
+
+    fn volume_info_with(&mut self, id: u64, with_unique: bool) -> Result<VolumeInfo> {
         let v = self
             .volumes
             .get(&id)
             .ok_or_else(|| Error::NotFound(format!("volume {id}")))?
             .clone();
-        let unique = self.unique_bytes(Ptr {
-            addr: v.root,
-            csum: v.root_csum,
-        })?;
+        let unique = if with_unique {
+            self.unique_bytes(Ptr {
+                addr: v.root,
+                csum: v.root_csum,
+            })?
+        } else {
+            0
+        };
         Ok(VolumeInfo {
             id,
             name: v.name,

@@ -74,7 +74,14 @@ pub struct Appliance {
     verified: Mutex<HashMap<[u8; 32], String>>,
     /// Itself, for jobs that outlive a request.
     me: std::sync::Weak<Appliance>,
+    /// Unique bytes per volume id and when they were computed: listings
+    /// reuse them for [`UNIQUE_TTL`] instead of walking every tree under the
+    /// pool lock on each request.
+    unique: Mutex<HashMap<u64, (std::time::Instant, u64)>>,
 }
+
+/// How long a listing may show a volume's unique bytes before recomputing.
+const UNIQUE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn st(e: StateError) -> ApiError {
     ApiError::internal(e.to_string())
@@ -158,6 +165,7 @@ impl Appliance {
             scheduler,
             nbd_addrs,
             verified: Mutex::new(HashMap::new()),
+            unique: Mutex::new(HashMap::new()),
         })
     }
 
@@ -245,9 +253,24 @@ impl Appliance {
             .collect()
     }
 
+    /// Volume name of each snapshot id, from the catalog (no tree walks).
+    fn snapshot_volumes(&self) -> ApiResult<HashMap<u64, String>> {
+        let (vols, snaps) = self.pool.catalog().map_err(engine)?;
+        let names: HashMap<u64, String> = vols.into_iter().map(|v| (v.id, v.name)).collect();
+        Ok(snaps
+            .into_iter()
+            .filter_map(|s| names.get(&s.volume_id).map(|n| (s.id, n.clone())))
+            .collect())
+    }
+
     fn to_volume(&self, v: VolumeInfo) -> Volume {
+        let map = self.snapshot_volumes().unwrap_or_default();
+        self.to_volume_with(v, &map)
+    }
+
+    fn to_volume_with(&self, v: VolumeInfo, snap_vol: &HashMap<u64, String>) -> Volume {
         let origin = v.origin.map(|sid| Origin {
-            volume: self.pool.snapshot(sid).ok().map(|s| s.volume),
+            volume: snap_vol.get(&sid).cloned(),
             snapshot: sid,
         });
         let clients = self.clients_of(&v.name).len();
@@ -272,12 +295,16 @@ impl Appliance {
 
     fn to_snapshot(&self, s: SnapshotInfo) -> ApiResult<Snapshot> {
         let (vols, _) = self.pool.catalog().map_err(engine)?;
+        Ok(Self::to_snapshot_with(s, &vols))
+    }
+
+    fn to_snapshot_with(s: SnapshotInfo, vols: &[cdmfs::Brief]) -> Snapshot {
         let clones = vols
-            .into_iter()
+            .iter()
             .filter(|v| v.origin == Some(s.id))
-            .map(|v| v.name)
+            .map(|v| v.name.clone())
             .collect();
-        Ok(Snapshot {
+        Snapshot {
             export: format!("{}@{}", s.volume, s.id),
             id: s.id,
             volume: s.volume,
@@ -289,7 +316,7 @@ impl Appliance {
             allocated_bytes: s.allocated_bytes,
             unique_bytes: s.unique_bytes,
             clones,
-        })
+        }
     }
 
     fn snapshot_of(&self, volume: &str, id: u64) -> ApiResult<SnapshotInfo> {
@@ -521,12 +548,35 @@ impl Backend for Appliance {
     }
 
     fn list_volumes(&self) -> ApiResult<Vec<Volume>> {
-        let v = self.pool.list_volumes().map_err(engine)?;
-        Ok(v.into_iter().map(|v| self.to_volume(v)).collect())
+        let v = self.pool.list_volumes_brief().map_err(engine)?;
+        let map = self.snapshot_volumes()?;
+        let now = std::time::Instant::now();
+        let mut out = Vec::with_capacity(v.len());
+        for mut v in v {
+            let cached = lock(&self.unique)
+                .get(&v.id)
+                .filter(|(t, _)| now.duration_since(*t) < UNIQUE_TTL)
+                .map(|(_, u)| *u);
+            v.unique_bytes = match cached {
+                Some(u) => u,
+                None => match self.pool.volume(&v.name) {
+                    Ok(full) => {
+                        lock(&self.unique).insert(v.id, (now, full.unique_bytes));
+                        full.unique_bytes
+                    }
+                    Err(cdmfs::Error::NotFound(_)) => continue, // deleted meanwhile
+                    Err(e) => return Err(engine(e)),
+                },
+            };
+            out.push(self.to_volume_with(v, &map));
+        }
+        Ok(out)
     }
 
     fn volume(&self, name: &str) -> ApiResult<Volume> {
-        Ok(self.to_volume(self.pool.volume(name).map_err(engine)?))
+        let v = self.pool.volume(name).map_err(engine)?;
+        lock(&self.unique).insert(v.id, (std::time::Instant::now(), v.unique_bytes));
+        Ok(self.to_volume(v))
     }
 
     fn grow_volume(&self, c: &Caller, name: &str, size: u64) -> ApiResult<Volume> {
@@ -614,7 +664,10 @@ impl Backend for Appliance {
 
     fn list_snapshots(&self, volume: &str) -> ApiResult<Vec<Snapshot>> {
         let v = self.pool.list_snapshots(Some(volume)).map_err(engine)?;
-        v.into_iter().map(|s| self.to_snapshot(s)).collect()
+        let (vols, _) = self.pool.catalog().map_err(engine)?;
+        Ok(v.into_iter()
+            .map(|s| Self::to_snapshot_with(s, &vols))
+            .collect())
     }
 
     fn snapshot(&self, volume: &str, id: u64) -> ApiResult<Snapshot> {
@@ -707,31 +760,31 @@ impl Backend for Appliance {
                 .collect()
         };
         let mut out = Vec::new();
-        for v in self.pool.list_volumes().map_err(engine)? {
+        let (vols, snaps) = self.pool.catalog().map_err(engine)?;
+        let mut vols = vols;
+        vols.sort_by(|a, b| a.name.cmp(&b.name));
+        for v in &vols {
             out.push(Export {
                 uris: uris(&v.name),
                 clients: self.clients_of(&v.name),
                 kind: if v.origin.is_some() { "clone" } else { "stage" }.into(),
                 read_only: false,
                 size: v.size,
-                name: v.name,
+                name: v.name.clone(),
             });
         }
-        let (_, snaps) = self.pool.catalog().map_err(engine)?;
-        let (vols, _) = self.pool.catalog().map_err(engine)?;
-        let names: HashMap<u64, String> = vols.into_iter().map(|v| (v.id, v.name)).collect();
+        let names: HashMap<u64, &str> = vols.iter().map(|v| (v.id, v.name.as_str())).collect();
         for s in snaps {
             let Some(vn) = names.get(&s.volume_id) else {
                 continue;
             };
             let name = format!("{vn}@{}", s.id);
-            let size = self.pool.snapshot(s.id).map(|i| i.size).unwrap_or(0);
             out.push(Export {
                 uris: uris(&name),
                 clients: self.clients_of(&name),
                 kind: "snapshot".into(),
                 read_only: true,
-                size,
+                size: s.size,
                 name,
             });
         }

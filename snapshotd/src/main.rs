@@ -6,7 +6,6 @@
 
 mod appliance;
 mod clock;
-mod cron;
 mod events;
 mod jobs;
 mod metrics;
@@ -204,6 +203,21 @@ fn main() -> Result<()> {
         scheduler::Scheduler::new(pool.clone(), state.clone(), events.clone(), clock.clone());
     let stop = Arc::new(AtomicBool::new(false));
     sched.start(s.tick, stop.clone());
+    // Events, audit entries and deliveries are written lazily: sync them
+    // every few seconds so a crash loses at most that much of the logs.
+    {
+        let (state, stop) = (state.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("state-sync".into())
+            .spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_secs(s.commit_interval));
+                    if let Err(e) = state.sync() {
+                        tracing::error!(error = %e, "cannot sync the state database");
+                    }
+                }
+            })?;
+    }
     let app = appliance::Appliance::new(
         pool.clone(),
         server.clone(),
@@ -279,6 +293,7 @@ fn main() -> Result<()> {
     }
     pool.flush().context("final commit failed")?;
     events.stop();
+    state.sync().context("cannot sync the state database")?;
     tracing::info!("pool committed; exiting");
     Ok(())
 }

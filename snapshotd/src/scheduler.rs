@@ -14,9 +14,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::clock::{stamp, Clock};
-use crate::cron::Cron;
 use crate::events::Events;
 use crate::state::{State, Sync, META, POLICIES};
+use cdm_api::cron::Cron;
 
 /// A volume's policy as stored, with the schedule's next due time.
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -238,7 +238,10 @@ impl Scheduler {
             .map_err(|e| e.to_string())?
             .and_then(|p| p.quota_bytes);
         if let Some(q) = quota {
-            let mut used = self.pool.space().map_err(|e| e.to_string())?.used_bytes;
+            // Space already freed but not reusable yet (deferred frees) does
+            // not count: an earlier sweep paid for it.
+            let sp = self.pool.space().map_err(|e| e.to_string())?;
+            let mut used = sp.used_bytes - sp.freeing_bytes;
             if used > q {
                 let gone_ids: HashSet<&str> = gone.iter().map(|s| s.as_str()).collect();
                 let mut cands: Vec<(u64, u64, u64)> = Vec::new(); // (created, id, volume)

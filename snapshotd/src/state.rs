@@ -88,6 +88,12 @@ impl State {
         Ok(State { db })
     }
 
+    /// Makes every earlier lazy write durable (an empty synced commit).
+    pub fn sync(&self) -> Result<()> {
+        self.write(Sync::Now)?.commit()?;
+        Ok(())
+    }
+
     fn write(&self, sync: Sync) -> Result<redb::WriteTransaction> {
         let mut tx = self.db.begin_write()?;
         if sync == Sync::Lazy {

@@ -1,10 +1,36 @@
-//! Five-field cron expressions (`MIN HOUR DOM MON DOW`, UTC) for snapshot
+//! Dates in UTC and five-field cron expressions (`MIN HOUR DOM MON DOW`, UTC) for snapshot
 //! schedules: `*`, `N`, `A-B`, `*/S`, `A-B/S` and comma lists; day of week
 //! 0-7 (0 and 7 are Sunday). As in Vixie cron, when both day fields are
 //! restricted a day matches if either does.
 
-use crate::clock::civil_from_days;
+/// (year, month 1-12, day 1-31) of a day count since 1970-01-01
+/// (H. Hinnant's civil_from_days).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
 
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of Unix seconds.
+pub fn utc(unix: u64) -> String {
+    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
+    let s = unix % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
+/// A parsed cron expression.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cron {
     minutes: u64,
@@ -80,7 +106,7 @@ impl Cron {
         })
     }
 
-    fn day_matches(&self, days: i64) -> bool {
+    pub fn day_matches(&self, days: i64) -> bool {
         let (_, m, d) = civil_from_days(days);
         if self.months & (1 << m) == 0 {
             return false;
@@ -128,6 +154,14 @@ mod tests {
 
     // 2026-11-24 00:00:00 UTC, a Tuesday.
     const T0: u64 = 1_795_478_400;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_781), (2026, 11, 24));
+        assert_eq!(utc(1_795_484_096), "2026-11-24 01:34:56");
+    }
 
     #[test]
     fn daily_and_steps() {
