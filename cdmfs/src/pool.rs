@@ -493,11 +493,7 @@ impl Pool {
     /// Grows a volume; the new space reads as zeros.
     pub fn grow_volume(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
         let mut g = self.lock()?;
-        let id = g.vol_id(name)?;
-        let v = g
-            .volumes
-            .get_mut(&id)
-            .ok_or_else(|| internal("volume vanished"))?;
+        let (id, v) = g.vol_mut(name)?;
         if new_size < v.size {
             return Err(Error::Invalid(format!(
                 "cannot shrink volume {name} from {} to {new_size} bytes",
@@ -673,11 +669,7 @@ impl Pool {
     /// nothing is copied).
     pub fn promote_clone(&self, name: &str) -> Result<VolumeInfo> {
         let mut g = self.lock()?;
-        let id = g.vol_id(name)?;
-        let v = g
-            .volumes
-            .get_mut(&id)
-            .ok_or_else(|| internal("volume vanished"))?;
+        let (id, v) = g.vol_mut(name)?;
         if v.origin.is_none() {
             return Err(Error::Invalid(format!("volume {name} is not a clone")));
         }
@@ -1318,6 +1310,16 @@ impl Inner {
         self.catalog_dirty.insert(KEY_VOLUME | rec.id, true);
         self.volumes.insert(rec.id, rec);
         self.ops += 1;
+    }
+
+    /// A volume's id and record by name, for changes.
+    fn vol_mut(&mut self, name: &str) -> Result<(u64, &mut VolumeRec)> {
+        let id = self.vol_id(name)?;
+        let v = self
+            .volumes
+            .get_mut(&id)
+            .ok_or_else(|| internal("volume vanished"))?;
+        Ok((id, v))
     }
 
     fn touch_volume(&mut self, id: u64) {

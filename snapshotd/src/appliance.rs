@@ -450,7 +450,7 @@ impl Backend for Appliance {
         }
         let user = self
             .state
-            .get::<UserRec>(USERS, &rec.user)
+            .get::<_, UserRec>(USERS, &rec.user)
             .map_err(st)?
             .ok_or_else(bad)?;
         Ok(Caller {
@@ -501,7 +501,7 @@ impl Backend for Appliance {
         let (vols, snaps) = self.pool.catalog().map_err(engine)?;
         let policy = self
             .state
-            .get::<PoolPolicy>(META, "pool_policy")
+            .get::<_, PoolPolicy>(META, "pool_policy")
             .map_err(st)?
             .unwrap_or_default();
         Ok(PoolInfo {
@@ -601,7 +601,7 @@ impl Backend for Appliance {
         self.pool.volume_id(volume).map_err(engine)?;
         Ok(self
             .state
-            .get::<(String, PolicyRec)>(POLICIES, volume)
+            .get::<_, (String, PolicyRec)>(POLICIES, volume)
             .map_err(st)?
             .map(|(_, r)| r.policy)
             .unwrap_or_default())
@@ -992,14 +992,14 @@ impl Backend for Appliance {
 
     fn webhook(&self, id: u64) -> ApiResult<Webhook> {
         self.state
-            .get_seq::<HookRec>(WEBHOOKS, id)
+            .get::<_, HookRec>(WEBHOOKS, id)
             .map_err(st)?
             .map(|h| h.public())
             .ok_or_else(|| ApiError::not_found(format!("webhook {id} not found")))
     }
 
     fn delete_webhook(&self, c: &Caller, id: u64) -> ApiResult<()> {
-        if !self.state.remove_seq(WEBHOOKS, id).map_err(st)? {
+        if !self.state.remove(WEBHOOKS, id).map_err(st)? {
             return Err(ApiError::not_found(format!("webhook {id} not found")));
         }
         self.events.remove_hook(id);

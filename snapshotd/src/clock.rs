@@ -1,8 +1,6 @@
 //! The appliance's clock: real time, or real time plus an offset that tests
 //! move forward (`--fake-clock`) to exercise schedules and retention.
 
-pub use cdm_api::cron::civil_from_days;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -51,14 +49,14 @@ impl Clock {
 
 /// `YYYYMMDD-HHMMSS` in UTC, for labels.
 pub fn stamp(unix: u64) -> String {
-    let (y, m, d) = civil_from_days((unix / 86_400) as i64);
-    let s = unix % 86_400;
-    format!(
-        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
-        s / 3600,
-        s / 60 % 60,
-        s % 60
-    )
+    cdm_api::cron::utc(unix)
+        .chars()
+        .filter_map(|c| match c {
+            ' ' => Some('-'),
+            '-' | ':' => None,
+            c => Some(c),
+        })
+        .collect()
 }
 
 #[cfg(test)]

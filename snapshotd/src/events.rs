@@ -240,7 +240,7 @@ impl Events {
     }
 
     fn deliver(&self, id: u64) -> Result<(), crate::state::StateError> {
-        let Some(mut d) = self.state.get_seq::<Delivery>(DELIVERIES, id)? else {
+        let Some(mut d) = self.state.get::<_, Delivery>(DELIVERIES, id)? else {
             return Ok(());
         };
         if d.state != "pending" {
@@ -250,12 +250,12 @@ impl Events {
             .iter()
             .find(|h| h.id == d.webhook)
             .cloned();
-        let (Some(hook), Some(ev)) = (hook, self.state.get_seq::<Event>(EVENTS, d.event)?) else {
+        let (Some(hook), Some(ev)) = (hook, self.state.get::<_, Event>(EVENTS, d.event)?) else {
             d.state = "failed".into();
             d.last_error = Some("webhook or event no longer exists".into());
             d.next_attempt_unix = None;
             d.updated_unix = self.clock.now();
-            return self.state.put_seq(DELIVERIES, id, &d, Sync::Lazy);
+            return self.state.put(DELIVERIES, id, &d, Sync::Lazy);
         };
         let body = serde_json::to_vec(&serde_json::json!({"delivery": id, "event": ev}))
             .unwrap_or_default();
@@ -318,7 +318,7 @@ impl Events {
                 self.cv.notify_one();
             }
         }
-        self.state.put_seq(DELIVERIES, id, &d, Sync::Lazy)
+        self.state.put(DELIVERIES, id, &d, Sync::Lazy)
     }
 
     /// Deliveries of one webhook, newest first (at most 1000).

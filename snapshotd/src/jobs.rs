@@ -52,7 +52,7 @@ impl Jobs {
                 j.state = "failed".into();
                 j.message = "interrupted: the daemon stopped while it ran".into();
                 j.finished_unix = Some(clock.now());
-                let _ = state.put_seq(JOBS, j.id, &j, Sync::Now);
+                let _ = state.put(JOBS, j.id, &j, Sync::Now);
             }
         }
         Arc::new(Jobs {
@@ -118,7 +118,7 @@ impl Jobs {
                         j.message = e;
                     }
                 }
-                if let Err(e) = me.state.put_seq(JOBS, id, &j, Sync::Now) {
+                if let Err(e) = me.state.put(JOBS, id, &j, Sync::Now) {
                     tracing::error!(job = id, error = %e, "cannot record job outcome");
                 }
                 me.events.emit(
@@ -132,7 +132,7 @@ impl Jobs {
             let mut j = lock(&self.running).remove(&id).unwrap_or(job.clone());
             j.state = "failed".into();
             j.message = format!("cannot start a thread: {e}");
-            self.state.put_seq(JOBS, id, &j, Sync::Now)?;
+            self.state.put(JOBS, id, &j, Sync::Now)?;
             return Ok(j);
         }
         Ok(job)
@@ -142,7 +142,7 @@ impl Jobs {
         if let Some(j) = lock(&self.running).get(&id) {
             return Ok(Some(j.clone()));
         }
-        self.state.get_seq(JOBS, id)
+        self.state.get(JOBS, id)
     }
 
     /// The newest 200 jobs, newest first.

@@ -234,7 +234,7 @@ impl Scheduler {
         // Pool quota: oldest snapshots first, each volume keeping its newest min_keep.
         let quota: Option<u64> = self
             .state
-            .get::<PoolPolicy>(META, "pool_policy")
+            .get::<_, PoolPolicy>(META, "pool_policy")
             .map_err(|e| e.to_string())?
             .and_then(|p| p.quota_bytes);
         if let Some(q) = quota {

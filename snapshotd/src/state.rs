@@ -5,7 +5,9 @@
 
 use std::path::Path;
 
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, Key, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -102,19 +104,17 @@ impl State {
         Ok(tx)
     }
 
-    // ---- named records ----------------------------------------------------
+    // ---- records by key (names or sequence numbers) -------------------------
 
-    pub fn get<T: DeserializeOwned>(
+    pub fn get<K: Key + 'static, T: DeserializeOwned>(
         &self,
-        t: TableDefinition<&str, &[u8]>,
-        key: &str,
+        t: TableDefinition<K, &[u8]>,
+        key: K::SelfType<'_>,
     ) -> Result<Option<T>> {
         let tx = self.db.begin_read()?;
         let tab = tx.open_table(t)?;
-        match tab.get(key)? {
-            Some(v) => Ok(Some(dec(key, v.value())?)),
-            None => Ok(None),
-        }
+        let v = tab.get(key)?;
+        v.map(|v| dec(t.name(), v.value())).transpose()
     }
 
     pub fn all<T: DeserializeOwned>(&self, t: TableDefinition<&str, &[u8]>) -> Result<Vec<T>> {
@@ -128,10 +128,10 @@ impl State {
         Ok(out)
     }
 
-    pub fn put<T: Serialize>(
+    pub fn put<K: Key + 'static, T: Serialize>(
         &self,
-        t: TableDefinition<&str, &[u8]>,
-        key: &str,
+        t: TableDefinition<K, &[u8]>,
+        key: K::SelfType<'_>,
         v: &T,
         sync: Sync,
     ) -> Result<()> {
@@ -163,7 +163,11 @@ impl State {
     }
 
     /// Removes a key; true if it existed.
-    pub fn remove(&self, t: TableDefinition<&str, &[u8]>, key: &str) -> Result<bool> {
+    pub fn remove<K: Key + 'static>(
+        &self,
+        t: TableDefinition<K, &[u8]>,
+        key: K::SelfType<'_>,
+    ) -> Result<bool> {
         let tx = self.write(Sync::Now)?;
         let existed = tx.open_table(t)?.remove(key)?.is_some();
         tx.commit()?;
@@ -227,40 +231,6 @@ impl State {
         Ok(rec)
     }
 
-    pub fn get_seq<T: DeserializeOwned>(
-        &self,
-        t: TableDefinition<u64, &[u8]>,
-        id: u64,
-    ) -> Result<Option<T>> {
-        let tx = self.db.begin_read()?;
-        let tab = tx.open_table(t)?;
-        match tab.get(id)? {
-            Some(v) => Ok(Some(dec(&id.to_string(), v.value())?)),
-            None => Ok(None),
-        }
-    }
-
-    pub fn put_seq<T: Serialize>(
-        &self,
-        t: TableDefinition<u64, &[u8]>,
-        id: u64,
-        v: &T,
-        sync: Sync,
-    ) -> Result<()> {
-        let b = enc(v)?;
-        let tx = self.write(sync)?;
-        tx.open_table(t)?.insert(id, b.as_slice())?;
-        tx.commit()?;
-        Ok(())
-    }
-
-    pub fn remove_seq(&self, t: TableDefinition<u64, &[u8]>, id: u64) -> Result<bool> {
-        let tx = self.write(Sync::Now)?;
-        let existed = tx.open_table(t)?.remove(id)?.is_some();
-        tx.commit()?;
-        Ok(existed)
-    }
-
     /// Records with ids above `after` that pass `f`: the newest `limit`
     /// (oldest first) when `newest`, else the first `limit`.
     pub fn scan<T: DeserializeOwned>(
@@ -274,30 +244,24 @@ impl State {
         let tx = self.db.begin_read()?;
         let tab = tx.open_table(t)?;
         let mut out = Vec::new();
-        let start = after.saturating_add(1);
-        if newest {
-            for r in tab.range(start..)?.rev() {
-                let (k, v) = r?;
-                let rec: T = dec(&k.value().to_string(), v.value())?;
-                if f(&rec) {
-                    out.push(rec);
-                    if out.len() >= limit {
-                        break;
-                    }
-                }
-            }
-            out.reverse();
+        let range = tab.range(after.saturating_add(1)..)?;
+        let iter: Box<dyn Iterator<Item = _>> = if newest {
+            Box::new(range.rev())
         } else {
-            for r in tab.range(start..)? {
-                let (k, v) = r?;
-                let rec: T = dec(&k.value().to_string(), v.value())?;
-                if f(&rec) {
-                    out.push(rec);
-                    if out.len() >= limit {
-                        break;
-                    }
+            Box::new(range)
+        };
+        for r in iter {
+            let (_, v) = r?;
+            let rec: T = dec(t.name(), v.value())?;
+            if f(&rec) {
+                out.push(rec);
+                if out.len() >= limit {
+                    break;
                 }
             }
+        }
+        if newest {
+            out.reverse();
         }
         Ok(out)
     }
@@ -338,6 +302,6 @@ mod tests {
         let first: Vec<serde_json::Value> = s.scan(EVENTS, 0, 2, false, |_| true).unwrap();
         assert_eq!(first[0]["id"], 1);
         assert!(s.remove(USERS, "a").unwrap());
-        assert!(s.get::<serde_json::Value>(USERS, "a").unwrap().is_none());
+        assert!(s.get::<_, serde_json::Value>(USERS, "a").unwrap().is_none());
     }
 }

@@ -161,6 +161,10 @@ fn lifecycle_volume_snapshot_clone_through_nbd() {
     api.expect(204, "DELETE", "/v1/volumes/db", None);
     qemu_io(&a, "db-test", "read -P 0x33 0 64k");
     qemu_io(&a, "db-test", "read -P 0x11 64k 960k");
+    // The server notices qemu-io's disconnect a moment after it exits.
+    wait_for(10, "qemu-io to leave", || {
+        (api.get("/v1/volumes/db-test")["clients"] == 0).then_some(())
+    });
     api.expect(204, "DELETE", "/v1/volumes/db-test", None);
     assert!(api.get("/v1/volumes").as_array().unwrap().is_empty());
 
@@ -1236,7 +1240,10 @@ fn cdmctl_drives_the_appliance_with_exit_codes() {
     assert_eq!(code(o), 7, "server unreachable");
     let o = cdmctl(&a, &["volume", "show", "missing"]);
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("cdmctl: volume missing not found"));
-    // Delete with force through a background job.
+    // Delete through a background job (once qemu-io's session has ended).
+    wait_for(10, "qemu-io to leave", || {
+        (ok_json(&a, &["volume", "show", "pg-dev"])["clients"] == 0).then_some(())
+    });
     let j = ok_json(
         &a,
         &[

@@ -394,6 +394,12 @@ fn time(unix: u64) -> String {
     cdm_api::cron::utc(unix)
 }
 
+/// A table of `items`, one row each.
+fn table_of<T>(items: &[T], header: &[&str], row: impl Fn(&T) -> Vec<String>) -> String {
+    let rows: Vec<Vec<String>> = items.iter().map(row).collect();
+    table(header, &rows)
+}
+
 /// Columns padded to their widest cell.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut w: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
@@ -447,9 +453,20 @@ impl Out {
 }
 
 fn volumes_table(v: &[Volume]) -> String {
-    let rows: Vec<Vec<String>> = v
-        .iter()
-        .map(|v| {
+    table_of(
+        v,
+        &[
+            "NAME",
+            "KIND",
+            "SIZE",
+            "BLOCK",
+            "ALLOCATED",
+            "UNIQUE",
+            "SNAPSHOTS",
+            "ORIGIN",
+            "CLIENTS",
+        ],
+        |v| {
             vec![
                 v.name.clone(),
                 v.kind.clone(),
@@ -464,21 +481,7 @@ fn volumes_table(v: &[Volume]) -> String {
                     .unwrap_or_else(|| "-".into()),
                 v.clients.to_string(),
             ]
-        })
-        .collect();
-    table(
-        &[
-            "NAME",
-            "KIND",
-            "SIZE",
-            "BLOCK",
-            "ALLOCATED",
-            "UNIQUE",
-            "SNAPSHOTS",
-            "ORIGIN",
-            "CLIENTS",
-        ],
-        &rows,
+        },
     )
 }
 
@@ -507,9 +510,18 @@ fn volume_show(v: &Volume) -> String {
 }
 
 fn snapshots_table(v: &[Snapshot]) -> String {
-    let rows: Vec<Vec<String>> = v
-        .iter()
-        .map(|s| {
+    table_of(
+        v,
+        &[
+            "ID",
+            "EXPORT",
+            "LABEL",
+            "CREATED (UTC)",
+            "ALLOCATED",
+            "UNIQUE",
+            "CLONES",
+        ],
+        |s| {
             vec![
                 s.id.to_string(),
                 s.export.clone(),
@@ -523,19 +535,7 @@ fn snapshots_table(v: &[Snapshot]) -> String {
                     s.clones.join(",")
                 },
             ]
-        })
-        .collect();
-    table(
-        &[
-            "ID",
-            "EXPORT",
-            "LABEL",
-            "CREATED (UTC)",
-            "ALLOCATED",
-            "UNIQUE",
-            "CLONES",
-        ],
-        &rows,
+        },
     )
 }
 
@@ -556,21 +556,8 @@ fn snapshot_show(s: &Snapshot) -> String {
 }
 
 fn jobs_table(v: &[Job]) -> String {
-    let rows: Vec<Vec<String>> = v
-        .iter()
-        .map(|j| {
-            vec![
-                j.id.to_string(),
-                j.kind.clone(),
-                j.state.clone(),
-                format!("{:.0}%", j.progress * 100.0),
-                j.created_by.clone(),
-                time(j.created_unix),
-                j.message.clone(),
-            ]
-        })
-        .collect();
-    table(
+    table_of(
+        v,
         &[
             "ID",
             "KIND",
@@ -580,7 +567,17 @@ fn jobs_table(v: &[Job]) -> String {
             "STARTED (UTC)",
             "MESSAGE",
         ],
-        &rows,
+        |j| {
+            vec![
+                j.id.to_string(),
+                j.kind.clone(),
+                j.state.clone(),
+                format!("{:.0}%", j.progress * 100.0),
+                j.created_by.clone(),
+                time(j.created_unix),
+                j.message.clone(),
+            ]
+        },
     )
 }
 
@@ -602,9 +599,10 @@ fn job_show(j: &Job) -> String {
 }
 
 fn events_table(v: &[Event]) -> String {
-    let rows: Vec<Vec<String>> = v
-        .iter()
-        .map(|e| {
+    table_of(
+        v,
+        &["ID", "TIME (UTC)", "TYPE", "SUBJECT", "ACTOR", "DATA"],
+        |e| {
             vec![
                 e.id.to_string(),
                 time(e.time_unix),
@@ -613,11 +611,7 @@ fn events_table(v: &[Event]) -> String {
                 e.actor.clone(),
                 e.data.to_string(),
             ]
-        })
-        .collect();
-    table(
-        &["ID", "TIME (UTC)", "TYPE", "SUBJECT", "ACTOR", "DATA"],
-        &rows,
+        },
     )
 }
 
@@ -906,9 +900,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
         },
         Cmd::Export(ExportCmd::List) => out.show(&c.exports()?, |v| {
-            let rows: Vec<Vec<String>> = v
-                .iter()
-                .map(|e| {
+            table_of(
+                v,
+                &["EXPORT", "KIND", "MODE", "SIZE", "CLIENTS", "URI"],
+                |e| {
                     vec![
                         e.name.clone(),
                         e.kind.clone(),
@@ -921,9 +916,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                             .join(","),
                         e.uris.first().cloned().unwrap_or_default(),
                     ]
-                })
-                .collect();
-            table(&["EXPORT", "KIND", "MODE", "SIZE", "CLIENTS", "URI"], &rows)
+                },
+            )
         }),
         Cmd::Job(j) => match j {
             JobCmd::List => out.show(&c.jobs()?, |v| jobs_table(v)),
@@ -992,21 +986,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Audit(AuditCmd::List { after, user, limit }) => {
             let v = c.audit(&AuditQuery { after, user, limit })?;
             out.show(&v, |v| {
-                let rows: Vec<Vec<String>> = v
-                    .iter()
-                    .map(|a| {
-                        vec![
-                            a.id.to_string(),
-                            time(a.time_unix),
-                            a.user.clone(),
-                            a.token.clone(),
-                            a.method.clone(),
-                            a.path.clone(),
-                            a.status.to_string(),
-                        ]
-                    })
-                    .collect();
-                table(
+                table_of(
+                    v,
                     &[
                         "ID",
                         "TIME (UTC)",
@@ -1016,7 +997,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
                         "PATH",
                         "STATUS",
                     ],
-                    &rows,
+                    |a| {
+                        vec![
+                            a.id.to_string(),
+                            time(a.time_unix),
+                            a.user.clone(),
+                            a.token.clone(),
+                            a.method.clone(),
+                            a.path.clone(),
+                            a.status.to_string(),
+                        ]
+                    },
                 )
             });
         }
@@ -1041,18 +1032,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 );
             }
             WebhookCmd::List => out.show(&c.webhooks()?, |v| {
-                let rows: Vec<Vec<String>> = v
-                    .iter()
-                    .map(|w| {
-                        vec![
-                            w.id.to_string(),
-                            w.url.clone(),
-                            w.events.join(","),
-                            time(w.created_unix),
-                        ]
-                    })
-                    .collect();
-                table(&["ID", "URL", "EVENTS", "CREATED (UTC)"], &rows)
+                table_of(v, &["ID", "URL", "EVENTS", "CREATED (UTC)"], |w| {
+                    vec![
+                        w.id.to_string(),
+                        w.url.clone(),
+                        w.events.join(","),
+                        time(w.created_unix),
+                    ]
+                })
             }),
             WebhookCmd::Show { id } => out.show(&c.webhook(id)?, webhook_show),
             WebhookCmd::Delete { id } => {
@@ -1062,22 +1049,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             }
             WebhookCmd::Deliveries { id } => out.show(&c.deliveries(id)?, |v| {
-                let rows: Vec<Vec<String>> = v
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            d.id.to_string(),
-                            d.event.to_string(),
-                            d.event_type.clone(),
-                            d.state.clone(),
-                            d.attempts.to_string(),
-                            opt(&d.last_status),
-                            opt(&d.last_error),
-                            time(d.updated_unix),
-                        ]
-                    })
-                    .collect();
-                table(
+                table_of(
+                    v,
                     &[
                         "ID",
                         "EVENT",
@@ -1088,7 +1061,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
                         "ERROR",
                         "UPDATED (UTC)",
                     ],
-                    &rows,
+                    |d| {
+                        vec![
+                            d.id.to_string(),
+                            d.event.to_string(),
+                            d.event_type.clone(),
+                            d.state.clone(),
+                            d.attempts.to_string(),
+                            opt(&d.last_status),
+                            opt(&d.last_error),
+                            time(d.updated_unix),
+                        ]
+                    },
                 )
             }),
         },
@@ -1111,9 +1095,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 );
             }
             UserCmd::List => out.show(&c.users()?, |v| {
-                let rows: Vec<Vec<String>> = v
-                    .iter()
-                    .map(|u| {
+                table_of(
+                    v,
+                    &["NAME", "ROLE", "GRANTS", "PASSWORD", "CREATED (UTC)"],
+                    |u| {
                         vec![
                             u.name.clone(),
                             u.role.clone(),
@@ -1121,11 +1106,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                             u.has_password.to_string(),
                             time(u.created_unix),
                         ]
-                    })
-                    .collect();
-                table(
-                    &["NAME", "ROLE", "GRANTS", "PASSWORD", "CREATED (UTC)"],
-                    &rows,
+                    },
                 )
             }),
             UserCmd::Show { name } => out.show(&c.user(&name)?, user_show),
@@ -1176,18 +1157,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 token_created,
             ),
             TokenCmd::List { user } => out.show(&c.tokens(&user)?, |v| {
-                let rows: Vec<Vec<String>> = v
-                    .iter()
-                    .map(|t| {
-                        vec![
-                            t.id.clone(),
-                            t.name.clone(),
-                            time(t.created_unix),
-                            t.expires_unix.map(time).unwrap_or_else(|| "never".into()),
-                        ]
-                    })
-                    .collect();
-                table(&["ID", "NAME", "CREATED (UTC)", "EXPIRES (UTC)"], &rows)
+                table_of(v, &["ID", "NAME", "CREATED (UTC)", "EXPIRES (UTC)"], |t| {
+                    vec![
+                        t.id.clone(),
+                        t.name.clone(),
+                        time(t.created_unix),
+                        t.expires_unix.map(time).unwrap_or_else(|| "never".into()),
+                    ]
+                })
             }),
             TokenCmd::Delete { user, id } => {
                 c.delete_token(&user, &id)?;
