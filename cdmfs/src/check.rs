@@ -313,6 +313,13 @@ impl Pool {
         }
         let (roots, total) = {
             let mut g = self.lock()?;
+            // Wait out a flush commit in flight, then commit under the lock
+            // so every root is on the device.
+            while g.committing() {
+                drop(g);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                g = self.lock()?;
+            }
             g.commit()?;
             g.pins += 1;
             let roots = g.roots();

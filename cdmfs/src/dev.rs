@@ -30,8 +30,8 @@ pub struct FileDev {
 }
 
 /// Start writeback of dirty pages after this many bytes of writes, so a
-/// commit's fdatasync finds little left to write (as RocksDB's
-/// `bytes_per_sync`): commit latency under sustained writes stays short.
+/// commit's fdatasync finds less left to write (as RocksDB's
+/// `bytes_per_sync`).
 const WRITEBACK_BYTES: u64 = 8 << 20;
 
 impl FileDev {

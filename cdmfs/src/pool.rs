@@ -156,6 +156,26 @@ pub struct Run {
     pub allocated: bool,
 }
 
+/// A commit between its phases: new blocks, the superblock that reaches
+/// them, and the blocks it freed.
+struct Prepared {
+    out: Vec<(u64, Vec<u8>)>,
+    sb: Superblock,
+    freed: Vec<(u64, u64)>,
+}
+
+/// Phase 2 of a commit, needing no lock: new blocks, a barrier, then the
+/// superblock, then a barrier.
+fn write_prepared(dev: &dyn BlockDev, p: &Prepared) -> Result<()> {
+    crate::store::write_blocks(dev, &p.out)?;
+    dev.sync()?;
+    let mut slot = vec![0u8; UNIT as usize];
+    slot[..SB_BYTES].copy_from_slice(&p.sb.encode());
+    dev.write_at(&slot, (p.sb.generation % SB_SLOTS) * UNIT)?;
+    dev.sync()?;
+    Ok(())
+}
+
 pub(crate) struct Inner {
     pub store: Store,
     sb: Superblock,
@@ -176,6 +196,9 @@ pub(crate) struct Inner {
     /// Readers outside the pool lock (a live scrub) that need every block a
     /// committed root reached to stay unreused: frees wait while this is > 0.
     pub(crate) pins: usize,
+    /// A commit is writing and syncing without the pool lock (see
+    /// [`Pool::flush`]); no other commit may start until it publishes.
+    committing: bool,
     /// Commits done since open and the time they took.
     commits: u64,
     commit_ns: u64,
@@ -224,6 +247,8 @@ pub struct Pool {
     /// Serializes commits; holds the number of mutations known durable.
     durable: Mutex<u64>,
     ranges: RangeLocks,
+    /// Signalled when a flush commit in flight publishes.
+    commit_done: Condvar,
 }
 
 fn now_ns() -> u64 {
@@ -364,6 +389,7 @@ impl Pool {
             blobs: HashMap::new(),
             free_queue: VecDeque::new(),
             pins: 0,
+            committing: false,
             commits: 0,
             commit_ns: 0,
             ops: 0,
@@ -380,6 +406,7 @@ impl Pool {
                 held: Mutex::new(Vec::new()),
                 cv: Condvar::new(),
             },
+            commit_done: Condvar::new(),
         })
     }
 
@@ -404,9 +431,28 @@ impl Pool {
         if *durable >= target {
             return Ok(());
         }
-        let mut inner = self.lock()?;
-        let seq = inner.ops;
-        inner.commit()?;
+        // Phase 1 under the lock; phase 2 (writes and syncs) without it, so
+        // I/O and snapshot creation go on meanwhile; phase 3 publishes.
+        let t0 = std::time::Instant::now();
+        let (seq, prepared) = {
+            let mut g = self.lock()?;
+            if g.committing {
+                return Err(internal("two flush commits at once"));
+            }
+            let seq = g.ops;
+            let p = g.prepare_commit();
+            let p = g.check_commit(p)?;
+            g.committing = p.is_some();
+            (seq, p)
+        };
+        if let Some(p) = prepared {
+            let r = write_prepared(&*self.dev, &p);
+            let mut g = self.inner.lock().map_err(|_| Error::Failed)?;
+            g.committing = false;
+            self.commit_done.notify_all();
+            g.check_commit(r)?;
+            g.finish_commit(p, t0);
+        }
         *durable = seq;
         Ok(())
     }
@@ -880,6 +926,18 @@ impl Pool {
         let g = self
             .ranges
             .lock(vol, offset / bs64, (offset + len - 1) / bs64 + 1);
+        // Write throttle: new writes wait while a commit writes and syncs,
+        // so the data a commit must sync stays bounded and a snapshot (or a
+        // FLUSH) waiting behind it is not delayed by writers outpacing the
+        // device. Reads, snapshots and the API are not held.
+        let mut inner = self.lock()?;
+        while inner.committing {
+            inner = self.commit_done.wait(inner).map_err(|_| Error::Failed)?;
+            if inner.failed {
+                return Err(Error::Failed);
+            }
+        }
+        drop(inner);
         Ok(Some((g, bs)))
     }
 
@@ -1620,14 +1678,25 @@ impl Inner {
 
     // ---- commit ------------------------------------------------------------
 
+    /// A whole commit under the pool lock (callers that hold it). Must not
+    /// run while a [`Pool::flush`] commit is in flight.
     pub(crate) fn commit(&mut self) -> Result<()> {
-        let t0 = std::time::Instant::now();
-        let dirty = self.has_uncommitted();
-        let r = self.commit_inner();
-        if dirty && r.is_ok() {
-            self.commits += 1;
-            self.commit_ns += t0.elapsed().as_nanos() as u64;
+        if self.committing {
+            return Err(internal("commit while another commit is in flight"));
         }
+        let t0 = std::time::Instant::now();
+        let r = self.prepare_commit().and_then(|p| match p {
+            Some(p) => {
+                write_prepared(&*self.store.dev, &p)?;
+                self.finish_commit(p, t0);
+                Ok(())
+            }
+            None => Ok(()),
+        });
+        self.check_commit(r)
+    }
+
+    fn check_commit<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
             tracing::error!(error = %e, "commit failed; the pool must be reopened");
             self.failed = true;
@@ -1635,14 +1704,18 @@ impl Inner {
         r
     }
 
-    fn commit_inner(&mut self) -> Result<()> {
+    /// Phase 1 of a commit, under the lock: serializes every dirty tree,
+    /// the catalog and the refcounts into new blocks and builds the next
+    /// superblock. The in-memory trees move on to the new (clean) nodes at
+    /// once; the nodes stay loadable from `in_flight` until published.
+    fn prepare_commit(&mut self) -> Result<Option<Prepared>> {
         if self.catalog_dirty.is_empty()
             && self.store.rc_delta.is_empty()
             && self.store.dirty.is_empty()
             && self.store.pending_free.is_empty()
             && self.free_queue.iter().all(|f| f.is_empty())
         {
-            return Ok(());
+            return Ok(None);
         }
         let mut written = HashMap::new();
         let mut out = Vec::new();
@@ -1724,9 +1797,6 @@ impl Inner {
                 self.store.dirty.len()
             )));
         }
-        // 4. New blocks, a barrier, then the superblock, then a barrier.
-        self.store.write_blocks(out)?;
-        self.store.dev.sync()?;
         let sb = Superblock {
             version: FORMAT_VERSION,
             uuid: self.sb.uuid,
@@ -1738,19 +1808,23 @@ impl Inner {
             next_id: self.next_id,
             commit_time_ns: now_ns(),
         };
-        let mut slot = vec![0u8; UNIT as usize];
-        slot[..SB_BYTES].copy_from_slice(&sb.encode());
-        self.store
-            .dev
-            .write_at(&slot, (sb.generation % SB_SLOTS) * UNIT)?;
-        self.store.dev.sync()?;
-        // 5. The commit is durable.
         self.catalog_root = cat;
         self.store.rc_root = rc;
-        self.store.generation = sb.generation + 1;
-        self.sb = sb;
-        self.free_queue
-            .push_back(std::mem::take(&mut self.store.pending_free));
+        out.sort_unstable_by_key(|(a, _)| *a);
+        Ok(Some(Prepared {
+            out,
+            sb,
+            freed: std::mem::take(&mut self.store.pending_free),
+        }))
+    }
+
+    /// Phase 3, under the lock: the commit is durable; publish it and let
+    /// blocks freed `FREE_DELAY` commits ago be reused.
+    fn finish_commit(&mut self, p: Prepared, t0: std::time::Instant) {
+        self.store.generation = p.sb.generation + 1;
+        self.sb = p.sb;
+        self.store.in_flight.clear();
+        self.free_queue.push_back(p.freed);
         while self.free_queue.len() > FREE_DELAY && self.pins == 0 {
             if let Some(list) = self.free_queue.pop_front() {
                 for (a, n) in list {
@@ -1758,7 +1832,8 @@ impl Inner {
                 }
             }
         }
-        Ok(())
+        self.commits += 1;
+        self.commit_ns += t0.elapsed().as_nanos() as u64;
     }
 
     pub(crate) fn roots(&self) -> Vec<(String, Ptr, u32)> {
@@ -1818,6 +1893,10 @@ impl Inner {
         let id: u64 = root_name.rsplit_once('@')?.1.parse().ok()?;
         self.snapshots.get(&id).map(|s| s.allocated_blocks)
     }
+    pub(crate) fn committing(&self) -> bool {
+        self.committing
+    }
+
     pub(crate) fn has_uncommitted(&self) -> bool {
         !self.catalog_dirty.is_empty()
             || !self.store.dirty.is_empty()

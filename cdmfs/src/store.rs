@@ -34,6 +34,10 @@ pub(crate) struct Store {
     pub max_fanout: u32,
     /// Generation of the transaction being built.
     pub generation: u64,
+    /// Nodes serialized by a commit whose blocks may not be on the device
+    /// yet (the pool lock is released while a commit writes and syncs):
+    /// loads find them here, never on the device.
+    pub in_flight: HashMap<u64, Arc<Node>>,
     pub dirty: HashMap<u64, Arc<Node>>,
     cache: LruCache<u64, (Arc<Node>, u32)>,
     pub alloc: Allocator,
@@ -67,6 +71,7 @@ impl Store {
             dev,
             max_fanout,
             generation: 1,
+            in_flight: HashMap::new(),
             dirty: HashMap::new(),
             cache: LruCache::new(
                 NonZeroUsize::new(cache_nodes.max(16)).unwrap_or(NonZeroUsize::MIN),
@@ -96,6 +101,11 @@ impl Store {
     pub fn load(&mut self, kind: TreeKind, p: Ptr) -> Result<Arc<Node>> {
         if let Some(n) = self.dirty.get(&p.addr) {
             return Ok(n.clone());
+        }
+        if let Some(n) = self.in_flight.get(&p.addr) {
+            if n.kind == kind {
+                return Ok(n.clone());
+            }
         }
         if let Some((n, c)) = self.cache.get(&p.addr) {
             if *c == p.csum && n.kind == kind {
@@ -558,35 +568,10 @@ impl Store {
         let (bytes, csum) = node.encode(p.addr, self.generation);
         written.insert(p.addr, csum);
         out.push((p.addr, bytes));
-        self.cache.put(p.addr, (Arc::new(node), csum));
+        let node = Arc::new(node);
+        self.in_flight.insert(p.addr, node.clone());
+        self.cache.put(p.addr, (node, csum));
         Ok(Ptr { addr: p.addr, csum })
-    }
-
-    /// Writes serialized blocks, coalescing neighbours into larger writes.
-    pub fn write_blocks(&self, mut out: Vec<(u64, Vec<u8>)>) -> Result<()> {
-        out.sort_unstable_by_key(|(a, _)| *a);
-        let mut i = 0;
-        while i < out.len() {
-            let start = out[i].0;
-            let mut j = i;
-            let mut next = start + (out[i].1.len() as u64).div_ceil(UNIT);
-            while j + 1 < out.len() && out[j + 1].0 == next && next - start < 256 {
-                j += 1;
-                next += (out[j].1.len() as u64).div_ceil(UNIT);
-            }
-            if i == j {
-                self.dev.write_at(&out[i].1, start * UNIT)?;
-            } else {
-                let mut buf = Vec::with_capacity(((next - start) * UNIT) as usize);
-                for (_, b) in &out[i..=j] {
-                    buf.extend_from_slice(b);
-                    buf.resize(buf.len().div_ceil(UNIT as usize) * UNIT as usize, 0);
-                }
-                self.dev.write_at(&buf, start * UNIT)?;
-            }
-            i = j + 1;
-        }
-        Ok(())
     }
 
     /// Applies the buffered refcount changes to the refcount tree, in order.
@@ -607,4 +592,31 @@ impl Store {
         self.rc_root = root;
         Ok(())
     }
+}
+
+/// Writes serialized blocks (sorted by address), coalescing neighbours
+/// into larger writes.
+pub fn write_blocks(dev: &dyn BlockDev, out: &[(u64, Vec<u8>)]) -> Result<()> {
+    let mut i = 0;
+    while i < out.len() {
+        let start = out[i].0;
+        let mut j = i;
+        let mut next = start + (out[i].1.len() as u64).div_ceil(UNIT);
+        while j + 1 < out.len() && out[j + 1].0 == next && next - start < 256 {
+            j += 1;
+            next += (out[j].1.len() as u64).div_ceil(UNIT);
+        }
+        if i == j {
+            dev.write_at(&out[i].1, start * UNIT)?;
+        } else {
+            let mut buf = Vec::with_capacity(((next - start) * UNIT) as usize);
+            for (_, b) in &out[i..=j] {
+                buf.extend_from_slice(b);
+                buf.resize(buf.len().div_ceil(UNIT as usize) * UNIT as usize, 0);
+            }
+            dev.write_at(&buf, start * UNIT)?;
+        }
+        i = j + 1;
+    }
+    Ok(())
 }
