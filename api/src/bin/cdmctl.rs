@@ -475,14 +475,18 @@ fn volumes_table(v: &[Volume]) -> String {
                 human(v.allocated_bytes),
                 human(v.unique_bytes),
                 v.snapshots.to_string(),
-                v.origin
-                    .as_ref()
-                    .map(|o| format!("{}@{}", o.volume.as_deref().unwrap_or("?"), o.snapshot))
-                    .unwrap_or_else(|| "-".into()),
+                origin(&v.origin),
                 v.clients.to_string(),
             ]
         },
     )
+}
+
+/// `VOLUME@ID` of a clone's origin, or `-`.
+fn origin(o: &Option<Origin>) -> String {
+    o.as_ref()
+        .map(|o| format!("{}@{}", o.volume.as_deref().unwrap_or("?"), o.snapshot))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn volume_show(v: &Volume) -> String {
@@ -495,10 +499,7 @@ fn volume_show(v: &Volume) -> String {
         v.size,
         human(v.block_size as u64),
         time(v.created_unix),
-        v.origin
-            .as_ref()
-            .map(|o| format!("{}@{}", o.volume.as_deref().unwrap_or("?"), o.snapshot))
-            .unwrap_or_else(|| "-".into()),
+        origin(&v.origin),
         human(v.allocated_bytes),
         human(v.unique_bytes),
         v.snapshots,
