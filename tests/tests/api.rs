@@ -782,7 +782,10 @@ struct Receiver {
 }
 
 fn receiver(fail_first: usize, hang: bool) -> Receiver {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    receiver_on(TcpListener::bind("127.0.0.1:0").unwrap(), fail_first, hang)
+}
+
+fn receiver_on(l: TcpListener, fail_first: usize, hang: bool) -> Receiver {
     let port = l.local_addr().unwrap().port();
     let got: Received = Arc::default();
     let g = got.clone();
@@ -1268,4 +1271,59 @@ fn cdmctl_drives_the_appliance_with_exit_codes() {
     let o = cdmctl(&a, &["metrics"]);
     assert!(String::from_utf8_lossy(&o.stdout)
         .contains("cdm_nbd_bytes_total{export=\"pg\",op=\"write\"} 2097152"));
+}
+
+#[test]
+fn pending_webhook_deliveries_survive_a_restart() {
+    use hmac::{Hmac, Mac};
+    // Retries for long enough that the delivery is still pending at restart.
+    let cfg = "scheduler_tick_ms = 100\n[webhooks]\nbackoff_ms = 200\nmax_backoff_ms = 400\nmax_attempts = 1000\ntimeout_ms = 1000\n";
+    let mut a = Appliance::start(Some(cfg));
+    let api = Api::new(&a, &a.admin_token());
+    let port = free_port(); // nothing listens there yet
+    let secret = "restart-secret-0123456789";
+    let h = api.expect(
+        201,
+        "POST",
+        "/v1/webhooks",
+        Some(json!({"url": format!("http://127.0.0.1:{port}/"), "events": ["volume.created"], "secret": secret})),
+    );
+    let hid = h["id"].as_u64().unwrap();
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "late", "size": 1 << 20})),
+    );
+    wait_for(10, "failed attempts", || {
+        let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
+        d[0]["attempts"]
+            .as_u64()
+            .is_some_and(|n| n >= 2)
+            .then_some(())
+    });
+    a.stop();
+    // The receiver comes up while the daemon is down.
+    let rx = receiver_on(
+        TcpListener::bind(("127.0.0.1", port)).expect("receiver port"),
+        0,
+        false,
+    );
+    a.restart();
+    let api = Api::new(&a, &a.admin_token());
+    let d = wait_for(20, "delivery after restart", || {
+        let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
+        (d[0]["state"] == "delivered").then_some(d)
+    });
+    assert!(d[0]["attempts"].as_u64().unwrap() >= 3, "{d}");
+    let got = rx.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "delivered once");
+    let (h, body) = &got[0];
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    let want = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    assert_eq!(header(h, "x-cdm-signature"), Some(want.as_str()));
+    let v: Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(v["event"]["subject"], "late");
+    a.stop();
 }

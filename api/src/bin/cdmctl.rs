@@ -440,6 +440,13 @@ struct Out {
 }
 
 impl Out {
+    /// A confirmation for people; nothing with `--json`.
+    fn say(&self, msg: String) {
+        if !self.json {
+            println!("{msg}");
+        }
+    }
+
     fn show<T: Serialize>(&self, v: &T, human: impl FnOnce(&T) -> String) {
         if self.json {
             println!(
@@ -827,9 +834,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             VolumeCmd::Grow { name, size } => out.show(&c.grow_volume(&name, size)?, volume_show),
             VolumeCmd::Delete { name, force } => {
                 c.delete_volume(&name, force)?;
-                if !out.json {
-                    println!("deleted volume {name}");
-                }
+                out.say(format!("deleted volume {name}"));
             }
             VolumeCmd::Policy { name } => out.show(&c.policy(&name)?, policy_show),
             VolumeCmd::SetPolicy {
@@ -880,9 +885,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             SnapshotCmd::Show { volume, id } => out.show(&c.snapshot(&volume, id)?, snapshot_show),
             SnapshotCmd::Delete { volume, id, force } => {
                 c.delete_snapshot(&volume, id, force)?;
-                if !out.json {
-                    println!("deleted snapshot {volume}@{id}");
-                }
+                out.say(format!("deleted snapshot {volume}@{id}"));
             }
         },
         Cmd::Clone(cl) => match cl {
@@ -895,9 +898,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             CloneCmd::Promote { name } => out.show(&c.promote_clone(&name)?, volume_show),
             CloneCmd::Delete { name, force } => {
                 c.delete_clone(&name, force)?;
-                if !out.json {
-                    println!("deleted clone {name}");
-                }
+                out.say(format!("deleted clone {name}"));
             }
         },
         Cmd::Export(ExportCmd::List) => out.show(&c.exports()?, |v| {
@@ -1045,9 +1046,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             WebhookCmd::Show { id } => out.show(&c.webhook(id)?, webhook_show),
             WebhookCmd::Delete { id } => {
                 c.delete_webhook(id)?;
-                if !out.json {
-                    println!("deleted webhook {id}");
-                }
+                out.say(format!("deleted webhook {id}"));
             }
             WebhookCmd::Deliveries { id } => out.show(&c.deliveries(id)?, |v| {
                 table_of(
@@ -1137,9 +1136,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }
             UserCmd::Delete { name } => {
                 c.delete_user(&name)?;
-                if !out.json {
-                    println!("deleted user {name}");
-                }
+                out.say(format!("deleted user {name}"));
             }
         },
         Cmd::Token(t) => match t {
@@ -1169,9 +1166,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             }),
             TokenCmd::Delete { user, id } => {
                 c.delete_token(&user, &id)?;
-                if !out.json {
-                    println!("deleted token {id} of {user}");
-                }
+                out.say(format!("deleted token {id} of {user}"));
             }
         },
         Cmd::Login {
@@ -1188,9 +1183,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }
         Cmd::Logout => {
             c.logout()?;
-            if !out.json {
-                println!("logged out: the token is revoked");
-            }
+            out.say("logged out: the token is revoked".to_string());
         }
         Cmd::Pool(p) => match p {
             PoolCmd::Show => out.show(&c.pool()?, pool_show),
