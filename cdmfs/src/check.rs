@@ -24,6 +24,8 @@ pub struct FsckReport {
     pub used_blocks: u64,
     pub deferred_free_blocks: u64,
     pub leaked_blocks: u64,
+    pub dedup_nodes: u64,
+    pub dedup_entries: u64,
 }
 
 impl FsckReport {
@@ -32,7 +34,12 @@ impl FsckReport {
     }
     /// Metadata bytes (every tree node and catalog record).
     pub fn metadata_bytes(&self) -> u64 {
-        (self.volume_nodes + self.refcount_nodes + self.catalog_nodes + self.catalog_blocks) * UNIT
+        (self.volume_nodes
+            + self.refcount_nodes
+            + self.catalog_nodes
+            + self.catalog_blocks
+            + self.dedup_nodes)
+            * UNIT
     }
 }
 
@@ -59,6 +66,9 @@ pub struct ScrubReport {
 enum Obj {
     Node,
     Extent(u32),
+    /// A pack of compressed chunks, at least this many blocks long (its
+    /// length is what the refcount tree records).
+    Pack(u32),
 }
 
 impl Pool {
@@ -123,7 +133,8 @@ impl Pool {
                         if e.stored_len == 0
                             || e.stored_len > *bs
                             || e.addr < RESERVED_BLOCKS
-                            || e.addr + e.blocks() as u64 > total
+                            || e.addr + e.min_object_blocks() as u64 > total
+                            || (!e.packed() && e.stored_len != *bs)
                         {
                             rep.errors.push(format!(
                                 "{name}: bad extent at offset {} (block {}, {} bytes)",
@@ -133,15 +144,22 @@ impl Pool {
                             ));
                             continue;
                         }
-                        let r = refs.entry(e.addr).or_insert((0, Obj::Extent(e.blocks())));
+                        let obj = if e.packed() {
+                            Obj::Pack(e.min_object_blocks())
+                        } else {
+                            Obj::Extent(e.blocks())
+                        };
+                        let r = refs.entry(e.addr).or_insert((0, obj));
                         r.0 += 1;
-                        if r.1 != Obj::Extent(e.blocks()) {
-                            rep.errors.push(format!(
+                        match (r.1, obj) {
+                            (Obj::Pack(a), Obj::Pack(b)) => r.1 = Obj::Pack(a.max(b)),
+                            (a, b) if a == b => {}
+                            _ => rep.errors.push(format!(
                                 "{name}: pool block {} is used as two different objects",
                                 e.addr
-                            ));
+                            )),
                         }
-                        if r.0 == 1 {
+                        if r.0 == 1 || e.packed() {
                             rep.data_bytes += e.stored_len as u64;
                         }
                     } else {
@@ -202,10 +220,17 @@ impl Pool {
             };
         }
         rep.refcount_nodes = rc_nodes.len() as u64;
-        for (addr, (n, obj)) in &refs {
+        for (addr, (n, obj)) in refs.iter_mut() {
             let blocks = match obj {
                 Obj::Node => 1,
                 Obj::Extent(b) => *b,
+                Obj::Pack(need) => match stored.get(addr) {
+                    Some(v) if v.blocks >= *need && v.blocks as u64 <= MAX_PACK / UNIT => {
+                        *obj = Obj::Pack(v.blocks);
+                        v.blocks
+                    }
+                    _ => *need,
+                },
             };
             match stored.get(addr) {
                 None => rep.errors.push(format!(
@@ -247,7 +272,7 @@ impl Pool {
         for (addr, (_, obj)) in &refs {
             let n = match obj {
                 Obj::Node => 1,
-                Obj::Extent(b) => *b as u64,
+                Obj::Extent(b) | Obj::Pack(b) => *b as u64,
             };
             claim(&mut rep, *addr, n, "volume data");
         }
@@ -263,6 +288,37 @@ impl Pool {
             rep.errors.push(format!("catalog tree: {e}"));
         }
         rep.catalog_nodes = cat_nodes.len() as u64;
+        // Dedup index: its nodes, and every entry names a live chunk.
+        let (dd_root, ddr_root) = (g.store.dd_root, g.store.ddr_root);
+        let mut dd_entries: Vec<(u64, DedupVal)> = Vec::new();
+        for (kind, root) in [(TreeKind::Dedup, dd_root), (TreeKind::DedupRev, ddr_root)] {
+            let walk = g.walk_nodes(kind, root, &mut |a, n| {
+                cat_nodes.push(a);
+                rep.dedup_nodes += 1;
+                if kind == TreeKind::Dedup && n.is_leaf() {
+                    for i in 0..n.len() {
+                        dd_entries.push((n.keys[i], DedupVal::decode(n.val(i))));
+                    }
+                }
+                Ok(())
+            });
+            if let Err(e) = walk {
+                rep.errors.push(format!("{}: {e}", kind.name()));
+            }
+        }
+        let freed: std::collections::HashSet<u64> = g.store.dd_freed.iter().copied().collect();
+        for (k, v) in dd_entries {
+            if g.store.dd_pending.contains_key(&k) || freed.contains(&v.ext.addr) {
+                continue;
+            }
+            rep.dedup_entries += 1;
+            if !refs.contains_key(&v.ext.addr) {
+                rep.errors.push(format!(
+                    "dedup index entry {k:#018x} names pool block {}, which nothing references",
+                    v.ext.addr
+                ));
+            }
+        }
         for a in cat_nodes {
             claim(&mut rep, a, 1, "catalog node");
         }
@@ -386,15 +442,15 @@ impl Pool {
                     }
                     let e = Extent::decode(n.val(i));
                     done += bs as u64;
-                    let ok = match seen_ext.get(&e.addr) {
+                    let ok = match seen_ext.get(&e.byte_offset()) {
                         Some(ok) => *ok,
                         None => {
                             let mut buf = vec![0u8; e.stored_len as usize];
-                            let ok =
-                                dev.read_at(&mut buf, e.addr * UNIT).is_ok() && crc(&buf) == e.csum;
+                            let ok = dev.read_at(&mut buf, e.byte_offset()).is_ok()
+                                && crc(&buf) == e.csum;
                             rep.extents_checked += 1;
                             rep.bytes_checked += e.stored_len as u64;
-                            seen_ext.insert(e.addr, ok);
+                            seen_ext.insert(e.byte_offset(), ok);
                             ok
                         }
                     };

@@ -42,6 +42,10 @@ pub enum Error {
     ReadOnly(String),
     #[error("busy: {0}")]
     Busy(String),
+    #[error("wrong key: {0}")]
+    WrongKey(String),
+    #[error("this data is encrypted and the pool was opened without its key (--key-file or --passphrase-file)")]
+    KeyRequired,
     #[error("pool is failed after an earlier I/O error; reopen it")]
     Failed,
     /// Internal: a lookup that must not do I/O under the pool lock needs a
@@ -62,6 +66,7 @@ impl Error {
             Error::Exists(_) => libc::EEXIST,
             Error::ReadOnly(_) => libc::EPERM,
             Error::Busy(_) => libc::EBUSY,
+            Error::KeyRequired | Error::WrongKey(_) => libc::EACCES,
             _ => libc::EIO,
         }
     }

@@ -82,6 +82,9 @@ pub struct Superblock {
     pub refcounts: Ptr,
     pub next_id: u64,
     pub commit_time_ns: u64,
+    /// Dedup index and its reverse map (null in pools that never deduplicated).
+    pub dedup: Ptr,
+    pub dedup_rev: Ptr,
 }
 
 impl Superblock {
@@ -102,6 +105,10 @@ impl Superblock {
         wr_u32(&mut b, 88, self.refcounts.csum);
         wr_u64(&mut b, 96, self.next_id);
         wr_u64(&mut b, 104, self.commit_time_ns);
+        wr_u64(&mut b, 112, self.dedup.addr);
+        wr_u32(&mut b, 120, self.dedup.csum);
+        wr_u64(&mut b, 124, self.dedup_rev.addr);
+        wr_u32(&mut b, 132, self.dedup_rev.csum);
         let c = crc(&b[..SB_BYTES - 4]);
         wr_u32(&mut b, SB_BYTES - 4, c);
         b
@@ -149,6 +156,14 @@ impl Superblock {
             },
             next_id: rd_u64(b, 96),
             commit_time_ns: rd_u64(b, 104),
+            dedup: Ptr {
+                addr: rd_u64(b, 112),
+                csum: rd_u32(b, 120),
+            },
+            dedup_rev: Ptr {
+                addr: rd_u64(b, 124),
+                csum: rd_u32(b, 132),
+            },
         }))
     }
 }
@@ -172,6 +187,11 @@ pub enum TreeKind {
     Refcount = 2,
     /// record key -> [`Ptr`] to a blob
     Catalog = 3,
+    /// fingerprint (first 8 bytes) -> [`DedupVal`]
+    Dedup = 4,
+    /// (object block << 12 | slot) -> fingerprint key, to drop index
+    /// entries when an object is freed
+    DedupRev = 5,
 }
 
 impl TreeKind {
@@ -180,6 +200,8 @@ impl TreeKind {
             1 => Some(TreeKind::Volume),
             2 => Some(TreeKind::Refcount),
             3 => Some(TreeKind::Catalog),
+            4 => Some(TreeKind::Dedup),
+            5 => Some(TreeKind::DedupRev),
             _ => None,
         }
     }
@@ -189,6 +211,8 @@ impl TreeKind {
             TreeKind::Volume => Extent::SIZE,
             TreeKind::Refcount => RcVal::SIZE,
             TreeKind::Catalog => PTR_SIZE,
+            TreeKind::Dedup => DedupVal::SIZE,
+            TreeKind::DedupRev => 8,
         }
     }
     pub fn shared(self) -> bool {
@@ -199,6 +223,8 @@ impl TreeKind {
             TreeKind::Volume => "volume tree node",
             TreeKind::Refcount => "refcount tree node",
             TreeKind::Catalog => "catalog tree node",
+            TreeKind::Dedup => "dedup index node",
+            TreeKind::DedupRev => "dedup reverse index node",
         }
     }
 }
@@ -224,7 +250,20 @@ pub mod flags {
     pub const COMPRESSED: u16 = 1 << 0;
     pub const ENCRYPTED: u16 = 1 << 1;
     pub const DEDUP: u16 = 1 << 2;
+    /// The bytes live inside a pack (an object holding many compressed
+    /// chunks): at byte `aux * 16` from the object's first block.
+    pub const PACKED: u16 = 1 << 3;
+    /// Bits 8–9: the cipher of an encrypted extent (0 AES-256-XTS,
+    /// 1 AES-128-XTS, 2 SM4-XTS).
+    pub const CIPHER_SHIFT: u16 = 8;
+    pub const CIPHER_MASK: u16 = 3 << 8;
+    pub const KNOWN: u16 = COMPRESSED | ENCRYPTED | DEDUP | PACKED | CIPHER_MASK;
 }
+
+/// Largest pack: 1 MiB, so a chunk's offset (in 16-byte units) fits `aux`.
+pub const MAX_PACK: u64 = 1 << 20;
+/// Most chunks in one pack (the dedup reverse index keys a slot in 12 bits).
+pub const MAX_PACK_CHUNKS: usize = 4096;
 
 /// A leaf value of a volume tree: where one logical block lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -243,8 +282,44 @@ pub struct Extent {
 
 impl Extent {
     pub const SIZE: usize = 20;
+    /// Blocks of a plain (unpacked) extent.
     pub fn blocks(&self) -> u32 {
         self.stored_len.div_ceil(UNIT as u32)
+    }
+    pub fn packed(&self) -> bool {
+        self.flags & flags::PACKED != 0
+    }
+    /// Pool byte offset of the stored bytes.
+    pub fn byte_offset(&self) -> u64 {
+        self.addr * UNIT
+            + if self.packed() {
+                self.aux as u64 * 16
+            } else {
+                0
+            }
+    }
+    /// Blocks the object at `addr` must have at least to hold these bytes.
+    pub fn min_object_blocks(&self) -> u32 {
+        let end = if self.packed() {
+            self.aux as u64 * 16
+        } else {
+            0
+        } + self.stored_len as u64;
+        end.div_ceil(UNIT) as u32
+    }
+    /// Stored bytes this extent accounts for (a packed chunk: its bytes
+    /// rounded to the 16-byte slot; a plain extent: its whole blocks).
+    pub fn phys_bytes(&self) -> u64 {
+        if self.packed() {
+            (self.stored_len as u64).div_ceil(16) * 16
+        } else {
+            self.blocks() as u64 * UNIT
+        }
+    }
+    /// Whether the stored bytes are the block as is (not compressed,
+    /// encrypted or packed; a deduplicated plain extent is plain).
+    pub fn is_plain(&self) -> bool {
+        self.flags & (flags::COMPRESSED | flags::ENCRYPTED | flags::PACKED) == 0
     }
     pub fn encode(&self) -> [u8; Self::SIZE] {
         let mut b = [0u8; Self::SIZE];
@@ -263,6 +338,49 @@ impl Extent {
             flags: rd_u16(b, 16),
             aux: rd_u16(b, 18),
         }
+    }
+}
+
+fn extent_sane(e: &Extent) -> bool {
+    e.addr >= RESERVED_BLOCKS
+        && e.addr < MAX_BLOCK_ADDR
+        && e.stored_len > 0
+        && e.stored_len <= MAX_BLOCK_SIZE
+        && e.flags & !flags::KNOWN == 0
+        && (e.packed() || e.aux == 0)
+        && (!e.packed() || e.aux as u64 * 16 + e.stored_len as u64 <= MAX_PACK)
+        && (e.flags & flags::ENCRYPTED != 0 || e.flags & flags::CIPHER_MASK == 0)
+}
+
+/// A leaf value of the dedup index: the rest of the 32-byte fingerprint
+/// (the key holds its first 8 bytes) and the extent holding the chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupVal {
+    pub rest: [u8; 24],
+    pub ext: Extent,
+}
+
+impl DedupVal {
+    pub const SIZE: usize = 24 + Extent::SIZE;
+    pub fn encode(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        b[..24].copy_from_slice(&self.rest);
+        b[24..].copy_from_slice(&self.ext.encode());
+        b
+    }
+    pub fn decode(b: &[u8]) -> DedupVal {
+        let mut rest = [0u8; 24];
+        rest.copy_from_slice(&b[..24]);
+        DedupVal {
+            rest,
+            ext: Extent::decode(&b[24..]),
+        }
+    }
+    /// Splits a fingerprint into the index key and the rest.
+    pub fn split(fp: &[u8; 32]) -> (u64, [u8; 24]) {
+        let mut rest = [0u8; 24];
+        rest.copy_from_slice(&fp[8..]);
+        (rd_u64(fp, 0), rest)
     }
 }
 
@@ -457,13 +575,10 @@ impl Node {
             } else {
                 match kind {
                     TreeKind::Volume => {
-                        let e = Extent::decode(v);
-                        e.addr >= RESERVED_BLOCKS
-                            && e.addr < MAX_BLOCK_ADDR
-                            && e.stored_len > 0
-                            && e.stored_len <= MAX_BLOCK_SIZE
-                            && node.keys[i] < MAX_BLOCK_ADDR
+                        extent_sane(&Extent::decode(v)) && node.keys[i] < MAX_BLOCK_ADDR
                     }
+                    TreeKind::Dedup => extent_sane(&DedupVal::decode(v).ext),
+                    TreeKind::DedupRev => true,
                     TreeKind::Refcount => {
                         let r = RcVal::decode(v);
                         r.blocks > 0 && r.refs > 0 && node.keys[i] < MAX_BLOCK_ADDR
@@ -498,6 +613,8 @@ mod tests {
             refcounts: Ptr { addr: 301, csum: 6 },
             next_id: 9,
             commit_time_ns: 1,
+            dedup: Ptr { addr: 302, csum: 7 },
+            dedup_rev: Ptr { addr: 303, csum: 8 },
         };
         let b = sb.encode();
         assert_eq!(Superblock::decode(&b).unwrap(), Some(sb.clone()));

@@ -9,17 +9,22 @@
 
 pub mod alloc;
 pub mod check;
+pub mod chunker;
 pub mod dev;
 pub mod error;
 pub mod format;
+pub mod pipeline;
 pub mod pool;
+pub mod space;
 mod store;
 pub mod units;
 
 pub use dev::{BlockDev, CrashDev, FileDev, MemDev};
 pub use error::{Error, Result};
 pub use format::DEFAULT_BLOCK_SIZE;
+pub use pipeline::{Cipher, KeySource, Policy};
 pub use pool::{
     Brief, FormatOptions, OpenOptions, PhysicalMap, Pool, Run, SnapshotInfo, SpaceInfo, Target,
     VolumeInfo,
 };
+pub use space::{Reduction, ReductionReport};

@@ -11,6 +11,7 @@ use crate::alloc::Allocator;
 use crate::dev::BlockDev;
 use crate::error::{Error, Result};
 use crate::format::*;
+use crate::pipeline::{self, CryptoRec, KeySource, Keys, Policy};
 use crate::store::{internal, Store};
 
 /// Options for [`Pool::format`].
@@ -28,6 +29,11 @@ pub struct OpenOptions {
     pub cache_nodes: usize,
     /// Dirty nodes that trigger a commit on their own.
     pub dirty_limit: usize,
+    /// Key for encrypted volumes. A pool that has a key set up checks it
+    /// (a wrong key fails the open); a pool without one adopts it. Without
+    /// a key, encrypted volumes cannot be read or written (scrub and fsck
+    /// still work: checksums cover the stored bytes).
+    pub key: Option<KeySource>,
 }
 
 impl Default for OpenOptions {
@@ -35,6 +41,7 @@ impl Default for OpenOptions {
         OpenOptions {
             cache_nodes: 16384,
             dirty_limit: 8192,
+            key: None,
         }
     }
 }
@@ -46,6 +53,14 @@ const FREE_DELAY: usize = 2;
 pub const MAX_RECORD: usize = 256 * 1024;
 const KEY_VOLUME: u64 = 1 << 56;
 const KEY_SNAPSHOT: u64 = 2 << 56;
+/// Pool-wide settings (the encryption key record).
+const KEY_POOL: u64 = 3 << 56;
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+struct PoolRec {
+    #[serde(default)]
+    crypto: Option<CryptoRec>,
+}
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
 struct VolumeRec {
@@ -58,6 +73,8 @@ struct VolumeRec {
     root: u64,
     root_csum: u32,
     allocated_blocks: u64,
+    #[serde(default, skip_serializing_if = "Policy::is_plain")]
+    policy: Policy,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -72,6 +89,8 @@ struct SnapshotRec {
     size: u64,
     block_size: u32,
     allocated_blocks: u64,
+    #[serde(default, skip_serializing_if = "Policy::is_plain")]
+    policy: Policy,
 }
 
 /// A volume (stage disk or clone) as listed.
@@ -89,6 +108,7 @@ pub struct VolumeInfo {
     /// Bytes only this volume references (freed if it is deleted).
     pub unique_bytes: u64,
     pub snapshots: usize,
+    pub policy: Policy,
 }
 
 /// A snapshot as listed.
@@ -104,6 +124,7 @@ pub struct SnapshotInfo {
     pub block_size: u32,
     pub allocated_bytes: u64,
     pub unique_bytes: u64,
+    pub policy: Policy,
 }
 
 /// A catalog entry without space accounting: cheap to list often.
@@ -202,6 +223,7 @@ pub(crate) struct Inner {
     /// Commits done since open and the time they took.
     commits: u64,
     commit_ns: u64,
+    pool_rec: PoolRec,
 }
 
 /// Locks on block ranges of a volume, held by writers for read-modify-write.
@@ -249,6 +271,8 @@ pub struct Pool {
     ranges: RangeLocks,
     /// Signalled when a flush commit in flight publishes.
     commit_done: Condvar,
+    /// Keys of an unlocked pool.
+    keys: Option<Arc<Keys>>,
 }
 
 fn now_ns() -> u64 {
@@ -358,6 +382,8 @@ impl Pool {
             refcounts: Ptr::NULL,
             next_id: 1,
             commit_time_ns: now_ns(),
+            dedup: Ptr::NULL,
+            dedup_rev: Ptr::NULL,
         };
         dev.sync()?;
         dev.write_at(&sb.encode(), UNIT)?;
@@ -377,6 +403,8 @@ impl Pool {
         let alloc = Allocator::new(sb.total_blocks, RESERVED_BLOCKS);
         let mut store = Store::new(dev.clone(), alloc, sb.max_fanout, opts.cache_nodes);
         store.rc_root = sb.refcounts;
+        store.dd_root = sb.dedup;
+        store.ddr_root = sb.dedup_rev;
         store.generation = sb.generation + 1;
         let mut inner = Inner {
             store,
@@ -396,8 +424,20 @@ impl Pool {
             next_id: sb.next_id,
             failed: false,
             dirty_limit: opts.dirty_limit.max(64),
+            pool_rec: PoolRec::default(),
         };
         inner.load()?;
+        let keys = match (&opts.key, &inner.pool_rec.crypto) {
+            (None, _) => None,
+            (Some(src), Some(rec)) => Some(Arc::new(Keys::unlock(rec, src)?)),
+            (Some(src), None) => {
+                let (rec, keys) = Keys::create(src)?;
+                inner.pool_rec.crypto = Some(rec);
+                inner.catalog_dirty.insert(KEY_POOL, true);
+                inner.ops += 1;
+                Some(Arc::new(keys))
+            }
+        };
         Ok(Pool {
             inner: Mutex::new(inner),
             dev,
@@ -407,7 +447,13 @@ impl Pool {
                 cv: Condvar::new(),
             },
             commit_done: Condvar::new(),
+            keys,
         })
+    }
+
+    /// Whether the pool has an encryption key set up, and whether it is unlocked.
+    pub fn key_state(&self) -> Result<(bool, bool)> {
+        Ok((self.lock()?.pool_rec.crypto.is_some(), self.keys.is_some()))
     }
 
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
@@ -478,8 +524,23 @@ impl Pool {
     // ---- volumes ----------------------------------------------------------
 
     pub fn create_volume(&self, name: &str, size: u64, block_size: u32) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size, block_size, Policy::default())
+    }
+
+    /// Creates a volume with a data-reduction and encryption policy.
+    pub fn create_volume_with(
+        &self,
+        name: &str,
+        size: u64,
+        block_size: u32,
+        policy: Policy,
+    ) -> Result<VolumeInfo> {
         validate_name(name)?;
         check_block_size(block_size)?;
+        policy.check()?;
+        if policy.encryption.is_some() && self.keys.is_none() {
+            return Err(Error::KeyRequired);
+        }
         if size == 0 || size > (1 << 60) {
             return Err(Error::Invalid(format!(
                 "volume size {size} must be between 1 byte and 1 EiB"
@@ -500,6 +561,7 @@ impl Pool {
             root: 0,
             root_csum: 0,
             allocated_blocks: 0,
+            policy,
         };
         g.add_volume(rec);
         g.volume_info(id)
@@ -643,6 +705,7 @@ impl Pool {
             size: v.size,
             block_size: v.block_size,
             allocated_blocks: v.allocated_blocks,
+            policy: v.policy,
         };
         g.snapshots.insert(id, rec);
         g.catalog_dirty.insert(KEY_SNAPSHOT | id, true);
@@ -705,6 +768,7 @@ impl Pool {
             root: s.root,
             root_csum: s.root_csum,
             allocated_blocks: s.allocated_blocks,
+            policy: s.policy,
         };
         g.add_volume(rec);
         g.volume_info(id)
@@ -825,8 +889,8 @@ impl Pool {
         // Holes read as zeros; mapped blocks are overwritten below, so only
         // the gaps between them are cleared (not the whole buffer twice).
         let mut pos = offset;
-        for (k, e) in map {
-            let (ls, le) = (k * bs, k * bs + e.stored_len as u64);
+        for (k, _) in map {
+            let (ls, le) = (k * bs, k * bs + bs);
             if ls > pos {
                 buf[(pos - offset) as usize..(ls.min(end) - offset) as usize].fill(0);
             }
@@ -840,7 +904,7 @@ impl Pool {
         if map.len() > 1 {
             let mut ranges: Vec<(u64, u64)> = Vec::new();
             for (_, e) in map {
-                let (o, l) = (e.addr * UNIT, e.stored_len as u64);
+                let (o, l) = (e.byte_offset(), e.stored_len as u64);
                 match ranges.last_mut() {
                     Some(r) if r.0 + r.1 == o => r.1 += l,
                     _ => ranges.push((o, l)),
@@ -850,11 +914,19 @@ impl Pool {
                 self.dev.will_need(&ranges);
             }
         }
+        if map.iter().any(|(_, e)| !e.is_plain()) {
+            self.read_pipeline(t, map, bs, offset, buf)?;
+        }
         let mut i = 0;
         while i < map.len() {
+            if !map[i].1.is_plain() {
+                i += 1;
+                continue;
+            }
             // A run of logically and physically contiguous plain extents.
             let mut j = i;
             while j + 1 < map.len()
+                && map[j + 1].1.is_plain()
                 && map[j + 1].0 == map[j].0 + 1
                 && map[j + 1].1.addr == map[j].1.addr + map[j].1.blocks() as u64
                 && map[j].1.stored_len as u64 == bs
@@ -900,6 +972,52 @@ impl Pool {
         Ok(())
     }
 
+    /// Reads the compressed, encrypted or packed extents of `map` into
+    /// `buf`: chunks close together in the pool (a pack) are read at once,
+    /// each verified against its checksum, then decrypted and decompressed.
+    fn read_pipeline(
+        &self,
+        t: Target,
+        map: &[(u64, Extent)],
+        bs: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut todo: Vec<usize> = (0..map.len()).filter(|&i| !map[i].1.is_plain()).collect();
+        todo.sort_unstable_by_key(|&i| map[i].1.byte_offset());
+        let mut a = 0;
+        while a < todo.len() {
+            let start = map[todo[a]].1.byte_offset();
+            let mut stop = start + map[todo[a]].1.stored_len as u64;
+            let mut b = a + 1;
+            while b < todo.len() {
+                let e = &map[todo[b]].1;
+                let (o, l) = (e.byte_offset(), e.stored_len as u64);
+                if o > stop + 65536 || (o + l).max(stop) - start > 2 * MAX_PACK {
+                    break;
+                }
+                stop = stop.max(o + l);
+                b += 1;
+            }
+            let mut span = vec![0u8; (stop - start) as usize];
+            self.dev.read_at(&mut span, start)?;
+            for &i in &todo[a..b] {
+                let (k, e) = map[i];
+                let o = (e.byte_offset() - start) as usize;
+                let mut stored = span[o..o + e.stored_len as usize].to_vec();
+                verify(t, &map[i], &stored, bs)?;
+                let plain = pipeline::decode(self.keys.as_deref(), &e, &mut stored, bs as usize)?;
+                let ls = k * bs;
+                let (x, y) = (ls.max(offset), (ls + bs).min(end));
+                buf[(x - offset) as usize..(y - offset) as usize]
+                    .copy_from_slice(&plain[(x - ls) as usize..(y - ls) as usize]);
+            }
+            a = b;
+        }
+        Ok(())
+    }
+
     /// Writes `data` at `offset` of a volume. Partial blocks are read,
     /// patched and written to a new place (never overwritten in place).
     pub fn write(&self, vol: u64, offset: u64, data: &[u8]) -> Result<()> {
@@ -918,6 +1036,9 @@ impl Pool {
         len: u64,
     ) -> Result<Option<(RangeGuard<'_>, u32)>> {
         let (size, bs) = self.geometry(Target::Volume(vol))?;
+        if self.policy_of(vol)?.encryption.is_some() && self.keys.is_none() {
+            return Err(Error::KeyRequired);
+        }
         check_range(offset, len, size)?;
         if len == 0 {
             return Ok(None);
@@ -939,6 +1060,49 @@ impl Pool {
         }
         drop(inner);
         Ok(Some((g, bs)))
+    }
+
+    fn policy_of(&self, vol: u64) -> Result<Policy> {
+        self.lock()?
+            .volumes
+            .get(&vol)
+            .map(|v| v.policy)
+            .ok_or_else(|| Error::NotFound(format!("volume {vol}")))
+    }
+
+    /// Runs `f` under the pool lock with device reads forbidden: a node
+    /// missing from the cache is read and verified outside the lock, then
+    /// `f` runs again. `f` must have no side effects before it can miss.
+    fn locked_no_io<T>(&self, mut f: impl FnMut(&mut Inner) -> Result<T>) -> Result<T> {
+        for _ in 0..16 {
+            let (kind, p) = {
+                let mut g = self.lock()?;
+                g.store.no_io = true;
+                let r = f(&mut g);
+                g.store.no_io = false;
+                match r {
+                    Err(Error::NodeMiss) => g
+                        .store
+                        .missing
+                        .take()
+                        .ok_or_else(|| internal("node miss without a node"))?,
+                    other => return other,
+                }
+            };
+            let mut buf = vec![0u8; NODE_SIZE];
+            let node = self
+                .dev
+                .read_at(&mut buf, p.addr * UNIT)
+                .map_err(Error::from)
+                .and_then(|_| Node::decode(&buf, p.addr, p.csum));
+            match node {
+                Ok(n) if n.kind == kind => self.lock()?.store.cache_insert(p, Arc::new(n)),
+                // Possibly freed and reused under us; the retry (or the
+                // locked fallback below) tells a race from damage.
+                _ => continue,
+            }
+        }
+        f(&mut *self.lock()?)
     }
 
     /// Makes a range read as zeros, freeing whole blocks (trim and
@@ -1066,11 +1230,16 @@ impl Pool {
             };
             blocks.push((b, if hole { None } else { Some(content) }));
         }
+        let policy = self.policy_of(vol)?;
+        if !policy.is_plain() {
+            return self.write_pipeline(vol, bs, policy, blocks);
+        }
         // Allocate, preferably one contiguous run so the data lands sequentially.
         let units = bs64 / UNIT;
         let n = blocks.iter().filter(|(_, c)| c.is_some()).count() as u64;
         let addrs = self.allocate(n, units)?;
         let mut exts: Vec<(u64, Option<Extent>)> = Vec::with_capacity(blocks.len());
+        let mut objects = Vec::with_capacity(n as usize);
         let mut ai = 0;
         let mut io: Vec<(u64, Vec<u8>)> = Vec::new();
         for (b, c) in blocks {
@@ -1085,39 +1254,61 @@ impl Pool {
                     };
                     ai += 1;
                     io.push((e.addr, c));
+                    objects.push((e.addr, e.blocks(), 1));
                     exts.push((b, Some(e)));
                 }
                 None => exts.push((b, None)),
             }
         }
         let wr = write_runs(&*self.dev, io);
-        if let Err(e) = wr {
-            let mut g = self.lock()?;
-            for e in exts.iter().filter_map(|(_, e)| e.as_ref()) {
-                g.store.alloc.free(e.addr, e.blocks() as u64);
-            }
-            return Err(e);
-        }
+        self.map_blocks(vol, exts, objects, Vec::new(), Vec::new(), wr)
+    }
+
+    /// The last step of every write: registers the objects just written
+    /// (`(block, blocks, references)`), indexes new chunks for dedup, maps
+    /// the blocks (`None`: a hole) and drops what they replaced. `taken`
+    /// are dedup hits already referenced; on failure (`io` or a volume
+    /// deleted meanwhile) they are released and new objects freed.
+    fn map_blocks(
+        &self,
+        vol: u64,
+        exts: Vec<(u64, Option<Extent>)>,
+        objects: Vec<(u64, u32, u32)>,
+        index: Vec<([u8; 32], Extent, u64)>,
+        taken: Vec<Extent>,
+        io: Result<()>,
+    ) -> Result<()> {
         let need_commit = {
             let mut g = self.lock()?;
-            let Some(v) = g.volumes.get(&vol) else {
-                for e in exts.iter().filter_map(|(_, e)| e.as_ref()) {
-                    g.store.alloc.free(e.addr, e.blocks() as u64);
+            let root = match (&io, g.volumes.get(&vol)) {
+                (Ok(()), Some(v)) => Some(Ptr {
+                    addr: v.root,
+                    csum: v.root_csum,
+                }),
+                _ => None,
+            };
+            let Some(mut root) = root else {
+                for (a, n, _) in &objects {
+                    g.store.alloc.free(*a, *n as u64);
                 }
+                for e in &taken {
+                    g.store.dec_extent(e)?;
+                }
+                io?;
                 return Err(Error::NotFound(format!("volume {vol}")));
             };
-            let mut root = Ptr {
-                addr: v.root,
-                csum: v.root_csum,
-            };
+            for (a, n, r) in objects {
+                g.store.add_object(a, n, r);
+            }
+            for (fp, e, slot) in &index {
+                g.store.dd_insert(fp, *e, *slot)?;
+            }
             let mut delta = 0i64;
             for (b, e) in &exts {
                 let prev = match e {
-                    Some(e) => {
-                        g.store.add_extent(e);
-                        g.store
-                            .insert(TreeKind::Volume, &mut root, *b, &e.encode())?
-                    }
+                    Some(e) => g
+                        .store
+                        .insert(TreeKind::Volume, &mut root, *b, &e.encode())?,
                     None => g.store.remove(TreeKind::Volume, &mut root, *b)?,
                 };
                 match (&prev, e) {
@@ -1137,6 +1328,242 @@ impl Pool {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// The write path of a volume with a policy: fingerprint, look up the
+    /// dedup index (hits are referenced at once, so they cannot be freed
+    /// before they are mapped), compress new chunks and pack the
+    /// compressed ones, encrypt with a tweak from where they land, write.
+    fn write_pipeline(
+        &self,
+        vol: u64,
+        bs: u32,
+        policy: Policy,
+        mut blocks: Vec<(u64, Option<Vec<u8>>)>,
+    ) -> Result<()> {
+        let keys = match policy.encryption {
+            Some(_) => Some(self.keys.clone().ok_or(Error::KeyRequired)?),
+            None => None,
+        };
+        let cipher = policy.encryption;
+        let fps: Vec<Option<[u8; 32]>> = blocks
+            .iter()
+            .map(|(_, c)| match c {
+                Some(d) if policy.dedup => Some(pipeline::fingerprint(keys.as_deref(), cipher, d)),
+                _ => None,
+            })
+            .collect();
+        let hits: Vec<Option<Extent>> = if policy.dedup {
+            self.locked_no_io(|g| {
+                let mut found = Vec::with_capacity(fps.len());
+                for fp in &fps {
+                    found.push(match fp {
+                        Some(f) => g.store.dd_lookup(f)?,
+                        None => None,
+                    });
+                }
+                let mut per: BTreeMap<u64, u32> = BTreeMap::new();
+                for e in found.iter().flatten() {
+                    *per.entry(e.addr).or_default() += 1;
+                }
+                // Every read first (any may miss the cache), then the updates.
+                let mut vals = Vec::with_capacity(per.len());
+                for (&a, &n) in &per {
+                    let v = g
+                        .store
+                        .rc_get(a)?
+                        .ok_or_else(|| internal("dedup hit has no refcount"))?;
+                    vals.push((a, v, n));
+                }
+                for (a, mut v, n) in vals {
+                    v.refs = v
+                        .refs
+                        .checked_add(n)
+                        .ok_or_else(|| internal("refcount overflow"))?;
+                    g.store.rc_put(a, Some(v));
+                }
+                Ok(found)
+            })?
+        } else {
+            vec![None; blocks.len()]
+        };
+        let taken: Vec<Extent> = hits.iter().flatten().copied().collect();
+        let r = self.store_new_chunks(bs, policy, keys.as_deref(), &mut blocks, &fps, &hits);
+        let (exts, objects, index, io) = match r {
+            Ok(x) => x,
+            Err(e) => {
+                let mut g = self.lock()?;
+                for t in &taken {
+                    g.store.dec_extent(t)?;
+                }
+                return Err(e);
+            }
+        };
+        self.map_blocks(vol, exts, objects, index, taken, io)
+    }
+
+    /// Compresses, packs, encrypts and writes the chunks of `blocks` that
+    /// are neither holes nor dedup hits. Returns the mapping of every
+    /// block, the new objects, the index entries to add and the result of
+    /// the device write (objects are allocated even if it failed).
+    #[allow(clippy::type_complexity)]
+    fn store_new_chunks(
+        &self,
+        bs: u32,
+        policy: Policy,
+        keys: Option<&Keys>,
+        blocks: &mut [(u64, Option<Vec<u8>>)],
+        fps: &[Option<[u8; 32]>],
+        hits: &[Option<Extent>],
+    ) -> Result<(
+        Vec<(u64, Option<Extent>)>,
+        Vec<(u64, u32, u32)>,
+        Vec<([u8; 32], Extent, u64)>,
+        Result<()>,
+    )> {
+        struct New {
+            fp: Option<[u8; 32]>,
+            bytes: Vec<u8>,
+            compressed: bool,
+            refs: u32,
+            ext: Option<Extent>,
+        }
+        let mut news: Vec<New> = Vec::new();
+        let mut first: HashMap<[u8; 32], usize> = HashMap::new();
+        let mut which: Vec<Option<usize>> = vec![None; blocks.len()];
+        for (i, (_, c)) in blocks.iter_mut().enumerate() {
+            if hits[i].is_some() {
+                continue;
+            }
+            let Some(data) = c.take() else { continue };
+            if let Some(&j) = fps[i].as_ref().and_then(|f| first.get(f)) {
+                news[j].refs += 1;
+                which[i] = Some(j);
+                continue;
+            }
+            let (bytes, compressed) = match policy.compression {
+                0 => (data, false),
+                l => match pipeline::compress(l, &data) {
+                    Some(c) => (c, true),
+                    None => (data, false),
+                },
+            };
+            if let Some(f) = fps[i] {
+                first.insert(f, news.len());
+            }
+            which[i] = Some(news.len());
+            news.push(New {
+                fp: fps[i],
+                bytes,
+                compressed,
+                refs: 1,
+                ext: None,
+            });
+        }
+        let mut base = 0u16;
+        if policy.dedup {
+            base |= flags::DEDUP;
+        }
+        if let Some(c) = policy.encryption {
+            base |= flags::ENCRYPTED | (c.id() << flags::CIPHER_SHIFT);
+        }
+        // Layout: uncompressed chunks are extents of their own; compressed
+        // ones go into packs of up to 1 MiB at 16-byte-aligned offsets.
+        let units = bs as u64 / UNIT;
+        let plain: Vec<usize> = (0..news.len()).filter(|&j| !news[j].compressed).collect();
+        let mut packs: Vec<Vec<(usize, u64)>> = Vec::new();
+        let mut end = MAX_PACK;
+        let packed: Vec<usize> = (0..news.len()).filter(|&j| news[j].compressed).collect();
+        for j in packed {
+            let len = if policy.encryption.is_some() {
+                news[j].bytes.len().max(16)
+            } else {
+                news[j].bytes.len()
+            } as u64;
+            news[j].bytes.resize(len as usize, 0);
+            let cur = packs.last().map_or(0, |p| p.len());
+            if end + len > MAX_PACK || cur >= MAX_PACK_CHUNKS {
+                packs.push(Vec::new());
+                end = 0;
+            }
+            if let Some(p) = packs.last_mut() {
+                p.push((j, end));
+            }
+            end = (end + len).div_ceil(16) * 16;
+        }
+        let plain_addrs = self.allocate(plain.len() as u64, units)?;
+        let mut objects: Vec<(u64, u32, u32)> = Vec::new();
+        let mut io: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut index = Vec::new();
+        let seal = |e: &mut Extent, bytes: &mut [u8]| {
+            if let (Some(k), Some(c)) = (keys, policy.encryption) {
+                pipeline::encrypt(k, c, pipeline::tweak(e), bytes);
+            }
+            e.csum = crc(bytes);
+        };
+        for (&j, &addr) in plain.iter().zip(&plain_addrs) {
+            let n = &mut news[j];
+            let mut e = Extent {
+                addr,
+                stored_len: bs,
+                csum: 0,
+                flags: base,
+                aux: 0,
+            };
+            seal(&mut e, &mut n.bytes);
+            objects.push((addr, units as u32, n.refs));
+            if let Some(f) = n.fp {
+                index.push((f, e, 0));
+            }
+            n.ext = Some(e);
+            io.push((addr, std::mem::take(&mut n.bytes)));
+        }
+        for pack in packs {
+            let size = pack
+                .iter()
+                .map(|&(j, o)| o + news[j].bytes.len() as u64)
+                .max()
+                .unwrap_or(0);
+            let blocks_n = size.div_ceil(UNIT);
+            let addr = match self.allocate(1, blocks_n) {
+                Ok(a) => a[0],
+                Err(e) => {
+                    let mut g = self.lock()?;
+                    for (a, n, _) in &objects {
+                        g.store.alloc.free(*a, *n as u64);
+                    }
+                    return Err(e);
+                }
+            };
+            let mut buf = vec![0u8; (blocks_n * UNIT) as usize];
+            let mut refs = 0u32;
+            for (slot, &(j, off)) in pack.iter().enumerate() {
+                let n = &mut news[j];
+                let mut e = Extent {
+                    addr,
+                    stored_len: n.bytes.len() as u32,
+                    csum: 0,
+                    flags: base | flags::COMPRESSED | flags::PACKED,
+                    aux: (off / 16) as u16,
+                };
+                seal(&mut e, &mut n.bytes);
+                buf[off as usize..off as usize + n.bytes.len()].copy_from_slice(&n.bytes);
+                refs += n.refs;
+                if let Some(f) = n.fp {
+                    index.push((f, e, slot as u64));
+                }
+                n.ext = Some(e);
+            }
+            objects.push((addr, blocks_n as u32, refs));
+            io.push((addr, buf));
+        }
+        let exts = blocks
+            .iter()
+            .enumerate()
+            .map(|(i, (b, _))| (*b, hits[i].or_else(|| which[i].and_then(|j| news[j].ext))))
+            .collect();
+        let r = write_runs(&*self.dev, io);
+        Ok((exts, objects, index, r))
     }
 
     /// Allocates `n` extents of `units` blocks each.
@@ -1181,35 +1608,7 @@ impl Pool {
     /// this way is either exactly the one expected or fails its checksum
     /// (freed and reused meanwhile), in which case the lookup retries.
     fn mappings_unlocked_io(&self, t: Target, b0: u64, b1: u64) -> Result<Vec<(u64, Extent)>> {
-        for _ in 0..16 {
-            let (kind, p) = {
-                let mut g = self.lock()?;
-                g.store.no_io = true;
-                let r = g.mappings(t, b0, b1);
-                g.store.no_io = false;
-                match r {
-                    Err(Error::NodeMiss) => g
-                        .store
-                        .missing
-                        .take()
-                        .ok_or_else(|| internal("node miss without a node"))?,
-                    other => return other,
-                }
-            };
-            let mut buf = vec![0u8; NODE_SIZE];
-            let node = self
-                .dev
-                .read_at(&mut buf, p.addr * UNIT)
-                .map_err(Error::from)
-                .and_then(|_| Node::decode(&buf, p.addr, p.csum));
-            match node {
-                Ok(n) if n.kind == kind => self.lock()?.store.cache_insert(p, Arc::new(n)),
-                // Possibly freed and reused under us; the retry (or the
-                // locked fallback below) tells a race from damage.
-                _ => continue,
-            }
-        }
-        self.lock()?.mappings(t, b0, b1)
+        self.locked_no_io(|g| g.mappings(t, b0, b1))
     }
 
     /// Allocated and unallocated runs of `[offset, offset+len)`.
@@ -1265,7 +1664,7 @@ impl Pool {
                 for i in 0..n.len() {
                     let e = Extent::decode(n.val(i));
                     map.extents
-                        .push((n.keys[i] * bs as u64, e.addr * UNIT, e.stored_len));
+                        .push((n.keys[i] * bs as u64, e.byte_offset(), e.stored_len));
                 }
             }
             Ok(())
@@ -1481,7 +1880,7 @@ impl Inner {
                 if n.is_leaf() {
                     let e = Extent::decode(n.val(i));
                     if self.store.rc_get(e.addr)?.is_some_and(|v| v.refs == 1) {
-                        total += e.blocks() as u64 * UNIT;
+                        total += e.phys_bytes();
                     }
                 } else {
                     stack.push(n.child(i));
@@ -1523,6 +1922,7 @@ impl Inner {
                 .values()
                 .filter(|s| s.volume_id == id)
                 .count(),
+            policy: v.policy,
         })
     }
 
@@ -1552,6 +1952,7 @@ impl Inner {
             block_size: s.block_size,
             allocated_bytes: s.allocated_blocks * s.block_size as u64,
             unique_bytes: unique,
+            policy: s.policy,
         })
     }
 
@@ -1607,8 +2008,21 @@ impl Inner {
                     check_record(key, s.size, s.block_size, s.root)?;
                     self.snapshots.insert(s.id, s);
                 }
+                KEY_POOL if key == KEY_POOL => {
+                    self.pool_rec = serde_json::from_slice(&bytes).map_err(bad)?;
+                }
                 _ => return Err(Error::Corrupt(format!("unknown catalog key {key:#x}"))),
             }
+        }
+        // Dedup index and its reverse map: nodes only.
+        for (kind, root) in [
+            (TreeKind::Dedup, self.store.dd_root),
+            (TreeKind::DedupRev, self.store.ddr_root),
+        ] {
+            self.walk_nodes(kind, root, &mut |addr, _| {
+                objects.push((addr, 1));
+                Ok(())
+            })?;
         }
         for (addr, n) in objects {
             if !self.store.alloc.mark(addr, n) {
@@ -1712,6 +2126,9 @@ impl Inner {
         if self.catalog_dirty.is_empty()
             && self.store.rc_delta.is_empty()
             && self.store.dirty.is_empty()
+            && self.store.dd_pending.is_empty()
+            && self.store.ddr_pending.is_empty()
+            && self.store.dd_freed.is_empty()
             && self.store.pending_free.is_empty()
             && self.free_queue.iter().all(|f| f.is_empty())
         {
@@ -1755,6 +2172,8 @@ impl Inner {
             }
             let bytes = if !present {
                 None
+            } else if key == KEY_POOL {
+                Some(serde_json::to_vec(&self.pool_rec))
             } else if key & KEY_SNAPSHOT == KEY_SNAPSHOT {
                 self.snapshots
                     .get(&(key & ((1 << 56) - 1)))
@@ -1786,7 +2205,15 @@ impl Inner {
             }
         }
         let cat = self.store.write_tree(cat, &mut written, &mut out)?;
-        // 3. Refcounts, applied in one sorted batch.
+        // 3. Dedup index: entries of freed objects dropped, new ones added.
+        self.store.apply_dedup()?;
+        let dd = self
+            .store
+            .write_tree(self.store.dd_root, &mut written, &mut out)?;
+        let ddr = self
+            .store
+            .write_tree(self.store.ddr_root, &mut written, &mut out)?;
+        // 4. Refcounts, applied in one sorted batch.
         self.store.apply_rc_delta()?;
         let rc = self
             .store
@@ -1807,8 +2234,12 @@ impl Inner {
             refcounts: rc,
             next_id: self.next_id,
             commit_time_ns: now_ns(),
+            dedup: dd,
+            dedup_rev: ddr,
         };
         self.catalog_root = cat;
+        self.store.dd_root = dd;
+        self.store.ddr_root = ddr;
         self.store.rc_root = rc;
         out.sort_unstable_by_key(|(a, _)| *a);
         Ok(Some(Prepared {
@@ -1893,6 +2324,41 @@ impl Inner {
         let id: u64 = root_name.rsplit_once('@')?.1.parse().ok()?;
         self.snapshots.get(&id).map(|s| s.allocated_blocks)
     }
+    /// Blocks of data objects (extents and packs): every refcounted object
+    /// that is not a volume-tree node.
+    pub(crate) fn data_object_blocks(&mut self) -> Result<u64> {
+        let mut nodes = std::collections::HashSet::new();
+        for (_, root, _) in self.roots() {
+            self.walk_nodes(TreeKind::Volume, root, &mut |a, _| {
+                nodes.insert(a);
+                Ok(())
+            })?;
+        }
+        let mut total = 0u64;
+        let rc = self.store.rc_root;
+        let mut objs: HashMap<u64, u64> = HashMap::new();
+        self.walk_nodes(TreeKind::Refcount, rc, &mut |_, n| {
+            if n.is_leaf() {
+                for i in 0..n.len() {
+                    objs.insert(n.keys[i], RcVal::decode(n.val(i)).blocks as u64);
+                }
+            }
+            Ok(())
+        })?;
+        for (a, v) in &self.store.rc_delta {
+            match v {
+                Some(v) => objs.insert(*a, v.blocks as u64),
+                None => objs.remove(a),
+            };
+        }
+        for (a, b) in objs {
+            if !nodes.contains(&a) {
+                total += b;
+            }
+        }
+        Ok(total)
+    }
+
     pub(crate) fn committing(&self) -> bool {
         self.committing
     }
@@ -1901,5 +2367,7 @@ impl Inner {
         !self.catalog_dirty.is_empty()
             || !self.store.dirty.is_empty()
             || !self.store.rc_delta.is_empty()
+            || !self.store.dd_pending.is_empty()
+            || !self.store.ddr_pending.is_empty()
     }
 }

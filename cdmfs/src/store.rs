@@ -10,7 +10,7 @@
 //! tree, sorted, at commit (deferred reference counting).
 //! The catalog and refcount trees are private: shadowing frees the original.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 
@@ -52,6 +52,16 @@ pub(crate) struct Store {
     /// read it without holding the pool lock.
     pub no_io: bool,
     pub missing: Option<(TreeKind, Ptr)>,
+    /// Dedup index (fingerprint key -> chunk) and its reverse map (object
+    /// block and slot -> fingerprint key), with changes buffered until
+    /// commit like refcounts.
+    pub dd_root: Ptr,
+    pub ddr_root: Ptr,
+    pub dd_pending: HashMap<u64, Option<DedupVal>>,
+    pub ddr_pending: BTreeMap<u64, Option<u64>>,
+    /// Objects holding deduplicated chunks freed in this transaction: their
+    /// index entries go at commit (the blocks are not reused before).
+    pub dd_freed: Vec<u64>,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -83,6 +93,11 @@ impl Store {
             stats: StoreStats::default(),
             no_io: false,
             missing: None,
+            dd_root: Ptr::NULL,
+            ddr_root: Ptr::NULL,
+            dd_pending: HashMap::new(),
+            ddr_pending: BTreeMap::new(),
+            dd_freed: Vec::new(),
         }
     }
 
@@ -217,17 +232,6 @@ impl Store {
         Ok(())
     }
 
-    /// Registers a freshly written data extent (refcount 1).
-    pub fn add_extent(&mut self, e: &Extent) {
-        self.rc_put(
-            e.addr,
-            Some(RcVal {
-                blocks: e.blocks(),
-                refs: 1,
-            }),
-        );
-    }
-
     /// Drops one reference to a data extent; frees it when none remain.
     pub fn dec_extent(&mut self, e: &Extent) -> Result<()> {
         let mut v = self.rc_must(e.addr)?;
@@ -237,7 +241,106 @@ impl Store {
         } else {
             self.rc_put(e.addr, None);
             self.free_blocks_later(e.addr, v.blocks as u64);
+            if e.flags & flags::DEDUP != 0 {
+                self.dd_freed.push(e.addr);
+            }
         }
+        Ok(())
+    }
+
+    /// Registers a freshly written object (a data extent or a pack) with
+    /// `refs` references.
+    pub fn add_object(&mut self, addr: u64, blocks: u32, refs: u32) {
+        self.rc_put(addr, Some(RcVal { blocks, refs }));
+    }
+
+    // ---- dedup index -------------------------------------------------------
+
+    fn dd_get(&mut self, key: u64) -> Result<Option<DedupVal>> {
+        if let Some(v) = self.dd_pending.get(&key) {
+            return Ok(*v);
+        }
+        let root = self.dd_root;
+        Ok(self
+            .get(TreeKind::Dedup, root, key)?
+            .map(|b| DedupVal::decode(&b)))
+    }
+
+    /// The stored chunk with this fingerprint, if the index has one whose
+    /// object is still alive.
+    pub fn dd_lookup(&mut self, fp: &[u8; 32]) -> Result<Option<Extent>> {
+        let (key, rest) = DedupVal::split(fp);
+        match self.dd_get(key)? {
+            Some(v) if v.rest == rest && self.rc_get(v.ext.addr)?.is_some() => Ok(Some(v.ext)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Indexes a newly stored chunk (`slot` numbers it inside its object).
+    /// A live entry with the same key is kept: two writers storing the same
+    /// new chunk at once, or (rarely) two fingerprints sharing 64 bits.
+    pub fn dd_insert(&mut self, fp: &[u8; 32], ext: Extent, slot: u64) -> Result<()> {
+        let (key, rest) = DedupVal::split(fp);
+        if let Some(old) = self.dd_get(key)? {
+            if self.rc_get(old.ext.addr)?.is_some() {
+                return Ok(());
+            }
+        }
+        self.dd_pending.insert(key, Some(DedupVal { rest, ext }));
+        self.ddr_pending.insert((ext.addr << 12) | slot, Some(key));
+        Ok(())
+    }
+
+    /// At commit: drops index entries of freed objects, then applies the
+    /// buffered index changes in key order.
+    pub fn apply_dedup(&mut self) -> Result<()> {
+        for addr in std::mem::take(&mut self.dd_freed) {
+            let (lo, hi) = (addr << 12, (addr + 1) << 12);
+            let mut revs: BTreeMap<u64, u64> = BTreeMap::new();
+            let root = self.ddr_root;
+            self.range(TreeKind::DedupRev, root, lo, hi, &mut |k, v| {
+                revs.insert(k, rd_u64(v, 0));
+                Ok(())
+            })?;
+            for (k, v) in self.ddr_pending.range(lo..hi) {
+                match v {
+                    Some(f) => revs.insert(*k, *f),
+                    None => revs.remove(k),
+                };
+            }
+            for (rk, fk) in revs {
+                self.ddr_pending.insert(rk, None);
+                if self.dd_get(fk)?.is_some_and(|v| v.ext.addr == addr) {
+                    self.dd_pending.insert(fk, None);
+                }
+            }
+        }
+        let mut dd: Vec<(u64, Option<DedupVal>)> = self.dd_pending.drain().collect();
+        dd.sort_unstable_by_key(|(k, _)| *k);
+        let mut root = self.dd_root;
+        for (k, v) in dd {
+            match v {
+                Some(v) => {
+                    self.insert(TreeKind::Dedup, &mut root, k, &v.encode())?;
+                }
+                None => {
+                    self.remove(TreeKind::Dedup, &mut root, k)?;
+                }
+            }
+        }
+        self.dd_root = root;
+        let mut root = self.ddr_root;
+        for (k, v) in std::mem::take(&mut self.ddr_pending) {
+            match v {
+                Some(f) => {
+                    self.insert(TreeKind::DedupRev, &mut root, k, &f.to_le_bytes())?;
+                }
+                None => {
+                    self.remove(TreeKind::DedupRev, &mut root, k)?;
+                }
+            }
+        }
+        self.ddr_root = root;
         Ok(())
     }
 

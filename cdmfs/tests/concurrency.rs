@@ -13,6 +13,7 @@ fn node_cache_stays_bounded() {
     let opts = OpenOptions {
         cache_nodes: 64,
         dirty_limit: 512,
+        key: None,
     };
     let pool = Pool::open(dev.clone(), &opts).unwrap();
     let v = pool.create_volume("big", 256 << 20, 4096).unwrap();
@@ -93,6 +94,7 @@ fn readers_race_writers_and_commits() {
             &OpenOptions {
                 cache_nodes: 16,
                 dirty_limit: 64,
+                key: None,
             },
         )
         .unwrap(),
@@ -315,6 +317,7 @@ fn io_goes_on_while_a_commit_syncs() {
     let opts = OpenOptions {
         cache_nodes: 16,
         dirty_limit: 4096,
+        key: None,
     };
     let pool = Arc::new(Pool::open(dev.clone(), &opts).unwrap());
     let v = pool.create_volume("v", 16 << 20, 4096).unwrap();

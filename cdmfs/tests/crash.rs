@@ -11,7 +11,9 @@ mod common;
 
 use std::sync::Arc;
 
-use cdmfs::{BlockDev, CrashDev, FormatOptions, MemDev, OpenOptions, Pool};
+use cdmfs::{
+    BlockDev, Cipher, CrashDev, FormatOptions, KeySource, MemDev, OpenOptions, Policy, Pool,
+};
 use common::{random_op, Harness, Model, Op};
 use rand::{Rng, SeedableRng};
 
@@ -23,11 +25,22 @@ fn one_cut(seed: u64) {
     crash.sync().unwrap();
     // Commits happen only at flushes in this test, so the model knows which
     // states may survive.
+    // Every third cut runs with the whole data pipeline on.
+    let pipeline = seed % 3 == 1;
     let opts = OpenOptions {
         cache_nodes: 128,
         dirty_limit: 1 << 30,
+        key: pipeline.then(|| KeySource::Key(vec![seed as u8; 32])),
     };
     let mut h = Harness::new(crash.clone(), opts.clone());
+    if pipeline {
+        h.policy = Policy {
+            dedup: true,
+            compression: 8,
+            encryption: Some(Cipher::Aes256Xts),
+        };
+        h.repetitive = true;
+    }
     h.apply(&Op::Create {
         size_kib: 400,
         bs_shift: (seed % 3) as u8,
@@ -60,6 +73,8 @@ fn one_cut(seed: u64) {
         model: h.durable.clone(),
         durable: h.durable.clone(),
         opts,
+        policy: h.policy,
+        repetitive: h.repetitive,
     };
     let ok_durable = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         survivor.check_all(&h.durable)

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use cdmfs::{BlockDev, OpenOptions, Pool, Target};
+use cdmfs::{BlockDev, OpenOptions, Policy, Pool, Target};
 
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -59,6 +59,30 @@ pub struct Harness {
     pub model: Model,
     pub durable: Model,
     pub opts: OpenOptions,
+    /// Policy of the volumes the harness creates.
+    pub policy: Policy,
+    /// Write data that repeats (across offsets, volumes and seeds), some of
+    /// it incompressible, so dedup and compression have work to do.
+    pub repetitive: bool,
+}
+
+/// Data with repeats: a function of a few seeds and the position modulo 32 KiB
+/// (so 4 KiB blocks repeat across offsets); seeds divisible by 4 give noise.
+pub fn repetitive(seed: u8, off: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            let p = off as u64 + i as u64;
+            if seed % 4 == 0 {
+                let mut z =
+                    ((seed as u64 % 8) << 32 | (p % 32768) / 8).wrapping_add(0x9e37_79b9_7f4a_7c15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                (z >> ((p % 8) * 8)) as u8
+            } else {
+                ((seed as u64 % 8) * 31 + (p / 512) % 16) as u8 | 1
+            }
+        })
+        .collect()
 }
 
 pub fn pattern(seed: u8, off: u32, len: usize) -> Vec<u8> {
@@ -81,6 +105,8 @@ impl Harness {
             model: Model::default(),
             durable: Model::default(),
             opts,
+            policy: Policy::default(),
+            repetitive: false,
         }
     }
 
@@ -117,7 +143,8 @@ impl Harness {
                 self.model.next_vol += 1;
                 let size = (size_kib.max(1) as u64) * 1024 - (size_kib as u64 % 3) * 512;
                 let bs = 4096u32 << (bs_shift % 3);
-                self.pool().create_volume(&name, size, bs)?;
+                self.pool()
+                    .create_volume_with(&name, size, bs, self.policy)?;
                 self.model.vols.insert(name.clone(), vec![0; size as usize]);
                 Ok(Some(name))
             }
@@ -128,7 +155,11 @@ impl Harness {
                 let size = self.model.vols[&name].len() as u32;
                 let off = off % size;
                 let len = len.min(size - off);
-                let data = pattern(seed, off, len as usize);
+                let data = if self.repetitive {
+                    repetitive(seed, off, len as usize)
+                } else {
+                    pattern(seed, off, len as usize)
+                };
                 let id = self.pool().volume_id(&name)?;
                 self.pool().write(id, off as u64, &data)?;
                 self.model.vols.get_mut(&name).unwrap()[off as usize..(off + len) as usize]
