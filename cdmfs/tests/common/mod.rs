@@ -72,9 +72,9 @@ pub fn repetitive(seed: u8, off: u32, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| {
             let p = off as u64 + i as u64;
-            if seed % 4 == 0 {
-                let mut z =
-                    ((seed as u64 % 8) << 32 | (p % 32768) / 8).wrapping_add(0x9e37_79b9_7f4a_7c15);
+            if seed.is_multiple_of(4) {
+                let mut z = (((seed as u64 % 8) << 32) | ((p % 32768) / 8))
+                    .wrapping_add(0x9e37_79b9_7f4a_7c15);
                 z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
                 z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
                 (z >> ((p % 8) * 8)) as u8
