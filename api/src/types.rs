@@ -389,6 +389,41 @@ pub struct PoolInfo {
     pub volumes: usize,
     pub snapshots: usize,
     pub policy: PoolPolicy,
+    /// `none` (no key set up), `locked` (set up, snapshotd started without
+    /// it: encrypted volumes unavailable) or `unlocked`.
+    pub encryption_key: String,
+    /// Data reduction (made again when the pool has changed).
+    pub reduction: PoolReduction,
+}
+
+/// Bytes at each stage of the data pipeline.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct ReductionFigures {
+    /// Mapped blocks × block size (for the pool: every volume and snapshot
+    /// counted as a full copy).
+    pub logical_bytes: u64,
+    /// Distinct chunks × block size.
+    pub after_dedup_bytes: u64,
+    /// What those chunks occupy stored (compressed where it paid).
+    pub after_compression_bytes: u64,
+    /// logical / after compression.
+    pub ratio: f64,
+}
+
+/// Per volume: what it would need on its own.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct VolumeReductionFigures {
+    pub name: String,
+    #[serde(flatten)]
+    pub figures: ReductionFigures,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct PoolReduction {
+    pub pool: ReductionFigures,
+    /// Pool bytes holding data, including not yet reclaimed parts of packs.
+    pub data_allocated_bytes: u64,
+    pub volumes: Vec<VolumeReductionFigures>,
 }
 
 /// `POST /v1/clock` (only with `--fake-clock`, for tests of schedules and retention).

@@ -819,6 +819,11 @@ impl Pool {
         Ok((vols, snaps))
     }
 
+    /// Mutations since open: equal values mean nothing changed in between.
+    pub fn changes(&self) -> Result<u64> {
+        Ok(self.lock()?.ops)
+    }
+
     /// Commits done since open and their total time in nanoseconds.
     pub fn commit_stats(&self) -> Result<(u64, u64)> {
         let g = self.lock()?;

@@ -78,6 +78,11 @@ pub struct Appliance {
     /// reuse them for [`UNIQUE_TTL`] instead of walking every tree under the
     /// pool lock on each request.
     unique: Mutex<HashMap<u64, (std::time::Instant, u64)>>,
+    /// Policy of new volumes where a request does not say.
+    defaults: cdmfs::Policy,
+    /// The last space report and the pool's change count it describes (it
+    /// walks every tree, so it is made again only after the pool changed).
+    reduction: Mutex<Option<(u64, cdmfs::ReductionReport)>>,
 }
 
 /// How long a listing may show a volume's unique bytes before recomputing.
@@ -95,6 +100,7 @@ pub fn engine(e: cdmfs::Error) -> ApiError {
         E::Exists(_) | E::Busy(_) | E::ReadOnly(_) => ApiError::conflict(e.to_string()),
         E::Invalid(_) | E::OutOfRange { .. } => ApiError::bad_request(e.to_string()),
         E::NoSpace => ApiError::new(507, "no_space", e.to_string()),
+        E::KeyRequired | E::WrongKey(_) => ApiError::conflict(e.to_string()),
         E::Failed => ApiError::unavailable(e.to_string()),
         _ => ApiError::internal(e.to_string()),
     }
@@ -153,6 +159,7 @@ impl Appliance {
         jobs: Arc<Jobs>,
         scheduler: Arc<Scheduler>,
         nbd_addrs: Vec<String>,
+        defaults: cdmfs::Policy,
     ) -> Arc<Appliance> {
         Arc::new_cyclic(|me| Appliance {
             me: me.clone(),
@@ -166,6 +173,8 @@ impl Appliance {
             nbd_addrs,
             verified: Mutex::new(HashMap::new()),
             unique: Mutex::new(HashMap::new()),
+            defaults,
+            reduction: Mutex::new(None),
         })
     }
 
@@ -286,9 +295,9 @@ impl Appliance {
             allocated_bytes: v.allocated_bytes,
             unique_bytes: v.unique_bytes,
             snapshots: v.snapshots,
-            dedup: false,
-            compression: 0,
-            encryption: "none".into(),
+            dedup: v.policy.dedup,
+            compression: v.policy.compression,
+            encryption: v.policy.encryption.map_or("none", |c| c.name()).into(),
             clients,
         }
     }
@@ -388,30 +397,51 @@ impl Appliance {
         Ok(())
     }
 
-    fn check_reduction(req: &VolumeCreate) -> ApiResult<()> {
-        if let Some(e) = &req.encryption {
-            if !ENCRYPTIONS.contains(&e.as_str()) {
-                return Err(ApiError::bad_request(format!(
-                    "unknown encryption {e:?}: use one of {ENCRYPTIONS:?}"
-                )));
-            }
+    /// The policy of a new volume: the request's fields over the pool defaults.
+    fn policy_for(&self, req: &VolumeCreate) -> ApiResult<cdmfs::Policy> {
+        let mut p = self.defaults;
+        if let Some(d) = req.dedup {
+            p.dedup = d;
         }
         if let Some(c) = req.compression {
-            if c > 29 {
+            if c > cdmfs::pipeline::MAX_LEVEL {
                 return Err(ApiError::bad_request(
                     "compression level must be 0 (off) to 29",
                 ));
             }
+            p.compression = c;
         }
-        let wants = req.dedup == Some(true)
-            || req.compression.unwrap_or(0) != 0
-            || req.encryption.as_deref().is_some_and(|e| e != "none");
-        if wants {
-            return Err(ApiError::unsupported(
-                "dedup, compression and encryption at rest are not available in this version of the pool format; create the volume without them",
+        match req.encryption.as_deref() {
+            None => {}
+            Some("none") => p.encryption = None,
+            Some(e) => {
+                p.encryption = Some(cdmfs::Cipher::parse(e).map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "unknown encryption {e:?}: use one of {ENCRYPTIONS:?}"
+                    ))
+                })?)
+            }
+        }
+        if p.encryption.is_some() && !self.pool.key_state().map_err(engine)?.1 {
+            return Err(ApiError::conflict(
+                "encryption needs a key: start snapshotd with --key-file or --passphrase-file",
             ));
         }
-        Ok(())
+        Ok(p)
+    }
+
+    /// The space report, made again only when the pool has changed.
+    fn reduction_report(&self) -> ApiResult<cdmfs::ReductionReport> {
+        let mut cached = lock(&self.reduction);
+        let generation = self.pool.changes().map_err(engine)?;
+        if let Some((g, r)) = cached.as_ref() {
+            if *g == generation {
+                return Ok(r.clone());
+            }
+        }
+        let r = self.pool.reduction().map_err(engine)?;
+        *cached = Some((generation, r.clone()));
+        Ok(r)
     }
 }
 
@@ -513,6 +543,33 @@ impl Backend for Appliance {
             volumes: vols.len(),
             snapshots: snaps.len(),
             policy,
+            encryption_key: match self.pool.key_state().map_err(engine)? {
+                (false, false) => "none",
+                (_, true) => "unlocked",
+                (true, false) => "locked",
+            }
+            .into(),
+            reduction: {
+                let r = self.reduction_report()?;
+                let conv = |b: &cdmfs::Reduction| ReductionFigures {
+                    logical_bytes: b.logical_bytes,
+                    after_dedup_bytes: b.after_dedup_bytes,
+                    after_compression_bytes: b.after_compression_bytes,
+                    ratio: (b.ratio() * 100.0).round() / 100.0,
+                };
+                PoolReduction {
+                    pool: conv(&r.pool),
+                    data_allocated_bytes: r.data_allocated_bytes,
+                    volumes: r
+                        .volumes
+                        .iter()
+                        .map(|v| VolumeReductionFigures {
+                            name: v.name.clone(),
+                            figures: conv(&v.bytes),
+                        })
+                        .collect(),
+                }
+            },
         })
     }
 
@@ -531,18 +588,18 @@ impl Backend for Appliance {
     }
 
     fn create_volume(&self, c: &Caller, req: VolumeCreate) -> ApiResult<Volume> {
-        Self::check_reduction(&req)?;
+        let policy = self.policy_for(&req)?;
         let bs = req.block_size.unwrap_or(cdmfs::DEFAULT_BLOCK_SIZE);
         let v = self
             .pool
-            .create_volume(&req.name, req.size, bs)
+            .create_volume_with(&req.name, req.size, bs, policy)
             .map_err(engine)?;
         self.commit()?;
         self.events.emit(
             "volume.created",
             &v.name,
             &c.user,
-            json!({"size": v.size, "block_size": v.block_size}),
+            json!({"size": v.size, "block_size": v.block_size, "policy": v.policy}),
         );
         Ok(self.to_volume(v))
     }

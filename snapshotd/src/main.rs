@@ -56,6 +56,15 @@ struct Args {
     /// and retention; never in production).
     #[arg(long)]
     fake_clock: bool,
+    /// Key for encrypted volumes: a file of 32 random bytes (or 64 hex
+    /// digits). The first start with a key sets it up; later starts check
+    /// it and refuse a wrong one.
+    #[arg(long, conflicts_with = "passphrase_file")]
+    key_file: Option<PathBuf>,
+    /// Like --key-file, but a passphrase (first line of the file),
+    /// stretched with Argon2id.
+    #[arg(long)]
+    passphrase_file: Option<PathBuf>,
     #[command(flatten)]
     tls: nbd_server::tls::TlsArgs,
 }
@@ -72,6 +81,11 @@ struct Config {
     fake_clock: Option<bool>,
     /// Milliseconds between scheduler ticks.
     scheduler_tick_ms: Option<u64>,
+    key_file: Option<PathBuf>,
+    passphrase_file: Option<PathBuf>,
+    /// Pool-wide defaults for new volumes (a request's fields win).
+    #[serde(default)]
+    defaults: cdmfs::Policy,
     #[serde(default)]
     webhooks: events::WebhookConfig,
 }
@@ -85,6 +99,29 @@ struct Settings {
     fake_clock: bool,
     tick: Duration,
     webhooks: events::WebhookConfig,
+    key: Option<cdmfs::KeySource>,
+    defaults: cdmfs::Policy,
+}
+
+fn read_key(args: &Args, cfg: &Config) -> Result<Option<cdmfs::KeySource>> {
+    let key_file = args.key_file.clone().or(cfg.key_file.clone());
+    let pass_file = args.passphrase_file.clone().or(cfg.passphrase_file.clone());
+    if let Some(p) = key_file {
+        let b =
+            std::fs::read(&p).with_context(|| format!("cannot read key file {}", p.display()))?;
+        return Ok(Some(
+            cdmfs::KeySource::from_key_file_bytes(&b)
+                .with_context(|| format!("key file {}", p.display()))?,
+        ));
+    }
+    if let Some(p) = pass_file {
+        let t = std::fs::read_to_string(&p)
+            .with_context(|| format!("cannot read passphrase file {}", p.display()))?;
+        let line = t.lines().next().unwrap_or("").to_string();
+        anyhow::ensure!(!line.is_empty(), "passphrase file {} is empty", p.display());
+        return Ok(Some(cdmfs::KeySource::Passphrase(line)));
+    }
+    Ok(None)
 }
 
 fn settings(args: &Args) -> Result<Settings> {
@@ -102,7 +139,12 @@ fn settings(args: &Args) -> Result<Settings> {
         (None, Some(s)) => parse_size(s).map_err(|e| anyhow::anyhow!("pool_size: {e}"))?,
         (None, None) => 64 << 30,
     };
+    cfg.defaults
+        .check()
+        .map_err(|e| anyhow::anyhow!("[defaults]: {e}"))?;
     Ok(Settings {
+        key: read_key(args, &cfg)?,
+        defaults: cfg.defaults,
         data: args
             .data
             .clone()
@@ -131,7 +173,7 @@ fn settings(args: &Args) -> Result<Settings> {
     })
 }
 
-fn open_pool(path: &Path, size: u64) -> Result<Pool> {
+fn open_pool(path: &Path, size: u64, key: Option<cdmfs::KeySource>) -> Result<Pool> {
     let dev = if path.exists() {
         FileDev::open(path).with_context(|| format!("cannot open {}", path.display()))?
     } else {
@@ -141,7 +183,11 @@ fn open_pool(path: &Path, size: u64) -> Result<Pool> {
         tracing::info!(path = %path.display(), size = %human(size), "created a new pool");
         dev
     };
-    Pool::open(Arc::new(dev), &OpenOptions::default()).context("cannot open the pool")
+    let opts = OpenOptions {
+        key,
+        ..OpenOptions::default()
+    };
+    Pool::open(Arc::new(dev), &opts).context("cannot open the pool")
 }
 
 fn write_secret(path: &Path, text: &str) -> Result<()> {
@@ -165,7 +211,7 @@ fn main() -> Result<()> {
     signals::block_termination();
     std::fs::create_dir_all(&s.data)
         .with_context(|| format!("cannot create {}", s.data.display()))?;
-    let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size)?);
+    let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size, s.key.clone())?);
     let state = Arc::new(
         state::State::open(&s.data.join("state.redb")).context("cannot open the state database")?,
     );
@@ -227,6 +273,7 @@ fn main() -> Result<()> {
         jobs,
         sched,
         nbd_addrs.clone(),
+        s.defaults,
     );
     match app.bootstrap_admin() {
         Ok(Some(token)) => {

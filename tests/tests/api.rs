@@ -433,13 +433,20 @@ fn auth_roles_audit_and_bad_requests() {
         "/v1/volumes",
         Some(json!({"name": "b", "size": 1 << 20, "encryption": "rot13"})),
     );
+    // Encryption without a key (snapshotd started without --key-file).
     let u = admin.expect(
-        501,
+        409,
         "POST",
         "/v1/volumes",
-        Some(json!({"name": "b", "size": 1 << 20, "dedup": true})),
+        Some(json!({"name": "b", "size": 1 << 20, "encryption": "aes-256-xts"})),
     );
-    assert_eq!(u["error"]["code"], "unsupported");
+    assert!(
+        u["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("--key-file"),
+        "{u}"
+    );
     admin.expect(201, "POST", "/v1/volumes", Some(json!({"name": "b", "size": 1 << 20, "dedup": false, "compression": 0, "encryption": "none"})));
     admin.expect(
         409,
@@ -1209,10 +1216,18 @@ fn cdmctl_drives_the_appliance_with_exit_codes() {
     assert_eq!(
         code(cdmctl(
             &a,
-            &["volume", "create", "x", "--size", "1M", "--dedup"]
+            &[
+                "volume",
+                "create",
+                "x",
+                "--size",
+                "1M",
+                "--encryption",
+                "sm4-xts"
+            ]
         )),
-        8,
-        "501 unsupported"
+        5,
+        "409: no key"
     );
     assert_eq!(code(cdmctl(&a, &["volume", "create", "x"])), 2, "usage");
     assert_eq!(

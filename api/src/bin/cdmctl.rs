@@ -675,6 +675,25 @@ fn pool_show(p: &PoolInfo) -> String {
         p.volumes,
         p.snapshots,
         p.policy.quota_bytes.map(human).unwrap_or_else(|| "none".into())
+    ) + &format!(
+        "encryption key: {}\ndata reduction: {} logical, {} after dedup, {} after compression ({:.2}x)\ndata allocated: {}\n\n{}",
+        p.encryption_key,
+        human(p.reduction.pool.logical_bytes),
+        human(p.reduction.pool.after_dedup_bytes),
+        human(p.reduction.pool.after_compression_bytes),
+        p.reduction.pool.ratio,
+        human(p.reduction.data_allocated_bytes),
+        table_of(
+            &p.reduction.volumes,
+            &["VOLUME", "LOGICAL", "AFTER DEDUP", "AFTER COMPRESSION", "RATIO"],
+            |v| vec![
+                v.name.clone(),
+                human(v.figures.logical_bytes),
+                human(v.figures.after_dedup_bytes),
+                human(v.figures.after_compression_bytes),
+                format!("{:.2}x", v.figures.ratio),
+            ],
+        )
     )
 }
 

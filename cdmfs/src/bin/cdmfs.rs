@@ -29,6 +29,9 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Key file for encrypted volumes (32 random bytes or 64 hex digits).
+    #[arg(long, env = "CDMFS_KEY_FILE", global = true)]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -94,6 +97,15 @@ enum VolumeCmd {
         /// 4K to 1M, a power of two.
         #[arg(long, default_value = "64K", value_parser = parse_size)]
         block_size: u64,
+        /// Deduplicate blocks (blake3 fingerprints, pool-wide index).
+        #[arg(long)]
+        dedup: bool,
+        /// zstd level 1 (fastest) … 8 (balanced) … 29 (smallest); 0 = off.
+        #[arg(long, default_value = "0")]
+        compression: u8,
+        /// aes-256-xts, aes-128-xts or sm4-xts (needs --key-file).
+        #[arg(long)]
+        encryption: Option<String>,
     },
     List,
     /// Grow a volume to --size.
@@ -129,11 +141,21 @@ enum SnapshotCmd {
     },
 }
 
-fn open_pool(path: &Path) -> Result<Pool> {
+fn open_pool(path: &Path, key_file: Option<&Path>) -> Result<Pool> {
     let dev =
         FileDev::open(path).with_context(|| format!("cannot open pool {}", path.display()))?;
-    Pool::open(Arc::new(dev), &OpenOptions::default())
-        .with_context(|| format!("cannot open pool {}", path.display()))
+    let key = match key_file {
+        Some(k) => {
+            let b = std::fs::read(k).with_context(|| format!("cannot read {}", k.display()))?;
+            Some(cdmfs::KeySource::from_key_file_bytes(&b)?)
+        }
+        None => None,
+    };
+    let opts = OpenOptions {
+        key,
+        ..OpenOptions::default()
+    };
+    Pool::open(Arc::new(dev), &opts).with_context(|| format!("cannot open pool {}", path.display()))
 }
 
 fn snapshot_id(pool: &Pool, s: &str) -> Result<u64> {
@@ -178,7 +200,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
         Cmd::Format { size, force } => {
             if path.exists() && !force {
-                if let Ok(p) = open_pool(path) {
+                if let Ok(p) = open_pool(path, None) {
                     drop(p);
                     bail!(
                         "{} already holds a pool; use --force to overwrite it",
@@ -204,7 +226,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             );
         }
         Cmd::Fsck => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             let rep = pool.fsck()?;
             if cli.json {
                 print_json(&rep)?;
@@ -232,7 +254,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
         }
         Cmd::Scrub => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             let rep = pool.scrub()?;
             if cli.json {
                 print_json(&rep)?;
@@ -258,10 +280,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
         }
         Cmd::Space => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             let s = pool.space()?;
+            let r = pool.reduction()?;
             if cli.json {
-                print_json(&s)?;
+                print_json(&serde_json::json!({"space": s, "reduction": r}))?;
             } else {
                 println!(
                     "total {}  used {}  free {}  generation {}",
@@ -270,18 +293,46 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     human(s.free_bytes),
                     s.generation
                 );
+                let line = |name: &str, b: &cdmfs::Reduction| {
+                    println!(
+                        "{name:<24} {:>10} {:>12} {:>18} {:>7.2}x",
+                        human(b.logical_bytes),
+                        human(b.after_dedup_bytes),
+                        human(b.after_compression_bytes),
+                        b.ratio()
+                    )
+                };
+                println!(
+                    "{:<24} {:>10} {:>12} {:>18} {:>8}",
+                    "", "LOGICAL", "AFTER DEDUP", "AFTER COMPRESSION", "RATIO"
+                );
+                line("pool (volumes+snapshots)", &r.pool);
+                for v in &r.volumes {
+                    line(&v.name, &v.bytes);
+                }
             }
         }
         Cmd::Volume(v) => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             match v {
                 VolumeCmd::Create {
                     name,
                     size,
                     block_size,
+                    dedup,
+                    compression,
+                    encryption,
                 } => {
                     let bs = u32::try_from(block_size).context("block size too large")?;
-                    let info = pool.create_volume(&name, size, bs)?;
+                    let policy = cdmfs::Policy {
+                        dedup,
+                        compression,
+                        encryption: encryption
+                            .as_deref()
+                            .map(cdmfs::Cipher::parse)
+                            .transpose()?,
+                    };
+                    let info = pool.create_volume_with(&name, size, bs, policy)?;
                     pool.close()?;
                     if cli.json {
                         print_json(&info)?;
@@ -333,7 +384,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Snapshot(s) => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             match s {
                 SnapshotCmd::Create {
                     volume,
@@ -385,7 +436,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Clone { snapshot, name } => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             let id = snapshot_id(&pool, &snapshot)?;
             let info = pool.clone_snapshot(id, &name)?;
             pool.close()?;
@@ -400,7 +451,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             offset,
             length,
         } => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             let t = pool.resolve(&export)?;
             let (size, _) = pool.geometry(t)?;
             let len = length.unwrap_or(size.saturating_sub(offset));
@@ -421,7 +472,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             length,
             map,
         } => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             let t = pool.resolve(&export)?;
             if map {
                 let m = pool.physical_map(t)?;
@@ -461,7 +512,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             file,
             offset,
         } => {
-            let pool = open_pool(path)?;
+            let pool = open_pool(path, cli.key_file.as_deref())?;
             let id = pool.volume_id(&volume)?;
             let mut input: Box<dyn Read> = match file.as_deref() {
                 None => Box::new(std::io::stdin().lock()),
