@@ -126,6 +126,14 @@ impl std::fmt::Debug for KeySource {
 }
 
 impl KeySource {
+    /// Reads a key file (see [`KeySource::from_key_file_bytes`]).
+    pub fn from_key_file(path: &std::path::Path) -> Result<KeySource> {
+        let b = std::fs::read(path)
+            .map_err(|e| Error::Invalid(format!("cannot read key file {}: {e}", path.display())))?;
+        Self::from_key_file_bytes(&b)
+            .map_err(|e| Error::Invalid(format!("key file {}: {e}", path.display())))
+    }
+
     /// Reads a key file: 32 or 64 raw bytes, or 64/128 hex digits (with
     /// optional surrounding whitespace).
     pub fn from_key_file_bytes(b: &[u8]) -> Result<KeySource> {

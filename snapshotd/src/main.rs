@@ -107,12 +107,7 @@ fn read_key(args: &Args, cfg: &Config) -> Result<Option<cdmfs::KeySource>> {
     let key_file = args.key_file.clone().or(cfg.key_file.clone());
     let pass_file = args.passphrase_file.clone().or(cfg.passphrase_file.clone());
     if let Some(p) = key_file {
-        let b =
-            std::fs::read(&p).with_context(|| format!("cannot read key file {}", p.display()))?;
-        return Ok(Some(
-            cdmfs::KeySource::from_key_file_bytes(&b)
-                .with_context(|| format!("key file {}", p.display()))?,
-        ));
+        return Ok(Some(cdmfs::KeySource::from_key_file(&p)?));
     }
     if let Some(p) = pass_file {
         let t = std::fs::read_to_string(&p)

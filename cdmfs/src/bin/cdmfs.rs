@@ -144,13 +144,7 @@ enum SnapshotCmd {
 fn open_pool(path: &Path, key_file: Option<&Path>) -> Result<Pool> {
     let dev =
         FileDev::open(path).with_context(|| format!("cannot open pool {}", path.display()))?;
-    let key = match key_file {
-        Some(k) => {
-            let b = std::fs::read(k).with_context(|| format!("cannot read {}", k.display()))?;
-            Some(cdmfs::KeySource::from_key_file_bytes(&b)?)
-        }
-        None => None,
-    };
+    let key = key_file.map(cdmfs::KeySource::from_key_file).transpose()?;
     let opts = OpenOptions {
         key,
         ..OpenOptions::default()

@@ -31,6 +31,9 @@ struct Args {
     /// Worker threads per connection.
     #[arg(long, default_value = "4")]
     workers: usize,
+    /// Key file for encrypted volumes (32 random bytes or 64 hex digits).
+    #[arg(long, env = "CDMFS_KEY_FILE")]
+    key_file: Option<PathBuf>,
     #[command(flatten)]
     tls: nbd_server::tls::TlsArgs,
 }
@@ -41,8 +44,15 @@ fn main() -> Result<()> {
     signals::block_termination();
     let dev = FileDev::open(&args.pool)
         .with_context(|| format!("cannot open pool {}", args.pool.display()))?;
-    let pool =
-        Arc::new(Pool::open(Arc::new(dev), &OpenOptions::default()).context("cannot open pool")?);
+    let opts = OpenOptions {
+        key: args
+            .key_file
+            .as_deref()
+            .map(cdmfs::KeySource::from_key_file)
+            .transpose()?,
+        ..OpenOptions::default()
+    };
+    let pool = Arc::new(Pool::open(Arc::new(dev), &opts).context("cannot open pool")?);
     let cfg = ServerConfig {
         default_export: args.default_export,
         workers: args.workers,
