@@ -22,13 +22,21 @@ fn main() -> anyhow::Result<()> {
             for c in data.chunks(bs) {
                 f(c);
             }
-            println!("| {name} | {} KiB | {:.0} |", bs / 1024, mb / t.elapsed().as_secs_f64());
+            println!(
+                "| {name} | {} KiB | {:.0} |",
+                bs / 1024,
+                mb / t.elapsed().as_secs_f64()
+            );
         };
         time("fingerprint (blake3)", &mut |c| {
             std::hint::black_box(pipeline::fingerprint(None, None, c));
         });
         time("fingerprint (keyed blake3)", &mut |c| {
-            std::hint::black_box(pipeline::fingerprint(Some(&keys), Some(Cipher::Aes256Xts), c));
+            std::hint::black_box(pipeline::fingerprint(
+                Some(&keys),
+                Some(Cipher::Aes256Xts),
+                c,
+            ));
         });
         for level in [1u8, 8, 29] {
             if level == 29 && bs == 4096 {
@@ -51,13 +59,21 @@ fn main() -> anyhow::Result<()> {
                 addr: 1000,
                 stored_len: z.len() as u32,
                 csum: 0,
-                flags: if *compressed { cdmfs::format::flags::COMPRESSED } else { 0 },
+                flags: if *compressed {
+                    cdmfs::format::flags::COMPRESSED
+                } else {
+                    0
+                },
                 aux: 0,
             };
             let mut s = z.clone();
             std::hint::black_box(pipeline::decode(None, &e, &mut s, bs)?);
         }
-        println!("| decompress level 8 | {} KiB | {:.0} |", bs / 1024, mb / t.elapsed().as_secs_f64());
+        println!(
+            "| decompress level 8 | {} KiB | {:.0} |",
+            bs / 1024,
+            mb / t.elapsed().as_secs_f64()
+        );
         for c in Cipher::ALL {
             let mut buf = vec![0u8; bs];
             time(&format!("encrypt {}", c.name()), &mut |chunk| {
@@ -71,4 +87,3 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
-
