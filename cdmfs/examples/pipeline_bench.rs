@@ -42,7 +42,11 @@ fn main() -> anyhow::Result<()> {
             if level == 29 && bs == 4096 {
                 continue;
             }
-            time(&format!("zstd level {level}"), &mut |c| {
+            let name = format!(
+                "compress level {level} (zstd {})",
+                pipeline::zstd_level(level)
+            );
+            time(&name, &mut |c| {
                 std::hint::black_box(pipeline::compress(level, c));
             });
         }
