@@ -85,6 +85,7 @@ impl Pool {
         // Expected references, from walking every root.
         let mut refs: HashMap<u64, (u32, Obj)> = HashMap::new();
         let mut entries_under: HashMap<u64, u64> = HashMap::new();
+        let mut counted: std::collections::HashSet<u64> = std::collections::HashSet::new();
         for (name, root, bs) in &roots {
             if root.is_null() {
                 continue;
@@ -130,8 +131,13 @@ impl Pool {
                     if n.is_leaf() {
                         let e = Extent::decode(n.val(i));
                         rep.extents += 1;
+                        let max_len = if e.flags & flags::FRAMED != 0 {
+                            FRAME_BYTES as u32
+                        } else {
+                            *bs
+                        };
                         if e.stored_len == 0
-                            || e.stored_len > *bs
+                            || e.stored_len > max_len
                             || e.addr < RESERVED_BLOCKS
                             || e.addr + e.min_object_blocks() as u64 > total
                             || (!e.packed() && e.stored_len != *bs)
@@ -159,7 +165,9 @@ impl Pool {
                                 e.addr
                             )),
                         }
-                        if r.0 == 1 || e.packed() {
+                        // Stored bytes once, however many blocks share them
+                        // (dedup, frames).
+                        if counted.insert(e.byte_offset()) {
                             rep.data_bytes += e.stored_len as u64;
                         }
                     } else {

@@ -257,8 +257,21 @@ pub mod flags {
     /// 1 AES-128-XTS, 2 SM4-XTS).
     pub const CIPHER_SHIFT: u16 = 8;
     pub const CIPHER_MASK: u16 = 3 << 8;
-    pub const KNOWN: u16 = COMPRESSED | ENCRYPTED | DEDUP | PACKED | CIPHER_MASK;
+    /// The stored bytes are one zstd frame holding several consecutive
+    /// chunks; this one is number `(flags & FRAME_MASK) >> FRAME_SHIFT`.
+    /// Always with COMPRESSED and PACKED.
+    pub const FRAMED: u16 = 1 << 4;
+    pub const FRAME_SHIFT: u16 = 10;
+    pub const FRAME_MASK: u16 = 0x3f << 10;
+    pub const KNOWN: u16 =
+        COMPRESSED | ENCRYPTED | DEDUP | PACKED | FRAMED | CIPHER_MASK | FRAME_MASK;
 }
+
+/// Uncompressed bytes compressed together as one frame (chunks of small
+/// blocks compress far better together: docs/design.md).
+pub const FRAME_BYTES: usize = 128 << 10;
+/// Most chunks in one frame (the index has 6 bits).
+pub const MAX_FRAME_CHUNKS: usize = 64;
 
 /// Largest pack: 1 MiB, so a chunk's offset (in 16-byte units) fits `aux`.
 pub const MAX_PACK: u64 = 1 << 20;
@@ -307,6 +320,10 @@ impl Extent {
         } + self.stored_len as u64;
         end.div_ceil(UNIT) as u32
     }
+    /// Index of the chunk in its frame (0 for unframed extents).
+    pub fn frame_index(&self) -> usize {
+        ((self.flags & flags::FRAME_MASK) >> flags::FRAME_SHIFT) as usize
+    }
     /// Stored bytes this extent accounts for (a packed chunk: its bytes
     /// rounded to the 16-byte slot; a plain extent: its whole blocks).
     pub fn phys_bytes(&self) -> u64 {
@@ -350,6 +367,11 @@ fn extent_sane(e: &Extent) -> bool {
         && (e.packed() || e.aux == 0)
         && (!e.packed() || e.aux as u64 * 16 + e.stored_len as u64 <= MAX_PACK)
         && (e.flags & flags::ENCRYPTED != 0 || e.flags & flags::CIPHER_MASK == 0)
+        && if e.flags & flags::FRAMED != 0 {
+            e.flags & (flags::COMPRESSED | flags::PACKED) == flags::COMPRESSED | flags::PACKED
+        } else {
+            e.flags & flags::FRAME_MASK == 0
+        }
 }
 
 /// A leaf value of the dedup index: the rest of the 32-byte fingerprint

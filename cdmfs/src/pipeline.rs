@@ -372,6 +372,37 @@ pub fn compress(level: u8, data: &[u8]) -> Option<Vec<u8>> {
 /// Turns stored bytes back into the plain block of `bs` bytes. `stored` is
 /// decrypted in place.
 pub fn decode(keys: Option<&Keys>, e: &Extent, stored: &mut [u8], bs: usize) -> Result<Vec<u8>> {
+    let frame = decode_frame(keys, e, stored, bs)?;
+    if e.flags & flags::FRAMED == 0 {
+        return Ok(frame);
+    }
+    chunk_of(e, &frame, bs).map(<[u8]>::to_vec)
+}
+
+/// The block of a framed extent inside its decoded frame (the frame itself
+/// for other extents).
+pub fn chunk_of<'a>(e: &Extent, frame: &'a [u8], bs: usize) -> Result<&'a [u8]> {
+    if e.flags & flags::FRAMED == 0 {
+        return Ok(frame);
+    }
+    let k = e.frame_index();
+    frame.get(k * bs..(k + 1) * bs).ok_or_else(|| {
+        Error::Corrupt(format!(
+            "extent at pool block {} names chunk {k} of a frame of {} bytes",
+            e.addr,
+            frame.len()
+        ))
+    })
+}
+
+/// Decrypts and decompresses stored bytes: the block, or for a framed
+/// extent the whole frame (a multiple of `bs`).
+pub fn decode_frame(
+    keys: Option<&Keys>,
+    e: &Extent,
+    stored: &mut [u8],
+    bs: usize,
+) -> Result<Vec<u8>> {
     let bad = |why: String| {
         Error::Corrupt(format!(
             "extent at pool block {} (offset slot {}): {why}",
@@ -388,6 +419,11 @@ pub fn decode(keys: Option<&Keys>, e: &Extent, stored: &mut [u8], bs: usize) -> 
         keys.crypt(cipher, stored, tweak(e), false);
     }
     if e.flags & flags::COMPRESSED != 0 {
+        let cap = if e.flags & flags::FRAMED != 0 {
+            bs * crate::format::MAX_FRAME_CHUNKS.min(crate::format::FRAME_BYTES.div_ceil(bs).max(1))
+        } else {
+            bs
+        };
         let n = zstd::zstd_safe::find_frame_compressed_size(stored).map_err(|c| {
             bad(format!(
                 "zstd frame: {}",
@@ -401,10 +437,13 @@ pub fn decode(keys: Option<&Keys>, e: &Extent, stored: &mut [u8], bs: usize) -> 
                 *d = Some(zstd::bulk::Decompressor::new().map_err(Error::Io)?);
             }
             let dec = d.as_mut().ok_or_else(|| bad("no decompressor".into()))?;
-            dec.decompress(frame, bs)
+            dec.decompress(frame, cap)
                 .map_err(|err| bad(format!("zstd: {err}")))
         })?;
-        if out.len() != bs {
+        let framed = e.flags & flags::FRAMED != 0;
+        if (framed && (out.len() % bs != 0 || out.len() < (e.frame_index() + 1) * bs))
+            || (!framed && out.len() != bs)
+        {
             return Err(bad(format!(
                 "decompressed to {} bytes, expected {bs}",
                 out.len()

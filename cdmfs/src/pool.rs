@@ -991,6 +991,7 @@ impl Pool {
         let end = offset + buf.len() as u64;
         let mut todo: Vec<usize> = (0..map.len()).filter(|&i| !map[i].1.is_plain()).collect();
         todo.sort_unstable_by_key(|&i| map[i].1.byte_offset());
+        let mut last: Option<(u64, Vec<u8>)> = None;
         let mut a = 0;
         while a < todo.len() {
             let start = map[todo[a]].1.byte_offset();
@@ -1010,9 +1011,16 @@ impl Pool {
             for &i in &todo[a..b] {
                 let (k, e) = map[i];
                 let o = (e.byte_offset() - start) as usize;
-                let mut stored = span[o..o + e.stored_len as usize].to_vec();
-                verify(t, &map[i], &stored, bs)?;
-                let plain = pipeline::decode(self.keys.as_deref(), &e, &mut stored, bs as usize)?;
+                // Chunks of one frame are neighbours here: decode it once.
+                if last.as_ref().is_none_or(|(off, _)| *off != e.byte_offset()) {
+                    let mut stored = span[o..o + e.stored_len as usize].to_vec();
+                    verify(t, &map[i], &stored, bs)?;
+                    let plain =
+                        pipeline::decode_frame(self.keys.as_deref(), &e, &mut stored, bs as usize)?;
+                    last = Some((e.byte_offset(), plain));
+                }
+                let frame = last.as_ref().map(|(_, p)| p.as_slice()).unwrap_or(&[]);
+                let plain = pipeline::chunk_of(&e, frame, bs as usize)?;
                 let ls = k * bs;
                 let (x, y) = (ls.max(offset), (ls + bs).min(end));
                 buf[(x - offset) as usize..(y - offset) as usize]
@@ -1408,9 +1416,13 @@ impl Pool {
     }
 
     /// Compresses, packs, encrypts and writes the chunks of `blocks` that
-    /// are neither holes nor dedup hits. Returns the mapping of every
-    /// block, the new objects, the index entries to add and the result of
-    /// the device write (objects are allocated even if it failed).
+    /// are neither holes nor dedup hits. Consecutive new chunks are
+    /// compressed together as one zstd frame of up to [`FRAME_BYTES`]
+    /// (each chunk's extent names the frame and its index in it); frames
+    /// that save at least 1/8 go into packs, the others are stored plain.
+    /// Returns the mapping of every block, the new objects, the index
+    /// entries to add and the result of the device write (objects are
+    /// allocated even if it failed).
     #[allow(clippy::type_complexity)]
     fn store_new_chunks(
         &self,
@@ -1429,7 +1441,6 @@ impl Pool {
         struct New {
             fp: Option<[u8; 32]>,
             bytes: Vec<u8>,
-            compressed: bool,
             refs: u32,
             ext: Option<Extent>,
         }
@@ -1446,21 +1457,13 @@ impl Pool {
                 which[i] = Some(j);
                 continue;
             }
-            let (bytes, compressed) = match policy.compression {
-                0 => (data, false),
-                l => match pipeline::compress(l, &data) {
-                    Some(c) => (c, true),
-                    None => (data, false),
-                },
-            };
             if let Some(f) = fps[i] {
                 first.insert(f, news.len());
             }
             which[i] = Some(news.len());
             news.push(New {
                 fp: fps[i],
-                bytes,
-                compressed,
+                bytes: data,
                 refs: 1,
                 ext: None,
             });
@@ -1472,30 +1475,54 @@ impl Pool {
         if let Some(c) = policy.encryption {
             base |= flags::ENCRYPTED | (c.id() << flags::CIPHER_SHIFT);
         }
-        // Layout: uncompressed chunks are extents of their own; compressed
-        // ones go into packs of up to 1 MiB at 16-byte-aligned offsets.
-        let units = bs as u64 / UNIT;
-        let plain: Vec<usize> = (0..news.len()).filter(|&j| !news[j].compressed).collect();
+        // Frames: runs of new chunks compressed as one.
+        let per_frame = (FRAME_BYTES / bs as usize).clamp(1, MAX_FRAME_CHUNKS);
+        let mut plain: Vec<usize> = Vec::new();
+        // (chunks, compressed bytes)
+        let mut frames: Vec<(Vec<usize>, Vec<u8>)> = Vec::new();
+        if policy.compression == 0 {
+            plain.extend(0..news.len());
+        } else {
+            let mut j = 0;
+            while j < news.len() {
+                let group: Vec<usize> = (j..news.len().min(j + per_frame)).collect();
+                j += group.len();
+                let packed = if group.len() == 1 {
+                    pipeline::compress(policy.compression, &news[group[0]].bytes)
+                } else {
+                    let mut cat = Vec::with_capacity(group.len() * bs as usize);
+                    for &k in &group {
+                        cat.extend_from_slice(&news[k].bytes);
+                    }
+                    pipeline::compress(policy.compression, &cat)
+                };
+                match packed {
+                    Some(mut z) => {
+                        if policy.encryption.is_some() && z.len() < 16 {
+                            z.resize(16, 0);
+                        }
+                        frames.push((group, z));
+                    }
+                    None => plain.extend(group),
+                }
+            }
+        }
+        // Packs of frames, up to 1 MiB and MAX_PACK_CHUNKS chunks each.
         let mut packs: Vec<Vec<(usize, u64)>> = Vec::new();
-        let mut end = MAX_PACK;
-        let packed: Vec<usize> = (0..news.len()).filter(|&j| news[j].compressed).collect();
-        for j in packed {
-            let len = if policy.encryption.is_some() {
-                news[j].bytes.len().max(16)
-            } else {
-                news[j].bytes.len()
-            } as u64;
-            news[j].bytes.resize(len as usize, 0);
-            let cur = packs.last().map_or(0, |p| p.len());
-            if end + len > MAX_PACK || cur >= MAX_PACK_CHUNKS {
+        let (mut end, mut count) = (MAX_PACK, 0usize);
+        for (f, (group, z)) in frames.iter().enumerate() {
+            let len = z.len() as u64;
+            if end + len > MAX_PACK || count + group.len() > MAX_PACK_CHUNKS {
                 packs.push(Vec::new());
-                end = 0;
+                (end, count) = (0, 0);
             }
             if let Some(p) = packs.last_mut() {
-                p.push((j, end));
+                p.push((f, end));
             }
             end = (end + len).div_ceil(16) * 16;
+            count += group.len();
         }
+        let units = bs as u64 / UNIT;
         let plain_addrs = self.allocate(plain.len() as u64, units)?;
         let mut objects: Vec<(u64, u32, u32)> = Vec::new();
         let mut io: Vec<(u64, Vec<u8>)> = Vec::new();
@@ -1526,7 +1553,7 @@ impl Pool {
         for pack in packs {
             let size = pack
                 .iter()
-                .map(|&(j, o)| o + news[j].bytes.len() as u64)
+                .map(|&(f, o)| o + frames[f].1.len() as u64)
                 .max()
                 .unwrap_or(0);
             let blocks_n = size.div_ceil(UNIT);
@@ -1541,23 +1568,32 @@ impl Pool {
                 }
             };
             let mut buf = vec![0u8; (blocks_n * UNIT) as usize];
-            let mut refs = 0u32;
-            for (slot, &(j, off)) in pack.iter().enumerate() {
-                let n = &mut news[j];
+            let (mut refs, mut slot) = (0u32, 0u64);
+            for &(f, off) in &pack {
+                let (group, z) = &mut frames[f];
                 let mut e = Extent {
                     addr,
-                    stored_len: n.bytes.len() as u32,
+                    stored_len: z.len() as u32,
                     csum: 0,
                     flags: base | flags::COMPRESSED | flags::PACKED,
                     aux: (off / 16) as u16,
                 };
-                seal(&mut e, &mut n.bytes);
-                buf[off as usize..off as usize + n.bytes.len()].copy_from_slice(&n.bytes);
-                refs += n.refs;
-                if let Some(f) = n.fp {
-                    index.push((f, e, slot as u64));
+                seal(&mut e, z);
+                buf[off as usize..off as usize + z.len()].copy_from_slice(z);
+                let framed = group.len() > 1;
+                for (k, &j) in group.iter().enumerate() {
+                    let n = &mut news[j];
+                    let mut ce = e;
+                    if framed {
+                        ce.flags |= flags::FRAMED | ((k as u16) << flags::FRAME_SHIFT);
+                    }
+                    refs += n.refs;
+                    if let Some(fp) = n.fp {
+                        index.push((fp, ce, slot));
+                    }
+                    slot += 1;
+                    n.ext = Some(ce);
                 }
-                n.ext = Some(e);
             }
             objects.push((addr, blocks_n as u32, refs));
             io.push((addr, buf));
@@ -1876,6 +1912,8 @@ impl Inner {
         }
         let mut total = 0u64;
         let mut stack = vec![root];
+        // Chunks of one frame share their stored bytes: count them once.
+        let mut frames = std::collections::HashSet::new();
         while let Some(p) = stack.pop() {
             if self.store.rc_get(p.addr)?.is_some_and(|v| v.refs > 1) {
                 continue;
@@ -1884,7 +1922,9 @@ impl Inner {
             for i in 0..n.len() {
                 if n.is_leaf() {
                     let e = Extent::decode(n.val(i));
-                    if self.store.rc_get(e.addr)?.is_some_and(|v| v.refs == 1) {
+                    if self.store.rc_get(e.addr)?.is_some_and(|v| v.refs == 1)
+                        && (e.flags & flags::FRAMED == 0 || frames.insert(e.byte_offset()))
+                    {
                         total += e.phys_bytes();
                     }
                 } else {
@@ -2332,12 +2372,22 @@ impl Inner {
     /// Blocks of data objects (extents and packs): every refcounted object
     /// that is not a volume-tree node.
     pub(crate) fn data_object_blocks(&mut self) -> Result<u64> {
+        // Volume-tree nodes, shared subtrees walked once.
         let mut nodes = std::collections::HashSet::new();
-        for (_, root, _) in self.roots() {
-            self.walk_nodes(TreeKind::Volume, root, &mut |a, _| {
-                nodes.insert(a);
-                Ok(())
-            })?;
+        let mut stack: Vec<Ptr> = self
+            .roots()
+            .into_iter()
+            .map(|r| r.1)
+            .filter(|p| !p.is_null())
+            .collect();
+        while let Some(p) = stack.pop() {
+            if !nodes.insert(p.addr) {
+                continue;
+            }
+            let n = self.store.load(TreeKind::Volume, p)?;
+            if !n.is_leaf() {
+                stack.extend((0..n.len()).map(|i| n.child(i)));
+            }
         }
         let mut total = 0u64;
         let rc = self.store.rc_root;

@@ -56,8 +56,9 @@ impl Inner {
     /// (after dedup, after compression).
     fn distinct_chunks(&mut self, roots: &[(Ptr, u32)]) -> Result<(u64, u64)> {
         let mut seen: HashSet<u64> = HashSet::new();
-        // (where the chunk's bytes are, logical size, stored size)
-        let mut chunks: Vec<(u64, u32, u32)> = Vec::new();
+        // (where the chunk's bytes are, its index in a frame, logical
+        // size, stored size); the chunks of one frame share its bytes.
+        let mut chunks: Vec<(u64, u8, u32, u32)> = Vec::new();
         for &(root, bs) in roots {
             if root.is_null() || !seen.insert(root.addr) {
                 continue;
@@ -68,7 +69,12 @@ impl Inner {
                 for i in 0..n.len() {
                     if n.is_leaf() {
                         let e = Extent::decode(n.val(i));
-                        chunks.push((e.byte_offset(), bs, e.phys_bytes() as u32));
+                        chunks.push((
+                            e.byte_offset(),
+                            e.frame_index() as u8,
+                            bs,
+                            e.phys_bytes() as u32,
+                        ));
                     } else {
                         let c = n.child(i);
                         if seen.insert(c.addr) {
@@ -78,11 +84,17 @@ impl Inner {
                 }
             }
         }
-        chunks.sort_unstable_by_key(|c| c.0);
-        chunks.dedup_by_key(|c| c.0);
-        Ok(chunks
-            .iter()
-            .fold((0, 0), |(d, c), x| (d + x.1 as u64, c + x.2 as u64)))
+        chunks.sort_unstable_by_key(|c| (c.0, c.1));
+        chunks.dedup_by_key(|c| (c.0, c.1));
+        let (mut dedup, mut stored, mut last) = (0u64, 0u64, None);
+        for c in &chunks {
+            dedup += c.2 as u64;
+            if last != Some(c.0) {
+                stored += c.3 as u64;
+                last = Some(c.0);
+            }
+        }
+        Ok((dedup, stored))
     }
 }
 

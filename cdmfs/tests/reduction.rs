@@ -208,6 +208,29 @@ fn compression_levels_and_packing() {
         used(&pool) - before
     );
     assert_eq!(read_all(&pool, Target::Volume(v.id), 8 << 20), data);
+    // Consecutive 4 KiB chunks are compressed together (32 per 128 KiB
+    // frame): extents share their stored bytes.
+    let map = pool.physical_map(Target::Volume(v.id)).unwrap();
+    let mut offs: Vec<u64> = map.extents.iter().map(|e| e.1).collect();
+    offs.dedup();
+    assert_eq!(map.extents.len(), 2048);
+    assert!(
+        offs.len() <= 2048 / 16,
+        "{} frames for 2048 chunks",
+        offs.len()
+    );
+    // A frame compresses better than its chunks one by one would.
+    let one_by_one: usize = data
+        .chunks(4096)
+        .map(|c| cdmfs::pipeline::compress(8, c).map_or(4096, |z| z.len()))
+        .sum();
+    let r = pool.reduction().unwrap();
+    let small = r.volumes.iter().find(|v| v.name == "small").unwrap();
+    assert!(
+        small.bytes.after_compression_bytes * 5 < one_by_one as u64 * 4,
+        "{:?} vs {one_by_one} one by one",
+        small.bytes
+    );
     // Partial overwrites inside compressed blocks.
     let patch = noise(10_000, 3);
     pool.write(v.id, 12_345, &patch).unwrap();

@@ -226,7 +226,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&rep)?;
             } else {
                 println!(
-                    "{} volumes, {} snapshots, {} extents ({} data), metadata {} ({} volume-tree, {} refcount, {} catalog nodes)",
+                    "{} volumes, {} snapshots, {} extents ({} data), metadata {} ({} volume-tree, {} refcount, {} catalog, {} dedup-index nodes)",
                     rep.volumes,
                     rep.snapshots,
                     rep.extents,
@@ -234,7 +234,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     human(rep.metadata_bytes()),
                     rep.volume_nodes,
                     rep.refcount_nodes,
-                    rep.catalog_nodes
+                    rep.catalog_nodes,
+                    rep.dedup_nodes
                 );
                 for e in &rep.errors {
                     println!("ERROR: {e}");
