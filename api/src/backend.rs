@@ -57,6 +57,26 @@ pub trait Backend: Send + Sync + 'static {
 
     fn list_exports(&self) -> ApiResult<Vec<Export>>;
 
+    /// Mounts a snapshot (read-only) or a new clone of it (read-write) on
+    /// the appliance: FUSE file, loop device, kernel mount.
+    fn create_mount(&self, caller: &Caller, req: MountCreate) -> ApiResult<Mount>;
+    fn list_mounts(&self) -> ApiResult<Vec<Mount>>;
+    /// Unmounts; with `delete_clone` also deletes a writable mount's clone.
+    fn delete_mount(&self, caller: &Caller, name: &str, delete_clone: bool) -> ApiResult<()>;
+
+    /// File-level restore, read in process from the snapshot's image.
+    fn partitions(&self, volume: &str, snapshot: u64) -> ApiResult<Vec<PartitionInfo>>;
+    fn list_files(&self, volume: &str, snapshot: u64, q: FilesQuery) -> ApiResult<Vec<FileEntry>>;
+    fn stat_file(&self, volume: &str, snapshot: u64, q: FilesQuery) -> ApiResult<FileEntry>;
+    /// A regular file's bytes, or with `tar` a tar of the tree at the path.
+    fn download(
+        &self,
+        volume: &str,
+        snapshot: u64,
+        q: FilesQuery,
+        tar: bool,
+    ) -> ApiResult<Download>;
+
     fn start_job(&self, caller: &Caller, req: JobCreate) -> ApiResult<Job>;
     fn list_jobs(&self) -> ApiResult<Vec<Job>>;
     fn job(&self, id: u64) -> ApiResult<Job>;

@@ -251,6 +251,94 @@ impl Client {
         self.call("GET", "/v1/exports", None)
     }
 
+    pub fn create_mount(&self, req: &MountCreate) -> Result<Mount> {
+        self.call("POST", "/v1/mounts", Self::json(req)?)
+    }
+    pub fn mounts(&self) -> Result<Vec<Mount>> {
+        self.call("GET", "/v1/mounts", None)
+    }
+    pub fn delete_mount(&self, name: &str, delete_clone: bool) -> Result<()> {
+        self.done(
+            "DELETE",
+            &format!("/v1/mounts/{}?delete_clone={delete_clone}", e(name)),
+        )
+    }
+
+    fn files_path(volume: &str, id: u64, what: &str, q: &FilesQuery) -> String {
+        let mut p = format!(
+            "/v1/volumes/{}/snapshots/{id}/{what}?path={}",
+            e(volume),
+            e(&q.path)
+        );
+        if let Some(n) = q.partition {
+            p += &format!("&partition={n}");
+        }
+        if let Some(n) = q.offset {
+            p += &format!("&offset={n}");
+        }
+        if let Some(n) = q.limit {
+            p += &format!("&limit={n}");
+        }
+        p
+    }
+    pub fn partitions(&self, volume: &str, id: u64) -> Result<Vec<PartitionInfo>> {
+        self.call(
+            "GET",
+            &format!("/v1/volumes/{}/snapshots/{id}/partitions", e(volume)),
+            None,
+        )
+    }
+    pub fn files(&self, volume: &str, id: u64, q: &FilesQuery) -> Result<Vec<FileEntry>> {
+        self.call("GET", &Self::files_path(volume, id, "files", q), None)
+    }
+    pub fn stat_file(&self, volume: &str, id: u64, q: &FilesQuery) -> Result<FileEntry> {
+        self.call("GET", &Self::files_path(volume, id, "files/stat", q), None)
+    }
+    /// Streams a file (or with `tar` a tar of a tree) from a snapshot into
+    /// `out`; returns the bytes written. A transfer cut by the server is an
+    /// error.
+    pub fn download(
+        &self,
+        volume: &str,
+        id: u64,
+        q: &FilesQuery,
+        tar: bool,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64> {
+        let what = if tar { "files/tar" } else { "files/content" };
+        let url = format!("{}{}", self.base, Self::files_path(volume, id, what, q));
+        let mut req = self.agent.get(&url);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        match req.call() {
+            Ok(r) => {
+                let expect: Option<u64> = r.header("Content-Length").and_then(|v| v.parse().ok());
+                let n = std::io::copy(&mut r.into_reader(), out)
+                    .map_err(|e| ClientError::Transport(format!("transfer cut: {e}")))?;
+                if expect.is_some_and(|x| x != n) {
+                    return Err(ClientError::Transport(format!(
+                        "transfer cut after {n} of {} bytes",
+                        expect.unwrap_or(0)
+                    )));
+                }
+                Ok(n)
+            }
+            Err(ureq::Error::Status(status, r)) => {
+                let v: Value = r.into_json().unwrap_or(Value::Null);
+                Err(ClientError::Api {
+                    status,
+                    code: v["error"]["code"].as_str().unwrap_or("http").to_string(),
+                    message: v["error"]["message"]
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("HTTP {status}")),
+                })
+            }
+            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport(t.to_string())),
+        }
+    }
+
     pub fn start_job(&self, req: &JobCreate) -> Result<Job> {
         self.call("POST", "/v1/jobs", Self::json(req)?)
     }

@@ -177,6 +177,16 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/clones/{name}", axum::routing::delete(delete_clone))
         .route("/clones/{name}/promote", post(promote_clone))
         .route("/exports", get(exports))
+        .route("/mounts", get(list_mounts).post(create_mount))
+        .route("/mounts/{name}", axum::routing::delete(delete_mount))
+        .route("/volumes/{name}/snapshots/{id}/partitions", get(partitions))
+        .route("/volumes/{name}/snapshots/{id}/files", get(list_files))
+        .route("/volumes/{name}/snapshots/{id}/files/stat", get(stat_file))
+        .route(
+            "/volumes/{name}/snapshots/{id}/files/content",
+            get(file_content),
+        )
+        .route("/volumes/{name}/snapshots/{id}/files/tar", get(file_tar))
         .route("/jobs", get(list_jobs).post(start_job))
         .route("/jobs/{id}", get(job))
         .route("/events", get(events))
@@ -438,6 +448,149 @@ async fn exports(State(s): S) -> ApiResult<Json<Vec<Export>>> {
     Ok(Json(run(&s, |b| b.list_exports()).await?))
 }
 
+#[utoipa::path(get, path = "/v1/mounts", responses((status = 200, body = [Mount])), security(("bearer" = [])))]
+async fn list_mounts(State(s): S) -> ApiResult<Json<Vec<Mount>>> {
+    Ok(Json(run(&s, |b| b.list_mounts()).await?))
+}
+
+#[utoipa::path(post, path = "/v1/mounts", request_body = MountCreate, responses((status = 201, body = Mount), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn create_mount(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(req): ApiJson<MountCreate>,
+) -> ApiResult<Response> {
+    c.require(Action::Write)?;
+    if let Some(n) = &req.clone {
+        check_name("clone", n)?;
+    }
+    let m = run(&s, move |b| b.create_mount(&c, req)).await?;
+    Ok((StatusCode::CREATED, Json(m)).into_response())
+}
+
+/// `DELETE /v1/mounts/{name}?delete_clone=true`.
+#[derive(serde::Deserialize, utoipa::IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UnmountQuery {
+    #[serde(default)]
+    pub delete_clone: bool,
+}
+
+#[utoipa::path(delete, path = "/v1/mounts/{name}", params(("name" = String, Path), UnmountQuery), responses((status = 204), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn delete_mount(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<UnmountQuery>,
+) -> ApiResult<StatusCode> {
+    c.require(if q.delete_clone {
+        Action::Delete
+    } else {
+        Action::Write
+    })?;
+    check_name("mount", &name)?;
+    run(&s, move |b| b.delete_mount(&c, &name, q.delete_clone)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots/{id}/partitions", params(("name" = String, Path), ("id" = u64, Path)), responses((status = 200, body = [PartitionInfo])), security(("bearer" = [])))]
+async fn partitions(
+    State(s): S,
+    Path((name, id)): Path<(String, String)>,
+) -> ApiResult<Json<Vec<PartitionInfo>>> {
+    check_name("volume", &name)?;
+    let id = parse_id(&id, "snapshot")?;
+    Ok(Json(run(&s, move |b| b.partitions(&name, id)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots/{id}/files", params(("name" = String, Path), ("id" = u64, Path), FilesQuery), responses((status = 200, body = [FileEntry]), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)), security(("bearer" = [])))]
+async fn list_files(
+    State(s): S,
+    Path((name, id)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<FilesQuery>,
+) -> ApiResult<Json<Vec<FileEntry>>> {
+    check_name("volume", &name)?;
+    let id = parse_id(&id, "snapshot")?;
+    Ok(Json(run(&s, move |b| b.list_files(&name, id, q)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots/{id}/files/stat", params(("name" = String, Path), ("id" = u64, Path), FilesQuery), responses((status = 200, body = FileEntry)), security(("bearer" = [])))]
+async fn stat_file(
+    State(s): S,
+    Path((name, id)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<FilesQuery>,
+) -> ApiResult<Json<FileEntry>> {
+    check_name("volume", &name)?;
+    let id = parse_id(&id, "snapshot")?;
+    Ok(Json(run(&s, move |b| b.stat_file(&name, id, q)).await?))
+}
+
+async fn stream(
+    s: &AppState,
+    name: String,
+    id: String,
+    q: FilesQuery,
+    tar: bool,
+) -> ApiResult<Response> {
+    check_name("volume", &name)?;
+    let id = parse_id(&id, "snapshot")?;
+    let d = run(s, move |b| b.download(&name, id, q, tar)).await?;
+    let body = axum::body::Body::from_stream(futures_util::stream::unfold(
+        d.chunks,
+        |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|c| (c.map_err(std::io::Error::other), rx))
+        },
+    ));
+    let mut r = Response::new(body);
+    let h = r.headers_mut();
+    let ctype = if tar {
+        "application/x-tar"
+    } else {
+        "application/octet-stream"
+    };
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
+    );
+    if let Some(n) = d.size {
+        h.insert(header::CONTENT_LENGTH, n.into());
+    }
+    let safe: String = d
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || ".-_".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if let Ok(v) = header::HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(r)
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots/{id}/files/content", params(("name" = String, Path), ("id" = u64, Path), FilesQuery), responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream")), security(("bearer" = [])))]
+async fn file_content(
+    State(s): S,
+    Path((name, id)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<FilesQuery>,
+) -> ApiResult<Response> {
+    stream(&s, name, id, q, false).await
+}
+
+#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots/{id}/files/tar", params(("name" = String, Path), ("id" = u64, Path), FilesQuery), responses((status = 200, description = "a tar of the tree", content_type = "application/x-tar")), security(("bearer" = [])))]
+async fn file_tar(
+    State(s): S,
+    Path((name, id)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<FilesQuery>,
+) -> ApiResult<Response> {
+    stream(&s, name, id, q, true).await
+}
+
 #[utoipa::path(get, path = "/v1/jobs", responses((status = 200, body = [Job])), security(("bearer" = [])))]
 async fn list_jobs(State(s): S) -> ApiResult<Json<Vec<Job>>> {
     Ok(Json(run(&s, |b| b.list_jobs()).await?))
@@ -636,7 +789,9 @@ async fn advance_clock(
         health, metrics, login, logout, pool, set_pool_policy, list_volumes, create_volume,
         volume, grow_volume, delete_volume, policy, set_policy, list_snapshots,
         create_snapshot, snapshot, delete_snapshot, create_clone, list_clones,
-        promote_clone, delete_clone, exports, list_jobs, start_job, job, events, audit,
+        promote_clone, delete_clone, exports, list_mounts, create_mount, delete_mount,
+        partitions, list_files, stat_file, file_content, file_tar, list_jobs, start_job, job,
+        events, audit,
         list_webhooks, create_webhook, webhook, delete_webhook, deliveries, list_users,
         create_user, user, update_user, delete_user, list_tokens, create_token,
         delete_token, clock, advance_clock

@@ -113,6 +113,104 @@ pub struct ExportClient {
     pub since_unix: u64,
 }
 
+/// `POST /v1/mounts`: mount a snapshot's filesystem on the appliance.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MountCreate {
+    /// `VOLUME@ID`.
+    pub snapshot: String,
+    /// Instant recovery: make a writable clone and mount that (read-write);
+    /// otherwise the snapshot itself is mounted read-only.
+    #[serde(default)]
+    pub writable: bool,
+    /// Name of the clone (writable mounts); default `VOLUME-ID-rw`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clone: Option<String>,
+    /// Partition number; absent: the first partition if the disk has a
+    /// table, else the whole disk; 0: the whole disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+}
+
+/// A filesystem mounted on the appliance from a snapshot or a clone.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct Mount {
+    pub name: String,
+    /// `VOLUME@ID` it came from.
+    pub snapshot: String,
+    /// The clone mounted read-write (writable mounts).
+    pub clone: Option<String>,
+    pub writable: bool,
+    pub partition: Option<u32>,
+    /// Where it is mounted on the appliance.
+    pub path: String,
+    /// Loop device over the FUSE file.
+    pub device: String,
+    /// `ext4`, `xfs`, … as probed.
+    pub fstype: String,
+    /// `mounted`, or `failed` with `message` (e.g. not re-established after
+    /// a restart), or `gone` (unmounted behind the appliance's back).
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub created_unix: u64,
+}
+
+/// A partition of a snapshot's disk.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct PartitionInfo {
+    pub number: u32,
+    pub start: u64,
+    pub size: u64,
+    /// `mbr:0x83`, `gpt:<type GUID>`.
+    pub kind: String,
+    pub bootable: bool,
+}
+
+/// A file or directory inside a snapshot's filesystem.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct FileEntry {
+    pub name: String,
+    pub path: String,
+    /// `file`, `dir`, `symlink`, `block`, `char`, `fifo`, `socket`.
+    pub kind: String,
+    pub size: u64,
+    pub mode: u16,
+    pub uid: u32,
+    pub gid: u32,
+    /// Symlinks: where they point.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+}
+
+/// Which file, in which partition; paging for large directories.
+#[derive(Serialize, Deserialize, ToSchema, utoipa::IntoParams, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FilesQuery {
+    /// Absolute path inside the filesystem.
+    #[serde(default = "root_path")]
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+/// A file or tar being streamed from a snapshot: its size if known, then
+/// chunks; an `Err` chunk aborts the transfer (the client sees a cut body,
+/// never a silently short file).
+pub struct Download {
+    pub size: Option<u64>,
+    pub name: String,
+    pub chunks: tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>>,
+}
+
 /// An NBD export and who uses it.
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
 pub struct Export {

@@ -80,6 +80,8 @@ pub struct Appliance {
     unique: Mutex<HashMap<u64, (std::time::Instant, u64)>>,
     /// Policy of new volumes where a request does not say.
     defaults: cdmfs::Policy,
+    /// Instant mounts, when snapshotd runs with `--mount DIR`.
+    pub mounts: Option<crate::recovery::Mounts>,
     /// The last space report and the pool's change count it describes (it
     /// walks every tree, so it is made again only after the pool changed).
     reduction: Mutex<Option<(u64, cdmfs::ReductionReport)>>,
@@ -88,7 +90,7 @@ pub struct Appliance {
 /// How long a listing may show a volume's unique bytes before recomputing.
 const UNIQUE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
-fn st(e: StateError) -> ApiError {
+pub(crate) fn st(e: StateError) -> ApiError {
     ApiError::internal(e.to_string())
 }
 
@@ -160,6 +162,7 @@ impl Appliance {
         scheduler: Arc<Scheduler>,
         nbd_addrs: Vec<String>,
         defaults: cdmfs::Policy,
+        mounts: Option<crate::recovery::Mounts>,
     ) -> Arc<Appliance> {
         Arc::new_cyclic(|me| Appliance {
             me: me.clone(),
@@ -174,6 +177,7 @@ impl Appliance {
             verified: Mutex::new(HashMap::new()),
             unique: Mutex::new(HashMap::new()),
             defaults,
+            mounts,
             reduction: Mutex::new(None),
         })
     }
@@ -345,6 +349,13 @@ impl Appliance {
     /// Volume deletion shared by the API route, clones and jobs.
     pub fn remove_volume(&self, who: &str, name: &str, force: bool, kind: &str) -> ApiResult<()> {
         let v = self.pool.volume(name).map_err(engine)?;
+        let mounted = self.mounts_of(name, None);
+        if !mounted.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "{kind} {name} (or a snapshot of it) is mounted ({}); unmount it first",
+                mounted.join(", ")
+            )));
+        }
         let (vols, snaps) = self.pool.catalog().map_err(engine)?;
         let mine: Vec<u64> = snaps
             .iter()
@@ -733,6 +744,14 @@ impl Backend for Appliance {
 
     fn delete_snapshot(&self, c: &Caller, volume: &str, id: u64, force: bool) -> ApiResult<()> {
         let s = self.to_snapshot(self.snapshot_of(volume, id)?)?;
+        let mounted = self.mounts_of(volume, Some(id));
+        if !mounted.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "snapshot {} is mounted ({}); unmount it first",
+                s.export,
+                mounted.join(", ")
+            )));
+        }
         let clients = self.clients_of(&s.export);
         if !force && !clients.is_empty() {
             return Err(ApiError::conflict(format!(
@@ -804,6 +823,34 @@ impl Backend for Appliance {
             )));
         }
         self.remove_volume(&c.user, name, force, "clone")
+    }
+
+    fn create_mount(&self, c: &Caller, req: MountCreate) -> ApiResult<Mount> {
+        self.mount_create(c, req)
+    }
+    fn list_mounts(&self) -> ApiResult<Vec<Mount>> {
+        self.mount_list()
+    }
+    fn delete_mount(&self, c: &Caller, name: &str, delete_clone: bool) -> ApiResult<()> {
+        self.mount_delete(c, name, delete_clone)
+    }
+    fn partitions(&self, volume: &str, snapshot: u64) -> ApiResult<Vec<PartitionInfo>> {
+        self.files_partitions(volume, snapshot)
+    }
+    fn list_files(&self, volume: &str, snapshot: u64, q: FilesQuery) -> ApiResult<Vec<FileEntry>> {
+        self.files_list(volume, snapshot, q)
+    }
+    fn stat_file(&self, volume: &str, snapshot: u64, q: FilesQuery) -> ApiResult<FileEntry> {
+        self.files_stat(volume, snapshot, q)
+    }
+    fn download(
+        &self,
+        volume: &str,
+        snapshot: u64,
+        q: FilesQuery,
+        tar: bool,
+    ) -> ApiResult<Download> {
+        self.files_download(volume, snapshot, q, tar)
     }
 
     fn list_exports(&self) -> ApiResult<Vec<Export>> {

@@ -9,6 +9,7 @@ mod clock;
 mod events;
 mod jobs;
 mod metrics;
+mod recovery;
 mod scheduler;
 mod state;
 
@@ -65,6 +66,11 @@ struct Args {
     /// stretched with Argon2id.
     #[arg(long)]
     passphrase_file: Option<PathBuf>,
+    /// Serve the FUSE view of the pool here (volumes/NAME/disk,
+    /// snapshots/VOLUME/ID/disk) and enable instant mounts (under
+    /// DATA/mounts). Needs root (or CAP_SYS_ADMIN) and /dev/fuse.
+    #[arg(long)]
+    mount: Option<PathBuf>,
     #[command(flatten)]
     tls: nbd_server::tls::TlsArgs,
 }
@@ -83,6 +89,7 @@ struct Config {
     scheduler_tick_ms: Option<u64>,
     key_file: Option<PathBuf>,
     passphrase_file: Option<PathBuf>,
+    mount: Option<PathBuf>,
     /// Pool-wide defaults for new volumes (a request's fields win).
     #[serde(default)]
     defaults: cdmfs::Policy,
@@ -101,6 +108,7 @@ struct Settings {
     webhooks: events::WebhookConfig,
     key: Option<cdmfs::KeySource>,
     defaults: cdmfs::Policy,
+    mount: Option<PathBuf>,
 }
 
 fn read_key(args: &Args, cfg: &Config) -> Result<Option<cdmfs::KeySource>> {
@@ -139,6 +147,7 @@ fn settings(args: &Args) -> Result<Settings> {
         .map_err(|e| anyhow::anyhow!("[defaults]: {e}"))?;
     Ok(Settings {
         key: read_key(args, &cfg)?,
+        mount: args.mount.clone().or(cfg.mount.clone()),
         defaults: cfg.defaults,
         data: args
             .data
@@ -239,6 +248,29 @@ fn main() -> Result<()> {
     let nbd_addrs =
         nbd_server::server::start(&server, listeners, Duration::from_secs(s.commit_interval))?;
 
+    // The FUSE view, then instant mounts recorded before a restart.
+    let fuse = match &s.mount {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let dir = dir.canonicalize()?;
+            let m = cdm_recovery::fuse::mount(pool.clone(), &dir, 4)
+                .with_context(|| format!("cannot mount the FUSE view at {}", dir.display()))?;
+            tracing::info!(dir = %dir.display(), "FUSE view mounted");
+            Some(m)
+        }
+        None => None,
+    };
+    let mounts = match &fuse {
+        Some(f) => {
+            let root = s.data.canonicalize()?.join("mounts");
+            std::fs::create_dir_all(&root)?;
+            let m = recovery::Mounts::new(f.dir.clone(), root);
+            m.restore(&pool, &state);
+            Some(m)
+        }
+        None => None,
+    };
     let jobs = jobs::Jobs::new(state.clone(), clock.clone(), events.clone());
     let sched =
         scheduler::Scheduler::new(pool.clone(), state.clone(), events.clone(), clock.clone());
@@ -269,6 +301,7 @@ fn main() -> Result<()> {
         sched,
         nbd_addrs.clone(),
         s.defaults,
+        mounts,
     );
     match app.bootstrap_admin() {
         Ok(Some(token)) => {
@@ -332,6 +365,12 @@ fn main() -> Result<()> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "API server ended with an error"),
         Err(_) => tracing::warn!("API thread panicked"),
+    }
+    if let Some(m) = &app.mounts {
+        m.unmount_all(&state);
+    }
+    if let Some(f) = fuse {
+        f.unmount();
     }
     pool.flush().context("final commit failed")?;
     events.stop();

@@ -22,6 +22,8 @@ pub const DELIVERIES: TableDefinition<u64, &[u8]> = TableDefinition::new("delive
 pub const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 pub const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
+/// Instant mounts (see recovery.rs).
+pub const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts");
 
 /// Logs keep at most this many newest entries.
 pub const LOG_KEEP: u64 = 100_000;
@@ -86,6 +88,7 @@ impl State {
         tx.open_table(EVENTS)?;
         tx.open_table(AUDIT)?;
         tx.open_table(JOBS)?;
+        tx.open_table(MOUNTS)?;
         tx.commit()?;
         Ok(State { db })
     }

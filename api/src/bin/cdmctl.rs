@@ -55,6 +55,12 @@ enum Cmd {
     /// NBD exports and connected clients.
     #[command(subcommand)]
     Export(ExportCmd),
+    /// Instant mounts of snapshots on the appliance (needs snapshotd --mount).
+    #[command(subcommand)]
+    Mount(MountCmd),
+    /// File-level restore from a snapshot's filesystem.
+    #[command(subcommand)]
+    Files(FilesCmd),
     /// Long operations.
     #[command(subcommand)]
     Job(JobCmd),
@@ -194,6 +200,102 @@ enum CloneCmd {
 #[derive(Subcommand)]
 enum ExportCmd {
     List,
+}
+
+#[derive(Subcommand)]
+enum MountCmd {
+    /// Mount VOLUME@ID read-only, or with --writable a new clone of it.
+    Create {
+        snapshot: String,
+        #[arg(long)]
+        writable: bool,
+        /// Clone name for --writable (default VOLUME-ID-rw).
+        #[arg(long)]
+        clone: Option<String>,
+        /// Partition number (0 = whole disk; default: the first partition, if any).
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+    List,
+    /// Unmount; --delete-clone also deletes a writable mount's clone.
+    Delete {
+        name: String,
+        #[arg(long)]
+        delete_clone: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum FilesCmd {
+    /// Partitions of VOLUME@ID.
+    Partitions { snapshot: String },
+    /// List a directory of VOLUME@ID.
+    Ls {
+        snapshot: String,
+        #[arg(default_value = "/")]
+        path: String,
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+    /// Stat one path.
+    Stat {
+        snapshot: String,
+        path: String,
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+    /// Download a file (-o FILE, default stdout).
+    Get {
+        snapshot: String,
+        path: String,
+        #[arg(short, long)]
+        output: Option<std::path::PathBuf>,
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+    /// Download a tar of a directory tree (-o FILE, default stdout).
+    Tar {
+        snapshot: String,
+        path: String,
+        #[arg(short, long)]
+        output: Option<std::path::PathBuf>,
+        #[arg(long)]
+        partition: Option<u32>,
+    },
+}
+
+fn snap_ref(s: &str) -> Result<(String, u64), CliError> {
+    s.split_once('@')
+        .and_then(|(v, id)| Some((v.to_string(), id.parse().ok()?)))
+        .ok_or_else(|| CliError::Usage(format!("{s:?}: expected VOLUME@ID")))
+}
+
+fn fetch(
+    c: &Client,
+    snapshot: &str,
+    path: String,
+    partition: Option<u32>,
+    output: Option<std::path::PathBuf>,
+    tar: bool,
+) -> Result<u64, CliError> {
+    let (v, id) = snap_ref(snapshot)?;
+    let q = FilesQuery {
+        path,
+        partition,
+        ..FilesQuery::default()
+    };
+    match output {
+        Some(p) => {
+            let tmp = p.with_extension("partial");
+            let mut f = std::fs::File::create(&tmp)
+                .map_err(|e| CliError::Other(format!("cannot create {}: {e}", tmp.display())))?;
+            let n = c.download(&v, id, &q, tar, &mut f)?;
+            std::fs::rename(&tmp, &p)
+                .map_err(|e| CliError::Other(format!("cannot rename to {}: {e}", p.display())))?;
+            Ok(n)
+        }
+        None => Ok(c.download(&v, id, &q, tar, &mut std::io::stdout().lock())?),
+    }
 }
 
 #[derive(Subcommand)]
@@ -918,6 +1020,151 @@ fn run(cli: Cli) -> Result<(), CliError> {
             CloneCmd::Delete { name, force } => {
                 c.delete_clone(&name, force)?;
                 out.say(format!("deleted clone {name}"));
+            }
+        },
+        Cmd::Mount(m) => match m {
+            MountCmd::Create {
+                snapshot,
+                writable,
+                clone,
+                partition,
+            } => {
+                let m = c.create_mount(&MountCreate {
+                    snapshot,
+                    writable,
+                    clone,
+                    partition,
+                })?;
+                out.show(&m, |m| {
+                    format!(
+                        "mounted {} ({}, {}) at {} on {}\n",
+                        m.snapshot,
+                        m.fstype,
+                        if m.writable {
+                            "read-write clone"
+                        } else {
+                            "read-only"
+                        },
+                        m.path,
+                        m.device
+                    )
+                })
+            }
+            MountCmd::List => out.show(&c.mounts()?, |v| {
+                table_of(
+                    v,
+                    &["NAME", "SNAPSHOT", "MODE", "FS", "STATE", "PATH"],
+                    |m| {
+                        vec![
+                            m.name.clone(),
+                            m.snapshot.clone(),
+                            if m.writable { "rw" } else { "ro" }.into(),
+                            m.fstype.clone(),
+                            match &m.message {
+                                Some(x) => format!("{}: {x}", m.state),
+                                None => m.state.clone(),
+                            },
+                            m.path.clone(),
+                        ]
+                    },
+                )
+            }),
+            MountCmd::Delete { name, delete_clone } => {
+                c.delete_mount(&name, delete_clone)?;
+                out.say(format!("unmounted {name}"));
+            }
+        },
+        Cmd::Files(f) => match f {
+            FilesCmd::Partitions { snapshot } => {
+                let (v, id) = snap_ref(&snapshot)?;
+                out.show(&c.partitions(&v, id)?, |p| {
+                    table_of(p, &["#", "START", "SIZE", "TYPE", "BOOT"], |p| {
+                        vec![
+                            p.number.to_string(),
+                            p.start.to_string(),
+                            human(p.size),
+                            p.kind.clone(),
+                            if p.bootable { "*" } else { "" }.into(),
+                        ]
+                    })
+                })
+            }
+            FilesCmd::Ls {
+                snapshot,
+                path,
+                partition,
+            } => {
+                let (v, id) = snap_ref(&snapshot)?;
+                let q = FilesQuery {
+                    path,
+                    partition,
+                    ..FilesQuery::default()
+                };
+                out.show(&c.files(&v, id, &q)?, |e| {
+                    table_of(e, &["MODE", "UID", "GID", "SIZE", "NAME"], |e| {
+                        vec![
+                            format!("{} {:o}", &e.kind, e.mode & 0o7777),
+                            e.uid.to_string(),
+                            e.gid.to_string(),
+                            e.size.to_string(),
+                            match &e.target {
+                                Some(t) => format!("{} -> {t}", e.name),
+                                None => e.name.clone(),
+                            },
+                        ]
+                    })
+                })
+            }
+            FilesCmd::Stat {
+                snapshot,
+                path,
+                partition,
+            } => {
+                let (v, id) = snap_ref(&snapshot)?;
+                let q = FilesQuery {
+                    path,
+                    partition,
+                    ..FilesQuery::default()
+                };
+                out.show(&c.stat_file(&v, id, &q)?, |e| {
+                    format!(
+                        "path: {}\nkind: {}\nsize: {}\nmode: {:o}\nuid: {}\ngid: {}\n{}",
+                        e.path,
+                        e.kind,
+                        e.size,
+                        e.mode,
+                        e.uid,
+                        e.gid,
+                        e.target
+                            .as_ref()
+                            .map(|t| format!("target: {t}\n"))
+                            .unwrap_or_default()
+                    )
+                })
+            }
+            FilesCmd::Get {
+                snapshot,
+                path,
+                output,
+                partition,
+            } => {
+                let to_file = output.is_some();
+                let n = fetch(&c, &snapshot, path, partition, output, false)?;
+                if to_file {
+                    out.say(format!("restored {n} bytes"));
+                }
+            }
+            FilesCmd::Tar {
+                snapshot,
+                path,
+                output,
+                partition,
+            } => {
+                let to_file = output.is_some();
+                let n = fetch(&c, &snapshot, path, partition, output, true)?;
+                if to_file {
+                    out.say(format!("wrote a {n}-byte tar"));
+                }
             }
         },
         Cmd::Export(ExportCmd::List) => out.show(&c.exports()?, |v| {

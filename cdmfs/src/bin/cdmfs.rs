@@ -77,6 +77,10 @@ enum Cmd {
         #[arg(long)]
         map: bool,
     },
+    /// Mount the FUSE view of the pool at DIR (volumes/NAME/disk read-write,
+    /// snapshots/VOLUME/ID/disk read-only) until SIGINT/SIGTERM; runs
+    /// cdm-fuse, installed next to cdmfs.
+    Mount { dir: PathBuf },
     /// Write a file (or stdin) into a volume at --offset.
     Write {
         volume: String,
@@ -218,6 +222,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 path.display(),
                 human(cdmfs::BlockDev::len(&dev)?)
             );
+        }
+        Cmd::Mount { dir } => {
+            let exe = std::env::current_exe()?.with_file_name("cdm-fuse");
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("--pool").arg(path).arg(&dir);
+            if let Some(k) = &cli.key_file {
+                cmd.arg("--key-file").arg(k);
+            }
+            use std::os::unix::process::CommandExt;
+            let e = cmd.exec();
+            anyhow::bail!("cannot run {}: {e}", exe.display());
         }
         Cmd::Fsck => {
             let pool = open_pool(path, cli.key_file.as_deref())?;

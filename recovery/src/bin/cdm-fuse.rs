@@ -1,0 +1,56 @@
+//! `cdm-fuse`: the FUSE view of an offline pool (what `cdmfs mount` runs).
+//! Mounts `volumes/NAME/disk` and `snapshots/VOLUME/ID/disk` at DIR until
+//! SIGINT/SIGTERM, then unmounts and commits.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use cdmfs::{FileDev, OpenOptions, Pool};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(
+    name = "cdm-fuse",
+    version,
+    about = "Mount the FUSE view of an offline cdm pool"
+)]
+struct Args {
+    /// Pool file or block device.
+    #[arg(short, long, env = "CDMFS_POOL", default_value = "./cdm-data/pool")]
+    pool: PathBuf,
+    /// Key file for encrypted volumes.
+    #[arg(long, env = "CDMFS_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// I/O worker threads.
+    #[arg(long, default_value = "4")]
+    threads: usize,
+    /// Where to mount.
+    dir: PathBuf,
+}
+
+fn main() -> Result<()> {
+    nbd_server::init_logging();
+    let args = Args::parse();
+    nbd_server::signals::block_termination();
+    let dev = FileDev::open(&args.pool)
+        .with_context(|| format!("cannot open pool {}", args.pool.display()))?;
+    let opts = OpenOptions {
+        key: args
+            .key_file
+            .as_deref()
+            .map(cdmfs::KeySource::from_key_file)
+            .transpose()?,
+        ..OpenOptions::default()
+    };
+    let pool = Arc::new(Pool::open(Arc::new(dev), &opts).context("cannot open the pool")?);
+    std::fs::create_dir_all(&args.dir)?;
+    let m = cdm_recovery::fuse::mount(pool.clone(), &args.dir, args.threads)
+        .with_context(|| format!("cannot mount at {}", args.dir.display()))?;
+    tracing::info!(dir = %args.dir.display(), "mounted; SIGINT or SIGTERM unmounts");
+    let sig = nbd_server::signals::wait_for_termination();
+    tracing::info!(sig, "unmounting");
+    m.unmount();
+    pool.flush().context("final commit failed")?;
+    Ok(())
+}

@@ -1,0 +1,502 @@
+//! Recovery on the appliance: instant mounts (FUSE file → loop device →
+//! kernel mount) and file-level restore (a snapshot's ext4 read in
+//! process). The FUSE view itself is `cdm_recovery::fuse`, mounted by
+//! `main` with `--mount DIR`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+use cdm_api::auth::Caller;
+use cdm_api::types::*;
+use cdm_api::{ApiError, ApiResult};
+use cdm_recovery::browse::{self, BrowseError};
+use cdmfs::{Pool, Target};
+use serde_json::json;
+
+use crate::appliance::{engine, Appliance};
+use crate::state::{State, Sync, MOUNTS};
+
+/// Where the FUSE view is and where instant mounts go.
+pub struct Mounts {
+    pub fuse: PathBuf,
+    pub root: PathBuf,
+    /// Serializes mount changes (losetup/mount are not atomic).
+    lock: Mutex<()>,
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        Err(format!(
+            "{} failed: {}",
+            cmd.get_program().to_string_lossy(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(&*p)))
+        .unwrap_or(false)
+}
+
+pub fn browse_err(e: BrowseError) -> ApiError {
+    match e {
+        BrowseError::NotFound(m) => ApiError::not_found(m),
+        BrowseError::Invalid(m) => ApiError::bad_request(m),
+        BrowseError::Unreadable(m) => ApiError::new(422, "unreadable", m),
+        BrowseError::Engine(e) => engine(e),
+    }
+}
+
+fn to_entry(e: browse::Entry) -> FileEntry {
+    FileEntry {
+        name: e.name,
+        path: e.path,
+        kind: e.kind,
+        size: e.size,
+        mode: e.mode,
+        uid: e.uid,
+        gid: e.gid,
+        target: e.target,
+    }
+}
+
+/// Parses `VOLUME@ID`.
+fn parse_source(s: &str) -> ApiResult<(String, u64)> {
+    let (v, id) = s
+        .split_once('@')
+        .ok_or_else(|| ApiError::bad_request(format!("snapshot {s:?} must be VOLUME@ID")))?;
+    let id = id
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("snapshot id {id:?} is not a number")))?;
+    Ok((v.to_string(), id))
+}
+
+impl Mounts {
+    pub fn new(fuse: PathBuf, root: PathBuf) -> Mounts {
+        Mounts {
+            fuse,
+            root,
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Loop device + kernel mount of `m` (its FUSE file); fills device and fstype.
+    fn attach(&self, pool: &Pool, m: &mut Mount) -> Result<(), String> {
+        let (vol, id) = parse_source(&m.snapshot).map_err(|e| e.message)?;
+        let (file, target) = match &m.clone {
+            Some(c) => {
+                let vid = pool.volume_id(c).map_err(|e| e.to_string())?;
+                (
+                    self.fuse.join("volumes").join(c).join("disk"),
+                    Target::Volume(vid),
+                )
+            }
+            None => (
+                self.fuse
+                    .join("snapshots")
+                    .join(&vol)
+                    .join(id.to_string())
+                    .join("disk"),
+                Target::Snapshot(id),
+            ),
+        };
+        let mut los = Command::new("losetup");
+        los.args(["--find", "--show"]);
+        if !m.writable {
+            los.arg("--read-only");
+        }
+        if let Some((start, len)) = self.range(pool, target, m.partition)? {
+            los.args([
+                "--offset",
+                &start.to_string(),
+                "--sizelimit",
+                &len.to_string(),
+            ]);
+        }
+        los.arg(&file);
+        let dev = run(&mut los)?;
+        let detach = |why: String| {
+            let _ = run(Command::new("losetup").args(["-d", &dev]));
+            why
+        };
+        let fstype = run(Command::new("blkid").args(["-p", "-o", "value", "-s", "TYPE", &dev]))
+            .map_err(|_| detach(format!("no filesystem found on {} (blkid)", m.snapshot)))?;
+        let opts = match (fstype.as_str(), m.writable) {
+            ("ext4" | "ext3" | "ext2", false) => "ro,noload",
+            ("xfs", false) => "ro,norecovery,nouuid",
+            ("xfs", true) => "nouuid",
+            (_, false) => "ro",
+            (_, true) => "rw",
+        };
+        let path = PathBuf::from(&m.path);
+        std::fs::create_dir_all(&path).map_err(|e| detach(format!("{}: {e}", path.display())))?;
+        run(Command::new("mount")
+            .args(["-t", &fstype, "-o", opts, &dev])
+            .arg(&path))
+        .map_err(detach)?;
+        m.device = dev;
+        m.fstype = fstype;
+        m.state = "mounted".into();
+        m.message = None;
+        Ok(())
+    }
+
+    /// Byte range of the partition to mount: `None` = the whole disk.
+    fn range(
+        &self,
+        pool: &Pool,
+        target: Target,
+        partition: Option<u32>,
+    ) -> Result<Option<(u64, u64)>, String> {
+        if partition == Some(0) {
+            return Ok(None);
+        }
+        let parts = partition_table(pool, target).map_err(|e| e.message)?;
+        match partition {
+            None => Ok(parts.first().map(|p| (p.start, p.size))),
+            Some(n) => parts
+                .iter()
+                .find(|p| p.number == n)
+                .map(|p| Some((p.start, p.size)))
+                .ok_or_else(|| format!("partition {n} not found")),
+        }
+    }
+
+    fn detach(&self, m: &Mount) -> Result<(), String> {
+        let path = Path::new(&m.path);
+        if is_mounted(path) {
+            run(Command::new("umount").arg(path))?;
+        }
+        if !m.device.is_empty() && Path::new(&m.device).exists() {
+            // The device may have been reused since a restart: only detach
+            // it if it is still backed by our FUSE file.
+            let back = run(Command::new("losetup").args(["-n", "-O", "BACK-FILE", &m.device]))
+                .unwrap_or_default();
+            if back.starts_with(&*self.fuse.to_string_lossy()) {
+                let _ = run(Command::new("losetup").args(["-d", &m.device]));
+            }
+        }
+        let _ = std::fs::remove_dir(path);
+        Ok(())
+    }
+
+    /// At start: mounts recorded before a restart are mounted again, or
+    /// reported failed with the reason — never left looking mounted.
+    pub fn restore(&self, pool: &Pool, state: &State) {
+        let _g = self.guard();
+        let recs: Vec<Mount> = state.all(MOUNTS).unwrap_or_default();
+        for mut m in recs {
+            let _ = self.detach(&m);
+            if let Err(why) = self.attach(pool, &mut m) {
+                tracing::warn!(mount = %m.name, %why, "mount not re-established");
+                m.state = "failed".into();
+                m.message = Some(format!("not re-established after restart: {why}"));
+                m.device.clear();
+            }
+            let _ = state.put(MOUNTS, m.name.as_str(), &m, Sync::Now);
+        }
+    }
+
+    /// At shutdown: unmount everything (records stay, for [`Mounts::restore`]).
+    pub fn unmount_all(&self, state: &State) {
+        let _g = self.guard();
+        for m in state.all::<Mount>(MOUNTS).unwrap_or_default() {
+            if let Err(e) = self.detach(&m) {
+                tracing::warn!(mount = %m.name, error = %e, "cannot unmount");
+            }
+        }
+    }
+}
+
+pub fn partition_table(pool: &Pool, target: Target) -> ApiResult<Vec<PartitionInfo>> {
+    let (size, _) = pool.geometry(target).map_err(engine)?;
+    cdm_recovery::partition::read_table(
+        &mut |off, dst| pool.read(target, off, dst).map_err(|e| e.to_string()),
+        size,
+    )
+    .map(|v| {
+        v.into_iter()
+            .map(|p| PartitionInfo {
+                number: p.number,
+                start: p.start,
+                size: p.len,
+                kind: p.kind,
+                bootable: p.bootable,
+            })
+            .collect()
+    })
+    .map_err(|e| ApiError::new(422, "unreadable", e.to_string()))
+}
+
+/// Writes to the download channel in 1 MiB pieces; fails once the client
+/// has gone.
+struct ChanWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>,
+    buf: Vec<u8>,
+}
+
+impl std::io::Write for ChanWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        if self.buf.len() >= 1 << 20 {
+            self.flush()?;
+        }
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        if !self.buf.is_empty() {
+            let b = std::mem::take(&mut self.buf);
+            self.tx
+                .blocking_send(Ok(b))
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client gone"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Appliance {
+    fn mounts(&self) -> ApiResult<&Mounts> {
+        self.mounts.as_ref().ok_or_else(|| {
+            ApiError::conflict(
+                "instant mounts need the FUSE view: start snapshotd with --mount DIR",
+            )
+        })
+    }
+
+    fn snapshot_target(&self, volume: &str, id: u64) -> ApiResult<Target> {
+        let s = self.pool.snapshot(id).map_err(engine)?;
+        if s.volume != volume {
+            return Err(ApiError::not_found(format!(
+                "snapshot {id} of volume {volume} not found"
+            )));
+        }
+        Ok(Target::Snapshot(id))
+    }
+
+    pub fn mount_create(&self, c: &Caller, req: MountCreate) -> ApiResult<Mount> {
+        let mounts = self.mounts()?;
+        let (vol, id) = parse_source(&req.snapshot)?;
+        self.snapshot_target(&vol, id)?;
+        let name = match (&req.clone, req.writable) {
+            (Some(n), true) => n.clone(),
+            (Some(_), false) => {
+                return Err(ApiError::bad_request("clone is only for writable mounts"))
+            }
+            (None, true) => format!("{vol}-{id}-rw"),
+            (None, false) => format!("{vol}-{id}-ro"),
+        };
+        cdmfs::pool::validate_name(&name).map_err(engine)?;
+        let _g = mounts.guard();
+        if self
+            .state
+            .get::<_, Mount>(MOUNTS, name.as_str())
+            .map_err(crate::appliance::st)?
+            .is_some()
+        {
+            return Err(ApiError::conflict(format!("mount {name} exists")));
+        }
+        let mut m = Mount {
+            name: name.clone(),
+            snapshot: format!("{vol}@{id}"),
+            clone: None,
+            writable: req.writable,
+            partition: req.partition,
+            path: mounts.root.join(&name).to_string_lossy().into_owned(),
+            device: String::new(),
+            fstype: String::new(),
+            state: "mounting".into(),
+            message: None,
+            created_unix: self.clock.now(),
+        };
+        if req.writable {
+            self.pool.clone_snapshot(id, &name).map_err(engine)?;
+            self.pool.flush().map_err(engine)?;
+            self.events.emit(
+                "clone.created",
+                &name,
+                &c.user,
+                json!({"origin": m.snapshot, "for": "mount"}),
+            );
+            m.clone = Some(name.clone());
+        }
+        if let Err(why) = mounts.attach(&self.pool, &mut m) {
+            if let Some(cl) = &m.clone {
+                let _ = self.pool.delete_volume(cl, true);
+                let _ = self.pool.flush();
+            }
+            return Err(ApiError::new(422, "mount_failed", why));
+        }
+        self.state
+            .put(MOUNTS, name.as_str(), &m, Sync::Now)
+            .map_err(crate::appliance::st)?;
+        self.events.emit(
+            "mount.created",
+            &name,
+            &c.user,
+            json!({"snapshot": m.snapshot, "writable": m.writable, "path": m.path, "fstype": m.fstype}),
+        );
+        Ok(m)
+    }
+
+    pub fn mount_list(&self) -> ApiResult<Vec<Mount>> {
+        let mut v: Vec<Mount> = self.state.all(MOUNTS).map_err(crate::appliance::st)?;
+        for m in &mut v {
+            if m.state == "mounted" && !is_mounted(Path::new(&m.path)) {
+                m.state = "gone".into();
+                m.message = Some("not mounted any more (unmounted outside the appliance?)".into());
+            }
+        }
+        Ok(v)
+    }
+
+    pub fn mount_delete(&self, c: &Caller, name: &str, delete_clone: bool) -> ApiResult<()> {
+        let m: Mount = self
+            .state
+            .get(MOUNTS, name)
+            .map_err(crate::appliance::st)?
+            .ok_or_else(|| ApiError::not_found(format!("mount {name} not found")))?;
+        if let Some(mounts) = self.mounts.as_ref() {
+            let _g = mounts.guard();
+            mounts
+                .detach(&m)
+                .map_err(|e| ApiError::conflict(format!("cannot unmount {name}: {e}")))?;
+        }
+        self.state
+            .remove(MOUNTS, name)
+            .map_err(crate::appliance::st)?;
+        self.events.emit(
+            "mount.deleted",
+            name,
+            &c.user,
+            json!({"delete_clone": delete_clone}),
+        );
+        if let (true, Some(cl)) = (delete_clone, &m.clone) {
+            self.remove_volume(&c.user, cl, true, "clone")?;
+        }
+        Ok(())
+    }
+
+    /// Mounts using a volume (its clone) or one of its snapshots.
+    pub fn mounts_of(&self, volume: &str, snapshot: Option<u64>) -> Vec<String> {
+        self.state
+            .all::<Mount>(MOUNTS)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| match snapshot {
+                Some(id) => m.snapshot == format!("{volume}@{id}") && !m.writable,
+                None => {
+                    m.clone.as_deref() == Some(volume)
+                        || m.snapshot.starts_with(&format!("{volume}@")) && !m.writable
+                }
+            })
+            .map(|m| m.name)
+            .collect()
+    }
+
+    pub fn files_partitions(&self, volume: &str, id: u64) -> ApiResult<Vec<PartitionInfo>> {
+        let t = self.snapshot_target(volume, id)?;
+        partition_table(&self.pool, t)
+    }
+
+    pub fn files_list(&self, volume: &str, id: u64, q: FilesQuery) -> ApiResult<Vec<FileEntry>> {
+        let t = self.snapshot_target(volume, id)?;
+        let fs = browse::open(&self.pool, t, q.partition).map_err(browse_err)?;
+        let limit = q.limit.unwrap_or(10_000).min(100_000);
+        Ok(browse::list(&fs, &q.path, q.offset.unwrap_or(0), limit)
+            .map_err(browse_err)?
+            .into_iter()
+            .map(to_entry)
+            .collect())
+    }
+
+    pub fn files_stat(&self, volume: &str, id: u64, q: FilesQuery) -> ApiResult<FileEntry> {
+        let t = self.snapshot_target(volume, id)?;
+        let fs = browse::open(&self.pool, t, q.partition).map_err(browse_err)?;
+        browse::stat(&fs, &q.path).map(to_entry).map_err(browse_err)
+    }
+
+    pub fn files_download(
+        &self,
+        volume: &str,
+        id: u64,
+        q: FilesQuery,
+        tar: bool,
+    ) -> ApiResult<Download> {
+        let t = self.snapshot_target(volume, id)?;
+        let pool = self.pool.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (first_tx, first_rx) = std::sync::mpsc::channel::<ApiResult<Option<u64>>>();
+        let name = q
+            .path
+            .rsplit('/')
+            .find(|s| !s.is_empty())
+            .unwrap_or("root")
+            .to_string();
+        std::thread::Builder::new()
+            .name("file-restore".into())
+            .spawn(move || {
+                let fs = match browse::open(&pool, t, q.partition) {
+                    Ok(fs) => fs,
+                    Err(e) => {
+                        let _ = first_tx.send(Err(browse_err(e)));
+                        return;
+                    }
+                };
+                let mut w = ChanWriter {
+                    tx: tx.clone(),
+                    buf: Vec::new(),
+                };
+                let r = if tar {
+                    match browse::stat(&fs, &q.path) {
+                        Ok(_) => {
+                            let _ = first_tx.send(Ok(None));
+                            browse::tar_tree(&fs, &q.path, &mut w).map(|_| ())
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    let ft = first_tx.clone();
+                    browse::copy_file(
+                        &fs,
+                        &q.path,
+                        &mut |n| {
+                            let _ = ft.send(Ok(Some(n)));
+                        },
+                        &mut w,
+                    )
+                    .map(|_| ())
+                };
+                let r = r.and_then(|_| {
+                    std::io::Write::flush(&mut w)
+                        .map_err(|e| BrowseError::Unreadable(e.to_string()))
+                });
+                if let Err(e) = r {
+                    // Before the first byte: an ordinary error answer;
+                    // after it: abort the stream.
+                    let msg = e.to_string();
+                    let _ = first_tx.send(Err(browse_err(e)));
+                    let _ = tx.blocking_send(Err(msg));
+                }
+            })
+            .map_err(|e| ApiError::internal(format!("cannot start the restore: {e}")))?;
+        let size = first_rx
+            .recv()
+            .map_err(|_| ApiError::internal("the restore ended before it started"))??;
+        Ok(Download {
+            size,
+            name: if tar { format!("{name}.tar") } else { name },
+            chunks: rx,
+        })
+    }
+}

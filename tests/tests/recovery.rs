@@ -1,0 +1,491 @@
+//! Recovery on the appliance with real kernel mounts: the FUSE view,
+//! read-only snapshot mounts while the volume keeps changing, instant
+//! (writable clone) mounts, several clones at once, file-level restore
+//! through the API (ext4 read in process, partitioned or not), bad input,
+//! and mounts across a restart. Needs root, /dev/fuse and loop devices.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use cdm_e2e::*;
+use serde_json::{json, Value};
+
+struct Setup {
+    _work: tempfile::TempDir,
+    w: PathBuf,
+    fuse: PathBuf,
+    a: Appliance,
+}
+
+fn setup() -> Setup {
+    for t in [
+        "losetup",
+        "blkid",
+        "mount",
+        "mkfs.ext4",
+        "mkfs.xfs",
+        "sfdisk",
+        "nbdcopy",
+        "qemu-io",
+        "tar",
+    ] {
+        require(t);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("cdm-recovery-")
+        .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+        .expect("tempdir");
+    let w = work.path().to_path_buf();
+    let fuse = w.join("fuse");
+    let config = format!("scheduler_tick_ms = 100\nmount = \"{}\"\n", fuse.display());
+    let a = Appliance::start(Some(&config));
+    Setup {
+        _work: work,
+        w,
+        fuse,
+        a,
+    }
+}
+
+/// A tree of files: text, random binaries, a 3 MB file, a sparse file, a
+/// symlink, nested directories and one directory with 3000 entries.
+fn make_tree(dir: &Path) {
+    sh(&format!(
+        "set -e; mkdir -p {d}/etc/app {d}/data/nested/deeper {d}/many
+         echo 'db_port = 5432' > {d}/etc/app/app.conf
+         head -c 3000000 /dev/urandom > {d}/data/big.bin
+         head -c 12345 /dev/urandom > {d}/data/nested/deeper/odd.bin
+         truncate -s 20M {d}/data/sparse.img
+         printf 'middle' | dd of={d}/data/sparse.img bs=1 seek=10485760 conv=notrunc status=none
+         ln -s ../etc/app/app.conf {d}/data/link.conf
+         for i in $(seq 1 3000); do echo $i > {d}/many/f$i; done",
+        d = dir.display()
+    ));
+}
+
+fn sums(dir: &Path, out: &Path) {
+    sh(&format!(
+        "cd {} && find . -type f -print0 | sort -z | xargs -0 sha256sum > {}",
+        dir.display(),
+        out.display()
+    ));
+}
+
+fn check_sums(dir: &str, sums: &Path) {
+    sh(&format!(
+        "cd {dir} && sha256sum --quiet -c {}",
+        sums.display()
+    ));
+}
+
+fn post_volume(api: &Api, name: &str, size: u64) {
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": name, "size": size})),
+    );
+}
+
+fn snapshot(api: &Api, vol: &str) -> u64 {
+    api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/{vol}/snapshots"),
+        Some(json!({})),
+    )["id"]
+        .as_u64()
+        .expect("id")
+}
+
+fn download(a: &Appliance, token: &str, path: &str, out: &Path) -> u16 {
+    let code = sh(&format!(
+        "curl -s -o {} -w '%{{http_code}}' -H 'Authorization: Bearer {token}' '{}{path}'",
+        out.display(),
+        a.url()
+    ));
+    code.trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn snapshots_mount_browse_and_restore_on_ext4_xfs_and_gpt() {
+    let mut s = setup();
+    let w = s.w.clone();
+    let src = w.join("src");
+    make_tree(&src);
+    let sum_file = w.join("sums");
+    sums(&src, &sum_file);
+    // Images made with real tools, filled into volumes through NBD.
+    sh(&format!(
+        "set -e; cd {w}
+         mkfs.ext4 -q -F -d src ext4.img 256M
+         truncate -s 512M xfs.img && mkfs.xfs -q -f xfs.img
+         mkdir -p mnt && mount -o loop xfs.img mnt && cp -a src/. mnt/ && umount mnt
+         truncate -s 300M gpt.img
+         printf 'label: gpt\\nstart=2048, size=409600, type=0FC63DAF-8483-4772-8E79-3D47D8E4DE47\\n' | sfdisk -q gpt.img
+         mkfs.ext4 -q -F -d src part.fs 200M
+         dd if=part.fs of=gpt.img bs=1M seek=1 conv=notrunc status=none
+         head -c 64M /dev/urandom > garbage.img",
+        w = w.display()
+    ));
+    let token = s.a.admin_token();
+    let api = Api::new(&s.a, &token);
+    for (v, img, size) in [
+        ("e", "ext4.img", 256u64 << 20),
+        ("x", "xfs.img", 512 << 20),
+        ("g", "gpt.img", 300 << 20),
+        ("bad", "garbage.img", 64 << 20),
+    ] {
+        post_volume(&api, v, size);
+        run(Command::new("nbdcopy")
+            .arg(w.join(img))
+            .arg(s.a.unix_uri(v)));
+    }
+    let se = snapshot(&api, "e");
+    let sx = snapshot(&api, "x");
+    let sg = snapshot(&api, "g");
+    let sbad = snapshot(&api, "bad");
+
+    // The FUSE view: sizes, contents, read-only snapshots, writable volumes.
+    let snap_file = s.fuse.join(format!("snapshots/e/{se}/disk"));
+    assert_eq!(std::fs::metadata(&snap_file).unwrap().len(), 256 << 20);
+    sh(&format!(
+        "cmp {} {}",
+        w.join("ext4.img").display(),
+        snap_file.display()
+    ));
+    assert!(std::fs::OpenOptions::new()
+        .write(true)
+        .open(&snap_file)
+        .is_err());
+    let scratch = s.fuse.join("volumes/bad/disk");
+    sh(&format!(
+        "dd if=/dev/zero of={} bs=1M count=1 seek=10 conv=notrunc,fsync status=none",
+        scratch.display()
+    ));
+    let out = w.join("readback");
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0 10M 1M"])
+        .arg(s.a.unix_uri("bad")));
+    let _ = out;
+
+    // Read-only mounts of the snapshots while the volumes keep changing.
+    let writing = Arc::new(AtomicBool::new(true));
+    let writer = {
+        let (uri_e, uri_x) = (s.a.unix_uri("e"), s.a.unix_uri("x"));
+        let writing = writing.clone();
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while writing.load(Ordering::SeqCst) {
+                for uri in [&uri_e, &uri_x] {
+                    let off = (n * 7919 % 200) << 20;
+                    run(Command::new("qemu-io")
+                        .args(["-f", "raw", "-c"])
+                        .arg(format!("write -P {} {off} 1M", n % 250 + 1))
+                        .arg(uri));
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let me = api.expect(
+        201,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": format!("e@{se}")})),
+    );
+    assert_eq!(me["fstype"], "ext4");
+    assert_eq!(me["state"], "mounted");
+    let mx = api.expect(
+        201,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": format!("x@{sx}")})),
+    );
+    assert_eq!(mx["fstype"], "xfs");
+    let mg = api.expect(
+        201,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": format!("g@{sg}")})),
+    );
+    assert_eq!(mg["partition"], Value::Null);
+    for m in [&me, &mx, &mg] {
+        check_sums(m["path"].as_str().unwrap(), &sum_file);
+    }
+    // A read-only mount refuses writes.
+    let ro = me["path"].as_str().unwrap().to_string();
+    assert!(std::fs::write(Path::new(&ro).join("new"), b"x").is_err());
+
+    // Instant recovery: writable clones, two at once, isolated.
+    let c1 = api.expect(
+        201,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": format!("e@{se}"), "writable": true, "clone": "e-dev1"})),
+    );
+    let c2 = api.expect(
+        201,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": format!("x@{sx}"), "writable": true})),
+    );
+    let c3 = api.expect(
+        201,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": format!("e@{se}"), "writable": true, "clone": "e-dev2"})),
+    );
+    assert_eq!(c2["clone"], format!("x-{sx}-rw"));
+    for (m, text) in [(&c1, "one"), (&c2, "two"), (&c3, "three")] {
+        let p = Path::new(m["path"].as_str().unwrap());
+        check_sums(p.to_str().unwrap(), &sum_file);
+        std::fs::write(p.join("etc/app/app.conf"), text).unwrap();
+        sh(&format!("sync -f {}", p.display()));
+    }
+    writing.store(false, Ordering::SeqCst);
+    let writes = writer.join().unwrap();
+    assert!(writes > 0);
+    for (m, text) in [(&c1, "one"), (&c2, "two"), (&c3, "three")] {
+        let p = Path::new(m["path"].as_str().unwrap());
+        assert_eq!(
+            std::fs::read_to_string(p.join("etc/app/app.conf")).unwrap(),
+            text
+        );
+    }
+    // The snapshots did not change.
+    for m in [&me, &mx, &mg] {
+        check_sums(m["path"].as_str().unwrap(), &sum_file);
+    }
+    // Clones are also NBD exports, usable while mounted.
+    run(Command::new("nbdinfo")
+        .arg("--size")
+        .arg(s.a.unix_uri("e-dev2")));
+
+    // File-level restore without the kernel.
+    let list = api.get(&format!("/v1/volumes/e/snapshots/{se}/files?path=/data"));
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["big.bin", "link.conf", "nested", "sparse.img"]);
+    let link = &list.as_array().unwrap()[1];
+    assert_eq!(link["kind"], "symlink");
+    assert_eq!(link["target"], "../etc/app/app.conf");
+    let mut seen = 0;
+    for page in 0..4 {
+        let l = api.get(&format!(
+            "/v1/volumes/e/snapshots/{se}/files?path=/many&offset={}&limit=1000",
+            page * 1000
+        ));
+        seen += l.as_array().unwrap().len();
+    }
+    assert_eq!(seen, 3000);
+    for (snap, vol) in [(se, "e"), (sg, "g")] {
+        for f in [
+            "/data/big.bin",
+            "/data/sparse.img",
+            "/data/nested/deeper/odd.bin",
+            "/etc/app/app.conf",
+        ] {
+            let got = w.join("got");
+            let code = download(
+                &s.a,
+                &token,
+                &format!("/v1/volumes/{vol}/snapshots/{snap}/files/content?path={f}"),
+                &got,
+            );
+            assert_eq!(code, 200, "{vol}@{snap}{f}");
+            sh(&format!("cmp {} {}{f}", got.display(), src.display()));
+        }
+        let tarf = w.join(format!("{vol}.tar"));
+        assert_eq!(
+            download(
+                &s.a,
+                &token,
+                &format!("/v1/volumes/{vol}/snapshots/{snap}/files/tar?path=/data"),
+                &tarf
+            ),
+            200
+        );
+        let x = w.join(format!("x-{vol}"));
+        sh(&format!(
+            "mkdir -p {x} && tar -xf {t} -C {x} && diff -r --no-dereference {x} {s}/data",
+            x = x.display(),
+            t = tarf.display(),
+            s = src.display()
+        ));
+    }
+    let parts = api.get(&format!("/v1/volumes/g/snapshots/{sg}/partitions"));
+    assert_eq!(parts.as_array().unwrap().len(), 1);
+    assert_eq!(parts[0]["start"], 1 << 20);
+    assert!(
+        parts[0]["kind"]
+            .as_str()
+            .unwrap()
+            .starts_with("gpt:0fc63daf"),
+        "{parts}"
+    );
+    assert_eq!(
+        api.get(&format!(
+            "/v1/volumes/g/snapshots/{sg}/files/stat?path=/etc/app/app.conf&partition=1"
+        ))["size"],
+        15
+    );
+
+    // Bad input: clear errors, nothing mounted.
+    api.expect(
+        404,
+        "GET",
+        &format!("/v1/volumes/e/snapshots/{se}/files?path=/nope"),
+        None,
+    );
+    api.expect(
+        400,
+        "GET",
+        &format!("/v1/volumes/e/snapshots/{se}/files?path=/data/../etc"),
+        None,
+    );
+    api.expect(
+        400,
+        "GET",
+        &format!("/v1/volumes/e/snapshots/{se}/files?path=relative"),
+        None,
+    );
+    api.expect(
+        400,
+        "GET",
+        &format!("/v1/volumes/e/snapshots/{se}/files/content?path=/data"),
+        None,
+    );
+    api.expect(
+        404,
+        "GET",
+        &format!("/v1/volumes/g/snapshots/{sg}/files?path=/&partition=7"),
+        None,
+    );
+    let u = api.expect(
+        422,
+        "GET",
+        &format!("/v1/volumes/bad/snapshots/{sbad}/files?path=/"),
+        None,
+    );
+    assert!(
+        u["error"]["message"].as_str().unwrap().contains("ext4"),
+        "{u}"
+    );
+    api.expect(
+        422,
+        "GET",
+        &format!("/v1/volumes/x/snapshots/{sx}/files?path=/"),
+        None,
+    );
+    let u = api.expect(
+        422,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": format!("bad@{sbad}")})),
+    );
+    assert!(
+        u["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no filesystem"),
+        "{u}"
+    );
+    api.expect(
+        404,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": "e@999"})),
+    );
+    api.expect(400, "POST", "/v1/mounts", Some(json!({"snapshot": "e"})));
+    api.expect(
+        409,
+        "POST",
+        "/v1/mounts",
+        Some(json!({"snapshot": format!("e@{se}")})),
+    );
+    api.expect(
+        409,
+        "DELETE",
+        &format!("/v1/volumes/e/snapshots/{se}?force=true"),
+        None,
+    );
+    api.expect(409, "DELETE", "/v1/volumes/e-dev1?force=true", None);
+    // A damaged filesystem: the superblock of a copy overwritten.
+    post_volume(&api, "broken", 256 << 20);
+    run(Command::new("nbdcopy")
+        .arg(w.join("ext4.img"))
+        .arg(s.a.unix_uri("broken")));
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 1024 1024"])
+        .arg(s.a.unix_uri("broken")));
+    let sb = snapshot(&api, "broken");
+    api.expect(
+        422,
+        "GET",
+        &format!("/v1/volumes/broken/snapshots/{sb}/files?path=/"),
+        None,
+    );
+
+    // A restart re-establishes the mounts (or says why not).
+    s.a.stop();
+    assert!(!std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .contains(&*s.fuse.to_string_lossy()));
+    s.a.restart();
+    let api = Api::new(&s.a, &token);
+    let mounts = api.get("/v1/mounts");
+    assert_eq!(mounts.as_array().unwrap().len(), 6);
+    for m in mounts.as_array().unwrap() {
+        assert_eq!(m["state"], "mounted", "{m}");
+    }
+    check_sums(me["path"].as_str().unwrap(), &sum_file);
+    assert_eq!(
+        std::fs::read_to_string(Path::new(c1["path"].as_str().unwrap()).join("etc/app/app.conf"))
+            .unwrap(),
+        "one"
+    );
+    // Unmounted behind the appliance's back: reported, not pretended.
+    sh(&format!("umount {}", mx["path"].as_str().unwrap()));
+    let gone = api.get("/v1/mounts");
+    let xm = gone
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == mx["name"])
+        .unwrap();
+    assert_eq!(xm["state"], "gone");
+    // Undo: unmount everything, delete the clones.
+    for m in api.get("/v1/mounts").as_array().unwrap() {
+        let q = if m["writable"] == true {
+            "?delete_clone=true"
+        } else {
+            ""
+        };
+        api.expect(
+            204,
+            "DELETE",
+            &format!("/v1/mounts/{}{q}", m["name"].as_str().unwrap()),
+            None,
+        );
+    }
+    assert_eq!(api.get("/v1/mounts"), json!([]));
+    assert_eq!(api.get("/v1/clones"), json!([]));
+    api.expect(
+        204,
+        "DELETE",
+        &format!("/v1/volumes/e/snapshots/{se}"),
+        None,
+    );
+    s.a.stop();
+    assert!(!std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .contains(&*s.w.to_string_lossy()));
+}
