@@ -93,18 +93,93 @@ fn ext4_err(e: Ext4Error, path: &str) -> BrowseError {
     }
 }
 
+/// Loads an ext4 filesystem from `reader` (`len` bytes). Checks the
+/// superblock fields that made `ext4-view` 0.9.3 panic (a zero
+/// `s_blocks_per_group`: division by zero; a short 64-bit group
+/// descriptor: an out-of-bounds read — both found by our `disk_image` fuzz
+/// target), and turns any other panic inside the library into an error, so
+/// a hostile image can never take a request thread down.
+pub fn load(mut reader: Box<dyn Ext4Read>, len: u64) -> Result<Ext4, BrowseError> {
+    if len < 2048 {
+        return Err(BrowseError::Unreadable(format!(
+            "{len} bytes is too small for ext4"
+        )));
+    }
+    let mut sb = [0u8; 1024];
+    reader
+        .read(1024, &mut sb)
+        .map_err(|e| BrowseError::Unreadable(format!("cannot read the superblock: {e}")))?;
+    let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
+    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xef53 {
+        return Err(BrowseError::Unreadable(
+            "no ext2/3/4 superblock (bad magic)".into(),
+        ));
+    }
+    if u32_at(0x20) == 0 || u32_at(0x28) == 0 {
+        return Err(BrowseError::Unreadable(
+            "damaged ext4 superblock: zero blocks or inodes per group".into(),
+        ));
+    }
+    // The library sizes its tables from the superblock: a filesystem must
+    // fit its device, and groups must not be absurdly small (a crafted
+    // count made 0.9.3 allocate gigabytes).
+    let log_bs = u32_at(0x18);
+    if log_bs > 6 {
+        return Err(BrowseError::Unreadable(format!(
+            "damaged ext4 superblock: block size 2^{} KiB",
+            log_bs
+        )));
+    }
+    let bs = 1024u64 << log_bs;
+    let hi = if u32_at(0x60) & 0x80 != 0 {
+        u32_at(0x150) as u64
+    } else {
+        0
+    };
+    let blocks = (hi << 32) | u32_at(0x04) as u64;
+    let per_group = u32_at(0x20) as u64;
+    if blocks.saturating_mul(bs) > len.saturating_add(bs) || !(256..=8 * bs).contains(&per_group) {
+        return Err(BrowseError::Unreadable(format!(
+            "damaged ext4 superblock: {blocks} blocks of {bs} bytes in groups of {per_group} on a {len}-byte device"
+        )));
+    }
+    // 64-bit filesystems: descriptors of 64..=1024 bytes, a power of two
+    // (a short one made 0.9.3 read past its buffer and panic).
+    let desc = u16::from_le_bytes([sb[0xfe], sb[0xff]]);
+    if u32_at(0x60) & 0x80 != 0 && !(64..=1024).contains(&desc)
+        || !desc.is_power_of_two() && desc != 0
+    {
+        return Err(BrowseError::Unreadable(format!(
+            "damaged ext4 superblock: group descriptor size {desc}"
+        )));
+    }
+    guard(|| Ext4::load(reader))?.map_err(|e| BrowseError::Unreadable(format!("ext4: {e}")))
+}
+
+/// Runs a call into `ext4-view`, turning a panic into an error.
+fn guard<T>(f: impl FnOnce() -> T) -> Result<T, BrowseError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
+        BrowseError::Unreadable(
+            "the ext4 reader failed on this image (a damaged filesystem)".into(),
+        )
+    })
+}
+
 /// Opens the ext4 filesystem of a target. `partition`: `None` finds it (the
 /// whole disk if there is no partition table, else the first partition
 /// holding ext2/3/4), `Some(0)` the whole disk, `Some(n)` partition n.
 pub fn open(pool: &Arc<Pool>, target: Target, partition: Option<u32>) -> Result<Ext4, BrowseError> {
     let (size, _) = pool.geometry(target)?;
     let load = |base: u64, len: u64| {
-        Ext4::load(Box::new(Slice {
-            pool: pool.clone(),
-            target,
-            base,
+        load(
+            Box::new(Slice {
+                pool: pool.clone(),
+                target,
+                base,
+                len,
+            }),
             len,
-        }))
+        )
     };
     let parts = match partition {
         Some(0) => Vec::new(),
@@ -210,6 +285,10 @@ fn entry(fs: &Ext4, path: &str, name: String) -> Result<Entry, BrowseError> {
 /// Stat of one path (symlinks not followed).
 pub fn stat(fs: &Ext4, path: &str) -> Result<Entry, BrowseError> {
     check_path(path)?;
+    guard(|| stat_inner(fs, path))?
+}
+
+fn stat_inner(fs: &Ext4, path: &str) -> Result<Entry, BrowseError> {
     let name = path
         .rsplit('/')
         .find(|s| !s.is_empty())
@@ -222,6 +301,15 @@ pub fn stat(fs: &Ext4, path: &str) -> Result<Entry, BrowseError> {
 /// `limit` after skipping `offset` (large directories page).
 pub fn list(fs: &Ext4, path: &str, offset: usize, limit: usize) -> Result<Vec<Entry>, BrowseError> {
     check_path(path)?;
+    guard(|| list_inner(fs, path, offset, limit))?
+}
+
+fn list_inner(
+    fs: &Ext4,
+    path: &str,
+    offset: usize,
+    limit: usize,
+) -> Result<Vec<Entry>, BrowseError> {
     let mut names: Vec<String> = Vec::new();
     for e in fs.read_dir(path).map_err(|e| ext4_err(e, path))? {
         let e = e.map_err(|e| ext4_err(e, path))?;
@@ -255,6 +343,15 @@ pub fn copy_file(
     out: &mut dyn Write,
 ) -> Result<u64, BrowseError> {
     check_path(path)?;
+    guard(|| copy_inner(fs, path, size, out))?
+}
+
+fn copy_inner(
+    fs: &Ext4,
+    path: &str,
+    size: &mut dyn FnMut(u64),
+    out: &mut dyn Write,
+) -> Result<u64, BrowseError> {
     let mut f = fs.open(path).map_err(|e| ext4_err(e, path))?;
     size(f.metadata().len());
     let mut buf = vec![0u8; 1 << 20];
@@ -276,6 +373,10 @@ pub fn copy_file(
 /// special files are skipped) to `out`.
 pub fn tar_tree(fs: &Ext4, path: &str, out: &mut dyn Write) -> Result<u64, BrowseError> {
     check_path(path)?;
+    guard(|| tar_inner(fs, path, out))?
+}
+
+fn tar_inner(fs: &Ext4, path: &str, out: &mut dyn Write) -> Result<u64, BrowseError> {
     let top = stat(fs, path)?;
     let mut b = tar::Builder::new(out);
     b.mode(tar::HeaderMode::Complete);

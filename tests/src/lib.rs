@@ -320,6 +320,17 @@ impl Appliance {
         }
     }
 
+    /// Runs `cdmctl` against this appliance as admin.
+    pub fn cdmctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("cdmctl"))
+            .args(["--url", &self.url()])
+            .args(args)
+            .env_remove("CDM_TOKEN")
+            .env("CDM_TOKEN_FILE", self.data.join("admin.token"))
+            .output()
+            .expect("run cdmctl")
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("snapshotd.log")).unwrap_or_default()
     }

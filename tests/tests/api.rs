@@ -1087,13 +1087,7 @@ fn restart_keeps_state_and_sigterm_loses_no_flushed_data() {
 }
 
 fn cdmctl(a: &Appliance, args: &[&str]) -> std::process::Output {
-    Command::new(bin("cdmctl"))
-        .args(["--url", &a.url()])
-        .args(args)
-        .env_remove("CDM_TOKEN")
-        .env("CDM_TOKEN_FILE", a.data.join("admin.token"))
-        .output()
-        .expect("run cdmctl")
+    a.cdmctl(args)
 }
 
 fn ok_json(a: &Appliance, args: &[&str]) -> Value {

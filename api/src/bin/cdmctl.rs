@@ -289,7 +289,9 @@ fn fetch(
             let tmp = p.with_extension("partial");
             let mut f = std::fs::File::create(&tmp)
                 .map_err(|e| CliError::Other(format!("cannot create {}: {e}", tmp.display())))?;
-            let n = c.download(&v, id, &q, tar, &mut f)?;
+            let n = c.download(&v, id, &q, tar, &mut f).inspect_err(|_| {
+                let _ = std::fs::remove_file(&tmp);
+            })?;
             std::fs::rename(&tmp, &p)
                 .map_err(|e| CliError::Other(format!("cannot rename to {}: {e}", p.display())))?;
             Ok(n)
