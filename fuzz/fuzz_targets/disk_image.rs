@@ -1,8 +1,9 @@
 //! A disk image from outside (a snapshot of anything a host wrote): the
 //! partition table parser, then ext4 through the file-level restore code
 //! (list, stat, symlinks). Must return errors, never panic or hang. Runs
-//! without the library's panics being contained showed two bugs in
-//! ext4-view 0.9.3 that `browse::load` now screens (seeds `regression-*`).
+//! without the library's panics being contained showed three bugs in
+//! ext4-view 0.9.3 (two panics, one multi-GB allocation) that
+//! `browse::load` now screens (seeds `regression-*`).
 #![no_main]
 
 use cdm_recovery::{browse, partition};
