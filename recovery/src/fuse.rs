@@ -69,7 +69,9 @@ impl Drop for Mounted {
     }
 }
 
-/// Mounts the view of `pool` at `dir` with `threads` I/O workers.
+/// Mounts the view of `pool` at `dir` (an absolute path; created if
+/// missing, a stale view left there by a dead process detached first) with
+/// `threads` I/O workers.
 pub fn mount(pool: Arc<Pool>, dir: &Path, threads: usize) -> std::io::Result<Mounted> {
     let (tx, rx) = channel::<Job>();
     let rx = Arc::new(Mutex::new(rx));
@@ -88,6 +90,8 @@ pub fn mount(pool: Arc<Pool>, dir: &Path, threads: usize) -> std::io::Result<Mou
                 }
             })?;
     }
+    clear_stale(dir);
+    std::fs::create_dir_all(dir)?;
     let fs = PoolFs { pool, work: tx };
     let opts = [
         MountOption::FSName("cdm".into()),
@@ -102,6 +106,27 @@ pub fn mount(pool: Arc<Pool>, dir: &Path, threads: usize) -> std::io::Result<Mou
         session: Some(session),
         dir: dir.to_path_buf(),
     })
+}
+
+/// A view left mounted by a process that died (SIGKILL, crash) answers
+/// every access with ENOTCONN and blocks a new mount there: detach it.
+fn clear_stale(dir: &Path) {
+    let p = dir.to_string_lossy();
+    let ours = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| {
+            m.lines().any(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                f.get(4) == Some(&&*p) && l.contains(" - fuse cdm ")
+            })
+        })
+        .unwrap_or(false);
+    if ours {
+        tracing::warn!(dir = %p, "detaching a FUSE view left by an earlier process");
+        if let Ok(c) = std::ffi::CString::new(p.as_bytes()) {
+            // SAFETY: a valid NUL-terminated path.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
 }
 
 /// Readahead for the view's files. The kernel gives a FUSE mount 128 KiB,

@@ -251,9 +251,8 @@ fn main() -> Result<()> {
     // The FUSE view, then instant mounts recorded before a restart.
     let fuse = match &s.mount {
         Some(dir) => {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("cannot create {}", dir.display()))?;
-            let dir = dir.canonicalize()?;
+            // Not canonicalize(): a view left by a crashed run cannot be stat'ed.
+            let dir = std::env::current_dir()?.join(dir);
             let m = cdm_recovery::fuse::mount(pool.clone(), &dir, 4)
                 .with_context(|| format!("cannot mount the FUSE view at {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), "FUSE view mounted");

@@ -176,7 +176,11 @@ impl Mounts {
     fn detach(&self, m: &Mount) -> Result<(), String> {
         let path = Path::new(&m.path);
         if is_mounted(path) {
-            run(Command::new("umount").arg(path))?;
+            // After a crash the filesystem sits on a loop device whose FUSE
+            // file is gone: a normal unmount can fail; detach it lazily.
+            if run(Command::new("umount").arg(path)).is_err() {
+                run(Command::new("umount").arg("-l").arg(path))?;
+            }
         }
         if !m.device.is_empty() && Path::new(&m.device).exists() {
             // The device may have been reused since a restart: only detach

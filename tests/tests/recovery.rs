@@ -490,6 +490,26 @@ fn snapshots_mount_browse_and_restore_on_ext4_xfs_and_gpt() {
         .find(|m| m["name"] == mx["name"])
         .unwrap();
     assert_eq!(xm["state"], "gone");
+    // A crash (SIGKILL) leaves a dead FUSE view and mounts on loop devices
+    // backed by it: the next start cleans them up and mounts everything again.
+    s.a.kill();
+    s.a.restart();
+    let api = Api::new(&s.a, &token);
+    for m in api.get("/v1/mounts").as_array().unwrap() {
+        assert_eq!(m["state"], "mounted", "{m}");
+    }
+    check_sums(mx["path"].as_str().unwrap(), &sum_file);
+    assert_eq!(
+        std::fs::read_to_string(Path::new(c3["path"].as_str().unwrap()).join("etc/app/app.conf"))
+            .unwrap(),
+        "three"
+    );
+    let loops = sh("losetup -a");
+    assert_eq!(
+        loops.matches(&*s.fuse.to_string_lossy()).count(),
+        6,
+        "stale loop devices left: {loops}"
+    );
     // Undo: unmount everything, delete the clones.
     for m in api.get("/v1/mounts").as_array().unwrap() {
         let q = if m["writable"] == true {

@@ -44,8 +44,8 @@ fn main() -> Result<()> {
         ..OpenOptions::default()
     };
     let pool = Arc::new(Pool::open(Arc::new(dev), &opts).context("cannot open the pool")?);
-    std::fs::create_dir_all(&args.dir)?;
-    let m = cdm_recovery::fuse::mount(pool.clone(), &args.dir, args.threads)
+    let dir = std::env::current_dir()?.join(&args.dir);
+    let m = cdm_recovery::fuse::mount(pool.clone(), &dir, args.threads)
         .with_context(|| format!("cannot mount at {}", args.dir.display()))?;
     tracing::info!(dir = %args.dir.display(), "mounted; SIGINT or SIGTERM unmounts");
     let sig = nbd_server::signals::wait_for_termination();
