@@ -107,6 +107,27 @@ impl Policy {
     }
 }
 
+/// `dedup,zstd-8,aes-256-xts`, or `-` for none.
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> = Vec::new();
+        if self.dedup {
+            parts.push("dedup".into());
+        }
+        if self.compression > 0 {
+            parts.push(format!("zstd-{}", self.compression));
+        }
+        if let Some(c) = self.encryption {
+            parts.push(c.name().into());
+        }
+        if parts.is_empty() {
+            f.write_str("-")
+        } else {
+            f.write_str(&parts.join(","))
+        }
+    }
+}
+
 /// Where the key comes from.
 #[derive(Clone)]
 pub enum KeySource {

@@ -65,6 +65,12 @@ fn same_image_in_two_volumes_is_stored_once_and_snapshots_survive_restart() {
         assert_eq!(v["compression"], 8);
         assert_eq!(v["encryption"], "aes-256-xts");
     }
+    let listed = a.cdmctl(&["volume", "list"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("dedup,zstd-8,aes-256-xts"),
+        "{}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
     let u0 = used(&api);
     copy_in(&a, &img, "a");
     let u1 = used(&api);

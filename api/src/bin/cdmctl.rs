@@ -576,8 +576,19 @@ fn volumes_table(v: &[Volume]) -> String {
             "SNAPSHOTS",
             "ORIGIN",
             "CLIENTS",
+            "DATA PIPELINE",
         ],
         |v| {
+            let mut p: Vec<String> = Vec::new();
+            if v.dedup {
+                p.push("dedup".into());
+            }
+            if v.compression > 0 {
+                p.push(format!("zstd-{}", v.compression));
+            }
+            if v.encryption != "none" {
+                p.push(v.encryption.clone());
+            }
             vec![
                 v.name.clone(),
                 v.kind.clone(),
@@ -588,6 +599,11 @@ fn volumes_table(v: &[Volume]) -> String {
                 v.snapshots.to_string(),
                 origin(&v.origin),
                 v.clients.to_string(),
+                if p.is_empty() {
+                    "-".into()
+                } else {
+                    p.join(",")
+                },
             ]
         },
     )

@@ -361,12 +361,19 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         print_json(&list)?;
                     } else {
                         println!(
-                            "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} CREATED",
-                            "NAME", "SIZE", "BLOCK", "ALLOCATED", "UNIQUE", "SNAPS", "ORIGIN"
+                            "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} {:<26} CREATED",
+                            "NAME",
+                            "SIZE",
+                            "BLOCK",
+                            "ALLOCATED",
+                            "UNIQUE",
+                            "SNAPS",
+                            "ORIGIN",
+                            "PIPELINE"
                         );
                         for v in list {
                             println!(
-                                "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} {}",
+                                "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} {:<26} {}",
                                 v.name,
                                 human(v.size),
                                 human(v.block_size as u64),
@@ -376,6 +383,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                                 v.origin
                                     .map(|o| o.to_string())
                                     .unwrap_or_else(|| "-".into()),
+                                v.policy.to_string(),
                                 time(v.created_ns)
                             );
                         }
