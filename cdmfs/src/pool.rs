@@ -451,6 +451,22 @@ impl Pool {
         })
     }
 
+    /// Opens the pool in a file or block device with default options and,
+    /// if given, the key in `key_file` — what the offline tools do.
+    pub fn open_file(path: &std::path::Path, key_file: Option<&std::path::Path>) -> Result<Pool> {
+        let dev = crate::dev::FileDev::open(path).map_err(|io| {
+            Error::Io(std::io::Error::new(
+                io.kind(),
+                format!("{}: {io}", path.display()),
+            ))
+        })?;
+        let opts = OpenOptions {
+            key: key_file.map(KeySource::from_key_file).transpose()?,
+            ..OpenOptions::default()
+        };
+        Pool::open(Arc::new(dev), &opts)
+    }
+
     /// Whether the pool has an encryption key set up, and whether it is unlocked.
     pub fn key_state(&self) -> Result<(bool, bool)> {
         Ok((self.lock()?.pool_rec.crypto.is_some(), self.keys.is_some()))

@@ -3,11 +3,10 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cdmfs::units::{human, parse_size};
-use cdmfs::{FileDev, FormatOptions, OpenOptions, Pool, Target};
+use cdmfs::{FileDev, FormatOptions, Pool, Target};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -146,14 +145,7 @@ enum SnapshotCmd {
 }
 
 fn open_pool(path: &Path, key_file: Option<&Path>) -> Result<Pool> {
-    let dev =
-        FileDev::open(path).with_context(|| format!("cannot open pool {}", path.display()))?;
-    let key = key_file.map(cdmfs::KeySource::from_key_file).transpose()?;
-    let opts = OpenOptions {
-        key,
-        ..OpenOptions::default()
-    };
-    Pool::open(Arc::new(dev), &opts).with_context(|| format!("cannot open pool {}", path.display()))
+    Pool::open_file(path, key_file).with_context(|| format!("cannot open pool {}", path.display()))
 }
 
 fn snapshot_id(pool: &Pool, s: &str) -> Result<u64> {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use cdmfs::{FileDev, OpenOptions, Pool};
+use cdmfs::Pool;
 use clap::Parser;
 use std::time::Duration;
 
@@ -42,17 +42,10 @@ fn main() -> Result<()> {
     nbd_server::init_logging();
     let args = Args::parse();
     signals::block_termination();
-    let dev = FileDev::open(&args.pool)
-        .with_context(|| format!("cannot open pool {}", args.pool.display()))?;
-    let opts = OpenOptions {
-        key: args
-            .key_file
-            .as_deref()
-            .map(cdmfs::KeySource::from_key_file)
-            .transpose()?,
-        ..OpenOptions::default()
-    };
-    let pool = Arc::new(Pool::open(Arc::new(dev), &opts).context("cannot open pool")?);
+    let pool = Arc::new(
+        Pool::open_file(&args.pool, args.key_file.as_deref())
+            .with_context(|| format!("cannot open pool {}", args.pool.display()))?,
+    );
     let cfg = ServerConfig {
         default_export: args.default_export,
         workers: args.workers,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use cdmfs::{FileDev, OpenOptions, Pool};
+use cdmfs::Pool;
 use clap::Parser;
 
 #[derive(Parser)]
@@ -33,17 +33,10 @@ fn main() -> Result<()> {
     nbd_server::init_logging();
     let args = Args::parse();
     nbd_server::signals::block_termination();
-    let dev = FileDev::open(&args.pool)
-        .with_context(|| format!("cannot open pool {}", args.pool.display()))?;
-    let opts = OpenOptions {
-        key: args
-            .key_file
-            .as_deref()
-            .map(cdmfs::KeySource::from_key_file)
-            .transpose()?,
-        ..OpenOptions::default()
-    };
-    let pool = Arc::new(Pool::open(Arc::new(dev), &opts).context("cannot open the pool")?);
+    let pool = Arc::new(
+        Pool::open_file(&args.pool, args.key_file.as_deref())
+            .with_context(|| format!("cannot open pool {}", args.pool.display()))?,
+    );
     let dir = std::env::current_dir()?.join(&args.dir);
     let m = cdm_recovery::fuse::mount(pool.clone(), &dir, args.threads)
         .with_context(|| format!("cannot mount at {}", args.dir.display()))?;
