@@ -270,6 +270,24 @@ fn snap_ref(s: &str) -> Result<(String, u64), CliError> {
         .ok_or_else(|| CliError::Usage(format!("{s:?}: expected VOLUME@ID")))
 }
 
+/// `VOLUME@ID` and a path in it (and a partition) as a files query.
+fn file_ref(
+    snapshot: &str,
+    path: String,
+    partition: Option<u32>,
+) -> Result<(String, u64, FilesQuery), CliError> {
+    let (v, id) = snap_ref(snapshot)?;
+    Ok((
+        v,
+        id,
+        FilesQuery {
+            path,
+            partition,
+            ..FilesQuery::default()
+        },
+    ))
+}
+
 fn fetch(
     c: &Client,
     snapshot: &str,
@@ -278,12 +296,7 @@ fn fetch(
     output: Option<std::path::PathBuf>,
     tar: bool,
 ) -> Result<u64, CliError> {
-    let (v, id) = snap_ref(snapshot)?;
-    let q = FilesQuery {
-        path,
-        partition,
-        ..FilesQuery::default()
-    };
+    let (v, id, q) = file_ref(snapshot, path, partition)?;
     match output {
         Some(p) => {
             let tmp = p.with_extension("partial");
@@ -1112,12 +1125,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 path,
                 partition,
             } => {
-                let (v, id) = snap_ref(&snapshot)?;
-                let q = FilesQuery {
-                    path,
-                    partition,
-                    ..FilesQuery::default()
-                };
+                let (v, id, q) = file_ref(&snapshot, path, partition)?;
                 out.show(&c.files(&v, id, &q)?, |e| {
                     table_of(e, &["MODE", "UID", "GID", "SIZE", "NAME"], |e| {
                         vec![
@@ -1138,12 +1146,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 path,
                 partition,
             } => {
-                let (v, id) = snap_ref(&snapshot)?;
-                let q = FilesQuery {
-                    path,
-                    partition,
-                    ..FilesQuery::default()
-                };
+                let (v, id, q) = file_ref(&snapshot, path, partition)?;
                 out.show(&c.stat_file(&v, id, &q)?, |e| {
                     format!(
                         "path: {}\nkind: {}\nsize: {}\nmode: {:o}\nuid: {}\ngid: {}\n{}",
