@@ -199,3 +199,66 @@ fn same_image_in_two_volumes_is_stored_once_and_snapshots_survive_restart() {
     assert!(!fail.is_empty());
     a.stop();
 }
+
+#[test]
+fn pool_defaults_and_a_passphrase_from_the_config() {
+    let work = tempfile::Builder::new()
+        .prefix("cdm-defaults-")
+        .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+        .expect("tempdir");
+    let pass = work.path().join("pass");
+    std::fs::write(&pass, "correct horse battery\n").unwrap();
+    let config = format!(
+        "passphrase_file = \"{}\"\n[defaults]\ndedup = true\ncompression = 8\nencryption = \"sm4-xts\"\n",
+        pass.display()
+    );
+    let mut a = Appliance::start(Some(&config));
+    let api = Api::new(&a, &a.admin_token());
+    assert_eq!(api.get("/v1/pool")["encryption_key"], "unlocked");
+    // Fields left out take the pool defaults; a request's fields win.
+    let v = api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "d", "size": 8 << 20})),
+    );
+    assert_eq!(
+        (
+            v["dedup"].clone(),
+            v["compression"].clone(),
+            v["encryption"].clone()
+        ),
+        (json!(true), json!(8), json!("sm4-xts"))
+    );
+    let p = api.expect(201, "POST", "/v1/volumes", Some(json!({"name": "p", "size": 8 << 20, "dedup": false, "compression": 0, "encryption": "none"})));
+    assert_eq!(
+        (p["dedup"].clone(), p["encryption"].clone()),
+        (json!(false), json!("none"))
+    );
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x61 0 1M"])
+        .arg(a.unix_uri("d")));
+    a.stop();
+    // The same passphrase opens it again; another one stops the daemon.
+    a.restart();
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read -P 0x61 0 1M"])
+        .arg(a.unix_uri("d")));
+    a.stop();
+    std::fs::write(&pass, "wrong horse\n").unwrap();
+    let out = Command::new(bin("snapshotd"))
+        .arg("--data")
+        .arg(&a.data)
+        .arg("--config")
+        .arg(a.config.clone().unwrap())
+        .args([
+            "--nbd",
+            &format!("unix:{}", work.path().join("x.sock").display()),
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run snapshotd");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong key"));
+}
