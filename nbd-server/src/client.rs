@@ -32,6 +32,12 @@ pub struct ClientOptions {
     pub extended: bool,
     /// Select base:allocation for block_status.
     pub allocation: bool,
+    /// More metadata contexts to select (`qemu:dirty-bitmap:NAME`), read
+    /// with [`Client::block_status_of`].
+    pub contexts: Vec<String>,
+    /// Fail a send or a wait for the server after this long (a server that
+    /// vanished without closing the connection); `None` waits forever.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Default for ClientOptions {
@@ -40,6 +46,8 @@ impl Default for ClientOptions {
             structured: true,
             extended: false,
             allocation: true,
+            contexts: Vec::new(),
+            timeout: None,
         }
     }
 }
@@ -97,17 +105,25 @@ pub struct Client {
     structured: bool,
     extended: bool,
     meta_id: Option<u32>,
+    /// Selected contexts other than base:allocation, with their ids.
+    metas: Vec<(String, u32)>,
     cookie: u64,
 }
 
-fn open_stream(endpoint: &str) -> Result<(Box<dyn Read + Send>, Box<dyn Write + Send>)> {
+type Streams = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+
+fn open_stream(endpoint: &str, timeout: Option<std::time::Duration>) -> Result<Streams> {
     if let Some(path) = endpoint.strip_prefix("unix:") {
         let s = UnixStream::connect(path)?;
+        s.set_read_timeout(timeout)?;
+        s.set_write_timeout(timeout)?;
         let w = s.try_clone()?;
         Ok((Box::new(s), Box::new(w)))
     } else {
         let s = TcpStream::connect(endpoint)?;
         s.set_nodelay(true)?;
+        s.set_read_timeout(timeout)?;
+        s.set_write_timeout(timeout)?;
         let w = s.try_clone()?;
         Ok((Box::new(s), Box::new(w)))
     }
@@ -119,8 +135,8 @@ struct Handshake {
 }
 
 impl Handshake {
-    fn start(endpoint: &str) -> Result<Handshake> {
-        let (mut r, mut w) = open_stream(endpoint)?;
+    fn start(endpoint: &str, timeout: Option<std::time::Duration>) -> Result<Handshake> {
+        let (mut r, mut w) = open_stream(endpoint, timeout)?;
         let mut hello = [0u8; 18];
         r.read_exact(&mut hello)?;
         if be_u64(&hello, 0)? != NBDMAGIC {
@@ -192,7 +208,7 @@ impl Handshake {
 impl Client {
     /// Lists the exports of a server.
     pub fn list(endpoint: &str) -> Result<Vec<String>> {
-        let mut h = Handshake::start(endpoint)?;
+        let mut h = Handshake::start(endpoint, None)?;
         h.send(OPT_LIST, &[])?;
         let mut names = Vec::new();
         loop {
@@ -215,21 +231,28 @@ impl Client {
     pub fn connect(addr: &str, export: Option<&str>, opts: &ClientOptions) -> Result<Client> {
         let a = Address::parse(addr)?;
         let export = export.map(str::to_string).or(a.export).unwrap_or_default();
-        let mut h = Handshake::start(&a.endpoint)?;
+        let mut h = Handshake::start(&a.endpoint, opts.timeout)?;
         let extended = opts.extended && h.simple_option(OPT_EXTENDED_HEADERS)?;
         let structured = extended || (opts.structured && h.simple_option(OPT_STRUCTURED_REPLY)?);
         let mut meta_id = None;
-        if structured && opts.allocation {
-            h.send(
-                OPT_SET_META_CONTEXT,
-                &encode_meta_request(&export, &[BASE_ALLOCATION]),
-            )?;
+        let mut metas = Vec::new();
+        let mut wanted: Vec<&str> = Vec::new();
+        if opts.allocation {
+            wanted.push(BASE_ALLOCATION);
+        }
+        wanted.extend(opts.contexts.iter().map(String::as_str));
+        if structured && !wanted.is_empty() {
+            h.send(OPT_SET_META_CONTEXT, &encode_meta_request(&export, &wanted))?;
             loop {
                 let (typ, d) = h.reply(OPT_SET_META_CONTEXT)?;
                 match typ {
                     REP_META_CONTEXT => {
-                        if d.get(4..) == Some(BASE_ALLOCATION.as_bytes()) {
-                            meta_id = Some(be_u32(&d, 0)?);
+                        let id = be_u32(&d, 0)?;
+                        let name = String::from_utf8_lossy(d.get(4..).unwrap_or_default());
+                        if name == BASE_ALLOCATION {
+                            meta_id = Some(id);
+                        } else if opts.contexts.iter().any(|c| *c == name) {
+                            metas.push((name.into_owned(), id));
                         }
                     }
                     REP_ACK => break,
@@ -264,6 +287,7 @@ impl Client {
             structured,
             extended,
             meta_id,
+            metas,
             cookie: 0,
         })
     }
@@ -489,6 +513,32 @@ impl Client {
         let id = self
             .meta_id
             .ok_or_else(|| ClientError::Other("base:allocation was not negotiated".into()))?;
+        self.block_status_id(id, offset, len)
+    }
+
+    /// Whether the server selected metadata context `name`.
+    pub fn has_context(&self, name: &str) -> bool {
+        self.metas.iter().any(|(n, _)| n == name)
+    }
+
+    /// Block status in a context asked for in [`ClientOptions::contexts`]
+    /// (for `qemu:dirty-bitmap:NAME`, flag 1 = dirty).
+    pub fn block_status_of(
+        &mut self,
+        name: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<(u64, u32)>> {
+        let id = self
+            .metas
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
+            .ok_or_else(|| ClientError::Other(format!("the server does not offer {name}")))?;
+        self.block_status_id(id, offset, len)
+    }
+
+    fn block_status_id(&mut self, id: u32, offset: u64, len: u64) -> Result<Vec<(u64, u32)>> {
         let len = if self.extended {
             len
         } else {

@@ -110,7 +110,7 @@ pub fn mount(pool: Arc<Pool>, dir: &Path, threads: usize) -> std::io::Result<Mou
 
 /// A view left mounted by a process that died (SIGKILL, crash) answers
 /// every access with ENOTCONN and blocks a new mount there: detach it.
-fn clear_stale(dir: &Path) {
+pub fn clear_stale(dir: &Path) {
     let p = dir.to_string_lossy();
     let ours = std::fs::read_to_string("/proc/self/mountinfo")
         .map(|m| {
@@ -137,7 +137,7 @@ const READAHEAD_KB: u32 = 4096;
 
 /// Sets the read_ahead_kb of the backing device of the mount at `dir`
 /// (best effort: logged if /sys is read-only).
-fn set_readahead(dir: &Path, kb: u32) {
+pub fn set_readahead(dir: &Path, kb: u32) {
     use std::os::unix::fs::MetadataExt;
     let Ok(m) = std::fs::metadata(dir) else {
         return;

@@ -5,4 +5,5 @@
 
 pub mod browse;
 pub mod fuse;
+pub mod host;
 pub mod partition;

@@ -4,13 +4,13 @@
 //! `main` with `--mount DIR`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Mutex;
 
 use cdm_api::auth::Caller;
 use cdm_api::types::*;
 use cdm_api::{ApiError, ApiResult};
 use cdm_recovery::browse::{self, BrowseError};
+use cdm_recovery::host::{self, is_mounted};
 use cdmfs::{Pool, Target};
 use serde_json::json;
 
@@ -23,26 +23,6 @@ pub struct Mounts {
     pub root: PathBuf,
     /// Serializes mount changes (losetup/mount are not atomic).
     lock: Mutex<()>,
-}
-
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    } else {
-        Err(format!(
-            "{} failed: {}",
-            cmd.get_program().to_string_lossy(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let p = path.to_string_lossy();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(&*p)))
-        .unwrap_or(false)
 }
 
 pub fn browse_err(e: BrowseError) -> ApiError {
@@ -111,40 +91,15 @@ impl Mounts {
                 Target::Snapshot(id),
             ),
         };
-        let mut los = Command::new("losetup");
-        los.args(["--find", "--show"]);
-        if !m.writable {
-            los.arg("--read-only");
-        }
-        if let Some((start, len)) = self.range(pool, target, m.partition)? {
-            los.args([
-                "--offset",
-                &start.to_string(),
-                "--sizelimit",
-                &len.to_string(),
-            ]);
-        }
-        los.arg(&file);
-        let dev = run(&mut los)?;
+        let range = self.range(pool, target, m.partition)?;
+        let dev = host::loop_attach(&file, !m.writable, range)?;
         let detach = |why: String| {
-            let _ = run(Command::new("losetup").args(["-d", &dev]));
+            host::loop_detach_if_ours(&dev, &self.fuse);
             why
         };
-        let fstype = run(Command::new("blkid").args(["-p", "-o", "value", "-s", "TYPE", &dev]))
-            .map_err(|_| detach(format!("no filesystem found on {} (blkid)", m.snapshot)))?;
-        let opts = match (fstype.as_str(), m.writable) {
-            ("ext4" | "ext3" | "ext2", false) => "ro,noload",
-            ("xfs", false) => "ro,norecovery,nouuid",
-            ("xfs", true) => "nouuid",
-            (_, false) => "ro",
-            (_, true) => "rw",
-        };
-        let path = PathBuf::from(&m.path);
-        std::fs::create_dir_all(&path).map_err(|e| detach(format!("{}: {e}", path.display())))?;
-        run(Command::new("mount")
-            .args(["-t", &fstype, "-o", opts, &dev])
-            .arg(&path))
-        .map_err(detach)?;
+        let fstype = host::fs_type(&dev)
+            .ok_or_else(|| detach(format!("no filesystem found on {} (blkid)", m.snapshot)))?;
+        host::mount(&dev, &fstype, m.writable, Path::new(&m.path)).map_err(detach)?;
         m.device = dev;
         m.fstype = fstype;
         m.state = "mounted".into();
@@ -175,22 +130,8 @@ impl Mounts {
 
     fn detach(&self, m: &Mount) -> Result<(), String> {
         let path = Path::new(&m.path);
-        if is_mounted(path) {
-            // After a crash the filesystem sits on a loop device whose FUSE
-            // file is gone: a normal unmount can fail; detach it lazily.
-            if run(Command::new("umount").arg(path)).is_err() {
-                run(Command::new("umount").arg("-l").arg(path))?;
-            }
-        }
-        if !m.device.is_empty() && Path::new(&m.device).exists() {
-            // The device may have been reused since a restart: only detach
-            // it if it is still backed by our FUSE file.
-            let back = run(Command::new("losetup").args(["-n", "-O", "BACK-FILE", &m.device]))
-                .unwrap_or_default();
-            if back.starts_with(&*self.fuse.to_string_lossy()) {
-                let _ = run(Command::new("losetup").args(["-d", &m.device]));
-            }
-        }
+        host::unmount(path)?;
+        host::loop_detach_if_ours(&m.device, &self.fuse);
         let _ = std::fs::remove_dir(path);
         Ok(())
     }

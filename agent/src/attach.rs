@@ -1,0 +1,302 @@
+//! Stage disks on the host: an NBD export → FUSE file (a `serve-disk`
+//! process of this binary) → loop device → filesystem → mount point. The
+//! record of each attachment lives in `STATE/attach/NAME/record.json`, so
+//! `detach` (or the next backup) finds what an earlier command attached.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cdm_recovery::host::{self, run};
+use serde::{Deserialize, Serialize};
+
+use crate::nbdfile::DISK_NAME;
+use crate::Ctx;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Attachment {
+    pub name: String,
+    /// NBD export: a volume, a clone, or `VOLUME@ID` (read-only).
+    pub export: String,
+    pub writable: bool,
+    /// The loop device.
+    pub device: String,
+    pub fstype: String,
+    pub mount: PathBuf,
+    /// The `serve-disk` process.
+    pub pid: u32,
+    /// A clone this attachment made (deleted with `detach --delete-clone`).
+    #[serde(default)]
+    pub clone: Option<String>,
+    /// A PostgreSQL started on it.
+    #[serde(default)]
+    pub postgres: Option<crate::pg::Running>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AttachRequest {
+    pub name: String,
+    pub export: String,
+    pub writable: bool,
+    pub mount: PathBuf,
+    /// Make this filesystem when the disk has none (first use).
+    pub mkfs: Option<String>,
+}
+
+fn dir(ctx: &Ctx, name: &str) -> PathBuf {
+    ctx.state_dir.join("attach").join(name)
+}
+
+fn fuse_dir(ctx: &Ctx, name: &str) -> PathBuf {
+    dir(ctx, name).join("fuse")
+}
+
+pub fn record(ctx: &Ctx, name: &str) -> Option<Attachment> {
+    let t = std::fs::read(dir(ctx, name).join("record.json")).ok()?;
+    serde_json::from_slice(&t).ok()
+}
+
+pub fn save(ctx: &Ctx, a: &Attachment) -> anyhow::Result<()> {
+    let d = dir(ctx, &a.name);
+    std::fs::create_dir_all(&d)?;
+    let tmp = d.join("record.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(a)?)?;
+    std::fs::rename(&tmp, d.join("record.json"))?;
+    Ok(())
+}
+
+pub fn list(ctx: &Ctx) -> Vec<Attachment> {
+    let mut v: Vec<Attachment> = std::fs::read_dir(ctx.state_dir.join("attach"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| record(ctx, &e.file_name().to_string_lossy()))
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by(|a, b| a.name.cmp(&b.name));
+    v
+}
+
+/// A name for files and directories from an export name.
+pub fn name_of(export: &str) -> String {
+    export.replace('@', "_")
+}
+
+fn alive(pid: u32) -> bool {
+    // Not a zombie and still there.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+fn tail(p: &Path) -> String {
+    let t = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = t.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// Starts the FUSE file for `export`; waits until `FUSE/disk` is there.
+fn start_server(ctx: &Ctx, name: &str, export: &str) -> anyhow::Result<Child> {
+    let d = dir(ctx, name);
+    std::fs::create_dir_all(&d)?;
+    let fuse = fuse_dir(ctx, name);
+    let _ = host::unmount(&fuse);
+    std::fs::create_dir_all(&fuse)?;
+    let log = d.join("serve.log");
+    let _ = std::fs::remove_file(d.join("status"));
+    let out = std::fs::File::create(&log)?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve-disk")
+        .args(["--nbd", &ctx.nbd, "--export", export])
+        .arg("--dir")
+        .arg(&fuse)
+        .arg("--status")
+        .arg(d.join("status"))
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    // Its own session: it outlives this command and a terminal's signals.
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    let disk = fuse.join(DISK_NAME);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if host::is_mounted(&fuse) && disk.exists() {
+            return Ok(child);
+        }
+        if let Some(st) = child.try_wait()? {
+            anyhow::bail!(
+                "cannot serve {export} from {}: {} ({st})",
+                ctx.nbd,
+                tail(&log)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = host::unmount(&fuse);
+            anyhow::bail!(
+                "the FUSE file for {export} did not appear within 20 s: {}",
+                tail(&log)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops a `serve-disk` process by unmounting its FUSE file; waits for it
+/// and returns what it reported.
+fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Result<(), String> {
+    let fuse = fuse_dir(ctx, name);
+    host::unmount(&fuse)?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    match child {
+        Some(c) => {
+            let _ = c.wait();
+        }
+        None => {
+            while alive(pid) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    let status = std::fs::read_to_string(dir(ctx, name).join("status")).unwrap_or_default();
+    match status.trim() {
+        "ok" => Ok(()),
+        "" => Err(format!(
+            "the disk server ended without a report: {}",
+            tail(&dir(ctx, name).join("serve.log"))
+        )),
+        s => Err(s.to_string()),
+    }
+}
+
+/// Attaches and mounts. On failure, undoes what it did.
+pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Child)> {
+    if let Some(a) = record(ctx, &req.name) {
+        if alive(a.pid) || host::is_mounted(&a.mount) {
+            anyhow::bail!(
+                "{} is already attached at {} (detach it first)",
+                req.name,
+                a.mount.display()
+            );
+        }
+        // Left by a crash: clear it.
+        let _ = cleanup(ctx, &a, None);
+    }
+    if host::is_mounted(&req.mount) {
+        anyhow::bail!("{} is already a mount point", req.mount.display());
+    }
+    let mut child = start_server(ctx, &req.name, &req.export)?;
+    let fuse = fuse_dir(ctx, &req.name);
+    let undo = |child: &mut Child, dev: Option<&str>| {
+        if let Some(d) = dev {
+            host::loop_detach_if_ours(d, &fuse);
+        }
+        let _ = stop_server(ctx, &req.name, child.id(), Some(child));
+    };
+    let dev = match host::loop_attach(&fuse.join(DISK_NAME), !req.writable, None) {
+        Ok(d) => d,
+        Err(e) => {
+            undo(&mut child, None);
+            anyhow::bail!("{e}");
+        }
+    };
+    let fstype = match (host::fs_type(&dev), &req.mkfs) {
+        (Some(t), _) => t,
+        (None, Some(fs)) if req.writable => {
+            let r = match fs.as_str() {
+                "ext4" => {
+                    run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "cdm-stage", &dev]))
+                }
+                "xfs" => run(Command::new("mkfs.xfs").args(["-q", "-f", "-L", "cdm-stage", &dev])),
+                other => Err(format!("cannot make a {other} filesystem (ext4 or xfs)")),
+            };
+            if let Err(e) = r {
+                undo(&mut child, Some(&dev));
+                anyhow::bail!("{e}");
+            }
+            fs.clone()
+        }
+        (None, _) => {
+            undo(&mut child, Some(&dev));
+            anyhow::bail!("{} holds no filesystem", req.export);
+        }
+    };
+    let mounted = if fstype == "ext4" && req.writable {
+        // The stage disk starts zeroed: no need for ext4's background
+        // inode-table zeroing, which would write the whole table.
+        std::fs::create_dir_all(&req.mount)
+            .map_err(|e| e.to_string())
+            .and_then(|_| {
+                run(Command::new("mount")
+                    .args(["-t", "ext4", "-o", "rw,noinit_itable", &dev])
+                    .arg(&req.mount))
+            })
+            .map(|_| ())
+    } else {
+        host::mount(&dev, &fstype, req.writable, &req.mount)
+    };
+    if let Err(e) = mounted {
+        undo(&mut child, Some(&dev));
+        anyhow::bail!("cannot mount {}: {e}", req.export);
+    }
+    let a = Attachment {
+        name: req.name.clone(),
+        export: req.export.clone(),
+        writable: req.writable,
+        device: dev,
+        fstype,
+        mount: req.mount.clone(),
+        pid: child.id(),
+        clone: None,
+        postgres: None,
+    };
+    if let Err(e) = save(ctx, &a) {
+        let _ = cleanup(ctx, &a, Some(&mut child));
+        return Err(e);
+    }
+    Ok((a, child))
+}
+
+/// Unmounts, detaches the loop device, stops the disk server (which
+/// flushes). Every step is tried; the first failure is reported.
+fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), String> {
+    let mut first: Option<String> = None;
+    if host::is_mounted(&a.mount) {
+        let _ = run(Command::new("sync").arg("-f").arg(&a.mount));
+        if let Err(e) = host::unmount(&a.mount) {
+            first.get_or_insert(e);
+        }
+    }
+    host::loop_detach_if_ours(&a.device, &fuse_dir(ctx, &a.name));
+    if let Err(e) = stop_server(ctx, &a.name, a.pid, child) {
+        first.get_or_insert(e);
+    }
+    match first {
+        None => Ok(()),
+        Some(e) => Err(e),
+    }
+}
+
+/// Detaches `a`; the record goes whatever happens (the resources are
+/// gone), the error says what went wrong on the way.
+pub fn detach(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> anyhow::Result<()> {
+    let r = cleanup(ctx, a, child);
+    let _ = std::fs::remove_dir_all(dir(ctx, &a.name));
+    r.map_err(|e| anyhow::anyhow!("detach {}: {e}", a.name))
+}

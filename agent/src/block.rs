@@ -1,0 +1,531 @@
+//! Block backup: a block device, an image file or an NBD export copied
+//! into a stage volume over NBD, reading only what is allocated
+//! (`base:allocation`, or SEEK_DATA/SEEK_HOLE for files).
+//!
+//! Incremental runs use, in this order: the source's dirty bitmap
+//! (`qemu:dirty-bitmap:NAME`, read only the dirty extents) when it is
+//! offered; else the fingerprints of the last run (one BLAKE3 hash per
+//! block, kept in the agent's state directory with the id of the snapshot
+//! they describe), writing only blocks whose hash changed. Fingerprints are
+//! trusted only if no run was cut since (`.inprogress` marker), their
+//! checksum holds, and the stage volume's newest snapshot is the one they
+//! name; otherwise the run compares with the stage volume's own bytes.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::path::{Path, PathBuf};
+
+use nbd_server::client::{Client, ClientOptions};
+use serde::Serialize;
+
+use crate::merge::Hash;
+use crate::throttle::Throttle;
+
+const MAGIC: &[u8; 8] = b"CDMBF001";
+const RUN: usize = 1 << 20;
+
+pub enum Source {
+    File { f: File, size: u64, sparse: bool },
+    Nbd { c: Client, bitmap: Option<String> },
+}
+
+fn hash(b: &[u8]) -> Hash {
+    let mut o = [0u8; 16];
+    o.copy_from_slice(&blake3::hash(b).as_bytes()[..16]);
+    o
+}
+
+impl Source {
+    /// `nbd://…`, `nbd+unix://…` or a path (image file or block device).
+    pub fn open(spec: &str, bitmap: Option<&str>) -> anyhow::Result<Source> {
+        if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
+            let ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+            let opts = ClientOptions {
+                contexts: ctx.iter().cloned().collect(),
+                timeout: Some(std::time::Duration::from_secs(60)),
+                ..Default::default()
+            };
+            let c = Client::connect(spec, None, &opts)
+                .map_err(|e| anyhow::anyhow!("NBD source {spec}: {e}"))?;
+            let bitmap = ctx.filter(|n| c.has_context(n));
+            return Ok(Source::Nbd { c, bitmap });
+        }
+        let f = File::open(spec).map_err(|e| anyhow::anyhow!("{spec}: {e}"))?;
+        let m = f.metadata()?;
+        let (size, sparse) = if m.file_type().is_block_device() {
+            let mut sz: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64.
+            if unsafe { libc::ioctl(f.as_raw_fd(), 0x80081272, &mut sz) } != 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            (sz, false)
+        } else if m.is_file() {
+            (m.len(), true)
+        } else {
+            anyhow::bail!("{spec}: not a block device, a file or an NBD URI");
+        };
+        Ok(Source::File { f, size, sparse })
+    }
+
+    pub fn size(&self) -> u64 {
+        match self {
+            Source::File { size, .. } => *size,
+            Source::Nbd { c, .. } => c.size,
+        }
+    }
+
+    pub fn bitmap(&self) -> Option<&str> {
+        match self {
+            Source::Nbd { bitmap, .. } => bitmap.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// (offset, length, allocated) runs covering `[0, size)`.
+    pub fn allocation(&mut self) -> anyhow::Result<Vec<(u64, u64, bool)>> {
+        let size = self.size();
+        let mut out: Vec<(u64, u64, bool)> = Vec::new();
+        let mut push = |o: u64, l: u64, a: bool| {
+            if l == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.2 == a && last.0 + last.1 == o => last.1 += l,
+                _ => out.push((o, l, a)),
+            }
+        };
+        match self {
+            Source::File { sparse: false, .. } => push(0, size, true),
+            Source::File { f, .. } => {
+                let fd = f.as_raw_fd();
+                let mut off = 0u64;
+                while off < size {
+                    // SAFETY: lseek on an open descriptor.
+                    let data = unsafe { libc::lseek(fd, off as i64, libc::SEEK_DATA) };
+                    if data < 0 {
+                        push(off, size - off, false);
+                        break;
+                    }
+                    let data = data as u64;
+                    push(off, data - off, false);
+                    // SAFETY: as above.
+                    let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+                    let hole = if hole < 0 {
+                        size
+                    } else {
+                        (hole as u64).min(size)
+                    };
+                    push(data, hole - data, true);
+                    off = hole;
+                }
+            }
+            Source::Nbd { c, .. } => {
+                let mut off = 0u64;
+                while off < size {
+                    let st = c
+                        .block_status(off, size - off)
+                        .map_err(|e| anyhow::anyhow!("NBD source block status: {e}"))?;
+                    if st.is_empty() {
+                        anyhow::bail!("NBD source sent an empty block status");
+                    }
+                    for (len, flags) in st {
+                        let len = len.min(size - off);
+                        push(off, len, flags & 1 == 0);
+                        off += len;
+                        if off >= size {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// (offset, length) runs the dirty bitmap marks.
+    pub fn dirty(&mut self) -> anyhow::Result<Vec<(u64, u64)>> {
+        let Source::Nbd { c, bitmap: Some(b) } = self else {
+            anyhow::bail!("no dirty bitmap");
+        };
+        let size = c.size;
+        let mut off = 0u64;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        while off < size {
+            let st = c
+                .block_status_of(b, off, size - off)
+                .map_err(|e| anyhow::anyhow!("dirty bitmap: {e}"))?;
+            if st.is_empty() {
+                anyhow::bail!("NBD source sent an empty dirty bitmap status");
+            }
+            for (len, flags) in st {
+                let len = len.min(size - off);
+                if flags & 1 != 0 {
+                    match out.last_mut() {
+                        Some(l) if l.0 + l.1 == off => l.1 += len,
+                        _ => out.push((off, len)),
+                    }
+                }
+                off += len;
+                if off >= size {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn read(&mut self, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+        match self {
+            Source::File { f, .. } => f
+                .read_exact_at(buf, off)
+                .map_err(|e| anyhow::anyhow!("source read at {off}: {e}")),
+            Source::Nbd { c, .. } => c
+                .read(off, buf)
+                .map_err(|e| anyhow::anyhow!("NBD source read at {off}: {e}")),
+        }
+    }
+}
+
+/// The fingerprints of the last block backup of a volume.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fingerprints {
+    pub block_size: u32,
+    pub snapshot: u64,
+    pub size: u64,
+    pub hashes: Vec<Hash>,
+}
+
+impl Fingerprints {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(40 + self.hashes.len() * 16);
+        b.extend_from_slice(MAGIC);
+        b.extend_from_slice(&self.block_size.to_le_bytes());
+        b.extend_from_slice(&self.snapshot.to_le_bytes());
+        b.extend_from_slice(&self.size.to_le_bytes());
+        b.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
+        for h in &self.hashes {
+            b.extend_from_slice(h);
+        }
+        let s = blake3::hash(&b);
+        b.extend_from_slice(s.as_bytes());
+        b
+    }
+
+    /// Parses outside bytes (a state file anyone could have touched).
+    pub fn decode(b: &[u8]) -> Result<Fingerprints, String> {
+        if b.len() < 8 + 4 + 8 + 8 + 8 + 32 || &b[..8] != MAGIC {
+            return Err("not a block fingerprint file".into());
+        }
+        let (body, sum) = b.split_at(b.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err("checksum mismatch".into());
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().unwrap_or([0; 8]));
+        let block_size = u32::from_le_bytes(body[8..12].try_into().unwrap_or([0; 4]));
+        let (snapshot, size, n) = (u64_at(12), u64_at(20), u64_at(28));
+        let rest = &body[36..];
+        if n.checked_mul(16) != Some(rest.len() as u64) {
+            return Err("hash count does not match".into());
+        }
+        Ok(Fingerprints {
+            block_size,
+            snapshot,
+            size,
+            hashes: rest
+                .chunks_exact(16)
+                .map(|c| {
+                    let mut o = [0u8; 16];
+                    o.copy_from_slice(c);
+                    o
+                })
+                .collect(),
+        })
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BlockStats {
+    /// `full`, `dirty-bitmap`, `fingerprints` or `compare`.
+    pub mode: String,
+    pub fingerprints: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub allocated_bytes: u64,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub bytes_zeroed: u64,
+    pub blocks: u64,
+    pub changed_blocks: u64,
+    pub throttled_seconds: f64,
+}
+
+pub struct Paths {
+    pub fp: PathBuf,
+    pub marker: PathBuf,
+}
+
+impl Paths {
+    pub fn new(state: &Path, volume: &str) -> Paths {
+        let d = state.join("block");
+        Paths {
+            fp: d.join(format!("{volume}.fp")),
+            marker: d.join(format!("{volume}.inprogress")),
+        }
+    }
+}
+
+/// The last fingerprints if they can be trusted for a stage whose newest
+/// snapshot is `latest`; else why not.
+pub fn load(
+    p: &Paths,
+    block_size: u32,
+    size: u64,
+    latest: Option<u64>,
+) -> Result<Fingerprints, String> {
+    if p.marker.exists() {
+        return Err("the last run did not finish".into());
+    }
+    let b = match std::fs::read(&p.fp) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("first run".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let f = Fingerprints::decode(&b)?;
+    if f.block_size != block_size || f.size != size {
+        return Err("made for another block size or source size".into());
+    }
+    if Some(f.snapshot) != latest {
+        return Err(format!(
+            "they describe snapshot {} and the stage's newest is {latest:?}",
+            f.snapshot
+        ));
+    }
+    Ok(f)
+}
+
+pub struct Copy<'a> {
+    pub src: &'a mut Source,
+    pub stage: &'a mut Client,
+    pub block_size: u32,
+    pub throttle: &'a mut Throttle,
+    pub progress: Option<&'a indicatif::ProgressBar>,
+    /// The stage holds only zeros (a new volume).
+    pub stage_blank: bool,
+}
+
+impl Copy<'_> {
+    #[allow(clippy::needless_range_loop)]
+    /// Copies; the new hashes (the caller saves them once the snapshot is
+    /// taken) and what was done.
+    pub fn run(
+        &mut self,
+        old: Option<Fingerprints>,
+        why: String,
+    ) -> anyhow::Result<(Vec<Hash>, BlockStats)> {
+        let size = self.src.size();
+        if self.stage.size < size {
+            anyhow::bail!("the stage volume ({} bytes) is smaller than the source ({size} bytes): grow it first", self.stage.size);
+        }
+        let bs = self.block_size as u64;
+        let nblocks = size.div_ceil(bs) as usize;
+        let zero_hash = |len: usize| hash(&vec![0u8; len]);
+        let full_zero = zero_hash(bs as usize);
+        let alloc = self.src.allocation()?;
+        let mut st = BlockStats {
+            size,
+            block_size: self.block_size,
+            allocated_bytes: alloc.iter().filter(|a| a.2).map(|a| a.1).sum(),
+            fingerprints: old
+                .as_ref()
+                .map(|_| "trusted".to_string())
+                .unwrap_or(format!("not used: {why}")),
+            ..Default::default()
+        };
+        let blen = |i: usize| ((size - i as u64 * bs).min(bs)) as usize;
+        let zh = |i: usize| {
+            if blen(i) == bs as usize {
+                full_zero
+            } else {
+                zero_hash(blen(i))
+            }
+        };
+        // Which blocks to look at.
+        let mut look = vec![false; nblocks];
+        let mut hashes: Vec<Hash> = match &old {
+            Some(o) => o.hashes.clone(),
+            None => (0..nblocks).map(zh).collect(),
+        };
+        let mark = |look: &mut Vec<bool>, o: u64, l: u64| {
+            let (a, b) = (
+                (o / bs) as usize,
+                ((o + l).div_ceil(bs) as usize).min(nblocks),
+            );
+            for x in look.iter_mut().take(b).skip(a) {
+                *x = true;
+            }
+        };
+        let compare = old.is_none() && !self.stage_blank;
+        match (&old, self.src.bitmap().is_some()) {
+            (Some(_), true) => {
+                st.mode = "dirty-bitmap".into();
+                for (o, l) in self.src.dirty()? {
+                    mark(&mut look, o, l);
+                }
+            }
+            (Some(_), false) => {
+                st.mode = "fingerprints".into();
+                look.iter_mut().for_each(|x| *x = true);
+            }
+            (None, _) if compare => {
+                st.mode = "compare".into();
+                look.iter_mut().for_each(|x| *x = true);
+            }
+            (None, _) => {
+                st.mode = "full".into();
+                for &(o, l, a) in &alloc {
+                    if a {
+                        mark(&mut look, o, l);
+                    }
+                }
+            }
+        }
+        let allocated = |i: usize, alloc: &[(u64, u64, bool)]| {
+            let (s, e) = (i as u64 * bs, (i as u64 * bs + bs).min(size));
+            alloc.iter().any(|&(o, l, a)| a && o < e && o + l > s)
+        };
+        if let Some(p) = self.progress {
+            p.set_length(look.iter().filter(|x| **x).count() as u64 * bs);
+        }
+        let mut buf = vec![0u8; RUN.max(bs as usize)];
+        let mut sbuf = vec![0u8; RUN.max(bs as usize)];
+        let per = (RUN as u64 / bs).max(1) as usize;
+        let mut i = 0usize;
+        while i < nblocks {
+            if !look[i] {
+                i += 1;
+                continue;
+            }
+            // A run of looked-at blocks, at most RUN bytes.
+            let mut j = i;
+            while j < nblocks && look[j] && j - i < per {
+                j += 1;
+            }
+            let off = i as u64 * bs;
+            let len = ((j as u64 * bs).min(size) - off) as usize;
+            // Read the allocated parts; holes are zeros.
+            buf[..len].fill(0);
+            let mut k = i;
+            while k < j {
+                if allocated(k, &alloc) {
+                    let mut m = k;
+                    while m < j && allocated(m, &alloc) {
+                        m += 1;
+                    }
+                    let (a, b) = (
+                        (k - i) * bs as usize,
+                        (((m as u64 * bs).min(size)) - off) as usize,
+                    );
+                    self.src.read(off + a as u64, &mut buf[a..b])?;
+                    st.bytes_read += (b - a) as u64;
+                    k = m;
+                } else {
+                    k += 1;
+                }
+            }
+            if compare {
+                self.stage
+                    .read(off, &mut sbuf[..len])
+                    .map_err(|e| anyhow::anyhow!("stage read at {off}: {e}"))?;
+            }
+            // Changed blocks, written in runs.
+            let mut w: Option<(usize, usize, bool)> = None;
+            for b in i..j {
+                let (a, e) = ((b - i) * bs as usize, ((b - i) * bs as usize + blen(b)));
+                let blk = &buf[a..e];
+                let h = hash(blk);
+                let zero = h == zh(b);
+                let changed = if compare {
+                    sbuf[a..e] != *blk
+                } else {
+                    hashes[b] != h
+                };
+                hashes[b] = h;
+                st.blocks += 1;
+                if changed {
+                    st.changed_blocks += 1;
+                }
+                let cur = if changed { Some(zero) } else { None };
+                match (&mut w, cur) {
+                    (Some((_, we, wz)), Some(z)) if *wz == z && *we == a => *we = e,
+                    (_, c) => {
+                        if let Some((ws, we, wz)) = w.take() {
+                            self.put(off, &buf, ws, we, wz, &mut st)?;
+                        }
+                        w = c.map(|z| (a, e, z));
+                    }
+                }
+            }
+            if let Some((ws, we, wz)) = w.take() {
+                self.put(off, &buf, ws, we, wz, &mut st)?;
+            }
+            if let Some(p) = self.progress {
+                p.inc(len as u64);
+            }
+            i = j;
+        }
+        self.stage
+            .flush()
+            .map_err(|e| anyhow::anyhow!("stage flush: {e}"))?;
+        st.throttled_seconds = self.throttle.waited.as_secs_f64();
+        Ok((hashes, st))
+    }
+
+    fn put(
+        &mut self,
+        off: u64,
+        buf: &[u8],
+        a: usize,
+        e: usize,
+        zero: bool,
+        st: &mut BlockStats,
+    ) -> anyhow::Result<()> {
+        let at = off + a as u64;
+        if zero {
+            self.stage
+                .write_zeroes(at, (e - a) as u64, 0)
+                .map_err(|x| anyhow::anyhow!("stage write at {at}: {x}"))?;
+            st.bytes_zeroed += (e - a) as u64;
+        } else {
+            self.throttle.consume((e - a) as u64);
+            self.stage
+                .write(at, &buf[a..e], false)
+                .map_err(|x| anyhow::anyhow!("stage write at {at}: {x}"))?;
+            st.bytes_written += (e - a) as u64;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_round_trip_and_reject_damage() {
+        let f = Fingerprints {
+            block_size: 65536,
+            snapshot: 7,
+            size: 3 << 16,
+            hashes: vec![[1; 16], [2; 16], [3; 16]],
+        };
+        let b = f.encode();
+        assert_eq!(Fingerprints::decode(&b).unwrap(), f);
+        for cut in 0..b.len() {
+            assert!(Fingerprints::decode(&b[..cut]).is_err());
+        }
+        let mut bad = b.clone();
+        bad[40] ^= 1;
+        assert!(Fingerprints::decode(&bad).is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! cdm-agent as a library: the pieces the `cdm-agent` binary puts
+//! together, and the parsers the fuzz targets reach.
+
+pub mod attach;
+pub mod block;
+pub mod config;
+pub mod merge;
+pub mod nbdfile;
+pub mod ops;
+pub mod pg;
+pub mod throttle;
+
+use std::path::PathBuf;
+
+/// What every command needs.
+pub struct Ctx {
+    pub api: cdm_api::client::Client,
+    /// Appliance NBD address.
+    pub nbd: String,
+    pub state_dir: PathBuf,
+    pub bandwidth: throttle::Bandwidth,
+    pub json: bool,
+    pub progress: bool,
+}

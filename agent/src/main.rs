@@ -1,0 +1,451 @@
+//! `cdm-agent`: the host side of cdm. Attaches stage disks (NBD → FUSE
+//! file → loop device → filesystem), backs up PostgreSQL, file trees and
+//! block devices into them incremental-forever, asks the appliance for a
+//! snapshot of each merged full, and restores: regular (copy back),
+//! instant and clone (a writable clone served to a PostgreSQL started on
+//! it, no data copied).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use cdm_agent::attach::{self, AttachRequest};
+use cdm_agent::config::Config;
+use cdm_agent::throttle::{Bandwidth, Window};
+use cdm_agent::{ops, Ctx};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cdm-agent",
+    version,
+    about = "cdm host agent: stage disks, backup and restore"
+)]
+struct Cli {
+    /// Configuration file [default: /etc/cdm/agent.toml if present].
+    #[arg(long, env = "CDM_AGENT_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    /// Appliance API address [default: http://127.0.0.1:8080].
+    #[arg(long, env = "CDM_URL", global = true)]
+    url: Option<String>,
+    /// API token.
+    #[arg(long, env = "CDM_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// File holding the API token.
+    #[arg(long, env = "CDM_TOKEN_FILE", global = true)]
+    token_file: Option<PathBuf>,
+    /// Appliance NBD address (HOST:PORT or unix:PATH) [default: the API host, port 10809].
+    #[arg(long, env = "CDM_NBD", global = true)]
+    nbd: Option<String>,
+    /// Where the agent keeps attachments and fingerprints [default: /var/lib/cdm-agent].
+    #[arg(long, env = "CDM_AGENT_STATE", global = true)]
+    state_dir: Option<PathBuf>,
+    /// Bandwidth limit in MiB/s (0 = none); overrides the configuration.
+    #[arg(long, global = true)]
+    limit: Option<f64>,
+    /// A window of the day with its own limit: HH:MM-HH:MM=MIBPS (repeatable).
+    #[arg(long = "window", global = true, value_parser = Window::parse)]
+    windows: Vec<Window>,
+    /// JSON output (one object) instead of text; no progress bars.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Attach a volume, clone or snapshot (VOLUME@ID, read-only) and mount it.
+    Attach {
+        export: String,
+        /// Mount point [default: STATE/mnt/NAME].
+        #[arg(long)]
+        mount: Option<PathBuf>,
+        /// Attachment name [default: the export, '@' as '_'].
+        #[arg(long)]
+        name: Option<String>,
+        /// Create the volume with this size (bytes, or K/M/G/T) if missing.
+        #[arg(long, value_parser = ops::parse_size)]
+        create: Option<u64>,
+        /// Filesystem to make on first use (ext4, xfs).
+        #[arg(long, default_value = "ext4")]
+        mkfs: String,
+        /// Mount read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Unmount and detach (stops a PostgreSQL the agent started there).
+    Detach {
+        name: String,
+        /// Also delete the clone the attachment was made on.
+        #[arg(long)]
+        delete_clone: bool,
+    },
+    /// What is attached.
+    List,
+    /// Back up into a stage disk and snapshot it.
+    #[command(subcommand)]
+    Backup(BackupCmd),
+    /// Bring a snapshot back.
+    #[command(subcommand)]
+    Restore(RestoreCmd),
+    /// Serve an NBD export as a FUSE file (run by attach).
+    #[command(hide = true)]
+    ServeDisk {
+        #[arg(long)]
+        export: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        status: PathBuf,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct StageArgs {
+    /// Stage volume on the appliance.
+    #[arg(long)]
+    volume: String,
+    /// Create the stage volume with this size if it does not exist.
+    #[arg(long, value_parser = ops::parse_size)]
+    size: Option<u64>,
+    /// Fingerprint block size (bytes).
+    #[arg(long, default_value_t = 8192)]
+    block_size: u32,
+    /// Snapshot label.
+    #[arg(long)]
+    label: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BackupCmd {
+    /// Online backup of a running PostgreSQL (pg_backup_start/stop).
+    Postgres {
+        #[command(flatten)]
+        stage: StageArgs,
+        /// Server socket directory or host.
+        #[arg(long, env = "PGHOST", default_value = "/var/run/postgresql")]
+        host: String,
+        #[arg(long, env = "PGPORT", default_value_t = 5432)]
+        port: u16,
+        #[arg(long, env = "PGUSER", default_value = "postgres")]
+        user: String,
+        #[arg(long, default_value = "postgres")]
+        dbname: String,
+        /// File holding the password (or PGPASSWORD).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The data directory as this host sees it [default: what the server reports].
+        #[arg(long)]
+        pgdata: Option<PathBuf>,
+    },
+    /// A directory tree.
+    Files {
+        #[command(flatten)]
+        stage: StageArgs,
+        source: PathBuf,
+    },
+    /// A block device, an image file or an NBD source (nbd://…).
+    Block {
+        /// Stage volume on the appliance (made the source's size if missing).
+        #[arg(long)]
+        volume: String,
+        source: String,
+        /// qemu dirty bitmap to read changes from on incremental runs.
+        #[arg(long)]
+        bitmap: Option<String>,
+        /// Fingerprint block size (bytes).
+        #[arg(long, default_value_t = 65536)]
+        block_size: u32,
+        #[arg(long)]
+        label: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RestoreCmd {
+    /// Copy a snapshot's files to a directory.
+    Regular {
+        /// VOLUME@ID
+        snapshot: String,
+        #[arg(long)]
+        target: PathBuf,
+        /// Start PostgreSQL on the copy, on this port.
+        #[arg(long)]
+        start_port: Option<u16>,
+    },
+    /// A writable clone of the snapshot, attached and started (no copy).
+    Instant {
+        /// VOLUME@ID
+        snapshot: String,
+        /// Clone name [default: VOLUME-ID-instant].
+        #[arg(long)]
+        name: Option<String>,
+        /// PostgreSQL port.
+        #[arg(long, default_value_t = 5433)]
+        port: u16,
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// A named clone for test or development (several may run at once).
+    Clone {
+        /// VOLUME@ID
+        snapshot: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+}
+
+fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
+    let cfg = Config::load(cli.config.as_deref()).map_err(anyhow::Error::msg)?;
+    let url = cli
+        .url
+        .clone()
+        .or(cfg.url.clone())
+        .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+    let token = match (&cli.token, &cli.token_file, &cfg.token, &cfg.token_file) {
+        (Some(t), ..) => Some(t.trim().to_string()),
+        (None, Some(f), ..) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None, Some(t), _) => Some(t.trim().to_string()),
+        (None, None, None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .with_context(|| format!("token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        _ => ["./cdm-data/admin.token", "/var/lib/cdm/admin.token"]
+            .iter()
+            .find_map(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.trim().to_string()),
+    };
+    let nbd = cli.nbd.clone().or(cfg.nbd.clone()).unwrap_or_else(|| {
+        let host = url
+            .split("://")
+            .nth(1)
+            .unwrap_or("127.0.0.1")
+            .split(['/', ':'])
+            .next()
+            .unwrap_or("127.0.0.1")
+            .to_string();
+        format!("{host}:10809")
+    });
+    let mut bandwidth = cfg.bandwidth.clone();
+    if let Some(l) = cli.limit {
+        bandwidth.limit_mibps = Some(l);
+    }
+    if !cli.windows.is_empty() {
+        bandwidth.windows = cli.windows.clone();
+    }
+    bandwidth.validate().map_err(anyhow::Error::msg)?;
+    let state_dir = cli
+        .state_dir
+        .clone()
+        .or(cfg.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/cdm-agent"));
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    Ok(Ctx {
+        api: cdm_api::client::Client::new(&url, token),
+        nbd,
+        state_dir: std::fs::canonicalize(&state_dir)?,
+        bandwidth: Bandwidth { ..bandwidth },
+        json: cli.json,
+        progress: !cli.json && std::io::stderr().is_terminal(),
+    })
+}
+
+fn serve_disk(
+    nbd: &str,
+    export: &str,
+    dir: &Path,
+    status: &Path,
+    conns: usize,
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let r =
+        cdm_agent::nbdfile::connect(nbd, export, conns, std::time::Duration::from_secs(timeout))
+            .map_err(|e| anyhow::anyhow!("NBD {nbd} export {export}: {e}"))
+            .and_then(|c| cdm_agent::nbdfile::serve(c, dir));
+    let text = match &r {
+        Ok(()) => "ok".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    std::fs::write(status, text)?;
+    r
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let serving = matches!(cli.cmd, Cmd::ServeDisk { .. });
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| (if serving { "info" } else { "warn" }).into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let json = cli.json;
+    let started = Instant::now();
+    let r = (|| -> anyhow::Result<serde_json::Value> {
+        if let Cmd::ServeDisk {
+            export,
+            dir,
+            status,
+            connections,
+            timeout_secs,
+        } = &cli.cmd
+        {
+            let nbd = cli.nbd.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
+            serve_disk(&nbd, export, dir, status, *connections, *timeout_secs)?;
+            return Ok(serde_json::Value::Null);
+        }
+        let ctx = ctx(&cli)?;
+        match &cli.cmd {
+            Cmd::Attach {
+                export,
+                mount,
+                name,
+                create,
+                mkfs,
+                read_only,
+            } => {
+                let name = name.clone().unwrap_or_else(|| attach::name_of(export));
+                ops::check_name(&name)?;
+                if let Some(size) = create {
+                    ops::ensure_volume(&ctx, export, Some(*size), 4096)?;
+                }
+                let mount = mount
+                    .clone()
+                    .unwrap_or_else(|| ctx.state_dir.join("mnt").join(&name));
+                let writable = !read_only && !export.contains('@');
+                let (a, _child) = attach::attach(
+                    &ctx,
+                    &AttachRequest {
+                        name,
+                        export: export.clone(),
+                        writable,
+                        mount,
+                        mkfs: writable.then(|| mkfs.clone()),
+                    },
+                )?;
+                Ok(serde_json::to_value(a)?)
+            }
+            Cmd::Detach { name, delete_clone } => ops::detach(&ctx, name, *delete_clone),
+            Cmd::List => Ok(serde_json::to_value(attach::list(&ctx))?),
+            Cmd::Backup(b) => match b {
+                BackupCmd::Postgres {
+                    stage,
+                    host,
+                    port,
+                    user,
+                    dbname,
+                    password_file,
+                    pgdata,
+                } => {
+                    let password = match password_file {
+                        Some(f) => Some(
+                            std::fs::read_to_string(f)
+                                .with_context(|| format!("password file {}", f.display()))?
+                                .trim_end_matches('\n')
+                                .to_string(),
+                        ),
+                        None => std::env::var("PGPASSWORD").ok(),
+                    };
+                    let conn = cdm_agent::pg::Conn {
+                        host: host.clone(),
+                        port: *port,
+                        user: user.clone(),
+                        dbname: dbname.clone(),
+                        password,
+                    };
+                    ops::backup_postgres(&ctx, &ops::Stage::from(stage), &conn, pgdata.as_deref())
+                }
+                BackupCmd::Files { stage, source } => {
+                    ops::backup_files(&ctx, &ops::Stage::from(stage), source)
+                }
+                BackupCmd::Block {
+                    volume,
+                    source,
+                    bitmap,
+                    block_size,
+                    label,
+                } => ops::backup_block(
+                    &ctx,
+                    volume,
+                    source,
+                    bitmap.as_deref(),
+                    *block_size,
+                    label.clone(),
+                ),
+            },
+            Cmd::Restore(r) => match r {
+                RestoreCmd::Regular {
+                    snapshot,
+                    target,
+                    start_port,
+                } => ops::restore_regular(&ctx, snapshot, target, *start_port),
+                RestoreCmd::Instant {
+                    snapshot,
+                    name,
+                    port,
+                    mount,
+                } => {
+                    let name = match name {
+                        Some(n) => n.clone(),
+                        None => format!("{}-instant", attach::name_of(snapshot).replace('_', "-")),
+                    };
+                    ops::restore_clone(&ctx, snapshot, &name, *port, mount.clone())
+                }
+                RestoreCmd::Clone {
+                    snapshot,
+                    name,
+                    port,
+                    mount,
+                } => ops::restore_clone(&ctx, snapshot, name, *port, mount.clone()),
+            },
+            Cmd::ServeDisk { .. } => unreachable!("handled above"),
+        }
+    })();
+    match r {
+        Ok(v) => {
+            if !serving {
+                ops::print(json, &v, started.elapsed());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+            } else {
+                eprintln!("cdm-agent: {e:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+impl From<&StageArgs> for ops::Stage {
+    fn from(s: &StageArgs) -> ops::Stage {
+        ops::Stage {
+            volume: s.volume.clone(),
+            size: s.size,
+            block_size: s.block_size,
+            label: s.label.clone(),
+        }
+    }
+}

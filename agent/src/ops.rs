@@ -1,0 +1,769 @@
+//! The agent's commands, put together from the pieces: stage disks,
+//! merges, the database, the appliance's API.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use cdm_api::types::{SnapshotCreate, Volume, VolumeCreate};
+use cdm_recovery::host::run;
+use serde_json::{json, Value};
+
+use crate::attach::{self, AttachRequest, Attachment};
+use crate::merge::{Entry, MergeError, MergeStats, Merger, Meta, Source};
+use crate::throttle::Throttle;
+use crate::{block, pg, Ctx};
+
+/// Bytes from "123", "64K", "8M", "2G", "1T".
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (
+            &s[..i],
+            match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown unit {c}")),
+            },
+        ),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("{s:?} is not a size"))
+}
+
+/// Names of volumes, clones and attachments.
+pub fn check_name(n: &str) -> anyhow::Result<()> {
+    let ok = !n.is_empty()
+        && n.len() <= 128
+        && !n.starts_with(['.', '-'])
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !ok {
+        anyhow::bail!(
+            "{n:?}: names are 1–128 characters of A-Z a-z 0-9 . _ -, not starting with . or -"
+        );
+    }
+    Ok(())
+}
+
+/// "VOLUME@ID".
+pub fn parse_snapshot(s: &str) -> anyhow::Result<(String, u64)> {
+    let (v, id) = s
+        .rsplit_once('@')
+        .ok_or_else(|| anyhow::anyhow!("{s:?}: want VOLUME@ID"))?;
+    check_name(v)?;
+    let id = id
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{s:?}: snapshot id is not a number"))?;
+    Ok((v.to_string(), id))
+}
+
+/// The stage volume; created with `size` if missing and a size is given.
+pub fn ensure_volume(
+    ctx: &Ctx,
+    name: &str,
+    size: Option<u64>,
+    block_size: u32,
+) -> anyhow::Result<(Volume, bool)> {
+    check_name(name)?;
+    match ctx.api.volume(name) {
+        Ok(v) => Ok((v, false)),
+        Err(cdm_api::client::ClientError::Api { status: 404, .. }) => match size {
+            Some(size) => {
+                let v = ctx.api.create_volume(&VolumeCreate {
+                    name: name.to_string(),
+                    size,
+                    block_size: Some(block_size),
+                    dedup: None,
+                    compression: None,
+                    encryption: None,
+                })?;
+                Ok((v, true))
+            }
+            None => anyhow::bail!(
+                "volume {name} does not exist on the appliance: give --size to create it"
+            ),
+        },
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Stage {
+    pub volume: String,
+    pub size: Option<u64>,
+    pub block_size: u32,
+    pub label: Option<String>,
+}
+
+/// A stage disk mounted for a backup; detached at the end if the backup
+/// attached it.
+struct Mounted {
+    a: Attachment,
+    child: Option<Child>,
+    ours: bool,
+}
+
+impl Mounted {
+    fn open(ctx: &Ctx, volume: &str) -> anyhow::Result<Mounted> {
+        let name = attach::name_of(volume);
+        if let Some(a) = attach::record(ctx, &name) {
+            if a.writable && a.export == volume && cdm_recovery::host::is_mounted(&a.mount) {
+                return Ok(Mounted {
+                    a,
+                    child: None,
+                    ours: false,
+                });
+            }
+        }
+        let (a, child) = attach::attach(
+            ctx,
+            &AttachRequest {
+                name: name.clone(),
+                export: volume.to_string(),
+                writable: true,
+                mount: ctx.state_dir.join("mnt").join(&name),
+                mkfs: Some("ext4".into()),
+            },
+        )?;
+        Ok(Mounted {
+            a,
+            child: Some(child),
+            ours: true,
+        })
+    }
+
+    fn close(mut self, ctx: &Ctx) -> anyhow::Result<()> {
+        if self.ours {
+            attach::detach(ctx, &self.a, self.child.as_mut())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn bar(ctx: &Ctx, total: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    if !ctx.progress {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    b.set_prefix(what.to_string());
+    Some(b)
+}
+
+fn total_bytes(entries: &[Entry]) -> u64 {
+    entries
+        .iter()
+        .map(|e| match &e.source {
+            Source::File { path, .. } => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+            Source::Data(d) => d.len() as u64,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Freezes the filesystem (its journal checkpointed: the snapshot mounts
+/// clean), takes the snapshot, thaws — whatever happens.
+fn snapshot_frozen(
+    ctx: &Ctx,
+    mount: &Path,
+    volume: &str,
+    label: String,
+    metadata: Value,
+) -> anyhow::Result<cdm_api::types::Snapshot> {
+    crate::merge::syncfs(mount).map_err(|e| anyhow::anyhow!("flushing the stage disk: {e}"))?;
+    run(Command::new("fsfreeze").arg("-f").arg(mount))
+        .map_err(|e| anyhow::anyhow!("freezing the stage disk: {e}"))?;
+    let r = ctx.api.create_snapshot(
+        volume,
+        &SnapshotCreate {
+            label: Some(label),
+            metadata: Some(metadata),
+        },
+    );
+    let thaw = run(Command::new("fsfreeze").arg("-u").arg(mount));
+    let s = r.map_err(|e| anyhow::anyhow!("snapshot of {volume}: {e}"))?;
+    thaw.map_err(|e| anyhow::anyhow!("thawing the stage disk (snapshot {} taken): {e}", s.id))?;
+    Ok(s)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn now_label(kind: &str) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("cdm-agent {kind} {t}")
+}
+
+fn summary(
+    kind: &str,
+    volume: &str,
+    snap: &cdm_api::types::Snapshot,
+    st: &MergeStats,
+    secs: f64,
+) -> Value {
+    json!({
+        "kind": kind,
+        "volume": volume,
+        "snapshot": snap.id,
+        "export": snap.export,
+        "label": snap.label,
+        "seconds": secs,
+        "bytes_read": st.bytes_read,
+        "bytes_written": st.bytes_written,
+        "changed_blocks": st.changed_blocks,
+        "blocks": st.blocks,
+        "merge": st,
+    })
+}
+
+/// Online backup of a PostgreSQL cluster into its stage volume.
+pub fn backup_postgres(
+    ctx: &Ctx,
+    stage: &Stage,
+    conn: &pg::Conn,
+    pgdata: Option<&Path>,
+) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    check_block_size(stage.block_size)?;
+    // The database first: a server that is down or refuses us costs nothing.
+    let mut client = conn.connect()?;
+    let si = pg::info(&mut client)?;
+    let pgdata = pgdata
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| si.data_directory.clone());
+    if !pgdata.join("PG_VERSION").exists() {
+        anyhow::bail!(
+            "{} is not the server's data directory as this host sees it (give --pgdata)",
+            pgdata.display()
+        );
+    }
+    let entries = pg::entries(&si, &pgdata)?;
+    ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
+    let m = Mounted::open(ctx, &stage.volume)?;
+    let label = stage.label.clone().unwrap_or_else(|| now_label("postgres"));
+    let r = (|| -> anyhow::Result<Value> {
+        let mut bk = pg::Backup::start(client, &label)?;
+        let start = bk.start_lsn;
+        let mut stopped: Option<pg::Stopped> = None;
+        let mut throttle = Throttle::new(ctx.bandwidth.clone());
+        let pb = bar(ctx, total_bytes(&entries), "postgres");
+        let mut merger = Merger {
+            root: m.a.mount.clone(),
+            block_size: stage.block_size,
+            throttle: &mut throttle,
+            progress: pb.as_ref(),
+        };
+        let mut more = || -> Result<Vec<Entry>, MergeError> {
+            let s = bk
+                .stop(&si)
+                .map_err(|e| MergeError::Other(format!("{e:#}")))?;
+            let e = pg::final_entries(&si, &pgdata, &s, start)
+                .map_err(|e| MergeError::Other(format!("{e:#}")))?;
+            stopped = Some(s);
+            Ok(e)
+        };
+        let merged = merger.merge(entries.clone(), &mut more);
+        if let Some(b) = &pb {
+            b.finish_and_clear();
+        }
+        let st = match merged {
+            Ok(st) => st,
+            Err(e) => {
+                let called = if bk.stopped() {
+                    ""
+                } else {
+                    "; pg_backup_stop called"
+                };
+                drop(bk);
+                anyhow::bail!("backup failed, no snapshot taken{called}: {e}");
+            }
+        };
+        let s = stopped.ok_or_else(|| anyhow::anyhow!("the backup did not stop"))?;
+        let meta = json!({
+            "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
+            "kind": "postgres",
+            "host": hostname(),
+            "database": {
+                "version": si.version,
+                "system_identifier": si.system_identifier,
+                "data_directory": pgdata,
+                "port": si.port,
+            },
+            "start_lsn": s.start_lsn,
+            "stop_lsn": s.stop_lsn,
+            "timeline": s.timeline,
+            "backup_label": s.backup_label,
+            "wal": s.wal,
+            "bytes_read": st.bytes_read,
+            "bytes_written": st.bytes_written,
+            "changed_blocks": st.changed_blocks,
+        });
+        let snap = snapshot_frozen(ctx, &m.a.mount, &stage.volume, label.clone(), meta)
+            .map_err(|e| anyhow::anyhow!("backup copied but not snapshotted: {e:#}"))?;
+        let mut v = summary(
+            "postgres",
+            &stage.volume,
+            &snap,
+            &st,
+            t0.elapsed().as_secs_f64(),
+        );
+        v["postgres"] = json!({
+            "start_lsn": s.start_lsn,
+            "stop_lsn": s.stop_lsn,
+            "timeline": s.timeline,
+            "wal": s.wal,
+        });
+        Ok(v)
+    })();
+    let closed = m.close(ctx);
+    let v = r?;
+    closed?;
+    Ok(v)
+}
+
+fn check_block_size(bs: u32) -> anyhow::Result<()> {
+    if !(512..=1 << 20).contains(&bs) || !bs.is_power_of_two() {
+        anyhow::bail!("block size {bs}: a power of two from 512 to 1048576");
+    }
+    Ok(())
+}
+
+/// A directory tree into its stage volume (under `files/`).
+pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    check_block_size(stage.block_size)?;
+    let src =
+        std::fs::canonicalize(source).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    let sm = std::fs::metadata(&src)?;
+    if !sm.is_dir() {
+        anyhow::bail!("{}: not a directory", src.display());
+    }
+    let mut entries = vec![Entry {
+        rel: "files".into(),
+        source: Source::Dir,
+        meta: Meta::of(&sm),
+    }];
+    crate::merge::walk(
+        &src,
+        Path::new("files"),
+        &|_| false,
+        &|_| false,
+        &mut entries,
+    )?;
+    ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
+    let m = Mounted::open(ctx, &stage.volume)?;
+    let label = stage.label.clone().unwrap_or_else(|| now_label("files"));
+    let r = (|| -> anyhow::Result<Value> {
+        let mut throttle = Throttle::new(ctx.bandwidth.clone());
+        let pb = bar(ctx, total_bytes(&entries), "files");
+        let st = Merger {
+            root: m.a.mount.clone(),
+            block_size: stage.block_size,
+            throttle: &mut throttle,
+            progress: pb.as_ref(),
+        }
+        .merge(entries, &mut || Ok(Vec::new()))
+        .map_err(|e| anyhow::anyhow!("backup failed, no snapshot taken: {e}"))?;
+        if let Some(b) = &pb {
+            b.finish_and_clear();
+        }
+        let meta = json!({
+            "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
+            "kind": "files",
+            "host": hostname(),
+            "source": src,
+            "files": st.files,
+            "bytes_read": st.bytes_read,
+            "bytes_written": st.bytes_written,
+            "changed_blocks": st.changed_blocks,
+        });
+        let snap = snapshot_frozen(ctx, &m.a.mount, &stage.volume, label.clone(), meta)?;
+        Ok(summary(
+            "files",
+            &stage.volume,
+            &snap,
+            &st,
+            t0.elapsed().as_secs_f64(),
+        ))
+    })();
+    let closed = m.close(ctx);
+    let v = r?;
+    closed?;
+    Ok(v)
+}
+
+/// A block device, image file or NBD export into its stage volume.
+pub fn backup_block(
+    ctx: &Ctx,
+    volume: &str,
+    source: &str,
+    bitmap: Option<&str>,
+    block_size: u32,
+    label: Option<String>,
+) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    check_block_size(block_size)?;
+    let mut src = block::Source::open(source, bitmap)?;
+    if let (Some(b), None) = (bitmap, src.bitmap()) {
+        tracing::warn!(
+            bitmap = b,
+            "the source does not offer this dirty bitmap: using fingerprints"
+        );
+    }
+    let size = src.size();
+    let vb = if block_size >= 4096 {
+        block_size.min(65536)
+    } else {
+        4096
+    };
+    let (vol, created) =
+        ensure_volume(ctx, volume, Some(size.div_ceil(vb as u64) * vb as u64), vb)?;
+    let paths = block::Paths::new(&ctx.state_dir, volume);
+    std::fs::create_dir_all(paths.fp.parent().unwrap_or(&ctx.state_dir))?;
+    let latest = ctx.api.list_snapshots(volume)?.iter().map(|s| s.id).max();
+    let old = block::load(&paths, block_size, size, latest);
+    let why = old.as_ref().err().cloned().unwrap_or_default();
+    let mut stage = nbd_server::client::Client::connect(
+        &ctx.nbd,
+        Some(volume),
+        &nbd_server::client::ClientOptions {
+            allocation: false,
+            timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("stage volume {volume} over NBD {}: {e}", ctx.nbd))?;
+    std::fs::write(
+        &paths.marker,
+        b"a block backup is writing this stage volume\n",
+    )?;
+    let mut throttle = Throttle::new(ctx.bandwidth.clone());
+    let pb = bar(ctx, size, "block");
+    let (hashes, st) = block::Copy {
+        src: &mut src,
+        stage: &mut stage,
+        block_size,
+        throttle: &mut throttle,
+        progress: pb.as_ref(),
+        stage_blank: created || (vol.allocated_bytes == 0 && latest.is_none()),
+    }
+    .run(old.ok(), why)
+    .map_err(|e| anyhow::anyhow!("backup failed, no snapshot taken: {e:#}"))?;
+    if let Some(b) = &pb {
+        b.finish_and_clear();
+    }
+    let _ = stage.disconnect();
+    let label = label.unwrap_or_else(|| now_label("block"));
+    let snap = ctx
+        .api
+        .create_snapshot(
+            volume,
+            &SnapshotCreate {
+                label: Some(label),
+                metadata: Some(json!({
+                    "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
+                    "kind": "block",
+                    "host": hostname(),
+                    "source": source,
+                    "mode": st.mode,
+                    "bitmap": src.bitmap(),
+                    "size": size,
+                    "bytes_read": st.bytes_read,
+                    "bytes_written": st.bytes_written,
+                    "changed_blocks": st.changed_blocks,
+                })),
+            },
+        )
+        .map_err(|e| anyhow::anyhow!("backup copied but not snapshotted: {e}"))?;
+    let fp = block::Fingerprints {
+        block_size,
+        snapshot: snap.id,
+        size,
+        hashes,
+    };
+    let tmp = paths.fp.with_extension("fp.tmp");
+    std::fs::write(&tmp, fp.encode())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &paths.fp)?;
+    std::fs::remove_file(&paths.marker)?;
+    Ok(json!({
+        "kind": "block",
+        "volume": volume,
+        "snapshot": snap.id,
+        "export": snap.export,
+        "label": snap.label,
+        "seconds": t0.elapsed().as_secs_f64(),
+        "bytes_read": st.bytes_read,
+        "bytes_written": st.bytes_written,
+        "changed_blocks": st.changed_blocks,
+        "blocks": st.blocks,
+        "block": st,
+    }))
+}
+
+/// Copies a snapshot's files to `target` (new or empty); prepares a
+/// PostgreSQL copy and starts it on `start_port` if asked.
+pub fn restore_regular(
+    ctx: &Ctx,
+    snapshot: &str,
+    target: &Path,
+    start_port: Option<u16>,
+) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    let (vol, id) = parse_snapshot(snapshot)?;
+    if std::fs::read_dir(target)
+        .map(|mut d| d.next().is_some())
+        .unwrap_or(false)
+    {
+        anyhow::bail!("{} is not empty", target.display());
+    }
+    std::fs::create_dir_all(target)?;
+    let target = std::fs::canonicalize(target)?;
+    ctx.api.snapshot(&vol, id)?;
+    let name = format!("restore-{vol}-{id}-{}", std::process::id());
+    let (a, mut child) = attach::attach(
+        ctx,
+        &AttachRequest {
+            name,
+            export: format!("{vol}@{id}"),
+            writable: false,
+            mount: ctx
+                .state_dir
+                .join("mnt")
+                .join(format!("restore-{vol}-{id}-{}", std::process::id())),
+            mkfs: None,
+        },
+    )?;
+    let copied = (|| -> anyhow::Result<u64> {
+        let mut n = 0;
+        for e in std::fs::read_dir(&a.mount)? {
+            let e = e?;
+            let fname = e.file_name();
+            if fname == crate::merge::META_DIR || fname == "lost+found" {
+                continue;
+            }
+            run(Command::new("cp")
+                .args(["-a", "--sparse=always"])
+                .arg(e.path())
+                .arg(&target))
+            .map_err(anyhow::Error::msg)?;
+            n += dir_bytes(&e.path());
+        }
+        Ok(n)
+    })();
+    let detached = attach::detach(ctx, &a, Some(&mut child));
+    let copied = copied?;
+    detached?;
+    let copy_secs = t0.elapsed().as_secs_f64();
+    let mut v = json!({
+        "kind": "regular",
+        "snapshot": snapshot,
+        "target": target,
+        "bytes_copied": copied,
+        "copy_seconds": copy_secs,
+    });
+    if target.join("pgdata").exists() {
+        let r = pg::prepare(
+            &target,
+            start_port.unwrap_or(5432),
+            &format!("cdm-restore-{vol}-{id}"),
+        )?;
+        v["pgdata"] = json!(r.pgdata);
+        if start_port.is_some() {
+            let ready = pg::start(&r)?;
+            v["postgres"] = json!(r);
+            v["seconds_to_first_query"] = json!(t0.elapsed().as_secs_f64());
+            v["startup_seconds"] = json!(ready.as_secs_f64());
+        }
+    }
+    v["seconds"] = json!(t0.elapsed().as_secs_f64());
+    Ok(v)
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::read_dir(p)
+            .map(|d| d.filter_map(|e| e.ok()).map(|e| dir_bytes(&e.path())).sum())
+            .unwrap_or(0),
+        Ok(m) if m.is_file() => m.len(),
+        _ => 0,
+    }
+}
+
+/// A writable clone of the snapshot, attached; PostgreSQL started on it
+/// when it holds one. Nothing is copied.
+pub fn restore_clone(
+    ctx: &Ctx,
+    snapshot: &str,
+    name: &str,
+    port: u16,
+    mount: Option<PathBuf>,
+) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    let (vol, id) = parse_snapshot(snapshot)?;
+    check_name(name)?;
+    ctx.api.create_clone(&vol, id, name)?;
+    let clone_secs = t0.elapsed().as_secs_f64();
+    let undo_clone = |e: anyhow::Error| {
+        let _ = ctx.api.delete_clone(name, true);
+        e
+    };
+    let mount = mount.unwrap_or_else(|| ctx.state_dir.join("mnt").join(name));
+    let (mut a, mut child) = attach::attach(
+        ctx,
+        &AttachRequest {
+            name: name.to_string(),
+            export: name.to_string(),
+            writable: true,
+            mount,
+            mkfs: None,
+        },
+    )
+    .map_err(undo_clone)?;
+    a.clone = Some(name.to_string());
+    let attach_secs = t0.elapsed().as_secs_f64();
+    let r = (|| -> anyhow::Result<Value> {
+        let mut v = json!({
+            "kind": "clone",
+            "snapshot": snapshot,
+            "clone": name,
+            "mount": a.mount,
+            "bytes_copied": 0,
+            "clone_seconds": clone_secs,
+            "attach_seconds": attach_secs,
+        });
+        if a.mount.join("pgdata").exists() {
+            let r = pg::prepare(&a.mount, port, name)?;
+            a.postgres = Some(r.clone());
+            attach::save(ctx, &a)?;
+            pg::start(&r)?;
+            v["postgres"] = json!(r);
+            v["seconds_to_first_query"] = json!(t0.elapsed().as_secs_f64());
+        } else {
+            attach::save(ctx, &a)?;
+        }
+        Ok(v)
+    })();
+    match r {
+        Ok(mut v) => {
+            v["seconds"] = json!(t0.elapsed().as_secs_f64());
+            Ok(v)
+        }
+        Err(e) => {
+            if let Some(p) = &a.postgres {
+                let _ = pg::stop(p);
+            }
+            let _ = attach::detach(ctx, &a, Some(&mut child));
+            Err(undo_clone(e))
+        }
+    }
+}
+
+/// Stops what runs on an attachment, detaches it, deletes its clone if
+/// asked.
+pub fn detach(ctx: &Ctx, name: &str, delete_clone: bool) -> anyhow::Result<Value> {
+    let a = attach::record(ctx, name).ok_or_else(|| anyhow::anyhow!("{name} is not attached"))?;
+    if let Some(p) = &a.postgres {
+        pg::stop(p)?;
+    }
+    attach::detach(ctx, &a, None)?;
+    let mut deleted = None;
+    if delete_clone {
+        if let Some(c) = &a.clone {
+            ctx.api.delete_clone(c, false)?;
+            deleted = Some(c.clone());
+        }
+    }
+    Ok(json!({"detached": name, "deleted_clone": deleted}))
+}
+
+/// Prints a result: one JSON object, or `key: value` lines.
+pub fn print(json_out: bool, v: &Value, took: Duration) {
+    if json_out {
+        println!("{v}");
+        return;
+    }
+    if let Value::Array(items) = v {
+        if items.is_empty() {
+            println!("(none)");
+        }
+        for (i, x) in items.iter().enumerate() {
+            if i > 0 {
+                println!();
+            }
+            print(false, x, took);
+        }
+        return;
+    }
+    fn line(prefix: &str, v: &Value) {
+        match v {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let p = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    if k == "backup_label" {
+                        continue;
+                    }
+                    line(&p, x);
+                }
+            }
+            Value::Array(a) if a.iter().all(|x| x.is_object()) && !a.is_empty() => {
+                for (i, x) in a.iter().enumerate() {
+                    line(&format!("{prefix}[{i}]"), x);
+                }
+            }
+            Value::Null => {}
+            Value::String(s) => println!("{prefix}: {s}"),
+            x => println!("{prefix}: {x}"),
+        }
+    }
+    line("", v);
+    if v.is_object() && v.get("seconds").is_none() {
+        println!("seconds: {:.2}", took.as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_names_snapshots() {
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("64k").unwrap(), 64 << 10);
+        for bad in ["", "0", "x", "5Q", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(check_name("db-1.stage_2").is_ok());
+        for bad in ["", ".x", "-x", "a/b", "a@b", "a b"] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_snapshot("db@12").unwrap(), ("db".into(), 12));
+        assert!(parse_snapshot("db").is_err());
+        assert!(parse_snapshot("db@x").is_err());
+        assert!(parse_snapshot("../x@1").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! Bandwidth limits (3.5 of the brief): a maximum rate in MiB/s, with
+//! other limits for windows of the day ("08:00-18:00=20": 20 MiB/s during
+//! office hours). A token bucket holding at most a quarter second of
+//! traffic paces the writes to the appliance; the limit in force is looked
+//! up again at every call, so a backup that runs into a window slows down
+//! (or speeds up) there.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// A window of the day with its own limit; `end` before `start` wraps
+/// past midnight ("22:00-06:00").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    /// "HH:MM" local time, inclusive.
+    pub start: String,
+    /// "HH:MM" local time, exclusive.
+    pub end: String,
+    /// MiB/s in the window; 0 = unlimited.
+    pub limit_mibps: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Bandwidth {
+    /// MiB/s outside every window; absent or 0 = unlimited.
+    #[serde(default)]
+    pub limit_mibps: Option<f64>,
+    #[serde(default, rename = "window")]
+    pub windows: Vec<Window>,
+}
+
+fn minute(s: &str) -> Result<u32, String> {
+    let (h, m) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: want HH:MM"))?;
+    let h: u32 = h.parse().map_err(|_| format!("{s:?}: bad hour"))?;
+    let m: u32 = m.parse().map_err(|_| format!("{s:?}: bad minute"))?;
+    if h > 24 || m > 59 || (h == 24 && m != 0) {
+        return Err(format!("{s:?}: not a time of day"));
+    }
+    Ok(h * 60 + m)
+}
+
+impl Window {
+    /// Parses "HH:MM-HH:MM=MIBPS".
+    pub fn parse(s: &str) -> Result<Window, String> {
+        let (range, rate) = s
+            .split_once('=')
+            .ok_or_else(|| format!("{s:?}: want HH:MM-HH:MM=MIBPS"))?;
+        let (a, b) = range
+            .split_once('-')
+            .ok_or_else(|| format!("{s:?}: want HH:MM-HH:MM=MIBPS"))?;
+        let w = Window {
+            start: a.trim().into(),
+            end: b.trim().into(),
+            limit_mibps: rate
+                .trim()
+                .parse()
+                .map_err(|_| format!("{s:?}: bad rate {rate:?}"))?,
+        };
+        w.check()?;
+        Ok(w)
+    }
+
+    fn check(&self) -> Result<(u32, u32), String> {
+        if !(self.limit_mibps >= 0.0 && self.limit_mibps.is_finite()) {
+            return Err(format!("window rate {} is not a rate", self.limit_mibps));
+        }
+        let (a, b) = (minute(&self.start)?, minute(&self.end)?);
+        if a == b {
+            return Err(format!("window {}-{} is empty", self.start, self.end));
+        }
+        Ok((a, b))
+    }
+
+    fn contains(&self, m: u32) -> bool {
+        match self.check() {
+            Ok((a, b)) if a < b => (a..b).contains(&m),
+            Ok((a, b)) => m >= a || m < b,
+            Err(_) => false,
+        }
+    }
+}
+
+impl Bandwidth {
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(l) = self.limit_mibps {
+            if !(l >= 0.0 && l.is_finite()) {
+                return Err(format!("limit {l} is not a rate"));
+            }
+        }
+        for w in &self.windows {
+            w.check()?;
+        }
+        Ok(())
+    }
+
+    /// Bytes per second at `minute` of the day; `None` = unlimited. The
+    /// first window that holds the minute wins.
+    pub fn rate_at(&self, minute: u32) -> Option<f64> {
+        let mibps = self
+            .windows
+            .iter()
+            .find(|w| w.contains(minute))
+            .map(|w| w.limit_mibps)
+            .or(self.limit_mibps)?;
+        (mibps > 0.0).then_some(mibps * 1048576.0)
+    }
+}
+
+/// Minutes since local midnight.
+pub fn local_minute() -> u32 {
+    // SAFETY: time(NULL) and localtime_r with valid pointers.
+    unsafe {
+        let t = libc::time(std::ptr::null_mut());
+        let mut tm: libc::tm = std::mem::zeroed();
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return 0;
+        }
+        (tm.tm_hour * 60 + tm.tm_min) as u32
+    }
+}
+
+/// Paces a stream of bytes to the limit in force.
+pub struct Throttle {
+    bw: Bandwidth,
+    tokens: f64,
+    last: Instant,
+    clock: fn() -> u32,
+    /// Time spent waiting.
+    pub waited: Duration,
+}
+
+impl Throttle {
+    pub fn new(bw: Bandwidth) -> Throttle {
+        Throttle::with_clock(bw, local_minute)
+    }
+
+    pub fn with_clock(bw: Bandwidth, clock: fn() -> u32) -> Throttle {
+        Throttle {
+            bw,
+            tokens: 0.0,
+            last: Instant::now(),
+            clock,
+            waited: Duration::ZERO,
+        }
+    }
+
+    /// Accounts for `bytes` about to be sent; sleeps as long as the limit
+    /// needs.
+    pub fn consume(&mut self, bytes: u64) {
+        let Some(rate) = self.bw.rate_at((self.clock)()) else {
+            self.last = Instant::now();
+            return;
+        };
+        let now = Instant::now();
+        let burst = rate / 4.0;
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
+        self.last = now;
+        self.tokens -= bytes as f64;
+        if self.tokens < 0.0 {
+            let d = Duration::from_secs_f64(-self.tokens / rate);
+            std::thread::sleep(d);
+            self.waited += d;
+            self.tokens = 0.0;
+            self.last = Instant::now();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bw() -> Bandwidth {
+        Bandwidth {
+            limit_mibps: Some(100.0),
+            windows: vec![
+                Window::parse("08:00-18:00=20").unwrap(),
+                Window::parse("22:00-06:00=0").unwrap(),
+            ],
+        }
+    }
+
+    #[test]
+    fn windows_pick_the_rate() {
+        let b = bw();
+        assert_eq!(b.rate_at(7 * 60 + 59), Some(100.0 * 1048576.0));
+        assert_eq!(b.rate_at(8 * 60), Some(20.0 * 1048576.0));
+        assert_eq!(b.rate_at(17 * 60 + 59), Some(20.0 * 1048576.0));
+        assert_eq!(b.rate_at(18 * 60), Some(100.0 * 1048576.0));
+        // Wraps midnight; 0 = unlimited.
+        assert_eq!(b.rate_at(23 * 60), None);
+        assert_eq!(b.rate_at(3 * 60), None);
+        assert_eq!(b.rate_at(6 * 60), Some(100.0 * 1048576.0));
+        assert_eq!(Bandwidth::default().rate_at(600), None);
+    }
+
+    #[test]
+    fn bad_windows_are_refused() {
+        for s in [
+            "8-9=1",
+            "08:00=1",
+            "08:00-09:00",
+            "25:00-26:00=1",
+            "08:00-08:00=1",
+            "08:00-09:00=x",
+            "08:00-09:00=-1",
+        ] {
+            assert!(Window::parse(s).is_err(), "{s}");
+        }
+        let b = Bandwidth {
+            limit_mibps: Some(f64::NAN),
+            windows: vec![],
+        };
+        assert!(b.validate().is_err());
+    }
+
+    #[test]
+    fn throttle_paces_to_the_rate() {
+        // 8 MiB/s all day: 4 MiB takes about half a second.
+        let b = Bandwidth {
+            limit_mibps: Some(8.0),
+            windows: vec![],
+        };
+        let mut t = Throttle::with_clock(b, || 600);
+        let start = Instant::now();
+        for _ in 0..64 {
+            t.consume(65536);
+        }
+        let s = start.elapsed().as_secs_f64();
+        assert!((0.45..1.0).contains(&s), "{s}");
+        // Unlimited window: no wait.
+        let mut u = Throttle::with_clock(bw(), || 23 * 60);
+        let start = Instant::now();
+        u.consume(1 << 30);
+        assert!(start.elapsed() < Duration::from_millis(50));
+    }
+}

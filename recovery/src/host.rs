@@ -1,0 +1,112 @@
+//! The host's block-device plumbing shared by the appliance's instant
+//! mounts and the agent's stage disks: loop devices over a (FUSE) file,
+//! filesystem detection, mount and unmount. Each step runs the util-linux
+//! tool and turns its failure into a message that names the tool and what
+//! it printed.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `cmd`; its trimmed stdout, or "PROGRAM failed: STDERR".
+pub fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let err = if err.trim().is_empty() {
+            String::from_utf8_lossy(&out.stdout)
+        } else {
+            err
+        };
+        Err(format!(
+            "{} failed: {}",
+            cmd.get_program().to_string_lossy(),
+            err.trim()
+        ))
+    }
+}
+
+/// Whether something is mounted exactly at `path`.
+pub fn is_mounted(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(&*p)))
+        .unwrap_or(false)
+}
+
+/// Attaches `file` to a free loop device (read-only if asked, limited to
+/// the byte range `(offset, len)` if given); the device path.
+pub fn loop_attach(
+    file: &Path,
+    read_only: bool,
+    range: Option<(u64, u64)>,
+) -> Result<String, String> {
+    let mut los = Command::new("losetup");
+    los.args(["--find", "--show"]);
+    if read_only {
+        los.arg("--read-only");
+    }
+    if let Some((start, len)) = range {
+        los.args([
+            "--offset",
+            &start.to_string(),
+            "--sizelimit",
+            &len.to_string(),
+        ]);
+    }
+    los.arg(file);
+    run(&mut los)
+}
+
+/// Detaches loop device `dev` if it is still backed by a file under
+/// `prefix` (a device may have been reused by someone else since).
+pub fn loop_detach_if_ours(dev: &str, prefix: &Path) {
+    if dev.is_empty() || !Path::new(dev).exists() {
+        return;
+    }
+    let back =
+        run(Command::new("losetup").args(["-n", "-O", "BACK-FILE", dev])).unwrap_or_default();
+    if back.starts_with(&*prefix.to_string_lossy()) {
+        let _ = run(Command::new("losetup").args(["-d", dev]));
+    }
+}
+
+/// The filesystem type on `dev` (`blkid -p`), `None` when there is none.
+pub fn fs_type(dev: &str) -> Option<String> {
+    run(Command::new("blkid").args(["-p", "-o", "value", "-s", "TYPE", dev]))
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+/// Mount options for `fstype`: a read-only mount never replays a journal
+/// (the device may be a read-only snapshot), XFS copies mount beside their
+/// origin (`nouuid`).
+pub fn mount_options(fstype: &str, writable: bool) -> &'static str {
+    match (fstype, writable) {
+        ("ext4" | "ext3" | "ext2", false) => "ro,noload",
+        ("xfs", false) => "ro,norecovery,nouuid",
+        ("xfs", true) => "nouuid",
+        (_, false) => "ro",
+        (_, true) => "rw",
+    }
+}
+
+/// Mounts `dev` (a filesystem of `fstype`) at `path`, creating the
+/// directory.
+pub fn mount(dev: &str, fstype: &str, writable: bool, path: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    run(Command::new("mount")
+        .args(["-t", fstype, "-o", mount_options(fstype, writable), dev])
+        .arg(path))
+    .map(|_| ())
+}
+
+/// Unmounts `path` if mounted; lazily when a normal unmount fails (after a
+/// crash the filesystem can sit on a loop device whose file is gone).
+pub fn unmount(path: &Path) -> Result<(), String> {
+    if is_mounted(path) && run(Command::new("umount").arg(path)).is_err() {
+        run(Command::new("umount").arg("-l").arg(path))?;
+    }
+    Ok(())
+}
