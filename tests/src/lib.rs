@@ -45,7 +45,7 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs a command with a watchdog: a hung client fails the test instead of
 /// stalling the suite.
-fn output(cmd: &mut Command) -> std::process::Output {
+pub fn output(cmd: &mut Command) -> std::process::Output {
     let child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
