@@ -31,6 +31,10 @@ pub struct Attachment {
     /// A PostgreSQL started on it.
     #[serde(default)]
     pub postgres: Option<crate::pg::Running>,
+    /// Made by a backup for its own use (detached when it ends, or by the
+    /// next backup if it was interrupted).
+    #[serde(default)]
+    pub temporary: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -265,6 +269,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Chi
         pid: child.id(),
         clone: None,
         postgres: None,
+        temporary: false,
     };
     if let Err(e) = save(ctx, &a) {
         let _ = cleanup(ctx, &a, Some(&mut child));

@@ -905,7 +905,7 @@ mod tests {
 
     fn name(f: u8) -> String {
         // Some nested: a directory op on "d0" makes the others children.
-        if f % 3 == 0 {
+        if f.is_multiple_of(3) {
             format!("f{f}")
         } else {
             format!("d0/f{f}")

@@ -94,6 +94,20 @@ pub fn ensure_volume(
     }
 }
 
+/// One backup per stage volume at a time on this host: an exclusive
+/// `flock` on `STATE/locks/VOLUME.lock`, released when the file closes.
+pub fn lock(ctx: &Ctx, volume: &str) -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let d = ctx.state_dir.join("locks");
+    std::fs::create_dir_all(&d)?;
+    let f = std::fs::File::create(d.join(format!("{volume}.lock")))?;
+    // SAFETY: flock on an open descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        anyhow::bail!("another backup of {volume} is running on this host");
+    }
+    Ok(f)
+}
+
 #[derive(Clone, Debug)]
 pub struct Stage {
     pub volume: String,
@@ -111,14 +125,18 @@ struct Mounted {
 }
 
 impl Mounted {
+    /// The stage disk of `volume`, mounted: the attachment someone made
+    /// with `attach`, or a new one that [`Mounted::close`] detaches (also
+    /// one an interrupted backup left behind).
     fn open(ctx: &Ctx, volume: &str) -> anyhow::Result<Mounted> {
         let name = attach::name_of(volume);
         if let Some(a) = attach::record(ctx, &name) {
             if a.writable && a.export == volume && cdm_recovery::host::is_mounted(&a.mount) {
+                let ours = a.temporary;
                 return Ok(Mounted {
                     a,
                     child: None,
-                    ours: false,
+                    ours,
                 });
             }
         }
@@ -132,11 +150,17 @@ impl Mounted {
                 mkfs: Some("ext4".into()),
             },
         )?;
-        Ok(Mounted {
+        let mut m = Mounted {
             a,
             child: Some(child),
             ours: true,
-        })
+        };
+        m.a.temporary = true;
+        if let Err(e) = attach::save(ctx, &m.a) {
+            let _ = m.close(ctx);
+            return Err(e);
+        }
+        Ok(m)
     }
 
     fn close(mut self, ctx: &Ctx) -> anyhow::Result<()> {
@@ -257,6 +281,8 @@ pub fn backup_postgres(
         );
     }
     let entries = pg::entries(&si, &pgdata)?;
+    check_name(&stage.volume)?;
+    let _lock = lock(ctx, &stage.volume)?;
     ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
     let m = Mounted::open(ctx, &stage.volume)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("postgres"));
@@ -369,6 +395,8 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<V
         &|_| false,
         &mut entries,
     )?;
+    check_name(&stage.volume)?;
+    let _lock = lock(ctx, &stage.volume)?;
     ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
     let m = Mounted::open(ctx, &stage.volume)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("files"));
@@ -430,6 +458,8 @@ pub fn backup_block(
         );
     }
     let size = src.size();
+    check_name(volume)?;
+    let _lock = lock(ctx, volume)?;
     let vb = if block_size >= 4096 {
         block_size.min(65536)
     } else {
@@ -655,7 +685,8 @@ pub fn restore_clone(
             let r = pg::prepare(&a.mount, port, name)?;
             a.postgres = Some(r.clone());
             attach::save(ctx, &a)?;
-            pg::start(&r)?;
+            let ready = pg::start(&r)?;
+            v["postgres_start_seconds"] = json!(ready.as_secs_f64());
             v["postgres"] = json!(r);
             v["seconds_to_first_query"] = json!(t0.elapsed().as_secs_f64());
         } else {

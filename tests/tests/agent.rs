@@ -635,6 +635,63 @@ fn files_and_block_backups_with_bandwidth_limits() {
     ]);
     assert!(t.elapsed().as_secs_f64() > 3.0);
 
+    // One backup per volume at a time.
+    sh(&format!(
+        "head -c 8388608 /dev/urandom > {}/a/new-big",
+        s.display()
+    ));
+    let slow = agent
+        .cmd(&[
+            "--limit",
+            "2",
+            "backup",
+            "files",
+            "--volume",
+            "fs",
+            s.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let e = agent.fail(&["backup", "files", "--volume", "fs", s.to_str().unwrap()]);
+    assert!(e.contains("another backup of fs is running"), "{e}");
+    assert!(slow.wait_with_output().unwrap().status.success());
+    // The configuration file instead of flags.
+    let cfg = agent.state.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "url = \"{}\"\ntoken_file = \"{}\"\nnbd = \"unix:{}\"\nstate_dir = \"{}\"\n[bandwidth]\nlimit_mibps = 50\n",
+            agent.url,
+            agent.token.display(),
+            agent.sock.display(),
+            agent.state.path().display()
+        ),
+    )
+    .unwrap();
+    let out = run(Command::new(bin("cdm-agent")).args([
+        "--json",
+        "--config",
+        cfg.to_str().unwrap(),
+        "backup",
+        "files",
+        "--volume",
+        "fs",
+        s.to_str().unwrap(),
+    ]));
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["merge"]["fingerprints"], "trusted");
+    std::fs::write(&cfg, "url = 1\n").unwrap();
+    let out = output(Command::new(bin("cdm-agent")).args([
+        "--json",
+        "--config",
+        cfg.to_str().unwrap(),
+        "list",
+    ]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("agent.toml"));
+
     // Block: a qcow2 with a persistent dirty bitmap, served by qemu-nbd.
     let img = s.join("vm.qcow2");
     let isock = s.join("qnbd.sock");
@@ -720,4 +777,117 @@ fn files_and_block_backups_with_bandwidth_limits() {
     let r2 = agent.ok(&["backup", "block", "--volume", "raw", raw.to_str().unwrap()]);
     assert_eq!(r2["block"]["mode"], "compare");
     assert_eq!(r2["bytes_written"], 0);
+}
+
+/// A cluster made the Debian way (`pg_createcluster`: configuration in
+/// /etc/postgresql, peer authentication, the ssl-cert group for the
+/// snakeoil key); dropped when the test ends.
+struct DebianCluster {
+    version: String,
+    name: String,
+    port: u16,
+}
+
+impl DebianCluster {
+    fn create() -> DebianCluster {
+        require("pg_createcluster");
+        let version = pg_bin("initdb")
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let c = DebianCluster {
+            version,
+            name: format!("cdmtest{}", std::process::id()),
+            port: free_port(),
+        };
+        run(Command::new("pg_createcluster").args([
+            &c.version,
+            &c.name,
+            "-p",
+            &c.port.to_string(),
+        ]));
+        // Let root connect as postgres over the socket (peer map).
+        let etc = format!("/etc/postgresql/{}/{}", c.version, c.name);
+        sh(&format!(
+            "echo 'cdm root postgres' >> {etc}/pg_ident.conf && \
+             sed -i 's/^local\\( *\\)all\\( *\\)postgres\\( *\\)peer$/local all postgres peer map=cdm/' {etc}/pg_hba.conf"
+        ));
+        run(Command::new("pg_ctlcluster").args([&c.version, &c.name, "start"]));
+        c
+    }
+}
+
+impl Drop for DebianCluster {
+    fn drop(&mut self) {
+        let _ = output(Command::new("pg_dropcluster").args(["--stop", &self.version, &self.name]));
+    }
+}
+
+#[test]
+fn debian_packaged_cluster_backs_up_and_recovers_with_its_etc_configuration() {
+    let app = Appliance::start(None);
+    let agent = Agent::new(&app);
+    let c = DebianCluster::create();
+    let sock = Path::new("/var/run/postgresql");
+    run(Command::new(pg_bin("pgbench"))
+        .args([
+            "-h",
+            "/var/run/postgresql",
+            "-p",
+            &c.port.to_string(),
+            "-U",
+            "postgres",
+        ])
+        .args(["-i", "-q", "-s", "2", "postgres"]));
+    let mut snaps = Vec::new();
+    for round in 0..2 {
+        if round > 0 {
+            run(Command::new(pg_bin("pgbench"))
+                .args([
+                    "-h",
+                    "/var/run/postgresql",
+                    "-p",
+                    &c.port.to_string(),
+                    "-U",
+                    "postgres",
+                ])
+                .args(["-n", "-t", "200", "postgres"]));
+        }
+        let committed = psql(sock, c.port, STATE);
+        let size: Vec<&str> = if round == 0 {
+            vec!["--size", "1G"]
+        } else {
+            vec![]
+        };
+        let mut args = vec!["backup", "postgres", "--volume", "deb"];
+        args.extend(size);
+        let port = c.port.to_string();
+        args.extend(["--port", port.as_str()]);
+        let v = agent.ok(&args);
+        assert!(v["merge"]["files"].as_u64().unwrap() > 100);
+        snaps.push((v["export"].as_str().unwrap().to_string(), committed));
+    }
+    for (i, (snap, committed)) in snaps.iter().enumerate() {
+        let port = free_port();
+        let v = agent.ok(&[
+            "restore",
+            "instant",
+            snap,
+            "--name",
+            &format!("deb{i}"),
+            "--port",
+            &port.to_string(),
+        ]);
+        let mnt = PathBuf::from(v["mount"].as_str().unwrap());
+        // The configuration came from /etc, with the paths into the
+        // original cluster commented out.
+        assert!(mnt.join("pgconf/postgresql.conf").exists());
+        let conf = std::fs::read_to_string(mnt.join("pgdata/postgresql.conf")).unwrap();
+        assert!(conf.contains("# (cdm-agent) data_directory"), "{conf}");
+        assert_eq!(&psql(&mnt.join("run"), port, STATE), committed);
+        agent.ok(&["detach", &format!("deb{i}"), "--delete-clone"]);
+    }
 }
