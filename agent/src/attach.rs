@@ -238,7 +238,15 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Chi
         }
         (None, _) => {
             undo(&mut child, Some(&dev));
-            anyhow::bail!("{} holds no filesystem", req.export);
+            anyhow::bail!(
+                "{} holds no filesystem the agent can mount{}",
+                req.export,
+                if req.writable {
+                    " (and it is not blank: a filesystem is only made on a volume nothing was written to)"
+                } else {
+                    ""
+                }
+            );
         }
     };
     let mounted = if fstype == "ext4" && req.writable {

@@ -326,13 +326,21 @@ fn main() -> ExitCode {
             } => {
                 let name = name.clone().unwrap_or_else(|| attach::name_of(export));
                 ops::check_name(&name)?;
-                if let Some(size) = create {
-                    ops::ensure_volume(&ctx, export, Some(*size), 4096)?;
-                }
+                let writable = !read_only && !export.contains('@');
+                // A filesystem is made only on a volume nothing was ever
+                // written to: a disk blkid does not recognise may still
+                // hold data (a block backup, a partitioned image).
+                let blank = if writable {
+                    ops::ensure_volume(&ctx, export, *create, 4096)?
+                        .0
+                        .allocated_bytes
+                        == 0
+                } else {
+                    false
+                };
                 let mount = mount
                     .clone()
                     .unwrap_or_else(|| ctx.state_dir.join("mnt").join(&name));
-                let writable = !read_only && !export.contains('@');
                 let (a, _child) = attach::attach(
                     &ctx,
                     &AttachRequest {
@@ -340,7 +348,7 @@ fn main() -> ExitCode {
                         export: export.clone(),
                         writable,
                         mount,
-                        mkfs: writable.then(|| mkfs.clone()),
+                        mkfs: blank.then(|| mkfs.clone()),
                     },
                 )?;
                 Ok(serde_json::to_value(a)?)

@@ -128,7 +128,7 @@ impl Mounted {
     /// The stage disk of `volume`, mounted: the attachment someone made
     /// with `attach`, or a new one that [`Mounted::close`] detaches (also
     /// one an interrupted backup left behind).
-    fn open(ctx: &Ctx, volume: &str) -> anyhow::Result<Mounted> {
+    fn open(ctx: &Ctx, volume: &str, blank: bool) -> anyhow::Result<Mounted> {
         let name = attach::name_of(volume);
         if let Some(a) = attach::record(ctx, &name) {
             if a.writable && a.export == volume && cdm_recovery::host::is_mounted(&a.mount) {
@@ -147,7 +147,7 @@ impl Mounted {
                 export: volume.to_string(),
                 writable: true,
                 mount: ctx.state_dir.join("mnt").join(&name),
-                mkfs: Some("ext4".into()),
+                mkfs: blank.then(|| "ext4".into()),
             },
         )?;
         let mut m = Mounted {
@@ -283,8 +283,8 @@ pub fn backup_postgres(
     let entries = pg::entries(&si, &pgdata)?;
     check_name(&stage.volume)?;
     let _lock = lock(ctx, &stage.volume)?;
-    ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
-    let m = Mounted::open(ctx, &stage.volume)?;
+    let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
+    let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("postgres"));
     let r = (|| -> anyhow::Result<Value> {
         let mut bk = pg::Backup::start(client, &label)?;
@@ -397,8 +397,8 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<V
     )?;
     check_name(&stage.volume)?;
     let _lock = lock(ctx, &stage.volume)?;
-    ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
-    let m = Mounted::open(ctx, &stage.volume)?;
+    let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
+    let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("files"));
     let r = (|| -> anyhow::Result<Value> {
         let mut throttle = Throttle::new(ctx.bandwidth.clone());

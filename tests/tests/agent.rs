@@ -777,6 +777,18 @@ fn files_and_block_backups_with_bandwidth_limits() {
     let r2 = agent.ok(&["backup", "block", "--volume", "raw", raw.to_str().unwrap()]);
     assert_eq!(r2["block"]["mode"], "compare");
     assert_eq!(r2["bytes_written"], 0);
+    // A file backup never makes a filesystem over a volume holding data.
+    let e = agent.fail(&["backup", "files", "--volume", "raw", s.to_str().unwrap()]);
+    assert!(e.contains("not blank"), "{e}");
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &app.unix_uri("raw"),
+        raw.to_str().unwrap(),
+    ]));
 }
 
 /// A cluster made the Debian way (`pg_createcluster`: configuration in
