@@ -166,17 +166,23 @@ fn start_server(ctx: &Ctx, name: &str, export: &str) -> anyhow::Result<Child> {
 /// and returns what it reported.
 fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Result<(), String> {
     let fuse = fuse_dir(ctx, name);
-    host::unmount(&fuse)?;
+    host::unmount_strict(&fuse)?;
     let deadline = Instant::now() + Duration::from_secs(60);
-    match child {
-        Some(c) => {
-            let _ = c.wait();
+    let mut child = child;
+    loop {
+        let running = match child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => alive(pid),
+        };
+        if !running {
+            break;
         }
-        None => {
-            while alive(pid) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the disk server (pid {pid}) did not exit within 60 s"
+            ));
         }
+        std::thread::sleep(Duration::from_millis(20));
     }
     let status = std::fs::read_to_string(dir(ctx, name).join("status")).unwrap_or_default();
     match status.trim() {
@@ -287,14 +293,15 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Chi
 }
 
 /// Unmounts, detaches the loop device, stops the disk server (which
-/// flushes). Every step is tried; the first failure is reported.
+/// flushes). A busy filesystem stops it at the first step, leaving
+/// everything attached; after that every step is tried and the first
+/// failure is reported.
 fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), String> {
     let mut first: Option<String> = None;
     if host::is_mounted(&a.mount) {
         let _ = run(Command::new("sync").arg("-f").arg(&a.mount));
-        if let Err(e) = host::unmount(&a.mount) {
-            first.get_or_insert(e);
-        }
+        // Busy: stop here, everything stays attached and recorded.
+        host::unmount_strict(&a.mount)?;
     }
     host::loop_detach_if_ours(&a.device, &fuse_dir(ctx, &a.name));
     if let Err(e) = stop_server(ctx, &a.name, a.pid, child) {
@@ -306,10 +313,12 @@ fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), S
     }
 }
 
-/// Detaches `a`; the record goes whatever happens (the resources are
-/// gone), the error says what went wrong on the way.
+/// Detaches `a`. The record goes unless the filesystem or the FUSE file
+/// is still mounted (busy): then `detach` can be run again later.
 pub fn detach(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> anyhow::Result<()> {
     let r = cleanup(ctx, a, child);
-    let _ = std::fs::remove_dir_all(dir(ctx, &a.name));
+    if !host::is_mounted(&a.mount) && !host::is_mounted(&fuse_dir(ctx, &a.name)) {
+        let _ = std::fs::remove_dir_all(dir(ctx, &a.name));
+    }
     r.map_err(|e| anyhow::anyhow!("detach {}: {e}", a.name))
 }

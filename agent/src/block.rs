@@ -22,7 +22,7 @@ use serde::Serialize;
 use crate::merge::Hash;
 use crate::throttle::Throttle;
 
-const MAGIC: &[u8; 8] = b"CDMBF001";
+const MAGIC: &[u8; 8] = b"CDMBF002";
 const RUN: usize = 1 << 20;
 
 pub enum Source {
@@ -130,6 +130,9 @@ impl Source {
                         anyhow::bail!("NBD source sent an empty block status");
                     }
                     for (len, flags) in st {
+                        if len == 0 {
+                            anyhow::bail!("NBD source sent a zero-length extent");
+                        }
                         let len = len.min(size - off);
                         push(off, len, flags & 1 == 0);
                         off += len;
@@ -159,6 +162,9 @@ impl Source {
                 anyhow::bail!("NBD source sent an empty dirty bitmap status");
             }
             for (len, flags) in st {
+                if len == 0 {
+                    anyhow::bail!("NBD source sent a zero-length dirty bitmap extent");
+                }
                 let len = len.min(size - off);
                 if flags & 1 != 0 {
                     match out.last_mut() {
@@ -193,6 +199,10 @@ pub struct Fingerprints {
     pub block_size: u32,
     pub snapshot: u64,
     pub size: u64,
+    /// The dirty bitmap the source offered when these were made: a later
+    /// run may read only its dirty extents if it is still the same one
+    /// (it then holds every write since).
+    pub bitmap: Option<String>,
     pub hashes: Vec<Hash>,
 }
 
@@ -203,6 +213,9 @@ impl Fingerprints {
         b.extend_from_slice(&self.block_size.to_le_bytes());
         b.extend_from_slice(&self.snapshot.to_le_bytes());
         b.extend_from_slice(&self.size.to_le_bytes());
+        let bm = self.bitmap.as_deref().unwrap_or("").as_bytes();
+        b.extend_from_slice(&(bm.len() as u32).to_le_bytes());
+        b.extend_from_slice(bm);
         b.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
         for h in &self.hashes {
             b.extend_from_slice(h);
@@ -214,17 +227,40 @@ impl Fingerprints {
 
     /// Parses outside bytes (a state file anyone could have touched).
     pub fn decode(b: &[u8]) -> Result<Fingerprints, String> {
-        if b.len() < 8 + 4 + 8 + 8 + 8 + 32 || &b[..8] != MAGIC {
+        if b.len() < 8 + 4 + 8 + 8 + 4 + 8 + 32 || &b[..8] != MAGIC {
             return Err("not a block fingerprint file".into());
         }
         let (body, sum) = b.split_at(b.len() - 32);
         if blake3::hash(body).as_bytes() != sum {
             return Err("checksum mismatch".into());
         }
-        let u64_at = |o: usize| u64::from_le_bytes(body[o..o + 8].try_into().unwrap_or([0; 8]));
-        let block_size = u32::from_le_bytes(body[8..12].try_into().unwrap_or([0; 4]));
-        let (snapshot, size, n) = (u64_at(12), u64_at(20), u64_at(28));
-        let rest = &body[36..];
+        let u32_at = |o: usize| -> Result<u32, String> {
+            Ok(u32::from_le_bytes(
+                body.get(o..o + 4)
+                    .ok_or("truncated")?
+                    .try_into()
+                    .map_err(|_| "u32")?,
+            ))
+        };
+        let u64_at = |o: usize| -> Result<u64, String> {
+            Ok(u64::from_le_bytes(
+                body.get(o..o + 8)
+                    .ok_or("truncated")?
+                    .try_into()
+                    .map_err(|_| "u64")?,
+            ))
+        };
+        let block_size = u32_at(8)?;
+        let (snapshot, size) = (u64_at(12)?, u64_at(20)?);
+        let bl = u32_at(28)? as usize;
+        let bm = body.get(32..32 + bl).ok_or("truncated")?;
+        let bitmap = if bl == 0 {
+            None
+        } else {
+            Some(String::from_utf8(bm.to_vec()).map_err(|_| "bitmap name is not UTF-8")?)
+        };
+        let n = u64_at(32 + bl)?;
+        let rest = &body[40 + bl..];
         if n.checked_mul(16) != Some(rest.len() as u64) {
             return Err("hash count does not match".into());
         }
@@ -232,6 +268,7 @@ impl Fingerprints {
             block_size,
             snapshot,
             size,
+            bitmap,
             hashes: rest
                 .chunks_exact(16)
                 .map(|c| {
@@ -366,7 +403,11 @@ impl Copy<'_> {
             }
         };
         let compare = old.is_none() && !self.stage_blank;
-        match (&old, self.src.bitmap().is_some()) {
+        let same_bitmap = match (&old, self.src.bitmap()) {
+            (Some(o), Some(b)) => o.bitmap.as_deref() == Some(b),
+            _ => false,
+        };
+        match (&old, same_bitmap) {
             (Some(_), true) => {
                 st.mode = "dirty-bitmap".into();
                 for (o, l) in self.src.dirty()? {
@@ -517,6 +558,7 @@ mod tests {
             block_size: 65536,
             snapshot: 7,
             size: 3 << 16,
+            bitmap: Some("b0".into()),
             hashes: vec![[1; 16], [2; 16], [3; 16]],
         };
         let b = f.encode();

@@ -331,6 +331,9 @@ fn main() -> ExitCode {
                 // written to: a disk blkid does not recognise may still
                 // hold data (a block backup, a partitioned image).
                 let blank = if writable {
+                    // Whatever is written now is not in the block
+                    // fingerprints: the next block backup compares.
+                    ops::invalidate_block_fingerprints(&ctx, export)?;
                     ops::ensure_volume(&ctx, export, *create, 4096)?
                         .0
                         .allocated_bytes

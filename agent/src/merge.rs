@@ -405,13 +405,30 @@ fn read_src(
 }
 
 pub struct Merger<'a> {
+    /// Directories whose entries this run added, replaced or removed.
+    touched: std::collections::HashSet<PathBuf>,
     pub root: PathBuf,
     pub block_size: u32,
     pub throttle: &'a mut Throttle,
     pub progress: Option<&'a indicatif::ProgressBar>,
 }
 
-impl Merger<'_> {
+impl<'a> Merger<'a> {
+    pub fn new(
+        root: PathBuf,
+        block_size: u32,
+        throttle: &'a mut Throttle,
+        progress: Option<&'a indicatif::ProgressBar>,
+    ) -> Merger<'a> {
+        Merger {
+            touched: Default::default(),
+            root,
+            block_size,
+            throttle,
+            progress,
+        }
+    }
+
     /// Makes the tree under the stage root equal to `entries` plus what
     /// `more` returns once they are in place (a database's backup-end
     /// label and WAL). Files that vanish while being read are left out (a
@@ -456,7 +473,10 @@ impl Merger<'_> {
         let extra = more()?;
         all.extend(self.apply(extra, &old, trusted, &mut records, &mut st, &mut bufs)?);
 
-        // Removals: what was there and is not wanted (or changed kind).
+        // Removals: what was there and is not wanted. Never below a path
+        // that is now a symlink or a file (apply replaced that subtree, and
+        // following the new link would reach outside the stage), and not a
+        // path that apply replaced in place with another kind.
         let want: HashMap<&Path, u8> = all.iter().map(|(p, k)| (p.as_path(), *k)).collect();
         let mut present: Vec<(PathBuf, u8)> = if trusted {
             old.iter().map(|(p, r)| (p.clone(), r.kind)).collect()
@@ -466,18 +486,30 @@ impl Merger<'_> {
             v
         };
         present.sort();
-        let mut gone: Vec<PathBuf> = Vec::new();
         for (p, k) in present.iter().rev() {
-            if want.get(p.as_path()).is_some_and(|w| w == k) {
+            if want.contains_key(p.as_path()) {
                 continue;
             }
-            let full = self.root.join(p);
-            // A path that changed kind was replaced in place.
-            let replaced = want.contains_key(p.as_path());
-            if !replaced && !gone.iter().any(|g| p.starts_with(g)) {
-                remove(&full)?;
-                gone.push(p.clone());
-                st.removed += 1;
+            let replaced_above = p
+                .ancestors()
+                .skip(1)
+                .any(|a| want.get(a).is_some_and(|&w| w != K_DIR));
+            if replaced_above {
+                continue;
+            }
+            let _ = k;
+            remove(&self.root.join(p))?;
+            if let Some(parent) = p.parent() {
+                self.touched.insert(parent.to_path_buf());
+            }
+            st.removed += 1;
+        }
+        // Directory owners, modes and mtimes last: adding and removing
+        // entries changed the mtimes.
+        for (rel, rec) in records.iter().rev().filter(|(_, r)| r.kind == K_DIR) {
+            let prev = old.get(rel).map(|p| (p.meta, p.kind));
+            if !trusted || prev != Some((rec.meta, K_DIR)) || self.touched.contains(rel) {
+                set_meta(&self.root.join(rel), &rec.meta, false)?;
             }
         }
 
@@ -533,16 +565,20 @@ impl Merger<'_> {
                 link: Vec::new(),
                 hashes: Vec::new(),
             };
-            match &e.source {
+            let touched = match &e.source {
                 Source::Dir => {
                     st.dirs += 1;
                     match std::fs::symlink_metadata(&dst) {
-                        Ok(m) if m.is_dir() => {}
+                        Ok(m) if m.is_dir() => false,
                         Ok(_) => {
                             remove(&dst)?;
                             std::fs::create_dir(&dst).map_err(io(&dst))?;
+                            true
                         }
-                        Err(_) => std::fs::create_dir(&dst).map_err(io(&dst))?,
+                        Err(_) => {
+                            std::fs::create_dir(&dst).map_err(io(&dst))?;
+                            true
+                        }
                     }
                 }
                 Source::Symlink(t) => {
@@ -553,11 +589,14 @@ impl Merger<'_> {
                         remove(&dst)?;
                         std::os::unix::fs::symlink(t, &dst).map_err(io(&dst))?;
                     }
+                    !same
                 }
                 Source::File { path, keep } => {
                     let f = match File::open(path) {
                         Ok(f) => f,
-                        Err(x) if x.kind() == ErrorKind::NotFound => {
+                        // A file the database dropped during the backup;
+                        // but a range source (WAL) is required.
+                        Err(x) if x.kind() == ErrorKind::NotFound && keep.is_none() => {
                             st.vanished += 1;
                             continue;
                         }
@@ -565,25 +604,23 @@ impl Merger<'_> {
                     };
                     let size = f.metadata().map_err(io(path))?.len();
                     let src = Src::File(&f, keep.as_deref(), size);
-                    self.file(&src, &dst, prev, trusted, &mut rec, st, bufs)?;
+                    self.file(&src, &dst, prev, trusted, &mut rec, st, bufs)?
                 }
                 Source::Data(d) => {
-                    self.file(&Src::Bytes(d), &dst, prev, trusted, &mut rec, st, bufs)?;
+                    self.file(&Src::Bytes(d), &dst, prev, trusted, &mut rec, st, bufs)?
+                }
+            };
+            if touched {
+                if let Some(parent) = e.rel.parent() {
+                    self.touched.insert(parent.to_path_buf());
                 }
             }
-            if !trusted || prev.map(|p| (p.meta, p.kind)) != Some((e.meta, rec.kind)) {
+            let meta_changed = prev.map(|p| (p.meta, p.kind)) != Some((e.meta, rec.kind));
+            if rec.kind != K_DIR && (!trusted || touched || meta_changed) {
                 set_meta(&dst, &e.meta, rec.kind == K_LINK)?;
             }
             kept.push((e.rel.clone(), rec.kind));
             records.push((e.rel.clone(), rec));
-        }
-        // Directory mtimes last: adding files changed them.
-        for e in entries
-            .iter()
-            .rev()
-            .filter(|e| matches!(e.source, Source::Dir))
-        {
-            set_meta(&self.root.join(&e.rel), &e.meta, false)?;
         }
         Ok(kept)
     }
@@ -598,7 +635,7 @@ impl Merger<'_> {
         rec: &mut Record,
         st: &mut MergeStats,
         bufs: &mut (Vec<u8>, Vec<u8>),
-    ) -> Result<(), MergeError> {
+    ) -> Result<bool, MergeError> {
         let (buf, tbuf) = (&mut bufs.0, &mut bufs.1);
         let bs = self.block_size as usize;
         st.files += 1;
@@ -691,7 +728,7 @@ impl Merger<'_> {
         } else if changed_any {
             st.changed_files += 1;
         }
-        Ok(())
+        Ok(changed_any)
     }
 
     fn write(
@@ -820,7 +857,10 @@ mod tests {
     use crate::throttle::{Bandwidth, Throttle};
     use proptest::prelude::*;
 
-    fn tree(root: &Path) -> Vec<(PathBuf, String, Vec<u8>, u32)> {
+    /// Path, kind, content (or link target), (mode, mtime, mtime ns).
+    type Listing = Vec<(PathBuf, String, Vec<u8>, (u32, i64, u32))>;
+
+    fn tree(root: &Path) -> Listing {
         let mut v = Vec::new();
         let mut e = Vec::new();
         walk(root, Path::new(""), &|_| false, &|_| false, &mut e).unwrap();
@@ -831,8 +871,14 @@ mod tests {
                 Source::Symlink(t) => ("link".to_string(), t.to_string_lossy().as_bytes().to_vec()),
                 _ => ("file".to_string(), std::fs::read(&p).unwrap()),
             };
-            let mode = if kind == "link" { 0 } else { x.meta.mode };
-            v.push((x.rel, kind, data, mode));
+            // Owner, mode and mtime too (not for links: lutimes is not
+            // applied to the source's links by these ops anyway).
+            let meta = if kind == "link" {
+                (0, 0, 0)
+            } else {
+                (x.meta.mode, x.meta.mtime, x.meta.mtime_ns)
+            };
+            v.push((x.rel, kind, data, meta));
         }
         v.sort();
         v
@@ -846,14 +892,9 @@ mod tests {
         }];
         walk(src, Path::new("files"), &|_| false, &|_| false, &mut e).unwrap();
         let mut t = Throttle::new(Bandwidth::default());
-        Merger {
-            root: stage.to_path_buf(),
-            block_size: bs,
-            throttle: &mut t,
-            progress: None,
-        }
-        .merge(e, &mut || Ok(Vec::new()))
-        .unwrap()
+        Merger::new(stage.to_path_buf(), bs, &mut t, None)
+            .merge(e, &mut || Ok(Vec::new()))
+            .unwrap()
     }
 
     #[derive(Clone, Debug)]
@@ -888,6 +929,11 @@ mod tests {
             byte: u8,
         },
         Damage,
+        /// The directory d0 becomes a symlink (to a canary directory
+        /// outside both trees, whose files must survive) or a file.
+        DirReplaced {
+            link: bool,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -900,6 +946,7 @@ mod tests {
             1 => (0u8..6, 0u16..0o777).prop_map(|(file, mode)| Op::Chmod { file, mode }),
             1 => (0u8..6, any::<u8>()).prop_map(|(file, byte)| Op::Cut { file, byte }),
             1 => Just(Op::Damage),
+            1 => any::<bool>().prop_map(|link| Op::DirReplaced { link }),
         ]
     }
 
@@ -915,6 +962,24 @@ mod tests {
     fn apply(src: &Path, stage: &Path, op: &Op) {
         use std::os::unix::fs::PermissionsExt;
         let p = |f: u8| src.join(name(f));
+        // Operations on a path below d0 while d0 is a symlink would act on
+        // the canary: those that do not rebuild d0 first are skipped.
+        let under_link = |f: u8| {
+            name(f).starts_with("d0/")
+                && src
+                    .join("d0")
+                    .symlink_metadata()
+                    .map(|m| !m.is_dir())
+                    .unwrap_or(true)
+        };
+        match *op {
+            Op::Truncate { file, .. } | Op::Remove { file } | Op::Chmod { file, .. }
+                if under_link(file) =>
+            {
+                return
+            }
+            _ => {}
+        }
         let ensure_parent = |q: &Path| {
             let parent = q.parent().unwrap();
             if parent
@@ -961,9 +1026,9 @@ mod tests {
                 } else {
                     name(file)
                 });
+                ensure_parent(&q);
                 if q.symlink_metadata().map(|m| !m.is_dir()).unwrap_or(true) {
                     remove(&q).unwrap();
-                    ensure_parent(&q);
                     std::fs::create_dir(&q).unwrap();
                 }
             }
@@ -993,6 +1058,16 @@ mod tests {
                     f.write_all_at(&[byte; 100], 10).unwrap();
                 }
             }
+            Op::DirReplaced { link } => {
+                let d0 = src.join("d0");
+                remove(&d0).unwrap();
+                if link {
+                    let canary = src.parent().unwrap().join("canary");
+                    std::os::unix::fs::symlink(&canary, &d0).unwrap();
+                } else {
+                    std::fs::write(&d0, b"now a file").unwrap();
+                }
+            }
             Op::Damage => {
                 let fp = stage.join(META_DIR).join(FINGERPRINTS);
                 if let Ok(mut b) = std::fs::read(&fp) {
@@ -1017,12 +1092,17 @@ mod tests {
             std::fs::create_dir_all(&src).unwrap();
             std::fs::create_dir_all(&stage).unwrap();
             let bs = if small { 512 } else { 8192 };
+            let canary = d.path().join("canary");
+            std::fs::create_dir_all(canary.join("sub")).unwrap();
+            std::fs::write(canary.join("keep.txt"), b"keep").unwrap();
+            let canary_tree = tree(&canary);
             for round in &ops {
                 for o in round {
                     apply(&src, &stage, o);
                 }
                 run_merge(&src, &stage, bs);
                 prop_assert_eq!(tree(&src), tree(&stage.join("files")));
+                prop_assert_eq!(&tree(&canary), &canary_tree);
                 let again = run_merge(&src, &stage, bs);
                 prop_assert_eq!(again.bytes_written, 0);
                 prop_assert_eq!(&again.fingerprints, "trusted");

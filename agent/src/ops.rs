@@ -94,6 +94,17 @@ pub fn ensure_volume(
     }
 }
 
+/// Marks the block fingerprints of `volume` (if any) as not to be trusted:
+/// the volume is about to be written by something else than a block
+/// backup.
+pub fn invalidate_block_fingerprints(ctx: &Ctx, volume: &str) -> anyhow::Result<()> {
+    let p = block::Paths::new(&ctx.state_dir, volume);
+    if p.fp.exists() {
+        std::fs::write(&p.marker, b"attached read-write outside a block backup\n")?;
+    }
+    Ok(())
+}
+
 /// One backup per stage volume at a time on this host: an exclusive
 /// `flock` on `STATE/locks/VOLUME.lock`, released when the file closes.
 pub fn lock(ctx: &Ctx, volume: &str) -> anyhow::Result<std::fs::File> {
@@ -280,7 +291,10 @@ pub fn backup_postgres(
             pgdata.display()
         );
     }
-    let entries = pg::entries(&si, &pgdata)?;
+    // Checked now (tablespaces, permissions), listed for real only after
+    // pg_backup_start: a file created before the start checkpoint must be
+    // in the copy, WAL replay will not recreate it.
+    pg::entries(&si, &pgdata)?;
     check_name(&stage.volume)?;
     let _lock = lock(ctx, &stage.volume)?;
     let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
@@ -289,15 +303,16 @@ pub fn backup_postgres(
     let r = (|| -> anyhow::Result<Value> {
         let mut bk = pg::Backup::start(client, &label)?;
         let start = bk.start_lsn;
+        let entries = pg::entries(&si, &pgdata)?;
         let mut stopped: Option<pg::Stopped> = None;
         let mut throttle = Throttle::new(ctx.bandwidth.clone());
         let pb = bar(ctx, total_bytes(&entries), "postgres");
-        let mut merger = Merger {
-            root: m.a.mount.clone(),
-            block_size: stage.block_size,
-            throttle: &mut throttle,
-            progress: pb.as_ref(),
-        };
+        let mut merger = Merger::new(
+            m.a.mount.clone(),
+            stage.block_size,
+            &mut throttle,
+            pb.as_ref(),
+        );
         let mut more = || -> Result<Vec<Entry>, MergeError> {
             let s = bk
                 .stop(&si)
@@ -307,7 +322,7 @@ pub fn backup_postgres(
             stopped = Some(s);
             Ok(e)
         };
-        let merged = merger.merge(entries.clone(), &mut more);
+        let merged = merger.merge(entries, &mut more);
         if let Some(b) = &pb {
             b.finish_and_clear();
         }
@@ -403,12 +418,12 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<V
     let r = (|| -> anyhow::Result<Value> {
         let mut throttle = Throttle::new(ctx.bandwidth.clone());
         let pb = bar(ctx, total_bytes(&entries), "files");
-        let st = Merger {
-            root: m.a.mount.clone(),
-            block_size: stage.block_size,
-            throttle: &mut throttle,
-            progress: pb.as_ref(),
-        }
+        let st = Merger::new(
+            m.a.mount.clone(),
+            stage.block_size,
+            &mut throttle,
+            pb.as_ref(),
+        )
         .merge(entries, &mut || Ok(Vec::new()))
         .map_err(|e| anyhow::anyhow!("backup failed, no snapshot taken: {e}"))?;
         if let Some(b) = &pb {
@@ -528,6 +543,7 @@ pub fn backup_block(
         block_size,
         snapshot: snap.id,
         size,
+        bitmap: src.bitmap().map(str::to_string),
         hashes,
     };
     let tmp = paths.fp.with_extension("fp.tmp");

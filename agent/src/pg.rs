@@ -274,9 +274,12 @@ pub fn entries(si: &ServerInfo, pgdata: &Path) -> anyhow::Result<Vec<Entry>> {
 }
 
 /// An online backup in progress: `pg_backup_stop` is called by [`stop`]
-/// or, if the copy failed, when this is dropped.
+/// or, if the copy failed, when this is dropped. The session — and with it
+/// the temporary replication slot that keeps the WAL — lives until this is
+/// dropped, after the WAL has been copied.
 pub struct Backup {
-    client: Option<Client>,
+    client: Client,
+    stopped: bool,
     pub start_lsn: u64,
     pub label: String,
 }
@@ -294,18 +297,24 @@ pub struct Stopped {
 impl Backup {
     pub fn start(mut client: Client, label: &str) -> anyhow::Result<Backup> {
         let slot = format!("cdm_agent_{}", std::process::id());
-        if let Err(e) = client.query_one(
-            "SELECT pg_create_physical_replication_slot($1, true, true)",
-            &[&slot],
-        ) {
-            tracing::warn!(error = %e, "no temporary replication slot: WAL needed by the backup could be recycled during a long copy");
-        }
+        client
+            .query_one(
+                "SELECT pg_create_physical_replication_slot($1, true, true)",
+                &[&slot],
+            )
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot reserve the backup's WAL with a temporary replication slot \
+                     (the role needs REPLICATION, max_replication_slots needs room): {e}"
+                )
+            })?;
         let row = client
             .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
             .map_err(|e| anyhow::anyhow!("pg_backup_start: {e}"))?;
         let start_lsn = parse_lsn(&row.get::<_, String>(0))?;
         Ok(Backup {
-            client: Some(client),
+            client,
+            stopped: false,
             start_lsn,
             label: label.to_string(),
         })
@@ -313,11 +322,14 @@ impl Backup {
 
     /// Ends the backup; what a restore needs to be consistent.
     pub fn stop(&mut self, si: &ServerInfo) -> anyhow::Result<Stopped> {
-        let mut c = self
+        if self.stopped {
+            anyhow::bail!("the backup was already stopped");
+        }
+        // Whatever the answer, never call it twice: a failed stop leaves
+        // the session to abort the backup when it closes.
+        self.stopped = true;
+        let row = self
             .client
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("the backup was already stopped"))?;
-        let row = c
             .query_one(
                 "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
                 &[],
@@ -352,14 +364,18 @@ impl Backup {
     }
 
     pub fn stopped(&self) -> bool {
-        self.client.is_none()
+        self.stopped
     }
 }
 
 impl Drop for Backup {
     fn drop(&mut self) {
-        if let Some(mut c) = self.client.take() {
-            match c.query_one("SELECT lsn::text FROM pg_backup_stop(false)", &[]) {
+        if !self.stopped {
+            self.stopped = true;
+            match self
+                .client
+                .query_one("SELECT lsn::text FROM pg_backup_stop(false)", &[])
+            {
                 Ok(_) => tracing::info!("backup aborted: pg_backup_stop called"),
                 Err(e) => tracing::warn!(error = %e, "pg_backup_stop after a failed copy"),
             }

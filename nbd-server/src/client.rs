@@ -569,8 +569,8 @@ impl Client {
                                 out.push((be_u32(e, 0)? as u64, be_u32(e, 4)?));
                             }
                         }
-                        REPLY_TYPE_BLOCK_STATUS_EXT if be_u32(&d, 0)? == id => {
-                            for e in d[8..].chunks_exact(16) {
+                        REPLY_TYPE_BLOCK_STATUS_EXT if self.extended && be_u32(&d, 0)? == id => {
+                            for e in d.get(8..).ok_or(ProtoError::Short)?.chunks_exact(16) {
                                 out.push((be_u64(e, 0)?, be_u64(e, 8)? as u32));
                             }
                         }

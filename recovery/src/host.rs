@@ -110,3 +110,18 @@ pub fn unmount(path: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Unmounts `path` if mounted, never lazily: a busy filesystem is an
+/// error and stays mounted (a lazy unmount would keep its device, and
+/// everything under it, alive out of sight).
+pub fn unmount_strict(path: &Path) -> Result<(), String> {
+    if is_mounted(path) {
+        run(Command::new("umount").arg(path)).map_err(|e| {
+            format!(
+                "{} is busy ({e}): close what uses it and detach again",
+                path.display()
+            )
+        })?;
+    }
+    Ok(())
+}

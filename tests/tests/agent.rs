@@ -593,7 +593,19 @@ fn files_and_block_backups_with_bandwidth_limits() {
     let mnt = PathBuf::from(ro["mount"].as_str().unwrap());
     assert_eq!(tree_listing(&mnt.join("files")), l1);
     assert!(std::fs::write(mnt.join("files/x"), b"x").is_err());
+    // Busy: detach refuses (never a lazy unmount) and keeps the record.
+    let mut busy = Command::new("sleep")
+        .arg("60")
+        .current_dir(mnt.join("files"))
+        .spawn()
+        .unwrap();
+    let e = agent.fail(&["detach", ro["name"].as_str().unwrap()]);
+    assert!(e.contains("busy"), "{e}");
+    assert_eq!(agent.ok(&["list"]).as_array().unwrap().len(), 1);
+    let _ = busy.kill();
+    let _ = busy.wait();
     agent.ok(&["detach", ro["name"].as_str().unwrap()]);
+    assert_eq!(agent.ok(&["list"]), Value::Array(vec![]));
 
     // Bandwidth: 12 MiB at 4 MiB/s takes about three seconds.
     sh(&format!(
@@ -752,6 +764,12 @@ fn files_and_block_backups_with_bandwidth_limits() {
     let b3 = agent.ok(&["backup", "block", "--volume", "vm", &uri]);
     assert_eq!(b3["block"]["mode"], "fingerprints");
     assert_eq!(b3["bytes_written"], 0);
+    // The bitmap is used again only if the last run saw it too (b3 did
+    // not ask for it): this run reads everything.
+    let b4 = agent.ok(&["backup", "block", "--volume", "vm", &uri, "--bitmap", "b0"]);
+    assert_eq!(b4["block"]["mode"], "fingerprints");
+    let b5 = agent.ok(&["backup", "block", "--volume", "vm", &uri, "--bitmap", "b0"]);
+    assert_eq!(b5["block"]["mode"], "dirty-bitmap");
     // SIGTERM: qemu-nbd stores the persistent bitmap as it exits.
     unsafe { libc::kill(q.id() as i32, libc::SIGTERM) };
     let _ = q.wait();
