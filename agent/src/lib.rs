@@ -9,6 +9,7 @@ pub mod nbdfile;
 pub mod ops;
 pub mod pg;
 pub mod throttle;
+pub mod vm;
 
 use std::path::PathBuf;
 

@@ -91,6 +91,9 @@ enum Cmd {
     /// Bring a snapshot back.
     #[command(subcommand)]
     Restore(RestoreCmd),
+    /// Virtual machines: inspect their disks without booting.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// Serve an NBD export as a FUSE file (run by attach).
     #[command(hide = true)]
     ServeDisk {
@@ -165,6 +168,17 @@ enum BackupCmd {
         block_size: u32,
         #[arg(long)]
         label: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Partition table, filesystems, operating system and applications of
+    /// disk images or NBD exports (nothing is booted or mounted).
+    Inspect {
+        /// Image files, block devices or NBD URIs.
+        #[arg(required = true)]
+        disks: Vec<String>,
     },
 }
 
@@ -429,6 +443,7 @@ fn main() -> ExitCode {
                     mount,
                 } => ops::restore_clone(&ctx, snapshot, name, *port, mount.clone()),
             },
+            Cmd::Vm(VmCmd::Inspect { disks }) => cdm_agent::vm::inspect_cmd(disks),
             Cmd::ServeDisk { .. } => unreachable!("handled above"),
         }
     })();
