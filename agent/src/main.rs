@@ -180,6 +180,34 @@ enum VmCmd {
         #[arg(required = true)]
         disks: Vec<String>,
     },
+    /// The VMs an inventory lists (libvirt domain XML directory, or a
+    /// TOML/JSON inventory file).
+    List {
+        #[arg(long)]
+        inventory: PathBuf,
+    },
+    /// The VMs regrouped by category (their disks inspected, cached).
+    Tree {
+        #[arg(long)]
+        inventory: PathBuf,
+        /// os, app, keyword:WORD, path or pool.
+        #[arg(long, default_value = "os")]
+        by: String,
+    },
+    /// Back up every VM of a category (os:linux, os:windows, app:PostgreSQL,
+    /// keyword:WORD, path:DIR, pool:NAME).
+    Backup {
+        #[arg(long)]
+        inventory: PathBuf,
+        #[arg(long)]
+        category: String,
+        /// VMs backed up at the same time.
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
+        /// A persistent qemu dirty bitmap in the qcow2 disks.
+        #[arg(long)]
+        bitmap: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -416,6 +444,7 @@ fn main() -> ExitCode {
                     bitmap.as_deref(),
                     *block_size,
                     label.clone(),
+                    None,
                 ),
             },
             Cmd::Restore(r) => match r {
@@ -444,6 +473,16 @@ fn main() -> ExitCode {
                 } => ops::restore_clone(&ctx, snapshot, name, *port, mount.clone()),
             },
             Cmd::Vm(VmCmd::Inspect { disks }) => cdm_agent::vm::inspect_cmd(disks),
+            Cmd::Vm(VmCmd::List { inventory }) => cdm_agent::vm::list_cmd(inventory),
+            Cmd::Vm(VmCmd::Tree { inventory, by }) => cdm_agent::vm::tree_cmd(&ctx, inventory, by),
+            Cmd::Vm(VmCmd::Backup {
+                inventory,
+                category,
+                parallel,
+                bitmap,
+            }) => {
+                cdm_agent::vm::backup_cmd(&ctx, inventory, category, *parallel, bitmap.as_deref())
+            }
             Cmd::ServeDisk { .. } => unreachable!("handled above"),
         }
     })();

@@ -462,6 +462,7 @@ pub fn backup_block(
     bitmap: Option<&str>,
     block_size: u32,
     label: Option<String>,
+    extra: Option<Value>,
 ) -> anyhow::Result<Value> {
     let t0 = Instant::now();
     check_block_size(block_size)?;
@@ -524,18 +525,24 @@ pub fn backup_block(
             volume,
             &SnapshotCreate {
                 label: Some(label),
-                metadata: Some(json!({
-                    "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
-                    "kind": "block",
-                    "host": hostname(),
-                    "source": source,
-                    "mode": st.mode,
-                    "bitmap": src.bitmap(),
-                    "size": size,
-                    "bytes_read": st.bytes_read,
-                    "bytes_written": st.bytes_written,
-                    "changed_blocks": st.changed_blocks,
-                })),
+                metadata: Some({
+                    let mut m = json!({
+                        "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
+                        "kind": "block",
+                        "host": hostname(),
+                        "source": source,
+                        "mode": st.mode,
+                        "bitmap": src.bitmap(),
+                        "size": size,
+                        "bytes_read": st.bytes_read,
+                        "bytes_written": st.bytes_written,
+                        "changed_blocks": st.changed_blocks,
+                    });
+                    if let (Some(Value::Object(x)), Value::Object(o)) = (extra, &mut m) {
+                        o.extend(x);
+                    }
+                    m
+                }),
             },
         )
         .map_err(|e| anyhow::anyhow!("backup copied but not snapshotted: {e}"))?;

@@ -75,3 +75,326 @@ pub fn inspect_cmd(disks: &[String]) -> anyhow::Result<Value> {
     }
     Ok(Value::Array(out))
 }
+
+/// A disk made readable: a path or NBD URI, and the `qemu-nbd` serving a
+/// qcow2 file (stopped when this is dropped).
+pub struct Opened {
+    pub spec: String,
+    server: Option<std::process::Child>,
+}
+
+impl Drop for Opened {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.server.take() {
+            // SIGTERM: qemu-nbd stores persistent bitmaps as it exits.
+            // SAFETY: kill(2) on our child.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Serves a qcow2 file through `qemu-nbd` (read-only, on a socket in the
+/// state directory, exporting `bitmap` if given); raw files and NBD URIs
+/// are used as they are.
+pub fn open_vm_disk(
+    ctx: &crate::Ctx,
+    d: &cdm_inspect::inventory::VmDisk,
+    bitmap: Option<&str>,
+) -> anyhow::Result<Opened> {
+    if d.format == "raw" || d.source.contains("://") {
+        return Ok(Opened {
+            spec: d.source.clone(),
+            server: None,
+        });
+    }
+    if d.format != "qcow2" {
+        anyhow::bail!(
+            "{}: disk format {} is not supported (raw, qcow2)",
+            d.source,
+            d.format
+        );
+    }
+    let dir = ctx.state_dir.join("qemu-nbd");
+    std::fs::create_dir_all(&dir)?;
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let sock = dir.join(format!(
+        "{}-{}.sock",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = std::process::Command::new("qemu-nbd");
+    cmd.args(["-r", "-t", "-f", "qcow2", "-k"]).arg(&sock);
+    if let Some(b) = bitmap {
+        cmd.args(["-B", b]);
+    }
+    cmd.arg(&d.source)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("qemu-nbd for {}: {e}", d.source))?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while !sock.exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            anyhow::bail!(
+                "qemu-nbd could not serve {} ({st}): {}",
+                d.source,
+                err.trim()
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            anyhow::bail!("qemu-nbd did not start for {}", d.source);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(Opened {
+        spec: format!("nbd+unix:///?socket={}", sock.display()),
+        server: Some(child),
+    })
+}
+
+/// Inspection results by disk identity: a file's path, inode, size and
+/// modification time (any write changes it). NBD sources are inspected
+/// every time (only metadata is read).
+struct Cache {
+    path: std::path::PathBuf,
+    map: std::collections::BTreeMap<String, Inspection>,
+    hits: u64,
+}
+
+impl Cache {
+    fn load(ctx: &crate::Ctx) -> Cache {
+        let path = ctx.state_dir.join("inspect-cache.json");
+        let map = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        Cache { path, map, hits: 0 }
+    }
+
+    fn key(d: &cdm_inspect::inventory::VmDisk) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        if d.source.contains("://") {
+            return None;
+        }
+        let m = std::fs::metadata(&d.source).ok()?;
+        if m.file_type().is_file() {
+            Some(format!(
+                "{}|{}|{}|{}|{}.{}",
+                std::fs::canonicalize(&d.source).ok()?.display(),
+                d.format,
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec()
+            ))
+        } else {
+            None
+        }
+    }
+
+    fn save(&self) {
+        let tmp = self.path.with_extension("json.tmp");
+        if let Ok(b) = serde_json::to_vec(&self.map) {
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(&tmp, &self.path);
+            }
+        }
+    }
+}
+
+fn unknown(why: String) -> Inspection {
+    Inspection {
+        status: "unknown".into(),
+        reason: Some(why),
+        size: 0,
+        partition_table: "none".into(),
+        partitions: vec![],
+        root: None,
+        os: None,
+        apps: vec![],
+        bytes_read: 0,
+    }
+}
+
+/// Inspects every disk of every VM (cached by disk identity).
+pub fn classify(
+    ctx: &crate::Ctx,
+    vms: Vec<cdm_inspect::inventory::Vm>,
+) -> (Vec<cdm_inspect::category::Classified>, u64) {
+    let mut cache = Cache::load(ctx);
+    let mut out = Vec::new();
+    for vm in vms {
+        let mut inspections = Vec::new();
+        for d in &vm.disks {
+            let key = Cache::key(d);
+            if let Some(i) = key.as_ref().and_then(|k| cache.map.get(k)) {
+                cache.hits += 1;
+                inspections.push(i.clone());
+                continue;
+            }
+            let i = match open_vm_disk(ctx, d, None) {
+                Ok(o) => inspect_one(&o.spec).0,
+                Err(e) => unknown(format!("{e:#}")),
+            };
+            if let Some(k) = key {
+                cache.map.insert(k, i.clone());
+            }
+            inspections.push(i);
+        }
+        out.push(cdm_inspect::category::Classified { vm, inspections });
+    }
+    cache.save();
+    (out, cache.hits)
+}
+
+fn load_inventory(path: &Path) -> anyhow::Result<Vec<cdm_inspect::inventory::Vm>> {
+    cdm_inspect::inventory::load(path)
+        .map_err(|e| anyhow::anyhow!("listing the VMs failed, nothing done: {e}"))
+}
+
+pub fn list_cmd(inventory: &Path) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(load_inventory(inventory)?)?)
+}
+
+pub fn tree_cmd(ctx: &crate::Ctx, inventory: &Path, by: &str) -> anyhow::Result<Value> {
+    let by = cdm_inspect::category::By::parse(by).map_err(anyhow::Error::msg)?;
+    let (vms, hits) = classify(ctx, load_inventory(inventory)?);
+    let tree = cdm_inspect::category::tree(&vms, &by);
+    Ok(json!({
+        "by": format!("{by:?}").to_lowercase(),
+        "groups": tree,
+        "vms": vms.iter().map(|c| json!({
+            "name": c.vm.name,
+            "os": c.os(),
+            "apps": c.apps(),
+            "storage_path": c.vm.storage_path,
+            "pool": c.vm.pool,
+            "disks": c.inspections.iter().zip(&c.vm.disks).map(|(i, d)| json!({
+                "source": d.source, "status": i.status, "reason": i.reason, "bytes_read": i.bytes_read,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "cache_hits": hits,
+    }))
+}
+
+/// A volume name for disk `i` of VM `name`.
+pub fn volume_for(name: &str, i: usize) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("vm-{}-disk{i}", clean.trim_start_matches(['.', '-']))
+}
+
+/// Backs up every VM of a category: each disk into its own stage volume
+/// (only allocated blocks; incremental on later runs), a snapshot per disk
+/// with the VM's inspection in its metadata; `parallel` VMs at a time; a
+/// VM that fails is reported and the others go on.
+pub fn backup_cmd(
+    ctx: &crate::Ctx,
+    inventory: &Path,
+    category: &str,
+    parallel: usize,
+    bitmap: Option<&str>,
+) -> anyhow::Result<Value> {
+    let t0 = Instant::now();
+    let (vms, _) = classify(ctx, load_inventory(inventory)?);
+    let mut chosen = Vec::new();
+    for c in vms {
+        if cdm_inspect::category::selects(&c, category).map_err(anyhow::Error::msg)? {
+            chosen.push(c);
+        }
+    }
+    if chosen.is_empty() {
+        anyhow::bail!("no VM is in category {category}");
+    }
+    let queue = std::sync::Mutex::new(chosen.into_iter().enumerate().collect::<Vec<_>>());
+    let results = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..parallel.max(1) {
+            s.spawn(|| loop {
+                let next = queue.lock().ok().and_then(|mut q| q.pop());
+                let Some((idx, c)) = next else { break };
+                let t = Instant::now();
+                let r = backup_vm(ctx, &c, bitmap);
+                let v = match r {
+                    Ok(disks) => json!({"vm": c.vm.name, "ok": true, "disks": disks, "seconds": t.elapsed().as_secs_f64()}),
+                    Err(e) => json!({"vm": c.vm.name, "ok": false, "error": format!("{e:#}"), "seconds": t.elapsed().as_secs_f64()}),
+                };
+                if let Ok(mut r) = results.lock() {
+                    r.push((idx, v));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_default();
+    results.sort_by_key(|(i, _)| *i);
+    let results: Vec<Value> = results.into_iter().map(|(_, v)| v).collect();
+    let failed = results.iter().filter(|v| v["ok"] == false).count();
+    let v = json!({
+        "category": category,
+        "vms": results,
+        "failed": failed,
+        "seconds": t0.elapsed().as_secs_f64(),
+    });
+    if failed > 0 {
+        // The summary is the error: every VM's outcome, and which failed.
+        anyhow::bail!("{failed} VM(s) of category {category} failed: {v}");
+    }
+    Ok(v)
+}
+
+fn backup_vm(
+    ctx: &crate::Ctx,
+    c: &cdm_inspect::category::Classified,
+    bitmap: Option<&str>,
+) -> anyhow::Result<Vec<Value>> {
+    let mut out = Vec::new();
+    for (i, d) in c.vm.disks.iter().enumerate() {
+        let opened = open_vm_disk(ctx, d, bitmap)?;
+        let volume = volume_for(&c.vm.name, i);
+        let meta = json!({
+            "vm": {
+                "name": c.vm.name,
+                "uuid": c.vm.uuid,
+                "disk": i,
+                "source": d.source,
+                "format": d.format,
+                "storage_path": c.vm.storage_path,
+                "pool": c.vm.pool,
+            },
+            "inspection": c.inspections.get(i),
+            "os": c.os(),
+            "apps": c.apps(),
+        });
+        let r = crate::ops::backup_block(
+            ctx,
+            &volume,
+            &opened.spec,
+            bitmap,
+            65536,
+            Some(format!("vm {} disk {i}", c.vm.name)),
+            Some(meta),
+        )
+        .map_err(|e| anyhow::anyhow!("disk {i} ({}): {e:#}", d.source))?;
+        out.push(r);
+    }
+    Ok(out)
+}

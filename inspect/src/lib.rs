@@ -8,8 +8,10 @@
 //! an NBD export. Only metadata is read; [`Inspection::bytes_read`] says
 //! how much. Bad disks are "unknown" with a reason, never a panic.
 
+pub mod category;
 pub mod detect;
 pub mod fsview;
+pub mod inventory;
 pub mod regf_write;
 pub mod registry;
 

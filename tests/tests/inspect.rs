@@ -532,3 +532,330 @@ fn corpus_is_classified_exactly() {
     let win = &got[expect.iter().position(|e| e.0 == "winsql").unwrap()];
     assert_eq!(win["os"]["product_name"], "Windows Server 2019 Standard");
 }
+
+fn j(s: &str) -> Value {
+    serde_json::from_str(s).unwrap()
+}
+
+fn domain_xml(name: &str, file: &Path, format: &str, pool: &str) -> String {
+    format!(
+        "<domain type='kvm'><name>{name}</name><uuid>00000000-0000-0000-0000-{:012}</uuid>\
+         <resource><partition>{pool}</partition></resource><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+         <disk type='file' device='cdrom'><source file='/iso/install.iso'/></disk>\
+         </devices></domain>",
+        name.len(),
+        file.display()
+    )
+}
+
+#[test]
+fn inventory_categories_and_backup_by_category() {
+    for t in [
+        "mkfs.ext4",
+        "mkntfs",
+        "ntfs-3g",
+        "sfdisk",
+        "qemu-img",
+        "qemu-nbd",
+    ] {
+        require(t);
+    }
+    let app = Appliance::start(None);
+    let c = Corpus {
+        dir: tempfile::Builder::new()
+            .prefix("cdm-vms-")
+            .tempdir_in("/var/tmp")
+            .unwrap(),
+    };
+    let san1 = c.p("san1");
+    let san2 = c.p("san2");
+    std::fs::create_dir_all(&san1).unwrap();
+    std::fs::create_dir_all(&san2).unwrap();
+    let os_release = |id: &str, ver: &str| format!("ID={id}\nVERSION_ID=\"{ver}\"\n");
+    let fs = c.ext4(
+        "debian",
+        &[
+            ("/etc/os-release", &os_release("debian", "12")),
+            ("/var/lib/postgresql/", ""),
+        ],
+    );
+    let debian = c.disk("debian", "dos", true, &fs);
+    std::fs::rename(&debian, san1.join("debian-db.img")).unwrap();
+    let fs = c.ext4(
+        "ubuntu",
+        &[
+            ("/etc/os-release", &os_release("ubuntu", "22.04")),
+            ("/etc/mysql/my.cnf", ""),
+        ],
+    );
+    let ubuntu = c.disk("ubuntu", "gpt", false, &fs);
+    run(Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&ubuntu)
+        .arg(san2.join("ubuntu-web.qcow2")));
+    let fs = c.ext4(
+        "centos",
+        &[
+            (
+                "/etc/redhat-release",
+                "CentOS Linux release 7.9.2009 (Core)\n",
+            ),
+            ("/etc/oratab", ""),
+        ],
+    );
+    let centos = c.disk("centos", "dos", false, &fs);
+    std::fs::rename(&centos, san2.join("centos-ora.img")).unwrap();
+    let (sw, sy) = windows_hives(
+        "Windows Server 2019 Standard",
+        "17763",
+        "SQL01",
+        &["Microsoft SQL Server 2019 (64-bit)"],
+        &["MSSQLSERVER"],
+    );
+    let fs = c.ntfs("win", &sw, &sy);
+    let win = c.disk("win", "dos", true, &fs);
+    std::fs::rename(&win, san1.join("win-sql.img")).unwrap();
+    let xml = c.p("domains");
+    std::fs::create_dir_all(&xml).unwrap();
+    for (n, f, fmt, pool) in [
+        (
+            "debian-db",
+            san1.join("debian-db.img"),
+            "raw",
+            "/production",
+        ),
+        ("ubuntu-web", san2.join("ubuntu-web.qcow2"), "qcow2", "/dev"),
+        (
+            "centos-ora",
+            san2.join("centos-ora.img"),
+            "raw",
+            "/production",
+        ),
+        ("win-sql", san1.join("win-sql.img"), "raw", "/production"),
+        ("broken", san1.join("missing.img"), "raw", "/production"),
+    ] {
+        std::fs::write(xml.join(format!("{n}.xml")), domain_xml(n, &f, fmt, pool)).unwrap();
+    }
+    let state = tempfile::Builder::new()
+        .prefix("cdm-agent-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let agent = |args: &[&str]| -> std::process::Output {
+        output(
+            Command::new(bin("cdm-agent"))
+                .args(["--json", "--url", &app.url(), "--token-file"])
+                .arg(app.data.join("admin.token"))
+                .arg("--nbd")
+                .arg(format!("unix:{}", app.sock.display()))
+                .arg("--state-dir")
+                .arg(state.path())
+                .args(args),
+        )
+    };
+    let ok = |args: &[&str]| -> Value {
+        let o = agent(args);
+        assert!(
+            o.status.success(),
+            "{args:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let inv = xml.to_str().unwrap();
+    assert_eq!(
+        ok(&["vm", "list", "--inventory", inv])
+            .as_array()
+            .unwrap()
+            .len(),
+        5
+    );
+    // The regrouped trees.
+    let t = ok(&["vm", "tree", "--inventory", inv, "--by", "os"]);
+    assert_eq!(
+        t["groups"],
+        j(
+            r#"[{"name":"Linux","groups":[{"name":"centos 7.9.2009","vms":["centos-ora"]},{"name":"debian 12","vms":["debian-db"]},{"name":"ubuntu 22.04","vms":["ubuntu-web"]}]},{"name":"Unknown","vms":["broken"]},{"name":"Windows","groups":[{"name":"Windows Server 2019 Standard","vms":["win-sql"]}]}]"#
+        )
+    );
+    assert_eq!(t["cache_hits"], 0);
+    let t = ok(&["vm", "tree", "--inventory", inv, "--by", "app"]);
+    assert_eq!(
+        t["groups"],
+        j(
+            r#"[{"name":"(no application)","vms":["broken"]},{"name":"MySQL","vms":["ubuntu-web"]},{"name":"Oracle","vms":["centos-ora"]},{"name":"PostgreSQL","vms":["debian-db"]},{"name":"SQL Server","vms":["win-sql"]}]"#
+        )
+    );
+    // Cached by disk identity: the four readable files were not read again.
+    assert_eq!(t["cache_hits"], 4);
+    let broken = t["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "broken")
+        .unwrap()
+        .clone();
+    assert!(
+        broken["disks"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("missing.img"),
+        "{broken}"
+    );
+    let t = ok(&["vm", "tree", "--inventory", inv, "--by", "keyword:db"]);
+    assert_eq!(
+        t["groups"],
+        j(
+            r#"[{"name":"name contains db","vms":["debian-db"]},{"name":"name without db","vms":["broken","centos-ora","ubuntu-web","win-sql"]}]"#
+        )
+    );
+    let t = ok(&["vm", "tree", "--inventory", inv, "--by", "path"]);
+    assert_eq!(t["groups"].as_array().unwrap().len(), 2, "{}", t["groups"]);
+    assert_eq!(
+        t["groups"][0]["vms"],
+        serde_json::json!(["broken", "debian-db", "win-sql"])
+    );
+    let t = ok(&["vm", "tree", "--inventory", inv, "--by", "pool"]);
+    assert_eq!(
+        t["groups"],
+        j(
+            r#"[{"name":"/dev","vms":["ubuntu-web"]},{"name":"/production","vms":["broken","centos-ora","debian-db","win-sql"]}]"#
+        )
+    );
+    // A changed disk is inspected again.
+    sh(&format!(
+        "printf x | dd of={} bs=1 seek=100 conv=notrunc status=none",
+        san2.join("centos-ora.img").display()
+    ));
+    let t = ok(&["vm", "tree", "--inventory", inv, "--by", "os"]);
+    assert_eq!(t["cache_hits"], 3);
+
+    // Back up every Linux VM, two at a time.
+    let b = ok(&[
+        "vm",
+        "backup",
+        "--inventory",
+        inv,
+        "--category",
+        "os:linux",
+        "--parallel",
+        "2",
+    ]);
+    let names: Vec<&str> = b["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 3);
+    for v in b["vms"].as_array().unwrap() {
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    let api = Api::new(&app, &app.admin_token());
+    let snap = api.get("/v1/volumes/vm-debian-db-disk0/snapshots");
+    let meta = &snap[0]["metadata"];
+    assert_eq!(meta["os"]["distro"], "debian");
+    assert_eq!(meta["apps"], serde_json::json!(["PostgreSQL"]));
+    assert_eq!(meta["vm"]["pool"], "/production");
+    run(Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &app.unix_uri(snap[0]["export"].as_str().unwrap()),
+        ])
+        .arg(san1.join("debian-db.img")));
+    let s = api.get("/v1/volumes/vm-ubuntu-web-disk0/snapshots");
+    run(Command::new("qemu-img")
+        .args([
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            &app.unix_uri(s[0]["export"].as_str().unwrap()),
+        ])
+        .arg(san2.join("ubuntu-web.qcow2")));
+    // Incremental: nothing changed, nothing written.
+    let b = ok(&[
+        "vm",
+        "backup",
+        "--inventory",
+        inv,
+        "--category",
+        "app:PostgreSQL",
+    ]);
+    assert_eq!(b["vms"][0]["disks"][0]["bytes_written"], 0, "{b}");
+    // One VM's failure does not stop the others.
+    let o = agent(&[
+        "vm",
+        "backup",
+        "--inventory",
+        inv,
+        "--category",
+        "pool:/production",
+    ]);
+    assert!(!o.status.success());
+    let e: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let e = e["error"].as_str().unwrap();
+    assert!(
+        e.contains("1 VM(s) of category pool:/production failed") && e.contains("missing.img"),
+        "{e}"
+    );
+    assert_eq!(
+        api.get("/v1/volumes/vm-win-sql-disk0/snapshots")
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        api.get("/v1/volumes/vm-centos-ora-disk0/snapshots")
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // The same inventory as TOML; a listing that fails ends the job.
+    let toml = c.p("inventory.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[vm]]\nname = \"debian-db\"\npool = \"/production\"\ndisks = [\"{}\"]\n",
+            san1.join("debian-db.img").display()
+        ),
+    )
+    .unwrap();
+    let t = ok(&[
+        "vm",
+        "tree",
+        "--inventory",
+        toml.to_str().unwrap(),
+        "--by",
+        "os",
+    ]);
+    assert_eq!(
+        t["groups"][0]["groups"][0]["vms"],
+        serde_json::json!(["debian-db"])
+    );
+    std::fs::write(xml.join("bad.xml"), "<domain><name>x</name>").unwrap();
+    let o = agent(&["vm", "backup", "--inventory", inv, "--category", "os:linux"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("listing the VMs failed"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let e = agent(&[
+        "vm",
+        "backup",
+        "--inventory",
+        toml.to_str().unwrap(),
+        "--category",
+        "os:solaris",
+    ]);
+    assert!(String::from_utf8_lossy(&e.stdout).contains("no VM is in category"));
+}
