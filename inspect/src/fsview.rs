@@ -1,6 +1,7 @@
 //! Read-only views of a guest's filesystem for inspection: ext2/3/4
 //! through `ext4-view` (screened by `cdm_recovery::browse::load`), NTFS
-//! through the `ntfs` crate (case-insensitive names, as Windows has them).
+//! through the `ntfs` crate (case-insensitive names, as Windows has them),
+//! XFS through our own reader (`xfs.rs`).
 //! Both read the disk through [`Shared`]; any panic inside a library on a
 //! crafted image becomes "not found", never a crash.
 
@@ -216,5 +217,24 @@ impl FsView for NtfsView {
         })
         .flatten()
         .unwrap_or_default()
+    }
+}
+
+struct XfsView(crate::xfs::Xfs);
+
+pub fn xfs(d: Shared, start: u64, len: u64) -> Result<Box<dyn FsView>, String> {
+    let x = crate::xfs::Xfs::open(d, start, len).map_err(|e| e.to_string())?;
+    Ok(Box::new(XfsView(x)))
+}
+
+impl FsView for XfsView {
+    fn read(&mut self, path: &str, max: u64) -> Option<Vec<u8>> {
+        guard(|| self.0.read_file(path, max)).flatten()
+    }
+    fn exists(&mut self, path: &str) -> bool {
+        guard(|| self.0.exists(path)).unwrap_or(false)
+    }
+    fn list(&mut self, path: &str) -> Vec<String> {
+        guard(|| self.0.list(path)).unwrap_or_default()
     }
 }

@@ -1,6 +1,6 @@
 //! VM inspection without booting (libguestfs's method, in process): the
 //! partition table, each partition's filesystem (ext2/3/4 with
-//! `ext4-view`, NTFS with the `ntfs` crate), the operating system from its
+//! `ext4-view`, NTFS with the `ntfs` crate, XFS with our own reader), the operating system from its
 //! configuration files (`/etc/os-release` and the distributions' release
 //! files; the Windows registry's `SOFTWARE` and `SYSTEM` hives) and the
 //! applications it holds, each with the file or key that gave it away.
@@ -14,6 +14,7 @@ pub mod fsview;
 pub mod inventory;
 pub mod regf_write;
 pub mod registry;
+pub mod xfs;
 
 use std::sync::{Arc, Mutex};
 
@@ -216,6 +217,7 @@ pub fn inspect(disk: Box<dyn Disk>) -> Inspection {
         let view: Option<Result<Box<dyn fsview::FsView>, String>> = match p.filesystem.as_deref() {
             Some("ext4") => Some(fsview::ext4(d.clone(), p.start, p.len)),
             Some("ntfs") => Some(fsview::ntfs(d.clone(), p.start, p.len)),
+            Some("xfs") => Some(fsview::xfs(d.clone(), p.start, p.len)),
             Some("luks") => {
                 why.push(format!("partition {} is encrypted (LUKS)", p.number));
                 None

@@ -31,6 +31,9 @@ impl Corpus {
             let p = root.join(f.trim_start_matches('/'));
             if f.ends_with('/') {
                 std::fs::create_dir_all(&p).unwrap();
+            } else if let Some(target) = c.strip_prefix("-> ") {
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::os::unix::fs::symlink(target, &p).unwrap();
             } else {
                 std::fs::create_dir_all(p.parent().unwrap()).unwrap();
                 std::fs::write(&p, c).unwrap();
@@ -51,10 +54,44 @@ impl Corpus {
         img
     }
 
-    fn xfs(&self, name: &str) -> PathBuf {
+    /// An XFS filesystem filled from a tree through an mkfs.xfs protofile.
+    fn xfs(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        fn proto(dir: &Path, depth: usize, out: &mut String) {
+            let mut names: Vec<_> = std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect();
+            names.sort();
+            let pad = " ".repeat(depth);
+            for p in names {
+                let n = p.file_name().unwrap().to_string_lossy().to_string();
+                let m = std::fs::symlink_metadata(&p).unwrap();
+                if m.file_type().is_symlink() {
+                    out.push_str(&format!(
+                        "{pad}{n} l--777 0 0 {}\n",
+                        std::fs::read_link(&p).unwrap().display()
+                    ));
+                } else if m.is_dir() {
+                    out.push_str(&format!("{pad}{n} d--755 0 0\n"));
+                    proto(&p, depth + 1, out);
+                    out.push_str(&format!("{pad}$\n"));
+                } else {
+                    out.push_str(&format!("{pad}{n} ---644 0 0 {}\n", p.display()));
+                }
+            }
+        }
+        let t = self.tree(&format!("{name}.d"), files);
+        let mut text = String::from("/dev/null\n0 0\nd--755 0 0\n");
+        proto(&t, 1, &mut text);
+        text.push_str("$\n");
+        let pf = self.p(&format!("{name}.proto"));
+        std::fs::write(&pf, text).unwrap();
         let img = self.p(&format!("{name}.fs"));
         run(Command::new("truncate").args(["-s", "320M"]).arg(&img));
-        run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&img));
+        run(Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-p"])
+            .arg(&pf)
+            .arg(&img));
         img
     }
 
@@ -370,8 +407,63 @@ fn corpus_is_classified_exactly() {
         "gpt",
         vec!["Exchange"],
     ));
-    // XFS (the RHEL default): recognised, not read yet.
-    let fs = c.xfs("xfs");
+    // XFS (the RHEL and CentOS default): CentOS Stream 9 whose
+    // /etc/os-release is a symlink into /usr/lib, with PostgreSQL, MBR.
+    let fs = c.xfs(
+        "centos9",
+        &[
+            (
+                "/usr/lib/os-release",
+                &os_release("centos", "9", "CentOS Stream 9"),
+            ),
+            ("/etc/os-release", "-> ../usr/lib/os-release"),
+            ("/etc/hostname", "pg9\n"),
+            ("/var/lib/pgsql/data/PG_VERSION", "15\n"),
+        ],
+    );
+    let d = c.disk("centos9", "dos", true, &fs);
+    expect.push((
+        "centos9",
+        d.display().to_string(),
+        "ok",
+        "linux/centos/9",
+        Some(1),
+        "mbr",
+        vec!["PostgreSQL"],
+    ));
+    // RHEL 7 on XFS by its release file, GPT, with Oracle and SQL Server
+    // for Linux, and a directory big enough for block format.
+    let mut rhel7: Vec<(String, String)> = vec![
+        (
+            "/etc/redhat-release".into(),
+            "Red Hat Enterprise Linux Server release 7.9 (Maipo)\n".into(),
+        ),
+        ("/u01/app/oracle/".into(), String::new()),
+        ("/opt/mssql/bin/sqlservr".into(), "ELF".into()),
+    ];
+    for i in 0..200 {
+        rhel7.push((
+            format!("/etc/file-with-a-long-name-{i:04}"),
+            format!("{i}\n"),
+        ));
+    }
+    let rhel7_ref: Vec<(&str, &str)> = rhel7
+        .iter()
+        .map(|(a, b)| (a.as_str(), b.as_str()))
+        .collect();
+    let fs = c.xfs("rhel7", &rhel7_ref);
+    let d = c.disk("rhel7", "gpt", false, &fs);
+    expect.push((
+        "rhel7",
+        d.display().to_string(),
+        "ok",
+        "linux/rhel/7.9",
+        Some(1),
+        "gpt",
+        vec!["Oracle", "SQL Server"],
+    ));
+    // An empty XFS: read, nothing there.
+    let fs = c.xfs("xfs", &[]);
     let d = c.disk("xfs", "dos", true, &fs);
     expect.push((
         "xfs",
@@ -518,7 +610,8 @@ fn corpus_is_classified_exactly() {
             .unwrap()
             .to_string()
     };
-    assert!(reason("xfs").contains("xfs"), "{}", reason("xfs"));
+    assert_eq!(reason("xfs"), "no operating system found");
+    assert_eq!(host("centos9"), "pg9");
     assert!(
         reason("truncated").contains("outside the 3145728-byte disk"),
         "{}",

@@ -1,0 +1,48 @@
+//! Guest disks are outside bytes: a VM image can hold anything. The whole
+//! inspection (partition table, ext4 and NTFS readers, release files,
+//! registry hives) runs over the input as a disk; the registry reader and
+//! the inventory parsers (libvirt XML, TOML, JSON) over the input as a
+//! file. Nothing may panic, hang or allocate without bound; every app
+//! found carries its evidence.
+#![no_main]
+
+use cdm_inspect::registry::Hive;
+use cdm_inspect::{inspect, Disk};
+use libfuzzer_sys::fuzz_target;
+
+struct Mem(Vec<u8>);
+
+impl Disk for Mem {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        let s = usize::try_from(off).map_err(|_| "offset")?;
+        let src = self
+            .0
+            .get(s..s.checked_add(buf.len()).ok_or("length")?)
+            .ok_or("past the end")?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let i = inspect(Box::new(Mem(data.to_vec())));
+    for a in &i.apps {
+        assert!(!a.evidence.is_empty());
+    }
+    assert!(i.status == "ok" || i.reason.is_some());
+    if let Ok(h) = Hive::parse(data) {
+        if let Some(k) = h.key("Microsoft\\Windows NT\\CurrentVersion") {
+            let _ = k.values();
+            let _ = k.subkeys();
+        }
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let p = std::path::Path::new("fuzz.xml");
+        let _ = cdm_inspect::inventory::parse_domain(text, p);
+        let _ = cdm_inspect::inventory::parse_file(text, std::path::Path::new("fuzz.toml"));
+        let _ = cdm_inspect::inventory::parse_file(text, std::path::Path::new("fuzz.json"));
+    }
+});
