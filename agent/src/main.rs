@@ -193,6 +193,10 @@ enum VmCmd {
         /// os, app, keyword:WORD, path or pool.
         #[arg(long, default_value = "os")]
         by: String,
+        /// Also send the classified inventory to the appliance (served as
+        /// /v1/vms and /v1/vms/tree).
+        #[arg(long)]
+        publish: bool,
     },
     /// Back up every VM of a category (os:linux, os:windows, app:PostgreSQL,
     /// keyword:WORD, path:DIR, pool:NAME).
@@ -474,7 +478,11 @@ fn main() -> ExitCode {
             },
             Cmd::Vm(VmCmd::Inspect { disks }) => cdm_agent::vm::inspect_cmd(disks),
             Cmd::Vm(VmCmd::List { inventory }) => cdm_agent::vm::list_cmd(inventory),
-            Cmd::Vm(VmCmd::Tree { inventory, by }) => cdm_agent::vm::tree_cmd(&ctx, inventory, by),
+            Cmd::Vm(VmCmd::Tree {
+                inventory,
+                by,
+                publish,
+            }) => cdm_agent::vm::tree_cmd(&ctx, inventory, by, *publish),
             Cmd::Vm(VmCmd::Backup {
                 inventory,
                 category,

@@ -267,12 +267,39 @@ pub fn list_cmd(inventory: &Path) -> anyhow::Result<Value> {
     Ok(serde_json::to_value(load_inventory(inventory)?)?)
 }
 
-pub fn tree_cmd(ctx: &crate::Ctx, inventory: &Path, by: &str) -> anyhow::Result<Value> {
-    let by = cdm_inspect::category::By::parse(by).map_err(anyhow::Error::msg)?;
+/// What the appliance's API keeps of a classified VM.
+pub fn record(c: &cdm_inspect::category::Classified) -> cdm_api::types::VmRecord {
+    cdm_api::types::VmRecord {
+        name: c.vm.name.clone(),
+        uuid: c.vm.uuid.clone(),
+        os_family: c.os().map(|o| o.family.clone()).unwrap_or_default(),
+        os: c.os_name(),
+        apps: c.apps(),
+        storage_path: c.vm.storage_path.clone(),
+        pool: c.vm.pool.clone(),
+        disks: c.vm.disks.iter().map(|d| d.source.clone()).collect(),
+        details: json!({ "os": c.os(), "inspections": c.inspections }),
+    }
+}
+
+pub fn tree_cmd(
+    ctx: &crate::Ctx,
+    inventory: &Path,
+    by_s: &str,
+    publish: bool,
+) -> anyhow::Result<Value> {
+    let by = cdm_api::vms::By::parse(by_s).map_err(anyhow::Error::msg)?;
     let (vms, hits) = classify(ctx, load_inventory(inventory)?);
-    let tree = cdm_inspect::category::tree(&vms, &by);
+    let records: Vec<cdm_api::types::VmRecord> = vms.iter().map(record).collect();
+    let tree = cdm_api::vms::tree(&records, &by);
+    if publish {
+        ctx.api
+            .put_vms(&records)
+            .map_err(|e| anyhow::anyhow!("publishing the inventory to the appliance: {e}"))?;
+    }
     Ok(json!({
-        "by": format!("{by:?}").to_lowercase(),
+        "by": by_s,
+        "published": publish,
         "groups": tree,
         "vms": vms.iter().map(|c| json!({
             "name": c.vm.name,
@@ -318,7 +345,7 @@ pub fn backup_cmd(
     let (vms, _) = classify(ctx, load_inventory(inventory)?);
     let mut chosen = Vec::new();
     for c in vms {
-        if cdm_inspect::category::selects(&c, category).map_err(anyhow::Error::msg)? {
+        if cdm_api::vms::selects(&record(&c), category).map_err(anyhow::Error::msg)? {
             chosen.push(c);
         }
     }

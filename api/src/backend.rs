@@ -61,6 +61,10 @@ pub trait Backend: Send + Sync + 'static {
     /// the appliance: FUSE file, loop device, kernel mount.
     fn create_mount(&self, caller: &Caller, req: MountCreate) -> ApiResult<Mount>;
     fn list_mounts(&self) -> ApiResult<Vec<Mount>>;
+
+    /// The VM inventory agents classified: replaced whole by `put_vms`.
+    fn put_vms(&self, caller: &Caller, vms: Vec<VmRecord>) -> ApiResult<Vec<VmRecord>>;
+    fn list_vms(&self) -> ApiResult<Vec<VmRecord>>;
     /// Unmounts; with `delete_clone` also deletes a writable mount's clone.
     fn delete_mount(&self, caller: &Caller, name: &str, delete_clone: bool) -> ApiResult<()>;
 

@@ -254,6 +254,19 @@ impl Client {
     pub fn create_mount(&self, req: &MountCreate) -> Result<Mount> {
         self.call("POST", "/v1/mounts", Self::json(req)?)
     }
+    pub fn put_vms(&self, vms: &[VmRecord]) -> Result<Vec<VmRecord>> {
+        self.call("PUT", "/v1/vms", Some(serde_json::json!({ "vms": vms })))
+    }
+    pub fn vms(&self) -> Result<Vec<VmRecord>> {
+        self.call("GET", "/v1/vms", None)
+    }
+    pub fn vm_tree(&self, by: &str) -> Result<VmTree> {
+        self.call(
+            "GET",
+            &format!("/v1/vms/tree?by={}", encode_segment(by)),
+            None,
+        )
+    }
     pub fn mounts(&self) -> Result<Vec<Mount>> {
         self.call("GET", "/v1/mounts", None)
     }

@@ -10,5 +10,6 @@ pub mod error;
 pub mod openapi;
 pub mod routes;
 pub mod types;
+pub mod vms;
 
 pub use error::{ApiError, ApiResult};

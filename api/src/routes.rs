@@ -179,6 +179,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/exports", get(exports))
         .route("/mounts", get(list_mounts).post(create_mount))
         .route("/mounts/{name}", axum::routing::delete(delete_mount))
+        .route("/vms", get(list_vms).put(put_vms))
+        .route("/vms/tree", get(vm_tree))
         .route("/volumes/{name}/snapshots/{id}/partitions", get(partitions))
         .route("/volumes/{name}/snapshots/{id}/files", get(list_files))
         .route("/volumes/{name}/snapshots/{id}/files/stat", get(stat_file))
@@ -446,6 +448,45 @@ async fn delete_clone(
 #[utoipa::path(get, path = "/v1/exports", responses((status = 200, body = [Export])), security(("bearer" = [])))]
 async fn exports(State(s): S) -> ApiResult<Json<Vec<Export>>> {
     Ok(Json(run(&s, |b| b.list_exports()).await?))
+}
+
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = [VmRecord])), security(("bearer" = [])))]
+async fn list_vms(State(s): S) -> ApiResult<Json<Vec<VmRecord>>> {
+    Ok(Json(run(&s, |b| b.list_vms()).await?))
+}
+
+#[utoipa::path(put, path = "/v1/vms", request_body = VmInventory, responses((status = 200, body = [VmRecord]), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+async fn put_vms(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(req): ApiJson<VmInventory>,
+) -> ApiResult<Json<Vec<VmRecord>>> {
+    c.require(Action::Write)?;
+    let mut seen = std::collections::HashSet::new();
+    for v in &req.vms {
+        if v.name.trim().is_empty() || v.name.len() > 256 {
+            return Err(ApiError::bad_request(
+                "a VM name is empty or longer than 256 bytes",
+            ));
+        }
+        if !seen.insert(v.name.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "VM {} is listed twice",
+                v.name
+            )));
+        }
+    }
+    Ok(Json(run(&s, move |b| b.put_vms(&c, req.vms)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/vms/tree", params(VmTreeQuery), responses((status = 200, body = VmTree), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
+async fn vm_tree(State(s): S, ApiQuery(q): ApiQuery<VmTreeQuery>) -> ApiResult<Json<VmTree>> {
+    let by = crate::vms::By::parse(&q.by).map_err(ApiError::bad_request)?;
+    let vms = run(&s, |b| b.list_vms()).await?;
+    Ok(Json(VmTree {
+        by: q.by,
+        groups: crate::vms::tree(&vms, &by),
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/mounts", responses((status = 200, body = [Mount])), security(("bearer" = [])))]
@@ -790,6 +831,7 @@ async fn advance_clock(
         volume, grow_volume, delete_volume, policy, set_policy, list_snapshots,
         create_snapshot, snapshot, delete_snapshot, create_clone, list_clones,
         promote_clone, delete_clone, exports, list_mounts, create_mount, delete_mount,
+        list_vms, put_vms, vm_tree,
         partitions, list_files, stat_file, file_content, file_tar, list_jobs, start_job, job,
         events, audit,
         list_webhooks, create_webhook, webhook, delete_webhook, deliveries, list_users,

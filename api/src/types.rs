@@ -597,3 +597,70 @@ pub const ROLES: [&str; 3] = ["admin", "operator", "auditor"];
 pub const GRANTS: [&str; 1] = ["delete"];
 /// Encryption modes a volume can ask for.
 pub const ENCRYPTIONS: [&str; 4] = ["none", "aes-256-xts", "aes-128-xts", "sm4-xts"];
+
+/// A virtual machine as an agent classified it by inspecting its disks
+/// (no booting): operating system, applications, where its disks live.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmRecord {
+    pub name: String,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    /// `linux`, `windows`, `unix`, or empty when no operating system was found.
+    #[serde(default)]
+    pub os_family: String,
+    /// Distribution and version (`debian 12`), or the Windows product name.
+    #[serde(default)]
+    pub os: String,
+    /// Applications found (Oracle, MySQL, PostgreSQL, SQL Server, DB2, Sybase, Exchange, Domino).
+    #[serde(default)]
+    pub apps: Vec<String>,
+    #[serde(default)]
+    pub storage_path: String,
+    /// Resource pool.
+    #[serde(default)]
+    pub pool: String,
+    /// Disk sources.
+    #[serde(default)]
+    pub disks: Vec<String>,
+    /// The inspection results, as the agent reported them.
+    #[serde(default)]
+    pub details: Value,
+}
+
+/// `PUT /v1/vms`: the whole inventory an agent classified.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct VmInventory {
+    pub vms: Vec<VmRecord>,
+}
+
+/// A category and what is in it.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct VmGroup {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(no_recursion)]
+    pub groups: Vec<VmGroup>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vms: Vec<String>,
+}
+
+/// `GET /v1/vms/tree`: the VMs regrouped by a category.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+pub struct VmTree {
+    pub by: String,
+    pub groups: Vec<VmGroup>,
+}
+
+/// `GET /v1/vms/tree` query.
+#[derive(Deserialize, utoipa::IntoParams, Clone, Debug)]
+pub struct VmTreeQuery {
+    /// `os`, `app`, `keyword:WORD`, `path` or `pool`.
+    #[serde(default = "by_os")]
+    pub by: String,
+}
+
+fn by_os() -> String {
+    "os".into()
+}

@@ -828,6 +828,19 @@ impl Backend for Appliance {
     fn create_mount(&self, c: &Caller, req: MountCreate) -> ApiResult<Mount> {
         self.mount_create(c, req)
     }
+    fn put_vms(&self, c: &Caller, vms: Vec<VmRecord>) -> ApiResult<Vec<VmRecord>> {
+        let items: Vec<(String, VmRecord)> =
+            vms.iter().map(|v| (v.name.clone(), v.clone())).collect();
+        self.state
+            .replace_all(crate::state::VMS, &items)
+            .map_err(st)?;
+        self.events
+            .emit("vms.updated", "vms", &c.user, json!({"vms": vms.len()}));
+        self.list_vms()
+    }
+    fn list_vms(&self) -> ApiResult<Vec<VmRecord>> {
+        self.state.all(crate::state::VMS).map_err(st)
+    }
     fn list_mounts(&self) -> ApiResult<Vec<Mount>> {
         self.mount_list()
     }

@@ -24,6 +24,8 @@ pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 pub const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 /// Instant mounts (see recovery.rs).
 pub const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts");
+/// VMs as agents classified them (`PUT /v1/vms`).
+pub const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 
 /// Logs keep at most this many newest entries.
 pub const LOG_KEEP: u64 = 100_000;
@@ -89,6 +91,7 @@ impl State {
         tx.open_table(AUDIT)?;
         tx.open_table(JOBS)?;
         tx.open_table(MOUNTS)?;
+        tx.open_table(VMS)?;
         tx.commit()?;
         Ok(State { db })
     }
@@ -141,6 +144,34 @@ impl State {
         let b = enc(v)?;
         let tx = self.write(sync)?;
         tx.open_table(t)?.insert(key, b.as_slice())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Replaces a table's whole content in one transaction.
+    pub fn replace_all<T: Serialize>(
+        &self,
+        t: TableDefinition<&str, &[u8]>,
+        items: &[(String, T)],
+    ) -> Result<()> {
+        let enc_items: Vec<(String, Vec<u8>)> = items
+            .iter()
+            .map(|(k, v)| Ok((k.clone(), enc(v)?)))
+            .collect::<Result<_>>()?;
+        let tx = self.write(Sync::Now)?;
+        {
+            let mut tab = tx.open_table(t)?;
+            let old: Vec<String> = tab
+                .iter()?
+                .map(|r| r.map(|(k, _)| k.value().to_string()))
+                .collect::<std::result::Result<_, _>>()?;
+            for k in old {
+                tab.remove(k.as_str())?;
+            }
+            for (k, v) in &enc_items {
+                tab.insert(k.as_str(), v.as_slice())?;
+            }
+        }
         tx.commit()?;
         Ok(())
     }

@@ -773,7 +773,20 @@ fn inventory_categories_and_backup_by_category() {
         )
     );
     assert_eq!(t["cache_hits"], 0);
-    let t = ok(&["vm", "tree", "--inventory", inv, "--by", "app"]);
+    let t = ok(&["vm", "tree", "--inventory", inv, "--by", "app", "--publish"]);
+    assert_eq!(t["published"], true);
+    // The appliance serves the same regrouped tree.
+    let api = Api::new(&app, &app.admin_token());
+    assert_eq!(api.get("/v1/vms").as_array().unwrap().len(), 5);
+    assert_eq!(api.get("/v1/vms/tree?by=app")["groups"], t["groups"]);
+    assert_eq!(
+        api.get("/v1/vms/tree?by=os")["groups"][2],
+        j(
+            r#"{"name":"Windows","groups":[{"name":"Windows Server 2019 Standard","vms":["win-sql"]}]}"#
+        )
+    );
+    let (st, _) = api.call("GET", "/v1/vms/tree?by=colour", None);
+    assert_eq!(st, 400);
     assert_eq!(
         t["groups"],
         j(
@@ -845,7 +858,6 @@ fn inventory_categories_and_backup_by_category() {
     for v in b["vms"].as_array().unwrap() {
         assert_eq!(v["ok"], true, "{v}");
     }
-    let api = Api::new(&app, &app.admin_token());
     let snap = api.get("/v1/volumes/vm-debian-db-disk0/snapshots");
     let meta = &snap[0]["metadata"];
     assert_eq!(meta["os"]["distro"], "debian");
