@@ -104,12 +104,15 @@ impl<'a> Hive<'a> {
     fn cell(&self, off: u32) -> Option<&'a [u8]> {
         let o = off as usize;
         let size = i32::from_le_bytes(self.bins.get(o..o + 4)?.try_into().ok()?);
-        // Allocated cells have a negative size.
-        let len = size.checked_neg()? as usize;
+        // Allocated cells have a negative size; a free one is not data.
+        if size >= 0 {
+            return None;
+        }
+        let len = usize::try_from(-(size as i64)).ok()?;
         if len < 4 {
             return None;
         }
-        self.bins.get(o + 4..o + len)
+        self.bins.get(o.checked_add(4)?..o.checked_add(len)?)
     }
 
     fn key_at(&self, off: u32) -> Option<Key<'_, 'a>> {

@@ -189,7 +189,10 @@ impl Xfs {
             let disk = self
                 .fsb(startblock)
                 .ok_or_else(|| XfsError::Bad("extent outside the filesystem".into()))?;
-            out.push((startoff * self.block, disk, count * self.block));
+            let off = startoff
+                .checked_mul(self.block)
+                .ok_or_else(|| XfsError::Bad("extent offset".into()))?;
+            out.push((off, disk, count * self.block));
         }
         Ok(out)
     }
@@ -252,7 +255,7 @@ impl Xfs {
                             return bad("directory too large");
                         }
                         let mut b = vec![0u8; self.dir_block as usize];
-                        self.read(disk + at, &mut b)?;
+                        self.read(disk.saturating_add(at), &mut b)?;
                         at += self.dir_block;
                         let magic = &b[..4];
                         let end = match magic {
