@@ -133,6 +133,18 @@ pub fn open_vm_disk(
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
+    // It is stopped with SIGTERM: whatever mask this process inherited
+    // (a daemon that waits for signals blocks them), qemu-nbd gets none.
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
     let mut child = cmd
         .spawn()
         .map_err(|e| anyhow::anyhow!("qemu-nbd for {}: {e}", d.source))?;

@@ -229,7 +229,8 @@ pub struct Export {
 #[serde(deny_unknown_fields)]
 pub struct JobCreate {
     /// `scrub` (verify every checksum in the pool), `retention` (apply
-    /// retention policies and the pool quota now) or `delete-volume`.
+    /// retention policies and the pool quota now), `delete-volume`, or
+    /// `vm-backup` (every VM of a category, through cdm-agent).
     pub kind: String,
     /// For `delete-volume`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -237,6 +238,17 @@ pub struct JobCreate {
     /// For `delete-volume`: also delete snapshots, even with clients or clones.
     #[serde(default)]
     pub force: bool,
+    /// For `vm-backup`: the VM inventory on the appliance (a directory of
+    /// libvirt domain XML files, or a TOML/JSON inventory file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<String>,
+    /// For `vm-backup`: the category (`os:linux`, `app:PostgreSQL`,
+    /// `keyword:db`, `path:DIR`, `pool:NAME`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    /// For `vm-backup`: VMs at a time (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<usize>,
 }
 
 /// A long operation.

@@ -59,7 +59,16 @@ impl TokenRec {
     }
 }
 
+/// What a job needs to run `cdm-agent` against this appliance.
+#[derive(Clone, Debug)]
+pub struct AgentSetup {
+    pub api_url: String,
+    pub state_dir: std::path::PathBuf,
+}
+
 pub struct Appliance {
+    /// Set once at start (main): how jobs reach this appliance.
+    pub agent: std::sync::OnceLock<AgentSetup>,
     pub pool: Arc<Pool>,
     pub nbd: Arc<Server>,
     pub state: Arc<State>,
@@ -165,6 +174,7 @@ impl Appliance {
         mounts: Option<crate::recovery::Mounts>,
     ) -> Arc<Appliance> {
         Arc::new_cyclic(|me| Appliance {
+            agent: std::sync::OnceLock::new(),
             me: me.clone(),
             pool,
             nbd,
@@ -975,8 +985,43 @@ impl Backend for Appliance {
                     })
                     .map_err(st)
             }
+            "vm-backup" => {
+                let (Some(inventory), Some(category)) =
+                    (req.inventory.clone(), req.category.clone())
+                else {
+                    return Err(ApiError::bad_request(
+                        "vm-backup needs \"inventory\" (a path on the appliance) and \"category\"",
+                    ));
+                };
+                cdm_api::vms::selects(&VmRecord::default(), &category)
+                    .map_err(ApiError::bad_request)?;
+                let setup = self.agent.get().cloned().ok_or_else(|| {
+                    ApiError::new(503, "unavailable", "the appliance is starting")
+                })?;
+                let nbd = self
+                    .nbd_addrs
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| ApiError::new(503, "unavailable", "no NBD listener"))?;
+                // The job acts as its caller, with a token that lives as long
+                // as the job (revoked when it ends, expiring in a day anyway).
+                let tok = self.make_token(&c.user, "vm-backup job", Some(86_400))?;
+                let me = self.self_arc()?;
+                let parallel = req.parallel.unwrap_or(2).clamp(1, 16);
+                self.jobs
+                    .start("vm-backup", &c.user, move |p| {
+                        let r = run_agent_backup(
+                            &setup, &nbd, &tok.token, &inventory, &category, parallel,
+                        );
+                        let _ = me.state.remove(TOKENS, tok.id.as_str());
+                        me.forget_verified(std::slice::from_ref(&tok.id));
+                        p.set(1, 1);
+                        r
+                    })
+                    .map_err(st)
+            }
             k => Err(ApiError::bad_request(format!(
-                "unknown job kind {k:?}: use scrub, retention or delete-volume"
+                "unknown job kind {k:?}: use scrub, retention, delete-volume or vm-backup"
             ))),
         }
     }
@@ -1309,5 +1354,76 @@ impl Appliance {
         self.me
             .upgrade()
             .ok_or_else(|| ApiError::unavailable("appliance is shutting down"))
+    }
+}
+
+/// Runs `cdm-agent vm backup` (next to this binary, else on PATH) against
+/// this appliance; its JSON result, or its error.
+fn run_agent_backup(
+    setup: &AgentSetup,
+    nbd: &str,
+    token: &str,
+    inventory: &str,
+    category: &str,
+    parallel: usize,
+) -> Result<Value, String> {
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|e| e.with_file_name("cdm-agent"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| std::path::PathBuf::from("cdm-agent"));
+    let mut cmd = std::process::Command::new(&exe);
+    // This daemon blocks SIGTERM and SIGINT in every thread (it waits for
+    // them with sigwait), and a blocked mask survives exec: give the agent,
+    // and the qemu-nbd it stops with SIGTERM, a clean one.
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            Ok(())
+        });
+    }
+    let out = cmd
+        .args([
+            "--json",
+            "--url",
+            &setup.api_url,
+            "--nbd",
+            nbd,
+            "--state-dir",
+        ])
+        .arg(&setup.state_dir)
+        .args([
+            "vm",
+            "backup",
+            "--inventory",
+            inventory,
+            "--category",
+            category,
+            "--parallel",
+        ])
+        .arg(parallel.to_string())
+        .env("CDM_TOKEN", token)
+        .env_remove("CDM_TOKEN_FILE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|_| {
+        format!(
+            "cdm-agent ({}) answered no JSON: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    if out.status.success() {
+        Ok(v)
+    } else {
+        Err(v["error"]
+            .as_str()
+            .unwrap_or("cdm-agent failed")
+            .to_string())
     }
 }

@@ -302,6 +302,12 @@ fn main() -> Result<()> {
         s.defaults,
         mounts,
     );
+    // For jobs that run cdm-agent (vm-backup): this API and a state
+    // directory of its own.
+    let _ = app.agent.set(appliance::AgentSetup {
+        api_url: format!("http://{}", s.api.replace("0.0.0.0", "127.0.0.1")),
+        state_dir: s.data.join("agent"),
+    });
     match app.bootstrap_admin() {
         Ok(Some(token)) => {
             let p = s.data.join("admin.token");

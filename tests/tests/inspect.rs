@@ -938,6 +938,42 @@ fn inventory_categories_and_backup_by_category() {
             .len(),
         2
     );
+    // The same backup as an appliance job (it runs cdm-agent as its caller).
+    let wait_job = |body: Value| -> Value {
+        let (st, j) = api.call("POST", "/v1/jobs", Some(body));
+        assert_eq!(st, 202, "{j}");
+        let id = j["id"].as_u64().unwrap();
+        wait_for(120, "vm-backup job", || {
+            let j = api.get(&format!("/v1/jobs/{id}"));
+            (j["state"] != "running").then_some(j)
+        })
+    };
+    let j = wait_job(
+        serde_json::json!({"kind": "vm-backup", "inventory": inv, "category": "app:MySQL"}),
+    );
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["result"]["vms"][0]["vm"], "ubuntu-web");
+    assert_eq!(
+        api.get("/v1/volumes/vm-ubuntu-web-disk0/snapshots")
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let j = wait_job(
+        serde_json::json!({"kind": "vm-backup", "inventory": inv, "category": "keyword:broken"}),
+    );
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["message"].as_str().unwrap().contains("missing.img"),
+        "{j}"
+    );
+    let (st, _) = api.call(
+        "POST",
+        "/v1/jobs",
+        Some(serde_json::json!({"kind": "vm-backup", "inventory": inv})),
+    );
+    assert_eq!(st, 400);
     // The same inventory as TOML; a listing that fails ends the job.
     let toml = c.p("inventory.toml");
     std::fs::write(

@@ -319,13 +319,22 @@ enum JobCmd {
     Show {
         id: u64,
     },
-    /// Start scrub, retention or delete-volume.
+    /// Start scrub, retention, delete-volume or vm-backup.
     Start {
         kind: String,
         #[arg(long)]
         volume: Option<String>,
         #[arg(long)]
         force: bool,
+        /// vm-backup: the VM inventory (a path on the appliance).
+        #[arg(long)]
+        inventory: Option<String>,
+        /// vm-backup: the category (os:linux, app:PostgreSQL, keyword:db, path:DIR, pool:NAME).
+        #[arg(long)]
+        category: Option<String>,
+        /// vm-backup: VMs at a time.
+        #[arg(long)]
+        parallel: Option<usize>,
         /// Wait for it, with a progress bar.
         #[arg(long)]
         wait: bool,
@@ -1215,12 +1224,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 kind,
                 volume,
                 force,
+                inventory,
+                category,
+                parallel,
                 wait,
             } => {
                 let j = c.start_job(&JobCreate {
                     kind,
                     volume,
                     force,
+                    inventory,
+                    category,
+                    parallel,
                 })?;
                 if wait {
                     wait_job(&c, j.id, &out)?;
