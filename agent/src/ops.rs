@@ -756,6 +756,32 @@ pub fn print(json_out: bool, v: &Value, took: Duration) {
         println!("{v}");
         return;
     }
+    // The regrouped VM tree, as a tree.
+    if let (Some(Value::Array(groups)), Some(by)) =
+        (v.get("groups"), v.get("by").and_then(Value::as_str))
+    {
+        fn show(g: &Value, depth: usize) {
+            let name = g["name"].as_str().unwrap_or("");
+            let vms: Vec<&str> = g["vms"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let pad = "  ".repeat(depth);
+            if vms.is_empty() {
+                println!("{pad}{name}");
+            } else {
+                println!("{pad}{name}: {}", vms.join(", "));
+            }
+            for sub in g["groups"].as_array().into_iter().flatten() {
+                show(sub, depth + 1);
+            }
+        }
+        println!("VMs by {by}:");
+        for g in groups {
+            show(g, 1);
+        }
+        return;
+    }
     if let Value::Array(items) = v {
         if items.is_empty() {
             println!("(none)");

@@ -149,6 +149,42 @@ impl Corpus {
     }
 }
 
+impl Corpus {
+    /// A disk whose filesystem is in logical partition 5, inside an
+    /// extended partition.
+    fn disk_logical(&self, name: &str, fs: &Path) -> PathBuf {
+        let disk = self.p(&format!("{name}.img"));
+        let fs_len = std::fs::metadata(fs).unwrap().len();
+        run(Command::new("truncate")
+            .arg("-s")
+            .arg(((fs_len >> 20) + 8).to_string() + "M")
+            .arg(&disk));
+        sh(&format!(
+            "printf 'label: dos\\nstart=2048, type=5\\nstart=6144, size={}, type=83\\n' | sfdisk -q {}",
+            fs_len / 512,
+            disk.display()
+        ));
+        let j: Value =
+            serde_json::from_str(&run(Command::new("sfdisk").arg("-J").arg(&disk))).unwrap();
+        let parts = j["partitiontable"]["partitions"].as_array().unwrap();
+        let logical = parts
+            .iter()
+            .find(|p| p["node"].as_str().unwrap().ends_with('5'))
+            .unwrap();
+        let start = logical["start"].as_u64().unwrap();
+        run(Command::new("dd")
+            .arg(format!("if={}", fs.display()))
+            .arg(format!("of={}", disk.display()))
+            .args([
+                "bs=512",
+                &format!("seek={start}"),
+                "conv=notrunc,sparse",
+                "status=none",
+            ]));
+        disk
+    }
+}
+
 fn windows_hives(
     product: &str,
     build: &str,
@@ -336,6 +372,29 @@ fn corpus_is_classified_exactly() {
         Some(1),
         "gpt",
         vec![],
+    ));
+    // SLES 15 on XFS in a logical partition of an extended MBR partition,
+    // with Sybase and Domino.
+    let fs = c.xfs(
+        "suse",
+        &[
+            (
+                "/etc/os-release",
+                &os_release("sles", "15.5", "SUSE Linux Enterprise Server 15 SP5"),
+            ),
+            ("/opt/sybase/ASE-16_0/", ""),
+            ("/opt/hcl/domino/bin/server", "ELF"),
+        ],
+    );
+    let d = c.disk_logical("suse", &fs);
+    expect.push((
+        "suse",
+        d.display().to_string(),
+        "ok",
+        "linux/sles/15.5",
+        Some(5),
+        "mbr",
+        vec!["Domino", "Sybase"],
     ));
     // A Linux guest with several databases (several app categories).
     let fs = c.ext4(
