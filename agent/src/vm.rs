@@ -142,6 +142,9 @@ pub fn open_vm_disk(
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            // Never outlive the agent (killed, interrupted): it holds the
+            // image open.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
         });
     }
@@ -201,14 +204,20 @@ impl Cache {
         }
         let m = std::fs::metadata(&d.source).ok()?;
         if m.file_type().is_file() {
+            // ctime too: `cp -p`/`rsync --inplace` can keep size and
+            // mtime; the inspector's version: a newer one may find more.
             Some(format!(
-                "{}|{}|{}|{}|{}.{}",
+                "{}|{}|{}|{}|{}|{}.{}|{}.{}|{}",
                 std::fs::canonicalize(&d.source).ok()?.display(),
                 d.format,
+                m.dev(),
                 m.ino(),
                 m.len(),
                 m.mtime(),
-                m.mtime_nsec()
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec(),
+                env!("CARGO_PKG_VERSION"),
             ))
         } else {
             None
@@ -255,13 +264,19 @@ pub fn classify(
                 inspections.push(i.clone());
                 continue;
             }
+            // Only what the disk itself said is cached: a disk that could
+            // not be opened (locked by a running VM, qemu-nbd failing) is
+            // tried again next time.
             let i = match open_vm_disk(ctx, d, None) {
-                Ok(o) => inspect_one(&o.spec).0,
+                Ok(o) => {
+                    let i = inspect_one(&o.spec).0;
+                    if let Some(k) = key {
+                        cache.map.insert(k, i.clone());
+                    }
+                    i
+                }
                 Err(e) => unknown(format!("{e:#}")),
             };
-            if let Some(k) = key {
-                cache.map.insert(k, i.clone());
-            }
             inspections.push(i);
         }
         out.push(cdm_inspect::category::Classified { vm, inspections });
@@ -327,8 +342,14 @@ pub fn tree_cmd(
     }))
 }
 
-/// A volume name for disk `i` of VM `name`.
+/// A volume name for disk `i` of VM `name`: `vm-NAME-diskI` when the name
+/// is a valid volume name as it is, else the cleaned name with a hash of
+/// the real one (two names never share a stage volume).
 pub fn volume_for(name: &str, i: usize) -> String {
+    let plain = format!("vm-{name}-disk{i}");
+    if crate::ops::check_name(&plain).is_ok() {
+        return plain;
+    }
     let clean: String = name
         .chars()
         .map(|c| {
@@ -338,8 +359,14 @@ pub fn volume_for(name: &str, i: usize) -> String {
                 '-'
             }
         })
+        .take(80)
         .collect();
-    format!("vm-{}-disk{i}", clean.trim_start_matches(['.', '-']))
+    let h = blake3::hash(name.as_bytes()).to_hex();
+    format!(
+        "vm-{}-{}-disk{i}",
+        clean.trim_start_matches(['.', '-']),
+        &h[..8]
+    )
 }
 
 /// Backs up every VM of a category: each disk into its own stage volume
@@ -363,6 +390,18 @@ pub fn backup_cmd(
     }
     if chosen.is_empty() {
         anyhow::bail!("no VM is in category {category}");
+    }
+    let mut vols = std::collections::HashMap::new();
+    for c in &chosen {
+        for i in 0..c.vm.disks.len() {
+            if let Some(other) = vols.insert(volume_for(&c.vm.name, i), c.vm.name.clone()) {
+                anyhow::bail!(
+                    "VMs {other:?} and {:?} would share stage volume {}",
+                    c.vm.name,
+                    volume_for(&c.vm.name, i)
+                );
+            }
+        }
     }
     let queue = std::sync::Mutex::new(chosen.into_iter().enumerate().collect::<Vec<_>>());
     let results = std::sync::Mutex::new(Vec::new());
@@ -436,4 +475,25 @@ fn backup_vm(
         out.push(r);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_names_are_valid_and_distinct() {
+        assert_eq!(volume_for("db1", 0), "vm-db1-disk0");
+        let (a, b) = (volume_for("web 1", 0), volume_for("web/1", 0));
+        assert_ne!(a, b);
+        for n in [
+            a,
+            b,
+            volume_for(&"x".repeat(300), 2),
+            volume_for("../..", 0),
+            volume_for("ä", 1),
+        ] {
+            assert!(crate::ops::check_name(&n).is_ok(), "{n}");
+        }
+    }
 }

@@ -191,7 +191,15 @@ fn windows(v: &mut dyn FsView) -> Option<Os> {
     let h = Hive::parse(&sw).ok()?;
     let cv = h.key("Microsoft\\Windows NT\\CurrentVersion")?;
     let s = |n: &str| cv.value(n).and_then(|x| x.as_string());
-    let product = s("ProductName").unwrap_or_default();
+    let mut product = s("ProductName").unwrap_or_default();
+    // Windows 11 keeps "Windows 10" in ProductName; its builds start at
+    // 22000 (libguestfs does the same).
+    let build: u32 = s("CurrentBuildNumber")
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(0);
+    if build >= 22000 && product.starts_with("Windows 10") {
+        product = product.replacen("Windows 10", "Windows 11", 1);
+    }
     let version = match (
         s("CurrentMajorVersionNumber"),
         s("CurrentMinorVersionNumber"),
@@ -344,7 +352,7 @@ pub fn apps(v: &mut dyn FsView) -> Vec<App> {
                     }
                 }
                 if let Some(k) = h.key("Microsoft\\Microsoft SQL Server\\Instance Names\\SQL") {
-                    let names: Vec<String> = k.values().into_iter().map(|(n, _)| n).collect();
+                    let names: Vec<String> = k.value_names();
                     if !names.is_empty() {
                         add(&mut out, "SQL Server", format!("SOFTWARE\\Microsoft\\Microsoft SQL Server\\Instance Names\\SQL: {}", names.join(", ")));
                     }

@@ -223,7 +223,13 @@ impl FsView for NtfsView {
 struct XfsView(crate::xfs::Xfs);
 
 pub fn xfs(d: Shared, start: u64, len: u64) -> Result<Box<dyn FsView>, String> {
-    let x = crate::xfs::Xfs::open(d, start, len).map_err(|e| e.to_string())?;
+    let x = guard(|| crate::xfs::Xfs::open(d, start, len))
+        .unwrap_or_else(|| {
+            Err(crate::xfs::XfsError::Bad(
+                "reader failed on this volume".into(),
+            ))
+        })
+        .map_err(|e| e.to_string())?;
     Ok(Box::new(XfsView(x)))
 }
 

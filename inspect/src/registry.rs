@@ -73,6 +73,10 @@ fn name(b: &[u8], ascii: bool) -> String {
 }
 
 const MAX_LIST: usize = 1 << 16;
+/// The largest value data decoded (inspection reads names and versions).
+const MAX_VALUE: usize = 1 << 20;
+/// Data decoded by one `values()` call, in all.
+const MAX_VALUES_BYTES: usize = 16 << 20;
 
 impl<'a> Hive<'a> {
     pub fn parse(b: &'a [u8]) -> Result<Hive<'a>, HiveError> {
@@ -185,7 +189,11 @@ impl<'h, 'a> Key<'h, 'a> {
         {
             return Vec::new();
         }
-        offs.iter().filter_map(|&o| self.hive.key_at(o)).collect()
+        let mut seen = std::collections::HashSet::new();
+        offs.iter()
+            .filter(|o| seen.insert(**o))
+            .filter_map(|&o| self.hive.key_at(o))
+            .collect()
     }
 
     pub fn subkey(&self, name: &str) -> Option<Key<'h, 'a>> {
@@ -194,57 +202,98 @@ impl<'h, 'a> Key<'h, 'a> {
             .find(|k| k.name().eq_ignore_ascii_case(name))
     }
 
-    /// Value names and values.
-    pub fn values(&self) -> Vec<(String, Value)> {
+    /// The value cells of this key, each once (a crafted list can name
+    /// one cell many times).
+    fn value_cells(&self) -> Vec<&'a [u8]> {
         let n = (u32_at(self.cell, 0x24).unwrap_or(0) as usize).min(MAX_LIST);
         let Some(list) = u32_at(self.cell, 0x28).and_then(|o| self.hive.cell(o)) else {
             return Vec::new();
         };
+        let mut seen = std::collections::HashSet::new();
         (0..n)
-            .filter_map(|i| {
-                let vk = self.hive.cell(u32_at(list, i * 4)?)?;
-                if vk.get(..2)? != b"vk" {
-                    return None;
-                }
-                let nlen = u16_at(vk, 2)? as usize;
-                let size = u32_at(vk, 4)?;
-                let doff = u32_at(vk, 8)?;
-                let ty = u32_at(vk, 0xc)?;
-                let ascii = u16_at(vk, 0x10)? & 1 != 0;
-                let name = name(vk.get(0x14..0x14 + nlen)?, ascii);
-                let data: Vec<u8> = if size & 0x8000_0000 != 0 {
-                    let len = (size & 0x7fff_ffff).min(4) as usize;
-                    vk.get(8..8 + len)?.to_vec()
-                } else {
-                    let c = self.hive.cell(doff)?;
-                    // Big data ("db") is not needed for inspection.
-                    c.get(..size as usize)?.to_vec()
-                };
-                let v = match ty {
-                    1 | 2 => Value::Sz(utf16(&data)),
-                    7 => Value::MultiSz(
-                        utf16_all(&data)
-                            .split('\0')
-                            .filter(|s| !s.is_empty())
-                            .map(str::to_string)
-                            .collect(),
-                    ),
-                    4 if data.len() >= 4 => Value::Dword(u32_at(&data, 0)?),
-                    11 if data.len() >= 8 => {
-                        Value::Qword(u64::from_le_bytes(data.get(..8)?.try_into().ok()?))
-                    }
-                    t => Value::Other(t, data),
-                };
-                Some((name, v))
-            })
+            .filter_map(|i| u32_at(list, i * 4))
+            .filter(|o| seen.insert(*o))
+            .filter_map(|o| self.hive.cell(o))
+            .filter(|vk| vk.get(..2) == Some(b"vk"))
             .collect()
     }
 
-    pub fn value(&self, name: &str) -> Option<Value> {
-        self.values()
+    fn value_name(vk: &[u8]) -> Option<String> {
+        let nlen = u16_at(vk, 2)? as usize;
+        let ascii = u16_at(vk, 0x10)? & 1 != 0;
+        Some(name(vk.get(0x14..0x14 + nlen)?, ascii))
+    }
+
+    /// A value's data, decoded; at most [`MAX_VALUE`] bytes of data.
+    fn decode(&self, vk: &[u8]) -> Option<Value> {
+        let size = u32_at(vk, 4)?;
+        let doff = u32_at(vk, 8)?;
+        let ty = u32_at(vk, 0xc)?;
+        let data: &[u8] = if size & 0x8000_0000 != 0 {
+            let len = (size & 0x7fff_ffff).min(4) as usize;
+            vk.get(8..8 + len)?
+        } else {
+            if size as usize > MAX_VALUE {
+                return None;
+            }
+            // Big data ("db") is not needed for inspection.
+            self.hive.cell(doff)?.get(..size as usize)?
+        };
+        Some(match ty {
+            1 | 2 => Value::Sz(utf16(data)),
+            7 => Value::MultiSz(
+                utf16_all(data)
+                    .split('\0')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            4 if data.len() >= 4 => Value::Dword(u32_at(data, 0)?),
+            11 if data.len() >= 8 => {
+                Value::Qword(u64::from_le_bytes(data.get(..8)?.try_into().ok()?))
+            }
+            t => Value::Other(t, data.to_vec()),
+        })
+    }
+
+    /// Value names (no data decoded).
+    pub fn value_names(&self) -> Vec<String> {
+        self.value_cells()
             .into_iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
+            .filter_map(Self::value_name)
+            .collect()
+    }
+
+    /// Value names and values, decoding at most [`MAX_VALUES_BYTES`] of
+    /// data in all.
+    pub fn values(&self) -> Vec<(String, Value)> {
+        let mut budget = MAX_VALUES_BYTES;
+        let mut out = Vec::new();
+        for vk in self.value_cells() {
+            let (Some(n), Some(v)) = (Self::value_name(vk), self.decode(vk)) else {
+                continue;
+            };
+            let cost = match &v {
+                Value::Sz(s) => s.len(),
+                Value::MultiSz(m) => m.iter().map(String::len).sum(),
+                Value::Other(_, d) => d.len(),
+                _ => 8,
+            };
+            if cost > budget {
+                break;
+            }
+            budget -= cost;
+            out.push((n, v));
+        }
+        out
+    }
+
+    /// One value by name (case-insensitive); only its data is decoded.
+    pub fn value(&self, want: &str) -> Option<Value> {
+        self.value_cells()
+            .into_iter()
+            .find(|vk| Self::value_name(vk).is_some_and(|n| n.eq_ignore_ascii_case(want)))
+            .and_then(|vk| self.decode(vk))
     }
 }
 

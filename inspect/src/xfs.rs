@@ -40,7 +40,14 @@ pub struct Xfs {
     v5: bool,
     ftype: bool,
     root: u64,
+    /// Bytes this reader may still read: crafted directories and extent
+    /// lists cannot make a lookup read without end.
+    budget: std::cell::Cell<u64>,
 }
+
+/// What one filesystem view may read in all (inspection needs well under
+/// a megabyte; hives are the largest files it reads).
+const READ_BUDGET: u64 = 1 << 30;
 
 struct Inode {
     mode: u16,
@@ -79,7 +86,11 @@ impl Xfs {
             sb[0x7c] as u32,
             sb[0xc0] as u32,
         );
-        if !(512..=65536).contains(&block) || 1u64 << blocklog != block {
+        if blocklog > 16
+            || inopblog > 8
+            || !(512..=65536).contains(&block)
+            || 1u64 << blocklog != block
+        {
             return bad(format!("block size {block}"));
         }
         if !(256..=2048).contains(&inode_size)
@@ -110,6 +121,7 @@ impl Xfs {
             v5,
             ftype,
             root: be64(&sb, 0x38).unwrap_or(0),
+            budget: std::cell::Cell::new(READ_BUDGET),
         })
     }
 
@@ -120,6 +132,11 @@ impl Xfs {
         {
             return bad(format!("read past the filesystem end at {off}"));
         }
+        let left = self.budget.get();
+        if buf.len() as u64 > left {
+            return bad("read budget exhausted (a damaged or hostile filesystem)");
+        }
+        self.budget.set(left - buf.len() as u64);
         self.d.read_at(self.start + off, buf).map_err(XfsError::Bad)
     }
 
@@ -161,18 +178,27 @@ impl Xfs {
             .get(fork_at..end.min(b.len()))
             .ok_or_else(|| XfsError::Bad(format!("inode {ino}: bad fork offset")))?
             .to_vec();
+        // NREXT64 (v3 inodes, di_flags2 bit 4): the data fork's extent
+        // count is the 64-bit di_big_nextents at 0x18.
+        let nrext64 = version >= 3 && be64(&b, 0x78).unwrap_or(0) & (1 << 4) != 0;
+        let nextents = if nrext64 {
+            u32::try_from(be64(&b, 0x18).unwrap_or(0)).unwrap_or(u32::MAX)
+        } else {
+            be32(&b, 0x4c).unwrap_or(0)
+        };
         Ok(Inode {
             mode: be16(&b, 2).unwrap_or(0),
             format: b[5],
             size: be64(&b, 0x38).unwrap_or(0),
-            nextents: be32(&b, 0x4c).unwrap_or(0),
+            nextents,
             fork,
         })
     }
 
-    /// (file offset, byte offset on disk, length) of an extent-format
-    /// inode, in blocks converted to bytes.
-    fn extents(&self, i: &Inode) -> Result<Vec<(u64, u64, u64)>, XfsError> {
+    /// (file offset, byte offset on disk — `None` for an unwritten extent,
+    /// which reads as zeros — and length) of an extent-format inode, in
+    /// bytes. XFS keeps them sorted and disjoint; anything else is damage.
+    fn extents(&self, i: &Inode) -> Result<Vec<(u64, Option<u64>, u64)>, XfsError> {
         if i.format != 2 {
             return bad(format!("data fork format {} is not read here", i.format));
         }
@@ -192,7 +218,13 @@ impl Xfs {
             let off = startoff
                 .checked_mul(self.block)
                 .ok_or_else(|| XfsError::Bad("extent offset".into()))?;
-            out.push((off, disk, count * self.block));
+            if let Some(&(po, _, pl)) = out.last() {
+                if off < po + pl {
+                    return bad("extents overlap or are out of order");
+                }
+            }
+            let unwritten = hi >> 63 != 0;
+            out.push((off, (!unwritten).then_some(disk), count * self.block));
         }
         Ok(out)
     }
@@ -208,7 +240,9 @@ impl Xfs {
                 continue;
             }
             let n = len.min(i.size - off) as usize;
-            self.read(disk, &mut out[off as usize..off as usize + n])?;
+            if let Some(disk) = disk {
+                self.read(disk, &mut out[off as usize..off as usize + n])?;
+            }
         }
         Ok(out)
     }
@@ -221,6 +255,9 @@ impl Xfs {
                 .ok_or_else(|| XfsError::Bad("inline symlink".into()))?
                 .to_vec(),
             _ => {
+                if i.size > 4096 {
+                    return bad("symlink target too long");
+                }
                 let raw = self.data(
                     &Inode {
                         size: i.size + if self.v5 { 56 } else { 0 },
@@ -245,10 +282,14 @@ impl Xfs {
                 let mut out = Vec::new();
                 let hdr = if self.v5 { 64 } else { 16 };
                 let entry_extra = if self.ftype { 1 } else { 0 };
+                // Data blocks only: below the leaf area and the directory's size.
+                let limit = i.size.min(LEAF_OFFSET);
                 for (off, disk, len) in self.extents(i)? {
-                    if off >= LEAF_OFFSET {
+                    let Some(disk) = disk else { continue };
+                    if off >= limit {
                         continue;
                     }
+                    let len = len.min(limit - off);
                     let mut at = 0;
                     while at < len {
                         if out.len() > 1_000_000 {
@@ -299,8 +340,7 @@ impl Xfs {
         let isz = if i8 { 8 } else { 4 };
         let mut p = 2 + isz;
         let mut out = Vec::new();
-        let n = if count == 0 { f[1] as usize } else { count };
-        for _ in 0..n {
+        for _ in 0..count {
             let nl = *f
                 .get(p)
                 .ok_or_else(|| XfsError::Bad("shortform entry".into()))?
