@@ -120,28 +120,12 @@ impl Source {
                     off = hole;
                 }
             }
-            Source::Nbd { c, .. } => {
-                let mut off = 0u64;
-                while off < size {
-                    let st = c
-                        .block_status(off, size - off)
-                        .map_err(|e| anyhow::anyhow!("NBD source block status: {e}"))?;
-                    if st.is_empty() {
-                        anyhow::bail!("NBD source sent an empty block status");
-                    }
-                    for (len, flags) in st {
-                        if len == 0 {
-                            anyhow::bail!("NBD source sent a zero-length extent");
-                        }
-                        let len = len.min(size - off);
-                        push(off, len, flags & 1 == 0);
-                        off += len;
-                        if off >= size {
-                            break;
-                        }
-                    }
-                }
-            }
+            Source::Nbd { c, .. } => walk_status(
+                size,
+                "block status",
+                |o, l| c.block_status(o, l),
+                |o, l, flags| push(o, l, flags & 1 == 0),
+            )?,
         }
         Ok(out)
     }
@@ -152,32 +136,20 @@ impl Source {
             anyhow::bail!("no dirty bitmap");
         };
         let size = c.size;
-        let mut off = 0u64;
         let mut out: Vec<(u64, u64)> = Vec::new();
-        while off < size {
-            let st = c
-                .block_status_of(b, off, size - off)
-                .map_err(|e| anyhow::anyhow!("dirty bitmap: {e}"))?;
-            if st.is_empty() {
-                anyhow::bail!("NBD source sent an empty dirty bitmap status");
-            }
-            for (len, flags) in st {
-                if len == 0 {
-                    anyhow::bail!("NBD source sent a zero-length dirty bitmap extent");
-                }
-                let len = len.min(size - off);
+        walk_status(
+            size,
+            "dirty bitmap",
+            |o, l| c.block_status_of(b, o, l),
+            |off, len, flags| {
                 if flags & 1 != 0 {
                     match out.last_mut() {
                         Some(l) if l.0 + l.1 == off => l.1 += len,
                         _ => out.push((off, len)),
                     }
                 }
-                off += len;
-                if off >= size {
-                    break;
-                }
-            }
-        }
+            },
+        )?;
         Ok(out)
     }
 
@@ -191,6 +163,37 @@ impl Source {
                 .map_err(|e| anyhow::anyhow!("NBD source read at {off}: {e}")),
         }
     }
+}
+
+/// Walks an NBD metadata context over `[0, size)`: `status(offset, len)`
+/// answers runs of (length, flags), `each(offset, length, flags)` sees
+/// them in order. Empty answers and zero-length runs are errors (a server
+/// could make this loop forever).
+fn walk_status(
+    size: u64,
+    what: &str,
+    mut status: impl FnMut(u64, u64) -> Result<Vec<(u64, u32)>, nbd_server::client::ClientError>,
+    mut each: impl FnMut(u64, u64, u32),
+) -> anyhow::Result<()> {
+    let mut off = 0u64;
+    while off < size {
+        let st = status(off, size - off).map_err(|e| anyhow::anyhow!("NBD source {what}: {e}"))?;
+        if st.is_empty() {
+            anyhow::bail!("NBD source sent an empty {what}");
+        }
+        for (len, flags) in st {
+            if len == 0 {
+                anyhow::bail!("NBD source sent a zero-length {what} extent");
+            }
+            let len = len.min(size - off);
+            each(off, len, flags);
+            off += len;
+            if off >= size {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The fingerprints of the last block backup of a volume.

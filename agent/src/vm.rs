@@ -49,17 +49,7 @@ pub fn inspect_one(spec: &str) -> (Inspection, f64) {
     let t = Instant::now();
     let i = match open_disk(spec) {
         Ok(d) => cdm_inspect::inspect(d),
-        Err(e) => Inspection {
-            status: "unknown".into(),
-            reason: Some(format!("{e:#}")),
-            size: 0,
-            partition_table: "none".into(),
-            partitions: vec![],
-            root: None,
-            os: None,
-            apps: vec![],
-            bytes_read: 0,
-        },
+        Err(e) => Inspection::unknown(format!("{e:#}")),
     };
     (i, t.elapsed().as_secs_f64())
 }
@@ -234,20 +224,6 @@ impl Cache {
     }
 }
 
-fn unknown(why: String) -> Inspection {
-    Inspection {
-        status: "unknown".into(),
-        reason: Some(why),
-        size: 0,
-        partition_table: "none".into(),
-        partitions: vec![],
-        root: None,
-        os: None,
-        apps: vec![],
-        bytes_read: 0,
-    }
-}
-
 /// Inspects every disk of every VM (cached by disk identity).
 pub fn classify(
     ctx: &crate::Ctx,
@@ -275,7 +251,7 @@ pub fn classify(
                     }
                     i
                 }
-                Err(e) => unknown(format!("{e:#}")),
+                Err(e) => Inspection::unknown(format!("{e:#}")),
             };
             inspections.push(i);
         }

@@ -127,6 +127,23 @@ pub struct Inspection {
     pub bytes_read: u64,
 }
 
+impl Inspection {
+    /// A disk that could not be read at all.
+    pub fn unknown(reason: String) -> Inspection {
+        Inspection {
+            status: "unknown".into(),
+            reason: Some(reason),
+            size: 0,
+            partition_table: "none".into(),
+            partitions: Vec::new(),
+            root: None,
+            os: None,
+            apps: Vec::new(),
+            bytes_read: 0,
+        }
+    }
+}
+
 fn probe(d: &Shared, start: u64, len: u64) -> Option<String> {
     let mut b = vec![0u8; 2048];
     if len < 2048 || d.read_at(start, &mut b).is_err() {
@@ -152,15 +169,9 @@ pub fn inspect(disk: Box<dyn Disk>) -> Inspection {
     let d = Shared::new(disk);
     let size = d.size();
     let mut out = Inspection {
-        status: "unknown".into(),
         reason: None,
         size,
-        partition_table: "none".into(),
-        partitions: Vec::new(),
-        root: None,
-        os: None,
-        apps: Vec::new(),
-        bytes_read: 0,
+        ..Inspection::unknown(String::new())
     };
     let mut read = |off: u64, buf: &mut [u8]| d.read_at(off, buf);
     let parts = match cdm_recovery::partition::read_table(&mut read, size) {
