@@ -274,10 +274,7 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
                 .trim()
                 .to_string(),
         ),
-        _ => ["./cdm-data/admin.token", "/var/lib/cdm/admin.token"]
-            .iter()
-            .find_map(|p| std::fs::read_to_string(p).ok())
-            .map(|t| t.trim().to_string()),
+        _ => cdm_api::client::default_token(),
     };
     let nbd = cli.nbd.clone().or(cfg.nbd.clone()).unwrap_or_else(|| {
         let host = url

@@ -291,10 +291,10 @@ pub fn backup_postgres(
             pgdata.display()
         );
     }
-    // Checked now (tablespaces, permissions), listed for real only after
+    // Checked now (tablespaces), listed only after
     // pg_backup_start: a file created before the start checkpoint must be
     // in the copy, WAL replay will not recreate it.
-    pg::entries(&si, &pgdata)?;
+    pg::check_layout(&pgdata)?;
     check_name(&stage.volume)?;
     let _lock = lock(ctx, &stage.volume)?;
     let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;

@@ -205,9 +205,8 @@ fn emptied(rel: &Path) -> bool {
     )
 }
 
-/// The data directory's entries under `pgdata/` (WAL comes later), and
-/// configuration files kept outside it under `pgconf/`.
-pub fn entries(si: &ServerInfo, pgdata: &Path) -> anyhow::Result<Vec<Entry>> {
+/// What the copy cannot hold yet: tablespaces outside the data directory.
+pub fn check_layout(pgdata: &Path) -> anyhow::Result<()> {
     let tblspc = pgdata.join("pg_tblspc");
     if let Ok(rd) = std::fs::read_dir(&tblspc) {
         let names: Vec<String> = rd
@@ -221,6 +220,13 @@ pub fn entries(si: &ServerInfo, pgdata: &Path) -> anyhow::Result<Vec<Entry>> {
             );
         }
     }
+    Ok(())
+}
+
+/// The data directory's entries under `pgdata/` (WAL comes later), and
+/// configuration files kept outside it under `pgconf/`.
+pub fn entries(si: &ServerInfo, pgdata: &Path) -> anyhow::Result<Vec<Entry>> {
+    check_layout(pgdata)?;
     let mut out = Vec::new();
     let root = std::fs::symlink_metadata(pgdata)
         .map_err(|e| anyhow::anyhow!("{}: {e}", pgdata.display()))?;

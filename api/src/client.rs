@@ -50,6 +50,18 @@ impl ClientError {
 pub type Result<T> = std::result::Result<T, ClientError>;
 
 /// Percent-encodes one path segment (everything but `A-Za-z0-9._-~`).
+/// Where a token is looked for when none is given: the embedded default
+/// appliance's data directory, then the packaged one.
+pub const DEFAULT_TOKEN_FILES: [&str; 2] = ["./cdm-data/admin.token", "/var/lib/cdm/admin.token"];
+
+/// The first default token file that can be read, trimmed.
+pub fn default_token() -> Option<String> {
+    DEFAULT_TOKEN_FILES
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|t| t.trim().to_string())
+}
+
 pub fn encode_segment(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {

@@ -893,10 +893,10 @@ fn token(cli: &Cli) -> Result<Option<String>, CliError> {
     }
     let candidates: Vec<PathBuf> = match &cli.token_file {
         Some(p) => vec![p.clone()],
-        None => vec![
-            PathBuf::from("./cdm-data/admin.token"),
-            PathBuf::from("/var/lib/cdm/admin.token"),
-        ],
+        None => cdm_api::client::DEFAULT_TOKEN_FILES
+            .iter()
+            .map(PathBuf::from)
+            .collect(),
     };
     for p in &candidates {
         match std::fs::read_to_string(p) {
