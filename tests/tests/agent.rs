@@ -607,6 +607,20 @@ fn files_and_block_backups_with_bandwidth_limits() {
     agent.ok(&["detach", ro["name"].as_str().unwrap()]);
     assert_eq!(agent.ok(&["list"]), Value::Array(vec![]));
 
+    // A stage disk by hand: created, a filesystem made on first use,
+    // kept across detach and attach.
+    let m = agent.ok(&["attach", "scratch", "--create", "64M"]);
+    assert_eq!(m["fstype"], "ext4");
+    let mnt = PathBuf::from(m["mount"].as_str().unwrap());
+    std::fs::write(mnt.join("kept"), b"across attaches").unwrap();
+    agent.ok(&["detach", "scratch"]);
+    let m = agent.ok(&["attach", "scratch"]);
+    assert_eq!(
+        std::fs::read(PathBuf::from(m["mount"].as_str().unwrap()).join("kept")).unwrap(),
+        b"across attaches"
+    );
+    agent.ok(&["detach", "scratch"]);
+
     // Bandwidth: 12 MiB at 4 MiB/s takes about three seconds.
     sh(&format!(
         "head -c 12582912 /dev/urandom > {}/a/new-big",
@@ -862,29 +876,18 @@ fn debian_packaged_cluster_backs_up_and_recovers_with_its_etc_configuration() {
     let agent = Agent::new(&app);
     let c = DebianCluster::create();
     let sock = Path::new("/var/run/postgresql");
-    run(Command::new(pg_bin("pgbench"))
-        .args([
-            "-h",
-            "/var/run/postgresql",
-            "-p",
-            &c.port.to_string(),
-            "-U",
-            "postgres",
-        ])
-        .args(["-i", "-q", "-s", "2", "postgres"]));
+    let port = c.port.to_string();
+    let pgbench = |args: &[&str]| {
+        run(Command::new(pg_bin("pgbench"))
+            .args(["-h", "/var/run/postgresql", "-p", &port, "-U", "postgres"])
+            .args(args)
+            .arg("postgres"))
+    };
+    pgbench(&["-i", "-q", "-s", "2"]);
     let mut snaps = Vec::new();
     for round in 0..2 {
         if round > 0 {
-            run(Command::new(pg_bin("pgbench"))
-                .args([
-                    "-h",
-                    "/var/run/postgresql",
-                    "-p",
-                    &c.port.to_string(),
-                    "-U",
-                    "postgres",
-                ])
-                .args(["-n", "-t", "200", "postgres"]));
+            pgbench(&["-n", "-t", "200"]);
         }
         let committed = psql(sock, c.port, STATE);
         let size: Vec<&str> = if round == 0 {

@@ -396,6 +396,23 @@ fn corpus_is_classified_exactly() {
         "mbr",
         vec!["Domino", "Sybase"],
     ));
+    // A Unix guest (Solaris, by /etc/release) on a bare filesystem.
+    let fs = c.ext4(
+        "solaris",
+        &[(
+            "/etc/release",
+            "                             Oracle Solaris 11.4 X86\n",
+        )],
+    );
+    expect.push((
+        "solaris",
+        fs.display().to_string(),
+        "ok",
+        "unix/solaris/11.4",
+        Some(0),
+        "none",
+        vec![],
+    ));
     // A Linux guest with several databases (several app categories).
     let fs = c.ext4(
         "multi",
@@ -1026,6 +1043,25 @@ fn inventory_categories_and_backup_by_category() {
     assert!(
         j["message"].as_str().unwrap().contains("missing.img"),
         "{j}"
+    );
+    // And through cdmctl.
+    let o = app.cdmctl(&[
+        "job",
+        "start",
+        "vm-backup",
+        "--inventory",
+        inv,
+        "--category",
+        "keyword:win",
+        "--wait",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        api.get("/v1/volumes/vm-win-sql-disk0/snapshots")
+            .as_array()
+            .unwrap()
+            .len(),
+        2
     );
     let (st, _) = api.call(
         "POST",
