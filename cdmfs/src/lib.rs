@@ -22,7 +22,7 @@ pub mod units;
 pub use dev::{BlockDev, CrashDev, FileDev, MemDev};
 pub use error::{Error, Result};
 pub use format::DEFAULT_BLOCK_SIZE;
-pub use pipeline::{Cipher, KeySource, Policy};
+pub use pipeline::{Cipher, DataPolicy, KeySource};
 pub use pool::{
     Brief, FormatOptions, OpenOptions, PhysicalMap, Pool, Run, SnapshotInfo, SpaceInfo, Target,
     VolumeInfo,

@@ -82,7 +82,7 @@ impl Cipher {
 /// A volume's data-reduction and encryption policy. Snapshots and clones
 /// keep the policy of the volume they come from.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Policy {
+pub struct DataPolicy {
     #[serde(default)]
     pub dedup: bool,
     /// 0 = off, 1–29 (see [`zstd_level`]).
@@ -92,9 +92,9 @@ pub struct Policy {
     pub encryption: Option<Cipher>,
 }
 
-impl Policy {
+impl DataPolicy {
     pub fn is_plain(&self) -> bool {
-        *self == Policy::default()
+        *self == DataPolicy::default()
     }
     pub fn check(&self) -> Result<()> {
         if self.compression > MAX_LEVEL {
@@ -108,7 +108,7 @@ impl Policy {
 }
 
 /// `dedup,zstd-8,aes-256-xts`, or `-` for none.
-impl std::fmt::Display for Policy {
+impl std::fmt::Display for DataPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mut parts: Vec<String> = Vec::new();
         if self.dedup {

@@ -12,7 +12,7 @@ mod common;
 use std::sync::Arc;
 
 use cdmfs::{
-    BlockDev, Cipher, CrashDev, FormatOptions, KeySource, MemDev, OpenOptions, Policy, Pool,
+    BlockDev, Cipher, CrashDev, DataPolicy, FormatOptions, KeySource, MemDev, OpenOptions, Pool,
 };
 use common::{random_op, Harness, Model, Op};
 use rand::{Rng, SeedableRng};
@@ -34,7 +34,7 @@ fn one_cut(seed: u64) {
     };
     let mut h = Harness::new(crash.clone(), opts.clone());
     if pipeline {
-        h.policy = Policy {
+        h.policy = DataPolicy {
             dedup: true,
             compression: 8,
             encryption: Some(Cipher::Aes256Xts),

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use cdmfs::{Cipher, FormatOptions, KeySource, MemDev, OpenOptions, Policy, Pool};
+use cdmfs::{Cipher, DataPolicy, FormatOptions, KeySource, MemDev, OpenOptions, Pool};
 use common::{Harness, Op};
 use proptest::prelude::*;
 
@@ -29,7 +29,7 @@ fn run(ops: &[Op], fanout: u32) {
     run_with(ops, fanout, None)
 }
 
-fn run_with(ops: &[Op], fanout: u32, policy: Option<Policy>) {
+fn run_with(ops: &[Op], fanout: u32, policy: Option<DataPolicy>) {
     let dev = Arc::new(MemDev::new(64 << 20));
     Pool::format(&*dev, &FormatOptions { max_fanout: fanout }).unwrap();
     let opts = OpenOptions {
@@ -87,7 +87,7 @@ proptest! {
         cipher in prop_oneof![Just(None), Just(Some(Cipher::Aes256Xts)), Just(Some(Cipher::Sm4Xts)), Just(Some(Cipher::Aes128Xts))],
         fanout in prop_oneof![Just(4u32), Just(0u32)],
     ) {
-        run_with(&ops, fanout, Some(Policy { dedup, compression: level, encryption: cipher }));
+        run_with(&ops, fanout, Some(DataPolicy { dedup, compression: level, encryption: cipher }));
     }
 }
 

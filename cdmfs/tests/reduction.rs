@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use cdmfs::{
-    BlockDev, Cipher, Error, FileDev, FormatOptions, KeySource, MemDev, OpenOptions, Policy, Pool,
-    Target,
+    BlockDev, Cipher, DataPolicy, Error, FileDev, FormatOptions, KeySource, MemDev, OpenOptions,
+    Pool, Target,
 };
 use rand::{Rng, SeedableRng};
 
@@ -76,9 +76,9 @@ fn read_all(p: &Pool, t: Target, len: usize) -> Vec<u8> {
 fn identical_data_in_two_volumes_is_stored_once_and_space_returns_exactly() {
     let dev = fresh(256 << 20);
     let pool = open(&dev, None).unwrap();
-    let pol = Policy {
+    let pol = DataPolicy {
         dedup: true,
-        ..Policy::default()
+        ..DataPolicy::default()
     };
     let data = noise(16 << 20, 1);
     let a = pool.create_volume_with("a", 32 << 20, 65536, pol).unwrap();
@@ -156,9 +156,9 @@ fn compression_levels_and_packing() {
                 &name,
                 8 << 20,
                 65536,
-                Policy {
+                DataPolicy {
                     compression: level,
-                    ..Policy::default()
+                    ..DataPolicy::default()
                 },
             )
             .unwrap();
@@ -191,10 +191,10 @@ fn compression_levels_and_packing() {
             "small",
             8 << 20,
             4096,
-            Policy {
+            DataPolicy {
                 compression: 8,
                 dedup: true,
-                ..Policy::default()
+                ..DataPolicy::default()
             },
         )
         .unwrap();
@@ -243,9 +243,9 @@ fn compression_levels_and_packing() {
             "noise",
             4 << 20,
             65536,
-            Policy {
+            DataPolicy {
                 compression: 8,
-                ..Policy::default()
+                ..DataPolicy::default()
             },
         )
         .unwrap();
@@ -289,7 +289,7 @@ fn encrypted_pool_file_holds_no_plaintext() {
                     &name,
                     8 << 20,
                     65536,
-                    Policy {
+                    DataPolicy {
                         dedup,
                         compression: level,
                         encryption: Some(c),
@@ -327,9 +327,9 @@ fn key_is_checked_at_open_and_required_for_encrypted_data() {
             "secret",
             1 << 20,
             65536,
-            Policy {
+            DataPolicy {
                 encryption: Some(Cipher::Sm4Xts),
-                ..Policy::default()
+                ..DataPolicy::default()
             },
         )
         .unwrap();
@@ -364,9 +364,9 @@ fn key_is_checked_at_open_and_required_for_encrypted_data() {
             "x",
             1 << 20,
             65536,
-            Policy {
+            DataPolicy {
                 encryption: Some(Cipher::Aes256Xts),
-                ..Policy::default()
+                ..DataPolicy::default()
             }
         ),
         Err(Error::KeyRequired)
@@ -385,10 +385,10 @@ fn space_report_counts_each_stage() {
     let dev = fresh(128 << 20);
     let pool = open(&dev, None).unwrap();
     let t = text(4 << 20);
-    let pol = Policy {
+    let pol = DataPolicy {
         dedup: true,
         compression: 8,
-        ..Policy::default()
+        ..DataPolicy::default()
     };
     let a = pool.create_volume_with("a", 8 << 20, 65536, pol).unwrap();
     let b = pool.create_volume_with("b", 8 << 20, 65536, pol).unwrap();

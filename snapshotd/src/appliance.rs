@@ -88,7 +88,7 @@ pub struct Appliance {
     /// pool lock on each request.
     unique: Mutex<HashMap<u64, (std::time::Instant, u64)>>,
     /// Policy of new volumes where a request does not say.
-    defaults: cdmfs::Policy,
+    defaults: cdmfs::DataPolicy,
     /// Instant mounts, when snapshotd runs with `--mount DIR`.
     pub mounts: Option<crate::recovery::Mounts>,
     /// The last space report and the pool's change count it describes (it
@@ -170,7 +170,7 @@ impl Appliance {
         jobs: Arc<Jobs>,
         scheduler: Arc<Scheduler>,
         nbd_addrs: Vec<String>,
-        defaults: cdmfs::Policy,
+        defaults: cdmfs::DataPolicy,
         mounts: Option<crate::recovery::Mounts>,
     ) -> Arc<Appliance> {
         Arc::new_cyclic(|me| Appliance {
@@ -419,7 +419,7 @@ impl Appliance {
     }
 
     /// The policy of a new volume: the request's fields over the pool defaults.
-    fn policy_for(&self, req: &VolumeCreate) -> ApiResult<cdmfs::Policy> {
+    fn policy_for(&self, req: &VolumeCreate) -> ApiResult<cdmfs::DataPolicy> {
         let mut p = self.defaults;
         if let Some(d) = req.dedup {
             p.dedup = d;

@@ -92,7 +92,7 @@ struct Config {
     mount: Option<PathBuf>,
     /// Pool-wide defaults for new volumes (a request's fields win).
     #[serde(default)]
-    defaults: cdmfs::Policy,
+    defaults: cdmfs::DataPolicy,
     #[serde(default)]
     webhooks: events::WebhookConfig,
 }
@@ -107,7 +107,7 @@ struct Settings {
     tick: Duration,
     webhooks: events::WebhookConfig,
     key: Option<cdmfs::KeySource>,
-    defaults: cdmfs::Policy,
+    defaults: cdmfs::DataPolicy,
     mount: Option<PathBuf>,
 }
 

@@ -326,7 +326,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     encryption,
                 } => {
                     let bs = u32::try_from(block_size).context("block size too large")?;
-                    let policy = cdmfs::Policy {
+                    let policy = cdmfs::DataPolicy {
                         dedup,
                         compression,
                         encryption: encryption

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use cdmfs::{BlockDev, OpenOptions, Policy, Pool, Target};
+use cdmfs::{BlockDev, DataPolicy, OpenOptions, Pool, Target};
 
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -60,7 +60,7 @@ pub struct Harness {
     pub durable: Model,
     pub opts: OpenOptions,
     /// Policy of the volumes the harness creates.
-    pub policy: Policy,
+    pub policy: DataPolicy,
     /// Write data that repeats (across offsets, volumes and seeds), some of
     /// it incompressible, so dedup and compression have work to do.
     pub repetitive: bool,
@@ -105,7 +105,7 @@ impl Harness {
             model: Model::default(),
             durable: Model::default(),
             opts,
-            policy: Policy::default(),
+            policy: DataPolicy::default(),
             repetitive: false,
         }
     }

@@ -1,0 +1,113 @@
+//! Read-only views of the pool's internals for fsck, scrub and space
+//! accounting.
+
+use std::collections::HashMap;
+
+use crate::error::Result;
+use crate::format::*;
+
+use super::Inner;
+
+impl Inner {
+    pub(crate) fn roots(&self) -> Vec<(String, Ptr, u32)> {
+        let mut r: Vec<(String, Ptr, u32)> = self
+            .volumes
+            .values()
+            .map(|v| {
+                (
+                    format!("volume {}", v.name),
+                    Ptr {
+                        addr: v.root,
+                        csum: v.root_csum,
+                    },
+                    v.block_size,
+                )
+            })
+            .collect();
+        for s in self.snapshots.values() {
+            let vname = self
+                .volumes
+                .get(&s.volume_id)
+                .map(|v| v.name.as_str())
+                .unwrap_or("?");
+            r.push((
+                format!("snapshot {vname}@{}", s.id),
+                Ptr {
+                    addr: s.root,
+                    csum: s.root_csum,
+                },
+                s.block_size,
+            ));
+        }
+        r
+    }
+
+    pub(crate) fn catalog_root(&self) -> Ptr {
+        self.catalog_root
+    }
+    pub(crate) fn blob_list(&self) -> Vec<(u64, u64)> {
+        self.blobs.values().map(|(p, b)| (p.addr, *b)).collect()
+    }
+    pub(crate) fn deferred_frees(&self) -> Vec<(u64, u64)> {
+        let mut v = self.store.pending_free.clone();
+        for l in &self.free_queue {
+            v.extend_from_slice(l);
+        }
+        v
+    }
+    pub(crate) fn allocated_blocks_of(&self, root_name: &str) -> Option<u64> {
+        if let Some(name) = root_name.strip_prefix("volume ") {
+            return self
+                .names
+                .get(name)
+                .and_then(|id| self.volumes.get(id))
+                .map(|v| v.allocated_blocks);
+        }
+        let id: u64 = root_name.rsplit_once('@')?.1.parse().ok()?;
+        self.snapshots.get(&id).map(|s| s.allocated_blocks)
+    }
+    /// Blocks of data objects (extents and packs): every refcounted object
+    /// that is not a volume-tree node.
+    pub(crate) fn data_object_blocks(&mut self) -> Result<u64> {
+        // Volume-tree nodes, shared subtrees walked once.
+        let mut nodes = std::collections::HashSet::new();
+        let mut stack: Vec<Ptr> = self
+            .roots()
+            .into_iter()
+            .map(|r| r.1)
+            .filter(|p| !p.is_null())
+            .collect();
+        while let Some(p) = stack.pop() {
+            if !nodes.insert(p.addr) {
+                continue;
+            }
+            let n = self.store.load(TreeKind::Volume, p)?;
+            if !n.is_leaf() {
+                stack.extend((0..n.len()).map(|i| n.child(i)));
+            }
+        }
+        let mut total = 0u64;
+        let rc = self.store.rc_root;
+        let mut objs: HashMap<u64, u64> = HashMap::new();
+        self.walk_nodes(TreeKind::Refcount, rc, &mut |_, n| {
+            if n.is_leaf() {
+                for i in 0..n.len() {
+                    objs.insert(n.keys[i], RcVal::decode(n.val(i)).blocks as u64);
+                }
+            }
+            Ok(())
+        })?;
+        for (a, v) in &self.store.rc_delta {
+            match v {
+                Some(v) => objs.insert(*a, v.blocks as u64),
+                None => objs.remove(a),
+            };
+        }
+        for (a, b) in objs {
+            if !nodes.contains(&a) {
+                total += b;
+            }
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,266 @@
+//! The three-phase commit: prepare new blocks and the next superblock
+//! under the pool lock, write and sync them without it, publish under it.
+
+use std::collections::HashMap;
+
+use crate::dev::BlockDev;
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::store::internal;
+
+use super::records::*;
+use super::{now_ns, Inner, Pool};
+
+/// How many commits a freed block waits before reuse: the newest superblock
+/// and the one before it never reach a reused block.
+const FREE_DELAY: usize = 2;
+
+/// A commit between its phases: new blocks, the superblock that reaches
+/// them, and the blocks it freed.
+struct Prepared {
+    out: Vec<(u64, Vec<u8>)>,
+    sb: Superblock,
+    freed: Vec<(u64, u64)>,
+}
+
+/// Phase 2 of a commit, needing no lock: new blocks, a barrier, then the
+/// superblock, then a barrier.
+fn write_prepared(dev: &dyn BlockDev, p: &Prepared) -> Result<()> {
+    crate::store::write_blocks(dev, &p.out)?;
+    dev.sync()?;
+    let mut slot = vec![0u8; UNIT as usize];
+    slot[..SB_BYTES].copy_from_slice(&p.sb.encode());
+    dev.write_at(&slot, (p.sb.generation % SB_SLOTS) * UNIT)?;
+    dev.sync()?;
+    Ok(())
+}
+
+impl Pool {
+    /// Commits and closes the pool.
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+
+    /// Makes every mutation that completed before this call durable. Concurrent
+    /// callers share one commit (group commit).
+    pub fn flush(&self) -> Result<()> {
+        let target = self.lock()?.ops;
+        let mut durable = self.durable.lock().map_err(|_| Error::Failed)?;
+        if *durable >= target {
+            return Ok(());
+        }
+        // Phase 1 under the lock; phase 2 (writes and syncs) without it, so
+        // I/O and snapshot creation go on meanwhile; phase 3 publishes.
+        let t0 = std::time::Instant::now();
+        let (seq, prepared) = {
+            let mut g = self.lock()?;
+            if g.committing {
+                return Err(internal("two flush commits at once"));
+            }
+            let seq = g.ops;
+            let p = g.prepare_commit();
+            let p = g.check_commit(p)?;
+            g.committing = p.is_some();
+            (seq, p)
+        };
+        if let Some(p) = prepared {
+            let r = write_prepared(&*self.dev, &p);
+            let mut g = self.inner.lock().map_err(|_| Error::Failed)?;
+            g.committing = false;
+            self.commit_done.notify_all();
+            g.check_commit(r)?;
+            g.finish_commit(p, t0);
+        }
+        *durable = seq;
+        Ok(())
+    }
+}
+
+impl Inner {
+    /// A whole commit under the pool lock (callers that hold it). Must not
+    /// run while a [`Pool::flush`] commit is in flight.
+    pub(crate) fn commit(&mut self) -> Result<()> {
+        if self.committing {
+            return Err(internal("commit while another commit is in flight"));
+        }
+        let t0 = std::time::Instant::now();
+        let r = self.prepare_commit().and_then(|p| match p {
+            Some(p) => {
+                write_prepared(&*self.store.dev, &p)?;
+                self.finish_commit(p, t0);
+                Ok(())
+            }
+            None => Ok(()),
+        });
+        self.check_commit(r)
+    }
+
+    fn check_commit<T>(&mut self, r: Result<T>) -> Result<T> {
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "commit failed; the pool must be reopened");
+            self.failed = true;
+        }
+        r
+    }
+
+    /// Phase 1 of a commit, under the lock: serializes every dirty tree,
+    /// the catalog and the refcounts into new blocks and builds the next
+    /// superblock. The in-memory trees move on to the new (clean) nodes at
+    /// once; the nodes stay loadable from `in_flight` until published.
+    fn prepare_commit(&mut self) -> Result<Option<Prepared>> {
+        if self.catalog_dirty.is_empty()
+            && self.store.rc_delta.is_empty()
+            && self.store.dirty.is_empty()
+            && self.store.dd_pending.is_empty()
+            && self.store.ddr_pending.is_empty()
+            && self.store.dd_freed.is_empty()
+            && self.store.pending_free.is_empty()
+            && self.free_queue.iter().all(|f| f.is_empty())
+        {
+            return Ok(None);
+        }
+        let mut written = HashMap::new();
+        let mut out = Vec::new();
+        // 1. Volume and snapshot trees, children before parents.
+        let store = &mut self.store;
+        let roots = self
+            .volumes
+            .values_mut()
+            .map(|v| (v.root, &mut v.root_csum))
+            .chain(
+                self.snapshots
+                    .values_mut()
+                    .map(|s| (s.root, &mut s.root_csum)),
+            );
+        for (root, csum) in roots {
+            if store.dirty.contains_key(&root) || written.contains_key(&root) {
+                *csum = store
+                    .write_tree(
+                        Ptr {
+                            addr: root,
+                            csum: *csum,
+                        },
+                        &mut written,
+                        &mut out,
+                    )?
+                    .csum;
+            }
+        }
+        // 2. Catalog records.
+        let dirty: Vec<(u64, bool)> = std::mem::take(&mut self.catalog_dirty)
+            .into_iter()
+            .collect();
+        let mut cat = self.catalog_root;
+        for (key, present) in dirty {
+            if let Some((old, blocks)) = self.blobs.remove(&key) {
+                self.store.free_blocks_later(old.addr, blocks);
+            }
+            let bytes = if !present {
+                None
+            } else if key == KEY_POOL {
+                Some(serde_json::to_vec(&self.pool_rec))
+            } else if key & KEY_SNAPSHOT == KEY_SNAPSHOT {
+                self.snapshots
+                    .get(&(key & ((1 << 56) - 1)))
+                    .map(serde_json::to_vec)
+            } else {
+                self.volumes
+                    .get(&(key & ((1 << 56) - 1)))
+                    .map(serde_json::to_vec)
+            };
+            match bytes {
+                Some(b) => {
+                    let b = b.map_err(|e| internal(&e.to_string()))?;
+                    let mut blob = Vec::with_capacity(4 + b.len());
+                    blob.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    blob.extend_from_slice(&b);
+                    let csum = crc(&blob);
+                    let blocks = (blob.len() as u64).div_ceil(UNIT);
+                    blob.resize((blocks * UNIT) as usize, 0);
+                    let addr = self.store.alloc_blocks(blocks)?;
+                    out.push((addr, blob));
+                    let p = Ptr { addr, csum };
+                    self.blobs.insert(key, (p, blocks));
+                    self.store
+                        .insert(TreeKind::Catalog, &mut cat, key, &enc_ptr(p))?;
+                }
+                None => {
+                    self.store.remove(TreeKind::Catalog, &mut cat, key)?;
+                }
+            }
+        }
+        let cat = self.store.write_tree(cat, &mut written, &mut out)?;
+        // 3. Dedup index: entries of freed objects dropped, new ones added.
+        self.store.apply_dedup()?;
+        let dd = self
+            .store
+            .write_tree(self.store.dd_root, &mut written, &mut out)?;
+        let ddr = self
+            .store
+            .write_tree(self.store.ddr_root, &mut written, &mut out)?;
+        // 4. Refcounts, applied in one sorted batch.
+        self.store.apply_rc_delta()?;
+        let rc = self
+            .store
+            .write_tree(self.store.rc_root, &mut written, &mut out)?;
+        if !self.store.dirty.is_empty() {
+            return Err(internal(&format!(
+                "{} dirty node(s) unreachable at commit",
+                self.store.dirty.len()
+            )));
+        }
+        let sb = Superblock {
+            version: FORMAT_VERSION,
+            uuid: self.sb.uuid,
+            generation: self.sb.generation + 1,
+            total_blocks: self.sb.total_blocks,
+            max_fanout: self.sb.max_fanout,
+            catalog: cat,
+            refcounts: rc,
+            next_id: self.next_id,
+            commit_time_ns: now_ns(),
+            dedup: dd,
+            dedup_rev: ddr,
+        };
+        self.catalog_root = cat;
+        self.store.dd_root = dd;
+        self.store.ddr_root = ddr;
+        self.store.rc_root = rc;
+        out.sort_unstable_by_key(|(a, _)| *a);
+        Ok(Some(Prepared {
+            out,
+            sb,
+            freed: std::mem::take(&mut self.store.pending_free),
+        }))
+    }
+
+    /// Phase 3, under the lock: the commit is durable; publish it and let
+    /// blocks freed `FREE_DELAY` commits ago be reused.
+    fn finish_commit(&mut self, p: Prepared, t0: std::time::Instant) {
+        self.store.generation = p.sb.generation + 1;
+        self.sb = p.sb;
+        self.store.in_flight.clear();
+        self.free_queue.push_back(p.freed);
+        while self.free_queue.len() > FREE_DELAY && self.pins == 0 {
+            if let Some(list) = self.free_queue.pop_front() {
+                for (a, n) in list {
+                    self.store.alloc.free(a, n);
+                }
+            }
+        }
+        self.commits += 1;
+        self.commit_ns += t0.elapsed().as_nanos() as u64;
+    }
+
+    pub(crate) fn committing(&self) -> bool {
+        self.committing
+    }
+
+    pub(crate) fn has_uncommitted(&self) -> bool {
+        !self.catalog_dirty.is_empty()
+            || !self.store.dirty.is_empty()
+            || !self.store.rc_delta.is_empty()
+            || !self.store.dd_pending.is_empty()
+            || !self.store.ddr_pending.is_empty()
+    }
+}

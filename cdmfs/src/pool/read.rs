@@ -1,0 +1,335 @@
+//! The read side of the data path: mapped reads (plain extents read in
+//! runs, pipeline extents decoded per frame), block status and the
+//! physical map, and lookups that do no device I/O under the pool lock.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::pipeline;
+use crate::store::internal;
+
+use super::{Inner, PhysicalMap, Pool, Run, Target};
+
+impl Pool {
+    /// Reads `buf.len()` bytes at `offset`. Holes read as zeros; every extent
+    /// is verified against its checksum.
+    pub fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let (size, bs) = self.geometry(t)?;
+        check_range(offset, buf.len() as u64, size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let bs = bs as u64;
+        let b0 = offset / bs;
+        let b1 = (offset + buf.len() as u64 - 1) / bs + 1;
+        let mut last_err = None;
+        for _attempt in 0..2 {
+            let map = self.mappings_unlocked_io(t, b0, b1)?;
+            match self.read_mapped(t, &map, bs, offset, buf) {
+                Ok(()) => return Ok(()),
+                // The extent may have been freed and reused by a concurrent
+                // write and commit: look the mapping up again once.
+                Err(e @ Error::DataChecksum { .. }) => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.unwrap_or(Error::Failed))
+    }
+
+    pub(super) fn read_mapped(
+        &self,
+        t: Target,
+        map: &[(u64, Extent)],
+        bs: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        // Holes read as zeros; mapped blocks are overwritten below, so only
+        // the gaps between them are cleared (not the whole buffer twice).
+        let mut pos = offset;
+        for (k, _) in map {
+            let (ls, le) = (k * bs, k * bs + bs);
+            if ls > pos {
+                buf[(pos - offset) as usize..(ls.min(end) - offset) as usize].fill(0);
+            }
+            pos = pos.max(le.min(end));
+        }
+        if pos < end {
+            buf[(pos - offset) as usize..].fill(0);
+        }
+        // Extents scattered by copy-on-write: let the device fetch them all
+        // at once rather than one synchronous read after another.
+        if map.len() > 1 {
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for (_, e) in map {
+                let (o, l) = (e.byte_offset(), e.stored_len as u64);
+                match ranges.last_mut() {
+                    Some(r) if r.0 + r.1 == o => r.1 += l,
+                    _ => ranges.push((o, l)),
+                }
+            }
+            if ranges.len() > 1 {
+                self.dev.will_need(&ranges);
+            }
+        }
+        if map.iter().any(|(_, e)| !e.is_plain()) {
+            self.read_pipeline(t, map, bs, offset, buf)?;
+        }
+        let mut i = 0;
+        while i < map.len() {
+            if !map[i].1.is_plain() {
+                i += 1;
+                continue;
+            }
+            // A run of logically and physically contiguous plain extents.
+            let mut j = i;
+            while j + 1 < map.len()
+                && map[j + 1].1.is_plain()
+                && map[j + 1].0 == map[j].0 + 1
+                && map[j + 1].1.addr == map[j].1.addr + map[j].1.blocks() as u64
+                && map[j].1.stored_len as u64 == bs
+                && map[j + 1].1.stored_len as u64 == bs
+                && (j + 1 - i) < 256
+            {
+                j += 1;
+            }
+            let lstart = map[i].0 * bs;
+            let phys = map[i].1.addr * UNIT;
+            let run_bytes = if i == j {
+                map[i].1.stored_len as u64
+            } else {
+                (j - i + 1) as u64 * bs
+            };
+            let direct =
+                lstart >= offset && lstart + run_bytes <= end && (i != j || run_bytes == bs);
+            if direct {
+                let dst =
+                    &mut buf[(lstart - offset) as usize..(lstart - offset + run_bytes) as usize];
+                self.dev.read_at(dst, phys)?;
+                for (k, chunk) in dst.chunks(bs as usize).enumerate() {
+                    verify(t, &map[i + k], chunk, bs)?;
+                }
+            } else {
+                let mut tmp = vec![0u8; run_bytes as usize];
+                self.dev.read_at(&mut tmp, phys)?;
+                for (n, e) in map[i..=j].iter().enumerate() {
+                    let o = n * bs as usize;
+                    let stored = &tmp[o..o + e.1.stored_len as usize];
+                    verify(t, e, stored, bs)?;
+                    let ls = e.0 * bs;
+                    let (a, b) = (ls.max(offset), (ls + bs).min(end));
+                    let n = (b - a) as usize;
+                    let src_off = (a - ls) as usize;
+                    let avail = stored.len().saturating_sub(src_off).min(n);
+                    buf[(a - offset) as usize..(a - offset) as usize + avail]
+                        .copy_from_slice(&stored[src_off..src_off + avail]);
+                }
+            }
+            i = j + 1;
+        }
+        Ok(())
+    }
+
+    /// Reads the compressed, encrypted or packed extents of `map` into
+    /// `buf`: chunks close together in the pool (a pack) are read at once,
+    /// each verified against its checksum, then decrypted and decompressed.
+    fn read_pipeline(
+        &self,
+        t: Target,
+        map: &[(u64, Extent)],
+        bs: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut todo: Vec<usize> = (0..map.len()).filter(|&i| !map[i].1.is_plain()).collect();
+        todo.sort_unstable_by_key(|&i| map[i].1.byte_offset());
+        let mut last: Option<(u64, Vec<u8>)> = None;
+        let mut a = 0;
+        while a < todo.len() {
+            let start = map[todo[a]].1.byte_offset();
+            let mut stop = start + map[todo[a]].1.stored_len as u64;
+            let mut b = a + 1;
+            while b < todo.len() {
+                let e = &map[todo[b]].1;
+                let (o, l) = (e.byte_offset(), e.stored_len as u64);
+                if o > stop + 65536 || (o + l).max(stop) - start > 2 * MAX_PACK {
+                    break;
+                }
+                stop = stop.max(o + l);
+                b += 1;
+            }
+            let mut span = vec![0u8; (stop - start) as usize];
+            self.dev.read_at(&mut span, start)?;
+            for &i in &todo[a..b] {
+                let (k, e) = map[i];
+                let o = (e.byte_offset() - start) as usize;
+                // Chunks of one frame are neighbours here: decode it once.
+                if last.as_ref().is_none_or(|(off, _)| *off != e.byte_offset()) {
+                    let mut stored = span[o..o + e.stored_len as usize].to_vec();
+                    verify(t, &map[i], &stored, bs)?;
+                    let plain =
+                        pipeline::decode_frame(self.keys.as_deref(), &e, &mut stored, bs as usize)?;
+                    last = Some((e.byte_offset(), plain));
+                }
+                let frame = last.as_ref().map(|(_, p)| p.as_slice()).unwrap_or(&[]);
+                let plain = pipeline::chunk_of(&e, frame, bs as usize)?;
+                let ls = k * bs;
+                let (x, y) = (ls.max(offset), (ls + bs).min(end));
+                buf[(x - offset) as usize..(y - offset) as usize]
+                    .copy_from_slice(&plain[(x - ls) as usize..(y - ls) as usize]);
+            }
+            a = b;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` under the pool lock with device reads forbidden: a node
+    /// missing from the cache is read and verified outside the lock, then
+    /// `f` runs again. `f` must have no side effects before it can miss.
+    pub(super) fn locked_no_io<T>(&self, mut f: impl FnMut(&mut Inner) -> Result<T>) -> Result<T> {
+        for _ in 0..16 {
+            let (kind, p) = {
+                let mut g = self.lock()?;
+                g.store.no_io = true;
+                let r = f(&mut g);
+                g.store.no_io = false;
+                match r {
+                    Err(Error::NodeMiss) => g
+                        .store
+                        .missing
+                        .take()
+                        .ok_or_else(|| internal("node miss without a node"))?,
+                    other => return other,
+                }
+            };
+            let mut buf = vec![0u8; NODE_SIZE];
+            let node = self
+                .dev
+                .read_at(&mut buf, p.addr * UNIT)
+                .map_err(Error::from)
+                .and_then(|_| Node::decode(&buf, p.addr, p.csum));
+            match node {
+                Ok(n) if n.kind == kind => self.lock()?.store.cache_insert(p, Arc::new(n)),
+                // Possibly freed and reused under us; the retry (or the
+                // locked fallback below) tells a race from damage.
+                _ => continue,
+            }
+        }
+        f(&mut *self.lock()?)
+    }
+
+    /// Looks up the extents of blocks `b0..b1` without doing device I/O
+    /// while holding the pool lock: a node missing from the cache is read
+    /// and verified (against its parent's checksum) outside the lock, then
+    /// the lookup runs again. Committed nodes are immutable, so a node read
+    /// this way is either exactly the one expected or fails its checksum
+    /// (freed and reused meanwhile), in which case the lookup retries.
+    pub(super) fn mappings_unlocked_io(
+        &self,
+        t: Target,
+        b0: u64,
+        b1: u64,
+    ) -> Result<Vec<(u64, Extent)>> {
+        self.locked_no_io(|g| g.mappings(t, b0, b1))
+    }
+
+    /// Allocated and unallocated runs of `[offset, offset+len)`.
+    pub fn block_status(&self, t: Target, offset: u64, len: u64) -> Result<Vec<Run>> {
+        let mut g = self.lock()?;
+        let (_, size, bs) = g.target(t)?;
+        check_range(offset, len, size)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let bs = bs as u64;
+        let end = offset + len;
+        let (b0, b1) = (offset / bs, (end - 1) / bs + 1);
+        let map = g.mappings(t, b0, b1)?;
+        let mut runs: Vec<Run> = Vec::new();
+        let mut push = |o: u64, e: u64, allocated: bool| {
+            let (o, e) = (o.max(offset), e.min(end));
+            if o >= e {
+                return;
+            }
+            match runs.last_mut() {
+                Some(r) if r.allocated == allocated && r.offset + r.len == o => r.len += e - o,
+                _ => runs.push(Run {
+                    offset: o,
+                    len: e - o,
+                    allocated,
+                }),
+            }
+        };
+        let mut pos = b0;
+        for (k, _) in &map {
+            if *k > pos {
+                push(pos * bs, k * bs, false);
+            }
+            push(k * bs, (k + 1) * bs, true);
+            pos = k + 1;
+        }
+        if pos < b1 {
+            push(pos * bs, b1 * bs, false);
+        }
+        Ok(runs)
+    }
+
+    /// Where a target's tree nodes and data extents live (pool byte
+    /// offsets), for `cdmfs dump --map`, debugging and damage tests.
+    pub fn physical_map(&self, t: Target) -> Result<PhysicalMap> {
+        let mut g = self.lock()?;
+        let (root, _, bs) = g.target(t)?;
+        let mut map = PhysicalMap::default();
+        g.walk_nodes(TreeKind::Volume, root, &mut |addr, n| {
+            map.nodes.push(addr * UNIT);
+            if n.is_leaf() {
+                for i in 0..n.len() {
+                    let e = Extent::decode(n.val(i));
+                    map.extents
+                        .push((n.keys[i] * bs as u64, e.byte_offset(), e.stored_len));
+                }
+            }
+            Ok(())
+        })?;
+        map.extents.sort_unstable();
+        Ok(map)
+    }
+}
+
+impl Inner {
+    /// Extents mapped for logical blocks `b0..b1`.
+    pub(super) fn mappings(&mut self, t: Target, b0: u64, b1: u64) -> Result<Vec<(u64, Extent)>> {
+        let (root, _, _) = self.target(t)?;
+        let mut out = Vec::new();
+        self.store
+            .range(TreeKind::Volume, root, b0, b1, &mut |k, v| {
+                out.push((k, Extent::decode(v)));
+                Ok(())
+            })?;
+        Ok(out)
+    }
+}
+
+pub(super) fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(e) if e <= size => Ok(()),
+        _ => Err(Error::OutOfRange { offset, len, size }),
+    }
+}
+
+fn verify(t: Target, e: &(u64, Extent), stored: &[u8], bs: u64) -> Result<()> {
+    if crc(stored) != e.1.csum {
+        return Err(Error::DataChecksum {
+            target: match t {
+                Target::Volume(v) => format!("volume {v}"),
+                Target::Snapshot(s) => format!("snapshot {s}"),
+            },
+            offset: e.0 * bs,
+            block: e.1.addr,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! Catalog records as stored (JSON blobs keyed by kind and id) and the
+//! checks every record and name passes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::pipeline::{CryptoRec, DataPolicy};
+
+/// Largest catalog record (snapshot metadata included).
+pub const MAX_RECORD: usize = 256 * 1024;
+pub(super) const KEY_VOLUME: u64 = 1 << 56;
+pub(super) const KEY_SNAPSHOT: u64 = 2 << 56;
+/// Pool-wide settings (the encryption key record).
+pub(super) const KEY_POOL: u64 = 3 << 56;
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub(super) struct PoolRec {
+    #[serde(default)]
+    pub(super) crypto: Option<CryptoRec>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub(super) struct VolumeRec {
+    pub(super) id: u64,
+    pub(super) name: String,
+    pub(super) size: u64,
+    pub(super) block_size: u32,
+    pub(super) created_ns: u64,
+    pub(super) origin: Option<u64>,
+    pub(super) root: u64,
+    pub(super) root_csum: u32,
+    pub(super) allocated_blocks: u64,
+    #[serde(default, skip_serializing_if = "DataPolicy::is_plain")]
+    pub(super) policy: DataPolicy,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub(super) struct SnapshotRec {
+    pub(super) id: u64,
+    pub(super) volume_id: u64,
+    pub(super) label: String,
+    pub(super) created_ns: u64,
+    pub(super) metadata: serde_json::Value,
+    pub(super) root: u64,
+    pub(super) root_csum: u32,
+    pub(super) size: u64,
+    pub(super) block_size: u32,
+    pub(super) allocated_blocks: u64,
+    #[serde(default, skip_serializing_if = "DataPolicy::is_plain")]
+    pub(super) policy: DataPolicy,
+}
+
+/// Checks a volume name: 1–128 characters of `A-Za-z0-9._-`, not starting
+/// with `.` or `-` (so names are safe as export names, paths and URLs).
+pub fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && !name.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "bad name {name:?}: use 1-128 characters of A-Z a-z 0-9 . _ -, not starting with . or -"
+        )))
+    }
+}
+
+pub(super) fn check_block_size(bs: u32) -> Result<()> {
+    if bs.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "block size {bs} must be a power of two from 4 KiB to 1 MiB"
+        )))
+    }
+}
+
+/// Rejects a catalog record no version of this program writes.
+pub(super) fn check_record(key: u64, size: u64, block_size: u32, root: u64) -> Result<()> {
+    if check_block_size(block_size).is_err()
+        || size == 0
+        || size > (1 << 60)
+        || (root != 0 && !(RESERVED_BLOCKS..MAX_BLOCK_ADDR).contains(&root))
+    {
+        return Err(Error::Corrupt(format!(
+            "catalog record {key:#x} has impossible values"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! The write side of the data path for plain volumes: range locks, the
+//! write throttle, read-modify-write of partial blocks, zeroing and trim,
+//! allocation, and mapping written blocks into a volume's tree.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex};
+
+use crate::dev::BlockDev;
+use crate::error::{Error, Result};
+use crate::format::*;
+use crate::pipeline::DataPolicy;
+
+use super::read::check_range;
+use super::{Inner, Pool, Target};
+
+/// Locks on block ranges of a volume, held by writers for read-modify-write.
+pub(super) struct RangeLocks {
+    held: Mutex<Vec<(u64, u64, u64)>>,
+    cv: Condvar,
+}
+
+struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    entry: (u64, u64, u64),
+}
+
+impl RangeLocks {
+    pub(super) fn new() -> RangeLocks {
+        RangeLocks {
+            held: Mutex::new(Vec::new()),
+            cv: Condvar::new(),
+        }
+    }
+
+    fn lock(&self, vol: u64, lo: u64, hi: u64) -> RangeGuard<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while held.iter().any(|&(v, a, b)| v == vol && a < hi && lo < b) {
+            held = self.cv.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.push((vol, lo, hi));
+        RangeGuard {
+            locks: self,
+            entry: (vol, lo, hi),
+        }
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = held.iter().position(|e| *e == self.entry) {
+            held.swap_remove(i);
+        }
+        self.locks.cv.notify_all();
+    }
+}
+
+impl Pool {
+    /// Writes `data` at `offset` of a volume. Partial blocks are read,
+    /// patched and written to a new place (never overwritten in place).
+    pub fn write(&self, vol: u64, offset: u64, data: &[u8]) -> Result<()> {
+        let Some((_g, bs)) = self.begin_write(vol, offset, data.len() as u64)? else {
+            return Ok(());
+        };
+        self.write_locked(vol, offset, Some(data), data.len() as u64, bs, false)
+    }
+
+    /// Checks a write of `len` bytes at `offset` of a volume and locks the
+    /// blocks it touches; None for an empty range.
+    fn begin_write(
+        &self,
+        vol: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(RangeGuard<'_>, u32)>> {
+        let (size, bs) = self.geometry(Target::Volume(vol))?;
+        if self.policy_of(vol)?.encryption.is_some() && self.keys.is_none() {
+            return Err(Error::KeyRequired);
+        }
+        check_range(offset, len, size)?;
+        if len == 0 {
+            return Ok(None);
+        }
+        let bs64 = bs as u64;
+        let g = self
+            .ranges
+            .lock(vol, offset / bs64, (offset + len - 1) / bs64 + 1);
+        // Write throttle: new writes wait while a commit writes and syncs,
+        // so the data a commit must sync stays bounded and a snapshot (or a
+        // FLUSH) waiting behind it is not delayed by writers outpacing the
+        // device. Reads, snapshots and the API are not held.
+        let mut inner = self.lock()?;
+        while inner.committing {
+            inner = self.commit_done.wait(inner).map_err(|_| Error::Failed)?;
+            if inner.failed {
+                return Err(Error::Failed);
+            }
+        }
+        drop(inner);
+        Ok(Some((g, bs)))
+    }
+
+    fn policy_of(&self, vol: u64) -> Result<DataPolicy> {
+        self.lock()?
+            .volumes
+            .get(&vol)
+            .map(|v| v.policy)
+            .ok_or_else(|| Error::NotFound(format!("volume {vol}")))
+    }
+
+    /// Makes a range read as zeros, freeing whole blocks (trim and
+    /// write-zeroes are the same operation here: holes read as zeros).
+    pub fn write_zeroes(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
+        let Some((_g, bs)) = self.begin_write(vol, offset, len)? else {
+            return Ok(());
+        };
+        let bs64 = bs as u64;
+        let end = offset + len;
+        let full0 = offset.div_ceil(bs64);
+        let full1 = end / bs64;
+        if full0 >= full1 {
+            return self.write_locked(vol, offset, None, len, bs, false);
+        }
+        if offset < full0 * bs64 {
+            self.write_locked(vol, offset, None, full0 * bs64 - offset, bs, false)?;
+        }
+        if end > full1 * bs64 {
+            self.write_locked(vol, full1 * bs64, None, end - full1 * bs64, bs, false)?;
+        }
+        let need_commit = {
+            let mut g = self.lock()?;
+            let map = g.mappings(Target::Volume(vol), full0, full1)?;
+            let v = g
+                .volumes
+                .get(&vol)
+                .ok_or_else(|| Error::NotFound(format!("volume {vol}")))?;
+            let mut root = Ptr {
+                addr: v.root,
+                csum: v.root_csum,
+            };
+            for (k, _) in &map {
+                if let Some(old) = g.store.remove(TreeKind::Volume, &mut root, *k)? {
+                    g.store.dec_extent(&Extent::decode(&old))?;
+                }
+            }
+            g.set_root(vol, root, -(map.len() as i64))?;
+            g.ops += 1;
+            g.needs_commit()
+        };
+        if need_commit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes zeros as allocated data (NBD `NO_HOLE`): block status reports
+    /// the range as data. Copy-on-write means this cannot reserve space for
+    /// later overwrites; it only keeps the range from reading as a hole.
+    pub fn write_zeroes_allocated(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
+        let Some((_g, bs)) = self.begin_write(vol, offset, len)? else {
+            return Ok(());
+        };
+        let bs64 = bs as u64;
+        let end = offset + len;
+        let chunk = (4u64 << 20).max(bs64);
+        let zeros = vec![0u8; chunk as usize];
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(chunk - pos % bs64);
+            self.write_locked(vol, pos, Some(&zeros[..n as usize]), n, bs, true)?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Trim: same as [`Pool::write_zeroes`] (deallocates whole blocks).
+    pub fn trim(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
+        self.write_zeroes(vol, offset, len)
+    }
+
+    /// The write path; the caller holds the range lock. `data` None writes
+    /// zeros. All-zero blocks become holes unless `keep_zeros`.
+    fn write_locked(
+        &self,
+        vol: u64,
+        offset: u64,
+        data: Option<&[u8]>,
+        len: u64,
+        bs: u32,
+        keep_zeros: bool,
+    ) -> Result<()> {
+        let bs64 = bs as u64;
+        let end = offset + len;
+        let (b0, b1) = (offset / bs64, (end - 1) / bs64 + 1);
+        // Compose the new contents of each block touched.
+        let mut blocks: Vec<(u64, Option<Vec<u8>>)> = Vec::with_capacity((b1 - b0) as usize);
+        let partial: Vec<u64> = [b0, b1 - 1]
+            .into_iter()
+            .filter(|&b| offset > b * bs64 || end < (b + 1) * bs64)
+            .collect();
+        let mut old: HashMap<u64, Vec<u8>> = HashMap::new();
+        for &b in &partial {
+            if let std::collections::hash_map::Entry::Vacant(e) = old.entry(b) {
+                let mut cur = vec![0u8; bs as usize];
+                let map = self.mappings_unlocked_io(Target::Volume(vol), b, b + 1)?;
+                self.read_mapped(Target::Volume(vol), &map, bs64, b * bs64, &mut cur)?;
+                e.insert(cur);
+            }
+        }
+        for b in b0..b1 {
+            let (ls, le) = (b * bs64, (b + 1) * bs64);
+            let (a, z) = (ls.max(offset), le.min(end));
+            let content = match old.remove(&b) {
+                Some(mut cur) => {
+                    let dst = &mut cur[(a - ls) as usize..(z - ls) as usize];
+                    match data {
+                        Some(d) => {
+                            dst.copy_from_slice(&d[(a - offset) as usize..(z - offset) as usize])
+                        }
+                        None => dst.fill(0),
+                    }
+                    cur
+                }
+                None => match data {
+                    Some(d) => d[(a - offset) as usize..(z - offset) as usize].to_vec(),
+                    None => Vec::new(),
+                },
+            };
+            let hole = if keep_zeros {
+                content.len() != bs as usize
+            } else {
+                content.iter().all(|&x| x == 0)
+            };
+            blocks.push((b, if hole { None } else { Some(content) }));
+        }
+        let policy = self.policy_of(vol)?;
+        if !policy.is_plain() {
+            return self.write_pipeline(vol, bs, policy, blocks);
+        }
+        // Allocate, preferably one contiguous run so the data lands sequentially.
+        let units = bs64 / UNIT;
+        let n = blocks.iter().filter(|(_, c)| c.is_some()).count() as u64;
+        let addrs = self.allocate(n, units)?;
+        let mut exts: Vec<(u64, Option<Extent>)> = Vec::with_capacity(blocks.len());
+        let mut objects = Vec::with_capacity(n as usize);
+        let mut ai = 0;
+        let mut io: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (b, c) in blocks {
+            match c {
+                Some(c) => {
+                    let e = Extent {
+                        addr: addrs[ai],
+                        stored_len: bs,
+                        csum: crc(&c),
+                        flags: 0,
+                        aux: 0,
+                    };
+                    ai += 1;
+                    io.push((e.addr, c));
+                    objects.push((e.addr, e.blocks(), 1));
+                    exts.push((b, Some(e)));
+                }
+                None => exts.push((b, None)),
+            }
+        }
+        let wr = write_runs(&*self.dev, io);
+        self.map_blocks(vol, exts, objects, Vec::new(), Vec::new(), wr)
+    }
+
+    /// The last step of every write: registers the objects just written
+    /// (`(block, blocks, references)`), indexes new chunks for dedup, maps
+    /// the blocks (`None`: a hole) and drops what they replaced. `taken`
+    /// are dedup hits already referenced; on failure (`io` or a volume
+    /// deleted meanwhile) they are released and new objects freed.
+    pub(super) fn map_blocks(
+        &self,
+        vol: u64,
+        exts: Vec<(u64, Option<Extent>)>,
+        objects: Vec<(u64, u32, u32)>,
+        index: Vec<([u8; 32], Extent, u64)>,
+        taken: Vec<Extent>,
+        io: Result<()>,
+    ) -> Result<()> {
+        let need_commit = {
+            let mut g = self.lock()?;
+            let root = match (&io, g.volumes.get(&vol)) {
+                (Ok(()), Some(v)) => Some(Ptr {
+                    addr: v.root,
+                    csum: v.root_csum,
+                }),
+                _ => None,
+            };
+            let Some(mut root) = root else {
+                for (a, n, _) in &objects {
+                    g.store.alloc.free(*a, *n as u64);
+                }
+                for e in &taken {
+                    g.store.dec_extent(e)?;
+                }
+                io?;
+                return Err(Error::NotFound(format!("volume {vol}")));
+            };
+            for (a, n, r) in objects {
+                g.store.add_object(a, n, r);
+            }
+            for (fp, e, slot) in &index {
+                g.store.dd_insert(fp, *e, *slot)?;
+            }
+            let mut delta = 0i64;
+            for (b, e) in &exts {
+                let prev = match e {
+                    Some(e) => g
+                        .store
+                        .insert(TreeKind::Volume, &mut root, *b, &e.encode())?,
+                    None => g.store.remove(TreeKind::Volume, &mut root, *b)?,
+                };
+                match (&prev, e) {
+                    (None, Some(_)) => delta += 1,
+                    (Some(_), None) => delta -= 1,
+                    _ => {}
+                }
+                if let Some(p) = prev {
+                    g.store.dec_extent(&Extent::decode(&p))?;
+                }
+            }
+            g.set_root(vol, root, delta)?;
+            g.ops += 1;
+            g.needs_commit()
+        };
+        if need_commit {
+            self.flush()?;
+        }
+        Ok(())
+    }
+    /// Allocates `n` extents of `units` blocks each.
+    pub(super) fn allocate(&self, n: u64, units: u64) -> Result<Vec<u64>> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        for attempt in 0..3 {
+            {
+                let mut g = self.lock()?;
+                if let Some(a) = g.store.alloc.alloc(n * units) {
+                    return Ok((0..n).map(|i| a + i * units).collect());
+                }
+                let mut out = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    match g.store.alloc.alloc(units) {
+                        Some(a) => out.push(a),
+                        None => break,
+                    }
+                }
+                if out.len() as u64 == n {
+                    return Ok(out);
+                }
+                for a in out {
+                    g.store.alloc.free(a, units);
+                }
+                if attempt == 2 {
+                    break;
+                }
+                // Freed space becomes reusable only after commits: make them.
+                g.ops += 1;
+            }
+            self.flush()?;
+        }
+        Err(Error::NoSpace)
+    }
+}
+
+impl Inner {
+    fn needs_commit(&self) -> bool {
+        let free = self.store.alloc.total() - self.store.alloc.used();
+        let pending: u64 = self.store.pending_free.iter().map(|(_, n)| n).sum();
+        self.store.dirty.len() > self.dirty_limit || pending > (free / 4).max(4096)
+    }
+}
+
+/// Writes data extents, coalescing physically contiguous ones.
+pub(super) fn write_runs(dev: &dyn BlockDev, mut io: Vec<(u64, Vec<u8>)>) -> Result<()> {
+    io.sort_unstable_by_key(|(a, _)| *a);
+    let mut i = 0;
+    while i < io.len() {
+        let mut j = i;
+        let mut next = io[i].0 + (io[i].1.len() as u64).div_ceil(UNIT);
+        while j + 1 < io.len()
+            && io[j + 1].0 == next
+            && (io[j].1.len() as u64).is_multiple_of(UNIT)
+            && j - i < 255
+        {
+            j += 1;
+            next += (io[j].1.len() as u64).div_ceil(UNIT);
+        }
+        if i == j {
+            dev.write_at(&io[i].1, io[i].0 * UNIT)?;
+        } else {
+            let total: usize = io[i..=j].iter().map(|(_, b)| b.len()).sum();
+            let mut buf = Vec::with_capacity(total);
+            for (_, b) in &io[i..=j] {
+                buf.extend_from_slice(b);
+            }
+            dev.write_at(&buf, io[i].0 * UNIT)?;
+        }
+        i = j + 1;
+    }
+    Ok(())
+}
