@@ -13,6 +13,18 @@ use crate::pipeline::DataPolicy;
 use super::read::check_range;
 use super::{Inner, Pool, Target};
 
+/// Blocks just written, to be mapped into a volume by [`Pool::map_blocks`].
+pub(super) struct Written {
+    /// Every block's new extent (`None`: a hole).
+    pub(super) exts: Vec<(u64, Option<Extent>)>,
+    /// New objects: (pool block, blocks, references).
+    pub(super) objects: Vec<(u64, u32, u32)>,
+    /// Dedup index entries to add: (fingerprint, extent, slot in its pack).
+    pub(super) index: Vec<([u8; 32], Extent, u64)>,
+    /// Result of the device write; the objects are allocated either way.
+    pub(super) io: Result<()>,
+}
+
 /// Locks on block ranges of a volume, held by writers for read-modify-write.
 pub(super) struct RangeLocks {
     held: Mutex<Vec<(u64, u64, u64)>>,
@@ -263,24 +275,27 @@ impl Pool {
                 None => exts.push((b, None)),
             }
         }
-        let wr = write_runs(&*self.dev, io);
-        self.map_blocks(vol, exts, objects, Vec::new(), Vec::new(), wr)
+        let written = Written {
+            exts,
+            objects,
+            index: Vec::new(),
+            io: write_runs(&*self.dev, io),
+        };
+        self.map_blocks(vol, written, Vec::new())
     }
 
-    /// The last step of every write: registers the objects just written
-    /// (`(block, blocks, references)`), indexes new chunks for dedup, maps
-    /// the blocks (`None`: a hole) and drops what they replaced. `taken`
-    /// are dedup hits already referenced; on failure (`io` or a volume
-    /// deleted meanwhile) they are released and new objects freed.
-    pub(super) fn map_blocks(
-        &self,
-        vol: u64,
-        exts: Vec<(u64, Option<Extent>)>,
-        objects: Vec<(u64, u32, u32)>,
-        index: Vec<([u8; 32], Extent, u64)>,
-        taken: Vec<Extent>,
-        io: Result<()>,
-    ) -> Result<()> {
+    /// The last step of every write: registers the objects just written,
+    /// indexes new chunks for dedup, maps the blocks and drops what they
+    /// replaced. `taken` are dedup hits already referenced; on failure (the
+    /// device write or a volume deleted meanwhile) they are released and
+    /// new objects freed.
+    pub(super) fn map_blocks(&self, vol: u64, w: Written, taken: Vec<Extent>) -> Result<()> {
+        let Written {
+            exts,
+            objects,
+            index,
+            io,
+        } = w;
         let need_commit = {
             let mut g = self.lock()?;
             let root = match (&io, g.volumes.get(&vol)) {
