@@ -435,7 +435,7 @@ fn metadata(dir: &Path, size: u64) {
     pool.flush().unwrap();
     let rep = pool.fsck().unwrap();
     assert!(rep.is_clean());
-    let row = |name: &str, rep: &cdmfs::check::FsckReport| {
+    let row = |name: &str, rep: &cdmfs::FsckReport| {
         println!(
             "| {name} | {:.0} MiB | {:.0} KiB | {:.3}% |",
             rep.data_bytes as f64 / MIB as f64,

@@ -6,25 +6,40 @@
 //! O(1). A ring of checksummed superblocks points at the newest commit.
 //! See `docs/on-disk-format.md` for the format and its crash-consistency
 //! argument.
+//!
+//! The public surface is what the re-exports below list (used by
+//! snapshotd, nbd-server, recovery and the `cdmfs` tool). Everything else
+//! is the engine's own. The `test-utils` feature adds what tests, benches
+//! and fuzzers need: [`MemDev`], [`CrashDev`], the on-disk [`format`] and
+//! the data codec in [`pipeline`].
 
-pub mod alloc;
-pub mod check;
+mod alloc;
+mod check;
 pub mod chunker;
-pub mod dev;
-pub mod error;
+mod dev;
+mod error;
+#[cfg(feature = "test-utils")]
 pub mod format;
+#[cfg(not(feature = "test-utils"))]
+mod format;
 pub mod pipeline;
 pub mod pool;
-pub mod space;
+mod space;
 mod store;
+#[cfg(any(test, feature = "test-utils"))]
+mod testdev;
 pub mod units;
 
-pub use dev::{BlockDev, CrashDev, FileDev, MemDev};
+pub use check::{FsckReport, ScrubError, ScrubReport};
+pub use chunker::FastCdc;
+pub use dev::{BlockDev, FileDev};
 pub use error::{Error, Result};
 pub use format::DEFAULT_BLOCK_SIZE;
-pub use pipeline::{Cipher, DataPolicy, KeySource};
+pub use pipeline::{Cipher, DataPolicy, KeySource, MAX_LEVEL};
 pub use pool::{
-    Brief, FormatOptions, OpenOptions, PhysicalMap, Pool, Run, SnapshotInfo, SpaceInfo, Target,
-    VolumeInfo,
+    validate_name, Brief, FormatOptions, OpenOptions, PhysicalMap, Pool, Run, SnapshotInfo,
+    SpaceInfo, Target, VolumeInfo, MAX_RECORD,
 };
-pub use space::{Reduction, ReductionReport};
+pub use space::{Reduction, ReductionReport, VolumeReduction};
+#[cfg(feature = "test-utils")]
+pub use testdev::{CrashDev, MemDev, SECTOR};

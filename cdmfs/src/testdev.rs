@@ -1,0 +1,196 @@
+//! Devices for tests, benches and fuzzers (feature `test-utils`): an
+//! in-memory device and a crash-simulating one for power-cut tests.
+
+use std::io;
+use std::sync::Mutex;
+
+use crate::dev::BlockDev;
+
+/// An in-memory device.
+pub struct MemDev {
+    data: Mutex<Vec<u8>>,
+}
+
+impl MemDev {
+    pub fn new(size: usize) -> Self {
+        MemDev {
+            data: Mutex::new(vec![0; size]),
+        }
+    }
+    pub fn from_image(image: Vec<u8>) -> Self {
+        MemDev {
+            data: Mutex::new(image),
+        }
+    }
+    /// A copy of the device's bytes.
+    pub fn image(&self) -> Vec<u8> {
+        lock(&self.data).clone()
+    }
+    /// Lets a test damage the device.
+    pub fn with_bytes<R>(&self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        f(&mut lock(&self.data))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn range_check(len: usize, off: u64, n: usize) -> io::Result<usize> {
+    let start = usize::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+    if start.checked_add(n).is_none_or(|end| end > len) {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "past end of device",
+        ));
+    }
+    Ok(start)
+}
+
+impl BlockDev for MemDev {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let d = lock(&self.data);
+        let s = range_check(d.len(), off, buf.len())?;
+        buf.copy_from_slice(&d[s..s + buf.len()]);
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let mut d = lock(&self.data);
+        let s = range_check(d.len(), off, buf.len())?;
+        d[s..s + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.data).len() as u64)
+    }
+}
+
+/// A device that loses power. Writes go to a volatile cache until `sync`;
+/// after `writes_left` more writes the power is cut: every later call fails,
+/// and [`CrashDev::crash_image`] yields what stable storage holds, with each
+/// unsynced write dropped, applied, or torn at 512-byte sector granularity.
+pub struct CrashDev {
+    st: Mutex<CrashState>,
+}
+
+struct CrashState {
+    durable: Vec<u8>,
+    pending: Vec<(u64, Vec<u8>)>,
+    writes_left: Option<u64>,
+    dead: bool,
+}
+
+/// Sector size within which a write is atomic in the crash model.
+pub const SECTOR: usize = 512;
+
+impl CrashDev {
+    pub fn new(size: usize) -> Self {
+        CrashDev {
+            st: Mutex::new(CrashState {
+                durable: vec![0; size],
+                pending: Vec::new(),
+                writes_left: None,
+                dead: false,
+            }),
+        }
+    }
+    /// Cuts the power after `n` more writes (the n+1-th write fails).
+    pub fn cut_after(&self, n: u64) {
+        lock(&self.st).writes_left = Some(n);
+    }
+    /// Cuts the power now.
+    pub fn cut_now(&self) {
+        lock(&self.st).dead = true;
+    }
+    pub fn is_dead(&self) -> bool {
+        lock(&self.st).dead
+    }
+    /// What stable storage holds after the cut. `seed` chooses, per sector of
+    /// each unsynced write, whether it reached the media.
+    pub fn crash_image(&self, seed: u64) -> Vec<u8> {
+        let st = lock(&self.st);
+        let mut img = st.durable.clone();
+        let mut x = seed | 1;
+        let mut rnd = move || {
+            // xorshift64*
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        };
+        for (off, data) in &st.pending {
+            let mode = rnd() % 3; // 0 drop, 1 apply, 2 tear
+            if mode == 0 {
+                continue;
+            }
+            for (i, chunk) in data.chunks(SECTOR).enumerate() {
+                if mode == 2 && rnd() % 2 == 0 {
+                    continue;
+                }
+                let s = *off as usize + i * SECTOR;
+                img[s..s + chunk.len()].copy_from_slice(chunk);
+            }
+        }
+        img
+    }
+}
+
+fn power_cut() -> io::Error {
+    io::Error::other("simulated power cut")
+}
+
+impl BlockDev for CrashDev {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let st = lock(&self.st);
+        if st.dead {
+            return Err(power_cut());
+        }
+        let s = range_check(st.durable.len(), off, buf.len())?;
+        buf.copy_from_slice(&st.durable[s..s + buf.len()]);
+        let (lo, hi) = (off, off + buf.len() as u64);
+        for (woff, data) in &st.pending {
+            let (wlo, whi) = (*woff, *woff + data.len() as u64);
+            if wlo < hi && lo < whi {
+                let a = lo.max(wlo);
+                let b = hi.min(whi);
+                buf[(a - lo) as usize..(b - lo) as usize]
+                    .copy_from_slice(&data[(a - wlo) as usize..(b - wlo) as usize]);
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        let mut st = lock(&self.st);
+        if st.dead {
+            return Err(power_cut());
+        }
+        if let Some(n) = st.writes_left {
+            if n == 0 {
+                st.dead = true;
+                return Err(power_cut());
+            }
+            st.writes_left = Some(n - 1);
+        }
+        range_check(st.durable.len(), off, buf.len())?;
+        st.pending.push((off, buf.to_vec()));
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        let mut st = lock(&self.st);
+        if st.dead {
+            return Err(power_cut());
+        }
+        let pending = std::mem::take(&mut st.pending);
+        for (off, data) in pending {
+            let s = off as usize;
+            st.durable[s..s + data.len()].copy_from_slice(&data);
+        }
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.st).durable.len() as u64)
+    }
+}
