@@ -244,8 +244,8 @@ pub fn dec_ptr(b: &[u8]) -> Ptr {
     }
 }
 
-/// Extent flags. Only `NONE` is written by this version; the others are the
-/// room the data pipeline (compression, encryption, dedup) fills in.
+/// Extent flags: 0 for a plain extent; the data pipeline (compression,
+/// encryption, dedup, packs, frames) sets the others.
 pub mod flags {
     pub const COMPRESSED: u16 = 1 << 0;
     pub const ENCRYPTED: u16 = 1 << 1;
@@ -289,7 +289,8 @@ pub struct Extent {
     /// crc32c of the stored bytes.
     pub csum: u32,
     pub flags: u16,
-    /// Pipeline parameter (codec level or key slot), 0 for plain data.
+    /// Packed extents: offset of the chunk in its pack in 16-byte units;
+    /// 0 otherwise.
     pub aux: u16,
 }
 
