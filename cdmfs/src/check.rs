@@ -1,13 +1,13 @@
 //! `fsck` (structure, reference counts, space accounting, leaks) and
 //! `scrub` (read and verify every node and data extent).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::pool::Pool;
+use crate::pool::{Inner, Pool, TreeRoot};
 
 /// What fsck found.
 #[derive(Debug, Default, Serialize)]
@@ -76,285 +76,376 @@ impl Pool {
     /// stored reference counts equal the references actually present, and
     /// that every allocated block is accounted for (no leaks, no overlaps).
     pub fn fsck(&self) -> Result<FsckReport> {
-        let mut g = self.lock()?;
+        let mut guard = self.lock()?;
+        let g = &mut *guard;
         let mut rep = FsckReport::default();
         let roots = g.roots();
-        rep.volumes = roots.iter().filter(|r| r.0.starts_with("volume ")).count();
+        rep.volumes = roots
+            .iter()
+            .filter(|r| r.name.starts_with("volume "))
+            .count();
         rep.snapshots = roots.len() - rep.volumes;
-        let total = g.store.alloc.total();
         // Expected references, from walking every root.
-        let mut refs: HashMap<u64, (u32, Obj)> = HashMap::new();
-        let mut entries_under: HashMap<u64, u64> = HashMap::new();
-        let mut counted: std::collections::HashSet<u64> = std::collections::HashSet::new();
-        for (name, root, bs) in &roots {
-            if root.is_null() {
-                continue;
-            }
-            let first = {
-                let e = refs.entry(root.addr).or_insert((0, Obj::Node));
-                e.0 += 1;
-                e.0 == 1
+        let mut walk = VolumeWalk {
+            refs: HashMap::new(),
+            counted: HashSet::new(),
+            total: g.store.alloc.total(),
+        };
+        for root in &roots {
+            walk.tree(g, &mut rep, root);
+        }
+        let mut refs = walk.refs;
+        check_mapped_counters(g, &mut rep, &roots);
+        let rc = stored_refcounts(g, &mut rep);
+        compare_refcounts(&mut rep, &mut refs, &rc.stored);
+        check_space(g, &mut rep, &refs, &rc.nodes);
+        rep.used_blocks = g.store.alloc.used();
+        Ok(rep)
+    }
+}
+
+/// Walks volume trees, each shared subtree once, counting the references
+/// every node and extent should have.
+struct VolumeWalk {
+    /// Expected references, and the kind of object at each block.
+    refs: HashMap<u64, (u32, Obj)>,
+    /// Stored bytes already counted (dedup and frames share them).
+    counted: HashSet<u64>,
+    total: u64,
+}
+
+impl VolumeWalk {
+    fn tree(&mut self, g: &mut Inner, rep: &mut FsckReport, root: &TreeRoot) {
+        let (name, bs) = (&root.name, root.block_size);
+        let root = root.ptr;
+        if root.is_null() {
+            return;
+        }
+        let first = {
+            let e = self.refs.entry(root.addr).or_insert((0, Obj::Node));
+            e.0 += 1;
+            e.0 == 1
+        };
+        if !first {
+            return;
+        }
+        // (ptr, lo, hi, level above)
+        let mut stack = vec![(root, 0u64, u64::MAX, u8::MAX)];
+        while let Some((p, lo, hi, parent_level)) = stack.pop() {
+            let n = match g.store.load(TreeKind::Volume, p) {
+                Ok(n) => n,
+                Err(e) => {
+                    rep.errors.push(format!("{name}: {e}"));
+                    continue;
+                }
             };
-            if !first {
-                continue;
+            rep.volume_nodes += 1;
+            if parent_level != u8::MAX && n.level + 1 != parent_level {
+                rep.errors.push(format!(
+                    "{name}: node at block {} has level {} under level {}",
+                    p.addr, n.level, parent_level
+                ));
             }
-            // (ptr, lo, hi, level above)
-            let mut stack = vec![(*root, 0u64, u64::MAX, u8::MAX)];
-            while let Some((p, lo, hi, parent_level)) = stack.pop() {
-                let n = match g.store.load(TreeKind::Volume, p) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        rep.errors.push(format!("{name}: {e}"));
-                        continue;
-                    }
-                };
-                rep.volume_nodes += 1;
-                if parent_level != u8::MAX && n.level + 1 != parent_level {
+            if n.is_empty() {
+                rep.errors
+                    .push(format!("{name}: empty node at block {}", p.addr));
+            }
+            if n.keys.first().is_some_and(|&k| k < lo) || n.keys.last().is_some_and(|&k| k >= hi) {
+                rep.errors.push(format!(
+                    "{name}: node at block {} has keys outside its parent's range",
+                    p.addr
+                ));
+            }
+            for i in 0..n.len() {
+                if n.is_leaf() {
+                    self.extent(rep, name, bs, n.keys[i], Extent::decode(n.val(i)));
+                    continue;
+                }
+                let c = n.child(i);
+                let chi = if i + 1 < n.len() { n.keys[i + 1] } else { hi };
+                let r = self.refs.entry(c.addr).or_insert((0, Obj::Node));
+                r.0 += 1;
+                if r.1 != Obj::Node {
                     rep.errors.push(format!(
-                        "{name}: node at block {} has level {} under level {}",
-                        p.addr, n.level, parent_level
+                        "{name}: pool block {} is used as two different objects",
+                        c.addr
                     ));
                 }
-                if n.is_empty() {
+                if r.0 == 1 {
+                    stack.push((c, n.keys[i].max(lo), chi, n.level));
+                }
+            }
+        }
+    }
+
+    /// One leaf entry: block `key` of a tree with blocks of `bs` bytes.
+    fn extent(&mut self, rep: &mut FsckReport, name: &str, bs: u32, key: u64, e: Extent) {
+        rep.extents += 1;
+        let max_len = if e.flags & flags::FRAMED != 0 {
+            FRAME_BYTES as u32
+        } else {
+            bs
+        };
+        if e.stored_len == 0
+            || e.stored_len > max_len
+            || e.addr < RESERVED_BLOCKS
+            || e.addr + e.min_object_blocks() as u64 > self.total
+            || (!e.packed() && e.stored_len != bs)
+        {
+            rep.errors.push(format!(
+                "{name}: bad extent at offset {} (block {}, {} bytes)",
+                key.saturating_mul(bs as u64),
+                e.addr,
+                e.stored_len
+            ));
+            return;
+        }
+        let obj = if e.packed() {
+            Obj::Pack(e.min_object_blocks())
+        } else {
+            Obj::Extent(e.blocks())
+        };
+        let r = self.refs.entry(e.addr).or_insert((0, obj));
+        r.0 += 1;
+        match (r.1, obj) {
+            (Obj::Pack(a), Obj::Pack(b)) => r.1 = Obj::Pack(a.max(b)),
+            (a, b) if a == b => {}
+            _ => rep.errors.push(format!(
+                "{name}: pool block {} is used as two different objects",
+                e.addr
+            )),
+        }
+        // Stored bytes once, however many blocks share them (dedup, frames).
+        if self.counted.insert(e.byte_offset()) {
+            rep.data_bytes += e.stored_len as u64;
+        }
+    }
+}
+
+/// Per-volume allocated block counters against the trees.
+fn check_mapped_counters(g: &mut Inner, rep: &mut FsckReport, roots: &[TreeRoot]) {
+    let mut entries_under: HashMap<u64, u64> = HashMap::new();
+    for TreeRoot { name, ptr, .. } in roots {
+        let counted = count_entries(g, *ptr, &mut entries_under);
+        match counted {
+            Ok(c) => {
+                if let Some(stored) = g.allocated_blocks_of(name) {
+                    if stored != c {
+                        rep.errors.push(format!(
+                            "{name}: records {stored} allocated blocks, tree maps {c}"
+                        ));
+                    }
+                }
+            }
+            Err(e) => rep.errors.push(format!("{name}: {e}")),
+        }
+    }
+}
+
+/// The reference counts as stored (uncommitted changes included) and the
+/// refcount tree's nodes.
+struct StoredRefcounts {
+    stored: HashMap<u64, RcVal>,
+    nodes: Vec<u64>,
+}
+
+fn stored_refcounts(g: &mut Inner, rep: &mut FsckReport) -> StoredRefcounts {
+    let mut stored: HashMap<u64, RcVal> = HashMap::new();
+    let rc_root = g.store.rc_root;
+    let mut rc_nodes = Vec::new();
+    let walk = g.walk_nodes(TreeKind::Refcount, rc_root, &mut |addr, n| {
+        rc_nodes.push(addr);
+        if n.is_leaf() {
+            for i in 0..n.len() {
+                stored.insert(n.keys[i], RcVal::decode(n.val(i)));
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = walk {
+        rep.errors.push(format!("refcount tree: {e}"));
+    }
+    // Uncommitted changes override the tree.
+    for (a, v) in g.store.rc_delta.clone() {
+        match v {
+            Some(v) => stored.insert(a, v),
+            None => stored.remove(&a),
+        };
+    }
+    rep.refcount_nodes = rc_nodes.len() as u64;
+    StoredRefcounts {
+        stored,
+        nodes: rc_nodes,
+    }
+}
+
+/// Stored reference counts against the expected ones; a pack's length is
+/// taken from its refcount entry when that is plausible.
+fn compare_refcounts(
+    rep: &mut FsckReport,
+    refs: &mut HashMap<u64, (u32, Obj)>,
+    stored: &HashMap<u64, RcVal>,
+) {
+    for (addr, (n, obj)) in refs.iter_mut() {
+        let blocks = match obj {
+            Obj::Node => 1,
+            Obj::Extent(b) => *b,
+            Obj::Pack(need) => match stored.get(addr) {
+                Some(v) if v.blocks >= *need && v.blocks as u64 <= MAX_PACK / UNIT => {
+                    *obj = Obj::Pack(v.blocks);
+                    v.blocks
+                }
+                _ => *need,
+            },
+        };
+        match stored.get(addr) {
+            None => rep.errors.push(format!(
+                "pool block {addr} is referenced {n} time(s) but has no refcount"
+            )),
+            Some(v) if v.refs != *n || v.blocks != blocks => rep.errors.push(format!(
+                "pool block {addr}: refcount {} x {} blocks stored, {n} x {blocks} found",
+                v.refs, v.blocks
+            )),
+            _ => {}
+        }
+    }
+    for (addr, v) in stored {
+        if !refs.contains_key(addr) {
+            rep.errors.push(format!(
+                "pool block {addr} ({} blocks) has refcount {} but nothing references it (leak)",
+                v.blocks, v.refs
+            ));
+            rep.leaked_blocks += v.blocks as u64;
+        }
+    }
+}
+
+/// Which blocks objects claim; a block claimed twice or past the end is
+/// an error.
+struct Claims {
+    claimed: Vec<bool>,
+}
+
+impl Claims {
+    fn claim(&mut self, rep: &mut FsckReport, a: u64, n: u64, what: &str) {
+        for b in a..a + n {
+            match self.claimed.get_mut(b as usize) {
+                Some(c) if !*c => *c = true,
+                Some(_) => {
                     rep.errors
-                        .push(format!("{name}: empty node at block {}", p.addr));
+                        .push(format!("pool block {b} is claimed twice ({what})"));
+                    return;
                 }
-                if n.keys.first().is_some_and(|&k| k < lo)
-                    || n.keys.last().is_some_and(|&k| k >= hi)
-                {
-                    rep.errors.push(format!(
-                        "{name}: node at block {} has keys outside its parent's range",
-                        p.addr
-                    ));
-                }
-                for i in 0..n.len() {
-                    if n.is_leaf() {
-                        let e = Extent::decode(n.val(i));
-                        rep.extents += 1;
-                        let max_len = if e.flags & flags::FRAMED != 0 {
-                            FRAME_BYTES as u32
-                        } else {
-                            *bs
-                        };
-                        if e.stored_len == 0
-                            || e.stored_len > max_len
-                            || e.addr < RESERVED_BLOCKS
-                            || e.addr + e.min_object_blocks() as u64 > total
-                            || (!e.packed() && e.stored_len != *bs)
-                        {
-                            rep.errors.push(format!(
-                                "{name}: bad extent at offset {} (block {}, {} bytes)",
-                                n.keys[i].saturating_mul(*bs as u64),
-                                e.addr,
-                                e.stored_len
-                            ));
-                            continue;
-                        }
-                        let obj = if e.packed() {
-                            Obj::Pack(e.min_object_blocks())
-                        } else {
-                            Obj::Extent(e.blocks())
-                        };
-                        let r = refs.entry(e.addr).or_insert((0, obj));
-                        r.0 += 1;
-                        match (r.1, obj) {
-                            (Obj::Pack(a), Obj::Pack(b)) => r.1 = Obj::Pack(a.max(b)),
-                            (a, b) if a == b => {}
-                            _ => rep.errors.push(format!(
-                                "{name}: pool block {} is used as two different objects",
-                                e.addr
-                            )),
-                        }
-                        // Stored bytes once, however many blocks share them
-                        // (dedup, frames).
-                        if counted.insert(e.byte_offset()) {
-                            rep.data_bytes += e.stored_len as u64;
-                        }
-                    } else {
-                        let c = n.child(i);
-                        let chi = if i + 1 < n.len() { n.keys[i + 1] } else { hi };
-                        let r = refs.entry(c.addr).or_insert((0, Obj::Node));
-                        r.0 += 1;
-                        if r.1 != Obj::Node {
-                            rep.errors.push(format!(
-                                "{name}: pool block {} is used as two different objects",
-                                c.addr
-                            ));
-                        }
-                        if r.0 == 1 {
-                            stack.push((c, n.keys[i].max(lo), chi, n.level));
-                        }
-                    }
+                None => {
+                    rep.errors
+                        .push(format!("pool block {b} lies past the end ({what})"));
+                    return;
                 }
             }
         }
-        // Per-volume allocated block counters.
-        for (name, root, _bs) in &roots {
-            let counted = count_entries(&mut g, *root, &mut entries_under);
-            match counted {
-                Ok(c) => {
-                    if let Some(stored) = g.allocated_blocks_of(name) {
-                        if stored != c {
-                            rep.errors.push(format!(
-                                "{name}: records {stored} allocated blocks, tree maps {c}"
-                            ));
-                        }
-                    }
-                }
-                Err(e) => rep.errors.push(format!("{name}: {e}")),
-            }
+    }
+}
+
+/// Space accounting: every used block is owned by exactly one object
+/// (reserved area, volume data, tree nodes, catalog records, deferred
+/// frees), and every owned block is marked used.
+fn check_space(
+    g: &mut Inner,
+    rep: &mut FsckReport,
+    refs: &HashMap<u64, (u32, Obj)>,
+    rc_nodes: &[u64],
+) {
+    let mut claims = Claims {
+        claimed: vec![false; g.store.alloc.total() as usize],
+    };
+    claims.claim(rep, 0, RESERVED_BLOCKS, "reserved");
+    for (addr, (_, obj)) in refs {
+        let n = match obj {
+            Obj::Node => 1,
+            Obj::Extent(b) | Obj::Pack(b) => *b as u64,
+        };
+        claims.claim(rep, *addr, n, "volume data");
+    }
+    for a in rc_nodes {
+        claims.claim(rep, *a, 1, "refcount node");
+    }
+    let cat_root = g.catalog_root();
+    let mut cat_nodes = Vec::new();
+    if let Err(e) = g.walk_nodes(TreeKind::Catalog, cat_root, &mut |a, _| {
+        cat_nodes.push(a);
+        Ok(())
+    }) {
+        rep.errors.push(format!("catalog tree: {e}"));
+    }
+    rep.catalog_nodes = cat_nodes.len() as u64;
+    check_dedup(g, rep, refs, &mut cat_nodes);
+    for a in cat_nodes {
+        claims.claim(rep, a, 1, "catalog node");
+    }
+    for (a, n) in g.blob_list() {
+        rep.catalog_blocks += n;
+        claims.claim(rep, a, n, "catalog record");
+    }
+    for (a, n) in g.deferred_frees() {
+        rep.deferred_free_blocks += n;
+        claims.claim(rep, a, n, "freed, awaiting commit");
+    }
+    let uncommitted = g.has_uncommitted();
+    for (b, c) in claims.claimed.iter().enumerate() {
+        let used = g.store.alloc.is_set(b as u64);
+        if *c && !used {
+            rep.errors
+                .push(format!("pool block {b} is in use but marked free"));
+        } else if !*c && used && !uncommitted {
+            rep.errors.push(format!(
+                "pool block {b} is marked used but nothing owns it (leak)"
+            ));
+            rep.leaked_blocks += 1;
         }
-        // Stored reference counts against the expected ones.
-        let mut stored: HashMap<u64, RcVal> = HashMap::new();
-        let rc_root = g.store.rc_root;
-        let mut rc_nodes = Vec::new();
-        let walk = g.walk_nodes(TreeKind::Refcount, rc_root, &mut |addr, n| {
-            rc_nodes.push(addr);
-            if n.is_leaf() {
+    }
+}
+
+/// Dedup index: its nodes (accounted with the catalog's, added to
+/// `nodes`), and every entry names a live chunk.
+fn check_dedup(
+    g: &mut Inner,
+    rep: &mut FsckReport,
+    refs: &HashMap<u64, (u32, Obj)>,
+    nodes: &mut Vec<u64>,
+) {
+    let (dd_root, ddr_root) = (g.store.dd_root, g.store.ddr_root);
+    let mut dd_entries: Vec<(u64, DedupVal)> = Vec::new();
+    for (kind, root) in [(TreeKind::Dedup, dd_root), (TreeKind::DedupRev, ddr_root)] {
+        let walk = g.walk_nodes(kind, root, &mut |a, n| {
+            nodes.push(a);
+            rep.dedup_nodes += 1;
+            if kind == TreeKind::Dedup && n.is_leaf() {
                 for i in 0..n.len() {
-                    stored.insert(n.keys[i], RcVal::decode(n.val(i)));
+                    dd_entries.push((n.keys[i], DedupVal::decode(n.val(i))));
                 }
             }
             Ok(())
         });
         if let Err(e) = walk {
-            rep.errors.push(format!("refcount tree: {e}"));
+            rep.errors.push(format!("{}: {e}", kind.name()));
         }
-        // Uncommitted changes override the tree.
-        for (a, v) in g.store.rc_delta.clone() {
-            match v {
-                Some(v) => stored.insert(a, v),
-                None => stored.remove(&a),
-            };
-        }
-        rep.refcount_nodes = rc_nodes.len() as u64;
-        for (addr, (n, obj)) in refs.iter_mut() {
-            let blocks = match obj {
-                Obj::Node => 1,
-                Obj::Extent(b) => *b,
-                Obj::Pack(need) => match stored.get(addr) {
-                    Some(v) if v.blocks >= *need && v.blocks as u64 <= MAX_PACK / UNIT => {
-                        *obj = Obj::Pack(v.blocks);
-                        v.blocks
-                    }
-                    _ => *need,
-                },
-            };
-            match stored.get(addr) {
-                None => rep.errors.push(format!(
-                    "pool block {addr} is referenced {n} time(s) but has no refcount"
-                )),
-                Some(v) if v.refs != *n || v.blocks != blocks => rep.errors.push(format!(
-                    "pool block {addr}: refcount {} x {} blocks stored, {n} x {blocks} found",
-                    v.refs, v.blocks
-                )),
-                _ => {}
-            }
-        }
-        for (addr, v) in &stored {
-            if !refs.contains_key(addr) {
-                rep.errors.push(format!("pool block {addr} ({} blocks) has refcount {} but nothing references it (leak)", v.blocks, v.refs));
-                rep.leaked_blocks += v.blocks as u64;
-            }
-        }
-        // Space accounting: every used block is owned by exactly one object.
-        let mut claimed = vec![false; total as usize];
-        let mut claim = |rep: &mut FsckReport, a: u64, n: u64, what: &str| {
-            for b in a..a + n {
-                match claimed.get_mut(b as usize) {
-                    Some(c) if !*c => *c = true,
-                    Some(_) => {
-                        rep.errors
-                            .push(format!("pool block {b} is claimed twice ({what})"));
-                        return;
-                    }
-                    None => {
-                        rep.errors
-                            .push(format!("pool block {b} lies past the end ({what})"));
-                        return;
-                    }
-                }
-            }
-        };
-        claim(&mut rep, 0, RESERVED_BLOCKS, "reserved");
-        for (addr, (_, obj)) in &refs {
-            let n = match obj {
-                Obj::Node => 1,
-                Obj::Extent(b) | Obj::Pack(b) => *b as u64,
-            };
-            claim(&mut rep, *addr, n, "volume data");
-        }
-        for a in &rc_nodes {
-            claim(&mut rep, *a, 1, "refcount node");
-        }
-        let cat_root = g.catalog_root();
-        let mut cat_nodes = Vec::new();
-        if let Err(e) = g.walk_nodes(TreeKind::Catalog, cat_root, &mut |a, _| {
-            cat_nodes.push(a);
-            Ok(())
-        }) {
-            rep.errors.push(format!("catalog tree: {e}"));
-        }
-        rep.catalog_nodes = cat_nodes.len() as u64;
-        // Dedup index: its nodes, and every entry names a live chunk.
-        let (dd_root, ddr_root) = (g.store.dd_root, g.store.ddr_root);
-        let mut dd_entries: Vec<(u64, DedupVal)> = Vec::new();
-        for (kind, root) in [(TreeKind::Dedup, dd_root), (TreeKind::DedupRev, ddr_root)] {
-            let walk = g.walk_nodes(kind, root, &mut |a, n| {
-                cat_nodes.push(a);
-                rep.dedup_nodes += 1;
-                if kind == TreeKind::Dedup && n.is_leaf() {
-                    for i in 0..n.len() {
-                        dd_entries.push((n.keys[i], DedupVal::decode(n.val(i))));
-                    }
-                }
-                Ok(())
-            });
-            if let Err(e) = walk {
-                rep.errors.push(format!("{}: {e}", kind.name()));
-            }
-        }
-        let freed: std::collections::HashSet<u64> = g.store.dd_freed.iter().copied().collect();
-        for (k, v) in dd_entries {
-            if g.store.dd_pending.contains_key(&k) || freed.contains(&v.ext.addr) {
-                continue;
-            }
-            rep.dedup_entries += 1;
-            if !refs.contains_key(&v.ext.addr) {
-                rep.errors.push(format!(
-                    "dedup index entry {k:#018x} names pool block {}, which nothing references",
-                    v.ext.addr
-                ));
-            }
-        }
-        for a in cat_nodes {
-            claim(&mut rep, a, 1, "catalog node");
-        }
-        for (a, n) in g.blob_list() {
-            rep.catalog_blocks += n;
-            claim(&mut rep, a, n, "catalog record");
-        }
-        for (a, n) in g.deferred_frees() {
-            rep.deferred_free_blocks += n;
-            claim(&mut rep, a, n, "freed, awaiting commit");
-        }
-        let uncommitted = g.has_uncommitted();
-        for (b, c) in claimed.iter().enumerate() {
-            let used = g.store.alloc.is_set(b as u64);
-            if *c && !used {
-                rep.errors
-                    .push(format!("pool block {b} is in use but marked free"));
-            } else if !*c && used && !uncommitted {
-                rep.errors.push(format!(
-                    "pool block {b} is marked used but nothing owns it (leak)"
-                ));
-                rep.leaked_blocks += 1;
-            }
-        }
-        rep.used_blocks = g.store.alloc.used();
-        Ok(rep)
     }
+    let freed: HashSet<u64> = g.store.dd_freed.iter().copied().collect();
+    for (k, v) in dd_entries {
+        if g.store.dd_pending.contains_key(&k) || freed.contains(&v.ext.addr) {
+            continue;
+        }
+        rep.dedup_entries += 1;
+        if !refs.contains_key(&v.ext.addr) {
+            rep.errors.push(format!(
+                "dedup index entry {k:#018x} names pool block {}, which nothing references",
+                v.ext.addr
+            ));
+        }
+    }
+}
 
+impl Pool {
     /// Reads every node and data extent from the device and verifies its
     /// checksum; names the volume or snapshot and offset of each bad spot.
     pub fn scrub(&self) -> Result<ScrubReport> {
@@ -389,7 +480,7 @@ impl Pool {
             let roots = g.roots();
             let total: u64 = roots
                 .iter()
-                .map(|(n, _, bs)| g.allocated_blocks_of(n).unwrap_or(0) * *bs as u64)
+                .map(|r| g.allocated_blocks_of(&r.name).unwrap_or(0) * r.block_size as u64)
                 .sum();
             (roots, total)
         };
@@ -400,7 +491,12 @@ impl Pool {
         let dev = self.dev().clone();
         let mut done = 0u64;
         progress(0, total);
-        for (name, root, bs) in roots {
+        for TreeRoot {
+            name,
+            ptr: root,
+            block_size: bs,
+        } in roots
+        {
             if root.is_null() {
                 continue;
             }
@@ -479,11 +575,7 @@ impl Pool {
     }
 }
 
-fn count_entries(
-    g: &mut crate::pool::Inner,
-    root: Ptr,
-    memo: &mut HashMap<u64, u64>,
-) -> Result<u64> {
+fn count_entries(g: &mut Inner, root: Ptr, memo: &mut HashMap<u64, u64>) -> Result<u64> {
     if root.is_null() {
         return Ok(0);
     }

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::Result;
 use crate::format::*;
-use crate::pool::{Inner, Pool};
+use crate::pool::{Inner, Pool, TreeRoot};
 
 /// Bytes at each stage of the data pipeline.
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq, Eq)]
@@ -107,12 +107,22 @@ impl Pool {
         let roots = g.roots();
         let mut rep = ReductionReport::default();
         let mut all = Vec::with_capacity(roots.len());
-        for (name, root, bs) in &roots {
+        for TreeRoot {
+            name,
+            ptr: root,
+            block_size: bs,
+        } in &roots
+        {
             rep.pool.logical_bytes += g.allocated_blocks_of(name).unwrap_or(0) * *bs as u64;
             all.push((*root, *bs));
         }
         (rep.pool.after_dedup_bytes, rep.pool.after_compression_bytes) = g.distinct_chunks(&all)?;
-        for (name, root, bs) in &roots {
+        for TreeRoot {
+            name,
+            ptr: root,
+            block_size: bs,
+        } in &roots
+        {
             let Some(vname) = name.strip_prefix("volume ") else {
                 continue;
             };

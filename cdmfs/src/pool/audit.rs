@@ -8,20 +8,27 @@ use crate::format::*;
 
 use super::Inner;
 
+/// The root of one volume or snapshot tree.
+pub(crate) struct TreeRoot {
+    /// `volume NAME` or `snapshot VOLUME@ID`, as reports name it.
+    pub(crate) name: String,
+    pub(crate) ptr: Ptr,
+    pub(crate) block_size: u32,
+}
+
 impl Inner {
-    pub(crate) fn roots(&self) -> Vec<(String, Ptr, u32)> {
-        let mut r: Vec<(String, Ptr, u32)> = self
+    /// Every volume and snapshot tree, volumes first.
+    pub(crate) fn roots(&self) -> Vec<TreeRoot> {
+        let mut r: Vec<TreeRoot> = self
             .volumes
             .values()
-            .map(|v| {
-                (
-                    format!("volume {}", v.name),
-                    Ptr {
-                        addr: v.root,
-                        csum: v.root_csum,
-                    },
-                    v.block_size,
-                )
+            .map(|v| TreeRoot {
+                name: format!("volume {}", v.name),
+                ptr: Ptr {
+                    addr: v.root,
+                    csum: v.root_csum,
+                },
+                block_size: v.block_size,
             })
             .collect();
         for s in self.snapshots.values() {
@@ -30,14 +37,14 @@ impl Inner {
                 .get(&s.volume_id)
                 .map(|v| v.name.as_str())
                 .unwrap_or("?");
-            r.push((
-                format!("snapshot {vname}@{}", s.id),
-                Ptr {
+            r.push(TreeRoot {
+                name: format!("snapshot {vname}@{}", s.id),
+                ptr: Ptr {
                     addr: s.root,
                     csum: s.root_csum,
                 },
-                s.block_size,
-            ));
+                block_size: s.block_size,
+            });
         }
         r
     }
@@ -74,7 +81,7 @@ impl Inner {
         let mut stack: Vec<Ptr> = self
             .roots()
             .into_iter()
-            .map(|r| r.1)
+            .map(|r| r.ptr)
             .filter(|p| !p.is_null())
             .collect();
         while let Some(p) = stack.pop() {

@@ -9,6 +9,14 @@ use crate::store::internal;
 use super::records::*;
 use super::{now_ns, Brief, Inner, Pool, SnapshotInfo, Target, VolumeInfo};
 
+/// A target's tree root and geometry.
+pub(super) struct TargetTree {
+    pub(super) root: Ptr,
+    /// Logical size in bytes.
+    pub(super) size: u64,
+    pub(super) block_size: u32,
+}
+
 impl Pool {
     pub fn create_volume(&self, name: &str, size: u64, block_size: u32) -> Result<VolumeInfo> {
         self.create_volume_with(name, size, block_size, DataPolicy::default())
@@ -338,8 +346,8 @@ impl Pool {
     /// Size and block size of a target.
     pub fn geometry(&self, t: Target) -> Result<(u64, u32)> {
         let g = self.lock()?;
-        let (_, size, bs) = g.target(t)?;
-        Ok((size, bs))
+        let tt = g.target(t)?;
+        Ok((tt.size, tt.block_size))
     }
 }
 
@@ -391,35 +399,31 @@ impl Inner {
         Ok(())
     }
 
-    /// (root, size, block size) of a target.
-    pub(super) fn target(&self, t: Target) -> Result<(Ptr, u64, u32)> {
+    /// The tree and geometry of a target.
+    pub(super) fn target(&self, t: Target) -> Result<TargetTree> {
         match t {
             Target::Volume(id) => self
                 .volumes
                 .get(&id)
-                .map(|v| {
-                    (
-                        Ptr {
-                            addr: v.root,
-                            csum: v.root_csum,
-                        },
-                        v.size,
-                        v.block_size,
-                    )
+                .map(|v| TargetTree {
+                    root: Ptr {
+                        addr: v.root,
+                        csum: v.root_csum,
+                    },
+                    size: v.size,
+                    block_size: v.block_size,
                 })
                 .ok_or_else(|| Error::NotFound(format!("volume {id}"))),
             Target::Snapshot(id) => self
                 .snapshots
                 .get(&id)
-                .map(|s| {
-                    (
-                        Ptr {
-                            addr: s.root,
-                            csum: s.root_csum,
-                        },
-                        s.size,
-                        s.block_size,
-                    )
+                .map(|s| TargetTree {
+                    root: Ptr {
+                        addr: s.root,
+                        csum: s.root_csum,
+                    },
+                    size: s.size,
+                    block_size: s.block_size,
                 })
                 .ok_or_else(|| Error::NotFound(format!("snapshot {id}"))),
         }

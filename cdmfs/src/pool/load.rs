@@ -191,6 +191,8 @@ impl Inner {
         Ok(())
     }
 
+    /// Reads and verifies a catalog record blob: its JSON bytes and the
+    /// blocks it occupies.
     fn read_blob(&mut self, p: Ptr) -> Result<(Vec<u8>, u64)> {
         if p.addr < RESERVED_BLOCKS || p.addr >= self.store.alloc.total() {
             return Err(Error::Corrupt(format!(

@@ -29,6 +29,7 @@ mod reduce;
 mod superblock;
 mod write;
 
+pub(crate) use audit::TreeRoot;
 pub use info::{Brief, PhysicalMap, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo};
 pub use options::{FormatOptions, OpenOptions};
 pub use records::{validate_name, MAX_RECORD};

@@ -239,7 +239,8 @@ impl Pool {
     /// Allocated and unallocated runs of `[offset, offset+len)`.
     pub fn block_status(&self, t: Target, offset: u64, len: u64) -> Result<Vec<Run>> {
         let mut g = self.lock()?;
-        let (_, size, bs) = g.target(t)?;
+        let tt = g.target(t)?;
+        let (size, bs) = (tt.size, tt.block_size);
         check_range(offset, len, size)?;
         if len == 0 {
             return Ok(Vec::new());
@@ -281,7 +282,8 @@ impl Pool {
     /// offsets), for `cdmfs dump --map`, debugging and damage tests.
     pub fn physical_map(&self, t: Target) -> Result<PhysicalMap> {
         let mut g = self.lock()?;
-        let (root, _, bs) = g.target(t)?;
+        let tt = g.target(t)?;
+        let (root, bs) = (tt.root, tt.block_size);
         let mut map = PhysicalMap::default();
         g.walk_nodes(TreeKind::Volume, root, &mut |addr, n| {
             map.nodes.push(addr * UNIT);
@@ -302,7 +304,7 @@ impl Pool {
 impl Inner {
     /// Extents mapped for logical blocks `b0..b1`.
     pub(super) fn mappings(&mut self, t: Target, b0: u64, b1: u64) -> Result<Vec<(u64, Extent)>> {
-        let (root, _, _) = self.target(t)?;
+        let root = self.target(t)?.root;
         let mut out = Vec::new();
         self.store
             .range(TreeKind::Volume, root, b0, b1, &mut |k, v| {
