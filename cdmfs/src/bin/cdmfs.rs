@@ -187,34 +187,10 @@ fn time(ns: u64) -> String {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     let path = &cli.pool;
+    let key = cli.key_file.as_deref();
+    let json = cli.json;
     match cli.cmd {
-        Cmd::Format { size, force } => {
-            if path.exists() && !force {
-                if let Ok(p) = open_pool(path, None) {
-                    drop(p);
-                    bail!(
-                        "{} already holds a pool; use --force to overwrite it",
-                        path.display()
-                    );
-                }
-            }
-            let dev = match size {
-                Some(s) => {
-                    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(dir)?;
-                    }
-                    FileDev::create(path, s)?
-                }
-                None => FileDev::open(path)
-                    .with_context(|| format!("{} does not exist: give --size", path.display()))?,
-            };
-            Pool::format(&dev, &FormatOptions::default())?;
-            println!(
-                "formatted {} ({})",
-                path.display(),
-                human(cdmfs::BlockDev::len(&dev)?)
-            );
-        }
+        Cmd::Format { size, force } => format(path, size, force)?,
         Cmd::Mount { dir } => {
             let exe = std::env::current_exe()?.with_file_name("cdm-fuse");
             let mut cmd = std::process::Command::new(&exe);
@@ -226,231 +202,17 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let e = cmd.exec();
             anyhow::bail!("cannot run {}: {e}", exe.display());
         }
-        Cmd::Fsck => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
-            let rep = pool.fsck()?;
-            if cli.json {
-                print_json(&rep)?;
-            } else {
-                println!(
-                    "{} volumes, {} snapshots, {} extents ({} data), metadata {} ({} volume-tree, {} refcount, {} catalog, {} dedup-index nodes)",
-                    rep.volumes,
-                    rep.snapshots,
-                    rep.extents,
-                    human(rep.data_bytes),
-                    human(rep.metadata_bytes()),
-                    rep.volume_nodes,
-                    rep.refcount_nodes,
-                    rep.catalog_nodes,
-                    rep.dedup_nodes
-                );
-                for e in &rep.errors {
-                    println!("ERROR: {e}");
-                }
-                println!("{}", if rep.is_clean() { "clean" } else { "NOT CLEAN" });
-            }
-            return Ok(if rep.is_clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
-        }
-        Cmd::Scrub => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
-            let rep = pool.scrub()?;
-            if cli.json {
-                print_json(&rep)?;
-            } else {
-                println!(
-                    "{} nodes, {} extents, {} verified",
-                    rep.nodes_checked,
-                    rep.extents_checked,
-                    human(rep.bytes_checked)
-                );
-                for e in &rep.errors {
-                    println!(
-                        "BAD: {} offset {} (pool block {}): {}",
-                        e.target, e.offset, e.pool_block, e.what
-                    );
-                }
-                println!("{} error(s)", rep.errors.len());
-            }
-            return Ok(if rep.errors.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
-        }
-        Cmd::Space => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
-            let s = pool.space()?;
-            let r = pool.reduction()?;
-            if cli.json {
-                print_json(&serde_json::json!({"space": s, "reduction": r}))?;
-            } else {
-                println!(
-                    "total {}  used {}  free {}  generation {}",
-                    human(s.total_bytes),
-                    human(s.used_bytes),
-                    human(s.free_bytes),
-                    s.generation
-                );
-                let line = |name: &str, b: &cdmfs::Reduction| {
-                    println!(
-                        "{name:<24} {:>10} {:>12} {:>18} {:>7.2}x",
-                        human(b.logical_bytes),
-                        human(b.after_dedup_bytes),
-                        human(b.after_compression_bytes),
-                        b.ratio()
-                    )
-                };
-                println!(
-                    "{:<24} {:>10} {:>12} {:>18} {:>8}",
-                    "", "LOGICAL", "AFTER DEDUP", "AFTER COMPRESSION", "RATIO"
-                );
-                line("pool (volumes+snapshots)", &r.pool);
-                for v in &r.volumes {
-                    line(&v.name, &v.bytes);
-                }
-            }
-        }
-        Cmd::Volume(v) => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
-            match v {
-                VolumeCmd::Create {
-                    name,
-                    size,
-                    block_size,
-                    dedup,
-                    compression,
-                    encryption,
-                } => {
-                    let bs = u32::try_from(block_size).context("block size too large")?;
-                    let policy = cdmfs::DataPolicy {
-                        dedup,
-                        compression,
-                        encryption: encryption
-                            .as_deref()
-                            .map(cdmfs::Cipher::parse)
-                            .transpose()?,
-                    };
-                    let info = pool.create_volume_with(&name, size, bs, policy)?;
-                    pool.close()?;
-                    if cli.json {
-                        print_json(&info)?;
-                    } else {
-                        println!(
-                            "created volume {} ({}, {} blocks)",
-                            info.name,
-                            human(info.size),
-                            human(info.block_size as u64)
-                        );
-                    }
-                }
-                VolumeCmd::List => {
-                    let list = pool.list_volumes()?;
-                    if cli.json {
-                        print_json(&list)?;
-                    } else {
-                        println!(
-                            "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} {:<26} CREATED",
-                            "NAME",
-                            "SIZE",
-                            "BLOCK",
-                            "ALLOCATED",
-                            "UNIQUE",
-                            "SNAPS",
-                            "ORIGIN",
-                            "PIPELINE"
-                        );
-                        for v in list {
-                            println!(
-                                "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} {:<26} {}",
-                                v.name,
-                                human(v.size),
-                                human(v.block_size as u64),
-                                human(v.allocated_bytes),
-                                human(v.unique_bytes),
-                                v.snapshots,
-                                v.origin
-                                    .map(|o| o.to_string())
-                                    .unwrap_or_else(|| "-".into()),
-                                v.policy.to_string(),
-                                time(v.created_ns)
-                            );
-                        }
-                    }
-                }
-                VolumeCmd::Grow { name, size } => {
-                    let info = pool.grow_volume(&name, size)?;
-                    pool.close()?;
-                    println!("volume {} is now {}", info.name, human(info.size));
-                }
-                VolumeCmd::Delete { name, force } => {
-                    pool.delete_volume(&name, force)?;
-                    pool.close()?;
-                    println!("deleted volume {name}");
-                }
-            }
-        }
-        Cmd::Snapshot(s) => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
-            match s {
-                SnapshotCmd::Create {
-                    volume,
-                    label,
-                    metadata,
-                } => {
-                    let meta = match metadata {
-                        Some(m) => {
-                            serde_json::from_str(&m).context("--metadata is not valid JSON")?
-                        }
-                        None => serde_json::Value::Null,
-                    };
-                    let info = pool.create_snapshot(&volume, &label, meta)?;
-                    pool.close()?;
-                    if cli.json {
-                        print_json(&info)?;
-                    } else {
-                        println!("created snapshot {}@{}", info.volume, info.id);
-                    }
-                }
-                SnapshotCmd::List { volume } => {
-                    let list = pool.list_snapshots(volume.as_deref())?;
-                    if cli.json {
-                        print_json(&list)?;
-                    } else {
-                        println!(
-                            "{:<30} {:<20} {:>12} {:>12} {:<20} METADATA",
-                            "SNAPSHOT", "LABEL", "ALLOCATED", "UNIQUE", "CREATED"
-                        );
-                        for s in list {
-                            println!(
-                                "{:<30} {:<20} {:>12} {:>12} {:<20} {}",
-                                format!("{}@{}", s.volume, s.id),
-                                s.label,
-                                human(s.allocated_bytes),
-                                human(s.unique_bytes),
-                                time(s.created_ns),
-                                s.metadata
-                            );
-                        }
-                    }
-                }
-                SnapshotCmd::Delete { snapshot } => {
-                    let id = snapshot_id(&pool, &snapshot)?;
-                    pool.delete_snapshot(id)?;
-                    pool.close()?;
-                    println!("deleted snapshot {id}");
-                }
-            }
-        }
+        Cmd::Fsck => return fsck(&open_pool(path, key)?, json),
+        Cmd::Scrub => return scrub(&open_pool(path, key)?, json),
+        Cmd::Space => space(&open_pool(path, key)?, json)?,
+        Cmd::Volume(v) => volume(open_pool(path, key)?, v, json)?,
+        Cmd::Snapshot(s) => snapshot(open_pool(path, key)?, s, json)?,
         Cmd::Clone { snapshot, name } => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
+            let pool = open_pool(path, key)?;
             let id = snapshot_id(&pool, &snapshot)?;
             let info = pool.clone_snapshot(id, &name)?;
             pool.close()?;
-            if cli.json {
+            if json {
                 print_json(&info)?;
             } else {
                 println!("created clone {} of snapshot {id}", info.name);
@@ -460,103 +222,359 @@ fn run(cli: Cli) -> Result<ExitCode> {
             export,
             offset,
             length,
-        } => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
-            let t = pool.resolve(&export)?;
-            let (size, _) = pool.geometry(t)?;
-            let len = length.unwrap_or(size.saturating_sub(offset));
-            let mut out = std::io::stdout().lock();
-            let mut buf = vec![0u8; 4 << 20];
-            let mut pos = offset;
-            while pos < offset + len {
-                let n = (offset + len - pos).min(buf.len() as u64) as usize;
-                pool.read(t, pos, &mut buf[..n])?;
-                out.write_all(&buf[..n])?;
-                pos += n as u64;
-            }
-            out.flush()?;
-        }
+        } => cat(&open_pool(path, key)?, &export, offset, length)?,
         Cmd::Dump {
             export,
             offset,
             length,
             map,
-        } => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
-            let t = pool.resolve(&export)?;
-            if map {
-                let m = pool.physical_map(t)?;
-                if cli.json {
-                    print_json(&m)?;
-                } else {
-                    println!("{} tree nodes at pool offsets {:?}", m.nodes.len(), m.nodes);
-                    for (l, p, n) in m.extents {
-                        println!("logical {l:>14}  pool {p:>14}  {n} bytes");
-                    }
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            let mut buf = vec![0u8; usize::try_from(length).context("length too large")?];
-            pool.read(t, offset, &mut buf)?;
-            for (i, row) in buf.chunks(16).enumerate() {
-                let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
-                let asc: String = row
-                    .iter()
-                    .map(|&b| {
-                        if (0x20..0x7f).contains(&b) {
-                            b as char
-                        } else {
-                            '.'
-                        }
-                    })
-                    .collect();
-                println!(
-                    "{:012x}  {:<47}  {asc}",
-                    offset + i as u64 * 16,
-                    hex.join(" ")
-                );
-            }
-        }
+        } => dump(&open_pool(path, key)?, &export, offset, length, map, json)?,
         Cmd::Write {
             volume,
             file,
             offset,
-        } => {
-            let pool = open_pool(path, cli.key_file.as_deref())?;
-            let id = pool.volume_id(&volume)?;
-            let mut input: Box<dyn Read> = match file.as_deref() {
-                None => Box::new(std::io::stdin().lock()),
-                Some(p) if p == Path::new("-") => Box::new(std::io::stdin().lock()),
-                Some(p) => Box::new(
-                    std::fs::File::open(p)
-                        .with_context(|| format!("cannot open {}", p.display()))?,
-                ),
-            };
-            let mut buf = vec![0u8; 4 << 20];
-            let mut pos = offset;
-            loop {
-                let mut n = 0;
-                while n < buf.len() {
-                    let r = input.read(&mut buf[n..])?;
-                    if r == 0 {
-                        break;
-                    }
-                    n += r;
-                }
-                if n == 0 {
-                    break;
-                }
-                pool.write(id, pos, &buf[..n])?;
-                pos += n as u64;
-            }
-            pool.close()?;
-            println!(
-                "wrote {} to {volume} at offset {offset}",
-                human(pos - offset)
+        } => write(open_pool(path, key)?, &volume, file.as_deref(), offset)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `cdmfs format`.
+fn format(path: &Path, size: Option<u64>, force: bool) -> Result<()> {
+    if path.exists() && !force {
+        if let Ok(p) = open_pool(path, None) {
+            drop(p);
+            bail!(
+                "{} already holds a pool; use --force to overwrite it",
+                path.display()
             );
         }
     }
-    Ok(ExitCode::SUCCESS)
+    let dev = match size {
+        Some(s) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            FileDev::create(path, s)?
+        }
+        None => FileDev::open(path)
+            .with_context(|| format!("{} does not exist: give --size", path.display()))?,
+    };
+    Pool::format(&dev, &FormatOptions::default())?;
+    println!(
+        "formatted {} ({})",
+        path.display(),
+        human(cdmfs::BlockDev::len(&dev)?)
+    );
+    Ok(())
+}
+
+/// `cdmfs fsck`: exit status 1 if the pool is not clean.
+fn fsck(pool: &Pool, json: bool) -> Result<ExitCode> {
+    let rep = pool.fsck()?;
+    if json {
+        print_json(&rep)?;
+    } else {
+        println!(
+            "{} volumes, {} snapshots, {} extents ({} data), metadata {} ({} volume-tree, {} refcount, {} catalog, {} dedup-index nodes)",
+            rep.volumes,
+            rep.snapshots,
+            rep.extents,
+            human(rep.data_bytes),
+            human(rep.metadata_bytes()),
+            rep.volume_nodes,
+            rep.refcount_nodes,
+            rep.catalog_nodes,
+            rep.dedup_nodes
+        );
+        for e in &rep.errors {
+            println!("ERROR: {e}");
+        }
+        println!("{}", if rep.is_clean() { "clean" } else { "NOT CLEAN" });
+    }
+    Ok(if rep.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `cdmfs scrub`: exit status 1 if anything is bad.
+fn scrub(pool: &Pool, json: bool) -> Result<ExitCode> {
+    let rep = pool.scrub()?;
+    if json {
+        print_json(&rep)?;
+    } else {
+        println!(
+            "{} nodes, {} extents, {} verified",
+            rep.nodes_checked,
+            rep.extents_checked,
+            human(rep.bytes_checked)
+        );
+        for e in &rep.errors {
+            println!(
+                "BAD: {} offset {} (pool block {}): {}",
+                e.target, e.offset, e.pool_block, e.what
+            );
+        }
+        println!("{} error(s)", rep.errors.len());
+    }
+    Ok(if rep.errors.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `cdmfs space`: space and data reduction.
+fn space(pool: &Pool, json: bool) -> Result<()> {
+    let s = pool.space()?;
+    let r = pool.reduction()?;
+    if json {
+        print_json(&serde_json::json!({"space": s, "reduction": r}))?;
+    } else {
+        println!(
+            "total {}  used {}  free {}  generation {}",
+            human(s.total_bytes),
+            human(s.used_bytes),
+            human(s.free_bytes),
+            s.generation
+        );
+        let line = |name: &str, b: &cdmfs::Reduction| {
+            println!(
+                "{name:<24} {:>10} {:>12} {:>18} {:>7.2}x",
+                human(b.logical_bytes),
+                human(b.after_dedup_bytes),
+                human(b.after_compression_bytes),
+                b.ratio()
+            )
+        };
+        println!(
+            "{:<24} {:>10} {:>12} {:>18} {:>8}",
+            "", "LOGICAL", "AFTER DEDUP", "AFTER COMPRESSION", "RATIO"
+        );
+        line("pool (volumes+snapshots)", &r.pool);
+        for v in &r.volumes {
+            line(&v.name, &v.bytes);
+        }
+    }
+    Ok(())
+}
+
+/// `cdmfs volume ...`.
+fn volume(pool: Pool, cmd: VolumeCmd, json: bool) -> Result<()> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            block_size,
+            dedup,
+            compression,
+            encryption,
+        } => {
+            let bs = u32::try_from(block_size).context("block size too large")?;
+            let policy = cdmfs::DataPolicy {
+                dedup,
+                compression,
+                encryption: encryption
+                    .as_deref()
+                    .map(cdmfs::Cipher::parse)
+                    .transpose()?,
+            };
+            let info = pool.create_volume_with(&name, size, bs, policy)?;
+            pool.close()?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!(
+                    "created volume {} ({}, {} blocks)",
+                    info.name,
+                    human(info.size),
+                    human(info.block_size as u64)
+                );
+            }
+        }
+        VolumeCmd::List => {
+            let list = pool.list_volumes()?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} {:<26} CREATED",
+                    "NAME", "SIZE", "BLOCK", "ALLOCATED", "UNIQUE", "SNAPS", "ORIGIN", "PIPELINE"
+                );
+                for v in list {
+                    println!(
+                        "{:<24} {:>12} {:>8} {:>12} {:>12} {:>5} {:<10} {:<26} {}",
+                        v.name,
+                        human(v.size),
+                        human(v.block_size as u64),
+                        human(v.allocated_bytes),
+                        human(v.unique_bytes),
+                        v.snapshots,
+                        v.origin
+                            .map(|o| o.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        v.policy.to_string(),
+                        time(v.created_ns)
+                    );
+                }
+            }
+        }
+        VolumeCmd::Grow { name, size } => {
+            let info = pool.grow_volume(&name, size)?;
+            pool.close()?;
+            println!("volume {} is now {}", info.name, human(info.size));
+        }
+        VolumeCmd::Delete { name, force } => {
+            pool.delete_volume(&name, force)?;
+            pool.close()?;
+            println!("deleted volume {name}");
+        }
+    }
+    Ok(())
+}
+
+/// `cdmfs snapshot ...`.
+fn snapshot(pool: Pool, cmd: SnapshotCmd, json: bool) -> Result<()> {
+    match cmd {
+        SnapshotCmd::Create {
+            volume,
+            label,
+            metadata,
+        } => {
+            let meta = match metadata {
+                Some(m) => serde_json::from_str(&m).context("--metadata is not valid JSON")?,
+                None => serde_json::Value::Null,
+            };
+            let info = pool.create_snapshot(&volume, &label, meta)?;
+            pool.close()?;
+            if json {
+                print_json(&info)?;
+            } else {
+                println!("created snapshot {}@{}", info.volume, info.id);
+            }
+        }
+        SnapshotCmd::List { volume } => {
+            let list = pool.list_snapshots(volume.as_deref())?;
+            if json {
+                print_json(&list)?;
+            } else {
+                println!(
+                    "{:<30} {:<20} {:>12} {:>12} {:<20} METADATA",
+                    "SNAPSHOT", "LABEL", "ALLOCATED", "UNIQUE", "CREATED"
+                );
+                for s in list {
+                    println!(
+                        "{:<30} {:<20} {:>12} {:>12} {:<20} {}",
+                        format!("{}@{}", s.volume, s.id),
+                        s.label,
+                        human(s.allocated_bytes),
+                        human(s.unique_bytes),
+                        time(s.created_ns),
+                        s.metadata
+                    );
+                }
+            }
+        }
+        SnapshotCmd::Delete { snapshot } => {
+            let id = snapshot_id(&pool, &snapshot)?;
+            pool.delete_snapshot(id)?;
+            pool.close()?;
+            println!("deleted snapshot {id}");
+        }
+    }
+    Ok(())
+}
+
+/// `cdmfs cat`: bytes of a volume or snapshot to stdout.
+fn cat(pool: &Pool, export: &str, offset: u64, length: Option<u64>) -> Result<()> {
+    let t = pool.resolve(export)?;
+    let (size, _) = pool.geometry(t)?;
+    let len = length.unwrap_or(size.saturating_sub(offset));
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 4 << 20];
+    let mut pos = offset;
+    while pos < offset + len {
+        let n = (offset + len - pos).min(buf.len() as u64) as usize;
+        pool.read(t, pos, &mut buf[..n])?;
+        out.write_all(&buf[..n])?;
+        pos += n as u64;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `cdmfs dump`: a hex dump, or with `map` the physical layout.
+fn dump(pool: &Pool, export: &str, offset: u64, length: u64, map: bool, json: bool) -> Result<()> {
+    let t = pool.resolve(export)?;
+    if map {
+        let m = pool.physical_map(t)?;
+        if json {
+            print_json(&m)?;
+        } else {
+            println!("{} tree nodes at pool offsets {:?}", m.nodes.len(), m.nodes);
+            for (l, p, n) in m.extents {
+                println!("logical {l:>14}  pool {p:>14}  {n} bytes");
+            }
+        }
+        return Ok(());
+    }
+    let mut buf = vec![0u8; usize::try_from(length).context("length too large")?];
+    pool.read(t, offset, &mut buf)?;
+    for (i, row) in buf.chunks(16).enumerate() {
+        let hex: Vec<String> = row.iter().map(|b| format!("{b:02x}")).collect();
+        let asc: String = row
+            .iter()
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    b as char
+                } else {
+                    '.'
+                }
+            })
+            .collect();
+        println!(
+            "{:012x}  {:<47}  {asc}",
+            offset + i as u64 * 16,
+            hex.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// `cdmfs write`: a file or stdin into a volume.
+fn write(pool: Pool, volume: &str, file: Option<&Path>, offset: u64) -> Result<()> {
+    let id = pool.volume_id(volume)?;
+    let mut input: Box<dyn Read> = match file {
+        None => Box::new(std::io::stdin().lock()),
+        Some(p) if p == Path::new("-") => Box::new(std::io::stdin().lock()),
+        Some(p) => Box::new(
+            std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
+        ),
+    };
+    let mut buf = vec![0u8; 4 << 20];
+    let mut pos = offset;
+    loop {
+        let mut n = 0;
+        while n < buf.len() {
+            let r = input.read(&mut buf[n..])?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        if n == 0 {
+            break;
+        }
+        pool.write(id, pos, &buf[..n])?;
+        pos += n as u64;
+    }
+    pool.close()?;
+    println!(
+        "wrote {} to {volume} at offset {offset}",
+        human(pos - offset)
+    );
+    Ok(())
 }
 
 fn main() -> ExitCode {
