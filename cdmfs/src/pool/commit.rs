@@ -147,48 +147,7 @@ impl Inner {
             }
         }
         // 2. Catalog records.
-        let dirty: Vec<(u64, bool)> = std::mem::take(&mut self.catalog_dirty)
-            .into_iter()
-            .collect();
-        let mut cat = self.catalog_root;
-        for (key, present) in dirty {
-            if let Some((old, blocks)) = self.blobs.remove(&key) {
-                self.store.free_blocks_later(old.addr, blocks);
-            }
-            let bytes = if !present {
-                None
-            } else if key == KEY_POOL {
-                Some(serde_json::to_vec(&self.pool_rec))
-            } else if key & KEY_SNAPSHOT == KEY_SNAPSHOT {
-                self.snapshots
-                    .get(&(key & ((1 << 56) - 1)))
-                    .map(serde_json::to_vec)
-            } else {
-                self.volumes
-                    .get(&(key & ((1 << 56) - 1)))
-                    .map(serde_json::to_vec)
-            };
-            match bytes {
-                Some(b) => {
-                    let b = b.map_err(|e| internal(&e.to_string()))?;
-                    let mut blob = Vec::with_capacity(4 + b.len());
-                    blob.extend_from_slice(&(b.len() as u32).to_le_bytes());
-                    blob.extend_from_slice(&b);
-                    let csum = crc(&blob);
-                    let blocks = (blob.len() as u64).div_ceil(UNIT);
-                    blob.resize((blocks * UNIT) as usize, 0);
-                    let addr = self.store.alloc_blocks(blocks)?;
-                    out.push((addr, blob));
-                    let p = Ptr { addr, csum };
-                    self.blobs.insert(key, (p, blocks));
-                    self.store
-                        .insert(TreeKind::Catalog, &mut cat, key, &enc_ptr(p))?;
-                }
-                None => {
-                    self.store.remove(TreeKind::Catalog, &mut cat, key)?;
-                }
-            }
-        }
+        let cat = self.write_catalog_records(&mut out)?;
         let cat = self.store.write_tree(cat, &mut written, &mut out)?;
         // 3. Dedup index: entries of freed objects dropped, new ones added.
         self.store.apply_dedup()?;
@@ -232,6 +191,55 @@ impl Inner {
             sb,
             freed: std::mem::take(&mut self.store.pending_free),
         }))
+    }
+
+    /// Step 2 of [`Inner::prepare_commit`]: writes a new blob for every
+    /// changed catalog record (the old one is freed later), drops deleted
+    /// ones, and returns the catalog tree's root with those changes.
+    fn write_catalog_records(&mut self, out: &mut Vec<(u64, Vec<u8>)>) -> Result<Ptr> {
+        let dirty: Vec<(u64, bool)> = std::mem::take(&mut self.catalog_dirty)
+            .into_iter()
+            .collect();
+        let mut cat = self.catalog_root;
+        for (key, present) in dirty {
+            if let Some((old, blocks)) = self.blobs.remove(&key) {
+                self.store.free_blocks_later(old.addr, blocks);
+            }
+            let bytes = if !present {
+                None
+            } else if key == KEY_POOL {
+                Some(serde_json::to_vec(&self.pool_rec))
+            } else if key & KEY_SNAPSHOT == KEY_SNAPSHOT {
+                self.snapshots
+                    .get(&(key & ((1 << 56) - 1)))
+                    .map(serde_json::to_vec)
+            } else {
+                self.volumes
+                    .get(&(key & ((1 << 56) - 1)))
+                    .map(serde_json::to_vec)
+            };
+            match bytes {
+                Some(b) => {
+                    let b = b.map_err(|e| internal(&e.to_string()))?;
+                    let mut blob = Vec::with_capacity(4 + b.len());
+                    blob.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                    blob.extend_from_slice(&b);
+                    let csum = crc(&blob);
+                    let blocks = (blob.len() as u64).div_ceil(UNIT);
+                    blob.resize((blocks * UNIT) as usize, 0);
+                    let addr = self.store.alloc_blocks(blocks)?;
+                    out.push((addr, blob));
+                    let p = Ptr { addr, csum };
+                    self.blobs.insert(key, (p, blocks));
+                    self.store
+                        .insert(TreeKind::Catalog, &mut cat, key, &enc_ptr(p))?;
+                }
+                None => {
+                    self.store.remove(TreeKind::Catalog, &mut cat, key)?;
+                }
+            }
+        }
+        Ok(cat)
     }
 
     /// Phase 3, under the lock: the commit is durable; publish it and let
