@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cdm_recovery::host::{self, run};
+use cdm_disk::host::{self, run};
 use serde::{Deserialize, Serialize};
 
 use crate::nbdfile::DISK_NAME;

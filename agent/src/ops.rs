@@ -6,7 +6,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use cdm_api::types::{SnapshotCreate, Volume, VolumeCreate};
-use cdm_recovery::host::run;
+use cdm_disk::host::run;
 use serde_json::{json, Value};
 
 use crate::attach::{self, AttachRequest, Attachment};
@@ -142,7 +142,7 @@ impl Mounted {
     fn open(ctx: &Ctx, volume: &str, blank: bool) -> anyhow::Result<Mounted> {
         let name = attach::name_of(volume);
         if let Some(a) = attach::record(ctx, &name) {
-            if a.writable && a.export == volume && cdm_recovery::host::is_mounted(&a.mount) {
+            if a.writable && a.export == volume && cdm_disk::host::is_mounted(&a.mount) {
                 let ours = a.temporary;
                 return Ok(Mounted {
                     a,

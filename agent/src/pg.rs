@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cdm_recovery::host::run;
+use cdm_disk::host::run;
 use postgres::{Client, NoTls};
 use serde::{Deserialize, Serialize};
 

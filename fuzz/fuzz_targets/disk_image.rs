@@ -6,7 +6,7 @@
 //! `browse::load` now screens (seeds `regression-*`).
 #![no_main]
 
-use cdm_recovery::{browse, partition};
+use cdm_disk::{browse, partition};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

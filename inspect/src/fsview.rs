@@ -1,5 +1,5 @@
 //! Read-only views of a guest's filesystem for inspection: ext2/3/4
-//! through `ext4-view` (screened by `cdm_recovery::browse::load`), NTFS
+//! through `ext4-view` (screened by `cdm_disk::browse::load`), NTFS
 //! through the `ntfs` crate (case-insensitive names, as Windows has them),
 //! XFS through our own reader (`xfs.rs`).
 //! Both read the disk through [`Shared`]; any panic inside a library on a
@@ -89,7 +89,7 @@ pub fn ext4(d: Shared, start: u64, len: u64) -> Result<Box<dyn FsView>, String> 
         len,
         pos: 0,
     };
-    let fs = cdm_recovery::browse::load(Box::new(p), len).map_err(|e| e.to_string())?;
+    let fs = cdm_disk::browse::load(Box::new(p), len).map_err(|e| e.to_string())?;
     Ok(Box::new(Ext4View(fs)))
 }
 

@@ -12,6 +12,7 @@ pub mod category;
 pub mod detect;
 pub mod fsview;
 pub mod inventory;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod regf_write;
 pub mod registry;
 pub mod xfs;
@@ -174,7 +175,7 @@ pub fn inspect(disk: Box<dyn Disk>) -> Inspection {
         ..Inspection::unknown(String::new())
     };
     let mut read = |off: u64, buf: &mut [u8]| d.read_at(off, buf);
-    let parts = match cdm_recovery::partition::read_table(&mut read, size) {
+    let parts = match cdm_disk::partition::read_table(&mut read, size) {
         Ok(p) => p,
         Err(e) => {
             out.partition_table = "invalid".into();

@@ -1,15 +1,17 @@
-//! File-level restore without the kernel: a snapshot's ext4 filesystem
-//! (on the whole disk or in a partition) read in process with `ext4-view`.
-//! Listing, stat, streaming a file, streaming a tar of a directory.
+//! File-level restore from the pool: a snapshot's ext4 filesystem (on the
+//! whole disk or in a partition) found and opened through the engine; the
+//! reading itself (listing, stat, streaming a file or a tar) is
+//! `cdm_disk::browse`, wrapped here so that every call answers with the one
+//! error type that also says what the engine refused.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::Arc;
 
+use cdm_disk::browse::{self as disk, Ext4, Slice};
+use cdm_disk::partition::{read_table, Partition};
 use cdmfs::{Pool, Target};
-use ext4_view::{Ext4, Ext4Error, Ext4Read};
-use serde::Serialize;
 
-use crate::partition::{read_table, Partition};
+pub use cdm_disk::browse::Entry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrowseError {
@@ -24,48 +26,13 @@ pub enum BrowseError {
     Engine(#[from] cdmfs::Error),
 }
 
-/// One directory entry or stat result.
-#[derive(Clone, Debug, Serialize)]
-pub struct Entry {
-    pub name: String,
-    pub path: String,
-    /// `file`, `dir`, `symlink`, `block`, `char`, `fifo`, `socket`.
-    pub kind: String,
-    pub size: u64,
-    pub mode: u16,
-    pub uid: u32,
-    pub gid: u32,
-    /// Symlinks: where they point.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub target: Option<String>,
-}
-
-/// Reads a byte range of a target, within one partition.
-struct Slice {
-    pool: Arc<Pool>,
-    target: Target,
-    base: u64,
-    len: u64,
-}
-
-impl Ext4Read for Slice {
-    fn read(
-        &mut self,
-        start: u64,
-        dst: &mut [u8],
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
-        let end = start
-            .checked_add(dst.len() as u64)
-            .filter(|&e| e <= self.len)
-            .ok_or_else(|| {
-                format!(
-                    "read at {start} past the end of the filesystem ({} bytes)",
-                    self.len
-                )
-            })?;
-        let _ = end;
-        self.pool.read(self.target, self.base + start, dst)?;
-        Ok(())
+impl From<disk::BrowseError> for BrowseError {
+    fn from(e: disk::BrowseError) -> Self {
+        match e {
+            disk::BrowseError::NotFound(m) => BrowseError::NotFound(m),
+            disk::BrowseError::Invalid(m) => BrowseError::Invalid(m),
+            disk::BrowseError::Unreadable(m) => BrowseError::Unreadable(m),
+        }
     }
 }
 
@@ -80,106 +47,15 @@ pub fn partitions(pool: &Arc<Pool>, target: Target) -> Result<Vec<Partition>, Br
     .map_err(|e| BrowseError::Unreadable(e.to_string()))
 }
 
-fn ext4_err(e: Ext4Error, path: &str) -> BrowseError {
-    match e {
-        Ext4Error::NotFound => BrowseError::NotFound(format!("path {path}")),
-        Ext4Error::NotADirectory | Ext4Error::IsADirectory | Ext4Error::IsASpecialFile => {
-            BrowseError::Invalid(format!("{path}: {e}"))
-        }
-        Ext4Error::NotAbsolute | Ext4Error::MalformedPath | Ext4Error::PathTooLong => {
-            BrowseError::Invalid(format!("bad path {path:?}: {e}"))
-        }
-        other => BrowseError::Unreadable(format!("{path}: {other}")),
-    }
-}
-
-/// Loads an ext4 filesystem from `reader` (`len` bytes). Checks the
-/// superblock fields that made `ext4-view` 0.9.3 panic (a zero
-/// `s_blocks_per_group`: division by zero; a short 64-bit group
-/// descriptor: an out-of-bounds read — both found by our `disk_image` fuzz
-/// target), and turns any other panic inside the library into an error, so
-/// a hostile image can never take a request thread down.
-pub fn load(mut reader: Box<dyn Ext4Read>, len: u64) -> Result<Ext4, BrowseError> {
-    if len < 2048 {
-        return Err(BrowseError::Unreadable(format!(
-            "{len} bytes is too small for ext4"
-        )));
-    }
-    let mut sb = [0u8; 1024];
-    reader
-        .read(1024, &mut sb)
-        .map_err(|e| BrowseError::Unreadable(format!("cannot read the superblock: {e}")))?;
-    let u32_at = |o: usize| u32::from_le_bytes([sb[o], sb[o + 1], sb[o + 2], sb[o + 3]]);
-    if u16::from_le_bytes([sb[0x38], sb[0x39]]) != 0xef53 {
-        return Err(BrowseError::Unreadable(
-            "no ext2/3/4 superblock (bad magic)".into(),
-        ));
-    }
-    if u32_at(0x20) == 0 || u32_at(0x28) == 0 {
-        return Err(BrowseError::Unreadable(
-            "damaged ext4 superblock: zero blocks or inodes per group".into(),
-        ));
-    }
-    // The library sizes its tables from the superblock: a filesystem must
-    // fit its device, and groups must not be absurdly small (a crafted
-    // count made 0.9.3 allocate gigabytes).
-    let log_bs = u32_at(0x18);
-    if log_bs > 6 {
-        return Err(BrowseError::Unreadable(format!(
-            "damaged ext4 superblock: block size 2^{} KiB",
-            log_bs
-        )));
-    }
-    let bs = 1024u64 << log_bs;
-    let hi = if u32_at(0x60) & 0x80 != 0 {
-        u32_at(0x150) as u64
-    } else {
-        0
-    };
-    let blocks = (hi << 32) | u32_at(0x04) as u64;
-    let per_group = u32_at(0x20) as u64;
-    if blocks.saturating_mul(bs) > len.saturating_add(bs) || !(256..=8 * bs).contains(&per_group) {
-        return Err(BrowseError::Unreadable(format!(
-            "damaged ext4 superblock: {blocks} blocks of {bs} bytes in groups of {per_group} on a {len}-byte device"
-        )));
-    }
-    // 64-bit filesystems: descriptors of 64..=1024 bytes, a power of two
-    // (a short one made 0.9.3 read past its buffer and panic).
-    let desc = u16::from_le_bytes([sb[0xfe], sb[0xff]]);
-    if u32_at(0x60) & 0x80 != 0 && !(64..=1024).contains(&desc)
-        || !desc.is_power_of_two() && desc != 0
-    {
-        return Err(BrowseError::Unreadable(format!(
-            "damaged ext4 superblock: group descriptor size {desc}"
-        )));
-    }
-    guard(|| Ext4::load(reader))?.map_err(|e| BrowseError::Unreadable(format!("ext4: {e}")))
-}
-
-/// Runs a call into `ext4-view`, turning a panic into an error.
-fn guard<T>(f: impl FnOnce() -> T) -> Result<T, BrowseError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
-        BrowseError::Unreadable(
-            "the ext4 reader failed on this image (a damaged filesystem)".into(),
-        )
-    })
-}
-
 /// Opens the ext4 filesystem of a target. `partition`: `None` finds it (the
 /// whole disk if there is no partition table, else the first partition
 /// holding ext2/3/4), `Some(0)` the whole disk, `Some(n)` partition n.
 pub fn open(pool: &Arc<Pool>, target: Target, partition: Option<u32>) -> Result<Ext4, BrowseError> {
     let (size, _) = pool.geometry(target)?;
     let load = |base: u64, len: u64| {
-        load(
-            Box::new(Slice {
-                pool: pool.clone(),
-                target,
-                base,
-                len,
-            }),
-            len,
-        )
+        let pool = pool.clone();
+        let read = move |off: u64, dst: &mut [u8]| pool.read(target, off, dst);
+        disk::load(Box::new(Slice::new(read, base, len)), len).map_err(BrowseError::from)
     };
     let parts = match partition {
         Some(0) => Vec::new(),
@@ -223,213 +99,27 @@ pub fn open(pool: &Arc<Pool>, target: Target, partition: Option<u32>) -> Result<
     }
 }
 
-fn check_path(path: &str) -> Result<(), BrowseError> {
-    if !path.starts_with('/') || path.contains('\0') || path.split('/').any(|c| c == "..") {
-        return Err(BrowseError::Invalid(format!(
-            "path {path:?} must be absolute, without '..' or NUL"
-        )));
-    }
-    Ok(())
-}
-
-fn kind_name(t: ext4_view::FileType) -> &'static str {
-    if t.is_regular_file() {
-        "file"
-    } else if t.is_dir() {
-        "dir"
-    } else if t.is_symlink() {
-        "symlink"
-    } else if t.is_block_dev() {
-        "block"
-    } else if t.is_char_dev() {
-        "char"
-    } else if t.is_fifo() {
-        "fifo"
-    } else {
-        "socket"
-    }
-}
-
-fn join(dir: &str, name: &str) -> String {
-    if dir.ends_with('/') {
-        format!("{dir}{name}")
-    } else {
-        format!("{dir}/{name}")
-    }
-}
-
-fn entry(fs: &Ext4, path: &str, name: String) -> Result<Entry, BrowseError> {
-    let m = fs.symlink_metadata(path).map_err(|e| ext4_err(e, path))?;
-    let target = if m.is_symlink() {
-        Some(
-            fs.read_link(path)
-                .map_err(|e| ext4_err(e, path))?
-                .display()
-                .to_string(),
-        )
-    } else {
-        None
-    };
-    Ok(Entry {
-        name,
-        path: path.to_string(),
-        kind: kind_name(m.file_type()).into(),
-        size: m.len(),
-        mode: m.mode(),
-        uid: m.uid(),
-        gid: m.gid(),
-        target,
-    })
-}
-
-/// Stat of one path (symlinks not followed).
+/// [`cdm_disk::browse::stat`].
 pub fn stat(fs: &Ext4, path: &str) -> Result<Entry, BrowseError> {
-    check_path(path)?;
-    guard(|| stat_inner(fs, path))?
+    Ok(disk::stat(fs, path)?)
 }
 
-fn stat_inner(fs: &Ext4, path: &str) -> Result<Entry, BrowseError> {
-    let name = path
-        .rsplit('/')
-        .find(|s| !s.is_empty())
-        .unwrap_or("/")
-        .to_string();
-    entry(fs, path, name)
-}
-
-/// A directory's entries (without `.` and `..`), sorted by name; at most
-/// `limit` after skipping `offset` (large directories page).
+/// [`cdm_disk::browse::list`].
 pub fn list(fs: &Ext4, path: &str, offset: usize, limit: usize) -> Result<Vec<Entry>, BrowseError> {
-    check_path(path)?;
-    guard(|| list_inner(fs, path, offset, limit))?
+    Ok(disk::list(fs, path, offset, limit)?)
 }
 
-fn list_inner(
-    fs: &Ext4,
-    path: &str,
-    offset: usize,
-    limit: usize,
-) -> Result<Vec<Entry>, BrowseError> {
-    let mut names: Vec<String> = Vec::new();
-    for e in fs.read_dir(path).map_err(|e| ext4_err(e, path))? {
-        let e = e.map_err(|e| ext4_err(e, path))?;
-        let n = e
-            .file_name()
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|_| e.file_name().display().to_string());
-        if n != "." && n != ".." {
-            names.push(n);
-        }
-    }
-    names.sort();
-    names
-        .into_iter()
-        .skip(offset)
-        .take(limit)
-        .map(|n| {
-            let p = join(path, &n);
-            entry(fs, &p, n)
-        })
-        .collect()
-}
-
-/// Streams a regular file (symlinks followed) to `out` in 1 MiB pieces;
-/// `size` is called with its length first.
+/// [`cdm_disk::browse::copy_file`].
 pub fn copy_file(
     fs: &Ext4,
     path: &str,
     size: &mut dyn FnMut(u64),
     out: &mut dyn Write,
 ) -> Result<u64, BrowseError> {
-    check_path(path)?;
-    guard(|| copy_inner(fs, path, size, out))?
+    Ok(disk::copy_file(fs, path, size, out)?)
 }
 
-fn copy_inner(
-    fs: &Ext4,
-    path: &str,
-    size: &mut dyn FnMut(u64),
-    out: &mut dyn Write,
-) -> Result<u64, BrowseError> {
-    let mut f = fs.open(path).map_err(|e| ext4_err(e, path))?;
-    size(f.metadata().len());
-    let mut buf = vec![0u8; 1 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| BrowseError::Unreadable(format!("{path}: {e}")))?;
-        if n == 0 {
-            return Ok(total);
-        }
-        out.write_all(&buf[..n])
-            .map_err(|e| BrowseError::Unreadable(format!("writing {path}: {e}")))?;
-        total += n as u64;
-    }
-}
-
-/// Writes a tar of the tree at `path` (files, directories, symlinks;
-/// special files are skipped) to `out`.
+/// [`cdm_disk::browse::tar_tree`].
 pub fn tar_tree(fs: &Ext4, path: &str, out: &mut dyn Write) -> Result<u64, BrowseError> {
-    check_path(path)?;
-    guard(|| tar_inner(fs, path, out))?
-}
-
-fn tar_inner(fs: &Ext4, path: &str, out: &mut dyn Write) -> Result<u64, BrowseError> {
-    let top = stat(fs, path)?;
-    let mut b = tar::Builder::new(out);
-    b.mode(tar::HeaderMode::Complete);
-    let io = |e: std::io::Error| BrowseError::Unreadable(format!("writing the tar: {e}"));
-    let base = if top.kind == "dir" {
-        path.trim_end_matches('/').to_string()
-    } else {
-        String::new()
-    };
-    let mut stack = vec![top];
-    let mut count = 0u64;
-    while let Some(e) = stack.pop() {
-        let rel = e
-            .path
-            .strip_prefix(&base)
-            .unwrap_or(&e.path)
-            .trim_start_matches('/');
-        let name = if rel.is_empty() {
-            ".".to_string()
-        } else {
-            rel.to_string()
-        };
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(e.mode as u32 & 0o7777);
-        h.set_uid(e.uid as u64);
-        h.set_gid(e.gid as u64);
-        h.set_mtime(0);
-        match e.kind.as_str() {
-            "dir" => {
-                h.set_entry_type(tar::EntryType::Directory);
-                h.set_size(0);
-                b.append_data(&mut h, format!("{name}/"), std::io::empty())
-                    .map_err(io)?;
-                let mut kids = list(fs, &e.path, 0, usize::MAX)?;
-                kids.reverse();
-                stack.extend(kids);
-            }
-            "file" => {
-                h.set_entry_type(tar::EntryType::Regular);
-                h.set_size(e.size);
-                let f = fs.open(e.path.as_str()).map_err(|x| ext4_err(x, &e.path))?;
-                b.append_data(&mut h, &name, f).map_err(io)?;
-            }
-            "symlink" => {
-                h.set_entry_type(tar::EntryType::Symlink);
-                h.set_size(0);
-                b.append_link(&mut h, &name, e.target.clone().unwrap_or_default())
-                    .map_err(io)?;
-            }
-            _ => continue,
-        }
-        count += 1;
-    }
-    b.finish().map_err(io)?;
-    Ok(count)
+    Ok(disk::tar_tree(fs, path, out)?)
 }

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use cdm_api::auth::Caller;
 use cdm_api::types::*;
 use cdm_api::{ApiError, ApiResult};
+use cdm_disk::host::{self, is_mounted};
 use cdm_recovery::browse::{self, BrowseError};
-use cdm_recovery::host::{self, is_mounted};
 use cdmfs::{Pool, Target};
 use serde_json::json;
 
@@ -166,7 +166,7 @@ impl Mounts {
 
 pub fn partition_table(pool: &Pool, target: Target) -> ApiResult<Vec<PartitionInfo>> {
     let (size, _) = pool.geometry(target).map_err(engine)?;
-    cdm_recovery::partition::read_table(
+    cdm_disk::partition::read_table(
         &mut |off, dst| pool.read(target, off, dst).map_err(|e| e.to_string()),
         size,
     )
