@@ -24,7 +24,7 @@ use fuser::{
     FileAttr, FileType, Filesystem, KernelConfig, MountOption, ReplyAttr, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request,
 };
-use nbd_server::client::{Client, ClientError, ClientOptions};
+use nbd_proto::client::{Client, ClientError, ClientOptions};
 
 const ROOT: u64 = 1;
 const DISK: u64 = 2;
