@@ -15,6 +15,9 @@ pub mod stats;
 pub mod tls;
 mod transmission;
 
+#[cfg(test)]
+mod tests;
+
 pub use export::pool::{PoolCatalog, PoolExport};
 pub use export::{BlockSize, Export, ExportCatalog, ExportEntry, ExportError, Extent, ZeroFlags};
 pub use listener::Listener;
