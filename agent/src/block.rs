@@ -16,7 +16,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
-use nbd_server::client::{Client, ClientOptions};
+use nbd_proto::client::{Client, ClientOptions};
 use serde::Serialize;
 
 use crate::merge::Hash;
@@ -172,7 +172,7 @@ impl Source {
 fn walk_status(
     size: u64,
     what: &str,
-    mut status: impl FnMut(u64, u64) -> Result<Vec<(u64, u32)>, nbd_server::client::ClientError>,
+    mut status: impl FnMut(u64, u64) -> Result<Vec<(u64, u32)>, nbd_proto::client::ClientError>,
     mut each: impl FnMut(u64, u64, u32),
 ) -> anyhow::Result<()> {
     let mut off = 0u64;

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, SystemTime};
 
 use cdm_disk::fuse::{self, DiskFile, Errno, OneFile};
-use nbd_server::client::{Client, ClientError, ClientOptions};
+use nbd_proto::client::{Client, ClientError, ClientOptions};
 
 pub const DISK_NAME: &str = "disk";
 const TTL: Duration = Duration::from_secs(3600);

@@ -488,10 +488,10 @@ pub fn backup_block(
     let latest = ctx.api.list_snapshots(volume)?.iter().map(|s| s.id).max();
     let old = block::load(&paths, block_size, size, latest);
     let why = old.as_ref().err().cloned().unwrap_or_default();
-    let mut stage = nbd_server::client::Client::connect(
+    let mut stage = nbd_proto::client::Client::connect(
         &ctx.nbd,
         Some(volume),
-        &nbd_server::client::ClientOptions {
+        &nbd_proto::client::ClientOptions {
             allocation: false,
             timeout: Some(Duration::from_secs(60)),
             ..Default::default()

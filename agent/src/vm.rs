@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use cdm_inspect::{Disk, FileDisk, Inspection};
-use nbd_server::client::{Client, ClientOptions};
+use nbd_proto::client::{Client, ClientOptions};
 use serde_json::{json, Value};
 
 /// An NBD export as a disk.

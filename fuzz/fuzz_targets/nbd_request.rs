@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use nbd_server::proto::{
+use nbd_proto::codec::{
     encode_info_request, encode_meta_request, encode_opt, encode_opt_reply, encode_request,
     parse_info_request, parse_meta_request, parse_opt_header, parse_opt_reply, parse_reply_header,
     parse_request, request_len, ReplyHeader,
@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
                 &data[..n],
                 "request header does not round-trip (extended: {extended})"
             );
-            if r.typ == nbd_server::proto::CMD_WRITE {
+            if r.typ == nbd_proto::codec::CMD_WRITE {
                 assert_eq!(r.payload, r.length, "WRITE payload differs from its length");
             } else if !extended {
                 assert_eq!(r.payload, 0, "compact non-WRITE request with a payload");

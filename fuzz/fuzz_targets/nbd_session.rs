@@ -21,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 
 use cdmfs::{BlockDev, FormatOptions, MemDev, OpenOptions, Pool};
 use libfuzzer_sys::fuzz_target;
-use nbd_server::proto::{
+use nbd_proto::codec::{
     encode_info_request, encode_meta_request, encode_opt, BASE_ALLOCATION, C_FIXED_NEWSTYLE,
     C_NO_ZEROES, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_NAME, OPT_EXTENDED_HEADERS, OPT_GO,
     OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY,

@@ -1,15 +1,27 @@
-//! NBD for cdm: the protocol codec ([`proto`]), a server over cdmfs volumes
-//! and snapshots ([`server`]), and a client ([`client`]).
+//! An NBD server for cdm: exports served through one interface
+//! ([`export::Export`], found by an [`export::ExportCatalog`]), cdmfs
+//! volumes and snapshots being one implementation. The protocol codec and
+//! the client are in the `nbd-proto` crate.
+//!
+//! By protocol phase: [`handshake`] (greeting, options), [`transmission`]
+//! (requests), [`listener`] (sockets); [`server`] holds what they share.
 
-pub mod client;
-pub mod proto;
+pub mod export;
+mod handshake;
+pub mod listener;
 pub mod server;
 pub mod signals;
 pub mod stats;
 pub mod tls;
+mod transmission;
 
-pub use client::{Client, ClientError, ClientOptions};
-pub use server::{ClientInfo, ConnEvent, Listener, Server, ServerConfig};
+#[cfg(test)]
+mod tests;
+
+pub use export::pool::{PoolCatalog, PoolExport};
+pub use export::{BlockSize, Export, ExportCatalog, ExportEntry, ExportError, Extent, ZeroFlags};
+pub use listener::Listener;
+pub use server::{ClientInfo, ConnEvent, Server, ServerConfig};
 
 /// Logs to stderr, `info` unless `RUST_LOG` says otherwise (the daemons).
 pub fn init_logging() {

@@ -71,7 +71,7 @@ pub struct ExportStats {
 
 /// Index of an NBD command in [`OPS`], if counted.
 pub fn op_index(cmd: u16) -> Option<usize> {
-    use crate::proto::*;
+    use nbd_proto::codec::*;
     Some(match cmd {
         CMD_READ => 0,
         CMD_WRITE => 1,
@@ -143,7 +143,7 @@ pub struct StatsSnapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::*;
+    use nbd_proto::codec::*;
 
     #[test]
     fn buckets_and_counts() {

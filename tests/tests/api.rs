@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cdm_e2e::*;
-use nbd_server::client::{Client, ClientOptions};
+use nbd_proto::client::{Client, ClientOptions};
 use serde_json::{json, Value};
 
 fn qemu_io(a: &Appliance, export: &str, cmd: &str) -> String {

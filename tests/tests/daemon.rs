@@ -113,7 +113,7 @@ fn periodic_commit_survives_sigkill() {
     let uri = format!("nbd+unix:///v?socket={}", sock.display());
     // No FLUSH from the client (qemu-io would flush on close); only the
     // background commit can make this durable before the SIGKILL.
-    let mut c = nbd_server::Client::connect(
+    let mut c = nbd_proto::Client::connect(
         &format!("unix:{}", sock.display()),
         Some("v"),
         &Default::default(),

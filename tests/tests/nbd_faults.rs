@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cdm_e2e::*;
-use nbd_server::proto::*;
-use nbd_server::{Client, ClientError, ClientOptions};
+use nbd_proto::codec::*;
+use nbd_proto::{Client, ClientError, ClientOptions};
 
 struct Raw {
     s: UnixStream,

@@ -7,7 +7,7 @@ use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 
-use crate::proto::*;
+use crate::codec::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
