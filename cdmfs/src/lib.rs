@@ -10,8 +10,8 @@
 //! The public surface is what the re-exports below list (used by
 //! snapshotd, nbd-server, recovery and the `cdmfs` tool). Everything else
 //! is the engine's own. The `test-utils` feature adds what tests, benches
-//! and fuzzers need: [`MemDev`], [`CrashDev`], the on-disk [`format`] and
-//! the data codec in [`pipeline`].
+//! and fuzzers need: `MemDev`, `CrashDev`, the on-disk `format` module and
+//! the data codec in `pipeline`.
 
 mod alloc;
 mod check;

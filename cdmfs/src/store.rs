@@ -108,6 +108,7 @@ impl Store {
         }
     }
 
+    #[cfg(feature = "test-utils")]
     pub fn cache_len(&self) -> usize {
         self.cache.len()
     }

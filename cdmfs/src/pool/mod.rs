@@ -1,11 +1,11 @@
 //! The pool: superblock ring, catalog of volumes and snapshots, byte-granular
 //! I/O on volumes, snapshots and clones, and group commit.
 //!
-//! One file per job: [`options`] and [`info`] are the public types,
-//! [`records`] the catalog records, [`superblock`] the ring, [`load`]
-//! opening, [`catalog`] volumes and snapshots, [`read`], [`write`] and
-//! [`reduce`] the data path, [`commit`] the three-phase commit and
-//! [`audit`] the views fsck and the space report use.
+//! One file per job: `options` and `info` are the public types,
+//! `records` the catalog records, `superblock` the ring, `load`
+//! opening, `catalog` volumes and snapshots, `read`, `write` and
+//! `reduce` the data path, `commit` the three-phase commit and
+//! `audit` the views fsck and the space report use.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -120,6 +120,7 @@ impl Pool {
     }
 
     /// Cache occupancy, for tests of the memory bound.
+    #[cfg(feature = "test-utils")]
     pub fn cached_nodes(&self) -> Result<usize> {
         Ok(self.lock()?.store.cache_len())
     }
