@@ -215,10 +215,7 @@ impl Haggle<'_> {
         }
         let name = String::from_utf8(data)
             .map_err(|_| ConnError::Refused("export name is not UTF-8".into()))?;
-        let o = self
-            .server
-            .open_export(&name)
-            .map_err(ConnError::Refused)?;
+        let o = self.server.open_export(&name).map_err(ConnError::Refused)?;
         let flags = tflags(o.read_only, self.n.structured, o.export.can_multi_conn());
         let mut b = o.export.size().to_be_bytes().to_vec();
         b.extend_from_slice(&flags.to_be_bytes());
@@ -292,7 +289,13 @@ impl Haggle<'_> {
             return Ok(Step::Next);
         }
         let base_alloc = self.n.meta.as_deref() == Some(name.as_str());
-        let sess = Session::new(o.export, o.read_only, structured, self.n.extended, base_alloc);
+        let sess = Session::new(
+            o.export,
+            o.read_only,
+            structured,
+            self.n.extended,
+            base_alloc,
+        );
         Ok(Step::Done(Outcome::Go(sess, name)))
     }
 

@@ -73,7 +73,11 @@ fn round_trip(extended: bool) {
     assert!(back[4096 + data.len()..].iter().all(|&b| b == 0));
     assert_eq!(
         c.block_status(0, SIZE).unwrap(),
-        vec![(4096, STATE_HOLE | STATE_ZERO), (12288, 0), (SIZE - 16384, STATE_HOLE | STATE_ZERO)]
+        vec![
+            (4096, STATE_HOLE | STATE_ZERO),
+            (12288, 0),
+            (SIZE - 16384, STATE_HOLE | STATE_ZERO)
+        ]
     );
     assert_eq!(f.disk.allocated_bytes(), 12288);
     c.flush().unwrap();

@@ -263,7 +263,9 @@ impl Server {
                 };
                 Err((e, "read larger than the maximum payload"))
             }
-            CMD_BLOCK_STATUS if !s.base_alloc => Err((EINVAL, "no metadata context was negotiated")),
+            CMD_BLOCK_STATUS if !s.base_alloc => {
+                Err((EINVAL, "no metadata context was negotiated"))
+            }
             CMD_BLOCK_STATUS if q.length == 0 => Err((EINVAL, "zero-length block status")),
             _ => Ok(()),
         }
