@@ -7,6 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Mutex;
 
+use cdm_common::lock::lock;
+
 /// What the pool needs from storage. `sync` must make every completed
 /// `write_at` durable (fdatasync semantics).
 pub trait BlockDev: Send + Sync {
@@ -115,23 +117,16 @@ impl BlockDev for FileDev {
 }
 
 fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!(
-                    "{} is in use by another process (snapshotd or cdm-nbd?)",
-                    path.display()
-                ),
-            ));
-        }
-        return Err(e);
+    if cdm_common::lock::try_lock_exclusive(file)? {
+        return Ok(());
     }
-    Ok(())
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!(
+            "{} is in use by another process (snapshotd or cdm-nbd?)",
+            path.display()
+        ),
+    ))
 }
 
 /// An in-memory device (tests, tools).
@@ -158,10 +153,6 @@ impl MemDev {
     pub fn with_bytes<R>(&self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         f(&mut lock(&self.data))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn range_check(len: usize, off: u64, n: usize) -> io::Result<usize> {

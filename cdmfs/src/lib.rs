@@ -17,7 +17,6 @@ pub mod pipeline;
 pub mod pool;
 pub mod space;
 mod store;
-pub mod units;
 
 pub use dev::{BlockDev, CrashDev, FileDev, MemDev};
 pub use error::{Error, Result};

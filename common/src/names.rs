@@ -9,16 +9,16 @@ pub const MAX_LEN: usize = 128;
 /// The rule in words, for error messages.
 pub const RULE: &str = "1-128 characters of A-Z a-z 0-9 . _ -, not starting with . or -";
 
-/// Why a name is refused.
+/// Why a name is refused; reads after "the name" (`it contains '/'`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
-    #[error("the name is empty")]
+    #[error("is empty")]
     Empty,
-    #[error("the name is {0} bytes long (at most {MAX_LEN})")]
+    #[error("is {0} bytes long (at most {MAX_LEN})")]
     TooLong(usize),
-    #[error("the name starts with {0:?}")]
+    #[error("starts with {0:?}")]
     BadStart(char),
-    #[error("the name contains {0:?}")]
+    #[error("contains {0:?}")]
     BadChar(char),
 }
 
@@ -97,13 +97,10 @@ mod tests {
 
     #[test]
     fn reasons_read_well() {
-        assert_eq!(
-            check("a/b").unwrap_err().to_string(),
-            "the name contains '/'"
-        );
+        assert_eq!(check("a/b").unwrap_err().to_string(), "contains '/'");
         assert_eq!(
             check(&"x".repeat(200)).unwrap_err().to_string(),
-            "the name is 200 bytes long (at most 128)"
+            "is 200 bytes long (at most 128)"
         );
     }
 }

@@ -149,7 +149,13 @@ mod tests {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
         // Overflow, whole and fractional.
-        for big in ["16384P", "99999999999P", "99999999999T", "18446744073709551616", "17179869184.5G"] {
+        for big in [
+            "16384P",
+            "99999999999P",
+            "99999999999T",
+            "18446744073709551616",
+            "17179869184.5G",
+        ] {
             assert!(
                 matches!(parse_size(big), Err(SizeError::TooLarge(_))),
                 "{big:?}"

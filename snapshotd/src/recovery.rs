@@ -241,7 +241,7 @@ impl Appliance {
             (None, true) => format!("{vol}-{id}-rw"),
             (None, false) => format!("{vol}-{id}-ro"),
         };
-        cdmfs::pool::validate_name(&name).map_err(engine)?;
+        cdm_api::routes::check_name("mount", &name)?;
         let _g = mounts.guard();
         if self
             .state
