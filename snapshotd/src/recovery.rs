@@ -68,7 +68,7 @@ impl Mounts {
     }
 
     fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+        cdm_common::lock::lock(&self.lock)
     }
 
     /// Loop device + kernel mount of `m` (its FUSE file); fills device and fstype.
