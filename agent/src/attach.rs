@@ -11,7 +11,7 @@ use cdm_disk::host::{self, run};
 use serde::{Deserialize, Serialize};
 
 use crate::nbdfile::DISK_NAME;
-use crate::Ctx;
+use crate::{Ctx, Error};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Attachment {
@@ -164,9 +164,9 @@ fn start_server(ctx: &Ctx, name: &str, export: &str) -> anyhow::Result<Child> {
 
 /// Stops a `serve-disk` process by unmounting its FUSE file; waits for it
 /// and returns what it reported.
-fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Result<(), String> {
+fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Result<(), Error> {
     let fuse = fuse_dir(ctx, name);
-    host::unmount_strict(&fuse)?;
+    host::unmount_strict(&fuse).map_err(Error::host)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut child = child;
     loop {
@@ -178,20 +178,20 @@ fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Re
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!(
+            return Err(Error::host(format!(
                 "the disk server (pid {pid}) did not exit within 60 s"
-            ));
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     let status = std::fs::read_to_string(dir(ctx, name).join("status")).unwrap_or_default();
     match status.trim() {
         "ok" => Ok(()),
-        "" => Err(format!(
+        "" => Err(Error::host(format!(
             "the disk server ended without a report: {}",
             tail(&dir(ctx, name).join("serve.log"))
-        )),
-        s => Err(s.to_string()),
+        ))),
+        s => Err(Error::host(s)),
     }
 }
 
@@ -296,12 +296,12 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Chi
 /// flushes). A busy filesystem stops it at the first step, leaving
 /// everything attached; after that every step is tried and the first
 /// failure is reported.
-fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), String> {
-    let mut first: Option<String> = None;
+fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), Error> {
+    let mut first: Option<Error> = None;
     if host::is_mounted(&a.mount) {
         let _ = run(Command::new("sync").arg("-f").arg(&a.mount));
         // Busy: stop here, everything stays attached and recorded.
-        host::unmount_strict(&a.mount)?;
+        host::unmount_strict(&a.mount).map_err(Error::host)?;
     }
     host::loop_detach_if_ours(&a.device, &fuse_dir(ctx, &a.name));
     if let Err(e) = stop_server(ctx, &a.name, a.pid, child) {

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use nbd_proto::client::{Client, ClientOptions};
 use serde::Serialize;
 
-use crate::merge::Hash;
+use crate::statefile::{self, hash, DecodeError, Hash, Untrusted};
 use crate::throttle::Throttle;
 
 const MAGIC: &[u8; 8] = b"CDMBF002";
@@ -28,12 +28,6 @@ const RUN: usize = 1 << 20;
 pub enum Source {
     File { f: File, size: u64, sparse: bool },
     Nbd { c: Client, bitmap: Option<String> },
-}
-
-fn hash(b: &[u8]) -> Hash {
-    let mut o = [0u8; 16];
-    o.copy_from_slice(&blake3::hash(b).as_bytes()[..16]);
-    o
 }
 
 impl Source {
@@ -211,75 +205,45 @@ pub struct Fingerprints {
 
 impl Fingerprints {
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = Vec::with_capacity(40 + self.hashes.len() * 16);
-        b.extend_from_slice(MAGIC);
-        b.extend_from_slice(&self.block_size.to_le_bytes());
-        b.extend_from_slice(&self.snapshot.to_le_bytes());
-        b.extend_from_slice(&self.size.to_le_bytes());
+        let mut w = statefile::Writer::new(MAGIC, 32 + self.hashes.len() * 16);
+        w.u32(self.block_size);
+        w.u64(self.snapshot);
+        w.u64(self.size);
         let bm = self.bitmap.as_deref().unwrap_or("").as_bytes();
-        b.extend_from_slice(&(bm.len() as u32).to_le_bytes());
-        b.extend_from_slice(bm);
-        b.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
-        for h in &self.hashes {
-            b.extend_from_slice(h);
-        }
-        let s = blake3::hash(&b);
-        b.extend_from_slice(s.as_bytes());
-        b
+        w.u32(bm.len() as u32);
+        w.bytes(bm);
+        w.u64(self.hashes.len() as u64);
+        w.hashes(&self.hashes);
+        w.finish()
     }
 
     /// Parses outside bytes (a state file anyone could have touched).
-    pub fn decode(b: &[u8]) -> Result<Fingerprints, String> {
-        if b.len() < 8 + 4 + 8 + 8 + 4 + 8 + 32 || &b[..8] != MAGIC {
-            return Err("not a block fingerprint file".into());
-        }
-        let (body, sum) = b.split_at(b.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err("checksum mismatch".into());
-        }
-        let u32_at = |o: usize| -> Result<u32, String> {
-            Ok(u32::from_le_bytes(
-                body.get(o..o + 4)
-                    .ok_or("truncated")?
-                    .try_into()
-                    .map_err(|_| "u32")?,
-            ))
-        };
-        let u64_at = |o: usize| -> Result<u64, String> {
-            Ok(u64::from_le_bytes(
-                body.get(o..o + 8)
-                    .ok_or("truncated")?
-                    .try_into()
-                    .map_err(|_| "u64")?,
-            ))
-        };
-        let block_size = u32_at(8)?;
-        let (snapshot, size) = (u64_at(12)?, u64_at(20)?);
-        let bl = u32_at(28)? as usize;
-        let bm = body.get(32..32 + bl).ok_or("truncated")?;
+    pub fn decode(b: &[u8]) -> Result<Fingerprints, DecodeError> {
+        let mut r = statefile::Reader::open(b, MAGIC, 4 + 8 + 8 + 4 + 8, "block fingerprint file")?;
+        let block_size = r.u32()?;
+        let (snapshot, size) = (r.u64()?, r.u64()?);
+        let bl = r.u32()? as usize;
+        let bm = r.take(bl)?;
         let bitmap = if bl == 0 {
             None
         } else {
-            Some(String::from_utf8(bm.to_vec()).map_err(|_| "bitmap name is not UTF-8")?)
+            Some(
+                String::from_utf8(bm.to_vec())
+                    .map_err(|_| DecodeError::Invalid("bitmap name is not UTF-8"))?,
+            )
         };
-        let n = u64_at(32 + bl)?;
-        let rest = &body[40 + bl..];
-        if n.checked_mul(16) != Some(rest.len() as u64) {
-            return Err("hash count does not match".into());
+        let n = r.u64()?;
+        if n.checked_mul(16) != Some(r.remaining() as u64) {
+            return Err(DecodeError::Invalid("hash count does not match"));
         }
+        let hashes = r.hashes(n)?;
+        r.finish()?;
         Ok(Fingerprints {
             block_size,
             snapshot,
             size,
             bitmap,
-            hashes: rest
-                .chunks_exact(16)
-                .map(|c| {
-                    let mut o = [0u8; 16];
-                    o.copy_from_slice(c);
-                    o
-                })
-                .collect(),
+            hashes,
         })
     }
 }
@@ -322,24 +286,17 @@ pub fn load(
     block_size: u32,
     size: u64,
     latest: Option<u64>,
-) -> Result<Fingerprints, String> {
-    if p.marker.exists() {
-        return Err("the last run did not finish".into());
-    }
-    let b = match std::fs::read(&p.fp) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err("first run".into()),
-        Err(e) => return Err(e.to_string()),
-    };
+) -> Result<Fingerprints, Untrusted> {
+    let b = statefile::read_unless_cut(&p.marker, &p.fp)?;
     let f = Fingerprints::decode(&b)?;
     if f.block_size != block_size || f.size != size {
-        return Err("made for another block size or source size".into());
+        return Err(Untrusted::OtherGeometry);
     }
     if Some(f.snapshot) != latest {
-        return Err(format!(
-            "they describe snapshot {} and the stage's newest is {latest:?}",
-            f.snapshot
-        ));
+        return Err(Untrusted::OtherSnapshot {
+            have: f.snapshot,
+            latest,
+        });
     }
     Ok(f)
 }

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::throttle::Bandwidth;
+use crate::{Error, ErrorKind};
 
 pub const DEFAULT_PATH: &str = "/etc/cdm/agent.toml";
 
@@ -38,7 +39,7 @@ pub struct Config {
 impl Config {
     /// Reads `path`; a missing default file is an empty configuration, a
     /// missing named file or a bad one is an error.
-    pub fn load(path: Option<&Path>) -> Result<Config, String> {
+    pub fn load(path: Option<&Path>) -> Result<Config, Error> {
         let (p, named) = match path {
             Some(p) => (p.to_path_buf(), true),
             None => (PathBuf::from(DEFAULT_PATH), false),
@@ -48,12 +49,19 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !named => {
                 return Ok(Config::default())
             }
-            Err(e) => return Err(format!("{}: {e}", p.display())),
+            Err(e) => {
+                return Err(Error::with_source(
+                    ErrorKind::Io,
+                    p.display().to_string(),
+                    e,
+                ))
+            }
         };
-        let c: Config = toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
-        c.bandwidth
-            .validate()
-            .map_err(|e| format!("{}: bandwidth: {e}", p.display()))?;
+        let c: Config = toml::from_str(&text)
+            .map_err(|e| Error::with_source(ErrorKind::Invalid, p.display().to_string(), e))?;
+        c.bandwidth.validate().map_err(|e| {
+            Error::with_source(ErrorKind::Invalid, format!("{}: bandwidth", p.display()), e)
+        })?;
         Ok(c)
     }
 }
@@ -77,6 +85,7 @@ mod tests {
         std::fs::write(&p, "urll = 1\n").unwrap();
         assert!(Config::load(Some(&p))
             .unwrap_err()
+            .report()
             .contains("unknown field"));
         std::fs::write(
             &p,

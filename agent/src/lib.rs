@@ -4,14 +4,18 @@
 pub mod attach;
 pub mod block;
 pub mod config;
+pub mod error;
 pub mod merge;
 pub mod nbdfile;
 pub mod ops;
 pub mod pg;
+pub mod statefile;
 pub mod throttle;
 pub mod vm;
 
 use std::path::PathBuf;
+
+pub use error::{Error, ErrorKind};
 
 /// What every command needs.
 pub struct Ctx {

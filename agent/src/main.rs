@@ -67,7 +67,7 @@ enum Cmd {
         #[arg(long)]
         name: Option<String>,
         /// Create the volume with this size (bytes, or K/M/G/T) if missing.
-        #[arg(long, value_parser = ops::parse_size)]
+        #[arg(long, value_parser = cdm_common::size::parse_nonzero)]
         create: Option<u64>,
         /// Filesystem to make on first use (ext4, xfs).
         #[arg(long, default_value = "ext4")]
@@ -116,7 +116,7 @@ struct StageArgs {
     #[arg(long)]
     volume: String,
     /// Create the stage volume with this size if it does not exist.
-    #[arg(long, value_parser = ops::parse_size)]
+    #[arg(long, value_parser = cdm_common::size::parse_nonzero)]
     size: Option<u64>,
     /// Fingerprint block size (bytes).
     #[arg(long, default_value_t = 8192)]
@@ -253,7 +253,7 @@ enum RestoreCmd {
 }
 
 fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
-    let cfg = Config::load(cli.config.as_deref()).map_err(anyhow::Error::msg)?;
+    let cfg = Config::load(cli.config.as_deref())?;
     let url = cli
         .url
         .clone()
@@ -294,7 +294,7 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
     if !cli.windows.is_empty() {
         bandwidth.windows = cli.windows.clone();
     }
-    bandwidth.validate().map_err(anyhow::Error::msg)?;
+    bandwidth.validate()?;
     let state_dir = cli
         .state_dir
         .clone()
@@ -335,13 +335,12 @@ fn serve_disk(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let serving = matches!(cli.cmd, Cmd::ServeDisk { .. });
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| (if serving { "info" } else { "warn" }).into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The disk server is a daemon (info); commands print their own results.
+    cdm_common::log::init(if serving {
+        cdm_common::log::LevelFilter::INFO
+    } else {
+        cdm_common::log::LevelFilter::WARN
+    });
     let json = cli.json;
     let started = Instant::now();
     let r = (|| -> anyhow::Result<serde_json::Value> {

@@ -30,14 +30,8 @@ const FINGERPRINTS: &str = "fingerprints";
 const MARKER: &str = "in-progress";
 const IO_BYTES: usize = 1 << 20;
 
-pub type Hash = [u8; 16];
-
-fn hash(b: &[u8]) -> Hash {
-    let h = blake3::hash(b);
-    let mut o = [0u8; 16];
-    o.copy_from_slice(&h.as_bytes()[..16]);
-    o
-}
+pub use crate::statefile::Hash;
+use crate::statefile::{self, hash, DecodeError, Untrusted};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MergeError {
@@ -149,103 +143,58 @@ pub struct MergeStats {
 
 type Manifest = HashMap<PathBuf, Record>;
 
-fn put_u32(b: &mut Vec<u8>, v: u32) {
-    b.extend_from_slice(&v.to_le_bytes());
-}
-
 fn encode(block_size: u32, m: &[(PathBuf, Record)]) -> Vec<u8> {
     use std::os::unix::ffi::OsStrExt;
-    let mut b = Vec::with_capacity(64 + m.len() * 64);
-    b.extend_from_slice(MAGIC);
-    put_u32(&mut b, block_size);
-    b.extend_from_slice(&(m.len() as u64).to_le_bytes());
+    let mut w = statefile::Writer::new(MAGIC, 64 + m.len() * 64);
+    w.u32(block_size);
+    w.u64(m.len() as u64);
     for (p, r) in m {
         let pb = p.as_os_str().as_bytes();
-        put_u32(&mut b, pb.len() as u32);
-        b.extend_from_slice(pb);
-        b.push(r.kind);
-        put_u32(&mut b, r.meta.mode);
-        put_u32(&mut b, r.meta.uid);
-        put_u32(&mut b, r.meta.gid);
-        b.extend_from_slice(&r.meta.mtime.to_le_bytes());
-        put_u32(&mut b, r.meta.mtime_ns);
-        b.extend_from_slice(&r.size.to_le_bytes());
-        put_u32(&mut b, r.link.len() as u32);
-        b.extend_from_slice(&r.link);
-        put_u32(&mut b, r.hashes.len() as u32);
-        for h in &r.hashes {
-            b.extend_from_slice(h);
-        }
+        w.u32(pb.len() as u32);
+        w.bytes(pb);
+        w.u8(r.kind);
+        w.u32(r.meta.mode);
+        w.u32(r.meta.uid);
+        w.u32(r.meta.gid);
+        w.i64(r.meta.mtime);
+        w.u32(r.meta.mtime_ns);
+        w.u64(r.size);
+        w.u32(r.link.len() as u32);
+        w.bytes(&r.link);
+        w.u32(r.hashes.len() as u32);
+        w.hashes(&r.hashes);
     }
-    let sum = blake3::hash(&b);
-    b.extend_from_slice(sum.as_bytes());
-    b
-}
-
-struct Cur<'a>(&'a [u8], usize);
-
-impl<'a> Cur<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.1.checked_add(n).ok_or("length overflow")?;
-        let s = self.0.get(self.1..end).ok_or("truncated")?;
-        self.1 = end;
-        Ok(s)
-    }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().map_err(|_| "u32")?,
-        ))
-    }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().map_err(|_| "u64")?,
-        ))
-    }
+    w.finish()
 }
 
 /// Parses a fingerprint file (outside bytes: a damaged stage disk can hold
 /// anything). The block size and the number of entries.
-pub fn decode(b: &[u8]) -> Result<(u32, usize), String> {
+pub fn decode(b: &[u8]) -> Result<(u32, usize), DecodeError> {
     decode_records(b).map(|(bs, m)| (bs, m.len()))
 }
 
-fn decode_records(b: &[u8]) -> Result<(u32, Vec<(PathBuf, Record)>), String> {
+fn decode_records(b: &[u8]) -> Result<(u32, Vec<(PathBuf, Record)>), DecodeError> {
     use std::os::unix::ffi::OsStrExt;
-    if b.len() < 8 + 4 + 8 + 32 || &b[..8] != MAGIC {
-        return Err("not a fingerprint file".into());
-    }
-    let (body, sum) = b.split_at(b.len() - 32);
-    if blake3::hash(body).as_bytes() != sum {
-        return Err("checksum mismatch (half-written or damaged)".into());
-    }
-    let mut c = Cur(body, 8);
+    let mut c = statefile::Reader::open(b, MAGIC, 4 + 8, "fingerprint file")?;
     let bs = c.u32()?;
     let n = c.u64()?;
     let mut out = Vec::new();
     for _ in 0..n {
         let pl = c.u32()? as usize;
         let p = PathBuf::from(std::ffi::OsStr::from_bytes(c.take(pl)?));
-        let kind = c.take(1)?[0];
+        let kind = c.u8()?;
         let meta = Meta {
             mode: c.u32()?,
             uid: c.u32()?,
             gid: c.u32()?,
-            mtime: c.u64()? as i64,
+            mtime: c.i64()?,
             mtime_ns: c.u32()?,
         };
         let size = c.u64()?;
         let ll = c.u32()? as usize;
         let link = c.take(ll)?.to_vec();
-        let nh = c.u32()? as usize;
-        let hb = c.take(nh.checked_mul(16).ok_or("hash count overflow")?)?;
-        let hashes = hb
-            .chunks_exact(16)
-            .map(|h| {
-                let mut o = [0u8; 16];
-                o.copy_from_slice(h);
-                o
-            })
-            .collect();
+        let nh = c.u32()?;
+        let hashes = c.hashes(u64::from(nh))?;
         out.push((
             p,
             Record {
@@ -257,9 +206,7 @@ fn decode_records(b: &[u8]) -> Result<(u32, Vec<(PathBuf, Record)>), String> {
             },
         ));
     }
-    if c.1 != body.len() {
-        return Err("trailing bytes".into());
-    }
+    c.finish()?;
     Ok((bs, out))
 }
 
@@ -268,19 +215,12 @@ fn sync_dir(p: &Path) -> Result<(), MergeError> {
 }
 
 /// The last run's fingerprints, or why they cannot be trusted.
-fn load(root: &Path, block_size: u32) -> Result<Manifest, String> {
+fn load(root: &Path, block_size: u32) -> Result<Manifest, Untrusted> {
     let meta = root.join(META_DIR);
-    if meta.join(MARKER).exists() {
-        return Err("the last run did not finish".into());
-    }
-    let b = match std::fs::read(meta.join(FINGERPRINTS)) {
-        Ok(b) => b,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Err("first run".into()),
-        Err(e) => return Err(e.to_string()),
-    };
+    let b = statefile::read_unless_cut(&meta.join(MARKER), &meta.join(FINGERPRINTS))?;
     let (bs, m) = decode_records(&b)?;
     if bs != block_size {
-        return Err(format!("made with {bs}-byte blocks"));
+        return Err(Untrusted::OtherBlockSize(bs));
     }
     Ok(m.into_iter().collect())
 }

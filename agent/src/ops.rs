@@ -12,44 +12,17 @@ use serde_json::{json, Value};
 use crate::attach::{self, AttachRequest, Attachment};
 use crate::merge::{Entry, MergeError, MergeStats, Merger, Meta, Source};
 use crate::throttle::Throttle;
-use crate::{block, pg, Ctx};
+use crate::{block, pg, Ctx, Error, ErrorKind};
 
-/// Bytes from "123", "64K", "8M", "2G", "1T".
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => (
-            &s[..i],
-            match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("{s:?}: unknown unit {c}")),
-            },
-        ),
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("{s:?} is not a size"))
-}
-
-/// Names of volumes, clones and attachments.
-pub fn check_name(n: &str) -> anyhow::Result<()> {
-    let ok = !n.is_empty()
-        && n.len() <= 128
-        && !n.starts_with(['.', '-'])
-        && n.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    if !ok {
-        anyhow::bail!(
-            "{n:?}: names are 1–128 characters of A-Z a-z 0-9 . _ -, not starting with . or -"
-        );
-    }
-    Ok(())
+/// Names of volumes, clones and attachments ([`cdm_common::names`]).
+pub fn check_name(n: &str) -> Result<(), Error> {
+    cdm_common::names::check(n).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Invalid,
+            format!("{n:?}: names are {}", cdm_common::names::RULE),
+            e,
+        )
+    })
 }
 
 /// "VOLUME@ID".
@@ -108,15 +81,15 @@ pub fn invalidate_block_fingerprints(ctx: &Ctx, volume: &str) -> anyhow::Result<
 /// One backup per stage volume at a time on this host: an exclusive
 /// `flock` on `STATE/locks/VOLUME.lock`, released when the file closes.
 pub fn lock(ctx: &Ctx, volume: &str) -> anyhow::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
     let d = ctx.state_dir.join("locks");
     std::fs::create_dir_all(&d)?;
     let f = std::fs::File::create(d.join(format!("{volume}.lock")))?;
-    // SAFETY: flock on an open descriptor.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        anyhow::bail!("another backup of {volume} is running on this host");
+    match cdm_common::lock::try_lock_exclusive(&f) {
+        Ok(true) => Ok(f),
+        Ok(false) => anyhow::bail!("another backup of {volume} is running on this host"),
+        Err(e) => Err(anyhow::Error::new(e)
+            .context(format!("cannot lock the backups of {volume} on this host"))),
     }
-    Ok(f)
 }
 
 #[derive(Clone, Debug)]
@@ -487,7 +460,11 @@ pub fn backup_block(
     std::fs::create_dir_all(paths.fp.parent().unwrap_or(&ctx.state_dir))?;
     let latest = ctx.api.list_snapshots(volume)?.iter().map(|s| s.id).max();
     let old = block::load(&paths, block_size, size, latest);
-    let why = old.as_ref().err().cloned().unwrap_or_default();
+    let why = old
+        .as_ref()
+        .err()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     let mut stage = nbd_proto::client::Client::connect(
         &ctx.nbd,
         Some(volume),
@@ -828,6 +805,7 @@ pub fn print(json_out: bool, v: &Value, took: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cdm_common::size::parse_nonzero as parse_size;
 
     #[test]
     fn sizes_names_snapshots() {

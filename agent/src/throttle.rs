@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::Error;
+
 /// A window of the day with its own limit; `end` before `start` wraps
 /// past midnight ("22:00-06:00").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -30,46 +32,48 @@ pub struct Bandwidth {
     pub windows: Vec<Window>,
 }
 
-fn minute(s: &str) -> Result<u32, String> {
-    let (h, m) = s
-        .split_once(':')
-        .ok_or_else(|| format!("{s:?}: want HH:MM"))?;
-    let h: u32 = h.parse().map_err(|_| format!("{s:?}: bad hour"))?;
-    let m: u32 = m.parse().map_err(|_| format!("{s:?}: bad minute"))?;
+fn minute(s: &str) -> Result<u32, Error> {
+    let bad = |why: &str| Error::invalid(format!("{s:?}: {why}"));
+    let (h, m) = s.split_once(':').ok_or_else(|| bad("want HH:MM"))?;
+    let h: u32 = h.parse().map_err(|_| bad("bad hour"))?;
+    let m: u32 = m.parse().map_err(|_| bad("bad minute"))?;
     if h > 24 || m > 59 || (h == 24 && m != 0) {
-        return Err(format!("{s:?}: not a time of day"));
+        return Err(bad("not a time of day"));
     }
     Ok(h * 60 + m)
 }
 
 impl Window {
     /// Parses "HH:MM-HH:MM=MIBPS".
-    pub fn parse(s: &str) -> Result<Window, String> {
-        let (range, rate) = s
-            .split_once('=')
-            .ok_or_else(|| format!("{s:?}: want HH:MM-HH:MM=MIBPS"))?;
-        let (a, b) = range
-            .split_once('-')
-            .ok_or_else(|| format!("{s:?}: want HH:MM-HH:MM=MIBPS"))?;
+    pub fn parse(s: &str) -> Result<Window, Error> {
+        let want = || Error::invalid(format!("{s:?}: want HH:MM-HH:MM=MIBPS"));
+        let (range, rate) = s.split_once('=').ok_or_else(want)?;
+        let (a, b) = range.split_once('-').ok_or_else(want)?;
         let w = Window {
             start: a.trim().into(),
             end: b.trim().into(),
             limit_mibps: rate
                 .trim()
                 .parse()
-                .map_err(|_| format!("{s:?}: bad rate {rate:?}"))?,
+                .map_err(|_| Error::invalid(format!("{s:?}: bad rate {rate:?}")))?,
         };
         w.check()?;
         Ok(w)
     }
 
-    fn check(&self) -> Result<(u32, u32), String> {
+    fn check(&self) -> Result<(u32, u32), Error> {
         if !(self.limit_mibps >= 0.0 && self.limit_mibps.is_finite()) {
-            return Err(format!("window rate {} is not a rate", self.limit_mibps));
+            return Err(Error::invalid(format!(
+                "window rate {} is not a rate",
+                self.limit_mibps
+            )));
         }
         let (a, b) = (minute(&self.start)?, minute(&self.end)?);
         if a == b {
-            return Err(format!("window {}-{} is empty", self.start, self.end));
+            return Err(Error::invalid(format!(
+                "window {}-{} is empty",
+                self.start, self.end
+            )));
         }
         Ok((a, b))
     }
@@ -84,10 +88,10 @@ impl Window {
 }
 
 impl Bandwidth {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Error> {
         if let Some(l) = self.limit_mibps {
             if !(l >= 0.0 && l.is_finite()) {
-                return Err(format!("limit {l} is not a rate"));
+                return Err(Error::invalid(format!("limit {l} is not a rate")));
             }
         }
         for w in &self.windows {

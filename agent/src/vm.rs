@@ -129,9 +129,7 @@ pub fn open_vm_disk(
     unsafe {
         use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+            cdm_common::signals::clear_mask();
             // Never outlive the agent (killed, interrupted): it holds the
             // image open.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);

@@ -90,22 +90,15 @@ fn parse_id(s: &str, what: &str) -> ApiResult<u64> {
         .map_err(|_| ApiError::bad_request(format!("{what} id {s:?} is not a number")))
 }
 
-/// Checks a resource name from a path or body before anything looks it up:
-/// 1–128 of `A-Za-z0-9._-`, not starting with `.` or `-` (no `/`, `..`, `@`).
+/// Checks a resource name from a path or body before anything looks it up
+/// ([`cdm_common::names`]: no `/`, `..`, `@`).
 pub fn check_name(kind: &str, name: &str) -> ApiResult<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-        && !name.starts_with(['.', '-']);
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "bad {kind} name {name:?}: use 1-128 characters of A-Z a-z 0-9 . _ -, not starting with . or -"
-        )))
-    }
+    cdm_common::names::check(name).map_err(|e| {
+        ApiError::bad_request(format!(
+            "bad {kind} name {name:?}: it {e}; use {}",
+            cdm_common::names::RULE
+        ))
+    })
 }
 
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {

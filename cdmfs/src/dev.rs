@@ -114,21 +114,14 @@ impl BlockDev for FileDev {
 }
 
 fn lock_exclusive(file: &File, path: &Path) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: flock on a file descriptor we own.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                format!(
-                    "{} is in use by another process (snapshotd or cdm-nbd?)",
-                    path.display()
-                ),
-            ));
-        }
-        return Err(e);
+    if cdm_common::lock::try_lock_exclusive(file)? {
+        return Ok(());
     }
-    Ok(())
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!(
+            "{} is in use by another process (snapshotd or cdm-nbd?)",
+            path.display()
+        ),
+    ))
 }

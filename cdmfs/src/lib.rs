@@ -28,7 +28,6 @@ mod space;
 mod store;
 #[cfg(any(test, feature = "test-utils"))]
 mod testdev;
-pub mod units;
 
 pub use check::{FsckReport, ScrubError, ScrubReport};
 pub use chunker::FastCdc;

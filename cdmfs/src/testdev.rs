@@ -4,6 +4,8 @@
 use std::io;
 use std::sync::Mutex;
 
+use cdm_common::lock::lock;
+
 use crate::dev::BlockDev;
 
 /// An in-memory device.
@@ -30,10 +32,6 @@ impl MemDev {
     pub fn with_bytes<R>(&self, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
         f(&mut lock(&self.data))
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn range_check(len: usize, off: u64, n: usize) -> io::Result<usize> {

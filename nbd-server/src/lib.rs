@@ -10,7 +10,6 @@ pub mod export;
 mod handshake;
 pub mod listener;
 pub mod server;
-pub mod signals;
 pub mod stats;
 pub mod tls;
 mod transmission;
@@ -22,13 +21,3 @@ pub use export::pool::{PoolCatalog, PoolExport};
 pub use export::{BlockSize, Export, ExportCatalog, ExportEntry, ExportError, Extent, ZeroFlags};
 pub use listener::Listener;
 pub use server::{ClientInfo, ConnEvent, Server, ServerConfig};
-
-/// Logs to stderr, `info` unless `RUST_LOG` says otherwise (the daemons).
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}

@@ -359,14 +359,14 @@ pub fn start(
 
 /// [`start`], then waits for SIGTERM/SIGINT/SIGHUP; stops accepting, lets
 /// requests in flight finish (up to 10 s) and makes everything durable.
-/// Call [`crate::signals::block_termination`] first, before any thread starts.
+/// Call [`cdm_common::signals::block_termination`] first, before any thread starts.
 pub fn serve_until_signal(
     server: &Arc<Server>,
     listeners: Vec<Listener>,
     commit_every: std::time::Duration,
 ) -> Result<(), ServeError> {
     start(server, listeners, commit_every)?;
-    let sig = crate::signals::wait_for_termination();
+    let sig = cdm_common::signals::wait_for_termination();
     tracing::info!(sig, "terminating: committing the pool");
     server.shutdown();
     if !server.drain(std::time::Duration::from_secs(10)) {

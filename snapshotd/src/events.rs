@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use cdm_api::types::{Delivery, Event, Webhook};
+use cdm_common::lock::lock;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -228,7 +229,7 @@ impl Events {
                                 .unwrap_or_else(|e| e.into_inner().0);
                         }
                         None => {
-                            q = self.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                            q = cdm_common::lock::wait(&self.cv, q);
                         }
                     }
                 }
@@ -351,10 +352,6 @@ impl Events {
             ("failed".into(), c[2]),
         ]
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

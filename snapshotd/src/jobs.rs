@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use cdm_api::types::Job;
+use cdm_common::lock::lock;
 use serde_json::{json, Value};
 
 use crate::clock::Clock;
@@ -38,10 +39,6 @@ impl Progress {
             };
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Jobs {

@@ -20,10 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use cdmfs::units::{human, parse_size};
+use cdm_common::signals;
+use cdm_common::size::{human, parse_size};
 use cdmfs::{FileDev, FormatOptions, OpenOptions, Pool};
 use clap::Parser;
-use nbd_server::{signals, Listener, Server, ServerConfig};
+use nbd_server::{Listener, Server, ServerConfig};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -209,7 +210,7 @@ fn write_secret(path: &Path, text: &str) -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    nbd_server::init_logging();
+    cdm_common::log::init(cdm_common::log::LevelFilter::INFO);
     let args = Args::parse();
     let s = settings(&args)?;
     signals::block_termination();

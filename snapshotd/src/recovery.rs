@@ -68,7 +68,7 @@ impl Mounts {
     }
 
     fn guard(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.lock.lock().unwrap_or_else(|e| e.into_inner())
+        cdm_common::lock::lock(&self.lock)
     }
 
     /// Loop device + kernel mount of `m` (its FUSE file); fills device and fstype.
@@ -241,7 +241,7 @@ impl Appliance {
             (None, true) => format!("{vol}-{id}-rw"),
             (None, false) => format!("{vol}-{id}-ro"),
         };
-        cdmfs::pool::validate_name(&name).map_err(engine)?;
+        cdm_api::routes::check_name("mount", &name)?;
         let _g = mounts.guard();
         if self
             .state

@@ -185,7 +185,7 @@ impl Scheduler {
     /// Expires snapshots the volume policies and the pool quota no longer
     /// keep; returns the expired snapshot exports.
     pub fn apply_retention(&self, actor: &str) -> Result<Vec<String>, String> {
-        let _one = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = cdm_common::lock::lock(&self.sweep);
         let now = self.clock.now();
         let (vols, snaps) = self.pool.catalog().map_err(|e| e.to_string())?;
         let policies: HashMap<String, Policy> = self

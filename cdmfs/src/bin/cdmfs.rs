@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use cdmfs::units::{human, parse_size};
+use cdm_common::size::{human, parse_size};
 use cdmfs::{FileDev, FormatOptions, Pool, Target};
 use clap::{Parser, Subcommand};
 
@@ -578,10 +578,7 @@ fn write(pool: Pool, volume: &str, file: Option<&Path>, offset: u64) -> Result<(
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    cdm_common::log::init(cdm_common::log::LevelFilter::ERROR);
     match run(Cli::parse()) {
         Ok(c) => c,
         Err(e) => {

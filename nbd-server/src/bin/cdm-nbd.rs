@@ -10,8 +10,9 @@ use cdmfs::Pool;
 use clap::Parser;
 use std::time::Duration;
 
+use cdm_common::signals;
 use nbd_server::server::serve_until_signal;
-use nbd_server::{signals, Listener, Server, ServerConfig};
+use nbd_server::{Listener, Server, ServerConfig};
 
 #[derive(Parser)]
 #[command(name = "cdm-nbd", version, about = "Serve a cdm pool over NBD")]
@@ -39,7 +40,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    nbd_server::init_logging();
+    cdm_common::log::init(cdm_common::log::LevelFilter::INFO);
     let args = Args::parse();
     signals::block_termination();
     let pool = Arc::new(

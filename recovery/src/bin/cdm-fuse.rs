@@ -30,9 +30,9 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    nbd_server::init_logging();
+    cdm_common::log::init(cdm_common::log::LevelFilter::INFO);
     let args = Args::parse();
-    nbd_server::signals::block_termination();
+    cdm_common::signals::block_termination();
     let pool = Arc::new(
         Pool::open_file(&args.pool, args.key_file.as_deref())
             .with_context(|| format!("cannot open pool {}", args.pool.display()))?,
@@ -41,7 +41,7 @@ fn main() -> Result<()> {
     let m = cdm_recovery::fuse::mount(pool.clone(), &dir, args.threads)
         .with_context(|| format!("cannot mount at {}", args.dir.display()))?;
     tracing::info!(dir = %args.dir.display(), "mounted; SIGINT or SIGTERM unmounts");
-    let sig = nbd_server::signals::wait_for_termination();
+    let sig = cdm_common::signals::wait_for_termination();
     tracing::info!(sig, "unmounting");
     m.unmount();
     pool.flush().context("final commit failed")?;
