@@ -30,7 +30,7 @@ use cdmfs::format::{
     crc, dec_ptr, enc_ptr, Extent, TreeKind, NODE_HDR, NODE_MAGIC, NODE_SIZE, PTR_SIZE, SB_BYTES,
     SB_MAGIC, SB_SLOTS, UNIT,
 };
-use cdmfs::pool::MAX_RECORD;
+use cdmfs::MAX_RECORD;
 use cdmfs::{BlockDev, FormatOptions, MemDev, OpenOptions, Pool, Target};
 use libfuzzer_sys::fuzz_target;
 

@@ -121,9 +121,7 @@ pub struct Server {
 
 pub(crate) type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
 
-pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+pub(crate) use cdm_common::lock::lock;
 
 /// Writes `parts` as one reply under the connection's write lock, then flushes.
 pub(crate) fn send(w: &SharedWriter, parts: &[&[u8]]) -> io::Result<()> {

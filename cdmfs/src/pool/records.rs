@@ -54,19 +54,12 @@ pub(super) struct SnapshotRec {
 /// Checks a volume name: 1–128 characters of `A-Za-z0-9._-`, not starting
 /// with `.` or `-` (so names are safe as export names, paths and URLs).
 pub fn validate_name(name: &str) -> Result<()> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-        && !name.starts_with(['.', '-']);
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::Invalid(format!(
-            "bad name {name:?}: use 1-128 characters of A-Z a-z 0-9 . _ -, not starting with . or -"
-        )))
-    }
+    cdm_common::names::check(name).map_err(|why| {
+        Error::Invalid(format!(
+            "bad name {name:?}: it {why}; use {}",
+            cdm_common::names::RULE
+        ))
+    })
 }
 
 pub(super) fn check_block_size(bs: u32) -> Result<()> {
