@@ -642,3 +642,66 @@ impl<C: Catalog> Filesystem for Server<C> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Mem(u64, bool);
+
+    impl DiskFile for Mem {
+        fn size(&self) -> u64 {
+            self.0
+        }
+        fn read_only(&self) -> bool {
+            self.1
+        }
+        fn read_at(&self, buf: &mut [u8], off: u64) -> Result<usize, Errno> {
+            let n = (buf.len() as u64).min(self.0.saturating_sub(off)) as usize;
+            buf[..n].fill(0);
+            Ok(n)
+        }
+        fn write_at(&self, _data: &[u8], _off: u64) -> Result<(), Errno> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), Errno> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_file_tree() {
+        let c = OneFile::new("disk", Arc::new(Mem(1 << 20, true)), SystemTime::UNIX_EPOCH);
+        let root = c.attr(ROOT).expect("root");
+        assert_eq!((root.kind, root.size), (Kind::Dir, 0));
+        let f = c.lookup(ROOT, OsStr::new("disk")).expect("disk");
+        assert_eq!((f.kind, f.size, f.read_only), (Kind::File, 1 << 20, true));
+        assert!(c.lookup(ROOT, OsStr::new("other")).is_none());
+        assert!(c.list(f.ino).is_none());
+        assert_eq!(c.open(ROOT).err(), Some(libc::EISDIR));
+        assert!(c.open(f.ino).is_ok());
+        let s = c.statfs().expect("statfs");
+        assert_eq!((s.blocks, s.bfree, s.files), (256, 0, 1));
+    }
+
+    #[test]
+    fn options_become_mount_flags() {
+        let mut o = Options {
+            subtype: "x".into(),
+            workers: 1,
+            ttl: Duration::from_secs(1),
+            read_only: false,
+            allow_other: false,
+            direct_io: false,
+            readahead_kb: None,
+            block_size: 4096,
+        };
+        let has = |o: &Options, m: MountOption| mount_options(o).contains(&m);
+        assert!(!has(&o, MountOption::RO) && !has(&o, MountOption::AllowOther));
+        assert!(has(&o, MountOption::CUSTOM("max_read=1048576".into())));
+        o.read_only = true;
+        o.allow_other = true;
+        assert!(has(&o, MountOption::RO) && has(&o, MountOption::AllowOther));
+        assert!(has(&o, MountOption::DefaultPermissions));
+    }
+}
