@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use cdm_disk::host::{self, run};
 use serde::{Deserialize, Serialize};
 
+use crate::error::io_at;
 use crate::nbdfile::DISK_NAME;
-use crate::{Ctx, Error};
+use crate::{Ctx, Error, ErrorKind};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Attachment {
@@ -60,12 +61,15 @@ pub fn record(ctx: &Ctx, name: &str) -> Option<Attachment> {
     serde_json::from_slice(&t).ok()
 }
 
-pub fn save(ctx: &Ctx, a: &Attachment) -> anyhow::Result<()> {
+pub fn save(ctx: &Ctx, a: &Attachment) -> Result<(), Error> {
     let d = dir(ctx, &a.name);
-    std::fs::create_dir_all(&d)?;
+    std::fs::create_dir_all(&d).map_err(io_at(&d))?;
     let tmp = d.join("record.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(a)?)?;
-    std::fs::rename(&tmp, d.join("record.json"))?;
+    let json = serde_json::to_vec_pretty(a)
+        .map_err(|e| Error::with_source(ErrorKind::Io, "encoding the attachment record", e))?;
+    std::fs::write(&tmp, json).map_err(io_at(&tmp))?;
+    let rec = d.join("record.json");
+    std::fs::rename(&tmp, &rec).map_err(io_at(&rec))?;
     Ok(())
 }
 
@@ -106,16 +110,18 @@ fn tail(p: &Path) -> String {
 }
 
 /// Starts the FUSE file for `export`; waits until `FUSE/disk` is there.
-fn start_server(ctx: &Ctx, name: &str, export: &str) -> anyhow::Result<Child> {
+fn start_server(ctx: &Ctx, name: &str, export: &str) -> Result<Child, Error> {
     let d = dir(ctx, name);
-    std::fs::create_dir_all(&d)?;
+    std::fs::create_dir_all(&d).map_err(io_at(&d))?;
     let fuse = fuse_dir(ctx, name);
     let _ = host::unmount(&fuse);
-    std::fs::create_dir_all(&fuse)?;
+    std::fs::create_dir_all(&fuse).map_err(io_at(&fuse))?;
     let log = d.join("serve.log");
     let _ = std::fs::remove_file(d.join("status"));
-    let out = std::fs::File::create(&log)?;
-    let exe = std::env::current_exe()?;
+    let out = std::fs::File::create(&log).map_err(io_at(&log))?;
+    let exe = std::env::current_exe().map_err(|e| {
+        Error::with_source(ErrorKind::Host, "cannot find the agent's executable", e)
+    })?;
     let mut cmd = Command::new(exe);
     cmd.arg("serve-disk")
         .args(["--nbd", &ctx.nbd, "--export", export])
@@ -124,7 +130,7 @@ fn start_server(ctx: &Ctx, name: &str, export: &str) -> anyhow::Result<Child> {
         .arg("--status")
         .arg(d.join("status"))
         .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
+        .stdout(out.try_clone().map_err(io_at(&log))?)
         .stderr(out);
     // Its own session: it outlives this command and a terminal's signals.
     // SAFETY: setsid is async-signal-safe.
@@ -135,28 +141,33 @@ fn start_server(ctx: &Ctx, name: &str, export: &str) -> anyhow::Result<Child> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::with_source(ErrorKind::Host, "cannot start the disk server", e))?;
     let disk = fuse.join(DISK_NAME);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if host::is_mounted(&fuse) && disk.exists() {
             return Ok(child);
         }
-        if let Some(st) = child.try_wait()? {
-            anyhow::bail!(
+        let exited = child
+            .try_wait()
+            .map_err(|e| Error::with_source(ErrorKind::Host, "waiting for the disk server", e))?;
+        if let Some(st) = exited {
+            return Err(Error::host(format!(
                 "cannot serve {export} from {}: {} ({st})",
                 ctx.nbd,
                 tail(&log)
-            );
+            )));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             let _ = host::unmount(&fuse);
-            anyhow::bail!(
+            return Err(Error::host(format!(
                 "the FUSE file for {export} did not appear within 20 s: {}",
                 tail(&log)
-            );
+            )));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -196,20 +207,23 @@ fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Re
 }
 
 /// Attaches and mounts. On failure, undoes what it did.
-pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Child)> {
+pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Error> {
     if let Some(a) = record(ctx, &req.name) {
         if alive(a.pid) || host::is_mounted(&a.mount) {
-            anyhow::bail!(
+            return Err(Error::host(format!(
                 "{} is already attached at {} (detach it first)",
                 req.name,
                 a.mount.display()
-            );
+            )));
         }
         // Left by a crash: clear it.
         let _ = cleanup(ctx, &a, None);
     }
     if host::is_mounted(&req.mount) {
-        anyhow::bail!("{} is already a mount point", req.mount.display());
+        return Err(Error::host(format!(
+            "{} is already a mount point",
+            req.mount.display()
+        )));
     }
     let mut child = start_server(ctx, &req.name, &req.export)?;
     let fuse = fuse_dir(ctx, &req.name);
@@ -223,7 +237,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Chi
         Ok(d) => d,
         Err(e) => {
             undo(&mut child, None);
-            anyhow::bail!("{e}");
+            return Err(Error::host(e));
         }
     };
     let fstype = match (host::fs_type(&dev), &req.mkfs) {
@@ -238,13 +252,13 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Chi
             };
             if let Err(e) = r {
                 undo(&mut child, Some(&dev));
-                anyhow::bail!("{e}");
+                return Err(Error::host(e));
             }
             fs.clone()
         }
         (None, _) => {
             undo(&mut child, Some(&dev));
-            anyhow::bail!(
+            return Err(Error::host(format!(
                 "{} holds no filesystem the agent can mount{}",
                 req.export,
                 if req.writable {
@@ -252,7 +266,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Chi
                 } else {
                     ""
                 }
-            );
+            )));
         }
     };
     let mounted = if fstype == "ext4" && req.writable {
@@ -271,7 +285,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> anyhow::Result<(Attachment, Chi
     };
     if let Err(e) = mounted {
         undo(&mut child, Some(&dev));
-        anyhow::bail!("cannot mount {}: {e}", req.export);
+        return Err(Error::host(format!("cannot mount {}: {e}", req.export)));
     }
     let a = Attachment {
         name: req.name.clone(),
@@ -315,10 +329,10 @@ fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), E
 
 /// Detaches `a`. The record goes unless the filesystem or the FUSE file
 /// is still mounted (busy): then `detach` can be run again later.
-pub fn detach(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> anyhow::Result<()> {
+pub fn detach(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), Error> {
     let r = cleanup(ctx, a, child);
     if !host::is_mounted(&a.mount) && !host::is_mounted(&fuse_dir(ctx, &a.name)) {
         let _ = std::fs::remove_dir_all(dir(ctx, &a.name));
     }
-    r.map_err(|e| anyhow::anyhow!("detach {}: {e}", a.name))
+    r.map_err(|e| Error::with_source(ErrorKind::Host, format!("detach {}", a.name), e))
 }

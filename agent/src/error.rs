@@ -4,6 +4,7 @@
 //! binary's edge (`main.rs`), which prints the whole chain.
 
 use std::fmt;
+use std::path::Path;
 
 /// A cause, kept whole for [`std::error::Error::source`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -89,6 +90,11 @@ impl Error {
         }
         s
     }
+}
+
+/// Maps an I/O error on `path` to an [`ErrorKind::Io`] error naming it.
+pub fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::with_source(ErrorKind::Io, path.display().to_string(), e)
 }
 
 #[cfg(test)]

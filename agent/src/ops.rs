@@ -142,14 +142,14 @@ impl Mounted {
         m.a.temporary = true;
         if let Err(e) = attach::save(ctx, &m.a) {
             let _ = m.close(ctx);
-            return Err(e);
+            return Err(e.into());
         }
         Ok(m)
     }
 
     fn close(mut self, ctx: &Ctx) -> anyhow::Result<()> {
         if self.ours {
-            attach::detach(ctx, &self.a, self.child.as_mut())
+            Ok(attach::detach(ctx, &self.a, self.child.as_mut())?)
         } else {
             Ok(())
         }
@@ -668,7 +668,7 @@ pub fn restore_clone(
             mkfs: None,
         },
     )
-    .map_err(undo_clone)?;
+    .map_err(|e| undo_clone(e.into()))?;
     a.clone = Some(name.to_string());
     let attach_secs = t0.elapsed().as_secs_f64();
     let r = (|| -> anyhow::Result<Value> {
