@@ -99,7 +99,7 @@ impl Server {
                 let (m, cv) = &*budget;
                 let mut used = lock(m);
                 while *used > 0 && *used + cost > max_inflight {
-                    used = cv.wait(used).unwrap_or_else(|e| e.into_inner());
+                    used = cdm_common::lock::wait(cv, used);
                 }
                 *used += cost;
             }

@@ -45,9 +45,9 @@ impl RangeLocks {
     }
 
     fn lock(&self, vol: u64, lo: u64, hi: u64) -> RangeGuard<'_> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = cdm_common::lock::lock(&self.held);
         while held.iter().any(|&(v, a, b)| v == vol && a < hi && lo < b) {
-            held = self.cv.wait(held).unwrap_or_else(|e| e.into_inner());
+            held = cdm_common::lock::wait(&self.cv, held);
         }
         held.push((vol, lo, hi));
         RangeGuard {
@@ -59,7 +59,7 @@ impl RangeLocks {
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
-        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held = cdm_common::lock::lock(&self.locks.held);
         if let Some(i) = held.iter().position(|e| *e == self.entry) {
             held.swap_remove(i);
         }
