@@ -338,19 +338,19 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), responses((status = 200, body = Policy)), security(("bearer" = [])))]
-async fn policy(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Policy>> {
+#[utoipa::path(get, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), responses((status = 200, body = SnapshotPolicy)), security(("bearer" = [])))]
+async fn policy(State(s): S, Path(name): Path<String>) -> ApiResult<Json<SnapshotPolicy>> {
     check_name("volume", &name)?;
     Ok(Json(run(&s, move |b| b.policy(&name)).await?))
 }
 
-#[utoipa::path(put, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), request_body = Policy, responses((status = 200, body = Policy)), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), request_body = SnapshotPolicy, responses((status = 200, body = SnapshotPolicy)), security(("bearer" = [])))]
 async fn set_policy(
     State(s): S,
     Extension(c): Caller_,
     Path(name): Path<String>,
-    ApiJson(p): ApiJson<Policy>,
-) -> ApiResult<Json<Policy>> {
+    ApiJson(p): ApiJson<SnapshotPolicy>,
+) -> ApiResult<Json<SnapshotPolicy>> {
     c.require(Action::Write)?;
     check_name("volume", &name)?;
     Ok(Json(run(&s, move |b| b.set_policy(&c, &name, p)).await?))

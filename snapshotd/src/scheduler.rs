@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cdm_api::types::{Policy, PoolPolicy, Retention};
+use cdm_api::types::{PoolPolicy, Retention, SnapshotPolicy};
 use cdmfs::Pool;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -20,13 +20,13 @@ use cdm_api::cron::Cron;
 
 /// A volume's policy as stored, with the schedule's next due time.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct PolicyRec {
-    pub policy: Policy,
+pub struct SnapshotPolicyRec {
+    pub policy: SnapshotPolicy,
     pub next_run_unix: Option<u64>,
 }
 
 /// The next time a schedule is due after `now`.
-pub fn next_run(p: &Policy, now: u64) -> Result<Option<u64>, String> {
+pub fn next_run(p: &SnapshotPolicy, now: u64) -> Result<Option<u64>, String> {
     let Some(s) = &p.schedule else {
         return Ok(None);
     };
@@ -131,9 +131,9 @@ impl Scheduler {
     fn run_schedules(&self) -> Result<(), String> {
         let now = self.clock.now();
         let mut due = Vec::new();
-        let recs: Vec<(String, PolicyRec)> = self
+        let recs: Vec<(String, SnapshotPolicyRec)> = self
             .state
-            .all::<(String, PolicyRec)>(POLICIES)
+            .all::<(String, SnapshotPolicyRec)>(POLICIES)
             .map_err(|e| e.to_string())?;
         for (name, rec) in recs {
             if rec.next_run_unix.is_some_and(|t| t <= now) {
@@ -188,9 +188,9 @@ impl Scheduler {
         let _one = self.sweep.lock().unwrap_or_else(|e| e.into_inner());
         let now = self.clock.now();
         let (vols, snaps) = self.pool.catalog().map_err(|e| e.to_string())?;
-        let policies: HashMap<String, Policy> = self
+        let policies: HashMap<String, SnapshotPolicy> = self
             .state
-            .all::<(String, PolicyRec)>(POLICIES)
+            .all::<(String, SnapshotPolicyRec)>(POLICIES)
             .map_err(|e| e.to_string())?
             .into_iter()
             .map(|(n, r)| (n, r.policy))
@@ -366,7 +366,7 @@ mod tests {
 
     #[test]
     fn schedules() {
-        let p = |i: Option<u64>, c: Option<&str>| Policy {
+        let p = |i: Option<u64>, c: Option<&str>| SnapshotPolicy {
             schedule: Some(cdm_api::types::Schedule {
                 interval_secs: i,
                 cron: c.map(String::from),
@@ -381,6 +381,6 @@ mod tests {
             next_run(&p(None, Some("*/5 * * * *")), 0).unwrap(),
             Some(300)
         );
-        assert_eq!(next_run(&Policy::default(), 0).unwrap(), None);
+        assert_eq!(next_run(&SnapshotPolicy::default(), 0).unwrap(), None);
     }
 }

@@ -214,10 +214,10 @@ impl Backend for Appliance {
         self.volume_delete(c, name, force)
     }
     // policies.rs
-    fn policy(&self, volume: &str) -> ApiResult<Policy> {
+    fn policy(&self, volume: &str) -> ApiResult<SnapshotPolicy> {
         self.policy_get(volume)
     }
-    fn set_policy(&self, c: &Caller, volume: &str, p: Policy) -> ApiResult<Policy> {
+    fn set_policy(&self, c: &Caller, volume: &str, p: SnapshotPolicy) -> ApiResult<SnapshotPolicy> {
         self.policy_set(c, volume, p)
     }
     // snapshots.rs

@@ -6,21 +6,26 @@ use cdm_api::{ApiError, ApiResult};
 use serde_json::json;
 
 use super::{engine, st, Appliance};
-use crate::scheduler::{next_run, PolicyRec};
+use crate::scheduler::{next_run, SnapshotPolicyRec};
 use crate::state::{Sync, POLICIES};
 
 impl Appliance {
-    pub(super) fn policy_get(&self, volume: &str) -> ApiResult<Policy> {
+    pub(super) fn policy_get(&self, volume: &str) -> ApiResult<SnapshotPolicy> {
         self.pool.volume_id(volume).map_err(engine)?;
         Ok(self
             .state
-            .get::<_, (String, PolicyRec)>(POLICIES, volume)
+            .get::<_, (String, SnapshotPolicyRec)>(POLICIES, volume)
             .map_err(st)?
             .map(|(_, r)| r.policy)
             .unwrap_or_default())
     }
 
-    pub(super) fn policy_set(&self, c: &Caller, volume: &str, p: Policy) -> ApiResult<Policy> {
+    pub(super) fn policy_set(
+        &self,
+        c: &Caller,
+        volume: &str,
+        p: SnapshotPolicy,
+    ) -> ApiResult<SnapshotPolicy> {
         self.pool.volume_id(volume).map_err(engine)?;
         if p.retention.keep_last == Some(0) {
             return Err(ApiError::bad_request("keep_last must be at least 1"));
@@ -29,7 +34,7 @@ impl Appliance {
             return Err(ApiError::bad_request("keep_days must be at least 1"));
         }
         let next = next_run(&p, self.clock.now()).map_err(ApiError::bad_request)?;
-        let rec = PolicyRec {
+        let rec = SnapshotPolicyRec {
             policy: p.clone(),
             next_run_unix: next,
         };

@@ -110,7 +110,7 @@ pub(crate) fn run(cmd: VolumeCmd, c: &Client, out: &Out) -> Result<(), CliError>
             } else {
                 None
             };
-            let p = Policy {
+            let p = SnapshotPolicy {
                 schedule,
                 retention: Retention {
                     keep_last,
@@ -198,7 +198,7 @@ pub(crate) fn volume_show(v: &Volume) -> String {
     )
 }
 
-pub(crate) fn policy_show(p: &Policy) -> String {
+pub(crate) fn policy_show(p: &SnapshotPolicy) -> String {
     let sched = match &p.schedule {
         Some(Schedule {
             interval_secs: Some(i),
