@@ -481,7 +481,7 @@ async fn put_vms(
 
 #[utoipa::path(get, path = "/v1/vms/tree", params(VmTreeQuery), responses((status = 200, body = VmTree), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
 async fn vm_tree(State(s): S, ApiQuery(q): ApiQuery<VmTreeQuery>) -> ApiResult<Json<VmTree>> {
-    let by = crate::vms::By::parse(&q.by).map_err(ApiError::bad_request)?;
+    let by = crate::vms::By::parse(&q.by)?;
     let vms = run(&s, |b| b.list_vms()).await?;
     Ok(Json(VmTree {
         by: q.by,

@@ -17,6 +17,7 @@ use crate::clock::{stamp, Clock};
 use crate::events::Events;
 use crate::state::{State, Sync, META, POLICIES};
 use cdm_api::cron::Cron;
+use cdm_api::{InputError, InputKind};
 
 /// A volume's policy as stored, with the schedule's next due time.
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -26,21 +27,24 @@ pub struct SnapshotPolicyRec {
 }
 
 /// The next time a schedule is due after `now`.
-pub fn next_run(p: &SnapshotPolicy, now: u64) -> Result<Option<u64>, String> {
+pub fn next_run(p: &SnapshotPolicy, now: u64) -> Result<Option<u64>, InputError> {
     let Some(s) = &p.schedule else {
         return Ok(None);
     };
+    let bad = |m: &str| InputError::new(InputKind::Schedule, m);
     match (s.interval_secs, &s.cron) {
-        (Some(_), Some(_)) => Err("give a schedule interval or a cron expression, not both".into()),
-        (Some(i), None) if i < 60 => Err("schedule interval must be at least 60 seconds".into()),
+        (Some(_), Some(_)) => Err(bad(
+            "give a schedule interval or a cron expression, not both",
+        )),
+        (Some(i), None) if i < 60 => Err(bad("schedule interval must be at least 60 seconds")),
         (Some(i), None) => Ok(Some(now + i)),
         (None, Some(c)) => {
             let c = Cron::parse(c)?;
             c.next_after(now)
                 .map(Some)
-                .ok_or_else(|| "cron expression never matches".to_string())
+                .ok_or_else(|| InputError::new(InputKind::Cron, "cron expression never matches"))
         }
-        (None, None) => Err("schedule needs interval_secs or cron".into()),
+        (None, None) => Err(bad("schedule needs interval_secs or cron")),
     }
 }
 

@@ -171,7 +171,7 @@ impl Appliance {
                 "vm-backup needs \"inventory\" (a path on the appliance) and \"category\"",
             ));
         };
-        cdm_api::vms::selects(&VmRecord::default(), &category).map_err(ApiError::bad_request)?;
+        cdm_api::vms::selects(&VmRecord::default(), &category)?;
         let setup = self
             .agent
             .get()

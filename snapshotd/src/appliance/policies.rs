@@ -33,7 +33,7 @@ impl Appliance {
         if p.retention.keep_days == Some(0) {
             return Err(ApiError::bad_request("keep_days must be at least 1"));
         }
-        let next = next_run(&p, self.clock.now()).map_err(ApiError::bad_request)?;
+        let next = next_run(&p, self.clock.now())?;
         let rec = SnapshotPolicyRec {
             policy: p.clone(),
             next_run_unix: next,
