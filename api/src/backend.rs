@@ -28,8 +28,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Refused (409) with snapshots, clones of its snapshots or connected
     /// clients unless `force`.
     fn delete_volume(&self, caller: &Caller, name: &str, force: bool) -> ApiResult<()>;
-    fn policy(&self, volume: &str) -> ApiResult<Policy>;
-    fn set_policy(&self, caller: &Caller, volume: &str, p: Policy) -> ApiResult<Policy>;
+    fn policy(&self, volume: &str) -> ApiResult<SnapshotPolicy>;
+    fn set_policy(
+        &self,
+        caller: &Caller,
+        volume: &str,
+        p: SnapshotPolicy,
+    ) -> ApiResult<SnapshotPolicy>;
 
     fn create_snapshot(
         &self,

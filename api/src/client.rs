@@ -207,10 +207,10 @@ impl Client {
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
         self.done("DELETE", &format!("/v1/volumes/{}?force={force}", e(name)))
     }
-    pub fn policy(&self, name: &str) -> Result<Policy> {
+    pub fn policy(&self, name: &str) -> Result<SnapshotPolicy> {
         self.call("GET", &format!("/v1/volumes/{}/policy", e(name)), None)
     }
-    pub fn set_policy(&self, name: &str, p: &Policy) -> Result<Policy> {
+    pub fn set_policy(&self, name: &str, p: &SnapshotPolicy) -> Result<SnapshotPolicy> {
         self.call(
             "PUT",
             &format!("/v1/volumes/{}/policy", e(name)),

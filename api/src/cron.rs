@@ -3,6 +3,8 @@
 //! 0-7 (0 and 7 are Sunday). As in Vixie cron, when both day fields are
 //! restricted a day matches if either does.
 
+use crate::error::{InputError, InputKind};
+
 /// (year, month 1-12, day 1-31) of a day count since 1970-01-01
 /// (H. Hinnant's civil_from_days).
 pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
@@ -42,16 +44,17 @@ pub struct Cron {
     dow_star: bool,
 }
 
-fn field(s: &str, lo: u32, hi: u32, name: &str) -> Result<(u64, bool), String> {
+fn field(s: &str, lo: u32, hi: u32, name: &str) -> Result<(u64, bool), InputError> {
+    let bad = |m: String| InputError::new(InputKind::Cron, m);
     let mut bits = 0u64;
     for part in s.split(',') {
         let (range, step) = match part.split_once('/') {
             Some((r, st)) => {
                 let st: u32 = st
                     .parse()
-                    .map_err(|_| format!("bad step {st:?} in {name} field"))?;
+                    .map_err(|_| bad(format!("bad step {st:?} in {name} field")))?;
                 if st == 0 {
-                    return Err(format!("step 0 in {name} field"));
+                    return Err(bad(format!("step 0 in {name} field")));
                 }
                 (r, st)
             }
@@ -60,15 +63,17 @@ fn field(s: &str, lo: u32, hi: u32, name: &str) -> Result<(u64, bool), String> {
         let (a, b) = if range == "*" {
             (lo, hi)
         } else if let Some((a, b)) = range.split_once('-') {
-            let a: u32 = a.parse().map_err(|_| format!("bad {name} {a:?}"))?;
-            let b: u32 = b.parse().map_err(|_| format!("bad {name} {b:?}"))?;
+            let a: u32 = a.parse().map_err(|_| bad(format!("bad {name} {a:?}")))?;
+            let b: u32 = b.parse().map_err(|_| bad(format!("bad {name} {b:?}")))?;
             (a, b)
         } else {
-            let a: u32 = range.parse().map_err(|_| format!("bad {name} {range:?}"))?;
+            let a: u32 = range
+                .parse()
+                .map_err(|_| bad(format!("bad {name} {range:?}")))?;
             (a, if part.contains('/') { hi } else { a })
         };
         if a < lo || b > hi || a > b {
-            return Err(format!("{name} {range:?} outside {lo}-{hi}"));
+            return Err(bad(format!("{name} {range:?} outside {lo}-{hi}")));
         }
         let mut v = a;
         while v <= b {
@@ -80,11 +85,12 @@ fn field(s: &str, lo: u32, hi: u32, name: &str) -> Result<(u64, bool), String> {
 }
 
 impl Cron {
-    pub fn parse(expr: &str) -> Result<Cron, String> {
+    pub fn parse(expr: &str) -> Result<Cron, InputError> {
         let f: Vec<&str> = expr.split_whitespace().collect();
         if f.len() != 5 {
-            return Err(format!(
-                "cron expression {expr:?} needs 5 fields: MIN HOUR DOM MON DOW"
+            return Err(InputError::new(
+                InputKind::Cron,
+                format!("cron expression {expr:?} needs 5 fields: MIN HOUR DOM MON DOW"),
             ));
         }
         let (minutes, _) = field(f[0], 0, 59, "minute")?;

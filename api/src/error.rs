@@ -16,6 +16,44 @@ pub struct ApiError {
     pub message: String,
 }
 
+/// Which parser refused an input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputKind {
+    /// A five-field cron expression ([`crate::cron::Cron::parse`]).
+    Cron,
+    /// A snapshot schedule as a whole (interval or cron, not both).
+    Schedule,
+    /// A VM grouping (`os`, `app`, `keyword:WORD`, `path`, `pool`).
+    Grouping,
+    /// A VM category selector (`KIND:VALUE`).
+    Category,
+}
+
+/// An input the API's parsers refuse: which parser (`kind`) and why
+/// (`message`, written for people and shown as is). Callers that answer
+/// HTTP turn it into a 400 with the same message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InputError {
+    pub kind: InputKind,
+    pub message: String,
+}
+
+impl InputError {
+    pub fn new(kind: InputKind, message: impl Into<String>) -> InputError {
+        InputError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<InputError> for ApiError {
+    fn from(e: InputError) -> ApiError {
+        ApiError::bad_request(e.message)
+    }
+}
+
 /// Result of backend and handler calls.
 pub type ApiResult<T> = std::result::Result<T, ApiError>;
 

@@ -12,4 +12,4 @@ pub mod routes;
 pub mod types;
 pub mod vms;
 
-pub use error::{ApiError, ApiResult};
+pub use error::{ApiError, ApiResult, InputError, InputKind};

@@ -331,19 +331,19 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), responses((status = 200, body = Policy)), security(("bearer" = [])))]
-async fn policy(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Policy>> {
+#[utoipa::path(get, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), responses((status = 200, body = SnapshotPolicy)), security(("bearer" = [])))]
+async fn policy(State(s): S, Path(name): Path<String>) -> ApiResult<Json<SnapshotPolicy>> {
     check_name("volume", &name)?;
     Ok(Json(run(&s, move |b| b.policy(&name)).await?))
 }
 
-#[utoipa::path(put, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), request_body = Policy, responses((status = 200, body = Policy)), security(("bearer" = [])))]
+#[utoipa::path(put, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), request_body = SnapshotPolicy, responses((status = 200, body = SnapshotPolicy)), security(("bearer" = [])))]
 async fn set_policy(
     State(s): S,
     Extension(c): Caller_,
     Path(name): Path<String>,
-    ApiJson(p): ApiJson<Policy>,
-) -> ApiResult<Json<Policy>> {
+    ApiJson(p): ApiJson<SnapshotPolicy>,
+) -> ApiResult<Json<SnapshotPolicy>> {
     c.require(Action::Write)?;
     check_name("volume", &name)?;
     Ok(Json(run(&s, move |b| b.set_policy(&c, &name, p)).await?))
@@ -474,7 +474,7 @@ async fn put_vms(
 
 #[utoipa::path(get, path = "/v1/vms/tree", params(VmTreeQuery), responses((status = 200, body = VmTree), (status = 400, body = ErrorBody)), security(("bearer" = [])))]
 async fn vm_tree(State(s): S, ApiQuery(q): ApiQuery<VmTreeQuery>) -> ApiResult<Json<VmTree>> {
-    let by = crate::vms::By::parse(&q.by).map_err(ApiError::bad_request)?;
+    let by = crate::vms::By::parse(&q.by)?;
     let vms = run(&s, |b| b.list_vms()).await?;
     Ok(Json(VmTree {
         by: q.by,

@@ -467,10 +467,14 @@ impl Default for Retention {
     }
 }
 
+// Named for what it is (the engine's data-pipeline policy is another type);
+// the OpenAPI schema keeps the name `Policy` that clients already know. A
+// plain comment, so the schema's description stays as it was.
 /// A volume's snapshot schedule and retention (`PUT /v1/volumes/{name}/policy`).
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Policy {
+#[schema(as = Policy)]
+pub struct SnapshotPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<Schedule>,
     #[serde(default)]

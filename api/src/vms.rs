@@ -4,6 +4,7 @@
 //! can be in several), by a keyword in the name, by storage path, by
 //! resource pool. One implementation, used by the API and by `cdm-agent`.
 
+use crate::error::{InputError, InputKind};
 use crate::types::{VmGroup, VmRecord};
 
 /// What to group by.
@@ -17,7 +18,7 @@ pub enum By {
 }
 
 impl By {
-    pub fn parse(s: &str) -> Result<By, String> {
+    pub fn parse(s: &str) -> Result<By, InputError> {
         match s {
             "os" => Ok(By::Os),
             "app" => Ok(By::App),
@@ -25,8 +26,9 @@ impl By {
             "pool" => Ok(By::Pool),
             _ => match s.strip_prefix("keyword:") {
                 Some(w) if !w.is_empty() => Ok(By::Keyword(w.to_string())),
-                _ => Err(format!(
-                    "{s:?}: group by os, app, keyword:WORD, path or pool"
+                _ => Err(InputError::new(
+                    InputKind::Grouping,
+                    format!("{s:?}: group by os, app, keyword:WORD, path or pool"),
                 )),
             },
         }
@@ -124,10 +126,13 @@ pub fn tree(vms: &[VmRecord], by: &By) -> Vec<VmGroup> {
 /// A category selector for backups: `os:linux`, `os:linux/debian`,
 /// `os:windows`, `app:PostgreSQL`, `keyword:db`, `path:/srv/images`,
 /// `pool:/production`; case-insensitive, `os:` a prefix of `Family/Name`.
-pub fn selects(v: &VmRecord, sel: &str) -> Result<bool, String> {
-    let (kind, want) = sel
-        .split_once(':')
-        .ok_or_else(|| format!("{sel:?}: want KIND:VALUE (os, app, keyword, path, pool)"))?;
+pub fn selects(v: &VmRecord, sel: &str) -> Result<bool, InputError> {
+    let bad = |m: String| InputError::new(InputKind::Category, m);
+    let (kind, want) = sel.split_once(':').ok_or_else(|| {
+        bad(format!(
+            "{sel:?}: want KIND:VALUE (os, app, keyword, path, pool)"
+        ))
+    })?;
     let want = want.to_lowercase();
     Ok(match kind {
         "os" => labels(v, &By::Os)
@@ -138,9 +143,9 @@ pub fn selects(v: &VmRecord, sel: &str) -> Result<bool, String> {
         "path" => v.storage_path.to_lowercase() == want,
         "pool" => v.pool.to_lowercase() == want,
         _ => {
-            return Err(format!(
+            return Err(bad(format!(
                 "{kind:?}: categories are os, app, keyword, path, pool"
-            ))
+            )))
         }
     })
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cdm_api::types::{Policy, PoolPolicy, Retention};
+use cdm_api::types::{PoolPolicy, Retention, SnapshotPolicy};
 use cdmfs::Pool;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -17,30 +17,34 @@ use crate::clock::{stamp, Clock};
 use crate::events::Events;
 use crate::state::{State, Sync, META, POLICIES};
 use cdm_api::cron::Cron;
+use cdm_api::{InputError, InputKind};
 
 /// A volume's policy as stored, with the schedule's next due time.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct PolicyRec {
-    pub policy: Policy,
+pub struct SnapshotPolicyRec {
+    pub policy: SnapshotPolicy,
     pub next_run_unix: Option<u64>,
 }
 
 /// The next time a schedule is due after `now`.
-pub fn next_run(p: &Policy, now: u64) -> Result<Option<u64>, String> {
+pub fn next_run(p: &SnapshotPolicy, now: u64) -> Result<Option<u64>, InputError> {
     let Some(s) = &p.schedule else {
         return Ok(None);
     };
+    let bad = |m: &str| InputError::new(InputKind::Schedule, m);
     match (s.interval_secs, &s.cron) {
-        (Some(_), Some(_)) => Err("give a schedule interval or a cron expression, not both".into()),
-        (Some(i), None) if i < 60 => Err("schedule interval must be at least 60 seconds".into()),
+        (Some(_), Some(_)) => Err(bad(
+            "give a schedule interval or a cron expression, not both",
+        )),
+        (Some(i), None) if i < 60 => Err(bad("schedule interval must be at least 60 seconds")),
         (Some(i), None) => Ok(Some(now + i)),
         (None, Some(c)) => {
             let c = Cron::parse(c)?;
             c.next_after(now)
                 .map(Some)
-                .ok_or_else(|| "cron expression never matches".to_string())
+                .ok_or_else(|| InputError::new(InputKind::Cron, "cron expression never matches"))
         }
-        (None, None) => Err("schedule needs interval_secs or cron".into()),
+        (None, None) => Err(bad("schedule needs interval_secs or cron")),
     }
 }
 
@@ -131,9 +135,9 @@ impl Scheduler {
     fn run_schedules(&self) -> Result<(), String> {
         let now = self.clock.now();
         let mut due = Vec::new();
-        let recs: Vec<(String, PolicyRec)> = self
+        let recs: Vec<(String, SnapshotPolicyRec)> = self
             .state
-            .all::<(String, PolicyRec)>(POLICIES)
+            .all::<(String, SnapshotPolicyRec)>(POLICIES)
             .map_err(|e| e.to_string())?;
         for (name, rec) in recs {
             if rec.next_run_unix.is_some_and(|t| t <= now) {
@@ -188,9 +192,9 @@ impl Scheduler {
         let _one = cdm_common::lock::lock(&self.sweep);
         let now = self.clock.now();
         let (vols, snaps) = self.pool.catalog().map_err(|e| e.to_string())?;
-        let policies: HashMap<String, Policy> = self
+        let policies: HashMap<String, SnapshotPolicy> = self
             .state
-            .all::<(String, PolicyRec)>(POLICIES)
+            .all::<(String, SnapshotPolicyRec)>(POLICIES)
             .map_err(|e| e.to_string())?
             .into_iter()
             .map(|(n, r)| (n, r.policy))
@@ -366,7 +370,7 @@ mod tests {
 
     #[test]
     fn schedules() {
-        let p = |i: Option<u64>, c: Option<&str>| Policy {
+        let p = |i: Option<u64>, c: Option<&str>| SnapshotPolicy {
             schedule: Some(cdm_api::types::Schedule {
                 interval_secs: i,
                 cron: c.map(String::from),
@@ -381,6 +385,6 @@ mod tests {
             next_run(&p(None, Some("*/5 * * * *")), 0).unwrap(),
             Some(300)
         );
-        assert_eq!(next_run(&Policy::default(), 0).unwrap(), None);
+        assert_eq!(next_run(&SnapshotPolicy::default(), 0).unwrap(), None);
     }
 }

@@ -1,0 +1,159 @@
+//! `cdmctl job`: long operations, and waiting for them with a progress bar.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use cdm_api::client::Client;
+use cdm_api::types::*;
+use clap::Subcommand;
+
+use crate::error::CliError;
+use crate::output::{table_of, time, Out};
+
+#[derive(Subcommand)]
+pub(crate) enum JobCmd {
+    List,
+    Show {
+        id: u64,
+    },
+    /// Start scrub, retention, delete-volume or vm-backup.
+    Start {
+        kind: String,
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        force: bool,
+        /// vm-backup: the VM inventory (a path on the appliance).
+        #[arg(long)]
+        inventory: Option<String>,
+        /// vm-backup: the category (os:linux, app:PostgreSQL, keyword:db, path:DIR, pool:NAME).
+        #[arg(long)]
+        category: Option<String>,
+        /// vm-backup: VMs at a time.
+        #[arg(long)]
+        parallel: Option<usize>,
+        /// Wait for it, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Wait for a job, with a progress bar; exit 1 if it failed.
+    Wait {
+        id: u64,
+    },
+}
+
+pub(crate) fn run(cmd: JobCmd, c: &Client, out: &Out) -> Result<(), CliError> {
+    match cmd {
+        JobCmd::List => out.show(&c.jobs()?, |v| jobs_table(v)),
+        JobCmd::Show { id } => out.show(&c.job(id)?, job_show),
+        JobCmd::Start {
+            kind,
+            volume,
+            force,
+            inventory,
+            category,
+            parallel,
+            wait,
+        } => {
+            let j = c.start_job(&JobCreate {
+                kind,
+                volume,
+                force,
+                inventory,
+                category,
+                parallel,
+            })?;
+            if wait {
+                wait_job(c, j.id, out)?;
+            } else {
+                out.show(&j, job_show);
+            }
+        }
+        JobCmd::Wait { id } => {
+            wait_job(c, id, out)?;
+        }
+    }
+    Ok(())
+}
+
+fn jobs_table(v: &[Job]) -> String {
+    table_of(
+        v,
+        &[
+            "ID",
+            "KIND",
+            "STATE",
+            "PROGRESS",
+            "BY",
+            "STARTED (UTC)",
+            "MESSAGE",
+        ],
+        |j| {
+            vec![
+                j.id.to_string(),
+                j.kind.clone(),
+                j.state.clone(),
+                format!("{:.0}%", j.progress * 100.0),
+                j.created_by.clone(),
+                time(j.created_unix),
+                j.message.clone(),
+            ]
+        },
+    )
+}
+
+fn job_show(j: &Job) -> String {
+    format!(
+        "id: {}\nkind: {}\nstate: {}\nprogress: {:.1}% ({} of {})\nby: {}\nstarted: {}\nfinished: {}\nmessage: {}\nresult: {}\n",
+        j.id,
+        j.kind,
+        j.state,
+        j.progress * 100.0,
+        j.done,
+        j.total,
+        j.created_by,
+        time(j.created_unix),
+        j.finished_unix.map(time).unwrap_or_else(|| "-".into()),
+        j.message,
+        j.result.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "-".into())
+    )
+}
+
+/// Polls a job until it ends, drawing a progress bar on a terminal.
+fn wait_job(c: &Client, id: u64, out: &Out) -> Result<Job, CliError> {
+    let bar = if !out.json && std::io::stderr().is_terminal() {
+        let b = indicatif::ProgressBar::new(1000);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} job {prefix} [{bar:40}] {percent:>3}% {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b.set_prefix(id.to_string());
+        Some(b)
+    } else {
+        None
+    };
+    let j = loop {
+        let j = c.job(id)?;
+        if let Some(b) = &bar {
+            b.set_position((j.progress * 1000.0) as u64);
+            b.set_message(format!("{} {}", j.kind, j.state));
+        }
+        if j.state != "running" {
+            break j;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    out.show(&j, job_show);
+    if j.state == "failed" {
+        return Err(CliError::JobFailed(format!(
+            "job {id} failed: {}",
+            j.message
+        )));
+    }
+    Ok(j)
+}

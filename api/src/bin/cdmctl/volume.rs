@@ -1,0 +1,216 @@
+//! `cdmctl volume`: stage disks, their size and their snapshot policy.
+
+use cdm_api::client::Client;
+use cdm_api::types::*;
+use clap::Subcommand;
+
+use crate::error::CliError;
+use crate::output::{opt, table_of, time, Out};
+use crate::units::{human, parse_duration, parse_size};
+
+#[derive(Subcommand)]
+pub(crate) enum VolumeCmd {
+    Create {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        #[arg(long, value_parser = parse_size)]
+        block_size: Option<u64>,
+        #[arg(long)]
+        dedup: bool,
+        /// zstd level 1-29 (0 = off).
+        #[arg(long)]
+        compression: Option<u8>,
+        /// none, aes-256-xts, aes-128-xts or sm4-xts.
+        #[arg(long)]
+        encryption: Option<String>,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    Grow {
+        name: String,
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the snapshot schedule and retention.
+    Policy {
+        name: String,
+    },
+    /// Set the snapshot schedule and retention (replaces the whole policy).
+    SetPolicy {
+        name: String,
+        /// Snapshot every DURATION (e.g. 1h).
+        #[arg(long, value_parser = parse_duration, conflicts_with = "cron")]
+        interval: Option<u64>,
+        /// Five-field cron expression in UTC.
+        #[arg(long)]
+        cron: Option<String>,
+        #[arg(long)]
+        keep_last: Option<u32>,
+        #[arg(long)]
+        keep_days: Option<u32>,
+        #[arg(long, default_value = "1")]
+        min_keep: u32,
+    },
+}
+
+pub(crate) fn run(cmd: VolumeCmd, c: &Client, out: &Out) -> Result<(), CliError> {
+    match cmd {
+        VolumeCmd::Create {
+            name,
+            size,
+            block_size,
+            dedup,
+            compression,
+            encryption,
+        } => {
+            let bs = block_size
+                .map(|b| {
+                    u32::try_from(b).map_err(|_| CliError::Usage("block size too large".into()))
+                })
+                .transpose()?;
+            let v = c.create_volume(&VolumeCreate {
+                name,
+                size,
+                block_size: bs,
+                dedup: dedup.then_some(true),
+                compression,
+                encryption,
+            })?;
+            out.show(&v, volume_show);
+        }
+        VolumeCmd::List => out.show(&c.list_volumes()?, |v| volumes_table(v)),
+        VolumeCmd::Show { name } => out.show(&c.volume(&name)?, volume_show),
+        VolumeCmd::Grow { name, size } => out.show(&c.grow_volume(&name, size)?, volume_show),
+        VolumeCmd::Delete { name, force } => {
+            c.delete_volume(&name, force)?;
+            out.say(format!("deleted volume {name}"));
+        }
+        VolumeCmd::Policy { name } => out.show(&c.policy(&name)?, policy_show),
+        VolumeCmd::SetPolicy {
+            name,
+            interval,
+            cron,
+            keep_last,
+            keep_days,
+            min_keep,
+        } => {
+            let schedule = if interval.is_some() || cron.is_some() {
+                Some(Schedule {
+                    interval_secs: interval,
+                    cron,
+                })
+            } else {
+                None
+            };
+            let p = SnapshotPolicy {
+                schedule,
+                retention: Retention {
+                    keep_last,
+                    keep_days,
+                    min_keep,
+                },
+            };
+            out.show(&c.set_policy(&name, &p)?, policy_show);
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn volumes_table(v: &[Volume]) -> String {
+    table_of(
+        v,
+        &[
+            "NAME",
+            "KIND",
+            "SIZE",
+            "BLOCK",
+            "ALLOCATED",
+            "UNIQUE",
+            "SNAPSHOTS",
+            "ORIGIN",
+            "CLIENTS",
+            "DATA PIPELINE",
+        ],
+        |v| {
+            let mut p: Vec<String> = Vec::new();
+            if v.dedup {
+                p.push("dedup".into());
+            }
+            if v.compression > 0 {
+                p.push(format!("zstd-{}", v.compression));
+            }
+            if v.encryption != "none" {
+                p.push(v.encryption.clone());
+            }
+            vec![
+                v.name.clone(),
+                v.kind.clone(),
+                human(v.size),
+                human(v.block_size as u64),
+                human(v.allocated_bytes),
+                human(v.unique_bytes),
+                v.snapshots.to_string(),
+                origin(&v.origin),
+                v.clients.to_string(),
+                if p.is_empty() {
+                    "-".into()
+                } else {
+                    p.join(",")
+                },
+            ]
+        },
+    )
+}
+
+/// `VOLUME@ID` of a clone's origin, or `-`.
+pub(crate) fn origin(o: &Option<Origin>) -> String {
+    o.as_ref()
+        .map(|o| format!("{}@{}", o.volume.as_deref().unwrap_or("?"), o.snapshot))
+        .unwrap_or_else(|| "-".into())
+}
+
+pub(crate) fn volume_show(v: &Volume) -> String {
+    format!(
+        "name: {}\nkind: {}\nexport: {}\nsize: {} ({} bytes)\nblock size: {}\ncreated: {}\norigin: {}\nallocated: {}\nunique: {}\nsnapshots: {}\ndedup: {}\ncompression: {}\nencryption: {}\nclients: {}\n",
+        v.name,
+        v.kind,
+        v.export,
+        human(v.size),
+        v.size,
+        human(v.block_size as u64),
+        time(v.created_unix),
+        origin(&v.origin),
+        human(v.allocated_bytes),
+        human(v.unique_bytes),
+        v.snapshots,
+        v.dedup,
+        v.compression,
+        v.encryption,
+        v.clients
+    )
+}
+
+pub(crate) fn policy_show(p: &SnapshotPolicy) -> String {
+    let sched = match &p.schedule {
+        Some(Schedule {
+            interval_secs: Some(i),
+            ..
+        }) => format!("every {i} s"),
+        Some(Schedule { cron: Some(c), .. }) => format!("cron {c:?} (UTC)"),
+        _ => "none".into(),
+    };
+    format!(
+        "schedule: {sched}\nkeep last: {}\nkeep days: {}\nmin keep: {}\n",
+        opt(&p.retention.keep_last),
+        opt(&p.retention.keep_days),
+        p.retention.min_keep
+    )
+}

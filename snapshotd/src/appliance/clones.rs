@@ -1,0 +1,58 @@
+//! Writable clones of snapshots.
+
+use cdm_api::auth::Caller;
+use cdm_api::backend::Backend;
+use cdm_api::types::*;
+use cdm_api::{ApiError, ApiResult};
+use serde_json::json;
+
+use super::{engine, Appliance};
+
+impl Appliance {
+    pub(super) fn clone_create(
+        &self,
+        c: &Caller,
+        volume: &str,
+        snapshot: u64,
+        name: &str,
+    ) -> ApiResult<Volume> {
+        self.snapshot_of(volume, snapshot)?;
+        let v = self.pool.clone_snapshot(snapshot, name).map_err(engine)?;
+        self.commit()?;
+        self.events.emit(
+            "clone.created",
+            name,
+            &c.user,
+            json!({"origin": format!("{volume}@{snapshot}")}),
+        );
+        Ok(self.to_volume(v))
+    }
+
+    pub(super) fn clone_list(&self) -> ApiResult<Vec<Volume>> {
+        Ok(self
+            .list_volumes()?
+            .into_iter()
+            .filter(|v| v.kind == "clone")
+            .collect())
+    }
+
+    pub(super) fn clone_promote(&self, c: &Caller, name: &str) -> ApiResult<Volume> {
+        let v = self.pool.promote_clone(name).map_err(|e| match e {
+            cdmfs::Error::Invalid(m) => ApiError::conflict(m),
+            e => engine(e),
+        })?;
+        self.commit()?;
+        self.events.emit("clone.promoted", name, &c.user, json!({}));
+        Ok(self.to_volume(v))
+    }
+
+    pub(super) fn clone_delete(&self, c: &Caller, name: &str, force: bool) -> ApiResult<()> {
+        let v = self.pool.volume(name).map_err(engine)?;
+        if v.origin.is_none() {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is not a clone; delete it with DELETE /v1/volumes/{name}"
+            )));
+        }
+        self.remove_volume(&c.user, name, force, "clone")
+    }
+}

@@ -1,0 +1,202 @@
+//! Long operations: scrub, retention, volume deletion and VM backups.
+
+use cdm_api::auth::Caller;
+use cdm_api::types::*;
+use cdm_api::{ApiError, ApiResult};
+use serde_json::{json, Value};
+
+use super::{engine, st, AgentSetup, Appliance};
+use crate::state::TOKENS;
+
+/// Runs `cdm-agent vm backup` (next to this binary, else on PATH) against
+/// this appliance; its JSON result, or its error.
+pub(super) fn run_agent_backup(
+    setup: &AgentSetup,
+    nbd: &str,
+    token: &str,
+    inventory: &str,
+    category: &str,
+    parallel: usize,
+) -> Result<Value, String> {
+    let exe = std::env::current_exe()
+        .ok()
+        .map(|e| e.with_file_name("cdm-agent"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| std::path::PathBuf::from("cdm-agent"));
+    let mut cmd = std::process::Command::new(&exe);
+    // This daemon blocks SIGTERM and SIGINT in every thread (it waits for
+    // them with sigwait), and a blocked mask survives exec: give the agent,
+    // and the qemu-nbd it stops with SIGTERM, a clean one.
+    cdm_common::signals::clear_mask_on_exec(&mut cmd);
+    let out = cmd
+        .args([
+            "--json",
+            "--url",
+            &setup.api_url,
+            "--nbd",
+            nbd,
+            "--state-dir",
+        ])
+        .arg(&setup.state_dir)
+        .args([
+            "vm",
+            "backup",
+            "--inventory",
+            inventory,
+            "--category",
+            category,
+            "--parallel",
+        ])
+        .arg(parallel.to_string())
+        .env("CDM_TOKEN", token)
+        .env_remove("CDM_TOKEN_FILE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+    let v: Value = serde_json::from_slice(&out.stdout).map_err(|_| {
+        format!(
+            "cdm-agent ({}) answered no JSON: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    })?;
+    if out.status.success() {
+        Ok(v)
+    } else {
+        Err(v["error"]
+            .as_str()
+            .unwrap_or("cdm-agent failed")
+            .to_string())
+    }
+}
+
+impl Appliance {
+    pub(super) fn job_start(&self, c: &Caller, req: JobCreate) -> ApiResult<Job> {
+        match req.kind.as_str() {
+            "scrub" => self.job_scrub(c),
+            "retention" => self.job_retention(c),
+            "delete-volume" => self.job_delete_volume(c, &req),
+            "vm-backup" => self.job_vm_backup(c, &req),
+            k => Err(ApiError::bad_request(format!(
+                "unknown job kind {k:?}: use scrub, retention, delete-volume or vm-backup"
+            ))),
+        }
+    }
+
+    /// Checks every checksum in the pool; raises an alert on errors.
+    fn job_scrub(&self, c: &Caller) -> ApiResult<Job> {
+        let pool = self.pool.clone();
+        let events = self.events.clone();
+        let who = c.user.clone();
+        self.jobs
+            .start("scrub", &c.user, move |p| {
+                let rep = pool
+                    .scrub_with(&|d, t| p.set(d, t))
+                    .map_err(|e| format!("scrub failed: {e}"))?;
+                let errors: Vec<Value> = rep
+                    .errors
+                    .iter()
+                    .take(1000)
+                    .map(|e| json!({"target": e.target, "offset": e.offset, "pool_block": e.pool_block, "what": e.what}))
+                    .collect();
+                if !rep.errors.is_empty() {
+                    events.emit(
+                        "alert.raised",
+                        "pool",
+                        &who,
+                        json!({"message": format!("scrub found {} checksum error(s)", rep.errors.len()), "errors": errors}),
+                    );
+                }
+                Ok(json!({
+                    "nodes_checked": rep.nodes_checked,
+                    "extents_checked": rep.extents_checked,
+                    "bytes_checked": rep.bytes_checked,
+                    "errors": errors,
+                    "error_count": rep.errors.len(),
+                }))
+            })
+            .map_err(st)
+    }
+
+    /// Applies every volume's retention now.
+    fn job_retention(&self, c: &Caller) -> ApiResult<Job> {
+        let sched = self.scheduler.clone();
+        let who = c.user.clone();
+        self.jobs
+            .start("retention", &c.user, move |p| {
+                let gone = sched.apply_retention(&who)?;
+                p.set(1, 1);
+                Ok(json!({"expired": gone}))
+            })
+            .map_err(st)
+    }
+
+    /// Deletes a volume (or clone) in the background.
+    fn job_delete_volume(&self, c: &Caller, req: &JobCreate) -> ApiResult<Job> {
+        let Some(v) = req.volume.clone() else {
+            return Err(ApiError::bad_request("delete-volume needs \"volume\""));
+        };
+        let kind = if self.pool.volume(&v).map_err(engine)?.origin.is_some() {
+            "clone"
+        } else {
+            "volume"
+        };
+        let me = self.self_arc()?;
+        let who = c.user.clone();
+        let force = req.force;
+        self.jobs
+            .start("delete-volume", &c.user, move |p| {
+                me.remove_volume(&who, &v, force, kind)
+                    .map_err(|e| e.message)?;
+                p.set(1, 1);
+                Ok(json!({"deleted": v}))
+            })
+            .map_err(st)
+    }
+
+    /// Backs up the VMs of a category with `cdm-agent`, acting as the caller.
+    fn job_vm_backup(&self, c: &Caller, req: &JobCreate) -> ApiResult<Job> {
+        let (Some(inventory), Some(category)) = (req.inventory.clone(), req.category.clone())
+        else {
+            return Err(ApiError::bad_request(
+                "vm-backup needs \"inventory\" (a path on the appliance) and \"category\"",
+            ));
+        };
+        cdm_api::vms::selects(&VmRecord::default(), &category)?;
+        let setup = self
+            .agent
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::new(503, "unavailable", "the appliance is starting"))?;
+        let nbd = self
+            .nbd_addrs
+            .first()
+            .cloned()
+            .ok_or_else(|| ApiError::new(503, "unavailable", "no NBD listener"))?;
+        // The job acts as its caller, with a token that lives as long
+        // as the job (revoked when it ends, expiring in a day anyway).
+        let tok = self.make_token(&c.user, "vm-backup job", Some(86_400))?;
+        let me = self.self_arc()?;
+        let parallel = req.parallel.unwrap_or(2).clamp(1, 16);
+        self.jobs
+            .start("vm-backup", &c.user, move |p| {
+                let r = run_agent_backup(&setup, &nbd, &tok.token, &inventory, &category, parallel);
+                let _ = me.state.remove(TOKENS, tok.id.as_str());
+                me.forget_verified(std::slice::from_ref(&tok.id));
+                p.set(1, 1);
+                r
+            })
+            .map_err(st)
+    }
+
+    pub(super) fn job_list(&self) -> ApiResult<Vec<Job>> {
+        self.jobs.list().map_err(st)
+    }
+
+    pub(super) fn job_get(&self, id: u64) -> ApiResult<Job> {
+        self.jobs
+            .get(id)
+            .map_err(st)?
+            .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))
+    }
+}
