@@ -22,8 +22,11 @@ mod error;
 pub mod format;
 #[cfg(not(feature = "test-utils"))]
 mod format;
+#[cfg(feature = "test-utils")]
 pub mod pipeline;
-pub mod pool;
+#[cfg(not(feature = "test-utils"))]
+mod pipeline;
+mod pool;
 mod space;
 mod store;
 #[cfg(any(test, feature = "test-utils"))]
