@@ -20,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = serde_json::from_slice::<VolumeCreate>(data);
     let _ = serde_json::from_slice::<SnapshotCreate>(data);
-    let _ = serde_json::from_slice::<Policy>(data);
+    let _ = serde_json::from_slice::<SnapshotPolicy>(data);
     let _ = serde_json::from_slice::<UserCreate>(data);
     let _ = serde_json::from_slice::<WebhookCreate>(data);
     let _ = serde_json::from_slice::<JobCreate>(data);
