@@ -209,24 +209,13 @@ fn write_secret(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-fn main() -> Result<()> {
-    cdm_common::log::init(cdm_common::log::LevelFilter::INFO);
-    let args = Args::parse();
-    let s = settings(&args)?;
-    signals::block_termination();
-    std::fs::create_dir_all(&s.data)
-        .with_context(|| format!("cannot create {}", s.data.display()))?;
-    let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size, s.key.clone())?);
-    let state = Arc::new(
-        state::State::open(&s.data.join("state.redb")).context("cannot open the state database")?,
-    );
-    let clock = Arc::new(clock::Clock::new(s.fake_clock));
-    if s.fake_clock {
-        tracing::warn!("fake clock enabled: POST /v1/clock moves time forward");
-    }
-    let events = events::Events::new(state.clone(), clock.clone(), s.webhooks.clone());
-    events.start();
-
+/// NBD: the server over the pool, its connect/leave events, its listeners.
+fn start_nbd(
+    args: &Args,
+    s: &Settings,
+    pool: &Arc<Pool>,
+    events: &Arc<events::Events>,
+) -> Result<(Arc<Server>, Vec<String>)> {
     let ev = events.clone();
     let cfg = ServerConfig {
         tls: args.tls.settings().context("TLS settings")?,
@@ -248,49 +237,116 @@ fn main() -> Result<()> {
     let listeners = Listener::bind_all(&s.nbd)?;
     let nbd_addrs =
         nbd_server::server::start(&server, listeners, Duration::from_secs(s.commit_interval))?;
+    Ok((server, nbd_addrs))
+}
 
-    // The FUSE view, then instant mounts recorded before a restart.
-    let fuse = match &s.mount {
-        Some(dir) => {
-            // Not canonicalize(): a view left by a crashed run cannot be stat'ed.
-            let dir = std::env::current_dir()?.join(dir);
-            let m = cdm_recovery::fuse::mount(pool.clone(), &dir, 4)
-                .with_context(|| format!("cannot mount the FUSE view at {}", dir.display()))?;
-            tracing::info!(dir = %dir.display(), "FUSE view mounted");
-            Some(m)
-        }
-        None => None,
+/// The FUSE view (with `--mount`), then the instant mounts recorded before
+/// a restart.
+fn start_fuse(
+    s: &Settings,
+    pool: &Arc<Pool>,
+    state: &Arc<state::State>,
+) -> Result<(
+    Option<cdm_recovery::fuse::Mounted>,
+    Option<recovery::Mounts>,
+)> {
+    let Some(dir) = &s.mount else {
+        return Ok((None, None));
     };
-    let mounts = match &fuse {
-        Some(f) => {
-            let root = s.data.canonicalize()?.join("mounts");
-            std::fs::create_dir_all(&root)?;
-            let m = recovery::Mounts::new(f.dir.clone(), root);
-            m.restore(&pool, &state);
-            Some(m)
+    // Not canonicalize(): a view left by a crashed run cannot be stat'ed.
+    let dir = std::env::current_dir()?.join(dir);
+    let fuse = cdm_recovery::fuse::mount(pool.clone(), &dir, 4)
+        .with_context(|| format!("cannot mount the FUSE view at {}", dir.display()))?;
+    tracing::info!(dir = %dir.display(), "FUSE view mounted");
+    let root = s.data.canonicalize()?.join("mounts");
+    std::fs::create_dir_all(&root)?;
+    let mounts = recovery::Mounts::new(fuse.dir.clone(), root);
+    mounts.restore(pool, state);
+    Ok((Some(fuse), Some(mounts)))
+}
+
+/// Events, audit entries and deliveries are written lazily: sync them
+/// every few seconds so a crash loses at most that much of the logs.
+fn spawn_state_sync(state: Arc<state::State>, stop: Arc<AtomicBool>, every: u64) -> Result<()> {
+    std::thread::Builder::new()
+        .name("state-sync".into())
+        .spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_secs(every));
+                if let Err(e) = state.sync() {
+                    tracing::error!(error = %e, "cannot sync the state database");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The first admin's token, written once to `DATA/admin.token`.
+fn bootstrap_admin(app: &appliance::Appliance, data: &Path) -> Result<()> {
+    match app.bootstrap_admin() {
+        Ok(Some(token)) => {
+            let p = data.join("admin.token");
+            write_secret(&p, &token)?;
+            println!("admin token (shown once; also in {}): {token}", p.display());
+            Ok(())
         }
-        None => None,
-    };
+        Ok(None) => Ok(()),
+        Err(e) => bail!("cannot create the admin user: {}", e.message),
+    }
+}
+
+/// The API on a small tokio runtime of its own thread (NBD keeps its own
+/// threads); it stops gracefully when `stop` fires.
+fn spawn_api(
+    app: Arc<appliance::Appliance>,
+    listener: std::net::TcpListener,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<std::thread::JoinHandle<std::io::Result<()>>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(64)
+        .enable_all()
+        .build()?;
+    let router = cdm_api::routes::router(app as Arc<dyn cdm_api::backend::Backend>);
+    Ok(std::thread::Builder::new()
+        .name("api".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(l, router)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.await;
+                    })
+                    .await
+            })
+        })?)
+}
+
+fn main() -> Result<()> {
+    cdm_common::log::init(cdm_common::log::LevelFilter::INFO);
+    let args = Args::parse();
+    let s = settings(&args)?;
+    signals::block_termination();
+    std::fs::create_dir_all(&s.data)
+        .with_context(|| format!("cannot create {}", s.data.display()))?;
+    let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size, s.key.clone())?);
+    let state = Arc::new(
+        state::State::open(&s.data.join("state.redb")).context("cannot open the state database")?,
+    );
+    let clock = Arc::new(clock::Clock::new(s.fake_clock));
+    if s.fake_clock {
+        tracing::warn!("fake clock enabled: POST /v1/clock moves time forward");
+    }
+    let events = events::Events::new(state.clone(), clock.clone(), s.webhooks.clone());
+    events.start();
+    let (server, nbd_addrs) = start_nbd(&args, &s, &pool, &events)?;
+    let (fuse, mounts) = start_fuse(&s, &pool, &state)?;
     let jobs = jobs::Jobs::new(state.clone(), clock.clone(), events.clone());
     let sched =
         scheduler::Scheduler::new(pool.clone(), state.clone(), events.clone(), clock.clone());
     let stop = Arc::new(AtomicBool::new(false));
     sched.start(s.tick, stop.clone());
-    // Events, audit entries and deliveries are written lazily: sync them
-    // every few seconds so a crash loses at most that much of the logs.
-    {
-        let (state, stop) = (state.clone(), stop.clone());
-        std::thread::Builder::new()
-            .name("state-sync".into())
-            .spawn(move || {
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_secs(s.commit_interval));
-                    if let Err(e) = state.sync() {
-                        tracing::error!(error = %e, "cannot sync the state database");
-                    }
-                }
-            })?;
-    }
+    spawn_state_sync(state.clone(), stop.clone(), s.commit_interval)?;
     let app = appliance::Appliance::new(
         pool.clone(),
         server.clone(),
@@ -309,15 +365,7 @@ fn main() -> Result<()> {
         api_url: format!("http://{}", s.api.replace("0.0.0.0", "127.0.0.1")),
         state_dir: s.data.join("agent"),
     });
-    match app.bootstrap_admin() {
-        Ok(Some(token)) => {
-            let p = s.data.join("admin.token");
-            write_secret(&p, &token)?;
-            println!("admin token (shown once; also in {}): {token}", p.display());
-        }
-        Ok(None) => {}
-        Err(e) => bail!("cannot create the admin user: {}", e.message),
-    }
+    bootstrap_admin(&app, &s.data)?;
     // Bound only now, so whoever sees the API up also finds admin.token.
     let api_listener = std::net::TcpListener::bind(&s.api)
         .with_context(|| format!("cannot listen on {} for the API", s.api))?;
@@ -337,27 +385,8 @@ fn main() -> Result<()> {
         nbd = ?nbd_addrs,
         "snapshotd ready"
     );
-
-    // The API on a small tokio runtime; NBD keeps its own threads.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(64)
-        .enable_all()
-        .build()?;
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let router = cdm_api::routes::router(app.clone() as Arc<dyn cdm_api::backend::Backend>);
-    let api_thread = std::thread::Builder::new()
-        .name("api".into())
-        .spawn(move || {
-            rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(api_listener)?;
-                axum::serve(l, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = rx.await;
-                    })
-                    .await
-            })
-        })?;
+    let api_thread = spawn_api(app.clone(), api_listener, rx)?;
 
     let sig = signals::wait_for_termination();
     tracing::info!(sig, "terminating: draining NBD and API requests");
