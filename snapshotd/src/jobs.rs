@@ -63,7 +63,7 @@ impl Jobs {
     /// Starts `body` on a new thread; its Ok value becomes the job's result.
     pub fn start<F>(self: &Arc<Self>, kind: &str, by: &str, body: F) -> Result<Job, StateError>
     where
-        F: FnOnce(&Progress) -> Result<Value, String> + Send + 'static,
+        F: FnOnce(&Progress) -> crate::error::Result<Value> + Send + 'static,
     {
         let now = self.clock.now();
         let job = self.state.append(JOBS, Sync::Now, |id| Job {
@@ -112,7 +112,7 @@ impl Jobs {
                     }
                     Err(e) => {
                         j.state = "failed".into();
-                        j.message = e;
+                        j.message = e.to_string();
                     }
                 }
                 if let Err(e) = me.state.put(JOBS, id, &j, Sync::Now) {

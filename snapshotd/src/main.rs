@@ -6,6 +6,7 @@
 
 mod appliance;
 mod clock;
+mod error;
 mod events;
 mod jobs;
 mod metrics;

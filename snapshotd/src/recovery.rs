@@ -15,6 +15,7 @@ use cdmfs::{Pool, Target};
 use serde_json::json;
 
 use crate::appliance::{engine, Appliance};
+use crate::error::Error;
 use crate::state::{State, Sync, MOUNTS};
 
 /// Where the FUSE view is and where instant mounts go.
@@ -72,11 +73,11 @@ impl Mounts {
     }
 
     /// Loop device + kernel mount of `m` (its FUSE file); fills device and fstype.
-    fn attach(&self, pool: &Pool, m: &mut Mount) -> Result<(), String> {
-        let (vol, id) = parse_source(&m.snapshot).map_err(|e| e.message)?;
+    fn attach(&self, pool: &Pool, m: &mut Mount) -> crate::error::Result<()> {
+        let (vol, id) = parse_source(&m.snapshot)?;
         let (file, target) = match &m.clone {
             Some(c) => {
-                let vid = pool.volume_id(c).map_err(|e| e.to_string())?;
+                let vid = pool.volume_id(c)?;
                 (
                     self.fuse.join("volumes").join(c).join("disk"),
                     Target::Volume(vid),
@@ -92,10 +93,10 @@ impl Mounts {
             ),
         };
         let range = self.range(pool, target, m.partition)?;
-        let dev = host::loop_attach(&file, !m.writable, range)?;
+        let dev = host::loop_attach(&file, !m.writable, range).map_err(Error::Host)?;
         let detach = |why: String| {
             host::loop_detach_if_ours(&dev, &self.fuse);
-            why
+            Error::Host(why)
         };
         let fstype = host::fs_type(&dev)
             .ok_or_else(|| detach(format!("no filesystem found on {} (blkid)", m.snapshot)))?;
@@ -113,24 +114,24 @@ impl Mounts {
         pool: &Pool,
         target: Target,
         partition: Option<u32>,
-    ) -> Result<Option<(u64, u64)>, String> {
+    ) -> crate::error::Result<Option<(u64, u64)>> {
         if partition == Some(0) {
             return Ok(None);
         }
-        let parts = partition_table(pool, target).map_err(|e| e.message)?;
+        let parts = partition_table(pool, target)?;
         match partition {
             None => Ok(parts.first().map(|p| (p.start, p.size))),
             Some(n) => parts
                 .iter()
                 .find(|p| p.number == n)
                 .map(|p| Some((p.start, p.size)))
-                .ok_or_else(|| format!("partition {n} not found")),
+                .ok_or_else(|| Error::Failed(format!("partition {n} not found"))),
         }
     }
 
-    fn detach(&self, m: &Mount) -> Result<(), String> {
+    fn detach(&self, m: &Mount) -> crate::error::Result<()> {
         let path = Path::new(&m.path);
-        host::unmount(path)?;
+        host::unmount(path).map_err(Error::Host)?;
         host::loop_detach_if_ours(&m.device, &self.fuse);
         let _ = std::fs::remove_dir(path);
         Ok(())
@@ -280,7 +281,7 @@ impl Appliance {
                 let _ = self.pool.delete_volume(cl, true);
                 let _ = self.pool.flush();
             }
-            return Err(ApiError::new(422, "mount_failed", why));
+            return Err(ApiError::new(422, "mount_failed", why.to_string()));
         }
         self.state
             .put(MOUNTS, name.as_str(), &m, Sync::Now)

@@ -132,13 +132,11 @@ impl Scheduler {
         }
     }
 
-    fn run_schedules(&self) -> Result<(), String> {
+    fn run_schedules(&self) -> crate::error::Result<()> {
         let now = self.clock.now();
         let mut due = Vec::new();
-        let recs: Vec<(String, SnapshotPolicyRec)> = self
-            .state
-            .all::<(String, SnapshotPolicyRec)>(POLICIES)
-            .map_err(|e| e.to_string())?;
+        let recs: Vec<(String, SnapshotPolicyRec)> =
+            self.state.all::<(String, SnapshotPolicyRec)>(POLICIES)?;
         for (name, rec) in recs {
             if rec.next_run_unix.is_some_and(|t| t <= now) {
                 due.push((name, rec));
@@ -180,22 +178,20 @@ impl Scheduler {
             }
             rec.next_run_unix = next_run(&rec.policy, now).unwrap_or(None);
             self.state
-                .put(POLICIES, &name, &(name.clone(), rec), Sync::Now)
-                .map_err(|e| e.to_string())?;
+                .put(POLICIES, &name, &(name.clone(), rec), Sync::Now)?;
         }
         Ok(())
     }
 
     /// Expires snapshots the volume policies and the pool quota no longer
     /// keep; returns the expired snapshot exports.
-    pub fn apply_retention(&self, actor: &str) -> Result<Vec<String>, String> {
+    pub fn apply_retention(&self, actor: &str) -> crate::error::Result<Vec<String>> {
         let _one = cdm_common::lock::lock(&self.sweep);
         let now = self.clock.now();
-        let (vols, snaps) = self.pool.catalog().map_err(|e| e.to_string())?;
+        let (vols, snaps) = self.pool.catalog()?;
         let policies: HashMap<String, SnapshotPolicy> = self
             .state
-            .all::<(String, SnapshotPolicyRec)>(POLICIES)
-            .map_err(|e| e.to_string())?
+            .all::<(String, SnapshotPolicyRec)>(POLICIES)?
             .into_iter()
             .map(|(n, r)| (n, r.policy))
             .collect();
@@ -238,13 +234,12 @@ impl Scheduler {
         // Pool quota: oldest snapshots first, each volume keeping its newest min_keep.
         let quota: Option<u64> = self
             .state
-            .get::<_, PoolPolicy>(META, "pool_policy")
-            .map_err(|e| e.to_string())?
+            .get::<_, PoolPolicy>(META, "pool_policy")?
             .and_then(|p| p.quota_bytes);
         if let Some(q) = quota {
             // Space already freed but not reusable yet (deferred frees) does
             // not count: an earlier sweep paid for it.
-            let sp = self.pool.space().map_err(|e| e.to_string())?;
+            let sp = self.pool.space()?;
             let mut used = sp.used_bytes - sp.freeing_bytes;
             if used > q {
                 let gone_ids: HashSet<&str> = gone.iter().map(|s| s.as_str()).collect();
@@ -300,7 +295,7 @@ impl Scheduler {
             }
         }
         if !gone.is_empty() {
-            self.pool.flush().map_err(|e| e.to_string())?;
+            self.pool.flush()?;
         }
         Ok(gone)
     }

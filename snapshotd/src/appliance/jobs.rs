@@ -6,6 +6,7 @@ use cdm_api::{ApiError, ApiResult};
 use serde_json::{json, Value};
 
 use super::{engine, st, AgentSetup, Appliance};
+use crate::error::Error;
 use crate::state::TOKENS;
 
 /// Runs `cdm-agent vm backup` (next to this binary, else on PATH) against
@@ -17,7 +18,7 @@ pub(super) fn run_agent_backup(
     inventory: &str,
     category: &str,
     parallel: usize,
-) -> Result<Value, String> {
+) -> crate::error::Result<Value> {
     let exe = std::env::current_exe()
         .ok()
         .map(|e| e.with_file_name("cdm-agent"))
@@ -52,21 +53,23 @@ pub(super) fn run_agent_backup(
         .env_remove("CDM_TOKEN_FILE")
         .stdin(std::process::Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", exe.display()))?;
+        .map_err(|e| Error::from(e).context(format!("cannot run {}", exe.display())))?;
     let v: Value = serde_json::from_slice(&out.stdout).map_err(|_| {
-        format!(
+        Error::Failed(format!(
             "cdm-agent ({}) answered no JSON: {}",
             out.status,
             String::from_utf8_lossy(&out.stderr).trim()
-        )
+        ))
     })?;
     if out.status.success() {
         Ok(v)
     } else {
-        Err(v["error"]
-            .as_str()
-            .unwrap_or("cdm-agent failed")
-            .to_string())
+        Err(Error::Failed(
+            v["error"]
+                .as_str()
+                .unwrap_or("cdm-agent failed")
+                .to_string(),
+        ))
     }
 }
 
@@ -92,7 +95,7 @@ impl Appliance {
             .start("scrub", &c.user, move |p| {
                 let rep = pool
                     .scrub_with(&|d, t| p.set(d, t))
-                    .map_err(|e| format!("scrub failed: {e}"))?;
+                    .map_err(|e| Error::from(e).context("scrub failed"))?;
                 let errors: Vec<Value> = rep
                     .errors
                     .iter()
@@ -146,8 +149,7 @@ impl Appliance {
         let force = req.force;
         self.jobs
             .start("delete-volume", &c.user, move |p| {
-                me.remove_volume(&who, &v, force, kind)
-                    .map_err(|e| e.message)?;
+                me.remove_volume(&who, &v, force, kind)?;
                 p.set(1, 1);
                 Ok(json!({"deleted": v}))
             })
