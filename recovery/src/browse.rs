@@ -1,39 +1,27 @@
 //! File-level restore from the pool: a snapshot's ext4 filesystem (on the
 //! whole disk or in a partition) found and opened through the engine; the
 //! reading itself (listing, stat, streaming a file or a tar) is
-//! `cdm_disk::browse`, wrapped here so that every call answers with the one
-//! error type that also says what the engine refused.
+//! `cdm_disk::browse`; [`BrowseError`] adds what the engine refused to its
+//! kinds.
 
-use std::io::Write;
 use std::sync::Arc;
 
 use cdm_disk::browse::{self as disk, Ext4, Slice};
 use cdm_disk::partition::{read_table, Partition};
 use cdmfs::{Pool, Target};
 
-pub use cdm_disk::browse::Entry;
-
+/// What the engine refused, or what the reading found (`cdm_disk`'s kinds:
+/// not found, invalid, unreadable).
 #[derive(Debug, thiserror::Error)]
 pub enum BrowseError {
-    #[error("{0} not found")]
-    NotFound(String),
-    #[error("invalid request: {0}")]
-    Invalid(String),
-    /// The image holds no filesystem we can read, or a damaged one.
-    #[error("{0}")]
-    Unreadable(String),
+    #[error(transparent)]
+    Disk(#[from] disk::BrowseError),
     #[error("{0}")]
     Engine(#[from] cdmfs::Error),
 }
 
-impl From<disk::BrowseError> for BrowseError {
-    fn from(e: disk::BrowseError) -> Self {
-        match e {
-            disk::BrowseError::NotFound(m) => BrowseError::NotFound(m),
-            disk::BrowseError::Invalid(m) => BrowseError::Invalid(m),
-            disk::BrowseError::Unreadable(m) => BrowseError::Unreadable(m),
-        }
-    }
+fn unreadable(m: String) -> BrowseError {
+    BrowseError::Disk(disk::BrowseError::Unreadable(m))
 }
 
 /// Partitions of a target (empty: no table).
@@ -44,7 +32,7 @@ pub fn partitions(pool: &Arc<Pool>, target: Target) -> Result<Vec<Partition>, Br
         &mut |off, dst| p.read(target, off, dst).map_err(|e| e.to_string()),
         size,
     )
-    .map_err(|e| BrowseError::Unreadable(e.to_string()))
+    .map_err(|e| unreadable(e.to_string()))
 }
 
 /// Opens the ext4 filesystem of a target. `partition`: `None` finds it (the
@@ -63,7 +51,7 @@ pub fn open(pool: &Arc<Pool>, target: Target, partition: Option<u32>) -> Result<
     };
     match partition {
         Some(0) => load(0, size).map_err(|e| {
-            BrowseError::Unreadable(format!(
+            unreadable(format!(
                 "no readable ext4 filesystem on the whole disk: {e}"
             ))
         }),
@@ -71,15 +59,13 @@ pub fn open(pool: &Arc<Pool>, target: Target, partition: Option<u32>) -> Result<
             let p = parts
                 .iter()
                 .find(|p| p.number == n)
-                .ok_or_else(|| BrowseError::NotFound(format!("partition {n}")))?;
+                .ok_or_else(|| disk::BrowseError::NotFound(format!("partition {n}")))?;
             load(p.start, p.len).map_err(|e| {
-                BrowseError::Unreadable(format!(
-                    "no readable ext4 filesystem in partition {n}: {e}"
-                ))
+                unreadable(format!("no readable ext4 filesystem in partition {n}: {e}"))
             })
         }
         None if parts.is_empty() => load(0, size).map_err(|e| {
-            BrowseError::Unreadable(format!(
+            unreadable(format!(
                 "no partition table and no readable ext4 filesystem: {e}"
             ))
         }),
@@ -91,35 +77,10 @@ pub fn open(pool: &Arc<Pool>, target: Target, partition: Option<u32>) -> Result<
                     Err(e) => why.push(format!("partition {}: {e}", p.number)),
                 }
             }
-            Err(BrowseError::Unreadable(format!(
+            Err(unreadable(format!(
                 "no partition holds a readable ext4 filesystem ({})",
                 why.join("; ")
             )))
         }
     }
-}
-
-/// [`cdm_disk::browse::stat`].
-pub fn stat(fs: &Ext4, path: &str) -> Result<Entry, BrowseError> {
-    Ok(disk::stat(fs, path)?)
-}
-
-/// [`cdm_disk::browse::list`].
-pub fn list(fs: &Ext4, path: &str, offset: usize, limit: usize) -> Result<Vec<Entry>, BrowseError> {
-    Ok(disk::list(fs, path, offset, limit)?)
-}
-
-/// [`cdm_disk::browse::copy_file`].
-pub fn copy_file(
-    fs: &Ext4,
-    path: &str,
-    size: &mut dyn FnMut(u64),
-    out: &mut dyn Write,
-) -> Result<u64, BrowseError> {
-    Ok(disk::copy_file(fs, path, size, out)?)
-}
-
-/// [`cdm_disk::browse::tar_tree`].
-pub fn tar_tree(fs: &Ext4, path: &str, out: &mut dyn Write) -> Result<u64, BrowseError> {
-    Ok(disk::tar_tree(fs, path, out)?)
 }

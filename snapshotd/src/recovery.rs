@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use cdm_api::auth::Caller;
 use cdm_api::types::*;
 use cdm_api::{ApiError, ApiResult};
+use cdm_disk::browse::{self as disk_browse, BrowseError as DiskError};
 use cdm_disk::host::{self, is_mounted};
 use cdm_recovery::browse::{self, BrowseError};
 use cdmfs::{Pool, Target};
@@ -26,16 +27,16 @@ pub struct Mounts {
     lock: Mutex<()>,
 }
 
-pub fn browse_err(e: BrowseError) -> ApiError {
-    match e {
-        BrowseError::NotFound(m) => ApiError::not_found(m),
-        BrowseError::Invalid(m) => ApiError::bad_request(m),
-        BrowseError::Unreadable(m) => ApiError::new(422, "unreadable", m),
+pub fn browse_err(e: impl Into<BrowseError>) -> ApiError {
+    match e.into() {
+        BrowseError::Disk(DiskError::NotFound(m)) => ApiError::not_found(m),
+        BrowseError::Disk(DiskError::Invalid(m)) => ApiError::bad_request(m),
+        BrowseError::Disk(DiskError::Unreadable(m)) => ApiError::new(422, "unreadable", m),
         BrowseError::Engine(e) => engine(e),
     }
 }
 
-fn to_entry(e: browse::Entry) -> FileEntry {
+fn to_entry(e: disk_browse::Entry) -> FileEntry {
     FileEntry {
         name: e.name,
         path: e.path,
@@ -359,17 +360,21 @@ impl Appliance {
         let t = self.snapshot_target(volume, id)?;
         let fs = browse::open(&self.pool, t, q.partition).map_err(browse_err)?;
         let limit = q.limit.unwrap_or(10_000).min(100_000);
-        Ok(browse::list(&fs, &q.path, q.offset.unwrap_or(0), limit)
-            .map_err(browse_err)?
-            .into_iter()
-            .map(to_entry)
-            .collect())
+        Ok(
+            disk_browse::list(&fs, &q.path, q.offset.unwrap_or(0), limit)
+                .map_err(browse_err)?
+                .into_iter()
+                .map(to_entry)
+                .collect(),
+        )
     }
 
     pub fn files_stat(&self, volume: &str, id: u64, q: FilesQuery) -> ApiResult<FileEntry> {
         let t = self.snapshot_target(volume, id)?;
         let fs = browse::open(&self.pool, t, q.partition).map_err(browse_err)?;
-        browse::stat(&fs, &q.path).map(to_entry).map_err(browse_err)
+        disk_browse::stat(&fs, &q.path)
+            .map(to_entry)
+            .map_err(browse_err)
     }
 
     pub fn files_download(
@@ -404,16 +409,16 @@ impl Appliance {
                     buf: Vec::new(),
                 };
                 let r = if tar {
-                    match browse::stat(&fs, &q.path) {
+                    match disk_browse::stat(&fs, &q.path) {
                         Ok(_) => {
                             let _ = first_tx.send(Ok(None));
-                            browse::tar_tree(&fs, &q.path, &mut w).map(|_| ())
+                            disk_browse::tar_tree(&fs, &q.path, &mut w).map(|_| ())
                         }
                         Err(e) => Err(e),
                     }
                 } else {
                     let ft = first_tx.clone();
-                    browse::copy_file(
+                    disk_browse::copy_file(
                         &fs,
                         &q.path,
                         &mut |n| {
@@ -424,8 +429,7 @@ impl Appliance {
                     .map(|_| ())
                 };
                 let r = r.and_then(|_| {
-                    std::io::Write::flush(&mut w)
-                        .map_err(|e| BrowseError::Unreadable(e.to_string()))
+                    std::io::Write::flush(&mut w).map_err(|e| DiskError::Unreadable(e.to_string()))
                 });
                 if let Err(e) = r {
                     // Before the first byte: an ordinary error answer;
