@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use nbd_proto::client::{Client, ClientOptions};
 use serde::Serialize;
 
+use crate::error::Result;
 use crate::statefile::{self, hash, DecodeError, Hash, Untrusted};
 use crate::throttle::Throttle;
 
@@ -32,7 +33,7 @@ pub enum Source {
 
 impl Source {
     /// `nbd://…`, `nbd+unix://…` or a path (image file or block device).
-    pub fn open(spec: &str, bitmap: Option<&str>) -> anyhow::Result<Source> {
+    pub fn open(spec: &str, bitmap: Option<&str>) -> Result<Source> {
         if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
             let ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
             let opts = ClientOptions {
@@ -41,11 +42,11 @@ impl Source {
                 ..Default::default()
             };
             let c = Client::connect(spec, None, &opts)
-                .map_err(|e| anyhow::anyhow!("NBD source {spec}: {e}"))?;
+                .map_err(|e| crate::err!(Host, "NBD source {spec}: {e}"))?;
             let bitmap = ctx.filter(|n| c.has_context(n));
             return Ok(Source::Nbd { c, bitmap });
         }
-        let f = File::open(spec).map_err(|e| anyhow::anyhow!("{spec}: {e}"))?;
+        let f = File::open(spec).map_err(|e| crate::err!(Host, "{spec}: {e}"))?;
         let m = f.metadata()?;
         let (size, sparse) = if m.file_type().is_block_device() {
             let mut sz: u64 = 0;
@@ -57,7 +58,7 @@ impl Source {
         } else if m.is_file() {
             (m.len(), true)
         } else {
-            anyhow::bail!("{spec}: not a block device, a file or an NBD URI");
+            crate::fail!(Host, "{spec}: not a block device, a file or an NBD URI");
         };
         Ok(Source::File { f, size, sparse })
     }
@@ -77,7 +78,7 @@ impl Source {
     }
 
     /// (offset, length, allocated) runs covering `[0, size)`.
-    pub fn allocation(&mut self) -> anyhow::Result<Vec<(u64, u64, bool)>> {
+    pub fn allocation(&mut self) -> Result<Vec<(u64, u64, bool)>> {
         let size = self.size();
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
         let mut push = |o: u64, l: u64, a: bool| {
@@ -125,9 +126,9 @@ impl Source {
     }
 
     /// (offset, length) runs the dirty bitmap marks.
-    pub fn dirty(&mut self) -> anyhow::Result<Vec<(u64, u64)>> {
+    pub fn dirty(&mut self) -> Result<Vec<(u64, u64)>> {
         let Source::Nbd { c, bitmap: Some(b) } = self else {
-            anyhow::bail!("no dirty bitmap");
+            crate::fail!(Host, "no dirty bitmap");
         };
         let size = c.size;
         let mut out: Vec<(u64, u64)> = Vec::new();
@@ -147,14 +148,14 @@ impl Source {
         Ok(out)
     }
 
-    pub fn read(&mut self, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+    pub fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
         match self {
             Source::File { f, .. } => f
                 .read_exact_at(buf, off)
-                .map_err(|e| anyhow::anyhow!("source read at {off}: {e}")),
+                .map_err(|e| crate::err!(Host, "source read at {off}: {e}")),
             Source::Nbd { c, .. } => c
                 .read(off, buf)
-                .map_err(|e| anyhow::anyhow!("NBD source read at {off}: {e}")),
+                .map_err(|e| crate::err!(Host, "NBD source read at {off}: {e}")),
         }
     }
 }
@@ -168,16 +169,17 @@ fn walk_status(
     what: &str,
     mut status: impl FnMut(u64, u64) -> Result<Vec<(u64, u32)>, nbd_proto::client::ClientError>,
     mut each: impl FnMut(u64, u64, u32),
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let mut off = 0u64;
     while off < size {
-        let st = status(off, size - off).map_err(|e| anyhow::anyhow!("NBD source {what}: {e}"))?;
+        let st =
+            status(off, size - off).map_err(|e| crate::err!(Host, "NBD source {what}: {e}"))?;
         if st.is_empty() {
-            anyhow::bail!("NBD source sent an empty {what}");
+            crate::fail!(Host, "NBD source sent an empty {what}");
         }
         for (len, flags) in st {
             if len == 0 {
-                anyhow::bail!("NBD source sent a zero-length {what} extent");
+                crate::fail!(Host, "NBD source sent a zero-length {what} extent");
             }
             let len = len.min(size - off);
             each(off, len, flags);
@@ -319,10 +321,10 @@ impl Copy<'_> {
         &mut self,
         old: Option<Fingerprints>,
         why: String,
-    ) -> anyhow::Result<(Vec<Hash>, BlockStats)> {
+    ) -> Result<(Vec<Hash>, BlockStats)> {
         let size = self.src.size();
         if self.stage.size < size {
-            anyhow::bail!("the stage volume ({} bytes) is smaller than the source ({size} bytes): grow it first", self.stage.size);
+            crate::fail!(Host, "the stage volume ({} bytes) is smaller than the source ({size} bytes): grow it first", self.stage.size);
         }
         let bs = self.block_size as u64;
         let nblocks = size.div_ceil(bs) as usize;
@@ -437,7 +439,7 @@ impl Copy<'_> {
             if compare {
                 self.stage
                     .read(off, &mut sbuf[..len])
-                    .map_err(|e| anyhow::anyhow!("stage read at {off}: {e}"))?;
+                    .map_err(|e| crate::err!(Host, "stage read at {off}: {e}"))?;
             }
             // Changed blocks, written in runs.
             let mut w: Option<(usize, usize, bool)> = None;
@@ -477,7 +479,7 @@ impl Copy<'_> {
         }
         self.stage
             .flush()
-            .map_err(|e| anyhow::anyhow!("stage flush: {e}"))?;
+            .map_err(|e| crate::err!(Host, "stage flush: {e}"))?;
         st.throttled_seconds = self.throttle.waited.as_secs_f64();
         Ok((hashes, st))
     }
@@ -490,18 +492,18 @@ impl Copy<'_> {
         e: usize,
         zero: bool,
         st: &mut BlockStats,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let at = off + a as u64;
         if zero {
             self.stage
                 .write_zeroes(at, (e - a) as u64, 0)
-                .map_err(|x| anyhow::anyhow!("stage write at {at}: {x}"))?;
+                .map_err(|x| crate::err!(Host, "stage write at {at}: {x}"))?;
             st.bytes_zeroed += (e - a) as u64;
         } else {
             self.throttle.consume((e - a) as u64);
             self.stage
                 .write(at, &buf[a..e], false)
-                .map_err(|x| anyhow::anyhow!("stage write at {at}: {x}"))?;
+                .map_err(|x| crate::err!(Host, "stage write at {at}: {x}"))?;
             st.bytes_written += (e - a) as u64;
         }
         Ok(())

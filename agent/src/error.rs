@@ -33,14 +33,30 @@ impl fmt::Display for ErrorKind {
 }
 
 /// Kind, context and source. Displays as its context; the cause is its
-/// [`source`](std::error::Error::source) (see [`Error::report`]).
-#[derive(Debug, thiserror::Error)]
-#[error("{context}")]
+/// [`source`](std::error::Error::source) (see [`Error::report`]). The
+/// alternate form (`{:#}`) prints the whole chain, as `anyhow` does, so a
+/// message that embeds an inner error keeps reading the same.
+#[derive(Debug)]
 pub struct Error {
     kind: ErrorKind,
     context: String,
-    #[source]
     source: Option<BoxError>,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if f.alternate() {
+            f.write_str(&self.report())
+        } else {
+            f.write_str(&self.context)
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -72,6 +88,17 @@ impl Error {
     pub fn host(context: impl Into<String>) -> Error {
         Error::new(ErrorKind::Host, context)
     }
+    /// An error from another crate's `e`, its whole chain as the message.
+    pub fn flat(kind: ErrorKind, e: &(dyn std::error::Error + 'static)) -> Error {
+        let mut context = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            context.push_str(": ");
+            context.push_str(&c.to_string());
+            cur = c.source();
+        }
+        Error::new(kind, context)
+    }
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
@@ -92,6 +119,57 @@ impl Error {
     }
 }
 
+/// Errors met by `?` without a context of their own keep reading as they
+/// did: their text and every cause under it become the message.
+macro_rules! from_flat {
+    ($($t:ty => $kind:ident),* $(,)?) => {$(
+        impl From<$t> for Error {
+            fn from(e: $t) -> Error {
+                Error::flat(ErrorKind::$kind, &e)
+            }
+        }
+    )*};
+}
+
+from_flat! {
+    std::io::Error => Io,
+    std::num::ParseIntError => Invalid,
+    serde_json::Error => Host,
+    postgres::Error => Host,
+    nbd_proto::client::ClientError => Host,
+    cdm_api::client::ClientError => Host,
+    crate::merge::MergeError => Io,
+}
+
+/// One-line context for a `Result` carrying any error (std, PostgreSQL,
+/// NBD client, appliance client, or this crate's own).
+pub trait Context<T> {
+    /// Wraps the error as the source of `kind` with the context `c()`.
+    fn context_with<C: Into<String>>(self, kind: ErrorKind, c: impl FnOnce() -> C) -> Result<T>;
+}
+
+impl<T, E: Into<BoxError>> Context<T> for std::result::Result<T, E> {
+    fn context_with<C: Into<String>>(self, kind: ErrorKind, c: impl FnOnce() -> C) -> Result<T> {
+        self.map_err(|e| Error::with_source(kind, c(), e))
+    }
+}
+
+/// `Error::new(ErrorKind::$kind, format!(...))`: a message made here.
+#[macro_export]
+macro_rules! err {
+    ($kind:ident, $($arg:tt)*) => {
+        $crate::error::Error::new($crate::error::ErrorKind::$kind, format!($($arg)*))
+    };
+}
+
+/// Returns early with [`err!`].
+#[macro_export]
+macro_rules! fail {
+    ($kind:ident, $($arg:tt)*) => {
+        return Err($crate::err!($kind, $($arg)*))
+    };
+}
+
 /// Maps an I/O error on `path` to an [`ErrorKind::Io`] error naming it.
 pub fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |e| Error::with_source(ErrorKind::Io, path.display().to_string(), e)
@@ -108,6 +186,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Io);
         assert_eq!(e.to_string(), "/etc/x.toml");
         assert_eq!(e.report(), "/etc/x.toml: gone");
+        assert_eq!(format!("{e:#}"), "/etc/x.toml: gone");
         assert_eq!(Error::invalid("bad").report(), "bad");
     }
 }

@@ -10,6 +10,7 @@ use cdm_disk::host::run;
 use serde_json::{json, Value};
 
 use crate::attach::{self, AttachRequest, Attachment};
+use crate::error::Result;
 use crate::merge::{Entry, MergeError, MergeStats, Merger, Meta, Source};
 use crate::throttle::Throttle;
 use crate::{block, pg, Ctx, Error, ErrorKind};
@@ -26,14 +27,14 @@ pub fn check_name(n: &str) -> Result<(), Error> {
 }
 
 /// "VOLUME@ID".
-pub fn parse_snapshot(s: &str) -> anyhow::Result<(String, u64)> {
+pub fn parse_snapshot(s: &str) -> Result<(String, u64)> {
     let (v, id) = s
         .rsplit_once('@')
-        .ok_or_else(|| anyhow::anyhow!("{s:?}: want VOLUME@ID"))?;
+        .ok_or_else(|| crate::err!(Host, "{s:?}: want VOLUME@ID"))?;
     check_name(v)?;
     let id = id
         .parse()
-        .map_err(|_| anyhow::anyhow!("{s:?}: snapshot id is not a number"))?;
+        .map_err(|_| crate::err!(Host, "{s:?}: snapshot id is not a number"))?;
     Ok((v.to_string(), id))
 }
 
@@ -43,7 +44,7 @@ pub fn ensure_volume(
     name: &str,
     size: Option<u64>,
     block_size: u32,
-) -> anyhow::Result<(Volume, bool)> {
+) -> Result<(Volume, bool)> {
     check_name(name)?;
     match ctx.api.volume(name) {
         Ok(v) => Ok((v, false)),
@@ -59,7 +60,8 @@ pub fn ensure_volume(
                 })?;
                 Ok((v, true))
             }
-            None => anyhow::bail!(
+            None => crate::fail!(
+                Host,
                 "volume {name} does not exist on the appliance: give --size to create it"
             ),
         },
@@ -70,7 +72,7 @@ pub fn ensure_volume(
 /// Marks the block fingerprints of `volume` (if any) as not to be trusted:
 /// the volume is about to be written by something else than a block
 /// backup.
-pub fn invalidate_block_fingerprints(ctx: &Ctx, volume: &str) -> anyhow::Result<()> {
+pub fn invalidate_block_fingerprints(ctx: &Ctx, volume: &str) -> Result<()> {
     let p = block::Paths::new(&ctx.state_dir, volume);
     if p.fp.exists() {
         std::fs::write(&p.marker, b"attached read-write outside a block backup\n")?;
@@ -80,15 +82,18 @@ pub fn invalidate_block_fingerprints(ctx: &Ctx, volume: &str) -> anyhow::Result<
 
 /// One backup per stage volume at a time on this host: an exclusive
 /// `flock` on `STATE/locks/VOLUME.lock`, released when the file closes.
-pub fn lock(ctx: &Ctx, volume: &str) -> anyhow::Result<std::fs::File> {
+pub fn lock(ctx: &Ctx, volume: &str) -> Result<std::fs::File> {
     let d = ctx.state_dir.join("locks");
     std::fs::create_dir_all(&d)?;
     let f = std::fs::File::create(d.join(format!("{volume}.lock")))?;
     match cdm_common::lock::try_lock_exclusive(&f) {
         Ok(true) => Ok(f),
-        Ok(false) => anyhow::bail!("another backup of {volume} is running on this host"),
-        Err(e) => Err(anyhow::Error::new(e)
-            .context(format!("cannot lock the backups of {volume} on this host"))),
+        Ok(false) => crate::fail!(Host, "another backup of {volume} is running on this host"),
+        Err(e) => Err(Error::with_source(
+            ErrorKind::Host,
+            format!("cannot lock the backups of {volume} on this host"),
+            e,
+        )),
     }
 }
 
@@ -112,7 +117,7 @@ impl Mounted {
     /// The stage disk of `volume`, mounted: the attachment someone made
     /// with `attach`, or a new one that [`Mounted::close`] detaches (also
     /// one an interrupted backup left behind).
-    fn open(ctx: &Ctx, volume: &str, blank: bool) -> anyhow::Result<Mounted> {
+    fn open(ctx: &Ctx, volume: &str, blank: bool) -> Result<Mounted> {
         let name = attach::name_of(volume);
         if let Some(a) = attach::record(ctx, &name) {
             if a.writable && a.export == volume && cdm_disk::host::is_mounted(&a.mount) {
@@ -142,12 +147,12 @@ impl Mounted {
         m.a.temporary = true;
         if let Err(e) = attach::save(ctx, &m.a) {
             let _ = m.close(ctx);
-            return Err(e.into());
+            return Err(e);
         }
         Ok(m)
     }
 
-    fn close(mut self, ctx: &Ctx) -> anyhow::Result<()> {
+    fn close(mut self, ctx: &Ctx) -> Result<()> {
         if self.ours {
             Ok(attach::detach(ctx, &self.a, self.child.as_mut())?)
         } else {
@@ -190,10 +195,10 @@ fn snapshot_frozen(
     volume: &str,
     label: String,
     metadata: Value,
-) -> anyhow::Result<cdm_api::types::Snapshot> {
-    crate::merge::syncfs(mount).map_err(|e| anyhow::anyhow!("flushing the stage disk: {e}"))?;
+) -> Result<cdm_api::types::Snapshot> {
+    crate::merge::syncfs(mount).map_err(|e| crate::err!(Host, "flushing the stage disk: {e}"))?;
     run(Command::new("fsfreeze").arg("-f").arg(mount))
-        .map_err(|e| anyhow::anyhow!("freezing the stage disk: {e}"))?;
+        .map_err(|e| crate::err!(Host, "freezing the stage disk: {e}"))?;
     let r = ctx.api.create_snapshot(
         volume,
         &SnapshotCreate {
@@ -202,8 +207,14 @@ fn snapshot_frozen(
         },
     );
     let thaw = run(Command::new("fsfreeze").arg("-u").arg(mount));
-    let s = r.map_err(|e| anyhow::anyhow!("snapshot of {volume}: {e}"))?;
-    thaw.map_err(|e| anyhow::anyhow!("thawing the stage disk (snapshot {} taken): {e}", s.id))?;
+    let s = r.map_err(|e| crate::err!(Host, "snapshot of {volume}: {e}"))?;
+    thaw.map_err(|e| {
+        crate::err!(
+            Host,
+            "thawing the stage disk (snapshot {} taken): {e}",
+            s.id
+        )
+    })?;
     Ok(s)
 }
 
@@ -249,7 +260,7 @@ pub fn backup_postgres(
     stage: &Stage,
     conn: &pg::Conn,
     pgdata: Option<&Path>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     check_block_size(stage.block_size)?;
     // The database first: a server that is down or refuses us costs nothing.
@@ -259,7 +270,8 @@ pub fn backup_postgres(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| si.data_directory.clone());
     if !pgdata.join("PG_VERSION").exists() {
-        anyhow::bail!(
+        crate::fail!(
+            Host,
             "{} is not the server's data directory as this host sees it (give --pgdata)",
             pgdata.display()
         );
@@ -273,7 +285,7 @@ pub fn backup_postgres(
     let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
     let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("postgres"));
-    let r = (|| -> anyhow::Result<Value> {
+    let r = (|| -> Result<Value> {
         let mut bk = pg::Backup::start(client, &label)?;
         let start = bk.start_lsn;
         let entries = pg::entries(&si, &pgdata)?;
@@ -308,10 +320,10 @@ pub fn backup_postgres(
                     "; pg_backup_stop called"
                 };
                 drop(bk);
-                anyhow::bail!("backup failed, no snapshot taken{called}: {e}");
+                crate::fail!(Host, "backup failed, no snapshot taken{called}: {e}");
             }
         };
-        let s = stopped.ok_or_else(|| anyhow::anyhow!("the backup did not stop"))?;
+        let s = stopped.ok_or_else(|| crate::err!(Host, "the backup did not stop"))?;
         let meta = json!({
             "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
             "kind": "postgres",
@@ -332,7 +344,7 @@ pub fn backup_postgres(
             "changed_blocks": st.changed_blocks,
         });
         let snap = snapshot_frozen(ctx, &m.a.mount, &stage.volume, label.clone(), meta)
-            .map_err(|e| anyhow::anyhow!("backup copied but not snapshotted: {e:#}"))?;
+            .map_err(|e| crate::err!(Host, "backup copied but not snapshotted: {e:#}"))?;
         let mut v = summary(
             "postgres",
             &stage.volume,
@@ -354,22 +366,22 @@ pub fn backup_postgres(
     Ok(v)
 }
 
-fn check_block_size(bs: u32) -> anyhow::Result<()> {
+fn check_block_size(bs: u32) -> Result<()> {
     if !(512..=1 << 20).contains(&bs) || !bs.is_power_of_two() {
-        anyhow::bail!("block size {bs}: a power of two from 512 to 1048576");
+        crate::fail!(Host, "block size {bs}: a power of two from 512 to 1048576");
     }
     Ok(())
 }
 
 /// A directory tree into its stage volume (under `files/`).
-pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<Value> {
+pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> Result<Value> {
     let t0 = Instant::now();
     check_block_size(stage.block_size)?;
-    let src =
-        std::fs::canonicalize(source).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    let src = std::fs::canonicalize(source)
+        .map_err(|e| crate::err!(Host, "{}: {e}", source.display()))?;
     let sm = std::fs::metadata(&src)?;
     if !sm.is_dir() {
-        anyhow::bail!("{}: not a directory", src.display());
+        crate::fail!(Host, "{}: not a directory", src.display());
     }
     let mut entries = vec![Entry {
         rel: "files".into(),
@@ -388,7 +400,7 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<V
     let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
     let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("files"));
-    let r = (|| -> anyhow::Result<Value> {
+    let r = (|| -> Result<Value> {
         let mut throttle = Throttle::new(ctx.bandwidth.clone());
         let pb = bar(ctx, total_bytes(&entries), "files");
         let st = Merger::new(
@@ -398,7 +410,7 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<V
             pb.as_ref(),
         )
         .merge(entries, &mut || Ok(Vec::new()))
-        .map_err(|e| anyhow::anyhow!("backup failed, no snapshot taken: {e}"))?;
+        .map_err(|e| crate::err!(Host, "backup failed, no snapshot taken: {e}"))?;
         if let Some(b) = &pb {
             b.finish_and_clear();
         }
@@ -436,7 +448,7 @@ pub fn backup_block(
     block_size: u32,
     label: Option<String>,
     extra: Option<Value>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     check_block_size(block_size)?;
     let mut src = block::Source::open(source, bitmap)?;
@@ -474,7 +486,7 @@ pub fn backup_block(
             ..Default::default()
         },
     )
-    .map_err(|e| anyhow::anyhow!("stage volume {volume} over NBD {}: {e}", ctx.nbd))?;
+    .map_err(|e| crate::err!(Host, "stage volume {volume} over NBD {}: {e}", ctx.nbd))?;
     std::fs::write(
         &paths.marker,
         b"a block backup is writing this stage volume\n",
@@ -490,7 +502,7 @@ pub fn backup_block(
         stage_blank: created || (vol.allocated_bytes == 0 && latest.is_none()),
     }
     .run(old.ok(), why)
-    .map_err(|e| anyhow::anyhow!("backup failed, no snapshot taken: {e:#}"))?;
+    .map_err(|e| crate::err!(Host, "backup failed, no snapshot taken: {e:#}"))?;
     if let Some(b) = &pb {
         b.finish_and_clear();
     }
@@ -522,7 +534,7 @@ pub fn backup_block(
                 }),
             },
         )
-        .map_err(|e| anyhow::anyhow!("backup copied but not snapshotted: {e}"))?;
+        .map_err(|e| crate::err!(Host, "backup copied but not snapshotted: {e}"))?;
     let fp = block::Fingerprints {
         block_size,
         snapshot: snap.id,
@@ -557,14 +569,14 @@ pub fn restore_regular(
     snapshot: &str,
     target: &Path,
     start_port: Option<u16>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     let (vol, id) = parse_snapshot(snapshot)?;
     if std::fs::read_dir(target)
         .map(|mut d| d.next().is_some())
         .unwrap_or(false)
     {
-        anyhow::bail!("{} is not empty", target.display());
+        crate::fail!(Host, "{} is not empty", target.display());
     }
     std::fs::create_dir_all(target)?;
     let target = std::fs::canonicalize(target)?;
@@ -583,7 +595,7 @@ pub fn restore_regular(
             mkfs: None,
         },
     )?;
-    let copied = (|| -> anyhow::Result<u64> {
+    let copied = (|| -> Result<u64> {
         let mut n = 0;
         for e in std::fs::read_dir(&a.mount)? {
             let e = e?;
@@ -595,7 +607,7 @@ pub fn restore_regular(
                 .args(["-a", "--sparse=always"])
                 .arg(e.path())
                 .arg(&target))
-            .map_err(anyhow::Error::msg)?;
+            .map_err(|e| crate::err!(Host, "{e}"))?;
             n += dir_bytes(&e.path());
         }
         Ok(n)
@@ -647,13 +659,13 @@ pub fn restore_clone(
     name: &str,
     port: u16,
     mount: Option<PathBuf>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     let (vol, id) = parse_snapshot(snapshot)?;
     check_name(name)?;
     ctx.api.create_clone(&vol, id, name)?;
     let clone_secs = t0.elapsed().as_secs_f64();
-    let undo_clone = |e: anyhow::Error| {
+    let undo_clone = |e: Error| {
         let _ = ctx.api.delete_clone(name, true);
         e
     };
@@ -668,10 +680,10 @@ pub fn restore_clone(
             mkfs: None,
         },
     )
-    .map_err(|e| undo_clone(e.into()))?;
+    .map_err(undo_clone)?;
     a.clone = Some(name.to_string());
     let attach_secs = t0.elapsed().as_secs_f64();
-    let r = (|| -> anyhow::Result<Value> {
+    let r = (|| -> Result<Value> {
         let mut v = json!({
             "kind": "clone",
             "snapshot": snapshot,
@@ -711,8 +723,8 @@ pub fn restore_clone(
 
 /// Stops what runs on an attachment, detaches it, deletes its clone if
 /// asked.
-pub fn detach(ctx: &Ctx, name: &str, delete_clone: bool) -> anyhow::Result<Value> {
-    let a = attach::record(ctx, name).ok_or_else(|| anyhow::anyhow!("{name} is not attached"))?;
+pub fn detach(ctx: &Ctx, name: &str, delete_clone: bool) -> Result<Value> {
+    let a = attach::record(ctx, name).ok_or_else(|| crate::err!(Host, "{name} is not attached"))?;
     if let Some(p) = &a.postgres {
         pg::stop(p)?;
     }
