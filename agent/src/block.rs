@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use nbd_proto::client::{Client, ClientOptions};
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Context as _, ErrorKind, Result};
 use crate::statefile::{self, hash, DecodeError, Hash, Untrusted};
 use crate::throttle::Throttle;
 
@@ -42,11 +42,11 @@ impl Source {
                 ..Default::default()
             };
             let c = Client::connect(spec, None, &opts)
-                .map_err(|e| crate::err!(Host, "NBD source {spec}: {e}"))?;
+                .context_with(ErrorKind::Host, || format!("NBD source {spec}"))?;
             let bitmap = ctx.filter(|n| c.has_context(n));
             return Ok(Source::Nbd { c, bitmap });
         }
-        let f = File::open(spec).map_err(|e| crate::err!(Host, "{spec}: {e}"))?;
+        let f = File::open(spec).context_with(ErrorKind::Io, || spec)?;
         let m = f.metadata()?;
         let (size, sparse) = if m.file_type().is_block_device() {
             let mut sz: u64 = 0;
@@ -58,7 +58,7 @@ impl Source {
         } else if m.is_file() {
             (m.len(), true)
         } else {
-            crate::fail!(Host, "{spec}: not a block device, a file or an NBD URI");
+            crate::fail!(Invalid, "{spec}: not a block device, a file or an NBD URI");
         };
         Ok(Source::File { f, size, sparse })
     }
@@ -152,10 +152,10 @@ impl Source {
         match self {
             Source::File { f, .. } => f
                 .read_exact_at(buf, off)
-                .map_err(|e| crate::err!(Host, "source read at {off}: {e}")),
+                .context_with(ErrorKind::Host, || format!("source read at {off}")),
             Source::Nbd { c, .. } => c
                 .read(off, buf)
-                .map_err(|e| crate::err!(Host, "NBD source read at {off}: {e}")),
+                .context_with(ErrorKind::Host, || format!("NBD source read at {off}")),
         }
     }
 }
@@ -172,8 +172,8 @@ fn walk_status(
 ) -> Result<()> {
     let mut off = 0u64;
     while off < size {
-        let st =
-            status(off, size - off).map_err(|e| crate::err!(Host, "NBD source {what}: {e}"))?;
+        let st = status(off, size - off)
+            .context_with(ErrorKind::Host, || format!("NBD source {what}"))?;
         if st.is_empty() {
             crate::fail!(Host, "NBD source sent an empty {what}");
         }
@@ -430,7 +430,7 @@ impl Copy<'_> {
             if compare {
                 self.stage
                     .read(off, &mut sbuf[..run.len])
-                    .map_err(|e| crate::err!(Host, "stage read at {off}: {e}"))?;
+                    .context_with(ErrorKind::Host, || format!("stage read at {off}"))?;
             }
             let stage_copy = compare.then_some(&sbuf[..]);
             self.write_changed(&g, &run, &buf, stage_copy, &mut hashes, &mut st)?;
@@ -441,7 +441,7 @@ impl Copy<'_> {
         }
         self.stage
             .flush()
-            .map_err(|e| crate::err!(Host, "stage flush: {e}"))?;
+            .context_with(ErrorKind::Host, || "stage flush")?;
         st.throttled_seconds = self.throttle.waited.as_secs_f64();
         Ok((hashes, st))
     }
@@ -578,13 +578,13 @@ impl Copy<'_> {
         if zero {
             self.stage
                 .write_zeroes(at, (e - a) as u64, 0)
-                .map_err(|x| crate::err!(Host, "stage write at {at}: {x}"))?;
+                .context_with(ErrorKind::Host, || format!("stage write at {at}"))?;
             st.bytes_zeroed += (e - a) as u64;
         } else {
             self.throttle.consume((e - a) as u64);
             self.stage
                 .write(at, &buf[a..e], false)
-                .map_err(|x| crate::err!(Host, "stage write at {at}: {x}"))?;
+                .context_with(ErrorKind::Host, || format!("stage write at {at}"))?;
             st.bytes_written += (e - a) as u64;
         }
         Ok(())

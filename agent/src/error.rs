@@ -90,14 +90,7 @@ impl Error {
     }
     /// An error from another crate's `e`, its whole chain as the message.
     pub fn flat(kind: ErrorKind, e: &(dyn std::error::Error + 'static)) -> Error {
-        let mut context = e.to_string();
-        let mut cur = e.source();
-        while let Some(c) = cur {
-            context.push_str(": ");
-            context.push_str(&c.to_string());
-            cur = c.source();
-        }
-        Error::new(kind, context)
+        Error::new(kind, chain_text(e))
     }
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -109,13 +102,31 @@ impl Error {
     /// reads; the binary's `{:#}` prints the same).
     pub fn report(&self) -> String {
         let mut s = self.context.clone();
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(self);
-        while let Some(e) = cur {
-            s.push_str(": ");
-            s.push_str(&e.to_string());
-            cur = e.source();
-        }
+        push_causes(&mut s, std::error::Error::source(self));
         s
+    }
+}
+
+/// `e` and every cause under it, `: `-separated, each said once: what the
+/// binary prints for any error (see [`push_causes`]).
+pub fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    push_causes(&mut s, e.source());
+    s
+}
+
+/// Appends `: cause` for each cause from `cur` down, except a cause whose
+/// text already ends what is written: many errors (the NBD client's `I/O:
+/// {0}`, PostgreSQL's `db error: {cause}`) print their cause and also
+/// return it as their source, and a user should read it once.
+fn push_causes(s: &mut String, mut cur: Option<&(dyn std::error::Error + 'static)>) {
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = e.source();
     }
 }
 
@@ -188,5 +199,9 @@ mod tests {
         assert_eq!(e.report(), "/etc/x.toml: gone");
         assert_eq!(format!("{e:#}"), "/etc/x.toml: gone");
         assert_eq!(Error::invalid("bad").report(), "bad");
+        // A cause that prints its own cause is not repeated.
+        let nbd = nbd_proto::ClientError::Io(std::io::Error::other("reset"));
+        let e = Error::with_source(ErrorKind::Host, "stage flush", nbd);
+        assert_eq!(format!("{e:#}"), "stage flush: I/O: reset");
     }
 }

@@ -351,10 +351,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            // The whole chain, each cause once (as the library's report).
+            let text = cdm_agent::error::chain_text(e.as_ref());
             if json {
-                println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+                println!("{}", serde_json::json!({ "error": text }));
             } else {
-                eprintln!("cdm-agent: {e:#}");
+                eprintln!("cdm-agent: {text}");
             }
             ExitCode::FAILURE
         }

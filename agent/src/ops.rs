@@ -10,7 +10,7 @@ use cdm_disk::host::run;
 use serde_json::{json, Value};
 
 use crate::attach::{self, AttachRequest, Attachment};
-use crate::error::Result;
+use crate::error::{Context as _, Result};
 use crate::merge::{Entry, MergeError, MergeStats, Merger, Meta, Source};
 use crate::throttle::Throttle;
 use crate::{block, pg, Ctx, Error, ErrorKind};
@@ -30,11 +30,11 @@ pub fn check_name(n: &str) -> Result<(), Error> {
 pub fn parse_snapshot(s: &str) -> Result<(String, u64)> {
     let (v, id) = s
         .rsplit_once('@')
-        .ok_or_else(|| crate::err!(Host, "{s:?}: want VOLUME@ID"))?;
+        .ok_or_else(|| crate::err!(Invalid, "{s:?}: want VOLUME@ID"))?;
     check_name(v)?;
     let id = id
         .parse()
-        .map_err(|_| crate::err!(Host, "{s:?}: snapshot id is not a number"))?;
+        .map_err(|_| crate::err!(Invalid, "{s:?}: snapshot id is not a number"))?;
     Ok((v.to_string(), id))
 }
 
@@ -196,9 +196,9 @@ fn snapshot_frozen(
     label: String,
     metadata: Value,
 ) -> Result<cdm_api::types::Snapshot> {
-    crate::merge::syncfs(mount).map_err(|e| crate::err!(Host, "flushing the stage disk: {e}"))?;
+    crate::merge::syncfs(mount).context_with(ErrorKind::Host, || "flushing the stage disk")?;
     run(Command::new("fsfreeze").arg("-f").arg(mount))
-        .map_err(|e| crate::err!(Host, "freezing the stage disk: {e}"))?;
+        .context_with(ErrorKind::Host, || "freezing the stage disk")?;
     let r = ctx.api.create_snapshot(
         volume,
         &SnapshotCreate {
@@ -207,7 +207,7 @@ fn snapshot_frozen(
         },
     );
     let thaw = run(Command::new("fsfreeze").arg("-u").arg(mount));
-    let s = r.map_err(|e| crate::err!(Host, "snapshot of {volume}: {e}"))?;
+    let s = r.context_with(ErrorKind::Host, || format!("snapshot of {volume}"))?;
     thaw.map_err(|e| {
         crate::err!(
             Host,
@@ -344,7 +344,7 @@ pub fn backup_postgres(
             "changed_blocks": st.changed_blocks,
         });
         let snap = snapshot_frozen(ctx, &m.a.mount, &stage.volume, label.clone(), meta)
-            .map_err(|e| crate::err!(Host, "backup copied but not snapshotted: {e:#}"))?;
+            .context_with(ErrorKind::Host, || "backup copied but not snapshotted")?;
         let mut v = summary(
             "postgres",
             &stage.volume,
@@ -368,7 +368,10 @@ pub fn backup_postgres(
 
 fn check_block_size(bs: u32) -> Result<()> {
     if !(512..=1 << 20).contains(&bs) || !bs.is_power_of_two() {
-        crate::fail!(Host, "block size {bs}: a power of two from 512 to 1048576");
+        crate::fail!(
+            Invalid,
+            "block size {bs}: a power of two from 512 to 1048576"
+        );
     }
     Ok(())
 }
@@ -378,10 +381,10 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> Result<Value> {
     let t0 = Instant::now();
     check_block_size(stage.block_size)?;
     let src = std::fs::canonicalize(source)
-        .map_err(|e| crate::err!(Host, "{}: {e}", source.display()))?;
+        .context_with(ErrorKind::Io, || source.display().to_string())?;
     let sm = std::fs::metadata(&src)?;
     if !sm.is_dir() {
-        crate::fail!(Host, "{}: not a directory", src.display());
+        crate::fail!(Invalid, "{}: not a directory", src.display());
     }
     let mut entries = vec![Entry {
         rel: "files".into(),
@@ -486,7 +489,9 @@ pub fn backup_block(
             ..Default::default()
         },
     )
-    .map_err(|e| crate::err!(Host, "stage volume {volume} over NBD {}: {e}", ctx.nbd))?;
+    .context_with(ErrorKind::Host, || {
+        format!("stage volume {volume} over NBD {}", ctx.nbd)
+    })?;
     std::fs::write(
         &paths.marker,
         b"a block backup is writing this stage volume\n",
@@ -502,7 +507,7 @@ pub fn backup_block(
         stage_blank: created || (vol.allocated_bytes == 0 && latest.is_none()),
     }
     .run(old.ok(), why)
-    .map_err(|e| crate::err!(Host, "backup failed, no snapshot taken: {e:#}"))?;
+    .context_with(ErrorKind::Host, || "backup failed, no snapshot taken")?;
     if let Some(b) = &pb {
         b.finish_and_clear();
     }
@@ -534,7 +539,7 @@ pub fn backup_block(
                 }),
             },
         )
-        .map_err(|e| crate::err!(Host, "backup copied but not snapshotted: {e}"))?;
+        .context_with(ErrorKind::Host, || "backup copied but not snapshotted")?;
     let fp = block::Fingerprints {
         block_size,
         snapshot: snap.id,
@@ -576,7 +581,7 @@ pub fn restore_regular(
         .map(|mut d| d.next().is_some())
         .unwrap_or(false)
     {
-        crate::fail!(Host, "{} is not empty", target.display());
+        crate::fail!(Invalid, "{} is not empty", target.display());
     }
     std::fs::create_dir_all(target)?;
     let target = std::fs::canonicalize(target)?;

@@ -23,7 +23,7 @@ use cdm_disk::host::run;
 use postgres::{Client, NoTls};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Result;
+use crate::error::{Context as _, ErrorKind, Result};
 use crate::merge::{Entry, Meta, Source};
 
 #[derive(Clone, Debug)]
@@ -87,11 +87,9 @@ pub struct ServerInfo {
 }
 
 fn one(c: &mut Client, q: &str) -> Result<String> {
-    let row = c
-        .query_one(q, &[])
-        .map_err(|e| crate::err!(Host, "{q}: {e}"))?;
+    let row = c.query_one(q, &[]).context_with(ErrorKind::Host, || q)?;
     row.try_get::<_, String>(0)
-        .map_err(|e| crate::err!(Host, "{q}: {e}"))
+        .context_with(ErrorKind::Host, || q)
 }
 
 pub fn info(c: &mut Client) -> Result<ServerInfo> {
@@ -125,7 +123,7 @@ pub fn parse_lsn(s: &str) -> Result<u64> {
     let (a, b) = s
         .trim()
         .split_once('/')
-        .ok_or_else(|| crate::err!(Host, "{s:?} is not an LSN"))?;
+        .ok_or_else(|| crate::err!(Invalid, "{s:?} is not an LSN"))?;
     Ok((u64::from_str_radix(a, 16)? << 32) | u64::from_str_radix(b, 16)?)
 }
 
@@ -233,7 +231,7 @@ pub fn entries(si: &ServerInfo, pgdata: &Path) -> Result<Vec<Entry>> {
     check_layout(pgdata)?;
     let mut out = Vec::new();
     let root = std::fs::symlink_metadata(pgdata)
-        .map_err(|e| crate::err!(Host, "{}: {e}", pgdata.display()))?;
+        .context_with(ErrorKind::Io, || pgdata.display().to_string())?;
     out.push(Entry {
         rel: "pgdata".into(),
         source: Source::Dir,
@@ -321,7 +319,7 @@ impl Backup {
             })?;
         let row = client
             .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
-            .map_err(|e| crate::err!(Host, "pg_backup_start: {e}"))?;
+            .context_with(ErrorKind::Host, || "pg_backup_start")?;
         let start_lsn = parse_lsn(&row.get::<_, String>(0))?;
         Ok(Backup {
             client,
@@ -345,7 +343,7 @@ impl Backup {
                 "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
                 &[],
             )
-            .map_err(|e| crate::err!(Host, "pg_backup_stop: {e}"))?;
+            .context_with(ErrorKind::Host, || "pg_backup_stop")?;
         let stop = parse_lsn(&row.get::<_, String>(0))?;
         let label: String = row.get(1);
         let spc: Option<String> = row.get(2);
@@ -430,7 +428,7 @@ pub fn final_entries(
     ) {
         let p = wal_dir.join(&name);
         let m = std::fs::metadata(&p)
-            .map_err(|e| crate::err!(Host, "WAL segment {}: {e}", p.display()))?;
+            .context_with(ErrorKind::Io, || format!("WAL segment {}", p.display()))?;
         out.push(Entry {
             rel: Path::new("pgdata/pg_wal").join(&name),
             source: Source::File {
@@ -529,7 +527,7 @@ pub fn prepare(root: &Path, port: u16, cluster: &str) -> Result<Running> {
             let dst = pgdata.join(f);
             if !dst.exists() {
                 std::fs::copy(root.join("pgconf").join(f), &dst)
-                    .map_err(|e| crate::err!(Host, "pgconf/{f}: {e}"))?;
+                    .context_with(ErrorKind::Io, || format!("pgconf/{f}"))?;
                 chown(&dst, Some(uid), Some(gid))?;
             }
         }
@@ -638,7 +636,9 @@ pub fn stop(r: &Running) -> Result<()> {
         .arg(&r.pgdata)
         .args(["-m", "fast", "-w", "-t", "120", "stop"]))
     .map(|_| ())
-    .map_err(|e| crate::err!(Host, "stopping PostgreSQL on {}: {e}", r.pgdata.display()))
+    .context_with(ErrorKind::Host, || {
+        format!("stopping PostgreSQL on {}", r.pgdata.display())
+    })
 }
 
 /// The user name of `uid`.

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Context as _, ErrorKind, Result};
 use cdm_inspect::{Disk, FileDisk, Inspection};
 use nbd_proto::client::{Client, ClientOptions};
 use serde_json::{json, Value};
@@ -21,7 +21,7 @@ impl NbdDisk {
             ..Default::default()
         };
         Ok(NbdDisk(
-            Client::connect(uri, None, &opts).map_err(|e| crate::err!(Host, "{uri}: {e}"))?,
+            Client::connect(uri, None, &opts).context_with(ErrorKind::Host, || uri)?,
         ))
     }
 }
@@ -41,7 +41,7 @@ pub fn open_disk(spec: &str) -> Result<Box<dyn Disk>> {
         return Ok(Box::new(NbdDisk::connect(spec)?));
     }
     let p = Path::new(spec);
-    let f = FileDisk::open(p).map_err(|e| crate::err!(Host, "{spec}: {e}"))?;
+    let f = FileDisk::open(p).context_with(ErrorKind::Io, || spec)?;
     Ok(Box::new(f))
 }
 
@@ -140,7 +140,7 @@ pub fn open_vm_disk(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| crate::err!(Host, "qemu-nbd for {}: {e}", d.source))?;
+        .context_with(ErrorKind::Host, || format!("qemu-nbd for {}", d.source))?;
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     while !sock.exists() {
         if let Ok(Some(st)) = child.try_wait() {
@@ -264,7 +264,7 @@ pub fn classify(
 
 fn load_inventory(path: &Path) -> Result<Vec<cdm_inspect::inventory::Vm>> {
     cdm_inspect::inventory::load(path)
-        .map_err(|e| crate::err!(Host, "listing the VMs failed, nothing done: {e}"))
+        .context_with(ErrorKind::Host, || "listing the VMs failed, nothing done")
 }
 
 pub fn list_cmd(inventory: &Path) -> Result<Value> {
@@ -287,14 +287,16 @@ pub fn record(c: &cdm_inspect::category::Classified) -> cdm_api::types::VmRecord
 }
 
 pub fn tree_cmd(ctx: &crate::Ctx, inventory: &Path, by_s: &str, publish: bool) -> Result<Value> {
-    let by = cdm_api::vms::By::parse(by_s).map_err(|e| crate::err!(Host, "{e}"))?;
+    let by = cdm_api::vms::By::parse(by_s).map_err(|e| crate::err!(Invalid, "{e}"))?;
     let (vms, hits) = classify(ctx, load_inventory(inventory)?);
     let records: Vec<cdm_api::types::VmRecord> = vms.iter().map(record).collect();
     let tree = cdm_api::vms::tree(&records, &by);
     if publish {
         ctx.api
             .put_vms(&records)
-            .map_err(|e| crate::err!(Host, "publishing the inventory to the appliance: {e}"))?;
+            .context_with(ErrorKind::Host, || {
+                "publishing the inventory to the appliance"
+            })?;
     }
     Ok(json!({
         "by": by_s,
@@ -356,7 +358,7 @@ pub fn backup_cmd(
     let (vms, _) = classify(ctx, load_inventory(inventory)?);
     let mut chosen = Vec::new();
     for c in vms {
-        if cdm_api::vms::selects(&record(&c), category).map_err(|e| crate::err!(Host, "{e}"))? {
+        if cdm_api::vms::selects(&record(&c), category).map_err(|e| crate::err!(Invalid, "{e}"))? {
             chosen.push(c);
         }
     }
@@ -444,7 +446,7 @@ fn backup_vm(
             Some(format!("vm {} disk {i}", c.vm.name)),
             Some(meta),
         )
-        .map_err(|e| crate::err!(Host, "disk {i} ({}): {e:#}", d.source))?;
+        .context_with(ErrorKind::Host, || format!("disk {i} ({})", d.source))?;
         out.push(r);
     }
     Ok(out)
