@@ -480,18 +480,7 @@ pub fn backup_block(
         .err()
         .map(ToString::to_string)
         .unwrap_or_default();
-    let mut stage = nbd_proto::client::Client::connect(
-        &ctx.nbd,
-        Some(volume),
-        &nbd_proto::client::ClientOptions {
-            allocation: false,
-            timeout: Some(Duration::from_secs(60)),
-            ..Default::default()
-        },
-    )
-    .context_with(ErrorKind::Host, || {
-        format!("stage volume {volume} over NBD {}", ctx.nbd)
-    })?;
+    let mut stage = connect_stage(ctx, volume)?;
     std::fs::write(
         &paths.marker,
         b"a block backup is writing this stage volume\n",
@@ -512,46 +501,23 @@ pub fn backup_block(
         b.finish_and_clear();
     }
     let _ = stage.disconnect();
-    let label = label.unwrap_or_else(|| now_label("block"));
-    let snap = ctx
-        .api
-        .create_snapshot(
-            volume,
-            &SnapshotCreate {
-                label: Some(label),
-                metadata: Some({
-                    let mut m = json!({
-                        "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
-                        "kind": "block",
-                        "host": hostname(),
-                        "source": source,
-                        "mode": st.mode,
-                        "bitmap": src.bitmap(),
-                        "size": size,
-                        "bytes_read": st.bytes_read,
-                        "bytes_written": st.bytes_written,
-                        "changed_blocks": st.changed_blocks,
-                    });
-                    if let (Some(Value::Object(x)), Value::Object(o)) = (extra, &mut m) {
-                        o.extend(x);
-                    }
-                    m
-                }),
-            },
-        )
-        .context_with(ErrorKind::Host, || "backup copied but not snapshotted")?;
-    let fp = block::Fingerprints {
-        block_size,
-        snapshot: snap.id,
+    let meta = BlockMeta {
+        source,
+        bitmap: src.bitmap(),
         size,
-        bitmap: src.bitmap().map(str::to_string),
-        hashes,
+        st: &st,
     };
-    let tmp = paths.fp.with_extension("fp.tmp");
-    std::fs::write(&tmp, fp.encode())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &paths.fp)?;
-    std::fs::remove_file(&paths.marker)?;
+    let snap = block_snapshot(ctx, volume, &meta, label, extra)?;
+    save_fingerprints(
+        &paths,
+        &block::Fingerprints {
+            block_size,
+            snapshot: snap.id,
+            size,
+            bitmap: src.bitmap().map(str::to_string),
+            hashes,
+        },
+    )?;
     Ok(json!({
         "kind": "block",
         "volume": volume,
@@ -565,6 +531,76 @@ pub fn backup_block(
         "blocks": st.blocks,
         "block": st,
     }))
+}
+
+/// The stage volume's NBD export, written by a block backup.
+fn connect_stage(ctx: &Ctx, volume: &str) -> Result<nbd_proto::client::Client> {
+    nbd_proto::client::Client::connect(
+        &ctx.nbd,
+        Some(volume),
+        &nbd_proto::client::ClientOptions {
+            allocation: false,
+            timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+    )
+    .context_with(ErrorKind::Host, || {
+        format!("stage volume {volume} over NBD {}", ctx.nbd)
+    })
+}
+
+/// What a block backup's snapshot records of its source and copy.
+struct BlockMeta<'a> {
+    source: &'a str,
+    bitmap: Option<&'a str>,
+    size: u64,
+    st: &'a block::BlockStats,
+}
+
+/// Asks the appliance for the snapshot of a copied block stage.
+fn block_snapshot(
+    ctx: &Ctx,
+    volume: &str,
+    b: &BlockMeta<'_>,
+    label: Option<String>,
+    extra: Option<Value>,
+) -> Result<cdm_api::types::Snapshot> {
+    let label = label.unwrap_or_else(|| now_label("block"));
+    let mut m = json!({
+        "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
+        "kind": "block",
+        "host": hostname(),
+        "source": b.source,
+        "mode": b.st.mode,
+        "bitmap": b.bitmap,
+        "size": b.size,
+        "bytes_read": b.st.bytes_read,
+        "bytes_written": b.st.bytes_written,
+        "changed_blocks": b.st.changed_blocks,
+    });
+    if let (Some(Value::Object(x)), Value::Object(o)) = (extra, &mut m) {
+        o.extend(x);
+    }
+    ctx.api
+        .create_snapshot(
+            volume,
+            &SnapshotCreate {
+                label: Some(label),
+                metadata: Some(m),
+            },
+        )
+        .context_with(ErrorKind::Host, || "backup copied but not snapshotted")
+}
+
+/// Saves the fingerprints of the snapshot just taken (durably, then in
+/// place), and removes the marker that said the stage was being written.
+fn save_fingerprints(paths: &block::Paths, fp: &block::Fingerprints) -> Result<()> {
+    let tmp = paths.fp.with_extension("fp.tmp");
+    std::fs::write(&tmp, fp.encode())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &paths.fp)?;
+    std::fs::remove_file(&paths.marker)?;
+    Ok(())
 }
 
 /// Copies a snapshot's files to `target` (new or empty); prepares a
