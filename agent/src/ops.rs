@@ -324,25 +324,7 @@ pub fn backup_postgres(
             }
         };
         let s = stopped.ok_or_else(|| crate::err!(Host, "the backup did not stop"))?;
-        let meta = json!({
-            "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
-            "kind": "postgres",
-            "host": hostname(),
-            "database": {
-                "version": si.version,
-                "system_identifier": si.system_identifier,
-                "data_directory": pgdata,
-                "port": si.port,
-            },
-            "start_lsn": s.start_lsn,
-            "stop_lsn": s.stop_lsn,
-            "timeline": s.timeline,
-            "backup_label": s.backup_label,
-            "wal": s.wal,
-            "bytes_read": st.bytes_read,
-            "bytes_written": st.bytes_written,
-            "changed_blocks": st.changed_blocks,
-        });
+        let meta = postgres_meta(&si, &pgdata, &s, &st);
         let snap = snapshot_frozen(ctx, &m.a.mount, &stage.volume, label.clone(), meta)
             .context_with(ErrorKind::Host, || "backup copied but not snapshotted")?;
         let mut v = summary(
@@ -364,6 +346,30 @@ pub fn backup_postgres(
     let v = r?;
     closed?;
     Ok(v)
+}
+
+/// What a PostgreSQL backup's snapshot records: the server, the backup's
+/// LSNs and WAL, and what the merge copied.
+fn postgres_meta(si: &pg::ServerInfo, pgdata: &Path, s: &pg::Stopped, st: &MergeStats) -> Value {
+    json!({
+        "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
+        "kind": "postgres",
+        "host": hostname(),
+        "database": {
+            "version": si.version,
+            "system_identifier": si.system_identifier,
+            "data_directory": pgdata,
+            "port": si.port,
+        },
+        "start_lsn": s.start_lsn,
+        "stop_lsn": s.stop_lsn,
+        "timeline": s.timeline,
+        "backup_label": s.backup_label,
+        "wal": s.wal,
+        "bytes_read": st.bytes_read,
+        "bytes_written": st.bytes_written,
+        "changed_blocks": st.changed_blocks,
+    })
 }
 
 fn check_block_size(bs: u32) -> Result<()> {
