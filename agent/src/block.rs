@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use nbd_proto::client::{Client, ClientOptions};
 use serde::Serialize;
 
+use crate::error::{Context as _, ErrorKind, Result};
 use crate::statefile::{self, hash, DecodeError, Hash, Untrusted};
 use crate::throttle::Throttle;
 
@@ -32,7 +33,7 @@ pub enum Source {
 
 impl Source {
     /// `nbd://…`, `nbd+unix://…` or a path (image file or block device).
-    pub fn open(spec: &str, bitmap: Option<&str>) -> anyhow::Result<Source> {
+    pub fn open(spec: &str, bitmap: Option<&str>) -> Result<Source> {
         if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
             let ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
             let opts = ClientOptions {
@@ -41,11 +42,11 @@ impl Source {
                 ..Default::default()
             };
             let c = Client::connect(spec, None, &opts)
-                .map_err(|e| anyhow::anyhow!("NBD source {spec}: {e}"))?;
+                .context_with(ErrorKind::Host, || format!("NBD source {spec}"))?;
             let bitmap = ctx.filter(|n| c.has_context(n));
             return Ok(Source::Nbd { c, bitmap });
         }
-        let f = File::open(spec).map_err(|e| anyhow::anyhow!("{spec}: {e}"))?;
+        let f = File::open(spec).context_with(ErrorKind::Io, || spec)?;
         let m = f.metadata()?;
         let (size, sparse) = if m.file_type().is_block_device() {
             let mut sz: u64 = 0;
@@ -57,7 +58,7 @@ impl Source {
         } else if m.is_file() {
             (m.len(), true)
         } else {
-            anyhow::bail!("{spec}: not a block device, a file or an NBD URI");
+            crate::fail!(Invalid, "{spec}: not a block device, a file or an NBD URI");
         };
         Ok(Source::File { f, size, sparse })
     }
@@ -77,7 +78,7 @@ impl Source {
     }
 
     /// (offset, length, allocated) runs covering `[0, size)`.
-    pub fn allocation(&mut self) -> anyhow::Result<Vec<(u64, u64, bool)>> {
+    pub fn allocation(&mut self) -> Result<Vec<(u64, u64, bool)>> {
         let size = self.size();
         let mut out: Vec<(u64, u64, bool)> = Vec::new();
         let mut push = |o: u64, l: u64, a: bool| {
@@ -125,9 +126,9 @@ impl Source {
     }
 
     /// (offset, length) runs the dirty bitmap marks.
-    pub fn dirty(&mut self) -> anyhow::Result<Vec<(u64, u64)>> {
+    pub fn dirty(&mut self) -> Result<Vec<(u64, u64)>> {
         let Source::Nbd { c, bitmap: Some(b) } = self else {
-            anyhow::bail!("no dirty bitmap");
+            crate::fail!(Host, "no dirty bitmap");
         };
         let size = c.size;
         let mut out: Vec<(u64, u64)> = Vec::new();
@@ -147,14 +148,14 @@ impl Source {
         Ok(out)
     }
 
-    pub fn read(&mut self, off: u64, buf: &mut [u8]) -> anyhow::Result<()> {
+    pub fn read(&mut self, off: u64, buf: &mut [u8]) -> Result<()> {
         match self {
             Source::File { f, .. } => f
                 .read_exact_at(buf, off)
-                .map_err(|e| anyhow::anyhow!("source read at {off}: {e}")),
+                .context_with(ErrorKind::Host, || format!("source read at {off}")),
             Source::Nbd { c, .. } => c
                 .read(off, buf)
-                .map_err(|e| anyhow::anyhow!("NBD source read at {off}: {e}")),
+                .context_with(ErrorKind::Host, || format!("NBD source read at {off}")),
         }
     }
 }
@@ -168,16 +169,17 @@ fn walk_status(
     what: &str,
     mut status: impl FnMut(u64, u64) -> Result<Vec<(u64, u32)>, nbd_proto::client::ClientError>,
     mut each: impl FnMut(u64, u64, u32),
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let mut off = 0u64;
     while off < size {
-        let st = status(off, size - off).map_err(|e| anyhow::anyhow!("NBD source {what}: {e}"))?;
+        let st = status(off, size - off)
+            .context_with(ErrorKind::Host, || format!("NBD source {what}"))?;
         if st.is_empty() {
-            anyhow::bail!("NBD source sent an empty {what}");
+            crate::fail!(Host, "NBD source sent an empty {what}");
         }
         for (len, flags) in st {
             if len == 0 {
-                anyhow::bail!("NBD source sent a zero-length {what} extent");
+                crate::fail!(Host, "NBD source sent a zero-length {what} extent");
             }
             let len = len.min(size - off);
             each(off, len, flags);
@@ -311,23 +313,78 @@ pub struct Copy<'a> {
     pub stage_blank: bool,
 }
 
+/// The source's shape in blocks, and the zero hashes to compare against.
+struct Geometry {
+    size: u64,
+    bs: u64,
+    nblocks: usize,
+    full_zero: Hash,
+}
+
+impl Geometry {
+    fn new(size: u64, block_size: u32) -> Geometry {
+        let bs = block_size as u64;
+        Geometry {
+            size,
+            bs,
+            nblocks: size.div_ceil(bs) as usize,
+            full_zero: hash(&vec![0u8; bs as usize]),
+        }
+    }
+    /// Length of block `i` (the last one may be short).
+    fn blen(&self, i: usize) -> usize {
+        ((self.size - i as u64 * self.bs).min(self.bs)) as usize
+    }
+    /// Hash of block `i` when it holds only zeros.
+    fn zero_hash(&self, i: usize) -> Hash {
+        if self.blen(i) == self.bs as usize {
+            self.full_zero
+        } else {
+            hash(&vec![0u8; self.blen(i)])
+        }
+    }
+    /// Marks the blocks the byte range `o..o+l` touches.
+    fn mark(&self, look: &mut [bool], o: u64, l: u64) {
+        let (a, b) = (
+            (o / self.bs) as usize,
+            ((o + l).div_ceil(self.bs) as usize).min(self.nblocks),
+        );
+        for x in look.iter_mut().take(b).skip(a) {
+            *x = true;
+        }
+    }
+    /// Whether any byte of block `i` is allocated in the source.
+    fn allocated(&self, i: usize, alloc: &[(u64, u64, bool)]) -> bool {
+        let (s, e) = (
+            i as u64 * self.bs,
+            (i as u64 * self.bs + self.bs).min(self.size),
+        );
+        alloc.iter().any(|&(o, l, a)| a && o < e && o + l > s)
+    }
+}
+
+/// A run of looked-at blocks `i..j` starting at byte `off`, `len` bytes.
+struct Run {
+    i: usize,
+    j: usize,
+    off: u64,
+    len: usize,
+}
+
 impl Copy<'_> {
-    #[allow(clippy::needless_range_loop)]
     /// Copies; the new hashes (the caller saves them once the snapshot is
     /// taken) and what was done.
     pub fn run(
         &mut self,
         old: Option<Fingerprints>,
         why: String,
-    ) -> anyhow::Result<(Vec<Hash>, BlockStats)> {
+    ) -> Result<(Vec<Hash>, BlockStats)> {
         let size = self.src.size();
         if self.stage.size < size {
-            anyhow::bail!("the stage volume ({} bytes) is smaller than the source ({size} bytes): grow it first", self.stage.size);
+            crate::fail!(Host, "the stage volume ({} bytes) is smaller than the source ({size} bytes): grow it first", self.stage.size);
         }
-        let bs = self.block_size as u64;
-        let nblocks = size.div_ceil(bs) as usize;
-        let zero_hash = |len: usize| hash(&vec![0u8; len]);
-        let full_zero = zero_hash(bs as usize);
+        let g = Geometry::new(size, self.block_size);
+        let bs = g.bs;
         let alloc = self.src.allocation()?;
         let mut st = BlockStats {
             size,
@@ -339,39 +396,75 @@ impl Copy<'_> {
                 .unwrap_or(format!("not used: {why}")),
             ..Default::default()
         };
-        let blen = |i: usize| ((size - i as u64 * bs).min(bs)) as usize;
-        let zh = |i: usize| {
-            if blen(i) == bs as usize {
-                full_zero
-            } else {
-                zero_hash(blen(i))
-            }
-        };
-        // Which blocks to look at.
-        let mut look = vec![false; nblocks];
         let mut hashes: Vec<Hash> = match &old {
             Some(o) => o.hashes.clone(),
-            None => (0..nblocks).map(zh).collect(),
-        };
-        let mark = |look: &mut Vec<bool>, o: u64, l: u64| {
-            let (a, b) = (
-                (o / bs) as usize,
-                ((o + l).div_ceil(bs) as usize).min(nblocks),
-            );
-            for x in look.iter_mut().take(b).skip(a) {
-                *x = true;
-            }
+            None => (0..g.nblocks).map(|i| g.zero_hash(i)).collect(),
         };
         let compare = old.is_none() && !self.stage_blank;
-        let same_bitmap = match (&old, self.src.bitmap()) {
+        let look = self.plan(&g, old.as_ref(), compare, &alloc, &mut st)?;
+        if let Some(p) = self.progress {
+            p.set_length(look.iter().filter(|x| **x).count() as u64 * bs);
+        }
+        let mut buf = vec![0u8; RUN.max(bs as usize)];
+        let mut sbuf = vec![0u8; RUN.max(bs as usize)];
+        let per = (RUN as u64 / bs).max(1) as usize;
+        let mut i = 0usize;
+        while i < g.nblocks {
+            if !look[i] {
+                i += 1;
+                continue;
+            }
+            // A run of looked-at blocks, at most RUN bytes.
+            let mut j = i;
+            while j < g.nblocks && look[j] && j - i < per {
+                j += 1;
+            }
+            let off = i as u64 * bs;
+            let run = Run {
+                i,
+                j,
+                off,
+                len: ((j as u64 * bs).min(size) - off) as usize,
+            };
+            self.read_run(&g, &run, &alloc, &mut buf, &mut st)?;
+            if compare {
+                self.stage
+                    .read(off, &mut sbuf[..run.len])
+                    .context_with(ErrorKind::Host, || format!("stage read at {off}"))?;
+            }
+            let stage_copy = compare.then_some(&sbuf[..]);
+            self.write_changed(&g, &run, &buf, stage_copy, &mut hashes, &mut st)?;
+            if let Some(p) = self.progress {
+                p.inc(run.len as u64);
+            }
+            i = j;
+        }
+        self.stage
+            .flush()
+            .context_with(ErrorKind::Host, || "stage flush")?;
+        st.throttled_seconds = self.throttle.waited.as_secs_f64();
+        Ok((hashes, st))
+    }
+
+    /// Chooses the mode (recorded in `st`) and the blocks to look at.
+    fn plan(
+        &mut self,
+        g: &Geometry,
+        old: Option<&Fingerprints>,
+        compare: bool,
+        alloc: &[(u64, u64, bool)],
+        st: &mut BlockStats,
+    ) -> Result<Vec<bool>> {
+        let mut look = vec![false; g.nblocks];
+        let same_bitmap = match (old, self.src.bitmap()) {
             (Some(o), Some(b)) => o.bitmap.as_deref() == Some(b),
             _ => false,
         };
-        match (&old, same_bitmap) {
+        match (old, same_bitmap) {
             (Some(_), true) => {
                 st.mode = "dirty-bitmap".into();
                 for (o, l) in self.src.dirty()? {
-                    mark(&mut look, o, l);
+                    g.mark(&mut look, o, l);
                 }
             }
             (Some(_), false) => {
@@ -384,102 +477,92 @@ impl Copy<'_> {
             }
             (None, _) => {
                 st.mode = "full".into();
-                for &(o, l, a) in &alloc {
+                for &(o, l, a) in alloc {
                     if a {
-                        mark(&mut look, o, l);
+                        g.mark(&mut look, o, l);
                     }
                 }
             }
         }
-        let allocated = |i: usize, alloc: &[(u64, u64, bool)]| {
-            let (s, e) = (i as u64 * bs, (i as u64 * bs + bs).min(size));
-            alloc.iter().any(|&(o, l, a)| a && o < e && o + l > s)
-        };
-        if let Some(p) = self.progress {
-            p.set_length(look.iter().filter(|x| **x).count() as u64 * bs);
+        Ok(look)
+    }
+
+    /// Reads the allocated parts of `run` into `buf`; holes are zeros.
+    fn read_run(
+        &mut self,
+        g: &Geometry,
+        run: &Run,
+        alloc: &[(u64, u64, bool)],
+        buf: &mut [u8],
+        st: &mut BlockStats,
+    ) -> Result<()> {
+        let (i, j, off, bs) = (run.i, run.j, run.off, g.bs);
+        buf[..run.len].fill(0);
+        let mut k = i;
+        while k < j {
+            if g.allocated(k, alloc) {
+                let mut m = k;
+                while m < j && g.allocated(m, alloc) {
+                    m += 1;
+                }
+                let (a, b) = (
+                    (k - i) * bs as usize,
+                    (((m as u64 * bs).min(g.size)) - off) as usize,
+                );
+                self.src.read(off + a as u64, &mut buf[a..b])?;
+                st.bytes_read += (b - a) as u64;
+                k = m;
+            } else {
+                k += 1;
+            }
         }
-        let mut buf = vec![0u8; RUN.max(bs as usize)];
-        let mut sbuf = vec![0u8; RUN.max(bs as usize)];
-        let per = (RUN as u64 / bs).max(1) as usize;
-        let mut i = 0usize;
-        while i < nblocks {
-            if !look[i] {
-                i += 1;
-                continue;
+        Ok(())
+    }
+
+    /// Hashes the blocks of `run` and writes the changed ones (against the
+    /// stage's copy when comparing, else against the old hashes), joined
+    /// into runs of data or of zeros.
+    #[allow(clippy::needless_range_loop)] // `b` indexes `hashes` and places bytes in `buf`
+    fn write_changed(
+        &mut self,
+        g: &Geometry,
+        run: &Run,
+        buf: &[u8],
+        stage_copy: Option<&[u8]>,
+        hashes: &mut [Hash],
+        st: &mut BlockStats,
+    ) -> Result<()> {
+        let (i, off, bs) = (run.i, run.off, g.bs as usize);
+        let mut w: Option<(usize, usize, bool)> = None;
+        for b in i..run.j {
+            let (a, e) = ((b - i) * bs, ((b - i) * bs + g.blen(b)));
+            let blk = &buf[a..e];
+            let h = hash(blk);
+            let zero = h == g.zero_hash(b);
+            let changed = match stage_copy {
+                Some(s) => s[a..e] != *blk,
+                None => hashes[b] != h,
+            };
+            hashes[b] = h;
+            st.blocks += 1;
+            if changed {
+                st.changed_blocks += 1;
             }
-            // A run of looked-at blocks, at most RUN bytes.
-            let mut j = i;
-            while j < nblocks && look[j] && j - i < per {
-                j += 1;
-            }
-            let off = i as u64 * bs;
-            let len = ((j as u64 * bs).min(size) - off) as usize;
-            // Read the allocated parts; holes are zeros.
-            buf[..len].fill(0);
-            let mut k = i;
-            while k < j {
-                if allocated(k, &alloc) {
-                    let mut m = k;
-                    while m < j && allocated(m, &alloc) {
-                        m += 1;
+            let cur = if changed { Some(zero) } else { None };
+            match (&mut w, cur) {
+                (Some((_, we, wz)), Some(z)) if *wz == z && *we == a => *we = e,
+                (_, c) => {
+                    if let Some((ws, we, wz)) = w.take() {
+                        self.put(off, buf, ws, we, wz, st)?;
                     }
-                    let (a, b) = (
-                        (k - i) * bs as usize,
-                        (((m as u64 * bs).min(size)) - off) as usize,
-                    );
-                    self.src.read(off + a as u64, &mut buf[a..b])?;
-                    st.bytes_read += (b - a) as u64;
-                    k = m;
-                } else {
-                    k += 1;
+                    w = c.map(|z| (a, e, z));
                 }
             }
-            if compare {
-                self.stage
-                    .read(off, &mut sbuf[..len])
-                    .map_err(|e| anyhow::anyhow!("stage read at {off}: {e}"))?;
-            }
-            // Changed blocks, written in runs.
-            let mut w: Option<(usize, usize, bool)> = None;
-            for b in i..j {
-                let (a, e) = ((b - i) * bs as usize, ((b - i) * bs as usize + blen(b)));
-                let blk = &buf[a..e];
-                let h = hash(blk);
-                let zero = h == zh(b);
-                let changed = if compare {
-                    sbuf[a..e] != *blk
-                } else {
-                    hashes[b] != h
-                };
-                hashes[b] = h;
-                st.blocks += 1;
-                if changed {
-                    st.changed_blocks += 1;
-                }
-                let cur = if changed { Some(zero) } else { None };
-                match (&mut w, cur) {
-                    (Some((_, we, wz)), Some(z)) if *wz == z && *we == a => *we = e,
-                    (_, c) => {
-                        if let Some((ws, we, wz)) = w.take() {
-                            self.put(off, &buf, ws, we, wz, &mut st)?;
-                        }
-                        w = c.map(|z| (a, e, z));
-                    }
-                }
-            }
-            if let Some((ws, we, wz)) = w.take() {
-                self.put(off, &buf, ws, we, wz, &mut st)?;
-            }
-            if let Some(p) = self.progress {
-                p.inc(len as u64);
-            }
-            i = j;
         }
-        self.stage
-            .flush()
-            .map_err(|e| anyhow::anyhow!("stage flush: {e}"))?;
-        st.throttled_seconds = self.throttle.waited.as_secs_f64();
-        Ok((hashes, st))
+        if let Some((ws, we, wz)) = w.take() {
+            self.put(off, buf, ws, we, wz, st)?;
+        }
+        Ok(())
     }
 
     fn put(
@@ -490,18 +573,18 @@ impl Copy<'_> {
         e: usize,
         zero: bool,
         st: &mut BlockStats,
-    ) -> anyhow::Result<()> {
+    ) -> Result<()> {
         let at = off + a as u64;
         if zero {
             self.stage
                 .write_zeroes(at, (e - a) as u64, 0)
-                .map_err(|x| anyhow::anyhow!("stage write at {at}: {x}"))?;
+                .context_with(ErrorKind::Host, || format!("stage write at {at}"))?;
             st.bytes_zeroed += (e - a) as u64;
         } else {
             self.throttle.consume((e - a) as u64);
             self.stage
                 .write(at, &buf[a..e], false)
-                .map_err(|x| anyhow::anyhow!("stage write at {at}: {x}"))?;
+                .context_with(ErrorKind::Host, || format!("stage write at {at}"))?;
             st.bytes_written += (e - a) as u64;
         }
         Ok(())

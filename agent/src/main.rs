@@ -322,14 +322,14 @@ fn serve_disk(
 ) -> anyhow::Result<()> {
     let r =
         cdm_agent::nbdfile::connect(nbd, export, conns, std::time::Duration::from_secs(timeout))
-            .map_err(|e| anyhow::anyhow!("NBD {nbd} export {export}: {e}"))
+            .map_err(|e| cdm_agent::err!(Host, "NBD {nbd} export {export}: {e}"))
             .and_then(|c| cdm_agent::nbdfile::serve(c, dir));
     let text = match &r {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("{e:#}"),
     };
     std::fs::write(status, text)?;
-    r
+    Ok(r?)
 }
 
 fn main() -> ExitCode {
@@ -343,154 +343,7 @@ fn main() -> ExitCode {
     });
     let json = cli.json;
     let started = Instant::now();
-    let r = (|| -> anyhow::Result<serde_json::Value> {
-        if let Cmd::ServeDisk {
-            export,
-            dir,
-            status,
-            connections,
-            timeout_secs,
-        } = &cli.cmd
-        {
-            let nbd = cli.nbd.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
-            serve_disk(&nbd, export, dir, status, *connections, *timeout_secs)?;
-            return Ok(serde_json::Value::Null);
-        }
-        let ctx = ctx(&cli)?;
-        match &cli.cmd {
-            Cmd::Attach {
-                export,
-                mount,
-                name,
-                create,
-                mkfs,
-                read_only,
-            } => {
-                let name = name.clone().unwrap_or_else(|| attach::name_of(export));
-                ops::check_name(&name)?;
-                let writable = !read_only && !export.contains('@');
-                // A filesystem is made only on a volume nothing was ever
-                // written to: a disk blkid does not recognise may still
-                // hold data (a block backup, a partitioned image).
-                let blank = if writable {
-                    // Whatever is written now is not in the block
-                    // fingerprints: the next block backup compares.
-                    ops::invalidate_block_fingerprints(&ctx, export)?;
-                    ops::ensure_volume(&ctx, export, *create, 4096)?
-                        .0
-                        .allocated_bytes
-                        == 0
-                } else {
-                    false
-                };
-                let mount = mount
-                    .clone()
-                    .unwrap_or_else(|| ctx.state_dir.join("mnt").join(&name));
-                let (a, _child) = attach::attach(
-                    &ctx,
-                    &AttachRequest {
-                        name,
-                        export: export.clone(),
-                        writable,
-                        mount,
-                        mkfs: blank.then(|| mkfs.clone()),
-                    },
-                )?;
-                Ok(serde_json::to_value(a)?)
-            }
-            Cmd::Detach { name, delete_clone } => ops::detach(&ctx, name, *delete_clone),
-            Cmd::List => Ok(serde_json::to_value(attach::list(&ctx))?),
-            Cmd::Backup(b) => match b {
-                BackupCmd::Postgres {
-                    stage,
-                    host,
-                    port,
-                    user,
-                    dbname,
-                    password_file,
-                    pgdata,
-                } => {
-                    let password = match password_file {
-                        Some(f) => Some(
-                            std::fs::read_to_string(f)
-                                .with_context(|| format!("password file {}", f.display()))?
-                                .trim_end_matches('\n')
-                                .to_string(),
-                        ),
-                        None => std::env::var("PGPASSWORD").ok(),
-                    };
-                    let conn = cdm_agent::pg::Conn {
-                        host: host.clone(),
-                        port: *port,
-                        user: user.clone(),
-                        dbname: dbname.clone(),
-                        password,
-                    };
-                    ops::backup_postgres(&ctx, &ops::Stage::from(stage), &conn, pgdata.as_deref())
-                }
-                BackupCmd::Files { stage, source } => {
-                    ops::backup_files(&ctx, &ops::Stage::from(stage), source)
-                }
-                BackupCmd::Block {
-                    volume,
-                    source,
-                    bitmap,
-                    block_size,
-                    label,
-                } => ops::backup_block(
-                    &ctx,
-                    volume,
-                    source,
-                    bitmap.as_deref(),
-                    *block_size,
-                    label.clone(),
-                    None,
-                ),
-            },
-            Cmd::Restore(r) => match r {
-                RestoreCmd::Regular {
-                    snapshot,
-                    target,
-                    start_port,
-                } => ops::restore_regular(&ctx, snapshot, target, *start_port),
-                RestoreCmd::Instant {
-                    snapshot,
-                    name,
-                    port,
-                    mount,
-                } => {
-                    let name = match name {
-                        Some(n) => n.clone(),
-                        None => format!("{}-instant", attach::name_of(snapshot).replace('_', "-")),
-                    };
-                    ops::restore_clone(&ctx, snapshot, &name, *port, mount.clone())
-                }
-                RestoreCmd::Clone {
-                    snapshot,
-                    name,
-                    port,
-                    mount,
-                } => ops::restore_clone(&ctx, snapshot, name, *port, mount.clone()),
-            },
-            Cmd::Vm(VmCmd::Inspect { disks }) => cdm_agent::vm::inspect_cmd(disks),
-            Cmd::Vm(VmCmd::List { inventory }) => cdm_agent::vm::list_cmd(inventory),
-            Cmd::Vm(VmCmd::Tree {
-                inventory,
-                by,
-                publish,
-            }) => cdm_agent::vm::tree_cmd(&ctx, inventory, by, *publish),
-            Cmd::Vm(VmCmd::Backup {
-                inventory,
-                category,
-                parallel,
-                bitmap,
-            }) => {
-                cdm_agent::vm::backup_cmd(&ctx, inventory, category, *parallel, bitmap.as_deref())
-            }
-            Cmd::ServeDisk { .. } => unreachable!("handled above"),
-        }
-    })();
-    match r {
+    match run(&cli) {
         Ok(v) => {
             if !serving {
                 ops::print(json, &v, started.elapsed());
@@ -498,14 +351,188 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
+            // The whole chain, each cause once (as the library's report).
+            let text = cdm_agent::error::chain_text(e.as_ref());
             if json {
-                println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+                println!("{}", serde_json::json!({ "error": text }));
             } else {
-                eprintln!("cdm-agent: {e:#}");
+                eprintln!("cdm-agent: {text}");
             }
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs the command; its result is what `main` prints.
+fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
+    if let Cmd::ServeDisk {
+        export,
+        dir,
+        status,
+        connections,
+        timeout_secs,
+    } = &cli.cmd
+    {
+        let nbd = cli.nbd.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
+        serve_disk(&nbd, export, dir, status, *connections, *timeout_secs)?;
+        return Ok(serde_json::Value::Null);
+    }
+    let ctx = ctx(cli)?;
+    Ok(match &cli.cmd {
+        Cmd::Attach {
+            export,
+            mount,
+            name,
+            create,
+            mkfs,
+            read_only,
+        } => attach_cmd(&ctx, export, mount, name, *create, mkfs, *read_only)?,
+        Cmd::Detach { name, delete_clone } => ops::detach(&ctx, name, *delete_clone)?,
+        Cmd::List => serde_json::to_value(attach::list(&ctx))?,
+        Cmd::Backup(b) => backup_cmd(&ctx, b)?,
+        Cmd::Restore(r) => restore_cmd(&ctx, r)?,
+        Cmd::Vm(v) => vm_cmd(&ctx, v)?,
+        Cmd::ServeDisk { .. } => unreachable!("handled above"),
+    })
+}
+
+fn attach_cmd(
+    ctx: &Ctx,
+    export: &str,
+    mount: &Option<PathBuf>,
+    name: &Option<String>,
+    create: Option<u64>,
+    mkfs: &str,
+    read_only: bool,
+) -> anyhow::Result<serde_json::Value> {
+    let name = name.clone().unwrap_or_else(|| attach::name_of(export));
+    ops::check_name(&name)?;
+    let writable = !read_only && !export.contains('@');
+    // A filesystem is made only on a volume nothing was ever written to: a
+    // disk blkid does not recognise may still hold data (a block backup, a
+    // partitioned image).
+    let blank = if writable {
+        // Whatever is written now is not in the block fingerprints: the
+        // next block backup compares.
+        ops::invalidate_block_fingerprints(ctx, export)?;
+        ops::ensure_volume(ctx, export, create, 4096)?
+            .0
+            .allocated_bytes
+            == 0
+    } else {
+        false
+    };
+    let mount = mount
+        .clone()
+        .unwrap_or_else(|| ctx.state_dir.join("mnt").join(&name));
+    let (a, _child) = attach::attach(
+        ctx,
+        &AttachRequest {
+            name,
+            export: export.to_string(),
+            writable,
+            mount,
+            mkfs: blank.then(|| mkfs.to_string()),
+        },
+    )?;
+    Ok(serde_json::to_value(a)?)
+}
+
+fn backup_cmd(ctx: &Ctx, b: &BackupCmd) -> anyhow::Result<serde_json::Value> {
+    Ok(match b {
+        BackupCmd::Postgres {
+            stage,
+            host,
+            port,
+            user,
+            dbname,
+            password_file,
+            pgdata,
+        } => {
+            let password = match password_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("password file {}", f.display()))?
+                        .trim_end_matches('\n')
+                        .to_string(),
+                ),
+                None => std::env::var("PGPASSWORD").ok(),
+            };
+            let conn = cdm_agent::pg::Conn {
+                host: host.clone(),
+                port: *port,
+                user: user.clone(),
+                dbname: dbname.clone(),
+                password,
+            };
+            ops::backup_postgres(ctx, &ops::Stage::from(stage), &conn, pgdata.as_deref())?
+        }
+        BackupCmd::Files { stage, source } => {
+            ops::backup_files(ctx, &ops::Stage::from(stage), source)?
+        }
+        BackupCmd::Block {
+            volume,
+            source,
+            bitmap,
+            block_size,
+            label,
+        } => ops::backup_block(
+            ctx,
+            volume,
+            source,
+            bitmap.as_deref(),
+            *block_size,
+            label.clone(),
+            None,
+        )?,
+    })
+}
+
+fn restore_cmd(ctx: &Ctx, r: &RestoreCmd) -> anyhow::Result<serde_json::Value> {
+    Ok(match r {
+        RestoreCmd::Regular {
+            snapshot,
+            target,
+            start_port,
+        } => ops::restore_regular(ctx, snapshot, target, *start_port)?,
+        RestoreCmd::Instant {
+            snapshot,
+            name,
+            port,
+            mount,
+        } => {
+            let name = match name {
+                Some(n) => n.clone(),
+                None => format!("{}-instant", attach::name_of(snapshot).replace('_', "-")),
+            };
+            ops::restore_clone(ctx, snapshot, &name, *port, mount.clone())?
+        }
+        RestoreCmd::Clone {
+            snapshot,
+            name,
+            port,
+            mount,
+        } => ops::restore_clone(ctx, snapshot, name, *port, mount.clone())?,
+    })
+}
+
+fn vm_cmd(ctx: &Ctx, v: &VmCmd) -> anyhow::Result<serde_json::Value> {
+    use cdm_agent::vm;
+    Ok(match v {
+        VmCmd::Inspect { disks } => vm::inspect_cmd(disks)?,
+        VmCmd::List { inventory } => vm::list_cmd(inventory)?,
+        VmCmd::Tree {
+            inventory,
+            by,
+            publish,
+        } => vm::tree_cmd(ctx, inventory, by, *publish)?,
+        VmCmd::Backup {
+            inventory,
+            category,
+            parallel,
+            bitmap,
+        } => vm::backup_cmd(ctx, inventory, category, *parallel, bitmap.as_deref())?,
+    })
 }
 
 impl From<&StageArgs> for ops::Stage {

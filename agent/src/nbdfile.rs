@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, SystemTime};
 
+use crate::error::Result;
 use cdm_disk::fuse::{self, DiskFile, Errno, OneFile};
 use nbd_proto::client::{Client, ClientError, ClientOptions};
 
@@ -46,7 +47,7 @@ pub fn connect(
 /// Serves the clients at `dir` until the file system is unmounted; then
 /// flushes and disconnects. An error if the mount fails or the final flush
 /// does.
-pub fn serve(clients: Vec<Client>, dir: &Path) -> anyhow::Result<()> {
+pub fn serve(clients: Vec<Client>, dir: &Path) -> Result<()> {
     let workers = clients.len();
     let disk = Arc::new(NbdDisk::new(clients));
     let opts = fuse::Options {
@@ -64,7 +65,7 @@ pub fn serve(clients: Vec<Client>, dir: &Path) -> anyhow::Result<()> {
     // until every request taken has been answered.
     fuse::serve(file, dir, &opts)?;
     if disk.failed.load(Ordering::SeqCst) {
-        anyhow::bail!("the NBD connection was lost while attached");
+        crate::fail!(Host, "the NBD connection was lost while attached");
     }
     disk.close()?;
     Ok(())

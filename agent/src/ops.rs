@@ -10,6 +10,7 @@ use cdm_disk::host::run;
 use serde_json::{json, Value};
 
 use crate::attach::{self, AttachRequest, Attachment};
+use crate::error::{Context as _, Result};
 use crate::merge::{Entry, MergeError, MergeStats, Merger, Meta, Source};
 use crate::throttle::Throttle;
 use crate::{block, pg, Ctx, Error, ErrorKind};
@@ -26,14 +27,14 @@ pub fn check_name(n: &str) -> Result<(), Error> {
 }
 
 /// "VOLUME@ID".
-pub fn parse_snapshot(s: &str) -> anyhow::Result<(String, u64)> {
+pub fn parse_snapshot(s: &str) -> Result<(String, u64)> {
     let (v, id) = s
         .rsplit_once('@')
-        .ok_or_else(|| anyhow::anyhow!("{s:?}: want VOLUME@ID"))?;
+        .ok_or_else(|| crate::err!(Invalid, "{s:?}: want VOLUME@ID"))?;
     check_name(v)?;
     let id = id
         .parse()
-        .map_err(|_| anyhow::anyhow!("{s:?}: snapshot id is not a number"))?;
+        .map_err(|_| crate::err!(Invalid, "{s:?}: snapshot id is not a number"))?;
     Ok((v.to_string(), id))
 }
 
@@ -43,7 +44,7 @@ pub fn ensure_volume(
     name: &str,
     size: Option<u64>,
     block_size: u32,
-) -> anyhow::Result<(Volume, bool)> {
+) -> Result<(Volume, bool)> {
     check_name(name)?;
     match ctx.api.volume(name) {
         Ok(v) => Ok((v, false)),
@@ -59,7 +60,8 @@ pub fn ensure_volume(
                 })?;
                 Ok((v, true))
             }
-            None => anyhow::bail!(
+            None => crate::fail!(
+                Host,
                 "volume {name} does not exist on the appliance: give --size to create it"
             ),
         },
@@ -70,7 +72,7 @@ pub fn ensure_volume(
 /// Marks the block fingerprints of `volume` (if any) as not to be trusted:
 /// the volume is about to be written by something else than a block
 /// backup.
-pub fn invalidate_block_fingerprints(ctx: &Ctx, volume: &str) -> anyhow::Result<()> {
+pub fn invalidate_block_fingerprints(ctx: &Ctx, volume: &str) -> Result<()> {
     let p = block::Paths::new(&ctx.state_dir, volume);
     if p.fp.exists() {
         std::fs::write(&p.marker, b"attached read-write outside a block backup\n")?;
@@ -80,15 +82,18 @@ pub fn invalidate_block_fingerprints(ctx: &Ctx, volume: &str) -> anyhow::Result<
 
 /// One backup per stage volume at a time on this host: an exclusive
 /// `flock` on `STATE/locks/VOLUME.lock`, released when the file closes.
-pub fn lock(ctx: &Ctx, volume: &str) -> anyhow::Result<std::fs::File> {
+pub fn lock(ctx: &Ctx, volume: &str) -> Result<std::fs::File> {
     let d = ctx.state_dir.join("locks");
     std::fs::create_dir_all(&d)?;
     let f = std::fs::File::create(d.join(format!("{volume}.lock")))?;
     match cdm_common::lock::try_lock_exclusive(&f) {
         Ok(true) => Ok(f),
-        Ok(false) => anyhow::bail!("another backup of {volume} is running on this host"),
-        Err(e) => Err(anyhow::Error::new(e)
-            .context(format!("cannot lock the backups of {volume} on this host"))),
+        Ok(false) => crate::fail!(Host, "another backup of {volume} is running on this host"),
+        Err(e) => Err(Error::with_source(
+            ErrorKind::Host,
+            format!("cannot lock the backups of {volume} on this host"),
+            e,
+        )),
     }
 }
 
@@ -112,7 +117,7 @@ impl Mounted {
     /// The stage disk of `volume`, mounted: the attachment someone made
     /// with `attach`, or a new one that [`Mounted::close`] detaches (also
     /// one an interrupted backup left behind).
-    fn open(ctx: &Ctx, volume: &str, blank: bool) -> anyhow::Result<Mounted> {
+    fn open(ctx: &Ctx, volume: &str, blank: bool) -> Result<Mounted> {
         let name = attach::name_of(volume);
         if let Some(a) = attach::record(ctx, &name) {
             if a.writable && a.export == volume && cdm_disk::host::is_mounted(&a.mount) {
@@ -142,12 +147,12 @@ impl Mounted {
         m.a.temporary = true;
         if let Err(e) = attach::save(ctx, &m.a) {
             let _ = m.close(ctx);
-            return Err(e.into());
+            return Err(e);
         }
         Ok(m)
     }
 
-    fn close(mut self, ctx: &Ctx) -> anyhow::Result<()> {
+    fn close(mut self, ctx: &Ctx) -> Result<()> {
         if self.ours {
             Ok(attach::detach(ctx, &self.a, self.child.as_mut())?)
         } else {
@@ -190,10 +195,10 @@ fn snapshot_frozen(
     volume: &str,
     label: String,
     metadata: Value,
-) -> anyhow::Result<cdm_api::types::Snapshot> {
-    crate::merge::syncfs(mount).map_err(|e| anyhow::anyhow!("flushing the stage disk: {e}"))?;
+) -> Result<cdm_api::types::Snapshot> {
+    crate::merge::syncfs(mount).context_with(ErrorKind::Host, || "flushing the stage disk")?;
     run(Command::new("fsfreeze").arg("-f").arg(mount))
-        .map_err(|e| anyhow::anyhow!("freezing the stage disk: {e}"))?;
+        .context_with(ErrorKind::Host, || "freezing the stage disk")?;
     let r = ctx.api.create_snapshot(
         volume,
         &SnapshotCreate {
@@ -202,8 +207,14 @@ fn snapshot_frozen(
         },
     );
     let thaw = run(Command::new("fsfreeze").arg("-u").arg(mount));
-    let s = r.map_err(|e| anyhow::anyhow!("snapshot of {volume}: {e}"))?;
-    thaw.map_err(|e| anyhow::anyhow!("thawing the stage disk (snapshot {} taken): {e}", s.id))?;
+    let s = r.context_with(ErrorKind::Host, || format!("snapshot of {volume}"))?;
+    thaw.map_err(|e| {
+        crate::err!(
+            Host,
+            "thawing the stage disk (snapshot {} taken): {e}",
+            s.id
+        )
+    })?;
     Ok(s)
 }
 
@@ -249,7 +260,7 @@ pub fn backup_postgres(
     stage: &Stage,
     conn: &pg::Conn,
     pgdata: Option<&Path>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     check_block_size(stage.block_size)?;
     // The database first: a server that is down or refuses us costs nothing.
@@ -259,7 +270,8 @@ pub fn backup_postgres(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| si.data_directory.clone());
     if !pgdata.join("PG_VERSION").exists() {
-        anyhow::bail!(
+        crate::fail!(
+            Host,
             "{} is not the server's data directory as this host sees it (give --pgdata)",
             pgdata.display()
         );
@@ -273,7 +285,7 @@ pub fn backup_postgres(
     let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
     let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("postgres"));
-    let r = (|| -> anyhow::Result<Value> {
+    let r = (|| -> Result<Value> {
         let mut bk = pg::Backup::start(client, &label)?;
         let start = bk.start_lsn;
         let entries = pg::entries(&si, &pgdata)?;
@@ -308,31 +320,13 @@ pub fn backup_postgres(
                     "; pg_backup_stop called"
                 };
                 drop(bk);
-                anyhow::bail!("backup failed, no snapshot taken{called}: {e}");
+                crate::fail!(Host, "backup failed, no snapshot taken{called}: {e}");
             }
         };
-        let s = stopped.ok_or_else(|| anyhow::anyhow!("the backup did not stop"))?;
-        let meta = json!({
-            "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
-            "kind": "postgres",
-            "host": hostname(),
-            "database": {
-                "version": si.version,
-                "system_identifier": si.system_identifier,
-                "data_directory": pgdata,
-                "port": si.port,
-            },
-            "start_lsn": s.start_lsn,
-            "stop_lsn": s.stop_lsn,
-            "timeline": s.timeline,
-            "backup_label": s.backup_label,
-            "wal": s.wal,
-            "bytes_read": st.bytes_read,
-            "bytes_written": st.bytes_written,
-            "changed_blocks": st.changed_blocks,
-        });
+        let s = stopped.ok_or_else(|| crate::err!(Host, "the backup did not stop"))?;
+        let meta = postgres_meta(&si, &pgdata, &s, &st);
         let snap = snapshot_frozen(ctx, &m.a.mount, &stage.volume, label.clone(), meta)
-            .map_err(|e| anyhow::anyhow!("backup copied but not snapshotted: {e:#}"))?;
+            .context_with(ErrorKind::Host, || "backup copied but not snapshotted")?;
         let mut v = summary(
             "postgres",
             &stage.volume,
@@ -354,22 +348,49 @@ pub fn backup_postgres(
     Ok(v)
 }
 
-fn check_block_size(bs: u32) -> anyhow::Result<()> {
+/// What a PostgreSQL backup's snapshot records: the server, the backup's
+/// LSNs and WAL, and what the merge copied.
+fn postgres_meta(si: &pg::ServerInfo, pgdata: &Path, s: &pg::Stopped, st: &MergeStats) -> Value {
+    json!({
+        "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
+        "kind": "postgres",
+        "host": hostname(),
+        "database": {
+            "version": si.version,
+            "system_identifier": si.system_identifier,
+            "data_directory": pgdata,
+            "port": si.port,
+        },
+        "start_lsn": s.start_lsn,
+        "stop_lsn": s.stop_lsn,
+        "timeline": s.timeline,
+        "backup_label": s.backup_label,
+        "wal": s.wal,
+        "bytes_read": st.bytes_read,
+        "bytes_written": st.bytes_written,
+        "changed_blocks": st.changed_blocks,
+    })
+}
+
+fn check_block_size(bs: u32) -> Result<()> {
     if !(512..=1 << 20).contains(&bs) || !bs.is_power_of_two() {
-        anyhow::bail!("block size {bs}: a power of two from 512 to 1048576");
+        crate::fail!(
+            Invalid,
+            "block size {bs}: a power of two from 512 to 1048576"
+        );
     }
     Ok(())
 }
 
 /// A directory tree into its stage volume (under `files/`).
-pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<Value> {
+pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> Result<Value> {
     let t0 = Instant::now();
     check_block_size(stage.block_size)?;
-    let src =
-        std::fs::canonicalize(source).map_err(|e| anyhow::anyhow!("{}: {e}", source.display()))?;
+    let src = std::fs::canonicalize(source)
+        .context_with(ErrorKind::Io, || source.display().to_string())?;
     let sm = std::fs::metadata(&src)?;
     if !sm.is_dir() {
-        anyhow::bail!("{}: not a directory", src.display());
+        crate::fail!(Invalid, "{}: not a directory", src.display());
     }
     let mut entries = vec![Entry {
         rel: "files".into(),
@@ -388,7 +409,7 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<V
     let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
     let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("files"));
-    let r = (|| -> anyhow::Result<Value> {
+    let r = (|| -> Result<Value> {
         let mut throttle = Throttle::new(ctx.bandwidth.clone());
         let pb = bar(ctx, total_bytes(&entries), "files");
         let st = Merger::new(
@@ -398,7 +419,7 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> anyhow::Result<V
             pb.as_ref(),
         )
         .merge(entries, &mut || Ok(Vec::new()))
-        .map_err(|e| anyhow::anyhow!("backup failed, no snapshot taken: {e}"))?;
+        .map_err(|e| crate::err!(Host, "backup failed, no snapshot taken: {e}"))?;
         if let Some(b) = &pb {
             b.finish_and_clear();
         }
@@ -436,7 +457,7 @@ pub fn backup_block(
     block_size: u32,
     label: Option<String>,
     extra: Option<Value>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     check_block_size(block_size)?;
     let mut src = block::Source::open(source, bitmap)?;
@@ -465,16 +486,7 @@ pub fn backup_block(
         .err()
         .map(ToString::to_string)
         .unwrap_or_default();
-    let mut stage = nbd_proto::client::Client::connect(
-        &ctx.nbd,
-        Some(volume),
-        &nbd_proto::client::ClientOptions {
-            allocation: false,
-            timeout: Some(Duration::from_secs(60)),
-            ..Default::default()
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("stage volume {volume} over NBD {}: {e}", ctx.nbd))?;
+    let mut stage = connect_stage(ctx, volume)?;
     std::fs::write(
         &paths.marker,
         b"a block backup is writing this stage volume\n",
@@ -490,51 +502,28 @@ pub fn backup_block(
         stage_blank: created || (vol.allocated_bytes == 0 && latest.is_none()),
     }
     .run(old.ok(), why)
-    .map_err(|e| anyhow::anyhow!("backup failed, no snapshot taken: {e:#}"))?;
+    .context_with(ErrorKind::Host, || "backup failed, no snapshot taken")?;
     if let Some(b) = &pb {
         b.finish_and_clear();
     }
     let _ = stage.disconnect();
-    let label = label.unwrap_or_else(|| now_label("block"));
-    let snap = ctx
-        .api
-        .create_snapshot(
-            volume,
-            &SnapshotCreate {
-                label: Some(label),
-                metadata: Some({
-                    let mut m = json!({
-                        "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
-                        "kind": "block",
-                        "host": hostname(),
-                        "source": source,
-                        "mode": st.mode,
-                        "bitmap": src.bitmap(),
-                        "size": size,
-                        "bytes_read": st.bytes_read,
-                        "bytes_written": st.bytes_written,
-                        "changed_blocks": st.changed_blocks,
-                    });
-                    if let (Some(Value::Object(x)), Value::Object(o)) = (extra, &mut m) {
-                        o.extend(x);
-                    }
-                    m
-                }),
-            },
-        )
-        .map_err(|e| anyhow::anyhow!("backup copied but not snapshotted: {e}"))?;
-    let fp = block::Fingerprints {
-        block_size,
-        snapshot: snap.id,
+    let meta = BlockMeta {
+        source,
+        bitmap: src.bitmap(),
         size,
-        bitmap: src.bitmap().map(str::to_string),
-        hashes,
+        st: &st,
     };
-    let tmp = paths.fp.with_extension("fp.tmp");
-    std::fs::write(&tmp, fp.encode())?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, &paths.fp)?;
-    std::fs::remove_file(&paths.marker)?;
+    let snap = block_snapshot(ctx, volume, &meta, label, extra)?;
+    save_fingerprints(
+        &paths,
+        &block::Fingerprints {
+            block_size,
+            snapshot: snap.id,
+            size,
+            bitmap: src.bitmap().map(str::to_string),
+            hashes,
+        },
+    )?;
     Ok(json!({
         "kind": "block",
         "volume": volume,
@@ -550,6 +539,76 @@ pub fn backup_block(
     }))
 }
 
+/// The stage volume's NBD export, written by a block backup.
+fn connect_stage(ctx: &Ctx, volume: &str) -> Result<nbd_proto::client::Client> {
+    nbd_proto::client::Client::connect(
+        &ctx.nbd,
+        Some(volume),
+        &nbd_proto::client::ClientOptions {
+            allocation: false,
+            timeout: Some(Duration::from_secs(60)),
+            ..Default::default()
+        },
+    )
+    .context_with(ErrorKind::Host, || {
+        format!("stage volume {volume} over NBD {}", ctx.nbd)
+    })
+}
+
+/// What a block backup's snapshot records of its source and copy.
+struct BlockMeta<'a> {
+    source: &'a str,
+    bitmap: Option<&'a str>,
+    size: u64,
+    st: &'a block::BlockStats,
+}
+
+/// Asks the appliance for the snapshot of a copied block stage.
+fn block_snapshot(
+    ctx: &Ctx,
+    volume: &str,
+    b: &BlockMeta<'_>,
+    label: Option<String>,
+    extra: Option<Value>,
+) -> Result<cdm_api::types::Snapshot> {
+    let label = label.unwrap_or_else(|| now_label("block"));
+    let mut m = json!({
+        "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
+        "kind": "block",
+        "host": hostname(),
+        "source": b.source,
+        "mode": b.st.mode,
+        "bitmap": b.bitmap,
+        "size": b.size,
+        "bytes_read": b.st.bytes_read,
+        "bytes_written": b.st.bytes_written,
+        "changed_blocks": b.st.changed_blocks,
+    });
+    if let (Some(Value::Object(x)), Value::Object(o)) = (extra, &mut m) {
+        o.extend(x);
+    }
+    ctx.api
+        .create_snapshot(
+            volume,
+            &SnapshotCreate {
+                label: Some(label),
+                metadata: Some(m),
+            },
+        )
+        .context_with(ErrorKind::Host, || "backup copied but not snapshotted")
+}
+
+/// Saves the fingerprints of the snapshot just taken (durably, then in
+/// place), and removes the marker that said the stage was being written.
+fn save_fingerprints(paths: &block::Paths, fp: &block::Fingerprints) -> Result<()> {
+    let tmp = paths.fp.with_extension("fp.tmp");
+    std::fs::write(&tmp, fp.encode())?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &paths.fp)?;
+    std::fs::remove_file(&paths.marker)?;
+    Ok(())
+}
+
 /// Copies a snapshot's files to `target` (new or empty); prepares a
 /// PostgreSQL copy and starts it on `start_port` if asked.
 pub fn restore_regular(
@@ -557,14 +616,14 @@ pub fn restore_regular(
     snapshot: &str,
     target: &Path,
     start_port: Option<u16>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     let (vol, id) = parse_snapshot(snapshot)?;
     if std::fs::read_dir(target)
         .map(|mut d| d.next().is_some())
         .unwrap_or(false)
     {
-        anyhow::bail!("{} is not empty", target.display());
+        crate::fail!(Invalid, "{} is not empty", target.display());
     }
     std::fs::create_dir_all(target)?;
     let target = std::fs::canonicalize(target)?;
@@ -583,7 +642,7 @@ pub fn restore_regular(
             mkfs: None,
         },
     )?;
-    let copied = (|| -> anyhow::Result<u64> {
+    let copied = (|| -> Result<u64> {
         let mut n = 0;
         for e in std::fs::read_dir(&a.mount)? {
             let e = e?;
@@ -595,7 +654,7 @@ pub fn restore_regular(
                 .args(["-a", "--sparse=always"])
                 .arg(e.path())
                 .arg(&target))
-            .map_err(anyhow::Error::msg)?;
+            .map_err(|e| crate::err!(Host, "{e}"))?;
             n += dir_bytes(&e.path());
         }
         Ok(n)
@@ -647,13 +706,13 @@ pub fn restore_clone(
     name: &str,
     port: u16,
     mount: Option<PathBuf>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     let (vol, id) = parse_snapshot(snapshot)?;
     check_name(name)?;
     ctx.api.create_clone(&vol, id, name)?;
     let clone_secs = t0.elapsed().as_secs_f64();
-    let undo_clone = |e: anyhow::Error| {
+    let undo_clone = |e: Error| {
         let _ = ctx.api.delete_clone(name, true);
         e
     };
@@ -668,10 +727,10 @@ pub fn restore_clone(
             mkfs: None,
         },
     )
-    .map_err(|e| undo_clone(e.into()))?;
+    .map_err(undo_clone)?;
     a.clone = Some(name.to_string());
     let attach_secs = t0.elapsed().as_secs_f64();
-    let r = (|| -> anyhow::Result<Value> {
+    let r = (|| -> Result<Value> {
         let mut v = json!({
             "kind": "clone",
             "snapshot": snapshot,
@@ -711,8 +770,8 @@ pub fn restore_clone(
 
 /// Stops what runs on an attachment, detaches it, deletes its clone if
 /// asked.
-pub fn detach(ctx: &Ctx, name: &str, delete_clone: bool) -> anyhow::Result<Value> {
-    let a = attach::record(ctx, name).ok_or_else(|| anyhow::anyhow!("{name} is not attached"))?;
+pub fn detach(ctx: &Ctx, name: &str, delete_clone: bool) -> Result<Value> {
+    let a = attach::record(ctx, name).ok_or_else(|| crate::err!(Host, "{name} is not attached"))?;
     if let Some(p) = &a.postgres {
         pg::stop(p)?;
     }

@@ -23,6 +23,7 @@ use cdm_disk::host::run;
 use postgres::{Client, NoTls};
 use serde::{Deserialize, Serialize};
 
+use crate::error::{Context as _, ErrorKind, Result};
 use crate::merge::{Entry, Meta, Source};
 
 #[derive(Clone, Debug)]
@@ -35,7 +36,7 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn connect(&self) -> anyhow::Result<Client> {
+    pub fn connect(&self) -> Result<Client> {
         let mut c = postgres::Config::new();
         c.host(&self.host)
             .port(self.port)
@@ -59,7 +60,8 @@ impl Conn {
                     s
                 }
             };
-            anyhow::anyhow!(
+            crate::err!(
+                Host,
                 "cannot connect to PostgreSQL at {}:{} as {}: {why}",
                 self.host,
                 self.port,
@@ -84,18 +86,17 @@ pub struct ServerInfo {
     pub port: u16,
 }
 
-fn one(c: &mut Client, q: &str) -> anyhow::Result<String> {
-    let row = c
-        .query_one(q, &[])
-        .map_err(|e| anyhow::anyhow!("{q}: {e}"))?;
+fn one(c: &mut Client, q: &str) -> Result<String> {
+    let row = c.query_one(q, &[]).context_with(ErrorKind::Host, || q)?;
     row.try_get::<_, String>(0)
-        .map_err(|e| anyhow::anyhow!("{q}: {e}"))
+        .context_with(ErrorKind::Host, || q)
 }
 
-pub fn info(c: &mut Client) -> anyhow::Result<ServerInfo> {
+pub fn info(c: &mut Client) -> Result<ServerInfo> {
     let version_num: i32 = one(c, "SELECT current_setting('server_version_num')")?.parse()?;
     if version_num < 150000 {
-        anyhow::bail!(
+        crate::fail!(
+            Host,
             "PostgreSQL {version_num} is older than 15: pg_backup_start/pg_backup_stop are needed"
         );
     }
@@ -118,11 +119,11 @@ pub fn info(c: &mut Client) -> anyhow::Result<ServerInfo> {
 }
 
 /// An LSN "X/Y".
-pub fn parse_lsn(s: &str) -> anyhow::Result<u64> {
+pub fn parse_lsn(s: &str) -> Result<u64> {
     let (a, b) = s
         .trim()
         .split_once('/')
-        .ok_or_else(|| anyhow::anyhow!("{s:?} is not an LSN"))?;
+        .ok_or_else(|| crate::err!(Invalid, "{s:?} is not an LSN"))?;
     Ok((u64::from_str_radix(a, 16)? << 32) | u64::from_str_radix(b, 16)?)
 }
 
@@ -206,7 +207,7 @@ fn emptied(rel: &Path) -> bool {
 }
 
 /// What the copy cannot hold yet: tablespaces outside the data directory.
-pub fn check_layout(pgdata: &Path) -> anyhow::Result<()> {
+pub fn check_layout(pgdata: &Path) -> Result<()> {
     let tblspc = pgdata.join("pg_tblspc");
     if let Ok(rd) = std::fs::read_dir(&tblspc) {
         let names: Vec<String> = rd
@@ -214,7 +215,8 @@ pub fn check_layout(pgdata: &Path) -> anyhow::Result<()> {
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
         if !names.is_empty() {
-            anyhow::bail!(
+            crate::fail!(
+                Host,
                 "tablespaces outside the data directory are not supported yet (pg_tblspc holds {})",
                 names.join(", ")
             );
@@ -225,11 +227,11 @@ pub fn check_layout(pgdata: &Path) -> anyhow::Result<()> {
 
 /// The data directory's entries under `pgdata/` (WAL comes later), and
 /// configuration files kept outside it under `pgconf/`.
-pub fn entries(si: &ServerInfo, pgdata: &Path) -> anyhow::Result<Vec<Entry>> {
+pub fn entries(si: &ServerInfo, pgdata: &Path) -> Result<Vec<Entry>> {
     check_layout(pgdata)?;
     let mut out = Vec::new();
     let root = std::fs::symlink_metadata(pgdata)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", pgdata.display()))?;
+        .context_with(ErrorKind::Io, || pgdata.display().to_string())?;
     out.push(Entry {
         rel: "pgdata".into(),
         source: Source::Dir,
@@ -301,7 +303,7 @@ pub struct Stopped {
 }
 
 impl Backup {
-    pub fn start(mut client: Client, label: &str) -> anyhow::Result<Backup> {
+    pub fn start(mut client: Client, label: &str) -> Result<Backup> {
         let slot = format!("cdm_agent_{}", std::process::id());
         client
             .query_one(
@@ -309,14 +311,15 @@ impl Backup {
                 &[&slot],
             )
             .map_err(|e| {
-                anyhow::anyhow!(
+                crate::err!(
+                    Host,
                     "cannot reserve the backup's WAL with a temporary replication slot \
                      (the role needs REPLICATION, max_replication_slots needs room): {e}"
                 )
             })?;
         let row = client
             .query_one("SELECT pg_backup_start($1, true)::text", &[&label])
-            .map_err(|e| anyhow::anyhow!("pg_backup_start: {e}"))?;
+            .context_with(ErrorKind::Host, || "pg_backup_start")?;
         let start_lsn = parse_lsn(&row.get::<_, String>(0))?;
         Ok(Backup {
             client,
@@ -327,9 +330,9 @@ impl Backup {
     }
 
     /// Ends the backup; what a restore needs to be consistent.
-    pub fn stop(&mut self, si: &ServerInfo) -> anyhow::Result<Stopped> {
+    pub fn stop(&mut self, si: &ServerInfo) -> Result<Stopped> {
         if self.stopped {
-            anyhow::bail!("the backup was already stopped");
+            crate::fail!(Host, "the backup was already stopped");
         }
         // Whatever the answer, never call it twice: a failed stop leaves
         // the session to abort the backup when it closes.
@@ -340,7 +343,7 @@ impl Backup {
                 "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
                 &[],
             )
-            .map_err(|e| anyhow::anyhow!("pg_backup_stop: {e}"))?;
+            .context_with(ErrorKind::Host, || "pg_backup_stop")?;
         let stop = parse_lsn(&row.get::<_, String>(0))?;
         let label: String = row.get(1);
         let spc: Option<String> = row.get(2);
@@ -348,7 +351,7 @@ impl Backup {
             .lines()
             .find_map(|l| l.strip_prefix("START TIMELINE:"))
             .and_then(|t| t.trim().parse::<u32>().ok())
-            .ok_or_else(|| anyhow::anyhow!("backup_label without START TIMELINE"))?;
+            .ok_or_else(|| crate::err!(Host, "backup_label without START TIMELINE"))?;
         let wal = wal_plan(
             tli,
             self.start_lsn,
@@ -396,7 +399,7 @@ pub fn final_entries(
     pgdata: &Path,
     s: &Stopped,
     start: u64,
-) -> anyhow::Result<Vec<Entry>> {
+) -> Result<Vec<Entry>> {
     let wal_dir = pgdata.join("pg_wal");
     let dm = std::fs::metadata(pgdata)?;
     let file_meta = Meta {
@@ -425,7 +428,7 @@ pub fn final_entries(
     ) {
         let p = wal_dir.join(&name);
         let m = std::fs::metadata(&p)
-            .map_err(|e| anyhow::anyhow!("WAL segment {}: {e}", p.display()))?;
+            .context_with(ErrorKind::Io, || format!("WAL segment {}", p.display()))?;
         out.push(Entry {
             rel: Path::new("pgdata/pg_wal").join(&name),
             source: Source::File {
@@ -451,9 +454,10 @@ pub struct Running {
 }
 
 /// `/usr/lib/postgresql/VERSION/bin` for the data directory's PG_VERSION.
-pub fn bindir(pgdata: &Path) -> anyhow::Result<PathBuf> {
+pub fn bindir(pgdata: &Path) -> Result<PathBuf> {
     let v = std::fs::read_to_string(pgdata.join("PG_VERSION")).map_err(|e| {
-        anyhow::anyhow!(
+        crate::err!(
+            Host,
             "{}: not a PostgreSQL data directory ({e})",
             pgdata.display()
         )
@@ -463,7 +467,8 @@ pub fn bindir(pgdata: &Path) -> anyhow::Result<PathBuf> {
         return Ok(d);
     }
     let which = run(Command::new("sh").args(["-c", "command -v pg_ctl"])).map_err(|_| {
-        anyhow::anyhow!(
+        crate::err!(
+            Host,
             "PostgreSQL {} binaries not found ({})",
             v.trim(),
             d.display()
@@ -481,7 +486,7 @@ pub fn bindir(pgdata: &Path) -> anyhow::Result<PathBuf> {
 /// dropped, archiving off (a copy must never write into the production
 /// archive), the port and socket appended to postgresql.auto.conf (the
 /// last setting wins).
-pub fn prepare(root: &Path, port: u16, cluster: &str) -> anyhow::Result<Running> {
+pub fn prepare(root: &Path, port: u16, cluster: &str) -> Result<Running> {
     use std::os::unix::fs::{chown, MetadataExt, PermissionsExt};
     let pgdata = root.join("pgdata");
     let bindir = bindir(&pgdata)?;
@@ -490,8 +495,9 @@ pub fn prepare(root: &Path, port: u16, cluster: &str) -> anyhow::Result<Running>
     let conf = pgdata.join("postgresql.conf");
     if !conf.exists() {
         let orig = root.join("pgconf/postgresql.conf");
-        let text = std::fs::read_to_string(&orig)
-            .map_err(|e| anyhow::anyhow!("no postgresql.conf in the copy nor in pgconf/ ({e})"))?;
+        let text = std::fs::read_to_string(&orig).map_err(|e| {
+            crate::err!(Host, "no postgresql.conf in the copy nor in pgconf/ ({e})")
+        })?;
         let cleaned: String = text
             .lines()
             .map(|l| {
@@ -521,7 +527,7 @@ pub fn prepare(root: &Path, port: u16, cluster: &str) -> anyhow::Result<Running>
             let dst = pgdata.join(f);
             if !dst.exists() {
                 std::fs::copy(root.join("pgconf").join(f), &dst)
-                    .map_err(|e| anyhow::anyhow!("pgconf/{f}: {e}"))?;
+                    .context_with(ErrorKind::Io, || format!("pgconf/{f}"))?;
                 chown(&dst, Some(uid), Some(gid))?;
             }
         }
@@ -570,12 +576,13 @@ fn as_owner(r: &Running, prog: &Path) -> Command {
 }
 
 /// Starts PostgreSQL and waits until a query answers; the time that took.
-pub fn start(r: &Running) -> anyhow::Result<Duration> {
+pub fn start(r: &Running) -> Result<Duration> {
     let t = Instant::now();
     let fail = |why: String| {
         let log = std::fs::read_to_string(&r.log).unwrap_or_default();
         let last: Vec<&str> = log.lines().rev().take(5).collect();
-        anyhow::anyhow!(
+        crate::err!(
+            Host,
             "PostgreSQL did not start: {why}; log: {}",
             last.into_iter().rev().collect::<Vec<_>>().join(" | ")
         )
@@ -620,7 +627,7 @@ pub fn start(r: &Running) -> anyhow::Result<Duration> {
     }
 }
 
-pub fn stop(r: &Running) -> anyhow::Result<()> {
+pub fn stop(r: &Running) -> Result<()> {
     if !r.pgdata.join("postmaster.pid").exists() {
         return Ok(());
     }
@@ -629,7 +636,9 @@ pub fn stop(r: &Running) -> anyhow::Result<()> {
         .arg(&r.pgdata)
         .args(["-m", "fast", "-w", "-t", "120", "stop"]))
     .map(|_| ())
-    .map_err(|e| anyhow::anyhow!("stopping PostgreSQL on {}: {e}", r.pgdata.display()))
+    .context_with(ErrorKind::Host, || {
+        format!("stopping PostgreSQL on {}", r.pgdata.display())
+    })
 }
 
 /// The user name of `uid`.

@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
+use crate::error::{Context as _, ErrorKind, Result};
 use cdm_inspect::{Disk, FileDisk, Inspection};
 use nbd_proto::client::{Client, ClientOptions};
 use serde_json::{json, Value};
@@ -13,14 +14,14 @@ use serde_json::{json, Value};
 pub struct NbdDisk(Client);
 
 impl NbdDisk {
-    pub fn connect(uri: &str) -> anyhow::Result<NbdDisk> {
+    pub fn connect(uri: &str) -> Result<NbdDisk> {
         let opts = ClientOptions {
             allocation: false,
             timeout: Some(std::time::Duration::from_secs(60)),
             ..Default::default()
         };
         Ok(NbdDisk(
-            Client::connect(uri, None, &opts).map_err(|e| anyhow::anyhow!("{uri}: {e}"))?,
+            Client::connect(uri, None, &opts).context_with(ErrorKind::Host, || uri)?,
         ))
     }
 }
@@ -35,12 +36,12 @@ impl Disk for NbdDisk {
 }
 
 /// Opens `spec`: `nbd://…`, `nbd+unix://…`, or a raw image / block device.
-pub fn open_disk(spec: &str) -> anyhow::Result<Box<dyn Disk>> {
+pub fn open_disk(spec: &str) -> Result<Box<dyn Disk>> {
     if spec.starts_with("nbd://") || spec.starts_with("nbd+unix://") {
         return Ok(Box::new(NbdDisk::connect(spec)?));
     }
     let p = Path::new(spec);
-    let f = FileDisk::open(p).map_err(|e| anyhow::anyhow!("{spec}: {e}"))?;
+    let f = FileDisk::open(p).context_with(ErrorKind::Io, || spec)?;
     Ok(Box::new(f))
 }
 
@@ -54,7 +55,7 @@ pub fn inspect_one(spec: &str) -> (Inspection, f64) {
     (i, t.elapsed().as_secs_f64())
 }
 
-pub fn inspect_cmd(disks: &[String]) -> anyhow::Result<Value> {
+pub fn inspect_cmd(disks: &[String]) -> Result<Value> {
     let mut out = Vec::new();
     for d in disks {
         let (i, secs) = inspect_one(d);
@@ -91,7 +92,7 @@ pub fn open_vm_disk(
     ctx: &crate::Ctx,
     d: &cdm_inspect::inventory::VmDisk,
     bitmap: Option<&str>,
-) -> anyhow::Result<Opened> {
+) -> Result<Opened> {
     if d.format == "raw" || d.source.contains("://") {
         return Ok(Opened {
             spec: d.source.clone(),
@@ -99,7 +100,8 @@ pub fn open_vm_disk(
         });
     }
     if d.format != "qcow2" {
-        anyhow::bail!(
+        crate::fail!(
+            Host,
             "{}: disk format {} is not supported (raw, qcow2)",
             d.source,
             d.format
@@ -138,7 +140,7 @@ pub fn open_vm_disk(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| anyhow::anyhow!("qemu-nbd for {}: {e}", d.source))?;
+        .context_with(ErrorKind::Host, || format!("qemu-nbd for {}", d.source))?;
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     while !sock.exists() {
         if let Ok(Some(st)) = child.try_wait() {
@@ -147,7 +149,8 @@ pub fn open_vm_disk(
                 use std::io::Read;
                 let _ = e.read_to_string(&mut err);
             }
-            anyhow::bail!(
+            crate::fail!(
+                Host,
                 "qemu-nbd could not serve {} ({st}): {}",
                 d.source,
                 err.trim()
@@ -156,7 +159,7 @@ pub fn open_vm_disk(
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            anyhow::bail!("qemu-nbd did not start for {}", d.source);
+            crate::fail!(Host, "qemu-nbd did not start for {}", d.source);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
@@ -259,12 +262,12 @@ pub fn classify(
     (out, cache.hits)
 }
 
-fn load_inventory(path: &Path) -> anyhow::Result<Vec<cdm_inspect::inventory::Vm>> {
+fn load_inventory(path: &Path) -> Result<Vec<cdm_inspect::inventory::Vm>> {
     cdm_inspect::inventory::load(path)
-        .map_err(|e| anyhow::anyhow!("listing the VMs failed, nothing done: {e}"))
+        .context_with(ErrorKind::Host, || "listing the VMs failed, nothing done")
 }
 
-pub fn list_cmd(inventory: &Path) -> anyhow::Result<Value> {
+pub fn list_cmd(inventory: &Path) -> Result<Value> {
     Ok(serde_json::to_value(load_inventory(inventory)?)?)
 }
 
@@ -283,20 +286,17 @@ pub fn record(c: &cdm_inspect::category::Classified) -> cdm_api::types::VmRecord
     }
 }
 
-pub fn tree_cmd(
-    ctx: &crate::Ctx,
-    inventory: &Path,
-    by_s: &str,
-    publish: bool,
-) -> anyhow::Result<Value> {
-    let by = cdm_api::vms::By::parse(by_s).map_err(anyhow::Error::msg)?;
+pub fn tree_cmd(ctx: &crate::Ctx, inventory: &Path, by_s: &str, publish: bool) -> Result<Value> {
+    let by = cdm_api::vms::By::parse(by_s).map_err(|e| crate::err!(Invalid, "{e}"))?;
     let (vms, hits) = classify(ctx, load_inventory(inventory)?);
     let records: Vec<cdm_api::types::VmRecord> = vms.iter().map(record).collect();
     let tree = cdm_api::vms::tree(&records, &by);
     if publish {
         ctx.api
             .put_vms(&records)
-            .map_err(|e| anyhow::anyhow!("publishing the inventory to the appliance: {e}"))?;
+            .context_with(ErrorKind::Host, || {
+                "publishing the inventory to the appliance"
+            })?;
     }
     Ok(json!({
         "by": by_s,
@@ -353,23 +353,24 @@ pub fn backup_cmd(
     category: &str,
     parallel: usize,
     bitmap: Option<&str>,
-) -> anyhow::Result<Value> {
+) -> Result<Value> {
     let t0 = Instant::now();
     let (vms, _) = classify(ctx, load_inventory(inventory)?);
     let mut chosen = Vec::new();
     for c in vms {
-        if cdm_api::vms::selects(&record(&c), category).map_err(anyhow::Error::msg)? {
+        if cdm_api::vms::selects(&record(&c), category).map_err(|e| crate::err!(Invalid, "{e}"))? {
             chosen.push(c);
         }
     }
     if chosen.is_empty() {
-        anyhow::bail!("no VM is in category {category}");
+        crate::fail!(Host, "no VM is in category {category}");
     }
     let mut vols = std::collections::HashMap::new();
     for c in &chosen {
         for i in 0..c.vm.disks.len() {
             if let Some(other) = vols.insert(volume_for(&c.vm.name, i), c.vm.name.clone()) {
-                anyhow::bail!(
+                crate::fail!(
+                    Host,
                     "VMs {other:?} and {:?} would share stage volume {}",
                     c.vm.name,
                     volume_for(&c.vm.name, i)
@@ -408,7 +409,7 @@ pub fn backup_cmd(
     });
     if failed > 0 {
         // The summary is the error: every VM's outcome, and which failed.
-        anyhow::bail!("{failed} VM(s) of category {category} failed: {v}");
+        crate::fail!(Host, "{failed} VM(s) of category {category} failed: {v}");
     }
     Ok(v)
 }
@@ -417,7 +418,7 @@ fn backup_vm(
     ctx: &crate::Ctx,
     c: &cdm_inspect::category::Classified,
     bitmap: Option<&str>,
-) -> anyhow::Result<Vec<Value>> {
+) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for (i, d) in c.vm.disks.iter().enumerate() {
         let opened = open_vm_disk(ctx, d, bitmap)?;
@@ -445,7 +446,7 @@ fn backup_vm(
             Some(format!("vm {} disk {i}", c.vm.name)),
             Some(meta),
         )
-        .map_err(|e| anyhow::anyhow!("disk {i} ({}): {e:#}", d.source))?;
+        .context_with(ErrorKind::Host, || format!("disk {i} ({})", d.source))?;
         out.push(r);
     }
     Ok(out)
