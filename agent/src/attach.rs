@@ -177,7 +177,7 @@ fn start_server(ctx: &Ctx, name: &str, export: &str) -> Result<Child, Error> {
 /// and returns what it reported.
 fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Result<(), Error> {
     let fuse = fuse_dir(ctx, name);
-    host::unmount_strict(&fuse).map_err(Error::host)?;
+    host::unmount_strict(&fuse).map_err(|e| Error::host(e.to_string()))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut child = child;
     loop {
@@ -237,7 +237,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
         Ok(d) => d,
         Err(e) => {
             undo(&mut child, None);
-            return Err(Error::host(e));
+            return Err(Error::host(e.to_string()));
         }
     };
     let fstype = match (host::fs_type(&dev), &req.mkfs) {
@@ -248,11 +248,16 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
                     run(Command::new("mkfs.ext4").args(["-q", "-F", "-L", "cdm-stage", &dev]))
                 }
                 "xfs" => run(Command::new("mkfs.xfs").args(["-q", "-f", "-L", "cdm-stage", &dev])),
-                other => Err(format!("cannot make a {other} filesystem (ext4 or xfs)")),
+                other => {
+                    undo(&mut child, Some(&dev));
+                    return Err(Error::host(format!(
+                        "cannot make a {other} filesystem (ext4 or xfs)"
+                    )));
+                }
             };
             if let Err(e) = r {
                 undo(&mut child, Some(&dev));
-                return Err(Error::host(e));
+                return Err(Error::host(e.to_string()));
             }
             fs.clone()
         }
@@ -272,8 +277,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
     let mounted = if fstype == "ext4" && req.writable {
         // The stage disk starts zeroed: no need for ext4's background
         // inode-table zeroing, which would write the whole table.
-        std::fs::create_dir_all(&req.mount)
-            .map_err(|e| e.to_string())
+        host::make_dir(&req.mount)
             .and_then(|_| {
                 run(Command::new("mount")
                     .args(["-t", "ext4", "-o", "rw,noinit_itable", &dev])
@@ -315,7 +319,7 @@ fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), E
     if host::is_mounted(&a.mount) {
         let _ = run(Command::new("sync").arg("-f").arg(&a.mount));
         // Busy: stop here, everything stays attached and recorded.
-        host::unmount_strict(&a.mount).map_err(Error::host)?;
+        host::unmount_strict(&a.mount).map_err(|e| Error::host(e.to_string()))?;
     }
     host::loop_detach_if_ours(&a.device, &fuse_dir(ctx, &a.name));
     if let Err(e) = stop_server(ctx, &a.name, a.pid, child) {

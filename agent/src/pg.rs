@@ -596,7 +596,7 @@ pub fn start(r: &Running) -> Result<Duration> {
         .arg("-l")
         .arg(&r.log)
         .args(["-W", "start"]))
-    .map_err(fail)?;
+    .map_err(|e| fail(e.to_string()))?;
     let c = Conn {
         host: r.socket_dir.to_string_lossy().into_owned(),
         port: r.port,

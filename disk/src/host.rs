@@ -4,12 +4,39 @@
 //! tool and turns its failure into a message that names the tool and what
 //! it printed.
 
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// Why a step on the host failed; displays as the message an operator
+/// reads (the tool and what it printed).
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// The tool could not be started.
+    #[error("{cmd}: {source}")]
+    Spawn { cmd: String, source: io::Error },
+    /// The tool ran and failed: what it printed.
+    #[error("{program} failed: {output}")]
+    Failed { program: String, output: String },
+    /// A directory could not be made.
+    #[error("{}: {source}", path.display())]
+    Path { path: PathBuf, source: io::Error },
+    /// A filesystem is in use and stays mounted.
+    #[error("{} is busy ({source}): close what uses it and detach again", path.display())]
+    Busy {
+        path: PathBuf,
+        source: Box<HostError>,
+    },
+}
+
+pub type Result<T, E = HostError> = std::result::Result<T, E>;
+
 /// Runs `cmd`; its trimmed stdout, or "PROGRAM failed: STDERR".
-pub fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+pub fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().map_err(|source| HostError::Spawn {
+        cmd: format!("{cmd:?}"),
+        source,
+    })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     } else {
@@ -19,12 +46,19 @@ pub fn run(cmd: &mut Command) -> Result<String, String> {
         } else {
             err
         };
-        Err(format!(
-            "{} failed: {}",
-            cmd.get_program().to_string_lossy(),
-            err.trim()
-        ))
+        Err(HostError::Failed {
+            program: cmd.get_program().to_string_lossy().into_owned(),
+            output: err.trim().to_string(),
+        })
     }
+}
+
+/// Makes the mount point `path` (and its parents).
+pub fn make_dir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|source| HostError::Path {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Whether something is mounted exactly at `path`.
@@ -37,11 +71,7 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Attaches `file` to a free loop device (read-only if asked, limited to
 /// the byte range `(offset, len)` if given); the device path.
-pub fn loop_attach(
-    file: &Path,
-    read_only: bool,
-    range: Option<(u64, u64)>,
-) -> Result<String, String> {
+pub fn loop_attach(file: &Path, read_only: bool, range: Option<(u64, u64)>) -> Result<String> {
     let mut los = Command::new("losetup");
     los.args(["--find", "--show"]);
     if read_only {
@@ -94,8 +124,8 @@ pub fn mount_options(fstype: &str, writable: bool) -> &'static str {
 
 /// Mounts `dev` (a filesystem of `fstype`) at `path`, creating the
 /// directory.
-pub fn mount(dev: &str, fstype: &str, writable: bool, path: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn mount(dev: &str, fstype: &str, writable: bool, path: &Path) -> Result<()> {
+    make_dir(path)?;
     run(Command::new("mount")
         .args(["-t", fstype, "-o", mount_options(fstype, writable), dev])
         .arg(path))
@@ -104,7 +134,7 @@ pub fn mount(dev: &str, fstype: &str, writable: bool, path: &Path) -> Result<(),
 
 /// Unmounts `path` if mounted; lazily when a normal unmount fails (after a
 /// crash the filesystem can sit on a loop device whose file is gone).
-pub fn unmount(path: &Path) -> Result<(), String> {
+pub fn unmount(path: &Path) -> Result<()> {
     if is_mounted(path) && run(Command::new("umount").arg(path)).is_err() {
         run(Command::new("umount").arg("-l").arg(path))?;
     }
@@ -114,13 +144,11 @@ pub fn unmount(path: &Path) -> Result<(), String> {
 /// Unmounts `path` if mounted, never lazily: a busy filesystem is an
 /// error and stays mounted (a lazy unmount would keep its device, and
 /// everything under it, alive out of sight).
-pub fn unmount_strict(path: &Path) -> Result<(), String> {
+pub fn unmount_strict(path: &Path) -> Result<()> {
     if is_mounted(path) {
-        run(Command::new("umount").arg(path)).map_err(|e| {
-            format!(
-                "{} is busy ({e}): close what uses it and detach again",
-                path.display()
-            )
+        run(Command::new("umount").arg(path)).map_err(|e| HostError::Busy {
+            path: path.to_path_buf(),
+            source: Box::new(e),
         })?;
     }
     Ok(())

@@ -25,8 +25,11 @@ pub enum Error {
     #[error("{}", .0.message)]
     Api(ApiError),
     /// The host's tools (loop devices, mount, blkid) said no.
+    #[error(transparent)]
+    Host(#[from] cdm_disk::host::HostError),
+    /// The host holds nothing to mount, said in words.
     #[error("{0}")]
-    Host(String),
+    NoFilesystem(String),
     /// A condition of the daemon's own, said in words.
     #[error("{0}")]
     Failed(String),

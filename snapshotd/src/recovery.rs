@@ -94,14 +94,15 @@ impl Mounts {
             ),
         };
         let range = self.range(pool, target, m.partition)?;
-        let dev = host::loop_attach(&file, !m.writable, range).map_err(Error::Host)?;
+        let dev = host::loop_attach(&file, !m.writable, range)?;
         let detach = |why: String| {
             host::loop_detach_if_ours(&dev, &self.fuse);
-            Error::Host(why)
+            Error::NoFilesystem(why)
         };
         let fstype = host::fs_type(&dev)
             .ok_or_else(|| detach(format!("no filesystem found on {} (blkid)", m.snapshot)))?;
-        host::mount(&dev, &fstype, m.writable, Path::new(&m.path)).map_err(detach)?;
+        host::mount(&dev, &fstype, m.writable, Path::new(&m.path))
+            .map_err(|e| detach(e.to_string()))?;
         m.device = dev;
         m.fstype = fstype;
         m.state = "mounted".into();
@@ -132,7 +133,7 @@ impl Mounts {
 
     fn detach(&self, m: &Mount) -> crate::error::Result<()> {
         let path = Path::new(&m.path);
-        host::unmount(path).map_err(Error::Host)?;
+        host::unmount(path)?;
         host::loop_detach_if_ours(&m.device, &self.fuse);
         let _ = std::fs::remove_dir(path);
         Ok(())
