@@ -174,9 +174,9 @@ pub fn parse_request(b: &[u8], extended: bool) -> Result<Request, ProtoError> {
             (l, 0)
         }
     } else {
-        if flags & CMD_FLAG_PAYLOAD_LEN != 0 {
-            return Err(ProtoError::Invalid("PAYLOAD_LEN without extended headers"));
-        }
+        // PAYLOAD_LEN means nothing without extended headers: like any
+        // unknown flag it is the server's to refuse with EINVAL, and the
+        // payload length follows from the command alone.
         let l = u32_at(b, 24)? as u64;
         (l, if typ == CMD_WRITE { l } else { 0 })
     };
@@ -496,6 +496,12 @@ mod tests {
             parse_request(&encode_request(&w, false)[..10], false),
             Err(ProtoError::Short)
         );
+        // Unknown flags parse (the server answers EINVAL); a WRITE keeps its
+        // payload so the stream stays in sync.
+        for flags in [0x8000, CMD_FLAG_PAYLOAD_LEN] {
+            let odd = Request { flags, ..w };
+            assert_eq!(parse_request(&encode_request(&odd, false), false), Ok(odd));
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 pub mod export;
 mod handshake;
 pub mod listener;
+mod ratelimit;
 pub mod server;
 pub mod stats;
 pub mod tls;

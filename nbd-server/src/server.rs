@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -110,7 +111,7 @@ pub struct Server {
     pub(crate) cfg: ServerConfig,
     shutdown: AtomicBool,
     next_id: AtomicU64,
-    clients: Mutex<HashMap<u64, ClientInfo>>,
+    clients: Mutex<HashMap<u64, (ClientInfo, Arc<Hangup>)>>,
     /// I/O counters per export name.
     stats: Mutex<HashMap<String, Arc<ExportStats>>>,
     /// Requests being processed, across connections (for [`Server::drain`]).
@@ -120,6 +121,56 @@ pub struct Server {
 }
 
 pub(crate) type SharedWriter = Arc<Mutex<Box<dyn Write + Send>>>;
+
+/// Ends a connection from outside its reader thread, when its export was
+/// deleted. Shutting the socket's read side wakes the reader with an end
+/// of stream while replies to requests in flight still go out; requests
+/// already read get `ESHUTDOWN`; closing the socket follows when the
+/// connection's threads are done.
+pub(crate) struct Hangup {
+    /// A duplicate of the connection's socket (none for plain streams:
+    /// then the reader stops after its next request).
+    sock: Option<OwnedFd>,
+    closing: AtomicBool,
+    /// "peer on export", for the one log line.
+    pub(crate) who: String,
+}
+
+impl Hangup {
+    pub(crate) fn new(sock: Option<OwnedFd>, who: String) -> Hangup {
+        Hangup {
+            sock,
+            closing: AtomicBool::new(false),
+            who,
+        }
+    }
+
+    /// Starts ending the connection; true the first time only (so the
+    /// caller logs once per connection).
+    pub(crate) fn hang_up(&self) -> bool {
+        if self.closing.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        if let Some(fd) = &self.sock {
+            // SAFETY: fd is our own open duplicate of the socket. An error
+            // (the client already left) needs no handling.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) };
+        }
+        true
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+}
+
+/// A duplicate of `raw`'s socket, for [`Hangup`]; its own descriptor, so it
+/// stays valid whoever closes `raw` (the TLS pump thread, say).
+fn dup_socket(raw: &dyn crate::tls::RawConn) -> Option<OwnedFd> {
+    // SAFETY: raw is alive for this call, so its descriptor is open.
+    let fd = unsafe { BorrowedFd::borrow_raw(raw.as_raw_fd()) };
+    fd.try_clone_to_owned().ok()
+}
 
 pub(crate) use cdm_common::lock::lock;
 
@@ -233,9 +284,32 @@ impl Server {
     }
 
     pub fn clients(&self) -> Vec<ClientInfo> {
-        let mut v: Vec<ClientInfo> = lock(&self.clients).values().cloned().collect();
+        let mut v: Vec<ClientInfo> = lock(&self.clients)
+            .values()
+            .map(|(c, _)| c.clone())
+            .collect();
         v.sort_by_key(|c| c.id);
         v
+    }
+
+    /// Disconnects the clients of export `name` and of its snapshots
+    /// (`name@...`), after answering their requests in flight (those still
+    /// to run get `ESHUTDOWN`): for a volume or snapshot just deleted, whose
+    /// clients would otherwise get an error for every request they send.
+    /// Returns how many connections were told to end.
+    pub fn disconnect_export(&self, name: &str) -> usize {
+        let prefix = format!("{name}@");
+        let doomed: Vec<Arc<Hangup>> = lock(&self.clients)
+            .values()
+            .filter(|(c, _)| c.export == name || c.export.starts_with(&prefix))
+            .map(|(_, h)| h.clone())
+            .collect();
+        for h in &doomed {
+            if h.hang_up() {
+                tracing::info!(client = %h.who, "export deleted: disconnecting its client");
+            }
+        }
+        doomed.len()
     }
 
     /// Serves one connection over plain streams (no TLS possible).
@@ -267,6 +341,7 @@ impl Server {
         peer: &str,
     ) -> Result<(), ConnError> {
         let mut w: SharedWriter = Arc::new(Mutex::new(w));
+        let sock = raw.as_deref().and_then(dup_socket);
         let Some(no_zeroes) = self.greet(&mut *r, &w)? else {
             return Ok(());
         };
@@ -300,10 +375,12 @@ impl Server {
                     let info = ClientInfo {
                         id,
                         peer: peer.to_string(),
-                        export: name,
+                        export: name.clone(),
                         since_unix: since,
                     };
-                    lock(&self.clients).insert(id, info.clone());
+                    let hangup = Arc::new(Hangup::new(sock, format!("{peer} on {name}")));
+                    sess.hangup = hangup.clone();
+                    lock(&self.clients).insert(id, (info.clone(), hangup));
                     self.notify(ConnEvent::Connected(info.clone()));
                     let res = self.transmit(Arc::new(sess), &mut *r, w);
                     lock(&self.clients).remove(&id);

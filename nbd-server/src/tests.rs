@@ -14,6 +14,7 @@ const SIZE: u64 = 1 << 20;
 
 struct Fixture {
     server: Arc<Server>,
+    catalog: Arc<MemCatalog>,
     disk: Arc<MemExport>,
     endpoint: String,
     _dir: tempfile::TempDir,
@@ -21,16 +22,17 @@ struct Fixture {
 
 fn serve() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let catalog = MemCatalog::new();
+    let catalog = Arc::new(MemCatalog::new());
     let disk = catalog.insert("m", MemExport::new(SIZE));
     catalog.insert("ro", MemExport::read_only(SIZE));
-    let server = Server::with_catalog(Arc::new(catalog), ServerConfig::default());
+    let server = Server::with_catalog(catalog.clone(), ServerConfig::default());
     let endpoint = format!("unix:{}", dir.path().join("nbd.sock").display());
     let l = Listener::bind(&endpoint).unwrap();
     let s = server.clone();
     std::thread::spawn(move || s.serve(l));
     Fixture {
         server,
+        catalog,
         disk,
         endpoint,
         _dir: dir,
@@ -140,5 +142,86 @@ fn list_and_unknown_exports() {
     assert_eq!(Client::list(&f.endpoint).unwrap(), ["m", "ro"]);
     let e = Client::connect(&f.endpoint, Some("nope"), &ClientOptions::default());
     assert!(matches!(e, Err(ClientError::Refused { code, .. }) if code == REP_ERR_UNKNOWN));
+    f.server.shutdown();
+}
+
+#[test]
+fn unknown_flags_get_einval_and_the_connection_goes_on() {
+    let f = serve();
+    for extended in [false, true] {
+        let mut c = connect(&f, "m", extended);
+        c.write(0, &[1u8; 512], false).unwrap();
+        // Bit 15 is defined for no command.
+        assert_eq!(errno(c.raw_request(CMD_READ, 0x8000, 0, 512, &[])), EINVAL);
+        // A WRITE's payload is read and dropped: the next request parses.
+        let w = c.raw_request(CMD_WRITE, 0x8000, 0, 512, &[9u8; 512]);
+        assert_eq!(errno(w), EINVAL);
+        if !extended {
+            // PAYLOAD_LEN is unknown without extended headers.
+            let r = c.raw_request(CMD_READ, CMD_FLAG_PAYLOAD_LEN, 0, 512, &[]);
+            assert_eq!(errno(r), EINVAL);
+            let w = c.raw_request(CMD_WRITE, CMD_FLAG_PAYLOAD_LEN, 0, 512, &[9u8; 512]);
+            assert_eq!(errno(w), EINVAL);
+        }
+        // Nothing refused was written, and the connection still serves.
+        let mut b = vec![0u8; 512];
+        c.read(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 1), "extended={extended}");
+        c.write(512, &[2u8; 512], false).unwrap();
+        c.disconnect().unwrap();
+    }
+    f.server.shutdown();
+}
+
+/// Waits (up to 10 s) for the server to have no client on any export.
+fn wait_no_clients(f: &Fixture) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f.server.clients().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client still connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_client_of_a_deleted_export_is_disconnected() {
+    let f = serve();
+    for extended in [false, true] {
+        f.catalog.insert("gone", MemExport::new(SIZE));
+        let mut c = connect(&f, "gone", extended);
+        c.write(0, &[1u8; 512], false).unwrap();
+        f.catalog.remove("gone");
+        // The request that finds the export gone fails; the server hangs up.
+        assert_eq!(errno(c.write(0, &[1u8; 512], false)), ESHUTDOWN);
+        wait_no_clients(&f);
+        assert!(c.read(0, &mut [0u8; 512]).is_err());
+    }
+    f.server.shutdown();
+}
+
+#[test]
+fn disconnect_export_ends_idle_clients_of_it_and_its_snapshots() {
+    let f = serve();
+    f.catalog.insert("v", MemExport::new(SIZE));
+    f.catalog.insert("v@1", MemExport::read_only(SIZE));
+    let mut keep = connect(&f, "m", false);
+    let mut idle = connect(&f, "v", false);
+    let mut snap = connect(&f, "v@1", true);
+    assert_eq!(f.server.disconnect_export("v"), 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while f.server.clients().len() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "clients still connected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(idle.read(0, &mut [0u8; 512]).is_err());
+    assert!(snap.read(0, &mut [0u8; 512]).is_err());
+    // Other exports' clients are untouched.
+    keep.read(0, &mut [0u8; 512]).unwrap();
+    keep.disconnect().unwrap();
     f.server.shutdown();
 }

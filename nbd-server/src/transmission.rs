@@ -9,7 +9,8 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 use nbd_proto::codec::*;
 
 use crate::export::{Export, ExportError, Extent, ZeroFlags};
-use crate::server::{lock, read_exact_or_eof, send, ConnError, Server, SharedWriter};
+use crate::ratelimit::LogLimiter;
+use crate::server::{lock, read_exact_or_eof, send, ConnError, Hangup, Server, SharedWriter};
 use crate::stats::ExportStats;
 
 /// What one connection in transmission works on, as negotiated.
@@ -23,6 +24,10 @@ pub(crate) struct Session {
     /// Largest READ and WRITE accepted (the advertised maximum block size).
     max_payload: u64,
     pub(crate) stats: Arc<ExportStats>,
+    /// Ends this connection when its export is deleted.
+    pub(crate) hangup: Arc<Hangup>,
+    /// Bounds the "request failed" lines of this connection.
+    errlog: LogLimiter,
 }
 
 impl Session {
@@ -43,6 +48,8 @@ impl Session {
             base_alloc,
             max_payload,
             stats: Arc::default(),
+            hangup: Arc::new(Hangup::new(None, String::new())),
+            errlog: LogLimiter::default(),
         }
     }
 }
@@ -90,7 +97,7 @@ impl Server {
                 }
                 + 4096;
             if self.cfg.workers == 0 {
-                if self.process(&sess, &req, &payload, &w).is_err() {
+                if self.process(&sess, &req, &payload, &w).is_err() || sess.hangup.is_closing() {
                     break;
                 }
                 continue;
@@ -106,10 +113,19 @@ impl Server {
             if tx.send((req, payload, cost)).is_err() {
                 break;
             }
+            // Hung up (export deleted): the request just read gets its
+            // ESHUTDOWN; reading on would only refuse more.
+            if sess.hangup.is_closing() {
+                break;
+            }
         }
         drop(tx);
         for t in workers {
             let _ = t.join();
+        }
+        let dropped = sess.errlog.take_suppressed();
+        if dropped > 0 {
+            tracing::warn!(client = %sess.hangup.who, suppressed = dropped, "request failures not logged");
         }
         result
     }
@@ -197,9 +213,7 @@ impl Server {
         match res {
             Ok(()) => reply_ok(s, q, w),
             Err(e) => {
-                if let ExportError::Failed { .. } = e {
-                    tracing::warn!(error = %e, cmd = q.typ, offset = q.offset, "request failed");
-                }
+                failed(s, q, &e);
                 reply_error(s, q, e.errno(), &e.to_string(), w)
             }
         }
@@ -240,6 +254,9 @@ impl Server {
         if self.is_shutdown() {
             return Err((ESHUTDOWN, "server is shutting down"));
         }
+        if s.hangup.is_closing() {
+            return Err((ESHUTDOWN, "the export was deleted; disconnecting"));
+        }
         let end = q.offset.checked_add(q.length);
         let in_range = end.is_some_and(|e| e <= s.size);
         let writes = matches!(q.typ, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
@@ -269,6 +286,25 @@ impl Server {
             CMD_BLOCK_STATUS if q.length == 0 => Err((EINVAL, "zero-length block status")),
             _ => Ok(()),
         }
+    }
+}
+
+/// Logs a failed request (a few lines a second per connection at most:
+/// a client of a failing disk fails every request) and hangs up on the
+/// client of a deleted export, logging that once.
+fn failed(s: &Session, q: &Request, e: &ExportError) {
+    match e {
+        ExportError::Gone(_) => {
+            if s.hangup.hang_up() {
+                tracing::info!(client = %s.hangup.who, error = %e, "export deleted: disconnecting its client");
+            }
+        }
+        ExportError::Failed { .. } => {
+            if let Some(suppressed) = s.errlog.admit(std::time::Instant::now()) {
+                tracing::warn!(error = %e, cmd = q.typ, offset = q.offset, suppressed, "request failed");
+            }
+        }
+        ExportError::Unsupported(_) => {}
     }
 }
 

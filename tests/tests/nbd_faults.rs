@@ -1,6 +1,7 @@
 //! Bad input and faults: malformed handshakes and requests, out-of-range
 //! I/O, writes to read-only exports, clients vanishing mid-write, a server
-//! killed after a flush, and 16 concurrent connections.
+//! killed after a flush, 16 concurrent connections, and clients of a
+//! volume deleted under them.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -155,6 +156,13 @@ fn malformed_requests() {
     assert_eq!(errno(c.trim(u64::MAX - 10, 100)), EINVAL);
     assert_eq!(errno(c.raw_request(99, 0, 0, 0, &[])), EINVAL);
     assert_eq!(errno(c.raw_request(CMD_READ, 0x4000, 0, 512, &[])), EINVAL);
+    // Unknown flags on a WRITE (bit 15; PAYLOAD_LEN without extended
+    // headers): EINVAL, the payload is skipped, nothing is written.
+    for flags in [0x8000, CMD_FLAG_PAYLOAD_LEN, 0xffff] {
+        let w = c.raw_request(CMD_WRITE, flags, 0, 4096, &[0xee; 4096]);
+        assert_eq!(errno(w), EINVAL, "flags {flags:#x}");
+        assert_eq!(errno(c.raw_request(CMD_READ, flags, 0, 512, &[])), EINVAL);
+    }
     assert_eq!(errno(c.raw_request(CMD_READ, 0, 0, 64 << 20, &[])), EINVAL);
     // The connection still works.
     c.write(0, &[9u8; 4096], true).unwrap();
@@ -355,4 +363,76 @@ fn sixteen_concurrent_connections_then_full_verification() {
     );
     srv.stop();
     assert!(env.cdmfs(&["fsck"]).contains("clean"));
+}
+
+/// Whether a request on `c` fails because the connection is gone (not with
+/// an NBD error on a live connection).
+fn hung_up(c: &mut Client) -> bool {
+    matches!(
+        c.read(0, &mut [0u8; 512]),
+        Err(ClientError::Io(_) | ClientError::Proto(_))
+    )
+}
+
+#[test]
+fn force_deleting_a_volume_disconnects_its_clients() {
+    let a = Appliance::start(None);
+    let api = Api::new(&a, &a.admin_token());
+    let vol = serde_json::json!({"name": "doomed", "size": 64 << 20});
+    api.expect(201, "POST", "/v1/volumes", Some(vol));
+    let sid = api.expect(
+        201,
+        "POST",
+        "/v1/volumes/doomed/snapshots",
+        Some(serde_json::json!({})),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    let ep = format!("unix:{}", a.sock.display());
+    let opts = ClientOptions::default();
+    let mut idle = Client::connect(&ep, Some("doomed"), &opts).unwrap();
+    idle.write(0, &[5u8; 4096], true).unwrap();
+    let mut snap = Client::connect(&ep, Some(&format!("doomed@{sid}")), &opts).unwrap();
+    // A client that keeps reading until the server ends its connection.
+    let mut busy = Client::connect(&ep, Some("doomed"), &opts).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            match busy.read(0, &mut buf) {
+                Ok(()) => {}
+                Err(ClientError::Errno { errno, .. }) => assert_eq!(errno, ESHUTDOWN),
+                Err(_) => return true,
+            }
+        }
+        false
+    });
+    api.expect(409, "DELETE", "/v1/volumes/doomed", None);
+    let before = a.log().lines().count();
+    api.expect(204, "DELETE", "/v1/volumes/doomed?force=true", None);
+    // The idle clients' next requests fail: their connections were closed.
+    assert!(hung_up(&mut idle), "volume client still connected");
+    assert!(hung_up(&mut snap), "snapshot client still connected");
+    assert!(reader.join().unwrap(), "busy client never disconnected");
+    let metrics = || http(&a.url(), "GET", "/metrics", Some(&a.admin_token()), None).1;
+    wait_for(30, "no NBD clients", || {
+        let m = metrics();
+        (!m.as_str().unwrap_or("").contains("cdm_nbd_clients{")).then_some(())
+    });
+    // A line per connection at most, not one per request.
+    let log = a.log();
+    let new: Vec<&str> = log.lines().skip(before).collect();
+    let about = new
+        .iter()
+        .filter(|l| l.contains("request failed") || l.contains("export deleted"))
+        .count();
+    assert!(
+        about <= 6,
+        "{about} log lines about the deleted export:\n{log}"
+    );
+    assert!(
+        new.len() <= 30,
+        "{} log lines after the delete:\n{log}",
+        new.len()
+    );
 }

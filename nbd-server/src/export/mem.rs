@@ -3,6 +3,7 @@
 //! trimming a whole block frees it, so block status reports holes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use nbd_proto::codec::EINVAL;
@@ -18,6 +19,8 @@ pub struct MemExport {
     size: u64,
     read_only: bool,
     blocks: Mutex<BTreeMap<u64, Box<[u8]>>>,
+    /// Deleted ([`MemCatalog::remove`]): every operation fails as `Gone`.
+    gone: AtomicBool,
 }
 
 impl MemExport {
@@ -27,6 +30,7 @@ impl MemExport {
             size,
             read_only: false,
             blocks: Mutex::new(BTreeMap::new()),
+            gone: AtomicBool::new(false),
         }
     }
 
@@ -47,7 +51,15 @@ impl MemExport {
         self.lock().len() as u64 * BLOCK
     }
 
+    fn alive(&self) -> ExportResult<()> {
+        if self.gone.load(Ordering::SeqCst) {
+            return Err(ExportError::Gone("export deleted".into()));
+        }
+        Ok(())
+    }
+
     fn check(&self, offset: u64, len: u64) -> ExportResult<()> {
+        self.alive()?;
         match offset.checked_add(len) {
             Some(end) if end <= self.size => Ok(()),
             _ => Err(ExportError::failed(EINVAL, "range past the end")),
@@ -134,7 +146,7 @@ impl Export for MemExport {
     }
 
     fn flush(&self) -> ExportResult<()> {
-        Ok(())
+        self.alive()
     }
 
     fn trim(&self, offset: u64, len: u64, _fua: bool) -> ExportResult<()> {
@@ -187,6 +199,18 @@ impl MemCatalog {
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.to_string(), e.clone());
         e
+    }
+
+    /// Deletes an export: open connections to it see it gone.
+    pub fn remove(&self, name: &str) {
+        let e = self
+            .exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if let Some(e) = e {
+            e.gone.store(true, Ordering::SeqCst);
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use nbd_proto::codec::{ENOTSUP, MAX_PAYLOAD, STATE_HOLE, STATE_ZERO};
+use nbd_proto::codec::{ENOTSUP, ESHUTDOWN, MAX_PAYLOAD, STATE_HOLE, STATE_ZERO};
 
 #[cfg(any(test, feature = "test-utils"))]
 pub mod mem;
@@ -23,6 +23,11 @@ pub enum ExportError {
     /// (`nbd_proto::codec::EIO`, ...).
     #[error("{message}")]
     Failed { errno: u32, message: String },
+    /// The export no longer exists (its volume or snapshot was deleted):
+    /// the server answers `ESHUTDOWN` and ends the connection, since every
+    /// later request would fail the same way.
+    #[error("{0}")]
+    Gone(String),
 }
 
 impl ExportError {
@@ -38,6 +43,7 @@ impl ExportError {
         match self {
             ExportError::Unsupported(_) => ENOTSUP,
             ExportError::Failed { errno, .. } => *errno,
+            ExportError::Gone(_) => ESHUTDOWN,
         }
     }
 }

@@ -25,7 +25,11 @@ fn nbd_errno(e: &cdmfs::Error) -> u32 {
 
 impl From<cdmfs::Error> for ExportError {
     fn from(e: cdmfs::Error) -> ExportError {
-        ExportError::failed(nbd_errno(&e), e.to_string())
+        match e {
+            // An open export's volume or snapshot is only missing once it was deleted.
+            cdmfs::Error::NotFound(_) => ExportError::Gone(format!("export deleted: {e}")),
+            e => ExportError::failed(nbd_errno(&e), e.to_string()),
+        }
     }
 }
 
@@ -86,8 +90,10 @@ pub struct PoolExport {
 impl PoolExport {
     /// `VOLUME` or `VOLUME@SNAPSHOT`.
     pub fn open(pool: Arc<Pool>, name: &str) -> ExportResult<PoolExport> {
-        let target = pool.resolve(name)?;
-        let (size, block) = pool.geometry(target)?;
+        // A name that does not exist is unknown here, not deleted.
+        let plain = |e: cdmfs::Error| ExportError::failed(nbd_errno(&e), e.to_string());
+        let target = pool.resolve(name).map_err(plain)?;
+        let (size, block) = pool.geometry(target).map_err(plain)?;
         Ok(PoolExport {
             pool,
             target,

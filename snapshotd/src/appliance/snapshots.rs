@@ -119,6 +119,8 @@ impl Appliance {
             )));
         }
         self.pool.delete_snapshot(id).map_err(engine)?;
+        // Forced past its clients: end their connections now.
+        self.nbd.disconnect_export(&s.export);
         self.commit()?;
         self.events.emit(
             "snapshot.deleted",

@@ -104,6 +104,9 @@ impl Appliance {
             }
         }
         self.pool.delete_volume(name, true).map_err(engine)?;
+        // Forced past its clients: end their connections now rather than
+        // fail each of their requests (after deleting, so none reconnects).
+        self.nbd.disconnect_export(name);
         self.commit()?;
         let _ = self.state.remove(POLICIES, name);
         self.events.emit(
