@@ -314,7 +314,9 @@ fn spawn_api(
         .spawn(move || {
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(listener)?;
-                axum::serve(l, router)
+                // With connect info: login rate limiting needs the peer address.
+                let svc = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+                axum::serve(l, svc)
                     .with_graceful_shutdown(async move {
                         let _ = stop.await;
                     })
