@@ -13,6 +13,7 @@ mod metrics;
 mod recovery;
 mod scheduler;
 mod state;
+mod targets;
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
