@@ -14,7 +14,9 @@ pub trait Backend: Send + Sync + 'static {
     /// Resolves a bearer token to its user (401 if unknown, revoked or expired).
     fn authenticate(&self, token: &str) -> ApiResult<Caller>;
     /// Password login: a new session token.
-    fn login(&self, req: Login) -> ApiResult<TokenCreated>;
+    /// `client` is the caller's address (when the server knows it), for
+    /// rate limiting; a locked-out attempt answers 429 with `retry_after`.
+    fn login(&self, req: Login, client: Option<std::net::IpAddr>) -> ApiResult<TokenCreated>;
     /// Revokes the token the caller used.
     fn logout(&self, caller: &Caller) -> ApiResult<()>;
 

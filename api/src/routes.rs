@@ -72,6 +72,21 @@ fn json_rejection(e: JsonRejection) -> ApiError {
     }
 }
 
+/// The client's address, when the server was started with connect info
+/// (`into_make_service_with_connect_info`); `None` otherwise, so a router
+/// served without it still answers.
+pub struct ClientAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let c = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>();
+        Ok(ClientAddr(c.map(|c| c.0.ip())))
+    }
+}
+
 /// Query string whose rejections are 400s.
 pub struct ApiQuery<T>(pub T);
 
@@ -254,9 +269,13 @@ async fn openapi() -> Json<Value> {
     Json(crate::openapi::document())
 }
 
-#[utoipa::path(post, path = "/v1/login", request_body = Login, responses((status = 201, body = TokenCreated), (status = 401, body = ErrorBody)))]
-async fn login(State(s): S, ApiJson(req): ApiJson<Login>) -> ApiResult<Response> {
-    Ok(created(run(&s, move |b| b.login(req)).await?))
+#[utoipa::path(post, path = "/v1/login", request_body = Login, responses((status = 201, body = TokenCreated), (status = 401, body = ErrorBody), (status = 429, body = ErrorBody)))]
+async fn login(
+    State(s): S,
+    ClientAddr(client): ClientAddr,
+    ApiJson(req): ApiJson<Login>,
+) -> ApiResult<Response> {
+    Ok(created(run(&s, move |b| b.login(req, client)).await?))
 }
 
 #[utoipa::path(post, path = "/v1/logout", responses((status = 204)), security(("bearer" = [])))]

@@ -33,6 +33,9 @@ pub struct WebhookConfig {
     pub max_backoff_ms: u64,
     /// Delivery threads (a slow receiver holds one).
     pub workers: usize,
+    /// Allow loopback, link-local, unspecified and multicast targets
+    /// ([`crate::targets`]); for tests and special cases.
+    pub allow_private: bool,
 }
 
 impl Default for WebhookConfig {
@@ -43,6 +46,7 @@ impl Default for WebhookConfig {
             backoff_ms: 2_000,
             max_backoff_ms: 3_600_000,
             workers: 4,
+            allow_private: false,
         }
     }
 }
@@ -111,6 +115,9 @@ impl Events {
         let agent = ureq::AgentBuilder::new()
             .timeout(Duration::from_millis(cfg.timeout_ms.max(1)))
             .redirects(0)
+            .resolver(crate::targets::Guard {
+                allow_private: cfg.allow_private,
+            })
             .build();
         let ev = Arc::new(Events {
             state,
@@ -258,6 +265,17 @@ impl Events {
             d.updated_unix = self.clock.now();
             return self.state.put(DELIVERIES, id, &d, Sync::Lazy);
         };
+        if let Err(why) = self.check_target(&hook.url) {
+            // Not retried: the target is refused, not unreachable.
+            tracing::warn!(delivery = id, url = %hook.url, error = %why, "webhook delivery refused");
+            d.attempts += 1;
+            d.state = "failed".into();
+            d.last_status = None;
+            d.last_error = Some(why);
+            d.next_attempt_unix = None;
+            d.updated_unix = self.clock.now();
+            return self.state.put(DELIVERIES, id, &d, Sync::Lazy);
+        }
         let body = serde_json::to_vec(&serde_json::json!({"delivery": id, "event": ev}))
             .unwrap_or_default();
         let res = self
@@ -320,6 +338,14 @@ impl Events {
             }
         }
         self.state.put(DELIVERIES, id, &d, Sync::Lazy)
+    }
+
+    /// `Err(reason)` if webhooks may not go to `url`'s host.
+    pub fn check_target(&self, url: &str) -> Result<(), String> {
+        if self.cfg.allow_private {
+            return Ok(());
+        }
+        crate::targets::check_url(url)
     }
 
     /// Deliveries of one webhook, newest first (at most 1000).

@@ -13,6 +13,7 @@ mod metrics;
 mod recovery;
 mod scheduler;
 mod state;
+mod targets;
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -68,6 +69,10 @@ struct Args {
     /// stretched with Argon2id.
     #[arg(long)]
     passphrase_file: Option<PathBuf>,
+    /// Accept a key or passphrase file that the group or others may read
+    /// (logged as a warning); without it such a file stops the start.
+    #[arg(long)]
+    allow_insecure_key_file: bool,
     /// Serve the FUSE view of the pool here (volumes/NAME/disk,
     /// snapshots/VOLUME/ID/disk) and enable instant mounts (under
     /// DATA/mounts). Needs root (or CAP_SYS_ADMIN) and /dev/fuse.
@@ -91,6 +96,7 @@ struct Config {
     scheduler_tick_ms: Option<u64>,
     key_file: Option<PathBuf>,
     passphrase_file: Option<PathBuf>,
+    allow_insecure_key_file: Option<bool>,
     mount: Option<PathBuf>,
     /// Pool-wide defaults for new volumes (a request's fields win).
     #[serde(default)]
@@ -113,13 +119,44 @@ struct Settings {
     mount: Option<PathBuf>,
 }
 
+/// Refuses a key or passphrase file the group or others may access: whoever
+/// reads it can decrypt every encrypted volume. With `allow` it is only a
+/// (loud) warning, for setups that protect the file some other way.
+fn check_key_file_mode(path: &Path, allow: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read key file {}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    if allow {
+        tracing::warn!(
+            file = %path.display(),
+            mode = format!("{mode:o}"),
+            "INSECURE: key file is accessible to group or others; anyone who reads it can \
+             decrypt the encrypted volumes (allowed by allow_insecure_key_file)"
+        );
+        return Ok(());
+    }
+    bail!(
+        "key file {} has mode {mode:o}: group or others may read it; fix it with \
+         `chmod 600 {}` (or start with --allow-insecure-key-file)",
+        path.display(),
+        path.display()
+    )
+}
+
 fn read_key(args: &Args, cfg: &Config) -> Result<Option<cdmfs::KeySource>> {
     let key_file = args.key_file.clone().or(cfg.key_file.clone());
     let pass_file = args.passphrase_file.clone().or(cfg.passphrase_file.clone());
+    let allow = args.allow_insecure_key_file || cfg.allow_insecure_key_file.unwrap_or(false);
     if let Some(p) = key_file {
+        check_key_file_mode(&p, allow)?;
         return Ok(Some(cdmfs::KeySource::from_key_file(&p)?));
     }
     if let Some(p) = pass_file {
+        check_key_file_mode(&p, allow)?;
         let t = std::fs::read_to_string(&p)
             .with_context(|| format!("cannot read passphrase file {}", p.display()))?;
         let line = t.lines().next().unwrap_or("").to_string();
@@ -185,6 +222,7 @@ fn open_pool(path: &Path, size: u64, key: Option<cdmfs::KeySource>) -> Result<Po
     } else {
         let dev = FileDev::create(path, size)
             .with_context(|| format!("cannot create {}", path.display()))?;
+        restrict(path, 0o600, false)?;
         Pool::format(&dev, &FormatOptions::default()).context("cannot format the pool")?;
         tracing::info!(path = %path.display(), size = %human(size), "created a new pool");
         dev
@@ -194,6 +232,53 @@ fn open_pool(path: &Path, size: u64, key: Option<cdmfs::KeySource>) -> Result<Po
         ..OpenOptions::default()
     };
     Pool::open(Arc::new(dev), &opts).context("cannot open the pool")
+}
+
+/// Sets `path`'s mode to `mode` if it allows more (the umask decides the
+/// mode of what we create, and an older snapshotd left 0755/0644): the pool
+/// holds volume data and state.redb password hashes. `warn` logs the change,
+/// for files that existed before this start.
+fn restrict(path: &Path, mode: u32, warn: bool) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    let old = meta.permissions().mode() & 0o777;
+    if old & !mode == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot chmod {:o} {}", mode, path.display()))?;
+    if warn {
+        tracing::warn!(
+            path = %path.display(),
+            old = format!("{old:o}"),
+            new = format!("{mode:o}"),
+            "tightened the mode of an existing file in the data directory"
+        );
+    }
+    Ok(())
+}
+
+/// The data directory, 0700 whatever the umask; an existing one and its
+/// pool, state and token files are tightened (with a warning) if looser.
+fn secure_data_dir(data: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let existed = data.exists();
+    if !existed {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data)
+            .with_context(|| format!("cannot create {}", data.display()))?;
+    }
+    restrict(data, 0o700, existed)?;
+    for name in ["pool", "state.redb", "admin.token"] {
+        let p = data.join(name);
+        if p.exists() {
+            restrict(&p, 0o600, true)?;
+        }
+    }
+    Ok(())
 }
 
 fn write_secret(path: &Path, text: &str) -> Result<()> {
@@ -314,7 +399,9 @@ fn spawn_api(
         .spawn(move || {
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(listener)?;
-                axum::serve(l, router)
+                // With connect info: login rate limiting needs the peer address.
+                let svc = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+                axum::serve(l, svc)
                     .with_graceful_shutdown(async move {
                         let _ = stop.await;
                     })
@@ -328,12 +415,13 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let s = settings(&args)?;
     signals::block_termination();
-    std::fs::create_dir_all(&s.data)
-        .with_context(|| format!("cannot create {}", s.data.display()))?;
+    secure_data_dir(&s.data)?;
     let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size, s.key.clone())?);
-    let state = Arc::new(
-        state::State::open(&s.data.join("state.redb")).context("cannot open the state database")?,
-    );
+    let state_path = s.data.join("state.redb");
+    let state =
+        Arc::new(state::State::open(&state_path).context("cannot open the state database")?);
+    // redb creates the file with the umask's mode.
+    restrict(&state_path, 0o600, false)?;
     let clock = Arc::new(clock::Clock::new(s.fake_clock));
     if s.fake_clock {
         tracing::warn!("fake clock enabled: POST /v1/clock moves time forward");

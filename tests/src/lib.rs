@@ -246,8 +246,12 @@ pub struct Appliance {
     child: Option<Child>,
 }
 
-/// Config for tests: fast scheduler ticks and webhook retries.
-pub const FAST_CONFIG: &str = "scheduler_tick_ms = 100\nfake_clock = true\n[webhooks]\nbackoff_ms = 100\nmax_backoff_ms = 400\nmax_attempts = 4\ntimeout_ms = 2000\n";
+/// Config for tests: fast scheduler ticks and webhook retries; webhooks may
+/// target 127.0.0.1, where the tests' receivers listen.
+pub const FAST_CONFIG: &str = "scheduler_tick_ms = 100\nfake_clock = true\n[webhooks]\nbackoff_ms = 100\nmax_backoff_ms = 400\nmax_attempts = 4\ntimeout_ms = 2000\nallow_private = true\n";
+
+/// Config that only lets webhooks target 127.0.0.1.
+pub const LOCAL_WEBHOOKS: &str = "[webhooks]\nallow_private = true\n";
 
 impl Appliance {
     /// Starts a new appliance; `config` is the TOML config file's text, if any.

@@ -977,7 +977,7 @@ fn webhooks_are_signed_retried_and_never_slow_io() {
 
 #[test]
 fn restart_keeps_state_and_sigterm_loses_no_flushed_data() {
-    let mut a = Appliance::start(None);
+    let mut a = Appliance::start(Some(LOCAL_WEBHOOKS));
     let admin_tok = a.admin_token();
     let api = Api::new(&a, &admin_tok);
     api.expect(
@@ -1286,7 +1286,7 @@ fn cdmctl_drives_the_appliance_with_exit_codes() {
 fn pending_webhook_deliveries_survive_a_restart() {
     use hmac::{Hmac, Mac};
     // Retries for long enough that the delivery is still pending at restart.
-    let cfg = "scheduler_tick_ms = 100\n[webhooks]\nbackoff_ms = 200\nmax_backoff_ms = 400\nmax_attempts = 1000\ntimeout_ms = 1000\n";
+    let cfg = "scheduler_tick_ms = 100\n[webhooks]\nbackoff_ms = 200\nmax_backoff_ms = 400\nmax_attempts = 1000\ntimeout_ms = 1000\nallow_private = true\n";
     let mut a = Appliance::start(Some(cfg));
     let api = Api::new(&a, &a.admin_token());
     let port = free_port(); // nothing listens there yet
@@ -1335,4 +1335,206 @@ fn pending_webhook_deliveries_survive_a_restart() {
     let v: Value = serde_json::from_slice(body).unwrap();
     assert_eq!(v["event"]["subject"], "late");
     a.stop();
+}
+
+/// `POST /v1/login`: status, `Retry-After` and body.
+fn login(base: &str, name: &str, password: &str) -> (u16, Option<String>, Value) {
+    let body = json!({"name": name, "password": password}).to_string();
+    let r = match ureq::post(&format!("{base}/v1/login"))
+        .set("Content-Type", "application/json")
+        .send_string(&body)
+    {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("login: {e}"),
+    };
+    let status = r.status();
+    let retry = r.header("Retry-After").map(str::to_string);
+    (status, retry, r.into_json().unwrap_or(Value::Null))
+}
+
+#[test]
+fn login_brute_force_is_locked_out_with_an_alert() {
+    let a = Appliance::start(None);
+    let api = Api::new(&a, &a.admin_token());
+    for u in ["victim", "bystander"] {
+        api.expect(
+            201,
+            "POST",
+            "/v1/users",
+            Some(json!({"name": u, "role": "operator", "password": format!("{u}-password")})),
+        );
+    }
+    let base = a.url();
+    for i in 0..5 {
+        let (s, _, v) = login(&base, "victim", "guess-1234");
+        assert_eq!(s, 401, "attempt {i}: {v}");
+    }
+    let (s, _, v) = login(&base, "victim", "guess-1234");
+    assert_eq!(s, 429, "{v}");
+    // The right password is refused too while locked out.
+    let (s, retry, v) = login(&base, "victim", "victim-password");
+    assert_eq!(s, 429, "{v}");
+    assert_eq!(v["error"]["code"], "too_many_requests");
+    let secs: u64 = retry.expect("Retry-After").parse().unwrap();
+    assert!((1..=60).contains(&secs), "Retry-After {secs}");
+    let alerts = api.get("/v1/events?type=alert.raised&limit=100");
+    let lockouts: Vec<&Value> = alerts
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["subject"] == "victim" && e["data"]["reason"] == "login_lockout")
+        .collect();
+    assert_eq!(lockouts.len(), 1, "one alert per lockout: {alerts}");
+    // Another user (from the same address) is not affected.
+    let (s, _, v) = login(&base, "bystander", "bystander-password");
+    assert_eq!(s, 201, "{v}");
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn data_directory_and_files_are_private_whatever_the_umask() {
+    // The umask snapshotd inherits; 022 would give 0755/0644.
+    unsafe { libc::umask(0o022) };
+    let mut a = Appliance::start(None);
+    assert_eq!(mode(&a.data), 0o700);
+    for f in ["pool", "state.redb", "admin.token"] {
+        assert_eq!(mode(&a.data.join(f)), 0o600, "{f}");
+    }
+    // Looser modes from an older version are tightened at start.
+    a.stop();
+    let loosen = std::fs::Permissions::from_mode;
+    std::fs::set_permissions(&a.data, loosen(0o755)).unwrap();
+    std::fs::set_permissions(a.data.join("pool"), loosen(0o644)).unwrap();
+    a.restart();
+    assert_eq!(mode(&a.data), 0o700);
+    assert_eq!(mode(&a.data.join("pool")), 0o600);
+    assert!(a.log().contains("tightened"), "{}", a.log());
+}
+
+#[test]
+fn key_files_readable_by_others_are_refused_unless_allowed() {
+    let work = tempfile::tempdir().unwrap();
+    let key = work.path().join("key");
+    write_file(&key, &[7u8; 32]);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(bin("snapshotd"))
+        .arg("--data")
+        .arg(work.path().join("data"))
+        .arg("--key-file")
+        .arg(&key)
+        .args([
+            "--nbd",
+            &format!("unix:{}", work.path().join("x.sock").display()),
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run snapshotd");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("chmod 600 {}", key.display())),
+        "{err}"
+    );
+    // The config's allow_insecure_key_file starts it, with a warning.
+    let cfg = format!(
+        "key_file = \"{}\"\nallow_insecure_key_file = true\n",
+        key.display()
+    );
+    let a = Appliance::start(Some(&cfg));
+    assert!(a.log().contains("INSECURE"), "{}", a.log());
+    drop(a);
+    // So does --allow-insecure-key-file.
+    let port = free_port();
+    let mut child = Command::new(bin("snapshotd"))
+        .arg("--data")
+        .arg(work.path().join("data2"))
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--allow-insecure-key-file")
+        .args([
+            "--nbd",
+            &format!("unix:{}", work.path().join("y.sock").display()),
+            "--api",
+            &format!("127.0.0.1:{port}"),
+            "--pool-size",
+            "1G",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run snapshotd");
+    wait_for(30, "snapshotd with an insecure key file", || {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("snapshotd exited with {st}");
+        }
+        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn webhooks_to_loopback_and_link_local_are_refused_by_default() {
+    let mut a = Appliance::start(Some(LOCAL_WEBHOOKS));
+    let api = Api::new(&a, &a.admin_token());
+    let rx = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://127.0.0.1:{}/hook", rx.local_addr().unwrap().port());
+    // Allowed by the setting: created, then kept across a restart without it.
+    let hook = api.expect(
+        201,
+        "POST",
+        "/v1/webhooks",
+        Some(json!({"url": url, "events": ["volume.*"]})),
+    );
+    let hid = hook["id"].as_u64().unwrap();
+    a.stop();
+    a.config = None;
+    a.restart();
+    let api = Api::new(&a, &a.admin_token());
+    for bad in [
+        url.as_str(),
+        "http://[::1]:8080/",
+        "http://169.254.169.254/latest/meta-data",
+        "http://localhost/",
+    ] {
+        let v = api.expect(
+            400,
+            "POST",
+            "/v1/webhooks",
+            Some(json!({"url": bad, "events": ["*"]})),
+        );
+        assert_eq!(v["error"]["code"], "bad_request");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("allow_private"),
+            "{v}"
+        );
+    }
+    // The stored one is checked again at delivery: failed, not retried.
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "v", "size": 8 << 20})),
+    );
+    let d = wait_for(30, "refused delivery", || {
+        let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
+        d.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["state"] == "failed")
+            .cloned()
+    });
+    assert_eq!(d["attempts"], 1);
+    assert!(
+        d["last_error"].as_str().unwrap().contains("loopback"),
+        "{d}"
+    );
 }

@@ -3,6 +3,7 @@
 //! encrypted volumes; snapshots read back after a restart; the key checked
 //! at start.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -41,7 +42,8 @@ fn same_image_in_two_volumes_is_stored_once_and_snapshots_survive_restart() {
     sh(&format!(
         "cd {d} && mkdir src && find /usr/bin /usr/share/doc -type f -size -2M -printf '%s %p\\n' 2>/dev/null | awk '{{t+=$1; if (t>36000000) exit; print $2}}' > list && \
          tar -cf - -T list 2>/dev/null | tar -xf - -C src && \
-         mkfs.ext4 -q -F -b 4096 -d src disk.img 64M && head -c 32 /dev/urandom > key && head -c 32 /dev/urandom > wrong",
+         mkfs.ext4 -q -F -b 4096 -d src disk.img 64M && head -c 32 /dev/urandom > key && head -c 32 /dev/urandom > wrong && \
+         chmod 600 key wrong",
         d = w.display()
     ));
     let img = w.join("disk.img");
@@ -208,6 +210,8 @@ fn pool_defaults_and_a_passphrase_from_the_config() {
         .expect("tempdir");
     let pass = work.path().join("pass");
     std::fs::write(&pass, "correct horse battery\n").unwrap();
+    // snapshotd refuses key files others may read.
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
     let config = format!(
         "passphrase_file = \"{}\"\n[defaults]\ndedup = true\ncompression = 8\nencryption = \"sm4-xts\"\n",
         pass.display()

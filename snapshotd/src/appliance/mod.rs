@@ -12,6 +12,7 @@ mod logs;
 mod policies;
 mod pool;
 mod snapshots;
+mod throttle;
 mod users;
 mod vms;
 mod volumes;
@@ -69,6 +70,8 @@ pub struct Appliance {
     /// The last space report and the pool's change count it describes (it
     /// walks every tree, so it is made again only after the pool changed).
     reduction: Mutex<Option<(u64, cdmfs::ReductionReport)>>,
+    /// Failed logins per user name and client address.
+    login_throttle: throttle::LoginThrottle,
 }
 
 /// How long a listing may show a volume's unique bytes before recomputing.
@@ -122,6 +125,7 @@ impl Appliance {
             defaults,
             mounts,
             reduction: Mutex::new(None),
+            login_throttle: throttle::LoginThrottle::default(),
         })
     }
 
@@ -145,8 +149,8 @@ impl Backend for Appliance {
     fn authenticate(&self, token: &str) -> ApiResult<Caller> {
         self.session_authenticate(token)
     }
-    fn login(&self, req: Login) -> ApiResult<TokenCreated> {
-        self.session_login(req)
+    fn login(&self, req: Login, client: Option<std::net::IpAddr>) -> ApiResult<TokenCreated> {
+        self.session_login(req, client)
     }
     fn logout(&self, c: &Caller) -> ApiResult<()> {
         self.session_logout(c)

@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use std::time::Instant;
+
+use super::throttle::{Key, Lockout};
 use super::{lock, st, Appliance};
 use crate::state::{Sync, TOKENS, USERS};
 
@@ -216,7 +219,22 @@ impl Appliance {
         })
     }
 
-    pub(super) fn session_login(&self, req: Login) -> ApiResult<TokenCreated> {
+    /// Checks the throttle first: a locked-out name or address is refused
+    /// even with the right password, and costs no Argon2 work.
+    pub(super) fn session_login(
+        &self,
+        req: Login,
+        client: Option<std::net::IpAddr>,
+    ) -> ApiResult<TokenCreated> {
+        let mut keys = vec![Key::User(req.name.clone())];
+        keys.extend(client.map(Key::Addr));
+        if let Err(wait) = self.login_throttle.check(&keys, Instant::now()) {
+            let secs = wait.as_secs_f64().ceil() as u64;
+            return Err(ApiError::too_many_requests(
+                format!("too many failed logins; try again in {secs} s"),
+                secs,
+            ));
+        }
         let fail = || ApiError::unauthorized("wrong user name or password");
         let u: Option<UserRec> = self.state.get(USERS, &req.name).map_err(st)?;
         let ok = match u.as_ref().and_then(|u| u.password.as_ref()) {
@@ -230,12 +248,40 @@ impl Appliance {
         if !ok {
             self.events
                 .emit("user.login_failed", &req.name, &req.name, json!({}));
+            for l in self.login_throttle.failed(&keys, Instant::now()) {
+                self.alert_lockout(&l);
+            }
             return Err(fail());
         }
+        self.login_throttle.succeeded(&req.name);
         let t = self.make_token(&req.name, "session", Some(SESSION_SECS))?;
         self.events
             .emit("user.login", &req.name, &req.name, json!({"token": t.id}));
         Ok(t)
+    }
+
+    /// One `alert.raised` per lockout (refused attempts during it add none).
+    fn alert_lockout(&self, l: &Lockout) {
+        let (subject, what) = match &l.key {
+            Key::User(n) => (n.clone(), format!("user {n:?}")),
+            Key::Addr(a) => (a.to_string(), format!("address {a}")),
+        };
+        tracing::warn!(%subject, failures = l.failures, secs = l.delay.as_secs(), "login locked out");
+        self.events.emit(
+            "alert.raised",
+            &subject,
+            "snapshotd",
+            json!({
+                "message": format!(
+                    "{} failed logins for {what}: further logins refused for {} s",
+                    l.failures,
+                    l.delay.as_secs()
+                ),
+                "reason": "login_lockout",
+                "failures": l.failures,
+                "lockout_secs": l.delay.as_secs(),
+            }),
+        );
     }
 
     pub(super) fn session_logout(&self, c: &Caller) -> ApiResult<()> {

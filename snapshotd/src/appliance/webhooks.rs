@@ -26,6 +26,9 @@ impl Appliance {
                 "webhook url {url:?} must be an http:// or https:// URL with a host"
             )));
         }
+        self.events
+            .check_target(&url)
+            .map_err(ApiError::bad_request)?;
         if req.events.is_empty() {
             return Err(ApiError::bad_request(
                 "events must name at least one type (or \"*\")",
