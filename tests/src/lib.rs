@@ -235,6 +235,27 @@ pub fn write_file(p: &Path, data: &[u8]) {
         .expect("write file");
 }
 
+/// Runs `snapshotd` on `data` with `args` (and a throwaway NBD socket in
+/// `scratch`, the API on a free port) for a start that must be refused:
+/// asserts it exits with an error and returns what it printed on stderr.
+pub fn snapshotd_refused(data: &Path, scratch: &Path, args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(bin("snapshotd"))
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .args([
+            "--nbd",
+            &format!("unix:{}", scratch.join("x.sock").display()),
+            "--api",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .expect("run snapshotd");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "snapshotd started: {err}");
+    err
+}
+
 /// A running `snapshotd` on a temporary data directory: NBD on a unix
 /// socket, the API on a free TCP port. Killed when dropped.
 pub struct Appliance {

@@ -1421,21 +1421,11 @@ fn key_files_readable_by_others_are_refused_unless_allowed() {
     let key = work.path().join("key");
     write_file(&key, &[7u8; 32]);
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let out = Command::new(bin("snapshotd"))
-        .arg("--data")
-        .arg(work.path().join("data"))
-        .arg("--key-file")
-        .arg(&key)
-        .args([
-            "--nbd",
-            &format!("unix:{}", work.path().join("x.sock").display()),
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .expect("run snapshotd");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = snapshotd_refused(
+        &work.path().join("data"),
+        work.path(),
+        &["--key-file".as_ref(), key.as_os_str()],
+    );
     assert!(
         err.contains(&format!("chmod 600 {}", key.display())),
         "{err}"

@@ -169,21 +169,8 @@ fn same_image_in_two_volumes_is_stored_once_and_snapshots_survive_restart() {
     // A wrong key: snapshotd refuses to start, and writes nothing.
     let pool_file = a.data.join("pool");
     let state = sha(&pool_file);
-    let out = Command::new(bin("snapshotd"))
-        .arg("--data")
-        .arg(&a.data)
-        .arg("--key-file")
-        .arg(w.join("wrong"))
-        .args([
-            "--nbd",
-            &format!("unix:{}", w.join("x.sock").display()),
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .expect("run snapshotd");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let wrong = w.join("wrong");
+    let err = snapshotd_refused(&a.data, w, &["--key-file".as_ref(), wrong.as_os_str()]);
     assert!(err.contains("wrong key"), "{err}");
     assert_eq!(sha(&pool_file), state, "a refused start changed the pool");
     // Without a key: the API says so and encrypted volumes cannot be read.
@@ -250,19 +237,11 @@ fn pool_defaults_and_a_passphrase_from_the_config() {
         .arg(a.unix_uri("d")));
     a.stop();
     std::fs::write(&pass, "wrong horse\n").unwrap();
-    let out = Command::new(bin("snapshotd"))
-        .arg("--data")
-        .arg(&a.data)
-        .arg("--config")
-        .arg(a.config.clone().unwrap())
-        .args([
-            "--nbd",
-            &format!("unix:{}", work.path().join("x.sock").display()),
-            "--api",
-            "127.0.0.1:0",
-        ])
-        .output()
-        .expect("run snapshotd");
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong key"));
+    let cfg = a.config.clone().unwrap();
+    let err = snapshotd_refused(
+        &a.data,
+        work.path(),
+        &["--config".as_ref(), cfg.as_os_str()],
+    );
+    assert!(err.contains("wrong key"), "{err}");
 }
