@@ -177,7 +177,7 @@ fn start_server(ctx: &Ctx, name: &str, export: &str) -> Result<Child, Error> {
 /// and returns what it reported.
 fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Result<(), Error> {
     let fuse = fuse_dir(ctx, name);
-    host::unmount_strict(&fuse).map_err(|e| Error::host(e.to_string()))?;
+    host::unmount_strict(&fuse)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut child = child;
     loop {
@@ -237,7 +237,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
         Ok(d) => d,
         Err(e) => {
             undo(&mut child, None);
-            return Err(Error::host(e.to_string()));
+            return Err(e.into());
         }
     };
     let fstype = match (host::fs_type(&dev), &req.mkfs) {
@@ -257,7 +257,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
             };
             if let Err(e) = r {
                 undo(&mut child, Some(&dev));
-                return Err(Error::host(e.to_string()));
+                return Err(e.into());
             }
             fs.clone()
         }
@@ -319,7 +319,7 @@ fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), E
     if host::is_mounted(&a.mount) {
         let _ = run(Command::new("sync").arg("-f").arg(&a.mount));
         // Busy: stop here, everything stays attached and recorded.
-        host::unmount_strict(&a.mount).map_err(|e| Error::host(e.to_string()))?;
+        host::unmount_strict(&a.mount)?;
     }
     host::loop_detach_if_ours(&a.device, &fuse_dir(ctx, &a.name));
     if let Err(e) = stop_server(ctx, &a.name, a.pid, child) {

@@ -150,6 +150,7 @@ from_flat! {
     nbd_proto::client::ClientError => Host,
     cdm_api::client::ClientError => Host,
     crate::merge::MergeError => Io,
+    cdm_disk::host::HostError => Host,
 }
 
 /// One-line context for a `Result` carrying any error (std, PostgreSQL,

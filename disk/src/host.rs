@@ -21,11 +21,12 @@ pub enum HostError {
     /// A directory could not be made.
     #[error("{}: {source}", path.display())]
     Path { path: PathBuf, source: io::Error },
-    /// A filesystem is in use and stays mounted.
-    #[error("{} is busy ({source}): close what uses it and detach again", path.display())]
+    /// A filesystem is in use and stays mounted; `umount`'s own words are
+    /// part of the message (not a separate source, so they are said once).
+    #[error("{} is busy ({cause}): close what uses it and detach again", path.display())]
     Busy {
         path: PathBuf,
-        source: Box<HostError>,
+        cause: Box<HostError>,
     },
 }
 
@@ -148,7 +149,7 @@ pub fn unmount_strict(path: &Path) -> Result<()> {
     if is_mounted(path) {
         run(Command::new("umount").arg(path)).map_err(|e| HostError::Busy {
             path: path.to_path_buf(),
-            source: Box::new(e),
+            cause: Box::new(e),
         })?;
     }
     Ok(())

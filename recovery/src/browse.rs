@@ -25,11 +25,10 @@ fn unreadable(m: String) -> BrowseError {
 }
 
 /// Partitions of a target (empty: no table).
-pub fn partitions(pool: &Arc<Pool>, target: Target) -> Result<Vec<Partition>, BrowseError> {
+pub fn partitions(pool: &Pool, target: Target) -> Result<Vec<Partition>, BrowseError> {
     let (size, _) = pool.geometry(target)?;
-    let p = pool.clone();
     read_table(
-        &mut |off, dst| p.read(target, off, dst).map_err(|e| e.to_string()),
+        &mut |off, dst| pool.read(target, off, dst).map_err(|e| e.to_string()),
         size,
     )
     .map_err(|e| unreadable(e.to_string()))

@@ -167,24 +167,20 @@ impl Mounts {
     }
 }
 
+/// The partition table of a target as the API shows it (one reader:
+/// `cdm_recovery::browse::partitions`).
 pub fn partition_table(pool: &Pool, target: Target) -> ApiResult<Vec<PartitionInfo>> {
-    let (size, _) = pool.geometry(target).map_err(engine)?;
-    cdm_disk::partition::read_table(
-        &mut |off, dst| pool.read(target, off, dst).map_err(|e| e.to_string()),
-        size,
-    )
-    .map(|v| {
-        v.into_iter()
-            .map(|p| PartitionInfo {
-                number: p.number,
-                start: p.start,
-                size: p.len,
-                kind: p.kind,
-                bootable: p.bootable,
-            })
-            .collect()
-    })
-    .map_err(|e| ApiError::new(422, "unreadable", e.to_string()))
+    Ok(browse::partitions(pool, target)
+        .map_err(browse_err)?
+        .into_iter()
+        .map(|p| PartitionInfo {
+            number: p.number,
+            start: p.start,
+            size: p.len,
+            kind: p.kind,
+            bootable: p.bootable,
+        })
+        .collect())
 }
 
 /// Writes to the download channel in 1 MiB pieces; fails once the client
