@@ -5,6 +5,7 @@
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::Arc;
 
 use crate::server::Server;
@@ -90,6 +91,50 @@ impl Listener {
                 .unwrap_or_else(|| "unix".into()),
         }
     }
+}
+
+/// A JSON string literal of `s` (quotes, backslashes and control
+/// characters escaped): the ready file holds socket paths, which may
+/// contain anything, and this crate has no JSON library.
+pub fn json_string(s: &str) -> String {
+    let mut o = String::with_capacity(s.len() + 2);
+    o.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => o.push_str("\\\""),
+            '\\' => o.push_str("\\\\"),
+            c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
+            c => o.push(c),
+        }
+    }
+    o.push('"');
+    o
+}
+
+/// Removes a ready file left by an earlier run, so that whoever waits for
+/// it never reads the addresses of a process that is gone.
+pub fn clear_ready_file(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Writes `json` (the bound addresses) to `path` atomically: to a
+/// temporary file beside it, then renamed, so a reader sees either no file
+/// or the whole text. Called once every listener is bound, which is what
+/// lets a caller ask for port 0 and learn the port the kernel chose
+/// instead of guessing a free one (and racing for it).
+pub fn write_ready_file(path: &Path, json: &str) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(json.as_bytes())?;
+        f.write_all(b"\n")?;
+    }
+    std::fs::rename(&tmp, path)
 }
 
 type Split = (

@@ -441,6 +441,13 @@ pub fn serve_until_signal(
     commit_every: std::time::Duration,
 ) -> Result<(), ServeError> {
     start(server, listeners, commit_every)?;
+    wait_for_signal_then_commit(server)
+}
+
+/// The second half of [`serve_until_signal`], for a caller that has
+/// something to do between [`start`] and the wait (announce the bound
+/// addresses).
+pub fn wait_for_signal_then_commit(server: &Arc<Server>) -> Result<(), ServeError> {
     let sig = cdm_common::signals::wait_for_termination();
     tracing::info!(sig, "terminating: committing the pool");
     server.shutdown();

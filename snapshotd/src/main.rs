@@ -45,11 +45,20 @@ struct Args {
     #[arg(long)]
     data: Option<PathBuf>,
     /// NBD listener, HOST:PORT or unix:PATH; repeatable [default: 127.0.0.1:10809].
+    /// Port 0 lets the kernel choose a free port: see --ready-file.
     #[arg(long)]
     nbd: Vec<String>,
-    /// HTTP API listener, HOST:PORT [default: 127.0.0.1:8080].
+    /// HTTP API listener, HOST:PORT [default: 127.0.0.1:8080]. Port 0 lets
+    /// the kernel choose a free port: see --ready-file.
     #[arg(long)]
     api: Option<String>,
+    /// Once every listener is bound and the admin token written, write the
+    /// addresses actually bound here as JSON, `{"api": "127.0.0.1:41234",
+    /// "nbd": ["127.0.0.1:41235", "unix:/run/cdm/nbd.sock"]}` (atomically:
+    /// a reader sees no file or the whole file). Removed at start if left
+    /// by an earlier run.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     /// Size of the pool file created on first start (sparse) [default: 64G].
     #[arg(long, value_parser = parse_size)]
     pool_size: Option<u64>,
@@ -89,6 +98,7 @@ struct Config {
     data: Option<PathBuf>,
     nbd: Option<Vec<String>>,
     api: Option<String>,
+    ready_file: Option<PathBuf>,
     pool_size: Option<String>,
     commit_interval: Option<u64>,
     fake_clock: Option<bool>,
@@ -109,6 +119,7 @@ struct Settings {
     data: PathBuf,
     nbd: Vec<String>,
     api: String,
+    ready_file: Option<PathBuf>,
     pool_size: u64,
     commit_interval: u64,
     fake_clock: bool,
@@ -204,6 +215,7 @@ fn settings(args: &Args) -> Result<Settings> {
             .clone()
             .or(cfg.api)
             .unwrap_or_else(|| "127.0.0.1:8080".to_string()),
+        ready_file: args.ready_file.clone().or(cfg.ready_file),
         pool_size,
         commit_interval: args
             .commit_interval
@@ -415,6 +427,10 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let s = settings(&args)?;
     signals::block_termination();
+    if let Some(p) = &s.ready_file {
+        nbd_server::listener::clear_ready_file(p)
+            .with_context(|| format!("cannot remove {}", p.display()))?;
+    }
     secure_data_dir(&s.data)?;
     let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size, s.key.clone())?);
     let state_path = s.data.join("state.redb");
@@ -448,17 +464,19 @@ fn main() -> Result<()> {
         s.defaults,
         mounts,
     );
-    // For jobs that run cdm-agent (vm-backup): this API and a state
-    // directory of its own.
-    let _ = app.agent.set(appliance::AgentSetup {
-        api_url: format!("http://{}", s.api.replace("0.0.0.0", "127.0.0.1")),
-        state_dir: s.data.join("agent"),
-    });
     bootstrap_admin(&app, &s.data)?;
     // Bound only now, so whoever sees the API up also finds admin.token.
     let api_listener = std::net::TcpListener::bind(&s.api)
         .with_context(|| format!("cannot listen on {} for the API", s.api))?;
     api_listener.set_nonblocking(true)?;
+    // The address bound, not the one asked for: port 0 means "any".
+    let api_addr = api_listener.local_addr()?.to_string();
+    // For jobs that run cdm-agent (vm-backup): this API and a state
+    // directory of its own.
+    let _ = app.agent.set(appliance::AgentSetup {
+        api_url: format!("http://{}", api_addr.replace("0.0.0.0", "127.0.0.1")),
+        state_dir: s.data.join("agent"),
+    });
     let space = pool.space()?;
     events.emit(
         "pool.opened",
@@ -470,12 +488,17 @@ fn main() -> Result<()> {
         volumes = pool.list_volumes()?.len(),
         used = %human(space.used_bytes),
         total = %human(space.total_bytes),
-        api = %s.api,
+        api = %api_addr,
         nbd = ?nbd_addrs,
         "snapshotd ready"
     );
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let api_thread = spawn_api(app.clone(), api_listener, rx)?;
+    if let Some(p) = &s.ready_file {
+        let ready = json!({"api": api_addr, "nbd": nbd_addrs});
+        nbd_server::listener::write_ready_file(p, &ready.to_string())
+            .with_context(|| format!("cannot write the ready file {}", p.display()))?;
+    }
 
     let sig = signals::wait_for_termination();
     tracing::info!(sig, "terminating: draining NBD and API requests");

@@ -11,7 +11,8 @@ use clap::Parser;
 use std::time::Duration;
 
 use cdm_common::signals;
-use nbd_server::server::serve_until_signal;
+use nbd_server::listener::{clear_ready_file, json_string, write_ready_file};
+use nbd_server::server::{start, wait_for_signal_then_commit};
 use nbd_server::{Listener, Server, ServerConfig};
 
 #[derive(Parser)]
@@ -21,8 +22,15 @@ struct Args {
     #[arg(short, long, env = "CDMFS_POOL")]
     pool: PathBuf,
     /// HOST:PORT or unix:PATH; repeatable. Ignored under socket activation.
+    /// Port 0 lets the kernel choose a free port: see --ready-file.
     #[arg(short, long, default_value = "127.0.0.1:10809")]
     listen: Vec<String>,
+    /// Once every listener is bound, write the addresses actually bound
+    /// here as JSON, `{"nbd": ["127.0.0.1:41235", "unix:/run/x.sock"]}`
+    /// (atomically: a reader sees no file or the whole file). Removed at
+    /// start if left by an earlier run.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
     /// Export served for the empty export name.
     #[arg(short = 'e', long)]
     default_export: Option<String>,
@@ -54,9 +62,17 @@ fn main() -> Result<()> {
         tls: args.tls.settings().context("TLS settings")?,
         ..Default::default()
     };
+    if let Some(p) = &args.ready_file {
+        clear_ready_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
+    }
     let server = Server::new(pool, cfg);
     let listeners = Listener::bind_all(&args.listen)?;
-    serve_until_signal(&server, listeners, Duration::from_secs(5))
-        .context("final commit failed")?;
+    let addrs = start(&server, listeners, Duration::from_secs(5))?;
+    if let Some(p) = &args.ready_file {
+        let list: Vec<String> = addrs.iter().map(|a| json_string(a)).collect();
+        write_ready_file(p, &format!("{{\"nbd\": [{}]}}", list.join(", ")))
+            .with_context(|| format!("cannot write the ready file {}", p.display()))?;
+    }
+    wait_for_signal_then_commit(&server).context("final commit failed")?;
     Ok(())
 }
