@@ -4,7 +4,6 @@
 
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -52,6 +51,13 @@ pub fn output(cmd: &mut Command) -> std::process::Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    wait_output(child, &format!("{cmd:?}"))
+}
+
+/// Waits for a child started with piped output, with the same watchdog as
+/// [`output`]: the timeout only fails a hung process, it is no deadline
+/// for a slow one.
+pub fn wait_output(child: Child, what: &str) -> std::process::Output {
     let pid = child.id() as i32;
     let (tx, rx) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
@@ -64,10 +70,10 @@ pub fn output(cmd: &mut Command) -> std::process::Output {
     });
     let out = child
         .wait_with_output()
-        .unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"));
+        .unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
     let _ = tx.send(());
     if watchdog.join().unwrap_or(false) {
-        panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}; killed");
+        panic!("{what} did not finish within {COMMAND_TIMEOUT:?}; killed");
     }
     out
 }
@@ -138,32 +144,39 @@ impl Env {
         serde_json::from_str(&self.cdmfs(&a)).expect("cdmfs --json output")
     }
 
-    /// Starts `cdm-nbd` on a unix socket and a TCP port.
+    /// Starts `cdm-nbd` on a unix socket and a TCP port the kernel picks
+    /// (port 0), learnt from its ready file: no port is guessed.
     pub fn serve(&self, extra: &[&str]) -> NbdServer {
         let sock = self.path("nbd.sock");
-        let port = free_port();
+        let ready = self.path("nbd.ready");
+        // The last run's file would be taken for this one's.
+        let _ = std::fs::remove_file(&ready);
         let log = std::fs::File::create(self.path("nbd.log")).expect("log file");
-        let child = Command::new(bin("cdm-nbd"))
+        let mut child = Command::new(bin("cdm-nbd"))
             .arg("--pool")
             .arg(&self.pool)
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg("127.0.0.1:0")
+            .arg("--ready-file")
+            .arg(&ready)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start cdm-nbd");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(&sock).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "cdm-nbd did not start; log: {}",
-                std::fs::read_to_string(self.path("nbd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let v = wait_ready(&ready, &mut child, "cdm-nbd", || {
+            std::fs::read_to_string(self.path("nbd.log")).unwrap_or_default()
+        });
+        let port = v["nbd"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .find_map(|a| a.strip_prefix("127.0.0.1:"))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no TCP listener in the ready file: {v}"));
         NbdServer {
             child: Some(child),
             sock,
@@ -172,6 +185,108 @@ impl Env {
     }
 }
 
+/// How long a server may take to start before the test gives up: only a
+/// hung start hits it.
+pub const START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Waits for the ready file `path` that `snapshotd` / `cdm-nbd
+/// --ready-file` write once every listener is bound, and returns its JSON
+/// (`{"api": "127.0.0.1:PORT", "nbd": [...]}`). Fails at once if the
+/// process exits first, with `log()` in the message.
+pub fn wait_ready(
+    path: &Path,
+    child: &mut Child,
+    what: &str,
+    log: impl Fn() -> String,
+) -> serde_json::Value {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        // Written aside and renamed: present means complete.
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{what} ready file {}: {e}: {text}", path.display()));
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "{what} exited with {st} before it was ready; log:\n{}",
+                log()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not ready after {START_TIMEOUT:?}; log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A TCP port on 127.0.0.1 that nothing listens on and nothing else can
+/// take while this lives: a socket bound without listen(2), so
+/// connections to it are refused. For "the receiver is gone" cases, where
+/// a port that was free a moment ago might be taken by anyone.
+pub struct ClosedPort {
+    fd: std::os::fd::OwnedFd,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        // SAFETY: socket(2); the descriptor is owned by `fd` from here on.
+        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(raw >= 0, "socket: {}", std::io::Error::last_os_error());
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        sa.sin_family = libc::AF_INET as libc::sa_family_t;
+        sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: bind/getsockname on our socket with a valid sockaddr_in.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                &sa as *const _ as *const libc::sockaddr,
+                len,
+            )
+        };
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut got: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+        let mut glen = len;
+        let rc = unsafe {
+            libc::getsockname(
+                fd.as_raw_fd(),
+                &mut got as *mut _ as *mut libc::sockaddr,
+                &mut glen,
+            )
+        };
+        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+        ClosedPort {
+            fd,
+            port: u16::from_be(got.sin_port),
+        }
+    }
+
+    /// Starts listening on the very same port: the receiver "comes back"
+    /// without the port ever having been free for someone else.
+    pub fn listen(self) -> TcpListener {
+        use std::os::fd::AsRawFd;
+        // SAFETY: listen(2) on our bound socket.
+        let rc = unsafe { libc::listen(self.fd.as_raw_fd(), 128) };
+        assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+        TcpListener::from(self.fd)
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
+    }
+}
+
+/// Deprecated: a port that was free when asked and may be taken by anyone
+/// before it is used. Servers here bind port 0 and report the port
+/// ([`Env::serve`], [`Appliance`], `--ready-file`); a port that must refuse
+/// connections is a [`ClosedPort`]. Kept only for callers not yet moved.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -236,7 +351,7 @@ pub fn write_file(p: &Path, data: &[u8]) {
 }
 
 /// Runs `snapshotd` on `data` with `args` (and a throwaway NBD socket in
-/// `scratch`, the API on a free port) for a start that must be refused:
+/// `scratch`, the API on port 0) for a start that must be refused:
 /// asserts it exits with an error and returns what it printed on stderr.
 pub fn snapshotd_refused(data: &Path, scratch: &Path, args: &[&std::ffi::OsStr]) -> String {
     let out = Command::new(bin("snapshotd"))
@@ -257,7 +372,8 @@ pub fn snapshotd_refused(data: &Path, scratch: &Path, args: &[&std::ffi::OsStr])
 }
 
 /// A running `snapshotd` on a temporary data directory: NBD on a unix
-/// socket, the API on a free TCP port. Killed when dropped.
+/// socket, the API on a TCP port the kernel picks (port 0, learnt from the
+/// ready file). Killed when dropped.
 pub struct Appliance {
     pub dir: tempfile::TempDir,
     pub data: PathBuf,
@@ -303,8 +419,9 @@ impl Appliance {
     /// Starts (again) on the same data directory and config.
     pub fn restart(&mut self) {
         assert!(self.child.is_none(), "already running");
-        let port = free_port();
-        self.api = format!("127.0.0.1:{port}");
+        let ready = self.dir.path().join("snapshotd.ready");
+        // The last run's file would be taken for this one's.
+        let _ = std::fs::remove_file(&ready);
         let _ = std::fs::remove_file(&self.sock);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -316,8 +433,8 @@ impl Appliance {
             .arg(&self.data)
             .arg("--nbd")
             .arg(format!("unix:{}", self.sock.display()))
-            .arg("--api")
-            .arg(&self.api)
+            .args(["--api", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready)
             .args(["--pool-size", "4G"])
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -325,24 +442,16 @@ impl Appliance {
         if let Some(c) = &self.config {
             cmd.arg("--config").arg(c);
         }
-        self.child = Some(cmd.spawn().expect("start snapshotd"));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let up = UnixStream::connect(&self.sock).is_ok()
-                && std::net::TcpStream::connect(&self.api).is_ok();
-            if up {
-                break;
-            }
-            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
-                panic!("snapshotd exited with {st}; log:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "snapshotd did not start; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let mut child = cmd.spawn().expect("start snapshotd");
+        let log = self.dir.path().join("snapshotd.log");
+        let v = wait_ready(&ready, &mut child, "snapshotd", || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        });
+        self.child = Some(child);
+        self.api = v["api"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no API address in the ready file: {v}"))
+            .to_string();
     }
 
     /// Runs `cdmctl` against this appliance as admin.
@@ -407,7 +516,23 @@ impl Drop for Appliance {
     }
 }
 
-/// Polls `f` every 50 ms until it returns Some, or fails after `secs`.
+static LOAD: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// For a test whose checks depend on the machine not being busy with the
+/// other tests of its binary (they run in parallel): it runs alone among
+/// the tests that take [`shared`]. A failed test does not stop the others
+/// (the lock's poisoning is ignored).
+pub fn exclusive() -> std::sync::RwLockWriteGuard<'static, ()> {
+    LOAD.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// For the other tests of a binary that has an [`exclusive`] one.
+pub fn shared() -> std::sync::RwLockReadGuard<'static, ()> {
+    LOAD.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Polls `f` every 50 ms until it returns Some, or fails after `secs`
+/// (a bound for a hung test, not a deadline: keep it generous).
 pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {

@@ -6,8 +6,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Condvar, Mutex};
 
 use cdm_e2e::*;
 use nbd_proto::client::{Client, ClientOptions};
@@ -136,7 +135,7 @@ fn lifecycle_volume_snapshot_clone_through_nbd() {
         None,
     );
     client.disconnect().unwrap();
-    wait_for(10, "client to leave", || {
+    wait_for(120, "client to leave", || {
         let ex = api.get("/v1/exports");
         ex.as_array()
             .unwrap()
@@ -162,7 +161,7 @@ fn lifecycle_volume_snapshot_clone_through_nbd() {
     qemu_io(&a, "db-test", "read -P 0x33 0 64k");
     qemu_io(&a, "db-test", "read -P 0x11 64k 960k");
     // The server notices qemu-io's disconnect a moment after it exits.
-    wait_for(10, "qemu-io to leave", || {
+    wait_for(120, "qemu-io to leave", || {
         (api.get("/v1/volumes/db-test")["clients"] == 0).then_some(())
     });
     api.expect(204, "DELETE", "/v1/volumes/db-test", None);
@@ -607,7 +606,7 @@ fn schedules_retention_and_quota_on_a_fake_clock() {
         advance(&api, 3600);
         taken += 1;
         let want = taken.min(3);
-        let now = wait_for(10, "scheduled snapshot", || {
+        let now = wait_for(120, "scheduled snapshot", || {
             let s = api.get("/v1/volumes/h/snapshots");
             let n = s.as_array().unwrap().len();
             let newest_ok = s.as_array().unwrap().last().is_some_and(|x| {
@@ -676,14 +675,17 @@ fn schedules_retention_and_quota_on_a_fake_clock() {
         Some(json!({"retention": {"keep_days": 2}})),
     );
     advance(&api, 86_400);
-    std::thread::sleep(Duration::from_millis(500));
+    // A retention sweep that starts after the clock moved, and has ended:
+    // not "the scheduler probably ticked by now".
+    let swept = run_job(&api, json!({"kind": "retention"}));
+    assert_eq!(swept["state"], "succeeded", "{swept}");
     assert_eq!(
         snapshot_ids(&api, "d"),
         vec![s1, s2, s3],
         "nothing is 2 days old yet"
     );
     advance(&api, 2 * 86_400);
-    wait_for(10, "age expiry", || {
+    wait_for(120, "age expiry", || {
         (snapshot_ids(&api, "d") == vec![s1, s3]).then_some(())
     });
     let s4 = api.expect(
@@ -695,7 +697,7 @@ fn schedules_retention_and_quota_on_a_fake_clock() {
         .as_u64()
         .unwrap();
     advance(&api, 3 * 86_400);
-    wait_for(10, "age expiry keeps the newest", || {
+    wait_for(120, "age expiry keeps the newest", || {
         (snapshot_ids(&api, "d") == vec![s1, s4]).then_some(())
     });
 
@@ -724,12 +726,7 @@ fn schedules_retention_and_quota_on_a_fake_clock() {
         "/v1/pool/policy",
         Some(json!({"quota_bytes": used - (90 << 20)})),
     );
-    let job = api.expect(202, "POST", "/v1/jobs", Some(json!({"kind": "retention"})));
-    let jid = job["id"].as_u64().unwrap();
-    let done = wait_for(30, "retention job", || {
-        let j = api.get(&format!("/v1/jobs/{jid}"));
-        (j["state"] != "running").then_some(j)
-    });
+    let done = run_job(&api, json!({"kind": "retention"}));
     assert_eq!(done["state"], "succeeded", "{done}");
     let left = snapshot_ids(&api, "q");
     assert_eq!(left, qs[2..].to_vec(), "quota expiry took {done}");
@@ -752,14 +749,19 @@ fn schedules_retention_and_quota_on_a_fake_clock() {
         "/v1/pool/policy",
         Some(json!({"quota_bytes": 1 << 20})),
     );
-    wait_for(10, "quota alert", || {
+    wait_for(120, "quota alert", || {
         (event_count(&api, "alert.raised") >= 1).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // Two more whole sweeps, each started after the alert and ended, still
+    // over the quota: a per-sweep alert would show here.
+    for _ in 0..2 {
+        let j = run_job(&api, json!({"kind": "retention"}));
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
     assert_eq!(
         event_count(&api, "alert.raised"),
         1,
-        "one alert, not one per tick"
+        "one alert, not one per sweep"
     );
     assert_eq!(snapshot_ids(&api, "q"), vec![qs[3]]);
     assert_eq!(snapshot_ids(&api, "h").len(), 1);
@@ -769,6 +771,16 @@ fn schedules_retention_and_quota_on_a_fake_clock() {
         "clone origin and newest survive"
     );
     // The clock is real without --fake-clock: covered by the lifecycle test's appliance.
+}
+
+/// Starts a job and waits for it to leave `running`; returns its record.
+fn run_job(api: &Api, body: Value) -> Value {
+    let job = api.expect(202, "POST", "/v1/jobs", Some(body));
+    let jid = job["id"].as_u64().expect("job id");
+    wait_for(120, "job to end", || {
+        let j = api.get(&format!("/v1/jobs/{jid}"));
+        (j["state"] != "running").then_some(j)
+    })
 }
 
 fn event_count(api: &Api, kind: &str) -> usize {
@@ -781,11 +793,32 @@ fn event_count(api: &Api, kind: &str) -> usize {
 /// Requests a receiver got: headers (lower-case names) and body.
 type Received = Arc<Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>;
 
+/// Set when a hanging receiver may answer.
+type Gate = Arc<(Mutex<bool>, Condvar)>;
+
 /// A tiny HTTP receiver: answers the first `fail_first` requests with 500,
-/// then 200 (or never answers when `hang`), recording each request.
+/// then 200, recording each request. With `hang`, every request is
+/// recorded and then held unanswered until [`Receiver::release`] (or the
+/// drop): a receiver that is stuck for as long as the test needs, not for
+/// some number of seconds.
 struct Receiver {
     port: u16,
     got: Received,
+    gate: Gate,
+}
+
+impl Receiver {
+    fn release(&self) {
+        let (open, cv) = &*self.gate;
+        *open.lock().unwrap() = true;
+        cv.notify_all();
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 fn receiver(fail_first: usize, hang: bool) -> Receiver {
@@ -795,53 +828,64 @@ fn receiver(fail_first: usize, hang: bool) -> Receiver {
 fn receiver_on(l: TcpListener, fail_first: usize, hang: bool) -> Receiver {
     let port = l.local_addr().unwrap().port();
     let got: Received = Arc::default();
-    let g = got.clone();
+    let gate: Gate = Arc::default();
+    let (g, gt) = (got.clone(), gate.clone());
     std::thread::spawn(move || {
         for conn in l.incoming() {
-            let Ok(mut s) = conn else { continue };
-            let mut r = BufReader::new(s.try_clone().unwrap());
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut headers = Vec::new();
-            let mut len = 0usize;
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = h.trim_end().split_once(':') {
-                    let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-                    if k == "content-length" {
-                        len = v.parse().unwrap_or(0);
-                    }
-                    headers.push((k, v));
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            let n = {
-                let mut gl = g.lock().unwrap();
-                gl.push((headers, body));
-                gl.len()
-            };
-            if hang {
-                std::thread::sleep(Duration::from_secs(30));
-                continue;
-            }
-            let status = if n <= fail_first {
-                "500 Internal Server Error"
-            } else {
-                "200 OK"
-            };
-            let _ = write!(
-                s,
-                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
+            let Ok(s) = conn else { continue };
+            let (g, gt) = (g.clone(), gt.clone());
+            // A thread per request: one held request must not keep the
+            // next from being recorded.
+            std::thread::spawn(move || serve_one(s, &g, &gt, fail_first, hang));
         }
     });
-    Receiver { port, got }
+    Receiver { port, got, gate }
+}
+
+fn serve_one(mut s: std::net::TcpStream, g: &Received, gate: &Gate, fail_first: usize, hang: bool) {
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() {
+        return;
+    }
+    let mut headers = Vec::new();
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.trim_end().split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+            if k == "content-length" {
+                len = v.parse().unwrap_or(0);
+            }
+            headers.push((k, v));
+        }
+    }
+    let mut body = vec![0u8; len];
+    let _ = r.read_exact(&mut body);
+    let n = {
+        let mut gl = g.lock().unwrap();
+        gl.push((headers, body));
+        gl.len()
+    };
+    if hang {
+        let (open, cv) = &**gate;
+        let mut o = open.lock().unwrap();
+        while !*o {
+            o = cv.wait(o).unwrap();
+        }
+    }
+    let status = if n <= fail_first {
+        "500 Internal Server Error"
+    } else {
+        "200 OK"
+    };
+    let _ = write!(
+        s,
+        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
 }
 
 fn header<'a>(h: &'a [(String, String)], k: &str) -> Option<&'a str> {
@@ -852,7 +896,13 @@ fn header<'a>(h: &'a [(String, String)], k: &str) -> Option<&'a str> {
 fn webhooks_are_signed_retried_and_never_slow_io() {
     use hmac::{Hmac, Mac};
     require("qemu-io");
-    let a = Appliance::start(Some(FAST_CONFIG));
+    // Attempts that never time out on their own: a delivery to the
+    // hanging receiver below is stuck until the test releases it, so that
+    // I/O that waited for deliveries would hang (and fail the test), not
+    // merely be slower than some guessed number of milliseconds.
+    let cfg = FAST_CONFIG.replace("timeout_ms = 2000", "timeout_ms = 3600000");
+    assert_ne!(cfg, FAST_CONFIG);
+    let a = Appliance::start(Some(&cfg));
     let api = Api::new(&a, &a.admin_token());
     let rx = receiver(2, false);
     let secret = "0123456789abcdef-secret";
@@ -894,7 +944,7 @@ fn webhooks_are_signed_retried_and_never_slow_io() {
         Some(json!({"name": "w", "size": 1 << 20})),
     );
     api.expect(201, "POST", "/v1/volumes/w/snapshots", Some(json!({}))); // not subscribed
-    let d = wait_for(20, "delivery after retries", || {
+    let d = wait_for(120, "delivery after retries", || {
         let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
         (d.as_array()
             .unwrap()
@@ -922,9 +972,10 @@ fn webhooks_are_signed_retried_and_never_slow_io() {
 
     // A receiver that never answers and one that is gone: deliveries wait
     // on their own threads; NBD I/O and API calls do not.
-    let dead_port = free_port();
+    let dead_port = ClosedPort::new();
+    let dead_port_no = dead_port.port;
     let slow = receiver(0, true);
-    for port in [slow.port, dead_port] {
+    for port in [slow.port, dead_port_no] {
         api.expect(
             201,
             "POST",
@@ -932,8 +983,19 @@ fn webhooks_are_signed_retried_and_never_slow_io() {
             Some(json!({"url": format!("http://127.0.0.1:{port}/"), "events": ["*"]})),
         );
     }
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes/w/snapshots",
+        Some(json!({"label": "first"})),
+    );
+    // Observed, not assumed: a delivery is stuck in the hanging receiver.
+    wait_for(120, "a delivery held by the hanging receiver", || {
+        (!slow.got.lock().unwrap().is_empty()).then_some(())
+    });
     for i in 0..5 {
-        let t = Instant::now();
+        // Each of these emits events for both hooks while deliveries are
+        // stuck; had they waited for a delivery they would never return.
         api.expect(
             201,
             "POST",
@@ -941,22 +1003,27 @@ fn webhooks_are_signed_retried_and_never_slow_io() {
             Some(json!({"label": format!("s{i}")})),
         );
         qemu_io(&a, "w", "write -P 0x5a 0 256k");
-        assert!(
-            t.elapsed() < Duration::from_millis(1500),
-            "I/O slowed by webhooks: {:?}",
-            t.elapsed()
-        );
     }
+    assert!(
+        !slow.got.lock().unwrap().is_empty(),
+        "the hanging receiver still holds its deliveries"
+    );
+    slow.release();
     let hooks = api.get("/v1/webhooks");
     let dead = hooks
         .as_array()
         .unwrap()
         .iter()
-        .find(|h| h["url"].as_str().unwrap().contains(&dead_port.to_string()))
+        .find(|h| {
+            h["url"]
+                .as_str()
+                .unwrap()
+                .contains(&dead_port_no.to_string())
+        })
         .unwrap()["id"]
         .as_u64()
         .unwrap();
-    let failed = wait_for(30, "dead receiver given up", || {
+    let failed = wait_for(120, "dead receiver given up", || {
         let d = api.get(&format!("/v1/webhooks/{dead}/deliveries"));
         d.as_array()
             .unwrap()
@@ -1039,7 +1106,7 @@ fn restart_keeps_state_and_sigterm_loses_no_flushed_data() {
             }
         }
     });
-    wait_for(30, "writes under way", || {
+    wait_for(120, "writes under way", || {
         (flushed.load(Ordering::SeqCst) >= 512).then_some(())
     });
     let snap = api.expect(
@@ -1244,7 +1311,8 @@ fn cdmctl_drives_the_appliance_with_exit_codes() {
         .output()
         .unwrap();
     assert_eq!(code(o), 3, "no token anywhere");
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let closed = ClosedPort::new();
+    let dead = format!("http://127.0.0.1:{}", closed.port);
     let o = Command::new(bin("cdmctl"))
         .args(["--url", &dead, "--token", "cdm_00_00", "volume", "list"])
         .output()
@@ -1253,7 +1321,7 @@ fn cdmctl_drives_the_appliance_with_exit_codes() {
     let o = cdmctl(&a, &["volume", "show", "missing"]);
     assert!(String::from_utf8_lossy(&o.stderr).starts_with("cdmctl: volume missing not found"));
     // Delete through a background job (once qemu-io's session has ended).
-    wait_for(10, "qemu-io to leave", || {
+    wait_for(120, "qemu-io to leave", || {
         (ok_json(&a, &["volume", "show", "pg-dev"])["clients"] == 0).then_some(())
     });
     let j = ok_json(
@@ -1289,7 +1357,9 @@ fn pending_webhook_deliveries_survive_a_restart() {
     let cfg = "scheduler_tick_ms = 100\n[webhooks]\nbackoff_ms = 200\nmax_backoff_ms = 400\nmax_attempts = 1000\ntimeout_ms = 1000\nallow_private = true\n";
     let mut a = Appliance::start(Some(cfg));
     let api = Api::new(&a, &a.admin_token());
-    let port = free_port(); // nothing listens there yet
+    // Nothing listens there yet, and nothing else can take the port.
+    let closed = ClosedPort::new();
+    let port = closed.port;
     let secret = "restart-secret-0123456789";
     let h = api.expect(
         201,
@@ -1304,7 +1374,7 @@ fn pending_webhook_deliveries_survive_a_restart() {
         "/v1/volumes",
         Some(json!({"name": "late", "size": 1 << 20})),
     );
-    wait_for(10, "failed attempts", || {
+    wait_for(120, "failed attempts", || {
         let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
         d[0]["attempts"]
             .as_u64()
@@ -1313,14 +1383,10 @@ fn pending_webhook_deliveries_survive_a_restart() {
     });
     a.stop();
     // The receiver comes up while the daemon is down.
-    let rx = receiver_on(
-        TcpListener::bind(("127.0.0.1", port)).expect("receiver port"),
-        0,
-        false,
-    );
+    let rx = receiver_on(closed.listen(), 0, false);
     a.restart();
     let api = Api::new(&a, &a.admin_token());
-    let d = wait_for(20, "delivery after restart", || {
+    let d = wait_for(120, "delivery after restart", || {
         let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
         (d[0]["state"] == "delivered").then_some(d)
     });
@@ -1439,7 +1505,7 @@ fn key_files_readable_by_others_are_refused_unless_allowed() {
     assert!(a.log().contains("INSECURE"), "{}", a.log());
     drop(a);
     // So does --allow-insecure-key-file.
-    let port = free_port();
+    let ready = work.path().join("ready");
     let mut child = Command::new(bin("snapshotd"))
         .arg("--data")
         .arg(work.path().join("data2"))
@@ -1450,20 +1516,26 @@ fn key_files_readable_by_others_are_refused_unless_allowed() {
             "--nbd",
             &format!("unix:{}", work.path().join("y.sock").display()),
             "--api",
-            &format!("127.0.0.1:{port}"),
+            "127.0.0.1:0",
             "--pool-size",
             "1G",
         ])
+        .arg("--ready-file")
+        .arg(&ready)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("run snapshotd");
-    wait_for(30, "snapshotd with an insecure key file", || {
-        if let Ok(Some(st)) = child.try_wait() {
-            panic!("snapshotd exited with {st}");
-        }
-        std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-    });
+    let v = wait_ready(
+        &ready,
+        &mut child,
+        "snapshotd with an insecure key file",
+        String::new,
+    );
+    let api = v["api"].as_str().expect("API address");
+    // The address reported is the one serving the API.
+    let (status, _) = http(&format!("http://{api}"), "GET", "/health", None, None);
+    assert_eq!(status, 200);
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -1514,7 +1586,7 @@ fn webhooks_to_loopback_and_link_local_are_refused_by_default() {
         "/v1/volumes",
         Some(json!({"name": "v", "size": 8 << 20})),
     );
-    let d = wait_for(30, "refused delivery", || {
+    let d = wait_for(120, "refused delivery", || {
         let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
         d.as_array()
             .unwrap()
