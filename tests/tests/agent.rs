@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use cdm_e2e::*;
 use serde_json::Value;
@@ -23,6 +23,15 @@ fn pg_bin(tool: &str) -> PathBuf {
     v.sort();
     v.pop()
         .unwrap_or_else(|| panic!("{tool} not found under /usr/lib/postgresql"))
+}
+
+/// A port number for a PostgreSQL that listens only on a unix socket in a
+/// directory of its own (listen_addresses = ''): the number only names the
+/// socket file, no TCP port is taken, so nothing can race for it. Distinct
+/// within this process anyway, so no two servers ever share a name.
+fn pg_port() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(15432);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A PostgreSQL cluster of its own (initdb, trust for the socket).
@@ -52,7 +61,7 @@ impl Pg {
             _dir: dir,
             data,
             sock,
-            port: free_port(),
+            port: pg_port(),
         };
         pg.start();
         run(Command::new(pg_bin("pgbench")).args(pg.conn()).args([
@@ -232,7 +241,8 @@ fn backup_pg(agent: &Agent, pg: &Pg, volume: &str, extra: &[&str]) -> Value {
 
 /// Instant recovery of `snap`: the state the clone's PostgreSQL shows.
 fn instant_state(agent: &Agent, snap: &str, name: &str) -> (String, f64) {
-    let port = free_port();
+    // The clone's server listens on its own socket directory only.
+    let port = pg_port();
     let v = agent.ok(&[
         "restore",
         "instant",
@@ -251,6 +261,7 @@ fn instant_state(agent: &Agent, snap: &str, name: &str) -> (String, f64) {
 
 #[test]
 fn postgres_incremental_forever_with_instant_clone_and_regular_recovery() {
+    let _load = shared();
     let app = Appliance::start(None);
     let agent = Agent::new(&app);
     let pg = Pg::init(4);
@@ -309,11 +320,13 @@ fn postgres_incremental_forever_with_instant_clone_and_regular_recovery() {
     for (i, (snap, committed)) in snaps.iter().enumerate() {
         let (state, secs) = instant_state(&agent, snap, &format!("inst{i}"));
         assert_eq!(&state, committed, "instant recovery of {snap}");
-        assert!(secs < 30.0, "{secs}");
+        // Instant = nothing copied (asserted in instant_state); the time
+        // is reported, not bounded (no wall-clock ceiling in a test).
+        assert!(secs > 0.0, "{secs}");
     }
     // Two clones of one snapshot diverge independently.
     let (snap, committed) = &snaps[2];
-    let (pa, pb) = (free_port(), free_port());
+    let (pa, pb) = (pg_port(), pg_port());
     let a = agent.ok(&[
         "restore",
         "clone",
@@ -362,7 +375,7 @@ fn postgres_incremental_forever_with_instant_clone_and_regular_recovery() {
         .prefix("cdm-restore-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let port = free_port();
+    let port = pg_port();
     let (snap, committed) = &snaps[1];
     let v = agent.ok(&[
         "restore",
@@ -395,11 +408,13 @@ fn postgres_incremental_forever_with_instant_clone_and_regular_recovery() {
 
 #[test]
 fn postgres_faults_fail_clearly_and_lose_nothing() {
+    let _load = shared();
     let mut app = Appliance::start(None);
     let mut agent = Agent::new(&app);
     let pg = Pg::init(3);
-    // Not running: nothing is attached or created.
-    let closed = free_port().to_string();
+    // Not running: nothing is attached or created. (pg listens on a unix
+    // socket only: no server has this port's socket in that directory.)
+    let closed = pg_port().to_string();
     let e = agent.fail(&[
         "backup",
         "postgres",
@@ -483,16 +498,21 @@ fn postgres_faults_fail_clearly_and_lose_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // Observed, not assumed: the merge into the stage disk has begun (its
+    // in-progress marker is on the mounted stage disk). Stopped there, the
+    // backup is certainly mid-copy when the appliance goes.
+    let marker = wait_for(300, "the backup to start merging", || {
+        merge_marker(agent.state.path())
+    });
+    let pid = child.id() as i32;
+    // SAFETY: signals to the child we spawned.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    assert!(marker.exists(), "the merge ended before it was stopped");
     app.kill();
-    let t = Instant::now();
-    let out = child.wait_with_output().unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // The watchdog fails a backup that hangs instead of failing.
+    let out = wait_output(child, "the backup cut by the appliance's death");
     assert!(!out.status.success());
-    assert!(
-        t.elapsed() < Duration::from_secs(120),
-        "the failed backup hung for {:?}",
-        t.elapsed()
-    );
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
     let e = v["error"].as_str().unwrap();
@@ -528,6 +548,19 @@ fn postgres_faults_fail_clearly_and_lose_nothing() {
     assert_eq!(state, now);
 }
 
+/// The merge's in-progress marker (`.cdm/in-progress`) on a stage disk
+/// the agent has mounted under `STATE/mnt`, once a run has written it.
+fn merge_marker(state: &Path) -> Option<PathBuf> {
+    let out = output(Command::new("find").arg(state.join("mnt")).args([
+        "-maxdepth",
+        "4",
+        "-path",
+        "*/.cdm/in-progress",
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().next().map(PathBuf::from)
+}
+
 fn tree_listing(root: &Path) -> String {
     sh(&format!(
         "cd {} && find . -path ./.cdm -prune -o -path ./lost+found -prune -o -printf '%p %y %m %u %s %l\\n' | sort && find . -path ./.cdm -prune -o -type f -print0 | sort -z | xargs -0r md5sum",
@@ -537,6 +570,8 @@ fn tree_listing(root: &Path) -> String {
 
 #[test]
 fn files_and_block_backups_with_bandwidth_limits() {
+    // Throttled timings: alone among this binary's tests.
+    let _alone = exclusive();
     require("qemu-nbd");
     require("qemu-io");
     let app = Appliance::start(None);
@@ -621,7 +656,9 @@ fn files_and_block_backups_with_bandwidth_limits() {
     );
     agent.ok(&["detach", "scratch"]);
 
-    // Bandwidth: 12 MiB at 4 MiB/s takes about three seconds.
+    // Bandwidth: 12 MiB at 4 MiB/s takes at least about three seconds (a
+    // lower bound holds under any load; the bucket may start with a
+    // quarter second saved).
     sh(&format!(
         "head -c 12582912 /dev/urandom > {}/a/new-big",
         s.display()
@@ -638,11 +675,15 @@ fn files_and_block_backups_with_bandwidth_limits() {
     ]);
     let secs = t.elapsed().as_secs_f64();
     assert!(secs > 2.4, "{secs}");
+    // Time spent waiting is reported, and part of the run's time. (How
+    // much depends on how fast the rest of the run was: not bounded.)
+    let throttled = v3["merge"]["throttled_seconds"].as_f64().unwrap();
     assert!(
-        v3["merge"]["throttled_seconds"].as_f64().unwrap() > 1.5,
-        "{v3}"
+        throttled > 0.0 && throttled <= secs,
+        "{throttled} {secs}: {v3}"
     );
-    // A window that covers the whole day wins over the limit.
+    // A window that covers the whole day wins over the limit: 4 MiB at
+    // 1 MiB/s, at least about four seconds.
     sh(&format!(
         "head -c 4194304 /dev/urandom > {}/a/new-big",
         s.display()
@@ -677,12 +718,27 @@ fn files_and_block_backups_with_bandwidth_limits() {
             s.to_str().unwrap(),
         ])
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Observed, not assumed: the first backup holds its lock (a probe
+    // cannot take it), and is stopped while the second one runs.
+    let lock = agent.state.path().join("locks/fs.lock");
+    wait_for(300, "the first backup to hold its lock", || {
+        (lock.exists() && !can_lock(&lock)).then_some(())
+    });
+    let pid = slow.id() as i32;
+    // SAFETY: signals to the child we spawned.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
     let e = agent.fail(&["backup", "files", "--volume", "fs", s.to_str().unwrap()]);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
     assert!(e.contains("another backup of fs is running"), "{e}");
-    assert!(slow.wait_with_output().unwrap().status.success());
+    let out = wait_output(slow, "the first backup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // The configuration file instead of flags.
     let cfg = agent.state.path().join("agent.toml");
     std::fs::write(
@@ -734,7 +790,7 @@ fn files_and_block_backups_with_bandwidth_limits() {
             .arg(img)
             .spawn()
             .unwrap();
-        wait_for(10, "qemu-nbd", || isock.exists().then_some(()));
+        wait_for(120, "qemu-nbd", || isock.exists().then_some(()));
         c
     };
     let uri = format!("nbd+unix:///?socket={}", isock.display());
@@ -823,6 +879,16 @@ fn files_and_block_backups_with_bandwidth_limits() {
     ]));
 }
 
+/// Whether an exclusive flock on `p` can be taken now (then released).
+fn can_lock(p: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = std::fs::File::open(p) else {
+        return false;
+    };
+    // SAFETY: flock(2) on a descriptor we own; released when `f` closes.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 /// A cluster made the Debian way (`pg_createcluster`: configuration in
 /// /etc/postgresql, peer authentication, the ssl-cert group for the
 /// snakeoil key); dropped when the test ends.
@@ -842,21 +908,27 @@ impl DebianCluster {
             .unwrap()
             .to_string_lossy()
             .into_owned();
+        let name = format!("cdmtest{}", std::process::id());
+        // pg_createcluster picks a port no other cluster here uses, and
+        // tells us; the server gets no TCP listener (socket only), so the
+        // port is only the socket's name in /var/run/postgresql.
+        run(Command::new("pg_createcluster").args([&version, &name]));
+        let listed = run(Command::new("pg_lsclusters").args(["-h", &version, &name]));
+        let port = listed
+            .split_whitespace()
+            .nth(2)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("pg_lsclusters: {listed}"));
         let c = DebianCluster {
             version,
-            name: format!("cdmtest{}", std::process::id()),
-            port: free_port(),
+            name,
+            port,
         };
-        run(Command::new("pg_createcluster").args([
-            &c.version,
-            &c.name,
-            "-p",
-            &c.port.to_string(),
-        ]));
         // Let root connect as postgres over the socket (peer map).
         let etc = format!("/etc/postgresql/{}/{}", c.version, c.name);
         sh(&format!(
-            "echo 'cdm root postgres' >> {etc}/pg_ident.conf && \
+            "echo \"listen_addresses = ''\" >> {etc}/postgresql.conf && \
+             echo 'cdm root postgres' >> {etc}/pg_ident.conf && \
              sed -i 's/^local\\( *\\)all\\( *\\)postgres\\( *\\)peer$/local all postgres peer map=cdm/' {etc}/pg_hba.conf"
         ));
         run(Command::new("pg_ctlcluster").args([&c.version, &c.name, "start"]));
@@ -872,6 +944,7 @@ impl Drop for DebianCluster {
 
 #[test]
 fn debian_packaged_cluster_backs_up_and_recovers_with_its_etc_configuration() {
+    let _load = shared();
     let app = Appliance::start(None);
     let agent = Agent::new(&app);
     let c = DebianCluster::create();
@@ -904,7 +977,8 @@ fn debian_packaged_cluster_backs_up_and_recovers_with_its_etc_configuration() {
         snaps.push((v["export"].as_str().unwrap().to_string(), committed));
     }
     for (i, (snap, committed)) in snaps.iter().enumerate() {
-        let port = free_port();
+        // The clone listens on its own socket directory only.
+        let port = pg_port();
         let v = agent.ok(&[
             "restore",
             "instant",
