@@ -489,7 +489,7 @@ fn postgres_faults_fail_clearly_and_lose_nothing() {
     // appliance goes.
     psql(&pg.sock, pg.port, "VACUUM FULL pgbench_accounts");
     let mut slow = agent.cmd(&{
-        let mut a = vec!["--limit", "4", "backup", "postgres", "--volume", "pgf"];
+        let mut a = vec!["--limit", "2", "backup", "postgres", "--volume", "pgf"];
         a.extend(conn.iter().map(String::as_str));
         a
     });
@@ -508,6 +508,10 @@ fn postgres_faults_fail_clearly_and_lose_nothing() {
     // SAFETY: signals to the child we spawned.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     assert!(marker.exists(), "the merge ended before it was stopped");
+    // Seen in the page cache is not yet on the appliance (the agent may be
+    // stopped between creating the marker and syncing it): make it
+    // durable, so the cut is certainly one the next run must notice.
+    run(Command::new("sync").arg("-f").arg(&marker));
     app.kill();
     unsafe { libc::kill(pid, libc::SIGCONT) };
     // The watchdog fails a backup that hangs instead of failing.
