@@ -259,7 +259,7 @@ mod tests {
 
     fn gen_field(r: &mut impl rand::Rng, lo: u32, hi: u32) -> RefField {
         // Mostly valid values, some just outside the range.
-        let mut v = |r: &mut dyn rand::RngCore| {
+        let v = |r: &mut dyn rand::RngCore| {
             use rand::Rng;
             if r.gen_range(0..20) == 0 {
                 if r.gen_bool(0.5) {
@@ -351,7 +351,8 @@ mod tests {
             let end = start + 5 * 366 * 86_400;
             let (mut y, mut m, mut d, mut dow) = (2026u32, 11u32, 24u32, 2u32); // T0: a Tuesday
             let mut day = T0 / 86_400;
-            let leap = |y: u32| y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+            let leap =
+                |y: u32| y.is_multiple_of(4) && (!y.is_multiple_of(100) || y.is_multiple_of(400));
             let len = |y: u32, m: u32| match m {
                 2 if leap(y) => 29,
                 2 => 28,
