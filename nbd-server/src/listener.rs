@@ -196,3 +196,33 @@ impl Server {
         }
     }
 }
+
+#[cfg(test)]
+mod ready_tests {
+    use super::*;
+
+    #[test]
+    fn json_string_escapes_what_json_requires() {
+        assert_eq!(json_string("unix:/a b"), r#""unix:/a b""#);
+        // A quote, a backslash, a newline and a control character.
+        assert_eq!(json_string("q\"b\\\n\u{1}"), r#""q\"b\\\u000a\u0001""#);
+    }
+
+    #[test]
+    fn ready_file_is_replaced_whole_and_cleared() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ready");
+        clear_ready_file(&p).unwrap(); // absent: fine
+        write_ready_file(&p, r#"{"nbd": ["127.0.0.1:1"]}"#).unwrap();
+        write_ready_file(&p, r#"{"nbd": ["127.0.0.1:2"]}"#).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&p).unwrap(),
+            "{\"nbd\": [\"127.0.0.1:2\"]}\n"
+        );
+        // Nothing is left beside it.
+        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(names.len(), 1);
+        clear_ready_file(&p).unwrap();
+        assert!(!p.exists());
+    }
+}
