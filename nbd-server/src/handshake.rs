@@ -8,15 +8,16 @@ use std::sync::Arc;
 use nbd_proto::codec::*;
 
 use crate::export::Export;
-use crate::server::{read_exact_or_eof, send, ConnError, Server, SharedWriter};
+use crate::server::{read_exact_or_eof, send, ConnError, Link, Registration, Server, SharedWriter};
 use crate::transmission::Session;
 
 /// How the option haggling ended.
 pub(crate) enum Outcome {
     Closed,
     StartTls,
-    /// Transmission on the session, opened under this name.
-    Go(Session, String),
+    /// Transmission on the session, for the client registered under the
+    /// export's name.
+    Go(Box<Session>, Registration),
 }
 
 /// What the options so far agreed on.
@@ -36,11 +37,10 @@ enum Step {
 
 /// The option phase of one connection.
 struct Haggle<'a> {
-    server: &'a Server,
+    server: &'a Arc<Server>,
     w: &'a SharedWriter,
     n: Negotiated,
-    tls_active: bool,
-    tls_possible: bool,
+    link: Link<'a>,
 }
 
 /// An export opened for a client, with the read-only the client sees.
@@ -93,12 +93,11 @@ impl Server {
     /// The option haggling phase, from the first option (or the first after
     /// STARTTLS, which discards what was negotiated before).
     pub(crate) fn negotiate(
-        &self,
+        self: &Arc<Self>,
         r: &mut dyn Read,
         w: &SharedWriter,
         no_zeroes: bool,
-        tls_active: bool,
-        tls_possible: bool,
+        link: Link,
     ) -> Result<Outcome, ConnError> {
         let mut h = Haggle {
             server: self,
@@ -109,8 +108,7 @@ impl Server {
                 no_zeroes,
                 meta: None,
             },
-            tls_active,
-            tls_possible,
+            link,
         };
         loop {
             let Some((option, data)) = h.read_option(r)? else {
@@ -173,7 +171,7 @@ impl Haggle<'_> {
             return self.refuse(option, REP_ERR_SHUTDOWN, "server is shutting down");
         }
         let tls_required =
-            self.server.cfg.tls.as_ref().is_some_and(|t| t.required) && !self.tls_active;
+            self.server.cfg.tls.as_ref().is_some_and(|t| t.required) && !self.link.tls_active;
         if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
             if option == OPT_EXPORT_NAME {
                 return Err(ConnError::Refused(
@@ -222,10 +220,11 @@ impl Haggle<'_> {
         if !self.n.no_zeroes {
             b.extend_from_slice(&[0u8; 124]);
         }
+        let reg = self.server.register(&self.link, &name);
         send(self.w, &[&b])?;
         let base_alloc = self.n.meta.as_deref() == Some(name.as_str());
         let sess = Session::new(o.export, o.read_only, self.n.structured, false, base_alloc);
-        Ok(Step::Done(Outcome::Go(sess, name)))
+        Ok(Step::Done(Outcome::Go(Box::new(sess), reg)))
     }
 
     fn list(&self, data: &[u8]) -> Result<Step, ConnError> {
@@ -243,9 +242,9 @@ impl Haggle<'_> {
 
     fn starttls(&self, data: &[u8]) -> Result<Step, ConnError> {
         let o = OPT_STARTTLS;
-        if self.server.cfg.tls.is_none() || !self.tls_possible {
+        if self.server.cfg.tls.is_none() || !self.link.tls_possible {
             self.refuse(o, REP_ERR_POLICY, "TLS is not configured on this server")
-        } else if self.tls_active {
+        } else if self.link.tls_active {
             self.refuse(o, REP_ERR_INVALID, "TLS is already active")
         } else if !data.is_empty() {
             self.refuse(o, REP_ERR_INVALID, "STARTTLS takes no data")
@@ -284,10 +283,12 @@ impl Haggle<'_> {
             REP_INFO,
             &info_block_size(bs.minimum, bs.preferred, max),
         )?;
-        self.reply(option, REP_ACK, &[])?;
         if option != OPT_GO {
+            self.reply(option, REP_ACK, &[])?;
             return Ok(Step::Next);
         }
+        let reg = self.server.register(&self.link, &name);
+        self.reply(option, REP_ACK, &[])?;
         let base_alloc = self.n.meta.as_deref() == Some(name.as_str());
         let sess = Session::new(
             o.export,
@@ -296,7 +297,7 @@ impl Haggle<'_> {
             self.n.extended,
             base_alloc,
         );
-        Ok(Step::Done(Outcome::Go(sess, name)))
+        Ok(Step::Done(Outcome::Go(Box::new(sess), reg)))
     }
 
     fn structured_reply(&mut self, data: &[u8]) -> Result<Step, ConnError> {

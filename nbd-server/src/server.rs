@@ -136,6 +136,60 @@ pub(crate) struct Hangup {
     pub(crate) who: String,
 }
 
+/// What the handshake knows of the connection it runs on.
+pub(crate) struct Link<'a> {
+    pub(crate) peer: &'a str,
+    /// The socket, for hanging up (none for plain streams).
+    pub(crate) sock: Option<&'a OwnedFd>,
+    pub(crate) tls_active: bool,
+    pub(crate) tls_possible: bool,
+}
+
+/// A client in the server's table, from just before the reply that lets
+/// it into transmission until it leaves. Registering before that reply
+/// means `disconnect_export` cannot miss a client that has just connected.
+pub(crate) struct Registration {
+    server: Arc<Server>,
+    id: u64,
+    pub(crate) info: ClientInfo,
+    pub(crate) hangup: Arc<Hangup>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.server.clients).remove(&self.id);
+        self.server
+            .notify(ConnEvent::Disconnected(self.info.clone()));
+    }
+}
+
+impl Server {
+    /// Enters a client of `export` in the table (see `Registration`).
+    pub(crate) fn register(self: &Arc<Self>, link: &Link, export: &str) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let since_unix = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let info = ClientInfo {
+            id,
+            peer: link.peer.to_string(),
+            export: export.to_string(),
+            since_unix,
+        };
+        let sock = link.sock.and_then(|s| s.try_clone().ok());
+        let hangup = Arc::new(Hangup::new(sock, format!("{} on {export}", link.peer)));
+        lock(&self.clients).insert(id, (info.clone(), hangup.clone()));
+        self.notify(ConnEvent::Connected(info.clone()));
+        Registration {
+            server: self.clone(),
+            id,
+            info,
+            hangup,
+        }
+    }
+}
+
 impl Hangup {
     pub(crate) fn new(sock: Option<OwnedFd>, who: String) -> Hangup {
         Hangup {
@@ -347,7 +401,13 @@ impl Server {
         };
         let mut tls_active = false;
         loop {
-            match self.negotiate(&mut *r, &w, no_zeroes, tls_active, raw.is_some())? {
+            let link = Link {
+                peer,
+                sock: sock.as_ref(),
+                tls_active,
+                tls_possible: raw.is_some(),
+            };
+            match self.negotiate(&mut *r, &w, no_zeroes, link)? {
                 Outcome::Closed => return Ok(()),
                 Outcome::StartTls => {
                     let (Some(sock), Some(tls)) = (raw.take(), self.cfg.tls.as_ref()) else {
@@ -365,27 +425,11 @@ impl Server {
                     ))));
                     tls_active = true;
                 }
-                Outcome::Go(mut sess, name) => {
-                    sess.stats = self.stats_for(&name);
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    let since = SystemTime::now()
-                        .duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
-                    let info = ClientInfo {
-                        id,
-                        peer: peer.to_string(),
-                        export: name.clone(),
-                        since_unix: since,
-                    };
-                    let hangup = Arc::new(Hangup::new(sock, format!("{peer} on {name}")));
-                    sess.hangup = hangup.clone();
-                    lock(&self.clients).insert(id, (info.clone(), hangup));
-                    self.notify(ConnEvent::Connected(info.clone()));
-                    let res = self.transmit(Arc::new(sess), &mut *r, w);
-                    lock(&self.clients).remove(&id);
-                    self.notify(ConnEvent::Disconnected(info));
-                    return res;
+                Outcome::Go(mut sess, reg) => {
+                    sess.stats = self.stats_for(&reg.info.export);
+                    sess.hangup = reg.hangup.clone();
+                    return self.transmit(Arc::from(sess), &mut *r, w);
+                    // `reg` drops here: the client is forgotten.
                 }
             }
         }
