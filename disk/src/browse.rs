@@ -314,7 +314,8 @@ fn copy_inner(
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = guard(|| f.read(&mut buf))?.map_err(|e| BrowseError::Unreadable(format!("{path}: {e}")))?;
+        let n = guard(|| f.read(&mut buf))?
+            .map_err(|e| BrowseError::Unreadable(format!("{path}: {e}")))?;
         if n == 0 {
             return Ok(total);
         }

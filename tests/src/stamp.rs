@@ -126,7 +126,11 @@ pub fn verify_with(
             return Err(format!(
                 "sector at byte {at}: expected {expected}, found {}{}",
                 describe(s),
-                if header_ok { " with a damaged body" } else { "" }
+                if header_ok {
+                    " with a damaged body"
+                } else {
+                    ""
+                }
             ));
         }
     }
@@ -200,8 +204,7 @@ pub fn qemu_io(args: &[&str]) -> String {
         "qemu-io {args:?} failed ({}): {stdout}{stderr}",
         out.status
     );
-    pattern_ok(&format!("{stdout}{stderr}"))
-        .unwrap_or_else(|e| panic!("qemu-io {args:?}: {e}"));
+    pattern_ok(&format!("{stdout}{stderr}")).unwrap_or_else(|e| panic!("qemu-io {args:?}: {e}"));
     stdout
 }
 
@@ -230,7 +233,12 @@ mod tests {
         }
         verify(&d, t, 4096, 7).unwrap();
         let c = data(t, 0, 8192, 1, Body::Compressible);
-        assert!(c.chunks(SECTOR).collect::<std::collections::HashSet<_>>().len() == 16);
+        assert!(
+            c.chunks(SECTOR)
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == 16
+        );
     }
 
     #[test]
