@@ -75,6 +75,17 @@ pub fn random(tag: u64, off: u64, len: usize, gen: u64) -> Vec<u8> {
     data(tag, off, len, gen, Body::Random)
 }
 
+/// Bytes for writes that are not sector aligned: each byte depends on the
+/// tag, its own absolute offset and the generation, so a read served from
+/// elsewhere (any distance, another write) differs in all but about one
+/// byte in 256. Check by comparing with a model built from these bytes.
+pub fn unaligned(tag: u64, off: u64, len: usize, gen: u64) -> Vec<u8> {
+    let key = mix(tag ^ mix(gen));
+    (off..off + len as u64)
+        .map(|p| mix(key ^ (p / 8)).to_le_bytes()[(p % 8) as usize])
+        .collect()
+}
+
 /// What a sector holds: `Some((tag, offset, generation))` if it carries a
 /// stamp header, `None` otherwise (zeros, foreign data).
 pub fn decode(s: &[u8]) -> Option<(u64, u64, u64)> {
@@ -268,6 +279,19 @@ mod tests {
         assert!(e.contains("found zeros"), "{e}");
         let e = verify_with(&d[..512], t, 0, Body::Random, |_| None).unwrap_err();
         assert!(e.contains("expected zeros"), "{e}");
+    }
+
+    #[test]
+    fn unaligned_bytes_do_not_repeat() {
+        let d = unaligned(1, 1000, 64 << 10, 3);
+        assert_eq!(d[..100], unaligned(1, 1000, 100, 3)[..]);
+        assert_eq!(d[8..100], unaligned(1, 1008, 92, 3)[..]);
+        for shift in [1usize, 8, 256, 512, 4096] {
+            let same = d.iter().zip(&d[shift..]).filter(|(a, b)| a == b).count();
+            assert!(same * 100 < d.len(), "shift {shift}: {same} equal bytes");
+        }
+        assert_ne!(d[..64], unaligned(1, 1000, 64, 4)[..]);
+        assert_ne!(d[..64], unaligned(2, 1000, 64, 3)[..]);
     }
 
     #[test]
