@@ -1,16 +1,25 @@
 //! snapshotd: creates its pool on first start, serves NBD, commits and exits
-//! 0 on SIGTERM, keeps data across restarts.
+//! 0 on SIGTERM, keeps data across restarts; cdmctl's exit code for a
+//! server error.
 
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cdm_e2e::stamp;
 use cdm_e2e::*;
 
-/// A running snapshotd, killed if the test fails before stopping it.
-struct Daemon(Option<std::process::Child>);
+/// A running snapshotd (and its API address), killed if the test fails
+/// before stopping it.
+struct Daemon(Option<std::process::Child>, String);
 
 impl Daemon {
+    /// The pool's commit generation, from the unauthenticated `/health`.
+    fn generation(&self) -> u64 {
+        let (st, v) = http(&format!("http://{}", self.1), "GET", "/health", None, None);
+        assert_eq!(st, 200, "{v}");
+        v["pool_generation"].as_u64().expect("pool_generation")
+    }
     fn kill(mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
@@ -33,6 +42,7 @@ fn start(data: &std::path::Path, sock: &std::path::Path) -> Daemon {
 }
 
 fn start_with(data: &std::path::Path, sock: &std::path::Path, extra: &[&str]) -> Daemon {
+    let api = format!("127.0.0.1:{}", free_port());
     let c = Command::new(bin("snapshotd"))
         .args(extra)
         .arg("--data")
@@ -40,17 +50,17 @@ fn start_with(data: &std::path::Path, sock: &std::path::Path, extra: &[&str]) ->
         .arg("--nbd")
         .arg(format!("unix:{}", sock.display()))
         .arg("--api")
-        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg(&api)
         .args(["--pool-size", "2G"])
         .stderr(Stdio::null())
         .spawn()
         .expect("start snapshotd");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(sock).is_err() {
+    while UnixStream::connect(sock).is_err() || std::net::TcpStream::connect(&api).is_err() {
         assert!(Instant::now() < deadline, "snapshotd did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Daemon(Some(c))
+    Daemon(Some(c), api)
 }
 
 fn term(mut d: Daemon) {
@@ -85,14 +95,37 @@ fn first_start_serve_restart() {
             .args(args))
     };
     cdmfs(&["volume", "create", "stage", "--size", "64M"]);
-    let d = start(&data, &sock);
+    // No periodic commit during the test: only SIGTERM's commit can make
+    // the write below durable.
+    let d = start_with(&data, &sock, &["--commit-interval", "3600"]);
     let uri = format!("nbd+unix:///stage?socket={}", sock.display());
-    run(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "write -P 0x3c 0 4M"]));
-    // No flush from the client: the daemon's SIGTERM commit makes it durable.
+    let ep = format!("unix:{}", sock.display());
+    let t = stamp::tag("stage");
+    let g0 = d.generation();
+    // Written (and acknowledged) with our client, never flushed, and the
+    // connection stays open through the SIGTERM: qemu-io would flush on
+    // close and make the daemon's own commit untested.
+    let open = stamp::write_nbd(
+        &ep,
+        "stage",
+        1 << 20,
+        &stamp::random(t, 1 << 20, 4 << 20, 1),
+        false,
+    );
+    assert_eq!(
+        d.generation(),
+        g0,
+        "nothing committed the write before SIGTERM"
+    );
     term(d);
+    drop(open);
     assert!(cdmfs(&["fsck"]).contains("clean"));
     let d = start(&data, &sock);
-    run(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read -P 0x3c 0 4M"]));
+    let got = stamp::read_nbd(&ep, "stage", 0, 6 << 20);
+    stamp::verify_with(&got, t, 0, stamp::Body::Random, |o| {
+        ((1 << 20)..(5 << 20)).contains(&o).then_some(1)
+    })
+    .unwrap_or_else(|e| panic!("after SIGTERM and restart: {e}"));
     let info = run(Command::new("nbdinfo").arg(&uri));
     assert!(info.contains("67108864"), "{info}");
     term(d);
@@ -110,20 +143,79 @@ fn periodic_commit_survives_sigkill() {
         .arg(data.join("pool"))
         .args(["volume", "create", "v", "--size", "16M"]));
     let d = start_with(&data, &sock, &["--commit-interval", "1"]);
-    let uri = format!("nbd+unix:///v?socket={}", sock.display());
+    let ep = format!("unix:{}", sock.display());
+    let t = stamp::tag("v");
     // No FLUSH from the client (qemu-io would flush on close); only the
     // background commit can make this durable before the SIGKILL.
-    let mut c = nbd_proto::Client::connect(
-        &format!("unix:{}", sock.display()),
-        Some("v"),
-        &Default::default(),
-    )
-    .unwrap();
-    c.write(0, &[0x6b; 1 << 20], false).unwrap();
-    std::thread::sleep(Duration::from_millis(2500));
+    let mut c = stamp::write_nbd(&ep, "v", 0, &stamp::random(t, 0, 1 << 20, 1), false);
+    // Commits run one at a time and only when something is dirty. One that
+    // was already under way when the write was acknowledged may miss it;
+    // the next one cannot. So: see a commit finish after the write (g1),
+    // dirty the pool again, and see one more finish (it started after g1,
+    // so after the write).
+    let g0 = d.generation();
+    let g1 = wait_for(60, "a background commit", || {
+        let g = d.generation();
+        (g > g0).then_some(g)
+    });
+    c.write(8 << 20, &stamp::random(t, 8 << 20, 4096, 2), false)
+        .unwrap();
+    wait_for(60, "a second background commit", || {
+        (d.generation() > g1).then_some(())
+    });
     d.kill();
     drop(c);
     let d = start(&data, &sock);
-    run(Command::new("qemu-io").args(["-f", "raw", &uri, "-c", "read -P 0x6b 0 1M"]));
+    let got = stamp::read_nbd(&ep, "v", 0, 1 << 20);
+    stamp::assert_stamped("after SIGKILL", &got, t, 0, 1);
     term(d);
+}
+
+/// `cdmctl` exits 8 on a server error (5xx, 501 included), as docs/api.md
+/// says. snapshotd answers no request with a 5xx on purpose, so a minimal
+/// HTTP server (bound to port 0, its address passed on) plays one.
+#[test]
+fn cdmctl_exits_8_on_a_server_error() {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let answers: [(&str, &str); 3] = [
+        (
+            "500 Internal Server Error",
+            r#"{"error":{"code":"internal","message":"engine failed"}}"#,
+        ),
+        (
+            "501 Not Implemented",
+            r#"{"error":{"code":"unsupported","message":"not built yet"}}"#,
+        ),
+        ("502 Bad Gateway", "proxy down"),
+    ];
+    let server = std::thread::spawn(move || {
+        for (status, body) in answers {
+            let (s, _) = l.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            // The request head, up to the empty line (no body on a GET).
+            while r.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+                line.clear();
+            }
+            let mut s = s;
+            write!(
+                s,
+                "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+        }
+    });
+    for msg in ["engine failed", "not built yet", "proxy down"] {
+        let o = Command::new(bin("cdmctl"))
+            .args(["--url", &url, "--token", "cdm_00_00", "volume", "list"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(8), "{msg}: {err}");
+        assert!(err.contains(msg), "{err}");
+    }
+    server.join().unwrap();
 }

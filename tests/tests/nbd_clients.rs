@@ -4,6 +4,7 @@
 
 use std::process::Command;
 
+use cdm_e2e::stamp;
 use cdm_e2e::*;
 
 fn setup(vol_size: &str) -> (Env, NbdServer) {
@@ -168,9 +169,9 @@ fn qemu_img_convert_compare_info_both_ways() {
 #[test]
 fn qemu_io_patterns_unaligned_and_across_blocks() {
     require("qemu-io");
-    let (_env, srv) = setup("16M");
+    let (env, srv) = setup("16M");
     let uri = srv.unix_uri("db");
-    let out = run(Command::new("qemu-io").args([
+    let out = stamp::qemu_io(&[
         "-f",
         "raw",
         &uri,
@@ -204,8 +205,56 @@ fn qemu_io_patterns_unaligned_and_across_blocks() {
         "write -P 0x11 -f 16773120 4096",
         "-c",
         "read -P 0x11 16773120 4096",
-    ]));
+    ]);
     assert!(!out.contains("failed"), "{out}");
+    // One-byte patterns cannot tell one sector from its neighbour: the same
+    // kind of unaligned overwrite across block boundaries with stamped
+    // sectors, written by qemu-io from a file, read back by nbdcopy.
+    let t = stamp::tag("db");
+    let base = stamp::random(t, 4 << 20, 2 << 20, 1);
+    let over_at = (4 << 20) + 3 * 512 + 65536 - 4096;
+    let over = stamp::random(t, over_at, 70 * 512, 2);
+    write_file(&env.path("base"), &base);
+    write_file(&env.path("over"), &over);
+    stamp::qemu_io(&[
+        "-f",
+        "raw",
+        &uri,
+        "-c",
+        &format!(
+            "write -s {} {} {}",
+            env.path("base").display(),
+            4 << 20,
+            base.len()
+        ),
+        "-c",
+        &format!(
+            "write -s {} {over_at} {}",
+            env.path("over").display(),
+            over.len()
+        ),
+    ]);
+    let back = env.path("back.raw");
+    run(Command::new("nbdcopy").args([&uri, back.to_str().unwrap()]));
+    let got = std::fs::read(&back).unwrap();
+    let range = (4u64 << 20)..(6 << 20);
+    let ov = over_at..over_at + over.len() as u64;
+    stamp::verify_with(
+        &got[4 << 20..6 << 20],
+        t,
+        4 << 20,
+        stamp::Body::Random,
+        |o| {
+            Some(if ov.contains(&o) {
+                2
+            } else if range.contains(&o) {
+                1
+            } else {
+                0
+            })
+        },
+    )
+    .unwrap_or_else(|e| panic!("stamped overwrite read back by nbdcopy: {e}"));
     // Past the end: refused.
     let err = run_fail(Command::new("qemu-io").args([
         "-f",
@@ -301,30 +350,27 @@ fn snapshot_export_is_read_only_and_frozen() {
             || err.contains("Permission"),
         "{err}"
     );
-    // The volume changes; the snapshot does not.
-    run(Command::new("qemu-io").args([
+    // The volume changes (stamped sectors written by qemu-io); the
+    // snapshot does not.
+    let t = stamp::tag("db");
+    write_file(&env.path("new"), &stamp::random(t, 0, 8 << 20, 2));
+    stamp::qemu_io(&[
         "-f",
         "raw",
         &srv.unix_uri("db"),
         "-c",
-        "write -P 0x77 0 8M",
+        &format!("write -s {} 0 8M", env.path("new").display()),
         "-c",
         "discard 16M 8M",
         "-c",
         "flush",
-    ]));
+    ]);
     let out = env.path("snap.raw");
     run(Command::new("nbdcopy").args([&snap, out.to_str().unwrap()]));
     assert!(std::fs::read(&out).unwrap() == base, "snapshot changed");
-    run(Command::new("qemu-io").args([
-        "-f",
-        "raw",
-        &srv.unix_uri("db"),
-        "-c",
-        "read -P 0x77 0 8M",
-        "-c",
-        "read -P 0 16M 8M",
-    ]));
+    stamp::qemu_io(&["-f", "raw", &srv.unix_uri("db"), "-c", "read -P 0 16M 8M"]);
+    let live = stamp::read_nbd(&srv.endpoint(), "db", 0, 8 << 20);
+    stamp::assert_stamped("the volume after the snapshot", &live, t, 0, 2);
     srv.stop();
     assert!(env.cdmfs(&["fsck"]).contains("clean"));
 }

@@ -8,6 +8,7 @@ use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use cdm_e2e::stamp;
 use cdm_e2e::*;
 use nbd_proto::codec::*;
 use nbd_proto::{Client, ClientError, ClientOptions};
@@ -310,9 +311,9 @@ fn sixteen_concurrent_connections_then_full_verification() {
                     let len = rng.gen_range(1..(region - off).min(300_000));
                     match rng.gen_range(0..10) {
                         0..=4 => {
-                            let d: Vec<u8> = (0..len)
-                                .map(|i| (i as u8) ^ (ops as u8) ^ (t as u8))
-                                .collect();
+                            // Every byte tied to its place and this write:
+                            // a read from elsewhere cannot match the model.
+                            let d = stamp::unaligned(t, base + off, len as usize, ops);
                             c.write(base + off, &d, rng.gen_bool(0.1)).unwrap();
                             model[off as usize..(off + len) as usize].copy_from_slice(&d);
                         }

@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use cdm_e2e::stamp;
 use cdm_e2e::*;
 use serde_json::{json, Value};
 
@@ -160,16 +161,38 @@ fn snapshots_mount_browse_and_restore_on_ext4_xfs_and_gpt() {
         .write(true)
         .open(&snap_file)
         .is_err());
+    // A write through the FUSE file lands exactly there: stamped sectors
+    // at 10 MiB, read back over NBD, the random bytes around untouched.
     let scratch = s.fuse.join("volumes/bad/disk");
+    let t = stamp::tag("bad");
+    write_file(&w.join("stamped"), &stamp::random(t, 10 << 20, 1 << 20, 1));
     sh(&format!(
-        "dd if=/dev/zero of={} bs=1M count=1 seek=10 conv=notrunc,fsync status=none",
+        "dd if={} of={} bs=1M count=1 seek=10 conv=notrunc,fsync status=none",
+        w.join("stamped").display(),
         scratch.display()
     ));
-    let out = w.join("readback");
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "read -P 0 10M 1M"])
-        .arg(s.a.unix_uri("bad")));
-    let _ = out;
+    let got = stamp::read_nbd(
+        &format!("unix:{}", s.a.sock.display()),
+        "bad",
+        9 << 20,
+        3 << 20,
+    );
+    let garbage = std::fs::read(w.join("garbage.img")).unwrap();
+    assert!(
+        got[..1 << 20] == garbage[9 << 20..10 << 20],
+        "9 MiB..10 MiB changed"
+    );
+    assert!(
+        got[2 << 20..] == garbage[11 << 20..12 << 20],
+        "11 MiB..12 MiB changed"
+    );
+    stamp::assert_stamped(
+        "written through FUSE",
+        &got[1 << 20..2 << 20],
+        t,
+        10 << 20,
+        1,
+    );
 
     // Read-only mounts of the snapshots while the volumes keep changing.
     let writing = Arc::new(AtomicBool::new(true));
