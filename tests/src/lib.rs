@@ -285,17 +285,6 @@ impl Default for ClosedPort {
     }
 }
 
-/// Deprecated: a port that was free when asked and may be taken by anyone
-/// before it is used. Servers here bind port 0 and report the port
-/// ([`Env::serve`], [`Appliance`], `--ready-file`); a port that must refuse
-/// connections is a [`ClosedPort`]. Kept only for callers not yet moved.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 pub struct NbdServer {
     child: Option<Child>,
     pub sock: PathBuf,

@@ -2,9 +2,7 @@
 //! 0 on SIGTERM, keeps data across restarts; cdmctl's exit code for a
 //! server error.
 
-use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use cdm_e2e::stamp;
 use cdm_e2e::*;
@@ -42,24 +40,27 @@ fn start(data: &std::path::Path, sock: &std::path::Path) -> Daemon {
 }
 
 fn start_with(data: &std::path::Path, sock: &std::path::Path, extra: &[&str]) -> Daemon {
-    let api = format!("127.0.0.1:{}", free_port());
-    let c = Command::new(bin("snapshotd"))
+    // Port 0: snapshotd reports the address it bound in the ready file,
+    // written once every listener is up.
+    let ready = sock.with_extension("ready");
+    let _ = std::fs::remove_file(&ready);
+    let mut c = Command::new(bin("snapshotd"))
         .args(extra)
         .arg("--data")
         .arg(data)
         .arg("--nbd")
         .arg(format!("unix:{}", sock.display()))
-        .arg("--api")
-        .arg(&api)
+        .args(["--api", "127.0.0.1:0", "--ready-file"])
+        .arg(&ready)
         .args(["--pool-size", "2G"])
         .stderr(Stdio::null())
         .spawn()
         .expect("start snapshotd");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while UnixStream::connect(sock).is_err() || std::net::TcpStream::connect(&api).is_err() {
-        assert!(Instant::now() < deadline, "snapshotd did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let bound = wait_ready(&ready, &mut c, "snapshotd", String::new);
+    let api = bound["api"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no API address in the ready file: {bound}"))
+        .to_string();
     Daemon(Some(c), api)
 }
 
