@@ -447,8 +447,13 @@ fn main() -> Result<()> {
     let (server, nbd_addrs) = start_nbd(&args, &s, &pool, &events)?;
     let (fuse, mounts) = start_fuse(&s, &pool, &state)?;
     let jobs = jobs::Jobs::new(state.clone(), clock.clone(), events.clone());
-    let sched =
-        scheduler::Scheduler::new(pool.clone(), state.clone(), events.clone(), clock.clone());
+    let sched = scheduler::Scheduler::new(
+        pool.clone(),
+        state.clone(),
+        events.clone(),
+        clock.clone(),
+        server.clone(),
+    );
     let stop = Arc::new(AtomicBool::new(false));
     sched.start(s.tick, stop.clone());
     spawn_state_sync(state.clone(), stop.clone(), s.commit_interval)?;

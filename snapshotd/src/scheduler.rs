@@ -85,6 +85,8 @@ pub struct Scheduler {
     state: Arc<State>,
     events: Arc<Events>,
     clock: Arc<Clock>,
+    /// To end the connections of the snapshot exports a sweep expires.
+    nbd: Arc<nbd_server::Server>,
     /// One sweep at a time (the thread and `retention` jobs).
     sweep: Mutex<()>,
     over_quota: AtomicBool,
@@ -96,12 +98,14 @@ impl Scheduler {
         state: Arc<State>,
         events: Arc<Events>,
         clock: Arc<Clock>,
+        nbd: Arc<nbd_server::Server>,
     ) -> Arc<Scheduler> {
         Arc::new(Scheduler {
             pool,
             state,
             events,
             clock,
+            nbd,
             sweep: Mutex::new(()),
             over_quota: AtomicBool::new(false),
         })
@@ -212,6 +216,9 @@ impl Scheduler {
         {
             Ok(()) => {
                 let export = format!("{vol}@{id}");
+                // Its clients would otherwise learn only at their next
+                // request; an idle one would hold its connection forever.
+                self.nbd.disconnect_export(&export);
                 self.events.emit(
                     "snapshot.expired",
                     &export,

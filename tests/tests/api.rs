@@ -689,10 +689,33 @@ fn schedules_retention_and_quota_on_a_fake_clock() {
         vec![s1, s2, s3],
         "nothing is 2 days old yet"
     );
+    // An idle client of the snapshot about to expire: retention ends its
+    // connection at once, not at its next request.
+    let s2_export = format!("d@{s2}");
+    let gauge = format!("cdm_nbd_clients{{export=\"{s2_export}\"}}");
+    let metrics = || {
+        let (st, m) = http(&a.url(), "GET", "/metrics", Some(&a.admin_token()), None);
+        assert_eq!(st, 200);
+        m.as_str().unwrap_or_default().to_string()
+    };
+    let mut idle = Client::connect(
+        &format!("unix:{}", a.sock.display()),
+        Some(&s2_export),
+        &ClientOptions::default(),
+    )
+    .unwrap();
+    assert!(metrics().contains(&gauge), "the idle client is listed");
     advance(&api, 2 * 86_400);
     wait_for(120, "age expiry", || {
         (snapshot_ids(&api, "d") == vec![s1, s3]).then_some(())
     });
+    wait_for(
+        120,
+        "the expired snapshot's idle client disconnected",
+        || (!metrics().contains(&gauge)).then_some(()),
+    );
+    let mut buf = [0u8; 512];
+    assert!(idle.read(0, &mut buf).is_err(), "the connection has ended");
     let s4 = api.expect(
         201,
         "POST",
