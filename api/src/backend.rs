@@ -96,6 +96,11 @@ pub trait Backend: Send + Sync + 'static {
     fn audit(&self, q: AuditQuery) -> ApiResult<Vec<AuditEntry>>;
     /// Records one change made through the API.
     fn record_audit(&self, caller: &Caller, method: &str, path: &str, status: u16);
+    /// Whether a change may be made now: refused (503) while its audit
+    /// record could not be stored anywhere.
+    fn audit_ready(&self) -> ApiResult<()> {
+        Ok(())
+    }
 
     fn create_webhook(&self, caller: &Caller, req: WebhookCreate) -> ApiResult<Webhook>;
     fn list_webhooks(&self) -> ApiResult<Vec<Webhook>>;

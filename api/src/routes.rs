@@ -138,12 +138,19 @@ async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> 
         Err(e) => return e.into_response(),
     };
     let method = req.method().clone();
+    let reads = method == Method::GET || method == Method::HEAD;
+    if !reads {
+        // A change whose audit record could not be stored is not made.
+        if let Err(e) = run(&s, |b| b.audit_ready()).await {
+            return e.into_response();
+        }
+    }
     req.extensions_mut().insert(caller.clone());
     let t0 = std::time::Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
-    if method == Method::GET || method == Method::HEAD {
+    if reads {
         tracing::debug!(%method, %path, status, user = %caller.user, ms, "request");
     } else {
         tracing::info!(%method, %path, status, user = %caller.user, ms, "request");

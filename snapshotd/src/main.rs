@@ -5,6 +5,7 @@
 //! creates the pool and an admin token.
 
 mod appliance;
+mod audit;
 mod clock;
 mod error;
 mod events;
@@ -69,6 +70,10 @@ struct Args {
     /// and retention; never in production).
     #[arg(long)]
     fake_clock: bool,
+    /// Fault injection for tests (never in production): while the file
+    /// DIR/state-eio exists, writes to the state database fail with EIO.
+    #[arg(long, value_name = "DIR")]
+    fault_dir: Option<PathBuf>,
     /// Key for encrypted volumes: a file of 32 random bytes (or 64 hex
     /// digits). The first start with a key sets it up; later starts check
     /// it and refuse a wrong one.
@@ -102,6 +107,7 @@ struct Config {
     pool_size: Option<String>,
     commit_interval: Option<u64>,
     fake_clock: Option<bool>,
+    fault_dir: Option<PathBuf>,
     /// Milliseconds between scheduler ticks.
     scheduler_tick_ms: Option<u64>,
     key_file: Option<PathBuf>,
@@ -123,6 +129,7 @@ struct Settings {
     pool_size: u64,
     commit_interval: u64,
     fake_clock: bool,
+    fault_dir: Option<PathBuf>,
     tick: Duration,
     webhooks: events::WebhookConfig,
     key: Option<cdmfs::KeySource>,
@@ -223,6 +230,7 @@ fn settings(args: &Args) -> Result<Settings> {
             .unwrap_or(5)
             .max(1),
         fake_clock: args.fake_clock || cfg.fake_clock.unwrap_or(false),
+        fault_dir: args.fault_dir.clone().or(cfg.fault_dir),
         tick: Duration::from_millis(cfg.scheduler_tick_ms.unwrap_or(1000).max(10)),
         webhooks: cfg.webhooks,
     })
@@ -434,8 +442,14 @@ fn main() -> Result<()> {
     secure_data_dir(&s.data)?;
     let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size, s.key.clone())?);
     let state_path = s.data.join("state.redb");
-    let state =
-        Arc::new(state::State::open(&state_path).context("cannot open the state database")?);
+    if let Some(d) = &s.fault_dir {
+        tracing::warn!(dir = %d.display(), "fault injection enabled (tests only)");
+    }
+    let state_fault = s.fault_dir.as_ref().map(|d| d.join("state-eio"));
+    let state = Arc::new(
+        state::State::open(&state_path, state_fault.as_deref())
+            .context("cannot open the state database")?,
+    );
     // redb creates the file with the umask's mode.
     restrict(&state_path, 0o600, false)?;
     let clock = Arc::new(clock::Clock::new(s.fake_clock));

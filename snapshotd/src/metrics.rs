@@ -91,6 +91,14 @@ pub fn render(a: &Appliance) -> cdmfs::Result<String> {
 
     head(
         &mut o,
+        "cdm_audit_pending_records",
+        "gauge",
+        "Audit records kept aside while the state database fails.",
+    );
+    let _ = writeln!(o, "cdm_audit_pending_records {}", a.audit_pending());
+
+    head(
+        &mut o,
         "cdm_webhook_deliveries",
         "gauge",
         "Webhook deliveries by state (newest 10000).",

@@ -3,10 +3,12 @@
 //! in a redb database (`DATA/state.redb`). Records are JSON values keyed by
 //! name or by an increasing sequence number.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use redb::{
-    Database, Durability, Key, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+    Database, Durability, Key, ReadableTable, ReadableTableMetadata, StorageError, TableDefinition,
+    TableHandle,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -34,25 +36,51 @@ pub const LOG_KEEP: u64 = 100_000;
 pub enum StateError {
     #[error("state database: {0}")]
     Db(String),
+    /// The device failed under the database: redb refuses every later
+    /// operation on this handle, so the next one reopens it.
+    #[error("state database I/O error: {0}")]
+    Io(String),
     #[error("state record {0} is corrupt: {1}")]
     Corrupt(String, String),
 }
 
+fn storage(e: StorageError) -> StateError {
+    match e {
+        StorageError::Io(_) | StorageError::PreviousIo => StateError::Io(e.to_string()),
+        e => StateError::Db(e.to_string()),
+    }
+}
+
+impl From<StorageError> for StateError {
+    fn from(e: StorageError) -> Self {
+        storage(e)
+    }
+}
+
+impl From<redb::Error> for StateError {
+    fn from(e: redb::Error) -> Self {
+        match e {
+            redb::Error::Io(_) | redb::Error::PreviousIo => StateError::Io(e.to_string()),
+            e => StateError::Db(e.to_string()),
+        }
+    }
+}
+
+/// redb's per-stage errors: a storage error inside is classified, the
+/// rest are database errors.
 macro_rules! db_err {
-    ($($t:ty),*) => {$(
-        impl From<$t> for StateError {
-            fn from(e: $t) -> Self { StateError::Db(e.to_string()) }
+    ($($t:ident),*) => {$(
+        impl From<redb::$t> for StateError {
+            fn from(e: redb::$t) -> Self {
+                match e {
+                    redb::$t::Storage(s) => storage(s),
+                    e => StateError::Db(e.to_string()),
+                }
+            }
         }
     )*};
 }
-db_err!(
-    redb::Error,
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError
-);
+db_err!(DatabaseError, TransactionError, TableError, CommitError);
 
 pub type Result<T> = std::result::Result<T, StateError>;
 
@@ -65,7 +93,68 @@ pub enum Sync {
 }
 
 pub struct State {
-    db: Database,
+    path: PathBuf,
+    /// While this file exists, writes and syncs of the database fail with
+    /// EIO (`snapshotd --fault-dir`, for tests of a failing state store).
+    fault: Option<PathBuf>,
+    /// None after an I/O error: the next operation reopens the database,
+    /// so a device that recovers needs no restart.
+    db: RwLock<Option<Arc<Database>>>,
+}
+
+/// A file backend whose writes fail with EIO while a fault file exists.
+#[derive(Debug)]
+struct Faulty {
+    file: redb::backends::FileBackend,
+    fault: PathBuf,
+}
+
+impl Faulty {
+    fn check(&self) -> std::io::Result<()> {
+        if self.fault.exists() {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+impl redb::StorageBackend for Faulty {
+    fn len(&self) -> std::io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        self.file.read(offset, len)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.file.set_len(len)
+    }
+    fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+        self.check()?;
+        self.file.sync_data(eventual)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.file.write(offset, data)
+    }
+}
+
+fn open_db(path: &Path, fault: Option<&Path>) -> Result<Database> {
+    let Some(fault) = fault else {
+        return Ok(Database::create(path)?);
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| StateError::Io(format!("{}: {e}", path.display())))?;
+    let file = redb::backends::FileBackend::new(file)?;
+    Ok(redb::Builder::new().create_with_backend(Faulty {
+        file,
+        fault: fault.to_path_buf(),
+    })?)
 }
 
 fn enc<T: Serialize>(v: &T) -> Result<Vec<u8>> {
@@ -77,8 +166,8 @@ fn dec<T: DeserializeOwned>(key: &str, b: &[u8]) -> Result<T> {
 }
 
 impl State {
-    pub fn open(path: &Path) -> Result<State> {
-        let db = Database::create(path)?;
+    pub fn open(path: &Path, fault: Option<&Path>) -> Result<State> {
+        let db = open_db(path, fault)?;
         // Create every table so readers never meet a missing one.
         let tx = db.begin_write()?;
         tx.open_table(USERS)?;
@@ -93,17 +182,54 @@ impl State {
         tx.open_table(MOUNTS)?;
         tx.open_table(VMS)?;
         tx.commit()?;
-        Ok(State { db })
+        Ok(State {
+            path: path.to_path_buf(),
+            fault: fault.map(Path::to_path_buf),
+            db: RwLock::new(Some(Arc::new(db))),
+        })
+    }
+
+    /// The database's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open database, reopened first if an I/O error closed it.
+    fn db(&self) -> Result<Arc<Database>> {
+        if let Some(db) = cdm_common::lock::read(&self.db).as_ref() {
+            return Ok(db.clone());
+        }
+        let mut slot = cdm_common::lock::write(&self.db);
+        if let Some(db) = slot.as_ref() {
+            return Ok(db.clone());
+        }
+        let db = Arc::new(open_db(&self.path, self.fault.as_deref())?);
+        tracing::warn!(path = %self.path.display(), "state database reopened after an I/O error");
+        *slot = Some(db.clone());
+        Ok(db)
+    }
+
+    /// Runs one operation; an I/O error drops the handle for the next
+    /// operation to reopen (redb refuses everything after one).
+    fn guard<T>(&self, op: impl FnOnce() -> Result<T>) -> Result<T> {
+        let r = op();
+        if let Err(StateError::Io(e)) = &r {
+            tracing::error!(error = %e, "state database I/O error");
+            *cdm_common::lock::write(&self.db) = None;
+        }
+        r
     }
 
     /// Makes every earlier lazy write durable (an empty synced commit).
     pub fn sync(&self) -> Result<()> {
-        self.write(Sync::Now)?.commit()?;
-        Ok(())
+        self.guard(|| {
+            self.write(Sync::Now)?.commit()?;
+            Ok(())
+        })
     }
 
     fn write(&self, sync: Sync) -> Result<redb::WriteTransaction> {
-        let mut tx = self.db.begin_write()?;
+        let mut tx = self.db()?.begin_write()?;
         if sync == Sync::Lazy {
             tx.set_durability(Durability::None);
         }
@@ -117,21 +243,25 @@ impl State {
         t: TableDefinition<K, &[u8]>,
         key: K::SelfType<'_>,
     ) -> Result<Option<T>> {
-        let tx = self.db.begin_read()?;
-        let tab = tx.open_table(t)?;
-        let v = tab.get(key)?;
-        v.map(|v| dec(t.name(), v.value())).transpose()
+        self.guard(|| {
+            let tx = self.db()?.begin_read()?;
+            let tab = tx.open_table(t)?;
+            let v = tab.get(key)?;
+            v.map(|v| dec(t.name(), v.value())).transpose()
+        })
     }
 
     pub fn all<T: DeserializeOwned>(&self, t: TableDefinition<&str, &[u8]>) -> Result<Vec<T>> {
-        let tx = self.db.begin_read()?;
-        let tab = tx.open_table(t)?;
-        let mut out = Vec::new();
-        for r in tab.iter()? {
-            let (k, v) = r?;
-            out.push(dec(k.value(), v.value())?);
-        }
-        Ok(out)
+        self.guard(|| {
+            let tx = self.db()?.begin_read()?;
+            let tab = tx.open_table(t)?;
+            let mut out = Vec::new();
+            for r in tab.iter()? {
+                let (k, v) = r?;
+                out.push(dec(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
     }
 
     pub fn put<K: Key + 'static, T: Serialize>(
@@ -141,11 +271,13 @@ impl State {
         v: &T,
         sync: Sync,
     ) -> Result<()> {
-        let b = enc(v)?;
-        let tx = self.write(sync)?;
-        tx.open_table(t)?.insert(key, b.as_slice())?;
-        tx.commit()?;
-        Ok(())
+        self.guard(|| {
+            let b = enc(v)?;
+            let tx = self.write(sync)?;
+            tx.open_table(t)?.insert(key, b.as_slice())?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Replaces a table's whole content in one transaction.
@@ -154,26 +286,28 @@ impl State {
         t: TableDefinition<&str, &[u8]>,
         items: &[(String, T)],
     ) -> Result<()> {
-        let enc_items: Vec<(String, Vec<u8>)> = items
-            .iter()
-            .map(|(k, v)| Ok((k.clone(), enc(v)?)))
-            .collect::<Result<_>>()?;
-        let tx = self.write(Sync::Now)?;
-        {
-            let mut tab = tx.open_table(t)?;
-            let old: Vec<String> = tab
-                .iter()?
-                .map(|r| r.map(|(k, _)| k.value().to_string()))
-                .collect::<std::result::Result<_, _>>()?;
-            for k in old {
-                tab.remove(k.as_str())?;
+        self.guard(|| {
+            let enc_items: Vec<(String, Vec<u8>)> = items
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), enc(v)?)))
+                .collect::<Result<_>>()?;
+            let tx = self.write(Sync::Now)?;
+            {
+                let mut tab = tx.open_table(t)?;
+                let old: Vec<String> = tab
+                    .iter()?
+                    .map(|r| r.map(|(k, _)| k.value().to_string()))
+                    .collect::<std::result::Result<_, _>>()?;
+                for k in old {
+                    tab.remove(k.as_str())?;
+                }
+                for (k, v) in &enc_items {
+                    tab.insert(k.as_str(), v.as_slice())?;
+                }
             }
-            for (k, v) in &enc_items {
-                tab.insert(k.as_str(), v.as_slice())?;
-            }
-        }
-        tx.commit()?;
-        Ok(())
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// Inserts only if absent; false if the key exists.
@@ -183,17 +317,19 @@ impl State {
         key: &str,
         v: &T,
     ) -> Result<bool> {
-        let b = enc(v)?;
-        let tx = self.write(Sync::Now)?;
-        {
-            let mut tab = tx.open_table(t)?;
-            if tab.get(key)?.is_some() {
-                return Ok(false);
+        self.guard(|| {
+            let b = enc(v)?;
+            let tx = self.write(Sync::Now)?;
+            {
+                let mut tab = tx.open_table(t)?;
+                if tab.get(key)?.is_some() {
+                    return Ok(false);
+                }
+                tab.insert(key, b.as_slice())?;
             }
-            tab.insert(key, b.as_slice())?;
-        }
-        tx.commit()?;
-        Ok(true)
+            tx.commit()?;
+            Ok(true)
+        })
     }
 
     /// Removes a key; true if it existed.
@@ -202,10 +338,12 @@ impl State {
         t: TableDefinition<K, &[u8]>,
         key: K::SelfType<'_>,
     ) -> Result<bool> {
-        let tx = self.write(Sync::Now)?;
-        let existed = tx.open_table(t)?.remove(key)?.is_some();
-        tx.commit()?;
-        Ok(existed)
+        self.guard(|| {
+            let tx = self.write(Sync::Now)?;
+            let existed = tx.open_table(t)?.remove(key)?.is_some();
+            tx.commit()?;
+            Ok(existed)
+        })
     }
 
     /// Removes every record of `t` for which `f` is true; returns them.
@@ -214,28 +352,57 @@ impl State {
         t: TableDefinition<&str, &[u8]>,
         f: impl Fn(&T) -> bool,
     ) -> Result<Vec<T>> {
-        let tx = self.write(Sync::Now)?;
-        let mut gone = Vec::new();
-        {
-            let mut tab = tx.open_table(t)?;
-            let mut keys = Vec::new();
-            for r in tab.iter()? {
-                let (k, v) = r?;
-                let rec: T = dec(k.value(), v.value())?;
-                if f(&rec) {
-                    keys.push(k.value().to_string());
-                    gone.push(rec);
+        self.guard(|| {
+            let tx = self.write(Sync::Now)?;
+            let mut gone = Vec::new();
+            {
+                let mut tab = tx.open_table(t)?;
+                let mut keys = Vec::new();
+                for r in tab.iter()? {
+                    let (k, v) = r?;
+                    let rec: T = dec(k.value(), v.value())?;
+                    if f(&rec) {
+                        keys.push(k.value().to_string());
+                        gone.push(rec);
+                    }
+                }
+                for k in keys {
+                    tab.remove(k.as_str())?;
                 }
             }
-            for k in keys {
-                tab.remove(k.as_str())?;
-            }
-        }
-        tx.commit()?;
-        Ok(gone)
+            tx.commit()?;
+            Ok(gone)
+        })
     }
 
     // ---- sequences ----------------------------------------------------------
+
+    /// Appends `n` records in one transaction under the next sequence
+    /// numbers, record `i` built by `make(i, id)`: all of them or none.
+    pub fn append_all<T: Serialize>(
+        &self,
+        t: TableDefinition<u64, &[u8]>,
+        sync: Sync,
+        n: usize,
+        mut make: impl FnMut(usize, u64) -> T,
+    ) -> Result<()> {
+        self.guard(|| {
+            let tx = self.write(sync)?;
+            {
+                let mut tab = tx.open_table(t)?;
+                let first = match tab.last()? {
+                    Some((k, _)) => k.value() + 1,
+                    None => 1,
+                };
+                for (i, id) in (0..n).zip(first..) {
+                    let b = enc(&make(i, id))?;
+                    tab.insert(id, b.as_slice())?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    }
 
     /// Appends a record under the next sequence number, built by `make(id)`;
     /// logs are trimmed to their newest [`LOG_KEEP`] entries.
@@ -245,24 +412,26 @@ impl State {
         sync: Sync,
         make: impl FnOnce(u64) -> T,
     ) -> Result<T> {
-        let tx = self.write(sync)?;
-        let rec;
-        {
-            let mut tab = tx.open_table(t)?;
-            let id = match tab.last()? {
-                Some((k, _)) => k.value() + 1,
-                None => 1,
-            };
-            rec = make(id);
-            let b = enc(&rec)?;
-            tab.insert(id, b.as_slice())?;
-            if id % 1000 == 0 && id > LOG_KEEP && tab.len()? > LOG_KEEP {
-                let cut = id - LOG_KEEP;
-                tab.retain_in(..cut, |_, _| false)?;
+        self.guard(|| {
+            let tx = self.write(sync)?;
+            let rec;
+            {
+                let mut tab = tx.open_table(t)?;
+                let id = match tab.last()? {
+                    Some((k, _)) => k.value() + 1,
+                    None => 1,
+                };
+                rec = make(id);
+                let b = enc(&rec)?;
+                tab.insert(id, b.as_slice())?;
+                if id % 1000 == 0 && id > LOG_KEEP && tab.len()? > LOG_KEEP {
+                    let cut = id - LOG_KEEP;
+                    tab.retain_in(..cut, |_, _| false)?;
+                }
             }
-        }
-        tx.commit()?;
-        Ok(rec)
+            tx.commit()?;
+            Ok(rec)
+        })
     }
 
     /// Records with ids above `after` that pass `f`: the newest `limit`
@@ -275,29 +444,31 @@ impl State {
         newest: bool,
         f: impl Fn(&T) -> bool,
     ) -> Result<Vec<T>> {
-        let tx = self.db.begin_read()?;
-        let tab = tx.open_table(t)?;
-        let mut out = Vec::new();
-        let range = tab.range(after.saturating_add(1)..)?;
-        let iter: Box<dyn Iterator<Item = _>> = if newest {
-            Box::new(range.rev())
-        } else {
-            Box::new(range)
-        };
-        for r in iter {
-            let (_, v) = r?;
-            let rec: T = dec(t.name(), v.value())?;
-            if f(&rec) {
-                out.push(rec);
-                if out.len() >= limit {
-                    break;
+        self.guard(|| {
+            let tx = self.db()?.begin_read()?;
+            let tab = tx.open_table(t)?;
+            let mut out = Vec::new();
+            let range = tab.range(after.saturating_add(1)..)?;
+            let iter: Box<dyn Iterator<Item = _>> = if newest {
+                Box::new(range.rev())
+            } else {
+                Box::new(range)
+            };
+            for r in iter {
+                let (_, v) = r?;
+                let rec: T = dec(t.name(), v.value())?;
+                if f(&rec) {
+                    out.push(rec);
+                    if out.len() >= limit {
+                        break;
+                    }
                 }
             }
-        }
-        if newest {
-            out.reverse();
-        }
-        Ok(out)
+            if newest {
+                out.reverse();
+            }
+            Ok(out)
+        })
     }
 }
 
@@ -306,11 +477,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_io_error_reopens_the_database_once_the_device_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.redb");
+        let fault = dir.path().join("eio");
+        let s = State::open(&p, Some(&fault)).unwrap();
+        let v = serde_json::json!({"x": 1});
+        s.put(USERS, "a", &v, Sync::Now).unwrap();
+        std::fs::write(&fault, b"").unwrap();
+        assert!(matches!(
+            s.put(USERS, "b", &v, Sync::Now),
+            Err(StateError::Io(_))
+        ));
+        // redb refuses every operation on a handle after an I/O error, and
+        // reopening needs a write: still failing while the device fails.
+        assert!(s.get::<_, serde_json::Value>(USERS, "a").is_err());
+        std::fs::remove_file(&fault).unwrap();
+        assert_eq!(
+            s.get::<_, serde_json::Value>(USERS, "a").unwrap(),
+            Some(v.clone())
+        );
+        assert_eq!(s.get::<_, serde_json::Value>(USERS, "b").unwrap(), None);
+        s.put(USERS, "b", &v, Sync::Now).unwrap();
+        s.append_all(
+            EVENTS,
+            Sync::Now,
+            3,
+            |i, id| serde_json::json!({"i": i, "id": id}),
+        )
+        .unwrap();
+        let evs: Vec<serde_json::Value> = s.scan(EVENTS, 0, 10, false, |_| true).unwrap();
+        assert_eq!(evs.len(), 3);
+        assert_eq!(evs[2]["id"], 3);
+    }
+
+    #[test]
     fn named_and_sequences_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.redb");
         {
-            let s = State::open(&p).unwrap();
+            let s = State::open(&p, None).unwrap();
             s.put(USERS, "a", &serde_json::json!({"x": 1}), Sync::Now)
                 .unwrap();
             assert!(!s.put_new(USERS, "a", &serde_json::json!({})).unwrap());
@@ -326,7 +532,7 @@ mod tests {
             }
             s.put(META, "sync", &1, Sync::Now).unwrap();
         }
-        let s = State::open(&p).unwrap();
+        let s = State::open(&p, None).unwrap();
         let v: serde_json::Value = s.get(USERS, "a").unwrap().unwrap();
         assert_eq!(v["x"], 1);
         let evs: Vec<serde_json::Value> = s.scan(EVENTS, 2, 2, true, |_| true).unwrap();

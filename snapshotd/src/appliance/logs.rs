@@ -5,7 +5,9 @@ use cdm_api::types::*;
 use cdm_api::ApiResult;
 
 use super::{st, Appliance};
-use crate::state::{Sync, AUDIT};
+use crate::audit::Stored;
+use crate::state::AUDIT;
+use serde_json::json;
 
 impl Appliance {
     pub(super) fn event_list(&self, q: EventQuery) -> ApiResult<Vec<Event>> {
@@ -36,17 +38,41 @@ impl Appliance {
     }
 
     pub(super) fn audit_record(&self, c: &Caller, method: &str, path: &str, status: u16) {
-        let now = self.clock.now();
-        if let Err(e) = self.state.append(AUDIT, Sync::Lazy, |id| AuditEntry {
-            id,
-            time_unix: now,
+        let e = AuditEntry {
+            id: 0,
+            time_unix: self.clock.now(),
             user: c.user.clone(),
             token: c.token_name.clone(),
             method: method.to_string(),
             path: path.to_string(),
             status,
-        }) {
-            tracing::error!(error = %e, "cannot write the audit log");
-        }
+        };
+        let (message, reason) = match self.audit.record(e) {
+            Stored::Database { replayed: 0 } => return,
+            Stored::Database { replayed } => (
+                format!("the state database works again: {replayed} audit records kept aside meanwhile are stored"),
+                "audit_recovered",
+            ),
+            Stored::Aside => (
+                "the state database cannot store audit records: they are kept in audit-pending.jsonl until it can".to_string(),
+                "audit_aside",
+            ),
+            Stored::Lost => (
+                format!("an audit record ({method} {path} by {}) could not be stored anywhere: changes are refused until the audit log can be written", c.user),
+                "audit_lost",
+            ),
+        };
+        // Best effort: with the database failing, this reaches the log only.
+        self.events.emit(
+            "alert.raised",
+            "audit",
+            "snapshotd",
+            json!({"message": message, "reason": reason}),
+        );
+    }
+
+    /// Audit records kept aside, not yet in the database (for metrics).
+    pub(crate) fn audit_pending(&self) -> usize {
+        self.audit.pending()
     }
 }

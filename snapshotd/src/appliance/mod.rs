@@ -72,13 +72,20 @@ pub struct Appliance {
     reduction: Mutex<Option<(u64, cdmfs::ReductionReport)>>,
     /// Failed logins per user name and client address.
     login_throttle: throttle::LoginThrottle,
+    /// The audit log, with its fallback for a failing state database.
+    audit: crate::audit::AuditLog,
 }
 
 /// How long a listing may show a volume's unique bytes before recomputing.
 const UNIQUE_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub(crate) fn st(e: StateError) -> ApiError {
-    ApiError::internal(e.to_string())
+    match e {
+        // The device under the database failed: it is reopened at the next
+        // request, so this is worth retrying.
+        StateError::Io(_) => ApiError::unavailable(e.to_string()),
+        _ => ApiError::internal(e.to_string()),
+    }
 }
 
 /// Maps engine errors onto API statuses.
@@ -109,7 +116,18 @@ impl Appliance {
         defaults: cdmfs::DataPolicy,
         mounts: Option<crate::recovery::Mounts>,
     ) -> Arc<Appliance> {
+        let audit = crate::audit::AuditLog::new(state.clone());
+        // Records kept aside by an earlier run whose database was failing.
+        match audit.replay() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                records = n,
+                "audit records kept aside are now in the state database"
+            ),
+            Err(e) => tracing::error!(error = %e, "audit records kept aside cannot be stored yet"),
+        }
         Arc::new_cyclic(|me| Appliance {
+            audit,
             agent: std::sync::OnceLock::new(),
             me: me.clone(),
             pool,
@@ -288,6 +306,9 @@ impl Backend for Appliance {
     }
     fn record_audit(&self, c: &Caller, method: &str, path: &str, status: u16) {
         self.audit_record(c, method, path, status)
+    }
+    fn audit_ready(&self) -> ApiResult<()> {
+        self.audit.ready().map_err(ApiError::unavailable)
     }
     // webhooks.rs
     fn create_webhook(&self, c: &Caller, req: WebhookCreate) -> ApiResult<Webhook> {
