@@ -352,11 +352,17 @@ fn scrub_commits_what_it_checks() {
     let rep = pool.scrub().unwrap();
     assert!(rep.errors.is_empty(), "{:?}", rep.errors);
     assert_eq!(rep.bytes_checked, 1 << 20, "{rep:?}");
-    assert!(pool.space().unwrap().generation > gen, "scrub did not commit");
+    assert!(
+        pool.space().unwrap().generation > gen,
+        "scrub did not commit"
+    );
     // A crash: the pool is dropped without a flush.
     drop(pool);
     let pool = open(&dev).unwrap();
     let mut b = vec![0u8; 1 << 20];
     pool.read(Target::Volume(v.id), 0, &mut b).unwrap();
-    assert!(b.iter().all(|&x| x == 0x3c), "the scrubbed writes were lost");
+    assert!(
+        b.iter().all(|&x| x == 0x3c),
+        "the scrubbed writes were lost"
+    );
 }

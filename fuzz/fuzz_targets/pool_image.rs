@@ -378,10 +378,7 @@ fuzz_target!(|data: &[u8]| {
 
     let dev = Arc::new(MemDev::from_image(img));
     if let Ok(pool) = Pool::open(dev.clone() as Arc<dyn BlockDev>, &OpenOptions::default()) {
-        let sound = mode & 1 == 0
-            && pool
-                .space()
-                .is_ok_and(|s| s.generation == f.generation);
+        let sound = mode & 1 == 0 && pool.space().is_ok_and(|s| s.generation == f.generation);
         use_pool(&pool, mode, sound.then_some(&f.known));
     }
     recycle(&dev);
