@@ -366,3 +366,27 @@ fn scrub_commits_what_it_checks() {
         "the scrubbed writes were lost"
     );
 }
+
+/// Every tree node records the commit generation that wrote it (what a
+/// damage investigation dates blocks by), in every commit of a session, not
+/// only the first after open.
+#[test]
+fn nodes_carry_the_generation_that_wrote_them() {
+    let dev = Arc::new(MemDev::new(32 << 20));
+    Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
+    let pool = open(&dev).unwrap();
+    let v = pool.create_volume("v", 4 << 20, 4096).unwrap();
+    for round in 0..3u8 {
+        pool.write(v.id, 0, &[round + 1; 64 << 10]).unwrap();
+        pool.flush().unwrap();
+        let gen = pool.space().unwrap().generation;
+        let nodes = pool.physical_map(Target::Volume(v.id)).unwrap().nodes;
+        assert!(!nodes.is_empty());
+        // The root was rewritten by this commit.
+        let root = nodes[0];
+        let mut hdr = [0u8; 24];
+        dev.read_at(&mut hdr, root).unwrap();
+        let written = u64::from_le_bytes(hdr[16..24].try_into().unwrap());
+        assert_eq!(written, gen, "round {round}: root node's generation");
+    }
+}
