@@ -1,6 +1,6 @@
 //! Power-cut tests: run a random workload on a device that loses power at a
 //! random write or sync, tearing every write not yet synced. Every error
-//! that ends the workload must come from the cut. Several crash images are
+//! that ends the workload must come from the cut. Two crash images are
 //! taken per cut (different drop/tear choices of the unsynced writes); after
 //! reopening each, the pool must hold exactly the last flushed state (or the
 //! state of the flush that was under way), every snapshot must read back
@@ -25,7 +25,7 @@ use common::{random_op, Harness, Model, Op};
 use rand::{Rng, SeedableRng};
 
 /// Crash images taken per cut.
-const IMAGES: u64 = 3;
+const IMAGES: u64 = 2;
 
 /// What the cuts exercised.
 #[derive(Debug, Default)]
@@ -238,7 +238,7 @@ fn power_cuts_at_random_points() {
         t.to_in_flight >= at_least(12),
         "too few recoveries to the flush under way: {t:?}"
     );
-    assert!(t.images >= cuts * 2, "too few crash images: {t:?}");
+    assert!(t.images >= cuts * 3 / 2, "too few crash images: {t:?}");
     assert!(
         t.second_in_flush >= at_least(40),
         "too few second cuts inside a flush: {t:?}"
