@@ -44,4 +44,4 @@ pub use pool::{
 };
 pub use space::{Reduction, ReductionReport, VolumeReduction};
 #[cfg(feature = "test-utils")]
-pub use testdev::{CrashDev, MemDev, SECTOR};
+pub use testdev::{CrashDev, Fate, MemDev, Unsynced, SECTOR};

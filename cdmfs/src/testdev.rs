@@ -67,9 +67,11 @@ impl BlockDev for MemDev {
 }
 
 /// A device that loses power. Writes go to a volatile cache until `sync`;
-/// after `writes_left` more writes the power is cut: every later call fails,
-/// and [`CrashDev::crash_image`] yields what stable storage holds, with each
-/// unsynced write dropped, applied, or torn at 512-byte sector granularity.
+/// after `cut_after(n)` the power is cut at the n+1-th later write or sync
+/// (a cut at a sync leaves that sync's writes unsynced): every later call
+/// fails, and [`CrashDev::crash_image`] yields what stable storage holds,
+/// with each unsynced write dropped, applied, or torn at 512-byte sector
+/// granularity.
 pub struct CrashDev {
     st: Mutex<CrashState>,
 }
@@ -77,27 +79,53 @@ pub struct CrashDev {
 struct CrashState {
     durable: Vec<u8>,
     pending: Vec<(u64, Vec<u8>)>,
-    writes_left: Option<u64>,
+    events_left: Option<u64>,
+    events: u64,
     dead: bool,
 }
 
 /// Sector size within which a write is atomic in the crash model.
 pub const SECTOR: usize = 512;
 
+/// What became of one unsynced write in a crash image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fate {
+    Dropped,
+    Applied,
+    /// Some sectors reached the media: `first` says whether the first did.
+    Torn {
+        first: bool,
+    },
+}
+
+/// An unsynced write at the cut and its fate in one crash image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unsynced {
+    pub off: u64,
+    pub len: usize,
+    pub fate: Fate,
+}
+
 impl CrashDev {
     pub fn new(size: usize) -> Self {
+        Self::from_image(vec![0; size])
+    }
+    /// A device whose stable storage holds `image` (e.g. a crash image, to
+    /// cut the recovery from it in turn).
+    pub fn from_image(image: Vec<u8>) -> Self {
         CrashDev {
             st: Mutex::new(CrashState {
-                durable: vec![0; size],
+                durable: image,
                 pending: Vec::new(),
-                writes_left: None,
+                events_left: None,
+                events: 0,
                 dead: false,
             }),
         }
     }
-    /// Cuts the power after `n` more writes (the n+1-th write fails).
+    /// Cuts the power after `n` more writes or syncs (the n+1-th fails).
     pub fn cut_after(&self, n: u64) {
-        lock(&self.st).writes_left = Some(n);
+        lock(&self.st).events_left = Some(n);
     }
     /// Cuts the power now.
     pub fn cut_now(&self) {
@@ -106,9 +134,18 @@ impl CrashDev {
     pub fn is_dead(&self) -> bool {
         lock(&self.st).dead
     }
+    /// Writes and syncs seen so far (the failing one included).
+    pub fn events(&self) -> u64 {
+        lock(&self.st).events
+    }
     /// What stable storage holds after the cut. `seed` chooses, per sector of
     /// each unsynced write, whether it reached the media.
     pub fn crash_image(&self, seed: u64) -> Vec<u8> {
+        self.crash_image_report(seed).0
+    }
+    /// [`CrashDev::crash_image`] and the fate of each unsynced write, in
+    /// write order.
+    pub fn crash_image_report(&self, seed: u64) -> (Vec<u8>, Vec<Unsynced>) {
         let st = lock(&self.st);
         let mut img = st.durable.clone();
         let mut x = seed | 1;
@@ -119,20 +156,49 @@ impl CrashDev {
             x ^= x >> 27;
             x.wrapping_mul(0x2545_F491_4F6C_DD1D)
         };
+        let mut fates = Vec::with_capacity(st.pending.len());
         for (off, data) in &st.pending {
             let mode = rnd() % 3; // 0 drop, 1 apply, 2 tear
-            if mode == 0 {
-                continue;
-            }
-            for (i, chunk) in data.chunks(SECTOR).enumerate() {
-                if mode == 2 && rnd() % 2 == 0 {
-                    continue;
+            let mut fate = match mode {
+                0 => Fate::Dropped,
+                1 => Fate::Applied,
+                _ => Fate::Torn { first: false },
+            };
+            if mode != 0 {
+                for (i, chunk) in data.chunks(SECTOR).enumerate() {
+                    if mode == 2 && rnd() % 2 == 0 {
+                        continue;
+                    }
+                    if i == 0 && mode == 2 {
+                        fate = Fate::Torn { first: true };
+                    }
+                    let s = *off as usize + i * SECTOR;
+                    img[s..s + chunk.len()].copy_from_slice(chunk);
                 }
-                let s = *off as usize + i * SECTOR;
-                img[s..s + chunk.len()].copy_from_slice(chunk);
             }
+            fates.push(Unsynced {
+                off: *off,
+                len: data.len(),
+                fate,
+            });
         }
-        img
+        (img, fates)
+    }
+
+    /// Counts one write or sync; cuts the power if its turn has come.
+    fn event(st: &mut CrashState) -> io::Result<()> {
+        if st.dead {
+            return Err(power_cut());
+        }
+        st.events += 1;
+        if let Some(n) = st.events_left {
+            if n == 0 {
+                st.dead = true;
+                return Err(power_cut());
+            }
+            st.events_left = Some(n - 1);
+        }
+        Ok(())
     }
 }
 
@@ -162,25 +228,14 @@ impl BlockDev for CrashDev {
     }
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
         let mut st = lock(&self.st);
-        if st.dead {
-            return Err(power_cut());
-        }
-        if let Some(n) = st.writes_left {
-            if n == 0 {
-                st.dead = true;
-                return Err(power_cut());
-            }
-            st.writes_left = Some(n - 1);
-        }
+        Self::event(&mut st)?;
         range_check(st.durable.len(), off, buf.len())?;
         st.pending.push((off, buf.to_vec()));
         Ok(())
     }
     fn sync(&self) -> io::Result<()> {
         let mut st = lock(&self.st);
-        if st.dead {
-            return Err(power_cut());
-        }
+        Self::event(&mut st)?;
         let pending = std::mem::take(&mut st.pending);
         for (off, data) in pending {
             let s = off as usize;

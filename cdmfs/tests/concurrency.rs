@@ -6,6 +6,17 @@ use std::sync::Arc;
 
 use cdmfs::{FileDev, FormatOptions, MemDev, OpenOptions, Pool, Target};
 
+/// Waits until `done()` holds; panics after a generous ten minutes (a hang,
+/// not a slow machine). Tests run their threads until an observable amount
+/// of work is done, not for a while.
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let t = std::time::Instant::now();
+    while !done() {
+        assert!(t.elapsed().as_secs() < 600, "gave up waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn node_cache_stays_bounded() {
     let dev = Arc::new(MemDev::new(512 << 20));
@@ -162,12 +173,14 @@ fn readers_race_writers_and_commits() {
             }
         }));
     }
-    std::thread::sleep(std::time::Duration::from_secs(4));
+    // Enough reads raced enough commits.
+    wait_until("200 reads and 10 commits", || {
+        reads.load(Ordering::Relaxed) >= 200 && pool.commit_stats().unwrap().0 >= 10
+    });
     stop.store(true, Ordering::Relaxed);
     for h in hs {
         h.join().unwrap();
     }
-    assert!(reads.load(Ordering::Relaxed) > 50);
     pool.flush().unwrap();
     assert!(pool.fsck().unwrap().is_clean());
 }
@@ -190,34 +203,42 @@ fn live_scrub_is_not_fooled_by_reuse() {
         .create_snapshot("v", "old", serde_json::json!({}))
         .unwrap();
     pool.flush().unwrap();
-    let started = Arc::new(AtomicBool::new(false));
-    let st = started.clone();
+    // The blocks the scrub will read and the writer frees.
+    let old: std::collections::HashSet<u64> = pool
+        .physical_map(Target::Snapshot(s.id))
+        .unwrap()
+        .extents
+        .iter()
+        .map(|e| e.1)
+        .collect();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     let p2 = pool.clone();
     let calls = Arc::new(AtomicU64::new(0));
     let c2 = calls.clone();
-    let reused = Arc::new(AtomicBool::new(false));
-    let r2 = reused.clone();
     let scrub = std::thread::spawn(move || {
         p2.scrub_with(&|done, total| {
             assert!(done <= total);
-            c2.fetch_add(1, Ordering::SeqCst);
-            st.store(true, Ordering::SeqCst);
-            // Hold the scrub at its start until the writer has reused space.
-            let t = std::time::Instant::now();
-            while !r2.load(Ordering::SeqCst) && t.elapsed().as_secs() < 20 {
-                std::thread::sleep(std::time::Duration::from_millis(1));
+            if c2.fetch_add(1, Ordering::SeqCst) == 0 {
+                // Hold the scrub at its start (pinned) until the writer has
+                // freed the old blocks and committed many times.
+                started_tx.send(()).unwrap();
+                go_rx
+                    .recv_timeout(std::time::Duration::from_secs(600))
+                    .expect("the writer finishes");
             }
         })
         .unwrap()
     });
-    while !started.load(Ordering::SeqCst) {
-        std::thread::yield_now();
-    }
+    started_rx
+        .recv_timeout(std::time::Duration::from_secs(600))
+        .expect("the scrub starts");
     // Free the snapshot's and the volume's old blocks, commit many times,
     // and write new data that would land on them.
     pool.delete_snapshot(s.id).unwrap();
-    // With the pin the freed space is held back, so the writer may meet
-    // ENOSPC before reuse would happen; that is the price of the pin.
+    // With the pin the freed space is held back, so the writer meets ENOSPC
+    // before reuse would happen; that is the price of the pin.
+    let mut written = 0;
     for i in 0..16u8 {
         let b = vec![i + 1; 4 << 20];
         match pool.write(v.id, ((i % 8) as u64) << 22, &b) {
@@ -225,8 +246,25 @@ fn live_scrub_is_not_fooled_by_reuse() {
             Err(cdmfs::Error::NoSpace) => break,
             Err(e) => panic!("{e}"),
         }
+        written += 1;
     }
-    reused.store(true, Ordering::SeqCst);
+    // The writer freed old blocks and committed past the reuse delay, but
+    // nothing it wrote while the scrub was pinned landed on them.
+    assert!(written >= 3, "only {written} rewrites before ENOSPC");
+    let during = pool.physical_map(Target::Volume(v.id)).unwrap().extents;
+    let rewritten: Vec<&(u64, u64, u32)> = during
+        .iter()
+        .filter(|e| e.0 < (written.min(8) as u64) << 22)
+        .collect();
+    assert!(!rewritten.is_empty());
+    let reused: Vec<_> = rewritten.iter().filter(|e| old.contains(&e.1)).collect();
+    assert!(
+        reused.is_empty(),
+        "{} blocks the pinned scrub may read were reused, e.g. {:?}",
+        reused.len(),
+        reused.first()
+    );
+    go_tx.send(()).unwrap();
     let rep = scrub.join().unwrap();
     assert!(
         rep.errors.is_empty(),
@@ -235,13 +273,21 @@ fn live_scrub_is_not_fooled_by_reuse() {
     );
     assert!(rep.extents_checked >= 8192, "{rep:?}");
     assert!(calls.load(Ordering::SeqCst) > 2);
-    // After the scrub, the held-back frees are released at the next commits.
+    // After the scrub, the held-back frees are released at the next commits
+    // and the writes land on them: without the pin they would have been
+    // reused under the scrub.
     for i in 0..4u64 {
         pool.write(v.id, i * 4096, &[1u8; 4096]).unwrap();
         pool.flush().unwrap();
     }
     pool.write(v.id, 0, &vec![9u8; 16 << 20]).unwrap();
     pool.flush().unwrap();
+    let after = pool.physical_map(Target::Volume(v.id)).unwrap().extents;
+    let reused_after = after.iter().filter(|e| old.contains(&e.1)).count();
+    assert!(
+        reused_after > 1000,
+        "only {reused_after} freed blocks were reused after the scrub"
+    );
     assert!(pool.fsck().unwrap().is_clean());
     assert!(pool.scrub().unwrap().errors.is_empty());
 }
@@ -352,8 +398,9 @@ fn io_goes_on_while_a_commit_syncs() {
         }));
     }
     // Readers: every 4 KiB block is uniform.
+    let reads = Arc::new(AtomicU64::new(0));
     for _ in 0..2 {
-        let (p, stop) = (pool.clone(), stop.clone());
+        let (p, stop, reads) = (pool.clone(), stop.clone(), reads.clone());
         threads.push(std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 << 10];
             let mut i = 0u64;
@@ -364,17 +411,21 @@ fn io_goes_on_while_a_commit_syncs() {
                     assert!(c.iter().all(|&x| x == c[0]), "torn block at {off}");
                 }
                 i += 1;
+                reads.fetch_add(1, Ordering::SeqCst);
             }
         }));
     }
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Run until commits, snapshots and reads have overlapped many times.
+    wait_until("30 commits, 5 snapshots and 100 reads", || {
+        pool.commit_stats().unwrap().0 >= 30
+            && pool.list_snapshots(Some("v")).unwrap().len() >= 5
+            && reads.load(Ordering::SeqCst) >= 100
+    });
     stop.store(true, Ordering::SeqCst);
     for t in threads {
         t.join().unwrap();
     }
     pool.flush().unwrap();
-    let (commits, _) = pool.commit_stats().unwrap();
-    assert!(commits > 20, "only {commits} commits");
     let snaps = pool.list_snapshots(Some("v")).unwrap();
     for s in snaps.iter().rev().take(3) {
         let mut b = vec![0u8; 4096];

@@ -170,7 +170,9 @@ fn bad_magic_newer_version_truncation() {
 }
 
 /// Random damage anywhere in the used part of the pool: every outcome is an
-/// error or correct data, never a panic and never wrong bytes.
+/// error or correct data, never a panic and never wrong bytes; damage to a
+/// live node or data extent is reported by reads and by fsck or scrub; enough
+/// of the damage lands on live blocks for this to mean something.
 #[test]
 fn random_damage_never_panics_or_lies() {
     let (dev, vid, sid) = build();
@@ -178,46 +180,85 @@ fn random_damage_never_panics_or_lies() {
     let want_snap: Vec<u8> = (0..8 << 20).map(|i: u32| (i / 4096) as u8 ^ 0x5a).collect();
     let mut want_vol = want_snap.clone();
     want_vol[..4096 * 3].fill(0xee);
-    let used_end = {
+    // Byte ranges of every live node and data extent.
+    let (used_end, live, nodes) = {
         let pool = open(&dev).unwrap();
-        let m = pool.physical_map(Target::Volume(vid)).unwrap();
-        m.nodes
-            .iter()
-            .copied()
-            .chain(m.extents.iter().map(|e| e.1))
-            .max()
-            .unwrap()
-            + UNIT
+        let mut live: Vec<(u64, u64)> = Vec::new();
+        let mut nodes = Vec::new();
+        for t in [Target::Volume(vid), Target::Snapshot(sid)] {
+            let m = pool.physical_map(t).unwrap();
+            nodes.extend(m.nodes.iter().copied());
+            live.extend(m.extents.iter().map(|e| (e.1, e.1 + e.2 as u64)));
+        }
+        live.extend(nodes.iter().map(|&n| (n, n + UNIT)));
+        let end = live.iter().map(|r| r.1).max().unwrap();
+        (end, live, nodes)
     };
+    let is_live = |pos: u64| live.iter().any(|&(a, b)| a <= pos && pos < b);
+    let (mut unopenable, mut live_hits, mut elsewhere) = (0, 0, 0);
     let mut x = 0x1234_5678_9abc_def1u64;
-    for _ in 0..150 {
+    for round in 0..150 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
         let mut img = clean.clone();
+        let mut hit_live = false;
         for k in 0..4 {
-            let pos = (x.rotate_left(k * 16) % used_end) as usize;
-            img[pos] ^= 1 << (x % 8);
+            // Data fills most of the pool: every other round aims its first
+            // flip at a tree node so metadata damage is covered too.
+            let pos = if round % 2 == 1 && k == 0 {
+                nodes[(x % nodes.len() as u64) as usize] + (x >> 20) % UNIT
+            } else {
+                x.rotate_left(k * 16) % used_end
+            };
+            hit_live |= is_live(pos);
+            img[pos as usize] ^= 1 << (x % 8);
         }
         let dev = Arc::new(MemDev::from_image(img));
-        let Ok(pool) = open(&dev) else { continue };
+        let Ok(pool) = open(&dev) else {
+            unopenable += 1;
+            continue;
+        };
         let mut buf = vec![0u8; 8 << 20];
-        if pool.read(Target::Volume(vid), 0, &mut buf).is_ok() {
+        let vol_ok = pool.read(Target::Volume(vid), 0, &mut buf).is_ok();
+        if vol_ok {
             assert!(
                 buf == want_vol,
-                "volume read returned wrong data without an error"
+                "round {round}: volume read returned wrong data without an error"
             );
         }
-        if pool.read(Target::Snapshot(sid), 0, &mut buf).is_ok() {
+        let snap_ok = pool.read(Target::Snapshot(sid), 0, &mut buf).is_ok();
+        if snap_ok {
             assert!(
                 buf == want_snap,
-                "snapshot read returned wrong data without an error"
+                "round {round}: snapshot read returned wrong data without an error"
             );
         }
-        let _ = pool.fsck();
-        let _ = pool.scrub();
+        // An Err from fsck or scrub is a report of the damage too.
+        let fsck_saw = pool.fsck().map_or(true, |r| !r.is_clean());
+        let scrub_saw = pool.scrub().map_or(true, |r| !r.errors.is_empty());
         let _ = pool.list_volumes();
+        if hit_live {
+            live_hits += 1;
+            assert!(
+                !(vol_ok && snap_ok),
+                "round {round}: damage to a live block read back without an error"
+            );
+            assert!(
+                fsck_saw || scrub_saw,
+                "round {round}: damage to a live block that neither fsck nor scrub reports"
+            );
+        } else {
+            elsewhere += 1;
+        }
     }
+    eprintln!(
+        "random damage: {live_hits} on live blocks, {elsewhere} elsewhere, {unopenable} unopenable"
+    );
+    assert!(
+        live_hits >= 75,
+        "too little damage on live blocks: {live_hits}"
+    );
 }
 
 #[test]
@@ -294,4 +335,58 @@ fn out_of_range_and_bad_arguments() {
     let again = pool.create_volume("again", 4 << 20, 65536).unwrap();
     pool.write(again.id, 0, &chunk).unwrap();
     assert!(pool.fsck().unwrap().is_clean());
+}
+
+/// Scrub commits before it reads, so it checks what is on the device and
+/// what it checked is durable: writes not yet flushed survive a crash right
+/// after a scrub, and the scrub covered them.
+#[test]
+fn scrub_commits_what_it_checks() {
+    let dev = Arc::new(MemDev::new(32 << 20));
+    Pool::format(&*dev, &FormatOptions::default()).unwrap();
+    let pool = open(&dev).unwrap();
+    let v = pool.create_volume("v", 4 << 20, 4096).unwrap();
+    pool.flush().unwrap();
+    let gen = pool.space().unwrap().generation;
+    pool.write(v.id, 0, &[0x3c; 1 << 20]).unwrap();
+    let rep = pool.scrub().unwrap();
+    assert!(rep.errors.is_empty(), "{:?}", rep.errors);
+    assert_eq!(rep.bytes_checked, 1 << 20, "{rep:?}");
+    assert!(
+        pool.space().unwrap().generation > gen,
+        "scrub did not commit"
+    );
+    // A crash: the pool is dropped without a flush.
+    drop(pool);
+    let pool = open(&dev).unwrap();
+    let mut b = vec![0u8; 1 << 20];
+    pool.read(Target::Volume(v.id), 0, &mut b).unwrap();
+    assert!(
+        b.iter().all(|&x| x == 0x3c),
+        "the scrubbed writes were lost"
+    );
+}
+
+/// Every tree node records the commit generation that wrote it (what a
+/// damage investigation dates blocks by), in every commit of a session, not
+/// only the first after open.
+#[test]
+fn nodes_carry_the_generation_that_wrote_them() {
+    let dev = Arc::new(MemDev::new(32 << 20));
+    Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
+    let pool = open(&dev).unwrap();
+    let v = pool.create_volume("v", 4 << 20, 4096).unwrap();
+    for round in 0..3u8 {
+        pool.write(v.id, 0, &[round + 1; 64 << 10]).unwrap();
+        pool.flush().unwrap();
+        let gen = pool.space().unwrap().generation;
+        let nodes = pool.physical_map(Target::Volume(v.id)).unwrap().nodes;
+        assert!(!nodes.is_empty());
+        // The root was rewritten by this commit.
+        let root = nodes[0];
+        let mut hdr = [0u8; 24];
+        dev.read_at(&mut hdr, root).unwrap();
+        let written = u64::from_le_bytes(hdr[16..24].try_into().unwrap());
+        assert_eq!(written, gen, "round {round}: root node's generation");
+    }
 }

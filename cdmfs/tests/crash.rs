@@ -1,8 +1,13 @@
-//! Power-cut tests: run a random workload on a device that loses power after
-//! a random number of writes, tearing every write not yet synced. After
-//! reopening, the pool must hold exactly the last flushed state (or the state
-//! of the flush that was under way), every snapshot must read back exactly,
-//! and fsck must be clean.
+//! Power-cut tests: run a random workload on a device that loses power at a
+//! random write or sync, tearing every write not yet synced. Every error
+//! that ends the workload must come from the cut. Two crash images are
+//! taken per cut (different drop/tear choices of the unsynced writes); after
+//! reopening each, the pool must hold exactly the last flushed state (or the
+//! state of the flush that was under way), every snapshot must read back
+//! exactly, and fsck must be clean. The work after one recovery is cut in
+//! turn and recovered again. Counts of cuts inside a flush and of lost or
+//! landed superblock writes are reported and must reach minimums, so the
+//! test cannot quietly stop exercising them.
 //!
 //! `CDMFS_CRASH_CUTS` sets the number of cut points (default 240);
 //! `scripts/crash-soak` runs thousands.
@@ -11,13 +16,113 @@ mod common;
 
 use std::sync::Arc;
 
+use cdmfs::format::{SB_SLOTS, UNIT};
 use cdmfs::{
-    BlockDev, Cipher, CrashDev, DataPolicy, FormatOptions, KeySource, MemDev, OpenOptions, Pool,
+    BlockDev, Cipher, CrashDev, DataPolicy, Error, Fate, FormatOptions, KeySource, OpenOptions,
+    Pool, Unsynced,
 };
 use common::{random_op, Harness, Model, Op};
 use rand::{Rng, SeedableRng};
 
-fn one_cut(seed: u64) {
+/// Crash images taken per cut.
+const IMAGES: u64 = 2;
+
+/// What the cuts exercised.
+#[derive(Debug, Default)]
+struct Tally {
+    cuts: u64,
+    /// Cuts that landed inside a flush (its commit writes or syncs).
+    in_flush: u64,
+    /// Cuts with a superblock write not yet synced.
+    sb_unsynced: u64,
+    images: u64,
+    /// Images in which the newest superblock write did not reach the media
+    /// (dropped, or torn before its first sector).
+    sb_lost: u64,
+    /// Images in which it did.
+    sb_landed: u64,
+    /// Images that recovered to the flush that was under way.
+    to_in_flight: u64,
+    /// Cuts of the work that followed a recovery.
+    second_cuts: u64,
+    second_in_flush: u64,
+}
+
+/// The end of a workload cut by the power.
+struct Cut {
+    /// The state of the flush that was under way at the cut, if any.
+    in_flight: Option<Model>,
+}
+
+/// Applies random operations until the power is cut (or `ops` ran; then it
+/// cuts). An operation that fails while the power is on fails the test.
+fn run_to_cut(seed: u64, h: &mut Harness, crash: &CrashDev, rng: &mut impl Rng, ops: usize) -> Cut {
+    let mut in_flight = None;
+    for _ in 0..ops {
+        let op = random_op(rng, false);
+        let before = h.model.clone();
+        if let Err(e) = h.apply(&op) {
+            assert!(
+                crash.is_dead(),
+                "seed {seed}: {op:?} failed while the power was on: {e}"
+            );
+            assert!(
+                matches!(&e, Error::Io(io) if io.to_string() == "simulated power cut"),
+                "seed {seed}: {op:?} failed with {e:?}, not with the power cut"
+            );
+            if matches!(op, Op::Flush) {
+                in_flight = Some(before);
+            }
+            break;
+        }
+    }
+    if !crash.is_dead() {
+        crash.cut_now();
+    }
+    drop(h.pool.take());
+    Cut { in_flight }
+}
+
+fn is_superblock(u: &Unsynced) -> bool {
+    u.off < SB_SLOTS * UNIT
+}
+
+/// Recovers from `image` onto a new power-cut device and checks the state:
+/// the last flushed one or the one of the flush under way. Returns a harness
+/// expecting the state found.
+fn recover(
+    what: &str,
+    h: &Harness,
+    image: Vec<u8>,
+    cut: &Cut,
+    tally: &mut Tally,
+) -> (Harness, Arc<CrashDev>) {
+    let crash = Arc::new(CrashDev::from_image(image));
+    let dev: Arc<dyn BlockDev> = crash.clone();
+    let pool =
+        Pool::open(dev.clone(), &h.opts).unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+    let mut s = h.recovered(dev, pool, &h.durable);
+    if let Err(lost) = s.diff_all(&h.durable) {
+        let m = cut.in_flight.as_ref().unwrap_or_else(|| {
+            panic!("{what}: the state after the cut is not the last flushed state: {lost}")
+        });
+        if let Err(e) = s.diff_all(m) {
+            panic!("{what}: neither the last flushed state ({lost}) nor the flush under way ({e})");
+        }
+        s.model = m.clone();
+        s.durable = m.clone();
+        tally.to_in_flight += 1;
+    }
+    let rep = s.pool().fsck().unwrap();
+    assert!(
+        rep.is_clean(),
+        "{what}: fsck after the cut: {:#?}",
+        rep.errors
+    );
+    (s, crash)
+}
+
+fn one_cut(seed: u64, tally: &mut Tally) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let crash = Arc::new(CrashDev::new(48 << 20));
     let fanout = if seed.is_multiple_of(2) { 4 } else { 0 };
@@ -47,50 +152,42 @@ fn one_cut(seed: u64) {
     })
     .unwrap();
     h.apply(&Op::Flush).unwrap();
-    crash.cut_after(rng.gen_range(0..600));
-    let mut in_flight: Option<Model> = None;
-    for _ in 0..400 {
-        let op = random_op(&mut rng, false);
-        let before = h.model.clone();
-        if h.apply(&op).is_err() {
-            if matches!(op, Op::Flush) {
-                in_flight = Some(before);
-            }
+    crash.cut_after(rng.gen_range(0..700));
+    let cut = run_to_cut(seed, &mut h, &crash, &mut rng, 400);
+    tally.cuts += 1;
+    tally.in_flush += cut.in_flight.is_some() as u64;
+    let mut sb_unsynced = false;
+    let mut last = None;
+    for k in 0..IMAGES {
+        let (image, fates) = crash.crash_image_report(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ k);
+        if k > 0 && fates.is_empty() {
+            // Nothing was unsynced: every image is the same.
             break;
         }
+        tally.images += 1;
+        if let Some(sb) = fates.iter().rev().find(|u| is_superblock(u)) {
+            sb_unsynced = true;
+            match sb.fate {
+                Fate::Applied | Fate::Torn { first: true } => tally.sb_landed += 1,
+                Fate::Dropped | Fate::Torn { first: false } => tally.sb_lost += 1,
+            }
+        }
+        let (s, dev) = recover(&format!("seed {seed} image {k}"), &h, image, &cut, tally);
+        if k == 0 {
+            last = Some((s, dev));
+        }
     }
-    if !crash.is_dead() {
-        crash.cut_now();
-    }
-    drop(h.pool.take());
-    let image = crash.crash_image(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    let dev: Arc<dyn BlockDev> = Arc::new(MemDev::from_image(image));
-    let pool = Pool::open(dev.clone(), &opts)
-        .unwrap_or_else(|e| panic!("seed {seed}: reopen failed: {e}"));
-    let survivor = Harness {
-        dev,
-        pool: Some(pool),
-        model: h.durable.clone(),
-        durable: h.durable.clone(),
-        opts,
-        policy: h.policy,
-        repetitive: h.repetitive,
-    };
-    let ok_durable = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        survivor.check_all(&h.durable)
-    }));
-    if ok_durable.is_err() {
-        let m = in_flight.unwrap_or_else(|| {
-            panic!("seed {seed}: state after the cut is not the last flushed state")
-        });
-        survivor.check_all(&m);
-    }
-    let rep = survivor.pool().fsck().unwrap();
-    assert!(
-        rep.is_clean(),
-        "seed {seed}: fsck after the cut: {:#?}",
-        rep.errors
-    );
+    tally.sb_unsynced += sb_unsynced as u64;
+    // Cut the work that follows the first recovery (its first commits reuse
+    // the superblock slot and the blocks the lost state held), then recover
+    // from that.
+    let (mut h2, crash2) = last.expect("one image");
+    crash2.cut_after(rng.gen_range(0..150));
+    let cut2 = run_to_cut(seed, &mut h2, &crash2, &mut rng, 60);
+    tally.second_cuts += 1;
+    tally.second_in_flush += cut2.in_flight.is_some() as u64;
+    let image = crash2.crash_image(seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
+    let (survivor, _) = recover(&format!("seed {seed} second cut"), &h2, image, &cut2, tally);
     // The pool keeps working after recovery.
     let p = survivor.pool.unwrap();
     let v = p.create_volume("after-cut", 1 << 20, 4096).unwrap();
@@ -108,7 +205,42 @@ fn power_cuts_at_random_points() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
+    let mut tally = Tally::default();
     for seed in base..base + cuts {
-        one_cut(seed);
+        one_cut(seed, &mut tally);
     }
+    eprintln!("power cuts: {tally:?}");
+    // Minimums scaled to the number of cuts, well under what the seeds give,
+    // so a change that stops cuts landing where it matters fails here.
+    // Short runs (a mutation check) are too few for the rates to hold.
+    if cuts < 100 {
+        return;
+    }
+    let at_least = |per_240: u64| per_240 * cuts / 240;
+    let t = &tally;
+    assert!(
+        t.in_flush >= at_least(80),
+        "too few cuts inside a flush: {t:?}"
+    );
+    assert!(
+        t.sb_unsynced >= at_least(10),
+        "too few cuts with an unsynced superblock: {t:?}"
+    );
+    assert!(
+        t.sb_lost >= at_least(10),
+        "too few lost superblock writes: {t:?}"
+    );
+    assert!(
+        t.sb_landed >= at_least(10),
+        "too few landed superblock writes: {t:?}"
+    );
+    assert!(
+        t.to_in_flight >= at_least(12),
+        "too few recoveries to the flush under way: {t:?}"
+    );
+    assert!(t.images >= cuts * 3 / 2, "too few crash images: {t:?}");
+    assert!(
+        t.second_in_flush >= at_least(40),
+        "too few second cuts inside a flush: {t:?}"
+    );
 }

@@ -3,7 +3,13 @@
 //! fanout) is built once; each run flips bytes of it, opens it, and if it
 //! opens, lists, reads every target, asks for block status and physical
 //! maps, and runs fsck and scrub. Nothing may panic: damage must come back
-//! as errors.
+//! as errors. The fixture's contents are known, so when the damage was not
+//! resealed (below) and the pool opened at the fixture's generation, every
+//! read that succeeds must return the fixture's bytes: no wrong data without
+//! an error. (Resealed damage is consistent metadata pointing elsewhere — a
+//! bug's output, not media damage — so only panics count there; an older
+//! generation, reached when the newest superblock is damaged, holds other
+//! contents by design.)
 //!
 //! Input layout:
 //!   byte 0   mode
@@ -44,6 +50,10 @@ struct Fixture {
     image: Vec<u8>,
     /// Blocks worth damaging: the superblock ring and every non-zero block.
     used: Vec<u64>,
+    /// The commit generation of the fixture.
+    generation: u64,
+    /// Every volume's and snapshot's bytes.
+    known: HashMap<Target, Vec<u8>>,
 }
 
 fn fixture() -> &'static Fixture {
@@ -80,8 +90,41 @@ fn fixture() -> &'static Fixture {
         let used = (0..(POOL_BYTES as u64 / UNIT))
             .filter(|&b| b < SB_SLOTS || block(&image, b).iter().any(|&x| x != 0))
             .collect();
-        Fixture { image, used }
+        let (generation, known) = contents(&image);
+        Fixture {
+            image,
+            used,
+            generation,
+            known,
+        }
     })
+}
+
+/// The generation and the bytes of every target of a sound image.
+fn contents(image: &[u8]) -> (u64, HashMap<Target, Vec<u8>>) {
+    let dev = Arc::new(MemDev::from_image(image.to_vec()));
+    let pool = Pool::open(dev as Arc<dyn BlockDev>, &OpenOptions::default()).expect("reopen");
+    let mut targets: Vec<Target> = Vec::new();
+    targets.extend(
+        pool.list_volumes()
+            .expect("volumes")
+            .iter()
+            .map(|v| Target::Volume(v.id)),
+    );
+    targets.extend(
+        pool.list_snapshots(None)
+            .expect("snapshots")
+            .iter()
+            .map(|s| Target::Snapshot(s.id)),
+    );
+    let mut known = HashMap::new();
+    for t in targets {
+        let (size, _) = pool.geometry(t).expect("geometry");
+        let mut b = vec![0u8; size as usize];
+        pool.read(t, 0, &mut b).expect("read fixture");
+        known.insert(t, b);
+    }
+    (pool.space().expect("space").generation, known)
 }
 
 thread_local! {
@@ -256,16 +299,27 @@ fn fix_record(img: &mut [u8], r: std::ops::Range<usize>, csums: &HashMap<u64, u3
     true
 }
 
-/// Reads (up to a cap) a target, asks for its block status and physical map.
-fn exercise_target(pool: &Pool, t: Target) {
+/// Reads (up to a cap) a target, asks for its block status and physical
+/// map. With `known` bytes, a read that succeeds must return them.
+fn exercise_target(pool: &Pool, t: Target, known: Option<&[u8]>) {
     let Ok((size, _bs)) = pool.geometry(t) else {
         return;
     };
+    if let Some(k) = known {
+        assert_eq!(size, k.len() as u64, "{t:?}: wrong size without an error");
+    }
     let mut buf = vec![0u8; CHUNK];
     let mut off = 0u64;
     while off < size.min(READ_CAP) {
         let n = (size - off).min(CHUNK as u64) as usize;
-        let _ = pool.read(t, off, &mut buf[..n]);
+        let ok = pool.read(t, off, &mut buf[..n]).is_ok();
+        if let (true, Some(k)) = (ok, known) {
+            let at = off as usize;
+            assert!(
+                buf[..n] == k[at..at + n],
+                "{t:?}: wrong data without an error at {off}"
+            );
+        }
         off += n as u64;
     }
     if size > READ_CAP {
@@ -324,26 +378,37 @@ fuzz_target!(|data: &[u8]| {
 
     let dev = Arc::new(MemDev::from_image(img));
     if let Ok(pool) = Pool::open(dev.clone() as Arc<dyn BlockDev>, &OpenOptions::default()) {
-        use_pool(&pool, mode);
+        let sound = mode & 1 == 0 && pool.space().is_ok_and(|s| s.generation == f.generation);
+        use_pool(&pool, mode, sound.then_some(&f.known));
     }
     recycle(&dev);
 });
 
-fn use_pool(pool: &Pool, mode: u8) {
+/// Uses the pool; `known` (when the damage leaves checksums to catch it)
+/// holds what each target must read as.
+fn use_pool(pool: &Pool, mode: u8, known: Option<&HashMap<Target, Vec<u8>>>) {
     let _ = pool.space();
     let _ = pool.uuid();
+    // Checksummed catalog records cannot change without an error.
+    let want = |t: Target| {
+        known.map(|k| {
+            k.get(&t)
+                .unwrap_or_else(|| panic!("{t:?} appeared without an error"))
+                .as_slice()
+        })
+    };
     if let Ok(vols) = pool.list_volumes() {
         for v in vols {
             let _ = pool.volume(&v.name);
             let _ = pool.resolve(&v.name);
-            exercise_target(pool, Target::Volume(v.id));
+            exercise_target(pool, Target::Volume(v.id), want(Target::Volume(v.id)));
         }
     }
     if let Ok(snaps) = pool.list_snapshots(None) {
         for s in snaps {
             let _ = pool.snapshot(s.id);
             let _ = pool.resolve(&format!("{}@{}", s.volume, s.id));
-            exercise_target(pool, Target::Snapshot(s.id));
+            exercise_target(pool, Target::Snapshot(s.id), want(Target::Snapshot(s.id)));
         }
     }
     let _ = pool.fsck();

@@ -64,36 +64,150 @@ pub struct Harness {
     /// Write data that repeats (across offsets, volumes and seeds), some of
     /// it incompressible, so dedup and compression have work to do.
     pub repetitive: bool,
+    /// Generation stamped into the next write's sectors; never rolls back,
+    /// so data lost in a crash differs from every later write.
+    pub gen: u64,
+    /// Volume names by stamp tag, to decode what a bad read returned.
+    pub names: BTreeMap<u64, String>,
 }
 
-/// Data with repeats: a function of a few seeds and the position modulo 32 KiB
-/// (so 4 KiB blocks repeat across offsets); seeds divisible by 4 give noise.
+/// Bytes of a sector's stamp: volume tag, byte offset, generation, check.
+const STAMP: usize = 32;
+/// Sector size of the stamps.
+pub const SECTOR: u64 = 512;
+/// Repeat unit of [`repetitive`]: a multiple of every block size the tests
+/// use (so equal blocks line up for dedup) and larger than any read but the
+/// whole-volume checks, so a block served from a neighbour never matches.
+pub const DEDUP_REPEAT: u64 = 256 << 10;
+/// Tags of [`repetitive`] data: this plus the content class (0..8).
+const DEDUP_TAG: u64 = 0xdd00_0000_0000_0000;
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The tag stamped into every sector a volume's writes carry (FNV-1a of its
+/// name, top bit set so it is never zero nor a dedup tag).
+pub fn vol_tag(name: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    (h & !(0xff << 56)) | 0x80 << 56
+}
+
+fn check_of(tag: u64, off: u64, gen: u64) -> u64 {
+    mix(tag ^ mix(off ^ mix(gen)))
+}
+
+/// `len` bytes of self-identifying data for byte offset `off`: every 512-byte
+/// sector starts with (tag, the sector's byte offset, generation, check) and
+/// its filler derives from those, so a sector read from another offset,
+/// volume or generation never equals the one expected. `noise` chooses
+/// incompressible filler over a constant byte.
+pub fn stamped(tag: u64, gen: u64, off: u64, len: usize, noise: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    let end = off + len as u64;
+    let mut p = off;
+    while p < end {
+        let s = p / SECTOR * SECTOR;
+        let sector = stamp_sector(tag, s, gen, noise);
+        let a = (p - s) as usize;
+        let b = ((end - s) as usize).min(SECTOR as usize);
+        out.extend_from_slice(&sector[a..b]);
+        p = s + b as u64;
+    }
+    out
+}
+
+fn stamp_sector(tag: u64, off: u64, gen: u64, noise: bool) -> [u8; SECTOR as usize] {
+    let mut b = [0u8; SECTOR as usize];
+    let check = check_of(tag, off, gen);
+    b[0..8].copy_from_slice(&tag.to_le_bytes());
+    b[8..16].copy_from_slice(&off.to_le_bytes());
+    b[16..24].copy_from_slice(&gen.to_le_bytes());
+    b[24..32].copy_from_slice(&check.to_le_bytes());
+    if noise {
+        for (k, w) in b[STAMP..].chunks_mut(8).enumerate() {
+            w.copy_from_slice(&mix(check.wrapping_add(k as u64)).to_le_bytes());
+        }
+    } else {
+        b[STAMP..].fill(check as u8 | 1);
+    }
+    b
+}
+
+/// What a sector holds, decoded from its stamp, for failure messages.
+pub fn describe_sector(b: &[u8], names: &BTreeMap<u64, String>) -> String {
+    if b.iter().all(|&x| x == 0) {
+        return "zeros".into();
+    }
+    if b.len() < STAMP {
+        return format!("{} unstamped bytes", b.len());
+    }
+    let rd = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let (tag, off, gen, check) = (rd(0), rd(8), rd(16), rd(24));
+    if check != check_of(tag, off, gen) {
+        return "no valid stamp (a torn sector, or bytes of two writes)".into();
+    }
+    let who = if tag & !0xff == DEDUP_TAG {
+        format!("dedup class {}", tag & 0xff)
+    } else {
+        names
+            .get(&tag)
+            .map(|n| format!("volume {n}"))
+            .unwrap_or_else(|| format!("volume tag {tag:#x}"))
+    };
+    let whole = if stamp_sector(tag, off, gen, true)[..] == *b
+        || stamp_sector(tag, off, gen, false)[..] == *b
+    {
+        ""
+    } else {
+        " (filler differs)"
+    };
+    format!("{who}, offset {off}, generation {gen}{whole}")
+}
+
+/// Data with repeats for dedup: sectors stamped with a content class (the
+/// seed modulo 8) and their offset modulo [`DEDUP_REPEAT`], so equal blocks
+/// recur across volumes, snapshots, seeds and every 256 KiB within a volume;
+/// seeds divisible by 4 give noise, the others compress well.
 pub fn repetitive(seed: u8, off: u32, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            let p = off as u64 + i as u64;
-            if seed.is_multiple_of(4) {
-                let mut z = (((seed as u64 % 8) << 32) | ((p % 32768) / 8))
-                    .wrapping_add(0x9e37_79b9_7f4a_7c15);
-                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-                (z >> ((p % 8) * 8)) as u8
-            } else {
-                ((seed as u64 % 8) * 31 + (p / 512) % 16) as u8 | 1
-            }
-        })
-        .collect()
+    let tag = DEDUP_TAG | (seed % 8) as u64;
+    let noise = seed.is_multiple_of(4);
+    let mut out = Vec::with_capacity(len);
+    let (mut p, end) = (off as u64, off as u64 + len as u64);
+    while p < end {
+        // Split at repeat boundaries so each piece has one base.
+        let base = p / DEDUP_REPEAT * DEDUP_REPEAT;
+        let n = (end.min(base + DEDUP_REPEAT) - p) as usize;
+        out.extend_from_slice(&stamped(tag, 0, p - base, n, noise));
+        p += n as u64;
+    }
+    out
 }
 
-pub fn pattern(seed: u8, off: u32, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| {
-            (seed as u32)
-                .wrapping_mul(31)
-                .wrapping_add((off + i as u32) / 512) as u8
-                | 1
-        })
-        .collect()
+/// Self-identifying data of one write (see [`stamped`]).
+pub fn pattern(vol: &str, gen: u64, off: u32, len: usize) -> Vec<u8> {
+    stamped(vol_tag(vol), gen, off as u64, len, true)
+}
+
+/// The first sector where `got` and `want` differ, decoded, or `None`.
+pub fn first_difference(got: &[u8], want: &[u8], names: &BTreeMap<u64, String>) -> Option<String> {
+    if got.len() != want.len() {
+        return Some(format!("{} bytes read, {} expected", got.len(), want.len()));
+    }
+    let i = got.iter().zip(want).position(|(a, b)| a != b)?;
+    let s = i / SECTOR as usize * SECTOR as usize;
+    let e = (s + SECTOR as usize).min(got.len());
+    Some(format!(
+        "first difference at byte {i}: the sector at {s} holds {}; expected {}",
+        describe_sector(&got[s..e], names),
+        describe_sector(&want[s..e], names)
+    ))
 }
 
 impl Harness {
@@ -107,6 +221,24 @@ impl Harness {
             opts,
             policy: DataPolicy::default(),
             repetitive: false,
+            gen: 0,
+            names: BTreeMap::new(),
+        }
+    }
+
+    /// A harness over a pool recovered on `dev`, expecting `model`; carries
+    /// the policy, data kind, generation and names of `self` over.
+    pub fn recovered(&self, dev: Arc<dyn BlockDev>, pool: Pool, model: &Model) -> Harness {
+        Harness {
+            dev,
+            pool: Some(pool),
+            model: model.clone(),
+            durable: model.clone(),
+            opts: self.opts.clone(),
+            policy: self.policy,
+            repetitive: self.repetitive,
+            gen: self.gen,
+            names: self.names.clone(),
         }
     }
 
@@ -146,6 +278,7 @@ impl Harness {
                 self.pool()
                     .create_volume_with(&name, size, bs, self.policy)?;
                 self.model.vols.insert(name.clone(), vec![0; size as usize]);
+                self.names.insert(vol_tag(&name), name.clone());
                 Ok(Some(name))
             }
             Op::Write { v, off, len, seed } => {
@@ -155,10 +288,11 @@ impl Harness {
                 let size = self.model.vols[&name].len() as u32;
                 let off = off % size;
                 let len = len.min(size - off);
+                self.gen += 1;
                 let data = if self.repetitive {
                     repetitive(seed, off, len as usize)
                 } else {
-                    pattern(seed, off, len as usize)
+                    pattern(&name, self.gen, off, len as usize)
                 };
                 let id = self.pool().volume_id(&name)?;
                 self.pool().write(id, off as u64, &data)?;
@@ -203,6 +337,7 @@ impl Harness {
                 self.pool().clone_snapshot(id, &name)?;
                 let data = self.model.snaps[&id].1.clone();
                 self.model.vols.insert(name.clone(), data);
+                self.names.insert(vol_tag(&name), name.clone());
                 Ok(Some(name))
             }
             Op::DeleteSnapshot { s } => {
@@ -252,32 +387,63 @@ impl Harness {
     pub fn check_volume(&self, name: &str) {
         let want = &self.model.vols[name];
         let id = self.pool().volume_id(name).expect("volume exists");
-        let got = read_all(self.pool(), Target::Volume(id), want.len());
-        assert!(got == *want, "volume {name} differs from the model");
+        let got = read_all(self.pool(), Target::Volume(id), want.len())
+            .unwrap_or_else(|e| panic!("volume {name}: {e}"));
+        if let Some(d) = first_difference(&got, want, &self.names) {
+            panic!("volume {name} differs from the model: {d}");
+        }
     }
 
     /// Compares everything with `m`.
     pub fn check_all(&self, m: &Model) {
+        if let Err(e) = self.diff_all(m) {
+            panic!("{e}");
+        }
+    }
+
+    /// Compares everything with `m`; says what differs first.
+    pub fn diff_all(&self, m: &Model) -> Result<(), String> {
         let pool = self.pool();
-        let vols = pool.list_volumes().expect("list");
+        let vols = pool.list_volumes().map_err(|e| format!("list: {e}"))?;
         let names: Vec<&str> = vols.iter().map(|v| v.name.as_str()).collect();
         let want: Vec<&str> = m.vols.keys().map(|s| s.as_str()).collect();
-        assert_eq!(names, want, "volume set differs");
-        for v in &vols {
-            assert_eq!(v.size as usize, m.vols[&v.name].len(), "size of {}", v.name);
-            let got = read_all(pool, Target::Volume(v.id), v.size as usize);
-            assert!(got == m.vols[&v.name], "volume {} differs", v.name);
+        if names != want {
+            return Err(format!("volume set differs: {names:?}, expected {want:?}"));
         }
-        let snaps = pool.list_snapshots(None).expect("list snapshots");
+        for v in &vols {
+            let want = &m.vols[&v.name];
+            if v.size as usize != want.len() {
+                return Err(format!("size of {}: {} not {}", v.name, v.size, want.len()));
+            }
+            let got = read_all(pool, Target::Volume(v.id), want.len())
+                .map_err(|e| format!("volume {}: {e}", v.name))?;
+            if let Some(d) = first_difference(&got, want, &self.names) {
+                return Err(format!("volume {} differs: {d}", v.name));
+            }
+        }
+        let snaps = pool
+            .list_snapshots(None)
+            .map_err(|e| format!("list snapshots: {e}"))?;
         let ids: Vec<u64> = snaps.iter().map(|s| s.id).collect();
         let want: Vec<u64> = m.snaps.keys().copied().collect();
-        assert_eq!(ids, want, "snapshot set differs");
+        if ids != want {
+            return Err(format!("snapshot set differs: {ids:?}, expected {want:?}"));
+        }
         for s in &snaps {
             let (vol, data) = &m.snaps[&s.id];
-            assert_eq!(&s.volume, vol);
-            let got = read_all(pool, Target::Snapshot(s.id), s.size as usize);
-            assert!(got == *data, "snapshot {} differs", s.id);
+            if &s.volume != vol || s.size as usize != data.len() {
+                return Err(format!(
+                    "snapshot {} is of {} ({} bytes)",
+                    s.id, s.volume, s.size
+                ));
+            }
+            let got = read_all(pool, Target::Snapshot(s.id), data.len())
+                .map_err(|e| format!("snapshot {}: {e}", s.id))?;
+            if let Some(d) = first_difference(&got, data, &self.names) {
+                return Err(format!("snapshot {} differs: {d}", s.id));
+            }
         }
+        Ok(())
     }
 
     pub fn fsck_clean(&self) {
@@ -286,18 +452,18 @@ impl Harness {
     }
 }
 
-pub fn read_all(pool: &Pool, t: Target, size: usize) -> Vec<u8> {
+/// Reads `size` bytes of `t` in odd-sized pieces.
+pub fn read_all(pool: &Pool, t: Target, size: usize) -> cdmfs::Result<Vec<u8>> {
     let mut out = vec![0u8; size];
     let mut off = 0;
     let mut step = 4096 * 3 + 1000;
     while off < size {
         let n = step.min(size - off);
-        pool.read(t, off as u64, &mut out[off..off + n])
-            .expect("read");
+        pool.read(t, off as u64, &mut out[off..off + n])?;
         off += n;
         step = step * 7 % 90001 + 511;
     }
-    out
+    Ok(out)
 }
 
 /// A random operation, weighted towards I/O.
