@@ -218,26 +218,15 @@ fn power_cuts_at_random_points() {
     }
     let at_least = |per_240: u64| per_240 * cuts / 240;
     let t = &tally;
-    assert!(
-        t.in_flush >= at_least(80),
-        "too few cuts inside a flush: {t:?}"
-    );
-    assert!(
-        t.sb_unsynced >= at_least(10),
-        "too few cuts with an unsynced superblock: {t:?}"
-    );
-    assert!(
-        t.sb_lost >= at_least(10),
-        "too few lost superblock writes: {t:?}"
-    );
-    assert!(
-        t.sb_landed >= at_least(10),
-        "too few landed superblock writes: {t:?}"
-    );
-    assert!(
-        t.to_in_flight >= at_least(12),
-        "too few recoveries to the flush under way: {t:?}"
-    );
+    for (what, got, per_240) in [
+        ("cuts inside a flush", t.in_flush, 80),
+        ("cuts with an unsynced superblock", t.sb_unsynced, 10),
+        ("lost superblock writes", t.sb_lost, 10),
+        ("landed superblock writes", t.sb_landed, 10),
+        ("recoveries to the flush under way", t.to_in_flight, 12),
+    ] {
+        assert!(got >= at_least(per_240), "too few {what}: {t:?}");
+    }
     assert!(t.images >= cuts * 3 / 2, "too few crash images: {t:?}");
     assert!(
         t.second_in_flush >= at_least(40),

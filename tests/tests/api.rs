@@ -26,6 +26,18 @@ fn qemu_io(a: &Appliance, export: &str, cmd: &str) -> String {
     cdm_e2e::stamp::qemu_io(&args)
 }
 
+/// Waits for webhook `id`'s first delivery that ended `failed`.
+fn failed_delivery(api: &Api, id: u64, what: &str) -> Value {
+    wait_for(120, what, || {
+        let d = api.get(&format!("/v1/webhooks/{id}/deliveries"));
+        d.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["state"] == "failed")
+            .cloned()
+    })
+}
+
 fn ids(v: &Value) -> Vec<u64> {
     v.as_array()
         .expect("array")
@@ -1051,14 +1063,7 @@ fn webhooks_are_signed_retried_and_never_slow_io() {
         .unwrap()["id"]
         .as_u64()
         .unwrap();
-    let failed = wait_for(120, "dead receiver given up", || {
-        let d = api.get(&format!("/v1/webhooks/{dead}/deliveries"));
-        d.as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["state"] == "failed")
-            .cloned()
-    });
+    let failed = failed_delivery(&api, dead, "dead receiver given up");
     assert_eq!(failed["attempts"], 4);
     assert!(failed["last_error"].as_str().is_some());
     api.expect(204, "DELETE", &format!("/v1/webhooks/{dead}"), None);
@@ -1624,14 +1629,7 @@ fn webhooks_to_loopback_and_link_local_are_refused_by_default() {
         "/v1/volumes",
         Some(json!({"name": "v", "size": 8 << 20})),
     );
-    let d = wait_for(120, "refused delivery", || {
-        let d = api.get(&format!("/v1/webhooks/{hid}/deliveries"));
-        d.as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["state"] == "failed")
-            .cloned()
-    });
+    let d = failed_delivery(&api, hid, "refused delivery");
     assert_eq!(d["attempts"], 1);
     assert!(
         d["last_error"].as_str().unwrap().contains("loopback"),
