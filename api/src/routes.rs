@@ -229,7 +229,29 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), auth_layer))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(refuse_declared_oversize))
         .with_state(state)
+}
+
+/// A body whose declared length is over the limit is refused before any of it
+/// is read. Without this the server would read up to the limit and then close
+/// the connection under a client still sending, which sees a broken pipe
+/// instead of the 413. (A chunked body is still cut by `DefaultBodyLimit`.)
+async fn refuse_declared_oversize(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(n) if n > MAX_BODY as u64 => ApiError::new(
+            413,
+            "payload_too_large",
+            format!("request body of {n} bytes is above the {MAX_BODY}-byte limit"),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {

@@ -570,6 +570,51 @@ pub fn http(
     (status, v)
 }
 
+/// Sends only a request's head (no body, whatever Content-Length says) and
+/// returns the status and body of the answer: for refusals that must come
+/// before the body is read, which a client still sending could not see.
+pub fn http_head_only(base: &str, head: &str) -> (u16, serde_json::Value) {
+    use std::io::{Read, Write};
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the API");
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("set a read timeout");
+    s.write_all(head.as_bytes()).expect("send the request head");
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Read until the answer's body is complete or the server closes.
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("no answer to a request head: {e} (got {out:?})"),
+        }
+        let text = String::from_utf8_lossy(&out);
+        if let Some((h, b)) = text.split_once("\r\n\r\n") {
+            let len = h
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_string())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            if len.is_some_and(|n| b.len() >= n) {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (h, b) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = h
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text}"));
+    let v = serde_json::from_str(b).unwrap_or(serde_json::Value::String(b.to_string()));
+    (status, v)
+}
+
 /// An API caller with a token.
 pub struct Api {
     pub base: String,
