@@ -96,6 +96,7 @@ impl Pool {
         }
         let mut refs = walk.refs;
         check_mapped_counters(g, &mut rep, &roots);
+        check_pieces(g, &mut rep, &roots);
         let rc = stored_refcounts(g, &mut rep);
         compare_refcounts(&mut rep, &mut refs, &rc.stored);
         check_space(g, &mut rep, &refs, &rc.nodes);
@@ -181,22 +182,26 @@ impl VolumeWalk {
     /// One leaf entry: block `key` of a tree with blocks of `bs` bytes.
     fn extent(&mut self, rep: &mut FsckReport, name: &str, bs: u32, key: u64, e: Extent) {
         rep.extents += 1;
+        let (at, chunk) = volume_key_span(key, bs);
+        let chunk = chunk as u32;
+        let piece = PieceKey::decode(key);
         let max_len = if e.flags & flags::FRAMED != 0 {
             FRAME_BYTES as u32
         } else {
-            bs
+            chunk
         };
         if e.stored_len == 0
             || e.stored_len > max_len
             || e.addr < RESERVED_BLOCKS
             || e.addr + e.min_object_blocks() as u64 > self.total
-            || (!e.packed() && e.stored_len != bs)
+            || (!e.packed() && e.stored_len != chunk)
+            // A piece may be framed: a dedup hit on a chunk of the same
+            // size that another volume (with that block size) framed.
+            || piece.is_some_and(|p| p.end() as u64 > bs as u64 / UNIT || chunk >= bs)
         {
             rep.errors.push(format!(
                 "{name}: bad extent at offset {} (block {}, {} bytes)",
-                key.saturating_mul(bs as u64),
-                e.addr,
-                e.stored_len
+                at, e.addr, e.stored_len
             ));
             return;
         }
@@ -218,6 +223,42 @@ impl VolumeWalk {
         // Stored bytes once, however many blocks share them (dedup, frames).
         if self.counted.insert(e.byte_offset()) {
             rep.data_bytes += e.stored_len as u64;
+        }
+    }
+}
+
+/// Every piece lies over a whole-block extent, inside its block, without
+/// overlapping another piece of the block (rules in `pool/piece.rs`).
+fn check_pieces(g: &mut Inner, rep: &mut FsckReport, roots: &[TreeRoot]) {
+    for TreeRoot {
+        name,
+        ptr,
+        block_size,
+    } in roots
+    {
+        let pieces = match g.pieces_all(*ptr) {
+            Ok(p) => p,
+            Err(e) => {
+                rep.errors.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        let mut prev: Option<PieceKey> = None;
+        for p in pieces {
+            let over = prev.is_some_and(|q| q.block == p.block && q.end() > p.start);
+            let base = g.store.get(TreeKind::Volume, *ptr, p.block);
+            if over || !matches!(base, Ok(Some(_))) {
+                rep.errors.push(format!(
+                    "{name}: piece at offset {} {}",
+                    p.offset(*block_size),
+                    if over {
+                        "overlaps another piece"
+                    } else {
+                        "lies over no block extent"
+                    }
+                ));
+            }
+            prev = Some(p);
         }
     }
 }
@@ -545,7 +586,10 @@ impl Pool {
                         continue;
                     }
                     let e = Extent::decode(n.val(i));
-                    done += bs as u64;
+                    let (at, _) = volume_key_span(n.keys[i], bs);
+                    if PieceKey::decode(n.keys[i]).is_none() {
+                        done += bs as u64;
+                    }
                     let ok = match seen_ext.get(&e.byte_offset()) {
                         Some(ok) => *ok,
                         None => {
@@ -561,7 +605,7 @@ impl Pool {
                     if !ok {
                         rep.errors.push(ScrubError {
                             target: name.clone(),
-                            offset: n.keys[i].saturating_mul(bs as u64),
+                            offset: at,
                             pool_block: e.addr,
                             what: "data checksum mismatch".into(),
                         });
@@ -584,7 +628,11 @@ fn count_entries(g: &mut Inner, root: Ptr, memo: &mut HashMap<u64, u64>) -> Resu
     }
     let n = g.store.load(TreeKind::Volume, root)?;
     let c = if n.is_leaf() {
-        n.len() as u64
+        // Pieces lie over mapped blocks: only whole-block keys count.
+        n.keys
+            .iter()
+            .filter(|&&k| PieceKey::decode(k).is_none())
+            .count() as u64
     } else {
         let mut c = 0;
         for i in 0..n.len() {

@@ -15,7 +15,10 @@ pub const RESERVED_BLOCKS: u64 = 256;
 /// which disks write atomically).
 pub const SB_BYTES: usize = 512;
 pub const SB_MAGIC: &[u8; 8] = b"CDMFSPL\0";
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: volume trees may hold sub-block pieces ([`PieceKey`]). A version-1
+/// pool is a version-2 pool without pieces: it opens as is and its next
+/// commit writes version 2.
+pub const FORMAT_VERSION: u32 = 2;
 pub const NODE_MAGIC: u32 = u32::from_le_bytes(*b"CDMN");
 pub const NODE_HDR: usize = 32;
 /// No pointer may name a block at or past this: byte offsets of every block
@@ -359,6 +362,69 @@ impl Extent {
     }
 }
 
+/// The key of a sub-block piece in a volume tree: part of a volume block,
+/// in 4 KiB units, written after the block's whole-block extent and read
+/// over it (see `on-disk-format.md`, "Pieces"). Piece keys have the top
+/// bit set, so all of a tree's pieces sort after its whole-block keys and
+/// the pieces of one block are contiguous and ordered by position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PieceKey {
+    /// Logical block of the volume.
+    pub block: u64,
+    /// First 4 KiB unit within the block.
+    pub start: u32,
+    /// Units covered, at least 1.
+    pub units: u32,
+}
+
+pub const PIECE_BIT: u64 = 1 << 63;
+/// Logical blocks a piece key can name (volumes hold at most 2^60 bytes
+/// and pieces exist only in blocks of 8 KiB or more).
+const PIECE_MAX_BLOCK: u64 = 1 << 47;
+
+impl PieceKey {
+    pub fn encode(&self) -> u64 {
+        PIECE_BIT | self.block << 16 | (self.start as u64) << 8 | (self.units as u64 - 1)
+    }
+    /// The piece a key names, or None for a whole-block key.
+    pub fn decode(k: u64) -> Option<PieceKey> {
+        (k & PIECE_BIT != 0).then(|| PieceKey {
+            block: (k & !PIECE_BIT) >> 16,
+            start: ((k >> 8) & 0xff) as u32,
+            units: (k & 0xff) as u32 + 1,
+        })
+    }
+    /// The first key of block `b`'s pieces (the range of blocks `b0..b1`
+    /// is `first(b0)..first(b1)`).
+    pub fn first(b: u64) -> u64 {
+        PIECE_BIT | b.min(PIECE_MAX_BLOCK) << 16
+    }
+    pub fn end(&self) -> u32 {
+        self.start + self.units
+    }
+    /// Bytes of the piece's chunk.
+    pub fn bytes(&self) -> u64 {
+        self.units as u64 * UNIT
+    }
+    /// Where the piece starts in the volume, for a block size.
+    pub fn offset(&self, bs: u32) -> u64 {
+        self.block * bs as u64 + self.start as u64 * UNIT
+    }
+    fn sane(k: u64) -> bool {
+        PieceKey::decode(k)
+            .is_some_and(|p| p.block < PIECE_MAX_BLOCK && p.end() <= MAX_BLOCK_SIZE / UNIT as u32)
+    }
+}
+
+/// Where a volume-tree key's data starts in the volume, and how many bytes
+/// its chunk holds: a whole block, or a piece.
+pub fn volume_key_span(k: u64, bs: u32) -> (u64, u64) {
+    match PieceKey::decode(k) {
+        Some(p) => (p.offset(bs), p.bytes()),
+        None => (k.saturating_mul(bs as u64), bs as u64),
+    }
+}
+
 fn extent_sane(e: &Extent) -> bool {
     e.addr >= RESERVED_BLOCKS
         && e.addr < MAX_BLOCK_ADDR
@@ -598,7 +664,8 @@ impl Node {
             } else {
                 match kind {
                     TreeKind::Volume => {
-                        extent_sane(&Extent::decode(v)) && node.keys[i] < MAX_BLOCK_ADDR
+                        extent_sane(&Extent::decode(v))
+                            && (node.keys[i] < MAX_BLOCK_ADDR || PieceKey::sane(node.keys[i]))
                     }
                     TreeKind::Dedup => extent_sane(&DedupVal::decode(v).ext),
                     TreeKind::DedupRev => true,

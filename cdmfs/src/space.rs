@@ -72,7 +72,7 @@ impl Inner {
                         chunks.push((
                             e.byte_offset(),
                             e.frame_index() as u8,
-                            bs,
+                            volume_key_span(n.keys[i], bs).1 as u32,
                             e.phys_bytes() as u32,
                         ));
                     } else {

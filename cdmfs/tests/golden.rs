@@ -192,9 +192,31 @@ fn golden_image() -> Vec<u8> {
     zstd::bulk::decompress(&z, POOL_BYTES).expect("decompress the golden image")
 }
 
+/// The format version of the newest valid superblock of a pool image.
+fn format_version(image: &[u8]) -> u32 {
+    let mut best = (0u64, 0u32);
+    for slot in 0..4 {
+        let b = &image[slot * 4096..slot * 4096 + 512];
+        let crc = u32::from_le_bytes(b[508..512].try_into().unwrap());
+        if &b[..8] == b"CDMFSPL\0" && crc32c(&b[..508]) == crc {
+            let gen = u64::from_le_bytes(b[32..40].try_into().unwrap());
+            if gen >= best.0 {
+                best = (gen, u32::from_le_bytes(b[8..12].try_into().unwrap()));
+            }
+        }
+    }
+    best.1
+}
+
+fn crc32c(b: &[u8]) -> u32 {
+    cdmfs::format::crc(b)
+}
+
 #[test]
 fn golden_v1_pool_opens_reads_and_takes_writes() {
-    let dev = Arc::new(MemDev::from_image(golden_image()));
+    let image = golden_image();
+    assert_eq!(format_version(&image), 1, "the golden pool is version 1");
+    let dev = Arc::new(MemDev::from_image(image));
     let pool = open(dev.clone());
     check_contents(&pool);
     let rep = pool.fsck().expect("fsck");
@@ -216,10 +238,18 @@ fn golden_v1_pool_opens_reads_and_takes_writes() {
         pool.write(id, off, &d).expect("write");
         want.get_mut(n).expect("volume")[off as usize..off as usize + len].copy_from_slice(&d);
     }
+    // The small write into the 64 KiB-block volume became a piece: one
+    // more extent than mapped blocks.
+    let plain = pool.volume("plain").expect("volume");
+    let map = pool
+        .physical_map(Target::Volume(plain.id))
+        .expect("physical map");
+    assert!(map.extents.len() as u64 > plain.allocated_bytes / 65536);
     let snap = pool
         .create_snapshot("plain", "after", serde_json::Value::Null)
         .expect("snapshot");
     pool.close().expect("close");
+    assert_eq!(format_version(&dev.image()), 2, "the first commit upgrades");
     let pool = open(dev);
     for v in pool.list_volumes().expect("volumes") {
         let got = common::read_all(&pool, Target::Volume(v.id), v.size as usize).expect("read");

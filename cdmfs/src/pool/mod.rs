@@ -4,7 +4,7 @@
 //! One file per job: `options` and `info` are the public types,
 //! `records` the catalog records, `superblock` the ring, `load`
 //! opening, `catalog` volumes and snapshots, `read`, `write` and
-//! `reduce` the data path, `commit` the three-phase commit and
+//! `reduce` the data path (`piece` the sub-block pieces), `commit` the three-phase commit and
 //! `audit` the views fsck and the space report use.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -23,6 +23,7 @@ mod commit;
 mod info;
 mod load;
 mod options;
+mod piece;
 mod read;
 mod records;
 mod reduce;

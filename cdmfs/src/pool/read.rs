@@ -20,13 +20,24 @@ impl Pool {
         if buf.is_empty() {
             return Ok(());
         }
-        let bs = bs as u64;
-        let b0 = offset / bs;
-        let b1 = (offset + buf.len() as u64 - 1) / bs + 1;
+        self.read_in(t, bs, offset, buf)
+    }
+
+    /// [`Pool::read`] without the range check (a read-modify-write reads
+    /// whole blocks, the last of which may pass the end of the volume):
+    /// whole-block extents, then the pieces over them.
+    pub(super) fn read_in(&self, t: Target, bs: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let bs64 = bs as u64;
+        let b0 = offset / bs64;
+        let b1 = (offset + buf.len() as u64 - 1) / bs64 + 1;
         let mut last_err = None;
         for _attempt in 0..2 {
-            let map = self.mappings_unlocked_io(t, b0, b1)?;
-            match self.read_mapped(t, &map, bs, offset, buf) {
+            let (map, pieces) =
+                self.locked_no_io(|g| Ok((g.mappings(t, b0, b1)?, g.pieces(t, b0, b1)?)))?;
+            let r = self
+                .read_mapped(t, &map, bs64, offset, buf)
+                .and_then(|()| self.read_pieces(t, &pieces, bs, offset, buf));
+            match r {
                 Ok(()) => return Ok(()),
                 // The extent may have been freed and reused by a concurrent
                 // write and commit: look the mapping up again once.
@@ -221,21 +232,6 @@ impl Pool {
         f(&mut *self.lock()?)
     }
 
-    /// Looks up the extents of blocks `b0..b1` without doing device I/O
-    /// while holding the pool lock: a node missing from the cache is read
-    /// and verified (against its parent's checksum) outside the lock, then
-    /// the lookup runs again. Committed nodes are immutable, so a node read
-    /// this way is either exactly the one expected or fails its checksum
-    /// (freed and reused meanwhile), in which case the lookup retries.
-    pub(super) fn mappings_unlocked_io(
-        &self,
-        t: Target,
-        b0: u64,
-        b1: u64,
-    ) -> Result<Vec<(u64, Extent)>> {
-        self.locked_no_io(|g| g.mappings(t, b0, b1))
-    }
-
     /// Allocated and unallocated runs of `[offset, offset+len)`.
     pub fn block_status(&self, t: Target, offset: u64, len: u64) -> Result<Vec<Run>> {
         let mut g = self.lock()?;
@@ -290,8 +286,11 @@ impl Pool {
             if n.is_leaf() {
                 for i in 0..n.len() {
                     let e = Extent::decode(n.val(i));
-                    map.extents
-                        .push((n.keys[i] * bs as u64, e.byte_offset(), e.stored_len));
+                    map.extents.push((
+                        volume_key_span(n.keys[i], bs).0,
+                        e.byte_offset(),
+                        e.stored_len,
+                    ));
                 }
             }
             Ok(())

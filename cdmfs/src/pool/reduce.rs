@@ -21,8 +21,21 @@ impl Pool {
         vol: u64,
         bs: u32,
         policy: DataPolicy,
-        mut blocks: Vec<(u64, Option<Vec<u8>>)>,
+        blocks: Vec<(u64, Option<Vec<u8>>)>,
     ) -> Result<()> {
+        let (written, taken) = self.store_chunks(bs, policy, blocks)?;
+        self.map_blocks(vol, written, taken)
+    }
+
+    /// Stores chunks of `bs` bytes each (whole blocks, or one piece) through
+    /// the pipeline; returns what to map and the dedup hits referenced for
+    /// it (released again if storing fails).
+    pub(super) fn store_chunks(
+        &self,
+        bs: u32,
+        policy: DataPolicy,
+        mut blocks: Vec<(u64, Option<Vec<u8>>)>,
+    ) -> Result<(Written, Vec<Extent>)> {
         let keys = match policy.encryption {
             Some(_) => Some(self.keys.clone().ok_or(Error::KeyRequired)?),
             None => None,
@@ -52,7 +65,7 @@ impl Pool {
                 return Err(e);
             }
         };
-        self.map_blocks(vol, written, taken)
+        Ok((written, taken))
     }
 
     /// Looks up the dedup index for every fingerprint and takes a reference

@@ -112,7 +112,7 @@ impl Pool {
         Ok(Some((g, bs)))
     }
 
-    fn policy_of(&self, vol: u64) -> Result<DataPolicy> {
+    pub(super) fn policy_of(&self, vol: u64) -> Result<DataPolicy> {
         self.lock()?
             .volumes
             .get(&vol)
@@ -155,6 +155,7 @@ impl Pool {
                     g.store.dec_extent(&Extent::decode(&old))?;
                 }
             }
+            g.drop_pieces(&mut root, full0, full1)?;
             g.set_root(vol, root, -(map.len() as i64))?;
             g.ops += 1;
             g.needs_commit()
@@ -202,6 +203,17 @@ impl Pool {
         keep_zeros: bool,
     ) -> Result<()> {
         let bs64 = bs as u64;
+        // Partial blocks at either end become pieces where the rules in
+        // `piece.rs` allow; what is left is written as whole blocks.
+        let (lo, hi) = match (data, keep_zeros) {
+            (Some(d), false) if bs64 > UNIT => self.write_edge_pieces(vol, bs, offset, d)?,
+            _ => (offset, offset + len),
+        };
+        if lo >= hi {
+            return Ok(());
+        }
+        let data = data.map(|d| &d[(lo - offset) as usize..(hi - offset) as usize]);
+        let (offset, len) = (lo, hi - lo);
         let end = offset + len;
         let (b0, b1) = (offset / bs64, (end - 1) / bs64 + 1);
         // Compose the new contents of each block touched.
@@ -214,8 +226,7 @@ impl Pool {
         for &b in &partial {
             if let std::collections::hash_map::Entry::Vacant(e) = old.entry(b) {
                 let mut cur = vec![0u8; bs as usize];
-                let map = self.mappings_unlocked_io(Target::Volume(vol), b, b + 1)?;
-                self.read_mapped(Target::Volume(vol), &map, bs64, b * bs64, &mut cur)?;
+                self.read_in(Target::Volume(vol), bs, b * bs64, &mut cur)?;
                 e.insert(cur);
             }
         }
@@ -284,12 +295,67 @@ impl Pool {
         self.map_blocks(vol, written, Vec::new())
     }
 
-    /// The last step of every write: registers the objects just written,
-    /// indexes new chunks for dedup, maps the blocks and drops what they
-    /// replaced. `taken` are dedup hits already referenced; on failure (the
-    /// device write or a volume deleted meanwhile) they are released and
-    /// new objects freed.
+    /// Writes the partial blocks at the ends of a write of `d` at `offset`
+    /// as pieces where possible; returns the range left to write whole.
+    fn write_edge_pieces(&self, vol: u64, bs: u32, offset: u64, d: &[u8]) -> Result<(u64, u64)> {
+        let bs64 = bs as u64;
+        let end = offset + d.len() as u64;
+        let (mut lo, mut hi) = (offset, end);
+        let first = offset / bs64;
+        if !offset.is_multiple_of(bs64) || end < (first + 1) * bs64 {
+            let z = end.min((first + 1) * bs64);
+            if self.write_piece(vol, bs, offset, z, &d[..(z - offset) as usize])? {
+                lo = z;
+            }
+        }
+        let last = (end - 1) / bs64;
+        if lo < hi && !end.is_multiple_of(bs64) && last > first {
+            let a = last * bs64;
+            if self.write_piece(vol, bs, a, end, &d[(a - offset) as usize..])? {
+                hi = a;
+            }
+        }
+        Ok((lo, hi))
+    }
+
+    /// The last step of a whole-block write: maps the blocks (dropping
+    /// their pieces) and drops what they replaced.
     pub(super) fn map_blocks(&self, vol: u64, w: Written, taken: Vec<Extent>) -> Result<()> {
+        self.map_written(vol, w, taken, |g, root, exts| {
+            let mut delta = 0i64;
+            for (b, e) in exts {
+                let prev = match e {
+                    Some(e) => g.store.insert(TreeKind::Volume, root, *b, &e.encode())?,
+                    None => g.store.remove(TreeKind::Volume, root, *b)?,
+                };
+                match (&prev, e) {
+                    (None, Some(_)) => delta += 1,
+                    (Some(_), None) => delta -= 1,
+                    _ => {}
+                }
+                if let Some(p) = prev {
+                    g.store.dec_extent(&Extent::decode(&p))?;
+                }
+            }
+            if let (Some(lo), Some(hi)) = (exts.first(), exts.last()) {
+                g.drop_pieces(root, lo.0, hi.0 + 1)?;
+            }
+            Ok(delta)
+        })
+    }
+
+    /// The last step of every write: registers the objects just written,
+    /// indexes new chunks for dedup, and lets `map` put the extents into
+    /// the volume's tree (returning the change in mapped blocks). `taken`
+    /// are dedup hits already referenced; on failure (the device write or
+    /// a volume deleted meanwhile) they are released and new objects freed.
+    pub(super) fn map_written(
+        &self,
+        vol: u64,
+        w: Written,
+        taken: Vec<Extent>,
+        map: impl FnOnce(&mut Inner, &mut Ptr, &[(u64, Option<Extent>)]) -> Result<i64>,
+    ) -> Result<()> {
         let Written {
             exts,
             objects,
@@ -321,23 +387,7 @@ impl Pool {
             for (fp, e, slot) in &index {
                 g.store.dd_insert(fp, *e, *slot)?;
             }
-            let mut delta = 0i64;
-            for (b, e) in &exts {
-                let prev = match e {
-                    Some(e) => g
-                        .store
-                        .insert(TreeKind::Volume, &mut root, *b, &e.encode())?,
-                    None => g.store.remove(TreeKind::Volume, &mut root, *b)?,
-                };
-                match (&prev, e) {
-                    (None, Some(_)) => delta += 1,
-                    (Some(_), None) => delta -= 1,
-                    _ => {}
-                }
-                if let Some(p) = prev {
-                    g.store.dec_extent(&Extent::decode(&p))?;
-                }
-            }
+            let delta = map(&mut g, &mut root, &exts)?;
             g.set_root(vol, root, delta)?;
             g.ops += 1;
             g.needs_commit()
@@ -347,6 +397,7 @@ impl Pool {
         }
         Ok(())
     }
+
     /// Allocates `n` extents of `units` blocks each.
     pub(super) fn allocate(&self, n: u64, units: u64) -> Result<Vec<u64>> {
         if n == 0 {

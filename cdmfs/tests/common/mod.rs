@@ -274,7 +274,8 @@ impl Harness {
                 let name = format!("v{}", self.model.next_vol);
                 self.model.next_vol += 1;
                 let size = (size_kib.max(1) as u64) * 1024 - (size_kib as u64 % 3) * 512;
-                let bs = 4096u32 << (bs_shift % 3);
+                // 4 KiB to 64 KiB: blocks with room for several pieces.
+                let bs = 4096u32 << (bs_shift % 5);
                 self.pool()
                     .create_volume_with(&name, size, bs, self.policy)?;
                 self.model.vols.insert(name.clone(), vec![0; size as usize]);
@@ -473,10 +474,17 @@ pub fn random_op(r: &mut impl rand::Rng, with_reopen: bool) -> Op {
             size_kib: r.gen_range(16..600),
             bs_shift: r.gen(),
         },
-        6..=45 => Op::Write {
+        6..=30 => Op::Write {
             v: r.gen(),
             off: r.gen(),
             len: r.gen_range(1..200_000),
+            seed: r.gen(),
+        },
+        // Page writes in the first 640 KiB (see the model test's strategy).
+        31..=45 => Op::Write {
+            v: r.gen(),
+            off: r.gen_range(0..160) * 4096,
+            len: r.gen_range(1..=4) * 4096,
             seed: r.gen(),
         },
         46..=55 => Op::Zero {
