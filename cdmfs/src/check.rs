@@ -23,6 +23,8 @@ pub struct FsckReport {
     pub data_bytes: u64,
     pub used_blocks: u64,
     pub deferred_free_blocks: u64,
+    /// Blocks of the intent log's slots (freed by the next commit).
+    pub log_blocks: u64,
     pub leaked_blocks: u64,
     pub dedup_nodes: u64,
     pub dedup_entries: u64,
@@ -430,6 +432,10 @@ fn check_space(
     for (a, n) in g.deferred_frees() {
         rep.deferred_free_blocks += n;
         claims.claim(rep, a, n, "freed, awaiting commit");
+    }
+    for (a, n) in g.log_slots() {
+        rep.log_blocks += n;
+        claims.claim(rep, a, n, "intent log slot");
     }
     let uncommitted = g.has_uncommitted();
     for (b, c) in claims.claimed.iter().enumerate() {

@@ -88,6 +88,10 @@ pub struct Superblock {
     /// Dedup index and its reverse map (null in pools that never deduplicated).
     pub dedup: Ptr,
     pub dedup_rev: Ptr,
+    /// The intent log's first record slot for this generation: block and
+    /// length in blocks (0, 0: none; see `pool/intent.rs`).
+    pub log_head: u64,
+    pub log_blocks: u32,
 }
 
 impl Superblock {
@@ -112,6 +116,8 @@ impl Superblock {
         wr_u32(&mut b, 120, self.dedup.csum);
         wr_u64(&mut b, 124, self.dedup_rev.addr);
         wr_u32(&mut b, 132, self.dedup_rev.csum);
+        wr_u64(&mut b, 136, self.log_head);
+        wr_u32(&mut b, 144, self.log_blocks);
         let c = crc(&b[..SB_BYTES - 4]);
         wr_u32(&mut b, SB_BYTES - 4, c);
         b
@@ -138,7 +144,7 @@ impl Superblock {
         if rd_u32(b, 48) as u64 != UNIT || rd_u32(b, 52) as usize != NODE_SIZE {
             return Err(SbError::Torn);
         }
-        if rd_u64(b, 40) >= MAX_BLOCK_ADDR {
+        if rd_u64(b, 40) >= MAX_BLOCK_ADDR || rd_u64(b, 136) >= MAX_BLOCK_ADDR {
             return Err(SbError::Torn);
         }
         let mut uuid = [0u8; 16];
@@ -167,6 +173,8 @@ impl Superblock {
                 addr: rd_u64(b, 124),
                 csum: rd_u32(b, 132),
             },
+            log_head: rd_u64(b, 136),
+            log_blocks: rd_u32(b, 144),
         }))
     }
 }
@@ -422,6 +430,13 @@ pub fn volume_key_span(k: u64, bs: u32) -> (u64, u64) {
     match PieceKey::decode(k) {
         Some(p) => (p.offset(bs), p.bytes()),
         None => (k.saturating_mul(bs as u64), bs as u64),
+    }
+}
+
+impl Extent {
+    /// Whether every field is possible (what node decoding checks).
+    pub fn sane(&self) -> bool {
+        extent_sane(self)
     }
 }
 
@@ -705,6 +720,8 @@ mod tests {
             commit_time_ns: 1,
             dedup: Ptr { addr: 302, csum: 7 },
             dedup_rev: Ptr { addr: 303, csum: 8 },
+            log_head: 0,
+            log_blocks: 0,
         };
         let b = sb.encode();
         assert_eq!(Superblock::decode(&b).unwrap(), Some(sb.clone()));

@@ -378,7 +378,7 @@ fn nodes_carry_the_generation_that_wrote_them() {
     let v = pool.create_volume("v", 4 << 20, 4096).unwrap();
     for round in 0..3u8 {
         pool.write(v.id, 0, &[round + 1; 64 << 10]).unwrap();
-        pool.flush().unwrap();
+        pool.commit().unwrap();
         let gen = pool.space().unwrap().generation;
         let nodes = pool.physical_map(Target::Volume(v.id)).unwrap().nodes;
         assert!(!nodes.is_empty());

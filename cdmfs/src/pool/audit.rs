@@ -62,6 +62,10 @@ impl Inner {
         }
         v
     }
+    /// The intent log's slots: in use until the next commit frees them.
+    pub(crate) fn log_slots(&self) -> Vec<(u64, u64)> {
+        self.log.slots.iter().map(|&(a, n)| (a, n as u64)).collect()
+    }
     pub(crate) fn allocated_blocks_of(&self, root_name: &str) -> Option<u64> {
         if let Some(name) = root_name.strip_prefix("volume ") {
             return self

@@ -144,6 +144,7 @@ impl Pool {
         }
         g.catalog_dirty.insert(KEY_VOLUME | id, false);
         g.ops += 1;
+        g.log.structural = true;
         Ok(())
     }
 
@@ -205,6 +206,7 @@ impl Pool {
         g.snapshots.insert(id, rec);
         g.catalog_dirty.insert(KEY_SNAPSHOT | id, true);
         g.ops += 1;
+        g.log.structural = true;
         g.snapshot_info(id)
     }
 
@@ -234,6 +236,7 @@ impl Pool {
         let mut g = self.lock()?;
         g.drop_snapshot(id)?;
         g.ops += 1;
+        g.log.structural = true;
         Ok(())
     }
 
@@ -325,6 +328,15 @@ impl Pool {
         Ok((g.commits, g.commit_ns))
     }
 
+    /// Intent-log records written since open, and records replayed at open.
+    /// Readable after a failure (a crash test asks what a cut flush was).
+    pub fn log_stats(&self) -> (u64, u64) {
+        match self.inner.lock() {
+            Ok(g) => (g.log.records, g.log.replayed),
+            Err(p) => (p.get_ref().log.records, p.get_ref().log.replayed),
+        }
+    }
+
     /// Resolves an export name: `VOLUME` or `VOLUME@SNAPSHOT_ID`.
     pub fn resolve(&self, export: &str) -> Result<Target> {
         let g = self.lock()?;
@@ -370,6 +382,7 @@ impl Inner {
         self.catalog_dirty.insert(KEY_VOLUME | rec.id, true);
         self.volumes.insert(rec.id, rec);
         self.ops += 1;
+        self.log.structural = true;
     }
 
     /// A volume's id and record by name, for changes.
@@ -385,6 +398,7 @@ impl Inner {
     fn touch_volume(&mut self, id: u64) {
         self.catalog_dirty.insert(KEY_VOLUME | id, true);
         self.ops += 1;
+        self.log.structural = true;
     }
 
     pub(super) fn set_root(&mut self, vol: u64, root: Ptr, delta: i64) -> Result<()> {

@@ -38,17 +38,35 @@ fn write_prepared(dev: &dyn BlockDev, p: &Prepared) -> Result<()> {
 impl Pool {
     /// Commits and closes the pool.
     pub fn close(self) -> Result<()> {
-        self.flush()
+        self.commit()
     }
 
-    /// Makes every mutation that completed before this call durable. Concurrent
-    /// callers share one commit (group commit).
+    /// Makes every mutation that completed before this call durable: with
+    /// one intent-log record and one sync when only writes are pending
+    /// (see `intent.rs`), else with a commit. Concurrent callers share one
+    /// record or commit (group commit).
     pub fn flush(&self) -> Result<()> {
         let target = self.lock()?.ops;
         let mut durable = self.durable.lock().map_err(|_| Error::Failed)?;
         if *durable >= target {
             return Ok(());
         }
+        if let Some(seq) = self.log_flush()? {
+            *durable = seq;
+            return Ok(());
+        }
+        self.commit_holding(&mut durable)
+    }
+
+    /// Commits the trees now (a flush usually logs instead): frees become
+    /// reusable, the intent log restarts.
+    pub fn commit(&self) -> Result<()> {
+        let mut durable = self.durable.lock().map_err(|_| Error::Failed)?;
+        self.commit_holding(&mut durable)
+    }
+
+    /// A commit; the caller holds `durable`, which it advances.
+    fn commit_holding(&self, durable: &mut u64) -> Result<()> {
         // Phase 1 under the lock; phase 2 (writes and syncs) without it, so
         // I/O and snapshot creation go on meanwhile; phase 3 publishes.
         let t0 = std::time::Instant::now();
@@ -71,7 +89,7 @@ impl Pool {
             g.check_commit(r)?;
             g.finish_commit(p, t0);
         }
-        *durable = seq;
+        *durable = (*durable).max(seq);
         Ok(())
     }
 }
@@ -168,6 +186,9 @@ impl Inner {
                 self.store.dirty.len()
             )));
         }
+        // The intent log restarts with this generation: ops pending now
+        // are in this commit, the old chain's slots are freed with it.
+        let (log_head, log_blocks) = self.log_restart(self.sb.generation + 1)?;
         let sb = Superblock {
             version: FORMAT_VERSION,
             uuid: self.sb.uuid,
@@ -180,6 +201,8 @@ impl Inner {
             commit_time_ns: now_ns(),
             dedup: dd,
             dedup_rev: ddr,
+            log_head,
+            log_blocks,
         };
         self.catalog_root = cat;
         self.store.dd_root = dd;
@@ -258,6 +281,7 @@ impl Inner {
         }
         self.commits += 1;
         self.commit_ns += t0.elapsed().as_nanos() as u64;
+        self.log.last_commit = Some(std::time::Instant::now());
     }
 
     pub(crate) fn committing(&self) -> bool {

@@ -51,8 +51,17 @@ impl Pool {
             failed: false,
             dirty_limit: opts.dirty_limit.max(64),
             pool_rec: PoolRec::default(),
+            log: Default::default(),
         };
         inner.load()?;
+        // Writes acknowledged by a flush after the last commit are in the
+        // intent log: redo them, then commit so the chain can restart.
+        let replayed = inner.replay_log()?;
+        inner.log.last_commit = Some(std::time::Instant::now());
+        if replayed > 0 {
+            tracing::info!(records = replayed, "intent log replayed");
+            inner.commit()?;
+        }
         let keys = match (&opts.key, &inner.pool_rec.crypto) {
             (None, _) => None,
             (Some(src), Some(rec)) => Some(Arc::new(Keys::unlock(rec, src)?)),
@@ -60,6 +69,7 @@ impl Pool {
                 let (rec, keys) = Keys::create(src)?;
                 inner.pool_rec.crypto = Some(rec);
                 inner.catalog_dirty.insert(KEY_POOL, true);
+                inner.log.structural = true;
                 inner.ops += 1;
                 Some(Arc::new(keys))
             }

@@ -4,7 +4,8 @@
 //! One file per job: `options` and `info` are the public types,
 //! `records` the catalog records, `superblock` the ring, `load`
 //! opening, `catalog` volumes and snapshots, `read`, `write` and
-//! `reduce` the data path (`piece` the sub-block pieces), `commit` the three-phase commit and
+//! `reduce` the data path (`piece` the sub-block pieces), `intent` the
+//! intent log that makes a flush one record and one sync, `commit` the three-phase commit and
 //! `audit` the views fsck and the space report use.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -21,6 +22,7 @@ mod audit;
 mod catalog;
 mod commit;
 mod info;
+mod intent;
 mod load;
 mod options;
 mod piece;
@@ -65,6 +67,8 @@ pub(crate) struct Inner {
     commits: u64,
     commit_ns: u64,
     pool_rec: PoolRec,
+    /// The intent log of the current generation.
+    log: intent::LogState,
 }
 
 /// An open pool. All methods take `&self`; the pool is shared between

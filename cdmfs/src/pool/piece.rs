@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::format::*;
 use crate::pipeline;
 
+use super::intent::Action;
 use super::write::{write_runs, Written};
 use super::{Inner, Pool, Target};
 
@@ -78,6 +79,29 @@ impl Inner {
     pub(super) fn pieces(&mut self, t: Target, b0: u64, b1: u64) -> Result<Vec<Piece>> {
         let root = self.target(t)?.root;
         self.pieces_in(root, b0, b1)
+    }
+
+    /// Maps a piece over its block, replacing the pieces it covers (all of
+    /// them wholly: the write widened itself over partial overlaps).
+    pub(super) fn map_piece(&mut self, root: &mut Ptr, key: PieceKey, e: Extent) -> Result<()> {
+        for p in self.pieces_in(*root, key.block, key.block + 1)? {
+            if p.key.start < key.end() && key.start < p.key.end() {
+                if p.key.start < key.start || p.key.end() > key.end() {
+                    return Err(crate::store::internal(
+                        "a piece overlaps a new piece partly",
+                    ));
+                }
+                self.store.remove(TreeKind::Volume, root, p.key.encode())?;
+                self.store.dec_extent(&p.ext)?;
+            }
+        }
+        if let Some(old) = self
+            .store
+            .insert(TreeKind::Volume, root, key.encode(), &e.encode())?
+        {
+            self.store.dec_extent(&Extent::decode(&old))?;
+        }
+        Ok(())
     }
 
     /// Removes the pieces of blocks `b0..b1` from the tree at `root` and
@@ -191,32 +215,10 @@ impl Pool {
             let chunk_len = plan.key.bytes() as u32;
             self.store_chunks(chunk_len, policy, vec![(0, Some(chunk))])?
         };
-        let key = plan.key;
-        self.map_written(vol, written, taken, move |g, root, exts| {
-            let Some((_, Some(e))) = exts.first() else {
-                return Err(crate::store::internal("a piece write stored no chunk"));
-            };
-            // Under the range lock nobody else changed this block's pieces;
-            // read them again from the live root all the same.
-            for p in g.pieces_in(*root, key.block, key.block + 1)? {
-                if p.key.start < key.end() && key.start < p.key.end() {
-                    if p.key.start < key.start || p.key.end() > key.end() {
-                        return Err(crate::store::internal(
-                            "a piece overlaps a new piece partly",
-                        ));
-                    }
-                    g.store.remove(TreeKind::Volume, root, p.key.encode())?;
-                    g.store.dec_extent(&p.ext)?;
-                }
-            }
-            if let Some(old) = g
-                .store
-                .insert(TreeKind::Volume, root, key.encode(), &e.encode())?
-            {
-                g.store.dec_extent(&Extent::decode(&old))?;
-            }
-            Ok(0)
-        })?;
+        let Some((_, Some(e))) = written.exts.first().copied() else {
+            return Err(crate::store::internal("a piece write stored no chunk"));
+        };
+        self.map_written(vol, written, taken, Action::Piece(plan.key, e))?;
         Ok(true)
     }
 

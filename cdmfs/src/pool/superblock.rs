@@ -82,6 +82,8 @@ impl Pool {
             commit_time_ns: now_ns(),
             dedup: Ptr::NULL,
             dedup_rev: Ptr::NULL,
+            log_head: 0,
+            log_blocks: 0,
         };
         dev.sync()?;
         dev.write_at(&sb.encode(), UNIT)?;

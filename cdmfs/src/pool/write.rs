@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::format::*;
 use crate::pipeline::DataPolicy;
 
+use super::intent::{Action, LogOp};
 use super::read::check_range;
 use super::{Inner, Pool, Target};
 
@@ -141,27 +142,16 @@ impl Pool {
         }
         let need_commit = {
             let mut g = self.lock()?;
-            let map = g.mappings(Target::Volume(vol), full0, full1)?;
-            let v = g
-                .volumes
-                .get(&vol)
-                .ok_or_else(|| Error::NotFound(format!("volume {vol}")))?;
-            let mut root = Ptr {
-                addr: v.root,
-                csum: v.root_csum,
-            };
-            for (k, _) in &map {
-                if let Some(old) = g.store.remove(TreeKind::Volume, &mut root, *k)? {
-                    g.store.dec_extent(&Extent::decode(&old))?;
-                }
-            }
-            g.drop_pieces(&mut root, full0, full1)?;
-            g.set_root(vol, root, -(map.len() as i64))?;
-            g.ops += 1;
+            g.apply_logged(LogOp {
+                vol,
+                objects: Vec::new(),
+                taken: Vec::new(),
+                action: Action::Unmap(full0, full1),
+            })?;
             g.needs_commit()
         };
         if need_commit {
-            self.flush()?;
+            self.commit()?;
         }
         Ok(())
     }
@@ -320,58 +310,29 @@ impl Pool {
 
     /// The last step of a whole-block write: maps the blocks (dropping
     /// their pieces) and drops what they replaced.
-    pub(super) fn map_blocks(&self, vol: u64, w: Written, taken: Vec<Extent>) -> Result<()> {
-        self.map_written(vol, w, taken, |g, root, exts| {
-            let mut delta = 0i64;
-            for (b, e) in exts {
-                let prev = match e {
-                    Some(e) => g.store.insert(TreeKind::Volume, root, *b, &e.encode())?,
-                    None => g.store.remove(TreeKind::Volume, root, *b)?,
-                };
-                match (&prev, e) {
-                    (None, Some(_)) => delta += 1,
-                    (Some(_), None) => delta -= 1,
-                    _ => {}
-                }
-                if let Some(p) = prev {
-                    g.store.dec_extent(&Extent::decode(&p))?;
-                }
-            }
-            if let (Some(lo), Some(hi)) = (exts.first(), exts.last()) {
-                g.drop_pieces(root, lo.0, hi.0 + 1)?;
-            }
-            Ok(delta)
-        })
+    pub(super) fn map_blocks(&self, vol: u64, mut w: Written, taken: Vec<Extent>) -> Result<()> {
+        let exts = std::mem::take(&mut w.exts);
+        self.map_written(vol, w, taken, Action::Blocks(exts))
     }
 
     /// The last step of every write: registers the objects just written,
-    /// indexes new chunks for dedup, and lets `map` put the extents into
-    /// the volume's tree (returning the change in mapped blocks). `taken`
-    /// are dedup hits already referenced; on failure (the device write or
-    /// a volume deleted meanwhile) they are released and new objects freed.
+    /// indexes new chunks for dedup, and applies `action` to the volume's
+    /// tree (see [`Inner::apply_op`]). `taken` are dedup hits already
+    /// referenced; on failure (the device write or a volume deleted
+    /// meanwhile) they are released and new objects freed.
     pub(super) fn map_written(
         &self,
         vol: u64,
         w: Written,
         taken: Vec<Extent>,
-        map: impl FnOnce(&mut Inner, &mut Ptr, &[(u64, Option<Extent>)]) -> Result<i64>,
+        action: Action,
     ) -> Result<()> {
         let Written {
-            exts,
-            objects,
-            index,
-            io,
+            objects, index, io, ..
         } = w;
         let need_commit = {
             let mut g = self.lock()?;
-            let root = match (&io, g.volumes.get(&vol)) {
-                (Ok(()), Some(v)) => Some(Ptr {
-                    addr: v.root,
-                    csum: v.root_csum,
-                }),
-                _ => None,
-            };
-            let Some(mut root) = root else {
+            if io.is_err() || !g.volumes.contains_key(&vol) {
                 for (a, n, _) in &objects {
                     g.store.alloc.free(*a, *n as u64);
                 }
@@ -380,20 +341,20 @@ impl Pool {
                 }
                 io?;
                 return Err(Error::NotFound(format!("volume {vol}")));
-            };
-            for (a, n, r) in objects {
-                g.store.add_object(a, n, r);
             }
             for (fp, e, slot) in &index {
                 g.store.dd_insert(fp, *e, *slot)?;
             }
-            let delta = map(&mut g, &mut root, &exts)?;
-            g.set_root(vol, root, delta)?;
-            g.ops += 1;
+            g.apply_logged(LogOp {
+                vol,
+                objects,
+                taken,
+                action,
+            })?;
             g.needs_commit()
         };
         if need_commit {
-            self.flush()?;
+            self.commit()?;
         }
         Ok(())
     }
@@ -428,13 +389,86 @@ impl Pool {
                 // Freed space becomes reusable only after commits: make them.
                 g.ops += 1;
             }
-            self.flush()?;
+            self.commit()?;
         }
         Err(Error::NoSpace)
     }
 }
 
 impl Inner {
+    /// Applies a write's op and keeps it for the intent log.
+    fn apply_logged(&mut self, op: LogOp) -> Result<()> {
+        self.apply_op(&op)?;
+        self.log_push(op);
+        self.ops += 1;
+        Ok(())
+    }
+
+    /// Applies one write's effect to its volume's tree: registers its new
+    /// objects and maps its blocks or piece, dropping what they replace.
+    /// The write path and intent-log replay both run it, so a replayed
+    /// record does exactly what the write did.
+    pub(super) fn apply_op(&mut self, op: &LogOp) -> Result<()> {
+        let v = self
+            .volumes
+            .get(&op.vol)
+            .ok_or_else(|| Error::NotFound(format!("volume {}", op.vol)))?;
+        let mut root = Ptr {
+            addr: v.root,
+            csum: v.root_csum,
+        };
+        for &(a, n, r) in &op.objects {
+            self.store.add_object(a, n, r);
+        }
+        let delta = match &op.action {
+            Action::Blocks(exts) => self.map_block_exts(&mut root, exts)?,
+            Action::Piece(key, e) => {
+                self.map_piece(&mut root, *key, *e)?;
+                0
+            }
+            Action::Unmap(b0, b1) => {
+                let mut keys = Vec::new();
+                self.store
+                    .range(TreeKind::Volume, root, *b0, *b1, &mut |k, _| {
+                        keys.push(k);
+                        Ok(())
+                    })?;
+                for k in &keys {
+                    if let Some(old) = self.store.remove(TreeKind::Volume, &mut root, *k)? {
+                        self.store.dec_extent(&Extent::decode(&old))?;
+                    }
+                }
+                self.drop_pieces(&mut root, *b0, *b1)?;
+                -(keys.len() as i64)
+            }
+        };
+        self.set_root(op.vol, root, delta)
+    }
+
+    /// Maps whole blocks (None: a hole), dropping what they replace and
+    /// their pieces; returns the change in mapped blocks.
+    fn map_block_exts(&mut self, root: &mut Ptr, exts: &[(u64, Option<Extent>)]) -> Result<i64> {
+        let mut delta = 0i64;
+        for (b, e) in exts {
+            let prev = match e {
+                Some(e) => self.store.insert(TreeKind::Volume, root, *b, &e.encode())?,
+                None => self.store.remove(TreeKind::Volume, root, *b)?,
+            };
+            match (&prev, e) {
+                (None, Some(_)) => delta += 1,
+                (Some(_), None) => delta -= 1,
+                _ => {}
+            }
+            if let Some(p) = prev {
+                self.store.dec_extent(&Extent::decode(&p))?;
+            }
+        }
+        if let (Some(lo), Some(hi)) = (exts.first(), exts.last()) {
+            self.drop_pieces(root, lo.0, hi.0 + 1)?;
+        }
+        Ok(delta)
+    }
+
     fn needs_commit(&self) -> bool {
         let free = self.store.alloc.total() - self.store.alloc.used();
         let pending: u64 = self.store.pending_free.iter().map(|(_, n)| n).sum();

@@ -467,6 +467,32 @@ pub fn read_all(pool: &Pool, t: Target, size: usize) -> cdmfs::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A random operation of a database's life on a stage disk: page and
+/// larger writes, zeroing and flushes, nothing that needs a commit (so
+/// flushes go to the intent log).
+pub fn random_db_op(r: &mut impl rand::Rng) -> Op {
+    match r.gen_range(0..100) {
+        0..=29 => Op::Write {
+            v: r.gen(),
+            off: r.gen_range(0..100) * 4096,
+            len: r.gen_range(1..=4) * 4096,
+            seed: r.gen(),
+        },
+        30..=49 => Op::Write {
+            v: r.gen(),
+            off: r.gen(),
+            len: r.gen_range(1..100_000),
+            seed: r.gen(),
+        },
+        50..=57 => Op::Zero {
+            v: r.gen(),
+            off: r.gen(),
+            len: r.gen_range(1..100_000),
+        },
+        _ => Op::Flush,
+    }
+}
+
 /// A random operation, weighted towards I/O.
 pub fn random_op(r: &mut impl rand::Rng, with_reopen: bool) -> Op {
     match r.gen_range(0..100) {
