@@ -538,7 +538,9 @@ fn main() -> Result<()> {
     if let Some(f) = fuse {
         f.unmount();
     }
-    pool.flush().context("final commit failed")?;
+    // A commit, not just a flush: the next open then has no intent log
+    // to replay.
+    pool.commit().context("final commit failed")?;
     events.stop();
     state.sync().context("cannot sync the state database")?;
     tracing::info!("pool committed; exiting");

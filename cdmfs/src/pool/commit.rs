@@ -49,6 +49,11 @@ impl Pool {
         let target = self.lock()?.ops;
         let mut durable = self.durable.lock().map_err(|_| Error::Failed)?;
         if *durable >= target {
+            // Durable already (logged); commit the trees behind the log if
+            // the last commit is old, so a periodic flush bounds replay.
+            if self.lock()?.commit_due() {
+                return self.commit_holding(&mut durable);
+            }
             return Ok(());
         }
         if let Some(seq) = self.log_flush()? {
@@ -282,6 +287,17 @@ impl Inner {
         self.commits += 1;
         self.commit_ns += t0.elapsed().as_nanos() as u64;
         self.log.last_commit = Some(std::time::Instant::now());
+    }
+
+    /// Trees are dirty and the last commit is [`super::intent::COMMIT_EVERY`]
+    /// old: a flush commits even if the log made everything durable.
+    fn commit_due(&self) -> bool {
+        !self.committing
+            && self.has_uncommitted()
+            && self
+                .log
+                .last_commit
+                .is_some_and(|t| t.elapsed() >= super::intent::COMMIT_EVERY)
     }
 
     pub(crate) fn committing(&self) -> bool {

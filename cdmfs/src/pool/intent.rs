@@ -364,46 +364,64 @@ impl Inner {
             self.log.gen = 0;
             return Ok(0);
         }
+        if self.sb.log_blocks != SLOT_BLOCKS {
+            return Err(Error::Corrupt(format!(
+                "superblock names an intent log slot of {} blocks",
+                self.sb.log_blocks
+            )));
+        }
+        // First read the whole chain and claim every slot and every object
+        // it names: redoing an op allocates tree nodes, which must not land
+        // on blocks a later record's data holds.
         let mut slot = (self.sb.log_head, self.sb.log_blocks);
-        let mut done = 0u64;
+        let mut records: Vec<Vec<LogOp>> = Vec::new();
         loop {
-            if slot.1 != SLOT_BLOCKS || !self.store.alloc.mark(slot.0, slot.1 as u64) {
-                return Err(Error::Corrupt(format!(
-                    "intent log slot at pool block {} overlaps used space",
-                    slot.0
-                )));
-            }
+            self.claim(slot.0, slot.1, "intent log slot")?;
             self.log.slots.push(slot);
             self.log.slot = slot;
             let mut buf = vec![0u8; slot.1 as usize * UNIT as usize];
             self.store.dev.read_at(&mut buf, slot.0 * UNIT)?;
-            let Some((h, payload)) = decode_record(&buf, &self.sb.uuid, self.log.gen, self.log.seq)
-            else {
+            let seq = self.log.seq + records.len() as u64;
+            let Some((h, payload)) = decode_record(&buf, &self.sb.uuid, self.log.gen, seq) else {
                 break;
             };
             let Some(ops) = decode_ops(payload) else {
-                tracing::warn!(
-                    seq = h.seq,
-                    "intent log record does not decode; replay stops"
-                );
+                tracing::warn!(seq, "intent log record does not decode; replay stops");
                 break;
             };
             if !self.log_data_intact(&ops)? {
-                tracing::info!(
-                    seq = h.seq,
-                    "intent log record names unwritten data; replay stops"
-                );
+                tracing::info!(seq, "intent log record names unwritten data; replay stops");
                 break;
             }
             for op in &ops {
-                self.redo(op)?;
+                for &(a, n, _) in &op.objects {
+                    self.claim(a, n, "data the intent log names")?;
+                }
             }
-            done += 1;
-            self.log.replayed += 1;
-            self.log.seq += 1;
+            records.push(ops);
             slot = h.next;
         }
-        Ok(done)
+        for ops in &records {
+            for op in ops {
+                for e in &op.taken {
+                    self.store.inc(e.addr)?;
+                }
+                self.apply_op(op)?;
+            }
+        }
+        let n = records.len() as u64;
+        self.log.seq += n;
+        self.log.replayed = n;
+        Ok(n)
+    }
+
+    fn claim(&mut self, addr: u64, blocks: u32, what: &str) -> Result<()> {
+        if blocks == 0 || !self.store.alloc.mark(addr, blocks as u64) {
+            return Err(Error::Corrupt(format!(
+                "{what} at pool block {addr} overlaps space in use"
+            )));
+        }
+        Ok(())
     }
 
     /// Whether every chunk a record wrote reads back with its checksum.
@@ -417,22 +435,6 @@ impl Inner {
             }
         }
         Ok(true)
-    }
-
-    /// Replays one op: claims its new objects, takes its dedup references,
-    /// then applies it as the write path did.
-    fn redo(&mut self, op: &LogOp) -> Result<()> {
-        for &(a, n, _) in &op.objects {
-            if !self.store.alloc.mark(a, n as u64) {
-                return Err(Error::Corrupt(format!(
-                    "intent log names pool block {a}, which is in use"
-                )));
-            }
-        }
-        for e in &op.taken {
-            self.store.inc(e.addr)?;
-        }
-        self.apply_op(op)
     }
 }
 

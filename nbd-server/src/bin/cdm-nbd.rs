@@ -65,7 +65,7 @@ fn main() -> Result<()> {
     if let Some(p) = &args.ready_file {
         clear_ready_file(p).with_context(|| format!("cannot remove {}", p.display()))?;
     }
-    let server = Server::new(pool, cfg);
+    let server = Server::new(pool.clone(), cfg);
     let listeners = Listener::bind_all(&args.listen)?;
     let addrs = start(&server, listeners, Duration::from_secs(5))?;
     if let Some(p) = &args.ready_file {
@@ -74,5 +74,8 @@ fn main() -> Result<()> {
             .with_context(|| format!("cannot write the ready file {}", p.display()))?;
     }
     wait_for_signal_then_commit(&server).context("final commit failed")?;
+    // The flush above made every write durable (in the intent log);
+    // committing the trees too makes the next open replay nothing.
+    pool.commit().context("final commit failed")?;
     Ok(())
 }
