@@ -240,6 +240,10 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
             return Err(e.into());
         }
     };
+    // Direct I/O: the filesystem's page cache is the only one, and the
+    // loop device submits many requests at once (buffered, it sends one
+    // at a time). Refused: logged, and the device works buffered.
+    host::loop_direct_io(&dev);
     let fstype = match (host::fs_type(&dev), &req.mkfs) {
         (Some(t), _) => t,
         (None, Some(fs)) if req.writable => {

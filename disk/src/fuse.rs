@@ -6,9 +6,18 @@
 //! are two catalogs served by it.
 //!
 //! Reads, writes, fsync and hole punches run on a pool of worker threads
-//! (the FUSE session thread only dispatches, so one slow request does not
-//! hold up the others); requests are up to 1 MiB; fsync calls
-//! [`DiskFile::flush`].
+//! (the FUSE session thread only reads `/dev/fuse` and dispatches, so one
+//! slow request does not hold up the others, and as many requests are in
+//! flight as there are workers); requests are up to 1 MiB; fsync calls
+//! [`DiskFile::flush`]. Asynchronous direct I/O is negotiated (a loop
+//! device in direct-I/O mode keeps many requests in flight) with the
+//! kernel's background limit sized to the workers.
+//!
+//! One thread reads `/dev/fuse`: fuser 0.15 has no multi-threaded session
+//! (a `FUSE_DEV_IOC_CLONE`d channel needs a session that saw INIT, which
+//! fuser keeps private) and no FUSE-over-io_uring; reading and dispatching
+//! a request is a few microseconds against the NBD round trip the worker
+//! then waits for.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -247,6 +256,7 @@ fn prepare<C: Catalog>(
         ttl: opts.ttl,
         direct_io: opts.direct_io,
         block_size: opts.block_size,
+        workers: opts.workers.max(1),
     };
     Ok((fs, workers))
 }
@@ -386,6 +396,15 @@ struct Server<C> {
     ttl: Duration,
     direct_io: bool,
     block_size: u32,
+    workers: usize,
+}
+
+/// The kernel's max_background and congestion_threshold for `workers`
+/// worker threads: twice the workers in flight (so a worker finds the next
+/// request queued when it answers one), congestion at three quarters.
+fn background_limits(workers: usize) -> (u16, u16) {
+    let bg = (workers.max(1) * 2).clamp(16, 1024) as u16;
+    (bg, bg / 4 * 3)
 }
 
 impl<C: Catalog> Server<C> {
@@ -433,6 +452,23 @@ impl<C: Catalog> Filesystem for Server<C> {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // Direct I/O submitted asynchronously (a loop device in direct-I/O
+        // mode, fio with libaio): without it the kernel sends one request
+        // of a file at a time and waits for each answer.
+        if config
+            .add_capabilities(fuser::consts::FUSE_ASYNC_DIO)
+            .is_err()
+        {
+            tracing::warn!(
+                "the kernel's FUSE has no asynchronous direct I/O: one request at a time"
+            );
+        }
+        // Asynchronous requests (readahead, async direct I/O) beyond
+        // max_background wait in the kernel: allow as many as the workers
+        // can take, and some queued behind them.
+        let (bg, congested) = background_limits(self.workers);
+        let _ = config.set_max_background(bg);
+        let _ = config.set_congestion_threshold(congested);
         Ok(())
     }
 
@@ -682,6 +718,13 @@ mod tests {
         assert!(c.open(f.ino).is_ok());
         let s = c.statfs().expect("statfs");
         assert_eq!((s.blocks, s.bfree, s.files), (256, 0, 1));
+    }
+
+    #[test]
+    fn background_limits_follow_the_workers() {
+        assert_eq!(background_limits(0), (16, 12));
+        assert_eq!(background_limits(32), (64, 48));
+        assert_eq!(background_limits(100_000), (1024, 768));
     }
 
     #[test]
