@@ -1,11 +1,14 @@
 //! An NBD export as one file, `DIR/disk`, through FUSE: the agent's way to
 //! give the host a block device on a machine without the kernel's NBD
 //! client (a loop device goes on top of the file). A one-file catalog
-//! served by `cdm_disk::fuse` on a pool of worker threads, each request
-//! passed to the pipelined NBD client ([`nbd_proto::Pipelined`]): as many
-//! requests in flight as workers, spread over several connections (the
-//! appliance advertises CAN_MULTI_CONN; the client's flush waits for the
-//! writes issued before it, so an fsync covers every write it follows).
+//! served by `cdm_disk::fuse` through the pipelined NBD client
+//! ([`nbd_proto::Pipelined`]): reads and writes are sent straight from the
+//! FUSE session thread and answered from the connections' reader threads
+//! (no worker, no limit but the kernel's on requests in flight); flush,
+//! trim and zeroing run on the worker threads. Requests are spread over
+//! several connections (the appliance advertises CAN_MULTI_CONN; the
+//! client's flush waits for the writes issued before it, so an fsync
+//! covers every write it follows).
 //! The file is opened with direct I/O: what the loop device reads is what
 //! the appliance holds, with no second page cache in between.
 //!
@@ -22,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::error::Result;
-use cdm_disk::fuse::{self, DiskFile, Errno, OneFile};
+use cdm_disk::fuse::{self, DiskFile, Errno, OneFile, ReadDone, WriteDone};
 use nbd_proto::client::{ClientError, ClientOptions};
 use nbd_proto::Pipelined;
 
@@ -84,7 +87,7 @@ struct NbdDisk {
     size: u64,
     read_only: bool,
     client: Pipelined,
-    failed: AtomicBool,
+    failed: Arc<AtomicBool>,
 }
 
 impl NbdDisk {
@@ -93,7 +96,7 @@ impl NbdDisk {
             size: client.size,
             read_only: client.read_only(),
             client,
-            failed: AtomicBool::new(false),
+            failed: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -138,6 +141,46 @@ impl DiskFile for NbdDisk {
         }
         self.call(|c| c.read(off, &mut buf[..n]))?;
         Ok(n)
+    }
+
+    /// Sent from the FUSE session thread; the answer comes back on the
+    /// connection's reader thread.
+    fn start_read(&self, off: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        if self.failed.load(Ordering::SeqCst) {
+            done(Err(libc::EIO));
+            return Ok(());
+        }
+        let n = (len as u64).min(self.size.saturating_sub(off)) as usize;
+        if n == 0 {
+            done(Ok(Vec::new()));
+            return Ok(());
+        }
+        if n > self.client.max_payload() {
+            return Err(done);
+        }
+        let failed = self.failed.clone();
+        self.client
+            .start_read(off, n, move |r| done(r.map_err(|e| errno(&e, &failed))));
+        Ok(())
+    }
+
+    fn start_write(&self, data: &[u8], off: u64, done: WriteDone) -> Result<(), WriteDone> {
+        if self.failed.load(Ordering::SeqCst) {
+            done(Err(libc::EIO));
+            return Ok(());
+        }
+        if off.saturating_add(data.len() as u64) > self.size {
+            done(Err(libc::ENOSPC));
+            return Ok(());
+        }
+        if data.len() > self.client.max_payload() {
+            return Err(done);
+        }
+        let failed = self.failed.clone();
+        self.client.start_write(off, data, false, move |r| {
+            done(r.map_err(|e| errno(&e, &failed)))
+        });
+        Ok(())
     }
 
     fn write_at(&self, data: &[u8], off: u64) -> Result<(), Errno> {

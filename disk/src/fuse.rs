@@ -9,7 +9,10 @@
 //! (the FUSE session thread only reads `/dev/fuse` and dispatches, so one
 //! slow request does not hold up the others, and as many requests are in
 //! flight as there are workers); requests are up to 1 MiB; fsync calls
-//! [`DiskFile::flush`]. Asynchronous direct I/O is negotiated (a loop
+//! [`DiskFile::flush`]. A file that can start reads and writes without
+//! blocking ([`DiskFile::start_read`], [`DiskFile::start_write`]: the
+//! agent's NBD file) takes them straight from the session thread and
+//! answers from its own, with no worker in between. Asynchronous direct I/O is negotiated (a loop
 //! device in direct-I/O mode keeps many requests in flight) with the
 //! kernel's background limit sized to the workers.
 //!
@@ -42,6 +45,12 @@ pub type Errno = i32;
 /// Largest read or write request (and the kernel's readahead per request).
 const MAX_IO: u32 = 1 << 20;
 
+/// Where a read started with [`DiskFile::start_read`] answers (the data,
+/// short only at the end of the disk).
+pub type ReadDone = Box<dyn FnOnce(Result<Vec<u8>, Errno>) + Send>;
+/// Where a write started with [`DiskFile::start_write`] answers.
+pub type WriteDone = Box<dyn FnOnce(Result<(), Errno>) + Send>;
+
 /// A disk seen as one fixed-size file. Calls come from several worker
 /// threads at once.
 pub trait DiskFile: Send + Sync {
@@ -70,6 +79,18 @@ pub trait DiskFile: Send + Sync {
     /// Writes zeroes over `[off, off + len)`.
     fn zero(&self, _off: u64, _len: u64) -> Result<(), Errno> {
         Err(libc::EOPNOTSUPP)
+    }
+    /// Starts a read of `len` bytes at `off` without blocking; `done`
+    /// answers from any thread. Called on the FUSE session thread, so it
+    /// must not wait: a file that cannot start one hands `done` back
+    /// (`Err`) and the read runs on a worker with [`DiskFile::read_at`].
+    fn start_read(&self, _off: u64, _len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        Err(done)
+    }
+    /// Starts a write like [`DiskFile::start_read`] (`data` is copied
+    /// before it returns); `Err` hands `done` back for a worker.
+    fn start_write(&self, _data: &[u8], _off: u64, done: WriteDone) -> Result<(), WriteDone> {
+        Err(done)
     }
 }
 
@@ -558,13 +579,22 @@ impl<C: Catalog> Filesystem for Server<C> {
         let Some(f) = self.files.get(&fh).cloned() else {
             return reply.error(libc::EBADF);
         };
-        self.submit(move || {
-            let mut buf = vec![0u8; size as usize];
-            match f.read_at(&mut buf, offset.max(0) as u64) {
-                Ok(n) => reply.data(&buf[..n.min(buf.len())]),
-                Err(e) => reply.error(e),
-            }
+        let off = offset.max(0) as u64;
+        let done: ReadDone = Box::new(move |r| match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
         });
+        // Handed on without a thread switch when the file can; else on a
+        // worker.
+        if let Err(done) = f.start_read(off, size as usize, done) {
+            self.submit(move || {
+                let mut buf = vec![0u8; size as usize];
+                done(f.read_at(&mut buf, off).map(|n| {
+                    buf.truncate(n);
+                    buf
+                }))
+            });
+        }
     }
 
     fn write(
@@ -585,11 +615,16 @@ impl<C: Catalog> Filesystem for Server<C> {
         if f.read_only() {
             return reply.error(libc::EROFS);
         }
-        let data = data.to_vec();
-        self.submit(move || match f.write_at(&data, offset.max(0) as u64) {
-            Ok(()) => reply.written(data.len() as u32),
+        let off = offset.max(0) as u64;
+        let n = data.len() as u32;
+        let done: WriteDone = Box::new(move |r| match r {
+            Ok(()) => reply.written(n),
             Err(e) => reply.error(e),
         });
+        if let Err(done) = f.start_write(data, off, done) {
+            let data = data.to_vec();
+            self.submit(move || done(f.write_at(&data, off)));
+        }
     }
 
     fn fallocate(

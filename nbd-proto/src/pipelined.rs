@@ -1,7 +1,11 @@
 //! A pipelined NBD client: many requests in flight on each connection, and
 //! several connections when the server advertises CAN_MULTI_CONN. Any
 //! number of threads call it at once (`&self`); each call blocks its
-//! thread until its reply, so N callers keep N requests in flight.
+//! thread until its reply, so N callers keep N requests in flight. Reads
+//! and writes can also be started without blocking
+//! ([`Pipelined::start_read`], [`Pipelined::start_write`]): the answer
+//! goes to a callback on the connection's reader thread, which is how the
+//! agent's FUSE file hands requests on without a thread switch.
 //!
 //! Each connection has one reader thread that takes replies in whatever
 //! order the server sends them and hands each to the request with its
@@ -30,6 +34,14 @@ use std::time::{Duration, Instant};
 use crate::client::{negotiate, ClientError, ClientOptions, Negotiated, Result, Stream};
 use crate::codec::*;
 
+/// Payloads up to this size are copied behind their header and sent with
+/// one write (a copy of 64 KiB costs less than a system call).
+const INLINE_PAYLOAD: usize = 64 << 10;
+
+/// The reader's buffer: several replies (or a reply and its data) per
+/// system call.
+const READ_BUFFER: usize = 256 << 10;
+
 /// A poison-tolerant lock: a panicking caller must not wedge the others.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -38,6 +50,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What the reader hands back for one request: the read's data (empty for
 /// other commands), or the error.
 type Answer = Result<Vec<u8>>;
+
+/// Who gets a request's answer: a caller blocked on a channel, or a
+/// callback run on the connection's reader thread.
+enum Done {
+    Wait(SyncSender<Answer>),
+    Call(Box<dyn FnOnce(Answer) + Send>),
+}
+
+impl Done {
+    fn finish(self, a: Answer) {
+        match self {
+            Done::Wait(tx) => {
+                let _ = tx.send(a);
+            }
+            Done::Call(f) => f(a),
+        }
+    }
+}
 
 /// A request waiting for its reply.
 struct Pending {
@@ -50,7 +80,7 @@ struct Pending {
     /// The first error chunk; the request ends at the DONE chunk.
     error: Option<ClientError>,
     sent: Instant,
-    tx: SyncSender<Answer>,
+    done: Done,
 }
 
 #[derive(Default)]
@@ -78,12 +108,41 @@ struct Writes {
     inflight: BTreeSet<u64>,
 }
 
+#[derive(Default)]
+struct WriteTracker {
+    m: Mutex<Writes>,
+    done: Condvar,
+}
+
+impl WriteTracker {
+    fn start(&self) -> u64 {
+        let mut w = lock(&self.m);
+        let s = w.next;
+        w.next += 1;
+        w.inflight.insert(s);
+        s
+    }
+
+    fn end(&self, seq: u64) {
+        lock(&self.m).inflight.remove(&seq);
+        self.done.notify_all();
+    }
+
+    /// Waits until every write started before this call has ended.
+    fn drain(&self) {
+        let mut w = lock(&self.m);
+        let upto = w.next;
+        while w.inflight.first().is_some_and(|&s| s < upto) {
+            w = self.done.wait(w).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// A pipelined client over one or more connections to one export.
 pub struct Pipelined {
     conns: Vec<Conn>,
     next: AtomicUsize,
-    writes: Mutex<Writes>,
-    writes_done: Condvar,
+    writes: Arc<WriteTracker>,
     pub size: u64,
     pub flags: u16,
     /// (minimum, preferred, maximum payload) block sizes.
@@ -125,8 +184,7 @@ impl Pipelined {
         Ok(Pipelined {
             conns,
             next: AtomicUsize::new(0),
-            writes: Mutex::new(Writes::default()),
-            writes_done: Condvar::new(),
+            writes: Arc::new(WriteTracker::default()),
             size: first.size,
             flags: first.flags,
             block_sizes: first.block_sizes,
@@ -145,10 +203,6 @@ impl Pipelined {
     fn conn(&self) -> &Conn {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
         &self.conns[i]
-    }
-
-    fn max_payload(&self) -> usize {
-        (self.block_sizes.2.max(512) as usize).min(MAX_PAYLOAD as usize)
     }
 
     /// Reads `buf.len()` bytes at `offset`.
@@ -183,18 +237,9 @@ impl Pipelined {
 
     /// Writes `data` at `offset` (with FUA if asked).
     pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        let seq = {
-            let mut w = lock(&self.writes);
-            let s = w.next;
-            w.next += 1;
-            w.inflight.insert(s);
-            s
-        };
+        let seq = self.writes.start();
         let r = self.write_parts(offset, data, fua);
-        let mut w = lock(&self.writes);
-        w.inflight.remove(&seq);
-        drop(w);
-        self.writes_done.notify_all();
+        self.writes.end(seq);
         r
     }
 
@@ -226,15 +271,66 @@ impl Pipelined {
         first.map_or(Ok(()), Err)
     }
 
+    /// Largest read or write [`Pipelined::start_read`] and
+    /// [`Pipelined::start_write`] take (the server's maximum payload).
+    pub fn max_payload(&self) -> usize {
+        (self.block_sizes.2.max(512) as usize).min(MAX_PAYLOAD as usize)
+    }
+
+    /// Sends a read of `len` bytes (at most [`Pipelined::max_payload`]) at
+    /// `offset` without waiting: `done` gets the data on the connection's
+    /// reader thread (or at once if the connection is gone). `done` must
+    /// not block.
+    pub fn start_read(
+        &self,
+        offset: u64,
+        len: usize,
+        done: impl FnOnce(Result<Vec<u8>>) + Send + 'static,
+    ) {
+        if len > self.max_payload() {
+            return done(Err(ClientError::Other(format!(
+                "a read of {len} bytes is over the server's maximum payload"
+            ))));
+        }
+        let done = Done::Call(Box::new(done));
+        self.conn()
+            .submit(CMD_READ, 0, offset, len, &[], true, done);
+    }
+
+    /// Sends a write of `data` (at most [`Pipelined::max_payload`] bytes)
+    /// at `offset` without waiting: `done` gets the outcome on the
+    /// connection's reader thread. A later [`Pipelined::flush`] waits for
+    /// it like for any write. `done` must not block.
+    pub fn start_write(
+        &self,
+        offset: u64,
+        data: &[u8],
+        fua: bool,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        if data.len() > self.max_payload() {
+            return done(Err(ClientError::Other(format!(
+                "a write of {} bytes is over the server's maximum payload",
+                data.len()
+            ))));
+        }
+        let seq = self.writes.start();
+        let writes = self.writes.clone();
+        let done = Done::Call(Box::new(move |a: Answer| {
+            // Ended before `done` runs: a flush the callback starts
+            // covers this write.
+            writes.end(seq);
+            done(a.map(|_| ()))
+        }));
+        let flags = if fua { CMD_FLAG_FUA } else { 0 };
+        self.conn()
+            .submit(CMD_WRITE, flags, offset, data.len(), data, false, done);
+    }
+
     /// Makes every write issued before this call durable: waits for those
     /// still in flight, then sends FLUSH.
     pub fn flush(&self) -> Result<()> {
-        let mut w = lock(&self.writes);
-        let upto = w.next;
-        while w.inflight.first().is_some_and(|&s| s < upto) {
-            w = self.writes_done.wait(w).unwrap_or_else(|p| p.into_inner());
-        }
-        drop(w);
+        self.writes.drain();
         wait(self.conn().send(CMD_FLUSH, 0, 0, 0, &[], false)?).map(|_| ())
     }
 
@@ -307,7 +403,7 @@ impl Conn {
         let state = Arc::new(Mutex::new(State::default()));
         let st = state.clone();
         let reader = Reader {
-            r,
+            r: io::BufReader::with_capacity(READ_BUFFER, r),
             state: st,
             structured: n.structured,
             timeout,
@@ -335,10 +431,29 @@ impl Conn {
         is_read: bool,
     ) -> Result<Receiver<Answer>> {
         let (tx, rx) = sync_channel(1);
+        self.submit(typ, flags, offset, len, payload, is_read, Done::Wait(tx));
+        Ok(rx)
+    }
+
+    /// Registers and sends one request; `done` gets its answer (at once
+    /// if the connection is gone).
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        len: usize,
+        payload: &[u8],
+        is_read: bool,
+        done: Done,
+    ) {
         let cookie = {
             let mut st = lock(&self.state);
             if let Some(why) = &st.dead {
-                return Err(ClientError::Disconnected(why.clone()));
+                let why = why.clone();
+                drop(st);
+                return done.finish(Err(ClientError::Disconnected(why)));
             }
             st.next_cookie += 1;
             let cookie = st.next_cookie;
@@ -352,7 +467,7 @@ impl Conn {
                     data: if is_read { vec![0; len] } else { Vec::new() },
                     error: None,
                     sent: Instant::now(),
-                    tx,
+                    done,
                 },
             );
             cookie
@@ -369,11 +484,16 @@ impl Conn {
             length: len as u64,
             payload: payload.len() as u64,
         };
-        let head = encode_request(&q, self.extended);
+        let mut head = encode_request(&q, self.extended);
+        // Small payloads go in the same system call as their header.
+        let inline = payload.len() <= INLINE_PAYLOAD;
+        if inline {
+            head.extend_from_slice(payload);
+        }
         let sent = {
             let mut w = lock(&self.w);
             w.write_all(&head)
-                .and_then(|_| w.write_all(payload))
+                .and_then(|_| if inline { Ok(()) } else { w.write_all(payload) })
                 .and_then(|_| w.flush())
         };
         if let Err(e) = sent {
@@ -381,7 +501,6 @@ impl Conn {
             fail_all(&self.state, &format!("sending a request: {e}"));
             self.sock.shutdown();
         }
-        Ok(rx)
     }
 
     fn close(&self) {
@@ -410,16 +529,21 @@ impl Conn {
 /// Marks the connection dead (keeping the first reason) and fails every
 /// request in flight with it.
 fn fail_all(state: &Mutex<State>, why: &str) {
-    let mut st = lock(state);
-    let why = st.dead.get_or_insert_with(|| why.to_string()).clone();
-    for (_, p) in st.pending.drain() {
-        let _ = p.tx.send(Err(ClientError::Disconnected(why.clone())));
+    let (why, gone) = {
+        let mut st = lock(state);
+        let why = st.dead.get_or_insert_with(|| why.to_string()).clone();
+        let gone: Vec<Pending> = st.pending.drain().map(|(_, p)| p).collect();
+        (why, gone)
+    };
+    // Answered outside the lock: a callback may send the next request.
+    for p in gone {
+        p.done.finish(Err(ClientError::Disconnected(why.clone())));
     }
 }
 
 /// The reader thread of one connection.
 struct Reader {
-    r: Stream,
+    r: io::BufReader<Stream>,
     state: Arc<Mutex<State>>,
     structured: bool,
     timeout: Option<Duration>,
@@ -516,7 +640,7 @@ impl Reader {
     fn simple(&mut self, cookie: u64, error: u32) -> Result<()> {
         let mut p = self.take(cookie)?;
         if error != 0 {
-            let _ = p.tx.send(Err(ClientError::Errno {
+            p.done.finish(Err(ClientError::Errno {
                 errno: error,
                 msg: String::new(),
             }));
@@ -530,7 +654,7 @@ impl Reader {
             }
             p.data = d;
         }
-        let _ = p.tx.send(Ok(p.data));
+        p.done.finish(Ok(p.data));
         Ok(())
     }
 
@@ -548,7 +672,7 @@ impl Reader {
                 Some(e) => Err(e),
                 None => Ok(std::mem::take(&mut p.data)),
             };
-            let _ = p.tx.send(answer);
+            p.done.finish(answer);
         } else {
             lock(&self.state).pending.insert(cookie, p);
         }
@@ -589,7 +713,7 @@ impl Pending {
     /// Fails this request (out of the map) with the reader's error; the
     /// error goes on to fail the connection.
     fn fail(self, e: ClientError) -> ClientError {
-        let _ = self.tx.send(Err(ClientError::Disconnected(format!(
+        self.done.finish(Err(ClientError::Disconnected(format!(
             "reading a reply: {e}"
         ))));
         e

@@ -320,3 +320,49 @@ fn reply_for_unknown_cookie_breaks_the_connection() {
     );
     let _peer = server.join().unwrap();
 }
+
+/// Requests started without blocking: callbacks get their answers out of
+/// order on the reader thread; a flush waits for a started write; a
+/// dropped connection answers the rest with Disconnected.
+#[test]
+fn started_requests_answer_their_callbacks() {
+    let path = sock_path();
+    let l = UnixListener::bind(&path).unwrap();
+    let server = thread::spawn(move || {
+        let mut p = Peer::accept(&l, 1 << 20, 0, false);
+        let qs: Vec<_> = (0..4).map(|_| p.request()).collect();
+        // Reads 1 and 2 answered in reverse; the write (first) after them.
+        p.simple(&qs[2].0, 0, &[2u8; 512]);
+        p.simple(&qs[1].0, 0, &[1u8; 512]);
+        assert_eq!((qs[0].0.typ, qs[0].1.len()), (CMD_WRITE, 512));
+        p.simple(&qs[0].0, 0, &[]);
+        // The flush comes only now, after the write was answered.
+        let (f, _) = p.request();
+        assert_eq!(f.typ, CMD_FLUSH);
+        p.simple(&f, 0, &[]);
+        // The fourth request (a read) is never answered: the connection
+        // drops.
+        assert_eq!(qs[3].0.typ, CMD_READ);
+    });
+    let c = Arc::new(connect(&path, 1, None));
+    let (tx, rx) = std::sync::mpsc::channel::<(u64, Result<Vec<u8>>)>();
+    let t = tx.clone();
+    c.start_write(0, &[9u8; 512], false, move |r| {
+        t.send((0, r.map(|_| Vec::new()))).unwrap()
+    });
+    for i in 1..=3u64 {
+        let t = tx.clone();
+        c.start_read(i * 512, 512, move |r| t.send((i, r)).unwrap());
+    }
+    // Everything is in flight before anything is answered.
+    c.flush().expect("flush");
+    let mut got: Vec<(u64, Result<Vec<u8>>)> = (0..3).map(|_| rx.recv().unwrap()).collect();
+    got.sort_by_key(|(i, _)| *i);
+    assert!(got[0].1.is_ok());
+    assert_eq!(got[1].1.as_ref().unwrap(), &vec![1u8; 512]);
+    assert_eq!(got[2].1.as_ref().unwrap(), &vec![2u8; 512]);
+    server.join().unwrap();
+    let (i, r) = rx.recv().unwrap();
+    assert_eq!(i, 3);
+    assert!(matches!(r, Err(ClientError::Disconnected(_))), "{r:?}");
+}
