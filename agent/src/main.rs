@@ -107,7 +107,8 @@ enum Cmd {
         /// CAN_MULTI_CONN).
         #[arg(long, default_value_t = 4)]
         connections: usize,
-        /// FUSE worker threads: the requests in flight to the appliance.
+        /// FUSE worker threads (flush, trim, zeroing; reads and writes need
+        /// none).
         #[arg(long, default_value_t = 32)]
         workers: usize,
         #[arg(long, default_value_t = 60)]

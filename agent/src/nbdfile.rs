@@ -48,10 +48,10 @@ pub fn connect(
     Pipelined::connect(addr, Some(export), &opts, connections)
 }
 
-/// Serves the export at `dir` with `workers` FUSE worker threads (the
-/// requests in flight to the appliance) until the file system is
-/// unmounted; then flushes and disconnects. An error if the mount fails or
-/// the final flush does.
+/// Serves the export at `dir` (reads and writes straight from the FUSE
+/// session thread, flushes, trims and zeroing on `workers` threads) until
+/// the file system is unmounted; then flushes and disconnects. An error if
+/// the mount fails or the final flush does.
 pub fn serve(client: Pipelined, dir: &Path, workers: usize) -> Result<()> {
     tracing::info!(
         connections = client.connections(),
