@@ -171,7 +171,16 @@ impl Pipelined {
         } else {
             1
         };
-        let mut conns = vec![Conn::start(r, w, &first, opts.timeout)?];
+        // Built up in place: on an error, dropping it closes the
+        // connections already open (and ends their reader threads).
+        let mut p = Pipelined {
+            conns: vec![Conn::start(r, w, &first, opts.timeout)?],
+            next: AtomicUsize::new(0),
+            writes: Arc::new(WriteTracker::default()),
+            size: first.size,
+            flags: first.flags,
+            block_sizes: first.block_sizes,
+        };
         for _ in 1..n {
             let (r, w, more) = negotiate(addr, export, &opts)?;
             if (more.size, more.flags) != (first.size, first.flags) {
@@ -179,16 +188,9 @@ impl Pipelined {
                     "the export changed between connections".into(),
                 ));
             }
-            conns.push(Conn::start(r, w, &more, opts.timeout)?);
+            p.conns.push(Conn::start(r, w, &more, opts.timeout)?);
         }
-        Ok(Pipelined {
-            conns,
-            next: AtomicUsize::new(0),
-            writes: Arc::new(WriteTracker::default()),
-            size: first.size,
-            flags: first.flags,
-            block_sizes: first.block_sizes,
-        })
+        Ok(p)
     }
 
     pub fn read_only(&self) -> bool {
