@@ -1,5 +1,9 @@
-//! Stage disks on the host: an NBD export → FUSE file (a `serve-disk`
-//! process of this binary) → loop device → filesystem → mount point. The
+//! Stage disks on the host: an NBD export → block device → filesystem →
+//! mount point. The block device is the kernel's NBD client (`/dev/nbdN`,
+//! connected over netlink with several sockets: [`crate::kernel_nbd`])
+//! where the host has `nbd.ko`, else a FUSE file (a `serve-disk` process
+//! of this binary, [`crate::nbdfile`]) under a loop device in direct-I/O
+//! mode. `CDM_AGENT_TRANSPORT=fuse|kernel` forces one (unset: `auto`). The
 //! record of each attachment lives in `STATE/attach/NAME/record.json`, so
 //! `detach` (or the next backup) finds what an earlier command attached.
 
@@ -20,12 +24,15 @@ pub struct Attachment {
     /// NBD export: a volume, a clone, or `VOLUME@ID` (read-only).
     pub export: String,
     pub writable: bool,
-    /// The loop device.
+    /// The block device: a loop device over the FUSE file, or `/dev/nbdN`.
     pub device: String,
     pub fstype: String,
     pub mount: PathBuf,
-    /// The `serve-disk` process.
+    /// The `serve-disk` process (0 through the kernel's NBD client).
     pub pid: u32,
+    /// The kernel NBD device's index when attached through `nbd.ko`.
+    #[serde(default)]
+    pub nbd_index: Option<u32>,
     /// A clone this attachment made (deleted with `detach --delete-clone`).
     #[serde(default)]
     pub clone: Option<String>,
@@ -206,8 +213,152 @@ fn stop_server(ctx: &Ctx, name: &str, pid: u32, child: Option<&mut Child>) -> Re
     }
 }
 
+/// How attachments reach their export.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// A `serve-disk` FUSE file under a loop device.
+    Fuse,
+    /// The kernel's NBD client, connected over netlink.
+    Kernel,
+}
+
+/// The transport for a new attachment: `CDM_AGENT_TRANSPORT` (`fuse`,
+/// `kernel`, `auto`); `auto` (the default) takes the kernel's NBD client
+/// when it is there.
+pub fn transport() -> Result<Transport, Error> {
+    let want = std::env::var("CDM_AGENT_TRANSPORT").unwrap_or_default();
+    match want.as_str() {
+        "fuse" => Ok(Transport::Fuse),
+        "kernel" if crate::kernel_nbd::available() => Ok(Transport::Kernel),
+        "kernel" => Err(Error::host(
+            "CDM_AGENT_TRANSPORT=kernel, but the kernel has no NBD client (nbd.ko)",
+        )),
+        "" | "auto" if crate::kernel_nbd::available() => Ok(Transport::Kernel),
+        "" | "auto" => Ok(Transport::Fuse),
+        other => Err(Error::host(format!(
+            "CDM_AGENT_TRANSPORT={other}: fuse, kernel or auto"
+        ))),
+    }
+}
+
+/// Sockets handed to the kernel's NBD client (when the server advertises
+/// CAN_MULTI_CONN).
+const KERNEL_SOCKETS: usize = 4;
+const KERNEL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The block device of an attachment being made.
+struct Device {
+    dev: String,
+    child: Option<Child>,
+    nbd_index: Option<u32>,
+}
+
+/// Connects `export` as a block device.
+fn open_device(ctx: &Ctx, req: &AttachRequest) -> Result<Device, Error> {
+    match transport()? {
+        Transport::Kernel => {
+            let index = kernel_attach(ctx, &req.export, req.writable)?;
+            tracing::info!(export = %req.export, index, "attached through the kernel's NBD client");
+            Ok(Device {
+                dev: format!("/dev/nbd{index}"),
+                child: None,
+                nbd_index: Some(index),
+            })
+        }
+        Transport::Fuse => {
+            let mut child = start_server(ctx, &req.name, &req.export)?;
+            let fuse = fuse_dir(ctx, &req.name);
+            let dev = match host::loop_attach(&fuse.join(DISK_NAME), !req.writable, None) {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = stop_server(ctx, &req.name, child.id(), Some(&mut child));
+                    return Err(e.into());
+                }
+            };
+            // Direct I/O: the filesystem's page cache is the only one, and
+            // the loop device submits many requests at once (buffered, it
+            // sends one at a time). Refused: logged, and it works buffered.
+            host::loop_direct_io(&dev);
+            Ok(Device {
+                dev,
+                child: Some(child),
+                nbd_index: None,
+            })
+        }
+    }
+}
+
+/// Undoes [`open_device`] (nothing mounted on it).
+fn close_device(ctx: &Ctx, name: &str, d: &mut Device) {
+    match d.nbd_index {
+        Some(i) => {
+            let _ = crate::kernel_nbd::disconnect(i);
+        }
+        None => {
+            host::loop_detach_if_ours(&d.dev, &fuse_dir(ctx, name));
+            if let Some(c) = d.child.as_mut() {
+                let _ = stop_server(ctx, name, c.id(), Some(c));
+            }
+        }
+    }
+}
+
+/// Handshakes on up to [`KERNEL_SOCKETS`] sockets and connects them as
+/// one kernel NBD device; its index.
+fn kernel_attach(ctx: &Ctx, export: &str, writable: bool) -> Result<u32, Error> {
+    use nbd_proto::codec::{TF_CAN_MULTI_CONN, TF_READ_ONLY};
+    use nbd_proto::Client;
+    let (first, size, flags) =
+        Client::handshake_socket(&ctx.nbd, Some(export), Some(KERNEL_TIMEOUT))?;
+    let n = if flags & TF_CAN_MULTI_CONN != 0 {
+        KERNEL_SOCKETS
+    } else {
+        1
+    };
+    let mut socks = vec![first];
+    for _ in 1..n {
+        socks.push(Client::handshake_socket(&ctx.nbd, Some(export), Some(KERNEL_TIMEOUT))?.0);
+    }
+    let c = crate::kernel_nbd::Connect {
+        size,
+        block_size: 4096,
+        // A read-only attachment of a writable export: the kernel makes
+        // the device read-only when the server says so.
+        server_flags: if writable {
+            flags
+        } else {
+            flags | TF_READ_ONLY
+        },
+        timeout: KERNEL_TIMEOUT,
+        dead_conn_timeout: KERNEL_TIMEOUT,
+    };
+    let index = crate::kernel_nbd::connect(&c, &socks).map_err(|e| {
+        Error::with_source(
+            ErrorKind::Host,
+            format!("kernel NBD connect of {export}"),
+            e,
+        )
+    })?;
+    // No udev: devtmpfs makes the node; wait for the size to show.
+    let sys = PathBuf::from(format!("/sys/block/nbd{index}/size"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&sys)
+        .map(|t| t.trim() == "0")
+        .unwrap_or(true)
+    {
+        if Instant::now() > deadline {
+            let _ = crate::kernel_nbd::disconnect(index);
+            return Err(Error::host(format!(
+                "/dev/nbd{index} did not come up within 20 s"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(index)
+}
+
 /// Attaches and mounts. On failure, undoes what it did.
-pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Error> {
+pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Option<Child>), Error> {
     if let Some(a) = record(ctx, &req.name) {
         if alive(a.pid) || host::is_mounted(&a.mount) {
             return Err(Error::host(format!(
@@ -225,21 +376,8 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
             req.mount.display()
         )));
     }
-    let mut child = start_server(ctx, &req.name, &req.export)?;
-    let fuse = fuse_dir(ctx, &req.name);
-    let undo = |child: &mut Child, dev: Option<&str>| {
-        if let Some(d) = dev {
-            host::loop_detach_if_ours(d, &fuse);
-        }
-        let _ = stop_server(ctx, &req.name, child.id(), Some(child));
-    };
-    let dev = match host::loop_attach(&fuse.join(DISK_NAME), !req.writable, None) {
-        Ok(d) => d,
-        Err(e) => {
-            undo(&mut child, None);
-            return Err(e.into());
-        }
-    };
+    let mut device = open_device(ctx, req)?;
+    let dev = device.dev.clone();
     let fstype = match (host::fs_type(&dev), &req.mkfs) {
         (Some(t), _) => t,
         (None, Some(fs)) if req.writable => {
@@ -249,20 +387,20 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
                 }
                 "xfs" => run(Command::new("mkfs.xfs").args(["-q", "-f", "-L", "cdm-stage", &dev])),
                 other => {
-                    undo(&mut child, Some(&dev));
+                    close_device(ctx, &req.name, &mut device);
                     return Err(Error::host(format!(
                         "cannot make a {other} filesystem (ext4 or xfs)"
                     )));
                 }
             };
             if let Err(e) = r {
-                undo(&mut child, Some(&dev));
+                close_device(ctx, &req.name, &mut device);
                 return Err(e.into());
             }
             fs.clone()
         }
         (None, _) => {
-            undo(&mut child, Some(&dev));
+            close_device(ctx, &req.name, &mut device);
             return Err(Error::host(format!(
                 "{} holds no filesystem the agent can mount{}",
                 req.export,
@@ -288,7 +426,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
         host::mount(&dev, &fstype, req.writable, &req.mount)
     };
     if let Err(e) = mounted {
-        undo(&mut child, Some(&dev));
+        close_device(ctx, &req.name, &mut device);
         return Err(Error::host(format!("cannot mount {}: {e}", req.export)));
     }
     let a = Attachment {
@@ -298,16 +436,17 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Child), Err
         device: dev,
         fstype,
         mount: req.mount.clone(),
-        pid: child.id(),
+        pid: device.child.as_ref().map(|c| c.id()).unwrap_or(0),
+        nbd_index: device.nbd_index,
         clone: None,
         postgres: None,
         temporary: false,
     };
     if let Err(e) = save(ctx, &a) {
-        let _ = cleanup(ctx, &a, Some(&mut child));
+        let _ = cleanup(ctx, &a, device.child.as_mut());
         return Err(e);
     }
-    Ok((a, child))
+    Ok((a, device.child))
 }
 
 /// Unmounts, detaches the loop device, stops the disk server (which
@@ -320,6 +459,17 @@ fn cleanup(ctx: &Ctx, a: &Attachment, child: Option<&mut Child>) -> Result<(), E
         let _ = run(Command::new("sync").arg("-f").arg(&a.mount));
         // Busy: stop here, everything stays attached and recorded.
         host::unmount_strict(&a.mount)?;
+    }
+    if let Some(i) = a.nbd_index {
+        // The kernel flushes, sends NBD_CMD_DISC and frees the device.
+        if let Err(e) = crate::kernel_nbd::disconnect(i) {
+            first.get_or_insert(Error::with_source(
+                ErrorKind::Host,
+                format!("kernel NBD disconnect of /dev/nbd{i}"),
+                e,
+            ));
+        }
+        return first.map_or(Ok(()), Err);
     }
     host::loop_detach_if_ours(&a.device, &fuse_dir(ctx, &a.name));
     if let Err(e) = stop_server(ctx, &a.name, a.pid, child) {

@@ -5,6 +5,7 @@ pub mod attach;
 pub mod block;
 pub mod config;
 pub mod error;
+pub mod kernel_nbd;
 pub mod merge;
 pub mod nbdfile;
 pub mod ops;

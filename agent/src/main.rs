@@ -103,8 +103,14 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long)]
         status: PathBuf,
+        /// NBD connections (used when the server advertises
+        /// CAN_MULTI_CONN).
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// FUSE worker threads (flush, trim, zeroing; reads and writes need
+        /// none).
+        #[arg(long, default_value_t = 32)]
+        workers: usize,
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
@@ -318,12 +324,13 @@ fn serve_disk(
     dir: &Path,
     status: &Path,
     conns: usize,
+    workers: usize,
     timeout: u64,
 ) -> anyhow::Result<()> {
     let r =
         cdm_agent::nbdfile::connect(nbd, export, conns, std::time::Duration::from_secs(timeout))
             .map_err(|e| cdm_agent::err!(Host, "NBD {nbd} export {export}: {e}"))
-            .and_then(|c| cdm_agent::nbdfile::serve(c, dir));
+            .and_then(|c| cdm_agent::nbdfile::serve(c, dir, workers));
     let text = match &r {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("{e:#}"),
@@ -370,11 +377,20 @@ fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
         dir,
         status,
         connections,
+        workers,
         timeout_secs,
     } = &cli.cmd
     {
         let nbd = cli.nbd.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
-        serve_disk(&nbd, export, dir, status, *connections, *timeout_secs)?;
+        serve_disk(
+            &nbd,
+            export,
+            dir,
+            status,
+            *connections,
+            *workers,
+            *timeout_secs,
+        )?;
         return Ok(serde_json::Value::Null);
     }
     let ctx = ctx(cli)?;

@@ -1,12 +1,16 @@
 //! An NBD export as one file, `DIR/disk`, through FUSE: the agent's way to
 //! give the host a block device on a machine without the kernel's NBD
 //! client (a loop device goes on top of the file). A one-file catalog
-//! served by `cdm_disk::fuse`, with one worker thread per NBD connection
-//! and each connection used by one request at a time (the appliance
-//! advertises CAN_MULTI_CONN, so a flush on one covers the writes
-//! completed on all). The file is opened with direct I/O: what the loop
-//! device reads is what the appliance holds, with no second page cache in
-//! between.
+//! served by `cdm_disk::fuse` through the pipelined NBD client
+//! ([`nbd_proto::Pipelined`]): reads and writes are sent straight from the
+//! FUSE session thread and answered from the connections' reader threads
+//! (no worker, no limit but the kernel's on requests in flight); flush,
+//! trim and zeroing run on the worker threads. Requests are spread over
+//! several connections (the appliance advertises CAN_MULTI_CONN; the
+//! client's flush waits for the writes issued before it, so an fsync
+//! covers every write it follows).
+//! The file is opened with direct I/O: what the loop device reads is what
+//! the appliance holds, with no second page cache in between.
 //!
 //! Faults: when a connection breaks (appliance gone, network down, no
 //! answer within the timeout) the disk goes *failed* — every later request
@@ -16,40 +20,45 @@
 //! through as they are.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::error::Result;
-use cdm_disk::fuse::{self, DiskFile, Errno, OneFile};
-use nbd_proto::client::{Client, ClientError, ClientOptions};
+use cdm_disk::fuse::{self, DiskFile, Errno, OneFile, ReadDone, WriteDone};
+use nbd_proto::client::{ClientError, ClientOptions};
+use nbd_proto::Pipelined;
 
 pub const DISK_NAME: &str = "disk";
 const TTL: Duration = Duration::from_secs(3600);
 
-/// Opens `connections` connections to `export` at `addr`.
+/// Opens up to `connections` pipelined connections to `export` at `addr`
+/// (one if the server does not advertise CAN_MULTI_CONN).
 pub fn connect(
     addr: &str,
     export: &str,
     connections: usize,
     timeout: Duration,
-) -> Result<Vec<Client>, ClientError> {
+) -> Result<Pipelined, ClientError> {
     let opts = ClientOptions {
         allocation: false,
         timeout: Some(timeout),
         ..Default::default()
     };
-    (0..connections.max(1))
-        .map(|_| Client::connect(addr, Some(export), &opts))
-        .collect()
+    Pipelined::connect(addr, Some(export), &opts, connections)
 }
 
-/// Serves the clients at `dir` until the file system is unmounted; then
-/// flushes and disconnects. An error if the mount fails or the final flush
-/// does.
-pub fn serve(clients: Vec<Client>, dir: &Path) -> Result<()> {
-    let workers = clients.len();
-    let disk = Arc::new(NbdDisk::new(clients));
+/// Serves the export at `dir` (reads and writes straight from the FUSE
+/// session thread, flushes, trims and zeroing on `workers` threads) until
+/// the file system is unmounted; then flushes and disconnects. An error if
+/// the mount fails or the final flush does.
+pub fn serve(client: Pipelined, dir: &Path, workers: usize) -> Result<()> {
+    tracing::info!(
+        connections = client.connections(),
+        workers,
+        "serving the NBD export as a FUSE file"
+    );
+    let disk = Arc::new(NbdDisk::new(client));
     let opts = fuse::Options {
         subtype: "cdm-agent".into(),
         workers,
@@ -67,84 +76,38 @@ pub fn serve(clients: Vec<Client>, dir: &Path) -> Result<()> {
     if disk.failed.load(Ordering::SeqCst) {
         crate::fail!(Host, "the NBD connection was lost while attached");
     }
-    disk.close()?;
+    if !disk.read_only {
+        disk.client.flush()?;
+    }
     Ok(())
 }
 
-/// The export behind its connections. A request takes a free connection
-/// (there are as many as worker threads, so one is free), or `None` once
-/// closed.
+/// The export behind its pipelined connections.
 struct NbdDisk {
     size: u64,
     read_only: bool,
-    conns: Vec<Mutex<Option<Client>>>,
-    next: AtomicUsize,
-    failed: AtomicBool,
+    client: Pipelined,
+    failed: Arc<AtomicBool>,
 }
 
 impl NbdDisk {
-    fn new(clients: Vec<Client>) -> Self {
+    fn new(client: Pipelined) -> Self {
         NbdDisk {
-            size: clients.first().map(|c| c.size).unwrap_or(0),
-            read_only: clients.first().map(|c| c.read_only()).unwrap_or(true),
-            conns: clients.into_iter().map(|c| Mutex::new(Some(c))).collect(),
-            next: AtomicUsize::new(0),
-            failed: AtomicBool::new(false),
+            size: client.size,
+            read_only: client.read_only(),
+            client,
+            failed: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// A connection no other request is using, if there is one; else
-    /// waits for one.
-    fn take(&self) -> Option<MutexGuard<'_, Option<Client>>> {
-        let n = self.conns.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..n {
-            match self.conns[(start + i) % n].try_lock() {
-                Ok(g) => return Some(g),
-                // A request panicked holding it: the client is still whole
-                // or broken, and a broken one fails the disk below.
-                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
-                Err(TryLockError::WouldBlock) => {}
-            }
-        }
-        let m = self.conns.get(start % n.max(1))?;
-        Some(m.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// Runs `f` on a connection, unless the disk has failed.
-    fn call<R>(&self, f: impl FnOnce(&mut Client) -> Result<R, ClientError>) -> Result<R, Errno> {
+    /// Runs `f` on the client, unless the disk has failed.
+    fn call<R>(&self, f: impl FnOnce(&Pipelined) -> Result<R, ClientError>) -> Result<R, Errno> {
         if self.failed.load(Ordering::SeqCst) {
             return Err(libc::EIO);
         }
-        let mut guard = self.take().ok_or(libc::EIO)?;
-        // It may have failed while we waited for the connection.
-        if self.failed.load(Ordering::SeqCst) {
-            return Err(libc::EIO);
-        }
-        let c = guard.as_mut().ok_or(libc::EIO)?;
-        f(c).map_err(|e| errno(&e, &self.failed))
-    }
-
-    /// After the unmount: flushes (a writable disk) and disconnects every
-    /// connection.
-    fn close(&self) -> Result<(), ClientError> {
-        let mut clients: Vec<Client> = self
-            .conns
-            .iter()
-            .filter_map(|m| m.lock().unwrap_or_else(|p| p.into_inner()).take())
-            .collect();
-        if let Some(c) = clients.first_mut() {
-            if !self.read_only {
-                c.flush()?;
-            }
-        }
-        for c in clients {
-            let _ = c.disconnect();
-        }
-        Ok(())
+        f(&self.client).map_err(|e| errno(&e, &self.failed))
     }
 }
-
 /// errno for a failed request; marks the disk failed when the connection
 /// itself is gone.
 fn errno(e: &ClientError, failed: &AtomicBool) -> Errno {
@@ -178,6 +141,46 @@ impl DiskFile for NbdDisk {
         }
         self.call(|c| c.read(off, &mut buf[..n]))?;
         Ok(n)
+    }
+
+    /// Sent from the FUSE session thread; the answer comes back on the
+    /// connection's reader thread.
+    fn start_read(&self, off: u64, len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        if self.failed.load(Ordering::SeqCst) {
+            done(Err(libc::EIO));
+            return Ok(());
+        }
+        let n = (len as u64).min(self.size.saturating_sub(off)) as usize;
+        if n == 0 {
+            done(Ok(Vec::new()));
+            return Ok(());
+        }
+        if n > self.client.max_payload() {
+            return Err(done);
+        }
+        let failed = self.failed.clone();
+        self.client
+            .start_read(off, n, move |r| done(r.map_err(|e| errno(&e, &failed))));
+        Ok(())
+    }
+
+    fn start_write(&self, data: &[u8], off: u64, done: WriteDone) -> Result<(), WriteDone> {
+        if self.failed.load(Ordering::SeqCst) {
+            done(Err(libc::EIO));
+            return Ok(());
+        }
+        if off.saturating_add(data.len() as u64) > self.size {
+            done(Err(libc::ENOSPC));
+            return Ok(());
+        }
+        if data.len() > self.client.max_payload() {
+            return Err(done);
+        }
+        let failed = self.failed.clone();
+        self.client.start_write(off, data, false, move |r| {
+            done(r.map_err(|e| errno(&e, &failed)))
+        });
+        Ok(())
     }
 
     fn write_at(&self, data: &[u8], off: u64) -> Result<(), Errno> {

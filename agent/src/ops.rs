@@ -141,7 +141,7 @@ impl Mounted {
         )?;
         let mut m = Mounted {
             a,
-            child: Some(child),
+            child,
             ours: true,
         };
         m.a.temporary = true;
@@ -659,7 +659,7 @@ pub fn restore_regular(
         }
         Ok(n)
     })();
-    let detached = attach::detach(ctx, &a, Some(&mut child));
+    let detached = attach::detach(ctx, &a, child.as_mut());
     let copied = copied?;
     detached?;
     let copy_secs = t0.elapsed().as_secs_f64();
@@ -762,7 +762,7 @@ pub fn restore_clone(
             if let Some(p) = &a.postgres {
                 let _ = pg::stop(p);
             }
-            let _ = attach::detach(ctx, &a, Some(&mut child));
+            let _ = attach::detach(ctx, &a, child.as_mut());
             Err(undo_clone(e))
         }
     }

@@ -6,9 +6,21 @@
 //! are two catalogs served by it.
 //!
 //! Reads, writes, fsync and hole punches run on a pool of worker threads
-//! (the FUSE session thread only dispatches, so one slow request does not
-//! hold up the others); requests are up to 1 MiB; fsync calls
-//! [`DiskFile::flush`].
+//! (the FUSE session thread only reads `/dev/fuse` and dispatches, so one
+//! slow request does not hold up the others, and as many requests are in
+//! flight as there are workers); requests are up to 1 MiB; fsync calls
+//! [`DiskFile::flush`]. A file that can start reads and writes without
+//! blocking ([`DiskFile::start_read`], [`DiskFile::start_write`]: the
+//! agent's NBD file) takes them straight from the session thread and
+//! answers from its own, with no worker in between. Asynchronous direct I/O is negotiated (a loop
+//! device in direct-I/O mode keeps many requests in flight) with the
+//! kernel's background limit sized to the workers.
+//!
+//! One thread reads `/dev/fuse`: fuser 0.15 has no multi-threaded session
+//! (a `FUSE_DEV_IOC_CLONE`d channel needs a session that saw INIT, which
+//! fuser keeps private) and no FUSE-over-io_uring; reading and dispatching
+//! a request is a few microseconds against the NBD round trip the worker
+//! then waits for.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -32,6 +44,12 @@ pub type Errno = i32;
 
 /// Largest read or write request (and the kernel's readahead per request).
 const MAX_IO: u32 = 1 << 20;
+
+/// Where a read started with [`DiskFile::start_read`] answers (the data,
+/// short only at the end of the disk).
+pub type ReadDone = Box<dyn FnOnce(Result<Vec<u8>, Errno>) + Send>;
+/// Where a write started with [`DiskFile::start_write`] answers.
+pub type WriteDone = Box<dyn FnOnce(Result<(), Errno>) + Send>;
 
 /// A disk seen as one fixed-size file. Calls come from several worker
 /// threads at once.
@@ -61,6 +79,18 @@ pub trait DiskFile: Send + Sync {
     /// Writes zeroes over `[off, off + len)`.
     fn zero(&self, _off: u64, _len: u64) -> Result<(), Errno> {
         Err(libc::EOPNOTSUPP)
+    }
+    /// Starts a read of `len` bytes at `off` without blocking; `done`
+    /// answers from any thread. Called on the FUSE session thread, so it
+    /// must not wait: a file that cannot start one hands `done` back
+    /// (`Err`) and the read runs on a worker with [`DiskFile::read_at`].
+    fn start_read(&self, _off: u64, _len: usize, done: ReadDone) -> Result<(), ReadDone> {
+        Err(done)
+    }
+    /// Starts a write like [`DiskFile::start_read`] (`data` is copied
+    /// before it returns); `Err` hands `done` back for a worker.
+    fn start_write(&self, _data: &[u8], _off: u64, done: WriteDone) -> Result<(), WriteDone> {
+        Err(done)
     }
 }
 
@@ -247,6 +277,7 @@ fn prepare<C: Catalog>(
         ttl: opts.ttl,
         direct_io: opts.direct_io,
         block_size: opts.block_size,
+        workers: opts.workers.max(1),
     };
     Ok((fs, workers))
 }
@@ -386,6 +417,15 @@ struct Server<C> {
     ttl: Duration,
     direct_io: bool,
     block_size: u32,
+    workers: usize,
+}
+
+/// The kernel's max_background and congestion_threshold for `workers`
+/// worker threads: twice the workers in flight (so a worker finds the next
+/// request queued when it answers one), congestion at three quarters.
+fn background_limits(workers: usize) -> (u16, u16) {
+    let bg = (workers.max(1) * 2).clamp(16, 1024) as u16;
+    (bg, bg / 4 * 3)
 }
 
 impl<C: Catalog> Server<C> {
@@ -433,6 +473,23 @@ impl<C: Catalog> Filesystem for Server<C> {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // Direct I/O submitted asynchronously (a loop device in direct-I/O
+        // mode, fio with libaio): without it the kernel sends one request
+        // of a file at a time and waits for each answer.
+        if config
+            .add_capabilities(fuser::consts::FUSE_ASYNC_DIO)
+            .is_err()
+        {
+            tracing::warn!(
+                "the kernel's FUSE has no asynchronous direct I/O: one request at a time"
+            );
+        }
+        // Asynchronous requests (readahead, async direct I/O) beyond
+        // max_background wait in the kernel: allow as many as the workers
+        // can take, and some queued behind them.
+        let (bg, congested) = background_limits(self.workers);
+        let _ = config.set_max_background(bg);
+        let _ = config.set_congestion_threshold(congested);
         Ok(())
     }
 
@@ -522,13 +579,22 @@ impl<C: Catalog> Filesystem for Server<C> {
         let Some(f) = self.files.get(&fh).cloned() else {
             return reply.error(libc::EBADF);
         };
-        self.submit(move || {
-            let mut buf = vec![0u8; size as usize];
-            match f.read_at(&mut buf, offset.max(0) as u64) {
-                Ok(n) => reply.data(&buf[..n.min(buf.len())]),
-                Err(e) => reply.error(e),
-            }
+        let off = offset.max(0) as u64;
+        let done: ReadDone = Box::new(move |r| match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
         });
+        // Handed on without a thread switch when the file can; else on a
+        // worker.
+        if let Err(done) = f.start_read(off, size as usize, done) {
+            self.submit(move || {
+                let mut buf = vec![0u8; size as usize];
+                done(f.read_at(&mut buf, off).map(|n| {
+                    buf.truncate(n);
+                    buf
+                }))
+            });
+        }
     }
 
     fn write(
@@ -549,11 +615,16 @@ impl<C: Catalog> Filesystem for Server<C> {
         if f.read_only() {
             return reply.error(libc::EROFS);
         }
-        let data = data.to_vec();
-        self.submit(move || match f.write_at(&data, offset.max(0) as u64) {
-            Ok(()) => reply.written(data.len() as u32),
+        let off = offset.max(0) as u64;
+        let n = data.len() as u32;
+        let done: WriteDone = Box::new(move |r| match r {
+            Ok(()) => reply.written(n),
             Err(e) => reply.error(e),
         });
+        if let Err(done) = f.start_write(data, off, done) {
+            let data = data.to_vec();
+            self.submit(move || done(f.write_at(&data, off)));
+        }
     }
 
     fn fallocate(
@@ -682,6 +753,13 @@ mod tests {
         assert!(c.open(f.ino).is_ok());
         let s = c.statfs().expect("statfs");
         assert_eq!((s.blocks, s.bfree, s.files), (256, 0, 1));
+    }
+
+    #[test]
+    fn background_limits_follow_the_workers() {
+        assert_eq!(background_limits(0), (16, 12));
+        assert_eq!(background_limits(32), (64, 48));
+        assert_eq!(background_limits(100_000), (1024, 768));
     }
 
     #[test]

@@ -90,6 +90,32 @@ pub fn loop_attach(file: &Path, read_only: bool, range: Option<(u64, u64)>) -> R
     run(&mut los)
 }
 
+/// Switches loop device `dev` to direct I/O (`LO_FLAGS_DIRECT_IO`), so the
+/// pages read through it are cached once (by the filesystem on top), not
+/// a second time for its backing file. Whether the kernel took it: it
+/// refuses when the backing file cannot do direct I/O or its block size
+/// does not fit; the device then works as before (buffered), and the
+/// refusal is logged.
+pub fn loop_direct_io(dev: &str) -> bool {
+    let r = run(Command::new("losetup").args(["--direct-io=on", dev]));
+    let on = loop_dio_state(dev) == Some(true);
+    if !on {
+        let why = match r {
+            Err(e) => e.to_string(),
+            Ok(_) => "the kernel left it off".into(),
+        };
+        tracing::warn!(device = dev, reason = %why, "loop device without direct I/O: its pages are cached twice");
+    }
+    on
+}
+
+/// Whether loop device `dev` does direct I/O (`/sys/block/loopN/loop/dio`).
+pub fn loop_dio_state(dev: &str) -> Option<bool> {
+    let name = Path::new(dev).file_name()?.to_string_lossy().into_owned();
+    let t = std::fs::read_to_string(format!("/sys/block/{name}/loop/dio")).ok()?;
+    Some(t.trim() == "1")
+}
+
 /// Detaches loop device `dev` if it is still backed by a file under
 /// `prefix` (a device may have been reused by someone else since).
 pub fn loop_detach_if_ours(dev: &str, prefix: &Path) {

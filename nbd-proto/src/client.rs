@@ -1,7 +1,7 @@
 //! A synchronous NBD client: fixed newstyle, structured replies or extended
-//! headers, base:allocation. One request at a time per connection; open
-//! several connections for parallelism (servers that advertise
-//! CAN_MULTI_CONN keep them consistent).
+//! headers, base:allocation. One request at a time per connection (for
+//! many in flight, see [`crate::pipelined`]); the handshake here is shared
+//! by both.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -19,6 +19,10 @@ pub enum ClientError {
     Refused { option: u32, code: u32, msg: String },
     #[error("server error {errno} ({msg})")]
     Errno { errno: u32, msg: String },
+    /// The connection is gone (closed, reset, no answer in time): the
+    /// request may or may not have been carried out.
+    #[error("NBD connection lost: {0}")]
+    Disconnected(String),
     #[error("{0}")]
     Other(String),
 }
@@ -110,28 +114,96 @@ pub struct Client {
     cookie: u64,
 }
 
-type Streams = (Box<dyn Read + Send>, Box<dyn Write + Send>);
+/// A connection to a server: a unix or TCP socket.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
 
-fn open_stream(endpoint: &str, timeout: Option<std::time::Duration>) -> Result<Streams> {
-    if let Some(path) = endpoint.strip_prefix("unix:") {
+impl Stream {
+    pub(crate) fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    /// Ends both directions: a thread blocked reading it wakes up.
+    pub(crate) fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
+    pub(crate) fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            Stream::Tcp(s) => s.set_read_timeout(t),
+        }
+    }
+
+    pub(crate) fn set_write_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_write_timeout(t),
+            Stream::Tcp(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// The socket itself (handed to the kernel's NBD client).
+    pub(crate) fn into_fd(self) -> std::os::fd::OwnedFd {
+        match self {
+            Stream::Unix(s) => s.into(),
+            Stream::Tcp(s) => s.into(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(b),
+            Stream::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(b),
+            Stream::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.flush(),
+            Stream::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+fn open_stream(endpoint: &str, timeout: Option<std::time::Duration>) -> Result<(Stream, Stream)> {
+    let s = if let Some(path) = endpoint.strip_prefix("unix:") {
         let s = UnixStream::connect(path)?;
         s.set_read_timeout(timeout)?;
         s.set_write_timeout(timeout)?;
-        let w = s.try_clone()?;
-        Ok((Box::new(s), Box::new(w)))
+        Stream::Unix(s)
     } else {
         let s = TcpStream::connect(endpoint)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(timeout)?;
         s.set_write_timeout(timeout)?;
-        let w = s.try_clone()?;
-        Ok((Box::new(s), Box::new(w)))
-    }
+        Stream::Tcp(s)
+    };
+    let w = s.try_clone()?;
+    Ok((s, w))
 }
 
 struct Handshake {
-    r: Box<dyn Read + Send>,
-    w: Box<dyn Write + Send>,
+    r: Stream,
+    w: Stream,
 }
 
 impl Handshake {
@@ -229,67 +301,43 @@ impl Client {
 
     /// Connects to `export` at an address or URI.
     pub fn connect(addr: &str, export: Option<&str>, opts: &ClientOptions) -> Result<Client> {
-        let a = Address::parse(addr)?;
-        let export = export.map(str::to_string).or(a.export).unwrap_or_default();
-        let mut h = Handshake::start(&a.endpoint, opts.timeout)?;
-        let extended = opts.extended && h.simple_option(OPT_EXTENDED_HEADERS)?;
-        let structured = extended || (opts.structured && h.simple_option(OPT_STRUCTURED_REPLY)?);
-        let mut meta_id = None;
-        let mut metas = Vec::new();
-        let mut wanted: Vec<&str> = Vec::new();
-        if opts.allocation {
-            wanted.push(BASE_ALLOCATION);
-        }
-        wanted.extend(opts.contexts.iter().map(String::as_str));
-        if structured && !wanted.is_empty() {
-            h.send(OPT_SET_META_CONTEXT, &encode_meta_request(&export, &wanted))?;
-            loop {
-                let (typ, d) = h.reply(OPT_SET_META_CONTEXT)?;
-                match typ {
-                    REP_META_CONTEXT => {
-                        let id = be_u32(&d, 0)?;
-                        let name = String::from_utf8_lossy(d.get(4..).unwrap_or_default());
-                        if name == BASE_ALLOCATION {
-                            meta_id = Some(id);
-                        } else if opts.contexts.iter().any(|c| *c == name) {
-                            metas.push((name.into_owned(), id));
-                        }
-                    }
-                    REP_ACK => break,
-                    t => return Err(ClientError::Other(format!("unexpected reply {t}"))),
-                }
-            }
-        }
-        h.send(OPT_GO, &encode_info_request(&export, &[INFO_BLOCK_SIZE]))?;
-        let (mut size, mut flags, mut bsz) = (None, 0u16, (1u32, 4096u32, MAX_PAYLOAD));
-        loop {
-            let (typ, d) = h.reply(OPT_GO)?;
-            match typ {
-                REP_INFO => match be_u16(&d, 0)? {
-                    INFO_EXPORT => {
-                        size = Some(be_u64(&d, 2)?);
-                        flags = be_u16(&d, 10)?;
-                    }
-                    INFO_BLOCK_SIZE => bsz = (be_u32(&d, 2)?, be_u32(&d, 6)?, be_u32(&d, 10)?),
-                    _ => {}
-                },
-                REP_ACK => break,
-                t => return Err(ClientError::Other(format!("unexpected GO reply {t}"))),
-            }
-        }
-        let size = size.ok_or_else(|| ClientError::Other("server sent no export size".into()))?;
+        let (r, w, n) = negotiate(addr, export, opts)?;
         Ok(Client {
-            r: h.r,
-            w: h.w,
-            size,
-            flags,
-            block_sizes: bsz,
-            structured,
-            extended,
-            meta_id,
-            metas,
+            r: Box::new(r),
+            w: Box::new(w),
+            size: n.size,
+            flags: n.flags,
+            block_sizes: n.block_sizes,
+            structured: n.structured,
+            extended: n.extended,
+            meta_id: n.meta_id,
+            metas: n.metas,
             cookie: 0,
         })
+    }
+
+    /// Negotiates like [`Client::connect`] (simple replies: the kernel's
+    /// client speaks no structured ones) and returns the socket in the
+    /// transmission phase with the export's size and transmission flags,
+    /// for the kernel's NBD client to take over.
+    pub fn handshake_socket(
+        addr: &str,
+        export: Option<&str>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(std::os::fd::OwnedFd, u64, u16)> {
+        let opts = ClientOptions {
+            structured: false,
+            extended: false,
+            allocation: false,
+            contexts: Vec::new(),
+            timeout,
+        };
+        let (r, w, n) = negotiate(addr, export, &opts)?;
+        drop(w);
+        // The kernel sets its own timeouts.
+        r.set_read_timeout(None)?;
+        r.set_write_timeout(None)?;
+        Ok((r.into_fd(), n.size, n.flags))
     }
 
     pub fn read_only(&self) -> bool {
@@ -603,6 +651,89 @@ impl Client {
         let c = self.request(typ, flags, offset, length, payload)?;
         self.simple_wait(c)
     }
+}
+
+/// What a handshake agreed on.
+#[derive(Clone, Debug)]
+pub(crate) struct Negotiated {
+    pub size: u64,
+    pub flags: u16,
+    pub block_sizes: (u32, u32, u32),
+    pub structured: bool,
+    pub extended: bool,
+    pub meta_id: Option<u32>,
+    pub metas: Vec<(String, u32)>,
+}
+
+/// Connects and negotiates up to the transmission phase: the socket (a
+/// reader and a writer) and what was agreed.
+pub(crate) fn negotiate(
+    addr: &str,
+    export: Option<&str>,
+    opts: &ClientOptions,
+) -> Result<(Stream, Stream, Negotiated)> {
+    let a = Address::parse(addr)?;
+    let export = export.map(str::to_string).or(a.export).unwrap_or_default();
+    let mut h = Handshake::start(&a.endpoint, opts.timeout)?;
+    let extended = opts.extended && h.simple_option(OPT_EXTENDED_HEADERS)?;
+    let structured = extended || (opts.structured && h.simple_option(OPT_STRUCTURED_REPLY)?);
+    let mut meta_id = None;
+    let mut metas = Vec::new();
+    let mut wanted: Vec<&str> = Vec::new();
+    if opts.allocation {
+        wanted.push(BASE_ALLOCATION);
+    }
+    wanted.extend(opts.contexts.iter().map(String::as_str));
+    if structured && !wanted.is_empty() {
+        h.send(OPT_SET_META_CONTEXT, &encode_meta_request(&export, &wanted))?;
+        loop {
+            let (typ, d) = h.reply(OPT_SET_META_CONTEXT)?;
+            match typ {
+                REP_META_CONTEXT => {
+                    let id = be_u32(&d, 0)?;
+                    let name = String::from_utf8_lossy(d.get(4..).unwrap_or_default());
+                    if name == BASE_ALLOCATION {
+                        meta_id = Some(id);
+                    } else if opts.contexts.iter().any(|c| *c == name) {
+                        metas.push((name.into_owned(), id));
+                    }
+                }
+                REP_ACK => break,
+                t => return Err(ClientError::Other(format!("unexpected reply {t}"))),
+            }
+        }
+    }
+    h.send(OPT_GO, &encode_info_request(&export, &[INFO_BLOCK_SIZE]))?;
+    let (mut size, mut flags, mut bsz) = (None, 0u16, (1u32, 4096u32, MAX_PAYLOAD));
+    loop {
+        let (typ, d) = h.reply(OPT_GO)?;
+        match typ {
+            REP_INFO => match be_u16(&d, 0)? {
+                INFO_EXPORT => {
+                    size = Some(be_u64(&d, 2)?);
+                    flags = be_u16(&d, 10)?;
+                }
+                INFO_BLOCK_SIZE => bsz = (be_u32(&d, 2)?, be_u32(&d, 6)?, be_u32(&d, 10)?),
+                _ => {}
+            },
+            REP_ACK => break,
+            t => return Err(ClientError::Other(format!("unexpected GO reply {t}"))),
+        }
+    }
+    let size = size.ok_or_else(|| ClientError::Other("server sent no export size".into()))?;
+    Ok((
+        h.r,
+        h.w,
+        Negotiated {
+            size,
+            flags,
+            block_sizes: bsz,
+            structured,
+            extended,
+            meta_id,
+            metas,
+        },
+    ))
 }
 
 fn check_cookie(got: u64, want: u64) -> Result<()> {

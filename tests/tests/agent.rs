@@ -253,6 +253,23 @@ fn instant_state(agent: &Agent, snap: &str, name: &str) -> (String, f64) {
         &port.to_string(),
     ]);
     assert_eq!(v["bytes_copied"], 0);
+    // Attached through the FUSE file (no nbd.ko here) under a loop device
+    // in direct-I/O mode.
+    let list = agent.ok(&["list"]);
+    let a = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not in {list}"));
+    let dev = a["device"].as_str().unwrap();
+    assert!(dev.starts_with("/dev/loop"), "{a}");
+    let dio = std::fs::read_to_string(format!(
+        "/sys/block/{}/loop/dio",
+        dev.trim_start_matches("/dev/")
+    ))
+    .unwrap();
+    assert_eq!(dio.trim(), "1", "{dev} without direct I/O");
     let sock = PathBuf::from(v["postgres"]["socket_dir"].as_str().unwrap());
     let state = psql(&sock, port, STATE);
     agent.ok(&["detach", name, "--delete-clone"]);
