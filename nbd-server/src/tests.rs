@@ -225,3 +225,70 @@ fn disconnect_export_ends_idle_clients_of_it_and_its_snapshots() {
     keep.disconnect().unwrap();
     f.server.shutdown();
 }
+
+/// A reader that counts its `read` calls (each one a system call on a socket).
+struct CountingReader<R> {
+    inner: R,
+    reads: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<R: std::io::Read> std::io::Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.inner.read(buf)
+    }
+}
+
+#[test]
+fn pipelined_requests_are_read_in_few_calls() {
+    use crate::export::Export;
+    let catalog = Arc::new(MemCatalog::new());
+    let disk = catalog.insert("m", MemExport::new(SIZE));
+    let server = Server::with_catalog(catalog, ServerConfig::default());
+    // What a pipelining client sends at once: the handshake (EXPORT_NAME),
+    // 128 writes of 4 KiB back to back, then a disconnect.
+    let mut input = (C_FIXED_NEWSTYLE | C_NO_ZEROES).to_be_bytes().to_vec();
+    input.extend_from_slice(&encode_opt(OPT_EXPORT_NAME, b"m"));
+    let n = 128u64;
+    for i in 0..n {
+        let req = Request {
+            flags: 0,
+            typ: CMD_WRITE,
+            cookie: i,
+            offset: i * 4096,
+            length: 4096,
+            payload: 4096,
+        };
+        input.extend_from_slice(&encode_request(&req, false));
+        input.extend(std::iter::repeat_n(i as u8 + 1, 4096));
+    }
+    let disc = Request {
+        flags: 0,
+        typ: CMD_DISC,
+        cookie: n,
+        offset: 0,
+        length: 0,
+        payload: 0,
+    };
+    input.extend_from_slice(&encode_request(&disc, false));
+    let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let r = CountingReader {
+        inner: std::io::Cursor::new(input),
+        reads: reads.clone(),
+    };
+    server
+        .handle(Box::new(r), Box::new(std::io::sink()), "test")
+        .unwrap();
+    // Every write arrived...
+    for i in 0..n {
+        let mut b = [0u8; 4096];
+        disk.read(i * 4096, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == i as u8 + 1), "block {i}");
+    }
+    // ...in far fewer reads than two per request (header, then payload),
+    // which is what an unbuffered reader makes: a handful for the
+    // handshake, then one per buffer's worth of requests.
+    let calls = reads.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(calls < 16, "{calls} read calls for {n} requests");
+}

@@ -54,6 +54,9 @@ impl Session {
     }
 }
 
+/// The request reader's buffer: room for 32 requests of 4 KiB and more.
+const READ_BUFFER: usize = 256 << 10;
+
 /// A request the server answers with an error before reaching the export.
 type Refusal = (u32, &'static str);
 
@@ -76,9 +79,13 @@ impl Server {
         let workers: Vec<_> = (0..self.cfg.workers)
             .map(|_| self.spawn_worker(sess.clone(), w.clone(), rx.clone(), budget.clone()))
             .collect();
+        // Buffered: a pipelining client's requests (header and payload)
+        // arrive back to back, and one read takes in many of them instead of
+        // two system calls per request.
+        let mut r = io::BufReader::with_capacity(READ_BUFFER, r);
         let mut result = Ok(());
         loop {
-            let (req, payload) = match read_request(&sess, r) {
+            let (req, payload) = match read_request(&sess, &mut r) {
                 Ok(Some(x)) => x,
                 Ok(None) => break,
                 Err(e) => {
