@@ -58,6 +58,21 @@ pub fn render(a: &Appliance) -> cdmfs::Result<String> {
         "cdm_pool_commit_seconds_total {:.6}",
         commit_ns as f64 / 1e9
     );
+    let (records, replayed) = a.pool.log_stats();
+    head(
+        &mut o,
+        "cdm_pool_log_records_total",
+        "counter",
+        "Intent-log records written since the daemon started (flushes that did not need a commit).",
+    );
+    let _ = writeln!(o, "cdm_pool_log_records_total {records}");
+    head(
+        &mut o,
+        "cdm_pool_log_replayed_records",
+        "gauge",
+        "Intent-log records replayed when the pool was opened.",
+    );
+    let _ = writeln!(o, "cdm_pool_log_replayed_records {replayed}");
 
     head(&mut o, "cdm_volumes", "gauge", "Volumes by kind.");
     let clones = vols.iter().filter(|v| v.origin.is_some()).count();

@@ -237,6 +237,13 @@ fn lifecycle_volume_snapshot_clone_through_nbd() {
     ] {
         assert!(m.contains(want), "metrics lack {want}:\n{m}");
     }
+    // qemu-io's flush of its writes went to the intent log, not a commit.
+    let records: u64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("cdm_pool_log_records_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no cdm_pool_log_records_total in:\n{m}"));
+    assert!(records > 0, "no flush was an intent-log record:\n{m}");
 }
 
 #[test]
