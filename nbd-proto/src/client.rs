@@ -403,16 +403,6 @@ impl Client {
         Ok(d)
     }
 
-    fn chunk_error(d: &[u8]) -> ClientError {
-        let errno = be_u32(d, 0).unwrap_or(EIO);
-        let n = be_u16(d, 4).unwrap_or(0) as usize;
-        let msg = d
-            .get(6..6 + n)
-            .map(|m| String::from_utf8_lossy(m).into_owned())
-            .unwrap_or_default();
-        ClientError::Errno { errno, msg }
-    }
-
     /// Waits for the reply of a command with no data.
     fn simple_wait(&mut self, cookie: u64) -> Result<()> {
         loop {
@@ -437,7 +427,7 @@ impl Client {
                     check_cookie(c, cookie)?;
                     let d = self.payload(len)?;
                     if typ & 0x8000 != 0 {
-                        return Err(Self::chunk_error(&d));
+                        return Err(chunk_error(&d));
                     }
                     if flags & REPLY_FLAG_DONE != 0 {
                         return Ok(());
@@ -508,7 +498,7 @@ impl Client {
                         }
                         t if t & 0x8000 != 0 => {
                             let d = self.payload(len)?;
-                            return Err(Self::chunk_error(&d));
+                            return Err(chunk_error(&d));
                         }
                         _ => {
                             self.payload(len)?;
@@ -622,7 +612,7 @@ impl Client {
                                 out.push((be_u64(e, 0)?, be_u64(e, 8)? as u32));
                             }
                         }
-                        t if t & 0x8000 != 0 => return Err(Self::chunk_error(&d)),
+                        t if t & 0x8000 != 0 => return Err(chunk_error(&d)),
                         _ => {}
                     }
                     if flags & REPLY_FLAG_DONE != 0 {
@@ -734,6 +724,18 @@ pub(crate) fn negotiate(
             metas,
         },
     ))
+}
+
+/// The error a structured reply's error chunk carries (errno, message);
+/// both clients read it.
+pub(crate) fn chunk_error(d: &[u8]) -> ClientError {
+    let errno = be_u32(d, 0).unwrap_or(EIO);
+    let n = be_u16(d, 4).unwrap_or(0) as usize;
+    let msg = d
+        .get(6..6 + n)
+        .map(|m| String::from_utf8_lossy(m).into_owned())
+        .unwrap_or_default();
+    ClientError::Errno { errno, msg }
 }
 
 fn check_cookie(got: u64, want: u64) -> Result<()> {

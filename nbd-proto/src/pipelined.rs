@@ -703,7 +703,7 @@ impl Reader {
                 let mut d = vec![0u8; len as usize];
                 self.fill(&mut d)?;
                 if typ & 0x8000 != 0 && p.error.is_none() {
-                    p.error = Some(chunk_error(&d));
+                    p.error = Some(crate::client::chunk_error(&d));
                 }
             }
         }
@@ -733,16 +733,6 @@ fn place(p: &Pending, at: u64, n: u64) -> Result<(usize, usize)> {
         .filter(|&e| e <= p.len as u64)
         .ok_or(ProtoError::Invalid("chunk past request"))?;
     Ok((start as usize, end as usize))
-}
-
-fn chunk_error(d: &[u8]) -> ClientError {
-    let errno = be_u32(d, 0).unwrap_or(EIO);
-    let n = be_u16(d, 4).unwrap_or(0) as usize;
-    let msg = d
-        .get(6..6 + n)
-        .map(|m| String::from_utf8_lossy(m).into_owned())
-        .unwrap_or_default();
-    ClientError::Errno { errno, msg }
 }
 
 #[cfg(test)]
