@@ -46,6 +46,13 @@ pub(super) enum Action {
     Piece(PieceKey, Extent),
     /// Whole blocks `b0..b1` unmapped (trim, write-zeroes).
     Unmap(u64, u64),
+    /// References taken on dedup hits (`LogOp::taken`), logged when they
+    /// are taken: a write on another block may drop one of the same
+    /// objects before this write maps its hit, and replay must see the
+    /// counts in the order they changed.
+    Take,
+    /// Dedup references released by a write that failed after taking them.
+    Release(Vec<Extent>),
 }
 
 /// One mutation, as the write path applied it and replay redoes it.
@@ -103,6 +110,8 @@ impl LogOp {
             Action::Blocks(_) => 1u8,
             Action::Piece(..) => 2,
             Action::Unmap(..) => 3,
+            Action::Take => 4,
+            Action::Release(_) => 5,
         };
         out.push(kind);
         out.extend_from_slice(&self.vol.to_le_bytes());
@@ -138,6 +147,13 @@ impl LogOp {
                 out.extend_from_slice(&b0.to_le_bytes());
                 out.extend_from_slice(&b1.to_le_bytes());
             }
+            Action::Take => {}
+            Action::Release(exts) => {
+                out.extend_from_slice(&(exts.len() as u32).to_le_bytes());
+                for e in exts {
+                    put_ext(out, e);
+                }
+            }
         }
     }
 
@@ -151,6 +167,8 @@ impl LogOp {
             }
             Action::Piece(..) => 28,
             Action::Unmap(..) => 16,
+            Action::Take => 0,
+            Action::Release(exts) => 4 + exts.len() * Extent::SIZE,
         };
         1 + 8 + 4 + self.objects.len() * 16 + 4 + self.taken.len() * Extent::SIZE + tail
     }
@@ -243,6 +261,14 @@ pub(super) fn decode_ops(payload: &[u8]) -> Option<Vec<LogOp>> {
                 }
                 Action::Unmap(b0, b1)
             }
+            4 => Action::Take,
+            5 => {
+                let mut exts = Vec::new();
+                for _ in 0..r.count(Extent::SIZE)? {
+                    exts.push(r.ext()?);
+                }
+                Action::Release(exts)
+            }
             _ => return None,
         };
         ops.push(LogOp {
@@ -317,9 +343,16 @@ impl Inner {
         self.log.pending.clear();
         self.log.pending_bytes = 0;
         self.log.structural = false;
-        let head = (self.store.alloc_blocks(SLOT_BLOCKS as u64)?, SLOT_BLOCKS);
-        self.log.gen = gen;
         self.log.seq = 1;
+        // No room for a slot (a full or fragmented pool): this generation
+        // has no log and its flushes commit; the next commit tries again.
+        let Some(addr) = self.store.alloc.alloc(SLOT_BLOCKS as u64) else {
+            self.log.gen = 0;
+            self.log.slot = (0, 0);
+            return Ok((0, 0));
+        };
+        let head = (addr, SLOT_BLOCKS);
+        self.log.gen = gen;
         self.log.slot = head;
         self.log.slots = vec![head];
         Ok(head)
@@ -332,8 +365,9 @@ impl Inner {
 
     /// Takes the pending ops as the next record: its bytes and where they
     /// go. Allocates the slot after it.
-    fn take_record(&mut self) -> Result<(Vec<u8>, u64)> {
-        let next = (self.store.alloc_blocks(SLOT_BLOCKS as u64)?, SLOT_BLOCKS);
+    fn take_record(&mut self) -> Option<(Vec<u8>, u64)> {
+        // No room for the next slot: the caller commits instead.
+        let next = (self.store.alloc.alloc(SLOT_BLOCKS as u64)?, SLOT_BLOCKS);
         let mut payload = Vec::with_capacity(self.log.pending_bytes);
         for op in std::mem::take(&mut self.log.pending) {
             op.encode(&mut payload);
@@ -351,7 +385,7 @@ impl Inner {
         self.log.slots.push(next);
         self.log.seq += 1;
         self.log.records += 1;
-        Ok((rec, at))
+        Some((rec, at))
     }
 
     /// Redoes the records of the chain the superblock names; returns how
@@ -374,7 +408,7 @@ impl Inner {
         // it names: redoing an op allocates tree nodes, which must not land
         // on blocks a later record's data holds.
         let mut slot = (self.sb.log_head, self.sb.log_blocks);
-        let mut records: Vec<Vec<LogOp>> = Vec::new();
+        let mut records: Vec<((u64, u32), Vec<LogOp>)> = Vec::new();
         loop {
             self.claim(slot.0, slot.1, "intent log slot")?;
             self.log.slots.push(slot);
@@ -389,19 +423,31 @@ impl Inner {
                 tracing::warn!(seq, "intent log record does not decode; replay stops");
                 break;
             };
-            if !self.log_data_intact(&ops)? {
-                tracing::info!(seq, "intent log record names unwritten data; replay stops");
-                break;
+            records.push((slot, ops));
+            slot = h.next;
+        }
+        // A record is written only after the sync of the one before it,
+        // which covered that one's data: only the last can name data that
+        // never reached the disk (and then it was never acknowledged).
+        if let Some((at, last)) = records.last() {
+            if !self.log_data_intact(last)? {
+                tracing::info!(
+                    seq = self.log.seq + records.len() as u64 - 1,
+                    "the last intent log record names unwritten data; it is skipped"
+                );
+                // The next record goes where it was, with its number.
+                self.log.slot = *at;
+                records.pop();
             }
-            for op in &ops {
+        }
+        for (_, ops) in &records {
+            for op in ops {
                 for &(a, n, _) in &op.objects {
                     self.claim(a, n, "data the intent log names")?;
                 }
             }
-            records.push(ops);
-            slot = h.next;
         }
-        for ops in &records {
+        for (_, ops) in &records {
             for op in ops {
                 for e in &op.taken {
                     self.store.inc(e.addr)?;
@@ -446,14 +492,16 @@ impl Pool {
     pub(super) fn log_flush(&self) -> Result<Option<u64>> {
         let (rec, at, seq) = {
             let mut g = self.lock()?;
-            if g.committing || !g.log.can_log() {
+            if !g.log.can_log() {
                 return Ok(None);
             }
             let seq = g.ops;
             if g.log.pending.is_empty() {
                 return Ok(Some(seq));
             }
-            let (rec, at) = g.take_record()?;
+            let Some((rec, at)) = g.take_record() else {
+                return Ok(None);
+            };
             (rec, at, seq)
         };
         let r = self
@@ -490,7 +538,7 @@ mod tests {
             LogOp {
                 vol: 3,
                 objects: vec![(300, 1, 1), (301, 16, 2)],
-                taken: vec![ext(400)],
+                taken: vec![],
                 action: Action::Blocks(vec![(5, Some(ext(300))), (6, None), (7, Some(ext(400)))]),
             },
             LogOp {
@@ -511,6 +559,18 @@ mod tests {
                 objects: vec![],
                 taken: vec![],
                 action: Action::Unmap(10, 20),
+            },
+            LogOp {
+                vol: 0,
+                objects: vec![],
+                taken: vec![ext(600), ext(601)],
+                action: Action::Take,
+            },
+            LogOp {
+                vol: 0,
+                objects: vec![],
+                taken: vec![],
+                action: Action::Release(vec![ext(600)]),
             },
         ]
     }

@@ -32,8 +32,15 @@ impl Pool {
         let b1 = (offset + buf.len() as u64 - 1) / bs64 + 1;
         let mut last_err = None;
         for _attempt in 0..2 {
-            let (map, pieces) =
-                self.locked_no_io(|g| Ok((g.mappings(t, b0, b1)?, g.pieces(t, b0, b1)?)))?;
+            // Blocks of one unit never have pieces: no second lookup.
+            let (map, pieces) = self.locked_no_io(|g| {
+                let pieces = if bs64 > UNIT {
+                    g.pieces(t, b0, b1)?
+                } else {
+                    Vec::new()
+                };
+                Ok((g.mappings(t, b0, b1)?, pieces))
+            })?;
             let r = self
                 .read_mapped(t, &map, bs64, offset, buf)
                 .and_then(|()| self.read_pieces(t, &pieces, bs, offset, buf));

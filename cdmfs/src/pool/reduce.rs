@@ -58,10 +58,7 @@ impl Pool {
         let written = match r {
             Ok(w) => w,
             Err(e) => {
-                let mut g = self.lock()?;
-                for t in &taken {
-                    g.store.dec_extent(t)?;
-                }
+                self.lock()?.release_taken(taken)?;
                 return Err(e);
             }
         };
@@ -98,6 +95,16 @@ impl Pool {
                     .checked_add(n)
                     .ok_or_else(|| internal("refcount overflow"))?;
                 g.store.rc_put(a, Some(v));
+            }
+            // Logged now, in the order the counts changed (see `Action::Take`).
+            let taken: Vec<Extent> = found.iter().flatten().copied().collect();
+            if !taken.is_empty() {
+                g.log_push(super::intent::LogOp {
+                    vol: 0,
+                    objects: Vec::new(),
+                    taken,
+                    action: super::intent::Action::Take,
+                });
             }
             Ok(found)
         })

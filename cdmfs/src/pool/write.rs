@@ -336,19 +336,19 @@ impl Pool {
                 for (a, n, _) in &objects {
                     g.store.alloc.free(*a, *n as u64);
                 }
-                for e in &taken {
-                    g.store.dec_extent(e)?;
-                }
+                g.release_taken(taken)?;
                 io?;
                 return Err(Error::NotFound(format!("volume {vol}")));
             }
             for (fp, e, slot) in &index {
                 g.store.dd_insert(fp, *e, *slot)?;
             }
+            // The hits' references were logged when taken (`Action::Take`).
+            drop(taken);
             g.apply_logged(LogOp {
                 vol,
                 objects,
-                taken,
+                taken: Vec::new(),
                 action,
             })?;
             g.needs_commit()
@@ -396,6 +396,19 @@ impl Pool {
 }
 
 impl Inner {
+    /// Drops dedup references a failed write took, and logs that.
+    pub(super) fn release_taken(&mut self, taken: Vec<Extent>) -> Result<()> {
+        if taken.is_empty() {
+            return Ok(());
+        }
+        self.apply_logged(LogOp {
+            vol: 0,
+            objects: Vec::new(),
+            taken: Vec::new(),
+            action: Action::Release(taken),
+        })
+    }
+
     /// Applies a write's op and keeps it for the intent log.
     fn apply_logged(&mut self, op: LogOp) -> Result<()> {
         self.apply_op(&op)?;
@@ -409,6 +422,18 @@ impl Inner {
     /// The write path and intent-log replay both run it, so a replayed
     /// record does exactly what the write did.
     pub(super) fn apply_op(&mut self, op: &LogOp) -> Result<()> {
+        match &op.action {
+            // Replay takes `op.taken` itself (the write path took them
+            // before logging); nothing else to do.
+            Action::Take => return Ok(()),
+            Action::Release(exts) => {
+                for e in exts {
+                    self.store.dec_extent(e)?;
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
         let v = self
             .volumes
             .get(&op.vol)
@@ -426,6 +451,7 @@ impl Inner {
                 self.map_piece(&mut root, *key, *e)?;
                 0
             }
+            Action::Take | Action::Release(_) => 0,
             Action::Unmap(b0, b1) => {
                 let mut keys = Vec::new();
                 self.store
