@@ -493,18 +493,26 @@ fn flushed_writes_of_concurrent_writers_survive_a_dropped_pool() {
         let (records, _) = pool.log_stats();
         assert!(records > 0, "the flushes wrote no intent-log records");
         drop(pool);
-        let pool = Pool::open(dev.clone(), &OpenOptions::default())
-            .unwrap_or_else(|e| panic!("round {round}: reopen: {e}"));
+        let pool = reopen_and_check(&dev, round, v.id, &models);
         assert!(pool.log_stats().1 > 0, "round {round}: nothing replayed");
-        for (t, m) in models.iter().enumerate() {
-            let mut got = vec![0u8; REGION as usize];
-            pool.read(Target::Volume(v.id), t as u64 * REGION, &mut got)
-                .unwrap();
-            assert!(got == *m, "round {round}: writer {t}'s region differs");
-        }
-        let rep = pool.fsck().unwrap();
-        assert!(rep.is_clean(), "round {round}: {:?}", rep.errors);
     }
+}
+
+/// Reopens a dropped pool (replaying its intent log) and checks that each
+/// writer's region of volume `vol` holds its model, and fsck is clean.
+fn reopen_and_check(dev: &Arc<MemDev>, round: u64, vol: u64, models: &[Vec<u8>]) -> Pool {
+    let pool = Pool::open(dev.clone(), &OpenOptions::default())
+        .unwrap_or_else(|e| panic!("round {round}: reopen: {e}"));
+    let mut at = 0u64;
+    for (t, m) in models.iter().enumerate() {
+        let mut got = vec![0u8; m.len()];
+        pool.read(Target::Volume(vol), at, &mut got).unwrap();
+        assert!(got == *m, "round {round}: writer {t}'s region differs");
+        at += m.len() as u64;
+    }
+    let rep = pool.fsck().unwrap();
+    assert!(rep.is_clean(), "round {round}: {:?}", rep.errors);
+    pool
 }
 
 /// Dedup writers sharing a few block contents: hits on one writer's
@@ -555,15 +563,6 @@ fn concurrent_dedup_hits_and_overwrites_replay_in_order() {
         }
         let models: Vec<Vec<u8>> = hs.into_iter().map(|h| h.join().unwrap()).collect();
         drop(pool);
-        let pool = Pool::open(dev.clone(), &OpenOptions::default())
-            .unwrap_or_else(|e| panic!("round {round}: reopen: {e}"));
-        for (t, m) in models.iter().enumerate() {
-            let mut got = vec![0u8; REGION as usize];
-            pool.read(Target::Volume(v.id), t as u64 * REGION, &mut got)
-                .unwrap();
-            assert!(got == *m, "round {round}: writer {t}'s region differs");
-        }
-        let rep = pool.fsck().unwrap();
-        assert!(rep.is_clean(), "round {round}: {:?}", rep.errors);
+        reopen_and_check(&dev, round, v.id, &models);
     }
 }

@@ -359,18 +359,15 @@ impl Client {
         payload: &[u8],
     ) -> Result<u64> {
         self.cookie += 1;
-        let mut flags = flags;
-        if self.extended && !payload.is_empty() {
-            flags |= CMD_FLAG_PAYLOAD_LEN;
-        }
-        let q = Request {
-            flags,
+        let q = Request::outgoing(
+            self.extended,
             typ,
-            cookie: self.cookie,
+            flags,
+            self.cookie,
             offset,
             length,
-            payload: payload.len() as u64,
-        };
+            payload.len() as u64,
+        );
         let mut b = encode_request(&q, self.extended);
         b.extend_from_slice(payload);
         self.w.write_all(&b)?;

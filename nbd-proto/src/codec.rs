@@ -141,6 +141,34 @@ pub struct Request {
     pub payload: u64,
 }
 
+impl Request {
+    /// A client's request: with extended headers, a request carrying a
+    /// payload says so (`CMD_FLAG_PAYLOAD_LEN`). Both clients build theirs here.
+    pub fn outgoing(
+        extended: bool,
+        typ: u16,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u64,
+        payload: u64,
+    ) -> Request {
+        let flags = if extended && payload > 0 {
+            flags | CMD_FLAG_PAYLOAD_LEN
+        } else {
+            flags
+        };
+        Request {
+            flags,
+            typ,
+            cookie,
+            offset,
+            length,
+            payload,
+        }
+    }
+}
+
 pub const fn request_len(extended: bool) -> usize {
     if extended {
         32

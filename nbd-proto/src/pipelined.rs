@@ -474,18 +474,15 @@ impl Conn {
             );
             cookie
         };
-        let mut flags = flags;
-        if self.extended && !payload.is_empty() {
-            flags |= CMD_FLAG_PAYLOAD_LEN;
-        }
-        let q = Request {
-            flags,
+        let q = Request::outgoing(
+            self.extended,
             typ,
+            flags,
             cookie,
             offset,
-            length: len as u64,
-            payload: payload.len() as u64,
-        };
+            len as u64,
+            payload.len() as u64,
+        );
         let mut head = encode_request(&q, self.extended);
         // Small payloads go in the same system call as their header.
         let inline = payload.len() <= INLINE_PAYLOAD;
@@ -508,14 +505,7 @@ impl Conn {
     fn close(&self) {
         let dead = lock(&self.state).dead.is_some();
         if !dead {
-            let q = Request {
-                flags: 0,
-                typ: CMD_DISC,
-                cookie: 0,
-                offset: 0,
-                length: 0,
-                payload: 0,
-            };
+            let q = Request::outgoing(self.extended, CMD_DISC, 0, 0, 0, 0, 0);
             let mut w = lock(&self.w);
             let _ = w.write_all(&encode_request(&q, self.extended));
             let _ = w.flush();

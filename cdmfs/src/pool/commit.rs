@@ -193,7 +193,7 @@ impl Inner {
         }
         // The intent log restarts with this generation: ops pending now
         // are in this commit, the old chain's slots are freed with it.
-        let (log_head, log_blocks) = self.log_restart(self.sb.generation + 1)?;
+        let (log_head, log_blocks) = self.log_restart(self.sb.generation + 1);
         let sb = Superblock {
             version: FORMAT_VERSION,
             uuid: self.sb.uuid,

@@ -336,7 +336,7 @@ impl Inner {
     /// Starts the chain of the commit being prepared: frees the old chain's
     /// slots with this commit's other frees and allocates the new head.
     /// Ops pending now are in the commit.
-    pub(super) fn log_restart(&mut self, gen: u64) -> Result<(u64, u32)> {
+    pub(super) fn log_restart(&mut self, gen: u64) -> (u64, u32) {
         for (a, n) in std::mem::take(&mut self.log.slots) {
             self.store.free_blocks_later(a, n as u64);
         }
@@ -349,13 +349,13 @@ impl Inner {
         let Some(addr) = self.store.alloc.alloc(SLOT_BLOCKS as u64) else {
             self.log.gen = 0;
             self.log.slot = (0, 0);
-            return Ok((0, 0));
+            return (0, 0);
         };
         let head = (addr, SLOT_BLOCKS);
         self.log.gen = gen;
         self.log.slot = head;
         self.log.slots = vec![head];
-        Ok(head)
+        head
     }
 
     pub(super) fn log_push(&mut self, op: LogOp) {
