@@ -18,6 +18,7 @@ mod check;
 pub mod chunker;
 mod dev;
 mod error;
+mod faultdev;
 #[cfg(feature = "test-utils")]
 pub mod format;
 #[cfg(not(feature = "test-utils"))]
@@ -36,11 +37,12 @@ pub use check::{FsckReport, ScrubError, ScrubReport};
 pub use chunker::FastCdc;
 pub use dev::{BlockDev, FileDev};
 pub use error::{Error, Result};
+pub use faultdev::{FaultDev, FAULTS};
 pub use format::DEFAULT_BLOCK_SIZE;
 pub use pipeline::{Cipher, DataPolicy, KeySource, MAX_LEVEL};
 pub use pool::{
-    validate_name, Brief, FormatOptions, OpenOptions, PhysicalMap, Pool, Run, SnapshotInfo,
-    SpaceInfo, Target, VolumeInfo, MAX_RECORD,
+    validate_name, Brief, FormatOptions, IoErrors, OpenOptions, PhysicalMap, Pool, PoolHealth,
+    PoolState, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo, MAX_RECORD,
 };
 pub use space::{Reduction, ReductionReport, VolumeReduction};
 #[cfg(feature = "test-utils")]

@@ -41,7 +41,7 @@ impl Pool {
                 "volume size {size} must be between 1 byte and 1 EiB"
             )));
         }
-        let mut g = self.lock()?;
+        let mut g = self.lock_writable()?;
         if g.names.contains_key(name) {
             return Err(Error::Exists(format!("volume {name}")));
         }
@@ -95,7 +95,7 @@ impl Pool {
 
     /// Grows a volume; the new space reads as zeros.
     pub fn grow_volume(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
-        let mut g = self.lock()?;
+        let mut g = self.lock_writable()?;
         let (id, v) = g.vol_mut(name)?;
         if new_size < v.size {
             return Err(Error::Invalid(format!(
@@ -114,7 +114,7 @@ impl Pool {
     /// Deletes a volume. With snapshots it is refused unless `force`, which
     /// deletes them too. Clones made from its snapshots are independent.
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
-        let mut g = self.lock()?;
+        let mut g = self.lock_writable()?;
         let id = g.vol_id(name)?;
         let snaps: Vec<u64> = g
             .snapshots
@@ -179,7 +179,7 @@ impl Pool {
                 MAX_RECORD - 1024
             )));
         }
-        let mut g = self.lock()?;
+        let mut g = self.lock_writable()?;
         let vid = g.vol_id(volume)?;
         let v = g
             .volumes
@@ -233,7 +233,7 @@ impl Pool {
 
     /// Deletes a snapshot, freeing what nothing else references.
     pub fn delete_snapshot(&self, id: u64) -> Result<()> {
-        let mut g = self.lock()?;
+        let mut g = self.lock_writable()?;
         g.drop_snapshot(id)?;
         g.ops += 1;
         g.log.structural = true;
@@ -243,7 +243,7 @@ impl Pool {
     /// Makes a writable volume whose contents start as the snapshot's.
     pub fn clone_snapshot(&self, snapshot: u64, name: &str) -> Result<VolumeInfo> {
         validate_name(name)?;
-        let mut g = self.lock()?;
+        let mut g = self.lock_writable()?;
         if g.names.contains_key(name) {
             return Err(Error::Exists(format!("volume {name}")));
         }
@@ -276,7 +276,7 @@ impl Pool {
     /// ordinary volume (it already shares blocks by reference count, so
     /// nothing is copied).
     pub fn promote_clone(&self, name: &str) -> Result<VolumeInfo> {
-        let mut g = self.lock()?;
+        let mut g = self.lock_writable()?;
         let (id, v) = g.vol_mut(name)?;
         if v.origin.is_none() {
             return Err(Error::Invalid(format!("volume {name} is not a clone")));

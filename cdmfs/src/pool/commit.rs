@@ -17,10 +17,30 @@ const FREE_DELAY: usize = 2;
 
 /// A commit between its phases: new blocks, the superblock that reaches
 /// them, and the blocks it freed.
-struct Prepared {
+pub(super) struct Prepared {
     out: Vec<(u64, Vec<u8>)>,
     sb: Superblock,
     freed: Vec<(u64, u64)>,
+}
+
+impl Prepared {
+    /// Folds a newer commit into this stalled one: both sets of blocks
+    /// (the newer wins where an address repeats), the newer superblock,
+    /// both sets of frees.
+    fn absorb(mut self, newer: Option<Prepared>) -> Prepared {
+        let Some(n) = newer else {
+            return self;
+        };
+        let mut blocks: std::collections::BTreeMap<u64, Vec<u8>> = self.out.into_iter().collect();
+        blocks.extend(n.out);
+        self.out = blocks.into_iter().collect();
+        self.freed.extend(n.freed);
+        Prepared {
+            out: self.out,
+            sb: n.sb,
+            freed: self.freed,
+        }
+    }
 }
 
 /// Phase 2 of a commit, needing no lock: new blocks, a barrier, then the
@@ -46,8 +66,14 @@ impl Pool {
     /// (see `intent.rs`), else with a commit. Concurrent callers share one
     /// record or commit (group commit).
     pub fn flush(&self) -> Result<()> {
-        let target = self.lock()?.ops;
+        let (target, stalled) = {
+            let g = self.lock()?;
+            (g.ops, g.stalled.is_some())
+        };
         let mut durable = self.durable.lock().map_err(|_| Error::Failed)?;
+        if stalled {
+            return self.commit_holding(&mut durable);
+        }
         if *durable >= target {
             // Durable already (logged); commit the trees behind the log if
             // the last commit is old, so a periodic flush bounds replay.
@@ -70,6 +96,20 @@ impl Pool {
         self.commit_holding(&mut durable)
     }
 
+    /// A commit to bound memory (dirty nodes, deferred frees), not for
+    /// durability: the write that asked for it is applied either way, so a
+    /// commit that stalls is not its failure (the next flush reports it,
+    /// and the next write is refused).
+    pub(super) fn commit_for_memory(&self) -> Result<()> {
+        match self.commit() {
+            Err(e) if self.lock()?.stall.is_some() => {
+                tracing::debug!(error = %e, "commit stalled");
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
     /// A commit; the caller holds `durable`, which it advances.
     fn commit_holding(&self, durable: &mut u64) -> Result<()> {
         // Phase 1 under the lock; phase 2 (writes and syncs) without it, so
@@ -83,6 +123,7 @@ impl Pool {
             let seq = g.ops;
             let p = g.prepare_commit();
             let p = g.check_commit(p)?;
+            let p = g.with_stalled(p);
             g.committing = p.is_some();
             (seq, p)
         };
@@ -91,8 +132,7 @@ impl Pool {
             let mut g = self.inner.lock().map_err(|_| Error::Failed)?;
             g.committing = false;
             self.commit_done.notify_all();
-            g.check_commit(r)?;
-            g.finish_commit(p, t0);
+            g.published(p, r, t0)?;
         }
         *durable = (*durable).max(seq);
         Ok(())
@@ -107,23 +147,72 @@ impl Inner {
             return Err(internal("commit while another commit is in flight"));
         }
         let t0 = std::time::Instant::now();
-        let r = self.prepare_commit().and_then(|p| match p {
+        let p = self.prepare_commit();
+        let p = self.check_commit(p)?;
+        match self.with_stalled(p) {
             Some(p) => {
-                write_prepared(&*self.store.dev, &p)?;
-                self.finish_commit(p, t0);
-                Ok(())
+                let r = write_prepared(&*self.store.dev, &p);
+                self.published(p, r, t0)
             }
             None => Ok(()),
-        });
-        self.check_commit(r)
+        }
     }
 
+    /// A failure while preparing leaves the in-memory trees half moved to
+    /// new blocks: nothing can be trusted but the device, so the pool must
+    /// be reopened.
     fn check_commit<T>(&mut self, r: Result<T>) -> Result<T> {
         if let Err(e) = &r {
-            tracing::error!(error = %e, "commit failed; the pool must be reopened");
+            tracing::error!(error = %e, "commit failed while preparing; the pool must be reopened");
             self.failed = true;
         }
         r
+    }
+
+    /// The commit to write: a stalled one, if any, with this one folded in.
+    fn with_stalled(&mut self, p: Option<Prepared>) -> Option<Prepared> {
+        match self.stalled.take() {
+            Some(old) => {
+                self.commit_retries += 1;
+                Some(old.absorb(p))
+            }
+            None => p,
+        }
+    }
+
+    /// Phase 3 after the writes: publishes a commit that reached the
+    /// device, or keeps one that did not for the next commit to write
+    /// again (the pool stalls, see `health.rs`).
+    fn published(&mut self, p: Prepared, r: Result<()>, t0: std::time::Instant) -> Result<()> {
+        match r {
+            Ok(()) => {
+                if let Some(s) = self.stall.take() {
+                    tracing::warn!(since = s.since_unix, "the pool commits again");
+                }
+                self.finish_commit(p, t0);
+                Ok(())
+            }
+            Err(e) => {
+                // The superblock ring still names the last good commit,
+                // and its intent-log chain: while stalled, flushes commit
+                // (never log into the new chain no superblock names).
+                let no_space = super::health::is_no_space(&e);
+                if self.stall.is_none() {
+                    tracing::error!(error = %e, "commit failed; writes are refused and the commit is retried");
+                    self.stall = Some(super::health::Stall {
+                        no_space,
+                        message: e.to_string(),
+                        since_unix: now_ns() / 1_000_000_000,
+                    });
+                } else if let Some(s) = &mut self.stall {
+                    s.no_space = no_space;
+                    s.message = e.to_string();
+                }
+                self.stalled = Some(p);
+                // The cause itself: later refusals say the pool is stalled.
+                Err(e)
+            }
+        }
     }
 
     /// Phase 1 of a commit, under the lock: serializes every dirty tree,
@@ -285,6 +374,9 @@ impl Inner {
             }
         }
         self.commits += 1;
+        if self.full_since.is_some() && self.data_free() > (self.reserve / 4).max(256) {
+            self.full_since = None;
+        }
         self.commit_ns += t0.elapsed().as_nanos() as u64;
         self.log.last_commit = Some(std::time::Instant::now());
     }

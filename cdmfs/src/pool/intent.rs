@@ -83,6 +83,8 @@ pub(super) struct LogState {
     pub pending_bytes: usize,
     /// A change that only a commit makes durable (catalog, pool record).
     pub structural: bool,
+    /// A record of this chain failed to write: the chain ends there.
+    pub broken: bool,
     pub last_commit: Option<Instant>,
     /// Records written since open, and replayed at open.
     pub records: u64,
@@ -94,6 +96,7 @@ impl LogState {
     pub fn can_log(&self) -> bool {
         self.gen != 0
             && !self.structural
+            && !self.broken
             && self.seq <= MAX_RECORDS
             && HDR + self.pending_bytes <= SLOT_BLOCKS as usize * UNIT as usize
             && self.last_commit.is_none_or(|t| t.elapsed() < COMMIT_EVERY)
@@ -343,10 +346,16 @@ impl Inner {
         self.log.pending.clear();
         self.log.pending_bytes = 0;
         self.log.structural = false;
+        self.log.broken = false;
         self.log.seq = 1;
         // No room for a slot (a full or fragmented pool): this generation
         // has no log and its flushes commit; the next commit tries again.
-        let Some(addr) = self.store.alloc.alloc(SLOT_BLOCKS as u64) else {
+        // Slots come out of data's share: the reserve is for commits.
+        let room = self.data_free() >= SLOT_BLOCKS as u64;
+        let Some(addr) = room
+            .then(|| self.store.alloc.alloc(SLOT_BLOCKS as u64))
+            .flatten()
+        else {
             self.log.gen = 0;
             self.log.slot = (0, 0);
             return (0, 0);
@@ -367,6 +376,9 @@ impl Inner {
     /// go. Allocates the slot after it.
     fn take_record(&mut self) -> Option<(Vec<u8>, u64)> {
         // No room for the next slot: the caller commits instead.
+        if self.data_free() < SLOT_BLOCKS as u64 {
+            return None;
+        }
         let next = (self.store.alloc.alloc(SLOT_BLOCKS as u64)?, SLOT_BLOCKS);
         let mut payload = Vec::with_capacity(self.log.pending_bytes);
         for op in std::mem::take(&mut self.log.pending) {
@@ -492,7 +504,7 @@ impl Pool {
     pub(super) fn log_flush(&self) -> Result<Option<u64>> {
         let (rec, at, seq) = {
             let mut g = self.lock()?;
-            if !g.log.can_log() {
+            if !g.log.can_log() || g.stalled.is_some() {
                 return Ok(None);
             }
             let seq = g.ops;
@@ -510,10 +522,13 @@ impl Pool {
             .map_err(Error::from)
             .and_then(|()| self.dev.sync().map_err(Error::from));
         if let Err(e) = r {
+            // The record may be torn: replay would stop there, so no later
+            // record of this chain may count. The ops stay in the trees;
+            // the caller commits them instead.
             let mut g = self.inner.lock().map_err(|_| Error::Failed)?;
-            tracing::error!(error = %e, "intent log write failed; the pool must be reopened");
-            g.failed = true;
-            return Err(e);
+            tracing::warn!(error = %e, "intent log write failed; committing instead");
+            g.log.broken = true;
+            return Ok(None);
         }
         Ok(Some(seq))
     }

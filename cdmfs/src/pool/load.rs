@@ -20,6 +20,7 @@ impl Pool {
     /// Opens a pool: picks the newest valid superblock, loads the catalog and
     /// rebuilds the allocation bitmap from the refcount and catalog trees.
     pub fn open(dev: Arc<dyn BlockDev>, opts: &OpenOptions) -> Result<Pool> {
+        let (dev, errors) = super::health::Watched::wrap(dev);
         let sb = read_sb_ring(&*dev)?;
         let actual = dev.len()?;
         let expected = sb.total_blocks * UNIT;
@@ -49,6 +50,11 @@ impl Pool {
             ops: 0,
             next_id: sb.next_id,
             failed: false,
+            stalled: None,
+            stall: None,
+            commit_retries: 0,
+            reserve: super::health::reserve_blocks(sb.total_blocks),
+            full_since: None,
             dirty_limit: opts.dirty_limit.max(64),
             pool_rec: PoolRec::default(),
             log: Default::default(),
@@ -60,7 +66,14 @@ impl Pool {
         inner.log.last_commit = Some(std::time::Instant::now());
         if replayed > 0 {
             tracing::info!(records = replayed, "intent log replayed");
-            inner.commit()?;
+            if let Err(e) = inner.commit() {
+                if inner.stall.is_none() {
+                    return Err(e);
+                }
+                // The device refuses writes (a full filesystem): open
+                // anyway and serve reads; the commit is retried.
+                tracing::warn!(error = %e, "cannot commit the replayed intent log yet; the pool serves reads until it can");
+            }
         }
         let keys = match (&opts.key, &inner.pool_rec.crypto) {
             (None, _) => None,
@@ -81,6 +94,7 @@ impl Pool {
             ranges: RangeLocks::new(),
             commit_done: Condvar::new(),
             keys,
+            errors,
         })
     }
 

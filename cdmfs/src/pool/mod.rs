@@ -21,6 +21,7 @@ use crate::store::Store;
 mod audit;
 mod catalog;
 mod commit;
+mod health;
 mod info;
 mod intent;
 mod load;
@@ -33,6 +34,7 @@ mod superblock;
 mod write;
 
 pub(crate) use audit::TreeRoot;
+pub use health::{IoErrors, PoolHealth, PoolState};
 pub use info::{Brief, PhysicalMap, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo};
 pub use options::{FormatOptions, OpenOptions};
 pub use records::{validate_name, MAX_RECORD};
@@ -56,6 +58,15 @@ pub(crate) struct Inner {
     ops: u64,
     next_id: u64,
     failed: bool,
+    /// A commit whose writes failed, written again by the next one (see
+    /// `health.rs`), and why.
+    stalled: Option<commit::Prepared>,
+    stall: Option<health::Stall>,
+    commit_retries: u64,
+    /// Blocks data allocations leave for metadata.
+    reserve: u64,
+    /// Since when (Unix seconds) data allocations are refused for space.
+    full_since: Option<u64>,
     dirty_limit: usize,
     /// Readers outside the pool lock (a live scrub) that need every block a
     /// committed root reached to stay unreused: frees wait while this is > 0.
@@ -83,6 +94,8 @@ pub struct Pool {
     commit_done: Condvar,
     /// Keys of an unlocked pool.
     keys: Option<Arc<Keys>>,
+    /// Errors the device returned since open.
+    errors: Arc<health::ErrorCounts>,
 }
 
 fn now_ns() -> u64 {

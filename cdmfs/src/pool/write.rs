@@ -102,12 +102,13 @@ impl Pool {
         // so the data a commit must sync stays bounded and a snapshot (or a
         // FLUSH) waiting behind it is not delayed by writers outpacing the
         // device. Reads, snapshots and the API are not held.
-        let mut inner = self.lock()?;
+        let mut inner = self.lock_writable()?;
         while inner.committing {
             inner = self.commit_done.wait(inner).map_err(|_| Error::Failed)?;
             if inner.failed {
                 return Err(Error::Failed);
             }
+            inner.check_writable()?;
         }
         drop(inner);
         Ok(Some((g, bs)))
@@ -151,7 +152,7 @@ impl Pool {
             g.needs_commit()
         };
         if need_commit {
-            self.commit()?;
+            self.commit_for_memory()?;
         }
         Ok(())
     }
@@ -354,7 +355,7 @@ impl Pool {
             g.needs_commit()
         };
         if need_commit {
-            self.commit()?;
+            self.commit_for_memory()?;
         }
         Ok(())
     }
@@ -367,11 +368,13 @@ impl Pool {
         for attempt in 0..3 {
             {
                 let mut g = self.lock()?;
-                if let Some(a) = g.store.alloc.alloc(n * units) {
+                // Data leaves the reserve to metadata (see `health.rs`).
+                let room = g.data_free() >= n * units;
+                if let Some(a) = room.then(|| g.store.alloc.alloc(n * units)).flatten() {
                     return Ok((0..n).map(|i| a + i * units).collect());
                 }
                 let mut out = Vec::with_capacity(n as usize);
-                for _ in 0..n {
+                while room && (out.len() as u64) < n {
                     match g.store.alloc.alloc(units) {
                         Some(a) => out.push(a),
                         None => break,
@@ -384,6 +387,10 @@ impl Pool {
                     g.store.alloc.free(a, units);
                 }
                 if attempt == 2 {
+                    if g.full_since.is_none() {
+                        tracing::warn!("pool full: data writes refused until space is freed");
+                        g.full_since = Some(super::now_ns() / 1_000_000_000);
+                    }
                     break;
                 }
                 // Freed space becomes reusable only after commits: make them.
