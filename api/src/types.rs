@@ -508,6 +508,25 @@ pub struct PoolInfo {
     pub encryption_key: String,
     /// Data reduction (made again when the pool has changed).
     pub reduction: PoolReduction,
+    /// `ok`; `full` (data writes refused: free space is down to the
+    /// metadata reserve; commits, snapshots and deletes still work);
+    /// `no_space` or `io_error` (commits fail: reads only, writes and
+    /// changes refused until a retried commit gets through).
+    #[serde(default)]
+    pub state: String,
+    /// Why, when `state` is not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_message: Option<String>,
+    /// Part of `used_bytes` already freed (deletes), reusable once the
+    /// next commits are made…
+    #[serde(default)]
+    pub freeing_bytes: u64,
+    /// …which is within this many seconds (periodic commits).
+    #[serde(default)]
+    pub freeing_reusable_within_s: u64,
+    /// Space kept for metadata: data writes get ENOSPC this far from full.
+    #[serde(default)]
+    pub reserve_bytes: u64,
 }
 
 /// Bytes at each stage of the data pipeline.

@@ -71,7 +71,10 @@ struct Args {
     #[arg(long)]
     fake_clock: bool,
     /// Fault injection for tests (never in production): while the file
-    /// DIR/state-eio exists, writes to the state database fail with EIO.
+    /// DIR/state-eio exists, writes to the state database fail with EIO;
+    /// DIR/pool-enospc, pool-short-write, pool-eio-write, pool-eio-read,
+    /// pool-eio-sync and pool-slow-sync (milliseconds) make the pool's
+    /// device fail or stall.
     #[arg(long, value_name = "DIR")]
     fault_dir: Option<PathBuf>,
     /// Key for encrypted volumes: a file of 32 random bytes (or 64 hex
@@ -236,7 +239,12 @@ fn settings(args: &Args) -> Result<Settings> {
     })
 }
 
-fn open_pool(path: &Path, size: u64, key: Option<cdmfs::KeySource>) -> Result<Pool> {
+fn open_pool(
+    path: &Path,
+    size: u64,
+    key: Option<cdmfs::KeySource>,
+    fault_dir: Option<&Path>,
+) -> Result<Pool> {
     let dev = if path.exists() {
         FileDev::open(path).with_context(|| format!("cannot open {}", path.display()))?
     } else {
@@ -251,7 +259,12 @@ fn open_pool(path: &Path, size: u64, key: Option<cdmfs::KeySource>) -> Result<Po
         key,
         ..OpenOptions::default()
     };
-    Pool::open(Arc::new(dev), &opts).context("cannot open the pool")
+    let dev: Arc<dyn cdmfs::BlockDev> = match fault_dir {
+        // Tests make the pool's device fail on demand (see cdmfs::FaultDev).
+        Some(d) => Arc::new(cdmfs::FaultDev::new(Arc::new(dev), d)),
+        None => Arc::new(dev),
+    };
+    Pool::open(dev, &opts).context("cannot open the pool")
 }
 
 /// Sets `path`'s mode to `mode` if it allows more (the umask decides the
@@ -440,7 +453,13 @@ fn main() -> Result<()> {
             .with_context(|| format!("cannot remove {}", p.display()))?;
     }
     secure_data_dir(&s.data)?;
-    let pool = Arc::new(open_pool(&s.data.join("pool"), s.pool_size, s.key.clone())?);
+    appliance::COMMIT_INTERVAL_S.store(s.commit_interval, std::sync::atomic::Ordering::Relaxed);
+    let pool = Arc::new(open_pool(
+        &s.data.join("pool"),
+        s.pool_size,
+        s.key.clone(),
+        s.fault_dir.as_deref(),
+    )?);
     let state_path = s.data.join("state.redb");
     if let Some(d) = &s.fault_dir {
         tracing::warn!(dir = %d.display(), "fault injection enabled (tests only)");

@@ -73,6 +73,7 @@ pub fn render(a: &Appliance) -> cdmfs::Result<String> {
         "Intent-log records replayed when the pool was opened.",
     );
     let _ = writeln!(o, "cdm_pool_log_replayed_records {replayed}");
+    pool_health(&mut o, &a.pool.health()?, sp.freeing_bytes);
 
     head(&mut o, "cdm_volumes", "gauge", "Volumes by kind.");
     let clones = vols.iter().filter(|v| v.origin.is_some()).count();
@@ -204,4 +205,53 @@ fn nbd_io(o: &mut String, a: &Appliance) {
             );
         }
     }
+}
+
+/// What the pool can do now and the device errors behind it.
+fn pool_health(o: &mut String, h: &cdmfs::PoolHealth, freeing: u64) {
+    use cdmfs::PoolState as P;
+    head(
+        o,
+        "cdm_pool_state",
+        "gauge",
+        "1 for the pool's current state: ok, full (data writes refused), no_space or io_error (commits fail: reads only).",
+    );
+    for s in [P::Ok, P::Full, P::NoSpace, P::IoError] {
+        let v = u8::from(h.state == s);
+        let _ = writeln!(o, "cdm_pool_state{{state=\"{}\"}} {v}", s.as_str());
+    }
+    head(
+        o,
+        "cdm_pool_commit_retries_total",
+        "counter",
+        "Commits tried again after the device refused one.",
+    );
+    let _ = writeln!(o, "cdm_pool_commit_retries_total {}", h.commit_retries);
+    head(
+        o,
+        "cdm_pool_io_errors_total",
+        "counter",
+        "Errors the pool's device returned, by operation.",
+    );
+    for (op, n) in [
+        ("read", h.io_errors.read),
+        ("write", h.io_errors.write),
+        ("sync", h.io_errors.sync),
+    ] {
+        let _ = writeln!(o, "cdm_pool_io_errors_total{{op=\"{op}\"}} {n}");
+    }
+    head(
+        o,
+        "cdm_pool_reserve_bytes",
+        "gauge",
+        "Space kept for metadata: data writes are refused this far from full.",
+    );
+    let _ = writeln!(o, "cdm_pool_reserve_bytes {}", h.reserve_bytes);
+    head(
+        o,
+        "cdm_pool_freeing_bytes",
+        "gauge",
+        "Space freed by deletes, reusable after the next commits.",
+    );
+    let _ = writeln!(o, "cdm_pool_freeing_bytes {freeing}");
 }

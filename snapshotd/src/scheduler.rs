@@ -18,6 +18,7 @@ use crate::events::Events;
 use crate::state::{State, Sync, META, POLICIES};
 use cdm_api::cron::Cron;
 use cdm_api::{InputError, InputKind};
+use cdm_common::lock::lock;
 
 /// A volume's policy as stored, with the schedule's next due time.
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -90,6 +91,8 @@ pub struct Scheduler {
     /// One sweep at a time (the thread and `retention` jobs).
     sweep: Mutex<()>,
     over_quota: AtomicBool,
+    /// The pool's state at the last tick (alerts on changes).
+    pool_state: Mutex<cdmfs::PoolState>,
 }
 
 impl Scheduler {
@@ -108,6 +111,7 @@ impl Scheduler {
             nbd,
             sweep: Mutex::new(()),
             over_quota: AtomicBool::new(false),
+            pool_state: Mutex::new(cdmfs::PoolState::Ok),
         })
     }
 
@@ -128,12 +132,52 @@ impl Scheduler {
 
     /// Takes due snapshots, then applies retention and the quota.
     pub fn tick(&self) {
+        // Snapshots and expiries are changes a stalled pool refuses: they
+        // wait (a due schedule runs once when the pool commits again).
+        if self.watch_pool() {
+            return;
+        }
         if let Err(e) = self.run_schedules() {
             tracing::error!(error = %e, "scheduled snapshots failed");
         }
         if let Err(e) = self.apply_retention("scheduler") {
             tracing::error!(error = %e, "retention failed");
         }
+    }
+
+    /// Raises `alert.raised` when the pool's state changes for the worse
+    /// (full, no space or I/O errors under commits) and `alert.cleared`
+    /// when it is back to ok. Returns whether the pool refuses changes.
+    fn watch_pool(&self) -> bool {
+        use cdmfs::PoolState as P;
+        let h = match self.pool.health() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the pool's health");
+                return true;
+            }
+        };
+        let before = std::mem::replace(&mut *lock(&self.pool_state), h.state);
+        if before != h.state {
+            if h.state == P::Ok {
+                tracing::warn!(was = before.as_str(), "pool back to ok");
+                self.events.emit(
+                    "alert.cleared",
+                    "pool",
+                    "appliance",
+                    json!({"reason": format!("pool_{}", before.as_str()), "message": "the pool is back to normal", "commit_retries": h.commit_retries}),
+                );
+            } else {
+                tracing::error!(state = h.state.as_str(), message = ?h.message, "pool state changed");
+                self.events.emit(
+                    "alert.raised",
+                    "pool",
+                    "appliance",
+                    json!({"reason": format!("pool_{}", h.state.as_str()), "message": h.message, "since_unix": h.since_unix}),
+                );
+            }
+        }
+        matches!(h.state, P::NoSpace | P::IoError)
     }
 
     fn run_schedules(&self) -> crate::error::Result<()> {

@@ -383,13 +383,30 @@ impl Inner {
 
     /// Trees are dirty and the last commit is [`super::intent::COMMIT_EVERY`]
     /// old: a flush commits even if the log made everything durable.
+    /// Space freed and waiting for commits makes a flush commit too, so
+    /// on an idle pool a delete's space is reusable after the next
+    /// [`FREE_DELAY`] periodic flushes.
     fn commit_due(&self) -> bool {
-        !self.committing
-            && self.has_uncommitted()
-            && self
-                .log
-                .last_commit
-                .is_some_and(|t| t.elapsed() >= super::intent::COMMIT_EVERY)
+        if self.committing {
+            return false;
+        }
+        let older = |d| self.log.last_commit.is_some_and(|t| t.elapsed() >= d);
+        // (Not at every flush: a database's back-to-back fsyncs would
+        // each pay a commit while its overwrites keep frees waiting.)
+        (self.has_uncommitted() && older(super::intent::COMMIT_EVERY))
+            || (self.freeing_commits() > 0 && older(std::time::Duration::from_secs(1)))
+    }
+
+    /// Commits after which every freed block is reusable (0: none waits).
+    pub(crate) fn freeing_commits(&self) -> u64 {
+        if !self.store.pending_free.is_empty() {
+            return FREE_DELAY as u64 + 1;
+        }
+        let len = self.free_queue.len();
+        match self.free_queue.iter().rposition(|l| !l.is_empty()) {
+            Some(i) => ((i + 1 + FREE_DELAY).saturating_sub(len)).max(1) as u64,
+            None => 0,
+        }
     }
 
     pub(crate) fn committing(&self) -> bool {

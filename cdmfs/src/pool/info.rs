@@ -63,6 +63,9 @@ pub struct SpaceInfo {
     /// Part of `used_bytes` already freed, waiting for the commits after
     /// which it may be reused (deferred frees).
     pub freeing_bytes: u64,
+    /// Commits after which all of `freeing_bytes` is reusable (a flush
+    /// commits while space waits, so: periodic flushes).
+    pub freeing_commits: u64,
 }
 
 /// Physical layout of one target.

@@ -130,6 +130,7 @@ impl Pool {
             free_bytes: total - used,
             generation: g.sb.generation,
             freeing_bytes: freeing.min(used),
+            freeing_commits: g.freeing_commits(),
         })
     }
 

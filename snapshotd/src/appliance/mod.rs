@@ -11,6 +11,7 @@ mod jobs;
 mod logs;
 mod policies;
 mod pool;
+pub use pool::COMMIT_INTERVAL_S;
 mod snapshots;
 mod throttle;
 mod users;
@@ -96,6 +97,15 @@ pub fn engine(e: cdmfs::Error) -> ApiError {
         E::Exists(_) | E::Busy(_) | E::ReadOnly(_) => ApiError::conflict(e.to_string()),
         E::Invalid(_) | E::OutOfRange { .. } => ApiError::bad_request(e.to_string()),
         E::NoSpace => ApiError::new(507, "no_space", e.to_string()),
+        // A device out of space (a sparse pool on a full filesystem).
+        E::Io(ref io)
+            if io.raw_os_error() == Some(libc::ENOSPC)
+                || io.kind() == std::io::ErrorKind::StorageFull =>
+        {
+            ApiError::new(507, "no_space", e.to_string())
+        }
+        // The device fails: worth retrying once it recovers.
+        E::Io(_) => ApiError::unavailable(e.to_string()),
         E::KeyRequired | E::WrongKey(_) => ApiError::conflict(e.to_string()),
         E::Failed => ApiError::unavailable(e.to_string()),
         _ => ApiError::internal(e.to_string()),

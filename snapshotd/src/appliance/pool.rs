@@ -6,7 +6,13 @@ use cdm_api::types::*;
 use cdm_api::{ApiError, ApiResult};
 use serde_json::{json, Value};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use super::{engine, lock, st, Appliance};
+
+/// Seconds between the periodic commits (snapshotd's `commit_interval`),
+/// for saying when freed space is reusable.
+pub static COMMIT_INTERVAL_S: AtomicU64 = AtomicU64::new(5);
 use crate::state::{Sync, META};
 
 impl Appliance {
@@ -26,6 +32,8 @@ impl Appliance {
 
     pub(super) fn pool_get(&self) -> ApiResult<PoolInfo> {
         let sp = self.pool.space().map_err(engine)?;
+        let health = self.pool.health().map_err(engine)?;
+        let interval = COMMIT_INTERVAL_S.load(Ordering::Relaxed).max(1);
         let (vols, snaps) = self.pool.catalog().map_err(engine)?;
         let policy = self
             .state
@@ -68,7 +76,43 @@ impl Appliance {
                         .collect(),
                 }
             },
+            state: health.state.as_str().into(),
+            state_message: health.message,
+            freeing_bytes: sp.freeing_bytes,
+            // A periodic commit runs every interval while space waits.
+            freeing_reusable_within_s: sp.freeing_commits * interval,
+            reserve_bytes: health.reserve_bytes,
         })
+    }
+
+    /// The pool's part of `/health`.
+    pub(super) fn pool_health(&self) -> ApiResult<Value> {
+        let h = self.pool.health().map_err(engine)?;
+        // Real time: the engine stamps errors with it (not the fake clock).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = h.io_errors.last.as_ref();
+        // Recent device errors make the appliance degraded even where the
+        // pool still commits (reads of damaged data fail).
+        let recent_errors = last.is_some_and(|(t, _)| now.saturating_sub(*t) < 300);
+        let degraded = h.state != cdmfs::PoolState::Ok || recent_errors;
+        Ok(json!({
+            "status": if degraded { "degraded" } else { "ok" },
+            "pool": {
+                "state": h.state.as_str(),
+                "message": h.message,
+                "since_unix": h.since_unix,
+                "commit_retries": h.commit_retries,
+                "reserve_bytes": h.reserve_bytes,
+                "io_errors": {
+                    "read": h.io_errors.read,
+                    "write": h.io_errors.write,
+                    "sync": h.io_errors.sync,
+                    "last": last.map(|(t, m)| json!({"time_unix": t, "message": m})),
+                },
+            },
+        }))
     }
 
     pub(super) fn pool_set_policy(&self, c: &Caller, p: PoolPolicy) -> ApiResult<PoolInfo> {
@@ -111,6 +155,11 @@ impl Appliance {
 
     pub(super) fn health_get(&self) -> ApiResult<Value> {
         let sp = self.pool.space().map_err(engine)?;
-        Ok(json!({"pool_generation": sp.generation, "nbd_clients": self.nbd.clients().len()}))
+        let mut v = self.pool_health()?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("pool_generation".into(), sp.generation.into());
+            o.insert("nbd_clients".into(), self.nbd.clients().len().into());
+        }
+        Ok(v)
     }
 }
