@@ -21,6 +21,7 @@ use crate::store::Store;
 mod audit;
 mod catalog;
 mod commit;
+mod grow;
 mod info;
 mod intent;
 mod load;
@@ -33,6 +34,7 @@ mod superblock;
 mod write;
 
 pub(crate) use audit::TreeRoot;
+pub use grow::MAX_POOL_BYTES;
 pub use info::{Brief, PhysicalMap, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo};
 pub use options::{FormatOptions, OpenOptions};
 pub use records::{validate_name, MAX_RECORD};
