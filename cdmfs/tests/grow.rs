@@ -225,3 +225,161 @@ fn a_crash_between_growth_and_commit_reopens_at_the_old_size() {
     check_blocks(&pool, v, AFTER);
     fsck_clean(&pool);
 }
+
+/// Growths while writers flush (commits in flight between their phases):
+/// every growth is kept — a commit that started before a growth must not
+/// publish the old size over it — and the data and the pool stay sound.
+#[test]
+fn growths_during_concurrent_commits_all_hold() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    let pool = Arc::new(make(&path, 16 * MIB, true));
+    let vols: Vec<u64> = (0..2)
+        .map(|i| {
+            pool.create_volume(&format!("v{i}"), 4 * MIB, BS)
+                .unwrap()
+                .id
+        })
+        .collect();
+    pool.flush().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Each writer rewrites its 1 MiB and flushes, over and over; it
+    // returns how many rounds it made (the content names the last one).
+    let writers: Vec<_> = vols
+        .iter()
+        .map(|&v| {
+            let (pool, stop) = (pool.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut round = 0u64;
+                while !stop.load(Ordering::Relaxed) || round < 4 {
+                    round += 1;
+                    for b in 0..16u64 {
+                        pool.write(v, b * BS as u64, &block(round * 1000 + b))
+                            .unwrap();
+                    }
+                    pool.flush().unwrap();
+                }
+                round
+            })
+        })
+        .collect();
+    let mut size = 16 * MIB;
+    for _ in 0..24 {
+        size += 4 * MIB;
+        assert_eq!(pool.grow(size).unwrap().total_bytes, size);
+        pool.flush().unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let rounds: Vec<u64> = writers.into_iter().map(|w| w.join().unwrap()).collect();
+    pool.flush().unwrap();
+    drop(pool);
+
+    let pool = reopen(&path);
+    assert_eq!(pool.space().unwrap().total_bytes, size);
+    let mut b = vec![0u8; BS as usize];
+    for (&v, &round) in vols.iter().zip(&rounds) {
+        for i in 0..16u64 {
+            pool.read(Target::Volume(v), i * BS as u64, &mut b).unwrap();
+            assert!(b == block(round * 1000 + i), "volume {v} block {i}");
+        }
+    }
+    fsck_clean(&pool);
+}
+
+/// A pool file whose `sync` can be held (a commit stopped between its
+/// phases) and which reports when it has been grown.
+struct GateDev {
+    inner: FileDev,
+    gate: std::sync::Mutex<Gate>,
+    cv: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct Gate {
+    hold_sync: bool,
+    in_sync: bool,
+    grown: bool,
+}
+
+impl GateDev {
+    fn wait_until(&self, what: impl Fn(&Gate) -> bool) {
+        let mut g = self.gate.lock().unwrap();
+        while !what(&g) {
+            g = self.cv.wait(g).unwrap();
+        }
+    }
+    fn set(&self, f: impl FnOnce(&mut Gate)) {
+        f(&mut self.gate.lock().unwrap());
+        self.cv.notify_all();
+    }
+}
+
+impl BlockDev for GateDev {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        let mut g = self.gate.lock().unwrap();
+        if g.hold_sync {
+            g.in_sync = true;
+            self.cv.notify_all();
+            while g.hold_sync {
+                g = self.cv.wait(g).unwrap();
+            }
+        }
+        drop(g);
+        self.inner.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn grow(&self, new_len: u64) -> std::io::Result<()> {
+        self.inner.grow(new_len)?;
+        self.set(|g| g.grown = true);
+        Ok(())
+    }
+}
+
+/// A growth made while a commit is between its phases (its superblock,
+/// with the old size, prepared) is not undone when that commit publishes.
+#[test]
+fn a_growth_during_a_commit_in_flight_is_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pool");
+    make(&path, 8 * MIB, true);
+    let dev = Arc::new(GateDev {
+        inner: FileDev::open(&path).unwrap(),
+        gate: Default::default(),
+        cv: Default::default(),
+    });
+    let pool = Arc::new(Pool::open(dev.clone(), &OpenOptions::default()).unwrap());
+    let v = pool.create_volume("v", 4 * MIB, BS).unwrap().id;
+    pool.write(v, 0, &block(0)).unwrap();
+    dev.set(|g| g.hold_sync = true);
+    let committer = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.commit())
+    };
+    dev.wait_until(|g| g.in_sync);
+    let grower = {
+        let pool = pool.clone();
+        std::thread::spawn(move || pool.grow(24 * MIB))
+    };
+    // The device is extended; the commit goes on only now.
+    dev.wait_until(|g| g.grown);
+    dev.set(|g| g.hold_sync = false);
+    committer.join().unwrap().unwrap();
+    assert_eq!(grower.join().unwrap().unwrap().total_bytes, 24 * MIB);
+    pool.flush().unwrap();
+    // Both hold the device (and its lock on the file).
+    drop(pool);
+    drop(dev);
+    let pool = reopen(&path);
+    assert_eq!(pool.space().unwrap().total_bytes, 24 * MIB);
+    check_blocks(&pool, v, 1);
+    fsck_clean(&pool);
+}
