@@ -245,6 +245,7 @@ impl FileDev {
         }
         Ok(())
     }
+
     /// How many writebacks the background thread has started (0 without
     /// the thread).
     pub fn writebacks_started(&self) -> u64 {
