@@ -22,6 +22,9 @@ pub trait Backend: Send + Sync + 'static {
 
     fn pool(&self) -> ApiResult<PoolInfo>;
     fn set_pool_policy(&self, caller: &Caller, p: PoolPolicy) -> ApiResult<PoolInfo>;
+    /// Grows the pool to `size` bytes (400 if smaller or not a multiple of
+    /// 4 KiB, 507 `no_space` if the host filesystem cannot hold it).
+    fn grow_pool(&self, caller: &Caller, size: u64) -> ApiResult<PoolInfo>;
 
     fn create_volume(&self, caller: &Caller, req: VolumeCreate) -> ApiResult<Volume>;
     fn list_volumes(&self) -> ApiResult<Vec<Volume>>;

@@ -190,6 +190,10 @@ impl Client {
     pub fn set_pool_policy(&self, p: &PoolPolicy) -> Result<PoolInfo> {
         self.call("PUT", "/v1/pool/policy", Self::json(p)?)
     }
+    /// Grows the pool to `size` bytes.
+    pub fn grow_pool(&self, size: u64) -> Result<PoolInfo> {
+        self.call("POST", "/v1/pool/grow", Self::json(&PoolGrow { size })?)
+    }
 
     pub fn create_volume(&self, req: &VolumeCreate) -> Result<Volume> {
         self.call("POST", "/v1/volumes", Self::json(req)?)

@@ -173,6 +173,7 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/pool", get(pool))
         .route("/pool/policy", axum::routing::put(set_pool_policy))
+        .route("/pool/grow", post(grow_pool))
         .route("/volumes", get(list_volumes).post(create_volume))
         .route(
             "/volumes/{name}",
@@ -326,6 +327,18 @@ async fn set_pool_policy(
 ) -> ApiResult<Json<PoolInfo>> {
     c.require(Action::Admin)?;
     Ok(Json(run(&s, move |b| b.set_pool_policy(&c, p)).await?))
+}
+
+#[utoipa::path(post, path = "/v1/pool/grow", request_body = PoolGrow,
+    responses((status = 200, body = PoolInfo), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 507, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn grow_pool(
+    State(s): S,
+    Extension(c): Caller_,
+    ApiJson(req): ApiJson<PoolGrow>,
+) -> ApiResult<Json<PoolInfo>> {
+    c.require(Action::Admin)?;
+    Ok(Json(run(&s, move |b| b.grow_pool(&c, req.size)).await?))
 }
 
 #[utoipa::path(get, path = "/v1/volumes", responses((status = 200, body = [Volume])), security(("bearer" = [])))]
@@ -871,7 +884,7 @@ async fn advance_clock(
 #[openapi(
     info(title = "cdm appliance API", description = "Volumes (stage disks and clones), snapshots, exports, policies, jobs, events, webhooks, users and tokens."),
     paths(
-        health, metrics, login, logout, pool, set_pool_policy, list_volumes, create_volume,
+        health, metrics, login, logout, pool, set_pool_policy, grow_pool, list_volumes, create_volume,
         volume, grow_volume, delete_volume, policy, set_policy, list_snapshots,
         create_snapshot, snapshot, delete_snapshot, create_clone, list_clones,
         promote_clone, delete_clone, exports, list_mounts, create_mount, delete_mount,

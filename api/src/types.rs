@@ -527,6 +527,19 @@ pub struct PoolInfo {
     /// Space kept for metadata: data writes get ENOSPC this far from full.
     #[serde(default)]
     pub reserve_bytes: u64,
+    /// The pool file has all its blocks on the host filesystem
+    /// (preallocated), so a full host filesystem cannot stop its commits;
+    /// false for a sparse pool.
+    #[serde(default)]
+    pub preallocated: bool,
+}
+
+/// `POST /v1/pool/grow`: enlarge the pool.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct PoolGrow {
+    /// New size in bytes, a multiple of 4096; pools only grow.
+    pub size: u64,
 }
 
 /// Bytes at each stage of the data pipeline.

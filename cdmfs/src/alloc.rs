@@ -28,6 +28,34 @@ impl Allocator {
         a
     }
 
+    /// Makes blocks `total..new_total` allocatable (a grown pool).
+    /// Refuses to shrink (false); an error if the bitmap cannot get the
+    /// memory it needs (a size from outside must not abort the process).
+    pub fn grow(&mut self, new_total: u64) -> Result<bool, std::collections::TryReserveError> {
+        if new_total < self.total {
+            return Ok(false);
+        }
+        let words = new_total.div_ceil(64) as usize;
+        self.bits
+            .try_reserve_exact(words.saturating_sub(self.bits.len()))?;
+        // The old last word's bits past the end were set; the new words
+        // start set too, and what lies inside the new total is cleared.
+        self.bits.resize(words, u64::MAX);
+        let mut b = self.total;
+        while b < new_total {
+            let w = &mut self.bits[(b / 64) as usize];
+            if b.is_multiple_of(64) && new_total - b >= 64 {
+                *w = 0;
+                b += 64;
+            } else {
+                *w &= !(1 << (b % 64));
+                b += 1;
+            }
+        }
+        self.total = new_total;
+        Ok(true)
+    }
+
     pub fn total(&self) -> u64 {
         self.total
     }
@@ -144,5 +172,29 @@ mod tests {
         assert!(a.alloc(1).is_none());
         assert!(!a.mark(5, 1));
         assert!(!a.mark(999, 5));
+    }
+
+    #[test]
+    fn grow_frees_exactly_the_new_blocks() {
+        // 100 → 1000 crosses partial and whole words; 1000 → 1000 and a
+        // shrink change nothing.
+        let mut a = Allocator::new(100, 10);
+        assert_eq!(a.alloc(90), Some(10));
+        assert!(a.alloc(1).is_none());
+        assert_eq!(a.grow(1000), Ok(true));
+        assert_eq!((a.total(), a.used()), (1000, 100));
+        assert!(!a.is_set(100) && !a.is_set(999) && a.is_set(99));
+        // Every new block is allocatable, and not one more.
+        assert_eq!(a.alloc(900), Some(100));
+        assert!(a.alloc(1).is_none());
+        assert!(!a.mark(999, 2));
+        assert_eq!(a.grow(1000), Ok(true));
+        assert_eq!(a.grow(999), Ok(false));
+        assert_eq!(a.total(), 1000);
+        // Growth whose new end is inside the old last word.
+        let mut b = Allocator::new(65, 1);
+        assert_eq!(b.grow(70), Ok(true));
+        assert_eq!(b.alloc(69), Some(1));
+        assert!(b.alloc(1).is_none());
     }
 }

@@ -3,7 +3,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Condvar, Mutex};
@@ -20,6 +21,18 @@ pub trait BlockDev: Send + Sync {
     /// Hints that these byte ranges will be read soon (a read of scattered
     /// extents lets the device fetch them in parallel). Optional.
     fn will_need(&self, _ranges: &[(u64, u64)]) {}
+    /// Makes the device at least `new_len` bytes long, for
+    /// [`Pool::grow`](crate::Pool::grow). On failure the device keeps its
+    /// length. Devices that cannot grow answer `Unsupported`.
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        if self.len()? >= new_len {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this device cannot grow",
+        ))
+    }
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
@@ -33,6 +46,12 @@ pub struct FileDev {
     /// The thread that starts writeback (None if it could not be spawned:
     /// then `sync` alone writes back).
     writeback: Option<Writeback>,
+    /// Whether growing preallocates the new range (a pool made with
+    /// [`FileDev::create_preallocated`], or found fully allocated at open).
+    prealloc: bool,
+    /// One grow at a time: a failed grow cuts the file back to the length
+    /// it found, which must not undo a concurrent one.
+    grow_lock: Mutex<()>,
 }
 
 /// Start writeback of dirty pages after this many bytes of writes, so a
@@ -82,7 +101,6 @@ impl Writeback {
 }
 
 fn writeback_loop(file: &File, s: &WritebackState) {
-    use std::os::fd::AsRawFd;
     loop {
         {
             let mut f = lock(&s.flags);
@@ -138,13 +156,94 @@ impl FileDev {
         Ok(FileDev::from_file(file))
     }
 
+    /// Creates a regular file of `size` bytes whose blocks the host
+    /// filesystem allocates now (`fallocate(2)` mode 0), so that a host
+    /// filesystem that fills up later cannot fail a write or a commit of
+    /// the pool with ENOSPC. Refuses (`StorageFull`, naming the size and
+    /// the free space) when the filesystem has not that much room, and
+    /// (`Unsupported`) where it cannot preallocate: the caller may then
+    /// fall back to [`FileDev::create`]. A refused file is removed.
+    pub fn create_preallocated(path: &Path, size: u64) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        let made = lock_exclusive(&file, path)
+            .and_then(|()| preallocate(&file, 0, size))
+            .and_then(|()| file.sync_all());
+        if let Err(e) = made {
+            drop(file);
+            let _ = std::fs::remove_file(path);
+            return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+        }
+        let mut dev = FileDev::from_file(file);
+        dev.prealloc = true;
+        Ok(dev)
+    }
+
     pub fn from_file(file: File) -> Self {
         let writeback = Writeback::spawn(&file);
+        // A file whose every byte has a block was preallocated (or written
+        // through): its growth is preallocated too.
+        let prealloc = file
+            .metadata()
+            .is_ok_and(|m| m.file_type().is_file() && fully_allocated(&m));
         FileDev {
             file,
             unsynced: AtomicU64::new(0),
             writeback,
+            prealloc,
+            grow_lock: Mutex::new(()),
         }
+    }
+
+    /// Whether growing this device preallocates the new range.
+    pub fn preallocated(&self) -> bool {
+        self.prealloc
+    }
+
+    /// Extends a regular file to `new_len` bytes (nothing if it is that
+    /// long already), with `prealloc` allocating the new range on the host
+    /// filesystem (`fallocate`), else sparse. The new length is synced
+    /// before this returns, so a superblock that names it never outlives
+    /// it. On failure the file keeps its old length. A block device cannot
+    /// be grown here: `Unsupported` unless it is already that long.
+    pub fn grow_file(&self, new_len: u64, prealloc: bool) -> io::Result<()> {
+        let _one = lock(&self.grow_lock);
+        let meta = self.file.metadata()?;
+        if !meta.file_type().is_file() {
+            let len = self.len()?;
+            if len >= new_len {
+                return Ok(());
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "the pool is on a block device of {} bytes and cdmfs cannot grow a block \
+                     device to {new_len}: grow the device first (e.g. lvextend)",
+                    len
+                ),
+            ));
+        }
+        let old = meta.len();
+        if new_len <= old {
+            return Ok(());
+        }
+        let r = if prealloc {
+            preallocate(&self.file, old, new_len - old)
+        } else {
+            self.file.set_len(new_len)
+        }
+        .and_then(|()| self.file.sync_all());
+        if let Err(e) = r {
+            // Gives back whatever a partial fallocate took.
+            if let Err(cut) = self.file.set_len(old) {
+                tracing::warn!(error = %cut, "cannot cut a failed pool growth back");
+            }
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// How many writebacks the background thread has started (0 without
@@ -175,7 +274,6 @@ impl BlockDev for FileDev {
         self.file.sync_data()
     }
     fn will_need(&self, ranges: &[(u64, u64)]) {
-        use std::os::fd::AsRawFd;
         for &(off, len) in ranges {
             // SAFETY: advisory call on our own descriptor; failure is harmless.
             unsafe {
@@ -188,6 +286,9 @@ impl BlockDev for FileDev {
             };
         }
     }
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        self.grow_file(new_len, self.prealloc)
+    }
     fn len(&self) -> io::Result<u64> {
         let meta = self.file.metadata()?;
         if meta.file_type().is_file() {
@@ -197,6 +298,74 @@ impl BlockDev for FileDev {
         use std::io::Seek;
         let mut f = &self.file;
         f.seek(io::SeekFrom::End(0))
+    }
+}
+
+/// Whether every byte of a regular file has a block on the host
+/// filesystem (blocks are 512-byte units in `st_blocks`).
+pub fn fully_allocated(meta: &std::fs::Metadata) -> bool {
+    meta.blocks().saturating_mul(512) >= meta.len()
+}
+
+/// Bytes the host filesystem under `file` can still give an unprivileged
+/// writer.
+fn host_free(file: &File) -> io::Result<u64> {
+    // SAFETY: statvfs is plain data (all-zero is valid); fstatvfs fills it
+    // for our own open descriptor.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatvfs(file.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Allocates `len` bytes of `file` from `off` (mode 0: the file grows to
+/// cover them). Errors say what was asked and what the host has.
+fn preallocate(file: &File, off: u64, len: u64) -> io::Result<()> {
+    use cdm_common::size::human;
+    let no_room = |free: u64| {
+        io::Error::new(
+            io::ErrorKind::StorageFull,
+            format!(
+                "cannot preallocate {} ({len} bytes) for the pool: the host filesystem has {} \
+                 ({free} bytes) free",
+                human(len),
+                human(free)
+            ),
+        )
+    };
+    // Checked first: a fallocate bound to fail may work a long time
+    // before it does.
+    let free = host_free(file)?;
+    if free < len {
+        return Err(no_room(free));
+    }
+    let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("pool size {} is out of range", off.saturating_add(len)),
+        ));
+    };
+    loop {
+        // SAFETY: fallocate on our own descriptor; no memory is passed.
+        if unsafe { libc::fallocate(file.as_raw_fd(), 0, o, l) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::ENOSPC) => return Err(no_room(host_free(file).unwrap_or(0))),
+            Some(libc::EOPNOTSUPP) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "the host filesystem cannot preallocate (fallocate: {e}); a sparse \
+                         pool is possible but a full host filesystem then stops its commits"
+                    ),
+                ))
+            }
+            _ => return Err(e),
+        }
     }
 }
 

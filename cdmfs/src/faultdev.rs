@@ -100,6 +100,13 @@ impl BlockDev for FaultDev {
         self.dev.len()
     }
 
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        if self.on("pool-enospc") {
+            return Err(FaultDev::fail(libc::ENOSPC, "grow"));
+        }
+        self.dev.grow(new_len)
+    }
+
     fn will_need(&self, ranges: &[(u64, u64)]) {
         self.dev.will_need(ranges)
     }

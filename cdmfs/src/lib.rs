@@ -35,14 +35,14 @@ mod testdev;
 
 pub use check::{FsckReport, ScrubError, ScrubReport};
 pub use chunker::FastCdc;
-pub use dev::{BlockDev, FileDev};
+pub use dev::{fully_allocated, BlockDev, FileDev};
 pub use error::{Error, Result};
 pub use faultdev::{FaultDev, FAULTS};
 pub use format::DEFAULT_BLOCK_SIZE;
 pub use pipeline::{Cipher, DataPolicy, KeySource, MAX_LEVEL};
 pub use pool::{
     validate_name, Brief, FormatOptions, IoErrors, OpenOptions, PhysicalMap, Pool, PoolHealth,
-    PoolState, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo, MAX_RECORD,
+    PoolState, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo, MAX_POOL_BYTES, MAX_RECORD,
 };
 pub use space::{Reduction, ReductionReport, VolumeReduction};
 #[cfg(feature = "test-utils")]

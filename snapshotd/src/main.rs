@@ -60,9 +60,16 @@ struct Args {
     /// by an earlier run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Size of the pool file created on first start (sparse) [default: 64G].
+    /// Size of the pool file created on first start [default: 64G]. It is
+    /// preallocated (its blocks reserved on the host filesystem) unless
+    /// --pool-sparse.
     #[arg(long, value_parser = parse_size)]
     pool_size: Option<u64>,
+    /// Create the pool file sparse (blocks taken as data lands) instead of
+    /// preallocated: then a full host filesystem stops the pool's commits.
+    /// Overrides `pool_prealloc` of the configuration file.
+    #[arg(long)]
+    pool_sparse: bool,
     /// Seconds between background commits [default: 5].
     #[arg(long)]
     commit_interval: Option<u64>,
@@ -108,6 +115,8 @@ struct Config {
     api: Option<String>,
     ready_file: Option<PathBuf>,
     pool_size: Option<String>,
+    /// Preallocate a new pool file (default true); false makes it sparse.
+    pool_prealloc: Option<bool>,
     commit_interval: Option<u64>,
     fake_clock: Option<bool>,
     fault_dir: Option<PathBuf>,
@@ -130,6 +139,7 @@ struct Settings {
     api: String,
     ready_file: Option<PathBuf>,
     pool_size: u64,
+    pool_prealloc: bool,
     commit_interval: u64,
     fake_clock: bool,
     fault_dir: Option<PathBuf>,
@@ -227,6 +237,7 @@ fn settings(args: &Args) -> Result<Settings> {
             .unwrap_or_else(|| "127.0.0.1:8080".to_string()),
         ready_file: args.ready_file.clone().or(cfg.ready_file),
         pool_size,
+        pool_prealloc: !args.pool_sparse && cfg.pool_prealloc.unwrap_or(true),
         commit_interval: args
             .commit_interval
             .or(cfg.commit_interval)
@@ -239,22 +250,75 @@ fn settings(args: &Args) -> Result<Settings> {
     })
 }
 
+/// A new pool file: preallocated if asked and the host filesystem can;
+/// sparse (with a loud warning) where it cannot preallocate.
+fn create_pool_file(path: &Path, size: u64, prealloc: bool) -> Result<FileDev> {
+    let cannot = || format!("cannot create {}", path.display());
+    if !prealloc {
+        return FileDev::create(path, size).with_context(cannot);
+    }
+    match FileDev::create_preallocated(path, size) {
+        Ok(dev) => Ok(dev),
+        Err(e) if e.kind() == std::io::ErrorKind::Unsupported => {
+            tracing::warn!(
+                error = %e,
+                path = %path.display(),
+                "CANNOT PREALLOCATE the pool on this filesystem: creating it sparse; a full \
+                 host filesystem will stop its commits"
+            );
+            FileDev::create(path, size).with_context(cannot)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::StorageFull => Err(e).with_context(|| {
+            format!(
+                "cannot create the pool: choose a smaller pool_size (--pool-size), free space, \
+                 or create it sparse (--pool-sparse, not recommended); {}",
+                path.display()
+            )
+        }),
+        Err(e) => Err(e).with_context(cannot),
+    }
+}
+
+/// A sparse pool file is worth a warning at every start: its blocks are
+/// taken from the host filesystem only as data lands.
+fn warn_if_sparse(path: &Path) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    if meta.file_type().is_file() && !cdmfs::fully_allocated(&meta) {
+        tracing::warn!(
+            path = %path.display(),
+            size = %human(meta.len()),
+            "sparse pool: a full host filesystem stops commits; preallocate it with \
+             `fallocate -l {} {}` while snapshotd is stopped",
+            meta.len(),
+            path.display()
+        );
+    }
+}
+
 fn open_pool(
     path: &Path,
     size: u64,
+    prealloc: bool,
     key: Option<cdmfs::KeySource>,
     fault_dir: Option<&Path>,
 ) -> Result<Pool> {
     let dev = if path.exists() {
         FileDev::open(path).with_context(|| format!("cannot open {}", path.display()))?
     } else {
-        let dev = FileDev::create(path, size)
-            .with_context(|| format!("cannot create {}", path.display()))?;
+        let dev = create_pool_file(path, size, prealloc)?;
         restrict(path, 0o600, false)?;
         Pool::format(&dev, &FormatOptions::default()).context("cannot format the pool")?;
-        tracing::info!(path = %path.display(), size = %human(size), "created a new pool");
+        tracing::info!(
+            path = %path.display(),
+            size = %human(size),
+            preallocated = dev.preallocated(),
+            "created a new pool"
+        );
         dev
     };
+    warn_if_sparse(path);
     let opts = OpenOptions {
         key,
         ..OpenOptions::default()
@@ -454,9 +518,11 @@ fn main() -> Result<()> {
     }
     secure_data_dir(&s.data)?;
     appliance::COMMIT_INTERVAL_S.store(s.commit_interval, std::sync::atomic::Ordering::Relaxed);
+    let pool_file = s.data.join("pool");
     let pool = Arc::new(open_pool(
-        &s.data.join("pool"),
+        &pool_file,
         s.pool_size,
+        s.pool_prealloc,
         s.key.clone(),
         s.fault_dir.as_deref(),
     )?);
@@ -502,6 +568,7 @@ fn main() -> Result<()> {
         s.defaults,
         mounts,
     );
+    let _ = app.pool_file.set(pool_file);
     bootstrap_admin(&app, &s.data)?;
     // Bound only now, so whoever sees the API up also finds admin.token.
     let api_listener = std::net::TcpListener::bind(&s.api)

@@ -371,6 +371,8 @@ pub struct Appliance {
     pub sock: PathBuf,
     pub api: String,
     pub config: Option<PathBuf>,
+    /// snapshotd arguments besides the data directory, listeners and config.
+    args: Vec<String>,
     child: Option<Child>,
 }
 
@@ -383,12 +385,21 @@ pub const LOCAL_WEBHOOKS: &str = "[webhooks]\nallow_private = true\n";
 
 impl Appliance {
     /// Starts a new appliance; `config` is the TOML config file's text, if any.
+    /// Its 4 GiB pool is sparse: the tests run many appliances at once,
+    /// and preallocated pools would take 4 GiB of the host each.
     pub fn start(config: Option<&str>) -> Appliance {
+        Appliance::start_with(config, None, &["--pool-size", "4G", "--pool-sparse"])
+    }
+
+    /// Starts a new appliance with `args` for snapshotd (no pool size
+    /// unless they give one) and its data directory at `data` if given
+    /// (else in its temporary directory).
+    pub fn start_with(config: Option<&str>, data: Option<&Path>, args: &[&str]) -> Appliance {
         let dir = tempfile::Builder::new()
             .prefix("cdm-appliance-")
             .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
             .expect("tempdir");
-        let data = dir.path().join("data");
+        let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let sock = dir.path().join("nbd.sock");
         let config = config.map(|text| {
             let p = dir.path().join("snapshotd.toml");
@@ -401,6 +412,7 @@ impl Appliance {
             sock,
             api: String::new(),
             config,
+            args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
         };
         a.restart();
@@ -426,7 +438,7 @@ impl Appliance {
             .arg(format!("unix:{}", self.sock.display()))
             .args(["--api", "127.0.0.1:0", "--ready-file"])
             .arg(&ready)
-            .args(["--pool-size", "4G"])
+            .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);

@@ -178,6 +178,9 @@ impl BlockDev for Watched {
     fn len(&self) -> io::Result<u64> {
         self.dev.len()
     }
+    fn grow(&self, new_len: u64) -> io::Result<()> {
+        self.dev.grow(new_len)
+    }
     fn will_need(&self, ranges: &[(u64, u64)]) {
         self.dev.will_need(ranges)
     }

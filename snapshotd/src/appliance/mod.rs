@@ -46,6 +46,9 @@ pub struct AgentSetup {
 pub struct Appliance {
     /// Set once at start (main): how jobs reach this appliance.
     pub agent: std::sync::OnceLock<AgentSetup>,
+    /// Set once at start (main): the pool file, whose allocation
+    /// `GET /v1/pool` reports.
+    pub pool_file: std::sync::OnceLock<std::path::PathBuf>,
     pub pool: Arc<Pool>,
     pub nbd: Arc<Server>,
     pub state: Arc<State>,
@@ -139,6 +142,7 @@ impl Appliance {
         Arc::new_cyclic(|me| Appliance {
             audit,
             agent: std::sync::OnceLock::new(),
+            pool_file: std::sync::OnceLock::new(),
             me: me.clone(),
             pool,
             nbd,
@@ -213,6 +217,9 @@ impl Backend for Appliance {
     }
     fn set_pool_policy(&self, c: &Caller, p: PoolPolicy) -> ApiResult<PoolInfo> {
         self.pool_set_policy(c, p)
+    }
+    fn grow_pool(&self, c: &Caller, size: u64) -> ApiResult<PoolInfo> {
+        self.pool_grow(c, size)
     }
     fn clock(&self) -> ApiResult<Clock> {
         self.clock_get()

@@ -55,6 +55,7 @@ impl Appliance {
                 (true, false) => "locked",
             }
             .into(),
+            preallocated: self.pool_preallocated(),
             reduction: {
                 let r = self.reduction_report()?;
                 let conv = |b: &cdmfs::Reduction| ReductionFigures {
@@ -129,6 +130,38 @@ impl Appliance {
         self.pool()
     }
 
+    /// Whether the pool file has every block on the host filesystem (one
+    /// stat; a block device counts as preallocated: it is all there).
+    fn pool_preallocated(&self) -> bool {
+        let Some(path) = self.pool_file.get() else {
+            return false;
+        };
+        match std::fs::metadata(path) {
+            Ok(m) => !m.file_type().is_file() || cdmfs::fully_allocated(&m),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %path.display(), "cannot stat the pool file");
+                false
+            }
+        }
+    }
+
+    /// Grows the pool and commits the new size before answering.
+    pub(super) fn pool_grow(&self, c: &Caller, size: u64) -> ApiResult<PoolInfo> {
+        let before = self.pool.space().map_err(engine)?.total_bytes;
+        self.pool.grow(size).map_err(grow_error)?;
+        self.commit()?;
+        if size > before {
+            tracing::info!(from = before, to = size, by = %c.user, "pool grown");
+            self.events.emit(
+                "pool.grown",
+                "pool",
+                &c.user,
+                json!({"from_bytes": before, "to_bytes": size}),
+            );
+        }
+        self.pool()
+    }
+
     pub(super) fn clock_get(&self) -> ApiResult<Clock> {
         Ok(Clock {
             now_unix: self.clock.now(),
@@ -161,5 +194,19 @@ impl Appliance {
             o.insert("nbd_clients".into(), self.nbd.clients().len().into());
         }
         Ok(v)
+    }
+}
+
+/// A device that could not be extended: the host filesystem's lack of room
+/// is 507 `no_space`, a device that cannot grow (a block device) 409.
+fn grow_error(e: cdmfs::Error) -> ApiError {
+    match &e {
+        cdmfs::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            ApiError::new(507, "no_space", e.to_string())
+        }
+        cdmfs::Error::Io(io) if io.kind() == std::io::ErrorKind::Unsupported => {
+            ApiError::conflict(e.to_string())
+        }
+        _ => engine(e),
     }
 }

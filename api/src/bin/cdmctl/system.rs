@@ -15,6 +15,12 @@ pub(crate) enum PoolCmd {
     SetQuota {
         quota: String,
     },
+    /// Grow the pool to SIZE (e.g. 200G; a multiple of 4 KiB). The new
+    /// range of a preallocated pool is allocated on the host filesystem
+    /// now, so the host must have the room (else 507 no_space).
+    Grow {
+        size: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -36,6 +42,10 @@ pub(crate) fn pool(cmd: PoolCmd, c: &Client, out: &Out) -> Result<(), CliError> 
                 &c.set_pool_policy(&PoolPolicy { quota_bytes: q })?,
                 pool_show,
             );
+        }
+        PoolCmd::Grow { size } => {
+            let n = parse_size(&size).map_err(|e| CliError::Usage(e.to_string()))?;
+            out.show(&c.grow_pool(n)?, pool_show);
         }
     }
     Ok(())
@@ -59,9 +69,14 @@ pub(crate) fn clock(cmd: ClockCmd, c: &Client, out: &Out) -> Result<(), CliError
 
 fn pool_show(p: &PoolInfo) -> String {
     format!(
-        "uuid: {}\nsize: {}\nused: {} ({:.1}%)\nfree: {}\ngeneration: {}\nvolumes: {}\nsnapshots: {}\nquota: {}\n",
+        "uuid: {}\nsize: {}{}\nused: {} ({:.1}%)\nfree: {}\ngeneration: {}\nvolumes: {}\nsnapshots: {}\nquota: {}\n",
         p.uuid,
         human(p.total_bytes),
+        if p.preallocated {
+            " (preallocated)"
+        } else {
+            " (sparse)"
+        },
         human(p.used_bytes),
         if p.total_bytes > 0 {
             p.used_bytes as f64 * 100.0 / p.total_bytes as f64
