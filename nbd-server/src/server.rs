@@ -462,15 +462,29 @@ pub fn start(
     }
     lock(&server.listening).extend(addrs.iter().cloned());
     // Background commits bound what a crash can lose for clients that never flush.
+    // A commit the device refused (full, failing) is retried here, so the
+    // pool recovers by itself when the device does: failures are logged
+    // once, and again only when they stop.
     let me = server.clone();
-    std::thread::spawn(move || loop {
-        std::thread::sleep(commit_every);
-        if me.is_shutdown() {
-            break;
-        }
-        if let Err(e) = me.catalog.flush_all() {
-            tracing::error!(error = %e, "periodic commit failed");
-            break;
+    std::thread::spawn(move || {
+        let mut failing = false;
+        loop {
+            std::thread::sleep(commit_every);
+            if me.is_shutdown() {
+                break;
+            }
+            match me.catalog.flush_all() {
+                Err(e) if !failing => {
+                    tracing::error!(error = %e, "periodic commit failed; retrying every interval");
+                    failing = true;
+                }
+                Err(e) => tracing::debug!(error = %e, "periodic commit failed again"),
+                Ok(()) if failing => {
+                    tracing::warn!("periodic commits succeed again");
+                    failing = false;
+                }
+                Ok(()) => {}
+            }
         }
     });
     Ok(addrs)
