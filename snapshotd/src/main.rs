@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod jobs;
 mod metrics;
+mod pending;
 mod recovery;
 mod scheduler;
 mod state;

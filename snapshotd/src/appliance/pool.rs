@@ -111,6 +111,9 @@ impl Appliance {
 
     pub(super) fn health_get(&self) -> ApiResult<Value> {
         let sp = self.pool.space().map_err(engine)?;
-        Ok(json!({"pool_generation": sp.generation, "nbd_clients": self.nbd.clients().len()}))
+        Ok(
+            json!({"pool_generation": sp.generation, "nbd_clients": self.nbd.clients().len(),
+            "logs": self.logs_health()}),
+        )
     }
 }
