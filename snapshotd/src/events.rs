@@ -120,8 +120,11 @@ impl Entry for Emitted {
     }
 }
 
-/// How often events kept aside are tried again when nothing else happens.
+/// How often events kept aside are tried again when nothing else happens:
+/// at first, and at most (doubling while the database keeps failing, so a
+/// long failure does not fill the log with a retry every second).
 const REPLAY_EVERY: Duration = Duration::from_secs(1);
+const REPLAY_MAX: Duration = Duration::from_secs(30);
 
 /// Deliveries due, each id at most once (a delivery found again when its
 /// event is replayed may be queued already).
@@ -181,8 +184,9 @@ impl Events {
             lost_untold: AtomicU64::new(0),
             state,
         });
-        // Events kept aside by an earlier run whose database was failing.
-        ev.replay();
+        // Events kept aside by an earlier run whose database was failing
+        // (a failure is logged; the replay thread tries again).
+        let _ = ev.replay();
         if let Ok(pending) = ev
             .state
             .scan::<Delivery>(DELIVERIES, 0, usize::MAX, false, |d| d.state == "pending")
@@ -208,10 +212,14 @@ impl Events {
         let _ = std::thread::Builder::new()
             .name("event-replay".into())
             .spawn(move || {
+                let mut wait = REPLAY_EVERY;
                 while !me.stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(REPLAY_EVERY);
+                    std::thread::sleep(wait);
                     if me.journal.pending() > 0 {
-                        me.replay();
+                        wait = match me.replay() {
+                            Ok(_) => REPLAY_EVERY,
+                            Err(_) => (wait * 2).min(REPLAY_MAX),
+                        };
                     }
                 }
             });
@@ -269,20 +277,17 @@ impl Events {
 
     /// Moves events kept aside into the database (their deliveries are
     /// queued then); how many.
-    pub fn replay(&self) -> usize {
-        match self.journal.replay(&|r: &[Emitted], p| self.store(r, p)) {
-            Ok(n) => {
-                self.tell_replayed(n);
-                if n > 0 {
-                    self.tell_lost();
-                }
-                n
+    pub fn replay(&self) -> Result<usize, crate::state::StateError> {
+        let r = self.journal.replay(&|r: &[Emitted], p| self.store(r, p));
+        match &r {
+            Ok(n) if *n > 0 => {
+                self.tell_replayed(*n);
+                self.tell_lost();
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "events kept aside cannot be stored yet");
-                0
-            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "events kept aside cannot be stored yet"),
         }
+        r
     }
 
     /// Events kept aside, not yet in the database.
@@ -307,7 +312,8 @@ impl Events {
         kind: Option<&str>,
     ) -> Result<Vec<Event>, crate::state::StateError> {
         if self.journal.pending() > 0 {
-            self.replay();
+            // Failing, they are listed from the file below.
+            let _ = self.replay();
         }
         let takes = |e: &Event| kind.is_none_or(|k| matches(k, &e.kind));
         let mut v = self
