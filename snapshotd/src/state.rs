@@ -407,7 +407,7 @@ impl State {
                     let id = key(r);
                     let b = enc(r)?;
                     tab.insert(id, b.as_slice())?;
-                    if id % 1000 == 0 && id > LOG_KEEP {
+                    if id.is_multiple_of(1000) && id > LOG_KEEP {
                         trim = Some(id - LOG_KEEP);
                     }
                 }
