@@ -162,10 +162,7 @@ impl<T: Entry> Journal<T> {
         self.replay_locked(&mut g, store)
             .and_then(|_| self.state.sync())
             .map_err(|e| e.to_string())?;
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.file)
+        open_append(&self.file)
             .and_then(|f| f.sync_all())
             .map_err(|e| format!("{}: {e}", self.file.display()))?;
         // The probe's empty file is harmless; drop it anyway.
@@ -205,10 +202,7 @@ impl<T: Entry> Journal<T> {
     fn append(&self, rec: &T) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.file)?;
+        let mut f = open_append(&self.file)?;
         f.write_all(&line)?;
         f.sync_data()?;
         sync_dir(&self.file)
@@ -283,6 +277,17 @@ fn next_id(g: &mut Inner) -> u64 {
         }
         None => 0,
     }
+}
+
+/// Opens a pending file for appending; created 0600 whatever the umask,
+/// like the database it stands in for (it holds the same records).
+fn open_append(file: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(file)
 }
 
 /// Syncs the directory holding `file`, so its creation or removal lasts.
@@ -361,6 +366,9 @@ mod tests {
         assert_eq!((r2.id, r3.id), (2, 3), "numbered when made");
         assert_eq!(j.pending(), 2);
         assert_eq!(j.kept(), vec![r2.clone(), r3.clone()]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(j.file()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_file(&s.fault).unwrap();
         let (c, r4) = j.record(rec(4), &st);
         assert_eq!(c, Stored::Database { replayed: 2 });
