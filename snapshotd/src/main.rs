@@ -11,6 +11,7 @@ mod error;
 mod events;
 mod jobs;
 mod metrics;
+mod pending;
 mod recovery;
 mod scheduler;
 mod state;
@@ -448,8 +449,9 @@ fn start_fuse(
     Ok((Some(fuse), Some(mounts)))
 }
 
-/// Events, audit entries and deliveries are written lazily: sync them
-/// every few seconds so a crash loses at most that much of the logs.
+/// Delivery bookkeeping and other lazy writes: sync them every few
+/// seconds so a crash loses at most that much of it (events and audit
+/// records are synced when written, see pending.rs).
 fn spawn_state_sync(state: Arc<state::State>, stop: Arc<AtomicBool>, every: u64) -> Result<()> {
     std::thread::Builder::new()
         .name("state-sync".into())

@@ -112,6 +112,27 @@ pub fn render(a: &Appliance) -> cdmfs::Result<String> {
         "Audit records kept aside while the state database fails.",
     );
     let _ = writeln!(o, "cdm_audit_pending_records {}", a.audit_pending());
+    head(
+        &mut o,
+        "cdm_audit_lost_total",
+        "counter",
+        "Audit records stored neither in the state database nor aside, since start.",
+    );
+    let _ = writeln!(o, "cdm_audit_lost_total {}", a.audit_lost());
+    head(
+        &mut o,
+        "cdm_events_pending_records",
+        "gauge",
+        "Events kept aside while the state database fails.",
+    );
+    let _ = writeln!(o, "cdm_events_pending_records {}", a.events.pending());
+    head(
+        &mut o,
+        "cdm_events_lost_total",
+        "counter",
+        "Events stored neither in the state database nor aside, since start.",
+    );
+    let _ = writeln!(o, "cdm_events_lost_total {}", a.events.lost());
 
     head(
         &mut o,

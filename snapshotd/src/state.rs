@@ -377,26 +377,44 @@ impl State {
 
     // ---- sequences ----------------------------------------------------------
 
-    /// Appends `n` records in one transaction under the next sequence
-    /// numbers, record `i` built by `make(i, id)`: all of them or none.
-    pub fn append_all<T: Serialize>(
+    /// The highest sequence number in `t`, if any.
+    pub fn last_id(&self, t: TableDefinition<u64, &[u8]>) -> Result<Option<u64>> {
+        self.guard(|| {
+            let tx = self.db()?.begin_read()?;
+            let tab = tx.open_table(t)?;
+            let last = tab.last()?.map(|(k, _)| k.value());
+            Ok(last)
+        })
+    }
+
+    /// Puts records under the sequence numbers they carry (`key`), in one
+    /// transaction: for logs whose ids are given before they are stored
+    /// (`crate::pending`), so storing the same records again is harmless.
+    /// Logs are trimmed like [`State::append`] trims them.
+    pub fn put_all<T: Serialize>(
         &self,
         t: TableDefinition<u64, &[u8]>,
         sync: Sync,
-        n: usize,
-        mut make: impl FnMut(usize, u64) -> T,
+        recs: &[T],
+        key: impl Fn(&T) -> u64,
     ) -> Result<()> {
         self.guard(|| {
             let tx = self.write(sync)?;
             {
                 let mut tab = tx.open_table(t)?;
-                let first = match tab.last()? {
-                    Some((k, _)) => k.value() + 1,
-                    None => 1,
-                };
-                for (i, id) in (0..n).zip(first..) {
-                    let b = enc(&make(i, id))?;
+                let mut trim = None;
+                for r in recs {
+                    let id = key(r);
+                    let b = enc(r)?;
                     tab.insert(id, b.as_slice())?;
+                    if id.is_multiple_of(1000) && id > LOG_KEEP {
+                        trim = Some(id - LOG_KEEP);
+                    }
+                }
+                if let Some(cut) = trim {
+                    if tab.len()? > LOG_KEEP {
+                        tab.retain_in(..cut, |_, _| false)?;
+                    }
                 }
             }
             tx.commit()?;
@@ -499,13 +517,11 @@ mod tests {
         );
         assert_eq!(s.get::<_, serde_json::Value>(USERS, "b").unwrap(), None);
         s.put(USERS, "b", &v, Sync::Now).unwrap();
-        s.append_all(
-            EVENTS,
-            Sync::Now,
-            3,
-            |i, id| serde_json::json!({"i": i, "id": id}),
-        )
-        .unwrap();
+        let recs: Vec<serde_json::Value> =
+            (1..=3u64).map(|id| serde_json::json!({"id": id})).collect();
+        s.put_all(EVENTS, Sync::Now, &recs, |r| r["id"].as_u64().unwrap_or(0))
+            .unwrap();
+        assert_eq!(s.last_id(EVENTS).unwrap(), Some(3));
         let evs: Vec<serde_json::Value> = s.scan(EVENTS, 0, 10, false, |_| true).unwrap();
         assert_eq!(evs.len(), 3);
         assert_eq!(evs[2]["id"], 3);

@@ -1,6 +1,11 @@
 //! Faults of the appliance's own state: a state database whose device
-//! fails (EIO injected with `fault_dir`) never lets a change go unaudited,
-//! and the appliance recovers without a restart when the device does.
+//! fails (EIO injected with `fault_dir`) never lets a change go unaudited
+//! nor an event go missing, and the appliance recovers without a restart
+//! when the device does.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
 
 use cdm_e2e::*;
 use serde_json::{json, Value};
@@ -158,8 +163,263 @@ fn a_failing_state_database_never_loses_an_audit_record_and_recovers_without_res
     api.expect(201, "POST", "/v1/volumes", volume("accepted"));
     assert_eq!(
         alerts(&api, "audit_lost"),
-        0,
-        "stored nowhere while it happened"
+        1,
+        "the alert, an event, was kept aside with the events and stored later"
     );
+    a.stop();
+}
+
+/// A webhook receiver on 127.0.0.1 that answers 200 to every request and
+/// keeps each body.
+struct Receiver {
+    port: u16,
+    got: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Receiver {
+    fn start() -> Receiver {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let got: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let g = g.clone();
+                std::thread::spawn(move || Receiver::serve(s, &g));
+            }
+        });
+        Receiver { port, got }
+    }
+
+    fn serve(mut s: std::net::TcpStream, got: &Mutex<Vec<Value>>) {
+        let Ok(c) = s.try_clone() else { return };
+        let mut r = BufReader::new(c);
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.trim_end().split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_ok() {
+            got.lock()
+                .unwrap()
+                .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
+        }
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    }
+
+    /// Waits for the delivery of the event `kind` about `subject`.
+    fn wait(&self, kind: &str, subject: &str) -> Value {
+        wait_for(120, &format!("delivery of {kind} {subject}"), || {
+            self.got
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|b| b["event"]["type"] == kind && b["event"]["subject"] == subject)
+                .map(|b| b["event"].clone())
+        })
+    }
+}
+
+fn events(api: &Api) -> Vec<Value> {
+    api.get("/v1/events?limit=10000")
+        .as_array()
+        .expect("event array")
+        .clone()
+}
+
+/// The event `kind` about `subject`, which must exist once.
+fn event(evs: &[Value], kind: &str, subject: &str) -> Value {
+    let found: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["type"] == kind && e["subject"] == subject)
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} {subject} in {evs:?}");
+    found[0].clone()
+}
+
+fn id(e: &Value) -> u64 {
+    e["id"].as_u64().expect("event id")
+}
+
+/// An alert about events with `reason`, which must exist once.
+fn event_alert(evs: &[Value], reason: &str) -> Value {
+    let found: Vec<&Value> = evs
+        .iter()
+        .filter(|e| e["type"] == "alert.raised" && e["data"]["reason"] == reason)
+        .collect();
+    assert_eq!(found.len(), 1, "one {reason} alert in {evs:?}");
+    found[0].clone()
+}
+
+fn metric(api: &Api, name: &str) -> String {
+    let (st, v) = api.call("GET", "/metrics", None);
+    assert_eq!(st, 200, "{v}");
+    let text = v.as_str().unwrap_or("").to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"))
+}
+
+/// Waits until every delivery of `hook` is delivered and that is durable,
+/// so that the next fault is met by the test's request, not by a
+/// delivery's bookkeeping.
+fn settled(api: &Api, hook: &Value) {
+    let path = format!("/v1/webhooks/{}/deliveries", hook["id"]);
+    loop {
+        let n = wait_for(120, "deliveries made", || {
+            let d = api.get(&path);
+            let d = d.as_array()?;
+            d.iter()
+                .all(|d| d["state"] == "delivered")
+                .then_some(d.len())
+        });
+        // Delivery bookkeeping is written lazily and would be undone by
+        // the fault; a change's audit record is synced, and everything
+        // before it. That change may store audit records kept aside, and
+        // the alert saying so is delivered too: then again.
+        api.expect(200, "POST", "/v1/clock", Some(json!({"advance_secs": 0})));
+        if api.get(&path).as_array().map(Vec::len) == Some(n) {
+            return;
+        }
+    }
+}
+
+#[test]
+fn events_are_kept_aside_while_the_state_database_fails_and_delivered_later() {
+    let faults = tempfile::tempdir_in("/var/tmp").unwrap();
+    let eio = faults.path().join("state-eio");
+    let cfg = format!("fault_dir = \"{}\"\n{FAST_CONFIG}", faults.path().display());
+    let mut a = Appliance::start(Some(&cfg));
+    let tok = a.admin_token();
+    let api = Api::new(&a, &tok);
+    let pending = a.data.join("events-pending.jsonl");
+    let rx = Receiver::start();
+    let hook = api.expect(
+        201,
+        "POST",
+        "/v1/webhooks",
+        Some(json!({"url": format!("http://127.0.0.1:{}/hook", rx.port),
+                    "events": ["volume.*", "alert.raised"]})),
+    );
+    api.expect(201, "POST", "/v1/volumes", volume("before"));
+    rx.wait("volume.created", "before");
+    settled(&api, &hook);
+
+    // The device under state.redb fails: the change that meets the failure
+    // is made, and its event is kept aside (synced) with its id.
+    std::fs::write(&eio, b"").unwrap();
+    api.expect(201, "POST", "/v1/volumes", volume("during"));
+    let kept = std::fs::read_to_string(&pending).expect("events kept aside");
+    assert!(kept.contains("\"during\""), "{kept}");
+    let health = http(&a.url(), "GET", "/health", None, None).1;
+    assert!(
+        health["logs"]["events_pending"].as_u64() >= Some(1),
+        "{health}"
+    );
+    // While the database cannot be read, the list is refused, not short.
+    let (st, v) = api.call("GET", "/v1/events?limit=10000", None);
+    assert!(
+        st == 503 || v.to_string().contains("\"during\""),
+        "{st} {v}"
+    );
+
+    // The device recovers, no restart: the events are stored in order
+    // after those before, with an alert, and delivered.
+    std::fs::remove_file(&eio).unwrap();
+    let evs = wait_for(120, "events stored again, and the alert saying so", || {
+        let (st, v) = api.call("GET", "/v1/events?limit=10000", None);
+        let evs = v.as_array().filter(|_| st == 200)?;
+        evs.iter()
+            .any(|e| e["data"]["reason"] == "events_recovered")
+            .then(|| evs.clone())
+    });
+    assert!(!pending.exists(), "moved into the database");
+    let ids: Vec<u64> = evs.iter().map(id).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids increase: {ids:?}");
+    let before = event(&evs, "volume.created", "before");
+    let during = event(&evs, "volume.created", "during");
+    let aside = event_alert(&evs, "events_aside");
+    let recovered = event_alert(&evs, "events_recovered");
+    assert!(id(&before) < id(&during), "{evs:?}");
+    assert!(id(&during) < id(&aside), "{evs:?}");
+    assert!(id(&aside) < id(&recovered), "{evs:?}");
+    assert!(
+        recovered["data"]["events"].as_u64() >= Some(2),
+        "{recovered}"
+    );
+    let got = rx.wait("volume.created", "during");
+    assert_eq!(got["id"], during["id"], "delivered under its id");
+    rx.wait("alert.raised", "events");
+    assert_eq!(metric(&api, "cdm_events_pending_records"), "0");
+
+    // Kept aside, then killed before the database recovered: the next
+    // start stores the event and delivers it.
+    settled(&api, &hook);
+    std::fs::write(&eio, b"").unwrap();
+    api.expect(201, "POST", "/v1/volumes", volume("crash"));
+    assert!(std::fs::read_to_string(&pending)
+        .unwrap_or_default()
+        .contains("\"crash\""));
+    a.kill();
+    std::fs::remove_file(&eio).unwrap();
+    a.restart();
+    let api = Api::new(&a, &tok);
+    assert!(!pending.exists(), "replayed at start");
+    let evs = events(&api);
+    let crash = event(&evs, "volume.created", "crash");
+    assert!(id(&crash) > id(&recovered), "{evs:?}");
+    let opened: Vec<u64> = evs
+        .iter()
+        .filter(|e| e["type"] == "pool.opened")
+        .map(id)
+        .collect();
+    assert!(
+        opened.last().is_some_and(|&o| o > id(&crash)),
+        "the start's events come after those kept aside: {evs:?}"
+    );
+    rx.wait("volume.created", "crash");
+
+    // Neither the database nor the aside file can be written: that event
+    // is lost, logged, counted, shown in /health, and told by an alert
+    // once events can be kept again.
+    settled(&api, &hook);
+    std::fs::create_dir(&pending).unwrap();
+    std::fs::write(&eio, b"").unwrap();
+    api.expect(201, "POST", "/v1/volumes", volume("lost"));
+    std::fs::remove_file(&eio).unwrap();
+    std::fs::remove_dir(&pending).unwrap();
+    assert!(a.log().contains("EVENT LOST"), "the loss is logged");
+    let health = wait_for(120, "health", || {
+        let (st, v) = http(&a.url(), "GET", "/health", None, None);
+        (st == 200).then_some(v)
+    });
+    // The volume's event, and the alert that its audit record was kept
+    // aside (an event too).
+    let lost_n = health["logs"]["events_lost"].as_u64().unwrap_or(0);
+    assert!(lost_n >= 1, "{health}");
+    wait_for(120, "changes accepted again", || {
+        (api.call("POST", "/v1/volumes", volume("after")).0 == 201).then_some(())
+    });
+    assert_eq!(metric(&api, "cdm_events_lost_total"), lost_n.to_string());
+    let evs = events(&api);
+    assert!(
+        evs.iter()
+            .all(|e| !(e["type"] == "volume.created" && e["subject"] == "lost")),
+        "{evs:?}"
+    );
+    let lost = event_alert(&evs, "events_lost");
+    assert_eq!(lost["data"]["events"], lost_n, "{lost}");
+    rx.wait("volume.created", "after");
     a.stop();
 }

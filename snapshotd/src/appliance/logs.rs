@@ -12,17 +12,12 @@ use serde_json::json;
 impl Appliance {
     pub(super) fn event_list(&self, q: EventQuery) -> ApiResult<Vec<Event>> {
         let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-        let kind = q.kind.clone();
-        self.state
-            .scan::<Event>(
-                crate::state::EVENTS,
+        self.events
+            .list(
                 q.after.unwrap_or(0),
                 limit,
                 q.after.is_none(),
-                |e| {
-                    kind.as_deref()
-                        .is_none_or(|k| crate::events::matches(k, &e.kind))
-                },
+                q.kind.as_deref(),
             )
             .map_err(st)
     }
@@ -53,7 +48,9 @@ impl Appliance {
                 format!("the state database works again: {replayed} audit records kept aside meanwhile are stored"),
                 "audit_recovered",
             ),
-            Stored::Aside => (
+            // Once per failure, not once per change.
+            Stored::Aside { first: false } => return,
+            Stored::Aside { first: true } => (
                 "the state database cannot store audit records: they are kept in audit-pending.jsonl until it can".to_string(),
                 "audit_aside",
             ),
@@ -62,7 +59,7 @@ impl Appliance {
                 "audit_lost",
             ),
         };
-        // Best effort: with the database failing, this reaches the log only.
+        // With the database failing, kept aside with the other events.
         self.events.emit(
             "alert.raised",
             "audit",
@@ -74,5 +71,20 @@ impl Appliance {
     /// Audit records kept aside, not yet in the database (for metrics).
     pub(crate) fn audit_pending(&self) -> usize {
         self.audit.pending()
+    }
+
+    /// Audit records lost since start (for metrics and health).
+    pub(crate) fn audit_lost(&self) -> u64 {
+        self.audit.lost()
+    }
+
+    /// The logs' part of `/health`: records kept aside and lost.
+    pub(super) fn logs_health(&self) -> serde_json::Value {
+        json!({
+            "events_pending": self.events.pending(),
+            "events_lost": self.events.lost(),
+            "audit_pending": self.audit.pending(),
+            "audit_lost": self.audit.lost(),
+        })
     }
 }

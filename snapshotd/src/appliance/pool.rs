@@ -192,6 +192,15 @@ impl Appliance {
         if let Some(o) = v.as_object_mut() {
             o.insert("pool_generation".into(), sp.generation.into());
             o.insert("nbd_clients".into(), self.nbd.clients().len().into());
+            let logs = self.logs_health();
+            // Records kept aside mean the state database is failing.
+            let aside = ["events_pending", "audit_pending"]
+                .iter()
+                .any(|k| logs[*k].as_u64().unwrap_or(0) > 0);
+            if aside {
+                o.insert("status".into(), "degraded".into());
+            }
+            o.insert("logs".into(), logs);
         }
         Ok(v)
     }
