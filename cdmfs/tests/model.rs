@@ -26,6 +26,9 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         2 => any::<usize>().prop_map(|s| Op::DeleteSnapshot { s }),
         1 => any::<usize>().prop_map(|v| Op::DeleteVolume { v }),
         1 => (any::<usize>(), 1u32..200).prop_map(|(v, add_kib)| Op::Grow { v, add_kib }),
+        // Defragmentation steps between writes, snapshots and clones:
+        // contents never change, shared extents stay put (fsck counts).
+        3 => (any::<usize>(), 0u32..64, 4u32..1024).prop_map(|(v, from, budget_kib)| Op::Defrag { v, from, budget_kib }),
         1 => Just(Op::Reopen),
         1 => Just(Op::Crash),
     ]

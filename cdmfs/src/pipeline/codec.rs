@@ -186,6 +186,14 @@ pub fn encrypt(keys: &Keys, cipher: Cipher, tweak: u128, buf: &mut [u8]) {
     keys.crypt(cipher, buf, tweak, true);
 }
 
+/// Decrypts stored bytes in place (defragmentation moves encrypted bytes:
+/// the tweak names where they lived, so they are re-encrypted for where
+/// they go).
+pub fn decrypt(keys: &Keys, cipher: Cipher, tweak: u128, buf: &mut [u8]) {
+    debug_assert!(buf.len() >= 16);
+    keys.crypt(cipher, buf, tweak, false);
+}
+
 /// A chunk's fingerprint: blake3 of the plain bytes, keyed with the pool's
 /// fingerprint key and the cipher for encrypted volumes (equal content is
 /// not revealed across pools, and never shared between an encrypted and a

@@ -32,7 +32,7 @@ pub(super) struct RangeLocks {
     cv: Condvar,
 }
 
-struct RangeGuard<'a> {
+pub(super) struct RangeGuard<'a> {
     locks: &'a RangeLocks,
     entry: (u64, u64, u64),
 }
@@ -80,7 +80,7 @@ impl Pool {
 
     /// Checks a write of `len` bytes at `offset` of a volume and locks the
     /// blocks it touches; None for an empty range.
-    fn begin_write(
+    pub(super) fn begin_write(
         &self,
         vol: u64,
         offset: u64,
@@ -417,7 +417,7 @@ impl Inner {
     }
 
     /// Applies a write's op and keeps it for the intent log.
-    fn apply_logged(&mut self, op: LogOp) -> Result<()> {
+    pub(super) fn apply_logged(&mut self, op: LogOp) -> Result<()> {
         self.apply_op(&op)?;
         self.log_push(op);
         self.ops += 1;
@@ -502,7 +502,7 @@ impl Inner {
         Ok(delta)
     }
 
-    fn needs_commit(&self) -> bool {
+    pub(super) fn needs_commit(&self) -> bool {
         let free = self.store.alloc.total() - self.store.alloc.used();
         let pending: u64 = self.store.pending_free.iter().map(|(_, n)| n).sum();
         self.store.dirty.len() > self.dirty_limit || pending > (free / 4).max(4096)

@@ -41,6 +41,13 @@ pub enum Op {
         v: usize,
         add_kib: u32,
     },
+    /// One defragmentation step from block `from` moving at most
+    /// `budget_kib` (contents unchanged: the model does nothing).
+    Defrag {
+        v: usize,
+        from: u32,
+        budget_kib: u32,
+    },
     Reopen,
     /// Drop the pool without committing: state returns to the last flush.
     Crash,
@@ -368,6 +375,19 @@ impl Harness {
                 self.model.vols.get_mut(&name).unwrap().resize(new, 0);
                 Ok(Some(name))
             }
+            Op::Defrag {
+                v,
+                from,
+                budget_kib,
+            } => {
+                let Some(name) = self.vol_name(v) else {
+                    return Ok(None);
+                };
+                let id = self.pool().volume_id(&name)?;
+                self.pool()
+                    .defragment_step(id, from as u64, budget_kib as u64 * 1024)?;
+                Ok(Some(name))
+            }
             Op::Reopen => {
                 let p = self.pool.take().expect("pool open");
                 p.close()?;
@@ -493,6 +513,19 @@ pub fn random_db_op(r: &mut impl rand::Rng) -> Op {
     }
 }
 
+/// A defragmentation step somewhere in a volume, small or whole.
+pub fn random_defrag(r: &mut impl rand::Rng) -> Op {
+    Op::Defrag {
+        v: r.gen(),
+        from: if r.gen_bool(0.5) {
+            0
+        } else {
+            r.gen_range(0..64)
+        },
+        budget_kib: r.gen_range(4..1024),
+    }
+}
+
 /// A random operation, weighted towards I/O.
 pub fn random_op(r: &mut impl rand::Rng, with_reopen: bool) -> Op {
     match r.gen_range(0..100) {
@@ -500,12 +533,13 @@ pub fn random_op(r: &mut impl rand::Rng, with_reopen: bool) -> Op {
             size_kib: r.gen_range(16..600),
             bs_shift: r.gen(),
         },
-        6..=30 => Op::Write {
+        6..=28 => Op::Write {
             v: r.gen(),
             off: r.gen(),
             len: r.gen_range(1..200_000),
             seed: r.gen(),
         },
+        29..=30 => random_defrag(r),
         // Page writes in the first 640 KiB (see the model test's strategy).
         31..=45 => Op::Write {
             v: r.gen(),
