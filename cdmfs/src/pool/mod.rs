@@ -21,6 +21,7 @@ use crate::store::Store;
 mod audit;
 mod catalog;
 mod commit;
+mod frag;
 mod grow;
 mod health;
 mod info;
@@ -35,6 +36,7 @@ mod superblock;
 mod write;
 
 pub(crate) use audit::TreeRoot;
+pub use frag::Fragmentation;
 pub use grow::MAX_POOL_BYTES;
 pub use health::{IoErrors, PoolHealth, PoolState};
 pub use info::{Brief, PhysicalMap, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo};
