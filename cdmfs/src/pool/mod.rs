@@ -22,6 +22,7 @@ mod audit;
 mod catalog;
 mod commit;
 mod defrag;
+mod frag;
 mod grow;
 mod health;
 mod info;
@@ -37,6 +38,7 @@ mod write;
 
 pub(crate) use audit::TreeRoot;
 pub use defrag::DefragProgress;
+pub use frag::Fragmentation;
 pub use grow::MAX_POOL_BYTES;
 pub use health::{IoErrors, PoolHealth, PoolState};
 pub use info::{Brief, PhysicalMap, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo};
