@@ -1,0 +1,295 @@
+//! Background defragmentation: uniquely owned extents become contiguous
+//! at no extra space, shared extents stay where they are, contents never
+//! change, and writes and snapshots racing the steps win.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use cdmfs::{
+    Cipher, DataPolicy, DefragProgress, Error, FormatOptions, KeySource, MemDev, OpenOptions, Pool,
+    Target,
+};
+
+const MIB: u64 = 1 << 20;
+const BS: u64 = 65536;
+
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
+}
+
+/// A block's contents, distinct per (block, version).
+fn block(b: u64, version: u64) -> Vec<u8> {
+    let mut x = (b << 20 | version) * 2 + 1;
+    (0..BS / 8)
+        .flat_map(|_| xorshift(&mut x).to_le_bytes())
+        .collect()
+}
+
+/// A volume of `mib` MiB written sequentially, then `rounds` rounds of 1%
+/// random block rewrites (each flushed); returns its contents.
+fn fragmented(pool: &Pool, vol: u64, mib: u64, rounds: u64, seed: u64) -> Vec<u8> {
+    let blocks = mib * MIB / BS;
+    let mut data = Vec::with_capacity((mib * MIB) as usize);
+    for b in 0..blocks {
+        data.extend_from_slice(&block(b, 0));
+    }
+    pool.write(vol, 0, &data).unwrap();
+    pool.flush().unwrap();
+    let mut x = seed | 1;
+    for r in 1..=rounds {
+        for _ in 0..blocks.div_ceil(100) {
+            let b = xorshift(&mut x) % blocks;
+            let d = block(b, r);
+            pool.write(vol, b * BS, &d).unwrap();
+            data[(b * BS) as usize..((b + 1) * BS) as usize].copy_from_slice(&d);
+        }
+        pool.flush().unwrap();
+    }
+    data
+}
+
+/// Steps through the whole volume with `budget` bytes per step.
+fn full_pass(pool: &Pool, vol: u64, budget: u64) -> DefragProgress {
+    let mut total = DefragProgress::default();
+    let mut next = 0;
+    loop {
+        let p = pool.defragment_step(vol, next, budget).unwrap();
+        assert!(p.next_block > next || p.done, "no progress: {p:?}");
+        total.bytes_moved += p.bytes_moved;
+        total.extents_moved += p.extents_moved;
+        total.extents += p.extents;
+        total.runs_before += p.runs_before;
+        total.runs_after += p.runs_after;
+        total.shared_blocks += p.shared_blocks;
+        total.skipped_blocks += p.skipped_blocks;
+        next = p.next_block;
+        if p.done {
+            total.next_block = next;
+            total.done = true;
+            return total;
+        }
+    }
+}
+
+/// Commits until every deferred free is reusable, and returns used bytes.
+fn settled_used(pool: &Pool) -> u64 {
+    for _ in 0..4 {
+        pool.commit().unwrap();
+    }
+    pool.space().unwrap().used_bytes
+}
+
+fn read_vol(pool: &Pool, t: Target, len: u64) -> Vec<u8> {
+    let mut out = vec![0u8; len as usize];
+    pool.read(t, 0, &mut out).unwrap();
+    out
+}
+
+fn open(dev: &Arc<MemDev>, key: Option<KeySource>) -> Pool {
+    Pool::open(
+        dev.clone(),
+        &OpenOptions {
+            key,
+            ..OpenOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+fn new_pool(mib: usize) -> (Arc<MemDev>, Pool) {
+    let dev = Arc::new(MemDev::new(mib << 20));
+    Pool::format(&*dev, &FormatOptions::default()).unwrap();
+    let pool = open(&dev, None);
+    (dev, pool)
+}
+
+#[test]
+fn unique_extents_become_contiguous_at_no_extra_space() {
+    let (dev, pool) = new_pool(256);
+    let v = pool.create_volume("v", 32 * MIB, BS as u32).unwrap().id;
+    let t = Target::Volume(v);
+    let data = fragmented(&pool, v, 32, 30, 7);
+    let used0 = settled_used(&pool);
+    let f0 = pool.fragmentation(t).unwrap();
+    assert!(f0.runs > 100, "the workload fragments: {f0:?}");
+
+    let p = full_pass(&pool, v, 4 * MIB);
+    let f1 = pool.fragmentation(t).unwrap();
+    assert!(p.bytes_moved > 0 && p.shared_blocks == 0, "{p:?}");
+    // Each 4 MiB step lands right after the previous one (next-fit), so
+    // the volume is a handful of runs at most.
+    assert!(f1.runs <= 8, "runs {} -> {}: {p:?}", f0.runs, f1.runs);
+    assert_eq!(f1.mapped_bytes, f0.mapped_bytes);
+    assert_eq!(read_vol(&pool, t, 32 * MIB), data);
+
+    // The old copies are freed like any overwrite's: once the commits
+    // after the pass made them reusable, the pool uses what it used before
+    // (give or take the tree nodes copy-on-write rewrote).
+    let used1 = settled_used(&pool);
+    assert!(
+        used1.abs_diff(used0) <= 16 * 4096,
+        "used {used0} before, {used1} after"
+    );
+    // A second pass finds nothing to do.
+    let p2 = full_pass(&pool, v, 4 * MIB);
+    assert_eq!(p2.bytes_moved, 0, "{p2:?}");
+    assert!(pool.fsck().unwrap().is_clean());
+
+    // Durable through the intent log and a reopen.
+    pool.flush().unwrap();
+    drop(pool);
+    let pool = open(&dev, None);
+    assert_eq!(read_vol(&pool, t, 32 * MIB), data);
+    assert_eq!(pool.fragmentation(t).unwrap(), f1);
+    assert!(pool.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn shared_extents_stay_in_place() {
+    let (_dev, pool) = new_pool(256);
+    let v = pool.create_volume("v", 16 * MIB, BS as u32).unwrap().id;
+    let t = Target::Volume(v);
+    let data = fragmented(&pool, v, 16, 20, 11);
+    let s = pool
+        .create_snapshot("v", "s", serde_json::Value::Null)
+        .unwrap()
+        .id;
+    let map0 = pool.physical_map(t).unwrap().extents;
+    let used0 = settled_used(&pool);
+
+    // Everything is shared with the snapshot: nothing moves, no space.
+    let p = full_pass(&pool, v, 2 * MIB);
+    assert_eq!(p.bytes_moved, 0, "{p:?}");
+    assert_eq!(p.shared_blocks, 16 * MIB / BS, "{p:?}");
+    assert_eq!(pool.physical_map(t).unwrap().extents, map0);
+    assert_eq!(settled_used(&pool), used0);
+
+    // Rewrite every other 1 MiB: those blocks are the volume's alone and
+    // scattered; defragmenting moves them and nothing the snapshot has.
+    let mut live = data.clone();
+    for m in (0..16).step_by(2) {
+        for b in (m * 16..m * 16 + 16).rev() {
+            let d = block(b, 1000);
+            pool.write(v, b * BS, &d).unwrap();
+            live[(b * BS) as usize..((b + 1) * BS) as usize].copy_from_slice(&d);
+        }
+    }
+    pool.flush().unwrap();
+    let snap_map = pool.physical_map(Target::Snapshot(s)).unwrap().extents;
+    let used1 = settled_used(&pool);
+    let p = full_pass(&pool, v, 2 * MIB);
+    assert!(p.bytes_moved > 0, "{p:?}");
+    assert!(p.bytes_moved <= 8 * MIB, "moved shared data: {p:?}");
+    assert_eq!(p.shared_blocks, 8 * MIB / BS, "{p:?}");
+    let map1 = pool.physical_map(t).unwrap().extents;
+    let shared: Vec<_> = map1.iter().filter(|e| snap_map.contains(e)).collect();
+    assert_eq!(shared.len() as u64, 8 * MIB / BS, "shared extents moved");
+    assert_eq!(
+        pool.physical_map(Target::Snapshot(s)).unwrap().extents,
+        snap_map
+    );
+    assert!(settled_used(&pool).abs_diff(used1) <= 16 * 4096);
+    assert_eq!(read_vol(&pool, t, 16 * MIB), live);
+    assert_eq!(read_vol(&pool, Target::Snapshot(s), 16 * MIB), data);
+    assert!(pool.fsck().unwrap().is_clean());
+}
+
+#[test]
+fn encrypted_volumes_are_re_encrypted_for_their_new_place() {
+    let dev = Arc::new(MemDev::new(128 << 20));
+    Pool::format(&*dev, &FormatOptions::default()).unwrap();
+    let key = || Some(KeySource::Key(vec![5; 32]));
+    let pool = open(&dev, key());
+    let policy = DataPolicy {
+        encryption: Some(Cipher::Aes256Xts),
+        ..DataPolicy::default()
+    };
+    let v = pool
+        .create_volume_with("e", 8 * MIB, BS as u32, policy)
+        .unwrap()
+        .id;
+    let t = Target::Volume(v);
+    let data = fragmented(&pool, v, 8, 20, 3);
+    pool.flush().unwrap();
+    drop(pool);
+
+    // Without the key, a step is refused like a write.
+    let locked = open(&dev, None);
+    assert!(matches!(
+        locked.defragment_step(v, 0, MIB),
+        Err(Error::KeyRequired)
+    ));
+    drop(locked);
+
+    let pool = open(&dev, key());
+    let before = pool.fragmentation(t).unwrap();
+    let p = full_pass(&pool, v, MIB);
+    assert!(p.bytes_moved > 0, "{p:?}");
+    assert!(pool.fragmentation(t).unwrap().runs < before.runs);
+    assert_eq!(read_vol(&pool, t, 8 * MIB), data);
+    let rep = pool.fsck().unwrap();
+    assert!(rep.is_clean(), "{:?}", rep.errors);
+    assert!(pool.scrub().unwrap().errors.is_empty());
+}
+
+/// One writer (random block writes and snapshots) and one defragmenter
+/// (passes with small steps) at once: the volume ends as the writer left
+/// it and every snapshot as it was when taken.
+#[test]
+fn racing_writes_and_snapshots_win() {
+    let (_dev, pool) = new_pool(512);
+    let pool = Arc::new(pool);
+    let v = pool.create_volume("v", 8 * MIB, BS as u32).unwrap().id;
+    let data = fragmented(&pool, v, 8, 10, 5);
+    let stop = Arc::new(AtomicBool::new(false));
+    let defrag = {
+        let (pool, stop) = (pool.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut moved = 0;
+            while !stop.load(Ordering::Relaxed) {
+                moved += full_pass(&pool, v, 256 << 10).bytes_moved;
+            }
+            moved
+        })
+    };
+    let mut live = data;
+    let mut snaps = Vec::new();
+    let mut x = 99u64;
+    for r in 1..=300u64 {
+        let b = xorshift(&mut x) % (8 * MIB / BS);
+        // Whole blocks and pieces (a 4 KiB write into a mapped block).
+        let (off, d) = if r % 3 == 0 {
+            let mut d = block(b, r);
+            d.truncate(4096);
+            (b * BS + 8192, d)
+        } else {
+            (b * BS, block(b, r))
+        };
+        pool.write(v, off, &d).unwrap();
+        live[off as usize..off as usize + d.len()].copy_from_slice(&d);
+        if r % 50 == 0 {
+            let s = pool
+                .create_snapshot("v", &format!("s{r}"), serde_json::Value::Null)
+                .unwrap()
+                .id;
+            snaps.push((s, live.clone()));
+        }
+        if r % 100 == 0 {
+            // Snapshots age out, so blocks become the volume's alone again.
+            let (s, _) = snaps.remove(0);
+            pool.delete_snapshot(s).unwrap();
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let moved = defrag.join().unwrap();
+    assert!(moved > 0, "the defragmenter never moved anything");
+    assert_eq!(read_vol(&pool, Target::Volume(v), 8 * MIB), live);
+    for (s, want) in &snaps {
+        assert_eq!(&read_vol(&pool, Target::Snapshot(*s), 8 * MIB), want);
+    }
+    let rep = pool.fsck().unwrap();
+    assert!(rep.is_clean(), "{:?}", rep.errors);
+}
