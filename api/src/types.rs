@@ -66,6 +66,28 @@ pub struct Volume {
     pub export: String,
     /// NBD clients connected now.
     pub clients: usize,
+    /// How fragmented the volume is: given by `GET /v1/volumes/{name}`
+    /// (one walk of its tree), absent from listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fragmentation: Option<Fragmentation>,
+}
+
+/// How scattered a volume's data is on the pool: a run is a maximal
+/// sequence of extents contiguous both logically and physically (what one
+/// sequential device read fetches). Freshly, sequentially written data is
+/// one run; `defrag` jobs bring runs back down.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default, PartialEq)]
+pub struct Fragmentation {
+    /// Bytes of mapped blocks.
+    pub mapped_bytes: u64,
+    /// Extents (whole blocks and sub-block pieces).
+    pub extents: u64,
+    pub runs: u64,
+    pub extents_per_mib: f64,
+    /// About the device seeks a sequential read of 1 MiB costs.
+    pub runs_per_mib: f64,
+    /// Average run length in bytes.
+    pub avg_run_bytes: u64,
 }
 
 /// `POST /v1/volumes/{name}/snapshots`.
@@ -229,8 +251,10 @@ pub struct Export {
 #[serde(deny_unknown_fields)]
 pub struct JobCreate {
     /// `scrub` (verify every checksum in the pool), `retention` (apply
-    /// retention policies and the pool quota now), `delete-volume`, or
-    /// `vm-backup` (every VM of a category, through cdm-agent).
+    /// retention policies and the pool quota now), `delete-volume`,
+    /// `vm-backup` (every VM of a category, through cdm-agent), or
+    /// `defrag` (rewrite a volume's fragmented blocks it owns alone in
+    /// logical order, rate-limited).
     pub kind: String,
     /// For `delete-volume`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,6 +273,13 @@ pub struct JobCreate {
     /// For `vm-backup`: VMs at a time (default 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parallel: Option<usize>,
+    /// For `defrag`: most MB (10^6 bytes) rewritten per second (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_mb_s: Option<u64>,
+    /// For `defrag`: the block to start at (default 0), to resume a pass
+    /// from a stopped job's `result.next_block`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_block: Option<u64>,
 }
 
 /// A long operation.

@@ -1,4 +1,5 @@
-//! Long operations: scrub, retention, volume deletion and VM backups.
+//! Long operations: scrub, retention, volume deletion and VM backups
+//! (defragmentation is in `defrag.rs`).
 
 use cdm_api::auth::Caller;
 use cdm_api::types::*;
@@ -80,8 +81,9 @@ impl Appliance {
             "retention" => self.job_retention(c),
             "delete-volume" => self.job_delete_volume(c, &req),
             "vm-backup" => self.job_vm_backup(c, &req),
+            "defrag" => self.job_defrag(c, &req),
             k => Err(ApiError::bad_request(format!(
-                "unknown job kind {k:?}: use scrub, retention, delete-volume or vm-backup"
+                "unknown job kind {k:?}: use scrub, retention, delete-volume, vm-backup or defrag"
             ))),
         }
     }

@@ -6,6 +6,7 @@
 //! hands each route to its resource's file.
 
 mod clones;
+mod defrag;
 mod exports;
 mod jobs;
 mod logs;
@@ -76,6 +77,8 @@ pub struct Appliance {
     reduction: Mutex<Option<(u64, cdmfs::ReductionReport)>>,
     /// Failed logins per user name and client address.
     login_throttle: throttle::LoginThrottle,
+    /// Fragmentation figures and running `defrag` jobs.
+    defrag: defrag::DefragState,
     /// The audit log, with its fallback for a failing state database.
     audit: crate::audit::AuditLog,
 }
@@ -158,6 +161,7 @@ impl Appliance {
             mounts,
             reduction: Mutex::new(None),
             login_throttle: throttle::LoginThrottle::default(),
+            defrag: defrag::DefragState::default(),
         })
     }
 

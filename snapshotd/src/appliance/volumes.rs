@@ -50,6 +50,7 @@ impl Appliance {
             compression: v.policy.compression,
             encryption: v.policy.encryption.map_or("none", |c| c.name()).into(),
             clients,
+            fragmentation: None,
         }
     }
 
@@ -197,7 +198,14 @@ impl Appliance {
     pub(super) fn volume_get(&self, name: &str) -> ApiResult<Volume> {
         let v = self.pool.volume(name).map_err(engine)?;
         lock(&self.unique).insert(v.id, (std::time::Instant::now(), v.unique_bytes));
-        Ok(self.to_volume(v))
+        let frag = match self.fragmentation_now(v.id) {
+            Ok(f) => Some(super::defrag::to_api(&f)),
+            Err(cdmfs::Error::NotFound(_)) => None, // deleted meanwhile
+            Err(e) => return Err(engine(e)),
+        };
+        let mut out = self.to_volume(v);
+        out.fragmentation = frag;
+        Ok(out)
     }
 
     pub(super) fn volume_grow(&self, c: &Caller, name: &str, size: u64) -> ApiResult<Volume> {

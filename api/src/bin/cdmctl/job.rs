@@ -16,9 +16,13 @@ pub(crate) enum JobCmd {
     Show {
         id: u64,
     },
-    /// Start scrub, retention, delete-volume or vm-backup.
+    /// Start scrub, retention, delete-volume, vm-backup or defrag
+    /// (`job start defrag VOLUME [--rate MB/s]`).
     Start {
         kind: String,
+        /// The volume (delete-volume, defrag); same as --volume.
+        #[arg(conflicts_with = "volume")]
+        name: Option<String>,
         #[arg(long)]
         volume: Option<String>,
         #[arg(long)]
@@ -32,6 +36,12 @@ pub(crate) enum JobCmd {
         /// vm-backup: VMs at a time.
         #[arg(long)]
         parallel: Option<usize>,
+        /// defrag: most MB/s rewritten (default 50).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// defrag: the block to start at (to resume a pass).
+        #[arg(long)]
+        from_block: Option<u64>,
         /// Wait for it, with a progress bar.
         #[arg(long)]
         wait: bool,
@@ -48,20 +58,25 @@ pub(crate) fn run(cmd: JobCmd, c: &Client, out: &Out) -> Result<(), CliError> {
         JobCmd::Show { id } => out.show(&c.job(id)?, job_show),
         JobCmd::Start {
             kind,
+            name,
             volume,
             force,
             inventory,
             category,
             parallel,
+            rate,
+            from_block,
             wait,
         } => {
             let j = c.start_job(&JobCreate {
                 kind,
-                volume,
+                volume: name.or(volume),
                 force,
                 inventory,
                 category,
                 parallel,
+                rate_mb_s: rate,
+                from_block,
             })?;
             if wait {
                 wait_job(c, j.id, out)?;

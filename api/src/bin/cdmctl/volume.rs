@@ -178,7 +178,18 @@ pub(crate) fn origin(o: &Option<Origin>) -> String {
 }
 
 pub(crate) fn volume_show(v: &Volume) -> String {
-    format!(
+    let frag = match &v.fragmentation {
+        Some(f) => format!(
+            "fragmentation: {} extents in {} runs ({:.2} extents/MiB, {:.3} runs/MiB, average run {})\n",
+            f.extents,
+            f.runs,
+            f.extents_per_mib,
+            f.runs_per_mib,
+            human(f.avg_run_bytes)
+        ),
+        None => String::new(),
+    };
+    let s = format!(
         "name: {}\nkind: {}\nexport: {}\nsize: {} ({} bytes)\nblock size: {}\ncreated: {}\norigin: {}\nallocated: {}\nunique: {}\nsnapshots: {}\ndedup: {}\ncompression: {}\nencryption: {}\nclients: {}\n",
         v.name,
         v.kind,
@@ -195,7 +206,8 @@ pub(crate) fn volume_show(v: &Volume) -> String {
         v.compression,
         v.encryption,
         v.clients
-    )
+    );
+    s + &frag
 }
 
 pub(crate) fn policy_show(p: &SnapshotPolicy) -> String {
