@@ -4,11 +4,13 @@
 //! after one defragmentation pass — first with every snapshot kept (the
 //! live volume shares everything with the newest one: nothing may move),
 //! then after the snapshots expired; a plain file with the same bytes in
-//! the same directory is read the same way for scale. Reports the
+//! the same directory is read the same way for scale, and every state is
+//! compared with a control volume written once and read beside it. Reports the
 //! defragmentation rate and the space it cost.
 //!
 //! "Cold": the pool is closed and opened again (empty node cache) and the
-//! page cache dropped before each read. Environment: BENCH_DIR (default
+//! page cache dropped before each read; each figure is the median of three
+//! such reads. Environment: BENCH_DIR (default
 //! /var/tmp), BENCH_MIB (volume size, default 1024), BENCH_ROUNDS (default
 //! 365), BENCH_QUICK=1 for 256 MiB and 50 rounds.
 
@@ -53,13 +55,13 @@ fn open(path: &Path) -> Pool {
     Pool::open(Arc::new(dev), &OpenOptions::default()).expect("open")
 }
 
-/// Closes the pool, drops the caches, opens it again and reads the volume
+/// Closes the pool, drops the caches, opens it again and reads a volume
 /// sequentially 1 MiB at a time; MB/s and the reopened pool.
-fn cold_read(pool: Pool, path: &Path, size: u64) -> (f64, Pool) {
+fn cold_once(pool: Pool, path: &Path, name: &str, size: u64) -> (f64, Pool) {
     pool.close().expect("close");
     drop_caches();
     let pool = open(path);
-    let v = pool.volume("v").expect("volume").id;
+    let v = pool.volume(name).expect("volume").id;
     let mut buf = vec![0u8; MIB as usize];
     let s = Instant::now();
     for i in 0..size / MIB {
@@ -67,6 +69,41 @@ fn cold_read(pool: Pool, path: &Path, size: u64) -> (f64, Pool) {
             .expect("read");
     }
     (mbps(size, s.elapsed()), pool)
+}
+
+/// Cold reads of the volume under test ("v") and of the control ("c",
+/// written once and never touched), alternately, three times each: the
+/// machine is shared, so each state is judged against the control read
+/// beside it, not against a figure taken minutes earlier. Medians.
+fn cold_read(mut pool: Pool, path: &Path, size: u64) -> (f64, f64, Pool) {
+    let (mut v, mut c) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (x, p) = cold_once(pool, path, "v", size);
+        v.push(x);
+        let (y, p) = cold_once(p, path, "c", size);
+        c.push(y);
+        pool = p;
+    }
+    v.sort_by(f64::total_cmp);
+    c.sort_by(f64::total_cmp);
+    (v[1], c[1], pool)
+}
+
+/// Cold sequential read of a plain file, median of three.
+fn plain_read(path: &Path, size: u64) -> f64 {
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        drop_caches();
+        let f = File::open(path).expect("plain file");
+        let mut buf = vec![0u8; MIB as usize];
+        let s = Instant::now();
+        for i in 0..size / MIB {
+            f.read_exact_at(&mut buf, i * MIB).expect("plain read");
+        }
+        runs.push(mbps(size, s.elapsed()));
+    }
+    runs.sort_by(f64::total_cmp);
+    runs[1]
 }
 
 /// Used bytes once every deferred free is reusable.
@@ -111,33 +148,36 @@ fn main() {
     let path = dir.join("bench-defrag.pool");
     let plain = dir.join("bench-defrag.plain");
     let _ = std::fs::remove_file(&path);
-    let dev = FileDev::create(&path, size * 4 + 512 * MIB).expect("pool file");
+    // Every round's rewrites stay (each snapshot keeps them): room for
+    // the volume, all rounds and metadata.
+    let pool_bytes = 2 * size + size * rounds / 100 * 5 / 4 + 512 * MIB;
+    let dev = FileDev::create(&path, pool_bytes).expect("pool file");
     Pool::format(&dev, &FormatOptions::default()).expect("format");
     drop(dev);
     let pool = open(&path);
     let v = pool.create_volume("v", size, BS as u32).expect("volume").id;
+    let c = pool
+        .create_volume("c", size, BS as u32)
+        .expect("control")
+        .id;
     let f = File::create(&plain).expect("plain file");
     for i in 0..size / MIB {
         let d = pattern(i + 1, MIB as usize);
         pool.write(v, i * MIB, &d).expect("write");
         f.write_all_at(&d, i * MIB).expect("plain write");
     }
+    for i in 0..size / MIB {
+        pool.write(c, i * MIB, &pattern(i + 1, MIB as usize))
+            .expect("write control");
+    }
     pool.flush().expect("flush");
     f.sync_all().expect("sync");
     drop(f);
 
-    drop_caches();
-    let f = File::open(&plain).expect("plain file");
-    let mut buf = vec![0u8; MIB as usize];
-    let s = Instant::now();
-    for i in 0..size / MIB {
-        f.read_exact_at(&mut buf, i * MIB).expect("plain read");
-    }
-    let plain_mbps = mbps(size, s.elapsed());
-    drop(f);
+    let plain_mbps = plain_read(&plain, size);
     let _ = std::fs::remove_file(&plain);
 
-    let (fresh, pool) = cold_read(pool, &path, size);
+    let (fresh, c0, pool) = cold_read(pool, &path, size);
     let mut r = Rng(11);
     let blocks = size / BS;
     let t = Instant::now();
@@ -153,13 +193,13 @@ fn main() {
     }
     let aging = t.elapsed().as_secs_f64();
     let runs_aged = pool.fragmentation(Target::Volume(v)).expect("figure").runs;
-    let (aged, pool) = cold_read(pool, &path, size);
+    let (aged, c1, pool) = cold_read(pool, &path, size);
 
     // With every snapshot kept: the newest shares the whole volume.
     let used0 = settled_used(&pool);
     let (moved_kept, secs_kept, runs_kept) = pass(&pool);
     let used1 = settled_used(&pool);
-    let (after_kept, pool) = cold_read(pool, &path, size);
+    let (after_kept, c2, pool) = cold_read(pool, &path, size);
 
     // The snapshots expire (retention): the volume owns its blocks alone.
     for s in pool.list_snapshots(Some("v")).expect("snapshots") {
@@ -168,7 +208,7 @@ fn main() {
     let used2 = settled_used(&pool);
     let (moved, secs, runs_after) = pass(&pool);
     let used3 = settled_used(&pool);
-    let (after, pool) = cold_read(pool, &path, size);
+    let (after, c3, pool) = cold_read(pool, &path, size);
     let clean = pool.fsck().expect("fsck").is_clean();
     pool.close().expect("close");
     let _ = std::fs::remove_file(&path);
@@ -177,24 +217,29 @@ fn main() {
         "\n### Cold sequential read before and after defragmentation ({} MiB volume, 64 KiB blocks, {rounds} rounds of 1% random 64 KiB rewrites with a snapshot each, {aging:.0} s)\n",
         size / MIB
     );
-    println!("| state | runs | MB/s | vs fresh |");
-    println!("|---|---:|---:|---:|");
     println!(
-        "| plain file, same bytes, same directory | – | {plain_mbps:.0} | {:.2}× |",
-        plain_mbps / fresh
+        "| state | runs | MB/s | control MB/s (fresh volume, read beside it) | vs fresh control |"
     );
-    println!("| volume freshly written | – | {fresh:.0} | 1.00× |");
+    println!("|---|---:|---:|---:|---:|");
     println!(
-        "| after {rounds} rounds, {rounds} snapshots | {runs_aged} | {aged:.0} | {:.2}× |",
-        aged / fresh
+        "| plain file, same bytes, same directory | – | {plain_mbps:.0} | {c0:.0} | {:.2}× |",
+        plain_mbps / c0
     );
     println!(
-        "| + defragmentation pass, snapshots kept | {runs_kept} | {after_kept:.0} | {:.2}× |",
-        after_kept / fresh
+        "| volume freshly written | – | {fresh:.0} | {c0:.0} | {:.2}× |",
+        fresh / c0
     );
     println!(
-        "| + snapshots expired, defragmentation pass | {runs_after} | {after:.0} | **{:.2}×** |",
-        after / fresh
+        "| after {rounds} rounds, {rounds} snapshots | {runs_aged} | {aged:.0} | {c1:.0} | {:.2}× |",
+        aged / c1
+    );
+    println!(
+        "| + defragmentation pass, snapshots kept | {runs_kept} | {after_kept:.0} | {c2:.0} | {:.2}× |",
+        after_kept / c2
+    );
+    println!(
+        "| + snapshots expired, defragmentation pass | {runs_after} | {after:.0} | {c3:.0} | **{:.2}×** |",
+        after / c3
     );
     println!("\n| pass | moved | time | moved MB/s | scanned MB/s | space after − before |");
     println!("|---|---:|---:|---:|---:|---:|");

@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cdmfs::{
-    Cipher, DataPolicy, DefragProgress, Error, FormatOptions, KeySource, MemDev, OpenOptions, Pool,
-    Target,
+    Cipher, DataPolicy, DefragProgress, Error, FaultDev, FormatOptions, KeySource, MemDev,
+    OpenOptions, Pool, PoolState, Target,
 };
 
 const MIB: u64 = 1 << 20;
@@ -292,4 +292,32 @@ fn racing_writes_and_snapshots_win() {
     }
     let rep = pool.fsck().unwrap();
     assert!(rep.is_clean(), "{:?}", rep.errors);
+}
+
+/// A stalled pool refuses a step like a write (it could not be made
+/// durable), and the step runs once the device recovers. Failing syncs,
+/// not writes: a step that skipped the gate would succeed.
+#[test]
+fn a_stalled_pool_refuses_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    let mem = Arc::new(MemDev::new(128 << 20));
+    Pool::format(&*mem, &FormatOptions::default()).unwrap();
+    let pool = Pool::open(
+        Arc::new(FaultDev::new(mem.clone(), dir.path())),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let v = pool.create_volume("v", 8 * MIB, BS as u32).unwrap().id;
+    let data = fragmented(&pool, v, 8, 10, 9);
+    std::fs::write(dir.path().join("pool-eio-sync"), b"").unwrap();
+    let stall = pool.commit().unwrap_err();
+    assert_ne!(pool.health().unwrap().state, PoolState::Ok);
+    let e = pool.defragment_step(v, 0, 8 * MIB).unwrap_err();
+    assert_eq!(e.errno(), stall.errno(), "{e} vs {stall}");
+    std::fs::remove_file(dir.path().join("pool-eio-sync")).unwrap();
+    pool.flush().unwrap();
+    assert_eq!(pool.health().unwrap().state, PoolState::Ok);
+    assert!(full_pass(&pool, v, 8 * MIB).bytes_moved > 0);
+    assert_eq!(read_vol(&pool, Target::Volume(v), 8 * MIB), data);
+    assert!(pool.fsck().unwrap().is_clean());
 }
