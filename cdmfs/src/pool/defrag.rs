@@ -199,8 +199,12 @@ impl Pool {
             let mut g = self.lock_writable()?;
             // Data leaves the reserve to metadata (see `health.rs`); and a
             // scattered new copy would defeat the purpose.
+            let hint = match seg.first() {
+                Some(&(b, _, _)) if b > 0 => g.defrag_hint(vol, b - 1)?,
+                _ => None,
+            };
             match (g.data_free() >= units)
-                .then(|| g.store.alloc.alloc(units))
+                .then(|| g.take_run(hint, units))
                 .flatten()
             {
                 Some(a) => a,
@@ -354,6 +358,48 @@ impl Inner {
             self.defrag_scan_node(n.child(i), shared, b0, b1, out)?;
         }
         Ok(())
+    }
+
+    /// Where the extent of logical block `b` ends on the pool: the place
+    /// that continues its run (a step lands right after the one before, so
+    /// runs grow across steps instead of breaking at each).
+    fn defrag_hint(&mut self, vol: u64, b: u64) -> Result<Option<u64>> {
+        let root = self.target(Target::Volume(vol))?.root;
+        Ok(self
+            .store
+            .get(TreeKind::Volume, root, b)?
+            .map(|v| Extent::decode(&v))
+            .filter(|e| !e.packed())
+            .map(|e| e.addr + e.blocks() as u64))
+    }
+
+    /// Takes `n` contiguous blocks for a step: right after the previous
+    /// step's run if that is free, else next-fit. Then moves the next-fit
+    /// cursor past the `n` blocks after the run (taken and given back), so
+    /// the commits and writes in between allocate beyond them and the next
+    /// step finds its place free.
+    fn take_run(&mut self, hint: Option<u64>, n: u64) -> Option<u64> {
+        let a = self
+            .alloc_at(hint, n)
+            .or_else(|| self.store.alloc.alloc(n))?;
+        if let Some(x) = self.store.alloc.alloc(n) {
+            self.store.alloc.free(x, n);
+        }
+        Some(a)
+    }
+
+    /// Takes `n` blocks at `addr` if they are all free. Free in the bitmap
+    /// means unreachable from the last two superblocks, as for `alloc`.
+    fn alloc_at(&mut self, addr: Option<u64>, n: u64) -> Option<u64> {
+        let a = addr?;
+        let end = a.checked_add(n)?;
+        if a < RESERVED_BLOCKS || end > self.store.alloc.total() {
+            return None;
+        }
+        if (a..end).any(|x| self.store.alloc.is_set(x)) {
+            return None;
+        }
+        self.store.alloc.mark(a, n).then_some(a)
     }
 
     /// Whether a segment's blocks are still mapped as a step read them,

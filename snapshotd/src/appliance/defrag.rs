@@ -30,8 +30,10 @@ use crate::error::Error;
 
 /// Default rewrite rate of a `defrag` job, MB/s.
 pub const DEFAULT_RATE_MB_S: u64 = 50;
-/// Most bytes one step rewrites: bounds how long it holds its range lock.
-const STEP_BYTES: u64 = 4 << 20;
+/// Most bytes one step rewrites: bounds how long it holds its range lock
+/// (writes to those blocks wait for the copy, ~0.1 s), and the longer the
+/// steps the longer the runs (each step allocates its own).
+const STEP_BYTES: u64 = 16 << 20;
 /// How old a fragmentation figure `/metrics` may report.
 pub const FRAG_TTL: Duration = Duration::from_secs(300);
 
