@@ -77,6 +77,20 @@ pub struct DefragProgress {
 /// A mapped block as a step sees it: block, extent, owned alone.
 type Entry = (u64, Extent, bool);
 
+/// Smallest segment split further when no contiguous space holds it
+/// (1 MiB in 4 KiB units).
+const MIN_SPLIT_UNITS: u64 = 256;
+
+/// What became of a segment.
+enum Moved {
+    /// Remapped to these extents.
+    Yes(Vec<(u64, Extent)>),
+    /// No contiguous free space for it.
+    NoSpace,
+    /// Left in place: damaged bytes, or a write or snapshot raced it.
+    Left,
+}
+
 impl Pool {
     /// Rewrites the fragmented, uniquely owned blocks of
     /// `from_block..from_block + budget_bytes / block size` of a live
@@ -125,10 +139,14 @@ impl Pool {
         p.extents = entries.len() as u64;
         p.runs_before = count_runs(entries.iter().map(|(b, e, _)| (*b, *e)));
         let mut after: Vec<(u64, Extent)> = entries.iter().map(|(b, e, _)| (*b, *e)).collect();
-        for seg in self.segments(&entries, &pieces, &mut p) {
+        // In logical order; a segment with no contiguous free space for it
+        // is split in halves (down to 1 MiB), which still merges runs.
+        let mut todo = self.segments(&entries, &pieces, &mut p);
+        todo.reverse();
+        while let Some(seg) = todo.pop() {
             let units: u64 = seg.iter().map(|(_, e, _)| e.blocks() as u64).sum();
             match self.move_segment(vol, bs, &seg, units)? {
-                Some(moved) => {
+                Moved::Yes(moved) => {
                     p.extents_moved += moved.len() as u64;
                     p.bytes_moved += units * UNIT;
                     for (b, e) in moved {
@@ -137,7 +155,15 @@ impl Pool {
                         }
                     }
                 }
-                None => p.skipped_blocks += seg.len() as u64,
+                Moved::NoSpace if seg.len() >= 2 && units > MIN_SPLIT_UNITS => {
+                    let (a, b) = seg.split_at(seg.len() / 2);
+                    for half in [b, a] {
+                        if count_runs(half.iter().map(|(b, e, _)| (*b, *e))) > 1 {
+                            todo.push(half.to_vec());
+                        }
+                    }
+                }
+                Moved::NoSpace | Moved::Left => p.skipped_blocks += seg.len() as u64,
             }
         }
         p.runs_after = count_runs(after.into_iter());
@@ -186,15 +212,10 @@ impl Pool {
         out
     }
 
-    /// Copies one segment to a new contiguous run and remaps it; None when
-    /// it stays where it is (no contiguous space, damaged bytes, a race).
-    fn move_segment(
-        &self,
-        vol: u64,
-        bs: u32,
-        seg: &[Entry],
-        units: u64,
-    ) -> Result<Option<Vec<(u64, Extent)>>> {
+    /// Copies one segment to a new contiguous run and remaps it, unless
+    /// there is no contiguous space, its bytes are damaged or a write or
+    /// snapshot raced it.
+    fn move_segment(&self, vol: u64, bs: u32, seg: &[Entry], units: u64) -> Result<Moved> {
         let addr = {
             let mut g = self.lock_writable()?;
             // Data leaves the reserve to metadata (see `health.rs`); and a
@@ -210,7 +231,7 @@ impl Pool {
                 Some(a) => a,
                 None => {
                     tracing::debug!(vol, units, "defragment: no contiguous free space");
-                    return Ok(None);
+                    return Ok(Moved::NoSpace);
                 }
             }
         };
@@ -218,7 +239,7 @@ impl Pool {
             Ok(Some(c)) => c,
             r => {
                 self.lock()?.store.alloc.free(addr, units);
-                return r.map(|_| None);
+                return r.map(|_| Moved::Left);
             }
         };
         let mut g = self.lock()?;
@@ -231,7 +252,7 @@ impl Pool {
         };
         if !unchanged {
             g.store.alloc.free(addr, units);
-            return Ok(None);
+            return Ok(Moved::Left);
         }
         g.apply_logged(LogOp {
             vol,
@@ -242,7 +263,7 @@ impl Pool {
             taken: Vec::new(),
             action: Action::Blocks(copied.iter().map(|(b, e)| (*b, Some(*e))).collect()),
         })?;
-        Ok(Some(copied))
+        Ok(Moved::Yes(copied))
     }
 
     /// Reads a segment's stored bytes, verifies them, re-encrypts them for
