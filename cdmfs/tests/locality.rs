@@ -70,6 +70,8 @@ fn fragmentation_counts_extents_and_runs_in_logical_order() {
     assert_eq!(pool.fragmentation(Target::Snapshot(s.id)).unwrap(), f);
 }
 
+type Ranges = Vec<(u64, u64)>;
+
 /// A memory device that records the reads and read-ahead hints it gets.
 struct Counting {
     mem: MemDev,
@@ -85,7 +87,8 @@ impl Counting {
             hints: Mutex::new(Vec::new()),
         })
     }
-    fn take(&self) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    /// The (reads, hints) since the last call, as (offset, length) pairs.
+    fn take(&self) -> (Ranges, Ranges) {
         (
             std::mem::take(&mut *self.reads.lock().unwrap()),
             std::mem::take(&mut *self.hints.lock().unwrap()),
