@@ -36,12 +36,18 @@ impl Pool {
     fn prefetch(&self, t: Target, bs: u64, from: u64, to: u64) -> Result<()> {
         let (b0, b1) = (from / bs, to.div_ceil(bs));
         let map = self.locked_no_io(|g| g.mappings(t, b0, b1))?;
+        let mut spans: Vec<(u64, u64)> = map
+            .iter()
+            .map(|(_, e)| (e.byte_offset(), e.stored_len as u64))
+            .collect();
+        // In device order, extents a short gap apart (a rewritten block's
+        // old place, a tree node) fetched as one: one larger request
+        // costs less than two.
+        spans.sort_unstable();
         let mut ranges: Vec<(u64, u64)> = Vec::new();
-        for (_, e) in &map {
-            let (o, l) = (e.byte_offset(), e.stored_len as u64);
+        for (o, l) in spans {
             match ranges.last_mut() {
-                // Chunks of one frame or pack fall inside the last range.
-                Some(r) if o >= r.0 && o <= r.0 + r.1 => r.1 = r.1.max(o + l - r.0),
+                Some(r) if o <= r.0 + r.1 + AHEAD_GAP => r.1 = r.1.max(o + l - r.0),
                 _ => ranges.push((o, l)),
             }
         }
@@ -373,6 +379,9 @@ fn verify(t: Target, e: &(u64, Extent), stored: &[u8], bs: u64) -> Result<()> {
 /// Read-ahead windows grow to this (per stream): enough requests in flight
 /// to keep a device busy while the reader verifies and copies.
 const MAX_AHEAD: u64 = 8 << 20;
+/// Read-ahead fetches extents this close together on the device in one
+/// request, gap included.
+const AHEAD_GAP: u64 = 128 << 10;
 /// Sequential streams remembered (the least recently read is forgotten).
 const STREAMS: usize = 16;
 /// A read that starts this close to where a stream stopped continues it
