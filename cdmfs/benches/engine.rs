@@ -467,8 +467,8 @@ fn cold_read(read: &mut dyn FnMut(u64, &mut [u8]), size: u64) -> f64 {
 /// then `rounds` rounds of 1% random block rewrites, each flushed and
 /// committed (as a day's periodic commits would).
 /// Returns (MB/s fresh, MB/s after the rounds, device reads per MiB
-/// fresh, runs per MiB after the rounds).
-fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 4] {
+/// fresh, runs per MiB after the rounds, MB/s of the rounds' writes).
+fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 5] {
     let ppath = dir.join("bench-cold.pool");
     let _ = std::fs::remove_file(&ppath);
     let file = FileDev::create(&ppath, size * 3).expect("pool file");
@@ -492,6 +492,7 @@ fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 4] {
     let mut r = Rng(23);
     let blocks = size / bs as u64;
     let bs64 = bs as u64;
+    let s = Instant::now();
     for _ in 0..rounds {
         for _ in 0..(blocks / 100).max(1) {
             let b = r.next() % blocks;
@@ -501,15 +502,24 @@ fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 4] {
         pool.flush().unwrap();
         pool.commit().unwrap();
     }
+    let rewritten = rounds * (blocks / 100).max(1) * bs64;
+    let write = mbps(rewritten, s.elapsed());
     let after = if rounds > 0 {
         cold_read(&mut |o, b| pool.read(t, o, b).unwrap(), size)
     } else {
         0.0
     };
-    let runs = pool.fragmentation(t).unwrap().runs_per_mib();
+    let s = Instant::now();
+    let frag = pool.fragmentation(t).unwrap();
+    let frag_ms = s.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "<!-- Pool::fragmentation, {bs}-byte blocks: {} extents in {frag_ms:.2} ms -->",
+        frag.extents
+    );
+    let runs = frag.runs_per_mib();
     pool.close().unwrap();
     let _ = std::fs::remove_file(&ppath);
-    [fresh, after, reads, runs]
+    [fresh, after, reads, runs, write]
 }
 
 /// Cold sequential reads of a fresh volume vs a plain file, and of the
@@ -520,11 +530,9 @@ fn cold(dir: &Path, size: u64, reps: usize) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100);
     println!("\n### Cold sequential 1 MiB reads: fresh volume vs plain file, and after {rounds} rounds of 1% random block rewrites (a flush and a commit per round, no snapshots) ({} MiB, median of {reps} alternating runs)\n", size / MIB);
-    println!("| what | MB/s | ratio | device reads per MiB | runs per MiB |");
-    println!("|---|---:|---:|---:|---:|");
     let chunk = pattern(21, MIB as usize);
     let mut plain = Vec::new();
-    let mut eng: Vec<Vec<[f64; 4]>> = vec![Vec::new(); 2];
+    let mut eng: Vec<Vec<[f64; 5]>> = vec![Vec::new(); 2];
     for _ in 0..reps {
         let fpath = dir.join("bench-cold.raw");
         let f = File::create(&fpath).unwrap();
@@ -539,22 +547,27 @@ fn cold(dir: &Path, size: u64, reps: usize) {
         eng[0].push(cold_engine(dir, size, 65536, rounds));
         eng[1].push(cold_engine(dir, size, 4096, 0));
     }
+    println!(
+        "\n| what | MB/s | ratio | device reads per MiB | runs per MiB | rounds' writes MB/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
     let p = median(plain);
-    println!("| plain file | {p:.0} | 1.00× | | |");
+    println!("| plain file | {p:.0} | 1.00× | | | |");
     for (k, name) in ["64 KiB blocks", "4 KiB blocks"].iter().enumerate() {
         let m = |i: usize| median(eng[k].iter().map(|r| r[i]).collect());
         println!(
-            "| cdmfs {name}, fresh | {:.0} | **{:.2}×** | {:.1} | |",
+            "| cdmfs {name}, fresh | {:.0} | **{:.2}×** | {:.1} | | |",
             m(0),
             m(0) / p,
             m(2)
         );
         if k == 0 && rounds > 0 {
             println!(
-                "| cdmfs {name}, after {rounds} rounds | {:.0} | {:.2}× of fresh | | {:.2} |",
+                "| cdmfs {name}, after {rounds} rounds | {:.0} | {:.2}× of fresh | | {:.2} | {:.0} |",
                 m(1),
                 m(1) / m(0),
-                m(3)
+                m(3),
+                m(4)
             );
         }
     }

@@ -25,6 +25,11 @@ use super::{Inner, Pool, Target};
 /// neighbours (as XFS allocation groups and ZFS metaslabs keep related
 /// data together, at the scale of one sequential read).
 const REGION_SLOTS: u64 = 16;
+/// Regions only for blocks of 64 KiB or more: spreading writes costs the
+/// device the merging of neighbouring writes, which is worth more than
+/// read locality to 4 KiB writes (measured: -35% 4 KiB random write IOPS
+/// on a 4 KiB-block volume with 64 KiB regions).
+const REGION_MIN_UNITS: u64 = 16;
 
 /// Blocks looked up under one hold of the pool lock.
 const SLICE: u64 = 8192;
@@ -145,9 +150,10 @@ impl Inner {
     /// nearest logical neighbour (up to a region away) says they belong,
     /// at its address plus the logical distance, so that a rewrite lands
     /// next to an earlier rewrite of its neighbours, or back where it was
-    /// once its old extent is free; failing that, at their slot in a new
-    /// region while free space is plentiful (above an eighth of the pool),
-    /// so that their neighbours can follow them there; else next-fit.
+    /// once its old extent is free; failing that, for blocks of 64 KiB or
+    /// more, at their slot in a new region while free space is plentiful
+    /// (above an eighth of the pool), so that their neighbours can follow
+    /// them there; else next-fit.
     /// None if no run is free.
     pub(super) fn place(
         &mut self,
@@ -190,7 +196,7 @@ impl Inner {
             }
         }
         let a = &self.store.alloc;
-        if n < REGION_SLOTS && (a.total() - a.used()) > a.total() / 8 {
+        if n < REGION_SLOTS && units >= REGION_MIN_UNITS && (a.total() - a.used()) > a.total() / 8 {
             let slot = (k % REGION_SLOTS).min(REGION_SLOTS - n);
             let region = REGION_SLOTS * units;
             if let Some(at) = self
