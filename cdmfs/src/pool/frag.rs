@@ -10,9 +10,9 @@
 //! once (from the node cache or the device; no data is read). The walk
 //! takes the pool lock for one slice of [`SLICE`] blocks at a time and
 //! reads missing nodes outside it (`locked_no_io`), so writers and readers
-//! wait at most one slice's lookups. About 1 ms per 10,000 mapped extents
-//! with the nodes cached: fine for an API call on demand, not for every
-//! request.
+//! wait at most one slice's lookups. Measured: 65,536 extents in 2 ms with
+//! the nodes cached (a cold cache adds a leaf read per ~150 extents): fine
+//! for an API call on demand, not for every request.
 
 use crate::error::Result;
 use crate::format::*;
