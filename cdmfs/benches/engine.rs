@@ -451,24 +451,42 @@ impl BlockDev for Counting {
     }
 }
 
-/// Cold sequential 1 MiB reads of a whole volume (or file): MB/s, device
-/// reads, bytes read from the device.
-fn cold_read(read: &mut dyn FnMut(u64, &mut [u8]), size: u64) -> f64 {
+/// Read requests completed by the disk under BENCH_DIR (from
+/// `/sys/dev/block/M:m/stat`), if it can be found: what the reads cost the
+/// device, which timings on a shared machine hide.
+fn disk_reads(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{maj}:{min}/stat")).ok()?;
+    stat.split_whitespace().next()?.parse().ok()
+}
+
+/// Cold sequential 1 MiB reads of a whole volume (or file): MB/s and the
+/// disk's read requests per MiB (0 if unknown).
+fn cold_read(dir: &Path, read: &mut dyn FnMut(u64, &mut [u8]), size: u64) -> [f64; 2] {
     let mut buf = vec![0u8; MIB as usize];
     drop_caches();
+    let d0 = disk_reads(dir);
     let s = Instant::now();
     for i in 0..size / MIB {
         read(i * MIB, &mut buf);
     }
-    mbps(size, s.elapsed())
+    let speed = mbps(size, s.elapsed());
+    let reqs = match (d0, disk_reads(dir)) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / (size / MIB) as f64,
+        _ => 0.0,
+    };
+    [speed, reqs]
 }
 
 /// One engine volume for [`cold`]: written sequentially in 1 MiB writes,
 /// then `rounds` rounds of 1% random block rewrites, each flushed and
 /// committed (as a day's periodic commits would).
 /// Returns (MB/s fresh, MB/s after the rounds, device reads per MiB
-/// fresh, runs per MiB after the rounds, MB/s of the rounds' writes).
-fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 5] {
+/// fresh, runs per MiB after the rounds, MB/s of the rounds' writes, disk
+/// read requests per MiB fresh and after).
+fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 7] {
     let ppath = dir.join("bench-cold.pool");
     let _ = std::fs::remove_file(&ppath);
     let file = FileDev::create(&ppath, size * 3).expect("pool file");
@@ -487,7 +505,7 @@ fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 5] {
     pool.flush().unwrap();
     let t = Target::Volume(v);
     let r0 = dev.reads.load(Relaxed);
-    let fresh = cold_read(&mut |o, b| pool.read(t, o, b).unwrap(), size);
+    let [fresh, fresh_reqs] = cold_read(dir, &mut |o, b| pool.read(t, o, b).unwrap(), size);
     let reads = (dev.reads.load(Relaxed) - r0) as f64 / (size / MIB) as f64;
     let mut r = Rng(23);
     let blocks = size / bs as u64;
@@ -504,10 +522,10 @@ fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 5] {
     }
     let rewritten = rounds * (blocks / 100).max(1) * bs64;
     let write = mbps(rewritten, s.elapsed());
-    let after = if rounds > 0 {
-        cold_read(&mut |o, b| pool.read(t, o, b).unwrap(), size)
+    let [after, after_reqs] = if rounds > 0 {
+        cold_read(dir, &mut |o, b| pool.read(t, o, b).unwrap(), size)
     } else {
-        0.0
+        [0.0; 2]
     };
     let s = Instant::now();
     let frag = pool.fragmentation(t).unwrap();
@@ -519,7 +537,7 @@ fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 5] {
     let runs = frag.runs_per_mib();
     pool.close().unwrap();
     let _ = std::fs::remove_file(&ppath);
-    [fresh, after, reads, runs, write]
+    [fresh, after, reads, runs, write, fresh_reqs, after_reqs]
 }
 
 /// Cold sequential reads of a fresh volume vs a plain file, and of the
@@ -532,7 +550,7 @@ fn cold(dir: &Path, size: u64, reps: usize) {
     println!("\n### Cold sequential 1 MiB reads: fresh volume vs plain file, and after {rounds} rounds of 1% random block rewrites (a flush and a commit per round, no snapshots) ({} MiB, median of {reps} alternating runs)\n", size / MIB);
     let chunk = pattern(21, MIB as usize);
     let mut plain = Vec::new();
-    let mut eng: Vec<Vec<[f64; 5]>> = vec![Vec::new(); 2];
+    let mut eng: Vec<Vec<[f64; 7]>> = vec![Vec::new(); 2];
     for _ in 0..reps {
         let fpath = dir.join("bench-cold.raw");
         let f = File::create(&fpath).unwrap();
@@ -541,31 +559,36 @@ fn cold(dir: &Path, size: u64, reps: usize) {
         }
         f.sync_all().unwrap();
         let f = File::open(&fpath).unwrap();
-        plain.push(cold_read(&mut |o, b| f.read_exact_at(b, o).unwrap(), size));
+        plain.push(cold_read(
+            dir,
+            &mut |o, b| f.read_exact_at(b, o).unwrap(),
+            size,
+        ));
         drop(f);
         let _ = std::fs::remove_file(&fpath);
         eng[0].push(cold_engine(dir, size, 65536, rounds));
         eng[1].push(cold_engine(dir, size, 4096, 0));
     }
-    println!(
-        "\n| what | MB/s | ratio | device reads per MiB | runs per MiB | rounds' writes MB/s |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|");
-    let p = median(plain);
-    println!("| plain file | {p:.0} | 1.00× | | | |");
+    println!("\n| what | MB/s | ratio | pool device reads per MiB | disk read requests per MiB | runs per MiB | rounds' writes MB/s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let p = median(plain.iter().map(|r| r[0]).collect());
+    let preq = median(plain.iter().map(|r| r[1]).collect());
+    println!("| plain file | {p:.0} | 1.00× | | {preq:.1} | | |");
     for (k, name) in ["64 KiB blocks", "4 KiB blocks"].iter().enumerate() {
         let m = |i: usize| median(eng[k].iter().map(|r| r[i]).collect());
         println!(
-            "| cdmfs {name}, fresh | {:.0} | **{:.2}×** | {:.1} | | |",
+            "| cdmfs {name}, fresh | {:.0} | **{:.2}×** | {:.1} | {:.1} | | |",
             m(0),
             m(0) / p,
-            m(2)
+            m(2),
+            m(5)
         );
         if k == 0 && rounds > 0 {
             println!(
-                "| cdmfs {name}, after {rounds} rounds | {:.0} | {:.2}× of fresh | | {:.2} | {:.0} |",
+                "| cdmfs {name}, after {rounds} rounds | {:.0} | {:.2}× of fresh | | {:.1} | {:.2} | {:.0} |",
                 m(1),
                 m(1) / m(0),
+                m(6),
                 m(3),
                 m(4)
             );
