@@ -155,15 +155,10 @@ impl Inner {
     /// (above an eighth of the pool), so that their neighbours can follow
     /// them there; else next-fit.
     /// None if no run is free.
-    pub(super) fn place(
-        &mut self,
-        near: Option<(u64, u64)>,
-        n: u64,
-        units: u64,
-    ) -> Result<Option<u64>> {
+    pub(super) fn place(&mut self, near: Option<(u64, u64)>, n: u64, units: u64) -> Option<u64> {
         let blocks = n * units;
         let Some((vol, k)) = near else {
-            return Ok(self.store.alloc.alloc(blocks));
+            return self.store.alloc.alloc(blocks);
         };
         // The neighbours that share the run's regions (aligned groups of
         // REGION_SLOTS blocks), and the two adjacent blocks.
@@ -171,7 +166,13 @@ impl Inner {
         let hi = (k + n).div_ceil(REGION_SLOTS) * REGION_SLOTS;
         let (lo, hi) = (lo.min(k.saturating_sub(1)), hi.max(k + n + 1));
         let mut cands: Vec<(u64, u64)> = Vec::new();
-        for (j, e) in self.mappings(Target::Volume(vol), lo, hi)? {
+        // A preference only: a lookup that fails (the volume deleted
+        // meanwhile, a node unreadable) leaves the write to fail or not
+        // where it always would.
+        let map = self
+            .mappings(Target::Volume(vol), lo, hi)
+            .unwrap_or_default();
+        for (j, e) in map {
             // Only whole plain extents say where a block of `units` goes.
             if (k..k + n).contains(&j) || !e.is_plain() || e.blocks() as u64 != units {
                 continue;
@@ -192,7 +193,7 @@ impl Inner {
             // (which would take the next block's place).
             let slack = if d == 1 && at >= units { units / 2 } else { 0 };
             if let Some(at) = self.store.alloc.alloc_near(at, blocks, slack) {
-                return Ok(Some(at));
+                return Some(at);
             }
         }
         let a = &self.store.alloc;
@@ -204,10 +205,10 @@ impl Inner {
                 .alloc
                 .alloc_in_region(blocks, region, slot * units)
             {
-                return Ok(Some(at));
+                return Some(at);
             }
         }
-        Ok(self.store.alloc.alloc(blocks))
+        self.store.alloc.alloc(blocks)
     }
 }
 
