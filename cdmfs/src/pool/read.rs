@@ -51,7 +51,9 @@ impl Pool {
                 _ => ranges.push((o, l)),
             }
         }
-        if !ranges.is_empty() {
+        // One range is a sequential stretch of the pool file, which the
+        // host's own read-ahead follows: hints would only add work.
+        if ranges.len() > 1 {
             self.dev.will_need(&ranges);
         }
         Ok(())
