@@ -8,16 +8,18 @@
 //! 4. Metadata bytes per GiB of data (checksums included).
 //!
 //! Environment: BENCH_DIR (default /var/tmp), BENCH_SIZES (GiB list for 2,
-//! default "1,4,16"), BENCH_QUICK=1 for a short run.
+//! default "1,4,16"), BENCH_QUICK=1 for a short run, BENCH_ONLY (a comma
+//! list of sections: throughput, cold, snapshots, chain, metadata).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cdmfs::{FileDev, FormatOptions, OpenOptions, Pool, Target};
+use cdmfs::{BlockDev, FileDev, FormatOptions, OpenOptions, Pool, Target};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -421,6 +423,179 @@ fn chain(dir: &Path, size: u64) {
     }
 }
 
+/// A device that counts the reads reaching it (and their bytes), to show
+/// the request sizes behind a figure.
+struct Counting {
+    dev: FileDev,
+    reads: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl BlockDev for Counting {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        self.reads.fetch_add(1, Relaxed);
+        self.bytes.fetch_add(buf.len() as u64, Relaxed);
+        self.dev.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        self.dev.write_at(buf, off)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        self.dev.sync()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.dev.len()
+    }
+    fn will_need(&self, ranges: &[(u64, u64)]) {
+        self.dev.will_need(ranges)
+    }
+}
+
+/// Read requests completed by the disk under BENCH_DIR (from
+/// `/sys/dev/block/M:m/stat`), if it can be found: what the reads cost the
+/// device, which timings on a shared machine hide.
+fn disk_reads(dir: &Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(dir).ok()?.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{maj}:{min}/stat")).ok()?;
+    stat.split_whitespace().next()?.parse().ok()
+}
+
+/// Cold sequential 1 MiB reads of a whole volume (or file): MB/s and the
+/// disk's read requests per MiB (0 if unknown).
+fn cold_read(dir: &Path, read: &mut dyn FnMut(u64, &mut [u8]), size: u64) -> [f64; 2] {
+    let mut buf = vec![0u8; MIB as usize];
+    drop_caches();
+    let d0 = disk_reads(dir);
+    let s = Instant::now();
+    for i in 0..size / MIB {
+        read(i * MIB, &mut buf);
+    }
+    let speed = mbps(size, s.elapsed());
+    let reqs = match (d0, disk_reads(dir)) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / (size / MIB) as f64,
+        _ => 0.0,
+    };
+    [speed, reqs]
+}
+
+/// One engine volume for [`cold`]: written sequentially in 1 MiB writes,
+/// then `rounds` rounds of 1% random block rewrites, each flushed and
+/// committed (as a day's periodic commits would).
+/// Returns (MB/s fresh, MB/s after the rounds, device reads per MiB
+/// fresh, runs per MiB after the rounds, MB/s of the rounds' writes, disk
+/// read requests per MiB fresh and after).
+fn cold_engine(dir: &Path, size: u64, bs: u32, rounds: u64) -> [f64; 7] {
+    let ppath = dir.join("bench-cold.pool");
+    let _ = std::fs::remove_file(&ppath);
+    let file = FileDev::create(&ppath, size * 3).expect("pool file");
+    Pool::format(&file, &FormatOptions::default()).expect("format");
+    let dev = Arc::new(Counting {
+        dev: file,
+        reads: AtomicU64::new(0),
+        bytes: AtomicU64::new(0),
+    });
+    let pool = Pool::open(dev.clone(), &OpenOptions::default()).expect("open");
+    let v = pool.create_volume("v", size, bs).unwrap().id;
+    let chunk = pattern(21, MIB as usize);
+    for i in 0..size / MIB {
+        pool.write(v, i * MIB, &chunk).unwrap();
+    }
+    pool.flush().unwrap();
+    let t = Target::Volume(v);
+    let r0 = dev.reads.load(Relaxed);
+    let [fresh, fresh_reqs] = cold_read(dir, &mut |o, b| pool.read(t, o, b).unwrap(), size);
+    let reads = (dev.reads.load(Relaxed) - r0) as f64 / (size / MIB) as f64;
+    let mut r = Rng(23);
+    let blocks = size / bs as u64;
+    let bs64 = bs as u64;
+    let s = Instant::now();
+    for _ in 0..rounds {
+        for _ in 0..(blocks / 100).max(1) {
+            let b = r.next() % blocks;
+            pool.write(v, b * bs64, &chunk[..bs as usize]).unwrap();
+        }
+        // A day's periodic commits: the old extents become free.
+        pool.flush().unwrap();
+        pool.commit().unwrap();
+    }
+    let rewritten = rounds * (blocks / 100).max(1) * bs64;
+    let write = mbps(rewritten, s.elapsed());
+    let [after, after_reqs] = if rounds > 0 {
+        cold_read(dir, &mut |o, b| pool.read(t, o, b).unwrap(), size)
+    } else {
+        [0.0; 2]
+    };
+    let s = Instant::now();
+    let frag = pool.fragmentation(t).unwrap();
+    let frag_ms = s.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "<!-- Pool::fragmentation, {bs}-byte blocks: {} extents in {frag_ms:.2} ms -->",
+        frag.extents
+    );
+    let runs = frag.runs_per_mib();
+    pool.close().unwrap();
+    let _ = std::fs::remove_file(&ppath);
+    [fresh, after, reads, runs, write, fresh_reqs, after_reqs]
+}
+
+/// Cold sequential reads of a fresh volume vs a plain file, and of the
+/// volume after rounds of 1% random rewrites (BENCH_ROUNDS, default 100).
+fn cold(dir: &Path, size: u64, reps: usize) {
+    let rounds: u64 = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    println!("\n### Cold sequential 1 MiB reads: fresh volume vs plain file, and after {rounds} rounds of 1% random block rewrites (a flush and a commit per round, no snapshots) ({} MiB, median of {reps} alternating runs)\n", size / MIB);
+    let chunk = pattern(21, MIB as usize);
+    let mut plain = Vec::new();
+    let mut eng: Vec<Vec<[f64; 7]>> = vec![Vec::new(); 2];
+    for _ in 0..reps {
+        let fpath = dir.join("bench-cold.raw");
+        let f = File::create(&fpath).unwrap();
+        for i in 0..size / MIB {
+            f.write_all_at(&chunk, i * MIB).unwrap();
+        }
+        f.sync_all().unwrap();
+        let f = File::open(&fpath).unwrap();
+        plain.push(cold_read(
+            dir,
+            &mut |o, b| f.read_exact_at(b, o).unwrap(),
+            size,
+        ));
+        drop(f);
+        let _ = std::fs::remove_file(&fpath);
+        eng[0].push(cold_engine(dir, size, 65536, rounds));
+        eng[1].push(cold_engine(dir, size, 4096, 0));
+    }
+    println!("\n| what | MB/s | ratio | pool device reads per MiB | disk read requests per MiB | runs per MiB | rounds' writes MB/s |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let p = median(plain.iter().map(|r| r[0]).collect());
+    let preq = median(plain.iter().map(|r| r[1]).collect());
+    println!("| plain file | {p:.0} | 1.00× | | {preq:.1} | | |");
+    for (k, name) in ["64 KiB blocks", "4 KiB blocks"].iter().enumerate() {
+        let m = |i: usize| median(eng[k].iter().map(|r| r[i]).collect());
+        println!(
+            "| cdmfs {name}, fresh | {:.0} | **{:.2}×** | {:.1} | {:.1} | | |",
+            m(0),
+            m(0) / p,
+            m(2),
+            m(5)
+        );
+        if k == 0 && rounds > 0 {
+            println!(
+                "| cdmfs {name}, after {rounds} rounds | {:.0} | {:.2}× of fresh | | {:.1} | {:.2} | {:.0} |",
+                m(1),
+                m(1) / m(0),
+                m(6),
+                m(3),
+                m(4)
+            );
+        }
+    }
+}
+
 fn metadata(dir: &Path, size: u64) {
     println!("\n### Metadata per GiB of data, 64 KiB blocks, checksums included\n");
     println!("| layout | data | metadata | overhead |");
@@ -486,13 +661,31 @@ fn main() {
     if std::env::args().any(|a| a == "--bench" || a.starts_with("--")) {
         // cargo bench passes --bench; nothing else to parse.
     }
-    throughput(
-        &dir,
-        if quick { GIB / 4 } else { GIB },
-        if quick { 8192 } else { 32768 },
-        3,
-    );
-    snapshots(&dir, &sizes, if quick { 30 } else { 100 });
-    chain(&dir, if quick { GIB / 4 } else { GIB });
-    metadata(&dir, if quick { GIB } else { 4 * GIB });
+    // BENCH_ONLY=throughput,cold,snapshots,chain,metadata runs those
+    // sections alone (all by default).
+    let only = std::env::var("BENCH_ONLY").ok();
+    let run = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|s| s == name))
+    };
+    if run("throughput") {
+        throughput(
+            &dir,
+            if quick { GIB / 4 } else { GIB },
+            if quick { 8192 } else { 32768 },
+            3,
+        );
+    }
+    if run("cold") {
+        cold(&dir, if quick { GIB / 4 } else { GIB }, 3);
+    }
+    if run("snapshots") {
+        snapshots(&dir, &sizes, if quick { 30 } else { 100 });
+    }
+    if run("chain") {
+        chain(&dir, if quick { GIB / 4 } else { GIB });
+    }
+    if run("metadata") {
+        metadata(&dir, if quick { GIB } else { 4 * GIB });
+    }
 }

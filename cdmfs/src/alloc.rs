@@ -113,6 +113,63 @@ impl Allocator {
         Some(found)
     }
 
+    /// Whether blocks `addr..addr+n` are all free and allocatable.
+    pub fn is_free(&self, addr: u64, n: u64) -> bool {
+        addr >= self.first
+            && addr.checked_add(n).is_some_and(|e| e <= self.total)
+            && (addr..addr + n).all(|b| !self.is_set(b))
+    }
+
+    /// Allocates exactly `n` blocks at `addr` if they are free (a placement
+    /// next to a logical neighbour); the cursor moves only if they cover it.
+    pub fn alloc_at(&mut self, addr: u64, n: u64) -> bool {
+        if n == 0 || !self.is_free(addr, n) {
+            return false;
+        }
+        self.mark(addr, n);
+        // Taken at the cursor (the common case: a volume written in
+        // order): next-fit goes on after it.
+        if (addr..addr + n).contains(&self.cursor) {
+            self.cursor = addr + n;
+            if self.cursor >= self.total {
+                self.cursor = self.first;
+            }
+        }
+        true
+    }
+
+    /// Allocates `n` blocks starting in `addr..=addr+slack` (the first
+    /// free run there: a placement that steps over a metadata block).
+    pub fn alloc_near(&mut self, addr: u64, n: u64, slack: u64) -> Option<u64> {
+        let to = addr.saturating_add(slack).saturating_add(n).min(self.total);
+        let at = self.scan(addr.max(self.first), to, n)?;
+        self.alloc_at(at, n).then_some(at)
+    }
+
+    /// Allocates `n` blocks at `offset` into a free region of `region`
+    /// blocks found next-fit, and moves the cursor past the region: the
+    /// rest of the region stays free for the logical neighbours of what
+    /// lands there (see `Inner::place`). None if no region is free.
+    pub fn alloc_in_region(&mut self, n: u64, region: u64, offset: u64) -> Option<u64> {
+        if n == 0 || offset + n > region || region > self.total - self.used {
+            return None;
+        }
+        let start = self.cursor;
+        let found = self.scan(start, self.total, region).or_else(|| {
+            self.scan(
+                self.first,
+                start.saturating_add(region).min(self.total),
+                region,
+            )
+        })?;
+        self.mark(found + offset, n);
+        self.cursor = found + region;
+        if self.cursor >= self.total {
+            self.cursor = self.first;
+        }
+        Some(found + offset)
+    }
+
     fn scan(&self, from: u64, to: u64, n: u64) -> Option<u64> {
         let mut b = from;
         let mut run_start = from;
@@ -172,6 +229,40 @@ mod tests {
         assert!(a.alloc(1).is_none());
         assert!(!a.mark(5, 1));
         assert!(!a.mark(999, 5));
+    }
+
+    #[test]
+    fn placement_at_an_address_and_in_a_region() {
+        let mut a = Allocator::new(1000, 10);
+        assert!(a.alloc_at(100, 16));
+        assert!(!a.alloc_at(110, 16), "overlaps");
+        assert!(!a.alloc_at(5, 1), "reserved");
+        assert!(!a.alloc_at(990, 16), "past the end");
+        assert!(a.is_free(116, 16) && !a.is_free(99, 2));
+        assert_eq!(a.alloc_near(116, 4, 2), Some(116));
+        a.free(116, 4);
+        assert!(a.alloc_at(116, 1));
+        assert_eq!(a.alloc_near(116, 4, 2), Some(117), "steps over one");
+        assert_eq!(a.alloc_near(100, 4, 2), None, "not within the slack");
+        a.free(116, 5);
+        // The cursor did not move: next-fit still starts at the front.
+        assert_eq!(a.alloc(16), Some(10));
+        // Taken at the cursor, it moves past them.
+        assert!(a.alloc_at(26, 2));
+        a.free(26, 2);
+        // A region of 64 from the cursor (28): 28..92 is free; the blocks
+        // go 32 into it and the cursor passes the region.
+        assert_eq!(a.alloc_in_region(16, 64, 32), Some(60));
+        assert!(a.is_free(26, 34) && a.is_free(76, 16));
+        assert_eq!(a.alloc(4), Some(92));
+        // 100..116 is taken, so the next region starts after it.
+        assert_eq!(a.alloc_in_region(8, 64, 0), Some(116));
+        assert_eq!(
+            a.alloc_in_region(8, 64, 60),
+            None,
+            "does not fit the region"
+        );
+        assert_eq!(a.used(), 10 + 16 + 16 + 16 + 4 + 8);
     }
 
     #[test]

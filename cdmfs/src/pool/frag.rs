@@ -1,4 +1,7 @@
-//! How fragmented a volume or snapshot is: its extents, and the runs they
+//! Fragmentation: how fragmented a volume or snapshot is, and where new
+//! data goes to keep it low ([`Inner::place`]).
+//!
+//! How fragmented: a target's extents, and the runs they
 //! form in logical order (a run is a maximal sequence of extents that are
 //! contiguous both logically and physically, what one sequential device
 //! read can fetch).
@@ -7,14 +10,26 @@
 //! once (from the node cache or the device; no data is read). The walk
 //! takes the pool lock for one slice of [`SLICE`] blocks at a time and
 //! reads missing nodes outside it (`locked_no_io`), so writers and readers
-//! wait at most one slice's lookups. About 1 ms per 10,000 mapped extents
-//! with the nodes cached: fine for an API call on demand, not for every
-//! request.
+//! wait at most one slice's lookups. Measured: 65,536 extents in 2 ms with
+//! the nodes cached (a cold cache adds a leaf read per ~150 extents): fine
+//! for an API call on demand, not for every request.
 
 use crate::error::Result;
 use crate::format::*;
 
-use super::{Pool, Target};
+use super::{Inner, Pool, Target};
+
+/// Slots (blocks of the volume) of a placement region: a block with no
+/// placed neighbour opens a region this many blocks long and takes the
+/// slot of its logical position in it, leaving the others to its
+/// neighbours (as XFS allocation groups and ZFS metaslabs keep related
+/// data together, at the scale of one sequential read).
+const REGION_SLOTS: u64 = 16;
+/// Regions only for blocks of 64 KiB or more: spreading writes costs the
+/// device the merging of neighbouring writes, which is worth more than
+/// read locality to 4 KiB writes (measured: -35% 4 KiB random write IOPS
+/// on a 4 KiB-block volume with 64 KiB regions).
+const REGION_MIN_UNITS: u64 = 16;
 
 /// Blocks looked up under one hold of the pool lock.
 const SLICE: u64 = 8192;
@@ -126,6 +141,74 @@ impl Pool {
             }
         }
         Ok(fold.f)
+    }
+}
+
+impl Inner {
+    /// Where `n` new extents of `units` blocks each go, one contiguous
+    /// run: for blocks `k..k+n` of volume `vol` (`near`), first where the
+    /// nearest logical neighbour (up to a region away) says they belong,
+    /// at its address plus the logical distance, so that a rewrite lands
+    /// next to an earlier rewrite of its neighbours, or back where it was
+    /// once its old extent is free; failing that, for blocks of 64 KiB or
+    /// more, at their slot in a new region while free space is plentiful
+    /// (above an eighth of the pool), so that their neighbours can follow
+    /// them there; else next-fit.
+    /// None if no run is free.
+    pub(super) fn place(&mut self, near: Option<(u64, u64)>, n: u64, units: u64) -> Option<u64> {
+        let blocks = n * units;
+        let Some((vol, k)) = near else {
+            return self.store.alloc.alloc(blocks);
+        };
+        // The neighbours that share the run's regions (aligned groups of
+        // REGION_SLOTS blocks), and the two adjacent blocks.
+        let lo = k / REGION_SLOTS * REGION_SLOTS;
+        let hi = (k + n).div_ceil(REGION_SLOTS) * REGION_SLOTS;
+        let (lo, hi) = (lo.min(k.saturating_sub(1)), hi.max(k + n + 1));
+        let mut cands: Vec<(u64, u64)> = Vec::new();
+        // A preference only: a lookup that fails (the volume deleted
+        // meanwhile, a node unreadable) leaves the write to fail or not
+        // where it always would.
+        let map = self
+            .mappings(Target::Volume(vol), lo, hi)
+            .unwrap_or_default();
+        for (j, e) in map {
+            // Only whole plain extents say where a block of `units` goes.
+            if (k..k + n).contains(&j) || !e.is_plain() || e.blocks() as u64 != units {
+                continue;
+            }
+            let at = if j < k {
+                e.addr.checked_add((k - j) * units)
+            } else {
+                e.addr.checked_sub((j - k) * units)
+            };
+            if let Some(at) = at {
+                cands.push((j.abs_diff(k), at));
+            }
+        }
+        cands.sort_unstable();
+        for &(d, at) in &cands {
+            // Right after the previous block, a tree node written since
+            // may be in the way: step over it, never over half a block
+            // (which would take the next block's place).
+            let slack = if d == 1 && at >= units { units / 2 } else { 0 };
+            if let Some(at) = self.store.alloc.alloc_near(at, blocks, slack) {
+                return Some(at);
+            }
+        }
+        let a = &self.store.alloc;
+        if n < REGION_SLOTS && units >= REGION_MIN_UNITS && (a.total() - a.used()) > a.total() / 8 {
+            let slot = (k % REGION_SLOTS).min(REGION_SLOTS - n);
+            let region = REGION_SLOTS * units;
+            if let Some(at) = self
+                .store
+                .alloc
+                .alloc_in_region(blocks, region, slot * units)
+            {
+                return Some(at);
+            }
+        }
+        self.store.alloc.alloc(blocks)
     }
 }
 

@@ -95,6 +95,7 @@ impl Pool {
             commit_done: Condvar::new(),
             keys,
             errors,
+            ahead: Default::default(),
         })
     }
 

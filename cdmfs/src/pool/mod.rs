@@ -102,6 +102,8 @@ pub struct Pool {
     keys: Option<Arc<Keys>>,
     /// Errors the device returned since open.
     errors: Arc<health::ErrorCounts>,
+    /// Sequential readers, for read-ahead in logical order.
+    ahead: read::ReadAhead,
 }
 
 fn now_ns() -> u64 {

@@ -2,7 +2,7 @@
 //! runs, pipeline extents decoded per frame), block status and the
 //! physical map, and lookups that do no device I/O under the pool lock.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -20,7 +20,43 @@ impl Pool {
         if buf.is_empty() {
             return Ok(());
         }
+        if let Some((from, to)) = self.ahead.plan(t, offset, buf.len() as u64, size) {
+            // Only a hint: damage ahead is for the read that reaches it.
+            if let Err(e) = self.prefetch(t, bs as u64, from, to) {
+                tracing::debug!(error = %e, "read-ahead skipped");
+            }
+        }
         self.read_in(t, bs, offset, buf)
+    }
+
+    /// Asks the device to fetch the extents that map `from..to` of `t`, in
+    /// as few ranges as they allow: read-ahead in the volume's logical
+    /// order, which the device's own read-ahead (in physical order) cannot
+    /// follow once rewrites have scattered the extents.
+    fn prefetch(&self, t: Target, bs: u64, from: u64, to: u64) -> Result<()> {
+        let (b0, b1) = (from / bs, to.div_ceil(bs));
+        let map = self.locked_no_io(|g| g.mappings(t, b0, b1))?;
+        let mut spans: Vec<(u64, u64)> = map
+            .iter()
+            .map(|(_, e)| (e.byte_offset(), e.stored_len as u64))
+            .collect();
+        // In device order, extents a short gap apart (a rewritten block's
+        // old place, a tree node) fetched as one: one larger request
+        // costs less than two.
+        spans.sort_unstable();
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        for (o, l) in spans {
+            match ranges.last_mut() {
+                Some(r) if o <= r.0 + r.1 + AHEAD_GAP => r.1 = r.1.max(o + l - r.0),
+                _ => ranges.push((o, l)),
+            }
+        }
+        // One range is a sequential stretch of the pool file, which the
+        // host's own read-ahead follows: hints would only add work.
+        if ranges.len() > 1 {
+            self.dev.will_need(&ranges);
+        }
+        Ok(())
     }
 
     /// [`Pool::read`] without the range check (a read-modify-write reads
@@ -340,4 +376,98 @@ fn verify(t: Target, e: &(u64, Extent), stored: &[u8], bs: u64) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// Read-ahead windows grow to this (per stream): enough requests in flight
+/// to keep a device busy while the reader verifies and copies.
+const MAX_AHEAD: u64 = 8 << 20;
+/// Read-ahead fetches extents this close together on the device in one
+/// request, gap included.
+const AHEAD_GAP: u64 = 128 << 10;
+/// Sequential streams remembered (the least recently read is forgotten).
+const STREAMS: usize = 16;
+/// A read that starts this close to where a stream stopped continues it
+/// (NBD clients may have a few requests in flight, served out of order).
+const SLACK: u64 = 1 << 20;
+
+/// One sequential reader of a target.
+#[derive(Clone, Copy, Debug)]
+struct Stream {
+    t: Target,
+    /// Where the stream's last read ended.
+    next: u64,
+    /// Logical offset up to which read-ahead has been asked for.
+    ahead: u64,
+    window: u64,
+}
+
+/// The sequential streams being read, to read ahead in logical order (as
+/// the kernel's read-ahead does for a file): a stream's second read starts
+/// a window of twice its reads, doubled on every read up to [`MAX_AHEAD`],
+/// topped up when less than half of it is left ahead of the reader.
+#[derive(Default)]
+pub(super) struct ReadAhead(Mutex<Vec<Stream>>);
+
+impl ReadAhead {
+    /// Records a read of `len` bytes at `offset`; returns the logical
+    /// range to prefetch, if any.
+    pub(super) fn plan(&self, t: Target, offset: u64, len: u64, size: u64) -> Option<(u64, u64)> {
+        // A poisoned lock only loses read-ahead state: start afresh.
+        let mut s = self.0.lock().unwrap_or_else(|p| {
+            let mut g = p.into_inner();
+            g.clear();
+            g
+        });
+        let end = offset + len;
+        let near = |x: &Stream| x.t == t && offset <= x.next + SLACK && offset + SLACK >= x.next;
+        let Some(i) = s.iter().position(near) else {
+            s.insert(
+                0,
+                Stream {
+                    t,
+                    next: end,
+                    ahead: end,
+                    window: 0,
+                },
+            );
+            s.truncate(STREAMS);
+            return None;
+        };
+        let mut st = s.remove(i);
+        st.next = st.next.max(end);
+        st.ahead = st.ahead.max(end);
+        st.window = (st.window * 2).max(2 * len).min(MAX_AHEAD);
+        let want = (st.next + st.window).min(size);
+        let r = (want > st.ahead && st.ahead - st.next < st.window / 2).then_some((st.ahead, want));
+        if let Some((_, to)) = r {
+            st.ahead = to;
+        }
+        s.insert(0, st);
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_grow_with_sequential_reads_and_random_reads_get_none() {
+        let ra = ReadAhead::default();
+        let t = Target::Volume(1);
+        let m = 1u64 << 20;
+        let size = 64 * m;
+        assert_eq!(ra.plan(t, 0, m, size), None);
+        assert_eq!(ra.plan(t, m, m, size), Some((2 * m, 4 * m)));
+        assert_eq!(ra.plan(t, 2 * m, m, size), Some((4 * m, 7 * m)));
+        assert_eq!(ra.plan(t, 3 * m, m, size), Some((7 * m, 12 * m)));
+        // More than half a window is left ahead: nothing to ask yet.
+        assert_eq!(ra.plan(t, 4 * m, m, size), None);
+        // Another target, and a jump, are streams of their own.
+        assert_eq!(ra.plan(Target::Snapshot(1), 5 * m, m, size), None);
+        assert_eq!(ra.plan(t, 40 * m, m, size), None);
+        // Never past the end of the target.
+        assert_eq!(ra.plan(t, 41 * m, m, 43 * m), Some((42 * m, 43 * m)));
+        assert_eq!(ra.plan(t, 42 * m, m, 43 * m), None);
+    }
 }

@@ -254,7 +254,12 @@ impl Pool {
         // Allocate, preferably one contiguous run so the data lands sequentially.
         let units = bs64 / UNIT;
         let n = blocks.iter().filter(|(_, c)| c.is_some()).count() as u64;
-        let addrs = self.allocate(n, units)?;
+        // Near the logical neighbours' extents where there is room.
+        let first = blocks
+            .iter()
+            .find(|(_, c)| c.is_some())
+            .map(|(b, _)| (vol, *b));
+        let addrs = self.allocate_near(n, units, first)?;
         let mut exts: Vec<(u64, Option<Extent>)> = Vec::with_capacity(blocks.len());
         let mut objects = Vec::with_capacity(n as usize);
         let mut ai = 0;
@@ -362,6 +367,17 @@ impl Pool {
 
     /// Allocates `n` extents of `units` blocks each.
     pub(super) fn allocate(&self, n: u64, units: u64) -> Result<Vec<u64>> {
+        self.allocate_near(n, units, None)
+    }
+
+    /// [`Pool::allocate`] for blocks `k..` of volume `vol` when `near` is
+    /// `Some((vol, k))`: placed by `Inner::place` (in `frag.rs`).
+    pub(super) fn allocate_near(
+        &self,
+        n: u64,
+        units: u64,
+        near: Option<(u64, u64)>,
+    ) -> Result<Vec<u64>> {
         if n == 0 {
             return Ok(Vec::new());
         }
@@ -370,7 +386,8 @@ impl Pool {
                 let mut g = self.lock()?;
                 // Data leaves the reserve to metadata (see `health.rs`).
                 let room = g.data_free() >= n * units;
-                if let Some(a) = room.then(|| g.store.alloc.alloc(n * units)).flatten() {
+                let placed = if room { g.place(near, n, units) } else { None };
+                if let Some(a) = placed {
                     return Ok((0..n).map(|i| a + i * units).collect());
                 }
                 let mut out = Vec::with_capacity(n as usize);
