@@ -162,6 +162,33 @@ pub fn episode(ctx: &Ctx, d: &Daemon, fs: &Path, rng: &mut StdRng) -> Result<boo
     Ok(ok)
 }
 
+/// After an episode that did not recover: the host file goes, `restart`
+/// (a kill round) brings snapshotd back, and the episode's volumes are
+/// deleted so that the soak goes on (and a later episode can run).
+pub fn clean_up_after_failure(
+    ctx: &Ctx,
+    fs: &Path,
+    restart: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    match std::fs::remove_file(fs.join("filler")) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => bail!("cannot remove the filler file: {e}"),
+    }
+    restart()?;
+    let api = ctx.api();
+    for name in [FILLER, PROBE] {
+        match api.call("DELETE", &format!("/v1/volumes/{name}?force=true"), None) {
+            Ok((204 | 404, _)) => {}
+            Ok((s, v)) => ctx.fail(format!(
+                "DELETE /v1/volumes/{name} after the restart answered {s}: {v}"
+            )),
+            Err(e) => ctx.fail(e),
+        }
+    }
+    Ok(())
+}
+
 /// Writes the filler volume through NBD until ENOSPC; checks the answer is
 /// an error reply on a live connection. Returns the bytes written.
 fn fill_pool(ctx: &Ctx, d: &Daemon, rng: &mut StdRng) -> Result<u64> {

@@ -211,13 +211,16 @@ pub fn verifier(ctx: &Ctx, seed: u64) {
     }
 }
 
-/// Whether a snapshot or clone is still in the model (one deleted while
-/// it was being read is no failure).
+/// Whether a snapshot or clone is still in the model and not being
+/// deleted (one deleted while it was being read is no failure).
 fn still_there(ctx: &Ctx, t: &Target) -> bool {
     match t {
         Target::Live(_) => true,
-        Target::Snap(s) => ctx.snaps().iter().any(|e| Arc::ptr_eq(&e.snap, s)),
-        Target::Clone(n, _) => ctx.clones().iter().any(|c| &c.name == n),
+        Target::Snap(s) => ctx
+            .snaps()
+            .iter()
+            .any(|e| Arc::ptr_eq(&e.snap, s) && !e.maybe_gone),
+        Target::Clone(n, _) => ctx.clones().iter().any(|c| &c.name == n && !c.maybe_gone),
     }
 }
 
@@ -274,7 +277,7 @@ pub fn snapshotter(ctx: &Ctx, seed: u64) {
         };
         n += 1;
         let api = ctx.api();
-        if n % 4 == 0 {
+        if n.is_multiple_of(4) {
             let name = &ctx.vols[ctx.retention_vol].name;
             let what = format!("POST /v1/volumes/{name}/snapshots");
             let res = api.call(
@@ -289,7 +292,7 @@ pub fn snapshotter(ctx: &Ctx, seed: u64) {
             let vi = ctx.snap_vols[rng.gen_range(0..ctx.snap_vols.len())];
             snapshot(ctx, phase, epoch, vi, n);
         }
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             clone(ctx, phase, epoch, &mut rng, n);
         }
         prune(ctx, phase, epoch);
@@ -351,12 +354,21 @@ fn clone(ctx: &Ctx, phase: Phase, epoch: u64, rng: &mut StdRng, n: u64) {
 }
 
 /// Deletes the oldest clone beyond [`KEEP_CLONES`] and, per volume, the
-/// oldest snapshot without clones beyond [`KEEP_SNAPSHOTS`].
+/// oldest snapshot without clones beyond [`KEEP_SNAPSHOTS`]. The victim is
+/// marked `maybe_gone` before the request goes out: a read of it that
+/// fails meanwhile is no failure; a refusal (in use, no space) clears the
+/// mark, a lost answer (a kill) leaves it for the restart to settle.
 fn prune(ctx: &Ctx, phase: Phase, epoch: u64) {
     let victim = {
-        let c = ctx.clones();
-        let live: Vec<&Clone> = c.iter().filter(|c| !c.maybe_gone).collect();
-        (live.len() > KEEP_CLONES).then(|| live[0].name.clone())
+        let mut c = ctx.clones();
+        let mut live = c.iter_mut().filter(|c| !c.maybe_gone);
+        match (live.next(), live.count() >= KEEP_CLONES) {
+            (Some(first), true) => {
+                first.maybe_gone = true;
+                Some(first.name.clone())
+            }
+            _ => None,
+        }
     };
     if let Some(name) = victim {
         let path = format!("/v1/clones/{name}");
@@ -366,28 +378,31 @@ fn prune(ctx: &Ctx, phase: Phase, epoch: u64) {
                 ctx.clones().retain(|c| c.name != name);
                 add(&ctx.stats.clone_deletes, 1);
             }
-            Outcome::Refused => {}
-            Outcome::Lost => {
+            Outcome::Refused => {
                 if let Some(c) = ctx.clones().iter_mut().find(|c| c.name == name) {
-                    c.maybe_gone = true;
+                    c.maybe_gone = false;
                 }
             }
+            Outcome::Lost => {}
         }
     }
     for &vi in &ctx.snap_vols {
         let victim = {
-            let s = ctx.snaps();
+            let mut s = ctx.snaps();
             let c = ctx.clones();
-            let mine: Vec<&SnapEntry> = s
-                .iter()
+            let mut mine: Vec<&mut SnapEntry> = s
+                .iter_mut()
                 .filter(|e| e.snap.volume == vi && !e.maybe_gone)
                 .collect();
             if mine.len() <= KEEP_SNAPSHOTS {
                 continue;
             }
-            mine.iter()
+            mine.iter_mut()
                 .find(|e| !c.iter().any(|c| Arc::ptr_eq(&c.origin, &e.snap)))
-                .map(|e| e.snap.clone())
+                .map(|e| {
+                    e.maybe_gone = true;
+                    e.snap.clone()
+                })
         };
         let Some(snap) = victim else { continue };
         let path = format!("/v1/volumes/{}/snapshots/{}", ctx.vols[vi].name, snap.id);
@@ -397,12 +412,12 @@ fn prune(ctx: &Ctx, phase: Phase, epoch: u64) {
                 ctx.snaps().retain(|e| !Arc::ptr_eq(&e.snap, &snap));
                 add(&ctx.stats.snapshot_deletes, 1);
             }
-            Outcome::Refused => {}
-            Outcome::Lost => {
+            Outcome::Refused => {
                 if let Some(e) = ctx.snaps().iter_mut().find(|e| Arc::ptr_eq(&e.snap, &snap)) {
-                    e.maybe_gone = true;
+                    e.maybe_gone = false;
                 }
             }
+            Outcome::Lost => {}
         }
     }
 }

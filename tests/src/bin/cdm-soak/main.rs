@@ -48,7 +48,7 @@ struct Args {
 fn args() -> Result<Args> {
     let mut fs = None;
     let mut work = None;
-    let mut minutes = 60.0;
+    let mut minutes: f64 = 60.0;
     let mut seed = None;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -69,7 +69,7 @@ fn args() -> Result<Args> {
             .map(|d| d.as_secs())
             .unwrap_or(1)
     });
-    if !(minutes > 0.0) {
+    if minutes.is_nan() || minutes <= 0.0 {
         bail!("--minutes must be positive");
     }
     Ok(Args {
@@ -148,8 +148,8 @@ fn run() -> Result<bool> {
     let seeds: [u64; 8] = rng.gen();
     let mut samples = Vec::new();
     let res = std::thread::scope(|s| -> Result<()> {
-        for vi in 0..ctx.vols.len() {
-            let (ctx, seed) = (&ctx, seeds[vi]);
+        for (vi, &seed) in seeds.iter().enumerate().take(ctx.vols.len()) {
+            let ctx = &ctx;
             s.spawn(move || load::writer(ctx, vi, seed));
         }
         let c = &ctx;
@@ -239,10 +239,13 @@ fn control(
                 }
                 Event::Full => {
                     ctx.log("full-disk episode");
-                    if !full::episode(ctx, d, &a.fs, rng)? {
+                    let recovered = full::episode(ctx, d, &a.fs, rng).unwrap_or_else(|e| {
+                        ctx.fail(format!("full disk: {e:#}"));
+                        false
+                    });
+                    if !recovered {
                         ctx.log("full disk: no recovery without a restart; restarting to go on");
-                        let _ = std::fs::remove_file(a.fs.join("filler"));
-                        kill_round(ctx, d, rng)?;
+                        full::clean_up_after_failure(ctx, &a.fs, || kill_round(ctx, d, rng))?;
                         started_at = Instant::now();
                     }
                 }
@@ -282,7 +285,7 @@ fn kill_round(ctx: &Ctx, d: &mut Daemon, rng: &mut StdRng) -> Result<()> {
     verify::after_restart(ctx, model::Lower::Flushed, rng, Some(2));
     ctx.log(&format!(
         "restarted and verified {} MiB in {:.1}s",
-        (ctl::get(&ctx.stats.verified_sectors) - sectors) * model::SECTOR >> 20,
+        ((ctl::get(&ctx.stats.verified_sectors) - sectors) * model::SECTOR) >> 20,
         t.elapsed().as_secs_f64()
     ));
     ctx.gate.set(Phase::Run);
