@@ -131,11 +131,15 @@ pub fn episode(ctx: &Ctx, d: &Daemon, fs: &Path, rng: &mut StdRng) -> Result<boo
         host >> 20
     ));
     let gen_full = generation(&api);
-    let filled = fill_pool(ctx, d, rng)?;
-    ctx.log(&format!(
-        "full disk: ENOSPC after {} MiB through NBD",
-        filled >> 20
-    ));
+    // A pool that cannot even be written to is a failure, but the checks
+    // of what must still work go on: they say what the outage takes away.
+    match fill_pool(ctx, d, rng) {
+        Ok(n) => ctx.log(&format!(
+            "full disk: ENOSPC after {} MiB through NBD",
+            n >> 20
+        )),
+        Err(e) => ctx.fail(format!("full disk: filling the pool: {e:#}")),
+    }
     checks_while_full(ctx, rng);
 
     std::fs::remove_file(&filler)?;
