@@ -130,7 +130,6 @@ pub fn episode(ctx: &Ctx, d: &Daemon, fs: &Path, rng: &mut StdRng) -> Result<boo
         "full disk: host filesystem filled with {} MiB",
         host >> 20
     ));
-    let gen_full = generation(&api);
     // A pool that cannot even be written to is a failure, but the checks
     // of what must still work go on: they say what the outage takes away.
     match fill_pool(ctx, d, rng) {
@@ -141,7 +140,8 @@ pub fn episode(ctx: &Ctx, d: &Daemon, fs: &Path, rng: &mut StdRng) -> Result<boo
         Err(e) => ctx.fail(format!("full disk: filling the pool: {e:#}")),
     }
     checks_while_full(ctx, rng);
-
+    // Commits after this one are commits after the space came back.
+    let gen_full = generation(&api);
     std::fs::remove_file(&filler)?;
     let deleted = poll(RECOVERY_TIMEOUT, || {
         match api.call("DELETE", &format!("/v1/volumes/{FILLER}?force=true"), None) {
