@@ -84,10 +84,12 @@ pub fn fill_host(path: &Path) -> Result<u64> {
     Ok(at)
 }
 
-/// `/health` says the pool cannot take writes for lack of space.
+/// `/health` says the pool cannot take writes for lack of space (a state
+/// or message naming the space, or a full pool).
 fn health_says_full(v: &Value) -> bool {
+    let text = v.to_string().to_lowercase();
     v["status"].as_str().is_some_and(|s| s != "ok")
-        && v.to_string().to_lowercase().contains("space")
+        && (text.contains("space") || text.contains("full"))
 }
 
 fn generation(api: &Api) -> Option<u64> {
