@@ -20,6 +20,8 @@ pub struct Daemon {
     pub data: PathBuf,
     pub work: PathBuf,
     pub pool_size: u64,
+    /// Extra arguments for the pool's kind (`--pool-sparse`), if any.
+    pool_args: Vec<String>,
     pub sock: PathBuf,
     pub api: String,
     pub token: String,
@@ -28,13 +30,32 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn new(bin_dir: &Path, data: &Path, work: &Path, pool_size: u64) -> Result<Daemon> {
+    pub fn new(
+        bin_dir: &Path,
+        data: &Path,
+        work: &Path,
+        pool_size: u64,
+        sparse: bool,
+    ) -> Result<Daemon> {
         std::fs::write(work.join("snapshotd.toml"), "scheduler_tick_ms = 1000\n")?;
+        // Builds from before preallocated pools make sparse pools only
+        // (and know no --pool-sparse).
+        let help = Command::new(bin_dir.join("snapshotd"))
+            .arg("--help")
+            .output()
+            .context("cannot run snapshotd --help")?;
+        let can_choose = String::from_utf8_lossy(&help.stdout).contains("--pool-sparse");
+        let pool_args = match (sparse, can_choose) {
+            (true, true) => vec!["--pool-sparse".to_string()],
+            (true, false) | (false, true) => Vec::new(),
+            (false, false) => bail!("this snapshotd makes sparse pools only"),
+        };
         Ok(Daemon {
             bin_dir: bin_dir.to_path_buf(),
             data: data.to_path_buf(),
             work: work.to_path_buf(),
             pool_size,
+            pool_args,
             sock: work.join("nbd.sock"),
             api: String::new(),
             token: String::new(),
@@ -75,6 +96,7 @@ impl Daemon {
             .arg(&ready)
             .arg("--pool-size")
             .arg(self.pool_size.to_string())
+            .args(&self.pool_args)
             .arg("--config")
             .arg(self.work.join("snapshotd.toml"))
             .env("RUST_LOG", "info")

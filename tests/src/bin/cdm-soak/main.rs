@@ -7,9 +7,12 @@
 //! then a clean stop, fsck and a full verification, and a judgement of
 //! snapshotd's memory and descriptors over the run.
 //!
-//! Usage: `cdm-soak --fs DIR --work DIR [--minutes N] [--seed S]`; DIR of
-//! `--fs` is the mount point of the filesystem to fill (it must hold
-//! nothing else of value), `--work` takes the log and the socket.
+//! Usage: `cdm-soak --fs DIR --work DIR [--minutes N] [--seed S] [--pool
+//! sparse|preallocated]`; DIR of `--fs` is the mount point of the
+//! filesystem to fill (it must hold nothing else of value), `--work` takes
+//! the log and the socket. The pool is sparse by default: then the full
+//! host filesystem reaches the pool's own commits, the outage issue 23
+//! started from; a preallocated pool runs full inside instead.
 
 mod ctl;
 mod daemon;
@@ -43,6 +46,7 @@ struct Args {
     work: PathBuf,
     minutes: f64,
     seed: u64,
+    sparse: bool,
 }
 
 fn args() -> Result<Args> {
@@ -50,6 +54,7 @@ fn args() -> Result<Args> {
     let mut work = None;
     let mut minutes: f64 = 60.0;
     let mut seed = None;
+    let mut sparse = true;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().with_context(|| format!("{a} needs a value"));
@@ -58,9 +63,16 @@ fn args() -> Result<Args> {
             "--work" => work = Some(PathBuf::from(val()?)),
             "--minutes" => minutes = val()?.parse().context("--minutes N")?,
             "--seed" => seed = Some(val()?.parse().context("--seed S")?),
-            _ => {
-                bail!("usage: cdm-soak --fs DIR --work DIR [--minutes N] [--seed S] (unknown {a})")
+            "--pool" => {
+                sparse = match val()?.as_str() {
+                    "sparse" => true,
+                    "preallocated" => false,
+                    v => bail!("--pool sparse|preallocated, not {v}"),
+                }
             }
+            _ => bail!(
+                "usage: cdm-soak --fs DIR --work DIR [--minutes N] [--seed S] [--pool sparse|preallocated] (unknown {a})"
+            ),
         }
     }
     let seed = seed.unwrap_or_else(|| {
@@ -77,6 +89,7 @@ fn args() -> Result<Args> {
         work: work.context("--work DIR is required")?,
         minutes,
         seed,
+        sparse,
     })
 }
 
@@ -132,12 +145,13 @@ fn run() -> Result<bool> {
     // Three quarters of the filesystem: a preallocated pool fits, a sparse
     // one can outgrow what is left once the filler file takes the rest.
     let pool_size = (full::free_bytes(&a.fs)? * 3 / 4) & !((1 << 20) - 1);
-    let mut d = Daemon::new(&bin_dir, &data, &a.work, pool_size)?;
+    let mut d = Daemon::new(&bin_dir, &data, &a.work, pool_size, a.sparse)?;
     d.start()?;
     eprintln!(
-        "soak: seed {} ({:.1} minutes), pool {} MiB on {}, snapshotd log {}",
+        "soak: seed {} ({:.1} minutes), {} pool of {} MiB on {}, snapshotd log {}",
         a.seed,
         a.minutes,
+        if a.sparse { "sparse" } else { "preallocated" },
         pool_size >> 20,
         a.fs.display(),
         d.log_path().display()
