@@ -6,6 +6,7 @@
 
 mod appliance;
 mod audit;
+mod ballast;
 mod clock;
 mod error;
 mod events;
@@ -263,7 +264,7 @@ fn default_pool_size(path: &Path, prealloc: bool) -> u64 {
         return DEFAULT;
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    let Some(free) = free_bytes(dir) else {
+    let Some(free) = ballast::free_bytes(dir) else {
         return DEFAULT;
     };
     let size = (free / 2 / (1 << 30) * (1 << 30)).clamp(1 << 30, DEFAULT);
@@ -275,20 +276,6 @@ fn default_pool_size(path: &Path, prealloc: bool) -> u64 {
         );
     }
     size
-}
-
-/// Free bytes of the filesystem holding `dir` (for unprivileged users:
-/// `f_bavail`).
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs is plain data (all-zero is valid) and the call only
-    // fills it from a NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// A new pool file: preallocated if asked and the host filesystem can;
@@ -564,6 +551,7 @@ fn main() -> Result<()> {
             .with_context(|| format!("cannot remove {}", p.display()))?;
     }
     secure_data_dir(&s.data)?;
+    ballast::install(&s.data);
     appliance::COMMIT_INTERVAL_S.store(s.commit_interval, std::sync::atomic::Ordering::Relaxed);
     let pool_file = s.data.join("pool");
     let pool = Arc::new(open_pool(

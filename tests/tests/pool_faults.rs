@@ -206,6 +206,10 @@ fn a_full_host_filesystem_stalls_the_pool_until_space_returns_without_a_restart(
     assert_eq!(api.get("/v1/pool")["state"], "no_space");
     assert!(metric(&api, "cdm_pool_state{state=\"no_space\"} 1"));
     wait_alert(&api, "alert.raised", "pool_no_space");
+    // The state database shares the full filesystem: the audit log and
+    // events still read back.
+    let audit = api.get("/v1/audit?limit=1000");
+    assert!(audit.as_array().is_some_and(|a| !a.is_empty()), "{audit}");
 
     // Space returns on the host: the pool commits again by itself.
     std::fs::remove_file(&filler).expect("remove the filler");
