@@ -352,7 +352,10 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
         }
     };
 
-    // Syncs fail during writes, a snapshot and a delete.
+    // Syncs fail during writes, a snapshot and a delete. What was written
+    // since the last good sync may be lost with the failed writeback, so
+    // the pool fails and reloads its last durable state from the device
+    // (no restart) once syncs work again.
     fault("pool-eio-sync", true);
     c.write(MIB, &chunk(2), false)
         .expect("a write before the sync");
@@ -362,15 +365,31 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
     let v = api.expect(503, "POST", "/v1/volumes/v/snapshots", Some(json!({})));
     assert_eq!(v["error"]["code"], "unavailable", "{v}");
     api.expect(503, "DELETE", "/v1/volumes/v?force=true", None);
-    check(&mut c, MIB, 2, "read while syncs fail");
     let e = c
         .write(2 * MIB, &chunk(3), false)
-        .expect_err("write while stalled");
+        .expect_err("write while failed");
     assert_eq!(errno(&e), Some(5), "{e}");
     wait_alert(&api, "alert.raised", "pool_io_error");
     fault("pool-eio-sync", false);
     wait_state(&api, "ok");
+    // The failed flush acknowledged nothing: write again.
+    c.write(MIB, &chunk(2), false)
+        .expect("write after the reload");
     c.flush().expect("flush after recovery");
+    check(&mut c, 0, 1, "flushed before the failure");
+
+    // Writes fail (the device refuses them: nothing accepted is in doubt):
+    // the commit stalls, reads go on, and it is retried.
+    c.write(4 * MIB, &chunk(5), false).expect("write");
+    fault("pool-eio-write", true);
+    let e = c.flush().expect_err("flush with failing writes");
+    assert_eq!(errno(&e), Some(5), "EIO expected: {e}");
+    wait_state(&api, "io_error");
+    check(&mut c, MIB, 2, "read while writes fail");
+    check(&mut c, 4 * MIB, 5, "read while writes fail");
+    fault("pool-eio-write", false);
+    wait_state(&api, "ok");
+    c.flush().expect("flush after the writes recovered");
 
     // Slow syncs: slower, never an error.
     fault("pool-slow-sync", true);
@@ -406,6 +425,7 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
     check(&mut c, 0, 1, "after kill -9");
     check(&mut c, MIB, 2, "after kill -9");
     check(&mut c, 2 * MIB, 3, "after kill -9");
+    check(&mut c, 4 * MIB, 5, "after kill -9");
     drop(c);
     a.stop();
     fsck_clean(&a.data);

@@ -98,6 +98,9 @@ pub struct Pool {
     keys: Option<Arc<Keys>>,
     /// Errors the device returned since open.
     errors: Arc<health::ErrorCounts>,
+    /// How to load the pool again after a failed sync (see `reload`).
+    reopen: OpenOptions,
+    last_reload: Mutex<Option<std::time::Instant>>,
 }
 
 fn now_ns() -> u64 {
