@@ -430,3 +430,82 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
     a.stop();
     fsck_clean(&a.data);
 }
+
+/// The state database, the pending journals and a preallocated pool share
+/// a filesystem that something else fills: no audit record and no event is
+/// lost (a state reserve is released for them at the first ENOSPC), every
+/// change answered 201 has both, and the reserve is made again once there
+/// is room.
+#[test]
+fn a_full_data_filesystem_loses_no_audit_record_or_event() {
+    let work = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let (mnt, _mounted) = small_filesystem(work.path(), 128 * MIB);
+    let data = mnt.join("data");
+    let mut a = Appliance::start_with(
+        None,
+        Some(&data),
+        &["--pool-size", "32M", "--commit-interval", "1"],
+    );
+    let api = Api::new(&a, &a.admin_token());
+    wait_for(60, "the state reserve", || {
+        data.join("state-reserve").exists().then_some(())
+    });
+    // Something else fills the filesystem.
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let block = vec![7u8; MIB as usize];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut made = Vec::new();
+    for i in 0..40 {
+        let name = format!("v{i}");
+        let (code, body) = http(
+            &api.base,
+            "POST",
+            "/v1/volumes",
+            Some(&api.token),
+            Some(&json!({"name": name, "size": MIB}).to_string()),
+        );
+        match code {
+            201 => made.push(name),
+            // Refused because its audit record could not be kept: nothing
+            // changed, nothing to lose.
+            503 => {}
+            _ => panic!("POST /v1/volumes {name} answered {code}: {body}"),
+        }
+    }
+    assert!(
+        !made.is_empty(),
+        "no change went through on a full filesystem"
+    );
+    let audit = api.get("/v1/audit?limit=10000");
+    let creates = audit.as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|r| r["method"] == "POST" && r["path"] == "/v1/volumes" && r["status"] == 201)
+            .count()
+    });
+    assert_eq!(
+        creates,
+        made.len(),
+        "an audit record per volume made: {audit}"
+    );
+    let events = events(&api, "volume.created");
+    for name in &made {
+        assert!(
+            events.iter().any(|e| e["subject"] == name.as_str()),
+            "no volume.created event for {name}"
+        );
+    }
+    assert!(metric(&api, "cdm_events_lost_total 0"), "events lost");
+    assert!(metric(&api, "cdm_audit_lost_total 0"), "audit records lost");
+    // Room again: the reserve is made again.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    wait_for(120, "the state reserve made again", || {
+        data.join("state-reserve").exists().then_some(())
+    });
+    a.stop();
+    fsck_clean(&data);
+}
