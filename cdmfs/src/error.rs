@@ -46,7 +46,7 @@ pub enum Error {
     WrongKey(String),
     #[error("this data is encrypted and the pool was opened without its key (--key-file or --passphrase-file)")]
     KeyRequired,
-    #[error("pool is failed after an earlier I/O error; reopen it")]
+    #[error("the pool failed after an I/O error (a failed sync reloads from the device at the next flush; anything else: reopen it)")]
     Failed,
     /// Internal: a lookup that must not do I/O under the pool lock needs a
     /// node that is not cached. Never returned to callers.

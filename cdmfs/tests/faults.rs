@@ -3,10 +3,15 @@
 //! and is retried until it gets through, with nothing acknowledged lost;
 //! a pool whose allocator is full still commits, snapshots and deletes.
 
+use std::collections::BTreeMap;
+use std::io;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use cdmfs::{Error, FaultDev, FormatOptions, MemDev, OpenOptions, Pool, PoolState, Target, FAULTS};
+use cdmfs::{
+    BlockDev, Error, FaultDev, FormatOptions, MemDev, OpenOptions, Pool, PoolState, Target, FAULTS,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -147,12 +152,6 @@ fn short_writes_stall_commits_until_space_returns() {
 }
 
 #[test]
-fn failing_syncs_stall_commits_until_the_device_recovers() {
-    let e = stall_and_recover("pool-eio-sync");
-    assert_eq!(e.errno(), libc::EIO, "{e}");
-}
-
-#[test]
 fn failing_writes_stall_commits_until_the_device_recovers() {
     let e = stall_and_recover("pool-eio-write");
     assert_eq!(e.errno(), libc::EIO, "{e}");
@@ -170,9 +169,9 @@ fn changes_made_between_failed_retries_all_land() {
     for round in 0..5u8 {
         pool.write(v.id, round as u64 * 65536, &fill(round + 1, 65536))
             .unwrap();
-        set(dir.path(), "pool-eio-sync", true);
+        set(dir.path(), "pool-eio-write", true);
         assert!(pool.flush().is_err());
-        set(dir.path(), "pool-eio-sync", false);
+        set(dir.path(), "pool-eio-write", false);
         // One retry succeeds; the next round stalls again.
         pool.flush().unwrap();
         pool.create_snapshot("v", &format!("r{round}"), serde_json::Value::Null)
@@ -370,4 +369,114 @@ fn read_errors_fail_the_read_not_the_pool() {
         "line {}: wrong data",
         line!()
     );
+}
+
+/// A device with a volatile cache whose failed sync drops what it held, as
+/// Linux does after a writeback error (the pages are marked clean and the
+/// next fsync succeeds).
+struct Lossy {
+    stable: Arc<MemDev>,
+    cache: Mutex<BTreeMap<u64, Vec<u8>>>,
+    fail_next_sync: AtomicBool,
+}
+
+impl BlockDev for Lossy {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.stable.read_at(buf, off)?;
+        for (o, d) in self.cache.lock().unwrap().iter() {
+            let (s, e) = (*o, *o + d.len() as u64);
+            let (rs, re) = (off, off + buf.len() as u64);
+            let (a, b) = (s.max(rs), e.min(re));
+            if a < b {
+                buf[(a - rs) as usize..(b - rs) as usize]
+                    .copy_from_slice(&d[(a - s) as usize..(b - s) as usize]);
+            }
+        }
+        Ok(())
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.cache.lock().unwrap().insert(off, buf.to_vec());
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        let pending = std::mem::take(&mut *self.cache.lock().unwrap());
+        if self.fail_next_sync.swap(false, Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        for (o, d) in pending {
+            self.stable.write_at(&d, o)?;
+        }
+        Ok(())
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.stable.len()
+    }
+}
+
+fn lossy_pool() -> (Arc<MemDev>, Arc<Lossy>, Pool, u64) {
+    let stable = Arc::new(MemDev::new(64 << 20));
+    Pool::format(&*stable, &FormatOptions::default()).unwrap();
+    let dev = Arc::new(Lossy {
+        stable: stable.clone(),
+        cache: Mutex::new(BTreeMap::new()),
+        fail_next_sync: AtomicBool::new(false),
+    });
+    let pool = Pool::open(dev.clone(), &OpenOptions::default()).unwrap();
+    let v = pool.create_volume("v", 4 * MIB, 65536).unwrap();
+    pool.write(v.id, 0, &fill(0x11, 65536)).unwrap();
+    pool.flush().unwrap();
+    (stable, dev, pool, v.id)
+}
+
+/// After a failed sync the data written since the last good one may be
+/// gone: nothing may be acknowledged on top of it. The pool fails, reloads
+/// its last durable state from the device at the next flush (no reopen),
+/// reads what the device holds and takes writes again.
+fn a_failed_sync_is_never_acknowledged(structural: bool) {
+    let (stable, dev, pool, vol) = lossy_pool();
+    pool.write(vol, 0, &fill(0x5a, 65536)).unwrap();
+    if structural {
+        // The flush then commits instead of logging.
+        pool.create_snapshot("v", "s", serde_json::Value::Null)
+            .unwrap();
+    }
+    dev.fail_next_sync.store(true, Ordering::SeqCst);
+    let e = pool.flush().expect_err("a flush whose sync failed");
+    assert_eq!(e.errno(), libc::EIO, "{e}");
+    let h = pool.health().unwrap();
+    assert_eq!(h.state, PoolState::IoError, "{h:?}");
+    assert!(pool.write(vol, 65536, &fill(1, 4096)).is_err());
+    // The next flush reloads from the device, then works.
+    pool.flush().unwrap();
+    assert_eq!(pool.health().unwrap().state, PoolState::Ok);
+    let mut b = vec![0u8; 65536];
+    pool.read(Target::Volume(vol), 0, &mut b)
+        .expect("what the device holds reads back");
+    assert!(b == fill(0x11, 65536), "the unacknowledged write is gone");
+    pool.write(vol, 65536, &fill(0x77, 65536)).unwrap();
+    pool.flush().unwrap();
+    drop(pool);
+    let again = reopened(stable.image());
+    assert!(
+        read(&again, Target::Volume(vol), 0, 65536) == fill(0x11, 65536),
+        "line {}",
+        line!()
+    );
+    assert!(
+        read(&again, Target::Volume(vol), 65536, 65536) == fill(0x77, 65536),
+        "line {}",
+        line!()
+    );
+    let rep = again.fsck().unwrap();
+    assert!(rep.is_clean(), "{:?}", rep.errors);
+}
+
+#[test]
+fn a_failed_log_sync_is_never_acknowledged_and_the_pool_reloads() {
+    a_failed_sync_is_never_acknowledged(false);
+}
+
+#[test]
+fn a_failed_commit_sync_is_never_acknowledged_and_the_pool_reloads() {
+    a_failed_sync_is_never_acknowledged(true);
 }

@@ -6,6 +6,7 @@
 
 mod appliance;
 mod audit;
+mod ballast;
 mod clock;
 mod error;
 mod events;
@@ -26,7 +27,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use cdm_common::signals;
 use cdm_common::size::{human, parse_size};
-use cdmfs::{FileDev, FormatOptions, OpenOptions, Pool};
+use cdmfs::{BlockDev, FileDev, FormatOptions, OpenOptions, Pool};
 use clap::Parser;
 use nbd_server::{Listener, Server, ServerConfig};
 use serde::Deserialize;
@@ -61,9 +62,9 @@ struct Args {
     /// by an earlier run.
     #[arg(long)]
     ready_file: Option<PathBuf>,
-    /// Size of the pool file created on first start [default: 64G]. It is
-    /// preallocated (its blocks reserved on the host filesystem) unless
-    /// --pool-sparse.
+    /// Size of the pool file created on first start [default: 64G, or half
+    /// the host filesystem's free space if less]. It is preallocated (its
+    /// blocks reserved on the host filesystem) unless --pool-sparse.
     #[arg(long, value_parser = parse_size)]
     pool_size: Option<u64>,
     /// Create the pool file sparse (blocks taken as data lands) instead of
@@ -139,6 +140,7 @@ struct Settings {
     nbd: Vec<String>,
     api: String,
     ready_file: Option<PathBuf>,
+    /// 0: not configured (see `default_pool_size`).
     pool_size: u64,
     pool_prealloc: bool,
     commit_interval: u64,
@@ -211,7 +213,8 @@ fn settings(args: &Args) -> Result<Settings> {
     let pool_size = match (&args.pool_size, &cfg.pool_size) {
         (Some(s), _) => *s,
         (None, Some(s)) => parse_size(s).map_err(|e| anyhow::anyhow!("pool_size: {e}"))?,
-        (None, None) => 64 << 30,
+        // Chosen at creation: 64 GiB, or less where the host has less.
+        (None, None) => 0,
     };
     cfg.defaults
         .check()
@@ -251,10 +254,39 @@ fn settings(args: &Args) -> Result<Settings> {
     })
 }
 
+/// The size of a new pool when none is configured: 64 GiB, but a
+/// preallocated pool takes at most half the host filesystem's free space
+/// (whole GiB, at least 1 GiB), so a first start works on a small disk and
+/// leaves room for everything else. `cdmctl pool grow` adds more later.
+fn default_pool_size(path: &Path, prealloc: bool) -> u64 {
+    const DEFAULT: u64 = 64 << 30;
+    if !prealloc {
+        return DEFAULT;
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let Some(free) = ballast::free_bytes(dir) else {
+        return DEFAULT;
+    };
+    let size = (free / 2 / (1 << 30) * (1 << 30)).clamp(1 << 30, DEFAULT);
+    if size < DEFAULT {
+        tracing::warn!(
+            size = %human(size),
+            free = %human(free),
+            "no pool_size configured: the new pool takes half the free space (at most 64 GiB); grow it with `cdmctl pool grow`"
+        );
+    }
+    size
+}
+
 /// A new pool file: preallocated if asked and the host filesystem can;
 /// sparse (with a loud warning) where it cannot preallocate.
 fn create_pool_file(path: &Path, size: u64, prealloc: bool) -> Result<FileDev> {
     let cannot = || format!("cannot create {}", path.display());
+    let size = if size == 0 {
+        default_pool_size(path, prealloc)
+    } else {
+        size
+    };
     if !prealloc {
         return FileDev::create(path, size).with_context(cannot);
     }
@@ -313,7 +345,7 @@ fn open_pool(
         Pool::format(&dev, &FormatOptions::default()).context("cannot format the pool")?;
         tracing::info!(
             path = %path.display(),
-            size = %human(size),
+            size = %human(dev.len().unwrap_or(size)),
             preallocated = dev.preallocated(),
             "created a new pool"
         );
@@ -519,6 +551,7 @@ fn main() -> Result<()> {
             .with_context(|| format!("cannot remove {}", p.display()))?;
     }
     secure_data_dir(&s.data)?;
+    ballast::install(&s.data);
     appliance::COMMIT_INTERVAL_S.store(s.commit_interval, std::sync::atomic::Ordering::Relaxed);
     let pool_file = s.data.join("pool");
     let pool = Arc::new(open_pool(

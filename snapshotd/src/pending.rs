@@ -202,10 +202,24 @@ impl<T: Entry> Journal<T> {
     fn append(&self, rec: &T) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
         line.push(b'\n');
-        let mut f = open_append(&self.file)?;
-        f.write_all(&line)?;
-        f.sync_data()?;
-        sync_dir(&self.file)
+        let once = || -> std::io::Result<()> {
+            let mut f = open_append(&self.file)?;
+            let len = f.metadata()?.len();
+            let r = f.write_all(&line).and_then(|()| f.sync_data());
+            if r.is_err() {
+                // No half line for the next append to follow.
+                let _ = f.set_len(len);
+            }
+            r?;
+            sync_dir(&self.file)
+        };
+        match once() {
+            // A full filesystem: the state reserve makes room, once.
+            Err(e) if crate::ballast::is_no_space(&e.to_string()) && crate::ballast::release() => {
+                once()
+            }
+            r => r,
+        }
     }
 
     fn replay_locked(&self, g: &mut Inner, store: Store<'_, T>) -> state::Result<usize> {

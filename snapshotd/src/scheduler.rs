@@ -132,6 +132,14 @@ impl Scheduler {
 
     /// Takes due snapshots, then applies retention and the quota.
     pub fn tick(&self) {
+        if let Some(path) = crate::ballast::tick() {
+            self.events.emit(
+                "alert.raised",
+                "appliance",
+                "appliance",
+                json!({"reason": "state_reserve_released", "message": format!("the data directory's filesystem is full: {} was released so the audit log and events can still be written; free space there", path.display())}),
+            );
+        }
         // Snapshots and expiries are changes a stalled pool refuses: they
         // wait (a due schedule runs once when the pool commits again).
         if self.watch_pool() {

@@ -100,6 +100,9 @@ pub struct State {
     /// None after an I/O error: the next operation reopens the database,
     /// so a device that recovers needs no restart.
     db: RwLock<Option<Arc<Database>>>,
+    /// The handle dropped after the last I/O error, until every request
+    /// that holds it is done (a reopen waits for that).
+    old: std::sync::Mutex<std::sync::Weak<Database>>,
 }
 
 /// A file backend whose writes fail with EIO while a fault file exists.
@@ -186,6 +189,7 @@ impl State {
             path: path.to_path_buf(),
             fault: fault.map(Path::to_path_buf),
             db: RwLock::new(Some(Arc::new(db))),
+            old: std::sync::Mutex::new(std::sync::Weak::new()),
         })
     }
 
@@ -203,6 +207,21 @@ impl State {
         if let Some(db) = slot.as_ref() {
             return Ok(db.clone());
         }
+        // redb refuses a second handle on the file while the old one lives
+        // (requests that took it before the error still hold it): wait for
+        // them, briefly, rather than answer 500.
+        let old = cdm_common::lock::lock(&self.old).clone();
+        for _ in 0..200 {
+            if old.strong_count() == 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        if old.strong_count() > 0 {
+            return Err(StateError::Io(
+                "the state database is being reopened after an I/O error; retry".into(),
+            ));
+        }
         let db = Arc::new(open_db(&self.path, self.fault.as_deref())?);
         tracing::warn!(path = %self.path.display(), "state database reopened after an I/O error");
         *slot = Some(db.clone());
@@ -215,7 +234,13 @@ impl State {
         let r = op();
         if let Err(StateError::Io(e)) = &r {
             tracing::error!(error = %e, "state database I/O error");
-            *cdm_common::lock::write(&self.db) = None;
+            if crate::ballast::is_no_space(e) {
+                crate::ballast::release();
+            }
+            let mut slot = cdm_common::lock::write(&self.db);
+            if let Some(old) = slot.take() {
+                *cdm_common::lock::lock(&self.old) = Arc::downgrade(&old);
+            }
         }
         r
     }

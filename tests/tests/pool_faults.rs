@@ -206,6 +206,10 @@ fn a_full_host_filesystem_stalls_the_pool_until_space_returns_without_a_restart(
     assert_eq!(api.get("/v1/pool")["state"], "no_space");
     assert!(metric(&api, "cdm_pool_state{state=\"no_space\"} 1"));
     wait_alert(&api, "alert.raised", "pool_no_space");
+    // The state database shares the full filesystem: the audit log and
+    // events still read back.
+    let audit = api.get("/v1/audit?limit=1000");
+    assert!(audit.as_array().is_some_and(|a| !a.is_empty()), "{audit}");
 
     // Space returns on the host: the pool commits again by itself.
     std::fs::remove_file(&filler).expect("remove the filler");
@@ -348,7 +352,10 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
         }
     };
 
-    // Syncs fail during writes, a snapshot and a delete.
+    // Syncs fail during writes, a snapshot and a delete. What was written
+    // since the last good sync may be lost with the failed writeback, so
+    // the pool fails and reloads its last durable state from the device
+    // (no restart) once syncs work again.
     fault("pool-eio-sync", true);
     c.write(MIB, &chunk(2), false)
         .expect("a write before the sync");
@@ -358,15 +365,31 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
     let v = api.expect(503, "POST", "/v1/volumes/v/snapshots", Some(json!({})));
     assert_eq!(v["error"]["code"], "unavailable", "{v}");
     api.expect(503, "DELETE", "/v1/volumes/v?force=true", None);
-    check(&mut c, MIB, 2, "read while syncs fail");
     let e = c
         .write(2 * MIB, &chunk(3), false)
-        .expect_err("write while stalled");
+        .expect_err("write while failed");
     assert_eq!(errno(&e), Some(5), "{e}");
     wait_alert(&api, "alert.raised", "pool_io_error");
     fault("pool-eio-sync", false);
     wait_state(&api, "ok");
+    // The failed flush acknowledged nothing: write again.
+    c.write(MIB, &chunk(2), false)
+        .expect("write after the reload");
     c.flush().expect("flush after recovery");
+    check(&mut c, 0, 1, "flushed before the failure");
+
+    // Writes fail (the device refuses them: nothing accepted is in doubt):
+    // the commit stalls, reads go on, and it is retried.
+    c.write(4 * MIB, &chunk(5), false).expect("write");
+    fault("pool-eio-write", true);
+    let e = c.flush().expect_err("flush with failing writes");
+    assert_eq!(errno(&e), Some(5), "EIO expected: {e}");
+    wait_state(&api, "io_error");
+    check(&mut c, MIB, 2, "read while writes fail");
+    check(&mut c, 4 * MIB, 5, "read while writes fail");
+    fault("pool-eio-write", false);
+    wait_state(&api, "ok");
+    c.flush().expect("flush after the writes recovered");
 
     // Slow syncs: slower, never an error.
     fault("pool-slow-sync", true);
@@ -402,7 +425,87 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
     check(&mut c, 0, 1, "after kill -9");
     check(&mut c, MIB, 2, "after kill -9");
     check(&mut c, 2 * MIB, 3, "after kill -9");
+    check(&mut c, 4 * MIB, 5, "after kill -9");
     drop(c);
     a.stop();
     fsck_clean(&a.data);
+}
+
+/// The state database, the pending journals and a preallocated pool share
+/// a filesystem that something else fills: no audit record and no event is
+/// lost (a state reserve is released for them at the first ENOSPC), every
+/// change answered 201 has both, and the reserve is made again once there
+/// is room.
+#[test]
+fn a_full_data_filesystem_loses_no_audit_record_or_event() {
+    let work = tempfile::tempdir_in("/var/tmp").expect("tempdir");
+    let (mnt, _mounted) = small_filesystem(work.path(), 128 * MIB);
+    let data = mnt.join("data");
+    let mut a = Appliance::start_with(
+        None,
+        Some(&data),
+        &["--pool-size", "32M", "--commit-interval", "1"],
+    );
+    let api = Api::new(&a, &a.admin_token());
+    wait_for(60, "the state reserve", || {
+        data.join("state-reserve").exists().then_some(())
+    });
+    // Something else fills the filesystem.
+    let filler = mnt.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let block = vec![7u8; MIB as usize];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut made = Vec::new();
+    for i in 0..40 {
+        let name = format!("v{i}");
+        let (code, body) = http(
+            &api.base,
+            "POST",
+            "/v1/volumes",
+            Some(&api.token),
+            Some(&json!({"name": name, "size": MIB}).to_string()),
+        );
+        match code {
+            201 => made.push(name),
+            // Refused because its audit record could not be kept: nothing
+            // changed, nothing to lose.
+            503 => {}
+            _ => panic!("POST /v1/volumes {name} answered {code}: {body}"),
+        }
+    }
+    assert!(
+        !made.is_empty(),
+        "no change went through on a full filesystem"
+    );
+    let audit = api.get("/v1/audit?limit=10000");
+    let creates = audit.as_array().map_or(0, |a| {
+        a.iter()
+            .filter(|r| r["method"] == "POST" && r["path"] == "/v1/volumes" && r["status"] == 201)
+            .count()
+    });
+    assert_eq!(
+        creates,
+        made.len(),
+        "an audit record per volume made: {audit}"
+    );
+    let events = events(&api, "volume.created");
+    for name in &made {
+        assert!(
+            events.iter().any(|e| e["subject"] == name.as_str()),
+            "no volume.created event for {name}"
+        );
+    }
+    assert!(metric(&api, "cdm_events_lost_total 0"), "events lost");
+    assert!(metric(&api, "cdm_audit_lost_total 0"), "audit records lost");
+    // Room again: the reserve is made again.
+    std::fs::remove_file(&filler).expect("remove the filler");
+    wait_for(120, "the state reserve made again", || {
+        data.join("state-reserve").exists().then_some(())
+    });
+    a.stop();
+    fsck_clean(&data);
 }

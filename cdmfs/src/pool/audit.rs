@@ -60,6 +60,10 @@ impl Inner {
         for l in &self.free_queue {
             v.extend_from_slice(l);
         }
+        // A stalled commit's frees wait for it to publish.
+        if let Some(p) = &self.stalled {
+            v.extend_from_slice(p.freed());
+        }
         v
     }
     /// The intent log's slots: in use until the next commit frees them.

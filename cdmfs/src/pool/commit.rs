@@ -24,6 +24,11 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
+    /// Blocks this commit frees (reusable after it publishes).
+    pub(super) fn freed(&self) -> &[(u64, u64)] {
+        &self.freed
+    }
+
     /// Folds a newer commit into this stalled one: both sets of blocks
     /// (the newer wins where an address repeats), the newer superblock,
     /// both sets of frees.
@@ -43,15 +48,28 @@ impl Prepared {
     }
 }
 
+/// How phase 2 failed: a write the device refused (what it accepted
+/// before stays trustworthy: the commit can be written again), or a sync
+/// (after a writeback error Linux marks the pages clean and the next sync
+/// succeeds: anything written since the last good sync may be lost, so the
+/// memory that names it cannot be trusted).
+pub(super) enum Phase2 {
+    Write(Error),
+    Sync(Error),
+}
+
 /// Phase 2 of a commit, needing no lock: new blocks, a barrier, then the
 /// superblock, then a barrier.
-fn write_prepared(dev: &dyn BlockDev, p: &Prepared) -> Result<()> {
-    crate::store::write_blocks(dev, &p.out)?;
-    dev.sync()?;
+fn write_prepared(dev: &dyn BlockDev, p: &Prepared) -> std::result::Result<(), Phase2> {
+    let w = |e: Error| Phase2::Write(e);
+    let s = |e: std::io::Error| Phase2::Sync(e.into());
+    crate::store::write_blocks(dev, &p.out).map_err(w)?;
+    dev.sync().map_err(s)?;
     let mut slot = vec![0u8; UNIT as usize];
     slot[..SB_BYTES].copy_from_slice(&p.sb.encode());
-    dev.write_at(&slot, (p.sb.generation % SB_SLOTS) * UNIT)?;
-    dev.sync()?;
+    dev.write_at(&slot, (p.sb.generation % SB_SLOTS) * UNIT)
+        .map_err(|e| w(e.into()))?;
+    dev.sync().map_err(s)?;
     Ok(())
 }
 
@@ -66,6 +84,7 @@ impl Pool {
     /// (see `intent.rs`), else with a commit. Concurrent callers share one
     /// record or commit (group commit).
     pub fn flush(&self) -> Result<()> {
+        self.reload_if_failed()?;
         let (target, stalled) = {
             let g = self.lock()?;
             (g.ops, g.stalled.is_some())
@@ -92,6 +111,7 @@ impl Pool {
     /// Commits the trees now (a flush usually logs instead): frees become
     /// reusable, the intent log restarts.
     pub fn commit(&self) -> Result<()> {
+        self.reload_if_failed()?;
         let mut durable = self.durable.lock().map_err(|_| Error::Failed)?;
         self.commit_holding(&mut durable)
     }
@@ -183,7 +203,22 @@ impl Inner {
     /// Phase 3 after the writes: publishes a commit that reached the
     /// device, or keeps one that did not for the next commit to write
     /// again (the pool stalls, see `health.rs`).
-    fn published(&mut self, p: Prepared, r: Result<()>, t0: std::time::Instant) -> Result<()> {
+    fn published(
+        &mut self,
+        p: Prepared,
+        r: std::result::Result<(), Phase2>,
+        t0: std::time::Instant,
+    ) -> Result<()> {
+        let r = match r {
+            Err(Phase2::Sync(e)) => {
+                // Data acknowledged by nothing yet may be gone from the
+                // device: only a reload from it is trustworthy.
+                self.sync_failed(&e);
+                return Err(e);
+            }
+            Err(Phase2::Write(e)) => Err(e),
+            Ok(()) => Ok(()),
+        };
         match r {
             Ok(()) => {
                 if let Some(s) = self.stall.take() {
@@ -394,12 +429,15 @@ impl Inner {
         // (Not at every flush: a database's back-to-back fsyncs would
         // each pay a commit while its overwrites keep frees waiting.)
         (self.has_uncommitted() && older(super::intent::COMMIT_EVERY))
-            || (self.freeing_commits() > 0 && older(std::time::Duration::from_secs(1)))
+            || (self.pins == 0
+                && self.freeing_commits() > 0
+                && older(std::time::Duration::from_secs(1)))
     }
 
     /// Commits after which every freed block is reusable (0: none waits).
     pub(crate) fn freeing_commits(&self) -> u64 {
-        if !self.store.pending_free.is_empty() {
+        let stalled_frees = self.stalled.as_ref().is_some_and(|p| !p.freed.is_empty());
+        if !self.store.pending_free.is_empty() || stalled_frees {
             return FREE_DELAY as u64 + 1;
         }
         let len = self.free_queue.len();

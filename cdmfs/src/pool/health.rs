@@ -98,7 +98,11 @@ pub(crate) fn is_no_space(e: &Error) -> bool {
     match e {
         Error::NoSpace => true,
         Error::Io(io) => {
-            io.raw_os_error() == Some(libc::ENOSPC) || io.kind() == io::ErrorKind::StorageFull
+            matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+                || matches!(
+                    io.kind(),
+                    io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+                )
         }
         _ => false,
     }
@@ -187,6 +191,21 @@ impl BlockDev for Watched {
 }
 
 impl Inner {
+    /// A sync failed: the pool fails (every call answers `Failed`) until
+    /// [`Pool::flush`] or [`Pool::commit`] reloads it from the device.
+    pub(crate) fn sync_failed(&mut self, e: &Error) {
+        tracing::error!(error = %e, "a sync of the pool failed; what was written since the last good sync may be lost: the pool reloads its last durable state from the device");
+        self.failed = true;
+        self.stalled = None;
+        self.stall = Some(Stall {
+            no_space: is_no_space(e),
+            message: format!(
+                "a sync failed ({e}); reloading the last durable state from the device"
+            ),
+            since_unix: now_ns() / 1_000_000_000,
+        });
+    }
+
     /// Refuses a mutation while the pool is stalled.
     pub(crate) fn check_writable(&self) -> Result<()> {
         match &self.stall {
@@ -205,7 +224,8 @@ impl Inner {
 impl Pool {
     /// What the pool can do now (cheap: no I/O).
     pub fn health(&self) -> Result<PoolHealth> {
-        let g = self.lock()?;
+        // Not `lock()`: a failed pool has a health too.
+        let g = self.inner.lock().map_err(|_| Error::Failed)?;
         let io_errors = self.errors.snapshot();
         let (state, message, since_unix) = match &g.stall {
             Some(s) => (

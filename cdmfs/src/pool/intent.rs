@@ -529,12 +529,7 @@ impl Pool {
             };
             (rec, at, seq)
         };
-        let r = self
-            .dev
-            .write_at(&rec, at * UNIT)
-            .map_err(Error::from)
-            .and_then(|()| self.dev.sync().map_err(Error::from));
-        if let Err(e) = r {
+        if let Err(e) = self.dev.write_at(&rec, at * UNIT) {
             // The record may be torn: replay would stop there, so no later
             // record of this chain may count. The ops stay in the trees;
             // the caller commits them instead.
@@ -542,6 +537,16 @@ impl Pool {
             tracing::warn!(error = %e, "intent log write failed; committing instead");
             g.log.broken = true;
             return Ok(None);
+        }
+        if let Err(e) = self.dev.sync() {
+            // The data this record names may be lost with the failed
+            // writeback (see `commit::Phase2`): reload from the device.
+            let e = Error::from(e);
+            self.inner
+                .lock()
+                .map_err(|_| Error::Failed)?
+                .sync_failed(&e);
+            return Err(e);
         }
         Ok(Some(seq))
     }

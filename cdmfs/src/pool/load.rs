@@ -21,6 +21,42 @@ impl Pool {
     /// rebuilds the allocation bitmap from the refcount and catalog trees.
     pub fn open(dev: Arc<dyn BlockDev>, opts: &OpenOptions) -> Result<Pool> {
         let (dev, errors) = super::health::Watched::wrap(dev);
+        let mut inner = Inner::open(dev.clone(), opts)?;
+        let keys = match (&opts.key, &inner.pool_rec.crypto) {
+            (None, _) => None,
+            (Some(src), Some(rec)) => Some(Arc::new(Keys::unlock(rec, src)?)),
+            (Some(src), None) => {
+                let (rec, keys) = Keys::create(src)?;
+                inner.pool_rec.crypto = Some(rec);
+                inner.catalog_dirty.insert(KEY_POOL, true);
+                inner.log.structural = true;
+                inner.ops += 1;
+                Some(Arc::new(keys))
+            }
+        };
+        Ok(Pool {
+            inner: Mutex::new(inner),
+            dev,
+            durable: Mutex::new(0),
+            ranges: RangeLocks::new(),
+            commit_done: Condvar::new(),
+            keys,
+            errors,
+            reopen: OpenOptions {
+                key: None,
+                ..opts.clone()
+            },
+            last_reload: Mutex::new(None),
+            ahead: Default::default(),
+        })
+    }
+}
+
+impl Inner {
+    /// The in-memory pool of what the device holds: the newest valid
+    /// superblock, the catalog, the allocation bitmap rebuilt from every
+    /// tree, and the intent log replayed (then committed).
+    pub(super) fn open(dev: Arc<dyn BlockDev>, opts: &OpenOptions) -> Result<Inner> {
         let sb = read_sb_ring(&*dev)?;
         let actual = dev.len()?;
         let expected = sb.total_blocks * UNIT;
@@ -75,28 +111,54 @@ impl Pool {
                 tracing::warn!(error = %e, "cannot commit the replayed intent log yet; the pool serves reads until it can");
             }
         }
-        let keys = match (&opts.key, &inner.pool_rec.crypto) {
-            (None, _) => None,
-            (Some(src), Some(rec)) => Some(Arc::new(Keys::unlock(rec, src)?)),
-            (Some(src), None) => {
-                let (rec, keys) = Keys::create(src)?;
-                inner.pool_rec.crypto = Some(rec);
-                inner.catalog_dirty.insert(KEY_POOL, true);
-                inner.log.structural = true;
-                inner.ops += 1;
-                Some(Arc::new(keys))
+        Ok(inner)
+    }
+}
+
+impl Pool {
+    /// After a failed sync (see `commit::Phase2`) the pool's memory may
+    /// name data the device lost. This drops that memory and loads the pool
+    /// again from the device, as a crash and restart would, without the
+    /// restart: everything acknowledged is there. Writers that began before
+    /// the failure end first (every call fails meanwhile). Tried at most
+    /// once a second (by flushes and commits, so by the periodic commit);
+    /// a device that still fails leaves the pool failed.
+    pub(super) fn reload_if_failed(&self) -> Result<()> {
+        use std::time::{Duration, Instant};
+        if !self.inner.lock().map_err(|_| Error::Failed)?.failed {
+            return Ok(());
+        }
+        {
+            let mut last = self.last_reload.lock().map_err(|_| Error::Failed)?;
+            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return Err(Error::Failed);
             }
-        };
-        Ok(Pool {
-            inner: Mutex::new(inner),
-            dev,
-            durable: Mutex::new(0),
-            ranges: RangeLocks::new(),
-            commit_done: Condvar::new(),
-            keys,
-            errors,
-            ahead: Default::default(),
-        })
+            *last = Some(Instant::now());
+        }
+        let mut durable = self.durable.lock().map_err(|_| Error::Failed)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.ranges.is_idle() {
+            if Instant::now() > deadline {
+                return Err(Error::Busy(
+                    "writes begun before the failed sync are still running".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let fresh = Inner::open(self.dev.clone(), &self.reopen)?;
+        let mut g = self.inner.lock().map_err(|_| Error::Failed)?;
+        if !g.failed {
+            return Ok(());
+        }
+        let ops = g.ops;
+        *g = fresh;
+        g.ops = ops;
+        *durable = ops;
+        tracing::warn!(
+            generation = g.sb.generation,
+            "pool reloaded from the device after a failed sync"
+        );
+        Ok(())
     }
 
     /// Opens the pool in a file or block device with default options and,

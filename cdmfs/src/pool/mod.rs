@@ -104,6 +104,9 @@ pub struct Pool {
     errors: Arc<health::ErrorCounts>,
     /// Sequential readers, for read-ahead in logical order.
     ahead: read::ReadAhead,
+    /// How to load the pool again after a failed sync (see `reload`).
+    reopen: OpenOptions,
+    last_reload: Mutex<Option<std::time::Instant>>,
 }
 
 fn now_ns() -> u64 {

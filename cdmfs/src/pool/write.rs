@@ -58,6 +58,13 @@ impl RangeLocks {
     }
 }
 
+impl RangeLocks {
+    /// No writer holds a range (see `Pool::reload_if_failed`).
+    pub(super) fn is_idle(&self) -> bool {
+        cdm_common::lock::lock(&self.held).is_empty()
+    }
+}
+
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = cdm_common::lock::lock(&self.locks.held);

@@ -187,10 +187,12 @@ impl Appliance {
     }
 
     pub(super) fn health_get(&self) -> ApiResult<Value> {
-        let sp = self.pool.space().map_err(engine)?;
+        // A failed pool (reloading after a failed sync) has no generation
+        // to show, but its health is what an operator needs.
+        let generation = self.pool.space().ok().map(|sp| sp.generation);
         let mut v = self.pool_health()?;
         if let Some(o) = v.as_object_mut() {
-            o.insert("pool_generation".into(), sp.generation.into());
+            o.insert("pool_generation".into(), generation.into());
             o.insert("nbd_clients".into(), self.nbd.clients().len().into());
             let logs = self.logs_health();
             // Records kept aside mean the state database is failing.
