@@ -671,3 +671,52 @@ impl Api {
         self.expect(200, "GET", path, None)
     }
 }
+
+/// A small ext4 filesystem of `size` bytes, loop-mounted under `work` (for
+/// tests of a full disk); unmounted when the guard drops, so declare it
+/// before an appliance that uses it. Needs root, and says so.
+pub fn small_ext4(work: &Path, size: u64) -> (PathBuf, LoopMount) {
+    // SAFETY: a plain query of this process's identity.
+    let root = unsafe { libc::geteuid() } == 0;
+    assert!(
+        root,
+        "this test mounts a small ext4 filesystem (mount -o loop): run it as root"
+    );
+    require("mkfs.ext4");
+    let img = work.join("fs.img");
+    std::fs::File::create(&img)
+        .and_then(|f| f.set_len(size))
+        .expect("image file");
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    let mnt = work.join("mnt");
+    std::fs::create_dir(&mnt).expect("mount point");
+    run(Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&img)
+        .arg(&mnt));
+    (mnt.clone(), LoopMount(mnt))
+}
+
+/// A loop-mounted filesystem, unmounted when dropped.
+pub struct LoopMount(PathBuf);
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// `cdmfs fsck` of the pool in a data directory must say clean.
+pub fn fsck_clean(data: &Path) {
+    let out = run(Command::new(bin("cdmfs"))
+        .arg("--pool")
+        .arg(data.join("pool"))
+        .arg("fsck"));
+    assert!(out.contains("clean"), "fsck: {out}");
+}

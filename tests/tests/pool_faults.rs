@@ -7,9 +7,6 @@
 //! within two commit intervals. The first test loop-mounts a small ext4
 //! filesystem: it needs root.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
 use cdm_e2e::*;
 use nbd_proto::client::{Client, ClientError, ClientOptions};
 use serde_json::{json, Value};
@@ -38,14 +35,6 @@ fn errno(e: &ClientError) -> Option<u32> {
         ClientError::Errno { errno, .. } => Some(*errno),
         _ => None,
     }
-}
-
-fn fsck_clean(data: &Path) {
-    let out = run(Command::new(bin("cdmfs"))
-        .arg("--pool")
-        .arg(data.join("pool"))
-        .arg("fsck"));
-    assert!(out.contains("clean"), "fsck: {out}");
 }
 
 fn pool_state(api: &Api) -> String {
@@ -84,47 +73,10 @@ fn metric(api: &Api, line: &str) -> bool {
     body.as_str().unwrap_or_default().lines().any(|l| l == line)
 }
 
-/// A loop-mounted filesystem, unmounted when dropped.
-struct LoopMount(PathBuf);
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
-fn small_filesystem(work: &Path, size: u64) -> (PathBuf, LoopMount) {
-    // SAFETY: a plain query of this process's identity.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "this test mounts a small ext4 filesystem (mount -o loop): run it as root"
-    );
-    require("mkfs.ext4");
-    let img = work.join("fs.img");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(size))
-        .expect("image file");
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
-    let mnt = work.join("mnt");
-    std::fs::create_dir(&mnt).expect("mount point");
-    run(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&img)
-        .arg(&mnt));
-    (mnt.clone(), LoopMount(mnt))
-}
-
 #[test]
 fn a_full_host_filesystem_stalls_the_pool_until_space_returns_without_a_restart() {
     let work = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let (mnt, _mounted) = small_filesystem(work.path(), 96 * MIB);
+    let (mnt, _mounted) = small_ext4(work.path(), 96 * MIB);
     // Space the test gives back later, as an operator would.
     let filler = mnt.join("filler");
     std::fs::write(&filler, vec![1u8; 24 * MIB as usize]).expect("filler");
@@ -439,7 +391,7 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
 #[test]
 fn a_full_data_filesystem_loses_no_audit_record_or_event() {
     let work = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let (mnt, _mounted) = small_filesystem(work.path(), 128 * MIB);
+    let (mnt, _mounted) = small_ext4(work.path(), 128 * MIB);
     let data = mnt.join("data");
     let mut a = Appliance::start_with(
         None,

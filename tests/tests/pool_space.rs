@@ -6,8 +6,7 @@
 //! The last test mounts a small ext4 filesystem: it needs root.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use cdm_e2e::*;
 use nbd_proto::client::{Client, ClientOptions};
@@ -49,14 +48,6 @@ fn check_span(c: &mut Client, off: u64, len: u64, seed: u64) {
             off + i * MIB
         );
     }
-}
-
-fn fsck_clean(data: &Path) {
-    let out = run(Command::new(bin("cdmfs"))
-        .arg("--pool")
-        .arg(data.join("pool"))
-        .arg("fsck"));
-    assert!(out.contains("clean"), "fsck: {out}");
 }
 
 fn count(hay: &str, needle: &str) -> usize {
@@ -175,44 +166,11 @@ fn a_running_pool_grows_and_its_new_space_holds_data_across_a_restart() {
     fsck_clean(&a.data);
 }
 
-/// A loop-mounted filesystem, unmounted when dropped.
-struct LoopMount(PathBuf);
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-}
-
 #[test]
 fn a_growth_the_host_filesystem_cannot_hold_is_507_and_changes_nothing() {
-    // SAFETY: a plain query of this process's identity.
-    let root = unsafe { libc::geteuid() } == 0;
-    assert!(
-        root,
-        "this test mounts a small ext4 filesystem (mount -o loop): run it as root"
-    );
-    require("mkfs.ext4");
     let work = tempfile::tempdir_in("/var/tmp").expect("tempdir");
-    let img = work.path().join("fs.img");
-    std::fs::File::create(&img)
-        .and_then(|f| f.set_len(64 * MIB))
-        .expect("image file");
-    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
-    let mnt = work.path().join("mnt");
-    std::fs::create_dir(&mnt).expect("mount point");
-    run(Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&img)
-        .arg(&mnt));
     // Declared before the appliance: dropped (unmounted) after it stops.
-    let _mounted = LoopMount(mnt.clone());
+    let (mnt, _mounted) = small_ext4(work.path(), 64 * MIB);
     let data = mnt.join("data");
 
     let mut a = Appliance::start_with(None, Some(&data), &["--pool-size", "16M"]);
