@@ -483,6 +483,17 @@ impl Appliance {
             .to_string()
     }
 
+    /// An NBD client of `export` on the appliance's unix socket.
+    pub fn nbd(&self, export: &str) -> nbd_proto::client::Client {
+        let ep = format!("unix:{}", self.sock.display());
+        nbd_proto::client::Client::connect(
+            &ep,
+            Some(export),
+            &nbd_proto::client::ClientOptions::default(),
+        )
+        .unwrap_or_else(|e| panic!("NBD connect to {export}: {e}"))
+    }
+
     pub fn unix_uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.sock.display())
     }

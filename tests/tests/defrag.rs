@@ -6,16 +6,9 @@
 use std::process::Command;
 
 use cdm_e2e::*;
-use nbd_proto::client::{Client, ClientOptions};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-
-fn nbd(a: &Appliance, export: &str) -> Client {
-    let ep = format!("unix:{}", a.sock.display());
-    Client::connect(&ep, Some(export), &ClientOptions::default())
-        .unwrap_or_else(|e| panic!("NBD connect to {export}: {e}"))
-}
 
 fn runs_metric(a: &Appliance, volume: &str) -> Option<f64> {
     let (_, body) = http(&a.url(), "GET", "/metrics", Some(&a.admin_token()), None);
@@ -38,7 +31,7 @@ fn defrag_job_makes_a_fragmented_volume_contiguous_and_keeps_its_data() {
     );
     // Written sequentially, then 20 rounds of 1% random 64 KiB rewrites,
     // each flushed (as incrementals are).
-    let mut c = nbd(&a, "db");
+    let mut c = a.nbd("db");
     let mut data = random_bytes((64 * MIB) as usize, 1);
     for (i, chunk) in data.chunks(4 << 20).enumerate() {
         c.write(i as u64 * (4 << 20), chunk, false).unwrap();
@@ -119,7 +112,7 @@ fn defrag_job_makes_a_fragmented_volume_contiguous_and_keeps_its_data() {
 
     // The same bytes over NBD, and no space kept once frees are reusable
     // (two periodic commits; a flush commits when frees wait).
-    let mut c = nbd(&a, "db");
+    let mut c = a.nbd("db");
     let mut got = vec![0u8; data.len()];
     for (i, chunk) in got.chunks_mut(4 << 20).enumerate() {
         c.read(i as u64 * (4 << 20), chunk).unwrap();

@@ -8,16 +8,10 @@
 //! filesystem: it needs root.
 
 use cdm_e2e::*;
-use nbd_proto::client::{Client, ClientError, ClientOptions};
+use nbd_proto::client::{Client, ClientError};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
-
-fn nbd(a: &Appliance, export: &str) -> Client {
-    let ep = format!("unix:{}", a.sock.display());
-    Client::connect(&ep, Some(export), &ClientOptions::default())
-        .unwrap_or_else(|e| panic!("NBD connect to {export}: {e}"))
-}
 
 fn chunk(seed: u64) -> Vec<u8> {
     random_bytes(MIB as usize, seed)
@@ -105,7 +99,7 @@ fn a_full_host_filesystem_stalls_the_pool_until_space_returns_without_a_restart(
         "/v1/volumes",
         Some(json!({"name": "x", "size": MIB})),
     );
-    let mut c = nbd(&a, "v");
+    let mut c = a.nbd("v");
     for i in 0..4 {
         c.write(i * MIB, &chunk(100 + i), false).expect("write");
     }
@@ -136,7 +130,7 @@ fn a_full_host_filesystem_stalls_the_pool_until_space_returns_without_a_restart(
 
     // Reads go on: the volume, and a snapshot's export.
     check(&mut c, 0, 100, "volume while full");
-    let mut sc = nbd(&a, &snap);
+    let mut sc = a.nbd(&snap);
     check(&mut sc, MIB, 101, "snapshot export while full");
     // Writes get ENOSPC, changes 507 no_space.
     let e = c
@@ -182,7 +176,7 @@ fn a_full_host_filesystem_stalls_the_pool_until_space_returns_without_a_restart(
     // Nothing flushed was lost, across a restart too.
     a.stop();
     a.restart();
-    let mut c = nbd(&a, "v");
+    let mut c = a.nbd("v");
     for i in 0..4 {
         check(&mut c, i * MIB, 100 + i, "after restart");
         check(&mut c, (next + i) * MIB, 500 + i, "after restart");
@@ -208,7 +202,7 @@ fn a_full_pool_still_snapshots_and_deletes_and_a_delete_frees_space_promptly() {
             Some(json!({"name": name, "size": 256 * MIB})),
         );
     }
-    let mut c = nbd(&a, "a");
+    let mut c = a.nbd("a");
     let mut n = 0;
     let err = loop {
         assert!(n < 256, "the pool never filled");
@@ -254,7 +248,7 @@ fn a_full_pool_still_snapshots_and_deletes_and_a_delete_frees_space_promptly() {
         p["used_bytes"].as_u64().unwrap_or(u64::MAX) < used_full / 4,
         "{p}"
     );
-    let mut b = nbd(&a, "b");
+    let mut b = a.nbd("b");
     for i in 0..32 {
         b.write(i * MIB, &chunk(900 + i), false)
             .expect("write after the delete");
@@ -292,7 +286,7 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
         "/v1/volumes",
         Some(json!({"name": "v", "size": 64 * MIB})),
     );
-    let mut c = nbd(&a, "v");
+    let mut c = a.nbd("v");
     c.write(0, &chunk(1), false).expect("write");
     c.flush().expect("flush");
     let fault = |name: &str, on: bool| {
@@ -373,7 +367,7 @@ fn injected_device_faults_stall_and_recover_without_a_restart() {
     a.restart();
     let api = Api::new(&a, &a.admin_token());
     assert_eq!(pool_state(&api), "ok");
-    let mut c = nbd(&a, "v");
+    let mut c = a.nbd("v");
     check(&mut c, 0, 1, "after kill -9");
     check(&mut c, MIB, 2, "after kill -9");
     check(&mut c, 2 * MIB, 3, "after kill -9");

@@ -9,7 +9,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use cdm_e2e::*;
-use nbd_proto::client::{Client, ClientOptions};
+use nbd_proto::client::Client;
 use serde_json::json;
 
 const MIB: u64 = 1 << 20;
@@ -18,12 +18,6 @@ const MIB: u64 = 1 << 20;
 fn allocation(data: &Path) -> (u64, u64) {
     let m = std::fs::metadata(data.join("pool")).expect("the pool file");
     (m.blocks() * 512, m.len())
-}
-
-fn nbd(a: &Appliance, export: &str) -> Client {
-    let ep = format!("unix:{}", a.sock.display());
-    Client::connect(&ep, Some(export), &ClientOptions::default())
-        .unwrap_or_else(|e| panic!("NBD connect to {export}: {e}"))
 }
 
 /// Writes `len` bytes of seeded random data at `off`, 1 MiB a request,
@@ -105,7 +99,7 @@ fn a_running_pool_grows_and_its_new_space_holds_data_across_a_restart() {
         "/v1/volumes",
         Some(json!({"name": "v", "size": 256 * MIB})),
     );
-    let mut c = nbd(&a, "v");
+    let mut c = a.nbd("v");
     write_span(&mut c, 0, 32 * MIB, 1);
 
     // Refusals change nothing.
@@ -158,7 +152,7 @@ fn a_running_pool_grows_and_its_new_space_holds_data_across_a_restart() {
     a.restart();
     let api = Api::new(&a, &a.admin_token());
     assert_eq!(api.get("/v1/pool")["total_bytes"], 160 * MIB);
-    let mut c = nbd(&a, "v");
+    let mut c = a.nbd("v");
     check_span(&mut c, 0, 32 * MIB, 1);
     check_span(&mut c, 32 * MIB, 64 * MIB, 1000);
     drop(c);
@@ -181,7 +175,7 @@ fn a_growth_the_host_filesystem_cannot_hold_is_507_and_changes_nothing() {
         "/v1/volumes",
         Some(json!({"name": "v", "size": 64 * MIB})),
     );
-    let mut c = nbd(&a, "v");
+    let mut c = a.nbd("v");
     write_span(&mut c, 0, 4 * MIB, 7);
 
     let v = api.expect(
@@ -219,7 +213,7 @@ fn a_growth_the_host_filesystem_cannot_hold_is_507_and_changes_nothing() {
     a.restart();
     let api = Api::new(&a, &a.admin_token());
     assert_eq!(api.get("/v1/pool")["total_bytes"], 24 * MIB);
-    let mut c = nbd(&a, "v");
+    let mut c = a.nbd("v");
     check_span(&mut c, 0, 4 * MIB, 7);
     check_span(&mut c, 4 * MIB, 4 * MIB, 70);
     drop(c);
