@@ -10,6 +10,7 @@ pub mod merge;
 pub mod nbdfile;
 pub mod ops;
 pub mod pg;
+pub mod serve;
 pub mod statefile;
 pub mod throttle;
 pub mod vm;
