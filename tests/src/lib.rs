@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod pg;
 pub mod stamp;
 
 /// Path of one of the workspace's binaries (built by `cargo build --workspace --bins`).
