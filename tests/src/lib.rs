@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 pub mod pg;
 pub mod stamp;
+pub mod webhook;
 
 /// Path of one of the workspace's binaries (built by `cargo build --workspace --bins`).
 pub fn bin(name: &str) -> PathBuf {
