@@ -8,15 +8,21 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod pg;
 pub mod stamp;
+pub mod webhook;
 
 /// Path of one of the workspace's binaries (built by `cargo build --workspace --bins`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target directory");
+    // Tests run from target/PROFILE/deps, tools like cdm-control-bench
+    // from target/PROFILE itself.
+    let parent = exe.parent().expect("target directory");
+    let dir = if parent.ends_with("deps") {
+        parent.parent().expect("target directory")
+    } else {
+        parent
+    };
     let p = dir.join(name);
     assert!(
         p.exists(),

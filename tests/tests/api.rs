@@ -1,13 +1,13 @@
 //! The appliance as its admins use it: snapshotd's HTTP API over real HTTP,
 //! with real NBD clients (qemu-io, our client) on the volumes it manages.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 
+use cdm_e2e::webhook::{header, Receiver};
 use cdm_e2e::*;
 use nbd_proto::client::{Client, ClientOptions};
 use serde_json::{json, Value};
@@ -840,108 +840,6 @@ fn event_count(api: &Api, kind: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Requests a receiver got: headers (lower-case names) and body.
-type Received = Arc<Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>;
-
-/// Set when a hanging receiver may answer.
-type Gate = Arc<(Mutex<bool>, Condvar)>;
-
-/// A tiny HTTP receiver: answers the first `fail_first` requests with 500,
-/// then 200, recording each request. With `hang`, every request is
-/// recorded and then held unanswered until [`Receiver::release`] (or the
-/// drop): a receiver that is stuck for as long as the test needs, not for
-/// some number of seconds.
-struct Receiver {
-    port: u16,
-    got: Received,
-    gate: Gate,
-}
-
-impl Receiver {
-    fn release(&self) {
-        let (open, cv) = &*self.gate;
-        *open.lock().unwrap() = true;
-        cv.notify_all();
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
-fn receiver(fail_first: usize, hang: bool) -> Receiver {
-    receiver_on(TcpListener::bind("127.0.0.1:0").unwrap(), fail_first, hang)
-}
-
-fn receiver_on(l: TcpListener, fail_first: usize, hang: bool) -> Receiver {
-    let port = l.local_addr().unwrap().port();
-    let got: Received = Arc::default();
-    let gate: Gate = Arc::default();
-    let (g, gt) = (got.clone(), gate.clone());
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(s) = conn else { continue };
-            let (g, gt) = (g.clone(), gt.clone());
-            // A thread per request: one held request must not keep the
-            // next from being recorded.
-            std::thread::spawn(move || serve_one(s, &g, &gt, fail_first, hang));
-        }
-    });
-    Receiver { port, got, gate }
-}
-
-fn serve_one(mut s: std::net::TcpStream, g: &Received, gate: &Gate, fail_first: usize, hang: bool) {
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    if r.read_line(&mut line).is_err() {
-        return;
-    }
-    let mut headers = Vec::new();
-    let mut len = 0usize;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.trim_end().split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-            if k == "content-length" {
-                len = v.parse().unwrap_or(0);
-            }
-            headers.push((k, v));
-        }
-    }
-    let mut body = vec![0u8; len];
-    let _ = r.read_exact(&mut body);
-    let n = {
-        let mut gl = g.lock().unwrap();
-        gl.push((headers, body));
-        gl.len()
-    };
-    if hang {
-        let (open, cv) = &**gate;
-        let mut o = open.lock().unwrap();
-        while !*o {
-            o = cv.wait(o).unwrap();
-        }
-    }
-    let status = if n <= fail_first {
-        "500 Internal Server Error"
-    } else {
-        "200 OK"
-    };
-    let _ = write!(
-        s,
-        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-}
-
-fn header<'a>(h: &'a [(String, String)], k: &str) -> Option<&'a str> {
-    h.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
-}
-
 #[test]
 fn webhooks_are_signed_retried_and_never_slow_io() {
     use hmac::{Hmac, Mac};
@@ -954,7 +852,7 @@ fn webhooks_are_signed_retried_and_never_slow_io() {
     assert_ne!(cfg, FAST_CONFIG);
     let a = Appliance::start(Some(&cfg));
     let api = Api::new(&a, &a.admin_token());
-    let rx = receiver(2, false);
+    let rx = Receiver::with(2, false);
     let secret = "0123456789abcdef-secret";
     api.expect(
         400,
@@ -1024,7 +922,7 @@ fn webhooks_are_signed_retried_and_never_slow_io() {
     // on their own threads; NBD I/O and API calls do not.
     let dead_port = ClosedPort::new();
     let dead_port_no = dead_port.port;
-    let slow = receiver(0, true);
+    let slow = Receiver::with(0, true);
     for port in [slow.port, dead_port_no] {
         api.expect(
             201,
@@ -1436,7 +1334,7 @@ fn pending_webhook_deliveries_survive_a_restart() {
     });
     a.stop();
     // The receiver comes up while the daemon is down.
-    let rx = receiver_on(closed.listen(), 0, false);
+    let rx = Receiver::on(closed.listen(), 0, false);
     a.restart();
     let api = Api::new(&a, &a.admin_token());
     let d = wait_for(120, "delivery after restart", || {

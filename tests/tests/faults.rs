@@ -3,10 +3,7 @@
 //! nor an event go missing, and the appliance recovers without a restart
 //! when the device does.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
-
+use cdm_e2e::webhook::Receiver;
 use cdm_e2e::*;
 use serde_json::{json, Value};
 
@@ -167,68 +164,6 @@ fn a_failing_state_database_never_loses_an_audit_record_and_recovers_without_res
         "the alert, an event, was kept aside with the events and stored later"
     );
     a.stop();
-}
-
-/// A webhook receiver on 127.0.0.1 that answers 200 to every request and
-/// keeps each body.
-struct Receiver {
-    port: u16,
-    got: Arc<Mutex<Vec<Value>>>,
-}
-
-impl Receiver {
-    fn start() -> Receiver {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let got: Arc<Mutex<Vec<Value>>> = Arc::default();
-        let g = got.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming().flatten() {
-                let g = g.clone();
-                std::thread::spawn(move || Receiver::serve(s, &g));
-            }
-        });
-        Receiver { port, got }
-    }
-
-    fn serve(mut s: std::net::TcpStream, got: &Mutex<Vec<Value>>) {
-        let Ok(c) = s.try_clone() else { return };
-        let mut r = BufReader::new(c);
-        let mut len = 0usize;
-        loop {
-            let mut h = String::new();
-            if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.trim_end().split_once(':') {
-                if k.trim().eq_ignore_ascii_case("content-length") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0u8; len];
-        if r.read_exact(&mut body).is_ok() {
-            got.lock()
-                .unwrap()
-                .push(serde_json::from_slice(&body).unwrap_or(Value::Null));
-        }
-        let _ = write!(
-            s,
-            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        );
-    }
-
-    /// Waits for the delivery of the event `kind` about `subject`.
-    fn wait(&self, kind: &str, subject: &str) -> Value {
-        wait_for(120, &format!("delivery of {kind} {subject}"), || {
-            self.got
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|b| b["event"]["type"] == kind && b["event"]["subject"] == subject)
-                .map(|b| b["event"].clone())
-        })
-    }
 }
 
 fn events(api: &Api) -> Vec<Value> {
