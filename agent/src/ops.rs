@@ -154,6 +154,11 @@ impl Mounted {
         if let Some(a) = attach::record(ctx, &name) {
             if a.writable && a.export == volume && cdm_disk::host::is_mounted(&a.mount) {
                 let ours = a.temporary;
+                if ours {
+                    // A backup killed between freeze and thaw left it
+                    // frozen: writes would hang. Not frozen: a no-op error.
+                    let _ = run(Command::new("fsfreeze").arg("-u").arg(&a.mount));
+                }
                 return Ok(Mounted {
                     a,
                     child: None,
