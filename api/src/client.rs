@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::control::*;
 use crate::types::*;
 
 /// Why a call failed.
@@ -456,6 +457,123 @@ impl Client {
     pub fn advance_clock(&self, secs: u64) -> Result<Clock> {
         let b = Self::json(&ClockAdvance { advance_secs: secs })?;
         self.call("POST", "/v1/clock", b)
+    }
+}
+
+/// The control plane (`docs/control-plane.md`): hosts, the agent protocol,
+/// applications, protection policies, points, restores, job logs.
+impl Client {
+    pub fn create_enrolment(&self, req: &EnrolmentCreate) -> Result<EnrolmentToken> {
+        self.call("POST", "/v1/hosts/enrolments", Self::json(req)?)
+    }
+    pub fn hosts(&self) -> Result<Vec<Host>> {
+        self.call("GET", "/v1/hosts", None)
+    }
+    pub fn host(&self, name: &str) -> Result<Host> {
+        self.call("GET", &format!("/v1/hosts/{}", e(name)), None)
+    }
+    pub fn retire_host(&self, name: &str) -> Result<()> {
+        self.done("DELETE", &format!("/v1/hosts/{}", e(name)))
+    }
+
+    /// Needs no token: the enrolment token is in the body.
+    pub fn agent_enrol(&self, req: &AgentEnrol) -> Result<AgentEnrolled> {
+        self.call("POST", "/v1/agent/enrol", Self::json(req)?)
+    }
+    pub fn agent_heartbeat(&self, req: &Heartbeat) -> Result<HeartbeatReply> {
+        self.call("POST", "/v1/agent/heartbeat", Self::json(req)?)
+    }
+    /// Waits up to `wait` seconds (≤ 30) for jobs: build the client with a
+    /// longer timeout than that.
+    pub fn agent_jobs(&self, wait: u64) -> Result<Vec<AgentJob>> {
+        self.call("GET", &format!("/v1/agent/jobs?wait={wait}"), None)
+    }
+    pub fn agent_progress(&self, id: u64, req: &AgentProgress) -> Result<ProgressReply> {
+        self.call(
+            "POST",
+            &format!("/v1/agent/jobs/{id}/progress"),
+            Self::json(req)?,
+        )
+    }
+    pub fn agent_finish(&self, id: u64, req: &AgentFinish) -> Result<Job> {
+        self.call(
+            "POST",
+            &format!("/v1/agent/jobs/{id}/finish"),
+            Self::json(req)?,
+        )
+    }
+
+    pub fn applications(&self, host: Option<&str>) -> Result<Vec<Application>> {
+        let q = host.map(|h| format!("?host={}", e(h))).unwrap_or_default();
+        self.call("GET", &format!("/v1/applications{q}"), None)
+    }
+    pub fn create_application(&self, req: &ApplicationCreate) -> Result<Application> {
+        self.call("POST", "/v1/applications", Self::json(req)?)
+    }
+    pub fn application(&self, id: u64) -> Result<Application> {
+        self.call("GET", &format!("/v1/applications/{id}"), None)
+    }
+    pub fn delete_application(&self, id: u64) -> Result<()> {
+        self.done("DELETE", &format!("/v1/applications/{id}"))
+    }
+    pub fn assign_policy(&self, id: u64, policy: Option<&str>) -> Result<Application> {
+        let b = Self::json(&PolicyAssign {
+            policy: policy.map(str::to_string),
+        })?;
+        self.call("PUT", &format!("/v1/applications/{id}/policy"), b)
+    }
+    pub fn start_backup(&self, id: u64) -> Result<Job> {
+        self.call("POST", &format!("/v1/applications/{id}/backups"), None)
+    }
+    pub fn points(&self, id: u64) -> Result<Vec<Point>> {
+        self.call("GET", &format!("/v1/applications/{id}/points"), None)
+    }
+    pub fn start_restore(&self, id: u64, req: &RestoreCreate) -> Result<Job> {
+        self.call(
+            "POST",
+            &format!("/v1/applications/{id}/restores"),
+            Self::json(req)?,
+        )
+    }
+
+    pub fn create_protection_policy(&self, p: &ProtectionPolicy) -> Result<ProtectionPolicy> {
+        self.call("POST", "/v1/protection-policies", Self::json(p)?)
+    }
+    pub fn protection_policies(&self) -> Result<Vec<ProtectionPolicy>> {
+        self.call("GET", "/v1/protection-policies", None)
+    }
+    pub fn protection_policy(&self, name: &str) -> Result<ProtectionPolicy> {
+        self.call("GET", &format!("/v1/protection-policies/{}", e(name)), None)
+    }
+    pub fn update_protection_policy(&self, p: &ProtectionPolicy) -> Result<ProtectionPolicy> {
+        self.call(
+            "PUT",
+            &format!("/v1/protection-policies/{}", e(&p.name)),
+            Self::json(p)?,
+        )
+    }
+    pub fn delete_protection_policy(&self, name: &str) -> Result<()> {
+        self.done("DELETE", &format!("/v1/protection-policies/{}", e(name)))
+    }
+
+    /// `GET /v1/jobs` with filters.
+    pub fn jobs_where(&self, q: &JobQuery) -> Result<Vec<Job>> {
+        let mut p = Vec::new();
+        if let Some(a) = q.application {
+            p.push(format!("application={a}"));
+        }
+        for (k, v) in [("host", &q.host), ("kind", &q.kind), ("state", &q.state)] {
+            if let Some(v) = v {
+                p.push(format!("{k}={}", e(v)));
+            }
+        }
+        self.call("GET", &format!("/v1/jobs?{}", p.join("&")), None)
+    }
+    pub fn job_log(&self, id: u64) -> Result<JobLog> {
+        self.call("GET", &format!("/v1/jobs/{id}/log"), None)
+    }
+    pub fn cancel_job(&self, id: u64) -> Result<Job> {
+        self.call("POST", &format!("/v1/jobs/{id}/cancel"), None)
     }
 }
 

@@ -8,6 +8,7 @@ mod appliance;
 mod audit;
 mod ballast;
 mod clock;
+mod control;
 mod error;
 mod events;
 mod jobs;
@@ -79,6 +80,12 @@ struct Args {
     /// and retention; never in production).
     #[arg(long)]
     fake_clock: bool,
+    /// Agent jobs (backups, restores) running at once on the appliance.
+    #[arg(long, default_value_t = control::MAX_JOBS)]
+    max_jobs: usize,
+    /// Agent jobs running at once on one host.
+    #[arg(long, default_value_t = control::HOST_JOBS)]
+    max_jobs_per_host: usize,
     /// Fault injection for tests (never in production): while the file
     /// DIR/state-eio exists, writes to the state database fail with EIO;
     /// DIR/pool-enospc, pool-short-write, pool-eio-write, pool-eio-read,
@@ -604,6 +611,9 @@ fn main() -> Result<()> {
         mounts,
     );
     let _ = app.pool_file.set(pool_file);
+    app.control
+        .set_limits(args.max_jobs, args.max_jobs_per_host);
+    app.scheduler.set_control(app.control.clone());
     bootstrap_admin(&app, &s.data)?;
     // Bound only now, so whoever sees the API up also finds admin.token.
     let api_listener = std::net::TcpListener::bind(&s.api)

@@ -6,6 +6,7 @@
 //! hands each route to its resource's file.
 
 mod clones;
+mod control;
 mod defrag;
 mod exports;
 mod jobs;
@@ -57,6 +58,8 @@ pub struct Appliance {
     pub clock: Arc<Time>,
     pub jobs: Arc<Jobs>,
     pub scheduler: Arc<Scheduler>,
+    /// Hosts, applications, protection policies and agent jobs.
+    pub control: Arc<crate::control::Control>,
     /// NBD listen addresses (`HOST:PORT` or `unix:PATH`), for export URIs.
     pub nbd_addrs: Vec<String>,
     /// SHA-256 of tokens already verified with Argon2id → token id: Argon2
@@ -142,7 +145,15 @@ impl Appliance {
             ),
             Err(e) => tracing::error!(error = %e, "audit records kept aside cannot be stored yet"),
         }
+        let control = crate::control::Control::new(
+            state.clone(),
+            clock.clone(),
+            events.clone(),
+            pool.clone(),
+            jobs.clone(),
+        );
         Arc::new_cyclic(|me| Appliance {
+            control,
             audit,
             agent: std::sync::OnceLock::new(),
             pool_file: std::sync::OnceLock::new(),
@@ -312,8 +323,8 @@ impl Backend for Appliance {
     fn start_job(&self, c: &Caller, req: JobCreate) -> ApiResult<Job> {
         self.job_start(c, req)
     }
-    fn list_jobs(&self) -> ApiResult<Vec<Job>> {
-        self.job_list()
+    fn list_jobs(&self, q: cdm_api::control::JobQuery) -> ApiResult<Vec<Job>> {
+        self.control.list_jobs(q)
     }
     fn job(&self, id: u64) -> ApiResult<Job> {
         self.job_get(id)
