@@ -611,10 +611,10 @@ fn main() -> Result<()> {
         mounts,
     );
     let _ = app.pool_file.set(pool_file);
+    bootstrap_admin(&app, &s.data)?;
     app.control
         .set_limits(args.max_jobs, args.max_jobs_per_host);
     app.scheduler.set_control(app.control.clone());
-    bootstrap_admin(&app, &s.data)?;
     // Bound only now, so whoever sees the API up also finds admin.token.
     let api_listener = std::net::TcpListener::bind(&s.api)
         .with_context(|| format!("cannot listen on {} for the API", s.api))?;

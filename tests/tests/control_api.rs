@@ -1031,3 +1031,178 @@ fn policy_retention_keeps_the_application_volume_to_keep_last() {
         .collect();
     assert_eq!(labels, ["b3", "b2"], "newest first, the newest kept");
 }
+
+fn ctl(a: &Appliance, args: &[&str]) -> String {
+    let out = a.cdmctl(args);
+    assert!(
+        out.status.success(),
+        "cdmctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ctl_json(a: &Appliance, args: &[&str]) -> Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let s = ctl(a, &all);
+    serde_json::from_str(&s).unwrap_or_else(|e| panic!("cdmctl {args:?}: {e}: {s}"))
+}
+
+#[test]
+fn cdmctl_drives_hosts_applications_policies_jobs_and_restores() {
+    let (a, api) = start(&[]);
+    let t = ctl_json(
+        &a,
+        &["host", "enrol-token", "--name", "db1", "--ttl", "600"],
+    );
+    let tok = t["token"].as_str().unwrap();
+    let (s, v) = enrol_raw(&a, json!({"token": tok, "hostname": "db1.example"}));
+    assert_eq!(s, 201, "{v}");
+    let h = Agent {
+        base: a.url(),
+        token: v["credential"].as_str().unwrap().to_string(),
+        name: "db1".into(),
+    };
+    h.heartbeat(
+        true,
+        &[],
+        json!([{"kind": "postgresql", "name": "main", "config": {"port": 5432}}]),
+    );
+    let hosts = ctl(&a, &["host", "list"]);
+    assert!(hosts.contains("db1") && hosts.contains("online"), "{hosts}");
+    assert_eq!(
+        ctl_json(&a, &["host", "show", "db1"])["hostname"],
+        "db1.example"
+    );
+
+    ctl(
+        &a,
+        &[
+            "policy",
+            "create",
+            "hourly",
+            "--interval",
+            "3600",
+            "--rpo",
+            "7200",
+            "--keep-last",
+            "3",
+            "--window",
+            "00:00-23:59",
+            "--dedup",
+            "true",
+        ],
+    );
+    let p = ctl_json(&a, &["policy", "show", "hourly"]);
+    assert_eq!(
+        (p["keep_last"].as_u64(), p["volume"]["dedup"].as_bool()),
+        (Some(3), Some(true)),
+        "{p}"
+    );
+    assert!(ctl(&a, &["policy", "list"]).contains("every 3600 s"));
+    let added = ctl_json(
+        &a,
+        &[
+            "app",
+            "add",
+            "--host",
+            "db1",
+            "--kind",
+            "files",
+            "--name",
+            "etc",
+            "--config",
+            "{\"path\": \"/etc\"}",
+        ],
+    );
+    let id = added["id"].as_u64().unwrap();
+    let apps = ctl(&a, &["app", "list", "--host", "db1"]);
+    assert!(
+        apps.contains("db1-postgresql-main") && apps.contains("db1-files-etc"),
+        "{apps}"
+    );
+    let v = ctl_json(&a, &["app", "set-policy", &id.to_string(), "hourly"]);
+    assert_eq!(v["policy"], "hourly");
+    let v = ctl_json(&a, &["app", "set-policy", &id.to_string(), "--none"]);
+    assert!(v["policy"].is_null());
+    let j = ctl_json(&a, &["app", "backup", &id.to_string()]);
+    let jid = j["id"].as_u64().unwrap();
+    assert_eq!(j["state"], "queued");
+    let listed = ctl_json(
+        &a,
+        &[
+            "job",
+            "list",
+            "--application",
+            &id.to_string(),
+            "--state",
+            "queued",
+        ],
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(h.pull().len(), 1);
+    h.progress(jid, &["a line from the agent"]);
+    assert!(ctl(&a, &["job", "log", &jid.to_string()]).contains("a line from the agent"));
+    let c = ctl_json(&a, &["job", "cancel", &jid.to_string()]);
+    assert_eq!(c["cancel_requested"], true);
+    assert_eq!(h.finish(jid, json!({"state": "cancelled"})).0, 200);
+    // Cancelling again: a conflict, exit 5.
+    let out = a.cdmctl(&["job", "cancel", &jid.to_string()]);
+    assert_eq!(out.status.code(), Some(5));
+
+    let vol = added["volume"].as_str().unwrap();
+    h.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": vol, "size": 1 << 20})),
+    );
+    h.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/{vol}/snapshots"),
+        Some(json!({"label": "b1"})),
+    );
+    assert!(ctl(&a, &["app", "points", &id.to_string()]).contains("b1"));
+    let r = ctl_json(
+        &a,
+        &[
+            "restore",
+            "start",
+            &id.to_string(),
+            "--kind",
+            "regular",
+            "--target",
+            "/srv/etc",
+        ],
+    );
+    assert_eq!(
+        (r["kind"].as_str(), r["host"].as_str()),
+        (Some("restore"), Some("db1")),
+        "{r}"
+    );
+    assert_eq!(r["params"]["target"], "/srv/etc");
+    let rl = ctl_json(&a, &["restore", "list", "--application", &id.to_string()]);
+    assert_eq!(rl.as_array().unwrap().len(), 1);
+    ctl(&a, &["host", "retire", "db1"]);
+    assert_eq!(host_state(&api, "db1"), "retired");
+    assert_eq!(job(&api, r["id"].as_u64().unwrap())["state"], "cancelled");
+
+    let doc = api.get("/v1/openapi.json");
+    for p in [
+        "/v1/hosts/enrolments",
+        "/v1/hosts/{name}",
+        "/v1/agent/enrol",
+        "/v1/agent/jobs",
+        "/v1/agent/jobs/{id}/finish",
+        "/v1/applications/{id}/restores",
+        "/v1/protection-policies/{name}",
+        "/v1/jobs/{id}/log",
+        "/v1/jobs/{id}/cancel",
+        "/v1/volumes",
+    ] {
+        assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
+    }
+    assert!(doc["components"]["schemas"]["ProtectionPolicy"].is_object());
+}

@@ -2,8 +2,8 @@
 //! the appliance: host credentials made and revoked with the other tokens.
 
 use cdm_api::auth::Caller;
-use cdm_api::backend::ControlBackend;
 use cdm_api::control::*;
+use cdm_api::control_backend::ControlBackend;
 use cdm_api::types::Job;
 use cdm_api::ApiResult;
 
