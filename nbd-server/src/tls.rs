@@ -47,12 +47,17 @@ pub struct TlsSettings {
     /// Refuse everything but STARTTLS before TLS (FORCEDTLS). When false,
     /// plaintext clients are served too (SELECTIVETLS with every export open).
     pub required: bool,
+    /// With `required`: loopback and unix-socket peers may still stay
+    /// plain (a per-connection decision from the peer's address), for
+    /// local tools on the appliance itself.
+    pub plain_local: bool,
 }
 
 impl std::fmt::Debug for TlsSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsSettings")
             .field("required", &self.required)
+            .field("plain_local", &self.plain_local)
             .finish()
     }
 }
@@ -93,6 +98,24 @@ pub fn load(
         None => builder.with_no_client_auth(),
     };
     Ok(Arc::new(builder.with_single_cert(certs, key)?))
+}
+
+/// Whether a peer (as the listener names it: `unix` or `IP:PORT`) is on
+/// this machine's loopback: a unix socket, 127.0.0.0/8, ::1 or an
+/// IPv4-mapped loopback address.
+pub fn peer_is_local(peer: &str) -> bool {
+    if peer == "unix" {
+        return true;
+    }
+    match peer.parse::<std::net::SocketAddr>() {
+        Ok(a) => match a.ip() {
+            std::net::IpAddr::V4(ip) => ip.is_loopback(),
+            std::net::IpAddr::V6(ip) => {
+                ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        },
+        Err(_) => false,
+    }
 }
 
 /// Runs the TLS handshake on `raw` and returns the plaintext side.
@@ -269,8 +292,36 @@ impl TlsArgs {
             (Some(c), Some(k)) => Ok(Some(TlsSettings {
                 config: load(c, k, self.tls_client_ca.as_deref())?,
                 required: !self.tls_optional,
+                plain_local: false,
             })),
             _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::peer_is_local;
+
+    #[test]
+    fn loopback_and_unix_peers_are_local_others_not() {
+        for p in [
+            "unix",
+            "127.0.0.1:5000",
+            "127.9.9.9:1",
+            "[::1]:7",
+            "[::ffff:127.0.0.1]:9",
+        ] {
+            assert!(peer_is_local(p), "{p}");
+        }
+        for p in [
+            "10.231.0.1:5000",
+            "[2001:db8::1]:7",
+            "[::ffff:10.0.0.1]:9",
+            "0.0.0.0:1",
+            "junk",
+        ] {
+            assert!(!peer_is_local(p), "{p}");
         }
     }
 }
