@@ -318,7 +318,13 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
     };
     Ok(Ctx {
         api: cdm_api::client::Client::connect(&url, token, cli.ca_file.as_deref())?,
-        ca_file: cli.ca_file.clone(),
+        // Absolute: serve-disk processes get it and may run elsewhere.
+        ca_file: match &cli.ca_file {
+            Some(p) => {
+                Some(std::fs::canonicalize(p).with_context(|| format!("CA file {}", p.display()))?)
+            }
+            None => None,
+        },
         nbd_tls,
         nbd,
         state_dir: std::fs::canonicalize(&state_dir)?,

@@ -310,10 +310,15 @@ impl Handshake {
         let mut d = vec![0u8; len as usize];
         self.r.read_exact(&mut d)?;
         if typ & 0x8000_0000 != 0 {
+            let mut msg = String::from_utf8_lossy(&d).into_owned();
+            if typ == REP_ERR_TLS_REQD {
+                // The fix is on this side: say it.
+                msg.push_str(" (the server requires TLS from this address: give the client the server's CA, e.g. --ca-file)");
+            }
             return Err(ClientError::Refused {
                 option: opt,
                 code: typ,
-                msg: String::from_utf8_lossy(&d).into_owned(),
+                msg,
             });
         }
         Ok((typ, d))

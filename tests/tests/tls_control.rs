@@ -439,5 +439,20 @@ fn agent_backs_up_over_https_and_nbd_tls_with_its_pinned_ca() {
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("not signed by the CA in"), "{text}");
+    // No CA at all: the appliance's own CA is unknown to it, and it says
+    // what to give.
+    let out = output(
+        Command::new(bin("cdm-agent"))
+            .args(["--url", &d.https("10.231.0.3"), "--token-file"])
+            .arg(d.token_file())
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--json")
+            .args(backup)
+            .env_remove("CDM_CA_FILE"),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("--ca-file"), "{text}");
     assert_eq!(d.client("127.0.0.1").list_snapshots("fs").unwrap().len(), 1);
 }
