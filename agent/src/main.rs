@@ -36,6 +36,10 @@ struct Cli {
     /// File holding the API token.
     #[arg(long, env = "CDM_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// The appliance's CA certificate (PEM), pinned for the API (https://)
+    /// and NBD (STARTTLS over TCP): only it is trusted.
+    #[arg(long, env = "CDM_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Appliance NBD address (HOST:PORT or unix:PATH) [default: the API host, port 10809].
     #[arg(long, env = "CDM_NBD", global = true)]
     nbd: Option<String>,
@@ -374,8 +378,20 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/cdm-agent"));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
+    let nbd_tls = match &cli.ca_file {
+        Some(p) => Some(nbd_proto::ClientTls::from_ca_file(p)?),
+        None => None,
+    };
     Ok(Ctx {
-        api: cdm_api::client::Client::new(&url, token),
+        api: cdm_api::client::Client::connect(&url, token, cli.ca_file.as_deref())?,
+        // Absolute: serve-disk processes get it and may run elsewhere.
+        ca_file: match &cli.ca_file {
+            Some(p) => {
+                Some(std::fs::canonicalize(p).with_context(|| format!("CA file {}", p.display()))?)
+            }
+            None => None,
+        },
+        nbd_tls,
         nbd,
         state_dir: std::fs::canonicalize(&state_dir)?,
         bandwidth: Bandwidth { ..bandwidth },
@@ -384,8 +400,10 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
     })
 }
 
+/// `serve-disk`: the appliance at `cli.nbd`, with STARTTLS against
+/// `cli.ca_file` if given.
 fn serve_disk(
-    nbd: &str,
+    cli: &Cli,
     export: &str,
     dir: &Path,
     status: &Path,
@@ -393,10 +411,16 @@ fn serve_disk(
     workers: usize,
     timeout: u64,
 ) -> anyhow::Result<()> {
-    let r =
-        cdm_agent::nbdfile::connect(nbd, export, conns, std::time::Duration::from_secs(timeout))
-            .map_err(|e| cdm_agent::err!(Host, "NBD {nbd} export {export}: {e}"))
-            .and_then(|c| cdm_agent::nbdfile::serve(c, dir, workers));
+    let nbd = cli.nbd.as_deref().unwrap_or("127.0.0.1:10809");
+    let tls = cli
+        .ca_file
+        .as_deref()
+        .map(nbd_proto::ClientTls::from_ca_file)
+        .transpose()?;
+    let timeout = std::time::Duration::from_secs(timeout);
+    let r = cdm_agent::nbdfile::connect(nbd, export, conns, timeout, tls)
+        .map_err(|e| cdm_agent::err!(Host, "NBD {nbd} export {export}: {e}"))
+        .and_then(|c| cdm_agent::nbdfile::serve(c, dir, workers));
     let text = match &r {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("{e:#}"),
@@ -450,9 +474,8 @@ fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
         timeout_secs,
     } = &cli.cmd
     {
-        let nbd = cli.nbd.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
         serve_disk(
-            &nbd,
+            cli,
             export,
             dir,
             status,

@@ -625,6 +625,7 @@ fn connect_stage(ctx: &Ctx, volume: &str) -> Result<nbd_proto::client::Client> {
         &nbd_proto::client::ClientOptions {
             allocation: false,
             timeout: Some(Duration::from_secs(60)),
+            tls: ctx.nbd_tls.clone(),
             ..Default::default()
         },
     )

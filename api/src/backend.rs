@@ -5,7 +5,7 @@
 use serde_json::Value;
 
 use crate::auth::Caller;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::types::*;
 
 /// The appliance behind the API. Every method may block (disk I/O, commits).
@@ -134,4 +134,9 @@ pub trait Backend: crate::control_backend::ControlBackend + Send + Sync + 'stati
     fn metrics(&self) -> ApiResult<String>;
     /// Extra JSON for `/health` (pool state); must be cheap.
     fn health(&self) -> ApiResult<Value>;
+    /// The CA certificate (PEM) that signed the appliance's TLS certificate,
+    /// for clients to pin (`GET /v1/ca`).
+    fn ca_pem(&self) -> ApiResult<String> {
+        Err(ApiError::not_found("this server has no TLS CA"))
+    }
 }

@@ -80,6 +80,34 @@ pub struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// The pinned CA's file, for the message of a failed verification.
+    ca: Option<String>,
+}
+
+/// A rustls client configuration that trusts only the CA certificate(s)
+/// in the PEM file `ca` (no system roots: the appliance's certificate
+/// comes from its own CA).
+pub fn pinned_tls_config(ca: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let bad = |m: String| ClientError::Transport(format!("CA file {}: {m}", ca.display()));
+    let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
 }
 
 fn e(s: &str) -> String {
@@ -96,7 +124,70 @@ impl Client {
             base: base_url.trim_end_matches('/').to_string(),
             token,
             agent: ureq::AgentBuilder::new().timeout(timeout).build(),
+            ca: None,
         }
+    }
+
+    /// The client every cdm tool builds: `url` (http:// or https://), a
+    /// token, and with `ca` the appliance's CA pinned for https (only it
+    /// is trusted). Fails only on an unreadable or empty CA file.
+    pub fn connect(
+        url: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client> {
+        Client::with_ca(url, token, Duration::from_secs(30), ca)
+    }
+
+    /// [`Client::connect`] with a timeout of its own.
+    pub fn with_ca(
+        url: &str,
+        token: Option<String>,
+        timeout: Duration,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client> {
+        let Some(ca) = ca else {
+            return Ok(Client::with_timeout(url, token, timeout));
+        };
+        let cfg = pinned_tls_config(ca)?;
+        Ok(Client {
+            base: url.trim_end_matches('/').to_string(),
+            token,
+            agent: ureq::AgentBuilder::new()
+                .timeout(timeout)
+                .tls_config(cfg)
+                .build(),
+            ca: Some(ca.display().to_string()),
+        })
+    }
+
+    /// The API's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// A transport error, said so that a certificate problem has its fix.
+    fn transport_error(&self, t: &ureq::Transport) -> ClientError {
+        let text = t.to_string();
+        let ca = self.ca.as_deref();
+        let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+            match ca {
+                Some(ca) => format!(
+                    "; the appliance's certificate is not signed by the CA in {ca} (wrong \
+                     --ca-file, or another appliance)"
+                ),
+                None => "; the appliance's certificate is signed by its own CA: pin it with \
+                         --ca-file (DATA/tls/ca.crt on the appliance, or GET /v1/ca)"
+                    .to_string(),
+            }
+        } else if text.contains("NotValidForName") {
+            "; the appliance's certificate does not carry this host name or address \
+             (snapshotd --tls-san adds one)"
+                .to_string()
+        } else {
+            String::new()
+        };
+        ClientError::Transport(format!("{text}{hint}"))
     }
 
     /// A raw call: `(status, body as JSON, or a JSON string for non-JSON, or null)`.
@@ -113,7 +204,7 @@ impl Client {
         let resp = match res {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(ureq::Error::Transport(t)) => return Err(ClientError::Transport(t.to_string())),
+            Err(ureq::Error::Transport(t)) => return Err(self.transport_error(&t)),
         };
         let status = resp.status();
         let text = resp
@@ -365,7 +456,7 @@ impl Client {
                         .unwrap_or_else(|| format!("HTTP {status}")),
                 })
             }
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport(t.to_string())),
+            Err(ureq::Error::Transport(t)) => Err(self.transport_error(&t)),
         }
     }
 

@@ -118,7 +118,7 @@ pub fn check_name(kind: &str, name: &str) -> ApiResult<()> {
 
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
-    if path == "/health" || path == "/v1/login" {
+    if path == "/health" || path == "/v1/login" || path == "/v1/ca" {
         return next.run(req).await;
     }
     // An enrolment is authenticated by its one-use token, in the body.
@@ -183,6 +183,7 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
     let state = AppState { backend };
     let v1 = Router::new()
         .route("/login", post(login))
+        .route("/ca", get(ca))
         .route("/logout", post(logout))
         .route("/openapi.json", get(openapi))
         .route("/pool", get(pool))
@@ -249,6 +250,43 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .with_state(state)
 }
 
+/// The router of the plain-HTTP listener: [`router`], but a peer off this
+/// machine's loopback gets 403 `https_required` unless `allow_remote`
+/// (tokens must not cross a network in clear).
+pub fn plain_router(backend: Arc<dyn Backend>, allow_remote: bool) -> Router {
+    let r = router(backend);
+    if allow_remote {
+        r
+    } else {
+        r.layer(middleware::from_fn(https_required))
+    }
+}
+
+/// Whether `ip` is this machine's loopback (an IPv4-mapped one too).
+pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+async fn https_required(ClientAddr(addr): ClientAddr, req: Request, next: Next) -> Response {
+    match addr {
+        Some(ip) if !is_loopback(ip) => ApiError::new(
+            403,
+            "https_required",
+            format!(
+                "plain HTTP is served to this machine's loopback only ({ip} is not): use the \
+                 appliance's https:// address (its CA: GET /v1/ca)"
+            ),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
 /// A body whose declared length is over the limit is refused before any of it
 /// is read. Without this the server would read up to the limit and then close
 /// the connection under a client still sending, which sees a broken pipe
@@ -308,6 +346,13 @@ async fn metrics(State(s): S) -> ApiResult<Response> {
         text,
     )
         .into_response())
+}
+
+/// The CA certificate (PEM) of the appliance's TLS certificate; no token:
+/// a client fetches it to pin it (comparing its fingerprint out of band).
+async fn ca(State(s): S) -> ApiResult<Response> {
+    let pem = run(&s, |b| b.ca_pem()).await?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }
 
 async fn openapi() -> Json<Value> {

@@ -51,6 +51,8 @@ pub struct Appliance {
     /// Set once at start (main): the pool file, whose allocation
     /// `GET /v1/pool` reports.
     pub pool_file: std::sync::OnceLock<std::path::PathBuf>,
+    /// Set once at start (main): the CA certificate (PEM) `GET /v1/ca` serves.
+    pub tls_ca: std::sync::OnceLock<String>,
     pub pool: Arc<Pool>,
     pub nbd: Arc<Server>,
     pub state: Arc<State>,
@@ -157,6 +159,7 @@ impl Appliance {
             audit,
             agent: std::sync::OnceLock::new(),
             pool_file: std::sync::OnceLock::new(),
+            tls_ca: std::sync::OnceLock::new(),
             me: me.clone(),
             pool,
             nbd,
@@ -247,6 +250,12 @@ impl Backend for Appliance {
     }
     fn health(&self) -> ApiResult<Value> {
         self.health_get()
+    }
+    fn ca_pem(&self) -> ApiResult<String> {
+        self.tls_ca
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable("the appliance's TLS is not set up yet"))
     }
     // volumes.rs
     fn create_volume(&self, c: &Caller, req: VolumeCreate) -> ApiResult<Volume> {

@@ -64,6 +64,10 @@ struct Cli {
     /// File holding the API token [default: ./cdm-data/admin.token, then /var/lib/cdm/admin.token].
     #[arg(long, env = "CDM_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// The appliance's CA certificate (PEM) to pin for an https:// URL:
+    /// only it is trusted (DATA/tls/ca.crt on the appliance).
+    #[arg(long, env = "CDM_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -180,7 +184,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             "no API token: give --token, CDM_TOKEN, --token-file or CDM_TOKEN_FILE (the first admin token is in DATA/admin.token)".into(),
         ));
     }
-    let c = Client::new(&cli.url, tok);
+    let c = Client::connect(&cli.url, tok, cli.ca_file.as_deref())?;
     let out = Out { json: cli.json };
     match cli.cmd {
         Cmd::Volume(v) => volume::run(v, &c, &out),
