@@ -117,6 +117,9 @@ pub struct Control {
     /// One RPO evaluation at a time (the tick and ending jobs): a change
     /// is announced once.
     rpo: Mutex<()>,
+    /// The daemon is stopping: long polls answer at once (an agent's
+    /// pending poll would otherwise hold the API's shutdown up to 30 s).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -141,6 +144,7 @@ impl Control {
             seen: Mutex::new(HashMap::new()),
             last_backup: Mutex::new(HashMap::new()),
             rpo: Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         };
         if let Err(e) = c.load(now) {
             tracing::error!(error = %e, "cannot load the control plane's jobs");
@@ -171,6 +175,13 @@ impl Control {
             seen.insert(h.name.clone(), now.max(h.last_seen_unix.unwrap_or(0)));
         }
         Ok(())
+    }
+
+    /// Ends every long poll now and the ones to come (the daemon stops).
+    pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _guard = lock(&self.active);
+        self.wake.notify_all();
     }
 
     /// `--max-jobs` and `--max-jobs-per-host`.
