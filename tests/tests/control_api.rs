@@ -251,7 +251,7 @@ fn enrolment_tokens_are_one_use_and_expire_and_hosts_go_offline() {
         "{v}"
     );
     // Unknown.
-    let (s, _) = enrol_raw(&a, json!({"token": "cdmenrol_00", "hostname": "x"}));
+    let (s, _) = enrol_raw(&a, json!({"token": "cdm_enrol_00", "hostname": "x"}));
     assert_eq!(s, 401);
     // Expired on the appliance's clock.
     let t = token(&api, json!({"ttl_seconds": 60}));
