@@ -7,7 +7,9 @@ use cdm_api::cron::Cron;
 use cdm_api::ApiResult;
 use serde_json::json;
 
-use super::{lock, AppState, Control};
+use std::collections::HashMap;
+
+use super::{lock, Control};
 use crate::appliance::st;
 use crate::state::{Sync, APP_STATE};
 
@@ -75,15 +77,14 @@ impl Control {
         let policies = self.policy_map()?;
         let apps = self.apps()?;
         let mut active = lock(&self.active);
+        let _rpo = lock(&self.rpo);
+        let mut states = self.app_states()?;
         for a in apps {
             let Some(p) = a.policy.as_ref().and_then(|p| policies.get(p)) else {
                 continue;
             };
-            let mut s: AppState = self
-                .state
-                .get(APP_STATE, a.id)
-                .map_err(st)?
-                .unwrap_or_default();
+            let mut s = states.remove(&a.id).unwrap_or_default();
+            s.app = a.id;
             let before = s.clone();
             let Some(due) = s
                 .next_due_unix
@@ -127,13 +128,14 @@ impl Control {
         };
         let newest = self.newest_points()?;
         let policies = self.policy_map()?;
+        let mut states = match only {
+            Some(id) => HashMap::from([(id, self.app_state(id)?)]),
+            None => self.app_states()?,
+        };
         for a in apps {
             let app = self.public_with(a, now, &newest, &policies);
-            let mut s: AppState = self
-                .state
-                .get(APP_STATE, app.id)
-                .map_err(st)?
-                .unwrap_or_default();
+            let mut s = states.remove(&app.id).unwrap_or_default();
+            s.app = app.id;
             let new = app.rpo.state.clone();
             if s.rpo_state.as_deref() == Some(new.as_str()) {
                 continue;
