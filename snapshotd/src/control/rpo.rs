@@ -51,12 +51,14 @@ pub fn rpo_status(
     }
 }
 
-/// When a policy's first backup is due, counted from its assignment:
-/// at once for an interval, at the next match of a cron expression.
+/// When a policy's first backup is due, counted from its assignment: one
+/// interval later, or at the next match of a cron expression, like the
+/// volumes' snapshot schedules (a backup now is `POST .../backups`).
 pub fn first_due(p: &ProtectionPolicy, since: u64) -> Option<u64> {
-    match &p.cron {
-        Some(c) => Cron::parse(c).ok()?.next_after(since),
-        None => Some(since),
+    match (&p.cron, p.interval_seconds) {
+        (Some(c), _) => Cron::parse(c).ok()?.next_after(since),
+        (None, Some(i)) => Some(since + i),
+        (None, None) => None,
     }
 }
 
@@ -224,7 +226,7 @@ mod tests {
     #[test]
     fn schedules() {
         let p = pol(Some(3600), None);
-        assert_eq!(first_due(&p, 1000), Some(1000));
+        assert_eq!(first_due(&p, 1000), Some(4600));
         assert_eq!(next_due(&p, 1000, 1000), Some(4600));
         // Missed slots are skipped, the phase kept.
         assert_eq!(next_due(&p, 1000, 9000), Some(11_800));
