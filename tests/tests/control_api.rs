@@ -709,6 +709,12 @@ fn progress_logs_finish_cancel_and_restores() {
         Some(json!({"kind": "regular"})),
     );
     api.expect(
+        400,
+        "POST",
+        &format!("/v1/applications/{id}/restores"),
+        Some(json!({"kind": "clone", "name": "../x"})),
+    );
+    api.expect(
         404,
         "POST",
         &format!("/v1/applications/{id}/restores"),

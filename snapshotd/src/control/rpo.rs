@@ -78,6 +78,9 @@ impl Control {
         let now = self.now();
         let policies = self.policy_map()?;
         let apps = self.apps()?;
+        if apps.iter().all(|a| a.policy.is_none()) {
+            return Ok(());
+        }
         let mut active = lock(&self.active);
         let _rpo = lock(&self.rpo);
         let mut states = self.app_states()?;
@@ -128,6 +131,10 @@ impl Control {
             },
             None => self.apps()?,
         };
+        // No walk of the pool's catalog for nothing (each tick).
+        if apps.is_empty() {
+            return Ok(());
+        }
         let newest = self.newest_points()?;
         let policies = self.policy_map()?;
         let mut states = match only {
