@@ -177,11 +177,23 @@ fn discovered(api: &Api, host: &str, pg: &Pg) -> Value {
     })
 }
 
-fn job_done(api: &Api, id: u64) -> Value {
-    wait_for(600, "the job to finish", || {
+/// Waits for job `id` to end; on a hang, says where it stood.
+fn job_done(api: &Api, id: u64, agent: &ServeAgent) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
         let j = api.get(&format!("/v1/jobs/{id}"));
-        (!matches!(j["state"].as_str(), Some("queued" | "running"))).then_some(j)
-    })
+        if !matches!(j["state"].as_str(), Some("queued" | "running")) {
+            return j;
+        }
+        if std::time::Instant::now() > deadline {
+            let log = api.get(&format!("/v1/jobs/{id}/log"));
+            panic!(
+                "job {id} did not end: {j}\nits log: {log}\nagent: {}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 fn points(api: &Api, app: u64) -> Vec<Value> {
@@ -314,9 +326,11 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
     let mut a = ServeAgent::new(&app);
     let token = enrol_token(&api);
     a.start(&["--enrol", &token, "--name", "db1"]);
-    wait_for(120, "host db1 online", || {
+    // Online from the first heartbeat (enrolment alone reports nothing).
+    wait_for(120, "host db1 online after its first heartbeat", || {
         let (s, v) = api.call("GET", "/v1/hosts/db1", None);
-        (s == 200 && v["state"] == "online").then_some(())
+        (s == 200 && v["state"] == "online" && v["capabilities"].as_array()?.len() == 3)
+            .then_some(())
     });
     let h = api.get("/v1/hosts/db1");
     assert_eq!(h["version"], env!("CARGO_PKG_VERSION"));
@@ -348,7 +362,7 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
         None,
     );
     let job_id = job["id"].as_u64().unwrap();
-    let done = job_done(&api, job_id);
+    let done = job_done(&api, job_id, &a);
     assert_eq!(done["state"], "succeeded", "{done}\n{}", a.log());
     let pts = points(&api, app_id);
     assert_eq!(pts.len(), 1, "{pts:?}");
@@ -384,7 +398,7 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
         &format!("/v1/applications/{app_id}/backups"),
         None,
     );
-    let done2 = job_done(&api, job2["id"].as_u64().unwrap());
+    let done2 = job_done(&api, job2["id"].as_u64().unwrap(), &a);
     assert_eq!(done2["state"], "succeeded", "{done2}\n{}", a.log());
     assert_eq!(points(&api, app_id).len(), 2);
     // Retired: the credential is refused at once, the agent says so and
@@ -453,7 +467,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
     // Cancelled: the child is stopped, the job ends cancelled, no point.
     let (id, child) = slow_backup(&api, app_id, &a);
     api.expect(200, "POST", &format!("/v1/jobs/{id}/cancel"), None);
-    let j = job_done(&api, id);
+    let j = job_done(&api, id, &a);
     assert_eq!(j["state"], "cancelled", "{j}\n{}", a.log());
     wait_for(120, "the cancelled job's process to end", || {
         (!alive(child)).then_some(())
@@ -468,7 +482,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
     });
     assert!(points(&api, app_id).is_empty());
     a.start(&[]);
-    let j = job_done(&api, id);
+    let j = job_done(&api, id, &a);
     assert_eq!(j["state"], "failed", "{j}");
     assert!(
         j["message"].as_str().unwrap_or("").contains("restarted"),
@@ -485,7 +499,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
     let state = psql(
         &pg.sock,
         pg.port,
-        "SELECT sum(abalance), count(*) FROM pgbench_history",
+        "SELECT sum(delta), count(*) FROM pgbench_history",
     );
     let job = api.expect(
         202,
@@ -493,7 +507,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
         &format!("/v1/applications/{app_id}/backups"),
         None,
     );
-    let j = job_done(&api, job["id"].as_u64().unwrap());
+    let j = job_done(&api, job["id"].as_u64().unwrap(), &a);
     assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
     let pts = points(&api, app_id);
     assert_eq!(pts.len(), 1, "{pts:?}");
@@ -506,7 +520,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
             "kind": "clone", "host": "db2", "name": "db2-check", "port": 5999
         })),
     );
-    let j = job_done(&api, r["id"].as_u64().unwrap());
+    let j = job_done(&api, r["id"].as_u64().unwrap(), &a);
     assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
     let res = &j["result"];
     let sock = PathBuf::from(res["socket_dir"].as_str().unwrap());
@@ -515,7 +529,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
         psql(
             &sock,
             5999,
-            "SELECT sum(abalance), count(*) FROM pgbench_history"
+            "SELECT sum(delta), count(*) FROM pgbench_history"
         ),
         state
     );
