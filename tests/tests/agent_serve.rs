@@ -27,6 +27,11 @@ struct ServeAgent {
 
 impl ServeAgent {
     fn new(app: &Appliance) -> ServeAgent {
+        ServeAgent::at(app, app.url())
+    }
+
+    /// An agent that reaches the appliance at `url`.
+    fn at(app: &Appliance, url: String) -> ServeAgent {
         let state = tempfile::Builder::new()
             .prefix("cdm-serve-")
             .tempdir_in("/var/tmp")
@@ -34,7 +39,7 @@ impl ServeAgent {
         let log = state.path().join("agent.log");
         ServeAgent {
             state,
-            url: app.url(),
+            url,
             sock: app.sock.clone(),
             child: None,
             log,
@@ -53,6 +58,7 @@ impl ServeAgent {
             .env_remove("CDM_TOKEN_FILE")
             .env_remove("CDM_ENROL_TOKEN")
             .env_remove("CDM_AGENT_CONFIG")
+            .env_remove("CDM_CA_FILE")
             .env("RUST_LOG", "info");
         c
     }
@@ -223,6 +229,24 @@ fn serve_refuses_to_start_without_enrolment() {
     assert_eq!(a.wait_exit(), 3, "{}", a.log());
     assert!(a.log().contains("refused the enrolment"), "{}", a.log());
     assert!(!a.state.path().join("serve/credential.json").exists());
+    // HTTPS with another appliance's CA: refused at once (exit 3), the
+    // certificate named as the reason, no credential.
+    let other = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let token = enrol_token(&api);
+    let mut b = ServeAgent::at(&app, app.https_url());
+    let wrong = other.ca_file();
+    b.start(&[
+        "--enrol",
+        &token,
+        "--discover",
+        "none",
+        "--ca-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert_eq!(b.wait_exit(), 3, "{}", b.log());
+    assert!(b.log().contains("certificate"), "{}", b.log());
+    assert!(!b.state.path().join("serve/credential.json").exists());
 }
 
 #[test]
@@ -323,9 +347,18 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
     let app = Appliance::start(None);
     let api = Api::new(&app, &app.admin_token());
     let pg = Pg::init(1);
-    let mut a = ServeAgent::new(&app);
+    // Over HTTPS, the appliance's CA given once and pinned.
+    let mut a = ServeAgent::at(&app, app.https_url());
     let token = enrol_token(&api);
-    a.start(&["--enrol", &token, "--name", "db1"]);
+    let ca = app.ca_file();
+    a.start(&[
+        "--enrol",
+        &token,
+        "--name",
+        "db1",
+        "--ca-file",
+        ca.to_str().unwrap(),
+    ]);
     // Online from the first heartbeat (enrolment alone reports nothing).
     wait_for(120, "host db1 online after its first heartbeat", || {
         let (s, v) = api.call("GET", "/v1/hosts/db1", None);
@@ -347,6 +380,8 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
     assert_eq!(std::fs::metadata(&cred).unwrap().mode() & 0o777, 0o600);
     let c: Value = serde_json::from_slice(&std::fs::read(&cred).unwrap()).unwrap();
     assert_eq!(c["host"], "db1");
+    let pinned = a.state.path().join("serve/ca.crt");
+    assert_eq!(std::fs::read(&pinned).unwrap(), std::fs::read(&ca).unwrap());
     // The running cluster, found through /proc and its postmaster.pid.
     let appl = discovered(&api, "db1", &pg);
     assert_eq!(appl["discovered"], true);

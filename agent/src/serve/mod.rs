@@ -292,6 +292,11 @@ fn credential(
     let e = loop {
         match Link::enrol(&opts.url, ca, &body) {
             Ok(e) => break e,
+            // A certificate the CA does not vouch for will not change by
+            // waiting: say so and stop.
+            Err(ServeError::Unreachable(m)) if m.contains("certificate") => {
+                return Err(ServeError::EnrolRefused(m));
+            }
             Err(ServeError::Unreachable(m)) => {
                 let d = backoff.pause();
                 tracing::warn!(error = %m, retry_in = ?d, "enrolment: the appliance cannot be reached");
