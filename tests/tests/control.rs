@@ -1,6 +1,6 @@
 //! The appliance runs protection end to end (issue 15): two hosts, each a
 //! `cdm-agent serve` process with its own state directory and identity and
-//! its own PostgreSQL cluster; one policy (hourly, keep 3) on the fake
+//! its own PostgreSQL cluster, speaking HTTPS with the appliance's CA pinned; one policy (hourly, keep 3) on the fake
 //! clock; the backups the appliance schedules and the agents run; the
 //! catalog of points; an agent that stops → its application turns late
 //! (event and signed webhook) and recovers when the agent returns; a failing
@@ -20,7 +20,9 @@ use serde_json::{json, Value};
 /// dropped; whatever it left attached is detached then.
 struct ServeAgent {
     name: String,
+    /// The API over HTTPS, with the appliance's CA pinned.
     url: String,
+    ca: PathBuf,
     nbd: String,
     admin_token: PathBuf,
     state: tempfile::TempDir,
@@ -32,7 +34,8 @@ impl ServeAgent {
     fn start(app: &Appliance, name: &str, token: &str) -> ServeAgent {
         let mut a = ServeAgent {
             name: name.to_string(),
-            url: app.url(),
+            url: app.https_url(),
+            ca: app.ca_file(),
             nbd: format!("unix:{}", app.sock.display()),
             admin_token: app.data.join("admin.token"),
             state: tempfile::Builder::new()
@@ -61,7 +64,9 @@ impl ServeAgent {
             .open(self.log_path())
             .unwrap();
         let mut c = Command::new(bin("cdm-agent"));
-        c.args(["--url", &self.url, "--nbd", &self.nbd, "--state-dir"])
+        c.args(["--url", &self.url, "--nbd", &self.nbd, "--ca-file"])
+            .arg(&self.ca)
+            .arg("--state-dir")
             .arg(self.state.path())
             .args(["serve", "--name", &self.name, "--discover", "none"])
             .env_remove("CDM_TOKEN")
@@ -94,6 +99,8 @@ impl ServeAgent {
         Command::new(bin("cdm-agent"))
             .args(["--url", &self.url, "--nbd", &self.nbd, "--token-file"])
             .arg(&self.admin_token)
+            .arg("--ca-file")
+            .arg(&self.ca)
             .arg("--state-dir")
             .arg(self.state.path())
             .arg("--json")
