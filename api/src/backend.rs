@@ -12,6 +12,10 @@ use crate::types::*;
 /// Methods that change something record who did it (`caller`) in events.
 pub trait Backend: crate::control_backend::ControlBackend + Send + Sync + 'static {
     /// Resolves a bearer token to its user (401 if unknown, revoked or expired).
+    /// For a host credential (after [`crate::auth::host_may`]): 403 unless
+    /// the data the request reaches is the host's own (the volumes of its
+    /// applications, the clones it made, what a restore it runs needs).
+    fn host_access(&self, caller: &Caller, method: &str, path: &str) -> ApiResult<()>;
     fn authenticate(&self, token: &str) -> ApiResult<Caller>;
     /// Password login: a new session token.
     /// `client` is the caller's address (when the server knows it), for

@@ -328,12 +328,16 @@ pub struct AgentJob {
     pub bandwidth_windows: Vec<String>,
 }
 
-/// `GET /v1/agent/jobs?wait=SECONDS`.
+/// `GET /v1/agent/jobs?wait=SECONDS&slots=N`.
 #[derive(Serialize, Deserialize, utoipa::IntoParams, Clone, Debug, Default)]
 pub struct AgentPull {
     /// At most 30.
     #[serde(default)]
     pub wait: Option<u64>,
+    /// The agent's free job slots: at most this many jobs are handed out
+    /// (absent: as many as the appliance's limits allow).
+    #[serde(default)]
+    pub slots: Option<usize>,
 }
 
 /// `POST /v1/agent/jobs/{id}/progress`.

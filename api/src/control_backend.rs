@@ -2,6 +2,9 @@
 //! [`crate::backend::Backend`]): hosts and enrolment, the agent protocol,
 //! applications, protection policies, points, restores, job logs, cancel.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
 use crate::auth::Caller;
 use crate::control::*;
 use crate::error::ApiResult;
@@ -21,8 +24,11 @@ pub trait ControlBackend {
     /// 401 `invalid_token` for an unknown, used or expired token.
     fn agent_enrol(&self, req: AgentEnrol) -> ApiResult<AgentEnrolled>;
     fn agent_heartbeat(&self, caller: &Caller, req: Heartbeat) -> ApiResult<HeartbeatReply>;
-    /// Blocks up to `wait` seconds for work; hands jobs out as `running`.
-    fn agent_jobs(&self, caller: &Caller, wait: u64) -> ApiResult<Vec<AgentJob>>;
+    /// Starts the host's long poll: the one it had ends (with no job).
+    fn agent_poll(&self, caller: &Caller) -> ApiResult<PollWait>;
+    /// Hands out, without waiting, the host's jobs that may start now (at
+    /// most `slots`), as `running`.
+    fn agent_jobs(&self, caller: &Caller, slots: Option<usize>) -> ApiResult<Vec<AgentJob>>;
     fn agent_progress(
         &self,
         caller: &Caller,
@@ -63,4 +69,22 @@ pub trait ControlBackend {
     fn job_log(&self, id: u64) -> ApiResult<JobLog>;
     /// 409 if finished or not cancellable.
     fn cancel_job(&self, caller: &Caller, id: u64) -> ApiResult<Job>;
+}
+
+/// A host's pending long poll. The route awaits `notify` (woken when a job
+/// of the host is queued or may start, the host is retired, or a newer poll
+/// of the host begins) without holding a thread.
+pub struct PollWait {
+    pub notify: Arc<tokio::sync::Notify>,
+    /// This poll's number among the host's polls.
+    pub gen: u64,
+    /// The number of the host's newest poll.
+    pub current: Arc<AtomicU64>,
+}
+
+impl PollWait {
+    /// A newer poll of the same host began: this one ends.
+    pub fn superseded(&self) -> bool {
+        self.current.load(Ordering::SeqCst) != self.gen
+    }
 }

@@ -3,7 +3,7 @@
 //! points, restores, job logs and cancel. Mounted under `/v1` by
 //! [`crate::routes::router`].
 
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -13,7 +13,9 @@ use crate::auth::{Action, Caller, Role};
 use crate::control::*;
 use crate::error::{ApiError, ApiResult};
 use crate::openapi::BearerAuth;
-use crate::routes::{check_name, created, parse_id, run, ApiJson, ApiQuery, AppState};
+use crate::routes::{
+    check_name, created, parse_id, run, ApiJson, ApiQuery, AppState, AGENT_MAX_BODY,
+};
 use crate::types::{ErrorBody, Job};
 
 type S = State<AppState>;
@@ -28,8 +30,14 @@ pub fn routes() -> Router<AppState> {
         .route("/agent/enrol", post(agent_enrol))
         .route("/agent/heartbeat", post(agent_heartbeat))
         .route("/agent/jobs", get(agent_jobs))
-        .route("/agent/jobs/{id}/progress", post(agent_progress))
-        .route("/agent/jobs/{id}/finish", post(agent_finish))
+        .route(
+            "/agent/jobs/{id}/progress",
+            post(agent_progress).layer(DefaultBodyLimit::max(AGENT_MAX_BODY)),
+        )
+        .route(
+            "/agent/jobs/{id}/finish",
+            post(agent_finish).layer(DefaultBodyLimit::max(AGENT_MAX_BODY)),
+        )
         .route(
             "/applications",
             get(list_applications).post(create_application),
@@ -133,8 +141,35 @@ async fn agent_jobs(
     ApiQuery(q): ApiQuery<AgentPull>,
 ) -> ApiResult<Json<Vec<AgentJob>>> {
     require_host(&c)?;
-    let wait = q.wait.unwrap_or(0).min(30);
-    Ok(Json(run(&s, move |b| b.agent_jobs(&c, wait)).await?))
+    let wait = std::time::Duration::from_secs(q.wait.unwrap_or(0).min(30));
+    let slots = q.slots;
+    if slots == Some(0) {
+        return Ok(Json(Vec::new()));
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    let c2 = c.clone();
+    let w = run(&s, move |b| b.agent_poll(&c2)).await?;
+    // Awaited, not blocked on: a parked poll holds no thread, so polls of
+    // every host never stall the other requests.
+    loop {
+        let woken = w.notify.notified();
+        tokio::pin!(woken);
+        // Registered before looking: a wake between the look and the wait
+        // is not lost.
+        woken.as_mut().enable();
+        // A newer poll of the host (or the daemon stopping) ends this one.
+        if w.superseded() {
+            return Ok(Json(Vec::new()));
+        }
+        let c2 = c.clone();
+        let got = run(&s, move |b| b.agent_jobs(&c2, slots)).await?;
+        if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(got));
+        }
+        if tokio::time::timeout_at(deadline, woken).await.is_err() {
+            return Ok(Json(Vec::new()));
+        }
+    }
 }
 
 #[utoipa::path(post, path = "/v1/agent/jobs/{id}/progress", params(("id" = u64, Path)), request_body = AgentProgress, responses((status = 200, body = ProgressReply), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]

@@ -23,6 +23,19 @@ use crate::types::*;
 
 /// Largest request body accepted (413 above).
 pub const MAX_BODY: usize = 1 << 20;
+/// Largest body of an agent's progress or finish: a job's outcome must not
+/// be refused for the size of the log it carries (the appliance keeps the
+/// log's head and tail). The agent sends far less (batches of lines).
+pub const AGENT_MAX_BODY: usize = 128 << 20;
+
+/// Whether `path` is an agent's progress or finish (`AGENT_MAX_BODY`).
+pub(crate) fn agent_report_path(path: &str) -> bool {
+    let p: Vec<&str> = path.split('/').collect();
+    matches!(
+        p.as_slice(),
+        ["", "v1", "agent", "jobs", _, "progress" | "finish"]
+    )
+}
 
 /// Shared state of the handlers.
 #[derive(Clone)]
@@ -156,6 +169,13 @@ async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> 
             caller.user
         ))
         .into_response();
+    }
+    // ... and only the host's own data.
+    if caller.role == crate::auth::Role::Host {
+        let (c2, m, p) = (caller.clone(), method.to_string(), path.clone());
+        if let Err(e) = run(&s, move |b| b.host_access(&c2, &m, &p)).await {
+            return e.into_response();
+        }
     }
     req.extensions_mut().insert(caller.clone());
     let t0 = std::time::Instant::now();
@@ -292,16 +312,21 @@ async fn https_required(ClientAddr(addr): ClientAddr, req: Request, next: Next) 
 /// the connection under a client still sending, which sees a broken pipe
 /// instead of the 413. (A chunked body is still cut by `DefaultBodyLimit`.)
 async fn refuse_declared_oversize(req: Request, next: Next) -> Response {
+    let limit = if agent_report_path(req.uri().path()) {
+        AGENT_MAX_BODY
+    } else {
+        MAX_BODY
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(n) if n > MAX_BODY as u64 => ApiError::new(
+        Some(n) if n > limit as u64 => ApiError::new(
             413,
             "payload_too_large",
-            format!("request body of {n} bytes is above the {MAX_BODY}-byte limit"),
+            format!("request body of {n} bytes is above the {limit}-byte limit"),
         )
         .into_response(),
         _ => next.run(req).await,
@@ -350,6 +375,7 @@ async fn metrics(State(s): S) -> ApiResult<Response> {
 
 /// The CA certificate (PEM) of the appliance's TLS certificate; no token:
 /// a client fetches it to pin it (comparing its fingerprint out of band).
+#[utoipa::path(get, path = "/v1/ca", responses((status = 200, description = "The appliance's CA certificate (PEM)", content_type = "application/x-pem-file", body = String), (status = 503, body = ErrorBody)))]
 async fn ca(State(s): S) -> ApiResult<Response> {
     let pem = run(&s, |b| b.ca_pem()).await?;
     Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
@@ -950,7 +976,7 @@ async fn advance_clock(
 #[openapi(
     info(title = "cdm appliance API", description = "Volumes (stage disks and clones), snapshots, exports, policies, jobs, events, webhooks, users and tokens."),
     paths(
-        health, metrics, login, logout, pool, set_pool_policy, grow_pool, list_volumes, create_volume,
+        health, metrics, ca, login, logout, pool, set_pool_policy, grow_pool, list_volumes, create_volume,
         volume, grow_volume, delete_volume, policy, set_policy, list_snapshots,
         create_snapshot, snapshot, delete_snapshot, create_clone, list_clones,
         promote_clone, delete_clone, exports, list_mounts, create_mount, delete_mount,

@@ -89,6 +89,13 @@ struct Args {
     /// Agent jobs running at once on one host.
     #[arg(long, default_value_t = control::HOST_JOBS)]
     max_jobs_per_host: usize,
+    /// A running agent job with no progress call for this long fails.
+    #[arg(long, default_value_t = control::STALL_SECS)]
+    job_stall_seconds: u64,
+    /// A cancelled agent job whose agent does not stop it ends this long
+    /// after the cancel.
+    #[arg(long, default_value_t = control::CANCEL_GRACE_SECS)]
+    cancel_grace_seconds: u64,
     /// Fault injection for tests (never in production): while the file
     /// DIR/state-eio exists, writes to the state database fail with EIO;
     /// DIR/pool-enospc, pool-short-write, pool-eio-write, pool-eio-read,
@@ -692,6 +699,8 @@ fn main() -> Result<()> {
     bootstrap_admin(&app, &s.data)?;
     app.control
         .set_limits(args.max_jobs, args.max_jobs_per_host);
+    app.control
+        .set_timeouts(args.job_stall_seconds, args.cancel_grace_seconds);
     app.scheduler.set_control(app.control.clone());
     // Bound only now, so whoever sees the API up also finds admin.token.
     let api_listeners = ApiListeners::bind(&s, &tls)?;

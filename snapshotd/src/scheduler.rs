@@ -133,7 +133,12 @@ impl Scheduler {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    me.tick();
+                    // A bug in one tick must not stop every later snapshot,
+                    // retention pass and RPO check.
+                    let t = std::panic::AssertUnwindSafe(|| me.tick());
+                    if std::panic::catch_unwind(t).is_err() {
+                        tracing::error!("the scheduler's tick panicked; the next one runs");
+                    }
                 }
                 // Agents' long polls end now, not when their wait runs out.
                 if let Some(c) = me.control.get() {

@@ -458,6 +458,10 @@ impl State {
                 if let Some(cut) = trim {
                     if tab.len()? > LOG_KEEP {
                         tab.retain_in(..cut, |_, _| false)?;
+                        if t.name() == JOBS.name() {
+                            tx.open_table(JOB_LOGS)?
+                                .retain_in(..(cut, 0), |_, _| false)?;
+                        }
                     }
                 }
             }
@@ -489,6 +493,12 @@ impl State {
                 if id % 1000 == 0 && id > LOG_KEEP && tab.len()? > LOG_KEEP {
                     let cut = id - LOG_KEEP;
                     tab.retain_in(..cut, |_, _| false)?;
+                    if t.name() == JOBS.name() {
+                        // A trimmed job's log goes with it, in the same
+                        // transaction: no orphan lines.
+                        tx.open_table(JOB_LOGS)?
+                            .retain_in(..(cut, 0), |_, _| false)?;
+                    }
                 }
             }
             tx.commit()?;
@@ -535,13 +545,17 @@ impl State {
 }
 
 impl State {
-    /// Appends lines to job `job`'s log (`JOB_LOGS`), after its last line;
-    /// a log is kept to its first `max` lines. Returns the lines stored.
+    /// Appends lines to job `job`'s log (`JOB_LOGS`). Every line gets the
+    /// next number; the log keeps its first `head` lines and its last
+    /// `tail` ones, the ones between are deleted (their numbers then show
+    /// as a gap, which [`State::lines`] reports). Returns how many of
+    /// `lines` are stored now.
     pub fn append_lines<T: Serialize>(
         &self,
         job: u64,
         lines: &[T],
-        max: u64,
+        head: u64,
+        tail: u64,
         sync: Sync,
     ) -> Result<usize> {
         if lines.is_empty() {
@@ -549,7 +563,7 @@ impl State {
         }
         self.guard(|| {
             let tx = self.write(sync)?;
-            let stored;
+            let mut stored = 0;
             {
                 let mut tab = tx.open_table(JOB_LOGS)?;
                 let next = tab
@@ -557,11 +571,19 @@ impl State {
                     .next_back()
                     .transpose()?
                     .map_or(0, |(k, _)| k.value().1 + 1);
-                let room = max.saturating_sub(next) as usize;
-                stored = lines.len().min(room);
-                for (i, l) in lines.iter().take(stored).enumerate() {
-                    let b = enc(l)?;
-                    tab.insert((job, next + i as u64), b.as_slice())?;
+                let end = next + lines.len() as u64;
+                // Lines numbered from `keep_from` on are the tail.
+                let keep_from = end.saturating_sub(tail).max(head);
+                for (i, l) in lines.iter().enumerate() {
+                    let n = next + i as u64;
+                    if n < head || n >= keep_from {
+                        let b = enc(l)?;
+                        tab.insert((job, n), b.as_slice())?;
+                        stored += 1;
+                    }
+                }
+                if keep_from > head {
+                    tab.retain_in((job, head)..(job, keep_from), |_, _| false)?;
                 }
             }
             tx.commit()?;
@@ -569,15 +591,16 @@ impl State {
         })
     }
 
-    /// Job `job`'s log, first line first.
-    pub fn lines<T: DeserializeOwned>(&self, job: u64) -> Result<Vec<T>> {
+    /// Job `job`'s log, first line first, each with its number (a gap in
+    /// the numbers is lines dropped from the middle).
+    pub fn lines<T: DeserializeOwned>(&self, job: u64) -> Result<Vec<(u64, T)>> {
         self.guard(|| {
             let tx = self.db()?.begin_read()?;
             let tab = tx.open_table(JOB_LOGS)?;
             let mut out = Vec::new();
             for r in tab.range((job, 0)..=(job, u64::MAX))? {
-                let (_, v) = r?;
-                out.push(dec(JOB_LOGS.name(), v.value())?);
+                let (k, v) = r?;
+                out.push((k.value().1, dec(JOB_LOGS.name(), v.value())?));
             }
             Ok(out)
         })
@@ -621,16 +644,54 @@ mod tests {
         assert_eq!(evs[2]["id"], 3);
     }
 
+    fn texts(s: &State, job: u64) -> Vec<(u64, String)> {
+        s.lines::<String>(job).unwrap()
+    }
+
     #[test]
-    fn job_logs_append_in_order_and_stop_at_their_limit() {
+    fn job_logs_keep_their_head_and_tail() {
         let dir = tempfile::tempdir().unwrap();
         let s = State::open(&dir.path().join("s.redb"), None).unwrap();
-        assert_eq!(s.append_lines(7, &["a", "b"], 3, Sync::Now).unwrap(), 2);
-        assert_eq!(s.append_lines(8, &["x"], 3, Sync::Now).unwrap(), 1);
-        assert_eq!(s.append_lines(7, &["c", "d"], 3, Sync::Now).unwrap(), 1);
-        assert_eq!(s.lines::<String>(7).unwrap(), ["a", "b", "c"]);
-        assert_eq!(s.lines::<String>(8).unwrap(), ["x"]);
-        assert!(s.lines::<String>(9).unwrap().is_empty());
+        assert_eq!(s.append_lines(7, &["a", "b"], 2, 2, Sync::Now).unwrap(), 2);
+        assert_eq!(s.append_lines(8, &["x"], 2, 2, Sync::Now).unwrap(), 1);
+        assert_eq!(s.append_lines(7, &["c", "d"], 2, 2, Sync::Now).unwrap(), 2);
+        assert_eq!(s.append_lines(7, &["e"], 2, 2, Sync::Now).unwrap(), 1);
+        let t = texts(&s, 7);
+        assert_eq!(
+            t,
+            [
+                (0, "a".into()),
+                (1, "b".into()),
+                (3, "d".into()),
+                (4, "e".into())
+            ]
+        );
+        assert_eq!(texts(&s, 8), [(0, "x".to_string())]);
+        assert!(texts(&s, 9).is_empty());
+        // One batch larger than head and tail: its middle is never stored.
+        let many: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+        assert_eq!(s.append_lines(10, &many, 2, 3, Sync::Now).unwrap(), 5);
+        let t: Vec<u64> = texts(&s, 10).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(t, [0, 1, 97, 98, 99]);
+    }
+
+    #[test]
+    fn trimmed_jobs_take_their_logs_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(&dir.path().join("s.redb"), None).unwrap();
+        s.append_lines(1, &["old"], 10, 10, Sync::Lazy).unwrap();
+        s.append_lines(5000, &["kept"], 10, 10, Sync::Lazy).unwrap();
+        let recs: Vec<u64> = (1..LOG_KEEP + 1000).collect();
+        s.put_all(JOBS, Sync::Lazy, &recs, |r| *r).unwrap();
+        assert_eq!(texts(&s, 1).len(), 1, "no trim before the next thousand");
+        // The append of id LOG_KEEP + 1000 trims jobs below 1000.
+        s.append(JOBS, Sync::Lazy, |id| id).unwrap();
+        assert!(texts(&s, 1).is_empty(), "the trimmed job's log is gone");
+        assert_eq!(texts(&s, 5000).len(), 1);
+        s.append_lines(999, &["x"], 10, 10, Sync::Lazy).unwrap();
+        let recs: Vec<u64> = (LOG_KEEP + 1001..=LOG_KEEP + 2000).collect();
+        s.put_all(JOBS, Sync::Lazy, &recs, |r| *r).unwrap();
+        assert!(texts(&s, 999).is_empty(), "put_all trims logs too");
     }
 
     #[test]

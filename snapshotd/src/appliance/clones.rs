@@ -17,6 +17,21 @@ impl Appliance {
         snapshot: u64,
         name: &str,
     ) -> ApiResult<Volume> {
+        if c.role == Role::Host {
+            self.host_volume_access(
+                c,
+                volume,
+                super::control::HostUse::Clone(snapshot),
+                Some(name),
+            )?;
+            // No clone named like an application's stage volume: its
+            // backups would land in this host's clone.
+            if let Some(owner) = self.control.volume_owner(name)? {
+                return Err(ApiError::conflict(format!(
+                    "{name} is the volume of an application of host {owner}: name the clone otherwise"
+                )));
+            }
+        }
         self.snapshot_of(volume, snapshot)?;
         let v = self.pool.clone_snapshot(snapshot, name).map_err(engine)?;
         self.commit()?;

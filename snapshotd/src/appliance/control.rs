@@ -3,18 +3,114 @@
 
 use cdm_api::auth::Caller;
 use cdm_api::control::*;
-use cdm_api::control_backend::ControlBackend;
+use cdm_api::control_backend::{ControlBackend, PollWait};
 use cdm_api::types::Job;
-use cdm_api::ApiResult;
+use cdm_api::{ApiError, ApiResult};
 
 use super::users::TokenRec;
 use super::{st, Appliance};
 use crate::control::host_user;
-use crate::state::TOKENS;
+use crate::state::{HOST_CLONES, TOKENS};
+
+/// SHA-256 (hex) of the DER of the first certificate in `pem`.
+pub fn ca_sha256(pem: &str) -> Option<String> {
+    use rustls_pki_types::pem::PemObject;
+    use sha2::{Digest, Sha256};
+    let der = rustls_pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
+    Some(hex::encode(Sha256::digest(der.as_ref())))
+}
+
+/// What a host asks of a volume.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostUse {
+    /// `GET` of the volume itself.
+    Volume,
+    /// `GET` of a snapshot (or its files), or of the snapshot list (`None`).
+    Read(Option<u64>),
+    /// A snapshot made, the volume created or changed.
+    Write,
+    /// A clone of this snapshot.
+    Clone(u64),
+}
+
+impl Appliance {
+    /// A host's credential reaches its own data only: the volumes of its
+    /// applications, the clones it made, and, while it runs a restore of
+    /// another host's point, that point (read it, clone it).
+    pub(super) fn host_path_access(&self, c: &Caller, method: &str, path: &str) -> ApiResult<()> {
+        let p: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
+        let Some(["volumes", vol, rest @ ..]) = Some(p.as_slice()) else {
+            return Ok(());
+        };
+        let snap = |s: &str| {
+            s.parse::<u64>()
+                .map_err(|_| ApiError::bad_request(format!("snapshot id {s:?} is not a number")))
+        };
+        let what = match (method, rest) {
+            ("GET" | "HEAD", []) => HostUse::Volume,
+            ("GET" | "HEAD", ["snapshots"]) => HostUse::Read(None),
+            ("GET" | "HEAD", ["snapshots", id, ..]) => HostUse::Read(Some(snap(id)?)),
+            ("POST", ["snapshots", id, "clones"]) => HostUse::Clone(snap(id)?),
+            _ => HostUse::Write,
+        };
+        self.host_volume_access(c, vol, what, None)
+    }
+
+    /// 403 unless host caller `c` may do `what` with volume `vol`; for a
+    /// clone, `clone_name` is the clone's.
+    pub(super) fn host_volume_access(
+        &self,
+        c: &Caller,
+        vol: &str,
+        what: HostUse,
+        clone_name: Option<&str>,
+    ) -> ApiResult<()> {
+        let host = c.user.strip_prefix("host:").unwrap_or(&c.user);
+        if self.control.host_owns_volume(host, vol)? {
+            return Ok(());
+        }
+        let maker: Option<String> = self.state.get(HOST_CLONES, vol).map_err(st)?;
+        if maker.as_deref() == Some(c.user.as_str()) {
+            return Ok(());
+        }
+        let grants = self.control.restore_grants(host, vol);
+        let granted = grants.iter().any(|(s, name)| match what {
+            HostUse::Volume => true,
+            HostUse::Read(Some(id)) => id == *s,
+            HostUse::Clone(id) => {
+                id == *s
+                    && match (name, clone_name) {
+                        (Some(n), Some(m)) => n == m,
+                        _ => true,
+                    }
+            }
+            HostUse::Read(None) | HostUse::Write => false,
+        });
+        if granted {
+            return Ok(());
+        }
+        Err(ApiError::forbidden(format!(
+            "{} may not {} volume {vol}: it is no volume of an application of host {host}, \
+             nor a clone it made, nor the point of a restore it runs",
+            c.user,
+            match what {
+                HostUse::Volume | HostUse::Read(_) => "read",
+                HostUse::Write => "change",
+                HostUse::Clone(_) => "clone",
+            }
+        )))
+    }
+}
 
 impl ControlBackend for Appliance {
+    /// With the SHA-256 of the CA's certificate, which the agent checks
+    /// against the CA it fetches before pinning it.
     fn create_enrolment(&self, c: &Caller, req: EnrolmentCreate) -> ApiResult<EnrolmentToken> {
-        self.control.create_enrolment(c, req)
+        let mut t = self.control.create_enrolment(c, req)?;
+        t.ca_sha256 = self.tls_ca.get().and_then(|pem| ca_sha256(pem));
+        Ok(t)
     }
     fn list_hosts(&self) -> ApiResult<Vec<Host>> {
         self.control.hosts()
@@ -42,8 +138,11 @@ impl ControlBackend for Appliance {
     fn agent_heartbeat(&self, c: &Caller, req: Heartbeat) -> ApiResult<HeartbeatReply> {
         self.control.heartbeat(c, req)
     }
-    fn agent_jobs(&self, c: &Caller, wait: u64) -> ApiResult<Vec<AgentJob>> {
-        self.control.pull(c, wait)
+    fn agent_poll(&self, c: &Caller) -> ApiResult<PollWait> {
+        self.control.poll(c)
+    }
+    fn agent_jobs(&self, c: &Caller, slots: Option<usize>) -> ApiResult<Vec<AgentJob>> {
+        self.control.pull(c, slots)
     }
     fn agent_progress(&self, c: &Caller, id: u64, req: AgentProgress) -> ApiResult<ProgressReply> {
         self.control.progress(c, id, req)

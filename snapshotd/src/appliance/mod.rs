@@ -195,6 +195,10 @@ impl Appliance {
 pub(super) use cdm_common::lock::lock;
 
 impl Backend for Appliance {
+    // control.rs
+    fn host_access(&self, c: &Caller, method: &str, path: &str) -> ApiResult<()> {
+        self.host_path_access(c, method, path)
+    }
     // users.rs
     fn authenticate(&self, token: &str) -> ApiResult<Caller> {
         self.session_authenticate(token)

@@ -153,6 +153,10 @@ impl Appliance {
     }
 
     pub(super) fn volume_create(&self, c: &Caller, req: VolumeCreate) -> ApiResult<Volume> {
+        // A host makes only the stage volumes of its own applications.
+        if c.role == cdm_api::auth::Role::Host {
+            self.host_volume_access(c, &req.name, super::control::HostUse::Write, None)?;
+        }
         let policy = self.policy_for(&req)?;
         let bs = req.block_size.unwrap_or(cdmfs::DEFAULT_BLOCK_SIZE);
         let v = self

@@ -56,13 +56,20 @@ fn check_kind(kind: &str) -> ApiResult<()> {
     }
 }
 
+/// The longest interval and RPO of a policy: a year (no time sum overflows).
+pub const YEAR_SECS: u64 = 366 * 86_400;
+
 /// Checks a protection policy before it is stored.
 pub fn validate_policy(p: &ProtectionPolicy) -> ApiResult<()> {
     let bad = |m: String| Err(ApiError::bad_request(m));
     match (p.interval_seconds, &p.cron) {
         (Some(_), Some(_)) => return bad("give interval_seconds or cron, not both".into()),
         (None, None) => return bad("a policy needs interval_seconds or cron".into()),
-        (Some(i), None) if i < 60 => return bad("interval_seconds must be at least 60".into()),
+        (Some(i), None) if !(60..=YEAR_SECS).contains(&i) => {
+            return bad(format!(
+                "interval_seconds must be 60 to {YEAR_SECS} (a year)"
+            ))
+        }
         (None, Some(c)) => {
             let c = Cron::parse(c).map_err(ApiError::from)?;
             if c.next_after(0).is_none() {
@@ -79,8 +86,8 @@ pub fn validate_policy(p: &ProtectionPolicy) -> ApiResult<()> {
             ));
         }
     }
-    if p.rpo_seconds == 0 {
-        return bad("rpo_seconds must be above 0".into());
+    if p.rpo_seconds == 0 || p.rpo_seconds > YEAR_SECS {
+        return bad(format!("rpo_seconds must be 1 to {YEAR_SECS} (a year)"));
     }
     for b in &p.bandwidth_windows {
         let ok = b.split_once('=').is_some_and(|(span, rate)| {
@@ -118,6 +125,41 @@ pub fn validate_policy(p: &ProtectionPolicy) -> ApiResult<()> {
 }
 
 impl Control {
+    /// Whether `vol` is the volume of one of `host`'s applications.
+    pub fn host_owns_volume(&self, host: &str, vol: &str) -> ApiResult<bool> {
+        Ok(self.volume_owner(vol)?.as_deref() == Some(host))
+    }
+
+    /// The host of the application whose volume is `vol`.
+    pub fn volume_owner(&self, vol: &str) -> ApiResult<Option<String>> {
+        Ok(self
+            .apps()?
+            .into_iter()
+            .find(|a| a.volume == vol)
+            .map(|a| a.host))
+    }
+
+    /// The points of `vol` that `host` may read and clone now: those of
+    /// the restores it runs (snapshot, the clone's name if the job names one).
+    pub fn restore_grants(&self, host: &str, vol: &str) -> Vec<(u64, Option<String>)> {
+        lock(&self.active)
+            .values()
+            .filter(|j| {
+                j.kind == "restore" && j.state == "running" && j.host.as_deref() == Some(host)
+            })
+            .filter_map(|j| {
+                let p = j.params.as_ref()?;
+                (p["volume"].as_str()? == vol).then(|| {
+                    (
+                        p["snapshot"].as_u64().unwrap_or(u64::MAX),
+                        p["name"].as_str().map(String::from),
+                    )
+                })
+            })
+            .filter(|(s, _)| *s != u64::MAX)
+            .collect()
+    }
+
     /// The newest point of every volume: volume name → created (Unix s).
     pub(super) fn newest_points(&self) -> ApiResult<HashMap<String, u64>> {
         let (vols, snaps) = self.pool.catalog().map_err(engine)?;
@@ -169,8 +211,24 @@ impl Control {
         Ok(v.into_iter().map(|p| (p.name.clone(), p)).collect())
     }
 
+    /// The newest point of volume `vol` alone (no walk of the catalog).
+    pub(super) fn newest_point(&self, vol: &str) -> ApiResult<HashMap<String, u64>> {
+        let snaps = match self.pool.list_snapshots(Some(vol)) {
+            Ok(s) => s,
+            Err(cdmfs::Error::NotFound(_)) => Vec::new(),
+            Err(e) => return Err(engine(e)),
+        };
+        Ok(snaps
+            .iter()
+            .map(|s| s.created_ns / 1_000_000_000)
+            .max()
+            .map(|t| HashMap::from([(vol.to_string(), t)]))
+            .unwrap_or_default())
+    }
+
     pub(super) fn public_app(&self, a: AppRec, now: u64) -> ApiResult<Application> {
-        Ok(self.public_with(a, now, &self.newest_points()?, &self.policy_map()?))
+        let newest = self.newest_point(&a.volume)?;
+        Ok(self.public_with(a, now, &newest, &self.policy_map()?))
     }
 
     pub fn applications(&self, host: Option<String>) -> ApiResult<Vec<Application>> {
@@ -211,9 +269,21 @@ impl Control {
                 "host {host} already has the {kind} application {name:?}"
             )));
         }
-        let taken = |v: &str| apps.iter().any(|a| a.volume == v);
+        // A pool volume of that name (made by anyone) is taken too: this
+        // application's backups must not land in it.
+        let pool: std::collections::HashSet<String> = self
+            .pool
+            .list_volumes_brief()
+            .map_err(engine)?
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
+        let of_app = |v: &str| apps.iter().any(|a| a.volume == v);
+        let taken = |v: &str| of_app(v) || pool.contains(v);
         let volume = match volume {
-            Some(v) if taken(&v) => {
+            // Named by an admin: an existing volume (an earlier
+            // application's points) may be taken on.
+            Some(v) if of_app(&v) => {
                 return Err(ApiError::conflict(format!(
                     "volume {v} belongs to another application"
                 )))
@@ -250,6 +320,10 @@ impl Control {
             v @ Value::Object(_) => v,
             _ => return Err(ApiError::bad_request("config must be a JSON object")),
         };
+        // One writer of applications at a time (no two with one volume),
+        // and the checks under it: no policy deleted, no host retired
+        // between the check and the store.
+        let _one = lock(&self.active);
         let h: Option<HostRec> = self.state.get(HOSTS, req.host.as_str()).map_err(st)?;
         if h.is_none_or(|h| h.retired) {
             return Err(ApiError::not_found(format!(
@@ -261,8 +335,6 @@ impl Control {
             self.policy_rec(p)?
                 .ok_or_else(|| ApiError::not_found(format!("protection policy {p} not found")))?;
         }
-        // One writer of applications at a time: no two with one volume.
-        let _one = lock(&self.active);
         let a = self.add_app(
             &req.host, &req.kind, &req.name, config, req.volume, req.policy, false, None,
         )?;
@@ -342,11 +414,13 @@ impl Control {
     }
 
     pub fn assign_policy(&self, c: &Caller, id: u64, req: PolicyAssign) -> ApiResult<Application> {
+        // Checked under the lock `delete_policy` holds: no application
+        // ends up with a policy deleted meanwhile.
+        let _one = lock(&self.active);
         if let Some(p) = &req.policy {
             self.policy_rec(p)?
                 .ok_or_else(|| ApiError::not_found(format!("protection policy {p} not found")))?;
         }
-        let _one = lock(&self.active);
         let mut a = self.app_rec(id)?;
         if a.policy != req.policy {
             a.policy = req.policy.clone();
@@ -520,6 +594,12 @@ mod tests {
         assert!(validate_policy(&p).is_err());
         let mut p = pol();
         p.interval_seconds = Some(59);
+        assert!(validate_policy(&p).is_err());
+        p.interval_seconds = Some(u64::MAX);
+        assert!(validate_policy(&p).is_err());
+        p.interval_seconds = Some(YEAR_SECS);
+        assert!(validate_policy(&p).is_ok());
+        p.rpo_seconds = u64::MAX;
         assert!(validate_policy(&p).is_err());
         let mut p = pol();
         p.windows = vec![Window {

@@ -69,21 +69,25 @@ impl Control {
         req: AgentEnrol,
         mint: impl FnOnce(&str) -> ApiResult<TokenCreated>,
     ) -> ApiResult<AgentEnrolled> {
-        // One enrolment at a time: a token is spent once.
-        let _one = lock(&self.active);
+        // The token is checked before any lock: an unauthenticated caller
+        // holds nothing another request needs.
         let key = token_key(&req.token);
-        let mut rec: EnrolRec = self
-            .state
-            .get(ENROLMENTS, key.as_str())
-            .map_err(st)?
-            .ok_or_else(|| invalid("invalid enrolment token"))?;
-        if rec.used {
-            return Err(invalid("this enrolment token was already used"));
-        }
+        let read = || -> ApiResult<EnrolRec> {
+            let rec: EnrolRec = self
+                .state
+                .get(ENROLMENTS, key.as_str())
+                .map_err(st)?
+                .ok_or_else(|| invalid("invalid enrolment token"))?;
+            if rec.used {
+                return Err(invalid("this enrolment token was already used"));
+            }
+            if rec.expires_unix <= self.now() {
+                return Err(invalid("this enrolment token has expired"));
+            }
+            Ok(rec)
+        };
+        let rec = read()?;
         let now = self.now();
-        if rec.expires_unix <= now {
-            return Err(invalid("this enrolment token has expired"));
-        }
         let name = rec
             .name
             .clone()
@@ -91,16 +95,50 @@ impl Control {
             .unwrap_or(req.hostname.clone());
         cdm_common::names::check(&name)
             .map_err(|e| ApiError::bad_request(format!("bad host name {name:?}: it {e}")))?;
-        let old: Option<HostRec> = self.state.get(HOSTS, name.as_str()).map_err(st)?;
-        if old.as_ref().is_some_and(|h| !h.retired) {
-            return Err(ApiError::conflict(format!(
-                "host {name} is enrolled: retire it first (DELETE /v1/hosts/{name})"
-            )));
+        {
+            // Enrolments only: a token is spent once, a name taken once.
+            let mut enrolling = lock(&self.enrolling);
+            let mut rec = read()?;
+            let old: Option<HostRec> = self.state.get(HOSTS, name.as_str()).map_err(st)?;
+            match old {
+                Some(h) if !h.retired => {
+                    return Err(ApiError::conflict(format!(
+                        "host {name} is enrolled: retire it first (DELETE /v1/hosts/{name})"
+                    )))
+                }
+                // A retired host's applications and volumes go to whoever
+                // takes its name: only a token made for that name may.
+                Some(_) if rec.name.as_deref() != Some(name.as_str()) => {
+                    return Err(ApiError::conflict(format!(
+                        "host {name} was retired: enrolling it again needs an enrolment token \
+                         made for that name (cdmctl host enrol-token --name {name})"
+                    )))
+                }
+                _ => {}
+            }
+            if !enrolling.insert(name.clone()) {
+                return Err(ApiError::conflict(format!("host {name} is being enrolled")));
+            }
+            rec.used = true;
+            if let Err(e) = self.state.put(ENROLMENTS, key.as_str(), &rec, Sync::Now) {
+                enrolling.remove(&name);
+                return Err(st(e));
+            }
         }
-        rec.used = true;
-        self.state
-            .put(ENROLMENTS, key.as_str(), &rec, Sync::Now)
-            .map_err(st)?;
+        // Argon2 outside every lock; the name stays reserved meanwhile.
+        let done = self.enrol_as(&name, &req, now, mint);
+        lock(&self.enrolling).remove(&name);
+        done
+    }
+
+    fn enrol_as(
+        &self,
+        name: &str,
+        req: &AgentEnrol,
+        now: u64,
+        mint: impl FnOnce(&str) -> ApiResult<TokenCreated>,
+    ) -> ApiResult<AgentEnrolled> {
+        let name = name.to_string();
         let tok = mint(&host_user(&name))?;
         let h = HostRec {
             name: name.clone(),
@@ -180,9 +218,7 @@ impl Control {
                 .put(HOSTS, name.as_str(), &h, crate::state::Sync::Lazy)
                 .map_err(st)?;
         }
-        if req.first {
-            self.agent_restarted(&name, &req.running)?;
-        }
+        self.reconcile(&name, &req.running, req.first)?;
         if !req.applications.is_empty() {
             self.discover(&name, &req.applications)?;
         }
@@ -260,7 +296,7 @@ impl Control {
             self.end_locked(&mut active, id, to, "host retired", None, &c.user, false)?;
         }
         drop(active);
-        self.wake.notify_all();
+        self.wake_host(name);
         self.events
             .emit("host.retired", name, &c.user, json!({"host": name}));
         Ok(())

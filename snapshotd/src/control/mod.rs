@@ -17,8 +17,9 @@ mod rpo;
 pub use rpo::rpo_status;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 use cdm_api::control::*;
 use cdm_api::types::Job;
@@ -37,6 +38,10 @@ use cdm_common::lock::lock;
 /// Default running jobs per host and on the whole appliance.
 pub const HOST_JOBS: usize = 2;
 pub const MAX_JOBS: usize = 8;
+/// A running job without a progress call for this long (real time) fails;
+/// a cancelled one that does not stop ends after `CANCEL_GRACE_SECS`.
+pub const STALL_SECS: u64 = 300;
+pub const CANCEL_GRACE_SECS: u64 = 60;
 /// A queued job of a host offline this long (without a policy RPO) fails.
 const OFFLINE_QUEUED_SECS: u64 = 3600;
 
@@ -94,6 +99,20 @@ pub struct AppState {
     pub app: u64,
     pub next_due_unix: Option<u64>,
     pub rpo_state: Option<String>,
+    /// The application's last finished backup job: kept here, as `JOBS`
+    /// is trimmed (a restart must not forget a failure).
+    #[serde(default)]
+    pub last_job: Option<JobBrief>,
+    /// The bad state (`late`, `failing`) announced and not yet recovered:
+    /// `recovered` follows it even through `unprotected`.
+    #[serde(default)]
+    pub alerted: Option<String>,
+}
+
+/// A host's long poll (see `cdm_api::control_backend::PollWait`).
+struct HostPoll {
+    notify: Arc<tokio::sync::Notify>,
+    current: Arc<AtomicU64>,
 }
 
 /// The user behind a host's credential.
@@ -112,12 +131,23 @@ pub struct Control {
     /// Agent jobs queued or running, by id (oldest first). Every change
     /// to an agent job, and every creation of one, holds this lock.
     active: Mutex<BTreeMap<u64, Job>>,
-    /// Wakes agents waiting for work (a job queued, a host retired).
-    wake: Condvar,
+    /// Each host's long poll: woken when work may be there (a job queued or
+    /// free to start, the host retired, a newer poll).
+    polls: Mutex<HashMap<String, HostPoll>>,
     /// When each host was last heard from, on the appliance clock.
     seen: Mutex<HashMap<String, u64>>,
     /// The last finished backup job of each application.
     last_backup: Mutex<HashMap<u64, JobBrief>>,
+    /// When each running job last showed life (handed out, progress), in
+    /// real time: the appliance clock may be a test's.
+    reported: Mutex<HashMap<u64, std::time::Instant>>,
+    /// When a cancel of each running job was asked, in real time.
+    cancels: Mutex<HashMap<u64, std::time::Instant>>,
+    /// `STALL_SECS` and `CANCEL_GRACE_SECS`, or what the daemon was told.
+    stall_secs: AtomicU64,
+    cancel_grace_secs: AtomicU64,
+    /// Names of hosts being enrolled (their credential being made).
+    enrolling: Mutex<std::collections::HashSet<String>>,
     /// One RPO evaluation at a time (the tick and ending jobs): a change
     /// is announced once.
     rpo: Mutex<()>,
@@ -144,9 +174,14 @@ impl Control {
             max_jobs: AtomicUsize::new(MAX_JOBS),
             host_jobs: AtomicUsize::new(HOST_JOBS),
             active: Mutex::new(BTreeMap::new()),
-            wake: Condvar::new(),
+            polls: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             last_backup: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashMap::new()),
+            cancels: Mutex::new(HashMap::new()),
+            stall_secs: AtomicU64::new(STALL_SECS),
+            cancel_grace_secs: AtomicU64::new(CANCEL_GRACE_SECS),
+            enrolling: Mutex::new(std::collections::HashSet::new()),
             rpo: Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
         };
@@ -172,6 +207,15 @@ impl Control {
                 last.insert(app, brief(&j));
             }
         }
+        // What APP_STATE kept wins: the job rows may be trimmed.
+        for s in self
+            .state
+            .scan(APP_STATE, 0, usize::MAX, false, |_: &AppState| true)?
+        {
+            if let Some(j) = s.last_job {
+                last.insert(s.app, j);
+            }
+        }
         drop((active, last));
         let hosts: Vec<HostRec> = self.state.all(crate::state::HOSTS)?;
         let mut seen = lock(&self.seen);
@@ -184,14 +228,52 @@ impl Control {
     /// Ends every long poll now and the ones to come (the daemon stops).
     pub fn shutdown(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        let _guard = lock(&self.active);
-        self.wake.notify_all();
+        for p in lock(&self.polls).values() {
+            p.current.fetch_add(1, Ordering::SeqCst);
+            p.notify.notify_waiters();
+        }
+    }
+
+    /// Begins a long poll of `host`: the host's previous one ends.
+    pub(super) fn poll_begin(&self, host: &str) -> cdm_api::control_backend::PollWait {
+        let mut polls = lock(&self.polls);
+        let p = polls.entry(host.to_string()).or_insert_with(|| HostPoll {
+            notify: Arc::new(tokio::sync::Notify::new()),
+            current: Arc::new(AtomicU64::new(0)),
+        });
+        let gen = p.current.fetch_add(1, Ordering::SeqCst) + 1;
+        p.notify.notify_waiters();
+        // A stopping daemon answers every poll at once.
+        let gen = if self.closing.load(Ordering::SeqCst) {
+            gen.wrapping_add(1)
+        } else {
+            gen
+        };
+        cdm_api::control_backend::PollWait {
+            notify: p.notify.clone(),
+            gen,
+            current: p.current.clone(),
+        }
+    }
+
+    /// Wakes `host`'s pending long poll, if any.
+    fn wake_host(&self, host: &str) {
+        if let Some(p) = lock(&self.polls).get(host) {
+            p.notify.notify_waiters();
+        }
     }
 
     /// `--max-jobs` and `--max-jobs-per-host`.
     pub fn set_limits(&self, max_jobs: usize, host_jobs: usize) {
         self.max_jobs.store(max_jobs.max(1), Ordering::Relaxed);
         self.host_jobs.store(host_jobs.max(1), Ordering::Relaxed);
+    }
+
+    /// `--job-stall-seconds` and `--cancel-grace-seconds`.
+    pub fn set_timeouts(&self, stall_secs: u64, cancel_grace_secs: u64) {
+        self.stall_secs.store(stall_secs.max(1), Ordering::Relaxed);
+        self.cancel_grace_secs
+            .store(cancel_grace_secs.max(1), Ordering::Relaxed);
     }
 
     fn now(&self) -> u64 {
@@ -283,8 +365,13 @@ impl Control {
     /// The scheduler's tick: fails the jobs of vanished hosts, queues due
     /// policy backups, evaluates every application's RPO.
     pub fn tick(&self) {
+        // Retries whose backoff ended on the appliance clock are no event.
+        self.wake_ready_locked(&lock(&self.active));
         if let Err(e) = self.fail_vanished() {
             tracing::error!(error = %e.message, "cannot check the hosts of running jobs");
+        }
+        if let Err(e) = self.fail_silent() {
+            tracing::error!(error = %e.message, "cannot check silent jobs");
         }
         if let Err(e) = self.run_policies() {
             tracing::error!(error = %e.message, "cannot queue policy backups");

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use cdm_api::auth::Caller;
 use cdm_api::control::*;
@@ -18,9 +17,11 @@ use super::{brief, lock, AppRec, Control, HostRec, OFFLINE_QUEUED_SECS};
 use crate::appliance::st;
 use crate::state::{Sync, HOSTS, JOBS};
 
-/// A job's log keeps its first this many lines, each of at most
-/// `LINE_MAX` bytes.
-const LOG_MAX_LINES: u64 = 20_000;
+/// A job's log keeps its first `LOG_HEAD` lines and its last `LOG_TAIL`,
+/// each of at most `LINE_MAX` bytes: at most 8 MiB per job, whatever the
+/// agent sends (the lines between are dropped, and the log says so).
+pub const LOG_HEAD: u64 = 1000;
+pub const LOG_TAIL: u64 = 1000;
 const LINE_MAX: usize = 4096;
 
 /// Backoff before retry number `attempt` (the failed one's attempt).
@@ -53,12 +54,13 @@ impl Control {
         attempt: u32,
         not_before: Option<u64>,
         by: &str,
+        sync: Sync,
         params: impl FnOnce(u64) -> Value,
     ) -> ApiResult<Job> {
         let now = self.now();
         let j = self
             .state
-            .append(JOBS, Sync::Now, |id| Job {
+            .append(JOBS, sync, |id| Job {
                 id,
                 kind: kind.to_string(),
                 state: "queued".into(),
@@ -75,7 +77,7 @@ impl Control {
             .map_err(st)?;
         active.insert(j.id, j.clone());
         self.job_event("job.created", &j, by);
-        self.wake.notify_all();
+        self.wake_host(host);
         Ok(j)
     }
 
@@ -86,6 +88,8 @@ impl Control {
     }
 
     /// Queues a backup of `app` unless one is queued or running (409 `busy`).
+    /// `sync`: `Lazy` when the caller syncs once after many (the tick).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn queue_backup(
         &self,
         active: &mut Active,
@@ -94,6 +98,7 @@ impl Control {
         not_before: Option<u64>,
         scheduled: bool,
         by: &str,
+        sync: Sync,
     ) -> ApiResult<Job> {
         if Self::backup_busy(active, app.id) {
             return Err(ApiError::new(
@@ -122,6 +127,7 @@ impl Control {
             attempt,
             not_before,
             by,
+            sync,
             |id| {
                 json!({"label": label, "scheduled": scheduled,
                    "metadata": {"application": app_id, "job": id, "policy": policy}})
@@ -132,7 +138,7 @@ impl Control {
     pub fn start_backup(&self, c: &Caller, id: u64) -> ApiResult<Job> {
         let app = self.app_rec(id)?;
         let mut active = lock(&self.active);
-        self.queue_backup(&mut active, &app, 1, None, false, &c.user)
+        self.queue_backup(&mut active, &app, 1, None, false, &c.user, Sync::Now)
     }
 
     pub fn start_restore(&self, c: &Caller, id: u64, req: RestoreCreate) -> ApiResult<Job> {
@@ -174,13 +180,19 @@ impl Control {
             1,
             None,
             &c.user,
+            Sync::Now,
             |_| params,
         )
     }
 
     /// Hands out this host's queued jobs that may start now, oldest first,
     /// within the limits; marks them running.
-    fn dispatch_locked(&self, active: &mut Active, host: &str) -> ApiResult<Vec<AgentJob>> {
+    fn dispatch_locked(
+        &self,
+        active: &mut Active,
+        host: &str,
+        want: Option<usize>,
+    ) -> ApiResult<Vec<AgentJob>> {
         let now = self.now();
         let running = |h: Option<&str>| {
             active
@@ -192,7 +204,8 @@ impl Control {
         let per_host = self.host_jobs.load(Ordering::Relaxed);
         let slots = total
             .saturating_sub(running(None))
-            .min(per_host.saturating_sub(running(Some(host))));
+            .min(per_host.saturating_sub(running(Some(host))))
+            .min(want.unwrap_or(usize::MAX));
         let ids: Vec<u64> = active
             .values()
             .filter(|j| {
@@ -236,6 +249,7 @@ impl Control {
             j.started_unix = Some(now);
             self.state.put(JOBS, id, &*j, Sync::Now).map_err(st)?;
             let j = j.clone();
+            lock(&self.reported).insert(id, std::time::Instant::now());
             tracing::info!(job = id, kind = %j.kind, host, "agent job handed out");
             out.push(AgentJob {
                 id,
@@ -254,32 +268,41 @@ impl Control {
         Ok(out)
     }
 
-    /// Long poll: this host's next jobs, or none after `wait` seconds.
-    pub fn pull(&self, c: &Caller, wait: u64) -> ApiResult<Vec<AgentJob>> {
+    /// Begins the caller's long poll (its previous one ends).
+    pub fn poll(&self, c: &Caller) -> ApiResult<cdm_api::control_backend::PollWait> {
+        let host = Self::caller_host(c)?;
+        self.touch(host);
+        Ok(self.poll_begin(host))
+    }
+
+    /// This host's jobs that may start now, at most `slots` (the agent's
+    /// free ones), handed out as running. The long poll around it is the
+    /// route's, awaiting [`Control::poll_begin`]'s notification.
+    pub fn pull(&self, c: &Caller, slots: Option<usize>) -> ApiResult<Vec<AgentJob>> {
         let host = Self::caller_host(c)?.to_string();
-        let deadline = Instant::now() + Duration::from_secs(wait);
+        self.touch(&host);
         let mut active = lock(&self.active);
-        loop {
-            let h: Option<HostRec> = self.state.get(HOSTS, host.as_str()).map_err(st)?;
-            if h.is_none_or(|h| h.retired) {
-                return Err(ApiError::unauthorized(format!("host {host} was retired")));
-            }
-            if self.closing.load(Ordering::SeqCst) {
-                return Ok(Vec::new());
-            }
-            let got = self.dispatch_locked(&mut active, &host)?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            if !got.is_empty() || left.is_zero() {
-                return Ok(got);
-            }
-            // Wake at least each second: a retry's backoff ends on the
-            // appliance clock, which no notification marks.
-            active = self
-                .wake
-                .wait_timeout(active, left.min(Duration::from_secs(1)))
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
-            self.touch(&host);
+        let h: Option<HostRec> = self.state.get(HOSTS, host.as_str()).map_err(st)?;
+        if h.is_none_or(|h| h.retired) {
+            return Err(ApiError::unauthorized(format!("host {host} was retired")));
+        }
+        if self.closing.load(Ordering::SeqCst) {
+            return Ok(Vec::new());
+        }
+        self.dispatch_locked(&mut active, &host, slots)
+    }
+
+    /// Wakes the polls of hosts with a queued job that may start now (a
+    /// backoff ended on the appliance clock, a slot of the appliance freed).
+    pub(super) fn wake_ready_locked(&self, active: &Active) {
+        let now = self.now();
+        let hosts: std::collections::BTreeSet<&str> = active
+            .values()
+            .filter(|j| j.state == "queued" && j.not_before_unix.is_none_or(|t| t <= now))
+            .filter_map(|j| j.host.as_deref())
+            .collect();
+        for h in hosts {
+            self.wake_host(h);
         }
     }
 
@@ -308,7 +331,7 @@ impl Control {
             })
             .collect();
         self.state
-            .append_lines(id, &lines, LOG_MAX_LINES, sync)
+            .append_lines(id, &lines, LOG_HEAD, LOG_TAIL, sync)
             .map_err(st)?;
         Ok(())
     }
@@ -324,6 +347,7 @@ impl Control {
             )));
         }
         self.append_log(id, req.log, Sync::Lazy)?;
+        lock(&self.reported).insert(id, std::time::Instant::now());
         let Some(j) = active.get_mut(&id) else {
             return Err(ApiError::conflict(format!("job {id} is no longer running")));
         };
@@ -350,16 +374,37 @@ impl Control {
         let host = Self::caller_host(c)?.to_string();
         let mut active = lock(&self.active);
         let j = self.own_job(&active, &host, id)?;
+        if j.state == "queued" {
+            return Err(ApiError::conflict(format!(
+                "job {id} was not handed out yet"
+            )));
+        }
+        let message = match req.state.as_str() {
+            "succeeded" => "done".to_string(),
+            "cancelled" => "cancelled".to_string(),
+            _ => req
+                .error
+                .clone()
+                .unwrap_or_else(|| "the agent reported a failure".into()),
+        };
+        // This very finish, retried (its answer was lost): stored already.
+        let again = j.state == req.state && j.message == message;
+        // Else the log is kept whatever the answer: an agent's last lines
+        // and its own error matter most when the appliance ended the job.
+        if !again {
+            let mut log = req.log;
+            if j.state != "running" {
+                if let Some(e) = &req.error {
+                    log.push(format!("agent: {e}"));
+                }
+            }
+            self.append_log(id, log, Sync::Lazy)?;
+        }
         match j.state.as_str() {
             "running" => {}
             // The agent retries until it gets an answer: the same outcome
             // again is no error.
             s if s == req.state => return Ok(j),
-            "queued" => {
-                return Err(ApiError::conflict(format!(
-                    "job {id} was not handed out yet"
-                )))
-            }
             s => {
                 return Err(ApiError::conflict(format!(
                     "job {id} already ended {s}: {}",
@@ -367,14 +412,6 @@ impl Control {
                 )))
             }
         }
-        self.append_log(id, req.log, Sync::Lazy)?;
-        let message = match req.state.as_str() {
-            "succeeded" => "done".to_string(),
-            "cancelled" => "cancelled".to_string(),
-            _ => req
-                .error
-                .unwrap_or_else(|| "the agent reported a failure".into()),
-        };
         self.end_locked(
             &mut active,
             id,
@@ -402,6 +439,8 @@ impl Control {
         let Some(mut j) = active.remove(&id) else {
             return Err(ApiError::conflict(format!("job {id} is not active")));
         };
+        lock(&self.reported).remove(&id);
+        lock(&self.cancels).remove(&id);
         j.state = to.to_string();
         j.message = message.to_string();
         j.finished_unix = Some(self.now());
@@ -416,9 +455,14 @@ impl Control {
             return Err(st(e));
         }
         tracing::info!(job = id, kind = %j.kind, state = to, message, "agent job ended");
+        // A slot freed: a host waiting for one may start a job now.
+        self.wake_ready_locked(active);
         self.job_event(&format!("job.{to}"), &j, actor);
         if let (Some(app), "backup") = (j.application, j.kind.as_str()) {
             lock(&self.last_backup).insert(app, brief(&j));
+            if let Err(e) = self.keep_last_job(app, brief(&j)) {
+                tracing::error!(error = %e.message, "cannot store an application's last backup");
+            }
             if retry && to == "failed" {
                 self.retry_locked(active, &j)?;
             }
@@ -463,6 +507,7 @@ impl Control {
             Some(at),
             true,
             "scheduler",
+            Sync::Now,
         ) {
             Ok(r) => tracing::info!(
                 job = r.id,
@@ -490,6 +535,11 @@ impl Control {
                 j.cancel_requested = true;
                 j.message = format!("cancel asked by {}", c.user);
                 self.state.put(JOBS, id, &*j, Sync::Now).map_err(st)?;
+                // An agent that does not report never learns of the cancel:
+                // the job ends anyway after the grace.
+                lock(&self.cancels)
+                    .entry(id)
+                    .or_insert_with(std::time::Instant::now);
                 Ok(j.clone())
             }
             None => {
@@ -513,20 +563,78 @@ impl Control {
         }
     }
 
-    /// A restarted agent lists the jobs it still runs: the others of its
-    /// host that were running died with the old agent.
-    pub(super) fn agent_restarted(&self, host: &str, running: &[u64]) -> ApiResult<()> {
+    /// Compares the jobs an agent says it runs with the host's running
+    /// jobs. A restarted agent (`first`) runs none of the others; else a
+    /// job handed out more than two heartbeats ago and missing from the
+    /// list never reached the agent (its poll's answer was lost) or ended
+    /// without a finish the appliance got: it fails, and is retried.
+    pub(super) fn reconcile(&self, host: &str, running: &[u64], first: bool) -> ApiResult<()> {
+        let now = self.now();
         let mut active = lock(&self.active);
         let dead: Vec<u64> = active
             .values()
             .filter(|j| {
-                j.state == "running" && j.host.as_deref() == Some(host) && !running.contains(&j.id)
+                j.state == "running"
+                    && j.host.as_deref() == Some(host)
+                    && !running.contains(&j.id)
+                    && (first
+                        || j.started_unix
+                            .is_some_and(|t| now.saturating_sub(t) > 2 * HEARTBEAT_SECS))
             })
             .map(|j| j.id)
             .collect();
-        let m = format!("the agent on {host} restarted while the job ran");
+        let m = if first {
+            format!("the agent on {host} restarted while the job ran")
+        } else {
+            format!("the agent on {host} does not run the job (it never got it, or its outcome was lost)")
+        };
         for id in dead {
             self.end_locked(&mut active, id, "failed", &m, None, "appliance", true)?;
+        }
+        Ok(())
+    }
+
+    /// Fails running jobs with no progress call for the stall time (real
+    /// time), and ends cancelled ones whose agent did not stop them within
+    /// the grace.
+    pub(super) fn fail_silent(&self) -> ApiResult<()> {
+        let stall = std::time::Duration::from_secs(self.stall_secs.load(Ordering::Relaxed));
+        let grace = std::time::Duration::from_secs(self.cancel_grace_secs.load(Ordering::Relaxed));
+        let mut active = lock(&self.active);
+        let mut ends = Vec::new();
+        {
+            let mut reported = lock(&self.reported);
+            let cancels = lock(&self.cancels);
+            for j in active.values().filter(|j| j.state == "running") {
+                // A job loaded at start counts from then.
+                let t = *reported.entry(j.id).or_insert_with(std::time::Instant::now);
+                if cancels.get(&j.id).is_some_and(|c| c.elapsed() >= grace) {
+                    ends.push((
+                        j.id,
+                        "cancelled",
+                        format!(
+                            "{}; the agent did not stop it within {} s",
+                            j.message,
+                            grace.as_secs()
+                        ),
+                        false,
+                    ));
+                } else if t.elapsed() >= stall {
+                    ends.push((
+                        j.id,
+                        "failed",
+                        format!(
+                            "no progress from the agent on {} for {} s",
+                            j.host.as_deref().unwrap_or("?"),
+                            stall.as_secs()
+                        ),
+                        true,
+                    ));
+                }
+            }
+        }
+        for (id, to, m, retry) in ends {
+            self.end_locked(&mut active, id, to, &m, None, "appliance", retry)?;
         }
         Ok(())
     }
@@ -568,9 +676,20 @@ impl Control {
             .get(id)
             .map_err(st)?
             .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
-        Ok(JobLog {
-            lines: self.state.lines(id).map_err(st)?,
-        })
+        let stored: Vec<(u64, LogLine)> = self.state.lines(id).map_err(st)?;
+        let mut lines = Vec::with_capacity(stored.len() + 1);
+        let mut expect = 0;
+        for (n, l) in stored {
+            if n > expect {
+                lines.push(LogLine {
+                    time_unix: l.time_unix,
+                    line: format!("[{} lines dropped: a job log keeps its first {LOG_HEAD} and last {LOG_TAIL} lines]", n - expect),
+                });
+            }
+            expect = n + 1;
+            lines.push(l);
+        }
+        Ok(JobLog { lines })
     }
 
     pub fn list_jobs(&self, q: JobQuery) -> ApiResult<Vec<Job>> {

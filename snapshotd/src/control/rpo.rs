@@ -57,7 +57,7 @@ pub fn rpo_status(
 pub fn first_due(p: &ProtectionPolicy, since: u64) -> Option<u64> {
     match (&p.cron, p.interval_seconds) {
         (Some(c), _) => Cron::parse(c).ok()?.next_after(since),
-        (None, Some(i)) => Some(since + i),
+        (None, Some(i)) => Some(since.saturating_add(i)),
         (None, None) => None,
     }
 }
@@ -67,23 +67,47 @@ pub fn first_due(p: &ProtectionPolicy, since: u64) -> Option<u64> {
 pub fn next_due(p: &ProtectionPolicy, due: u64, now: u64) -> Option<u64> {
     match (&p.cron, p.interval_seconds) {
         (Some(c), _) => Cron::parse(c).ok()?.next_after(now),
-        (None, Some(i)) if i > 0 => Some(due + i * (now.saturating_sub(due) / i + 1)),
+        (None, Some(i)) if i > 0 => {
+            Some(due.saturating_add(i.saturating_mul(now.saturating_sub(due) / i + 1)))
+        }
         _ => None,
     }
 }
 
 impl Control {
+    /// Stores `app`'s last finished backup job in its `APP_STATE`.
+    pub(super) fn keep_last_job(&self, app: u64, j: JobBrief) -> ApiResult<()> {
+        let _one = lock(&self.rpo);
+        // A deleted application gets no state back.
+        if self
+            .state
+            .get::<_, super::AppRec>(crate::state::APPS, app)
+            .map_err(st)?
+            .is_none()
+        {
+            return Ok(());
+        }
+        let mut s = self.app_state(app)?;
+        s.last_job = Some(j);
+        self.state.put(APP_STATE, app, &s, Sync::Now).map_err(st)
+    }
+
     /// Queues the policy backups that are due and inside their windows.
     pub(super) fn run_policies(&self) -> ApiResult<()> {
         let now = self.now();
-        let policies = self.policy_map()?;
+        let mut active = lock(&self.active);
+        // Read under the lock: an application deleted or a policy changed
+        // meanwhile is seen as it is now, never queued from a stale read.
         let apps = self.apps()?;
         if apps.iter().all(|a| a.policy.is_none()) {
             return Ok(());
         }
-        let mut active = lock(&self.active);
+        let policies = self.policy_map()?;
         let _rpo = lock(&self.rpo);
         let mut states = self.app_states()?;
+        // Lazy writes, one sync at the end: a thousand applications due in
+        // one minute cost one fsync, not a thousand.
+        let mut wrote = false;
         for a in apps {
             let Some(p) = a.policy.as_ref().and_then(|p| policies.get(p)) else {
                 continue;
@@ -105,16 +129,26 @@ impl Control {
                         application = a.id,
                         "policy backup due while one runs: slot skipped"
                     );
-                } else if let Err(e) =
-                    self.queue_backup(&mut active, &a, 1, None, true, "scheduler")
-                {
-                    tracing::warn!(application = a.id, error = %e.message, "policy backup not queued");
+                } else {
+                    match self.queue_backup(&mut active, &a, 1, None, true, "scheduler", Sync::Lazy)
+                    {
+                        Ok(_) => wrote = true,
+                        Err(e) => {
+                            tracing::warn!(application = a.id, error = %e.message, "policy backup not queued")
+                        }
+                    }
                 }
                 s.next_due_unix = next_due(p, due, now);
             }
             if s != before {
-                self.state.put(APP_STATE, a.id, &s, Sync::Now).map_err(st)?;
+                self.state
+                    .put(APP_STATE, a.id, &s, Sync::Lazy)
+                    .map_err(st)?;
+                wrote = true;
             }
+        }
+        if wrote {
+            self.state.sync().map_err(st)?;
         }
         Ok(())
     }
@@ -135,7 +169,12 @@ impl Control {
         if apps.is_empty() {
             return Ok(());
         }
-        let newest = self.newest_points()?;
+        // One application (a job ended): its volume's snapshots, not the
+        // whole pool's catalog.
+        let newest = match &apps[..] {
+            [a] if only.is_some() => self.newest_point(&a.volume)?,
+            _ => self.newest_points()?,
+        };
         let policies = self.policy_map()?;
         let mut states = match only {
             Some(id) => HashMap::from([(id, self.app_state(id)?)]),
@@ -149,25 +188,35 @@ impl Control {
             if s.rpo_state.as_deref() == Some(new.as_str()) {
                 continue;
             }
-            let old = s.rpo_state.replace(new.clone());
+            s.rpo_state = Some(new.clone());
+            let kind = match new.as_str() {
+                "late" => Some("application.late"),
+                "failing" => Some("application.failing"),
+                "ok" if s.alerted.is_some() => Some("application.recovered"),
+                _ => None,
+            };
+            match new.as_str() {
+                "late" | "failing" => s.alerted = Some(new.clone()),
+                "ok" => s.alerted = None,
+                // Unprotected: an alert stays owed its recovery.
+                _ => {}
+            }
+            if let Some(kind) = kind {
+                tracing::warn!(application = app.id, host = %app.host, state = %new, "RPO state changed");
+                // The event before the state that says it was sent: a crash
+                // between repeats it, never loses it.
+                self.events.emit(
+                    kind,
+                    &app.id.to_string(),
+                    "scheduler",
+                    json!({"id": app.id, "host": app.host, "name": app.name, "state": new,
+                           "last_point": app.rpo.last_point, "rpo_seconds": app.rpo.rpo_seconds,
+                           "last_job": app.rpo.last_job}),
+                );
+            }
             self.state
                 .put(APP_STATE, app.id, &s, Sync::Now)
                 .map_err(st)?;
-            let kind = match (old.as_deref(), new.as_str()) {
-                (_, "late") => "application.late",
-                (_, "failing") => "application.failing",
-                (Some("late" | "failing"), "ok") => "application.recovered",
-                _ => continue,
-            };
-            tracing::warn!(application = app.id, host = %app.host, state = %new, "RPO state changed");
-            self.events.emit(
-                kind,
-                &app.id.to_string(),
-                "scheduler",
-                json!({"id": app.id, "host": app.host, "name": app.name, "state": new,
-                       "last_point": app.rpo.last_point, "rpo_seconds": app.rpo.rpo_seconds,
-                       "last_job": app.rpo.last_job}),
-            );
         }
         Ok(())
     }
@@ -237,6 +286,11 @@ mod tests {
         assert_eq!(next_due(&p, 1000, 1000), Some(4600));
         // Missed slots are skipped, the phase kept.
         assert_eq!(next_due(&p, 1000, 9000), Some(11_800));
+        // Policies stored before intervals were bounded do not overflow.
+        let huge = pol(Some(u64::MAX), None);
+        assert_eq!(first_due(&huge, 10), Some(u64::MAX));
+        assert_eq!(next_due(&huge, u64::MAX - 5, u64::MAX), Some(u64::MAX));
+        assert_eq!(next_due(&huge, 10, 20), Some(u64::MAX));
         let c = pol(None, Some("0 * * * *"));
         assert_eq!(first_due(&c, 10), Some(3600));
         assert_eq!(next_due(&c, 3600, 3600), Some(7200));
