@@ -20,6 +20,21 @@ const MAX_PAUSE: Duration = Duration::from_secs(60);
 /// Tries left once the service is stopping (it cannot wait a day).
 const TRIES_WHEN_STOPPING: u32 = 3;
 
+/// Longest error sent (a failed `vm backup` quotes every VM's outcome).
+pub const ERROR_MAX: usize = 16 * 1024;
+
+/// `s` cut to at most `max` bytes, marked when cut.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(5);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{} […]", &s[..end])
+}
+
 /// The calls delivery makes (the appliance through [`Link`]).
 pub trait Appliance {
     fn progress(&self, id: u64, log: &[String]) -> Result<Progress, ServeError>;
@@ -187,7 +202,7 @@ pub fn deliver(
         body["result"] = r.clone();
     }
     if let Some(e) = &o.error {
-        body["error"] = json!(e);
+        body["error"] = json!(cut(e, ERROR_MAX));
     }
     let mut tries = Tries::new(p);
     let mut attempt = 0u32;
@@ -417,6 +432,17 @@ mod tests {
             &mut LogBatch::new(Instant::now()),
         );
         assert_eq!(d, Delivery::Retired("HTTP 401".into()));
+    }
+
+    #[test]
+    fn a_long_error_is_cut() {
+        let s = Script::default();
+        let o = Outcome::failed("é".repeat(ERROR_MAX));
+        let d = deliver(&s, &mut clock(), 1, &o, &mut LogBatch::new(Instant::now()));
+        assert_eq!(d, Delivery::Recorded);
+        let e = finishes(&s)[0]["error"].as_str().unwrap().to_string();
+        assert!(e.len() <= ERROR_MAX && e.ends_with(" […]"), "{}", e.len());
+        assert_eq!(cut("short", ERROR_MAX), "short");
     }
 
     #[test]

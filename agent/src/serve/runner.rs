@@ -230,6 +230,12 @@ fn watch(
                     svc.stop.trigger(Stop::Retired(m));
                     log.retry_at(now);
                 }
+                Err(ServeError::Refused(m)) => {
+                    // Sending it again would be refused again (a 4xx is
+                    // an answer): the log goes on without that batch.
+                    tracing::warn!(job = id, lines = batch.lines.len(), message = %m, "the appliance refused a batch of the job's log: dropped");
+                    log.delivered(&batch, now);
+                }
                 Err(e) => {
                     let d = backoff.pause();
                     if backoff.failures() == 1 {
