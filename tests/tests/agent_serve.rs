@@ -559,6 +559,113 @@ fn vm_applications_back_up_the_vms_of_their_category() {
     );
 }
 
+/// `--max-jobs 1`: while one job runs the agent does not poll; when it
+/// ends, two jobs are queued and the poll asks for one (`slots=1`). The
+/// agent never runs two at once: a job handed out beyond its limit is
+/// failed with the reason (an appliance that honours `slots` hands it out
+/// later instead).
+#[test]
+fn an_agent_never_runs_more_jobs_than_its_max_jobs() {
+    let app = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let dir = tempfile::Builder::new()
+        .prefix("cdm-serve-slots-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut data = vec![0u8; 24 << 20];
+    for b in data.iter_mut() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *b = (x >> 56) as u8;
+    }
+    let mut a = ServeAgent::new(&app);
+    let token = enrol_token(&api);
+    a.start(&[
+        "--enrol",
+        &token,
+        "--name",
+        "fs1",
+        "--discover",
+        "none",
+        "--max-jobs",
+        "1",
+    ]);
+    wait_for(120, "host fs1 online", || {
+        let (s, v) = api.call("GET", "/v1/hosts/fs1", None);
+        (s == 200 && v["state"] == "online").then_some(())
+    });
+    let mut ids = Vec::new();
+    for n in ["a", "b", "c"] {
+        let d = dir.path().join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        write_file(&d.join("data"), if n == "a" { &data } else { b"small" });
+        let v = api.expect(
+            201,
+            "POST",
+            "/v1/applications",
+            Some(json!({"host": "fs1", "kind": "files", "name": n,
+                "config": {"path": d.display().to_string()}})),
+        );
+        ids.push(v["id"].as_u64().unwrap());
+    }
+    api.expect(
+        201,
+        "POST",
+        "/v1/protection-policies",
+        Some(json!({
+            "name": "slow", "interval_seconds": 86400, "rpo_seconds": 86400 * 2,
+            "bandwidth_mibps": 1
+        })),
+    );
+    api.expect(
+        200,
+        "PUT",
+        &format!("/v1/applications/{}/policy", ids[0]),
+        Some(json!({"policy": "slow"})),
+    );
+    let (slow, _) = slow_backup(&api, ids[0], &a);
+    let queued: Vec<u64> = ids[1..]
+        .iter()
+        .map(|id| {
+            api.expect(202, "POST", &format!("/v1/applications/{id}/backups"), None)["id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    api.expect(200, "POST", &format!("/v1/jobs/{slow}/cancel"), None);
+    assert_eq!(job_done(&api, slow, &a)["state"], "cancelled");
+    let mut succeeded = 0;
+    for id in &queued {
+        let j = job_done(&api, *id, &a);
+        match j["state"].as_str() {
+            Some("succeeded") => succeeded += 1,
+            _ => assert!(
+                j["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("agent at its --max-jobs limit"),
+                "{j}\n{}",
+                a.log()
+            ),
+        }
+    }
+    assert!(succeeded >= 1, "{}", a.log());
+    // The agent's own account: each job ended before the next started.
+    let log = a.log();
+    let mut running = 0;
+    for l in log.lines() {
+        if l.contains("job started") {
+            running += 1;
+            assert_eq!(running, 1, "two jobs at once:\n{log}");
+        } else if l.contains("job ended") {
+            running -= 1;
+        }
+    }
+    assert_eq!(running, 0, "{log}");
+}
+
 /// A backup job slow enough to be caught running (1 MiB/s).
 fn slow_backup(api: &Api, app_id: u64, agent: &ServeAgent) -> (u64, i32) {
     let job = api.expect(
