@@ -4,8 +4,10 @@
 //! carries the job's metadata, a restart without the token, retirement
 //! (exit 4); a cancelled job and an agent killed mid-job (SIGKILL) that
 //! both leave no point, their child processes gone, and a correct next
-//! run. Also what needs no control plane: refused starts (exit 3) and the
-//! backups' `--metadata` and stage-volume options the jobs rely on.
+//! run; a `vm` application's backup job (the VMs of its category, each
+//! disk a point); an agent at its `--max-jobs` never running more. Also
+//! what needs no control plane: refused starts (exit 3) and the backups'
+//! `--metadata` and stage-volume options the jobs rely on.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
