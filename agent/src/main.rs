@@ -287,6 +287,10 @@ enum VmCmd {
         /// A persistent qemu dirty bitmap in the qcow2 disks.
         #[arg(long)]
         bitmap: Option<String>,
+        /// The stage volumes are PREFIX-VM-diskN (a VM application's
+        /// jobs use the application's volume).
+        #[arg(long, default_value = cdm_agent::vm::DEFAULT_PREFIX)]
+        volume_prefix: String,
     },
 }
 
@@ -643,7 +647,15 @@ fn vm_cmd(ctx: &Ctx, v: &VmCmd) -> anyhow::Result<serde_json::Value> {
             category,
             parallel,
             bitmap,
-        } => vm::backup_cmd(ctx, inventory, category, *parallel, bitmap.as_deref())?,
+            volume_prefix,
+        } => vm::backup_cmd(
+            ctx,
+            inventory,
+            category,
+            *parallel,
+            bitmap.as_deref(),
+            volume_prefix,
+        )?,
     })
 }
 

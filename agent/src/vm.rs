@@ -316,14 +316,23 @@ pub fn tree_cmd(ctx: &crate::Ctx, inventory: &Path, by_s: &str, publish: bool) -
     }))
 }
 
-/// A volume name for disk `i` of VM `name`: `vm-NAME-diskI` when the name
+/// The stage volumes' prefix of `vm backup` run by hand.
+pub const DEFAULT_PREFIX: &str = "vm";
+/// Longest prefix: room is left for the VM's name and the disk.
+pub const PREFIX_MAX: usize = 96;
+
+/// A volume name for disk `i` of VM `name`: `PREFIX-NAME-diskI` when that
 /// is a valid volume name as it is, else the cleaned name with a hash of
-/// the real one (two names never share a stage volume).
-pub fn volume_for(name: &str, i: usize) -> String {
-    let plain = format!("vm-{name}-disk{i}");
+/// the real one (two names never share a stage volume). `prefix` is a
+/// valid name of at most [`PREFIX_MAX`] bytes (checked by the caller).
+pub fn volume_for(prefix: &str, name: &str, i: usize) -> String {
+    let plain = format!("{prefix}-{name}-disk{i}");
     if crate::ops::check_name(&plain).is_ok() {
         return plain;
     }
+    let room = cdm_common::names::MAX_LEN
+        .saturating_sub(prefix.len() + format!("--12345678-disk{i}").len())
+        .min(80);
     let clean: String = name
         .chars()
         .map(|c| {
@@ -333,14 +342,27 @@ pub fn volume_for(name: &str, i: usize) -> String {
                 '-'
             }
         })
-        .take(80)
+        .take(room)
         .collect();
     let h = blake3::hash(name.as_bytes()).to_hex();
     format!(
-        "vm-{}-{}-disk{i}",
+        "{prefix}-{}-{}-disk{i}",
         clean.trim_start_matches(['.', '-']),
         &h[..8]
     )
+}
+
+/// Checks a `--volume-prefix`.
+pub fn check_prefix(prefix: &str) -> Result<()> {
+    crate::ops::check_name(prefix)?;
+    if prefix.len() > PREFIX_MAX {
+        crate::fail!(
+            Invalid,
+            "volume prefix {prefix:?} is {} bytes long (at most {PREFIX_MAX})",
+            prefix.len()
+        );
+    }
+    Ok(())
 }
 
 /// Backs up every VM of a category: each disk into its own stage volume
@@ -353,7 +375,9 @@ pub fn backup_cmd(
     category: &str,
     parallel: usize,
     bitmap: Option<&str>,
+    prefix: &str,
 ) -> Result<Value> {
+    check_prefix(prefix)?;
     let t0 = Instant::now();
     let (vms, _) = classify(ctx, load_inventory(inventory)?);
     let mut chosen = Vec::new();
@@ -368,12 +392,12 @@ pub fn backup_cmd(
     let mut vols = std::collections::HashMap::new();
     for c in &chosen {
         for i in 0..c.vm.disks.len() {
-            if let Some(other) = vols.insert(volume_for(&c.vm.name, i), c.vm.name.clone()) {
+            if let Some(other) = vols.insert(volume_for(prefix, &c.vm.name, i), c.vm.name.clone()) {
                 crate::fail!(
                     Host,
                     "VMs {other:?} and {:?} would share stage volume {}",
                     c.vm.name,
-                    volume_for(&c.vm.name, i)
+                    volume_for(prefix, &c.vm.name, i)
                 );
             }
         }
@@ -386,7 +410,7 @@ pub fn backup_cmd(
                 let next = queue.lock().ok().and_then(|mut q| q.pop());
                 let Some((idx, c)) = next else { break };
                 let t = Instant::now();
-                let r = backup_vm(ctx, &c, bitmap);
+                let r = backup_vm(ctx, &c, bitmap, prefix);
                 let v = match r {
                     Ok(disks) => json!({"vm": c.vm.name, "ok": true, "disks": disks, "seconds": t.elapsed().as_secs_f64()}),
                     Err(e) => json!({"vm": c.vm.name, "ok": false, "error": format!("{e:#}"), "seconds": t.elapsed().as_secs_f64()}),
@@ -418,11 +442,12 @@ fn backup_vm(
     ctx: &crate::Ctx,
     c: &cdm_inspect::category::Classified,
     bitmap: Option<&str>,
+    prefix: &str,
 ) -> Result<Vec<Value>> {
     let mut out = Vec::new();
     for (i, d) in c.vm.disks.iter().enumerate() {
         let opened = open_vm_disk(ctx, d, bitmap)?;
-        let volume = volume_for(&c.vm.name, i);
+        let volume = volume_for(prefix, &c.vm.name, i);
         let meta = json!({
             "vm": {
                 "name": c.vm.name,
@@ -458,17 +483,25 @@ mod tests {
 
     #[test]
     fn volume_names_are_valid_and_distinct() {
-        assert_eq!(volume_for("db1", 0), "vm-db1-disk0");
-        let (a, b) = (volume_for("web 1", 0), volume_for("web/1", 0));
+        assert_eq!(volume_for(DEFAULT_PREFIX, "db1", 0), "vm-db1-disk0");
+        assert_eq!(volume_for("h-vm-linux", "db1", 1), "h-vm-linux-db1-disk1");
+        let v = |n: &str, i| volume_for(DEFAULT_PREFIX, n, i);
+        let (a, b) = (v("web 1", 0), v("web/1", 0));
         assert_ne!(a, b);
+        let long = "p".repeat(PREFIX_MAX);
         for n in [
             a,
             b,
-            volume_for(&"x".repeat(300), 2),
-            volume_for("../..", 0),
-            volume_for("ä", 1),
+            v(&"x".repeat(300), 2),
+            v("../..", 0),
+            v("ä", 1),
+            volume_for(&long, &"x".repeat(300), 12),
+            volume_for(&long, "db1", 0),
         ] {
             assert!(crate::ops::check_name(&n).is_ok(), "{n}");
         }
+        assert!(check_prefix(&long).is_ok());
+        assert!(check_prefix(&format!("{long}p")).is_err());
+        assert!(check_prefix("a/b").is_err());
     }
 }

@@ -4,8 +4,10 @@
 //! carries the job's metadata, a restart without the token, retirement
 //! (exit 4); a cancelled job and an agent killed mid-job (SIGKILL) that
 //! both leave no point, their child processes gone, and a correct next
-//! run. Also what needs no control plane: refused starts (exit 3) and the
-//! backups' `--metadata` and stage-volume options the jobs rely on.
+//! run; a `vm` application's backup job (the VMs of its category, each
+//! disk a point); an agent at its `--max-jobs` never running more. Also
+//! what needs no control plane: refused starts (exit 3) and the backups'
+//! `--metadata` and stage-volume options the jobs rely on.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -362,7 +364,7 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
     // Online from the first heartbeat (enrolment alone reports nothing).
     wait_for(120, "host db1 online after its first heartbeat", || {
         let (s, v) = api.call("GET", "/v1/hosts/db1", None);
-        (s == 200 && v["state"] == "online" && v["capabilities"].as_array()?.len() == 3)
+        (s == 200 && v["state"] == "online" && v["capabilities"].as_array()?.len() == 4)
             .then_some(())
     });
     let h = api.get("/v1/hosts/db1");
@@ -442,6 +444,228 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
     assert_eq!(a.wait_exit(), 4, "{}", a.log());
     assert!(a.log().contains("retired"), "{}", a.log());
     assert_ne!(host_state(&api, "db1"), "online");
+}
+
+/// A `vm` application: its backup job backs up every VM of its category
+/// (two of three VMs of an inventory), each disk into a stage volume
+/// named after the application's volume, and the job's result is the
+/// `vm backup` summary.
+#[test]
+fn vm_applications_back_up_the_vms_of_their_category() {
+    require("qemu-img");
+    let app = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let dir = tempfile::Builder::new()
+        .prefix("cdm-serve-vms-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    // Raw disks with distinct contents (a category by name needs no
+    // operating system in them).
+    let mut vms = Vec::new();
+    for (n, byte) in [("web1", 0x11u8), ("web2", 0x22), ("db1", 0x33)] {
+        let mut data = vec![0u8; 4 << 20];
+        for (i, b) in data[..1 << 20].iter_mut().enumerate() {
+            *b = byte ^ (i % 251) as u8;
+        }
+        let img = dir.path().join(format!("{n}.img"));
+        write_file(&img, &data);
+        vms.push(json!({"name": n, "disks": [img.display().to_string()]}));
+    }
+    let inv = dir.path().join("vms.json");
+    write_file(&inv, json!({ "vm": vms }).to_string().as_bytes());
+    let mut a = ServeAgent::new(&app);
+    let token = enrol_token(&api);
+    a.start(&["--enrol", &token, "--name", "hv1", "--discover", "none"]);
+    wait_for(120, "host hv1 online with the vm capability", || {
+        let (s, v) = api.call("GET", "/v1/hosts/hv1", None);
+        (s == 200 && v["state"] == "online" && v["capabilities"].as_array()?.contains(&json!("vm")))
+            .then_some(())
+    });
+    let appl = api.expect(
+        201,
+        "POST",
+        "/v1/applications",
+        Some(json!({
+            "host": "hv1",
+            "kind": "vm",
+            "name": "web",
+            "config": {"inventory": inv.display().to_string(), "category": "keyword:web", "parallel": 2},
+        })),
+    );
+    let app_id = appl["id"].as_u64().unwrap();
+    let volume = appl["volume"].as_str().unwrap().to_string();
+    let job = api.expect(
+        202,
+        "POST",
+        &format!("/v1/applications/{app_id}/backups"),
+        None,
+    );
+    let job_id = job["id"].as_u64().unwrap();
+    let done = job_done(&api, job_id, &a);
+    let log = api.get(&format!("/v1/jobs/{job_id}/log"));
+    assert_eq!(
+        done["state"],
+        "succeeded",
+        "{done}
+{log}
+{}",
+        a.log()
+    );
+    let r = &done["result"];
+    assert_eq!(r["category"], "keyword:web", "{r}");
+    assert_eq!(r["failed"], 0, "{r}");
+    let names: Vec<&str> = r["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["vm"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web1", "web2"], "{r}");
+    assert!(
+        log.to_string().contains("vm backup"),
+        "the log says what ran: {log}"
+    );
+    for (n, byte) in [("web1", 0x11u8), ("web2", 0x22)] {
+        let vol = format!("{volume}-{n}-disk0");
+        let snaps = api.get(&format!("/v1/volumes/{vol}/snapshots"));
+        let snaps = snaps.as_array().unwrap();
+        assert_eq!(snaps.len(), 1, "{vol}: {snaps:?}");
+        assert_eq!(snaps[0]["metadata"]["vm"]["name"], n, "{}", snaps[0]);
+        // The point holds the VM's disk.
+        let out = output(
+            Command::new("qemu-img")
+                .args(["dd", "-f", "raw", "-O", "raw", "bs=4096", "count=1"])
+                .arg(format!(
+                    "if={}",
+                    app.unix_uri(snaps[0]["export"].as_str().unwrap())
+                ))
+                .arg(format!(
+                    "of={}",
+                    dir.path().join(format!("{n}.head")).display()
+                )),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let head = std::fs::read(dir.path().join(format!("{n}.head"))).unwrap();
+        let want: Vec<u8> = (0..4096).map(|i| byte ^ (i % 251) as u8).collect();
+        assert_eq!(head, want, "{vol}");
+    }
+    // The VM outside the category: not backed up.
+    assert_eq!(
+        api.call("GET", &format!("/v1/volumes/{volume}-db1-disk0"), None)
+            .0,
+        404
+    );
+}
+
+/// `--max-jobs 1`: while one job runs the agent does not poll; when it
+/// ends, two jobs are queued and the poll asks for one (`slots=1`). The
+/// agent never runs two at once: a job handed out beyond its limit is
+/// failed with the reason (an appliance that honours `slots` hands it out
+/// later instead).
+#[test]
+fn an_agent_never_runs_more_jobs_than_its_max_jobs() {
+    let app = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let dir = tempfile::Builder::new()
+        .prefix("cdm-serve-slots-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut data = vec![0u8; 24 << 20];
+    for b in data.iter_mut() {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *b = (x >> 56) as u8;
+    }
+    let mut a = ServeAgent::new(&app);
+    let token = enrol_token(&api);
+    a.start(&[
+        "--enrol",
+        &token,
+        "--name",
+        "fs1",
+        "--discover",
+        "none",
+        "--max-jobs",
+        "1",
+    ]);
+    wait_for(120, "host fs1 online", || {
+        let (s, v) = api.call("GET", "/v1/hosts/fs1", None);
+        (s == 200 && v["state"] == "online").then_some(())
+    });
+    let mut ids = Vec::new();
+    for n in ["a", "b", "c"] {
+        let d = dir.path().join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        write_file(&d.join("data"), if n == "a" { &data } else { b"small" });
+        let v = api.expect(
+            201,
+            "POST",
+            "/v1/applications",
+            Some(json!({"host": "fs1", "kind": "files", "name": n,
+                "config": {"path": d.display().to_string()}})),
+        );
+        ids.push(v["id"].as_u64().unwrap());
+    }
+    api.expect(
+        201,
+        "POST",
+        "/v1/protection-policies",
+        Some(json!({
+            "name": "slow", "interval_seconds": 86400, "rpo_seconds": 86400 * 2,
+            "bandwidth_mibps": 1
+        })),
+    );
+    api.expect(
+        200,
+        "PUT",
+        &format!("/v1/applications/{}/policy", ids[0]),
+        Some(json!({"policy": "slow"})),
+    );
+    let (slow, _) = slow_backup(&api, ids[0], &a);
+    let queued: Vec<u64> = ids[1..]
+        .iter()
+        .map(|id| {
+            api.expect(202, "POST", &format!("/v1/applications/{id}/backups"), None)["id"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    api.expect(200, "POST", &format!("/v1/jobs/{slow}/cancel"), None);
+    assert_eq!(job_done(&api, slow, &a)["state"], "cancelled");
+    let mut succeeded = 0;
+    for id in &queued {
+        let j = job_done(&api, *id, &a);
+        match j["state"].as_str() {
+            Some("succeeded") => succeeded += 1,
+            _ => assert!(
+                j["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("agent at its --max-jobs limit"),
+                "{j}\n{}",
+                a.log()
+            ),
+        }
+    }
+    assert!(succeeded >= 1, "{}", a.log());
+    // The agent's own account: each job ended before the next started.
+    let log = a.log();
+    let mut running = 0;
+    for l in log.lines() {
+        if l.contains("job started") {
+            running += 1;
+            assert_eq!(running, 1, "two jobs at once:\n{log}");
+        } else if l.contains("job ended") {
+            running -= 1;
+        }
+    }
+    assert_eq!(running, 0, "{log}");
 }
 
 /// A backup job slow enough to be caught running (1 MiB/s).

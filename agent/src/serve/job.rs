@@ -203,11 +203,46 @@ fn backup_args(job: &AgentJob, args: &mut Vec<OsString>) -> Result<(), String> {
             args.push(s("--"));
             args.push(s(source));
         }
+        "vm" => vm_args(job, args)?,
         k => {
             return Err(format!(
                 "this agent does not back up applications of kind {k:?}"
             ))
         }
+    }
+    Ok(())
+}
+
+/// VMs at once when the config does not say.
+pub const VM_PARALLEL: u64 = 2;
+
+/// `vm backup` of the VMs of one category of an inventory, into stage
+/// volumes named after the application's volume (`VOLUME-VM-diskN`).
+fn vm_args(job: &AgentJob, args: &mut Vec<OsString>) -> Result<(), String> {
+    let app = &job.application;
+    let c = &app.config;
+    let inventory = text(c, "inventory").ok_or("the application's config has no \"inventory\"")?;
+    let category = text(c, "category").ok_or("the application's config has no \"category\"")?;
+    let parallel = match c.get("parallel") {
+        None | Some(Value::Null) => VM_PARALLEL,
+        Some(_) => number(c, "parallel")
+            .filter(|n| (1..=64).contains(n))
+            .ok_or("the application's \"parallel\" is not a number from 1 to 64")?,
+    };
+    args.extend([
+        s("vm"),
+        s("backup"),
+        s("--inventory"),
+        s(inventory),
+        s("--category"),
+        s(category),
+        s("--parallel"),
+        s(parallel),
+        s("--volume-prefix"),
+        s(&app.volume),
+    ]);
+    if let Some(b) = text(c, "bitmap") {
+        args.extend([s("--bitmap"), s(b)]);
     }
     Ok(())
 }
@@ -394,6 +429,51 @@ mod tests {
             ),
         ] {
             let e = plan(&job(j), &globals()).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn vm_backups() {
+        let app = |config: Value| json!({"id": 4, "kind": "vm", "name": "linux", "config": config, "volume": "h1-vm-linux"});
+        let j = job(json!({"id": 5, "kind": "backup", "attempt": 1,
+            "application": app(json!({"inventory": "/etc/cdm/vms.toml", "category": "os:linux"})),
+            "bandwidth_mibps": 20.0, "bandwidth_windows": ["01:00-05:00=0"]}));
+        let p = plan(&j, &globals()).unwrap();
+        assert_eq!(p.work, Work::Backup);
+        let a = strings(&p);
+        let i = a.iter().position(|x| x == "vm").unwrap();
+        assert_eq!(a[i + 1], "backup");
+        assert!(
+            i > a.iter().position(|x| x == "--limit").unwrap(),
+            "global flags first"
+        );
+        assert_eq!(after(&a, "--limit"), Some("20"));
+        assert_eq!(after(&a, "--window"), Some("01:00-05:00=0"));
+        assert_eq!(after(&a, "--inventory"), Some("/etc/cdm/vms.toml"));
+        assert_eq!(after(&a, "--category"), Some("os:linux"));
+        assert_eq!(after(&a, "--parallel"), Some("2"));
+        assert_eq!(after(&a, "--volume-prefix"), Some("h1-vm-linux"));
+        assert_eq!(after(&a, "--bitmap"), None);
+        let j = job(json!({"id": 5, "kind": "backup", "application": app(json!({
+            "inventory": "/i", "category": "app:PostgreSQL", "parallel": "4", "bitmap": "b0"}))}));
+        let a = strings(&plan(&j, &globals()).unwrap());
+        assert_eq!(after(&a, "--parallel"), Some("4"));
+        assert_eq!(after(&a, "--bitmap"), Some("b0"));
+        for (config, why) in [
+            (json!({"category": "os:linux"}), "inventory"),
+            (json!({"inventory": "/i"}), "category"),
+            (
+                json!({"inventory": "/i", "category": "c", "parallel": 0}),
+                "parallel",
+            ),
+            (
+                json!({"inventory": "/i", "category": "c", "parallel": "x"}),
+                "parallel",
+            ),
+        ] {
+            let j = job(json!({"id": 5, "kind": "backup", "application": app(config)}));
+            let e = plan(&j, &globals()).unwrap_err();
             assert!(e.contains(why), "{e}");
         }
     }

@@ -50,8 +50,12 @@ pub enum Progress {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Finished {
     Recorded,
-    /// The appliance has another outcome for it (it failed the job
-    /// meanwhile, or the job is not this host's).
+    /// The job is not this host's, or no longer running (404/409/410):
+    /// the appliance has its own outcome for it.
+    Gone(String),
+    /// The body is over the API's limit (413).
+    TooLarge(String),
+    /// Any other refusal (4xx).
     Refused(String),
 }
 
@@ -73,6 +77,12 @@ pub fn message(status: u16, v: &Value) -> String {
         (_, Value::String(s)) if !s.is_empty() => format!("{s} (HTTP {status})"),
         _ => format!("HTTP {status}"),
     }
+}
+
+/// The job poll: the wait (at most [`MAX_WAIT`]) and how many jobs this
+/// agent can start now (its free `--max-jobs` slots).
+pub fn jobs_path(wait: u64, slots: usize) -> String {
+    format!("/v1/agent/jobs?wait={}&slots={slots}", wait.min(MAX_WAIT))
 }
 
 /// A client of `url` that trusts only the CA in `ca` for https.
@@ -124,9 +134,9 @@ impl Link {
         Ok(v["heartbeat_seconds"].as_u64().unwrap_or(10).clamp(1, 3600))
     }
 
-    /// Jobs for this host, after at most `wait` seconds.
-    pub fn jobs(&self, wait: u64) -> Result<Vec<Value>, ServeError> {
-        let path = format!("/v1/agent/jobs?wait={}", wait.min(MAX_WAIT));
+    /// At most `slots` jobs for this host, after at most `wait` seconds.
+    pub fn jobs(&self, wait: u64, slots: usize) -> Result<Vec<Value>, ServeError> {
+        let path = jobs_path(wait, slots);
         let (s, v) = classify(self.poll.request("GET", &path, None))?;
         match (s, v) {
             (200..=299, Value::Array(a)) => Ok(a),
@@ -157,7 +167,20 @@ impl Link {
         let (s, v) = classify(self.calls.request("POST", &path, Some(body)))?;
         Ok(match s {
             200..=299 => Finished::Recorded,
+            404 | 409 | 410 => Finished::Gone(message(s, &v)),
+            413 => Finished::TooLarge(message(s, &v)),
             _ => Finished::Refused(message(s, &v)),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_says_how_many_jobs_fit() {
+        assert_eq!(jobs_path(25, 3), "/v1/agent/jobs?wait=25&slots=3");
+        assert_eq!(jobs_path(600, 1), "/v1/agent/jobs?wait=30&slots=1");
     }
 }

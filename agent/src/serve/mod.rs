@@ -8,9 +8,11 @@
 //! with [`EXIT_RETIRED`].
 
 pub mod credential;
+pub mod deliver;
 pub mod discover;
 pub mod heartbeat;
 pub mod job;
+pub mod joblog;
 pub mod link;
 pub mod pollmark;
 pub mod runner;
@@ -176,6 +178,16 @@ impl Backoff {
     }
 }
 
+/// What [`Service::claim`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Claim {
+    Claimed,
+    /// The job already runs here (handed out twice).
+    Running,
+    /// `--max-jobs` jobs run already.
+    Full,
+}
+
 /// What the service's threads share.
 pub struct Service {
     pub opts: Options,
@@ -195,14 +207,23 @@ impl Service {
         lock(&self.running).keys().copied().collect()
     }
 
-    /// Claims a slot for job `id`; false if it already runs here.
-    fn claim(&self, id: u64) -> bool {
+    /// Claims a slot for job `id`: never more than `--max-jobs` at once,
+    /// whatever the appliance hands out.
+    fn claim(&self, id: u64) -> Claim {
         let mut g = lock(&self.running);
         if g.contains_key(&id) {
-            return false;
+            return Claim::Running;
+        }
+        if g.len() >= self.opts.max_jobs {
+            return Claim::Full;
         }
         g.insert(id, 0);
-        true
+        Claim::Claimed
+    }
+
+    /// Slots free for new jobs.
+    fn free_slots(&self) -> usize {
+        self.opts.max_jobs.saturating_sub(lock(&self.running).len())
     }
 
     fn set_pid(&self, id: u64, pid: u32) {
@@ -430,7 +451,7 @@ fn poll(svc: Arc<Service>) {
     let wait = Duration::from_secs(link::MAX_WAIT - 5);
     while svc.wait_for_slot() {
         pollmark::mark(&svc.opts.state_dir, std::time::SystemTime::now(), wait);
-        let r = svc.link.jobs(wait.as_secs());
+        let r = svc.link.jobs(wait.as_secs(), svc.free_slots().max(1));
         if svc.stop.get().is_none() {
             // Ended while the service runs: nothing is open any more.
             pollmark::clear(&svc.opts.state_dir);
@@ -501,6 +522,48 @@ mod tests {
         f.trigger(Stop::Signal(15));
         assert!(t.join().unwrap());
         assert_eq!(f.get(), Some(Stop::Retired("gone".into())));
+    }
+
+    fn service(max_jobs: usize) -> Service {
+        Service {
+            opts: Options {
+                url: "http://127.0.0.1:9".into(),
+                nbd: "127.0.0.1:10809".into(),
+                state_dir: "/nonexistent".into(),
+                enrol: None,
+                name: None,
+                discover: None,
+                max_jobs,
+                ca_file: None,
+                exe: "/bin/false".into(),
+                os_release: "/etc/os-release".into(),
+            },
+            host: "h".into(),
+            credential: "c".into(),
+            os: "linux".into(),
+            link: Link::new("http://127.0.0.1:9", "c", None).unwrap(),
+            discover: None,
+            stop: StopFlag::default(),
+            running: Mutex::new(BTreeMap::new()),
+            slots: Condvar::new(),
+        }
+    }
+
+    /// The appliance may hand out more than the agent asked for: the
+    /// agent never runs more than `--max-jobs`.
+    #[test]
+    fn never_more_jobs_than_max_jobs() {
+        let s = service(2);
+        assert_eq!(s.free_slots(), 2);
+        assert_eq!(s.claim(1), Claim::Claimed);
+        assert_eq!(s.claim(1), Claim::Running);
+        assert_eq!(s.free_slots(), 1);
+        assert_eq!(s.claim(2), Claim::Claimed);
+        assert_eq!(s.free_slots(), 0);
+        assert_eq!(s.claim(3), Claim::Full);
+        assert_eq!(s.running_ids(), [1, 2]);
+        s.release(1);
+        assert_eq!(s.claim(3), Claim::Claimed);
     }
 
     #[test]

@@ -4,154 +4,35 @@
 //! keep-alives, the appliance's cancel honoured (SIGTERM, SIGKILL after
 //! [`KILL_AFTER`]), and the outcome reported until the appliance takes it.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::deliver::{self, Delivery, Outcome, ServicePacer};
 use super::job::{self, AgentJob, Globals, Work};
-use super::link::{Finished, Progress};
-use super::{Backoff, ServeError, Service, Stop};
+use super::joblog::LogBatch;
+use super::link::Progress;
+use super::{Backoff, Claim, ServeError, Service, Stop};
 
 /// Between SIGTERM and SIGKILL.
 pub const KILL_AFTER: Duration = Duration::from_secs(30);
-/// A progress call (the log so far, or nothing: a keep-alive) at least
-/// this often.
-pub const FLUSH_EVERY: Duration = Duration::from_secs(2);
-/// Lines per progress call.
-const BATCH: usize = 500;
-/// Lines kept while the appliance cannot be reached; older ones dropped
-/// (and counted in the log).
-const PENDING: usize = 20_000;
-/// A log line's longest length (bytes).
-const LINE_MAX: usize = 4096;
-/// Lines of stderr quoted as the error of a child that printed no JSON.
-const TAIL: usize = 5;
-/// Tries to report an outcome (backoff 1 s … 30 s: about 20 minutes).
-const FINISH_TRIES: u32 = 45;
-
-/// The job's log: lines waiting to be sent, and the last few for an error.
-pub struct LogBatch {
-    pending: VecDeque<String>,
-    dropped: u64,
-    tail: VecDeque<String>,
-    next_flush: Instant,
-}
-
-impl LogBatch {
-    pub fn new(now: Instant) -> LogBatch {
-        LogBatch {
-            pending: VecDeque::new(),
-            dropped: 0,
-            tail: VecDeque::new(),
-            next_flush: now + FLUSH_EVERY,
-        }
-    }
-
-    pub fn push(&mut self, line: &str) {
-        let mut l = line.trim_end().to_string();
-        if l.len() > LINE_MAX {
-            let mut cut = LINE_MAX;
-            while !l.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            l.truncate(cut);
-            l.push_str(" […]");
-        }
-        if self.tail.len() == TAIL {
-            self.tail.pop_front();
-        }
-        self.tail.push_back(l.clone());
-        if self.pending.len() == PENDING {
-            self.pending.pop_front();
-            self.dropped += 1;
-        }
-        self.pending.push_back(l);
-    }
-
-    /// Time for a progress call: the interval passed, or a full batch.
-    pub fn due(&self, now: Instant) -> bool {
-        now >= self.next_flush || self.pending.len() >= BATCH
-    }
-
-    /// The next batch (a note first if lines were dropped).
-    pub fn take(&mut self) -> Vec<String> {
-        let mut v = Vec::new();
-        if self.dropped > 0 {
-            v.push(format!(
-                "cdm-agent: {} log lines dropped while the appliance could not be reached",
-                self.dropped
-            ));
-            self.dropped = 0;
-        }
-        let n = self.pending.len().min(BATCH);
-        v.extend(self.pending.drain(..n));
-        v
-    }
-
-    /// Everything left, for the finish call.
-    pub fn take_all(&mut self) -> Vec<String> {
-        let mut v = self.take();
-        v.extend(self.pending.drain(..));
-        v
-    }
-
-    /// The batch was sent: the next call after the interval.
-    pub fn sent(&mut self, now: Instant) {
-        self.next_flush = now + FLUSH_EVERY;
-    }
-
-    /// The batch was not sent: kept for the next try, at `retry`.
-    pub fn unsent(&mut self, lines: Vec<String>, retry: Instant) {
-        for l in lines.into_iter().rev() {
-            if l.starts_with("cdm-agent: ") && l.ends_with("could not be reached") {
-                continue;
-            }
-            self.pending.push_front(l);
-        }
-        while self.pending.len() > PENDING {
-            self.pending.pop_front();
-            self.dropped += 1;
-        }
-        self.next_flush = retry;
-    }
-
-    /// The last lines, ` | `-joined.
-    pub fn tail_text(&self) -> String {
-        self.tail.iter().cloned().collect::<Vec<_>>().join(" | ")
-    }
-}
-
-/// What the appliance is told at the end.
-#[derive(Debug, PartialEq)]
-pub struct Outcome {
-    pub state: &'static str,
-    pub result: Option<Value>,
-    pub error: Option<String>,
-}
-
-impl Outcome {
-    fn failed(why: impl Into<String>) -> Outcome {
-        Outcome {
-            state: "failed",
-            result: None,
-            error: Some(why.into()),
-        }
-    }
-}
-
 /// Starts job `raw` in a thread of its own (unless it already runs here).
 pub fn start(svc: &Arc<Service>, raw: Value) {
     let Some(id) = raw.get("id").and_then(Value::as_u64) else {
         tracing::warn!(job = %raw, "a job without an id: ignored");
         return;
     };
-    if !svc.claim(id) {
-        return;
+    match svc.claim(id) {
+        Claim::Claimed => {}
+        Claim::Running => return,
+        Claim::Full => {
+            refuse(svc, id);
+            return;
+        }
     }
     let s = svc.clone();
     let spawned = std::thread::Builder::new()
@@ -165,7 +46,7 @@ pub fn start(svc: &Arc<Service>, raw: Value) {
                 ))),
             };
             if let Some(o) = outcome {
-                report(&s, id, o, log.take_all());
+                report(&s, id, &o, &mut log);
             }
             s.release(id);
         });
@@ -240,7 +121,7 @@ fn run(svc: &Service, j: &AgentJob, log: &mut LogBatch) -> Option<Outcome> {
         .args
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
-        .skip_while(|a| a != "backup" && a != "restore")
+        .skip_while(|a| !matches!(a.as_str(), "backup" | "restore" | "vm"))
         .collect();
     tracing::info!(job = j.id, kind = %j.kind, application = %j.application.name, attempt = j.attempt, "job started");
     log.push(&format!(
@@ -334,11 +215,11 @@ fn watch(
         }
         let now = Instant::now();
         if ending.is_none() && log.due(now) {
-            let lines = log.take();
-            match svc.link.progress(id, &lines) {
+            let batch = log.batch();
+            match svc.link.progress(id, &batch.lines) {
                 Ok(p) => {
                     backoff.reset();
-                    log.sent(now);
+                    log.delivered(&batch, now);
                     match p {
                         Progress::Continue => {}
                         Progress::Cancel => ending = Some(Ending::Cancel),
@@ -347,14 +228,20 @@ fn watch(
                 }
                 Err(ServeError::Retired(m)) => {
                     svc.stop.trigger(Stop::Retired(m));
-                    log.unsent(lines, now);
+                    log.retry_at(now);
+                }
+                Err(ServeError::Refused(m)) => {
+                    // Sending it again would be refused again (a 4xx is
+                    // an answer): the log goes on without that batch.
+                    tracing::warn!(job = id, lines = batch.lines.len(), message = %m, "the appliance refused a batch of the job's log: dropped");
+                    log.delivered(&batch, now);
                 }
                 Err(e) => {
                     let d = backoff.pause();
                     if backoff.failures() == 1 {
                         tracing::warn!(job = id, error = %e, "progress not delivered: the job goes on");
                     }
-                    log.unsent(lines, now + d);
+                    log.retry_at(now + d);
                 }
             }
         }
@@ -450,124 +337,44 @@ fn outcome(
     }
 }
 
-/// Tells the appliance the outcome, retrying with backoff while it cannot
-/// be reached (it may be restarting); bounded, fewer tries once the
-/// service is stopping.
-fn report(svc: &Service, id: u64, o: Outcome, log: Vec<String>) {
-    let mut body = json!({ "state": o.state, "log": log });
-    if let Some(r) = &o.result {
-        body["result"] = r.clone();
+/// Tells the appliance the outcome (`deliver`), stopping the service if
+/// the credential is refused.
+fn report(svc: &Service, id: u64, o: &Outcome, log: &mut LogBatch) {
+    if let Delivery::Retired(m) = deliver::deliver(&svc.link, &mut ServicePacer(svc), id, o, log) {
+        svc.stop.trigger(Stop::Retired(m));
     }
-    if let Some(e) = &o.error {
-        body["error"] = json!(e);
-    }
-    let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-    for attempt in 1..=FINISH_TRIES {
-        match svc.link.finish(id, &body) {
-            Ok(Finished::Recorded) => {
-                if attempt > 1 {
-                    tracing::info!(job = id, attempt, "outcome delivered");
-                }
-                return;
-            }
-            Ok(Finished::Refused(m)) => {
-                tracing::warn!(job = id, state = o.state, message = %m, "the appliance refused the job's outcome");
-                return;
-            }
-            Err(ServeError::Retired(m)) => {
-                svc.stop.trigger(Stop::Retired(m));
-                return;
-            }
-            Err(e) => {
-                let stopping = svc.stop.get().is_some();
-                if stopping && attempt >= 3 {
-                    tracing::error!(job = id, state = o.state, error = %e, "the service stops and the appliance cannot be reached: the job's outcome is lost (the appliance fails the job when the agent comes back)");
-                    return;
-                }
-                let d = backoff.pause();
-                tracing::warn!(job = id, attempt, retry_in = ?d, error = %e, "cannot deliver the job's outcome");
-                // A stop does not cut the wait short: the tries left are
-                // few and bounded.
-                std::thread::sleep(if stopping {
-                    d.min(Duration::from_secs(2))
-                } else {
-                    d
-                });
-            }
-        }
-    }
-    tracing::error!(
+}
+
+/// The reason a job beyond `--max-jobs` is refused.
+pub const AT_LIMIT: &str = "agent at its --max-jobs limit";
+
+/// Finishes a job this agent has no room for as failed (the appliance
+/// retries it), in a thread of its own: the poll goes on meanwhile.
+fn refuse(svc: &Arc<Service>, id: u64) {
+    tracing::warn!(
         job = id,
-        state = o.state,
-        "gave up delivering the job's outcome after {FINISH_TRIES} tries"
+        max_jobs = svc.opts.max_jobs,
+        "the appliance handed out a job beyond this agent's --max-jobs: refused"
     );
+    let s = svc.clone();
+    let spawned = std::thread::Builder::new()
+        .name(format!("refuse-{id}"))
+        .spawn(move || {
+            let mut log = LogBatch::new(Instant::now());
+            log.push(&format!(
+                "cdm-agent on {}: {AT_LIMIT} ({})",
+                s.host, s.opts.max_jobs
+            ));
+            report(&s, id, &Outcome::failed(AT_LIMIT), &mut log);
+        });
+    if let Err(e) = spawned {
+        tracing::error!(job = id, error = %e, "cannot start a thread to refuse the job");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn batches_every_interval_or_when_full() {
-        let t0 = Instant::now();
-        let mut b = LogBatch::new(t0);
-        assert!(!b.due(t0));
-        assert!(b.due(t0 + FLUSH_EVERY), "a keep-alive even without lines");
-        b.push("one\n");
-        b.push("two");
-        assert!(!b.due(t0 + Duration::from_millis(100)));
-        assert_eq!(b.take(), vec!["one", "two"]);
-        b.sent(t0 + FLUSH_EVERY);
-        assert!(!b.due(t0 + FLUSH_EVERY + Duration::from_secs(1)));
-        for i in 0..BATCH {
-            b.push(&i.to_string());
-        }
-        assert!(b.due(t0), "a full batch goes at once");
-        b.push("last");
-        assert_eq!(b.take().len(), BATCH);
-        assert_eq!(b.take(), vec!["last"]);
-    }
-
-    #[test]
-    fn unsent_lines_are_kept_in_order_and_bounded() {
-        let t0 = Instant::now();
-        let mut b = LogBatch::new(t0);
-        b.push("a");
-        b.push("b");
-        let lines = b.take();
-        b.push("c");
-        b.unsent(lines, t0 + Duration::from_secs(4));
-        assert!(
-            !b.due(t0 + Duration::from_secs(3)),
-            "retried after the backoff"
-        );
-        assert!(b.due(t0 + Duration::from_secs(4)));
-        assert_eq!(b.take_all(), vec!["a", "b", "c"]);
-        for i in 0..PENDING + 3 {
-            b.push(&i.to_string());
-        }
-        let first = b.take();
-        assert!(first[0].contains("3 log lines dropped"), "{}", first[0]);
-        assert_eq!(first[1], "3");
-        // The note is not kept twice when a batch comes back.
-        b.unsent(first, t0);
-        let again = b.take();
-        assert_eq!(again[0], "3");
-        assert_eq!(
-            b.tail_text(),
-            format!(
-                "{} | {} | {} | {} | {}",
-                PENDING - 2,
-                PENDING - 1,
-                PENDING,
-                PENDING + 1,
-                PENDING + 2
-            )
-        );
-        let mut long = LogBatch::new(t0);
-        long.push(&"é".repeat(LINE_MAX));
-        assert!(long.take()[0].len() <= LINE_MAX + 8);
-    }
 
     fn exit(code: i32) -> ExitStatus {
         use std::os::unix::process::ExitStatusExt;
