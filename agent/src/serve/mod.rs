@@ -14,7 +14,6 @@ pub mod heartbeat;
 pub mod job;
 pub mod joblog;
 pub mod link;
-pub mod pollmark;
 pub mod runner;
 
 use std::collections::BTreeMap;
@@ -388,17 +387,11 @@ pub fn run(opts: Options) -> Result<(), ServeError> {
             }
         });
     }
-    // A poll of an earlier run may still be open on the appliance (the
-    // agent died during it): wait until it ends (`pollmark`).
-    let max = Duration::from_secs(link::MAX_WAIT) + pollmark::MARGIN;
-    if let Some(d) = pollmark::pending(&svc.opts.state_dir, std::time::SystemTime::now(), max) {
-        tracing::info!(wait = ?d, "waiting for the previous run's job poll to end on the appliance");
-        if svc.stop.wait(d) {
-            return finish_stop(&svc);
-        }
-    }
     // The first heartbeat before the first poll: it tells the appliance
     // that no job of an earlier run survives, before this run takes any.
+    // A job the appliance handed to a poll of a run that died is failed by
+    // the appliance itself (one poll per host: this run's first poll ends
+    // a dead one; each heartbeat reconciles the jobs it lists).
     let mut beats = heartbeat::Beats::new();
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let interval = loop {
@@ -450,13 +443,7 @@ fn poll(svc: Arc<Service>) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let wait = Duration::from_secs(link::MAX_WAIT - 5);
     while svc.wait_for_slot() {
-        pollmark::mark(&svc.opts.state_dir, std::time::SystemTime::now(), wait);
-        let r = svc.link.jobs(wait.as_secs(), svc.free_slots().max(1));
-        if svc.stop.get().is_none() {
-            // Ended while the service runs: nothing is open any more.
-            pollmark::clear(&svc.opts.state_dir);
-        }
-        match r {
+        match svc.link.jobs(wait.as_secs(), svc.free_slots().max(1)) {
             Ok(jobs) => {
                 if backoff.failures() > 0 {
                     tracing::info!("the appliance answers again");
