@@ -80,6 +80,14 @@ pub struct PollWait {
     pub gen: u64,
     /// The number of the host's newest poll.
     pub current: Arc<AtomicU64>,
+    /// Polls waiting now (this one counts until dropped), for metrics.
+    pub waiting: Arc<AtomicU64>,
+}
+
+impl Drop for PollWait {
+    fn drop(&mut self) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl PollWait {

@@ -393,5 +393,12 @@ fn control(o: &mut String, a: &Appliance) -> cdm_api::ApiResult<()> {
         "Agent jobs waiting for their host.",
     );
     let _ = writeln!(o, "cdm_jobs_queued {queued}");
+    head(
+        o,
+        "cdm_agent_polls_waiting",
+        "gauge",
+        "Agents' long polls waiting for a job.",
+    );
+    let _ = writeln!(o, "cdm_agent_polls_waiting {}", a.control.polls_waiting());
     Ok(())
 }

@@ -134,6 +134,7 @@ pub struct Control {
     /// Each host's long poll: woken when work may be there (a job queued or
     /// free to start, the host retired, a newer poll).
     polls: Mutex<HashMap<String, HostPoll>>,
+    polls_waiting: Arc<AtomicU64>,
     /// When each host was last heard from, on the appliance clock.
     seen: Mutex<HashMap<String, u64>>,
     /// The last finished backup job of each application.
@@ -175,6 +176,7 @@ impl Control {
             host_jobs: AtomicUsize::new(HOST_JOBS),
             active: Mutex::new(BTreeMap::new()),
             polls: Mutex::new(HashMap::new()),
+            polls_waiting: Arc::new(AtomicU64::new(0)),
             seen: Mutex::new(HashMap::new()),
             last_backup: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashMap::new()),
@@ -249,11 +251,18 @@ impl Control {
         } else {
             gen
         };
+        self.polls_waiting.fetch_add(1, Ordering::SeqCst);
         cdm_api::control_backend::PollWait {
             notify: p.notify.clone(),
             gen,
             current: p.current.clone(),
+            waiting: self.polls_waiting.clone(),
         }
+    }
+
+    /// Agents' long polls pending now.
+    pub fn polls_waiting(&self) -> u64 {
+        self.polls_waiting.load(Ordering::SeqCst)
     }
 
     /// Wakes `host`'s pending long poll, if any.
