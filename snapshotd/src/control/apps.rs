@@ -132,11 +132,12 @@ impl Control {
 
     /// The host of the application whose volume is `vol`.
     pub fn volume_owner(&self, vol: &str) -> ApiResult<Option<String>> {
-        Ok(self
-            .apps()?
-            .into_iter()
-            .find(|a| a.volume == vol)
-            .map(|a| a.host))
+        let apps = self.apps()?;
+        // An application's own volume wins over a vm application's disks.
+        if let Some(a) = apps.iter().find(|a| a.volume == vol) {
+            return Ok(Some(a.host.clone()));
+        }
+        Ok(apps.into_iter().find(|a| a.owns_volume(vol)).map(|a| a.host))
     }
 
     /// The points of `vol` that `host` may read and clone now: those of
@@ -186,7 +187,7 @@ impl Control {
         let policy = a.policy.as_ref().and_then(|p| policies.get(p));
         let rpo = super::rpo_status(
             policy,
-            newest.get(&a.volume).copied(),
+            a.newest_in(newest),
             a.policy_since_unix,
             last_job,
             now,
@@ -211,6 +212,15 @@ impl Control {
         Ok(v.into_iter().map(|p| (p.name.clone(), p)).collect())
     }
 
+    /// The newest point of application `a`: of its volume alone (no walk
+    /// of the catalog), or of every volume of a vm application.
+    pub(super) fn newest_of(&self, a: &AppRec) -> ApiResult<HashMap<String, u64>> {
+        if a.kind == "vm" {
+            return self.newest_points();
+        }
+        self.newest_point(&a.volume)
+    }
+
     /// The newest point of volume `vol` alone (no walk of the catalog).
     pub(super) fn newest_point(&self, vol: &str) -> ApiResult<HashMap<String, u64>> {
         let snaps = match self.pool.list_snapshots(Some(vol)) {
@@ -227,7 +237,7 @@ impl Control {
     }
 
     pub(super) fn public_app(&self, a: AppRec, now: u64) -> ApiResult<Application> {
-        let newest = self.newest_point(&a.volume)?;
+        let newest = self.newest_of(&a)?;
         Ok(self.public_with(a, now, &newest, &self.policy_map()?))
     }
 
@@ -278,7 +288,7 @@ impl Control {
             .into_iter()
             .map(|v| v.name)
             .collect();
-        let of_app = |v: &str| apps.iter().any(|a| a.volume == v);
+        let of_app = |v: &str| apps.iter().any(|a| a.owns_volume(v));
         let taken = |v: &str| of_app(v) || pool.contains(v);
         let volume = match volume {
             // Named by an admin: an existing volume (an earlier
@@ -444,11 +454,18 @@ impl Control {
 
     pub fn points(&self, id: u64) -> ApiResult<Vec<Point>> {
         let a = self.app_rec(id)?;
-        let snaps = match self.pool.list_snapshots(Some(&a.volume)) {
-            Ok(s) => s,
-            // No backup made the volume yet.
-            Err(cdmfs::Error::NotFound(_)) => Vec::new(),
-            Err(e) => return Err(engine(e)),
+        let snaps = if a.kind == "vm" {
+            // Each VM disk of the category is a volume of its own.
+            let mut v = self.pool.list_snapshots(None).map_err(engine)?;
+            v.retain(|s| a.owns_volume(&s.volume));
+            v
+        } else {
+            match self.pool.list_snapshots(Some(&a.volume)) {
+                Ok(s) => s,
+                // No backup made the volume yet.
+                Err(cdmfs::Error::NotFound(_)) => Vec::new(),
+                Err(e) => return Err(engine(e)),
+            }
         };
         let mut v: Vec<Point> = snaps
             .into_iter()
@@ -574,6 +591,50 @@ mod tests {
         assert!(
             cdm_common::names::check(&volume_name("h", "vm", &"x".repeat(300), |_| false)).is_ok()
         );
+    }
+
+    fn app(kind: &str, volume: &str) -> AppRec {
+        AppRec {
+            id: 1,
+            host: "h".into(),
+            kind: kind.into(),
+            name: "n".into(),
+            config: json!({}),
+            volume: volume.into(),
+            policy: None,
+            discovered: false,
+            size_bytes: None,
+            created_unix: 0,
+            policy_since_unix: None,
+        }
+    }
+
+    #[test]
+    fn a_vm_application_owns_its_vms_disks_and_nothing_else() {
+        let vm = app("vm", "h-vm-web");
+        for v in ["h-vm-web", "h-vm-web-web1-disk0", "h-vm-web-a-b-disk12"] {
+            assert!(vm.owns_volume(v), "{v}");
+        }
+        for v in [
+            "h-vm-web2-disk0",
+            "h-vm-web-disk0",
+            "h-vm-web-web1-disk",
+            "h-vm-web-web1-diskx",
+            "h-vm-web-web1",
+            "other",
+        ] {
+            assert!(!vm.owns_volume(v), "{v}");
+        }
+        let db = app("postgresql", "h-postgresql-main");
+        assert!(db.owns_volume("h-postgresql-main"));
+        assert!(!db.owns_volume("h-postgresql-main-x-disk0"));
+        let newest = HashMap::from([
+            ("h-vm-web-a-disk0".to_string(), 5),
+            ("h-vm-web-b-disk0".to_string(), 9),
+            ("h-vm-webx-c-disk0".to_string(), 20),
+        ]);
+        assert_eq!(vm.newest_in(&newest), Some(9));
+        assert_eq!(db.newest_in(&newest), None);
     }
 
     fn pol() -> ProtectionPolicy {

@@ -89,6 +89,39 @@ pub struct AppRec {
     pub policy_since_unix: Option<u64>,
 }
 
+impl AppRec {
+    /// Whether `vol` holds this application's points: its volume, or for a
+    /// `vm` application one of its VMs' disks, `VOLUME-VM-diskN` (the
+    /// agent's `vm backup --volume-prefix VOLUME`). The one home of this
+    /// rule: host scoping, points, RPO and retention all ask it.
+    pub fn owns_volume(&self, vol: &str) -> bool {
+        if vol == self.volume {
+            return true;
+        }
+        self.kind == "vm"
+            && vol
+                .strip_prefix(self.volume.as_str())
+                .and_then(|r| r.strip_prefix('-'))
+                .and_then(|r| r.rsplit_once("-disk"))
+                .is_some_and(|(vm, n)| {
+                    !vm.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit())
+                })
+    }
+
+    /// The newest point of this application in `newest` (newest point per
+    /// volume name).
+    pub fn newest_in(&self, newest: &HashMap<String, u64>) -> Option<u64> {
+        if self.kind != "vm" {
+            return newest.get(&self.volume).copied();
+        }
+        newest
+            .iter()
+            .filter(|(v, _)| self.owns_volume(v))
+            .map(|(_, t)| *t)
+            .max()
+    }
+}
+
 /// What the scheduler keeps per application: when its next policy backup
 /// is due and the RPO state it last announced. Changed only under the
 /// `rpo` lock.
@@ -351,6 +384,13 @@ impl Control {
     /// number or an age of points (applied with the volumes' own).
     pub fn retention_by_volume(&self) -> ApiResult<HashMap<String, cdm_api::types::Retention>> {
         let policies = self.policy_map()?;
+        let vm_volumes: Vec<String> = self
+            .pool
+            .list_volumes()
+            .map_err(crate::appliance::engine)?
+            .into_iter()
+            .map(|v| v.name)
+            .collect();
         let mut out = HashMap::new();
         for a in self.apps()? {
             let Some(p) = a.policy.as_ref().and_then(|p| policies.get(p)) else {
@@ -359,14 +399,18 @@ impl Control {
             if p.keep_last.is_none() && p.keep_days.is_none() {
                 continue;
             }
-            out.insert(
-                a.volume,
-                cdm_api::types::Retention {
-                    keep_last: p.keep_last,
-                    keep_days: p.keep_days,
-                    min_keep: p.min_keep.unwrap_or(1).max(1),
-                },
-            );
+            let r = cdm_api::types::Retention {
+                keep_last: p.keep_last,
+                keep_days: p.keep_days,
+                min_keep: p.min_keep.unwrap_or(1).max(1),
+            };
+            // A vm application keeps each of its VMs' disks to the policy.
+            if a.kind == "vm" {
+                for v in vm_volumes.iter().filter(|v| a.owns_volume(v)) {
+                    out.insert(v.clone(), r.clone());
+                }
+            }
+            out.insert(a.volume, r);
         }
         Ok(out)
     }

@@ -172,7 +172,7 @@ impl Control {
         // One application (a job ended): its volume's snapshots, not the
         // whole pool's catalog.
         let newest = match &apps[..] {
-            [a] if only.is_some() => self.newest_point(&a.volume)?,
+            [a] if only.is_some() => self.newest_of(a)?,
             _ => self.newest_points()?,
         };
         let policies = self.policy_map()?;
