@@ -2214,7 +2214,13 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /** @description At most N items (default: all). */
+                limit: number | null;
                 name: string;
+                /** @description Newest first (default: oldest first). */
+                newest_first: boolean;
+                /** @description Skip the first N (default 0). */
+                offset: number | null;
             };
             cookie?: never;
         };
@@ -2222,6 +2228,8 @@ export interface operations {
         responses: {
             200: {
                 headers: {
+                    /** @description snapshots of the volume, whatever the page */
+                    "x-total-count"?: number;
                     [name: string]: unknown;
                 };
                 content: {

@@ -1,8 +1,8 @@
 // Shared pieces: formatting, the error box, tables that sort, filter and
 // page, a uPlot chart, and the hook that loads data. Everything that comes
 // from the API is rendered as text nodes by preact (never as markup).
-import { ComponentChildren, createContext } from "preact";
-import { useCallback, useContext, useEffect, useMemo, useRef, useState } from "preact/hooks";
+import { cloneElement, ComponentChildren, createContext, VNode } from "preact";
+import { useCallback, useContext, useEffect, useId, useMemo, useRef, useState } from "preact/hooks";
 import uPlot from "uplot";
 import { ApiError, Session } from "./api";
 
@@ -280,12 +280,15 @@ export function Confirm(p: { label: string; danger?: boolean; onConfirm: () => v
   );
 }
 
-export function Field(p: { label: string; children: ComponentChildren }) {
+/** A labelled control: the label names the control by `for`, so its name
+ * is the label alone (a wrapping label would add a select's options). */
+export function Field(p: { label: string; children: VNode<{ id?: string }> }) {
+  const id = useId();
   return (
-    <label class="field">
-      <span>{p.label}</span>
-      {p.children}
-    </label>
+    <span class="field">
+      <label for={id}>{p.label}</label>
+      {cloneElement(p.children, { id })}
+    </span>
   );
 }
 
