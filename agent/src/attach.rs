@@ -132,6 +132,11 @@ fn start_server(ctx: &Ctx, name: &str, export: &str) -> Result<Child, Error> {
     let mut cmd = Command::new(exe);
     cmd.arg("serve-disk")
         .args(["--nbd", &ctx.nbd, "--export", export])
+        .args(
+            ctx.ca_file
+                .iter()
+                .flat_map(|c| [std::ffi::OsStr::new("--ca-file"), c.as_os_str()]),
+        )
         .arg("--dir")
         .arg(&fuse)
         .arg("--status")
@@ -255,7 +260,14 @@ struct Device {
 
 /// Connects `export` as a block device.
 fn open_device(ctx: &Ctx, req: &AttachRequest) -> Result<Device, Error> {
+    let tls = ctx.nbd_tls.is_some() && !ctx.nbd.starts_with("unix:");
     match transport()? {
+        // The kernel's client cannot keep a TLS session (it would live in
+        // this short-lived process): a serve-disk process keeps it instead.
+        Transport::Kernel if tls => {
+            tracing::info!("NBD over TLS: attaching through a FUSE file, not the kernel's client");
+            fuse_device(ctx, req)
+        }
         Transport::Kernel => {
             let index = kernel_attach(ctx, &req.export, req.writable)?;
             tracing::info!(export = %req.export, index, "attached through the kernel's NBD client");
@@ -265,27 +277,30 @@ fn open_device(ctx: &Ctx, req: &AttachRequest) -> Result<Device, Error> {
                 nbd_index: Some(index),
             })
         }
-        Transport::Fuse => {
-            let mut child = start_server(ctx, &req.name, &req.export)?;
-            let fuse = fuse_dir(ctx, &req.name);
-            let dev = match host::loop_attach(&fuse.join(DISK_NAME), !req.writable, None) {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = stop_server(ctx, &req.name, child.id(), Some(&mut child));
-                    return Err(e.into());
-                }
-            };
-            // Direct I/O: the filesystem's page cache is the only one, and
-            // the loop device submits many requests at once (buffered, it
-            // sends one at a time). Refused: logged, and it works buffered.
-            host::loop_direct_io(&dev);
-            Ok(Device {
-                dev,
-                child: Some(child),
-                nbd_index: None,
-            })
-        }
+        Transport::Fuse => fuse_device(ctx, req),
     }
+}
+
+/// A `serve-disk` FUSE file under a loop device.
+fn fuse_device(ctx: &Ctx, req: &AttachRequest) -> Result<Device, Error> {
+    let mut child = start_server(ctx, &req.name, &req.export)?;
+    let fuse = fuse_dir(ctx, &req.name);
+    let dev = match host::loop_attach(&fuse.join(DISK_NAME), !req.writable, None) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = stop_server(ctx, &req.name, child.id(), Some(&mut child));
+            return Err(e.into());
+        }
+    };
+    // Direct I/O: the filesystem's page cache is the only one, and
+    // the loop device submits many requests at once (buffered, it
+    // sends one at a time). Refused: logged, and it works buffered.
+    host::loop_direct_io(&dev);
+    Ok(Device {
+        dev,
+        child: Some(child),
+        nbd_index: None,
+    })
 }
 
 /// Undoes [`open_device`] (nothing mounted on it).
@@ -309,7 +324,7 @@ fn kernel_attach(ctx: &Ctx, export: &str, writable: bool) -> Result<u32, Error> 
     use nbd_proto::codec::{TF_CAN_MULTI_CONN, TF_READ_ONLY};
     use nbd_proto::Client;
     let (first, size, flags) =
-        Client::handshake_socket(&ctx.nbd, Some(export), Some(KERNEL_TIMEOUT))?;
+        Client::handshake_socket(&ctx.nbd, Some(export), Some(KERNEL_TIMEOUT), None)?;
     let n = if flags & TF_CAN_MULTI_CONN != 0 {
         KERNEL_SOCKETS
     } else {
@@ -317,7 +332,7 @@ fn kernel_attach(ctx: &Ctx, export: &str, writable: bool) -> Result<u32, Error> 
     };
     let mut socks = vec![first];
     for _ in 1..n {
-        socks.push(Client::handshake_socket(&ctx.nbd, Some(export), Some(KERNEL_TIMEOUT))?.0);
+        socks.push(Client::handshake_socket(&ctx.nbd, Some(export), Some(KERNEL_TIMEOUT), None)?.0);
     }
     let c = crate::kernel_nbd::Connect {
         size,

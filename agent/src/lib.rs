@@ -10,6 +10,7 @@ pub mod merge;
 pub mod nbdfile;
 pub mod ops;
 pub mod pg;
+pub mod serve;
 pub mod statefile;
 pub mod throttle;
 pub mod vm;
@@ -27,4 +28,10 @@ pub struct Ctx {
     pub bandwidth: throttle::Bandwidth,
     pub json: bool,
     pub progress: bool,
+    /// The appliance's CA pinned with `--ca-file`: passed on to the
+    /// processes the agent starts (`serve-disk`).
+    pub ca_file: Option<PathBuf>,
+    /// STARTTLS against that CA for every NBD connection to the appliance
+    /// over TCP.
+    pub nbd_tls: Option<nbd_proto::ClientTls>,
 }

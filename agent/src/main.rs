@@ -36,6 +36,10 @@ struct Cli {
     /// File holding the API token.
     #[arg(long, env = "CDM_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// The appliance's CA certificate (PEM), pinned for the API (https://)
+    /// and NBD (STARTTLS over TCP): only it is trusted.
+    #[arg(long, env = "CDM_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Appliance NBD address (HOST:PORT or unix:PATH) [default: the API host, port 10809].
     #[arg(long, env = "CDM_NBD", global = true)]
     nbd: Option<String>,
@@ -94,6 +98,9 @@ enum Cmd {
     /// Virtual machines: inspect their disks without booting.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// The long-running agent: enrols once, heartbeats, discovers what it
+    /// can protect, pulls jobs from the appliance and runs them.
+    Serve(ServeArgs),
     /// Serve an NBD export as a FUSE file (run by attach).
     #[command(hide = true)]
     ServeDisk {
@@ -117,6 +124,62 @@ enum Cmd {
 }
 
 #[derive(clap::Args, Clone)]
+struct ServeArgs {
+    /// One-time enrolment token (cdmctl host enrol-token); used only while
+    /// the state directory holds no credential.
+    #[arg(long, env = "CDM_ENROL_TOKEN", hide_env_values = true)]
+    enrol: Option<String>,
+    /// The host's name on the appliance [default: the one given with the
+    /// token, else the hostname].
+    #[arg(long)]
+    name: Option<String>,
+    /// What to look for on this host: postgres (running postmasters and
+    /// Debian clusters) or none.
+    #[arg(long, default_value = "postgres", value_parser = ["postgres", "none"])]
+    discover: String,
+    /// Jobs run at the same time.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    max_jobs: u16,
+}
+
+/// How a new stage volume is made (an existing one is used as it is).
+#[derive(clap::Args, Clone)]
+struct VolumeArgs {
+    /// Fingerprint deduplication of a new stage volume.
+    #[arg(long)]
+    dedup: Option<bool>,
+    /// zstd level of a new stage volume (0 = off).
+    #[arg(long)]
+    compression: Option<u8>,
+    /// Encryption of a new stage volume (aes-256-xts, …).
+    #[arg(long)]
+    encryption: Option<String>,
+    /// Extra snapshot metadata (a JSON object), merged into what the agent
+    /// records.
+    #[arg(long, value_parser = parse_metadata)]
+    metadata: Option<serde_json::Value>,
+}
+
+fn parse_metadata(s: &str) -> Result<serde_json::Value, String> {
+    match serde_json::from_str(s) {
+        Ok(v @ serde_json::Value::Object(_)) => Ok(v),
+        Ok(_) => Err("want a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+impl VolumeArgs {
+    fn settings(&self, block_size: Option<u32>) -> ops::VolumeSettings {
+        ops::VolumeSettings {
+            block_size,
+            dedup: self.dedup,
+            compression: self.compression,
+            encryption: self.encryption.clone(),
+        }
+    }
+}
+
+#[derive(clap::Args, Clone)]
 struct StageArgs {
     /// Stage volume on the appliance.
     #[arg(long)]
@@ -130,6 +193,11 @@ struct StageArgs {
     /// Snapshot label.
     #[arg(long)]
     label: Option<String>,
+    /// Block size of a new stage volume [default: 4096].
+    #[arg(long)]
+    stage_block_size: Option<u32>,
+    #[command(flatten)]
+    vol: VolumeArgs,
 }
 
 #[derive(Subcommand)]
@@ -174,6 +242,8 @@ enum BackupCmd {
         block_size: u32,
         #[arg(long)]
         label: Option<String>,
+        #[command(flatten)]
+        vol: VolumeArgs,
     },
 }
 
@@ -308,8 +378,20 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
         .unwrap_or_else(|| PathBuf::from("/var/lib/cdm-agent"));
     std::fs::create_dir_all(&state_dir)
         .with_context(|| format!("state directory {}", state_dir.display()))?;
+    let nbd_tls = match &cli.ca_file {
+        Some(p) => Some(nbd_proto::ClientTls::from_ca_file(p)?),
+        None => None,
+    };
     Ok(Ctx {
-        api: cdm_api::client::Client::new(&url, token),
+        api: cdm_api::client::Client::connect(&url, token, cli.ca_file.as_deref())?,
+        // Absolute: serve-disk processes get it and may run elsewhere.
+        ca_file: match &cli.ca_file {
+            Some(p) => {
+                Some(std::fs::canonicalize(p).with_context(|| format!("CA file {}", p.display()))?)
+            }
+            None => None,
+        },
+        nbd_tls,
         nbd,
         state_dir: std::fs::canonicalize(&state_dir)?,
         bandwidth: Bandwidth { ..bandwidth },
@@ -318,8 +400,10 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
     })
 }
 
+/// `serve-disk`: the appliance at `cli.nbd`, with STARTTLS against
+/// `cli.ca_file` if given.
 fn serve_disk(
-    nbd: &str,
+    cli: &Cli,
     export: &str,
     dir: &Path,
     status: &Path,
@@ -327,10 +411,16 @@ fn serve_disk(
     workers: usize,
     timeout: u64,
 ) -> anyhow::Result<()> {
-    let r =
-        cdm_agent::nbdfile::connect(nbd, export, conns, std::time::Duration::from_secs(timeout))
-            .map_err(|e| cdm_agent::err!(Host, "NBD {nbd} export {export}: {e}"))
-            .and_then(|c| cdm_agent::nbdfile::serve(c, dir, workers));
+    let nbd = cli.nbd.as_deref().unwrap_or("127.0.0.1:10809");
+    let tls = cli
+        .ca_file
+        .as_deref()
+        .map(nbd_proto::ClientTls::from_ca_file)
+        .transpose()?;
+    let timeout = std::time::Duration::from_secs(timeout);
+    let r = cdm_agent::nbdfile::connect(nbd, export, conns, timeout, tls)
+        .map_err(|e| cdm_agent::err!(Host, "NBD {nbd} export {export}: {e}"))
+        .and_then(|c| cdm_agent::nbdfile::serve(c, dir, workers));
     let text = match &r {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("{e:#}"),
@@ -341,7 +431,7 @@ fn serve_disk(
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let serving = matches!(cli.cmd, Cmd::ServeDisk { .. });
+    let serving = matches!(cli.cmd, Cmd::ServeDisk { .. } | Cmd::Serve(_));
     // The disk server is a daemon (info); commands print their own results.
     cdm_common::log::init(if serving {
         cdm_common::log::LevelFilter::INFO
@@ -350,6 +440,9 @@ fn main() -> ExitCode {
     });
     let json = cli.json;
     let started = Instant::now();
+    if let Cmd::Serve(a) = &cli.cmd {
+        return serve_cmd(&cli, a);
+    }
     match run(&cli) {
         Ok(v) => {
             if !serving {
@@ -381,9 +474,8 @@ fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
         timeout_secs,
     } = &cli.cmd
     {
-        let nbd = cli.nbd.clone().unwrap_or_else(|| "127.0.0.1:10809".into());
         serve_disk(
-            &nbd,
+            cli,
             export,
             dir,
             status,
@@ -408,7 +500,7 @@ fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
         Cmd::Backup(b) => backup_cmd(&ctx, b)?,
         Cmd::Restore(r) => restore_cmd(&ctx, r)?,
         Cmd::Vm(v) => vm_cmd(&ctx, v)?,
-        Cmd::ServeDisk { .. } => unreachable!("handled above"),
+        Cmd::ServeDisk { .. } | Cmd::Serve(_) => unreachable!("handled above"),
     })
 }
 
@@ -492,14 +584,18 @@ fn backup_cmd(ctx: &Ctx, b: &BackupCmd) -> anyhow::Result<serde_json::Value> {
             bitmap,
             block_size,
             label,
-        } => ops::backup_block(
+            vol,
+        } => ops::backup_block_with(
             ctx,
-            volume,
-            source,
-            bitmap.as_deref(),
-            *block_size,
+            &ops::BlockBackup {
+                volume,
+                source,
+                bitmap: bitmap.as_deref(),
+                block_size: *block_size,
+                settings: &vol.settings(None),
+            },
             label.clone(),
-            None,
+            vol.metadata.clone(),
         )?,
     })
 }
@@ -558,6 +654,58 @@ impl From<&StageArgs> for ops::Stage {
             size: s.size,
             block_size: s.block_size,
             label: s.label.clone(),
+            metadata: s.vol.metadata.clone(),
+            settings: s.vol.settings(s.stage_block_size),
+        }
+    }
+}
+
+/// `cdm-agent serve`: runs until SIGTERM (exit 0), or until the appliance
+/// refuses the credential (exit `EXIT_RETIRED`, which the systemd unit
+/// does not restart).
+fn serve_cmd(cli: &Cli, a: &ServeArgs) -> ExitCode {
+    use cdm_agent::serve;
+    let opts = (|| -> anyhow::Result<serve::Options> {
+        let cfg = Config::load(cli.config.as_deref())?;
+        let url = cli
+            .url
+            .clone()
+            .or(cfg.url.clone())
+            .unwrap_or_else(|| "http://127.0.0.1:8080".into());
+        let nbd = cli
+            .nbd
+            .clone()
+            .or(cfg.nbd.clone())
+            .unwrap_or_else(|| serve::default_nbd(&url));
+        let state_dir = cli
+            .state_dir
+            .clone()
+            .or(cfg.state_dir.clone())
+            .unwrap_or_else(|| PathBuf::from("/var/lib/cdm-agent"));
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("state directory {}", state_dir.display()))?;
+        Ok(serve::Options {
+            url,
+            nbd,
+            state_dir: std::fs::canonicalize(&state_dir)?,
+            enrol: a.enrol.clone(),
+            name: a.name.clone(),
+            discover: (a.discover == "postgres").then(serve::discover::Roots::default),
+            max_jobs: usize::from(a.max_jobs),
+            exe: std::env::current_exe().context("cannot find the agent's executable")?,
+            os_release: PathBuf::from("/etc/os-release"),
+        })
+    })();
+    let r = match opts {
+        Ok(o) => serve::run(o).map_err(|e| (e.exit_code(), e.to_string())),
+        Err(e) => Err((1, format!("{e:#}"))),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err((code, text)) => {
+            tracing::error!("{text}");
+            eprintln!("cdm-agent: {text}");
+            ExitCode::from(code)
         }
     }
 }

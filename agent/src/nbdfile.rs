@@ -33,16 +33,19 @@ pub const DISK_NAME: &str = "disk";
 const TTL: Duration = Duration::from_secs(3600);
 
 /// Opens up to `connections` pipelined connections to `export` at `addr`
-/// (one if the server does not advertise CAN_MULTI_CONN).
+/// (one if the server does not advertise CAN_MULTI_CONN); with `tls`,
+/// STARTTLS on each (TCP) connection against that pinned CA.
 pub fn connect(
     addr: &str,
     export: &str,
     connections: usize,
     timeout: Duration,
+    tls: Option<nbd_proto::ClientTls>,
 ) -> Result<Pipelined, ClientError> {
     let opts = ClientOptions {
         allocation: false,
         timeout: Some(timeout),
+        tls,
         ..Default::default()
     };
     Pipelined::connect(addr, Some(export), &opts, connections)

@@ -45,6 +45,28 @@ pub fn ensure_volume(
     size: Option<u64>,
     block_size: u32,
 ) -> Result<(Volume, bool)> {
+    ensure_stage_volume(ctx, name, size, block_size, &VolumeSettings::default())
+}
+
+/// How a missing stage volume is made (a protection policy's settings);
+/// an existing one is used as it is.
+#[derive(Clone, Debug, Default)]
+pub struct VolumeSettings {
+    /// Overrides the command's default block size.
+    pub block_size: Option<u32>,
+    pub dedup: Option<bool>,
+    pub compression: Option<u8>,
+    pub encryption: Option<String>,
+}
+
+/// [`ensure_volume`] with the settings a new volume gets.
+pub fn ensure_stage_volume(
+    ctx: &Ctx,
+    name: &str,
+    size: Option<u64>,
+    block_size: u32,
+    settings: &VolumeSettings,
+) -> Result<(Volume, bool)> {
     check_name(name)?;
     match ctx.api.volume(name) {
         Ok(v) => Ok((v, false)),
@@ -53,10 +75,10 @@ pub fn ensure_volume(
                 let v = ctx.api.create_volume(&VolumeCreate {
                     name: name.to_string(),
                     size,
-                    block_size: Some(block_size),
-                    dedup: None,
-                    compression: None,
-                    encryption: None,
+                    block_size: Some(settings.block_size.unwrap_or(block_size)),
+                    dedup: settings.dedup,
+                    compression: settings.compression,
+                    encryption: settings.encryption.clone(),
                 })?;
                 Ok((v, true))
             }
@@ -103,6 +125,16 @@ pub struct Stage {
     pub size: Option<u64>,
     pub block_size: u32,
     pub label: Option<String>,
+    /// Merged into the snapshot's metadata (a job's application, policy).
+    pub metadata: Option<Value>,
+    pub settings: VolumeSettings,
+}
+
+/// `extra`'s keys added to (or replacing) those of `meta`.
+fn merge_meta(meta: &mut Value, extra: Option<&Value>) {
+    if let (Some(Value::Object(x)), Value::Object(o)) = (extra, meta) {
+        o.extend(x.clone());
+    }
 }
 
 /// A stage disk mounted for a backup; detached at the end if the backup
@@ -122,6 +154,11 @@ impl Mounted {
         if let Some(a) = attach::record(ctx, &name) {
             if a.writable && a.export == volume && cdm_disk::host::is_mounted(&a.mount) {
                 let ours = a.temporary;
+                if ours {
+                    // A backup killed between freeze and thaw left it
+                    // frozen: writes would hang. Not frozen: a no-op error.
+                    let _ = run(Command::new("fsfreeze").arg("-u").arg(&a.mount));
+                }
                 return Ok(Mounted {
                     a,
                     child: None,
@@ -282,7 +319,7 @@ pub fn backup_postgres(
     pg::check_layout(&pgdata)?;
     check_name(&stage.volume)?;
     let _lock = lock(ctx, &stage.volume)?;
-    let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
+    let (vol, _) = ensure_stage_volume(ctx, &stage.volume, stage.size, 4096, &stage.settings)?;
     let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("postgres"));
     let r = (|| -> Result<Value> {
@@ -324,7 +361,8 @@ pub fn backup_postgres(
             }
         };
         let s = stopped.ok_or_else(|| crate::err!(Host, "the backup did not stop"))?;
-        let meta = postgres_meta(&si, &pgdata, &s, &st);
+        let mut meta = postgres_meta(&si, &pgdata, &s, &st);
+        merge_meta(&mut meta, stage.metadata.as_ref());
         let snap = snapshot_frozen(ctx, &m.a.mount, &stage.volume, label.clone(), meta)
             .context_with(ErrorKind::Host, || "backup copied but not snapshotted")?;
         let mut v = summary(
@@ -406,7 +444,7 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> Result<Value> {
     )?;
     check_name(&stage.volume)?;
     let _lock = lock(ctx, &stage.volume)?;
-    let (vol, _) = ensure_volume(ctx, &stage.volume, stage.size, 4096)?;
+    let (vol, _) = ensure_stage_volume(ctx, &stage.volume, stage.size, 4096, &stage.settings)?;
     let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
     let label = stage.label.clone().unwrap_or_else(|| now_label("files"));
     let r = (|| -> Result<Value> {
@@ -423,7 +461,7 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> Result<Value> {
         if let Some(b) = &pb {
             b.finish_and_clear();
         }
-        let meta = json!({
+        let mut meta = json!({
             "agent": format!("cdm-agent {}", env!("CARGO_PKG_VERSION")),
             "kind": "files",
             "host": hostname(),
@@ -433,6 +471,7 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> Result<Value> {
             "bytes_written": st.bytes_written,
             "changed_blocks": st.changed_blocks,
         });
+        merge_meta(&mut meta, stage.metadata.as_ref());
         let snap = snapshot_frozen(ctx, &m.a.mount, &stage.volume, label.clone(), meta)?;
         Ok(summary(
             "files",
@@ -458,6 +497,36 @@ pub fn backup_block(
     label: Option<String>,
     extra: Option<Value>,
 ) -> Result<Value> {
+    let b = BlockBackup {
+        volume,
+        source,
+        bitmap,
+        block_size,
+        settings: &VolumeSettings::default(),
+    };
+    backup_block_with(ctx, &b, label, extra)
+}
+
+/// What a block backup copies where.
+pub struct BlockBackup<'a> {
+    pub volume: &'a str,
+    pub source: &'a str,
+    pub bitmap: Option<&'a str>,
+    /// Fingerprint block size.
+    pub block_size: u32,
+    /// A new stage volume's dedup, compression, encryption (its block
+    /// size follows the fingerprints').
+    pub settings: &'a VolumeSettings,
+}
+
+/// [`backup_block`] with the settings of a new stage volume.
+pub fn backup_block_with(
+    ctx: &Ctx,
+    b: &BlockBackup<'_>,
+    label: Option<String>,
+    extra: Option<Value>,
+) -> Result<Value> {
+    let (volume, source, bitmap, block_size) = (b.volume, b.source, b.bitmap, b.block_size);
     let t0 = Instant::now();
     check_block_size(block_size)?;
     let mut src = block::Source::open(source, bitmap)?;
@@ -475,8 +544,17 @@ pub fn backup_block(
     } else {
         4096
     };
-    let (vol, created) =
-        ensure_volume(ctx, volume, Some(size.div_ceil(vb as u64) * vb as u64), vb)?;
+    let settings = VolumeSettings {
+        block_size: None,
+        ..b.settings.clone()
+    };
+    let (vol, created) = ensure_stage_volume(
+        ctx,
+        volume,
+        Some(size.div_ceil(vb as u64) * vb as u64),
+        vb,
+        &settings,
+    )?;
     let paths = block::Paths::new(&ctx.state_dir, volume);
     std::fs::create_dir_all(paths.fp.parent().unwrap_or(&ctx.state_dir))?;
     let latest = ctx.api.list_snapshots(volume)?.iter().map(|s| s.id).max();
@@ -547,6 +625,7 @@ fn connect_stage(ctx: &Ctx, volume: &str) -> Result<nbd_proto::client::Client> {
         &nbd_proto::client::ClientOptions {
             allocation: false,
             timeout: Some(Duration::from_secs(60)),
+            tls: ctx.nbd_tls.clone(),
             ..Default::default()
         },
     )

@@ -12,6 +12,9 @@ pub enum Role {
     Operator,
     /// Reads everything, including the audit log; changes nothing.
     Auditor,
+    /// An enrolled host's agent (`host:NAME`): the agent protocol and what
+    /// its own backups and restores need ([`host_may`]). No user has it.
+    Host,
 }
 
 impl Role {
@@ -30,6 +33,7 @@ impl Role {
             Role::Admin => "admin",
             Role::Operator => "operator",
             Role::Auditor => "auditor",
+            Role::Host => "host",
         }
     }
 }
@@ -65,6 +69,9 @@ impl Caller {
     pub fn may(&self, a: Action) -> bool {
         match (self.role, a) {
             (Role::Admin, _) => true,
+            // What a host may touch is narrowed per route by `host_may`.
+            (Role::Host, Action::Read | Action::Write) => true,
+            (Role::Host, _) => false,
             (_, Action::Read) => true,
             (Role::Auditor, Action::ReadAudit) => true,
             (Role::Operator, Action::Write) => true,
@@ -103,6 +110,31 @@ impl Caller {
                 self.user
             )))
         }
+    }
+}
+
+/// Whether a host credential may make this request: the agent protocol,
+/// reads (not users, webhooks or the audit log), and creating volumes,
+/// snapshots and clones; deleting a clone is allowed here and checked
+/// against who made it by the backend. Everything else is 403.
+pub fn host_may(method: &str, path: &str) -> bool {
+    let p: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
+    if p.first() != Some(&"v1") {
+        // /health, /metrics.
+        return method == "GET";
+    }
+    let p = &p[1..];
+    let secret = matches!(p.first(), Some(&"users" | &"webhooks" | &"audit"))
+        || (p.first() == Some(&"hosts") && p.get(1) == Some(&"enrolments"));
+    match (method, p) {
+        (_, ["agent", ..]) => true,
+        ("GET" | "HEAD", _) => !secret,
+        ("POST", ["logout"]) => true,
+        ("POST", ["volumes"]) => true,
+        ("POST", ["volumes", _, "snapshots"]) => true,
+        ("POST", ["volumes", _, "snapshots", _, "clones"]) => true,
+        ("DELETE", ["clones", _]) => true,
+        _ => false,
     }
 }
 
@@ -147,5 +179,42 @@ mod tests {
             assert_eq!(Role::parse(r).unwrap().as_str(), r);
         }
         assert_eq!(Role::parse("root").unwrap_err().status, 400);
+        // No user may be made a host.
+        assert_eq!(Role::parse("host").unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn hosts_may_only_what_agents_need() {
+        let h = caller(Role::Host, &[]);
+        assert!(h.may(Action::Read) && h.may(Action::Write));
+        assert!(!h.may(Action::Delete) && !h.may(Action::Admin) && !h.may(Action::ReadAudit));
+        for (m, p) in [
+            ("POST", "/v1/agent/heartbeat"),
+            ("GET", "/v1/agent/jobs"),
+            ("GET", "/v1/volumes/a/snapshots"),
+            ("POST", "/v1/volumes"),
+            ("POST", "/v1/volumes/a/snapshots"),
+            ("POST", "/v1/volumes/a/snapshots/3/clones"),
+            ("DELETE", "/v1/clones/c"),
+            ("GET", "/health"),
+        ] {
+            assert!(host_may(m, p), "{m} {p}");
+        }
+        for (m, p) in [
+            ("GET", "/v1/users"),
+            ("GET", "/v1/audit"),
+            ("GET", "/v1/webhooks"),
+            ("POST", "/v1/hosts/enrolments"),
+            ("GET", "/v1/hosts/enrolments"),
+            ("DELETE", "/v1/hosts/h"),
+            ("POST", "/v1/protection-policies"),
+            ("PUT", "/v1/applications/1/policy"),
+            ("POST", "/v1/webhooks"),
+            ("POST", "/v1/jobs"),
+            ("DELETE", "/v1/volumes/a"),
+            ("POST", "/v1/clock"),
+        ] {
+            assert!(!host_may(m, p), "{m} {p}");
+        }
     }
 }

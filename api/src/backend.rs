@@ -5,12 +5,12 @@
 use serde_json::Value;
 
 use crate::auth::Caller;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::types::*;
 
 /// The appliance behind the API. Every method may block (disk I/O, commits).
 /// Methods that change something record who did it (`caller`) in events.
-pub trait Backend: Send + Sync + 'static {
+pub trait Backend: crate::control_backend::ControlBackend + Send + Sync + 'static {
     /// Resolves a bearer token to its user (401 if unknown, revoked or expired).
     fn authenticate(&self, token: &str) -> ApiResult<Caller>;
     /// Password login: a new session token.
@@ -92,7 +92,8 @@ pub trait Backend: Send + Sync + 'static {
     ) -> ApiResult<Download>;
 
     fn start_job(&self, caller: &Caller, req: JobCreate) -> ApiResult<Job>;
-    fn list_jobs(&self) -> ApiResult<Vec<Job>>;
+    /// The newest 200 jobs that pass the filters, newest first.
+    fn list_jobs(&self, q: crate::control::JobQuery) -> ApiResult<Vec<Job>>;
     fn job(&self, id: u64) -> ApiResult<Job>;
 
     fn events(&self, q: EventQuery) -> ApiResult<Vec<Event>>;
@@ -133,4 +134,9 @@ pub trait Backend: Send + Sync + 'static {
     fn metrics(&self) -> ApiResult<String>;
     /// Extra JSON for `/health` (pool state); must be cheap.
     fn health(&self) -> ApiResult<Value>;
+    /// The CA certificate (PEM) that signed the appliance's TLS certificate,
+    /// for clients to pin (`GET /v1/ca`).
+    fn ca_pem(&self) -> ApiResult<String> {
+        Err(ApiError::not_found("this server has no TLS CA"))
+    }
 }

@@ -8,6 +8,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::control::*;
 use crate::types::*;
 
 /// Why a call failed.
@@ -79,6 +80,34 @@ pub struct Client {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// The pinned CA's file, for the message of a failed verification.
+    ca: Option<String>,
+}
+
+/// A rustls client configuration that trusts only the CA certificate(s)
+/// in the PEM file `ca` (no system roots: the appliance's certificate
+/// comes from its own CA).
+pub fn pinned_tls_config(ca: &std::path::Path) -> Result<std::sync::Arc<rustls::ClientConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    let bad = |m: String| ClientError::Transport(format!("CA file {}: {m}", ca.display()));
+    let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        let c = c.map_err(|e| bad(format!("not a PEM certificate: {e}")))?;
+        roots
+            .add(c)
+            .map_err(|e| bad(format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(bad("no certificate in it".into()));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(std::sync::Arc::new(cfg))
 }
 
 fn e(s: &str) -> String {
@@ -95,7 +124,70 @@ impl Client {
             base: base_url.trim_end_matches('/').to_string(),
             token,
             agent: ureq::AgentBuilder::new().timeout(timeout).build(),
+            ca: None,
         }
+    }
+
+    /// The client every cdm tool builds: `url` (http:// or https://), a
+    /// token, and with `ca` the appliance's CA pinned for https (only it
+    /// is trusted). Fails only on an unreadable or empty CA file.
+    pub fn connect(
+        url: &str,
+        token: Option<String>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client> {
+        Client::with_ca(url, token, Duration::from_secs(30), ca)
+    }
+
+    /// [`Client::connect`] with a timeout of its own.
+    pub fn with_ca(
+        url: &str,
+        token: Option<String>,
+        timeout: Duration,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Client> {
+        let Some(ca) = ca else {
+            return Ok(Client::with_timeout(url, token, timeout));
+        };
+        let cfg = pinned_tls_config(ca)?;
+        Ok(Client {
+            base: url.trim_end_matches('/').to_string(),
+            token,
+            agent: ureq::AgentBuilder::new()
+                .timeout(timeout)
+                .tls_config(cfg)
+                .build(),
+            ca: Some(ca.display().to_string()),
+        })
+    }
+
+    /// The API's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// A transport error, said so that a certificate problem has its fix.
+    fn transport_error(&self, t: &ureq::Transport) -> ClientError {
+        let text = t.to_string();
+        let ca = self.ca.as_deref();
+        let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+            match ca {
+                Some(ca) => format!(
+                    "; the appliance's certificate is not signed by the CA in {ca} (wrong \
+                     --ca-file, or another appliance)"
+                ),
+                None => "; the appliance's certificate is signed by its own CA: pin it with \
+                         --ca-file (DATA/tls/ca.crt on the appliance, or GET /v1/ca)"
+                    .to_string(),
+            }
+        } else if text.contains("NotValidForName") {
+            "; the appliance's certificate does not carry this host name or address \
+             (snapshotd --tls-san adds one)"
+                .to_string()
+        } else {
+            String::new()
+        };
+        ClientError::Transport(format!("{text}{hint}"))
     }
 
     /// A raw call: `(status, body as JSON, or a JSON string for non-JSON, or null)`.
@@ -112,7 +204,7 @@ impl Client {
         let resp = match res {
             Ok(r) => r,
             Err(ureq::Error::Status(_, r)) => r,
-            Err(ureq::Error::Transport(t)) => return Err(ClientError::Transport(t.to_string())),
+            Err(ureq::Error::Transport(t)) => return Err(self.transport_error(&t)),
         };
         let status = resp.status();
         let text = resp
@@ -364,7 +456,7 @@ impl Client {
                         .unwrap_or_else(|| format!("HTTP {status}")),
                 })
             }
-            Err(ureq::Error::Transport(t)) => Err(ClientError::Transport(t.to_string())),
+            Err(ureq::Error::Transport(t)) => Err(self.transport_error(&t)),
         }
     }
 
@@ -456,6 +548,123 @@ impl Client {
     pub fn advance_clock(&self, secs: u64) -> Result<Clock> {
         let b = Self::json(&ClockAdvance { advance_secs: secs })?;
         self.call("POST", "/v1/clock", b)
+    }
+}
+
+/// The control plane (`docs/control-plane.md`): hosts, the agent protocol,
+/// applications, protection policies, points, restores, job logs.
+impl Client {
+    pub fn create_enrolment(&self, req: &EnrolmentCreate) -> Result<EnrolmentToken> {
+        self.call("POST", "/v1/hosts/enrolments", Self::json(req)?)
+    }
+    pub fn hosts(&self) -> Result<Vec<Host>> {
+        self.call("GET", "/v1/hosts", None)
+    }
+    pub fn host(&self, name: &str) -> Result<Host> {
+        self.call("GET", &format!("/v1/hosts/{}", e(name)), None)
+    }
+    pub fn retire_host(&self, name: &str) -> Result<()> {
+        self.done("DELETE", &format!("/v1/hosts/{}", e(name)))
+    }
+
+    /// Needs no token: the enrolment token is in the body.
+    pub fn agent_enrol(&self, req: &AgentEnrol) -> Result<AgentEnrolled> {
+        self.call("POST", "/v1/agent/enrol", Self::json(req)?)
+    }
+    pub fn agent_heartbeat(&self, req: &Heartbeat) -> Result<HeartbeatReply> {
+        self.call("POST", "/v1/agent/heartbeat", Self::json(req)?)
+    }
+    /// Waits up to `wait` seconds (≤ 30) for jobs: build the client with a
+    /// longer timeout than that.
+    pub fn agent_jobs(&self, wait: u64) -> Result<Vec<AgentJob>> {
+        self.call("GET", &format!("/v1/agent/jobs?wait={wait}"), None)
+    }
+    pub fn agent_progress(&self, id: u64, req: &AgentProgress) -> Result<ProgressReply> {
+        self.call(
+            "POST",
+            &format!("/v1/agent/jobs/{id}/progress"),
+            Self::json(req)?,
+        )
+    }
+    pub fn agent_finish(&self, id: u64, req: &AgentFinish) -> Result<Job> {
+        self.call(
+            "POST",
+            &format!("/v1/agent/jobs/{id}/finish"),
+            Self::json(req)?,
+        )
+    }
+
+    pub fn applications(&self, host: Option<&str>) -> Result<Vec<Application>> {
+        let q = host.map(|h| format!("?host={}", e(h))).unwrap_or_default();
+        self.call("GET", &format!("/v1/applications{q}"), None)
+    }
+    pub fn create_application(&self, req: &ApplicationCreate) -> Result<Application> {
+        self.call("POST", "/v1/applications", Self::json(req)?)
+    }
+    pub fn application(&self, id: u64) -> Result<Application> {
+        self.call("GET", &format!("/v1/applications/{id}"), None)
+    }
+    pub fn delete_application(&self, id: u64) -> Result<()> {
+        self.done("DELETE", &format!("/v1/applications/{id}"))
+    }
+    pub fn assign_policy(&self, id: u64, policy: Option<&str>) -> Result<Application> {
+        let b = Self::json(&PolicyAssign {
+            policy: policy.map(str::to_string),
+        })?;
+        self.call("PUT", &format!("/v1/applications/{id}/policy"), b)
+    }
+    pub fn start_backup(&self, id: u64) -> Result<Job> {
+        self.call("POST", &format!("/v1/applications/{id}/backups"), None)
+    }
+    pub fn points(&self, id: u64) -> Result<Vec<Point>> {
+        self.call("GET", &format!("/v1/applications/{id}/points"), None)
+    }
+    pub fn start_restore(&self, id: u64, req: &RestoreCreate) -> Result<Job> {
+        self.call(
+            "POST",
+            &format!("/v1/applications/{id}/restores"),
+            Self::json(req)?,
+        )
+    }
+
+    pub fn create_protection_policy(&self, p: &ProtectionPolicy) -> Result<ProtectionPolicy> {
+        self.call("POST", "/v1/protection-policies", Self::json(p)?)
+    }
+    pub fn protection_policies(&self) -> Result<Vec<ProtectionPolicy>> {
+        self.call("GET", "/v1/protection-policies", None)
+    }
+    pub fn protection_policy(&self, name: &str) -> Result<ProtectionPolicy> {
+        self.call("GET", &format!("/v1/protection-policies/{}", e(name)), None)
+    }
+    pub fn update_protection_policy(&self, p: &ProtectionPolicy) -> Result<ProtectionPolicy> {
+        self.call(
+            "PUT",
+            &format!("/v1/protection-policies/{}", e(&p.name)),
+            Self::json(p)?,
+        )
+    }
+    pub fn delete_protection_policy(&self, name: &str) -> Result<()> {
+        self.done("DELETE", &format!("/v1/protection-policies/{}", e(name)))
+    }
+
+    /// `GET /v1/jobs` with filters.
+    pub fn jobs_where(&self, q: &JobQuery) -> Result<Vec<Job>> {
+        let mut p = Vec::new();
+        if let Some(a) = q.application {
+            p.push(format!("application={a}"));
+        }
+        for (k, v) in [("host", &q.host), ("kind", &q.kind), ("state", &q.state)] {
+            if let Some(v) = v {
+                p.push(format!("{k}={}", e(v)));
+            }
+        }
+        self.call("GET", &format!("/v1/jobs?{}", p.join("&")), None)
+    }
+    pub fn job_log(&self, id: u64) -> Result<JobLog> {
+        self.call("GET", &format!("/v1/jobs/{id}/log"), None)
+    }
+    pub fn cancel_job(&self, id: u64) -> Result<Job> {
+        self.call("POST", &format!("/v1/jobs/{id}/cancel"), None)
     }
 }
 

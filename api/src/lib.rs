@@ -5,6 +5,9 @@
 pub mod auth;
 pub mod backend;
 pub mod client;
+pub mod control;
+pub mod control_backend;
+pub mod control_routes;
 pub mod cron;
 pub mod error;
 pub mod openapi;

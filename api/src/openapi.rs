@@ -19,7 +19,9 @@ impl Modify for BearerAuth {
 
 /// The document as JSON.
 pub fn document() -> serde_json::Value {
-    serde_json::to_value(crate::routes::ApiDoc::openapi()).unwrap_or_else(
+    let mut doc = crate::routes::ApiDoc::openapi();
+    doc.merge(crate::control_routes::ControlDoc::openapi());
+    serde_json::to_value(doc).unwrap_or_else(
         |e| serde_json::json!({"error": {"code": "internal", "message": e.to_string()}}),
     )
 }

@@ -31,7 +31,7 @@ pub struct AppState {
 }
 
 /// Runs a backend call on a blocking thread.
-async fn run<T, F>(s: &AppState, f: F) -> ApiResult<T>
+pub(crate) async fn run<T, F>(s: &AppState, f: F) -> ApiResult<T>
 where
     T: Send + 'static,
     F: FnOnce(&dyn Backend) -> ApiResult<T> + Send + 'static,
@@ -100,7 +100,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
-fn parse_id(s: &str, what: &str) -> ApiResult<u64> {
+pub(crate) fn parse_id(s: &str, what: &str) -> ApiResult<u64> {
     s.parse()
         .map_err(|_| ApiError::bad_request(format!("{what} id {s:?} is not a number")))
 }
@@ -118,7 +118,15 @@ pub fn check_name(kind: &str, name: &str) -> ApiResult<()> {
 
 async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
-    if path == "/health" || path == "/v1/login" || crate::web::is_console(&path) {
+    if path == "/health" || path == "/v1/login" || path == "/v1/ca" {
+        return next.run(req).await;
+    }
+    // The console's files are public; the data behind them is not.
+    if crate::web::is_console(&path) {
+        return next.run(req).await;
+    }
+    // An enrolment is authenticated by its one-use token, in the body.
+    if path == "/v1/agent/enrol" {
         return next.run(req).await;
     }
     let token = req
@@ -145,12 +153,22 @@ async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> 
             return e.into_response();
         }
     }
+    // A host's credential reaches only what its agent needs.
+    if caller.role == crate::auth::Role::Host && !crate::auth::host_may(method.as_str(), &path) {
+        return ApiError::forbidden(format!(
+            "{} is a host credential: it may not {method} {path}",
+            caller.user
+        ))
+        .into_response();
+    }
     req.extensions_mut().insert(caller.clone());
     let t0 = std::time::Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16();
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
-    if reads {
+    // Heartbeats, pulls and progress of agents are no changes worth an
+    // audit record each (the jobs and hosts record what they do).
+    if reads || path.starts_with("/v1/agent/") {
         tracing::debug!(%method, %path, status, user = %caller.user, ms, "request");
     } else {
         tracing::info!(%method, %path, status, user = %caller.user, ms, "request");
@@ -169,6 +187,7 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
     let state = AppState { backend };
     let v1 = Router::new()
         .route("/login", post(login))
+        .route("/ca", get(ca))
         .route("/logout", post(logout))
         .route("/openapi.json", get(openapi))
         .route("/pool", get(pool))
@@ -222,7 +241,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
             "/users/{name}/tokens/{id}",
             axum::routing::delete(delete_token),
         )
-        .route("/clock", get(clock).post(advance_clock));
+        .route("/clock", get(clock).post(advance_clock))
+        .merge(crate::control_routes::routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -232,6 +252,43 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(refuse_declared_oversize))
         .with_state(state)
+}
+
+/// The router of the plain-HTTP listener: [`router`], but a peer off this
+/// machine's loopback gets 403 `https_required` unless `allow_remote`
+/// (tokens must not cross a network in clear).
+pub fn plain_router(backend: Arc<dyn Backend>, allow_remote: bool) -> Router {
+    let r = router(backend);
+    if allow_remote {
+        r
+    } else {
+        r.layer(middleware::from_fn(https_required))
+    }
+}
+
+/// Whether `ip` is this machine's loopback (an IPv4-mapped one too).
+pub fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+async fn https_required(ClientAddr(addr): ClientAddr, req: Request, next: Next) -> Response {
+    match addr {
+        Some(ip) if !is_loopback(ip) => ApiError::new(
+            403,
+            "https_required",
+            format!(
+                "plain HTTP is served to this machine's loopback only ({ip} is not): use the \
+                 appliance's https:// address (its CA: GET /v1/ca)"
+            ),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
 }
 
 /// A body whose declared length is over the limit is refused before any of it
@@ -258,7 +315,7 @@ async fn refuse_declared_oversize(req: Request, next: Next) -> Response {
 type Caller_ = Extension<Caller>;
 type S = State<AppState>;
 
-fn created<T: serde::Serialize>(v: T) -> Response {
+pub(crate) fn created<T: serde::Serialize>(v: T) -> Response {
     (StatusCode::CREATED, Json(v)).into_response()
 }
 
@@ -289,6 +346,13 @@ async fn metrics(State(s): S) -> ApiResult<Response> {
         text,
     )
         .into_response())
+}
+
+/// The CA certificate (PEM) of the appliance's TLS certificate; no token:
+/// a client fetches it to pin it (comparing its fingerprint out of band).
+async fn ca(State(s): S) -> ApiResult<Response> {
+    let pem = run(&s, |b| b.ca_pem()).await?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }
 
 async fn openapi() -> Json<Value> {
@@ -503,7 +567,10 @@ async fn delete_clone(
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<DeleteQuery>,
 ) -> ApiResult<StatusCode> {
-    c.require(Action::Delete)?;
+    // A host may delete the clones it made (the backend checks which).
+    if c.role != crate::auth::Role::Host {
+        c.require(Action::Delete)?;
+    }
     check_name("clone", &name)?;
     run(&s, move |b| b.delete_clone(&c, &name, q.force)).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -696,9 +763,12 @@ async fn file_tar(
     stream(&s, name, id, q, true).await
 }
 
-#[utoipa::path(get, path = "/v1/jobs", responses((status = 200, body = [Job])), security(("bearer" = [])))]
-async fn list_jobs(State(s): S) -> ApiResult<Json<Vec<Job>>> {
-    Ok(Json(run(&s, |b| b.list_jobs()).await?))
+#[utoipa::path(get, path = "/v1/jobs", params(crate::control::JobQuery), responses((status = 200, body = [Job])), security(("bearer" = [])))]
+async fn list_jobs(
+    State(s): S,
+    ApiQuery(q): ApiQuery<crate::control::JobQuery>,
+) -> ApiResult<Json<Vec<Job>>> {
+    Ok(Json(run(&s, move |b| b.list_jobs(q)).await?))
 }
 
 #[utoipa::path(post, path = "/v1/jobs", request_body = JobCreate, responses((status = 202, body = Job)), security(("bearer" = [])))]

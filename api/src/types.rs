@@ -283,11 +283,11 @@ pub struct JobCreate {
 }
 
 /// A long operation.
-#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default)]
 pub struct Job {
     pub id: u64,
     pub kind: String,
-    /// `running`, `succeeded` or `failed`.
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
     pub state: String,
     /// 0.0 … 1.0.
     pub progress: f64,
@@ -299,6 +299,27 @@ pub struct Job {
     pub finished_unix: Option<u64>,
     /// Outcome details (a scrub report, expired snapshots…).
     pub result: Option<Value>,
+    /// Agent jobs (`backup`, `restore`): the application.
+    #[serde(default)]
+    pub application: Option<u64>,
+    /// Agent jobs: the host that runs it.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Agent jobs: 1 for the first try, 2 for its first retry…
+    #[serde(default)]
+    pub attempt: u32,
+    /// Agent jobs: what the agent is asked to do.
+    #[serde(default)]
+    pub params: Option<Value>,
+    /// A queued retry is not handed out before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_unix: Option<u64>,
+    /// When an agent took the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_unix: Option<u64>,
+    /// A cancel was asked while an agent ran the job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
 }
 
 /// Something that happened on the appliance.

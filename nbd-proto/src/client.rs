@@ -25,6 +25,10 @@ pub enum ClientError {
     Disconnected(String),
     #[error("{0}")]
     Other(String),
+    /// STARTTLS or the TLS handshake failed (wrong CA, a server without
+    /// TLS).
+    #[error("{0}")]
+    Tls(String),
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
@@ -42,6 +46,9 @@ pub struct ClientOptions {
     /// Fail a send or a wait for the server after this long (a server that
     /// vanished without closing the connection); `None` waits forever.
     pub timeout: Option<std::time::Duration>,
+    /// STARTTLS on TCP connections, verifying the server against this
+    /// pinned CA (unix sockets stay plain: they never leave the machine).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for ClientOptions {
@@ -52,6 +59,7 @@ impl Default for ClientOptions {
             allocation: true,
             contexts: Vec::new(),
             timeout: None,
+            tls: None,
         }
     }
 }
@@ -207,7 +215,11 @@ struct Handshake {
 }
 
 impl Handshake {
-    fn start(endpoint: &str, timeout: Option<std::time::Duration>) -> Result<Handshake> {
+    fn start(
+        endpoint: &str,
+        timeout: Option<std::time::Duration>,
+        tls: Option<&crate::tls::ClientTls>,
+    ) -> Result<Handshake> {
         let (mut r, mut w) = open_stream(endpoint, timeout)?;
         let mut hello = [0u8; 18];
         r.read_exact(&mut hello)?;
@@ -230,7 +242,50 @@ impl Handshake {
             cf |= C_NO_ZEROES;
         }
         w.write_all(&cf.to_be_bytes())?;
-        Ok(Handshake { r, w })
+        let h = Handshake { r, w };
+        match (tls, &h.r) {
+            (Some(tls), Stream::Tcp(_)) => h.starttls(endpoint, tls, timeout),
+            _ => Ok(h),
+        }
+    }
+
+    /// NBD_OPT_STARTTLS, then TLS on the socket: the rest of the
+    /// negotiation runs through the session.
+    fn starttls(
+        mut self,
+        endpoint: &str,
+        tls: &crate::tls::ClientTls,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<Handshake> {
+        self.send(OPT_STARTTLS, &[])?;
+        match self.reply(OPT_STARTTLS) {
+            Ok((REP_ACK, _)) => {}
+            Ok((t, _)) => {
+                return Err(ClientError::Tls(format!(
+                    "unexpected reply {t} to STARTTLS from {endpoint}"
+                )))
+            }
+            Err(ClientError::Refused { msg, .. }) => {
+                return Err(ClientError::Tls(format!(
+                    "the NBD server at {endpoint} does not offer TLS: {msg}"
+                )))
+            }
+            Err(e) => return Err(e),
+        }
+        let Handshake { r, w } = self;
+        drop(w);
+        let Stream::Tcp(raw) = r else {
+            return Err(ClientError::Other("STARTTLS on a unix socket".into()));
+        };
+        let plain = crate::tls::start_client(raw, endpoint, tls)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        plain.set_read_timeout(timeout)?;
+        plain.set_write_timeout(timeout)?;
+        let w = plain.try_clone()?;
+        Ok(Handshake {
+            r: Stream::Unix(plain),
+            w: Stream::Unix(w),
+        })
     }
 
     fn send(&mut self, opt: u32, data: &[u8]) -> Result<()> {
@@ -255,10 +310,15 @@ impl Handshake {
         let mut d = vec![0u8; len as usize];
         self.r.read_exact(&mut d)?;
         if typ & 0x8000_0000 != 0 {
+            let mut msg = String::from_utf8_lossy(&d).into_owned();
+            if typ == REP_ERR_TLS_REQD {
+                // The fix is on this side: say it.
+                msg.push_str(" (the server requires TLS from this address: give the client the server's CA, e.g. --ca-file)");
+            }
             return Err(ClientError::Refused {
                 option: opt,
                 code: typ,
-                msg: String::from_utf8_lossy(&d).into_owned(),
+                msg,
             });
         }
         Ok((typ, d))
@@ -280,7 +340,7 @@ impl Handshake {
 impl Client {
     /// Lists the exports of a server.
     pub fn list(endpoint: &str) -> Result<Vec<String>> {
-        let mut h = Handshake::start(endpoint, None)?;
+        let mut h = Handshake::start(endpoint, None, None)?;
         h.send(OPT_LIST, &[])?;
         let mut names = Vec::new();
         loop {
@@ -320,10 +380,14 @@ impl Client {
     /// client speaks no structured ones) and returns the socket in the
     /// transmission phase with the export's size and transmission flags,
     /// for the kernel's NBD client to take over.
+    /// With `tls`, the socket is the plaintext end of the TLS session's
+    /// pump (a thread of this process), so the process must outlive the
+    /// device.
     pub fn handshake_socket(
         addr: &str,
         export: Option<&str>,
         timeout: Option<std::time::Duration>,
+        tls: Option<&crate::tls::ClientTls>,
     ) -> Result<(std::os::fd::OwnedFd, u64, u16)> {
         let opts = ClientOptions {
             structured: false,
@@ -331,6 +395,7 @@ impl Client {
             allocation: false,
             contexts: Vec::new(),
             timeout,
+            tls: tls.cloned(),
         };
         let (r, w, n) = negotiate(addr, export, &opts)?;
         drop(w);
@@ -661,7 +726,7 @@ pub(crate) fn negotiate(
 ) -> Result<(Stream, Stream, Negotiated)> {
     let a = Address::parse(addr)?;
     let export = export.map(str::to_string).or(a.export).unwrap_or_default();
-    let mut h = Handshake::start(&a.endpoint, opts.timeout)?;
+    let mut h = Handshake::start(&a.endpoint, opts.timeout, opts.tls.as_ref())?;
     let extended = opts.extended && h.simple_option(OPT_EXTENDED_HEADERS)?;
     let structured = extended || (opts.structured && h.simple_option(OPT_STRUCTURED_REPLY)?);
     let mut meta_id = None;

@@ -7,7 +7,9 @@
 pub mod client;
 pub mod codec;
 pub mod pipelined;
+pub mod tls;
 
 pub use client::{Address, Client, ClientError, ClientOptions};
 pub use codec::ProtoError;
 pub use pipelined::Pipelined;
+pub use tls::ClientTls;

@@ -170,8 +170,9 @@ impl Haggle<'_> {
         if self.server.is_shutdown() && option != OPT_ABORT {
             return self.refuse(option, REP_ERR_SHUTDOWN, "server is shutting down");
         }
-        let tls_required =
-            self.server.cfg.tls.as_ref().is_some_and(|t| t.required) && !self.link.tls_active;
+        let tls_required = self.server.cfg.tls.as_ref().is_some_and(|t| {
+            t.required && !(t.plain_local && crate::tls::peer_is_local(self.link.peer))
+        }) && !self.link.tls_active;
         if tls_required && !matches!(option, OPT_STARTTLS | OPT_ABORT) {
             if option == OPT_EXPORT_NAME {
                 return Err(ConnError::Refused(

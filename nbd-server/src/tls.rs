@@ -4,8 +4,7 @@
 //! pair; the protocol code reads and writes the other end exactly as it would
 //! a plain connection (reader thread, workers replying under a write lock).
 
-use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,22 +14,7 @@ use rustls::{RootCertStore, ServerConfig, ServerConnection};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-/// A raw connection TLS can run over.
-pub trait RawConn: Read + Write + AsRawFd + Send {
-    fn set_nonblocking(&self, nb: bool) -> io::Result<()>;
-}
-
-impl RawConn for std::net::TcpStream {
-    fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
-        std::net::TcpStream::set_nonblocking(self, nb)
-    }
-}
-
-impl RawConn for UnixStream {
-    fn set_nonblocking(&self, nb: bool) -> io::Result<()> {
-        UnixStream::set_nonblocking(self, nb)
-    }
-}
+pub use nbd_proto::tls::RawConn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -47,12 +31,17 @@ pub struct TlsSettings {
     /// Refuse everything but STARTTLS before TLS (FORCEDTLS). When false,
     /// plaintext clients are served too (SELECTIVETLS with every export open).
     pub required: bool,
+    /// With `required`: loopback and unix-socket peers may still stay
+    /// plain (a per-connection decision from the peer's address), for
+    /// local tools on the appliance itself.
+    pub plain_local: bool,
 }
 
 impl std::fmt::Debug for TlsSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsSettings")
             .field("required", &self.required)
+            .field("plain_local", &self.plain_local)
             .finish()
     }
 }
@@ -95,6 +84,24 @@ pub fn load(
     Ok(Arc::new(builder.with_single_cert(certs, key)?))
 }
 
+/// Whether a peer (as the listener names it: `unix` or `IP:PORT`) is on
+/// this machine's loopback: a unix socket, 127.0.0.0/8, ::1 or an
+/// IPv4-mapped loopback address.
+pub fn peer_is_local(peer: &str) -> bool {
+    if peer == "unix" {
+        return true;
+    }
+    match peer.parse::<std::net::SocketAddr>() {
+        Ok(a) => match a.ip() {
+            std::net::IpAddr::V4(ip) => ip.is_loopback(),
+            std::net::IpAddr::V6(ip) => {
+                ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        },
+        Err(_) => false,
+    }
+}
+
 /// Runs the TLS handshake on `raw` and returns the plaintext side.
 pub fn start(mut raw: Box<dyn RawConn>, cfg: Arc<ServerConfig>) -> io::Result<UnixStream> {
     let mut conn = ServerConnection::new(cfg).map_err(io::Error::other)?;
@@ -105,145 +112,7 @@ pub fn start(mut raw: Box<dyn RawConn>, cfg: Arc<ServerConfig>) -> io::Result<Un
     while conn.is_handshaking() {
         conn.complete_io(&mut raw)?;
     }
-    let (ours, theirs) = UnixStream::pair()?;
-    raw.set_nonblocking(true)?;
-    theirs.set_nonblocking(true)?;
-    std::thread::spawn(move || {
-        if let Err(e) = pump(conn, raw, theirs) {
-            tracing::debug!(error = %e, "TLS session ended");
-        }
-    });
-    Ok(ours)
-}
-
-fn poll2(a: RawFd, ea: i16, b: RawFd, eb: i16) -> io::Result<(i16, i16)> {
-    let mut fds = [
-        libc::pollfd {
-            fd: a,
-            events: ea,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: b,
-            events: eb,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: fds is a valid array of two pollfd.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if rc >= 0 {
-            return Ok((fds[0].revents, fds[1].revents));
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
-
-fn would_block(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::WouldBlock
-}
-
-/// Moves every decrypted byte rustls holds into `out`; true at close_notify.
-fn drain_plaintext(
-    conn: &mut ServerConnection,
-    buf: &mut [u8],
-    out: &mut Vec<u8>,
-) -> io::Result<bool> {
-    loop {
-        match conn.reader().read(buf) {
-            Ok(0) => return Ok(true),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if would_block(&e) => return Ok(false),
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-fn pump(
-    mut conn: ServerConnection,
-    mut raw: Box<dyn RawConn>,
-    mut plain: UnixStream,
-) -> io::Result<()> {
-    const MAX_PENDING: usize = 8 << 20;
-    let mut to_plain: Vec<u8> = Vec::new();
-    let mut buf = vec![0u8; 256 << 10];
-    let (mut raw_eof, mut plain_eof) = (false, false);
-    // The handshake may already have read the client's first records (a
-    // TLS 1.3 client can send right after its Finished): deliver them before
-    // waiting on the socket, or both sides would wait forever.
-    conn.process_new_packets().map_err(io::Error::other)?;
-    raw_eof |= drain_plaintext(&mut conn, &mut buf, &mut to_plain)?;
-    loop {
-        while conn.wants_write() {
-            match conn.write_tls(&mut raw) {
-                Ok(_) => {}
-                Err(e) if would_block(&e) => break,
-                Err(e) => return Err(e),
-            }
-        }
-        while !to_plain.is_empty() {
-            match plain.write(&to_plain) {
-                Ok(n) => {
-                    to_plain.drain(..n);
-                }
-                Err(e) if would_block(&e) => break,
-                Err(e) => return Err(e),
-            }
-        }
-        if raw_eof && to_plain.is_empty() {
-            let _ = plain.shutdown(std::net::Shutdown::Write);
-            if plain_eof {
-                return Ok(());
-            }
-        }
-        if plain_eof && !conn.wants_write() {
-            return Ok(());
-        }
-        let mut ev_raw = 0;
-        if !raw_eof && to_plain.len() < MAX_PENDING {
-            ev_raw |= libc::POLLIN;
-        }
-        if conn.wants_write() {
-            ev_raw |= libc::POLLOUT;
-        }
-        let mut ev_plain = 0;
-        // Backpressure: take more plaintext only once the last was sent.
-        if !plain_eof && !conn.wants_write() {
-            ev_plain |= libc::POLLIN;
-        }
-        if !to_plain.is_empty() {
-            ev_plain |= libc::POLLOUT;
-        }
-        let (r_raw, r_plain) = poll2(raw.as_raw_fd(), ev_raw, plain.as_raw_fd(), ev_plain)?;
-        if r_raw & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !raw_eof {
-            match conn.read_tls(&mut raw) {
-                Ok(0) => raw_eof = true,
-                Ok(_) => {
-                    if let Err(e) = conn.process_new_packets() {
-                        let _ = conn.write_tls(&mut raw);
-                        return Err(io::Error::other(e));
-                    }
-                    raw_eof |= drain_plaintext(&mut conn, &mut buf, &mut to_plain)?;
-                }
-                Err(e) if would_block(&e) => {}
-                Err(_) => raw_eof = true,
-            }
-        }
-        if r_plain & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 && !plain_eof {
-            match plain.read(&mut buf) {
-                Ok(0) => {
-                    plain_eof = true;
-                    conn.send_close_notify();
-                }
-                Ok(n) => conn.writer().write_all(&buf[..n])?,
-                Err(e) if would_block(&e) => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
+    nbd_proto::tls::spawn_pump(rustls::Connection::Server(conn), raw)
 }
 
 /// Command-line TLS options shared by `cdm-nbd` and `snapshotd`.
@@ -269,8 +138,36 @@ impl TlsArgs {
             (Some(c), Some(k)) => Ok(Some(TlsSettings {
                 config: load(c, k, self.tls_client_ca.as_deref())?,
                 required: !self.tls_optional,
+                plain_local: false,
             })),
             _ => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::peer_is_local;
+
+    #[test]
+    fn loopback_and_unix_peers_are_local_others_not() {
+        for p in [
+            "unix",
+            "127.0.0.1:5000",
+            "127.9.9.9:1",
+            "[::1]:7",
+            "[::ffff:127.0.0.1]:9",
+        ] {
+            assert!(peer_is_local(p), "{p}");
+        }
+        for p in [
+            "10.231.0.1:5000",
+            "[2001:db8::1]:7",
+            "[::ffff:10.0.0.1]:9",
+            "0.0.0.0:1",
+            "junk",
+        ] {
+            assert!(!peer_is_local(p), "{p}");
         }
     }
 }

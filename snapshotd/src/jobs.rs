@@ -1,7 +1,9 @@
 //! Long operations run on their own threads with progress the API reports.
 //! A job's record is stored when it starts and when it ends; progress lives
-//! in memory. Jobs still running when the daemon stopped are marked failed
-//! at the next start.
+//! in memory. Local jobs still running when the daemon stopped are marked
+//! failed at the next start. Agent jobs (`backup`, `restore`, with a
+//! `host`) are the same records, kept by `crate::control`'s queue: they
+//! survive a restart, since their agents keep running them.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -43,8 +45,10 @@ impl Progress {
 
 impl Jobs {
     pub fn new(state: Arc<State>, clock: Arc<Clock>, events: Arc<Events>) -> Arc<Jobs> {
-        // Anything recorded as running belongs to a previous process.
-        if let Ok(stale) = state.scan::<Job>(JOBS, 0, usize::MAX, false, |j| j.state == "running") {
+        // A local job recorded as running belongs to a previous process.
+        if let Ok(stale) = state.scan::<Job>(JOBS, 0, usize::MAX, false, |j| {
+            j.state == "running" && j.host.is_none()
+        }) {
             for mut j in stale {
                 j.state = "failed".into();
                 j.message = "interrupted: the daemon stopped while it ran".into();
@@ -76,8 +80,8 @@ impl Jobs {
             message: String::new(),
             created_by: by.to_string(),
             created_unix: now,
-            finished_unix: None,
-            result: None,
+            started_unix: Some(now),
+            ..Job::default()
         })?;
         lock(&self.running).insert(job.id, job.clone());
         self.events.emit(
@@ -142,9 +146,13 @@ impl Jobs {
         self.state.get(JOBS, id)
     }
 
-    /// The newest 200 jobs, newest first.
-    pub fn list(&self) -> Result<Vec<Job>, StateError> {
-        let mut v: Vec<Job> = self.state.scan(JOBS, 0, 200, true, |_| true)?;
+    /// The newest `limit` jobs that pass `f`, newest first.
+    pub fn list_where(
+        &self,
+        limit: usize,
+        f: impl Fn(&Job) -> bool,
+    ) -> Result<Vec<Job>, StateError> {
+        let mut v: Vec<Job> = self.state.scan(JOBS, 0, limit, true, f)?;
         let running = lock(&self.running);
         for j in v.iter_mut() {
             if let Some(r) = running.get(&j.id) {

@@ -8,6 +8,7 @@ mod appliance;
 mod audit;
 mod ballast;
 mod clock;
+mod control;
 mod error;
 mod events;
 mod jobs;
@@ -17,7 +18,9 @@ mod recovery;
 mod scheduler;
 mod state;
 mod targets;
+mod tls;
 
+use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -57,6 +60,7 @@ struct Args {
     api: Option<String>,
     /// Once every listener is bound and the admin token written, write the
     /// addresses actually bound here as JSON, `{"api": "127.0.0.1:41234",
+    /// "api_tls": "127.0.0.1:41236" (or null), "ca": "DATA/tls/ca.crt",
     /// "nbd": ["127.0.0.1:41235", "unix:/run/cdm/nbd.sock"]}` (atomically:
     /// a reader sees no file or the whole file). Removed at start if left
     /// by an earlier run.
@@ -79,6 +83,12 @@ struct Args {
     /// and retention; never in production).
     #[arg(long)]
     fake_clock: bool,
+    /// Agent jobs (backups, restores) running at once on the appliance.
+    #[arg(long, default_value_t = control::MAX_JOBS)]
+    max_jobs: usize,
+    /// Agent jobs running at once on one host.
+    #[arg(long, default_value_t = control::HOST_JOBS)]
+    max_jobs_per_host: usize,
     /// Fault injection for tests (never in production): while the file
     /// DIR/state-eio exists, writes to the state database fail with EIO;
     /// DIR/pool-enospc, pool-short-write, pool-eio-write, pool-eio-read,
@@ -105,7 +115,7 @@ struct Args {
     #[arg(long)]
     mount: Option<PathBuf>,
     #[command(flatten)]
-    tls: nbd_server::tls::TlsArgs,
+    tls: tls::TlsArgs,
 }
 
 /// The configuration file; every key is optional.
@@ -128,6 +138,12 @@ struct Config {
     passphrase_file: Option<PathBuf>,
     allow_insecure_key_file: Option<bool>,
     mount: Option<PathBuf>,
+    /// HTTPS API listener (`--api-tls`).
+    api_tls: Option<String>,
+    /// More names for the appliance's own certificate (`--tls-san`).
+    tls_san: Option<Vec<String>>,
+    /// Plain HTTP and NBD for non-loopback peers too (`--plain-remote`).
+    plain_remote: Option<bool>,
     /// Pool-wide defaults for new volumes (a request's fields win).
     #[serde(default)]
     defaults: cdmfs::DataPolicy,
@@ -151,6 +167,8 @@ struct Settings {
     key: Option<cdmfs::KeySource>,
     defaults: cdmfs::DataPolicy,
     mount: Option<PathBuf>,
+    /// TLS options, the configuration file's merged in.
+    tls: tls::TlsArgs,
 }
 
 /// Refuses a key or passphrase file the group or others may access: whoever
@@ -219,7 +237,14 @@ fn settings(args: &Args) -> Result<Settings> {
     cfg.defaults
         .check()
         .map_err(|e| anyhow::anyhow!("[defaults]: {e}"))?;
+    let mut tls = args.tls.clone();
+    tls.api_tls = tls.api_tls.or(cfg.api_tls.clone());
+    if tls.tls_san.is_empty() {
+        tls.tls_san = cfg.tls_san.clone().unwrap_or_default();
+    }
+    tls.plain_remote |= cfg.plain_remote.unwrap_or(false);
     Ok(Settings {
+        tls,
         key: read_key(args, &cfg)?,
         mount: args.mount.clone().or(cfg.mount.clone()),
         defaults: cfg.defaults,
@@ -427,14 +452,14 @@ fn write_secret(path: &Path, text: &str) -> Result<()> {
 
 /// NBD: the server over the pool, its connect/leave events, its listeners.
 fn start_nbd(
-    args: &Args,
     s: &Settings,
+    tls: &tls::Material,
     pool: &Arc<Pool>,
     events: &Arc<events::Events>,
 ) -> Result<(Arc<Server>, Vec<String>)> {
     let ev = events.clone();
     let cfg = ServerConfig {
-        tls: args.tls.settings().context("TLS settings")?,
+        tls: Some(tls::nbd_settings(tls, &s.tls).context("NBD TLS settings")?),
         on_event: Some(Arc::new(move |e: nbd_server::server::ConnEvent| {
             let (kind, c) = match e {
                 nbd_server::server::ConnEvent::Connected(c) => ("export.connected", c),
@@ -512,11 +537,51 @@ fn bootstrap_admin(app: &appliance::Appliance, data: &Path) -> Result<()> {
     }
 }
 
+/// The API's listeners: plain HTTP (loopback peers only unless
+/// `--plain-remote`) and HTTPS if asked for.
+struct ApiListeners {
+    plain: std::net::TcpListener,
+    tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    plain_remote: bool,
+}
+
+impl ApiListeners {
+    fn bind(s: &Settings, m: &tls::Material) -> Result<ApiListeners> {
+        let bind = |addr: &str, what: &str| -> Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} for the {what}"))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let tls = match &s.tls.api_tls {
+            Some(a) => Some((
+                bind(a, "HTTPS API")?,
+                tls::https_config(m).context("HTTPS certificate")?,
+            )),
+            None => None,
+        };
+        Ok(ApiListeners {
+            plain: bind(&s.api, "API")?,
+            tls,
+            plain_remote: s.tls.plain_remote,
+        })
+    }
+
+    /// The addresses bound, not the ones asked for: port 0 means "any".
+    fn addrs(&self) -> Result<(String, Option<String>)> {
+        let tls = match &self.tls {
+            Some((l, _)) => Some(l.local_addr()?.to_string()),
+            None => None,
+        };
+        Ok((self.plain.local_addr()?.to_string(), tls))
+    }
+}
+
 /// The API on a small tokio runtime of its own thread (NBD keeps its own
 /// threads); it stops gracefully when `stop` fires.
 fn spawn_api(
     app: Arc<appliance::Appliance>,
-    listener: std::net::TcpListener,
+    ls: ApiListeners,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<std::thread::JoinHandle<std::io::Result<()>>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -524,19 +589,37 @@ fn spawn_api(
         .max_blocking_threads(64)
         .enable_all()
         .build()?;
-    let router = cdm_api::routes::router(app as Arc<dyn cdm_api::backend::Backend>);
+    let backend = app as Arc<dyn cdm_api::backend::Backend>;
+    let plain_router = cdm_api::routes::plain_router(backend.clone(), ls.plain_remote);
+    let router = cdm_api::routes::router(backend);
     Ok(std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
             rt.block_on(async move {
-                let l = tokio::net::TcpListener::from_std(listener)?;
-                // With connect info: login rate limiting needs the peer address.
-                let svc = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-                axum::serve(l, svc)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.await;
-                    })
-                    .await
+                let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    let _ = stop.await;
+                    let _ = stop_tx.send(true);
+                });
+                let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                    let _ = rx.wait_for(|v| *v).await;
+                };
+                let l = tokio::net::TcpListener::from_std(ls.plain)?;
+                // With connect info: login rate limiting and the loopback
+                // check need the peer address.
+                let svc = plain_router.into_make_service_with_connect_info::<SocketAddr>();
+                let plain = axum::serve(l, svc).with_graceful_shutdown(stopped(stop_rx.clone()));
+                let Some((tl, cfg)) = ls.tls else {
+                    return plain.await;
+                };
+                let tl = tls::HttpsListener::new(tokio::net::TcpListener::from_std(tl)?, cfg)?;
+                // tap_io: connect info for a listener of our own.
+                use axum::serve::ListenerExt;
+                let svc = router.into_make_service_with_connect_info::<SocketAddr>();
+                let https =
+                    axum::serve(tl.tap_io(|_| {}), svc).with_graceful_shutdown(stopped(stop_rx));
+                let (a, b) = tokio::join!(plain, https);
+                a.and(b)
             })
         })?)
 }
@@ -578,7 +661,8 @@ fn main() -> Result<()> {
     }
     let events = events::Events::new(state.clone(), clock.clone(), s.webhooks.clone());
     events.start();
-    let (server, nbd_addrs) = start_nbd(&args, &s, &pool, &events)?;
+    let tls = tls::material(&s.tls, &s.data.join("tls")).context("TLS certificate")?;
+    let (server, nbd_addrs) = start_nbd(&s, &tls, &pool, &events)?;
     let (fuse, mounts) = start_fuse(&s, &pool, &state)?;
     let jobs = jobs::Jobs::new(state.clone(), clock.clone(), events.clone());
     let sched = scheduler::Scheduler::new(
@@ -604,13 +688,14 @@ fn main() -> Result<()> {
         mounts,
     );
     let _ = app.pool_file.set(pool_file);
+    let _ = app.tls_ca.set(tls.ca_pem.clone());
     bootstrap_admin(&app, &s.data)?;
+    app.control
+        .set_limits(args.max_jobs, args.max_jobs_per_host);
+    app.scheduler.set_control(app.control.clone());
     // Bound only now, so whoever sees the API up also finds admin.token.
-    let api_listener = std::net::TcpListener::bind(&s.api)
-        .with_context(|| format!("cannot listen on {} for the API", s.api))?;
-    api_listener.set_nonblocking(true)?;
-    // The address bound, not the one asked for: port 0 means "any".
-    let api_addr = api_listener.local_addr()?.to_string();
+    let api_listeners = ApiListeners::bind(&s, &tls)?;
+    let (api_addr, api_tls_addr) = api_listeners.addrs()?;
     // For jobs that run cdm-agent (vm-backup): this API and a state
     // directory of its own.
     let _ = app.agent.set(appliance::AgentSetup {
@@ -629,13 +714,16 @@ fn main() -> Result<()> {
         used = %human(space.used_bytes),
         total = %human(space.total_bytes),
         api = %api_addr,
+        api_tls = ?api_tls_addr,
+        ca = %tls.ca_path.display(),
         nbd = ?nbd_addrs,
         "snapshotd ready"
     );
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let api_thread = spawn_api(app.clone(), api_listener, rx)?;
+    let api_thread = spawn_api(app.clone(), api_listeners, rx)?;
     if let Some(p) = &s.ready_file {
-        let ready = json!({"api": api_addr, "nbd": nbd_addrs});
+        let ready = json!({"api": api_addr, "api_tls": api_tls_addr,
+            "ca": tls.ca_path, "nbd": nbd_addrs});
         nbd_server::listener::write_ready_file(p, &ready.to_string())
             .with_context(|| format!("cannot write the ready file {}", p.display()))?;
     }

@@ -1,6 +1,6 @@
 //! `/metrics`: Prometheus text exposition of I/O per export (from the NBD
 //! server), pool space and commits, catalog counts, clients, jobs and
-//! webhook deliveries.
+//! webhook deliveries, and the control plane (RPO states, jobs, hosts).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -143,6 +143,10 @@ pub fn render(a: &Appliance) -> cdmfs::Result<String> {
     );
     for (state, n) in a.events.delivery_counts() {
         let _ = writeln!(o, "cdm_webhook_deliveries{{state=\"{state}\"}} {n}");
+    }
+    // The control plane's figures; a failing state database loses only them.
+    if let Err(e) = control(&mut o, a) {
+        tracing::error!(error = %e.message, "control plane metrics missing");
     }
     Ok(o)
 }
@@ -303,4 +307,91 @@ fn pool_health(o: &mut String, h: &cdmfs::PoolHealth, freeing: u64) {
         "Space freed by deletes, reusable after the next commits.",
     );
     let _ = writeln!(o, "cdm_pool_freeing_bytes {freeing}");
+}
+
+/// RPO state and point age per application, jobs by kind and state,
+/// hosts online, queued agent jobs.
+fn control(o: &mut String, a: &Appliance) -> cdm_api::ApiResult<()> {
+    let apps = a.control.applications(None)?;
+    let hosts = a.control.hosts()?;
+    let jobs = a
+        .jobs
+        .list_where(10_000, |_| true)
+        .map_err(crate::appliance::st)?;
+    head(
+        o,
+        "cdm_application_rpo_state",
+        "gauge",
+        "1 for each application's RPO state (ok, late, failing, unprotected).",
+    );
+    for ap in &apps {
+        let l = format!(
+            "application=\"{}\",host=\"{}\",name=\"{}\"",
+            ap.id,
+            esc(&ap.host),
+            esc(&ap.name)
+        );
+        for st in ["ok", "late", "failing", "unprotected"] {
+            let v = u8::from(ap.rpo.state == st);
+            let _ = writeln!(o, "cdm_application_rpo_state{{{l},state=\"{st}\"}} {v}");
+        }
+    }
+    head(
+        o,
+        "cdm_application_last_point_age_seconds",
+        "gauge",
+        "Age of each application's newest point (absent without one).",
+    );
+    for ap in &apps {
+        if let Some(age) = ap.rpo.age_seconds {
+            let _ = writeln!(
+                o,
+                "cdm_application_last_point_age_seconds{{application=\"{}\",host=\"{}\",name=\"{}\"}} {age}",
+                ap.id,
+                esc(&ap.host),
+                esc(&ap.name)
+            );
+        }
+    }
+    head(
+        o,
+        "cdm_jobs",
+        "gauge",
+        "Jobs by kind and state (newest 10000).",
+    );
+    let mut by: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for j in &jobs {
+        *by.entry((j.kind.clone(), j.state.clone())).or_default() += 1;
+    }
+    for ((k, s), n) in by {
+        let _ = writeln!(
+            o,
+            "cdm_jobs{{kind=\"{}\",state=\"{}\"}} {n}",
+            esc(&k),
+            esc(&s)
+        );
+    }
+    head(
+        o,
+        "cdm_host_online",
+        "gauge",
+        "1 while an enrolled host's agent is heard from.",
+    );
+    for h in hosts.iter().filter(|h| h.state != "retired") {
+        let _ = writeln!(
+            o,
+            "cdm_host_online{{host=\"{}\"}} {}",
+            esc(&h.name),
+            u8::from(h.state == "online")
+        );
+    }
+    let (_, queued) = a.control.queue_counts();
+    head(
+        o,
+        "cdm_jobs_queued",
+        "gauge",
+        "Agent jobs waiting for their host.",
+    );
+    let _ = writeln!(o, "cdm_jobs_queued {queued}");
+    Ok(())
 }

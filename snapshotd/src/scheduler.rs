@@ -93,6 +93,8 @@ pub struct Scheduler {
     over_quota: AtomicBool,
     /// The pool's state at the last tick (alerts on changes).
     pool_state: Mutex<cdmfs::PoolState>,
+    /// The control plane, ticked with the schedules (set once at start).
+    control: std::sync::OnceLock<Arc<crate::control::Control>>,
 }
 
 impl Scheduler {
@@ -112,7 +114,13 @@ impl Scheduler {
             sweep: Mutex::new(()),
             over_quota: AtomicBool::new(false),
             pool_state: Mutex::new(cdmfs::PoolState::Ok),
+            control: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Hooks the control plane's tick (policy backups, hosts, RPO) in.
+    pub fn set_control(&self, c: Arc<crate::control::Control>) {
+        let _ = self.control.set(c);
     }
 
     pub fn start(self: &Arc<Self>, tick: Duration, stop: Arc<AtomicBool>) {
@@ -139,6 +147,11 @@ impl Scheduler {
                 "appliance",
                 json!({"reason": "state_reserve_released", "message": format!("the data directory's filesystem is full: {} was released so the audit log and events can still be written; free space there", path.display())}),
             );
+        }
+        // Agent jobs and RPOs do not write the pool here: a stalled pool
+        // does not stop them.
+        if let Some(c) = self.control.get() {
+            c.tick();
         }
         // Snapshots and expiries are changes a stalled pool refuses: they
         // wait (a due schedule runs once when the pool commits again).
@@ -239,17 +252,31 @@ impl Scheduler {
         Ok(())
     }
 
+    /// The retention of application volumes from their protection policies
+    /// (it wins over a volume policy's).
+    fn app_retention(&self) -> HashMap<String, Retention> {
+        match self.control.get().map(|c| c.retention_by_volume()) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                tracing::error!(error = %e.message, "cannot read the applications' retention");
+                HashMap::new()
+            }
+            None => HashMap::new(),
+        }
+    }
+
     /// Expires snapshots the volume policies and the pool quota no longer
     /// keep; returns the expired snapshot exports.
     pub fn apply_retention(&self, actor: &str) -> crate::error::Result<Vec<String>> {
         let _one = cdm_common::lock::lock(&self.sweep);
         let now = self.clock.now();
         let (vols, snaps) = self.pool.catalog()?;
-        let policies: HashMap<String, SnapshotPolicy> = self
+        let policies: HashMap<String, Retention> = self
             .state
             .all::<(String, SnapshotPolicyRec)>(POLICIES)?
             .into_iter()
-            .map(|(n, r)| (n, r.policy))
+            .map(|(n, r)| (n, r.policy.retention))
+            .chain(self.app_retention())
             .collect();
         let cloned: HashSet<u64> = vols.iter().filter_map(|v| v.origin).collect();
         let vname: HashMap<u64, String> = vols.iter().map(|v| (v.id, v.name.clone())).collect();
@@ -286,7 +313,7 @@ impl Scheduler {
             let Some(p) = policies.get(name) else {
                 continue;
             };
-            for id in expired(list, &p.retention, now) {
+            for id in expired(list, p, now) {
                 expire(id, name, "retention", &mut gone);
             }
         }
@@ -307,7 +334,7 @@ impl Scheduler {
                     let min_keep = vname
                         .get(vid)
                         .and_then(|n| policies.get(n))
-                        .map(|p| p.retention.min_keep.max(1))
+                        .map(|p| p.min_keep.max(1))
                         .unwrap_or(1) as usize;
                     let mut l: Vec<&Snap> = list
                         .iter()

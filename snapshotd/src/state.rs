@@ -29,6 +29,18 @@ pub const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts");
 /// VMs as agents classified them (`PUT /v1/vms`).
 pub const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 
+/// The control plane (`crate::control`): one-use enrolment tokens by the
+/// SHA-256 of the token, hosts by name, applications by id, protection
+/// policies by name, each application's schedule and last RPO state, the
+/// clones hosts made (which they may delete), and job logs by (job, line).
+pub const ENROLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrolments");
+pub const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+pub const APPS: TableDefinition<u64, &[u8]> = TableDefinition::new("applications");
+pub const PROTECTION: TableDefinition<&str, &[u8]> = TableDefinition::new("protection_policies");
+pub const APP_STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("application_state");
+pub const HOST_CLONES: TableDefinition<&str, &[u8]> = TableDefinition::new("host_clones");
+pub const JOB_LOGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("job_logs");
+
 /// Logs keep at most this many newest entries.
 pub const LOG_KEEP: u64 = 100_000;
 
@@ -184,6 +196,13 @@ impl State {
         tx.open_table(JOBS)?;
         tx.open_table(MOUNTS)?;
         tx.open_table(VMS)?;
+        tx.open_table(ENROLMENTS)?;
+        tx.open_table(HOSTS)?;
+        tx.open_table(APPS)?;
+        tx.open_table(PROTECTION)?;
+        tx.open_table(APP_STATE)?;
+        tx.open_table(HOST_CLONES)?;
+        tx.open_table(JOB_LOGS)?;
         tx.commit()?;
         Ok(State {
             path: path.to_path_buf(),
@@ -515,6 +534,56 @@ impl State {
     }
 }
 
+impl State {
+    /// Appends lines to job `job`'s log (`JOB_LOGS`), after its last line;
+    /// a log is kept to its first `max` lines. Returns the lines stored.
+    pub fn append_lines<T: Serialize>(
+        &self,
+        job: u64,
+        lines: &[T],
+        max: u64,
+        sync: Sync,
+    ) -> Result<usize> {
+        if lines.is_empty() {
+            return Ok(0);
+        }
+        self.guard(|| {
+            let tx = self.write(sync)?;
+            let stored;
+            {
+                let mut tab = tx.open_table(JOB_LOGS)?;
+                let next = tab
+                    .range((job, 0)..=(job, u64::MAX))?
+                    .next_back()
+                    .transpose()?
+                    .map_or(0, |(k, _)| k.value().1 + 1);
+                let room = max.saturating_sub(next) as usize;
+                stored = lines.len().min(room);
+                for (i, l) in lines.iter().take(stored).enumerate() {
+                    let b = enc(l)?;
+                    tab.insert((job, next + i as u64), b.as_slice())?;
+                }
+            }
+            tx.commit()?;
+            Ok(stored)
+        })
+    }
+
+    /// Job `job`'s log, first line first.
+    pub fn lines<T: DeserializeOwned>(&self, job: u64) -> Result<Vec<T>> {
+        self.guard(|| {
+            let tx = self.db()?.begin_read()?;
+            let tab = tx.open_table(JOB_LOGS)?;
+            let mut out = Vec::new();
+            for r in tab.range((job, 0)..=(job, u64::MAX))? {
+                let (_, v) = r?;
+                out.push(dec(JOB_LOGS.name(), v.value())?);
+            }
+            Ok(out)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,6 +619,18 @@ mod tests {
         let evs: Vec<serde_json::Value> = s.scan(EVENTS, 0, 10, false, |_| true).unwrap();
         assert_eq!(evs.len(), 3);
         assert_eq!(evs[2]["id"], 3);
+    }
+
+    #[test]
+    fn job_logs_append_in_order_and_stop_at_their_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(&dir.path().join("s.redb"), None).unwrap();
+        assert_eq!(s.append_lines(7, &["a", "b"], 3, Sync::Now).unwrap(), 2);
+        assert_eq!(s.append_lines(8, &["x"], 3, Sync::Now).unwrap(), 1);
+        assert_eq!(s.append_lines(7, &["c", "d"], 3, Sync::Now).unwrap(), 1);
+        assert_eq!(s.lines::<String>(7).unwrap(), ["a", "b", "c"]);
+        assert_eq!(s.lines::<String>(8).unwrap(), ["x"]);
+        assert!(s.lines::<String>(9).unwrap().is_empty());
     }
 
     #[test]

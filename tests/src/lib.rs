@@ -376,6 +376,8 @@ pub struct Appliance {
     pub data: PathBuf,
     pub sock: PathBuf,
     pub api: String,
+    /// The HTTPS API's address (`--api-tls 127.0.0.1:0`).
+    pub api_tls: String,
     pub config: Option<PathBuf>,
     /// snapshotd arguments besides the data directory, listeners and config.
     args: Vec<String>,
@@ -417,6 +419,7 @@ impl Appliance {
             data,
             sock,
             api: String::new(),
+            api_tls: String::new(),
             config,
             args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
@@ -442,7 +445,13 @@ impl Appliance {
             .arg(&self.data)
             .arg("--nbd")
             .arg(format!("unix:{}", self.sock.display()))
-            .args(["--api", "127.0.0.1:0", "--ready-file"])
+            .args([
+                "--api",
+                "127.0.0.1:0",
+                "--api-tls",
+                "127.0.0.1:0",
+                "--ready-file",
+            ])
             .arg(&ready)
             .args(&self.args)
             .env("RUST_LOG", "info")
@@ -461,6 +470,20 @@ impl Appliance {
             .as_str()
             .unwrap_or_else(|| panic!("no API address in the ready file: {v}"))
             .to_string();
+        self.api_tls = v["api_tls"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no HTTPS API address in the ready file: {v}"))
+            .to_string();
+    }
+
+    /// The HTTPS API's URL (its certificate is signed by [`Appliance::ca_file`]).
+    pub fn https_url(&self) -> String {
+        format!("https://{}", self.api_tls)
+    }
+
+    /// The appliance's own CA certificate (PEM), made on first start.
+    pub fn ca_file(&self) -> PathBuf {
+        self.data.join("tls").join("ca.crt")
     }
 
     /// Runs `cdmctl` against this appliance as admin.

@@ -1,12 +1,13 @@
 //! Writable clones of snapshots.
 
-use cdm_api::auth::Caller;
+use cdm_api::auth::{Caller, Role};
 use cdm_api::backend::Backend;
 use cdm_api::types::*;
 use cdm_api::{ApiError, ApiResult};
 use serde_json::json;
 
-use super::{engine, Appliance};
+use super::{engine, st, Appliance};
+use crate::state::{Sync, HOST_CLONES};
 
 impl Appliance {
     pub(super) fn clone_create(
@@ -19,6 +20,12 @@ impl Appliance {
         self.snapshot_of(volume, snapshot)?;
         let v = self.pool.clone_snapshot(snapshot, name).map_err(engine)?;
         self.commit()?;
+        // A host may delete the clones it made, and only those.
+        if c.role == Role::Host {
+            self.state
+                .put(HOST_CLONES, name, &c.user, Sync::Now)
+                .map_err(st)?;
+        }
         self.events.emit(
             "clone.created",
             name,
@@ -47,12 +54,23 @@ impl Appliance {
     }
 
     pub(super) fn clone_delete(&self, c: &Caller, name: &str, force: bool) -> ApiResult<()> {
+        if c.role == Role::Host {
+            let maker: Option<String> = self.state.get(HOST_CLONES, name).map_err(st)?;
+            if maker.as_deref() != Some(c.user.as_str()) {
+                return Err(ApiError::forbidden(format!(
+                    "{} did not make clone {name}: a host deletes only its own clones",
+                    c.user
+                )));
+            }
+        }
         let v = self.pool.volume(name).map_err(engine)?;
         if v.origin.is_none() {
             return Err(ApiError::conflict(format!(
                 "volume {name} is not a clone; delete it with DELETE /v1/volumes/{name}"
             )));
         }
-        self.remove_volume(&c.user, name, force, "clone")
+        self.remove_volume(&c.user, name, force, "clone")?;
+        self.state.remove(HOST_CLONES, name).map_err(st)?;
+        Ok(())
     }
 }

@@ -193,10 +193,6 @@ impl Appliance {
             .map_err(st)
     }
 
-    pub(super) fn job_list(&self) -> ApiResult<Vec<Job>> {
-        self.jobs.list().map_err(st)
-    }
-
     pub(super) fn job_get(&self, id: u64) -> ApiResult<Job> {
         self.jobs
             .get(id)

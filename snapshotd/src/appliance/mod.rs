@@ -6,6 +6,7 @@
 //! hands each route to its resource's file.
 
 mod clones;
+mod control;
 mod defrag;
 mod exports;
 mod jobs;
@@ -50,6 +51,8 @@ pub struct Appliance {
     /// Set once at start (main): the pool file, whose allocation
     /// `GET /v1/pool` reports.
     pub pool_file: std::sync::OnceLock<std::path::PathBuf>,
+    /// Set once at start (main): the CA certificate (PEM) `GET /v1/ca` serves.
+    pub tls_ca: std::sync::OnceLock<String>,
     pub pool: Arc<Pool>,
     pub nbd: Arc<Server>,
     pub state: Arc<State>,
@@ -57,6 +60,8 @@ pub struct Appliance {
     pub clock: Arc<Time>,
     pub jobs: Arc<Jobs>,
     pub scheduler: Arc<Scheduler>,
+    /// Hosts, applications, protection policies and agent jobs.
+    pub control: Arc<crate::control::Control>,
     /// NBD listen addresses (`HOST:PORT` or `unix:PATH`), for export URIs.
     pub nbd_addrs: Vec<String>,
     /// SHA-256 of tokens already verified with Argon2id → token id: Argon2
@@ -142,10 +147,19 @@ impl Appliance {
             ),
             Err(e) => tracing::error!(error = %e, "audit records kept aside cannot be stored yet"),
         }
+        let control = crate::control::Control::new(
+            state.clone(),
+            clock.clone(),
+            events.clone(),
+            pool.clone(),
+            jobs.clone(),
+        );
         Arc::new_cyclic(|me| Appliance {
+            control,
             audit,
             agent: std::sync::OnceLock::new(),
             pool_file: std::sync::OnceLock::new(),
+            tls_ca: std::sync::OnceLock::new(),
             me: me.clone(),
             pool,
             nbd,
@@ -237,6 +251,12 @@ impl Backend for Appliance {
     fn health(&self) -> ApiResult<Value> {
         self.health_get()
     }
+    fn ca_pem(&self) -> ApiResult<String> {
+        self.tls_ca
+            .get()
+            .cloned()
+            .ok_or_else(|| ApiError::unavailable("the appliance's TLS is not set up yet"))
+    }
     // volumes.rs
     fn create_volume(&self, c: &Caller, req: VolumeCreate) -> ApiResult<Volume> {
         self.volume_create(c, req)
@@ -312,8 +332,8 @@ impl Backend for Appliance {
     fn start_job(&self, c: &Caller, req: JobCreate) -> ApiResult<Job> {
         self.job_start(c, req)
     }
-    fn list_jobs(&self) -> ApiResult<Vec<Job>> {
-        self.job_list()
+    fn list_jobs(&self, q: cdm_api::control::JobQuery) -> ApiResult<Vec<Job>> {
+        self.control.list_jobs(q)
     }
     fn job(&self, id: u64) -> ApiResult<Job> {
         self.job_get(id)

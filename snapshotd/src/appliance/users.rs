@@ -121,7 +121,7 @@ impl Appliance {
         Ok(Some(t.token))
     }
 
-    pub(super) fn make_token(
+    pub(crate) fn make_token(
         &self,
         user: &str,
         name: &str,
@@ -204,6 +204,9 @@ impl Appliance {
                 v.clear();
             }
             v.insert(digest, rec.id.clone());
+        }
+        if rec.user.starts_with("host:") {
+            return self.control.host_caller(&rec.user, &rec.id, &rec.name);
         }
         let user = self
             .state

@@ -4,15 +4,35 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use cdm_api::client::Client;
+use cdm_api::control::JobQuery;
 use cdm_api::types::*;
 use clap::Subcommand;
 
 use crate::error::CliError;
-use crate::output::{table_of, time, Out};
+use crate::output::{opt, table_of, time, Out};
 
 #[derive(Subcommand)]
 pub(crate) enum JobCmd {
-    List,
+    /// The newest 200 jobs (that pass the filters).
+    List {
+        #[arg(long)]
+        application: Option<u64>,
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        kind: Option<String>,
+        /// queued, running, succeeded, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// The log an agent streamed for the job.
+    Log {
+        id: u64,
+    },
+    /// Cancel a queued job, or ask the agent running it to stop.
+    Cancel {
+        id: u64,
+    },
     Show {
         id: u64,
     },
@@ -54,7 +74,27 @@ pub(crate) enum JobCmd {
 
 pub(crate) fn run(cmd: JobCmd, c: &Client, out: &Out) -> Result<(), CliError> {
     match cmd {
-        JobCmd::List => out.show(&c.jobs()?, |v| jobs_table(v)),
+        JobCmd::List {
+            application,
+            host,
+            kind,
+            state,
+        } => {
+            let q = JobQuery {
+                application,
+                host,
+                kind,
+                state,
+            };
+            out.show(&c.jobs_where(&q)?, |v| jobs_table(v))
+        }
+        JobCmd::Log { id } => out.show(&c.job_log(id)?, |l| {
+            l.lines
+                .iter()
+                .map(|x| format!("{}  {}\n", time(x.time_unix), x.line))
+                .collect()
+        }),
+        JobCmd::Cancel { id } => out.show(&c.cancel_job(id)?, job_show),
         JobCmd::Show { id } => out.show(&c.job(id)?, job_show),
         JobCmd::Start {
             kind,
@@ -91,13 +131,15 @@ pub(crate) fn run(cmd: JobCmd, c: &Client, out: &Out) -> Result<(), CliError> {
     Ok(())
 }
 
-fn jobs_table(v: &[Job]) -> String {
+pub(crate) fn jobs_table(v: &[Job]) -> String {
     table_of(
         v,
         &[
             "ID",
             "KIND",
             "STATE",
+            "HOST",
+            "APP",
             "PROGRESS",
             "BY",
             "STARTED (UTC)",
@@ -108,6 +150,8 @@ fn jobs_table(v: &[Job]) -> String {
                 j.id.to_string(),
                 j.kind.clone(),
                 j.state.clone(),
+                opt(&j.host),
+                opt(&j.application),
                 format!("{:.0}%", j.progress * 100.0),
                 j.created_by.clone(),
                 time(j.created_unix),
@@ -117,12 +161,15 @@ fn jobs_table(v: &[Job]) -> String {
     )
 }
 
-fn job_show(j: &Job) -> String {
+pub(crate) fn job_show(j: &Job) -> String {
     format!(
-        "id: {}\nkind: {}\nstate: {}\nprogress: {:.1}% ({} of {})\nby: {}\nstarted: {}\nfinished: {}\nmessage: {}\nresult: {}\n",
+        "id: {}\nkind: {}\nstate: {}\nhost: {}\napplication: {}\nattempt: {}\nprogress: {:.1}% ({} of {})\nby: {}\nstarted: {}\nfinished: {}\nmessage: {}\nresult: {}\n",
         j.id,
         j.kind,
         j.state,
+        opt(&j.host),
+        opt(&j.application),
+        j.attempt,
         j.progress * 100.0,
         j.done,
         j.total,
@@ -135,7 +182,7 @@ fn job_show(j: &Job) -> String {
 }
 
 /// Polls a job until it ends, drawing a progress bar on a terminal.
-fn wait_job(c: &Client, id: u64, out: &Out) -> Result<Job, CliError> {
+pub(crate) fn wait_job(c: &Client, id: u64, out: &Out) -> Result<Job, CliError> {
     let bar = if !out.json && std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(1000);
         b.set_style(
@@ -155,7 +202,8 @@ fn wait_job(c: &Client, id: u64, out: &Out) -> Result<Job, CliError> {
             b.set_position((j.progress * 1000.0) as u64);
             b.set_message(format!("{} {}", j.kind, j.state));
         }
-        if j.state != "running" {
+        // Agent jobs wait for their host first.
+        if j.state != "running" && j.state != "queued" {
             break j;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -164,10 +212,10 @@ fn wait_job(c: &Client, id: u64, out: &Out) -> Result<Job, CliError> {
         b.finish_and_clear();
     }
     out.show(&j, job_show);
-    if j.state == "failed" {
+    if j.state == "failed" || j.state == "cancelled" {
         return Err(CliError::JobFailed(format!(
-            "job {id} failed: {}",
-            j.message
+            "job {id} {}: {}",
+            j.state, j.message
         )));
     }
     Ok(j)

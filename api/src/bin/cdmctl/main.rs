@@ -2,14 +2,17 @@
 //! default and `--json` for scripts, progress bars for jobs, and exit codes
 //! that scripts can trust.
 
+mod app;
 mod clone;
 mod error;
 mod event;
 mod export;
 mod files;
+mod host;
 mod job;
 mod mount;
 mod output;
+mod policy;
 mod snapshot;
 mod system;
 mod units;
@@ -23,14 +26,17 @@ use std::process::ExitCode;
 use cdm_api::client::Client;
 use clap::{Parser, Subcommand};
 
+use crate::app::{AppCmd, RestoreCmd};
 use crate::clone::CloneCmd;
 use crate::error::CliError;
 use crate::event::{AuditCmd, EventCmd};
 use crate::export::ExportCmd;
 use crate::files::FilesCmd;
+use crate::host::HostCmd;
 use crate::job::JobCmd;
 use crate::mount::MountCmd;
 use crate::output::Out;
+use crate::policy::PolicyCmd;
 use crate::snapshot::SnapshotCmd;
 use crate::system::{ClockCmd, PoolCmd};
 use crate::user::{TokenCmd, UserCmd};
@@ -58,6 +64,10 @@ struct Cli {
     /// File holding the API token [default: ./cdm-data/admin.token, then /var/lib/cdm/admin.token].
     #[arg(long, env = "CDM_TOKEN_FILE", global = true)]
     token_file: Option<PathBuf>,
+    /// The appliance's CA certificate (PEM) to pin for an https:// URL:
+    /// only it is trusted (DATA/tls/ca.crt on the appliance).
+    #[arg(long, env = "CDM_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -85,9 +95,21 @@ enum Cmd {
     /// File-level restore from a snapshot's filesystem.
     #[command(subcommand)]
     Files(FilesCmd),
-    /// Long operations.
+    /// Jobs: local long operations and agents' backups and restores.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Enrolled hosts and enrolment tokens for their agents.
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Applications (protected objects), their backups and points.
+    #[command(subcommand)]
+    App(AppCmd),
+    /// Protection policies (schedules, windows, retention, RPO).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Restores of applications' points, run by agents.
+    #[command(subcommand)]
+    Restore(RestoreCmd),
     /// The event log.
     #[command(subcommand)]
     Event(EventCmd),
@@ -162,7 +184,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             "no API token: give --token, CDM_TOKEN, --token-file or CDM_TOKEN_FILE (the first admin token is in DATA/admin.token)".into(),
         ));
     }
-    let c = Client::new(&cli.url, tok);
+    let c = Client::connect(&cli.url, tok, cli.ca_file.as_deref())?;
     let out = Out { json: cli.json };
     match cli.cmd {
         Cmd::Volume(v) => volume::run(v, &c, &out),
@@ -172,6 +194,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Files(f) => files::run(f, &c, &out),
         Cmd::Export(e) => export::run(e, &c, &out),
         Cmd::Job(j) => job::run(j, &c, &out),
+        Cmd::Host(h) => host::run(h, &c, &out),
+        Cmd::App(a) => app::run(a, &c, &out),
+        Cmd::Policy(p) => policy::run(p, &c, &out),
+        Cmd::Restore(r) => app::restore(r, &c, &out),
         Cmd::Event(e) => event::run(e, &c, &out),
         Cmd::Audit(a) => event::audit(a, &c, &out),
         Cmd::Webhook(w) => webhook::run(w, &c, &out),

@@ -1,0 +1,141 @@
+//! The host's credential, kept in the state directory: written once at
+//! enrolment (mode 0600, atomically: a crash leaves the old file or the
+//! new one, never half of one) and read at every start afterwards.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::ServeError;
+
+/// What enrolment gave this host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credential {
+    /// The appliance it was made by (a credential is no use elsewhere).
+    pub url: String,
+    /// The host's name on the appliance.
+    pub host: String,
+    /// The bearer token of role `host`.
+    pub credential: String,
+    pub heartbeat_seconds: u64,
+    pub enrolled_unix: u64,
+}
+
+/// `STATE/serve/credential.json`.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("serve").join("credential.json")
+}
+
+/// The stored credential; `None` when the host was never enrolled.
+pub fn load(state_dir: &Path) -> Result<Option<Credential>, ServeError> {
+    let p = path(state_dir);
+    let text = match std::fs::read(&p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ServeError::io(&p, e)),
+    };
+    let c: Credential = serde_json::from_slice(&text).map_err(|e| {
+        ServeError::Invalid(format!(
+            "{}: not a credential ({e}); remove it and enrol again",
+            p.display()
+        ))
+    })?;
+    if c.credential.is_empty() {
+        return Err(ServeError::Invalid(format!(
+            "{}: the credential is empty; remove it and enrol again",
+            p.display()
+        )));
+    }
+    Ok(Some(c))
+}
+
+/// Writes the credential: a temporary file made 0600 from its creation,
+/// synced, renamed over the old one, and the directory synced.
+pub fn save(state_dir: &Path, c: &Credential) -> Result<(), ServeError> {
+    let p = path(state_dir);
+    let dir = p.parent().unwrap_or(state_dir);
+    std::fs::create_dir_all(dir).map_err(|e| ServeError::io(dir, e))?;
+    // Only root (the agent) reads what is in it.
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| ServeError::io(dir, e))?;
+    let tmp = p.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let body = serde_json::to_vec_pretty(c)
+        .map_err(|e| ServeError::Invalid(format!("encoding the credential: {e}")))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| ServeError::io(&tmp, e))?;
+    f.write_all(&body)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| ServeError::io(&tmp, e))?;
+    drop(f);
+    std::fs::rename(&tmp, &p).map_err(|e| ServeError::io(&p, e))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| ServeError::io(dir, e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn cred(token: &str) -> Credential {
+        Credential {
+            url: "https://appliance:8443".into(),
+            host: "db1".into(),
+            credential: token.into(),
+            heartbeat_seconds: 10,
+            enrolled_unix: 1_700_000_000,
+        }
+    }
+
+    #[test]
+    fn saved_private_and_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(load(d.path()).unwrap(), None);
+        save(d.path(), &cred("cdm_one")).unwrap();
+        let m = std::fs::metadata(path(d.path())).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o600);
+        let dm = std::fs::metadata(path(d.path()).parent().unwrap()).unwrap();
+        assert_eq!(dm.mode() & 0o777, 0o700);
+        assert_eq!(load(d.path()).unwrap(), Some(cred("cdm_one")));
+        // Replaced whole, no temporary left behind.
+        save(d.path(), &cred("cdm_two")).unwrap();
+        assert_eq!(load(d.path()).unwrap(), Some(cred("cdm_two")));
+        let names: Vec<_> = std::fs::read_dir(path(d.path()).parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("credential.json")]);
+    }
+
+    #[test]
+    fn a_stale_temporary_does_not_stop_a_save() {
+        let d = tempfile::tempdir().unwrap();
+        let p = path(d.path());
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p.with_extension("json.tmp"), b"half").unwrap();
+        save(d.path(), &cred("cdm_x")).unwrap();
+        assert_eq!(load(d.path()).unwrap().unwrap().credential, "cdm_x");
+    }
+
+    #[test]
+    fn damaged_or_empty_files_are_clear_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let p = path(d.path());
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, b"{\"url\":").unwrap();
+        let e = load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("not a credential"), "{e}");
+        save(d.path(), &cred("")).unwrap();
+        let e = load(d.path()).unwrap_err().to_string();
+        assert!(e.contains("empty"), "{e}");
+    }
+}

@@ -1,0 +1,272 @@
+//! The control plane (`docs/control-plane.md`): enrolled hosts and their
+//! agents, applications, protection policies, the queue of agent jobs,
+//! the catalog of points and each application's RPO.
+//!
+//! One file per job of the code: `hosts.rs` (enrolment, heartbeats,
+//! retirement), `apps.rs` (applications, policies, points), `queue.rs`
+//! (agent jobs: creation, dispatch, progress, finish, cancel, failures,
+//! retries), `rpo.rs` (the scheduler's tick: policy backups, RPO states,
+//! their events and metrics). Every change to agent jobs happens under the
+//! queue's lock, so two requests never race on one job or one application.
+
+mod apps;
+mod hosts;
+mod queue;
+mod rpo;
+
+pub use rpo::rpo_status;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use cdm_api::control::*;
+use cdm_api::types::Job;
+use cdm_api::{ApiError, ApiResult};
+use cdmfs::Pool;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::appliance::st;
+use crate::clock::Clock;
+use crate::events::Events;
+use crate::jobs::Jobs;
+use crate::state::{State, APPS, JOBS};
+use cdm_common::lock::lock;
+
+/// Default running jobs per host and on the whole appliance.
+pub const HOST_JOBS: usize = 2;
+pub const MAX_JOBS: usize = 8;
+/// A queued job of a host offline this long (without a policy RPO) fails.
+const OFFLINE_QUEUED_SECS: u64 = 3600;
+
+/// A one-use enrolment token, stored under the SHA-256 of the token.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct EnrolRec {
+    pub name: Option<String>,
+    pub created_by: String,
+    pub created_unix: u64,
+    pub expires_unix: u64,
+    pub used: bool,
+}
+
+/// An enrolled host as stored.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct HostRec {
+    pub name: String,
+    pub hostname: String,
+    pub version: String,
+    pub os: String,
+    pub capabilities: Vec<String>,
+    /// Id of its credential (a token of user `host:NAME`).
+    pub token_id: String,
+    pub enrolled_unix: u64,
+    pub last_seen_unix: Option<u64>,
+    pub retired: bool,
+    /// Job ids its agent last reported running.
+    pub running: Vec<u64>,
+}
+
+/// An application as stored (its RPO is computed when read).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct AppRec {
+    pub id: u64,
+    pub host: String,
+    pub kind: String,
+    pub name: String,
+    pub config: Value,
+    pub volume: String,
+    pub policy: Option<String>,
+    pub discovered: bool,
+    pub size_bytes: Option<u64>,
+    pub created_unix: u64,
+    /// When its policy was assigned: without points, the RPO counts from here.
+    pub policy_since_unix: Option<u64>,
+}
+
+/// What the scheduler keeps per application: when its next policy backup
+/// is due and the RPO state it last announced.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct AppState {
+    pub next_due_unix: Option<u64>,
+    pub rpo_state: Option<String>,
+}
+
+/// The user behind a host's credential.
+pub fn host_user(name: &str) -> String {
+    format!("host:{name}")
+}
+
+pub struct Control {
+    state: Arc<State>,
+    clock: Arc<Clock>,
+    events: Arc<Events>,
+    pool: Arc<Pool>,
+    jobs: Arc<Jobs>,
+    max_jobs: AtomicUsize,
+    host_jobs: AtomicUsize,
+    /// Agent jobs queued or running, by id (oldest first). Every change
+    /// to an agent job, and every creation of one, holds this lock.
+    active: Mutex<BTreeMap<u64, Job>>,
+    /// Wakes agents waiting for work (a job queued, a host retired).
+    wake: Condvar,
+    /// When each host was last heard from, on the appliance clock.
+    seen: Mutex<HashMap<String, u64>>,
+    /// The last finished backup job of each application.
+    last_backup: Mutex<HashMap<u64, JobBrief>>,
+    /// One RPO evaluation at a time (the tick and ending jobs): a change
+    /// is announced once.
+    rpo: Mutex<()>,
+}
+
+impl Control {
+    pub fn new(
+        state: Arc<State>,
+        clock: Arc<Clock>,
+        events: Arc<Events>,
+        pool: Arc<Pool>,
+        jobs: Arc<Jobs>,
+    ) -> Arc<Control> {
+        let now = clock.now();
+        let c = Control {
+            state,
+            clock,
+            events,
+            pool,
+            jobs,
+            max_jobs: AtomicUsize::new(MAX_JOBS),
+            host_jobs: AtomicUsize::new(HOST_JOBS),
+            active: Mutex::new(BTreeMap::new()),
+            wake: Condvar::new(),
+            seen: Mutex::new(HashMap::new()),
+            last_backup: Mutex::new(HashMap::new()),
+            rpo: Mutex::new(()),
+        };
+        if let Err(e) = c.load(now) {
+            tracing::error!(error = %e, "cannot load the control plane's jobs");
+        }
+        Arc::new(c)
+    }
+
+    /// Loads the queued and agent-run jobs, the last backup of each
+    /// application, and when hosts were seen. A host counts as seen at this
+    /// start: its agent had no appliance to talk to while it was down.
+    fn load(&self, now: u64) -> Result<(), crate::state::StateError> {
+        let jobs: Vec<Job> = self.state.scan(JOBS, 0, usize::MAX, false, |j: &Job| {
+            j.host.is_some() && (j.kind == "backup" || j.kind == "restore")
+        })?;
+        let mut active = lock(&self.active);
+        let mut last = lock(&self.last_backup);
+        for j in jobs {
+            if j.state == "queued" || j.state == "running" {
+                active.insert(j.id, j);
+            } else if let (Some(app), "backup") = (j.application, j.kind.as_str()) {
+                last.insert(app, brief(&j));
+            }
+        }
+        drop((active, last));
+        let hosts: Vec<HostRec> = self.state.all(crate::state::HOSTS)?;
+        let mut seen = lock(&self.seen);
+        for h in hosts.iter().filter(|h| !h.retired) {
+            seen.insert(h.name.clone(), now.max(h.last_seen_unix.unwrap_or(0)));
+        }
+        Ok(())
+    }
+
+    /// `--max-jobs` and `--max-jobs-per-host`.
+    pub fn set_limits(&self, max_jobs: usize, host_jobs: usize) {
+        self.max_jobs.store(max_jobs.max(1), Ordering::Relaxed);
+        self.host_jobs.store(host_jobs.max(1), Ordering::Relaxed);
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.now()
+    }
+
+    /// Whether host `name` was heard from within three heartbeats.
+    fn online(&self, name: &str, now: u64) -> bool {
+        lock(&self.seen)
+            .get(name)
+            .is_some_and(|t| now.saturating_sub(*t) <= 3 * HEARTBEAT_SECS)
+    }
+
+    fn touch(&self, name: &str) {
+        let now = self.now();
+        let mut seen = lock(&self.seen);
+        let t = seen.entry(name.to_string()).or_insert(now);
+        *t = (*t).max(now);
+    }
+
+    fn apps(&self) -> ApiResult<Vec<AppRec>> {
+        self.state
+            .scan(APPS, 0, usize::MAX, false, |_: &AppRec| true)
+            .map_err(st)
+    }
+
+    fn app_rec(&self, id: u64) -> ApiResult<AppRec> {
+        self.state
+            .get(APPS, id)
+            .map_err(st)?
+            .ok_or_else(|| ApiError::not_found(format!("application {id} not found")))
+    }
+
+    fn policy_rec(&self, name: &str) -> ApiResult<Option<ProtectionPolicy>> {
+        self.state.get(crate::state::PROTECTION, name).map_err(st)
+    }
+
+    /// Emits `job.STATE` (or `job.created`) for an agent job.
+    fn job_event(&self, kind: &str, j: &Job, actor: &str) {
+        self.events.emit(
+            kind,
+            &format!("job {}", j.id),
+            actor,
+            json!({"id": j.id, "kind": j.kind, "application": j.application, "host": j.host, "message": j.message}),
+        );
+    }
+
+    /// The retention of every application volume whose policy keeps a
+    /// number or an age of points (applied with the volumes' own).
+    pub fn retention_by_volume(&self) -> ApiResult<HashMap<String, cdm_api::types::Retention>> {
+        let policies = self.policy_map()?;
+        let mut out = HashMap::new();
+        for a in self.apps()? {
+            let Some(p) = a.policy.as_ref().and_then(|p| policies.get(p)) else {
+                continue;
+            };
+            if p.keep_last.is_none() && p.keep_days.is_none() {
+                continue;
+            }
+            out.insert(
+                a.volume,
+                cdm_api::types::Retention {
+                    keep_last: p.keep_last,
+                    keep_days: p.keep_days,
+                    min_keep: p.min_keep.unwrap_or(1).max(1),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// The scheduler's tick: fails the jobs of vanished hosts, queues due
+    /// policy backups, evaluates every application's RPO.
+    pub fn tick(&self) {
+        if let Err(e) = self.fail_vanished() {
+            tracing::error!(error = %e.message, "cannot check the hosts of running jobs");
+        }
+        if let Err(e) = self.run_policies() {
+            tracing::error!(error = %e.message, "cannot queue policy backups");
+        }
+        if let Err(e) = self.evaluate_rpo(None) {
+            tracing::error!(error = %e.message, "cannot evaluate RPOs");
+        }
+    }
+}
+
+pub(crate) fn brief(j: &Job) -> JobBrief {
+    JobBrief {
+        id: j.id,
+        state: j.state.clone(),
+        message: j.message.clone(),
+    }
+}

@@ -1,0 +1,592 @@
+//! The queue of agent jobs (`backup`, `restore`): creation (one backup at
+//! a time per application), dispatch to the host's agent when it pulls
+//! (oldest first, within the per-host and appliance limits), progress and
+//! logs, finish (idempotent), cancel, the failures of vanished hosts and
+//! restarted agents, and retries with backoff on the appliance clock.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use cdm_api::auth::Caller;
+use cdm_api::control::*;
+use cdm_api::types::Job;
+use cdm_api::{ApiError, ApiResult};
+use serde_json::{json, Value};
+
+use super::{brief, lock, AppRec, Control, HostRec, OFFLINE_QUEUED_SECS};
+use crate::appliance::st;
+use crate::state::{Sync, HOSTS, JOBS};
+
+/// A job's log keeps its first this many lines, each of at most
+/// `LINE_MAX` bytes.
+const LOG_MAX_LINES: u64 = 20_000;
+const LINE_MAX: usize = 4096;
+
+/// Backoff before retry number `attempt` (the failed one's attempt).
+pub fn backoff(attempt: u32) -> u64 {
+    60u64.saturating_mul(1u64 << attempt.saturating_sub(1).min(20))
+}
+
+fn clip(mut s: String) -> String {
+    if s.len() > LINE_MAX {
+        let mut cut = LINE_MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+type Active = BTreeMap<u64, Job>;
+
+impl Control {
+    /// Stores a new queued agent job; `params` gets the job's id.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn queue_locked(
+        &self,
+        active: &mut Active,
+        kind: &str,
+        app: &AppRec,
+        host: &str,
+        attempt: u32,
+        not_before: Option<u64>,
+        by: &str,
+        params: impl FnOnce(u64) -> Value,
+    ) -> ApiResult<Job> {
+        let now = self.now();
+        let j = self
+            .state
+            .append(JOBS, Sync::Now, |id| Job {
+                id,
+                kind: kind.to_string(),
+                state: "queued".into(),
+                message: "queued".into(),
+                created_by: by.to_string(),
+                created_unix: now,
+                application: Some(app.id),
+                host: Some(host.to_string()),
+                attempt,
+                params: Some(params(id)),
+                not_before_unix: not_before,
+                ..Job::default()
+            })
+            .map_err(st)?;
+        active.insert(j.id, j.clone());
+        self.job_event("job.created", &j, by);
+        self.wake.notify_all();
+        Ok(j)
+    }
+
+    pub(super) fn backup_busy(active: &Active, app: u64) -> bool {
+        active
+            .values()
+            .any(|j| j.kind == "backup" && j.application == Some(app))
+    }
+
+    /// Queues a backup of `app` unless one is queued or running (409 `busy`).
+    pub(super) fn queue_backup(
+        &self,
+        active: &mut Active,
+        app: &AppRec,
+        attempt: u32,
+        not_before: Option<u64>,
+        scheduled: bool,
+        by: &str,
+    ) -> ApiResult<Job> {
+        if Self::backup_busy(active, app.id) {
+            return Err(ApiError::new(
+                409,
+                "busy",
+                format!(
+                    "a backup of application {} is already queued or running",
+                    app.id
+                ),
+            ));
+        }
+        let h: Option<HostRec> = self.state.get(HOSTS, app.host.as_str()).map_err(st)?;
+        if h.is_none_or(|h| h.retired) {
+            return Err(ApiError::conflict(format!(
+                "host {} of application {} is not enrolled",
+                app.host, app.id
+            )));
+        }
+        let label = format!("backup-{}", crate::clock::stamp(self.now()));
+        let (app_id, policy) = (app.id, app.policy.clone());
+        self.queue_locked(
+            active,
+            "backup",
+            app,
+            &app.host,
+            attempt,
+            not_before,
+            by,
+            |id| {
+                json!({"label": label, "scheduled": scheduled,
+                   "metadata": {"application": app_id, "job": id, "policy": policy}})
+            },
+        )
+    }
+
+    pub fn start_backup(&self, c: &Caller, id: u64) -> ApiResult<Job> {
+        let app = self.app_rec(id)?;
+        let mut active = lock(&self.active);
+        self.queue_backup(&mut active, &app, 1, None, false, &c.user)
+    }
+
+    pub fn start_restore(&self, c: &Caller, id: u64, req: RestoreCreate) -> ApiResult<Job> {
+        if !["instant", "clone", "regular"].contains(&req.kind.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown restore kind {:?}: use instant, clone or regular",
+                req.kind
+            )));
+        }
+        if req.kind == "regular" && req.target.is_none() {
+            return Err(ApiError::bad_request(
+                "a regular restore needs \"target\" (a directory on the host)",
+            ));
+        }
+        let app = self.app_rec(id)?;
+        let points = self.points(id)?;
+        let snap = match req.snapshot {
+            Some(s) => points
+                .iter()
+                .find(|p| p.snapshot == s)
+                .ok_or_else(|| ApiError::not_found(format!("application {id} has no point {s}")))?,
+            None => points
+                .first()
+                .ok_or_else(|| ApiError::conflict(format!("application {id} has no point yet")))?,
+        };
+        let host = req.host.clone().unwrap_or_else(|| app.host.clone());
+        let h: Option<HostRec> = self.state.get(HOSTS, host.as_str()).map_err(st)?;
+        if h.is_none_or(|h| h.retired) {
+            return Err(ApiError::not_found(format!("host {host} is not enrolled")));
+        }
+        let params = json!({"kind": req.kind, "volume": snap.volume, "snapshot": snap.snapshot,
+            "name": req.name, "port": req.port, "target": req.target});
+        let mut active = lock(&self.active);
+        self.queue_locked(
+            &mut active,
+            "restore",
+            &app,
+            &host,
+            1,
+            None,
+            &c.user,
+            |_| params,
+        )
+    }
+
+    /// Hands out this host's queued jobs that may start now, oldest first,
+    /// within the limits; marks them running.
+    fn dispatch_locked(&self, active: &mut Active, host: &str) -> ApiResult<Vec<AgentJob>> {
+        let now = self.now();
+        let running = |h: Option<&str>| {
+            active
+                .values()
+                .filter(|j| j.state == "running" && (h.is_none() || j.host.as_deref() == h))
+                .count()
+        };
+        let total = self.max_jobs.load(Ordering::Relaxed);
+        let per_host = self.host_jobs.load(Ordering::Relaxed);
+        let slots = total
+            .saturating_sub(running(None))
+            .min(per_host.saturating_sub(running(Some(host))));
+        let ids: Vec<u64> = active
+            .values()
+            .filter(|j| {
+                j.state == "queued"
+                    && j.host.as_deref() == Some(host)
+                    && j.not_before_unix.is_none_or(|t| t <= now)
+            })
+            .map(|j| j.id)
+            .take(slots)
+            .collect();
+        let mut out = Vec::new();
+        for id in ids {
+            let Some(app) = active
+                .get(&id)
+                .and_then(|j| j.application)
+                .map(|a| self.state.get::<_, AppRec>(crate::state::APPS, a))
+                .transpose()
+                .map_err(st)?
+                .flatten()
+            else {
+                self.end_locked(
+                    active,
+                    id,
+                    "failed",
+                    "the application was deleted",
+                    None,
+                    "appliance",
+                    false,
+                )?;
+                continue;
+            };
+            let policy = match &app.policy {
+                Some(p) => self.policy_rec(p)?,
+                None => None,
+            };
+            let Some(j) = active.get_mut(&id) else {
+                continue;
+            };
+            j.state = "running".into();
+            j.message = "running".into();
+            j.started_unix = Some(now);
+            self.state.put(JOBS, id, &*j, Sync::Now).map_err(st)?;
+            let j = j.clone();
+            tracing::info!(job = id, kind = %j.kind, host, "agent job handed out");
+            out.push(AgentJob {
+                id,
+                kind: j.kind.clone(),
+                attempt: j.attempt,
+                application: self.public_app(app.clone(), now)?,
+                params: j.params.clone().unwrap_or(Value::Null),
+                volume_settings: policy
+                    .as_ref()
+                    .map(|p| p.volume.clone())
+                    .unwrap_or_default(),
+                bandwidth_mibps: policy.as_ref().and_then(|p| p.bandwidth_mibps),
+                bandwidth_windows: policy.map(|p| p.bandwidth_windows).unwrap_or_default(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Long poll: this host's next jobs, or none after `wait` seconds.
+    pub fn pull(&self, c: &Caller, wait: u64) -> ApiResult<Vec<AgentJob>> {
+        let host = Self::caller_host(c)?.to_string();
+        let deadline = Instant::now() + Duration::from_secs(wait);
+        let mut active = lock(&self.active);
+        loop {
+            let h: Option<HostRec> = self.state.get(HOSTS, host.as_str()).map_err(st)?;
+            if h.is_none_or(|h| h.retired) {
+                return Err(ApiError::unauthorized(format!("host {host} was retired")));
+            }
+            let got = self.dispatch_locked(&mut active, &host)?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !got.is_empty() || left.is_zero() {
+                return Ok(got);
+            }
+            // Wake at least each second: a retry's backoff ends on the
+            // appliance clock, which no notification marks.
+            active = self
+                .wake
+                .wait_timeout(active, left.min(Duration::from_secs(1)))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+            self.touch(&host);
+        }
+    }
+
+    /// This host's job `id`, as the agent protocol looks it up: 404 if it
+    /// is not the host's, 409 if it is no longer running.
+    fn own_job(&self, active: &Active, host: &str, id: u64) -> ApiResult<Job> {
+        if let Some(j) = active.get(&id).filter(|j| j.host.as_deref() == Some(host)) {
+            return Ok(j.clone());
+        }
+        let j: Option<Job> = self.state.get(JOBS, id).map_err(st)?;
+        match j {
+            Some(j) if j.host.as_deref() == Some(host) => Ok(j),
+            _ => Err(ApiError::not_found(format!(
+                "job {id} is not a job of host {host}"
+            ))),
+        }
+    }
+
+    fn append_log(&self, id: u64, lines: Vec<String>, sync: Sync) -> ApiResult<()> {
+        let now = self.now();
+        let lines: Vec<LogLine> = lines
+            .into_iter()
+            .map(|l| LogLine {
+                time_unix: now,
+                line: clip(l),
+            })
+            .collect();
+        self.state
+            .append_lines(id, &lines, LOG_MAX_LINES, sync)
+            .map_err(st)?;
+        Ok(())
+    }
+
+    pub fn progress(&self, c: &Caller, id: u64, req: AgentProgress) -> ApiResult<ProgressReply> {
+        let host = Self::caller_host(c)?.to_string();
+        let mut active = lock(&self.active);
+        let j = self.own_job(&active, &host, id)?;
+        if j.state != "running" {
+            return Err(ApiError::conflict(format!(
+                "job {id} is {}: {}",
+                j.state, j.message
+            )));
+        }
+        self.append_log(id, req.log, Sync::Lazy)?;
+        let Some(j) = active.get_mut(&id) else {
+            return Err(ApiError::conflict(format!("job {id} is no longer running")));
+        };
+        j.done = req.done;
+        j.total = req.total;
+        j.progress = if req.total == 0 {
+            0.0
+        } else {
+            (req.done as f64 / req.total as f64).min(1.0)
+        };
+        self.state.put(JOBS, id, &*j, Sync::Lazy).map_err(st)?;
+        Ok(ProgressReply {
+            cancel: j.cancel_requested,
+        })
+    }
+
+    pub fn finish(&self, c: &Caller, id: u64, req: AgentFinish) -> ApiResult<Job> {
+        if !["succeeded", "failed", "cancelled"].contains(&req.state.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown state {:?}: use succeeded, failed or cancelled",
+                req.state
+            )));
+        }
+        let host = Self::caller_host(c)?.to_string();
+        let mut active = lock(&self.active);
+        let j = self.own_job(&active, &host, id)?;
+        match j.state.as_str() {
+            "running" => {}
+            // The agent retries until it gets an answer: the same outcome
+            // again is no error.
+            s if s == req.state => return Ok(j),
+            "queued" => {
+                return Err(ApiError::conflict(format!(
+                    "job {id} was not handed out yet"
+                )))
+            }
+            s => {
+                return Err(ApiError::conflict(format!(
+                    "job {id} already ended {s}: {}",
+                    j.message
+                )))
+            }
+        }
+        self.append_log(id, req.log, Sync::Lazy)?;
+        let message = match req.state.as_str() {
+            "succeeded" => "done".to_string(),
+            "cancelled" => "cancelled".to_string(),
+            _ => req
+                .error
+                .unwrap_or_else(|| "the agent reported a failure".into()),
+        };
+        self.end_locked(
+            &mut active,
+            id,
+            &req.state,
+            &message,
+            req.result,
+            &c.user,
+            true,
+        )
+    }
+
+    /// Ends an active job: stores it, emits its event, queues a retry of a
+    /// failed scheduled backup (when `retry`), updates the application's RPO.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn end_locked(
+        &self,
+        active: &mut Active,
+        id: u64,
+        to: &str,
+        message: &str,
+        result: Option<Value>,
+        actor: &str,
+        retry: bool,
+    ) -> ApiResult<Job> {
+        let Some(mut j) = active.remove(&id) else {
+            return Err(ApiError::conflict(format!("job {id} is not active")));
+        };
+        j.state = to.to_string();
+        j.message = message.to_string();
+        j.finished_unix = Some(self.now());
+        j.result = result;
+        if to == "succeeded" {
+            j.progress = 1.0;
+            j.done = j.done.max(j.total);
+        }
+        if let Err(e) = self.state.put(JOBS, id, &j, Sync::Now) {
+            // Keep it active rather than lose it: the next try stores it.
+            active.insert(id, j);
+            return Err(st(e));
+        }
+        tracing::info!(job = id, kind = %j.kind, state = to, message, "agent job ended");
+        self.job_event(&format!("job.{to}"), &j, actor);
+        if let (Some(app), "backup") = (j.application, j.kind.as_str()) {
+            lock(&self.last_backup).insert(app, brief(&j));
+            if retry && to == "failed" {
+                self.retry_locked(active, &j)?;
+            }
+            if let Err(e) = self.evaluate_rpo(Some(app)) {
+                tracing::error!(error = %e.message, "cannot evaluate an RPO");
+            }
+        }
+        Ok(j)
+    }
+
+    /// Queues the next attempt of a failed scheduled backup, after the
+    /// backoff, while its policy allows more.
+    fn retry_locked(&self, active: &mut Active, j: &Job) -> ApiResult<()> {
+        let scheduled = j
+            .params
+            .as_ref()
+            .and_then(|p| p["scheduled"].as_bool())
+            .unwrap_or(false);
+        let Some(app_id) = j.application.filter(|_| scheduled) else {
+            return Ok(());
+        };
+        let Ok(app) = self.app_rec(app_id) else {
+            return Ok(());
+        };
+        let Some(p) = app
+            .policy
+            .as_deref()
+            .map(|p| self.policy_rec(p))
+            .transpose()?
+            .flatten()
+        else {
+            return Ok(());
+        };
+        if j.attempt.max(1) > p.retries {
+            return Ok(());
+        }
+        let at = self.now() + backoff(j.attempt.max(1));
+        match self.queue_backup(
+            active,
+            &app,
+            j.attempt.max(1) + 1,
+            Some(at),
+            true,
+            "scheduler",
+        ) {
+            Ok(r) => tracing::info!(
+                job = r.id,
+                after = j.id,
+                not_before = at,
+                "backup retry queued"
+            ),
+            Err(e) => tracing::warn!(job = j.id, error = %e.message, "no retry queued"),
+        }
+        Ok(())
+    }
+
+    pub fn cancel(&self, c: &Caller, id: u64) -> ApiResult<Job> {
+        let mut active = lock(&self.active);
+        let state = active.get(&id).map(|j| j.state.clone());
+        match state.as_deref() {
+            Some("queued") => {
+                let m = format!("cancelled by {}", c.user);
+                self.end_locked(&mut active, id, "cancelled", &m, None, &c.user, false)
+            }
+            Some(_) => {
+                let Some(j) = active.get_mut(&id) else {
+                    return Err(ApiError::not_found(format!("job {id} not found")));
+                };
+                j.cancel_requested = true;
+                j.message = format!("cancel asked by {}", c.user);
+                self.state.put(JOBS, id, &*j, Sync::Now).map_err(st)?;
+                Ok(j.clone())
+            }
+            None => {
+                let j = self
+                    .jobs
+                    .get(id)
+                    .map_err(st)?
+                    .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+                if j.state == "running" {
+                    Err(ApiError::conflict(format!(
+                        "a {} job cannot be cancelled",
+                        j.kind
+                    )))
+                } else {
+                    Err(ApiError::conflict(format!(
+                        "job {id} already ended {}",
+                        j.state
+                    )))
+                }
+            }
+        }
+    }
+
+    /// A restarted agent lists the jobs it still runs: the others of its
+    /// host that were running died with the old agent.
+    pub(super) fn agent_restarted(&self, host: &str, running: &[u64]) -> ApiResult<()> {
+        let mut active = lock(&self.active);
+        let dead: Vec<u64> = active
+            .values()
+            .filter(|j| {
+                j.state == "running" && j.host.as_deref() == Some(host) && !running.contains(&j.id)
+            })
+            .map(|j| j.id)
+            .collect();
+        let m = format!("the agent on {host} restarted while the job ran");
+        for id in dead {
+            self.end_locked(&mut active, id, "failed", &m, None, "appliance", true)?;
+        }
+        Ok(())
+    }
+
+    /// Fails running jobs whose host went offline, and queued ones whose
+    /// host has been offline longer than their policy's RPO (or an hour).
+    pub(super) fn fail_vanished(&self) -> ApiResult<()> {
+        let now = self.now();
+        let mut active = lock(&self.active);
+        let mut ends = Vec::new();
+        for j in active.values() {
+            let Some(h) = j.host.as_deref() else { continue };
+            if self.online(h, now) {
+                continue;
+            }
+            if j.state == "running" {
+                ends.push((j.id, format!("host {h} went offline"), true));
+                continue;
+            }
+            let since = lock(&self.seen).get(h).copied().unwrap_or(j.created_unix);
+            let limit = j
+                .application
+                .and_then(|a| self.app_rec(a).ok())
+                .and_then(|a| a.policy)
+                .and_then(|p| self.policy_rec(&p).ok().flatten())
+                .map_or(OFFLINE_QUEUED_SECS, |p| p.rpo_seconds);
+            if now.saturating_sub(since.max(j.created_unix)) > limit {
+                ends.push((j.id, format!("host {h} is offline"), false));
+            }
+        }
+        for (id, m, retry) in ends {
+            self.end_locked(&mut active, id, "failed", &m, None, "appliance", retry)?;
+        }
+        Ok(())
+    }
+
+    pub fn job_log(&self, id: u64) -> ApiResult<JobLog> {
+        self.jobs
+            .get(id)
+            .map_err(st)?
+            .ok_or_else(|| ApiError::not_found(format!("job {id} not found")))?;
+        Ok(JobLog {
+            lines: self.state.lines(id).map_err(st)?,
+        })
+    }
+
+    pub fn list_jobs(&self, q: JobQuery) -> ApiResult<Vec<Job>> {
+        self.jobs
+            .list_where(200, |j| {
+                q.application.is_none_or(|a| j.application == Some(a))
+                    && q.host
+                        .as_deref()
+                        .is_none_or(|h| j.host.as_deref() == Some(h))
+                    && q.kind.as_deref().is_none_or(|k| j.kind == k)
+                    && q.state.as_deref().is_none_or(|s| j.state == s)
+            })
+            .map_err(st)
+    }
+
+    /// Running agent jobs per host and queued ones, for metrics.
+    pub fn queue_counts(&self) -> (usize, usize) {
+        let a = lock(&self.active);
+        let running = a.values().filter(|j| j.state == "running").count();
+        (running, a.len() - running)
+    }
+}

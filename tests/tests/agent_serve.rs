@@ -1,0 +1,523 @@
+//! `cdm-agent serve` end to end, against the real snapshotd and a real
+//! PostgreSQL: enrolment and the stored credential, heartbeats and the
+//! discovery of a running cluster, an on-demand backup job whose point
+//! carries the job's metadata, a restart without the token, retirement
+//! (exit 4); a cancelled job and an agent killed mid-job (SIGKILL) that
+//! both leave no point, their child processes gone, and a correct next
+//! run. Also what needs no control plane: refused starts (exit 3) and the
+//! backups' `--metadata` and stage-volume options the jobs rely on.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use cdm_e2e::pg::{psql, Pg};
+use cdm_e2e::*;
+use serde_json::{json, Value};
+
+/// A `cdm-agent serve` process with its own state directory (its own
+/// host identity).
+struct ServeAgent {
+    state: tempfile::TempDir,
+    url: String,
+    sock: PathBuf,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl ServeAgent {
+    fn new(app: &Appliance) -> ServeAgent {
+        let state = tempfile::Builder::new()
+            .prefix("cdm-serve-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let log = state.path().join("agent.log");
+        ServeAgent {
+            state,
+            url: app.url(),
+            sock: app.sock.clone(),
+            child: None,
+            log,
+        }
+    }
+
+    fn cmd(&self, serve_args: &[&str]) -> Command {
+        let mut c = Command::new(bin("cdm-agent"));
+        c.args(["--url", &self.url, "--nbd"])
+            .arg(format!("unix:{}", self.sock.display()))
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("serve")
+            .args(serve_args)
+            .env_remove("CDM_TOKEN")
+            .env_remove("CDM_TOKEN_FILE")
+            .env_remove("CDM_ENROL_TOKEN")
+            .env_remove("CDM_AGENT_CONFIG")
+            .env("RUST_LOG", "info");
+        c
+    }
+
+    fn start(&mut self, serve_args: &[&str]) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(
+            self.cmd(serve_args)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("start cdm-agent serve"),
+        );
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    /// Waits for the service to exit by itself; its exit code.
+    fn wait_exit(&mut self) -> i32 {
+        let mut c = self.child.take().expect("running");
+        let st = wait_for(120, "the agent to exit", || c.try_wait().unwrap());
+        st.code().unwrap_or(-1)
+    }
+
+    fn signal(&mut self, sig: i32) -> i32 {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(c.id() as i32, sig) };
+        let st = c.wait().unwrap();
+        st.code().unwrap_or(-1)
+    }
+}
+
+impl Drop for ServeAgent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // What a killed job left attached.
+        let agent = |args: &[&str]| {
+            Command::new(bin("cdm-agent"))
+                .args(["--url", &self.url, "--state-dir"])
+                .arg(self.state.path())
+                .arg("--json")
+                .args(args)
+                .output()
+        };
+        if let Ok(out) = agent(&["list"]) {
+            if let Ok(Value::Array(v)) = serde_json::from_slice::<Value>(&out.stdout) {
+                for a in v {
+                    if let Some(n) = a["name"].as_str() {
+                        let _ = agent(&["detach", n]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The pids whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if f.get(1).and_then(|x| x.parse::<i32>().ok()) == Some(pid) && f[0] != "Z" {
+            v.push(p);
+        }
+    }
+    v
+}
+
+fn alive(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .trim_start()
+        .chars()
+        .next();
+    !matches!(state, None | Some('Z') | Some('X'))
+}
+
+fn enrol_token(api: &Api) -> String {
+    let v = api.expect(201, "POST", "/v1/hosts/enrolments", Some(json!({})));
+    v["token"].as_str().unwrap().to_string()
+}
+
+/// The application the agent discovered for `pg`.
+fn discovered(api: &Api, host: &str, pg: &Pg) -> Value {
+    wait_for(120, "the cluster to be discovered", || {
+        let apps = api.get(&format!("/v1/applications?host={host}"));
+        apps.as_array()?
+            .iter()
+            .find(|a| {
+                a["kind"] == "postgresql"
+                    && a["config"]["port"] == pg.port
+                    && a["config"]["host"] == pg.sock.display().to_string()
+            })
+            .cloned()
+    })
+}
+
+fn job_done(api: &Api, id: u64) -> Value {
+    wait_for(600, "the job to finish", || {
+        let j = api.get(&format!("/v1/jobs/{id}"));
+        (!matches!(j["state"].as_str(), Some("queued" | "running"))).then_some(j)
+    })
+}
+
+fn points(api: &Api, app: u64) -> Vec<Value> {
+    api.get(&format!("/v1/applications/{app}/points"))
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn host_state(api: &Api, host: &str) -> String {
+    api.get(&format!("/v1/hosts/{host}"))["state"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+#[test]
+fn serve_refuses_to_start_without_enrolment() {
+    let app = Appliance::start(None);
+    let mut a = ServeAgent::new(&app);
+    // Never enrolled, no token: exit 3 at once, saying what to do.
+    a.start(&[]);
+    assert_eq!(a.wait_exit(), 3, "{}", a.log());
+    assert!(a.log().contains("no enrolment token"), "{}", a.log());
+    // A token the appliance does not know: refused, exit 3, no credential.
+    a.start(&["--enrol", "cdm_enrol_not_a_token", "--discover", "none"]);
+    assert_eq!(a.wait_exit(), 3, "{}", a.log());
+    assert!(a.log().contains("refused the enrolment"), "{}", a.log());
+    assert!(!a.state.path().join("serve/credential.json").exists());
+}
+
+#[test]
+fn backups_record_extra_metadata_and_make_stage_volumes_as_asked() {
+    let app = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let state = tempfile::Builder::new()
+        .prefix("cdm-agent-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let src = state.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_file(&src.join("a.txt"), b"hello");
+    let agent = |args: &[&str]| {
+        let mut c = Command::new(bin("cdm-agent"));
+        c.args(["--url", &app.url(), "--token-file"])
+            .arg(app.data.join("admin.token"))
+            .arg("--nbd")
+            .arg(format!("unix:{}", app.sock.display()))
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--json")
+            .args(args)
+            .env_remove("CDM_TOKEN");
+        output(&mut c)
+    };
+    let src_s = src.to_str().unwrap();
+    let out = agent(&[
+        "backup",
+        "files",
+        "--volume",
+        "meta1",
+        "--size",
+        "1G",
+        "--label",
+        "job 7",
+        "--metadata",
+        r#"{"job": 7, "policy": "gold", "application": 3}"#,
+        "--dedup",
+        "true",
+        "--compression",
+        "3",
+        "--stage-block-size",
+        "16384",
+        src_s,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(text.trim()).unwrap();
+    let id = v["snapshot"].as_u64().unwrap();
+    let snap = api.get(&format!("/v1/volumes/meta1/snapshots/{id}"));
+    assert_eq!(snap["label"], "job 7");
+    let m = &snap["metadata"];
+    assert_eq!(
+        (
+            m["job"].clone(),
+            m["policy"].clone(),
+            m["application"].clone()
+        ),
+        (json!(7), json!("gold"), json!(3))
+    );
+    assert_eq!(
+        m["kind"], "files",
+        "merged into what the agent records: {m}"
+    );
+    let vol = api.get("/v1/volumes/meta1");
+    assert_eq!(
+        (
+            vol["dedup"].clone(),
+            vol["compression"].clone(),
+            vol["block_size"].clone()
+        ),
+        (json!(true), json!(3), json!(16384))
+    );
+    // Not an object: refused before anything is done.
+    let out = agent(&[
+        "backup",
+        "files",
+        "--volume",
+        "meta2",
+        "--size",
+        "1G",
+        "--metadata",
+        "[1]",
+        src_s,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("JSON object"));
+    assert_eq!(api.call("GET", "/v1/volumes/meta2", None).0, 404);
+}
+
+#[test]
+fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
+    let app = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let pg = Pg::init(1);
+    let mut a = ServeAgent::new(&app);
+    let token = enrol_token(&api);
+    a.start(&["--enrol", &token, "--name", "db1"]);
+    wait_for(120, "host db1 online", || {
+        let (s, v) = api.call("GET", "/v1/hosts/db1", None);
+        (s == 200 && v["state"] == "online").then_some(())
+    });
+    let h = api.get("/v1/hosts/db1");
+    assert_eq!(h["version"], env!("CARGO_PKG_VERSION"));
+    assert!(
+        h["capabilities"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("postgresql")),
+        "{h}"
+    );
+    assert!(!h["os"].as_str().unwrap_or("").is_empty(), "{h}");
+    // The credential: private, and the token is spent.
+    let cred = a.state.path().join("serve/credential.json");
+    assert_eq!(std::fs::metadata(&cred).unwrap().mode() & 0o777, 0o600);
+    let c: Value = serde_json::from_slice(&std::fs::read(&cred).unwrap()).unwrap();
+    assert_eq!(c["host"], "db1");
+    // The running cluster, found through /proc and its postmaster.pid.
+    let appl = discovered(&api, "db1", &pg);
+    assert_eq!(appl["discovered"], true);
+    assert_eq!(appl["config"]["pgdata"], pg.data.display().to_string());
+    assert!(appl["size_bytes"].as_u64().unwrap() > 1 << 20, "{appl}");
+    let app_id = appl["id"].as_u64().unwrap();
+    // An on-demand backup: a job the agent runs; its point carries the
+    // job's metadata and the backup's LSNs.
+    let job = api.expect(
+        202,
+        "POST",
+        &format!("/v1/applications/{app_id}/backups"),
+        None,
+    );
+    let job_id = job["id"].as_u64().unwrap();
+    let done = job_done(&api, job_id);
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", a.log());
+    let pts = points(&api, app_id);
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    let m = &pts[0]["metadata"];
+    assert_eq!(m["job"], job_id, "{m}");
+    assert_eq!(m["application"], app_id, "{m}");
+    assert_eq!(m["kind"], "postgres");
+    assert!(m["stop_lsn"].is_string(), "{m}");
+    let log = api.get(&format!("/v1/jobs/{job_id}/log"));
+    let lines: Vec<&str> = log["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["line"].as_str())
+        .collect();
+    assert!(
+        lines.iter().any(|l| l.contains("backup postgres")),
+        "{lines:?}"
+    );
+    // A restart without the token: the stored credential; the next job
+    // runs too.
+    assert_eq!(a.signal(libc::SIGTERM), 0, "{}", a.log());
+    a.start(&[]);
+    wait_for(120, "the first heartbeat after the restart", || {
+        a.log()
+            .matches("first heartbeat acknowledged")
+            .nth(1)
+            .map(|_| ())
+    });
+    let job2 = api.expect(
+        202,
+        "POST",
+        &format!("/v1/applications/{app_id}/backups"),
+        None,
+    );
+    let done2 = job_done(&api, job2["id"].as_u64().unwrap());
+    assert_eq!(done2["state"], "succeeded", "{done2}\n{}", a.log());
+    assert_eq!(points(&api, app_id).len(), 2);
+    // Retired: the credential is refused at once, the agent says so and
+    // exits 4 (systemd does not restart it).
+    api.expect(204, "DELETE", "/v1/hosts/db1", None);
+    assert_eq!(a.wait_exit(), 4, "{}", a.log());
+    assert!(a.log().contains("retired"), "{}", a.log());
+    assert_ne!(host_state(&api, "db1"), "online");
+}
+
+/// A backup job slow enough to be caught running (1 MiB/s).
+fn slow_backup(api: &Api, app_id: u64, agent: &ServeAgent) -> (u64, i32) {
+    let job = api.expect(
+        202,
+        "POST",
+        &format!("/v1/applications/{app_id}/backups"),
+        None,
+    );
+    let id = job["id"].as_u64().unwrap();
+    let child = wait_for(120, "the job's process", || {
+        let j = api.get(&format!("/v1/jobs/{id}"));
+        assert!(
+            matches!(j["state"].as_str(), Some("queued" | "running")),
+            "{j}"
+        );
+        (j["state"] == "running").then_some(())?;
+        children(agent.pid()).into_iter().find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("backup"))
+                .unwrap_or(false)
+        })
+    });
+    // The copy is under way: the job's log has the child's first lines.
+    wait_for(120, "the job's log", || {
+        let log = api.get(&format!("/v1/jobs/{id}/log"));
+        (log["lines"].as_array()?.len() >= 2).then_some(())
+    });
+    (id, child)
+}
+
+#[test]
+fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
+    let app = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let pg = Pg::init(2);
+    let mut a = ServeAgent::new(&app);
+    let token = enrol_token(&api);
+    a.start(&["--enrol", &token, "--name", "db2"]);
+    let appl = discovered(&api, "db2", &pg);
+    let app_id = appl["id"].as_u64().unwrap();
+    api.expect(
+        201,
+        "POST",
+        "/v1/protection-policies",
+        Some(json!({
+            "name": "slow", "interval_seconds": 86400, "rpo_seconds": 86400 * 2,
+            "keep_last": 3, "bandwidth_mibps": 1
+        })),
+    );
+    api.expect(
+        200,
+        "PUT",
+        &format!("/v1/applications/{app_id}/policy"),
+        Some(json!({"policy": "slow"})),
+    );
+    // Cancelled: the child is stopped, the job ends cancelled, no point.
+    let (id, child) = slow_backup(&api, app_id, &a);
+    api.expect(200, "POST", &format!("/v1/jobs/{id}/cancel"), None);
+    let j = job_done(&api, id);
+    assert_eq!(j["state"], "cancelled", "{j}\n{}", a.log());
+    wait_for(120, "the cancelled job's process to end", || {
+        (!alive(child)).then_some(())
+    });
+    assert!(points(&api, app_id).is_empty());
+    // Killed: SIGKILL to the agent takes its job's process with it; no
+    // point, and the job fails with the reason once the agent is back.
+    let (id, child) = slow_backup(&api, app_id, &a);
+    assert_eq!(a.signal(libc::SIGKILL), -1);
+    wait_for(120, "the killed agent's job process to end", || {
+        (!alive(child)).then_some(())
+    });
+    assert!(points(&api, app_id).is_empty());
+    a.start(&[]);
+    let j = job_done(&api, id);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["message"].as_str().unwrap_or("").contains("restarted"),
+        "{j}"
+    );
+    // The next run is correct: full speed, one point, the data restores.
+    api.expect(
+        200,
+        "PUT",
+        &format!("/v1/applications/{app_id}/policy"),
+        Some(json!({"policy": null})),
+    );
+    pg.pgbench(50);
+    let state = psql(
+        &pg.sock,
+        pg.port,
+        "SELECT sum(abalance), count(*) FROM pgbench_history",
+    );
+    let job = api.expect(
+        202,
+        "POST",
+        &format!("/v1/applications/{app_id}/backups"),
+        None,
+    );
+    let j = job_done(&api, job["id"].as_u64().unwrap());
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
+    let pts = points(&api, app_id);
+    assert_eq!(pts.len(), 1, "{pts:?}");
+    // Restored on this host as a clone: the job's result names the socket.
+    let r = api.expect(
+        202,
+        "POST",
+        &format!("/v1/applications/{app_id}/restores"),
+        Some(json!({
+            "kind": "clone", "host": "db2", "name": "db2-check", "port": 5999
+        })),
+    );
+    let j = job_done(&api, r["id"].as_u64().unwrap());
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
+    let res = &j["result"];
+    let sock = PathBuf::from(res["socket_dir"].as_str().unwrap());
+    assert_eq!(res["host"], res["socket_dir"]);
+    assert_eq!(
+        psql(
+            &sock,
+            5999,
+            "SELECT sum(abalance), count(*) FROM pgbench_history"
+        ),
+        state
+    );
+    assert!(Path::new(&sock).exists());
+}
