@@ -17,9 +17,13 @@ import { Users } from "./pages/users";
 import { VolumePage, Volumes } from "./pages/volumes";
 import { Vms } from "./pages/vms";
 import { Webhooks } from "./pages/webhooks";
+import { ApplicationPage, Applications, Hosts, Policies } from "./pages/control";
 
 const NAV: [string, string, ((s: Session) => boolean)?][] = [
   ["/", "Dashboard"],
+  ["/applications", "Applications"],
+  ["/hosts", "Hosts"],
+  ["/policies", "Policies"],
   ["/volumes", "Volumes"],
   ["/clones", "Clones"],
   ["/mounts", "Mounts"],
@@ -42,6 +46,12 @@ function page(path: string) {
       return <Browse volume={p[1]} id={p[2]} key={`${p[1]}@${p[2]}`} />;
     case "clones":
       return <Clones />;
+    case "hosts":
+      return <Hosts />;
+    case "applications":
+      return p[1] ? <ApplicationPage id={p[1]} key={p[1]} /> : <Applications key={location.search} />;
+    case "policies":
+      return <Policies />;
     case "mounts":
       return <Mounts />;
     case "jobs":

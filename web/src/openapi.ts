@@ -32,6 +32,182 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/agent/enrol": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["agent_enrol"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/agent/heartbeat": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["agent_heartbeat"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/agent/jobs": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["agent_jobs"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/agent/jobs/{id}/finish": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["agent_finish"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/agent/jobs/{id}/progress": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["agent_progress"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/applications": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_applications"];
+        put?: never;
+        post: operations["create_application"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/applications/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["application"];
+        put?: never;
+        post?: never;
+        delete: operations["delete_application"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/applications/{id}/backups": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["start_backup"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/applications/{id}/points": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["points"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/applications/{id}/policy": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put: operations["assign_policy"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/applications/{id}/restores": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["start_restore"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/audit": {
         parameters: {
             query?: never;
@@ -144,6 +320,54 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/hosts": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_hosts"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/hosts/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["host"];
+        put?: never;
+        post?: never;
+        delete: operations["retire_host"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/hosts/enrolments": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["create_enrolment"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/jobs": {
         parameters: {
             query?: never;
@@ -168,6 +392,38 @@ export interface paths {
             cookie?: never;
         };
         get: operations["job"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/jobs/{id}/cancel": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["cancel_job"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/jobs/{id}/log": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["job_log"];
         put?: never;
         post?: never;
         delete?: never;
@@ -283,6 +539,38 @@ export interface paths {
         put: operations["set_pool_policy"];
         post?: never;
         delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/protection-policies": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_policies"];
+        put?: never;
+        post: operations["create_policy"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/protection-policies/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["policy"];
+        put: operations["update_policy"];
+        post?: never;
+        delete: operations["delete_policy"];
         options?: never;
         head?: never;
         patch?: never;
@@ -423,7 +711,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        get: operations["policy"];
+        get: operations["policy_get__v1_volumes_name_policy"];
         put: operations["set_policy"];
         post?: never;
         delete?: never;
@@ -612,6 +900,82 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** @description `POST /v1/agent/enrol` (the token is the authentication). */
+        AgentEnrol: {
+            hostname: string;
+            name?: string | null;
+            os?: string;
+            token: string;
+            version?: string;
+        };
+        /** @description The answer to an enrolment: the host's own credential. */
+        AgentEnrolled: {
+            /** @description A bearer token of role `host`. */
+            credential: string;
+            /** Format: int64 */
+            heartbeat_seconds: number;
+            host: string;
+        };
+        /** @description `POST /v1/agent/jobs/{id}/finish`. */
+        AgentFinish: {
+            error?: string | null;
+            log?: string[];
+            result?: unknown;
+            /** @description `succeeded`, `failed` or `cancelled`. */
+            state: string;
+        };
+        /** @description A job handed to an agent. */
+        AgentJob: {
+            application: components["schemas"]["Application"];
+            /** Format: int32 */
+            attempt: number;
+            /** Format: int64 */
+            bandwidth_mibps?: number | null;
+            bandwidth_windows?: string[];
+            /** Format: int64 */
+            id: number;
+            /** @description `backup` or `restore`. */
+            kind: string;
+            params: unknown;
+            volume_settings: components["schemas"]["VolumeSettings"];
+        };
+        /** @description `POST /v1/agent/jobs/{id}/progress`. */
+        AgentProgress: {
+            /** Format: int64 */
+            done?: number;
+            log?: string[];
+            /** Format: int64 */
+            total?: number;
+        };
+        /** @description A protected object: a database cluster, a file tree, a block device, VMs. */
+        Application: {
+            config: unknown;
+            /** Format: int64 */
+            created_unix: number;
+            discovered: boolean;
+            host: string;
+            /** Format: int64 */
+            id: number;
+            /** @description `postgresql`, `mariadb`, `files`, `block` or `vm`. */
+            kind: string;
+            name: string;
+            policy?: string | null;
+            rpo: components["schemas"]["RpoStatus"];
+            /** Format: int64 */
+            size_bytes?: number | null;
+            /** @description The stage volume its points are snapshots of. */
+            volume: string;
+        };
+        /** @description `POST /v1/applications`: an application registered by hand. */
+        ApplicationCreate: {
+            config?: unknown;
+            host: string;
+            kind: string;
+            name: string;
+            policy?: string | null;
+            /** @description Default `{host}-{kind}-{name}`. */
+            volume?: string | null;
+        };
         /** @description One change made through the API. */
         AuditEntry: {
             /** Format: int64 */
@@ -664,6 +1028,34 @@ export interface components {
             updated_unix: number;
             /** Format: int64 */
             webhook: number;
+        };
+        /** @description An application the agent found on its host. */
+        DiscoveredApp: {
+            config?: unknown;
+            kind: string;
+            name: string;
+            /** Format: int64 */
+            size_bytes?: number | null;
+        };
+        /** @description `POST /v1/hosts/enrolments`. */
+        EnrolmentCreate: {
+            /** @description The name the host will have (else the agent's `name`, else its host name). */
+            name?: string | null;
+            /**
+             * Format: int64
+             * @description Default 3600, at most 7 days.
+             */
+            ttl_seconds?: number | null;
+        };
+        /** @description A one-use enrolment token. */
+        EnrolmentToken: {
+            /** @description SHA-256 of the appliance's CA certificate, when it has one. */
+            ca_sha256?: string | null;
+            /** @description RFC 3339. */
+            expires_at: string;
+            /** Format: int64 */
+            expires_unix: number;
+            token: string;
         };
         /** @description Every error answer: `{"error": {"code", "message"}}`. */
         ErrorBody: {
@@ -769,8 +1161,54 @@ export interface components {
             status: string;
             version: string;
         };
+        /** @description `POST /v1/agent/heartbeat`. */
+        Heartbeat: {
+            applications?: components["schemas"]["DiscoveredApp"][];
+            capabilities?: string[];
+            /** @description True on the agent's first heartbeat after it started. */
+            first?: boolean;
+            hostname?: string;
+            os?: string;
+            /** @description Ids of the jobs the agent runs now. */
+            running?: number[];
+            version?: string;
+        };
+        HeartbeatReply: {
+            /** Format: int64 */
+            heartbeat_seconds: number;
+        };
+        /** @description An enrolled host. */
+        Host: {
+            capabilities: string[];
+            /** Format: int64 */
+            enrolled_unix: number;
+            hostname: string;
+            /** @description RFC 3339, null before the first heartbeat. */
+            last_seen?: string | null;
+            /** Format: int64 */
+            last_seen_unix?: number | null;
+            name: string;
+            os: string;
+            /** @description Job ids the agent reported running in its last heartbeat. */
+            running_jobs: number[];
+            /** @description `online`, `offline` or `retired`. */
+            state: string;
+            version: string;
+        };
         /** @description A long operation. */
         Job: {
+            /**
+             * Format: int64
+             * @description Agent jobs (`backup`, `restore`): the application.
+             */
+            application?: number | null;
+            /**
+             * Format: int32
+             * @description Agent jobs: 1 for the first try, 2 for its first retry…
+             */
+            attempt?: number;
+            /** @description A cancel was asked while an agent ran the job. */
+            cancel_requested?: boolean;
             created_by: string;
             /** Format: int64 */
             created_unix: number;
@@ -778,10 +1216,19 @@ export interface components {
             done: number;
             /** Format: int64 */
             finished_unix?: number | null;
+            /** @description Agent jobs: the host that runs it. */
+            host?: string | null;
             /** Format: int64 */
             id: number;
             kind: string;
             message: string;
+            /**
+             * Format: int64
+             * @description A queued retry is not handed out before this time.
+             */
+            not_before_unix?: number | null;
+            /** @description Agent jobs: what the agent is asked to do. */
+            params?: unknown;
             /**
              * Format: double
              * @description 0.0 … 1.0.
@@ -789,10 +1236,22 @@ export interface components {
             progress: number;
             /** @description Outcome details (a scrub report, expired snapshots…). */
             result?: unknown;
-            /** @description `running`, `succeeded` or `failed`. */
+            /**
+             * Format: int64
+             * @description When an agent took the job.
+             */
+            started_unix?: number | null;
+            /** @description `queued`, `running`, `succeeded`, `failed` or `cancelled`. */
             state: string;
             /** Format: int64 */
             total: number;
+        };
+        /** @description The last backup job of an application. */
+        JobBrief: {
+            /** Format: int64 */
+            id: number;
+            message: string;
+            state: string;
         };
         /** @description `POST /v1/jobs`. */
         JobCreate: {
@@ -832,10 +1291,20 @@ export interface components {
             /** @description For `delete-volume`. */
             volume?: string | null;
         };
+        /** @description `GET /v1/jobs/{id}/log`. */
+        JobLog: {
+            lines: components["schemas"]["LogLine"][];
+        };
         /** @description `POST /v1/login`: a password login that returns a session token. */
         Login: {
             name: string;
             password: string;
+        };
+        /** @description One line of a job's log. */
+        LogLine: {
+            line: string;
+            /** Format: int64 */
+            time_unix: number;
         };
         /** @description A filesystem mounted on the appliance from a snapshot or a clone. */
         Mount: {
@@ -898,10 +1367,26 @@ export interface components {
             /** Format: int64 */
             start: number;
         };
+        /** @description A recovery point: a snapshot of an application's volume. */
+        Point: {
+            /** @description RFC 3339. */
+            created: string;
+            /** Format: int64 */
+            created_unix: number;
+            label: string;
+            metadata: unknown;
+            /** Format: int64 */
+            snapshot: number;
+            volume: string;
+        };
         /** @description A volume's snapshot schedule and retention (`PUT /v1/volumes/{name}/policy`). */
         Policy: {
             retention?: components["schemas"]["Retention"];
             schedule?: null | components["schemas"]["Schedule"];
+        };
+        /** @description `PUT /v1/applications/{id}/policy`. */
+        PolicyAssign: {
+            policy?: string | null;
         };
         /** @description `POST /v1/pool/grow`: enlarge the pool. */
         PoolGrow: {
@@ -985,6 +1470,51 @@ export interface components {
             pool: components["schemas"]["ReductionFigures"];
             volumes: components["schemas"]["VolumeReductionFigures"][];
         };
+        ProgressReply: {
+            /** @description The job was cancelled: stop it and finish it as `cancelled`. */
+            cancel: boolean;
+        };
+        /** @description A protection policy (SLA template), assigned to applications. */
+        ProtectionPolicy: {
+            /** Format: int64 */
+            bandwidth_mibps?: number | null;
+            /** @description `HH:MM-HH:MM=MIBPS`. */
+            bandwidth_windows?: string[];
+            /** @description Five-field cron expression (UTC). */
+            cron?: string | null;
+            /**
+             * Format: int64
+             * @description Reserved for recovery drills.
+             */
+            drill_interval_seconds?: number | null;
+            /**
+             * Format: int64
+             * @description Backup every this many seconds (≥ 60); or `cron`.
+             */
+            interval_seconds?: number | null;
+            /** Format: int32 */
+            keep_days?: number | null;
+            /** Format: int32 */
+            keep_last?: number | null;
+            /** Format: int32 */
+            min_keep?: number | null;
+            name: string;
+            /** @description Reserved for replication. */
+            replication?: unknown;
+            /**
+             * Format: int32
+             * @description Retries of a failed scheduled backup (default 2).
+             */
+            retries?: number;
+            /**
+             * Format: int64
+             * @description Largest age of the newest good point before the application is late.
+             */
+            rpo_seconds: number;
+            volume?: components["schemas"]["VolumeSettings"];
+            /** @description When backups may start; empty = any time. */
+            windows?: components["schemas"]["Window"][];
+        };
         /** @description Bytes at each stage of the data pipeline. */
         ReductionFigures: {
             /**
@@ -1009,6 +1539,23 @@ export interface components {
              */
             ratio: number;
         };
+        /** @description `POST /v1/applications/{id}/restores`. */
+        RestoreCreate: {
+            /** @description Default: the application's host. */
+            host?: string | null;
+            /** @description `instant`, `clone` or `regular`. */
+            kind: string;
+            name?: string | null;
+            /** Format: int32 */
+            port?: number | null;
+            /**
+             * Format: int64
+             * @description Default: the newest point.
+             */
+            snapshot?: number | null;
+            /** @description For `regular`: the directory to restore into. */
+            target?: string | null;
+        };
         /**
          * @description Which snapshots are kept (as restic's `forget`): a snapshot is kept when
          *     any rule that is set keeps it, when it is one of the newest `min_keep`
@@ -1032,6 +1579,20 @@ export interface components {
              * @description Never fewer than this many (at least 1).
              */
             min_keep?: number;
+        };
+        /** @description An application's recovery point objective, as of now. */
+        RpoStatus: {
+            /** Format: int64 */
+            age_seconds?: number | null;
+            last_job?: null | components["schemas"]["JobBrief"];
+            /** @description RFC 3339 of the newest point. */
+            last_point?: string | null;
+            /** Format: int64 */
+            last_point_unix?: number | null;
+            /** Format: int64 */
+            rpo_seconds?: number | null;
+            /** @description `ok`, `late`, `failing` or `unprotected`. */
+            state: string;
         };
         /** @description When a volume is snapshotted automatically. */
         Schedule: {
@@ -1228,6 +1789,19 @@ export interface components {
         VolumeReductionFigures: components["schemas"]["ReductionFigures"] & {
             name: string;
         };
+        /** @description Settings of the stage volumes of a policy's applications. */
+        VolumeSettings: {
+            /** Format: int32 */
+            block_size?: number | null;
+            /**
+             * Format: int32
+             * @description zstd level, 0 = off.
+             */
+            compression?: number | null;
+            dedup?: boolean | null;
+            /** @description `none`, `aes-256-xts`, `aes-128-xts` or `sm4-xts`. */
+            encryption?: string | null;
+        };
         /** @description `PATCH /v1/volumes/{name}`: grow a volume. */
         VolumeUpdate: {
             /**
@@ -1255,6 +1829,14 @@ export interface components {
             secret?: string | null;
             /** @description `http://` or `https://` receiver. */
             url: string;
+        };
+        /**
+         * @description A time of day (UTC) when backups may start: `start` ≤ t < `end`
+         *     (`HH:MM`); a window whose end is before its start spans midnight.
+         */
+        Window: {
+            end: string;
+            start: string;
         };
     };
     responses: never;
@@ -1300,6 +1882,412 @@ export interface operations {
                 };
                 content: {
                     "text/plain": unknown;
+                };
+            };
+        };
+    };
+    agent_enrol: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["AgentEnrol"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AgentEnrolled"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    agent_heartbeat: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["Heartbeat"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HeartbeatReply"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    agent_jobs: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description At most 30. */
+                wait: number | null;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AgentJob"][];
+                };
+            };
+        };
+    };
+    agent_finish: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["AgentFinish"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    agent_progress: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["AgentProgress"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProgressReply"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_applications: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                host: string | null;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Application"][];
+                };
+            };
+        };
+    };
+    create_application: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ApplicationCreate"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Application"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    application: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Application"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_application: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    start_backup: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    points: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Point"][];
+                };
+            };
+        };
+    };
+    assign_policy: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PolicyAssign"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Application"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    start_restore: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RestoreCreate"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1475,11 +2463,122 @@ export interface operations {
             };
         };
     };
-    list_jobs: {
+    list_hosts: {
         parameters: {
             query?: never;
             header?: never;
             path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Host"][];
+                };
+            };
+        };
+    };
+    host: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Host"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    retire_host: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    create_enrolment: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["EnrolmentCreate"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EnrolmentToken"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_jobs: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                application: number | null;
+                host: string | null;
+                kind: string | null;
+                state: string | null;
+            };
             cookie?: never;
         };
         requestBody?: never;
@@ -1534,6 +2633,64 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Job"];
+                };
+            };
+        };
+    };
+    cancel_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    job_log: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobLog"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1760,6 +2917,153 @@ export interface operations {
                 };
             };
             403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_policies: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProtectionPolicy"][];
+                };
+            };
+        };
+    };
+    create_policy: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ProtectionPolicy"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProtectionPolicy"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    policy: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProtectionPolicy"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    update_policy: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ProtectionPolicy"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ProtectionPolicy"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_policy: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2163,7 +3467,7 @@ export interface operations {
             };
         };
     };
-    policy: {
+    policy_get__v1_volumes_name_policy: {
         parameters: {
             query?: never;
             header?: never;

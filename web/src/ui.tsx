@@ -222,7 +222,7 @@ export function Table<T>(p: { rows: T[] | null; cols: Col<T>[]; label: string; p
   );
 }
 
-export function Chart(p: { title: string; data: uPlot.AlignedData; series: uPlot.Series[]; yFmt?: (v: number) => string; bars?: boolean }) {
+export function Chart(p: { title: string; data: uPlot.AlignedData; series: uPlot.Series[]; yFmt?: (v: number) => string; bars?: boolean; xIsTime?: boolean }) {
   const el = useRef<HTMLDivElement>(null);
   const plot = useRef<uPlot | null>(null);
   useEffect(() => {
@@ -235,6 +235,7 @@ export function Chart(p: { title: string; data: uPlot.AlignedData; series: uPlot
       series: [{}, ...p.series.map((s) => (p.bars ? { ...s, paths: uPlot.paths.bars!({ size: [0.6, 40] }) } : s))],
       axes: [{}, { size: 70, values: fmt ? (_u, vals) => vals.map((v) => fmt(v)) : undefined }],
       legend: { show: false },
+      scales: { x: { time: p.xIsTime ?? true } },
     };
     plot.current?.destroy();
     plot.current = new uPlot(opts, p.data, el.current);

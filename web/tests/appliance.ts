@@ -48,7 +48,7 @@ export async function startAppliance(extra: string[] = []): Promise<Appliance & 
   const out = openSync(logFile, "a");
   const child = spawn(
     join(BIN, "snapshotd"),
-    ["--data", data, "--api", "127.0.0.1:0", "--ready-file", ready, "--nbd", `unix:${sock}`, "--pool-size", "4G", "--pool-sparse", "--mount", mnt, ...extra],
+    ["--data", data, "--api", "127.0.0.1:0", "--ready-file", ready, "--nbd", `unix:${sock}`, "--pool-size", "4G", "--pool-sparse", "--mount", mnt, "--fake-clock", ...extra],
     { stdio: ["ignore", out, out], env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? "info" } },
   );
   const addr = await waitFor(

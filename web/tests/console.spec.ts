@@ -327,7 +327,7 @@ test("users and tokens: a new token is shown once and works", async ({ page, app
 test("main pages: no serious accessibility violations; screenshots at 1280×720 and phone width", async ({ page, app }) => {
   await app.api("POST", "/v1/webhooks", { url: "http://127.0.0.1:9/hook", events: ["volume.*"] }).catch(() => undefined);
   await signIn(page, app);
-  const pages = ["/", "/volumes", "/volumes/pipeline", "/clones", "/mounts", "/jobs", "/vms", "/events", "/audit", "/webhooks", "/users"];
+  const pages = ["/", "/applications", "/hosts", "/policies", "/volumes", "/volumes/pipeline", "/clones", "/mounts", "/jobs", "/vms", "/events", "/audit", "/webhooks", "/users"];
   for (const p of pages) {
     await page.goto(app.url + p);
     await expect(page.getByRole("heading", { level: 1 })).toBeVisible();

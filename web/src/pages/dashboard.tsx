@@ -4,6 +4,7 @@
 import { useMemo } from "preact/hooks";
 import { get, S } from "../api";
 import { bytes, Chart, ErrorBox, Link, Table, useLoad, when } from "../ui";
+import { AppTable, RpoBadge } from "./control";
 
 const HIST = "cdm.capacity";
 
@@ -25,10 +26,11 @@ function remember(p: S["PoolInfo"]): [number[], number[]] {
 export function Dashboard() {
   const pool = useLoad(() => get<S["PoolInfo"]>("/v1/pool"), [], 10_000);
   const jobs = useLoad(() => get<S["Job"][]>("/v1/jobs"), [], 3_000);
+  const apps = useLoad(() => get<S["Application"][]>("/v1/applications"), [], 10_000);
   const alerts = useLoad(() => get<S["Event"][]>("/v1/events?type=alert.*&limit=10"), [], 10_000);
   const p = pool.data;
   const hist = useMemo(() => (p ? remember(p) : null), [p]);
-  const running = (jobs.data ?? []).filter((j) => j.state === "running");
+  const running = (jobs.data ?? []).filter((j) => j.state === "running" || j.state === "queued");
   const failed = (jobs.data ?? []).filter((j) => j.state === "failed").slice(0, 10);
   const durations = useMemo(() => {
     const done = (jobs.data ?? []).filter((j) => j.finished_unix).slice(0, 50).reverse();
@@ -38,7 +40,7 @@ export function Dashboard() {
   return (
     <section>
       <h1>Dashboard</h1>
-      <ErrorBox error={pool.error || jobs.error || alerts.error} />
+      <ErrorBox error={pool.error || jobs.error || alerts.error || apps.error} />
       <div class="cards">
         <div class="card" data-testid="capacity">
           <h2>Pool capacity</h2>
@@ -76,6 +78,21 @@ export function Dashboard() {
             <p>Loading…</p>
           )}
         </div>
+        <div class="card" data-testid="rpo">
+          <h2>Applications by RPO state</h2>
+          {apps.data ? (
+            <ul class="rpo-counts">
+              {["ok", "late", "failing", "unprotected"].map((st) => (
+                <li>
+                  <RpoBadge state={st} /> <span data-testid={`rpo-${st}`}>{apps.data!.filter((a) => a.rpo.state === st).length}</span>
+                </li>
+              ))}
+            </ul>
+          ) : (
+            <p>Loading…</p>
+          )}
+          <Link href="/applications">All applications</Link>
+        </div>
         <div class="card">
           <h2>Jobs</h2>
           <p class="big">
@@ -89,9 +106,11 @@ export function Dashboard() {
           <Chart title="Used capacity over time (this session)" data={hist} series={[{ label: "used", stroke: "#1f5f8b", fill: "rgba(31,95,139,0.15)" }]} yFmt={bytes} />
         )}
         {durations[0].length > 0 && (
-          <Chart title="Durations of recent jobs (seconds, by job id)" data={durations} series={[{ label: "seconds", stroke: "#7a4d00", fill: "rgba(122,77,0,0.3)" }]} bars />
+          <Chart title="Durations of recent jobs (seconds, by job id)" data={durations} series={[{ label: "seconds", stroke: "#7a4d00", fill: "rgba(122,77,0,0.3)" }]} bars xIsTime={false} />
         )}
       </div>
+      <h2>Late and failing applications</h2>
+      <AppTable label="Late and failing applications" rows={apps.data ? apps.data.filter((a) => a.rpo.state === "late" || a.rpo.state === "failing") : null} />
       <h2>Running jobs</h2>
       <JobTable rows={jobs.data ? running : null} label="Running jobs" empty="No job is running." />
       <h2>Failed jobs</h2>

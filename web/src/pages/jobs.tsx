@@ -2,7 +2,7 @@
 // log (message and result), and starting the jobs an operator may start.
 import { useState } from "preact/hooks";
 import { call, get, may, S } from "../api";
-import { ErrorBox, Field, Link, useAction, useLoad, useSession, val, when } from "../ui";
+import { Confirm, ErrorBox, Field, Link, useAction, useLoad, useSession, val, when } from "../ui";
 import { JobTable } from "./dashboard";
 
 export function Jobs() {
@@ -67,12 +67,19 @@ function StartJob(p: { done: () => void }) {
 }
 
 export function JobPage({ id }: { id: string }) {
+  const s = useSession();
   const job = useLoad(() => get<S["Job"]>(`/v1/jobs/${encodeURIComponent(id)}`), [id], 1_000);
+  const log = useLoad(() => get<S["JobLog"]>(`/v1/jobs/${encodeURIComponent(id)}/log`), [id], 2_000);
+  const a = useAction();
   const j = job.data;
+  const live = j && (j.state === "running" || j.state === "queued");
   return (
     <section>
       <h1>Job #{id}</h1>
-      <ErrorBox error={job.error} />
+      <ErrorBox error={job.error || a.error} />
+      {live && may(s, "write") && (
+        <Confirm label="Cancel job" danger onConfirm={() => a.run(() => call("POST", `/v1/jobs/${encodeURIComponent(id)}/cancel`), job.reload)} />
+      )}
       {j && (
         <>
           <dl class="facts">
@@ -97,6 +104,7 @@ export function JobPage({ id }: { id: string }) {
           </dl>
           <h2>Log</h2>
           <pre class="log" data-testid="job-log">
+            {(log.data?.lines ?? []).map((l) => `${when(l.time_unix)} ${l.line}\n`).join("")}
             {j.message}
             {j.result ? "\n" + JSON.stringify(j.result, null, 2) : ""}
           </pre>
