@@ -32,16 +32,14 @@ pub struct Asset {
 include!("../../web/dist/assets.rs");
 
 /// The policy sent with every console answer.
-pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
+pub const CSP: &str =
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; \
 connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// Whether `path` is the console's (served without a token: the files are
 /// public, the data behind them is not) rather than the API's.
 pub fn is_console(path: &str) -> bool {
-    !(path == "/v1"
-        || path.starts_with("/v1/")
-        || path == "/metrics"
-        || path == "/health")
+    !(path == "/v1" || path.starts_with("/v1/") || path == "/metrics" || path == "/health")
 }
 
 /// The router's fallback: API paths that matched no route get the API's
@@ -178,7 +176,7 @@ mod tests {
         respond(&method, path, &h)
     }
 
-    fn hdr<'a>(r: &'a Response, k: header::HeaderName) -> &'a str {
+    fn hdr(r: &Response, k: header::HeaderName) -> &str {
         r.headers()
             .get(k)
             .map(|v| v.to_str().unwrap())
