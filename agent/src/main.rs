@@ -692,6 +692,7 @@ fn serve_cmd(cli: &Cli, a: &ServeArgs) -> ExitCode {
             name: a.name.clone(),
             discover: (a.discover == "postgres").then(serve::discover::Roots::default),
             max_jobs: usize::from(a.max_jobs),
+            ca_file: cli.ca_file.clone(),
             exe: std::env::current_exe().context("cannot find the agent's executable")?,
             os_release: PathBuf::from("/etc/os-release"),
         })

@@ -240,6 +240,10 @@ async fn start_restore(
     if let Some(h) = &req.host {
         check_name("host", h)?;
     }
+    // The agent names the clone (and its attachment) after it.
+    if let Some(n) = &req.name {
+        check_name("clone", n)?;
+    }
     Ok(accepted(
         run(&s, move |b| b.start_restore(&c, id, req)).await?,
     ))

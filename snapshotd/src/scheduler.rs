@@ -135,6 +135,10 @@ impl Scheduler {
                     }
                     me.tick();
                 }
+                // Agents' long polls end now, not when their wait runs out.
+                if let Some(c) = me.control.get() {
+                    c.shutdown();
+                }
             });
     }
 

@@ -27,6 +27,11 @@ struct ServeAgent {
 
 impl ServeAgent {
     fn new(app: &Appliance) -> ServeAgent {
+        ServeAgent::at(app, app.url())
+    }
+
+    /// An agent that reaches the appliance at `url`.
+    fn at(app: &Appliance, url: String) -> ServeAgent {
         let state = tempfile::Builder::new()
             .prefix("cdm-serve-")
             .tempdir_in("/var/tmp")
@@ -34,7 +39,7 @@ impl ServeAgent {
         let log = state.path().join("agent.log");
         ServeAgent {
             state,
-            url: app.url(),
+            url,
             sock: app.sock.clone(),
             child: None,
             log,
@@ -53,6 +58,7 @@ impl ServeAgent {
             .env_remove("CDM_TOKEN_FILE")
             .env_remove("CDM_ENROL_TOKEN")
             .env_remove("CDM_AGENT_CONFIG")
+            .env_remove("CDM_CA_FILE")
             .env("RUST_LOG", "info");
         c
     }
@@ -177,11 +183,23 @@ fn discovered(api: &Api, host: &str, pg: &Pg) -> Value {
     })
 }
 
-fn job_done(api: &Api, id: u64) -> Value {
-    wait_for(600, "the job to finish", || {
+/// Waits for job `id` to end; on a hang, says where it stood.
+fn job_done(api: &Api, id: u64, agent: &ServeAgent) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
         let j = api.get(&format!("/v1/jobs/{id}"));
-        (!matches!(j["state"].as_str(), Some("queued" | "running"))).then_some(j)
-    })
+        if !matches!(j["state"].as_str(), Some("queued" | "running")) {
+            return j;
+        }
+        if std::time::Instant::now() > deadline {
+            let log = api.get(&format!("/v1/jobs/{id}/log"));
+            panic!(
+                "job {id} did not end: {j}\nits log: {log}\nagent: {}",
+                agent.log()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }
 
 fn points(api: &Api, app: u64) -> Vec<Value> {
@@ -211,6 +229,24 @@ fn serve_refuses_to_start_without_enrolment() {
     assert_eq!(a.wait_exit(), 3, "{}", a.log());
     assert!(a.log().contains("refused the enrolment"), "{}", a.log());
     assert!(!a.state.path().join("serve/credential.json").exists());
+    // HTTPS with another appliance's CA: refused at once (exit 3), the
+    // certificate named as the reason, no credential.
+    let other = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let token = enrol_token(&api);
+    let mut b = ServeAgent::at(&app, app.https_url());
+    let wrong = other.ca_file();
+    b.start(&[
+        "--enrol",
+        &token,
+        "--discover",
+        "none",
+        "--ca-file",
+        wrong.to_str().unwrap(),
+    ]);
+    assert_eq!(b.wait_exit(), 3, "{}", b.log());
+    assert!(b.log().contains("certificate"), "{}", b.log());
+    assert!(!b.state.path().join("serve/credential.json").exists());
 }
 
 #[test]
@@ -311,12 +347,23 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
     let app = Appliance::start(None);
     let api = Api::new(&app, &app.admin_token());
     let pg = Pg::init(1);
-    let mut a = ServeAgent::new(&app);
+    // Over HTTPS, the appliance's CA given once and pinned.
+    let mut a = ServeAgent::at(&app, app.https_url());
     let token = enrol_token(&api);
-    a.start(&["--enrol", &token, "--name", "db1"]);
-    wait_for(120, "host db1 online", || {
+    let ca = app.ca_file();
+    a.start(&[
+        "--enrol",
+        &token,
+        "--name",
+        "db1",
+        "--ca-file",
+        ca.to_str().unwrap(),
+    ]);
+    // Online from the first heartbeat (enrolment alone reports nothing).
+    wait_for(120, "host db1 online after its first heartbeat", || {
         let (s, v) = api.call("GET", "/v1/hosts/db1", None);
-        (s == 200 && v["state"] == "online").then_some(())
+        (s == 200 && v["state"] == "online" && v["capabilities"].as_array()?.len() == 3)
+            .then_some(())
     });
     let h = api.get("/v1/hosts/db1");
     assert_eq!(h["version"], env!("CARGO_PKG_VERSION"));
@@ -333,6 +380,8 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
     assert_eq!(std::fs::metadata(&cred).unwrap().mode() & 0o777, 0o600);
     let c: Value = serde_json::from_slice(&std::fs::read(&cred).unwrap()).unwrap();
     assert_eq!(c["host"], "db1");
+    let pinned = a.state.path().join("serve/ca.crt");
+    assert_eq!(std::fs::read(&pinned).unwrap(), std::fs::read(&ca).unwrap());
     // The running cluster, found through /proc and its postmaster.pid.
     let appl = discovered(&api, "db1", &pg);
     assert_eq!(appl["discovered"], true);
@@ -348,7 +397,7 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
         None,
     );
     let job_id = job["id"].as_u64().unwrap();
-    let done = job_done(&api, job_id);
+    let done = job_done(&api, job_id, &a);
     assert_eq!(done["state"], "succeeded", "{done}\n{}", a.log());
     let pts = points(&api, app_id);
     assert_eq!(pts.len(), 1, "{pts:?}");
@@ -384,7 +433,7 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
         &format!("/v1/applications/{app_id}/backups"),
         None,
     );
-    let done2 = job_done(&api, job2["id"].as_u64().unwrap());
+    let done2 = job_done(&api, job2["id"].as_u64().unwrap(), &a);
     assert_eq!(done2["state"], "succeeded", "{done2}\n{}", a.log());
     assert_eq!(points(&api, app_id).len(), 2);
     // Retired: the credential is refused at once, the agent says so and
@@ -453,7 +502,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
     // Cancelled: the child is stopped, the job ends cancelled, no point.
     let (id, child) = slow_backup(&api, app_id, &a);
     api.expect(200, "POST", &format!("/v1/jobs/{id}/cancel"), None);
-    let j = job_done(&api, id);
+    let j = job_done(&api, id, &a);
     assert_eq!(j["state"], "cancelled", "{j}\n{}", a.log());
     wait_for(120, "the cancelled job's process to end", || {
         (!alive(child)).then_some(())
@@ -468,7 +517,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
     });
     assert!(points(&api, app_id).is_empty());
     a.start(&[]);
-    let j = job_done(&api, id);
+    let j = job_done(&api, id, &a);
     assert_eq!(j["state"], "failed", "{j}");
     assert!(
         j["message"].as_str().unwrap_or("").contains("restarted"),
@@ -485,7 +534,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
     let state = psql(
         &pg.sock,
         pg.port,
-        "SELECT sum(abalance), count(*) FROM pgbench_history",
+        "SELECT sum(delta), count(*) FROM pgbench_history",
     );
     let job = api.expect(
         202,
@@ -493,7 +542,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
         &format!("/v1/applications/{app_id}/backups"),
         None,
     );
-    let j = job_done(&api, job["id"].as_u64().unwrap());
+    let j = job_done(&api, job["id"].as_u64().unwrap(), &a);
     assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
     let pts = points(&api, app_id);
     assert_eq!(pts.len(), 1, "{pts:?}");
@@ -506,7 +555,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
             "kind": "clone", "host": "db2", "name": "db2-check", "port": 5999
         })),
     );
-    let j = job_done(&api, r["id"].as_u64().unwrap());
+    let j = job_done(&api, r["id"].as_u64().unwrap(), &a);
     assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
     let res = &j["result"];
     let sock = PathBuf::from(res["socket_dir"].as_str().unwrap());
@@ -515,7 +564,7 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
         psql(
             &sock,
             5999,
-            "SELECT sum(abalance), count(*) FROM pgbench_history"
+            "SELECT sum(delta), count(*) FROM pgbench_history"
         ),
         state
     );

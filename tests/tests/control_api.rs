@@ -251,7 +251,7 @@ fn enrolment_tokens_are_one_use_and_expire_and_hosts_go_offline() {
         "{v}"
     );
     // Unknown.
-    let (s, _) = enrol_raw(&a, json!({"token": "cdmenrol_00", "hostname": "x"}));
+    let (s, _) = enrol_raw(&a, json!({"token": "cdm_enrol_00", "hostname": "x"}));
     assert_eq!(s, 401);
     // Expired on the appliance's clock.
     let t = token(&api, json!({"ttl_seconds": 60}));
@@ -445,7 +445,7 @@ fn scheduled_backups_go_to_the_right_host_inside_the_windows() {
     let (from, to) = (now + 2 * 3600, now + 3 * 3600);
     policy(
         &api,
-        json!({"name": "night", "interval_seconds": 86400, "rpo_seconds": 2 * 86400,
+        json!({"name": "night", "interval_seconds": 3600, "rpo_seconds": 2 * 86400,
                         "windows": [{"start": hhmm(from), "end": hhmm(to)}],
                         "volume": {"block_size": 65536, "dedup": true}, "bandwidth_mibps": 20}),
     );
@@ -457,8 +457,12 @@ fn scheduled_backups_go_to_the_right_host_inside_the_windows() {
     let free = app(&api, "h1", "free");
     assign(&api, late, Some("night"));
     assign(&api, free, Some("any"));
-    // The free one is queued at once for its host; in the same pass the
-    // windowed one was due but outside its window.
+    // Nothing is due before an interval passed.
+    assert!(jobs(&api, "kind=backup").is_empty());
+    advance(&api, 3600 + 60);
+    h1.heartbeat(false, &[], json!([]));
+    // The free one is queued for its host; in the same pass the windowed
+    // one was due too, but outside its window.
     let j = wait_for(60, "the first scheduled backup", || {
         jobs(&api, &format!("application={free}")).first().cloned()
     });
@@ -478,8 +482,7 @@ fn scheduled_backups_go_to_the_right_host_inside_the_windows() {
     assert_eq!(got[0]["params"]["metadata"]["job"], j["id"]);
 
     // Into the window: the windowed one is queued, for h2, with its policy's settings.
-    let from_now = from - now;
-    advance(&api, from_now - from_now % 60 + 60);
+    advance(&api, 3600);
     let j = wait_for(60, "the windowed backup", || {
         jobs(&api, &format!("application={late}")).first().cloned()
     });
@@ -542,6 +545,7 @@ fn one_backup_per_application_under_racing_requests() {
     assign(&api, id, Some("p"));
     let other = app(&api, "db1", "other");
     assign(&api, other, Some("p"));
+    advance(&api, 3600);
     wait_for(60, "the other application's scheduled backup", || {
         jobs(&api, &format!("application={other}")).first().cloned()
     });
@@ -703,6 +707,12 @@ fn progress_logs_finish_cancel_and_restores() {
         "POST",
         &format!("/v1/applications/{id}/restores"),
         Some(json!({"kind": "regular"})),
+    );
+    api.expect(
+        400,
+        "POST",
+        &format!("/v1/applications/{id}/restores"),
+        Some(json!({"kind": "clone", "name": "../x"})),
     );
     api.expect(
         404,
@@ -879,6 +889,8 @@ fn retries_back_off_and_rpo_states_raise_events_webhooks_and_metrics() {
         .unwrap()
         .to_string();
     assign(&api, id, Some("p"));
+    advance(&api, 3600);
+    h.heartbeat(false, &[], json!([]));
     let first = wait_for(60, "the scheduled backup", || {
         jobs(&api, &format!("application={id}")).first().cloned()
     });

@@ -59,6 +59,10 @@ fn port(addr: &str) -> u16 {
 
 impl Daemon {
     fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    fn start_with(extra: &[&str]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("cdm-tls-")
             .tempdir_in("/var/tmp")
@@ -81,6 +85,7 @@ impl Daemon {
             .arg(format!("unix:{}", dir.path().join("nbd.sock").display()))
             .arg("--ready-file")
             .arg(&ready)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -455,4 +460,29 @@ fn agent_backs_up_over_https_and_nbd_tls_with_its_pinned_ca() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("--ca-file"), "{text}");
     assert_eq!(d.client("127.0.0.1").list_snapshots("fs").unwrap().len(), 1);
+}
+
+#[test]
+fn plain_remote_serves_plain_http_and_nbd_to_every_peer() {
+    let _lo = LoAddr::add("10.231.0.4");
+    let d = Daemon::start_with(&["--plain-remote", "--tls-san", "cdm.test"]);
+    d.create_volume("open", 8 << 20);
+    let plain = Client::new(&format!("http://10.231.0.4:{}", d.api), Some(d.token()));
+    let (st, v) = plain.request("GET", "/v1/volumes", None).unwrap();
+    assert_eq!(st, 200, "{v}");
+    let remote = format!("10.231.0.4:{}", d.nbd);
+    let c = nbd_proto::Client::connect(&remote, Some("open"), &ClientOptions::default()).unwrap();
+    assert_eq!(c.size, 8 << 20);
+    // TLS is still offered, and the extra name is in the certificate.
+    let tls = ClientOptions {
+        tls: Some(ClientTls::from_ca_file(&d.ca).unwrap()),
+        ..Default::default()
+    };
+    nbd_proto::Client::connect(&remote, Some("open"), &tls).unwrap();
+    require("openssl");
+    let text = run(Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
+        .arg(d.dir.path().join("data/tls/server.crt")));
+    assert!(text.contains("DNS:cdm.test"), "{text}");
+    assert!(text.contains("IP Address:10.231.0.4"), "{text}");
 }

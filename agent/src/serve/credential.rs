@@ -28,6 +28,24 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("serve").join("credential.json")
 }
 
+/// `STATE/serve/ca.crt`: the appliance's CA, pinned.
+pub fn ca_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("serve").join("ca.crt")
+}
+
+/// Pins `src` (the CA given with `--ca-file`): copied into the state
+/// directory, which the service and its jobs use from then on, whatever
+/// happens to `src`. Returns whether the pinned CA changed.
+pub fn pin_ca(state_dir: &Path, src: &Path) -> Result<bool, ServeError> {
+    let pem = std::fs::read(src).map_err(|e| ServeError::io(src, e))?;
+    let p = ca_path(state_dir);
+    if std::fs::read(&p).ok().as_deref() == Some(&pem[..]) {
+        return Ok(false);
+    }
+    write_private(&p, &pem)?;
+    Ok(true)
+}
+
 /// The stored credential; `None` when the host was never enrolled.
 pub fn load(state_dir: &Path) -> Result<Option<Credential>, ServeError> {
     let p = path(state_dir);
@@ -55,26 +73,34 @@ pub fn load(state_dir: &Path) -> Result<Option<Credential>, ServeError> {
 /// synced, renamed over the old one, and the directory synced.
 pub fn save(state_dir: &Path, c: &Credential) -> Result<(), ServeError> {
     let p = path(state_dir);
-    let dir = p.parent().unwrap_or(state_dir);
+    let body = serde_json::to_vec_pretty(c)
+        .map_err(|e| ServeError::Invalid(format!("encoding the credential: {e}")))?;
+    write_private(&p, &body)
+}
+
+/// Writes `p` atomically, mode 0600 from its creation, in a 0700
+/// directory.
+fn write_private(p: &Path, body: &[u8]) -> Result<(), ServeError> {
+    let dir = p.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| ServeError::io(dir, e))?;
     // Only root (the agent) reads what is in it.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| ServeError::io(dir, e))?;
-    let tmp = p.with_extension("json.tmp");
+    let mut tmp = p.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
-    let body = serde_json::to_vec_pretty(c)
-        .map_err(|e| ServeError::Invalid(format!("encoding the credential: {e}")))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .map_err(|e| ServeError::io(&tmp, e))?;
-    f.write_all(&body)
+    f.write_all(body)
         .and_then(|_| f.sync_all())
         .map_err(|e| ServeError::io(&tmp, e))?;
     drop(f);
-    std::fs::rename(&tmp, &p).map_err(|e| ServeError::io(&p, e))?;
+    std::fs::rename(&tmp, p).map_err(|e| ServeError::io(p, e))?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| ServeError::io(dir, e))?;
@@ -122,6 +148,17 @@ mod tests {
         let p = path(d.path());
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p.with_extension("json.tmp"), b"half").unwrap();
+        // Pinning a CA: copied, private, replaced only when it differs.
+        let ca = d.path().join("given.pem");
+        std::fs::write(&ca, b"-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert!(pin_ca(d.path(), &ca).unwrap());
+        assert!(!pin_ca(d.path(), &ca).unwrap());
+        std::fs::remove_file(&ca).unwrap();
+        assert_eq!(
+            std::fs::read(ca_path(d.path())).unwrap(),
+            b"-----BEGIN CERTIFICATE-----\n"
+        );
+        assert!(pin_ca(d.path(), &ca).is_err(), "a missing file is an error");
         save(d.path(), &cred("cdm_x")).unwrap();
         assert_eq!(load(d.path()).unwrap().unwrap().credential, "cdm_x");
     }

@@ -3,6 +3,7 @@
 //! appliance is down or restarting), or stop (the credential is refused:
 //! the host was retired).
 
+use std::path::Path;
 use std::time::Duration;
 
 use cdm_api::client::{encode_segment, Client, ClientError};
@@ -74,21 +75,34 @@ pub fn message(status: u16, v: &Value) -> String {
     }
 }
 
+/// A client of `url` that trusts only the CA in `ca` for https.
+fn client(
+    url: &str,
+    token: Option<&str>,
+    timeout: Duration,
+    ca: Option<&Path>,
+) -> Result<Client, ServeError> {
+    Client::with_ca(url, token.map(str::to_string), timeout, ca)
+        .map_err(|e| ServeError::Invalid(e.to_string()))
+}
+
 impl Link {
-    pub fn new(url: &str, credential: &str) -> Link {
-        Link {
-            calls: Client::with_timeout(url, Some(credential.to_string()), Duration::from_secs(30)),
-            poll: Client::with_timeout(
+    /// The appliance at `url`, with the host's credential; `ca` pinned.
+    pub fn new(url: &str, credential: &str, ca: Option<&Path>) -> Result<Link, ServeError> {
+        Ok(Link {
+            calls: client(url, Some(credential), Duration::from_secs(30), ca)?,
+            poll: client(
                 url,
-                Some(credential.to_string()),
+                Some(credential),
                 Duration::from_secs(MAX_WAIT + 30),
-            ),
-        }
+                ca,
+            )?,
+        })
     }
 
     /// Enrols with a one-time token (no credential yet).
-    pub fn enrol(url: &str, body: &Value) -> Result<Enrolled, ServeError> {
-        let c = Client::with_timeout(url, None, Duration::from_secs(30));
+    pub fn enrol(url: &str, ca: Option<&Path>, body: &Value) -> Result<Enrolled, ServeError> {
+        let c = client(url, None, Duration::from_secs(30), ca)?;
         match c.request("POST", "/v1/agent/enrol", Some(body)) {
             Err(e) => Err(ServeError::Unreachable(e.to_string())),
             Ok((s, v)) if s >= 500 => Err(ServeError::Unreachable(message(s, &v))),

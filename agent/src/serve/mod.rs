@@ -12,6 +12,7 @@ pub mod discover;
 pub mod heartbeat;
 pub mod job;
 pub mod link;
+pub mod pollmark;
 pub mod runner;
 
 use std::collections::BTreeMap;
@@ -81,6 +82,9 @@ pub struct Options {
     /// `None`: no discovery (`--discover none`).
     pub discover: Option<discover::Roots>,
     pub max_jobs: usize,
+    /// The appliance's CA (`--ca-file`): pinned (copied into the state
+    /// directory), then only the pinned copy is trusted.
+    pub ca_file: Option<PathBuf>,
     /// This binary, run for each job.
     pub exe: PathBuf,
     /// `/etc/os-release`.
@@ -251,7 +255,12 @@ impl Service {
 
 /// The stored credential, or a new one from the enrolment token (retried
 /// while the appliance cannot be reached).
-fn credential(opts: &Options, os: &str, stop: &StopFlag) -> Result<Credential, ServeError> {
+fn credential(
+    opts: &Options,
+    ca: Option<&Path>,
+    os: &str,
+    stop: &StopFlag,
+) -> Result<Credential, ServeError> {
     if let Some(c) = credential::load(&opts.state_dir)? {
         if c.url.trim_end_matches('/') != opts.url.trim_end_matches('/') {
             tracing::warn!(enrolled_with = %c.url, url = %opts.url, "the appliance's address changed since enrolment: using the new one");
@@ -281,8 +290,13 @@ fn credential(opts: &Options, os: &str, stop: &StopFlag) -> Result<Credential, S
     });
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
     let e = loop {
-        match Link::enrol(&opts.url, &body) {
+        match Link::enrol(&opts.url, ca, &body) {
             Ok(e) => break e,
+            // A certificate the CA does not vouch for will not change by
+            // waiting: say so and stop.
+            Err(ServeError::Unreachable(m)) if m.contains("certificate") => {
+                return Err(ServeError::EnrolRefused(m));
+            }
             Err(ServeError::Unreachable(m)) => {
                 let d = backoff.pause();
                 tracing::warn!(error = %m, retry_in = ?d, "enrolment: the appliance cannot be reached");
@@ -324,10 +338,17 @@ pub fn run(opts: Options) -> Result<(), ServeError> {
     }
     std::fs::create_dir_all(&opts.state_dir).map_err(|e| ServeError::io(&opts.state_dir, e))?;
     let os = heartbeat::os_name(&opts.os_release);
-    let cred = credential(&opts, &os, &early)?;
+    if let Some(src) = &opts.ca_file {
+        if credential::pin_ca(&opts.state_dir, src)? {
+            tracing::info!(ca = %src.display(), "the appliance's CA is pinned");
+        }
+    }
+    let pinned = credential::ca_path(&opts.state_dir);
+    let ca = pinned.exists().then_some(pinned.as_path());
+    let cred = credential(&opts, ca, &os, &early)?;
     let svc = Arc::new(Service {
         host: cred.host.clone(),
-        link: Link::new(&opts.url, &cred.credential),
+        link: Link::new(&opts.url, &cred.credential, ca)?,
         credential: cred.credential.clone(),
         os,
         discover: opts.discover.clone(),
@@ -345,6 +366,15 @@ pub fn run(opts: Options) -> Result<(), ServeError> {
                 s.stop.trigger(why);
             }
         });
+    }
+    // A poll of an earlier run may still be open on the appliance (the
+    // agent died during it): wait until it ends (`pollmark`).
+    let max = Duration::from_secs(link::MAX_WAIT) + pollmark::MARGIN;
+    if let Some(d) = pollmark::pending(&svc.opts.state_dir, std::time::SystemTime::now(), max) {
+        tracing::info!(wait = ?d, "waiting for the previous run's job poll to end on the appliance");
+        if svc.stop.wait(d) {
+            return finish_stop(&svc);
+        }
     }
     // The first heartbeat before the first poll: it tells the appliance
     // that no job of an earlier run survives, before this run takes any.
@@ -397,8 +427,15 @@ fn finish_stop(svc: &Arc<Service>) -> Result<(), ServeError> {
 /// Pulls jobs while there is room for one, each run in its own thread.
 fn poll(svc: Arc<Service>) {
     let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+    let wait = Duration::from_secs(link::MAX_WAIT - 5);
     while svc.wait_for_slot() {
-        match svc.link.jobs(link::MAX_WAIT - 5) {
+        pollmark::mark(&svc.opts.state_dir, std::time::SystemTime::now(), wait);
+        let r = svc.link.jobs(wait.as_secs());
+        if svc.stop.get().is_none() {
+            // Ended while the service runs: nothing is open any more.
+            pollmark::clear(&svc.opts.state_dir);
+        }
+        match r {
             Ok(jobs) => {
                 if backoff.failures() > 0 {
                     tracing::info!("the appliance answers again");

@@ -230,7 +230,7 @@ fn run(svc: &Service, j: &AgentJob, log: &mut LogBatch) -> Option<Outcome> {
         url: svc.opts.url.clone(),
         nbd: svc.opts.nbd.clone(),
         state_dir: svc.opts.state_dir.clone(),
-        ca_file: Some(svc.opts.state_dir.join("serve").join("ca.crt")).filter(|p| p.exists()),
+        ca_file: Some(super::credential::ca_path(&svc.opts.state_dir)).filter(|p| p.exists()),
     };
     let plan = match job::plan(j, &g) {
         Ok(p) => p,

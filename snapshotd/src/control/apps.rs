@@ -10,7 +10,7 @@ use cdm_api::cron::Cron;
 use cdm_api::{ApiError, ApiResult};
 use serde_json::{json, Value};
 
-use super::{lock, AppRec, AppState, Control, HostRec};
+use super::{lock, AppRec, Control, HostRec};
 use crate::appliance::{engine, st};
 use crate::state::{Sync, APPS, APP_STATE, HOSTS, PROTECTION};
 
@@ -330,6 +330,7 @@ impl Control {
         if !self.state.remove(APPS, id).map_err(st)? {
             return Err(ApiError::not_found(format!("application {id} not found")));
         }
+        let _rpo = lock(&self.rpo);
         self.state.remove(APP_STATE, id).map_err(st)?;
         self.events.emit(
             "application.deleted",
@@ -352,8 +353,10 @@ impl Control {
             a.policy_since_unix = req.policy.as_ref().map(|_| self.now());
             self.state.put(APPS, id, &a, Sync::Now).map_err(st)?;
             // The new policy's schedule starts now.
-            let st_: AppState = AppState::default();
-            self.state.put(APP_STATE, id, &st_, Sync::Now).map_err(st)?;
+            let _rpo = lock(&self.rpo);
+            let mut s = self.app_state(id)?;
+            s.next_due_unix = None;
+            self.state.put(APP_STATE, id, &s, Sync::Now).map_err(st)?;
         }
         self.events.emit(
             "application.policy_assigned",
@@ -443,11 +446,8 @@ impl Control {
                 .iter()
                 .filter(|a| a.policy.as_deref() == Some(name))
             {
-                let mut s: AppState = self
-                    .state
-                    .get(APP_STATE, a.id)
-                    .map_err(st)?
-                    .unwrap_or_default();
+                let _rpo = lock(&self.rpo);
+                let mut s = self.app_state(a.id)?;
                 s.next_due_unix = None;
                 self.state.put(APP_STATE, a.id, &s, Sync::Now).map_err(st)?;
             }

@@ -36,7 +36,7 @@ impl Control {
         }
         let mut b = [0u8; 24];
         OsRng.fill_bytes(&mut b);
-        let token = format!("cdmenrol_{}", hex::encode(b));
+        let token = format!("cdm_enrol_{}", hex::encode(b));
         let now = self.now();
         let rec = EnrolRec {
             name: req.name.clone(),

@@ -31,7 +31,7 @@ use crate::appliance::st;
 use crate::clock::Clock;
 use crate::events::Events;
 use crate::jobs::Jobs;
-use crate::state::{State, APPS, JOBS};
+use crate::state::{State, APPS, APP_STATE, JOBS};
 use cdm_common::lock::lock;
 
 /// Default running jobs per host and on the whole appliance.
@@ -85,9 +85,13 @@ pub struct AppRec {
 }
 
 /// What the scheduler keeps per application: when its next policy backup
-/// is due and the RPO state it last announced.
+/// is due and the RPO state it last announced. Changed only under the
+/// `rpo` lock.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 pub struct AppState {
+    /// The application's id (the key), so one scan reads them all.
+    #[serde(default)]
+    pub app: u64,
     pub next_due_unix: Option<u64>,
     pub rpo_state: Option<String>,
 }
@@ -117,6 +121,9 @@ pub struct Control {
     /// One RPO evaluation at a time (the tick and ending jobs): a change
     /// is announced once.
     rpo: Mutex<()>,
+    /// The daemon is stopping: long polls answer at once (an agent's
+    /// pending poll would otherwise hold the API's shutdown up to 30 s).
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl Control {
@@ -141,6 +148,7 @@ impl Control {
             seen: Mutex::new(HashMap::new()),
             last_backup: Mutex::new(HashMap::new()),
             rpo: Mutex::new(()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         };
         if let Err(e) = c.load(now) {
             tracing::error!(error = %e, "cannot load the control plane's jobs");
@@ -173,6 +181,13 @@ impl Control {
         Ok(())
     }
 
+    /// Ends every long poll now and the ones to come (the daemon stops).
+    pub fn shutdown(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _guard = lock(&self.active);
+        self.wake.notify_all();
+    }
+
     /// `--max-jobs` and `--max-jobs-per-host`.
     pub fn set_limits(&self, max_jobs: usize, host_jobs: usize) {
         self.max_jobs.store(max_jobs.max(1), Ordering::Relaxed);
@@ -201,6 +216,23 @@ impl Control {
         self.state
             .scan(APPS, 0, usize::MAX, false, |_: &AppRec| true)
             .map_err(st)
+    }
+
+    /// Every application's scheduler state, by id.
+    fn app_states(&self) -> ApiResult<HashMap<u64, AppState>> {
+        let v: Vec<AppState> = self
+            .state
+            .scan(APP_STATE, 0, usize::MAX, false, |_: &AppState| true)
+            .map_err(st)?;
+        Ok(v.into_iter().map(|s| (s.app, s)).collect())
+    }
+
+    fn app_state(&self, id: u64) -> ApiResult<AppState> {
+        let s: Option<AppState> = self.state.get(APP_STATE, id).map_err(st)?;
+        Ok(s.unwrap_or(AppState {
+            app: id,
+            ..AppState::default()
+        }))
     }
 
     fn app_rec(&self, id: u64) -> ApiResult<AppRec> {

@@ -264,6 +264,9 @@ impl Control {
             if h.is_none_or(|h| h.retired) {
                 return Err(ApiError::unauthorized(format!("host {host} was retired")));
             }
+            if self.closing.load(Ordering::SeqCst) {
+                return Ok(Vec::new());
+            }
             let got = self.dispatch_locked(&mut active, &host)?;
             let left = deadline.saturating_duration_since(Instant::now());
             if !got.is_empty() || left.is_zero() {
@@ -588,5 +591,20 @@ impl Control {
         let a = lock(&self.active);
         let running = a.values().filter(|j| j.state == "running").count();
         (running, a.len() - running)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_minute() {
+        assert_eq!(backoff(0), 60);
+        assert_eq!(backoff(1), 60);
+        assert_eq!(backoff(2), 120);
+        assert_eq!(backoff(3), 240);
+        assert_eq!(backoff(u32::MAX), 60 << 20);
+        assert_eq!(clip("é".repeat(3000)).len(), LINE_MAX);
     }
 }

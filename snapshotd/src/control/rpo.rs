@@ -7,7 +7,9 @@ use cdm_api::cron::Cron;
 use cdm_api::ApiResult;
 use serde_json::json;
 
-use super::{lock, AppState, Control};
+use std::collections::HashMap;
+
+use super::{lock, Control};
 use crate::appliance::st;
 use crate::state::{Sync, APP_STATE};
 
@@ -49,12 +51,14 @@ pub fn rpo_status(
     }
 }
 
-/// When a policy's first backup is due, counted from its assignment:
-/// at once for an interval, at the next match of a cron expression.
+/// When a policy's first backup is due, counted from its assignment: one
+/// interval later, or at the next match of a cron expression, like the
+/// volumes' snapshot schedules (a backup now is `POST .../backups`).
 pub fn first_due(p: &ProtectionPolicy, since: u64) -> Option<u64> {
-    match &p.cron {
-        Some(c) => Cron::parse(c).ok()?.next_after(since),
-        None => Some(since),
+    match (&p.cron, p.interval_seconds) {
+        (Some(c), _) => Cron::parse(c).ok()?.next_after(since),
+        (None, Some(i)) => Some(since + i),
+        (None, None) => None,
     }
 }
 
@@ -74,16 +78,18 @@ impl Control {
         let now = self.now();
         let policies = self.policy_map()?;
         let apps = self.apps()?;
+        if apps.iter().all(|a| a.policy.is_none()) {
+            return Ok(());
+        }
         let mut active = lock(&self.active);
+        let _rpo = lock(&self.rpo);
+        let mut states = self.app_states()?;
         for a in apps {
             let Some(p) = a.policy.as_ref().and_then(|p| policies.get(p)) else {
                 continue;
             };
-            let mut s: AppState = self
-                .state
-                .get(APP_STATE, a.id)
-                .map_err(st)?
-                .unwrap_or_default();
+            let mut s = states.remove(&a.id).unwrap_or_default();
+            s.app = a.id;
             let before = s.clone();
             let Some(due) = s
                 .next_due_unix
@@ -125,15 +131,20 @@ impl Control {
             },
             None => self.apps()?,
         };
+        // No walk of the pool's catalog for nothing (each tick).
+        if apps.is_empty() {
+            return Ok(());
+        }
         let newest = self.newest_points()?;
         let policies = self.policy_map()?;
+        let mut states = match only {
+            Some(id) => HashMap::from([(id, self.app_state(id)?)]),
+            None => self.app_states()?,
+        };
         for a in apps {
             let app = self.public_with(a, now, &newest, &policies);
-            let mut s: AppState = self
-                .state
-                .get(APP_STATE, app.id)
-                .map_err(st)?
-                .unwrap_or_default();
+            let mut s = states.remove(&app.id).unwrap_or_default();
+            s.app = app.id;
             let new = app.rpo.state.clone();
             if s.rpo_state.as_deref() == Some(new.as_str()) {
                 continue;
@@ -222,7 +233,7 @@ mod tests {
     #[test]
     fn schedules() {
         let p = pol(Some(3600), None);
-        assert_eq!(first_due(&p, 1000), Some(1000));
+        assert_eq!(first_due(&p, 1000), Some(4600));
         assert_eq!(next_due(&p, 1000, 1000), Some(4600));
         // Missed slots are skipped, the phase kept.
         assert_eq!(next_due(&p, 1000, 9000), Some(11_800));
