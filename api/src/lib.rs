@@ -14,5 +14,6 @@ pub mod openapi;
 pub mod routes;
 pub mod types;
 pub mod vms;
+pub mod web;
 
 pub use error::{ApiError, ApiResult, InputError, InputKind};

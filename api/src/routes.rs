@@ -134,6 +134,10 @@ async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> 
     if path == "/health" || path == "/v1/login" || path == "/v1/ca" {
         return next.run(req).await;
     }
+    // The console's files are public; the data behind them is not.
+    if crate::web::is_console(&path) {
+        return next.run(req).await;
+    }
     // An enrolment is authenticated by its one-use token, in the body.
     if path == "/v1/agent/enrol" {
         return next.run(req).await;
@@ -263,7 +267,7 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
-        .fallback(not_found)
+        .fallback(crate::web::fallback)
         .layer(middleware::from_fn_with_state(state.clone(), auth_layer))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn(refuse_declared_oversize))
@@ -331,10 +335,6 @@ async fn refuse_declared_oversize(req: Request, next: Next) -> Response {
         .into_response(),
         _ => next.run(req).await,
     }
-}
-
-async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::not_found(format!("no route for {method} {}", uri.path()))
 }
 
 type Caller_ = Extension<Caller>;
@@ -496,10 +496,24 @@ async fn set_policy(
     Ok(Json(run(&s, move |b| b.set_policy(&c, &name, p)).await?))
 }
 
-#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots", params(("name" = String, Path)), responses((status = 200, body = [Snapshot])), security(("bearer" = [])))]
-async fn list_snapshots(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Vec<Snapshot>>> {
+#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots", params(("name" = String, Path), PageQuery), responses((status = 200, body = [Snapshot], headers(("x-total-count" = u64, description = "snapshots of the volume, whatever the page")))), security(("bearer" = [])))]
+async fn list_snapshots(
+    State(s): S,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<PageQuery>,
+) -> ApiResult<Response> {
     check_name("volume", &name)?;
-    Ok(Json(run(&s, move |b| b.list_snapshots(&name)).await?))
+    let mut all = run(&s, move |b| b.list_snapshots(&name)).await?;
+    let total = all.len();
+    if q.newest_first {
+        all.reverse();
+    }
+    let page: Vec<Snapshot> = all
+        .into_iter()
+        .skip(q.offset.unwrap_or(0))
+        .take(q.limit.unwrap_or(usize::MAX))
+        .collect();
+    Ok(([("x-total-count", total.to_string())], Json(page)).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/volumes/{name}/snapshots", params(("name" = String, Path)), request_body = SnapshotCreate, responses((status = 201, body = Snapshot)), security(("bearer" = [])))]

@@ -682,6 +682,20 @@ pub struct AuditQuery {
     pub limit: Option<usize>,
 }
 
+/// Paging of a list (`GET /v1/volumes/{name}/snapshots`); the answer's
+/// `X-Total-Count` header counts the whole list.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// At most N items (default: all).
+    pub limit: Option<usize>,
+    /// Skip the first N (default 0).
+    pub offset: Option<usize>,
+    /// Newest first (default: oldest first).
+    #[serde(default)]
+    pub newest_first: bool,
+}
+
 /// Query of deletions.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
