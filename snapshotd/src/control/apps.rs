@@ -137,7 +137,10 @@ impl Control {
         if let Some(a) = apps.iter().find(|a| a.volume == vol) {
             return Ok(Some(a.host.clone()));
         }
-        Ok(apps.into_iter().find(|a| a.owns_volume(vol)).map(|a| a.host))
+        Ok(apps
+            .into_iter()
+            .find(|a| a.owns_volume(vol))
+            .map(|a| a.host))
     }
 
     /// The points of `vol` that `host` may read and clone now: those of
