@@ -39,7 +39,7 @@ pub struct Xfs {
     dir_block: u64,
     v5: bool,
     ftype: bool,
-    root: u64,
+    pub(crate) root: u64,
     /// Bytes this reader may still read: crafted directories and extent
     /// lists cannot make a lookup read without end.
     budget: std::cell::Cell<u64>,
@@ -49,19 +49,21 @@ pub struct Xfs {
 /// a megabyte; hives are the largest files it reads).
 const READ_BUDGET: u64 = 1 << 30;
 
-struct Inode {
-    mode: u16,
+pub(crate) struct Inode {
+    pub(crate) mode: u16,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
     format: u8,
-    size: u64,
+    pub(crate) size: u64,
     nextents: u32,
     /// The data fork's bytes.
     fork: Vec<u8>,
 }
 
-const S_IFMT: u16 = 0o170000;
-const S_IFDIR: u16 = 0o040000;
-const S_IFLNK: u16 = 0o120000;
-const S_IFREG: u16 = 0o100000;
+pub(crate) const S_IFMT: u16 = 0o170000;
+pub(crate) const S_IFDIR: u16 = 0o040000;
+pub(crate) const S_IFLNK: u16 = 0o120000;
+pub(crate) const S_IFREG: u16 = 0o100000;
 /// Directory data lives below 32 GiB of the directory's address space.
 const LEAF_OFFSET: u64 = 32 << 30;
 const MAX_EXTENTS: u32 = 1 << 16;
@@ -125,7 +127,7 @@ impl Xfs {
         })
     }
 
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), XfsError> {
+    pub(crate) fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), XfsError> {
         if off
             .checked_add(buf.len() as u64)
             .is_none_or(|e| e > self.len)
@@ -144,6 +146,12 @@ impl Xfs {
         self.d.read_at(at, buf).map_err(XfsError::Bad)
     }
 
+    /// Lets this reader read up to `bytes` in all (the file browser
+    /// streams whole files; inspection keeps the default).
+    pub(crate) fn set_budget(&self, bytes: u64) {
+        self.budget.set(bytes);
+    }
+
     /// Byte offset of filesystem block `fsb` (AG number in the high bits).
     fn fsb(&self, fsb: u64) -> Option<u64> {
         let ag = fsb >> self.agblklog;
@@ -154,7 +162,7 @@ impl Xfs {
         (ag.checked_mul(self.agblocks)?.checked_add(agb)?).checked_mul(self.block)
     }
 
-    fn inode(&self, ino: u64) -> Result<Inode, XfsError> {
+    pub(crate) fn inode(&self, ino: u64) -> Result<Inode, XfsError> {
         let per = self.inopblog + self.agblklog;
         let ag = ino >> per;
         let agb = (ino >> self.inopblog) & ((1 << self.agblklog) - 1);
@@ -192,6 +200,8 @@ impl Xfs {
         };
         Ok(Inode {
             mode: be16(&b, 2).unwrap_or(0),
+            uid: be32(&b, 8).unwrap_or(0),
+            gid: be32(&b, 12).unwrap_or(0),
             format: b[5],
             size: be64(&b, 0x38).unwrap_or(0),
             nextents,
@@ -202,7 +212,7 @@ impl Xfs {
     /// (file offset, byte offset on disk — `None` for an unwritten extent,
     /// which reads as zeros — and length) of an extent-format inode, in
     /// bytes. XFS keeps them sorted and disjoint; anything else is damage.
-    fn extents(&self, i: &Inode) -> Result<Vec<(u64, Option<u64>, u64)>, XfsError> {
+    pub(crate) fn extents(&self, i: &Inode) -> Result<Vec<(u64, Option<u64>, u64)>, XfsError> {
         if i.format != 2 {
             return bad(format!("data fork format {} is not read here", i.format));
         }
@@ -253,7 +263,7 @@ impl Xfs {
         Ok(out)
     }
 
-    fn symlink_target(&self, i: &Inode) -> Result<String, XfsError> {
+    pub(crate) fn symlink_target(&self, i: &Inode) -> Result<String, XfsError> {
         let b = match i.format {
             1 => i
                 .fork
@@ -281,7 +291,7 @@ impl Xfs {
     }
 
     /// Directory entries: (name, inode).
-    fn dir(&self, i: &Inode) -> Result<Vec<(String, u64)>, XfsError> {
+    pub(crate) fn dir(&self, i: &Inode) -> Result<Vec<(String, u64)>, XfsError> {
         match i.format {
             1 => self.shortform(&i.fork),
             2 => {
@@ -368,7 +378,7 @@ impl Xfs {
     }
 
     /// Resolves a path (following symlinks) to an inode.
-    fn resolve(&self, path: &str) -> Option<Inode> {
+    pub(crate) fn resolve(&self, path: &str) -> Option<Inode> {
         let mut parts: Vec<String> = path
             .split('/')
             .filter(|c| !c.is_empty())
@@ -441,6 +451,8 @@ impl Xfs {
 fn clone_inode(i: &Inode) -> Inode {
     Inode {
         mode: i.mode,
+        uid: i.uid,
+        gid: i.gid,
         format: i.format,
         size: i.size,
         nextents: i.nextents,
