@@ -52,7 +52,7 @@ pub fn open(d: Shared, start: u64, len: u64) -> Result<Box<dyn Browsable>, Brows
         return Ok(Box::new(cdm_disk::browse::load(Box::new(part), len)?));
     }
     Err(unreadable(
-        "no ext2/3/4, XFS or NTFS filesystem (unknown superblock)",
+        "no ext4, XFS or NTFS filesystem (unknown superblock)",
     ))
 }
 
