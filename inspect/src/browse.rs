@@ -457,6 +457,16 @@ mod tests {
             src.join("etc/hosts").display(),
             src.join("etc/sub/big.bin").display()
         );
+        // 3000 entries: a directory whose extents are in B+tree format.
+        let mut proto = proto.strip_suffix("$\n").unwrap().to_string();
+        proto.push_str(" many d--755 0 0\n");
+        for k in 0..3000 {
+            proto.push_str(&format!(
+                "  entry-with-a-long-name-{k:05} ---644 0 0 {}\n",
+                src.join("etc/hosts").display()
+            ));
+        }
+        proto.push_str(" $\n$\n");
         let pf = dir.join("proto");
         std::fs::write(&pf, proto).unwrap();
         let img = dir.join("xfs.img");
@@ -526,11 +536,15 @@ mod tests {
         let fs = open_image(&xfs_image(dir.path()));
         assert_eq!(fs.fs_type(), "xfs");
         let root: Vec<_> = list(&*fs, "/", 0, 100).unwrap();
-        assert_eq!(root.len(), 1);
+        assert_eq!(root.len(), 2);
         assert_eq!(
             (root[0].name.as_str(), root[0].kind.as_str()),
             ("etc", "dir")
         );
+        let many = list(&*fs, "/many", 0, 5000).unwrap();
+        assert_eq!(many.len(), 3000);
+        assert_eq!(many[2999].name, "entry-with-a-long-name-02999");
+        assert_eq!(many[2999].size, 20);
         assert_eq!(root[0].mode, 0o750);
         let etc: Vec<_> = list(&*fs, "/etc", 0, 100).unwrap();
         let names: Vec<_> = etc

@@ -311,7 +311,7 @@ fn snapshots_mount_browse_and_restore_on_ext4_xfs_and_gpt() {
     }
     assert_eq!(seen, 3000);
     // XFS is read in process too: the same tree (a sparse file with
-    // holes, a symlink) as on ext4.
+    // holes, a symlink, a large directory) as on ext4.
     let xl = api.get(&format!("/v1/volumes/x/snapshots/{sx}/files?path=/data"));
     let shown = |l: &Value| -> Vec<Value> {
         l.as_array()
@@ -328,6 +328,11 @@ fn snapshots_mount_browse_and_restore_on_ext4_xfs_and_gpt() {
             .collect()
     };
     assert_eq!(shown(&xl), shown(&list), "XFS lists /data as ext4 does");
+    // 3000 entries: on XFS a directory in B+tree format.
+    let xmany = api.get(&format!(
+        "/v1/volumes/x/snapshots/{sx}/files?path=/many&limit=5000"
+    ));
+    assert_eq!(xmany.as_array().unwrap().len(), 3000);
     for (snap, vol) in [(se, "e"), (sg, "g"), (sx, "x")] {
         for f in [
             "/data/big.bin",
