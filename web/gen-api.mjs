@@ -26,20 +26,18 @@ if (file) {
   doc = await r.json();
 }
 // OpenAPI wants operationIds unique; utoipa takes them from handler names,
-// and two modules may each have a `policy`. The types do not need the ids,
-// so duplicates get their path appended (the document is not changed on
-// the server; the warning says what to fix there).
+// so two modules may each have one with the same name: refuse, naming
+// both (the fix is an explicit `operation_id` on one of the routes).
 const seen = new Map();
 for (const [path, item] of Object.entries(doc.paths ?? {})) {
   for (const [method, op] of Object.entries(item)) {
     if (!op || typeof op !== "object" || !op.operationId) continue;
-    const id = op.operationId;
-    if (seen.has(id)) {
-      op.operationId = `${id}_${method}_${path.replace(/[^A-Za-z0-9]+/g, "_")}`;
-      console.warn(`warning: operationId ${id} of ${method.toUpperCase()} ${path} repeats ${seen.get(id)}`);
-    } else {
-      seen.set(id, `${method.toUpperCase()} ${path}`);
+    const here = `${method.toUpperCase()} ${path}`;
+    if (seen.has(op.operationId)) {
+      console.error(`operationId ${op.operationId} of ${here} repeats ${seen.get(op.operationId)}: give one an explicit operation_id`);
+      process.exit(1);
     }
+    seen.set(op.operationId, here);
   }
 }
 const ast = await openapiTS(doc, { alphabetize: true });

@@ -478,7 +478,7 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/volumes/{name}/policy", params(("name" = String, Path)), responses((status = 200, body = SnapshotPolicy)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/v1/volumes/{name}/policy", operation_id = "volume_policy", params(("name" = String, Path)), responses((status = 200, body = SnapshotPolicy)), security(("bearer" = [])))]
 async fn policy(State(s): S, Path(name): Path<String>) -> ApiResult<Json<SnapshotPolicy>> {
     check_name("volume", &name)?;
     Ok(Json(run(&s, move |b| b.policy(&name)).await?))

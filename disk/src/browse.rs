@@ -1,7 +1,10 @@
-//! File-level reading without the kernel: an ext4 filesystem (on a whole
-//! disk or in a partition) read in process with `ext4-view` from any byte
-//! source. Loading (screened against hostile images), listing, stat,
-//! streaming a file, streaming a tar of a directory.
+//! File-level reading without the kernel: a filesystem (on a whole disk or
+//! in a partition) read in process from any byte source. [`Browsable`] is
+//! what a filesystem reader gives (stat, names, a file as a stream);
+//! listing, stat, streaming a file and a tar of a directory are written
+//! once over it. ext4 (through `ext4-view`, loading screened against
+//! hostile images) is implemented here; XFS and NTFS in `cdm-inspect`
+//! (which depends on this crate).
 
 use std::io::{Read, Write};
 
@@ -34,6 +37,20 @@ pub struct Entry {
     /// Symlinks: where they point.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+}
+
+/// A filesystem as the file-level restore reads it. Paths are absolute and
+/// already checked (no `..`, no NUL) by the functions of this module.
+pub trait Browsable {
+    /// The filesystem's name (`ext4`, `xfs`, `ntfs`).
+    fn fs_type(&self) -> &'static str;
+    /// One path, symlinks not followed; `name` is what the entry shows.
+    fn entry(&self, path: &str, name: String) -> Result<Entry, BrowseError>;
+    /// The names in a directory, without `.` and `..`, in any order.
+    fn names(&self, path: &str) -> Result<Vec<String>, BrowseError>;
+    /// A regular file (symlinks followed): its length and its bytes as a
+    /// stream (large files are never loaded whole).
+    fn open(&self, path: &str) -> Result<(u64, Box<dyn Read + '_>), BrowseError>;
 }
 
 /// A byte range `[base, base + len)` of a disk (one partition, or the
@@ -214,79 +231,91 @@ fn join(dir: &str, name: &str) -> String {
     }
 }
 
-fn entry(fs: &Ext4, path: &str, name: String) -> Result<Entry, BrowseError> {
-    let m = guard(|| fs.symlink_metadata(path))?.map_err(|e| ext4_err(e, path))?;
-    let target = if m.is_symlink() {
-        Some(
-            guard(|| fs.read_link(path))?
-                .map_err(|e| ext4_err(e, path))?
-                .display()
-                .to_string(),
-        )
-    } else {
-        None
-    };
-    Ok(Entry {
-        name,
-        path: path.to_string(),
-        kind: kind_name(m.file_type()).into(),
-        size: m.len(),
-        mode: m.mode(),
-        uid: m.uid(),
-        gid: m.gid(),
-        target,
-    })
+impl Browsable for Ext4 {
+    fn fs_type(&self) -> &'static str {
+        "ext4"
+    }
+
+    fn entry(&self, path: &str, name: String) -> Result<Entry, BrowseError> {
+        let m = guard(|| self.symlink_metadata(path))?.map_err(|e| ext4_err(e, path))?;
+        let target = if m.is_symlink() {
+            Some(
+                guard(|| self.read_link(path))?
+                    .map_err(|e| ext4_err(e, path))?
+                    .display()
+                    .to_string(),
+            )
+        } else {
+            None
+        };
+        Ok(Entry {
+            name,
+            path: path.to_string(),
+            kind: kind_name(m.file_type()).into(),
+            size: m.len(),
+            mode: m.mode(),
+            uid: m.uid(),
+            gid: m.gid(),
+            target,
+        })
+    }
+
+    fn names(&self, path: &str) -> Result<Vec<String>, BrowseError> {
+        let mut names: Vec<String> = Vec::new();
+        let mut dir = guard(|| self.read_dir(path))?.map_err(|e| ext4_err(e, path))?;
+        while let Some(e) = guard(|| dir.next())? {
+            let e = e.map_err(|e| ext4_err(e, path))?;
+            let n = e
+                .file_name()
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|_| e.file_name().display().to_string());
+            if n != "." && n != ".." {
+                names.push(n);
+            }
+        }
+        Ok(names)
+    }
+
+    fn open(&self, path: &str) -> Result<(u64, Box<dyn Read + '_>), BrowseError> {
+        let f = guard(|| Ext4::open(self, path))?.map_err(|e| ext4_err(e, path))?;
+        Ok((f.metadata().len(), Box::new(Guarded(f))))
+    }
+}
+
+/// The last component of a path (`/` for the root).
+pub fn base_name(path: &str) -> String {
+    path.rsplit('/')
+        .find(|s| !s.is_empty())
+        .unwrap_or("/")
+        .to_string()
 }
 
 /// Stat of one path (symlinks not followed).
-pub fn stat(fs: &Ext4, path: &str) -> Result<Entry, BrowseError> {
+pub fn stat(fs: &dyn Browsable, path: &str) -> Result<Entry, BrowseError> {
     check_path(path)?;
-    stat_inner(fs, path)
-}
-
-fn stat_inner(fs: &Ext4, path: &str) -> Result<Entry, BrowseError> {
-    let name = path
-        .rsplit('/')
-        .find(|s| !s.is_empty())
-        .unwrap_or("/")
-        .to_string();
-    entry(fs, path, name)
+    fs.entry(path, base_name(path))
 }
 
 /// A directory's entries (without `.` and `..`), sorted by name; at most
 /// `limit` after skipping `offset` (large directories page).
-pub fn list(fs: &Ext4, path: &str, offset: usize, limit: usize) -> Result<Vec<Entry>, BrowseError> {
-    check_path(path)?;
-    list_inner(fs, path, offset, limit)
-}
-
-fn list_inner(
-    fs: &Ext4,
+pub fn list(
+    fs: &dyn Browsable,
     path: &str,
     offset: usize,
     limit: usize,
 ) -> Result<Vec<Entry>, BrowseError> {
-    let mut names: Vec<String> = Vec::new();
-    let mut dir = guard(|| fs.read_dir(path))?.map_err(|e| ext4_err(e, path))?;
-    while let Some(e) = guard(|| dir.next())? {
-        let e = e.map_err(|e| ext4_err(e, path))?;
-        let n = e
-            .file_name()
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|_| e.file_name().display().to_string());
-        if n != "." && n != ".." {
-            names.push(n);
-        }
-    }
+    check_path(path)?;
+    let mut names = fs.names(path)?;
     names.sort();
+    names.dedup();
     names
         .into_iter()
         .skip(offset)
         .take(limit)
         .map(|n| {
             let p = join(path, &n);
-            entry(fs, &p, n)
+            fs.entry(&p, n)
         })
         .collect()
 }
@@ -294,27 +323,19 @@ fn list_inner(
 /// Streams a regular file (symlinks followed) to `out` in 1 MiB pieces;
 /// `size` is called with its length first.
 pub fn copy_file(
-    fs: &Ext4,
+    fs: &dyn Browsable,
     path: &str,
     size: &mut dyn FnMut(u64),
     out: &mut dyn Write,
 ) -> Result<u64, BrowseError> {
     check_path(path)?;
-    copy_inner(fs, path, size, out)
-}
-
-fn copy_inner(
-    fs: &Ext4,
-    path: &str,
-    size: &mut dyn FnMut(u64),
-    out: &mut dyn Write,
-) -> Result<u64, BrowseError> {
-    let mut f = guard(|| fs.open(path))?.map_err(|e| ext4_err(e, path))?;
-    size(f.metadata().len());
+    let (len, mut f) = fs.open(path)?;
+    size(len);
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
     loop {
-        let n = guard(|| f.read(&mut buf))?
+        let n = f
+            .read(&mut buf)
             .map_err(|e| BrowseError::Unreadable(format!("{path}: {e}")))?;
         if n == 0 {
             return Ok(total);
@@ -327,12 +348,7 @@ fn copy_inner(
 
 /// Writes a tar of the tree at `path` (files, directories, symlinks;
 /// special files are skipped) to `out`.
-pub fn tar_tree(fs: &Ext4, path: &str, out: &mut dyn Write) -> Result<u64, BrowseError> {
-    check_path(path)?;
-    tar_inner(fs, path, out)
-}
-
-fn tar_inner(fs: &Ext4, path: &str, out: &mut dyn Write) -> Result<u64, BrowseError> {
+pub fn tar_tree(fs: &dyn Browsable, path: &str, out: &mut dyn Write) -> Result<u64, BrowseError> {
     let top = stat(fs, path)?;
     let mut b = tar::Builder::new(out);
     b.mode(tar::HeaderMode::Complete);
@@ -373,8 +389,10 @@ fn tar_inner(fs: &Ext4, path: &str, out: &mut dyn Write) -> Result<u64, BrowseEr
             "file" => {
                 h.set_entry_type(tar::EntryType::Regular);
                 h.set_size(e.size);
-                let f = guard(|| fs.open(e.path.as_str()))?.map_err(|x| ext4_err(x, &e.path))?;
-                b.append_data(&mut h, &name, Guarded(f)).map_err(io)?;
+                let (len, f) = fs.open(&e.path)?;
+                // The size in the header is the one the reader will give.
+                h.set_size(len);
+                b.append_data(&mut h, &name, f).map_err(io)?;
             }
             "symlink" => {
                 h.set_entry_type(tar::EntryType::Symlink);

@@ -25,11 +25,11 @@ pub trait FsView {
 }
 
 /// A partition of the shared disk as a byte stream.
-struct Part {
-    d: Shared,
-    start: u64,
-    len: u64,
-    pos: u64,
+pub(crate) struct Part {
+    pub(crate) d: Shared,
+    pub(crate) start: u64,
+    pub(crate) len: u64,
+    pub(crate) pos: u64,
 }
 
 impl Ext4Read for Part {

@@ -8,6 +8,7 @@
 //! an NBD export. Only metadata is read; [`Inspection::bytes_read`] says
 //! how much. Bad disks are "unknown" with a reason, never a panic.
 
+pub mod browse;
 pub mod category;
 pub mod detect;
 pub mod fsview;

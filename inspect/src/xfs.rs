@@ -1,8 +1,7 @@
 //! A read-only XFS reader for inspection (the RHEL and CentOS default):
 //! the superblock (v4 and v5), inodes (v2 and v3 cores), shortform, block
-//! and leaf directories, extent-list files and symlinks (inline and
-//! remote). B+tree-format files and directories (very large or very
-//! fragmented) are reported as not found. Every number comes from the
+//! and leaf directories, extent-list and B+tree-format files and
+//! directories, symlinks (inline and remote). Every number comes from the
 //! image and is checked before use; loops are bounded.
 
 use crate::Shared;
@@ -39,7 +38,7 @@ pub struct Xfs {
     dir_block: u64,
     v5: bool,
     ftype: bool,
-    root: u64,
+    pub(crate) root: u64,
     /// Bytes this reader may still read: crafted directories and extent
     /// lists cannot make a lookup read without end.
     budget: std::cell::Cell<u64>,
@@ -49,19 +48,21 @@ pub struct Xfs {
 /// a megabyte; hives are the largest files it reads).
 const READ_BUDGET: u64 = 1 << 30;
 
-struct Inode {
-    mode: u16,
+pub(crate) struct Inode {
+    pub(crate) mode: u16,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
     format: u8,
-    size: u64,
+    pub(crate) size: u64,
     nextents: u32,
     /// The data fork's bytes.
     fork: Vec<u8>,
 }
 
-const S_IFMT: u16 = 0o170000;
-const S_IFDIR: u16 = 0o040000;
-const S_IFLNK: u16 = 0o120000;
-const S_IFREG: u16 = 0o100000;
+pub(crate) const S_IFMT: u16 = 0o170000;
+pub(crate) const S_IFDIR: u16 = 0o040000;
+pub(crate) const S_IFLNK: u16 = 0o120000;
+pub(crate) const S_IFREG: u16 = 0o100000;
 /// Directory data lives below 32 GiB of the directory's address space.
 const LEAF_OFFSET: u64 = 32 << 30;
 const MAX_EXTENTS: u32 = 1 << 16;
@@ -125,7 +126,7 @@ impl Xfs {
         })
     }
 
-    fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), XfsError> {
+    pub(crate) fn read(&self, off: u64, buf: &mut [u8]) -> Result<(), XfsError> {
         if off
             .checked_add(buf.len() as u64)
             .is_none_or(|e| e > self.len)
@@ -144,6 +145,12 @@ impl Xfs {
         self.d.read_at(at, buf).map_err(XfsError::Bad)
     }
 
+    /// Lets this reader read up to `bytes` in all (the file browser
+    /// streams whole files; inspection keeps the default).
+    pub(crate) fn set_budget(&self, bytes: u64) {
+        self.budget.set(bytes);
+    }
+
     /// Byte offset of filesystem block `fsb` (AG number in the high bits).
     fn fsb(&self, fsb: u64) -> Option<u64> {
         let ag = fsb >> self.agblklog;
@@ -154,7 +161,7 @@ impl Xfs {
         (ag.checked_mul(self.agblocks)?.checked_add(agb)?).checked_mul(self.block)
     }
 
-    fn inode(&self, ino: u64) -> Result<Inode, XfsError> {
+    pub(crate) fn inode(&self, ino: u64) -> Result<Inode, XfsError> {
         let per = self.inopblog + self.agblklog;
         let ag = ino >> per;
         let agb = (ino >> self.inopblog) & ((1 << self.agblklog) - 1);
@@ -192,6 +199,8 @@ impl Xfs {
         };
         Ok(Inode {
             mode: be16(&b, 2).unwrap_or(0),
+            uid: be32(&b, 8).unwrap_or(0),
+            gid: be32(&b, 12).unwrap_or(0),
             format: b[5],
             size: be64(&b, 0x38).unwrap_or(0),
             nextents,
@@ -202,17 +211,26 @@ impl Xfs {
     /// (file offset, byte offset on disk — `None` for an unwritten extent,
     /// which reads as zeros — and length) of an extent-format inode, in
     /// bytes. XFS keeps them sorted and disjoint; anything else is damage.
-    fn extents(&self, i: &Inode) -> Result<Vec<(u64, Option<u64>, u64)>, XfsError> {
-        if i.format != 2 {
-            return bad(format!("data fork format {} is not read here", i.format));
-        }
-        if i.nextents > MAX_EXTENTS || i.nextents as usize * 16 > i.fork.len() {
-            return bad("extent count");
-        }
+    pub(crate) fn extents(&self, i: &Inode) -> Result<Vec<(u64, Option<u64>, u64)>, XfsError> {
+        let recs = match i.format {
+            2 => {
+                if i.nextents > MAX_EXTENTS || i.nextents as usize * 16 > i.fork.len() {
+                    return bad("extent count");
+                }
+                (0..i.nextents as usize)
+                    .map(|k| {
+                        (
+                            be64(&i.fork, k * 16).unwrap_or(0),
+                            be64(&i.fork, k * 16 + 8).unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            }
+            3 => self.btree_records(&i.fork)?,
+            f => return bad(format!("data fork format {f} is not read here")),
+        };
         let mut out: Vec<(u64, Option<u64>, u64)> = Vec::new();
-        for k in 0..i.nextents as usize {
-            let hi = be64(&i.fork, k * 16).unwrap_or(0);
-            let lo = be64(&i.fork, k * 16 + 8).unwrap_or(0);
+        for (hi, lo) in recs {
             let startoff = (hi >> 9) & ((1 << 54) - 1);
             let startblock = ((hi & 0x1ff) << 43) | (lo >> 21);
             let count = lo & 0x1f_ffff;
@@ -235,6 +253,68 @@ impl Xfs {
         Ok(out)
     }
 
+    /// The extent records of a B+tree-format fork (large or fragmented
+    /// files and directories): down the leftmost path from the root in
+    /// the inode, then along the leaves by their right siblings. Levels,
+    /// counts and the number of blocks visited are all checked.
+    fn btree_records(&self, fork: &[u8]) -> Result<Vec<(u64, u64)>, XfsError> {
+        let level = be16(fork, 0).unwrap_or(0);
+        let n = be16(fork, 2).unwrap_or(0) as usize;
+        let root_max = fork.len().saturating_sub(4) / 16;
+        if level == 0 || level > 9 || n == 0 || n > root_max {
+            return bad("B+tree root");
+        }
+        let (hdr, magic): (usize, &[u8]) = if self.v5 {
+            (72, b"BMA3")
+        } else {
+            (24, b"BMAP")
+        };
+        let per_block = (self.block as usize - hdr) / 16;
+        let mut b = vec![0u8; self.block as usize];
+        let load = |ptr: u64, want: u16, b: &mut [u8]| -> Result<usize, XfsError> {
+            let off = self
+                .fsb(ptr)
+                .ok_or_else(|| XfsError::Bad("B+tree block outside the filesystem".into()))?;
+            self.read(off, b)?;
+            let nr = be16(b, 6).unwrap_or(0) as usize;
+            if &b[..4] != magic || be16(b, 4) != Some(want) || nr > per_block {
+                return bad("B+tree block header");
+            }
+            Ok(nr)
+        };
+        let mut ptr = be64(fork, 4 + root_max * 8).unwrap_or(0);
+        let mut nr = 0;
+        for want in (0..level).rev() {
+            nr = load(ptr, want, &mut b)?;
+            if want > 0 {
+                if nr == 0 {
+                    return bad("empty B+tree node");
+                }
+                ptr = be64(&b, hdr + per_block * 8).unwrap_or(0);
+            }
+        }
+        let mut out = Vec::new();
+        // Leaves hold at least one record each in a sound tree; a sibling
+        // loop of empty ones ends here.
+        for _ in 0..=MAX_EXTENTS {
+            for k in 0..nr {
+                out.push((
+                    be64(&b, hdr + k * 16).unwrap_or(0),
+                    be64(&b, hdr + k * 16 + 8).unwrap_or(0),
+                ));
+            }
+            if out.len() > MAX_EXTENTS as usize {
+                return bad("extent count");
+            }
+            let right = be64(&b, 16).unwrap_or(u64::MAX);
+            if right == u64::MAX {
+                return Ok(out);
+            }
+            nr = load(right, 0, &mut b)?;
+        }
+        bad("B+tree leaves without end")
+    }
+
     /// A file's bytes, at most `max`.
     fn data(&self, i: &Inode, max: u64) -> Result<Vec<u8>, XfsError> {
         if i.size > max {
@@ -253,7 +333,7 @@ impl Xfs {
         Ok(out)
     }
 
-    fn symlink_target(&self, i: &Inode) -> Result<String, XfsError> {
+    pub(crate) fn symlink_target(&self, i: &Inode) -> Result<String, XfsError> {
         let b = match i.format {
             1 => i
                 .fork
@@ -281,10 +361,10 @@ impl Xfs {
     }
 
     /// Directory entries: (name, inode).
-    fn dir(&self, i: &Inode) -> Result<Vec<(String, u64)>, XfsError> {
+    pub(crate) fn dir(&self, i: &Inode) -> Result<Vec<(String, u64)>, XfsError> {
         match i.format {
             1 => self.shortform(&i.fork),
-            2 => {
+            2 | 3 => {
                 let mut out = Vec::new();
                 let hdr = if self.v5 { 64 } else { 16 };
                 let entry_extra = if self.ftype { 1 } else { 0 };
@@ -368,7 +448,7 @@ impl Xfs {
     }
 
     /// Resolves a path (following symlinks) to an inode.
-    fn resolve(&self, path: &str) -> Option<Inode> {
+    pub(crate) fn resolve(&self, path: &str) -> Option<Inode> {
         let mut parts: Vec<String> = path
             .split('/')
             .filter(|c| !c.is_empty())
@@ -441,6 +521,8 @@ impl Xfs {
 fn clone_inode(i: &Inode) -> Inode {
     Inode {
         mode: i.mode,
+        uid: i.uid,
+        gid: i.gid,
         format: i.format,
         size: i.size,
         nextents: i.nextents,

@@ -1,6 +1,6 @@
 //! Recovery on the appliance: instant mounts (FUSE file → loop device →
-//! kernel mount) and file-level restore (a snapshot's ext4 read in
-//! process). The FUSE view itself is `cdm_recovery::fuse`, mounted by
+//! kernel mount) and file-level restore (a snapshot's ext4, XFS or NTFS
+//! read in process). The FUSE view itself is `cdm_recovery::fuse`, mounted by
 //! `main` with `--mount DIR`.
 
 use std::path::{Path, PathBuf};
@@ -358,7 +358,7 @@ impl Appliance {
         let fs = browse::open(&self.pool, t, q.partition).map_err(browse_err)?;
         let limit = q.limit.unwrap_or(10_000).min(100_000);
         Ok(
-            disk_browse::list(&fs, &q.path, q.offset.unwrap_or(0), limit)
+            disk_browse::list(&*fs, &q.path, q.offset.unwrap_or(0), limit)
                 .map_err(browse_err)?
                 .into_iter()
                 .map(to_entry)
@@ -369,7 +369,7 @@ impl Appliance {
     pub fn files_stat(&self, volume: &str, id: u64, q: FilesQuery) -> ApiResult<FileEntry> {
         let t = self.snapshot_target(volume, id)?;
         let fs = browse::open(&self.pool, t, q.partition).map_err(browse_err)?;
-        disk_browse::stat(&fs, &q.path)
+        disk_browse::stat(&*fs, &q.path)
             .map(to_entry)
             .map_err(browse_err)
     }
@@ -406,17 +406,17 @@ impl Appliance {
                     buf: Vec::new(),
                 };
                 let r = if tar {
-                    match disk_browse::stat(&fs, &q.path) {
+                    match disk_browse::stat(&*fs, &q.path) {
                         Ok(_) => {
                             let _ = first_tx.send(Ok(None));
-                            disk_browse::tar_tree(&fs, &q.path, &mut w).map(|_| ())
+                            disk_browse::tar_tree(&*fs, &q.path, &mut w).map(|_| ())
                         }
                         Err(e) => Err(e),
                     }
                 } else {
                     let ft = first_tx.clone();
                     disk_browse::copy_file(
-                        &fs,
+                        &*fs,
                         &q.path,
                         &mut |n| {
                             let _ = ft.send(Ok(Some(n)));

@@ -1,7 +1,8 @@
 //! Recovery on the appliance with real kernel mounts: the FUSE view,
 //! read-only snapshot mounts while the volume keeps changing, instant
 //! (writable clone) mounts, several clones at once, file-level restore
-//! through the API (ext4 read in process, partitioned or not), bad input,
+//! through the API (ext4, XFS and NTFS read in process, partitioned or
+//! not), bad input,
 //! and mounts across a restart. Needs root, /dev/fuse and loop devices.
 
 use std::path::{Path, PathBuf};
@@ -309,7 +310,30 @@ fn snapshots_mount_browse_and_restore_on_ext4_xfs_and_gpt() {
         seen += l.as_array().unwrap().len();
     }
     assert_eq!(seen, 3000);
-    for (snap, vol) in [(se, "e"), (sg, "g")] {
+    // XFS is read in process too: the same tree (a sparse file with
+    // holes, a symlink, a large directory) as on ext4.
+    let xl = api.get(&format!("/v1/volumes/x/snapshots/{sx}/files?path=/data"));
+    let shown = |l: &Value| -> Vec<Value> {
+        l.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let size = if e["kind"] == "dir" {
+                    0
+                } else {
+                    e["size"].as_u64().unwrap()
+                };
+                json!([e["name"], e["kind"], e["mode"], e["uid"], e["target"], size])
+            })
+            .collect()
+    };
+    assert_eq!(shown(&xl), shown(&list), "XFS lists /data as ext4 does");
+    // 3000 entries: on XFS a directory in B+tree format.
+    let xmany = api.get(&format!(
+        "/v1/volumes/x/snapshots/{sx}/files?path=/many&limit=5000"
+    ));
+    assert_eq!(xmany.as_array().unwrap().len(), 3000);
+    for (snap, vol) in [(se, "e"), (sg, "g"), (sx, "x")] {
         for f in [
             "/data/big.bin",
             "/data/sparse.img",
@@ -403,9 +427,9 @@ fn snapshots_mount_browse_and_restore_on_ext4_xfs_and_gpt() {
         "{u}"
     );
     api.expect(
-        422,
+        404,
         "GET",
-        &format!("/v1/volumes/x/snapshots/{sx}/files?path=/"),
+        &format!("/v1/volumes/x/snapshots/{sx}/files/stat?path=/data/nope"),
         None,
     );
     let u = api.expect(
@@ -559,6 +583,112 @@ fn snapshots_mount_browse_and_restore_on_ext4_xfs_and_gpt() {
     assert!(!std::fs::read_to_string("/proc/mounts")
         .unwrap()
         .contains(&*s.w.to_string_lossy()));
+}
+
+/// NTFS (a Windows data disk: MBR, one partition of type 7) browsed and
+/// restored through the API: listing without NTFS's own files, names
+/// without case, a file's bytes, a folder's tar; a missing path is 404, a
+/// damaged boot sector 422.
+#[test]
+fn file_restore_from_an_ntfs_snapshot() {
+    require("mkntfs");
+    require("ntfs-3g");
+    let s = setup();
+    let w = s.w.clone();
+    let src = w.join("src");
+    sh(&format!(
+        "set -e; mkdir -p {d}/Reports/2026 {d}/Empty
+         head -c 5000000 /dev/urandom > {d}/Reports/2026/q1.bin
+         head -c 777 /dev/urandom > {d}/Reports/notes.txt
+         printf 'Quarterly <b>results</b>' > '{d}/Reports/2026/read me.txt'",
+        d = src.display()
+    ));
+    sh(&format!(
+        "set -e; cd {w}
+         truncate -s 64M ntfs.fs && mkntfs -F -Q -q ntfs.fs
+         mkdir -p mnt && ntfs-3g ntfs.fs mnt && cp -r src/. mnt/
+         for i in $(seq 600); do umount mnt && break; sleep 0.1; done
+         ! mountpoint -q mnt
+         truncate -s 80M disk.img
+         printf 'label: dos\nstart=2048, size=131072, type=7\n' | sfdisk -q disk.img
+         dd if=ntfs.fs of=disk.img bs=1M seek=1 conv=notrunc status=none",
+        w = w.display()
+    ));
+    let token = s.a.admin_token();
+    let api = Api::new(&s.a, &token);
+    post_volume(&api, "win", 80 << 20);
+    run(Command::new("nbdcopy")
+        .arg(w.join("disk.img"))
+        .arg(s.a.unix_uri("win")));
+    let id = snapshot(&api, "win");
+    let base = format!("/v1/volumes/win/snapshots/{id}");
+    let root = api.get(&format!("{base}/files?path=/"));
+    let names: Vec<&str> = root
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["Empty", "Reports"], "{root}");
+    let st = api.get(&format!("{base}/files/stat?path=/Reports/2026/q1.bin"));
+    assert_eq!(
+        (st["kind"].as_str(), st["size"].as_u64()),
+        (Some("file"), Some(5_000_000))
+    );
+    for (asked, file) in [
+        ("/reports/2026/Q1.BIN", "Reports/2026/q1.bin"),
+        ("/Reports/2026/read%20me.txt", "Reports/2026/read me.txt"),
+    ] {
+        let got = w.join("got");
+        let code = download(
+            &s.a,
+            &token,
+            &format!("{base}/files/content?path={asked}"),
+            &got,
+        );
+        assert_eq!(code, 200, "{asked}");
+        sh(&format!("cmp {} '{}/{file}'", got.display(), src.display()));
+    }
+    let tarf = w.join("reports.tar");
+    assert_eq!(
+        download(
+            &s.a,
+            &token,
+            &format!("{base}/files/tar?path=/Reports"),
+            &tarf
+        ),
+        200
+    );
+    sh(&format!(
+        "set -e; mkdir -p {x} && tar -xf {t} -C {x} && diff -r {x} {s}/Reports",
+        x = w.join("x").display(),
+        t = tarf.display(),
+        s = src.display()
+    ));
+    api.expect(
+        404,
+        "GET",
+        &format!("{base}/files?path=/Reports/nope"),
+        None,
+    );
+    api.expect(404, "GET", &format!("{base}/files/stat?path=/$MFT"), None);
+    // A damaged boot sector (bytes per sector and the MFT's place): 422
+    // with the reason, and the daemon unharmed.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0xff 1048587 40"])
+        .arg(s.a.unix_uri("win")));
+    let bad = snapshot(&api, "win");
+    let u = api.expect(
+        422,
+        "GET",
+        &format!("/v1/volumes/win/snapshots/{bad}/files?path=/"),
+        None,
+    );
+    assert!(
+        u["error"]["message"].as_str().unwrap().contains("NTFS"),
+        "{u}"
+    );
+    api.get(&format!("{base}/files?path=/Reports"));
 }
 
 fn ctl_ok(a: &Appliance, args: &[&str]) -> String {

@@ -224,6 +224,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/ca": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The CA certificate (PEM) of the appliance's TLS certificate; no token:
+         *     a client fetches it to pin it (comparing its fingerprint out of band).
+         */
+        get: operations["ca"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/clock": {
         parameters: {
             query?: never;
@@ -711,7 +731,7 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        get: operations["policy_get__v1_volumes_name_policy"];
+        get: operations["volume_policy"];
         put: operations["set_policy"];
         post?: never;
         delete?: never;
@@ -1961,6 +1981,11 @@ export interface operations {
             query?: never;
             header?: never;
             path: {
+                /**
+                 * @description The agent's free job slots: at most this many jobs are handed out
+                 *     (absent: as many as the appliance's limits allow).
+                 */
+                slots: number | null;
                 /** @description At most 30. */
                 wait: number | null;
             };
@@ -2311,6 +2336,34 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["AuditEntry"][];
+                };
+            };
+        };
+    };
+    ca: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The appliance's CA certificate (PEM) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/x-pem-file": string;
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -3467,7 +3520,7 @@ export interface operations {
             };
         };
     };
-    policy_get__v1_volumes_name_policy: {
+    volume_policy: {
         parameters: {
             query?: never;
             header?: never;

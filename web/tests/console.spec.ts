@@ -191,24 +191,28 @@ async function unmount(page: Page, volume: string, id: number) {
   await expect(page.getByRole("row").filter({ hasText: `${volume}@${id}` })).toHaveCount(0);
 }
 
-// The files routes read ext4 only (recovery/src/browse.rs): for XFS and
-// NTFS points the browser shows the API's answer, and the point is reached
-// by an instant mount from the console, whose files the test compares.
-for (const [fs, make, size, file] of [
-  ["XFS", xfs, "512M", "data/table.dat"],
-  ["NTFS", ntfs, "64M", "Users/Public/ledger.xlsx"],
+// The files routes read XFS and NTFS too (cdm_inspect::browse): the file
+// browser lists the point, downloads a file (bytes compared) and the
+// folder as a tar; an instant mount from the console holds the same files.
+for (const [fs, make, size, from, folder, name] of [
+  ["XFS", xfs, "512M", "/", "data", "table.dat"],
+  ["NTFS", ntfs, "64M", "/Users", "Public", "ledger.xlsx"],
 ] as const) {
-  test(`an ${fs} point: the file browser shows the API's answer, a read-only mount holds the files`, async ({ page, app }) => {
+  test(`an ${fs} point: browse it, download a file and a folder, mount it read-only`, async ({ page, app }) => {
     const dir = scratch();
     const vol = fs.toLowerCase() + "vol";
+    const file = `${from.slice(1)}${from === "/" ? "" : "/"}${folder}/${name}`;
     try {
       await signIn(page, app);
       const data = randomBytes(150_000);
       const img = make(dir, { [file]: data, "etc/readme.txt": "hello\n" });
       const id = await pointOf(page, app, vol, img, size);
-      await page.goto(`${app.url}/browse/${vol}/${id}`);
-      await expect(page.getByRole("alert")).toContainText("422");
-      await expect(page.getByRole("alert")).toContainText("ext4");
+      await browseAndDownload(page, app, vol, id, from, folder, name, data);
+      const tar = page.waitForEvent("download");
+      await page.getByRole("button", { name: "Download this folder as tar" }).click();
+      const t = await tar;
+      expect(t.suggestedFilename()).toBe(`${vol}-${id}-${folder}.tar`);
+      expect(readFileSync(await t.path()).toString("latin1")).toContain(name);
       const path = await mountFromConsole(page, vol, id);
       await expect(page.getByRole("row").filter({ hasText: `${vol}@${id}` })).toContainText(fs === "XFS" ? "xfs" : "ntfs");
       expect(readFileSync(join(path, file))).toEqual(data);
