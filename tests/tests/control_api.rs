@@ -5,10 +5,6 @@
 //! running real backups are the whole-flow test's), and move the fake
 //! clock to make hosts silent, backoffs pass and points age.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::sync::{Arc, Mutex};
-
 use cdm_e2e::*;
 
 mod control_util;
@@ -16,46 +12,13 @@ use control_util::*;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 
-/// A webhook receiver on 127.0.0.1: every request's headers and body.
-type Got = Arc<Mutex<Vec<(Vec<(String, String)>, Vec<u8>)>>>;
+/// Every request a webhook receiver got: headers and body.
+type Got = cdm_e2e::webhook::Received;
 
+/// A webhook receiver on 127.0.0.1 (`tests/src/webhook.rs`).
 fn receiver() -> (u16, Got) {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    let got: Got = Arc::default();
-    let g = got.clone();
-    std::thread::spawn(move || {
-        for conn in l.incoming() {
-            let Ok(mut s) = conn else { continue };
-            let mut r = BufReader::new(s.try_clone().expect("clone"));
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let (mut headers, mut len) = (Vec::new(), 0usize);
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
-                    break;
-                }
-                if let Some((k, v)) = h.trim_end().split_once(':') {
-                    let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
-                    if k == "content-length" {
-                        len = v.parse().unwrap_or(0);
-                    }
-                    headers.push((k, v));
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = r.read_exact(&mut body);
-            g.lock().expect("lock").push((headers, body));
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-        }
-    });
-    (port, got)
+    let r = cdm_e2e::webhook::Receiver::start();
+    (r.port, r.got.clone())
 }
 
 /// The event of the first signed delivery of type `kind` the receiver got.
