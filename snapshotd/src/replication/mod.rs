@@ -9,7 +9,13 @@ pub mod http;
 #[allow(dead_code)]
 pub mod replicas;
 #[allow(dead_code)]
+pub mod resume;
+#[allow(dead_code)]
+pub mod sessions;
+#[allow(dead_code)]
 pub mod throttle;
+#[allow(dead_code)]
+pub mod wire;
 
 #[cfg(test)]
 mod testutil;
