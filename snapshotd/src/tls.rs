@@ -321,7 +321,7 @@ fn issue_server(ca_kp: &KeyPair, sans: &[String], crt: &Path, key: &Path) -> Res
 /// Writes `data` to `path` through a temporary file created with `mode`
 /// (a key is never readable by others, not even for a moment), synced and
 /// renamed: a crash leaves the old file or the new one, never half of one.
-pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);

@@ -70,7 +70,7 @@ impl ResumeKey {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key: [u8; 32] = rand::random();
-                crate::tls::write_atomic(path, &key, 0o600).map_err(|e| key_err(path, e))?;
+                cdm_common::fs::write_atomic(path, &key, 0o600).map_err(|e| key_err(path, e))?;
                 tracing::info!(path = %path.display(), "replication resume key created");
                 Ok(ResumeKey(key))
             }
