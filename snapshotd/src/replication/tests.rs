@@ -588,3 +588,77 @@ fn a_target_that_lost_the_base_gets_a_full_resend_and_retention_applies() {
         .collect();
     assert_eq!(left, ["p4", "p5"]);
 }
+
+#[test]
+fn a_bandwidth_limit_paces_the_bytes_sent_and_cancel_stops_between_batches() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+    let (a, dir) = setup(&mut rng);
+    let b = Tgt::start(dir.path(), a.me());
+    snap(&a.pool, "v", "p1");
+    let rate = 4u64 << 20;
+    let t = Throttle::new(Box::new(move || Some(rate)));
+    let start = std::time::Instant::now();
+    let r = &a.send_with(&b, "v", &t, None).unwrap()[0];
+    // The bucket starts empty: nothing goes faster than the limit (a
+    // lower bound only, which no load on the machine can break).
+    let floor = r.bytes_sent as f64 / rate as f64;
+    assert!(start.elapsed().as_secs_f64() >= floor * 0.99, "{floor}");
+    // Cancelled: the point stops before its next batch, said so.
+    write_random(&a.pool, "v", &mut rng, 600);
+    snap(&a.pool, "v", "p2");
+    let http = b.http();
+    let cancel = AtomicBool::new(false);
+    let e = run(SendRequest {
+        pool: &a.pool,
+        state: &a.state,
+        identity: &a.id,
+        volume: "v",
+        peer_name: "b",
+        http: &http,
+        keep_last: None,
+        keep_days: None,
+        throttle: &Throttle::unlimited(),
+        cancel: &cancel,
+        progress: &|done, total| {
+            assert!(done <= total);
+            cancel.store(true, Ordering::SeqCst);
+        },
+        log: &|_| {},
+    })
+    .unwrap_err();
+    assert!(e.is("cancelled"), "{e}");
+    assert_eq!(e.records.last().unwrap().result, "cancelled");
+    assert_eq!(sessions::get(&b.state, "v").unwrap().unwrap().acked, 1);
+    // The next run resumes after the batch acknowledged.
+    let r = &a.send(&b, "v").unwrap()[0];
+    assert_eq!(r.resumed_from_batch, Some(2));
+    assert_points_match(&a, &b, "v");
+}
+
+#[test]
+fn a_full_target_fails_the_link_with_no_space_and_the_source_is_unaffected() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let a = Source::new();
+    a.pool.create_volume("v", 64 << 20, BS).unwrap();
+    let id = a.pool.volume_id("v").unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    for i in 0..48u64 {
+        rng.fill_bytes(&mut buf);
+        a.pool.write(id, i << 20, &buf).unwrap();
+    }
+    snap(&a.pool, "v", "big");
+    let dir = tempfile::tempdir().unwrap();
+    testutil::small_pool(dir.path(), 32 << 20);
+    let b = Tgt::start(dir.path(), a.me());
+    let e = a.send(&b, "v").unwrap_err();
+    assert!(e.is("no_space"), "{e}");
+    assert_eq!(e.status, 507);
+    assert_eq!(e.records[0].result, "failed");
+    // No point on the target; the source reads as before.
+    assert!(replicas::points(&b.pool, "v", "").unwrap().is_empty());
+    let mut again = vec![0u8; 1 << 20];
+    a.pool
+        .read(Target::Volume(id), 47 << 20, &mut again)
+        .unwrap();
+    assert!(again == buf);
+}
