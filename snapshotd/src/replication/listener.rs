@@ -17,7 +17,8 @@ use axum::{Extension, Json, Router};
 use cdm_api::replication::WhoAmI;
 use cdm_api::ApiError;
 
-use super::peers::{Known, PeerVerifier, Trust};
+use super::http::PeerId;
+use super::peers::{PeerVerifier, Trust};
 use super::service::Replication;
 use crate::tls::{HttpsListener, Material, TlsError};
 
@@ -74,7 +75,7 @@ async fn identify(State(trust): State<Arc<Trust>>, mut req: Request, next: Next)
 /// `GET /repl/whoami`: how this appliance knows the caller.
 async fn whoami(
     State(rep): State<Arc<Replication>>,
-    Extension(k): Extension<Known>,
+    Extension(k): Extension<PeerId>,
 ) -> Json<WhoAmI> {
     Json(WhoAmI {
         name: rep.name.clone(),

@@ -18,6 +18,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use super::http::PeerId;
 use crate::state::{State, StateError};
 
 /// Peers by name.
@@ -63,13 +64,6 @@ pub fn get(state: &State, name: &str) -> Result<Option<PeerRec>, StateError> {
     state.get(PEERS, name)
 }
 
-/// Who a client certificate belongs to, as the listener knows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Known {
-    pub name: String,
-    pub identity: String,
-}
-
 /// The trust of the replication listener, rebuilt from the peer records
 /// whenever they change.
 #[derive(Debug)]
@@ -83,7 +77,7 @@ struct Inner {
     /// None while no peer is paired: every client is refused.
     verifier: Option<Arc<dyn ClientCertVerifier>>,
     /// Hex SHA-256 of a pinned client certificate → its peer.
-    by_cert: HashMap<String, Known>,
+    by_cert: HashMap<String, PeerId>,
 }
 
 impl Trust {
@@ -116,7 +110,7 @@ impl Trust {
             if ok {
                 by_cert.insert(
                     p.client_cert_sha256.clone(),
-                    Known {
+                    PeerId {
                         name: p.name.clone(),
                         identity: p.identity.clone(),
                     },
@@ -151,7 +145,7 @@ impl Trust {
     }
 
     /// The peer whose pinned client certificate is `der`.
-    pub fn peer_of(&self, der: &[u8]) -> Option<Known> {
+    pub fn peer_of(&self, der: &[u8]) -> Option<PeerId> {
         let fp = hex::encode(sha2::Sha256::digest(der));
         cdm_common::lock::read(&self.inner)
             .by_cert
