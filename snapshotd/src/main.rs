@@ -489,6 +489,7 @@ fn start_nbd(
     s: &Settings,
     tls: &tls::Material,
     pool: &Arc<Pool>,
+    state: &Arc<state::State>,
     events: &Arc<events::Events>,
 ) -> Result<(Arc<Server>, Vec<String>)> {
     let ev = events.clone();
@@ -508,7 +509,9 @@ fn start_nbd(
         })),
         ..Default::default()
     };
-    let server = Server::new(pool.clone(), cfg);
+    // Replica volumes are exported read-only.
+    let catalog = replication::exports::ReplicaCatalog::new(pool.clone(), state.clone());
+    let server = Server::with_catalog(Arc::new(catalog), cfg);
     let listeners = Listener::bind_all(&s.nbd)?;
     let nbd_addrs =
         nbd_server::server::start(&server, listeners, Duration::from_secs(s.commit_interval))?;
@@ -759,7 +762,7 @@ fn main() -> Result<()> {
     let events = events::Events::new(state.clone(), clock.clone(), s.webhooks.clone());
     events.start();
     let tls = tls::material(&s.tls, &s.data.join("tls")).context("TLS certificate")?;
-    let (server, nbd_addrs) = start_nbd(&s, &tls, &pool, &events)?;
+    let (server, nbd_addrs) = start_nbd(&s, &tls, &pool, &state, &events)?;
     let (fuse, mounts) = start_fuse(&s, &pool, &state)?;
     let jobs = jobs::Jobs::new(state.clone(), clock.clone(), events.clone());
     let sched = scheduler::Scheduler::new(

@@ -339,3 +339,126 @@ fn forge_client(a: &Appliance) -> (std::path::PathBuf, std::path::PathBuf) {
         .arg(&crt));
     (crt, key)
 }
+
+/// A volume demoted to a replica of a peer is read-only through the API and
+/// NBD (its points stay readable and clonable); promoted, it is writable
+/// again.
+#[test]
+fn replica_volumes_are_read_only_until_promoted() {
+    let _g = shared();
+    let a = start("site-a");
+    let b = start("site-b");
+    let token = pair_token(&b, None);
+    let (s, v) = pair(&a, "b", &b.https_url(), &token);
+    assert_eq!(s, 201, "{v}");
+
+    let (s, v) = api(
+        &b,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "db", "size": 4 << 20})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let data = random_bytes(65536, 7);
+    {
+        let mut n = b.nbd("db");
+        n.write(0, &data, true).expect("write before demote");
+    }
+    let (s, v) = api(
+        &b,
+        "POST",
+        "/v1/volumes/db/snapshots",
+        Some(json!({"label": "p1"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let snap = v["id"].as_u64().expect("snapshot id");
+
+    // Demoted: a replica of A (B knows A as site-a).
+    let (s, v) = api(
+        &b,
+        "POST",
+        "/v1/volumes/db/demote",
+        Some(json!({"peer": "nobody"})),
+    );
+    assert_eq!(s, 404, "{v}");
+    let out = b.cdmctl(&["--json", "volume", "demote", "db", "--peer", "site-a"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("volume JSON");
+    assert_eq!(v["kind"], "replica");
+
+    // Refused through the API...
+    let (s, v) = api(
+        &b,
+        "POST",
+        "/v1/volumes/db/snapshots",
+        Some(json!({"label": "p2"})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("replica")),
+        "{v}"
+    );
+    let (s, v) = api(
+        &b,
+        "PATCH",
+        "/v1/volumes/db",
+        Some(json!({"size": 8 << 20})),
+    );
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("replica")),
+        "{v}"
+    );
+    // ... and over NBD, where its live export is read-only but readable.
+    let mut n = b.nbd("db");
+    assert!(n.read_only(), "a replica's export must say read-only");
+    assert!(n.write(0, &random_bytes(4096, 8), true).is_err());
+    let mut back = vec![0u8; data.len()];
+    n.read(0, &mut back).expect("read the replica");
+    assert!(back == data, "the replica's contents changed");
+    drop(n);
+    // Its points are exported and clonable as any others.
+    let mut p = b.nbd(&format!("db@{snap}"));
+    p.read(0, &mut back).expect("read the replica's point");
+    assert!(back == data);
+    drop(p);
+    let (s, v) = api(
+        &b,
+        "POST",
+        &format!("/v1/volumes/db/snapshots/{snap}/clones"),
+        Some(json!({"name": "db-test"})),
+    );
+    assert_eq!(s, 201, "{v}");
+
+    // Promoted: an ordinary writable volume again; a second promote is 409.
+    let out = b.cdmctl(&["--json", "volume", "promote", "db"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).expect("volume JSON");
+    assert_eq!(v["kind"], "stage");
+    let (s, v) = api(&b, "POST", "/v1/volumes/db/promote", None);
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("not_a_replica")),
+        "{v}"
+    );
+    let mut n = b.nbd("db");
+    assert!(!n.read_only());
+    n.write(0, &random_bytes(4096, 9), true)
+        .expect("write after promote");
+    // A volume with a client cannot be demoted (the client could write).
+    let (s, v) = api(
+        &b,
+        "POST",
+        "/v1/volumes/db/demote",
+        Some(json!({"peer": "site-a"})),
+    );
+    assert_eq!(s, 409, "{v}");
+}

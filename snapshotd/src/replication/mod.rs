@@ -2,6 +2,7 @@
 //! the mutually authenticated listener, links and their schedules (the
 //! control side), and the transfer protocol (the data path).
 
+pub mod exports;
 pub mod links;
 pub mod listener;
 pub mod pairing;
