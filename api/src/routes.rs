@@ -262,7 +262,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
             axum::routing::delete(delete_token),
         )
         .route("/clock", get(clock).post(advance_clock))
-        .merge(crate::control_routes::routes());
+        .merge(crate::control_routes::routes())
+        .merge(crate::drills::routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
