@@ -578,3 +578,121 @@ fn policies_schedule_drills_on_the_appliance_clock() {
     );
     assert_eq!(s, 409, "{v}");
 }
+
+/// The appliance drills a file tree itself: the point cloned, the ext4 on
+/// it checked read-only, inspected, a file probe read, the point
+/// scrubbed, the clone deleted; a point whose filesystem metadata was
+/// damaged fails its fsck.
+#[test]
+fn file_trees_are_drilled_on_the_appliance() {
+    for t in [
+        "losetup",
+        "blkid",
+        "mkfs.ext4",
+        "e2fsck",
+        "nbdcopy",
+        "qemu-io",
+    ] {
+        require(t);
+    }
+    let work = tempfile::Builder::new()
+        .prefix("cdm-drill-files-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let w = work.path();
+    let fuse = w.join("fuse");
+    let config = format!("mount = \"{}\"\n{FAST_CONFIG}", fuse.display());
+    let a = Appliance::start_with(Some(&config), None, &["--pool-size", "4G", "--pool-sparse"]);
+    let api = Api::new(&a, &a.admin_token());
+    let h = enrol(&a, &api, "fs1");
+    h.heartbeat(true, &[], json!([]));
+    let f = api.expect(
+        201,
+        "POST",
+        "/v1/applications",
+        Some(json!({"host": "fs1", "kind": "files", "name": "etc", "config": {"path": "/etc"}})),
+    );
+    let id = f["id"].as_u64().unwrap();
+    let vol = f["volume"].as_str().unwrap().to_string();
+    sh(&format!(
+        "mkdir -p {d}/src/etc && echo 'db_port = 5432' > {d}/src/etc/app.conf && \
+         mkfs.ext4 -q -b 4096 -d {d}/src {d}/ext4.img 64M",
+        d = w.display()
+    ));
+    let sum = sh(&format!(
+        "sha256sum {}/src/etc/app.conf | cut -c1-64",
+        w.display()
+    ));
+    api.expect(
+        201,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": vol, "size": 64 << 20})),
+    );
+    run(Command::new("nbdcopy")
+        .arg(w.join("ext4.img"))
+        .arg(a.unix_uri(&vol)));
+    let good = api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/{vol}/snapshots"),
+        Some(json!({})),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    let drill_local = |body: Value| -> Value {
+        let j = api.expect(
+            202,
+            "POST",
+            &format!("/v1/applications/{id}/drills"),
+            Some(body),
+        );
+        assert_eq!(j["kind"], "drill");
+        let jid = j["id"].as_u64().unwrap();
+        wait_for(300, "the drill to end", || {
+            let j = job(&api, jid);
+            (!matches!(j["state"].as_str(), Some("queued" | "running"))).then_some(())
+        });
+        api.get(&format!("/v1/drills/{jid}"))
+    };
+    let d = drill_local(json!({"probes": [
+        {"path": "/etc/app.conf", "sha256": sum.trim()},
+        {"path": "/etc/app.conf", "contains": "db_port"}]}));
+    assert_eq!(d["passed"], true, "{d:#}");
+    assert_eq!(d["host"], "appliance");
+    assert!(d["rto_seconds"].as_f64().is_some(), "{d}");
+    assert_eq!(check(&d, "fsck: disk (ext4)")["passed"], true, "{d:#}");
+    assert_eq!(check(&d, "inspect")["passed"], true);
+    assert_eq!(check(&d, "scrub")["passed"], true);
+    assert_eq!(check(&d, "file: /etc/app.conf")["passed"], true);
+    // A probe for a file that is not there fails.
+    let d = drill_local(json!({"probes": [{"path": "/etc/missing.conf"}]}));
+    assert_eq!(d["passed"], false, "{d:#}");
+    assert_eq!(check(&d, "file: /etc/missing.conf")["passed"], false);
+    // Damaged group descriptors: e2fsck -n finds them.
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x5a 4096 4096"])
+        .arg(a.unix_uri(&vol)));
+    let bad = api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/{vol}/snapshots"),
+        Some(json!({})),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    let d = drill_local(json!({"snapshot": bad}));
+    assert_eq!(d["passed"], false, "{d:#}");
+    assert_eq!(check(&d, "fsck: disk (ext4)")["passed"], false, "{d:#}");
+    assert_eq!(
+        events_of(&api, "drill.failed").len(),
+        2,
+        "{:?}",
+        events_of(&api, "drill.failed")
+    );
+    // The good point is still good, and no clone is left.
+    let d = drill_local(json!({"snapshot": good}));
+    assert_eq!(d["passed"], true, "{d:#}");
+    let clones = api.get("/v1/clones");
+    assert!(clones.as_array().unwrap().is_empty(), "{clones}");
+}

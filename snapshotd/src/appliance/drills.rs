@@ -21,6 +21,12 @@ const VERIFY_CHUNK: u64 = 4 << 20;
 /// Lets the control plane delete drill clones as the appliance does (NBD
 /// clients of the clone disconnected, the host's record of it dropped).
 pub(super) fn hook(control: &Control, me: Weak<Appliance>) {
+    let me2 = me.clone();
+    control.set_drill_starter(Arc::new(move |c: &Caller, id: u64, req: DrillCreate| {
+        me2.upgrade()
+            .ok_or_else(|| ApiError::unavailable("appliance is shutting down"))?
+            .drill_any(c, id, req)
+    }));
     control.set_clone_remover(Arc::new(move |name: &str| {
         let a = me
             .upgrade()
@@ -37,10 +43,20 @@ pub(super) fn hook(control: &Control, me: Weak<Appliance>) {
 }
 
 impl Appliance {
+    /// A drill of any kind: PostgreSQL by an agent, the rest here.
+    pub(super) fn drill_any(&self, c: &Caller, id: u64, req: DrillCreate) -> ApiResult<Job> {
+        let app = self.control.application(id)?;
+        if crate::control::drills::LOCAL_KINDS.contains(&app.kind.as_str()) {
+            self.start_local_drill(c, id, req)
+        } else {
+            self.control.start_drill(c, id, req)
+        }
+    }
+
     /// Reads every mapped run of snapshot `id` of `volume`; a read that
     /// fails (a checksum mismatch, an I/O error) is retried block by block
     /// so each bad spot is named.
-    fn verify(&self, volume: &str, id: u64) -> ApiResult<SnapshotVerify> {
+    pub(super) fn verify_point(&self, volume: &str, id: u64) -> ApiResult<SnapshotVerify> {
         let t0 = Instant::now();
         self.snapshot_of(volume, id)?;
         let t = Target::Snapshot(id);
@@ -88,7 +104,7 @@ impl Appliance {
 
 impl DrillBackend for Appliance {
     fn start_drill(&self, c: &Caller, application: u64, req: DrillCreate) -> ApiResult<Job> {
-        self.control.start_drill(c, application, req)
+        self.drill_any(c, application, req)
     }
     fn list_drills(&self, application: Option<u64>) -> ApiResult<Vec<Drill>> {
         self.control.drills(application)
@@ -97,6 +113,6 @@ impl DrillBackend for Appliance {
         self.control.drill(id)
     }
     fn verify_snapshot(&self, volume: &str, snapshot: u64) -> ApiResult<SnapshotVerify> {
-        self.verify(volume, snapshot)
+        self.verify_point(volume, snapshot)
     }
 }

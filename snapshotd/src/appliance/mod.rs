@@ -8,6 +8,7 @@
 mod clones;
 mod control;
 mod defrag;
+mod drill_local;
 mod drills;
 mod exports;
 mod jobs;

@@ -23,6 +23,23 @@ use crate::state::{Sync, DRILLS, DRILL_DUE, HOSTS, JOBS};
 
 /// Kinds of applications whose drills an agent runs.
 const AGENT_KINDS: [&str; 1] = ["postgresql"];
+/// Kinds the appliance drills itself (a clone of the point read in place).
+pub const LOCAL_KINDS: [&str; 3] = ["files", "block", "vm"];
+
+/// What one drill does, decided when it is asked for.
+#[derive(Clone, Debug)]
+pub struct DrillPlan {
+    pub volume: String,
+    pub snapshot: u64,
+    /// When the point was made (Unix seconds).
+    pub created: u64,
+    pub host: String,
+    pub probes: Vec<DrillProbe>,
+    pub timeout: u64,
+    pub rto_target: Option<u64>,
+    pub rpo_target: Option<u64>,
+    pub started_unix: u64,
+}
 
 /// When an application's next scheduled drill is due.
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -148,15 +165,10 @@ impl Control {
         Ok((pick.volume.clone(), pick.snapshot, pick.created_unix))
     }
 
-    /// Queues a drill of application `id` (a `drill` agent job).
-    pub fn start_drill(&self, c: &Caller, id: u64, req: DrillCreate) -> ApiResult<Job> {
+    /// What a drill of application `id` does: its point, host, probes,
+    /// time limit and targets (the request's, else the policy's).
+    pub fn plan_drill(&self, id: u64, req: &DrillCreate) -> ApiResult<(AppRec, DrillPlan)> {
         let app = self.app_rec(id)?;
-        if !AGENT_KINDS.contains(&app.kind.as_str()) {
-            return Err(ApiError::conflict(format!(
-                "application {id} is of kind {}: drills run for postgresql applications",
-                app.kind
-            )));
-        }
         let policy = match &app.policy {
             Some(p) => self.policy_rec(p)?,
             None => None,
@@ -168,10 +180,6 @@ impl Control {
             .as_ref()
             .and_then(|p| p.drill_host.clone())
             .unwrap_or_else(|| app.host.clone());
-        let h: Option<HostRec> = self.state.get(HOSTS, host.as_str()).map_err(st)?;
-        if h.is_none_or(|h| h.retired) {
-            return Err(ApiError::conflict(format!("host {host} is not enrolled")));
-        }
         let probes = req
             .probes
             .clone()
@@ -185,8 +193,39 @@ impl Control {
             .as_ref()
             .map(|p| (p.drill_rto_seconds, p.drill_rpo_seconds))
             .unwrap_or_default();
+        Ok((
+            app,
+            DrillPlan {
+                volume,
+                snapshot,
+                created,
+                host,
+                probes,
+                timeout,
+                rto_target,
+                rpo_target,
+                started_unix: now,
+            },
+        ))
+    }
+
+    /// Queues a drill of application `id` (a `drill` agent job).
+    pub fn start_drill(&self, c: &Caller, id: u64, req: DrillCreate) -> ApiResult<Job> {
+        let (app, plan) = self.plan_drill(id, &req)?;
+        if !AGENT_KINDS.contains(&app.kind.as_str()) {
+            return Err(ApiError::conflict(format!(
+                "application {id} is of kind {}: an agent drills postgresql applications",
+                app.kind
+            )));
+        }
+        let host = plan.host.clone();
+        let h: Option<HostRec> = self.state.get(HOSTS, host.as_str()).map_err(st)?;
+        if h.is_none_or(|h| h.retired) {
+            return Err(ApiError::conflict(format!("host {host} is not enrolled")));
+        }
         let scheduled = c.user == "scheduler";
         let app_id = app.id;
+        let now = plan.started_unix;
         let mut active = lock(&self.active);
         self.queue_locked(
             &mut active,
@@ -198,10 +237,11 @@ impl Control {
             &c.user,
             Sync::Now,
             |job| {
-                json!({"volume": volume, "snapshot": snapshot, "name": clone_name(app_id, job),
-                   "probes": probes, "timeout_seconds": timeout, "point_created_unix": created,
-                   "rpo_seconds": now.saturating_sub(created), "rto_target": rto_target,
-                   "rpo_target": rpo_target, "scheduled": scheduled, "started_unix": now})
+                json!({"volume": plan.volume, "snapshot": plan.snapshot, "name": clone_name(app_id, job),
+                   "probes": plan.probes, "timeout_seconds": plan.timeout,
+                   "point_created_unix": plan.created,
+                   "rpo_seconds": now.saturating_sub(plan.created), "rto_target": plan.rto_target,
+                   "rpo_target": plan.rpo_target, "scheduled": scheduled, "started_unix": now})
             },
         )
     }
@@ -210,7 +250,17 @@ impl Control {
     /// announces it, and deletes the drill's clone if the agent left it.
     pub(super) fn drill_ended(&self, j: &Job) {
         let d = report(j);
-        if let Err(e) = self.state.put(DRILLS, d.id, &d, Sync::Now) {
+        let name = clone_name(d.application, d.job);
+        self.record_drill(&d);
+        if self.pool.volume(&name).is_ok() {
+            self.remove_clone_later(name);
+        }
+    }
+
+    /// Stores a drill's report and announces it: `drill.passed`, or
+    /// `drill.failed` and an `alert.raised` of kind `drill_failed`.
+    pub fn record_drill(&self, d: &Drill) {
+        if let Err(e) = self.state.put(DRILLS, d.id, d, Sync::Now) {
             tracing::error!(drill = d.id, error = %e, "cannot store a drill's report");
         }
         let data = json!({"id": d.id, "application": d.application, "job": d.job,
@@ -231,10 +281,6 @@ impl Control {
                 .emit("alert.raised", &subject, "scheduler", alert);
         }
         tracing::info!(drill = d.id, application = d.application, passed = d.passed, message = %d.message, "drill ended");
-        let name = clone_name(d.application, d.job);
-        if self.pool.volume(&name).is_ok() {
-            self.remove_clone_later(name);
-        }
     }
 
     /// Deletes a drill clone in a thread of its own (not under the queue's
@@ -321,7 +367,11 @@ impl Control {
                 .values()
                 .any(|j| j.kind == "drill" && j.application == Some(a.id));
             if !busy {
-                match self.start_drill(&scheduler(), a.id, DrillCreate::default()) {
+                let started = match self.drill_starter.get() {
+                    Some(f) => f(&scheduler(), a.id, DrillCreate::default()),
+                    None => self.start_drill(&scheduler(), a.id, DrillCreate::default()),
+                };
+                match started {
                     Ok(j) => {
                         tracing::info!(job = j.id, application = a.id, "scheduled drill queued")
                     }
@@ -380,18 +430,14 @@ fn num(v: &Value, k: &str) -> Option<u64> {
     v.get(k).and_then(Value::as_u64)
 }
 
-/// The report of an ended drill job: the agent's checks (its result), the
-/// targets compared, and why it failed.
-pub fn report(j: &Job) -> Drill {
-    let p = j.params.clone().unwrap_or(Value::Null);
-    let r = j.result.clone().unwrap_or(Value::Null);
-    let mut checks: Vec<DrillCheck> = r
-        .get("checks")
-        .and_then(|c| serde_json::from_value(c.clone()).ok())
-        .unwrap_or_default();
-    let rto = r.get("rto_seconds").and_then(Value::as_f64);
-    let rpo = num(&p, "rpo_seconds");
-    let (rto_target, rpo_target) = (num(&p, "rto_target"), num(&p, "rpo_target"));
+/// The targets' checks, when the policy has targets.
+pub fn add_targets(
+    checks: &mut Vec<DrillCheck>,
+    rto: Option<f64>,
+    rpo: Option<u64>,
+    rto_target: Option<u64>,
+    rpo_target: Option<u64>,
+) {
     if let (Some(t), Some(rto)) = (rto_target, rto) {
         checks.push(DrillCheck {
             name: "rto_target".into(),
@@ -408,6 +454,37 @@ pub fn report(j: &Job) -> Drill {
             seconds: 0.0,
         });
     }
+}
+
+/// The report's one-line message from its checks.
+pub fn verdict(checks: &[DrillCheck]) -> String {
+    let failed: Vec<&str> = checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.name.as_str())
+        .collect();
+    if checks.is_empty() {
+        "no check ran".into()
+    } else if failed.is_empty() {
+        "every check passed".into()
+    } else {
+        format!("failed: {}", failed.join(", "))
+    }
+}
+
+/// The report of an ended drill job: the agent's checks (its result), the
+/// targets compared, and why it failed.
+pub fn report(j: &Job) -> Drill {
+    let p = j.params.clone().unwrap_or(Value::Null);
+    let r = j.result.clone().unwrap_or(Value::Null);
+    let mut checks: Vec<DrillCheck> = r
+        .get("checks")
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    let rto = r.get("rto_seconds").and_then(Value::as_f64);
+    let rpo = num(&p, "rpo_seconds");
+    let (rto_target, rpo_target) = (num(&p, "rto_target"), num(&p, "rpo_target"));
+    add_targets(&mut checks, rto, rpo, rto_target, rpo_target);
     let agent_passed = r.get("passed").and_then(Value::as_bool).unwrap_or(false);
     let ran = j.state == "succeeded";
     let passed = ran && agent_passed && checks.iter().all(|c| c.passed);
@@ -415,15 +492,8 @@ pub fn report(j: &Job) -> Drill {
         format!("the drill job {}: {}", j.state, j.message)
     } else if let Some(e) = r.get("error").and_then(Value::as_str) {
         e.to_string()
-    } else if passed {
-        "every check passed".into()
     } else {
-        let failed: Vec<&str> = checks
-            .iter()
-            .filter(|c| !c.passed)
-            .map(|c| c.name.as_str())
-            .collect();
-        format!("failed: {}", failed.join(", "))
+        verdict(&checks)
     };
     Drill {
         id: j.id,

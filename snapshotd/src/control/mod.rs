@@ -22,6 +22,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cdm_api::auth::Caller;
 use cdm_api::control::*;
 use cdm_api::types::Job;
 use cdm_api::{ApiError, ApiResult};
@@ -192,12 +193,18 @@ pub struct Control {
     /// Deletes a clone as the appliance does (set once at start): drill
     /// clones left by an agent that failed or crashed.
     clone_remover: std::sync::OnceLock<CloneRemover>,
+    /// Starts a drill of any kind (the appliance's, which runs those of
+    /// file trees and VM disks itself); set once at start.
+    drill_starter: std::sync::OnceLock<DrillStarter>,
     /// The drill clones an earlier run left were looked for (first tick).
     drills_swept: std::sync::atomic::AtomicBool,
 }
 
 /// See `Control::clone_remover`.
 pub type CloneRemover = Arc<dyn Fn(&str) -> ApiResult<()> + Send + Sync>;
+/// See `Control::drill_starter`.
+pub type DrillStarter =
+    Arc<dyn Fn(&Caller, u64, cdm_api::drills::DrillCreate) -> ApiResult<Job> + Send + Sync>;
 
 impl Control {
     pub fn new(
@@ -230,6 +237,7 @@ impl Control {
             closing: std::sync::atomic::AtomicBool::new(false),
             clone_remover: std::sync::OnceLock::new(),
             drills_swept: std::sync::atomic::AtomicBool::new(false),
+            drill_starter: std::sync::OnceLock::new(),
         };
         if let Err(e) = c.load(now) {
             tracing::error!(error = %e, "cannot load the control plane's jobs");
@@ -275,6 +283,11 @@ impl Control {
     /// clone delete); set once at start.
     pub fn set_clone_remover(&self, f: CloneRemover) {
         let _ = self.clone_remover.set(f);
+    }
+
+    /// How scheduled drills start (the appliance's, for every kind).
+    pub fn set_drill_starter(&self, f: DrillStarter) {
+        let _ = self.drill_starter.set(f);
     }
 
     /// Ends every long poll now and the ones to come (the daemon stops).
