@@ -546,6 +546,15 @@ fn policies_schedule_drills_on_the_appliance_clock() {
     let got = h.pull();
     assert_eq!(got.len(), 1, "{got:?}");
     assert_eq!(got[0]["kind"], "drill");
+    // A clone the agent leaves behind is deleted by the appliance when
+    // the job ends.
+    let clone = format!("drill-{id}-{jid}");
+    h.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/{vol}/snapshots/{snap}/clones"),
+        Some(json!({"name": clone})),
+    );
     let (s, v) = h.finish(
         jid,
         json!({"state": "succeeded", "result": {"passed": true, "rto_seconds": 45.0,
@@ -557,6 +566,10 @@ fn policies_schedule_drills_on_the_appliance_clock() {
     assert_eq!(d["rto_target"], 30);
     assert_eq!(check(&d, "rto_target")["passed"], false);
     assert!(d["message"].as_str().unwrap().contains("rto_target"), "{d}");
+    wait_for(60, "the appliance to delete the drill's clone", || {
+        let c = api.get("/v1/clones");
+        (!c.as_array()?.iter().any(|v| v["name"] == clone.as_str())).then_some(())
+    });
     // One drill per interval: the next one an hour later.
     assert_eq!(drills().len(), 1);
     advance(&api, 3600);
