@@ -336,45 +336,9 @@ fn drills_prove_good_points_and_fail_wrong_damaged_and_hung_ones() {
         "SELECT pg_relation_filepath('pgbench_accounts')",
     );
     let vol = d["volume"].as_str().unwrap().to_string();
-    api.expect(
-        201,
-        "POST",
-        &format!("/v1/volumes/{vol}/snapshots/{snap}/clones"),
-        Some(json!({"name": "damaged"})),
-    );
-    let mnt = agent.state.path().join("dmg");
-    let att = output(
-        agent
-            .agent()
-            .env("CDM_TOKEN", a.admin_token())
-            .args(["--json", "attach", "damaged", "--name", "dmg", "--mount"])
-            .arg(&mnt),
-    );
-    assert!(
-        att.status.success(),
-        "{}",
-        String::from_utf8_lossy(&att.stderr)
-    );
-    let heap = mnt.join("pgdata").join(&file);
-    damage(&heap);
-    let det = output(
-        agent
-            .agent()
-            .env("CDM_TOKEN", a.admin_token())
-            .args(["--json", "detach", "dmg"]),
-    );
-    assert!(
-        det.status.success(),
-        "{}",
-        String::from_utf8_lossy(&det.stderr)
-    );
-    let s = api.expect(
-        201,
-        "POST",
-        "/v1/volumes/damaged/snapshots",
-        Some(json!({"label": "damaged"})),
-    );
-    let bad = s["id"].as_u64().unwrap();
+    let bad = altered_point(&a, &api, &agent, &vol, snap, "damaged", |root| {
+        damage(&root.join("pgdata").join(&file))
+    });
     let d = drill(&api, app, json!({"snapshot": bad}), &agent);
     assert_eq!(d["passed"], false, "{d:#}");
     assert_eq!(d["snapshot"].as_u64(), Some(bad));
@@ -400,9 +364,37 @@ fn drills_prove_good_points_and_fail_wrong_damaged_and_hung_ones() {
     );
     nothing_left(&api, &agent);
 
+    // A point whose WAL is gone cannot start: the drill fails with
+    // PostgreSQL's reason, and the other checks do not run.
+    let nowal = altered_point(&a, &api, &agent, &vol, snap, "nowal", |root| {
+        for e in std::fs::read_dir(root.join("pgdata/pg_wal"))
+            .unwrap()
+            .flatten()
+        {
+            if e.file_type().unwrap().is_file() {
+                std::fs::remove_file(e.path()).unwrap();
+            }
+        }
+    });
+    let d = drill(&api, app, json!({"snapshot": nowal}), &agent);
+    assert_eq!(d["passed"], false, "{d:#}");
+    let st = check(&d, "start");
+    assert_eq!(st["passed"], false, "{d:#}");
+    assert!(
+        st["output"].as_str().unwrap().contains("did not start"),
+        "{st}"
+    );
+    assert!(d["rto_seconds"].is_null(), "{d}");
+    assert_eq!(d["checks"].as_array().unwrap().len(), 1, "{d:#}");
+    nothing_left(&api, &agent);
+    // The application's own point was never touched.
+    let pts = api.get(&format!("/v1/applications/{app}/points"));
+    assert_eq!(pts.as_array().unwrap().len(), 1, "{pts}");
+    assert_eq!(pts[0]["snapshot"].as_u64(), Some(snap));
+
     // History, newest first, per application.
     let all = api.get(&format!("/v1/drills?application={app}"));
-    assert_eq!(all.as_array().unwrap().len(), 6, "{all:#}");
+    assert_eq!(all.as_array().unwrap().len(), 7, "{all:#}");
     assert_eq!(all[0]["id"], d["id"]);
     assert!(api
         .get("/v1/drills?application=999")
@@ -423,7 +415,64 @@ fn drills_prove_good_points_and_fail_wrong_damaged_and_hung_ones() {
             .arg(d["id"].to_string()),
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("[FAILED] pg_amcheck"), "{text}");
+    assert!(text.contains("[FAILED] start"), "{text}");
+}
+
+/// A snapshot of a clone of point `snap` (named `name`) changed by `f`
+/// through a mount of it (`cdm-agent attach`, as the admin).
+fn altered_point(
+    a: &Appliance,
+    api: &Api,
+    agent: &ServeAgent,
+    vol: &str,
+    snap: u64,
+    name: &str,
+    f: impl FnOnce(&Path),
+) -> u64 {
+    api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/{vol}/snapshots/{snap}/clones"),
+        Some(json!({"name": name})),
+    );
+    let mnt = agent.state.path().join(format!("alter-{name}"));
+    let att = output(
+        agent
+            .agent()
+            .env("CDM_TOKEN", a.admin_token())
+            .args([
+                "--json",
+                "attach",
+                name,
+                "--name",
+                &format!("alter-{name}"),
+                "--mount",
+            ])
+            .arg(&mnt),
+    );
+    assert!(
+        att.status.success(),
+        "{}",
+        String::from_utf8_lossy(&att.stderr)
+    );
+    f(&mnt);
+    let det = output(agent.agent().env("CDM_TOKEN", a.admin_token()).args([
+        "--json",
+        "detach",
+        &format!("alter-{name}"),
+    ]));
+    assert!(
+        det.status.success(),
+        "{}",
+        String::from_utf8_lossy(&det.stderr)
+    );
+    let s = api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/{name}/snapshots"),
+        Some(json!({"label": name})),
+    );
+    s["id"].as_u64().unwrap()
 }
 
 /// The line pointers of the heap's second page made to point past the
