@@ -160,6 +160,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/applications/{id}/drills": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["start_drill"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/applications/{id}/points": {
         parameters: {
             query?: never;
@@ -302,6 +318,38 @@ export interface paths {
         get?: never;
         put?: never;
         post: operations["promote_clone"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/drills": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_drills"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/drills/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["drill"];
+        put?: never;
+        post?: never;
         delete?: never;
         options?: never;
         head?: never;
@@ -596,6 +644,166 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/replication/links": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_links"];
+        put?: never;
+        post: operations["create_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["link"];
+        put?: never;
+        post?: never;
+        delete: operations["delete_link"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["pause_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["resume_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}/run": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["run_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}/transfers": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["transfers"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/pair": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["pair"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/pairings": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["create_pairing"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/peers": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_peers"];
+        put?: never;
+        post: operations["create_peer"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/peers/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        delete: operations["delete_peer"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/users": {
         parameters: {
             query?: never;
@@ -724,6 +932,22 @@ export interface paths {
         patch: operations["grow_volume"];
         trace?: never;
     };
+    "/v1/volumes/{name}/demote": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["demote_volume"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/volumes/{name}/policy": {
         parameters: {
             query?: never;
@@ -734,6 +958,22 @@ export interface paths {
         get: operations["volume_policy"];
         put: operations["set_policy"];
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/volumes/{name}/promote": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["promote_volume"];
         delete?: never;
         options?: never;
         head?: never;
@@ -860,6 +1100,22 @@ export interface paths {
             cookie?: never;
         };
         get: operations["partitions"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/volumes/{name}/snapshots/{id}/verify": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["verify_snapshot"];
         put?: never;
         post?: never;
         delete?: never;
@@ -1056,6 +1312,92 @@ export interface components {
             name: string;
             /** Format: int64 */
             size_bytes?: number | null;
+        };
+        /** @description A drill's report. */
+        Drill: {
+            /** Format: int64 */
+            application: number;
+            checks: components["schemas"]["DrillCheck"][];
+            /** Format: int64 */
+            finished_unix?: number | null;
+            /** @description Where it ran: a host, or `appliance`. */
+            host: string;
+            /**
+             * Format: int64
+             * @description The id of the job that ran it.
+             */
+            id: number;
+            /** Format: int64 */
+            job: number;
+            /** @description Why the drill did not pass, in one line. */
+            message?: string;
+            /** @description Every check passed and the targets were met. */
+            passed: boolean;
+            /**
+             * Format: int64
+             * @description The point's age at the drill's start.
+             */
+            rpo_seconds?: number | null;
+            /** Format: int64 */
+            rpo_target?: number | null;
+            /**
+             * Format: double
+             * @description Drill start to the first answered query (databases) or to the
+             *     clone being readable (file trees, VM disks).
+             */
+            rto_seconds?: number | null;
+            /** Format: int64 */
+            rto_target?: number | null;
+            /** Format: int64 */
+            snapshot: number;
+            /** Format: int64 */
+            started_unix: number;
+            /** @description The volume of the point and the point (snapshot id). */
+            volume: string;
+        };
+        /** @description One check of a drill. */
+        DrillCheck: {
+            name: string;
+            output: string;
+            passed: boolean;
+            /** Format: double */
+            seconds?: number;
+        };
+        /** @description `POST /v1/applications/{id}/drills`. */
+        DrillCreate: {
+            /** @description Replace the policy's probes. */
+            probes?: components["schemas"]["DrillProbe"][] | null;
+            /**
+             * Format: int64
+             * @description The point (a snapshot of the application's volume); default: as the
+             *     policy says (`drill_point`), else the newest.
+             */
+            snapshot?: number | null;
+            /**
+             * Format: int64
+             * @description Replace the policy's time limit (seconds).
+             */
+            timeout_seconds?: number | null;
+        };
+        /** @description Which point a scheduled drill takes. */
+        DrillPoint: string | {
+            /** Format: int32 */
+            random_within_days: number;
+        };
+        /** @description A user check: SQL for a database, or a file for a file tree. */
+        DrillProbe: {
+            /** @description Text the file contains. */
+            contains?: string | null;
+            /** @description The database the query runs in (default `postgres`). */
+            database?: string | null;
+            /** @description The exact text, or `>= N`, `<= N`, `= N`, `> N`, `< N` for numbers. */
+            expect?: string | null;
+            /** @description A file that must exist in the point (file trees and VM disks). */
+            path?: string | null;
+            /** @description The file's SHA-256 (hex). */
+            sha256?: string | null;
+            /** @description A query whose first column of the first row is compared with `expect`. */
+            sql?: string | null;
         };
         /** @description `POST /v1/hosts/enrolments`. */
         EnrolmentCreate: {
@@ -1315,6 +1657,72 @@ export interface components {
         JobLog: {
             lines: components["schemas"]["LogLine"][];
         };
+        /** @description A replication link (on the source). */
+        Link: {
+            /** Format: int64 */
+            bandwidth_mibps?: number | null;
+            bandwidth_windows: string[];
+            enabled: boolean;
+            /** Format: int64 */
+            id: number;
+            /** Format: int64 */
+            keep_days?: number | null;
+            /** Format: int64 */
+            keep_last?: number | null;
+            /**
+             * Format: int64
+             * @description Now minus the creation time of the newest point on the target; null
+             *     before the first transfer.
+             */
+            lag_seconds?: number | null;
+            last_error?: string | null;
+            last_transfer?: null | components["schemas"]["Transfer"];
+            peer: string;
+            policy?: string | null;
+            /** Format: int64 */
+            rpo_seconds: number;
+            schedule: components["schemas"]["LinkSchedule"];
+            /** @description `idle`, `running`, `failing` or `paused`. */
+            state: string;
+            volume?: string | null;
+        };
+        /** @description `POST /v1/replication/links`. */
+        LinkCreate: {
+            /**
+             * Format: int64
+             * @description Outside every window (absent: unlimited).
+             */
+            bandwidth_mibps?: number | null;
+            /** @description `HH:MM-HH:MM=MIBPS` (UTC), like protection policies. */
+            bandwidth_windows?: string[];
+            enabled?: boolean | null;
+            /** Format: int64 */
+            keep_days?: number | null;
+            /**
+             * Format: int64
+             * @description Retention on the target (default: the source's).
+             */
+            keep_last?: number | null;
+            peer: string;
+            /** @description Replicate the volume of every application with this protection policy. */
+            policy?: string | null;
+            /**
+             * Format: int64
+             * @description Default: twice the interval, or 3600.
+             */
+            rpo_seconds?: number | null;
+            schedule?: null | components["schemas"]["LinkSchedule"];
+            /** @description The volume to replicate (or `policy`). */
+            volume?: string | null;
+        };
+        /**
+         * @description When a link runs: after every new point of its volume, or every
+         *     `interval_seconds`.
+         */
+        LinkSchedule: string | {
+            /** Format: int64 */
+            interval_seconds: number;
+        };
         /** @description `POST /v1/login`: a password login that returns a session token. */
         Login: {
             name: string;
@@ -1375,6 +1783,52 @@ export interface components {
             snapshot: number;
             volume?: string | null;
         };
+        /** @description `POST /v1/replication/pairings`. */
+        PairingCreate: {
+            /**
+             * Format: int64
+             * @description Default 3600, at most 7 days.
+             */
+            ttl_seconds?: number | null;
+        };
+        /** @description A one-use pairing token: `cdmpair1.<secret>.<hex SHA-256 of the CA>`. */
+        PairingToken: {
+            /** @description RFC 3339. */
+            expires_at: string;
+            /** Format: int64 */
+            expires_unix: number;
+            token: string;
+        };
+        /** @description The answer to [`PairRequest`]. */
+        PairReply: {
+            ca: string;
+            client_cert_sha256: string;
+            identity: string;
+            name: string;
+            /** Format: int32 */
+            replication_port?: number | null;
+        };
+        /**
+         * @description `POST /v1/replication/pair` (appliance to appliance; the token is the
+         *     credential) and its answer (the same fields of the answering side,
+         *     `token` empty).
+         */
+        PairRequest: {
+            /** @description The caller's CA certificate(s), PEM. */
+            ca: string;
+            /** @description Hex SHA-256 of the caller's client certificate (DER). */
+            client_cert_sha256: string;
+            /** @description The caller's identity (its pool UUID in hex). */
+            identity: string;
+            /** @description The caller's name. */
+            name: string;
+            /**
+             * Format: int32
+             * @description The caller's replication listener port, if it has one.
+             */
+            replication_port?: number | null;
+            token: string;
+        };
         /** @description A partition of a snapshot's disk. */
         PartitionInfo: {
             bootable: boolean;
@@ -1386,6 +1840,28 @@ export interface components {
             size: number;
             /** Format: int64 */
             start: number;
+        };
+        /** @description A paired appliance. */
+        Peer: {
+            /** @description Hex SHA-256 of its CA certificate (DER). */
+            ca_sha256: string;
+            identity: string;
+            name: string;
+            /** Format: int64 */
+            paired_unix: number;
+            /** @description `HOST:PORT` of its replication listener, null if it has none. */
+            replication_endpoint?: string | null;
+            /** @description Its HTTPS API (on the side that made the pairing call). */
+            url?: string | null;
+        };
+        /** @description `POST /v1/replication/peers`: pair with the appliance at `url`. */
+        PeerCreate: {
+            /** @description The name this appliance gives the peer. */
+            name: string;
+            /** @description A pairing token the peer made. */
+            token: string;
+            /** @description The peer's HTTPS API, `https://HOST:PORT`. */
+            url: string;
         };
         /** @description A recovery point: a snapshot of an application's volume. */
         Point: {
@@ -1502,11 +1978,28 @@ export interface components {
             bandwidth_windows?: string[];
             /** @description Five-field cron expression (UTC). */
             cron?: string | null;
+            /** @description Where database drills run (default: the application's host). */
+            drill_host?: string | null;
             /**
              * Format: int64
-             * @description Reserved for recovery drills.
+             * @description A recovery drill every this many seconds (`docs/control-plane.md`, "Drills").
              */
             drill_interval_seconds?: number | null;
+            drill_point?: null | components["schemas"]["DrillPoint"];
+            /** @description The drill's own checks (SQL with an expected answer, or files). */
+            drill_probes?: components["schemas"]["DrillProbe"][];
+            /** Format: int64 */
+            drill_rpo_seconds?: number | null;
+            /**
+             * Format: int64
+             * @description Targets the drill's measured RTO and RPO are compared with.
+             */
+            drill_rto_seconds?: number | null;
+            /**
+             * Format: int64
+             * @description A drill's time limit (default 600 s).
+             */
+            drill_timeout_seconds?: number | null;
             /**
              * Format: int64
              * @description Backup every this many seconds (≥ 60); or `cron`.
@@ -1655,6 +2148,21 @@ export interface components {
             /** @description Any JSON object kept with the snapshot (backup job, LSN, host…). */
             metadata?: unknown;
         };
+        /** @description `GET /v1/volumes/{name}/snapshots/{id}/verify`: a scrub of one point. */
+        SnapshotVerify: {
+            /**
+             * Format: int64
+             * @description Mapped bytes read and verified.
+             */
+            bytes_checked: number;
+            /** @description Each bad spot: offset in the snapshot and the engine's error. */
+            errors: string[];
+            /** Format: double */
+            seconds: number;
+            /** Format: int64 */
+            snapshot: number;
+            volume: string;
+        };
         /** @description An API token (its secret is never shown again after creation). */
         Token: {
             /** Format: int64 */
@@ -1685,6 +2193,46 @@ export interface components {
             /** @description Use as `Authorization: Bearer TOKEN`. */
             token: string;
             user: string;
+        };
+        /** @description One transfer of one point. */
+        Transfer: {
+            /** @description The point id of the base, null for a full transfer. */
+            base?: string | null;
+            /**
+             * Format: int64
+             * @description Blocks the target had already.
+             */
+            blocks_known: number;
+            /** Format: int64 */
+            blocks_total: number;
+            /**
+             * Format: int64
+             * @description Changed bytes.
+             */
+            bytes_logical: number;
+            /**
+             * Format: int64
+             * @description On the wire: fingerprints and compressed data.
+             */
+            bytes_sent: number;
+            full: boolean;
+            /** Format: int64 */
+            id: number;
+            message: string;
+            /** @description `ok`, `failed` or `cancelled`. */
+            result: string;
+            /** Format: int64 */
+            resumed_from_batch?: number | null;
+            /** Format: double */
+            seconds: number;
+            /**
+             * Format: int64
+             * @description The source's snapshot id.
+             */
+            snapshot: number;
+            /** Format: int64 */
+            started_unix: number;
+            volume: string;
         };
         /** @description A user. */
         User: {
@@ -1804,6 +2352,11 @@ export interface components {
              * @description Logical size in bytes.
              */
             size: number;
+        };
+        /** @description `POST /v1/volumes/{name}/demote`. */
+        VolumeDemote: {
+            /** @description The peer that will feed the volume. */
+            peer: string;
         };
         /** @description Per volume: what it would need on its own. */
         VolumeReductionFigures: components["schemas"]["ReductionFigures"] & {
@@ -2230,6 +2783,47 @@ export interface operations {
             };
         };
     };
+    start_drill: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DrillCreate"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     points: {
         parameters: {
             query?: never;
@@ -2467,6 +3061,56 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Volume"];
+                };
+            };
+        };
+    };
+    list_drills: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                application: number | null;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Drill"][];
+                };
+            };
+        };
+    };
+    drill: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Drill"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -3126,6 +3770,415 @@ export interface operations {
             };
         };
     };
+    list_links: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"][];
+                };
+            };
+        };
+    };
+    create_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LinkCreate"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    pause_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    resume_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    run_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    transfers: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Transfer"][];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    pair: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PairRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PairReply"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    create_pairing: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PairingCreate"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PairingToken"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_peers: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Peer"][];
+                };
+            };
+        };
+    };
+    create_peer: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PeerCreate"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Peer"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_peer: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     list_users: {
         parameters: {
             query?: never;
@@ -3520,6 +4573,47 @@ export interface operations {
             };
         };
     };
+    demote_volume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VolumeDemote"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     volume_policy: {
         parameters: {
             query?: never;
@@ -3562,6 +4656,43 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Policy"];
+                };
+            };
+        };
+    };
+    promote_volume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -3842,6 +4973,36 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["PartitionInfo"][];
+                };
+            };
+        };
+    };
+    verify_snapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SnapshotVerify"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
