@@ -763,3 +763,47 @@ fn cascade_failover_and_reverse_replication_from_the_newest_common_point() {
     let e = send_from(&a, &ids[0], &b, "v").unwrap_err();
     assert!(e.is("not_a_replica"), "{e}");
 }
+
+#[test]
+fn large_blocks_and_a_short_last_block() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let a = Source::new();
+    let bs = 65536u64;
+    let size = 64 * bs + 1000;
+    a.pool.create_volume("odd", size, bs as u32).unwrap();
+    let id = a.pool.volume_id("odd").unwrap();
+    let mut all = vec![0u8; size as usize];
+    rng.fill_bytes(&mut all);
+    a.pool.write(id, 0, &all).unwrap();
+    let s1 = snap(&a.pool, "odd", "p1");
+    let dir = tempfile::tempdir().unwrap();
+    let b = Tgt::start(dir.path(), a.me());
+    let r = &a.send(&b, "odd").unwrap()[0];
+    assert_eq!(r.bytes_logical, size);
+    // Eight whole blocks and the short last one rewritten.
+    let mut blk = vec![0u8; bs as usize];
+    for k in [3u64, 9, 17, 22, 30, 41, 50, 63] {
+        rng.fill_bytes(&mut blk);
+        a.pool.write(id, k * bs, &blk).unwrap();
+    }
+    rng.fill_bytes(&mut blk[..1000]);
+    a.pool.write(id, 64 * bs, &blk[..1000]).unwrap();
+    let s2 = snap(&a.pool, "odd", "p2");
+    let r = &a.send(&b, "odd").unwrap()[0];
+    let unique = 8 * bs + 1000;
+    assert_eq!(r.bytes_logical, unique);
+    let ratio = r.bytes_sent as f64 / unique as f64;
+    eprintln!(
+        "64 KiB blocks: {} bytes on the wire for {unique} unique changed bytes ({ratio:.4}x)",
+        r.bytes_sent
+    );
+    assert!(ratio <= 1.05, "{ratio}");
+    let theirs = replicas::points(&b.pool, "odd", "").unwrap();
+    for ((t, _), s) in theirs.iter().zip([s1, s2]) {
+        assert_eq!(t.size, size);
+        assert!(
+            read_all(&a.pool, Target::Snapshot(s), size)
+                == read_all(&b.pool, Target::Snapshot(t.id), size)
+        );
+    }
+}
