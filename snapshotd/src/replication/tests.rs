@@ -527,6 +527,15 @@ fn refusals_bad_checksum_unpaired_other_peer_and_promoted() {
         "nothing of a corrupt batch is written"
     );
     assert_eq!(sessions::get(&b.state, "x").unwrap().unwrap().acked, 0);
+    let refused = |code: &str| {
+        b.state
+            .scan::<serde_json::Value>(crate::state::EVENTS, 0, 100, false, |e| {
+                e["type"] == "replication.refused" && e["data"]["code"] == code
+            })
+            .unwrap()
+            .len()
+    };
+    assert_eq!(refused("bad_checksum"), 1, "the refusal is reported");
     // Unpaired: no peer identified.
     let e = http
         .agent
@@ -546,6 +555,7 @@ fn refusals_bad_checksum_unpaired_other_peer_and_promoted() {
         panic!("{e:?}")
     };
     assert!(resp.into_string().unwrap().contains("not_a_replica"));
+    assert_eq!(refused("not_a_replica"), 1);
     // A promoted replica refuses its old sender, which says why.
     snap(&a.pool, "v", "p1");
     a.send(&b, "v").unwrap();
