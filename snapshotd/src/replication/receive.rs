@@ -247,6 +247,17 @@ async fn open(
     blocking(move || open_blocking(&ctx, &caller, req)).await
 }
 
+/// Tells the target's operators that a peer's transfer was refused.
+fn refused(ctx: &ReceiverCtx, volume: &str, caller: &PeerId, e: &ApiError) {
+    ctx.events.emit(
+        "replication.refused",
+        volume,
+        &caller.name,
+        json!({"peer": caller.name, "identity": caller.identity,
+               "code": e.code, "reason": e.message}),
+    );
+}
+
 fn open_blocking(
     ctx: &ReceiverCtx,
     caller: &PeerId,
@@ -256,7 +267,10 @@ fn open_blocking(
     let v = &req.volume;
     let exists = match pool.volume(v) {
         Ok(info) => {
-            own_replica(ctx, v, caller)?;
+            if let Err(e) = own_replica(ctx, v, caller) {
+                refused(ctx, v, caller, &e);
+                return Err(e);
+            }
             if info.block_size != req.block_size {
                 return Err(ApiError::conflict(format!(
                     "replica {v} has blocks of {} bytes, the source {}",
@@ -475,7 +489,9 @@ async fn data(
             wire::WireError::BadChecksum { .. } => {
                 tracing::warn!(volume = %s.volume, peer = %caller.name, batch = seq,
                     error = %e, "replication batch refused: bad checksum");
-                ApiError::new(422, "bad_checksum", format!("corrupt batch {seq}: {e}"))
+                let e = ApiError::new(422, "bad_checksum", format!("corrupt batch {seq}: {e}"));
+                refused(&ctx, &s.volume, &caller, &e);
+                e
             }
             e => ApiError::bad_request(format!("batch {seq}: {e}")),
         })?;

@@ -527,6 +527,15 @@ fn refusals_bad_checksum_unpaired_other_peer_and_promoted() {
         "nothing of a corrupt batch is written"
     );
     assert_eq!(sessions::get(&b.state, "x").unwrap().unwrap().acked, 0);
+    let refused = |code: &str| {
+        b.state
+            .scan::<serde_json::Value>(crate::state::EVENTS, 0, 100, false, |e| {
+                e["type"] == "replication.refused" && e["data"]["code"] == code
+            })
+            .unwrap()
+            .len()
+    };
+    assert_eq!(refused("bad_checksum"), 1, "the refusal is reported");
     // Unpaired: no peer identified.
     let e = http
         .agent
@@ -546,6 +555,7 @@ fn refusals_bad_checksum_unpaired_other_peer_and_promoted() {
         panic!("{e:?}")
     };
     assert!(resp.into_string().unwrap().contains("not_a_replica"));
+    assert_eq!(refused("not_a_replica"), 1);
     // A promoted replica refuses its old sender, which says why.
     snap(&a.pool, "v", "p1");
     a.send(&b, "v").unwrap();
@@ -661,4 +671,149 @@ fn a_full_target_fails_the_link_with_no_space_and_the_source_is_unaffected() {
         .read(Target::Volume(id), 47 << 20, &mut again)
         .unwrap();
     assert!(again == buf);
+}
+
+/// Sends `volume` from the appliance behind `from` (its pool and state,
+/// identity `from_id`) to `to`.
+fn send_from(
+    from: &Tgt,
+    from_id: &str,
+    to: &Tgt,
+    volume: &str,
+) -> Result<Vec<TransferRecord>, super::error::ReplError> {
+    let http = to.http();
+    let cancel = AtomicBool::new(false);
+    run(SendRequest {
+        pool: &from.pool,
+        state: &from.state,
+        identity: from_id,
+        volume,
+        peer_name: "peer",
+        http: &http,
+        keep_last: None,
+        keep_days: None,
+        throttle: &Throttle::unlimited(),
+        cancel: &cancel,
+        progress: &|_, _| {},
+        log: &|l| eprintln!("sender {from_id}: {l}"),
+    })
+}
+
+fn identity_of(dir: &Path) -> String {
+    hex::encode(testutil::pool(dir).uuid().unwrap())
+}
+
+fn same_point(x: &Pool, xs: u64, y: &Pool, ys: u64) -> bool {
+    let a = x.snapshot(xs).unwrap();
+    let b = y.snapshot(ys).unwrap();
+    a.size == b.size
+        && read_all(x, Target::Snapshot(xs), a.size) == read_all(y, Target::Snapshot(ys), b.size)
+}
+
+#[test]
+fn cascade_failover_and_reverse_replication_from_the_newest_common_point() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids: Vec<String> = dirs.iter().map(|d| identity_of(d.path())).collect();
+    let peer = |i: usize, name: &str| PeerId {
+        name: name.into(),
+        identity: ids[i].clone(),
+    };
+    // A is called by B (reverse), B by A, C by B.
+    let a = Tgt::start(dirs[0].path(), peer(1, "b"));
+    let b = Tgt::start(dirs[1].path(), peer(0, "a"));
+    let c = Tgt::start(dirs[2].path(), peer(1, "b"));
+    a.pool.create_volume("v", SIZE, BS).unwrap();
+    write_random(&a.pool, "v", &mut rng, 800);
+    let p1 = snap(&a.pool, "v", "p1");
+    write_random(&a.pool, "v", &mut rng, 80);
+    let p2 = snap(&a.pool, "v", "p2");
+    assert_eq!(send_from(&a, &ids[0], &b, "v").unwrap().len(), 2);
+    // A→B→C: B sends what it received; C keeps the ids and the origin.
+    let recs = send_from(&b, &ids[1], &c, "v").unwrap();
+    assert_eq!(recs.len(), 2);
+    assert_eq!(recs[1].point, format!("{}:{p2}", ids[0]));
+    let on_c = replicas::points(&c.pool, "v", &ids[2]).unwrap();
+    for ((s, pid), orig) in on_c.iter().zip([p1, p2]) {
+        assert_eq!(pid, &format!("{}:{orig}", ids[0]));
+        assert_eq!(s.metadata[replicas::ORIGIN_KEY], "a");
+        assert!(same_point(&a.pool, orig, &c.pool, s.id));
+    }
+    assert_eq!(
+        replicas::get(&c.state, "v").unwrap().unwrap().identity,
+        ids[1]
+    );
+    // Failover: B's replica is promoted and written; A's old volume is
+    // demoted to a replica of B.
+    replicas::promote(&b.state, &b.pool, "v").unwrap();
+    let bid = b.pool.volume_id("v").unwrap();
+    let mut buf = vec![0u8; BS as usize];
+    for k in 0..20u64 {
+        rng.fill_bytes(&mut buf);
+        b.pool.write(bid, k * 7 * BS as u64, &buf).unwrap();
+    }
+    let b1 = snap(&b.pool, "v", "b1");
+    replicas::demote(&a.state, &a.pool, "v", &peer(1, "b")).unwrap();
+    // Reverse: from the newest common point (A's own p2), not in full.
+    let recs = send_from(&b, &ids[1], &a, "v").unwrap();
+    assert_eq!(recs.len(), 1);
+    let r = &recs[0];
+    assert!(!r.full && r.full_resend.is_none());
+    assert_eq!(r.base.as_deref(), Some(format!("{}:{p2}", ids[0]).as_str()));
+    assert!(r.bytes_sent < 30 * BS as u64, "{}", r.bytes_sent);
+    let back = replicas::points(&a.pool, "v", &ids[0]).unwrap();
+    let (s, pid) = back.last().unwrap();
+    assert_eq!(pid, &format!("{}:{b1}", ids[1]));
+    assert_eq!(s.metadata[replicas::ORIGIN_KEY], "b");
+    assert!(same_point(&b.pool, b1, &a.pool, s.id));
+    // C still follows B: B's new point goes on from p2 there too.
+    let r = &send_from(&b, &ids[1], &c, "v").unwrap()[0];
+    assert!(!r.full);
+    // The old direction is refused: B's volume is no replica any more.
+    let e = send_from(&a, &ids[0], &b, "v").unwrap_err();
+    assert!(e.is("not_a_replica"), "{e}");
+}
+
+#[test]
+fn large_blocks_and_a_short_last_block() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let a = Source::new();
+    let bs = 65536u64;
+    let size = 64 * bs + 1000;
+    a.pool.create_volume("odd", size, bs as u32).unwrap();
+    let id = a.pool.volume_id("odd").unwrap();
+    let mut all = vec![0u8; size as usize];
+    rng.fill_bytes(&mut all);
+    a.pool.write(id, 0, &all).unwrap();
+    let s1 = snap(&a.pool, "odd", "p1");
+    let dir = tempfile::tempdir().unwrap();
+    let b = Tgt::start(dir.path(), a.me());
+    let r = &a.send(&b, "odd").unwrap()[0];
+    assert_eq!(r.bytes_logical, size);
+    // Eight whole blocks and the short last one rewritten.
+    let mut blk = vec![0u8; bs as usize];
+    for k in [3u64, 9, 17, 22, 30, 41, 50, 63] {
+        rng.fill_bytes(&mut blk);
+        a.pool.write(id, k * bs, &blk).unwrap();
+    }
+    rng.fill_bytes(&mut blk[..1000]);
+    a.pool.write(id, 64 * bs, &blk[..1000]).unwrap();
+    let s2 = snap(&a.pool, "odd", "p2");
+    let r = &a.send(&b, "odd").unwrap()[0];
+    let unique = 8 * bs + 1000;
+    assert_eq!(r.bytes_logical, unique);
+    let ratio = r.bytes_sent as f64 / unique as f64;
+    eprintln!(
+        "64 KiB blocks: {} bytes on the wire for {unique} unique changed bytes ({ratio:.4}x)",
+        r.bytes_sent
+    );
+    assert!(ratio <= 1.05, "{ratio}");
+    let theirs = replicas::points(&b.pool, "odd", "").unwrap();
+    for ((t, _), s) in theirs.iter().zip([s1, s2]) {
+        assert_eq!(t.size, size);
+        assert!(
+            read_all(&a.pool, Target::Snapshot(s), size)
+                == read_all(&b.pool, Target::Snapshot(t.id), size)
+        );
+    }
 }
