@@ -299,6 +299,17 @@ impl Pool {
     pub fn revert_volume(&self, name: &str, snapshot: Option<u64>) -> Result<VolumeInfo> {
         let id = self.volume_id(name)?;
         let _range = self.ranges.lock(id, 0, u64::MAX);
+        self.revert_locked(name, id, snapshot)
+    }
+
+    /// [`Pool::revert_volume`] of volume `id` (named `name`); the caller
+    /// holds the range lock of the whole volume.
+    pub(super) fn revert_locked(
+        &self,
+        name: &str,
+        id: u64,
+        snapshot: Option<u64>,
+    ) -> Result<VolumeInfo> {
         let mut g = self.lock_writable()?;
         // The name may have been deleted (or deleted and made again) while
         // we waited for the range lock.
