@@ -299,6 +299,17 @@ impl Pool {
     pub fn revert_volume(&self, name: &str, snapshot: Option<u64>) -> Result<VolumeInfo> {
         let id = self.volume_id(name)?;
         let _range = self.ranges.lock(id, 0, u64::MAX);
+        self.revert_locked(name, id, snapshot)
+    }
+
+    /// [`Pool::revert_volume`] of volume `id` (named `name`); the caller
+    /// holds the range lock of the whole volume.
+    pub(super) fn revert_locked(
+        &self,
+        name: &str,
+        id: u64,
+        snapshot: Option<u64>,
+    ) -> Result<VolumeInfo> {
         let mut g = self.lock_writable()?;
         // The name may have been deleted (or deleted and made again) while
         // we waited for the range lock.
@@ -334,19 +345,33 @@ impl Pool {
         if !root.is_null() {
             g.store.inc(root.addr)?;
         }
-        if v.root != 0 {
-            g.store.dec_node(Ptr {
-                addr: v.root,
-                csum: v.root_csum,
-            })?;
+        // The record names the new tree before the old one is dropped, so a
+        // drop that fails partway (a child unreadable) leaves the volume on
+        // a live tree, never on freed nodes. Memory is half-updated all the
+        // same (part of the old tree freed, the rest still counted): the
+        // pool fails and reloads its last durable state, as after a commit
+        // that fails while preparing.
+        let r = (|| {
+            let (_, rec) = g.vol_mut(name)?;
+            rec.root = root.addr;
+            rec.root_csum = root.csum;
+            rec.size = size;
+            rec.block_size = block_size;
+            rec.allocated_blocks = allocated;
+            g.touch_volume(id);
+            if v.root != 0 {
+                g.store.dec_node(Ptr {
+                    addr: v.root,
+                    csum: v.root_csum,
+                })?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            tracing::error!(error = %e, volume = name, "a revert failed halfway; the pool reloads its last durable state");
+            g.failed = true;
+            return Err(e);
         }
-        let (_, rec) = g.vol_mut(name)?;
-        rec.root = root.addr;
-        rec.root_csum = root.csum;
-        rec.size = size;
-        rec.block_size = block_size;
-        rec.allocated_blocks = allocated;
-        g.touch_volume(id);
         g.volume_info(id)
     }
 

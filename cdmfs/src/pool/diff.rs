@@ -85,7 +85,8 @@ impl Pool {
     /// bytes); no changed byte is left out. `base` may be a snapshot of
     /// another volume (a clone's origin) of the same block size;
     /// [`Error::Invalid`] if the block sizes differ, [`Error::NotFound`] if
-    /// either snapshot is missing or is deleted while the diff runs.
+    /// either snapshot is missing or is deleted while the diff runs. A
+    /// snapshot not yet committed (just taken) is committed first.
     pub fn diff(&self, base: Option<u64>, new: u64) -> Result<Vec<(u64, u64)>> {
         Ok(self.diff_with_stats(base, new)?.0)
     }
@@ -97,9 +98,7 @@ impl Pool {
         base: Option<u64>,
         new: u64,
     ) -> Result<(Vec<(u64, u64)>, DiffStats)> {
-        let mut g = self.lock()?;
-        let n = snapshot_root(&g, new)?;
-        let b = base.map(|id| snapshot_root(&g, id)).transpose()?;
+        let (b, n) = self.committed_roots(base, new)?;
         if let Some(b) = b {
             if b.block_size != n.block_size {
                 return Err(Error::Invalid(format!(
@@ -131,22 +130,6 @@ impl Pool {
                 hi: u64::MAX as u128 + 1,
             });
         }
-        // Nodes not yet committed carry no checksum in their parents, and a
-        // commit between two holds would make such a saved pointer stale:
-        // a snapshot taken since the last commit is walked in this one
-        // hold (only its own new paths are uncommitted, so the cost still
-        // follows the change). Committed trees reach only committed nodes
-        // and never change, so they are walked a slice at a time.
-        if [pa, pb]
-            .iter()
-            .flatten()
-            .any(|p| g.store.dirty.contains_key(&p.addr))
-        {
-            while !walk.todo.is_empty() {
-                g.diff_step(&mut walk)?;
-            }
-        }
-        drop(g);
         let roots: Vec<Root> = b.iter().copied().chain(std::iter::once(n)).collect();
         // The first step after a miss may read under the lock: the node
         // just read is usually in the cache, but one evicted again (a
@@ -216,6 +199,36 @@ impl Pool {
             blocks: blocks.len() as u64,
         };
         Ok((block_ranges(&blocks, bs, n.size), stats))
+    }
+}
+
+impl Pool {
+    /// Both snapshots' roots, committed. Nodes not yet committed carry no
+    /// checksum in their parents, and a commit between two holds of the
+    /// walk would move them: a snapshot taken since the last commit (the
+    /// usual sender: snapshot, then diff at once) is committed first, so
+    /// the walk always goes a slice at a time and reads outside the pool
+    /// lock. Committed trees reach only committed nodes and never change.
+    fn committed_roots(&self, base: Option<u64>, new: u64) -> Result<(Option<Root>, Root)> {
+        for _ in 0..4 {
+            {
+                let g = self.lock()?;
+                let n = snapshot_root(&g, new)?;
+                let b = base.map(|id| snapshot_root(&g, id)).transpose()?;
+                let dirty = [b.map(|r| r.root), Some(n.root)]
+                    .iter()
+                    .flatten()
+                    .any(|p| !p.is_null() && g.store.dirty.contains_key(&p.addr));
+                if !dirty {
+                    return Ok((b, n));
+                }
+            }
+            // A commit (on a stalled pool, the retry of the stalled one).
+            self.commit()?;
+        }
+        Err(Error::Busy(
+            "the snapshots to diff stayed uncommitted after repeated commits".into(),
+        ))
     }
 }
 
@@ -491,5 +504,96 @@ mod tests {
             got,
             vec![(1, 3, 0, 5), (1, 4, 5, 10), (2, 4, 10, 20), (2, 5, 20, 30)]
         );
+    }
+
+    /// A device whose next read at one offset, once armed, waits until the
+    /// test lets it go.
+    struct GateDev {
+        inner: crate::testdev::MemDev,
+        at: std::sync::atomic::AtomicU64,
+        reached: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
+        go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl crate::dev::BlockDev for GateDev {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            if self
+                .at
+                .compare_exchange(off, u64::MAX, SeqCst, SeqCst)
+                .is_ok()
+            {
+                let _ = self.reached.lock().unwrap().send(());
+                let _ = self.go.lock().unwrap().recv();
+            }
+            self.inner.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+            self.inner.write_at(buf, off)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.inner.sync()
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+    }
+
+    /// The usual sender diffs a snapshot it has just taken (its root not
+    /// yet committed). The diff must still read the nodes the cache lacks
+    /// without the pool lock: the test stops it in the read of the base
+    /// snapshot's (evicted) root and checks that the lock is free.
+    #[test]
+    fn a_diff_of_an_uncommitted_snapshot_reads_without_the_pool_lock() {
+        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+        use std::sync::{mpsc, Arc, Mutex};
+
+        use crate::{FormatOptions, OpenOptions, Pool};
+
+        let (reached_tx, reached) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        let dev = Arc::new(GateDev {
+            inner: crate::testdev::MemDev::new(64 << 20),
+            at: AtomicU64::new(u64::MAX),
+            reached: Mutex::new(reached_tx),
+            go: Mutex::new(go_rx),
+        });
+        Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
+        let opts = OpenOptions {
+            cache_nodes: 16,
+            ..OpenOptions::default()
+        };
+        let p = Arc::new(Pool::open(dev.clone(), &opts).unwrap());
+        let v = p.create_volume("v", 2 << 20, 4096).unwrap();
+        p.write(v.id, 0, &vec![1; 2 << 20]).unwrap();
+        let s1 = p
+            .create_snapshot("v", "", serde_json::json!({}))
+            .unwrap()
+            .id;
+        p.write(v.id, 0, &[2; 4096]).unwrap();
+        p.commit().unwrap();
+        // Evict the first snapshot's nodes from the small cache.
+        let w = p.create_volume("w", 2 << 20, 4096).unwrap();
+        p.write(w.id, 0, &vec![3; 2 << 20]).unwrap();
+        p.commit().unwrap();
+        p.write(v.id, 1 << 20, &[4; 4096]).unwrap();
+        let s2 = p
+            .create_snapshot("v", "", serde_json::json!({}))
+            .unwrap()
+            .id;
+        let root1 = {
+            let g = p.lock().unwrap();
+            assert!(g.store.dirty.contains_key(&g.snapshots[&s2].root));
+            g.snapshots[&s1].root
+        };
+        dev.at.store(root1 * UNIT, SeqCst);
+        let q = p.clone();
+        let walker = std::thread::spawn(move || q.diff(Some(s1), s2));
+        reached.recv().unwrap();
+        let free = p.inner.try_lock().is_ok();
+        go.send(()).unwrap();
+        let d = walker.join().unwrap().unwrap();
+        assert!(free, "the diff read a node while holding the pool lock");
+        assert_eq!(d, vec![(0, 4096), (1 << 20, 4096)]);
     }
 }

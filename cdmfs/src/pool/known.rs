@@ -44,6 +44,9 @@ impl Pool {
         // The last block of a volume whose size is not a multiple of the
         // block size is still a whole block in the tree.
         let len = bs64.min(size - offset);
+        // `begin_write` checks the range again under the range lock (a
+        // revert may have shrunk the volume meanwhile) and returns the block
+        // size that holds while the lock does.
         let Some((_range, bs_now)) = self.begin_write(vol, offset, len)? else {
             return Ok(false);
         };

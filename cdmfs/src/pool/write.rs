@@ -3,6 +3,7 @@
 //! allocation, and mapping written blocks into a volume's tree.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use crate::dev::BlockDev;
@@ -30,6 +31,8 @@ pub(super) struct Written {
 pub(super) struct RangeLocks {
     held: Mutex<Vec<(u64, u64, u64)>>,
     cv: Condvar,
+    /// Callers waiting for a range (tests wait for a writer to get here).
+    waiting: AtomicUsize,
 }
 
 pub(super) struct RangeGuard<'a> {
@@ -42,13 +45,20 @@ impl RangeLocks {
         RangeLocks {
             held: Mutex::new(Vec::new()),
             cv: Condvar::new(),
+            waiting: AtomicUsize::new(0),
         }
     }
 
     pub(super) fn lock(&self, vol: u64, lo: u64, hi: u64) -> RangeGuard<'_> {
         let mut held = cdm_common::lock::lock(&self.held);
-        while held.iter().any(|&(v, a, b)| v == vol && a < hi && lo < b) {
-            held = cdm_common::lock::wait(&self.cv, held);
+        let conflict =
+            |h: &Vec<(u64, u64, u64)>| h.iter().any(|&(v, a, b)| v == vol && a < hi && lo < b);
+        if conflict(&held) {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+            while conflict(&held) {
+                held = cdm_common::lock::wait(&self.cv, held);
+            }
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
         }
         held.push((vol, lo, hi));
         RangeGuard {
@@ -62,6 +72,12 @@ impl RangeLocks {
     /// No writer holds a range (see `Pool::reload_if_failed`).
     pub(super) fn is_idle(&self) -> bool {
         cdm_common::lock::lock(&self.held).is_empty()
+    }
+
+    /// Callers waiting for a range now.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::SeqCst)
     }
 }
 
@@ -86,39 +102,53 @@ impl Pool {
     }
 
     /// Checks a write of `len` bytes at `offset` of a volume and locks the
-    /// blocks it touches; None for an empty range.
+    /// blocks it touches; None for an empty range. The size and block size
+    /// are checked again once the range is locked: a revert (which can
+    /// shrink a volume or change its block size) holds the whole volume's
+    /// range, so one that ran while this waited would otherwise let the
+    /// write map a block past the new end. The block size returned is the
+    /// one that holds while the guard does.
     pub(super) fn begin_write(
         &self,
         vol: u64,
         offset: u64,
         len: u64,
     ) -> Result<Option<(RangeGuard<'_>, u32)>> {
-        let (size, bs) = self.geometry(Target::Volume(vol))?;
-        if self.policy_of(vol)?.encryption.is_some() && self.keys.is_none() {
-            return Err(Error::KeyRequired);
-        }
-        check_range(offset, len, size)?;
-        if len == 0 {
-            return Ok(None);
-        }
-        let bs64 = bs as u64;
-        let g = self
-            .ranges
-            .lock(vol, offset / bs64, (offset + len - 1) / bs64 + 1);
-        // Write throttle: new writes wait while a commit writes and syncs,
-        // so the data a commit must sync stays bounded and a snapshot (or a
-        // FLUSH) waiting behind it is not delayed by writers outpacing the
-        // device. Reads, snapshots and the API are not held.
-        let mut inner = self.lock_writable()?;
-        while inner.committing {
-            inner = self.commit_done.wait(inner).map_err(|_| Error::Failed)?;
-            if inner.failed {
-                return Err(Error::Failed);
+        loop {
+            let (size, bs) = self.geometry(Target::Volume(vol))?;
+            if self.policy_of(vol)?.encryption.is_some() && self.keys.is_none() {
+                return Err(Error::KeyRequired);
             }
-            inner.check_writable()?;
+            check_range(offset, len, size)?;
+            if len == 0 {
+                return Ok(None);
+            }
+            let bs64 = bs as u64;
+            let g = self
+                .ranges
+                .lock(vol, offset / bs64, (offset + len - 1) / bs64 + 1);
+            // Write throttle: new writes wait while a commit writes and syncs,
+            // so the data a commit must sync stays bounded and a snapshot (or a
+            // FLUSH) waiting behind it is not delayed by writers outpacing the
+            // device. Reads, snapshots and the API are not held.
+            let mut inner = self.lock_writable()?;
+            while inner.committing {
+                inner = self.commit_done.wait(inner).map_err(|_| Error::Failed)?;
+                if inner.failed {
+                    return Err(Error::Failed);
+                }
+                inner.check_writable()?;
+            }
+            let now = inner.target(Target::Volume(vol))?;
+            let (size_now, bs_now) = (now.size, now.block_size);
+            drop(inner);
+            check_range(offset, len, size_now)?;
+            if bs_now == bs {
+                return Ok(Some((g, bs)));
+            }
+            // A revert changed the block size: the locked blocks are not
+            // the ones the range covers now; lock again.
         }
-        drop(inner);
-        Ok(Some((g, bs)))
     }
 
     pub(super) fn policy_of(&self, vol: u64) -> Result<DataPolicy> {
@@ -561,4 +591,75 @@ pub(super) fn write_runs(dev: &dyn BlockDev, mut io: Vec<(u64, Vec<u8>)>) -> Res
         i = j + 1;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::pipeline::DataPolicy;
+    use crate::testdev::MemDev;
+    use crate::{FormatOptions, OpenOptions};
+
+    use super::*;
+
+    /// A writer that checked the size of a grown volume and then waited for
+    /// the range lock a revert held must not map a block past the size the
+    /// revert left (allocated, invisible to reads and diffs, visible again
+    /// after a grow). The test holds the whole volume's range as the revert
+    /// does, waits until the writer blocks on it, and reverts under it.
+    #[test]
+    fn a_write_waiting_behind_a_shrinking_revert_is_refused() {
+        let dev = Arc::new(MemDev::new(32 << 20));
+        Pool::format(&*dev, &FormatOptions::default()).unwrap();
+        let p = Arc::new(Pool::open(dev, &OpenOptions::default()).unwrap());
+        let dedup = DataPolicy {
+            dedup: true,
+            ..DataPolicy::default()
+        };
+        let v = p.create_volume_with("v", 1 << 20, 65536, dedup).unwrap();
+        p.write(v.id, 0, &[1; 65536]).unwrap();
+        let s = p
+            .create_snapshot("v", "", serde_json::json!({}))
+            .unwrap()
+            .id;
+        p.grow_volume("v", 2 << 20).unwrap();
+        let fp = *blake3::hash(&[1; 65536]).as_bytes();
+        for known in [false, true] {
+            let range = p.ranges.lock(v.id, 0, u64::MAX);
+            let q = p.clone();
+            let writer = std::thread::spawn(move || {
+                if known {
+                    q.write_known(v.id, 3 << 19, &fp).map(|_| ())
+                } else {
+                    q.write(v.id, 3 << 19, &[2; 65536])
+                }
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+            while p.ranges.waiting() == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the writer never waited"
+                );
+                std::thread::yield_now();
+            }
+            p.revert_locked("v", v.id, Some(s)).unwrap();
+            drop(range);
+            let r = writer.join().unwrap();
+            assert!(
+                matches!(r, Err(Error::OutOfRange { .. })),
+                "known={known}: a write past the reverted size gave {r:?}"
+            );
+            let info = p.volume("v").unwrap();
+            assert_eq!(info.size, 1 << 20);
+            assert_eq!(info.allocated_bytes, 65536, "known={known}");
+            // Grown again, the new space reads as zeros.
+            p.grow_volume("v", 2 << 20).unwrap();
+            let mut got = vec![9u8; 65536];
+            p.read(Target::Volume(v.id), 3 << 19, &mut got).unwrap();
+            assert!(got.iter().all(|&b| b == 0), "known={known}");
+        }
+        p.commit().unwrap();
+        assert!(p.fsck().unwrap().is_clean());
+    }
 }
