@@ -21,7 +21,7 @@
 //! one side lacks, makes its block changed, whichever kind it is.
 //!
 //! The walk holds the pool lock for a bounded number of steps at a time
-//! and reads missing nodes outside it (`locked_no_io`); at each hold it
+//! and reads a missing node outside it (as `locked_no_io` does); at each hold it
 //! checks that both snapshots still exist with the roots it started from,
 //! so a snapshot deleted meanwhile (whose nodes may be freed and reused)
 //! ends the diff with an error instead of a wrong answer.
@@ -147,9 +147,15 @@ impl Pool {
             }
         }
         drop(g);
+        let roots: Vec<Root> = b.iter().copied().chain(std::iter::once(n)).collect();
+        // The first step after a miss may read under the lock: the node
+        // just read is usually in the cache, but one evicted again (a
+        // small cache under load) or unreadable must not stall the walk.
+        let mut after_miss = false;
         while !walk.todo.is_empty() {
-            self.locked_no_io(|g| {
-                for r in b.iter().chain(std::iter::once(&n)) {
+            let miss = {
+                let mut g = self.lock()?;
+                for r in &roots {
                     if g.snapshots.get(&r.id).map(|s| s.root) != Some(r.root.addr) {
                         return Err(Error::NotFound(format!(
                             "snapshot {} (deleted while a diff read it)",
@@ -157,14 +163,45 @@ impl Pool {
                         )));
                     }
                 }
+                g.store.no_io = !std::mem::take(&mut after_miss);
+                let mut r = Ok(());
                 for _ in 0..STEPS_PER_HOLD {
                     if walk.todo.is_empty() {
                         break;
                     }
-                    g.diff_step(&mut walk)?;
+                    r = g.diff_step(&mut walk);
+                    if r.is_err() {
+                        break;
+                    }
+                    g.store.no_io = true;
                 }
-                Ok(())
-            })?;
+                g.store.no_io = false;
+                match r {
+                    Ok(()) => None,
+                    Err(Error::NodeMiss) => g.store.missing.take(),
+                    Err(e) => return Err(e),
+                }
+            };
+            if let Some((kind, p)) = miss {
+                // Read and verify outside the lock. A failure may be a node
+                // freed and reused (the next hold finds its snapshot gone)
+                // or damage (the next hold reads it under the lock and
+                // reports it).
+                let mut buf = vec![0u8; NODE_SIZE];
+                let node = self
+                    .dev()
+                    .read_at(&mut buf, p.addr * UNIT)
+                    .map_err(Error::from)
+                    .and_then(|_| Node::decode(&buf, p.addr, p.csum));
+                if let Ok(node) = node {
+                    if node.kind == kind {
+                        self.lock()?
+                            .store
+                            .cache_insert(p, std::sync::Arc::new(node));
+                    }
+                }
+                after_miss = true;
+            }
         }
         let bs = n.block_size as u64;
         let mut blocks: Vec<u64> = walk
