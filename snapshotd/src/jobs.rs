@@ -30,6 +30,11 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// The job's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     pub fn set(&self, done: u64, total: u64) {
         if let Some(j) = lock(&self.jobs.running).get_mut(&self.id) {
             j.done = done;
