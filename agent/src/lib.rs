@@ -4,6 +4,7 @@
 pub mod attach;
 pub mod block;
 pub mod config;
+pub mod drill;
 pub mod error;
 pub mod kernel_nbd;
 pub mod merge;

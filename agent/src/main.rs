@@ -98,6 +98,25 @@ enum Cmd {
     /// Virtual machines: inspect their disks without booting.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// A recovery drill of a PostgreSQL point: clone, start isolated,
+    /// check (consistency, pg_amcheck, probes, a scrub of the point),
+    /// tear down; prints the report.
+    Drill {
+        /// VOLUME@ID
+        snapshot: String,
+        /// Clone and attachment name (drill-APP-JOB).
+        #[arg(long)]
+        name: String,
+        /// Time limit in seconds: stopped and cleaned up after it.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        /// Probes: a JSON array of {"sql", "expect", "database"?}.
+        #[arg(long, default_value = "[]")]
+        probes: String,
+        /// The port that names the server's socket (it listens on no TCP port).
+        #[arg(long, default_value_t = 5432)]
+        port: u16,
+    },
     /// The long-running agent: enrols once, heartbeats, discovers what it
     /// can protect, pulls jobs from the appliance and runs them.
     Serve(ServeArgs),
@@ -511,6 +530,26 @@ fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
         Cmd::Backup(b) => backup_cmd(&ctx, b)?,
         Cmd::Restore(r) => restore_cmd(&ctx, r)?,
         Cmd::Vm(v) => vm_cmd(&ctx, v)?,
+        Cmd::Drill {
+            snapshot,
+            name,
+            timeout,
+            probes,
+            port,
+        } => {
+            let probes =
+                serde_json::from_str(probes).context("--probes: a JSON array of probes")?;
+            cdm_agent::drill::run(
+                std::sync::Arc::new(ctx),
+                cdm_agent::drill::DrillArgs {
+                    snapshot: snapshot.clone(),
+                    name: name.clone(),
+                    timeout: std::time::Duration::from_secs((*timeout).max(1)),
+                    probes,
+                    port: *port,
+                },
+            )?
+        }
         Cmd::ServeDisk { .. } | Cmd::Serve(_) => unreachable!("handled above"),
     })
 }

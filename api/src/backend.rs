@@ -13,6 +13,7 @@ use crate::types::*;
 pub trait Backend:
     crate::control_backend::ControlBackend
     + crate::replication_backend::ReplicationBackend
+    + crate::drills::DrillBackend
     + Send
     + Sync
     + 'static

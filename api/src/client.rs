@@ -161,6 +161,19 @@ impl Client {
         })
     }
 
+    /// The same client with another timeout (a call that reads a whole
+    /// point takes longer than an ordinary request). A pinned CA that can
+    /// no longer be read keeps this client's timeout.
+    pub fn longer_timeout(&self, timeout: Duration) -> Client {
+        let ca = self.ca.as_deref().map(std::path::Path::new);
+        Client::with_ca(&self.base, self.token.clone(), timeout, ca).unwrap_or_else(|_| Client {
+            base: self.base.clone(),
+            token: self.token.clone(),
+            agent: self.agent.clone(),
+            ca: self.ca.clone(),
+        })
+    }
+
     /// The API's base URL.
     pub fn base_url(&self) -> &str {
         &self.base
@@ -591,6 +604,32 @@ impl Client {
             "POST",
             &format!("/v1/agent/jobs/{id}/finish"),
             Self::json(req)?,
+        )
+    }
+
+    /// Queues a recovery drill of an application.
+    pub fn start_drill(&self, app: u64, req: &crate::drills::DrillCreate) -> Result<Job> {
+        self.call(
+            "POST",
+            &format!("/v1/applications/{app}/drills"),
+            Self::json(req)?,
+        )
+    }
+    pub fn drills(&self, application: Option<u64>) -> Result<Vec<crate::drills::Drill>> {
+        let q = application
+            .map(|a| format!("?application={a}"))
+            .unwrap_or_default();
+        self.call("GET", &format!("/v1/drills{q}"), None)
+    }
+    pub fn drill(&self, id: u64) -> Result<crate::drills::Drill> {
+        self.call("GET", &format!("/v1/drills/{id}"), None)
+    }
+    /// Re-reads a snapshot's extents on the appliance, checksums verified.
+    pub fn verify_snapshot(&self, volume: &str, id: u64) -> Result<crate::drills::SnapshotVerify> {
+        self.call(
+            "GET",
+            &format!("/v1/volumes/{}/snapshots/{id}/verify", e(volume)),
+            None,
         )
     }
 

@@ -235,9 +235,27 @@ pub struct ProtectionPolicy {
     /// Reserved for replication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<Value>,
-    /// Reserved for recovery drills.
+    /// A recovery drill every this many seconds (`docs/control-plane.md`, "Drills").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drill_interval_seconds: Option<u64>,
+    /// Which point a scheduled drill takes: `"latest"` (default) or
+    /// `{"random_within_days": N}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_point: Option<crate::drills::DrillPoint>,
+    /// The drill's own checks (SQL with an expected answer, or files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drill_probes: Vec<crate::drills::DrillProbe>,
+    /// Targets the drill's measured RTO and RPO are compared with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_rto_seconds: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_rpo_seconds: Option<u64>,
+    /// A drill's time limit (default 600 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_timeout_seconds: Option<u64>,
+    /// Where database drills run (default: the application's host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_host: Option<String>,
 }
 
 fn default_retries() -> u32 {

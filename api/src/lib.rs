@@ -9,6 +9,7 @@ pub mod control;
 pub mod control_backend;
 pub mod control_routes;
 pub mod cron;
+pub mod drills;
 pub mod error;
 pub mod openapi;
 pub mod replication;

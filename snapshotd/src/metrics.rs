@@ -463,5 +463,35 @@ fn control(o: &mut String, a: &Appliance) -> cdm_api::ApiResult<()> {
         "Agents' long polls waiting for a job.",
     );
     let _ = writeln!(o, "cdm_agent_polls_waiting {}", a.control.polls_waiting());
+    drills(o, a)
+}
+
+/// The last recovery drill of each application: passed, and its RTO.
+fn drills(o: &mut String, a: &Appliance) -> cdm_api::ApiResult<()> {
+    let last: BTreeMap<u64, (bool, Option<f64>)> = a.control.last_drills()?.into_iter().collect();
+    head(
+        o,
+        "cdm_drill_last_passed",
+        "gauge",
+        "1 if the application's last recovery drill passed, 0 if it failed.",
+    );
+    for (app, (passed, _)) in &last {
+        let _ = writeln!(
+            o,
+            "cdm_drill_last_passed{{application=\"{app}\"}} {}",
+            u8::from(*passed)
+        );
+    }
+    head(
+        o,
+        "cdm_drill_last_rto_seconds",
+        "gauge",
+        "RTO measured by the application's last recovery drill (absent when it did not start).",
+    );
+    for (app, (_, rto)) in &last {
+        if let Some(r) = rto {
+            let _ = writeln!(o, "cdm_drill_last_rto_seconds{{application=\"{app}\"}} {r}");
+        }
+    }
     Ok(())
 }

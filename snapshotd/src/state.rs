@@ -39,6 +39,10 @@ pub const APPS: TableDefinition<u64, &[u8]> = TableDefinition::new("applications
 pub const PROTECTION: TableDefinition<&str, &[u8]> = TableDefinition::new("protection_policies");
 pub const APP_STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("application_state");
 pub const HOST_CLONES: TableDefinition<&str, &[u8]> = TableDefinition::new("host_clones");
+/// Recovery drill reports (by the job's id) and when each application's
+/// next scheduled drill is due (`control/drills.rs`).
+pub const DRILLS: TableDefinition<u64, &[u8]> = TableDefinition::new("drills");
+pub const DRILL_DUE: TableDefinition<u64, &[u8]> = TableDefinition::new("drill_due");
 pub const JOB_LOGS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("job_logs");
 
 /// Logs keep at most this many newest entries.
@@ -206,6 +210,8 @@ impl State {
         for t in REPLICATION_TABLES {
             tx.open_table(t)?;
         }
+        tx.open_table(DRILLS)?;
+        tx.open_table(DRILL_DUE)?;
         tx.commit()?;
         Ok(State {
             path: path.to_path_buf(),

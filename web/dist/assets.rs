@@ -10,13 +10,13 @@ pub static ASSETS: &[Asset] = &[
         br: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/assets/app-FFOGK5Z4.css.br")),
     },
     Asset {
-        path: "/assets/app-LWW7GDWE.js",
+        path: "/assets/app-VMSX2SF4.js",
         content_type: "text/javascript; charset=utf-8",
-        etag: "\"40d8f1df4dc0d0758c232008ee5a4765\"",
+        etag: "\"04346a2326a7d7bfb61dd518c0c15fb8\"",
         immutable: true,
-        raw: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/assets/app-LWW7GDWE.js")),
-        gzip: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/assets/app-LWW7GDWE.js.gz")),
-        br: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/assets/app-LWW7GDWE.js.br")),
+        raw: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/assets/app-VMSX2SF4.js")),
+        gzip: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/assets/app-VMSX2SF4.js.gz")),
+        br: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/assets/app-VMSX2SF4.js.br")),
     },
     Asset {
         path: "/assets/icon-6a038c58.svg",
@@ -30,7 +30,7 @@ pub static ASSETS: &[Asset] = &[
     Asset {
         path: "/index.html",
         content_type: "text/html; charset=utf-8",
-        etag: "\"4d146c1d1d1f63f270fd71fb9eb8ee0a\"",
+        etag: "\"f9af5ec183c95d88ff90fc719cc62599\"",
         immutable: false,
         raw: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/index.html")),
         gzip: include_bytes!(concat!(env!("CARGO_MANIFEST_DIR"), "/../web/dist/index.html.gz")),

@@ -18,12 +18,14 @@ import { VolumePage, Volumes } from "./pages/volumes";
 import { Vms } from "./pages/vms";
 import { Webhooks } from "./pages/webhooks";
 import { ApplicationPage, Applications, Hosts, Policies } from "./pages/control";
+import { DrillsPage } from "./pages/drills";
 
 const NAV: [string, string, ((s: Session) => boolean)?][] = [
   ["/", "Dashboard"],
   ["/applications", "Applications"],
   ["/hosts", "Hosts"],
   ["/policies", "Policies"],
+  ["/drills", "Drills"],
   ["/volumes", "Volumes"],
   ["/clones", "Clones"],
   ["/mounts", "Mounts"],
@@ -52,6 +54,8 @@ function page(path: string) {
       return p[1] ? <ApplicationPage id={p[1]} key={p[1]} /> : <Applications key={location.search} />;
     case "policies":
       return <Policies />;
+    case "drills":
+      return <DrillsPage />;
     case "mounts":
       return <Mounts />;
     case "jobs":

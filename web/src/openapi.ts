@@ -160,6 +160,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/applications/{id}/drills": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["start_drill"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/applications/{id}/points": {
         parameters: {
             query?: never;
@@ -302,6 +318,38 @@ export interface paths {
         get?: never;
         put?: never;
         post: operations["promote_clone"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/drills": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_drills"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/drills/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["drill"];
+        put?: never;
+        post?: never;
         delete?: never;
         options?: never;
         head?: never;
@@ -1060,6 +1108,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/volumes/{name}/snapshots/{id}/verify": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["verify_snapshot"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/webhooks": {
         parameters: {
             query?: never;
@@ -1248,6 +1312,92 @@ export interface components {
             name: string;
             /** Format: int64 */
             size_bytes?: number | null;
+        };
+        /** @description A drill's report. */
+        Drill: {
+            /** Format: int64 */
+            application: number;
+            checks: components["schemas"]["DrillCheck"][];
+            /** Format: int64 */
+            finished_unix?: number | null;
+            /** @description Where it ran: a host, or `appliance`. */
+            host: string;
+            /**
+             * Format: int64
+             * @description The id of the job that ran it.
+             */
+            id: number;
+            /** Format: int64 */
+            job: number;
+            /** @description Why the drill did not pass, in one line. */
+            message?: string;
+            /** @description Every check passed and the targets were met. */
+            passed: boolean;
+            /**
+             * Format: int64
+             * @description The point's age at the drill's start.
+             */
+            rpo_seconds?: number | null;
+            /** Format: int64 */
+            rpo_target?: number | null;
+            /**
+             * Format: double
+             * @description Drill start to the first answered query (databases) or to the
+             *     clone being readable (file trees, VM disks).
+             */
+            rto_seconds?: number | null;
+            /** Format: int64 */
+            rto_target?: number | null;
+            /** Format: int64 */
+            snapshot: number;
+            /** Format: int64 */
+            started_unix: number;
+            /** @description The volume of the point and the point (snapshot id). */
+            volume: string;
+        };
+        /** @description One check of a drill. */
+        DrillCheck: {
+            name: string;
+            output: string;
+            passed: boolean;
+            /** Format: double */
+            seconds?: number;
+        };
+        /** @description `POST /v1/applications/{id}/drills`. */
+        DrillCreate: {
+            /** @description Replace the policy's probes. */
+            probes?: components["schemas"]["DrillProbe"][] | null;
+            /**
+             * Format: int64
+             * @description The point (a snapshot of the application's volume); default: as the
+             *     policy says (`drill_point`), else the newest.
+             */
+            snapshot?: number | null;
+            /**
+             * Format: int64
+             * @description Replace the policy's time limit (seconds).
+             */
+            timeout_seconds?: number | null;
+        };
+        /** @description Which point a scheduled drill takes. */
+        DrillPoint: string | {
+            /** Format: int32 */
+            random_within_days: number;
+        };
+        /** @description A user check: SQL for a database, or a file for a file tree. */
+        DrillProbe: {
+            /** @description Text the file contains. */
+            contains?: string | null;
+            /** @description The database the query runs in (default `postgres`). */
+            database?: string | null;
+            /** @description The exact text, or `>= N`, `<= N`, `= N`, `> N`, `< N` for numbers. */
+            expect?: string | null;
+            /** @description A file that must exist in the point (file trees and VM disks). */
+            path?: string | null;
+            /** @description The file's SHA-256 (hex). */
+            sha256?: string | null;
+            /** @description A query whose first column of the first row is compared with `expect`. */
+            sql?: string | null;
         };
         /** @description `POST /v1/hosts/enrolments`. */
         EnrolmentCreate: {
@@ -1828,11 +1978,28 @@ export interface components {
             bandwidth_windows?: string[];
             /** @description Five-field cron expression (UTC). */
             cron?: string | null;
+            /** @description Where database drills run (default: the application's host). */
+            drill_host?: string | null;
             /**
              * Format: int64
-             * @description Reserved for recovery drills.
+             * @description A recovery drill every this many seconds (`docs/control-plane.md`, "Drills").
              */
             drill_interval_seconds?: number | null;
+            drill_point?: null | components["schemas"]["DrillPoint"];
+            /** @description The drill's own checks (SQL with an expected answer, or files). */
+            drill_probes?: components["schemas"]["DrillProbe"][];
+            /** Format: int64 */
+            drill_rpo_seconds?: number | null;
+            /**
+             * Format: int64
+             * @description Targets the drill's measured RTO and RPO are compared with.
+             */
+            drill_rto_seconds?: number | null;
+            /**
+             * Format: int64
+             * @description A drill's time limit (default 600 s).
+             */
+            drill_timeout_seconds?: number | null;
             /**
              * Format: int64
              * @description Backup every this many seconds (≥ 60); or `cron`.
@@ -1980,6 +2147,21 @@ export interface components {
             label?: string | null;
             /** @description Any JSON object kept with the snapshot (backup job, LSN, host…). */
             metadata?: unknown;
+        };
+        /** @description `GET /v1/volumes/{name}/snapshots/{id}/verify`: a scrub of one point. */
+        SnapshotVerify: {
+            /**
+             * Format: int64
+             * @description Mapped bytes read and verified.
+             */
+            bytes_checked: number;
+            /** @description Each bad spot: offset in the snapshot and the engine's error. */
+            errors: string[];
+            /** Format: double */
+            seconds: number;
+            /** Format: int64 */
+            snapshot: number;
+            volume: string;
         };
         /** @description An API token (its secret is never shown again after creation). */
         Token: {
@@ -2601,6 +2783,47 @@ export interface operations {
             };
         };
     };
+    start_drill: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DrillCreate"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     points: {
         parameters: {
             query?: never;
@@ -2838,6 +3061,56 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Volume"];
+                };
+            };
+        };
+    };
+    list_drills: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                application: number | null;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Drill"][];
+                };
+            };
+        };
+    };
+    drill: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Drill"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -4700,6 +4973,36 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["PartitionInfo"][];
+                };
+            };
+        };
+    };
+    verify_snapshot: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["SnapshotVerify"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };

@@ -66,6 +66,8 @@ pub enum Work {
     /// `socket_dir` and `attachment` from what the child started.
     CloneRestore,
     RegularRestore,
+    /// A recovery drill: the result is the drill's report.
+    Drill,
 }
 
 /// The child's arguments (after the program name).
@@ -131,6 +133,7 @@ pub fn plan(job: &AgentJob, g: &Globals) -> Result<Plan, String> {
             Work::Backup
         }
         "restore" => restore_args(job, &mut args)?,
+        "drill" => super::drill::args(job, &mut args)?,
         k => return Err(format!("job kind {k:?} is not one this agent runs")),
     };
     Ok(Plan { args, work })

@@ -10,6 +10,7 @@
 pub mod credential;
 pub mod deliver;
 pub mod discover;
+pub mod drill;
 pub mod heartbeat;
 pub mod job;
 pub mod joblog;
@@ -407,6 +408,8 @@ pub fn run(opts: Options) -> Result<(), ServeError> {
             }
         }
     };
+    // No job of an earlier run survives it: what its drills left goes.
+    drill::cleanup_stale(&svc);
     tracing::info!(host = %svc.host, url = %svc.opts.url, max_jobs = svc.opts.max_jobs, "serving");
     {
         let s = svc.clone();

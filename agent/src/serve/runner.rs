@@ -121,7 +121,7 @@ fn run(svc: &Service, j: &AgentJob, log: &mut LogBatch) -> Option<Outcome> {
         .args
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
-        .skip_while(|a| !matches!(a.as_str(), "backup" | "restore" | "vm"))
+        .skip_while(|a| !matches!(a.as_str(), "backup" | "restore" | "vm" | "drill"))
         .collect();
     tracing::info!(job = j.id, kind = %j.kind, application = %j.application.name, attempt = j.attempt, "job started");
     log.push(&format!(

@@ -8,6 +8,8 @@
 mod clones;
 mod control;
 mod defrag;
+mod drill_local;
+mod drills;
 mod exports;
 mod jobs;
 mod logs;
@@ -157,29 +159,32 @@ impl Appliance {
             pool.clone(),
             jobs.clone(),
         );
-        Arc::new_cyclic(|me| Appliance {
-            control,
-            audit,
-            agent: std::sync::OnceLock::new(),
-            pool_file: std::sync::OnceLock::new(),
-            tls_ca: std::sync::OnceLock::new(),
-            replication: std::sync::OnceLock::new(),
-            me: me.clone(),
-            pool,
-            nbd,
-            state,
-            events,
-            clock,
-            jobs,
-            scheduler,
-            nbd_addrs,
-            verified: Mutex::new(HashMap::new()),
-            unique: Mutex::new(HashMap::new()),
-            defaults,
-            mounts,
-            reduction: Mutex::new(None),
-            login_throttle: throttle::LoginThrottle::default(),
-            defrag: defrag::DefragState::default(),
+        Arc::new_cyclic(|me| {
+            drills::hook(&control, me.clone());
+            Appliance {
+                control,
+                audit,
+                agent: std::sync::OnceLock::new(),
+                pool_file: std::sync::OnceLock::new(),
+                tls_ca: std::sync::OnceLock::new(),
+                replication: std::sync::OnceLock::new(),
+                me: me.clone(),
+                pool,
+                nbd,
+                state,
+                events,
+                clock,
+                jobs,
+                scheduler,
+                nbd_addrs,
+                verified: Mutex::new(HashMap::new()),
+                unique: Mutex::new(HashMap::new()),
+                defaults,
+                mounts,
+                reduction: Mutex::new(None),
+                login_throttle: throttle::LoginThrottle::default(),
+                defrag: defrag::DefragState::default(),
+            }
         })
     }
 

@@ -121,7 +121,7 @@ pub fn validate_policy(p: &ProtectionPolicy) -> ApiResult<()> {
     if p.replication.as_ref().is_some_and(|r| !r.is_object()) {
         return bad("replication must be an object".into());
     }
-    Ok(())
+    super::drills::validate(p)
 }
 
 impl Control {
@@ -149,7 +149,9 @@ impl Control {
         lock(&self.active)
             .values()
             .filter(|j| {
-                j.kind == "restore" && j.state == "running" && j.host.as_deref() == Some(host)
+                (j.kind == "restore" || j.kind == "drill")
+                    && j.state == "running"
+                    && j.host.as_deref() == Some(host)
             })
             .filter_map(|j| {
                 let p = j.params.as_ref()?;

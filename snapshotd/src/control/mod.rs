@@ -10,6 +10,7 @@
 //! queue's lock, so two requests never race on one job or one application.
 
 mod apps;
+pub mod drills;
 mod hosts;
 mod queue;
 mod rpo;
@@ -21,6 +22,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use cdm_api::auth::Caller;
 use cdm_api::control::*;
 use cdm_api::types::Job;
 use cdm_api::{ApiError, ApiResult};
@@ -188,7 +190,21 @@ pub struct Control {
     /// The daemon is stopping: long polls answer at once (an agent's
     /// pending poll would otherwise hold the API's shutdown up to 30 s).
     closing: std::sync::atomic::AtomicBool,
+    /// Deletes a clone as the appliance does (set once at start): drill
+    /// clones left by an agent that failed or crashed.
+    clone_remover: std::sync::OnceLock<CloneRemover>,
+    /// Starts a drill of any kind (the appliance's, which runs those of
+    /// file trees and VM disks itself); set once at start.
+    drill_starter: std::sync::OnceLock<DrillStarter>,
+    /// The drill clones an earlier run left were looked for (first tick).
+    drills_swept: std::sync::atomic::AtomicBool,
 }
+
+/// See `Control::clone_remover`.
+pub type CloneRemover = Arc<dyn Fn(&str) -> ApiResult<()> + Send + Sync>;
+/// See `Control::drill_starter`.
+pub type DrillStarter =
+    Arc<dyn Fn(&Caller, u64, cdm_api::drills::DrillCreate) -> ApiResult<Job> + Send + Sync>;
 
 impl Control {
     pub fn new(
@@ -219,6 +235,9 @@ impl Control {
             enrolling: Mutex::new(std::collections::HashSet::new()),
             rpo: Mutex::new(()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            clone_remover: std::sync::OnceLock::new(),
+            drills_swept: std::sync::atomic::AtomicBool::new(false),
+            drill_starter: std::sync::OnceLock::new(),
         };
         if let Err(e) = c.load(now) {
             tracing::error!(error = %e, "cannot load the control plane's jobs");
@@ -231,7 +250,7 @@ impl Control {
     /// start: its agent had no appliance to talk to while it was down.
     fn load(&self, now: u64) -> Result<(), crate::state::StateError> {
         let jobs: Vec<Job> = self.state.scan(JOBS, 0, usize::MAX, false, |j: &Job| {
-            j.host.is_some() && (j.kind == "backup" || j.kind == "restore")
+            j.host.is_some() && ["backup", "restore", "drill"].contains(&j.kind.as_str())
         })?;
         let mut active = lock(&self.active);
         let mut last = lock(&self.last_backup);
@@ -258,6 +277,17 @@ impl Control {
             seen.insert(h.name.clone(), now.max(h.last_seen_unix.unwrap_or(0)));
         }
         Ok(())
+    }
+
+    /// How drill clones left behind are deleted (the appliance's own
+    /// clone delete); set once at start.
+    pub fn set_clone_remover(&self, f: CloneRemover) {
+        let _ = self.clone_remover.set(f);
+    }
+
+    /// How scheduled drills start (the appliance's, for every kind).
+    pub fn set_drill_starter(&self, f: DrillStarter) {
+        let _ = self.drill_starter.set(f);
     }
 
     /// Ends every long poll now and the ones to come (the daemon stops).
@@ -431,6 +461,14 @@ impl Control {
         }
         if let Err(e) = self.evaluate_rpo(None) {
             tracing::error!(error = %e.message, "cannot evaluate RPOs");
+        }
+        if !self.drills_swept.swap(true, Ordering::SeqCst) {
+            if let Err(e) = self.sweep_drill_clones() {
+                tracing::error!(error = %e.message, "cannot look for drill clones left behind");
+            }
+        }
+        if let Err(e) = self.run_drills() {
+            tracing::error!(error = %e.message, "cannot queue policy drills");
         }
     }
 }

@@ -449,6 +449,10 @@ impl Control {
             j.progress = 1.0;
             j.done = j.done.max(j.total);
         }
+        // A drill's report is there by the time its job reads as ended.
+        if j.kind == "drill" {
+            self.drill_ended(&j);
+        }
         if let Err(e) = self.state.put(JOBS, id, &j, Sync::Now) {
             // Keep it active rather than lose it: the next try stores it.
             active.insert(id, j);

@@ -3,6 +3,7 @@
 import { useState } from "preact/hooks";
 import { call, get, may, S, seg } from "../api";
 import { bytes, Confirm, ErrorBox, Field, Link, Table, useAction, useLoad, useSession, val, when } from "../ui";
+import { Drills } from "./drills";
 
 export function RpoBadge({ state }: { state: string }) {
   return <span class={`rpo ${state}`}>{state}</span>;
@@ -266,6 +267,8 @@ export function ApplicationPage({ id }: { id: string }) {
           },
         ]}
       />
+      <h2>Recovery drills</h2>
+      {x && <Drills application={x.id} />}
       {may(s, "delete") && x && (
         <div class="actions">
           <Confirm label="Forget application" danger onConfirm={() => a.run(() => call("DELETE", base), () => history.back())} />

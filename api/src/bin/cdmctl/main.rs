@@ -4,6 +4,7 @@
 
 mod app;
 mod clone;
+mod drill;
 mod error;
 mod event;
 mod export;
@@ -29,6 +30,7 @@ use clap::{Parser, Subcommand};
 
 use crate::app::{AppCmd, RestoreCmd};
 use crate::clone::CloneCmd;
+use crate::drill::DrillCmd;
 use crate::error::CliError;
 use crate::event::{AuditCmd, EventCmd};
 use crate::export::ExportCmd;
@@ -115,6 +117,10 @@ enum Cmd {
     /// Replication between appliances: pairing, peers, links, transfers.
     #[command(subcommand)]
     Replication(ReplicationCmd),
+    /// Recovery drills: a point cloned, started in isolation, checked,
+    /// torn down; the reports.
+    #[command(subcommand)]
+    Drill(DrillCmd),
     /// The event log.
     #[command(subcommand)]
     Event(EventCmd),
@@ -204,6 +210,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Policy(p) => policy::run(p, &c, &out),
         Cmd::Restore(r) => app::restore(r, &c, &out),
         Cmd::Replication(r) => replication::run(r, &c, &out),
+        Cmd::Drill(d) => drill::run(d, &c, &out),
         Cmd::Event(e) => event::run(e, &c, &out),
         Cmd::Audit(a) => event::audit(a, &c, &out),
         Cmd::Webhook(w) => webhook::run(w, &c, &out),

@@ -65,6 +65,18 @@ pub(crate) struct PolicyArgs {
     /// Retries of a failed scheduled backup [default: 2].
     #[arg(long)]
     retries: Option<u32>,
+    /// A recovery drill every SECONDS (`cdmctl drill` shows the reports).
+    #[arg(long)]
+    drill_interval: Option<u64>,
+    /// The drills' RTO target (seconds).
+    #[arg(long)]
+    drill_rto: Option<u64>,
+    /// The drills' RPO target (seconds).
+    #[arg(long)]
+    drill_rpo: Option<u64>,
+    /// A drill's time limit (seconds) [default: 600].
+    #[arg(long)]
+    drill_timeout: Option<u64>,
 }
 
 impl PolicyArgs {
@@ -100,7 +112,13 @@ impl PolicyArgs {
             },
             retries: self.retries.unwrap_or(2),
             replication: None,
-            drill_interval_seconds: None,
+            drill_interval_seconds: self.drill_interval,
+            drill_point: None,
+            drill_probes: Vec::new(),
+            drill_rto_seconds: self.drill_rto,
+            drill_rpo_seconds: self.drill_rpo,
+            drill_timeout_seconds: self.drill_timeout,
+            drill_host: None,
         })
     }
 }

@@ -1,0 +1,567 @@
+//! A recovery drill of a PostgreSQL point (`cdm-agent drill`): a writable
+//! clone of the point (O(1) on the appliance, nothing copied), attached,
+//! PostgreSQL started on it in isolation (its own socket directory, no
+//! TCP listener, archiving and replication off), the checks — the server
+//! reached a consistent state, `pg_amcheck` over every database (heap and
+//! B-tree indexes), the user's probes, a scrub of the point's extents on
+//! the appliance — and the teardown: PostgreSQL stopped, the clone
+//! detached and deleted, on success, failure and timeout alike.
+//!
+//! The work runs in a thread of its own; this process's main thread
+//! watches the time limit and, when it passes, stops PostgreSQL (which
+//! ends any query or check waiting on it), tears down and reports, so a
+//! drill that hangs never outlives its limit. RTO is the time from the
+//! drill's start to the first answered query.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cdm_api::drills::{probe_matches, DrillCheck, DrillProbe};
+use serde_json::{json, Value};
+
+use crate::attach::{self, AttachRequest, Attachment};
+use crate::error::Result;
+use crate::{ops, pg, Ctx};
+
+/// Prefix of a drill's attachment and clone names: what a restarted
+/// agent finds left behind and cleans up.
+pub const PREFIX: &str = "drill-";
+/// Longest output kept per check.
+const OUTPUT_MAX: usize = 4096;
+
+/// What `cdm-agent drill` is asked.
+#[derive(Clone, Debug)]
+pub struct DrillArgs {
+    /// VOLUME@ID.
+    pub snapshot: String,
+    /// The clone's (and attachment's) name: `drill-APP-JOB`.
+    pub name: String,
+    pub timeout: Duration,
+    pub probes: Vec<DrillProbe>,
+    pub port: u16,
+}
+
+/// What the drill made so far, for the teardown, and what it found.
+#[derive(Default)]
+struct Shared {
+    checks: Vec<DrillCheck>,
+    rto: Option<f64>,
+    clone: bool,
+    attachment: Option<Attachment>,
+    disk: Option<Child>,
+    /// A check program running now (killed at the time limit).
+    running: Option<u32>,
+    /// The step in progress, for the report of a drill stopped at its limit.
+    step: String,
+    /// The time limit passed: the worker stops at its next step.
+    stopped: bool,
+}
+
+type State = Arc<Mutex<Shared>>;
+
+fn lock(s: &State) -> std::sync::MutexGuard<'_, Shared> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn clip(mut s: String) -> String {
+    if s.len() > OUTPUT_MAX {
+        let mut cut = OUTPUT_MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push_str(" …");
+    }
+    s
+}
+
+/// Records a check (and logs it for the job's log).
+fn check(s: &State, name: &str, passed: bool, output: String, t: Instant) {
+    let seconds = t.elapsed().as_secs_f64();
+    tracing::info!(
+        check = name,
+        passed,
+        seconds,
+        "{}",
+        output.lines().next().unwrap_or("")
+    );
+    lock(s).checks.push(DrillCheck {
+        name: name.to_string(),
+        passed,
+        output: clip(output),
+        seconds,
+    });
+}
+
+/// Begins a step; false once the time limit passed.
+fn step(s: &State, what: &str) -> bool {
+    let mut g = lock(s);
+    if g.stopped {
+        return false;
+    }
+    tracing::info!("drill: {what}");
+    g.step = what.to_string();
+    true
+}
+
+/// Runs the drill; its report (never an error: a failed drill is a report
+/// that says so, and its clone is gone either way).
+pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
+    let t0 = Instant::now();
+    let (vol, id) = ops::parse_snapshot(&a.snapshot)?;
+    ops::check_name(&a.name)?;
+    if !a.name.starts_with(PREFIX) {
+        crate::fail!(
+            Invalid,
+            "a drill's clone is named {PREFIX}…, not {:?}",
+            a.name
+        );
+    }
+    let s: State = Arc::new(Mutex::new(Shared::default()));
+    let (tx, rx) = mpsc::channel();
+    {
+        let (s, ctx, a, vol) = (s.clone(), ctx.clone(), a.clone(), vol.clone());
+        std::thread::Builder::new()
+            .name("drill".into())
+            .spawn(move || {
+                work(&ctx, &a, &vol, id, &s, t0);
+                let _ = tx.send(());
+            })
+            .map_err(|e| crate::err!(Host, "cannot start the drill: {e}"))?;
+    }
+    let timed_out = rx.recv_timeout(a.timeout).is_err();
+    if timed_out {
+        let mut g = lock(&s);
+        g.stopped = true;
+        let at = g.step.clone();
+        g.checks.push(DrillCheck {
+            name: "time_limit".into(),
+            passed: false,
+            output: format!(
+                "the drill did not finish within {} s (it was at: {at}): stopped and cleaned up",
+                a.timeout.as_secs()
+            ),
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+        tracing::warn!(step = %at, "drill: time limit reached");
+    }
+    let cleanup = teardown(&ctx, &a.name, &s, timed_out);
+    let g = lock(&s);
+    let mut checks = g.checks.clone();
+    if let Err(e) = &cleanup {
+        checks.push(DrillCheck {
+            name: "cleanup".into(),
+            passed: false,
+            output: e.clone(),
+            seconds: 0.0,
+        });
+    }
+    let passed = !checks.is_empty() && checks.iter().all(|c| c.passed);
+    Ok(json!({
+        "kind": "drill",
+        "snapshot": a.snapshot,
+        "clone": a.name,
+        "passed": passed,
+        "rto_seconds": g.rto,
+        "checks": checks,
+        "bytes_copied": 0,
+        "cleaned_up": cleanup.is_ok(),
+        "seconds": t0.elapsed().as_secs_f64(),
+    }))
+}
+
+/// The drill's steps; each failure is a failed check, and the steps that
+/// need what failed are skipped.
+fn work(ctx: &Ctx, a: &DrillArgs, vol: &str, id: u64, s: &State, t0: Instant) {
+    let Some(r) = start(ctx, a, vol, id, s, t0) else {
+        return;
+    };
+    let sock = r.socket_dir.to_string_lossy().into_owned();
+    let user = pg::owner_name(r.uid).unwrap_or_else(|| "postgres".into());
+    let conn = |db: &str| pg::Conn {
+        host: sock.clone(),
+        port: r.port,
+        user: user.clone(),
+        dbname: db.to_string(),
+        password: None,
+    };
+    if step(s, "checking the server reached a consistent state") {
+        let t = Instant::now();
+        let (ok, out) = consistency(&conn("postgres"), &r);
+        check(s, "consistent", ok, out, t);
+    }
+    if step(s, "pg_amcheck over every database") {
+        let t = Instant::now();
+        let (ok, out) = amcheck(&conn, &r, &user, s);
+        check(s, "pg_amcheck", ok, out, t);
+    }
+    for p in &a.probes {
+        let Some(sql) = &p.sql else { continue };
+        if !step(s, &format!("probe {sql}")) {
+            return;
+        }
+        let t = Instant::now();
+        let db = p.database.as_deref().unwrap_or("postgres");
+        let expect = p.expect.as_deref().unwrap_or("");
+        let (ok, out) = match probe(&conn(db), sql) {
+            Ok(got) => (
+                probe_matches(&got, expect),
+                format!("got {got:?}, expected {expect:?}"),
+            ),
+            Err(e) => (false, e),
+        };
+        check(s, &format!("probe: {sql}"), ok, out, t);
+    }
+    if step(s, "scrub of the point's extents on the appliance") {
+        let t = Instant::now();
+        let (ok, out) = scrub(ctx, vol, id);
+        check(s, "scrub", ok, out, t);
+    }
+}
+
+/// Clone, attach, start PostgreSQL: the server, once a query answered.
+fn start(
+    ctx: &Ctx,
+    a: &DrillArgs,
+    vol: &str,
+    id: u64,
+    s: &State,
+    t0: Instant,
+) -> Option<pg::Running> {
+    let fail = |why: String| {
+        check(s, "start", false, why, t0);
+        None
+    };
+    if !step(s, &format!("cloning {vol}@{id} as {}", a.name)) {
+        return None;
+    }
+    if let Err(e) = ctx.api.create_clone(vol, id, &a.name) {
+        return fail(format!("cannot clone the point: {e}"));
+    }
+    lock(s).clone = true;
+    if !step(s, "attaching the clone") {
+        return None;
+    }
+    let mount = ctx.state_dir.join("mnt").join(&a.name);
+    let (mut att, child) = match attach::attach(
+        ctx,
+        &AttachRequest {
+            name: a.name.clone(),
+            export: a.name.clone(),
+            writable: true,
+            mount: mount.clone(),
+            mkfs: None,
+        },
+    ) {
+        Ok(x) => x,
+        Err(e) => return fail(format!("cannot attach the clone: {}", e.report())),
+    };
+    att.clone = Some(a.name.clone());
+    att.temporary = true;
+    let _ = attach::save(ctx, &att);
+    {
+        let mut g = lock(s);
+        g.attachment = Some(att.clone());
+        g.disk = child;
+    }
+    if !mount.join("pgdata").exists() {
+        return fail("the point holds no PostgreSQL data directory (pgdata/)".into());
+    }
+    if !step(s, "starting PostgreSQL on the clone (isolated)") {
+        return None;
+    }
+    let r = match pg::prepare(&mount, a.port, &a.name).and_then(|r| isolate(&r).map(|_| r)) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot prepare the copy: {}", e.report())),
+    };
+    att.postgres = Some(r.clone());
+    let _ = attach::save(ctx, &att);
+    lock(s).attachment = Some(att);
+    match pg::start(&r) {
+        Ok(_) => {
+            let rto = t0.elapsed().as_secs_f64();
+            lock(s).rto = Some(rto);
+            check(
+                s,
+                "start",
+                true,
+                format!("PostgreSQL answered its first query {rto:.3} s after the drill began"),
+                t0,
+            );
+            Some(r)
+        }
+        Err(e) => fail(e.report()),
+    }
+}
+
+/// Replication off too (archiving is off and TCP closed by `prepare`): a
+/// drill's server must never send WAL anywhere nor follow a primary.
+fn isolate(r: &pg::Running) -> Result<()> {
+    use std::os::unix::fs::chown;
+    let auto = r.pgdata.join("postgresql.auto.conf");
+    let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
+    text.push_str(
+        "# cdm-agent drill\nmax_wal_senders = 0\nprimary_conninfo = ''\nprimary_slot_name = ''\narchive_command = ''\n",
+    );
+    std::fs::write(&auto, text)?;
+    chown(&auto, Some(r.uid), Some(r.gid))?;
+    Ok(())
+}
+
+fn consistency(c: &pg::Conn, r: &pg::Running) -> (bool, String) {
+    let in_recovery = c.connect().and_then(|mut c| {
+        let row = c
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .map_err(|e| crate::err!(Host, "{e}"))?;
+        Ok(row.get::<_, bool>(0))
+    });
+    let log = std::fs::read_to_string(&r.log).unwrap_or_default();
+    let said = log
+        .lines()
+        .filter(|l| {
+            l.contains("consistent recovery state reached")
+                || l.contains("ready to accept")
+                || l.contains("redo done")
+        })
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n");
+    match in_recovery {
+        Ok(false) => (
+            true,
+            format!("recovery ended; the server log says:\n{said}"),
+        ),
+        Ok(true) => (
+            said.contains("consistent recovery state reached"),
+            format!("still in recovery; the server log says:\n{said}"),
+        ),
+        Err(e) => (false, e.report()),
+    }
+}
+
+/// The first column of the first row, as text.
+fn probe(c: &pg::Conn, sql: &str) -> std::result::Result<String, String> {
+    let mut c = c.connect().map_err(|e| e.report())?;
+    let msgs = c.simple_query(sql).map_err(|e| match e.as_db_error() {
+        Some(d) => format!("{}: {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    })?;
+    for m in msgs {
+        if let postgres::SimpleQueryMessage::Row(row) = m {
+            return Ok(row.get(0).unwrap_or("NULL").to_string());
+        }
+    }
+    Err("the query returned no row".into())
+}
+
+/// `pg_amcheck --all` (heap and B-tree indexes of every database), after
+/// `CREATE EXTENSION amcheck` in each: the clone is thrown away.
+fn amcheck(
+    conn: &dyn Fn(&str) -> pg::Conn,
+    r: &pg::Running,
+    user: &str,
+    s: &State,
+) -> (bool, String) {
+    let dbs: Vec<String> = match conn("postgres").connect().and_then(|mut c| {
+        c.query("SELECT datname FROM pg_database WHERE datallowconn", &[])
+            .map_err(|e| crate::err!(Host, "{e}"))
+    }) {
+        Ok(rows) => rows.iter().map(|r| r.get::<_, String>(0)).collect(),
+        Err(e) => return (false, e.report()),
+    };
+    for db in &dbs {
+        let made = conn(db).connect().and_then(|mut c| {
+            c.batch_execute("CREATE EXTENSION IF NOT EXISTS amcheck")
+                .map_err(|e| crate::err!(Host, "{e}"))
+        });
+        if let Err(e) = made {
+            return (
+                false,
+                format!("cannot create amcheck in {db}: {}", e.report()),
+            );
+        }
+    }
+    let prog = r.bindir.join("pg_amcheck");
+    let mut cmd = Command::new("setpriv");
+    cmd.args([
+        &format!("--reuid={}", r.uid),
+        &format!("--regid={}", r.gid),
+        "--init-groups",
+    ])
+    .arg(&prog)
+    .args(["--all", "--no-strict-names", "-h"])
+    .arg(&r.socket_dir)
+    .args(["-p", &r.port.to_string(), "-U", user])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return (false, format!("cannot run {}: {e}", prog.display())),
+    };
+    lock(s).running = Some(child.id());
+    let out = child.wait_with_output();
+    lock(s).running = None;
+    match out {
+        Ok(o) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let ok = o.status.success() && text.trim().is_empty();
+            let said = if text.trim().is_empty() {
+                format!(
+                    "{} databases checked (heap and B-tree): no corruption",
+                    dbs.len()
+                )
+            } else {
+                text
+            };
+            (ok, format!("{said}\n(pg_amcheck {})", o.status))
+        }
+        Err(e) => (false, format!("pg_amcheck: {e}")),
+    }
+}
+
+/// The appliance re-reads the point's extents and checks their checksums.
+fn scrub(ctx: &Ctx, vol: &str, id: u64) -> (bool, String) {
+    // Reading a large point takes longer than an ordinary request.
+    let api = ctx.api.longer_timeout(Duration::from_secs(3600));
+    match api.verify_snapshot(vol, id) {
+        Ok(v) if v.errors.is_empty() => (
+            true,
+            format!(
+                "{} bytes of {vol}@{id} read back, every checksum good ({:.1} s)",
+                v.bytes_checked, v.seconds
+            ),
+        ),
+        Ok(v) => (
+            false,
+            format!(
+                "{} bad spots in {vol}@{id}:\n{}",
+                v.errors.len(),
+                v.errors.join("\n")
+            ),
+        ),
+        Err(e) => (
+            false,
+            format!("the appliance could not verify the point: {e}"),
+        ),
+    }
+}
+
+/// Stops PostgreSQL (at once after a timeout), kills a running check,
+/// detaches and deletes the clone. `Err` says what was left behind.
+fn teardown(ctx: &Ctx, name: &str, s: &State, hurry: bool) -> std::result::Result<(), String> {
+    let (att, mut disk, clone, running) = {
+        let mut g = lock(s);
+        g.stopped = true;
+        (
+            g.attachment.take(),
+            g.disk.take(),
+            g.clone,
+            g.running.take(),
+        )
+    };
+    tracing::info!("drill: tearing down");
+    if let Some(pid) = running {
+        // SAFETY: a child this process started and has not reaped.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
+    let mut errors = Vec::new();
+    if let Some(a) = &att {
+        if let Some(r) = &a.postgres {
+            if let Err(e) = stop_pg(r, hurry) {
+                errors.push(e);
+            }
+        }
+        if let Err(e) = attach::detach(ctx, a, disk.as_mut()) {
+            errors.push(e.report());
+        }
+    }
+    if clone {
+        if let Err(e) = ctx.api.delete_clone(name, true) {
+            errors.push(format!("cannot delete clone {name}: {e}"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+/// `pg_ctl stop`: fast, or immediate when the drill ran out of time (a
+/// query that hangs must not hold the teardown).
+pub fn stop_pg(r: &pg::Running, immediate: bool) -> std::result::Result<(), String> {
+    if !r.pgdata.join("postmaster.pid").exists() {
+        return Ok(());
+    }
+    let out = Command::new("setpriv")
+        .args([
+            &format!("--reuid={}", r.uid),
+            &format!("--regid={}", r.gid),
+            "--init-groups",
+        ])
+        .arg(r.bindir.join("pg_ctl"))
+        .arg("-D")
+        .arg(&r.pgdata)
+        .args([
+            "-m",
+            if immediate { "immediate" } else { "fast" },
+            "-w",
+            "-t",
+            "60",
+            "stop",
+        ])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Ok(()),
+        Ok(o) => Err(format!(
+            "stopping PostgreSQL on {}: {}",
+            r.pgdata.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        )),
+        Err(e) => Err(format!("cannot run pg_ctl: {e}")),
+    }
+}
+
+/// What an earlier run of the agent left of its drills (it crashed or was
+/// killed mid-drill): their PostgreSQL stopped, their attachments
+/// detached, their clones deleted (best effort: the appliance deletes
+/// them too). The names of what was cleaned.
+pub fn cleanup_stale(ctx: &Ctx) -> Vec<String> {
+    let mut done = Vec::new();
+    for a in attach::list(ctx)
+        .into_iter()
+        .filter(|a| a.name.starts_with(PREFIX))
+    {
+        if let Some(r) = &a.postgres {
+            if let Err(e) = stop_pg(r, true) {
+                tracing::warn!(attachment = %a.name, error = %e, "stale drill: PostgreSQL not stopped");
+            }
+        }
+        if let Err(e) = attach::detach(ctx, &a, None) {
+            tracing::warn!(attachment = %a.name, error = %e.report(), "stale drill: not detached");
+            continue;
+        }
+        if let Some(c) = &a.clone {
+            if let Err(e) = ctx.api.delete_clone(c, true) {
+                tracing::info!(clone = %c, error = %e, "stale drill clone not deleted here (the appliance deletes it)");
+            }
+        }
+        tracing::info!(attachment = %a.name, "stale drill attachment cleaned up");
+        done.push(a.name.clone());
+    }
+    let mnt: PathBuf = ctx.state_dir.join("mnt");
+    for n in &done {
+        let _ = std::fs::remove_dir(mnt.join(n));
+    }
+    done
+}
