@@ -148,7 +148,70 @@ pub fn render(a: &Appliance) -> cdmfs::Result<String> {
     if let Err(e) = control(&mut o, a) {
         tracing::error!(error = %e.message, "control plane metrics missing");
     }
+    if let Some(r) = a.replication.get() {
+        if let Err(e) = replication(&mut o, r) {
+            tracing::error!(error = %e.message, "replication metrics missing");
+        }
+    }
     Ok(o)
+}
+
+/// Per link: lag (per volume), bytes sent and transfers by result since
+/// the daemon started.
+fn replication(o: &mut String, r: &crate::replication::Replication) -> cdm_api::ApiResult<()> {
+    let links = r.link_recs()?;
+    let now = r.clock.now();
+    head(
+        o,
+        "cdm_replication_lag_seconds",
+        "gauge",
+        "Age of the newest point on the target, per link and volume (after the first transfer).",
+    );
+    for l in &links {
+        for (vol, t) in &l.target_newest {
+            let _ = writeln!(
+                o,
+                "cdm_replication_lag_seconds{{link=\"{}\",volume=\"{}\",peer=\"{}\"}} {}",
+                l.id,
+                esc(vol),
+                esc(&l.peer),
+                now.saturating_sub(*t)
+            );
+        }
+    }
+    let counters = r.counters_snapshot();
+    head(
+        o,
+        "cdm_replication_bytes_sent_total",
+        "counter",
+        "Bytes sent on the wire per link since the daemon started.",
+    );
+    for l in &links {
+        let c = counters.get(&l.id).cloned().unwrap_or_default();
+        let _ = writeln!(
+            o,
+            "cdm_replication_bytes_sent_total{{link=\"{}\"}} {}",
+            l.id, c.bytes_sent
+        );
+    }
+    head(
+        o,
+        "cdm_replication_transfers_total",
+        "counter",
+        "Transfers per link and result since the daemon started.",
+    );
+    for l in &links {
+        let c = counters.get(&l.id).cloned().unwrap_or_default();
+        for result in ["ok", "failed", "cancelled"] {
+            let n = c.transfers.get(result).copied().unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "cdm_replication_transfers_total{{link=\"{}\",result=\"{result}\"}} {n}",
+                l.id
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Runs per MiB of each volume, reusing figures up to `FRAG_TTL` (5

@@ -462,3 +462,197 @@ fn replica_volumes_are_read_only_until_promoted() {
     );
     assert_eq!(s, 409, "{v}");
 }
+
+fn events(a: &Appliance, kind: &str) -> Vec<Value> {
+    let (s, v) = api(a, "GET", &format!("/v1/events?type={kind}&limit=100"), None);
+    assert_eq!(s, 200, "{v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn transfers(a: &Appliance, link: u64) -> Vec<Value> {
+    let (s, v) = api(
+        a,
+        "GET",
+        &format!("/v1/replication/links/{link}/transfers"),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    v.as_array().cloned().unwrap_or_default()
+}
+
+fn wait_job(a: &Appliance, id: u64) -> Value {
+    wait_for(300, &format!("job {id}"), || {
+        let (_, j) = api(a, "GET", &format!("/v1/jobs/{id}"), None);
+        (j["state"] != "running").then_some(j)
+    })
+}
+
+/// The control side of a link's runs with the real data path: an "after
+/// every point" link runs when a point appears and as a `replicate` job
+/// when asked; transfers are recorded; the target's copy is a read-only
+/// replica; lag passes the RPO (late, alert) and comes back (recovered);
+/// metrics count it all; a promoted target fails the link with the reason.
+/// (The data itself, A→B→C and faults, is `replication_*` of the tests.)
+#[test]
+fn link_runs_lag_and_failover_controls() {
+    let _g = shared();
+    let a = start("site-a");
+    let b = start("site-b");
+    let token = pair_token(&b, None);
+    let (s, v) = pair(&a, "b", &b.https_url(), &token);
+    assert_eq!(s, 201, "{v}");
+
+    let (s, v) = api(
+        &a,
+        "POST",
+        "/v1/volumes",
+        Some(json!({"name": "db", "size": 8 << 20})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let first = random_bytes(1 << 20, 1);
+    a.nbd("db").write(0, &first, true).expect("write");
+    let (s, v) = api(
+        &a,
+        "POST",
+        "/v1/volumes/db/snapshots",
+        Some(json!({"label": "p1"})),
+    );
+    assert_eq!(s, 201, "{v}");
+    let (s, l) = api(
+        &a,
+        "POST",
+        "/v1/replication/links",
+        Some(json!({"volume": "db", "peer": "b", "rpo_seconds": 600})),
+    );
+    assert_eq!(s, 201, "{l}");
+    let id = l["id"].as_u64().expect("link id");
+    assert_eq!(l["schedule"], "after_every_point");
+
+    // The scheduler runs it: the existing point is sent in full.
+    let t = wait_for(300, "the first transfer", || {
+        let t = transfers(&a, id);
+        (!t.is_empty()).then_some(t)
+    });
+    assert_eq!(t[0]["result"], "ok", "{t:?}");
+    assert_eq!(t[0]["full"], true);
+    // On B: a read-only replica holding the point.
+    let (_, bv) = api(&b, "GET", "/v1/volumes/db", None);
+    assert_eq!(bv["kind"], "replica", "{bv}");
+    let (_, snaps) = api(&b, "GET", "/v1/volumes/db/snapshots", None);
+    let bsnap = snaps[0]["id"].as_u64().expect("replica point");
+    assert_eq!(snaps[0]["label"], "p1");
+    let mut back = vec![0u8; first.len()];
+    b.nbd(&format!("db@{bsnap}"))
+        .read(0, &mut back)
+        .expect("read");
+    assert!(back == first, "the replica's point differs");
+    let mut live = b.nbd("db");
+    assert!(live.read_only());
+    assert!(live.write(0, &[1u8; 4096], true).is_err());
+    drop(live);
+
+    // A new point is sent by itself, on the first as base.
+    a.nbd("db")
+        .write(4 << 20, &random_bytes(65536, 2), true)
+        .expect("write");
+    let (s, _) = api(
+        &a,
+        "POST",
+        "/v1/volumes/db/snapshots",
+        Some(json!({"label": "p2"})),
+    );
+    assert_eq!(s, 201);
+    let t = wait_for(300, "the second transfer", || {
+        let t = transfers(&a, id);
+        (t.len() >= 2).then_some(t)
+    });
+    assert_eq!(
+        (t[0]["result"].as_str(), t[0]["full"].as_bool()),
+        (Some("ok"), Some(false)),
+        "{t:?}"
+    );
+    assert!(t[0]["base"].as_str().is_some(), "{t:?}");
+    assert!(!events(&a, "replication.completed").is_empty());
+
+    // Run by hand (once the scheduled run is over): a replicate job,
+    // nothing left to send.
+    wait_for(300, "the scheduled run's end", || {
+        let (_, l) = api(&a, "GET", &format!("/v1/replication/links/{id}"), None);
+        (l["state"] == "idle").then_some(())
+    });
+    let (s, j) = api(&a, "POST", &format!("/v1/replication/links/{id}/run"), None);
+    assert_eq!(s, 202, "{j}");
+    assert_eq!(j["kind"], "replicate");
+    let j = wait_job(&a, j["id"].as_u64().unwrap());
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(transfers(&a, id).len(), 2);
+    let (_, l) = api(&a, "GET", &format!("/v1/replication/links/{id}"), None);
+    assert_eq!(l["state"], "idle", "{l}");
+    assert!(l["lag_seconds"].as_u64().is_some_and(|s| s < 600), "{l}");
+
+    // Late: past the RPO on A's clock; then a new point brings it back.
+    let (s, _) = api(&a, "POST", "/v1/clock", Some(json!({"advance_secs": 700})));
+    assert_eq!(s, 200);
+    wait_for(60, "replication.late", || {
+        (!events(&a, "replication.late").is_empty()).then_some(())
+    });
+    let alerts = events(&a, "alert.raised");
+    assert!(
+        alerts
+            .iter()
+            .any(|e| e["data"]["kind"] == "replication_late"),
+        "{alerts:?}"
+    );
+    let (s, _) = api(
+        &a,
+        "POST",
+        "/v1/volumes/db/snapshots",
+        Some(json!({"label": "p3"})),
+    );
+    assert_eq!(s, 201);
+    wait_for(300, "replication.recovered", || {
+        (!events(&a, "replication.recovered").is_empty()).then_some(())
+    });
+    let (_, m) = http(&a.url(), "GET", "/metrics", Some(&a.admin_token()), None);
+    let m = m.as_str().unwrap_or_default().to_string();
+    assert!(
+        m.contains(&format!(
+            "cdm_replication_transfers_total{{link=\"{id}\",result=\"ok\"}} 3"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "cdm_replication_lag_seconds{{link=\"{id}\",volume=\"db\",peer=\"b\"}}"
+        )),
+        "{m}"
+    );
+
+    // Failover: B's copy promoted, A's link fails with the reason.
+    let (s, v) = api(&b, "POST", "/v1/volumes/db/promote", None);
+    assert_eq!(s, 200, "{v}");
+    let (s, _) = api(
+        &a,
+        "POST",
+        "/v1/volumes/db/snapshots",
+        Some(json!({"label": "p4"})),
+    );
+    assert_eq!(s, 201);
+    let l = wait_for(300, "the link failing", || {
+        let (_, l) = api(&a, "GET", &format!("/v1/replication/links/{id}"), None);
+        (l["state"] == "failing").then_some(l)
+    });
+    assert!(
+        l["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not_a_replica")),
+        "{l}"
+    );
+    let failed = events(&a, "replication.failed");
+    assert!(
+        failed.iter().any(|e| e["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("not_a_replica"))),
+        "{failed:?}"
+    );
+}

@@ -202,6 +202,10 @@ impl ControlBackend for Appliance {
         self.control.job_log(id)
     }
     fn cancel_job(&self, c: &Caller, id: u64) -> ApiResult<Job> {
+        // A link's run (a local job) stops at its next batch.
+        if let Some(j) = self.replication.get().and_then(|r| r.cancel_job(id)) {
+            return j;
+        }
         self.control.cancel(c, id)
     }
 }

@@ -4,7 +4,7 @@
 use cdm_api::auth::Caller;
 use cdm_api::replication::*;
 use cdm_api::replication_backend::ReplicationBackend;
-use cdm_api::types::Volume;
+use cdm_api::types::{Job, Volume};
 use cdm_api::{ApiError, ApiResult};
 use serde_json::json;
 
@@ -56,6 +56,9 @@ impl ReplicationBackend for Appliance {
     }
     fn transfers(&self, id: u64) -> ApiResult<Vec<Transfer>> {
         self.repl()?.transfers(id)
+    }
+    fn run_link(&self, c: &Caller, id: u64) -> ApiResult<Job> {
+        self.repl()?.run_link(id, &c.user)
     }
     fn promote_volume(&self, c: &Caller, name: &str) -> ApiResult<Volume> {
         self.volume_promote(c, name)

@@ -66,7 +66,6 @@ pub struct TransferRec {
 
 impl LinkRec {
     /// The interval of an interval link.
-    #[allow(dead_code)] // used by link runs (the next commit)
     pub fn interval(&self) -> Option<u64> {
         match self.schedule {
             LinkSchedule::Interval { interval_seconds } => Some(interval_seconds),
@@ -105,7 +104,6 @@ pub fn parse_window(s: &str) -> Option<Window> {
 
 /// The rate in force at `now` (unix s) in bytes per second: the first
 /// window that holds the time of day, else `outside`; None is unlimited.
-#[allow(dead_code)] // used by link runs (the next commit)
 pub fn rate_at(windows: &[String], outside: Option<u64>, now: u64) -> Option<u64> {
     let minute = ((now % 86_400) / 60) as u32;
     let mibps = windows
@@ -311,7 +309,6 @@ impl Replication {
     }
 
     /// Stores a transfer of link `link` (and returns it with its id).
-    #[allow(dead_code)] // used by link runs (the next commit)
     pub(crate) fn record_transfer(&self, link: u64, mut t: Transfer) -> ApiResult<Transfer> {
         let rec = self
             .state

@@ -19,6 +19,7 @@ use cdm_api::ApiError;
 
 use super::http::PeerId;
 use super::peers::{PeerVerifier, Trust};
+use super::receive::ReceiverCtx;
 use super::service::Replication;
 use crate::tls::{HttpsListener, Material, TlsError};
 
@@ -85,12 +86,27 @@ async fn whoami(
     })
 }
 
-/// Every route of the listener, behind [`identify`].
+/// Every route of the listener (the receiver's `/repl/v1` and
+/// `/repl/whoami`), behind [`identify`].
 pub fn router(rep: Arc<Replication>) -> Router {
     let trust = rep.trust.clone();
+    let weak = Arc::downgrade(&rep);
+    let ctx = Arc::new(ReceiverCtx {
+        pool: rep.pool.clone(),
+        state: rep.state.clone(),
+        identity: rep.identity.clone(),
+        // A received point starts the links that replicate it on (A→B→C).
+        on_point: Arc::new(move |volume: &str, _snapshot: u64| {
+            if let Some(r) = weak.upgrade() {
+                r.point_received(volume);
+            }
+        }),
+        events: rep.events.clone(),
+    });
     Router::new()
         .route("/repl/whoami", get(whoami))
         .with_state(rep)
+        .merge(super::receive::router(ctx))
         .layer(middleware::from_fn_with_state(trust, identify))
 }
 

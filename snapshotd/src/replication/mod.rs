@@ -7,6 +7,8 @@ pub mod links;
 pub mod listener;
 pub mod pairing;
 pub mod peers;
+pub mod runs;
+pub mod schedule;
 pub mod service;
 
 pub use service::Replication;

@@ -19,13 +19,12 @@ use crate::state::State;
 use crate::tls::ClientMaterial;
 
 /// A link's run in progress.
-#[allow(dead_code)] // used by link runs (the next commit)
 pub(crate) struct Running {
-    pub job: u64,
+    /// Its job, once started.
+    pub job: Option<u64>,
     pub cancel: Arc<AtomicBool>,
 }
 
-#[allow(dead_code)] // jobs, seen, me: used by link runs (the next commit)
 pub struct Replication {
     pub pool: Arc<Pool>,
     pub state: Arc<State>,
@@ -51,6 +50,8 @@ pub struct Replication {
     /// The newest snapshot of each after-every-point link's volume that a
     /// run was started for, so each new point starts one run.
     pub(crate) seen: Mutex<HashMap<(u64, String), u64>>,
+    /// Bytes and transfers per link since the start, for `/metrics`.
+    pub(crate) counters: Mutex<HashMap<u64, super::runs::Counters>>,
     me: Weak<Replication>,
 }
 
@@ -97,12 +98,12 @@ impl Replication {
             runs: Mutex::new(HashMap::new()),
             late: Mutex::new(Default::default()),
             seen: Mutex::new(HashMap::new()),
+            counters: Mutex::new(HashMap::new()),
             me: me.clone(),
         }))
     }
 
     /// Itself as an `Arc`, for jobs that outlive the request.
-    #[allow(dead_code)] // used by link runs (the next commit)
     pub(crate) fn arc(&self) -> ApiResult<Arc<Replication>> {
         self.me
             .upgrade()
