@@ -207,6 +207,9 @@ impl State {
         tx.open_table(APP_STATE)?;
         tx.open_table(HOST_CLONES)?;
         tx.open_table(JOB_LOGS)?;
+        for t in REPLICATION_TABLES {
+            tx.open_table(t)?;
+        }
         tx.open_table(DRILLS)?;
         tx.open_table(DRILL_DUE)?;
         tx.commit()?;
@@ -221,6 +224,17 @@ impl State {
     /// The database's file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Creates table `t` if it is missing, for modules that define tables
+    /// of their own (readers never meet a missing one).
+    pub fn ensure_table<K: Key + 'static>(&self, t: TableDefinition<K, &[u8]>) -> Result<()> {
+        self.guard(|| {
+            let tx = self.write(Sync::Now)?;
+            tx.open_table(t)?;
+            tx.commit()?;
+            Ok(())
+        })
     }
 
     /// The open database, reopened first if an I/O error closed it.
@@ -612,6 +626,13 @@ impl State {
         })
     }
 }
+
+/// Replication's data path (`crate::replication`): replica volumes by
+/// name (which peer feeds them), and the receiver's transfer sessions by
+/// volume (one unfinished transfer per volume; they survive a restart).
+pub const REPLICAS: TableDefinition<&str, &[u8]> = TableDefinition::new("replicas");
+pub const REPL_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("repl_sessions");
+const REPLICATION_TABLES: [TableDefinition<&str, &[u8]>; 2] = [REPLICAS, REPL_SESSIONS];
 
 #[cfg(test)]
 mod tests {

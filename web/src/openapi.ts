@@ -644,6 +644,166 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/replication/links": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_links"];
+        put?: never;
+        post: operations["create_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["link"];
+        put?: never;
+        post?: never;
+        delete: operations["delete_link"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["pause_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["resume_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}/run": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["run_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/links/{id}/transfers": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["transfers"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/pair": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["pair"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/pairings": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["create_pairing"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/peers": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_peers"];
+        put?: never;
+        post: operations["create_peer"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/replication/peers/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        delete: operations["delete_peer"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/users": {
         parameters: {
             query?: never;
@@ -772,6 +932,22 @@ export interface paths {
         patch: operations["grow_volume"];
         trace?: never;
     };
+    "/v1/volumes/{name}/demote": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["demote_volume"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/volumes/{name}/policy": {
         parameters: {
             query?: never;
@@ -782,6 +958,22 @@ export interface paths {
         get: operations["volume_policy"];
         put: operations["set_policy"];
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/volumes/{name}/promote": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["promote_volume"];
         delete?: never;
         options?: never;
         head?: never;
@@ -1465,6 +1657,72 @@ export interface components {
         JobLog: {
             lines: components["schemas"]["LogLine"][];
         };
+        /** @description A replication link (on the source). */
+        Link: {
+            /** Format: int64 */
+            bandwidth_mibps?: number | null;
+            bandwidth_windows: string[];
+            enabled: boolean;
+            /** Format: int64 */
+            id: number;
+            /** Format: int64 */
+            keep_days?: number | null;
+            /** Format: int64 */
+            keep_last?: number | null;
+            /**
+             * Format: int64
+             * @description Now minus the creation time of the newest point on the target; null
+             *     before the first transfer.
+             */
+            lag_seconds?: number | null;
+            last_error?: string | null;
+            last_transfer?: null | components["schemas"]["Transfer"];
+            peer: string;
+            policy?: string | null;
+            /** Format: int64 */
+            rpo_seconds: number;
+            schedule: components["schemas"]["LinkSchedule"];
+            /** @description `idle`, `running`, `failing` or `paused`. */
+            state: string;
+            volume?: string | null;
+        };
+        /** @description `POST /v1/replication/links`. */
+        LinkCreate: {
+            /**
+             * Format: int64
+             * @description Outside every window (absent: unlimited).
+             */
+            bandwidth_mibps?: number | null;
+            /** @description `HH:MM-HH:MM=MIBPS` (UTC), like protection policies. */
+            bandwidth_windows?: string[];
+            enabled?: boolean | null;
+            /** Format: int64 */
+            keep_days?: number | null;
+            /**
+             * Format: int64
+             * @description Retention on the target (default: the source's).
+             */
+            keep_last?: number | null;
+            peer: string;
+            /** @description Replicate the volume of every application with this protection policy. */
+            policy?: string | null;
+            /**
+             * Format: int64
+             * @description Default: twice the interval, or 3600.
+             */
+            rpo_seconds?: number | null;
+            schedule?: null | components["schemas"]["LinkSchedule"];
+            /** @description The volume to replicate (or `policy`). */
+            volume?: string | null;
+        };
+        /**
+         * @description When a link runs: after every new point of its volume, or every
+         *     `interval_seconds`.
+         */
+        LinkSchedule: string | {
+            /** Format: int64 */
+            interval_seconds: number;
+        };
         /** @description `POST /v1/login`: a password login that returns a session token. */
         Login: {
             name: string;
@@ -1525,6 +1783,52 @@ export interface components {
             snapshot: number;
             volume?: string | null;
         };
+        /** @description `POST /v1/replication/pairings`. */
+        PairingCreate: {
+            /**
+             * Format: int64
+             * @description Default 3600, at most 7 days.
+             */
+            ttl_seconds?: number | null;
+        };
+        /** @description A one-use pairing token: `cdmpair1.<secret>.<hex SHA-256 of the CA>`. */
+        PairingToken: {
+            /** @description RFC 3339. */
+            expires_at: string;
+            /** Format: int64 */
+            expires_unix: number;
+            token: string;
+        };
+        /** @description The answer to [`PairRequest`]. */
+        PairReply: {
+            ca: string;
+            client_cert_sha256: string;
+            identity: string;
+            name: string;
+            /** Format: int32 */
+            replication_port?: number | null;
+        };
+        /**
+         * @description `POST /v1/replication/pair` (appliance to appliance; the token is the
+         *     credential) and its answer (the same fields of the answering side,
+         *     `token` empty).
+         */
+        PairRequest: {
+            /** @description The caller's CA certificate(s), PEM. */
+            ca: string;
+            /** @description Hex SHA-256 of the caller's client certificate (DER). */
+            client_cert_sha256: string;
+            /** @description The caller's identity (its pool UUID in hex). */
+            identity: string;
+            /** @description The caller's name. */
+            name: string;
+            /**
+             * Format: int32
+             * @description The caller's replication listener port, if it has one.
+             */
+            replication_port?: number | null;
+            token: string;
+        };
         /** @description A partition of a snapshot's disk. */
         PartitionInfo: {
             bootable: boolean;
@@ -1536,6 +1840,28 @@ export interface components {
             size: number;
             /** Format: int64 */
             start: number;
+        };
+        /** @description A paired appliance. */
+        Peer: {
+            /** @description Hex SHA-256 of its CA certificate (DER). */
+            ca_sha256: string;
+            identity: string;
+            name: string;
+            /** Format: int64 */
+            paired_unix: number;
+            /** @description `HOST:PORT` of its replication listener, null if it has none. */
+            replication_endpoint?: string | null;
+            /** @description Its HTTPS API (on the side that made the pairing call). */
+            url?: string | null;
+        };
+        /** @description `POST /v1/replication/peers`: pair with the appliance at `url`. */
+        PeerCreate: {
+            /** @description The name this appliance gives the peer. */
+            name: string;
+            /** @description A pairing token the peer made. */
+            token: string;
+            /** @description The peer's HTTPS API, `https://HOST:PORT`. */
+            url: string;
         };
         /** @description A recovery point: a snapshot of an application's volume. */
         Point: {
@@ -1868,6 +2194,46 @@ export interface components {
             token: string;
             user: string;
         };
+        /** @description One transfer of one point. */
+        Transfer: {
+            /** @description The point id of the base, null for a full transfer. */
+            base?: string | null;
+            /**
+             * Format: int64
+             * @description Blocks the target had already.
+             */
+            blocks_known: number;
+            /** Format: int64 */
+            blocks_total: number;
+            /**
+             * Format: int64
+             * @description Changed bytes.
+             */
+            bytes_logical: number;
+            /**
+             * Format: int64
+             * @description On the wire: fingerprints and compressed data.
+             */
+            bytes_sent: number;
+            full: boolean;
+            /** Format: int64 */
+            id: number;
+            message: string;
+            /** @description `ok`, `failed` or `cancelled`. */
+            result: string;
+            /** Format: int64 */
+            resumed_from_batch?: number | null;
+            /** Format: double */
+            seconds: number;
+            /**
+             * Format: int64
+             * @description The source's snapshot id.
+             */
+            snapshot: number;
+            /** Format: int64 */
+            started_unix: number;
+            volume: string;
+        };
         /** @description A user. */
         User: {
             /** Format: int64 */
@@ -1986,6 +2352,11 @@ export interface components {
              * @description Logical size in bytes.
              */
             size: number;
+        };
+        /** @description `POST /v1/volumes/{name}/demote`. */
+        VolumeDemote: {
+            /** @description The peer that will feed the volume. */
+            peer: string;
         };
         /** @description Per volume: what it would need on its own. */
         VolumeReductionFigures: components["schemas"]["ReductionFigures"] & {
@@ -3399,6 +3770,415 @@ export interface operations {
             };
         };
     };
+    list_links: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"][];
+                };
+            };
+        };
+    };
+    create_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LinkCreate"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    pause_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    resume_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Link"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    run_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    transfers: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                id: number;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Transfer"][];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    pair: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PairRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PairReply"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    create_pairing: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PairingCreate"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PairingToken"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_peers: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Peer"][];
+                };
+            };
+        };
+    };
+    create_peer: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PeerCreate"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Peer"];
+                };
+            };
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_peer: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     list_users: {
         parameters: {
             query?: never;
@@ -3793,6 +4573,47 @@ export interface operations {
             };
         };
     };
+    demote_volume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VolumeDemote"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     volume_policy: {
         parameters: {
             query?: never;
@@ -3835,6 +4656,43 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Policy"];
+                };
+            };
+        };
+    };
+    promote_volume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };

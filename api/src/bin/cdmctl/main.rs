@@ -14,6 +14,7 @@ mod job;
 mod mount;
 mod output;
 mod policy;
+mod replication;
 mod snapshot;
 mod system;
 mod units;
@@ -39,6 +40,7 @@ use crate::job::JobCmd;
 use crate::mount::MountCmd;
 use crate::output::Out;
 use crate::policy::PolicyCmd;
+use crate::replication::ReplicationCmd;
 use crate::snapshot::SnapshotCmd;
 use crate::system::{ClockCmd, PoolCmd};
 use crate::user::{TokenCmd, UserCmd};
@@ -112,6 +114,9 @@ enum Cmd {
     /// Restores of applications' points, run by agents.
     #[command(subcommand)]
     Restore(RestoreCmd),
+    /// Replication between appliances: pairing, peers, links, transfers.
+    #[command(subcommand)]
+    Replication(ReplicationCmd),
     /// Recovery drills: a point cloned, started in isolation, checked,
     /// torn down; the reports.
     #[command(subcommand)]
@@ -204,6 +209,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::App(a) => app::run(a, &c, &out),
         Cmd::Policy(p) => policy::run(p, &c, &out),
         Cmd::Restore(r) => app::restore(r, &c, &out),
+        Cmd::Replication(r) => replication::run(r, &c, &out),
         Cmd::Drill(d) => drill::run(d, &c, &out),
         Cmd::Event(e) => event::run(e, &c, &out),
         Cmd::Audit(a) => event::audit(a, &c, &out),
