@@ -11,6 +11,9 @@ pub struct ReplError {
     pub message: String,
     /// The HTTP status the peer answered (0: no answer, or a local error).
     pub status: u16,
+    /// From `send::run`: the records of the points sent before the error,
+    /// and the failed (or cancelled) one last.
+    pub records: Vec<super::send::TransferRecord>,
 }
 
 impl ReplError {
@@ -19,6 +22,7 @@ impl ReplError {
             code: code.to_string(),
             message: message.into(),
             status: 0,
+            records: Vec::new(),
         }
     }
 

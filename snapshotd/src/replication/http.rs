@@ -67,9 +67,8 @@ fn answer_error(e: ureq::Error) -> ReplError {
                 .map(str::to_string)
                 .unwrap_or_else(|| format!("the target answered {status}: {body}"));
             ReplError {
-                code,
-                message,
                 status,
+                ..ReplError::new(&code, message)
             }
         }
         ureq::Error::Transport(t) => ReplError::new("network", t.to_string()),

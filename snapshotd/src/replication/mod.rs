@@ -18,9 +18,13 @@ pub mod error;
 #[allow(dead_code)]
 pub mod http;
 #[allow(dead_code)]
+pub mod receive;
+#[allow(dead_code)]
 pub mod replicas;
 #[allow(dead_code)]
 pub mod resume;
+#[allow(dead_code)]
+pub mod send;
 #[allow(dead_code)]
 pub mod sessions;
 #[allow(dead_code)]
@@ -28,5 +32,7 @@ pub mod throttle;
 #[allow(dead_code)]
 pub mod wire;
 
+#[cfg(test)]
+mod tests;
 #[cfg(test)]
 mod testutil;

@@ -27,6 +27,38 @@ fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Metadata key of a replica's snapshot: the id of the point it copies.
+pub const POINT_KEY: &str = "cdm.point";
+/// Metadata key: the name of the appliance the point was taken on.
+pub const ORIGIN_KEY: &str = "cdm.origin";
+
+/// A point's id: the one it was received under, else `IDENTITY:ID` of
+/// this appliance's own snapshot.
+pub fn point_id(identity: &str, s: &cdmfs::SnapshotInfo) -> String {
+    match s.metadata.get(POINT_KEY).and_then(|v| v.as_str()) {
+        Some(p) => p.to_string(),
+        None => format!("{identity}:{}", s.id),
+    }
+}
+
+/// The points of `volume`, oldest first (by creation time, then id), with
+/// their ids.
+pub fn points(
+    pool: &Pool,
+    volume: &str,
+    identity: &str,
+) -> Result<Vec<(cdmfs::SnapshotInfo, String)>, ReplError> {
+    let mut snaps = pool.list_snapshots(Some(volume))?;
+    snaps.sort_by_key(|s| (s.created_ns, s.id));
+    Ok(snaps
+        .into_iter()
+        .map(|s| {
+            let p = point_id(identity, &s);
+            (s, p)
+        })
+        .collect())
+}
+
 /// The replica record of `volume`, if it is one.
 pub fn get(state: &State, volume: &str) -> Result<Option<Replica>, ReplError> {
     Ok(state.get(REPLICAS, volume)?)
@@ -65,16 +97,11 @@ pub fn unmark(state: &State, volume: &str) -> Result<bool, ReplError> {
     Ok(state.remove(REPLICAS, volume)?)
 }
 
-/// True while a transfer into `volume` is applied but not committed: the
-/// live tree then holds part of a point.
-fn transfer_open(state: &State, volume: &str) -> Result<bool, ReplError> {
-    let s: Option<serde_json::Value> = state.get(REPL_SESSIONS, volume)?;
-    Ok(s.is_some_and(|s| s["done"].is_null()))
-}
-
 /// Makes the replica `volume` an ordinary writable volume whose contents
-/// are its newest point. A sender still replicating into it gets 409
-/// `not_a_replica` from then on.
+/// are its newest point: a transfer cut half-way (its sender may be the
+/// appliance that failed) is dropped and the live tree reset to that
+/// point. A sender still replicating into it gets 409 `not_a_replica`
+/// from then on.
 pub fn promote(state: &State, pool: &Pool, volume: &str) -> Result<(), ReplError> {
     pool.volume(volume)?;
     if get(state, volume)?.is_none() {
@@ -83,12 +110,7 @@ pub fn promote(state: &State, pool: &Pool, volume: &str) -> Result<(), ReplError
             format!("volume {volume} is not a replica"),
         ));
     }
-    if transfer_open(state, volume)? {
-        return Err(ReplError::new(
-            "busy",
-            format!("a transfer into {volume} is not finished; try again when it is"),
-        ));
-    }
+    super::receive::reset_live(pool, state, volume)?;
     unmark(state, volume)?;
     Ok(())
 }
@@ -133,7 +155,13 @@ mod tests {
         assert!(demote(&state, &pool, "nope", &b)
             .unwrap_err()
             .is("not_found"));
-        // An unfinished transfer holds the promote off.
+        // An unfinished transfer is dropped and the live tree goes back
+        // to the newest point.
+        let vid = pool.volume_id("v").unwrap();
+        pool.write(vid, 0, &[1u8; 65536]).unwrap();
+        pool.create_snapshot("v", "p", serde_json::json!({}))
+            .unwrap();
+        pool.write(vid, 0, &[2u8; 65536]).unwrap();
         state
             .put(
                 REPL_SESSIONS,
@@ -142,16 +170,14 @@ mod tests {
                 Sync::Now,
             )
             .unwrap();
-        assert!(promote(&state, &pool, "v").unwrap_err().is("busy"));
-        state
-            .put(
-                REPL_SESSIONS,
-                "v",
-                &serde_json::json!({"done": 7}),
-                Sync::Now,
-            )
-            .unwrap();
         promote(&state, &pool, "v").unwrap();
+        let mut buf = vec![0u8; 65536];
+        pool.read(cdmfs::Target::Volume(vid), 0, &mut buf).unwrap();
+        assert!(buf == vec![1u8; 65536], "the live tree is the newest point");
+        assert!(state
+            .get::<_, serde_json::Value>(REPL_SESSIONS, "v")
+            .unwrap()
+            .is_none());
         assert_eq!(get(&state, "v").unwrap(), None);
         assert!(promote(&state, &pool, "v").unwrap_err().is("not_a_replica"));
     }

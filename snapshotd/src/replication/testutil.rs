@@ -21,3 +21,10 @@ pub fn pool(dir: &Path) -> Arc<Pool> {
     };
     Arc::new(Pool::open(Arc::new(dev), &OpenOptions::default()).unwrap())
 }
+
+/// Creates the pool `dir/pool` of `bytes` (for a target that fills up);
+/// [`pool`] opens it afterwards.
+pub fn small_pool(dir: &Path, bytes: u64) {
+    let d = FileDev::create(&dir.join("pool"), bytes).unwrap();
+    Pool::format(&d, &FormatOptions::default()).unwrap();
+}

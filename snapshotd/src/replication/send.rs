@@ -1,0 +1,471 @@
+//! The source side of a transfer: every point of a volume newer than the
+//! newest one the target has, oldest first, each as the blocks that differ
+//! from the previous one (the engine's tree diff), fingerprints first and
+//! only the blocks the target lacks as compressed bytes
+//! (`docs/replication.md`, "Transfer protocol").
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use cdmfs::{Pool, SnapshotInfo, Target};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::error::ReplError;
+use super::http::PeerHttp;
+use super::receive::{PREV_HEADER, TOKEN_HEADER};
+use super::replicas;
+use super::resume::{Bound, ResumeKey};
+use super::sessions::{self, PointMeta};
+use super::throttle::Throttle;
+use super::wire::{self, Fingerprints, Kind};
+use crate::state::State;
+
+/// zstd level of the data on the wire: fast, since a link's CPU is the
+/// appliance's; most of the gain of higher levels is in stored data.
+const WIRE_LEVEL: i32 = 1;
+
+pub struct SendRequest<'a> {
+    pub pool: &'a Pool,
+    pub state: &'a State,
+    /// This appliance's identity (pool UUID in hex).
+    pub identity: &'a str,
+    pub volume: &'a str,
+    pub peer_name: &'a str,
+    pub http: &'a PeerHttp,
+    /// Retention on the target (sent with every point).
+    pub keep_last: Option<u64>,
+    pub keep_days: Option<u64>,
+    pub throttle: &'a Throttle,
+    pub cancel: &'a AtomicBool,
+    /// Bytes of the point being sent: done, total.
+    pub progress: &'a dyn Fn(u64, u64),
+    pub log: &'a dyn Fn(&str),
+}
+
+/// One point sent (or not): the contract's `Transfer` without the `id`
+/// the control side gives it when it stores it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TransferRecord {
+    pub id: u64,
+    pub volume: String,
+    /// The source snapshot.
+    pub snapshot: u64,
+    pub point: String,
+    /// The point's creation time (the target's lag follows it).
+    pub created_ns: u64,
+    pub base: Option<String>,
+    pub full: bool,
+    /// Why a full transfer was needed although the target had points of
+    /// this volume (`replication.full_resend`).
+    pub full_resend: Option<String>,
+    pub started_unix: u64,
+    pub seconds: f64,
+    /// On the wire: fingerprints, compressed data, requests' JSON.
+    pub bytes_sent: u64,
+    /// Bytes of the blocks that changed.
+    pub bytes_logical: u64,
+    pub blocks_total: u64,
+    /// Data blocks the target had already (from any volume).
+    pub blocks_known: u64,
+    pub resumed_from_batch: Option<u64>,
+    /// The target's snapshot, once committed.
+    pub target_snapshot: Option<u64>,
+    /// "ok" | "failed" | "cancelled".
+    pub result: String,
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+struct RemoteSession {
+    id: String,
+    base: Option<String>,
+    point: String,
+    acked: u64,
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct ReplicaOf {
+    peer: String,
+    identity: String,
+}
+
+#[derive(Deserialize)]
+struct RemotePoint {
+    point: String,
+}
+
+#[derive(Deserialize)]
+struct RemoteVolume {
+    identity: String,
+    exists: bool,
+    replica_of: Option<ReplicaOf>,
+    points: Vec<RemotePoint>,
+    session: Option<RemoteSession>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Path segments are volume names (checked names: letters, digits, `-_.`)
+/// and hex ids; escaped anyway.
+fn seg(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Sends every point of `req.volume` the target lacks. On failure the
+/// error carries the records of the points sent before and a failed (or
+/// cancelled) record for the one that stopped.
+pub fn run(req: SendRequest<'_>) -> Result<Vec<TransferRecord>, ReplError> {
+    let key = ResumeKey::load_or_create(&ResumeKey::path_for(req.state.path()))?;
+    let points = replicas::points(req.pool, req.volume, req.identity)?;
+    if points.is_empty() {
+        return Ok(Vec::new());
+    }
+    let remote: RemoteVolume = req
+        .http
+        .get_json(&format!("/repl/v1/volumes/{}", seg(req.volume)))?;
+    if remote.exists {
+        match &remote.replica_of {
+            Some(r) if r.identity == req.identity => {}
+            Some(r) => {
+                return Err(ReplError::new(
+                    "not_a_replica",
+                    format!(
+                        "{} on {} is a replica of {}, not of this appliance",
+                        req.volume, req.peer_name, r.peer
+                    ),
+                ))
+            }
+            None => {
+                return Err(ReplError::new(
+                    "not_a_replica",
+                    format!(
+                        "{} on {} is an ordinary volume (promoted?), not a replica",
+                        req.volume, req.peer_name
+                    ),
+                ))
+            }
+        }
+    }
+    let theirs: HashSet<&str> = remote.points.iter().map(|p| p.point.as_str()).collect();
+    let base_at = points
+        .iter()
+        .rposition(|(_, p)| theirs.contains(p.as_str()));
+    let mut full_resend = None;
+    if base_at.is_none() && remote.exists {
+        let resuming_first = remote
+            .session
+            .as_ref()
+            .is_some_and(|s| s.base.is_none() && s.point == points[0].1);
+        if !remote.points.is_empty() {
+            full_resend = Some(format!(
+                "{} has none of the points of {} this appliance still holds \
+                 (its newest is {}): everything is sent again",
+                req.peer_name,
+                req.volume,
+                remote.points.last().map_or("", |p| p.point.as_str())
+            ));
+        } else if !resuming_first {
+            full_resend = Some(format!(
+                "the replica of {} on {} holds no point: everything is sent again",
+                req.volume, req.peer_name
+            ));
+        }
+    }
+    if let Some(why) = &full_resend {
+        (req.log)(&format!("full resend: {why}"));
+    }
+    let start = base_at.map_or(0, |i| i + 1);
+    let mut base: Option<(u64, String)> = base_at.map(|i| (points[i].0.id, points[i].1.clone()));
+    let mut session = remote.session;
+    let mut done = Vec::new();
+    for (snap, pid) in &points[start..] {
+        let mut rec = TransferRecord {
+            volume: req.volume.to_string(),
+            snapshot: snap.id,
+            point: pid.clone(),
+            created_ns: snap.created_ns,
+            base: base.as_ref().map(|b| b.1.clone()),
+            full: base.is_none(),
+            full_resend: full_resend.take(),
+            started_unix: now_unix(),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let cx = PointCx {
+            req: &req,
+            key: &key,
+            target: &remote.identity,
+            base: base.as_ref(),
+            snap,
+            pid,
+        };
+        let r = send_point(&cx, session.take(), &mut rec);
+        rec.seconds = t0.elapsed().as_secs_f64();
+        match r {
+            Ok(()) => {
+                rec.result = "ok".into();
+                (req.log)(&format!(
+                    "point {pid} sent: {} of {} changed bytes on the wire, {} of {} blocks known",
+                    rec.bytes_sent, rec.bytes_logical, rec.blocks_known, rec.blocks_total
+                ));
+                done.push(rec);
+            }
+            Err(mut e) => {
+                rec.result = if e.is("cancelled") {
+                    "cancelled"
+                } else {
+                    "failed"
+                }
+                .into();
+                rec.message = if rec.message.is_empty() {
+                    e.message.clone()
+                } else {
+                    format!("{}; {}", rec.message, e.message)
+                };
+                done.push(rec);
+                e.records = done;
+                return Err(e);
+            }
+        }
+        base = Some((snap.id, pid.clone()));
+    }
+    Ok(done)
+}
+
+/// What one point's transfer needs.
+struct PointCx<'a> {
+    req: &'a SendRequest<'a>,
+    key: &'a ResumeKey,
+    target: &'a str,
+    base: Option<&'a (u64, String)>,
+    snap: &'a SnapshotInfo,
+    pid: &'a str,
+}
+
+impl PointCx<'_> {
+    fn bound<'b>(&'b self, session: &'b str) -> Bound<'b> {
+        Bound {
+            target: self.target,
+            volume: self.req.volume,
+            base: self.base.map(|b| b.1.as_str()),
+            point: self.pid,
+            session,
+        }
+    }
+}
+
+/// The block offsets of the ranges that changed, in order.
+fn blocks_of(ranges: &[(u64, u64)], bs: u64, size: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for &(off, len) in ranges {
+        let mut o = off - off % bs;
+        let end = (off + len).min(size);
+        while o < end {
+            out.push(o);
+            o += bs;
+        }
+    }
+    out.dedup();
+    out
+}
+
+/// Resumes the target's session for this point if it is ours and current,
+/// else discards it; returns the session id and the first batch to send.
+fn resume_or_open(
+    cx: &PointCx<'_>,
+    remote: Option<RemoteSession>,
+    rec: &mut TransferRecord,
+) -> Result<(String, u64), ReplError> {
+    let http = cx.req.http;
+    if let Some(s) = remote {
+        let current = s.base.as_deref() == cx.base.map(|b| b.1.as_str()) && s.point == cx.pid;
+        let why = if !current {
+            format!(
+                "a stale session on the target (point {} from base {}) was discarded",
+                s.point,
+                s.base.as_deref().unwrap_or("none")
+            )
+        } else if !cx.key.verify(&s.token, &cx.bound(&s.id), s.acked) {
+            format!(
+                "the target's resume token for batch {} did not verify (forged or from \
+                 another sender): the point starts over",
+                s.acked
+            )
+        } else {
+            (cx.req.log)(&format!(
+                "resuming point {} after batch {} (session {})",
+                cx.pid, s.acked, s.id
+            ));
+            rec.resumed_from_batch = Some(s.acked + 1);
+            return Ok((s.id, s.acked + 1));
+        };
+        (cx.req.log)(&why);
+        rec.message = why;
+        match http.delete(&format!("/repl/v1/sessions/{}", seg(&s.id))) {
+            Ok(()) => {}
+            Err(e) if e.status == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let id = sessions::new_id();
+    let snap = cx.snap;
+    let body = json!({
+        "id": id,
+        "volume": cx.req.volume,
+        "size": snap.size,
+        "block_size": snap.block_size,
+        "policy": snap.policy,
+        "base": cx.base.map(|b| &b.1),
+        "point": PointMeta {
+            point: cx.pid.to_string(),
+            label: snap.label.clone(),
+            metadata: snap.metadata.clone(),
+            created_ns: snap.created_ns,
+        },
+        "keep_last": cx.req.keep_last.map(|k| k.min(u32::MAX as u64)),
+        "keep_days": cx.req.keep_days.map(|k| k.min(u32::MAX as u64)),
+        "token": cx.key.token(&cx.bound(&id), 0),
+    });
+    rec.bytes_sent += body.to_string().len() as u64;
+    let _: serde_json::Value = http.post_json("/repl/v1/sessions", &body, cx.req.throttle)?;
+    Ok((id, 1))
+}
+
+fn send_point(
+    cx: &PointCx<'_>,
+    remote: Option<RemoteSession>,
+    rec: &mut TransferRecord,
+) -> Result<(), ReplError> {
+    let req = cx.req;
+    let snap = cx.snap;
+    let bs = snap.block_size as u64;
+    let ranges = req.pool.diff(cx.base.map(|b| b.0), snap.id)?;
+    let blocks = blocks_of(&ranges, bs, snap.size);
+    rec.blocks_total = blocks.len() as u64;
+    let len_of = |o: u64| (snap.size - o).min(bs);
+    rec.bytes_logical = blocks.iter().map(|o| len_of(*o)).sum();
+    let (sid, first) = resume_or_open(cx, remote, rec)?;
+    let bound = cx.bound(&sid);
+    let per = wire::blocks_per_batch(snap.block_size);
+    let total = rec.bytes_logical;
+    let mut done_bytes = 0u64;
+    let mut buf = Vec::new();
+    for (i, batch) in blocks.chunks(per).enumerate() {
+        let seq = i as u64 + 1;
+        let batch_bytes: u64 = batch.iter().map(|o| len_of(*o)).sum();
+        if seq < first {
+            done_bytes += batch_bytes;
+            continue;
+        }
+        if req.cancel.load(Ordering::SeqCst) {
+            return Err(ReplError::new(
+                "cancelled",
+                format!("cancelled before batch {seq}"),
+            ));
+        }
+        // Read the batch, contiguous blocks at once.
+        buf.clear();
+        buf.resize(batch_bytes as usize, 0);
+        let mut at = 0usize;
+        let mut j = 0;
+        while j < batch.len() {
+            let mut k = j + 1;
+            while k < batch.len() && batch[k] == batch[k - 1] + bs {
+                k += 1;
+            }
+            let n: u64 = batch[j..k].iter().map(|o| len_of(*o)).sum();
+            req.pool.read(
+                Target::Snapshot(snap.id),
+                batch[j],
+                &mut buf[at..at + n as usize],
+            )?;
+            at += n as usize;
+            j = k;
+        }
+        let mut entries = Vec::with_capacity(batch.len());
+        let mut at = 0usize;
+        for &o in batch {
+            let n = len_of(o) as usize;
+            entries.push(wire::entry_of(o, &buf[at..at + n]));
+            at += n;
+        }
+        let prev = cx.key.token(&bound, seq - 1);
+        let f = Fingerprints {
+            block_size: snap.block_size,
+            entries,
+        };
+        let fps = f.encode();
+        let path = format!("/repl/v1/sessions/{}/batches/{seq}", seg(&sid));
+        let answer = req.http.send(
+            "POST",
+            &format!("{path}/fingerprints"),
+            &[(PREV_HEADER, &prev)],
+            &fps,
+            req.throttle,
+        )?;
+        rec.bytes_sent += fps.len() as u64;
+        let lacking = wire::decode_lacking(&answer, batch.len())
+            .map_err(|e| ReplError::new("protocol", format!("the target's bitmap: {e}")))?;
+        let mut send: Vec<&[u8]> = Vec::new();
+        let mut at = 0usize;
+        for (e, lacks) in f.entries.iter().zip(&lacking) {
+            let n = e.len as usize;
+            match (e.kind, lacks) {
+                (Kind::Data(_), true) => send.push(&buf[at..at + n]),
+                (Kind::Data(_), false) => rec.blocks_known += 1,
+                (Kind::Zero, true) => {
+                    return Err(ReplError::new(
+                        "protocol",
+                        "the target asked for the bytes of a zero block",
+                    ))
+                }
+                (Kind::Zero, false) => {}
+            }
+            at += n;
+        }
+        let data = wire::encode_data(&send, WIRE_LEVEL)
+            .map_err(|e| ReplError::new("internal", format!("compressing: {e}")))?;
+        let token = cx.key.token(&bound, seq);
+        req.http
+            .send(
+                "PUT",
+                &path,
+                &[(PREV_HEADER, &prev), (TOKEN_HEADER, &token)],
+                &data,
+                req.throttle,
+            )
+            .map_err(|e| {
+                if e.is("bad_checksum") {
+                    ReplError {
+                        message: format!("corrupt batch: {}", e.message),
+                        ..e
+                    }
+                } else {
+                    e
+                }
+            })?;
+        rec.bytes_sent += data.len() as u64;
+        done_bytes += batch_bytes;
+        (req.progress)(done_bytes, total);
+    }
+    let last = (blocks.len().div_ceil(per)) as u64;
+    let prev = cx.key.token(&bound, last);
+    let answer = req.http.send(
+        "POST",
+        &format!("/repl/v1/sessions/{}/commit", seg(&sid)),
+        &[(PREV_HEADER, &prev)],
+        b"",
+        req.throttle,
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&answer)
+        .map_err(|e| ReplError::new("protocol", format!("the commit's answer: {e}")))?;
+    rec.target_snapshot = v["snapshot"].as_u64();
+    Ok(())
+}
