@@ -491,3 +491,152 @@ fn target_out_of_space_fails_the_link_and_spares_the_source() {
     let ev = a.api().get("/v1/events?type=replication.failed&limit=100");
     assert!(ev.to_string().contains("no_space"), "{ev}");
 }
+
+/// B's answer about `vol` to a caller with `cert`.
+fn volume_state(
+    b: &Node,
+    vol: &str,
+    cert: (&std::path::PathBuf, &std::path::PathBuf),
+) -> (u16, Value) {
+    let (s, body) = repl_request(
+        &b.replication_addr(),
+        "GET",
+        &format!("/repl/v1/volumes/{vol}"),
+        Some(cert),
+        &b.tls("ca.crt"),
+        &[],
+        None,
+    );
+    (s, json_of(&body))
+}
+
+#[test]
+fn forged_resume_token_and_unpaired_clients_are_refused() {
+    require("curl");
+    require("qemu-img");
+    let _s = shared();
+    let mut a = Node::start("A");
+    let b = Node::start("B");
+    let c = Node::start("C");
+    pair(&a, &b);
+    let ida = a.identity();
+    const SIZE: u64 = 64 * MIB;
+    a.create_volume("r", SIZE, 16384);
+    a.fill("r", 0, SIZE, 606);
+    let p1 = a.snapshot("r", "r", json!({}));
+    // 4 MiB batches at 8 MiB/s: the cut comes after one and long before
+    // the 16th.
+    let link = a.link(json!({"volume": "r", "peer": "B", "bandwidth_mibps": 8}));
+    let job = a.run_link(link);
+    wait_for(WAIT, "a batch acknowledged", || {
+        let j = a.job(job);
+        assert_eq!(j["state"], "running", "{j}");
+        (u(&j["done"]) > 0).then_some(())
+    });
+    a.kill();
+
+    // The session B holds, as A (its client certificate) reads it.
+    let (crt, key) = (a.tls("client.crt"), a.tls("client.key"));
+    let (st, v) = volume_state(&b, "r", (&crt, &key));
+    assert_eq!(st, 200, "{v}");
+    let sess = v["session"].clone();
+    let acked = u(&sess["acked"]);
+    assert!(acked >= 1 && acked < SIZE / (256 * 16384), "{v}");
+    let id = sess["id"].as_str().expect("session id").to_string();
+    let token = sess["token"].as_str().expect("token").to_string();
+    assert!(
+        b.snapshots("r").is_empty(),
+        "a cut transfer shows as a point"
+    );
+
+    // Continuing with a forged token: one digit changed, or made up, or
+    // none at all.
+    let mut flipped = token.clone().into_bytes();
+    flipped[0] = if flipped[0] == b'0' { b'1' } else { b'0' };
+    let flipped = String::from_utf8(flipped).expect("hex");
+    let made_up = "ab".repeat(32);
+    let addr = b.replication_addr();
+    let ca = b.tls("ca.crt");
+    for forged in [Some(flipped.as_str()), Some(made_up.as_str()), None] {
+        let h: Vec<(&str, &str)> = forged.map(|t| ("x-cdm-repl-prev", t)).into_iter().collect();
+        for (method, path) in [
+            ("POST", format!("/repl/v1/sessions/{id}/commit")),
+            (
+                "POST",
+                format!("/repl/v1/sessions/{id}/batches/{}/fingerprints", acked + 1),
+            ),
+        ] {
+            let (st, body) =
+                repl_request(&addr, method, &path, Some((&crt, &key)), &ca, &h, Some(b""));
+            let v = json_of(&body);
+            assert_eq!(st, 409, "{method} {path} with {forged:?}: {v}");
+            assert_eq!(v["error"]["code"], "resume_refused", "{v}");
+        }
+    }
+    // A session id B does not hold.
+    let (st, body) = repl_request(
+        &addr,
+        "POST",
+        "/repl/v1/sessions/nope/commit",
+        Some((&crt, &key)),
+        &ca,
+        &[("x-cdm-repl-prev", &token)],
+        Some(b""),
+    );
+    assert_eq!(st, 404, "{}", String::from_utf8_lossy(&body));
+    // Nothing of that moved the session, and no point appeared.
+    let (_, again) = volume_state(&b, "r", (&crt, &key));
+    assert_eq!(again["session"], sess, "{again}");
+    assert!(b.snapshots("r").is_empty());
+
+    // Without a client certificate, or with one B does not trust (C is
+    // not paired with B): refused, at the handshake or with 403.
+    let (ccrt, ckey) = (c.tls("client.crt"), c.tls("client.key"));
+    for cert in [None, Some((&ccrt, &ckey))] {
+        let (st, body) = repl_request(&addr, "GET", "/repl/v1/volumes/r", cert, &ca, &[], None);
+        assert!(
+            st == 0 || st == 403,
+            "a client with {cert:?}: {st} {}",
+            String::from_utf8_lossy(&body)
+        );
+        if st == 403 {
+            assert_eq!(json_of(&body)["error"]["code"], "unpaired");
+        }
+    }
+    // Paired, but another sender: A's real token does not let C go on
+    // with A's session, nor does C see it.
+    pair(&c, &b);
+    let (st, v) = volume_state(&b, "r", (&ccrt, &ckey));
+    assert!(
+        st == 409 || (st == 200 && v["session"].is_null()),
+        "{st} {v}"
+    );
+    let (st, body) = repl_request(
+        &addr,
+        "POST",
+        &format!("/repl/v1/sessions/{id}/commit"),
+        Some((&ccrt, &ckey)),
+        &ca,
+        &[("x-cdm-repl-prev", &token)],
+        Some(b""),
+    );
+    assert!(
+        st == 409 || st == 403,
+        "C committing A's session: {st} {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(b.snapshots("r").is_empty());
+
+    // A's next run goes on from the acknowledged batch.
+    a.restart();
+    a.run_ok(link);
+    let s = b.wait_point("r", &point_id(&ida, p1));
+    compare(
+        &a.uri(&format!("r@{p1}")),
+        &b.uri(&format!("r@{}", snap_id(&s))),
+    );
+    let t = a.transfers(link);
+    let r = t.iter().find(|t| t["result"] == "ok").expect("a transfer");
+    assert_eq!(u(&r["resumed_from_batch"]), acked + 1, "{r}");
+    assert!(u(&r["bytes_sent"]) < SIZE, "resumed, not sent again: {r}");
+}
