@@ -332,6 +332,19 @@ enum RestoreCmd {
     },
 }
 
+/// The agent's state directory (flag, then config, then
+/// /var/lib/cdm-agent), made if missing, as an absolute path: the
+/// processes it starts may run elsewhere.
+fn state_dir(cli: &Cli, cfg: &Config) -> anyhow::Result<PathBuf> {
+    let dir = cli
+        .state_dir
+        .clone()
+        .or(cfg.state_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("/var/lib/cdm-agent"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("state directory {}", dir.display()))?;
+    std::fs::canonicalize(&dir).with_context(|| format!("state directory {}", dir.display()))
+}
+
 fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
     let cfg = Config::load(cli.config.as_deref())?;
     let url = cli
@@ -375,13 +388,7 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
         bandwidth.windows = cli.windows.clone();
     }
     bandwidth.validate()?;
-    let state_dir = cli
-        .state_dir
-        .clone()
-        .or(cfg.state_dir.clone())
-        .unwrap_or_else(|| PathBuf::from("/var/lib/cdm-agent"));
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("state directory {}", state_dir.display()))?;
+    let state_dir = state_dir(cli, &cfg)?;
     let nbd_tls = match &cli.ca_file {
         Some(p) => Some(nbd_proto::ClientTls::from_ca_file(p)?),
         None => None,
@@ -397,7 +404,7 @@ fn ctx(cli: &Cli) -> anyhow::Result<Ctx> {
         },
         nbd_tls,
         nbd,
-        state_dir: std::fs::canonicalize(&state_dir)?,
+        state_dir,
         bandwidth: Bandwidth { ..bandwidth },
         json: cli.json,
         progress: !cli.json && std::io::stderr().is_terminal(),
@@ -689,17 +696,10 @@ fn serve_cmd(cli: &Cli, a: &ServeArgs) -> ExitCode {
             .clone()
             .or(cfg.nbd.clone())
             .unwrap_or_else(|| serve::default_nbd(&url));
-        let state_dir = cli
-            .state_dir
-            .clone()
-            .or(cfg.state_dir.clone())
-            .unwrap_or_else(|| PathBuf::from("/var/lib/cdm-agent"));
-        std::fs::create_dir_all(&state_dir)
-            .with_context(|| format!("state directory {}", state_dir.display()))?;
         Ok(serve::Options {
             url,
             nbd,
-            state_dir: std::fs::canonicalize(&state_dir)?,
+            state_dir: state_dir(cli, &cfg)?,
             enrol: a.enrol.clone(),
             name: a.name.clone(),
             discover: (a.discover == "postgres").then(serve::discover::Roots::default),

@@ -41,9 +41,9 @@ pub use faultdev::{FaultDev, FAULTS};
 pub use format::DEFAULT_BLOCK_SIZE;
 pub use pipeline::{Cipher, DataPolicy, KeySource, MAX_LEVEL};
 pub use pool::{
-    validate_name, Brief, DefragProgress, FormatOptions, Fragmentation, IoErrors, OpenOptions,
-    PhysicalMap, Pool, PoolHealth, PoolState, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo,
-    MAX_POOL_BYTES, MAX_RECORD,
+    validate_name, Brief, DefragProgress, DiffStats, FormatOptions, Fragmentation, IoErrors,
+    OpenOptions, PhysicalMap, Pool, PoolHealth, PoolState, Run, SnapshotInfo, SpaceInfo, Target,
+    VolumeInfo, MAX_POOL_BYTES, MAX_RECORD,
 };
 pub use space::{Reduction, ReductionReport, VolumeReduction};
 #[cfg(feature = "test-utils")]

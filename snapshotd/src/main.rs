@@ -15,6 +15,7 @@ mod jobs;
 mod metrics;
 mod pending;
 mod recovery;
+mod replication;
 mod scheduler;
 mod state;
 mod targets;

@@ -203,6 +203,9 @@ impl State {
         tx.open_table(APP_STATE)?;
         tx.open_table(HOST_CLONES)?;
         tx.open_table(JOB_LOGS)?;
+        for t in REPLICATION_TABLES {
+            tx.open_table(t)?;
+        }
         tx.commit()?;
         Ok(State {
             path: path.to_path_buf(),
@@ -606,6 +609,13 @@ impl State {
         })
     }
 }
+
+/// Replication's data path (`crate::replication`): replica volumes by
+/// name (which peer feeds them), and the receiver's transfer sessions by
+/// volume (one unfinished transfer per volume; they survive a restart).
+pub const REPLICAS: TableDefinition<&str, &[u8]> = TableDefinition::new("replicas");
+pub const REPL_SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("repl_sessions");
+const REPLICATION_TABLES: [TableDefinition<&str, &[u8]>; 2] = [REPLICAS, REPL_SESSIONS];
 
 #[cfg(test)]
 mod tests {

@@ -3,9 +3,8 @@
 //! gives; the HTTPS listener of the API; the NBD STARTTLS settings. One
 //! certificate serves both, so an agent pins one CA for everything.
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -318,30 +317,9 @@ fn issue_server(ca_kp: &KeyPair, sans: &[String], crt: &Path, key: &Path) -> Res
     Ok(not_after)
 }
 
-/// Writes `data` to `path` through a temporary file created with `mode`
-/// (a key is never readable by others, not even for a moment), synced and
-/// renamed: a crash leaves the old file or the new one, never half of one.
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    if let Some(d) = path.parent() {
-        std::fs::File::open(d)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err(d))?;
-    }
-    Ok(())
+/// [`cdm_common::fs::write_atomic`] with this module's error.
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
+    cdm_common::fs::write_atomic(path, data, mode).map_err(|e| io_err(&e.path)(e.source))
 }
 
 /// A key file others may read is made 0600 (with a warning).

@@ -2,8 +2,7 @@
 //! enrolment (mode 0600, atomically: a crash leaves the old file or the
 //! new one, never half of one) and read at every start afterwards.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -86,24 +85,7 @@ fn write_private(p: &Path, body: &[u8]) -> Result<(), ServeError> {
     // Only root (the agent) reads what is in it.
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| ServeError::io(dir, e))?;
-    let mut tmp = p.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| ServeError::io(&tmp, e))?;
-    f.write_all(body)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| ServeError::io(&tmp, e))?;
-    drop(f);
-    std::fs::rename(&tmp, p).map_err(|e| ServeError::io(p, e))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| ServeError::io(dir, e))?;
+    cdm_common::fs::write_atomic(p, body, 0o600).map_err(|e| ServeError::io(&e.path, e.source))?;
     Ok(())
 }
 

@@ -5,8 +5,9 @@
 //! `records` the catalog records, `superblock` the ring, `load`
 //! opening, `catalog` volumes and snapshots, `read`, `write` and
 //! `reduce` the data path (`piece` the sub-block pieces), `intent` the
-//! intent log that makes a flush one record and one sync, `commit` the three-phase commit and
-//! `audit` the views fsck and the space report use.
+//! intent log that makes a flush one record and one sync, `commit` the three-phase commit,
+//! `audit` the views fsck and the space report use, and `diff` what changed
+//! between two snapshots (for replication).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -22,6 +23,7 @@ mod audit;
 mod catalog;
 mod commit;
 mod defrag;
+mod diff;
 mod frag;
 mod grow;
 mod health;
@@ -38,6 +40,7 @@ mod write;
 
 pub(crate) use audit::TreeRoot;
 pub use defrag::DefragProgress;
+pub use diff::DiffStats;
 pub use frag::Fragmentation;
 pub use grow::MAX_POOL_BYTES;
 pub use health::{IoErrors, PoolHealth, PoolState};

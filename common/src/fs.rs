@@ -1,0 +1,76 @@
+//! Files that must never be seen half written: keys, certificates,
+//! credentials.
+
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Where an error happened: the path it concerns and the I/O error.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct FileError {
+    pub path: PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+fn at(path: &Path) -> impl FnOnce(io::Error) -> FileError + '_ {
+    move |source| FileError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `data` to `path` through a temporary file created with `mode`
+/// (a key is never readable by others, not even for a moment), synced and
+/// renamed, then syncs the directory: a crash leaves the old file or the
+/// new one, never half of one. A temporary left by an earlier crash is
+/// replaced.
+pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), FileError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(at(&tmp))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(at(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(at(path))?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(at(dir))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn writes_with_the_mode_and_replaces_a_stale_temporary() {
+        let d = std::env::temp_dir().join(format!("cdm-common-fs-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("key");
+        std::fs::write(d.join("key.tmp"), b"stale").unwrap();
+        write_atomic(&p, b"one", 0o600).unwrap();
+        write_atomic(&p, b"two", 0o600).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(!d.join("key.tmp").exists());
+        let e = write_atomic(&d.join("no/such/dir/key"), b"x", 0o600).unwrap_err();
+        assert!(e.to_string().contains("no/such/dir"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1,0 +1,21 @@
+//! Replication between appliances (`docs/replication.md`).
+
+// The data path: transport, replica records, pacing. Until the control
+// side (pairing, links) calls them, parts are unused in the binary.
+#[allow(dead_code)]
+pub mod error;
+#[allow(dead_code)]
+pub mod http;
+#[allow(dead_code)]
+pub mod replicas;
+#[allow(dead_code)]
+pub mod resume;
+#[allow(dead_code)]
+pub mod sessions;
+#[allow(dead_code)]
+pub mod throttle;
+#[allow(dead_code)]
+pub mod wire;
+
+#[cfg(test)]
+mod testutil;
