@@ -379,9 +379,8 @@ pub struct Appliance {
     /// The HTTPS API's address (`--api-tls 127.0.0.1:0`).
     pub api_tls: String,
     pub config: Option<PathBuf>,
-    /// snapshotd arguments besides the data directory, listeners and config
-    /// (public so a test can pin a listener's port for its restarts).
-    pub args: Vec<String>,
+    /// snapshotd arguments besides the data directory, listeners and config.
+    args: Vec<String>,
     child: Option<Child>,
 }
 

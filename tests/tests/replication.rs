@@ -204,7 +204,7 @@ fn kill_9_of_either_side_mid_stream_then_resume() {
                 !matches!(j["state"].as_str(), Some("succeeded")),
                 "the transfer ended after {cut} cuts: it must be longer ({j})"
             );
-            assert_ne!(j["state"], "failed", "cut {cut}: {j}\n{}", a.a.log());
+            assert_ne!(j["state"], "failed", "cut {cut}: {j}\n{}", a.log());
             let done = u(&j["done"]);
             let f = *first.get_or_insert(done);
             check_listed(&b, "big", &[], &mut seen);

@@ -21,10 +21,17 @@ pub const WAIT: u64 = 600;
 /// real clock, since lag and point creation times are compared.
 pub const CONFIG: &str = "scheduler_tick_ms = 100\n";
 
-/// One appliance of a replication test.
+/// One appliance of a replication test. Its data directory lives outside
+/// the [`Appliance`], so a restart is a new `Appliance` on the same data
+/// with the replication listener's port of the first start (the peers
+/// have it on record).
 pub struct Node {
     pub a: Appliance,
     pub name: String,
+    args: Vec<String>,
+    /// The runs before the last restart (their logs).
+    old: Vec<Appliance>,
+    work: tempfile::TempDir,
 }
 
 impl Node {
@@ -33,35 +40,61 @@ impl Node {
         Node::start_pool(name, "4G")
     }
 
-    /// Starts appliance `name` with a sparse pool of `size`; the
-    /// replication listener's port, picked by the kernel at the first
-    /// start, is kept for restarts: the peers have it on record.
+    /// Starts appliance `name` with a sparse pool of `size`.
     pub fn start_pool(name: &str, size: &str) -> Node {
+        let work = tempfile::Builder::new()
+            .prefix("cdm-repl-")
+            .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .expect("tempdir");
+        let mut args: Vec<String> = [
+            "--pool-size",
+            size,
+            "--pool-sparse",
+            "--name",
+            name,
+            "--replication",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let a = Appliance::start_with(
             Some(CONFIG),
-            None,
-            &[
-                "--pool-size",
-                size,
-                "--pool-sparse",
-                "--name",
-                name,
-                "--replication",
-                "127.0.0.1:0",
-            ],
+            Some(&work.path().join("data")),
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
         );
         let mut n = Node {
             a,
             name: name.to_string(),
+            args: Vec::new(),
+            old: Vec::new(),
+            work,
         };
         let addr = n.replication_addr();
-        let i =
-            n.a.args
-                .iter()
-                .position(|x| x == "--replication")
-                .expect("--replication argument");
-        n.a.args[i + 1] = addr;
+        let last = args.len() - 1;
+        args[last] = addr;
+        n.args = args;
         n
+    }
+
+    /// Starts again on the same data directory, after [`Node::kill`] or
+    /// [`Node::stop`].
+    pub fn restart(&mut self) {
+        self.a.kill();
+        let data = self.work.path().join("data");
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        let next = Appliance::start_with(Some(CONFIG), Some(&data), &args);
+        self.old.push(std::mem::replace(&mut self.a, next));
+    }
+
+    /// Every run's log, oldest first.
+    pub fn log(&self) -> String {
+        self.old
+            .iter()
+            .chain(std::iter::once(&self.a))
+            .map(|a| a.log())
+            .collect::<Vec<_>>()
+            .join("\n--- restart ---\n")
     }
 
     /// The ready file's JSON of the running snapshotd.
@@ -90,10 +123,6 @@ impl Node {
             .as_str()
             .expect("pool uuid")
             .to_string()
-    }
-
-    pub fn restart(&mut self) {
-        self.a.restart();
     }
 
     pub fn kill(&mut self) {
