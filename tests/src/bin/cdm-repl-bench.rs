@@ -69,36 +69,66 @@ fn args() -> Result<Args> {
 }
 
 /// An appliance of the benchmark: NBD on TCP too (for nbdcopy), a
-/// replication listener, the admin's token.
+/// replication listener, the admin's token. Its data directory lives
+/// outside the [`Appliance`]: a restart is a new one on the same data with
+/// the replication port of the first start (the peers have it on record).
 struct Node {
     app: Appliance,
     name: String,
     token: String,
+    args: Vec<String>,
+    work: tempfile::TempDir,
 }
 
 impl Node {
     fn start(name: &str) -> Result<Node> {
-        let app = Appliance::start_with(
-            Some("scheduler_tick_ms = 100\n"),
-            None,
-            &[
-                "--pool-size",
-                "8G",
-                "--pool-sparse",
-                "--name",
-                name,
-                "--replication",
-                "127.0.0.1:0",
-                "--nbd",
-                "127.0.0.1:0",
-            ],
-        );
+        let work = tempfile::Builder::new()
+            .prefix("cdm-repl-bench-")
+            .tempdir_in("/var/tmp")?;
+        let mut args: Vec<String> = [
+            "--pool-size",
+            "8G",
+            "--pool-sparse",
+            "--name",
+            name,
+            "--nbd",
+            "127.0.0.1:0",
+            "--replication",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let app = Node::launch(&work, &args);
+        let ready = ready(&app)?;
+        let last = args.len() - 1;
+        args[last] = ready["replication"]
+            .as_str()
+            .with_context(|| format!("no replication listener: {ready}"))?
+            .to_string();
         let token = app.admin_token();
         Ok(Node {
             app,
             name: name.to_string(),
             token,
+            args,
+            work,
         })
+    }
+
+    fn launch(work: &tempfile::TempDir, args: &[String]) -> Appliance {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        Appliance::start_with(
+            Some("scheduler_tick_ms = 100\n"),
+            Some(&work.path().join("data")),
+            &a,
+        )
+    }
+
+    /// SIGKILL, then a start on the same data.
+    fn kill_restart(&mut self) {
+        self.app.kill();
+        self.app = Node::launch(&self.work, &self.args);
     }
 
     fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
@@ -130,8 +160,7 @@ impl Node {
 
     /// `nbd://127.0.0.1:PORT/EXPORT` from the ready file's TCP listener.
     fn nbd_tcp(&self, export: &str) -> Result<String> {
-        let p = self.app.dir.path().join("snapshotd.ready");
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(p)?)?;
+        let v = ready(&self.app)?;
         let addr = v["nbd"]
             .as_array()
             .into_iter()
@@ -173,19 +202,36 @@ impl Node {
         v["id"].as_u64().context("snapshot id")
     }
 
-    /// Runs link `id` and waits for its job; the job and the wall time.
-    fn run_link(&self, id: u64) -> Result<(Value, f64)> {
-        let t = Instant::now();
-        let job = loop {
+    /// Starts a run of link `id`, or takes the one that runs already (a
+    /// link may start one by itself when made); the job's id.
+    fn start_run(&self, id: u64) -> Result<u64> {
+        loop {
             let (st, v) = self.call("POST", &format!("/v1/replication/links/{id}/run"), None)?;
             match st {
-                202 => break v["id"].as_u64().context("job id")?,
-                409 => std::thread::sleep(Duration::from_millis(20)),
+                202 => return v["id"].as_u64().context("job id"),
+                409 => {
+                    let r = self.ok("GET", "/v1/jobs?kind=replicate&state=running", None)?;
+                    if let Some(j) = r
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|j| j["id"].as_u64())
+                        .max()
+                    {
+                        return Ok(j);
+                    }
+                    // Ended between the two calls: ask again.
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 _ => bail!("run of link {id}: {st} {v}"),
             }
-        };
-        let j = self.wait_job(job)?;
-        Ok((j, t.elapsed().as_secs_f64()))
+        }
+    }
+
+    /// Runs link `id` to its end; the job.
+    fn run_link(&self, id: u64) -> Result<Value> {
+        let job = self.start_run(id)?;
+        self.wait_job(job)
     }
 
     fn wait_job(&self, job: u64) -> Result<Value> {
@@ -212,6 +258,12 @@ impl Node {
     }
 }
 
+/// The ready file of a running snapshotd.
+fn ready(app: &Appliance) -> Result<Value> {
+    let p = app.dir.path().join("snapshotd.ready");
+    Ok(serde_json::from_str(&std::fs::read_to_string(p)?)?)
+}
+
 /// `src` pairs with `dst` (token on `dst`).
 fn pair(src: &Node, dst: &Node) -> Result<()> {
     let t = dst.ok(
@@ -228,7 +280,7 @@ fn pair(src: &Node, dst: &Node) -> Result<()> {
 }
 
 fn link(src: &Node, vol: &str, peer: &str, extra: Value) -> Result<u64> {
-    let mut body = json!({"volume": vol, "peer": peer, "schedule": {"interval_seconds": 86400}});
+    let mut body = json!({"volume": vol, "peer": peer});
     if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
         b.extend(e.clone());
     }
@@ -240,12 +292,15 @@ fn num(v: &Value, k: &str) -> u64 {
     v[k].as_u64().unwrap_or(0)
 }
 
-/// One full transfer of A's `vol` to a new appliance; seconds.
+/// One full transfer of A's `vol` to a new appliance (paired first);
+/// seconds from the link's creation to its job's end.
 fn cdm_full(a: &Node, vol: &str, round: usize) -> Result<f64> {
     let b = Node::start(&format!("B{round}"))?;
     pair(a, &b)?;
+    let t = Instant::now();
     let l = link(a, vol, &b.name, json!({}))?;
-    let (j, secs) = a.run_link(l)?;
+    let j = a.run_link(l)?;
+    let secs = t.elapsed().as_secs_f64();
     ensure!(j["state"] == "succeeded", "full transfer: {j}");
     a.ok("DELETE", &format!("/v1/replication/links/{l}"), None)?;
     a.ok("DELETE", &format!("/v1/replication/peers/{}", b.name), None)?;
@@ -378,7 +433,7 @@ fn incremental(a: &Node, vol: &str, size: u64, change: u64) -> Result<(u64, u64,
     let b = Node::start("Binc")?;
     pair(a, &b)?;
     let l = link(a, vol, &b.name, json!({}))?;
-    let (j, _) = a.run_link(l)?;
+    let j = a.run_link(l)?;
     ensure!(j["state"] == "succeeded", "first transfer: {j}");
     // Every 4th MiB gets 256 KiB of new data at a block boundary.
     let mut c = a.app.nbd(vol);
@@ -392,7 +447,7 @@ fn incremental(a: &Node, vol: &str, size: u64, change: u64) -> Result<(u64, u64,
     c.flush()?;
     c.disconnect()?;
     a.snapshot(vol, "changed")?;
-    let (j, _) = a.run_link(l)?;
+    let j = a.run_link(l)?;
     ensure!(j["state"] == "succeeded", "incremental transfer: {j}");
     let t = a.transfers(l)?;
     let r = t.first().context("a transfer record")?;
@@ -407,14 +462,7 @@ fn resume(a: &Node, vol: &str, size: u64) -> Result<(u64, u64, u64)> {
     let mut b = Node::start("Bres")?;
     pair(a, &b)?;
     let l = link(a, vol, &b.name, json!({"bandwidth_mibps": 64}))?;
-    let job = loop {
-        let (st, v) = a.call("POST", &format!("/v1/replication/links/{l}/run"), None)?;
-        if st == 202 {
-            break v["id"].as_u64().context("job id")?;
-        }
-        ensure!(st == 409, "run: {st} {v}");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let job = a.start_run(l)?;
     loop {
         let j = a.ok("GET", &format!("/v1/jobs/{job}"), None)?;
         ensure!(j["state"] == "running", "the run ended before the cut: {j}");
@@ -426,8 +474,8 @@ fn resume(a: &Node, vol: &str, size: u64) -> Result<(u64, u64, u64)> {
     b.app.kill();
     let j = a.wait_job(job)?;
     ensure!(j["state"] == "failed", "cut run: {j}");
-    b.app.restart();
-    let (j, _) = a.run_link(l)?;
+    b.kill_restart();
+    let j = a.run_link(l)?;
     ensure!(j["state"] == "succeeded", "resumed run: {j}");
     let t = a.transfers(l)?;
     let total: u64 = t.iter().map(|r| num(r, "bytes_sent")).sum();
@@ -526,7 +574,7 @@ fn main() -> Result<()> {
         let b = Node::start("Bref2")?;
         pair(&a, &b)?;
         let l = link(&a, "v", &b.name, json!({}))?;
-        let (j, _) = a.run_link(l)?;
+        let j = a.run_link(l)?;
         ensure!(j["state"] == "succeeded", "reference transfer: {j}");
         a.transfers(l)?
             .iter()
