@@ -10,7 +10,13 @@ use crate::types::*;
 
 /// The appliance behind the API. Every method may block (disk I/O, commits).
 /// Methods that change something record who did it (`caller`) in events.
-pub trait Backend: crate::control_backend::ControlBackend + Send + Sync + 'static {
+pub trait Backend:
+    crate::control_backend::ControlBackend
+    + crate::replication_backend::ReplicationBackend
+    + Send
+    + Sync
+    + 'static
+{
     /// Resolves a bearer token to its user (401 if unknown, revoked or expired).
     /// For a host credential (after [`crate::auth::host_may`]): 403 unless
     /// the data the request reaches is the host's own (the volumes of its

@@ -668,6 +668,70 @@ impl Client {
     }
 }
 
+/// Replication (`docs/replication.md`).
+impl Client {
+    pub fn create_pairing(
+        &self,
+        req: &crate::replication::PairingCreate,
+    ) -> Result<crate::replication::PairingToken> {
+        self.call("POST", "/v1/replication/pairings", Self::json(req)?)
+    }
+    pub fn create_peer(
+        &self,
+        req: &crate::replication::PeerCreate,
+    ) -> Result<crate::replication::Peer> {
+        self.call("POST", "/v1/replication/peers", Self::json(req)?)
+    }
+    pub fn peers(&self) -> Result<Vec<crate::replication::Peer>> {
+        self.call("GET", "/v1/replication/peers", None)
+    }
+    pub fn delete_peer(&self, name: &str) -> Result<()> {
+        self.done("DELETE", &format!("/v1/replication/peers/{}", e(name)))
+    }
+    pub fn create_link(
+        &self,
+        req: &crate::replication::LinkCreate,
+    ) -> Result<crate::replication::Link> {
+        self.call("POST", "/v1/replication/links", Self::json(req)?)
+    }
+    pub fn links(&self) -> Result<Vec<crate::replication::Link>> {
+        self.call("GET", "/v1/replication/links", None)
+    }
+    pub fn link(&self, id: u64) -> Result<crate::replication::Link> {
+        self.call("GET", &format!("/v1/replication/links/{id}"), None)
+    }
+    pub fn pause_link(&self, id: u64) -> Result<crate::replication::Link> {
+        self.call("POST", &format!("/v1/replication/links/{id}/pause"), None)
+    }
+    pub fn resume_link(&self, id: u64) -> Result<crate::replication::Link> {
+        self.call("POST", &format!("/v1/replication/links/{id}/resume"), None)
+    }
+    pub fn delete_link(&self, id: u64) -> Result<()> {
+        self.done("DELETE", &format!("/v1/replication/links/{id}"))
+    }
+    pub fn run_link(&self, id: u64) -> Result<Job> {
+        self.call("POST", &format!("/v1/replication/links/{id}/run"), None)
+    }
+    pub fn transfers(&self, id: u64) -> Result<Vec<crate::replication::Transfer>> {
+        self.call(
+            "GET",
+            &format!("/v1/replication/links/{id}/transfers"),
+            None,
+        )
+    }
+    pub fn promote_volume(&self, name: &str) -> Result<Volume> {
+        self.call("POST", &format!("/v1/volumes/{}/promote", e(name)), None)
+    }
+    pub fn demote_volume(&self, name: &str, peer: &str) -> Result<Volume> {
+        let body = serde_json::json!({ "peer": peer });
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/demote", e(name)),
+            Some(body),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ impl Modify for BearerAuth {
 pub fn document() -> serde_json::Value {
     let mut doc = crate::routes::ApiDoc::openapi();
     doc.merge(crate::control_routes::ControlDoc::openapi());
+    doc.merge(crate::replication_routes::ReplicationDoc::openapi());
     serde_json::to_value(doc).unwrap_or_else(
         |e| serde_json::json!({"error": {"code": "internal", "message": e.to_string()}}),
     )

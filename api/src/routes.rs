@@ -138,8 +138,9 @@ async fn auth_layer(State(s): State<AppState>, mut req: Request, next: Next) -> 
     if crate::web::is_console(&path) {
         return next.run(req).await;
     }
-    // An enrolment is authenticated by its one-use token, in the body.
-    if path == "/v1/agent/enrol" {
+    // An enrolment or a pairing is authenticated by its one-use token, in
+    // the body.
+    if path == "/v1/agent/enrol" || path == crate::replication_routes::PAIR_PATH {
         return next.run(req).await;
     }
     let token = req
@@ -262,7 +263,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
             axum::routing::delete(delete_token),
         )
         .route("/clock", get(clock).post(advance_clock))
-        .merge(crate::control_routes::routes());
+        .merge(crate::control_routes::routes())
+        .merge(crate::replication_routes::routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))

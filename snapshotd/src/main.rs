@@ -122,6 +122,14 @@ struct Args {
     /// DATA/mounts). Needs root (or CAP_SYS_ADMIN) and /dev/fuse.
     #[arg(long)]
     mount: Option<PathBuf>,
+    /// The appliance's name among its replication peers [default: the
+    /// host name].
+    #[arg(long)]
+    name: Option<String>,
+    /// Replication listener, HOST:PORT (port 0: see --ready-file): mutually
+    /// authenticated HTTPS for paired appliances. Off when not given.
+    #[arg(long, value_name = "ADDR")]
+    replication: Option<String>,
     #[command(flatten)]
     tls: tls::TlsArgs,
 }
@@ -152,6 +160,10 @@ struct Config {
     tls_san: Option<Vec<String>>,
     /// Plain HTTP and NBD for non-loopback peers too (`--plain-remote`).
     plain_remote: Option<bool>,
+    /// The appliance's name (`--name`).
+    name: Option<String>,
+    /// Replication listener (`--replication`).
+    replication: Option<String>,
     /// Pool-wide defaults for new volumes (a request's fields win).
     #[serde(default)]
     defaults: cdmfs::DataPolicy,
@@ -177,6 +189,8 @@ struct Settings {
     mount: Option<PathBuf>,
     /// TLS options, the configuration file's merged in.
     tls: tls::TlsArgs,
+    name: String,
+    replication: Option<String>,
 }
 
 /// Refuses a key or passphrase file the group or others may access: whoever
@@ -251,8 +265,20 @@ fn settings(args: &Args) -> Result<Settings> {
         tls.tls_san = cfg.tls_san.clone().unwrap_or_default();
     }
     tls.plain_remote |= cfg.plain_remote.unwrap_or(false);
+    let name = match args.name.clone().or(cfg.name.clone()) {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| cdm_common::names::check(h).is_ok())
+            .unwrap_or_else(|| "cdm".to_string()),
+    };
+    cdm_common::names::check(&name)
+        .map_err(|e| anyhow::anyhow!("bad appliance name {name:?}: it {e}"))?;
     Ok(Settings {
         tls,
+        name,
+        replication: args.replication.clone().or(cfg.replication.clone()),
         key: read_key(args, &cfg)?,
         mount: args.mount.clone().or(cfg.mount.clone()),
         defaults: cfg.defaults,
@@ -463,6 +489,7 @@ fn start_nbd(
     s: &Settings,
     tls: &tls::Material,
     pool: &Arc<Pool>,
+    state: &Arc<state::State>,
     events: &Arc<events::Events>,
 ) -> Result<(Arc<Server>, Vec<String>)> {
     let ev = events.clone();
@@ -482,7 +509,9 @@ fn start_nbd(
         })),
         ..Default::default()
     };
-    let server = Server::new(pool.clone(), cfg);
+    // Replica volumes are exported read-only.
+    let catalog = replication::exports::ReplicaCatalog::new(pool.clone(), state.clone());
+    let server = Server::with_catalog(Arc::new(catalog), cfg);
     let listeners = Listener::bind_all(&s.nbd)?;
     let nbd_addrs =
         nbd_server::server::start(&server, listeners, Duration::from_secs(s.commit_interval))?;
@@ -531,6 +560,32 @@ fn spawn_state_sync(state: Arc<state::State>, stop: Arc<AtomicBool>, every: u64)
     Ok(())
 }
 
+/// Replication: the client certificate (made for this name and pool on
+/// first start) and the service the API and the listener share.
+fn start_replication(
+    s: &Settings,
+    m: &tls::Material,
+    app: &Arc<appliance::Appliance>,
+) -> Result<Arc<replication::Replication>> {
+    let identity = replication::service::identity(&app.pool)?;
+    let client = tls::ensure_client(&s.data.join("tls"), &s.name, &identity)
+        .context("replication client certificate")?;
+    let repl = replication::Replication::new(replication::service::Setup {
+        pool: app.pool.clone(),
+        state: app.state.clone(),
+        events: app.events.clone(),
+        clock: app.clock.clone(),
+        jobs: app.jobs.clone(),
+        name: s.name.clone(),
+        client,
+        server_ca: m.ca_pem.clone(),
+    })
+    .context("cannot set up replication")?;
+    let _ = repl.control.set(app.control.clone());
+    let _ = app.replication.set(repl.clone());
+    Ok(repl)
+}
+
 /// The first admin's token, written once to `DATA/admin.token`.
 fn bootstrap_admin(app: &appliance::Appliance, data: &Path) -> Result<()> {
     match app.bootstrap_admin() {
@@ -550,11 +605,18 @@ fn bootstrap_admin(app: &appliance::Appliance, data: &Path) -> Result<()> {
 struct ApiListeners {
     plain: std::net::TcpListener,
     tls: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
+    /// The replication listener (`--replication`), its verifier following
+    /// the pairings.
+    repl: Option<(std::net::TcpListener, Arc<rustls::ServerConfig>)>,
     plain_remote: bool,
 }
 
 impl ApiListeners {
-    fn bind(s: &Settings, m: &tls::Material) -> Result<ApiListeners> {
+    fn bind(
+        s: &Settings,
+        m: &tls::Material,
+        repl: &replication::Replication,
+    ) -> Result<ApiListeners> {
         let bind = |addr: &str, what: &str| -> Result<std::net::TcpListener> {
             let l = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot listen on {addr} for the {what}"))?;
@@ -568,20 +630,35 @@ impl ApiListeners {
             )),
             None => None,
         };
+        let repl = match &s.replication {
+            Some(a) => {
+                let l = bind(a, "replication listener")?;
+                let _ = repl.port.set(l.local_addr()?.port());
+                let cfg = replication::listener::tls_config(m, &repl.trust)
+                    .context("replication listener certificate")?;
+                Some((l, cfg))
+            }
+            None => None,
+        };
         Ok(ApiListeners {
             plain: bind(&s.api, "API")?,
             tls,
+            repl,
             plain_remote: s.tls.plain_remote,
         })
     }
 
     /// The addresses bound, not the ones asked for: port 0 means "any".
-    fn addrs(&self) -> Result<(String, Option<String>)> {
+    fn addrs(&self) -> Result<(String, Option<String>, Option<String>)> {
         let tls = match &self.tls {
             Some((l, _)) => Some(l.local_addr()?.to_string()),
             None => None,
         };
-        Ok((self.plain.local_addr()?.to_string(), tls))
+        let repl = match &self.repl {
+            Some((l, _)) => Some(l.local_addr()?.to_string()),
+            None => None,
+        };
+        Ok((self.plain.local_addr()?.to_string(), tls, repl))
     }
 }
 
@@ -597,6 +674,10 @@ fn spawn_api(
         .max_blocking_threads(64)
         .enable_all()
         .build()?;
+    let repl_router = app
+        .replication
+        .get()
+        .map(|r| replication::listener::router(r.clone()));
     let backend = app as Arc<dyn cdm_api::backend::Backend>;
     let plain_router = cdm_api::routes::plain_router(backend.clone(), ls.plain_remote);
     let router = cdm_api::routes::router(backend);
@@ -617,17 +698,28 @@ fn spawn_api(
                 // check need the peer address.
                 let svc = plain_router.into_make_service_with_connect_info::<SocketAddr>();
                 let plain = axum::serve(l, svc).with_graceful_shutdown(stopped(stop_rx.clone()));
-                let Some((tl, cfg)) = ls.tls else {
-                    return plain.await;
+                let repl = async {
+                    match (ls.repl, repl_router) {
+                        (Some((rl, cfg)), Some(r)) => {
+                            replication::listener::serve(rl, cfg, r, stopped(stop_rx.clone())).await
+                        }
+                        _ => Ok(()),
+                    }
                 };
-                let tl = tls::HttpsListener::new(tokio::net::TcpListener::from_std(tl)?, cfg)?;
-                // tap_io: connect info for a listener of our own.
-                use axum::serve::ListenerExt;
-                let svc = router.into_make_service_with_connect_info::<SocketAddr>();
-                let https =
-                    axum::serve(tl.tap_io(|_| {}), svc).with_graceful_shutdown(stopped(stop_rx));
-                let (a, b) = tokio::join!(plain, https);
-                a.and(b)
+                let https = async {
+                    let Some((tl, cfg)) = ls.tls else {
+                        return Ok(());
+                    };
+                    let tl = tls::HttpsListener::new(tokio::net::TcpListener::from_std(tl)?, cfg)?;
+                    // tap_io: connect info for a listener of our own.
+                    use axum::serve::ListenerExt;
+                    let svc = router.into_make_service_with_connect_info::<SocketAddr>();
+                    axum::serve(tl.tap_io(|_| {}), svc)
+                        .with_graceful_shutdown(stopped(stop_rx.clone()))
+                        .await
+                };
+                let (a, b, c) = tokio::join!(plain, https, repl);
+                a.and(b).and(c)
             })
         })?)
 }
@@ -670,7 +762,7 @@ fn main() -> Result<()> {
     let events = events::Events::new(state.clone(), clock.clone(), s.webhooks.clone());
     events.start();
     let tls = tls::material(&s.tls, &s.data.join("tls")).context("TLS certificate")?;
-    let (server, nbd_addrs) = start_nbd(&s, &tls, &pool, &events)?;
+    let (server, nbd_addrs) = start_nbd(&s, &tls, &pool, &state, &events)?;
     let (fuse, mounts) = start_fuse(&s, &pool, &state)?;
     let jobs = jobs::Jobs::new(state.clone(), clock.clone(), events.clone());
     let sched = scheduler::Scheduler::new(
@@ -697,6 +789,7 @@ fn main() -> Result<()> {
     );
     let _ = app.pool_file.set(pool_file);
     let _ = app.tls_ca.set(tls.ca_pem.clone());
+    let repl = start_replication(&s, &tls, &app)?;
     bootstrap_admin(&app, &s.data)?;
     app.control
         .set_limits(args.max_jobs, args.max_jobs_per_host);
@@ -704,8 +797,8 @@ fn main() -> Result<()> {
         .set_timeouts(args.job_stall_seconds, args.cancel_grace_seconds);
     app.scheduler.set_control(app.control.clone());
     // Bound only now, so whoever sees the API up also finds admin.token.
-    let api_listeners = ApiListeners::bind(&s, &tls)?;
-    let (api_addr, api_tls_addr) = api_listeners.addrs()?;
+    let api_listeners = ApiListeners::bind(&s, &tls, &repl)?;
+    let (api_addr, api_tls_addr, repl_addr) = api_listeners.addrs()?;
     // For jobs that run cdm-agent (vm-backup): this API and a state
     // directory of its own.
     let _ = app.agent.set(appliance::AgentSetup {
@@ -725,6 +818,8 @@ fn main() -> Result<()> {
         total = %human(space.total_bytes),
         api = %api_addr,
         api_tls = ?api_tls_addr,
+        replication = ?repl_addr,
+        name = %s.name,
         ca = %tls.ca_path.display(),
         nbd = ?nbd_addrs,
         "snapshotd ready"
@@ -733,7 +828,7 @@ fn main() -> Result<()> {
     let api_thread = spawn_api(app.clone(), api_listeners, rx)?;
     if let Some(p) = &s.ready_file {
         let ready = json!({"api": api_addr, "api_tls": api_tls_addr,
-            "ca": tls.ca_path, "nbd": nbd_addrs});
+            "ca": tls.ca_path, "nbd": nbd_addrs, "replication": repl_addr});
         nbd_server::listener::write_ready_file(p, &ready.to_string())
             .with_context(|| format!("cannot write the ready file {}", p.display()))?;
     }

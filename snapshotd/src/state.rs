@@ -220,6 +220,17 @@ impl State {
         &self.path
     }
 
+    /// Creates table `t` if it is missing, for modules that define tables
+    /// of their own (readers never meet a missing one).
+    pub fn ensure_table<K: Key + 'static>(&self, t: TableDefinition<K, &[u8]>) -> Result<()> {
+        self.guard(|| {
+            let tx = self.write(Sync::Now)?;
+            tx.open_table(t)?;
+            tx.commit()?;
+            Ok(())
+        })
+    }
+
     /// The open database, reopened first if an I/O error closed it.
     fn db(&self) -> Result<Arc<Database>> {
         if let Some(db) = cdm_common::lock::read(&self.db).as_ref() {

@@ -207,29 +207,10 @@ fn interface_addrs() -> Vec<IpAddr> {
 /// made once and kept (agents pin it); the server certificate is made
 /// again when it lacks one of `sans` or nears its end.
 pub fn ensure_own(dir: &Path, sans: &[String]) -> Result<Material, TlsError> {
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err(dir))?;
-    let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let ca_crt = dir.join("ca.crt");
     let (srv_crt, srv_key) = (dir.join("server.crt"), dir.join("server.key"));
     let info_path = dir.join("server.json");
-    let ca_kp = if ca_key.exists() && ca_crt.exists() {
-        tighten(&ca_key)?;
-        let pem = std::fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
-        KeyPair::from_pem(&pem)?
-    } else {
-        let kp = KeyPair::generate()?;
-        let ca = ca_params(&kp)?.self_signed(&kp)?;
-        // The key first: a CA certificate without its key is useless.
-        write_atomic(&ca_key, kp.serialize_pem().as_bytes(), 0o600)?;
-        write_atomic(&ca_crt, ca.pem().as_bytes(), 0o644)?;
-        // Whatever server certificate was here was signed by another CA.
-        let _ = std::fs::remove_file(&info_path);
-        tracing::info!(path = %ca_crt.display(), "made the appliance's CA");
-        kp
-    };
+    let ca_kp = ensure_ca(dir)?;
     let info: ServerInfo = std::fs::read(&info_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -266,6 +247,202 @@ pub fn ensure_own(dir: &Path, sans: &[String]) -> Result<Material, TlsError> {
         ca_pem,
         ca_path: ca_crt,
     })
+}
+
+/// The appliance's CA key under `dir`, made (with its certificate) on
+/// first use. A new CA invalidates every certificate it did not sign: the
+/// records of the server and client certificates made before go with it.
+fn ensure_ca(dir: &Path) -> Result<KeyPair, TlsError> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    if ca_key.exists() && ca_crt.exists() {
+        tighten(&ca_key)?;
+        let pem = std::fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
+        return Ok(KeyPair::from_pem(&pem)?);
+    }
+    let kp = KeyPair::generate()?;
+    let ca = ca_params(&kp)?.self_signed(&kp)?;
+    // The key first: a CA certificate without its key is useless.
+    write_atomic(&ca_key, kp.serialize_pem().as_bytes(), 0o600)?;
+    write_atomic(&ca_crt, ca.pem().as_bytes(), 0o644)?;
+    // Whatever server or client certificate was here was signed by
+    // another CA.
+    let _ = std::fs::remove_file(dir.join("server.json"));
+    let _ = std::fs::remove_file(dir.join("client.json"));
+    tracing::info!(path = %ca_crt.display(), "made the appliance's CA");
+    Ok(kp)
+}
+
+/// The appliance's client certificate, which it shows to the peers it
+/// replicates to (`docs/replication.md`, "Identity and TLS").
+#[derive(Debug, Clone)]
+pub struct ClientMaterial {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Hex SHA-256 of the certificate (DER): what peers pin at pairing.
+    pub sha256: String,
+    /// The CA certificate (PEM) that signed it.
+    pub ca_pem: String,
+}
+
+/// What was recorded about the client certificate last made.
+#[derive(serde::Serialize, serde::Deserialize, Default, PartialEq)]
+struct ClientInfo {
+    name: String,
+    identity: String,
+}
+
+/// The client certificate under `dir` (`client.crt`, `client.key`),
+/// issued by the appliance's own CA for `name` (CN) and `identity` (SAN
+/// URI `cdm:IDENTITY`), made on first start and reused. It lives as long
+/// as the CA: peers pin its SHA-256, so a new one means pairing again,
+/// which only a new name or identity (or CA) forces.
+pub fn ensure_client(dir: &Path, name: &str, identity: &str) -> Result<ClientMaterial, TlsError> {
+    let ca_kp = ensure_ca(dir)?;
+    let (crt, key, info_path) = (
+        dir.join("client.crt"),
+        dir.join("client.key"),
+        dir.join("client.json"),
+    );
+    let want = ClientInfo {
+        name: name.to_string(),
+        identity: identity.to_string(),
+    };
+    let had: Option<ClientInfo> = std::fs::read(&info_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    if had.as_ref() != Some(&want) || !crt.exists() || !key.exists() {
+        if had.is_some() {
+            tracing::warn!(
+                name,
+                identity,
+                "the appliance's name or identity changed: made a new client certificate;                  its peers must pair with it again"
+            );
+        }
+        let ca = ca_params(&ca_kp)?.self_signed(&ca_kp)?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "cdm appliance");
+        dn.push(DnType::CommonName, name);
+        p.distinguished_name = dn;
+        let uri = format!("cdm:{identity}");
+        p.subject_alt_names = vec![rcgen::SanType::URI(uri.as_str().try_into()?)];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.use_authority_key_identifier_extension = true;
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(CA_DAYS);
+        let kp = KeyPair::generate()?;
+        let cert = p.signed_by(&kp, &ca, &ca_kp)?;
+        write_atomic(&key, kp.serialize_pem().as_bytes(), 0o600)?;
+        write_atomic(&crt, cert.pem().as_bytes(), 0o644)?;
+        let json = serde_json::to_vec_pretty(&want).map_err(|e| TlsError::Bad {
+            path: info_path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        write_atomic(&info_path, &json, 0o644)?;
+        tracing::info!(name, identity, "made the appliance's client certificate");
+    } else {
+        tighten(&key)?;
+    }
+    let ca_path = dir.join("ca.crt");
+    Ok(ClientMaterial {
+        sha256: pem_sha256(&crt)?,
+        cert: crt,
+        key,
+        ca_pem: std::fs::read_to_string(&ca_path).map_err(io_err(&ca_path))?,
+    })
+}
+
+/// Hex SHA-256 of the DER of the first certificate in a PEM file.
+fn pem_sha256(path: &Path) -> Result<String, TlsError> {
+    let text = std::fs::read(path).map_err(io_err(path))?;
+    let der = first_der(&text).ok_or_else(|| TlsError::Bad {
+        path: path.display().to_string(),
+        msg: "no certificate in file".into(),
+    })?;
+    Ok(hex::encode(sha2::Sha256::digest(&der)))
+}
+
+/// The DER of the first certificate in PEM text.
+pub fn first_der(pem: &[u8]) -> Option<Vec<u8>> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .next()?
+        .ok()
+        .map(|c| c.to_vec())
+}
+
+/// Hex SHA-256 of the DER of the first certificate in PEM text.
+pub fn ca_sha256(pem: &str) -> Option<String> {
+    first_der(pem.as_bytes()).map(|d| hex::encode(sha2::Sha256::digest(&d)))
+}
+
+/// The rustls configuration of the replication listener: the appliance's
+/// server certificate, and client certificates checked by `verifier`.
+pub fn replication_config(
+    m: &Material,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |p: &Path, msg: String| TlsError::Bad {
+        path: p.display().to_string(),
+        msg,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&m.cert)
+        .map_err(|e| bad(&m.cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(&m.cert, e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&m.key).map_err(|e| bad(&m.key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No resumed sessions: a resumption skips the client certificate's
+    // verification, and a peer unpaired since must meet today's roots.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    Ok(Arc::new(cfg))
+}
+
+/// A rustls client configuration for replication: trusts only `ca_pem`
+/// (the peer's CA pinned at pairing) and shows the appliance's client
+/// certificate.
+pub fn replication_client(
+    ca_pem: &str,
+    client: &ClientMaterial,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |p: &Path, msg: String| TlsError::Bad {
+        path: p.display().to_string(),
+        msg,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        let c = c.map_err(|e| bad(Path::new("peer CA"), e.to_string()))?;
+        roots.add(c)?;
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&client.cert)
+        .map_err(|e| bad(&client.cert, e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(&client.cert, e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&client.key).map_err(|e| bad(&client.key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    Ok(Arc::new(cfg))
 }
 
 /// The CA's parameters, derived from its key alone: the same key gives the

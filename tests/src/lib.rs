@@ -378,6 +378,9 @@ pub struct Appliance {
     pub api: String,
     /// The HTTPS API's address (`--api-tls 127.0.0.1:0`).
     pub api_tls: String,
+    /// The replication listener's address, when started with
+    /// `--replication` (from the ready file).
+    pub replication: Option<String>,
     pub config: Option<PathBuf>,
     /// snapshotd arguments besides the data directory, listeners and config.
     args: Vec<String>,
@@ -420,6 +423,7 @@ impl Appliance {
             sock,
             api: String::new(),
             api_tls: String::new(),
+            replication: None,
             config,
             args: args.iter().map(|a| a.to_string()).collect(),
             child: None,
@@ -474,6 +478,7 @@ impl Appliance {
             .as_str()
             .unwrap_or_else(|| panic!("no HTTPS API address in the ready file: {v}"))
             .to_string();
+        self.replication = v["replication"].as_str().map(str::to_string);
     }
 
     /// The HTTPS API's URL (its certificate is signed by [`Appliance::ca_file`]).

@@ -286,6 +286,70 @@ impl Pool {
         g.volume_info(id)
     }
 
+    /// Resets a volume's live contents to a snapshot's (one of its own, or
+    /// the snapshot it was cloned from), or to all holes with None: the
+    /// volume's tree becomes the snapshot's and its size, block size and
+    /// mapped blocks follow. O(1): the snapshot's root gains a reference
+    /// and the old root loses one (as a clone and a delete do), nothing is
+    /// copied. Durable at the next flush, which commits (a catalog change).
+    ///
+    /// It holds the range lock of the whole volume, so a write in flight
+    /// (a read-modify-write or a piece reads the tree it then changes)
+    /// ends before the revert and none starts until it is done.
+    pub fn revert_volume(&self, name: &str, snapshot: Option<u64>) -> Result<VolumeInfo> {
+        let id = self.volume_id(name)?;
+        let _range = self.ranges.lock(id, 0, u64::MAX);
+        let mut g = self.lock_writable()?;
+        // The name may have been deleted (or deleted and made again) while
+        // we waited for the range lock.
+        if g.vol_id(name)? != id {
+            return Err(Error::NotFound(format!("volume {name}")));
+        }
+        let v = g
+            .volumes
+            .get(&id)
+            .ok_or_else(|| internal("volume vanished"))?
+            .clone();
+        let (root, size, block_size, allocated) = match snapshot {
+            None => (Ptr::NULL, v.size, v.block_size, 0),
+            Some(sid) => {
+                let s = g
+                    .snapshots
+                    .get(&sid)
+                    .ok_or_else(|| Error::NotFound(format!("snapshot {sid}")))?;
+                if s.volume_id != id && v.origin != Some(sid) {
+                    return Err(Error::Invalid(format!(
+                        "snapshot {sid} is neither of volume {name} nor its origin"
+                    )));
+                }
+                let root = Ptr {
+                    addr: s.root,
+                    csum: s.root_csum,
+                };
+                (root, s.size, s.block_size, s.allocated_blocks)
+            }
+        };
+        // Reference the new root before dropping the old: they may be the
+        // same node (a revert to a snapshot of unchanged contents).
+        if !root.is_null() {
+            g.store.inc(root.addr)?;
+        }
+        if v.root != 0 {
+            g.store.dec_node(Ptr {
+                addr: v.root,
+                csum: v.root_csum,
+            })?;
+        }
+        let (_, rec) = g.vol_mut(name)?;
+        rec.root = root.addr;
+        rec.root_csum = root.csum;
+        rec.size = size;
+        rec.block_size = block_size;
+        rec.allocated_blocks = allocated;
+        g.touch_volume(id);
+        g.volume_info(id)
+    }
+
     /// Volumes and snapshots (oldest first) without space accounting, which
     /// [`Pool::list_volumes`] computes by walking trees.
     pub fn catalog(&self) -> Result<(Vec<Brief>, Vec<Brief>)> {

@@ -6,8 +6,9 @@
 //! opening, `catalog` volumes and snapshots, `read`, `write` and
 //! `reduce` the data path (`piece` the sub-block pieces), `intent` the
 //! intent log that makes a flush one record and one sync, `commit` the three-phase commit,
-//! `audit` the views fsck and the space report use, and `diff` what changed
-//! between two snapshots (for replication).
+//! `audit` the views fsck and the space report use; `diff` what changed
+//! between two snapshots and `known` writes of blocks the pool holds by
+//! fingerprint (both for replication).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -29,6 +30,7 @@ mod grow;
 mod health;
 mod info;
 mod intent;
+mod known;
 mod load;
 mod options;
 mod piece;

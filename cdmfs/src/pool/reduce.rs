@@ -67,7 +67,7 @@ impl Pool {
 
     /// Looks up the dedup index for every fingerprint and takes a reference
     /// on each hit at once, so a hit cannot be freed before it is mapped.
-    fn take_dedup_hits(&self, fps: &[Option<[u8; 32]>]) -> Result<Vec<Option<Extent>>> {
+    pub(super) fn take_dedup_hits(&self, fps: &[Option<[u8; 32]>]) -> Result<Vec<Option<Extent>>> {
         self.locked_no_io(|g| {
             let mut found = Vec::with_capacity(fps.len());
             for fp in fps {

@@ -45,7 +45,7 @@ impl RangeLocks {
         }
     }
 
-    fn lock(&self, vol: u64, lo: u64, hi: u64) -> RangeGuard<'_> {
+    pub(super) fn lock(&self, vol: u64, lo: u64, hi: u64) -> RangeGuard<'_> {
         let mut held = cdm_common::lock::lock(&self.held);
         while held.iter().any(|&(v, a, b)| v == vol && a < hi && lo < b) {
             held = cdm_common::lock::wait(&self.cv, held);

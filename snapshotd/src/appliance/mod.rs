@@ -13,6 +13,7 @@ mod jobs;
 mod logs;
 mod policies;
 mod pool;
+mod replication;
 pub use pool::COMMIT_INTERVAL_S;
 mod snapshots;
 mod throttle;
@@ -53,6 +54,8 @@ pub struct Appliance {
     pub pool_file: std::sync::OnceLock<std::path::PathBuf>,
     /// Set once at start (main): the CA certificate (PEM) `GET /v1/ca` serves.
     pub tls_ca: std::sync::OnceLock<String>,
+    /// Set once at start (main): replication between appliances.
+    pub replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
     pub pool: Arc<Pool>,
     pub nbd: Arc<Server>,
     pub state: Arc<State>,
@@ -160,6 +163,7 @@ impl Appliance {
             agent: std::sync::OnceLock::new(),
             pool_file: std::sync::OnceLock::new(),
             tls_ca: std::sync::OnceLock::new(),
+            replication: std::sync::OnceLock::new(),
             me: me.clone(),
             pool,
             nbd,

@@ -51,6 +51,8 @@ impl Appliance {
         volume: &str,
         req: SnapshotCreate,
     ) -> ApiResult<Snapshot> {
+        // A replica's points are the ones it receives.
+        self.refuse_replica(volume)?;
         let meta = req.metadata.unwrap_or_else(|| json!({}));
         if !meta.is_object() {
             return Err(ApiError::bad_request("metadata must be a JSON object"));

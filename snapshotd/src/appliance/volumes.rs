@@ -34,11 +34,18 @@ impl Appliance {
             snapshot: sid,
         });
         let clients = self.clients_of(&v.name).len();
+        let kind = if self.is_replica(&v.name) {
+            "replica"
+        } else if origin.is_some() {
+            "clone"
+        } else {
+            "stage"
+        };
         Volume {
             export: v.name.clone(),
             name: v.name,
             id: v.id,
-            kind: if origin.is_some() { "clone" } else { "stage" }.into(),
+            kind: kind.into(),
             size: v.size,
             block_size: v.block_size,
             created_unix: v.created_ns / 1_000_000_000,
@@ -110,6 +117,10 @@ impl Appliance {
         self.nbd.disconnect_export(name);
         self.commit()?;
         let _ = self.state.remove(POLICIES, name);
+        // A volume made again under this name is no replica.
+        if let Err(e) = crate::replication::replicas::unmark(&self.state, name) {
+            tracing::error!(volume = name, error = %e, "cannot forget the deleted replica");
+        }
         self.events.emit(
             &format!("{kind}.deleted"),
             name,
@@ -213,6 +224,7 @@ impl Appliance {
     }
 
     pub(super) fn volume_grow(&self, c: &Caller, name: &str, size: u64) -> ApiResult<Volume> {
+        self.refuse_replica(name)?;
         let v = self.pool.grow_volume(name, size).map_err(engine)?;
         self.commit()?;
         self.events

@@ -1,4 +1,15 @@
-//! Replication between appliances (`docs/replication.md`).
+//! Replication between appliances (`docs/replication.md`): pairing, peers,
+//! the mutually authenticated listener, links and their schedules (the
+//! control side), and the transfer protocol (the data path).
+
+pub mod exports;
+pub mod links;
+pub mod listener;
+pub mod pairing;
+pub mod peers;
+pub mod service;
+
+pub use service::Replication;
 
 // The data path: transport, replica records, pacing. Until the control
 // side (pairing, links) calls them, parts are unused in the binary.

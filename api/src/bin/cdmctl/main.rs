@@ -13,6 +13,7 @@ mod job;
 mod mount;
 mod output;
 mod policy;
+mod replication;
 mod snapshot;
 mod system;
 mod units;
@@ -37,6 +38,7 @@ use crate::job::JobCmd;
 use crate::mount::MountCmd;
 use crate::output::Out;
 use crate::policy::PolicyCmd;
+use crate::replication::ReplicationCmd;
 use crate::snapshot::SnapshotCmd;
 use crate::system::{ClockCmd, PoolCmd};
 use crate::user::{TokenCmd, UserCmd};
@@ -110,6 +112,9 @@ enum Cmd {
     /// Restores of applications' points, run by agents.
     #[command(subcommand)]
     Restore(RestoreCmd),
+    /// Replication between appliances: pairing, peers, links, transfers.
+    #[command(subcommand)]
+    Replication(ReplicationCmd),
     /// The event log.
     #[command(subcommand)]
     Event(EventCmd),
@@ -198,6 +203,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::App(a) => app::run(a, &c, &out),
         Cmd::Policy(p) => policy::run(p, &c, &out),
         Cmd::Restore(r) => app::restore(r, &c, &out),
+        Cmd::Replication(r) => replication::run(r, &c, &out),
         Cmd::Event(e) => event::run(e, &c, &out),
         Cmd::Audit(a) => event::audit(a, &c, &out),
         Cmd::Webhook(w) => webhook::run(w, &c, &out),

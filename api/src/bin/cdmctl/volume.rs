@@ -39,6 +39,16 @@ pub(crate) enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Make a replica an ordinary writable volume (failover).
+    Promote {
+        name: String,
+    },
+    /// Make a volume a read-only replica fed by PEER (fail-back).
+    Demote {
+        name: String,
+        #[arg(long)]
+        peer: String,
+    },
     /// Show the snapshot schedule and retention.
     Policy {
         name: String,
@@ -92,6 +102,18 @@ pub(crate) fn run(cmd: VolumeCmd, c: &Client, out: &Out) -> Result<(), CliError>
         VolumeCmd::Delete { name, force } => {
             c.delete_volume(&name, force)?;
             out.say(format!("deleted volume {name}"));
+        }
+        VolumeCmd::Promote { name } => {
+            let v = c.promote_volume(&name)?;
+            out.show(&v, |v| {
+                format!("volume {} is writable ({})\n", v.name, v.kind)
+            });
+        }
+        VolumeCmd::Demote { name, peer } => {
+            let v = c.demote_volume(&name, &peer)?;
+            out.show(&v, |v| {
+                format!("volume {} is a replica of {peer}\n", v.name)
+            });
         }
         VolumeCmd::Policy { name } => out.show(&c.policy(&name)?, policy_show),
         VolumeCmd::SetPolicy {
