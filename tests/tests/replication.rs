@@ -142,6 +142,14 @@ fn cascade_a_b_c_keeps_every_point_label_and_metadata() {
     );
     assert!(!err.is_empty());
     compare(&a.uri(&format!("v@{}", pts[3])), &b.uri("v"));
+    assert_eq!(b.api().get("/v1/volumes/v")["kind"], "replica");
+    let v = b.api().expect(
+        409,
+        "POST",
+        "/v1/volumes/v/snapshots",
+        Some(json!({"label": "mine"})),
+    );
+    assert_eq!(v["error"]["code"], "replica", "{v}");
 
     // The CLI sees the same.
     let peers = b.cdmctl(&["replication", "peers"]);
@@ -432,7 +440,17 @@ fn failover_promote_then_replicate_back_incrementally() {
     // Random data crosses as itself: about the change, far from the volume.
     assert!(sent >= CHANGE * 9 / 10 && sent <= CHANGE * 11 / 10, "{r}");
     assert_eq!(back["metadata"]["site"], "B", "{back}");
-    // The demoted copy is a replica: read-only over NBD.
+    // The demoted copy is a replica: read-only to the API and over NBD;
+    // B's promoted one is an ordinary volume.
+    assert_eq!(a.api().get("/v1/volumes/v")["kind"], "replica");
+    assert_eq!(b.api().get("/v1/volumes/v")["kind"], "stage");
+    let v = a.api().expect(
+        409,
+        "POST",
+        "/v1/volumes/v/snapshots",
+        Some(json!({"label": "mine"})),
+    );
+    assert_eq!(v["error"]["code"], "replica", "{v}");
     let err = run_fail(
         Command::new("qemu-io")
             .args(["-f", "raw", "-c", "write -P 0x5a 0 64k"])
