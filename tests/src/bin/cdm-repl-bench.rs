@@ -352,9 +352,29 @@ impl Btrfs {
                 .arg(&img));
             let mnt = b._work.path().join(format!("m{i}"));
             std::fs::create_dir(&mnt)?;
-            run(Command::new("mount").args(["-o", "loop"]).arg(&img).arg(&mnt));
+            run(Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&img)
+                .arg(&mnt));
             b.dirs.push(mnt);
         }
+        let src = b.dirs[0].join("src");
+        run(Command::new("btrfs")
+            .args(["-q", "subvolume", "create"])
+            .arg(&src));
+        let mut f = std::fs::File::create(src.join("data"))?;
+        for i in 0..size / MIB {
+            f.write_all(&random_bytes(MIB as usize, seed + i))?;
+        }
+        f.sync_all()?;
+        run(Command::new("btrfs")
+            .args(["-q", "subvolume", "snapshot", "-r"])
+            .arg(&src)
+            .arg(b.dirs[0].join("snap")));
+        run(Command::new("sync").arg("-f").arg(&b.dirs[0]));
+        Ok(b)
+    }
+
     /// `btrfs send` → TCP 127.0.0.1 → `btrfs receive`, then the target
     /// filesystem synced (the replication's batches are flushed too);
     /// seconds and the stream's bytes.
