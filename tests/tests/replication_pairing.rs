@@ -211,12 +211,15 @@ fn pairing_trust_and_links() {
             "08:00-18:00=10",
             "--bandwidth",
             "40",
+            // Created paused: an interval link's first run starts at once,
+            // and this test checks the records, not a run.
+            "--paused",
         ],
     );
     let id = l["id"].as_u64().expect("link id");
     assert_eq!(l["schedule"], json!({"interval_seconds": 600}));
     assert_eq!(l["rpo_seconds"], 1200);
-    assert_eq!(l["state"], "idle");
+    assert_eq!(l["state"], "paused");
     assert_eq!(l["lag_seconds"], Value::Null);
     let list = cdmctl_json(&a, &["replication", "link", "list"]);
     assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
@@ -227,9 +230,14 @@ fn pairing_trust_and_links() {
         (json!(false), json!("paused"))
     );
     let r = cdmctl_json(&a, &["replication", "link", "resume", &ids]);
-    assert_eq!(r["state"], "idle");
+    // Resumed, the due first run may already have started.
+    assert!(
+        r["state"] == "idle" || r["state"] == "running",
+        "resumed link: {r}"
+    );
+    assert_eq!(r["enabled"], json!(true), "{r}");
     let t = cdmctl_json(&a, &["replication", "link", "transfers", &ids]);
-    assert_eq!(t, json!([]));
+    assert!(t.is_array(), "{t}");
     // Bad links are refused: an unknown peer, a bad window.
     let (s, _) = api(
         &a,
