@@ -77,6 +77,9 @@ struct Walk {
 #[derive(Clone, Copy)]
 struct Root {
     id: u64,
+    /// The pool's reload count then: after a reload (a failed sync) an
+    /// unflushed snapshot's id and root address may name another's.
+    reloads: u64,
     root: Ptr,
     size: u64,
     block_size: u32,
@@ -145,9 +148,12 @@ impl Pool {
             let miss = {
                 let mut g = self.lock()?;
                 for r in &roots {
-                    if g.snapshots.get(&r.id).map(|s| s.root) != Some(r.root.addr) {
+                    if g.reloads != r.reloads
+                        || g.snapshots.get(&r.id).map(|s| s.root) != Some(r.root.addr)
+                    {
                         return Err(Error::NotFound(format!(
-                            "snapshot {} (deleted while a diff read it)",
+                            "snapshot {} (deleted, or lost to a reload after a failed sync, \
+                             while a diff read it)",
                             r.id
                         )));
                     }
@@ -238,6 +244,7 @@ fn snapshot_root(g: &Inner, id: u64) -> Result<Root> {
         .ok_or_else(|| Error::NotFound(format!("snapshot {id}")))?;
     Ok(Root {
         id,
+        reloads: g.reloads,
         root: Ptr {
             addr: s.root,
             csum: s.root_csum,
