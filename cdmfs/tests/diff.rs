@@ -320,6 +320,8 @@ struct GateDev {
     armed: AtomicBool,
     reached: Mutex<mpsc::Sender<()>>,
     go: Mutex<mpsc::Receiver<()>>,
+    /// Syncs fail while set.
+    fail_sync: AtomicBool,
 }
 
 impl BlockDev for GateDev {
@@ -334,6 +336,9 @@ impl BlockDev for GateDev {
         self.inner.write_at(buf, off)
     }
     fn sync(&self) -> std::io::Result<()> {
+        if self.fail_sync.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected sync error"));
+        }
         self.inner.sync()
     }
     fn len(&self) -> std::io::Result<u64> {
@@ -352,6 +357,7 @@ fn a_snapshot_deleted_during_a_diff_ends_it_with_an_error() {
         armed: AtomicBool::new(false),
         reached: Mutex::new(reached_tx),
         go: Mutex::new(go_rx),
+        fail_sync: AtomicBool::new(false),
     });
     Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
     let opts = OpenOptions {
@@ -393,5 +399,64 @@ fn a_snapshot_deleted_during_a_diff_ends_it_with_an_error() {
     match walker.join().unwrap() {
         Err(Error::NotFound(m)) => assert!(m.contains("deleted"), "{m}"),
         other => panic!("a diff of a deleted snapshot gave {other:?}"),
+    }
+}
+
+/// A reload of the pool (after a failed sync) while a diff reads a node
+/// outside the lock ends the diff with NotFound: a snapshot or node that
+/// was not durable may be gone, and its id or address reused, after it.
+#[test]
+fn a_reload_during_a_diff_ends_it_with_an_error() {
+    let (reached_tx, reached) = mpsc::channel();
+    let (go, go_rx) = mpsc::channel();
+    let dev = Arc::new(GateDev {
+        inner: MemDev::new(64 << 20),
+        armed: AtomicBool::new(false),
+        reached: Mutex::new(reached_tx),
+        go: Mutex::new(go_rx),
+        fail_sync: AtomicBool::new(false),
+    });
+    Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
+    let opts = OpenOptions {
+        cache_nodes: 16,
+        ..OpenOptions::default()
+    };
+    let p = Arc::new(Pool::open(dev.clone(), &opts).unwrap());
+    let v = p.create_volume("v", 4 << 20, 4096).unwrap();
+    p.write(v.id, 0, &data(1, 0, 4 << 20)).unwrap();
+    p.commit().unwrap();
+    let s = p
+        .create_snapshot("v", "", serde_json::json!({}))
+        .unwrap()
+        .id;
+    p.commit().unwrap();
+    let want = p.diff(None, s).unwrap();
+    assert_eq!(want, vec![(0, 4 << 20)]);
+    // Evict the snapshot's nodes from the small cache.
+    let w = p.create_volume("w", 4 << 20, 4096).unwrap();
+    p.write(w.id, 0, &data(2, 0, 4 << 20)).unwrap();
+    p.commit().unwrap();
+    let _ = p.diff(
+        None,
+        p.create_snapshot("w", "", serde_json::json!({}))
+            .unwrap()
+            .id,
+    );
+    dev.armed.store(true, Ordering::SeqCst);
+    let q = p.clone();
+    let walker = std::thread::spawn(move || q.diff(None, s));
+    reached.recv().unwrap();
+    // The walker waits in a node read without the pool lock; a sync fails
+    // and the pool reloads from the device (ids and addresses not yet
+    // durable may be reused after that).
+    p.write(v.id, 0, &data(3, 0, 1 << 20)).unwrap();
+    dev.fail_sync.store(true, Ordering::SeqCst);
+    assert!(p.flush().is_err());
+    dev.fail_sync.store(false, Ordering::SeqCst);
+    p.commit().unwrap();
+    go.send(()).unwrap();
+    match walker.join().unwrap() {
+        Err(Error::NotFound(m)) => assert!(m.contains("reload"), "{m}"),
+        other => panic!("a diff across a reload gave {other:?}"),
     }
 }

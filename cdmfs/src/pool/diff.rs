@@ -63,8 +63,13 @@ struct Step {
 /// The walk's state between holds of the pool lock.
 struct Walk {
     todo: Vec<Step>,
-    /// Changed keys (block and piece keys), in no particular order.
-    keys: Vec<u64>,
+    /// Changed blocks, as runs of blocks (first, end). The walk visits key
+    /// ranges in ascending order, so block keys extend the last run and a
+    /// full send is one run, not a key per block; piece keys (which sort
+    /// after every block key) add runs out of order, merged at the end.
+    runs: Vec<(u64, u64)>,
+    /// The block size, to turn a key into its block.
+    bs: u32,
     nodes: u64,
 }
 
@@ -72,6 +77,9 @@ struct Walk {
 #[derive(Clone, Copy)]
 struct Root {
     id: u64,
+    /// The pool's reload count then: after a reload (a failed sync) an
+    /// unflushed snapshot's id and root address may name another's.
+    reloads: u64,
     root: Ptr,
     size: u64,
     block_size: u32,
@@ -110,7 +118,8 @@ impl Pool {
         }
         let mut walk = Walk {
             todo: Vec::new(),
-            keys: Vec::new(),
+            runs: Vec::new(),
+            bs: n.block_size,
             nodes: 0,
         };
         let side = |r: &Root| (!r.root.is_null()).then_some(r.root);
@@ -139,9 +148,12 @@ impl Pool {
             let miss = {
                 let mut g = self.lock()?;
                 for r in &roots {
-                    if g.snapshots.get(&r.id).map(|s| s.root) != Some(r.root.addr) {
+                    if g.reloads != r.reloads
+                        || g.snapshots.get(&r.id).map(|s| s.root) != Some(r.root.addr)
+                    {
                         return Err(Error::NotFound(format!(
-                            "snapshot {} (deleted while a diff read it)",
+                            "snapshot {} (deleted, or lost to a reload after a failed sync, \
+                             while a diff read it)",
                             r.id
                         )));
                     }
@@ -186,19 +198,12 @@ impl Pool {
                 after_miss = true;
             }
         }
-        let bs = n.block_size as u64;
-        let mut blocks: Vec<u64> = walk
-            .keys
-            .iter()
-            .map(|&k| volume_key_span(k, n.block_size).0 / bs)
-            .collect();
-        blocks.sort_unstable();
-        blocks.dedup();
+        let runs = merge_runs(walk.runs);
         let stats = DiffStats {
             nodes_visited: walk.nodes,
-            blocks: blocks.len() as u64,
+            blocks: runs.iter().map(|&(a, b)| b - a).sum(),
         };
-        Ok((block_ranges(&blocks, bs, n.size), stats))
+        Ok((run_ranges(&runs, n.block_size as u64, n.size), stats))
     }
 }
 
@@ -239,6 +244,7 @@ fn snapshot_root(g: &Inner, id: u64) -> Result<Root> {
         .ok_or_else(|| Error::NotFound(format!("snapshot {id}")))?;
     Ok(Root {
         id,
+        reloads: g.reloads,
         root: Ptr {
             addr: s.root,
             csum: s.root_csum,
@@ -248,19 +254,40 @@ fn snapshot_root(g: &Inner, id: u64) -> Result<Root> {
     })
 }
 
-/// Merges sorted, distinct blocks into byte ranges, clipped to `size`.
-fn block_ranges(blocks: &[u64], bs: u64, size: u64) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &b in blocks {
-        let start = b.saturating_mul(bs);
+impl Walk {
+    /// Records a changed key's block.
+    fn add(&mut self, key: u64) {
+        let b = volume_key_span(key, self.bs).0 / self.bs as u64;
+        match self.runs.last_mut() {
+            Some(r) if r.0 <= b && b <= r.1 => r.1 = r.1.max(b + 1),
+            _ => self.runs.push((b, b + 1)),
+        }
+    }
+}
+
+/// Sorts runs of blocks (first, end) and merges those that touch.
+fn merge_runs(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (a, b) in runs {
+        match out.last_mut() {
+            Some(r) if a <= r.1 => r.1 = r.1.max(b),
+            _ => out.push((a, b)),
+        }
+    }
+    out
+}
+
+/// Sorted, merged runs of blocks as byte ranges, clipped to `size`.
+fn run_ranges(runs: &[(u64, u64)], bs: u64, size: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::with_capacity(runs.len());
+    for &(a, b) in runs {
+        let start = a.saturating_mul(bs);
         if start >= size {
             break;
         }
-        let end = (start + bs).min(size);
-        match out.last_mut() {
-            Some((o, l)) if *o + *l == start => *l = end - *o,
-            _ => out.push((start, end - start)),
-        }
+        let end = b.saturating_mul(bs).min(size);
+        out.push((start, end - start));
     }
     out
 }
@@ -312,14 +339,14 @@ impl Inner {
         match (na, nb) {
             (None, None) => {}
             (Some(x), Some(y)) if x.is_leaf() && y.is_leaf() => {
-                diff_leaves(&x, &y, st.lo, st.hi, &mut w.keys);
+                diff_leaves(&x, &y, st.lo, st.hi, &mut |k| w.add(k));
             }
             (Some(x), None) | (None, Some(x)) if x.is_leaf() => {
-                w.keys.extend(
-                    x.keys
-                        .iter()
-                        .filter(|&&k| (st.lo..st.hi).contains(&(k as u128))),
-                );
+                for &k in x.keys.iter() {
+                    if (st.lo..st.hi).contains(&(k as u128)) {
+                        w.add(k);
+                    }
+                }
             }
             (a, b) => {
                 // Expand the taller side (both when level with each other).
@@ -343,7 +370,11 @@ impl Inner {
                     };
                 let xs = sides(a, expand_a, st.a);
                 let ys = sides(b, expand_b, st.b);
-                pair_ranges(&xs, &ys, &mut w.todo);
+                // Pushed in reverse, so the stack pops them in ascending
+                // key order (and changed blocks extend the last run).
+                let mut steps = Vec::new();
+                pair_ranges(&xs, &ys, &mut steps);
+                w.todo.extend(steps.into_iter().rev());
             }
         }
         Ok(())
@@ -402,7 +433,7 @@ fn pair_ranges(xs: &[Part], ys: &[Part], todo: &mut Vec<Step>) {
 }
 
 /// Keys in `lo..hi` whose entries differ between two leaves.
-fn diff_leaves(x: &Node, y: &Node, lo: u128, hi: u128, out: &mut Vec<u64>) {
+fn diff_leaves(x: &Node, y: &Node, lo: u128, hi: u128, out: &mut dyn FnMut(u64)) {
     let within = |k: u64| (lo..hi).contains(&(k as u128));
     let (mut i, mut j) = (0, 0);
     while i < x.len() || j < y.len() {
@@ -411,7 +442,7 @@ fn diff_leaves(x: &Node, y: &Node, lo: u128, hi: u128, out: &mut Vec<u64>) {
         let k = match (kx, ky) {
             (Some(a), Some(b)) if a == b => {
                 if x.val(i) != y.val(j) && within(a) {
-                    out.push(a);
+                    out(a);
                 }
                 i += 1;
                 j += 1;
@@ -432,7 +463,7 @@ fn diff_leaves(x: &Node, y: &Node, lo: u128, hi: u128, out: &mut Vec<u64>) {
             (None, None) => break,
         };
         if within(k) {
-            out.push(k);
+            out(k);
         }
     }
 }
@@ -443,16 +474,29 @@ mod tests {
 
     #[test]
     fn blocks_merge_into_ranges_clipped_to_the_size() {
+        let mut w = Walk {
+            todo: Vec::new(),
+            runs: Vec::new(),
+            bs: 4096,
+            nodes: 0,
+        };
+        // In order, then out of order (as piece keys come), repeated.
+        for b in [0, 1, 2, 5, 7, 8, 1, 2, 6, 0] {
+            w.add(b);
+        }
+        assert_eq!(w.runs.len(), 6);
+        let runs = merge_runs(w.runs);
+        assert_eq!(runs, vec![(0, 3), (5, 9)]);
         assert_eq!(
-            block_ranges(&[0, 1, 2, 5, 7, 8], 4096, 1 << 20),
-            vec![(0, 12288), (20480, 4096), (28672, 8192)]
+            run_ranges(&runs, 4096, 1 << 20),
+            vec![(0, 12288), (20480, 16384)]
         );
         // The last block is partial; blocks past the end are dropped.
         assert_eq!(
-            block_ranges(&[2, 3, 9], 4096, 3 * 4096 + 100),
+            run_ranges(&[(2, 4), (9, 10)], 4096, 3 * 4096 + 100),
             vec![(8192, 4096 + 100)]
         );
-        assert!(block_ranges(&[], 4096, 1 << 20).is_empty());
+        assert!(run_ranges(&[], 4096, 1 << 20).is_empty());
     }
 
     fn leaf(entries: &[(u64, u8)]) -> Node {
@@ -468,11 +512,11 @@ mod tests {
         let x = leaf(&[(1, 1), (2, 2), (4, 4), (9, 9)]);
         let y = leaf(&[(2, 2), (3, 3), (4, 5), (10, 10)]);
         let mut out = Vec::new();
-        diff_leaves(&x, &y, 0, 100, &mut out);
+        diff_leaves(&x, &y, 0, 100, &mut |k| out.push(k));
         out.sort_unstable();
         assert_eq!(out, vec![1, 3, 4, 9, 10]);
         let mut out = Vec::new();
-        diff_leaves(&x, &y, 3, 10, &mut out);
+        diff_leaves(&x, &y, 3, 10, &mut |k| out.push(k));
         out.sort_unstable();
         assert_eq!(out, vec![3, 4, 9]);
     }

@@ -6,7 +6,10 @@
 //! It is the dedup hit of the write path without the data: the index
 //! lookup and the reference are taken exactly as `take_dedup_hits` takes
 //! them (logged as `Action::Take` before the block is mapped, so replay
-//! after a crash neither leaks nor double-frees the reference), and the
+//! after a crash never double-frees the reference; a concurrent flush can
+//! log the Take in a record before the mapping is logged, and a crash
+//! between the two leaks the reference — space only, as in the dedup write
+//! path, see `docs/replication.md`), and the
 //! block is mapped by `map_blocks` like any whole-block write (replacing
 //! whatever was mapped, pieces included), under the write's range lock.
 

@@ -84,6 +84,7 @@ impl Inner {
             commits: 0,
             commit_ns: 0,
             ops: 0,
+            reloads: 0,
             next_id: sb.next_id,
             failed: false,
             stalled: None,
@@ -150,9 +151,10 @@ impl Pool {
         if !g.failed {
             return Ok(());
         }
-        let ops = g.ops;
+        let (ops, reloads) = (g.ops, g.reloads);
         *g = fresh;
         g.ops = ops;
+        g.reloads = reloads + 1;
         *durable = ops;
         tracing::warn!(
             generation = g.sb.generation,

@@ -67,6 +67,10 @@ pub(crate) struct Inner {
     free_queue: VecDeque<Vec<(u64, u64)>>,
     /// Count of mutations so far; flush makes all of them durable.
     ops: u64,
+    /// Reloads from the device since open (see `Pool::reload_if_failed`):
+    /// an id or node address seen before a reload may name something else
+    /// after it.
+    reloads: u64,
     next_id: u64,
     failed: bool,
     /// A commit whose writes failed, written again by the next one (see
