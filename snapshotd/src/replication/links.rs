@@ -299,6 +299,7 @@ impl Replication {
             }
         }
         cdm_common::lock::lock(&self.late).remove(&id);
+        cdm_common::lock::lock(&self.seen).retain(|(link, _), _| *link != id);
         self.events.emit(
             "replication.link_deleted",
             &format!("link {id}"),

@@ -145,10 +145,14 @@ impl Replication {
     /// when the lag passes the RPO, `replication.recovered` when it is
     /// back under. Before its first transfer a link's age counts.
     fn check_lag(&self, l: &LinkRec, now: u64) {
+        // A paused link keeps its state: pausing is no recovery.
+        if !l.enabled {
+            return;
+        }
         let lag = l
             .lag(now)
             .unwrap_or_else(|| now.saturating_sub(l.created_unix));
-        let late = l.enabled && lag > l.rpo_seconds;
+        let late = lag > l.rpo_seconds;
         let mut set = lock(&self.late);
         let subject = format!("link {}", l.id);
         let data = json!({"link": l.id, "peer": l.peer, "volume": l.volume, "policy": l.policy,
