@@ -62,8 +62,8 @@ fn args() -> Result<Args> {
         "--rounds ≥ 1, --size-mib ≥ 64"
     );
     ensure!(
-        a.change_mib * 4 <= a.size_mib,
-        "--change-mib ≤ a quarter of --size-mib"
+        a.change_mib > 0 && a.change_mib * 4 <= a.size_mib,
+        "--change-mib from 1 to a quarter of --size-mib"
     );
     Ok(a)
 }
@@ -442,11 +442,15 @@ fn incremental(a: &Node, vol: &str, size: u64, change: u64) -> Result<(u64, u64,
     let l = link(a, vol, &b.name, json!({}))?;
     let j = a.run_link(l)?;
     ensure!(j["state"] == "succeeded", "first transfer: {j}");
-    // Every 4th MiB gets 256 KiB of new data at a block boundary.
+    // 256 KiB of new data at block boundaries spread evenly, none over
+    // another: every byte written is a unique changed byte.
+    let piece = 256 * 1024;
+    let stride = size / (change / piece) / BLOCK * BLOCK;
+    ensure!(stride >= piece, "--change-mib too large for --size-mib");
     let mut c = a.app.nbd(vol);
     let (mut written, mut i) = (0u64, 0u64);
     while written < change {
-        let off = (i * 4 * MIB) % size;
+        let off = i * stride;
         c.write(off, &random_bytes(256 * 1024, 9_000_000 + i), false)?;
         written += 256 * 1024;
         i += 1;
@@ -485,11 +489,23 @@ fn resume(a: &Node, vol: &str, size: u64) -> Result<(u64, u64, u64)> {
     let j = a.run_link(l)?;
     ensure!(j["state"] == "succeeded", "resumed run: {j}");
     let t = a.transfers(l)?;
+    for r in &t {
+        eprintln!(
+            "resume: {} full={} base={} from={} sent={} {}",
+            r["result"],
+            r["full"],
+            r["base"],
+            r["resumed_from_batch"],
+            r["bytes_sent"],
+            r["message"]
+        );
+    }
     let total: u64 = t.iter().map(|r| num(r, "bytes_sent")).sum();
+    // The full point's record (the second point is sent after it, whole).
     let resumed = t
-        .first()
-        .and_then(|r| r["resumed_from_batch"].as_u64())
-        .context("the resumed run's record has no resumed_from_batch")?;
+        .iter()
+        .find_map(|r| r["resumed_from_batch"].as_u64())
+        .context("no record of the resumed run has resumed_from_batch")?;
     Ok((total, resumed, t.len() as u64))
 }
 
