@@ -140,7 +140,7 @@ fn now_unix() -> u64 {
 /// ordinary volume (or one promoted since) or another peer's replica.
 fn own_replica(ctx: &ReceiverCtx, volume: &str, caller: &PeerId) -> Result<(), ApiError> {
     match replicas::get(&ctx.state, volume).map_err(repl)? {
-        Some(r) if r.identity == caller.identity => Ok(()),
+        Some(r) if r.fed_by(caller) => Ok(()),
         Some(r) => Err(ApiError::new(
             409,
             "not_a_replica",
@@ -168,6 +168,11 @@ async fn volume_state(
             Err(cdmfs::Error::NotFound(_)) => false,
             Err(e) => return Err(engine(e)),
         };
+        // A volume that is not the caller's replica is none of its
+        // business: not its points, not who feeds it, not its session.
+        if exists {
+            own_replica(&ctx, &volume, &caller)?;
+        }
         let replica = replicas::get(&ctx.state, &volume).map_err(repl)?;
         let points: Vec<Value> = if exists {
             replicas::points(&ctx.pool, &volume, &ctx.identity)
@@ -316,7 +321,7 @@ fn open_blocking(
                 ),
                 e => engine(e),
             })?;
-        replicas::mark(&ctx.state, v, &caller.name, &caller.identity).map_err(repl)?;
+        replicas::mark(&ctx.state, v, caller).map_err(repl)?;
     }
     let info = pool.volume(v).map_err(engine)?;
     if req.size > info.size {

@@ -403,7 +403,7 @@ impl Replication {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::replication::peers::PEERS;
     use crate::replication::service::Setup;
@@ -411,7 +411,7 @@ mod tests {
     use cdm_api::replication::LinkCreate;
 
     /// A replication service on a fresh pool and state in `dir`.
-    fn service(dir: &std::path::Path) -> Arc<Replication> {
+    pub(crate) fn service(dir: &std::path::Path) -> Arc<Replication> {
         let pool = crate::replication::testutil::pool(dir);
         let state = Arc::new(crate::state::State::open(&dir.join("s.redb"), None).unwrap());
         let clock = Arc::new(crate::clock::Clock::new(true));
