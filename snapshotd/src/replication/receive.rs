@@ -454,6 +454,10 @@ async fn fingerprints(
             }
             lacking.push(lacks);
         }
+        // The zeros and mapped blocks are durable before the answer is
+        // recorded: a recorded answer means only the lacking data is
+        // still to come, also after a crash.
+        ctx.pool.flush().map_err(engine)?;
         s.pending = Some(Pending::of(seq, &want));
         sessions::put(&ctx.state, &s).map_err(repl)?;
         Ok(wire::encode_lacking(&lacking))

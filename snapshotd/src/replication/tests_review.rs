@@ -87,3 +87,89 @@ fn a_peer_claiming_another_identity_cannot_read_or_take_over_its_replica() {
     a.send(&b, "v").unwrap();
     assert_points_match(&a, &b, "v");
 }
+
+/// A raw request of the transfer protocol as A.
+fn raw(
+    b: &Tgt,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Vec<u8>, super::super::error::ReplError> {
+    b.http()
+        .send(method, path, headers, body, &Throttle::unlimited())
+}
+
+/// Finding 3: the blocks a fingerprint answer maps (zeros, known data)
+/// are durable before the answer is recorded: a receiver killed right
+/// after answering does not commit the point without them.
+#[test]
+fn blocks_mapped_by_a_fingerprint_answer_survive_a_kill() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    let (a, dir) = setup(&mut rng);
+    let vid = a.pool.volume_id("v").unwrap();
+    let known = vec![0x5au8; BS as usize];
+    a.pool.write(vid, 0, &vec![0x11u8; BS as usize]).unwrap();
+    a.pool.write(vid, BS as u64, &known).unwrap();
+    let b = Tgt::start(dir.path(), a.me());
+    snap(&a.pool, "v", "p1");
+    a.send(&b, "v").unwrap();
+    let base = replicas::points(&a.pool, "v", &a.id).unwrap()[0].1.clone();
+    // The next point by hand: block 0 becomes zeros, block 2 a copy of
+    // block 1 (which the target holds).
+    let id = sessions::new_id();
+    let open = json!({"id": id, "volume": "v", "size": SIZE, "block_size": BS,
+        "policy": {}, "base": base, "keep_last": null, "keep_days": null, "token": "aa",
+        "point": {"point": "a:2", "label": "p2", "metadata": {}, "created_ns": u64::MAX / 2}});
+    let t = Throttle::unlimited();
+    let _: serde_json::Value = b.http().post_json("/repl/v1/sessions", &open, &t).unwrap();
+    let fps = wire::Fingerprints {
+        block_size: BS,
+        entries: vec![
+            wire::entry_of(0, &[0u8; BS as usize]),
+            wire::entry_of(2 * BS as u64, &known),
+        ],
+    }
+    .encode();
+    let path = format!("/repl/v1/sessions/{id}/batches/1");
+    let map = raw(
+        &b,
+        "POST",
+        &format!("{path}/fingerprints"),
+        &[(PREV_HEADER, "aa")],
+        &fps,
+    )
+    .unwrap();
+    assert_eq!(wire::decode_lacking(&map, 2).unwrap(), [false, false]);
+    // Killed right after answering.
+    let b = b.restart(a.me());
+    let body = wire::encode_data(&[], 1).unwrap();
+    raw(
+        &b,
+        "PUT",
+        &path,
+        &[(PREV_HEADER, "aa"), (TOKEN_HEADER, "bb")],
+        &body,
+    )
+    .unwrap();
+    let done = raw(
+        &b,
+        "POST",
+        &format!("/repl/v1/sessions/{id}/commit"),
+        &[(PREV_HEADER, "bb")],
+        &[],
+    )
+    .unwrap();
+    let done: serde_json::Value = serde_json::from_slice(&done).unwrap();
+    let snap_id = done["snapshot"].as_u64().unwrap();
+    let mut got = vec![0u8; 3 * BS as usize];
+    b.pool.read(Target::Snapshot(snap_id), 0, &mut got).unwrap();
+    assert!(
+        got[..BS as usize].iter().all(|x| *x == 0),
+        "block 0 is zeros"
+    );
+    assert!(
+        got[2 * BS as usize..] == known[..],
+        "block 2 is the known block"
+    );
+}
