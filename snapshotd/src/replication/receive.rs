@@ -324,7 +324,12 @@ fn open_blocking(
         replicas::mark(&ctx.state, v, caller).map_err(repl)?;
     }
     let info = pool.volume(v).map_err(engine)?;
-    if req.size > info.size {
+    if exists && base.is_none() && req.size != info.size {
+        // A full transfer starts from an empty live tree: it takes the
+        // source's size, smaller too (a full resend of a recreated or
+        // shrunk source volume).
+        pool.resize_empty_volume(v, req.size).map_err(engine)?;
+    } else if req.size > info.size {
         pool.grow_volume(v, req.size).map_err(engine)?;
     } else if req.size < info.size {
         return Err(ApiError::bad_request(format!(

@@ -481,7 +481,10 @@ pub(crate) mod tests {
         assert!(r.cancel_job(j.id).is_some());
         drop(sock);
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while r.link(l.id).unwrap().state == "running" {
+        // The link and its job end one after the other: wait for both.
+        while r.link(l.id).unwrap().state == "running"
+            || r.jobs.get(j.id).unwrap().unwrap().state == "running"
+        {
             assert!(std::time::Instant::now() < deadline, "the run did not end");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -173,3 +173,26 @@ fn blocks_mapped_by_a_fingerprint_answer_survive_a_kill() {
         "block 2 is the known block"
     );
 }
+
+/// Finding 5: a full resend of a source volume smaller than the replica
+/// (deleted and made again smaller) is accepted, not refused forever.
+#[test]
+fn a_full_resend_of_a_smaller_source_is_accepted() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(25);
+    let (a, dir) = setup(&mut rng);
+    let b = Tgt::start(dir.path(), a.me());
+    snap(&a.pool, "v", "p1");
+    a.send(&b, "v").unwrap();
+    a.pool.delete_volume("v", true).unwrap();
+    a.pool.create_volume("v", SIZE / 2, BS).unwrap();
+    write_random(&a.pool, "v", &mut rng, 300);
+    snap(&a.pool, "v", "p2");
+    let recs = a.send(&b, "v").unwrap();
+    assert_eq!(recs.len(), 1);
+    assert!(
+        recs[0].full && recs[0].full_resend.is_some(),
+        "a full resend"
+    );
+    assert_points_match(&a, &b, "v");
+    assert_eq!(b.pool.volume("v").unwrap().size, SIZE / 2);
+}
