@@ -59,6 +59,13 @@ pub struct ReceiverCtx {
 /// earlier request still runs must not apply a batch twice.
 static APPLY: Mutex<()> = Mutex::new(());
 
+/// Excludes the receiver's requests while held: promote, demote and a
+/// volume delete take it, so no request that found a replica applies a
+/// batch or commits a point into a volume that stopped being one.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    cdm_common::lock::lock(&APPLY)
+}
+
 pub fn router(ctx: Arc<ReceiverCtx>) -> Router {
     Router::new()
         .route("/repl/v1/volumes/{volume}", get(volume_state))

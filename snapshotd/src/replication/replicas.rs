@@ -121,6 +121,9 @@ pub fn unmark(state: &State, volume: &str) -> Result<bool, ReplError> {
 /// point. A sender still replicating into it gets 409 `not_a_replica`
 /// from then on.
 pub fn promote(state: &State, pool: &Pool, volume: &str) -> Result<(), ReplError> {
+    // No receiver request runs meanwhile (each checks its replica under
+    // this lock): a commit cannot label a promoted volume's snapshot.
+    let _receiver = super::receive::exclusive();
     pool.volume(volume)?;
     if get(state, volume)?.is_none() {
         return Err(ReplError::new(
@@ -141,6 +144,7 @@ pub fn demote(
     volume: &str,
     peer: &PeerId,
 ) -> Result<Replica, ReplError> {
+    let _receiver = super::receive::exclusive();
     pool.volume(volume)?;
     if let Some(r) = get(state, volume)? {
         return Err(ReplError::new(

@@ -196,3 +196,35 @@ fn a_full_resend_of_a_smaller_source_is_accepted() {
     assert_points_match(&a, &b, "v");
     assert_eq!(b.pool.volume("v").unwrap().size, SIZE / 2);
 }
+
+/// Finding 2: promote waits for the receiver's request in progress (and
+/// a request after it finds no replica), so a commit cannot label a
+/// promoted volume's snapshot and a batch cannot land in it.
+#[test]
+fn promote_waits_for_the_receiver_and_then_refuses_its_requests() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let (a, dir) = setup(&mut rng);
+    let b = Tgt::start(dir.path(), a.me());
+    snap(&a.pool, "v", "p1");
+    a.send(&b, "v").unwrap();
+    // A receiver request in progress holds the lock.
+    let busy = super::super::receive::exclusive();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (state, pool) = (b.state.clone(), b.pool.clone());
+    let promoting = std::thread::spawn(move || {
+        let r = replicas::promote(&state, &pool, "v");
+        let _ = tx.send(());
+        r
+    });
+    // Still waiting after a generous half second; it can only pass early
+    // if promote ignored the receiver.
+    assert!(
+        rx.recv_timeout(std::time::Duration::from_millis(500))
+            .is_err(),
+        "promote ran while a receiver request was in progress"
+    );
+    drop(busy);
+    promoting.join().unwrap().unwrap();
+    snap(&a.pool, "v", "p2");
+    assert!(a.send(&b, "v").unwrap_err().is("not_a_replica"));
+}
