@@ -175,6 +175,13 @@ impl Replication {
         Ok(v)
     }
 
+    /// The volumes a link's lag is over: those it replicates now (all it
+    /// ever sent if they cannot be read, so a late link is not hidden).
+    pub(crate) fn lag_volumes(&self, l: &LinkRec) -> Vec<String> {
+        self.link_volumes(l)
+            .unwrap_or_else(|_| l.target_newest.keys().cloned().collect())
+    }
+
     /// Retention on the target: the link's, else the source volume's (its
     /// protection policy's, else its snapshot policy's).
     fn retention_for(&self, l: &LinkRec, volume: &str) -> (Option<u64>, Option<u64>) {
@@ -470,6 +477,18 @@ pub(crate) mod tests {
                 },
             )
             .unwrap();
+        // A second link of the volume to the same peer is refused.
+        let e = r
+            .create_link(
+                &admin,
+                LinkCreate {
+                    volume: Some("v".into()),
+                    peer: "b".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!((e.status, e.code), (409, "conflict"), "{e:?}");
         let j = r.run_link(l.id, "admin").unwrap();
         assert_eq!(j.kind, "replicate");
         assert_eq!(r.link(l.id).unwrap().state, "running");

@@ -146,7 +146,7 @@ impl Replication {
     /// back under. Before its first transfer a link's age counts.
     fn check_lag(&self, l: &LinkRec, now: u64) {
         let lag = l
-            .lag(now)
+            .lag(now, &self.lag_volumes(l))
             .unwrap_or_else(|| now.saturating_sub(l.created_unix));
         let late = l.enabled && lag > l.rpo_seconds;
         let mut set = lock(&self.late);
