@@ -111,6 +111,26 @@ impl Pool {
         g.volume_info(id)
     }
 
+    /// Sets the size of a volume whose live tree is empty (all holes, as
+    /// after `revert_volume(name, None)`): nothing is mapped, so it may
+    /// shrink as well as grow. Its snapshots keep their own sizes. A full
+    /// replication resend of a smaller source needs this.
+    pub fn resize_empty_volume(&self, name: &str, new_size: u64) -> Result<VolumeInfo> {
+        let mut g = self.lock_writable()?;
+        let (id, v) = g.vol_mut(name)?;
+        if v.root != 0 {
+            return Err(Error::Invalid(format!(
+                "volume {name} holds data: only an empty volume may shrink"
+            )));
+        }
+        if new_size == 0 || new_size > (1 << 60) {
+            return Err(Error::Invalid("volume size out of range".into()));
+        }
+        v.size = new_size;
+        g.touch_volume(id);
+        g.volume_info(id)
+    }
+
     /// Deletes a volume. With snapshots it is refused unless `force`, which
     /// deletes them too. Clones made from its snapshots are independent.
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {

@@ -139,6 +139,7 @@ impl Appliance {
         let id = PeerId {
             name: peer.name.clone(),
             identity: peer.identity.clone(),
+            cert_sha256: peer.client_cert_sha256.clone(),
         };
         replicas::demote(&self.state, &self.pool, name, &id).map_err(repl_err)?;
         self.events.emit(

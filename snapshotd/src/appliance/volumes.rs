@@ -111,6 +111,10 @@ impl Appliance {
                 )));
             }
         }
+        // Not while the replication receiver applies a request to it: a
+        // handler checked it was a replica and must not write into a
+        // volume made again under its name.
+        let receiver = crate::replication::receive::exclusive();
         self.pool.delete_volume(name, true).map_err(engine)?;
         // Forced past its clients: end their connections now rather than
         // fail each of their requests (after deleting, so none reconnects).
@@ -121,6 +125,7 @@ impl Appliance {
         if let Err(e) = crate::replication::replicas::unmark(&self.state, name) {
             tracing::error!(volume = name, error = %e, "cannot forget the deleted replica");
         }
+        drop(receiver);
         self.events.emit(
             &format!("{kind}.deleted"),
             name,

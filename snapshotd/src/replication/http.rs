@@ -25,6 +25,9 @@ const MAX_ANSWER: u64 = 16 << 20;
 pub struct PeerId {
     pub name: String,
     pub identity: String,
+    /// Hex SHA-256 of its client certificate, pinned at pairing: what a
+    /// replica is bound to (an identity is only what a peer claimed).
+    pub cert_sha256: String,
 }
 
 /// HTTP(S) to one peer's replication listener.

@@ -139,14 +139,8 @@ impl Replication {
         }
         let ca_sha256 = crate::tls::ca_sha256(&req.ca)
             .ok_or_else(|| ApiError::bad_request("ca holds no PEM certificate"))?;
-        if let Some(old) = peers::get(&self.state, &req.name).map_err(st)? {
-            if old.identity != req.identity {
-                return Err(ApiError::conflict(format!(
-                    "a peer named {} with another identity is paired: unpair it first",
-                    req.name
-                )));
-            }
-        }
+        let cert = req.client_cert_sha256.to_ascii_lowercase();
+        self.refuse_takeover(&req.name, &req.identity, &cert, &ca_sha256)?;
         // Spent here, in one write transaction: of two calls with the same
         // token only one removes it.
         if !self.state.remove(PAIRINGS, key.as_str()).map_err(st)? {
@@ -164,7 +158,7 @@ impl Replication {
             paired_unix: self.clock.now(),
             ca_pem: req.ca.clone(),
             ca_sha256,
-            client_cert_sha256: req.client_cert_sha256.to_ascii_lowercase(),
+            client_cert_sha256: cert,
         };
         self.store_peer(&peer, "pair")?;
         Ok(PairReply {
@@ -174,6 +168,35 @@ impl Replication {
             client_cert_sha256: self.client.sha256.clone(),
             replication_port: self.port.get().copied(),
         })
+    }
+
+    /// 409 for a pairing that would take over what a paired peer holds:
+    /// its identity or client certificate under another name, or, under
+    /// its own name, another pin. Replicas are bound to the pinned
+    /// certificate, so replacing a pin takes an explicit unpair first.
+    fn refuse_takeover(&self, name: &str, identity: &str, cert: &str, ca: &str) -> ApiResult<()> {
+        for p in peers::all(&self.state).map_err(st)? {
+            let why = if p.name == name {
+                if p.identity != identity {
+                    "is paired under this name with another identity"
+                } else if p.client_cert_sha256 != cert || p.ca_sha256 != ca {
+                    "is paired under this name with another certificate"
+                } else {
+                    continue;
+                }
+            } else if p.identity == identity {
+                "holds this identity"
+            } else if p.client_cert_sha256 == cert {
+                "holds this client certificate"
+            } else {
+                continue;
+            };
+            return Err(ApiError::conflict(format!(
+                "peer {} {why}: unpair it first (DELETE /v1/replication/peers/{})",
+                p.name, p.name
+            )));
+        }
+        Ok(())
     }
 
     fn store_peer(&self, peer: &PeerRec, actor: &str) -> ApiResult<()> {
@@ -229,6 +252,8 @@ impl Replication {
                 format!("{base} answered the pairing with a CA other than the token's"),
             ));
         }
+        let cert = reply.client_cert_sha256.to_ascii_lowercase();
+        self.refuse_takeover(&req.name, &reply.identity, &cert, &want_ca)?;
         let peer = PeerRec {
             name: req.name.clone(),
             identity: reply.identity.clone(),
@@ -237,7 +262,7 @@ impl Replication {
             paired_unix: self.clock.now(),
             ca_pem: reply.ca.clone(),
             ca_sha256: want_ca,
-            client_cert_sha256: reply.client_cert_sha256.to_ascii_lowercase(),
+            client_cert_sha256: cert,
         };
         self.store_peer(&peer, &c.user)?;
         Ok(peer.public())
@@ -418,5 +443,56 @@ mod tests {
         assert_eq!(url_host("https://b.example:1").unwrap(), "b.example");
         assert_eq!(url_host("http://10.0.0.2:8080").unwrap_err().status, 400);
         assert_eq!(url_host("nonsense").unwrap_err().status, 400);
+    }
+
+    /// Pairing may not take over another peer: its identity, its client
+    /// certificate, or (re-pairing under its name) its pinned certificate.
+    #[test]
+    fn a_pairing_cannot_take_over_a_paired_peer() {
+        let d = tempfile::tempdir().unwrap();
+        let r = crate::replication::runs::tests::service(d.path());
+        let admin = Caller {
+            user: "admin".into(),
+            role: cdm_api::auth::Role::Admin,
+            grants: Vec::new(),
+            token_id: String::new(),
+            token_name: String::new(),
+        };
+        let ca_a = r.client.ca_pem.clone();
+        let other_dir = tempfile::tempdir().unwrap();
+        let ca_c = crate::tls::ensure_own(other_dir.path(), &["c".to_string()])
+            .unwrap()
+            .ca_pem;
+        let pair = |name: &str, identity: &str, ca: &str, cert: &str| {
+            let t = r.create_pairing(&admin, PairingCreate::default()).unwrap();
+            r.pair(
+                PairRequest {
+                    token: t.token,
+                    name: name.into(),
+                    identity: identity.into(),
+                    ca: ca.into(),
+                    client_cert_sha256: cert.into(),
+                    replication_port: None,
+                },
+                None,
+            )
+        };
+        let (cert_a, cert_c) = ("1a".repeat(32), "2c".repeat(32));
+        pair("site-a", "aaaa", &ca_a, &cert_a).unwrap();
+        // The same peer again (same pin) may re-pair.
+        pair("site-a", "aaaa", &ca_a, &cert_a).unwrap();
+        let conflict = |e: ApiError| assert_eq!((e.status, e.code), (409, "conflict"), "{e:?}");
+        // Another name claiming A's identity, or A's certificate.
+        conflict(pair("site-c", "aaaa", &ca_c, &cert_c).unwrap_err());
+        conflict(pair("site-c", "cccc", &ca_c, &cert_a).unwrap_err());
+        // A's name with another certificate or CA: A's pin stays.
+        conflict(pair("site-a", "aaaa", &ca_c, &cert_c).unwrap_err());
+        conflict(pair("site-a", "aaaa", &ca_a, &cert_c).unwrap_err());
+        let a = peers::get(&r.state, "site-a").unwrap().unwrap();
+        assert_eq!(a.client_cert_sha256, cert_a);
+        assert!(peers::get(&r.state, "site-c").unwrap().is_none());
+        // Unpaired first, the name may be paired anew.
+        r.delete_peer(&admin, "site-a").unwrap();
+        pair("site-a", "aaaa", &ca_c, &cert_c).unwrap();
     }
 }

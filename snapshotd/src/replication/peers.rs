@@ -113,6 +113,7 @@ impl Trust {
                     PeerId {
                         name: p.name.clone(),
                         identity: p.identity.clone(),
+                        cert_sha256: p.client_cert_sha256.clone(),
                     },
                 );
             }

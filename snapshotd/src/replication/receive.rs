@@ -59,6 +59,13 @@ pub struct ReceiverCtx {
 /// earlier request still runs must not apply a batch twice.
 static APPLY: Mutex<()> = Mutex::new(());
 
+/// Excludes the receiver's requests while held: promote, demote and a
+/// volume delete take it, so no request that found a replica applies a
+/// batch or commits a point into a volume that stopped being one.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    cdm_common::lock::lock(&APPLY)
+}
+
 pub fn router(ctx: Arc<ReceiverCtx>) -> Router {
     Router::new()
         .route("/repl/v1/volumes/{volume}", get(volume_state))
@@ -140,7 +147,7 @@ fn now_unix() -> u64 {
 /// ordinary volume (or one promoted since) or another peer's replica.
 fn own_replica(ctx: &ReceiverCtx, volume: &str, caller: &PeerId) -> Result<(), ApiError> {
     match replicas::get(&ctx.state, volume).map_err(repl)? {
-        Some(r) if r.identity == caller.identity => Ok(()),
+        Some(r) if r.fed_by(caller) => Ok(()),
         Some(r) => Err(ApiError::new(
             409,
             "not_a_replica",
@@ -168,6 +175,11 @@ async fn volume_state(
             Err(cdmfs::Error::NotFound(_)) => false,
             Err(e) => return Err(engine(e)),
         };
+        // A volume that is not the caller's replica is none of its
+        // business: not its points, not who feeds it, not its session.
+        if exists {
+            own_replica(&ctx, &volume, &caller)?;
+        }
         let replica = replicas::get(&ctx.state, &volume).map_err(repl)?;
         let points: Vec<Value> = if exists {
             replicas::points(&ctx.pool, &volume, &ctx.identity)
@@ -316,10 +328,15 @@ fn open_blocking(
                 ),
                 e => engine(e),
             })?;
-        replicas::mark(&ctx.state, v, &caller.name, &caller.identity).map_err(repl)?;
+        replicas::mark(&ctx.state, v, caller).map_err(repl)?;
     }
     let info = pool.volume(v).map_err(engine)?;
-    if req.size > info.size {
+    if exists && base.is_none() && req.size != info.size {
+        // A full transfer starts from an empty live tree: it takes the
+        // source's size, smaller too (a full resend of a recreated or
+        // shrunk source volume).
+        pool.resize_empty_volume(v, req.size).map_err(engine)?;
+    } else if req.size > info.size {
         pool.grow_volume(v, req.size).map_err(engine)?;
     } else if req.size < info.size {
         return Err(ApiError::bad_request(format!(
@@ -449,6 +466,10 @@ async fn fingerprints(
             }
             lacking.push(lacks);
         }
+        // The zeros and mapped blocks are durable before the answer is
+        // recorded: a recorded answer means only the lacking data is
+        // still to come, also after a crash.
+        ctx.pool.flush().map_err(engine)?;
         s.pending = Some(Pending::of(seq, &want));
         sessions::put(&ctx.state, &s).map_err(repl)?;
         Ok(wire::encode_lacking(&lacking))

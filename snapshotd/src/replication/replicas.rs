@@ -17,8 +17,24 @@ pub struct Replica {
     /// The identity (pool UUID, hex) of the appliance that feeds it: the
     /// receiver accepts transfers into it from that caller only.
     pub identity: String,
+    /// Hex SHA-256 of that peer's client certificate pinned at pairing:
+    /// the replica belongs to the peer holding it, not to whoever claims
+    /// the identity. Empty in records made before it was kept (then name
+    /// and identity decide).
+    #[serde(default)]
+    pub cert_sha256: String,
     /// Unix seconds when it became a replica.
     pub since: u64,
+}
+
+impl Replica {
+    /// Whether `caller` is the peer that feeds this replica: same name,
+    /// identity and pinned certificate.
+    pub fn fed_by(&self, caller: &PeerId) -> bool {
+        self.peer == caller.name
+            && self.identity == caller.identity
+            && (self.cert_sha256.is_empty() || self.cert_sha256 == caller.cert_sha256)
+    }
 }
 
 fn now_unix() -> u64 {
@@ -76,11 +92,13 @@ pub fn list(state: &State) -> Result<Vec<(String, Replica)>, ReplError> {
     Ok(all.into_iter().map(|n| (n.volume, n.r)).collect())
 }
 
-/// Records `volume` as a replica fed by `peer` (`identity`).
-pub fn mark(state: &State, volume: &str, peer: &str, identity: &str) -> Result<Replica, ReplError> {
+/// Records `volume` as a replica fed by `peer` (its name, identity and
+/// pinned client certificate).
+pub fn mark(state: &State, volume: &str, peer: &PeerId) -> Result<Replica, ReplError> {
     let r = Replica {
-        peer: peer.to_string(),
-        identity: identity.to_string(),
+        peer: peer.name.clone(),
+        identity: peer.identity.clone(),
+        cert_sha256: peer.cert_sha256.clone(),
         since: now_unix(),
     };
     // The name rides along so `list` can tell records apart.
@@ -103,6 +121,9 @@ pub fn unmark(state: &State, volume: &str) -> Result<bool, ReplError> {
 /// point. A sender still replicating into it gets 409 `not_a_replica`
 /// from then on.
 pub fn promote(state: &State, pool: &Pool, volume: &str) -> Result<(), ReplError> {
+    // No receiver request runs meanwhile (each checks its replica under
+    // this lock): a commit cannot label a promoted volume's snapshot.
+    let _receiver = super::receive::exclusive();
     pool.volume(volume)?;
     if get(state, volume)?.is_none() {
         return Err(ReplError::new(
@@ -123,6 +144,7 @@ pub fn demote(
     volume: &str,
     peer: &PeerId,
 ) -> Result<Replica, ReplError> {
+    let _receiver = super::receive::exclusive();
     pool.volume(volume)?;
     if let Some(r) = get(state, volume)? {
         return Err(ReplError::new(
@@ -130,7 +152,7 @@ pub fn demote(
             format!("volume {volume} is already a replica of {}", r.peer),
         ));
     }
-    mark(state, volume, &peer.name, &peer.identity)
+    mark(state, volume, peer)
 }
 
 #[cfg(test)]
@@ -147,6 +169,7 @@ mod tests {
         let b = PeerId {
             name: "b".into(),
             identity: "bb".into(),
+            cert_sha256: "cc".into(),
         };
         let r = demote(&state, &pool, "v", &b).unwrap();
         assert_eq!(get(&state, "v").unwrap(), Some(r.clone()));

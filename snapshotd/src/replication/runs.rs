@@ -175,6 +175,13 @@ impl Replication {
         Ok(v)
     }
 
+    /// The volumes a link's lag is over: those it replicates now (all it
+    /// ever sent if they cannot be read, so a late link is not hidden).
+    pub(crate) fn lag_volumes(&self, l: &LinkRec) -> Vec<String> {
+        self.link_volumes(l)
+            .unwrap_or_else(|_| l.target_newest.keys().cloned().collect())
+    }
+
     /// Retention on the target: the link's, else the source volume's (its
     /// protection policy's, else its snapshot policy's).
     fn retention_for(&self, l: &LinkRec, volume: &str) -> (Option<u64>, Option<u64>) {
@@ -403,7 +410,7 @@ impl Replication {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::replication::peers::PEERS;
     use crate::replication::service::Setup;
@@ -411,7 +418,7 @@ mod tests {
     use cdm_api::replication::LinkCreate;
 
     /// A replication service on a fresh pool and state in `dir`.
-    fn service(dir: &std::path::Path) -> Arc<Replication> {
+    pub(crate) fn service(dir: &std::path::Path) -> Arc<Replication> {
         let pool = crate::replication::testutil::pool(dir);
         let state = Arc::new(crate::state::State::open(&dir.join("s.redb"), None).unwrap());
         let clock = Arc::new(crate::clock::Clock::new(true));
@@ -470,6 +477,18 @@ mod tests {
                 },
             )
             .unwrap();
+        // A second link of the volume to the same peer is refused.
+        let e = r
+            .create_link(
+                &admin,
+                LinkCreate {
+                    volume: Some("v".into()),
+                    peer: "b".into(),
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!((e.status, e.code), (409, "conflict"), "{e:?}");
         let j = r.run_link(l.id, "admin").unwrap();
         assert_eq!(j.kind, "replicate");
         assert_eq!(r.link(l.id).unwrap().state, "running");
@@ -481,7 +500,10 @@ mod tests {
         assert!(r.cancel_job(j.id).is_some());
         drop(sock);
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while r.link(l.id).unwrap().state == "running" {
+        // The link and its job end one after the other: wait for both.
+        while r.link(l.id).unwrap().state == "running"
+            || r.jobs.get(j.id).unwrap().unwrap().state == "running"
+        {
             assert!(std::time::Instant::now() < deadline, "the run did not end");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -150,7 +150,7 @@ impl Replication {
             return;
         }
         let lag = l
-            .lag(now)
+            .lag(now, &self.lag_volumes(l))
             .unwrap_or_else(|| now.saturating_sub(l.created_unix));
         let late = lag > l.rpo_seconds;
         let mut set = lock(&self.late);

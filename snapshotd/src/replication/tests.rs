@@ -64,6 +64,7 @@ impl Source {
         PeerId {
             name: "a".into(),
             identity: self.id.clone(),
+            cert_sha256: "a-cert".into(),
         }
     }
 
@@ -120,10 +121,18 @@ async fn layer(
         .and_then(|h| h.to_str().ok())
     {
         Some("none") => None,
-        Some(other) => Some(PeerId {
-            name: other.into(),
-            identity: other.into(),
-        }),
+        // `NAME[/IDENTITY[/CERT]]`: a peer as the listener would name it.
+        Some(other) => {
+            let mut it = other.split('/');
+            let name = it.next().unwrap_or_default().to_string();
+            let identity = it.next().map_or_else(|| name.clone(), str::to_string);
+            let cert_sha256 = it.next().map_or_else(|| name.clone(), str::to_string);
+            Some(PeerId {
+                name,
+                identity,
+                cert_sha256,
+            })
+        }
         None => Some(me),
     };
     if let Some(p) = peer {
@@ -718,6 +727,7 @@ fn cascade_failover_and_reverse_replication_from_the_newest_common_point() {
     let peer = |i: usize, name: &str| PeerId {
         name: name.into(),
         identity: ids[i].clone(),
+        cert_sha256: format!("cert-{i}"),
     };
     // A is called by B (reverse), B by A, C by B.
     let a = Tgt::start(dirs[0].path(), peer(1, "b"));
@@ -817,3 +827,7 @@ fn large_blocks_and_a_short_last_block() {
         );
     }
 }
+
+/// Tests of the review's findings (same helpers).
+#[path = "tests_review.rs"]
+mod review;
