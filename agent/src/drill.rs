@@ -119,6 +119,10 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
             a.name
         );
     }
+    let mut a = a;
+    if a.port == 0 {
+        a.port = free_port()?;
+    }
     let s: State = Arc::new(Mutex::new(Shared::default()));
     let (tx, rx) = mpsc::channel();
     {
@@ -279,7 +283,7 @@ fn start(
     att.postgres = Some(r.clone());
     let _ = attach::save(ctx, &att);
     lock(s).attachment = Some(att);
-    match pg::start(&r) {
+    match pg::start_in(&r, true) {
         Ok(_) => {
             let rto = t0.elapsed().as_secs_f64();
             lock(s).rto = Some(rto);
@@ -296,18 +300,31 @@ fn start(
     }
 }
 
-/// Replication off too (archiving is off and TCP closed by `prepare`): a
-/// drill's server must never send WAL anywhere nor follow a primary.
+/// What a drill's server must not do, on top of `prepare` (archiving off,
+/// no TCP listener) and its own network namespace (it can connect
+/// nowhere): follow a primary, send WAL, start logical-replication apply
+/// workers (a subscriber's point would pull from the publisher with the
+/// real subscriber's slot), run pg_cron's jobs a second time. A dotted
+/// name is accepted as a placeholder when pg_cron is not loaded.
+const ISOLATION: &str = "# cdm-agent drill\nmax_wal_senders = 0\nprimary_conninfo = ''\nprimary_slot_name = ''\narchive_command = ''\nmax_logical_replication_workers = 0\ncron.launch_active_jobs = off\n";
+
 fn isolate(r: &pg::Running) -> Result<()> {
     use std::os::unix::fs::chown;
     let auto = r.pgdata.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
-    text.push_str(
-        "# cdm-agent drill\nmax_wal_senders = 0\nprimary_conninfo = ''\nprimary_slot_name = ''\narchive_command = ''\n",
-    );
+    text.push_str(ISOLATION);
     std::fs::write(&auto, text)?;
     chown(&auto, Some(r.uid), Some(r.gid))?;
     Ok(())
+}
+
+/// A TCP port free on this host now: the drill's server (in its own
+/// network namespace, without a listener) never shares production's port
+/// number, so nothing that reads `port` can mistake one for the other.
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| crate::err!(Host, "no free port for the drill's server: {e}"))?;
+    Ok(l.local_addr()?.port())
 }
 
 fn consistency(c: &pg::Conn, r: &pg::Running) -> (bool, String) {

@@ -577,6 +577,40 @@ fn as_owner(r: &Running, prog: &Path) -> Command {
 
 /// Starts PostgreSQL and waits until a query answers; the time that took.
 pub fn start(r: &Running) -> Result<Duration> {
+    start_in(r, false)
+}
+
+/// `pg_ctl`, run as the data directory's owner; with `netns`, in a new,
+/// empty network namespace (`unshare --net`), which the postmaster and all
+/// its children inherit: only its own loopback, brought up so that
+/// PostgreSQL <= 14's statistics collector gets its UDP socket (nothing
+/// of the host's listens there). Its Unix socket, a file, still answers
+/// from the host's namespace.
+fn pg_ctl(r: &Running, netns: bool) -> Command {
+    let prog = r.bindir.join("pg_ctl");
+    if !netns {
+        return as_owner(r, &prog);
+    }
+    let mut c = Command::new("unshare");
+    c.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up 2>/dev/null; exec \"$0\" \"$@\"",
+        "setpriv",
+        &format!("--reuid={}", r.uid),
+        &format!("--regid={}", r.gid),
+        "--init-groups",
+    ])
+    .arg(prog);
+    c
+}
+
+/// [`start`], the server in its own empty network namespace when `netns`:
+/// it can connect nowhere (no production server on localhost, no
+/// publisher, no primary), whatever its configuration says.
+pub fn start_in(r: &Running, netns: bool) -> Result<Duration> {
     let t = Instant::now();
     let fail = |why: String| {
         let log = std::fs::read_to_string(&r.log).unwrap_or_default();
@@ -590,7 +624,7 @@ pub fn start(r: &Running) -> Result<Duration> {
     // pg_ctl -W returns once the postmaster is launched; this loop then
     // waits for the first answered query itself (pg_ctl -w polls only every
     // 100 ms).
-    run(as_owner(r, &r.bindir.join("pg_ctl"))
+    run(pg_ctl(r, netns)
         .arg("-D")
         .arg(&r.pgdata)
         .arg("-l")

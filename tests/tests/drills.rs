@@ -227,11 +227,19 @@ fn drills_prove_good_points_and_fail_wrong_damaged_and_hung_ones() {
     let rows = psql(&pg.sock, pg.port, "SELECT count(*) FROM pgbench_accounts");
     let used_before = api.get("/v1/pool")["used_bytes"].as_u64();
 
-    // A good point: every check passes, RTO and RPO measured.
+    // A good point: every check passes, RTO and RPO measured. The drill's
+    // server runs in its own network namespace: it cannot reach a port
+    // listening on this host's loopback (production's, a publisher's).
+    let outside = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let net_probe = format!(
+        "CREATE TEMP TABLE net(x text); COPY net FROM PROGRAM 'bash -c \"(: </dev/tcp/127.0.0.1/{}) 2>/dev/null && echo connected || echo isolated\"'; SELECT x FROM net",
+        outside.local_addr().unwrap().port()
+    );
     let d = drill(
         &api,
         app,
-        json!({"probes": [{"sql": "SELECT count(*) FROM pgbench_accounts", "expect": format!(">= {rows}")}]}),
+        json!({"probes": [{"sql": "SELECT count(*) FROM pgbench_accounts", "expect": format!(">= {rows}")},
+                          {"sql": net_probe, "expect": "isolated"}]}),
         &agent,
     );
     assert_eq!(d["passed"], true, "{d:#}\n{}", agent.log());
@@ -247,6 +255,8 @@ fn drills_prove_good_points_and_fail_wrong_damaged_and_hung_ones() {
     }
     let probe = check(&d, "probe: SELECT count(*) FROM pgbench_accounts");
     assert_eq!(probe["passed"], true, "{probe}");
+    let net = check(&d, &format!("probe: {net_probe}"));
+    assert_eq!(net["passed"], true, "{net}");
     assert!(
         check(&d, "scrub")["output"]
             .as_str()
