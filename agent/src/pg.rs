@@ -543,13 +543,11 @@ pub fn prepare(root: &Path, port: u16, cluster: &str) -> Result<Running> {
     chown(&log, Some(uid), Some(gid))?;
     let auto = pgdata.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
-    // recovery_init_sync_method = syncfs: the copy has nothing unsynced,
-    // and one syncfs beats opening and fsyncing every file before replay.
-    text.push_str(&format!(
-        "\n# cdm-agent restore\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\narchive_mode = off\ncluster_name = '{}'\nrecovery_init_sync_method = syncfs\n",
-        sock.display(),
-        cluster.replace('\'', "")
-    ));
+    let major = std::fs::read_to_string(pgdata.join("PG_VERSION"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    text.push_str(&copy_settings(major, port, &sock, cluster));
     std::fs::write(&auto, text)?;
     chown(&auto, Some(uid), Some(gid))?;
     let _ = std::fs::remove_file(pgdata.join("postmaster.pid"));
@@ -562,6 +560,28 @@ pub fn prepare(root: &Path, port: u16, cluster: &str) -> Result<Running> {
         uid,
         gid,
     })
+}
+
+/// What a copy's postgresql.auto.conf gets (the last setting wins over
+/// both configuration files). Every setting that names a path outside the
+/// data directory is pointed inside it or turned off, so a copy never
+/// writes where production does: its socket directory, the pid file, the
+/// statistics directory (Debian points PostgreSQL <= 14's
+/// `stats_temp_directory` at /var/run/postgresql/NN-main.pg_stat_tmp;
+/// the setting is gone in 15) and the log (no collector: `pg_ctl -l`
+/// writes it beside the copy). recovery_init_sync_method = syncfs: the
+/// copy has nothing unsynced, and one syncfs beats opening and fsyncing
+/// every file before replay.
+fn copy_settings(major: u32, port: u16, sock: &Path, cluster: &str) -> String {
+    let mut t = format!(
+        "\n# cdm-agent restore\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\narchive_mode = off\ncluster_name = '{}'\nrecovery_init_sync_method = syncfs\nexternal_pid_file = ''\nlogging_collector = off\n",
+        sock.display().to_string().replace('\'', ""),
+        cluster.replace('\'', "")
+    );
+    if (1..=14).contains(&major) {
+        t.push_str("stats_temp_directory = 'pg_stat_tmp'\n");
+    }
+    t
 }
 
 fn as_owner(r: &Running, prog: &Path) -> Command {
@@ -687,6 +707,27 @@ pub fn owner_name(uid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_write_nothing_outside_their_data_directory() {
+        let sock = Path::new("/srv/cdm/mnt/drill-1-2/run");
+        let pg14 = copy_settings(14, 40123, sock, "drill-1-2");
+        for want in [
+            "port = 40123\n",
+            "listen_addresses = ''\n",
+            "unix_socket_directories = '/srv/cdm/mnt/drill-1-2/run'\n",
+            "archive_mode = off\n",
+            "external_pid_file = ''\n",
+            "logging_collector = off\n",
+            "stats_temp_directory = 'pg_stat_tmp'\n",
+        ] {
+            assert!(pg14.contains(want), "{want} missing from {pg14}");
+        }
+        // The setting is gone in 15: writing it would stop the server.
+        let pg15 = copy_settings(15, 40123, sock, "drill-1-2");
+        assert!(!pg15.contains("stats_temp_directory"), "{pg15}");
+        assert!(pg15.contains("logging_collector = off"), "{pg15}");
+    }
 
     #[test]
     fn lsn_and_wal_names() {
