@@ -15,6 +15,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -123,6 +124,7 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
     if a.port == 0 {
         a.port = free_port()?;
     }
+    on_term();
     let s: State = Arc::new(Mutex::new(Shared::default()));
     let (tx, rx) = mpsc::channel();
     {
@@ -135,23 +137,31 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
             })
             .map_err(|e| crate::err!(Host, "cannot start the drill: {e}"))?;
     }
-    let timed_out = rx.recv_timeout(a.timeout).is_err();
-    if timed_out {
+    let ended = wait(&rx, t0 + a.timeout);
+    if ended != Ended::Finished {
         let mut g = lock(&s);
         g.stopped = true;
         let at = g.step.clone();
-        g.checks.push(DrillCheck {
-            name: "time_limit".into(),
-            passed: false,
-            output: format!(
-                "the drill did not finish within {} s (it was at: {at}): stopped and cleaned up",
-                a.timeout.as_secs()
+        let (name, why) = match ended {
+            Ended::Stopped => (
+                "stopped",
+                "the drill was stopped (cancelled, or its agent is stopping)".to_string(),
             ),
+            Ended::Crashed => ("checks", "the drill's checks ended early".to_string()),
+            _ => (
+                "time_limit",
+                format!("the drill did not finish within {} s", a.timeout.as_secs()),
+            ),
+        };
+        g.checks.push(DrillCheck {
+            name: name.into(),
+            passed: false,
+            output: format!("{why} (it was at: {at}): stopped and cleaned up"),
             seconds: t0.elapsed().as_secs_f64(),
         });
-        tracing::warn!(step = %at, "drill: time limit reached");
+        tracing::warn!(step = %at, "drill: {why}");
     }
-    let cleanup = teardown(&ctx, &a.name, &s, timed_out);
+    let cleanup = teardown(&ctx, &a.name, &s, ended != Ended::Finished);
     let g = lock(&s);
     let mut checks = g.checks.clone();
     if let Err(e) = &cleanup {
@@ -174,6 +184,59 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
         "cleaned_up": cleanup.is_ok(),
         "seconds": t0.elapsed().as_secs_f64(),
     }))
+}
+
+/// SIGTERM or SIGINT received (a cancel, or the agent stopping: its runner
+/// signals the job's process group, then kills it 30 s later).
+static TERM: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    TERM.store(true, Ordering::SeqCst);
+}
+
+/// Turns SIGTERM and SIGINT into a stop of the drill with its teardown
+/// (their default, dying at once, would leave the postmaster and the disk
+/// server, both in sessions of their own, running on a clone that the
+/// appliance then deletes under them).
+fn on_term() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs a handler that only stores to an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    Finished,
+    TimeLimit,
+    Stopped,
+    Crashed,
+}
+
+/// Waits for the worker until `deadline`, or until a signal asks to stop
+/// (looked at every 100 ms).
+fn wait(rx: &mpsc::Receiver<()>, deadline: Instant) -> Ended {
+    loop {
+        if TERM.load(Ordering::SeqCst) {
+            return Ended::Stopped;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ended::TimeLimit;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(()) => return Ended::Finished,
+            // The worker died (a panic): its checks are not all there.
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ended::Crashed,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
 }
 
 /// The drill's steps; each failure is a failed check, and the steps that

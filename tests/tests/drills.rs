@@ -504,27 +504,44 @@ fn a_killed_agent_leaves_no_drill_behind() {
     let (a, api) = start(&[]);
     let pg = Pg::init(1);
     let (mut agent, app, _) = setup(&a, &api, &pg, "db2");
-    let j = api.expect(
-        202,
-        "POST",
-        &format!("/v1/applications/{app}/drills"),
-        Some(json!({"probes": [{"sql": "SELECT pg_sleep(1000)", "expect": "x"}]})),
-    );
-    let id = j["id"].as_u64().unwrap();
-    let name = format!("drill-{app}-{id}");
-    // Hanging in its probe: clone made, attached, PostgreSQL running.
-    wait_for(300, "the drill's probe to run", || {
-        let lines = api.get(&format!("/v1/jobs/{id}/log"));
-        lines["lines"]
-            .as_array()?
-            .iter()
-            .any(|l| {
-                l["line"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("probe SELECT pg_sleep"))
-            })
-            .then_some(())
+    // A drill hanging in its probe: clone made, attached, PostgreSQL running.
+    let hung = || {
+        let j = api.expect(
+            202,
+            "POST",
+            &format!("/v1/applications/{app}/drills"),
+            Some(json!({"probes": [{"sql": "SELECT pg_sleep(1000)", "expect": "x"}]})),
+        );
+        let id = j["id"].as_u64().unwrap();
+        wait_for(300, "the drill's probe to run", || {
+            let lines = api.get(&format!("/v1/jobs/{id}/log"));
+            lines["lines"]
+                .as_array()?
+                .iter()
+                .any(|l| {
+                    l["line"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("probe SELECT pg_sleep"))
+                })
+                .then_some(())
+        });
+        (id, format!("drill-{app}-{id}"))
+    };
+    // Cancelled: the drill's process tears down before it exits.
+    let (id, name) = hung();
+    let pgdata = agent.state.path().join("mnt").join(&name).join("pgdata");
+    assert!(pgdata.join("postmaster.pid").exists());
+    api.expect(200, "POST", &format!("/v1/jobs/{id}/cancel"), None);
+    wait_for(120, "the drill job to be cancelled", || {
+        (job(&api, id)["state"] == "cancelled").then_some(())
     });
+    nothing_left(&api, &agent);
+    assert!(!pgdata.join("postmaster.pid").exists());
+    let ps = sh("ps -eo args");
+    assert!(!ps.contains(&name), "{ps}");
+
+    // Killed with its agent: the restarted agent cleans up.
+    let (id, name) = hung();
     assert!(agent.attachments().contains(&name));
     let pgdata = agent.state.path().join("mnt").join(&name).join("pgdata");
     assert!(pgdata.join("postmaster.pid").exists());
