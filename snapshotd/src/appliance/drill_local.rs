@@ -104,8 +104,14 @@ impl Appliance {
         };
         let me = self.self_arc()?;
         let app_id = app.id;
+        // What a restarted appliance needs to report the drill and delete
+        // its clone (drill-APP-JOB) if it stopped while the drill ran.
+        let params = serde_json::json!({"volume": plan.volume, "snapshot": plan.snapshot,
+            "rpo_seconds": plan.started_unix.saturating_sub(plan.created),
+            "rto_target": plan.rto_target, "rpo_target": plan.rpo_target,
+            "started_unix": plan.started_unix});
         self.jobs
-            .start("drill", &c.user, move |p| {
+            .start_for("drill", &c.user, Some(app_id), Some(params), move |p| {
                 let d = me.local_drill(p.id(), app_id, &plan, &fuse);
                 me.control.record_drill(&d);
                 serde_json::to_value(&d).map_err(|e| crate::error::Error::Failed(e.to_string()))

@@ -73,6 +73,19 @@ fn clone_job(name: &str) -> Option<u64> {
     job.parse().ok()
 }
 
+/// Whether clone `name` is the one drill job `j` made and `j` no longer
+/// runs: an agent's drill names it in its params, the appliance's own
+/// (local, no host) is named after its application and id.
+fn drill_clone_of(j: &Job, name: &str) -> bool {
+    if j.kind != "drill" || matches!(j.state.as_str(), "queued" | "running") {
+        return false;
+    }
+    match &j.host {
+        Some(_) => j.params.as_ref().and_then(|p| p["name"].as_str()) == Some(name),
+        None => j.application.is_some_and(|a| clone_name(a, j.id) == name),
+    }
+}
+
 /// Checks the drill fields of a protection policy.
 pub fn validate(p: &ProtectionPolicy) -> ApiResult<()> {
     let bad = |m: String| Err(ApiError::bad_request(m));
@@ -315,12 +328,29 @@ impl Control {
                 continue;
             }
             let j: Option<Job> = self.state.get(JOBS, job).map_err(st)?;
-            let ours = j.is_some_and(|j| {
-                j.kind == "drill"
-                    && j.params.as_ref().and_then(|p| p["name"].as_str()) == Some(v.name.as_str())
-            });
-            if ours {
+            if j.is_some_and(|j| drill_clone_of(&j, &v.name)) {
                 self.remove_clone_later(v.name.clone());
+            }
+        }
+        self.report_interrupted_drills()
+    }
+
+    /// Reports the appliance's own drills that a stop of the daemon
+    /// interrupted (their jobs were marked failed at the start, with no
+    /// report): a failed drill, its alert, the metric up to date.
+    fn report_interrupted_drills(&self) -> ApiResult<()> {
+        let lost: Vec<Job> = self
+            .state
+            .scan(JOBS, 0, usize::MAX, false, |j: &Job| {
+                j.kind == "drill" && j.host.is_none() && j.state == "failed"
+            })
+            .map_err(st)?;
+        for j in lost.into_iter().filter(|j| j.application.is_some()) {
+            let have: Option<Drill> = self.state.get(DRILLS, j.id).map_err(st)?;
+            if have.is_none() {
+                let mut d = report(&j);
+                d.host = "appliance".into();
+                self.record_drill(&d);
             }
         }
         Ok(())
@@ -553,6 +583,17 @@ mod tests {
         assert!(d.message.contains("went offline"), "{}", d.message);
         assert_eq!((d.application, d.snapshot, d.rpo_seconds), (3, 2, Some(50)));
         assert_eq!(clone_job(&clone_name(3, 17)), Some(17));
+        // A drill the appliance ran itself (no host, no clone name in its
+        // params) owns drill-APP-JOB once it no longer runs.
+        let mut local = job("failed", Value::Null);
+        local.host = None;
+        assert!(drill_clone_of(&local, &clone_name(3, 7)));
+        assert!(!drill_clone_of(&local, &clone_name(4, 7)));
+        local.state = "running".into();
+        assert!(!drill_clone_of(&local, &clone_name(3, 7)));
+        let mut agent = job("failed", Value::Null);
+        agent.params = Some(json!({"name": clone_name(3, 7)}));
+        assert!(drill_clone_of(&agent, &clone_name(3, 7)));
         assert_eq!(clone_job("drill-x-1"), None);
         assert_eq!(clone_job("prod"), None);
     }
