@@ -782,6 +782,27 @@ fn file_trees_are_drilled_on_the_appliance() {
     // The good point is still good, and no clone is left.
     let d = drill_local(json!({"snapshot": good}));
     assert_eq!(d["passed"], true, "{d:#}");
+    // A policy's drill schedule covers file trees too (the appliance runs
+    // them): due one interval after the policy is assigned.
+    policy(
+        &api,
+        json!({"name": "files-drill", "interval_seconds": 86400, "rpo_seconds": 172800,
+               "drill_interval_seconds": 3600, "drill_timeout_seconds": 300}),
+    );
+    assign(&api, id, Some("files-drill"));
+    advance(&api, 3601);
+    let j = wait_for(60, "the scheduled drill of the file tree", || {
+        jobs(&api, &format!("application={id}&kind=drill"))
+            .into_iter()
+            .find(|j| j["created_by"] == "scheduler")
+    });
+    let jid = j["id"].as_u64().unwrap();
+    let d = wait_for(300, "the scheduled drill's report", || {
+        let (s, d) = api.call("GET", &format!("/v1/drills/{jid}"), None);
+        (s == 200).then_some(d)
+    });
+    assert_eq!(d["host"], "appliance", "{d:#}");
+    check(&d, "fsck: disk (ext4)");
     let clones = api.get("/v1/clones");
     assert!(clones.as_array().unwrap().is_empty(), "{clones}");
 }

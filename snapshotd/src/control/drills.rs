@@ -356,6 +356,28 @@ impl Control {
         Ok(())
     }
 
+    /// Whether a drill of application `app` is queued or running: an
+    /// agent's in the queue, the appliance's own (local jobs, not in the
+    /// queue) by its record (looked up only when a drill is due).
+    fn drill_running(&self, app: u64) -> ApiResult<bool> {
+        let queued = lock(&self.active)
+            .values()
+            .any(|j| j.kind == "drill" && j.application == Some(app));
+        if queued {
+            return Ok(true);
+        }
+        let local: Vec<Job> = self
+            .state
+            .scan(JOBS, 0, 1, true, |j: &Job| {
+                j.kind == "drill"
+                    && j.host.is_none()
+                    && j.application == Some(app)
+                    && j.state == "running"
+            })
+            .map_err(st)?;
+        Ok(!local.is_empty())
+    }
+
     /// Queues the drills the policies say are due (the scheduler's tick).
     pub(super) fn run_drills(&self) -> ApiResult<()> {
         let policies = self.policy_map()?;
@@ -367,7 +389,8 @@ impl Control {
                 .and_then(|p| policies.get(p))
                 .and_then(|p| p.drill_interval_seconds);
             let due: Option<DrillDue> = self.state.get(DRILL_DUE, a.id).map_err(st)?;
-            let Some(interval) = interval.filter(|_| AGENT_KINDS.contains(&a.kind.as_str())) else {
+            let drilled = |k: &str| AGENT_KINDS.contains(&k) || LOCAL_KINDS.contains(&k);
+            let Some(interval) = interval.filter(|_| drilled(a.kind.as_str())) else {
                 if due.is_some() {
                     self.state.remove(DRILL_DUE, a.id).map_err(st)?;
                 }
@@ -393,10 +416,7 @@ impl Control {
             if now < due.next_unix {
                 continue;
             }
-            let busy = lock(&self.active)
-                .values()
-                .any(|j| j.kind == "drill" && j.application == Some(a.id));
-            if !busy {
+            if !self.drill_running(a.id)? {
                 let started = match self.drill_starter.get() {
                     Some(f) => f(&scheduler(), a.id, DrillCreate::default()),
                     None => self.start_drill(&scheduler(), a.id, DrillCreate::default()),
