@@ -327,6 +327,7 @@ fn start(
     };
     att.clone = Some(a.name.clone());
     att.temporary = true;
+    att.drill = true;
     let _ = attach::save(ctx, &att);
     {
         let mut g = lock(s);
@@ -612,16 +613,33 @@ pub fn stop_pg(r: &pg::Running, immediate: bool) -> std::result::Result<(), Stri
     }
 }
 
+/// A drill's attachment: marked so, or (saved by `attach` before the
+/// drill could mark it) named exactly `drill-APP-JOB` and attaching the
+/// clone of that name. A user's attachment whose name merely starts with
+/// `drill-` is not one.
+fn left_by_drill(a: &Attachment) -> bool {
+    if a.drill {
+        return true;
+    }
+    let numbered = a
+        .name
+        .strip_prefix(PREFIX)
+        .and_then(|r| r.split_once('-'))
+        .is_some_and(|(app, job)| {
+            [app, job]
+                .iter()
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+    numbered && a.export == a.name && a.clone.as_ref().is_none_or(|c| *c == a.name)
+}
+
 /// What an earlier run of the agent left of its drills (it crashed or was
 /// killed mid-drill): their PostgreSQL stopped, their attachments
 /// detached, their clones deleted (best effort: the appliance deletes
 /// them too). The names of what was cleaned.
 pub fn cleanup_stale(ctx: &Ctx) -> Vec<String> {
     let mut done = Vec::new();
-    for a in attach::list(ctx)
-        .into_iter()
-        .filter(|a| a.name.starts_with(PREFIX))
-    {
+    for a in attach::list(ctx).into_iter().filter(left_by_drill) {
         if let Some(r) = &a.postgres {
             if let Err(e) = stop_pg(r, true) {
                 tracing::warn!(attachment = %a.name, error = %e, "stale drill: PostgreSQL not stopped");
@@ -644,4 +662,28 @@ pub fn cleanup_stale(ctx: &Ctx) -> Vec<String> {
         let _ = std::fs::remove_dir(mnt.join(n));
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn att(name: &str, export: &str) -> Attachment {
+        serde_json::from_value(json!({"name": name, "export": export, "writable": true,
+            "device": "/dev/loop0", "fstype": "ext4", "mount": "/mnt/x", "pid": 0}))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_drill_attachments_count_as_left_by_drills() {
+        // A user's restores that merely look like drills are kept.
+        assert!(!left_by_drill(&att("drill-notes", "drill-notes")));
+        assert!(!left_by_drill(&att("drill-1-2", "prod@3")));
+        assert!(!left_by_drill(&att("drill-1-2x", "drill-1-2x")));
+        // A drill's, marked, or saved by attach before it was marked.
+        let mut a = att("drill-notes", "whatever");
+        a.drill = true;
+        assert!(left_by_drill(&a));
+        assert!(left_by_drill(&att("drill-3-17", "drill-3-17")));
+    }
 }
