@@ -265,7 +265,18 @@ fn work(ctx: &Ctx, a: &DrillArgs, vol: &str, id: u64, s: &State, t0: Instant) {
         check(s, "pg_amcheck", ok, out, t);
     }
     for p in &a.probes {
-        let Some(sql) = &p.sql else { continue };
+        let Some(sql) = &p.sql else {
+            // The appliance refuses these; one that got through fails.
+            let t = Instant::now();
+            check(
+                s,
+                "probe",
+                false,
+                format!("a PostgreSQL drill cannot run {p:?}: it needs \"sql\""),
+                t,
+            );
+            continue;
+        };
         if !step(s, &format!("probe {sql}")) {
             return;
         }

@@ -271,10 +271,20 @@ impl Appliance {
         }
         self.inspect_check(t, checks);
         for p in &plan.probes {
-            if let Some(path) = &p.path {
-                let t0 = Instant::now();
-                let (ok, out) = self.file_probe(t, path, p);
-                check(checks, &format!("file: {path}"), ok, out, t0);
+            let t0 = Instant::now();
+            match &p.path {
+                Some(path) => {
+                    let (ok, out) = self.file_probe(t, path, p);
+                    check(checks, &format!("file: {path}"), ok, out, t0);
+                }
+                // Refused when the drill is asked for; never skipped.
+                None => check(
+                    checks,
+                    "probe",
+                    false,
+                    format!("a file tree's drill cannot run {p:?}: it needs \"path\""),
+                    t0,
+                ),
             }
         }
     }

@@ -198,6 +198,7 @@ impl Control {
             .clone()
             .or_else(|| policy.as_ref().map(|p| p.drill_probes.clone()))
             .unwrap_or_default();
+        probes_fit(&app.kind, &probes)?;
         let timeout = req
             .timeout_seconds
             .or_else(|| policy.as_ref().and_then(|p| p.drill_timeout_seconds))
@@ -476,6 +477,20 @@ impl Control {
     }
 }
 
+/// Refuses probes the application's drill cannot run (a skipped probe
+/// would pass silently): SQL for a database, `path` for the rest.
+fn probes_fit(kind: &str, probes: &[DrillProbe]) -> ApiResult<()> {
+    let sql = AGENT_KINDS.contains(&kind);
+    match probes.iter().find(|p| p.sql.is_some() != sql) {
+        Some(p) => Err(ApiError::bad_request(format!(
+            "application of kind {kind} is drilled with {} probes, not {}",
+            if sql { "\"sql\"" } else { "\"path\"" },
+            serde_json::to_string(p).unwrap_or_default()
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn num(v: &Value, k: &str) -> Option<u64> {
     v.get(k).and_then(Value::as_u64)
 }
@@ -586,6 +601,23 @@ mod tests {
             result: Some(result),
             ..Job::default()
         }
+    }
+
+    #[test]
+    fn probes_must_fit_the_kind() {
+        let sql = DrillProbe {
+            sql: Some("select 1".into()),
+            expect: Some("1".into()),
+            ..DrillProbe::default()
+        };
+        let file = DrillProbe {
+            path: Some("/etc/hosts".into()),
+            ..DrillProbe::default()
+        };
+        assert!(probes_fit("postgresql", std::slice::from_ref(&sql)).is_ok());
+        assert!(probes_fit("files", std::slice::from_ref(&file)).is_ok());
+        assert!(probes_fit("postgresql", &[sql.clone(), file.clone()]).is_err());
+        assert!(probes_fit("vm", &[sql]).is_err());
     }
 
     #[test]
