@@ -377,11 +377,14 @@ fn start(
 
 /// What a drill's server must not do, on top of `prepare` (archiving off,
 /// no TCP listener) and its own network namespace (it can connect
-/// nowhere): follow a primary, send WAL, start logical-replication apply
+/// nowhere): follow a primary, start logical-replication apply
 /// workers (a subscriber's point would pull from the publisher with the
 /// real subscriber's slot), run pg_cron's jobs a second time. A dotted
 /// name is accepted as a placeholder when pg_cron is not loaded.
-const ISOLATION: &str = "# cdm-agent drill\nmax_wal_senders = 0\nprimary_conninfo = ''\nprimary_slot_name = ''\narchive_command = ''\nmax_logical_replication_workers = 0\ncron.launch_active_jobs = off\n";
+/// `max_wal_senders` keeps the point's value: a standby's point (hot
+/// standby) refuses to start below its primary's, and with no listener in
+/// an empty network namespace no WAL sender can be reached anyway.
+const ISOLATION: &str = "# cdm-agent drill\nprimary_conninfo = ''\nprimary_slot_name = ''\narchive_command = ''\nmax_logical_replication_workers = 0\ncron.launch_active_jobs = off\n";
 
 fn isolate(r: &pg::Running) -> Result<()> {
     use std::os::unix::fs::chown;
