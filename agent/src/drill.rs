@@ -173,7 +173,7 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
         });
     }
     let passed = !checks.is_empty() && checks.iter().all(|c| c.passed);
-    Ok(json!({
+    let mut report = json!({
         "kind": "drill",
         "snapshot": a.snapshot,
         "clone": a.name,
@@ -183,7 +183,13 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
         "bytes_copied": 0,
         "cleaned_up": cleanup.is_ok(),
         "seconds": t0.elapsed().as_secs_f64(),
-    }))
+    });
+    if ended == Ended::Stopped {
+        // The job runner then reports the job cancelled (or failed, when
+        // the agent stops), not a drill that ran to its end.
+        report["error"] = json!("the drill was stopped before it ended; torn down");
+    }
+    Ok(report)
 }
 
 /// SIGTERM or SIGINT received (a cancel, or the agent stopping: its runner
