@@ -43,6 +43,9 @@ pub struct Attachment {
     /// next backup if it was interrupted).
     #[serde(default)]
     pub temporary: bool,
+    /// A drill's (`cdm-agent drill`): a restarted agent tears it down.
+    #[serde(default)]
+    pub drill: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -456,6 +459,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Option<Chil
         clone: None,
         postgres: None,
         temporary: false,
+        drill: false,
     };
     if let Err(e) = save(ctx, &a) {
         let _ = cleanup(ctx, &a, device.child.as_mut());

@@ -15,6 +15,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -119,6 +120,11 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
             a.name
         );
     }
+    let mut a = a;
+    if a.port == 0 {
+        a.port = free_port()?;
+    }
+    on_term();
     let s: State = Arc::new(Mutex::new(Shared::default()));
     let (tx, rx) = mpsc::channel();
     {
@@ -131,23 +137,31 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
             })
             .map_err(|e| crate::err!(Host, "cannot start the drill: {e}"))?;
     }
-    let timed_out = rx.recv_timeout(a.timeout).is_err();
-    if timed_out {
+    let ended = wait(&rx, t0 + a.timeout);
+    if ended != Ended::Finished {
         let mut g = lock(&s);
         g.stopped = true;
         let at = g.step.clone();
-        g.checks.push(DrillCheck {
-            name: "time_limit".into(),
-            passed: false,
-            output: format!(
-                "the drill did not finish within {} s (it was at: {at}): stopped and cleaned up",
-                a.timeout.as_secs()
+        let (name, why) = match ended {
+            Ended::Stopped => (
+                "stopped",
+                "the drill was stopped (cancelled, or its agent is stopping)".to_string(),
             ),
+            Ended::Crashed => ("checks", "the drill's checks ended early".to_string()),
+            _ => (
+                "time_limit",
+                format!("the drill did not finish within {} s", a.timeout.as_secs()),
+            ),
+        };
+        g.checks.push(DrillCheck {
+            name: name.into(),
+            passed: false,
+            output: format!("{why} (it was at: {at}): stopped and cleaned up"),
             seconds: t0.elapsed().as_secs_f64(),
         });
-        tracing::warn!(step = %at, "drill: time limit reached");
+        tracing::warn!(step = %at, "drill: {why}");
     }
-    let cleanup = teardown(&ctx, &a.name, &s, timed_out);
+    let cleanup = teardown(&ctx, &a.name, &s, ended != Ended::Finished);
     let g = lock(&s);
     let mut checks = g.checks.clone();
     if let Err(e) = &cleanup {
@@ -159,7 +173,7 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
         });
     }
     let passed = !checks.is_empty() && checks.iter().all(|c| c.passed);
-    Ok(json!({
+    let mut report = json!({
         "kind": "drill",
         "snapshot": a.snapshot,
         "clone": a.name,
@@ -169,7 +183,66 @@ pub fn run(ctx: Arc<Ctx>, a: DrillArgs) -> Result<Value> {
         "bytes_copied": 0,
         "cleaned_up": cleanup.is_ok(),
         "seconds": t0.elapsed().as_secs_f64(),
-    }))
+    });
+    if ended == Ended::Stopped {
+        // The job runner then reports the job cancelled (or failed, when
+        // the agent stops), not a drill that ran to its end.
+        report["error"] = json!("the drill was stopped before it ended; torn down");
+    }
+    Ok(report)
+}
+
+/// SIGTERM or SIGINT received (a cancel, or the agent stopping: its runner
+/// signals the job's process group, then kills it 30 s later).
+static TERM: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    TERM.store(true, Ordering::SeqCst);
+}
+
+/// Turns SIGTERM and SIGINT into a stop of the drill with its teardown
+/// (their default, dying at once, would leave the postmaster and the disk
+/// server, both in sessions of their own, running on a clone that the
+/// appliance then deletes under them).
+fn on_term() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: installs a handler that only stores to an atomic.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    Finished,
+    TimeLimit,
+    Stopped,
+    Crashed,
+}
+
+/// Waits for the worker until `deadline`, or until a signal asks to stop
+/// (looked at every 100 ms).
+fn wait(rx: &mpsc::Receiver<()>, deadline: Instant) -> Ended {
+    loop {
+        if TERM.load(Ordering::SeqCst) {
+            return Ended::Stopped;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ended::TimeLimit;
+        }
+        match rx.recv_timeout(left.min(Duration::from_millis(100))) {
+            Ok(()) => return Ended::Finished,
+            // The worker died (a panic): its checks are not all there.
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Ended::Crashed,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
 }
 
 /// The drill's steps; each failure is a failed check, and the steps that
@@ -198,7 +271,18 @@ fn work(ctx: &Ctx, a: &DrillArgs, vol: &str, id: u64, s: &State, t0: Instant) {
         check(s, "pg_amcheck", ok, out, t);
     }
     for p in &a.probes {
-        let Some(sql) = &p.sql else { continue };
+        let Some(sql) = &p.sql else {
+            // The appliance refuses these; one that got through fails.
+            let t = Instant::now();
+            check(
+                s,
+                "probe",
+                false,
+                format!("a PostgreSQL drill cannot run {p:?}: it needs \"sql\""),
+                t,
+            );
+            continue;
+        };
         if !step(s, &format!("probe {sql}")) {
             return;
         }
@@ -260,6 +344,7 @@ fn start(
     };
     att.clone = Some(a.name.clone());
     att.temporary = true;
+    att.drill = true;
     let _ = attach::save(ctx, &att);
     {
         let mut g = lock(s);
@@ -279,7 +364,7 @@ fn start(
     att.postgres = Some(r.clone());
     let _ = attach::save(ctx, &att);
     lock(s).attachment = Some(att);
-    match pg::start(&r) {
+    match pg::start_in(&r, true) {
         Ok(_) => {
             let rto = t0.elapsed().as_secs_f64();
             lock(s).rto = Some(rto);
@@ -296,18 +381,34 @@ fn start(
     }
 }
 
-/// Replication off too (archiving is off and TCP closed by `prepare`): a
-/// drill's server must never send WAL anywhere nor follow a primary.
+/// What a drill's server must not do, on top of `prepare` (archiving off,
+/// no TCP listener) and its own network namespace (it can connect
+/// nowhere): follow a primary, start logical-replication apply
+/// workers (a subscriber's point would pull from the publisher with the
+/// real subscriber's slot), run pg_cron's jobs a second time. A dotted
+/// name is accepted as a placeholder when pg_cron is not loaded.
+/// `max_wal_senders` keeps the point's value: a standby's point (hot
+/// standby) refuses to start below its primary's, and with no listener in
+/// an empty network namespace no WAL sender can be reached anyway.
+const ISOLATION: &str = "# cdm-agent drill\nprimary_conninfo = ''\nprimary_slot_name = ''\narchive_command = ''\nmax_logical_replication_workers = 0\ncron.launch_active_jobs = off\n";
+
 fn isolate(r: &pg::Running) -> Result<()> {
     use std::os::unix::fs::chown;
     let auto = r.pgdata.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
-    text.push_str(
-        "# cdm-agent drill\nmax_wal_senders = 0\nprimary_conninfo = ''\nprimary_slot_name = ''\narchive_command = ''\n",
-    );
+    text.push_str(ISOLATION);
     std::fs::write(&auto, text)?;
     chown(&auto, Some(r.uid), Some(r.gid))?;
     Ok(())
+}
+
+/// A TCP port free on this host now: the drill's server (in its own
+/// network namespace, without a listener) never shares production's port
+/// number, so nothing that reads `port` can mistake one for the other.
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| crate::err!(Host, "no free port for the drill's server: {e}"))?;
+    Ok(l.local_addr()?.port())
 }
 
 fn consistency(c: &pg::Conn, r: &pg::Running) -> (bool, String) {
@@ -532,16 +633,33 @@ pub fn stop_pg(r: &pg::Running, immediate: bool) -> std::result::Result<(), Stri
     }
 }
 
+/// A drill's attachment: marked so, or (saved by `attach` before the
+/// drill could mark it) named exactly `drill-APP-JOB` and attaching the
+/// clone of that name. A user's attachment whose name merely starts with
+/// `drill-` is not one.
+fn left_by_drill(a: &Attachment) -> bool {
+    if a.drill {
+        return true;
+    }
+    let numbered = a
+        .name
+        .strip_prefix(PREFIX)
+        .and_then(|r| r.split_once('-'))
+        .is_some_and(|(app, job)| {
+            [app, job]
+                .iter()
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        });
+    numbered && a.export == a.name && a.clone.as_ref().is_none_or(|c| *c == a.name)
+}
+
 /// What an earlier run of the agent left of its drills (it crashed or was
 /// killed mid-drill): their PostgreSQL stopped, their attachments
 /// detached, their clones deleted (best effort: the appliance deletes
 /// them too). The names of what was cleaned.
 pub fn cleanup_stale(ctx: &Ctx) -> Vec<String> {
     let mut done = Vec::new();
-    for a in attach::list(ctx)
-        .into_iter()
-        .filter(|a| a.name.starts_with(PREFIX))
-    {
+    for a in attach::list(ctx).into_iter().filter(left_by_drill) {
         if let Some(r) = &a.postgres {
             if let Err(e) = stop_pg(r, true) {
                 tracing::warn!(attachment = %a.name, error = %e, "stale drill: PostgreSQL not stopped");
@@ -564,4 +682,28 @@ pub fn cleanup_stale(ctx: &Ctx) -> Vec<String> {
         let _ = std::fs::remove_dir(mnt.join(n));
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn att(name: &str, export: &str) -> Attachment {
+        serde_json::from_value(json!({"name": name, "export": export, "writable": true,
+            "device": "/dev/loop0", "fstype": "ext4", "mount": "/mnt/x", "pid": 0}))
+        .unwrap()
+    }
+
+    #[test]
+    fn only_drill_attachments_count_as_left_by_drills() {
+        // A user's restores that merely look like drills are kept.
+        assert!(!left_by_drill(&att("drill-notes", "drill-notes")));
+        assert!(!left_by_drill(&att("drill-1-2", "prod@3")));
+        assert!(!left_by_drill(&att("drill-1-2x", "drill-1-2x")));
+        // A drill's, marked, or saved by attach before it was marked.
+        let mut a = att("drill-notes", "whatever");
+        a.drill = true;
+        assert!(left_by_drill(&a));
+        assert!(left_by_drill(&att("drill-3-17", "drill-3-17")));
+    }
 }

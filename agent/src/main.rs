@@ -113,8 +113,9 @@ enum Cmd {
         /// Probes: a JSON array of {"sql", "expect", "database"?}.
         #[arg(long, default_value = "[]")]
         probes: String,
-        /// The port that names the server's socket (it listens on no TCP port).
-        #[arg(long, default_value_t = 5432)]
+        /// The port that names the server's socket (it listens on no TCP
+        /// port); 0: one free on this host, never production's.
+        #[arg(long, default_value_t = 0)]
         port: u16,
     },
     /// The long-running agent: enrols once, heartbeats, discovers what it

@@ -543,13 +543,11 @@ pub fn prepare(root: &Path, port: u16, cluster: &str) -> Result<Running> {
     chown(&log, Some(uid), Some(gid))?;
     let auto = pgdata.join("postgresql.auto.conf");
     let mut text = std::fs::read_to_string(&auto).unwrap_or_default();
-    // recovery_init_sync_method = syncfs: the copy has nothing unsynced,
-    // and one syncfs beats opening and fsyncing every file before replay.
-    text.push_str(&format!(
-        "\n# cdm-agent restore\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\narchive_mode = off\ncluster_name = '{}'\nrecovery_init_sync_method = syncfs\n",
-        sock.display(),
-        cluster.replace('\'', "")
-    ));
+    let major = std::fs::read_to_string(pgdata.join("PG_VERSION"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .unwrap_or(0);
+    text.push_str(&copy_settings(major, port, &sock, cluster));
     std::fs::write(&auto, text)?;
     chown(&auto, Some(uid), Some(gid))?;
     let _ = std::fs::remove_file(pgdata.join("postmaster.pid"));
@@ -562,6 +560,28 @@ pub fn prepare(root: &Path, port: u16, cluster: &str) -> Result<Running> {
         uid,
         gid,
     })
+}
+
+/// What a copy's postgresql.auto.conf gets (the last setting wins over
+/// both configuration files). Every setting that names a path outside the
+/// data directory is pointed inside it or turned off, so a copy never
+/// writes where production does: its socket directory, the pid file, the
+/// statistics directory (Debian points PostgreSQL <= 14's
+/// `stats_temp_directory` at /var/run/postgresql/NN-main.pg_stat_tmp;
+/// the setting is gone in 15) and the log (no collector: `pg_ctl -l`
+/// writes it beside the copy). recovery_init_sync_method = syncfs: the
+/// copy has nothing unsynced, and one syncfs beats opening and fsyncing
+/// every file before replay.
+fn copy_settings(major: u32, port: u16, sock: &Path, cluster: &str) -> String {
+    let mut t = format!(
+        "\n# cdm-agent restore\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\narchive_mode = off\ncluster_name = '{}'\nrecovery_init_sync_method = syncfs\nexternal_pid_file = ''\nlogging_collector = off\n",
+        sock.display().to_string().replace('\'', ""),
+        cluster.replace('\'', "")
+    );
+    if (1..=14).contains(&major) {
+        t.push_str("stats_temp_directory = 'pg_stat_tmp'\n");
+    }
+    t
 }
 
 fn as_owner(r: &Running, prog: &Path) -> Command {
@@ -577,6 +597,40 @@ fn as_owner(r: &Running, prog: &Path) -> Command {
 
 /// Starts PostgreSQL and waits until a query answers; the time that took.
 pub fn start(r: &Running) -> Result<Duration> {
+    start_in(r, false)
+}
+
+/// `pg_ctl`, run as the data directory's owner; with `netns`, in a new,
+/// empty network namespace (`unshare --net`), which the postmaster and all
+/// its children inherit: only its own loopback, brought up so that
+/// PostgreSQL <= 14's statistics collector gets its UDP socket (nothing
+/// of the host's listens there). Its Unix socket, a file, still answers
+/// from the host's namespace.
+fn pg_ctl(r: &Running, netns: bool) -> Command {
+    let prog = r.bindir.join("pg_ctl");
+    if !netns {
+        return as_owner(r, &prog);
+    }
+    let mut c = Command::new("unshare");
+    c.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up 2>/dev/null; exec \"$0\" \"$@\"",
+        "setpriv",
+        &format!("--reuid={}", r.uid),
+        &format!("--regid={}", r.gid),
+        "--init-groups",
+    ])
+    .arg(prog);
+    c
+}
+
+/// [`start`], the server in its own empty network namespace when `netns`:
+/// it can connect nowhere (no production server on localhost, no
+/// publisher, no primary), whatever its configuration says.
+pub fn start_in(r: &Running, netns: bool) -> Result<Duration> {
     let t = Instant::now();
     let fail = |why: String| {
         let log = std::fs::read_to_string(&r.log).unwrap_or_default();
@@ -590,7 +644,7 @@ pub fn start(r: &Running) -> Result<Duration> {
     // pg_ctl -W returns once the postmaster is launched; this loop then
     // waits for the first answered query itself (pg_ctl -w polls only every
     // 100 ms).
-    run(as_owner(r, &r.bindir.join("pg_ctl"))
+    run(pg_ctl(r, netns)
         .arg("-D")
         .arg(&r.pgdata)
         .arg("-l")
@@ -653,6 +707,27 @@ pub fn owner_name(uid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_write_nothing_outside_their_data_directory() {
+        let sock = Path::new("/srv/cdm/mnt/drill-1-2/run");
+        let pg14 = copy_settings(14, 40123, sock, "drill-1-2");
+        for want in [
+            "port = 40123\n",
+            "listen_addresses = ''\n",
+            "unix_socket_directories = '/srv/cdm/mnt/drill-1-2/run'\n",
+            "archive_mode = off\n",
+            "external_pid_file = ''\n",
+            "logging_collector = off\n",
+            "stats_temp_directory = 'pg_stat_tmp'\n",
+        ] {
+            assert!(pg14.contains(want), "{want} missing from {pg14}");
+        }
+        // The setting is gone in 15: writing it would stop the server.
+        let pg15 = copy_settings(15, 40123, sock, "drill-1-2");
+        assert!(!pg15.contains("stats_temp_directory"), "{pg15}");
+        assert!(pg15.contains("logging_collector = off"), "{pg15}");
+    }
 
     #[test]
     fn lsn_and_wal_names() {

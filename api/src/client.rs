@@ -627,7 +627,7 @@ impl Client {
     /// Re-reads a snapshot's extents on the appliance, checksums verified.
     pub fn verify_snapshot(&self, volume: &str, id: u64) -> Result<crate::drills::SnapshotVerify> {
         self.call(
-            "GET",
+            "POST",
             &format!("/v1/volumes/{}/snapshots/{id}/verify", e(volume)),
             None,
         )

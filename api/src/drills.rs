@@ -165,7 +165,7 @@ pub trait DrillBackend {
     fn verify_snapshot(&self, volume: &str, snapshot: u64) -> ApiResult<SnapshotVerify>;
 }
 
-/// `GET /v1/volumes/{name}/snapshots/{id}/verify`: a scrub of one point.
+/// `POST /v1/volumes/{name}/snapshots/{id}/verify`: a scrub of one point.
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default, PartialEq)]
 pub struct SnapshotVerify {
     pub volume: String,
@@ -185,7 +185,7 @@ pub fn routes() -> Router<AppState> {
         .route("/drills/{id}", get(drill))
         .route(
             "/volumes/{name}/snapshots/{id}/verify",
-            get(verify_snapshot),
+            post(verify_snapshot),
         )
 }
 
@@ -233,11 +233,15 @@ async fn drill(State(s): State<AppState>, Path(id): Path<String>) -> ApiResult<J
     Ok(Json(run(&s, move |b| b.drill(id)).await?))
 }
 
-#[utoipa::path(get, path = "/v1/volumes/{name}/snapshots/{id}/verify", params(("name" = String, Path), ("id" = u64, Path)), responses((status = 200, body = SnapshotVerify), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+/// It reads the whole point: an operator's (or admin's) request, or the
+/// host's whose drill job holds the point (checked by the appliance).
+#[utoipa::path(post, path = "/v1/volumes/{name}/snapshots/{id}/verify", params(("name" = String, Path), ("id" = u64, Path)), responses((status = 200, body = SnapshotVerify), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn verify_snapshot(
     State(s): State<AppState>,
+    Extension(c): Extension<Caller>,
     Path((name, id)): Path<(String, String)>,
 ) -> ApiResult<Json<SnapshotVerify>> {
+    c.require(Action::Write)?;
     check_name("volume", &name)?;
     let id = parse_id(&id, "snapshot")?;
     Ok(Json(run(&s, move |b| b.verify_snapshot(&name, id)).await?))

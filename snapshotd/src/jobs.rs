@@ -74,6 +74,23 @@ impl Jobs {
     where
         F: FnOnce(&Progress) -> crate::error::Result<Value> + Send + 'static,
     {
+        self.start_for(kind, by, None, None, body)
+    }
+
+    /// [`Jobs::start`] for a job about one application, with the params
+    /// that say what it does (kept in its record: what a restarted daemon
+    /// needs to clean up after it).
+    pub fn start_for<F>(
+        self: &Arc<Self>,
+        kind: &str,
+        by: &str,
+        application: Option<u64>,
+        params: Option<Value>,
+        body: F,
+    ) -> Result<Job, StateError>
+    where
+        F: FnOnce(&Progress) -> crate::error::Result<Value> + Send + 'static,
+    {
         let now = self.clock.now();
         let job = self.state.append(JOBS, Sync::Now, |id| Job {
             id,
@@ -86,6 +103,8 @@ impl Jobs {
             created_by: by.to_string(),
             created_unix: now,
             started_unix: Some(now),
+            application,
+            params,
             ..Job::default()
         })?;
         lock(&self.running).insert(job.id, job.clone());

@@ -227,11 +227,19 @@ fn drills_prove_good_points_and_fail_wrong_damaged_and_hung_ones() {
     let rows = psql(&pg.sock, pg.port, "SELECT count(*) FROM pgbench_accounts");
     let used_before = api.get("/v1/pool")["used_bytes"].as_u64();
 
-    // A good point: every check passes, RTO and RPO measured.
+    // A good point: every check passes, RTO and RPO measured. The drill's
+    // server runs in its own network namespace: it cannot reach a port
+    // listening on this host's loopback (production's, a publisher's).
+    let outside = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let net_probe = format!(
+        "CREATE TEMP TABLE net(x text); COPY net FROM PROGRAM 'bash -c \"(: </dev/tcp/127.0.0.1/{}) 2>/dev/null && echo connected || echo isolated\"'; SELECT x FROM net",
+        outside.local_addr().unwrap().port()
+    );
     let d = drill(
         &api,
         app,
-        json!({"probes": [{"sql": "SELECT count(*) FROM pgbench_accounts", "expect": format!(">= {rows}")}]}),
+        json!({"probes": [{"sql": "SELECT count(*) FROM pgbench_accounts", "expect": format!(">= {rows}")},
+                          {"sql": net_probe, "expect": "isolated"}]}),
         &agent,
     );
     assert_eq!(d["passed"], true, "{d:#}\n{}", agent.log());
@@ -247,6 +255,8 @@ fn drills_prove_good_points_and_fail_wrong_damaged_and_hung_ones() {
     }
     let probe = check(&d, "probe: SELECT count(*) FROM pgbench_accounts");
     assert_eq!(probe["passed"], true, "{probe}");
+    let net = check(&d, &format!("probe: {net_probe}"));
+    assert_eq!(net["passed"], true, "{net}");
     assert!(
         check(&d, "scrub")["output"]
             .as_str()
@@ -494,27 +504,44 @@ fn a_killed_agent_leaves_no_drill_behind() {
     let (a, api) = start(&[]);
     let pg = Pg::init(1);
     let (mut agent, app, _) = setup(&a, &api, &pg, "db2");
-    let j = api.expect(
-        202,
-        "POST",
-        &format!("/v1/applications/{app}/drills"),
-        Some(json!({"probes": [{"sql": "SELECT pg_sleep(1000)", "expect": "x"}]})),
-    );
-    let id = j["id"].as_u64().unwrap();
-    let name = format!("drill-{app}-{id}");
-    // Hanging in its probe: clone made, attached, PostgreSQL running.
-    wait_for(300, "the drill's probe to run", || {
-        let lines = api.get(&format!("/v1/jobs/{id}/log"));
-        lines["lines"]
-            .as_array()?
-            .iter()
-            .any(|l| {
-                l["line"]
-                    .as_str()
-                    .is_some_and(|s| s.contains("probe SELECT pg_sleep"))
-            })
-            .then_some(())
+    // A drill hanging in its probe: clone made, attached, PostgreSQL running.
+    let hung = || {
+        let j = api.expect(
+            202,
+            "POST",
+            &format!("/v1/applications/{app}/drills"),
+            Some(json!({"probes": [{"sql": "SELECT pg_sleep(1000)", "expect": "x"}]})),
+        );
+        let id = j["id"].as_u64().unwrap();
+        wait_for(300, "the drill's probe to run", || {
+            let lines = api.get(&format!("/v1/jobs/{id}/log"));
+            lines["lines"]
+                .as_array()?
+                .iter()
+                .any(|l| {
+                    l["line"]
+                        .as_str()
+                        .is_some_and(|s| s.contains("probe SELECT pg_sleep"))
+                })
+                .then_some(())
+        });
+        (id, format!("drill-{app}-{id}"))
+    };
+    // Cancelled: the drill's process tears down before it exits.
+    let (id, name) = hung();
+    let pgdata = agent.state.path().join("mnt").join(&name).join("pgdata");
+    assert!(pgdata.join("postmaster.pid").exists());
+    api.expect(200, "POST", &format!("/v1/jobs/{id}/cancel"), None);
+    wait_for(120, "the drill job to be cancelled", || {
+        (job(&api, id)["state"] == "cancelled").then_some(())
     });
+    nothing_left(&api, &agent);
+    assert!(!pgdata.join("postmaster.pid").exists());
+    let ps = sh("ps -eo args");
+    assert!(!ps.contains(&name), "{ps}");
+
+    // Killed with its agent: the restarted agent cleans up.
+    let (id, name) = hung();
     assert!(agent.attachments().contains(&name));
     let pgdata = agent.state.path().join("mnt").join(&name).join("pgdata");
     assert!(pgdata.join("postmaster.pid").exists());
@@ -755,6 +782,27 @@ fn file_trees_are_drilled_on_the_appliance() {
     // The good point is still good, and no clone is left.
     let d = drill_local(json!({"snapshot": good}));
     assert_eq!(d["passed"], true, "{d:#}");
+    // A policy's drill schedule covers file trees too (the appliance runs
+    // them): due one interval after the policy is assigned.
+    policy(
+        &api,
+        json!({"name": "files-drill", "interval_seconds": 86400, "rpo_seconds": 172800,
+               "drill_interval_seconds": 3600, "drill_timeout_seconds": 300}),
+    );
+    assign(&api, id, Some("files-drill"));
+    advance(&api, 3601);
+    let j = wait_for(60, "the scheduled drill of the file tree", || {
+        jobs(&api, &format!("application={id}&kind=drill"))
+            .into_iter()
+            .find(|j| j["created_by"] == "scheduler")
+    });
+    let jid = j["id"].as_u64().unwrap();
+    let d = wait_for(300, "the scheduled drill's report", || {
+        let (s, d) = api.call("GET", &format!("/v1/drills/{jid}"), None);
+        (s == 200).then_some(d)
+    });
+    assert_eq!(d["host"], "appliance", "{d:#}");
+    check(&d, "fsck: disk (ext4)");
     let clones = api.get("/v1/clones");
     assert!(clones.as_array().unwrap().is_empty(), "{clones}");
 }

@@ -1115,9 +1115,9 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        get: operations["verify_snapshot"];
+        get?: never;
         put?: never;
-        post?: never;
+        post: operations["verify_snapshot"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2148,7 +2148,7 @@ export interface components {
             /** @description Any JSON object kept with the snapshot (backup job, LSN, host…). */
             metadata?: unknown;
         };
-        /** @description `GET /v1/volumes/{name}/snapshots/{id}/verify`: a scrub of one point. */
+        /** @description `POST /v1/volumes/{name}/snapshots/{id}/verify`: a scrub of one point. */
         SnapshotVerify: {
             /**
              * Format: int64
@@ -4995,6 +4995,14 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["SnapshotVerify"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             404: {

@@ -53,6 +53,8 @@ impl Appliance {
             ("GET" | "HEAD", ["snapshots"]) => HostUse::Read(None),
             ("GET" | "HEAD", ["snapshots", id, ..]) => HostUse::Read(Some(snap(id)?)),
             ("POST", ["snapshots", id, "clones"]) => HostUse::Clone(snap(id)?),
+            // Reads the point only (a drill's scrub).
+            ("POST", ["snapshots", id, "verify"]) => HostUse::Read(Some(snap(id)?)),
             _ => HostUse::Write,
         };
         self.host_volume_access(c, vol, what, None)

@@ -104,8 +104,14 @@ impl Appliance {
         };
         let me = self.self_arc()?;
         let app_id = app.id;
+        // What a restarted appliance needs to report the drill and delete
+        // its clone (drill-APP-JOB) if it stopped while the drill ran.
+        let params = serde_json::json!({"volume": plan.volume, "snapshot": plan.snapshot,
+            "rpo_seconds": plan.started_unix.saturating_sub(plan.created),
+            "rto_target": plan.rto_target, "rpo_target": plan.rpo_target,
+            "started_unix": plan.started_unix});
         self.jobs
-            .start("drill", &c.user, move |p| {
+            .start_for("drill", &c.user, Some(app_id), Some(params), move |p| {
                 let d = me.local_drill(p.id(), app_id, &plan, &fuse);
                 me.control.record_drill(&d);
                 serde_json::to_value(&d).map_err(|e| crate::error::Error::Failed(e.to_string()))
@@ -265,10 +271,20 @@ impl Appliance {
         }
         self.inspect_check(t, checks);
         for p in &plan.probes {
-            if let Some(path) = &p.path {
-                let t0 = Instant::now();
-                let (ok, out) = self.file_probe(t, path, p);
-                check(checks, &format!("file: {path}"), ok, out, t0);
+            let t0 = Instant::now();
+            match &p.path {
+                Some(path) => {
+                    let (ok, out) = self.file_probe(t, path, p);
+                    check(checks, &format!("file: {path}"), ok, out, t0);
+                }
+                // Refused when the drill is asked for; never skipped.
+                None => check(
+                    checks,
+                    "probe",
+                    false,
+                    format!("a file tree's drill cannot run {p:?}: it needs \"path\""),
+                    t0,
+                ),
             }
         }
     }

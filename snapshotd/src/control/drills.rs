@@ -73,6 +73,19 @@ fn clone_job(name: &str) -> Option<u64> {
     job.parse().ok()
 }
 
+/// Whether clone `name` is the one drill job `j` made and `j` no longer
+/// runs: an agent's drill names it in its params, the appliance's own
+/// (local, no host) is named after its application and id.
+fn drill_clone_of(j: &Job, name: &str) -> bool {
+    if j.kind != "drill" || matches!(j.state.as_str(), "queued" | "running") {
+        return false;
+    }
+    match &j.host {
+        Some(_) => j.params.as_ref().and_then(|p| p["name"].as_str()) == Some(name),
+        None => j.application.is_some_and(|a| clone_name(a, j.id) == name),
+    }
+}
+
 /// Checks the drill fields of a protection policy.
 pub fn validate(p: &ProtectionPolicy) -> ApiResult<()> {
     let bad = |m: String| Err(ApiError::bad_request(m));
@@ -185,6 +198,7 @@ impl Control {
             .clone()
             .or_else(|| policy.as_ref().map(|p| p.drill_probes.clone()))
             .unwrap_or_default();
+        probes_fit(&app.kind, &probes)?;
         let timeout = req
             .timeout_seconds
             .or_else(|| policy.as_ref().and_then(|p| p.drill_timeout_seconds))
@@ -315,15 +329,54 @@ impl Control {
                 continue;
             }
             let j: Option<Job> = self.state.get(JOBS, job).map_err(st)?;
-            let ours = j.is_some_and(|j| {
-                j.kind == "drill"
-                    && j.params.as_ref().and_then(|p| p["name"].as_str()) == Some(v.name.as_str())
-            });
-            if ours {
+            if j.is_some_and(|j| drill_clone_of(&j, &v.name)) {
                 self.remove_clone_later(v.name.clone());
             }
         }
+        self.report_interrupted_drills()
+    }
+
+    /// Reports the appliance's own drills that a stop of the daemon
+    /// interrupted (their jobs were marked failed at the start, with no
+    /// report): a failed drill, its alert, the metric up to date.
+    fn report_interrupted_drills(&self) -> ApiResult<()> {
+        let lost: Vec<Job> = self
+            .state
+            .scan(JOBS, 0, usize::MAX, false, |j: &Job| {
+                j.kind == "drill" && j.host.is_none() && j.state == "failed"
+            })
+            .map_err(st)?;
+        for j in lost.into_iter().filter(|j| j.application.is_some()) {
+            let have: Option<Drill> = self.state.get(DRILLS, j.id).map_err(st)?;
+            if have.is_none() {
+                let mut d = report(&j);
+                d.host = "appliance".into();
+                self.record_drill(&d);
+            }
+        }
         Ok(())
+    }
+
+    /// Whether a drill of application `app` is queued or running: an
+    /// agent's in the queue, the appliance's own (local jobs, not in the
+    /// queue) by its record (looked up only when a drill is due).
+    fn drill_running(&self, app: u64) -> ApiResult<bool> {
+        let queued = lock(&self.active)
+            .values()
+            .any(|j| j.kind == "drill" && j.application == Some(app));
+        if queued {
+            return Ok(true);
+        }
+        let local: Vec<Job> = self
+            .state
+            .scan(JOBS, 0, 1, true, |j: &Job| {
+                j.kind == "drill"
+                    && j.host.is_none()
+                    && j.application == Some(app)
+                    && j.state == "running"
+            })
+            .map_err(st)?;
+        Ok(!local.is_empty())
     }
 
     /// Queues the drills the policies say are due (the scheduler's tick).
@@ -337,7 +390,8 @@ impl Control {
                 .and_then(|p| policies.get(p))
                 .and_then(|p| p.drill_interval_seconds);
             let due: Option<DrillDue> = self.state.get(DRILL_DUE, a.id).map_err(st)?;
-            let Some(interval) = interval.filter(|_| AGENT_KINDS.contains(&a.kind.as_str())) else {
+            let drilled = |k: &str| AGENT_KINDS.contains(&k) || LOCAL_KINDS.contains(&k);
+            let Some(interval) = interval.filter(|_| drilled(a.kind.as_str())) else {
                 if due.is_some() {
                     self.state.remove(DRILL_DUE, a.id).map_err(st)?;
                 }
@@ -363,10 +417,7 @@ impl Control {
             if now < due.next_unix {
                 continue;
             }
-            let busy = lock(&self.active)
-                .values()
-                .any(|j| j.kind == "drill" && j.application == Some(a.id));
-            if !busy {
+            if !self.drill_running(a.id)? {
                 let started = match self.drill_starter.get() {
                     Some(f) => f(&scheduler(), a.id, DrillCreate::default()),
                     None => self.start_drill(&scheduler(), a.id, DrillCreate::default()),
@@ -423,6 +474,20 @@ impl Control {
             .into_iter()
             .map(|d| (d.application, (d.passed, d.rto_seconds)))
             .collect())
+    }
+}
+
+/// Refuses probes the application's drill cannot run (a skipped probe
+/// would pass silently): SQL for a database, `path` for the rest.
+fn probes_fit(kind: &str, probes: &[DrillProbe]) -> ApiResult<()> {
+    let sql = AGENT_KINDS.contains(&kind);
+    match probes.iter().find(|p| p.sql.is_some() != sql) {
+        Some(p) => Err(ApiError::bad_request(format!(
+            "application of kind {kind} is drilled with {} probes, not {}",
+            if sql { "\"sql\"" } else { "\"path\"" },
+            serde_json::to_string(p).unwrap_or_default()
+        ))),
+        None => Ok(()),
     }
 }
 
@@ -539,6 +604,23 @@ mod tests {
     }
 
     #[test]
+    fn probes_must_fit_the_kind() {
+        let sql = DrillProbe {
+            sql: Some("select 1".into()),
+            expect: Some("1".into()),
+            ..DrillProbe::default()
+        };
+        let file = DrillProbe {
+            path: Some("/etc/hosts".into()),
+            ..DrillProbe::default()
+        };
+        assert!(probes_fit("postgresql", std::slice::from_ref(&sql)).is_ok());
+        assert!(probes_fit("files", std::slice::from_ref(&file)).is_ok());
+        assert!(probes_fit("postgresql", &[sql.clone(), file.clone()]).is_err());
+        assert!(probes_fit("vm", &[sql]).is_err());
+    }
+
+    #[test]
     fn reports_compare_targets_and_say_why() {
         let ok = json!({"passed": true, "rto_seconds": 1.5,
             "checks": [{"name": "pg_amcheck", "passed": true, "output": "", "seconds": 0.4}]});
@@ -553,6 +635,17 @@ mod tests {
         assert!(d.message.contains("went offline"), "{}", d.message);
         assert_eq!((d.application, d.snapshot, d.rpo_seconds), (3, 2, Some(50)));
         assert_eq!(clone_job(&clone_name(3, 17)), Some(17));
+        // A drill the appliance ran itself (no host, no clone name in its
+        // params) owns drill-APP-JOB once it no longer runs.
+        let mut local = job("failed", Value::Null);
+        local.host = None;
+        assert!(drill_clone_of(&local, &clone_name(3, 7)));
+        assert!(!drill_clone_of(&local, &clone_name(4, 7)));
+        local.state = "running".into();
+        assert!(!drill_clone_of(&local, &clone_name(3, 7)));
+        let mut agent = job("failed", Value::Null);
+        agent.params = Some(json!({"name": clone_name(3, 7)}));
+        assert!(drill_clone_of(&agent, &clone_name(3, 7)));
         assert_eq!(clone_job("drill-x-1"), None);
         assert_eq!(clone_job("prod"), None);
     }
