@@ -1117,6 +1117,10 @@ export interface paths {
         };
         get?: never;
         put?: never;
+        /**
+         * It reads the whole point: an operator's (or admin's) request, or the
+         *     host's whose drill job holds the point (checked by the appliance).
+         */
         post: operations["verify_snapshot"];
         delete?: never;
         options?: never;
