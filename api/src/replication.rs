@@ -179,7 +179,8 @@ pub struct Link {
     pub bandwidth_windows: Vec<String>,
     pub rpo_seconds: u64,
     pub enabled: bool,
-    /// Encrypted volumes are sent as ciphertext (see [`LinkCreate::raw`]).
+    /// Encrypted volumes are sent as stored ciphertext (sealed volumes
+    /// always are).
     #[serde(default)]
     pub raw: bool,
     /// `idle`, `running`, `failing` or `paused`.
