@@ -213,6 +213,15 @@ fn raw_links_carry_ciphertext_to_appliances_without_the_key_and_back() {
         key_file.to_str().unwrap(),
     ]);
     assert_eq!(c.api().get("/v1/volumes/v")["key_loaded"], true);
+    // The loads are audited; no key is in the audit log or the daemon's log.
+    let audit = c.api().get("/v1/audit").to_string();
+    assert!(audit.contains("/v1/volumes/v/key"), "{audit}");
+    for k in [hex::encode(KEY_A), hex::encode(wrong)] {
+        assert!(
+            !audit.contains(&k) && !c.log().contains(&k),
+            "a key was logged"
+        );
+    }
     same_points(
         &a,
         &[(p1, point_id(&ida, p1)), (p2, point_id(&ida, p2))],
