@@ -237,3 +237,46 @@ fn raw_refusals_plain_volumes_foreign_seals_and_appliances_without_the_key() {
     let e = send(&b, &ids[1], &x, "v", false).unwrap_err();
     assert!(e.is("key_required"), "{e}");
 }
+
+#[test]
+fn a_cut_raw_transfer_resumes_under_its_seal_and_only_under_it() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids: Vec<String> = dirs.iter().map(|d| identity_of(d.path())).collect();
+    let a_id = PeerId {
+        name: "a".into(),
+        identity: ids[0].clone(),
+        cert_sha256: "cert-0".into(),
+    };
+    let a = Tgt::start_keyed(dirs[0].path(), a_id.clone(), Some(key()));
+    let b = Tgt::start(dirs[1].path(), a_id);
+    a.pool
+        .create_volume_with("v", SIZE, BS, encrypted())
+        .unwrap();
+    write_random(&a.pool, "v", &mut rng, 800);
+    let p1 = snap(&a.pool, "v", "p1");
+    // Cut after the first batch: the session stays, sealed, at batch 1.
+    b.faults.cut_after.store(1, Ordering::SeqCst);
+    send(&a, &ids[0], &b, "v", true).unwrap_err();
+    let s = sessions::get(&b.state, "v").unwrap().unwrap();
+    assert_eq!(s.acked, 1);
+    assert!(s.seal.is_some() && !s.unseal);
+    b.faults.cut_after.store(0, Ordering::SeqCst);
+    // A send that is not raw does not take it up: its token binds no seal.
+    let e = send(&a, &ids[0], &b, "v", false).unwrap_err();
+    assert!(e.is("seal_mismatch"), "{e}");
+    let rec = e.records.last().unwrap();
+    assert!(rec.message.contains("stale session"), "{}", rec.message);
+    // The raw point starts over (its session was discarded) and lands.
+    b.faults.puts.store(0, Ordering::SeqCst);
+    b.faults.cut_after.store(1, Ordering::SeqCst);
+    send(&a, &ids[0], &b, "v", true).unwrap_err();
+    b.faults.cut_after.store(0, Ordering::SeqCst);
+    let r = &send(&a, &ids[0], &b, "v", true).unwrap()[0];
+    assert_eq!(r.resumed_from_batch, Some(2), "{r:?}");
+    let on_b = replicas::points(&b.pool, "v", "b").unwrap();
+    b.pool
+        .load_seal_key(b.pool.volume("v").unwrap().seal.as_ref().unwrap(), &key())
+        .unwrap();
+    assert!(same_point(&a.pool, p1, &b.pool, on_b[0].0.id));
+}
