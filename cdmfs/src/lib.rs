@@ -47,4 +47,4 @@ pub use pool::{
 };
 pub use space::{Reduction, ReductionReport, VolumeReduction};
 #[cfg(feature = "test-utils")]
-pub use testdev::{CrashDev, Fate, MemDev, Unsynced, SECTOR};
+pub use testdev::{CrashDev, Fate, GateDev, MemDev, Unsynced, SECTOR};
