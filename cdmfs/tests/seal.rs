@@ -370,7 +370,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// Half compressible, half random bytes: both sealed forms.
 fn content(seed: u8, len: usize) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed as u64);
-    if seed % 2 == 0 {
+    if seed.is_multiple_of(2) {
         (0..len).map(|i| b"abcdefgh"[(i / 7) % 8] ^ seed).collect()
     } else {
         let mut v = vec![0u8; len];
