@@ -226,15 +226,7 @@ impl Pool {
         buf: &mut [u8],
         seal: &SealRec,
     ) -> Result<()> {
-        let (v, keys) = {
-            let g = self.lock()?;
-            let v = g.seal_view(t)?;
-            let keys = match &v.seal {
-                Some(_) => None,
-                None => Some(g.seal_keys(seal)),
-            };
-            (v, keys)
-        };
+        let v = self.lock()?.seal_view(t)?;
         pipeline::check_aligned(v.bs, v.size, offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
@@ -256,7 +248,7 @@ impl Pool {
                 v.name
             )));
         }
-        let keys = keys.ok_or(Error::KeyRequired)??;
+        let keys = self.lock()?.seal_keys(seal)?;
         let mut plain = vec![0u8; buf.len()];
         self.read(t, offset, &mut plain)?;
         let sealed = pipeline::seal_range(&keys, seal, v.bs, v.size, offset, &plain, true)?;
