@@ -102,6 +102,7 @@ pub fn router(rep: Arc<Replication>) -> Router {
             }
         }),
         events: rep.events.clone(),
+        compression: rep.compression,
     });
     Router::new()
         .route("/repl/whoami", get(whoami))
