@@ -242,6 +242,23 @@ enum BackupCmd {
         #[arg(long)]
         pgdata: Option<PathBuf>,
     },
+    /// Online backup of a running MariaDB (mariadb-backup): the first
+    /// one full, the next ones incremental, each prepared into a point.
+    Mariadb {
+        #[command(flatten)]
+        stage: StageArgs,
+        /// The server's Unix socket.
+        #[arg(long, default_value = "/run/mysqld/mysqld.sock")]
+        socket: PathBuf,
+        #[arg(long, default_value = "root")]
+        user: String,
+        /// File holding the password (none: unix_socket authentication).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The data directory as this host sees it [default: what the server reports].
+        #[arg(long)]
+        datadir: Option<PathBuf>,
+    },
     /// A directory tree.
     Files {
         #[command(flatten)]
@@ -322,7 +339,7 @@ enum RestoreCmd {
         snapshot: String,
         #[arg(long)]
         target: PathBuf,
-        /// Start PostgreSQL on the copy, on this port.
+        /// Start PostgreSQL (or MariaDB) on the copy, on this port.
         #[arg(long)]
         start_port: Option<u16>,
     },
@@ -333,7 +350,7 @@ enum RestoreCmd {
         /// Clone name [default: VOLUME-ID-instant].
         #[arg(long)]
         name: Option<String>,
-        /// PostgreSQL port.
+        /// PostgreSQL (or MariaDB) port.
         #[arg(long, default_value_t = 5433)]
         port: u16,
         #[arg(long)]
@@ -625,6 +642,34 @@ fn backup_cmd(ctx: &Ctx, b: &BackupCmd) -> anyhow::Result<serde_json::Value> {
                 password,
             };
             ops::backup_postgres(ctx, &ops::Stage::from(stage), &conn, pgdata.as_deref())?
+        }
+        BackupCmd::Mariadb {
+            stage,
+            socket,
+            user,
+            password_file,
+            datadir,
+        } => {
+            let password = match password_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("password file {}", f.display()))?
+                        .trim_end_matches('\n')
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let conn = cdm_agent::maria::Conn {
+                socket: socket.clone(),
+                user: user.clone(),
+                password,
+            };
+            cdm_agent::maria_backup::backup_mariadb(
+                ctx,
+                &ops::Stage::from(stage),
+                &conn,
+                datadir.as_deref(),
+            )?
         }
         BackupCmd::Files { stage, source } => {
             ops::backup_files(ctx, &ops::Stage::from(stage), source)?
