@@ -181,3 +181,144 @@ fn mariadb_full_and_incrementals_restore_to_their_points() {
         (!Path::new(&format!("/proc/{}", pid.trim())).exists()).then_some(())
     });
 }
+
+/// A directory whose `mariadb-backup` damages the delta it is asked to
+/// apply (the first `.delta` file's header) and then runs the real one:
+/// a prepare that fails on a damaged scratch.
+fn damaging_prepare(dir: &Path) -> String {
+    let script = dir.join("mariadb-backup");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in --incremental-dir=*)\n  \
+         f=$(find \"${a#--incremental-dir=}\" -name '*.delta' | head -n 1)\n  \
+         printf JUNK | dd of=\"$f\" bs=1 conv=notrunc 2>/dev/null;;\nesac; done\n\
+         exec /usr/bin/mariadb-backup \"$@\"\n",
+    )
+    .unwrap();
+    sh(&format!("chmod 755 {}", script.display()));
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+#[test]
+fn mariadb_faults_fail_clearly_and_keep_the_previous_point() {
+    let _load = shared();
+    let app = Appliance::start(None);
+    let agent = Agent::new(&app);
+    let mut m = Maria::init();
+    let conn = m.agent_args();
+    let with_conn = |a: &[&str]| -> Vec<String> {
+        a.iter()
+            .map(|s| s.to_string())
+            .chain(conn.iter().cloned())
+            .collect()
+    };
+    let fail = |a: &[String]| agent.fail(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let snapshots = |v: &str| {
+        Api::new(&app, &app.admin_token()).get(&format!("/v1/volumes/{v}"))["snapshots"].clone()
+    };
+
+    // A dedicated backup user with the documented privileges works; the
+    // wrong password is refused before anything is made.
+    m.sql(
+        "CREATE USER bk@localhost IDENTIFIED BY 'right'; \
+         GRANT RELOAD, PROCESS, LOCK TABLES, BINLOG MONITOR ON *.* TO bk@localhost",
+    );
+    let pw = agent.state.path().join("pw");
+    std::fs::write(&pw, "wrong\n").unwrap();
+    let as_bk = |size: &str| {
+        with_conn(&[
+            "backup",
+            "mariadb",
+            "--volume",
+            "mf",
+            "--size",
+            size,
+            "--user",
+            "bk",
+            "--password-file",
+            pw.to_str().unwrap(),
+        ])
+    };
+    let e = fail(&as_bk("1G"));
+    assert!(e.contains("Access denied") && e.contains("bk"), "{e}");
+    assert_eq!(app.cdmctl(&["volume", "show", "mf"]).status.code(), Some(4));
+    std::fs::write(&pw, "right\n").unwrap();
+    let first = agent.ok(&as_bk("1G").iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(first["backup"], "full");
+    let at_first = check_bank(&m.sock);
+
+    // Not enough space on the stage disk: a clear error, no point.
+    let e = fail(&with_conn(&[
+        "backup", "mariadb", "--volume", "tiny", "--size", "48M",
+    ]));
+    assert!(
+        e.contains("no point taken") && e.contains("No space left"),
+        "{e}"
+    );
+    assert_eq!(snapshots("tiny"), 0);
+    assert_eq!(agent.ok(&["list"]), Value::Array(vec![]));
+
+    // A prepare that fails on a damaged delta: no point, the previous
+    // one intact, and the next backup a full one (the stage disk is not
+    // the last point any more).
+    Workload::start(&m, 5).stop();
+    run_script(&m.sock, &transfers(11, 300));
+    let bin = tempfile::tempdir().unwrap();
+    let path = damaging_prepare(bin.path());
+    let out = output(
+        agent
+            .cmd(
+                &with_conn(&["backup", "mariadb", "--volume", "mf"])
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            )
+            .env("PATH", &path),
+    );
+    assert!(!out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains("--prepare failed") && e.contains("no point taken"),
+        "{e}"
+    );
+    assert_eq!(snapshots("mf"), 1);
+    let sock = start_clone(&agent, "instant", first["export"].as_str().unwrap(), "kept");
+    assert_eq!(check_bank(&sock), at_first);
+    agent.ok(&["detach", "kept", "--delete-clone"]);
+    let now = check_bank(&m.sock);
+    let next = backup(&agent, &m, "mf", &[]);
+    assert_eq!(next["backup"], "full", "{next}");
+    assert!(
+        next["why_full"]
+            .as_str()
+            .unwrap()
+            .contains("did not finish"),
+        "{next}"
+    );
+    let sock = start_clone(&agent, "instant", next["export"].as_str().unwrap(), "next");
+    assert_eq!(check_bank(&sock), now);
+    agent.ok(&["detach", "next", "--delete-clone"]);
+    // And the one after it incremental again.
+    run_script(&m.sock, &transfers(12, 100));
+    assert_eq!(backup(&agent, &m, "mf", &[])["backup"], "incremental");
+
+    // MariaDB down: a clear error, nothing made.
+    m.stop();
+    let e = fail(&with_conn(&[
+        "backup", "mariadb", "--volume", "never", "--size", "1G",
+    ]));
+    assert!(
+        e.contains("cannot query MariaDB") && e.contains("mysqld.sock"),
+        "{e}"
+    );
+    assert_eq!(
+        app.cdmctl(&["volume", "show", "never"]).status.code(),
+        Some(4)
+    );
+    assert_eq!(snapshots("mf"), 3);
+}
