@@ -153,9 +153,9 @@ struct ServeArgs {
     /// token, else the hostname].
     #[arg(long)]
     name: Option<String>,
-    /// What to look for on this host: postgres (running postmasters and
-    /// Debian clusters) or none.
-    #[arg(long, default_value = "postgres", value_parser = ["postgres", "none"])]
+    /// What to look for on this host: all, postgres (running postmasters
+    /// and Debian clusters), mariadb (running servers) or none.
+    #[arg(long, default_value = "all", value_parser = ["all", "postgres", "mariadb", "none"])]
     discover: String,
     /// Jobs run at the same time.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -787,7 +787,11 @@ fn serve_cmd(cli: &Cli, a: &ServeArgs) -> ExitCode {
             state_dir: state_dir(cli, &cfg)?,
             enrol: a.enrol.clone(),
             name: a.name.clone(),
-            discover: (a.discover == "postgres").then(serve::discover::Roots::default),
+            discover: (a.discover != "none").then(|| serve::discover::Roots {
+                postgres: a.discover != "mariadb",
+                mariadb: a.discover != "postgres",
+                ..Default::default()
+            }),
             max_jobs: usize::from(a.max_jobs),
             ca_file: cli.ca_file.clone(),
             exe: std::env::current_exe().context("cannot find the agent's executable")?,

@@ -86,7 +86,7 @@ impl Beats {
                 .discovered_at
                 .is_none_or(|t| t.elapsed() >= DISCOVERY_EVERY)
             {
-                self.discovered = discover::postgres(roots);
+                self.discovered = discover::all(roots);
                 self.discovered_at = Some(Instant::now());
             }
         }
