@@ -292,9 +292,10 @@ pub fn journal_digest(sock: &Path, n: u64) -> String {
 /// detaches whatever is still attached when dropped.
 pub struct Agent {
     pub state: tempfile::TempDir,
-    url: String,
+    pub url: String,
     token: PathBuf,
-    sock: PathBuf,
+    /// The appliance's NBD socket.
+    pub sock: PathBuf,
 }
 
 impl Agent {

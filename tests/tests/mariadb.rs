@@ -322,3 +322,108 @@ fn mariadb_faults_fail_clearly_and_keep_the_previous_point() {
     );
     assert_eq!(snapshots("mf"), 3);
 }
+
+/// A `cdm-agent serve` child, killed when dropped.
+struct Serve(std::process::Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for job `id` to end.
+fn job_done(api: &Api, id: u64, log: &Path) -> Value {
+    let j = wait_for(600, "the job to end", || {
+        let j = api.get(&format!("/v1/jobs/{id}"));
+        (!matches!(j["state"].as_str(), Some("queued" | "running"))).then_some(j)
+    });
+    assert_eq!(
+        j["state"],
+        "succeeded",
+        "{j}\nagent: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    j
+}
+
+#[test]
+fn serve_discovers_mariadb_and_runs_its_backup_and_restore_jobs() {
+    let _load = shared();
+    let app = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let agent = Agent::new(&app);
+    let m = Maria::init();
+    let token = api.expect(
+        201,
+        "POST",
+        "/v1/hosts/enrolments",
+        Some(serde_json::json!({})),
+    )["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let log = agent.state.path().join("serve.log");
+    let _serve = Serve(
+        std::process::Command::new(bin("cdm-agent"))
+            .args(["--url", &agent.url, "--nbd"])
+            .arg(format!("unix:{}", agent.sock.display()))
+            .arg("--state-dir")
+            .arg(agent.state.path())
+            .args([
+                "serve",
+                "--enrol",
+                &token,
+                "--name",
+                "mhost",
+                "--discover",
+                "mariadb",
+            ])
+            .env_remove("CDM_TOKEN")
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // The running server, found through /proc: its data directory and
+    // the socket of its command line.
+    let appl = wait_for(120, "the server to be discovered", || {
+        api.get("/v1/applications?host=mhost")
+            .as_array()?
+            .iter()
+            .find(|a| a["kind"] == "mariadb")
+            .cloned()
+    });
+    assert_eq!(appl["name"], m.data.display().to_string());
+    assert_eq!(appl["config"]["socket"], m.sock.display().to_string());
+    assert!(appl["size_bytes"].as_u64().unwrap() > 10 << 20, "{appl}");
+    let id = appl["id"].as_u64().unwrap();
+    // Two on-demand backups: a full, then an incremental onto it.
+    for (round, want) in ["full", "incremental"].iter().enumerate() {
+        run_script(&m.sock, &transfers(40 + round as u64, 100));
+        let j = api.expect(202, "POST", &format!("/v1/applications/{id}/backups"), None);
+        let job = j["id"].as_u64().unwrap();
+        job_done(&api, job, &log);
+        let pts = api.get(&format!("/v1/applications/{id}/points"));
+        let pts = pts.as_array().unwrap();
+        assert_eq!(pts.len(), round + 1);
+        let md = &pts.iter().find(|p| p["metadata"]["job"] == job).unwrap()["metadata"];
+        assert_eq!(md["kind"], "mariadb");
+        assert_eq!(md["backup"], *want, "{md}");
+        assert_eq!(md["application"], id);
+    }
+    let journal = check_bank(&m.sock);
+    // A clone restore job: its result names the clone's socket.
+    let r = api.expect(
+        202,
+        "POST",
+        &format!("/v1/applications/{id}/restores"),
+        Some(serde_json::json!({"kind": "clone", "host": "mhost", "name": "mclone"})),
+    );
+    let j = job_done(&api, r["id"].as_u64().unwrap(), &log);
+    let sock = PathBuf::from(j["result"]["socket"].as_str().expect("socket"));
+    assert_eq!(check_bank(&sock), journal);
+    agent.ok(&["detach", "mclone", "--delete-clone"]);
+}
