@@ -393,10 +393,9 @@ fn serve_discovers_mariadb_and_runs_its_backup_and_restore_jobs() {
         api.get("/v1/applications?host=mhost")
             .as_array()?
             .iter()
-            .find(|a| a["kind"] == "mariadb")
+            .find(|a| a["kind"] == "mariadb" && a["name"] == m.data.display().to_string())
             .cloned()
     });
-    assert_eq!(appl["name"], m.data.display().to_string());
     assert_eq!(appl["config"]["socket"], m.sock.display().to_string());
     assert!(appl["size_bytes"].as_u64().unwrap() > 10 << 20, "{appl}");
     let id = appl["id"].as_u64().unwrap();
