@@ -124,10 +124,11 @@ fn scratch(ctx: &Ctx, volume: &str) -> PathBuf {
 
 /// What one run copied and prepared.
 struct Made {
+    /// What the backup itself recorded (before prepare): its binlog
+    /// position, and its checkpoints — the next incremental's base.
     point: Point,
-    /// The checkpoints of the backup itself (before prepare): the next
-    /// incremental's base.
-    checkpoints: Value,
+    /// The data directory's checkpoints once prepared.
+    prepared: Point,
     kind: &'static str,
     why_full: Option<String>,
     base_snapshot: Option<u64>,
@@ -141,11 +142,11 @@ fn full(c: &Conn, datadir: &Path, mount: &Path, logs: &Path, why: String) -> Res
     write_synced(&mount.join(MARKER), "full\n")?;
     remove_dir(&dd)?;
     let b = maria::backup(c, datadir, &dd, None, &logs.join("backup.log"))?;
-    let cp = maria::read_point(&dd)?.checkpoints;
+    let point = maria::read_point(&dd)?;
     let p = maria::prepare(&dd, None, &logs.join("prepare.log"))?;
     Ok(Made {
-        point: maria::read_point(&dd)?,
-        checkpoints: json!(cp),
+        point,
+        prepared: maria::read_point(&dd)?,
         kind: "full",
         why_full: Some(why),
         base_snapshot: None,
@@ -176,7 +177,7 @@ fn incremental(
     )?;
     let r = (|| -> Result<Made> {
         let b = maria::backup(c, datadir, &delta, Some(&basedir), &work.join("backup.log"))?;
-        let made_cp = maria::read_point(&delta)?.checkpoints;
+        let point = maria::read_point(&delta)?;
         let delta_bytes = dir_size(&delta);
         write_synced(
             &mount.join(MARKER),
@@ -184,8 +185,8 @@ fn incremental(
         )?;
         let p = maria::prepare(&dd, Some(&delta), &work.join("prepare.log"))?;
         Ok(Made {
-            point: maria::read_point(&dd)?,
-            checkpoints: json!(made_cp),
+            point,
+            prepared: maria::read_point(&dd)?,
             kind: "incremental",
             why_full: None,
             base_snapshot: Some(base_snapshot),
@@ -280,8 +281,8 @@ pub fn backup_mariadb(
             "backup": made.kind,
             "base_snapshot": made.base_snapshot,
             "why_full": made.why_full,
-            "checkpoints": made.checkpoints,
-            "prepared": made.point.checkpoints,
+            "checkpoints": made.point.checkpoints,
+            "prepared": made.prepared.checkpoints,
             "binlog": made.point.binlog,
             "delta_bytes": made.delta_bytes,
             "bytes_written": sent,
@@ -305,7 +306,7 @@ pub fn backup_mariadb(
             "delta_bytes": made.delta_bytes,
             "bytes_written": sent,
             "binlog": made.point.binlog,
-            "checkpoints": made.checkpoints,
+            "checkpoints": made.point.checkpoints,
         }))
     })();
     let closed = m.close(ctx);

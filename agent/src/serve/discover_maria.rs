@@ -22,10 +22,10 @@ pub fn mariadb(roots: &Roots) -> Vec<Discovered> {
     };
     let mut by_dir: BTreeMap<PathBuf, (PathBuf, PathBuf)> = BTreeMap::new();
     for e in rd.flatten() {
-        if !e
-            .file_name()
+        if e.file_name()
             .to_str()
-            .is_some_and(|s| s.parse::<u32>().is_ok())
+            .and_then(|s| s.parse::<u32>().ok())
+            .is_none()
         {
             continue;
         }
