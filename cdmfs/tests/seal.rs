@@ -432,21 +432,50 @@ fn seals_refuse_what_they_cannot_do() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { off: u32, len: u32, seed: u8 },
-    Zero { off: u32, len: u32 },
-    ZeroAllocated { off: u32, len: u32 },
-    Read { off: u32, len: u32 },
-    Snapshot,
+    /// `v` picks one of the volumes (the sealed volume and its clones).
+    Write {
+        v: u8,
+        off: u32,
+        len: u32,
+        seed: u8,
+    },
+    Zero {
+        v: u8,
+        off: u32,
+        len: u32,
+    },
+    ZeroAllocated {
+        v: u8,
+        off: u32,
+        len: u32,
+    },
+    Read {
+        v: u8,
+        off: u32,
+        len: u32,
+    },
+    Snapshot {
+        v: u8,
+    },
+    /// Clones one of the snapshots (`s` picks it): a sealed volume of
+    /// the same seal.
+    Clone {
+        s: u8,
+    },
     Reopen,
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    let v = any::<u8>();
     prop_oneof![
-        4 => (0u32..1 << 20, 1u32..100_000, any::<u8>()).prop_map(|(off, len, seed)| Op::Write { off, len, seed }),
-        1 => (0u32..1 << 20, 1u32..200_000).prop_map(|(off, len)| Op::Zero { off, len }),
-        1 => (0u32..1 << 20, 1u32..50_000).prop_map(|(off, len)| Op::ZeroAllocated { off, len }),
-        2 => (0u32..1 << 20, 1u32..100_000).prop_map(|(off, len)| Op::Read { off, len }),
-        1 => Just(Op::Snapshot),
+        4 => (v.clone(), 0u32..1 << 20, 1u32..100_000, any::<u8>())
+            .prop_map(|(v, off, len, seed)| Op::Write { v, off, len, seed }),
+        1 => (v.clone(), 0u32..1 << 20, 1u32..200_000).prop_map(|(v, off, len)| Op::Zero { v, off, len }),
+        1 => (v.clone(), 0u32..1 << 20, 1u32..50_000)
+            .prop_map(|(v, off, len)| Op::ZeroAllocated { v, off, len }),
+        2 => (v.clone(), 0u32..1 << 20, 1u32..100_000).prop_map(|(v, off, len)| Op::Read { v, off, len }),
+        1 => v.prop_map(|v| Op::Snapshot { v }),
+        1 => any::<u8>().prop_map(|s| Op::Clone { s }),
         1 => Just(Op::Reopen),
     ]
 }
@@ -460,6 +489,28 @@ fn content(seed: u8, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         rng.fill(&mut v[..]);
         v
+    }
+}
+
+/// A sealed volume and its clones against byte vectors.
+struct Model {
+    /// (volume id, its contents) of the sealed volume and its clones.
+    vols: Vec<(u64, Vec<u8>)>,
+    /// (snapshot id, its contents).
+    snaps: Vec<(u64, Vec<u8>)>,
+    size: u64,
+}
+
+impl Model {
+    fn clip(&self, off: u32, len: u32) -> (u64, u64) {
+        let off = (off as u64).min(self.size - 1);
+        (off, (len as u64).min(self.size - off))
+    }
+
+    fn vol(&mut self, v: u8) -> (u64, &mut Vec<u8>) {
+        let n = self.vols.len();
+        let (id, m) = &mut self.vols[v as usize % n];
+        (*id, m)
     }
 }
 
@@ -479,39 +530,63 @@ fn run_model(ops: &[Op], bs: u32, size: u64, cipher: Cipher) {
         .unwrap()
         .id;
     p.load_seal_key(&seal, &src).unwrap();
-    let mut model = vec![0u8; size as usize];
-    let mut snaps: Vec<(u64, Vec<u8>)> = Vec::new();
-    let clip = |off: u32, len: u32| {
-        let off = (off as u64).min(size - 1);
-        (off, (len as u64).min(size - off))
+    let mut m = Model {
+        vols: vec![(v, vec![0u8; size as usize])],
+        snaps: Vec::new(),
+        size,
     };
     for op in ops {
         match *op {
-            Op::Write { off, len, seed } => {
-                let (off, len) = clip(off, len);
+            Op::Write { v, off, len, seed } => {
+                let (off, len) = m.clip(off, len);
                 let d = content(seed, len as usize);
-                p.write(v, off, &d).unwrap();
+                let (id, model) = m.vol(v);
+                p.write(id, off, &d).unwrap();
                 model[off as usize..(off + len) as usize].copy_from_slice(&d);
             }
-            Op::Zero { off, len } => {
-                let (off, len) = clip(off, len);
-                p.write_zeroes(v, off, len).unwrap();
+            Op::Zero { v, off, len } => {
+                let (off, len) = m.clip(off, len);
+                let (id, model) = m.vol(v);
+                p.write_zeroes(id, off, len).unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
             }
-            Op::ZeroAllocated { off, len } => {
-                let (off, len) = clip(off, len);
-                p.write_zeroes_allocated(v, off, len).unwrap();
+            Op::ZeroAllocated { v, off, len } => {
+                let (off, len) = m.clip(off, len);
+                let (id, model) = m.vol(v);
+                p.write_zeroes_allocated(id, off, len).unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
             }
-            Op::Read { off, len } => {
-                let (off, len) = clip(off, len);
+            Op::Read { v, off, len } => {
+                let (off, len) = m.clip(off, len);
+                let (id, model) = m.vol(v);
                 let mut got = vec![0u8; len as usize];
-                p.read(Target::Volume(v), off, &mut got).unwrap();
+                p.read(Target::Volume(id), off, &mut got).unwrap();
                 assert_eq!(got, &model[off as usize..(off + len) as usize]);
             }
-            Op::Snapshot => {
-                let s = p.create_snapshot("v", "", serde_json::json!({})).unwrap();
-                snaps.push((s.id, model.clone()));
+            Op::Snapshot { v } => {
+                let (id, model) = m.vol(v);
+                let model = model.clone();
+                let name = p
+                    .list_volumes()
+                    .unwrap()
+                    .into_iter()
+                    .find(|x| x.id == id)
+                    .unwrap()
+                    .name;
+                let s = p.create_snapshot(&name, "", serde_json::json!({})).unwrap();
+                assert_eq!(s.seal.as_ref(), Some(&seal));
+                m.snaps.push((s.id, model));
+            }
+            Op::Clone { s } => {
+                if m.snaps.is_empty() {
+                    continue;
+                }
+                let (sid, model) = m.snaps[s as usize % m.snaps.len()].clone();
+                let c = p
+                    .clone_snapshot(sid, &format!("c{}", m.vols.len()))
+                    .unwrap();
+                assert_eq!(c.seal.as_ref(), Some(&seal));
+                m.vols.push((c.id, model));
             }
             Op::Reopen => {
                 p.flush().unwrap();
@@ -521,19 +596,21 @@ fn run_model(ops: &[Op], bs: u32, size: u64, cipher: Cipher) {
             }
         }
     }
-    assert_eq!(read_all(&p, Target::Volume(v)).unwrap(), model);
-    for (id, want) in &snaps {
+    for (id, want) in &m.vols {
+        assert_eq!(&read_all(&p, Target::Volume(*id)).unwrap(), want);
+    }
+    for (id, want) in &m.snaps {
         assert_eq!(&read_all(&p, Target::Snapshot(*id)).unwrap(), want);
     }
     assert!(p.fsck().unwrap().is_clean());
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: CASES, ..ProptestConfig::default() })]
 
-    /// Writes, partial writes, zeroing and reads of a sealed volume with
-    /// its keys loaded agree with a byte vector, through snapshots and
-    /// reopens.
+    /// Writes, partial writes, zeroing and reads of a sealed volume and
+    /// of clones of its snapshots, with the keys loaded, agree with byte
+    /// vectors, through snapshots and reopens.
     #[test]
     fn sealed_volume_matches_model(
         ops in prop::collection::vec(op(), 1..40),
@@ -546,6 +623,9 @@ proptest! {
         run_model(&ops, bs, size, cipher);
     }
 }
+
+/// Cases of the model test: what runs in about 10 s in a debug build.
+const CASES: u32 = 384;
 
 /// The fixed seal of the golden vectors: a key-file key of 32 bytes 0x11.
 fn golden_seal() -> (SealRec, Keys) {
