@@ -468,12 +468,12 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let v = any::<u8>();
     prop_oneof![
-        4 => (v.clone(), 0u32..1 << 20, 1u32..100_000, any::<u8>())
+        4 => (v, 0u32..1 << 20, 1u32..100_000, any::<u8>())
             .prop_map(|(v, off, len, seed)| Op::Write { v, off, len, seed }),
-        1 => (v.clone(), 0u32..1 << 20, 1u32..200_000).prop_map(|(v, off, len)| Op::Zero { v, off, len }),
-        1 => (v.clone(), 0u32..1 << 20, 1u32..50_000)
+        1 => (v, 0u32..1 << 20, 1u32..200_000).prop_map(|(v, off, len)| Op::Zero { v, off, len }),
+        1 => (v, 0u32..1 << 20, 1u32..50_000)
             .prop_map(|(v, off, len)| Op::ZeroAllocated { v, off, len }),
-        2 => (v.clone(), 0u32..1 << 20, 1u32..100_000).prop_map(|(v, off, len)| Op::Read { v, off, len }),
+        2 => (v, 0u32..1 << 20, 1u32..100_000).prop_map(|(v, off, len)| Op::Read { v, off, len }),
         1 => v.prop_map(|v| Op::Snapshot { v }),
         1 => any::<u8>().prop_map(|s| Op::Clone { s }),
         1 => Just(Op::Reopen),
