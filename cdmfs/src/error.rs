@@ -46,6 +46,10 @@ pub enum Error {
     WrongKey(String),
     #[error("this data is encrypted and the pool was opened without its key (--key-file or --passphrase-file)")]
     KeyRequired,
+    /// A sealed volume's blocks need the keys of the seal (named by its
+    /// id), which come from another appliance's pool key.
+    #[error("volume data is sealed with another appliance's key (seal {0}): load that key with `cdmctl volume load-key`")]
+    SealKeyRequired(String),
     #[error("the pool failed after an I/O error (a failed sync reloads from the device at the next flush; anything else: reopen it)")]
     Failed,
     /// Internal: a lookup that must not do I/O under the pool lock needs a
@@ -66,7 +70,7 @@ impl Error {
             Error::Exists(_) => libc::EEXIST,
             Error::ReadOnly(_) => libc::EPERM,
             Error::Busy(_) => libc::EBUSY,
-            Error::KeyRequired | Error::WrongKey(_) => libc::EACCES,
+            Error::KeyRequired | Error::SealKeyRequired(_) | Error::WrongKey(_) => libc::EACCES,
             _ => libc::EIO,
         }
     }

@@ -33,6 +33,7 @@ fn keys() -> &'static (Keys, SealRec) {
             crypto,
             cipher: Cipher::Aes256Xts,
             nonce: 0x0123_4567_89ab_cdef,
+            block_size: 4096,
         };
         (keys, rec)
     })
@@ -62,7 +63,7 @@ fuzz_target!(|data: &[u8]| {
         block[..12].copy_from_slice(&SEAL_MAGIC);
         block[12..16].copy_from_slice(&l);
         let l = u32::from_le_bytes(l) as usize;
-        if mode & 16 != 0 && (32..=n - 16).contains(&l) {
+        if mode & 16 != 0 && (512..=n - 16).contains(&l) && l % 512 == 0 {
             let tweak = ((rec.nonce as u128) << 64) | INDEX as u128 | 1 << 63;
             encrypt(keys, rec.cipher, tweak, &mut block[16..16 + l]);
             block[16 + l..].fill(0);

@@ -50,10 +50,30 @@ fn check_value(master: &[u8; 32]) -> String {
     hex::encode(blake3::derive_key("cdm 2026-11 key check", master))
 }
 
+/// Whose key a record is, for what a wrong key is told.
+#[derive(Clone, Copy)]
+enum Whose {
+    /// This pool's own.
+    Pool,
+    /// The pool that sealed a volume (another appliance's, as a rule).
+    Seal,
+}
+
 /// The master key `rec` was set up with, from `src`: the one home of the
 /// derivation rule (pool unlock and seal unlock both use it). A wrong key
 /// is `Error::WrongKey`.
-fn master_key(rec: &CryptoRec, src: &KeySource) -> Result<[u8; 32]> {
+fn master_key(rec: &CryptoRec, src: &KeySource, whose: Whose) -> Result<[u8; 32]> {
+    let (kind_of, mismatch) = match whose {
+        Whose::Pool => (
+            "this pool's key",
+            "the key does not match the one this pool was set up with",
+        ),
+        Whose::Seal => (
+            "the key that sealed this volume (the source appliance's pool key)",
+            "the key does not match the one that sealed this volume (the source appliance's \
+             pool key)",
+        ),
+    };
     let master = match (rec.kdf.as_str(), src) {
         ("key", KeySource::Key(k)) => blake3::derive_key("cdm 2026-11 raw master key", k),
         ("argon2id", KeySource::Passphrase(p)) => {
@@ -65,14 +85,14 @@ fn master_key(rec: &CryptoRec, src: &KeySource) -> Result<[u8; 32]> {
             argon(p, &salt, rec.m_kib, rec.t_cost, rec.p_cost)?
         }
         ("key", _) => {
-            return Err(Error::WrongKey(
-                "this pool's key is a key file, not a passphrase".into(),
-            ))
+            return Err(Error::WrongKey(format!(
+                "{kind_of} is a key file, not a passphrase"
+            )))
         }
         ("argon2id", _) => {
-            return Err(Error::WrongKey(
-                "this pool's key is a passphrase, not a key file".into(),
-            ))
+            return Err(Error::WrongKey(format!(
+                "{kind_of} is a passphrase, not a key file"
+            )))
         }
         (k, _) => {
             return Err(Error::Corrupt(format!(
@@ -81,9 +101,7 @@ fn master_key(rec: &CryptoRec, src: &KeySource) -> Result<[u8; 32]> {
         }
     };
     if check_value(&master) != rec.check {
-        return Err(Error::WrongKey(
-            "the key does not match the one this pool was set up with".into(),
-        ));
+        return Err(Error::WrongKey(mismatch.into()));
     }
     Ok(master)
 }
@@ -173,14 +191,18 @@ impl Keys {
     /// Unlocks a pool whose key was set up as `rec`; a wrong key is an
     /// error (nothing is written).
     pub fn unlock(rec: &CryptoRec, src: &KeySource) -> Result<Keys> {
-        Ok(Keys::from_master(&master_key(rec, src)?))
+        Ok(Keys::from_master(&master_key(rec, src, Whose::Pool)?))
     }
 
     /// The keys that seal volumes for raw sends (see `seal.rs`), derived
     /// from the master key `rec` checks: a sealed copy is unlocked by the
     /// same key file or passphrase as the pool that sealed it.
     pub fn unlock_seal(rec: &CryptoRec, src: &KeySource) -> Result<Keys> {
-        Ok(Keys::from_master(&seal_master(&master_key(rec, src)?)))
+        Ok(Keys::from_master(&seal_master(&master_key(
+            rec,
+            src,
+            Whose::Seal,
+        )?)))
     }
 
     /// This pool's own seal keys (what [`Keys::unlock_seal`] gives for its

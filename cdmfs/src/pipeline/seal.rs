@@ -13,8 +13,11 @@
 //! a volume's short last block; `n >= 512`):
 //! - an all-zero plain block is an all-zero sealed block (holes stay holes);
 //! - a block that zstd shrinks enough is `MAGIC | L (u32 LE) |
-//!   XTS(tweak_c, zstd frame zero-padded to L) | zeros to n`, so the
-//!   pool's own compression stores little more than the frame;
+//!   XTS(tweak_c, zstd frame zero-padded to L) | zeros to n`, where L is
+//!   the frame's length rounded up to a multiple of 512: the pool's own
+//!   compression stores little more than the frame, and what the clear
+//!   length tells a replica host is the frame's size class in 512-byte
+//!   steps, not its size to the byte (a CRIME-style oracle);
 //! - any other block is `XTS(tweak_f, plain)`, length-preserving.
 
 use serde::{Deserialize, Serialize};
@@ -22,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::codec::{compress, decompress_frame, CryptoRec, Keys};
 use super::Cipher;
 use crate::error::{Error, Result};
+use crate::format::{MAX_BLOCK_SIZE, MIN_BLOCK_SIZE};
 
 /// The seal format this program writes and reads.
 pub const SEAL_VERSION: u32 = 1;
@@ -39,9 +43,10 @@ pub const SEAL_MAGIC: [u8; 12] = [
 /// size is a multiple of it.
 pub const MIN_SEALED_BLOCK: usize = 512;
 
-/// Smallest padded length of the compressed payload (XTS needs at least
-/// one 16-byte block; 32 keeps ciphertext stealing out of tiny frames).
-const MIN_PAYLOAD: usize = 32;
+/// The compressed payload's length is a multiple of this: the clear
+/// length then gives away the frame's size class only (as a ZFS raw send
+/// gives away compressed sizes at its ashift granularity).
+pub const SEAL_PAD: usize = 512;
 /// Header of the compressed form: magic and length.
 const HEADER: usize = 16;
 /// cdm compression level of sealing: 8 = zstd 1, fast.
@@ -59,13 +64,24 @@ pub struct SealRec {
     pub cipher: Cipher,
     /// Separates the tweaks of different volume lineages under one key.
     pub nonce: u64,
+    /// The block size the blocks were sealed at (block `i` covers bytes
+    /// `i * block_size ..`): only a volume of this block size reads them.
+    pub block_size: u32,
 }
+
+/// Argon2id costs a seal record from another appliance may ask for: tighter
+/// than what a pool's own record may hold, since a peer chooses them and
+/// a load runs them (memory in KiB, passes, lanes).
+pub const SEAL_MAX_M_KIB: u32 = 256 * 1024;
+pub const SEAL_MAX_T: u32 = 8;
+pub const SEAL_MAX_P: u32 = 4;
 
 impl SealRec {
     /// Names the seal: hex of the first 16 bytes of blake3 over the
     /// canonical encoding (`"cdm seal id v1"`, the check value's length as
     /// u64 LE and its bytes, the cipher id as one byte, the nonce as u64
-    /// LE). Volumes with the same seal id share keys.
+    /// LE, the block size as u32 LE). Volumes with the same seal id share
+    /// keys and read each other's blocks.
     pub fn id(&self) -> String {
         let mut h = blake3::Hasher::new();
         h.update(b"cdm seal id v1");
@@ -73,16 +89,43 @@ impl SealRec {
         h.update(self.crypto.check.as_bytes());
         h.update(&[self.cipher.id() as u8]);
         h.update(&self.nonce.to_le_bytes());
+        h.update(&self.block_size.to_le_bytes());
         hex::encode(&h.finalize().as_bytes()[..16])
     }
 
-    /// Rejects a record this program cannot read.
+    /// Rejects a record this program cannot read, and one whose costs or
+    /// geometry no pool of this program would have written: a seal record
+    /// comes from another appliance, so nothing in it is trusted.
     pub fn check(&self) -> Result<()> {
+        let bad = |why: String| Err(Error::Invalid(format!("seal record: {why}")));
         if self.version != SEAL_VERSION {
-            return Err(Error::Invalid(format!(
-                "seal version {} is not supported (this program reads version {SEAL_VERSION})",
+            return bad(format!(
+                "version {} is not supported (this program reads version {SEAL_VERSION})",
                 self.version
-            )));
+            ));
+        }
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+            return bad(format!(
+                "block size {bs} is not a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
+            ));
+        }
+        let c = &self.crypto;
+        if c.check.len() != 64 || hex::decode(&c.check).is_err() {
+            return bad("the key check value is not 32 bytes of hex".into());
+        }
+        match c.kdf.as_str() {
+            "key" => {}
+            "argon2id" => {
+                if c.m_kib > SEAL_MAX_M_KIB || c.t_cost > SEAL_MAX_T || c.p_cost > SEAL_MAX_P {
+                    return bad(format!(
+                        "Argon2id cost m={} KiB, t={}, p={} is above what a seal may ask \
+                         (m <= {SEAL_MAX_M_KIB} KiB, t <= {SEAL_MAX_T}, p <= {SEAL_MAX_P})",
+                        c.m_kib, c.t_cost, c.p_cost
+                    ));
+                }
+            }
+            k => return bad(format!("unknown key derivation {k:?}")),
         }
         Ok(())
     }
@@ -98,6 +141,22 @@ impl SealRec {
     fn tweak_compressed(&self, index: u64) -> u128 {
         self.tweak_full(index) | 1 << 63
     }
+}
+
+/// The nonce a pool seals a volume lineage with: the first 8 bytes (LE)
+/// of blake3 over `"cdm seal nonce v1"`, the pool uuid, the lineage's
+/// volume id (u64 LE) and its random salt (u64 LE). The salt keeps two
+/// volumes apart that got one id (an id is used again when a crash
+/// loses the volume that had it before a commit).
+pub fn seal_nonce(pool_uuid: &[u8; 16], lineage: u64, salt: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(b"cdm seal nonce v1");
+    h.update(pool_uuid);
+    h.update(&lineage.to_le_bytes());
+    h.update(&salt.to_le_bytes());
+    let mut n = [0u8; 8];
+    n.copy_from_slice(&h.finalize().as_bytes()[..8]);
+    u64::from_le_bytes(n)
 }
 
 fn check_len(n: usize, out: usize) -> Result<()> {
@@ -126,7 +185,9 @@ pub fn seal_block(
     }
     let limit = n - n / 8;
     if let Some(c) = compress(SEAL_LEVEL, plain) {
-        let l = c.len().max(MIN_PAYLOAD);
+        // The frame's own size tells the decoder where it ends; the zeros
+        // after it are encrypted with it.
+        let l = c.len().div_ceil(SEAL_PAD) * SEAL_PAD;
         if HEADER + l <= limit {
             out.fill(0);
             out[..12].copy_from_slice(&SEAL_MAGIC);
@@ -185,14 +246,18 @@ pub fn unseal_block(
 }
 
 /// The payload length of a block in the compressed form, or None for the
-/// full form: the magic, a length from 32 to n-16, zeros after it.
+/// full form: the magic, a length that is a multiple of 512 from 512 to
+/// n-16, zeros after it.
 fn compressed_len(sealed: &[u8]) -> Option<usize> {
     let n = sealed.len();
-    if n < HEADER + MIN_PAYLOAD || sealed[..12] != SEAL_MAGIC {
+    if n < HEADER + SEAL_PAD || sealed[..12] != SEAL_MAGIC {
         return None;
     }
     let l = u32::from_le_bytes(sealed[12..16].try_into().ok()?) as usize;
-    if !(MIN_PAYLOAD..=n - HEADER).contains(&l) || sealed[HEADER + l..].iter().any(|&b| b != 0) {
+    if !(SEAL_PAD..=n - HEADER).contains(&l)
+        || !l.is_multiple_of(SEAL_PAD)
+        || sealed[HEADER + l..].iter().any(|&b| b != 0)
+    {
         return None;
     }
     Some(l)
@@ -263,6 +328,7 @@ mod tests {
             crypto: crypto.clone(),
             cipher,
             nonce,
+            block_size: 4096,
         }
     }
 
@@ -310,6 +376,8 @@ mod tests {
                     assert_eq!(unseal(&k, &r, 3, &s).unwrap(), p, "{what} {n} {cipher:?}");
                     match what {
                         "zero" => assert!(s.iter().all(|&b| b == 0)),
+                        // A sector cannot save an eighth once padded.
+                        "text" | "half" if n == 512 => assert_ne!(s[..12], SEAL_MAGIC),
                         "text" | "half" => {
                             assert_eq!(s[..12], SEAL_MAGIC, "{what} {n}");
                             // Zero padding: the pool compresses it away.
@@ -324,6 +392,75 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The clear length is the frame's length rounded up to 512 bytes:
+    /// plain blocks whose frames differ in size within one 512-byte class
+    /// seal to blocks of one shape.
+    #[test]
+    fn the_clear_length_is_a_size_class() {
+        let (crypto, k) = keys(1);
+        let r = rec(&crypto, 5, Cipher::Aes256Xts);
+        let n = 65536;
+        let mut lens = Vec::new();
+        for extra in [0usize, 1, 7, 40, 100] {
+            // Text, then `extra` random bytes: frames a few bytes apart.
+            let mut p = text(n);
+            p[..extra].copy_from_slice(&noise(extra, extra as u64));
+            let c = compress(SEAL_LEVEL, &p).unwrap();
+            let s = seal(&k, &r, 0, &p);
+            let l = u32::from_le_bytes(s[12..16].try_into().unwrap()) as usize;
+            assert_eq!(l, c.len().div_ceil(SEAL_PAD) * SEAL_PAD);
+            let zeros = s.iter().rev().take_while(|&&b| b == 0).count();
+            assert!(zeros >= n - HEADER - l, "the tail gives the length away");
+            assert_eq!(unseal(&k, &r, 0, &s).unwrap(), p);
+            lens.push((c.len(), l));
+        }
+        let frames: std::collections::BTreeSet<_> = lens.iter().map(|x| x.0).collect();
+        assert!(frames.len() > 1, "the frames differ: {lens:?}");
+        assert!(lens.iter().all(|x| x.1 == lens[0].1), "{lens:?}");
+    }
+
+    #[test]
+    fn records_from_a_peer_are_checked() {
+        let (crypto, _) = keys(1);
+        let good = rec(&crypto, 5, Cipher::Aes256Xts);
+        good.check().unwrap();
+        let argon = |m: u32, t: u32, p: u32| {
+            let mut r = good.clone();
+            r.crypto.kdf = "argon2id".into();
+            r.crypto.salt = "00".repeat(16);
+            (r.crypto.m_kib, r.crypto.t_cost, r.crypto.p_cost) = (m, t, p);
+            r.check()
+        };
+        argon(SEAL_MAX_M_KIB, SEAL_MAX_T, SEAL_MAX_P).unwrap();
+        // A pool's own record may hold up to 4 GiB and 64 passes; a seal
+        // from a peer may not.
+        for (m, t, p) in [
+            (SEAL_MAX_M_KIB + 1, 3, 1),
+            (65536, 9, 1),
+            (65536, 3, 5),
+            (4 << 20, 64, 64),
+        ] {
+            assert!(
+                matches!(argon(m, t, p), Err(Error::Invalid(_))),
+                "{m} {t} {p}"
+            );
+        }
+        for bs in [0, 2048, 4095, 6144, 2 << 20] {
+            let mut r = good.clone();
+            r.block_size = bs;
+            assert!(matches!(r.check(), Err(Error::Invalid(_))), "{bs}");
+        }
+        let mut r = good.clone();
+        r.crypto.kdf = "scrypt".into();
+        assert!(matches!(r.check(), Err(Error::Invalid(_))));
+        let mut r = good.clone();
+        r.crypto.check = "zz".into();
+        assert!(matches!(r.check(), Err(Error::Invalid(_))));
+        let mut r = good;
+        r.version = 2;
+        assert!(matches!(r.check(), Err(Error::Invalid(_))));
     }
 
     #[test]
@@ -386,6 +523,9 @@ mod tests {
         assert_ne!(id, rec(&a, 2, Cipher::Aes256Xts).id());
         assert_ne!(id, rec(&a, 1, Cipher::Sm4Xts).id());
         assert_ne!(id, rec(&b, 1, Cipher::Aes256Xts).id());
+        let mut other_bs = rec(&a, 1, Cipher::Aes256Xts);
+        other_bs.block_size = 8192;
+        assert_ne!(id, other_bs.id());
         let json = serde_json::to_string(&rec(&a, 1, Cipher::Aes256Xts)).unwrap();
         let back: SealRec = serde_json::from_str(&json).unwrap();
         assert_eq!(back.id(), id);

@@ -72,6 +72,7 @@ impl Pool {
             allocated_blocks: 0,
             policy,
             seal,
+            seal_salt: Some(rand::random()),
         };
         g.add_volume(rec);
         g.volume_info(id)
@@ -244,6 +245,7 @@ impl Pool {
             allocated_blocks: v.allocated_blocks,
             policy: v.policy,
             seal: v.seal.clone(),
+            seal_salt: Some(v.salt()),
         };
         g.snapshots.insert(id, rec);
         g.catalog_dirty.insert(KEY_SNAPSHOT | id, true);
@@ -310,6 +312,8 @@ impl Pool {
             allocated_blocks: s.allocated_blocks,
             policy: s.policy,
             seal: s.seal.clone(),
+            // A new lineage: it seals with a nonce of its own.
+            seal_salt: Some(rand::random()),
         };
         g.add_volume(rec);
         g.volume_info(id)

@@ -36,6 +36,13 @@ pub(super) struct VolumeRec {
     /// Sealed volumes: how their stored blocks were sealed (`seal.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) seal: Option<SealRec>,
+    /// Mixed into the nonce of the seal this volume's lineage is sent
+    /// raw with (`seal.rs`): random at creation, so a volume id that is
+    /// used again (after a crash before a commit) never seals with a
+    /// nonce an earlier volume used. None in records of older pools: their
+    /// `created_ns` stands in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) seal_salt: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -55,6 +62,28 @@ pub(super) struct SnapshotRec {
     /// Sealed volumes: how their stored blocks were sealed (`seal.rs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) seal: Option<SealRec>,
+    /// Mixed into the nonce of the seal this volume's lineage is sent
+    /// raw with (`seal.rs`): random at creation, so a volume id that is
+    /// used again (after a crash before a commit) never seals with a
+    /// nonce an earlier volume used. None in records of older pools: their
+    /// `created_ns` stands in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) seal_salt: Option<u64>,
+}
+
+impl VolumeRec {
+    /// The salt of this volume's seal nonce (see `seal_salt`).
+    pub(super) fn salt(&self) -> u64 {
+        self.seal_salt.unwrap_or(self.created_ns)
+    }
+}
+
+impl SnapshotRec {
+    /// The salt of the seal nonce of the volume this snapshot was taken
+    /// of (see `VolumeRec::seal_salt`).
+    pub(super) fn salt(&self) -> u64 {
+        self.seal_salt.unwrap_or(self.created_ns)
+    }
 }
 
 /// Checks a volume name: 1–128 characters of `A-Za-z0-9._-`, not starting

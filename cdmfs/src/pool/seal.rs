@@ -21,7 +21,13 @@ use super::{Inner, Pool, Target, VolumeInfo};
 pub(super) struct SealKeys {
     loaded: HashMap<String, Arc<Keys>>,
     pub(super) own: Option<(String, Arc<Keys>)>,
+    /// Seal records this pool has been shown (id → key check value), so
+    /// `seal_key_loaded` can answer by id for seals of its own key.
+    seen: HashMap<String, String>,
 }
+
+/// Bounds the seal records remembered in `SealKeys::seen`.
+const MAX_SEEN: usize = 4096;
 
 impl SealKeys {
     fn get(&self, seal: &SealRec) -> Option<Arc<Keys>> {
@@ -37,6 +43,14 @@ impl SealKeys {
     pub(super) fn has(&self, seal: &SealRec) -> bool {
         self.get(seal).is_some()
     }
+
+    /// Remembers `seal` (its id and key check) for `seal_key_loaded`.
+    fn note(&mut self, seal: &SealRec) {
+        if self.seen.len() >= MAX_SEEN {
+            self.seen.clear();
+        }
+        self.seen.insert(seal.id(), seal.crypto.check.clone());
+    }
 }
 
 /// What sealing needs to know of a target.
@@ -47,6 +61,8 @@ struct SealView {
     seal: Option<SealRec>,
     /// The volume lineage: a snapshot's volume, or the volume itself.
     lineage: u64,
+    /// The lineage's salt (`VolumeRec::seal_salt`).
+    salt: u64,
     name: String,
 }
 
@@ -87,6 +103,7 @@ impl Inner {
                     policy: v.policy,
                     seal: v.seal.clone(),
                     lineage: id,
+                    salt: v.salt(),
                     name: v.name.clone(),
                 })
                 .ok_or_else(|| Error::NotFound(format!("volume {id}"))),
@@ -99,6 +116,7 @@ impl Inner {
                     policy: s.policy,
                     seal: s.seal.clone(),
                     lineage: s.volume_id,
+                    salt: s.salt(),
                     name: self
                         .volumes
                         .get(&s.volume_id)
@@ -109,10 +127,93 @@ impl Inner {
         }
     }
 
-    /// The keys of `seal`: loaded, or this pool's own.
+    /// The keys of `seal`: loaded, or this pool's own. Without them:
+    /// `Error::KeyRequired` for a seal of this pool's key (the pool was
+    /// opened without it), else `Error::SealKeyRequired`.
     fn seal_keys(&self, seal: &SealRec) -> Result<Arc<Keys>> {
         seal.check()?;
-        self.seals.get(seal).ok_or(Error::KeyRequired)
+        if let Some(k) = self.seals.get(seal) {
+            return Ok(k);
+        }
+        let ours = self
+            .pool_rec
+            .crypto
+            .as_ref()
+            .is_some_and(|c| c.check == seal.crypto.check);
+        Err(if ours {
+            Error::KeyRequired
+        } else {
+            Error::SealKeyRequired(seal.id())
+        })
+    }
+
+    /// Checks a seal record that comes in from outside and remembers it.
+    fn admit(&mut self, seal: &SealRec) -> Result<()> {
+        seal.check()?;
+        self.seals.note(seal);
+        Ok(())
+    }
+
+    /// The seal this pool sends encrypted target `v` with (its key must be
+    /// loaded, `unlocked`): under this pool's key, with a nonce of the
+    /// pool, the volume lineage and its salt, at the target's block size.
+    fn own_seal(&self, v: &SealView, unlocked: bool) -> Result<SealRec> {
+        let Some(cipher) = v.policy.encryption else {
+            return Err(Error::Invalid(format!(
+                "volume {} is not encrypted: only encrypted or sealed volumes can be sent raw",
+                v.name
+            )));
+        };
+        if !unlocked {
+            return Err(Error::KeyRequired);
+        }
+        check_sealed_size(&v.name, v.size)?;
+        let crypto =
+            self.pool_rec.crypto.clone().ok_or_else(|| {
+                Error::Corrupt("an encrypted volume in a pool without a key".into())
+            })?;
+        Ok(SealRec {
+            version: pipeline::SEAL_VERSION,
+            crypto,
+            cipher,
+            nonce: pipeline::seal_nonce(&self.sb.uuid, v.lineage, v.salt),
+            block_size: v.bs as u32,
+        })
+    }
+
+    /// Whether seal `id` is one of this pool's own key that it knows of:
+    /// shown to it, held by a sealed target here, or the seal one of its
+    /// encrypted targets is sent with.
+    fn own_seal_known(&self, id: &str, unlocked: bool) -> bool {
+        let Some(check) = self.pool_rec.crypto.as_ref().map(|c| &c.check) else {
+            return false;
+        };
+        if self.seals.seen.get(id) == Some(check) {
+            return true;
+        }
+        let held = |s: &Option<SealRec>| {
+            s.as_ref()
+                .is_some_and(|s| s.crypto.check == *check && s.id() == id)
+        };
+        if self.volumes.values().any(|v| held(&v.seal))
+            || self.snapshots.values().any(|s| held(&s.seal))
+        {
+            return true;
+        }
+        let targets = self
+            .volumes
+            .iter()
+            .map(|(&i, v)| (Target::Volume(i), v.policy));
+        let snaps = self
+            .snapshots
+            .iter()
+            .map(|(&i, s)| (Target::Snapshot(i), s.policy));
+        targets
+            .chain(snaps)
+            .filter(|(_, p)| p.encryption.is_some())
+            .filter_map(|(t, _)| self.seal_view(t).ok())
+            .filter(|v| v.seal.is_none())
+            .any(|v| self.own_seal(&v, unlocked).is_ok_and(|s| s.id() == id))
     }
 }
 
@@ -135,7 +236,13 @@ impl Pool {
                  create it without encryption"
             )));
         }
-        seal.check()?;
+        self.lock()?.admit(&seal)?;
+        if seal.block_size != block_size {
+            return Err(Error::Invalid(format!(
+                "volume {name}: the seal is for blocks of {} bytes, not {block_size}",
+                seal.block_size
+            )));
+        }
         check_sealed_size(name, size)?;
         self.create_volume_rec(name, size, block_size, policy, Some(seal))
     }
@@ -145,7 +252,7 @@ impl Pool {
     /// seal becomes readable and writable. A wrong key is
     /// `Error::WrongKey` and changes nothing.
     pub fn load_seal_key(&self, seal: &SealRec, key: &KeySource) -> Result<()> {
-        seal.check()?;
+        self.lock()?.admit(seal)?;
         // Outside the pool lock: a passphrase costs an Argon2id run.
         let keys = Keys::unlock_seal(&seal.crypto, key)?;
         self.lock()?.seals.loaded.insert(seal.id(), Arc::new(keys));
@@ -159,8 +266,12 @@ impl Pool {
         g.seals.loaded.remove(seal_id);
     }
 
-    /// Whether the keys of seal `seal_id` are in memory: loaded, or this
-    /// pool's own for a seal of this pool's key that a volume here has.
+    /// Whether the keys of seal `seal_id` are in memory: loaded, or, with
+    /// this pool unlocked, a seal of this pool's own key. An id does not
+    /// name its key, so for the second the pool must know the seal: one
+    /// it was shown (`create_volume_sealed`, `load_seal_key`,
+    /// `read_sealed`, `write_sealed`, `write_unsealing`), one a target here
+    /// holds, or one it sends an encrypted target with (`seal_for_send`).
     pub fn seal_key_loaded(&self, seal_id: &str) -> bool {
         let Ok(g) = self.lock() else {
             return false;
@@ -168,50 +279,25 @@ impl Pool {
         if g.seals.loaded.contains_key(seal_id) {
             return true;
         }
-        let own = |s: &Option<SealRec>| {
-            s.as_ref()
-                .is_some_and(|s| g.seals.has(s) && s.id() == seal_id)
-        };
-        g.volumes.values().any(|v| own(&v.seal)) || g.snapshots.values().any(|s| own(&s.seal))
+        g.seals.own.is_some() && g.own_seal_known(seal_id, self.keys.is_some())
     }
 
     /// How target `t` is sent raw: a sealed target's own seal; for a
     /// target encrypted with this pool's key, a seal under this pool's key
-    /// whose nonce is derived from the pool and the volume lineage (every
-    /// snapshot of a volume seals the same way, so incrementals line up).
+    /// whose nonce is derived from the pool, the volume lineage and its
+    /// salt (every snapshot of a volume seals the same way, so
+    /// incrementals line up; a clone is a lineage of its own).
     pub fn seal_for_send(&self, t: Target) -> Result<SealRec> {
-        let g = self.lock()?;
+        let mut g = self.lock()?;
         let v = g.seal_view(t)?;
-        if let Some(seal) = v.seal {
-            return Ok(seal);
-        }
-        let Some(cipher) = v.policy.encryption else {
-            return Err(Error::Invalid(format!(
-                "volume {} is not encrypted: only encrypted or sealed volumes can be sent raw",
-                v.name
-            )));
+        let seal = match v.seal.clone() {
+            Some(seal) => seal,
+            None => g.own_seal(&v, self.keys.is_some())?,
         };
-        if self.keys.is_none() {
-            return Err(Error::KeyRequired);
-        }
-        check_sealed_size(&v.name, v.size)?;
-        let crypto =
-            g.pool_rec.crypto.clone().ok_or_else(|| {
-                Error::Corrupt("an encrypted volume in a pool without a key".into())
-            })?;
-        let mut h = blake3::Hasher::new();
-        h.update(b"cdm seal nonce");
-        h.update(&g.sb.uuid);
-        h.update(&v.lineage.to_le_bytes());
-        let d = h.finalize();
-        let mut n = [0u8; 8];
-        n.copy_from_slice(&d.as_bytes()[..8]);
-        Ok(SealRec {
-            version: pipeline::SEAL_VERSION,
-            crypto,
-            cipher,
-            nonce: u64::from_le_bytes(n),
-        })
+        // Known by id from here on, even once its volume is gone (a raw
+        // replica of it may come back).
+        g.seals.note(&seal);
+        Ok(seal)
     }
 
     /// Reads whole blocks of `t` sealed with `seal` (`offset` and
@@ -226,29 +312,43 @@ impl Pool {
         buf: &mut [u8],
         seal: &SealRec,
     ) -> Result<()> {
-        let v = self.lock()?.seal_view(t)?;
+        let (v, keys) = {
+            let mut g = self.lock()?;
+            g.admit(seal)?;
+            let v = g.seal_view(t)?;
+            if let Some(own) = &v.seal {
+                if own.id() != seal.id() {
+                    return Err(Error::Invalid(format!(
+                        "volume {} is sealed with seal {}, not {}",
+                        v.name,
+                        own.id(),
+                        seal.id()
+                    )));
+                }
+                (v, None)
+            } else {
+                // Only the seal this volume is sent with: another nonce
+                // could be one another lineage seals with.
+                let own = g.own_seal(&v, self.keys.is_some())?;
+                if own.id() != seal.id() {
+                    return Err(Error::Invalid(format!(
+                        "volume {} is sent raw with seal {}, not {}",
+                        v.name,
+                        own.id(),
+                        seal.id()
+                    )));
+                }
+                let keys = g.seal_keys(seal)?;
+                (v, Some(keys))
+            }
+        };
         pipeline::check_aligned(v.bs, v.size, offset, buf.len() as u64)?;
         if buf.is_empty() {
             return Ok(());
         }
-        if let Some(own) = &v.seal {
-            if own.id() != seal.id() {
-                return Err(Error::Invalid(format!(
-                    "volume {} is sealed with seal {}, not {}",
-                    v.name,
-                    own.id(),
-                    seal.id()
-                )));
-            }
+        let Some(keys) = keys else {
             return self.read_in(t, v.bs as u32, offset, buf);
-        }
-        if v.policy.encryption.is_none() {
-            return Err(Error::Invalid(format!(
-                "volume {} is not encrypted: only encrypted or sealed volumes can be sent raw",
-                v.name
-            )));
-        }
-        let keys = self.lock()?.seal_keys(seal)?;
+        };
         let mut plain = vec![0u8; buf.len()];
         self.read(t, offset, &mut plain)?;
         let sealed = pipeline::seal_range(&keys, seal, v.bs, v.size, offset, &plain, true)?;
@@ -256,19 +356,30 @@ impl Pool {
         Ok(())
     }
 
-    /// Writes sealed bytes into sealed volume `vol` as they are (whole
-    /// blocks; no keys needed).
-    pub fn write_sealed(&self, vol: u64, offset: u64, data: &[u8]) -> Result<()> {
-        let (size, bs, sealed) = {
-            let g = self.lock()?;
-            let tt = g.target(Target::Volume(vol))?;
-            (tt.size, tt.block_size, tt.sealed)
+    /// Writes bytes sealed with `seal` into sealed volume `vol` as they
+    /// are (whole blocks; no keys needed). `seal` must be the volume's.
+    pub fn write_sealed(&self, vol: u64, offset: u64, data: &[u8], seal: &SealRec) -> Result<()> {
+        let (size, bs) = {
+            let mut g = self.lock()?;
+            g.admit(seal)?;
+            let v = g.seal_view(Target::Volume(vol))?;
+            let Some(have) = &v.seal else {
+                return Err(Error::Invalid(format!(
+                    "volume {} is not sealed: write sealed bytes only into a sealed volume",
+                    v.name
+                )));
+            };
+            if have.id() != seal.id() {
+                return Err(Error::Invalid(format!(
+                    "volume {}: the data is sealed with another key/nonce: seal {}, volume \
+                     holds {}",
+                    v.name,
+                    seal.id(),
+                    have.id()
+                )));
+            }
+            (v.size, v.bs as u32)
         };
-        if !sealed {
-            return Err(Error::Invalid(format!(
-                "volume {vol} is not sealed: write sealed bytes only into a sealed volume"
-            )));
-        }
         pipeline::check_aligned(bs as u64, size, offset, data.len() as u64)?;
         let len = data.len() as u64;
         let Some((_g, bs_now, sealed_now)) = self.begin_write_sealed(vol, offset, len)? else {
@@ -292,13 +403,31 @@ impl Pool {
         seal: &SealRec,
     ) -> Result<()> {
         let (v, keys) = {
-            let g = self.lock()?;
+            let mut g = self.lock()?;
+            g.admit(seal)?;
             let v = g.seal_view(Target::Volume(vol))?;
             if v.seal.is_some() {
                 return Err(Error::Invalid(format!(
                     "volume {} is sealed: write sealed bytes into it with write_sealed",
                     v.name
                 )));
+            }
+            // End-to-end encrypted data stays encrypted at rest.
+            if v.policy.encryption.is_none() {
+                return Err(Error::Invalid(format!(
+                    "volume {} is not encrypted: unsealed data would be stored in the clear; \
+                     unseal only into an encrypted volume",
+                    v.name
+                )));
+            }
+            if seal.block_size as u64 != v.bs {
+                return Err(Error::Invalid(format!(
+                    "volume {} has blocks of {} bytes and the data is sealed in blocks of {}",
+                    v.name, v.bs, seal.block_size
+                )));
+            }
+            if self.keys.is_none() {
+                return Err(Error::KeyRequired);
             }
             (v, g.seal_keys(seal)?)
         };
@@ -382,8 +511,9 @@ impl Pool {
         self.write_locked(vol, lo, Some(&sealed), hi - lo, bs, keep_zeros)
     }
 
-    /// A sealed target's seal and its keys (`Error::KeyRequired` when they
-    /// are not loaded).
+    /// A sealed target's seal and its keys (`Error::SealKeyRequired` when
+    /// they are not loaded; `Error::KeyRequired` for a seal of this pool's
+    /// key in a pool opened without it).
     fn target_seal_keys(&self, t: Target) -> Result<(SealRec, Arc<Keys>)> {
         let g = self.lock()?;
         let seal = g

@@ -123,6 +123,7 @@ pub fn engine(e: cdmfs::Error) -> ApiError {
         // The device fails: worth retrying once it recovers.
         E::Io(_) => ApiError::unavailable(e.to_string()),
         E::KeyRequired | E::WrongKey(_) => ApiError::conflict(e.to_string()),
+        E::SealKeyRequired(_) => ApiError::new(409, "key_required", e.to_string()),
         E::Failed => ApiError::unavailable(e.to_string()),
         _ => ApiError::internal(e.to_string()),
     }

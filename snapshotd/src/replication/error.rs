@@ -50,7 +50,7 @@ impl From<cdmfs::Error> for ReplError {
                 "no_space"
             }
             E::NotFound(_) => "not_found",
-            E::KeyRequired | E::WrongKey(_) => "key_required",
+            E::KeyRequired | E::SealKeyRequired(_) | E::WrongKey(_) => "key_required",
             E::Invalid(_) | E::OutOfRange { .. } => "invalid",
             E::Exists(_) | E::Busy(_) | E::ReadOnly(_) => "conflict",
             _ => "engine",
