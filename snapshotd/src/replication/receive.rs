@@ -619,9 +619,9 @@ async fn data(
                     .pool
                     .write_unsealing(vol, e.offset, bytes, seal)
                     .map_err(|e| unseal_err(&s.volume, e))?,
-                Some(_) => ctx
+                Some(seal) => ctx
                     .pool
-                    .write_sealed(vol, e.offset, bytes)
+                    .write_sealed(vol, e.offset, bytes, seal)
                     .map_err(engine)?,
                 None => ctx.pool.write(vol, e.offset, bytes).map_err(engine)?,
             }
@@ -642,7 +642,9 @@ async fn data(
 /// opened is said plainly.
 fn unseal_err(volume: &str, e: cdmfs::Error) -> ApiError {
     match e {
-        cdmfs::Error::KeyRequired | cdmfs::Error::WrongKey(_) => ApiError::new(
+        cdmfs::Error::KeyRequired
+        | cdmfs::Error::SealKeyRequired(_)
+        | cdmfs::Error::WrongKey(_) => ApiError::new(
             409,
             "key_required",
             format!(

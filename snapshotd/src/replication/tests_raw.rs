@@ -109,7 +109,7 @@ fn raw_sends_cascade_open_with_the_source_key_and_fail_back_incrementally() {
         .pool
         .read(Target::Snapshot(on_b[0].0.id), 5 * BS as u64, &mut buf)
         .unwrap_err();
-    assert!(matches!(e, cdmfs::Error::KeyRequired), "{e}");
+    assert!(matches!(e, cdmfs::Error::SealKeyRequired(_)), "{e}");
     b.pool.flush().unwrap();
     assert!(!pool_file_has_text(dirs[1].path()));
 
@@ -160,7 +160,7 @@ fn raw_sends_cascade_open_with_the_source_key_and_fail_back_incrementally() {
     replicas::promote(&b.state, &b.pool, "v").unwrap();
     let bid = b.pool.volume_id("v").unwrap();
     let e = b.pool.write(bid, 0, &buf).unwrap_err();
-    assert!(matches!(e, cdmfs::Error::KeyRequired), "{e}");
+    assert!(matches!(e, cdmfs::Error::SealKeyRequired(_)), "{e}");
     b.pool.load_seal_key(&seal, &key()).unwrap();
     for k in 0..20u64 {
         rng.fill_bytes(&mut buf);
@@ -227,7 +227,7 @@ fn raw_refusals_plain_volumes_foreign_seals_and_appliances_without_the_key() {
         .pool
         .read(Target::Snapshot(on_x[0].0.id), 0, &mut buf)
         .unwrap_err();
-    assert!(matches!(e, cdmfs::Error::KeyRequired), "{e}");
+    assert!(matches!(e, cdmfs::Error::SealKeyRequired(_)), "{e}");
     // X's copy promoted and demoted again, then fed a raw point while it
     // is an ordinary replica of B: X cannot unseal it.
     replicas::promote(&x.state, &x.pool, "v").unwrap();
