@@ -89,6 +89,27 @@ impl Appliance {
         self.to_snapshot(self.snapshot_of(volume, id)?)
     }
 
+    /// 409 `held` for the base of a replication link's next transfer
+    /// (`docs/replication.md`, "Holds").
+    fn refuse_held(&self, export: &str, id: u64) -> ApiResult<()> {
+        let Some(r) = self.replication.get() else {
+            return Ok(());
+        };
+        let holds = r.holds()?;
+        if holds.is_held(id) {
+            return Err(ApiError::new(
+                409,
+                "held",
+                format!(
+                    "snapshot {export} is the replication base of {}: without it their next \
+                     transfer is a full resend; force to delete it anyway",
+                    holds.describe(id)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     pub(super) fn snapshot_delete(
         &self,
         c: &Caller,
@@ -119,6 +140,9 @@ impl Appliance {
                 s.export,
                 s.clones.join(", ")
             )));
+        }
+        if !force {
+            self.refuse_held(&s.export, id)?;
         }
         self.pool.delete_snapshot(id).map_err(engine)?;
         // Forced past its clients: end their connections now.

@@ -3,6 +3,7 @@
 //! control side), and the transfer protocol (the data path).
 
 pub mod exports;
+pub mod holds;
 pub mod links;
 pub mod listener;
 pub mod pairing;

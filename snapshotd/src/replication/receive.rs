@@ -44,6 +44,10 @@ const MAX_BODY: usize = wire::MAX_BATCH_BYTES + (1 << 20);
 /// Called after a point is committed: (volume, snapshot id).
 pub type OnPoint = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
+/// The points this appliance's own links hold (cascades onward); None if
+/// they cannot be read.
+pub type HeldFn = Arc<dyn Fn() -> Option<super::holds::Holds> + Send + Sync>;
+
 pub struct ReceiverCtx {
     pub pool: Arc<Pool>,
     pub state: Arc<State>,
@@ -53,6 +57,8 @@ pub struct ReceiverCtx {
     /// the cascade of "after every point" links.
     pub on_point: OnPoint,
     pub events: Arc<Events>,
+    /// The points a cascade link from here holds: replica retention keeps them.
+    pub held: HeldFn,
 }
 
 /// Sessions change one request at a time: a sender retrying while its
@@ -628,8 +634,23 @@ fn expire(ctx: &ReceiverCtx, s: &Session, newest: u64) -> Result<(), ApiError> {
         keep_days: s.keep_days,
         min_keep: 1,
     };
-    for id in crate::scheduler::expired(&view, &r, now_unix()) {
-        if id == newest {
+    let doomed: Vec<u64> = crate::scheduler::expired(&view, &r, now_unix())
+        .into_iter()
+        .filter(|id| *id != newest)
+        .collect();
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    // A point a link from here holds is the base of its next transfer
+    // (A→B→C): kept, as on a source.
+    let Some(holds) = (ctx.held)() else {
+        tracing::error!(volume = %s.volume, "cannot read the replication holds; no point expires now");
+        return Ok(());
+    };
+    for id in doomed {
+        if holds.is_held(id) {
+            tracing::info!(volume = %s.volume, snapshot = id,
+                "kept point {id}: it is the replication base of {}", holds.describe(id));
             continue;
         }
         match ctx.pool.delete_snapshot(id) {
