@@ -245,7 +245,25 @@ mod tests {
         // A paused link keeps its hold; a deleted one releases it.
         r.update_link(l.id, |x| x.enabled = false).unwrap();
         assert!(r.holds().unwrap().is_held(4));
-        r.state.remove(super::super::links::LINKS, l.id).unwrap();
+        let admin = cdm_api::auth::Caller {
+            user: "admin".into(),
+            role: cdm_api::auth::Role::Admin,
+            grants: Vec::new(),
+            token_id: String::new(),
+            token_name: String::new(),
+        };
+        r.delete_link(&admin, l.id).unwrap();
+        assert_eq!(r.holds().unwrap(), Holds::default());
+        // The next link gets the same id (ids follow the last link): it
+        // inherits neither the deleted link's transfers nor its hold.
+        let again = r
+            .state
+            .append(super::super::links::LINKS, crate::state::Sync::Now, |id| {
+                LinkRec { id, ..l.clone() }
+            })
+            .unwrap();
+        assert_eq!(again.id, l.id);
+        assert_eq!(r.transfers(again.id).unwrap(), Vec::new());
         assert_eq!(r.holds().unwrap(), Holds::default());
     }
 }
