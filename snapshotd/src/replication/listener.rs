@@ -111,6 +111,7 @@ pub fn router(rep: Arc<Replication>) -> Router {
                     .ok()
             })
         },
+        answered: Default::default(),
     });
     Router::new()
         .route("/repl/whoami", get(whoami))

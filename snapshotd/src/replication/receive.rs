@@ -10,6 +10,7 @@
 //! (in the state database) records the acknowledgement: a receiver killed
 //! at any moment resumes from its last acknowledged batch.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -59,6 +60,21 @@ pub struct ReceiverCtx {
     pub events: Arc<Events>,
     /// The points a cascade link from here holds: replica retention keeps them.
     pub held: HeldFn,
+    /// Fingerprint answers awaiting their data, by volume: in memory only.
+    pub answered: Mutex<HashMap<String, Answered>>,
+}
+
+/// A batch whose fingerprints were answered and whose data is awaited.
+///
+/// Kept in memory, not in the session record: the zeros and known blocks
+/// the answer mapped become durable with the flush of the batch's data
+/// request (one commit per batch), so an answer must not outlive a crash
+/// that lost them (review finding 3). After a restart the data request
+/// finds no answer (409 `out_of_order`) and the sender, resuming from the
+/// last acknowledged batch, sends the fingerprints again.
+pub struct Answered {
+    session: String,
+    pending: Pending,
 }
 
 /// Sessions change one request at a time: a sender retrying while its
@@ -315,6 +331,7 @@ fn open_blocking(
     // The older unfinished session goes first: from here on the live tree
     // is this transfer's.
     sessions::remove(&ctx.state, v).map_err(repl)?;
+    cdm_common::lock::lock(&ctx.answered).remove(v);
     if exists {
         pool.revert_volume(v, base).map_err(engine)?;
     } else {
@@ -363,7 +380,6 @@ fn open_blocking(
         keep_days: req.keep_days,
         acked: 0,
         token: req.token,
-        pending: None,
         done: None,
         started_unix: now_unix(),
     };
@@ -429,7 +445,7 @@ async fn fingerprints(
 ) -> Result<Vec<u8>, ApiError> {
     let f = Fingerprints::decode(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     blocking(move || {
-        let mut s = session_for(&ctx, &caller, &id, &headers)?;
+        let s = session_for(&ctx, &caller, &id, &headers)?;
         check_seq(&s, seq)?;
         if s.done.is_some() || seq <= s.acked {
             // Applied already: nothing is lacking.
@@ -472,12 +488,15 @@ async fn fingerprints(
             }
             lacking.push(lacks);
         }
-        // The zeros and mapped blocks are durable before the answer is
-        // recorded: a recorded answer means only the lacking data is
-        // still to come, also after a crash.
-        ctx.pool.flush().map_err(engine)?;
-        s.pending = Some(Pending::of(seq, &want));
-        sessions::put(&ctx.state, &s).map_err(repl)?;
+        // Not flushed here: the data request's flush makes these writes
+        // durable with the batch's data, before it is acknowledged.
+        cdm_common::lock::lock(&ctx.answered).insert(
+            s.volume.clone(),
+            Answered {
+                session: s.id.clone(),
+                pending: Pending::of(seq, &want),
+            },
+        );
         Ok(wire::encode_lacking(&lacking))
     })
     .await
@@ -502,8 +521,12 @@ async fn data(
         if s.done.is_some() || seq <= s.acked {
             return Ok(Json(json!({"acked": s.acked})));
         }
-        let pending = match &s.pending {
-            Some(p) if p.seq == seq => p.entries().map_err(repl)?,
+        let answer = cdm_common::lock::lock(&ctx.answered)
+            .get(&s.volume)
+            .filter(|a| a.session == s.id && a.pending.seq == seq)
+            .map(|a| a.pending.entries());
+        let pending = match answer {
+            Some(p) => p.map_err(repl)?,
             _ => {
                 return Err(ApiError::new(
                     409,
@@ -531,12 +554,13 @@ async fn data(
                 .map_err(engine)?;
             at += n;
         }
-        // Durable before it is acknowledged.
+        // Durable before it is acknowledged: this batch's data and the
+        // zeros and known blocks its fingerprint answer mapped.
         ctx.pool.flush().map_err(engine)?;
         s.acked = seq;
         s.token = token;
-        s.pending = None;
         sessions::put(&ctx.state, &s).map_err(repl)?;
+        cdm_common::lock::lock(&ctx.answered).remove(&s.volume);
         Ok(Json(json!({"acked": seq})))
     })
     .await
@@ -573,7 +597,10 @@ async fn commit(
         if let Some(done) = s.done {
             return Ok((s.volume, done, false));
         }
-        if s.pending.is_some() {
+        let answered = cdm_common::lock::lock(&ctx.answered)
+            .get(&s.volume)
+            .is_some_and(|a| a.session == s.id);
+        if answered {
             return Err(ApiError::new(
                 409,
                 "incomplete",

@@ -197,6 +197,7 @@ impl Tgt {
                     Some(super::holds::compute(&[(l, vec!["v".into()])], recs))
                 })
             },
+            answered: Default::default(),
         });
         let app = router(ctx).layer(axum::middleware::from_fn_with_state(
             (faults.clone(), sender),
