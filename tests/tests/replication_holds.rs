@@ -79,6 +79,15 @@ fn keep_last_1_on_the_source_keeps_the_base_of_a_paused_link() {
         msg.contains(&format!("kept point {p1}")) && msg.contains(&format!("link {ab} to peer B")),
         "{kept}"
     );
+    // The API shows who holds it.
+    let listed = a.snapshots("v");
+    let held: Vec<&Value> = listed
+        .iter()
+        .filter(|s| s["held_by"] != json!([]))
+        .collect();
+    assert_eq!(held.len(), 1, "{listed:?}");
+    assert_eq!(snap_id(held[0]), p1);
+    assert_eq!(held[0]["held_by"], json!([ab]));
     // A manual delete of the held point is refused, naming the link.
     let v = a.api().expect(
         409,

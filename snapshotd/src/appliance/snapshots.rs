@@ -11,7 +11,27 @@ use super::{engine, Appliance};
 impl Appliance {
     pub(super) fn to_snapshot(&self, s: SnapshotInfo) -> ApiResult<Snapshot> {
         let (vols, _) = self.pool.catalog().map_err(engine)?;
-        Ok(Self::to_snapshot_with(s, &vols))
+        let mut v = Self::to_snapshot_with(s, &vols);
+        Self::set_held_by(&mut v, &self.holds_now());
+        Ok(v)
+    }
+
+    /// The points replication links hold now, for the API's view (none if
+    /// they cannot be read: a listing does not fail for it).
+    fn holds_now(&self) -> crate::replication::holds::Holds {
+        let Some(r) = self.replication.get() else {
+            return Default::default();
+        };
+        r.holds().unwrap_or_else(|e| {
+            tracing::warn!(error = %e.message, "cannot read the replication holds");
+            Default::default()
+        })
+    }
+
+    fn set_held_by(s: &mut Snapshot, holds: &crate::replication::holds::Holds) {
+        s.held_by = holds.of(s.id).iter().map(|h| h.link).collect();
+        s.held_by.sort_unstable();
+        s.held_by.dedup();
     }
 
     pub(super) fn to_snapshot_with(s: SnapshotInfo, vols: &[cdmfs::Brief]) -> Snapshot {
@@ -32,6 +52,7 @@ impl Appliance {
             allocated_bytes: s.allocated_bytes,
             unique_bytes: s.unique_bytes,
             clones,
+            held_by: Vec::new(),
         }
     }
 
@@ -80,8 +101,13 @@ impl Appliance {
     pub(super) fn snapshot_list(&self, volume: &str) -> ApiResult<Vec<Snapshot>> {
         let v = self.pool.list_snapshots(Some(volume)).map_err(engine)?;
         let (vols, _) = self.pool.catalog().map_err(engine)?;
+        let holds = self.holds_now();
         Ok(v.into_iter()
-            .map(|s| Self::to_snapshot_with(s, &vols))
+            .map(|s| {
+                let mut v = Self::to_snapshot_with(s, &vols);
+                Self::set_held_by(&mut v, &holds);
+                v
+            })
             .collect())
     }
 
