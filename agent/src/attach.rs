@@ -39,6 +39,9 @@ pub struct Attachment {
     /// A PostgreSQL started on it.
     #[serde(default)]
     pub postgres: Option<crate::pg::Running>,
+    /// A MariaDB (`mariadbd`) started on it.
+    #[serde(default)]
+    pub mariadb: Option<crate::maria::Running>,
     /// Made by a backup for its own use (detached when it ends, or by the
     /// next backup if it was interrupted).
     #[serde(default)]
@@ -458,6 +461,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Option<Chil
         nbd_index: device.nbd_index,
         clone: None,
         postgres: None,
+        mariadb: None,
         temporary: false,
         drill: false,
     };

@@ -7,6 +7,8 @@ pub mod config;
 pub mod drill;
 pub mod error;
 pub mod kernel_nbd;
+pub mod maria;
+pub mod maria_backup;
 pub mod merge;
 pub mod nbdfile;
 pub mod ops;

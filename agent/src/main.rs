@@ -153,9 +153,9 @@ struct ServeArgs {
     /// token, else the hostname].
     #[arg(long)]
     name: Option<String>,
-    /// What to look for on this host: postgres (running postmasters and
-    /// Debian clusters) or none.
-    #[arg(long, default_value = "postgres", value_parser = ["postgres", "none"])]
+    /// What to look for on this host: all, postgres (running postmasters
+    /// and Debian clusters), mariadb (running servers) or none.
+    #[arg(long, default_value = "all", value_parser = ["all", "postgres", "mariadb", "none"])]
     discover: String,
     /// Jobs run at the same time.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -242,6 +242,23 @@ enum BackupCmd {
         #[arg(long)]
         pgdata: Option<PathBuf>,
     },
+    /// Online backup of a running MariaDB (mariadb-backup): the first
+    /// one full, the next ones incremental, each prepared into a point.
+    Mariadb {
+        #[command(flatten)]
+        stage: StageArgs,
+        /// The server's Unix socket.
+        #[arg(long, default_value = "/run/mysqld/mysqld.sock")]
+        socket: PathBuf,
+        #[arg(long, default_value = "root")]
+        user: String,
+        /// File holding the password (none: unix_socket authentication).
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// The data directory as this host sees it [default: what the server reports].
+        #[arg(long)]
+        datadir: Option<PathBuf>,
+    },
     /// A directory tree.
     Files {
         #[command(flatten)]
@@ -322,7 +339,7 @@ enum RestoreCmd {
         snapshot: String,
         #[arg(long)]
         target: PathBuf,
-        /// Start PostgreSQL on the copy, on this port.
+        /// Start PostgreSQL (or MariaDB) on the copy, on this port.
         #[arg(long)]
         start_port: Option<u16>,
     },
@@ -333,7 +350,7 @@ enum RestoreCmd {
         /// Clone name [default: VOLUME-ID-instant].
         #[arg(long)]
         name: Option<String>,
-        /// PostgreSQL port.
+        /// PostgreSQL (or MariaDB) port.
         #[arg(long, default_value_t = 5433)]
         port: u16,
         #[arg(long)]
@@ -626,6 +643,34 @@ fn backup_cmd(ctx: &Ctx, b: &BackupCmd) -> anyhow::Result<serde_json::Value> {
             };
             ops::backup_postgres(ctx, &ops::Stage::from(stage), &conn, pgdata.as_deref())?
         }
+        BackupCmd::Mariadb {
+            stage,
+            socket,
+            user,
+            password_file,
+            datadir,
+        } => {
+            let password = match password_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("password file {}", f.display()))?
+                        .trim_end_matches('\n')
+                        .to_string(),
+                ),
+                None => None,
+            };
+            let conn = cdm_agent::maria::Conn {
+                socket: socket.clone(),
+                user: user.clone(),
+                password,
+            };
+            cdm_agent::maria_backup::backup_mariadb(
+                ctx,
+                &ops::Stage::from(stage),
+                &conn,
+                datadir.as_deref(),
+            )?
+        }
         BackupCmd::Files { stage, source } => {
             ops::backup_files(ctx, &ops::Stage::from(stage), source)?
         }
@@ -742,7 +787,11 @@ fn serve_cmd(cli: &Cli, a: &ServeArgs) -> ExitCode {
             state_dir: state_dir(cli, &cfg)?,
             enrol: a.enrol.clone(),
             name: a.name.clone(),
-            discover: (a.discover == "postgres").then(serve::discover::Roots::default),
+            discover: (a.discover != "none").then(|| serve::discover::Roots {
+                postgres: a.discover != "mariadb",
+                mariadb: a.discover != "postgres",
+                ..Default::default()
+            }),
             max_jobs: usize::from(a.max_jobs),
             ca_file: cli.ca_file.clone(),
             exe: std::env::current_exe().context("cannot find the agent's executable")?,

@@ -13,7 +13,7 @@ use crate::attach::{self, AttachRequest, Attachment};
 use crate::error::{Context as _, Result};
 use crate::merge::{Entry, MergeError, MergeStats, Merger, Meta, Source};
 use crate::throttle::Throttle;
-use crate::{block, pg, Ctx, Error, ErrorKind};
+use crate::{block, maria, pg, Ctx, Error, ErrorKind};
 
 /// Names of volumes, clones and attachments ([`cdm_common::names`]).
 pub fn check_name(n: &str) -> Result<(), Error> {
@@ -131,7 +131,7 @@ pub struct Stage {
 }
 
 /// `extra`'s keys added to (or replacing) those of `meta`.
-fn merge_meta(meta: &mut Value, extra: Option<&Value>) {
+pub(crate) fn merge_meta(meta: &mut Value, extra: Option<&Value>) {
     if let (Some(Value::Object(x)), Value::Object(o)) = (extra, meta) {
         o.extend(x.clone());
     }
@@ -139,8 +139,8 @@ fn merge_meta(meta: &mut Value, extra: Option<&Value>) {
 
 /// A stage disk mounted for a backup; detached at the end if the backup
 /// attached it.
-struct Mounted {
-    a: Attachment,
+pub(crate) struct Mounted {
+    pub(crate) a: Attachment,
     child: Option<Child>,
     ours: bool,
 }
@@ -149,7 +149,7 @@ impl Mounted {
     /// The stage disk of `volume`, mounted: the attachment someone made
     /// with `attach`, or a new one that [`Mounted::close`] detaches (also
     /// one an interrupted backup left behind).
-    fn open(ctx: &Ctx, volume: &str, blank: bool) -> Result<Mounted> {
+    pub(crate) fn open(ctx: &Ctx, volume: &str, blank: bool) -> Result<Mounted> {
         let name = attach::name_of(volume);
         if let Some(a) = attach::record(ctx, &name) {
             if a.writable && a.export == volume && cdm_disk::host::is_mounted(&a.mount) {
@@ -189,7 +189,7 @@ impl Mounted {
         Ok(m)
     }
 
-    fn close(mut self, ctx: &Ctx) -> Result<()> {
+    pub(crate) fn close(mut self, ctx: &Ctx) -> Result<()> {
         if self.ours {
             Ok(attach::detach(ctx, &self.a, self.child.as_mut())?)
         } else {
@@ -226,7 +226,7 @@ fn total_bytes(entries: &[Entry]) -> u64 {
 
 /// Freezes the filesystem (its journal checkpointed: the snapshot mounts
 /// clean), takes the snapshot, thaws — whatever happens.
-fn snapshot_frozen(
+pub(crate) fn snapshot_frozen(
     ctx: &Ctx,
     mount: &Path,
     volume: &str,
@@ -255,13 +255,13 @@ fn snapshot_frozen(
     Ok(s)
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default()
 }
 
-fn now_label(kind: &str) -> String {
+pub(crate) fn now_label(kind: &str) -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -410,7 +410,7 @@ fn postgres_meta(si: &pg::ServerInfo, pgdata: &Path, s: &pg::Stopped, st: &Merge
     })
 }
 
-fn check_block_size(bs: u32) -> Result<()> {
+pub(crate) fn check_block_size(bs: u32) -> Result<()> {
     if !(512..=1 << 20).contains(&bs) || !bs.is_power_of_two() {
         crate::fail!(
             Invalid,
@@ -749,7 +749,16 @@ pub fn restore_regular(
         "bytes_copied": copied,
         "copy_seconds": copy_secs,
     });
-    if target.join("pgdata").exists() {
+    if target.join(maria::DATADIR).exists() {
+        let r = maria::ready_copy(&target, start_port.unwrap_or(3306))?;
+        v["datadir"] = json!(r.datadir);
+        if start_port.is_some() {
+            let ready = maria::start(&r)?;
+            v["mariadb"] = json!(r);
+            v["seconds_to_first_query"] = json!(t0.elapsed().as_secs_f64());
+            v["startup_seconds"] = json!(ready.as_secs_f64());
+        }
+    } else if target.join("pgdata").exists() {
         let r = pg::prepare(
             &target,
             start_port.unwrap_or(5432),
@@ -819,7 +828,15 @@ pub fn restore_clone(
             "clone_seconds": clone_secs,
             "attach_seconds": attach_secs,
         });
-        if a.mount.join("pgdata").exists() {
+        if a.mount.join(maria::DATADIR).exists() {
+            let r = maria::ready_copy(&a.mount, port)?;
+            a.mariadb = Some(r.clone());
+            attach::save(ctx, &a)?;
+            let ready = maria::start(&r)?;
+            v["mariadb_start_seconds"] = json!(ready.as_secs_f64());
+            v["mariadb"] = json!(r);
+            v["seconds_to_first_query"] = json!(t0.elapsed().as_secs_f64());
+        } else if a.mount.join("pgdata").exists() {
             let r = pg::prepare(&a.mount, port, name)?;
             a.postgres = Some(r.clone());
             attach::save(ctx, &a)?;
@@ -841,6 +858,9 @@ pub fn restore_clone(
             if let Some(p) = &a.postgres {
                 let _ = pg::stop(p);
             }
+            if let Some(m) = &a.mariadb {
+                let _ = maria::stop(m);
+            }
             let _ = attach::detach(ctx, &a, child.as_mut());
             Err(undo_clone(e))
         }
@@ -853,6 +873,9 @@ pub fn detach(ctx: &Ctx, name: &str, delete_clone: bool) -> Result<Value> {
     let a = attach::record(ctx, name).ok_or_else(|| crate::err!(Host, "{name} is not attached"))?;
     if let Some(p) = &a.postgres {
         pg::stop(p)?;
+    }
+    if let Some(m) = &a.mariadb {
+        maria::stop(m)?;
     }
     attach::detach(ctx, &a, None)?;
     let mut deleted = None;

@@ -769,6 +769,20 @@ impl Client {
             Some(body),
         )
     }
+    pub fn load_volume_key(
+        &self,
+        name: &str,
+        key: &crate::replication::VolumeKey,
+    ) -> Result<Volume> {
+        self.call(
+            "POST",
+            &format!("/v1/volumes/{}/key", e(name)),
+            Self::json(key)?,
+        )
+    }
+    pub fn unload_volume_key(&self, name: &str) -> Result<Volume> {
+        self.call("DELETE", &format!("/v1/volumes/{}/key", e(name)), None)
+    }
 }
 
 #[cfg(test)]

@@ -128,6 +128,13 @@ pub struct LinkCreate {
     pub rpo_seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// Send encrypted volumes as stored (ciphertext): the target keeps
+    /// them sealed under this appliance's key and needs no key of its own
+    /// (default false: the target re-encrypts with its own key). Refused
+    /// for a volume that is not encrypted. A sealed volume (a raw replica
+    /// cascaded on) is always sent raw, whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<bool>,
 }
 
 /// One transfer of one point.
@@ -150,6 +157,9 @@ pub struct Transfer {
     /// Blocks the target had already.
     pub blocks_known: u64,
     pub resumed_from_batch: Option<u64>,
+    /// Sent as stored ciphertext (a raw link, or a sealed source volume).
+    #[serde(default)]
+    pub raw: bool,
     /// `ok`, `failed` or `cancelled`.
     pub result: String,
     pub message: String,
@@ -169,6 +179,10 @@ pub struct Link {
     pub bandwidth_windows: Vec<String>,
     pub rpo_seconds: u64,
     pub enabled: bool,
+    /// Encrypted volumes are sent as stored ciphertext (sealed volumes
+    /// always are).
+    #[serde(default)]
+    pub raw: bool,
     /// `idle`, `running`, `failing` or `paused`.
     pub state: String,
     /// Now minus the creation time of the newest point on the target; null
@@ -184,6 +198,30 @@ pub struct Link {
 pub struct VolumeDemote {
     /// The peer that will feed the volume.
     pub peer: String,
+}
+
+/// `POST /v1/volumes/{name}/key`: the key a sealed volume (a raw
+/// replica) was encrypted with on its source, exactly one of the two. Kept
+/// in memory only, never stored or logged.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeKey {
+    /// The source's key file (32 or 64 bytes) in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file_hex: Option<String>,
+    /// The source's passphrase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passphrase: Option<String>,
+}
+
+/// Never prints the key.
+impl std::fmt::Debug for VolumeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeKey")
+            .field("key_file_hex", &self.key_file_hex.as_ref().map(|_| ".."))
+            .field("passphrase", &self.passphrase.as_ref().map(|_| ".."))
+            .finish()
+    }
 }
 
 /// What `/repl/whoami` on the replication listener answers: how this

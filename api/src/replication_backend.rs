@@ -1,6 +1,6 @@
 //! What replication's routes need from the appliance (a part of
 //! [`crate::backend::Backend`]): pairing, peers, links, transfers, and the
-//! promotion and demotion of replica volumes.
+//! promotion and demotion of replica volumes, the keys of sealed ones.
 
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
@@ -66,6 +66,15 @@ pub trait ReplicationBackend {
         _name: &str,
         _req: VolumeDemote,
     ) -> ApiResult<Volume> {
+        Err(off())
+    }
+    /// Loads the key of a sealed volume (in memory): 400 `not_sealed`,
+    /// 409 `wrong_key`.
+    fn load_volume_key(&self, _caller: &Caller, _name: &str, _req: VolumeKey) -> ApiResult<Volume> {
+        Err(off())
+    }
+    /// Forgets the key of a sealed volume.
+    fn unload_volume_key(&self, _caller: &Caller, _name: &str) -> ApiResult<Volume> {
         Err(off())
     }
 }

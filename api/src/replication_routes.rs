@@ -1,6 +1,7 @@
 //! Routes of replication (`docs/replication.md`): pairing tokens, the
 //! appliance-to-appliance pairing call, peers, links, transfers, and the
-//! promotion and demotion of replica volumes. Mounted under `/v1` by
+//! promotion and demotion of replica volumes and the keys of sealed
+//! ones. Mounted under `/v1` by
 //! [`crate::routes::router`].
 
 use axum::extract::{Path, State};
@@ -41,6 +42,10 @@ pub fn routes() -> Router<AppState> {
         .route("/replication/links/{id}/transfers", get(transfers))
         .route("/volumes/{name}/promote", post(promote_volume))
         .route("/volumes/{name}/demote", post(demote_volume))
+        .route(
+            "/volumes/{name}/key",
+            post(load_volume_key).delete(unload_volume_key),
+        )
 }
 
 #[utoipa::path(post, path = "/v1/replication/pairings", request_body = PairingCreate, responses((status = 201, body = PairingToken), (status = 403, body = ErrorBody)), security(("bearer" = [])))]
@@ -193,13 +198,52 @@ async fn demote_volume(
     ))
 }
 
+/// Exactly one of a key file and a passphrase, not empty.
+fn check_key(k: &VolumeKey) -> ApiResult<()> {
+    match (&k.key_file_hex, &k.passphrase) {
+        (Some(h), None) if !h.trim().is_empty() => Ok(()),
+        (None, Some(p)) if !p.is_empty() => Ok(()),
+        _ => Err(crate::error::ApiError::bad_request(
+            "give exactly one of \"key_file_hex\" and \"passphrase\"",
+        )),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/key", params(("name" = String, Path)), request_body = VolumeKey, responses((status = 200, body = Volume), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn load_volume_key(
+    State(s): S,
+    Extension(c): C,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<VolumeKey>,
+) -> ApiResult<Json<Volume>> {
+    c.require(Action::Write)?;
+    check_name("volume", &name)?;
+    check_key(&req)?;
+    Ok(Json(
+        run(&s, move |b| b.load_volume_key(&c, &name, req)).await?,
+    ))
+}
+
+#[utoipa::path(delete, path = "/v1/volumes/{name}/key", params(("name" = String, Path)), responses((status = 200, body = Volume), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn unload_volume_key(
+    State(s): S,
+    Extension(c): C,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Volume>> {
+    c.require(Action::Write)?;
+    check_name("volume", &name)?;
+    Ok(Json(
+        run(&s, move |b| b.unload_volume_key(&c, &name)).await?,
+    ))
+}
+
 /// Replication's part of the OpenAPI document.
 #[derive(utoipa::OpenApi)]
 #[openapi(
     paths(
         create_pairing, pair, create_peer, list_peers, delete_peer, create_link, list_links,
         link, delete_link, pause_link, resume_link, run_link, transfers, promote_volume,
-        demote_volume
+        demote_volume, load_volume_key, unload_volume_key
     ),
     modifiers(&BearerAuth)
 )]

@@ -62,6 +62,14 @@ pub struct Volume {
     pub dedup: bool,
     pub compression: u8,
     pub encryption: String,
+    /// Stored as ciphertext under another appliance's key (a raw replica,
+    /// or a volume promoted from one).
+    #[serde(default)]
+    pub sealed: bool,
+    /// Whether its data can be read here: false only for a sealed volume
+    /// whose key is not loaded (`POST /v1/volumes/{name}/key`).
+    #[serde(default = "yes")]
+    pub key_loaded: bool,
     /// NBD export name (read-write).
     pub export: String,
     /// NBD clients connected now.
@@ -114,6 +122,14 @@ pub struct Snapshot {
     pub allocated_bytes: u64,
     /// Bytes only this snapshot references (what deleting it frees).
     pub unique_bytes: u64,
+    /// Stored as ciphertext under another appliance's key (a point of a
+    /// raw replica).
+    #[serde(default)]
+    pub sealed: bool,
+    /// Whether its data can be read here (false: a sealed point whose
+    /// key is not loaded).
+    #[serde(default = "yes")]
+    pub key_loaded: bool,
     /// NBD export name (read-only): `VOLUME@ID`.
     pub export: String,
     /// Clones made from this snapshot that still name it as origin.
@@ -221,6 +237,10 @@ pub struct FilesQuery {
     pub offset: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn root_path() -> String {

@@ -39,7 +39,7 @@ pub use dev::{fully_allocated, BlockDev, FileDev};
 pub use error::{Error, Result};
 pub use faultdev::{FaultDev, FAULTS};
 pub use format::DEFAULT_BLOCK_SIZE;
-pub use pipeline::{Cipher, DataPolicy, KeySource, MAX_LEVEL};
+pub use pipeline::{Cipher, CryptoRec, DataPolicy, KeySource, SealRec, MAX_LEVEL};
 pub use pool::{
     validate_name, Brief, DefragProgress, DiffStats, FormatOptions, Fragmentation, IoErrors,
     OpenOptions, PhysicalMap, Pool, PoolHealth, PoolState, Run, SnapshotInfo, SpaceInfo, Target,
@@ -47,4 +47,4 @@ pub use pool::{
 };
 pub use space::{Reduction, ReductionReport, VolumeReduction};
 #[cfg(feature = "test-utils")]
-pub use testdev::{CrashDev, Fate, MemDev, Unsynced, SECTOR};
+pub use testdev::{CrashDev, Fate, GateDev, MemDev, Unsynced, SECTOR};

@@ -247,3 +247,89 @@ impl BlockDev for CrashDev {
         Ok(lock(&self.st).durable.len() as u64)
     }
 }
+
+/// An in-memory device whose next read (or next read at one offset), once
+/// armed, stops until the test lets it go: tests use it to hold an engine
+/// operation inside a device read and do something else meanwhile. Syncs
+/// can be made to fail.
+pub struct GateDev {
+    inner: MemDev,
+    /// The armed offset; `ANY` for any offset, `OFF` when disarmed.
+    at: std::sync::atomic::AtomicU64,
+    reached_tx: Mutex<std::sync::mpsc::Sender<()>>,
+    reached_rx: Mutex<std::sync::mpsc::Receiver<()>>,
+    go_tx: Mutex<std::sync::mpsc::Sender<()>>,
+    go_rx: Mutex<std::sync::mpsc::Receiver<()>>,
+    fail_sync: std::sync::atomic::AtomicBool,
+}
+
+impl GateDev {
+    const OFF: u64 = u64::MAX;
+    const ANY: u64 = u64::MAX - 1;
+
+    pub fn new(size: usize) -> Self {
+        let (reached_tx, reached_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel();
+        GateDev {
+            inner: MemDev::new(size),
+            at: std::sync::atomic::AtomicU64::new(Self::OFF),
+            reached_tx: Mutex::new(reached_tx),
+            reached_rx: Mutex::new(reached_rx),
+            go_tx: Mutex::new(go_tx),
+            go_rx: Mutex::new(go_rx),
+            fail_sync: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+    /// Stops the next read.
+    pub fn arm(&self) {
+        self.at
+            .store(Self::ANY, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Stops the next read at byte offset `off`.
+    pub fn arm_at(&self, off: u64) {
+        self.at.store(off, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Waits until an armed read has stopped.
+    pub fn wait_reached(&self) {
+        let _ = lock(&self.reached_rx).recv();
+    }
+    /// Lets the stopped read go on.
+    pub fn release(&self) {
+        let _ = lock(&self.go_tx).send(());
+    }
+    /// Makes syncs fail (true) or work again (false).
+    pub fn set_fail_sync(&self, fail: bool) {
+        self.fail_sync
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl BlockDev for GateDev {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let armed = self.at.load(SeqCst);
+        if armed != Self::OFF
+            && (armed == Self::ANY || armed == off)
+            && self
+                .at
+                .compare_exchange(armed, Self::OFF, SeqCst, SeqCst)
+                .is_ok()
+        {
+            let _ = lock(&self.reached_tx).send(());
+            let _ = lock(&self.go_rx).recv();
+        }
+        self.inner.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.inner.write_at(buf, off)
+    }
+    fn sync(&self) -> io::Result<()> {
+        if self.fail_sync.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other("injected sync error"));
+        }
+        self.inner.sync()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+}

@@ -3,10 +3,9 @@
 //! trims, pieces, growths and commits in between; trees of different shapes
 //! are compared by content; and its cost follows the change, not the volume.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::Arc;
 
-use cdmfs::{BlockDev, DataPolicy, Error, FormatOptions, MemDev, OpenOptions, Pool, Target};
+use cdmfs::{DataPolicy, Error, FormatOptions, GateDev, MemDev, OpenOptions, Pool, Target};
 use proptest::prelude::*;
 
 #[derive(Clone, Debug)]
@@ -312,53 +311,11 @@ fn a_clone_diffs_against_its_origin_and_block_sizes_must_match() {
     assert!(p.diff(None, se).unwrap().is_empty());
 }
 
-/// A device whose next read, once armed, stops until the test lets it
-/// go: the diff reads a missing node outside the pool lock, and the test
-/// deletes the snapshot (and commits) meanwhile.
-struct GateDev {
-    inner: MemDev,
-    armed: AtomicBool,
-    reached: Mutex<mpsc::Sender<()>>,
-    go: Mutex<mpsc::Receiver<()>>,
-    /// Syncs fail while set.
-    fail_sync: AtomicBool,
-}
-
-impl BlockDev for GateDev {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        if self.armed.swap(false, Ordering::SeqCst) {
-            let _ = self.reached.lock().unwrap().send(());
-            let _ = self.go.lock().unwrap().recv();
-        }
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, off)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        if self.fail_sync.load(Ordering::SeqCst) {
-            return Err(std::io::Error::other("injected sync error"));
-        }
-        self.inner.sync()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-}
-
-/// A snapshot deleted while a diff reads its nodes (outside the pool lock)
-/// ends the diff with NotFound, not with an answer from freed nodes.
-#[test]
-fn a_snapshot_deleted_during_a_diff_ends_it_with_an_error() {
-    let (reached_tx, reached) = mpsc::channel();
-    let (go, go_rx) = mpsc::channel();
-    let dev = Arc::new(GateDev {
-        inner: MemDev::new(64 << 20),
-        armed: AtomicBool::new(false),
-        reached: Mutex::new(reached_tx),
-        go: Mutex::new(go_rx),
-        fail_sync: AtomicBool::new(false),
-    });
+/// A pool on a [`GateDev`] with volume `v` (4 MiB written) and its
+/// snapshot whose nodes are evicted from the small cache, the device armed
+/// so that the next read (a diff's node read, outside the pool lock) stops.
+fn gated_pool_with_evicted_snapshot() -> (Arc<GateDev>, Arc<Pool>, u64, u64) {
+    let dev = Arc::new(GateDev::new(64 << 20));
     Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
     let opts = OpenOptions {
         cache_nodes: 16,
@@ -385,17 +342,25 @@ fn a_snapshot_deleted_during_a_diff_ends_it_with_an_error() {
             .unwrap()
             .id,
     );
-    dev.armed.store(true, Ordering::SeqCst);
+    dev.arm();
+    (dev, p, v.id, s)
+}
+
+/// A snapshot deleted while a diff reads its nodes (outside the pool lock)
+/// ends the diff with NotFound, not with an answer from freed nodes.
+#[test]
+fn a_snapshot_deleted_during_a_diff_ends_it_with_an_error() {
+    let (dev, p, v, s) = gated_pool_with_evicted_snapshot();
     let q = p.clone();
     let walker = std::thread::spawn(move || q.diff(None, s));
-    reached.recv().unwrap();
+    dev.wait_reached();
     // The walker waits in a node read without the pool lock.
     p.delete_snapshot(s).unwrap();
     for _ in 0..3 {
-        p.write(v.id, 0, &data(3, 0, 1 << 20)).unwrap();
+        p.write(v, 0, &data(3, 0, 1 << 20)).unwrap();
         p.commit().unwrap();
     }
-    go.send(()).unwrap();
+    dev.release();
     match walker.join().unwrap() {
         Err(Error::NotFound(m)) => assert!(m.contains("deleted"), "{m}"),
         other => panic!("a diff of a deleted snapshot gave {other:?}"),
@@ -407,54 +372,19 @@ fn a_snapshot_deleted_during_a_diff_ends_it_with_an_error() {
 /// was not durable may be gone, and its id or address reused, after it.
 #[test]
 fn a_reload_during_a_diff_ends_it_with_an_error() {
-    let (reached_tx, reached) = mpsc::channel();
-    let (go, go_rx) = mpsc::channel();
-    let dev = Arc::new(GateDev {
-        inner: MemDev::new(64 << 20),
-        armed: AtomicBool::new(false),
-        reached: Mutex::new(reached_tx),
-        go: Mutex::new(go_rx),
-        fail_sync: AtomicBool::new(false),
-    });
-    Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
-    let opts = OpenOptions {
-        cache_nodes: 16,
-        ..OpenOptions::default()
-    };
-    let p = Arc::new(Pool::open(dev.clone(), &opts).unwrap());
-    let v = p.create_volume("v", 4 << 20, 4096).unwrap();
-    p.write(v.id, 0, &data(1, 0, 4 << 20)).unwrap();
-    p.commit().unwrap();
-    let s = p
-        .create_snapshot("v", "", serde_json::json!({}))
-        .unwrap()
-        .id;
-    p.commit().unwrap();
-    let want = p.diff(None, s).unwrap();
-    assert_eq!(want, vec![(0, 4 << 20)]);
-    // Evict the snapshot's nodes from the small cache.
-    let w = p.create_volume("w", 4 << 20, 4096).unwrap();
-    p.write(w.id, 0, &data(2, 0, 4 << 20)).unwrap();
-    p.commit().unwrap();
-    let _ = p.diff(
-        None,
-        p.create_snapshot("w", "", serde_json::json!({}))
-            .unwrap()
-            .id,
-    );
-    dev.armed.store(true, Ordering::SeqCst);
+    let (dev, p, v, s) = gated_pool_with_evicted_snapshot();
     let q = p.clone();
     let walker = std::thread::spawn(move || q.diff(None, s));
-    reached.recv().unwrap();
+    dev.wait_reached();
     // The walker waits in a node read without the pool lock; a sync fails
     // and the pool reloads from the device (ids and addresses not yet
     // durable may be reused after that).
-    p.write(v.id, 0, &data(3, 0, 1 << 20)).unwrap();
-    dev.fail_sync.store(true, Ordering::SeqCst);
+    p.write(v, 0, &data(3, 0, 1 << 20)).unwrap();
+    dev.set_fail_sync(true);
     assert!(p.flush().is_err());
-    dev.fail_sync.store(false, Ordering::SeqCst);
+    dev.set_fail_sync(false);
     p.commit().unwrap();
-    go.send(()).unwrap();
+    dev.release();
     match walker.join().unwrap() {
         Err(Error::NotFound(m)) => assert!(m.contains("reload"), "{m}"),
         other => panic!("a diff across a reload gave {other:?}"),

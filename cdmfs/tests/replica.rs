@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use cdmfs::{
-    BlockDev, CrashDev, DataPolicy, Error, FormatOptions, MemDev, OpenOptions, Pool, Target,
+    BlockDev, CrashDev, DataPolicy, Error, FormatOptions, GateDev, MemDev, OpenOptions, Pool,
+    Target,
 };
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -259,33 +260,6 @@ fn revert_with_writers_in_flight() {
     fsck_clean(&p, "after reverts with writers");
 }
 
-/// A device whose next read, once armed, waits until the test lets it go.
-struct GateDev {
-    inner: MemDev,
-    armed: std::sync::atomic::AtomicBool,
-    reached: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
-    go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl BlockDev for GateDev {
-    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-        if self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
-            let _ = self.reached.lock().unwrap().send(());
-            let _ = self.go.lock().unwrap().recv();
-        }
-        self.inner.read_at(buf, off)
-    }
-    fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-        self.inner.write_at(buf, off)
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        self.inner.sync()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-}
-
 /// A partial write reads the block it patches; a revert that slipped in
 /// between that read and the mapping would leave the pre-revert bytes of
 /// the rest of the block in the reverted volume. The writer is stopped in
@@ -293,14 +267,7 @@ impl BlockDev for GateDev {
 /// the snapshot's (the revert came after the write) every time.
 #[test]
 fn a_revert_never_lands_inside_a_write() {
-    let (reached_tx, reached) = std::sync::mpsc::channel();
-    let (go, go_rx) = std::sync::mpsc::channel();
-    let dev = Arc::new(GateDev {
-        inner: MemDev::new(64 << 20),
-        armed: std::sync::atomic::AtomicBool::new(false),
-        reached: std::sync::Mutex::new(reached_tx),
-        go: std::sync::Mutex::new(go_rx),
-    });
+    let dev = Arc::new(GateDev::new(64 << 20));
     Pool::format(&*dev, &FormatOptions::default()).unwrap();
     let p = Arc::new(Pool::open(dev.clone(), &OpenOptions::default()).unwrap());
     let v = p.create_volume("v", 1 << 20, 65536).unwrap();
@@ -311,14 +278,14 @@ fn a_revert_never_lands_inside_a_write() {
         .id;
     for round in 0..20 {
         p.write(v.id, 0, &[2; 65536]).unwrap();
-        dev.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+        dev.arm();
         let q = p.clone();
         // Unaligned bytes of a mapped block: a piece that reads its unit.
         let writer = std::thread::spawn(move || q.write(v.id, 1000, &[3; 100]));
-        reached.recv().unwrap();
+        dev.wait_reached();
         let q = p.clone();
         let reverter = std::thread::spawn(move || q.revert_volume("v", Some(s)));
-        go.send(()).unwrap();
+        dev.release();
         writer.join().unwrap().unwrap();
         reverter.join().unwrap().unwrap();
         let mut got = vec![0u8; 65536];

@@ -579,6 +579,7 @@ fn start_replication(
         name: s.name.clone(),
         client,
         server_ca: m.ca_pem.clone(),
+        compression: s.defaults.compression,
     })
     .context("cannot set up replication")?;
     let _ = repl.control.set(app.control.clone());

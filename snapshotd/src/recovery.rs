@@ -232,6 +232,10 @@ impl Appliance {
         let mounts = self.mounts()?;
         let (vol, id) = parse_source(&req.snapshot)?;
         self.snapshot_target(&vol, id)?;
+        // Say why a sealed point cannot be mounted before trying to.
+        let s = self.pool.snapshot(id).map_err(engine)?;
+        let what = format!("snapshot {}", req.snapshot);
+        crate::replication::keys::require_key(s.seal.as_ref(), s.seal_key_loaded, &what)?;
         let name = match (&req.clone, req.writable) {
             (Some(n), true) => n.clone(),
             (Some(_), false) => {

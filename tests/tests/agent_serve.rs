@@ -364,7 +364,7 @@ fn serve_enrols_discovers_and_runs_backup_jobs_until_retired() {
     // Online from the first heartbeat (enrolment alone reports nothing).
     wait_for(120, "host db1 online after its first heartbeat", || {
         let (s, v) = api.call("GET", "/v1/hosts/db1", None);
-        (s == 200 && v["state"] == "online" && v["capabilities"].as_array()?.len() == 4)
+        (s == 200 && v["state"] == "online" && v["capabilities"].as_array()?.len() == 5)
             .then_some(())
     });
     let h = api.get("/v1/hosts/db1");

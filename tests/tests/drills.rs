@@ -476,13 +476,7 @@ fn altered_point(
         "{}",
         String::from_utf8_lossy(&det.stderr)
     );
-    let s = api.expect(
-        201,
-        "POST",
-        &format!("/v1/volumes/{name}/snapshots"),
-        Some(json!({"label": name})),
-    );
-    s["id"].as_u64().unwrap()
+    snapshot(api, name, json!({"label": name}))
 }
 
 /// The line pointers of the heap's second page made to point past the
@@ -599,14 +593,7 @@ fn policies_schedule_drills_on_the_appliance_clock() {
         "/v1/volumes",
         Some(json!({"name": vol, "size": 1 << 20})),
     );
-    let snap = api.expect(
-        201,
-        "POST",
-        &format!("/v1/volumes/{vol}/snapshots"),
-        Some(json!({})),
-    )["id"]
-        .as_u64()
-        .unwrap();
+    let snap = snapshot(&api, &vol, json!({}));
     let drills = || jobs(&api, &format!("application={id}&kind=drill"));
     advance(&api, 1800);
     advance(&api, 1801);
@@ -721,14 +708,7 @@ fn file_trees_are_drilled_on_the_appliance() {
     run(Command::new("nbdcopy")
         .arg(w.join("ext4.img"))
         .arg(a.unix_uri(&vol)));
-    let good = api.expect(
-        201,
-        "POST",
-        &format!("/v1/volumes/{vol}/snapshots"),
-        Some(json!({})),
-    )["id"]
-        .as_u64()
-        .unwrap();
+    let good = snapshot(&api, &vol, json!({}));
     let drill_local = |body: Value| -> Value {
         let j = api.expect(
             202,
@@ -762,14 +742,7 @@ fn file_trees_are_drilled_on_the_appliance() {
     run(Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x5a 4096 4096"])
         .arg(a.unix_uri(&vol)));
-    let bad = api.expect(
-        201,
-        "POST",
-        &format!("/v1/volumes/{vol}/snapshots"),
-        Some(json!({})),
-    )["id"]
-        .as_u64()
-        .unwrap();
+    let bad = snapshot(&api, &vol, json!({}));
     let d = drill_local(json!({"snapshot": bad}));
     assert_eq!(d["passed"], false, "{d:#}");
     assert_eq!(check(&d, "fsck: disk (ext4)")["passed"], false, "{d:#}");

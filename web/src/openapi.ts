@@ -948,6 +948,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/volumes/{name}/key": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["load_volume_key"];
+        delete: operations["unload_volume_key"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/volumes/{name}/policy": {
         parameters: {
             query?: never;
@@ -1683,6 +1699,11 @@ export interface components {
             last_transfer?: null | components["schemas"]["Transfer"];
             peer: string;
             policy?: string | null;
+            /**
+             * @description Encrypted volumes are sent as stored ciphertext (sealed volumes
+             *     always are).
+             */
+            raw?: boolean;
             /** Format: int64 */
             rpo_seconds: number;
             schedule: components["schemas"]["LinkSchedule"];
@@ -1710,6 +1731,14 @@ export interface components {
             peer: string;
             /** @description Replicate the volume of every application with this protection policy. */
             policy?: string | null;
+            /**
+             * @description Send encrypted volumes as stored (ciphertext): the target keeps
+             *     them sealed under this appliance's key and needs no key of its own
+             *     (default false: the target re-encrypts with its own key). Refused
+             *     for a volume that is not encrypted. A sealed volume (a raw replica
+             *     cascaded on) is always sent raw, whatever this says.
+             */
+            raw?: boolean | null;
             /**
              * Format: int64
              * @description Default: twice the interval, or 3600.
@@ -2137,8 +2166,18 @@ export interface components {
             held_by?: number[];
             /** Format: int64 */
             id: number;
+            /**
+             * @description Whether its data can be read here (false: a sealed point whose
+             *     key is not loaded).
+             */
+            key_loaded?: boolean;
             label: string;
             metadata: unknown;
+            /**
+             * @description Stored as ciphertext under another appliance's key (a point of a
+             *     raw replica).
+             */
+            sealed?: boolean;
             /** Format: int64 */
             size: number;
             /**
@@ -2225,6 +2264,8 @@ export interface components {
             /** Format: int64 */
             id: number;
             message: string;
+            /** @description Sent as stored ciphertext (a raw link, or a sealed source volume). */
+            raw?: boolean;
             /** @description `ok`, `failed` or `cancelled`. */
             result: string;
             /** Format: int64 */
@@ -2322,10 +2363,20 @@ export interface components {
             fragmentation?: null | components["schemas"]["Fragmentation"];
             /** Format: int64 */
             id: number;
+            /**
+             * @description Whether its data can be read here: false only for a sealed volume
+             *     whose key is not loaded (`POST /v1/volumes/{name}/key`).
+             */
+            key_loaded?: boolean;
             /** @description `stage` or `clone`. */
             kind: string;
             name: string;
             origin?: null | components["schemas"]["Origin"];
+            /**
+             * @description Stored as ciphertext under another appliance's key (a raw replica,
+             *     or a volume promoted from one).
+             */
+            sealed?: boolean;
             /** Format: int64 */
             size: number;
             snapshots: number;
@@ -2363,6 +2414,17 @@ export interface components {
         VolumeDemote: {
             /** @description The peer that will feed the volume. */
             peer: string;
+        };
+        /**
+         * @description `POST /v1/volumes/{name}/key`: the key a sealed volume (a raw
+         *     replica) was encrypted with on its source, exactly one of the two. Kept
+         *     in memory only, never stored or logged.
+         */
+        VolumeKey: {
+            /** @description The source's key file (32 or 64 bytes) in hex. */
+            key_file_hex?: string | null;
+            /** @description The source's passphrase. */
+            passphrase?: string | null;
         };
         /** @description Per volume: what it would need on its own. */
         VolumeReductionFigures: components["schemas"]["ReductionFigures"] & {
@@ -4611,6 +4673,92 @@ export interface operations {
                 };
             };
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    load_volume_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VolumeKey"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    unload_volume_key: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };

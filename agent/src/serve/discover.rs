@@ -12,13 +12,17 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde_json::json;
 
-/// Where to look.
+/// Where to look, and for what.
 #[derive(Clone, Debug)]
 pub struct Roots {
     /// `/proc`.
     pub proc: PathBuf,
     /// `/etc/postgresql`.
     pub debian: PathBuf,
+    /// Look for PostgreSQL clusters.
+    pub postgres: bool,
+    /// Look for MariaDB servers ([`super::discover_maria`]).
+    pub mariadb: bool,
 }
 
 impl Default for Roots {
@@ -26,8 +30,22 @@ impl Default for Roots {
         Roots {
             proc: "/proc".into(),
             debian: "/etc/postgresql".into(),
+            postgres: true,
+            mariadb: true,
         }
     }
+}
+
+/// Every application of the kinds `roots` asks for.
+pub fn all(roots: &Roots) -> Vec<Discovered> {
+    let mut v = Vec::new();
+    if roots.postgres {
+        v.extend(postgres(roots));
+    }
+    if roots.mariadb {
+        v.extend(super::discover_maria::mariadb(roots));
+    }
+    v
 }
 
 /// An application as the heartbeat reports it.
@@ -317,6 +335,7 @@ mod tests {
         let roots = Roots {
             proc: root.join("proc"),
             debian: root.join("etc/postgresql"),
+            ..Roots::default()
         };
         std::fs::create_dir_all(&roots.proc).unwrap();
         std::fs::create_dir_all(&roots.debian).unwrap();
@@ -443,6 +462,7 @@ mod tests {
         let none = Roots {
             proc: f.root.join("no-proc"),
             debian: f.root.join("no-etc"),
+            ..Roots::default()
         };
         assert!(postgres(&none).is_empty());
     }

@@ -12,7 +12,7 @@ use super::discover::{self, Discovered};
 use super::{Backoff, ServeError, Service, Stop};
 
 /// What the agent can protect.
-pub const CAPABILITIES: [&str; 4] = ["postgresql", "files", "block", "vm"];
+pub const CAPABILITIES: [&str; 5] = ["postgresql", "mariadb", "files", "block", "vm"];
 
 /// Discovery walks data directories for their size: not on every beat.
 const DISCOVERY_EVERY: Duration = Duration::from_secs(60);
@@ -86,7 +86,7 @@ impl Beats {
                 .discovered_at
                 .is_none_or(|t| t.elapsed() >= DISCOVERY_EVERY)
             {
-                self.discovered = discover::postgres(roots);
+                self.discovered = discover::all(roots);
                 self.discovered_at = Some(Instant::now());
             }
         }

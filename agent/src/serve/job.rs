@@ -189,6 +189,24 @@ fn backup_args(job: &AgentJob, args: &mut Vec<OsString>) -> Result<(), String> {
                 }
             }
         }
+        "mariadb" => {
+            args.extend([s("backup"), s("mariadb")]);
+            common(args, true);
+            if let Some(b) = job.volume_settings.block_size {
+                args.extend([s("--stage-block-size"), s(b)]);
+            }
+            // Debian's socket and root over unix_socket when not said.
+            for (key, flag) in [
+                ("socket", "--socket"),
+                ("user", "--user"),
+                ("datadir", "--datadir"),
+                ("password_file", "--password-file"),
+            ] {
+                if let Some(v) = text(c, key) {
+                    args.extend([s(flag), s(v)]);
+                }
+            }
+        }
         "files" => {
             let path = text(c, "path").ok_or("the application's config has no \"path\"")?;
             args.extend([s("backup"), s("files")]);
@@ -299,7 +317,12 @@ fn restore_args(job: &AgentJob, args: &mut Vec<OsString>) -> Result<Work, String
 pub fn result(work: &Work, mut v: Value) -> Value {
     if *work == Work::CloneRestore {
         let pg = v.get("postgres").cloned().unwrap_or(Value::Null);
+        let maria = v.get("mariadb").cloned().unwrap_or(Value::Null);
         if let Value::Object(o) = &mut v {
+            // A MariaDB clone answers on its socket only.
+            if let Some(sock) = maria.get("socket") {
+                o.insert("socket".into(), sock.clone());
+            }
             if let Some(sock) = pg.get("socket_dir") {
                 o.insert("host".into(), sock.clone());
                 o.insert("socket_dir".into(), sock.clone());
@@ -419,8 +442,8 @@ mod tests {
                 "host",
             ),
             (
-                json!({"id": 1, "kind": "backup", "application": app("mariadb", json!({}))}),
-                "mariadb",
+                json!({"id": 1, "kind": "backup", "application": app("oracle", json!({}))}),
+                "oracle",
             ),
             (
                 json!({"id": 1, "kind": "scrub", "application": app("files", json!({"path": "/"}))}),
@@ -434,6 +457,36 @@ mod tests {
             let e = plan(&job(j), &globals()).unwrap_err();
             assert!(e.contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn mariadb_backup_and_clone() {
+        let j = job(json!({"id": 8, "kind": "backup",
+            "application": {"id": 2, "kind": "mariadb", "name": "/var/lib/mysql",
+                "config": {"socket": "/run/mysqld/mysqld.sock", "user": "bk",
+                    "password_file": "/etc/cdm/bk.pw", "datadir": "/var/lib/mysql"},
+                "volume": "db1-mariadb-_var_lib_mysql", "size_bytes": 1u64 << 30},
+            "volume_settings": {"block_size": 16384}}));
+        let p = plan(&j, &globals()).unwrap();
+        assert_eq!(p.work, Work::Backup);
+        let a = strings(&p);
+        assert_eq!(after(&a, "backup"), Some("mariadb"));
+        assert_eq!(after(&a, "--volume"), Some("db1-mariadb-_var_lib_mysql"));
+        assert_eq!(after(&a, "--size"), Some(&*(8u64 << 30).to_string()));
+        assert_eq!(after(&a, "--socket"), Some("/run/mysqld/mysqld.sock"));
+        assert_eq!(after(&a, "--user"), Some("bk"));
+        assert_eq!(after(&a, "--password-file"), Some("/etc/cdm/bk.pw"));
+        assert_eq!(after(&a, "--datadir"), Some("/var/lib/mysql"));
+        assert_eq!(after(&a, "--stage-block-size"), Some("16384"));
+        // An empty config: the agent's defaults (Debian's socket, root).
+        let j = job(json!({"id": 8, "kind": "backup", "application":
+            {"id": 2, "kind": "mariadb", "name": "m", "config": {}, "volume": "v"}}));
+        let a = strings(&plan(&j, &globals()).unwrap());
+        assert_eq!(after(&a, "--socket"), None);
+        let v = json!({"kind": "clone", "clone": "c2", "mariadb": {"port": 5433, "socket": "/m/run/mariadbd.sock"}});
+        let r = result(&Work::CloneRestore, v);
+        assert_eq!(r["socket"], "/m/run/mariadbd.sock");
+        assert_eq!(r["attachment"], "c2");
     }
 
     #[test]

@@ -10,6 +10,7 @@
 pub mod credential;
 pub mod deliver;
 pub mod discover;
+pub mod discover_maria;
 pub mod drill;
 pub mod heartbeat;
 pub mod job;

@@ -50,12 +50,57 @@ fn check_value(master: &[u8; 32]) -> String {
     hex::encode(blake3::derive_key("cdm 2026-11 key check", master))
 }
 
+/// The master key `rec` was set up with, from `src`: the one home of the
+/// derivation rule (pool unlock and seal unlock both use it). A wrong key
+/// is `Error::WrongKey`.
+fn master_key(rec: &CryptoRec, src: &KeySource) -> Result<[u8; 32]> {
+    let master = match (rec.kdf.as_str(), src) {
+        ("key", KeySource::Key(k)) => blake3::derive_key("cdm 2026-11 raw master key", k),
+        ("argon2id", KeySource::Passphrase(p)) => {
+            let salt = hex::decode(&rec.salt)
+                .map_err(|_| Error::Corrupt("pool key record: bad salt".into()))?;
+            if rec.m_kib > 4 << 20 || rec.t_cost > 64 || rec.p_cost > 64 {
+                return Err(Error::Corrupt("pool key record: impossible cost".into()));
+            }
+            argon(p, &salt, rec.m_kib, rec.t_cost, rec.p_cost)?
+        }
+        ("key", _) => {
+            return Err(Error::WrongKey(
+                "this pool's key is a key file, not a passphrase".into(),
+            ))
+        }
+        ("argon2id", _) => {
+            return Err(Error::WrongKey(
+                "this pool's key is a passphrase, not a key file".into(),
+            ))
+        }
+        (k, _) => {
+            return Err(Error::Corrupt(format!(
+                "pool key record: unknown kdf {k:?}"
+            )))
+        }
+    };
+    if check_value(&master) != rec.check {
+        return Err(Error::WrongKey(
+            "the key does not match the one this pool was set up with".into(),
+        ));
+    }
+    Ok(master)
+}
+
+/// The master of the seal keys, derived from a pool's master key.
+fn seal_master(master: &[u8; 32]) -> [u8; 32] {
+    blake3::derive_key("cdm 2026-11 raw seal master", master)
+}
+
 /// Derived keys of an unlocked pool.
 pub struct Keys {
     aes256: Xts128<aes::Aes256>,
     aes128: Xts128<aes::Aes128>,
     sm4: Xts128<sm4::Sm4>,
     fingerprint: [u8; 32],
+    /// Master of the seal keys ([`Keys::seal_keys`]).
+    seal_master: [u8; 32],
 }
 
 impl std::fmt::Debug for Keys {
@@ -86,6 +131,7 @@ impl Keys {
             aes128: xts(&a1[..16], &a2[..16]),
             sm4: xts(&a1[16..], &a2[16..]),
             fingerprint: d("cdm 2026-11 dedup fingerprint key"),
+            seal_master: seal_master(master),
         }
     }
 
@@ -127,41 +173,23 @@ impl Keys {
     /// Unlocks a pool whose key was set up as `rec`; a wrong key is an
     /// error (nothing is written).
     pub fn unlock(rec: &CryptoRec, src: &KeySource) -> Result<Keys> {
-        let master = match (rec.kdf.as_str(), src) {
-            ("key", KeySource::Key(k)) => blake3::derive_key("cdm 2026-11 raw master key", k),
-            ("argon2id", KeySource::Passphrase(p)) => {
-                let salt = hex::decode(&rec.salt)
-                    .map_err(|_| Error::Corrupt("pool key record: bad salt".into()))?;
-                if rec.m_kib > 4 << 20 || rec.t_cost > 64 || rec.p_cost > 64 {
-                    return Err(Error::Corrupt("pool key record: impossible cost".into()));
-                }
-                argon(p, &salt, rec.m_kib, rec.t_cost, rec.p_cost)?
-            }
-            ("key", _) => {
-                return Err(Error::WrongKey(
-                    "this pool's key is a key file, not a passphrase".into(),
-                ))
-            }
-            ("argon2id", _) => {
-                return Err(Error::WrongKey(
-                    "this pool's key is a passphrase, not a key file".into(),
-                ))
-            }
-            (k, _) => {
-                return Err(Error::Corrupt(format!(
-                    "pool key record: unknown kdf {k:?}"
-                )))
-            }
-        };
-        if check_value(&master) != rec.check {
-            return Err(Error::WrongKey(
-                "the key does not match the one this pool was set up with".into(),
-            ));
-        }
-        Ok(Keys::from_master(&master))
+        Ok(Keys::from_master(&master_key(rec, src)?))
     }
 
-    fn crypt(&self, cipher: Cipher, buf: &mut [u8], tweak: u128, encrypt: bool) {
+    /// The keys that seal volumes for raw sends (see `seal.rs`), derived
+    /// from the master key `rec` checks: a sealed copy is unlocked by the
+    /// same key file or passphrase as the pool that sealed it.
+    pub fn unlock_seal(rec: &CryptoRec, src: &KeySource) -> Result<Keys> {
+        Ok(Keys::from_master(&seal_master(&master_key(rec, src)?)))
+    }
+
+    /// This pool's own seal keys (what [`Keys::unlock_seal`] gives for its
+    /// own key record).
+    pub fn seal_keys(&self) -> Keys {
+        Keys::from_master(&self.seal_master)
+    }
+
+    pub(crate) fn crypt(&self, cipher: Cipher, buf: &mut [u8], tweak: u128, encrypt: bool) {
         let t = xts_mode::get_tweak_default(tweak);
         match (cipher, encrypt) {
             (Cipher::Aes256Xts, true) => self.aes256.encrypt_sector(buf, t),
@@ -230,6 +258,22 @@ pub fn compress(level: u8, data: &[u8]) -> Option<Vec<u8>> {
         let (_, comp) = c.as_mut()?;
         let out = comp.compress(data).ok()?;
         (out.len() <= limit).then_some(out)
+    })
+}
+
+/// Decompresses the zstd frame at the start of `src` (what follows it is
+/// ignored) into at most `cap` bytes; why not, as text.
+pub(crate) fn decompress_frame(src: &[u8], cap: usize) -> std::result::Result<Vec<u8>, String> {
+    let n = zstd::zstd_safe::find_frame_compressed_size(src)
+        .map_err(|c| format!("zstd frame: {}", zstd::zstd_safe::get_error_name(c)))?;
+    let frame = &src[..n.min(src.len())];
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.is_none() {
+            *d = Some(zstd::bulk::Decompressor::new().map_err(|e| e.to_string())?);
+        }
+        let dec = d.as_mut().ok_or("no decompressor")?;
+        dec.decompress(frame, cap).map_err(|e| format!("zstd: {e}"))
     })
 }
 

@@ -12,13 +12,20 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 mod codec;
+mod seal;
 
 // The codec is the engine's own; tests, benches and fuzzers reach it
 // with the `test-utils` feature.
+pub use codec::CryptoRec;
 #[cfg(feature = "test-utils")]
 pub use codec::*;
 #[cfg(not(feature = "test-utils"))]
 pub(crate) use codec::*;
+pub use seal::SealRec;
+#[cfg(feature = "test-utils")]
+pub use seal::*;
+#[cfg(not(feature = "test-utils"))]
+pub(crate) use seal::*;
 
 /// Highest compression level: 1 = fastest … 8 = balanced … 29 = smallest.
 pub const MAX_LEVEL: u8 = 29;

@@ -15,6 +15,8 @@ pub(super) struct TargetTree {
     /// Logical size in bytes.
     pub(super) size: u64,
     pub(super) block_size: u32,
+    /// The target's blocks are sealed (`seal.rs`).
+    pub(super) sealed: bool,
 }
 
 impl Pool {
@@ -29,6 +31,18 @@ impl Pool {
         size: u64,
         block_size: u32,
         policy: DataPolicy,
+    ) -> Result<VolumeInfo> {
+        self.create_volume_rec(name, size, block_size, policy, None)
+    }
+
+    /// [`Pool::create_volume_with`], sealed with `seal` or not.
+    pub(super) fn create_volume_rec(
+        &self,
+        name: &str,
+        size: u64,
+        block_size: u32,
+        policy: DataPolicy,
+        seal: Option<crate::pipeline::SealRec>,
     ) -> Result<VolumeInfo> {
         validate_name(name)?;
         check_block_size(block_size)?;
@@ -57,6 +71,7 @@ impl Pool {
             root_csum: 0,
             allocated_blocks: 0,
             policy,
+            seal,
         };
         g.add_volume(rec);
         g.volume_info(id)
@@ -106,6 +121,9 @@ impl Pool {
         if new_size > (1 << 60) {
             return Err(Error::Invalid("volume size above 1 EiB".into()));
         }
+        if v.seal.is_some() {
+            super::seal::check_sealed_grow(name, v.size, new_size, v.block_size)?;
+        }
         v.size = new_size;
         g.touch_volume(id);
         g.volume_info(id)
@@ -125,6 +143,9 @@ impl Pool {
         }
         if new_size == 0 || new_size > (1 << 60) {
             return Err(Error::Invalid("volume size out of range".into()));
+        }
+        if v.seal.is_some() {
+            super::seal::check_sealed_size(name, new_size)?;
         }
         v.size = new_size;
         g.touch_volume(id);
@@ -222,6 +243,7 @@ impl Pool {
             block_size: v.block_size,
             allocated_blocks: v.allocated_blocks,
             policy: v.policy,
+            seal: v.seal.clone(),
         };
         g.snapshots.insert(id, rec);
         g.catalog_dirty.insert(KEY_SNAPSHOT | id, true);
@@ -287,6 +309,7 @@ impl Pool {
             root_csum: s.root_csum,
             allocated_blocks: s.allocated_blocks,
             policy: s.policy,
+            seal: s.seal.clone(),
         };
         g.add_volume(rec);
         g.volume_info(id)
@@ -341,8 +364,8 @@ impl Pool {
             .get(&id)
             .ok_or_else(|| internal("volume vanished"))?
             .clone();
-        let (root, size, block_size, allocated) = match snapshot {
-            None => (Ptr::NULL, v.size, v.block_size, 0),
+        let (root, size, block_size, allocated, seal) = match snapshot {
+            None => (Ptr::NULL, v.size, v.block_size, 0, v.seal.clone()),
             Some(sid) => {
                 let s = g
                     .snapshots
@@ -357,7 +380,15 @@ impl Pool {
                     addr: s.root,
                     csum: s.root_csum,
                 };
-                (root, s.size, s.block_size, s.allocated_blocks)
+                // A volume's snapshots and its origin share its seal; the
+                // record follows the tree all the same.
+                (
+                    root,
+                    s.size,
+                    s.block_size,
+                    s.allocated_blocks,
+                    s.seal.clone(),
+                )
             }
         };
         // Reference the new root before dropping the old: they may be the
@@ -378,6 +409,7 @@ impl Pool {
             rec.size = size;
             rec.block_size = block_size;
             rec.allocated_blocks = allocated;
+            rec.seal = seal;
             g.touch_volume(id);
             if v.root != 0 {
                 g.store.dec_node(Ptr {
@@ -535,6 +567,7 @@ impl Inner {
                     },
                     size: v.size,
                     block_size: v.block_size,
+                    sealed: v.seal.is_some(),
                 })
                 .ok_or_else(|| Error::NotFound(format!("volume {id}"))),
             Target::Snapshot(id) => self
@@ -547,6 +580,7 @@ impl Inner {
                     },
                     size: s.size,
                     block_size: s.block_size,
+                    sealed: s.seal.is_some(),
                 })
                 .ok_or_else(|| Error::NotFound(format!("snapshot {id}"))),
         }
@@ -631,6 +665,8 @@ impl Inner {
                 .filter(|s| s.volume_id == id)
                 .count(),
             policy: v.policy,
+            seal_key_loaded: v.seal.as_ref().is_some_and(|s| self.seals.has(s)),
+            seal: v.seal,
         })
     }
 
@@ -661,6 +697,8 @@ impl Inner {
             allocated_bytes: s.allocated_blocks * s.block_size as u64,
             unique_bytes: unique,
             policy: s.policy,
+            seal_key_loaded: s.seal.as_ref().is_some_and(|x| self.seals.has(x)),
+            seal: s.seal,
         })
     }
 }

@@ -550,58 +550,18 @@ mod tests {
         );
     }
 
-    /// A device whose next read at one offset, once armed, waits until the
-    /// test lets it go.
-    struct GateDev {
-        inner: crate::testdev::MemDev,
-        at: std::sync::atomic::AtomicU64,
-        reached: std::sync::Mutex<std::sync::mpsc::Sender<()>>,
-        go: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
-    }
-
-    impl crate::dev::BlockDev for GateDev {
-        fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
-            use std::sync::atomic::Ordering::SeqCst;
-            if self
-                .at
-                .compare_exchange(off, u64::MAX, SeqCst, SeqCst)
-                .is_ok()
-            {
-                let _ = self.reached.lock().unwrap().send(());
-                let _ = self.go.lock().unwrap().recv();
-            }
-            self.inner.read_at(buf, off)
-        }
-        fn write_at(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
-            self.inner.write_at(buf, off)
-        }
-        fn sync(&self) -> std::io::Result<()> {
-            self.inner.sync()
-        }
-        fn len(&self) -> std::io::Result<u64> {
-            self.inner.len()
-        }
-    }
-
     /// The usual sender diffs a snapshot it has just taken (its root not
     /// yet committed). The diff must still read the nodes the cache lacks
     /// without the pool lock: the test stops it in the read of the base
     /// snapshot's (evicted) root and checks that the lock is free.
     #[test]
     fn a_diff_of_an_uncommitted_snapshot_reads_without_the_pool_lock() {
-        use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-        use std::sync::{mpsc, Arc, Mutex};
+        use std::sync::Arc;
 
+        use crate::testdev::GateDev;
         use crate::{FormatOptions, OpenOptions, Pool};
 
-        let (reached_tx, reached) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel();
-        let dev = Arc::new(GateDev {
-            inner: crate::testdev::MemDev::new(64 << 20),
-            at: AtomicU64::new(u64::MAX),
-            reached: Mutex::new(reached_tx),
-            go: Mutex::new(go_rx),
-        });
+        let dev = Arc::new(GateDev::new(64 << 20));
         Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
         let opts = OpenOptions {
             cache_nodes: 16,
@@ -630,12 +590,12 @@ mod tests {
             assert!(g.store.dirty.contains_key(&g.snapshots[&s2].root));
             g.snapshots[&s1].root
         };
-        dev.at.store(root1 * UNIT, SeqCst);
+        dev.arm_at(root1 * UNIT);
         let q = p.clone();
         let walker = std::thread::spawn(move || q.diff(Some(s1), s2));
-        reached.recv().unwrap();
+        dev.wait_reached();
         let free = p.inner.try_lock().is_ok();
-        go.send(()).unwrap();
+        dev.release();
         let d = walker.join().unwrap().unwrap();
         assert!(free, "the diff read a node while holding the pool lock");
         assert_eq!(d, vec![(0, 4096), (1 << 20, 4096)]);

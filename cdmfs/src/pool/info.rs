@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::pipeline::DataPolicy;
+use crate::pipeline::{DataPolicy, SealRec};
 
 /// A volume (stage disk or clone) as listed.
 #[derive(Clone, Debug, Serialize)]
@@ -21,6 +21,11 @@ pub struct VolumeInfo {
     pub unique_bytes: u64,
     pub snapshots: usize,
     pub policy: DataPolicy,
+    /// A sealed volume's seal (its blocks are ciphertext under a key this
+    /// pool may not hold).
+    pub seal: Option<SealRec>,
+    /// Whether the seal's keys are loaded (reads and writes need them).
+    pub seal_key_loaded: bool,
 }
 
 /// A snapshot as listed.
@@ -37,6 +42,8 @@ pub struct SnapshotInfo {
     pub allocated_bytes: u64,
     pub unique_bytes: u64,
     pub policy: DataPolicy,
+    pub seal: Option<SealRec>,
+    pub seal_key_loaded: bool,
 }
 
 /// A catalog entry without space accounting: cheap to list often.

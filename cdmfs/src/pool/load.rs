@@ -34,6 +34,9 @@ impl Pool {
                 Some(Arc::new(keys))
             }
         };
+        if let (Some(k), Some(rec)) = (&keys, &inner.pool_rec.crypto) {
+            inner.seals.own = Some((rec.check.clone(), Arc::new(k.seal_keys())));
+        }
         Ok(Pool {
             inner: Mutex::new(inner),
             dev,
@@ -95,6 +98,7 @@ impl Inner {
             dirty_limit: opts.dirty_limit.max(64),
             pool_rec: PoolRec::default(),
             log: Default::default(),
+            seals: Default::default(),
         };
         inner.load()?;
         // Writes acknowledged by a flush after the last commit are in the
@@ -152,7 +156,9 @@ impl Pool {
             return Ok(());
         }
         let (ops, reloads) = (g.ops, g.reloads);
+        let seals = std::mem::take(&mut g.seals);
         *g = fresh;
+        g.seals = seals;
         g.ops = ops;
         g.reloads = reloads + 1;
         *durable = ops;

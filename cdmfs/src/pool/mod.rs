@@ -8,7 +8,8 @@
 //! intent log that makes a flush one record and one sync, `commit` the three-phase commit,
 //! `audit` the views fsck and the space report use; `diff` what changed
 //! between two snapshots and `known` writes of blocks the pool holds by
-//! fingerprint (both for replication).
+//! fingerprint (both for replication); `seal` sealed volumes (raw
+//! encrypted replication).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -37,6 +38,7 @@ mod piece;
 mod read;
 mod records;
 mod reduce;
+mod seal;
 mod superblock;
 mod write;
 
@@ -95,6 +97,8 @@ pub(crate) struct Inner {
     pool_rec: PoolRec,
     /// The intent log of the current generation.
     log: intent::LogState,
+    /// Seal keys loaded and this pool's own (kept across reloads).
+    seals: seal::SealKeys,
 }
 
 /// An open pool. All methods take `&self`; the pool is shared between

@@ -14,8 +14,15 @@ use super::{Inner, PhysicalMap, Pool, Run, Target};
 impl Pool {
     /// Reads `buf.len()` bytes at `offset`. Holes read as zeros; every extent
     /// is verified against its checksum.
+    ///
+    /// A sealed target reads through its seal keys (`Error::KeyRequired`
+    /// when they are not loaded).
     pub fn read(&self, t: Target, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let (size, bs) = self.geometry(t)?;
+        let (size, bs, sealed) = {
+            let g = self.lock()?;
+            let tt = g.target(t)?;
+            (tt.size, tt.block_size, tt.sealed)
+        };
         check_range(offset, buf.len() as u64, size)?;
         if buf.is_empty() {
             return Ok(());
@@ -25,6 +32,9 @@ impl Pool {
             if let Err(e) = self.prefetch(t, bs as u64, from, to) {
                 tracing::debug!(error = %e, "read-ahead skipped");
             }
+        }
+        if sealed {
+            return self.read_unsealing(t, size, bs, offset, buf);
         }
         self.read_in(t, bs, offset, buf)
     }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::format::*;
-use crate::pipeline::{CryptoRec, DataPolicy};
+use crate::pipeline::{CryptoRec, DataPolicy, SealRec};
 
 /// Largest catalog record (snapshot metadata included).
 pub const MAX_RECORD: usize = 256 * 1024;
@@ -33,6 +33,9 @@ pub(super) struct VolumeRec {
     pub(super) allocated_blocks: u64,
     #[serde(default, skip_serializing_if = "DataPolicy::is_plain")]
     pub(super) policy: DataPolicy,
+    /// Sealed volumes: how their stored blocks were sealed (`seal.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) seal: Option<SealRec>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -49,6 +52,9 @@ pub(super) struct SnapshotRec {
     pub(super) allocated_blocks: u64,
     #[serde(default, skip_serializing_if = "DataPolicy::is_plain")]
     pub(super) policy: DataPolicy,
+    /// Sealed volumes: how their stored blocks were sealed (`seal.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) seal: Option<SealRec>,
 }
 
 /// Checks a volume name: 1–128 characters of `A-Za-z0-9._-`, not starting

@@ -94,11 +94,30 @@ impl Drop for RangeGuard<'_> {
 impl Pool {
     /// Writes `data` at `offset` of a volume. Partial blocks are read,
     /// patched and written to a new place (never overwritten in place).
+    /// A sealed volume's blocks are sealed with its seal keys
+    /// (`Error::KeyRequired` when they are not loaded).
     pub fn write(&self, vol: u64, offset: u64, data: &[u8]) -> Result<()> {
-        let Some((_g, bs)) = self.begin_write(vol, offset, data.len() as u64)? else {
+        let len = data.len() as u64;
+        let Some((_g, bs, sealed)) = self.begin_write_sealed(vol, offset, len)? else {
             return Ok(());
         };
-        self.write_locked(vol, offset, Some(data), data.len() as u64, bs, false)
+        if sealed {
+            return self.write_sealing(vol, offset, Some(data), len, bs, false);
+        }
+        self.write_locked(vol, offset, Some(data), len, bs, false)
+    }
+
+    /// [`Pool::begin_write`] for callers that do not care whether the
+    /// volume is sealed (they work on stored bytes).
+    pub(super) fn begin_write(
+        &self,
+        vol: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<(RangeGuard<'_>, u32)>> {
+        Ok(self
+            .begin_write_sealed(vol, offset, len)?
+            .map(|(g, bs, _)| (g, bs)))
     }
 
     /// Checks a write of `len` bytes at `offset` of a volume and locks the
@@ -107,13 +126,14 @@ impl Pool {
     /// shrink a volume or change its block size) holds the whole volume's
     /// range, so one that ran while this waited would otherwise let the
     /// write map a block past the new end. The block size returned is the
-    /// one that holds while the guard does.
-    pub(super) fn begin_write(
+    /// one that holds while the guard does, and with it whether the volume
+    /// is sealed.
+    pub(super) fn begin_write_sealed(
         &self,
         vol: u64,
         offset: u64,
         len: u64,
-    ) -> Result<Option<(RangeGuard<'_>, u32)>> {
+    ) -> Result<Option<(RangeGuard<'_>, u32, bool)>> {
         loop {
             let (size, bs) = self.geometry(Target::Volume(vol))?;
             if self.policy_of(vol)?.encryption.is_some() && self.keys.is_none() {
@@ -144,7 +164,7 @@ impl Pool {
             drop(inner);
             check_range(offset, len, size_now)?;
             if bs_now == bs {
-                return Ok(Some((g, bs)));
+                return Ok(Some((g, bs, now.sealed)));
             }
             // A revert changed the block size: the locked blocks are not
             // the ones the range covers now; lock again.
@@ -161,22 +181,31 @@ impl Pool {
 
     /// Makes a range read as zeros, freeing whole blocks (trim and
     /// write-zeroes are the same operation here: holes read as zeros).
+    /// On a sealed volume whole blocks need no keys (zeros seal to
+    /// zeros); parts of blocks are rewritten through the seal keys.
     pub fn write_zeroes(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
-        let Some((_g, bs)) = self.begin_write(vol, offset, len)? else {
+        let Some((_g, bs, sealed)) = self.begin_write_sealed(vol, offset, len)? else {
             return Ok(());
+        };
+        let zero = |o: u64, n: u64| {
+            if sealed {
+                self.write_sealing(vol, o, None, n, bs, false)
+            } else {
+                self.write_locked(vol, o, None, n, bs, false)
+            }
         };
         let bs64 = bs as u64;
         let end = offset + len;
         let full0 = offset.div_ceil(bs64);
         let full1 = end / bs64;
         if full0 >= full1 {
-            return self.write_locked(vol, offset, None, len, bs, false);
+            return zero(offset, len);
         }
         if offset < full0 * bs64 {
-            self.write_locked(vol, offset, None, full0 * bs64 - offset, bs, false)?;
+            zero(offset, full0 * bs64 - offset)?;
         }
         if end > full1 * bs64 {
-            self.write_locked(vol, full1 * bs64, None, end - full1 * bs64, bs, false)?;
+            zero(full1 * bs64, end - full1 * bs64)?;
         }
         let need_commit = {
             let mut g = self.lock()?;
@@ -198,7 +227,7 @@ impl Pool {
     /// the range as data. Copy-on-write means this cannot reserve space for
     /// later overwrites; it only keeps the range from reading as a hole.
     pub fn write_zeroes_allocated(&self, vol: u64, offset: u64, len: u64) -> Result<()> {
-        let Some((_g, bs)) = self.begin_write(vol, offset, len)? else {
+        let Some((_g, bs, sealed)) = self.begin_write_sealed(vol, offset, len)? else {
             return Ok(());
         };
         let bs64 = bs as u64;
@@ -208,7 +237,11 @@ impl Pool {
         let mut pos = offset;
         while pos < end {
             let n = (end - pos).min(chunk - pos % bs64);
-            self.write_locked(vol, pos, Some(&zeros[..n as usize]), n, bs, true)?;
+            if sealed {
+                self.write_sealing(vol, pos, None, n, bs, true)?;
+            } else {
+                self.write_locked(vol, pos, Some(&zeros[..n as usize]), n, bs, true)?;
+            }
             pos += n;
         }
         Ok(())
@@ -221,7 +254,7 @@ impl Pool {
 
     /// The write path; the caller holds the range lock. `data` None writes
     /// zeros. All-zero blocks become holes unless `keep_zeros`.
-    fn write_locked(
+    pub(super) fn write_locked(
         &self,
         vol: u64,
         offset: u64,

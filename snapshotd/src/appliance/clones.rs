@@ -32,7 +32,10 @@ impl Appliance {
                 )));
             }
         }
-        self.snapshot_of(volume, snapshot)?;
+        let s = self.snapshot_of(volume, snapshot)?;
+        // A clone of a sealed point would be as unreadable as the point.
+        let what = format!("snapshot {volume}@{snapshot}");
+        crate::replication::keys::require_key(s.seal.as_ref(), s.seal_key_loaded, &what)?;
         let v = self.pool.clone_snapshot(snapshot, name).map_err(engine)?;
         self.commit()?;
         // A host may delete the clones it made, and only those.

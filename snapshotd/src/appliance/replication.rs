@@ -66,6 +66,23 @@ impl ReplicationBackend for Appliance {
     fn demote_volume(&self, c: &Caller, name: &str, req: VolumeDemote) -> ApiResult<Volume> {
         self.volume_demote(c, name, req)
     }
+    fn load_volume_key(&self, c: &Caller, name: &str, req: VolumeKey) -> ApiResult<Volume> {
+        crate::replication::keys::load(&self.pool, name, &req)?;
+        // Who loaded it, never what (the audit log has the request).
+        self.events
+            .emit("volume.key_loaded", name, &c.user, json!({"volume": name}));
+        self.volume_get(name)
+    }
+    fn unload_volume_key(&self, c: &Caller, name: &str) -> ApiResult<Volume> {
+        crate::replication::keys::unload(&self.pool, name)?;
+        self.events.emit(
+            "volume.key_unloaded",
+            name,
+            &c.user,
+            json!({"volume": name}),
+        );
+        self.volume_get(name)
+    }
 }
 
 /// The API's form of a data-path refusal.

@@ -51,6 +51,8 @@ impl Appliance {
             block_size: s.block_size,
             allocated_bytes: s.allocated_bytes,
             unique_bytes: s.unique_bytes,
+            sealed: s.seal.is_some(),
+            key_loaded: s.seal.is_none() || s.seal_key_loaded,
             clones,
             held_by: Vec::new(),
         }

@@ -56,6 +56,8 @@ impl Appliance {
             dedup: v.policy.dedup,
             compression: v.policy.compression,
             encryption: v.policy.encryption.map_or("none", |c| c.name()).into(),
+            sealed: v.seal.is_some(),
+            key_loaded: v.seal.is_none() || v.seal_key_loaded,
             clients,
             fragmentation: None,
         }

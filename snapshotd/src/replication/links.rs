@@ -40,6 +40,9 @@ pub struct LinkRec {
     pub bandwidth_windows: Vec<String>,
     pub rpo_seconds: u64,
     pub enabled: bool,
+    /// Send encrypted volumes as stored ciphertext (`LinkCreate::raw`).
+    #[serde(default)]
+    pub raw: bool,
     pub created_unix: u64,
     /// Creation time (unix s) of the newest point each volume has on the
     /// target, as the last successful transfer left it.
@@ -212,6 +215,7 @@ impl Replication {
             bandwidth_windows: l.bandwidth_windows.clone(),
             rpo_seconds: l.rpo_seconds,
             enabled: l.enabled,
+            raw: l.raw,
             state: state.into(),
             lag_seconds: l.lag(self.clock.now(), &self.lag_volumes(l)),
             last_transfer: l.last_transfer.clone(),
@@ -229,7 +233,10 @@ impl Replication {
             )));
         }
         if let Some(v) = &req.volume {
-            self.pool.volume(v).map_err(crate::appliance::engine)?;
+            let info = self.pool.volume(v).map_err(crate::appliance::engine)?;
+            if req.raw == Some(true) {
+                super::send::check_raw(&info).map_err(|e| ApiError::bad_request(e.message))?;
+            }
         }
         if let (Some(p), Some(ctl)) = (&req.policy, self.control.get()) {
             ctl.policy(p)?;
@@ -255,6 +262,7 @@ impl Replication {
                 bandwidth_windows: req.bandwidth_windows.clone(),
                 rpo_seconds: rpo,
                 enabled: req.enabled.unwrap_or(true),
+                raw: req.raw.unwrap_or(false),
                 created_unix: now,
                 ..LinkRec::default()
             })
@@ -263,7 +271,8 @@ impl Replication {
             "replication.link_created",
             &format!("link {}", rec.id),
             &c.user,
-            json!({"id": rec.id, "volume": rec.volume, "policy": rec.policy, "peer": rec.peer}),
+            json!({"id": rec.id, "volume": rec.volume, "policy": rec.policy, "peer": rec.peer,
+                   "raw": rec.raw}),
         );
         Ok(self.public(&rec))
     }

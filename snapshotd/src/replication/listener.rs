@@ -112,6 +112,7 @@ pub fn router(rep: Arc<Replication>) -> Router {
             })
         },
         answered: Default::default(),
+        compression: rep.compression,
     });
     Router::new()
         .route("/repl/whoami", get(whoami))

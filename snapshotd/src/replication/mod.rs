@@ -4,6 +4,7 @@
 
 pub mod exports;
 pub mod holds;
+pub mod keys;
 pub mod links;
 pub mod listener;
 pub mod pairing;

@@ -9,6 +9,10 @@
 //! batch is checked and flushed before it is acknowledged, and the session
 //! (in the state database) records the acknowledgement: a receiver killed
 //! at any moment resumes from its last acknowledged batch.
+//!
+//! A raw session (one with a seal) brings ciphertext: it goes into a
+//! sealed replica as is (no key needed), or, sent back to the appliance
+//! that holds the key, is unsealed as it is written into its volume.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -62,6 +66,9 @@ pub struct ReceiverCtx {
     pub held: HeldFn,
     /// Fingerprint answers awaiting their data, by volume: in memory only.
     pub answered: Mutex<HashMap<String, Answered>>,
+    /// The zstd level of new volumes here (0: off); sealed replicas are
+    /// always compressed ([`SEALED_LEVEL`] when it is off).
+    pub compression: u8,
 }
 
 /// A batch whose fingerprints were answered and whose data is awaited.
@@ -76,6 +83,11 @@ pub struct Answered {
     session: String,
     pending: Pending,
 }
+
+/// The zstd level of a sealed replica when this appliance compresses
+/// nothing by default: its blocks are stored padded, and compression
+/// keeps the padding off the disk.
+pub const SEALED_LEVEL: u8 = 3;
 
 /// Sessions change one request at a time: a sender retrying while its
 /// earlier request still runs must not apply a batch twice.
@@ -218,7 +230,8 @@ async fn volume_state(
             .filter(|s| s.done.is_none() && s.sender == caller.identity)
             .map(|s| {
                 json!({"id": s.id, "base": s.base, "point": s.point.point,
-                       "acked": s.acked, "token": s.token})
+                       "acked": s.acked, "token": s.token,
+                       "seal": s.seal.as_ref().map(cdmfs::SealRec::id)})
             });
         Ok(Json(json!({
             "identity": ctx.identity,
@@ -246,6 +259,9 @@ struct OpenReq {
     keep_last: Option<u32>,
     keep_days: Option<u32>,
     token: String,
+    /// A raw transfer: the seal its data is under.
+    #[serde(default)]
+    seal: Option<cdmfs::SealRec>,
 }
 
 fn check_token(t: &str) -> Result<(), ApiError> {
@@ -299,6 +315,7 @@ fn open_blocking(
 ) -> Result<Json<Value>, ApiError> {
     let pool = &ctx.pool;
     let v = &req.volume;
+    let mut unseal = false;
     let exists = match pool.volume(v) {
         Ok(info) => {
             if let Err(e) = own_replica(ctx, v, caller) {
@@ -311,6 +328,9 @@ fn open_blocking(
                     info.block_size, req.block_size
                 )));
             }
+            unseal = seal_mode(ctx, &info, req.seal.as_ref()).inspect_err(|e| {
+                refused(ctx, v, caller, e);
+            })?;
             true
         }
         Err(cdmfs::Error::NotFound(_)) => false,
@@ -334,6 +354,24 @@ fn open_blocking(
     cdm_common::lock::lock(&ctx.answered).remove(v);
     if exists {
         pool.revert_volume(v, base).map_err(engine)?;
+    } else if let Some(seal) = &req.seal {
+        // A raw replica stores the source's ciphertext as ordinary bytes:
+        // no cipher of its own and no key; it dedups (sealed blocks are
+        // matched by the fingerprints of their sealed bytes) and always
+        // compresses.
+        let level = if ctx.compression > 0 {
+            ctx.compression
+        } else {
+            SEALED_LEVEL
+        };
+        let policy = cdmfs::DataPolicy {
+            dedup: true,
+            compression: level,
+            encryption: None,
+        };
+        pool.create_volume_sealed(v, req.size, req.block_size, policy, seal.clone())
+            .map_err(engine)?;
+        replicas::mark(&ctx.state, v, caller).map_err(repl)?;
     } else {
         // A replica keeps the source's block size, compression and cipher
         // (with this appliance's key) and always dedups: that is what lets
@@ -347,7 +385,10 @@ fn open_blocking(
                 cdmfs::Error::KeyRequired => ApiError::new(
                     409,
                     "key_required",
-                    format!("volume {v} is encrypted and this appliance has no key"),
+                    format!(
+                        "volume {v} is encrypted and this appliance has no key (a raw link \
+                         sends it without needing one)"
+                    ),
                 ),
                 e => engine(e),
             })?;
@@ -382,11 +423,60 @@ fn open_blocking(
         token: req.token,
         done: None,
         started_unix: now_unix(),
+        seal: req.seal,
+        unseal,
     };
     sessions::put(&ctx.state, &s).map_err(repl)?;
     tracing::info!(volume = %s.volume, point = %s.point.point, base = ?s.base,
-        peer = %caller.name, "replication session opened");
+        peer = %caller.name, raw = s.seal.is_some(), unseal = s.unseal,
+        "replication session opened");
     Ok(Json(json!({"id": s.id, "acked": 0})))
+}
+
+/// Whether the raw data of a session goes into the existing replica
+/// `info` unsealed (true) or as it comes (false); 409 when the two do not
+/// go together. A volume never mixes sealed and plain blocks, nor two
+/// seals.
+fn seal_mode(
+    ctx: &ReceiverCtx,
+    info: &cdmfs::VolumeInfo,
+    seal: Option<&cdmfs::SealRec>,
+) -> Result<bool, ApiError> {
+    let v = &info.name;
+    let mismatch = |m: String| ApiError::new(409, "seal_mismatch", m);
+    match (&info.seal, seal) {
+        (None, None) => Ok(false),
+        (Some(have), Some(s)) if have.id() == s.id() => Ok(false),
+        (Some(_), Some(_)) => Err(mismatch(format!(
+            "the target's copy of {v} is sealed with another key: delete it or create a new link"
+        ))),
+        (Some(_), None) => Err(mismatch(format!(
+            "the target's copy of {v} is sealed (a raw replica) and this transfer is not raw: \
+             delete it or create a new link"
+        ))),
+        // The way back after a failover: a promoted raw replica sent to
+        // the appliance that holds its key (its own seal, or one loaded).
+        (None, Some(s)) if can_unseal(&ctx.pool, info, s) => Ok(true),
+        (None, Some(_)) => Err(ApiError::new(
+            409,
+            "key_required",
+            format!(
+                "the target's copy of {v} is not sealed and the target cannot unseal this raw \
+                 transfer (it lacks the key it was sealed with): delete the copy, or create \
+                 a link that is not raw"
+            ),
+        )),
+    }
+}
+
+/// Whether this pool can unseal data sealed with `s` into `info`: its
+/// keys are loaded, or `s` is under this pool's own key (the volume is
+/// encrypted with the key the seal's check value names).
+fn can_unseal(pool: &Pool, info: &cdmfs::VolumeInfo, s: &cdmfs::SealRec) -> bool {
+    pool.seal_key_loaded(&s.id())
+        || pool
+            .seal_for_send(cdmfs::Target::Volume(info.id))
+            .is_ok_and(|own| own.crypto.check == s.crypto.check)
 }
 
 fn base_missing(v: &str, b: &str) -> ApiError {
@@ -476,6 +566,9 @@ async fn fingerprints(
                         .map_err(engine)?;
                     false
                 }
+                // Sealed bytes being unsealed: this pool's dedup index
+                // holds the fingerprints of plain blocks, never of these.
+                Kind::Data(_) if s.unseal => true,
                 // The engine maps a block it already holds (any volume)
                 // without its bytes crossing; a short last block is sent.
                 Kind::Data(fp) => {
@@ -549,9 +642,18 @@ async fn data(
         let mut at = 0usize;
         for e in &pending {
             let n = e.len as usize;
-            ctx.pool
-                .write(vol, e.offset, &plain[at..at + n])
-                .map_err(engine)?;
+            let bytes = &plain[at..at + n];
+            match &s.seal {
+                Some(seal) if s.unseal => ctx
+                    .pool
+                    .write_unsealing(vol, e.offset, bytes, seal)
+                    .map_err(|e| unseal_err(&s.volume, e))?,
+                Some(_) => ctx
+                    .pool
+                    .write_sealed(vol, e.offset, bytes)
+                    .map_err(engine)?,
+                None => ctx.pool.write(vol, e.offset, bytes).map_err(engine)?,
+            }
             at += n;
         }
         // Durable before it is acknowledged: this batch's data and the
@@ -564,6 +666,22 @@ async fn data(
         Ok(Json(json!({"acked": seq})))
     })
     .await
+}
+
+/// An unsealing write that failed: a key unloaded since the session
+/// opened is said plainly.
+fn unseal_err(volume: &str, e: cdmfs::Error) -> ApiError {
+    match e {
+        cdmfs::Error::KeyRequired | cdmfs::Error::WrongKey(_) => ApiError::new(
+            409,
+            "key_required",
+            format!(
+                "this appliance cannot unseal the raw data sent for {volume}: load the key \
+                 it was sealed with"
+            ),
+        ),
+        e => engine(e),
+    }
 }
 
 /// The point's metadata as a replica keeps it: the source's, plus its id

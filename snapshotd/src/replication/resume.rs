@@ -28,6 +28,9 @@ pub struct Bound<'a> {
     pub base: Option<&'a str>,
     pub point: &'a str,
     pub session: &'a str,
+    /// The id of the seal a raw transfer's data is under: a session
+    /// opened for other bytes never resumes as this one.
+    pub seal: Option<&'a str>,
 }
 
 pub struct ResumeKey([u8; 32]);
@@ -90,6 +93,13 @@ impl ResumeKey {
         }
         m.update(&[b.base.is_some() as u8]);
         m.update(&k.to_le_bytes());
+        // Only raw sessions bind a seal, so the tokens of sessions opened
+        // before raw sends existed still verify.
+        if let Some(s) = b.seal {
+            m.update(b"seal");
+            m.update(&(s.len() as u64).to_le_bytes());
+            m.update(s.as_bytes());
+        }
         m
     }
 
@@ -117,6 +127,7 @@ mod tests {
         base: Some("a:1"),
         point: "a:2",
         session: "s1",
+        seal: None,
     };
 
     #[test]
@@ -142,6 +153,10 @@ mod tests {
             Bound { session: "s2", ..B },
             Bound { volume: "w", ..B },
             Bound { target: "u", ..B },
+            Bound {
+                seal: Some("s"),
+                ..B
+            },
         ] {
             assert!(!k.verify(&t, &other, 3), "{other:?}");
         }

@@ -59,6 +59,7 @@ fn transfer_of(r: &TransferRecord) -> Transfer {
         blocks_total: r.blocks_total,
         blocks_known: r.blocks_known,
         resumed_from_batch: r.resumed_from_batch,
+        raw: r.raw,
         result: r.result.clone(),
         message: r.message.clone(),
     }
@@ -314,6 +315,7 @@ impl Replication {
                 http,
                 keep_last,
                 keep_days,
+                raw: l.raw,
                 throttle: &throttle,
                 cancel,
                 progress: &progress,
@@ -442,6 +444,7 @@ pub(crate) mod tests {
             name: "a".into(),
             client,
             server_ca: own.ca_pem,
+            compression: 0,
         })
         .unwrap()
     }

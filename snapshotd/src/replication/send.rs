@@ -2,13 +2,15 @@
 //! newest one the target has, oldest first, each as the blocks that differ
 //! from the previous one (the engine's tree diff), fingerprints first and
 //! only the blocks the target lacks as compressed bytes
-//! (`docs/replication.md`, "Transfer protocol").
+//! (`docs/replication.md`, "Transfer protocol"). A raw transfer sends an
+//! encrypted volume's blocks as stored (sealed under this appliance's
+//! key): the target keeps them so and needs no key ("Raw sends").
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use cdmfs::{Pool, SnapshotInfo, Target};
+use cdmfs::{Pool, SealRec, SnapshotInfo, Target, VolumeInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -37,6 +39,8 @@ pub struct SendRequest<'a> {
     /// Retention on the target (sent with every point).
     pub keep_last: Option<u64>,
     pub keep_days: Option<u64>,
+    /// The link's `raw` setting (a sealed volume is sent raw anyway).
+    pub raw: bool,
     pub throttle: &'a Throttle,
     pub cancel: &'a AtomicBool,
     /// Bytes of the point being sent: done, total.
@@ -70,6 +74,9 @@ pub struct TransferRecord {
     /// Data blocks the target had already (from any volume).
     pub blocks_known: u64,
     pub resumed_from_batch: Option<u64>,
+    /// Sent as stored ciphertext.
+    #[serde(default)]
+    pub raw: bool,
     /// The target's snapshot, once committed.
     pub target_snapshot: Option<u64>,
     /// "ok" | "failed" | "cancelled".
@@ -84,6 +91,9 @@ struct RemoteSession {
     point: String,
     acked: u64,
     token: String,
+    /// The id of the seal the session's data is under (raw), if any.
+    #[serde(default)]
+    seal: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -118,11 +128,42 @@ fn seg(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+/// Refuses a raw send of a volume that has no ciphertext to send: one
+/// neither encrypted nor sealed.
+pub fn check_raw(info: &VolumeInfo) -> Result<(), ReplError> {
+    if info.policy.encryption.is_none() && info.seal.is_none() {
+        return Err(ReplError::new(
+            "invalid",
+            format!(
+                "volume {} is not encrypted: a raw link sends the stored ciphertext and it \
+                 has none (create the link without raw)",
+                info.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Sends every point of `req.volume` the target lacks. On failure the
 /// error carries the records of the points sent before and a failed (or
 /// cancelled) record for the one that stopped.
 pub fn run(req: SendRequest<'_>) -> Result<Vec<TransferRecord>, ReplError> {
     let key = ResumeKey::load_or_create(&ResumeKey::path_for(req.state.path()))?;
+    let info = req.pool.volume(req.volume)?;
+    if req.raw {
+        check_raw(&info)?;
+    }
+    // This appliance may not even hold the key of a sealed volume (a raw
+    // replica cascaded on, or promoted): it sends what it stores.
+    let sealed = info.seal.is_some();
+    let raw = req.raw || sealed;
+    let forced = (sealed && !req.raw).then(|| {
+        format!(
+            "sent raw: {} is sealed here (a raw replica, stored without its key), so it is \
+             always sent as stored",
+            req.volume
+        )
+    });
     let points = replicas::points(req.pool, req.volume, req.identity)?;
     if points.is_empty() {
         return Ok(Vec::new());
@@ -195,18 +236,24 @@ pub fn run(req: SendRequest<'_>) -> Result<Vec<TransferRecord>, ReplError> {
             full: base.is_none(),
             full_resend: full_resend.take(),
             started_unix: now_unix(),
+            raw,
+            message: forced.clone().unwrap_or_default(),
             ..Default::default()
         };
         let t0 = Instant::now();
-        let cx = PointCx {
-            req: &req,
-            key: &key,
-            target: &remote.identity,
-            base: base.as_ref(),
-            snap,
-            pid,
-        };
-        let r = send_point(&cx, session.take(), &mut rec);
+        let r = seal_of(req.pool, raw, snap).and_then(|seal| {
+            let cx = PointCx {
+                req: &req,
+                key: &key,
+                target: &remote.identity,
+                base: base.as_ref(),
+                snap,
+                pid,
+                seal_id: seal.as_ref().map(SealRec::id),
+                seal: seal.as_ref(),
+            };
+            send_point(&cx, session.take(), &mut rec)
+        });
         rec.seconds = t0.elapsed().as_secs_f64();
         match r {
             Ok(()) => {
@@ -239,6 +286,26 @@ pub fn run(req: SendRequest<'_>) -> Result<Vec<TransferRecord>, ReplError> {
     Ok(done)
 }
 
+/// The seal a raw transfer of `snap` sends its data under (None: plain).
+fn seal_of(pool: &Pool, raw: bool, snap: &SnapshotInfo) -> Result<Option<SealRec>, ReplError> {
+    if !raw {
+        return Ok(None);
+    }
+    pool.seal_for_send(Target::Snapshot(snap.id))
+        .map(Some)
+        .map_err(|e| match e {
+            cdmfs::Error::KeyRequired => ReplError::new(
+                "key_required",
+                format!(
+                    "{} is encrypted and this appliance has no key: it cannot say which key \
+                     its ciphertext is under",
+                    snap.volume
+                ),
+            ),
+            e => e.into(),
+        })
+}
+
 /// What one point's transfer needs.
 struct PointCx<'a> {
     req: &'a SendRequest<'a>,
@@ -247,6 +314,9 @@ struct PointCx<'a> {
     base: Option<&'a (u64, String)>,
     snap: &'a SnapshotInfo,
     pid: &'a str,
+    /// Raw: the seal the data is under, and its id.
+    seal: Option<&'a SealRec>,
+    seal_id: Option<String>,
 }
 
 impl PointCx<'_> {
@@ -257,6 +327,7 @@ impl PointCx<'_> {
             base: self.base.map(|b| b.1.as_str()),
             point: self.pid,
             session,
+            seal: self.seal_id.as_deref(),
         }
     }
 }
@@ -285,12 +356,17 @@ fn resume_or_open(
 ) -> Result<(String, u64), ReplError> {
     let http = cx.req.http;
     if let Some(s) = remote {
-        let current = s.base.as_deref() == cx.base.map(|b| b.1.as_str()) && s.point == cx.pid;
+        let current = s.base.as_deref() == cx.base.map(|b| b.1.as_str())
+            && s.point == cx.pid
+            && s.seal == cx.seal_id;
         let why = if !current {
             format!(
-                "a stale session on the target (point {} from base {}) was discarded",
+                "a stale session on the target (point {} from base {}, {}) was discarded",
                 s.point,
-                s.base.as_deref().unwrap_or("none")
+                s.base.as_deref().unwrap_or("none"),
+                s.seal
+                    .as_deref()
+                    .map_or("not raw".to_string(), |x| format!("raw under seal {x}"))
             )
         } else if !cx.key.verify(&s.token, &cx.bound(&s.id), s.acked) {
             format!(
@@ -332,6 +408,7 @@ fn resume_or_open(
         "keep_last": cx.req.keep_last.map(|k| k.min(u32::MAX as u64)),
         "keep_days": cx.req.keep_days.map(|k| k.min(u32::MAX as u64)),
         "token": cx.key.token(&cx.bound(&id), 0),
+        "seal": cx.seal,
     });
     rec.bytes_sent += body.to_string().len() as u64;
     let _: serde_json::Value = http.post_json("/repl/v1/sessions", &body, cx.req.throttle)?;
@@ -381,11 +458,14 @@ fn send_point(
                 k += 1;
             }
             let n: u64 = batch[j..k].iter().map(|o| len_of(*o)).sum();
-            req.pool.read(
-                Target::Snapshot(snap.id),
-                batch[j],
-                &mut buf[at..at + n as usize],
-            )?;
+            let t = Target::Snapshot(snap.id);
+            let piece = &mut buf[at..at + n as usize];
+            // Raw: the bytes as stored, which are what is fingerprinted
+            // and sent (the target checks them as it checks plain ones).
+            match cx.seal {
+                Some(seal) => req.pool.read_sealed(t, batch[j], piece, seal)?,
+                None => req.pool.read(t, batch[j], piece)?,
+            }
             at += n as usize;
             j = k;
         }

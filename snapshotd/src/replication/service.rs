@@ -38,6 +38,8 @@ pub struct Replication {
     pub client: ClientMaterial,
     /// The CA certificate `GET /v1/ca` serves, which pairing tokens name.
     pub server_ca: String,
+    /// The zstd level of new volumes here (raw replicas take it).
+    pub compression: u8,
     pub trust: Arc<Trust>,
     /// The replication listener's port, once bound.
     pub port: OnceLock<u16>,
@@ -65,6 +67,8 @@ pub struct Setup {
     pub name: String,
     pub client: ClientMaterial,
     pub server_ca: String,
+    /// The pool's default zstd level for new volumes (0: off).
+    pub compression: u8,
 }
 
 /// The pool's identity: its UUID in hex.
@@ -92,6 +96,7 @@ impl Replication {
             identity,
             client: s.client,
             server_ca: s.server_ca,
+            compression: s.compression,
             trust,
             port: OnceLock::new(),
             control: OnceLock::new(),

@@ -56,6 +56,14 @@ pub struct Session {
     /// The snapshot a commit made; the session is over.
     pub done: Option<u64>,
     pub started_unix: u64,
+    /// A raw transfer: the seal its data is under.
+    #[serde(default)]
+    pub seal: Option<cdmfs::SealRec>,
+    /// A raw transfer into a volume that is not sealed (a promoted raw
+    /// replica sent back to the appliance that holds the key): its data
+    /// is unsealed with the seal's keys as it is written.
+    #[serde(default)]
+    pub unseal: bool,
 }
 
 impl Pending {
@@ -148,6 +156,8 @@ mod tests {
             token: "t".into(),
             done: None,
             started_unix: 1,
+            seal: None,
+            unseal: false,
         };
         {
             let st = State::open(&p, None).unwrap();

@@ -22,6 +22,10 @@ use super::throttle::Throttle;
 use super::{replicas, sessions, testutil, wire};
 use crate::state::State;
 
+/// Raw (ciphertext) sends of encrypted volumes.
+#[path = "tests_raw.rs"]
+mod raw;
+
 const BS: u32 = 4096;
 const SIZE: u64 = 8 << 20;
 
@@ -92,6 +96,7 @@ impl Source {
             http: &http,
             keep_last,
             keep_days: None,
+            raw: false,
             throttle,
             cancel: &cancel,
             progress: &|_, _| {},
@@ -156,7 +161,12 @@ async fn layer(
 
 impl Tgt {
     fn start(dir: &Path, sender: PeerId) -> Tgt {
-        let pool = testutil::pool(dir);
+        Tgt::start_keyed(dir, sender, None)
+    }
+
+    /// A target whose pool has an encryption key.
+    fn start_keyed(dir: &Path, sender: PeerId, key: Option<cdmfs::KeySource>) -> Tgt {
+        let pool = testutil::pool_keyed(dir, key);
         let state = Arc::new(State::open(&dir.join("state.redb"), None).unwrap());
         let faults = Arc::new(Faults::default());
         let clock = Arc::new(crate::clock::Clock::new(false));
@@ -198,6 +208,7 @@ impl Tgt {
                 })
             },
             answered: Default::default(),
+            compression: 0,
         });
         let app = router(ctx).layer(axum::middleware::from_fn_with_state(
             (faults.clone(), sender),
@@ -666,6 +677,7 @@ fn a_bandwidth_limit_paces_the_bytes_sent_and_cancel_stops_between_batches() {
         http: &http,
         keep_last: None,
         keep_days: None,
+        raw: false,
         throttle: &Throttle::unlimited(),
         cancel: &cancel,
         progress: &|done, total| {
@@ -731,6 +743,7 @@ fn send_from(
         http: &http,
         keep_last: None,
         keep_days: None,
+        raw: false,
         throttle: &Throttle::unlimited(),
         cancel: &cancel,
         progress: &|_, _| {},

@@ -11,6 +11,11 @@ pub const POOL_BYTES: u64 = 1 << 30;
 
 /// Creates (first call) or opens the pool `dir/pool`.
 pub fn pool(dir: &Path) -> Arc<Pool> {
+    pool_keyed(dir, None)
+}
+
+/// The same, opened with an encryption key (a pool without one adopts it).
+pub fn pool_keyed(dir: &Path, key: Option<cdmfs::KeySource>) -> Arc<Pool> {
     let path = dir.join("pool");
     let dev = if path.exists() {
         FileDev::open(&path).unwrap()
@@ -19,7 +24,11 @@ pub fn pool(dir: &Path) -> Arc<Pool> {
         Pool::format(&d, &FormatOptions::default()).unwrap();
         d
     };
-    Arc::new(Pool::open(Arc::new(dev), &OpenOptions::default()).unwrap())
+    let opts = OpenOptions {
+        key,
+        ..OpenOptions::default()
+    };
+    Arc::new(Pool::open(Arc::new(dev), &opts).unwrap())
 }
 
 /// Creates the pool `dir/pool` of `bytes` (for a target that fills up);

@@ -126,6 +126,17 @@ pub fn assign(api: &Api, id: u64, p: Option<&str>) -> Value {
     )
 }
 
+/// Takes a point of `vol` by the API (`body`: label, metadata); its id.
+pub fn snapshot(api: &Api, vol: &str, body: Value) -> u64 {
+    let s = api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/{vol}/snapshots"),
+        Some(body),
+    );
+    s["id"].as_u64().expect("a snapshot id")
+}
+
 pub fn job(api: &Api, id: u64) -> Value {
     api.get(&format!("/v1/jobs/{id}"))
 }

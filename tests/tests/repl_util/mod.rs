@@ -42,22 +42,40 @@ impl Node {
 
     /// Starts appliance `name` with a sparse pool of `size`.
     pub fn start_pool(name: &str, size: &str) -> Node {
+        Node::start_keyed(name, size, None)
+    }
+
+    /// Starts appliance `name` with a sparse pool of `size` and, if given,
+    /// an encryption key (a key file `--key-file`, mode 0600, in its work
+    /// directory: [`Node::key_file`]).
+    pub fn start_keyed(name: &str, size: &str, key: Option<&[u8]>) -> Node {
         let work = tempfile::Builder::new()
             .prefix("cdm-repl-")
             .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
             .expect("tempdir");
-        let mut args: Vec<String> = [
-            "--pool-size",
-            size,
-            "--pool-sparse",
-            "--name",
-            name,
-            "--replication",
-            "127.0.0.1:0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let mut args: Vec<String> = Vec::new();
+        if let Some(k) = key {
+            use std::os::unix::fs::PermissionsExt;
+            let path = work.path().join("key");
+            std::fs::write(&path, k).expect("key file");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .expect("chmod key file");
+            args.push("--key-file".into());
+            args.push(path.display().to_string());
+        }
+        args.extend(
+            [
+                "--pool-size",
+                size,
+                "--pool-sparse",
+                "--name",
+                name,
+                "--replication",
+                "127.0.0.1:0",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        );
         let a = Appliance::start_with(
             Some(CONFIG),
             Some(&work.path().join("data")),
@@ -131,6 +149,16 @@ impl Node {
 
     pub fn stop(&mut self) {
         self.a.stop();
+    }
+
+    /// The key file [`Node::start_keyed`] wrote.
+    pub fn key_file(&self) -> PathBuf {
+        self.work.path().join("key")
+    }
+
+    /// The pool's backing file.
+    pub fn pool_file(&self) -> PathBuf {
+        self.a.data.join("pool")
     }
 
     pub fn tls(&self, file: &str) -> PathBuf {

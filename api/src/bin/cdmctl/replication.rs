@@ -61,6 +61,10 @@ pub(crate) enum LinkCmd {
         /// Create it paused.
         #[arg(long)]
         paused: bool,
+        /// Send encrypted volumes as ciphertext: the peer stores them
+        /// sealed and needs no key (default: it re-encrypts with its own).
+        #[arg(long)]
+        raw: bool,
     },
     List,
     Show {
@@ -123,6 +127,7 @@ fn link(cmd: LinkCmd, c: &Client, out: &Out) -> Result<(), CliError> {
             windows,
             rpo,
             paused,
+            raw,
         } => {
             let l = c.create_link(&LinkCreate {
                 volume,
@@ -137,6 +142,7 @@ fn link(cmd: LinkCmd, c: &Client, out: &Out) -> Result<(), CliError> {
                 bandwidth_windows: windows,
                 rpo_seconds: rpo,
                 enabled: Some(!paused),
+                raw: raw.then_some(true),
             })?;
             out.show(&l, link_show);
         }
@@ -205,11 +211,12 @@ fn links_table(v: &[Link]) -> String {
 
 fn link_show(l: &Link) -> String {
     format!(
-        "id: {}\nvolume: {}\npolicy: {}\npeer: {}\nschedule: {}\nkeep last: {}\nkeep days: {}\nbandwidth (MiB/s): {}\nwindows: {}\nrpo (s): {}\nstate: {}\nlag (s): {}\nlast error: {}\n",
+        "id: {}\nvolume: {}\npolicy: {}\npeer: {}\nraw: {}\nschedule: {}\nkeep last: {}\nkeep days: {}\nbandwidth (MiB/s): {}\nwindows: {}\nrpo (s): {}\nstate: {}\nlag (s): {}\nlast error: {}\n",
         l.id,
         opt(&l.volume),
         opt(&l.policy),
         l.peer,
+        l.raw,
         schedule(&l.schedule),
         opt(&l.keep_last),
         opt(&l.keep_days),
@@ -230,6 +237,7 @@ fn transfers_table(v: &[Transfer]) -> String {
             "VOLUME",
             "SNAPSHOT",
             "FULL",
+            "RAW",
             "STARTED (UTC)",
             "SECONDS",
             "SENT",
@@ -243,6 +251,7 @@ fn transfers_table(v: &[Transfer]) -> String {
                 t.volume.clone(),
                 t.snapshot.to_string(),
                 t.full.to_string(),
+                t.raw.to_string(),
                 time(t.started_unix),
                 format!("{:.1}", t.seconds),
                 t.bytes_sent.to_string(),

@@ -1,4 +1,5 @@
-//! `cdmctl volume`: stage disks, their size and their snapshot policy.
+//! `cdmctl volume`: stage disks, their size and their snapshot policy,
+//! failover (promote, demote) and the keys of sealed volumes.
 
 use cdm_api::client::Client;
 use cdm_api::types::*;
@@ -48,6 +49,25 @@ pub(crate) enum VolumeCmd {
         name: String,
         #[arg(long)]
         peer: String,
+    },
+    /// Load the key of a sealed volume (a raw replica) so it can be read:
+    /// the source appliance's key file or passphrase. Kept in memory only.
+    LoadKey {
+        name: String,
+        /// The source's key file (32 or 64 bytes, or as many in hex).
+        #[arg(
+            long,
+            required_unless_present = "passphrase_file",
+            conflicts_with = "passphrase_file"
+        )]
+        key_file: Option<std::path::PathBuf>,
+        /// A file whose first line is the source's passphrase.
+        #[arg(long)]
+        passphrase_file: Option<std::path::PathBuf>,
+    },
+    /// Forget the key of a sealed volume.
+    UnloadKey {
+        name: String,
     },
     /// Show the snapshot schedule and retention.
     Policy {
@@ -115,6 +135,19 @@ pub(crate) fn run(cmd: VolumeCmd, c: &Client, out: &Out) -> Result<(), CliError>
                 format!("volume {} is a replica of {peer}\n", v.name)
             });
         }
+        VolumeCmd::LoadKey {
+            name,
+            key_file,
+            passphrase_file,
+        } => {
+            let key = read_key(key_file, passphrase_file)?;
+            let v = c.load_volume_key(&name, &key)?;
+            out.show(&v, |v| format!("key of volume {} loaded\n", v.name));
+        }
+        VolumeCmd::UnloadKey { name } => {
+            let v = c.unload_volume_key(&name)?;
+            out.show(&v, |v| format!("key of volume {} unloaded\n", v.name));
+        }
         VolumeCmd::Policy { name } => out.show(&c.policy(&name)?, policy_show),
         VolumeCmd::SetPolicy {
             name,
@@ -172,6 +205,16 @@ pub(crate) fn volumes_table(v: &[Volume]) -> String {
             if v.encryption != "none" {
                 p.push(v.encryption.clone());
             }
+            if v.sealed {
+                p.push(
+                    if v.key_loaded {
+                        "sealed"
+                    } else {
+                        "sealed(no key)"
+                    }
+                    .into(),
+                );
+            }
             vec![
                 v.name.clone(),
                 v.kind.clone(),
@@ -190,6 +233,46 @@ pub(crate) fn volumes_table(v: &[Volume]) -> String {
             ]
         },
     )
+}
+
+/// The request of `volume load-key`: the key file's bytes in hex (the
+/// appliance reads them as it reads its own key file), or the first line
+/// of the passphrase file.
+fn read_key(
+    key_file: Option<std::path::PathBuf>,
+    passphrase_file: Option<std::path::PathBuf>,
+) -> Result<cdm_api::replication::VolumeKey, CliError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", p.display())))
+    };
+    match (key_file, passphrase_file) {
+        (Some(k), None) => {
+            let b = read(&k)?;
+            Ok(cdm_api::replication::VolumeKey {
+                key_file_hex: Some(b.iter().map(|x| format!("{x:02x}")).collect()),
+                passphrase: None,
+            })
+        }
+        (None, Some(p)) => {
+            let b = read(&p)?;
+            let text = String::from_utf8(b)
+                .map_err(|_| CliError::Usage(format!("{} is not text", p.display())))?;
+            let line = text.lines().next().unwrap_or("").to_string();
+            if line.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "{}: the first line (the passphrase) is empty",
+                    p.display()
+                )));
+            }
+            Ok(cdm_api::replication::VolumeKey {
+                key_file_hex: None,
+                passphrase: Some(line),
+            })
+        }
+        _ => Err(CliError::Usage(
+            "give exactly one of --key-file and --passphrase-file".into(),
+        )),
+    }
 }
 
 /// `VOLUME@ID` of a clone's origin, or `-`.
@@ -212,7 +295,7 @@ pub(crate) fn volume_show(v: &Volume) -> String {
         None => String::new(),
     };
     let s = format!(
-        "name: {}\nkind: {}\nexport: {}\nsize: {} ({} bytes)\nblock size: {}\ncreated: {}\norigin: {}\nallocated: {}\nunique: {}\nsnapshots: {}\ndedup: {}\ncompression: {}\nencryption: {}\nclients: {}\n",
+        "name: {}\nkind: {}\nexport: {}\nsize: {} ({} bytes)\nblock size: {}\ncreated: {}\norigin: {}\nallocated: {}\nunique: {}\nsnapshots: {}\ndedup: {}\ncompression: {}\nencryption: {}\nsealed: {}\nkey loaded: {}\nclients: {}\n",
         v.name,
         v.kind,
         v.export,
@@ -227,6 +310,8 @@ pub(crate) fn volume_show(v: &Volume) -> String {
         v.dedup,
         v.compression,
         v.encryption,
+        v.sealed,
+        v.key_loaded,
         v.clients
     );
     s + &frag
