@@ -134,6 +134,9 @@ pub struct Snapshot {
     pub export: String,
     /// Clones made from this snapshot that still name it as origin.
     pub clones: Vec<String>,
+    /// Replication links whose next transfer starts from this point (docs/replication.md, "Holds"): retention keeps it, a delete needs `force`.
+    #[serde(default)]
+    pub held_by: Vec<u64>,
 }
 
 /// `POST /v1/volumes/{name}/snapshots/{id}/clones`.

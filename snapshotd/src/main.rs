@@ -797,6 +797,7 @@ fn main() -> Result<()> {
     app.control
         .set_timeouts(args.job_stall_seconds, args.cancel_grace_seconds);
     app.scheduler.set_control(app.control.clone());
+    app.scheduler.set_replication(repl.clone());
     repl.start(s.tick, stop.clone());
     // Bound only now, so whoever sees the API up also finds admin.token.
     let api_listeners = ApiListeners::bind(&s, &tls, &repl)?;

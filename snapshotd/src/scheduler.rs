@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::clock::{stamp, Clock};
 use crate::events::Events;
+use crate::replication::holds::Holds;
 use crate::state::{State, Sync, META, POLICIES};
 use cdm_api::cron::Cron;
 use cdm_api::{InputError, InputKind};
@@ -95,6 +96,11 @@ pub struct Scheduler {
     pool_state: Mutex<cdmfs::PoolState>,
     /// The control plane, ticked with the schedules (set once at start).
     control: std::sync::OnceLock<Arc<crate::control::Control>>,
+    /// Replication (set once at start): its links hold their bases.
+    replication: std::sync::OnceLock<Arc<crate::replication::Replication>>,
+    /// Held points (snapshot, link) retention said it kept, so it says
+    /// so once, not at every tick.
+    kept: Mutex<HashSet<(u64, u64)>>,
 }
 
 impl Scheduler {
@@ -115,12 +121,59 @@ impl Scheduler {
             over_quota: AtomicBool::new(false),
             pool_state: Mutex::new(cdmfs::PoolState::Ok),
             control: std::sync::OnceLock::new(),
+            replication: std::sync::OnceLock::new(),
+            kept: Mutex::new(HashSet::new()),
         })
     }
 
     /// Hooks the control plane's tick (policy backups, hosts, RPO) in.
     pub fn set_control(&self, c: Arc<crate::control::Control>) {
         let _ = self.control.set(c);
+    }
+
+    /// Hooks replication in: retention keeps the points its links hold.
+    pub fn set_replication(&self, r: Arc<crate::replication::Replication>) {
+        let _ = self.replication.set(r);
+    }
+
+    /// The points replication links hold now; None if they cannot be
+    /// read (then nothing expires: a lost base costs a full resend).
+    fn holds(&self) -> Option<Holds> {
+        let Some(r) = self.replication.get() else {
+            return Some(Holds::default());
+        };
+        match r.holds() {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!(error = %e.message, "cannot read the replication holds; nothing expires now");
+                None
+            }
+        }
+    }
+
+    /// Says once (log and event `snapshot.kept`) that retention kept
+    /// snapshot `id` of `vol` because links hold it; forgets what is no
+    /// longer held so a new hold is said again.
+    fn say_kept(&self, holds: &Holds, vol: &str, id: u64, actor: &str) {
+        let mut kept = lock(&self.kept);
+        kept.retain(|(s, _)| holds.is_held(*s));
+        let links: Vec<u64> = holds.of(id).iter().map(|h| h.link).collect();
+        if links.iter().all(|l| kept.contains(&(id, *l))) {
+            return;
+        }
+        kept.extend(links.iter().map(|l| (id, *l)));
+        let message = format!(
+            "kept point {id}: it is the replication base of {}",
+            holds.describe(id)
+        );
+        tracing::info!(volume = vol, snapshot = id, "{message}");
+        self.events.emit(
+            "snapshot.kept",
+            &format!("{vol}@{id}"),
+            actor,
+            json!({"volume": vol, "id": id, "reason": "replication_base",
+                   "links": links, "message": message}),
+        );
     }
 
     pub fn start(self: &Arc<Self>, tick: Duration, stop: Arc<AtomicBool>) {
@@ -317,13 +370,28 @@ impl Scheduler {
             }
             Err(e) => tracing::warn!(snapshot = id, error = %e, "cannot expire snapshot"),
         };
+        // Replication bases are kept: read once, and only for a pass that
+        // would delete something.
+        let holds: std::cell::OnceCell<Option<Holds>> = std::cell::OnceCell::new();
+        let held = |id: u64, vol: &str| -> bool {
+            match holds.get_or_init(|| self.holds()) {
+                None => true,
+                Some(h) if h.is_held(id) => {
+                    self.say_kept(h, vol, id, actor);
+                    true
+                }
+                Some(_) => false,
+            }
+        };
         for (vid, list) in &by_vol {
             let Some(name) = vname.get(vid) else { continue };
             let Some(p) = policies.get(name) else {
                 continue;
             };
             for id in expired(list, p, now) {
-                expire(id, name, "retention", &mut gone);
+                if !held(id, name) {
+                    expire(id, name, "retention", &mut gone);
+                }
             }
         }
         // Pool quota: oldest snapshots first, each volume keeping its newest min_keep.
@@ -371,6 +439,9 @@ impl Scheduler {
                     }
                     let freed = self.pool.snapshot(id).map(|s| s.unique_bytes).unwrap_or(0);
                     let name = vname.get(&vid).cloned().unwrap_or_default();
+                    if held(id, &name) {
+                        continue;
+                    }
                     expire(id, &name, "quota", &mut gone);
                     used = used.saturating_sub(freed);
                 }

@@ -439,6 +439,35 @@ impl State {
         })
     }
 
+    /// Removes every record of the sequence table `t` for which `f` is
+    /// true, in one transaction; returns how many went.
+    pub fn remove_seq_where<T: DeserializeOwned>(
+        &self,
+        t: TableDefinition<u64, &[u8]>,
+        f: impl Fn(&T) -> bool,
+    ) -> Result<usize> {
+        self.guard(|| {
+            let tx = self.write(Sync::Now)?;
+            let n;
+            {
+                let mut tab = tx.open_table(t)?;
+                let mut keys = Vec::new();
+                for r in tab.iter()? {
+                    let (k, v) = r?;
+                    if f(&dec::<T>(t.name(), v.value())?) {
+                        keys.push(k.value());
+                    }
+                }
+                for k in &keys {
+                    tab.remove(*k)?;
+                }
+                n = keys.len();
+            }
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
     // ---- sequences ----------------------------------------------------------
 
     /// The highest sequence number in `t`, if any.

@@ -2162,6 +2162,8 @@ export interface components {
             created_unix: number;
             /** @description NBD export name (read-only): `VOLUME@ID`. */
             export: string;
+            /** @description Replication links whose next transfer starts from this point (docs/replication.md, "Holds"): retention keeps it, a delete needs `force`. */
+            held_by?: number[];
             /** Format: int64 */
             id: number;
             /**

@@ -11,7 +11,27 @@ use super::{engine, Appliance};
 impl Appliance {
     pub(super) fn to_snapshot(&self, s: SnapshotInfo) -> ApiResult<Snapshot> {
         let (vols, _) = self.pool.catalog().map_err(engine)?;
-        Ok(Self::to_snapshot_with(s, &vols))
+        let mut v = Self::to_snapshot_with(s, &vols);
+        Self::set_held_by(&mut v, &self.holds_now());
+        Ok(v)
+    }
+
+    /// The points replication links hold now, for the API's view (none if
+    /// they cannot be read: a listing does not fail for it).
+    fn holds_now(&self) -> crate::replication::holds::Holds {
+        let Some(r) = self.replication.get() else {
+            return Default::default();
+        };
+        r.holds().unwrap_or_else(|e| {
+            tracing::warn!(error = %e.message, "cannot read the replication holds");
+            Default::default()
+        })
+    }
+
+    fn set_held_by(s: &mut Snapshot, holds: &crate::replication::holds::Holds) {
+        s.held_by = holds.of(s.id).iter().map(|h| h.link).collect();
+        s.held_by.sort_unstable();
+        s.held_by.dedup();
     }
 
     pub(super) fn to_snapshot_with(s: SnapshotInfo, vols: &[cdmfs::Brief]) -> Snapshot {
@@ -34,6 +54,7 @@ impl Appliance {
             sealed: s.seal.is_some(),
             key_loaded: s.seal.is_none() || s.seal_key_loaded,
             clones,
+            held_by: Vec::new(),
         }
     }
 
@@ -82,13 +103,39 @@ impl Appliance {
     pub(super) fn snapshot_list(&self, volume: &str) -> ApiResult<Vec<Snapshot>> {
         let v = self.pool.list_snapshots(Some(volume)).map_err(engine)?;
         let (vols, _) = self.pool.catalog().map_err(engine)?;
+        let holds = self.holds_now();
         Ok(v.into_iter()
-            .map(|s| Self::to_snapshot_with(s, &vols))
+            .map(|s| {
+                let mut v = Self::to_snapshot_with(s, &vols);
+                Self::set_held_by(&mut v, &holds);
+                v
+            })
             .collect())
     }
 
     pub(super) fn snapshot_get(&self, volume: &str, id: u64) -> ApiResult<Snapshot> {
         self.to_snapshot(self.snapshot_of(volume, id)?)
+    }
+
+    /// 409 `held` for the base of a replication link's next transfer
+    /// (`docs/replication.md`, "Holds").
+    fn refuse_held(&self, export: &str, id: u64) -> ApiResult<()> {
+        let Some(r) = self.replication.get() else {
+            return Ok(());
+        };
+        let holds = r.holds()?;
+        if holds.is_held(id) {
+            return Err(ApiError::new(
+                409,
+                "held",
+                format!(
+                    "snapshot {export} is the replication base of {}: without it their next \
+                     transfer is a full resend; force to delete it anyway",
+                    holds.describe(id)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn snapshot_delete(
@@ -121,6 +168,9 @@ impl Appliance {
                 s.export,
                 s.clones.join(", ")
             )));
+        }
+        if !force {
+            self.refuse_held(&s.export, id)?;
         }
         self.pool.delete_snapshot(id).map_err(engine)?;
         // Forced past its clients: end their connections now.

@@ -344,6 +344,12 @@ impl Replication {
                 return Err(ApiError::not_found(format!("link {id} not found")));
             }
         }
+        // Its history goes with it: a later link may get its id (ids follow
+        // the last link), and must not inherit its transfers or its holds.
+        self.state
+            .remove_seq_where(TRANSFERS, |t: &TransferRec| t.link == id)
+            .map_err(st)?;
+        cdm_common::lock::lock(&self.counters).remove(&id);
         cdm_common::lock::lock(&self.late).remove(&id);
         cdm_common::lock::lock(&self.seen).retain(|(link, _), _| *link != id);
         self.events.emit(

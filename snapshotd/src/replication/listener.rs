@@ -102,6 +102,16 @@ pub fn router(rep: Arc<Replication>) -> Router {
             }
         }),
         events: rep.events.clone(),
+        held: {
+            let weak = Arc::downgrade(&rep);
+            Arc::new(move || {
+                let r = weak.upgrade()?;
+                r.holds()
+                    .map_err(|e| tracing::error!(error = %e.message, "replication holds"))
+                    .ok()
+            })
+        },
+        answered: Default::default(),
         compression: rep.compression,
     });
     Router::new()

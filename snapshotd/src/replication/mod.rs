@@ -3,6 +3,7 @@
 //! control side), and the transfer protocol (the data path).
 
 pub mod exports;
+pub mod holds;
 pub mod keys;
 pub mod links;
 pub mod listener;

@@ -14,6 +14,7 @@
 //! sealed replica as is (no key needed), or, sent back to the appliance
 //! that holds the key, is unsealed as it is written into its volume.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
@@ -48,6 +49,10 @@ const MAX_BODY: usize = wire::MAX_BATCH_BYTES + (1 << 20);
 /// Called after a point is committed: (volume, snapshot id).
 pub type OnPoint = Arc<dyn Fn(&str, u64) + Send + Sync>;
 
+/// The points this appliance's own links hold (cascades onward); None if
+/// they cannot be read.
+pub type HeldFn = Arc<dyn Fn() -> Option<super::holds::Holds> + Send + Sync>;
+
 pub struct ReceiverCtx {
     pub pool: Arc<Pool>,
     pub state: Arc<State>,
@@ -57,9 +62,26 @@ pub struct ReceiverCtx {
     /// the cascade of "after every point" links.
     pub on_point: OnPoint,
     pub events: Arc<Events>,
+    /// The points a cascade link from here holds: replica retention keeps them.
+    pub held: HeldFn,
+    /// Fingerprint answers awaiting their data, by volume: in memory only.
+    pub answered: Mutex<HashMap<String, Answered>>,
     /// The zstd level of new volumes here (0: off); sealed replicas are
     /// always compressed ([`SEALED_LEVEL`] when it is off).
     pub compression: u8,
+}
+
+/// A batch whose fingerprints were answered and whose data is awaited.
+///
+/// Kept in memory, not in the session record: the zeros and known blocks
+/// the answer mapped become durable with the flush of the batch's data
+/// request (one commit per batch), so an answer must not outlive a crash
+/// that lost them (review finding 3). After a restart the data request
+/// finds no answer (409 `out_of_order`) and the sender, resuming from the
+/// last acknowledged batch, sends the fingerprints again.
+pub struct Answered {
+    session: String,
+    pending: Pending,
 }
 
 /// The zstd level of a sealed replica when this appliance compresses
@@ -329,6 +351,7 @@ fn open_blocking(
     // The older unfinished session goes first: from here on the live tree
     // is this transfer's.
     sessions::remove(&ctx.state, v).map_err(repl)?;
+    cdm_common::lock::lock(&ctx.answered).remove(v);
     if exists {
         pool.revert_volume(v, base).map_err(engine)?;
     } else if let Some(seal) = &req.seal {
@@ -398,7 +421,6 @@ fn open_blocking(
         keep_days: req.keep_days,
         acked: 0,
         token: req.token,
-        pending: None,
         done: None,
         started_unix: now_unix(),
         seal: req.seal,
@@ -513,7 +535,7 @@ async fn fingerprints(
 ) -> Result<Vec<u8>, ApiError> {
     let f = Fingerprints::decode(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     blocking(move || {
-        let mut s = session_for(&ctx, &caller, &id, &headers)?;
+        let s = session_for(&ctx, &caller, &id, &headers)?;
         check_seq(&s, seq)?;
         if s.done.is_some() || seq <= s.acked {
             // Applied already: nothing is lacking.
@@ -559,12 +581,15 @@ async fn fingerprints(
             }
             lacking.push(lacks);
         }
-        // The zeros and mapped blocks are durable before the answer is
-        // recorded: a recorded answer means only the lacking data is
-        // still to come, also after a crash.
-        ctx.pool.flush().map_err(engine)?;
-        s.pending = Some(Pending::of(seq, &want));
-        sessions::put(&ctx.state, &s).map_err(repl)?;
+        // Not flushed here: the data request's flush makes these writes
+        // durable with the batch's data, before it is acknowledged.
+        cdm_common::lock::lock(&ctx.answered).insert(
+            s.volume.clone(),
+            Answered {
+                session: s.id.clone(),
+                pending: Pending::of(seq, &want),
+            },
+        );
         Ok(wire::encode_lacking(&lacking))
     })
     .await
@@ -589,8 +614,12 @@ async fn data(
         if s.done.is_some() || seq <= s.acked {
             return Ok(Json(json!({"acked": s.acked})));
         }
-        let pending = match &s.pending {
-            Some(p) if p.seq == seq => p.entries().map_err(repl)?,
+        let answer = cdm_common::lock::lock(&ctx.answered)
+            .get(&s.volume)
+            .filter(|a| a.session == s.id && a.pending.seq == seq)
+            .map(|a| a.pending.entries());
+        let pending = match answer {
+            Some(p) => p.map_err(repl)?,
             _ => {
                 return Err(ApiError::new(
                     409,
@@ -627,12 +656,13 @@ async fn data(
             }
             at += n;
         }
-        // Durable before it is acknowledged.
+        // Durable before it is acknowledged: this batch's data and the
+        // zeros and known blocks its fingerprint answer mapped.
         ctx.pool.flush().map_err(engine)?;
         s.acked = seq;
         s.token = token;
-        s.pending = None;
         sessions::put(&ctx.state, &s).map_err(repl)?;
+        cdm_common::lock::lock(&ctx.answered).remove(&s.volume);
         Ok(Json(json!({"acked": seq})))
     })
     .await
@@ -687,7 +717,10 @@ async fn commit(
         if let Some(done) = s.done {
             return Ok((s.volume, done, false));
         }
-        if s.pending.is_some() {
+        let answered = cdm_common::lock::lock(&ctx.answered)
+            .get(&s.volume)
+            .is_some_and(|a| a.session == s.id);
+        if answered {
             return Err(ApiError::new(
                 409,
                 "incomplete",
@@ -748,8 +781,23 @@ fn expire(ctx: &ReceiverCtx, s: &Session, newest: u64) -> Result<(), ApiError> {
         keep_days: s.keep_days,
         min_keep: 1,
     };
-    for id in crate::scheduler::expired(&view, &r, now_unix()) {
-        if id == newest {
+    let doomed: Vec<u64> = crate::scheduler::expired(&view, &r, now_unix())
+        .into_iter()
+        .filter(|id| *id != newest)
+        .collect();
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    // A point a link from here holds is the base of its next transfer
+    // (A→B→C): kept, as on a source.
+    let Some(holds) = (ctx.held)() else {
+        tracing::error!(volume = %s.volume, "cannot read the replication holds; no point expires now");
+        return Ok(());
+    };
+    for id in doomed {
+        if holds.is_held(id) {
+            tracing::info!(volume = %s.volume, snapshot = id,
+                "kept point {id}: it is the replication base of {}", holds.describe(id));
             continue;
         }
         match ctx.pool.delete_snapshot(id) {

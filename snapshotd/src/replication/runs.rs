@@ -372,7 +372,13 @@ impl Replication {
         r: &TransferRecord,
         job: u64,
     ) -> ApiResult<Transfer> {
-        let t = self.record_transfer(l.id, transfer_of(r))?;
+        let t = {
+            // Not for a link deleted meanwhile (its delete takes this lock
+            // too): its history is gone, and a later link may get its id.
+            let _one = lock(&self.runs);
+            self.link_rec(l.id)?;
+            self.record_transfer(l.id, transfer_of(r))?
+        };
         {
             let mut c = lock(&self.counters);
             let e = c.entry(l.id).or_default();

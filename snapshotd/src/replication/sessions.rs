@@ -50,9 +50,9 @@ pub struct Session {
     pub keep_days: Option<u32>,
     /// The last batch applied and flushed (0: none).
     pub acked: u64,
-    /// The sender's token for `acked`.
+    /// The sender's token for `acked`. (A fingerprint answer awaiting its
+    /// data is not recorded here: `receive::Answered`.)
     pub token: String,
-    pub pending: Option<Pending>,
     /// The snapshot a commit made; the session is over.
     pub done: Option<u64>,
     pub started_unix: u64,
@@ -154,7 +154,6 @@ mod tests {
             keep_days: None,
             acked: 4,
             token: "t".into(),
-            pending: Some(Pending::of(5, &[e])),
             done: None,
             started_unix: 1,
             seal: None,
@@ -168,7 +167,7 @@ mod tests {
         assert_eq!(get(&st, "v").unwrap(), Some(s.clone()));
         assert_eq!(by_id(&st, &s.id).unwrap(), Some(s.clone()));
         assert_eq!(by_id(&st, "nope").unwrap(), None);
-        assert_eq!(s.pending.unwrap().entries().unwrap(), vec![e]);
+        assert_eq!(Pending::of(5, &[e]).entries().unwrap(), vec![e]);
         assert!(remove(&st, "v").unwrap());
         assert_eq!(get(&st, "v").unwrap(), None);
     }

@@ -40,6 +40,8 @@ struct Faults {
     lose_reply: AtomicBool,
     /// Points committed (volume, snapshot), as `on_point` saw them.
     committed: Mutex<Vec<(String, u64)>>,
+    /// Snapshots of volume "v" a cascade link from the target holds.
+    held: Mutex<Vec<u64>>,
 }
 
 /// A sending appliance: its pool and state.
@@ -178,6 +180,34 @@ impl Tgt {
                 f2.committed.lock().unwrap().push((v.to_string(), s));
             }),
             events,
+            held: {
+                let f3 = faults.clone();
+                Arc::new(move || {
+                    // A cascade link 9 to peer C whose last transfers were these.
+                    let l = crate::replication::links::LinkRec {
+                        id: 9,
+                        peer: "C".into(),
+                        ..Default::default()
+                    };
+                    let recs: Vec<_> = f3
+                        .held
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .map(|s| crate::replication::links::TransferRec {
+                            link: 9,
+                            transfer: cdm_api::replication::Transfer {
+                                volume: "v".into(),
+                                snapshot: *s,
+                                result: "ok".into(),
+                                ..Default::default()
+                            },
+                        })
+                        .collect();
+                    Some(super::holds::compute(&[(l, vec!["v".into()])], recs))
+                })
+            },
+            answered: Default::default(),
             compression: 0,
         });
         let app = router(ctx).layer(axum::middleware::from_fn_with_state(
@@ -844,3 +874,45 @@ fn large_blocks_and_a_short_last_block() {
 /// Tests of the review's findings (same helpers).
 #[path = "tests_review.rs"]
 mod review;
+
+#[test]
+fn replica_retention_keeps_its_newest_point_and_what_a_cascade_link_holds() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+    let (a, dir) = setup(&mut rng);
+    let b = Tgt::start(dir.path(), a.me());
+    snap(&a.pool, "v", "p1");
+    let one = Throttle::unlimited();
+    let recs = a.send_with(&b, "v", &one, Some(1)).unwrap();
+    let on_b = recs[0].target_snapshot.unwrap();
+    // B's link onward (to C) last sent p1: it is that link's base.
+    b.faults.held.lock().unwrap().push(on_b);
+    for i in 2..4 {
+        write_random(&a.pool, "v", &mut rng, 20);
+        snap(&a.pool, "v", &format!("p{i}"));
+    }
+    let recs = a.send_with(&b, "v", &one, Some(1)).unwrap();
+    assert_eq!(recs.len(), 2);
+    let left: Vec<u64> = b
+        .pool
+        .list_snapshots(Some("v"))
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    // keep_last 1: the newest stays, and so does the held p1; p2 goes.
+    let newest = recs[1].target_snapshot.unwrap();
+    assert_eq!(left, vec![on_b, newest], "{recs:?}");
+    // Released (the cascade link moved on): the next commit expires it.
+    b.faults.held.lock().unwrap().clear();
+    write_random(&a.pool, "v", &mut rng, 20);
+    snap(&a.pool, "v", "p4");
+    let recs = a.send_with(&b, "v", &one, Some(1)).unwrap();
+    let left: Vec<u64> = b
+        .pool
+        .list_snapshots(Some("v"))
+        .unwrap()
+        .iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(left, vec![recs[0].target_snapshot.unwrap()]);
+}

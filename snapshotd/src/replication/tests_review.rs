@@ -101,8 +101,10 @@ fn raw(
 }
 
 /// Finding 3: the blocks a fingerprint answer maps (zeros, known data)
-/// are durable before the answer is recorded: a receiver killed right
-/// after answering does not commit the point without them.
+/// become durable with the batch's data (one commit per batch), and the
+/// answer does not outlive a kill that lost them: a receiver killed right
+/// after answering refuses the data until the fingerprints come again,
+/// and never commits the point without those blocks.
 #[test]
 fn blocks_mapped_by_a_fingerprint_answer_survive_a_kill() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
@@ -141,9 +143,28 @@ fn blocks_mapped_by_a_fingerprint_answer_survive_a_kill() {
     )
     .unwrap();
     assert_eq!(wire::decode_lacking(&map, 2).unwrap(), [false, false]);
-    // Killed right after answering.
+    // Killed right after answering: the answer is gone with the blocks it
+    // mapped, so the data alone is refused and the fingerprints go again.
     let b = b.restart(a.me());
     let body = wire::encode_data(&[], 1).unwrap();
+    let e = raw(
+        &b,
+        "PUT",
+        &path,
+        &[(PREV_HEADER, "aa"), (TOKEN_HEADER, "bb")],
+        &body,
+    )
+    .unwrap_err();
+    assert_eq!((e.status, e.code.as_str()), (409, "out_of_order"), "{e:?}");
+    let map = raw(
+        &b,
+        "POST",
+        &format!("{path}/fingerprints"),
+        &[(PREV_HEADER, "aa")],
+        &fps,
+    )
+    .unwrap();
+    assert_eq!(wire::decode_lacking(&map, 2).unwrap(), [false, false]);
     raw(
         &b,
         "PUT",

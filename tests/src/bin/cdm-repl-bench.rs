@@ -13,8 +13,9 @@
 //! - resume overhead after the receiver is killed mid-stream: the bytes
 //!   sent in all beyond an uncut transfer (goal ≤ one batch).
 //!
-//! Usage: `cdm-repl-bench [--size-mib N] [--rounds R] [--change-mib M]`
-//! (defaults 1024, 3, 64). Needs root (loop devices, btrfs).
+//! Usage: `cdm-repl-bench [--size-mib N] [--rounds R] [--change-mib M]
+//! [--only full|incremental|resume]` (defaults 1024, 3, 64, all three).
+//! Needs root (loop devices, btrfs).
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -35,6 +36,14 @@ struct Args {
     size_mib: u64,
     rounds: usize,
     change_mib: u64,
+    /// `--only full|incremental|resume`: one part of the benchmark.
+    only: Option<String>,
+}
+
+impl Args {
+    fn runs(&self, part: &str) -> bool {
+        self.only.as_deref().is_none_or(|o| o == part)
+    }
 }
 
 fn args() -> Result<Args> {
@@ -42,14 +51,20 @@ fn args() -> Result<Args> {
         size_mib: 1024,
         rounds: 3,
         change_mib: 64,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
-        let v: u64 = it
-            .next()
-            .with_context(|| format!("{k} needs a value"))?
-            .parse()
-            .with_context(|| format!("{k}: not a number"))?;
+        let v = it.next().with_context(|| format!("{k} needs a value"))?;
+        if k == "--only" {
+            ensure!(
+                ["full", "incremental", "resume"].contains(&v.as_str()),
+                "--only full|incremental|resume"
+            );
+            a.only = Some(v);
+            continue;
+        }
+        let v: u64 = v.parse().with_context(|| format!("{k}: not a number"))?;
         match k.as_str() {
             "--size-mib" => a.size_mib = v,
             "--rounds" => a.rounds = v as usize,
@@ -518,26 +533,51 @@ fn main() -> Result<()> {
     );
     let size = args.size_mib * MIB;
     let seed = 31337;
-    eprintln!(
-        "setting up: {} MiB of random data on A and on btrfs",
-        args.size_mib
-    );
+    eprintln!("setting up: {} MiB of random data on A", args.size_mib);
     let a = Node::start("A")?;
     a.volume("v", size)?;
     a.fill("v", 0, size, seed)?;
     let snap = a.snapshot("v", "full")?;
+    println!(
+        "## Replication (issue 16): {} MiB of random data, {} KiB blocks, loopback\n",
+        args.size_mib,
+        BLOCK / 1024
+    );
+    if args.runs("full") {
+        full_rounds(&a, &args, snap, seed)?;
+    }
+    if args.runs("incremental") {
+        let change = args.change_mib * MIB;
+        let (written, sent, logical) = incremental(&a, "v", size, change)?;
+        println!("### Incremental transfer\n");
+        println!("| unique bytes changed | changed blocks' bytes (`bytes_logical`) | bytes on the wire | wire / changed (goal ≤ 1.05) |");
+        println!("|---|---|---|---|");
+        println!(
+            "| {written} | {logical} | {sent} | {:.3} |\n",
+            sent as f64 / written as f64
+        );
+    }
+    if args.runs("resume") {
+        resume_round(&a, size)?;
+    }
+    Ok(())
+}
+
+/// Full initial transfers side by side with btrfs send/receive and
+/// nbdcopy, in turns; prints their table.
+fn full_rounds(a: &Node, args: &Args, snap: u64, seed: u64) -> Result<()> {
+    let size = args.size_mib * MIB;
+    eprintln!("setting up: the same data on btrfs");
     let fs = Btrfs::new(size, seed)?;
     let sink = Node::start("Bcopy")?;
-
-    // Full initial transfers, in turns.
     let (mut cdm, mut btr, mut nbd) = (Vec::new(), Vec::new(), Vec::new());
     let mut rows = Vec::new();
     let mut stream = 0;
     for r in 0..args.rounds {
-        let c = cdm_full(&a, "v", r)?;
+        let c = cdm_full(a, "v", r)?;
         let (b, n) = fs.send_receive()?;
         stream = n;
-        let d = nbdcopy(&a, &format!("v@{snap}"), &sink, size, r)?;
+        let d = nbdcopy(a, &format!("v@{snap}"), &sink, size, r)?;
         eprintln!("round {r}: cdm {c:.2} s, btrfs {b:.2} s, nbdcopy {d:.2} s");
         rows.push(format!(
             "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
@@ -553,11 +593,6 @@ fn main() -> Result<()> {
         nbd.push(d);
     }
     let mibs = |s: f64| args.size_mib as f64 / s;
-    println!(
-        "## Replication (issue 16): {} MiB of random data, {} KiB blocks, loopback\n",
-        args.size_mib,
-        BLOCK / 1024
-    );
     println!("### Full initial transfer (wall seconds; ratios round by round)\n");
     println!("| round | cdm A→B | btrfs send \\| receive over TCP | nbdcopy over NBD/TCP | cdm / btrfs | cdm / nbdcopy |");
     println!("|---|---|---|---|---|---|");
@@ -578,25 +613,19 @@ fn main() -> Result<()> {
         median(&ratios(&cdm, &nbd)),
     );
     println!("btrfs stream: {stream} bytes.\n");
+    Ok(())
+}
 
-    let change = args.change_mib * MIB;
-    let (written, sent, logical) = incremental(&a, "v", size, change)?;
-    println!("### Incremental transfer\n");
-    println!("| unique bytes changed | changed blocks' bytes (`bytes_logical`) | bytes on the wire | wire / changed (goal ≤ 1.05) |");
-    println!("|---|---|---|---|");
-    println!(
-        "| {written} | {logical} | {sent} | {:.3} |\n",
-        sent as f64 / written as f64
-    );
-
-    // The cut transfer and its uncut reference both send the volume's two
-    // points (the full one and the changed one) to a new target.
-    let (total, from, records) = resume(&a, "v", size)?;
+/// The cut transfer and its uncut reference both send every point of the
+/// volume (the full one, and the changed one if the incremental part ran)
+/// to a new target; prints the re-sent bytes against one batch.
+fn resume_round(a: &Node, size: u64) -> Result<()> {
+    let (total, from, records) = resume(a, "v", size)?;
     let batch = BATCH_BLOCKS * BLOCK;
     let refs = {
         let b = Node::start("Bref2")?;
-        pair(&a, &b)?;
-        let l = link(&a, "v", &b.name, json!({}))?;
+        pair(a, &b)?;
+        let l = link(a, "v", &b.name, json!({}))?;
         let j = a.run_link(l)?;
         ensure!(j["state"] == "succeeded", "reference transfer: {j}");
         a.transfers(l)?
