@@ -58,6 +58,10 @@ pub struct LinkRec {
     /// When the last run ended (unix s).
     #[serde(default)]
     pub last_run_unix: Option<u64>,
+    /// The lag is over the RPO (`replication.late` was said): kept with
+    /// the link so a restart does not raise a still-late link's alert again.
+    #[serde(default)]
+    pub late: bool,
 }
 
 /// A stored transfer and its link.
@@ -350,7 +354,6 @@ impl Replication {
             .remove_seq_where(TRANSFERS, |t: &TransferRec| t.link == id)
             .map_err(st)?;
         cdm_common::lock::lock(&self.counters).remove(&id);
-        cdm_common::lock::lock(&self.late).remove(&id);
         cdm_common::lock::lock(&self.seen).retain(|(link, _), _| *link != id);
         self.events.emit(
             "replication.link_deleted",

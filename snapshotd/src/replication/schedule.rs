@@ -153,11 +153,18 @@ impl Replication {
             .lag(now, &self.lag_volumes(l))
             .unwrap_or_else(|| now.saturating_sub(l.created_unix));
         let late = lag > l.rpo_seconds;
-        let mut set = lock(&self.late);
+        if late == l.late {
+            return;
+        }
+        // Said once per change, and only once the change is on record.
+        if let Err(e) = self.update_link(l.id, |r| r.late = late) {
+            tracing::warn!(link = l.id, error = %e.message, "replication lag state not saved");
+            return;
+        }
         let subject = format!("link {}", l.id);
         let data = json!({"link": l.id, "peer": l.peer, "volume": l.volume, "policy": l.policy,
             "lag_seconds": lag, "rpo_seconds": l.rpo_seconds});
-        if late && set.insert(l.id) {
+        if late {
             tracing::warn!(link = l.id, lag, rpo = l.rpo_seconds, "replication late");
             self.events
                 .emit("replication.late", &subject, "replication", data.clone());
@@ -171,7 +178,7 @@ impl Replication {
             .into();
             self.events
                 .emit("alert.raised", &subject, "replication", alert);
-        } else if !late && set.remove(&l.id) {
+        } else {
             self.events
                 .emit("replication.recovered", &subject, "replication", data);
         }
@@ -181,6 +188,59 @@ impl Replication {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The late state is kept with the link: a restart of the appliance
+    /// does not raise a still-late link's alert again, and recovery is
+    /// said once.
+    #[test]
+    fn a_late_link_is_said_late_once_across_restarts() {
+        let d = tempfile::tempdir().unwrap();
+        let id = {
+            let r = crate::replication::runs::tests::service(d.path());
+            let l = LinkRec {
+                id: 1,
+                volume: Some("v".into()),
+                peer: "b".into(),
+                rpo_seconds: 60,
+                enabled: true,
+                created_unix: 1000,
+                ..Default::default()
+            };
+            r.put_link(&l).unwrap();
+            r.check_lag(&r.link_rec(1).unwrap(), 2000);
+            r.check_lag(&r.link_rec(1).unwrap(), 2001);
+            assert!(r.link_rec(1).unwrap().late);
+            let late = r
+                .events
+                .list(0, 100, false, Some("replication.late"))
+                .unwrap();
+            assert_eq!(late.len(), 1, "{late:?}");
+            l.id
+        };
+        // A restart: a new service on the same state database.
+        let r = crate::replication::runs::tests::service(d.path());
+        r.check_lag(&r.link_rec(id).unwrap(), 2100);
+        let late = r
+            .events
+            .list(0, 100, false, Some("replication.late"))
+            .unwrap();
+        assert_eq!(late.len(), 1, "raised again after a restart: {late:?}");
+        let alerts = r.events.list(0, 100, false, Some("alert.raised")).unwrap();
+        assert_eq!(alerts.len(), 1, "{alerts:?}");
+        // Back under the RPO: recovered, once.
+        r.update_link(id, |l| {
+            l.target_newest.insert("v".into(), 2150);
+        })
+        .unwrap();
+        r.check_lag(&r.link_rec(id).unwrap(), 2160);
+        r.check_lag(&r.link_rec(id).unwrap(), 2170);
+        let rec = r
+            .events
+            .list(0, 100, false, Some("replication.recovered"))
+            .unwrap();
+        assert_eq!(rec.len(), 1, "{rec:?}");
+        assert!(!r.link_rec(id).unwrap().late);
+    }
 
     #[test]
     fn failed_runs_wait_longer_each_time() {

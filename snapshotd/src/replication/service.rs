@@ -47,8 +47,6 @@ pub struct Replication {
     pub control: OnceLock<Arc<crate::control::Control>>,
     /// Runs in progress by link id.
     pub(crate) runs: Mutex<HashMap<u64, Running>>,
-    /// Links whose lag is over their RPO (`replication.late` was said).
-    pub(crate) late: Mutex<std::collections::HashSet<u64>>,
     /// The newest snapshot of each after-every-point link's volume that a
     /// run was started for, so each new point starts one run.
     pub(crate) seen: Mutex<HashMap<(u64, String), u64>>,
@@ -101,7 +99,6 @@ impl Replication {
             port: OnceLock::new(),
             control: OnceLock::new(),
             runs: Mutex::new(HashMap::new()),
-            late: Mutex::new(Default::default()),
             seen: Mutex::new(HashMap::new()),
             counters: Mutex::new(HashMap::new()),
             me: me.clone(),
