@@ -1,14 +1,16 @@
-//! A recovery drill of a PostgreSQL point (`cdm-agent drill`): a writable
-//! clone of the point (O(1) on the appliance, nothing copied), attached,
-//! PostgreSQL started on it in isolation (its own socket directory, no
-//! TCP listener, archiving and replication off), the checks — the server
-//! reached a consistent state, `pg_amcheck` over every database (heap and
-//! B-tree indexes), the user's probes, a scrub of the point's extents on
-//! the appliance — and the teardown: PostgreSQL stopped, the clone
-//! detached and deleted, on success, failure and timeout alike.
+//! A recovery drill of a PostgreSQL or MariaDB point (`cdm-agent drill`):
+//! a writable clone of the point (O(1) on the appliance, nothing copied),
+//! attached, the server started on it in isolation (its own socket, no
+//! TCP listener, its own empty network namespace, archiving, binlog and
+//! replication off), the checks — for PostgreSQL the server reached a
+//! consistent state and `pg_amcheck` over every database (heap and B-tree
+//! indexes), for MariaDB `mariadb-check --extended` of every table — the
+//! user's probes, a scrub of the point's extents on the appliance — and
+//! the teardown: the server stopped, the clone detached and deleted, on
+//! success, failure and timeout alike.
 //!
 //! The work runs in a thread of its own; this process's main thread
-//! watches the time limit and, when it passes, stops PostgreSQL (which
+//! watches the time limit and, when it passes, stops the server (which
 //! ends any query or check waiting on it), tears down and reports, so a
 //! drill that hangs never outlives its limit. RTO is the time from the
 //! drill's start to the first answered query.
@@ -24,7 +26,7 @@ use serde_json::{json, Value};
 
 use crate::attach::{self, AttachRequest, Attachment};
 use crate::error::Result;
-use crate::{ops, pg, Ctx};
+use crate::{maria, ops, pg, Ctx};
 
 /// Prefix of a drill's attachment and clone names: what a restarted
 /// agent finds left behind and cleans up.
@@ -245,30 +247,136 @@ fn wait(rx: &mpsc::Receiver<()>, deadline: Instant) -> Ended {
     }
 }
 
+/// The database a drill starts on its clone, by what the point holds:
+/// what differs between kinds (start, query, integrity checks, stop); the
+/// frame around it (clone, attach, time limit, probes, scrub, teardown)
+/// is the same.
+#[derive(Clone, Debug)]
+enum Db {
+    Pg(pg::Running),
+    Maria(maria::Running),
+}
+
+impl Db {
+    /// Readies the copy on the mounted clone, isolated (nothing started).
+    fn prepare(mount: &std::path::Path, port: u16, name: &str) -> Result<Db> {
+        if mount.join("pgdata").exists() {
+            let r = pg::prepare(mount, port, name)?;
+            isolate(&r)?;
+            return Ok(Db::Pg(r));
+        }
+        if mount.join(maria::DATADIR).exists() {
+            return Ok(Db::Maria(maria::ready_copy(mount, port)?));
+        }
+        crate::fail!(
+            Host,
+            "the point holds no PostgreSQL (pgdata/) or MariaDB ({}/) data directory",
+            maria::DATADIR
+        )
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Db::Pg(_) => "PostgreSQL",
+            Db::Maria(_) => "MariaDB",
+        }
+    }
+
+    /// Saved with the attachment first, so that the teardown (and a
+    /// restarted agent) stops what may have started.
+    fn record(&self, att: &mut Attachment) {
+        match self {
+            Db::Pg(r) => att.postgres = Some(r.clone()),
+            Db::Maria(r) => att.mariadb = Some(r.clone()),
+        }
+    }
+
+    /// Starts the server in its own network namespace; returns once a
+    /// query answered.
+    fn start(&self) -> Result<Duration> {
+        match self {
+            Db::Pg(r) => pg::start_in(r, true),
+            Db::Maria(r) => maria::start_in(r, true),
+        }
+    }
+
+    /// The first column of the first row of `sql`, as text.
+    fn query(&self, database: Option<&str>, sql: &str) -> std::result::Result<String, String> {
+        match self {
+            Db::Pg(r) => probe(&pg_conn(r, database.unwrap_or("postgres")), sql),
+            Db::Maria(r) => {
+                let rows = maria_conn(r)
+                    .query_in(database, sql)
+                    .map_err(|e| e.report())?;
+                rows.into_iter()
+                    .next()
+                    .and_then(|row| row.into_iter().next())
+                    .ok_or_else(|| "the query returned no row".to_string())
+            }
+        }
+    }
+
+    /// The integrity checks, each recorded; false once the time limit
+    /// passed.
+    fn integrity(&self, s: &State) -> bool {
+        match self {
+            Db::Pg(r) => {
+                let user = pg::owner_name(r.uid).unwrap_or_else(|| "postgres".into());
+                if !step(s, "checking the server reached a consistent state") {
+                    return false;
+                }
+                let t = Instant::now();
+                let (ok, out) = consistency(&pg_conn(r, "postgres"), r);
+                check(s, "consistent", ok, out, t);
+                if !step(s, "pg_amcheck over every database") {
+                    return false;
+                }
+                let t = Instant::now();
+                let (ok, out) = amcheck(&|db: &str| pg_conn(r, db), r, &user, s);
+                check(s, "pg_amcheck", ok, out, t);
+            }
+            Db::Maria(r) => {
+                if !step(s, "mariadb-check of every table (extended)") {
+                    return false;
+                }
+                let t = Instant::now();
+                let (ok, out) = maria_check(r, s);
+                check(s, "mariadb-check", ok, out, t);
+            }
+        }
+        true
+    }
+}
+
+fn pg_conn(r: &pg::Running, db: &str) -> pg::Conn {
+    pg::Conn {
+        host: r.socket_dir.to_string_lossy().into_owned(),
+        port: r.port,
+        user: pg::owner_name(r.uid).unwrap_or_else(|| "postgres".into()),
+        dbname: db.to_string(),
+        password: None,
+    }
+}
+
+/// The copy's root over its own socket: the agent runs as root and a
+/// MariaDB root authenticates by `unix_socket` (Debian's default), so no
+/// production password is needed on the clone.
+fn maria_conn(r: &maria::Running) -> maria::Conn {
+    maria::Conn {
+        socket: r.socket.clone(),
+        user: "root".into(),
+        password: None,
+    }
+}
+
 /// The drill's steps; each failure is a failed check, and the steps that
 /// need what failed are skipped.
 fn work(ctx: &Ctx, a: &DrillArgs, vol: &str, id: u64, s: &State, t0: Instant) {
-    let Some(r) = start(ctx, a, vol, id, s, t0) else {
+    let Some(db) = start(ctx, a, vol, id, s, t0) else {
         return;
     };
-    let sock = r.socket_dir.to_string_lossy().into_owned();
-    let user = pg::owner_name(r.uid).unwrap_or_else(|| "postgres".into());
-    let conn = |db: &str| pg::Conn {
-        host: sock.clone(),
-        port: r.port,
-        user: user.clone(),
-        dbname: db.to_string(),
-        password: None,
-    };
-    if step(s, "checking the server reached a consistent state") {
-        let t = Instant::now();
-        let (ok, out) = consistency(&conn("postgres"), &r);
-        check(s, "consistent", ok, out, t);
-    }
-    if step(s, "pg_amcheck over every database") {
-        let t = Instant::now();
-        let (ok, out) = amcheck(&conn, &r, &user, s);
-        check(s, "pg_amcheck", ok, out, t);
+    if !db.integrity(s) {
+        return;
     }
     for p in &a.probes {
         let Some(sql) = &p.sql else {
@@ -278,7 +386,7 @@ fn work(ctx: &Ctx, a: &DrillArgs, vol: &str, id: u64, s: &State, t0: Instant) {
                 s,
                 "probe",
                 false,
-                format!("a PostgreSQL drill cannot run {p:?}: it needs \"sql\""),
+                format!("a {} drill cannot run {p:?}: it needs \"sql\"", db.name()),
                 t,
             );
             continue;
@@ -287,9 +395,8 @@ fn work(ctx: &Ctx, a: &DrillArgs, vol: &str, id: u64, s: &State, t0: Instant) {
             return;
         }
         let t = Instant::now();
-        let db = p.database.as_deref().unwrap_or("postgres");
         let expect = p.expect.as_deref().unwrap_or("");
-        let (ok, out) = match probe(&conn(db), sql) {
+        let (ok, out) = match db.query(p.database.as_deref(), sql) {
             Ok(got) => (
                 probe_matches(&got, expect),
                 format!("got {got:?}, expected {expect:?}"),
@@ -305,15 +412,8 @@ fn work(ctx: &Ctx, a: &DrillArgs, vol: &str, id: u64, s: &State, t0: Instant) {
     }
 }
 
-/// Clone, attach, start PostgreSQL: the server, once a query answered.
-fn start(
-    ctx: &Ctx,
-    a: &DrillArgs,
-    vol: &str,
-    id: u64,
-    s: &State,
-    t0: Instant,
-) -> Option<pg::Running> {
+/// Clone, attach, start the database: the server, once a query answered.
+fn start(ctx: &Ctx, a: &DrillArgs, vol: &str, id: u64, s: &State, t0: Instant) -> Option<Db> {
     let fail = |why: String| {
         check(s, "start", false, why, t0);
         None
@@ -351,20 +451,20 @@ fn start(
         g.attachment = Some(att.clone());
         g.disk = child;
     }
-    if !mount.join("pgdata").exists() {
-        return fail("the point holds no PostgreSQL data directory (pgdata/)".into());
-    }
-    if !step(s, "starting PostgreSQL on the clone (isolated)") {
-        return None;
-    }
-    let r = match pg::prepare(&mount, a.port, &a.name).and_then(|r| isolate(&r).map(|_| r)) {
-        Ok(r) => r,
+    let db = match Db::prepare(&mount, a.port, &a.name) {
+        Ok(db) => db,
         Err(e) => return fail(format!("cannot prepare the copy: {}", e.report())),
     };
-    att.postgres = Some(r.clone());
+    if !step(
+        s,
+        &format!("starting {} on the clone (isolated)", db.name()),
+    ) {
+        return None;
+    }
+    db.record(&mut att);
     let _ = attach::save(ctx, &att);
     lock(s).attachment = Some(att);
-    match pg::start_in(&r, true) {
+    match db.start() {
         Ok(_) => {
             let rto = t0.elapsed().as_secs_f64();
             lock(s).rto = Some(rto);
@@ -372,10 +472,13 @@ fn start(
                 s,
                 "start",
                 true,
-                format!("PostgreSQL answered its first query {rto:.3} s after the drill began"),
+                format!(
+                    "{} answered its first query {rto:.3} s after the drill began",
+                    db.name()
+                ),
                 t0,
             );
-            Some(r)
+            Some(db)
         }
         Err(e) => fail(e.report()),
     }
@@ -527,6 +630,58 @@ fn amcheck(
     }
 }
 
+/// `mariadb-check --all-databases --check --extended` as the copy's root:
+/// every table of every database read through (InnoDB validates each
+/// index's pages and their checksums). It prints one line per table,
+/// "OK" or what is wrong, and fails on an error.
+fn maria_check(r: &maria::Running, s: &State) -> (bool, String) {
+    let mut cmd = Command::new("mariadb-check");
+    cmd.arg("--no-defaults")
+        .arg(format!("--socket={}", r.socket.display()))
+        .args(["--user=root", "--all-databases", "--check", "--extended"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return (false, format!("cannot run mariadb-check: {e}")),
+    };
+    lock(s).running = Some(child.id());
+    let out = child.wait_with_output();
+    lock(s).running = None;
+    let o = match out {
+        Ok(o) => o,
+        Err(e) => return (false, format!("mariadb-check: {e}")),
+    };
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let mut tables = 0;
+    let mut bad = Vec::new();
+    // A table's line ends in "OK", or names it and is followed by
+    // "Error"/"error"/"warning" lines about it.
+    for l in stdout.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if l.ends_with(" OK") || l.ends_with("\tOK") {
+            tables += 1;
+        } else {
+            bad.push(l.to_string());
+        }
+    }
+    let problems: Vec<&String> = bad
+        .iter()
+        .filter(|l| {
+            let x = l.to_lowercase();
+            x.contains("error") || x.contains("corrupt") || x.contains("warning")
+        })
+        .collect();
+    let ok = o.status.success() && problems.is_empty() && tables > 0;
+    let said = if ok {
+        format!("{tables} tables checked (extended): no corruption")
+    } else {
+        format!("{}\n{}", bad.join("\n"), stderr.trim())
+    };
+    (ok, format!("{said}\n(mariadb-check {})", o.status))
+}
+
 /// The appliance re-reads the point's extents and checks their checksums.
 fn scrub(ctx: &Ctx, vol: &str, id: u64) -> (bool, String) {
     // Reading a large point takes longer than an ordinary request.
@@ -554,7 +709,7 @@ fn scrub(ctx: &Ctx, vol: &str, id: u64) -> (bool, String) {
     }
 }
 
-/// Stops PostgreSQL (at once after a timeout), kills a running check,
+/// Stops the server (at once after a timeout), kills a running check,
 /// detaches and deletes the clone. `Err` says what was left behind.
 fn teardown(ctx: &Ctx, name: &str, s: &State, hurry: bool) -> std::result::Result<(), String> {
     let (att, mut disk, clone, running) = {
@@ -576,10 +731,8 @@ fn teardown(ctx: &Ctx, name: &str, s: &State, hurry: bool) -> std::result::Resul
     }
     let mut errors = Vec::new();
     if let Some(a) = &att {
-        if let Some(r) = &a.postgres {
-            if let Err(e) = stop_pg(r, hurry) {
-                errors.push(e);
-            }
+        if let Err(e) = stop_db(a, hurry) {
+            errors.push(e);
         }
         if let Err(e) = attach::detach(ctx, a, disk.as_mut()) {
             errors.push(e.report());
@@ -595,6 +748,17 @@ fn teardown(ctx: &Ctx, name: &str, s: &State, hurry: bool) -> std::result::Resul
     } else {
         Err(errors.join("; "))
     }
+}
+
+/// Stops the attachment's database, if one was started on it.
+fn stop_db(a: &Attachment, hurry: bool) -> std::result::Result<(), String> {
+    if let Some(r) = &a.postgres {
+        stop_pg(r, hurry)?;
+    }
+    if let Some(r) = &a.mariadb {
+        maria::stop_with(r, hurry).map_err(|e| e.report())?;
+    }
+    Ok(())
 }
 
 /// `pg_ctl stop`: fast, or immediate when the drill ran out of time (a
@@ -654,16 +818,14 @@ fn left_by_drill(a: &Attachment) -> bool {
 }
 
 /// What an earlier run of the agent left of its drills (it crashed or was
-/// killed mid-drill): their PostgreSQL stopped, their attachments
+/// killed mid-drill): their servers stopped, their attachments
 /// detached, their clones deleted (best effort: the appliance deletes
 /// them too). The names of what was cleaned.
 pub fn cleanup_stale(ctx: &Ctx) -> Vec<String> {
     let mut done = Vec::new();
     for a in attach::list(ctx).into_iter().filter(left_by_drill) {
-        if let Some(r) = &a.postgres {
-            if let Err(e) = stop_pg(r, true) {
-                tracing::warn!(attachment = %a.name, error = %e, "stale drill: PostgreSQL not stopped");
-            }
+        if let Err(e) = stop_db(&a, true) {
+            tracing::warn!(attachment = %a.name, error = %e, "stale drill: its server not stopped");
         }
         if let Err(e) = attach::detach(ctx, &a, None) {
             tracing::warn!(attachment = %a.name, error = %e.report(), "stale drill: not detached");

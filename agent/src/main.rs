@@ -98,8 +98,9 @@ enum Cmd {
     /// Virtual machines: inspect their disks without booting.
     #[command(subcommand)]
     Vm(VmCmd),
-    /// A recovery drill of a PostgreSQL point: clone, start isolated,
-    /// check (consistency, pg_amcheck, probes, a scrub of the point),
+    /// A recovery drill of a PostgreSQL or MariaDB point: clone, start
+    /// isolated, check (consistency and pg_amcheck, or mariadb-check;
+    /// probes; a scrub of the point),
     /// tear down; prints the report.
     Drill {
         /// VOLUME@ID

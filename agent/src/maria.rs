@@ -71,9 +71,17 @@ impl Conn {
 
     /// One query; its rows, tab-separated columns.
     pub fn query(&self, sql: &str) -> Result<Vec<Vec<String>>> {
+        self.query_in(None, sql)
+    }
+
+    /// One query in `database` (none: no default database).
+    pub fn query_in(&self, database: Option<&str>, sql: &str) -> Result<Vec<Vec<String>>> {
         let secret = self.secret()?;
-        let out = self
-            .command("mariadb", &secret)
+        let mut cmd = self.command("mariadb", &secret);
+        if let Some(db) = database {
+            cmd.arg(format!("--database={db}"));
+        }
+        let out = cmd
             .args([
                 "--batch",
                 "--skip-column-names",
@@ -366,6 +374,14 @@ fn alive(pid: u32) -> bool {
 /// socket (`mariadb-admin ping` succeeds even when the copy's users
 /// refuse us); the time that took.
 pub fn start(r: &Running) -> Result<Duration> {
+    start_in(r, false)
+}
+
+/// [`start`], with `netns` in a new, empty network namespace (`unshare
+/// --net`, which execs `mariadbd`): on top of `--skip-networking` it can
+/// connect nowhere (no primary, no federated or CONNECT table reaching
+/// production). Its Unix socket, a file, still answers from the host.
+pub fn start_in(r: &Running, netns: bool) -> Result<Duration> {
     let t = Instant::now();
     let fail = |why: String| {
         let log = std::fs::read_to_string(&r.log).unwrap_or_default();
@@ -377,7 +393,13 @@ pub fn start(r: &Running) -> Result<Duration> {
             last.into_iter().rev().collect::<Vec<_>>().join(" | ")
         )
     };
-    let mut cmd = Command::new("mariadbd");
+    let mut cmd = if netns {
+        let mut c = Command::new("unshare");
+        c.args(["--net", "--", "mariadbd"]);
+        c
+    } else {
+        Command::new("mariadbd")
+    };
     cmd.args(copy_args(r))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -415,6 +437,12 @@ pub fn start(r: &Running) -> Result<Duration> {
 /// Stops the copy's `mariadbd` (SIGTERM: a clean shutdown, whatever its
 /// users allow us) and waits until it is gone.
 pub fn stop(r: &Running) -> Result<()> {
+    stop_with(r, false)
+}
+
+/// [`stop`]; with `now`, SIGKILL (a drill out of time: a hung query must
+/// not hold the teardown, and the copy is thrown away).
+pub fn stop_with(r: &Running, now: bool) -> Result<()> {
     let Some(pid) = pid_of(r) else {
         return Ok(());
     };
@@ -422,8 +450,9 @@ pub fn stop(r: &Running) -> Result<()> {
         return Ok(());
     }
     let pid_i = i32::try_from(pid).map_err(|_| crate::err!(Host, "pid {pid}"))?;
+    let sig = if now { libc::SIGKILL } else { libc::SIGTERM };
     // SAFETY: kill(2) with a pid read from the copy's own pid file.
-    if unsafe { libc::kill(pid_i, libc::SIGTERM) } != 0 {
+    if unsafe { libc::kill(pid_i, sig) } != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() != Some(libc::ESRCH) {
             return Err(crate::error::Error::with_source(

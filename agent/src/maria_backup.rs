@@ -7,8 +7,13 @@
 //! shared copy-on-write, i.e. a clone of it — and snapshotted.
 //!
 //! The previous point is an immutable snapshot: nothing the prepare does
-//! reaches it. A prepare that fails (or an agent killed during one)
-//! leaves a marker on the stage disk; the next backup sees it (or a data
+//! reaches it. A prepare that fails leaves a marker on the stage disk;
+//! right after, with the disk detached, the agent asks the appliance to
+//! revert the stage volume to the last point (`POST
+//! /v1/volumes/{name}/revert`), which drops the half-prepared pages and
+//! the marker with them, so the next backup is an incremental from that
+//! point again. When the revert fails (or the agent was killed during the
+//! prepare) the marker stays: the next backup sees it (or a data
 //! directory whose `to_lsn` is not the last point's) and makes a full
 //! copy instead of preparing another delta onto a half-prepared one, so
 //! no delta is ever prepared twice nor onto anything but its own base.
@@ -237,6 +242,7 @@ pub fn backup_mariadb(
     let _lock = ops::lock(ctx, &stage.volume)?;
     let (vol, _) = ops::ensure_stage_volume(ctx, &stage.volume, stage.size, 4096, &stage.settings)?;
     let last = last_point(ctx, &stage.volume, &datadir, si.server_id)?;
+    let last_id = last.as_ref().map(|l| l.0);
     let work = scratch(ctx, &stage.volume);
     std::fs::create_dir_all(&work)?;
     let m = Mounted::open(ctx, &stage.volume, vol.allocated_bytes == 0)?;
@@ -309,8 +315,54 @@ pub fn backup_mariadb(
             "checkpoints": made.point.checkpoints,
         }))
     })();
+    // A prepare that failed left its marker (and half-prepared pages).
+    let half_prepared = r.is_err() && m.a.mount.join(MARKER).exists();
     let closed = m.close(ctx);
-    let v = r?;
+    let v = match (r, last_id) {
+        (Err(e), Some(id)) if half_prepared && closed.is_ok() => {
+            return Err(roll_back(ctx, &stage.volume, id, e));
+        }
+        (r, _) => r?,
+    };
     closed?;
     Ok(v)
+}
+
+/// Reverts the stage volume to point `id` after a failed prepare (the
+/// stage disk detached): the next backup is then incremental from it.
+/// `e`, the backup's error, says which it will be.
+fn roll_back(ctx: &Ctx, volume: &str, id: u64, e: crate::error::Error) -> crate::error::Error {
+    // The appliance refuses (409) while it still counts the stage disk's
+    // connection, which the detach just closed: wait for that to end.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let r = loop {
+        match ctx.api.revert_volume(volume, id) {
+            Err(cdm_api::client::ClientError::Api { status: 409, .. })
+                if Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            r => break r,
+        }
+    };
+    match r {
+        Ok(_) => {
+            tracing::info!(
+                volume,
+                snapshot = id,
+                "stage volume rolled back after the failed prepare"
+            );
+            crate::err!(
+                Host,
+                "{e:#} (the stage volume was rolled back to point {id}: the next backup is incremental from it)"
+            )
+        }
+        Err(re) => {
+            tracing::warn!(volume, snapshot = id, error = %re, "stage volume not rolled back");
+            crate::err!(
+                Host,
+                "{e:#} (rolling the stage volume back to point {id} failed: {re}; the next backup is a full one)"
+            )
+        }
+    }
 }

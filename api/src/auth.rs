@@ -114,8 +114,8 @@ impl Caller {
 }
 
 /// Whether a host credential may make this request: the agent protocol,
-/// reads (not users, webhooks or the audit log), and creating volumes,
-/// snapshots and clones; deleting a clone is allowed here and checked
+/// reads (not users, webhooks or the audit log), creating volumes,
+/// snapshots and clones, and reverting a volume to its snapshot; deleting a clone is allowed here and checked
 /// against who made it by the backend. Everything else is 403.
 pub fn host_may(method: &str, path: &str) -> bool {
     let p: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
@@ -132,6 +132,9 @@ pub fn host_may(method: &str, path: &str) -> bool {
         ("POST", ["logout"]) => true,
         ("POST", ["volumes"]) => true,
         ("POST", ["volumes", _, "snapshots"]) => true,
+        // A MariaDB stage volume rolled back after a failed prepare (the
+        // appliance checks the volume is the host's own).
+        ("POST", ["volumes", _, "revert"]) => true,
         ("POST", ["volumes", _, "snapshots", _, "clones"]) => true,
         // A drill's scrub of its point (the appliance checks the grant).
         ("POST", ["volumes", _, "snapshots", _, "verify"]) => true,
@@ -196,6 +199,7 @@ mod tests {
             ("GET", "/v1/volumes/a/snapshots"),
             ("POST", "/v1/volumes"),
             ("POST", "/v1/volumes/a/snapshots"),
+            ("POST", "/v1/volumes/a/revert"),
             ("POST", "/v1/volumes/a/snapshots/3/clones"),
             ("DELETE", "/v1/clones/c"),
             ("GET", "/health"),

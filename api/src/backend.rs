@@ -41,6 +41,10 @@ pub trait Backend:
     fn list_volumes(&self) -> ApiResult<Vec<Volume>>;
     fn volume(&self, name: &str) -> ApiResult<Volume>;
     fn grow_volume(&self, caller: &Caller, name: &str, size: u64) -> ApiResult<Volume>;
+    /// The live volume's contents (and size) made those of its snapshot
+    /// `snapshot`; 404 for an unknown volume or snapshot, 409 while the
+    /// volume is exported to a client or mounted, or is a replica.
+    fn revert_volume(&self, caller: &Caller, name: &str, snapshot: u64) -> ApiResult<Volume>;
     /// Refused (409) with snapshots, clones of its snapshots or connected
     /// clients unless `force`.
     fn delete_volume(&self, caller: &Caller, name: &str, force: bool) -> ApiResult<()>;

@@ -313,6 +313,10 @@ impl Client {
         let b = Self::json(&VolumeUpdate { size })?;
         self.call("PATCH", &format!("/v1/volumes/{}", e(name)), b)
     }
+    pub fn revert_volume(&self, name: &str, snapshot: u64) -> Result<Volume> {
+        let b = Self::json(&VolumeRevert { snapshot })?;
+        self.call("POST", &format!("/v1/volumes/{}/revert", e(name)), b)
+    }
     pub fn delete_volume(&self, name: &str, force: bool) -> Result<()> {
         self.done("DELETE", &format!("/v1/volumes/{}?force={force}", e(name)))
     }

@@ -219,6 +219,7 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
             "/volumes/{name}",
             get(volume).patch(grow_volume).delete(delete_volume),
         )
+        .route("/volumes/{name}/revert", post(revert_volume))
         .route("/volumes/{name}/policy", get(policy).put(set_policy))
         .route(
             "/volumes/{name}/snapshots",
@@ -452,6 +453,20 @@ async fn create_volume(
 async fn volume(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Volume>> {
     check_name("volume", &name)?;
     Ok(Json(run(&s, move |b| b.volume(&name)).await?))
+}
+
+#[utoipa::path(post, path = "/v1/volumes/{name}/revert", params(("name" = String, Path)), request_body = VolumeRevert, responses((status = 200, body = Volume), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn revert_volume(
+    State(s): S,
+    Extension(c): Caller_,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<VolumeRevert>,
+) -> ApiResult<Json<Volume>> {
+    c.require(Action::Write)?;
+    check_name("volume", &name)?;
+    Ok(Json(
+        run(&s, move |b| b.revert_volume(&c, &name, req.snapshot)).await?,
+    ))
 }
 
 #[utoipa::path(patch, path = "/v1/volumes/{name}", params(("name" = String, Path)), request_body = VolumeUpdate, responses((status = 200, body = Volume)), security(("bearer" = [])))]
@@ -994,7 +1009,7 @@ async fn advance_clock(
     info(title = "cdm appliance API", description = "Volumes (stage disks and clones), snapshots, exports, policies, jobs, events, webhooks, users and tokens."),
     paths(
         health, metrics, ca, login, logout, pool, set_pool_policy, grow_pool, list_volumes, create_volume,
-        volume, grow_volume, delete_volume, policy, set_policy, list_snapshots,
+        volume, grow_volume, revert_volume, delete_volume, policy, set_policy, list_snapshots,
         create_snapshot, snapshot, delete_snapshot, create_clone, list_clones,
         promote_clone, delete_clone, exports, list_mounts, create_mount, delete_mount,
         list_vms, put_vms, vm_tree,

@@ -35,6 +35,14 @@ pub struct VolumeUpdate {
     pub size: u64,
 }
 
+/// `POST /v1/volumes/{name}/revert`: the live volume back to a snapshot.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRevert {
+    /// A snapshot of this volume; what was written since is dropped.
+    pub snapshot: u64,
+}
+
 /// Where a clone came from.
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq, Eq)]
 pub struct Origin {

@@ -291,22 +291,69 @@ fn mariadb_faults_fail_clearly_and_keep_the_previous_point() {
     let sock = start_clone(&agent, "instant", first["export"].as_str().unwrap(), "kept");
     assert_eq!(check_bank(&sock), at_first);
     agent.ok(&["detach", "kept", "--delete-clone"]);
+    let first_id = first["snapshot"].as_u64().unwrap();
+    assert!(
+        e.contains(&format!("rolled back to point {first_id}")),
+        "{e}"
+    );
     let now = check_bank(&m.sock);
     let next = backup(&agent, &m, "mf", &[]);
-    assert_eq!(next["backup"], "full", "{next}");
-    assert!(
-        next["why_full"]
-            .as_str()
-            .unwrap()
-            .contains("did not finish"),
-        "{next}"
-    );
+    assert_eq!(next["backup"], "incremental", "{next}");
+    let next_id = next["snapshot"].as_u64().unwrap();
+    assert_eq!(meta(&app, "mf", next_id)["base_snapshot"], first_id);
     let sock = start_clone(&agent, "instant", next["export"].as_str().unwrap(), "next");
     assert_eq!(check_bank(&sock), now);
     agent.ok(&["detach", "next", "--delete-clone"]);
     // And the one after it incremental again.
     run_script(&m.sock, &transfers(12, 100));
     assert_eq!(backup(&agent, &m, "mf", &[])["backup"], "incremental");
+
+    // The revert route: not this volume's snapshot (404), refused while
+    // the volume is attached (409), and what it does once it is not.
+    let api = Api::new(&app, &app.admin_token());
+    let revert = |status: u16, snap: u64| {
+        api.expect(
+            status,
+            "POST",
+            "/v1/volumes/mf/revert",
+            Some(serde_json::json!({"snapshot": snap})),
+        )
+    };
+    let other = agent.ok(
+        &with_conn(&["backup", "mariadb", "--volume", "mf2", "--size", "1G"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    revert(404, other["snapshot"].as_u64().unwrap());
+    revert(404, 999_999);
+    let mnt = agent.state.path().join("mf-mnt");
+    agent.ok(&[
+        "attach",
+        "mf",
+        "--name",
+        "mfa",
+        "--mount",
+        mnt.to_str().unwrap(),
+    ]);
+    let busy = revert(409, first_id);
+    assert!(
+        busy["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exported"),
+        "{busy}"
+    );
+    agent.ok(&["detach", "mfa"]);
+    let v = revert(200, first_id);
+    assert_eq!(v["name"], "mf", "{v}");
+    // The stage disk is the first point again, not the newest one.
+    let next = backup(&agent, &m, "mf", &[]);
+    assert_eq!(next["backup"], "full", "{next}");
+    assert!(
+        next["why_full"].as_str().unwrap().contains("is not point"),
+        "{next}"
+    );
 
     // MariaDB down: a clear error, nothing made.
     m.stop();
@@ -321,7 +368,7 @@ fn mariadb_faults_fail_clearly_and_keep_the_previous_point() {
         app.cdmctl(&["volume", "show", "never"]).status.code(),
         Some(4)
     );
-    assert_eq!(snapshots("mf"), 3);
+    assert_eq!(snapshots("mf"), 4);
 }
 
 /// A `cdm-agent serve` child, killed when dropped.

@@ -1,7 +1,7 @@
 //! Drill jobs in the service: the `cdm-agent drill` command line of a
 //! `drill` job, and, at the service's start, the cleanup of what drills of
 //! an earlier run left (a crash or a kill of the agent mid-drill: their
-//! PostgreSQL stopped, their attachments detached, their clones deleted).
+//! servers stopped, their attachments detached, their clones deleted).
 
 use std::ffi::OsString;
 
@@ -17,9 +17,9 @@ fn s(v: impl ToString) -> OsString {
 /// `drill VOLUME@ID --name drill-APP-JOB --timeout S --probes JSON`.
 pub fn args(job: &AgentJob, args: &mut Vec<OsString>) -> Result<Work, String> {
     let p = &job.params;
-    if job.application.kind != "postgresql" {
+    if !matches!(job.application.kind.as_str(), "postgresql" | "mariadb") {
         return Err(format!(
-            "this agent drills postgresql applications, not {:?}",
+            "this agent drills postgresql and mariadb applications, not {:?}",
             job.application.kind
         ));
     }
@@ -131,8 +131,8 @@ mod tests {
             ),
             (
                 json!({"volume": "v", "snapshot": 3, "name": "drill-1-4"}),
-                "mariadb",
-                "mariadb",
+                "files",
+                "files",
             ),
         ] {
             let e = args(&j(p, kind), &mut a).unwrap_err();

@@ -284,6 +284,9 @@ impl Backend for Appliance {
     fn grow_volume(&self, c: &Caller, name: &str, size: u64) -> ApiResult<Volume> {
         self.volume_grow(c, name, size)
     }
+    fn revert_volume(&self, c: &Caller, name: &str, snapshot: u64) -> ApiResult<Volume> {
+        self.volume_revert(c, name, snapshot)
+    }
     fn delete_volume(&self, c: &Caller, name: &str, force: bool) -> ApiResult<()> {
         self.volume_delete(c, name, force)
     }

@@ -239,6 +239,56 @@ impl Appliance {
         Ok(self.to_volume(v))
     }
 
+    /// `POST /v1/volumes/{name}/revert`: refused while a client has the
+    /// live volume exported (its cache and filesystem would no longer
+    /// match the blocks under it) or it is mounted here, and for a
+    /// replica, which only its receiver writes (checked under the
+    /// receiver's lock, as promote does, so no transfer commits meanwhile).
+    pub(super) fn volume_revert(&self, c: &Caller, name: &str, snapshot: u64) -> ApiResult<Volume> {
+        let _receiver = crate::replication::receive::exclusive();
+        self.refuse_replica(name)?;
+        let v = self.pool.volume(name).map_err(engine)?;
+        let owned = self.pool.snapshot(snapshot).map_err(engine)?.volume_id == v.id;
+        if !owned {
+            return Err(ApiError::not_found(format!(
+                "snapshot {snapshot} is not a snapshot of volume {name}"
+            )));
+        }
+        let mounted = self.mounts_of(name, None);
+        if !mounted.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is mounted ({}); unmount it first",
+                mounted.join(", ")
+            )));
+        }
+        let busy: Vec<String> = self
+            .nbd
+            .clients()
+            .into_iter()
+            .filter(|c| c.export == name)
+            .map(|c| c.peer.to_string())
+            .collect();
+        if !busy.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "volume {name} is exported to {} client(s) ({}); disconnect them first",
+                busy.len(),
+                busy.join(", ")
+            )));
+        }
+        let v = self
+            .pool
+            .revert_volume(name, Some(snapshot))
+            .map_err(engine)?;
+        self.commit()?;
+        self.events.emit(
+            "volume.updated",
+            name,
+            &c.user,
+            json!({"reverted_to": snapshot}),
+        );
+        Ok(self.to_volume(v))
+    }
+
     pub(super) fn volume_delete(&self, c: &Caller, name: &str, force: bool) -> ApiResult<()> {
         let v = self.pool.volume(name).map_err(engine)?;
         let kind = if v.origin.is_some() {

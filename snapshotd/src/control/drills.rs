@@ -22,7 +22,7 @@ use crate::appliance::{engine, st};
 use crate::state::{Sync, DRILLS, DRILL_DUE, HOSTS, JOBS};
 
 /// Kinds of applications whose drills an agent runs.
-const AGENT_KINDS: [&str; 1] = ["postgresql"];
+const AGENT_KINDS: [&str; 2] = ["postgresql", "mariadb"];
 /// Kinds the appliance drills itself (a clone of the point read in place).
 pub const LOCAL_KINDS: [&str; 3] = ["files", "block", "vm"];
 
@@ -228,7 +228,7 @@ impl Control {
         let (app, plan) = self.plan_drill(id, &req)?;
         if !AGENT_KINDS.contains(&app.kind.as_str()) {
             return Err(ApiError::conflict(format!(
-                "application {id} is of kind {}: an agent drills postgresql applications",
+                "application {id} is of kind {}: an agent drills postgresql and mariadb applications",
                 app.kind
             )));
         }
@@ -617,6 +617,8 @@ mod tests {
         assert!(probes_fit("postgresql", std::slice::from_ref(&sql)).is_ok());
         assert!(probes_fit("files", std::slice::from_ref(&file)).is_ok());
         assert!(probes_fit("postgresql", &[sql.clone(), file.clone()]).is_err());
+        assert!(probes_fit("mariadb", std::slice::from_ref(&sql)).is_ok());
+        assert!(probes_fit("mariadb", std::slice::from_ref(&file)).is_err());
         assert!(probes_fit("vm", &[sql]).is_err());
     }
 
