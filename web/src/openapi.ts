@@ -996,6 +996,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/volumes/{name}/revert": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["revert_volume"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/volumes/{name}/snapshots": {
         parameters: {
             query?: never;
@@ -2429,6 +2445,14 @@ export interface components {
         /** @description Per volume: what it would need on its own. */
         VolumeReductionFigures: components["schemas"]["ReductionFigures"] & {
             name: string;
+        };
+        /** @description `POST /v1/volumes/{name}/revert`: the live volume back to a snapshot. */
+        VolumeRevert: {
+            /**
+             * Format: int64
+             * @description A snapshot of this volume; what was written since is dropped.
+             */
+            snapshot: number;
         };
         /** @description Settings of the stage volumes of a policy's applications. */
         VolumeSettings: {
@@ -4824,6 +4848,47 @@ export interface operations {
             cookie?: never;
         };
         requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Volume"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    revert_volume: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VolumeRevert"];
+            };
+        };
         responses: {
             200: {
                 headers: {
