@@ -362,6 +362,9 @@ fn open_blocking(
         (Some(b), true) => Some(find_point(ctx, v, b)?.ok_or_else(|| base_missing(v, b))?),
         (Some(b), false) => return Err(base_missing(v, b)),
     };
+    if let Some(b) = base {
+        full_required(ctx, caller, v, b, &req)?;
+    }
     // The older unfinished session goes first: from here on the live tree
     // is this transfer's.
     sessions::remove(&ctx.state, v).map_err(repl)?;
@@ -528,6 +531,35 @@ fn own_key(pool: &Pool, s: &cdmfs::SealRec) -> Result<bool, ApiError> {
         .key_check()
         .map_err(engine)?
         .is_some_and(|c| c == s.crypto.check))
+}
+
+/// 409 `full_required` when the point cannot build on base snapshot
+/// `base` of sealed replica `v`: its last block is short and sealed at its
+/// length, and the source grew past it (re-sealing it needs the key).
+/// The sender then sends the point in full.
+fn full_required(
+    ctx: &ReceiverCtx,
+    caller: &PeerId,
+    v: &str,
+    base: u64,
+    req: &OpenReq,
+) -> Result<(), ApiError> {
+    let b = ctx.pool.snapshot(base).map_err(engine)?;
+    if b.seal.is_none() || b.size == req.size || b.size.is_multiple_of(req.block_size as u64) {
+        return Ok(());
+    }
+    let e = ApiError::new(
+        409,
+        "full_required",
+        format!(
+            "the source of {v} grew from {} to {} bytes and the replica's last block is \
+             short and sealed (this appliance cannot re-seal it without the key): the point \
+             must be sent in full",
+            b.size, req.size
+        ),
+    );
+    tracing::info!(volume = %v, peer = %caller.name, "{}", e.message);
+    Err(e)
 }
 
 fn base_missing(v: &str, b: &str) -> ApiError {

@@ -164,3 +164,87 @@ fn a_peer_seal_record_is_checked_when_a_session_opens() {
         assert!(matches!(b.pool.volume("v"), Err(cdmfs::Error::NotFound(_))));
     }
 }
+
+/// An encrypted source whose last block is short grows: the next raw point
+/// goes in full (the sealed replica cannot lengthen that block), the
+/// transfer record says so, and the link goes on incrementally.
+#[test]
+fn a_grown_source_with_a_short_last_block_is_sent_in_full_once() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(98);
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids: Vec<String> = dirs.iter().map(|d| identity_of(d.path())).collect();
+    let pa = PeerId {
+        name: "a".into(),
+        identity: ids[0].clone(),
+        cert_sha256: "c0".into(),
+    };
+    let a = Tgt::start_keyed(dirs[0].path(), pa.clone(), Some(key()));
+    let b = Tgt::start(dirs[1].path(), pa);
+    a.pool
+        .create_volume_with("v", SIZE + 512, BS, encrypted())
+        .unwrap();
+    write_random(&a.pool, "v", &mut rng, 50);
+    let id = a.pool.volume_id("v").unwrap();
+    a.pool.write(id, SIZE, &[0x77u8; 512]).unwrap();
+    snap(&a.pool, "v", "p1");
+    send(&a, &ids[0], &b, "v", true).unwrap();
+    a.pool.grow_volume("v", 2 * SIZE).unwrap();
+    a.pool.write(id, SIZE + 4096, &[0x55u8; 4096]).unwrap();
+    let p2 = snap(&a.pool, "v", "p2");
+    let recs = send(&a, &ids[0], &b, "v", true).unwrap();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert!(recs[0].full && recs[0].base.is_none(), "{recs:?}");
+    assert!(
+        recs[0]
+            .full_resend
+            .as_deref()
+            .is_some_and(|w| w.contains("grew")),
+        "{recs:?}"
+    );
+    write_random(&a.pool, "v", &mut rng, 5);
+    let p3 = snap(&a.pool, "v", "p3");
+    let recs = send(&a, &ids[0], &b, "v", true).unwrap();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    assert!(!recs[0].full && recs[0].base.is_some(), "{recs:?}");
+    // With A's key, B's points read as A's.
+    let seal = b.pool.volume("v").unwrap().seal.unwrap();
+    b.pool.load_seal_key(&seal, &key()).unwrap();
+    let on_b = replicas::points(&b.pool, "v", &ids[1]).unwrap();
+    assert_eq!(on_b.len(), 3);
+    for (theirs, ours) in on_b[1..].iter().zip([p2, p3]) {
+        let mut x = vec![0u8; (2 * SIZE) as usize];
+        let mut y = x.clone();
+        a.pool.read(Target::Snapshot(ours), 0, &mut x).unwrap();
+        b.pool
+            .read(Target::Snapshot(theirs.0.id), 0, &mut y)
+            .unwrap();
+        assert!(x == y, "point {} differs", theirs.1);
+    }
+}
+
+#[test]
+fn a_raw_send_of_a_volume_of_an_odd_size_is_refused_plainly() {
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ids: Vec<String> = dirs.iter().map(|d| identity_of(d.path())).collect();
+    let pa = PeerId {
+        name: "a".into(),
+        identity: ids[0].clone(),
+        cert_sha256: "c0".into(),
+    };
+    let a = Tgt::start_keyed(dirs[0].path(), pa.clone(), Some(key()));
+    let b = Tgt::start(dirs[1].path(), pa);
+    a.pool
+        .create_volume_with("v", SIZE + 100, BS, encrypted())
+        .unwrap();
+    snap(&a.pool, "v", "p1");
+    // Link creation checks the volume the same way.
+    let info = a.pool.volume("v").unwrap();
+    let e = crate::replication::send::check_raw(&info).unwrap_err();
+    assert!(e.message.contains("a raw link sends sealed blocks"), "{e}");
+    let e = send(&a, &ids[0], &b, "v", true).unwrap_err();
+    assert!(
+        e.is("invalid") && e.message.contains("a raw link sends sealed blocks"),
+        "{e}"
+    );
+    assert!(matches!(b.pool.volume("v"), Err(cdmfs::Error::NotFound(_))));
+}
