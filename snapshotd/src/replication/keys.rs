@@ -49,13 +49,11 @@ pub fn load(pool: &Pool, volume: &str, req: &VolumeKey) -> ApiResult<()> {
     let key = key_of(req)?;
     let seal = seal_of(pool, volume)?;
     pool.load_seal_key(&seal, &key).map_err(|e| match e {
-        cdmfs::Error::WrongKey(_) => ApiError::new(
+        // The engine says which (a passphrase for a key-file seal, ...).
+        cdmfs::Error::WrongKey(m) => ApiError::new(
             409,
             "wrong_key",
-            format!(
-                "this key does not open volume {volume}: it is not the key of the appliance \
-                 that sealed it"
-            ),
+            format!("this key does not open volume {volume}: {m}"),
         ),
         e => engine(e),
     })
@@ -65,6 +63,11 @@ pub fn load(pool: &Pool, volume: &str, req: &VolumeKey) -> ApiResult<()> {
 /// the same seal) is unreadable here again.
 pub fn unload(pool: &Pool, volume: &str) -> ApiResult<()> {
     let seal = seal_of(pool, volume)?;
+    if pool.key_check().map_err(engine)?.as_ref() == Some(&seal.crypto.check) {
+        return Err(ApiError::bad_request(format!(
+            "volume {volume} is sealed with this appliance's own key, which cannot be unloaded"
+        )));
+    }
     pool.unload_seal_key(&seal.id());
     Ok(())
 }

@@ -415,7 +415,12 @@ fn resume_or_open(
             return Ok((s.id, s.acked + 1));
         };
         (cx.req.log)(&why);
-        rec.message = why;
+        // Appended: a note already there (why the point went raw) stays.
+        rec.message = if rec.message.is_empty() {
+            why
+        } else {
+            format!("{}; {why}", rec.message)
+        };
         match http.delete(&format!("/repl/v1/sessions/{}", seg(&s.id))) {
             Ok(()) => {}
             Err(e) if e.status == 404 => {}
