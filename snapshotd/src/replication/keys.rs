@@ -93,6 +93,30 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_volume_under_this_appliance_own_key_cannot_be_unloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool =
+            super::super::testutil::pool_keyed(dir.path(), Some(KeySource::Key(vec![1; 32])));
+        let policy = cdmfs::DataPolicy {
+            dedup: true,
+            compression: 0,
+            encryption: Some(cdmfs::Cipher::Aes256Xts),
+        };
+        let e = pool.create_volume_with("e", 1 << 20, 4096, policy).unwrap();
+        let seal = pool.seal_for_send(cdmfs::Target::Volume(e.id)).unwrap();
+        let sealed = cdmfs::DataPolicy {
+            dedup: true,
+            compression: 3,
+            encryption: None,
+        };
+        pool.create_volume_sealed("s", 1 << 20, 4096, sealed, seal)
+            .unwrap();
+        let err = unload(&pool, "s").unwrap_err();
+        assert_eq!(err.status, 400, "{err:?}");
+        assert!(err.message.contains("own key"), "{err:?}");
+    }
+
+    #[test]
     fn a_request_gives_exactly_one_usable_key() {
         let hex32 = "ab".repeat(32);
         let ok = VolumeKey {
