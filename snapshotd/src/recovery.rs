@@ -225,6 +225,10 @@ impl Appliance {
                 "snapshot {id} of volume {volume} not found"
             )));
         }
+        // Say why a sealed point cannot be mounted or browsed before
+        // trying to (409 `key_required`, not a failed read).
+        let what = format!("snapshot {volume}@{id}");
+        crate::replication::keys::require_key(s.seal.as_ref(), s.seal_key_loaded, &what)?;
         Ok(Target::Snapshot(id))
     }
 
@@ -232,10 +236,6 @@ impl Appliance {
         let mounts = self.mounts()?;
         let (vol, id) = parse_source(&req.snapshot)?;
         self.snapshot_target(&vol, id)?;
-        // Say why a sealed point cannot be mounted before trying to.
-        let s = self.pool.snapshot(id).map_err(engine)?;
-        let what = format!("snapshot {}", req.snapshot);
-        crate::replication::keys::require_key(s.seal.as_ref(), s.seal_key_loaded, &what)?;
         let name = match (&req.clone, req.writable) {
             (Some(n), true) => n.clone(),
             (Some(_), false) => {

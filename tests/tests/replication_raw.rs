@@ -176,6 +176,24 @@ fn raw_links_carry_ciphertext_to_appliances_without_the_key_and_back() {
         Some(json!({"name": "peek"})),
     );
     assert_eq!(e["error"]["code"], "key_required", "{e}");
+    // Nor browse its files.
+    let e = b.api().expect(
+        409,
+        "GET",
+        &format!("/v1/volumes/v/snapshots/{}/partitions", snap_id(&on_b)),
+        None,
+    );
+    assert_eq!(e["error"]["code"], "key_required", "{e}");
+    // But B can verify it holds intact ciphertext: the stored bytes are
+    // checked without the key.
+    let ver = b.api().expect(
+        200,
+        "POST",
+        &format!("/v1/volumes/v/snapshots/{}/verify", snap_id(&on_b)),
+        None,
+    );
+    assert_eq!(ver["errors"], json!([]), "{ver}");
+    assert!(ver["bytes_checked"].as_u64().unwrap_or(0) > 0, "{ver}");
     // Ciphertext only: A's data is in no pool file but A's (every batch
     // received was flushed before it was acknowledged).
     assert!(file_holds(&a.pool_file(), needle));

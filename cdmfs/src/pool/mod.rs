@@ -135,6 +135,17 @@ impl Pool {
         Ok((self.lock()?.pool_rec.crypto.is_some(), self.keys.is_some()))
     }
 
+    /// The check value of this pool's key record, if it has a key: seals
+    /// carrying it are under this pool's own key (whether or not unlocked).
+    pub fn key_check(&self) -> Result<Option<String>> {
+        Ok(self
+            .lock()?
+            .pool_rec
+            .crypto
+            .as_ref()
+            .map(|c| c.check.clone()))
+    }
+
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
         let g = self.inner.lock().map_err(|_| Error::Failed)?;
         if g.failed {

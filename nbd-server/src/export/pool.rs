@@ -14,6 +14,9 @@ use super::{
 fn nbd_errno(e: &cdmfs::Error) -> u32 {
     match e.errno() {
         libc::EPERM => EPERM,
+        // NBD has no EACCES: a sealed or encrypted export whose key is not
+        // loaded answers the nearest value, never EIO (not a device fault).
+        libc::EACCES => EPERM,
         libc::ENOMEM => ENOMEM,
         libc::EINVAL => EINVAL,
         libc::ENOSPC => ENOSPC,
@@ -192,5 +195,20 @@ impl Export for PoolExport {
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod errno_tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_key_is_not_an_io_error() {
+        for e in [
+            cdmfs::Error::KeyRequired,
+            cdmfs::Error::SealKeyRequired("s".into()),
+        ] {
+            assert_eq!(nbd_errno(&e), EPERM, "{e}");
+        }
     }
 }

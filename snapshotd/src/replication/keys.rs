@@ -49,13 +49,11 @@ pub fn load(pool: &Pool, volume: &str, req: &VolumeKey) -> ApiResult<()> {
     let key = key_of(req)?;
     let seal = seal_of(pool, volume)?;
     pool.load_seal_key(&seal, &key).map_err(|e| match e {
-        cdmfs::Error::WrongKey(_) => ApiError::new(
+        // The engine says which (a passphrase for a key-file seal, ...).
+        cdmfs::Error::WrongKey(m) => ApiError::new(
             409,
             "wrong_key",
-            format!(
-                "this key does not open volume {volume}: it is not the key of the appliance \
-                 that sealed it"
-            ),
+            format!("this key does not open volume {volume}: {m}"),
         ),
         e => engine(e),
     })
@@ -65,6 +63,11 @@ pub fn load(pool: &Pool, volume: &str, req: &VolumeKey) -> ApiResult<()> {
 /// the same seal) is unreadable here again.
 pub fn unload(pool: &Pool, volume: &str) -> ApiResult<()> {
     let seal = seal_of(pool, volume)?;
+    if pool.key_check().map_err(engine)?.as_ref() == Some(&seal.crypto.check) {
+        return Err(ApiError::bad_request(format!(
+            "volume {volume} is sealed with this appliance's own key, which cannot be unloaded"
+        )));
+    }
     pool.unload_seal_key(&seal.id());
     Ok(())
 }
@@ -88,6 +91,30 @@ pub fn require_key(seal: Option<&SealRec>, loaded: bool, what: &str) -> ApiResul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_volume_under_this_appliance_own_key_cannot_be_unloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool =
+            super::super::testutil::pool_keyed(dir.path(), Some(KeySource::Key(vec![1; 32])));
+        let policy = cdmfs::DataPolicy {
+            dedup: true,
+            compression: 0,
+            encryption: Some(cdmfs::Cipher::Aes256Xts),
+        };
+        let e = pool.create_volume_with("e", 1 << 20, 4096, policy).unwrap();
+        let seal = pool.seal_for_send(cdmfs::Target::Volume(e.id)).unwrap();
+        let sealed = cdmfs::DataPolicy {
+            dedup: true,
+            compression: 3,
+            encryption: None,
+        };
+        pool.create_volume_sealed("s", 1 << 20, 4096, sealed, seal)
+            .unwrap();
+        let err = unload(&pool, "s").unwrap_err();
+        assert_eq!(err.status, 400, "{err:?}");
+        assert!(err.message.contains("own key"), "{err:?}");
+    }
 
     #[test]
     fn a_request_gives_exactly_one_usable_key() {

@@ -294,6 +294,20 @@ async fn open(
     if req.size == 0 || req.size > 1 << 60 {
         return Err(ApiError::bad_request("volume size out of range"));
     }
+    if let Some(seal) = &req.seal {
+        // A peer's record: its costs and geometry are checked before
+        // anything here acts on it.
+        seal.check().map_err(|e| match e {
+            cdmfs::Error::Invalid(m) => ApiError::bad_request(format!("the transfer's {m}")),
+            e => engine(e),
+        })?;
+        if seal.block_size != req.block_size {
+            return Err(ApiError::bad_request(format!(
+                "the transfer's seal is of blocks of {} bytes, the transfer's {}",
+                seal.block_size, req.block_size
+            )));
+        }
+    }
     blocking(move || open_blocking(&ctx, &caller, req)).await
 }
 
@@ -348,6 +362,9 @@ fn open_blocking(
         (Some(b), true) => Some(find_point(ctx, v, b)?.ok_or_else(|| base_missing(v, b))?),
         (Some(b), false) => return Err(base_missing(v, b)),
     };
+    if let Some(b) = base {
+        full_required(ctx, caller, v, b, &req)?;
+    }
     // The older unfinished session goes first: from here on the live tree
     // is this transfer's.
     sessions::remove(&ctx.state, v).map_err(repl)?;
@@ -355,6 +372,22 @@ fn open_blocking(
     if exists {
         pool.revert_volume(v, base).map_err(engine)?;
     } else if let Some(seal) = &req.seal {
+        if own_key(pool, seal)? {
+            // Never a new sealed replica under our own key: this
+            // appliance reads those, so a peer could have any of our
+            // volumes' ciphertext it holds read back here.
+            let e = ApiError::new(
+                409,
+                "seal_mismatch",
+                format!(
+                    "this raw transfer is sealed with the target's own key: such data comes \
+                     back only into the volume it was sent from, and {v} is not here; send \
+                     it to the volume it came from, or create a link that is not raw"
+                ),
+            );
+            refused(ctx, v, caller, &e);
+            return Err(e);
+        }
         // A raw replica stores the source's ciphertext as ordinary bytes:
         // no cipher of its own and no key; it dedups (sealed blocks are
         // matched by the fingerprints of their sealed bytes) and always
@@ -437,6 +470,12 @@ fn open_blocking(
 /// `info` unsealed (true) or as it comes (false); 409 when the two do not
 /// go together. A volume never mixes sealed and plain blocks, nor two
 /// seals.
+///
+/// Unsealing has one case only: data sealed with this appliance's own key
+/// comes back into the very volume it was sent from (the fail-back after
+/// a failover), which is not sealed and sends with that same seal. Any
+/// other use of our own key is refused, or a peer holding our ciphertext
+/// of one volume could have it decrypted into another it can read.
 fn seal_mode(
     ctx: &ReceiverCtx,
     info: &cdmfs::VolumeInfo,
@@ -444,39 +483,83 @@ fn seal_mode(
 ) -> Result<bool, ApiError> {
     let v = &info.name;
     let mismatch = |m: String| ApiError::new(409, "seal_mismatch", m);
+    let what_works = format!(
+        "delete the target's copy of {v} to let the next run send it in full, or replicate \
+         under another name"
+    );
     match (&info.seal, seal) {
         (None, None) => Ok(false),
+        (_, Some(s)) if own_key(&ctx.pool, s)? => {
+            let same = info.seal.is_none()
+                && ctx
+                    .pool
+                    .seal_for_send(cdmfs::Target::Volume(info.id))
+                    .is_ok_and(|own| own.id() == s.id());
+            if same {
+                return Ok(true);
+            }
+            Err(mismatch(format!(
+                "this raw transfer is sealed with the target's own key but not from the \
+                 target's volume {v}: such data comes back only into the volume it was sent \
+                 from; {what_works}"
+            )))
+        }
         (Some(have), Some(s)) if have.id() == s.id() => Ok(false),
         (Some(_), Some(_)) => Err(mismatch(format!(
-            "the target's copy of {v} is sealed with another key: delete it or create a new link"
+            "the target's copy of {v} is sealed with another key; {what_works}"
         ))),
         (Some(_), None) => Err(mismatch(format!(
-            "the target's copy of {v} is sealed (a raw replica) and this transfer is not raw: \
-             delete it or create a new link"
+            "the target's copy of {v} is sealed (a raw replica) and this transfer is not raw; \
+             {what_works}"
         ))),
-        // The way back after a failover: a promoted raw replica sent to
-        // the appliance that holds its key (its own seal, or one loaded).
-        (None, Some(s)) if can_unseal(&ctx.pool, info, s) => Ok(true),
         (None, Some(_)) => Err(ApiError::new(
             409,
             "key_required",
             format!(
-                "the target's copy of {v} is not sealed and the target cannot unseal this raw \
-                 transfer (it lacks the key it was sealed with): delete the copy, or create \
-                 a link that is not raw"
+                "the target's copy of {v} is not sealed and this raw transfer is under another \
+                 appliance's key: the target stores such data only in a sealed replica, and \
+                 never decrypts it; {what_works}, or create a link that is not raw"
             ),
         )),
     }
 }
 
-/// Whether this pool can unseal data sealed with `s` into `info`: its
-/// keys are loaded, or `s` is under this pool's own key (the volume is
-/// encrypted with the key the seal's check value names).
-fn can_unseal(pool: &Pool, info: &cdmfs::VolumeInfo, s: &cdmfs::SealRec) -> bool {
-    pool.seal_key_loaded(&s.id())
-        || pool
-            .seal_for_send(cdmfs::Target::Volume(info.id))
-            .is_ok_and(|own| own.crypto.check == s.crypto.check)
+/// Whether `s` is under this appliance's own key (its check value is our
+/// key record's).
+fn own_key(pool: &Pool, s: &cdmfs::SealRec) -> Result<bool, ApiError> {
+    Ok(pool
+        .key_check()
+        .map_err(engine)?
+        .is_some_and(|c| c == s.crypto.check))
+}
+
+/// 409 `full_required` when the point cannot build on base snapshot
+/// `base` of sealed replica `v`: its last block is short and sealed at its
+/// length, and the source grew past it (re-sealing it needs the key).
+/// The sender then sends the point in full.
+fn full_required(
+    ctx: &ReceiverCtx,
+    caller: &PeerId,
+    v: &str,
+    base: u64,
+    req: &OpenReq,
+) -> Result<(), ApiError> {
+    let b = ctx.pool.snapshot(base).map_err(engine)?;
+    if b.seal.is_none() || b.size == req.size || b.size.is_multiple_of(req.block_size as u64) {
+        return Ok(());
+    }
+    let e = ApiError::new(
+        409,
+        "full_required",
+        format!(
+            "the source of {v} grew from {} to {} bytes and the replica's last block is \
+             short and sealed (this appliance cannot re-seal it without the key): the point \
+             must be sent in full",
+            b.size, req.size
+        ),
+    );
+    tracing::info!(volume = %v, peer = %caller.name, "{}", e.message);
+    Err(e)
 }
 
 fn base_missing(v: &str, b: &str) -> ApiError {

@@ -128,9 +128,24 @@ fn seg(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-/// Refuses a raw send of a volume that has no ciphertext to send: one
-/// neither encrypted nor sealed.
+/// The engine's smallest sealed block: a sealed volume's size is a
+/// multiple of it.
+const SEALED_GRAIN: u64 = 512;
+
+/// Refuses a raw send of a volume that has no ciphertext to send (one
+/// neither encrypted nor sealed), or whose size no sealed volume can have.
 pub fn check_raw(info: &VolumeInfo) -> Result<(), ReplError> {
+    if info.seal.is_none() && !info.size.is_multiple_of(SEALED_GRAIN) {
+        return Err(ReplError::new(
+            "invalid",
+            format!(
+                "volume {} is {} bytes, not a multiple of {}: a raw link sends sealed blocks, \
+                 which need that (grow the volume to a multiple of {}, or create the link \
+                 without raw)",
+                info.name, info.size, SEALED_GRAIN, SEALED_GRAIN
+            ),
+        ));
+    }
     if info.policy.encryption.is_none() && info.seal.is_none() {
         return Err(ReplError::new(
             "invalid",
@@ -241,19 +256,36 @@ pub fn run(req: SendRequest<'_>) -> Result<Vec<TransferRecord>, ReplError> {
             ..Default::default()
         };
         let t0 = Instant::now();
-        let r = seal_of(req.pool, raw, snap).and_then(|seal| {
-            let cx = PointCx {
-                req: &req,
-                key: &key,
-                target: &remote.identity,
-                base: base.as_ref(),
-                snap,
-                pid,
-                seal_id: seal.as_ref().map(SealRec::id),
-                seal: seal.as_ref(),
-            };
-            send_point(&cx, session.take(), &mut rec)
-        });
+        let attempt = |base: Option<&(u64, String)>, session, rec: &mut TransferRecord| {
+            seal_of(req.pool, raw, snap).and_then(|seal| {
+                let cx = PointCx {
+                    req: &req,
+                    key: &key,
+                    target: &remote.identity,
+                    base,
+                    snap,
+                    pid,
+                    seal_id: seal.as_ref().map(SealRec::id),
+                    seal: seal.as_ref(),
+                };
+                send_point(&cx, session, rec)
+            })
+        };
+        let mut r = attempt(base.as_ref(), session.take(), &mut rec);
+        if let Err(e) = &r {
+            if e.is("full_required") && base.is_some() {
+                // The target cannot apply this point on its base (a
+                // sealed replica whose short last block the source grew
+                // past): as when it lost the base, the point goes in full
+                // and the next ones build on it.
+                let why = format!("{} on {}: {}", req.volume, req.peer_name, e.message);
+                (req.log)(&format!("full resend: {why}"));
+                rec.base = None;
+                rec.full = true;
+                rec.full_resend = Some(why);
+                r = attempt(None, None, &mut rec);
+            }
+        }
         rec.seconds = t0.elapsed().as_secs_f64();
         match r {
             Ok(()) => {
@@ -383,7 +415,12 @@ fn resume_or_open(
             return Ok((s.id, s.acked + 1));
         };
         (cx.req.log)(&why);
-        rec.message = why;
+        // Appended: a note already there (why the point went raw) stays.
+        rec.message = if rec.message.is_empty() {
+            why
+        } else {
+            format!("{}; {why}", rec.message)
+        };
         match http.delete(&format!("/repl/v1/sessions/{}", seg(&s.id))) {
             Ok(()) => {}
             Err(e) if e.status == 404 => {}
@@ -392,7 +429,7 @@ fn resume_or_open(
     }
     let id = sessions::new_id();
     let snap = cx.snap;
-    let body = json!({
+    let mut body = json!({
         "id": id,
         "volume": cx.req.volume,
         "size": snap.size,
@@ -408,11 +445,21 @@ fn resume_or_open(
         "keep_last": cx.req.keep_last.map(|k| k.min(u32::MAX as u64)),
         "keep_days": cx.req.keep_days.map(|k| k.min(u32::MAX as u64)),
         "token": cx.key.token(&cx.bound(&id), 0),
-        "seal": cx.seal,
     });
+    body = with_seal(body, cx.seal);
     rec.bytes_sent += body.to_string().len() as u64;
     let _: serde_json::Value = http.post_json("/repl/v1/sessions", &body, cx.req.throttle)?;
     Ok((id, 1))
+}
+
+/// The session-open body with `"seal"` for a raw transfer only: a
+/// receiver from before raw sends refuses unknown fields, and a plain link
+/// to it must keep working.
+fn with_seal(mut body: serde_json::Value, seal: Option<&SealRec>) -> serde_json::Value {
+    if let (Some(seal), Some(o)) = (seal, body.as_object_mut()) {
+        o.insert("seal".into(), json!(seal));
+    }
+    body
 }
 
 fn send_point(
@@ -548,4 +595,32 @@ fn send_point(
         .map_err(|e| ReplError::new("protocol", format!("the commit's answer: {e}")))?;
     rec.target_snapshot = v["snapshot"].as_u64();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A receiver from before raw sends refuses unknown fields: a plain
+    /// open body must not name a seal, a raw one must.
+    #[test]
+    fn only_a_raw_open_body_names_a_seal() {
+        let body = || json!({"id": "ab", "token": "00"});
+        let plain = with_seal(body(), None);
+        assert!(plain.get("seal").is_none(), "{plain}");
+        let dir = tempfile::tempdir().unwrap();
+        let pool = super::super::testutil::pool_keyed(
+            dir.path(),
+            Some(cdmfs::KeySource::Key(vec![1; 32])),
+        );
+        let policy = cdmfs::DataPolicy {
+            dedup: false,
+            compression: 0,
+            encryption: Some(cdmfs::Cipher::Aes256Xts),
+        };
+        let v = pool.create_volume_with("v", 1 << 20, 4096, policy).unwrap();
+        let seal = pool.seal_for_send(Target::Volume(v.id)).unwrap();
+        let raw = with_seal(body(), Some(&seal));
+        assert_eq!(raw["seal"], json!(seal), "{raw}");
+    }
 }

@@ -280,3 +280,7 @@ fn a_cut_raw_transfer_resumes_under_its_seal_and_only_under_it() {
         .unwrap();
     assert!(same_point(&a.pool, p1, &b.pool, on_b[0].0.id));
 }
+
+/// What a peer may not do with data sealed under this appliance's key.
+#[path = "tests_raw_guard.rs"]
+mod guard;
