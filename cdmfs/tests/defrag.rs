@@ -245,16 +245,29 @@ fn racing_writes_and_snapshots_win() {
     let v = pool.create_volume("v", 8 * MIB, BS as u32).unwrap().id;
     let data = fragmented(&pool, v, 8, 10, 5);
     let stop = Arc::new(AtomicBool::new(false));
+    let first_pass = Arc::new(AtomicBool::new(false));
     let defrag = {
-        let (pool, stop) = (pool.clone(), stop.clone());
+        let (pool, stop, first) = (pool.clone(), stop.clone(), first_pass.clone());
         std::thread::spawn(move || {
             let mut moved = 0;
             while !stop.load(Ordering::Relaxed) {
                 moved += full_pass(&pool, v, 256 << 10).bytes_moved;
+                first.store(true, Ordering::Relaxed);
             }
             moved
         })
     };
+    // The writer starts once the defragmenter has made a pass: on a loaded
+    // machine the 300 writes could otherwise end before its first pass
+    // (and the check that it moved anything would fail for no fault).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !first_pass.load(Ordering::Relaxed) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no defragmentation pass"
+        );
+        std::thread::yield_now();
+    }
     let mut live = data;
     let mut snaps = Vec::new();
     let mut x = 99u64;
