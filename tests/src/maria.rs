@@ -47,10 +47,17 @@ impl Maria {
             .tempdir_in("/var/tmp")
             .unwrap();
         let data = dir.path().join("data");
+        // A temporary directory of its own: servers installed and run side
+        // by side by parallel tests must not share /tmp's temporary tables
+        // (an install failed once with "Unknown table 'mysql.tmp_user_sys'"
+        // after its temporary table file vanished from /tmp).
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
         run(Command::new("mariadb-install-db")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
-            .args(["--auth-root-authentication-method=socket", "--user=root"]));
+            .args(["--auth-root-authentication-method=socket", "--user=root"])
+            .arg(format!("--tmpdir={}", tmp.display())));
         let mut m = Maria {
             sock: dir.path().join("mysqld.sock"),
             dir,
@@ -88,6 +95,7 @@ impl Maria {
                 self.dir.path().join("pid").display()
             ))
             .arg(format!("--log-error={}", log.display()))
+            .arg(format!("--tmpdir={}", self.dir.path().join("tmp").display()))
             .arg(format!("--log-bin={}", self.data.join("binlog").display()))
             .args([
                 "--server-id=1",
