@@ -95,7 +95,10 @@ impl Maria {
                 self.dir.path().join("pid").display()
             ))
             .arg(format!("--log-error={}", log.display()))
-            .arg(format!("--tmpdir={}", self.dir.path().join("tmp").display()))
+            .arg(format!(
+                "--tmpdir={}",
+                self.dir.path().join("tmp").display()
+            ))
             .arg(format!("--log-bin={}", self.data.join("binlog").display()))
             .args([
                 "--server-id=1",
