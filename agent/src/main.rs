@@ -95,6 +95,9 @@ enum Cmd {
     /// Bring a snapshot back.
     #[command(subcommand)]
     Restore(RestoreCmd),
+    /// Archive a database's logs to the appliance, continuously.
+    #[command(subcommand)]
+    Logs(LogsCmd),
     /// Virtual machines: inspect their disks without booting.
     #[command(subcommand)]
     Vm(VmCmd),
@@ -227,18 +230,8 @@ enum BackupCmd {
     Postgres {
         #[command(flatten)]
         stage: StageArgs,
-        /// Server socket directory or host.
-        #[arg(long, env = "PGHOST", default_value = "/var/run/postgresql")]
-        host: String,
-        #[arg(long, env = "PGPORT", default_value_t = 5432)]
-        port: u16,
-        #[arg(long, env = "PGUSER", default_value = "postgres")]
-        user: String,
-        #[arg(long, default_value = "postgres")]
-        dbname: String,
-        /// File holding the password (or PGPASSWORD).
-        #[arg(long)]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: PgConnArgs,
         /// The data directory as this host sees it [default: what the server reports].
         #[arg(long)]
         pgdata: Option<PathBuf>,
@@ -248,14 +241,8 @@ enum BackupCmd {
     Mariadb {
         #[command(flatten)]
         stage: StageArgs,
-        /// The server's Unix socket.
-        #[arg(long, default_value = "/run/mysqld/mysqld.sock")]
-        socket: PathBuf,
-        #[arg(long, default_value = "root")]
-        user: String,
-        /// File holding the password (none: unix_socket authentication).
-        #[arg(long)]
-        password_file: Option<PathBuf>,
+        #[command(flatten)]
+        conn: MariaConnArgs,
         /// The data directory as this host sees it [default: what the server reports].
         #[arg(long)]
         datadir: Option<PathBuf>,
@@ -332,6 +319,98 @@ enum VmCmd {
     },
 }
 
+/// How to reach a PostgreSQL server.
+#[derive(clap::Args)]
+struct PgConnArgs {
+    /// Server socket directory or host.
+    #[arg(long, env = "PGHOST", default_value = "/var/run/postgresql")]
+    host: String,
+    #[arg(long, env = "PGPORT", default_value_t = 5432)]
+    port: u16,
+    #[arg(long, env = "PGUSER", default_value = "postgres")]
+    user: String,
+    #[arg(long, default_value = "postgres")]
+    dbname: String,
+    /// File holding the password (or PGPASSWORD).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+}
+
+/// How to reach a MariaDB server.
+#[derive(clap::Args)]
+struct MariaConnArgs {
+    /// The server's Unix socket.
+    #[arg(long, default_value = "/run/mysqld/mysqld.sock")]
+    socket: PathBuf,
+    #[arg(long, default_value = "root")]
+    user: String,
+    /// File holding the password (none: unix_socket authentication).
+    #[arg(long)]
+    password_file: Option<PathBuf>,
+}
+
+fn read_password(f: &Option<PathBuf>) -> anyhow::Result<Option<String>> {
+    f.as_ref()
+        .map(|f| {
+            Ok(std::fs::read_to_string(f)
+                .with_context(|| format!("password file {}", f.display()))?
+                .trim_end_matches('\n')
+                .to_string())
+        })
+        .transpose()
+}
+
+impl PgConnArgs {
+    fn conn(&self) -> anyhow::Result<cdm_agent::pg::Conn> {
+        let password = match read_password(&self.password_file)? {
+            Some(p) => Some(p),
+            None => std::env::var("PGPASSWORD").ok(),
+        };
+        Ok(cdm_agent::pg::Conn {
+            host: self.host.clone(),
+            port: self.port,
+            user: self.user.clone(),
+            dbname: self.dbname.clone(),
+            password,
+        })
+    }
+}
+
+impl MariaConnArgs {
+    fn conn(&self) -> anyhow::Result<cdm_agent::maria::Conn> {
+        Ok(cdm_agent::maria::Conn {
+            socket: self.socket.clone(),
+            user: self.user.clone(),
+            password: read_password(&self.password_file)?,
+        })
+    }
+}
+
+/// Continuous log archiving (the ground of point-in-time restores).
+#[derive(Subcommand)]
+enum LogsCmd {
+    /// Stream a PostgreSQL cluster's WAL (pg_receivewal through a
+    /// replication slot) into the log volume VOLUME-log, until stopped.
+    Postgres {
+        /// The cluster's stage volume (its log volume is VOLUME-log).
+        #[arg(long)]
+        volume: String,
+        #[command(flatten)]
+        conn: PgConnArgs,
+        /// Replication slot [default: cdm_VOLUME, '-' as '_'].
+        #[arg(long)]
+        slot: Option<String>,
+    },
+    /// Stream a MariaDB server's binlogs (mariadb-binlog --raw
+    /// --stop-never) into the log volume VOLUME-log, until stopped.
+    Mariadb {
+        #[arg(long)]
+        volume: String,
+        #[command(flatten)]
+        conn: MariaConnArgs,
+    },
+}
+
 #[derive(Subcommand)]
 enum RestoreCmd {
     /// Copy a snapshot's files to a directory.
@@ -352,6 +431,32 @@ enum RestoreCmd {
         #[arg(long)]
         name: Option<String>,
         /// PostgreSQL (or MariaDB) port.
+        #[arg(long, default_value_t = 5433)]
+        port: u16,
+        #[arg(long)]
+        mount: Option<PathBuf>,
+    },
+    /// A writable clone of the nearest earlier point, started, the
+    /// archived WAL or binlogs replayed onto it up to a time, an LSN, a
+    /// restore point or a GTID (needs `cdm-agent logs` running).
+    Pitr {
+        /// The application's stage volume.
+        volume: String,
+        /// RFC 3339 (with a zone).
+        #[arg(long)]
+        target_time: Option<String>,
+        /// PostgreSQL: an LSN (X/Y).
+        #[arg(long)]
+        target_lsn: Option<String>,
+        /// PostgreSQL: a restore point's name (pg_create_restore_point).
+        #[arg(long)]
+        target_name: Option<String>,
+        /// MariaDB: a GTID (domain-server-seq), included.
+        #[arg(long)]
+        target_gtid: Option<String>,
+        /// Clone name [default: VOLUME-pitr].
+        #[arg(long)]
+        name: Option<String>,
         #[arg(long, default_value_t = 5433)]
         port: u16,
         #[arg(long)]
@@ -548,6 +653,7 @@ fn run(cli: &Cli) -> anyhow::Result<serde_json::Value> {
         Cmd::List => serde_json::to_value(attach::list(&ctx))?,
         Cmd::Backup(b) => backup_cmd(&ctx, b)?,
         Cmd::Restore(r) => restore_cmd(&ctx, r)?,
+        Cmd::Logs(l) => logs_cmd(&ctx, l)?,
         Cmd::Vm(v) => vm_cmd(&ctx, v)?,
         Cmd::Drill {
             snapshot,
@@ -619,59 +725,24 @@ fn backup_cmd(ctx: &Ctx, b: &BackupCmd) -> anyhow::Result<serde_json::Value> {
     Ok(match b {
         BackupCmd::Postgres {
             stage,
-            host,
-            port,
-            user,
-            dbname,
-            password_file,
+            conn,
             pgdata,
-        } => {
-            let password = match password_file {
-                Some(f) => Some(
-                    std::fs::read_to_string(f)
-                        .with_context(|| format!("password file {}", f.display()))?
-                        .trim_end_matches('\n')
-                        .to_string(),
-                ),
-                None => std::env::var("PGPASSWORD").ok(),
-            };
-            let conn = cdm_agent::pg::Conn {
-                host: host.clone(),
-                port: *port,
-                user: user.clone(),
-                dbname: dbname.clone(),
-                password,
-            };
-            ops::backup_postgres(ctx, &ops::Stage::from(stage), &conn, pgdata.as_deref())?
-        }
+        } => ops::backup_postgres(
+            ctx,
+            &ops::Stage::from(stage),
+            &conn.conn()?,
+            pgdata.as_deref(),
+        )?,
         BackupCmd::Mariadb {
             stage,
-            socket,
-            user,
-            password_file,
+            conn,
             datadir,
-        } => {
-            let password = match password_file {
-                Some(f) => Some(
-                    std::fs::read_to_string(f)
-                        .with_context(|| format!("password file {}", f.display()))?
-                        .trim_end_matches('\n')
-                        .to_string(),
-                ),
-                None => None,
-            };
-            let conn = cdm_agent::maria::Conn {
-                socket: socket.clone(),
-                user: user.clone(),
-                password,
-            };
-            cdm_agent::maria_backup::backup_mariadb(
-                ctx,
-                &ops::Stage::from(stage),
-                &conn,
-                datadir.as_deref(),
-            )?
-        }
+        } => cdm_agent::maria_backup::backup_mariadb(
+            ctx,
+            &ops::Stage::from(stage),
+            &conn.conn()?,
+            datadir.as_deref(),
+        )?,
         BackupCmd::Files { stage, source } => {
             ops::backup_files(ctx, &ops::Stage::from(stage), source)?
         }
@@ -697,6 +768,30 @@ fn backup_cmd(ctx: &Ctx, b: &BackupCmd) -> anyhow::Result<serde_json::Value> {
     })
 }
 
+fn logs_cmd(ctx: &Ctx, l: &LogsCmd) -> anyhow::Result<serde_json::Value> {
+    use cdm_agent::logs;
+    let stop = logs::stop_on_signal();
+    Ok(match l {
+        LogsCmd::Postgres { volume, conn, slot } => {
+            let slot = slot.clone().unwrap_or_else(|| {
+                format!("cdm_{}", volume.replace(['-', '.'], "_").to_lowercase())
+            });
+            logs::archive_postgres(
+                ctx,
+                volume,
+                &logs::PgArchive {
+                    conn: conn.conn()?,
+                    slot,
+                },
+                &stop,
+            )?
+        }
+        LogsCmd::Mariadb { volume, conn } => {
+            logs::archive_mariadb(ctx, volume, &conn.conn()?, &stop)?
+        }
+    })
+}
+
 fn restore_cmd(ctx: &Ctx, r: &RestoreCmd) -> anyhow::Result<serde_json::Value> {
     Ok(match r {
         RestoreCmd::Regular {
@@ -715,6 +810,25 @@ fn restore_cmd(ctx: &Ctx, r: &RestoreCmd) -> anyhow::Result<serde_json::Value> {
                 None => format!("{}-instant", attach::name_of(snapshot).replace('_', "-")),
             };
             ops::restore_clone(ctx, snapshot, &name, *port, mount.clone())?
+        }
+        RestoreCmd::Pitr {
+            volume,
+            target_time,
+            target_lsn,
+            target_name,
+            target_gtid,
+            name,
+            port,
+            mount,
+        } => {
+            let target = cdm_agent::pitr::Target::from_flags(
+                target_time.as_deref(),
+                target_lsn.as_deref(),
+                target_name.as_deref(),
+                target_gtid.as_deref(),
+            )?;
+            let name = name.clone().unwrap_or_else(|| format!("{volume}-pitr"));
+            cdm_agent::pitr::restore(ctx, volume, &target, &name, *port, mount.clone())?
         }
         RestoreCmd::Clone {
             snapshot,

@@ -795,6 +795,37 @@ pub fn restore_clone(
     port: u16,
     mount: Option<PathBuf>,
 ) -> Result<Value> {
+    restore_clone_with(ctx, snapshot, name, port, mount, &mut NoRecovery)
+}
+
+/// What a restore does to a started copy beyond starting it: replaying
+/// archived logs onto it (a point-in-time restore).
+pub trait Recover {
+    /// After the copy is made ready, before PostgreSQL starts.
+    fn pg_before_start(&mut self, _r: &pg::Running) -> Result<()> {
+        Ok(())
+    }
+    /// Once the server answers; what it adds to the result.
+    fn pg_started(&mut self, _r: &pg::Running) -> Result<Value> {
+        Ok(Value::Null)
+    }
+    fn maria_started(&mut self, _r: &maria::Running) -> Result<Value> {
+        Ok(Value::Null)
+    }
+}
+
+struct NoRecovery;
+impl Recover for NoRecovery {}
+
+/// [`restore_clone`], `rec` run on the started copy.
+pub fn restore_clone_with(
+    ctx: &Ctx,
+    snapshot: &str,
+    name: &str,
+    port: u16,
+    mount: Option<PathBuf>,
+    rec: &mut dyn Recover,
+) -> Result<Value> {
     let t0 = Instant::now();
     let (vol, id) = parse_snapshot(snapshot)?;
     check_name(name)?;
@@ -834,14 +865,23 @@ pub fn restore_clone(
             attach::save(ctx, &a)?;
             let ready = maria::start(&r)?;
             v["mariadb_start_seconds"] = json!(ready.as_secs_f64());
+            let x = rec.maria_started(&r)?;
+            if !x.is_null() {
+                v["recovery"] = x;
+            }
             v["mariadb"] = json!(r);
             v["seconds_to_first_query"] = json!(t0.elapsed().as_secs_f64());
         } else if a.mount.join("pgdata").exists() {
             let r = pg::prepare(&a.mount, port, name)?;
             a.postgres = Some(r.clone());
             attach::save(ctx, &a)?;
+            rec.pg_before_start(&r)?;
             let ready = pg::start(&r)?;
             v["postgres_start_seconds"] = json!(ready.as_secs_f64());
+            let x = rec.pg_started(&r)?;
+            if !x.is_null() {
+                v["recovery"] = x;
+            }
             v["postgres"] = json!(r);
             v["seconds_to_first_query"] = json!(t0.elapsed().as_secs_f64());
         } else {

@@ -11,6 +11,7 @@ pub mod control_routes;
 pub mod cron;
 pub mod drills;
 pub mod error;
+pub mod instant;
 pub mod openapi;
 pub mod replication;
 pub mod replication_backend;
