@@ -73,7 +73,7 @@ pub fn read_status(dir: &Path) -> Option<Status> {
 
 /// Written aside, synced, renamed, the directory synced: a power cut
 /// leaves the old status or the new one.
-fn write_status(dir: &Path, s: &Status) -> Result<()> {
+pub(crate) fn write_status(dir: &Path, s: &Status) -> Result<()> {
     let tmp = dir.join(".status.json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(s).map_err(|e| crate::err!(Io, "status: {e}"))?)?;
@@ -138,7 +138,7 @@ pub fn stop_on_signal() -> Arc<AtomicBool> {
 }
 
 /// Sleeps `d` unless asked to stop; true when asked.
-fn nap(stop: &AtomicBool, d: Duration) -> bool {
+pub(crate) fn nap(stop: &AtomicBool, d: Duration) -> bool {
     let end = Instant::now() + d;
     while Instant::now() < end {
         if stop.load(Ordering::SeqCst) {
@@ -171,7 +171,7 @@ pub(crate) fn open_log_volume(ctx: &Ctx, volume: &str) -> Result<(Mounted, std::
     Ok((m, lock))
 }
 
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
+pub(crate) fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -187,7 +187,7 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
         })
 }
 
-fn end_child(c: &mut Child) {
+pub(crate) fn end_child(c: &mut Child) {
     // SIGTERM: both streamers flush what they received and exit.
     // SAFETY: kill on the pid of a child we own and have not reaped.
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -202,7 +202,7 @@ fn end_child(c: &mut Child) {
     let _ = c.wait();
 }
 
-fn tail(log: &Path) -> String {
+pub(crate) fn tail(log: &Path) -> String {
     let t = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = t.lines().rev().take(3).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
@@ -375,14 +375,15 @@ pub fn archive_postgres(
     Ok(v)
 }
 
-/// Streams a MariaDB server's binlogs into the log volume of `volume`.
+/// Streams a MariaDB server's binlogs into the log volume of `volume`
+/// until `stop` (see [`crate::maria_logs`]).
 pub fn archive_mariadb(
-    _ctx: &Ctx,
+    ctx: &Ctx,
     volume: &str,
-    _conn: &crate::maria::Conn,
-    _stop: &AtomicBool,
+    conn: &crate::maria::Conn,
+    stop: &AtomicBool,
 ) -> Result<Value> {
-    crate::fail!(Host, "binlog archiving of {volume}: not built yet")
+    crate::maria_logs::archive(ctx, volume, conn, stop)
 }
 
 /// The server's own tools, matching its major version.
