@@ -87,13 +87,11 @@ pub fn contiguous(
     first: u64,
 ) -> (Vec<(u64, PathBuf)>, Option<u64>) {
     let mut run = Vec::new();
-    let mut want = first;
-    for (n, p) in files.range(first..) {
+    for (want, (n, p)) in (first..).zip(files.range(first..)) {
         if *n != want {
             return (run, Some(want));
         }
         run.push((*n, p.clone()));
-        want += 1;
     }
     (run, None)
 }
@@ -458,7 +456,7 @@ pub fn plan(
         _ => Stop::End,
     };
     let w = walk_run(&run, pp.pos, stop)?;
-    let end = End::of(point, &pp, &run, gap, &w, status);
+    let end = End::of(point, pp, &run, gap, &w, status);
     let (stop_file, stop_off, reaches) = match (w.stop_at, target) {
         (Some((i, o)), _) => (i, o, target.describe()),
         (None, Target::Time(t)) if *t <= end.us => {
