@@ -138,6 +138,13 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
     let app = Appliance::start(None);
     let agent = Agent::new(&app);
     let mut m = Maria::init();
+    // A clean shutdown checkpoints InnoDB's log past the tables the init
+    // created. (Otherwise the incremental backup below may scan redo that
+    // creates them, copy them whole as `.new` files into its delta on the
+    // host, and its prepare fails renaming those into the stage disk:
+    // EXDEV — a backup issue of its own, not what this test is about.)
+    m.stop();
+    m.start();
     // Wrong credentials: refused before anything is made.
     let sock = m.sock.display().to_string();
     let e = agent.fail(&[
@@ -149,10 +156,12 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
     assert_eq!(p1["backup"], "full");
     let mut moments = Vec::new();
     run_script(&m.sock, &transfers(1, 60));
-    moments.push(moment(&m)); // A: in the first binlog, after point 1
+    moments.push(moment(&m)); // A: after point 1, in its binlog
     m.sql("FLUSH BINARY LOGS");
     run_script(&m.sock, &transfers(2, 60));
-    moments.push(moment(&m)); // B: in the second binlog
+    moments.push(moment(&m)); // B: in a binlog of its own
+    let b_file = m.sql("SHOW MASTER STATUS");
+    let b_file = b_file.split('\t').next().unwrap().to_string();
     m.sql("FLUSH BINARY LOGS");
     // Point 2 is taken while transfers commit: the restores from it
     // replay from its position in the middle of them.
@@ -245,11 +254,11 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
     assert!(out.status.success(), "{out:?}");
     let v: Value = serde_json::from_slice(&out.stdout).expect("archiver result");
     assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
-    // A gap: the second binlog removed from the archive.
+    // A gap: B's binlog removed from the archive.
     let lv = format!("{VOLUME}-log");
     let a = agent.ok(&["attach", &lv]);
     let mnt = PathBuf::from(a["mount"].as_str().expect("mount"));
-    std::fs::remove_file(mnt.join("binlog/binlog.000002")).expect("second binlog archived");
+    std::fs::remove_file(mnt.join("binlog").join(&b_file)).expect("B's binlog archived");
     agent.ok(&["detach", &lv]);
     let e = agent.fail(&[
         "restore",
@@ -260,7 +269,7 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
         "--name",
         "gap",
     ]);
-    assert!(e.contains("binlog.000002 is missing"), "{e}");
+    assert!(e.contains(&format!("{b_file} is missing")), "{e}");
     // Nothing was left behind by the refusals.
     assert_eq!(agent.ok(&["list"]), Value::Array(vec![]));
     // Point 2 is past the gap: restores from it still work.
