@@ -643,10 +643,12 @@ fn replay(r: &maria::Running, plan: &MariaPlan) -> Result<f64> {
     let r = pipe(r, plan);
     // FLUSH LOGS writes and syncs InnoDB's log: the replayed transactions
     // are durable before the restore is reported done.
-    root.query(&format!(
+    let back = root.query(&format!(
         "SET GLOBAL innodb_flush_log_at_trx_commit = {flush}; FLUSH LOGS"
-    ))?;
+    ));
+    // The replay's own error first: it says why the copy stopped answering.
     r?;
+    back?;
     Ok(t.elapsed().as_secs_f64())
 }
 

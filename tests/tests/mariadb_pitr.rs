@@ -151,6 +151,27 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
         "logs", "mariadb", "--volume", VOLUME, "--socket", &sock, "--user", "nobody",
     ]);
     assert!(e.contains("nobody"), "{e}");
+    // A user that may read the binlog position but not stream it (its
+    // password from a file): refused, naming the privilege.
+    m.sql(
+        "CREATE USER cdm_mon@localhost IDENTIFIED BY 'p#w d'; \
+         GRANT BINLOG MONITOR ON *.* TO cdm_mon@localhost",
+    );
+    let pw = agent.state.path().join("mon.pw");
+    std::fs::write(&pw, "p#w d\n").unwrap();
+    let e = agent.fail(&[
+        "logs",
+        "mariadb",
+        "--volume",
+        VOLUME,
+        "--socket",
+        &sock,
+        "--user",
+        "cdm_mon",
+        "--password-file",
+        pw.to_str().unwrap(),
+    ]);
+    assert!(e.contains("REPLICATION SLAVE"), "{e}");
     let mut archiver = start_archiver(&agent, &m);
     let p1 = backup(&agent, &m, &["--size", "2G"]);
     assert_eq!(p1["backup"], "full");
