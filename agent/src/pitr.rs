@@ -470,7 +470,14 @@ pub fn plan_pg(
     if end.last_commit.is_none() && run.len() > 2 {
         end = waldump(bindir, &run, seg_size)?;
     }
-    let end_lsn = end.end_lsn.unwrap_or(p_lsn);
+    // A complete segment is archived to its end; the streamer's partial
+    // one up to its last valid record.
+    let last = &run[run.len() - 1];
+    let end_lsn = if last.partial {
+        end.end_lsn.unwrap_or(0).max(last.seg * seg_size)
+    } else {
+        (last.seg + 1) * seg_size
+    };
     let mut end_us = end
         .last_commit
         .map(|(_, t)| t)

@@ -293,6 +293,102 @@ pub struct RestoreCreate {
     /// For `regular`: the directory to restore into.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
+    /// A point in time (RFC 3339 with a zone) instead of `snapshot`: the
+    /// nearest earlier point, archived logs replayed up to it (`instant`
+    /// or `clone`; needs log archiving).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_time: Option<String>,
+    /// PostgreSQL: an LSN (`X/Y`) to replay up to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_lsn: Option<String>,
+    /// PostgreSQL: a restore point's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_name: Option<String>,
+    /// MariaDB: a GTID (`domain-server-seq`) to replay up to, included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_gtid: Option<String>,
+}
+
+impl RestoreCreate {
+    /// The point-in-time target as `(job parameter, value)`, checked
+    /// against the application's kind; `None` for a restore of a point.
+    pub fn pitr_target(&self, app_kind: &str) -> Result<Option<(&'static str, String)>, String> {
+        let set: Vec<(&'static str, &String)> = [
+            ("target_time", &self.target_time),
+            ("target_lsn", &self.target_lsn),
+            ("target_name", &self.target_name),
+            ("target_gtid", &self.target_gtid),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| (k, v)))
+        .collect();
+        let (key, value) = match set.as_slice() {
+            [] => return Ok(None),
+            [one] => *one,
+            _ => {
+                return Err("give one of target_time, target_lsn, target_name, target_gtid".into())
+            }
+        };
+        if self.snapshot.is_some() {
+            return Err(format!("give \"snapshot\" or \"{key}\", not both"));
+        }
+        if self.kind == "regular" {
+            return Err("a point-in-time restore is instant or clone".into());
+        }
+        let pg = app_kind == "postgresql";
+        let ok_kind = match key {
+            "target_time" => pg || app_kind == "mariadb",
+            "target_gtid" => app_kind == "mariadb",
+            _ => pg,
+        };
+        if !ok_kind {
+            return Err(format!(
+                "{key} does not apply to an application of kind {app_kind}"
+            ));
+        }
+        let v = match key {
+            "target_time" => match crate::instant::parse_rfc3339(value) {
+                Some(us) => crate::instant::rfc3339_us(us),
+                None => {
+                    return Err(format!(
+                        "target_time {value:?} is not an RFC 3339 time with a zone"
+                    ))
+                }
+            },
+            "target_lsn" => {
+                let ok = value.split_once('/').is_some_and(|(a, b)| {
+                    !a.is_empty()
+                        && !b.is_empty()
+                        && a.len() <= 8
+                        && b.len() <= 8
+                        && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_hexdigit())
+                });
+                if !ok {
+                    return Err(format!("target_lsn {value:?} is not an LSN (X/Y)"));
+                }
+                value.clone()
+            }
+            "target_name" => {
+                if value.is_empty() || value.len() > 63 || value.contains(['\'', '\\', '\n']) {
+                    return Err(format!("target_name {value:?} is not a restore point name"));
+                }
+                value.clone()
+            }
+            _ => {
+                let p: Vec<&str> = value.split('-').collect();
+                if p.len() != 3
+                    || p.iter()
+                        .any(|x| x.is_empty() || !x.bytes().all(|c| c.is_ascii_digit()))
+                {
+                    return Err(format!(
+                        "target_gtid {value:?} is not a GTID (domain-server-seq)"
+                    ));
+                }
+                value.clone()
+            }
+        };
+        Ok(Some((key, v)))
+    }
 }
 
 /// Filters of `GET /v1/jobs`.

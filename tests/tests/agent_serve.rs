@@ -794,3 +794,136 @@ fn cancelled_and_killed_jobs_leave_no_point_and_the_next_run_is_correct() {
     );
     assert!(Path::new(&sock).exists());
 }
+
+/// The table's rows as one digest.
+fn ledger(sock: &Path, port: u16) -> String {
+    psql(
+        sock,
+        port,
+        "SELECT count(*) || ':' || coalesce(md5(string_agg(id::text, ',' ORDER BY id)), '') FROM ledger",
+    )
+}
+
+fn server_time(pg: &Pg) -> String {
+    psql(
+        &pg.sock,
+        pg.port,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
+    let app = Appliance::start(None);
+    let api = Api::new(&app, &app.admin_token());
+    let pg = Pg::init(1);
+    psql(
+        &pg.sock,
+        pg.port,
+        "CREATE TABLE ledger (id int PRIMARY KEY)",
+    );
+    let mut a = ServeAgent::new(&app);
+    let token = enrol_token(&api);
+    a.start(&["--enrol", &token, "--name", "db3"]);
+    let appl = discovered(&api, "db3", &pg);
+    let app_id = appl["id"].as_u64().unwrap();
+    let vol = appl["volume"].as_str().unwrap().to_string();
+    let restores = format!("/v1/applications/{app_id}/restores");
+    let at = |t: &str| json!({"kind": "instant", "target_time": t});
+    // Nothing to start from yet.
+    api.expect(409, "POST", &restores, Some(at("2026-01-01T00:00:00Z")));
+    // Malformed or misplaced targets.
+    for body in [
+        at("yesterday"),
+        at("2026-11-30T10:00:00"),
+        json!({"kind": "instant", "target_gtid": "0-1-5"}),
+        json!({"kind": "instant", "target_lsn": "16/B374D8480000000000"}),
+        json!({"kind": "instant", "target_name": "a'b"}),
+        json!({"kind": "regular", "target": "/tmp/x", "target_time": "2026-11-30T10:00:00Z"}),
+        json!({"kind": "instant", "snapshot": 1, "target_time": "2026-11-30T10:00:00Z"}),
+        json!({"kind": "instant", "target_time": "2026-11-30T10:00:00Z", "target_lsn": "0/1"}),
+    ] {
+        api.expect(400, "POST", &restores, Some(body));
+    }
+    // The archiver, as an operator runs it (a systemd unit on the host).
+    let logs = cdm_e2e::maria::Agent::new(&app);
+    let mut args = vec!["logs", "postgres", "--volume", &vol];
+    let conn = pg.agent_args();
+    args.extend(conn.iter().map(String::as_str));
+    let mut archiver = logs
+        .cmd(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = logs
+        .state
+        .path()
+        .join("mnt")
+        .join(format!("{vol}-log"))
+        .join("status.json");
+    let covered = || -> i64 {
+        std::fs::read(&status)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["covered_us"].as_i64())
+            .unwrap_or(0)
+    };
+    wait_for(120, "the archive to start", || {
+        (covered() > 0).then_some(())
+    });
+    let job = api.expect(
+        202,
+        "POST",
+        &format!("/v1/applications/{app_id}/backups"),
+        None,
+    );
+    let j = job_done(&api, job["id"].as_u64().unwrap(), &a);
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
+    // The point's snapshot time is whole seconds: the target comes after.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    psql(
+        &pg.sock,
+        pg.port,
+        "INSERT INTO ledger SELECT generate_series(1, 100)",
+    );
+    let t1 = server_time(&pg);
+    let s1 = ledger(&pg.sock, pg.port);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    psql(
+        &pg.sock,
+        pg.port,
+        "INSERT INTO ledger SELECT generate_series(101, 200)",
+    );
+    let t2 = cdm_api::instant::parse_rfc3339(&server_time(&pg)).unwrap();
+    wait_for(120, "the archive to cover the workload", || {
+        (covered() >= t2).then_some(())
+    });
+    let r = api.expect(
+        202,
+        "POST",
+        &restores,
+        Some(json!({"kind": "clone", "target_time": t1, "name": "pitr-api", "port": 5998})),
+    );
+    let j = job_done(&api, r["id"].as_u64().unwrap(), &a);
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
+    let sock = PathBuf::from(j["result"]["socket_dir"].as_str().unwrap());
+    assert_eq!(ledger(&sock, 5998), s1, "{j}");
+    // Before the first point: refused by the appliance, with where the
+    // range starts; after the archive: the job fails with the range.
+    let (code, body) = api.call("POST", &restores, Some(at("2001-01-01T00:00:00Z")));
+    assert_eq!(code, 400, "{body}");
+    assert!(
+        body.to_string().contains("before the first point"),
+        "{body}"
+    );
+    let r = api.expect(202, "POST", &restores, Some(at("2999-01-01T00:00:00Z")));
+    let j = job_done(&api, r["id"].as_u64().unwrap(), &a);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j.to_string().contains("after the last archived WAL"), "{j}");
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(archiver.id() as i32, libc::SIGTERM) };
+    assert!(archiver.wait().unwrap().success());
+}

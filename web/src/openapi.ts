@@ -2117,6 +2117,18 @@ export interface components {
             snapshot?: number | null;
             /** @description For `regular`: the directory to restore into. */
             target?: string | null;
+            /** @description MariaDB: a GTID (`domain-server-seq`) to replay up to, included. */
+            target_gtid?: string | null;
+            /** @description PostgreSQL: an LSN (`X/Y`) to replay up to. */
+            target_lsn?: string | null;
+            /** @description PostgreSQL: a restore point's name. */
+            target_name?: string | null;
+            /**
+             * @description A point in time (RFC 3339 with a zone) instead of `snapshot`: the
+             *     nearest earlier point, archived logs replayed up to it (`instant`
+             *     or `clone`; needs log archiving).
+             */
+            target_time?: string | null;
         };
         /**
          * @description Which snapshots are kept (as restic's `forget`): a snapshot is kept when

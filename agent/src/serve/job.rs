@@ -271,6 +271,9 @@ fn vm_args(job: &AgentJob, args: &mut Vec<OsString>) -> Result<(), String> {
 fn restore_args(job: &AgentJob, args: &mut Vec<OsString>) -> Result<Work, String> {
     let p = &job.params;
     let volume = text(p, "volume").unwrap_or(&job.application.volume);
+    if let Some(w) = pitr_args(job, volume, args)? {
+        return Ok(w);
+    }
     let snap = number(p, "snapshot").ok_or("the restore names no snapshot")?;
     let export = format!("{volume}@{snap}");
     let kind = text(p, "kind").unwrap_or("instant");
@@ -309,6 +312,33 @@ fn restore_args(job: &AgentJob, args: &mut Vec<OsString>) -> Result<Work, String
         }
         k => Err(format!("restore kind {k:?}: instant, clone or regular")),
     }
+}
+
+/// `restore pitr` when the job names a point in time instead of a point.
+fn pitr_args(
+    job: &AgentJob,
+    volume: &str,
+    args: &mut Vec<OsString>,
+) -> Result<Option<Work>, String> {
+    let p = &job.params;
+    let keys = ["target_time", "target_lsn", "target_name", "target_gtid"];
+    let Some((key, value)) = keys.iter().find_map(|k| text(p, k).map(|v| (*k, v))) else {
+        return Ok(None);
+    };
+    let port = match number(p, "port") {
+        Some(port) if port == 0 || port > u64::from(u16::MAX) => {
+            return Err(format!("port {port} is not a port"))
+        }
+        Some(port) => port,
+        None => 5433,
+    };
+    let name = text(p, "name")
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{volume}-pitr-job{}", job.id));
+    args.extend([s("restore"), s("pitr"), s(volume)]);
+    args.extend([s(format!("--{}", key.replace('_', "-"))), s(value)]);
+    args.extend([s("--name"), s(name), s("--port"), s(port)]);
+    Ok(Some(Work::CloneRestore))
 }
 
 /// The job's result from the child's JSON: what the contract promises on

@@ -139,7 +139,7 @@ impl Control {
         }
         Ok(apps
             .into_iter()
-            .find(|a| a.owns_volume(vol))
+            .find(|a| a.owns_volume(vol) || a.owns_log_volume(vol))
             .map(|a| a.host))
     }
 
@@ -633,6 +633,9 @@ mod tests {
         let db = app("postgresql", "h-postgresql-main");
         assert!(db.owns_volume("h-postgresql-main"));
         assert!(!db.owns_volume("h-postgresql-main-x-disk0"));
+        assert!(db.owns_log_volume("h-postgresql-main-log"));
+        assert!(!db.owns_volume("h-postgresql-main-log"));
+        assert!(!vm.owns_log_volume("h-vm-web-log"));
         let newest = HashMap::from([
             ("h-vm-web-a-disk0".to_string(), 5),
             ("h-vm-web-b-disk0".to_string(), 9),

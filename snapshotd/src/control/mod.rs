@@ -96,6 +96,13 @@ impl AppRec {
     /// `vm` application one of its VMs' disks, `VOLUME-VM-diskN` (the
     /// agent's `vm backup --volume-prefix VOLUME`). The one home of this
     /// rule: host scoping, points, RPO and retention all ask it.
+    /// A database's log volume (its archived WAL or binlogs): its host
+    /// writes it, it holds no point.
+    pub fn owns_log_volume(&self, vol: &str) -> bool {
+        matches!(self.kind.as_str(), "postgresql" | "mariadb")
+            && vol.strip_prefix(self.volume.as_str()) == Some("-log")
+    }
+
     pub fn owns_volume(&self, vol: &str) -> bool {
         if vol == self.volume {
             return true;

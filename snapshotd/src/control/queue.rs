@@ -155,6 +155,10 @@ impl Control {
         }
         let app = self.app_rec(id)?;
         let points = self.points(id)?;
+        let pitr = req.pitr_target(&app.kind).map_err(ApiError::bad_request)?;
+        if let Some((key, value)) = &pitr {
+            return self.start_pitr_restore(c, &app, &points, &req, key, value);
+        }
         let snap = match req.snapshot {
             Some(s) => points
                 .iter()
@@ -164,11 +168,7 @@ impl Control {
                 .first()
                 .ok_or_else(|| ApiError::conflict(format!("application {id} has no point yet")))?,
         };
-        let host = req.host.clone().unwrap_or_else(|| app.host.clone());
-        let h: Option<HostRec> = self.state.get(HOSTS, host.as_str()).map_err(st)?;
-        if h.is_none_or(|h| h.retired) {
-            return Err(ApiError::not_found(format!("host {host} is not enrolled")));
-        }
+        let host = self.restore_host(&app, &req)?;
         let params = json!({"kind": req.kind, "volume": snap.volume, "snapshot": snap.snapshot,
             "name": req.name, "port": req.port, "target": req.target});
         let mut active = lock(&self.active);
@@ -176,6 +176,65 @@ impl Control {
             &mut active,
             "restore",
             &app,
+            &host,
+            1,
+            None,
+            &c.user,
+            Sync::Now,
+            |_| params,
+        )
+    }
+
+    /// The enrolled host a restore runs on (default: the application's).
+    fn restore_host(&self, app: &AppRec, req: &RestoreCreate) -> ApiResult<String> {
+        let host = req.host.clone().unwrap_or_else(|| app.host.clone());
+        let h: Option<HostRec> = self.state.get(HOSTS, host.as_str()).map_err(st)?;
+        if h.is_none_or(|h| h.retired) {
+            return Err(ApiError::not_found(format!("host {host} is not enrolled")));
+        }
+        Ok(host)
+    }
+
+    /// A restore to a point in time: the agent picks the point against the
+    /// archive it reads; what the appliance knows (a time before the first
+    /// point) is refused here, with where the range starts.
+    fn start_pitr_restore(
+        &self,
+        c: &Caller,
+        app: &AppRec,
+        points: &[Point],
+        req: &RestoreCreate,
+        key: &str,
+        value: &str,
+    ) -> ApiResult<Job> {
+        let first = points.iter().min_by_key(|p| p.snapshot).ok_or_else(|| {
+            ApiError::conflict(format!("application {} has no point yet", app.id))
+        })?;
+        if key == "target_time" {
+            let t = cdm_api::instant::parse_rfc3339(value).unwrap_or(i64::MIN);
+            if t < first.created_unix as i64 * 1_000_000 {
+                return Err(ApiError::bad_request(format!(
+                    "target_time {value} is before the first point ({}, snapshot {}): point-in-time restores of this application start there",
+                    first.created, first.snapshot
+                )));
+            }
+        }
+        let host = self.restore_host(app, req)?;
+        if host != app.host {
+            // It snapshots and clones the log volume, which only the
+            // application's own host may change.
+            return Err(ApiError::bad_request(format!(
+                "a point-in-time restore runs on the application's host ({}); restore a point on {host}, or run `cdm-agent restore pitr` there with an operator's token",
+                app.host
+            )));
+        }
+        let params = json!({"kind": req.kind, "volume": first.volume, key: value,
+            "name": req.name, "port": req.port});
+        let mut active = lock(&self.active);
+        self.queue_locked(
+            &mut active,
+            "restore",
+            app,
             &host,
             1,
             None,

@@ -62,6 +62,8 @@ pub(crate) enum AppCmd {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum RestoreCmd {
     /// Restore an application's point with an agent, on its host or another.
     Start {
@@ -83,6 +85,19 @@ pub(crate) enum RestoreCmd {
         /// regular: the directory to restore into.
         #[arg(long)]
         target: Option<String>,
+        /// A point in time (RFC 3339 with a zone) instead of --snapshot:
+        /// the archived logs replayed up to it.
+        #[arg(long)]
+        target_time: Option<String>,
+        /// PostgreSQL: an LSN to replay up to.
+        #[arg(long)]
+        target_lsn: Option<String>,
+        /// PostgreSQL: a restore point's name.
+        #[arg(long)]
+        target_name: Option<String>,
+        /// MariaDB: a GTID to replay up to.
+        #[arg(long)]
+        target_gtid: Option<String>,
         #[arg(long)]
         wait: bool,
     },
@@ -166,6 +181,10 @@ pub(crate) fn restore(cmd: RestoreCmd, c: &Client, out: &Out) -> Result<(), CliE
             name,
             port,
             target,
+            target_time,
+            target_lsn,
+            target_name,
+            target_gtid,
             wait,
         } => {
             let j = c.start_restore(
@@ -177,6 +196,10 @@ pub(crate) fn restore(cmd: RestoreCmd, c: &Client, out: &Out) -> Result<(), CliE
                     name,
                     port,
                     target,
+                    target_time,
+                    target_lsn,
+                    target_name,
+                    target_gtid,
                 },
             )?;
             if wait {
