@@ -128,6 +128,42 @@ fn durable(mount: &Path, dir: &Path, base: &str) -> Result<(u64, u64)> {
     Ok(at)
 }
 
+/// How often binlogs no kept point needs are removed.
+const PRUNE_EVERY: Duration = Duration::from_secs(300);
+
+/// The number of the binlog file the oldest MariaDB point's replay starts
+/// in; `None` when there is no such point (everything is kept).
+fn oldest_needed(ctx: &Ctx, volume: &str, base: &str) -> Result<Option<u64>> {
+    let points = crate::pitr::points(ctx, volume)?;
+    Ok(points
+        .iter()
+        .filter(|p| p.metadata.get("kind").and_then(Value::as_str) == Some("mariadb"))
+        .filter_map(|p| p.metadata.pointer("/binlog/file").and_then(Value::as_str))
+        .filter_map(parse_binlog_name)
+        .filter(|(b, _)| *b == base)
+        .map(|(_, n)| n)
+        .min())
+}
+
+/// Binlog retention follows the points': files before the one the oldest
+/// point's replay starts in are removed (the point holds what they did),
+/// never the archive's newest (the streamer resumes from it). The number
+/// removed.
+pub fn prune_binlogs(dir: &Path, base: &str, keep_from: u64) -> Result<usize> {
+    let held = archive_files(dir, base)?;
+    let newest = held.keys().next_back().copied().unwrap_or(0);
+    let mut n = 0;
+    for (num, p) in held.range(..keep_from.min(newest)) {
+        std::fs::remove_file(p)?;
+        tracing::debug!(file = %binlog_name(base, *num), "binlog no point needs removed");
+        n += 1;
+    }
+    if n > 0 {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(n)
+}
+
 /// A replica server id of the streamer, stable per archive and far from
 /// the small ids servers are given.
 fn streamer_id(volume: &str) -> u64 {
@@ -183,6 +219,8 @@ pub fn archive(ctx: &Ctx, volume: &str, conn: &Conn, stop: &AtomicBool) -> Resul
         let mut cov = Coverage::new();
         let mut restarts = 0u64;
         let mut server_logs = server_logs;
+        let mut pruned = 0usize;
+        let mut last_prune: Option<std::time::Instant> = None;
         while !stop.load(Ordering::SeqCst) {
             let first = first_file(&dir, &server_logs)?;
             let secret = conn.secret()?;
@@ -227,6 +265,19 @@ pub fn archive(ctx: &Ctx, volume: &str, conn: &Conn, stop: &AtomicBool) -> Resul
                     tracing::warn!("the server's binlog is now {file}, not {base}.*: not archived");
                     continue;
                 }
+                if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                    last_prune = Some(std::time::Instant::now());
+                    match oldest_needed(ctx, volume, &base)
+                        .and_then(|k| k.map(|k| prune_binlogs(&dir, &base, k)).transpose())
+                    {
+                        Ok(Some(k)) if k > 0 => {
+                            pruned += k;
+                            tracing::info!(volume, removed = k, "binlogs no point needs removed");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("pruning the archive of {volume}: {e}"),
+                    }
+                }
                 cov.sample(us, (n, pos));
                 let d = durable(&mount, &dir, &base)?;
                 progressed = true;
@@ -257,6 +308,7 @@ pub fn archive(ctx: &Ctx, volume: &str, conn: &Conn, stop: &AtomicBool) -> Resul
             "covered_binlog": status.covered_binlog,
             "files": archive_files(&dir, &base)?.len(),
             "restarts": restarts,
+            "files_pruned": pruned,
         }))
     })();
     let closed = m.close(ctx);
@@ -284,6 +336,26 @@ mod tests {
         let reset = vec![binlog_name("binlog", 1)];
         let e = first_file(d.path(), &reset).unwrap_err().to_string();
         assert!(e.contains("RESET MASTER"), "{e}");
+        // Retention: what the oldest point needs on, and the newest file.
+        for n in [1, 2, 3, 6] {
+            std::fs::write(d.path().join(binlog_name("binlog", n)), b"x").unwrap();
+        }
+        std::fs::write(d.path().join("status.json"), b"{}").unwrap();
+        assert_eq!(prune_binlogs(d.path(), "binlog", 4).unwrap(), 3);
+        let left: Vec<u64> = archive_files(d.path(), "binlog")
+            .unwrap()
+            .into_keys()
+            .collect();
+        assert_eq!(left, vec![4, 5, 6]);
+        assert_eq!(prune_binlogs(d.path(), "binlog", 9).unwrap(), 2);
+        assert_eq!(
+            archive_files(d.path(), "binlog")
+                .unwrap()
+                .into_keys()
+                .collect::<Vec<_>>(),
+            vec![6]
+        );
+        assert!(d.path().join("status.json").exists());
         assert!(streamer_id("a") > 4_000_000_000 && streamer_id("a") < u32::MAX as u64);
         assert_ne!(streamer_id("a"), streamer_id("b"));
     }
