@@ -301,6 +301,44 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
         "after",
         &moments[3],
     );
+
+    // The same server without a binlog: the archiver refuses it.
+    m.stop();
+    let mut plain = std::process::Command::new("mariadbd")
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", m.data.display()))
+        .arg(format!("--socket={}", m.sock.display()))
+        .arg(format!("--pid-file={}", m.dir.path().join("pid").display()))
+        .arg(format!(
+            "--log-error={}",
+            m.dir.path().join("plain.log").display()
+        ))
+        .arg(format!("--tmpdir={}", m.dir.path().join("tmp").display()))
+        .args(["--server-id=1", "--skip-networking", "--user=root"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("mariadbd");
+    wait_for(120, "mariadbd without a binlog to answer", || {
+        let out = std::process::Command::new("mariadb")
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", m.sock.display()))
+            .args([
+                "-uroot",
+                "--batch",
+                "--skip-column-names",
+                "-e",
+                "SELECT @@log_bin",
+            ])
+            .stderr(Stdio::null())
+            .output()
+            .ok()?;
+        (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "0").then_some(())
+    });
+    let e = agent.fail(&["logs", "mariadb", "--volume", VOLUME, "--socket", &sock]);
+    assert!(e.contains("@@log_bin is off"), "{e}");
+    // SAFETY: kill(2) on the server this test started.
+    unsafe { libc::kill(plain.id() as i32, libc::SIGTERM) };
+    let _ = plain.wait();
 }
 
 fn p1_created(app: &Appliance, p1: &Value) -> i64 {
