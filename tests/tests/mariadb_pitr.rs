@@ -291,6 +291,14 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
         "gap",
     ]);
     assert!(e.contains(&format!("{b_file} is missing")), "{e}");
+    // A's transactions are all before the gap: a GTID target there restores.
+    restore_to(
+        &agent,
+        "--target-gtid",
+        &moments[0].gtid,
+        "before",
+        &moments[0],
+    );
     // Nothing was left behind by the refusals.
     assert_eq!(agent.ok(&["list"]), Value::Array(vec![]));
     // Point 2 is past the gap: restores from it still work.
