@@ -132,27 +132,15 @@ fn at(us: i64) -> String {
     rfc3339_us(us)
 }
 
-#[test]
-fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
-    let _load = shared();
-    let app = Appliance::start(None);
-    let agent = Agent::new(&app);
-    let mut m = Maria::init();
-    // A clean shutdown checkpoints InnoDB's log past the tables the init
-    // created. (Otherwise the incremental backup below may scan redo that
-    // creates them, copy them whole as `.new` files into its delta on the
-    // host, and its prepare fails renaming those into the stage disk:
-    // EXDEV — a backup issue of its own, not what this test is about.)
-    m.stop();
-    m.start();
-    // Wrong credentials: refused before anything is made.
+/// The archiver's refusals before it streams: wrong credentials, and a
+/// user that may read the binlog position but not stream it (its
+/// password from a file), named with the privilege it lacks.
+fn archiver_refuses_users(agent: &Agent, m: &Maria) {
     let sock = m.sock.display().to_string();
     let e = agent.fail(&[
         "logs", "mariadb", "--volume", VOLUME, "--socket", &sock, "--user", "nobody",
     ]);
     assert!(e.contains("nobody"), "{e}");
-    // A user that may read the binlog position but not stream it (its
-    // password from a file): refused, naming the privilege.
     m.sql(
         "CREATE USER cdm_mon@localhost IDENTIFIED BY 'p#w d'; \
          GRANT BINLOG MONITOR ON *.* TO cdm_mon@localhost",
@@ -172,21 +160,34 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
         pw.to_str().unwrap(),
     ]);
     assert!(e.contains("REPLICATION SLAVE"), "{e}");
-    let mut archiver = start_archiver(&agent, &m);
-    let p1 = backup(&agent, &m, &["--size", "2G"]);
+}
+
+/// What the workload left: the points, the moments A..E and the binlog
+/// file B was recorded in.
+struct History {
+    p1: Value,
+    p2: Value,
+    moments: Vec<Moment>,
+    b_file: String,
+}
+
+/// Points and moments across binlog rotations and a server restart, with
+/// the archiver running.
+fn make_history(agent: &Agent, m: &mut Maria) -> History {
+    let p1 = backup(agent, m, &["--size", "2G"]);
     assert_eq!(p1["backup"], "full");
     let mut moments = Vec::new();
     run_script(&m.sock, &transfers(1, 60));
-    moments.push(moment(&m)); // A: after point 1, in its binlog
+    moments.push(moment(m)); // A: after point 1, in its binlog
     m.sql("FLUSH BINARY LOGS");
     run_script(&m.sock, &transfers(2, 60));
-    moments.push(moment(&m)); // B: in a binlog of its own
+    moments.push(moment(m)); // B: in a binlog of its own
     let b_file = m.sql("SHOW MASTER STATUS");
     let b_file = b_file.split('\t').next().unwrap().to_string();
     m.sql("FLUSH BINARY LOGS");
     // Point 2 is taken while transfers commit: the restores from it
     // replay from its position in the middle of them.
-    let wl = Workload::start(&m, 3);
+    let wl = Workload::start(m, 3);
     wait_for(60, "the workload to commit", || {
         (sql(&m.sock, "SELECT COUNT(*) FROM journal")
             .parse::<u64>()
@@ -194,10 +195,10 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
             > moments[1].journal)
             .then_some(())
     });
-    let p2 = backup(&agent, &m, &[]);
+    let p2 = backup(agent, m, &[]);
     wl.stop();
     assert_eq!(p2["backup"], "incremental", "{p2}");
-    moments.push(moment(&m)); // C: after point 2
+    moments.push(moment(m)); // C: after point 2
     let p2_seq = gtid_seq(p2["binlog"]["gtid"].as_str().expect("point 2's GTID"));
     assert!(
         p2_seq < gtid_seq(&moments[2].gtid),
@@ -207,34 +208,20 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
     m.stop();
     m.start();
     run_script(&m.sock, &transfers(4, 60));
-    moments.push(moment(&m)); // D
+    moments.push(moment(m)); // D
     run_script(&m.sock, &transfers(5, 60));
-    moments.push(moment(&m)); // E: the last
-    wait_covered(&agent, &m, &mut archiver);
-
-    for (i, mo) in moments.iter().enumerate() {
-        let v = restore_to(&agent, "--target-time", &at(mo.us), &format!("t{i}"), mo);
-        let point = if i < 2 { &p1 } else { &p2 };
-        assert_eq!(v["point"], point["snapshot"], "{v}");
+    moments.push(moment(m)); // E: the last
+    History {
+        p1,
+        p2,
+        moments,
+        b_file,
     }
-    // A GTID in the middle of a batch: that many transfers after B.
-    let b = &moments[1];
-    let (d, s, n) = {
-        let mut it = b.gtid.split('-').map(|x| x.parse::<u64>().unwrap());
-        (it.next().unwrap(), it.next().unwrap(), it.next().unwrap())
-    };
-    let mid_gtid = format!("{d}-{s}-{}", n + 37);
-    let mid = Moment {
-        us: 0,
-        gtid: mid_gtid.clone(),
-        journal: b.journal + 37,
-        digest: journal_digest(&m.sock, b.journal + 37),
-    };
-    restore_to(&agent, "--target-gtid", &mid_gtid, "g1", &mid);
-    restore_to(&agent, "--target-gtid", &moments[3].gtid, "g2", &moments[3]);
+}
 
-    // Outside the archive: refused with the range it has.
-    let first_us = p1_created(&app, &p1);
+/// Targets outside the archive: refused with the range it has.
+fn refusals(agent: &Agent, app: &Appliance, m: &Maria, h: &History) {
+    let first_us = p1_created(app, &h.p1);
     let e = agent.fail(&[
         "restore",
         "pitr",
@@ -255,62 +242,52 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
         "--name",
         "late",
     ]);
+    let last = &h.moments[4].gtid;
     assert!(e.contains("after the end of the archive"), "{e}");
-    assert!(e.contains(&format!("last GTID {}", moments[4].gtid)), "{e}");
+    assert!(e.contains(&format!("last GTID {last}")), "{e}");
+    let (ds, _) = last.rsplit_once('-').unwrap();
     let e = agent.fail(&[
         "restore",
         "pitr",
         VOLUME,
         "--target-gtid",
-        &format!("{d}-{s}-{}", gtid_seq(&moments[4].gtid) + 1000),
+        &format!("{ds}-{}", gtid_seq(last) + 1000),
         "--name",
         "late",
     ]);
     assert!(e.contains("is not in the archive"), "{e}");
+}
 
-    // Stopped, the archiver detaches its volume and says how far it got.
-    // SAFETY: kill(2) on the archiver this test started.
-    unsafe { libc::kill(archiver.id() as i32, libc::SIGTERM) };
-    let out = wait_output(archiver, "the archiver to stop");
-    assert!(out.status.success(), "{out:?}");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("archiver result");
-    assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
-    // A gap: B's binlog removed from the archive.
+/// B's binlog removed from the (stopped) archive: what needs it is
+/// refused naming it, what does not still restores.
+fn gap(agent: &Agent, h: &History) {
     let lv = format!("{VOLUME}-log");
     let a = agent.ok(&["attach", &lv]);
     let mnt = PathBuf::from(a["mount"].as_str().expect("mount"));
-    std::fs::remove_file(mnt.join("binlog").join(&b_file)).expect("B's binlog archived");
+    std::fs::remove_file(mnt.join("binlog").join(&h.b_file)).expect("B's binlog archived");
     agent.ok(&["detach", &lv]);
     let e = agent.fail(&[
         "restore",
         "pitr",
         VOLUME,
         "--target-time",
-        &at(moments[1].us),
+        &at(h.moments[1].us),
         "--name",
         "gap",
     ]);
-    assert!(e.contains(&format!("{b_file} is missing")), "{e}");
+    assert!(e.contains(&format!("{} is missing", h.b_file)), "{e}");
     // A's transactions are all before the gap: a GTID target there restores.
-    restore_to(
-        &agent,
-        "--target-gtid",
-        &moments[0].gtid,
-        "before",
-        &moments[0],
-    );
+    let a = &h.moments[0];
+    restore_to(agent, "--target-gtid", &a.gtid, "before", a);
     // Nothing was left behind by the refusals.
     assert_eq!(agent.ok(&["list"]), Value::Array(vec![]));
     // Point 2 is past the gap: restores from it still work.
-    restore_to(
-        &agent,
-        "--target-time",
-        &at(moments[3].us),
-        "after",
-        &moments[3],
-    );
+    let d = &h.moments[3];
+    restore_to(agent, "--target-time", &at(d.us), "after", d);
+}
 
-    // The same server without a binlog: the archiver refuses it.
+/// The same server restarted without a binlog: the archiver refuses it.
+fn refused_without_binlog(agent: &Agent, m: &mut Maria) {
     m.stop();
     let mut plain = std::process::Command::new("mariadbd")
         .arg("--no-defaults")
@@ -330,23 +307,67 @@ fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
         let out = std::process::Command::new("mariadb")
             .arg("--no-defaults")
             .arg(format!("--socket={}", m.sock.display()))
-            .args([
-                "-uroot",
-                "--batch",
-                "--skip-column-names",
-                "-e",
-                "SELECT @@log_bin",
-            ])
+            .args(["-uroot", "--batch", "--skip-column-names"])
+            .args(["-e", "SELECT @@log_bin"])
             .stderr(Stdio::null())
             .output()
             .ok()?;
         (out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "0").then_some(())
     });
+    let sock = m.sock.display().to_string();
     let e = agent.fail(&["logs", "mariadb", "--volume", VOLUME, "--socket", &sock]);
     assert!(e.contains("@@log_bin is off"), "{e}");
     // SAFETY: kill(2) on the server this test started.
     unsafe { libc::kill(plain.id() as i32, libc::SIGTERM) };
     let _ = plain.wait();
+}
+
+#[test]
+fn mariadb_restores_to_times_and_gtids_from_archived_binlogs() {
+    let _load = shared();
+    let app = Appliance::start(None);
+    let agent = Agent::new(&app);
+    let mut m = Maria::init();
+    // A clean shutdown checkpoints InnoDB's log past the tables the init
+    // created. (Otherwise the incremental backup below may scan redo that
+    // creates them, copy them whole as `.new` files into its delta on the
+    // host, and its prepare fails renaming those into the stage disk:
+    // EXDEV — a backup issue of its own, not what this test is about.)
+    m.stop();
+    m.start();
+    archiver_refuses_users(&agent, &m);
+    let mut archiver = start_archiver(&agent, &m);
+    let h = make_history(&agent, &mut m);
+    wait_covered(&agent, &m, &mut archiver);
+
+    for (i, mo) in h.moments.iter().enumerate() {
+        let v = restore_to(&agent, "--target-time", &at(mo.us), &format!("t{i}"), mo);
+        let point = if i < 2 { &h.p1 } else { &h.p2 };
+        assert_eq!(v["point"], point["snapshot"], "{v}");
+    }
+    // A GTID in the middle of a batch: that many transfers after B.
+    let b = &h.moments[1];
+    let (ds, n) = b.gtid.rsplit_once('-').unwrap();
+    let mid = Moment {
+        us: 0,
+        gtid: format!("{ds}-{}", n.parse::<u64>().unwrap() + 37),
+        journal: b.journal + 37,
+        digest: journal_digest(&m.sock, b.journal + 37),
+    };
+    restore_to(&agent, "--target-gtid", &mid.gtid, "g1", &mid);
+    let d = &h.moments[3];
+    restore_to(&agent, "--target-gtid", &d.gtid, "g2", d);
+    refusals(&agent, &app, &m, &h);
+
+    // Stopped, the archiver detaches its volume and says how far it got.
+    // SAFETY: kill(2) on the archiver this test started.
+    unsafe { libc::kill(archiver.id() as i32, libc::SIGTERM) };
+    let out = wait_output(archiver, "the archiver to stop");
+    assert!(out.status.success(), "{out:?}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("archiver result");
+    assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
+    gap(&agent, &h);
+    refused_without_binlog(&agent, &mut m);
 }
 
 fn p1_created(app: &Appliance, p1: &Value) -> i64 {
