@@ -295,6 +295,8 @@ pub struct MariaPlan {
     pub transactions: u64,
     /// The GTID of the last transaction replayed (or the point's).
     pub applied_to: String,
+    /// The binlog stamp of the last transaction replayed (whole seconds).
+    pub last_transaction: Option<String>,
     pub reaches: String,
 }
 
@@ -448,6 +450,7 @@ pub fn plan(
                     stop: pp.pos,
                     transactions: 0,
                     applied_to: fmt_gtids(&pp.gtid),
+                    last_transaction: None,
                     reaches: target.describe(),
                 });
             }
@@ -507,6 +510,10 @@ pub fn plan(
         stop: stop_off,
         transactions: w.transactions,
         applied_to,
+        last_transaction: w
+            .last
+            .as_ref()
+            .map(|(_, t)| rfc3339_us(t.stamp as i64 * 1_000_000)),
         reaches,
     })
 }
@@ -723,6 +730,7 @@ impl crate::ops::Recover for Replay<'_> {
             "replay_seconds": secs,
             "transactions": self.plan.transactions,
             "applied_to": self.plan.applied_to,
+            "last_transaction": self.plan.last_transaction,
         }))
     }
 }
@@ -937,6 +945,10 @@ mod tests {
         let p = plan(&pts, d.path(), None, &s(101)).unwrap();
         assert_eq!((p.start, p.stop, p.transactions), (p1, starts[1], 1));
         assert_eq!(p.applied_to, "0-1-10");
+        assert_eq!(
+            p.last_transaction.as_deref(),
+            Some("1970-01-01T00:01:40.000000Z")
+        );
         let p = plan(&pts, d.path(), None, &s(102)).unwrap();
         assert_eq!((p.stop, p.applied_to.as_str()), (starts[3], "0-1-12"));
         let p = plan(&pts, d.path(), None, &Target::Gtid("0-1-11".into())).unwrap();

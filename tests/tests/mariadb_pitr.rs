@@ -124,6 +124,7 @@ fn restore_to(agent: &Agent, flag: &str, target: &str, name: &str, want: &Moment
         "transfers at {target}"
     );
     assert_eq!(v["applied_to"].as_str(), Some(want.gtid.as_str()), "{v}");
+    assert!(v["recovery"]["replay_seconds"].as_f64().is_some(), "{v}");
     agent.ok(&["detach", name, "--delete-clone"]);
     v
 }
