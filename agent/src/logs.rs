@@ -220,7 +220,12 @@ pub struct PgArchive {
 /// needs (its stop LSN's), and that point's timeline; `None` when there
 /// is no point yet (everything is kept).
 fn oldest_needed(ctx: &Ctx, volume: &str, seg_size: u64) -> Result<Option<(u32, u64)>> {
-    let points = crate::pitr::points(ctx, volume)?;
+    let points = match ctx.api.list_snapshots(volume) {
+        Ok(p) => p,
+        // No backup made the stage volume yet: nothing to prune against.
+        Err(cdm_api::client::ClientError::Api { status: 404, .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
     let mut oldest: Option<(u32, u64)> = None;
     for p in points
         .iter()
