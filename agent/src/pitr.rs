@@ -575,18 +575,15 @@ pub fn pg_arm(r: &pg::Running, wal: &Path, targets: &str) -> Result<()> {
         chown(&p, Some(r.uid), Some(r.gid))?;
     }
     chown(wal, Some(r.uid), Some(r.gid))?;
-    let mut p = wal.parent();
-    while let Some(d) = p {
-        // The clone's mount point and the directories above it must let
-        // the server through (search permission).
-        if let Ok(m) = std::fs::metadata(d) {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = m.permissions().mode();
-            if mode & 0o001 == 0 {
-                let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode | 0o001));
-            }
+    // The archive clone's root must let the server through; the
+    // directories above it are the state directory's, which the copy's
+    // own data directory already needs traversable.
+    if let Some(root) = wal.parent() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(root)?.permissions().mode();
+        if mode & 0o001 == 0 {
+            std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode | 0o001))?;
         }
-        p = d.parent();
     }
     Ok(())
 }
