@@ -331,6 +331,11 @@ fn postgres_restores_to_times_lsns_and_restore_points() {
     )
     .trim()
     .to_string();
+    // WAL after batch 4's segment, so its absence is a gap and not the
+    // end of the archive.
+    let l6 = batch(&pg, 6);
+    let m6 = moment(&pg, l6);
+    wait_covered(&agent, &m6);
     archiver.stop();
     let a = agent.ok(&["attach", "pg-log", "--name", "gap"]);
     let mnt = PathBuf::from(a["mount"].as_str().unwrap());
