@@ -163,9 +163,12 @@ impl Watch {
                     now.duration_since(a).as_secs()
                 )
             })),
-            None if self.error.is_some() => {
-                failing(self.warning.clone().or(self.error.clone()).unwrap_or_default())
-            }
+            None if self.error.is_some() => failing(
+                self.warning
+                    .clone()
+                    .or(self.error.clone())
+                    .unwrap_or_default(),
+            ),
             None if now.duration_since(started) < START_GRACE => None,
             None => failing(self.warning.clone().unwrap_or_else(|| {
                 format!(
@@ -293,7 +296,14 @@ impl Archivers {
             match spawned {
                 Ok(thread) => {
                     tracing::info!(application = t.application, kind = %t.kind, volume = %t.volume, "starting the log archiver");
-                    running.insert(t.application, Running { task: t, ctl, thread });
+                    running.insert(
+                        t.application,
+                        Running {
+                            task: t,
+                            ctl,
+                            thread,
+                        },
+                    );
                 }
                 Err(e) => {
                     tracing::error!(application = t.application, error = %e, "cannot start a thread for the log archiver")
@@ -453,7 +463,10 @@ fn run_once(
         }
         if let Some(at) = termed {
             if !killed && now.duration_since(at) >= KILL_AFTER {
-                tracing::warn!(application = t.application, "the log archiver ignored SIGTERM: SIGKILL");
+                tracing::warn!(
+                    application = t.application,
+                    "the log archiver ignored SIGTERM: SIGKILL"
+                );
                 // SAFETY: its own process group (setpgid in `hooks`).
                 unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
                 killed = true;
@@ -577,17 +590,45 @@ mod tests {
         assert_eq!(
             a,
             [
-                "--json", "--url", "https://a:8443", "--nbd", "a:10809", "--state-dir",
-                "/var/lib/cdm-agent", "--ca-file", "/var/lib/cdm-agent/ca.pem", "logs",
-                "postgres", "--volume", "db1-postgresql-3", "--host", "/run/pg", "--port",
-                "5434", "--user", "postgres", "--password-file", "/etc/pw"
+                "--json",
+                "--url",
+                "https://a:8443",
+                "--nbd",
+                "a:10809",
+                "--state-dir",
+                "/var/lib/cdm-agent",
+                "--ca-file",
+                "/var/lib/cdm-agent/ca.pem",
+                "logs",
+                "postgres",
+                "--volume",
+                "db1-postgresql-3",
+                "--host",
+                "/run/pg",
+                "--port",
+                "5434",
+                "--user",
+                "postgres",
+                "--password-file",
+                "/etc/pw"
             ]
         );
-        let m = task(4, "mariadb", json!({"socket": "/run/mysqld/m.sock", "datadir": "/d"}));
+        let m = task(
+            4,
+            "mariadb",
+            json!({"socket": "/run/mysqld/m.sock", "datadir": "/d"}),
+        );
         let a = strings(&args(&m, &g()).unwrap());
         assert_eq!(
             &a[9..],
-            ["logs", "mariadb", "--volume", "db1-mariadb-4", "--socket", "/run/mysqld/m.sock"]
+            [
+                "logs",
+                "mariadb",
+                "--volume",
+                "db1-mariadb-4",
+                "--socket",
+                "/run/mysqld/m.sock"
+            ]
         );
         assert!(args(&task(5, "postgresql", json!({})), &g())
             .unwrap_err()
@@ -602,9 +643,15 @@ mod tests {
         let running = BTreeMap::from([(1, a.clone()), (2, b.clone())]);
         assert_eq!(diff(&running, &[a.clone(), b.clone()]), (vec![], vec![]));
         let c = task(3, "mariadb", json!({}));
-        assert_eq!(diff(&running, &[a.clone(), c.clone()]), (vec![2], vec![c.clone()]));
+        assert_eq!(
+            diff(&running, &[a.clone(), c.clone()]),
+            (vec![2], vec![c.clone()])
+        );
         let b2 = task(2, "postgresql", json!({"host": "/run/pg", "port": 5434}));
-        assert_eq!(diff(&running, &[a.clone(), b2.clone()]), (vec![2], vec![b2]));
+        assert_eq!(
+            diff(&running, &[a.clone(), b2.clone()]),
+            (vec![2], vec![b2])
+        );
         assert_eq!(diff(&running, &[]), (vec![1, 2], vec![]));
         // A task listed twice runs once.
         assert_eq!(
@@ -692,8 +739,11 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let t = std::thread::spawn(move || {
             let mut cmd = Command::new("sh");
-            cmd.args(["-c", "trap 'echo term; exit 0' TERM; echo up; while :; do sleep 0.05; done"])
-                .stdout(Stdio::piped());
+            cmd.args([
+                "-c",
+                "trap 'echo term; exit 0' TERM; echo up; while :; do sleep 0.05; done",
+            ])
+            .stdout(Stdio::piped());
             hooks(&mut cmd);
             let mut c = cmd.spawn().unwrap();
             let mut out = BufReader::new(c.stdout.take().unwrap());

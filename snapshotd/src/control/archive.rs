@@ -223,7 +223,10 @@ mod tests {
     fn failures_are_said_once_and_recoveries_follow_them() {
         let mut s = ArchiveSeen::default();
         assert_eq!(transition(&s, "streaming"), (None, false));
-        assert_eq!(transition(&s, "failing"), (Some("log_archive.failing"), true));
+        assert_eq!(
+            transition(&s, "failing"),
+            (Some("log_archive.failing"), true)
+        );
         s.alerted = true;
         assert_eq!(transition(&s, "failing"), (None, true));
         assert_eq!(
@@ -253,7 +256,10 @@ mod tests {
             alerted: true,
         };
         let s = status(Some(&failing), true, 100);
-        assert_eq!((s.state.as_str(), s.error.as_deref()), ("failing", Some("server down")));
+        assert_eq!(
+            (s.state.as_str(), s.error.as_deref()),
+            ("failing", Some("server down"))
+        );
     }
 
     #[test]
