@@ -10,6 +10,8 @@ pub mod kernel_nbd;
 pub mod logs;
 pub mod maria;
 pub mod maria_backup;
+pub mod maria_logs;
+pub mod maria_pitr;
 pub mod merge;
 pub mod nbdfile;
 pub mod ops;

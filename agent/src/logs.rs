@@ -73,7 +73,7 @@ pub fn read_status(dir: &Path) -> Option<Status> {
 
 /// Written aside, synced, renamed, the directory synced: a power cut
 /// leaves the old status or the new one.
-fn write_status(dir: &Path, s: &Status) -> Result<()> {
+pub(crate) fn write_status(dir: &Path, s: &Status) -> Result<()> {
     let tmp = dir.join(".status.json.tmp");
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(s).map_err(|e| crate::err!(Io, "status: {e}"))?)?;
@@ -138,7 +138,7 @@ pub fn stop_on_signal() -> Arc<AtomicBool> {
 }
 
 /// Sleeps `d` unless asked to stop; true when asked.
-fn nap(stop: &AtomicBool, d: Duration) -> bool {
+pub(crate) fn nap(stop: &AtomicBool, d: Duration) -> bool {
     let end = Instant::now() + d;
     while Instant::now() < end {
         if stop.load(Ordering::SeqCst) {
@@ -171,7 +171,7 @@ pub(crate) fn open_log_volume(ctx: &Ctx, volume: &str) -> Result<(Mounted, std::
     Ok((m, lock))
 }
 
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
+pub(crate) fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -187,7 +187,7 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
         })
 }
 
-fn end_child(c: &mut Child) {
+pub(crate) fn end_child(c: &mut Child) {
     // SIGTERM: both streamers flush what they received and exit.
     // SAFETY: kill on the pid of a child we own and have not reaped.
     unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
@@ -202,7 +202,7 @@ fn end_child(c: &mut Child) {
     let _ = c.wait();
 }
 
-fn tail(log: &Path) -> String {
+pub(crate) fn tail(log: &Path) -> String {
     let t = std::fs::read_to_string(log).unwrap_or_default();
     let lines: Vec<&str> = t.lines().rev().take(3).collect();
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
@@ -212,6 +212,63 @@ fn tail(log: &Path) -> String {
 pub struct PgArchive {
     pub conn: pg::Conn,
     pub slot: String,
+    /// How often WAL no point needs any more is removed.
+    pub prune_every: Duration,
+}
+
+/// The first WAL segment a restore from the oldest point kept still
+/// needs (its stop LSN's), and that point's timeline; `None` when there
+/// is no point yet (everything is kept).
+fn oldest_needed(ctx: &Ctx, volume: &str, seg_size: u64) -> Result<Option<(u32, u64)>> {
+    let points = match ctx.api.list_snapshots(volume) {
+        Ok(p) => p,
+        // No backup made the stage volume yet: nothing to prune against.
+        Err(cdm_api::client::ClientError::Api { status: 404, .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut oldest: Option<(u32, u64)> = None;
+    for p in points
+        .iter()
+        .filter(|p| p.metadata.get("kind").and_then(Value::as_str) == Some("postgres"))
+    {
+        let Some(lsn) = p.metadata.get("stop_lsn").and_then(Value::as_str) else {
+            continue;
+        };
+        let tli = p
+            .metadata
+            .get("timeline")
+            .and_then(Value::as_u64)
+            .unwrap_or(1) as u32;
+        let seg = pg::parse_lsn(lsn)? / seg_size;
+        if oldest.is_none_or(|(_, s)| seg < s) {
+            oldest = Some((tli, seg));
+        }
+    }
+    Ok(oldest)
+}
+
+/// WAL retention follows the points' retention: complete segments before
+/// the one the oldest point's replay starts in are removed (the point's
+/// copy holds the WAL up to its stop LSN itself). History files and the
+/// streamer's `.partial` stay. The number removed.
+pub fn prune_wal(dir: &Path, keep_from: (u32, u64), seg_size: u64) -> Result<usize> {
+    let (tli, first) = keep_from;
+    let mut n = 0;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((t, seg, partial)) = crate::pitr::parse_wal_name(&name, seg_size) else {
+            continue;
+        };
+        if !partial && t <= tli && seg < first {
+            std::fs::remove_file(e.path())?;
+            n += 1;
+        }
+    }
+    if n > 0 {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(n)
 }
 
 fn pg_conn_args(c: &pg::Conn) -> Vec<String> {
@@ -313,6 +370,8 @@ pub fn archive_postgres(
         let mut status = read_status(&m.a.mount).unwrap_or_default();
         status.server = si.system_identifier.clone();
         let mut restarts = 0u64;
+        let mut pruned = 0usize;
+        let mut last_prune: Option<Instant> = None;
         while !stop.load(Ordering::SeqCst) {
             let mut child = spawn_logged(
                 pg_cmd(&a.conn, &bindir.join("pg_receivewal").to_string_lossy())
@@ -341,6 +400,20 @@ pub fn archive_postgres(
                         continue;
                     }
                 };
+                if last_prune.is_none_or(|t| t.elapsed() >= a.prune_every) {
+                    last_prune = Some(Instant::now());
+                    match oldest_needed(ctx, volume, si.wal_segment_size).and_then(|k| {
+                        k.map(|k| prune_wal(&dir, k, si.wal_segment_size))
+                            .transpose()
+                    }) {
+                        Ok(Some(n)) if n > 0 => {
+                            pruned += n;
+                            tracing::info!(volume, removed = n, "WAL no point needs removed");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!("pruning the archive of {volume}: {e}"),
+                    }
+                }
                 let (us, cur, durable) = sample;
                 cov.sample(us, cur);
                 if let Some((t, lsn)) = durable.and_then(|d| cov.covered(&d)) {
@@ -367,6 +440,7 @@ pub fn archive_postgres(
             "covered": cdm_api::instant::rfc3339_us(status.covered_us),
             "covered_lsn": status.covered_lsn.map(pg::fmt_lsn),
             "restarts": restarts,
+            "segments_pruned": pruned,
         }))
     })();
     let closed = m.close(ctx);
@@ -375,14 +449,15 @@ pub fn archive_postgres(
     Ok(v)
 }
 
-/// Streams a MariaDB server's binlogs into the log volume of `volume`.
+/// Streams a MariaDB server's binlogs into the log volume of `volume`
+/// until `stop` (see [`crate::maria_logs`]).
 pub fn archive_mariadb(
-    _ctx: &Ctx,
+    ctx: &Ctx,
     volume: &str,
-    _conn: &crate::maria::Conn,
-    _stop: &AtomicBool,
+    conn: &crate::maria::Conn,
+    stop: &AtomicBool,
 ) -> Result<Value> {
-    crate::fail!(Host, "binlog archiving of {volume}: not built yet")
+    crate::maria_logs::archive(ctx, volume, conn, stop)
 }
 
 /// The server's own tools, matching its major version.
@@ -411,6 +486,37 @@ mod tests {
         assert_eq!(c.covered(&200), Some((30, 150)));
         assert_eq!(c.covered(&200), None);
         assert_eq!(c.covered(&300), Some((40, 300)));
+    }
+
+    #[test]
+    fn pruning_keeps_what_the_oldest_point_needs() {
+        let d = tempfile::tempdir().unwrap();
+        let seg = 16u64 << 20;
+        for n in [
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005",
+            "000000010000000000000006.partial",
+            "00000002.history",
+            "000000020000000000000002",
+        ] {
+            std::fs::write(d.path().join(n), b"x").unwrap();
+        }
+        assert_eq!(prune_wal(d.path(), (1, 5), seg).unwrap(), 2);
+        let mut left: Vec<String> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "000000010000000000000005",
+                "000000010000000000000006.partial",
+                "00000002.history",
+                "000000020000000000000002"
+            ]
+        );
     }
 
     #[test]

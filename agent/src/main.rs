@@ -8,7 +8,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use cdm_agent::attach::{self, AttachRequest};
@@ -400,6 +400,9 @@ enum LogsCmd {
         /// Replication slot [default: cdm_VOLUME, '-' as '_'].
         #[arg(long)]
         slot: Option<String>,
+        /// Seconds between removals of WAL that no kept point needs.
+        #[arg(long, default_value_t = 300)]
+        prune_interval: u64,
     },
     /// Stream a MariaDB server's binlogs (mariadb-binlog --raw
     /// --stop-never) into the log volume VOLUME-log, until stopped.
@@ -772,7 +775,12 @@ fn logs_cmd(ctx: &Ctx, l: &LogsCmd) -> anyhow::Result<serde_json::Value> {
     use cdm_agent::logs;
     let stop = logs::stop_on_signal();
     Ok(match l {
-        LogsCmd::Postgres { volume, conn, slot } => {
+        LogsCmd::Postgres {
+            volume,
+            conn,
+            slot,
+            prune_interval,
+        } => {
             let slot = slot.clone().unwrap_or_else(|| {
                 format!("cdm_{}", volume.replace(['-', '.'], "_").to_lowercase())
             });
@@ -782,6 +790,7 @@ fn logs_cmd(ctx: &Ctx, l: &LogsCmd) -> anyhow::Result<serde_json::Value> {
                 &logs::PgArchive {
                     conn: conn.conn()?,
                     slot,
+                    prune_every: Duration::from_secs(*prune_interval),
                 },
                 &stop,
             )?

@@ -37,10 +37,10 @@ pub struct Conn {
 
 /// A `[client]` options file holding the password (mode 0600, removed
 /// when dropped): the password never appears on a command line.
-struct Secret(Option<tempfile::NamedTempFile>);
+pub(crate) struct Secret(Option<tempfile::NamedTempFile>);
 
 impl Conn {
-    fn secret(&self) -> Result<Secret> {
+    pub(crate) fn secret(&self) -> Result<Secret> {
         let Some(p) = &self.password else {
             return Ok(Secret(None));
         };
@@ -59,7 +59,7 @@ impl Conn {
 
     /// `prog` with the options file (it must come first) and the socket
     /// and user.
-    fn command(&self, prog: &str, secret: &Secret) -> Command {
+    pub(crate) fn command(&self, prog: &str, secret: &Secret) -> Command {
         let mut c = Command::new(prog);
         if let Some(f) = &secret.0 {
             c.arg(format!("--defaults-extra-file={}", f.path().display()));

@@ -2,7 +2,7 @@
 //! (`mariadb-backup --backup` straight into the stage disk, then
 //! `--prepare`), each next one incremental: the pages changed since the
 //! last point's `to_lsn` (kept in its snapshot's metadata) copied into a
-//! scratch directory on the host, then prepared into the stage disk's
+//! directory beside the data directory on the stage disk, then prepared into the stage disk's
 //! live contents — which, right after a point, are that point's tree
 //! shared copy-on-write, i.e. a clone of it — and snapshotted.
 //!
@@ -121,8 +121,11 @@ fn plan(mount: &Path, last: Option<(u64, Value)>) -> Plan {
     }
 }
 
-/// Host-side scratch of a volume's backups: the delta and the base's
-/// checkpoints.
+/// The delta of an incremental, on the stage disk.
+const DELTA: &str = ".cdm-mariadb-delta";
+
+/// Host-side scratch of a volume's backups: the base's checkpoints and
+/// the tools' logs.
 fn scratch(ctx: &Ctx, volume: &str) -> PathBuf {
     ctx.state_dir.join("mariadb").join(volume)
 }
@@ -146,6 +149,7 @@ fn full(c: &Conn, datadir: &Path, mount: &Path, logs: &Path, why: String) -> Res
     let dd = mount.join(DATADIR);
     write_synced(&mount.join(MARKER), "full\n")?;
     remove_dir(&dd)?;
+    remove_dir(&mount.join(DELTA))?;
     let b = maria::backup(c, datadir, &dd, None, &logs.join("backup.log"))?;
     let point = maria::read_point(&dd)?;
     let p = maria::prepare(&dd, None, &logs.join("prepare.log"))?;
@@ -171,7 +175,11 @@ fn incremental(
 ) -> Result<Made> {
     let dd = mount.join(DATADIR);
     let basedir = work.join("base");
-    let delta = work.join("delta");
+    // On the stage disk, beside the data directory: the prepare *moves*
+    // the tables created since the base (`*.new` files) into it with
+    // rename(2), which fails with EXDEV across filesystems. Removed before
+    // the snapshot; a run killed half way leaves it for the next to remove.
+    let delta = mount.join(DELTA);
     remove_dir(&basedir)?;
     remove_dir(&delta)?;
     std::fs::create_dir_all(&basedir)?;

@@ -398,6 +398,7 @@ fn postgres_meta(si: &pg::ServerInfo, pgdata: &Path, s: &pg::Stopped, st: &Merge
             "system_identifier": si.system_identifier,
             "data_directory": pgdata,
             "port": si.port,
+            "wal_segment_size": si.wal_segment_size,
         },
         "start_lsn": s.start_lsn,
         "stop_lsn": s.stop_lsn,

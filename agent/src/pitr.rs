@@ -744,7 +744,9 @@ pub fn restore(
                 v["wal_segments"] = json!(plan.segments);
                 v
             }
-            "mariadb" => crate::fail!(Host, "binlog replay for MariaDB points is not built yet"),
+            "mariadb" => {
+                crate::maria_pitr::restore(ctx, &points, &view, target, name, port, mount)?
+            }
             k => crate::fail!(Host, "points of kind {k:?} have no logs to replay"),
         };
         v["target"] = json!(target.describe());

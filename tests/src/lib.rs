@@ -766,3 +766,73 @@ pub fn fsck_clean(data: &Path) {
         .arg("fsck"));
     assert!(out.contains("clean"), "fsck: {out}");
 }
+
+/// The agent pointed at one appliance, with its own state directory;
+/// detaches whatever is still attached when dropped.
+pub struct AgentCli {
+    pub state: tempfile::TempDir,
+    pub url: String,
+    pub token: PathBuf,
+    /// The appliance's NBD socket.
+    pub sock: PathBuf,
+}
+
+impl AgentCli {
+    pub fn new(app: &Appliance) -> AgentCli {
+        AgentCli {
+            state: tempfile::Builder::new()
+                .prefix("cdm-agent-")
+                .tempdir_in("/var/tmp")
+                .unwrap(),
+            url: app.url(),
+            token: app.data.join("admin.token"),
+            sock: app.sock.clone(),
+        }
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin("cdm-agent"));
+        c.args(["--url", &self.url, "--token-file"])
+            .arg(&self.token)
+            .arg("--nbd")
+            .arg(format!("unix:{}", self.sock.display()))
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .arg("--json")
+            .args(args)
+            .env_remove("CDM_TOKEN")
+            .env_remove("PGPASSWORD");
+        c
+    }
+
+    pub fn ok(&self, args: &[&str]) -> serde_json::Value {
+        let out = run(&mut self.cmd(args));
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    }
+
+    /// The error of a command that must fail.
+    pub fn fail(&self, args: &[&str]) -> String {
+        let out = output(&mut self.cmd(args));
+        assert!(!out.status.success(), "{args:?} should have failed");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: serde_json::Value =
+            serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"));
+        v["error"].as_str().expect("error message").to_string()
+    }
+}
+
+impl Drop for AgentCli {
+    fn drop(&mut self) {
+        if let Ok(out) = self.cmd(&["list"]).output() {
+            if let Ok(serde_json::Value::Array(v)) =
+                serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            {
+                for a in v {
+                    if let Some(n) = a["name"].as_str() {
+                        let _ = self.cmd(&["detach", n]).output();
+                    }
+                }
+            }
+        }
+    }
+}

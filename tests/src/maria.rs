@@ -9,9 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use serde_json::Value;
-
-use crate::{bin, output, run, wait_for, wait_output, Appliance};
+use crate::{run, wait_for, wait_output};
 
 /// Accounts of the bank; each starts with [`OPENING`].
 pub const ACCOUNTS: u32 = 2000;
@@ -299,69 +297,5 @@ pub fn journal_digest(sock: &Path, n: u64) -> String {
     )
 }
 
-/// The agent pointed at one appliance, with its own state directory;
-/// detaches whatever is still attached when dropped.
-pub struct Agent {
-    pub state: tempfile::TempDir,
-    pub url: String,
-    token: PathBuf,
-    /// The appliance's NBD socket.
-    pub sock: PathBuf,
-}
-
-impl Agent {
-    pub fn new(app: &Appliance) -> Agent {
-        Agent {
-            state: tempfile::Builder::new()
-                .prefix("cdm-agent-")
-                .tempdir_in("/var/tmp")
-                .unwrap(),
-            url: app.url(),
-            token: app.data.join("admin.token"),
-            sock: app.sock.clone(),
-        }
-    }
-
-    pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("cdm-agent"));
-        c.args(["--url", &self.url, "--token-file"])
-            .arg(&self.token)
-            .arg("--nbd")
-            .arg(format!("unix:{}", self.sock.display()))
-            .arg("--state-dir")
-            .arg(self.state.path())
-            .arg("--json")
-            .args(args)
-            .env_remove("CDM_TOKEN");
-        c
-    }
-
-    pub fn ok(&self, args: &[&str]) -> Value {
-        let out = run(&mut self.cmd(args));
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-    }
-
-    /// The error of a command that must fail.
-    pub fn fail(&self, args: &[&str]) -> String {
-        let out = output(&mut self.cmd(args));
-        assert!(!out.status.success(), "{args:?} should have failed");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let v: Value =
-            serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"));
-        v["error"].as_str().expect("error message").to_string()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(out) = self.cmd(&["list"]).output() {
-            if let Ok(Value::Array(v)) = serde_json::from_slice::<Value>(&out.stdout) {
-                for a in v {
-                    if let Some(n) = a["name"].as_str() {
-                        let _ = self.cmd(&["detach", n]).output();
-                    }
-                }
-            }
-        }
-    }
-}
+/// The agent of a test (shared by every end-to-end test).
+pub use crate::AgentCli as Agent;

@@ -11,74 +11,9 @@ use std::process::Command;
 use std::time::Instant;
 
 use cdm_e2e::pg::*;
+use cdm_e2e::AgentCli as Agent;
 use cdm_e2e::*;
 use serde_json::Value;
-
-/// The agent pointed at one appliance, with its own state directory;
-/// detaches whatever is still attached when dropped.
-struct Agent {
-    state: tempfile::TempDir,
-    url: String,
-    token: PathBuf,
-    sock: PathBuf,
-}
-
-impl Agent {
-    fn new(app: &Appliance) -> Agent {
-        Agent {
-            state: tempfile::Builder::new()
-                .prefix("cdm-agent-")
-                .tempdir_in("/var/tmp")
-                .unwrap(),
-            url: app.url(),
-            token: app.data.join("admin.token"),
-            sock: app.sock.clone(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin("cdm-agent"));
-        c.args(["--url", &self.url, "--token-file"])
-            .arg(&self.token)
-            .arg("--nbd")
-            .arg(format!("unix:{}", self.sock.display()))
-            .arg("--state-dir")
-            .arg(self.state.path())
-            .arg("--json")
-            .args(args)
-            .env_remove("CDM_TOKEN")
-            .env_remove("PGPASSWORD");
-        c
-    }
-
-    fn ok(&self, args: &[&str]) -> Value {
-        let out = run(&mut self.cmd(args));
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
-    }
-
-    fn fail(&self, args: &[&str]) -> String {
-        let out = output(&mut self.cmd(args));
-        assert!(!out.status.success(), "{args:?} should have failed");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let v: Value =
-            serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"));
-        v["error"].as_str().expect("error message").to_string()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Ok(out) = self.cmd(&["list"]).output() {
-            if let Ok(Value::Array(v)) = serde_json::from_slice::<Value>(&out.stdout) {
-                for a in v {
-                    if let Some(n) = a["name"].as_str() {
-                        let _ = self.cmd(&["detach", n]).output();
-                    }
-                }
-            }
-        }
-    }
-}
 
 fn backup_pg(agent: &Agent, pg: &Pg, volume: &str, extra: &[&str]) -> Value {
     let mut args = vec!["backup", "postgres", "--volume", volume];

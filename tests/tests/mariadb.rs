@@ -183,6 +183,45 @@ fn mariadb_full_and_incrementals_restore_to_their_points() {
     });
 }
 
+#[test]
+fn tables_created_between_backups_come_with_the_next_incremental() {
+    // mariadb-backup's incremental prepare *moves* the files of tables
+    // created since the base into the data directory (rename(2)): the
+    // delta must live on the stage disk's filesystem, or the prepare fails
+    // with EXDEV and no incremental can ever succeed again.
+    let _load = shared();
+    let app = Appliance::start(None);
+    let agent = Agent::new(&app);
+    let m = Maria::init();
+    let full = backup(&agent, &m, "newt", &["--size", "2G"]);
+    assert_eq!(full["backup"], "full", "{full}");
+    sql(
+        &m.sock,
+        "CREATE TABLE bank.fresh (id INT PRIMARY KEY, v VARCHAR(20)) ENGINE=InnoDB; \
+         INSERT INTO bank.fresh VALUES (1, 'one'), (2, 'two')",
+    );
+    let inc = backup(&agent, &m, "newt", &[]);
+    assert_eq!(inc["backup"], "incremental", "{inc}");
+    let sock = start_clone(&agent, "instant", inc["export"].as_str().unwrap(), "fresh");
+    assert_eq!(
+        sql(&sock, "SELECT GROUP_CONCAT(v ORDER BY id) FROM bank.fresh"),
+        "one,two"
+    );
+    agent.ok(&["detach", "fresh", "--delete-clone"]);
+    // The delta does not stay on the stage disk (nor in the point).
+    let a = agent.ok(&[
+        "attach",
+        inc["export"].as_str().unwrap(),
+        "--name",
+        "look",
+        "--read-only",
+    ]);
+    let mnt = PathBuf::from(a["mount"].as_str().unwrap());
+    assert!(mnt.join("mariadb").exists());
+    assert!(!mnt.join(".cdm-mariadb-delta").exists());
+    agent.ok(&["detach", "look"]);
+}
+
 /// A directory whose `mariadb-backup` damages the delta it is asked to
 /// apply (the first `.delta` file's header) and then runs the real one:
 /// a prepare that fails on a damaged scratch.

@@ -38,8 +38,8 @@ fn server_time(pg: &Pg) -> String {
 }
 
 /// One committed batch in a WAL segment of its own, so a test can remove
-/// exactly one batch's segment.
-fn batch(pg: &Pg, n: u32) {
+/// exactly one batch's segment; the LSN right after its commit.
+fn batch(pg: &Pg, n: u32) -> String {
     psql(
         &pg.sock,
         pg.port,
@@ -49,24 +49,26 @@ fn batch(pg: &Pg, n: u32) {
             n * 1000 + 99
         ),
     );
+    let lsn = psql(&pg.sock, pg.port, "SELECT pg_current_wal_lsn()")
+        .trim()
+        .to_string();
     psql(&pg.sock, pg.port, "SELECT pg_switch_wal()");
+    lsn
 }
 
-/// A moment recorded: its time, its LSN, the state then.
+/// A moment recorded: its time, the LSN of the last commit, the state.
 struct Moment {
     time: String,
     lsn: String,
     state: String,
 }
 
-fn moment(pg: &Pg) -> Moment {
+fn moment(pg: &Pg, lsn: String) -> Moment {
     // Strictly after the last commit, strictly before the next one.
     std::thread::sleep(Duration::from_millis(20));
     let m = Moment {
         time: server_time(pg),
-        lsn: psql(&pg.sock, pg.port, "SELECT pg_current_wal_lsn()")
-            .trim()
-            .to_string(),
+        lsn,
         state: state(&pg.sock, pg.port),
     };
     std::thread::sleep(Duration::from_millis(20));
@@ -77,7 +79,14 @@ struct Archiver(Option<Child>);
 
 impl Archiver {
     fn start(agent: &Agent, pg: &Pg) -> Archiver {
-        let mut args = vec!["logs", "postgres", "--volume", "pg"];
+        let mut args = vec![
+            "logs",
+            "postgres",
+            "--volume",
+            "pg",
+            "--prune-interval",
+            "1",
+        ];
         let conn = pg.agent_args();
         args.extend(conn.iter().map(String::as_str));
         let log = std::fs::File::create(agent.state.path().join("archiver.out")).unwrap();
@@ -174,7 +183,7 @@ fn postgres_restores_to_times_lsns_and_restore_points() {
     let archiver = Archiver::start(&agent, &pg);
     // Streaming before the first point: the archive starts where the
     // server was when the archiver first connected.
-    let first = moment(&pg);
+    let first = moment(&pg, String::new());
     wait_covered(&agent, &first);
     let conn = pg.agent_args();
     let backup = |label: &str| {
@@ -187,24 +196,24 @@ fn postgres_restores_to_times_lsns_and_restore_points() {
     let p1 = backup("one");
     // Point 1's snapshot time is whole seconds: the moments come after it.
     std::thread::sleep(Duration::from_millis(1100));
-    batch(&pg, 1);
-    let m1 = moment(&pg);
+    let l1 = batch(&pg, 1);
+    let m1 = moment(&pg, l1);
     psql(
         &pg.sock,
         pg.port,
         "SELECT pg_create_restore_point('after_one')",
     );
-    batch(&pg, 2);
-    let m2 = moment(&pg);
+    let l2 = batch(&pg, 2);
+    let m2 = moment(&pg, l2);
     let p2 = backup("two");
     std::thread::sleep(Duration::from_millis(1100));
-    batch(&pg, 3);
-    let m3 = moment(&pg);
-    batch(&pg, 4);
-    let m4 = moment(&pg);
+    let l3 = batch(&pg, 3);
+    let m3 = moment(&pg, l3);
+    let l4 = batch(&pg, 4);
+    let m4 = moment(&pg, l4);
     // Idle from here: a target after the last commit is the final state.
     std::thread::sleep(Duration::from_millis(300));
-    let m5 = moment(&pg);
+    let m5 = moment(&pg, m4.lsn.clone());
     assert_eq!(m5.state, m4.state);
     wait_covered(&agent, &m5);
 
@@ -264,11 +273,61 @@ fn postgres_restores_to_times_lsns_and_restore_points() {
         );
     }
 
-    // A gap: batch 3's segment removed from the archive.
+    // Retention: point 1 deleted, the WAL only it needed goes from the
+    // archive; a time before point 2 is now before the first point.
+    let wal = agent.state.path().join("mnt/pg-log/wal");
+    let first_needed = psql(
+        &pg.sock,
+        pg.port,
+        &format!(
+            "SELECT pg_walfile_name('{}')",
+            api.get(&format!("/v1/volumes/pg/snapshots/{p2}"))["metadata"]["stop_lsn"]
+                .as_str()
+                .unwrap()
+        ),
+    )
+    .trim()
+    .to_string();
+    let oldest = || {
+        std::fs::read_dir(&wal)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.len() == 24)
+            .min()
+            .unwrap_or_default()
+    };
+    assert!(oldest() < first_needed, "nothing to prune in the test");
+    api.expect(
+        204,
+        "DELETE",
+        &format!("/v1/volumes/pg/snapshots/{p1}"),
+        None,
+    );
+    let t = Instant::now();
+    while oldest() != first_needed {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "not pruned: {}",
+            oldest()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let early = agent.fail(&[
+        "restore",
+        "pitr",
+        "pg",
+        "--target-time",
+        &m1.time,
+        "--name",
+        "pruned",
+    ]);
+    assert!(early.contains("before the first point"), "{early}");
+
+    // A gap: batch 4's segment removed from the archive.
     let seg = psql(
         &pg.sock,
         pg.port,
-        &format!("SELECT pg_walfile_name('{}'::pg_lsn - 1)", m3.lsn),
+        &format!("SELECT pg_walfile_name('{}')", m4.lsn),
     )
     .trim()
     .to_string();
@@ -293,6 +352,7 @@ fn postgres_restores_to_times_lsns_and_restore_points() {
         "pastgap",
     ]);
     assert!(err.contains(&seg) && err.contains("is missing"), "{err}");
-    // Before the gap, restores still work.
-    restore_to(&agent, "--target-time", &m1.time, &m1.state, "beforegap");
+    // Up to the gap, restores still work.
+    let v = restore_to(&agent, "--target-lsn", &m3.lsn, &m3.state, "beforegap");
+    assert_eq!(v["point"].as_u64(), Some(p2), "{v}");
 }

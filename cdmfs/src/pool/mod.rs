@@ -135,15 +135,17 @@ impl Pool {
         Ok((self.lock()?.pool_rec.crypto.is_some(), self.keys.is_some()))
     }
 
-    /// The check value of this pool's key record, if it has a key: seals
-    /// carrying it are under this pool's own key (whether or not unlocked).
-    pub fn key_check(&self) -> Result<Option<String>> {
+    /// Whether `seal` is under this pool's own key (whether or not
+    /// unlocked): its key check value is this pool's key record's. The one
+    /// home of that rule (fail-back unsealing, refusing to unload our own
+    /// key).
+    pub fn seal_is_own(&self, seal: &crate::SealRec) -> Result<bool> {
         Ok(self
             .lock()?
             .pool_rec
             .crypto
             .as_ref()
-            .map(|c| c.check.clone()))
+            .is_some_and(|c| c.check == seal.crypto.check))
     }
 
     pub(crate) fn lock(&self) -> Result<MutexGuard<'_, Inner>> {

@@ -63,7 +63,7 @@ pub fn load(pool: &Pool, volume: &str, req: &VolumeKey) -> ApiResult<()> {
 /// the same seal) is unreadable here again.
 pub fn unload(pool: &Pool, volume: &str) -> ApiResult<()> {
     let seal = seal_of(pool, volume)?;
-    if pool.key_check().map_err(engine)?.as_ref() == Some(&seal.crypto.check) {
+    if pool.seal_is_own(&seal).map_err(engine)? {
         return Err(ApiError::bad_request(format!(
             "volume {volume} is sealed with this appliance's own key, which cannot be unloaded"
         )));

@@ -527,10 +527,7 @@ fn seal_mode(
 /// Whether `s` is under this appliance's own key (its check value is our
 /// key record's).
 fn own_key(pool: &Pool, s: &cdmfs::SealRec) -> Result<bool, ApiError> {
-    Ok(pool
-        .key_check()
-        .map_err(engine)?
-        .is_some_and(|c| c == s.crypto.check))
+    pool.seal_is_own(s).map_err(engine)
 }
 
 /// 409 `full_required` when the point cannot build on base snapshot
