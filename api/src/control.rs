@@ -106,11 +106,62 @@ pub struct Heartbeat {
     pub first: bool,
     #[serde(default)]
     pub applications: Vec<DiscoveredApp>,
+    /// The state of each log archiver the agent runs (one per
+    /// [`ArchiveTask`] it was given); one still starting is left out.
+    #[serde(default)]
+    pub archives: Vec<ArchiveReport>,
 }
 
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
 pub struct HeartbeatReply {
     pub heartbeat_seconds: u64,
+    /// The log archivers the host should run: its database applications
+    /// whose policy has `archive_logs` (older agents ignore it).
+    #[serde(default)]
+    pub archives: Vec<ArchiveTask>,
+}
+
+/// A log archiver an agent keeps running (`cdm-agent logs KIND`).
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct ArchiveTask {
+    /// The application's id.
+    pub application: u64,
+    /// `postgresql` or `mariadb`.
+    pub kind: String,
+    /// The application's stage volume: the archive is `VOLUME-log`.
+    pub volume: String,
+    /// The application's config (how to reach the server).
+    #[serde(default)]
+    pub config: Value,
+}
+
+/// How one of the agent's log archivers fares.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct ArchiveReport {
+    pub application: u64,
+    /// `streaming` (its coverage advances) or `failing`.
+    pub state: String,
+    /// Unix seconds (the server's clock) up to which the archive is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub covered_unix: Option<u64>,
+    /// Why it is failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An application's continuous log archiving, as the appliance last heard
+/// of it.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct LogArchiveStatus {
+    /// `streaming`, `failing`, `stale` (the host's heartbeats stopped) or
+    /// `starting` (no report yet).
+    pub state: String,
+    /// RFC 3339: up to when the archive is complete.
+    pub covered: Option<String>,
+    pub covered_unix: Option<u64>,
+    /// Seconds between `covered_unix` and now.
+    pub lag_seconds: Option<u64>,
+    pub error: Option<String>,
 }
 
 /// The last backup job of an application.
@@ -150,6 +201,10 @@ pub struct Application {
     pub size_bytes: Option<u64>,
     pub created_unix: u64,
     pub rpo: RpoStatus,
+    /// Its continuous log archiving; null when its policy does not
+    /// archive logs.
+    #[serde(default)]
+    pub log_archive: Option<LogArchiveStatus>,
 }
 
 /// `POST /v1/applications`: an application registered by hand.
@@ -256,6 +311,11 @@ pub struct ProtectionPolicy {
     /// Where database drills run (default: the application's host).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drill_host: Option<String>,
+    /// Archive the logs of its `postgresql` and `mariadb` applications
+    /// continuously (their agents run `cdm-agent logs`): restores to any
+    /// time, RPO of seconds. Ignored for other kinds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub archive_logs: bool,
 }
 
 fn default_retries() -> u32 {

@@ -97,6 +97,12 @@ struct Args {
     /// after the cancel.
     #[arg(long, default_value_t = control::CANCEL_GRACE_SECS)]
     cancel_grace_seconds: u64,
+    /// Seconds between agents' heartbeats (they say which jobs and log
+    /// archivers run; a host is offline after three missed). Lower values
+    /// notice a failing archiver sooner, at the cost of more calls.
+    #[arg(long, default_value_t = cdm_api::control::HEARTBEAT_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat_seconds: u64,
     /// Fault injection for tests (never in production): while the file
     /// DIR/state-eio exists, writes to the state database fail with EIO;
     /// DIR/pool-enospc, pool-short-write, pool-eio-write, pool-eio-read,
@@ -796,6 +802,7 @@ fn main() -> Result<()> {
         .set_limits(args.max_jobs, args.max_jobs_per_host);
     app.control
         .set_timeouts(args.job_stall_seconds, args.cancel_grace_seconds);
+    app.control.set_heartbeat(args.heartbeat_seconds);
     app.scheduler.set_control(app.control.clone());
     app.scheduler.set_replication(repl.clone());
     repl.start(s.tick, stop.clone());

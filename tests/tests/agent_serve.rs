@@ -5,7 +5,10 @@
 //! (exit 4); a cancelled job and an agent killed mid-job (SIGKILL) that
 //! both leave no point, their child processes gone, and a correct next
 //! run; a `vm` application's backup job (the VMs of its category, each
-//! disk a point); an agent at its `--max-jobs` never running more. Also
+//! disk a point); an agent at its `--max-jobs` never running more; the
+//! log archiver a policy with `archive_logs` starts, watched through the
+//! application's `log_archive` (streaming, failing while its server is
+//! down, recovered) and stopped with its task or the service. Also
 //! what needs no control plane: refused starts (exit 3) and the backups'
 //! `--metadata` and stage-volume options the jobs rely on.
 
@@ -814,9 +817,66 @@ fn server_time(pg: &Pg) -> String {
     .to_string()
 }
 
+/// `Application.log_archive` of application `id`.
+fn log_archive(api: &Api, id: u64) -> Value {
+    api.get(&format!("/v1/applications/{id}"))["log_archive"].clone()
+}
+
+/// The events of `kind` about application `id`.
+fn app_events(api: &Api, kind: &str, id: u64) -> Vec<Value> {
+    api.get(&format!("/v1/events?type={kind}&limit=1000"))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["data"]["id"] == id)
+        .cloned()
+        .collect()
+}
+
+/// Waits for the application's archive to be `state` (with its last view).
+fn archive_state(api: &Api, id: u64, state: &str, agent: &ServeAgent) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let l = log_archive(api, id);
+        if l["state"] == state {
+            return l;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the archive did not become {state}: {l}\nagent: {}",
+            agent.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// The pids of `agent`'s log archivers (`cdm-agent … logs …` children).
+fn archivers(agent: &ServeAgent) -> Vec<i32> {
+    children(agent.pid())
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .split(|b| *b == 0)
+                .any(|a| a == b"logs")
+        })
+        .collect()
+}
+
 #[test]
 fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
-    let app = Appliance::start(None);
+    // Heartbeats every 2 s: archive states reach the appliance quickly.
+    let app = Appliance::start_with(
+        None,
+        None,
+        &[
+            "--pool-size",
+            "4G",
+            "--pool-sparse",
+            "--heartbeat-seconds",
+            "2",
+        ],
+    );
     let api = Api::new(&app, &app.admin_token());
     let pg = Pg::init(1);
     psql(
@@ -830,6 +890,7 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
     let appl = discovered(&api, "db3", &pg);
     let app_id = appl["id"].as_u64().unwrap();
     let vol = appl["volume"].as_str().unwrap().to_string();
+    assert_eq!(appl["log_archive"], Value::Null, "no policy, no archive");
     let restores = format!("/v1/applications/{app_id}/restores");
     let at = |t: &str| json!({"kind": "instant", "target_time": t});
     // Nothing to start from yet.
@@ -847,18 +908,33 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
     ] {
         api.expect(400, "POST", &restores, Some(body));
     }
-    // The archiver, as an operator runs it (a systemd unit on the host).
-    let logs = cdm_e2e::maria::Agent::new(&app);
-    let mut args = vec!["logs", "postgres", "--volume", &vol];
-    let conn = pg.agent_args();
-    args.extend(conn.iter().map(String::as_str));
-    let mut archiver = logs
-        .cmd(&args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let status = logs
+    // The archiver, started by the appliance through the policy: the
+    // agent runs it after the next heartbeat.
+    assert!(archivers(&a).is_empty());
+    api.expect(
+        201,
+        "POST",
+        "/v1/protection-policies",
+        Some(json!({"name": "wal", "interval_seconds": 86400, "rpo_seconds": 86400, "archive_logs": true})),
+    );
+    assert_eq!(api.get("/v1/protection-policies/wal")["archive_logs"], true);
+    api.expect(
+        200,
+        "PUT",
+        &format!("/v1/applications/{app_id}/policy"),
+        Some(json!({"policy": "wal"})),
+    );
+    let l = archive_state(&api, app_id, "streaming", &a);
+    let first = l["covered_unix"].as_u64().expect("covered_unix");
+    assert!(
+        l["covered"].as_str().is_some_and(|c| c.ends_with('Z')),
+        "{l}"
+    );
+    wait_for(120, "the archive's coverage to advance", || {
+        (log_archive(&api, app_id)["covered_unix"].as_u64()? > first).then_some(())
+    });
+    assert_eq!(archivers(&a).len(), 1, "one archiver");
+    let status = a
         .state
         .path()
         .join("mnt")
@@ -871,9 +947,6 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
             .and_then(|v| v["covered_us"].as_i64())
             .unwrap_or(0)
     };
-    wait_for(120, "the archive to start", || {
-        (covered() > 0).then_some(())
-    });
     let job = api.expect(
         202,
         "POST",
@@ -923,7 +996,52 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
     let j = job_done(&api, r["id"].as_u64().unwrap(), &a);
     assert_eq!(j["state"], "failed", "{j}");
     assert!(j.to_string().contains("after the last archived WAL"), "{j}");
-    // SAFETY: signals our own child.
-    unsafe { libc::kill(archiver.id() as i32, libc::SIGTERM) };
-    assert!(archiver.wait().unwrap().success());
+    // The server stops: the archive fails, says why, and an event says it.
+    let before = archivers(&a);
+    pg.stop();
+    let l = archive_state(&api, app_id, "failing", &a);
+    assert!(l["error"].as_str().is_some_and(|e| !e.is_empty()), "{l}");
+    wait_for(60, "log_archive.failing", || {
+        app_events(&api, "log_archive.failing", app_id)
+            .first()
+            .cloned()
+    });
+    assert!(app_events(&api, "log_archive.recovered", app_id).is_empty());
+    // It starts again: streaming, recovered, covering what is new.
+    pg.start();
+    archive_state(&api, app_id, "streaming", &a);
+    let e = wait_for(60, "log_archive.recovered", || {
+        app_events(&api, "log_archive.recovered", app_id)
+            .first()
+            .cloned()
+    });
+    assert_eq!(e["data"]["state"], "streaming", "{e}");
+    assert_eq!(app_events(&api, "log_archive.failing", app_id).len(), 1);
+    let now = cdm_api::instant::parse_rfc3339(&server_time(&pg)).unwrap();
+    wait_for(120, "the archive to cover the restarted server", || {
+        (covered() >= now).then_some(())
+    });
+    // The policy stops archiving: the agent stops its archiver.
+    let mut p = api.get("/v1/protection-policies/wal");
+    p["archive_logs"] = json!(false);
+    api.expect(200, "PUT", "/v1/protection-policies/wal", Some(p));
+    wait_for(120, "the archiver to stop", || {
+        archivers(&a).is_empty().then_some(())
+    });
+    assert_eq!(log_archive(&api, app_id), Value::Null);
+    for p in before {
+        assert!(!alive(p), "archiver {p} outlived its task");
+    }
+    // Archiving again, then the agent stops: its archiver ends with it.
+    p = api.get("/v1/protection-policies/wal");
+    p["archive_logs"] = json!(true);
+    api.expect(200, "PUT", "/v1/protection-policies/wal", Some(p));
+    archive_state(&api, app_id, "streaming", &a);
+    let pids = archivers(&a);
+    assert_eq!(pids.len(), 1, "one archiver");
+    let streamers: Vec<i32> = pids.iter().flat_map(|p| children(*p)).collect();
+    assert_eq!(a.signal(libc::SIGTERM), 0, "{}", a.log());
+    for p in pids.iter().chain(&streamers) {
+        assert!(!alive(*p), "process {p} outlived the agent service");
+    }
 }

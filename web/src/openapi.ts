@@ -1270,6 +1270,7 @@ export interface components {
             id: number;
             /** @description `postgresql`, `mariadb`, `files`, `block` or `vm`. */
             kind: string;
+            log_archive?: null | components["schemas"]["LogArchiveStatus"];
             name: string;
             policy?: string | null;
             rpo: components["schemas"]["RpoStatus"];
@@ -1287,6 +1288,34 @@ export interface components {
             policy?: string | null;
             /** @description Default `{host}-{kind}-{name}`. */
             volume?: string | null;
+        };
+        /** @description How one of the agent's log archivers fares. */
+        ArchiveReport: {
+            /** Format: int64 */
+            application: number;
+            /**
+             * Format: int64
+             * @description Unix seconds (the server's clock) up to which the archive is complete.
+             */
+            covered_unix?: number | null;
+            /** @description Why it is failing. */
+            error?: string | null;
+            /** @description `streaming` (its coverage advances) or `failing`. */
+            state: string;
+        };
+        /** @description A log archiver an agent keeps running (`cdm-agent logs KIND`). */
+        ArchiveTask: {
+            /**
+             * Format: int64
+             * @description The application's id.
+             */
+            application: number;
+            /** @description The application's config (how to reach the server). */
+            config?: unknown;
+            /** @description `postgresql` or `mariadb`. */
+            kind: string;
+            /** @description The application's stage volume: the archive is `VOLUME-log`. */
+            volume: string;
         };
         /** @description One change made through the API. */
         AuditEntry: {
@@ -1562,6 +1591,11 @@ export interface components {
         /** @description `POST /v1/agent/heartbeat`. */
         Heartbeat: {
             applications?: components["schemas"]["DiscoveredApp"][];
+            /**
+             * @description The state of each log archiver the agent runs (one per
+             *     [`ArchiveTask`] it was given); one still starting is left out.
+             */
+            archives?: components["schemas"]["ArchiveReport"][];
             capabilities?: string[];
             /** @description True on the agent's first heartbeat after it started. */
             first?: boolean;
@@ -1572,6 +1606,11 @@ export interface components {
             version?: string;
         };
         HeartbeatReply: {
+            /**
+             * @description The log archivers the host should run: its database applications
+             *     whose policy has `archive_logs` (older agents ignore it).
+             */
+            archives?: components["schemas"]["ArchiveTask"][];
             /** Format: int64 */
             heartbeat_seconds: number;
         };
@@ -1771,6 +1810,27 @@ export interface components {
         LinkSchedule: string | {
             /** Format: int64 */
             interval_seconds: number;
+        };
+        /**
+         * @description An application's continuous log archiving, as the appliance last heard
+         *     of it.
+         */
+        LogArchiveStatus: {
+            /** @description RFC 3339: up to when the archive is complete. */
+            covered?: string | null;
+            /** Format: int64 */
+            covered_unix?: number | null;
+            error?: string | null;
+            /**
+             * Format: int64
+             * @description Seconds between `covered_unix` and now.
+             */
+            lag_seconds?: number | null;
+            /**
+             * @description `streaming`, `failing`, `stale` (the host's heartbeats stopped) or
+             *     `starting` (no report yet).
+             */
+            state: string;
         };
         /** @description `POST /v1/login`: a password login that returns a session token. */
         Login: {
@@ -2021,6 +2081,12 @@ export interface components {
         };
         /** @description A protection policy (SLA template), assigned to applications. */
         ProtectionPolicy: {
+            /**
+             * @description Archive the logs of its `postgresql` and `mariadb` applications
+             *     continuously (their agents run `cdm-agent logs`): restores to any
+             *     time, RPO of seconds. Ignored for other kinds.
+             */
+            archive_logs?: boolean;
             /** Format: int64 */
             bandwidth_mibps?: number | null;
             /** @description `HH:MM-HH:MM=MIBPS`. */

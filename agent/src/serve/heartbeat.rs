@@ -1,6 +1,6 @@
 //! Who this host is (version, OS, hostname, capabilities) and the
-//! heartbeat that says it, with the jobs the service runs and what
-//! discovery found.
+//! heartbeat that says it, with the jobs the service runs, what discovery
+//! found and how its log archivers fare.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -103,19 +103,22 @@ impl Beats {
             "running": svc.running_ids(),
             "first": self.first,
             "applications": apps,
+            "archives": svc.archivers.reports(),
         })
     }
 
-    /// One heartbeat; `Ok` with the interval the appliance asks for.
-    pub fn beat(&mut self, svc: &Service) -> Result<u64, ServeError> {
+    /// One heartbeat; `Ok` with the interval the appliance asks for. The
+    /// log archivers follow its answer.
+    pub fn beat(&mut self, svc: &Arc<Service>) -> Result<u64, ServeError> {
         let body = self.body(svc);
-        let secs = svc.link.heartbeat(&body)?;
+        let answer = svc.link.heartbeat(&body)?;
         if self.first {
             tracing::info!(host = %svc.host, "first heartbeat acknowledged");
         }
         self.first = false;
         self.sent = Some(self.discovered.clone());
-        Ok(secs)
+        svc.archivers.reconcile(svc, &answer.archives);
+        Ok(answer.interval)
     }
 }
 

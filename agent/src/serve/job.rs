@@ -85,15 +85,15 @@ pub fn stage_size(app_bytes: Option<u64>) -> u64 {
     want.div_ceil(GIB) * GIB
 }
 
-fn s(v: impl ToString) -> OsString {
+pub(super) fn s(v: impl ToString) -> OsString {
     OsString::from(v.to_string())
 }
 
-fn text<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+pub(super) fn text<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
     v.get(key).and_then(Value::as_str).filter(|s| !s.is_empty())
 }
 
-fn number(v: &Value, key: &str) -> Option<u64> {
+pub(super) fn number(v: &Value, key: &str) -> Option<u64> {
     match v.get(key) {
         Some(Value::Number(n)) => n.as_u64(),
         Some(Value::String(s)) => s.parse().ok(),
@@ -101,8 +101,9 @@ fn number(v: &Value, key: &str) -> Option<u64> {
     }
 }
 
-/// The command line of `job`, or why this agent cannot run it.
-pub fn plan(job: &AgentJob, g: &Globals) -> Result<Plan, String> {
+/// The global options every child gets: JSON output, where the appliance
+/// is, the state directory, the pinned CA.
+pub fn global_args(g: &Globals) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         s("--json"),
         s("--url"),
@@ -116,6 +117,12 @@ pub fn plan(job: &AgentJob, g: &Globals) -> Result<Plan, String> {
         args.push(s("--ca-file"));
         args.push(ca.clone().into());
     }
+    args
+}
+
+/// The command line of `job`, or why this agent cannot run it.
+pub fn plan(job: &AgentJob, g: &Globals) -> Result<Plan, String> {
+    let mut args = global_args(g);
     if let Some(l) = job.bandwidth_mibps {
         if !(l.is_finite() && l >= 0.0) {
             return Err(format!("bandwidth {l} MiB/s is not a rate"));

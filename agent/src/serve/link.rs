@@ -10,6 +10,7 @@ use cdm_api::client::{encode_segment, Client, ClientError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::archive::Task;
 use super::ServeError;
 
 /// Longest long poll the contract allows.
@@ -57,6 +58,35 @@ pub enum Finished {
     TooLarge(String),
     /// Any other refusal (4xx).
     Refused(String),
+}
+
+/// What a heartbeat's answer says.
+#[derive(Debug, PartialEq)]
+pub struct Beat {
+    pub interval: u64,
+    pub archives: Vec<Task>,
+}
+
+/// Reads a heartbeat's answer; an archive task the agent cannot read is
+/// left out (and said).
+pub fn beat(v: &Value) -> Beat {
+    let archives = match &v["archives"] {
+        Value::Array(a) => a
+            .iter()
+            .filter_map(|t| match serde_json::from_value::<Task>(t.clone()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!(task = %t, error = %e, "an archive task this agent cannot read: ignored");
+                    None
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    Beat {
+        interval: v["heartbeat_seconds"].as_u64().unwrap_or(10).clamp(1, 3600),
+        archives,
+    }
 }
 
 /// A call's transport failure or 5xx is worth retrying; 401 means the
@@ -122,8 +152,9 @@ impl Link {
         }
     }
 
-    /// Returns the heartbeat interval the appliance wants.
-    pub fn heartbeat(&self, body: &Value) -> Result<u64, ServeError> {
+    /// Returns the heartbeat interval the appliance wants and the log
+    /// archivers it asks for (none from an appliance that predates them).
+    pub fn heartbeat(&self, body: &Value) -> Result<Beat, ServeError> {
         let (s, v) = classify(
             self.calls
                 .request("POST", "/v1/agent/heartbeat", Some(body)),
@@ -131,7 +162,7 @@ impl Link {
         if !(200..300).contains(&s) {
             return Err(ServeError::Refused(message(s, &v)));
         }
-        Ok(v["heartbeat_seconds"].as_u64().unwrap_or(10).clamp(1, 3600))
+        Ok(beat(&v))
     }
 
     /// At most `slots` jobs for this host, after at most `wait` seconds.
@@ -177,6 +208,19 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeat_answers_with_and_without_archives() {
+        let b = beat(&json!({"heartbeat_seconds": 2, "archives": [
+            {"application": 4, "kind": "postgresql", "volume": "v", "config": {"host": "/s"}},
+            {"application": "x"}
+        ]}));
+        assert_eq!(b.interval, 2);
+        assert_eq!(b.archives.len(), 1);
+        assert_eq!(b.archives[0].application, 4);
+        let old = beat(&json!({"heartbeat_seconds": 10}));
+        assert_eq!((old.interval, old.archives.len()), (10, 0));
+    }
 
     #[test]
     fn the_poll_says_how_many_jobs_fit() {

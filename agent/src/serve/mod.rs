@@ -2,11 +2,14 @@
 //! one-time token and keeps the host credential in its state directory
 //! (`credential`), heartbeats with what it is and what it found
 //! (`heartbeat`, `discover`), pulls its jobs with a long poll and runs each
-//! as a child process of this binary (`job`, `runner`). Every connection is
+//! as a child process of this binary (`job`, `runner`); the log archivers
+//! the appliance asks for in its heartbeat answers run beside them
+//! (`archive`). Every connection is
 //! outbound: the host opens no port. Appliance outages are waited out with
 //! backoff; a refused credential (the host was retired) stops the service
 //! with [`EXIT_RETIRED`].
 
+pub mod archive;
 pub mod credential;
 pub mod deliver;
 pub mod discover;
@@ -201,6 +204,8 @@ pub struct Service {
     /// Running jobs: id → child pid (0 until it started).
     running: Mutex<BTreeMap<u64, u32>>,
     slots: Condvar,
+    /// The log archivers (no job slot of their own).
+    pub archivers: archive::Archivers,
 }
 
 impl Service {
@@ -378,6 +383,7 @@ pub fn run(opts: Options) -> Result<(), ServeError> {
         stop: StopFlag::default(),
         running: Mutex::new(BTreeMap::new()),
         slots: Condvar::new(),
+        archivers: archive::Archivers::default(),
     });
     {
         // Signals reach the service's own flag too.
@@ -427,7 +433,10 @@ pub fn run(opts: Options) -> Result<(), ServeError> {
 /// Stops what runs and says why the service ends.
 fn finish_stop(svc: &Arc<Service>) -> Result<(), ServeError> {
     let why = svc.stop.get();
-    tracing::info!(?why, jobs = ?svc.running_ids(), "stopping");
+    tracing::info!(?why, jobs = ?svc.running_ids(), archivers = ?svc.archivers.ids(), "stopping");
+    // Archivers are told first: they end their streamers and detach their
+    // log volumes while the jobs stop.
+    svc.archivers.stop_all();
     // Job threads see the stop, end their children (SIGTERM, then SIGKILL)
     // and report the jobs failed; their wait is bounded by the kill delay.
     if !svc.wait_idle(runner::KILL_AFTER + Duration::from_secs(15)) {
@@ -537,6 +546,7 @@ mod tests {
             stop: StopFlag::default(),
             running: Mutex::new(BTreeMap::new()),
             slots: Condvar::new(),
+            archivers: archive::Archivers::default(),
         }
     }
 

@@ -107,12 +107,7 @@ enum Ending {
 /// Runs the job; `None` when there is nothing to report (the appliance
 /// dropped the job).
 fn run(svc: &Service, j: &AgentJob, log: &mut LogBatch) -> Option<Outcome> {
-    let g = Globals {
-        url: svc.opts.url.clone(),
-        nbd: svc.opts.nbd.clone(),
-        state_dir: svc.opts.state_dir.clone(),
-        ca_file: Some(super::credential::ca_path(&svc.opts.state_dir)).filter(|p| p.exists()),
-    };
+    let g = globals(svc);
     let plan = match job::plan(j, &g) {
         Ok(p) => p,
         Err(why) => return Some(Outcome::failed(why)),
@@ -158,6 +153,16 @@ fn run(svc: &Service, j: &AgentJob, log: &mut LogBatch) -> Option<Outcome> {
     let out = outcome(&plan.work, status, &stdout, ending.as_ref(), log, &svc.host);
     tracing::info!(job = j.id, state = out.as_ref().map(|o| o.state), error = ?out.as_ref().and_then(|o| o.error.clone()), "job ended");
     out
+}
+
+/// Where the service's children reach the appliance and keep their state.
+pub fn globals(svc: &Service) -> Globals {
+    Globals {
+        url: svc.opts.url.clone(),
+        nbd: svc.opts.nbd.clone(),
+        state_dir: svc.opts.state_dir.clone(),
+        ca_file: Some(super::credential::ca_path(&svc.opts.state_dir)).filter(|p| p.exists()),
+    }
 }
 
 /// Threads that read the child's stderr (line by line) and stdout (whole).

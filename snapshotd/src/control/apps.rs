@@ -190,6 +190,7 @@ impl Control {
     ) -> Application {
         let last_job = lock(&self.last_backup).get(&a.id).cloned();
         let policy = a.policy.as_ref().and_then(|p| policies.get(p));
+        let log_archive = self.log_archive(&a, policy, now);
         let rpo = super::rpo_status(
             policy,
             a.newest_in(newest),
@@ -209,6 +210,7 @@ impl Control {
             size_bytes: a.size_bytes,
             created_unix: a.created_unix,
             rpo,
+            log_archive,
         }
     }
 

@@ -1,6 +1,7 @@
 //! Hosts: one-use enrolment tokens, the enrolment that turns one into a
 //! host credential, heartbeats (with discovered applications and the jobs
-//! the agent runs), the host list, and retirement.
+//! the agent runs, and its log archivers' states), the host list, and
+//! retirement.
 
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use cdm_api::auth::{Caller, Role};
@@ -163,7 +164,7 @@ impl Control {
         Ok(AgentEnrolled {
             host: name,
             credential: tok.token,
-            heartbeat_seconds: HEARTBEAT_SECS,
+            heartbeat_seconds: self.heartbeat_secs(),
         })
     }
 
@@ -222,8 +223,13 @@ impl Control {
         if !req.applications.is_empty() {
             self.discover(&name, &req.applications)?;
         }
+        // After discovery: a newly found application's archiver starts
+        // with this answer.
+        let archives = self.archive_tasks(&name)?;
+        self.archive_reports(&name, &archives, &req.archives)?;
         Ok(HeartbeatReply {
-            heartbeat_seconds: HEARTBEAT_SECS,
+            heartbeat_seconds: self.heartbeat_secs(),
+            archives,
         })
     }
 

@@ -10,6 +10,7 @@
 //! queue's lock, so two requests never race on one job or one application.
 
 mod apps;
+mod archive;
 pub mod drills;
 mod hosts;
 mod queue;
@@ -205,6 +206,10 @@ pub struct Control {
     drill_starter: std::sync::OnceLock<DrillStarter>,
     /// The drill clones an earlier run left were looked for (first tick).
     drills_swept: std::sync::atomic::AtomicBool,
+    /// Seconds between agents' heartbeats (`--heartbeat-seconds`).
+    heartbeat_secs: AtomicU64,
+    /// What agents last said of the log archivers they run, by application.
+    archives: Mutex<HashMap<u64, archive::ArchiveSeen>>,
 }
 
 /// See `Control::clone_remover`.
@@ -245,6 +250,8 @@ impl Control {
             clone_remover: std::sync::OnceLock::new(),
             drills_swept: std::sync::atomic::AtomicBool::new(false),
             drill_starter: std::sync::OnceLock::new(),
+            heartbeat_secs: AtomicU64::new(HEARTBEAT_SECS),
+            archives: Mutex::new(HashMap::new()),
         };
         if let Err(e) = c.load(now) {
             tracing::error!(error = %e, "cannot load the control plane's jobs");
@@ -355,15 +362,26 @@ impl Control {
             .store(cancel_grace_secs.max(1), Ordering::Relaxed);
     }
 
+    /// `--heartbeat-seconds`: the interval agents are told to beat at.
+    pub fn set_heartbeat(&self, secs: u64) {
+        self.heartbeat_secs
+            .store(secs.clamp(1, 3600), Ordering::Relaxed);
+    }
+
+    fn heartbeat_secs(&self) -> u64 {
+        self.heartbeat_secs.load(Ordering::Relaxed)
+    }
+
     fn now(&self) -> u64 {
         self.clock.now()
     }
 
     /// Whether host `name` was heard from within three heartbeats.
     fn online(&self, name: &str, now: u64) -> bool {
+        let every = self.heartbeat_secs();
         lock(&self.seen)
             .get(name)
-            .is_some_and(|t| now.saturating_sub(*t) <= 3 * HEARTBEAT_SECS)
+            .is_some_and(|t| now.saturating_sub(*t) <= 3 * every)
     }
 
     fn touch(&self, name: &str) {

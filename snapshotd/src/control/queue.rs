@@ -633,6 +633,7 @@ impl Control {
     /// without a finish the appliance got: it fails, and is retried.
     pub(super) fn reconcile(&self, host: &str, running: &[u64], first: bool) -> ApiResult<()> {
         let now = self.now();
+        let every = self.heartbeat_secs();
         let mut active = lock(&self.active);
         let dead: Vec<u64> = active
             .values()
@@ -642,7 +643,7 @@ impl Control {
                     && !running.contains(&j.id)
                     && (first
                         || j.started_unix
-                            .is_some_and(|t| now.saturating_sub(t) > 2 * HEARTBEAT_SECS))
+                            .is_some_and(|t| now.saturating_sub(t) > 2 * every))
             })
             .map(|j| j.id)
             .collect();

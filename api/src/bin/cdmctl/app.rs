@@ -259,7 +259,7 @@ fn app_show(a: &Application) -> String {
         .map(|j| format!("{} {} ({})", j.id, j.state, j.message))
         .unwrap_or_else(|| "-".into());
     format!(
-        "id: {}\nhost: {}\nkind: {}\nname: {}\nvolume: {}\npolicy: {}\ndiscovered: {}\nsize: {}\nconfig: {}\nrpo: {} (newest point {}, age {} s, objective {} s)\nlast backup job: {}\n",
+        "id: {}\nhost: {}\nkind: {}\nname: {}\nvolume: {}\npolicy: {}\ndiscovered: {}\nsize: {}\nconfig: {}\nrpo: {} (newest point {}, age {} s, objective {} s)\nlast backup job: {}\nlog archive: {}\n",
         a.id,
         a.host,
         a.kind,
@@ -273,6 +273,25 @@ fn app_show(a: &Application) -> String {
         opt(&a.rpo.last_point),
         opt(&a.rpo.age_seconds),
         opt(&a.rpo.rpo_seconds),
-        last_job
+        last_job,
+        log_archive(a.log_archive.as_ref())
     )
+}
+
+/// `streaming (covered 2026-11-30T10:00:00Z, lag 2 s)`, with the error
+/// when failing; `off` when the policy does not archive logs.
+fn log_archive(l: Option<&LogArchiveStatus>) -> String {
+    let Some(l) = l else {
+        return "off".into();
+    };
+    let mut s = format!(
+        "{} (covered {}, lag {} s)",
+        l.state,
+        opt(&l.covered),
+        opt(&l.lag_seconds)
+    );
+    if let Some(e) = &l.error {
+        s.push_str(&format!(": {e}"));
+    }
+    s
 }

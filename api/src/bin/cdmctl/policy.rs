@@ -77,6 +77,10 @@ pub(crate) struct PolicyArgs {
     /// A drill's time limit (seconds) [default: 600].
     #[arg(long)]
     drill_timeout: Option<u64>,
+    /// Archive the WAL or binlogs of its PostgreSQL and MariaDB
+    /// applications continuously (their agents run the archiver).
+    #[arg(long)]
+    archive_logs: bool,
 }
 
 impl PolicyArgs {
@@ -119,6 +123,7 @@ impl PolicyArgs {
             drill_rpo_seconds: self.drill_rpo,
             drill_timeout_seconds: self.drill_timeout,
             drill_host: None,
+            archive_logs: self.archive_logs,
         })
     }
 }
@@ -189,7 +194,7 @@ fn retention(p: &ProtectionPolicy) -> String {
 
 fn policy_show(p: &ProtectionPolicy) -> String {
     format!(
-        "name: {}\nschedule: {}\nwindows: {}\nrpo: {} s\nretention: {}\nbandwidth: {} MiB/s {}\nvolume: {}\nretries: {}\n",
+        "name: {}\nschedule: {}\nwindows: {}\nrpo: {} s\nretention: {}\nbandwidth: {} MiB/s {}\nvolume: {}\nretries: {}\narchive logs: {}\n",
         p.name,
         schedule(p),
         windows(p),
@@ -198,6 +203,7 @@ fn policy_show(p: &ProtectionPolicy) -> String {
         opt(&p.bandwidth_mibps),
         p.bandwidth_windows.join(","),
         serde_json::to_string(&p.volume).unwrap_or_default(),
-        p.retries
+        p.retries,
+        if p.archive_logs { "yes" } else { "no" }
     )
 }
