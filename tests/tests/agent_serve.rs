@@ -984,6 +984,38 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
     assert_eq!(j["state"], "succeeded", "{j}\n{}", a.log());
     let sock = PathBuf::from(j["result"]["socket_dir"].as_str().unwrap());
     assert_eq!(ledger(&sock, 5998), s1, "{j}");
+    // On another host (disaster recovery): its agent may read the points
+    // and the archive while the job runs, and nothing more.
+    let mut b = ServeAgent::new(&app);
+    let token = enrol_token(&api);
+    b.start(&["--enrol", &token, "--name", "dr5"]);
+    wait_for(120, "the second host to be online", || {
+        let (code, h) = api.call("GET", "/v1/hosts/dr5", None);
+        (code == 200 && h["state"] == "online").then_some(())
+    });
+    let r = api.expect(
+        202,
+        "POST",
+        &restores,
+        Some(json!({"kind": "clone", "host": "dr5", "target_time": t1, "name": "pitr-dr", "port": 5997})),
+    );
+    let j = job_done(&api, r["id"].as_u64().unwrap(), &b);
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", b.log());
+    let sock = PathBuf::from(j["result"]["socket_dir"].as_str().unwrap());
+    assert_eq!(ledger(&sock, 5997), s1, "{j}");
+    // The job over, the host's reach is gone.
+    let cred: Value = serde_json::from_slice(
+        &std::fs::read(b.state.path().join("serve/credential.json")).unwrap(),
+    )
+    .unwrap();
+    let dr = cdm_e2e::http(
+        &app.url(),
+        "POST",
+        &format!("/v1/volumes/{vol}-log/snapshots"),
+        cred["credential"].as_str(),
+        Some("{}"),
+    );
+    assert_eq!(dr.0, 403, "{dr:?}");
     // Before the first point: refused by the appliance, with where the
     // range starts; after the archive: the job fails with the range.
     let (code, body) = api.call("POST", &restores, Some(at("2001-01-01T00:00:00Z")));

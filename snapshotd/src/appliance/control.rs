@@ -33,6 +33,10 @@ pub enum HostUse {
     Write,
     /// A clone of this snapshot.
     Clone(u64),
+    /// `POST …/snapshots`: a snapshot made.
+    SnapshotCreate,
+    /// `DELETE …/snapshots/{id}`.
+    SnapshotDelete(u64),
 }
 
 impl Appliance {
@@ -55,6 +59,8 @@ impl Appliance {
             ("POST", ["snapshots", id, "clones"]) => HostUse::Clone(snap(id)?),
             // Reads the point only (a drill's scrub).
             ("POST", ["snapshots", id, "verify"]) => HostUse::Read(Some(snap(id)?)),
+            ("POST", ["snapshots"]) => HostUse::SnapshotCreate,
+            ("DELETE", ["snapshots", id]) => HostUse::SnapshotDelete(snap(id)?),
             _ => HostUse::Write,
         };
         self.host_volume_access(c, vol, what, None)
@@ -88,9 +94,12 @@ impl Appliance {
                         _ => true,
                     }
             }
-            HostUse::Read(None) | HostUse::Write => false,
+            HostUse::Read(None)
+            | HostUse::Write
+            | HostUse::SnapshotCreate
+            | HostUse::SnapshotDelete(_) => false,
         });
-        if granted {
+        if granted || self.pitr_granted(host, vol, &what, clone_name)? {
             return Ok(());
         }
         Err(ApiError::forbidden(format!(
@@ -99,10 +108,46 @@ impl Appliance {
             c.user,
             match what {
                 HostUse::Volume | HostUse::Read(_) => "read",
-                HostUse::Write => "change",
+                HostUse::Write | HostUse::SnapshotCreate | HostUse::SnapshotDelete(_) => "change",
                 HostUse::Clone(_) => "clone",
             }
         )))
+    }
+}
+
+impl Appliance {
+    /// What a host running a point-in-time restore of another host's
+    /// application may do while the job runs: read the application's
+    /// points and clone one (under the job's clone name); read its log
+    /// volume, snapshot it, clone that snapshot and delete it again (the
+    /// restore's own read of the archive, `kind: log-read`). Nothing else:
+    /// no write to either volume, no other snapshot deleted.
+    fn pitr_granted(
+        &self,
+        host: &str,
+        vol: &str,
+        what: &HostUse,
+        clone_name: Option<&str>,
+    ) -> ApiResult<bool> {
+        let Some(g) = self.control.pitr_grant(host, vol) else {
+            return Ok(false);
+        };
+        let named = |want: Option<String>| match (want, clone_name) {
+            (Some(n), Some(m)) => n == m,
+            _ => true,
+        };
+        Ok(match what {
+            HostUse::Volume | HostUse::Read(_) => true,
+            HostUse::Clone(_) if !g.log => named(g.name.clone()),
+            HostUse::Clone(_) => named(g.name.map(|n| format!("{n}-logread"))),
+            HostUse::SnapshotCreate => g.log,
+            HostUse::SnapshotDelete(id) if g.log => self
+                .pool
+                .snapshot(*id)
+                .map(|s| s.volume == vol && s.metadata["kind"] == "log-read")
+                .unwrap_or(false),
+            _ => false,
+        })
     }
 }
 

@@ -124,6 +124,16 @@ pub fn validate_policy(p: &ProtectionPolicy) -> ApiResult<()> {
     super::drills::validate(p)
 }
 
+/// What a running point-in-time restore lets its host reach (see
+/// `Appliance::pitr_granted`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PitrGrant {
+    /// The log volume (true) or the stage volume.
+    pub log: bool,
+    /// The job's clone name.
+    pub name: Option<String>,
+}
+
 impl Control {
     /// Whether `vol` is the volume of one of `host`'s applications.
     pub fn host_owns_volume(&self, host: &str, vol: &str) -> ApiResult<bool> {
@@ -164,6 +174,38 @@ impl Control {
             })
             .filter(|(s, _)| *s != u64::MAX)
             .collect()
+    }
+
+    /// A running point-in-time restore on `host` that reads `vol`: the
+    /// application's stage volume (`log` false) or its log volume (`log`
+    /// true), with the job's clone name.
+    pub fn pitr_grant(&self, host: &str, vol: &str) -> Option<PitrGrant> {
+        lock(&self.active)
+            .values()
+            .filter(|j| {
+                j.kind == "restore" && j.state == "running" && j.host.as_deref() == Some(host)
+            })
+            .find_map(|j| {
+                let p = j.params.as_ref()?;
+                let pitr = ["target_time", "target_lsn", "target_name", "target_gtid"]
+                    .iter()
+                    .any(|k| p.get(*k).is_some_and(|v| v.is_string()));
+                let stage = p["volume"].as_str()?;
+                if !pitr {
+                    return None;
+                }
+                let log = if vol == stage {
+                    false
+                } else if vol.strip_prefix(stage) == Some("-log") {
+                    true
+                } else {
+                    return None;
+                };
+                Some(PitrGrant {
+                    log,
+                    name: p["name"].as_str().map(String::from),
+                })
+            })
     }
 
     /// The newest point of every volume: volume name → created (Unix s).
