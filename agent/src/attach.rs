@@ -439,7 +439,7 @@ pub fn attach(ctx: &Ctx, req: &AttachRequest) -> Result<(Attachment, Option<Chil
         host::make_dir(&req.mount)
             .and_then(|_| {
                 run(Command::new("mount")
-                    .args(["-t", "ext4", "-o", "rw,noinit_itable", &dev])
+                    .args(["-t", "ext4", "-o", "rw,noinit_itable,nosuid,nodev", &dev])
                     .arg(&req.mount))
             })
             .map(|_| ())

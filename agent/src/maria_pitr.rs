@@ -685,6 +685,9 @@ fn pipe(r: &maria::Running, plan: &MariaPlan) -> Result<()> {
         .args([
             "--user=root",
             "--binary-mode",
+            // A binlog is the source host's bytes: no statement in it may
+            // make this client (root here) read a local file.
+            "--local-infile=0",
             "--batch",
             "--max-allowed-packet=1G",
         ])

@@ -124,7 +124,7 @@ impl LogView {
             })?;
         let clone = format!("{name}-logread");
         let undo_snap = |e| {
-            let _ = ctx.api.delete_snapshot(&lv, snap.id, true);
+            let _ = ctx.api.delete_snapshot(&lv, snap.id, false);
             e
         };
         ctx.api
@@ -167,7 +167,7 @@ impl LogView {
     pub fn close(mut self, ctx: &Ctx) -> Result<()> {
         let d = attach::detach(ctx, &self.a, self.child.as_mut());
         let c = ctx.api.delete_clone(&self.clone, true);
-        let s = ctx.api.delete_snapshot(&self.volume, self.snapshot, true);
+        let s = ctx.api.delete_snapshot(&self.volume, self.snapshot, false);
         d?;
         c?;
         s?;
@@ -558,29 +558,78 @@ pub fn pg_recovery_settings(wal: &Path, targets: &str) -> String {
     )
 }
 
-/// Prepares a started-to-be copy for archive recovery from `wal`.
-pub fn pg_arm(r: &pg::Running, wal: &Path, targets: &str) -> Result<()> {
-    use std::os::unix::fs::chown;
-    let auto = r.pgdata.join("postgresql.auto.conf");
-    let mut text = std::fs::read_to_string(&auto)?;
-    text.push_str(&pg_recovery_settings(wal, targets));
-    std::fs::write(&auto, text)?;
-    let sig = r.pgdata.join("recovery.signal");
-    std::fs::write(&sig, b"")?;
-    chown(&sig, Some(r.uid), Some(r.gid))?;
-    // The streamer wrote its files as its own user, mode 0600: the
-    // copy's server reads them as the data directory's owner.
-    for e in std::fs::read_dir(wal)? {
-        let p = e?.path();
-        chown(&p, Some(r.uid), Some(r.gid))?;
+/// Settings an earlier archive recovery may have left in the copy's
+/// postgresql.auto.conf (a point taken of a restored copy): commented out,
+/// so only this restore's target counts.
+fn strip_recovery_settings(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let k = l.trim_start();
+            if k.starts_with("restore_command") || k.starts_with("recovery_target") {
+                format!("# (cdm-agent, earlier recovery) {l}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect()
+}
+
+/// A regular file of the copy (not a symlink the source planted): written
+/// in place of whatever is there.
+fn write_plain(p: &Path, bytes: &[u8]) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Ok(m) = std::fs::symlink_metadata(p) {
+        if !m.file_type().is_file() {
+            std::fs::remove_file(p)?;
+        }
     }
-    chown(wal, Some(r.uid), Some(r.gid))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(p)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    Ok(())
+}
+
+/// Prepares a started-to-be copy for archive recovery from `wal`. Runs as
+/// root on files the source host wrote (the copy, the archive): nothing
+/// here follows a symlink.
+pub fn pg_arm(r: &pg::Running, wal: &Path, targets: &str) -> Result<()> {
+    use std::os::unix::fs::lchown;
+    let auto = r.pgdata.join("postgresql.auto.conf");
+    let text = std::fs::read_to_string(&auto).unwrap_or_default();
+    let mut text = strip_recovery_settings(&text);
+    text.push_str(&pg_recovery_settings(wal, targets));
+    write_plain(&auto, text.as_bytes())?;
+    lchown(&auto, Some(r.uid), Some(r.gid))?;
+    let sig = r.pgdata.join("recovery.signal");
+    write_plain(&sig, b"")?;
+    lchown(&sig, Some(r.uid), Some(r.gid))?;
+    if !std::fs::symlink_metadata(wal)?.file_type().is_dir() {
+        crate::fail!(
+            Host,
+            "{}: the archive's WAL directory is not a directory",
+            wal.display()
+        );
+    }
+    // The streamer wrote its files as its own user, mode 0600: the
+    // copy's server reads them as the data directory's owner. Regular
+    // files only.
+    for e in std::fs::read_dir(wal)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            lchown(e.path(), Some(r.uid), Some(r.gid))?;
+        }
+    }
+    lchown(wal, Some(r.uid), Some(r.gid))?;
     // The archive clone's root must let the server through; the
     // directories above it are the state directory's, which the copy's
     // own data directory already needs traversable.
     if let Some(root) = wal.parent() {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(root)?.permissions().mode();
+        let mode = std::fs::symlink_metadata(root)?.permissions().mode();
         if mode & 0o001 == 0 {
             std::fs::set_permissions(root, std::fs::Permissions::from_mode(mode | 0o001))?;
         }
@@ -644,7 +693,7 @@ pub fn seg_size_of(point: &Snapshot) -> u64 {
         .metadata
         .pointer("/database/wal_segment_size")
         .and_then(Value::as_u64)
-        .filter(|s| s.is_power_of_two())
+        .filter(|s| s.is_power_of_two() && (1 << 20..=1 << 30).contains(s))
         .unwrap_or(16 << 20)
 }
 

@@ -139,6 +139,9 @@ pub fn host_may(method: &str, path: &str) -> bool {
         // A drill's scrub of its point (the appliance checks the grant).
         ("POST", ["volumes", _, "snapshots", _, "verify"]) => true,
         ("DELETE", ["clones", _]) => true,
+        // A point-in-time restore's own read snapshot of a log volume, and
+        // nothing else: the appliance checks (never a point).
+        ("DELETE", ["volumes", _, "snapshots", _]) => true,
         _ => false,
     }
 }
@@ -202,6 +205,7 @@ mod tests {
             ("POST", "/v1/volumes/a/revert"),
             ("POST", "/v1/volumes/a/snapshots/3/clones"),
             ("DELETE", "/v1/clones/c"),
+            ("DELETE", "/v1/volumes/a-log/snapshots/9"),
             ("GET", "/health"),
         ] {
             assert!(host_may(m, p), "{m} {p}");

@@ -35,6 +35,9 @@ pub fn parse_rfc3339(s: &str) -> Option<i64> {
     if !matches!(sep, b'T' | b't' | b' ') {
         return None;
     }
+    if !rest.is_ascii() {
+        return None;
+    }
     let (clock, zone) = rest[1..].split_at(8);
     let d: Vec<&str> = date.split('-').collect();
     let c: Vec<&str> = clock.split(':').collect();
@@ -150,6 +153,7 @@ mod tests {
             "2026-11-30T19:40:05+0100",
             "2026-11-30T19:40:05.Z",
             "2026-11-30T19:4é:05Z",
+            "2026-11-30T19:40:05+0é00",
             "２０２６-11-30T19:40:05Z",
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");

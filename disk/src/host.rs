@@ -139,13 +139,17 @@ pub fn fs_type(dev: &str) -> Option<String> {
 /// Mount options for `fstype`: a read-only mount never replays a journal
 /// (the device may be a read-only snapshot), XFS copies mount beside their
 /// origin (`nouuid`).
+///
+/// Always `nosuid,nodev`: a volume's filesystem holds what another host
+/// wrote (a backup, an archive, a guest's disk); a setuid binary or a
+/// device node planted in it must mean nothing on this host.
 pub fn mount_options(fstype: &str, writable: bool) -> &'static str {
     match (fstype, writable) {
-        ("ext4" | "ext3" | "ext2", false) => "ro,noload",
-        ("xfs", false) => "ro,norecovery,nouuid",
-        ("xfs", true) => "nouuid",
-        (_, false) => "ro",
-        (_, true) => "rw",
+        ("ext4" | "ext3" | "ext2", false) => "ro,noload,nosuid,nodev",
+        ("xfs", false) => "ro,norecovery,nouuid,nosuid,nodev",
+        ("xfs", true) => "nouuid,nosuid,nodev",
+        (_, false) => "ro,nosuid,nodev",
+        (_, true) => "rw,nosuid,nodev",
     }
 }
 

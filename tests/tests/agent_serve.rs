@@ -1016,6 +1016,23 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
         Some("{}"),
     );
     assert_eq!(dr.0, 403, "{dr:?}");
+    // Each restore removed its read of the archive; a host never deletes
+    // a point, even of its own application.
+    let reads = api.get(&format!("/v1/volumes/{vol}-log/snapshots"));
+    assert_eq!(reads.as_array().map(Vec::len), Some(0), "{reads}");
+    let own: Value = serde_json::from_slice(
+        &std::fs::read(a.state.path().join("serve/credential.json")).unwrap(),
+    )
+    .unwrap();
+    let first_point = points(&api, app_id)[0]["snapshot"].as_u64().unwrap();
+    let del = cdm_e2e::http(
+        &app.url(),
+        "DELETE",
+        &format!("/v1/volumes/{vol}/snapshots/{first_point}"),
+        own["credential"].as_str(),
+        None,
+    );
+    assert_eq!(del.0, 403, "{del:?}");
     // Before the first point: refused by the appliance, with where the
     // range starts; after the archive: the job fails with the range.
     let (code, body) = api.call("POST", &restores, Some(at("2001-01-01T00:00:00Z")));

@@ -76,6 +76,22 @@ impl Appliance {
         clone_name: Option<&str>,
     ) -> ApiResult<()> {
         let host = c.user.strip_prefix("host:").unwrap_or(&c.user);
+        if let HostUse::SnapshotDelete(id) = what {
+            // A host never deletes a point, even of its own applications
+            // (a compromised host must not destroy its backups): only the
+            // read snapshot a point-in-time restore made of a log volume.
+            let read = self
+                .pool
+                .snapshot(id)
+                .is_ok_and(|s| s.volume == vol && s.metadata["kind"] == "log-read");
+            if !read {
+                return Err(ApiError::forbidden(format!(
+                    "{} may not delete snapshot {id} of {vol}: a host deletes only the read \
+                     snapshots its point-in-time restores made of a log volume",
+                    c.user
+                )));
+            }
+        }
         if self.control.host_owns_volume(host, vol)? {
             return Ok(());
         }
@@ -141,11 +157,15 @@ impl Appliance {
             HostUse::Clone(_) if !g.log => named(g.name.clone()),
             HostUse::Clone(_) => named(g.name.map(|n| format!("{n}-logread"))),
             HostUse::SnapshotCreate => g.log,
-            HostUse::SnapshotDelete(id) if g.log => self
-                .pool
-                .snapshot(*id)
-                .map(|s| s.volume == vol && s.metadata["kind"] == "log-read")
-                .unwrap_or(false),
+            // Its own read only (named for the job's clone), not another
+            // restore's.
+            HostUse::SnapshotDelete(id) if g.log => self.pool.snapshot(*id).is_ok_and(|s| {
+                s.volume == vol
+                    && s.metadata["kind"] == "log-read"
+                    && g.name
+                        .as_deref()
+                        .is_some_and(|n| s.metadata["restore"] == n)
+            }),
             _ => false,
         })
     }

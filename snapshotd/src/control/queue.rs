@@ -169,8 +169,15 @@ impl Control {
                 .ok_or_else(|| ApiError::conflict(format!("application {id} has no point yet")))?,
         };
         let host = self.restore_host(&app, &req)?;
-        let params = json!({"kind": req.kind, "volume": snap.volume, "snapshot": snap.snapshot,
-            "name": req.name, "port": req.port, "target": req.target});
+        let (vol, sid, name) = (snap.volume.clone(), snap.snapshot, req.name.clone());
+        let (kind, port, target) = (req.kind.clone(), req.port, req.target.clone());
+        // The clone's name is fixed here (the agent's default otherwise):
+        // the restoring host's grant names exactly that clone.
+        let clone_named = kind != "regular";
+        let params = move |id: u64| {
+            let name = name.or_else(|| clone_named.then(|| format!("{vol}-{sid}-job{id}")));
+            json!({"kind": kind, "volume": vol, "snapshot": sid, "name": name, "port": port, "target": target})
+        };
         let mut active = lock(&self.active);
         self.queue_locked(
             &mut active,
@@ -181,7 +188,7 @@ impl Control {
             None,
             &c.user,
             Sync::Now,
-            |_| params,
+            params,
         )
     }
 
@@ -222,8 +229,20 @@ impl Control {
         // Any enrolled host: while the job runs it may read the points and
         // the log volume, snapshot and clone that (Appliance::pitr_granted).
         let host = self.restore_host(app, req)?;
-        let params = json!({"kind": req.kind, "volume": first.volume, key: value,
-            "name": req.name, "port": req.port});
+        let (vol, name, kind, port) = (
+            first.volume.clone(),
+            req.name.clone(),
+            req.kind.clone(),
+            req.port,
+        );
+        let key = key.to_string();
+        let value = value.to_string();
+        // The clone's name is fixed here (the agent's default otherwise):
+        // the restoring host's grants name exactly that clone.
+        let params = move |id: u64| {
+            let name = name.unwrap_or_else(|| format!("{vol}-pitr-job{id}"));
+            json!({"kind": kind, "volume": vol, key: value, "name": name, "port": port})
+        };
         let mut active = lock(&self.active);
         self.queue_locked(
             &mut active,
@@ -234,7 +253,7 @@ impl Control {
             None,
             &c.user,
             Sync::Now,
-            |_| params,
+            params,
         )
     }
 
@@ -627,7 +646,9 @@ impl Control {
     /// without a finish the appliance got: it fails, and is retried.
     pub(super) fn reconcile(&self, host: &str, running: &[u64], first: bool) -> ApiResult<()> {
         let now = self.now();
-        let every = self.heartbeat_secs();
+        // At least 30 s: with short heartbeats a job pulled but not yet
+        // listed as running must not be failed and started twice.
+        let grace = (2 * self.heartbeat_secs()).max(30);
         let mut active = lock(&self.active);
         let dead: Vec<u64> = active
             .values()
@@ -637,7 +658,7 @@ impl Control {
                     && !running.contains(&j.id)
                     && (first
                         || j.started_unix
-                            .is_some_and(|t| now.saturating_sub(t) > 2 * every))
+                            .is_some_and(|t| now.saturating_sub(t) > grace))
             })
             .map(|j| j.id)
             .collect();
