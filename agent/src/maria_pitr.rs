@@ -99,6 +99,8 @@ pub fn contiguous(
 const HEADER: usize = 19;
 const QUERY_EVENT: u8 = 2;
 const XID_EVENT: u8 = 16;
+const STOP_EVENT: u8 = 3;
+const ROTATE_EVENT: u8 = 4;
 const XA_PREPARE_EVENT: u8 = 38;
 const GTID_EVENT: u8 = 162;
 /// The GTID event's flag of a transaction that is one statement (DDL):
@@ -133,6 +135,8 @@ pub struct FileEnd {
     pub valid_end: u64,
     /// Why the walk stopped before `size` (an event cut short, garbage).
     pub error: Option<String>,
+    /// The type of the last whole event.
+    pub last_kind: Option<u8>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> u32 {
@@ -168,6 +172,7 @@ pub fn walk(path: &Path, from: u64, mut each: impl FnMut(&Trx) -> bool) -> Resul
         size,
         valid_end: 0,
         error: None,
+        last_kind: None,
     };
     if r.read_exact(&mut magic).is_err() || magic != [0xfe, b'b', b'i', b'n'] {
         end.error = Some("not a binlog file (no magic number)".into());
@@ -246,6 +251,7 @@ pub fn walk(path: &Path, from: u64, mut each: impl FnMut(&Trx) -> bool) -> Resul
         }
         off = next;
         end.valid_end = off;
+        end.last_kind = Some(kind);
     }
     Ok(end)
 }
@@ -360,9 +366,18 @@ fn walk_run(run: &[(u64, PathBuf)], from: u64, stop: Stop) -> Result<Walked> {
             w.tail = fe;
             return Ok(w);
         }
-        if let Some(why) = &fe.error {
-            if i + 1 < run.len() {
-                w.damaged = Some((*n, why.clone()));
+        if i + 1 < run.len() {
+            // A file the server finished ends with its rotation (or its
+            // stop, before a restart's new file). Anything else lost its
+            // end: purged on the server before the archiver had it all,
+            // so the next file does not follow on from it.
+            let why = fe.error.clone().or_else(|| {
+                (!matches!(fe.last_kind, Some(ROTATE_EVENT | STOP_EVENT))).then(|| {
+                    "it ends without the server's rotation to the next file (its end was never archived)".to_string()
+                })
+            });
+            if let Some(why) = why {
+                w.damaged = Some((*n, why));
                 w.tail = fe;
                 return Ok(w);
             }
@@ -979,5 +994,37 @@ mod tests {
             .to_string();
         assert!(e.contains("binlog.000002 is missing"), "{e}");
         assert!(plan(&pts, d.path(), Some(&st), &s(102)).is_ok());
+    }
+
+    #[test]
+    fn a_file_that_lost_its_end_is_a_gap() {
+        let d = tempfile::tempdir().unwrap();
+        let file = |stamps: &[u32], seq0: u64, rotate: bool| {
+            let mut f = vec![0xfe, b'b', b'i', b'n'];
+            event(&mut f, 90, 15, &[0; 40]);
+            for (i, stamp) in stamps.iter().enumerate() {
+                event(&mut f, *stamp, GTID_EVENT, &gtid_body(seq0 + i as u64, 0));
+                event(&mut f, *stamp, XID_EVENT, &[0; 8]);
+            }
+            if rotate {
+                event(&mut f, 0, ROTATE_EVENT, &[0; 20]);
+            }
+            f
+        };
+        // File 1 was cut after its first transaction (purged before the
+        // archiver had the rest): file 2 does not follow on from it.
+        let f1 = file(&[100, 101], 10, false);
+        let p1 = 4 + 19 + 40 + 4;
+        std::fs::write(d.path().join("binlog.000001"), &f1).unwrap();
+        std::fs::write(d.path().join("binlog.000002"), file(&[110, 111], 20, true)).unwrap();
+        let pts = vec![point(1, 99, "binlog.000001", p1, "0-1-9")];
+        let t = |s: i64| Target::Time(s * 1_000_000);
+        let e = plan(&pts, d.path(), None, &t(111)).unwrap_err().to_string();
+        assert!(e.contains("binlog.000001"), "{e}");
+        // Up to its end, still fine.
+        assert!(plan(&pts, d.path(), None, &t(101)).is_ok());
+        // Ended by its rotation: the next file follows on.
+        std::fs::write(d.path().join("binlog.000001"), file(&[100, 101], 10, true)).unwrap();
+        assert!(plan(&pts, d.path(), None, &t(111)).is_ok());
     }
 }
