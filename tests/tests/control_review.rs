@@ -320,7 +320,8 @@ fn jobs_no_agent_runs_end_and_retry() {
     assert_eq!(h.pull().len(), 1);
     h.heartbeat(false, &[], json!([]));
     assert_eq!(job(&api, j)["state"], "running", "just handed out");
-    advance(&api, 25);
+    // Past the grace (two heartbeats, at least 30 s).
+    advance(&api, 31);
     h.heartbeat(false, &[], json!([]));
     let v = job(&api, j);
     assert_eq!(v["state"], "failed", "{v}");

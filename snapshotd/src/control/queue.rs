@@ -641,7 +641,7 @@ impl Control {
 
     /// Compares the jobs an agent says it runs with the host's running
     /// jobs. A restarted agent (`first`) runs none of the others; else a
-    /// job handed out more than two heartbeats ago and missing from the
+    /// job handed out more than two heartbeats (at least 30 s) ago and missing from the
     /// list never reached the agent (its poll's answer was lost) or ended
     /// without a finish the appliance got: it fails, and is retried.
     pub(super) fn reconcile(&self, host: &str, running: &[u64], first: bool) -> ApiResult<()> {
