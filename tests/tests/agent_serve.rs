@@ -1016,6 +1016,14 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
         Some("{}"),
     );
     assert_eq!(dr.0, 403, "{dr:?}");
+    // The log volume is the application's: no other application takes it.
+    let clash = api.call(
+        "POST",
+        "/v1/applications",
+        Some(json!({"host": "db3", "kind": "files", "name": "clash",
+            "config": {"path": "/tmp"}, "volume": format!("{vol}-log")})),
+    );
+    assert_eq!(clash.0, 409, "{clash:?}");
     // Each restore removed its read of the archive; a host never deletes
     // a point, even of its own application.
     let reads = api.get(&format!("/v1/volumes/{vol}-log/snapshots"));

@@ -337,14 +337,22 @@ impl Control {
             .into_iter()
             .map(|v| v.name)
             .collect();
-        let of_app = |v: &str| apps.iter().any(|a| a.owns_volume(v));
-        let taken = |v: &str| of_app(v) || pool.contains(v);
+        // A database's log volume (`VOLUME-log`) is its application's too:
+        // no other application may take it as its volume, nor have its
+        // own log volume land on another's volume.
+        let of_app = |v: &str| {
+            apps.iter()
+                .any(|a| a.owns_volume(v) || a.owns_log_volume(v))
+        };
+        let db = matches!(kind, "postgresql" | "mariadb");
+        let log_clash = |v: &str| db && of_app(&format!("{v}-log"));
+        let taken = |v: &str| of_app(v) || log_clash(v) || pool.contains(v);
         let volume = match volume {
             // Named by an admin: an existing volume (an earlier
             // application's points) may be taken on.
-            Some(v) if of_app(&v) => {
+            Some(v) if of_app(&v) || log_clash(&v) => {
                 return Err(ApiError::conflict(format!(
-                    "volume {v} belongs to another application"
+                    "volume {v} (or its log volume {v}-log) belongs to another application"
                 )))
             }
             Some(v) => v,
