@@ -453,7 +453,14 @@ pub fn plan_pg(
             range_text(first, "the end of the archive")
         );
     };
-    let (p_lsn, _) = point_lsn(&point)?;
+    // The chosen point's own timeline (a failover since the first point
+    // moved the server to a newer one).
+    let (p_lsn, p_tli) = point_lsn(&point)?;
+    let (tli, segs) = if p_tli == tli {
+        (tli, segs)
+    } else {
+        (p_tli, wal_segments(wal, p_tli, seg_size)?)
+    };
     let (run, gap) = contiguous(&segs, p_lsn / seg_size);
     if run.is_empty() {
         crate::fail!(
