@@ -116,6 +116,18 @@ impl Pg {
         ]
     }
 
+    /// The server's clock now, RFC 3339 in UTC with microseconds (what a
+    /// point-in-time restore targets).
+    pub fn server_time(&self) -> String {
+        psql(
+            &self.sock,
+            self.port,
+            "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+        )
+        .trim()
+        .to_string()
+    }
+
     pub fn pgbench(&self, tx: u32) {
         run(Command::new(pg_bin("pgbench")).args(self.conn()).args([
             "-n",

@@ -807,16 +807,6 @@ fn ledger(sock: &Path, port: u16) -> String {
     )
 }
 
-fn server_time(pg: &Pg) -> String {
-    psql(
-        &pg.sock,
-        pg.port,
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    )
-    .trim()
-    .to_string()
-}
-
 /// `Application.log_archive` of application `id`.
 fn log_archive(api: &Api, id: u64) -> Value {
     api.get(&format!("/v1/applications/{id}"))["log_archive"].clone()
@@ -962,7 +952,7 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
         pg.port,
         "INSERT INTO ledger SELECT generate_series(1, 100)",
     );
-    let t1 = server_time(&pg);
+    let t1 = pg.server_time();
     let s1 = ledger(&pg.sock, pg.port);
     std::thread::sleep(std::time::Duration::from_millis(20));
     psql(
@@ -970,7 +960,7 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
         pg.port,
         "INSERT INTO ledger SELECT generate_series(101, 200)",
     );
-    let t2 = cdm_api::instant::parse_rfc3339(&server_time(&pg)).unwrap();
+    let t2 = cdm_api::instant::parse_rfc3339(&pg.server_time()).unwrap();
     wait_for(120, "the archive to cover the workload", || {
         (covered() >= t2).then_some(())
     });
@@ -1074,7 +1064,7 @@ fn point_in_time_restores_run_as_jobs_and_bad_targets_are_refused() {
     });
     assert_eq!(e["data"]["state"], "streaming", "{e}");
     assert_eq!(app_events(&api, "log_archive.failing", app_id).len(), 1);
-    let now = cdm_api::instant::parse_rfc3339(&server_time(&pg)).unwrap();
+    let now = cdm_api::instant::parse_rfc3339(&pg.server_time()).unwrap();
     wait_for(120, "the archive to cover the restarted server", || {
         (covered() >= now).then_some(())
     });

@@ -27,16 +27,6 @@ fn state(sock: &Path, port: u16) -> String {
     .to_string()
 }
 
-fn server_time(pg: &Pg) -> String {
-    psql(
-        &pg.sock,
-        pg.port,
-        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
-    )
-    .trim()
-    .to_string()
-}
-
 /// One committed batch in a WAL segment of its own, so a test can remove
 /// exactly one batch's segment; the LSN right after its commit.
 fn batch(pg: &Pg, n: u32) -> String {
@@ -67,7 +57,7 @@ fn moment(pg: &Pg, lsn: String) -> Moment {
     // Strictly after the last commit, strictly before the next one.
     std::thread::sleep(Duration::from_millis(20));
     let m = Moment {
-        time: server_time(pg),
+        time: pg.server_time(),
         lsn,
         state: state(&pg.sock, pg.port),
     };

@@ -335,22 +335,7 @@ impl Archivers {
 /// started it (its supervisor, which outlives it unless the service dies)
 /// ends, a process group of its own (SIGKILL reaches its streamer too).
 fn hooks(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id() as libc::pid_t;
-    // SAFETY: only async-signal-safe calls (sigmask, prctl, getppid, setpgid).
-    unsafe {
-        cmd.pre_exec(move || {
-            cdm_common::signals::clear_mask();
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != parent {
-                return Err(std::io::Error::other("the agent service is gone"));
-            }
-            libc::setpgid(0, 0);
-            Ok(())
-        });
-    }
+    super::runner::child_hooks_with(cmd, libc::SIGTERM)
 }
 
 enum Msg {

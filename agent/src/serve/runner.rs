@@ -61,6 +61,12 @@ pub fn start(svc: &Arc<Service>, raw: Value) {
 /// the service), and lead its own process group (a cancel reaches the
 /// programs it runs too).
 pub fn child_hooks(cmd: &mut Command) {
+    child_hooks_with(cmd, libc::SIGKILL)
+}
+
+/// [`child_hooks`], the child getting `death` when the thread that started
+/// it ends (SIGTERM lets an archiver stop its streamer and detach).
+pub fn child_hooks_with(cmd: &mut Command, death: libc::c_int) {
     use std::os::unix::process::CommandExt;
     let parent = std::process::id() as libc::pid_t;
     // SAFETY: the hook calls only async-signal-safe functions (sigmask,
@@ -68,7 +74,7 @@ pub fn child_hooks(cmd: &mut Command) {
     unsafe {
         cmd.pre_exec(move || {
             cdm_common::signals::clear_mask();
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, death) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // The service died before the prctl: nobody would stop us.
