@@ -388,7 +388,7 @@ fn walk_run(run: &[(u64, PathBuf)], from: u64, stop: Stop) -> Result<Walked> {
 }
 
 fn point_time(p: &Snapshot) -> String {
-    rfc3339_us(p.created_unix as i64 * 1_000_000)
+    rfc3339_us(crate::pitr::point_done_us(p))
 }
 
 /// The plan for `target` from the archive in `dir` (binlog files) and its
@@ -413,7 +413,7 @@ pub fn plan(
         Target::Time(t) => pts
             .iter()
             .rev()
-            .find(|(p, _)| (p.created_unix as i64) * 1_000_000 <= *t),
+            .find(|(p, _)| crate::pitr::point_done_us(p) <= *t),
         Target::Gtid(g) => {
             let (d, _, n) = parse_gtid(g)
                 .ok_or_else(|| crate::err!(Invalid, "{g:?} is not a GTID (domain-server-seq)"))?;

@@ -366,12 +366,21 @@ pub struct PgPlan {
     pub segments: usize,
 }
 
+/// The earliest time point `p` is certainly consistent by. Snapshot times
+/// are whole seconds (rounded down) and a point's consistency comes before
+/// its snapshot, so the second after it: a target in the point's own
+/// second is restored from the point before (a point consistent after the
+/// target cannot be replayed back to it).
+pub fn point_done_us(p: &Snapshot) -> i64 {
+    (p.created_unix as i64 + 1) * 1_000_000
+}
+
 /// The range this archive can restore to from the first point, for
 /// refusals.
 fn range_text(first: &Snapshot, end: &str) -> String {
     format!(
         "this archive restores to any time from {} (point {}) to {end}",
-        rfc3339_us(first.created_unix as i64 * 1_000_000),
+        rfc3339_us(point_done_us(first)),
         first.id
     )
 }
@@ -432,7 +441,7 @@ pub fn plan_pg(
     for p in points.iter().rev() {
         let (lsn, _) = point_lsn(p)?;
         let ok = match target {
-            Target::Time(t) => (p.created_unix as i64) * 1_000_000 <= *t,
+            Target::Time(t) => point_done_us(p) <= *t,
             Target::Lsn(l) => lsn <= *l,
             Target::Name(_) => name_lsn.is_some_and(|n| lsn <= n),
             Target::Gtid(_) => crate::fail!(
