@@ -445,6 +445,17 @@ fn backup_vm(
     prefix: &str,
 ) -> Result<Vec<Value>> {
     let mut out = Vec::new();
+    // The run's id: the disks' snapshots of this backup form one point
+    // (`cdm_api::vm_recovery::points`); with `disks`, a point whose disk
+    // failed shows as incomplete.
+    let point = format!(
+        "{:x}-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+        std::process::id()
+    );
     for (i, d) in c.vm.disks.iter().enumerate() {
         let opened = open_vm_disk(ctx, d, bitmap)?;
         let volume = volume_for(prefix, &c.vm.name, i);
@@ -453,10 +464,15 @@ fn backup_vm(
                 "name": c.vm.name,
                 "uuid": c.vm.uuid,
                 "disk": i,
+                "disks": c.vm.disks.len(),
+                "point": point,
                 "source": d.source,
                 "format": d.format,
+                "target": d.target,
+                "bus": d.bus,
                 "storage_path": c.vm.storage_path,
                 "pool": c.vm.pool,
+                "shape": c.vm.shape,
             },
             "inspection": c.inspections.get(i),
             "os": c.os(),

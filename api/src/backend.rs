@@ -14,6 +14,7 @@ pub trait Backend:
     crate::control_backend::ControlBackend
     + crate::replication_backend::ReplicationBackend
     + crate::drills::DrillBackend
+    + crate::vm_recovery::VmRecoveryBackend
     + Send
     + Sync
     + 'static

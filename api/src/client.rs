@@ -392,6 +392,14 @@ impl Client {
             None,
         )
     }
+    /// A VM's points (its disks' snapshots of one backup run each).
+    pub fn vm_points(&self, vm: &str) -> Result<Vec<crate::vm_recovery::VmPoint>> {
+        self.call(
+            "GET",
+            &format!("/v1/vms/{}/points", encode_segment(vm)),
+            None,
+        )
+    }
     pub fn mounts(&self) -> Result<Vec<Mount>> {
         self.call("GET", "/v1/mounts", None)
     }

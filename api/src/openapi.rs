@@ -23,6 +23,7 @@ pub fn document() -> serde_json::Value {
     doc.merge(crate::control_routes::ControlDoc::openapi());
     doc.merge(crate::replication_routes::ReplicationDoc::openapi());
     doc.merge(crate::drills::DrillDoc::openapi());
+    doc.merge(crate::vm_recovery::VmRecoveryDoc::openapi());
     serde_json::to_value(doc).unwrap_or_else(
         |e| serde_json::json!({"error": {"code": "internal", "message": e.to_string()}}),
     )

@@ -266,7 +266,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .route("/clock", get(clock).post(advance_clock))
         .merge(crate::control_routes::routes())
         .merge(crate::replication_routes::routes())
-        .merge(crate::drills::routes());
+        .merge(crate::drills::routes())
+        .merge(crate::vm_recovery::routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))

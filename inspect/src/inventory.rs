@@ -19,6 +19,38 @@ pub struct VmDisk {
     /// The guest's name for it (vda, sdb), if known.
     #[serde(default)]
     pub target: Option<String>,
+    /// The bus the guest sees it on (`virtio`, `sata`, `scsi`, `ide`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+}
+
+/// A network card of the VM (recovered VMs get the same model and MAC,
+/// on an isolated network).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmNic {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The VM's shape: what a recovered copy boots with.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmShape {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// `bios` or `efi`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firmware: Option<String>,
+    /// The machine type (`pc`, `q35`, `pc-q35-7.2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<VmNic>,
 }
 
 fn raw() -> String {
@@ -38,6 +70,9 @@ pub struct Vm {
     /// The resource pool (libvirt `<resource><partition>`).
     #[serde(default)]
     pub pool: String,
+    /// CPU, memory, firmware and NICs, where the listing says them.
+    #[serde(default)]
+    pub shape: VmShape,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +140,9 @@ pub fn parse_domain(xml: &str, path: &Path) -> Result<Vm, InventoryError> {
             let target = child(d, "target")
                 .and_then(|t| t.attribute("dev"))
                 .map(str::to_string);
+            let bus = child(d, "target")
+                .and_then(|t| t.attribute("bus"))
+                .map(str::to_string);
             let Some(src) = child(d, "source") else {
                 continue;
             };
@@ -149,6 +187,7 @@ pub fn parse_domain(xml: &str, path: &Path) -> Result<Vm, InventoryError> {
                 source,
                 format,
                 target,
+                bus,
             });
         }
     }
@@ -158,7 +197,67 @@ pub fn parse_domain(xml: &str, path: &Path) -> Result<Vm, InventoryError> {
         disks,
         storage_path: storage,
         pool,
+        shape: domain_shape(dom),
     })
+}
+
+/// Memory (`<memory unit=…>`), `<vcpu>`, firmware (`<os firmware='efi'>`
+/// or a `<loader>`), machine type and `<interface>`s of a domain.
+fn domain_shape(dom: roxmltree::Node<'_, '_>) -> VmShape {
+    let memory_mib = child(dom, "memory").and_then(|m| {
+        let n: u64 = m.text()?.trim().parse().ok()?;
+        let unit = m.attribute("unit").unwrap_or("KiB");
+        let bytes = match unit {
+            "b" | "bytes" => Some(n),
+            "KB" => n.checked_mul(1000),
+            "k" | "KiB" => n.checked_mul(1 << 10),
+            "MB" => n.checked_mul(1_000_000),
+            "M" | "MiB" => n.checked_mul(1 << 20),
+            "GB" => n.checked_mul(1_000_000_000),
+            "G" | "GiB" => n.checked_mul(1 << 30),
+            "T" | "TiB" => n.checked_mul(1 << 40),
+            _ => None,
+        }?;
+        Some(bytes >> 20).filter(|&m| m > 0)
+    });
+    let vcpus = child(dom, "vcpu")
+        .and_then(|v| v.text())
+        .and_then(|t| t.trim().parse().ok())
+        .filter(|&n| n > 0);
+    let os = child(dom, "os");
+    let firmware = os.map(|o| {
+        if o.attribute("firmware") == Some("efi") || child(o, "loader").is_some() {
+            "efi".to_string()
+        } else {
+            "bios".to_string()
+        }
+    });
+    let machine = os
+        .and_then(|o| child(o, "type"))
+        .and_then(|t| t.attribute("machine"))
+        .map(str::to_string);
+    let nics = child(dom, "devices")
+        .map(|d| {
+            d.children()
+                .filter(|c| c.tag_name().name() == "interface")
+                .map(|i| VmNic {
+                    model: child(i, "model")
+                        .and_then(|m| m.attribute("type"))
+                        .map(str::to_string),
+                    mac: child(i, "mac")
+                        .and_then(|m| m.attribute("address"))
+                        .map(str::to_string),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    VmShape {
+        memory_mib,
+        vcpus,
+        firmware,
+        machine,
+        nics,
+    }
 }
 
 #[derive(Deserialize)]
@@ -179,6 +278,16 @@ struct FileVm {
     storage_path: Option<String>,
     #[serde(default)]
     pool: String,
+    #[serde(default)]
+    memory_mib: Option<u64>,
+    #[serde(default)]
+    vcpus: Option<u32>,
+    #[serde(default)]
+    firmware: Option<String>,
+    #[serde(default)]
+    machine: Option<String>,
+    #[serde(default)]
+    nics: Vec<VmNic>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +321,7 @@ pub fn parse_file(text: &str, path: &Path) -> Result<Vec<Vm>, InventoryError> {
                     },
                     source: s,
                     target: None,
+                    bus: None,
                 },
                 FileDisk::Full(d) => d,
             })
@@ -225,6 +335,13 @@ pub fn parse_file(text: &str, path: &Path) -> Result<Vec<Vm>, InventoryError> {
             disks,
             storage_path: storage,
             pool: v.pool,
+            shape: VmShape {
+                memory_mib: v.memory_mib,
+                vcpus: v.vcpus,
+                firmware: v.firmware,
+                machine: v.machine,
+                nics: v.nics,
+            },
         });
     }
     Ok(out)
@@ -266,9 +383,12 @@ mod tests {
     #[test]
     fn libvirt_domains() {
         let x = r#"<domain type='kvm'><name>db1</name><uuid>1b4e28ba-2fa1-11d2-883f-0016d3cca427</uuid>
+          <memory unit='GiB'>4</memory><vcpu placement='static'>2</vcpu>
+          <os firmware='efi'><type arch='x86_64' machine='pc-q35-7.2'>hvm</type></os>
           <resource><partition>/production</partition></resource>
           <devices>
-            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/db1.qcow2'/><target dev='vda'/></disk>
+            <interface type='network'><mac address='52:54:00:12:34:56'/><source network='default'/><model type='virtio'/></interface>
+            <disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/var/lib/libvirt/images/db1.qcow2'/><target dev='vda' bus='virtio'/></disk>
             <disk type='file' device='cdrom'><source file='/iso/x.iso'/></disk>
             <disk type='network' device='disk'><source protocol='nbd' name='db1-data'><host name='appliance' port='10809'/></source><target dev='vdb'/></disk>
           </devices></domain>"#;
@@ -279,6 +399,26 @@ mod tests {
         assert_eq!(v.disks.len(), 2);
         assert_eq!(v.disks[0].format, "qcow2");
         assert_eq!(v.disks[1].source, "nbd://appliance:10809/db1-data");
+        assert_eq!(v.disks[0].bus.as_deref(), Some("virtio"));
+        assert_eq!(v.shape.memory_mib, Some(4096));
+        assert_eq!(v.shape.vcpus, Some(2));
+        assert_eq!(v.shape.firmware.as_deref(), Some("efi"));
+        assert_eq!(v.shape.machine.as_deref(), Some("pc-q35-7.2"));
+        assert_eq!(
+            v.shape.nics,
+            vec![VmNic {
+                model: Some("virtio".into()),
+                mac: Some("52:54:00:12:34:56".into())
+            }]
+        );
+        let bare = parse_domain(
+            "<domain><name>b</name><memory>524288</memory><os><type>hvm</type></os></domain>",
+            Path::new("b.xml"),
+        )
+        .unwrap();
+        assert_eq!(bare.shape.memory_mib, Some(512));
+        assert_eq!(bare.shape.firmware.as_deref(), Some("bios"));
+        assert_eq!(bare.shape.vcpus, None);
         assert!(
             parse_domain("<domain><uuid>x</uuid></domain>", Path::new("a.xml"))
                 .unwrap_err()
@@ -296,9 +436,11 @@ mod tests {
         assert_eq!(v[0].disks[0].format, "qcow2");
         assert_eq!(v[0].disks[1].format, "raw");
         assert_eq!(v[0].storage_path, "/img");
-        let j = r#"{"vm":[{"name":"a","disks":["/x/a.img"],"storage_path":"/san1"}]}"#;
+        let j = r#"{"vm":[{"name":"a","disks":["/x/a.img"],"storage_path":"/san1","memory_mib":256,"vcpus":1,"nics":[{"model":"e1000"}]}]}"#;
         let v = parse_file(j, Path::new("i.json")).unwrap();
         assert_eq!(v[0].storage_path, "/san1");
+        assert_eq!(v[0].shape.memory_mib, Some(256));
+        assert_eq!(v[0].shape.nics[0].model.as_deref(), Some("e1000"));
         assert!(parse_file("[[vm]]\nname = \"\"\ndisks = []\n", Path::new("i.toml")).is_err());
         assert!(parse_file("[[vm]]\nnam = \"x\"\n", Path::new("i.toml")).is_err());
     }

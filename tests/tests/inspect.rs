@@ -1023,6 +1023,17 @@ fn inventory_categories_and_backup_by_category() {
         "app:PostgreSQL",
     ]);
     assert_eq!(b["vms"][0]["disks"][0]["bytes_written"], 0, "{b}");
+    // Each run is a point of the VM: its disks' snapshots, grouped.
+    let pts = api.get("/v1/vms/debian-db/points");
+    let pts = pts.as_array().unwrap();
+    assert_eq!(pts.len(), 2, "{pts:?}");
+    assert_ne!(pts[0]["point"], pts[1]["point"]);
+    for p in pts {
+        assert_eq!(p["complete"], true, "{p}");
+        assert_eq!(p["expected_disks"], 1, "{p}");
+        assert_eq!(p["disks"][0]["volume"], "vm-debian-db-disk0", "{p}");
+    }
+    assert_eq!(api.call("GET", "/v1/vms/nosuch/points", None).0, 404);
     // One VM's failure does not stop the others.
     let o = agent(&[
         "vm",

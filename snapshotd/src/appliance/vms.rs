@@ -24,3 +24,32 @@ impl Appliance {
         self.state.all(crate::state::VMS).map_err(st)
     }
 }
+
+impl cdm_api::vm_recovery::VmRecoveryBackend for Appliance {
+    fn vm_points(&self, vm: &str) -> ApiResult<Vec<cdm_api::vm_recovery::VmPoint>> {
+        self.vm_points_of(vm)
+    }
+}
+
+impl Appliance {
+    /// The points of VM `vm` (a walk of the snapshot catalog); 404 when
+    /// it has none and the inventory does not know it.
+    pub(super) fn vm_points_of(&self, vm: &str) -> ApiResult<Vec<cdm_api::vm_recovery::VmPoint>> {
+        let snaps = self.pool.list_snapshots(None).map_err(super::engine)?;
+        let p = cdm_api::vm_recovery::points(
+            vm,
+            snaps.iter().map(|s| cdm_api::vm_recovery::SnapRef {
+                volume: &s.volume,
+                id: s.id,
+                created_unix: s.created_ns / 1_000_000_000,
+                metadata: &s.metadata,
+            }),
+        );
+        if p.is_empty() && !self.vms_list()?.iter().any(|v| v.name == vm) {
+            return Err(cdm_api::ApiError::not_found(format!(
+                "VM {vm} is not known"
+            )));
+        }
+        Ok(p)
+    }
+}

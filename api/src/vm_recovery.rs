@@ -1,0 +1,259 @@
+//! VMs brought back from their points (`docs/vm-recovery.md`): a VM's
+//! points (its disks' snapshots of one backup run, grouped), instant
+//! recovery (the VM booted on the appliance from clones of a point) and
+//! restores of its disks to image files or block devices. The resource
+//! types, the routes and what they need of the appliance
+//! ([`VmRecoveryBackend`]); the grouping of snapshots into points is
+//! shared with `cdm-agent`.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use crate::error::{ApiError, ApiResult};
+use crate::openapi::BearerAuth;
+use crate::routes::{run, AppState};
+use crate::types::ErrorBody;
+
+/// Prefix of the clones an instant recovery boots from
+/// (`vmrec-RECOVERY-diskN`).
+pub const CLONE_PREFIX: &str = "vmrec-";
+
+/// One disk of a VM point.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct VmPointDisk {
+    /// The disk's index in the VM's listing.
+    pub disk: usize,
+    /// Its stage volume and the snapshot of this point.
+    pub volume: String,
+    pub snapshot: u64,
+    /// Where the disk was read from at backup, its format and bus.
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub format: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<String>,
+}
+
+/// A VM's point: the snapshots one backup run made of its disks.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct VmPoint {
+    pub vm: String,
+    /// The run's id (shared by the disks' snapshots' metadata).
+    pub point: String,
+    /// The newest of its disks' snapshot times (RFC 3339, and Unix seconds).
+    pub created: String,
+    pub created_unix: u64,
+    pub disks: Vec<VmPointDisk>,
+    /// How many disks the VM had at the backup.
+    pub expected_disks: usize,
+    /// Every disk is here: a point that is not cannot be recovered.
+    pub complete: bool,
+    /// Indexes of the disks that are missing (their backup failed).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<usize>,
+    /// CPU, memory, firmware and NICs at the backup.
+    #[serde(default)]
+    pub shape: Value,
+}
+
+/// What the grouping needs of a snapshot.
+pub struct SnapRef<'a> {
+    pub volume: &'a str,
+    pub id: u64,
+    pub created_unix: u64,
+    pub metadata: &'a Value,
+}
+
+/// The points of VM `vm` among `snaps`, oldest first. A disk snapshot
+/// names its VM, its index, the VM's disk count and the run (`point`) in
+/// its metadata's `vm` object; snapshots of backups made before runs had
+/// ids are points of their own.
+pub fn points<'a>(vm: &str, snaps: impl IntoIterator<Item = SnapRef<'a>>) -> Vec<VmPoint> {
+    let mut by_run: BTreeMap<String, VmPoint> = BTreeMap::new();
+    for s in snaps {
+        let m = &s.metadata["vm"];
+        if m["name"].as_str() != Some(vm) {
+            continue;
+        }
+        let Some(disk) = m["disk"].as_u64().map(|d| d as usize) else {
+            continue;
+        };
+        let run = match m["point"].as_str() {
+            Some(p) if !p.is_empty() => p.to_string(),
+            _ => format!("snapshot-{}-{}", s.volume, s.id),
+        };
+        let expected = m["disks"].as_u64().map(|n| n as usize).unwrap_or(1);
+        let p = by_run.entry(run.clone()).or_insert_with(|| VmPoint {
+            vm: vm.to_string(),
+            point: run,
+            created: String::new(),
+            created_unix: 0,
+            disks: Vec::new(),
+            expected_disks: expected,
+            complete: false,
+            missing: Vec::new(),
+            shape: m["shape"].clone(),
+        });
+        p.created_unix = p.created_unix.max(s.created_unix);
+        p.expected_disks = p.expected_disks.max(expected);
+        let str_of = |k: &str| m[k].as_str().map(str::to_string);
+        p.disks.push(VmPointDisk {
+            disk,
+            volume: s.volume.to_string(),
+            snapshot: s.id,
+            source: str_of("source").unwrap_or_default(),
+            format: str_of("format").unwrap_or_default(),
+            target: str_of("target"),
+            bus: str_of("bus"),
+        });
+    }
+    let mut out: Vec<VmPoint> = by_run
+        .into_values()
+        .map(|mut p| {
+            p.disks.sort_by_key(|d| (d.disk, d.snapshot));
+            // One snapshot per disk index: a repeated index (a disk backed
+            // up twice in one run cannot happen, but a hand-made
+            // snapshot's metadata can say anything) keeps the newest.
+            p.disks.reverse();
+            p.disks.dedup_by_key(|d| d.disk);
+            p.disks.reverse();
+            p.missing = (0..p.expected_disks)
+                .filter(|i| !p.disks.iter().any(|d| d.disk == *i))
+                .collect();
+            p.complete = p.missing.is_empty() && p.disks.len() == p.expected_disks;
+            p.created = crate::control::rfc3339(p.created_unix);
+            p
+        })
+        .collect();
+    out.sort_by(|a, b| (a.created_unix, &a.point).cmp(&(b.created_unix, &b.point)));
+    out
+}
+
+/// The point a recovery or restore asked for: by run id, by any of its
+/// disks' snapshot ids, or the newest complete one.
+pub fn choose<'p>(points: &'p [VmPoint], want: Option<&str>) -> Result<&'p VmPoint, String> {
+    let Some(w) = want else {
+        return points
+            .iter()
+            .rev()
+            .find(|p| p.complete)
+            .ok_or_else(|| match points.last() {
+                None => "the VM has no point: back it up first".to_string(),
+                Some(p) => format!(
+                    "the VM has no complete point (its newest, {}, lacks disk(s) {:?})",
+                    p.point, p.missing
+                ),
+            });
+    };
+    let id: Option<u64> = w.parse().ok();
+    let p = points
+        .iter()
+        .find(|p| p.point == w || id.is_some_and(|id| p.disks.iter().any(|d| d.snapshot == id)))
+        .ok_or_else(|| format!("the VM has no point {w:?}"))?;
+    if !p.complete {
+        return Err(format!(
+            "point {} is incomplete: disk(s) {:?} of {} failed at backup",
+            p.point, p.missing, p.expected_disks
+        ));
+    }
+    Ok(p)
+}
+
+/// What the VM routes need of the appliance.
+pub trait VmRecoveryBackend {
+    /// The points of a VM (404 when it has none and is not in the inventory).
+    fn vm_points(&self, vm: &str) -> ApiResult<Vec<VmPoint>>;
+}
+
+/// The VM routes, relative to `/v1`.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/vms/{name}/points", get(vm_points))
+}
+
+fn check_vm(name: &str) -> ApiResult<()> {
+    if name.trim().is_empty() || name.len() > 256 {
+        return Err(ApiError::bad_request(
+            "a VM name is empty or longer than 256 bytes",
+        ));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/points", params(("name" = String, Path)), responses((status = 200, body = [VmPoint]), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn vm_points(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Vec<VmPoint>>> {
+    check_vm(&name)?;
+    Ok(Json(run(&s, move |b| b.vm_points(&name)).await?))
+}
+
+type S = State<AppState>;
+
+/// The VM routes' part of the OpenAPI document.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(vm_points),
+    components(schemas(VmPointDisk, VmPoint)),
+    modifiers(&BearerAuth)
+)]
+pub struct VmRecoveryDoc;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn meta(vm: &str, disk: u64, disks: u64, point: &str) -> Value {
+        json!({"vm": {"name": vm, "disk": disk, "disks": disks, "point": point, "source": format!("/img/{vm}-{disk}.raw"), "format": "raw", "shape": {"memory_mib": 512}}})
+    }
+
+    #[test]
+    fn snapshots_group_into_points_and_incomplete_ones_are_refused() {
+        let m = [
+            ("vm-a-disk0", 1, 100, meta("a", 0, 2, "r1")),
+            ("vm-a-disk1", 2, 101, meta("a", 1, 2, "r1")),
+            ("vm-a-disk0", 3, 200, meta("a", 0, 2, "r2")),
+            ("vm-b-disk0", 4, 150, meta("b", 0, 1, "r9")),
+            ("vm-a-disk0", 5, 50, json!({"vm": {"name": "a", "disk": 0}})),
+            ("other", 6, 300, json!({"label": "x"})),
+        ];
+        let snaps = m.iter().map(|(v, id, t, md)| SnapRef {
+            volume: v,
+            id: *id,
+            created_unix: *t,
+            metadata: md,
+        });
+        let p = points("a", snaps);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert_eq!(p[0].point, "snapshot-vm-a-disk0-5");
+        assert!(p[0].complete);
+        assert_eq!(p[1].point, "r1");
+        assert_eq!(p[1].created_unix, 101);
+        assert!(p[1].complete);
+        assert_eq!(p[1].disks.len(), 2);
+        assert_eq!(p[1].shape["memory_mib"], 512);
+        assert_eq!(p[2].point, "r2");
+        assert!(!p[2].complete);
+        assert_eq!(p[2].missing, vec![1]);
+        // The newest complete point by default; the incomplete one refused
+        // by name or by its disk's snapshot id, with the reason.
+        assert_eq!(choose(&p, None).unwrap().point, "r1");
+        assert_eq!(choose(&p, Some("2")).unwrap().point, "r1");
+        let e = choose(&p, Some("r2")).unwrap_err();
+        assert!(e.contains("incomplete") && e.contains("[1]"), "{e}");
+        assert!(choose(&p, Some("3")).is_err());
+        assert!(choose(&p, Some("nope")).unwrap_err().contains("no point"));
+        assert!(choose(&[], None).unwrap_err().contains("back it up"));
+        let only_bad = &p[2..];
+        assert!(choose(only_bad, None)
+            .unwrap_err()
+            .contains("no complete point"));
+    }
+}
