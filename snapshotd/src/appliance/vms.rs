@@ -25,12 +25,6 @@ impl Appliance {
     }
 }
 
-impl cdm_api::vm_recovery::VmRecoveryBackend for Appliance {
-    fn vm_points(&self, vm: &str) -> ApiResult<Vec<cdm_api::vm_recovery::VmPoint>> {
-        self.vm_points_of(vm)
-    }
-}
-
 impl Appliance {
     /// The points of VM `vm` (a walk of the snapshot catalog); 404 when
     /// it has none and the inventory does not know it.
