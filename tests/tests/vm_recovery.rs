@@ -286,6 +286,47 @@ fn instant_recovery_boots_the_point_while_the_source_changes() {
     api.expect(404, "GET", &format!("/v1/volumes/{clone}"), None);
     assert_eq!(api.get("/v1/vm-recoveries"), serde_json::json!([]));
 
+    // The same from cdmctl.
+    let cli = |args: &[&str]| -> String {
+        let o = app.cdmctl(args);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "cdmctl {args:?}: {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        text
+    };
+    let p: serde_json::Value =
+        serde_json::from_str(&cli(&["--json", "vm", "points", "web1"])).unwrap();
+    assert_eq!(p[0]["complete"], true, "{p}");
+    assert!(cli(&["vm", "points", "half"]).contains("NO (missing [1])"));
+    let r: serde_json::Value = serde_json::from_str(&cli(&[
+        "--json",
+        "vm",
+        "recover",
+        "web1",
+        "--accel",
+        "tcg",
+        "--name",
+        "cli",
+        "--memory-mib",
+        "192",
+        "--wait",
+    ]))
+    .unwrap();
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(r["memory_mib"], 192, "{r}");
+    assert!(cli(&["vm", "list-recovered"]).contains("cli"));
+    wait_for(240, "the marker through cdmctl", || {
+        cli(&["vm", "console", "cli"])
+            .contains("CDM-GUEST-MARKER: point-one")
+            .then_some(())
+    });
+    assert!(cli(&["vm", "domain-xml", "cli"]).contains("vmrec-cli-disk0"));
+    cli(&["vm", "stop", "cli"]);
+    assert!(!app.cdmctl(&["vm", "show", "cli"]).status.success());
+
     // A guest that powers off: stopped, its console kept until removed.
     let o = recover(&api, "off1", serde_json::json!({"accel": "tcg"}));
     let r = wait_for(240, "off1 to power off", || {

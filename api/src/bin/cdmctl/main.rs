@@ -19,6 +19,7 @@ mod snapshot;
 mod system;
 mod units;
 mod user;
+mod vm;
 mod volume;
 mod webhook;
 
@@ -121,6 +122,9 @@ enum Cmd {
     /// torn down; the reports.
     #[command(subcommand)]
     Drill(DrillCmd),
+    /// VMs: points, instant recovery on the appliance, restores.
+    #[command(subcommand)]
+    Vm(crate::vm::VmCmd),
     /// The event log.
     #[command(subcommand)]
     Event(EventCmd),
@@ -211,6 +215,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Restore(r) => app::restore(r, &c, &out),
         Cmd::Replication(r) => replication::run(r, &c, &out),
         Cmd::Drill(d) => drill::run(d, &c, &out),
+        Cmd::Vm(v) => vm::run(v, &c, &out),
         Cmd::Event(e) => event::run(e, &c, &out),
         Cmd::Audit(a) => event::audit(a, &c, &out),
         Cmd::Webhook(w) => webhook::run(w, &c, &out),
