@@ -174,8 +174,12 @@ fn read_mda(d: &Shared, start: u64, len: u64, off: u64, size: u64) -> Result<Vg,
     if crc(INITIAL_CRC, &text) != rcrc {
         return bad("metadata text checksum mismatch (damaged metadata)");
     }
-    let v = parse(&text)?;
-    Vg::from_config(&v)
+    vg_from_text(&text)
+}
+
+/// A volume group from its metadata text (what a metadata area holds).
+pub fn vg_from_text(text: &[u8]) -> Result<Vg, LvmError> {
+    Vg::from_config(&parse(text)?)
 }
 
 /// A value of LVM's config text.
@@ -459,6 +463,8 @@ impl Vg {
             }
             let mut segs = Vec::new();
             let mut why = None;
+            // The size the metadata gives, also for LVs not read here.
+            let mut size = 0u64;
             for (sn, s) in l
                 .entries()
                 .iter()
@@ -468,12 +474,17 @@ impl Vg {
                 if nseg > MAX_SEGMENTS {
                     return bad(format!("VG {name}: too many segments"));
                 }
+                let n = |k| s.int(k).and_then(|i| u64::try_from(i).ok()).unwrap_or(0);
+                let end = n("start_extent")
+                    .saturating_add(n("extent_count"))
+                    .saturating_mul(extent);
+                size = size.max(end);
+                if why.is_some() {
+                    continue;
+                }
                 match seg(s, extent) {
                     Ok(sg) => segs.push(sg),
-                    Err(e) => {
-                        why = Some(format!("{sn}: {e}"));
-                        break;
-                    }
+                    Err(e) => why = Some(format!("{sn}: {e}")),
                 }
             }
             segs.sort_by_key(|s| s.start);
@@ -489,7 +500,7 @@ impl Vg {
             }
             lvs.push(Lv {
                 name: ln.clone(),
-                size: end,
+                size,
                 segments: match why {
                     Some(w) => Err(w),
                     None => Ok(segs),
@@ -689,6 +700,7 @@ description = "a \"quoted\" word"
         assert_eq!(root.size, 12 * (4 << 20));
         let segs = root.segments.as_ref().unwrap();
         assert_eq!(segs[1].pv_off, 50 * (4 << 20));
+        assert_eq!(vg.lvs[1].size, 10 * (4 << 20));
         assert!(vg.lvs[1]
             .segments
             .as_ref()
@@ -723,6 +735,58 @@ description = "a \"quoted\" word"
         assert!(lv.read_at(12 * (4 << 20), &mut b).is_err());
         let missing = LvDisk::new(d, &vg, root, &[]).err().unwrap();
         assert!(missing.contains("not on this disk"), "{missing}");
+    }
+
+    /// The head of a PV made by pvcreate/vgcreate/lvcreate (lvm2 2.03;
+    /// 1 MiB extents, root extended after var was made): label, metadata
+    /// area and text through their checksums.
+    #[test]
+    fn reads_a_real_pv() {
+        struct Mem(&'static [u8]);
+        impl Disk for Mem {
+            fn size(&self) -> u64 {
+                self.0.len() as u64
+            }
+            fn read_at(&mut self, off: u64, b: &mut [u8]) -> Result<(), String> {
+                let o = off as usize;
+                b.copy_from_slice(self.0.get(o..o + b.len()).ok_or("past end")?);
+                Ok(())
+            }
+        }
+        let head: &'static [u8] = include_bytes!("../../fuzz/seeds/lvm_metadata/pv-head");
+        let d = Shared::new(Box::new(Mem(head)));
+        let pv = read_pv(&d, 0, head.len() as u64).unwrap();
+        let vg = pv.vg.unwrap().unwrap();
+        assert_eq!(
+            (vg.name.as_str(), vg.seqno, vg.extent),
+            ("seedvg", 4, 1 << 20)
+        );
+        assert_eq!(vg.pvs[0].1, pv.uuid);
+        assert_eq!(vg.pvs[0].2, 128 << 10);
+        let segs = |i: usize| -> Vec<(u64, u64, u64)> {
+            vg.lvs[i]
+                .segments
+                .as_ref()
+                .unwrap()
+                .iter()
+                .map(|s| (s.start >> 20, s.len >> 20, s.pv_off >> 20))
+                .collect()
+        };
+        assert_eq!(vg.lvs[0].name, "root");
+        assert_eq!(segs(0), vec![(0, 4, 0), (4, 2, 6)]);
+        assert_eq!(vg.lvs[1].name, "var");
+        assert_eq!(segs(1), vec![(0, 2, 4)]);
+        // One changed byte of the text: its checksum says so.
+        let mut bad_text = head.to_vec();
+        let at = bad_text.windows(6).rposition(|w| w == b"seedvg").unwrap();
+        bad_text[at] = b'S';
+        let d = Shared::new(Box::new(Mem(Box::leak(bad_text.into_boxed_slice()))));
+        let e = read_pv(&d, 0, head.len() as u64)
+            .unwrap()
+            .vg
+            .unwrap()
+            .unwrap_err();
+        assert!(e.to_string().contains("checksum mismatch"), "{e}");
     }
 
     #[test]
