@@ -61,6 +61,10 @@ const MAX_CHUNKS: usize = 1 << 16;
 const MAX_ITEMS: usize = 1 << 17;
 const NODE_CACHE: usize = 512;
 const READ_BUDGET: u64 = 1 << 30;
+/// Tree nodes one filesystem may visit in all, cached or not: a crafted
+/// tree whose pointers all lead to the same few (cached) nodes cannot make
+/// a search run without end. Inspection visits a few thousand.
+const MAX_VISITS: u64 = 1 << 18;
 const MAX_SYMLINKS: usize = 40;
 /// The largest compressed extent btrfs writes is 128 KiB.
 const MAX_COMPRESSED: u64 = 128 << 10;
@@ -112,6 +116,7 @@ pub struct Btrfs {
     trees: RefCell<HashMap<u64, Option<TreeRoot>>>,
     nodes: RefCell<HashMap<u64, std::rc::Rc<Vec<u8>>>>,
     budget: Cell<u64>,
+    visits: Cell<u64>,
     /// The default subvolume's root directory.
     root: Loc,
 }
@@ -154,6 +159,7 @@ impl Btrfs {
             trees: RefCell::new(HashMap::new()),
             nodes: RefCell::new(HashMap::new()),
             budget: Cell::new(READ_BUDGET),
+            visits: Cell::new(MAX_VISITS),
             root: Loc { tree: 0, ino: 0 },
         };
         // The system chunks (enough to read the chunk tree) are in the
@@ -262,6 +268,11 @@ impl Btrfs {
     }
 
     fn node(&self, logical: u64) -> Result<std::rc::Rc<Vec<u8>>, BtrfsError> {
+        let left = self.visits.get();
+        if left == 0 {
+            return bad("too many tree nodes visited");
+        }
+        self.visits.set(left - 1);
         if let Some(n) = self.nodes.borrow().get(&logical) {
             return Ok(n.clone());
         }

@@ -166,6 +166,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn devices_resolved_by_every_naming() {
+        struct Empty;
+        impl crate::Disk for Empty {
+            fn size(&self) -> u64 {
+                0
+            }
+            fn read_at(&mut self, _: u64, _: &mut [u8]) -> Result<(), String> {
+                Err("empty".into())
+            }
+        }
+        let d = crate::Shared::new(Box::new(Empty));
+        let f = |part: u32, lv: Option<&str>, uuid: Option<&str>, label: Option<&str>| Found {
+            name: String::new(),
+            part,
+            lv: lv.map(str::to_string),
+            d: d.clone(),
+            start: 0,
+            len: 0,
+            id: crate::FsId {
+                kind: "ext4".into(),
+                uuid: uuid.map(str::to_string),
+                label: label.map(str::to_string),
+            },
+        };
+        let found = [
+            f(1, None, Some("0a1b"), Some("boot")),
+            f(3, None, None, None),
+            f(2, Some("rhel-x/var-log"), None, None),
+            f(2, Some("vg0/usr"), Some("77ff"), Some("usr")),
+        ];
+        let r = |dev: &str| resolve(dev, &found);
+        assert_eq!(r("UUID=0A1B"), Some(0));
+        assert_eq!(r("/dev/disk/by-uuid/77ff"), Some(3));
+        assert_eq!(r("LABEL=usr"), Some(3));
+        assert_eq!(r("/dev/disk/by-label/boot"), Some(0));
+        assert_eq!(r("/dev/mapper/rhel--x-var--log"), Some(2));
+        assert_eq!(r("/dev/mapper/rhel-x-var-log"), None);
+        assert_eq!(r("/dev/vg0/usr"), Some(3));
+        assert_eq!(r("/dev/sda3"), Some(1));
+        assert_eq!(r("/dev/vda1"), Some(0));
+        assert_eq!(r("/dev/nvme0n1p3"), Some(1));
+        assert_eq!(r("/dev/sda2"), None, "partition 2 holds only LVs");
+        assert_eq!(r("PARTUUID=1234-01"), None);
+        assert_eq!(r("UUID=ffff"), None);
+    }
+
+    #[test]
     fn fstab_entries_followed() {
         let t = "# /etc/fstab\nUUID=1234 / xfs defaults 0 0\n/dev/mapper/vg-var /var xfs defaults 0 0\n\
                  LABEL=usr /usr/ ext4 defaults 0 0\n/dev/sdb1 /data ext4 defaults 0 0\n#/dev/x /opt\n";

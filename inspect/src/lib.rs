@@ -343,7 +343,8 @@ impl Layout {
                     self.why.push(format!("partition {part}: {e}"));
                     continue;
                 }
-                // Its VG's metadata is kept on the group's other PVs only.
+                // Its VG's metadata is kept on the group's other PVs
+                // only: said below unless one of them is on this disk.
                 None => continue,
             };
             if seen.contains(&vg.name) {
@@ -378,6 +379,17 @@ impl Layout {
                     }
                 }
                 out.push(info);
+            }
+        }
+        for (part, pv) in pvs.iter().filter(|(_, p)| p.vg.is_none()) {
+            let described = pvs.iter().any(|(_, o)| {
+                matches!(&o.vg, Some(Ok(vg)) if vg.pvs.iter().any(|(_, u, _)| *u == pv.uuid))
+            });
+            if !described {
+                self.why.push(format!(
+                    "partition {part}: LVM: PV {} holds no metadata and no PV on this disk describes it",
+                    pv.uuid
+                ));
             }
         }
         self.pvs = pvs;

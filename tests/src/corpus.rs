@@ -196,3 +196,20 @@ impl Corpus {
         disk
     }
 }
+
+/// For `scripts/bench-inspect`: with `CDM_CORPUS_KEEP=DIR`, copies the
+/// (name, image) pairs into DIR and lists them in `DIR/LIST`.
+pub fn keep(list: &str, images: &[(&str, &Path)]) {
+    let Ok(keep) = std::env::var("CDM_CORPUS_KEEP") else {
+        return;
+    };
+    let keep = PathBuf::from(keep);
+    std::fs::create_dir_all(&keep).unwrap();
+    let mut out = String::new();
+    for (name, img) in images {
+        let dst = keep.join(format!("{name}.img"));
+        std::fs::copy(img, &dst).unwrap();
+        out.push_str(&format!("{}\n", dst.display()));
+    }
+    std::fs::write(keep.join(list), out).unwrap();
+}

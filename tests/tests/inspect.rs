@@ -7,7 +7,7 @@
 //! table, a truncated image, an encrypted-looking partition, a qcow2 read
 //! through qemu-nbd. Every expected classification is asserted exactly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use cdm_e2e::corpus::Corpus;
@@ -508,19 +508,12 @@ fn corpus_is_classified_exactly() {
     assert!(expect.len() >= 12);
     let specs: Vec<String> = expect.iter().map(|e| e.1.clone()).collect();
     // scripts/bench-inspect keeps the corpus (image files) for timing.
-    if let Ok(keep) = std::env::var("CDM_CORPUS_KEEP") {
-        let keep = PathBuf::from(keep);
-        std::fs::create_dir_all(&keep).unwrap();
-        let mut list = String::new();
-        for (name, spec, ..) in &expect {
-            if !spec.contains("://") {
-                let dst = keep.join(format!("{name}.img"));
-                std::fs::copy(spec, &dst).unwrap();
-                list.push_str(&format!("{}\n", dst.display()));
-            }
-        }
-        std::fs::write(keep.join("list"), list).unwrap();
-    }
+    let files: Vec<(&str, &Path)> = expect
+        .iter()
+        .filter(|(_, spec, ..)| !spec.contains("://"))
+        .map(|(name, spec, ..)| (*name, Path::new(spec.as_str())))
+        .collect();
+    cdm_e2e::corpus::keep("list", &files);
     let got = agent_inspect(&specs);
     let _ = qn.kill();
     let _ = qn.wait();

@@ -382,6 +382,15 @@ fn lvm_guests_are_classified_exactly() {
     let bad_label = damaged("rhel-badlabel.img", b"LVM2 001", b"LVM2 001\xff");
 
     let got = agent_inspect(&[&rhel, &pv2, &sles, &pa, &bad_text, &bad_label]);
+    cdm_e2e::corpus::keep(
+        "lvm.list",
+        &[
+            ("rhel-lvm", &rhel),
+            ("ubuntu-pv", &pv2),
+            ("sles-lvm", &sles),
+            ("sles-pv-alone", &pa),
+        ],
+    );
     let vol = |name: &str, size: u64, part: u32, fs: Option<&str>| json!({"name": name, "size": size, "partition": part, "filesystem": fs});
     let mib = 1u64 << 20;
     assert_eq!(
@@ -535,6 +544,7 @@ fn btrfs_guest_is_classified_exactly() {
     drop(m);
     let disk = c.disk("suse", "gpt", false, &img);
     let got = agent_inspect(&[&disk]);
+    cdm_e2e::corpus::keep("btrfs.list", &[("suse-btrfs", &disk)]);
     assert_eq!(
         summary(&got[0]),
         json!({
