@@ -56,10 +56,15 @@ impl Pvs {
             let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(f));
             p.loops.push((dev.trim().to_string(), f.to_path_buf()));
         }
-        for (dev, _) in &p.loops {
-            lvm("pvcreate", &["-q", dev]);
-        }
         p
+    }
+
+    /// `pvcreate` with options; `vg` makes the others PVs with defaults.
+    fn pvcreate(&self, i: usize, opts: &[&str]) {
+        let mut a = vec!["-q"];
+        a.extend_from_slice(opts);
+        a.push(&self.loops[i].0);
+        lvm("pvcreate", &a);
     }
 
     fn vg(&mut self, name: &str) {
@@ -381,7 +386,22 @@ fn lvm_guests_are_classified_exactly() {
     let bad_text = damaged("rhel-badtext.img", b"extent_size = ", b"extent_sizf = ");
     let bad_label = damaged("rhel-badlabel.img", b"LVM2 001", b"LVM2 001\xff");
 
-    let got = agent_inspect(&[&rhel, &pv2, &sles, &pa, &bad_text, &bad_label]);
+    // A PV made without a metadata area, its VG described only by the
+    // other PV (not on this disk).
+    let vg4 = format!("nometa{pid}");
+    let (pm, pn) = (c.p("meta.pv"), c.p("nometa.pv"));
+    sparse(&pm, "16M");
+    sparse(&pn, "16M");
+    let uuid_n = {
+        let mut p = Pvs::new(&[&pm, &pn]);
+        p.pvcreate(1, &["--metadatacopies", "0"]);
+        p.vg(&vg4);
+        let second = p.loops[1].0.clone();
+        p.lv(&vg4, "root", "8M", &[], &[&second]);
+        p.pv_uuid(1)
+    };
+
+    let got = agent_inspect(&[&rhel, &pv2, &sles, &pa, &bad_text, &bad_label, &pn]);
     cdm_e2e::corpus::keep(
         "lvm.list",
         &[
@@ -466,6 +486,17 @@ fn lvm_guests_are_classified_exactly() {
         }),
         "{:#}",
         got[3]
+    );
+    assert_eq!(
+        summary(&got[6]),
+        json!({
+            "status": "unknown",
+            "reason": format!("no operating system found: partition 0: LVM: PV {uuid_n} holds no metadata and no PV on this disk describes it"),
+            "partition_table": "none", "partitions": [[0, "lvm2"]], "root": null,
+            "root_volume": null, "os": null, "apps": [], "volumes": null, "mounts": null,
+        }),
+        "{:#}",
+        got[6]
     );
     for (g, why) in [
         (
