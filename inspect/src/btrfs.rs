@@ -641,7 +641,10 @@ fn decompress(c: u8, raw: &[u8], ram: u64) -> Result<Vec<u8>, BtrfsError> {
         3 => zstd::stream::read::Decoder::with_buffer(raw)
             .map(|d| d.single_frame())
             .and_then(|d| d.take(ram).read_to_end(&mut out)),
-        1 => return bad("zlib-compressed extent (not read here)"),
+        // One zlib stream (with its header) per extent.
+        1 => flate2::read::ZlibDecoder::new(raw)
+            .take(ram)
+            .read_to_end(&mut out),
         2 => return bad("LZO-compressed extent (not read here)"),
         x => return bad(format!("unknown compression {x}")),
     };

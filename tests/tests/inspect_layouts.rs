@@ -555,7 +555,16 @@ fn btrfs_guest_is_classified_exactly() {
         rel.extend_from_slice(format!("# padding line {i} of a long os-release\n").as_bytes());
     }
     put("@/usr/lib/os-release", &rel);
-    put("@/etc/hostname", b"suse1\n");
+    // /etc's new files zlib-compressed (the property beats the mount
+    // option): the hostname padded to a regular compressed extent.
+    std::fs::create_dir_all(top("@/etc")).unwrap();
+    run(Command::new("btrfs")
+        .args(["property", "set"])
+        .arg(top("@/etc"))
+        .args(["compression", "zlib"]));
+    let mut host = b"suse1\n".to_vec();
+    host.extend(std::iter::repeat_n(b'\n', 8192));
+    put("@/etc/hostname", &host);
     std::os::unix::fs::symlink("../usr/lib/os-release", top("@/etc/os-release")).unwrap();
 
     // dpkg's status past one 128 KiB compressed extent, PostgreSQL last.
@@ -568,10 +577,19 @@ fn btrfs_guest_is_classified_exactly() {
     status.extend_from_slice(b"Package: postgresql-15\nStatus: install ok installed\n");
     put("@/var/lib/dpkg/status", &status);
     sh(&format!("sync; btrfs subvolume set-default $(btrfs subvolume list {0} | awk '$NF==\"@\"{{print $2}}') {0}", mnt.display()));
-    for f in ["@/usr/lib/os-release", "@/var/lib/dpkg/status"] {
+    for f in [
+        "@/usr/lib/os-release",
+        "@/var/lib/dpkg/status",
+        "@/etc/hostname",
+    ] {
         let frag = run(Command::new("filefrag").arg("-v").arg(top(f)));
         assert!(frag.contains("encoded"), "{f} is compressed: {frag}");
     }
+    let tree = run(Command::new("btrfs")
+        .args(["inspect-internal", "dump-tree"])
+        .arg(&img));
+    assert!(tree.contains("compression 1"), "a zlib extent (hostname)");
+    assert!(tree.contains("compression 3"), "zstd extents");
     drop(m);
     let disk = c.disk("suse", "gpt", false, &img);
     let got = agent_inspect(&[&disk]);
