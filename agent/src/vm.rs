@@ -1,6 +1,6 @@
 //! VMs: inspection of their disks without booting (`cdm_inspect`), read
 //! from image files or through NBD (our exports, `qemu-nbd` serving raw or
-//! qcow2 files, a hypervisor's backup export).
+//! qcow2, VMDK, VHD and VHDX files, a hypervisor's backup export).
 
 use std::path::Path;
 use std::time::Instant;
@@ -67,8 +67,8 @@ pub fn inspect_cmd(disks: &[String]) -> Result<Value> {
     Ok(Value::Array(out))
 }
 
-/// A disk made readable: a path or NBD URI, and the `qemu-nbd` serving a
-/// qcow2 file (stopped when this is dropped).
+/// A disk made readable: a path or NBD URI, and the `qemu-nbd` serving an
+/// image file (stopped when this is dropped).
 pub struct Opened {
     pub spec: String,
     server: Option<std::process::Child>,
@@ -85,7 +85,8 @@ impl Drop for Opened {
     }
 }
 
-/// Serves a qcow2 file through `qemu-nbd` (read-only, on a socket in the
+/// Serves a qcow2, VMDK (sparse or flat), VHD (`vpc`) or VHDX file through
+/// `qemu-nbd` (read-only, on a socket in the
 /// state directory, exporting `bitmap` if given); raw files and NBD URIs
 /// are used as they are.
 pub fn open_vm_disk(
@@ -99,12 +100,13 @@ pub fn open_vm_disk(
             server: None,
         });
     }
-    if d.format != "qcow2" {
+    if !cdm_inspect::inventory::QEMU_FORMATS.contains(&d.format.as_str()) {
         crate::fail!(
             Host,
-            "{}: disk format {} is not supported (raw, qcow2)",
+            "{}: disk format {} is not supported (raw, {})",
             d.source,
-            d.format
+            d.format,
+            cdm_inspect::inventory::QEMU_FORMATS.join(", ")
         );
     }
     let dir = ctx.state_dir.join("qemu-nbd");
@@ -117,7 +119,9 @@ pub fn open_vm_disk(
     ));
     let _ = std::fs::remove_file(&sock);
     let mut cmd = std::process::Command::new("qemu-nbd");
-    cmd.args(["-r", "-t", "-f", "qcow2", "-k"]).arg(&sock);
+    // A flat VMDK's descriptor names its raw extent beside it: qemu-nbd
+    // opens that itself with `-f vmdk`.
+    cmd.args(["-r", "-t", "-f", &d.format, "-k"]).arg(&sock);
     if let Some(b) = bitmap {
         cmd.args(["-B", b]);
     }
