@@ -109,6 +109,40 @@ fn check_point(app: &Appliance, work: &Path, export: &str, at_least: u64) {
     let _ = std::fs::remove_file(&raw);
 }
 
+/// The dirty bitmaps qemu has on `node`, asked over QMP by the test.
+fn bitmaps(qmp: &Path, node: &str) -> Vec<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(qmp).expect("QMP socket");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    writeln!(w, r#"{{"execute": "qmp_capabilities"}}"#).unwrap();
+    writeln!(
+        w,
+        r#"{{"execute": "query-named-block-nodes", "arguments": {{"flat": true}}, "id": 2}}"#
+    )
+    .unwrap();
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "QMP closed");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["id"] == 2 {
+            let n = v["return"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["node-name"] == node);
+            return n.expect("the disk node")["dirty-bitmaps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+        }
+    }
+}
+
 fn disk0(b: &Value) -> &Value {
     &b["vms"][0]["disks"][0]
 }
@@ -229,23 +263,38 @@ fn a_running_vm_is_backed_up_live_full_then_incremental() {
     );
     assert_eq!(d2["live"]["merged"][0], d1["live"]["bitmap"], "{b2}");
 
-    // A failed incremental (the appliance's NBD unreachable after the
-    // point was taken) keeps its dirty bits: the next one has its writes.
+    // A failed incremental (the appliance's NBD silent for 3 s, then
+    // gone, after the point was taken: the guest writes meanwhile) keeps
+    // its dirty bits: the next one has those writes.
     wait_writes(&log, writes(&log) + 3);
+    let silent = work.join("no-nbd.sock");
+    let l = std::os::unix::net::UnixListener::bind(&silent).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((c, _)) = l.accept() {
+            std::thread::sleep(std::time::Duration::from_secs(3));
+            drop(c);
+        }
+    });
+    let t = std::time::Instant::now();
     let out = output(
         Command::new(bin("cdm-agent"))
             .args(["--url", &agent.url, "--token-file"])
             .arg(&agent.token)
             .arg("--nbd")
-            .arg(format!("unix:{}", work.join("no-nbd.sock").display()))
+            .arg(format!("unix:{}", silent.display()))
             .arg("--state-dir")
             .arg(agent.state.path())
             .args(["--json", "vm", "backup", "--inventory", inv_s])
             .args(["--category", "keyword:live1"]),
     );
     assert!(!out.status.success(), "the backup with no NBD should fail");
+    let held = t.elapsed();
     wait_writes(&log, writes(&log) + 3);
     let n3 = writes(&log);
+    assert!(
+        held >= std::time::Duration::from_secs(2),
+        "the failed run held its point only {held:?}: the guest had no time to write"
+    );
     // --freeze with no guest agent: a warning, the point still taken.
     let b3 = backup(&["--freeze", "--qmp-dir", work.to_str().unwrap()]);
     let d3 = disk0(&b3);
@@ -258,6 +307,19 @@ fn a_running_vm_is_backed_up_live_full_then_incremental() {
         "{b3}"
     );
     assert!(d3["bytes_written"].as_u64().unwrap() * 4 < full, "{b3}");
+    // After the failure and the good run: one persistent recording bitmap,
+    // the one this run made; no overlay, export or temporary file left.
+    let bm = bitmaps(&qmp, "live1-disk");
+    assert_eq!(bm.len(), 1, "{bm:?}");
+    assert_eq!(bm[0]["name"], d3["live"]["bitmap"], "{bm:?}");
+    assert_eq!(
+        (&bm[0]["persistent"], &bm[0]["recording"]),
+        (&Value::Bool(true), &Value::Bool(true))
+    );
+    let left: Vec<_> = std::fs::read_dir(agent.state.path().join("fleece"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 
     for (b, n) in [(&b1, n1), (&b2, n2), (&b3, n3)] {
         check_point(&app, work, disk0(b)["export"].as_str().unwrap(), n);
