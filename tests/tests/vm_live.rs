@@ -262,6 +262,13 @@ fn a_running_vm_is_backed_up_live_full_then_incremental() {
         "an incremental reads only dirty extents: {b2}"
     );
     assert_eq!(d2["live"]["merged"][0], d1["live"]["bitmap"], "{b2}");
+    eprintln!(
+        "vm_live figures: full wrote {full} B in {:.2} s; incremental read {} B, wrote {inc} B in {:.2} s; transaction {:.1} ms",
+        d1["seconds"].as_f64().unwrap_or_default(),
+        d2["block"]["bytes_read"],
+        d2["seconds"].as_f64().unwrap_or_default(),
+        d2["live"]["transaction_ms"].as_f64().unwrap_or_default()
+    );
 
     // A failed incremental (the appliance's NBD silent for 3 s, then
     // gone, after the point was taken: the guest writes meanwhile) keeps
