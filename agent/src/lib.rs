@@ -17,10 +17,12 @@ pub mod nbdfile;
 pub mod ops;
 pub mod pg;
 pub mod pitr;
+pub mod qmp;
 pub mod serve;
 pub mod statefile;
 pub mod throttle;
 pub mod vm;
+pub mod vm_live;
 
 use std::path::PathBuf;
 

@@ -316,6 +316,14 @@ enum VmCmd {
         /// jobs use the application's volume).
         #[arg(long, default_value = cdm_agent::vm::DEFAULT_PREFIX)]
         volume_prefix: String,
+        /// Running VMs' QMP sockets are DIR/NAME.qmp (besides the
+        /// inventory's `qmp`): such VMs are backed up live through them.
+        #[arg(long)]
+        qmp_dir: Option<PathBuf>,
+        /// Freeze live VMs' filesystems through their guest agent (the
+        /// inventory's `guest_agent`, or DIR/NAME.qga) around the point.
+        #[arg(long)]
+        freeze: bool,
     },
 }
 
@@ -864,6 +872,8 @@ fn vm_cmd(ctx: &Ctx, v: &VmCmd) -> anyhow::Result<serde_json::Value> {
             parallel,
             bitmap,
             volume_prefix,
+            qmp_dir,
+            freeze,
         } => vm::backup_cmd(
             ctx,
             inventory,
@@ -871,6 +881,10 @@ fn vm_cmd(ctx: &Ctx, v: &VmCmd) -> anyhow::Result<serde_json::Value> {
             *parallel,
             bitmap.as_deref(),
             volume_prefix,
+            &cdm_agent::vm_live::LiveOptions {
+                qmp_dir: qmp_dir.clone(),
+                freeze: *freeze,
+            },
         )?,
     })
 }

@@ -380,6 +380,7 @@ pub fn backup_cmd(
     parallel: usize,
     bitmap: Option<&str>,
     prefix: &str,
+    live: &crate::vm_live::LiveOptions,
 ) -> Result<Value> {
     check_prefix(prefix)?;
     let t0 = Instant::now();
@@ -414,7 +415,7 @@ pub fn backup_cmd(
                 let next = queue.lock().ok().and_then(|mut q| q.pop());
                 let Some((idx, c)) = next else { break };
                 let t = Instant::now();
-                let r = backup_vm(ctx, &c, bitmap, prefix);
+                let r = backup_vm(ctx, &c, bitmap, prefix, live);
                 let v = match r {
                     Ok(disks) => json!({"vm": c.vm.name, "ok": true, "disks": disks, "seconds": t.elapsed().as_secs_f64()}),
                     Err(e) => json!({"vm": c.vm.name, "ok": false, "error": format!("{e:#}"), "seconds": t.elapsed().as_secs_f64()}),
@@ -447,8 +448,8 @@ fn backup_vm(
     c: &cdm_inspect::category::Classified,
     bitmap: Option<&str>,
     prefix: &str,
+    live: &crate::vm_live::LiveOptions,
 ) -> Result<Vec<Value>> {
-    let mut out = Vec::new();
     // The run's id: the disks' snapshots of this backup form one point
     // (`cdm_api::vm_recovery::points`); with `disks`, a point whose disk
     // failed shows as incomplete.
@@ -460,10 +461,9 @@ fn backup_vm(
             .unwrap_or_default(),
         std::process::id()
     );
-    for (i, d) in c.vm.disks.iter().enumerate() {
-        let opened = open_vm_disk(ctx, d, bitmap)?;
-        let volume = volume_for(prefix, &c.vm.name, i);
-        let meta = json!({
+    let meta = |i: usize| {
+        let d = &c.vm.disks[i];
+        json!({
             "vm": {
                 "name": c.vm.name,
                 "uuid": c.vm.uuid,
@@ -481,15 +481,26 @@ fn backup_vm(
             "inspection": c.inspections.get(i),
             "os": c.os(),
             "apps": c.apps(),
-        });
+        })
+    };
+    let volumes: Vec<String> = (0..c.vm.disks.len())
+        .map(|i| volume_for(prefix, &c.vm.name, i))
+        .collect();
+    // A running VM holds its images locked: its qemu makes the point.
+    if let Some(sock) = live.qmp_socket(&c.vm) {
+        return crate::vm_live::backup(ctx, c, &sock, live, &volumes, &meta);
+    }
+    let mut out = Vec::new();
+    for (i, d) in c.vm.disks.iter().enumerate() {
+        let opened = open_vm_disk(ctx, d, bitmap)?;
         let r = crate::ops::backup_block(
             ctx,
-            &volume,
+            &volumes[i],
             &opened.spec,
             bitmap,
             65536,
             Some(format!("vm {} disk {i}", c.vm.name)),
-            Some(meta),
+            Some(meta(i)),
         )
         .context_with(ErrorKind::Host, || format!("disk {i} ({})", d.source))?;
         out.push(r);

@@ -73,6 +73,14 @@ pub struct Vm {
     /// CPU, memory, firmware and NICs, where the listing says them.
     #[serde(default)]
     pub shape: VmShape,
+    /// The running qemu's QMP socket (`-qmp unix:PATH`): its disks are
+    /// backed up live through it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qmp: Option<String>,
+    /// The guest agent's socket (`-chardev socket,path=PATH` of
+    /// `org.qemu.guest_agent.0`): filesystems frozen for a live backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,7 +206,22 @@ pub fn parse_domain(xml: &str, path: &Path) -> Result<Vm, InventoryError> {
         storage_path: storage,
         pool,
         shape: domain_shape(dom),
+        qmp: domain_qmp(dom),
+        guest_agent: None,
     })
+}
+
+/// The QMP socket of `<qemu:commandline>`'s `-qmp unix:PATH[,…]`.
+fn domain_qmp(dom: roxmltree::Node<'_, '_>) -> Option<String> {
+    let args: Vec<&str> = child(dom, "commandline")?
+        .children()
+        .filter(|c| c.tag_name().name() == "arg")
+        .filter_map(|c| c.attribute("value"))
+        .collect();
+    let i = args.iter().position(|a| *a == "-qmp")?;
+    let path = args.get(i + 1)?.strip_prefix("unix:")?;
+    let path = path.split(',').next().unwrap_or(path);
+    (!path.is_empty()).then(|| path.to_string())
 }
 
 /// Memory (`<memory unit=…>`), `<vcpu>`, firmware (`<os firmware='efi'>`
@@ -288,6 +311,10 @@ struct FileVm {
     machine: Option<String>,
     #[serde(default)]
     nics: Vec<VmNic>,
+    #[serde(default)]
+    qmp: Option<String>,
+    #[serde(default)]
+    guest_agent: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -357,6 +384,8 @@ pub fn parse_file(text: &str, path: &Path) -> Result<Vec<Vm>, InventoryError> {
                 machine: v.machine,
                 nics: v.nics,
             },
+            qmp: v.qmp,
+            guest_agent: v.guest_agent,
         });
     }
     Ok(out)
@@ -462,5 +491,19 @@ mod tests {
         assert_eq!(v[0].shape.nics[0].model.as_deref(), Some("e1000"));
         assert!(parse_file("[[vm]]\nname = \"\"\ndisks = []\n", Path::new("i.toml")).is_err());
         assert!(parse_file("[[vm]]\nnam = \"x\"\n", Path::new("i.toml")).is_err());
+        let t = "[[vm]]\nname = \"l\"\ndisks = [\"/a.qcow2\"]\nqmp = \"/run/l.qmp\"\nguest_agent = \"/run/l.qga\"\n";
+        let v = parse_file(t, Path::new("i.toml")).unwrap();
+        assert_eq!(v[0].qmp.as_deref(), Some("/run/l.qmp"));
+        assert_eq!(v[0].guest_agent.as_deref(), Some("/run/l.qga"));
+    }
+
+    #[test]
+    fn libvirt_qmp_from_commandline() {
+        let x = r#"<domain type='kvm' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>l</name>
+          <qemu:commandline><qemu:arg value='-qmp'/><qemu:arg value='unix:/run/l.qmp,server=on,wait=off'/></qemu:commandline></domain>"#;
+        let v = parse_domain(x, Path::new("l.xml")).unwrap();
+        assert_eq!(v.qmp.as_deref(), Some("/run/l.qmp"));
+        let none = parse_domain("<domain><name>m</name></domain>", Path::new("m.xml")).unwrap();
+        assert_eq!(none.qmp, None);
     }
 }
