@@ -95,7 +95,7 @@ fn alive(pid: u64) -> bool {
 #[test]
 fn instant_recovery_boots_the_point_while_the_source_changes() {
     let _g = shared();
-    let app = Appliance::start(None);
+    let mut app = Appliance::start(None);
     let token = std::fs::read_to_string(app.data.join("admin.token")).unwrap();
     let api = Api::new(&app, token.trim());
     let agent = AgentCli::new(&app);
@@ -339,4 +339,27 @@ fn instant_recovery_boots_the_point_while_the_source_changes() {
     assert!(c.contains("CDM-GUEST: powering off"), "{c}");
     api.expect(200, "DELETE", &format!("/v1/vm-recoveries/{o}"), None);
     api.expect(404, "GET", &format!("/v1/volumes/vmrec-{o}-disk0"), None);
+
+    // The appliance is killed under a running recovery: its qemu ends with
+    // the daemon, the record says so, and its clones are still removable.
+    let r = recover(
+        &api,
+        "web1",
+        serde_json::json!({"accel": "tcg", "name": "across"}),
+    );
+    let pid = api.get(&format!("/v1/vm-recoveries/{r}"))["pid"]
+        .as_u64()
+        .unwrap();
+    app.kill();
+    app.restart();
+    wait_for(20, "qemu to end with snapshotd", || {
+        (!alive(pid)).then_some(())
+    });
+    let api = Api::new(&app, token.trim());
+    let a = api.get("/v1/vm-recoveries/across");
+    assert_eq!(a["state"], "stopped", "{a}");
+    assert_eq!(a["reason"], "the appliance restarted", "{a}");
+    api.get("/v1/volumes/vmrec-across-disk0");
+    api.expect(200, "DELETE", "/v1/vm-recoveries/across", None);
+    api.expect(404, "GET", "/v1/volumes/vmrec-across-disk0", None);
 }
