@@ -21,6 +21,7 @@ pub mod serve;
 pub mod statefile;
 pub mod throttle;
 pub mod vm;
+pub mod vm_restore;
 
 use std::path::PathBuf;
 

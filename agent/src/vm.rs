@@ -74,6 +74,23 @@ pub struct Opened {
     server: Option<std::process::Child>,
 }
 
+impl Opened {
+    /// Stops the `qemu-nbd` (SIGTERM) and waits for it: an error unless
+    /// it exited cleanly (a writable image is closed by then).
+    pub fn stop(mut self) -> Result<()> {
+        let Some(mut c) = self.server.take() else {
+            return Ok(());
+        };
+        // SAFETY: kill(2) on our child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let st = c.wait()?;
+        if !st.success() && st.code().is_some() {
+            crate::fail!(Host, "qemu-nbd exited with {st}");
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Opened {
     fn drop(&mut self) {
         if let Some(mut c) = self.server.take() {
@@ -107,6 +124,16 @@ pub fn open_vm_disk(
             d.format
         );
     }
+    let mut args = vec!["-r", "-t", "-f", "qcow2"];
+    if let Some(b) = bitmap {
+        args.extend(["-B", b]);
+    }
+    qemu_nbd(ctx, &args, Path::new(&d.source))
+}
+
+/// Serves `file` through `qemu-nbd` with `args` (and `-k` a socket in the
+/// state directory) until the returned [`Opened`] is dropped.
+pub fn qemu_nbd(ctx: &crate::Ctx, args: &[&str], file: &Path) -> Result<Opened> {
     let dir = ctx.state_dir.join("qemu-nbd");
     std::fs::create_dir_all(&dir)?;
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -117,11 +144,8 @@ pub fn open_vm_disk(
     ));
     let _ = std::fs::remove_file(&sock);
     let mut cmd = std::process::Command::new("qemu-nbd");
-    cmd.args(["-r", "-t", "-f", "qcow2", "-k"]).arg(&sock);
-    if let Some(b) = bitmap {
-        cmd.args(["-B", b]);
-    }
-    cmd.arg(&d.source)
+    cmd.args(args).arg("-k").arg(&sock);
+    cmd.arg(file)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -138,9 +162,10 @@ pub fn open_vm_disk(
             Ok(())
         });
     }
+    let shown = file.display();
     let mut child = cmd
         .spawn()
-        .context_with(ErrorKind::Host, || format!("qemu-nbd for {}", d.source))?;
+        .context_with(ErrorKind::Host, || format!("qemu-nbd for {shown}"))?;
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     while !sock.exists() {
         if let Ok(Some(st)) = child.try_wait() {
@@ -151,15 +176,14 @@ pub fn open_vm_disk(
             }
             crate::fail!(
                 Host,
-                "qemu-nbd could not serve {} ({st}): {}",
-                d.source,
+                "qemu-nbd could not serve {shown} ({st}): {}",
                 err.trim()
             );
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            crate::fail!(Host, "qemu-nbd did not start for {}", d.source);
+            crate::fail!(Host, "qemu-nbd did not start for {shown}");
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
