@@ -400,6 +400,14 @@ impl Client {
             None,
         )
     }
+    /// Starts a restore of a VM's point to image files on the appliance.
+    pub fn vm_restore(&self, vm: &str, req: &crate::vm_recovery::VmRestoreCreate) -> Result<Job> {
+        self.call(
+            "POST",
+            &format!("/v1/vms/{}/restores", encode_segment(vm)),
+            Self::json(req)?,
+        )
+    }
     pub fn mounts(&self) -> Result<Vec<Mount>> {
         self.call("GET", "/v1/mounts", None)
     }

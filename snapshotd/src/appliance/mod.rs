@@ -20,6 +20,7 @@ pub use pool::COMMIT_INTERVAL_S;
 mod snapshots;
 mod throttle;
 mod users;
+mod vm_restore;
 mod vms;
 mod volumes;
 mod webhooks;

@@ -29,6 +29,14 @@ impl cdm_api::vm_recovery::VmRecoveryBackend for Appliance {
     fn vm_points(&self, vm: &str) -> ApiResult<Vec<cdm_api::vm_recovery::VmPoint>> {
         self.vm_points_of(vm)
     }
+    fn vm_restore(
+        &self,
+        c: &Caller,
+        vm: &str,
+        req: cdm_api::vm_recovery::VmRestoreCreate,
+    ) -> ApiResult<Job> {
+        self.vm_restore_start(c, vm, req)
+    }
 }
 
 impl Appliance {

@@ -19,6 +19,7 @@ mod snapshot;
 mod system;
 mod units;
 mod user;
+mod vm;
 mod volume;
 mod webhook;
 
@@ -44,6 +45,7 @@ use crate::replication::ReplicationCmd;
 use crate::snapshot::SnapshotCmd;
 use crate::system::{ClockCmd, PoolCmd};
 use crate::user::{TokenCmd, UserCmd};
+use crate::vm::VmCmd;
 use crate::volume::VolumeCmd;
 use crate::webhook::WebhookCmd;
 
@@ -114,6 +116,9 @@ enum Cmd {
     /// Restores of applications' points, run by agents.
     #[command(subcommand)]
     Restore(RestoreCmd),
+    /// VMs: their points, and restores of their disks to image files.
+    #[command(subcommand)]
+    Vm(VmCmd),
     /// Replication between appliances: pairing, peers, links, transfers.
     #[command(subcommand)]
     Replication(ReplicationCmd),
@@ -209,6 +214,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::App(a) => app::run(a, &c, &out),
         Cmd::Policy(p) => policy::run(p, &c, &out),
         Cmd::Restore(r) => app::restore(r, &c, &out),
+        Cmd::Vm(v) => vm::run(v, &c, &out),
         Cmd::Replication(r) => replication::run(r, &c, &out),
         Cmd::Drill(d) => drill::run(d, &c, &out),
         Cmd::Event(e) => event::run(e, &c, &out),
