@@ -17,6 +17,7 @@ pub mod nbdfile;
 pub mod ops;
 pub mod pg;
 pub mod pitr;
+pub mod qcow2;
 pub mod serve;
 pub mod statefile;
 pub mod throttle;

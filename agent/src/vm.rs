@@ -74,23 +74,6 @@ pub struct Opened {
     server: Option<std::process::Child>,
 }
 
-impl Opened {
-    /// Stops the `qemu-nbd` (SIGTERM) and waits for it: an error unless
-    /// it exited cleanly (a writable image is closed by then).
-    pub fn stop(mut self) -> Result<()> {
-        let Some(mut c) = self.server.take() else {
-            return Ok(());
-        };
-        // SAFETY: kill(2) on our child.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-        let st = c.wait()?;
-        if !st.success() && st.code().is_some() {
-            crate::fail!(Host, "qemu-nbd exited with {st}");
-        }
-        Ok(())
-    }
-}
-
 impl Drop for Opened {
     fn drop(&mut self) {
         if let Some(mut c) = self.server.take() {

@@ -3,7 +3,8 @@
 //! snapshot is read over NBD (`VOLUME@SNAPSHOT`), only the extents its
 //! `base:allocation` marks allocated, by several connections at once;
 //! holes are never read, and never written to a file (they stay holes).
-//! A file is written under a temporary name, its data synced, and renamed
+//! qcow2 images are written by `crate::qcow2` and checked by `qemu-img
+//! check`. A file is written under a temporary name, its data synced, and renamed
 //! last, so a failed restore leaves no half image under the final name.
 
 use std::fs::File;
@@ -15,7 +16,6 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use cdm_api::vm_recovery::{choose, VmPoint, VmPointDisk};
-use nbd_proto::client::{Client, ClientOptions};
 use serde_json::{json, Value};
 
 use crate::error::{Context as _, Error, ErrorKind, Result};
@@ -186,7 +186,10 @@ struct Plan {
 }
 
 impl Plan {
-    fn of(ctx: &Ctx, d: &VmPointDisk) -> Result<Plan> {
+    /// With `align` > 1 (qcow2 clusters), each allocated extent is widened
+    /// to whole units (clamped to the disk's end), so a piece never
+    /// shares a unit with another piece.
+    fn of(ctx: &Ctx, d: &VmPointDisk, align: u64) -> Result<Plan> {
         let export = format!("{}@{}", d.volume, d.snapshot);
         let c = crate::ops::connect_export(ctx, &export, true)
             .context_with(ErrorKind::Host, || {
@@ -194,15 +197,24 @@ impl Plan {
             })?;
         let mut src = crate::block::Source::Nbd { c, bitmap: None };
         let size = src.size();
-        let (mut chunks, mut holes) = (Vec::new(), Vec::new());
+        let (mut extents, mut holes): (Vec<(u64, u64)>, _) = (Vec::new(), Vec::new());
         for (off, len, allocated) in src.allocation()? {
             if !allocated {
                 holes.push((off, len));
                 continue;
             }
-            let mut o = off;
-            while o < off + len {
-                let n = CHUNK.min(off + len - o);
+            let start = off / align * align;
+            let end = (off + len).div_ceil(align).saturating_mul(align).min(size);
+            match extents.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => extents.push((start, end)),
+            }
+        }
+        let mut chunks = Vec::new();
+        for (start, end) in extents {
+            let mut o = start;
+            while o < end {
+                let n = CHUNK.min(end - o);
                 chunks.push((o, n));
                 o += n;
             }
@@ -251,22 +263,14 @@ impl Sink for FileSink<'_> {
     }
 }
 
-/// A connection to the `qemu-nbd` serving the qcow2 being written.
-struct NbdSink(Client);
+/// The qcow2 image being written (`crate::qcow2`).
+struct Qcow2Sink<'a>(&'a crate::qcow2::Writer<'a>);
 
-impl Sink for NbdSink {
+impl Sink for Qcow2Sink<'_> {
     fn put(&mut self, off: u64, data: &[u8]) -> Result<u64> {
-        let c = &mut self.0;
-        nonzero_runs(data, |at, run| {
-            c.write(off + at as u64, run, false)
-                .context_with(ErrorKind::Host, || "writing the qcow2 through qemu-nbd")
-        })
+        Ok(self.0.put(off, data, is_zero)?)
     }
     fn finish(self: Box<Self>) -> Result<()> {
-        let mut c = self.0;
-        c.flush()
-            .context_with(ErrorKind::Host, || "flushing the qcow2 through qemu-nbd")?;
-        let _ = c.disconnect();
         Ok(())
     }
 }
@@ -415,18 +419,22 @@ fn restore_to_file(
     conns: usize,
 ) -> Result<Value> {
     let t = Instant::now();
-    let plan = Plan::of(ctx, d)?;
+    let align = match format {
+        Format::Raw => 1,
+        Format::Qcow2 => crate::qcow2::CLUSTER,
+    };
+    let plan = Plan::of(ctx, d, align)?;
     let part = Partial::new(path);
     let _ = std::fs::remove_file(&part.tmp);
     let what = format!("disk {}", d.disk);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&part.tmp)
+        .map_err(crate::error::io_at(&part.tmp))?;
     let (read, written) = match format {
         Format::Raw => {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&part.tmp)
-                .map_err(crate::error::io_at(&part.tmp))?;
             f.set_len(plan.size)
                 .map_err(crate::error::io_at(&part.tmp))?;
             let sinks = (0..conns)
@@ -439,7 +447,25 @@ fn restore_to_file(
                 .collect();
             copy(ctx, &plan, sinks, &what)?
         }
-        Format::Qcow2 => write_qcow2(ctx, &plan, &part.tmp, conns, &what)?,
+        Format::Qcow2 => {
+            let w = crate::qcow2::Writer::new(&f, plan.size);
+            let sinks = (0..conns)
+                .map(|_| Box::new(Qcow2Sink(&w)) as Box<dyn Sink + '_>)
+                .collect();
+            let r = copy(ctx, &plan, sinks, &what)?;
+            w.finish().map_err(crate::error::io_at(&part.tmp))?;
+            qemu_img(&[
+                "check".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                part.tmp.as_os_str(),
+            ])
+            .context_with(ErrorKind::Host, || {
+                format!("the restored {} is not clean", path.display())
+            })?;
+            r
+        }
     };
     part.commit(path)?;
     let secs = t.elapsed().as_secs_f64();
@@ -456,50 +482,6 @@ fn restore_to_file(
         "seconds": secs,
         "mb_per_s": mb_per_s(read, secs),
     }))
-}
-
-/// A qcow2 image at `tmp`: made by `qemu-img create`, its allocated data
-/// written through a writable `qemu-nbd` (write-back cache, flushed by
-/// every connection at the end), then checked by `qemu-img check`.
-fn write_qcow2(ctx: &Ctx, plan: &Plan, tmp: &Path, conns: usize, what: &str) -> Result<(u64, u64)> {
-    qemu_img(&[
-        "create".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        tmp.as_os_str(),
-        plan.size.to_string().as_ref(),
-    ])?;
-    let shared = conns.to_string();
-    let server = crate::vm::qemu_nbd(
-        ctx,
-        &["-f", "qcow2", "-t", "--cache=writeback", "-e", &shared],
-        tmp,
-    )?;
-    let opts = ClientOptions {
-        allocation: false,
-        timeout: Some(std::time::Duration::from_secs(60)),
-        ..Default::default()
-    };
-    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
-    for _ in 0..conns {
-        let c = Client::connect(&server.spec, None, &opts)
-            .context_with(ErrorKind::Host, || format!("qemu-nbd at {}", server.spec))?;
-        sinks.push(Box::new(NbdSink(c)));
-    }
-    let r = copy(ctx, plan, sinks, what)?;
-    server.stop()?;
-    qemu_img(&[
-        "check".as_ref(),
-        "-q".as_ref(),
-        "-f".as_ref(),
-        "qcow2".as_ref(),
-        tmp.as_os_str(),
-    ])
-    .context_with(ErrorKind::Host, || {
-        format!("the restored {} is not clean", tmp.display())
-    })?;
-    Ok(r)
 }
 
 /// Runs `qemu-img` with `args`; its stderr is the error.
@@ -562,7 +544,7 @@ fn restore_to_device(ctx: &Ctx, d: &VmPointDisk, dev: &Path, conns: usize) -> Re
             )
         })?;
     let dev_size = crate::block::device_size(&f).map_err(crate::error::io_at(dev))?;
-    let plan = Plan::of(ctx, d)?;
+    let plan = Plan::of(ctx, d, 1)?;
     if dev_size < plan.size {
         crate::fail!(
             Invalid,
