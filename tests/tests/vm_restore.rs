@@ -202,7 +202,14 @@ fn restore_json_disk(v: &Value, disk: u64) -> &Value {
 
 #[test]
 fn vm_restore_to_files_devices_and_through_the_api() {
-    for t in ["qemu-img", "qemu-nbd", "qemu-io", "mkfs.ext4", "losetup"] {
+    for t in [
+        "qemu-img",
+        "qemu-nbd",
+        "qemu-io",
+        "mkfs.ext4",
+        "losetup",
+        "findmnt",
+    ] {
         require(t);
     }
     let app = Appliance::start(None);
@@ -397,6 +404,24 @@ fn device_restores(agent: &AgentCli, vm: &Vm) {
         "1",
     ]);
     assert!(e.contains("not a block device"), "{e}");
+    // A mounted device is refused, whatever its size.
+    let work = vm.out("mounted");
+    std::fs::create_dir_all(&work).unwrap();
+    let (mnt, _guard) = small_ext4(&work, 32 * MIB);
+    let src = run(Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE"])
+        .arg(&mnt));
+    let e = agent.fail(&[
+        "vm",
+        "restore",
+        "--vm",
+        "app1",
+        "--to-device",
+        src.trim(),
+        "--disk",
+        "1",
+    ]);
+    assert!(e.contains("is mounted on"), "{e}");
 }
 
 /// A backup whose second disk fails makes an incomplete point: restoring
