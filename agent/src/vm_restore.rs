@@ -196,9 +196,28 @@ impl Plan {
                 format!("disk {} ({export}) over NBD {}", d.disk, ctx.nbd)
             })?;
         let mut src = crate::block::Source::Nbd { c, bitmap: None };
-        let size = src.size();
+        // The export is the stage volume, whose size is rounded up to its
+        // block; the disk's own size is in the snapshot's metadata.
+        let meta = ctx
+            .api
+            .snapshot(&d.volume, d.snapshot)
+            .context_with(ErrorKind::Host, || format!("snapshot {export}"))?;
+        let size = match meta.metadata["size"].as_u64() {
+            Some(s) if s <= src.size() => s,
+            _ => src.size(),
+        };
+        // qcow2 sizes are whole 512-byte sectors (as qemu-img rounds).
+        let size = if align > 1 {
+            size.div_ceil(512) * 512
+        } else {
+            size
+        };
         let (mut extents, mut holes): (Vec<(u64, u64)>, _) = (Vec::new(), Vec::new());
         for (off, len, allocated) in src.allocation()? {
+            let len = len.min(size.saturating_sub(off));
+            if len == 0 {
+                continue;
+            }
             if !allocated {
                 holes.push((off, len));
                 continue;

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 const MIB: u64 = 1 << 20;
 // Past 512 MiB: a qcow2 of it needs two L2 tables.
 const SPARSE_SIZE: u64 = 640 * MIB;
+const ODD_SIZE: u64 = 64 * MIB + 12345;
 
 /// A loop device over a file, detached when dropped (also when the test
 /// fails).
@@ -98,7 +99,8 @@ impl Vm {
             .tempdir_in("/var/tmp")
             .unwrap();
         let p = |n: &str| dir.path().join(n);
-        // Disk 0: ext4 with files, made from a directory.
+        // Disk 0: ext4 with files, made from a directory; not a whole
+        // number of the stage volume's blocks (restored to its own size).
         let tree = p("tree");
         std::fs::create_dir_all(tree.join("etc")).unwrap();
         std::fs::write(
@@ -110,7 +112,7 @@ impl Vm {
         let d0 = p("app1-root.img");
         std::fs::File::create(&d0)
             .unwrap()
-            .set_len(64 * MIB)
+            .set_len(ODD_SIZE)
             .unwrap();
         run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-d"])
@@ -245,6 +247,8 @@ fn vm_restore_to_files_devices_and_through_the_api() {
         same(&f, "raw", kept, fmt);
     }
     differ(&raw.join("app1-disk1.raw"), "raw", &vm.disks[1], "raw");
+    let len = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert_eq!(len(&raw.join("app1-disk0.raw")), ODD_SIZE);
     let sparse = raw.join("app1-disk1.raw");
     assert_eq!(std::fs::metadata(&sparse).unwrap().len(), SPARSE_SIZE);
     assert!(
