@@ -1,6 +1,6 @@
 //! VMs: inspection of their disks without booting (`cdm_inspect`), read
 //! from image files or through NBD (our exports, `qemu-nbd` serving raw or
-//! qcow2 files, a hypervisor's backup export).
+//! qcow2, VMDK, VHD and VHDX files, a hypervisor's backup export).
 
 use std::path::Path;
 use std::time::Instant;
@@ -67,8 +67,8 @@ pub fn inspect_cmd(disks: &[String]) -> Result<Value> {
     Ok(Value::Array(out))
 }
 
-/// A disk made readable: a path or NBD URI, and the `qemu-nbd` serving a
-/// qcow2 file (stopped when this is dropped).
+/// A disk made readable: a path or NBD URI, and the `qemu-nbd` serving an
+/// image file (stopped when this is dropped).
 pub struct Opened {
     pub spec: String,
     server: Option<std::process::Child>,
@@ -85,7 +85,8 @@ impl Drop for Opened {
     }
 }
 
-/// Serves a qcow2 file through `qemu-nbd` (read-only, on a socket in the
+/// Serves a qcow2, VMDK (sparse or flat), VHD (`vpc`) or VHDX file through
+/// `qemu-nbd` (read-only, on a socket in the
 /// state directory, exporting `bitmap` if given); raw files and NBD URIs
 /// are used as they are.
 pub fn open_vm_disk(
@@ -99,24 +100,15 @@ pub fn open_vm_disk(
             server: None,
         });
     }
-    if d.format != "qcow2" {
+    if !cdm_inspect::inventory::QEMU_FORMATS.contains(&d.format.as_str()) {
         crate::fail!(
             Host,
-            "{}: disk format {} is not supported (raw, qcow2)",
+            "{}: disk format {} is not supported (raw, {})",
             d.source,
-            d.format
+            d.format,
+            cdm_inspect::inventory::QEMU_FORMATS.join(", ")
         );
     }
-    let mut args = vec!["-r", "-t", "-f", "qcow2"];
-    if let Some(b) = bitmap {
-        args.extend(["-B", b]);
-    }
-    qemu_nbd(ctx, &args, Path::new(&d.source))
-}
-
-/// Serves `file` through `qemu-nbd` with `args` (and `-k` a socket in the
-/// state directory) until the returned [`Opened`] is dropped.
-pub fn qemu_nbd(ctx: &crate::Ctx, args: &[&str], file: &Path) -> Result<Opened> {
     let dir = ctx.state_dir.join("qemu-nbd");
     std::fs::create_dir_all(&dir)?;
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -127,8 +119,13 @@ pub fn qemu_nbd(ctx: &crate::Ctx, args: &[&str], file: &Path) -> Result<Opened> 
     ));
     let _ = std::fs::remove_file(&sock);
     let mut cmd = std::process::Command::new("qemu-nbd");
-    cmd.args(args).arg("-k").arg(&sock);
-    cmd.arg(file)
+    // A flat VMDK's descriptor names its raw extent beside it: qemu-nbd
+    // opens that itself with `-f vmdk`.
+    cmd.args(["-r", "-t", "-f", &d.format, "-k"]).arg(&sock);
+    if let Some(b) = bitmap {
+        cmd.args(["-B", b]);
+    }
+    cmd.arg(&d.source)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
@@ -145,10 +142,9 @@ pub fn qemu_nbd(ctx: &crate::Ctx, args: &[&str], file: &Path) -> Result<Opened> 
             Ok(())
         });
     }
-    let shown = file.display();
     let mut child = cmd
         .spawn()
-        .context_with(ErrorKind::Host, || format!("qemu-nbd for {shown}"))?;
+        .context_with(ErrorKind::Host, || format!("qemu-nbd for {}", d.source))?;
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
     while !sock.exists() {
         if let Ok(Some(st)) = child.try_wait() {
@@ -159,14 +155,15 @@ pub fn qemu_nbd(ctx: &crate::Ctx, args: &[&str], file: &Path) -> Result<Opened> 
             }
             crate::fail!(
                 Host,
-                "qemu-nbd could not serve {shown} ({st}): {}",
+                "qemu-nbd could not serve {} ({st}): {}",
+                d.source,
                 err.trim()
             );
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            crate::fail!(Host, "qemu-nbd did not start for {shown}");
+            crate::fail!(Host, "qemu-nbd did not start for {}", d.source);
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }

@@ -400,6 +400,61 @@ impl Client {
             None,
         )
     }
+    /// Boots a VM's point on the appliance (a job).
+    pub fn start_vm_recovery(
+        &self,
+        vm: &str,
+        req: &crate::vm_recovery::VmRecoveryCreate,
+    ) -> Result<Job> {
+        self.call(
+            "POST",
+            &format!("/v1/vms/{}/recoveries", encode_segment(vm)),
+            Self::json(req)?,
+        )
+    }
+    pub fn vm_recoveries(&self) -> Result<Vec<crate::vm_recovery::VmRecovery>> {
+        self.call("GET", "/v1/vm-recoveries", None)
+    }
+    pub fn vm_recovery(&self, name: &str) -> Result<crate::vm_recovery::VmRecovery> {
+        self.call(
+            "GET",
+            &format!("/v1/vm-recoveries/{}", encode_segment(name)),
+            None,
+        )
+    }
+    /// Stops a recovered VM; its clones are deleted, or kept with `keep`.
+    pub fn stop_vm_recovery(
+        &self,
+        name: &str,
+        keep: bool,
+    ) -> Result<crate::vm_recovery::VmRecovery> {
+        self.call(
+            "DELETE",
+            &format!("/v1/vm-recoveries/{}?keep={keep}", encode_segment(name)),
+            None,
+        )
+    }
+    /// The text of a path that answers text (a console log, a domain XML).
+    fn text(&self, path: &str) -> Result<String> {
+        match self.call::<Value>("GET", path, None)? {
+            Value::String(s) => Ok(s),
+            Value::Null => Ok(String::new()),
+            v => Ok(v.to_string()),
+        }
+    }
+    /// The last `bytes` of a recovered VM's serial console.
+    pub fn vm_console(&self, name: &str, bytes: u64) -> Result<String> {
+        self.text(&format!(
+            "/v1/vm-recoveries/{}/console?bytes={bytes}",
+            encode_segment(name)
+        ))
+    }
+    pub fn vm_domain_xml(&self, name: &str) -> Result<String> {
+        self.text(&format!(
+            "/v1/vm-recoveries/{}/domain.xml",
+            encode_segment(name)
+        ))
+    }
     /// Starts a restore of a VM's point to image files on the appliance.
     pub fn vm_restore(&self, vm: &str, req: &crate::vm_recovery::VmRestoreCreate) -> Result<Job> {
         self.call(

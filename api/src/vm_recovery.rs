@@ -9,16 +9,19 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use crate::auth::{Action, Caller};
 use crate::error::{ApiError, ApiResult};
 use crate::openapi::BearerAuth;
-use crate::routes::{run, AppState};
-use crate::types::ErrorBody;
+use crate::routes::{check_name, run, ApiJson, ApiQuery, AppState};
+use crate::types::{ErrorBody, Job};
 
 /// Prefix of the clones an instant recovery boots from
 /// (`vmrec-RECOVERY-diskN`).
@@ -168,10 +171,143 @@ pub fn choose<'p>(points: &'p [VmPoint], want: Option<&str>) -> Result<&'p VmPoi
     Ok(p)
 }
 
+/// Networks a recovered VM can have.
+pub const NETWORKS: [&str; 2] = ["none", "user"];
+/// Accelerators: KVM, software emulation, or KVM where `/dev/kvm` opens.
+pub const ACCELS: [&str; 3] = ["auto", "kvm", "tcg"];
+/// Most memory a recovered VM may ask for (MiB).
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// Most vCPUs a recovered VM may ask for.
+pub const MAX_VCPUS: u32 = 256;
+
+/// `POST /v1/vms/{name}/recoveries`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmRecoveryCreate {
+    /// The point: a snapshot id of one of its disks (default: the newest
+    /// complete point).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<u64>,
+    /// The point by its run id (`GET /v1/vms/{name}/points`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
+    /// `none` (default: no NIC) or `user` (the VM's NICs on a private
+    /// user-mode network that reaches nothing outside).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// `auto` (default: KVM where `/dev/kvm` can be used), `kvm` or `tcg`
+    /// (software emulation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accel: Option<String>,
+    /// Replace the VM's memory (MiB) and vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// The recovery's name (default `VM-N`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl VmRecoveryCreate {
+    /// What is wrong with the request, if anything.
+    pub fn check(&self) -> Result<(), String> {
+        if self.snapshot.is_some() && self.point.is_some() {
+            return Err("give \"snapshot\" or \"point\", not both".into());
+        }
+        if let Some(n) = &self.network {
+            if !NETWORKS.contains(&n.as_str()) {
+                return Err(format!("network {n:?}: none or user"));
+            }
+        }
+        if let Some(a) = &self.accel {
+            if !ACCELS.contains(&a.as_str()) {
+                return Err(format!("accel {a:?}: auto, kvm or tcg"));
+            }
+        }
+        if let Some(m) = self.memory_mib {
+            if !(16..=MAX_MEMORY_MIB).contains(&m) {
+                return Err(format!("memory_mib {m}: 16 to {MAX_MEMORY_MIB}"));
+            }
+        }
+        if let Some(c) = self.vcpus {
+            if !(1..=MAX_VCPUS).contains(&c) {
+                return Err(format!("vcpus {c}: 1 to {MAX_VCPUS}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A VM running on the appliance from clones of one of its points.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, PartialEq)]
+pub struct VmRecovery {
+    pub name: String,
+    pub vm: String,
+    /// The point's run id and its disks' snapshots.
+    pub point: String,
+    pub snapshots: Vec<u64>,
+    /// The writable clones it runs on (`vmrec-NAME-diskN`), exported over NBD.
+    pub clones: Vec<String>,
+    /// `starting`, `running`, `stopped` (qemu ended: the guest powered off,
+    /// or it was stopped) or `failed` (qemu could not start or died).
+    pub state: String,
+    /// Why it stopped or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub accel: String,
+    pub network: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub firmware: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    pub started: String,
+    pub started_unix: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_unix: Option<u64>,
+    /// Who asked for it.
+    pub by: String,
+}
+
+/// `DELETE /v1/vm-recoveries/{name}?keep=true|false`.
+#[derive(Deserialize, utoipa::IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+pub struct VmStopQuery {
+    /// Keep the clones as volumes of their own (promoted), instead of
+    /// deleting them.
+    #[serde(default)]
+    pub keep: bool,
+}
+
+/// `GET /v1/vm-recoveries/{name}/console?bytes=N`.
+#[derive(Deserialize, utoipa::IntoParams, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleQuery {
+    /// The last N bytes of the serial log (default 65536, at most 4 MiB).
+    #[serde(default)]
+    pub bytes: Option<u64>,
+}
+
+/// The largest console tail one request reads.
+pub const CONSOLE_MAX: u64 = 4 << 20;
+
 /// What the VM routes need of the appliance.
 pub trait VmRecoveryBackend {
     /// The points of a VM (404 when it has none and is not in the inventory).
     fn vm_points(&self, vm: &str) -> ApiResult<Vec<VmPoint>>;
+    /// Checks the request (the point complete, qemu there, the name free)
+    /// and starts a job that clones the point and boots the VM.
+    fn start_vm_recovery(&self, caller: &Caller, vm: &str, req: VmRecoveryCreate)
+        -> ApiResult<Job>;
+    fn list_vm_recoveries(&self) -> ApiResult<Vec<VmRecovery>>;
+    fn vm_recovery(&self, name: &str) -> ApiResult<VmRecovery>;
+    /// The tail of its serial console log.
+    fn vm_console(&self, name: &str, bytes: u64) -> ApiResult<Vec<u8>>;
+    /// A libvirt domain XML that runs it from the same NBD exports.
+    fn vm_domain_xml(&self, name: &str) -> ApiResult<String>;
+    /// Stops the VM; deletes its clones, or keeps them promoted.
+    fn stop_vm_recovery(&self, caller: &Caller, name: &str, keep: bool) -> ApiResult<VmRecovery>;
     /// Starts a restore of a VM's point to image files on the appliance
     /// (a job running `cdm-agent vm restore`), checked before it is queued.
     fn vm_restore(
@@ -186,7 +322,15 @@ pub trait VmRecoveryBackend {
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/vms/{name}/points", get(vm_points))
-        .route("/vms/{name}/restores", axum::routing::post(vm_restore))
+        .route("/vms/{name}/recoveries", post(start_vm_recovery))
+        .route("/vm-recoveries", get(list_vm_recoveries))
+        .route(
+            "/vm-recoveries/{name}",
+            get(vm_recovery).delete(stop_vm_recovery),
+        )
+        .route("/vm-recoveries/{name}/console", get(vm_console))
+        .route("/vm-recoveries/{name}/domain.xml", get(vm_domain_xml))
+        .route("/vms/{name}/restores", post(vm_restore))
 }
 
 fn check_vm(name: &str) -> ApiResult<()> {
@@ -204,13 +348,84 @@ async fn vm_points(State(s): S, Path(name): Path<String>) -> ApiResult<Json<Vec<
     Ok(Json(run(&s, move |b| b.vm_points(&name)).await?))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/recoveries", params(("name" = String, Path)), request_body = VmRecoveryCreate, responses((status = 202, body = Job), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 503, body = ErrorBody)), security(("bearer" = [])))]
+async fn start_vm_recovery(
+    State(s): S,
+    Extension(c): C,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<VmRecoveryCreate>,
+) -> ApiResult<Response> {
+    c.require(Action::Write)?;
+    check_vm(&name)?;
+    req.check().map_err(ApiError::bad_request)?;
+    if let Some(n) = &req.name {
+        check_name("recovery", n)?;
+    }
+    let j = run(&s, move |b| b.start_vm_recovery(&c, &name, req)).await?;
+    Ok((StatusCode::ACCEPTED, Json(j)).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/vm-recoveries", responses((status = 200, body = [VmRecovery])), security(("bearer" = [])))]
+async fn list_vm_recoveries(State(s): S) -> ApiResult<Json<Vec<VmRecovery>>> {
+    Ok(Json(run(&s, |b| b.list_vm_recoveries()).await?))
+}
+
+#[utoipa::path(get, path = "/v1/vm-recoveries/{name}", params(("name" = String, Path)), responses((status = 200, body = VmRecovery), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn vm_recovery(State(s): S, Path(name): Path<String>) -> ApiResult<Json<VmRecovery>> {
+    check_name("recovery", &name)?;
+    Ok(Json(run(&s, move |b| b.vm_recovery(&name)).await?))
+}
+
+#[utoipa::path(get, path = "/v1/vm-recoveries/{name}/console", params(("name" = String, Path), ConsoleQuery), responses((status = 200, description = "the serial console's log (text)", content_type = "text/plain"), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn vm_console(
+    State(s): S,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<ConsoleQuery>,
+) -> ApiResult<Response> {
+    check_name("recovery", &name)?;
+    let n = q.bytes.unwrap_or(65536).min(CONSOLE_MAX);
+    let b = run(&s, move |b| b.vm_console(&name, n)).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], b).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/vm-recoveries/{name}/domain.xml", params(("name" = String, Path)), responses((status = 200, description = "a libvirt domain XML for the recovered VM", content_type = "application/xml"), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
+async fn vm_domain_xml(State(s): S, Path(name): Path<String>) -> ApiResult<Response> {
+    check_name("recovery", &name)?;
+    let x = run(&s, move |b| b.vm_domain_xml(&name)).await?;
+    Ok(([(header::CONTENT_TYPE, "application/xml")], x).into_response())
+}
+
+#[utoipa::path(delete, path = "/v1/vm-recoveries/{name}", params(("name" = String, Path), VmStopQuery), responses((status = 200, body = VmRecovery), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn stop_vm_recovery(
+    State(s): S,
+    Extension(c): C,
+    Path(name): Path<String>,
+    ApiQuery(q): ApiQuery<VmStopQuery>,
+) -> ApiResult<Json<VmRecovery>> {
+    c.require(Action::Write)?;
+    check_name("recovery", &name)?;
+    Ok(Json(
+        run(&s, move |b| b.stop_vm_recovery(&c, &name, q.keep)).await?,
+    ))
+}
+
 type S = State<AppState>;
+type C = Extension<Caller>;
 
 /// The VM routes' part of the OpenAPI document.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(vm_points, vm_restore),
-    components(schemas(VmPointDisk, VmPoint, VmRestoreCreate)),
+    paths(
+        vm_points,
+        start_vm_recovery,
+        list_vm_recoveries,
+        vm_recovery,
+        vm_console,
+        vm_domain_xml,
+        stop_vm_recovery,
+        vm_restore
+    ),
+    components(schemas(VmPointDisk, VmPoint, VmRecoveryCreate, VmRecovery, VmRestoreCreate)),
     modifiers(&BearerAuth)
 )]
 pub struct VmRecoveryDoc;

@@ -1,10 +1,10 @@
 //! Read-only views of a guest's filesystem for inspection: ext2/3/4
 //! through `ext4-view` (screened by `cdm_disk::browse::load`), NTFS
 //! through the `ntfs` crate (case-insensitive names, as Windows has them),
-//! XFS through our own reader (`xfs.rs`).
+//! XFS and btrfs through our own readers (`xfs.rs`, `btrfs.rs`).
 //! All read the disk through [`Shared`]. A panic inside a third-party
 //! library on a crafted image becomes "not found", never a crash; our own
-//! XFS reader runs unguarded, so a panic there is a bug the fuzzer sees.
+//! XFS and btrfs readers run unguarded, so a panic there is a bug the fuzzer sees.
 
 use std::io::{Read, Seek, SeekFrom};
 
@@ -239,6 +239,26 @@ pub fn xfs(d: Shared, start: u64, len: u64) -> Result<Box<dyn FsView>, String> {
 
 // Our own code: no guard, it must not panic on any bytes.
 impl FsView for XfsView {
+    fn read(&mut self, path: &str, max: u64) -> Option<Vec<u8>> {
+        self.0.read_file(path, max)
+    }
+    fn exists(&mut self, path: &str) -> bool {
+        self.0.exists(path)
+    }
+    fn list(&mut self, path: &str) -> Vec<String> {
+        self.0.list(path)
+    }
+}
+
+struct BtrfsView(crate::btrfs::Btrfs);
+
+pub fn btrfs(d: Shared, start: u64, len: u64) -> Result<Box<dyn FsView>, String> {
+    let b = crate::btrfs::Btrfs::open(d, start, len).map_err(|e| e.to_string())?;
+    Ok(Box::new(BtrfsView(b)))
+}
+
+// Our own code: no guard, it must not panic on any bytes.
+impl FsView for BtrfsView {
     fn read(&mut self, path: &str, max: u64) -> Option<Vec<u8>> {
         self.0.read_file(path, max)
     }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub struct VmDisk {
     /// A path or an NBD URI.
     pub source: String,
-    /// raw or qcow2 (files); NBD sources are raw.
+    /// raw, qcow2, vmdk, vpc (VHD) or vhdx (files); NBD sources are raw.
     #[serde(default = "raw")]
     pub format: String,
     /// The guest's name for it (vda, sdb), if known.
@@ -297,6 +297,25 @@ enum FileDisk {
     Full(VmDisk),
 }
 
+/// Image formats read through `qemu-nbd` (qemu's names: `vpc` is VHD).
+pub const QEMU_FORMATS: &[&str] = &["qcow2", "vmdk", "vpc", "vhdx"];
+
+/// The format a plain inventory path names by its extension (qemu's
+/// names); anything else is read as raw.
+pub fn format_of_path(path: &str) -> &'static str {
+    let ext = Path::new(path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    match ext.as_deref() {
+        Some("qcow2") => "qcow2",
+        Some("vmdk") => "vmdk",
+        Some("vhd") => "vpc",
+        Some("vhdx") => "vhdx",
+        _ => "raw",
+    }
+}
+
 /// An inventory file: `[[vm]]` tables (TOML) or `{"vm": [...]}` (JSON).
 pub fn parse_file(text: &str, path: &Path) -> Result<Vec<Vm>, InventoryError> {
     let f: InventoryFile = if path.extension().is_some_and(|e| e == "json") {
@@ -314,11 +333,7 @@ pub fn parse_file(text: &str, path: &Path) -> Result<Vec<Vm>, InventoryError> {
             .into_iter()
             .map(|d| match d {
                 FileDisk::Plain(s) => VmDisk {
-                    format: if s.ends_with(".qcow2") {
-                        "qcow2".into()
-                    } else {
-                        "raw".into()
-                    },
+                    format: format_of_path(&s).into(),
                     source: s,
                     target: None,
                     bus: None,
@@ -436,6 +451,10 @@ mod tests {
         assert_eq!(v[0].disks[0].format, "qcow2");
         assert_eq!(v[0].disks[1].format, "raw");
         assert_eq!(v[0].storage_path, "/img");
+        let t = "[[vm]]\nname = \"w\"\ndisks = [\"/i/a.vmdk\", \"/i/b.VHD\", \"/i/c.vhdx\", \"/i/d.img\"]\n";
+        let v = parse_file(t, Path::new("i.toml")).unwrap();
+        let f: Vec<&str> = v[0].disks.iter().map(|d| d.format.as_str()).collect();
+        assert_eq!(f, ["vmdk", "vpc", "vhdx", "raw"]);
         let j = r#"{"vm":[{"name":"a","disks":["/x/a.img"],"storage_path":"/san1","memory_mib":256,"vcpus":1,"nics":[{"model":"e1000"}]}]}"#;
         let v = parse_file(j, Path::new("i.json")).unwrap();
         assert_eq!(v[0].storage_path, "/san1");

@@ -20,6 +20,7 @@ mod scheduler;
 mod state;
 mod targets;
 mod tls;
+mod vm_qemu;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -796,6 +797,9 @@ fn main() -> Result<()> {
     );
     let _ = app.pool_file.set(pool_file);
     let _ = app.tls_ca.set(tls.ca_pem.clone());
+    let _ = app.vm_recovery_dir.set(s.data.join("vm-recoveries"));
+    app.vm_recoveries_after_restart()
+        .map_err(|e| anyhow::anyhow!("VM recoveries: {}", e.message))?;
     let repl = start_replication(&s, &tls, &app)?;
     bootstrap_admin(&app, &s.data)?;
     app.control

@@ -28,6 +28,8 @@ pub const JOBS: TableDefinition<u64, &[u8]> = TableDefinition::new("jobs");
 pub const MOUNTS: TableDefinition<&str, &[u8]> = TableDefinition::new("mounts");
 /// VMs as agents classified them (`PUT /v1/vms`).
 pub const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+/// VMs running on the appliance from clones of their points.
+pub const VM_RECOVERIES: TableDefinition<&str, &[u8]> = TableDefinition::new("vm_recoveries");
 
 /// The control plane (`crate::control`): one-use enrolment tokens by the
 /// SHA-256 of the token, hosts by name, applications by id, protection
@@ -200,6 +202,7 @@ impl State {
         tx.open_table(JOBS)?;
         tx.open_table(MOUNTS)?;
         tx.open_table(VMS)?;
+        tx.open_table(VM_RECOVERIES)?;
         tx.open_table(ENROLMENTS)?;
         tx.open_table(HOSTS)?;
         tx.open_table(APPS)?;

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod corpus;
+pub mod guest;
 pub mod maria;
 pub mod pg;
 pub mod stamp;
@@ -745,6 +747,13 @@ pub fn small_ext4(work: &Path, size: u64) -> (PathBuf, LoopMount) {
 
 /// A loop-mounted filesystem, unmounted when dropped.
 pub struct LoopMount(PathBuf);
+
+impl LoopMount {
+    /// Takes charge of a filesystem the caller mounted at `mnt`.
+    pub fn new(mnt: PathBuf) -> LoopMount {
+        LoopMount(mnt)
+    }
+}
 
 impl Drop for LoopMount {
     fn drop(&mut self) {

@@ -7,183 +7,13 @@
 //! table, a truncated image, an encrypted-looking partition, a qcow2 read
 //! through qemu-nbd. Every expected classification is asserted exactly.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
+use cdm_e2e::corpus::Corpus;
 use cdm_e2e::*;
 use cdm_inspect::regf_write::HiveWriter;
 use serde_json::Value;
-
-struct Corpus {
-    dir: tempfile::TempDir,
-}
-
-impl Corpus {
-    fn p(&self, n: &str) -> PathBuf {
-        self.dir.path().join(n)
-    }
-
-    /// A directory tree from (path, content) pairs; a path ending in '/'
-    /// is a directory.
-    fn tree(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
-        let root = self.p(name);
-        for (f, c) in files {
-            let p = root.join(f.trim_start_matches('/'));
-            if f.ends_with('/') {
-                std::fs::create_dir_all(&p).unwrap();
-            } else if let Some(target) = c.strip_prefix("-> ") {
-                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-                std::os::unix::fs::symlink(target, &p).unwrap();
-            } else {
-                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-                std::fs::write(&p, c).unwrap();
-            }
-        }
-        std::fs::create_dir_all(&root).unwrap();
-        root
-    }
-
-    fn ext4(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
-        let t = self.tree(&format!("{name}.d"), files);
-        let img = self.p(&format!("{name}.fs"));
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-d"])
-            .arg(&t)
-            .arg(&img)
-            .arg("24M"));
-        img
-    }
-
-    /// An XFS filesystem filled from a tree through an mkfs.xfs protofile.
-    fn xfs(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
-        fn proto(dir: &Path, depth: usize, out: &mut String) {
-            let mut names: Vec<_> = std::fs::read_dir(dir)
-                .unwrap()
-                .map(|e| e.unwrap().path())
-                .collect();
-            names.sort();
-            let pad = " ".repeat(depth);
-            for p in names {
-                let n = p.file_name().unwrap().to_string_lossy().to_string();
-                let m = std::fs::symlink_metadata(&p).unwrap();
-                if m.file_type().is_symlink() {
-                    out.push_str(&format!(
-                        "{pad}{n} l--777 0 0 {}\n",
-                        std::fs::read_link(&p).unwrap().display()
-                    ));
-                } else if m.is_dir() {
-                    out.push_str(&format!("{pad}{n} d--755 0 0\n"));
-                    proto(&p, depth + 1, out);
-                    out.push_str(&format!("{pad}$\n"));
-                } else {
-                    out.push_str(&format!("{pad}{n} ---644 0 0 {}\n", p.display()));
-                }
-            }
-        }
-        let t = self.tree(&format!("{name}.d"), files);
-        let mut text = String::from("/dev/null\n0 0\nd--755 0 0\n");
-        proto(&t, 1, &mut text);
-        text.push_str("$\n");
-        let pf = self.p(&format!("{name}.proto"));
-        std::fs::write(&pf, text).unwrap();
-        let img = self.p(&format!("{name}.fs"));
-        run(Command::new("truncate").args(["-s", "320M"]).arg(&img));
-        run(Command::new("mkfs.xfs")
-            .args(["-q", "-f", "-p"])
-            .arg(&pf)
-            .arg(&img));
-        img
-    }
-
-    /// An NTFS filesystem holding Windows/System32/config/{SOFTWARE,SYSTEM}.
-    fn ntfs(&self, name: &str, software: &HiveWriter, system: &HiveWriter) -> PathBuf {
-        let img = self.p(&format!("{name}.fs"));
-        run(Command::new("truncate").args(["-s", "32M"]).arg(&img));
-        run(Command::new("mkntfs").args(["-F", "-Q", "-q"]).arg(&img));
-        let mnt = self.p(&format!("{name}.mnt"));
-        std::fs::create_dir_all(&mnt).unwrap();
-        run(Command::new("ntfs-3g").arg(&img).arg(&mnt));
-        let cfg = mnt.join("Windows/System32/config");
-        std::fs::create_dir_all(&cfg).unwrap();
-        std::fs::write(cfg.join("SOFTWARE"), software.to_bytes()).unwrap();
-        std::fs::write(cfg.join("SYSTEM"), system.to_bytes()).unwrap();
-        std::fs::create_dir_all(mnt.join("Program Files")).unwrap();
-        run(Command::new("umount").arg(&mnt));
-        img
-    }
-
-    /// A disk with one partition holding `fs` (label dos or gpt).
-    fn disk(&self, name: &str, label: &str, bootable: bool, fs: &Path) -> PathBuf {
-        let disk = self.p(&format!("{name}.img"));
-        let fs_len = std::fs::metadata(fs).unwrap().len();
-        run(Command::new("truncate")
-            .arg("-s")
-            .arg(((fs_len >> 20) + 4).to_string() + "M")
-            .arg(&disk));
-        let ty = if label == "gpt" {
-            "0FC63DAF-8483-4772-8E79-3D69D8477DE4"
-        } else {
-            "83"
-        };
-        let boot = if bootable { ", bootable" } else { "" };
-        sh(&format!(
-            "printf 'label: {label}\\nstart=2048, size={}, type={ty}{boot}\\n' | sfdisk -q {}",
-            fs_len / 512,
-            disk.display()
-        ));
-        let j: Value =
-            serde_json::from_str(&run(Command::new("sfdisk").arg("-J").arg(&disk))).unwrap();
-        let start = j["partitiontable"]["partitions"][0]["start"]
-            .as_u64()
-            .unwrap();
-        run(Command::new("dd")
-            .arg(format!("if={}", fs.display()))
-            .arg(format!("of={}", disk.display()))
-            .args([
-                "bs=512",
-                &format!("seek={start}"),
-                "conv=notrunc,sparse",
-                "status=none",
-            ]));
-        disk
-    }
-}
-
-impl Corpus {
-    /// A disk whose filesystem is in logical partition 5, inside an
-    /// extended partition.
-    fn disk_logical(&self, name: &str, fs: &Path) -> PathBuf {
-        let disk = self.p(&format!("{name}.img"));
-        let fs_len = std::fs::metadata(fs).unwrap().len();
-        run(Command::new("truncate")
-            .arg("-s")
-            .arg(((fs_len >> 20) + 8).to_string() + "M")
-            .arg(&disk));
-        sh(&format!(
-            "printf 'label: dos\\nstart=2048, type=5\\nstart=6144, size={}, type=83\\n' | sfdisk -q {}",
-            fs_len / 512,
-            disk.display()
-        ));
-        let j: Value =
-            serde_json::from_str(&run(Command::new("sfdisk").arg("-J").arg(&disk))).unwrap();
-        let parts = j["partitiontable"]["partitions"].as_array().unwrap();
-        let logical = parts
-            .iter()
-            .find(|p| p["node"].as_str().unwrap().ends_with('5'))
-            .unwrap();
-        let start = logical["start"].as_u64().unwrap();
-        run(Command::new("dd")
-            .arg(format!("if={}", fs.display()))
-            .arg(format!("of={}", disk.display()))
-            .args([
-                "bs=512",
-                &format!("seek={start}"),
-                "conv=notrunc,sparse",
-                "status=none",
-            ]));
-        disk
-    }
-}
 
 fn windows_hives(
     product: &str,
@@ -678,19 +508,12 @@ fn corpus_is_classified_exactly() {
     assert!(expect.len() >= 12);
     let specs: Vec<String> = expect.iter().map(|e| e.1.clone()).collect();
     // scripts/bench-inspect keeps the corpus (image files) for timing.
-    if let Ok(keep) = std::env::var("CDM_CORPUS_KEEP") {
-        let keep = PathBuf::from(keep);
-        std::fs::create_dir_all(&keep).unwrap();
-        let mut list = String::new();
-        for (name, spec, ..) in &expect {
-            if !spec.contains("://") {
-                let dst = keep.join(format!("{name}.img"));
-                std::fs::copy(spec, &dst).unwrap();
-                list.push_str(&format!("{}\n", dst.display()));
-            }
-        }
-        std::fs::write(keep.join("list"), list).unwrap();
-    }
+    let files: Vec<(&str, &Path)> = expect
+        .iter()
+        .filter(|(_, spec, ..)| !spec.contains("://"))
+        .map(|(name, spec, ..)| (*name, Path::new(spec.as_str())))
+        .collect();
+    cdm_e2e::corpus::keep("list", &files);
     let got = agent_inspect(&specs);
     let _ = qn.kill();
     let _ = qn.wait();

@@ -571,7 +571,7 @@ fn api_and_cdmctl(app: &Appliance, api: &Api, vm: &Vm) {
     let o = app.cdmctl(&["vm", "points", "app1"]);
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        o.status.success() && text.contains("no (missing disk [1, 2])"),
+        o.status.success() && text.contains("NO (missing [1, 2])"),
         "{text}"
     );
     let o = app.cdmctl(&["--json", "vm", "points", "app1"]);

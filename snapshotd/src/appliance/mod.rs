@@ -20,6 +20,7 @@ pub use pool::COMMIT_INTERVAL_S;
 mod snapshots;
 mod throttle;
 mod users;
+mod vm_recovery;
 mod vm_restore;
 mod vms;
 mod volumes;
@@ -92,6 +93,11 @@ pub struct Appliance {
     defrag: defrag::DefragState,
     /// The audit log, with its fallback for a failing state database.
     audit: crate::audit::AuditLog,
+    /// Set once at start (main): where recovered VMs keep their serial
+    /// logs, QMP sockets and domain XML (`DATA/vm-recoveries`).
+    pub vm_recovery_dir: std::sync::OnceLock<std::path::PathBuf>,
+    /// The recovered VMs' qemu processes.
+    vm_runs: vm_recovery::VmRuns,
 }
 
 /// How long a listing may show a volume's unique bytes before recomputing.
@@ -186,6 +192,8 @@ impl Appliance {
                 reduction: Mutex::new(None),
                 login_throttle: throttle::LoginThrottle::default(),
                 defrag: defrag::DefragState::default(),
+                vm_recovery_dir: std::sync::OnceLock::new(),
+                vm_runs: vm_recovery::VmRuns::default(),
             }
         })
     }

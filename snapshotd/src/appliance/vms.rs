@@ -25,20 +25,6 @@ impl Appliance {
     }
 }
 
-impl cdm_api::vm_recovery::VmRecoveryBackend for Appliance {
-    fn vm_points(&self, vm: &str) -> ApiResult<Vec<cdm_api::vm_recovery::VmPoint>> {
-        self.vm_points_of(vm)
-    }
-    fn vm_restore(
-        &self,
-        c: &Caller,
-        vm: &str,
-        req: cdm_api::vm_recovery::VmRestoreCreate,
-    ) -> ApiResult<Job> {
-        self.vm_restore_start(c, vm, req)
-    }
-}
-
 impl Appliance {
     /// The points of VM `vm` (a walk of the snapshot catalog); 404 when
     /// it has none and the inventory does not know it.

@@ -45,7 +45,6 @@ use crate::replication::ReplicationCmd;
 use crate::snapshot::SnapshotCmd;
 use crate::system::{ClockCmd, PoolCmd};
 use crate::user::{TokenCmd, UserCmd};
-use crate::vm::VmCmd;
 use crate::volume::VolumeCmd;
 use crate::webhook::WebhookCmd;
 
@@ -116,9 +115,6 @@ enum Cmd {
     /// Restores of applications' points, run by agents.
     #[command(subcommand)]
     Restore(RestoreCmd),
-    /// VMs: their points, and restores of their disks to image files.
-    #[command(subcommand)]
-    Vm(VmCmd),
     /// Replication between appliances: pairing, peers, links, transfers.
     #[command(subcommand)]
     Replication(ReplicationCmd),
@@ -126,6 +122,9 @@ enum Cmd {
     /// torn down; the reports.
     #[command(subcommand)]
     Drill(DrillCmd),
+    /// VMs: points, instant recovery on the appliance, restores.
+    #[command(subcommand)]
+    Vm(crate::vm::VmCmd),
     /// The event log.
     #[command(subcommand)]
     Event(EventCmd),
@@ -214,9 +213,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::App(a) => app::run(a, &c, &out),
         Cmd::Policy(p) => policy::run(p, &c, &out),
         Cmd::Restore(r) => app::restore(r, &c, &out),
-        Cmd::Vm(v) => vm::run(v, &c, &out),
         Cmd::Replication(r) => replication::run(r, &c, &out),
         Cmd::Drill(d) => drill::run(d, &c, &out),
+        Cmd::Vm(v) => vm::run(v, &c, &out),
         Cmd::Event(e) => event::run(e, &c, &out),
         Cmd::Audit(a) => event::audit(a, &c, &out),
         Cmd::Webhook(w) => webhook::run(w, &c, &out),
