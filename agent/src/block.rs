@@ -49,12 +49,7 @@ impl Source {
         let f = File::open(spec).context_with(ErrorKind::Io, || spec)?;
         let m = f.metadata()?;
         let (size, sparse) = if m.file_type().is_block_device() {
-            let mut sz: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64.
-            if unsafe { libc::ioctl(f.as_raw_fd(), 0x80081272, &mut sz) } != 0 {
-                return Err(std::io::Error::last_os_error().into());
-            }
-            (sz, false)
+            (device_size(&f)?, false)
         } else if m.is_file() {
             (m.len(), true)
         } else {
@@ -158,6 +153,16 @@ impl Source {
                 .context_with(ErrorKind::Host, || format!("NBD source read at {off}")),
         }
     }
+}
+
+/// The size of the block device open as `f` (BLKGETSIZE64).
+pub fn device_size(f: &File) -> std::io::Result<u64> {
+    let mut sz: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64.
+    if unsafe { libc::ioctl(f.as_raw_fd(), 0x80081272, &mut sz) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(sz)
 }
 
 /// Walks an NBD metadata context over `[0, size)`: `status(offset, len)`

@@ -17,12 +17,14 @@ pub mod nbdfile;
 pub mod ops;
 pub mod pg;
 pub mod pitr;
+pub mod qcow2;
 pub mod qmp;
 pub mod serve;
 pub mod statefile;
 pub mod throttle;
 pub mod vm;
 pub mod vm_live;
+pub mod vm_restore;
 
 use std::path::PathBuf;
 

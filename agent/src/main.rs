@@ -325,6 +325,42 @@ enum VmCmd {
         #[arg(long)]
         freeze: bool,
     },
+    /// Write a point's disks back as sparse image files (DIR/VM-diskN.raw
+    /// or .qcow2) or one disk onto a block device; only allocated data is
+    /// read.
+    Restore {
+        #[arg(long)]
+        vm: String,
+        /// A directory for the image files.
+        #[arg(
+            long,
+            conflicts_with = "to_device",
+            required_unless_present = "to_device"
+        )]
+        to: Option<PathBuf>,
+        /// A block device for one disk (written whole: holes zeroed).
+        #[arg(long)]
+        to_device: Option<PathBuf>,
+        /// raw or qcow2.
+        #[arg(long, default_value = "raw", conflicts_with = "to_device")]
+        format: String,
+        /// The point's run id (`cdmctl vm points`); the newest complete
+        /// point by default.
+        #[arg(long, conflicts_with = "snapshot")]
+        point: Option<String>,
+        /// Any of the point's disks' snapshot ids.
+        #[arg(long)]
+        snapshot: Option<u64>,
+        /// Only this disk (its index in the VM).
+        #[arg(long)]
+        disk: Option<usize>,
+        /// Replace existing image files.
+        #[arg(long)]
+        force: bool,
+        /// Connections reading from the appliance (and writing qcow2).
+        #[arg(long, default_value_t = cdm_agent::vm_restore::DEFAULT_CONNECTIONS)]
+        connections: usize,
+    },
 }
 
 /// How to reach a PostgreSQL server.
@@ -886,6 +922,39 @@ fn vm_cmd(ctx: &Ctx, v: &VmCmd) -> anyhow::Result<serde_json::Value> {
                 freeze: *freeze,
             },
         )?,
+        VmCmd::Restore {
+            vm,
+            to,
+            to_device,
+            format,
+            point,
+            snapshot,
+            disk,
+            force,
+            connections,
+        } => {
+            use cdm_agent::vm_restore::{restore_cmd, Format, Restore, Target};
+            let target = match (to, to_device) {
+                (_, Some(d)) => Target::Device(d.clone()),
+                (Some(dir), None) => Target::Dir {
+                    dir: dir.clone(),
+                    format: Format::parse(format)?,
+                },
+                (None, None) => anyhow::bail!("--to DIR or --to-device DEV is needed"),
+            };
+            let snap = snapshot.map(|s| s.to_string());
+            restore_cmd(
+                ctx,
+                &Restore {
+                    vm,
+                    target,
+                    point: point.as_deref().or(snap.as_deref()),
+                    disk: *disk,
+                    force: *force,
+                    connections: *connections,
+                },
+            )?
+        }
     })
 }
 

@@ -198,7 +198,7 @@ impl Mounted {
     }
 }
 
-fn bar(ctx: &Ctx, total: u64, what: &str) -> Option<indicatif::ProgressBar> {
+pub(crate) fn bar(ctx: &Ctx, total: u64, what: &str) -> Option<indicatif::ProgressBar> {
     if !ctx.progress {
         return None;
     }
@@ -620,19 +620,28 @@ pub fn backup_block_with(
 
 /// The stage volume's NBD export, written by a block backup.
 fn connect_stage(ctx: &Ctx, volume: &str) -> Result<nbd_proto::client::Client> {
+    connect_export(ctx, volume, false).context_with(ErrorKind::Host, || {
+        format!("stage volume {volume} over NBD {}", ctx.nbd)
+    })
+}
+
+/// An export of the appliance (`VOLUME` or `VOLUME@SNAPSHOT`), with
+/// `base:allocation` selected if `allocation`.
+pub(crate) fn connect_export(
+    ctx: &Ctx,
+    export: &str,
+    allocation: bool,
+) -> std::result::Result<nbd_proto::client::Client, nbd_proto::client::ClientError> {
     nbd_proto::client::Client::connect(
         &ctx.nbd,
-        Some(volume),
+        Some(export),
         &nbd_proto::client::ClientOptions {
-            allocation: false,
+            allocation,
             timeout: Some(Duration::from_secs(60)),
             tls: ctx.nbd_tls.clone(),
             ..Default::default()
         },
     )
-    .context_with(ErrorKind::Host, || {
-        format!("stage volume {volume} over NBD {}", ctx.nbd)
-    })
 }
 
 /// What a block backup's snapshot records of its source and copy.

@@ -455,6 +455,14 @@ impl Client {
             encode_segment(name)
         ))
     }
+    /// Starts a restore of a VM's point to image files on the appliance.
+    pub fn vm_restore(&self, vm: &str, req: &crate::vm_recovery::VmRestoreCreate) -> Result<Job> {
+        self.call(
+            "POST",
+            &format!("/v1/vms/{}/restores", encode_segment(vm)),
+            Self::json(req)?,
+        )
+    }
     pub fn mounts(&self) -> Result<Vec<Mount>> {
         self.call("GET", "/v1/mounts", None)
     }

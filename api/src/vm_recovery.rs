@@ -308,6 +308,14 @@ pub trait VmRecoveryBackend {
     fn vm_domain_xml(&self, name: &str) -> ApiResult<String>;
     /// Stops the VM; deletes its clones, or keeps them promoted.
     fn stop_vm_recovery(&self, caller: &Caller, name: &str, keep: bool) -> ApiResult<VmRecovery>;
+    /// Starts a restore of a VM's point to image files on the appliance
+    /// (a job running `cdm-agent vm restore`), checked before it is queued.
+    fn vm_restore(
+        &self,
+        c: &crate::auth::Caller,
+        vm: &str,
+        req: VmRestoreCreate,
+    ) -> ApiResult<crate::types::Job>;
 }
 
 /// The VM routes, relative to `/v1`.
@@ -322,6 +330,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route("/vm-recoveries/{name}/console", get(vm_console))
         .route("/vm-recoveries/{name}/domain.xml", get(vm_domain_xml))
+        .route("/vms/{name}/restores", post(vm_restore))
 }
 
 fn check_vm(name: &str) -> ApiResult<()> {
@@ -413,12 +422,88 @@ type C = Extension<Caller>;
         vm_recovery,
         vm_console,
         vm_domain_xml,
-        stop_vm_recovery
+        stop_vm_recovery,
+        vm_restore
     ),
-    components(schemas(VmPointDisk, VmPoint, VmRecoveryCreate, VmRecovery)),
+    components(schemas(VmPointDisk, VmPoint, VmRecoveryCreate, VmRecovery, VmRestoreCreate)),
     modifiers(&BearerAuth)
 )]
 pub struct VmRecoveryDoc;
+
+// ---------------------------------------------------------------------
+// VM restore: a point's disks written back to image files on the
+// appliance by a job (`cdm-agent vm restore`).
+
+/// `POST /v1/vms/{name}/restores`.
+#[derive(Serialize, Deserialize, ToSchema, Clone, Debug, Default, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VmRestoreCreate {
+    /// The point's run id or one of its disks' snapshot ids; the newest
+    /// complete point when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub point: Option<String>,
+    /// A directory on the appliance (absolute) for `VM-diskN.raw|qcow2`.
+    pub to: String,
+    /// `raw` (default) or `qcow2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// Only this disk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk: Option<usize>,
+    /// Replace existing image files.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl VmRestoreCreate {
+    /// The request's own rules (the point is the appliance's to check).
+    pub fn check(&self) -> ApiResult<()> {
+        let to = std::path::Path::new(&self.to);
+        if !to.is_absolute() || self.to.contains('\0') || self.to.len() > 4096 {
+            return Err(ApiError::bad_request(format!(
+                "\"to\" must be an absolute directory on the appliance, not {:?}",
+                self.to
+            )));
+        }
+        if to
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(ApiError::bad_request("\"to\" must not contain \"..\""));
+        }
+        match self.format.as_deref() {
+            None | Some("raw") | Some("qcow2") => {}
+            Some(f) => {
+                return Err(ApiError::bad_request(format!(
+                    "format {f:?}: use raw or qcow2"
+                )))
+            }
+        }
+        if let Some(p) = &self.point {
+            if p.is_empty() || p.len() > 256 {
+                return Err(ApiError::bad_request("a point id is 1 to 256 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/restores", params(("name" = String, Path)), request_body = VmRestoreCreate, responses((status = 202, body = crate::types::Job), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)), security(("bearer" = [])))]
+async fn vm_restore(
+    State(s): S,
+    axum::Extension(c): axum::Extension<crate::auth::Caller>,
+    Path(name): Path<String>,
+    crate::routes::ApiJson(req): crate::routes::ApiJson<VmRestoreCreate>,
+) -> ApiResult<axum::response::Response> {
+    use axum::response::IntoResponse;
+    // The appliance writes image files as root into the directory the
+    // request names: admin only, as for vm-backup jobs.
+    c.require(crate::auth::Action::Admin)?;
+    check_vm(&name)?;
+    req.check()?;
+    let j = run(&s, move |b| b.vm_restore(&c, &name, req)).await?;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(j)).into_response())
+}
 
 #[cfg(test)]
 mod tests {
@@ -470,5 +555,27 @@ mod tests {
         assert!(choose(only_bad, None)
             .unwrap_err()
             .contains("no complete point"));
+    }
+
+    #[test]
+    fn restore_requests_are_checked() {
+        let r = |v: Value| serde_json::from_value::<VmRestoreCreate>(v).map(|r| r.check());
+        assert!(r(json!({"to": "/srv/restore"})).unwrap().is_ok());
+        assert!(r(
+            json!({"to": "/srv", "format": "qcow2", "disk": 1, "point": "r1", "force": true})
+        )
+        .unwrap()
+        .is_ok());
+        for bad in [
+            json!({"to": "srv"}),
+            json!({"to": ""}),
+            json!({"to": "/srv/../etc"}),
+            json!({"to": "/srv", "format": "vmdk"}),
+            json!({"to": "/srv", "point": ""}),
+        ] {
+            assert!(r(bad.clone()).unwrap().is_err(), "{bad}");
+        }
+        assert!(r(json!({"to": "/srv", "extra": 1})).is_err());
+        assert!(r(json!({"format": "raw"})).is_err());
     }
 }

@@ -1,4 +1,5 @@
-//! Long operations: scrub, retention, volume deletion and VM backups
+//! Long operations: scrub, retention, volume deletion, VM backups and
+//! the runner of the appliance-local agent's jobs
 //! (defragmentation is in `defrag.rs`).
 
 use cdm_api::auth::Caller;
@@ -10,15 +11,13 @@ use super::{engine, st, AgentSetup, Appliance};
 use crate::error::Error;
 use crate::state::TOKENS;
 
-/// Runs `cdm-agent vm backup` (next to this binary, else on PATH) against
-/// this appliance; its JSON result, or its error.
-pub(super) fn run_agent_backup(
+/// Runs `cdm-agent ARGS` (next to this binary, else on PATH) against this
+/// appliance as the holder of `token`; its JSON result, or its error.
+pub(super) fn run_agent(
     setup: &AgentSetup,
     nbd: &str,
     token: &str,
-    inventory: &str,
-    category: &str,
-    parallel: usize,
+    args: &[String],
 ) -> crate::error::Result<Value> {
     let exe = std::env::current_exe()
         .ok()
@@ -40,16 +39,7 @@ pub(super) fn run_agent_backup(
             "--state-dir",
         ])
         .arg(&setup.state_dir)
-        .args([
-            "vm",
-            "backup",
-            "--inventory",
-            inventory,
-            "--category",
-            category,
-            "--parallel",
-        ])
-        .arg(parallel.to_string())
+        .args(args)
         .env("CDM_TOKEN", token)
         .env_remove("CDM_TOKEN_FILE")
         .stdin(std::process::Stdio::null())
@@ -167,6 +157,28 @@ impl Appliance {
             ));
         };
         cdm_api::vms::selects(&VmRecord::default(), &category)?;
+        let parallel = req.parallel.unwrap_or(2).clamp(1, 16);
+        let args = [
+            "vm",
+            "backup",
+            "--inventory",
+            &inventory,
+            "--category",
+            &category,
+            "--parallel",
+            &parallel.to_string(),
+        ];
+        self.start_agent_job(c, "vm-backup", args.map(str::to_string).to_vec())
+    }
+
+    /// Starts a job of kind `kind` that runs `cdm-agent ARGS` on this
+    /// appliance acting as the caller; its result is the agent's JSON.
+    pub(super) fn start_agent_job(
+        &self,
+        c: &Caller,
+        kind: &'static str,
+        args: Vec<String>,
+    ) -> ApiResult<Job> {
         let setup = self
             .agent
             .get()
@@ -179,12 +191,11 @@ impl Appliance {
             .ok_or_else(|| ApiError::new(503, "unavailable", "no NBD listener"))?;
         // The job acts as its caller, with a token that lives as long
         // as the job (revoked when it ends, expiring in a day anyway).
-        let tok = self.make_token(&c.user, "vm-backup job", Some(86_400))?;
+        let tok = self.make_token(&c.user, &format!("{kind} job"), Some(86_400))?;
         let me = self.self_arc()?;
-        let parallel = req.parallel.unwrap_or(2).clamp(1, 16);
         self.jobs
-            .start("vm-backup", &c.user, move |p| {
-                let r = run_agent_backup(&setup, &nbd, &tok.token, &inventory, &category, parallel);
+            .start(kind, &c.user, move |p| {
+                let r = run_agent(&setup, &nbd, &tok.token, &args);
                 let _ = me.state.remove(TOKENS, tok.id.as_str());
                 me.forget_verified(std::slice::from_ref(&tok.id));
                 p.set(1, 1);

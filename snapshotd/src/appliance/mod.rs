@@ -21,6 +21,7 @@ mod snapshots;
 mod throttle;
 mod users;
 mod vm_recovery;
+mod vm_restore;
 mod vms;
 mod volumes;
 mod webhooks;

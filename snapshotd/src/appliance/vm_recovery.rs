@@ -522,6 +522,14 @@ impl VmRecoveryBackend for Appliance {
     fn vm_points(&self, vm: &str) -> ApiResult<Vec<VmPoint>> {
         self.vm_points_of(vm)
     }
+    fn vm_restore(
+        &self,
+        c: &Caller,
+        vm: &str,
+        req: cdm_api::vm_recovery::VmRestoreCreate,
+    ) -> ApiResult<Job> {
+        self.vm_restore_start(c, vm, req)
+    }
     fn start_vm_recovery(&self, c: &Caller, vm: &str, req: VmRecoveryCreate) -> ApiResult<Job> {
         self.vm_recover(c, vm, req)
     }

@@ -55,6 +55,30 @@ pub(crate) enum VmCmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Write a point's disks as sparse image files (DIR/VM-diskN.raw or
+    /// .qcow2) into a directory on the appliance (a job).
+    Restore {
+        vm: String,
+        /// An absolute directory on the appliance.
+        #[arg(long)]
+        to: String,
+        /// raw or qcow2 [default: raw].
+        #[arg(long)]
+        format: Option<String>,
+        /// The point's run id or one of its disks' snapshot ids [default:
+        /// the newest complete point].
+        #[arg(long)]
+        point: Option<String>,
+        /// Only this disk.
+        #[arg(long)]
+        disk: Option<usize>,
+        /// Replace existing image files.
+        #[arg(long)]
+        force: bool,
+        /// Wait for the job with a progress bar; exit 1 if it fails.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 fn points_table(v: &[VmPoint]) -> String {
@@ -127,6 +151,29 @@ fn recovery_show(r: &VmRecovery) -> String {
 pub(crate) fn run(cmd: VmCmd, c: &Client, out: &Out) -> Result<(), CliError> {
     match cmd {
         VmCmd::Points { vm } => out.show(&c.vm_points(&vm)?, |v| points_table(v)),
+        VmCmd::Restore {
+            vm,
+            to,
+            format,
+            point,
+            disk,
+            force,
+            wait,
+        } => {
+            let req = cdm_api::vm_recovery::VmRestoreCreate {
+                point,
+                to,
+                format,
+                disk,
+                force,
+            };
+            let j = c.vm_restore(&vm, &req)?;
+            if wait {
+                crate::job::wait_job(c, j.id, out)?;
+            } else {
+                out.show(&j, crate::job::job_show);
+            }
+        }
         VmCmd::Recover {
             vm,
             point,
