@@ -868,6 +868,70 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/vm-recoveries": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_vm_recoveries"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vm-recoveries/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["vm_recovery"];
+        put?: never;
+        post?: never;
+        delete: operations["stop_vm_recovery"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vm-recoveries/{name}/console": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["vm_console"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vm-recoveries/{name}/domain.xml": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["vm_domain_xml"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/vms": {
         parameters: {
             query?: never;
@@ -878,6 +942,54 @@ export interface paths {
         get: operations["list_vms"];
         put: operations["put_vms"];
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{name}/points": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["vm_points"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{name}/recoveries": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["start_vm_recovery"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/vms/{name}/restores": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["vm_restore"];
         delete?: never;
         options?: never;
         head?: never;
@@ -2409,6 +2521,39 @@ export interface components {
         VmInventory: {
             vms: components["schemas"]["VmRecord"][];
         };
+        /** @description A VM's point: the snapshots one backup run made of its disks. */
+        VmPoint: {
+            /** @description Every disk is here: a point that is not cannot be recovered. */
+            complete: boolean;
+            /** @description The newest of its disks' snapshot times (RFC 3339, and Unix seconds). */
+            created: string;
+            /** Format: int64 */
+            created_unix: number;
+            disks: components["schemas"]["VmPointDisk"][];
+            /** @description How many disks the VM had at the backup. */
+            expected_disks: number;
+            /** @description Indexes of the disks that are missing (their backup failed). */
+            missing?: number[];
+            /** @description The run's id (shared by the disks' snapshots' metadata). */
+            point: string;
+            /** @description CPU, memory, firmware and NICs at the backup. */
+            shape?: unknown;
+            vm: string;
+        };
+        /** @description One disk of a VM point. */
+        VmPointDisk: {
+            bus?: string | null;
+            /** @description The disk's index in the VM's listing. */
+            disk: number;
+            format?: string;
+            /** Format: int64 */
+            snapshot: number;
+            /** @description Where the disk was read from at backup, its format and bus. */
+            source?: string;
+            target?: string | null;
+            /** @description Its stage volume and the snapshot of this point. */
+            volume: string;
+        };
         /**
          * @description A virtual machine as an agent classified it by inspecting its disks
          *     (no booting): operating system, applications, where its disks live.
@@ -2429,6 +2574,85 @@ export interface components {
             pool?: string;
             storage_path?: string;
             uuid?: string | null;
+        };
+        /** @description A VM running on the appliance from clones of one of its points. */
+        VmRecovery: {
+            accel: string;
+            /** @description Who asked for it. */
+            by: string;
+            /** @description The writable clones it runs on (`vmrec-NAME-diskN`), exported over NBD. */
+            clones: string[];
+            firmware: string;
+            /** Format: int64 */
+            memory_mib: number;
+            name: string;
+            network: string;
+            /** Format: int32 */
+            pid?: number | null;
+            /** @description The point's run id and its disks' snapshots. */
+            point: string;
+            /** @description Why it stopped or failed. */
+            reason?: string | null;
+            snapshots: number[];
+            started: string;
+            /** Format: int64 */
+            started_unix: number;
+            /**
+             * @description `starting`, `running`, `stopped` (qemu ended: the guest powered off,
+             *     or it was stopped) or `failed` (qemu could not start or died).
+             */
+            state: string;
+            /** Format: int64 */
+            stopped_unix?: number | null;
+            /** Format: int32 */
+            vcpus: number;
+            vm: string;
+        };
+        /** @description `POST /v1/vms/{name}/recoveries`. */
+        VmRecoveryCreate: {
+            /**
+             * @description `auto` (default: KVM where `/dev/kvm` can be used), `kvm` or `tcg`
+             *     (software emulation).
+             */
+            accel?: string | null;
+            /**
+             * Format: int64
+             * @description Replace the VM's memory (MiB) and vCPUs.
+             */
+            memory_mib?: number | null;
+            /** @description The recovery's name (default `VM-N`). */
+            name?: string | null;
+            /**
+             * @description `none` (default: no NIC) or `user` (the VM's NICs on a private
+             *     user-mode network that reaches nothing outside).
+             */
+            network?: string | null;
+            /** @description The point by its run id (`GET /v1/vms/{name}/points`). */
+            point?: string | null;
+            /**
+             * Format: int64
+             * @description The point: a snapshot id of one of its disks (default: the newest
+             *     complete point).
+             */
+            snapshot?: number | null;
+            /** Format: int32 */
+            vcpus?: number | null;
+        };
+        /** @description `POST /v1/vms/{name}/restores`. */
+        VmRestoreCreate: {
+            /** @description Only this disk. */
+            disk?: number | null;
+            /** @description Replace existing image files. */
+            force?: boolean;
+            /** @description `raw` (default) or `qcow2`. */
+            format?: string | null;
+            /**
+             * @description The point's run id or one of its disks' snapshot ids; the newest
+             *     complete point when absent.
+             */
+            point?: string | null;
+            /** @description A directory on the appliance (absolute) for `VM-diskN.raw|qcow2`. */
+            to: string;
         };
         /** @description `GET /v1/vms/tree`: the VMs regrouped by a category. */
         VmTree: {
@@ -4522,6 +4746,158 @@ export interface operations {
             };
         };
     };
+    list_vm_recoveries: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmRecovery"][];
+                };
+            };
+        };
+    };
+    vm_recovery: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmRecovery"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    stop_vm_recovery: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /**
+                 * @description Keep the clones as volumes of their own (promoted), instead of
+                 *     deleting them.
+                 */
+                keep: boolean;
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmRecovery"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_console: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description The last N bytes of the serial log (default 65536, at most 4 MiB). */
+                bytes: number | null;
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the serial console's log (text) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/plain": unknown;
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_domain_xml: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description a libvirt domain XML for the recovered VM */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/xml": unknown;
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
     list_vms: {
         parameters: {
             query?: never;
@@ -4563,6 +4939,149 @@ export interface operations {
                 };
             };
             400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_points: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VmPoint"][];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    start_vm_recovery: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VmRecoveryCreate"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    vm_restore: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["VmRestoreCreate"];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Job"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
