@@ -87,6 +87,10 @@ vm_guest_kit() {
   local tmp
   tmp="$(mktemp -d)"
   chmod 755 "$tmp"
+  if [ -z "${CDM_APT_UPDATED:-}" ]; then
+    apt-get update -qq >&2
+    export CDM_APT_UPDATED=1
+  fi
   local pkg
   pkg="$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}')"
   [ -n "$pkg" ] || { echo "no linux-image package found" >&2; return 1; }
