@@ -464,6 +464,23 @@ mod tests {
         assert_eq!(letter(26), "aa");
     }
 
+    /// The only test that sets CDM_QEMU_SYSTEM (the environment is the
+    /// process's): a missing qemu is an error that says what to install.
+    #[test]
+    fn missing_qemu_is_said() {
+        std::env::set_var("CDM_QEMU_SYSTEM", "/nonexistent/qemu-system-x86_64");
+        let e = find_qemu().unwrap_err();
+        std::env::remove_var("CDM_QEMU_SYSTEM");
+        assert!(
+            e.contains("not installed") && e.contains("/nonexistent"),
+            "{e}"
+        );
+        assert!(
+            find_ovmf(Path::new("/nonexistent/bin/qemu")).is_none()
+                || Path::new("/usr/share/OVMF/OVMF_CODE.fd").exists()
+        );
+    }
+
     #[test]
     fn listeners_and_accelerators() {
         assert_eq!(
