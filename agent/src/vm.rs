@@ -330,30 +330,7 @@ pub const PREFIX_MAX: usize = 96;
 /// the real one (two names never share a stage volume). `prefix` is a
 /// valid name of at most [`PREFIX_MAX`] bytes (checked by the caller).
 pub fn volume_for(prefix: &str, name: &str, i: usize) -> String {
-    let plain = format!("{prefix}-{name}-disk{i}");
-    if crate::ops::check_name(&plain).is_ok() {
-        return plain;
-    }
-    let room = cdm_common::names::MAX_LEN
-        .saturating_sub(prefix.len() + format!("--12345678-disk{i}").len())
-        .min(80);
-    let clean: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '-'
-            }
-        })
-        .take(room)
-        .collect();
-    let h = blake3::hash(name.as_bytes()).to_hex();
-    format!(
-        "{prefix}-{}-{}-disk{i}",
-        clean.trim_start_matches(['.', '-']),
-        &h[..8]
-    )
+    cdm_api::vm_recovery::volume_for(prefix, name, i)
 }
 
 /// Checks a `--volume-prefix`.

@@ -124,8 +124,12 @@ pub fn host_may(method: &str, path: &str) -> bool {
         return method == "GET";
     }
     let p = &p[1..];
-    let secret = matches!(p.first(), Some(&"users" | &"webhooks" | &"audit"))
-        || (p.first() == Some(&"hosts") && p.get(1) == Some(&"enrolments"));
+    // Recovered VMs' consoles and domain XML can show what a guest prints
+    // (logins, secrets): not for hosts.
+    let secret = matches!(
+        p.first(),
+        Some(&"users" | &"webhooks" | &"audit" | &"vm-recoveries")
+    ) || (p.first() == Some(&"hosts") && p.get(1) == Some(&"enrolments"));
     match (method, p) {
         (_, ["agent", ..]) => true,
         ("GET" | "HEAD", _) => !secret,
@@ -223,6 +227,12 @@ mod tests {
             ("POST", "/v1/jobs"),
             ("DELETE", "/v1/volumes/a"),
             ("POST", "/v1/clock"),
+            ("GET", "/v1/vm-recoveries"),
+            ("GET", "/v1/vm-recoveries/r/console"),
+            ("GET", "/v1/vm-recoveries/r/domain.xml"),
+            ("POST", "/v1/vms/v/recoveries"),
+            ("POST", "/v1/vms/v/restores"),
+            ("DELETE", "/v1/vm-recoveries/r"),
         ] {
             assert!(!host_may(m, p), "{m} {p}");
         }

@@ -68,6 +68,49 @@ pub struct VmPoint {
     pub shape: Value,
 }
 
+/// The stage volume of disk `i` of VM `name` under `prefix`:
+/// `PREFIX-NAME-diskI` when that is a valid volume name as it is, else the
+/// cleaned name with a hash of the real one (two names never share a stage
+/// volume). `prefix` is a valid name (checked by the caller).
+pub fn volume_for(prefix: &str, name: &str, i: usize) -> String {
+    let plain = format!("{prefix}-{name}-disk{i}");
+    if cdm_common::names::check(&plain).is_ok() {
+        return plain;
+    }
+    let room = cdm_common::names::MAX_LEN
+        .saturating_sub(prefix.len() + format!("--12345678-disk{i}").len())
+        .min(80);
+    let clean: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(room)
+        .collect();
+    let h = blake3::hash(name.as_bytes()).to_hex();
+    format!(
+        "{prefix}-{}-{}-disk{i}",
+        clean.trim_start_matches(['.', '-']),
+        &h[..8]
+    )
+}
+
+/// The prefix under which `volume` is the stage volume of disk `i` of VM
+/// `name`, if it is one: snapshots on volumes not named for the VM (a
+/// host's own volume with made-up metadata) are not its points.
+pub fn prefix_of(volume: &str, name: &str, i: usize) -> Option<String> {
+    volume
+        .match_indices('-')
+        .map(|(at, _)| &volume[..at])
+        .filter(|p| !p.is_empty())
+        .find(|p| volume_for(p, name, i) == volume)
+        .map(str::to_string)
+}
+
 /// What the grouping needs of a snapshot.
 pub struct SnapRef<'a> {
     pub volume: &'a str,
@@ -90,8 +133,14 @@ pub fn points<'a>(vm: &str, snaps: impl IntoIterator<Item = SnapRef<'a>>) -> Vec
         let Some(disk) = m["disk"].as_u64().map(|d| d as usize) else {
             continue;
         };
+        let Some(prefix) = prefix_of(s.volume, vm, disk) else {
+            continue;
+        };
+        // The run and the stage volumes' prefix: a run id seen on volumes
+        // of another prefix (another backup of the same VM name) is
+        // another point, never a disk of this one.
         let run = match m["point"].as_str() {
-            Some(p) if !p.is_empty() => p.to_string(),
+            Some(p) if !p.is_empty() => format!("{prefix}/{p}"),
             _ => format!("snapshot-{}-{}", s.volume, s.id),
         };
         let expected = m["disks"].as_u64().map(|n| n as usize).unwrap_or(1);
@@ -402,7 +451,12 @@ async fn stop_vm_recovery(
     Path(name): Path<String>,
     ApiQuery(q): ApiQuery<VmStopQuery>,
 ) -> ApiResult<Json<VmRecovery>> {
-    c.require(Action::Write)?;
+    // Without `keep` the clones go, with what the VM wrote in them.
+    c.require(if q.keep {
+        Action::Write
+    } else {
+        Action::Delete
+    })?;
     check_name("recovery", &name)?;
     Ok(Json(
         run(&s, move |b| b.stop_vm_recovery(&c, &name, q.keep)).await?,
@@ -523,6 +577,10 @@ mod tests {
             ("vm-b-disk0", 4, 150, meta("b", 0, 1, "r9")),
             ("vm-a-disk0", 5, 50, json!({"vm": {"name": "a", "disk": 0}})),
             ("other", 6, 300, json!({"label": "x"})),
+            // Made-up metadata on a volume not named for the VM: ignored.
+            ("evil-disk0", 7, 400, meta("a", 0, 1, "r3")),
+            // The same run id under another prefix: another point.
+            ("h-vm-x-a-disk1", 8, 90, meta("a", 1, 2, "r1")),
         ];
         let snaps = m.iter().map(|(v, id, t, md)| SnapRef {
             volume: v,
@@ -531,22 +589,25 @@ mod tests {
             metadata: md,
         });
         let p = points("a", snaps);
-        assert_eq!(p.len(), 3, "{p:?}");
+        assert_eq!(p.len(), 4, "{p:?}");
         assert_eq!(p[0].point, "snapshot-vm-a-disk0-5");
         assert!(p[0].complete);
-        assert_eq!(p[1].point, "r1");
+        assert_eq!(p[1].point, "h-vm-x/r1");
+        assert!(!p[1].complete);
+        let p = p[..1].iter().chain(&p[2..]).cloned().collect::<Vec<_>>();
+        assert_eq!(p[1].point, "vm/r1");
         assert_eq!(p[1].created_unix, 101);
         assert!(p[1].complete);
         assert_eq!(p[1].disks.len(), 2);
         assert_eq!(p[1].shape["memory_mib"], 512);
-        assert_eq!(p[2].point, "r2");
+        assert_eq!(p[2].point, "vm/r2");
         assert!(!p[2].complete);
         assert_eq!(p[2].missing, vec![1]);
         // The newest complete point by default; the incomplete one refused
         // by name or by its disk's snapshot id, with the reason.
-        assert_eq!(choose(&p, None).unwrap().point, "r1");
-        assert_eq!(choose(&p, Some("2")).unwrap().point, "r1");
-        let e = choose(&p, Some("r2")).unwrap_err();
+        assert_eq!(choose(&p, None).unwrap().point, "vm/r1");
+        assert_eq!(choose(&p, Some("2")).unwrap().point, "vm/r1");
+        let e = choose(&p, Some("vm/r2")).unwrap_err();
         assert!(e.contains("incomplete") && e.contains("[1]"), "{e}");
         assert!(choose(&p, Some("3")).is_err());
         assert!(choose(&p, Some("nope")).unwrap_err().contains("no point"));

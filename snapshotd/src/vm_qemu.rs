@@ -152,10 +152,23 @@ pub fn args(s: &RunSpec) -> Vec<String> {
         "-no-reboot",
     ]);
     push(&["-vga", "std"]);
+    // The guest may be hostile (a recovered ransomware victim): qemu may
+    // not gain privileges, start programs or use obsolete system calls.
+    push(&[
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+    ]);
+    // Appended to, so the appliance can cut it when a guest floods it
+    // (see `SERIAL_CAP` in appliance/vm_recovery.rs).
     let serial = serial_log(&s.dir);
     push(&[
+        "-chardev",
+        &format!(
+            "file,id=serial0,append=on,path={}",
+            qemu_escape(&serial.display().to_string())
+        ),
         "-serial",
-        &format!("file:{}", qemu_escape(&serial.display().to_string())),
+        "chardev:serial0",
     ]);
     let qmp = s.dir.join("qmp.sock");
     push(&[
@@ -423,6 +436,11 @@ mod tests {
         );
         assert!(a.contains("-nic none"), "{a}");
         assert!(a.contains("-no-reboot"), "{a}");
+        assert!(a.contains("-sandbox on,"), "{a}");
+        assert!(
+            a.contains("-chardev file,id=serial0,append=on,path=/data/vm-recoveries/w/serial.log -serial chardev:serial0"),
+            "{a}"
+        );
         let mut s = spec();
         s.network = "user".into();
         s.accel = "kvm".into();

@@ -42,6 +42,57 @@ fn clone_name(rec: &str, disk: usize) -> String {
     format!("{CLONE_PREFIX}{rec}-disk{disk}")
 }
 
+/// What a recovery is started with: where its disks are served, the qemu
+/// and the UEFI firmware it runs.
+struct Launch {
+    nbd: NbdAt,
+    qemu: PathBuf,
+    ovmf: Option<(PathBuf, PathBuf)>,
+}
+
+/// Most a serial log may hold: a guest printing without end would fill
+/// the filesystem the pool lives on.
+const SERIAL_CAP: u64 = 16 << 20;
+
+/// Watches a running recovery's serial log (qemu appends to it) and cuts
+/// it, saying so, when it passes [`SERIAL_CAP`]; ends with the run.
+fn keep_console_bounded(me: std::sync::Arc<Appliance>, name: String, serial: PathBuf) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("vm-console-{name}"))
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if !me
+                .vm_runs
+                .0
+                .lock()
+                .map(|r| r.contains_key(&name))
+                .unwrap_or(false)
+            {
+                return;
+            }
+            if std::fs::metadata(&serial).map(|m| m.len()).unwrap_or(0) > SERIAL_CAP {
+                if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&serial) {
+                    let _ = f.set_len(0);
+                }
+                let _ = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&serial)
+                    .and_then(|mut f| {
+                        use std::io::Write;
+                        writeln!(
+                            f,
+                            "[cdm: the console passed {} MiB and was cut here]",
+                            SERIAL_CAP >> 20
+                        )
+                    });
+                tracing::warn!(recovery = %name, "a recovered VM's console log was cut");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "the console log of a recovered VM is not bounded");
+    }
+}
+
 /// The tail of a file (at most `n` bytes).
 fn tail(p: &std::path::Path, n: u64) -> std::io::Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
@@ -197,15 +248,18 @@ impl Appliance {
         let caller = c.clone();
         let job = self.jobs.start("vm-recovery", &c.user, move |prog| {
             let t = Instant::now();
-            match me.vm_boot(&caller, rec.clone(), &p, nbd, qemu, ovmf) {
+            let mut made = Vec::new();
+            let how = Launch { nbd, qemu, ovmf };
+            match me.vm_boot(&caller, rec.clone(), &p, how, &mut made) {
                 Ok(r) => {
                     prog.set(1, 1);
                     Ok(json!({"recovery": r.name, "vm": r.vm, "point": r.point, "state": r.state, "clones": r.clones, "accel": r.accel, "seconds": t.elapsed().as_secs_f64()}))
                 }
                 Err(e) => {
-                    // Nothing half-made stays: the clones go, the record
-                    // says why.
-                    me.vm_clean_clones(&caller, &rec.clones, false);
+                    // Nothing half-made stays: the clones this job made
+                    // go (only those: a name taken meanwhile is not ours),
+                    // the record says why.
+                    me.vm_clean_clones(&caller, &made, false);
                     let mut r = rec;
                     r.state = "failed".into();
                     r.reason = Some(e.message.clone());
@@ -226,12 +280,13 @@ impl Appliance {
         c: &Caller,
         mut rec: VmRecovery,
         p: &VmPoint,
-        nbd: NbdAt,
-        qemu: PathBuf,
-        ovmf: Option<(PathBuf, PathBuf)>,
+        how: Launch,
+        made: &mut Vec<String>,
     ) -> ApiResult<VmRecovery> {
+        let Launch { nbd, qemu, ovmf } = how;
         for (d, cl) in p.disks.iter().zip(&rec.clones) {
             self.clone_create(c, &d.volume, d.snapshot, cl)?;
+            made.push(cl.clone());
         }
         let dir = self.vm_dir(&rec.name)?;
         let _ = std::fs::remove_dir_all(&dir);
@@ -285,12 +340,20 @@ impl Appliance {
         let pid = self.vm_spawn(&rec.name, &qemu, &spec)?;
         rec.pid = Some(pid);
         rec.state = "running".into();
-        // The watcher may have seen qemu end already: its record wins.
-        let cur = self.rec_get(&rec.name)?;
-        if cur.state == "starting" {
-            self.rec_put(&rec)?;
-        } else {
-            rec = cur;
+        // The watcher may have seen qemu end already: its record wins
+        // (compared and written under the runs' lock it takes to write).
+        {
+            let _runs = self
+                .vm_runs
+                .0
+                .lock()
+                .map_err(|_| ApiError::internal("lock poisoned"))?;
+            let cur = self.rec_get(&rec.name)?;
+            if cur.state == "starting" {
+                self.rec_put(&rec)?;
+            } else {
+                rec = cur;
+            }
         }
         self.events.emit(
             "vm.recovery.started",
@@ -307,6 +370,7 @@ impl Appliance {
     fn vm_spawn(&self, name: &str, qemu: &std::path::Path, spec: &RunSpec) -> ApiResult<u32> {
         let args = vm_qemu::args(spec);
         let log = spec.dir.join("qemu.log");
+        let serial = vm_qemu::serial_log(&spec.dir);
         let me = self.self_arc()?;
         let (tx, rx) = std::sync::mpsc::channel();
         let (rec_name, qemu) = (name.to_string(), qemu.to_path_buf());
@@ -352,6 +416,7 @@ impl Appliance {
                     );
                 }
                 let _ = tx.send(Ok(child.id()));
+                keep_console_bounded(me.clone(), name.clone(), serial.clone());
                 let status = child.wait();
                 me.vm_ended(&name, status, &log);
             })
@@ -378,16 +443,13 @@ impl Appliance {
         status: std::io::Result<std::process::ExitStatus>,
         log: &std::path::Path,
     ) {
-        let stopping = self
-            .vm_runs
-            .0
-            .lock()
-            .ok()
-            .and_then(|mut r| r.remove(name))
-            .is_some_and(|r| r.stopping);
-        let Ok(mut r) = self.rec_get(name) else {
+        // Under the runs' lock, and the run removed only once the record
+        // says how it ended: a stop waiting for the run to go then finds
+        // the final record, and nothing writes it back after a removal.
+        let Ok(mut runs) = self.vm_runs.0.lock() else {
             return;
         };
+        let stopping = runs.get(name).is_some_and(|r| r.stopping);
         let words = tail(log, 2048)
             .map(|b| String::from_utf8_lossy(&b).trim().to_string())
             .unwrap_or_default();
@@ -397,11 +459,19 @@ impl Appliance {
             Ok(s) => ("failed", format!("qemu ended ({s}): {words}")),
             Err(e) => ("failed", format!("qemu could not be waited for: {e}")),
         };
-        r.state = state.into();
-        r.reason = Some(reason.clone());
-        r.pid = None;
-        r.stopped_unix = Some(self.clock.now());
-        let _ = self.rec_put(&r);
+        let vm = match self.rec_get(name) {
+            Ok(mut r) => {
+                r.state = state.into();
+                r.reason = Some(reason.clone());
+                r.pid = None;
+                r.stopped_unix = Some(self.clock.now());
+                let _ = self.rec_put(&r);
+                r.vm
+            }
+            Err(_) => String::new(),
+        };
+        runs.remove(name);
+        drop(runs);
         self.events.emit(
             if state == "failed" {
                 "vm.recovery.failed"
@@ -410,7 +480,7 @@ impl Appliance {
             },
             name,
             "snapshotd",
-            json!({"vm": r.vm, "reason": reason}),
+            json!({"vm": vm, "reason": reason}),
         );
     }
 
@@ -442,21 +512,29 @@ impl Appliance {
                 "VM recovery {name} is starting: stop it when its job ended"
             )));
         }
-        let pid = self
-            .vm_runs
-            .0
-            .lock()
-            .map_err(|_| ApiError::internal("lock poisoned"))?
-            .get_mut(name)
-            .map(|run| {
-                run.stopping = true;
-                run.pid
-            });
-        if let Some(pid) = pid {
-            // qemu quits on SIGTERM; the watcher records it.
-            // SAFETY: kill(2) on our own child's pid, still registered.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        // Signals go to a run still registered, under the lock its watcher
+        // takes to unregister it once qemu is reaped: never to a pid that
+        // may have been reused.
+        let signal = |sig: i32, stopping: bool| -> ApiResult<bool> {
+            let mut runs = self
+                .vm_runs
+                .0
+                .lock()
+                .map_err(|_| ApiError::internal("lock poisoned"))?;
+            Ok(match runs.get_mut(name) {
+                Some(run) => {
+                    run.stopping |= stopping;
+                    // SAFETY: kill(2) on our own child, not yet reaped.
+                    unsafe { libc::kill(run.pid as i32, sig) };
+                    true
+                }
+                None => false,
+            })
+        };
+        // qemu quits on SIGTERM; the watcher records it.
+        if signal(libc::SIGTERM, true)? {
             let t = Instant::now();
+            let mut killed = false;
             while self
                 .vm_runs
                 .0
@@ -464,18 +542,25 @@ impl Appliance {
                 .map(|r| r.contains_key(name))
                 .unwrap_or(false)
             {
-                if t.elapsed() > STOP_GRACE {
-                    // SAFETY: as above.
-                    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                if t.elapsed() > STOP_GRACE && !killed {
+                    killed = true;
+                    signal(libc::SIGKILL, true)?;
                 }
                 if t.elapsed() > STOP_GRACE * 2 {
                     return Err(ApiError::internal(format!(
-                        "qemu of {name} (pid {pid}) does not end"
+                        "qemu of VM recovery {name} does not end"
                     )));
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
+        // The run is gone and its record final; under the lock, no start
+        // takes this name until the record is removed.
+        let _runs = self
+            .vm_runs
+            .0
+            .lock()
+            .map_err(|_| ApiError::internal("lock poisoned"))?;
         let mut r = self.rec_get(name)?;
         let failed = self.vm_clean_clones(c, &r.clones, keep);
         if !failed.is_empty() {

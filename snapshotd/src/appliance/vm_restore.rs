@@ -43,18 +43,14 @@ impl Appliance {
             }
         }
         let mut args: Vec<String> = [
-            "vm",
-            "restore",
-            "--vm",
-            vm,
-            "--to",
-            &req.to,
-            "--format",
-            req.format.as_deref().unwrap_or("raw"),
-            "--point",
-            &p.point,
+            "vm".to_string(),
+            "restore".to_string(),
+            // `--opt=VALUE`: a value that starts with '-' is not an option.
+            format!("--vm={vm}"),
+            format!("--to={}", req.to),
+            format!("--format={}", req.format.as_deref().unwrap_or("raw")),
+            format!("--point={}", p.point),
         ]
-        .map(str::to_string)
         .to_vec();
         if let Some(n) = req.disk {
             args.extend(["--disk".to_string(), n.to_string()]);
