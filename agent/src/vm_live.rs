@@ -169,6 +169,7 @@ fn plan_disks(
             find_node(&nodes, d).context_with(ErrorKind::Host, || format!("disk {i}"))?;
         let stable = stable_bitmap(&volumes[i]);
         let mut old = Vec::new();
+        let mut dropped = false;
         for b in &bitmaps {
             let name = b["name"].as_str().unwrap_or("");
             if !name.starts_with(&format!("{stable}-")) {
@@ -180,6 +181,7 @@ fn plan_disks(
                     "block-dirty-bitmap-remove",
                     json!({"node": node, "name": name}),
                 )?;
+                dropped = true;
                 continue;
             }
             if b["busy"] == true {
@@ -190,7 +192,9 @@ fn plan_disks(
             }
             old.push(name.to_string());
         }
-        if old.is_empty() {
+        // Writes recorded only in a dropped bitmap are in no surviving
+        // one: the next backup must compare every block, not just theirs.
+        if must_compare_all(&old, dropped) {
             crate::ops::invalidate_block_fingerprints(ctx, &volumes[i])?;
         }
         let u = unique();
@@ -210,6 +214,12 @@ fn plan_disks(
         });
     }
     Ok(out)
+}
+
+/// Whether block fingerprints are to be distrusted: no bitmap says what
+/// changed since the last point, or one that did was dropped.
+fn must_compare_all(kept: &[String], dropped: bool) -> bool {
+    kept.is_empty() || dropped
 }
 
 /// The overlay (a new qcow2 file, its backing the disk node) and the
@@ -271,29 +281,68 @@ fn actions(ld: &LiveDisk) -> Vec<Value> {
     a
 }
 
-/// Freezes the guest's filesystems: the agent connection to thaw with,
-/// or why not (a warning: the point is then crash-consistent).
-fn freeze(sock: &Path) -> (Option<Monitor>, String) {
-    let r = Monitor::guest_agent(sock, FREEZE_TIMEOUT).and_then(|mut g| {
-        g.execute("guest-fsfreeze-freeze", json!({}))
-            .map(|n| (g, n))
-    });
-    match r {
-        Ok((g, n)) => (Some(g), format!("frozen ({n} filesystems)")),
-        Err(e) => (
-            None,
-            format!(
-                "skipped: the guest agent did not answer ({e:#}); the point is crash-consistent"
-            ),
-        ),
+/// What a freeze attempt leaves to undo.
+enum Freeze {
+    /// The freeze command never went out (no agent answered guest-sync).
+    NotSent,
+    /// It went out: `Some` is the connection it succeeded on; `None` when
+    /// it failed or timed out, so the guest may be frozen all the same.
+    Sent(Option<Monitor>),
+}
+
+/// Freezes the guest's filesystems through the agent at `sock`, or says
+/// why not (a warning: the point is then crash-consistent).
+fn freeze(sock: &Path, timeout: Duration) -> (Freeze, String) {
+    let mut g = match Monitor::guest_agent(sock, timeout) {
+        Ok(g) => g,
+        Err(e) => {
+            return (
+                Freeze::NotSent,
+                format!(
+                    "skipped: the guest agent did not answer ({e:#}); the point is crash-consistent"
+                ),
+            )
+        }
+    };
+    match g.execute("guest-fsfreeze-freeze", json!({})) {
+        Ok(n) => (Freeze::Sent(Some(g)), format!("frozen ({n} filesystems)")),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "guest-fsfreeze-freeze failed; a thaw follows");
+            (
+                Freeze::Sent(None),
+                format!("failed ({e:#}); the point is crash-consistent"),
+            )
+        }
     }
 }
 
-fn thaw(g: Option<Monitor>) -> Option<String> {
-    let mut g = g?;
-    match g.execute("guest-fsfreeze-thaw", json!({})) {
+/// Thaws after any freeze that was sent: on the freeze's connection, and
+/// on a new one when that fails or is gone (a freeze that timed out may
+/// still have frozen the guest, and a guest left frozen hangs). Best
+/// effort: the note says what failed.
+fn thaw(sock: &Path, f: Freeze, timeout: Duration) -> Option<String> {
+    let g = match f {
+        Freeze::NotSent => return None,
+        Freeze::Sent(g) => g,
+    };
+    if let Some(mut g) = g {
+        match g.execute("guest-fsfreeze-thaw", json!({})) {
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "thaw failed; retrying on a new connection")
+            }
+        }
+        // The agent's socket takes one client at a time.
+        drop(g);
+    }
+    let r = Monitor::guest_agent(sock, timeout)
+        .and_then(|mut g| g.execute("guest-fsfreeze-thaw", json!({})));
+    match r {
         Ok(_) => None,
-        Err(e) => Some(format!("thaw failed: {e:#}")),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "the guest may still be frozen");
+            Some(format!("thaw failed: {e:#}"))
+        }
     }
 }
 
@@ -358,17 +407,18 @@ fn run(
         add_fleece(q, ld, d).context_with(ErrorKind::Host, || format!("fleecing {}", d.source))?;
     }
     let acts: Vec<Value> = disks.iter().flat_map(actions).collect();
-    let (ga, freeze_note) = match opts.guest_agent(&c.vm) {
+    let ga = opts.guest_agent(&c.vm);
+    let (frozen, freeze_note) = match &ga {
         Some(s) => {
-            let (g, note) = freeze(&s);
-            (g, Some(note))
+            let (f, note) = freeze(s, FREEZE_TIMEOUT);
+            (f, Some(note))
         }
-        None => (None, None),
+        None => (Freeze::NotSent, None),
     };
     let t = Instant::now();
     let tr = q.execute("transaction", json!({"actions": acts}));
     // Thawed whatever the transaction did: a guest left frozen hangs.
-    let thaw_note = thaw(ga);
+    let thaw_note = ga.and_then(|s| thaw(&s, frozen, FREEZE_TIMEOUT));
     tr.context_with(ErrorKind::Host, || {
         "the point-in-time transaction (nothing changed)"
     })?;
@@ -549,5 +599,130 @@ mod tests {
             ]
         );
         assert_eq!(a[2]["data"]["persistent"], true);
+    }
+
+    /// A guest agent on a unix socket that answers guest-sync and thaw but
+    /// never the freeze; it records every command it reads.
+    fn silent_freeze_agent(p: &Path) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+        use std::io::{BufRead, BufReader, Write};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l = std::os::unix::net::UnixListener::bind(p).unwrap();
+        let rec = seen.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { return };
+                let mut w = s.try_clone().unwrap();
+                for line in BufReader::new(s).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    // The client's 0xff parser reset precedes its first line.
+                    let at = line.iter().position(|&c| c == b'{').unwrap_or(0);
+                    let v: Value = serde_json::from_slice(&line[at..]).unwrap();
+                    let cmd = v["execute"].as_str().unwrap_or("").to_string();
+                    rec.lock().unwrap().push(cmd.clone());
+                    let reply = match cmd.as_str() {
+                        "guest-sync" => json!({"return": v["arguments"]["id"]}),
+                        "guest-fsfreeze-thaw" => json!({"return": 2}),
+                        _ => continue,
+                    };
+                    writeln!(w, "{reply}").unwrap();
+                }
+            }
+        });
+        seen
+    }
+
+    /// Review M5: a freeze that times out may still freeze the guest, so a
+    /// thaw goes out on a new connection.
+    #[test]
+    fn a_freeze_without_an_answer_is_thawed_on_a_new_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("qga.sock");
+        let seen = silent_freeze_agent(&sock);
+        let t = Duration::from_millis(300);
+        let (f, note) = freeze(&sock, t);
+        assert!(matches!(f, Freeze::Sent(None)), "{note}");
+        assert!(note.contains("crash-consistent"), "{note}");
+        assert_eq!(thaw(&sock, f, t), None);
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [
+                "guest-sync",
+                "guest-fsfreeze-freeze",
+                "guest-sync",
+                "guest-fsfreeze-thaw"
+            ]
+        );
+    }
+
+    #[test]
+    fn no_agent_means_no_freeze_and_no_thaw() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("none.sock");
+        let (f, note) = freeze(&sock, Duration::from_millis(100));
+        assert!(matches!(f, Freeze::NotSent), "{note}");
+        assert_eq!(thaw(&sock, f, Duration::from_millis(100)), None);
+    }
+
+    /// Review L7: an inconsistent bitmap dropped beside a consistent one
+    /// leaves writes no surviving bitmap knows; the fingerprints must go.
+    #[test]
+    fn dropping_any_bitmap_distrusts_the_fingerprints() {
+        use std::io::{BufRead, BufReader, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let volume = "vm-a-disk0";
+        let stable = stable_bitmap(volume);
+        let nodes = json!([{"node-name": "disk0", "drv": "qcow2", "file": "/img/a.qcow2",
+            "dirty-bitmaps": [
+                {"name": format!("{stable}-1"), "inconsistent": true},
+                {"name": format!("{stable}-2"), "recording": true}]}]);
+        let sock = dir.path().join("qmp.sock");
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let rec = seen.clone();
+        std::thread::spawn(move || {
+            let (s, _) = l.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            writeln!(w, r#"{{"QMP": {{"version": {{}}}}}}"#).unwrap();
+            for line in BufReader::new(s).lines() {
+                let Ok(line) = line else { return };
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let cmd = v["execute"].as_str().unwrap_or("").to_string();
+                let ret = if cmd == "query-named-block-nodes" {
+                    nodes.clone()
+                } else {
+                    json!({})
+                };
+                rec.lock().unwrap().push(cmd);
+                writeln!(w, "{}", json!({"return": ret})).unwrap();
+            }
+        });
+        let ctx = crate::Ctx {
+            api: cdm_api::client::Client::new("http://127.0.0.1:1", None),
+            nbd: String::new(),
+            state_dir: dir.path().to_path_buf(),
+            bandwidth: Default::default(),
+            json: true,
+            progress: false,
+            ca_file: None,
+            nbd_tls: None,
+        };
+        let paths = crate::block::Paths::new(dir.path(), volume);
+        std::fs::create_dir_all(paths.fp.parent().unwrap()).unwrap();
+        std::fs::write(&paths.fp, b"fingerprints").unwrap();
+        let vm: Vm = serde_json::from_value(json!({"name": "a",
+            "disks": [{"source": "/img/a.qcow2", "format": "qcow2"}]}))
+        .unwrap();
+        let c = Classified {
+            vm,
+            inspections: Vec::new(),
+        };
+        let mut q = Monitor::qmp(&sock, Duration::from_secs(5)).unwrap();
+        let disks = plan_disks(&ctx, &mut q, &c, &[volume.to_string()]).unwrap();
+        assert_eq!(disks[0].old, [format!("{stable}-2")]);
+        assert!(seen
+            .lock()
+            .unwrap()
+            .contains(&"block-dirty-bitmap-remove".to_string()));
+        assert!(paths.marker.exists(), "fingerprints still trusted");
     }
 }

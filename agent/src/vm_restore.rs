@@ -73,6 +73,50 @@ pub struct Restore<'a> {
     pub connections: usize,
 }
 
+/// Refuses a restore directory that someone else could redirect (we run as
+/// root and write where the request says): one that is a symbolic link,
+/// that is reached through a link not owned by root, or (once `made`) that
+/// is not a directory or is world-writable. The images inside are then
+/// created with O_EXCL and renamed within it, so no link is followed.
+fn check_dir(dir: &Path, made: bool) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let abs = std::path::absolute(dir).map_err(crate::error::io_at(dir))?;
+    let n = abs.components().count();
+    let mut p = PathBuf::new();
+    for (i, c) in abs.components().enumerate() {
+        p.push(c);
+        // What does not exist yet is made by us, below what did.
+        let Ok(m) = p.symlink_metadata() else { break };
+        let last = i + 1 == n;
+        if m.file_type().is_symlink() && (last || m.uid() != 0) {
+            crate::fail!(
+                Invalid,
+                "restore directory {}: {} is a symbolic link{}; nothing restored",
+                dir.display(),
+                p.display(),
+                if last { "" } else { " not owned by root" }
+            );
+        }
+        if last && made {
+            if !m.is_dir() {
+                crate::fail!(
+                    Invalid,
+                    "restore directory {} is not a directory; nothing restored",
+                    dir.display()
+                );
+            }
+            if m.mode() & 0o002 != 0 {
+                crate::fail!(
+                    Invalid,
+                    "restore directory {} is world-writable: anyone could replace the images in it; nothing restored",
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Restores the disks of a VM's point; the JSON result names each disk's
 /// file or device with its bytes read and written and the throughput.
 pub fn restore_cmd(ctx: &Ctx, r: &Restore<'_>) -> Result<Value> {
@@ -88,7 +132,10 @@ pub fn restore_cmd(ctx: &Ctx, r: &Restore<'_>) -> Result<Value> {
     let mut out = Vec::new();
     match &r.target {
         Target::Dir { dir, format } => {
+            check_dir(dir, false)?;
             std::fs::create_dir_all(dir).map_err(crate::error::io_at(dir))?;
+            // Again now it exists: it may have been swapped meanwhile.
+            check_dir(dir, true)?;
             let plans: Vec<(&VmPointDisk, PathBuf)> = disks
                 .iter()
                 .map(|d| (*d, dir.join(file_name(r.vm, d.disk, *format))))
@@ -655,6 +702,25 @@ fn zero_range(f: &File, off: u64, len: u64) -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Review L6: a restore directory that is a symbolic link, or is
+    /// world-writable, is refused; an ordinary one is not.
+    #[test]
+    fn redirectable_restore_directories_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let real = t.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = check_dir(&link, false).unwrap_err().to_string();
+        assert!(e.contains("is a symbolic link"), "{e}");
+        check_dir(&real, true).unwrap();
+        check_dir(&real.join("new/sub"), false).unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = check_dir(&real, true).unwrap_err().to_string();
+        assert!(e.contains("world-writable"), "{e}");
+    }
     use super::*;
 
     #[test]

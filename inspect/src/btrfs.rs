@@ -65,6 +65,12 @@ const READ_BUDGET: u64 = 1 << 30;
 /// tree whose pointers all lead to the same few (cached) nodes cannot make
 /// a search run without end. Inspection visits a few thousand.
 const MAX_VISITS: u64 = 1 << 18;
+/// Item bytes one range search may copy out of leaves, and one
+/// filesystem in all: items of a cached leaf may all name the same ~64 KiB,
+/// so a crafted tree could otherwise make a search copy gigabytes. A real
+/// directory or file's extent list is far below either.
+const SEARCH_COPY_BUDGET: u64 = 32 << 20;
+const TOTAL_COPY_BUDGET: u64 = 256 << 20;
 const MAX_SYMLINKS: usize = 40;
 /// The largest compressed extent btrfs writes is 128 KiB.
 const MAX_COMPRESSED: u64 = 128 << 10;
@@ -117,6 +123,8 @@ pub struct Btrfs {
     nodes: RefCell<HashMap<u64, std::rc::Rc<Vec<u8>>>>,
     budget: Cell<u64>,
     visits: Cell<u64>,
+    /// Item bytes this filesystem may still copy (TOTAL_COPY_BUDGET).
+    copy_left: Cell<u64>,
     /// The default subvolume's root directory.
     root: Loc,
 }
@@ -160,6 +168,7 @@ impl Btrfs {
             nodes: RefCell::new(HashMap::new()),
             budget: Cell::new(READ_BUDGET),
             visits: Cell::new(MAX_VISITS),
+            copy_left: Cell::new(TOTAL_COPY_BUDGET),
             root: Loc { tree: 0, ino: 0 },
         };
         // The system chunks (enough to read the chunk tree) are in the
@@ -290,7 +299,8 @@ impl Btrfs {
         Ok(n)
     }
 
-    /// Every item with `lo <= key <= hi` in the tree at `root`.
+    /// Every item with `lo <= key <= hi` in the tree at `root`, within
+    /// SEARCH_COPY_BUDGET bytes.
     fn search(
         &self,
         root: u64,
@@ -299,6 +309,34 @@ impl Btrfs {
         hi: Key,
         out: &mut Vec<(Key, Vec<u8>)>,
         depth: u8,
+    ) -> Result<(), BtrfsError> {
+        let mut left = SEARCH_COPY_BUDGET;
+        self.walk(root, level, (lo, hi), out, depth, &mut left)
+    }
+
+    /// Charges `n` copied bytes to this search's and the filesystem's budgets.
+    fn charge(&self, n: u64, left: &mut u64) -> Result<(), BtrfsError> {
+        let total = self.copy_left.get();
+        if n > *left || n > total {
+            return bad(format!(
+                "tree items exceed the copy budget ({} MiB per search, {} MiB per filesystem)",
+                SEARCH_COPY_BUDGET >> 20,
+                TOTAL_COPY_BUDGET >> 20
+            ));
+        }
+        *left -= n;
+        self.copy_left.set(total - n);
+        Ok(())
+    }
+
+    fn walk(
+        &self,
+        root: u64,
+        level: u8,
+        (lo, hi): (Key, Key),
+        out: &mut Vec<(Key, Vec<u8>)>,
+        depth: u8,
+        left: &mut u64,
     ) -> Result<(), BtrfsError> {
         if depth == 0 || level > MAX_LEVEL {
             return bad("tree too deep");
@@ -333,6 +371,7 @@ impl Btrfs {
                 if out.len() >= MAX_ITEMS {
                     return bad("too many items");
                 }
+                self.charge(data.len() as u64, left)?;
                 out.push((k, data.to_vec()));
             }
             return Ok(());
@@ -340,6 +379,9 @@ impl Btrfs {
         if nr * PTR > body.len() {
             return bad("node pointer count too large");
         }
+        // A real node never names a child twice; a crafted one does so to
+        // visit one cached leaf thousands of times.
+        let mut seen = std::collections::HashSet::new();
         for i in 0..nr {
             let o = i * PTR;
             let k = key(body, o).ok_or_else(|| BtrfsError::Bad("node key".into()))?;
@@ -351,7 +393,10 @@ impl Btrfs {
                 continue;
             }
             let ptr = le64(body, o + KEY).unwrap_or(0);
-            self.search(ptr, level - 1, lo, hi, out, depth - 1)?;
+            if !seen.insert(ptr) {
+                return bad(format!("tree node at {root} names child {ptr} twice"));
+            }
+            self.walk(ptr, level - 1, (lo, hi), out, depth - 1, left)?;
         }
         Ok(())
     }
@@ -709,5 +754,136 @@ mod tests {
                 let _ = fs.list("/var/lib");
             }
         }
+    }
+
+    fn put64(b: &mut [u8], o: usize, v: u64) {
+        b[o..o + 8].copy_from_slice(&v.to_le_bytes());
+    }
+    fn put32(b: &mut [u8], o: usize, v: u32) {
+        b[o..o + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    fn putkey(b: &mut [u8], o: usize, id: u64, ty: u8, off: u64) {
+        put64(b, o, id);
+        b[o + 8] = ty;
+        put64(b, o + 9, off);
+    }
+
+    /// A crafted single-device filesystem of node size `ns`: a superblock
+    /// whose one system chunk maps the first 4 MiB one to one, and a chunk
+    /// tree rooted at 1 MiB of `level`; `nodes(img, fsid)` writes its nodes.
+    fn crafted(
+        ns: usize,
+        level: u8,
+        nodes: impl FnOnce(&mut Vec<u8>, [u8; 16]),
+    ) -> Result<Btrfs, BtrfsError> {
+        let mut img = vec![0u8; 4 << 20];
+        let fsid = [7u8; 16];
+        let sb = SUPER as usize;
+        img[sb + 0x20..sb + 0x30].copy_from_slice(&fsid);
+        img[sb + 0x40..sb + 0x48].copy_from_slice(MAGIC);
+        put64(&mut img, sb + 0x50, 1 << 20);
+        put64(&mut img, sb + 0x58, 1 << 20);
+        put32(&mut img, sb + 0x94, ns as u32);
+        put64(&mut img, sb + 0xc9, 1);
+        img[sb + 0xc6] = level;
+        img[sb + 0xc7] = level;
+        let arr = sb + 0x32b;
+        putkey(&mut img, arr, 256, CHUNK_ITEM, 0);
+        let c = arr + KEY;
+        put64(&mut img, c, 4 << 20);
+        put64(&mut img, c + 24, 2);
+        img[c + 44] = 1;
+        put64(&mut img, c + 48, 1);
+        put32(&mut img, sb + 0xa0, (KEY + 48 + 32) as u32);
+        nodes(&mut img, fsid);
+        let len = img.len() as u64;
+        Btrfs::open(Shared::new(Box::new(Mem(img))), 0, len)
+    }
+
+    fn node_header(img: &mut [u8], at: usize, fsid: [u8; 16], nr: usize, level: u8) {
+        img[at + 0x20..at + 0x30].copy_from_slice(&fsid);
+        put64(img, at + 0x30, at as u64);
+        put32(img, at + 0x60, nr as u32);
+        img[at + 0x64] = level;
+    }
+
+    /// A full leaf whose items all name its whole body.
+    fn overlapping_leaf(img: &mut [u8], at: usize, ns: usize, fsid: [u8; 16]) {
+        let nl = (ns - HEADER) / ITEM;
+        node_header(img, at, fsid, nl, 0);
+        for i in 0..nl {
+            let o = at + HEADER + i * ITEM;
+            putkey(img, o, 256, CHUNK_ITEM, 5);
+            put32(img, o + KEY + 4, (ns - HEADER) as u32);
+        }
+    }
+
+    fn open_err(ns: usize, level: u8, nodes: impl FnOnce(&mut Vec<u8>, [u8; 16])) -> String {
+        let t = std::time::Instant::now();
+        let r = crafted(ns, level, nodes);
+        assert!(t.elapsed().as_secs() < 10, "took {:?}", t.elapsed());
+        match r {
+            Ok(_) => panic!("a crafted chunk tree opened"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// Review H1: a level-1 node whose ~2000 pointers all name the same
+    /// cached leaf of overlapping items made one search copy ~8.6 GB (64 KiB
+    /// nodes; the copy budget alone stops that leaf). With 4 KiB nodes each
+    /// visit is small, so the repeated child is what is refused.
+    #[test]
+    fn a_node_naming_one_child_twice_is_refused() {
+        let ns = 4096;
+        let e = open_err(ns, 1, |img, fsid| {
+            let (a, b) = (1 << 20, (1 << 20) + ns);
+            let nr = (ns - HEADER) / PTR;
+            node_header(img, a, fsid, nr, 1);
+            for i in 0..nr {
+                let o = a + HEADER + i * PTR;
+                putkey(img, o, 256, CHUNK_ITEM, 1);
+                put64(img, o + KEY, b as u64);
+            }
+            overlapping_leaf(img, b, ns, fsid);
+        });
+        assert!(e.contains("names child") && e.contains("twice"), "{e}");
+    }
+
+    #[test]
+    fn the_reviewers_8_gb_leaf_is_refused() {
+        let ns = 65536;
+        let e = open_err(ns, 1, |img, fsid| {
+            let (a, b) = (1 << 20, (1 << 20) + ns);
+            node_header(img, a, fsid, 1, 1);
+            putkey(img, a + HEADER, 256, CHUNK_ITEM, 1);
+            put64(img, a + HEADER + KEY, b as u64);
+            overlapping_leaf(img, b, ns, fsid);
+        });
+        assert!(e.contains("copy budget"), "{e}");
+    }
+
+    /// Distinct level-1 nodes that each name the same leaf pass the
+    /// repeated-child check; the copy budget stops them (121 visits of a
+    /// 4 KiB leaf of 159 items naming its whole body ≈ 77 MB).
+    #[test]
+    fn copies_past_the_budget_are_refused() {
+        let ns = 4096;
+        let e = open_err(ns, 2, |img, fsid| {
+            let a = 1 << 20;
+            let nr = (ns - HEADER) / PTR;
+            let leaf = a + (nr + 1) * ns;
+            node_header(img, a, fsid, nr, 2);
+            for i in 0..nr {
+                let o = a + HEADER + i * PTR;
+                let child = a + (i + 1) * ns;
+                putkey(img, o, 256, CHUNK_ITEM, 1);
+                put64(img, o + KEY, child as u64);
+                node_header(img, child, fsid, 1, 1);
+                putkey(img, child + HEADER, 256, CHUNK_ITEM, 1);
+                put64(img, child + HEADER + KEY, leaf as u64);
+            }
+            overlapping_leaf(img, leaf, ns, fsid);
+        });
+        assert!(e.contains("copy budget"), "{e}");
     }
 }
