@@ -240,6 +240,42 @@ pub fn wait_serial(path: &Path, needle: &str, secs: u64) -> String {
     }
 }
 
+/// A qemu running a test guest; killed when dropped (a failing test
+/// leaves no VM behind).
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Boots a test guest in software emulation (KVM cannot run a guest
+/// kernel in this sandbox: docs/vm-recovery.md), 256 MiB, no NIC, its
+/// serial console to `log`; `disk` holds the disk's arguments
+/// (`-drive …` or `-blockdev …` and `-device …`), `extra` anything more.
+pub fn start(log: &Path, disk: &[String], extra: &[String]) -> Running {
+    let child = Command::new(qemu_system())
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-display",
+            "none",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .args(disk)
+        .args(extra)
+        .args(["-nic", "none"])
+        .spawn()
+        .expect("qemu-system");
+    Running(child)
+}
+
 /// A libvirt domain XML for a guest disk (the VM tests' inventories).
 pub fn domain_xml(name: &str, disks: &[&Path], memory_mib: u64, vcpus: u32) -> String {
     let mut d = String::new();

@@ -7,7 +7,7 @@
 //! error.
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 
 use cdm_e2e::guest::{self, GuestSpec};
 use cdm_e2e::*;
@@ -30,15 +30,6 @@ done
 "#;
 
 /// The qemu of the test, killed even when the test fails.
-struct Vm(Child);
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The last `CDM-WRITE n` on the serial console.
 fn writes(log: &Path) -> u64 {
     let s = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).into_owned();
@@ -178,33 +169,24 @@ fn a_running_vm_is_backed_up_live_full_then_incremental() {
     let log = work.join("serial.log");
     // The disk's format node is found by its file (query-named-block-nodes):
     // named here, but qemu's own `#blockNNN` names work the same.
-    let _vm = Vm(Command::new(guest::qemu_system())
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("-blockdev")
-        .arg(format!(
-            "driver=file,filename={},node-name=live1-file",
-            disk.display()
-        ))
-        .args([
-            "-blockdev",
-            "driver=qcow2,file=live1-file,node-name=live1-disk",
-        ])
-        .args(["-device", "virtio-blk-pci,drive=live1-disk"])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-        .args(["-nic", "none"])
-        .spawn()
-        .expect("qemu-system"));
+    let _vm = guest::start(
+        &log,
+        &[
+            "-blockdev".into(),
+            format!(
+                "driver=file,filename={},node-name=live1-file",
+                disk.display()
+            ),
+            "-blockdev".into(),
+            "driver=qcow2,file=live1-file,node-name=live1-disk".into(),
+            "-device".into(),
+            "virtio-blk-pci,drive=live1-disk".into(),
+        ],
+        &[
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp.display()),
+        ],
+    );
     guest::wait_serial(&log, "CDM-GUEST: ready", 180);
     wait_writes(&log, 3);
 

@@ -24,26 +24,16 @@ fn the_test_guest_boots_from_its_own_disk() {
         },
     );
     let log = dir.path().join("serial.log");
-    let mut q = Command::new(guest::qemu_system())
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-nodefaults",
-            "-display",
-            "none",
-        ])
-        .arg("-serial")
-        .arg(format!("file:{}", log.display()))
-        .arg("-drive")
-        .arg(format!("file={},format=raw,if=virtio", img.display()))
-        .args(["-nic", "none"])
-        .spawn()
-        .unwrap();
+    let q = guest::start(
+        &log,
+        &[
+            "-drive".into(),
+            format!("file={},format=raw,if=virtio", img.display()),
+        ],
+        &[],
+    );
     let out = std::panic::catch_unwind(|| guest::wait_serial(&log, "CDM-GUEST: ready", 120));
-    let _ = q.kill();
-    let _ = q.wait();
+    drop(q);
     let out = out.unwrap();
     assert!(out.contains("CDM-GUEST-MARKER: first"), "{out}");
 }
