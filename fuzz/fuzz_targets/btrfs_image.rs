@@ -8,25 +8,9 @@
 #![no_main]
 
 use cdm_inspect::btrfs::Btrfs;
-use cdm_inspect::{Disk, Shared};
+use cdm_inspect::{MemDisk, Shared};
 use libfuzzer_sys::fuzz_target;
 
-struct Mem(Vec<u8>);
-
-impl Disk for Mem {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
-        let s = usize::try_from(off).map_err(|_| "offset")?;
-        let src = self
-            .0
-            .get(s..s.checked_add(buf.len()).ok_or("length")?)
-            .ok_or("past the end")?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut img = vec![0u8; 64 << 10];
@@ -35,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
         img.resize(68 << 10, 0);
     }
     let len = img.len() as u64;
-    let d = Shared::new(Box::new(Mem(img)));
+    let d = Shared::new(Box::new(MemDisk(img)));
     if let Ok(fs) = Btrfs::open(d, 0, len) {
         let _ = fs.read_file("/etc/os-release", 1 << 20);
         let _ = fs.exists("/var/lib/postgresql");

@@ -11,28 +11,12 @@
 #![no_main]
 
 use cdm_inspect::registry::Hive;
-use cdm_inspect::{inspect, Disk};
+use cdm_inspect::{inspect, MemDisk};
 use libfuzzer_sys::fuzz_target;
 
-struct Mem(Vec<u8>);
-
-impl Disk for Mem {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
-        let s = usize::try_from(off).map_err(|_| "offset")?;
-        let src = self
-            .0
-            .get(s..s.checked_add(buf.len()).ok_or("length")?)
-            .ok_or("past the end")?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
-    let i = inspect(Box::new(Mem(data.to_vec())));
+    let i = inspect(Box::new(MemDisk(data.to_vec())));
     for a in &i.apps {
         assert!(!a.evidence.is_empty());
     }

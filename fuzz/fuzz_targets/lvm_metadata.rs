@@ -8,28 +8,12 @@
 #![no_main]
 
 use cdm_inspect::lvm::{read_pv, vg_from_text, LvDisk};
-use cdm_inspect::{Disk, Shared};
+use cdm_inspect::{Disk, MemDisk, Shared};
 use libfuzzer_sys::fuzz_target;
 
-struct Mem(Vec<u8>);
-
-impl Disk for Mem {
-    fn size(&self) -> u64 {
-        self.0.len() as u64
-    }
-    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
-        let s = usize::try_from(off).map_err(|_| "offset")?;
-        let src = self
-            .0
-            .get(s..s.checked_add(buf.len()).ok_or("length")?)
-            .ok_or("past the end")?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
-    let d = Shared::new(Box::new(Mem(data.to_vec())));
+    let d = Shared::new(Box::new(MemDisk(data.to_vec())));
     let mut vgs = Vec::new();
     if let Ok(pv) = read_pv(&d, 0, data.len() as u64) {
         let here = vec![(pv.uuid.clone(), 0u64, data.len() as u64)];

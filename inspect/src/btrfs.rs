@@ -701,18 +701,6 @@ fn decompress(c: u8, raw: &[u8], ram: u64) -> Result<Vec<u8>, BtrfsError> {
 mod tests {
     use super::*;
 
-    struct Mem(Vec<u8>);
-    impl crate::Disk for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&mut self, off: u64, b: &mut [u8]) -> Result<(), String> {
-            let o = off as usize;
-            b.copy_from_slice(self.0.get(o..o + b.len()).ok_or("past end")?);
-            Ok(())
-        }
-    }
-
     /// `fuzz/seeds/btrfs_image/fedora-mkfs`: a filesystem made by
     /// `mkfs.btrfs --nodesize 4096 -m single -d single --rootdir` (Fedora's
     /// os-release under /usr/lib, /etc's link to it, a hostname, an empty
@@ -722,7 +710,7 @@ mod tests {
         let mut img = vec![0u8; SUPER as usize];
         img.extend_from_slice(include_bytes!("../../fuzz/seeds/btrfs_image/fedora-mkfs"));
         let len = img.len() as u64;
-        Btrfs::open(Shared::new(Box::new(Mem(img))), 0, len).unwrap()
+        Btrfs::open(Shared::new(Box::new(crate::MemDisk(img))), 0, len).unwrap()
     }
 
     #[test]
@@ -749,7 +737,7 @@ mod tests {
             img.extend_from_slice(good);
             img[SUPER as usize + at] ^= 0x5a;
             let len = img.len() as u64;
-            if let Ok(fs) = Btrfs::open(Shared::new(Box::new(Mem(img))), 0, len) {
+            if let Ok(fs) = Btrfs::open(Shared::new(Box::new(crate::MemDisk(img))), 0, len) {
                 let _ = fs.read_file("/etc/os-release", 1 << 20);
                 let _ = fs.list("/var/lib");
             }
@@ -797,7 +785,7 @@ mod tests {
         put32(&mut img, sb + 0xa0, (KEY + 48 + 32) as u32);
         nodes(&mut img, fsid);
         let len = img.len() as u64;
-        Btrfs::open(Shared::new(Box::new(Mem(img))), 0, len)
+        Btrfs::open(Shared::new(Box::new(crate::MemDisk(img))), 0, len)
     }
 
     fn node_header(img: &mut [u8], at: usize, fsid: [u8; 16], nr: usize, level: u8) {

@@ -57,6 +57,25 @@ impl Disk for FileDisk {
     }
 }
 
+/// A disk in memory (fuzz targets and the readers' tests): reads past its
+/// end are errors, never panics.
+pub struct MemDisk(pub Vec<u8>);
+
+impl Disk for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
+        let s = usize::try_from(off).map_err(|_| "offset past the end of the disk")?;
+        let src = s
+            .checked_add(buf.len())
+            .and_then(|e| self.0.get(s..e))
+            .ok_or_else(|| format!("read past the end of the disk at {off}"))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+}
+
 /// A disk shared by the filesystem readers, counting what they read.
 #[derive(Clone)]
 pub struct Shared(Arc<Mutex<(Box<dyn Disk>, u64)>>);

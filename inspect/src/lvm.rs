@@ -706,22 +706,11 @@ description = "a \"quoted\" word"
             .as_ref()
             .unwrap_err()
             .contains("thin is not supported"));
-        struct Mem(Vec<u8>);
-        impl Disk for Mem {
-            fn size(&self) -> u64 {
-                self.0.len() as u64
-            }
-            fn read_at(&mut self, off: u64, b: &mut [u8]) -> Result<(), String> {
-                let o = off as usize;
-                b.copy_from_slice(self.0.get(o..o + b.len()).ok_or("past end")?);
-                Ok(())
-            }
-        }
         let mut img = vec![0u8; 1024 << 20];
         let pv_start = 1 << 20;
         img[pv_start + (1 << 20) + 5 * (4 << 20)] = 7; // LV byte 0
         img[pv_start + (1 << 20) + 50 * (4 << 20)] = 9; // LV byte 10 extents in
-        let d = Shared::new(Box::new(Mem(img)));
+        let d = Shared::new(Box::new(crate::MemDisk(img)));
         let pvs = [(vg.pvs[0].1.clone(), pv_start as u64, 900 << 20)];
         let mut lv = LvDisk::new(d.clone(), &vg, root, &pvs).unwrap();
         let mut b = [0u8; 1];
@@ -742,19 +731,8 @@ description = "a \"quoted\" word"
     /// area and text through their checksums.
     #[test]
     fn reads_a_real_pv() {
-        struct Mem(&'static [u8]);
-        impl Disk for Mem {
-            fn size(&self) -> u64 {
-                self.0.len() as u64
-            }
-            fn read_at(&mut self, off: u64, b: &mut [u8]) -> Result<(), String> {
-                let o = off as usize;
-                b.copy_from_slice(self.0.get(o..o + b.len()).ok_or("past end")?);
-                Ok(())
-            }
-        }
         let head: &'static [u8] = include_bytes!("../../fuzz/seeds/lvm_metadata/pv-head");
-        let d = Shared::new(Box::new(Mem(head)));
+        let d = Shared::new(Box::new(crate::MemDisk(head.to_vec())));
         let pv = read_pv(&d, 0, head.len() as u64).unwrap();
         let vg = pv.vg.unwrap().unwrap();
         assert_eq!(
@@ -780,7 +758,7 @@ description = "a \"quoted\" word"
         let mut bad_text = head.to_vec();
         let at = bad_text.windows(6).rposition(|w| w == b"seedvg").unwrap();
         bad_text[at] = b'S';
-        let d = Shared::new(Box::new(Mem(Box::leak(bad_text.into_boxed_slice()))));
+        let d = Shared::new(Box::new(crate::MemDisk(bad_text)));
         let e = read_pv(&d, 0, head.len() as u64)
             .unwrap()
             .vg

@@ -534,20 +534,6 @@ fn clone_inode(i: &Inode) -> Inode {
 mod tests {
     use super::*;
 
-    struct Mem(Vec<u8>);
-
-    impl crate::Disk for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&mut self, off: u64, buf: &mut [u8]) -> Result<(), String> {
-            let s = usize::try_from(off).map_err(|e| e.to_string())?;
-            let src = self.0.get(s..s + buf.len()).ok_or("past the end")?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-    }
-
     /// A v4 XFS of 4 KiB blocks and 512-byte inodes: root directory
     /// (inode 16, shortform) holding `f` (inode 17, extent format) whose
     /// data fork is `extents` as (startoff, startblock, count).
@@ -587,7 +573,7 @@ mod tests {
 
     fn open(d: Vec<u8>) -> Xfs {
         let len = d.len() as u64;
-        Xfs::open(crate::Shared::new(Box::new(Mem(d))), 0, len).unwrap()
+        Xfs::open(crate::Shared::new(Box::new(crate::MemDisk(d))), 0, len).unwrap()
     }
 
     #[test]
