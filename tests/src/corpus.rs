@@ -147,18 +147,23 @@ impl Corpus {
             let start = j["partitiontable"]["partitions"][i]["start"]
                 .as_u64()
                 .unwrap();
-            run(Command::new("dd")
-                .arg(format!("if={}", fs.display()))
-                .arg(format!("of={}", disk.display()))
-                .args([
-                    "bs=512",
-                    &format!("seek={start}"),
-                    "conv=notrunc,sparse",
-                    "status=none",
-                ]));
+            place(fs, &disk, start);
         }
         disk
     }
+}
+
+/// Writes filesystem image `fs` into `disk` at sector `start` (holes kept).
+fn place(fs: &Path, disk: &Path, start: u64) {
+    run(Command::new("dd")
+        .arg(format!("if={}", fs.display()))
+        .arg(format!("of={}", disk.display()))
+        .args([
+            "bs=512",
+            &format!("seek={start}"),
+            "conv=notrunc,sparse",
+            "status=none",
+        ]));
 }
 
 impl Corpus {
@@ -184,15 +189,7 @@ impl Corpus {
             .find(|p| p["node"].as_str().unwrap().ends_with('5'))
             .unwrap();
         let start = logical["start"].as_u64().unwrap();
-        run(Command::new("dd")
-            .arg(format!("if={}", fs.display()))
-            .arg(format!("of={}", disk.display()))
-            .args([
-                "bs=512",
-                &format!("seek={start}"),
-                "conv=notrunc,sparse",
-                "status=none",
-            ]));
+        place(fs, &disk, start);
         disk
     }
 }
