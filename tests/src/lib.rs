@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod appliance_vm;
 pub mod corpus;
 pub mod guest;
 pub mod maria;

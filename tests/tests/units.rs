@@ -3,7 +3,7 @@
 //! dependencies) in a root holding this tree's binaries where the units
 //! name them, the sysusers file makes the `cdm` user they run as, and no
 //! two units fight over one pool or one port. (The image's units are
-//! checked the same way on the image's root by tests/appliance_image.rs,
+//! checked the same way on the image's root by tests/image_boot.rs,
 //! and run for real in its VM.)
 
 use std::path::{Path, PathBuf};
