@@ -179,12 +179,12 @@ pub trait ApplianceBackend {
 /// The appliance routes, relative to `/v1`.
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/appliance", get(status))
-        .route("/appliance/updates", post(upload))
+        .route("/appliance", get(appliance_status))
+        .route("/appliance/updates", post(upload_update))
 }
 
 #[utoipa::path(get, path = "/v1/appliance", responses((status = 200, body = ApplianceStatus), (status = 404, body = ErrorBody), (status = 503, body = ErrorBody)), security(("bearer" = [])))]
-async fn status(
+async fn appliance_status(
     State(s): State<AppState>,
     Extension(c): Extension<Caller>,
 ) -> ApiResult<Json<ApplianceStatus>> {
@@ -194,7 +194,7 @@ async fn status(
 
 /// Admin only: the bundle replaces the appliance's whole system.
 #[utoipa::path(post, path = "/v1/appliance/updates", request_body(content = Vec<u8>, description = "the update bundle (.cdmb)", content_type = "application/octet-stream"), responses((status = 202, body = UpdateAccepted), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)), security(("bearer" = [])))]
-async fn upload(
+async fn upload_update(
     State(s): State<AppState>,
     Extension(c): Extension<Caller>,
     body: Body,
@@ -296,7 +296,7 @@ async fn spool(body: Body, file: std::fs::File, cap: u64) -> ApiResult<u64> {
 /// The appliance routes' part of the OpenAPI document.
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(status, upload),
+    paths(appliance_status, upload_update),
     components(schemas(
         SlotState,
         SlotStatus,

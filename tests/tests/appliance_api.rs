@@ -1,0 +1,295 @@
+//! snapshotd's appliance mode end to end (issue 18): keys and bundles made
+//! by the real `cdm-update`, uploads through `POST /v1/appliance/updates`
+//! (verified by `cdm-update verify`, spooled to DATA/updates/pending.cdmb;
+//! tampered, foreign-key and truncated bundles refused with the tool's
+//! reason and nothing left behind; 409 while one is pending, 403 for a
+//! non-admin, 413 above 4 GiB, 404 without --appliance), the audit and
+//! events; `GET /v1/appliance` before and after `cdm-update status
+//! --write`, and the chain short of a reboot: `cdm-update install --spool`
+//! into the other slot, seen as `trying` with the new version through the
+//! API and `cdmctl appliance`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cdm_e2e::*;
+use serde_json::{json, Value};
+
+/// Keys, bundles and their payloads in one temporary directory.
+struct Kit {
+    dir: tempfile::TempDir,
+    /// The trusted keys' directory (`--update-keys`): `good.pub` only.
+    keys: PathBuf,
+}
+
+impl Kit {
+    fn new() -> Kit {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let keys = dir.path().join("keys");
+        std::fs::create_dir(&keys).expect("keys dir");
+        let k = Kit { dir, keys };
+        // Trusted, and one the appliance does not know.
+        k.keygen("good", &k.keys.join("good.pub"));
+        k.keygen("other", &k.path("other.pub"));
+        k
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn keygen(&self, name: &str, public: &Path) {
+        run(Command::new(bin("cdm-update"))
+            .arg("keygen")
+            .arg("--secret")
+            .arg(self.path(&format!("{name}.sec")))
+            .arg("--public")
+            .arg(public));
+    }
+
+    /// A bundle of small payloads (rootfs `rootfs_len` bytes), signed by
+    /// key `key`; its path.
+    fn bundle(&self, key: &str, version: &str, rootfs_len: usize) -> PathBuf {
+        let seed = version.bytes().map(u64::from).sum::<u64>();
+        let rootfs = self.path(&format!("rootfs-{version}"));
+        write_file(&rootfs, &random_bytes(rootfs_len, seed));
+        write_file(
+            &self.path("kernel"),
+            &random_bytes(64 << 10, seed.wrapping_add(1)),
+        );
+        write_file(
+            &self.path("initrd"),
+            &random_bytes(32 << 10, seed.wrapping_add(2)),
+        );
+        let out = self.path(&format!("{key}-{version}.cdmb"));
+        run(Command::new(bin("cdm-update"))
+            .arg("bundle")
+            .arg("--key")
+            .arg(self.path(&format!("{key}.sec")))
+            .args(["--version", version, "--rootfs"])
+            .arg(&rootfs)
+            .arg("--kernel")
+            .arg(self.path("kernel"))
+            .arg("--initrd")
+            .arg(self.path("initrd"))
+            .arg("--out")
+            .arg(&out));
+        out
+    }
+
+}
+
+/// snapshotd in appliance mode over the kit's keys, its status file at
+/// `status` (not written yet).
+fn appliance(kit: &Kit, status: &Path) -> Appliance {
+    let tool = bin("cdm-update");
+    Appliance::start_with(
+        None,
+        None,
+        &[
+            "--pool-size",
+            "1G",
+            "--pool-sparse",
+            "--appliance",
+            "--update-tool",
+            tool.to_str().expect("utf-8 path"),
+            "--update-keys",
+            kit.keys.to_str().expect("utf-8 path"),
+            "--appliance-status",
+            status.to_str().expect("utf-8 path"),
+        ],
+    )
+}
+
+/// `POST /v1/appliance/updates` with `body` as the bundle.
+fn upload(a: &Appliance, token: &str, body: &[u8]) -> (u16, Value) {
+    let r = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .post(&format!("{}/v1/appliance/updates", a.url()))
+        .set("Authorization", &format!("Bearer {token}"))
+        .set("Content-Type", "application/octet-stream")
+        .send_bytes(body);
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("upload: {e}"),
+    };
+    let status = resp.status();
+    (status, resp.into_json().unwrap_or(Value::Null))
+}
+
+/// The names in DATA/updates (none if it does not exist).
+fn spool(a: &Appliance) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(a.data.join("updates"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A refused upload: 400, the tool's reason (which must contain `why`),
+/// and nothing left in the spool.
+fn refused(a: &Appliance, body: &[u8], why: &str) {
+    let (s, v) = upload(a, &a.admin_token(), body);
+    assert_eq!(s, 400, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.starts_with("bundle refused: ") && msg.to_lowercase().contains(why),
+        "reason {msg:?} does not say {why:?}"
+    );
+    assert!(spool(a).is_empty(), "left behind: {:?}", spool(a));
+}
+
+#[test]
+fn uploads_are_verified_spooled_or_refused_with_the_reason() {
+    let kit = Kit::new();
+    let status = kit.path("status.json");
+    let a = appliance(&kit, &status);
+    let admin = Api::new(&a, &a.admin_token());
+    let good = std::fs::read(kit.bundle("good", "0.2.0", 256 << 10)).expect("bundle");
+
+    // Refusals, each with cdm-update's reason and no file left.
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x40;
+    refused(&a, &tampered, "hash");
+    let mut sig = good.clone();
+    let m = u32::from_le_bytes(sig[8..12].try_into().expect("4 bytes")) as usize;
+    sig[12 + m + 5] ^= 1;
+    refused(&a, &sig, "signature");
+    let foreign = std::fs::read(kit.bundle("other", "0.2.0", 256 << 10)).expect("bundle");
+    refused(&a, &foreign, "key");
+    refused(&a, &good[..good.len() - 1000], "truncated");
+    refused(&a, b"not a bundle at all", "magic");
+
+    // A good one is spooled whole, and waits.
+    let (s, v) = upload(&a, &a.admin_token(), &good);
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v, json!({"version": "0.2.0", "state": "pending"}));
+    assert_eq!(spool(&a), vec!["pending.cdmb".to_string()]);
+    let pending = a.data.join("updates/pending.cdmb");
+    assert!(std::fs::read(&pending).expect("pending") == good);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(a.data.join("updates"))
+        .expect("spool dir")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700, "DATA/updates mode {mode:o}");
+
+    // A second while it is pending: 409, the pending one untouched; the
+    // same through cdmctl (exit 5, conflict).
+    let other = kit.bundle("good", "0.3.0", 128 << 10);
+    let (s, v) = upload(
+        &a,
+        &a.admin_token(),
+        &std::fs::read(&other).expect("bundle"),
+    );
+    assert_eq!(s, 409, "{v}");
+    assert!(std::fs::read(&pending).expect("pending") == good);
+    let o = a.cdmctl(&["appliance", "update", other.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(5), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("pending already"),
+        "{o:?}"
+    );
+    assert_eq!(spool(&a), vec!["pending.cdmb".to_string()]);
+
+    // Not for operators (403 before any byte is stored); auditors may read
+    // the status (503 here: no status file yet).
+    for (name, role) in [("op", "operator"), ("aud", "auditor")] {
+        admin.expect(
+            201,
+            "POST",
+            "/v1/users",
+            Some(json!({"name": name, "role": role})),
+        );
+    }
+    let tok = |u: &str| {
+        admin.expect(
+            201,
+            "POST",
+            &format!("/v1/users/{u}/tokens"),
+            Some(json!({"name": "t"})),
+        )["token"]
+            .as_str()
+            .expect("token")
+            .to_string()
+    };
+    let (op, aud) = (tok("op"), tok("aud"));
+    let (s, v) = upload(&a, &op, &good);
+    assert_eq!(s, 403, "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("admin only"));
+    let (s, v) = http(&a.url(), "GET", "/v1/appliance", Some(&aud), None);
+    assert_eq!(s, 503, "{v}");
+
+    // Over 4 GiB: refused from the declared length, before the body.
+    let (s, v) = http_head_only(
+        &a.url(),
+        &format!(
+            "POST /v1/appliance/updates HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            a.admin_token(),
+            (4u64 << 30) + 1
+        ),
+    );
+    assert_eq!(s, 413, "{v}");
+    assert_eq!(spool(&a), vec!["pending.cdmb".to_string()]);
+
+    // Every upload and its outcome in the audit log; events for both.
+    let audit = admin.get("/v1/audit?limit=1000");
+    let statuses: Vec<u64> = audit
+        .as_array()
+        .expect("audit list")
+        .iter()
+        .filter(|e| e["path"] == "/v1/appliance/updates")
+        .filter_map(|e| e["status"].as_u64())
+        .collect();
+    for want in [400, 202, 409, 403, 413] {
+        assert!(statuses.contains(&want), "no {want} in {statuses:?}");
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 5);
+    let ev = admin.get("/v1/events?type=appliance.*&limit=100");
+    let kinds: Vec<&str> = ev
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        kinds
+            .iter()
+            .filter(|k| **k == "appliance.update_refused")
+            .count(),
+        5,
+        "{ev}"
+    );
+    assert!(kinds.contains(&"appliance.update_pending"), "{ev}");
+}
+
+#[test]
+fn without_appliance_mode_the_routes_are_404() {
+    let a = Appliance::start_with(None, None, &["--pool-size", "1G", "--pool-sparse"]);
+    let admin = Api::new(&a, &a.admin_token());
+    let v = admin.expect(404, "GET", "/v1/appliance", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not an appliance (snapshotd runs without --appliance)"),
+        "{v}"
+    );
+    let (s, v) = upload(&a, &a.admin_token(), b"CDMBNDL\x01whatever");
+    assert_eq!(s, 404, "{v}");
+    assert!(!a.data.join("updates").exists());
+    let o = a.cdmctl(&["appliance", "status"]);
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+}
