@@ -201,7 +201,17 @@ async fn upload_update(
 ) -> ApiResult<Response> {
     c.require(Action::Admin)?;
     let c2 = c.clone();
-    let mut up = run(&s, move |b| b.open_update_upload(&c2)).await?;
+    let mut up = match run(&s, move |b| b.open_update_upload(&c2)).await {
+        Ok(u) => u,
+        // An admin's upload while one is pending: read (and drop) the body
+        // so that the client, still sending, gets the reason rather than a
+        // connection reset.
+        Err(e) if e.status == 409 => {
+            discard(body, MAX_BUNDLE).await;
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let Some(file) = up.file.take() else {
         return Err(ApiError::internal("upload file already taken"));
     };
@@ -225,6 +235,18 @@ async fn upload_update(
     })
     .await?;
     Ok((StatusCode::ACCEPTED, Json(accepted)).into_response())
+}
+
+/// Reads and drops up to `cap` bytes of `body`.
+async fn discard(body: Body, cap: u64) {
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    while let Some(Ok(b)) = stream.next().await {
+        total += b.len() as u64;
+        if total > cap {
+            break;
+        }
+    }
 }
 
 /// Streams `body` into `file` (a blocking thread writes, at most a few

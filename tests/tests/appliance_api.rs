@@ -77,7 +77,6 @@ impl Kit {
             .arg(&out));
         out
     }
-
 }
 
 /// snapshotd in appliance mode over the kit's keys, its status file at
@@ -222,7 +221,8 @@ fn uploads_are_verified_spooled_or_refused_with_the_reason() {
             .to_string()
     };
     let (op, aud) = (tok("op"), tok("aud"));
-    let (s, v) = upload(&a, &op, &good);
+    // (A short body: the refusal comes before it is read.)
+    let (s, v) = upload(&a, &op, &good[..1024]);
     assert_eq!(s, 403, "{v}");
     assert!(v["error"]["message"]
         .as_str()
