@@ -51,6 +51,11 @@ impl Kit {
     /// A bundle of small payloads (rootfs `rootfs_len` bytes), signed by
     /// key `key`; its path.
     fn bundle(&self, key: &str, version: &str, rootfs_len: usize) -> PathBuf {
+        self.bundle_with(key, version, rootfs_len, &[])
+    }
+
+    /// [`Kit::bundle`] with more `cdm-update bundle` options.
+    fn bundle_with(&self, key: &str, version: &str, rootfs_len: usize, extra: &[&str]) -> PathBuf {
         let seed = version.bytes().map(u64::from).sum::<u64>();
         let rootfs = self.path(&format!("rootfs-{version}"));
         write_file(&rootfs, &random_bytes(rootfs_len, seed));
@@ -62,7 +67,7 @@ impl Kit {
             &self.path("initrd"),
             &random_bytes(32 << 10, seed.wrapping_add(2)),
         );
-        let out = self.path(&format!("{key}-{version}.cdmb"));
+        let out = self.path(&format!("{key}-{version}{}.cdmb", extra.join("")));
         run(Command::new(bin("cdm-update"))
             .arg("bundle")
             .arg("--key")
@@ -73,6 +78,7 @@ impl Kit {
             .arg(self.path("kernel"))
             .arg("--initrd")
             .arg(self.path("initrd"))
+            .args(extra)
             .arg("--out")
             .arg(&out));
         out
@@ -166,6 +172,12 @@ fn uploads_are_verified_spooled_or_refused_with_the_reason() {
     refused(&a, &foreign, "key");
     refused(&a, &good[..good.len() - 1000], "truncated");
     refused(&a, b"not a bundle at all", "magic");
+    let arm = kit.bundle_with("good", "0.2.0", 4096, &["--arch", "aarch64"]);
+    refused(
+        &a,
+        &std::fs::read(arm).expect("bundle"),
+        "bundle is for aarch64",
+    );
 
     // A good one is spooled whole, and waits.
     let (s, v) = upload(&a, &a.admin_token(), &good);
@@ -256,7 +268,7 @@ fn uploads_are_verified_spooled_or_refused_with_the_reason() {
     for want in [400, 202, 409, 403, 413] {
         assert!(statuses.contains(&want), "no {want} in {statuses:?}");
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 5);
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 6);
     let ev = admin.get("/v1/events?type=appliance.*&limit=100");
     let kinds: Vec<&str> = ev
         .as_array()
