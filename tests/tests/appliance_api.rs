@@ -305,6 +305,23 @@ fn without_appliance_mode_the_routes_are_404() {
     assert!(!a.data.join("updates").exists());
     let o = a.cdmctl(&["appliance", "status"]);
     assert_eq!(o.status.code(), Some(4), "{o:?}");
+
+    // The configuration file's `appliance = true` turns it on (503 here:
+    // its status file does not exist).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = format!(
+        "appliance = true\nappliance_status = \"{}\"\n",
+        dir.path().join("status.json").display()
+    );
+    let a = Appliance::start_with(Some(&cfg), None, &["--pool-size", "1G", "--pool-sparse"]);
+    let v = Api::new(&a, &a.admin_token()).expect(503, "GET", "/v1/appliance", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&dir.path().join("status.json").display().to_string()),
+        "{v}"
+    );
 }
 
 /// snapshotd's peak resident memory (`VmHWM`), in bytes.
