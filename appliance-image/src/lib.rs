@@ -5,7 +5,11 @@
 //! shell over these modules.
 
 pub mod bundle;
+pub mod health;
+pub mod install;
 pub mod keys;
+pub mod slots;
+pub mod status;
 
 /// The target architecture this build installs for (the manifest's `arch`).
 pub const ARCH: &str = std::env::consts::ARCH;

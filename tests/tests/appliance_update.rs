@@ -156,3 +156,228 @@ fn verify_prints_the_manifest_and_refuses_with_one_line() {
     assert_eq!(code, 2);
     assert!(err.contains("unknown key"), "{err}");
 }
+
+/// An ESP with slots.json whose devices are plain files, booted from
+/// `booted`, plus the command line, version and status files.
+struct Appliance {
+    site: Site,
+}
+
+impl Appliance {
+    fn new(booted: &str) -> Appliance {
+        let site = Site::new();
+        site.keygen();
+        let a = Appliance { site };
+        let esp = a.p("esp");
+        std::fs::create_dir_all(esp.join("cdm")).expect("esp");
+        std::fs::create_dir_all(esp.join("loader/entries")).expect("entries");
+        for s in ["a", "b"] {
+            write_file(&a.p(&format!("dev-{s}")), &vec![0u8; 4 << 20]);
+        }
+        let cfg = serde_json::json!({
+            "slots": {
+                "a": {"partuuid": "0a0a0a0a-0000-4000-8000-00000000000a", "device": a.p("dev-a")},
+                "b": {"partuuid": "0b0b0b0b-0000-4000-8000-00000000000b", "device": a.p("dev-b")}
+            },
+            "cmdline": "console=ttyS0,115200 panic=10"
+        });
+        write_file(&esp.join("cdm/slots.json"), cfg.to_string().as_bytes());
+        write_file(
+            &esp.join(format!("loader/entries/cdm-{booted}.conf")),
+            b"title cdm appliance 0.1.0\nsort-key cdm\nversion 1\n",
+        );
+        a.boot(booted, "0.1.0");
+        a
+    }
+
+    fn p(&self, n: &str) -> PathBuf {
+        self.site.p(n)
+    }
+
+    /// What a boot of `slot` running `version` changes.
+    fn boot(&self, slot: &str, version: &str) {
+        write_file(
+            &self.p("cmdline"),
+            format!("BOOT_IMAGE=/cdm/{slot}/vmlinuz ro cdm.slot={slot} quiet\n").as_bytes(),
+        );
+        write_file(&self.p("version"), format!("{version}\n").as_bytes());
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = self.site.tool(args);
+        c.arg("--esp").arg(self.p("esp"));
+        c.arg("--cmdline").arg(self.p("cmdline"));
+        c.arg("--version-file").arg(self.p("version"));
+        c.arg("--status-file").arg(self.p("run/status.json"));
+        c
+    }
+
+    fn install(&self, file: &Path, spool: bool) -> std::process::Output {
+        let mut c = self.cmd(&["install"]);
+        c.arg("--keys").arg(self.p("keys"));
+        if spool {
+            c.arg("--spool");
+        }
+        output(c.arg(file))
+    }
+
+    fn entries(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.p("esp/loader/entries"))
+            .expect("entries")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = run(&mut self.cmd(&["status", "--json"]));
+        serde_json::from_str(&out).expect("status JSON")
+    }
+}
+
+#[test]
+fn install_boot_and_bless_a_real_squashfs_slot() {
+    require("unsquashfs");
+    let a = Appliance::new("a");
+    let bundle = a.site.bundle("0.2.0", std::env::consts::ARCH);
+    let spool = a.p("pending.cdmb");
+    std::fs::copy(&bundle, &spool).expect("spool");
+    let o = a.install(&spool, true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!spool.exists(), "the spool file is removed");
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
+    let entry = std::fs::read_to_string(a.p("esp/loader/entries/cdm-b+3.conf")).expect("entry");
+    assert!(entry.contains("\nversion 2\n"), "{entry}");
+    assert!(entry.contains(
+        "options root=PARTUUID=0b0b0b0b-0000-4000-8000-00000000000b rootfstype=squashfs ro cdm.slot=b console=ttyS0,115200 panic=10\n"
+    ), "{entry}");
+    // The slot device holds a squashfs that unsquashfs reads.
+    let v = run(Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(a.p("dev-b"))
+        .arg("usr/lib/cdm/version"));
+    assert_eq!(v, "0.2.0\n");
+    assert_eq!(
+        std::fs::read(a.p("esp/cdm/b/vmlinuz")).expect("kernel"),
+        std::fs::read(a.p("vmlinuz")).expect("k")
+    );
+    let s = a.status();
+    assert_eq!(s["booted_slot"], "a");
+    assert_eq!(s["version"], "0.1.0");
+    assert_eq!(s["slots"][1]["state"], "trying");
+    assert_eq!(s["slots"][1]["tries_left"], 3);
+    assert_eq!(s["slots"][1]["version"], "0.2.0");
+    assert_eq!(s["update"]["state"], "installed");
+    assert_eq!(s["update"]["version"], "0.2.0");
+
+    // systemd-boot tries b (a try counted), and the appliance comes up.
+    std::fs::rename(
+        a.p("esp/loader/entries/cdm-b+3.conf"),
+        a.p("esp/loader/entries/cdm-b+2-1.conf"),
+    )
+    .expect("count");
+    a.boot("b", "0.2.0");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!("http://{}/health", closed.local_addr().expect("addr"));
+    drop(closed);
+    let o = output(&mut a.cmd(&["health", "--timeout", "1", "--url", &dead]));
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b+2-1.conf"]);
+    let url = health_server();
+    let out = run(&mut a.cmd(&["health", "--timeout", "20", "--url", &url]));
+    assert!(
+        out.contains("blessed cdm-b+2-1.conf -> cdm-b.conf"),
+        "{out}"
+    );
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b.conf"]);
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.p("run/status.json")).expect("status file"))
+            .expect("json");
+    assert_eq!(s["booted_slot"], "b");
+    assert_eq!(s["version"], "0.2.0");
+    assert_eq!(s["slots"][1]["state"], "good");
+    assert_eq!(s["slots"][1]["booted"], true);
+    assert_eq!(s["slots"][0]["booted"], false);
+
+    // The next update goes to a, generation 3; b's entry stays as it is.
+    let next = a.site.bundle("0.3.0", std::env::consts::ARCH);
+    let o = a.install(&next, false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(next.exists(), "not a spool: kept");
+    assert_eq!(a.entries(), ["cdm-a+3.conf", "cdm-b.conf"]);
+    let entry = std::fs::read_to_string(a.p("esp/loader/entries/cdm-a+3.conf")).expect("entry");
+    assert!(
+        entry.contains("\nversion 3\n") && entry.contains("cdm.slot=a "),
+        "{entry}"
+    );
+}
+
+/// Answers every request with 200 `{"status": "ok"}`.
+fn health_server() -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/health", l.local_addr().expect("addr"));
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut r = BufReader::new(s.try_clone().expect("clone"));
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let body = r#"{"status": "ok"}"#;
+            let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    url
+}
+
+#[test]
+fn install_refusals_write_nothing_and_the_spool_goes() {
+    let a = Appliance::new("a");
+    let bundle = a.site.bundle("0.2.0", std::env::consts::ARCH);
+    // A tampered spool file: exit 2, the reason, nothing installed.
+    let mut bytes = std::fs::read(&bundle).expect("bundle");
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    let spool = a.p("pending.cdmb");
+    write_file(&spool, &bytes);
+    let o = a.install(&spool, true);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "hash mismatch of initrd"
+    );
+    assert!(!spool.exists());
+    assert_eq!(a.entries(), ["cdm-a.conf"]);
+    assert!(std::fs::read(a.p("dev-b"))
+        .expect("dev")
+        .iter()
+        .all(|&b| b == 0));
+    let s = a.status();
+    assert_eq!(s["update"]["state"], "failed");
+    assert_eq!(s["update"]["error"], "hash mismatch of initrd");
+    assert_eq!(s["slots"][1]["state"], "empty");
+
+    // A symlink as the spool file: refused, the link removed, its target kept.
+    std::os::unix::fs::symlink(&bundle, &spool).expect("symlink");
+    let o = a.install(&spool, true);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("opening"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        std::fs::symlink_metadata(&spool).is_err(),
+        "the link is removed"
+    );
+    assert!(bundle.exists());
+    assert_eq!(a.entries(), ["cdm-a.conf"]);
+    assert_eq!(a.status()["update"]["state"], "failed");
+}
