@@ -371,3 +371,274 @@ fn a_large_bundle_streams_through_bounded_memory() {
         len
     );
 }
+
+/// An appliance's boot side in plain files: an ESP whose `slots.json`
+/// points at two "devices" (1 MiB files), slot a installed and blessed with
+/// 0.1.0, a kernel command line and a version file saying it booted it.
+struct Site {
+    esp: PathBuf,
+    cmdline: PathBuf,
+    version: PathBuf,
+    status: PathBuf,
+}
+
+impl Site {
+    fn new(kit: &Kit) -> Site {
+        let esp = kit.path("esp");
+        let s = Site {
+            esp: esp.clone(),
+            cmdline: kit.path("cmdline"),
+            version: kit.path("version"),
+            status: kit.path("status.json"),
+        };
+        for slot in ["a", "b"] {
+            let dev = kit.path(&format!("slot-{slot}.img"));
+            std::fs::File::create(&dev)
+                .and_then(|f| f.set_len(1 << 20))
+                .expect("slot device");
+        }
+        std::fs::create_dir_all(esp.join("cdm/a")).expect("ESP/cdm/a");
+        std::fs::create_dir_all(esp.join("loader/entries")).expect("ESP entries");
+        let slots = json!({"slots": {
+            "a": {"partuuid": "0a0a0a0a-0000-4000-8000-00000000000a", "device": kit.path("slot-a.img")},
+            "b": {"partuuid": "0b0b0b0b-0000-4000-8000-00000000000b", "device": kit.path("slot-b.img")}},
+            "cmdline": "console=ttyS0,115200 panic=10"});
+        write_file(&esp.join("cdm/slots.json"), slots.to_string().as_bytes());
+        // Slot a as the image build leaves it: 0.1.0, blessed, generation 1
+        // (its manifest is what `cdm-update verify` prints of its bundle).
+        let first = kit.bundle("good", "0.1.0", 64 << 10);
+        let manifest = run(Command::new(bin("cdm-update"))
+            .arg("verify")
+            .arg("--keys")
+            .arg(&kit.keys)
+            .arg(&first));
+        write_file(&esp.join("cdm/a/manifest.json"), manifest.as_bytes());
+        write_file(
+            &esp.join("loader/entries/cdm-a.conf"),
+            b"title cdm appliance 0.1.0 (slot a)\nsort-key cdm\nversion 1\nlinux /cdm/a/vmlinuz\n\
+              initrd /cdm/a/initrd.img\noptions root=PARTUUID=0a0a0a0a-0000-4000-8000-00000000000a \
+              rootfstype=squashfs ro cdm.slot=a console=ttyS0,115200 panic=10\n",
+        );
+        s.boot("a", "0.1.0");
+        s
+    }
+
+    /// What a boot of `slot` running `version` shows the tool.
+    fn boot(&self, slot: &str, version: &str) {
+        write_file(
+            &self.cmdline,
+            format!("BOOT_IMAGE=/cdm/{slot}/vmlinuz ro cdm.slot={slot} console=ttyS0\n").as_bytes(),
+        );
+        write_file(&self.version, format!("{version}\n").as_bytes());
+    }
+
+    /// `cdm-update SUB ARGS --esp … --cmdline … --version-file …
+    /// --status-file …`.
+    fn tool(&self, sub: &str, args: &[&std::ffi::OsStr]) -> std::process::Output {
+        output(
+            Command::new(bin("cdm-update"))
+                .arg(sub)
+                .args(args)
+                .arg("--esp")
+                .arg(&self.esp)
+                .arg("--cmdline")
+                .arg(&self.cmdline)
+                .arg("--version-file")
+                .arg(&self.version)
+                .arg("--status-file")
+                .arg(&self.status),
+        )
+    }
+}
+
+fn ok(o: std::process::Output) -> std::process::Output {
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// `cdmctl appliance update FILE --wait` in the background; killed if the
+/// test fails before it ends.
+struct Waiter(Option<std::process::Child>);
+
+impl Waiter {
+    fn start(a: &Appliance, file: &Path) -> Waiter {
+        let c = Command::new(bin("cdmctl"))
+            .args([
+                "--url",
+                &a.url(),
+                "appliance",
+                "update",
+                "--wait",
+                "--timeout",
+                "120",
+            ])
+            .arg(file)
+            .env_remove("CDM_TOKEN")
+            .env("CDM_TOKEN_FILE", a.data.join("admin.token"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run cdmctl");
+        Waiter(Some(c))
+    }
+
+    fn running(&mut self) -> bool {
+        self.0
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("cdmctl").is_none())
+    }
+
+    fn finish(mut self) -> std::process::Output {
+        let c = self.0.take().expect("started");
+        wait_output(c, "cdmctl appliance update --wait")
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn status_and_the_install_chain_short_of_a_reboot() {
+    let kit = Kit::new();
+    let site = Site::new(&kit);
+    let a = appliance(&kit, &site.status);
+    let admin = Api::new(&a, &a.admin_token());
+
+    // Before the status file: 503 with the reason (cdmctl: exit 8).
+    let v = admin.expect(503, "GET", "/v1/appliance", None);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("status --write"),
+        "{v}"
+    );
+    assert_eq!(a.cdmctl(&["appliance", "status"]).status.code(), Some(8));
+
+    // After `cdm-update status --write`: the typed status.
+    ok(site.tool("status", &["--write".as_ref()]));
+    let s: cdm_api::appliance::ApplianceStatus =
+        serde_json::from_value(admin.get("/v1/appliance")).expect("typed status");
+    assert_eq!(s.version, "0.1.0");
+    assert_eq!(s.booted_slot.as_deref(), Some("a"));
+    let a0 = &s.slots[0];
+    assert_eq!((a0.slot.as_str(), a0.booted), ("a", true));
+    assert_eq!(a0.state, cdm_api::appliance::SlotState::Good);
+    assert_eq!(a0.version.as_deref(), Some("0.1.0"));
+    assert_eq!(s.slots[1].state, cdm_api::appliance::SlotState::Empty);
+    assert!(s.update.is_none());
+
+    // `cdmctl appliance update --wait`: uploads, then waits through the
+    // install and the "reboot".
+    let good = kit.bundle("good", "0.2.0", 256 << 10);
+    let mut waiter = Waiter::start(&a, &good);
+    let pending = a.data.join("updates/pending.cdmb");
+    wait_for(60, "the pending bundle", || pending.exists().then_some(()));
+    ok(site.tool(
+        "install",
+        &[
+            "--keys".as_ref(),
+            kit.keys.as_os_str(),
+            "--spool".as_ref(),
+            pending.as_os_str(),
+        ],
+    ));
+    assert!(!pending.exists(), "the installer leaves the spool file");
+    let slot_b = std::fs::read(kit.path("slot-b.img")).expect("slot b");
+    let rootfs = std::fs::read(kit.path("rootfs-0.2.0")).expect("rootfs");
+    assert!(
+        slot_b[..rootfs.len()] == rootfs[..],
+        "slot b holds the new rootfs"
+    );
+    let s: cdm_api::appliance::ApplianceStatus =
+        serde_json::from_value(admin.get("/v1/appliance")).expect("typed status");
+    let b = &s.slots[1];
+    assert_eq!(b.state, cdm_api::appliance::SlotState::Trying, "{s:?}");
+    assert_eq!(b.version.as_deref(), Some("0.2.0"));
+    assert_eq!(b.tries_left, Some(3));
+    assert_eq!(b.generation, Some(2));
+    assert!(!b.booted);
+    let u = s.update.clone().expect("update progress");
+    assert_eq!(u.state, cdm_api::appliance::UpdateState::Installed);
+    assert_eq!(u.version.as_deref(), Some("0.2.0"));
+    let o = ok(a.cdmctl(&["appliance", "status"]));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("booted slot: a")
+            && text.contains("trying")
+            && text.contains("0.2.0 installed"),
+        "{text}"
+    );
+    let o = ok(a.cdmctl(&["--json", "appliance", "status"]));
+    let j: cdm_api::appliance::ApplianceStatus =
+        serde_json::from_slice(&o.stdout).expect("cdmctl --json");
+    assert_eq!(j, s);
+    // Installed but not booted: the waiter goes on.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(waiter.running(), "cdmctl stopped waiting early");
+
+    // The "reboot": systemd-boot counts the try, the new slot boots, the
+    // health check blesses it; the waiter ends with success.
+    let entries = site.esp.join("loader/entries");
+    std::fs::rename(entries.join("cdm-b+3.conf"), entries.join("cdm-b+2-1.conf"))
+        .expect("count the boot try");
+    site.boot("b", "0.2.0");
+    ok(site.tool(
+        "health",
+        &[
+            "--url".as_ref(),
+            format!("{}/health", a.url()).as_ref(),
+            "--timeout".as_ref(),
+            "30".as_ref(),
+        ],
+    ));
+    assert!(entries.join("cdm-b.conf").exists(), "slot b blessed");
+    let o = waiter.finish();
+    assert!(o.status.success(), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("runs 0.2.0 from slot b"),
+        "{o:?}"
+    );
+
+    // A bundle whose rootfs does not fit the other slot's device: the
+    // install fails, and the waiter says so (exit 1, the installer's reason).
+    let big = kit.bundle("good", "0.3.0", 2 << 20);
+    let waiter = Waiter::start(&a, &big);
+    wait_for(60, "the pending bundle", || pending.exists().then_some(()));
+    let o = site.tool(
+        "install",
+        &[
+            "--keys".as_ref(),
+            kit.keys.as_os_str(),
+            "--spool".as_ref(),
+            pending.as_os_str(),
+        ],
+    );
+    assert!(
+        !o.status.success(),
+        "installed a rootfs larger than the device"
+    );
+    assert!(!pending.exists(), "the installer leaves the spool file");
+    let o = waiter.finish();
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("the update to 0.3.0 failed"), "{err}");
+    let s: cdm_api::appliance::ApplianceStatus =
+        serde_json::from_value(admin.get("/v1/appliance")).expect("typed status");
+    assert_eq!(s.version, "0.2.0");
+    assert_eq!(
+        s.update.expect("update").state,
+        cdm_api::appliance::UpdateState::Failed
+    );
+}
