@@ -841,6 +841,7 @@ fn main() -> Result<()> {
     if let Some(u) = &s.appliance {
         tracing::info!(status = %u.status_file.display(), tool = %u.tool.display(),
             keys = %u.keys.display(), "appliance mode: update uploads go to DATA/updates");
+        u.clear_stale_uploads();
         let _ = app.updates.set(u.clone());
     }
     app.vm_recoveries_after_restart()

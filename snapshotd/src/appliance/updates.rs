@@ -41,6 +41,29 @@ pub struct UpdateSetup {
     pub spool: PathBuf,
 }
 
+impl UpdateSetup {
+    /// Removes uploads an earlier run left half-written (it stopped
+    /// during a request): no request can finish them now. The pending
+    /// bundle stays, for the installer.
+    pub fn clear_stale_uploads(&self) {
+        let Ok(dir) = std::fs::read_dir(&self.spool) else {
+            return;
+        };
+        for e in dir.flatten() {
+            if e.file_name().to_string_lossy().starts_with("upload-") {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => {
+                        tracing::info!(file = %e.path().display(), "removed an unfinished update upload")
+                    }
+                    Err(err) => {
+                        tracing::warn!(file = %e.path().display(), error = %err, "cannot remove an unfinished update upload")
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Appliance {
     fn update_setup(&self) -> ApiResult<&UpdateSetup> {
         self.updates
@@ -279,6 +302,28 @@ mod tests {
         assert_eq!(o.status.code(), Some(2));
         assert_eq!(o.stdout, b"out\n");
         assert_eq!(o.stderr, b"err\n");
+    }
+
+    #[test]
+    fn unfinished_uploads_are_cleared_at_start_and_the_pending_bundle_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let s = UpdateSetup {
+            status_file: d.path().join("status.json"),
+            tool: "/bin/false".into(),
+            keys: d.path().into(),
+            spool: d.path().join("updates"),
+        };
+        s.clear_stale_uploads();
+        std::fs::create_dir(&s.spool).unwrap();
+        for f in ["upload-1a2b", "upload-ffff", PENDING] {
+            std::fs::write(s.spool.join(f), b"x").unwrap();
+        }
+        s.clear_stale_uploads();
+        let left: Vec<_> = std::fs::read_dir(&s.spool)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, vec![PENDING.to_string()]);
     }
 
     #[test]
