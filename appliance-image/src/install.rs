@@ -230,6 +230,18 @@ fn remove_slot_entries(esp: &Esp, slot: Slot) -> Result<(), InstallError> {
             remove_if_exists(&dir.join(&e.file))?;
         }
     }
+    // A temporary entry left by a killed install (never read by
+    // systemd-boot, but it should not pile up).
+    let tmp = dir.join(format!(
+        "{}.tmp",
+        EntryName {
+            slot,
+            tries_left: Some(TRIES),
+            tries_done: None
+        }
+        .file_name()
+    ));
+    remove_if_exists(&tmp)?;
     cdm_common::fs::sync_dir(&dir)?;
     Ok(())
 }

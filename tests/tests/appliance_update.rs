@@ -381,3 +381,151 @@ fn install_refusals_write_nothing_and_the_spool_goes() {
     assert_eq!(a.entries(), ["cdm-a.conf"]);
     assert_eq!(a.status()["update"]["state"], "failed");
 }
+
+/// Kills `cdm-update install` (SIGKILL) at delays spread over a whole
+/// install, from a state where slot b holds an old blessed entry over an
+/// all-zero device. After every kill: the booted slot's entry and device
+/// are as they were; b's old entry exists only while b's device is still
+/// untouched; b's new entry exists only with the whole new slot on disk.
+/// Then an install run to the end works from whatever state the kill left.
+#[test]
+fn install_killed_at_any_point_never_leaves_a_half_slot_bootable() {
+    use sha2::{Digest, Sha256};
+    let a = Appliance::new("a");
+    let rootfs = random_bytes(24 << 20, 11);
+    write_file(&a.p("big.rootfs"), &rootfs);
+    write_file(&a.p("k"), &random_bytes(3 << 20, 12));
+    write_file(&a.p("i"), &random_bytes(5 << 20, 13));
+    let bundle = a.p("big.cdmb");
+    let s = |n: &str| a.p(n).to_string_lossy().into_owned();
+    run(&mut a.site.tool(&[
+        "bundle",
+        "--key",
+        &s("secret"),
+        "--version",
+        "9.9.9",
+        "--rootfs",
+        &s("big.rootfs"),
+        "--kernel",
+        &s("k"),
+        "--initrd",
+        &s("i"),
+        "--out",
+        &s("big.cdmb"),
+    ]));
+    let entries = a.p("esp/loader/entries");
+    let booted_entry = std::fs::read(entries.join("cdm-a.conf")).expect("a entry");
+    let old_b = b"title cdm appliance 0.0.1 (slot b)\nsort-key cdm\nversion 0\n";
+    let dev_len = 32usize << 20;
+    let reset = || {
+        for e in a.entries() {
+            if e.starts_with("cdm-b") {
+                std::fs::remove_file(entries.join(e)).expect("rm entry");
+            }
+        }
+        write_file(&entries.join("cdm-b.conf"), old_b);
+        write_file(&a.p("dev-b"), &vec![0u8; dev_len]);
+        let _ = std::fs::remove_dir_all(a.p("esp/cdm/b"));
+    };
+    for s in ["a", "b"] {
+        write_file(&a.p(&format!("dev-{s}")), &vec![0u8; dev_len]);
+    }
+    let install_cmd = || {
+        let mut c = a.cmd(&["install"]);
+        c.arg("--keys").arg(a.p("keys")).arg(&bundle);
+        c
+    };
+    // One full install, timed.
+    reset();
+    let t = std::time::Instant::now();
+    run(&mut install_cmd());
+    let full = t.elapsed();
+    let rootfs_sum = Sha256::digest(&rootfs);
+
+    let check = |after: &str| {
+        assert_eq!(
+            std::fs::read(entries.join("cdm-a.conf")).expect("a"),
+            booted_entry,
+            "{after}"
+        );
+        let dev_a = std::fs::read(a.p("dev-a")).expect("dev-a");
+        assert!(
+            dev_a.iter().all(|&x| x == 0),
+            "{after}: booted device written"
+        );
+        let dev_b = std::fs::read(a.p("dev-b")).expect("dev-b");
+        let b_entries: Vec<String> = a
+            .entries()
+            .into_iter()
+            .filter(|e| e.starts_with("cdm-b") && e.ends_with(".conf"))
+            .collect();
+        assert!(b_entries.len() <= 1, "{after}: {b_entries:?}");
+        match b_entries.first().map(String::as_str) {
+            None => {}
+            Some("cdm-b.conf") => {
+                assert_eq!(
+                    std::fs::read(entries.join("cdm-b.conf")).expect("b"),
+                    old_b,
+                    "{after}"
+                );
+                assert!(
+                    dev_b.iter().all(|&x| x == 0),
+                    "{after}: old entry over a written device"
+                );
+            }
+            Some("cdm-b+3.conf") => {
+                assert_eq!(
+                    Sha256::digest(&dev_b[..rootfs.len()]),
+                    rootfs_sum,
+                    "{after}: entry before the rootfs"
+                );
+                assert_eq!(
+                    std::fs::read(a.p("esp/cdm/b/vmlinuz")).expect("kernel"),
+                    std::fs::read(a.p("k")).expect("k"),
+                    "{after}"
+                );
+                assert_eq!(
+                    std::fs::read(a.p("esp/cdm/b/initrd.img")).expect("initrd"),
+                    std::fs::read(a.p("i")).expect("i"),
+                    "{after}"
+                );
+                assert!(a.p("esp/cdm/b/manifest.json").exists(), "{after}");
+            }
+            Some(other) => panic!("{after}: unexpected entry {other}"),
+        }
+    };
+    check("a full install");
+    let cuts = 16u32;
+    let mut outcomes = std::collections::BTreeSet::new();
+    for k in 0..cuts {
+        reset();
+        let delay = full.mul_f64(1.2 * f64::from(k) / f64::from(cuts));
+        let mut child = install_cmd()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let st = child.wait().expect("wait");
+        let after = format!("kill after {delay:?} of {full:?} ({st})");
+        check(&after);
+        outcomes.insert(
+            a.entries()
+                .into_iter()
+                .filter(|e| e.starts_with("cdm-b"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        // Whatever the kill left, a new install completes.
+        run(&mut install_cmd());
+        check(&format!("reinstall after: {after}"));
+        assert!(a.entries().contains(&"cdm-b+3.conf".to_string()));
+    }
+    eprintln!("outcomes: {outcomes:?} (full install {full:?})");
+    // The kills landed in different phases (old entry, none, new entry).
+    assert!(
+        outcomes.len() >= 2,
+        "all kills landed in one phase: {outcomes:?}"
+    );
+}
