@@ -179,6 +179,37 @@ fn uploads_are_verified_spooled_or_refused_with_the_reason() {
         "bundle is for aarch64",
     );
 
+    // A client that goes away mid-body: 400 "cut" in the audit and the
+    // events, nothing left in the spool.
+    {
+        use std::io::Write;
+        let mut c = std::net::TcpStream::connect(&a.api).expect("connect to the API");
+        write!(
+            c,
+            "POST /v1/appliance/updates HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+            a.admin_token(),
+            good.len()
+        )
+        .expect("send the head");
+        c.write_all(&good[..good.len() / 2])
+            .expect("send half the body");
+        c.flush().expect("flush");
+    }
+    let cut = wait_for(30, "the cut upload's event", || {
+        let ev = admin.get("/v1/events?type=appliance.update_refused&limit=100");
+        ev.as_array()?
+            .iter()
+            .find(|e| {
+                e["data"]["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("cut after"))
+            })
+            .cloned()
+    });
+    assert_eq!(cut["actor"], "admin", "{cut}");
+    assert!(spool(&a).is_empty(), "left behind: {:?}", spool(&a));
+
     // A good one is spooled whole, and waits.
     let (s, v) = upload(&a, &a.admin_token(), &good);
     assert_eq!(s, 202, "{v}");
@@ -269,7 +300,7 @@ fn uploads_are_verified_spooled_or_refused_with_the_reason() {
     for want in [400, 202, 409, 403] {
         assert!(statuses.contains(&want), "no {want} in {statuses:?}");
     }
-    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 6);
+    assert_eq!(statuses.iter().filter(|s| **s == 400).count(), 7);
     let ev = admin.get("/v1/events?type=appliance.*&limit=100");
     let kinds: Vec<&str> = ev
         .as_array()
@@ -282,7 +313,7 @@ fn uploads_are_verified_spooled_or_refused_with_the_reason() {
             .iter()
             .filter(|k| **k == "appliance.update_refused")
             .count(),
-        6,
+        7,
         "{ev}"
     );
     assert!(kinds.contains(&"appliance.update_pending"), "{ev}");
