@@ -69,10 +69,12 @@ struct Args {
     #[arg(long)]
     ready_file: Option<PathBuf>,
     /// Size of the pool file created on first start [default: 64G, or half
-    /// the host filesystem's free space if less]. It is preallocated (its
+    /// the host filesystem's free space if less]: bytes (`500G`) or a share
+    /// of the host filesystem's free space at creation (`90%`, as the
+    /// appliance image's data partition uses). It is preallocated (its
     /// blocks reserved on the host filesystem) unless --pool-sparse.
-    #[arg(long, value_parser = parse_size)]
-    pool_size: Option<u64>,
+    #[arg(long, value_parser = PoolSize::parse)]
+    pool_size: Option<PoolSize>,
     /// Create the pool file sparse (blocks taken as data lands) instead of
     /// preallocated: then a full host filesystem stops the pool's commits.
     /// Overrides `pool_prealloc` of the configuration file.
@@ -204,8 +206,7 @@ struct Settings {
     nbd: Vec<String>,
     api: String,
     ready_file: Option<PathBuf>,
-    /// 0: not configured (see `default_pool_size`).
-    pool_size: u64,
+    pool_size: PoolSize,
     pool_prealloc: bool,
     commit_interval: u64,
     fake_clock: bool,
@@ -282,9 +283,9 @@ fn settings(args: &Args) -> Result<Settings> {
     };
     let pool_size = match (&args.pool_size, &cfg.pool_size) {
         (Some(s), _) => *s,
-        (None, Some(s)) => parse_size(s).map_err(|e| anyhow::anyhow!("pool_size: {e}"))?,
+        (None, Some(s)) => PoolSize::parse(s).map_err(|e| anyhow::anyhow!("pool_size: {e}"))?,
         // Chosen at creation: 64 GiB, or less where the host has less.
-        (None, None) => 0,
+        (None, None) => PoolSize::Default,
     };
     cfg.defaults
         .check()
@@ -360,6 +361,53 @@ fn settings(args: &Args) -> Result<Settings> {
     })
 }
 
+/// The size asked for a new pool file.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum PoolSize {
+    /// Not configured: see [`default_pool_size`].
+    Default,
+    Bytes(u64),
+    /// A share (1..=100) of the host filesystem's free space at creation.
+    PercentFree(u8),
+}
+
+impl PoolSize {
+    fn parse(s: &str) -> Result<Self, String> {
+        if let Some(p) = s.trim().strip_suffix('%') {
+            return match p.trim().parse::<u8>() {
+                Ok(n @ 1..=100) => Ok(PoolSize::PercentFree(n)),
+                _ => Err(format!("{s:?}: a share of the free space is 1% to 100%")),
+            };
+        }
+        parse_size(s)
+            .map(PoolSize::Bytes)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Bytes for a new pool file at `path` (whole MiB for a share).
+    fn resolve(self, path: &Path, prealloc: bool) -> Result<u64> {
+        match self {
+            PoolSize::Default => Ok(default_pool_size(path, prealloc)),
+            PoolSize::Bytes(n) => Ok(n),
+            PoolSize::PercentFree(p) => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let free = ballast::free_bytes(dir)
+                    .with_context(|| format!("cannot read the free space of {}", dir.display()))?;
+                let size = (free as u128 * p as u128 / 100) as u64 >> 20 << 20;
+                if size < 1 << 30 {
+                    bail!(
+                        "pool_size {p}% of the {} free on {} is {}: less than the 1 GiB a pool needs",
+                        human(free),
+                        dir.display(),
+                        human(size)
+                    );
+                }
+                Ok(size)
+            }
+        }
+    }
+}
+
 /// The size of a new pool when none is configured: 64 GiB, but a
 /// preallocated pool takes at most half the host filesystem's free space
 /// (whole GiB, at least 1 GiB), so a first start works on a small disk and
@@ -386,13 +434,9 @@ fn default_pool_size(path: &Path, prealloc: bool) -> u64 {
 
 /// A new pool file: preallocated if asked and the host filesystem can;
 /// sparse (with a loud warning) where it cannot preallocate.
-fn create_pool_file(path: &Path, size: u64, prealloc: bool) -> Result<FileDev> {
+fn create_pool_file(path: &Path, size: PoolSize, prealloc: bool) -> Result<FileDev> {
     let cannot = || format!("cannot create {}", path.display());
-    let size = if size == 0 {
-        default_pool_size(path, prealloc)
-    } else {
-        size
-    };
+    let size = size.resolve(path, prealloc)?;
     if !prealloc {
         return FileDev::create(path, size).with_context(cannot);
     }
@@ -438,7 +482,7 @@ fn warn_if_sparse(path: &Path) {
 
 fn open_pool(
     path: &Path,
-    size: u64,
+    size: PoolSize,
     prealloc: bool,
     key: Option<cdmfs::KeySource>,
     fault_dir: Option<&Path>,
@@ -451,7 +495,7 @@ fn open_pool(
         Pool::format(&dev, &FormatOptions::default()).context("cannot format the pool")?;
         tracing::info!(
             path = %path.display(),
-            size = %human(dev.len().unwrap_or(size)),
+            size = %human(dev.len().unwrap_or_default()),
             preallocated = dev.preallocated(),
             "created a new pool"
         );
@@ -919,4 +963,34 @@ fn main() -> Result<()> {
     state.sync().context("cannot sync the state database")?;
     tracing::info!("pool committed; exiting");
     Ok(())
+}
+
+#[cfg(test)]
+mod pool_size_tests {
+    use super::PoolSize;
+
+    #[test]
+    fn pool_size_parses_bytes_and_shares() {
+        assert_eq!(PoolSize::parse("2G"), Ok(PoolSize::Bytes(2 << 30)));
+        assert_eq!(PoolSize::parse("90%"), Ok(PoolSize::PercentFree(90)));
+        assert_eq!(PoolSize::parse(" 100% "), Ok(PoolSize::PercentFree(100)));
+        for bad in ["0%", "101%", "x%", "%", "-5%"] {
+            assert!(PoolSize::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_share_of_free_space_resolves_to_whole_mib_below_the_free_space() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("pool");
+        let free = crate::ballast::free_bytes(dir.path()).expect("free");
+        match PoolSize::PercentFree(50).resolve(&path, true) {
+            Ok(size) => {
+                assert_eq!(size % (1 << 20), 0);
+                assert!(size <= free / 2 && size + (2 << 20) >= free / 2 - (64 << 20));
+            }
+            // A machine with under 2 GiB free: the refusal names the share.
+            Err(e) => assert!(free / 2 < 1 << 30 && e.to_string().contains("50%"), "{e}"),
+        }
+    }
 }
