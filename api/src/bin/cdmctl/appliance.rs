@@ -79,7 +79,12 @@ pub(crate) fn outcome(
     before: Option<&ApplianceStatus>,
 ) -> Option<Result<(), String>> {
     if let Some(b) = s.booted() {
-        if b.version.as_deref() == Some(version) && b.state == SlotState::Good {
+        // Another boot than the one before the upload (a reinstall of the
+        // running version must not count as done at once).
+        let fresh = before
+            .and_then(|o| o.booted())
+            .is_none_or(|o| o.slot != b.slot || o.generation != b.generation);
+        if b.version.as_deref() == Some(version) && b.state == SlotState::Good && fresh {
             return Some(Ok(()));
         }
     }
@@ -255,5 +260,17 @@ mod tests {
         assert!(outcome(&b, "2", Some(&before)).unwrap().is_err());
         // Another version's failure is not this update's.
         assert_eq!(outcome(&f, "3", Some(&before)), None);
+        // A reinstall of the running version: done only once the other
+        // slot boots it, not at once.
+        let mut same = s.clone();
+        same.update = None;
+        same.slots[1].generation = Some(2);
+        assert_eq!(outcome(&same, "2", Some(&same)), None);
+        let mut next = same.clone();
+        next.slots[0].booted = true;
+        next.slots[0].version = Some("2".into());
+        next.slots[0].generation = Some(3);
+        next.slots[1].booted = false;
+        assert_eq!(outcome(&next, "2", Some(&same)), Some(Ok(())));
     }
 }
