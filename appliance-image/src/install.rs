@@ -140,11 +140,7 @@ fn install_verified(
     })?;
     let m = v.manifest();
     let (rootfs, rootfs_off) = payload(v, "rootfs")?;
-    let mut device = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev.device)
-        .map_err(io_at(&dev.device))?;
+    let mut device = open_device(&dev.device)?;
     let have = device.seek(SeekFrom::End(0)).map_err(io_at(&dev.device))?;
     if rootfs.size > have {
         return Err(InstallError::SlotTooSmall {
@@ -200,6 +196,24 @@ fn install_verified(
         generation,
         entry,
     })
+}
+
+/// Opens a slot device for writing. A block device is opened with
+/// O_EXCL, which Linux refuses (EBUSY) while it is mounted or otherwise
+/// claimed: a slots.json that names the running root cannot be written
+/// over. Tests use plain files.
+fn open_device(path: &Path) -> Result<File, InstallError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let is_block = std::fs::metadata(path)
+        .map_err(io_at(path))?
+        .file_type()
+        .is_block_device();
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if is_block {
+        o.custom_flags(libc::O_EXCL);
+    }
+    o.open(path).map_err(io_at(path))
 }
 
 fn payload<'a>(v: &'a Verified, name: &str) -> Result<(&'a bundle::FileEntry, u64), InstallError> {
