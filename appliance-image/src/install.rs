@@ -100,14 +100,19 @@ pub fn install(
     p: &Paths,
 ) -> Result<Installed, InstallError> {
     record(p, "verifying", None, None);
+    // Known once the bundle is verified: a failure after that names it.
+    let mut version = None;
     let r = bundle::verify(bundle, path, trusted)
         .map_err(|e| match e {
             BundleError::Io { path, err } => InstallError::Io { path, err },
             other => InstallError::Refused(other),
         })
-        .and_then(|v| install_verified(bundle, path, &v, p).map(|i| (v, i)));
+        .and_then(|v| {
+            version = Some(v.manifest().version.clone());
+            install_verified(bundle, path, &v, p)
+        });
     match r {
-        Ok((_, i)) => {
+        Ok(i) => {
             record(p, "installed", Some(&i.version), None);
             tracing::info!(
                 "installed {} into slot {} (generation {})",
@@ -118,7 +123,7 @@ pub fn install(
             Ok(i)
         }
         Err(e) => {
-            record(p, "failed", None, Some(e.to_string()));
+            record(p, "failed", version.as_deref(), Some(e.to_string()));
             Err(e)
         }
     }
