@@ -71,6 +71,8 @@ pub enum BundleError {
     Format(u32),
     #[error("manifest files: {0}")]
     Files(String),
+    #[error("manifest: {0}")]
+    Field(String),
     #[error("bundle is signed by an unknown key {0}")]
     UnknownKey(String),
     #[error("bad signature on the bundle manifest (key {0})")]
@@ -156,6 +158,7 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, BundleError> {
     if manifest.format != 1 {
         return Err(BundleError::Format(manifest.format));
     }
+    check_names(&manifest)?;
     check_files(&manifest.files, 12 + m as u64 + SIG_LEN as u64)?;
     let mut signature = [0u8; SIG_LEN];
     signature.copy_from_slice(sig);
@@ -164,6 +167,29 @@ pub fn parse_header(buf: &[u8]) -> Result<Header, BundleError> {
         manifest_bytes: manifest_bytes.to_vec(),
         signature,
     })
+}
+
+/// The version goes into the boot entry's title line and the key id into
+/// one-line refusals: neither may carry a line break or odd bytes, even
+/// from a trusted signer.
+fn check_names(m: &Manifest) -> Result<(), BundleError> {
+    let v = &m.version;
+    let ok = !v.is_empty()
+        && v.len() <= 128
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-~".contains(&b));
+    if !ok {
+        return Err(BundleError::Field(format!(
+            "version {v:?} is not 1-128 characters of A-Z a-z 0-9 . _ + - ~"
+        )));
+    }
+    let k = &m.key_id;
+    if k.len() != 16 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(BundleError::Field(format!(
+            "key_id {k:?} is not 16 hex digits"
+        )));
+    }
+    Ok(())
 }
 
 fn check_files(files: &[FileEntry], header_len: u64) -> Result<(), BundleError> {

@@ -209,6 +209,15 @@ fn manifest_rules_are_enforced() {
     assert_eq!(e, "manifest files: payload sizes overflow");
     let e = with(&|v| v["format"] = 2.into());
     assert_eq!(e, "unsupported bundle format 2 (this tool reads format 1)");
+    let e = with(&|v| v["version"] = "1.0\noptions init=/bin/sh".into());
+    assert_eq!(
+        e,
+        "manifest: version \"1.0\\noptions init=/bin/sh\" is not 1-128 characters of A-Z a-z 0-9 . _ + - ~"
+    );
+    let e = with(&|v| v["version"] = "".into());
+    assert!(e.starts_with("manifest: version \"\" is not"), "{e}");
+    let e = with(&|v| v["key_id"] = "abc\n".into());
+    assert_eq!(e, "manifest: key_id \"abc\\n\" is not 16 hex digits");
     let e = with(&|v| v["files"][0]["sha256"] = "zz".into());
     assert_eq!(e, "manifest files: sha256 of rootfs is not 64 hex digits");
     // A size that still adds up but lies: the payload boundaries move.

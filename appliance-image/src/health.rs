@@ -71,7 +71,18 @@ pub fn wait_healthy(url: &str, timeout: Duration) -> Result<(), HealthError> {
 /// left as it is.
 pub fn bless(p: &Paths) -> Result<Option<(String, String)>, SlotError> {
     let esp = p.esp();
-    let booted = p.booted()?;
+    // Not booted from a slot (a recovery or hand-made boot): nothing to
+    // bless, and failing would make the unit reboot a healthy system.
+    let booted = match p.booted() {
+        Ok(s) => s,
+        Err(SlotError::NotBooted) => {
+            tracing::warn!(
+                "healthy, but no cdm.slot= on the kernel command line: nothing to bless"
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
     let Some(e) = esp.slot_entry(&esp.entries()?, booted) else {
         tracing::warn!("no boot entry for the booted slot {}", booted.name());
         return Ok(None);
@@ -166,6 +177,11 @@ mod tests {
         assert!(p.status_file.exists());
         // Already good: nothing to do.
         assert_eq!(run(&p, &url, Duration::from_secs(10)).unwrap(), None);
+        // Booted without cdm.slot=: healthy, nothing renamed.
+        std::fs::rename(dir.join("cdm-b.conf"), dir.join("cdm-b+1-2.conf")).unwrap();
+        std::fs::write(&p.cmdline, "root=/dev/sda2\n").unwrap();
+        assert_eq!(run(&p, &url, Duration::from_secs(10)).unwrap(), None);
+        assert_eq!(entries(&p), ["cdm-a.conf", "cdm-b+1-2.conf"]);
     }
 
     #[test]

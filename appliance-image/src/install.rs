@@ -100,14 +100,19 @@ pub fn install(
     p: &Paths,
 ) -> Result<Installed, InstallError> {
     record(p, "verifying", None, None);
+    // Known once the bundle is verified: a failure after that names it.
+    let mut version = None;
     let r = bundle::verify(bundle, path, trusted)
         .map_err(|e| match e {
             BundleError::Io { path, err } => InstallError::Io { path, err },
             other => InstallError::Refused(other),
         })
-        .and_then(|v| install_verified(bundle, path, &v, p).map(|i| (v, i)));
+        .and_then(|v| {
+            version = Some(v.manifest().version.clone());
+            install_verified(bundle, path, &v, p)
+        });
     match r {
-        Ok((_, i)) => {
+        Ok(i) => {
             record(p, "installed", Some(&i.version), None);
             tracing::info!(
                 "installed {} into slot {} (generation {})",
@@ -118,7 +123,7 @@ pub fn install(
             Ok(i)
         }
         Err(e) => {
-            record(p, "failed", None, Some(e.to_string()));
+            record(p, "failed", version.as_deref(), Some(e.to_string()));
             Err(e)
         }
     }
@@ -140,11 +145,7 @@ fn install_verified(
     })?;
     let m = v.manifest();
     let (rootfs, rootfs_off) = payload(v, "rootfs")?;
-    let mut device = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev.device)
-        .map_err(io_at(&dev.device))?;
+    let mut device = open_device(&dev.device)?;
     let have = device.seek(SeekFrom::End(0)).map_err(io_at(&dev.device))?;
     if rootfs.size > have {
         return Err(InstallError::SlotTooSmall {
@@ -200,6 +201,24 @@ fn install_verified(
         generation,
         entry,
     })
+}
+
+/// Opens a slot device for writing. A block device is opened with
+/// O_EXCL, which Linux refuses (EBUSY) while it is mounted or otherwise
+/// claimed: a slots.json that names the running root cannot be written
+/// over. Tests use plain files.
+fn open_device(path: &Path) -> Result<File, InstallError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let is_block = std::fs::metadata(path)
+        .map_err(io_at(path))?
+        .file_type()
+        .is_block_device();
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if is_block {
+        o.custom_flags(libc::O_EXCL);
+    }
+    o.open(path).map_err(io_at(path))
 }
 
 fn payload<'a>(v: &'a Verified, name: &str) -> Result<(&'a bundle::FileEntry, u64), InstallError> {

@@ -170,6 +170,7 @@ fn slot_too_small_writes_nothing() {
     assert!(!esp.slot_dir(Slot::B).exists());
     let u = r.update_state();
     assert_eq!(u.state, "failed");
+    assert_eq!(u.version.as_deref(), Some("0.2.0"));
     assert_eq!(u.error.as_deref(), Some(e.as_str()));
     r.booted_entry_untouched("a");
 }
@@ -187,7 +188,8 @@ fn refused_bundle_writes_nothing() {
     assert_eq!(e.to_string(), "hash mismatch of initrd");
     assert_eq!(r.entries(), ["cdm-a.conf"]);
     assert_eq!(r.dev("b"), vec![0xEE; 100_000]);
-    assert_eq!(r.update_state().state, "failed");
+    let u = r.update_state();
+    assert_eq!((u.state.as_str(), u.version), ("failed", None));
     // Not booted from a slot: nothing to install into.
     std::fs::write(&r.p.cmdline, "root=/dev/sda1\n").unwrap();
     let (b, _) = r.f.bundle("v.cdmb", "0.2.0", crate::ARCH, 5000);

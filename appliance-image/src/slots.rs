@@ -243,6 +243,12 @@ impl Esp {
                 )));
             }
         }
+        let (a, b) = (c.device(Slot::A), c.device(Slot::B));
+        if let (Some(a), Some(b)) = (a, b) {
+            if a.partuuid.eq_ignore_ascii_case(&b.partuuid) || a.device == b.device {
+                return Err(bad("slots a and b name the same partition".into()));
+            }
+        }
         if c.cmdline.contains('\n') {
             return Err(bad("cmdline holds a line break".into()));
         }
@@ -404,6 +410,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("is not a UUID"));
+        w(
+            r#"{"slots": {"a": {"partuuid": "ab-12", "device": "/dev/x"}, "b": {"partuuid": "AB-12", "device": "/dev/y"}}}"#,
+        );
+        let e = esp.config().unwrap_err().to_string();
+        assert!(e.contains("the same partition"), "{e}");
         w("{");
         assert!(esp.config().is_err());
         assert_eq!(esp.next_generation().unwrap(), 1);

@@ -529,3 +529,61 @@ fn install_killed_at_any_point_never_leaves_a_half_slot_bootable() {
         "all kills landed in one phase: {outcomes:?}"
     );
 }
+
+/// A loop device over a file, detached on drop (also when the test panics).
+struct Loop(String);
+
+impl Loop {
+    fn new(img: &Path) -> Loop {
+        require("losetup");
+        let dev = run(Command::new("losetup").args(["-f", "--show"]).arg(img));
+        Loop(dev.trim().to_string())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// A real block device as slot b: refused while it is mounted (O_EXCL:
+/// a slots.json naming a device in use cannot be written over), installed
+/// into once it is not, and read back by unsquashfs from the device.
+#[test]
+fn a_mounted_slot_device_is_refused_and_a_free_one_installed() {
+    require("mkfs.ext4");
+    require("unsquashfs");
+    let a = Appliance::new("a");
+    let img = a.p("slot-b.img");
+    write_file(&img, &vec![0u8; 16 << 20]);
+    let dev = Loop::new(&img);
+    let cfg = serde_json::json!({
+        "slots": {
+            "a": {"partuuid": "0a0a", "device": a.p("dev-a")},
+            "b": {"partuuid": "0b0b", "device": dev.0}
+        },
+        "cmdline": ""
+    });
+    write_file(&a.p("esp/cdm/slots.json"), cfg.to_string().as_bytes());
+    run(Command::new("mkfs.ext4").args(["-q", "-F", &dev.0]));
+    let mnt = a.p("mnt");
+    std::fs::create_dir_all(&mnt).expect("mnt");
+    run(Command::new("mount").arg(&dev.0).arg(&mnt));
+    let bundle = a.site.bundle("0.4.0", std::env::consts::ARCH);
+    let o = a.install(&bundle, false);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains(&dev.0) && err.contains("busy"), "{err}");
+    assert_eq!(a.entries(), ["cdm-a.conf"]);
+    run(Command::new("umount").arg(&mnt));
+    let o = a.install(&bundle, false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
+    let v = run(Command::new("unsquashfs")
+        .arg("-cat")
+        .arg(&dev.0)
+        .arg("usr/lib/cdm/version"));
+    assert_eq!(v, "0.4.0\n");
+}

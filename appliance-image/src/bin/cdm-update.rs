@@ -314,15 +314,16 @@ fn cmd_install(
     spool: bool,
     file: &Path,
 ) -> anyhow::Result<()> {
-    let r = trusted(keys).and_then(|t| {
-        let f = open_bundle(file, spool).inspect_err(|e| {
-            install::record(&p, "failed", None, Some(chain(e)));
-        })?;
-        install::install(&f, file, &t, &p).map_err(|e| match e {
-            InstallError::Refused(b) => anyhow::Error::new(Refused(b.to_string())),
-            other => anyhow::Error::new(other),
-        })
-    });
+    let r = trusted(keys)
+        .and_then(|t| Ok((t, open_bundle(file, spool)?)))
+        .inspect_err(|e| install::record(&p, "failed", None, Some(chain(e))))
+        .and_then(|(t, f)| {
+            // install() records its own progress and failure.
+            install::install(&f, file, &t, &p).map_err(|e| match e {
+                InstallError::Refused(b) => anyhow::Error::new(Refused(b.to_string())),
+                other => anyhow::Error::new(other),
+            })
+        });
     if spool {
         // Removed whatever happened, so the path unit does not start us
         // again on the same file. unlink(2) removes a symlink itself.
