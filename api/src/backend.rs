@@ -15,6 +15,7 @@ pub trait Backend:
     + crate::replication_backend::ReplicationBackend
     + crate::drills::DrillBackend
     + crate::vm_recovery::VmRecoveryBackend
+    + crate::appliance::ApplianceBackend
     + Send
     + Sync
     + 'static

@@ -238,6 +238,11 @@ impl Client {
         body: Option<Value>,
     ) -> Result<T> {
         let (status, v) = self.request(method, path, body.as_ref())?;
+        Self::answer(status, v)
+    }
+
+    /// An answer's body as `T`, or the API's error for a non-2xx status.
+    fn answer<T: DeserializeOwned>(status: u16, v: Value) -> Result<T> {
         if !(200..300).contains(&status) {
             let (code, message) = match (&v["error"]["code"], &v["error"]["message"]) {
                 (Value::String(c), Value::String(m)) => (c.clone(), m.clone()),
@@ -546,6 +551,40 @@ impl Client {
             }
             Err(ureq::Error::Transport(t)) => Err(self.transport_error(&t)),
         }
+    }
+
+    /// The appliance image's slots and update state (`--appliance`).
+    pub fn appliance(&self) -> Result<crate::appliance::ApplianceStatus> {
+        self.call("GET", "/v1/appliance", None)
+    }
+
+    /// Uploads an update bundle, streamed from `file` (never read whole);
+    /// the appliance verifies it before answering, so the call may take
+    /// as long as the upload and a hash of it.
+    pub fn upload_update(
+        &self,
+        file: &std::path::Path,
+    ) -> Result<crate::appliance::UpdateAccepted> {
+        let bad = |e: std::io::Error| ClientError::Transport(format!("{}: {e}", file.display()));
+        let f = std::fs::File::open(file).map_err(bad)?;
+        let len = f.metadata().map_err(bad)?.len();
+        let long = self.longer_timeout(Duration::from_secs(3600));
+        let mut req = long
+            .agent
+            .post(&format!("{}{}", self.base, crate::appliance::UPLOAD_PATH))
+            .set("Content-Type", "application/octet-stream")
+            .set("Content-Length", &len.to_string());
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match req.send(std::io::BufReader::with_capacity(1 << 20, f)) {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(ureq::Error::Transport(t)) => return Err(self.transport_error(&t)),
+        };
+        let status = resp.status();
+        let v = resp.into_json().unwrap_or(Value::Null);
+        Self::answer(status, v)
     }
 
     pub fn start_job(&self, req: &JobCreate) -> Result<Job> {

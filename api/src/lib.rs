@@ -2,6 +2,7 @@
 //! routes over a [`backend::Backend`], the OpenAPI document, and the
 //! blocking [`client`] that `cdmctl` and tests use.
 
+pub mod appliance;
 pub mod auth;
 pub mod backend;
 pub mod client;

@@ -267,7 +267,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .merge(crate::control_routes::routes())
         .merge(crate::replication_routes::routes())
         .merge(crate::drills::routes())
-        .merge(crate::vm_recovery::routes());
+        .merge(crate::vm_recovery::routes())
+        .merge(crate::appliance::routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -321,10 +322,14 @@ async fn https_required(ClientAddr(addr): ClientAddr, req: Request, next: Next) 
 /// the connection under a client still sending, which sees a broken pipe
 /// instead of the 413. (A chunked body is still cut by `DefaultBodyLimit`.)
 async fn refuse_declared_oversize(req: Request, next: Next) -> Response {
-    let limit = if agent_report_path(req.uri().path()) {
-        AGENT_MAX_BODY
+    let path = req.uri().path();
+    // The bundle upload streams to a file and counts its own bytes.
+    let limit = if path == crate::appliance::UPLOAD_PATH {
+        crate::appliance::MAX_BUNDLE
+    } else if agent_report_path(path) {
+        AGENT_MAX_BODY as u64
     } else {
-        MAX_BODY
+        MAX_BODY as u64
     };
     let declared = req
         .headers()
@@ -332,7 +337,7 @@ async fn refuse_declared_oversize(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     match declared {
-        Some(n) if n > limit as u64 => ApiError::new(
+        Some(n) if n > limit => ApiError::new(
             413,
             "payload_too_large",
             format!("request body of {n} bytes is above the {limit}-byte limit"),

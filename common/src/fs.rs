@@ -46,10 +46,15 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), FileError
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
+    sync_dir(dir)
+}
+
+/// Syncs a directory, so the names created, renamed or removed in it are
+/// on disk (a file's own fsync does not cover its directory entry).
+pub fn sync_dir(dir: &Path) -> Result<(), FileError> {
     std::fs::File::open(dir)
         .and_then(|f| f.sync_all())
-        .map_err(at(dir))?;
-    Ok(())
+        .map_err(at(dir))
 }
 
 #[cfg(test)]

@@ -139,6 +139,21 @@ struct Args {
     /// authenticated HTTPS for paired appliances. Off when not given.
     #[arg(long, value_name = "ADDR")]
     replication: Option<String>,
+    /// Appliance mode (the appliance image): `GET /v1/appliance` serves
+    /// the A/B slots' status and `POST /v1/appliance/updates` takes signed
+    /// update bundles for the installer (DATA/updates/pending.cdmb).
+    #[arg(long)]
+    appliance: bool,
+    /// The update tool that verifies uploaded bundles [default: /usr/bin/cdm-update].
+    #[arg(long, value_name = "PATH")]
+    update_tool: Option<PathBuf>,
+    /// The trusted update keys (`*.pub`) [default: /etc/cdm/update-keys].
+    #[arg(long, value_name = "DIR")]
+    update_keys: Option<PathBuf>,
+    /// The status file `cdm-update status --write` keeps
+    /// [default: /run/cdm-update/status.json].
+    #[arg(long, value_name = "FILE")]
+    appliance_status: Option<PathBuf>,
     #[command(flatten)]
     tls: tls::TlsArgs,
 }
@@ -173,6 +188,12 @@ struct Config {
     name: Option<String>,
     /// Replication listener (`--replication`).
     replication: Option<String>,
+    /// Appliance mode (`--appliance`) and its files (`--update-tool`,
+    /// `--update-keys`, `--appliance-status`).
+    appliance: Option<bool>,
+    update_tool: Option<PathBuf>,
+    update_keys: Option<PathBuf>,
+    appliance_status: Option<PathBuf>,
     /// Pool-wide defaults for new volumes (a request's fields win).
     #[serde(default)]
     defaults: cdmfs::DataPolicy,
@@ -199,6 +220,8 @@ struct Settings {
     tls: tls::TlsArgs,
     name: String,
     replication: Option<String>,
+    /// With `--appliance`: the appliance image's status file and updates.
+    appliance: Option<appliance::UpdateSetup>,
 }
 
 /// Refuses a key or passphrase file the group or others may access: whoever
@@ -283,18 +306,35 @@ fn settings(args: &Args) -> Result<Settings> {
     };
     cdm_common::names::check(&name)
         .map_err(|e| anyhow::anyhow!("bad appliance name {name:?}: it {e}"))?;
+    let data = args
+        .data
+        .clone()
+        .or(cfg.data.clone())
+        .unwrap_or_else(|| PathBuf::from("./cdm-data"));
+    let appliance = (args.appliance || cfg.appliance.unwrap_or(false)).then(|| {
+        let or = |a: &Option<PathBuf>, c: &Option<PathBuf>, d: &str| {
+            a.clone().or(c.clone()).unwrap_or_else(|| PathBuf::from(d))
+        };
+        appliance::UpdateSetup {
+            status_file: or(
+                &args.appliance_status,
+                &cfg.appliance_status,
+                "/run/cdm-update/status.json",
+            ),
+            tool: or(&args.update_tool, &cfg.update_tool, "/usr/bin/cdm-update"),
+            keys: or(&args.update_keys, &cfg.update_keys, "/etc/cdm/update-keys"),
+            spool: data.join("updates"),
+        }
+    });
     Ok(Settings {
+        appliance,
         tls,
         name,
         replication: args.replication.clone().or(cfg.replication.clone()),
         key: read_key(args, &cfg)?,
         mount: args.mount.clone().or(cfg.mount.clone()),
         defaults: cfg.defaults,
-        data: args
-            .data
-            .clone()
-            .or(cfg.data)
-            .unwrap_or_else(|| PathBuf::from("./cdm-data")),
+        data,
         nbd: if !args.nbd.is_empty() {
             args.nbd.clone()
         } else {
@@ -842,6 +882,12 @@ fn main() -> Result<()> {
     let _ = app.pool_file.set(pool_file);
     let _ = app.tls_ca.set(tls.ca_pem.clone());
     let _ = app.vm_recovery_dir.set(s.data.join("vm-recoveries"));
+    if let Some(u) = &s.appliance {
+        tracing::info!(status = %u.status_file.display(), tool = %u.tool.display(),
+            keys = %u.keys.display(), "appliance mode: update uploads go to DATA/updates");
+        u.clear_stale_uploads();
+        let _ = app.updates.set(u.clone());
+    }
     app.vm_recoveries_after_restart()
         .map_err(|e| anyhow::anyhow!("VM recoveries: {}", e.message))?;
     let repl = start_replication(&s, &tls, &app)?;

@@ -112,6 +112,39 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/appliance": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["appliance_status"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/appliance/updates": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** Admin only: the bundle replaces the appliance's whole system. */
+        post: operations["upload_update"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/applications": {
         parameters: {
             query?: never;
@@ -1371,6 +1404,19 @@ export interface components {
             /** Format: int64 */
             total?: number;
         };
+        /**
+         * @description `GET /v1/appliance`: the status file `cdm-update status --write`
+         *     keeps (`/run/cdm-update/status.json`).
+         */
+        ApplianceStatus: {
+            appliance: boolean;
+            /** @description `a` or `b`, from the kernel command line (`cdm.slot=`). */
+            booted_slot?: string | null;
+            slots: components["schemas"]["SlotStatus"][];
+            update?: null | components["schemas"]["UpdateProgress"];
+            /** @description The running version (`/usr/lib/cdm/version` in the root image). */
+            version: string;
+        };
         /** @description A protected object: a database cluster, a file tree, a block device, VMs. */
         Application: {
             config: unknown;
@@ -2356,6 +2402,30 @@ export interface components {
              */
             interval_secs?: number | null;
         };
+        /**
+         * @description What a slot holds, from its boot entry's name (boot counting).
+         * @enum {string}
+         */
+        SlotState: "good" | "trying" | "bad" | "empty";
+        /** @description One root slot (`a` or `b`). */
+        SlotStatus: {
+            /** @description The running system booted from it. */
+            booted?: boolean;
+            /**
+             * Format: int64
+             * @description Its boot entry's generation (the newest boots first).
+             */
+            generation?: number | null;
+            slot: string;
+            state: components["schemas"]["SlotState"];
+            /**
+             * Format: int32
+             * @description Boot attempts left while `trying`.
+             */
+            tries_left?: number | null;
+            /** @description The installed bundle's version. */
+            version?: string | null;
+        };
         /** @description A snapshot: a read-only point in time of a volume. */
         Snapshot: {
             /** Format: int64 */
@@ -2487,6 +2557,30 @@ export interface components {
             started_unix: number;
             volume: string;
         };
+        /**
+         * @description `POST /v1/appliance/updates` accepted a bundle: it waits in
+         *     `DATA/updates/pending.cdmb` for the installer.
+         */
+        UpdateAccepted: {
+            /** @description `pending`. */
+            state: string;
+            /** @description The bundle's version (from its verified manifest). */
+            version: string;
+        };
+        /** @description The last install's progress or result. */
+        UpdateProgress: {
+            /** @description When it got there (RFC 3339, UTC). */
+            at: string;
+            /** @description Why it failed. */
+            error?: string | null;
+            state: components["schemas"]["UpdateState"];
+            version?: string | null;
+        };
+        /**
+         * @description Where the last install got to.
+         * @enum {string}
+         */
+        UpdateState: "verifying" | "writing" | "installed" | "failed";
         /** @description A user. */
         User: {
             /** Format: int64 */
@@ -3023,6 +3117,105 @@ export interface operations {
                 };
             };
             409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    appliance_status: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApplianceStatus"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    upload_update: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** @description the update bundle (.cdmb) */
+        requestBody: {
+            content: {
+                "application/octet-stream": number[];
+            };
+        };
+        responses: {
+            202: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UpdateAccepted"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            413: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -19,6 +19,8 @@ mod replication;
 pub use pool::COMMIT_INTERVAL_S;
 mod snapshots;
 mod throttle;
+mod updates;
+pub use updates::UpdateSetup;
 mod users;
 mod vm_recovery;
 mod vm_restore;
@@ -98,6 +100,9 @@ pub struct Appliance {
     pub vm_recovery_dir: std::sync::OnceLock<std::path::PathBuf>,
     /// The recovered VMs' qemu processes.
     vm_runs: vm_recovery::VmRuns,
+    /// Set once at start (main) with `--appliance`: the appliance image's
+    /// status file and update tool; unset, its routes answer 404.
+    pub updates: std::sync::OnceLock<UpdateSetup>,
 }
 
 /// How long a listing may show a volume's unique bytes before recomputing.
@@ -194,6 +199,7 @@ impl Appliance {
                 defrag: defrag::DefragState::default(),
                 vm_recovery_dir: std::sync::OnceLock::new(),
                 vm_runs: vm_recovery::VmRuns::default(),
+                updates: std::sync::OnceLock::new(),
             }
         })
     }

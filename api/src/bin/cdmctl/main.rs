@@ -3,6 +3,7 @@
 //! that scripts can trust.
 
 mod app;
+mod appliance;
 mod clone;
 mod drill;
 mod error;
@@ -151,6 +152,10 @@ enum Cmd {
     /// The pool.
     #[command(subcommand)]
     Pool(PoolCmd),
+    /// The appliance image: its A/B slots and signed updates (snapshotd
+    /// --appliance).
+    #[command(subcommand)]
+    Appliance(crate::appliance::ApplianceCmd),
     /// The appliance clock (advance only with --fake-clock).
     #[command(subcommand)]
     Clock(ClockCmd),
@@ -227,6 +232,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         } => user::login(name, password_stdin, &c, &out),
         Cmd::Logout => user::logout(&c, &out),
         Cmd::Pool(p) => system::pool(p, &c, &out),
+        Cmd::Appliance(a) => appliance::run(a, &c, &out),
         Cmd::Clock(k) => system::clock(k, &c, &out),
         Cmd::Health => system::health(&c, &out),
         Cmd::Metrics => system::metrics(&c),

@@ -1,0 +1,352 @@
+//! `cdm-update`: make, verify and install signed appliance update bundles,
+//! bless a healthy boot, report the slots. Exit codes: 0 success, 1 error,
+//! 2 a bundle refused by verification (one line on stderr saying why).
+
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use cdm_appliance::install::InstallError;
+use cdm_appliance::status::{self, Paths};
+use cdm_appliance::{bundle, health, install, keys};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cdm-update",
+    version,
+    about = "cdm appliance updates: signed A/B bundles"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Where the appliance's files are (defaults: the running appliance).
+#[derive(Args)]
+struct Site {
+    /// The ESP (holds loader/entries and cdm/).
+    #[arg(long, default_value = cdm_appliance::DEFAULT_ESP)]
+    esp: PathBuf,
+    /// The kernel command line (cdm.slot= names the booted slot).
+    #[arg(long, default_value = "/proc/cmdline")]
+    cmdline: PathBuf,
+    /// The running version (one line).
+    #[arg(long, default_value = cdm_appliance::DEFAULT_VERSION_FILE)]
+    version_file: PathBuf,
+    /// The status file.
+    #[arg(long, default_value = cdm_appliance::DEFAULT_STATUS_FILE)]
+    status_file: PathBuf,
+}
+
+impl Site {
+    fn paths(self) -> Paths {
+        Paths {
+            esp: self.esp,
+            cmdline: self.cmdline,
+            version_file: self.version_file,
+            status_file: self.status_file,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Make a signing key pair (secret: PKCS#8, mode 0600; public: hex).
+    Keygen {
+        #[arg(long)]
+        secret: PathBuf,
+        #[arg(long)]
+        public: PathBuf,
+    },
+    /// Make a signed bundle.
+    Bundle {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        version: String,
+        #[arg(long, default_value = cdm_appliance::ARCH)]
+        arch: String,
+        #[arg(long)]
+        rootfs: PathBuf,
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initrd: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Verify a bundle; print its manifest as JSON.
+    Verify {
+        #[arg(long, default_value = cdm_appliance::DEFAULT_KEYS_DIR)]
+        keys: PathBuf,
+        file: PathBuf,
+    },
+    /// Verify a bundle and install it into the slot that is not booted.
+    Install {
+        #[arg(long, default_value = cdm_appliance::DEFAULT_KEYS_DIR)]
+        keys: PathBuf,
+        #[command(flatten)]
+        site: Site,
+        /// Reboot into the new slot after a successful install.
+        #[arg(long)]
+        reboot: bool,
+        /// FILE is a spool file: opened without following a symlink, must
+        /// be a regular file, and is removed when done (success or not).
+        #[arg(long)]
+        spool: bool,
+        file: PathBuf,
+    },
+    /// Wait for the health URL, then bless the booted boot entry.
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:8080/health")]
+        url: String,
+        /// Seconds to wait for a healthy answer.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+        #[command(flatten)]
+        site: Site,
+    },
+    /// Show the slots and the last update.
+    Status {
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Also write the status file (atomically, mode 0644).
+        #[arg(long)]
+        write: bool,
+        #[command(flatten)]
+        site: Site,
+    },
+}
+
+/// A refusal of the bundle itself (exit 2), as opposed to an error of ours.
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Refused {}
+
+fn main() -> ExitCode {
+    cdm_common::log::init(cdm_common::log::LevelFilter::WARN);
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(r) = e.downcast_ref::<Refused>() {
+                eprintln!("{r}");
+                return ExitCode::from(2);
+            }
+            eprintln!("cdm-update: {}", chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The error and its causes on one line, each cause once (an error that
+/// prints its source in its own message would otherwise repeat it).
+fn chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for c in e.chain() {
+        let m = c.to_string();
+        if !out.contains(&m) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&m);
+        }
+    }
+    out
+}
+
+fn trusted(dir: &Path) -> anyhow::Result<Vec<keys::PublicKey>> {
+    let t = keys::read_trusted(dir).context("reading the trusted keys")?;
+    if t.is_empty() {
+        anyhow::bail!("no trusted keys (*.pub) in {}", dir.display());
+    }
+    Ok(t)
+}
+
+/// Bundle errors that are about the bundle's content become refusals; I/O
+/// errors stay errors.
+fn refusal(e: bundle::BundleError) -> anyhow::Error {
+    match e {
+        bundle::BundleError::Io { .. } => anyhow::Error::new(e),
+        other => anyhow::Error::new(Refused(other.to_string())),
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Keygen { secret, public } => {
+            let pk = keys::generate(&secret, &public)?;
+            println!("key id {}", pk.id);
+        }
+        Cmd::Bundle {
+            key,
+            version,
+            arch,
+            rootfs,
+            kernel,
+            initrd,
+            out,
+        } => {
+            let sk = keys::read_secret(&key)?;
+            let inp = bundle::Inputs {
+                version: &version,
+                arch: &arch,
+                rootfs: &rootfs,
+                kernel: &kernel,
+                initrd: &initrd,
+            };
+            let m = bundle::create(&sk, &inp, &out)?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Cmd::Verify { keys, file } => {
+            let t = trusted(&keys)?;
+            let v = bundle::verify_path(&file, &t).map_err(refusal)?;
+            println!("{}", serde_json::to_string_pretty(v.manifest())?);
+        }
+        Cmd::Install {
+            keys,
+            site,
+            reboot,
+            spool,
+            file,
+        } => cmd_install(&keys, site.paths(), reboot, spool, &file)?,
+        Cmd::Health { url, timeout, site } => {
+            return match health::run(&site.paths(), &url, Duration::from_secs(timeout)) {
+                Ok(Some((old, new))) => {
+                    println!("healthy: blessed {old} -> {new}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Ok(None) => {
+                    println!("healthy: the booted entry needs no blessing");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("cdm-update: {e}");
+                    Ok(ExitCode::from(1))
+                }
+            };
+        }
+        Cmd::Status { json, write, site } => {
+            let p = site.paths();
+            let s = if write {
+                status::refresh(&p, None)?
+            } else {
+                status::collect(&p, status::last_update(&p.status_file))?
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_status(s: &status::Status) {
+    println!("version  {}", s.version);
+    println!("booted   {}", s.booted_slot.as_deref().unwrap_or("-"));
+    for sl in &s.slots {
+        let tries = sl
+            .tries_left
+            .map(|t| format!(" ({t} tries left)"))
+            .unwrap_or_default();
+        println!(
+            "slot {}   {}{}  version {}  generation {}{}",
+            sl.slot,
+            sl.state,
+            tries,
+            sl.version.as_deref().unwrap_or("-"),
+            sl.generation.map_or("-".into(), |g| g.to_string()),
+            if sl.booted { "  (booted)" } else { "" }
+        );
+    }
+    if let Some(u) = &s.update {
+        println!(
+            "update   {} {} at {}{}",
+            u.state,
+            u.version.as_deref().unwrap_or("-"),
+            u.at,
+            u.error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+/// Opens the bundle. A spool file (in a directory the cdm user owns) is
+/// opened without following symlinks and must be a regular file; the fd
+/// is then used for every read, so swapping the name later changes nothing.
+fn open_bundle(file: &Path, spool: bool) -> anyhow::Result<File> {
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true);
+    if spool {
+        o.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let f = o
+        .open(file)
+        .with_context(|| format!("opening {}", file.display()))?;
+    let md = f
+        .metadata()
+        .with_context(|| format!("{}", file.display()))?;
+    if !md.is_file() {
+        anyhow::bail!("{} is not a regular file", file.display());
+    }
+    Ok(f)
+}
+
+fn cmd_install(
+    keys: &Path,
+    p: Paths,
+    reboot: bool,
+    spool: bool,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let r = trusted(keys)
+        .and_then(|t| Ok((t, open_bundle(file, spool)?)))
+        .inspect_err(|e| install::record(&p, "failed", None, Some(chain(e))))
+        .and_then(|(t, f)| {
+            // install() records its own progress and failure.
+            install::install(&f, file, &t, &p).map_err(|e| match e {
+                InstallError::Refused(b) => anyhow::Error::new(Refused(b.to_string())),
+                other => anyhow::Error::new(other),
+            })
+        });
+    if spool {
+        // Removed whatever happened, so the path unit does not start us
+        // again on the same file. unlink(2) removes a symlink itself.
+        if let Err(e) = std::fs::remove_file(file) {
+            tracing::warn!("cannot remove the spool file {}: {e}", file.display());
+        }
+    }
+    let i = r?;
+    println!(
+        "installed {} into slot {} (entry {}, generation {})",
+        i.version,
+        i.slot.name(),
+        i.entry.display(),
+        i.generation
+    );
+    if reboot {
+        let st = std::process::Command::new("systemctl")
+            .arg("reboot")
+            .status()
+            .context("running systemctl reboot")?;
+        if !st.success() {
+            anyhow::bail!("systemctl reboot failed ({st})");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Boot assessment: after a boot, wait until the appliance answers its
+//! health URL (`200` with JSON `status == "ok"`: snapshotd up, pool open,
+//! API answering), then bless the booted entry: `cdm-a+N-M.conf` becomes
+//! `cdm-a.conf`, so systemd-boot stops counting it down. If the appliance
+//! does not get healthy in time, nothing is renamed; the unit's
+//! FailureAction reboots, each boot costs a try, and at zero tries the
+//! other slot boots.
+
+use std::time::{Duration, Instant};
+
+use crate::slots::{EntryName, EntryState, SlotError};
+use crate::status::{self, Paths};
+
+/// A single request waits at most this long, so a hung server cannot use
+/// up the whole timeout in one try.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum HealthError {
+    #[error("{url} did not report healthy within {secs} s (last answer: {last})")]
+    Timeout {
+        url: String,
+        secs: u64,
+        last: String,
+    },
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+}
+
+/// One request: Ok if healthy, else what was wrong.
+fn probe(url: &str, timeout: Duration) -> Result<(), String> {
+    let agent = ureq::AgentBuilder::new().timeout(timeout).build();
+    let resp = agent.get(url).call().map_err(|e| match e {
+        ureq::Error::Status(code, _) => format!("HTTP {code}"),
+        other => other.to_string(),
+    })?;
+    let v: serde_json::Value = resp.into_json().map_err(|e| format!("not JSON: {e}"))?;
+    match v.get("status").and_then(|s| s.as_str()) {
+        Some("ok") => Ok(()),
+        other => Err(format!("status {other:?}")),
+    }
+}
+
+/// Polls `url` until it is healthy or `timeout` passes.
+pub fn wait_healthy(url: &str, timeout: Duration) -> Result<(), HealthError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = "no answer yet".to_string();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HealthError::Timeout {
+                url: url.into(),
+                secs: timeout.as_secs(),
+                last,
+            });
+        }
+        match probe(url, left.min(REQUEST_TIMEOUT)) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::debug!("{url}: {e}");
+                last = e;
+            }
+        }
+        std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
+    }
+}
+
+/// Blesses the booted slot's entry; returns the (old, new) names if one was
+/// renamed. An entry already blessed, or none at all (booted by hand), is
+/// left as it is.
+pub fn bless(p: &Paths) -> Result<Option<(String, String)>, SlotError> {
+    let esp = p.esp();
+    // Not booted from a slot (a recovery or hand-made boot): nothing to
+    // bless, and failing would make the unit reboot a healthy system.
+    let booted = match p.booted() {
+        Ok(s) => s,
+        Err(SlotError::NotBooted) => {
+            tracing::warn!(
+                "healthy, but no cdm.slot= on the kernel command line: nothing to bless"
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    let Some(e) = esp.slot_entry(&esp.entries()?, booted) else {
+        tracing::warn!("no boot entry for the booted slot {}", booted.name());
+        return Ok(None);
+    };
+    if e.name.state() == EntryState::Good {
+        return Ok(None);
+    }
+    let good = EntryName {
+        slot: booted,
+        tries_left: None,
+        tries_done: None,
+    }
+    .file_name();
+    let dir = esp.entries_dir();
+    std::fs::rename(dir.join(&e.file), dir.join(&good)).map_err(crate::slots::io_at(&dir))?;
+    cdm_common::fs::sync_dir(&dir)?;
+    tracing::info!("blessed {} -> {good}", e.file);
+    Ok(Some((e.file, good)))
+}
+
+/// `cdm-update health`: wait, bless, write the status (also on timeout).
+pub fn run(
+    p: &Paths,
+    url: &str,
+    timeout: Duration,
+) -> Result<Option<(String, String)>, HealthError> {
+    let r = wait_healthy(url, timeout).and_then(|()| bless(p).map_err(HealthError::from));
+    if let Err(e) = status::refresh(p, None) {
+        tracing::warn!(
+            "cannot write the status file {}: {e}",
+            p.status_file.display()
+        );
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::tests::site;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+
+    /// A one-thread HTTP server answering every request with `code` and
+    /// `body`; returns its URL.
+    fn server(code: u16, body: &'static str) -> String {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/health", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                while r.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        url
+    }
+
+    fn entries(p: &Paths) -> Vec<String> {
+        p.esp()
+            .entries()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.file)
+            .collect()
+    }
+
+    #[test]
+    fn healthy_blesses_the_booted_counting_entry() {
+        let (_d, p) = site("b");
+        let dir = p.esp().entries_dir();
+        std::fs::write(dir.join("cdm-a.conf"), "version 1\n").unwrap();
+        std::fs::write(dir.join("cdm-b+2-1.conf"), "version 2\n").unwrap();
+        let url = server(200, r#"{"status": "ok"}"#);
+        let r = run(&p, &url, Duration::from_secs(10)).unwrap();
+        assert_eq!(r, Some(("cdm-b+2-1.conf".into(), "cdm-b.conf".into())));
+        assert_eq!(entries(&p), ["cdm-a.conf", "cdm-b.conf"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("cdm-b.conf")).unwrap(),
+            "version 2\n"
+        );
+        let s = status::collect(&p, None).unwrap();
+        assert_eq!(s.slots[1].state, "good");
+        assert!(p.status_file.exists());
+        // Already good: nothing to do.
+        assert_eq!(run(&p, &url, Duration::from_secs(10)).unwrap(), None);
+        // Booted without cdm.slot=: healthy, nothing renamed.
+        std::fs::rename(dir.join("cdm-b.conf"), dir.join("cdm-b+1-2.conf")).unwrap();
+        std::fs::write(&p.cmdline, "root=/dev/sda2\n").unwrap();
+        assert_eq!(run(&p, &url, Duration::from_secs(10)).unwrap(), None);
+        assert_eq!(entries(&p), ["cdm-a.conf", "cdm-b+1-2.conf"]);
+    }
+
+    #[test]
+    fn unhealthy_times_out_and_renames_nothing() {
+        let (_d, p) = site("b");
+        let dir = p.esp().entries_dir();
+        std::fs::write(dir.join("cdm-b+3.conf"), "version 2\n").unwrap();
+        for (url, want) in [
+            (server(500, r#"{"status": "ok"}"#), "HTTP 500"),
+            (
+                server(200, r#"{"status": "degraded"}"#),
+                "status Some(\"degraded\")",
+            ),
+            (server(200, "not json"), "not JSON"),
+        ] {
+            let t = Instant::now();
+            let e = run(&p, &url, Duration::from_secs(1))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("did not report healthy within 1 s") && e.contains(want),
+                "{e}"
+            );
+            assert!(t.elapsed() < Duration::from_secs(4));
+            assert_eq!(entries(&p), ["cdm-b+3.conf"]);
+        }
+        // Nothing listening at all.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = run(
+            &p,
+            &format!("http://127.0.0.1:{port}/health"),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(matches!(e, HealthError::Timeout { .. }));
+        assert_eq!(entries(&p), ["cdm-b+3.conf"]);
+        assert!(p.status_file.exists());
+    }
+}
