@@ -22,6 +22,8 @@ pub enum KeyError {
     BadSecret { path: PathBuf },
     #[error("{}: a public key file holds 64 hex digits (32 bytes)", path.display())]
     BadPublic { path: PathBuf },
+    #[error("{}: already exists (not replaced)", path.display())]
+    Exists { path: PathBuf },
     #[error("key generation failed (no system randomness)")]
     Generate,
 }
@@ -88,7 +90,16 @@ impl SecretKey {
 
 /// Makes a new key pair: the secret (PKCS#8, mode 0600) and the public key
 /// file (hex, mode 0644). Both are written atomically.
+/// An existing secret key is never replaced (losing a release key strands
+/// every appliance that trusts it).
 pub fn generate(secret: &Path, public: &Path) -> Result<PublicKey, KeyError> {
+    for p in [secret, public] {
+        if std::fs::symlink_metadata(p).is_ok() {
+            return Err(KeyError::Exists {
+                path: p.to_path_buf(),
+            });
+        }
+    }
     let der =
         Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| KeyError::Generate)?;
     let key = SecretKey::from_pkcs8(der.as_ref()).ok_or(KeyError::Generate)?;
@@ -157,6 +168,15 @@ mod tests {
         assert!(!pk.verify(b"hellp", &sig));
         let trusted = read_trusted(d.path()).unwrap();
         assert_eq!(trusted, vec![pk]);
+        let e = generate(&d.path().join("k"), &d.path().join("k2.pub")).unwrap_err();
+        assert!(
+            e.to_string().ends_with("k: already exists (not replaced)"),
+            "{e}"
+        );
+        assert_eq!(
+            read_secret(&d.path().join("k")).unwrap().public(),
+            trusted[0]
+        );
     }
 
     #[test]
