@@ -24,8 +24,24 @@ pub enum HealthError {
         secs: u64,
         last: String,
     },
+    #[error("{why} (last answer: {last})")]
+    Failed { why: String, last: String },
     #[error(transparent)]
     Slot(#[from] SlotError),
+}
+
+/// What `cdm-update health` found.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Healthy; the booted entry renamed from, to (None: it needed no blessing).
+    Healthy(Option<(String, String)>),
+    /// Unhealthy on a slot being tried: the caller fails so the unit's
+    /// FailureAction reboots, costing the slot a try.
+    RollBack(HealthError),
+    /// Unhealthy on a slot already good (or booted by hand): another
+    /// boot of the same slot would not help, and the other slot may be
+    /// older than the pool; the admin must look (the banner warns).
+    Unhealthy(HealthError),
 }
 
 /// One request: Ok if healthy, else what was wrong.
@@ -42,8 +58,14 @@ fn probe(url: &str, timeout: Duration) -> Result<(), String> {
     }
 }
 
-/// Polls `url` until it is healthy or `timeout` passes.
-pub fn wait_healthy(url: &str, timeout: Duration) -> Result<(), HealthError> {
+/// Polls `url` until it is healthy or `timeout` passes, or `gave_up`
+/// says the service behind it has failed for good (no point waiting out
+/// the timeout: a slot being tried then reboots minutes sooner).
+pub fn wait_healthy(
+    url: &str,
+    timeout: Duration,
+    gave_up: &dyn Fn() -> Option<String>,
+) -> Result<(), HealthError> {
     let deadline = Instant::now() + timeout;
     let mut last = "no answer yet".to_string();
     loop {
@@ -62,8 +84,22 @@ pub fn wait_healthy(url: &str, timeout: Duration) -> Result<(), HealthError> {
                 last = e;
             }
         }
+        if let Some(why) = gave_up() {
+            return Err(HealthError::Failed { why, last });
+        }
         std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())));
     }
+}
+
+/// A `gave_up` check for [`wait_healthy`]: the systemd unit `unit` is in
+/// the failed state (it exhausted its restarts). None where systemctl
+/// cannot tell (no systemd: a test, a container).
+pub fn unit_failed(unit: &str) -> Option<String> {
+    let out = std::process::Command::new("systemctl")
+        .args(["is-failed", "--quiet", unit])
+        .status()
+        .ok()?;
+    out.success().then(|| format!("{unit} has failed"))
 }
 
 /// Blesses the booted slot's entry; returns the (old, new) names if one was
@@ -103,20 +139,37 @@ pub fn bless(p: &Paths) -> Result<Option<(String, String)>, SlotError> {
     Ok(Some((e.file, good)))
 }
 
-/// `cdm-update health`: wait, bless, write the status (also on timeout).
+/// `cdm-update health`: wait, bless, write the status (also on failure).
 pub fn run(
     p: &Paths,
     url: &str,
     timeout: Duration,
-) -> Result<Option<(String, String)>, HealthError> {
-    let r = wait_healthy(url, timeout).and_then(|()| bless(p).map_err(HealthError::from));
+    gave_up: &dyn Fn() -> Option<String>,
+) -> Result<Verdict, HealthError> {
+    let v = match wait_healthy(url, timeout, gave_up) {
+        Ok(()) => Verdict::Healthy(bless(p)?),
+        Err(e) if being_tried(p) => Verdict::RollBack(e),
+        Err(e) => Verdict::Unhealthy(e),
+    };
     if let Err(e) = status::refresh(p, None) {
         tracing::warn!(
             "cannot write the status file {}: {e}",
             p.status_file.display()
         );
     }
-    r
+    Ok(v)
+}
+
+/// Whether the booted slot's entry is still counting its tries.
+fn being_tried(p: &Paths) -> bool {
+    let esp = p.esp();
+    let Ok(booted) = p.booted() else {
+        return false;
+    };
+    esp.entries()
+        .ok()
+        .and_then(|all| esp.slot_entry(&all, booted))
+        .is_some_and(|e| e.name.state() == EntryState::Trying)
 }
 
 #[cfg(test)]
@@ -158,6 +211,24 @@ mod tests {
             .collect()
     }
 
+    fn never() -> Option<String> {
+        None
+    }
+
+    fn healthy(v: Verdict) -> Option<(String, String)> {
+        match v {
+            Verdict::Healthy(r) => r,
+            other => panic!("not healthy: {other:?}"),
+        }
+    }
+
+    fn rolls_back(v: Verdict) -> HealthError {
+        match v {
+            Verdict::RollBack(e) => e,
+            other => panic!("no roll-back: {other:?}"),
+        }
+    }
+
     #[test]
     fn healthy_blesses_the_booted_counting_entry() {
         let (_d, p) = site("b");
@@ -165,7 +236,7 @@ mod tests {
         std::fs::write(dir.join("cdm-a.conf"), "version 1\n").unwrap();
         std::fs::write(dir.join("cdm-b+2-1.conf"), "version 2\n").unwrap();
         let url = server(200, r#"{"status": "ok"}"#);
-        let r = run(&p, &url, Duration::from_secs(10)).unwrap();
+        let r = healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap());
         assert_eq!(r, Some(("cdm-b+2-1.conf".into(), "cdm-b.conf".into())));
         assert_eq!(entries(&p), ["cdm-a.conf", "cdm-b.conf"]);
         assert_eq!(
@@ -176,11 +247,17 @@ mod tests {
         assert_eq!(s.slots[1].state, "good");
         assert!(p.status_file.exists());
         // Already good: nothing to do.
-        assert_eq!(run(&p, &url, Duration::from_secs(10)).unwrap(), None);
+        assert_eq!(
+            healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap()),
+            None
+        );
         // Booted without cdm.slot=: healthy, nothing renamed.
         std::fs::rename(dir.join("cdm-b.conf"), dir.join("cdm-b+1-2.conf")).unwrap();
         std::fs::write(&p.cmdline, "root=/dev/sda2\n").unwrap();
-        assert_eq!(run(&p, &url, Duration::from_secs(10)).unwrap(), None);
+        assert_eq!(
+            healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap()),
+            None
+        );
         assert_eq!(entries(&p), ["cdm-a.conf", "cdm-b+1-2.conf"]);
     }
 
@@ -198,9 +275,7 @@ mod tests {
             (server(200, "not json"), "not JSON"),
         ] {
             let t = Instant::now();
-            let e = run(&p, &url, Duration::from_secs(1))
-                .unwrap_err()
-                .to_string();
+            let e = rolls_back(run(&p, &url, Duration::from_secs(1), &never).unwrap()).to_string();
             assert!(
                 e.contains("did not report healthy within 1 s") && e.contains(want),
                 "{e}"
@@ -214,14 +289,27 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let e = run(
-            &p,
-            &format!("http://127.0.0.1:{port}/health"),
-            Duration::from_secs(1),
-        )
-        .unwrap_err();
+        let url = format!("http://127.0.0.1:{port}/health");
+        let e = rolls_back(run(&p, &url, Duration::from_secs(1), &never).unwrap());
         assert!(matches!(e, HealthError::Timeout { .. }));
         assert_eq!(entries(&p), ["cdm-b+3.conf"]);
         assert!(p.status_file.exists());
+        // The service failed for good: no waiting out the timeout.
+        let t = Instant::now();
+        let failed = || Some("snapshotd.service has failed".to_string());
+        let e = rolls_back(run(&p, &url, Duration::from_secs(60), &failed).unwrap());
+        assert!(
+            e.to_string().contains("snapshotd.service has failed"),
+            "{e}"
+        );
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert_eq!(entries(&p), ["cdm-b+3.conf"]);
+        // On a slot already good, unhealthy is not a reason to roll back.
+        std::fs::rename(dir.join("cdm-b+3.conf"), dir.join("cdm-b.conf")).unwrap();
+        match run(&p, &url, Duration::from_secs(60), &failed).unwrap() {
+            Verdict::Unhealthy(e) => assert!(e.to_string().contains("has failed"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(entries(&p), ["cdm-b.conf"]);
     }
 }

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use cdm_appliance::health::Verdict;
 use cdm_appliance::install::InstallError;
 use cdm_appliance::status::{self, Paths};
 use cdm_appliance::{bundle, health, install, keys};
@@ -107,6 +108,10 @@ enum Cmd {
         /// Seconds to wait for a healthy answer.
         #[arg(long, default_value_t = 180)]
         timeout: u64,
+        /// The systemd unit serving the URL: once it has failed for good
+        /// (its restarts exhausted) the check fails at once. Empty: none.
+        #[arg(long, default_value = "snapshotd.service")]
+        unit: String,
         #[command(flatten)]
         site: Site,
     },
@@ -221,21 +226,44 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             spool,
             file,
         } => cmd_install(&keys, site.paths(), reboot, spool, &file)?,
-        Cmd::Health { url, timeout, site } => {
-            return match health::run(&site.paths(), &url, Duration::from_secs(timeout)) {
-                Ok(Some((old, new))) => {
+        Cmd::Health {
+            url,
+            timeout,
+            unit,
+            site,
+        } => {
+            let gave_up = || {
+                (!unit.is_empty())
+                    .then(|| health::unit_failed(&unit))
+                    .flatten()
+            };
+            let v = health::run(&site.paths(), &url, Duration::from_secs(timeout), &gave_up);
+            return Ok(match v {
+                Ok(Verdict::Healthy(Some((old, new)))) => {
                     println!("healthy: blessed {old} -> {new}");
-                    Ok(ExitCode::SUCCESS)
+                    ExitCode::SUCCESS
                 }
-                Ok(None) => {
+                Ok(Verdict::Healthy(None)) => {
                     println!("healthy: the booted entry needs no blessing");
-                    Ok(ExitCode::SUCCESS)
+                    ExitCode::SUCCESS
+                }
+                // 1: the unit's FailureAction reboots; the try is spent.
+                Ok(Verdict::RollBack(e)) => {
+                    eprintln!(
+                        "cdm-update: unhealthy on a slot being tried, rebooting to roll back: {e}"
+                    );
+                    ExitCode::from(1)
+                }
+                // 3 (a success for the unit: no reboot loop on a good slot).
+                Ok(Verdict::Unhealthy(e)) => {
+                    eprintln!("cdm-update: UNHEALTHY on a good slot (no roll-back): {e}");
+                    ExitCode::from(3)
                 }
                 Err(e) => {
                     eprintln!("cdm-update: {e}");
-                    Ok(ExitCode::from(1))
+                    ExitCode::from(1)
                 }
-            };
+            });
         }
         Cmd::Status { json, write, site } => {
             let p = site.paths();
@@ -314,8 +342,18 @@ fn cmd_install(
     spool: bool,
     file: &Path,
 ) -> anyhow::Result<()> {
-    let r = trusted(keys)
-        .and_then(|t| Ok((t, open_bundle(file, spool)?)))
+    let opened = trusted(keys).and_then(|t| Ok((t, open_bundle(file, spool)?)));
+    if spool {
+        // The spool file is consumed as soon as it is open (every read goes
+        // through the fd): the path unit does not start us again on it, and
+        // an install cut by a power failure is not resumed behind the
+        // admin's back at the next boot; the old slot boots and the admin
+        // uploads again. unlink(2) removes a symlink itself.
+        if let Err(e) = std::fs::remove_file(file) {
+            tracing::warn!("cannot remove the spool file {}: {e}", file.display());
+        }
+    }
+    let r = opened
         .inspect_err(|e| install::record(&p, "failed", None, Some(chain(e))))
         .and_then(|(t, f)| {
             // install() records its own progress and failure.
@@ -324,13 +362,6 @@ fn cmd_install(
                 other => anyhow::Error::new(other),
             })
         });
-    if spool {
-        // Removed whatever happened, so the path unit does not start us
-        // again on the same file. unlink(2) removes a symlink itself.
-        if let Err(e) = std::fs::remove_file(file) {
-            tracing::warn!("cannot remove the spool file {}: {e}", file.display());
-        }
-    }
     let i = r?;
     println!(
         "installed {} into slot {} (entry {}, generation {})",
