@@ -119,7 +119,7 @@ fn the_recovery_drop_in_keeps_the_hosts_mount_namespace() {
             .filter_map(|l| l.split_once('='))
             .filter(|(k, _)| k.trim() == key)
             .map(|(_, v)| v.trim().to_string())
-            .last()
+            .next_back()
     };
     let namespacing = [
         ("PrivateUsers", "no"),
