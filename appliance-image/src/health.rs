@@ -160,7 +160,10 @@ pub fn run(
     Ok(v)
 }
 
-/// Whether the booted slot's entry is still counting its tries.
+/// Whether the booted slot's entry is still counting its tries. Its last
+/// try counts too: systemd-boot renamed `+1-2` to `+0-3` before booting
+/// it, so "bad" on the booted entry means "this is the last try" (the
+/// reboot then finds it bad and boots the other slot).
 fn being_tried(p: &Paths) -> bool {
     let esp = p.esp();
     let Ok(booted) = p.booted() else {
@@ -169,7 +172,7 @@ fn being_tried(p: &Paths) -> bool {
     esp.entries()
         .ok()
         .and_then(|all| esp.slot_entry(&all, booted))
-        .is_some_and(|e| e.name.state() == EntryState::Trying)
+        .is_some_and(|e| matches!(e.name.state(), EntryState::Trying | EntryState::Bad))
 }
 
 #[cfg(test)]
@@ -304,6 +307,11 @@ mod tests {
         );
         assert!(t.elapsed() < Duration::from_secs(10));
         assert_eq!(entries(&p), ["cdm-b+3.conf"]);
+        // The last try (systemd-boot renamed +1-2 to +0-3 before booting
+        // it) still rolls back.
+        std::fs::rename(dir.join("cdm-b+3.conf"), dir.join("cdm-b+0-3.conf")).unwrap();
+        rolls_back(run(&p, &url, Duration::from_secs(60), &failed).unwrap());
+        std::fs::rename(dir.join("cdm-b+0-3.conf"), dir.join("cdm-b+3.conf")).unwrap();
         // On a slot already good, unhealthy is not a reason to roll back.
         std::fs::rename(dir.join("cdm-b+3.conf"), dir.join("cdm-b.conf")).unwrap();
         match run(&p, &url, Duration::from_secs(60), &failed).unwrap() {
