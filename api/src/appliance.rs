@@ -60,6 +60,10 @@ pub struct SlotStatus {
     /// Its boot entry's generation (the newest boots first).
     #[serde(default)]
     pub generation: Option<u64>,
+    /// The installed bundle's rollback index (null: empty slot). The
+    /// appliance refuses uploads below the index of its last blessed slot.
+    #[serde(default)]
+    pub rollback_index: Option<u64>,
     /// The running system booted from it.
     #[serde(default)]
     pub booted: bool,
@@ -341,12 +345,14 @@ mod tests {
         let v = json!({"appliance": true, "version": "0.1.0+g1", "booted_slot": "a",
             "slots": [
                 {"slot": "a", "state": "good", "tries_left": null, "version": "0.1.0+g1", "generation": 1, "booted": true},
-                {"slot": "b", "state": "trying", "tries_left": 3, "version": "0.2.0", "generation": 2, "booted": false}],
+                {"slot": "b", "state": "trying", "tries_left": 3, "version": "0.2.0", "generation": 2, "rollback_index": 1764558000, "booted": false}],
             "update": {"state": "installed", "version": "0.2.0", "error": null, "at": "2026-12-01T03:00:00Z"}});
         let s: ApplianceStatus = serde_json::from_value(v).unwrap();
         assert_eq!(s.booted().unwrap().slot, "a");
         assert_eq!(s.slots[1].state, SlotState::Trying);
         assert_eq!(s.slots[1].tries_left, Some(3));
+        assert_eq!(s.slots[1].rollback_index, Some(1764558000));
+        assert_eq!(s.slots[0].rollback_index, None);
         assert_eq!(s.update.as_ref().unwrap().state, UpdateState::Installed);
         let e = json!({"appliance": true, "version": "x", "booted_slot": null, "slots": [], "update": null});
         assert!(serde_json::from_value::<ApplianceStatus>(e)

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::slots::{EntryName, EntryState, SlotError};
+use crate::slots::{EntryName, EntryState, Esp, Slot, SlotError};
 use crate::status::{self, Paths};
 
 /// A single request waits at most this long, so a hung server cannot use
@@ -124,6 +124,7 @@ pub fn bless(p: &Paths) -> Result<Option<(String, String)>, SlotError> {
         return Ok(None);
     };
     if e.name.state() == EntryState::Good {
+        raise_index(&esp, booted)?;
         return Ok(None);
     }
     let good = EntryName {
@@ -136,7 +137,25 @@ pub fn bless(p: &Paths) -> Result<Option<(String, String)>, SlotError> {
     std::fs::rename(dir.join(&e.file), dir.join(&good)).map_err(crate::slots::io_at(&dir))?;
     cdm_common::fs::sync_dir(&dir)?;
     tracing::info!("blessed {} -> {good}", e.file);
+    raise_index(&esp, booted)?;
     Ok(Some((e.file, good)))
+}
+
+/// A blessed slot's rollback index becomes the appliance's floor: from
+/// now on older bundles are downgrades. Also on an entry already good,
+/// so a raise cut short (power loss) is made at the next healthy boot.
+fn raise_index(esp: &Esp, booted: Slot) -> Result<(), SlotError> {
+    match esp.installed(booted) {
+        Some(m) => {
+            let now = esp.raise_rollback_index(m.rollback_index)?;
+            tracing::info!("rollback index {now} (slot {})", booted.name());
+        }
+        None => tracing::warn!(
+            "slot {} has no readable manifest: rollback index left as it is",
+            booted.name()
+        ),
+    }
+    Ok(())
 }
 
 /// `cdm-update health`: wait, bless, write the status (also on failure).
@@ -259,6 +278,33 @@ mod tests {
             None
         );
         assert_eq!(entries(&p), ["cdm-a.conf", "cdm-b+1-2.conf"]);
+    }
+
+    fn manifest(p: &Paths, slot: Slot, index: u64) {
+        let dir = p.esp().slot_dir(slot);
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = serde_json::json!({"format": 1, "compatible": "cdm-appliance", "arch": "x86_64",
+            "version": "0.2.0", "key_id": "0011223344556677", "rollback_index": index, "files": []});
+        std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    }
+
+    #[test]
+    fn bless_raises_the_rollback_index_never_lowers_it() {
+        let (_d, p) = site("b");
+        let dir = p.esp().entries_dir();
+        std::fs::write(dir.join("cdm-b+2-1.conf"), "version 2\n").unwrap();
+        manifest(&p, Slot::B, 42);
+        let url = server(200, r#"{"status": "ok"}"#);
+        healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap());
+        assert_eq!(p.esp().rollback_index().unwrap(), 42);
+        // Already good, an older manifest by hand: the index stays.
+        manifest(&p, Slot::B, 7);
+        healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap());
+        assert_eq!(p.esp().rollback_index().unwrap(), 42);
+        // A newer one on an entry already good (a raise cut short) is made.
+        manifest(&p, Slot::B, 43);
+        healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap());
+        assert_eq!(p.esp().rollback_index().unwrap(), 43);
     }
 
     #[test]

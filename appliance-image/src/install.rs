@@ -55,6 +55,8 @@ pub enum InstallError {
     ReadBack(&'static str),
     #[error("copying {what}: {err}")]
     Copy { what: String, err: BundleError },
+    #[error("bundle rollback index {bundle} is older than the appliance's {stored} (a downgrade): install it with --allow-downgrade from a root shell")]
+    Downgrade { bundle: u64, stored: u64 },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
@@ -91,6 +93,14 @@ pub fn record(p: &Paths, state: &str, version: Option<&str>, error: Option<Strin
     }
 }
 
+/// Choices of the caller of [`install`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Install a bundle whose rollback index is below the stored one (a
+    /// root shell only: the upload path never sets it).
+    pub allow_downgrade: bool,
+}
+
 /// Verifies `bundle` (open at `path`) and installs it into the slot that is
 /// not booted. Progress and the result go to the status file.
 pub fn install(
@@ -98,6 +108,7 @@ pub fn install(
     path: &Path,
     trusted: &[PublicKey],
     p: &Paths,
+    opts: Options,
 ) -> Result<Installed, InstallError> {
     record(p, "verifying", None, None);
     // Known once the bundle is verified: a failure after that names it.
@@ -109,7 +120,7 @@ pub fn install(
         })
         .and_then(|v| {
             version = Some(v.manifest().version.clone());
-            install_verified(bundle, path, &v, p)
+            install_verified(bundle, path, &v, p, opts)
         });
     match r {
         Ok(i) => {
@@ -134,11 +145,21 @@ fn install_verified(
     path: &Path,
     v: &Verified,
     p: &Paths,
+    opts: Options,
 ) -> Result<Installed, InstallError> {
     let esp = p.esp();
     let booted = p.booted()?;
     let slot = booted.other();
     let cfg = esp.config()?;
+    let stored = esp.rollback_index()?;
+    let index = v.manifest().rollback_index;
+    // Equal is allowed: a reinstall, or several bundles of one commit.
+    if index < stored && !opts.allow_downgrade {
+        return Err(InstallError::Downgrade {
+            bundle: index,
+            stored,
+        });
+    }
     let dev = cfg.device(slot).ok_or_else(|| SlotError::Config {
         path: esp.slots_json(),
         msg: format!("slot {} is not described", slot.name()),

@@ -41,8 +41,12 @@ fn rig(booted: &str, dev_len: usize) -> Rig {
 
 impl Rig {
     fn install(&self, bundle: &Path) -> Result<Installed, InstallError> {
+        self.install_with(bundle, Options::default())
+    }
+
+    fn install_with(&self, bundle: &Path, opts: Options) -> Result<Installed, InstallError> {
         let file = File::open(bundle).unwrap();
-        install(&file, bundle, &self.f.trusted, &self.p)
+        install(&file, bundle, &self.f.trusted, &self.p, opts)
     }
 
     fn entries(&self) -> Vec<String> {
@@ -207,7 +211,7 @@ fn bundle_changed_after_verification_leaves_no_entry_for_the_slot() {
     let v = bundle::verify(&file, &b, &r.f.trusted).unwrap();
     let (_, off) = v.payload("kernel").unwrap();
     file.write_all_at(b"X", off + 10).unwrap();
-    let e = install_verified(&file, &b, &v, &r.p).unwrap_err();
+    let e = install_verified(&file, &b, &v, &r.p, Options::default()).unwrap_err();
     assert_eq!(
         e.to_string(),
         "kernel changed after verification (hash differs while copying)"
@@ -217,4 +221,42 @@ fn bundle_changed_after_verification_leaves_no_entry_for_the_slot() {
     assert!(!r.p.esp().slot_dir(Slot::B).join("vmlinuz").exists());
     assert!(!r.p.esp().slot_dir(Slot::B).join("manifest.json").exists());
     r.booted_entry_untouched("a");
+}
+
+#[test]
+fn a_downgrade_is_refused_with_nothing_written_unless_allowed() {
+    let r = rig("a", 200_000);
+    let esp = r.p.esp();
+    std::fs::write(esp.rollback_index_file(), "100\n").unwrap();
+    let (old, _) = r.f.bundle_at("old.cdmb", "0.1.5", crate::ARCH, 150_000, 99);
+    let e = r.install(&old).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "bundle rollback index 99 is older than the appliance's 100 (a downgrade): \
+         install it with --allow-downgrade from a root shell"
+    );
+    assert_eq!(r.entries(), ["cdm-a.conf"]);
+    assert_eq!(r.dev("b"), vec![0xEE; 200_000], "slot b untouched");
+    assert!(!esp.slot_dir(Slot::B).exists());
+    let u = r.update_state();
+    assert_eq!(
+        (u.state.as_str(), u.version.as_deref()),
+        ("failed", Some("0.1.5"))
+    );
+    // Allowed from a root shell; the stored index is not lowered by it.
+    let i = r
+        .install_with(
+            &old,
+            Options {
+                allow_downgrade: true,
+            },
+        )
+        .unwrap();
+    assert_eq!(i.slot, Slot::B);
+    assert_eq!(esp.rollback_index().unwrap(), 100);
+    // An equal index is a reinstall, not a downgrade.
+    let (same, _) =
+        r.f.bundle_at("same.cdmb", "0.2.0", crate::ARCH, 150_000, 100);
+    r.install(&same).unwrap();
+    assert_eq!(r.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
 }

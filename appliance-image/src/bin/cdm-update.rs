@@ -79,6 +79,11 @@ enum Cmd {
         initrd: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Downgrade protection: appliances refuse bundles below the index
+        /// of their last blessed update. Default: $SOURCE_DATE_EPOCH if
+        /// set (reproducible builds), else the current Unix time.
+        #[arg(long)]
+        rollback_index: Option<u64>,
     },
     /// Verify a bundle; print its manifest as JSON.
     Verify {
@@ -99,6 +104,10 @@ enum Cmd {
         /// be a regular file, and is removed when done (success or not).
         #[arg(long)]
         spool: bool,
+        /// Install even if the bundle's rollback index is below the
+        /// appliance's (never with --spool: uploads cannot downgrade).
+        #[arg(long)]
+        allow_downgrade: bool,
         file: PathBuf,
     },
     /// Wait for the health URL, then bless the booted boot entry.
@@ -202,7 +211,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kernel,
             initrd,
             out,
+            rollback_index,
         } => {
+            let rollback_index = match rollback_index {
+                Some(n) => n,
+                None => default_rollback_index()?,
+            };
             let sk = keys::read_secret(&key)?;
             let inp = bundle::Inputs {
                 version: &version,
@@ -210,6 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rootfs: &rootfs,
                 kernel: &kernel,
                 initrd: &initrd,
+                rollback_index,
             };
             let m = bundle::create(&sk, &inp, &out)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
@@ -224,8 +239,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             site,
             reboot,
             spool,
+            allow_downgrade,
             file,
-        } => cmd_install(&keys, site.paths(), reboot, spool, &file)?,
+        } => {
+            if spool && allow_downgrade {
+                anyhow::bail!(
+                    "--allow-downgrade is refused with --spool (an upload can never downgrade)"
+                );
+            }
+            let opts = install::Options { allow_downgrade };
+            cmd_install(&keys, site.paths(), reboot, spool, opts, &file)?
+        }
         Cmd::Health {
             url,
             timeout,
@@ -280,6 +304,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `$SOURCE_DATE_EPOCH` (set by reproducible builds: the same commit
+/// gives the same bundle), else the current Unix time.
+fn default_rollback_index() -> anyhow::Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH {v:?} is not a Unix time")),
+        Err(_) => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?
+            .as_secs()),
+    }
 }
 
 fn print_status(s: &status::Status) {
@@ -340,6 +379,7 @@ fn cmd_install(
     p: Paths,
     reboot: bool,
     spool: bool,
+    opts: install::Options,
     file: &Path,
 ) -> anyhow::Result<()> {
     let opened = trusted(keys).and_then(|t| Ok((t, open_bundle(file, spool)?)));
@@ -357,8 +397,9 @@ fn cmd_install(
         .inspect_err(|e| install::record(&p, "failed", None, Some(chain(e))))
         .and_then(|(t, f)| {
             // install() records its own progress and failure.
-            install::install(&f, file, &t, &p).map_err(|e| match e {
+            install::install(&f, file, &t, &p, opts).map_err(|e| match e {
                 InstallError::Refused(b) => anyhow::Error::new(Refused(b.to_string())),
+                e @ InstallError::Downgrade { .. } => anyhow::Error::new(Refused(e.to_string())),
                 other => anyhow::Error::new(other),
             })
         });
