@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bundle::{self, BundleError, Verified};
 use crate::keys::PublicKey;
-use crate::slots::{entry_text, EntryName, Esp, Slot, SlotError, TRIES};
+use crate::slots::{entry_text, EntryName, EntryState, Esp, Slot, SlotError, TRIES};
 use crate::status::{self, Paths, UpdateStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,8 @@ pub enum InstallError {
     ReadBack(&'static str),
     #[error("copying {what}: {err}")]
     Copy { what: String, err: BundleError },
+    #[error("the booted slot {0} is still being tried: wait for its health check")]
+    BootedNotGood(&'static str),
     #[error("bundle rollback index {bundle} is older than the appliance's {stored} (a downgrade): install it with --allow-downgrade from a root shell")]
     Downgrade { bundle: u64, stored: u64 },
 }
@@ -151,6 +153,15 @@ fn install_verified(
     let booted = p.booted()?;
     let slot = booted.other();
     let cfg = esp.config()?;
+    // While the booted slot is being tried (or has no entry), the other
+    // slot holds the only good fallback: overwriting it could leave
+    // nothing that boots.
+    let booted_good = esp
+        .slot_entry(&esp.entries()?, booted)
+        .is_some_and(|e| e.name.state() == EntryState::Good);
+    if !booted_good {
+        return Err(InstallError::BootedNotGood(booted.name()));
+    }
     let stored = esp.rollback_index()?;
     let index = v.manifest().rollback_index;
     // Equal is allowed: a reinstall, or several bundles of one commit.

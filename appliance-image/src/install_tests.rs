@@ -260,3 +260,32 @@ fn a_downgrade_is_refused_with_nothing_written_unless_allowed() {
     r.install(&same).unwrap();
     assert_eq!(r.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
 }
+
+#[test]
+fn the_last_good_slot_is_never_overwritten() {
+    let r = rig("a", 200_000);
+    let esp = r.p.esp();
+    let dir = esp.entries_dir();
+    // b is good; a (booted) is being tried: b is the only fallback.
+    std::fs::write(dir.join("cdm-b.conf"), "version 3\n").unwrap();
+    std::fs::rename(dir.join("cdm-a.conf"), dir.join("cdm-a+2-1.conf")).unwrap();
+    let (u, _) = r.f.bundle("u.cdmb", "0.3.0", crate::ARCH, 150_000);
+    let e = r.install(&u).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the booted slot a is still being tried: wait for its health check"
+    );
+    assert_eq!(r.entries(), ["cdm-a+2-1.conf", "cdm-b.conf"]);
+    assert_eq!(r.dev("b"), vec![0xEE; 200_000], "slot b untouched");
+    // No entry for the booted slot at all: refused the same way.
+    std::fs::remove_file(dir.join("cdm-a+2-1.conf")).unwrap();
+    assert!(matches!(
+        r.install(&u).unwrap_err(),
+        InstallError::BootedNotGood("a")
+    ));
+    assert_eq!(r.entries(), ["cdm-b.conf"]);
+    // Blessed: the install goes ahead.
+    std::fs::write(dir.join("cdm-a.conf"), BOOTED_ENTRY).unwrap();
+    r.install(&u).unwrap();
+    assert_eq!(r.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
+}

@@ -286,6 +286,17 @@ fn install_boot_and_bless_a_real_squashfs_slot() {
     )
     .expect("count");
     a.boot("b", "0.2.0");
+    // Until b is blessed, a is the only good fallback: no install over it.
+    let early = a.site.bundle("0.2.1", std::env::consts::ARCH);
+    let o = a.install(&early, false);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("the booted slot b is still being tried: wait for its health check"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b+2-1.conf"]);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead = format!("http://{}/health", closed.local_addr().expect("addr"));
     drop(closed);
