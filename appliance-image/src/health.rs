@@ -166,7 +166,17 @@ pub fn run(
     gave_up: &dyn Fn() -> Option<String>,
 ) -> Result<Verdict, HealthError> {
     let v = match wait_healthy(url, timeout, gave_up) {
-        Ok(()) => Verdict::Healthy(bless(p)?),
+        Ok(()) => match bless(p) {
+            Ok(r) => Verdict::Healthy(r),
+            // A slot still being tried (the rename itself failed) must
+            // not stay: the error fails the unit and the reboot costs it
+            // a try. Asked after the error: a rename that went through
+            // made the slot good, and then rebooting cannot help.
+            Err(e) if being_tried(p) => return Err(e.into()),
+            // On a good slot (or when the entries cannot even be listed)
+            // a reboot would not mend the ESP, it would loop: report it.
+            Err(e) => Verdict::Unhealthy(e.into()),
+        },
         Err(e) if being_tried(p) => Verdict::RollBack(e),
         Err(e) => Verdict::Unhealthy(e),
     };
@@ -305,6 +315,39 @@ mod tests {
         manifest(&p, Slot::B, 43);
         healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap());
         assert_eq!(p.esp().rollback_index().unwrap(), 43);
+    }
+
+    #[test]
+    fn an_esp_error_on_a_good_slot_is_unhealthy_not_a_reboot() {
+        let (_d, p) = site("b");
+        let esp = p.esp();
+        std::fs::write(esp.entries_dir().join("cdm-b.conf"), "version 2\n").unwrap();
+        manifest(&p, Slot::B, 42);
+        std::fs::write(esp.rollback_index_file(), "garbled\n").unwrap();
+        let url = server(200, r#"{"status": "ok"}"#);
+        match run(&p, &url, Duration::from_secs(10), &never).unwrap() {
+            Verdict::Unhealthy(e) => assert!(e.to_string().contains("not a rollback index"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // The entries cannot even be listed.
+        std::fs::remove_file(esp.rollback_index_file()).unwrap();
+        std::fs::remove_dir_all(esp.entries_dir()).unwrap();
+        std::fs::write(esp.entries_dir(), "not a directory").unwrap();
+        assert!(matches!(
+            run(&p, &url, Duration::from_secs(10), &never).unwrap(),
+            Verdict::Unhealthy(HealthError::Slot(_))
+        ));
+        // Being tried: the rename blesses it before the index fails, so
+        // the slot is good by then and a reboot would only loop.
+        std::fs::remove_file(esp.entries_dir()).unwrap();
+        std::fs::create_dir(esp.entries_dir()).unwrap();
+        std::fs::write(esp.entries_dir().join("cdm-b+2-1.conf"), "version 2\n").unwrap();
+        std::fs::write(esp.rollback_index_file(), "garbled\n").unwrap();
+        assert!(matches!(
+            run(&p, &url, Duration::from_secs(10), &never).unwrap(),
+            Verdict::Unhealthy(_)
+        ));
+        assert_eq!(entries(&p), ["cdm-b.conf"]);
     }
 
     #[test]
