@@ -394,13 +394,27 @@ fn install_refusals_write_nothing_and_the_spool_goes() {
     let o = a.install(&spool, true);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("opening"),
+        String::from_utf8_lossy(&o.stderr).contains("symbolic links"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
         std::fs::symlink_metadata(&spool).is_err(),
         "the link is removed"
+    );
+    // A directory under the spool name: refused and removed, so that the
+    // path unit does not start the installer on it again and again.
+    std::fs::create_dir(&spool).expect("dir");
+    let o = a.install(&spool, true);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is not a regular file (a directory): removed"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        std::fs::symlink_metadata(&spool).is_err(),
+        "the directory is removed"
     );
     assert!(bundle.exists());
     assert_eq!(a.entries(), ["cdm-a.conf"]);

@@ -3,7 +3,6 @@
 //! 2 a bundle refused by verification (one line on stderr saying why).
 
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -354,17 +353,15 @@ fn print_status(s: &status::Status) {
 }
 
 /// Opens the bundle. A spool file (in a directory the cdm user owns) is
-/// opened without following symlinks and must be a regular file; the fd
-/// is then used for every read, so swapping the name later changes nothing.
+/// taken through its directory's fd, never following a symlink, must be a
+/// regular file, and its name is removed at once (see `spool::take`); the
+/// fd is then used for every read, so swapping the name later changes
+/// nothing.
 fn open_bundle(file: &Path, spool: bool) -> anyhow::Result<File> {
-    let mut o = std::fs::OpenOptions::new();
-    o.read(true);
     if spool {
-        o.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        return Ok(cdm_appliance::spool::take(file)?);
     }
-    let f = o
-        .open(file)
-        .with_context(|| format!("opening {}", file.display()))?;
+    let f = File::open(file).with_context(|| format!("opening {}", file.display()))?;
     let md = f
         .metadata()
         .with_context(|| format!("{}", file.display()))?;
@@ -382,17 +379,13 @@ fn cmd_install(
     opts: install::Options,
     file: &Path,
 ) -> anyhow::Result<()> {
-    let opened = trusted(keys).and_then(|t| Ok((t, open_bundle(file, spool)?)));
-    if spool {
-        // The spool file is consumed as soon as it is open (every read goes
-        // through the fd): the path unit does not start us again on it, and
-        // an install cut by a power failure is not resumed behind the
-        // admin's back at the next boot; the old slot boots and the admin
-        // uploads again. unlink(2) removes a symlink itself.
-        if let Err(e) = std::fs::remove_file(file) {
-            tracing::warn!("cannot remove the spool file {}: {e}", file.display());
-        }
-    }
+    // The spool file is consumed as soon as it is open (every read goes
+    // through the fd), before anything else can fail: the path unit does
+    // not start us again on it, and an install cut by a power failure is
+    // not resumed behind the admin's back at the next boot; the old slot
+    // boots and the admin uploads again.
+    let bundle = open_bundle(file, spool);
+    let opened = trusted(keys).and_then(|t| Ok((t, bundle?)));
     let r = opened
         .inspect_err(|e| install::record(&p, "failed", None, Some(chain(e))))
         .and_then(|(t, f)| {
