@@ -119,6 +119,7 @@ pub fn bless(p: &Paths) -> Result<Option<(String, String)>, SlotError> {
         }
         Err(e) => return Err(e),
     };
+    let _lock = esp.lock()?;
     let Some(e) = esp.slot_entry(&esp.entries()?, booted) else {
         tracing::warn!("no boot entry for the booted slot {}", booted.name());
         return Ok(None);

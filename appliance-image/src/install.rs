@@ -150,6 +150,8 @@ fn install_verified(
     opts: Options,
 ) -> Result<Installed, InstallError> {
     let esp = p.esp();
+    // Held to the end: a bless (health) waits, and so does a second install.
+    let _lock = esp.lock()?;
     let booted = p.booted()?;
     let slot = booted.other();
     let cfg = esp.config()?;

@@ -289,3 +289,36 @@ fn the_last_good_slot_is_never_overwritten() {
     r.install(&u).unwrap();
     assert_eq!(r.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
 }
+
+#[test]
+fn install_and_bless_wait_for_the_esp_lock() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let r = rig("a", 200_000);
+    let (u, _) = r.f.bundle("u.cdmb", "0.2.0", crate::ARCH, 150_000);
+    let held = r.p.esp().lock().unwrap();
+    assert!(r.p.esp.join("cdm/.lock").exists());
+    let (r, u) = (&r, &u);
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel();
+        let tx2 = tx.clone();
+        s.spawn(move || tx.send(("install", r.install(u).is_ok())).unwrap());
+        s.spawn(move || {
+            tx2.send(("bless", crate::health::bless(&r.p).is_ok()))
+                .unwrap()
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(700)).is_err(),
+            "neither runs while the lock is held"
+        );
+        assert_eq!(r.entries(), ["cdm-a.conf"]);
+        drop(held);
+        let mut got = [
+            rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+            rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        ];
+        got.sort();
+        assert_eq!(got, [("bless", true), ("install", true)]);
+    });
+    assert_eq!(r.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
+}

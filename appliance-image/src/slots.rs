@@ -194,6 +194,10 @@ impl SlotsConfig {
     }
 }
 
+/// The ESP's lock, held until dropped (closing the fd releases it).
+#[derive(Debug)]
+pub struct EspLock(#[allow(dead_code)] std::fs::File);
+
 /// The ESP and the files cdm keeps on it.
 #[derive(Debug, Clone)]
 pub struct Esp {
@@ -296,6 +300,31 @@ impl Esp {
     pub fn next_generation(&self) -> Result<u64, SlotError> {
         let max = self.entries()?.iter().filter_map(|e| e.generation).max();
         Ok(max.map_or(1, |g| g.saturating_add(1)))
+    }
+
+    /// Takes the ESP's one lock, `ESP/cdm/.lock` (made if missing),
+    /// `flock(LOCK_EX)`, waiting for it: an install and a bless never
+    /// interleave their renames and index writes. Released on drop.
+    pub fn lock(&self) -> Result<EspLock, SlotError> {
+        use std::os::unix::io::AsRawFd;
+        let p = self.root.join("cdm/.lock");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(io_at(&p))?;
+        loop {
+            // SAFETY: flock(2) on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(EspLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io_at(&p)(e));
+            }
+        }
     }
 
     /// `ESP/cdm/rollback_index`: the highest rollback index of a blessed
