@@ -206,6 +206,12 @@ fn refused_bundle_writes_nothing() {
 fn bundle_changed_after_verification_leaves_no_entry_for_the_slot() {
     let r = rig("a", 100_000);
     std::fs::write(r.p.esp().entries_dir().join("cdm-b.conf"), "version 2\n").unwrap();
+    // b's old kernel and initrd, and a temporary a killed install left.
+    let bdir = r.p.esp().slot_dir(Slot::B);
+    std::fs::create_dir_all(&bdir).unwrap();
+    for f in ["vmlinuz", "initrd.img", "initrd.img.tmp"] {
+        std::fs::write(bdir.join(f), b"old").unwrap();
+    }
     let (b, _) = r.f.bundle("u.cdmb", "0.2.0", crate::ARCH, 5000);
     let file = OpenOptions::new().read(true).write(true).open(&b).unwrap();
     let v = bundle::verify(&file, &b, &r.f.trusted).unwrap();
@@ -220,6 +226,13 @@ fn bundle_changed_after_verification_leaves_no_entry_for_the_slot() {
     assert_eq!(r.entries(), ["cdm-a.conf"]);
     assert!(!r.p.esp().slot_dir(Slot::B).join("vmlinuz").exists());
     assert!(!r.p.esp().slot_dir(Slot::B).join("manifest.json").exists());
+    // The old initrd went in step 2 (room on the ESP), every temporary
+    // with the failure.
+    let left: Vec<_> = std::fs::read_dir(&bdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     r.booted_entry_untouched("a");
 }
 

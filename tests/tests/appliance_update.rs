@@ -691,3 +691,50 @@ fn a_downgrade_is_refused_unless_allowed_from_a_shell() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(a.status()["slots"][1]["rollback_index"], 2000);
 }
+
+/// Free bytes of the filesystem holding `p`, as df says.
+fn df_free(p: &Path) -> u64 {
+    run(Command::new("df").args(["--output=avail", "-B1"]).arg(p))
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df's free bytes")
+}
+
+/// An ESP without room for the kernel and initrd: refused before step 2,
+/// with nothing written; with room again, the same bundle installs.
+#[test]
+fn a_full_esp_is_refused_with_nothing_written() {
+    let a = Appliance::new("a");
+    let bundle = a.site.bundle("0.2.0", std::env::consts::ARCH);
+    let work = a.p("fs");
+    std::fs::create_dir(&work).expect("fs dir");
+    let (mnt, _fs) = cdm_e2e::small_ext4(&work, 8 << 20);
+    run(Command::new("cp").arg("-a").arg(a.p("esp/.")).arg(&mnt));
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(&mnt)
+        .arg(a.p("esp")));
+    let _bind = cdm_e2e::LoopMount::new(a.p("esp"));
+    let filler = a.p("esp/filler");
+    let free = df_free(&a.p("esp"));
+    // Half a MiB left: less than the kernel and initrd plus 1 MiB of slack.
+    write_file(&filler, &vec![0u8; (free - (512 << 10)) as usize]);
+    let o = a.install(&bundle, false);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bytes free (counting the target slot's old kernel and initrd): the kernel and initrd need"),
+        "{err}"
+    );
+    assert_eq!(a.entries(), ["cdm-a.conf"]);
+    assert!(!a.p("esp/cdm/b").exists(), "nothing written on the ESP");
+    assert!(std::fs::read(a.p("dev-b"))
+        .expect("dev")
+        .iter()
+        .all(|&b| b == 0));
+    std::fs::remove_file(&filler).expect("filler");
+    let o = a.install(&bundle, false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
+}
