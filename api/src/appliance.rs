@@ -7,10 +7,12 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
@@ -60,6 +62,10 @@ pub struct SlotStatus {
     /// Its boot entry's generation (the newest boots first).
     #[serde(default)]
     pub generation: Option<u64>,
+    /// The installed bundle's rollback index (null: empty slot). The
+    /// appliance refuses uploads below the index of its last blessed slot.
+    #[serde(default)]
+    pub rollback_index: Option<u64>,
     /// The running system booted from it.
     #[serde(default)]
     pub booted: bool,
@@ -127,6 +133,8 @@ pub struct UpdateAccepted {
 pub struct Upload {
     path: PathBuf,
     file: Option<std::fs::File>,
+    /// Set while this upload lives (one upload at a time); cleared on drop.
+    busy: Option<Arc<AtomicBool>>,
 }
 
 impl Upload {
@@ -134,6 +142,17 @@ impl Upload {
         Upload {
             path,
             file: Some(file),
+            busy: None,
+        }
+    }
+
+    /// As [`Upload::new`], for the holder of `busy` (already set by the
+    /// caller): dropping the upload clears it, after its file is removed.
+    pub fn exclusive(path: PathBuf, file: std::fs::File, busy: Arc<AtomicBool>) -> Upload {
+        Upload {
+            path,
+            file: Some(file),
+            busy: Some(busy),
         }
     }
 
@@ -152,6 +171,9 @@ impl Drop for Upload {
                 tracing::warn!(file = %self.path.display(), error = %e, "cannot remove an update upload")
             }
         }
+        if let Some(b) = &self.busy {
+            b.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -160,9 +182,11 @@ pub trait ApplianceBackend {
     /// The status file, typed: 404 without `--appliance`, 503 while it is
     /// missing or unreadable.
     fn appliance_status(&self) -> ApiResult<ApplianceStatus>;
-    /// A new, empty upload file (404 without `--appliance`; 409 while a
-    /// bundle is pending, before any byte is read).
-    fn open_update_upload(&self, caller: &Caller) -> ApiResult<Upload>;
+    /// A new, empty upload file for a body of `length` bytes (404 without
+    /// `--appliance`; 409 while a bundle is pending or another upload
+    /// streams; 507 when the spool's filesystem lacks `length` plus a
+    /// reserve), before any byte is read.
+    fn open_update_upload(&self, caller: &Caller, length: u64) -> ApiResult<Upload>;
     /// Verifies the complete upload of `bytes` bytes with `cdm-update
     /// verify` (400 with its reason) and makes it the pending bundle (409
     /// if one is pending already).
@@ -193,20 +217,34 @@ async fn appliance_status(
 }
 
 /// Admin only: the bundle replaces the appliance's whole system.
-#[utoipa::path(post, path = "/v1/appliance/updates", request_body(content = Vec<u8>, description = "the update bundle (.cdmb)", content_type = "application/octet-stream"), responses((status = 202, body = UpdateAccepted), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 413, body = ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/appliance/updates", request_body(content = Vec<u8>, description = "the update bundle (.cdmb)", content_type = "application/octet-stream"), responses((status = 202, body = UpdateAccepted), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody), (status = 411, body = ErrorBody), (status = 413, body = ErrorBody), (status = 507, body = ErrorBody)), security(("bearer" = [])))]
 async fn upload_update(
     State(s): State<AppState>,
     Extension(c): Extension<Caller>,
+    headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
     c.require(Action::Admin)?;
+    // The declared length is what the free space is checked against
+    // before a byte is stored; a chunked body could not be checked.
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                411,
+                "length_required",
+                "an update upload needs a Content-Length header (the appliance checks its free space first)",
+            )
+        })?;
     let c2 = c.clone();
-    let mut up = match run(&s, move |b| b.open_update_upload(&c2)).await {
+    let mut up = match run(&s, move |b| b.open_update_upload(&c2, length)).await {
         Ok(u) => u,
-        // An admin's upload while one is pending: read (and drop) the body
-        // so that the client, still sending, gets the reason rather than a
-        // connection reset.
-        Err(e) if e.status == 409 => {
+        // An admin's upload while one is pending or streams, or without
+        // the room for it: read (and drop) the body so that the client,
+        // still sending, gets the reason rather than a connection reset.
+        Err(e) if e.status == 409 || e.status == 507 => {
             discard(body, MAX_BUNDLE).await;
             return Err(e);
         }
@@ -341,12 +379,14 @@ mod tests {
         let v = json!({"appliance": true, "version": "0.1.0+g1", "booted_slot": "a",
             "slots": [
                 {"slot": "a", "state": "good", "tries_left": null, "version": "0.1.0+g1", "generation": 1, "booted": true},
-                {"slot": "b", "state": "trying", "tries_left": 3, "version": "0.2.0", "generation": 2, "booted": false}],
+                {"slot": "b", "state": "trying", "tries_left": 3, "version": "0.2.0", "generation": 2, "rollback_index": 1764558000, "booted": false}],
             "update": {"state": "installed", "version": "0.2.0", "error": null, "at": "2026-12-01T03:00:00Z"}});
         let s: ApplianceStatus = serde_json::from_value(v).unwrap();
         assert_eq!(s.booted().unwrap().slot, "a");
         assert_eq!(s.slots[1].state, SlotState::Trying);
         assert_eq!(s.slots[1].tries_left, Some(3));
+        assert_eq!(s.slots[1].rollback_index, Some(1764558000));
+        assert_eq!(s.slots[0].rollback_index, None);
         assert_eq!(s.update.as_ref().unwrap().state, UpdateState::Installed);
         let e = json!({"appliance": true, "version": "x", "booted_slot": null, "slots": [], "update": null});
         assert!(serde_json::from_value::<ApplianceStatus>(e)

@@ -48,6 +48,10 @@ pub struct Manifest {
     pub arch: String,
     pub version: String,
     pub key_id: String,
+    /// Downgrade protection: an install refuses a bundle whose index is
+    /// below the one the appliance stored when it blessed its last update.
+    /// Required (no serde default): a manifest without it is refused.
+    pub rollback_index: u64,
     pub files: Vec<FileEntry>,
 }
 
@@ -377,6 +381,7 @@ pub struct Inputs<'a> {
     pub rootfs: &'a Path,
     pub kernel: &'a Path,
     pub initrd: &'a Path,
+    pub rollback_index: u64,
 }
 
 /// Writes the header bytes for `manifest_bytes`, signed with `key`.
@@ -412,6 +417,7 @@ pub fn create(key: &SecretKey, inp: &Inputs, out: &Path) -> Result<Manifest, Bun
         arch: inp.arch.into(),
         version: inp.version.into(),
         key_id: key.public().id,
+        rollback_index: inp.rollback_index,
         files,
     };
     let bytes =

@@ -218,6 +218,17 @@ fn manifest_rules_are_enforced() {
     assert!(e.starts_with("manifest: version \"\" is not"), "{e}");
     let e = with(&|v| v["key_id"] = "abc\n".into());
     assert_eq!(e, "manifest: key_id \"abc\\n\" is not 16 hex digits");
+    // Downgrade protection depends on the index: a manifest without it
+    // (or with a negative one) is no bundle of format 1.
+    let e = with(&|v| {
+        v.as_object_mut().unwrap().remove("rollback_index");
+    });
+    assert!(
+        e.starts_with("manifest is not valid JSON: missing field `rollback_index`"),
+        "{e}"
+    );
+    let e = with(&|v| v["rollback_index"] = (-1).into());
+    assert!(e.starts_with("manifest is not valid JSON"), "{e}");
     let e = with(&|v| v["files"][0]["sha256"] = "zz".into());
     assert_eq!(e, "manifest files: sha256 of rootfs is not 64 hex digits");
     // A size that still adds up but lies: the payload boundaries move.

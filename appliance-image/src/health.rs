@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::slots::{EntryName, EntryState, SlotError};
+use crate::slots::{EntryName, EntryState, Esp, Slot, SlotError};
 use crate::status::{self, Paths};
 
 /// A single request waits at most this long, so a hung server cannot use
@@ -119,11 +119,13 @@ pub fn bless(p: &Paths) -> Result<Option<(String, String)>, SlotError> {
         }
         Err(e) => return Err(e),
     };
+    let _lock = esp.lock()?;
     let Some(e) = esp.slot_entry(&esp.entries()?, booted) else {
         tracing::warn!("no boot entry for the booted slot {}", booted.name());
         return Ok(None);
     };
     if e.name.state() == EntryState::Good {
+        raise_index(&esp, booted)?;
         return Ok(None);
     }
     let good = EntryName {
@@ -136,7 +138,25 @@ pub fn bless(p: &Paths) -> Result<Option<(String, String)>, SlotError> {
     std::fs::rename(dir.join(&e.file), dir.join(&good)).map_err(crate::slots::io_at(&dir))?;
     cdm_common::fs::sync_dir(&dir)?;
     tracing::info!("blessed {} -> {good}", e.file);
+    raise_index(&esp, booted)?;
     Ok(Some((e.file, good)))
+}
+
+/// A blessed slot's rollback index becomes the appliance's floor: from
+/// now on older bundles are downgrades. Also on an entry already good,
+/// so a raise cut short (power loss) is made at the next healthy boot.
+fn raise_index(esp: &Esp, booted: Slot) -> Result<(), SlotError> {
+    match esp.installed(booted) {
+        Some(m) => {
+            let now = esp.raise_rollback_index(m.rollback_index)?;
+            tracing::info!("rollback index {now} (slot {})", booted.name());
+        }
+        None => tracing::warn!(
+            "slot {} has no readable manifest: rollback index left as it is",
+            booted.name()
+        ),
+    }
+    Ok(())
 }
 
 /// `cdm-update health`: wait, bless, write the status (also on failure).
@@ -147,7 +167,17 @@ pub fn run(
     gave_up: &dyn Fn() -> Option<String>,
 ) -> Result<Verdict, HealthError> {
     let v = match wait_healthy(url, timeout, gave_up) {
-        Ok(()) => Verdict::Healthy(bless(p)?),
+        Ok(()) => match bless(p) {
+            Ok(r) => Verdict::Healthy(r),
+            // A slot still being tried (the rename itself failed) must
+            // not stay: the error fails the unit and the reboot costs it
+            // a try. Asked after the error: a rename that went through
+            // made the slot good, and then rebooting cannot help.
+            Err(e) if being_tried(p) => return Err(e.into()),
+            // On a good slot (or when the entries cannot even be listed)
+            // a reboot would not mend the ESP, it would loop: report it.
+            Err(e) => Verdict::Unhealthy(e.into()),
+        },
         Err(e) if being_tried(p) => Verdict::RollBack(e),
         Err(e) => Verdict::Unhealthy(e),
     };
@@ -262,6 +292,66 @@ mod tests {
             None
         );
         assert_eq!(entries(&p), ["cdm-a.conf", "cdm-b+1-2.conf"]);
+    }
+
+    fn manifest(p: &Paths, slot: Slot, index: u64) {
+        let dir = p.esp().slot_dir(slot);
+        std::fs::create_dir_all(&dir).unwrap();
+        let m = serde_json::json!({"format": 1, "compatible": "cdm-appliance", "arch": "x86_64",
+            "version": "0.2.0", "key_id": "0011223344556677", "rollback_index": index, "files": []});
+        std::fs::write(dir.join("manifest.json"), m.to_string()).unwrap();
+    }
+
+    #[test]
+    fn bless_raises_the_rollback_index_never_lowers_it() {
+        let (_d, p) = site("b");
+        let dir = p.esp().entries_dir();
+        std::fs::write(dir.join("cdm-b+2-1.conf"), "version 2\n").unwrap();
+        manifest(&p, Slot::B, 42);
+        let url = server(200, r#"{"status": "ok"}"#);
+        healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap());
+        assert_eq!(p.esp().rollback_index().unwrap(), 42);
+        // Already good, an older manifest by hand: the index stays.
+        manifest(&p, Slot::B, 7);
+        healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap());
+        assert_eq!(p.esp().rollback_index().unwrap(), 42);
+        // A newer one on an entry already good (a raise cut short) is made.
+        manifest(&p, Slot::B, 43);
+        healthy(run(&p, &url, Duration::from_secs(10), &never).unwrap());
+        assert_eq!(p.esp().rollback_index().unwrap(), 43);
+    }
+
+    #[test]
+    fn an_esp_error_on_a_good_slot_is_unhealthy_not_a_reboot() {
+        let (_d, p) = site("b");
+        let esp = p.esp();
+        std::fs::write(esp.entries_dir().join("cdm-b.conf"), "version 2\n").unwrap();
+        manifest(&p, Slot::B, 42);
+        std::fs::write(esp.rollback_index_file(), "garbled\n").unwrap();
+        let url = server(200, r#"{"status": "ok"}"#);
+        match run(&p, &url, Duration::from_secs(10), &never).unwrap() {
+            Verdict::Unhealthy(e) => assert!(e.to_string().contains("not a rollback index"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // The entries cannot even be listed.
+        std::fs::remove_file(esp.rollback_index_file()).unwrap();
+        std::fs::remove_dir_all(esp.entries_dir()).unwrap();
+        std::fs::write(esp.entries_dir(), "not a directory").unwrap();
+        assert!(matches!(
+            run(&p, &url, Duration::from_secs(10), &never).unwrap(),
+            Verdict::Unhealthy(HealthError::Slot(_))
+        ));
+        // Being tried: the rename blesses it before the index fails, so
+        // the slot is good by then and a reboot would only loop.
+        std::fs::remove_file(esp.entries_dir()).unwrap();
+        std::fs::create_dir(esp.entries_dir()).unwrap();
+        std::fs::write(esp.entries_dir().join("cdm-b+2-1.conf"), "version 2\n").unwrap();
+        std::fs::write(esp.rollback_index_file(), "garbled\n").unwrap();
+        assert!(matches!(
+            run(&p, &url, Duration::from_secs(10), &never).unwrap(),
+            Verdict::Unhealthy(_)
+        ));
+        assert_eq!(entries(&p), ["cdm-b.conf"]);
     }
 
     #[test]

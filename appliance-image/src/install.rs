@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 
 use crate::bundle::{self, BundleError, Verified};
 use crate::keys::PublicKey;
-use crate::slots::{entry_text, EntryName, Esp, Slot, SlotError, TRIES};
+use crate::slots::{entry_text, EntryName, EntryState, Esp, Slot, SlotError, TRIES};
 use crate::status::{self, Paths, UpdateStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +55,12 @@ pub enum InstallError {
     ReadBack(&'static str),
     #[error("copying {what}: {err}")]
     Copy { what: String, err: BundleError },
+    #[error("the ESP has {have} bytes free (counting the target slot's old kernel and initrd): the kernel and initrd need {need}")]
+    EspFull { need: u64, have: u64 },
+    #[error("the booted slot {0} is still being tried: wait for its health check")]
+    BootedNotGood(&'static str),
+    #[error("bundle rollback index {bundle} is older than the appliance's {stored} (a downgrade): install it with --allow-downgrade from a root shell")]
+    Downgrade { bundle: u64, stored: u64 },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
@@ -91,6 +97,14 @@ pub fn record(p: &Paths, state: &str, version: Option<&str>, error: Option<Strin
     }
 }
 
+/// Choices of the caller of [`install`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Install a bundle whose rollback index is below the stored one (a
+    /// root shell only: the upload path never sets it).
+    pub allow_downgrade: bool,
+}
+
 /// Verifies `bundle` (open at `path`) and installs it into the slot that is
 /// not booted. Progress and the result go to the status file.
 pub fn install(
@@ -98,6 +112,7 @@ pub fn install(
     path: &Path,
     trusted: &[PublicKey],
     p: &Paths,
+    opts: Options,
 ) -> Result<Installed, InstallError> {
     record(p, "verifying", None, None);
     // Known once the bundle is verified: a failure after that names it.
@@ -109,7 +124,7 @@ pub fn install(
         })
         .and_then(|v| {
             version = Some(v.manifest().version.clone());
-            install_verified(bundle, path, &v, p)
+            install_verified(bundle, path, &v, p, opts)
         });
     match r {
         Ok(i) => {
@@ -134,17 +149,38 @@ fn install_verified(
     path: &Path,
     v: &Verified,
     p: &Paths,
+    opts: Options,
 ) -> Result<Installed, InstallError> {
     let esp = p.esp();
+    // Held to the end: a bless (health) waits, and so does a second install.
+    let _lock = esp.lock()?;
     let booted = p.booted()?;
     let slot = booted.other();
     let cfg = esp.config()?;
+    // While the booted slot is being tried (or has no entry), the other
+    // slot holds the only good fallback: overwriting it could leave
+    // nothing that boots.
+    let booted_good = esp
+        .slot_entry(&esp.entries()?, booted)
+        .is_some_and(|e| e.name.state() == EntryState::Good);
+    if !booted_good {
+        return Err(InstallError::BootedNotGood(booted.name()));
+    }
+    let stored = esp.rollback_index()?;
+    let index = v.manifest().rollback_index;
+    // Equal is allowed: a reinstall, or several bundles of one commit.
+    if index < stored && !opts.allow_downgrade {
+        return Err(InstallError::Downgrade {
+            bundle: index,
+            stored,
+        });
+    }
     let dev = cfg.device(slot).ok_or_else(|| SlotError::Config {
         path: esp.slots_json(),
         msg: format!("slot {} is not described", slot.name()),
     })?;
     let m = v.manifest();
-    let (rootfs, rootfs_off) = payload(v, "rootfs")?;
+    let (rootfs, _) = payload(v, "rootfs")?;
     let mut device = open_device(&dev.device)?;
     let have = device.seek(SeekFrom::End(0)).map_err(io_at(&dev.device))?;
     if rootfs.size > have {
@@ -155,20 +191,60 @@ fn install_verified(
             have,
         });
     }
+    esp_room(&esp, slot, v)?;
     // Taken before the target's entries go, so generations only grow even
     // when the target held the newest (a failed update).
     let generation = esp.next_generation()?;
     record(p, "writing", Some(&m.version), None);
+    let w = Writing {
+        esp: &esp,
+        slot,
+        generation,
+        device: &device,
+        dev: &dev.device,
+        partuuid: &dev.partuuid,
+        cmdline: &cfg.cmdline,
+    };
+    let r = write_slot(bundle, path, v, &w);
+    if r.is_err() {
+        // Whatever step failed, its temporaries go (the ESP is small).
+        remove_tmps(&esp, slot);
+    }
+    r
+}
 
-    // Step 2: the target slot stops being bootable before it is touched.
-    remove_slot_entries(&esp, slot)?;
+/// Where [`write_slot`] writes.
+struct Writing<'a> {
+    esp: &'a Esp,
+    slot: Slot,
+    generation: u64,
+    device: &'a File,
+    dev: &'a Path,
+    partuuid: &'a str,
+    cmdline: &'a str,
+}
+
+/// Steps 2 to 6 (see the module's comment).
+fn write_slot(
+    bundle: &File,
+    path: &Path,
+    v: &Verified,
+    w: &Writing,
+) -> Result<Installed, InstallError> {
+    let (esp, slot, m) = (w.esp, w.slot, v.manifest());
+    let (rootfs, rootfs_off) = payload(v, "rootfs")?;
+    // Step 2: the target slot stops being bootable before it is touched;
+    // its old kernel and initrd go too, making room on the ESP.
+    remove_slot_entries(esp, slot)?;
     let slot_dir = esp.slot_dir(slot);
     std::fs::create_dir_all(&slot_dir).map_err(io_at(&slot_dir))?;
-    remove_if_exists(&slot_dir.join("manifest.json"))?;
+    for f in ["manifest.json", "vmlinuz", "initrd.img"] {
+        remove_if_exists(&slot_dir.join(f))?;
+    }
     cdm_common::fs::sync_dir(&slot_dir)?;
 
     // Step 3.
-    write_rootfs(bundle, path, rootfs_off, rootfs, &device, &dev.device, slot)?;
+    write_rootfs(bundle, path, rootfs_off, rootfs, w.device, w.dev, slot)?;
 
     // Step 4.
     for (name, file) in [("kernel", "vmlinuz"), ("initrd", "initrd.img")] {
@@ -186,21 +262,75 @@ fn install_verified(
 
     // Step 6: the entry, last. write_atomic writes `NAME.tmp` (not a
     // `.conf`), syncs it, renames it and syncs the directory.
-    let name = EntryName {
-        slot,
-        tries_left: Some(TRIES),
-        tries_done: None,
-    };
+    let name = new_entry(slot);
     let entry = esp.entries_dir().join(name.file_name());
     std::fs::create_dir_all(esp.entries_dir()).map_err(io_at(&esp.entries_dir()))?;
-    let text = entry_text(&m.version, slot, generation, &dev.partuuid, &cfg.cmdline);
+    let text = entry_text(&m.version, slot, w.generation, w.partuuid, w.cmdline);
     cdm_common::fs::write_atomic(&entry, text.as_bytes(), 0o644)?;
     Ok(Installed {
         slot,
         version: m.version.clone(),
-        generation,
+        generation: w.generation,
         entry,
     })
+}
+
+/// Room the ESP must keep beyond the kernel and initrd: the manifest, the
+/// entry and FAT's cluster rounding.
+const ESP_SLACK: u64 = 1 << 20;
+
+/// Refuses, before anything is written, an install whose kernel and
+/// initrd do not fit on the ESP (counting the target slot's old ones,
+/// which step 2 removes): a full FAT mid-copy would leave the target
+/// slot without a kernel.
+fn esp_room(esp: &Esp, slot: Slot, v: &Verified) -> Result<(), InstallError> {
+    let size = |name: &str| payload(v, name).map(|(e, _)| e.size);
+    let need = size("kernel")?
+        .saturating_add(size("initrd")?)
+        .saturating_add(ESP_SLACK);
+    let free = cdm_common::fs::free_bytes(&esp.root).map_err(io_at(&esp.root))?;
+    let dir = esp.slot_dir(slot);
+    let old: u64 = ["vmlinuz", "initrd.img"]
+        .iter()
+        .filter_map(|f| std::fs::symlink_metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum();
+    let have = free.saturating_add(old);
+    if have < need {
+        return Err(InstallError::EspFull { need, have });
+    }
+    Ok(())
+}
+
+/// Removes the target slot's temporaries (`*.tmp` in its ESP directory,
+/// its temporary entry) after a failed install. Best effort: logged.
+fn remove_tmps(esp: &Esp, slot: Slot) {
+    let dir = esp.slot_dir(slot);
+    let mut tmps: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tmp"))
+        .collect();
+    tmps.push(
+        esp.entries_dir()
+            .join(format!("{}.tmp", new_entry(slot).file_name())),
+    );
+    for t in tmps {
+        if let Err(e) = remove_if_exists(&t) {
+            tracing::warn!("cannot remove {e}");
+        }
+    }
+}
+
+/// The name a new install's entry gets.
+fn new_entry(slot: Slot) -> EntryName {
+    EntryName {
+        slot,
+        tries_left: Some(TRIES),
+        tries_done: None,
+    }
 }
 
 /// Opens a slot device for writing. A block device is opened with
@@ -251,15 +381,7 @@ fn remove_slot_entries(esp: &Esp, slot: Slot) -> Result<(), InstallError> {
     }
     // A temporary entry left by a killed install (never read by
     // systemd-boot, but it should not pile up).
-    let tmp = dir.join(format!(
-        "{}.tmp",
-        EntryName {
-            slot,
-            tries_left: Some(TRIES),
-            tries_done: None
-        }
-        .file_name()
-    ));
+    let tmp = dir.join(format!("{}.tmp", new_entry(slot).file_name()));
     remove_if_exists(&tmp)?;
     cdm_common::fs::sync_dir(&dir)?;
     Ok(())

@@ -41,8 +41,12 @@ fn rig(booted: &str, dev_len: usize) -> Rig {
 
 impl Rig {
     fn install(&self, bundle: &Path) -> Result<Installed, InstallError> {
+        self.install_with(bundle, Options::default())
+    }
+
+    fn install_with(&self, bundle: &Path, opts: Options) -> Result<Installed, InstallError> {
         let file = File::open(bundle).unwrap();
-        install(&file, bundle, &self.f.trusted, &self.p)
+        install(&file, bundle, &self.f.trusted, &self.p, opts)
     }
 
     fn entries(&self) -> Vec<String> {
@@ -202,12 +206,18 @@ fn refused_bundle_writes_nothing() {
 fn bundle_changed_after_verification_leaves_no_entry_for_the_slot() {
     let r = rig("a", 100_000);
     std::fs::write(r.p.esp().entries_dir().join("cdm-b.conf"), "version 2\n").unwrap();
+    // b's old kernel and initrd, and a temporary a killed install left.
+    let bdir = r.p.esp().slot_dir(Slot::B);
+    std::fs::create_dir_all(&bdir).unwrap();
+    for f in ["vmlinuz", "initrd.img", "initrd.img.tmp"] {
+        std::fs::write(bdir.join(f), b"old").unwrap();
+    }
     let (b, _) = r.f.bundle("u.cdmb", "0.2.0", crate::ARCH, 5000);
     let file = OpenOptions::new().read(true).write(true).open(&b).unwrap();
     let v = bundle::verify(&file, &b, &r.f.trusted).unwrap();
     let (_, off) = v.payload("kernel").unwrap();
     file.write_all_at(b"X", off + 10).unwrap();
-    let e = install_verified(&file, &b, &v, &r.p).unwrap_err();
+    let e = install_verified(&file, &b, &v, &r.p, Options::default()).unwrap_err();
     assert_eq!(
         e.to_string(),
         "kernel changed after verification (hash differs while copying)"
@@ -216,5 +226,112 @@ fn bundle_changed_after_verification_leaves_no_entry_for_the_slot() {
     assert_eq!(r.entries(), ["cdm-a.conf"]);
     assert!(!r.p.esp().slot_dir(Slot::B).join("vmlinuz").exists());
     assert!(!r.p.esp().slot_dir(Slot::B).join("manifest.json").exists());
+    // The old initrd went in step 2 (room on the ESP), every temporary
+    // with the failure.
+    let left: Vec<_> = std::fs::read_dir(&bdir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     r.booted_entry_untouched("a");
+}
+
+#[test]
+fn a_downgrade_is_refused_with_nothing_written_unless_allowed() {
+    let r = rig("a", 200_000);
+    let esp = r.p.esp();
+    std::fs::write(esp.rollback_index_file(), "100\n").unwrap();
+    let (old, _) = r.f.bundle_at("old.cdmb", "0.1.5", crate::ARCH, 150_000, 99);
+    let e = r.install(&old).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "bundle rollback index 99 is older than the appliance's 100 (a downgrade): \
+         install it with --allow-downgrade from a root shell"
+    );
+    assert_eq!(r.entries(), ["cdm-a.conf"]);
+    assert_eq!(r.dev("b"), vec![0xEE; 200_000], "slot b untouched");
+    assert!(!esp.slot_dir(Slot::B).exists());
+    let u = r.update_state();
+    assert_eq!(
+        (u.state.as_str(), u.version.as_deref()),
+        ("failed", Some("0.1.5"))
+    );
+    // Allowed from a root shell; the stored index is not lowered by it.
+    let i = r
+        .install_with(
+            &old,
+            Options {
+                allow_downgrade: true,
+            },
+        )
+        .unwrap();
+    assert_eq!(i.slot, Slot::B);
+    assert_eq!(esp.rollback_index().unwrap(), 100);
+    // An equal index is a reinstall, not a downgrade.
+    let (same, _) =
+        r.f.bundle_at("same.cdmb", "0.2.0", crate::ARCH, 150_000, 100);
+    r.install(&same).unwrap();
+    assert_eq!(r.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
+}
+
+#[test]
+fn the_last_good_slot_is_never_overwritten() {
+    let r = rig("a", 200_000);
+    let esp = r.p.esp();
+    let dir = esp.entries_dir();
+    // b is good; a (booted) is being tried: b is the only fallback.
+    std::fs::write(dir.join("cdm-b.conf"), "version 3\n").unwrap();
+    std::fs::rename(dir.join("cdm-a.conf"), dir.join("cdm-a+2-1.conf")).unwrap();
+    let (u, _) = r.f.bundle("u.cdmb", "0.3.0", crate::ARCH, 150_000);
+    let e = r.install(&u).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "the booted slot a is still being tried: wait for its health check"
+    );
+    assert_eq!(r.entries(), ["cdm-a+2-1.conf", "cdm-b.conf"]);
+    assert_eq!(r.dev("b"), vec![0xEE; 200_000], "slot b untouched");
+    // No entry for the booted slot at all: refused the same way.
+    std::fs::remove_file(dir.join("cdm-a+2-1.conf")).unwrap();
+    assert!(matches!(
+        r.install(&u).unwrap_err(),
+        InstallError::BootedNotGood("a")
+    ));
+    assert_eq!(r.entries(), ["cdm-b.conf"]);
+    // Blessed: the install goes ahead.
+    std::fs::write(dir.join("cdm-a.conf"), BOOTED_ENTRY).unwrap();
+    r.install(&u).unwrap();
+    assert_eq!(r.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
+}
+
+#[test]
+fn install_and_bless_wait_for_the_esp_lock() {
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let r = rig("a", 200_000);
+    let (u, _) = r.f.bundle("u.cdmb", "0.2.0", crate::ARCH, 150_000);
+    let held = r.p.esp().lock().unwrap();
+    assert!(r.p.esp.join("cdm/.lock").exists());
+    let (r, u) = (&r, &u);
+    std::thread::scope(|s| {
+        let (tx, rx) = mpsc::channel();
+        let tx2 = tx.clone();
+        s.spawn(move || tx.send(("install", r.install(u).is_ok())).unwrap());
+        s.spawn(move || {
+            tx2.send(("bless", crate::health::bless(&r.p).is_ok()))
+                .unwrap()
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(700)).is_err(),
+            "neither runs while the lock is held"
+        );
+        assert_eq!(r.entries(), ["cdm-a.conf"]);
+        drop(held);
+        let mut got = [
+            rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+            rx.recv_timeout(Duration::from_secs(30)).unwrap(),
+        ];
+        got.sort();
+        assert_eq!(got, [("bless", true), ("install", true)]);
+    });
+    assert_eq!(r.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
 }

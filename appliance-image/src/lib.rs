@@ -9,6 +9,7 @@ pub mod health;
 pub mod install;
 pub mod keys;
 pub mod slots;
+pub mod spool;
 pub mod status;
 
 /// The target architecture this build installs for (the manifest's `arch`).

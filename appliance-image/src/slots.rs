@@ -194,6 +194,10 @@ impl SlotsConfig {
     }
 }
 
+/// The ESP's lock, held until dropped (closing the fd releases it).
+#[derive(Debug)]
+pub struct EspLock(#[allow(dead_code)] std::fs::File);
+
 /// The ESP and the files cdm keeps on it.
 #[derive(Debug, Clone)]
 pub struct Esp {
@@ -296,6 +300,69 @@ impl Esp {
     pub fn next_generation(&self) -> Result<u64, SlotError> {
         let max = self.entries()?.iter().filter_map(|e| e.generation).max();
         Ok(max.map_or(1, |g| g.saturating_add(1)))
+    }
+
+    /// Takes the ESP's one lock, `ESP/cdm/.lock` (made if missing),
+    /// `flock(LOCK_EX)`, waiting for it: an install and a bless never
+    /// interleave their renames and index writes. Released on drop.
+    pub fn lock(&self) -> Result<EspLock, SlotError> {
+        use std::os::unix::io::AsRawFd;
+        let p = self.root.join("cdm/.lock");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&p)
+            .map_err(io_at(&p))?;
+        loop {
+            // SAFETY: flock(2) on an fd we own.
+            if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(EspLock(f));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(io_at(&p)(e));
+            }
+        }
+    }
+
+    /// `ESP/cdm/rollback_index`: the highest rollback index of a blessed
+    /// slot (decimal). Installs below it are downgrades.
+    pub fn rollback_index_file(&self) -> PathBuf {
+        self.root.join("cdm/rollback_index")
+    }
+
+    /// The stored rollback index; absent is 0 (nothing blessed since the
+    /// image was built). Unreadable or garbled is an error, never 0: that
+    /// would reopen downgrades.
+    pub fn rollback_index(&self) -> Result<u64, SlotError> {
+        let p = self.rollback_index_file();
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io_at(&p)(e)),
+        };
+        text.trim().parse().map_err(|_| SlotError::Config {
+            path: p.clone(),
+            msg: format!("{:?} is not a rollback index", text.trim()),
+        })
+    }
+
+    /// Raises the stored rollback index to `n` (atomic write, file and
+    /// directory synced); a lower or equal `n` changes nothing. Returns the
+    /// index now stored.
+    pub fn raise_rollback_index(&self, n: u64) -> Result<u64, SlotError> {
+        let now = self.rollback_index()?;
+        if n <= now {
+            return Ok(now);
+        }
+        cdm_common::fs::write_atomic(
+            &self.rollback_index_file(),
+            format!("{n}\n").as_bytes(),
+            0o644,
+        )?;
+        Ok(n)
     }
 
     /// The manifest installed into `slot`, if any and readable.
@@ -418,5 +485,23 @@ mod tests {
         w("{");
         assert!(esp.config().is_err());
         assert_eq!(esp.next_generation().unwrap(), 1);
+    }
+
+    #[test]
+    fn rollback_index_only_grows() {
+        let d = tempfile::tempdir().unwrap();
+        let esp = Esp::new(d.path());
+        std::fs::create_dir_all(d.path().join("cdm")).unwrap();
+        assert_eq!(esp.rollback_index().unwrap(), 0, "absent is 0");
+        assert_eq!(esp.raise_rollback_index(7).unwrap(), 7);
+        assert_eq!(esp.raise_rollback_index(3).unwrap(), 7, "never lowered");
+        assert_eq!(esp.rollback_index().unwrap(), 7);
+        assert_eq!(
+            std::fs::read_to_string(esp.rollback_index_file()).unwrap(),
+            "7\n"
+        );
+        std::fs::write(esp.rollback_index_file(), "x\n").unwrap();
+        let e = esp.rollback_index().unwrap_err().to_string();
+        assert!(e.contains("is not a rollback index"), "{e}");
     }
 }

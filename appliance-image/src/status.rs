@@ -17,6 +17,8 @@ pub struct SlotStatus {
     pub tries_left: Option<u32>,
     pub version: Option<String>,
     pub generation: Option<u64>,
+    /// The installed manifest's rollback index (null: empty slot).
+    pub rollback_index: Option<u64>,
     pub booted: bool,
 }
 
@@ -89,6 +91,7 @@ pub fn collect(p: &Paths, update: Option<UpdateStatus>) -> Result<Status, SlotEr
         .iter()
         .map(|&s| {
             let e = esp.slot_entry(&entries, s);
+            let m = e.as_ref().and(esp.installed(s));
             let state = match e.as_ref().map(|e| e.name.state()) {
                 None => "empty",
                 Some(EntryState::Good) => "good",
@@ -99,8 +102,9 @@ pub fn collect(p: &Paths, update: Option<UpdateStatus>) -> Result<Status, SlotEr
                 slot: s.name().into(),
                 state: state.into(),
                 tries_left: e.as_ref().and_then(|e| e.name.tries_left),
-                version: e.as_ref().and(esp.installed(s)).map(|m| m.version),
                 generation: e.as_ref().and_then(|e| e.generation),
+                rollback_index: m.as_ref().map(|m| m.rollback_index),
+                version: m.map(|m| m.version),
                 booted: booted == Some(s),
             }
         })
@@ -186,7 +190,7 @@ pub(crate) mod tests {
         std::fs::create_dir_all(esp.slot_dir(Slot::B)).unwrap();
         std::fs::write(
             esp.slot_dir(Slot::B).join("manifest.json"),
-            r#"{"format":1,"compatible":"cdm-appliance","arch":"x86_64","version":"0.2.0","key_id":"00","files":[]}"#,
+            r#"{"format":1,"compatible":"cdm-appliance","arch":"x86_64","version":"0.2.0","key_id":"00","rollback_index":17,"files":[]}"#,
         )
         .unwrap();
         std::fs::write(esp.slots_json(), "{}").unwrap();
@@ -199,8 +203,8 @@ pub(crate) mod tests {
             serde_json::json!({
                 "appliance": true, "version": "0.1.0", "booted_slot": "a",
                 "slots": [
-                    {"slot": "a", "state": "good", "tries_left": null, "version": null, "generation": 4, "booted": true},
-                    {"slot": "b", "state": "trying", "tries_left": 2, "version": "0.2.0", "generation": 5, "booted": false}
+                    {"slot": "a", "state": "good", "tries_left": null, "version": null, "generation": 4, "rollback_index": null, "booted": true},
+                    {"slot": "b", "state": "trying", "tries_left": 2, "version": "0.2.0", "generation": 5, "rollback_index": 17, "booted": false}
                 ],
                 "update": {"state": "installed", "version": "0.2.0", "error": null, "at": up.at}
             })
@@ -232,5 +236,6 @@ pub(crate) mod tests {
         assert_eq!(s.slots[1].state, "empty");
         assert_eq!(s.slots[1].version, None);
         assert_eq!(s.slots[1].generation, None);
+        assert_eq!(s.slots[1].rollback_index, None);
     }
 }

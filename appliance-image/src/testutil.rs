@@ -41,13 +41,26 @@ impl Fixture {
         self.dir.path().join(name)
     }
 
-    /// A bundle of `version` with a rootfs of `rootfs_len` bytes.
+    /// A bundle of `version` with a rootfs of `rootfs_len` bytes and
+    /// rollback index 100.
     pub fn bundle(
         &self,
         name: &str,
         version: &str,
         arch: &str,
         rootfs_len: usize,
+    ) -> (PathBuf, Manifest) {
+        self.bundle_at(name, version, arch, rootfs_len, 100)
+    }
+
+    /// A bundle with the given rollback index.
+    pub fn bundle_at(
+        &self,
+        name: &str,
+        version: &str,
+        arch: &str,
+        rootfs_len: usize,
+        rollback_index: u64,
     ) -> (PathBuf, Manifest) {
         let w = |n: &str, data: Vec<u8>| -> PathBuf {
             let p = self.path(&format!("{name}.{n}"));
@@ -67,6 +80,7 @@ impl Fixture {
                 rootfs: &rootfs,
                 kernel: &kernel,
                 initrd: &initrd,
+                rollback_index,
             },
             &out,
         )

@@ -21,6 +21,21 @@ fn at(path: &Path) -> impl FnOnce(io::Error) -> FileError + '_ {
     }
 }
 
+/// Free bytes for unprivileged writers on the filesystem holding `path`
+/// (statvfs `f_bavail * f_frsize`).
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs is plain data (all-zero is valid); the call only
+    // fills it from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Writes `data` to `path` through a temporary file created with `mode`
 /// (a key is never readable by others, not even for a moment), synced and
 /// renamed, then syncs the directory: a crash leaves the old file or the

@@ -114,13 +114,5 @@ fn make(b: &Ballast) -> bool {
 
 /// Free bytes of the filesystem holding `dir` (`f_bavail`).
 pub fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs is plain data (all-zero is valid); the call only
-    // fills it from a NUL-terminated path.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    cdm_common::fs::free_bytes(dir).ok()
 }

@@ -324,6 +324,7 @@ fn settings(args: &Args) -> Result<Settings> {
             tool: or(&args.update_tool, &cfg.update_tool, "/usr/bin/cdm-update"),
             keys: or(&args.update_keys, &cfg.update_keys, "/etc/cdm/update-keys"),
             spool: data.join("updates"),
+            busy: Default::default(),
         }
     });
     Ok(Settings {

@@ -673,3 +673,106 @@ fn status_and_the_install_chain_short_of_a_reboot() {
         cdm_api::appliance::UpdateState::Failed
     );
 }
+
+/// The names in DATA/updates that are not the filesystem's own.
+fn spool_files(a: &Appliance) -> Vec<String> {
+    spool(a).into_iter().filter(|n| n != "lost+found").collect()
+}
+
+/// The update spool on a small filesystem of its own: an upload needs a
+/// Content-Length (411), is refused before a byte is stored when the
+/// filesystem lacks its length plus the 256 MiB reserve (507), and only
+/// one streams at a time (409).
+#[test]
+fn uploads_need_a_length_the_room_for_it_and_their_turn() {
+    let kit = Kit::new();
+    let work = kit.path("fs");
+    std::fs::create_dir(&work).expect("fs dir");
+    let (mnt, _fs) = small_ext4(&work, 320 << 20);
+    let a = appliance(&kit, &kit.path("status.json"));
+    let updates = a.data.join("updates");
+    std::fs::create_dir_all(&updates).expect("updates dir");
+    run(Command::new("mount").arg("--bind").arg(&mnt).arg(&updates));
+    let _bind = LoopMount::new(updates.clone());
+    let free: u64 = run(Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(&updates))
+    .lines()
+    .nth(1)
+    .and_then(|l| l.trim().parse().ok())
+    .expect("df's free bytes");
+    let reserve = 256u64 << 20;
+    assert!(
+        free > reserve + (1 << 20),
+        "the test filesystem has {free} bytes free"
+    );
+
+    // No length: nothing to check the space against.
+    let (s, v) = http_head_only(
+        &a.url(),
+        &format!(
+            "POST /v1/appliance/updates HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+            a.admin_token()
+        ),
+    );
+    assert_eq!(s, 411, "{v}");
+    assert!(spool_files(&a).is_empty());
+
+    // A body that would leave less than the reserve: 507, nothing stored.
+    let too_big = vec![0u8; (free - reserve + (1 << 20)) as usize];
+    let (s, v) = upload(&a, &a.admin_token(), &too_big);
+    assert_eq!(s, 507, "{v}");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("not enough space for the update")
+            && msg.contains(&format!("the bundle is {} bytes", too_big.len())),
+        "{msg}"
+    );
+    assert!(spool_files(&a).is_empty(), "{:?}", spool_files(&a));
+
+    // One upload streams (its head and a little of its body sent)...
+    use std::io::Write;
+    let addr = a.url().trim_start_matches("http://").to_string();
+    let mut slow = std::net::TcpStream::connect(&addr).expect("connect");
+    write!(
+        slow,
+        "POST /v1/appliance/updates HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        a.admin_token(),
+        1 << 20
+    )
+    .expect("head");
+    slow.write_all(&[7u8; 1000]).expect("some body");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !spool_files(&a).iter().any(|n| n.starts_with("upload-")) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slow upload never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ...so a second one waits its turn; within the room it is accepted.
+    let good = std::fs::read(kit.bundle("good", "0.5.0", 64 << 10)).expect("bundle");
+    let (s, v) = upload(&a, &a.admin_token(), &good);
+    assert_eq!(s, 409, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("another update upload is streaming"),
+        "{v}"
+    );
+    drop(slow);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (s, v) = loop {
+        let (s, v) = upload(&a, &a.admin_token(), &good);
+        if s != 409 || std::time::Instant::now() > deadline {
+            break (s, v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(s, 202, "{v}");
+    assert_eq!(v["version"], "0.5.0");
+    assert_eq!(spool_files(&a), vec!["pending.cdmb".to_string()]);
+}

@@ -43,6 +43,12 @@ impl Site {
     /// A squashfs root image holding /usr/lib/cdm/version, plus kernel
     /// and initrd files; returns the bundle path.
     fn bundle(&self, version: &str, arch: &str) -> PathBuf {
+        self.bundle_with(version, arch, &|_| {})
+    }
+
+    /// As [`Site::bundle`], with `tweak` applied to the `cdm-update bundle`
+    /// command (more arguments, environment).
+    fn bundle_with(&self, version: &str, arch: &str, tweak: &dyn Fn(&mut Command)) -> PathBuf {
         require("mksquashfs");
         let root = self.p(&format!("root-{version}"));
         std::fs::create_dir_all(root.join("usr/lib/cdm")).expect("root dir");
@@ -60,7 +66,7 @@ impl Site {
         write_file(&self.p("initrd.img"), &random_bytes(60_000, 2));
         let out = self.p(&format!("{version}-{arch}.cdmb"));
         let s = |p: &Path| p.to_string_lossy().into_owned();
-        run(&mut self.tool(&[
+        let mut c = self.tool(&[
             "bundle",
             "--key",
             &s(&self.p("secret")),
@@ -76,7 +82,9 @@ impl Site {
             &s(&self.p("initrd.img")),
             "--out",
             &s(&out),
-        ]));
+        ]);
+        tweak(&mut c);
+        run(&mut c);
         out
     }
 
@@ -278,6 +286,17 @@ fn install_boot_and_bless_a_real_squashfs_slot() {
     )
     .expect("count");
     a.boot("b", "0.2.0");
+    // Until b is blessed, a is the only good fallback: no install over it.
+    let early = a.site.bundle("0.2.1", std::env::consts::ARCH);
+    let o = a.install(&early, false);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr)
+            .contains("the booted slot b is still being tried: wait for its health check"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b+2-1.conf"]);
     let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let dead = format!("http://{}/health", closed.local_addr().expect("addr"));
     drop(closed);
@@ -303,6 +322,12 @@ fn install_boot_and_bless_a_real_squashfs_slot() {
     assert_eq!(s["version"], "0.2.0");
     assert_eq!(s["slots"][1]["state"], "good");
     assert_eq!(s["slots"][1]["booted"], true);
+    // Blessing raised the appliance's rollback index to b's.
+    let index = s["slots"][1]["rollback_index"].as_u64().expect("index");
+    assert_eq!(
+        std::fs::read_to_string(a.p("esp/cdm/rollback_index")).expect("stored index"),
+        format!("{index}\n")
+    );
     assert_eq!(s["slots"][0]["booted"], false);
 
     // The next update goes to a, generation 3; b's entry stays as it is.
@@ -369,13 +394,27 @@ fn install_refusals_write_nothing_and_the_spool_goes() {
     let o = a.install(&spool, true);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("opening"),
+        String::from_utf8_lossy(&o.stderr).contains("symbolic links"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(
         std::fs::symlink_metadata(&spool).is_err(),
         "the link is removed"
+    );
+    // A directory under the spool name: refused and removed, so that the
+    // path unit does not start the installer on it again and again.
+    std::fs::create_dir(&spool).expect("dir");
+    let o = a.install(&spool, true);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is not a regular file (a directory): removed"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        std::fs::symlink_metadata(&spool).is_err(),
+        "the directory is removed"
     );
     assert!(bundle.exists());
     assert_eq!(a.entries(), ["cdm-a.conf"]);
@@ -586,4 +625,116 @@ fn a_mounted_slot_device_is_refused_and_a_free_one_installed() {
         .arg(&dev.0)
         .arg("usr/lib/cdm/version"));
     assert_eq!(v, "0.4.0\n");
+}
+
+/// Downgrade protection: a bundle below the stored rollback index is
+/// refused (exit 2, nothing written); `--allow-downgrade` installs it from
+/// a shell but never with `--spool`; an equal index installs.
+#[test]
+fn a_downgrade_is_refused_unless_allowed_from_a_shell() {
+    let a = Appliance::new("a");
+    let old = a.site.bundle_with("0.1.9", std::env::consts::ARCH, &|c| {
+        c.env("SOURCE_DATE_EPOCH", "1000");
+    });
+    let (code, manifest, _) = a.site.verify(&old);
+    assert_eq!(code, 0);
+    let m: serde_json::Value = serde_json::from_str(&manifest).expect("manifest");
+    assert_eq!(
+        m["rollback_index"], 1000,
+        "the default is SOURCE_DATE_EPOCH"
+    );
+    write_file(&a.p("esp/cdm/rollback_index"), b"2000\n");
+
+    let o = a.install(&old, false);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr).trim(),
+        "bundle rollback index 1000 is older than the appliance's 2000 (a downgrade): \
+         install it with --allow-downgrade from a root shell"
+    );
+    assert_eq!(a.entries(), ["cdm-a.conf"]);
+    assert!(std::fs::read(a.p("dev-b"))
+        .expect("dev")
+        .iter()
+        .all(|&b| b == 0));
+    assert_eq!(a.status()["update"]["state"], "failed");
+
+    // Never through the spool (the upload path).
+    let spool = a.p("pending.cdmb");
+    std::fs::copy(&old, &spool).expect("spool");
+    let mut c = a.cmd(&["install", "--spool", "--allow-downgrade"]);
+    let o = output(c.arg("--keys").arg(a.p("keys")).arg(&spool));
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--allow-downgrade is refused with --spool"),
+        "{err}"
+    );
+    assert_eq!(a.entries(), ["cdm-a.conf"]);
+
+    // From a shell it installs; the stored index stays.
+    let mut c = a.cmd(&["install", "--allow-downgrade"]);
+    let o = output(c.arg("--keys").arg(a.p("keys")).arg(&old));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
+    assert_eq!(a.status()["slots"][1]["rollback_index"], 1000);
+    assert_eq!(
+        std::fs::read_to_string(a.p("esp/cdm/rollback_index")).expect("index"),
+        "2000\n"
+    );
+
+    // An equal index is not a downgrade.
+    let same = a.site.bundle_with("0.2.0", std::env::consts::ARCH, &|c| {
+        c.args(["--rollback-index", "2000"]);
+    });
+    let o = a.install(&same, false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(a.status()["slots"][1]["rollback_index"], 2000);
+}
+
+/// Free bytes of the filesystem holding `p`, as df says.
+fn df_free(p: &Path) -> u64 {
+    run(Command::new("df").args(["--output=avail", "-B1"]).arg(p))
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df's free bytes")
+}
+
+/// An ESP without room for the kernel and initrd: refused before step 2,
+/// with nothing written; with room again, the same bundle installs.
+#[test]
+fn a_full_esp_is_refused_with_nothing_written() {
+    let a = Appliance::new("a");
+    let bundle = a.site.bundle("0.2.0", std::env::consts::ARCH);
+    let work = a.p("fs");
+    std::fs::create_dir(&work).expect("fs dir");
+    let (mnt, _fs) = cdm_e2e::small_ext4(&work, 8 << 20);
+    run(Command::new("cp").arg("-a").arg(a.p("esp/.")).arg(&mnt));
+    run(Command::new("mount")
+        .arg("--bind")
+        .arg(&mnt)
+        .arg(a.p("esp")));
+    let _bind = cdm_e2e::LoopMount::new(a.p("esp"));
+    let filler = a.p("esp/filler");
+    let free = df_free(&a.p("esp"));
+    // Half a MiB left: less than the kernel and initrd plus 1 MiB of slack.
+    write_file(&filler, &vec![0u8; (free - (512 << 10)) as usize]);
+    let o = a.install(&bundle, false);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bytes free (counting the target slot's old kernel and initrd): the kernel and initrd need"),
+        "{err}"
+    );
+    assert_eq!(a.entries(), ["cdm-a.conf"]);
+    assert!(!a.p("esp/cdm/b").exists(), "nothing written on the ESP");
+    assert!(std::fs::read(a.p("dev-b"))
+        .expect("dev")
+        .iter()
+        .all(|&b| b == 0));
+    std::fs::remove_file(&filler).expect("filler");
+    let o = a.install(&bundle, false);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(a.entries(), ["cdm-a.conf", "cdm-b+3.conf"]);
 }

@@ -2416,6 +2416,12 @@ export interface components {
              * @description Its boot entry's generation (the newest boots first).
              */
             generation?: number | null;
+            /**
+             * Format: int64
+             * @description The installed bundle's rollback index (null: empty slot). The
+             *     appliance refuses uploads below the index of its last blessed slot.
+             */
+            rollback_index?: number | null;
             slot: string;
             state: components["schemas"]["SlotState"];
             /**
@@ -3215,7 +3221,23 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
+            411: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            507: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -3,7 +3,6 @@
 //! 2 a bundle refused by verification (one line on stderr saying why).
 
 use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -79,6 +78,11 @@ enum Cmd {
         initrd: PathBuf,
         #[arg(long)]
         out: PathBuf,
+        /// Downgrade protection: appliances refuse bundles below the index
+        /// of their last blessed update. Default: $SOURCE_DATE_EPOCH if
+        /// set (reproducible builds), else the current Unix time.
+        #[arg(long)]
+        rollback_index: Option<u64>,
     },
     /// Verify a bundle; print its manifest as JSON.
     Verify {
@@ -99,6 +103,10 @@ enum Cmd {
         /// be a regular file, and is removed when done (success or not).
         #[arg(long)]
         spool: bool,
+        /// Install even if the bundle's rollback index is below the
+        /// appliance's (never with --spool: uploads cannot downgrade).
+        #[arg(long)]
+        allow_downgrade: bool,
         file: PathBuf,
     },
     /// Wait for the health URL, then bless the booted boot entry.
@@ -202,7 +210,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             kernel,
             initrd,
             out,
+            rollback_index,
         } => {
+            let rollback_index = match rollback_index {
+                Some(n) => n,
+                None => default_rollback_index()?,
+            };
             let sk = keys::read_secret(&key)?;
             let inp = bundle::Inputs {
                 version: &version,
@@ -210,6 +223,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rootfs: &rootfs,
                 kernel: &kernel,
                 initrd: &initrd,
+                rollback_index,
             };
             let m = bundle::create(&sk, &inp, &out)?;
             println!("{}", serde_json::to_string_pretty(&m)?);
@@ -224,8 +238,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             site,
             reboot,
             spool,
+            allow_downgrade,
             file,
-        } => cmd_install(&keys, site.paths(), reboot, spool, &file)?,
+        } => {
+            if spool && allow_downgrade {
+                anyhow::bail!(
+                    "--allow-downgrade is refused with --spool (an upload can never downgrade)"
+                );
+            }
+            let opts = install::Options { allow_downgrade };
+            cmd_install(&keys, site.paths(), reboot, spool, opts, &file)?
+        }
         Cmd::Health {
             url,
             timeout,
@@ -282,6 +305,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `$SOURCE_DATE_EPOCH` (set by reproducible builds: the same commit
+/// gives the same bundle), else the current Unix time.
+fn default_rollback_index() -> anyhow::Result<u64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("SOURCE_DATE_EPOCH {v:?} is not a Unix time")),
+        Err(_) => Ok(std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?
+            .as_secs()),
+    }
+}
+
 fn print_status(s: &status::Status) {
     println!("version  {}", s.version);
     println!("booted   {}", s.booted_slot.as_deref().unwrap_or("-"));
@@ -315,17 +353,15 @@ fn print_status(s: &status::Status) {
 }
 
 /// Opens the bundle. A spool file (in a directory the cdm user owns) is
-/// opened without following symlinks and must be a regular file; the fd
-/// is then used for every read, so swapping the name later changes nothing.
+/// taken through its directory's fd, never following a symlink, must be a
+/// regular file, and its name is removed at once (see `spool::take`); the
+/// fd is then used for every read, so swapping the name later changes
+/// nothing.
 fn open_bundle(file: &Path, spool: bool) -> anyhow::Result<File> {
-    let mut o = std::fs::OpenOptions::new();
-    o.read(true);
     if spool {
-        o.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+        return Ok(cdm_appliance::spool::take(file)?);
     }
-    let f = o
-        .open(file)
-        .with_context(|| format!("opening {}", file.display()))?;
+    let f = File::open(file).with_context(|| format!("opening {}", file.display()))?;
     let md = f
         .metadata()
         .with_context(|| format!("{}", file.display()))?;
@@ -340,25 +376,23 @@ fn cmd_install(
     p: Paths,
     reboot: bool,
     spool: bool,
+    opts: install::Options,
     file: &Path,
 ) -> anyhow::Result<()> {
-    let opened = trusted(keys).and_then(|t| Ok((t, open_bundle(file, spool)?)));
-    if spool {
-        // The spool file is consumed as soon as it is open (every read goes
-        // through the fd): the path unit does not start us again on it, and
-        // an install cut by a power failure is not resumed behind the
-        // admin's back at the next boot; the old slot boots and the admin
-        // uploads again. unlink(2) removes a symlink itself.
-        if let Err(e) = std::fs::remove_file(file) {
-            tracing::warn!("cannot remove the spool file {}: {e}", file.display());
-        }
-    }
+    // The spool file is consumed as soon as it is open (every read goes
+    // through the fd), before anything else can fail: the path unit does
+    // not start us again on it, and an install cut by a power failure is
+    // not resumed behind the admin's back at the next boot; the old slot
+    // boots and the admin uploads again.
+    let bundle = open_bundle(file, spool);
+    let opened = trusted(keys).and_then(|t| Ok((t, bundle?)));
     let r = opened
         .inspect_err(|e| install::record(&p, "failed", None, Some(chain(e))))
         .and_then(|(t, f)| {
             // install() records its own progress and failure.
-            install::install(&f, file, &t, &p).map_err(|e| match e {
+            install::install(&f, file, &t, &p, opts).map_err(|e| match e {
                 InstallError::Refused(b) => anyhow::Error::new(Refused(b.to_string())),
+                e @ InstallError::Downgrade { .. } => anyhow::Error::new(Refused(e.to_string())),
                 other => anyhow::Error::new(other),
             })
         });

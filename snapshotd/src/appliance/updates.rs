@@ -8,6 +8,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cdm_api::appliance::{
@@ -24,6 +26,10 @@ use super::Appliance;
 pub const PENDING: &str = "pending.cdmb";
 /// How long `cdm-update verify` may take (it hashes up to 4 GiB).
 const VERIFY_LIMIT: Duration = Duration::from_secs(600);
+/// Free space an upload must leave on the data partition (it holds the
+/// pool and snapshotd's state, which must never run out because of an
+/// update).
+pub const SPOOL_RESERVE: u64 = 256 << 20;
 /// A status file larger than this is not one.
 const STATUS_MAX: u64 = 1 << 20;
 
@@ -39,6 +45,8 @@ pub struct UpdateSetup {
     pub keys: PathBuf,
     /// `DATA/updates`.
     pub spool: PathBuf,
+    /// Set while an upload streams: one at a time.
+    pub busy: Arc<AtomicBool>,
 }
 
 impl UpdateSetup {
@@ -91,17 +99,31 @@ impl Appliance {
 
     /// A new upload file in `DATA/updates` (the directory made 0700: only
     /// snapshotd and root look inside).
-    fn upload_open(&self, c: &Caller) -> ApiResult<Upload> {
+    fn upload_open(&self, c: &Caller, length: u64) -> ApiResult<Upload> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         let s = self.update_setup()?;
         pending_free(&s.spool)?;
+        if s.busy.swap(true, Ordering::AcqRel) {
+            return Err(ApiError::conflict(
+                "another update upload is streaming: wait for it to finish",
+            ));
+        }
+        // From here the flag is ours; a failure below must clear it.
+        let release = |e: ApiError| {
+            s.busy.store(false, Ordering::Release);
+            e
+        };
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&s.spool)
             .map_err(|e| {
-                ApiError::unavailable(format!("cannot make {}: {e}", s.spool.display()))
+                release(ApiError::unavailable(format!(
+                    "cannot make {}: {e}",
+                    s.spool.display()
+                )))
             })?;
+        room_for(&s.spool, length).map_err(release)?;
         let path = s.spool.join(format!("upload-{}", random_hex(8)));
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -109,9 +131,14 @@ impl Appliance {
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
-            .map_err(|e| ApiError::unavailable(format!("cannot create {}: {e}", path.display())))?;
-        tracing::info!(file = %path.display(), by = %c.user, "update upload started");
-        Ok(Upload::new(path, file))
+            .map_err(|e| {
+                release(ApiError::unavailable(format!(
+                    "cannot create {}: {e}",
+                    path.display()
+                )))
+            })?;
+        tracing::info!(file = %path.display(), by = %c.user, length, "update upload started");
+        Ok(Upload::exclusive(path, file, s.busy.clone()))
     }
 
     fn update_accept(&self, c: &Caller, upload: &Path, bytes: u64) -> ApiResult<UpdateAccepted> {
@@ -164,6 +191,29 @@ fn pending_conflict() -> ApiError {
         "an update bundle is pending already: the installer has not taken it yet \
          (GET /v1/appliance shows its progress)",
     )
+}
+
+/// 507 unless the spool's filesystem has `length` bytes free plus
+/// [`SPOOL_RESERVE`].
+fn room_for(spool: &Path, length: u64) -> ApiResult<()> {
+    let free = cdm_common::fs::free_bytes(spool).map_err(|e| {
+        ApiError::unavailable(format!(
+            "cannot tell the free space of {}: {e}",
+            spool.display()
+        ))
+    })?;
+    if free < length.saturating_add(SPOOL_RESERVE) {
+        return Err(ApiError::new(
+            507,
+            "insufficient_storage",
+            format!(
+                "not enough space for the update: the bundle is {length} bytes, {} has {free} bytes free \
+                 and keeps {SPOOL_RESERVE} bytes in reserve for the pool",
+                spool.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// 409 while `SPOOL/pending.cdmb` exists (as anything, a symlink too).
@@ -272,8 +322,8 @@ impl ApplianceBackend for Appliance {
     fn appliance_status(&self) -> ApiResult<ApplianceStatus> {
         self.status_read()
     }
-    fn open_update_upload(&self, c: &Caller) -> ApiResult<Upload> {
-        self.upload_open(c)
+    fn open_update_upload(&self, c: &Caller, length: u64) -> ApiResult<Upload> {
+        self.upload_open(c, length)
     }
     fn accept_update(&self, c: &Caller, upload: &Path, bytes: u64) -> ApiResult<UpdateAccepted> {
         self.update_accept(c, upload, bytes)
@@ -312,6 +362,7 @@ mod tests {
             tool: "/bin/false".into(),
             keys: d.path().into(),
             spool: d.path().join("updates"),
+            busy: Default::default(),
         };
         s.clear_stale_uploads();
         std::fs::create_dir(&s.spool).unwrap();
