@@ -131,7 +131,10 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
     let v2_other = build(&w.join("v2-other"), &other, "2.0.0", None, true);
 
     // 1. First boot, some data.
-    let mut vm = Vm::create(&w.join("vm"), &v1.disk, 0);
+    // 4 GiB more than the image: the pool takes 90% of the data partition,
+    // and the 10% left must hold an uploaded bundle (~250 MiB) plus the
+    // 256 MiB the upload route keeps free.
+    let mut vm = Vm::create(&w.join("vm"), &v1.disk, 4 << 30);
     vm.start();
     let log = vm.wait_console("first boot: admin token ", 1, BOOT_SECS);
     vm.token = token_from_console(&log);
