@@ -50,6 +50,29 @@ fn the_image_boots_to_a_healthy_appliance_serving_api_console_and_nbd() {
         packages.lines().any(|l| l.starts_with("systemd ")),
         "{packages}"
     );
+    // Its units as systemd's checker sees them in the image's own root.
+    let root = img.out.join("work/root");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(format!("--root={}", root.display()))
+        .args([
+            "snapshotd.service",
+            "systemd-repart.service",
+            "cdm-health.service",
+            "cdm-banner.service",
+            "cdm-update.path",
+            "cdm-update.service",
+        ])
+        .output()
+        .expect("systemd-analyze");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).expect("passwd");
+    assert!(passwd.contains("cdm:x:900:900:"), "the cdm user: {passwd}");
 
     // Written to a disk 2 GiB larger than the image: first boot grows the
     // data partition, and the pool takes 90% of it.
@@ -57,8 +80,8 @@ fn the_image_boots_to_a_healthy_appliance_serving_api_console_and_nbd() {
     vm.start();
     let log = first_boot(&mut vm, &img.version);
     assert!(
-        log.contains("cdm first boot: data partition"),
-        "first boot ran"
+        log.contains("Repartition Root Disk") && log.contains("Grow File System on /var/lib/cdm"),
+        "systemd-repart and growfs ran at boot"
     );
     vm.fetch_ca();
     let c = vm.client();
