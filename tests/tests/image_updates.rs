@@ -85,6 +85,29 @@ fn boots_of(log: &str, slot: &str) -> usize {
         .count()
 }
 
+/// Waits until slot A, tried after `a_before` boots of it, has given way
+/// to slot B again (the last boot on the console is B's); the tries of A.
+fn wait_rollback(vm: &Vm, a_before: usize) -> usize {
+    let t = Instant::now();
+    loop {
+        let log = vm.console();
+        let tries = boots_of(&log, "a") - a_before;
+        let b_last = log
+            .rsplit("Kernel command line:")
+            .next()
+            .is_some_and(|last| last.contains("cdm.slot=b"));
+        if tries >= 1 && b_last {
+            return tries;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(4 * BOOT_SECS),
+            "no rollback to slot B after {tries} tries of A; the console:\n{}",
+            tail(&log, 8000)
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
 /// A bundle of V2's root with another initrd: a kernel that cannot boot.
 fn unbootable(v2: &Image, key: &Path, dir: &Path) -> std::path::PathBuf {
     std::fs::create_dir_all(dir).expect("dir");
@@ -247,25 +270,8 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let t = Instant::now();
-    loop {
-        let log = vm.console();
-        let tries = boots_of(&log, "a") - a_before;
-        let b_after = log
-            .rsplit("Kernel command line:")
-            .next()
-            .is_some_and(|last| last.contains("cdm.slot=b"));
-        if tries >= 1 && b_after {
-            assert_eq!(tries, 3, "slot A tried {tries} times before the rollback");
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(4 * BOOT_SECS),
-            "no rollback; the console:\n{}",
-            tail(&log, 8000)
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    let tries = wait_rollback(&vm, a_before);
+    assert_eq!(tries, 3, "slot A tried {tries} times before the rollback");
     wait_up(&mut vm, 4);
     let st = status(&vm);
     assert_eq!(st["booted_slot"], "b", "{st}");
@@ -282,26 +288,8 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let t = Instant::now();
-    loop {
-        let log = vm.console();
-        let tries = boots_of(&log, "a") - a_before;
-        let back = tries >= 1
-            && log
-                .rsplit("Kernel command line:")
-                .next()
-                .is_some_and(|last| last.contains("cdm.slot=b"));
-        if back {
-            assert!(tries <= 3, "slot A tried {tries} times");
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(4 * BOOT_SECS),
-            "no rollback from an unbootable slot; the console:\n{}",
-            tail(&log, 8000)
-        );
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    let tries = wait_rollback(&vm, a_before);
+    assert!(tries <= 3, "slot A tried {tries} times");
     wait_up(&mut vm, 5);
     let st = status(&vm);
     assert_eq!(st["booted_slot"], "b", "{st}");
