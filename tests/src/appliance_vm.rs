@@ -265,6 +265,15 @@ pub fn tail(log: &str, n: usize) -> &str {
     &log[i..]
 }
 
+/// One slot's entry (`"a"` or `"b"`) of an appliance status
+/// (`GET /v1/appliance`, `cdmctl appliance status --json`); null if absent.
+pub fn slot_of(status: &serde_json::Value, slot: &str) -> serde_json::Value {
+    status["slots"]
+        .as_array()
+        .and_then(|v| v.iter().find(|x| x["slot"] == slot).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// The admin token the first boot's banner showed on the console.
 pub fn token_from_console(log: &str) -> Option<String> {
     log.lines()

@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use cdm_api::types::{SnapshotCreate, VolumeCreate};
-use cdm_e2e::appliance_vm::{build, keygen, token_from_console, Vm};
+use cdm_e2e::appliance_vm::{build, keygen, slot_of, token_from_console, Vm};
 use cdm_e2e::random_bytes;
 use nbd_proto::client::ClientOptions;
 use nbd_proto::ClientTls;
@@ -105,12 +105,7 @@ fn the_image_boots_to_a_healthy_appliance_serving_api_console_and_nbd() {
     let st: Value = serde_json::from_slice(&st.stdout).expect("status json");
     assert_eq!(st["booted_slot"], "a", "{st}");
     assert_eq!(st["version"], img.version.as_str(), "{st}");
-    let slot = |s: &str| -> Value {
-        st["slots"]
-            .as_array()
-            .and_then(|v| v.iter().find(|x| x["slot"] == s).cloned())
-            .unwrap_or(Value::Null)
-    };
+    let slot = |s: &str| slot_of(&st, s);
     assert_eq!(slot("a")["state"], "good", "{st}");
     assert_eq!(slot("a")["booted"], true, "{st}");
     assert_eq!(slot("b")["state"], "empty", "{st}");

@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cdm_api::types::{SnapshotCreate, VolumeCreate};
-use cdm_e2e::appliance_vm::{build, keygen, tail, token_from_console, Image, Vm};
+use cdm_e2e::appliance_vm::{build, keygen, slot_of, tail, token_from_console, Image, Vm};
 use cdm_e2e::{bin, random_bytes, run};
 use nbd_proto::client::ClientOptions;
 use nbd_proto::ClientTls;
@@ -37,13 +37,6 @@ fn status(vm: &Vm) -> Value {
         .expect("GET /v1/appliance");
     assert_eq!(code, 200, "{v}");
     v
-}
-
-fn slot(st: &Value, s: &str) -> Value {
-    st["slots"]
-        .as_array()
-        .and_then(|v| v.iter().find(|x| x["slot"] == s).cloned())
-        .unwrap_or(Value::Null)
 }
 
 /// Waits for the API to answer after a boot (the banner of boot `n`).
@@ -176,7 +169,7 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
         .expect("snapshot");
     let st = status(&vm);
     assert_eq!(st["booted_slot"], "a", "{st}");
-    assert_eq!(slot(&st, "b")["state"], "empty", "{st}");
+    assert_eq!(slot_of(&st, "b")["state"], "empty", "{st}");
 
     // 2. Refusals: nothing is written, nothing reboots.
     let tampered = w.join("tampered.cdmb");
@@ -202,7 +195,7 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
     }
     std::thread::sleep(Duration::from_secs(5));
     let st = status(&vm);
-    assert_eq!(slot(&st, "b")["state"], "empty", "{st}");
+    assert_eq!(slot_of(&st, "b")["state"], "empty", "{st}");
     assert_eq!(
         boots_of(&vm.console(), "a") + boots_of(&vm.console(), "b"),
         1
@@ -238,7 +231,7 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
     let st = status(&vm);
     assert_eq!(st["booted_slot"], "a", "{st}");
     assert_eq!(st["version"], "1.0.0", "{st}");
-    assert_ne!(slot(&st, "b")["state"], "good", "{st}");
+    assert_ne!(slot_of(&st, "b")["state"], "good", "{st}");
     same_pool(&vm, &data, 1);
 
     // 4. The good update: slot B boots, is checked, marked good.
@@ -258,8 +251,8 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
     let st = status(&vm);
     assert_eq!(st["booted_slot"], "b", "{st}");
     assert_eq!(st["version"], "2.0.0", "{st}");
-    assert_eq!(slot(&st, "b")["state"], "good", "{st}");
-    assert_eq!(slot(&st, "a")["state"], "good", "{st}");
+    assert_eq!(slot_of(&st, "b")["state"], "good", "{st}");
+    assert_eq!(slot_of(&st, "a")["state"], "good", "{st}");
     same_pool(&vm, &data, 1);
 
     // 5. A version whose snapshotd cannot start: three tries, then back.
@@ -276,7 +269,7 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
     let st = status(&vm);
     assert_eq!(st["booted_slot"], "b", "{st}");
     assert_eq!(st["version"], "2.0.0", "{st}");
-    assert_eq!(slot(&st, "a")["state"], "bad", "{st}");
+    assert_eq!(slot_of(&st, "a")["state"], "bad", "{st}");
     same_pool(&vm, &data, 1);
 
     // 6. A version that cannot boot at all: the same, within three tries.
@@ -293,7 +286,7 @@ fn updates_switch_slots_keep_the_pool_and_roll_back_failures() {
     wait_up(&mut vm, 5);
     let st = status(&vm);
     assert_eq!(st["booted_slot"], "b", "{st}");
-    assert_eq!(slot(&st, "a")["state"], "bad", "{st}");
+    assert_eq!(slot_of(&st, "a")["state"], "bad", "{st}");
     same_pool(&vm, &data, 1);
     eprintln!(
         "boots: slot a {}, slot b {}",
