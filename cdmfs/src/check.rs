@@ -28,6 +28,11 @@ pub struct FsckReport {
     pub leaked_blocks: u64,
     pub dedup_nodes: u64,
     pub dedup_entries: u64,
+    /// Tier map: nodes, entries (objects in the object store) and the
+    /// blocks of recalled copies.
+    pub tier_nodes: u64,
+    pub tier_entries: u64,
+    pub tier_local_blocks: u64,
 }
 
 impl FsckReport {
@@ -40,7 +45,8 @@ impl FsckReport {
             + self.refcount_nodes
             + self.catalog_nodes
             + self.catalog_blocks
-            + self.dedup_nodes)
+            + self.dedup_nodes
+            + self.tier_nodes)
             * UNIT
     }
 }
@@ -71,6 +77,8 @@ enum Obj {
     /// A pack of compressed chunks, at least this many blocks long (its
     /// length is what the refcount tree records).
     Pack(u32),
+    /// An object in the tier (key `TIER_BASE + id`): no pool blocks.
+    Tier,
 }
 
 impl Pool {
@@ -184,6 +192,14 @@ impl VolumeWalk {
     /// One leaf entry: block `key` of a tree with blocks of `bs` bytes.
     fn extent(&mut self, rep: &mut FsckReport, name: &str, bs: u32, key: u64, e: Extent) {
         rep.extents += 1;
+        if e.is_tiered() {
+            let r = self.refs.entry(e.addr).or_insert((0, Obj::Tier));
+            r.0 += 1;
+            if self.counted.insert(e.byte_offset()) {
+                rep.data_bytes += e.stored_len as u64;
+            }
+            return;
+        }
         let (at, chunk) = volume_key_span(key, bs);
         let chunk = chunk as u32;
         let piece = PieceKey::decode(key);
@@ -333,6 +349,7 @@ fn compare_refcounts(
         let blocks = match obj {
             Obj::Node => 1,
             Obj::Extent(b) => *b,
+            Obj::Tier => stored.get(addr).map_or(0, |v| v.blocks),
             Obj::Pack(need) => match stored.get(addr) {
                 Some(v) if v.blocks >= *need && v.blocks as u64 <= MAX_PACK / UNIT => {
                     *obj = Obj::Pack(v.blocks);
@@ -406,6 +423,7 @@ fn check_space(
         let n = match obj {
             Obj::Node => 1,
             Obj::Extent(b) | Obj::Pack(b) => *b as u64,
+            Obj::Tier => continue,
         };
         claims.claim(rep, *addr, n, "volume data");
     }
@@ -429,6 +447,9 @@ fn check_space(
         rep.catalog_blocks += n;
         claims.claim(rep, a, n, "catalog record");
     }
+    for (a, n) in check_tier(g, rep, refs) {
+        claims.claim(rep, a, n, "tier map");
+    }
     for (a, n) in g.deferred_frees() {
         rep.deferred_free_blocks += n;
         claims.claim(rep, a, n, "freed, awaiting commit");
@@ -450,6 +471,66 @@ fn check_space(
             rep.leaked_blocks += 1;
         }
     }
+}
+
+/// Tier map: every tiered object the trees name has an entry whose size
+/// is its refcount's, and every entry is named. Returns the blocks it
+/// owns (its nodes and the recalled copies).
+fn check_tier(
+    g: &mut Inner,
+    rep: &mut FsckReport,
+    refs: &HashMap<u64, (u32, Obj)>,
+) -> Vec<(u64, u64)> {
+    let mut owned = Vec::new();
+    let mut entries: HashMap<u64, TierEnt> = HashMap::new();
+    let root = g.store.tier_root;
+    let walk = g.walk_nodes(TreeKind::Tier, root, &mut |a, n| {
+        owned.push((a, 1));
+        rep.tier_nodes += 1;
+        if n.is_leaf() {
+            for i in 0..n.len() {
+                entries.insert(n.keys[i], TierEnt::decode(n.val(i)));
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = walk {
+        rep.errors.push(format!("tier map: {e}"));
+    }
+    for (id, t) in g.store.tier_pending.clone() {
+        match t {
+            Some(t) => entries.insert(id, t),
+            None => entries.remove(&id),
+        };
+    }
+    for (id, t) in &entries {
+        rep.tier_entries += 1;
+        if t.local != 0 {
+            owned.push((t.local, t.blocks()));
+            rep.tier_local_blocks += t.blocks();
+        }
+        if !refs.contains_key(&(TIER_BASE + id)) {
+            rep.errors.push(format!(
+                "tier map entry {id} (pack {:016x}) is named by no tree (leak)",
+                t.pack
+            ));
+        }
+        if t.pack >= g.store.next_pack || *id >= g.store.next_tier_id {
+            rep.errors.push(format!(
+                "tier map entry {id} names pack {:016x} or an id not yet handed out",
+                t.pack
+            ));
+        }
+    }
+    for (addr, (_, obj)) in refs {
+        if *obj == Obj::Tier && !entries.contains_key(&(addr - TIER_BASE)) {
+            rep.errors.push(format!(
+                "tiered object {} is referenced but has no tier map entry",
+                addr - TIER_BASE
+            ));
+        }
+    }
+    owned
 }
 
 /// Dedup index: its nodes (accounted with the catalog's, added to
@@ -534,7 +615,8 @@ impl Pool {
         let _pin = Pin(self);
         let mut rep = ScrubReport::default();
         let mut seen_nodes: HashMap<u64, bool> = HashMap::new();
-        let mut seen_ext: HashMap<u64, bool> = HashMap::new();
+        // Each stored chunk once: None if it verified, else what is wrong.
+        let mut seen_ext: HashMap<u64, Option<String>> = HashMap::new();
         let dev = self.dev().clone();
         let mut done = 0u64;
         progress(0, total);
@@ -596,24 +678,29 @@ impl Pool {
                     if PieceKey::decode(n.keys[i]).is_none() {
                         done += bs as u64;
                     }
-                    let ok = match seen_ext.get(&e.byte_offset()) {
-                        Some(ok) => *ok,
+                    let bad = match seen_ext.get(&e.byte_offset()) {
+                        Some(bad) => bad.clone(),
                         None => {
-                            let mut buf = vec![0u8; e.stored_len as usize];
-                            let ok = dev.read_at(&mut buf, e.byte_offset()).is_ok()
-                                && crc(&buf) == e.csum;
+                            let bad = if e.is_tiered() {
+                                self.scrub_tiered(&e)
+                            } else {
+                                let mut buf = vec![0u8; e.stored_len as usize];
+                                let ok = dev.read_at(&mut buf, e.byte_offset()).is_ok()
+                                    && crc(&buf) == e.csum;
+                                (!ok).then(|| "data checksum mismatch".to_string())
+                            };
                             rep.extents_checked += 1;
                             rep.bytes_checked += e.stored_len as u64;
-                            seen_ext.insert(e.byte_offset(), ok);
-                            ok
+                            seen_ext.insert(e.byte_offset(), bad.clone());
+                            bad
                         }
                     };
-                    if !ok {
+                    if let Some(what) = bad {
                         rep.errors.push(ScrubError {
                             target: name.clone(),
                             offset: at,
-                            pool_block: e.addr,
-                            what: "data checksum mismatch".into(),
+                            pool_block: if e.is_tiered() { 0 } else { e.addr },
+                            what,
                         });
                     }
                 }

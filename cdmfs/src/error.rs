@@ -50,6 +50,10 @@ pub enum Error {
     /// id), which come from another appliance's pool key.
     #[error("volume data is sealed with another appliance's key (seal {0}): load that key with `cdmctl volume load-key`")]
     SealKeyRequired(String),
+    /// The object-store tier could not serve tiered data (unreachable,
+    /// no reader attached, an object missing).
+    #[error("object-store tier: {0}")]
+    Tier(String),
     #[error("the pool failed after an I/O error (a failed sync reloads from the device at the next flush; anything else: reopen it)")]
     Failed,
     /// Internal: a lookup that must not do I/O under the pool lock needs a

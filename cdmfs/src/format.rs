@@ -25,6 +25,21 @@ pub const NODE_HDR: usize = 32;
 /// (and of everything after it) then fit in a u64. Values beyond it in a
 /// node are rejected as corrupt even if its checksum matches.
 pub const MAX_BLOCK_ADDR: u64 = 1 << 51;
+/// Extents and refcount keys at `TIER_BASE + id` name an object moved to
+/// the object-store tier (`pool/tier.rs`): `id` is its entry in the tier
+/// map, never a pool block. Just past the pool-block range, so byte
+/// arithmetic on any extent address stays far from overflow.
+pub const TIER_BASE: u64 = MAX_BLOCK_ADDR;
+/// Tier ids stay below this (2^40 objects).
+pub const MAX_TIER_ID: u64 = 1 << 40;
+/// Incompatible feature flag: the pool has a tier map (older code must
+/// not open it).
+pub const INCOMPAT_TIER: u32 = 1;
+
+/// Whether `addr` names a tiered object rather than a pool block.
+pub fn is_tier_addr(addr: u64) -> bool {
+    (TIER_BASE..TIER_BASE + MAX_TIER_ID).contains(&addr)
+}
 
 /// Volume block sizes the engine accepts.
 pub const MIN_BLOCK_SIZE: u32 = 4096;
@@ -92,6 +107,11 @@ pub struct Superblock {
     /// length in blocks (0, 0: none; see `pool/intent.rs`).
     pub log_head: u64,
     pub log_blocks: u32,
+    /// The tier map (null when nothing was ever tiered), the next tier id
+    /// and the next pack number (`pool/tier.rs`).
+    pub tier: Ptr,
+    pub next_tier_id: u64,
+    pub next_pack: u64,
 }
 
 impl Superblock {
@@ -99,7 +119,10 @@ impl Superblock {
         let mut b = [0u8; SB_BYTES];
         b[0..8].copy_from_slice(SB_MAGIC);
         wr_u32(&mut b, 8, self.version);
-        wr_u32(&mut b, 12, 0); // incompatible feature flags
+        // Incompatible feature flags: a tiered pool's extents name objects
+        // that older code would take for corruption.
+        let tiered = !self.tier.is_null() || self.next_tier_id > 0 || self.next_pack > 0;
+        wr_u32(&mut b, 12, if tiered { INCOMPAT_TIER } else { 0 });
         b[16..32].copy_from_slice(&self.uuid);
         wr_u64(&mut b, 32, self.generation);
         wr_u64(&mut b, 40, self.total_blocks);
@@ -118,6 +141,10 @@ impl Superblock {
         wr_u32(&mut b, 132, self.dedup_rev.csum);
         wr_u64(&mut b, 136, self.log_head);
         wr_u32(&mut b, 144, self.log_blocks);
+        wr_u64(&mut b, 148, self.tier.addr);
+        wr_u32(&mut b, 156, self.tier.csum);
+        wr_u64(&mut b, 160, self.next_tier_id);
+        wr_u64(&mut b, 168, self.next_pack);
         let c = crc(&b[..SB_BYTES - 4]);
         wr_u32(&mut b, SB_BYTES - 4, c);
         b
@@ -138,13 +165,17 @@ impl Superblock {
             return Err(SbError::Torn);
         }
         let version = rd_u32(b, 8);
-        if version > FORMAT_VERSION || rd_u32(b, 12) != 0 {
+        if version > FORMAT_VERSION || rd_u32(b, 12) & !INCOMPAT_TIER != 0 {
             return Err(SbError::Version(version));
         }
         if rd_u32(b, 48) as u64 != UNIT || rd_u32(b, 52) as usize != NODE_SIZE {
             return Err(SbError::Torn);
         }
-        if rd_u64(b, 40) >= MAX_BLOCK_ADDR || rd_u64(b, 136) >= MAX_BLOCK_ADDR {
+        if rd_u64(b, 40) >= MAX_BLOCK_ADDR
+            || rd_u64(b, 136) >= MAX_BLOCK_ADDR
+            || rd_u64(b, 148) >= MAX_BLOCK_ADDR
+            || rd_u64(b, 160) > MAX_TIER_ID
+        {
             return Err(SbError::Torn);
         }
         let mut uuid = [0u8; 16];
@@ -175,6 +206,12 @@ impl Superblock {
             },
             log_head: rd_u64(b, 136),
             log_blocks: rd_u32(b, 144),
+            tier: Ptr {
+                addr: rd_u64(b, 148),
+                csum: rd_u32(b, 156),
+            },
+            next_tier_id: rd_u64(b, 160),
+            next_pack: rd_u64(b, 168),
         }))
     }
 }
@@ -203,6 +240,8 @@ pub enum TreeKind {
     /// (object block << 12 | slot) -> fingerprint key, to drop index
     /// entries when an object is freed
     DedupRev = 5,
+    /// tier id -> [`TierEnt`]: where a tiered object lives
+    Tier = 6,
 }
 
 impl TreeKind {
@@ -213,6 +252,7 @@ impl TreeKind {
             3 => Some(TreeKind::Catalog),
             4 => Some(TreeKind::Dedup),
             5 => Some(TreeKind::DedupRev),
+            6 => Some(TreeKind::Tier),
             _ => None,
         }
     }
@@ -224,6 +264,7 @@ impl TreeKind {
             TreeKind::Catalog => PTR_SIZE,
             TreeKind::Dedup => DedupVal::SIZE,
             TreeKind::DedupRev => 8,
+            TreeKind::Tier => TierEnt::SIZE,
         }
     }
     pub fn shared(self) -> bool {
@@ -236,6 +277,7 @@ impl TreeKind {
             TreeKind::Catalog => "catalog tree node",
             TreeKind::Dedup => "dedup index node",
             TreeKind::DedupRev => "dedup reverse index node",
+            TreeKind::Tier => "tier map node",
         }
     }
 }
@@ -307,6 +349,19 @@ pub struct Extent {
 
 impl Extent {
     pub const SIZE: usize = 20;
+    /// Whether the stored bytes are in the object-store tier (`addr` is
+    /// `TIER_BASE` + a tier id).
+    pub fn is_tiered(&self) -> bool {
+        is_tier_addr(self.addr)
+    }
+    /// Offset of the stored bytes inside their object.
+    pub fn offset_in_object(&self) -> u64 {
+        if self.packed() {
+            self.aux as u64 * 16
+        } else {
+            0
+        }
+    }
     /// Blocks of a plain (unpacked) extent.
     pub fn blocks(&self) -> u32 {
         self.stored_len.div_ceil(UNIT as u32)
@@ -441,8 +496,7 @@ impl Extent {
 }
 
 fn extent_sane(e: &Extent) -> bool {
-    e.addr >= RESERVED_BLOCKS
-        && e.addr < MAX_BLOCK_ADDR
+    ((e.addr >= RESERVED_BLOCKS && e.addr < MAX_BLOCK_ADDR) || is_tier_addr(e.addr))
         && e.stored_len > 0
         && e.stored_len <= MAX_BLOCK_SIZE
         && e.flags & !flags::KNOWN == 0
@@ -485,6 +539,51 @@ impl DedupVal {
         let mut rest = [0u8; 24];
         rest.copy_from_slice(&fp[8..]);
         (rd_u64(fp, 0), rest)
+    }
+}
+
+/// A leaf value of the tier map: one tiered object (what was a pool
+/// object of `len` bytes at block `orig`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierEnt {
+    /// Pack number (object `packs/{pack:016x}` in the store).
+    pub pack: u64,
+    /// Byte offset of the object in its pack.
+    pub offset: u64,
+    /// The object's bytes (its blocks × 4 KiB).
+    pub len: u32,
+    /// The pool block it had: encrypted chunks keep the tweak it gave them.
+    pub orig: u64,
+    /// A recalled copy on local storage (first block), or 0.
+    pub local: u64,
+    /// crc32c of the object's bytes as uploaded.
+    pub crc: u32,
+}
+
+impl TierEnt {
+    pub const SIZE: usize = 40;
+    pub fn blocks(&self) -> u64 {
+        (self.len as u64).div_ceil(UNIT)
+    }
+    pub fn encode(&self) -> [u8; Self::SIZE] {
+        let mut b = [0u8; Self::SIZE];
+        wr_u64(&mut b, 0, self.pack);
+        wr_u64(&mut b, 8, self.offset);
+        wr_u32(&mut b, 16, self.len);
+        wr_u64(&mut b, 20, self.orig);
+        wr_u64(&mut b, 28, self.local);
+        wr_u32(&mut b, 36, self.crc);
+        b
+    }
+    pub fn decode(b: &[u8]) -> TierEnt {
+        TierEnt {
+            pack: rd_u64(b, 0),
+            offset: rd_u64(b, 8),
+            len: rd_u32(b, 16),
+            orig: rd_u64(b, 20),
+            local: rd_u64(b, 28),
+            crc: rd_u32(b, 36),
+        }
     }
 }
 
@@ -686,7 +785,18 @@ impl Node {
                     TreeKind::DedupRev => true,
                     TreeKind::Refcount => {
                         let r = RcVal::decode(v);
-                        r.blocks > 0 && r.refs > 0 && node.keys[i] < MAX_BLOCK_ADDR
+                        r.blocks > 0
+                            && r.refs > 0
+                            && (node.keys[i] < MAX_BLOCK_ADDR || is_tier_addr(node.keys[i]))
+                    }
+                    TreeKind::Tier => {
+                        let t = TierEnt::decode(v);
+                        node.keys[i] < MAX_TIER_ID
+                            && t.len > 0
+                            && t.orig >= RESERVED_BLOCKS
+                            && t.orig < MAX_BLOCK_ADDR
+                            && (t.local == 0
+                                || (t.local >= RESERVED_BLOCKS && t.local < MAX_BLOCK_ADDR))
                     }
                     TreeKind::Catalog => {
                         let p = dec_ptr(v);
@@ -722,9 +832,23 @@ mod tests {
             dedup_rev: Ptr { addr: 303, csum: 8 },
             log_head: 0,
             log_blocks: 0,
+            tier: Ptr { addr: 304, csum: 9 },
+            next_tier_id: 10,
+            next_pack: 2,
         };
         let b = sb.encode();
         assert_eq!(Superblock::decode(&b).unwrap(), Some(sb.clone()));
+        // A tiered pool says so in its incompatible flags; an unknown flag
+        // is refused.
+        assert_eq!(rd_u32(&b, 12), INCOMPAT_TIER);
+        let mut f = b;
+        wr_u32(&mut f, 12, INCOMPAT_TIER | 2);
+        let c = crc(&f[..SB_BYTES - 4]);
+        wr_u32(&mut f, SB_BYTES - 4, c);
+        assert_eq!(
+            Superblock::decode(&f),
+            Err(SbError::Version(FORMAT_VERSION))
+        );
         let mut t = b;
         t[33] ^= 1;
         assert_eq!(Superblock::decode(&t), Err(SbError::Torn));
@@ -778,8 +902,9 @@ mod tests {
                 flags: 0,
                 aux: 0,
             },
+            // Past the pool-block range and past the tier ids.
             Extent {
-                addr: MAX_BLOCK_ADDR,
+                addr: TIER_BASE + MAX_TIER_ID,
                 stored_len: 4096,
                 csum: 0,
                 flags: 0,

@@ -62,6 +62,14 @@ pub(crate) struct Store {
     /// Objects holding deduplicated chunks freed in this transaction: their
     /// index entries go at commit (the blocks are not reused before).
     pub dd_freed: Vec<u64>,
+    /// The tier map (tier id -> where the object lives; `pool/tier.rs`),
+    /// with changes buffered until commit, and its counters.
+    pub tier_root: Ptr,
+    pub tier_pending: BTreeMap<u64, Option<TierEnt>>,
+    pub next_tier_id: u64,
+    pub next_pack: u64,
+    /// Packs being filled by a tiering or repack run: GC keeps them.
+    pub tier_reserved: std::collections::HashSet<u64>,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -98,6 +106,11 @@ impl Store {
             dd_pending: HashMap::new(),
             ddr_pending: BTreeMap::new(),
             dd_freed: Vec::new(),
+            tier_root: Ptr::NULL,
+            tier_pending: BTreeMap::new(),
+            next_tier_id: 0,
+            next_pack: 0,
+            tier_reserved: Default::default(),
         }
     }
 
@@ -185,6 +198,18 @@ impl Store {
         Ok(addr)
     }
 
+    /// Puts `n` in place of the committed volume-tree node `old`, which
+    /// every parent drops for it: the copy takes over its reference count
+    /// and children; the original is freed.
+    pub fn replace_node(&mut self, old: Ptr, n: Node) -> Result<u64> {
+        let rc = self.rc_must(old.addr)?;
+        let addr = self.new_node(n)?;
+        self.rc_put(addr, Some(rc));
+        self.rc_put(old.addr, None);
+        self.free_node(old.addr);
+        Ok(addr)
+    }
+
     /// Frees a node block: at once if it was never written, else after commit.
     fn free_node(&mut self, addr: u64) {
         if self.dirty.remove(&addr).is_some() {
@@ -241,11 +266,53 @@ impl Store {
             self.rc_put(e.addr, Some(v));
         } else {
             self.rc_put(e.addr, None);
+            if e.is_tiered() {
+                // The map entry goes at commit (its pack's bytes become
+                // garbage for repack and GC), a recalled copy with it.
+                let id = e.addr - TIER_BASE;
+                if let Some(t) = self.tier_get(id)? {
+                    if t.local != 0 {
+                        self.free_blocks_later(t.local, t.blocks());
+                    }
+                }
+                self.tier_pending.insert(id, None);
+                return Ok(());
+            }
             self.free_blocks_later(e.addr, v.blocks as u64);
             if e.flags & flags::DEDUP != 0 {
                 self.dd_freed.push(e.addr);
             }
         }
+        Ok(())
+    }
+
+    // ---- tier map ----------------------------------------------------------
+
+    /// Where tiered object `id` lives (pending changes first).
+    pub fn tier_get(&mut self, id: u64) -> Result<Option<TierEnt>> {
+        if let Some(v) = self.tier_pending.get(&id) {
+            return Ok(*v);
+        }
+        let root = self.tier_root;
+        Ok(self
+            .get(TreeKind::Tier, root, id)?
+            .map(|b| TierEnt::decode(&b)))
+    }
+
+    /// At commit: applies the buffered tier-map changes in key order.
+    pub fn apply_tier(&mut self) -> Result<()> {
+        let mut root = self.tier_root;
+        for (k, v) in std::mem::take(&mut self.tier_pending) {
+            match v {
+                Some(t) => {
+                    self.insert(TreeKind::Tier, &mut root, k, &t.encode())?;
+                }
+                None => {
+                    self.remove(TreeKind::Tier, &mut root, k)?;
+                }
+            }
+        }
+        self.tier_root = root;
         Ok(())
     }
 

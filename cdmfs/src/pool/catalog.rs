@@ -246,6 +246,7 @@ impl Pool {
             policy: v.policy,
             seal: v.seal.clone(),
             seal_salt: Some(v.salt()),
+            tiered: false,
         };
         g.snapshots.insert(id, rec);
         g.catalog_dirty.insert(KEY_SNAPSHOT | id, true);
@@ -623,7 +624,9 @@ impl Inner {
             for i in 0..n.len() {
                 if n.is_leaf() {
                     let e = Extent::decode(n.val(i));
-                    if self.store.rc_get(e.addr)?.is_some_and(|v| v.refs == 1)
+                    // Tiered bytes take no local space.
+                    if !e.is_tiered()
+                        && self.store.rc_get(e.addr)?.is_some_and(|v| v.refs == 1)
                         && (e.flags & flags::FRAMED == 0 || frames.insert(e.byte_offset()))
                     {
                         total += e.phys_bytes();
@@ -703,6 +706,7 @@ impl Inner {
             policy: s.policy,
             seal_key_loaded: s.seal.as_ref().is_some_and(|x| self.seals.has(x)),
             seal: s.seal,
+            tiered: s.tiered,
         })
     }
 }

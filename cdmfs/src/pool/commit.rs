@@ -261,6 +261,9 @@ impl Inner {
             && self.store.dd_pending.is_empty()
             && self.store.ddr_pending.is_empty()
             && self.store.dd_freed.is_empty()
+            && self.store.tier_pending.is_empty()
+            && self.store.next_tier_id == self.sb.next_tier_id
+            && self.store.next_pack == self.sb.next_pack
             && self.store.pending_free.is_empty()
             && self.free_queue.iter().all(|f| f.is_empty())
         {
@@ -304,7 +307,12 @@ impl Inner {
         let ddr = self
             .store
             .write_tree(self.store.ddr_root, &mut written, &mut out)?;
-        // 4. Refcounts, applied in one sorted batch.
+        // 4. The tier map.
+        self.store.apply_tier()?;
+        let tier = self
+            .store
+            .write_tree(self.store.tier_root, &mut written, &mut out)?;
+        // 5. Refcounts, applied in one sorted batch.
         self.store.apply_rc_delta()?;
         let rc = self
             .store
@@ -332,11 +340,15 @@ impl Inner {
             dedup_rev: ddr,
             log_head,
             log_blocks,
+            tier,
+            next_tier_id: self.store.next_tier_id,
+            next_pack: self.store.next_pack,
         };
         self.catalog_root = cat;
         self.store.dd_root = dd;
         self.store.ddr_root = ddr;
         self.store.rc_root = rc;
+        self.store.tier_root = tier;
         out.sort_unstable_by_key(|(a, _)| *a);
         Ok(Some(Prepared {
             out,

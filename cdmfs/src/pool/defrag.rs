@@ -362,7 +362,9 @@ impl Inner {
                     break;
                 }
                 let e = Extent::decode(n.val(i));
+                // Tiered extents are not on the pool to move.
                 let alone = !shared
+                    && !e.is_tiered()
                     && self
                         .store
                         .rc_get(e.addr)?

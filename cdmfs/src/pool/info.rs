@@ -44,6 +44,8 @@ pub struct SnapshotInfo {
     pub policy: DataPolicy,
     pub seal: Option<SealRec>,
     pub seal_key_loaded: bool,
+    /// Part of its data is in the object-store tier (not recalled).
+    pub tiered: bool,
 }
 
 /// A catalog entry without space accounting: cheap to list often.

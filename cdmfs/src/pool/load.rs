@@ -51,6 +51,7 @@ impl Pool {
             },
             last_reload: Mutex::new(None),
             ahead: Default::default(),
+            tier: Default::default(),
         })
     }
 }
@@ -71,6 +72,9 @@ impl Inner {
         store.rc_root = sb.refcounts;
         store.dd_root = sb.dedup;
         store.ddr_root = sb.dedup_rev;
+        store.tier_root = sb.tier;
+        store.next_tier_id = sb.next_tier_id;
+        store.next_pack = sb.next_pack;
         store.generation = sb.generation + 1;
         let mut inner = Inner {
             store,
@@ -202,7 +206,11 @@ impl Inner {
                             n.keys[i]
                         )));
                     }
-                    objects.push((n.keys[i], v.blocks as u64));
+                    // A tiered object's count: no pool blocks (its
+                    // recalled copy, if any, is claimed from the tier map).
+                    if !is_tier_addr(n.keys[i]) {
+                        objects.push((n.keys[i], v.blocks as u64));
+                    }
                 }
             }
             Ok(())
@@ -253,6 +261,20 @@ impl Inner {
                 Ok(())
             })?;
         }
+        // Tier map: its nodes and the recalled copies it names.
+        let tier = self.store.tier_root;
+        self.walk_nodes(TreeKind::Tier, tier, &mut |addr, n| {
+            objects.push((addr, 1));
+            if n.is_leaf() {
+                for i in 0..n.len() {
+                    let t = TierEnt::decode(n.val(i));
+                    if t.local != 0 {
+                        objects.push((t.local, t.blocks()));
+                    }
+                }
+            }
+            Ok(())
+        })?;
         for (addr, n) in objects {
             if !self.store.alloc.mark(addr, n) {
                 return Err(Error::Corrupt(format!(

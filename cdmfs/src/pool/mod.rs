@@ -40,6 +40,7 @@ mod records;
 mod reduce;
 mod seal;
 mod superblock;
+mod tier;
 mod write;
 
 pub(crate) use audit::TreeRoot;
@@ -51,6 +52,7 @@ pub use health::{IoErrors, PoolHealth, PoolState};
 pub use info::{Brief, PhysicalMap, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo};
 pub use options::{FormatOptions, OpenOptions};
 pub use records::{validate_name, MAX_RECORD};
+pub use tier::{TierCommit, TierEntry, TierObject, TierRead};
 
 use records::{PoolRec, SnapshotRec, VolumeRec};
 use write::RangeLocks;
@@ -120,6 +122,8 @@ pub struct Pool {
     /// How to load the pool again after a failed sync (see `reload`).
     reopen: OpenOptions,
     last_reload: Mutex<Option<std::time::Instant>>,
+    /// Reader of the object-store tier (`tier.rs`), when one is set.
+    tier: std::sync::RwLock<Option<Arc<dyn tier::TierRead>>>,
 }
 
 fn now_ns() -> u64 {

@@ -228,6 +228,7 @@ impl Pool {
         &self,
         t: Target,
         pieces: &[Piece],
+        tv: &super::tier::TierView,
         bs: u32,
         offset: u64,
         buf: &mut [u8],
@@ -240,8 +241,19 @@ impl Pool {
             if x >= y {
                 continue;
             }
-            let mut stored = vec![0u8; p.ext.stored_len as usize];
-            self.dev.read_at(&mut stored, p.ext.byte_offset())?;
+            // A piece of a tiered point: through the tier, decoded with
+            // the pool block it was written at.
+            let (mut stored, ext) = match tv.get(&p.ext.addr.wrapping_sub(TIER_BASE)) {
+                Some(ent) if p.ext.is_tiered() => (
+                    self.tier_stored(ent, &p.ext, false)?,
+                    super::tier::as_written(&p.ext, ent),
+                ),
+                _ => {
+                    let mut b = vec![0u8; p.ext.stored_len as usize];
+                    self.dev.read_at(&mut b, p.ext.byte_offset())?;
+                    (b, p.ext)
+                }
+            };
             if crc(&stored) != p.ext.csum {
                 return Err(Error::DataChecksum {
                     target: match t {
@@ -258,7 +270,7 @@ impl Pool {
             } else {
                 plain = pipeline::decode_frame(
                     self.keys.as_deref(),
-                    &p.ext,
+                    &ext,
                     &mut stored,
                     p.key.bytes() as usize,
                 )?;

@@ -9,6 +9,7 @@ use crate::format::*;
 use crate::pipeline;
 use crate::store::internal;
 
+use super::tier::{self, TierView};
 use super::{Inner, PhysicalMap, Pool, Run, Target};
 
 impl Pool {
@@ -48,6 +49,7 @@ impl Pool {
         let map = self.locked_no_io(|g| g.mappings(t, b0, b1))?;
         let mut spans: Vec<(u64, u64)> = map
             .iter()
+            .filter(|(_, e)| !e.is_tiered())
             .map(|(_, e)| (e.byte_offset(), e.stored_len as u64))
             .collect();
         // In device order, extents a short gap apart (a rewritten block's
@@ -79,17 +81,23 @@ impl Pool {
         let mut last_err = None;
         for _attempt in 0..2 {
             // Blocks of one unit never have pieces: no second lookup.
-            let (map, pieces) = self.locked_no_io(|g| {
+            let (map, pieces, tv) = self.locked_no_io(|g| {
                 let pieces = if bs64 > UNIT {
                     g.pieces(t, b0, b1)?
                 } else {
                     Vec::new()
                 };
-                Ok((g.mappings(t, b0, b1)?, pieces))
+                let map = g.mappings(t, b0, b1)?;
+                let exts = map
+                    .iter()
+                    .map(|(_, e)| e)
+                    .chain(pieces.iter().map(|p| &p.ext));
+                let tv = tier::tier_view(g, exts)?;
+                Ok((map, pieces, tv))
             })?;
             let r = self
-                .read_mapped(t, &map, bs64, offset, buf)
-                .and_then(|()| self.read_pieces(t, &pieces, bs, offset, buf));
+                .read_mapped(t, &map, &tv, bs64, offset, buf)
+                .and_then(|()| self.read_pieces(t, &pieces, &tv, bs, offset, buf));
             match r {
                 Ok(()) => return Ok(()),
                 // The extent may have been freed and reused by a concurrent
@@ -105,6 +113,7 @@ impl Pool {
         &self,
         t: Target,
         map: &[(u64, Extent)],
+        tv: &TierView,
         bs: u64,
         offset: u64,
         buf: &mut [u8],
@@ -123,6 +132,18 @@ impl Pool {
         if pos < end {
             buf[(pos - offset) as usize..].fill(0);
         }
+        // Extents in the object-store tier are read through it; the rest
+        // from the device below.
+        let local_map: Vec<(u64, Extent)>;
+        let map = if map.iter().any(|(_, e)| e.is_tiered()) {
+            let (tiered, local): (Vec<_>, Vec<_>) =
+                map.iter().copied().partition(|(_, e)| e.is_tiered());
+            self.read_tiered(t, &tiered, tv, bs, offset, buf)?;
+            local_map = local;
+            &local_map[..]
+        } else {
+            map
+        };
         // Extents scattered by copy-on-write: let the device fetch them all
         // at once rather than one synchronous read after another.
         if map.len() > 1 {
@@ -192,6 +213,48 @@ impl Pool {
                 }
             }
             i = j + 1;
+        }
+        Ok(())
+    }
+
+    /// Reads the tiered extents of `map` into `buf` (each verified, then
+    /// decrypted with the tweak of the pool block it was written at and
+    /// decompressed; the chunks of one frame decoded once).
+    fn read_tiered(
+        &self,
+        t: Target,
+        map: &[(u64, Extent)],
+        tv: &TierView,
+        bs: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut last: Option<((u64, u16), Vec<u8>)> = None;
+        for &(k, e) in map {
+            let ent = tv
+                .get(&(e.addr - TIER_BASE))
+                .ok_or_else(|| internal("tiered extent without its map entry"))?;
+            if last.as_ref().is_none_or(|(key, _)| *key != (e.addr, e.aux)) {
+                let mut stored = self.tier_stored(ent, &e, false)?;
+                verify(t, &(k, e), &stored, bs)?;
+                let plain = if e.is_plain() {
+                    stored
+                } else {
+                    let w = tier::as_written(&e, ent);
+                    pipeline::decode_frame(self.keys.as_deref(), &w, &mut stored, bs as usize)?
+                };
+                last = Some(((e.addr, e.aux), plain));
+            }
+            let frame = last.as_ref().map(|(_, p)| p.as_slice()).unwrap_or(&[]);
+            let plain = pipeline::chunk_of(&e, frame, bs as usize)?;
+            let ls = k * bs;
+            let (x, y) = (ls.max(offset), (ls + bs).min(end));
+            let src = (x - ls) as usize;
+            let avail = plain.len().saturating_sub(src).min((y - x) as usize);
+            let dst = (x - offset) as usize;
+            buf[dst..dst + avail].copy_from_slice(&plain[src..src + avail]);
+            buf[dst + avail..(y - offset) as usize].fill(0);
         }
         Ok(())
     }
@@ -339,6 +402,9 @@ impl Pool {
             if n.is_leaf() {
                 for i in 0..n.len() {
                     let e = Extent::decode(n.val(i));
+                    if e.is_tiered() {
+                        continue; // not on the pool
+                    }
                     map.extents.push((
                         volume_key_span(n.keys[i], bs).0,
                         e.byte_offset(),

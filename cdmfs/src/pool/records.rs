@@ -69,6 +69,10 @@ pub(super) struct SnapshotRec {
     /// `created_ns` stands in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) seal_salt: Option<u64>,
+    /// Some of its data is in the object-store tier and not recalled
+    /// (`tier.rs`; the record is rewritten with its tree then).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(super) tiered: bool,
 }
 
 impl VolumeRec {

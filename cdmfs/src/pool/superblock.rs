@@ -84,6 +84,9 @@ impl Pool {
             dedup_rev: Ptr::NULL,
             log_head: 0,
             log_blocks: 0,
+            tier: Ptr::NULL,
+            next_tier_id: 0,
+            next_pack: 0,
         };
         dev.sync()?;
         dev.write_at(&sb.encode(), UNIT)?;
