@@ -43,7 +43,8 @@ pub use pipeline::{Cipher, CryptoRec, DataPolicy, KeySource, SealRec, MAX_LEVEL}
 pub use pool::{
     validate_name, Brief, DefragProgress, DiffStats, FormatOptions, Fragmentation, IoErrors,
     OpenOptions, PhysicalMap, Pool, PoolHealth, PoolState, Run, SnapshotInfo, SpaceInfo, Target,
-    TierCommit, TierEntry, TierObject, TierRead, VolumeInfo, MAX_POOL_BYTES, MAX_RECORD,
+    TierCommit, TierEntry, TierObject, TierPlaced, TierRead, VolumeInfo, MAX_POOL_BYTES,
+    MAX_RECORD,
 };
 pub use space::{Reduction, ReductionReport, VolumeReduction};
 #[cfg(feature = "test-utils")]

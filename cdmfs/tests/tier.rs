@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use cdmfs::{
     Cipher, CrashDev, DataPolicy, Error, FormatOptions, KeySource, MemDev, OpenOptions, Pool,
-    Target, TierRead,
+    Target, TierPlaced, TierRead,
 };
 
 const MIB: u64 = 1 << 20;
@@ -78,11 +78,16 @@ fn tier(pool: &Pool, store: &Packs, points: &[u64]) -> (u64, cdmfs::TierCommit) 
     let mut placed = Vec::new();
     for o in &objects {
         let b = pool.tier_read_object(o).unwrap();
-        placed.push((o.addr, bytes.len() as u64, crc32c::crc32c(&b)));
+        placed.push(TierPlaced {
+            addr: o.addr,
+            pack,
+            offset: bytes.len() as u64,
+            crc: crc32c::crc32c(&b),
+        });
         bytes.extend_from_slice(&b);
     }
     store.0.lock().unwrap().insert(pack, bytes);
-    let done = pool.tier_commit(points, pack, &placed).unwrap();
+    let done = pool.tier_commit(points, &placed).unwrap();
     (pack, done)
 }
 
@@ -305,13 +310,18 @@ fn a_clone_made_after_planning_keeps_its_objects_local() {
     let mut placed = Vec::new();
     for o in &objects {
         let b = pool.tier_read_object(o).unwrap();
-        placed.push((o.addr, bytes.len() as u64, crc32c::crc32c(&b)));
+        placed.push(TierPlaced {
+            addr: o.addr,
+            pack,
+            offset: bytes.len() as u64,
+            crc: crc32c::crc32c(&b),
+        });
         bytes.extend_from_slice(&b);
     }
     store.0.lock().unwrap().insert(pack, bytes);
     // Between upload and commit, a clone of s1 appears.
     pool.clone_snapshot(s1, "late").unwrap();
-    let done = pool.tier_commit(&[s1], pack, &placed).unwrap();
+    let done = pool.tier_commit(&[s1], &placed).unwrap();
     assert_eq!(done.objects, 0);
     assert_eq!(done.skipped, objects.len() as u64);
     assert!(pool.tier_entries().unwrap().is_empty());
@@ -391,12 +401,17 @@ fn power_cuts_during_tiering_lose_nothing() {
         let mut placed = Vec::new();
         for o in &objects {
             let b = pool.tier_read_object(o).unwrap();
-            placed.push((o.addr, bytes.len() as u64, crc32c::crc32c(&b)));
+            placed.push(TierPlaced {
+                addr: o.addr,
+                pack,
+                offset: bytes.len() as u64,
+                crc: crc32c::crc32c(&b),
+            });
             bytes.extend_from_slice(&b);
         }
         store.0.lock().unwrap().insert(pack, bytes);
         dev.cut_after(cut);
-        let finished = pool.tier_commit(&[s1], pack, &placed).is_ok() && !dev.is_dead();
+        let finished = pool.tier_commit(&[s1], &placed).is_ok() && !dev.is_dead();
         drop(pool);
         if !dev.is_dead() {
             dev.cut_now();

@@ -52,7 +52,7 @@ pub use health::{IoErrors, PoolHealth, PoolState};
 pub use info::{Brief, PhysicalMap, Run, SnapshotInfo, SpaceInfo, Target, VolumeInfo};
 pub use options::{FormatOptions, OpenOptions};
 pub use records::{validate_name, MAX_RECORD};
-pub use tier::{TierCommit, TierEntry, TierObject, TierRead};
+pub use tier::{TierCommit, TierEntry, TierObject, TierPlaced, TierRead};
 
 use records::{PoolRec, SnapshotRec, VolumeRec};
 use write::RangeLocks;

@@ -49,6 +49,16 @@ impl TierObject {
     }
 }
 
+/// Where an uploaded object went: its pool block, the pack and offset in
+/// it, and the crc32c of its bytes there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierPlaced {
+    pub addr: u64,
+    pub pack: u64,
+    pub offset: u64,
+    pub crc: u32,
+}
+
 /// What a tiering commit did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TierCommit {
@@ -313,16 +323,12 @@ impl Pool {
         }
     }
 
-    /// Makes the points `snapshots` name the objects of `placed` (object
-    /// address, offset in `pack`, crc32c of its bytes there) in pack
-    /// `pack`, which the caller uploaded and verified; frees their local
-    /// blocks; commits. Objects that no longer qualify are skipped.
-    pub fn tier_commit(
-        &self,
-        snapshots: &[u64],
-        pack: u64,
-        placed: &[(u64, u64, u32)],
-    ) -> Result<TierCommit> {
+    /// Makes the points `snapshots` name the objects of `placed` where the
+    /// caller uploaded and verified them; frees their local blocks;
+    /// commits (one walk of the trees and one commit for the whole batch,
+    /// so callers batch several packs). Objects that no longer qualify are
+    /// skipped. The packs named stop being reserved.
+    pub fn tier_commit(&self, snapshots: &[u64], placed: &[TierPlaced]) -> Result<TierCommit> {
         let mut g = self.lock_writable()?;
         let eligible: BTreeSet<u64> = snapshots
             .iter()
@@ -332,7 +338,13 @@ impl Pool {
         let scan = g.tier_scan(&eligible)?;
         let mut moved: HashMap<u64, u64> = HashMap::new();
         let mut out = TierCommit::default();
-        for &(addr, offset, csum) in placed {
+        for &TierPlaced {
+            addr,
+            pack,
+            offset,
+            crc: csum,
+        } in placed
+        {
             let Some(o) = scan.objects.get(&addr) else {
                 out.skipped += 1;
                 continue;
@@ -391,7 +403,9 @@ impl Pool {
                 out.snapshots.push(id);
             }
         }
-        g.store.tier_reserved.remove(&pack);
+        for p in placed {
+            g.store.tier_reserved.remove(&p.pack);
+        }
         g.ops += 1;
         g.log.structural = true;
         g.commit()?;
