@@ -480,7 +480,14 @@ impl Inner {
     ) -> Result<Vec<(u64, Arc<Vec<u8>>)>, TierError> {
         let c = self.cfg.chunk_size;
         let want = (b - a + 1) * c;
-        let data = store.get_range_clipped(&pack_key(pack), a * c, want)?;
+        let data = match store.get_range_clipped(&pack_key(pack), a * c, want) {
+            Ok(d) => d,
+            // The range starts at or past the end (read-ahead over a pack
+            // whose length is a multiple of the chunk): remember where it
+            // ends, so no reader asks again.
+            Err(TierError::Http { status: 416, .. }) => Vec::new(),
+            Err(e) => return Err(e),
+        };
         if (data.len() as u64) < want {
             let mut s = lock(&self.state);
             if s.ends.len() >= STREAMS_MAX {

@@ -10,7 +10,7 @@ use tracing::info;
 
 use crate::{parse_pack_key, S3Store, TierError, PACKS_DIR};
 
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize)]
 pub struct GcReport {
     /// Objects listed under `packs/`.
     pub listed: usize,

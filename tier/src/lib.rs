@@ -16,6 +16,7 @@ pub mod cache;
 pub mod config;
 pub mod error;
 pub mod gc;
+pub mod job;
 pub mod limit;
 pub mod metrics;
 pub mod reader;
@@ -26,6 +27,10 @@ pub use cache::{CacheConfig, PackCache};
 pub use config::S3Config;
 pub use error::TierError;
 pub use gc::{gc, GcReport};
+pub use job::{
+    engine_reader, gc_and_repack, recall_point, tier_points, Control, JobError, PackSizes,
+    RecallReport, TierGcReport, TierReport,
+};
 pub use metrics::{Op, TierMetrics};
 pub use reader::TierReader;
 pub use store::{DeleteReport, S3Store};
