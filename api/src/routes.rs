@@ -268,7 +268,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .merge(crate::replication_routes::routes())
         .merge(crate::drills::routes())
         .merge(crate::vm_recovery::routes())
-        .merge(crate::appliance::routes());
+        .merge(crate::appliance::routes())
+        .merge(crate::tier::routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
