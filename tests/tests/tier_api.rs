@@ -411,9 +411,24 @@ fn tier_jobs_are_checked_then_routed_to_the_engine_hooks() {
     let aud = user(&a, &admin, "aud", "auditor");
     aud.expect(403, "POST", "/v1/jobs", Some(json!({"kind": "tier-gc"})));
 
-    // Configured: each job starts, records what it is for, and ends failed
-    // with the reason until the engine side is wired.
+    // Configured: a whole volume needs a tiering rule to have anything due.
     admin.expect(200, "PUT", "/v1/tier", Some(config()));
+    let v = job(400, json!({"kind": "tier", "volume": "db"}));
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no tiering rule"),
+        "{v}"
+    );
+    admin.expect(
+        200,
+        "PUT",
+        "/v1/volumes/db/policy",
+        Some(json!({"tier_keep_last": 3})),
+    );
+    // Then each job starts, records what it is for, and ends failed with
+    // the reason until the engine side is wired.
     for body in [
         json!({"kind": "tier", "volume": "db"}),
         json!({"kind": "tier", "volume": "db", "snapshot": sid}),

@@ -30,8 +30,9 @@ impl Appliance {
     }
 
     /// Starts a tier job: fields checked (400), its volume and point found
-    /// (404), a configuration set (409), then the job runs in the
-    /// background and its record says how it ended.
+    /// (404), a configuration set (409), something to do (400: a `tier` of
+    /// a whole volume needs a tiering rule in its policy), then the job
+    /// runs in the background and its record says how it ended.
     pub(super) fn job_tier(&self, c: &Caller, job: TierJob) -> ApiResult<Job> {
         let (volume, snapshot) = match &job {
             TierJob::Tier { volume, snapshot } => (Some(volume.clone()), *snapshot),
@@ -50,6 +51,18 @@ impl Appliance {
             Some(v) => self.policy_get(v)?,
             None => SnapshotPolicy::default(),
         };
+        if let TierJob::Tier {
+            volume,
+            snapshot: None,
+        } = &job
+        {
+            if policy.tier_after_days.is_none() && policy.tier_keep_last.is_none() {
+                return Err(ApiError::bad_request(format!(
+                    "volume {volume} has no tiering rule in its policy (tier_after_days or \
+                     tier_keep_last): set one, or give \"snapshot\" to tier one point"
+                )));
+            }
+        }
         let pool = self.pool.clone();
         let params = json!({"volume": volume, "snapshot": snapshot});
         let kind = job.kind();
