@@ -125,10 +125,11 @@ pub fn host_may(method: &str, path: &str) -> bool {
     }
     let p = &p[1..];
     // Recovered VMs' consoles and domain XML can show what a guest prints
-    // (logins, secrets): not for hosts.
+    // (logins, secrets): not for hosts; nor is the object store's
+    // configuration (its endpoint and key id are no agent's business).
     let secret = matches!(
         p.first(),
-        Some(&"users" | &"webhooks" | &"audit" | &"vm-recoveries")
+        Some(&"users" | &"webhooks" | &"audit" | &"vm-recoveries" | &"tier")
     ) || (p.first() == Some(&"hosts") && p.get(1) == Some(&"enrolments"));
     match (method, p) {
         (_, ["agent", ..]) => true,
@@ -228,6 +229,8 @@ mod tests {
             ("DELETE", "/v1/volumes/a"),
             ("POST", "/v1/clock"),
             ("GET", "/v1/vm-recoveries"),
+            ("GET", "/v1/tier"),
+            ("PUT", "/v1/tier"),
             ("GET", "/v1/vm-recoveries/r/console"),
             ("GET", "/v1/vm-recoveries/r/domain.xml"),
             ("POST", "/v1/vms/v/recoveries"),

@@ -16,6 +16,7 @@ pub trait Backend:
     + crate::drills::DrillBackend
     + crate::vm_recovery::VmRecoveryBackend
     + crate::appliance::ApplianceBackend
+    + crate::tier::TierBackend
     + Send
     + Sync
     + 'static

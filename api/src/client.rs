@@ -587,6 +587,20 @@ impl Client {
         Self::answer(status, v)
     }
 
+    /// The object tier's configuration (never its secret key).
+    pub fn tier(&self) -> Result<crate::tier::TierConfigView> {
+        self.call("GET", "/v1/tier", None)
+    }
+    pub fn set_tier(
+        &self,
+        req: &crate::tier::TierConfigPut,
+    ) -> Result<crate::tier::TierConfigView> {
+        self.call("PUT", "/v1/tier", Self::json(req)?)
+    }
+    pub fn delete_tier(&self) -> Result<()> {
+        self.done("DELETE", "/v1/tier")
+    }
+
     pub fn start_job(&self, req: &JobCreate) -> Result<Job> {
         self.call("POST", "/v1/jobs", Self::json(req)?)
     }

@@ -18,6 +18,7 @@ pub mod replication;
 pub mod replication_backend;
 pub mod replication_routes;
 pub mod routes;
+pub mod tier;
 pub mod types;
 pub mod vm_recovery;
 pub mod vms;

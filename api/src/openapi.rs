@@ -25,6 +25,7 @@ pub fn document() -> serde_json::Value {
     doc.merge(crate::drills::DrillDoc::openapi());
     doc.merge(crate::vm_recovery::VmRecoveryDoc::openapi());
     doc.merge(crate::appliance::ApplianceDoc::openapi());
+    doc.merge(crate::tier::TierDoc::openapi());
     serde_json::to_value(doc).unwrap_or_else(
         |e| serde_json::json!({"error": {"code": "internal", "message": e.to_string()}}),
     )

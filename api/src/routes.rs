@@ -268,7 +268,8 @@ pub fn router(backend: Arc<dyn Backend>) -> Router {
         .merge(crate::replication_routes::routes())
         .merge(crate::drills::routes())
         .merge(crate::vm_recovery::routes())
-        .merge(crate::appliance::routes());
+        .merge(crate::appliance::routes())
+        .merge(crate::tier::routes());
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -832,7 +833,7 @@ async fn list_jobs(
     Ok(Json(run(&s, move |b| b.list_jobs(q)).await?))
 }
 
-#[utoipa::path(post, path = "/v1/jobs", request_body = JobCreate, responses((status = 202, body = Job)), security(("bearer" = [])))]
+#[utoipa::path(post, path = "/v1/jobs", request_body = JobCreate, responses((status = 202, body = Job), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, description = "`not_configured` (tier jobs without `PUT /v1/tier`), or a conflict", body = ErrorBody)), security(("bearer" = [])))]
 async fn start_job(
     State(s): S,
     Extension(c): Caller_,

@@ -145,6 +145,11 @@ pub struct Snapshot {
     /// Replication links whose next transfer starts from this point (docs/replication.md, "Holds"): retention keeps it, a delete needs `force`.
     #[serde(default)]
     pub held_by: Vec<u64>,
+    /// Where its data is (issue 21, object tier): `local` (all in the
+    /// pool), `tiered` (its uniquely owned data in the object store, read
+    /// through the local cache) or `recalling` (being brought back).
+    #[serde(default = "local")]
+    pub location: String,
 }
 
 /// `POST /v1/volumes/{name}/snapshots/{id}/clones`.
@@ -251,6 +256,13 @@ fn yes() -> bool {
     true
 }
 
+fn local() -> String {
+    LOCATIONS[0].to_string()
+}
+
+/// The values of [`Snapshot::location`].
+pub const LOCATIONS: [&str; 3] = ["local", "tiered", "recalling"];
+
 fn root_path() -> String {
     "/".into()
 }
@@ -283,13 +295,20 @@ pub struct Export {
 pub struct JobCreate {
     /// `scrub` (verify every checksum in the pool), `retention` (apply
     /// retention policies and the pool quota now), `delete-volume`,
-    /// `vm-backup` (every VM of a category, through cdm-agent), or
-    /// `defrag` (rewrite a volume's fragmented blocks it owns alone in
-    /// logical order, rate-limited).
+    /// `vm-backup` (every VM of a category, through cdm-agent), `defrag`
+    /// (rewrite a volume's fragmented blocks it owns alone in logical
+    /// order, rate-limited); with an object tier configured (`PUT
+    /// /v1/tier`): `tier` (move a volume's points due by its policy, or
+    /// `snapshot` now, to the object store), `recall` (bring `snapshot`
+    /// back to the pool) or `tier-gc` (remove objects nothing refers to).
     pub kind: String,
-    /// For `delete-volume`.
+    /// For `delete-volume`, `defrag`, `tier` and `recall`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub volume: Option<String>,
+    /// For `recall` (required) and `tier` (optional: this point now,
+    /// whatever its age): a snapshot id of `volume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<u64>,
     /// For `delete-volume`: also delete snapshots, even with clients or clones.
     #[serde(default)]
     pub force: bool,
@@ -562,6 +581,14 @@ pub struct SnapshotPolicy {
     pub schedule: Option<Schedule>,
     #[serde(default)]
     pub retention: Retention,
+    /// Object tier (issue 21): points older than N days (at least 1) move
+    /// their uniquely owned data to the object store (`PUT /v1/tier`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_after_days: Option<u32>,
+    /// Object tier: points beyond the newest K (at least 1) move too,
+    /// whatever their age.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_keep_last: Option<u32>,
 }
 
 /// Pool-wide settings (`PUT /v1/pool/policy`).
@@ -684,7 +711,8 @@ pub struct ErrorBody {
 
 /// Machine-readable `code` (`bad_request`, `invalid_json`, `unauthorized`,
 /// `forbidden`, `not_found`, `conflict`, `payload_too_large`, `unsupported`,
-/// `no_space`, `internal`, `unavailable`) and a human `message`.
+/// `no_space`, `not_configured`, `internal`, `unavailable`) and a human
+/// `message`.
 #[derive(Serialize, Deserialize, ToSchema, Clone, Debug)]
 pub struct ErrorDetail {
     pub code: String,

@@ -64,6 +64,47 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), FileError
     sync_dir(dir)
 }
 
+/// Reads the 32-byte secret key at `path`, made with `make` and written
+/// with mode 0600 ([`write_atomic`]) on first use; the bool says it was
+/// made now. A key of another size, or one others may read (group or
+/// world bits set), is refused: a secret that leaked is no secret.
+pub fn private_key(
+    path: &Path,
+    make: impl FnOnce() -> [u8; 32],
+) -> Result<([u8; 32], bool), FileError> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::read(path) {
+        Ok(b) => {
+            let key: [u8; 32] = b.as_slice().try_into().map_err(|_| {
+                at(path)(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("holds {} bytes, not a 32-byte key", b.len()),
+                ))
+            })?;
+            let mode = std::fs::metadata(path)
+                .map_err(at(path))?
+                .permissions()
+                .mode();
+            if mode & 0o077 != 0 {
+                return Err(at(path)(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "mode {:o} lets others read the key; chmod 600 it",
+                        mode & 0o777
+                    ),
+                )));
+            }
+            Ok((key, false))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let key = make();
+            write_atomic(path, &key, 0o600)?;
+            Ok((key, true))
+        }
+        Err(e) => Err(at(path)(e)),
+    }
+}
+
 /// Syncs a directory, so the names created, renamed or removed in it are
 /// on disk (a file's own fsync does not cover its directory entry).
 pub fn sync_dir(dir: &Path) -> Result<(), FileError> {

@@ -30,6 +30,9 @@ pub enum Error {
     /// The host holds nothing to mount, said in words.
     #[error("{0}")]
     NoFilesystem(String),
+    /// A stored secret could not be sealed or opened.
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
     /// A condition of the daemon's own, said in words.
     #[error("{0}")]
     Failed(String),

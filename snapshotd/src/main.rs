@@ -17,8 +17,10 @@ mod pending;
 mod recovery;
 mod replication;
 mod scheduler;
+mod secrets;
 mod state;
 mod targets;
+mod tier;
 mod tls;
 mod vm_qemu;
 

@@ -537,6 +537,7 @@ mod tests {
                 cron: c.map(String::from),
             }),
             retention: Retention::default(),
+            ..Default::default()
         };
         assert_eq!(next_run(&p(Some(3600), None), 100).unwrap(), Some(3700));
         assert!(next_run(&p(Some(10), None), 100).is_err());

@@ -837,6 +837,25 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/tier": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Admins, operators and auditors (no host credential). */
+        get: operations["tier_config"];
+        /** Admin only: the credentials reach every tiered point's data. */
+        put: operations["set_tier_config"];
+        post?: never;
+        /** Admin only; refused (409) while points' data is in the store. */
+        delete: operations["delete_tier_config"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/users": {
         parameters: {
             query?: never;
@@ -1649,7 +1668,8 @@ export interface components {
         /**
          * @description Machine-readable `code` (`bad_request`, `invalid_json`, `unauthorized`,
          *     `forbidden`, `not_found`, `conflict`, `payload_too_large`, `unsupported`,
-         *     `no_space`, `internal`, `unavailable`) and a human `message`.
+         *     `no_space`, `not_configured`, `internal`, `unavailable`) and a human
+         *     `message`.
          */
         ErrorDetail: {
             code: string;
@@ -1871,9 +1891,12 @@ export interface components {
             /**
              * @description `scrub` (verify every checksum in the pool), `retention` (apply
              *     retention policies and the pool quota now), `delete-volume`,
-             *     `vm-backup` (every VM of a category, through cdm-agent), or
-             *     `defrag` (rewrite a volume's fragmented blocks it owns alone in
-             *     logical order, rate-limited).
+             *     `vm-backup` (every VM of a category, through cdm-agent), `defrag`
+             *     (rewrite a volume's fragmented blocks it owns alone in logical
+             *     order, rate-limited); with an object tier configured (`PUT
+             *     /v1/tier`): `tier` (move a volume's points due by its policy, or
+             *     `snapshot` now, to the object store), `recall` (bring `snapshot`
+             *     back to the pool) or `tier-gc` (remove objects nothing refers to).
              */
             kind: string;
             /** @description For `vm-backup`: VMs at a time (default 2). */
@@ -1883,7 +1906,13 @@ export interface components {
              * @description For `defrag`: most MB (10^6 bytes) rewritten per second (default 50).
              */
             rate_mb_s?: number | null;
-            /** @description For `delete-volume`. */
+            /**
+             * Format: int64
+             * @description For `recall` (required) and `tier` (optional: this point now,
+             *     whatever its age): a snapshot id of `volume`.
+             */
+            snapshot?: number | null;
+            /** @description For `delete-volume`, `defrag`, `tier` and `recall`. */
             volume?: string | null;
         };
         /** @description `GET /v1/jobs/{id}/log`. */
@@ -2146,6 +2175,18 @@ export interface components {
         Policy: {
             retention?: components["schemas"]["Retention"];
             schedule?: null | components["schemas"]["Schedule"];
+            /**
+             * Format: int32
+             * @description Object tier (issue 21): points older than N days (at least 1) move
+             *     their uniquely owned data to the object store (`PUT /v1/tier`).
+             */
+            tier_after_days?: number | null;
+            /**
+             * Format: int32
+             * @description Object tier: points beyond the newest K (at least 1) move too,
+             *     whatever their age.
+             */
+            tier_keep_last?: number | null;
         };
         /** @description `PUT /v1/applications/{id}/policy`. */
         PolicyAssign: {
@@ -2454,6 +2495,12 @@ export interface components {
              */
             key_loaded?: boolean;
             label: string;
+            /**
+             * @description Where its data is (issue 21, object tier): `local` (all in the
+             *     pool), `tiered` (its uniquely owned data in the object store, read
+             *     through the local cache) or `recalling` (being brought back).
+             */
+            location?: string;
             metadata: unknown;
             /**
              * @description Stored as ciphertext under another appliance's key (a point of a
@@ -2489,6 +2536,88 @@ export interface components {
             /** Format: int64 */
             snapshot: number;
             volume: string;
+        };
+        /** @description `PUT /v1/tier`: the object store older points' data moves to. */
+        TierConfigPut: {
+            /** @description Access key id (shown again by `GET /v1/tier`). */
+            access_key: string;
+            /**
+             * @description Bucket name (S3 rules: 3–63 of `a-z 0-9 . -`, starting and ending
+             *     with a letter or digit). It must exist.
+             */
+            bucket: string;
+            /**
+             * Format: int64
+             * @description Local read cache of tiered data in bytes (default 1 GiB, at least
+             *     64 MiB).
+             */
+            cache_bytes?: number;
+            /**
+             * @description `http://` or `https://` URL of the S3-compatible service
+             *     (`https://s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:3900`).
+             */
+            endpoint: string;
+            /**
+             * Format: int32
+             * @description Most MiB per second to and from the store (default: no limit).
+             */
+            max_mib_per_sec?: number | null;
+            /**
+             * Format: int32
+             * @description Most requests per second to the store (default: no limit).
+             */
+            max_requests_per_sec?: number | null;
+            /**
+             * Format: int32
+             * @description Target size of the pack objects extents are packed into, in MiB
+             *     (16–64, default 32).
+             */
+            pack_mib?: number;
+            /**
+             * @description Path-style addressing (`ENDPOINT/BUCKET/KEY`, for MinIO, Garage,
+             *     Ceph without wildcard DNS); default virtual-host style
+             *     (`BUCKET.HOST/KEY`).
+             */
+            path_style?: boolean;
+            /**
+             * @description Key prefix of every object the appliance writes; default
+             *     `cdm/POOL-UUID/`, so that appliances can share a bucket.
+             */
+            prefix?: string | null;
+            /** @description Signing region (default `us-east-1`): 1–64 of `A-Z a-z 0-9 _ -`. */
+            region?: string;
+            /** @description Secret access key: stored encrypted, never returned. */
+            secret_key: string;
+        };
+        /** @description `GET /v1/tier`: the configuration without its secret. */
+        TierConfigView: {
+            access_key: string;
+            bucket: string;
+            /** Format: int64 */
+            cache_bytes: number;
+            /**
+             * @description Always true in an answer (without a configuration `GET /v1/tier`
+             *     answers 404 `not_configured`).
+             */
+            configured: boolean;
+            endpoint: string;
+            /** Format: int32 */
+            max_mib_per_sec?: number | null;
+            /** Format: int32 */
+            max_requests_per_sec?: number | null;
+            /** Format: int32 */
+            pack_mib: number;
+            path_style: boolean;
+            /** @description The key prefix in use (the default filled in). */
+            prefix: string;
+            region: string;
+            /** @description A secret key is stored (it is never shown). */
+            secret_key_set: boolean;
+            /**
+             * Format: int64
+             * @description When it was last set.
+             */
+            updated_unix: number;
         };
         /** @description An API token (its secret is never shown again after creation). */
         Token: {
@@ -3920,6 +4049,39 @@ export interface operations {
                     "application/json": components["schemas"]["Job"];
                 };
             };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description `not_configured` (tier jobs without `PUT /v1/tier`), or a conflict */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
         };
     };
     job: {
@@ -4770,6 +4932,115 @@ export interface operations {
                 };
                 content?: never;
             };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    tier_config: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TierConfigView"];
+                };
+            };
+            /** @description `not_configured` */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    set_tier_config: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["TierConfigPut"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TierConfigView"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_tier_config: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description `not_configured` */
             404: {
                 headers: {
                     [name: string]: unknown;

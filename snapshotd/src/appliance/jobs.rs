@@ -66,6 +66,9 @@ pub(super) fn run_agent(
 
 impl Appliance {
     pub(super) fn job_start(&self, c: &Caller, req: JobCreate) -> ApiResult<Job> {
+        if let Some(job) = cdm_api::tier::TierJob::from_request(&req) {
+            return self.job_tier(c, job?);
+        }
         match req.kind.as_str() {
             "scrub" => self.job_scrub(c),
             "retention" => self.job_retention(c),
@@ -73,7 +76,8 @@ impl Appliance {
             "vm-backup" => self.job_vm_backup(c, &req),
             "defrag" => self.job_defrag(c, &req),
             k => Err(ApiError::bad_request(format!(
-                "unknown job kind {k:?}: use scrub, retention, delete-volume, vm-backup or defrag"
+                "unknown job kind {k:?}: use scrub, retention, delete-volume, vm-backup, defrag, \
+                 tier, recall or tier-gc"
             ))),
         }
     }

@@ -19,6 +19,7 @@ mod replication;
 pub use pool::COMMIT_INTERVAL_S;
 mod snapshots;
 mod throttle;
+mod tier;
 mod updates;
 pub use updates::UpdateSetup;
 mod users;

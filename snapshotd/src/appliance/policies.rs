@@ -33,6 +33,7 @@ impl Appliance {
         if p.retention.keep_days == Some(0) {
             return Err(ApiError::bad_request("keep_days must be at least 1"));
         }
+        p.check_tiering()?;
         let next = next_run(&p, self.clock.now())?;
         let rec = SnapshotPolicyRec {
             policy: p.clone(),

@@ -40,6 +40,7 @@ impl Appliance {
             .filter(|v| v.origin == Some(s.id))
             .map(|v| v.name.clone())
             .collect();
+        let location = crate::tier::snapshot_location(&s).to_string();
         Snapshot {
             export: format!("{}@{}", s.volume, s.id),
             id: s.id,
@@ -55,6 +56,7 @@ impl Appliance {
             key_loaded: s.seal.is_none() || s.seal_key_loaded,
             clones,
             held_by: Vec::new(),
+            location,
         }
     }
 

@@ -10,7 +10,6 @@
 //! way), or left by another sender, does not verify, and a session for
 //! another base or point is stale — both are discarded, never resumed.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -51,34 +50,12 @@ impl ResumeKey {
     /// Reads the key, making it on first use (written atomically with mode
     /// 0600: no one else ever reads it, and a crash leaves no half key).
     pub fn load_or_create(path: &Path) -> Result<ResumeKey, ReplError> {
-        match std::fs::read(path) {
-            Ok(b) => {
-                let key: [u8; 32] = b.as_slice().try_into().map_err(|_| {
-                    key_err(path, format!("holds {} bytes, not a 32-byte key", b.len()))
-                })?;
-                let mode = std::fs::metadata(path)
-                    .map_err(|e| key_err(path, e))?
-                    .permissions()
-                    .mode();
-                if mode & 0o077 != 0 {
-                    return Err(key_err(
-                        path,
-                        format!(
-                            "mode {:o} lets others read the key; chmod 600 it",
-                            mode & 0o777
-                        ),
-                    ));
-                }
-                Ok(ResumeKey(key))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let key: [u8; 32] = rand::random();
-                cdm_common::fs::write_atomic(path, &key, 0o600).map_err(|e| key_err(path, e))?;
-                tracing::info!(path = %path.display(), "replication resume key created");
-                Ok(ResumeKey(key))
-            }
-            Err(e) => Err(key_err(path, e)),
+        let (key, made) = cdm_common::fs::private_key(path, rand::random)
+            .map_err(|e| key_err(&e.path, e.source))?;
+        if made {
+            tracing::info!(path = %path.display(), "replication resume key created");
         }
+        Ok(ResumeKey(key))
     }
 
     fn mac(&self, b: &Bound<'_>, k: u64) -> Hmac<Sha256> {
@@ -120,6 +97,7 @@ impl ResumeKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const B: Bound<'static> = Bound {
         target: "t",

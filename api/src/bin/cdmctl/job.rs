@@ -36,17 +36,22 @@ pub(crate) enum JobCmd {
     Show {
         id: u64,
     },
-    /// Start scrub, retention, delete-volume, vm-backup or defrag
-    /// (`job start defrag VOLUME [--rate MB/s]`).
+    /// Start scrub, retention, delete-volume, vm-backup, defrag
+    /// (`job start defrag VOLUME [--rate MB/s]`), or with an object tier
+    /// `tier VOLUME [--snapshot ID]`, `recall VOLUME --snapshot ID`,
+    /// `tier-gc`.
     Start {
         kind: String,
-        /// The volume (delete-volume, defrag); same as --volume.
+        /// The volume (delete-volume, defrag, tier, recall); same as --volume.
         #[arg(conflicts_with = "volume")]
         name: Option<String>,
         #[arg(long)]
         volume: Option<String>,
         #[arg(long)]
         force: bool,
+        /// tier: this point now (whatever its age); recall: the point.
+        #[arg(long)]
+        snapshot: Option<u64>,
         /// vm-backup: the VM inventory (a path on the appliance).
         #[arg(long)]
         inventory: Option<String>,
@@ -101,6 +106,7 @@ pub(crate) fn run(cmd: JobCmd, c: &Client, out: &Out) -> Result<(), CliError> {
             name,
             volume,
             force,
+            snapshot,
             inventory,
             category,
             parallel,
@@ -111,6 +117,7 @@ pub(crate) fn run(cmd: JobCmd, c: &Client, out: &Out) -> Result<(), CliError> {
             let j = c.start_job(&JobCreate {
                 kind,
                 volume: name.or(volume),
+                snapshot,
                 force,
                 inventory,
                 category,

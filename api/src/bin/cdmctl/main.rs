@@ -18,6 +18,7 @@ mod policy;
 mod replication;
 mod snapshot;
 mod system;
+mod tier;
 mod units;
 mod user;
 mod vm;
@@ -156,6 +157,9 @@ enum Cmd {
     /// --appliance).
     #[command(subcommand)]
     Appliance(crate::appliance::ApplianceCmd),
+    /// The object-storage tier older points' data moves to.
+    #[command(subcommand)]
+    Tier(crate::tier::TierCmd),
     /// The appliance clock (advance only with --fake-clock).
     #[command(subcommand)]
     Clock(ClockCmd),
@@ -233,6 +237,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Logout => user::logout(&c, &out),
         Cmd::Pool(p) => system::pool(p, &c, &out),
         Cmd::Appliance(a) => appliance::run(a, &c, &out),
+        Cmd::Tier(t) => tier::run(t, &c, &out),
         Cmd::Clock(k) => system::clock(k, &c, &out),
         Cmd::Health => system::health(&c, &out),
         Cmd::Metrics => system::metrics(&c),

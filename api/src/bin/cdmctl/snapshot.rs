@@ -72,6 +72,7 @@ pub(crate) fn snapshots_table(v: &[Snapshot]) -> String {
             "CREATED (UTC)",
             "ALLOCATED",
             "UNIQUE",
+            "LOCATION",
             "CLONES",
         ],
         |s| {
@@ -82,6 +83,7 @@ pub(crate) fn snapshots_table(v: &[Snapshot]) -> String {
                 time(s.created_unix),
                 human(s.allocated_bytes),
                 human(s.unique_bytes),
+                s.location.clone(),
                 if s.clones.is_empty() {
                     "-".into()
                 } else {
@@ -94,7 +96,7 @@ pub(crate) fn snapshots_table(v: &[Snapshot]) -> String {
 
 pub(crate) fn snapshot_show(s: &Snapshot) -> String {
     format!(
-        "id: {}\nvolume: {}\nexport: {}\nlabel: {}\ncreated: {}\nsize: {}\nallocated: {}\nunique: {}\nclones: {}\nmetadata: {}\n",
+        "id: {}\nvolume: {}\nexport: {}\nlabel: {}\ncreated: {}\nsize: {}\nallocated: {}\nunique: {}\nlocation: {}\nclones: {}\nmetadata: {}\n",
         s.id,
         s.volume,
         s.export,
@@ -103,6 +105,7 @@ pub(crate) fn snapshot_show(s: &Snapshot) -> String {
         human(s.size),
         human(s.allocated_bytes),
         human(s.unique_bytes),
+        s.location,
         s.clones.join(", "),
         s.metadata
     )

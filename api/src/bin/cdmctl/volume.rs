@@ -88,6 +88,12 @@ pub(crate) enum VolumeCmd {
         keep_days: Option<u32>,
         #[arg(long, default_value = "1")]
         min_keep: u32,
+        /// Object tier: move points older than N days to the object store.
+        #[arg(long)]
+        tier_after_days: Option<u32>,
+        /// Object tier: move points beyond the newest N too.
+        #[arg(long)]
+        tier_keep_last: Option<u32>,
     },
 }
 
@@ -156,6 +162,8 @@ pub(crate) fn run(cmd: VolumeCmd, c: &Client, out: &Out) -> Result<(), CliError>
             keep_last,
             keep_days,
             min_keep,
+            tier_after_days,
+            tier_keep_last,
         } => {
             let schedule = if interval.is_some() || cron.is_some() {
                 Some(Schedule {
@@ -172,6 +180,8 @@ pub(crate) fn run(cmd: VolumeCmd, c: &Client, out: &Out) -> Result<(), CliError>
                     keep_days,
                     min_keep,
                 },
+                tier_after_days,
+                tier_keep_last,
             };
             out.show(&c.set_policy(&name, &p)?, policy_show);
         }
@@ -327,9 +337,11 @@ pub(crate) fn policy_show(p: &SnapshotPolicy) -> String {
         _ => "none".into(),
     };
     format!(
-        "schedule: {sched}\nkeep last: {}\nkeep days: {}\nmin keep: {}\n",
+        "schedule: {sched}\nkeep last: {}\nkeep days: {}\nmin keep: {}\ntier after days: {}\ntier beyond newest: {}\n",
         opt(&p.retention.keep_last),
         opt(&p.retention.keep_days),
-        p.retention.min_keep
+        p.retention.min_keep,
+        opt(&p.tier_after_days),
+        opt(&p.tier_keep_last),
     )
 }
