@@ -108,6 +108,12 @@ struct Args {
     #[arg(long, default_value_t = cdm_api::control::HEARTBEAT_SECS,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     heartbeat_seconds: u64,
+    /// Seconds between sweeps that start a `tier` job for each volume
+    /// whose policy (`tier_after_days`, `tier_keep_last`) makes points due
+    /// that are not tiered yet (with an object tier configured).
+    #[arg(long, default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    tier_sweep_seconds: u64,
     /// Fault injection for tests (never in production): while the file
     /// DIR/state-eio exists, writes to the state database fail with EIO;
     /// DIR/pool-enospc, pool-short-write, pool-eio-write, pool-eio-read,
@@ -882,6 +888,9 @@ fn main() -> Result<()> {
         s.defaults,
         mounts,
     );
+    tier::runtime()
+        .start(&state, &pool, &s.data)
+        .context("object-store tier")?;
     let _ = app.pool_file.set(pool_file);
     let _ = app.tls_ca.set(tls.ca_pem.clone());
     let _ = app.vm_recovery_dir.set(s.data.join("vm-recoveries"));
@@ -900,6 +909,11 @@ fn main() -> Result<()> {
     app.control
         .set_timeouts(args.job_stall_seconds, args.cancel_grace_seconds);
     app.control.set_heartbeat(args.heartbeat_seconds);
+    appliance::Appliance::start_tier_sweep(
+        &app,
+        Duration::from_secs(args.tier_sweep_seconds),
+        stop.clone(),
+    );
     app.scheduler.set_control(app.control.clone());
     app.scheduler.set_replication(repl.clone());
     repl.start(s.tick, stop.clone());

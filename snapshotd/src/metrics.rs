@@ -153,7 +153,32 @@ pub fn render(a: &Appliance) -> cdmfs::Result<String> {
             tracing::error!(error = %e.message, "replication metrics missing");
         }
     }
+    tier(&mut o, &snaps);
     Ok(o)
+}
+
+/// The object-store tier: requests, bytes, cache hits (`cdm-tier`'s
+/// counters) and points by where their data is.
+fn tier(o: &mut String, snaps: &[cdmfs::Brief]) {
+    o.push_str(&crate::tier::runtime().metrics.prometheus());
+    head(
+        o,
+        "cdm_tier_points",
+        "gauge",
+        "Snapshots by where their data is (local, tiered, recalling).",
+    );
+    let mut n = [0u64; 3];
+    for b in snaps {
+        let i = match crate::tier::location_of(b.id, b.tiered) {
+            "tiered" => 1,
+            "recalling" => 2,
+            _ => 0,
+        };
+        n[i] += 1;
+    }
+    for (loc, k) in ["local", "tiered", "recalling"].iter().zip(n) {
+        let _ = writeln!(o, "cdm_tier_points{{location=\"{loc}\"}} {k}");
+    }
 }
 
 /// Per link: lag (per volume), bytes sent and transfers by result since

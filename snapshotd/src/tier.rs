@@ -4,12 +4,20 @@
 //! any is in the store, and the bodies of the `tier`, `recall` and
 //! `tier-gc` jobs.
 //!
-//! The engine side (which extents move, the tier map, reads through the
-//! store) is not wired yet: until it is, every point is `local`, the store
-//! holds nothing, and the jobs fail with [`NOT_AVAILABLE`]. Those four
-//! functions are the only places to change when it lands.
+//! The work itself is the `cdm-tier` crate's jobs over the engine's tier
+//! API; here: the store in use ([`Runtime`]), which points are due, and
+//! the jobs' bodies.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cdm_api::tier::TierConfigPut;
+use cdm_tier::{
+    engine_reader, gc_and_repack, recall_point, tier_points, CacheConfig, Control, PackCache,
+    PackSizes, S3Config, S3Store, TierMetrics, TierReader,
+};
 use cdmfs::{Pool, SnapshotInfo};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -23,8 +31,6 @@ use crate::state::{State, Sync, META};
 const RECORD: &str = "tier_config";
 /// What the sealed secret is bound to ([`SecretBox::seal`]).
 const PURPOSE: &str = "tier.secret_key";
-/// The failure of every tier job until the engine side is wired.
-pub const NOT_AVAILABLE: &str = "tier jobs are not available yet";
 
 /// The whole configuration, the secret key in clear: for the code that
 /// talks to the store, never for an answer or a log (its `Debug` hides
@@ -100,50 +106,264 @@ fn view_of(r: &Record) -> cdm_api::tier::TierConfigView {
     v
 }
 
-// ---- the engine's answers (to be wired by the engine side) ---------------
+// ---- the store in use ------------------------------------------------------
+
+/// The store, read cache and counters built from the configuration: one
+/// per process (snapshotd serves one pool). Tier jobs run one at a time:
+/// a pack uploaded and not yet committed is safe from a GC only so.
+pub struct Runtime {
+    active: Mutex<Option<Active>>,
+    /// Kept across reconfigurations, for `/metrics`.
+    pub metrics: Arc<TierMetrics>,
+    jobs: Mutex<()>,
+    recalling: Mutex<BTreeSet<u64>>,
+    cache_dir: OnceLock<PathBuf>,
+}
+
+struct Active {
+    /// What it was built from (two changes within a second differ too).
+    settings: TierSettings,
+    store: Arc<S3Store>,
+}
+
+static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+
+/// The process's tier runtime.
+pub fn runtime() -> &'static Runtime {
+    RUNTIME.get_or_init(|| Runtime {
+        active: Mutex::new(None),
+        metrics: Arc::new(TierMetrics::default()),
+        jobs: Mutex::new(()),
+        recalling: Mutex::new(BTreeSet::new()),
+        cache_dir: OnceLock::new(),
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The store client's configuration from the API's.
+fn s3_config(c: &TierConfigPut) -> S3Config {
+    let mut s = S3Config::new(&c.endpoint, &c.bucket, &c.access_key, &c.secret_key);
+    s.region = c.region.clone();
+    s.path_style = c.path_style;
+    s.prefix = c.prefix.clone().unwrap_or_default();
+    s.max_requests_per_sec = c.max_requests_per_sec;
+    s.max_bytes_per_sec = c.max_mib_per_sec.map(|m| m as u64 * MIB);
+    s
+}
+
+const MIB: u64 = 1 << 20;
+
+impl Runtime {
+    /// At start: where the read cache lives, and the store of a stored
+    /// configuration attached to the pool (nothing is contacted yet).
+    pub fn start(&self, state: &State, pool: &Pool, data: &Path) -> Result<()> {
+        let _ = self.cache_dir.set(data.join("tier-cache"));
+        if let Some(s) = state.tier_config()? {
+            self.activate(pool, &s)?;
+        }
+        Ok(())
+    }
+
+    /// The store for `s`, built (with a fresh cache in front of it, and
+    /// attached to the pool for reads of tiered data) unless it is the
+    /// one in use.
+    pub fn activate(&self, pool: &Pool, s: &TierSettings) -> Result<Arc<S3Store>> {
+        let mut a = lock(&self.active);
+        if let Some(cur) = a.as_ref().filter(|c| c.settings == *s) {
+            return Ok(cur.store.clone());
+        }
+        let fail = |e: String| Error::Failed(format!("object store: {e}"));
+        let store = Arc::new(
+            S3Store::with_metrics(s3_config(&s.config), self.metrics.clone())
+                .map_err(|e| fail(e.to_string()))?,
+        );
+        let dir = self
+            .cache_dir
+            .get()
+            .cloned()
+            .unwrap_or_else(|| std::env::temp_dir().join("cdm-tier-cache"));
+        // Cached chunks of another configuration's packs would be wrong.
+        let _ = std::fs::remove_dir_all(&dir);
+        let cache = PackCache::open(
+            CacheConfig::new(&dir, s.config.cache_bytes),
+            self.metrics.clone(),
+        )
+        .map_err(|e| fail(format!("read cache {}: {e}", dir.display())))?;
+        let reader = Arc::new(TierReader::new(store.clone(), cache));
+        pool.set_tier(Some(engine_reader(reader)));
+        *a = Some(Active {
+            settings: s.clone(),
+            store: store.clone(),
+        });
+        Ok(store)
+    }
+
+    /// Whether a tier job is running.
+    pub fn busy(&self) -> bool {
+        self.jobs.try_lock().is_err()
+    }
+
+    /// Detaches the store (its configuration was deleted).
+    pub fn deactivate(&self, pool: &Pool) {
+        pool.set_tier(None);
+        *lock(&self.active) = None;
+    }
+}
 
 /// Where a point's data is: `local`, `tiered` or `recalling`
-/// (`cdm_api::types::LOCATIONS`). Every point is local until the engine
-/// keeps a tier map.
-pub fn snapshot_location(_s: &SnapshotInfo) -> &'static str {
-    cdm_api::types::LOCATIONS[0]
+/// (`cdm_api::types::LOCATIONS`).
+pub fn snapshot_location(s: &SnapshotInfo) -> &'static str {
+    location_of(s.id, s.tiered)
+}
+
+/// [`snapshot_location`] from a point's id and tiered flag.
+pub fn location_of(id: u64, tiered: bool) -> &'static str {
+    if lock(&runtime().recalling).contains(&id) {
+        "recalling"
+    } else if tiered {
+        "tiered"
+    } else {
+        "local"
+    }
 }
 
 /// Whether any point's data is in the object store (a configuration is
-/// not deleted while it is). False until the engine keeps a tier map.
-pub fn tier_has_data(_pool: &Pool) -> Result<bool> {
-    Ok(false)
+/// not deleted while it is).
+pub fn tier_has_data(pool: &Pool) -> Result<bool> {
+    Ok(!pool.tier_packs()?.is_empty())
+}
+
+/// The points of `volume` its policy makes due: beyond the newest
+/// `tier_keep_last`, or older than `tier_after_days` (at `now`, Unix
+/// seconds).
+pub fn due_points(
+    pool: &Pool,
+    volume: &str,
+    policy: &cdm_api::types::SnapshotPolicy,
+    now: u64,
+) -> Result<Vec<SnapshotInfo>> {
+    let mut snaps = pool.list_snapshots(Some(volume))?;
+    snaps.sort_by_key(|s| (s.created_ns, s.id));
+    let n = snaps.len();
+    Ok(snaps
+        .into_iter()
+        .enumerate()
+        .filter(|(i, s)| {
+            let beyond = policy
+                .tier_keep_last
+                .is_some_and(|k| (*i as u64) + (k as u64) < n as u64);
+            let old = policy
+                .tier_after_days
+                .is_some_and(|d| s.created_ns / 1_000_000_000 + d as u64 * 86_400 <= now);
+            beyond || old
+        })
+        .map(|(_, s)| s)
+        .collect())
+}
+
+fn sizes(s: &TierSettings) -> PackSizes {
+    let pack = s.config.pack_mib as u64 * MIB;
+    PackSizes {
+        pack_bytes: pack,
+        commit_bytes: (8 * pack).max(256 * MIB),
+    }
+}
+
+fn failed(e: cdm_tier::JobError) -> Error {
+    Error::Failed(e.to_string())
+}
+
+fn json<T: Serialize>(v: &T) -> Result<Value> {
+    serde_json::to_value(v).map_err(|e| Error::Failed(e.to_string()))
 }
 
 /// A `tier` job: moves the uniquely owned data of `volume`'s points due by
-/// its policy (`tier_after_days`, `tier_keep_last`), or of `snapshot` only,
-/// to the store; its JSON result.
+/// its policy (`tier_after_days`, `tier_keep_last`) at `now`, or of
+/// `snapshot` only, to the store; its JSON result.
 pub fn run_tier(
-    _pool: &Pool,
-    _settings: &TierSettings,
-    _policy: &cdm_api::types::SnapshotPolicy,
-    _volume: &str,
-    _snapshot: Option<u64>,
-    _progress: &Progress,
+    pool: &Pool,
+    settings: &TierSettings,
+    policy: &cdm_api::types::SnapshotPolicy,
+    volume: &str,
+    snapshot: Option<u64>,
+    now: u64,
+    progress: &Progress,
 ) -> Result<Value> {
-    Err(Error::Failed(NOT_AVAILABLE.into()))
+    let rt = runtime();
+    let _one = lock(&rt.jobs);
+    let store = rt.activate(pool, settings)?;
+    let points: Vec<u64> = match snapshot {
+        Some(s) => vec![s],
+        None => due_points(pool, volume, policy, now)?
+            .iter()
+            .map(|s| s.id)
+            .collect(),
+    };
+    let cancel = AtomicBool::new(false);
+    let report = |d: u64, t: u64| progress.set(d, t);
+    let ctl = Control {
+        cancel: &cancel,
+        progress: &report,
+    };
+    let rep = tier_points(pool, &store, &points, sizes(settings), &ctl).map_err(failed)?;
+    tracing::info!(volume, points = ?rep.points, objects = rep.objects, bytes = rep.bytes,
+        packs = rep.packs, "tiered");
+    json(&rep)
 }
 
 /// A `recall` job: brings point `snapshot` of `volume` back to the pool.
 pub fn run_recall(
-    _pool: &Pool,
-    _settings: &TierSettings,
-    _volume: &str,
-    _snapshot: u64,
-    _progress: &Progress,
+    pool: &Pool,
+    settings: &TierSettings,
+    volume: &str,
+    snapshot: u64,
+    progress: &Progress,
 ) -> Result<Value> {
-    Err(Error::Failed(NOT_AVAILABLE.into()))
+    let rt = runtime();
+    let _one = lock(&rt.jobs);
+    let store = rt.activate(pool, settings)?;
+    lock(&rt.recalling).insert(snapshot);
+    let cancel = AtomicBool::new(false);
+    let report = |d: u64, t: u64| progress.set(d, t);
+    let ctl = Control {
+        cancel: &cancel,
+        progress: &report,
+    };
+    let r = recall_point(pool, &store, snapshot, &ctl);
+    lock(&rt.recalling).remove(&snapshot);
+    let rep = r.map_err(failed)?;
+    tracing::info!(
+        volume,
+        snapshot,
+        objects = rep.objects,
+        bytes = rep.bytes,
+        "recalled"
+    );
+    json(&rep)
 }
 
-/// A `tier-gc` job: lists the store and deletes in batches the objects
-/// no point refers to.
-pub fn run_gc(_pool: &Pool, _settings: &TierSettings, _progress: &Progress) -> Result<Value> {
-    Err(Error::Failed(NOT_AVAILABLE.into()))
+/// A `tier-gc` job: repacks packs whose live share fell below half, then
+/// lists the store and deletes in batches the packs no point refers to.
+pub fn run_gc(pool: &Pool, settings: &TierSettings, progress: &Progress) -> Result<Value> {
+    let rt = runtime();
+    let _one = lock(&rt.jobs);
+    let store = rt.activate(pool, settings)?;
+    let cancel = AtomicBool::new(false);
+    let report = |d: u64, t: u64| progress.set(d, t);
+    let ctl = Control {
+        cancel: &cancel,
+        progress: &report,
+    };
+    let rep = gc_and_repack(pool, &store, 0.5, sizes(settings), &ctl).map_err(failed)?;
+    tracing::info!(
+        repacked = rep.repacked_packs,
+        deleted = rep.gc.deleted,
+        "tier GC"
+    );
+    json(&rep)
 }
 
 #[cfg(test)]

@@ -183,6 +183,23 @@ impl PackCache {
     }
 
     /// Bytes of cached chunks now.
+    /// Forgets the cached chunks holding `offset..offset + len` of `pack`
+    /// (bytes that failed the engine's checksum: fetched again next time).
+    pub fn invalidate(&self, pack: u64, offset: u64, len: u64) {
+        let c = self.inner.cfg.chunk_size;
+        let last = (offset + len.max(1) - 1) / c;
+        let mut s = lock(&self.inner.state);
+        for k in offset / c..=last {
+            if s.forget((pack, k)).is_some() {
+                let _ = std::fs::remove_file(self.inner.chunk_path((pack, k)));
+            }
+        }
+        self.inner
+            .metrics
+            .cache_bytes
+            .store(s.bytes, Ordering::Relaxed);
+    }
+
     pub fn cached_bytes(&self) -> u64 {
         lock(&self.inner.state).bytes
     }

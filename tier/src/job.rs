@@ -370,13 +370,15 @@ fn flush_repack(
     Ok(())
 }
 
-/// The engine reads tiered extents through the cache; scrub reads the
-/// store itself.
+/// The engine reads tiered extents through the cache; scrub, and a read
+/// whose cached bytes failed their checksum, read the store itself (and
+/// the cache forgets what it held there).
 impl TierRead for TierReader {
     fn read(&self, pack: u64, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
         TierReader::read(self, pack, offset, len)
     }
     fn read_direct(&self, pack: u64, offset: u64, len: u32) -> std::io::Result<Vec<u8>> {
+        self.cache.invalidate(pack, offset, len as u64);
         self.store
             .get_range(&pack_key(pack), offset, len as u64)
             .map_err(TierError::into_io)

@@ -446,6 +446,7 @@ impl Pool {
                 created_ns: v.created_ns,
                 origin: v.origin,
                 size: v.size,
+                tiered: false,
             })
             .collect();
         let snaps = g
@@ -458,6 +459,7 @@ impl Pool {
                 created_ns: s.created_ns,
                 origin: None,
                 size: s.size,
+                tiered: s.tiered,
             })
             .collect();
         Ok((vols, snaps))

@@ -60,6 +60,8 @@ pub struct Brief {
     pub origin: Option<u64>,
     /// Logical size in bytes.
     pub size: u64,
+    /// Snapshots: part of the data is in the object-store tier.
+    pub tiered: bool,
 }
 
 /// Pool-wide space figures.

@@ -244,10 +244,13 @@ impl Pool {
             // A piece of a tiered point: through the tier, decoded with
             // the pool block it was written at.
             let (mut stored, ext) = match tv.get(&p.ext.addr.wrapping_sub(TIER_BASE)) {
-                Some(ent) if p.ext.is_tiered() => (
-                    self.tier_stored(ent, &p.ext, false)?,
-                    super::tier::as_written(&p.ext, ent),
-                ),
+                Some(ent) if p.ext.is_tiered() => {
+                    let mut b = self.tier_stored(ent, &p.ext, false)?;
+                    if crc(&b) != p.ext.csum && ent.local == 0 {
+                        b = self.tier_stored(ent, &p.ext, true)?;
+                    }
+                    (b, super::tier::as_written(&p.ext, ent))
+                }
                 _ => {
                     let mut b = vec![0u8; p.ext.stored_len as usize];
                     self.dev.read_at(&mut b, p.ext.byte_offset())?;

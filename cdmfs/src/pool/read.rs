@@ -237,6 +237,10 @@ impl Pool {
                 .ok_or_else(|| internal("tiered extent without its map entry"))?;
             if last.as_ref().is_none_or(|(key, _)| *key != (e.addr, e.aux)) {
                 let mut stored = self.tier_stored(ent, &e, false)?;
+                if crc(&stored) != e.csum && ent.local == 0 {
+                    // A cache may hold damaged bytes: ask the store itself.
+                    stored = self.tier_stored(ent, &e, true)?;
+                }
                 verify(t, &(k, e), &stored, bs)?;
                 let plain = if e.is_plain() {
                     stored

@@ -67,7 +67,7 @@ pub(super) fn run_agent(
 impl Appliance {
     pub(super) fn job_start(&self, c: &Caller, req: JobCreate) -> ApiResult<Job> {
         if let Some(job) = cdm_api::tier::TierJob::from_request(&req) {
-            return self.job_tier(c, job?);
+            return self.job_tier(&c.user, job?);
         }
         match req.kind.as_str() {
             "scrub" => self.job_scrub(c),

@@ -33,7 +33,7 @@ impl Appliance {
     /// (404), a configuration set (409), something to do (400: a `tier` of
     /// a whole volume needs a tiering rule in its policy), then the job
     /// runs in the background and its record says how it ended.
-    pub(super) fn job_tier(&self, c: &Caller, job: TierJob) -> ApiResult<Job> {
+    pub(super) fn job_tier(&self, user: &str, job: TierJob) -> ApiResult<Job> {
         let (volume, snapshot) = match &job {
             TierJob::Tier { volume, snapshot } => (Some(volume.clone()), *snapshot),
             TierJob::Recall { volume, snapshot } => (Some(volume.clone()), Some(*snapshot)),
@@ -47,6 +47,13 @@ impl Appliance {
             }
         }
         let settings = self.tier_settings()?;
+        if let TierJob::Recall { snapshot, .. } = &job {
+            if !self.pool.snapshot(*snapshot).map_err(engine)?.tiered {
+                return Err(ApiError::bad_request(format!(
+                    "point {snapshot} is not tiered: nothing to recall"
+                )));
+            }
+        }
         let policy = match &volume {
             Some(v) => self.policy_get(v)?,
             None => SnapshotPolicy::default(),
@@ -64,12 +71,13 @@ impl Appliance {
             }
         }
         let pool = self.pool.clone();
+        let now = self.clock.now();
         let params = json!({"volume": volume, "snapshot": snapshot});
         let kind = job.kind();
         self.jobs
-            .start_for(kind, &c.user, None, Some(params), move |p| match job {
+            .start_for(kind, user, None, Some(params), move |p| match job {
                 TierJob::Tier { volume, snapshot } => {
-                    crate::tier::run_tier(&pool, &settings, &policy, &volume, snapshot, p)
+                    crate::tier::run_tier(&pool, &settings, &policy, &volume, snapshot, now, p)
                 }
                 TierJob::Recall { volume, snapshot } => {
                     crate::tier::run_recall(&pool, &settings, &volume, snapshot, p)
@@ -77,6 +85,67 @@ impl Appliance {
                 TierJob::Gc => crate::tier::run_gc(&pool, &settings, p),
             })
             .map_err(super::st)
+    }
+}
+
+impl Appliance {
+    /// Every `every`, a `tier` job for each volume whose policy makes
+    /// points due that are not tiered yet (none while a tier job runs).
+    pub fn start_tier_sweep(
+        me: &std::sync::Arc<Appliance>,
+        every: std::time::Duration,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let me = std::sync::Arc::downgrade(me);
+        let spawned = std::thread::Builder::new()
+            .name("tier-sweep".into())
+            .spawn(move || loop {
+                let mut left = every;
+                while !left.is_zero() {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    let nap = left.min(std::time::Duration::from_millis(200));
+                    std::thread::sleep(nap);
+                    left -= nap;
+                }
+                let Some(a) = me.upgrade() else { return };
+                a.tier_sweep();
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the tier sweep");
+        }
+    }
+
+    fn tier_sweep(&self) {
+        if !matches!(self.state.tier_config(), Ok(Some(_))) || crate::tier::runtime().busy() {
+            return;
+        }
+        let vols = match self.pool.list_volumes_brief() {
+            Ok(v) => v,
+            Err(e) => return tracing::error!(error = %e, "tier sweep: cannot list volumes"),
+        };
+        let now = self.clock.now();
+        for v in vols {
+            let Ok(policy) = self.policy_get(&v.name) else {
+                continue;
+            };
+            if policy.tier_after_days.is_none() && policy.tier_keep_last.is_none() {
+                continue;
+            }
+            let due = crate::tier::due_points(&self.pool, &v.name, &policy, now);
+            if !due.is_ok_and(|d| d.iter().any(|s| !s.tiered)) {
+                continue;
+            }
+            let job = TierJob::Tier {
+                volume: v.name.clone(),
+                snapshot: None,
+            };
+            match self.job_tier("scheduler", job) {
+                Ok(j) => tracing::info!(volume = %v.name, job = j.id, "tier sweep started a job"),
+                Err(e) => tracing::error!(volume = %v.name, error = %e.message, "tier sweep"),
+            }
+        }
     }
 }
 
@@ -94,6 +163,12 @@ impl TierBackend for Appliance {
             config: req.validated(&uuid)?,
             updated_unix: self.clock.now(),
         };
+        // A client that cannot be built (virtual-host addressing on an IP
+        // address, an unreadable endpoint) is refused before it is stored;
+        // reads of tiered points go through the new store from now on.
+        crate::tier::runtime()
+            .activate(&self.pool, &settings)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
         let view = self.state.set_tier_config(&settings).map_err(stored)?;
         // The view carries no secret: safe for events and webhooks.
         self.events.emit(
@@ -117,6 +192,7 @@ impl TierBackend for Appliance {
         if !self.state.delete_tier_config().map_err(stored)? {
             return Err(not_configured());
         }
+        crate::tier::runtime().deactivate(&self.pool);
         self.events.emit(
             "tier.deleted",
             &view.bucket,
