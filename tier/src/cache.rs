@@ -64,6 +64,8 @@ impl CacheConfig {
 }
 
 type ChunkId = (u64, u64);
+/// Chunk numbers of one pack with their bytes.
+type Chunks = Vec<(u64, Arc<Vec<u8>>)>;
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -343,10 +345,17 @@ impl Inner {
         // A few rounds: a hit whose file vanished under eviction, or a
         // chunk another reader fetched but could not keep, goes round
         // again; after that the reader fetches for itself.
+        let c = self.cfg.chunk_size;
+        // Chunks past a pack's known end are not asked for (a 416).
+        let wanted = |k: u64, have: &[Option<Arc<Vec<u8>>>]| {
+            have[(k - first) as usize].is_none()
+                && lock(&self.state)
+                    .ends
+                    .get(&pack)
+                    .is_none_or(|&end| k * c < end)
+        };
         for _round in 0..4 {
-            let todo: Vec<u64> = (first..=last)
-                .filter(|&k| have[(k - first) as usize].is_none())
-                .collect();
+            let todo: Vec<u64> = (first..=last).filter(|&k| wanted(k, &have)).collect();
             if todo.is_empty() {
                 break;
             }
@@ -366,9 +375,7 @@ impl Inner {
                 self.wait_released((pack, k));
             }
         }
-        let todo: Vec<u64> = (first..=last)
-            .filter(|&k| have[(k - first) as usize].is_none())
-            .collect();
+        let todo: Vec<u64> = (first..=last).filter(|&k| wanted(k, &have)).collect();
         for (a, b) in runs(&todo) {
             TierMetrics::add(&self.metrics.cache_misses, b - a + 1);
             for (k, d) in self.fetch_run(store, pack, a, b).map_err(store_error)? {
@@ -402,12 +409,7 @@ impl Inner {
 
     /// Fetches the claimed chunks (misses) and releases them, whatever
     /// happens.
-    fn fetch_claimed(
-        &self,
-        store: &Arc<S3Store>,
-        pack: u64,
-        mine: &[u64],
-    ) -> io::Result<Vec<(u64, Arc<Vec<u8>>)>> {
+    fn fetch_claimed(&self, store: &Arc<S3Store>, pack: u64, mine: &[u64]) -> io::Result<Chunks> {
         TierMetrics::add(&self.metrics.cache_misses, mine.len() as u64);
         let mut got = Vec::new();
         let mut result = Ok(());
@@ -477,7 +479,7 @@ impl Inner {
         pack: u64,
         a: u64,
         b: u64,
-    ) -> Result<Vec<(u64, Arc<Vec<u8>>)>, TierError> {
+    ) -> Result<Chunks, TierError> {
         let c = self.cfg.chunk_size;
         let want = (b - a + 1) * c;
         let data = store.get_range_clipped(&pack_key(pack), a * c, want)?;
@@ -503,7 +505,7 @@ impl Inner {
     /// is counted.
     fn keep(&self, id: ChunkId, data: &[u8]) {
         let len = data.len() as u64;
-        let mut evicted = Vec::new();
+        let mut evicted = 0;
         {
             let mut s = lock(&self.state);
             if s.entries.contains_key(&id) {
@@ -515,7 +517,10 @@ impl Inner {
                 };
                 s.lru.remove(&tick);
                 s.forget(old);
-                evicted.push(old);
+                // Removed before the lock is let go: the space is only
+                // free for the next reservation once the file is gone.
+                let _ = std::fs::remove_file(self.chunk_path(old));
+                evicted += 1;
             }
             if s.bytes + len > self.cfg.budget {
                 // Everything left is reserved by writes under way.
@@ -524,10 +529,7 @@ impl Inner {
             }
             s.bytes += len;
         }
-        for old in &evicted {
-            let _ = std::fs::remove_file(self.chunk_path(*old));
-        }
-        TierMetrics::add(&self.metrics.cache_evictions, evicted.len() as u64);
+        TierMetrics::add(&self.metrics.cache_evictions, evicted);
         let path = self.chunk_path(id);
         let written = write_file(&path, data);
         let mut s = lock(&self.state);
