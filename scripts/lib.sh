@@ -104,3 +104,21 @@ vm_guest_kit() {
   rm -rf "$tmp" "$dir"
   mv "$dir.new" "$dir"
 }
+
+# The S3 server the object-storage tier's tests run against on loopback:
+# s3s-fs from crates.io, a real S3 implementation (SigV4, payload hashes,
+# Content-MD5, ranges, ListObjectsV2, DeleteObjects) that keeps each
+# object as a plain file ROOT/BUCKET/KEY. Installed once into
+# ~/.cargo/bin (a few minutes on two cores). Pinned, so every run tests
+# against the same server (0.17 needs a newer rustc than 1.80).
+S3S_FS_VERSION=0.14.1
+s3_test_server() {
+  need_cargo
+  local bin
+  bin="$(command -v s3s-fs || echo "$HOME/.cargo/bin/s3s-fs")"
+  if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -qx "s3s-fs $S3S_FS_VERSION"; then
+    return 0
+  fi
+  echo "installing s3s-fs $S3S_FS_VERSION (cargo install)" >&2
+  cargo install "s3s-fs@$S3S_FS_VERSION" --features binary --locked >&2
+}

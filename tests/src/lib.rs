@@ -13,6 +13,7 @@ pub mod corpus;
 pub mod guest;
 pub mod maria;
 pub mod pg;
+pub mod s3;
 pub mod stamp;
 pub mod webhook;
 

@@ -1,0 +1,199 @@
+//! A real S3 server on loopback for the object-storage tier's tests:
+//! `s3s-fs` (crates.io; scripts/test installs it with `s3_test_server`
+//! from scripts/lib.sh), which checks SigV4 signatures, payload hashes
+//! and Content-MD5, and keeps each object as a plain file
+//! `ROOT/BUCKET/KEY`, so a test can inspect, corrupt or remove objects
+//! behind the client's back.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::START_TIMEOUT;
+
+pub const ACCESS_KEY: &str = "cdm-test-access";
+pub const SECRET_KEY: &str = "cdm-test-secret-0123456789";
+pub const BUCKET: &str = "cdm-tier";
+
+/// The installed `s3s-fs`: on PATH or in ~/.cargo/bin; a clear failure
+/// otherwise (never a skip).
+fn binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| d.join("s3s-fs"))
+        .find(|p| p.is_file());
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/s3s-fs"));
+    on_path
+        .or(home.filter(|p| p.is_file()))
+        .expect("s3s-fs is not installed: scripts/test installs it (s3_test_server in scripts/lib.sh: cargo install s3s-fs@0.14.1 --features binary --locked)")
+}
+
+pub struct S3Server {
+    child: Option<Child>,
+    root: tempfile::TempDir,
+    port: u16,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl S3Server {
+    /// Starts s3s-fs on a free loopback port with a fresh root holding one
+    /// empty bucket ([`BUCKET`]: s3s-fs serves each directory of its root
+    /// as a bucket).
+    pub fn start() -> S3Server {
+        let root = tempfile::Builder::new()
+            .prefix("cdm-s3-")
+            .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .expect("tempdir");
+        std::fs::create_dir(root.path().join(BUCKET)).expect("bucket directory");
+        let mut s = S3Server {
+            child: None,
+            root,
+            port: 0,
+            access_key: ACCESS_KEY.into(),
+            secret_key: SECRET_KEY.into(),
+        };
+        // s3s-fs takes a port number and cannot report one it picked: a
+        // port free a moment ago is used, and if someone took it in
+        // between, the server exits and another is tried.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free loopback port")
+                .port();
+            s.port = port;
+            if s.spawn() {
+                return s;
+            }
+        }
+        panic!("s3s-fs did not start on 5 ports; log:\n{}", s.log());
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.root.path().join("s3s-fs.log")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Starts the server on `self.port`; false if it exited (port taken).
+    fn spawn(&mut self) -> bool {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .expect("log file");
+        let mut child = Command::new(binary())
+            .arg("--host")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--access-key")
+            .arg(&self.access_key)
+            .arg("--secret-key")
+            .arg(&self.secret_key)
+            .arg(self.root.path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start s3s-fs");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                self.child = Some(child);
+                return true;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "s3s-fs not answering after {START_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL) and waits for it; the data stays.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our child: a paused server dies too.
+            unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops the server (SIGSTOP): connections are still accepted by the
+    /// kernel but nothing answers, as with a hung server.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = self.child.as_ref().expect("s3s-fs is running").id() as i32;
+        // SAFETY: kill(2) on the child we spawned and have not reaped.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    }
+
+    /// Starts the server again on the same port and root.
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + START_TIMEOUT;
+        // The port is ours until someone else binds it; retry while the
+        // old socket lingers.
+        while !self.spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "s3s-fs did not restart on port {}; log:\n{}",
+                self.port,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn bucket(&self) -> &str {
+        BUCKET
+    }
+
+    pub fn keys(&self) -> (&str, &str) {
+        (&self.access_key, &self.secret_key)
+    }
+
+    /// The server's data directory.
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    /// Where s3s-fs keeps the object with the full key `key`.
+    pub fn object_path(&self, key: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(key)
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
