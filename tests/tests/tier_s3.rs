@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use cdm_e2e::s3::S3Server;
+use cdm_e2e::s3::{FlipProxy, S3Server};
 use cdm_e2e::wait_for;
 use cdm_tier::cache::CacheConfig;
 use cdm_tier::{
@@ -156,6 +156,33 @@ fn objects_round_trip_list_pages_and_batch_deletes() {
         )),
         "{text}"
     );
+}
+
+#[test]
+fn a_body_damaged_on_the_way_is_refused_and_never_stored() {
+    let s = S3Server::start();
+    let proxy = FlipProxy::start(s.port());
+    let mut c = config(&s);
+    c.endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    c.retries = 0;
+    let st = S3Store::new(c.clone()).unwrap();
+    let data = pack_bytes(1, 200 * KIB as usize);
+    // The proxy flips a bit of the body after we signed its SHA-256 and
+    // MD5: the server refuses it (s3s-fs answers 500 when the payload
+    // hash check fails inside its body stream; AWS says 400
+    // XAmzContentSHA256Mismatch or BadDigest), and nothing is stored.
+    match st.put(&pack_key(1), &data) {
+        Err(TierError::Http { status, .. }) if status >= 400 => {}
+        other => panic!("a damaged body must be refused: {other:?}"),
+    }
+    assert!(!s.object_path(&pack_key(1)).exists(), "nothing stored");
+    // With retries, the next attempt (on the same connection, which the
+    // proxy leaves alone) lands, and the stored bytes are exact.
+    c.retries = 2;
+    let st = S3Store::new(c).unwrap();
+    st.put(&pack_key(1), &data).unwrap();
+    assert_eq!(n(&st.metrics().retries), 1);
+    assert_eq!(std::fs::read(s.object_path(&pack_key(1))).unwrap(), data);
 }
 
 #[test]
