@@ -330,6 +330,34 @@ fn cold_reads_fetch_warm_reads_hit_and_damaged_cache_files_are_fetched_again() {
 }
 
 #[test]
+fn a_hit_checks_the_blocks_it_reads() {
+    let s = S3Server::start();
+    let st = store(&s);
+    let data = pack_bytes(8, 1024 * 1024);
+    st.put(&pack_key(8), &data).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // One 1 MiB chunk: sixteen 64 KiB blocks with a checksum each.
+    let r = reader(&st, dir.path(), 1024 * KIB, 16 << 20, 0);
+    let m = st.metrics().clone();
+    assert_eq!(r.read(8, 0, 1000).unwrap(), &data[..1000]);
+    let path = r.cache.chunk_path(8, 0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[3 * 65_536 + 5] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    // A hit in block 0 reads and checks block 0 only: served, no request.
+    assert_eq!(r.read(8, 100, 1000).unwrap(), &data[100..1100]);
+    assert_eq!((n(&m.cache_corrupt), m.requests(Op::Get)), (0, 1));
+    // A hit across blocks 2..=4 meets the damage: dropped, fetched again.
+    let off = 2 * 65_536 + 7;
+    assert_eq!(
+        r.read(8, off, 150_000).unwrap(),
+        &data[off as usize..off as usize + 150_000]
+    );
+    assert_eq!((n(&m.cache_corrupt), m.requests(Op::Get)), (1, 2));
+    assert_eq!(std::fs::read(&path).unwrap(), data);
+}
+
+#[test]
 fn two_readers_of_a_missing_chunk_fetch_it_once() {
     let s = S3Server::start();
     let st = store(&s);
