@@ -173,6 +173,10 @@ impl S3Server {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn bucket(&self) -> &str {
         BUCKET
     }
@@ -196,4 +200,60 @@ impl Drop for S3Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A TCP proxy on loopback in front of a server that flips one bit of
+/// the body of the first request of each connection when that request is
+/// a PUT: a body damaged on the way, after the client signed it.
+pub struct FlipProxy {
+    pub port: u16,
+}
+
+impl FlipProxy {
+    pub fn start(target: u16) -> FlipProxy {
+        let l = TcpListener::bind("127.0.0.1:0").expect("proxy port");
+        let port = l.local_addr().expect("proxy address").port();
+        // The listener thread lives as long as the test process.
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || flip_connection(c, target));
+            }
+        });
+        FlipProxy { port }
+    }
+}
+
+fn flip_connection(mut client: TcpStream, target: u16) {
+    use std::io::{Read, Write};
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", target)) else {
+        return;
+    };
+    let (Ok(mut from_server), Ok(mut to_client)) = (server.try_clone(), client.try_clone()) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut from_server, &mut to_client);
+        let _ = to_client.shutdown(std::net::Shutdown::Both);
+    });
+    // Read the first request's head and the first byte of its body.
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    let body_at = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if !buf.starts_with(b"PUT ") || buf.len() > p + 4 {
+                break p + 4;
+            }
+        }
+        match client.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    if buf.starts_with(b"PUT ") {
+        buf[body_at] ^= 0x01;
+    }
+    if server.write_all(&buf).is_ok() {
+        let _ = std::io::copy(&mut client, &mut server);
+    }
+    let _ = server.shutdown(std::net::Shutdown::Write);
 }

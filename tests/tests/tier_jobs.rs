@@ -211,7 +211,7 @@ fn old_points_tier_into_few_objects_and_read_back() {
     let gets0 = f.metrics.requests(cdm_tier::Op::Get);
     f.check();
     let cold = f.metrics.requests(cdm_tier::Op::Get) - gets0;
-    assert!(cold >= 1 && cold <= 32, "{cold} GETs for 16 MiB cold");
+    assert!((1..=32).contains(&cold), "{cold} GETs for 16 MiB cold");
     // Read-ahead still in flight finishes first.
     std::thread::sleep(std::time::Duration::from_secs(2));
     let gets1 = f.metrics.requests(cdm_tier::Op::Get);

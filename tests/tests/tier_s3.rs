@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use cdm_e2e::s3::S3Server;
+use cdm_e2e::s3::{FlipProxy, S3Server};
 use cdm_e2e::wait_for;
 use cdm_tier::cache::CacheConfig;
 use cdm_tier::{
@@ -159,6 +159,33 @@ fn objects_round_trip_list_pages_and_batch_deletes() {
 }
 
 #[test]
+fn a_body_damaged_on_the_way_is_refused_and_never_stored() {
+    let s = S3Server::start();
+    let proxy = FlipProxy::start(s.port());
+    let mut c = config(&s);
+    c.endpoint = format!("http://127.0.0.1:{}", proxy.port);
+    c.retries = 0;
+    let st = S3Store::new(c.clone()).unwrap();
+    let data = pack_bytes(1, 200 * KIB as usize);
+    // The proxy flips a bit of the body after we signed its SHA-256 and
+    // MD5: the server refuses it (s3s-fs answers 500 when the payload
+    // hash check fails inside its body stream; AWS says 400
+    // XAmzContentSHA256Mismatch or BadDigest), and nothing is stored.
+    match st.put(&pack_key(1), &data) {
+        Err(TierError::Http { status, .. }) if status >= 400 => {}
+        other => panic!("a damaged body must be refused: {other:?}"),
+    }
+    assert!(!s.object_path(&pack_key(1)).exists(), "nothing stored");
+    // With retries, the next attempt (on the same connection, which the
+    // proxy leaves alone) lands, and the stored bytes are exact.
+    c.retries = 2;
+    let st = S3Store::new(c).unwrap();
+    st.put(&pack_key(1), &data).unwrap();
+    assert_eq!(n(&st.metrics().retries), 1);
+    assert_eq!(std::fs::read(s.object_path(&pack_key(1))).unwrap(), data);
+}
+
+#[test]
 fn bad_credentials_and_a_missing_bucket_are_named_and_not_retried() {
     let s = S3Server::start();
     let mut c = config(&s);
@@ -300,6 +327,34 @@ fn cold_reads_fetch_warm_reads_hit_and_damaged_cache_files_are_fetched_again() {
         .metrics()
         .prometheus()
         .contains("cdm_tier_cache_hit_ratio 0."));
+}
+
+#[test]
+fn a_hit_checks_the_blocks_it_reads() {
+    let s = S3Server::start();
+    let st = store(&s);
+    let data = pack_bytes(8, 1024 * 1024);
+    st.put(&pack_key(8), &data).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // One 1 MiB chunk: sixteen 64 KiB blocks with a checksum each.
+    let r = reader(&st, dir.path(), 1024 * KIB, 16 << 20, 0);
+    let m = st.metrics().clone();
+    assert_eq!(r.read(8, 0, 1000).unwrap(), &data[..1000]);
+    let path = r.cache.chunk_path(8, 0);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[3 * 65_536 + 5] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    // A hit in block 0 reads and checks block 0 only: served, no request.
+    assert_eq!(r.read(8, 100, 1000).unwrap(), &data[100..1100]);
+    assert_eq!((n(&m.cache_corrupt), m.requests(Op::Get)), (0, 1));
+    // A hit across blocks 2..=4 meets the damage: dropped, fetched again.
+    let off = 2 * 65_536 + 7;
+    assert_eq!(
+        r.read(8, off, 150_000).unwrap(),
+        &data[off as usize..off as usize + 150_000]
+    );
+    assert_eq!((n(&m.cache_corrupt), m.requests(Op::Get)), (1, 2));
+    assert_eq!(std::fs::read(&path).unwrap(), data);
 }
 
 #[test]

@@ -19,9 +19,10 @@
 //! directory.
 //!
 //! Read-ahead: a read that starts where the last read of the same pack
-//! ended is sequential; it starts a background fetch of the next
-//! `readahead` chunks (one GET), at most one per pack and
-//! [`READAHEAD_THREADS`] in all.
+//! ended is sequential; when fewer than half of the next `readahead`
+//! chunks are cached or coming, it starts a background fetch of the
+//! `readahead` chunks from the first missing one (one GET), at most one
+//! per pack and [`READAHEAD_THREADS`] in all.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
@@ -63,12 +64,21 @@ impl CacheConfig {
     }
 }
 
-type ChunkId = (u64, u64);
+/// A cached chunk's checksums cover blocks of this size, so a hit reads
+/// and checks only the blocks a read needs, not the whole chunk.
+const BLOCK: u64 = 64 << 10;
 
-#[derive(Clone, Copy)]
+type ChunkId = (u64, u64);
+/// Chunk numbers of one pack with their bytes.
+type Chunks = Vec<(u64, Arc<Vec<u8>>)>;
+/// Part of a chunk: where in the chunk it starts, and its bytes.
+type Piece = (u64, Arc<Vec<u8>>);
+
+#[derive(Clone)]
 struct Entry {
     len: u64,
-    crc: u32,
+    /// crc32c of each [`BLOCK`] of the chunk.
+    crcs: Arc<[u32]>,
     tick: u64,
 }
 
@@ -230,10 +240,10 @@ impl PackCache {
             }
             s.streams.insert(pack, end) == Some(offset)
         };
-        let chunks = inner.gather(store, pack, first, last)?;
+        let pieces = inner.gather(store, pack, offset, end)?;
         let mut out = Vec::with_capacity(len as usize);
-        for (i, data) in chunks.iter().enumerate() {
-            let base = (first + i as u64) * c;
+        for (i, (start, data)) in pieces.iter().enumerate() {
+            let base = (first + i as u64) * c + start;
             let from = offset.saturating_sub(base) as usize;
             let to = ((end - base) as usize).min(data.len());
             if from < to {
@@ -257,17 +267,24 @@ impl PackCache {
 
     /// Starts fetching chunks `from..from + readahead` of `pack` in the
     /// background, unless one is under way for it or too many are.
-    fn read_ahead(&self, store: &Arc<S3Store>, pack: u64, from: u64) {
+    fn read_ahead(&self, store: &Arc<S3Store>, pack: u64, next: u64) {
         let inner = &self.inner;
-        let to = {
+        let n = inner.cfg.readahead as u64;
+        let mine = {
             let mut s = lock(&inner.state);
-            let mut to = from + inner.cfg.readahead as u64;
-            if let Some(end) = s.ends.get(&pack) {
-                to = to.min(end.div_ceil(inner.cfg.chunk_size));
-            }
-            let missing = (from..to)
-                .any(|k| !s.entries.contains_key(&(pack, k)) && !s.inflight.contains(&(pack, k)));
-            if !missing || s.ahead.contains(&pack) {
+            let limit = s
+                .ends
+                .get(&pack)
+                .map_or(u64::MAX, |end| end.div_ceil(inner.cfg.chunk_size));
+            let absent =
+                |k: u64| !s.entries.contains_key(&(pack, k)) && !s.inflight.contains(&(pack, k));
+            let Some(from) = (next..(next + n).min(limit)).find(|&k| absent(k)) else {
+                return;
+            };
+            // Keep a window of `n` chunks ahead, refilled a whole window
+            // at a time once the reader is past its first half: one GET
+            // of `n` chunks, not one GET per chunk read.
+            if from - next > n / 2 || s.ahead.contains(&pack) {
                 return;
             }
             if inner.readaheads.fetch_add(1, Ordering::AcqRel) >= READAHEAD_THREADS {
@@ -275,13 +292,20 @@ impl PackCache {
                 return;
             }
             s.ahead.insert(pack);
-            to
+            // Claimed here, under the lock that found them missing, so a
+            // reader arriving before the thread runs waits for them
+            // instead of fetching them one by one.
+            let to = (from + n).min(limit);
+            let mine: Vec<u64> = (from..to)
+                .filter(|&k| !s.entries.contains_key(&(pack, k)) && s.inflight.insert((pack, k)))
+                .collect();
+            mine
         };
         let (inner, store) = (self.inner.clone(), store.clone());
+        let claimed: Vec<ChunkId> = mine.iter().map(|&k| (pack, k)).collect();
         let spawned = std::thread::Builder::new()
             .name("tier-readahead".into())
             .spawn(move || {
-                let mine = inner.claim(pack, from, to);
                 for run in runs(&mine) {
                     match inner.fetch_run(&store, pack, run.0, run.1) {
                         Ok(got) => {
@@ -296,6 +320,7 @@ impl PackCache {
             });
         if let Err(e) = spawned {
             warn!("cannot start a read-ahead thread: {e}");
+            self.inner.release(&claimed);
             lock(&self.inner.state).ahead.remove(&pack);
             self.inner.readaheads.fetch_sub(1, Ordering::AcqRel);
         }
@@ -323,18 +348,6 @@ impl Inner {
         self.cfg.dir.join(format!("{pack:016x}-{chunk:08x}"))
     }
 
-    /// Claims the chunks of `from..to` that are neither cached nor being
-    /// fetched; returns their numbers.
-    fn claim(&self, pack: u64, from: u64, to: u64) -> Vec<u64> {
-        let mut s = lock(&self.state);
-        (from..to)
-            .filter(|&k| {
-                let id = (pack, k);
-                !s.entries.contains_key(&id) && s.inflight.insert(id)
-            })
-            .collect()
-    }
-
     fn release(&self, ids: &[ChunkId]) {
         if ids.is_empty() {
             return;
@@ -347,49 +360,60 @@ impl Inner {
         self.released.notify_all();
     }
 
-    /// Chunks `first..=last` of `pack`, in order (the last may be short).
+    /// The chunks that hold bytes `offset..end` of `pack`, in order: each
+    /// as a piece that covers at least the part of the range in it (a
+    /// fetched chunk whole, a hit the blocks needed; the pack's last
+    /// chunk may be short).
     fn gather(
         &self,
         store: &Arc<S3Store>,
         pack: u64,
-        first: u64,
-        last: u64,
-    ) -> io::Result<Vec<Arc<Vec<u8>>>> {
+        offset: u64,
+        end: u64,
+    ) -> io::Result<Vec<Piece>> {
+        let c = self.cfg.chunk_size;
+        let (first, last) = (offset / c, (end - 1) / c);
         let n = (last - first + 1) as usize;
-        let mut have: Vec<Option<Arc<Vec<u8>>>> = vec![None; n];
+        let mut have: Vec<Option<Piece>> = vec![None; n];
+        // The part of chunk k the read needs.
+        let need = |k: u64| (offset.saturating_sub(k * c), (end - k * c).min(c));
         // A few rounds: a hit whose file vanished under eviction, or a
         // chunk another reader fetched but could not keep, goes round
         // again; after that the reader fetches for itself.
+        // Chunks past a pack's known end are not asked for (a 416).
+        let wanted = |k: u64, have: &[Option<Piece>]| {
+            have[(k - first) as usize].is_none()
+                && lock(&self.state)
+                    .ends
+                    .get(&pack)
+                    .is_none_or(|&end| k * c < end)
+        };
         for _round in 0..4 {
-            let todo: Vec<u64> = (first..=last)
-                .filter(|&k| have[(k - first) as usize].is_none())
-                .collect();
+            let todo: Vec<u64> = (first..=last).filter(|&k| wanted(k, &have)).collect();
             if todo.is_empty() {
                 break;
             }
             let (hits, mine, theirs) = self.classify(pack, &todo);
             for (k, e) in hits {
-                if let Some(d) = self.load(pack, k, e) {
+                if let Some(p) = self.load(pack, k, &e, need(k)) {
                     TierMetrics::add(&self.metrics.cache_hits, 1);
-                    have[(k - first) as usize] = Some(d);
+                    have[(k - first) as usize] = Some(p);
                 }
             }
             let fetched = self.fetch_claimed(store, pack, &mine);
             for (k, d) in fetched.iter().flatten() {
-                have[(k - first) as usize] = Some(d.clone());
+                have[(k - first) as usize] = Some((0, d.clone()));
             }
             fetched?;
             for k in theirs {
                 self.wait_released((pack, k));
             }
         }
-        let todo: Vec<u64> = (first..=last)
-            .filter(|&k| have[(k - first) as usize].is_none())
-            .collect();
+        let todo: Vec<u64> = (first..=last).filter(|&k| wanted(k, &have)).collect();
         for (a, b) in runs(&todo) {
             TierMetrics::add(&self.metrics.cache_misses, b - a + 1);
             for (k, d) in self.fetch_run(store, pack, a, b).map_err(store_error)? {
-                have[(k - first) as usize] = Some(d);
+                have[(k - first) as usize] = Some((0, d));
             }
         }
         // Chunks past the pack's end stay empty; the caller sees the read
@@ -405,7 +429,7 @@ impl Inner {
         let (mut hits, mut mine, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
         for &k in todo {
             let id = (pack, k);
-            if let Some(e) = s.entries.get(&id).copied() {
+            if let Some(e) = s.entries.get(&id).cloned() {
                 s.touch(id);
                 hits.push((k, e));
             } else if s.inflight.insert(id) {
@@ -419,12 +443,7 @@ impl Inner {
 
     /// Fetches the claimed chunks (misses) and releases them, whatever
     /// happens.
-    fn fetch_claimed(
-        &self,
-        store: &Arc<S3Store>,
-        pack: u64,
-        mine: &[u64],
-    ) -> io::Result<Vec<(u64, Arc<Vec<u8>>)>> {
+    fn fetch_claimed(&self, store: &Arc<S3Store>, pack: u64, mine: &[u64]) -> io::Result<Chunks> {
         TierMetrics::add(&self.metrics.cache_misses, mine.len() as u64);
         let mut got = Vec::new();
         let mut result = Ok(());
@@ -448,16 +467,37 @@ impl Inner {
         }
     }
 
-    /// A cached chunk's bytes if its file is whole; a file that fails its
-    /// checksum is dropped (counted), a vanished one just missed.
-    fn load(&self, pack: u64, k: u64, e: Entry) -> Option<Arc<Vec<u8>>> {
+    /// The blocks of a cached chunk that cover `from..to` (offsets in the
+    /// chunk), if the file has the chunk's length and those blocks pass
+    /// their checksums; a file that fails is dropped (counted), a
+    /// vanished one just missed.
+    fn load(&self, pack: u64, k: u64, e: &Entry, (from, to): (u64, u64)) -> Option<Piece> {
+        use std::os::unix::fs::FileExt;
         let path = self.chunk_path((pack, k));
-        match std::fs::read(&path) {
-            Ok(d) if d.len() as u64 == e.len && crc32c::crc32c(&d) == e.crc => Some(Arc::new(d)),
-            Ok(d) => {
+        let (lo, hi) = (from / BLOCK, to.min(e.len).div_ceil(BLOCK));
+        let start = lo * BLOCK;
+        let stop = (hi * BLOCK).min(e.len);
+        let read = std::fs::File::open(&path).and_then(|f| {
+            let size = f.metadata()?.len();
+            let mut buf = vec![0u8; stop.saturating_sub(start) as usize];
+            if size == e.len {
+                f.read_exact_at(&mut buf, start)?;
+            }
+            Ok((size, buf))
+        });
+        let whole = |size: u64, buf: &[u8]| {
+            size == e.len
+                && buf
+                    .chunks(BLOCK as usize)
+                    .zip(e.crcs.get(lo as usize..).unwrap_or(&[]))
+                    .all(|(b, &crc)| crc32c::crc32c(b) == crc)
+        };
+        match read {
+            Ok((size, buf)) if whole(size, &buf) => Some((start, Arc::new(buf))),
+            Ok((size, _)) => {
                 warn!(
                     path = %path.display(),
-                    len = d.len(),
+                    size,
                     "cached chunk failed its checksum; fetching it again"
                 );
                 TierMetrics::add(&self.metrics.cache_corrupt, 1);
@@ -494,7 +534,7 @@ impl Inner {
         pack: u64,
         a: u64,
         b: u64,
-    ) -> Result<Vec<(u64, Arc<Vec<u8>>)>, TierError> {
+    ) -> Result<Chunks, TierError> {
         let c = self.cfg.chunk_size;
         let want = (b - a + 1) * c;
         let data = match store.get_range_clipped(&pack_key(pack), a * c, want) {
@@ -527,7 +567,7 @@ impl Inner {
     /// is counted.
     fn keep(&self, id: ChunkId, data: &[u8]) {
         let len = data.len() as u64;
-        let mut evicted = Vec::new();
+        let mut evicted = 0;
         {
             let mut s = lock(&self.state);
             if s.entries.contains_key(&id) {
@@ -539,7 +579,10 @@ impl Inner {
                 };
                 s.lru.remove(&tick);
                 s.forget(old);
-                evicted.push(old);
+                // Removed before the lock is let go: the space is only
+                // free for the next reservation once the file is gone.
+                let _ = std::fs::remove_file(self.chunk_path(old));
+                evicted += 1;
             }
             if s.bytes + len > self.cfg.budget {
                 // Everything left is reserved by writes under way.
@@ -548,10 +591,7 @@ impl Inner {
             }
             s.bytes += len;
         }
-        for old in &evicted {
-            let _ = std::fs::remove_file(self.chunk_path(*old));
-        }
-        TierMetrics::add(&self.metrics.cache_evictions, evicted.len() as u64);
+        TierMetrics::add(&self.metrics.cache_evictions, evicted);
         let path = self.chunk_path(id);
         let written = write_file(&path, data);
         let mut s = lock(&self.state);
@@ -563,7 +603,7 @@ impl Inner {
                     id,
                     Entry {
                         len,
-                        crc: crc32c::crc32c(data),
+                        crcs: data.chunks(BLOCK as usize).map(crc32c::crc32c).collect(),
                         tick,
                     },
                 );

@@ -166,7 +166,8 @@ mod tests {
     #[test]
     fn bad_configs_are_refused_with_the_reason() {
         let ok = S3Config::new("http://h:1", "b", "a", "s");
-        let cases: [(&str, fn(&mut S3Config)); 6] = [
+        type Edit = fn(&mut S3Config);
+        let cases: [(&str, Edit); 6] = [
             ("not an http", |c| c.endpoint = "ftp://h".into()),
             ("not a bucket", |c| c.bucket = "a/b".into()),
             ("required", |c| c.secret_key.clear()),

@@ -57,7 +57,9 @@ impl TierError {
         use std::io::ErrorKind;
         let kind = match &self {
             TierError::Unreachable(_) => ErrorKind::TimedOut,
-            TierError::ShortRead { .. } => ErrorKind::UnexpectedEof,
+            TierError::ShortRead { .. } | TierError::Http { status: 416, .. } => {
+                ErrorKind::UnexpectedEof
+            }
             TierError::Http { status: 404, .. } => ErrorKind::NotFound,
             TierError::BadCredentials { .. } => ErrorKind::PermissionDenied,
             _ => ErrorKind::Other,

@@ -20,11 +20,17 @@ use crate::{xml, S3Config, TierError};
 /// retries of one call (each attempt signs afresh anyway).
 const SIGN_FOR: Duration = Duration::from_secs(15 * 60);
 
+/// A transfer slower than this (bytes/s) is taken for a stalled one.
+const STALL_RATE: u64 = 256 << 10;
+
 /// S3 takes at most this many keys per DeleteObjects request.
 pub const DELETE_BATCH: usize = 1000;
 
 /// The most of an error body read (they are a few hundred bytes).
 const ERROR_BODY_MAX: u64 = 64 << 10;
+
+/// Keys (relative or full) with their sizes.
+pub type Listing = Vec<(String, u64)>;
 
 /// One attempt's request: signed URL and the headers to send.
 struct Prepared {
@@ -98,9 +104,13 @@ fn status_error(status: u16, resp: ureq::Response, bucket: &str) -> TierError {
         .read_to_string(&mut body);
     let (code, message) = xml::error_fields(&body);
     match code.as_str() {
-        "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "AccessDenied" => {
-            TierError::BadCredentials { code, message }
-        }
+        // NotSignedUp: what AWS (and s3s) say of an unknown access key.
+        "InvalidAccessKeyId"
+        | "SignatureDoesNotMatch"
+        | "AccessDenied"
+        | "NotSignedUp"
+        | "InvalidToken"
+        | "ExpiredToken" => TierError::BadCredentials { code, message },
         "NoSuchBucket" => TierError::NoSuchBucket(bucket.to_string()),
         // A HEAD answer has no body to say why.
         "" if status == 403 => TierError::BadCredentials {
@@ -172,6 +182,15 @@ impl S3Store {
         format!("{}{key}", self.cfg.prefix)
     }
 
+    /// The whole-request deadline for moving `bytes`: the timeout plus
+    /// the time at [`STALL_RATE`]. Needed besides the per-operation
+    /// timeouts because ureq 2 clears them on pooled connections and does
+    /// not set them again before reading the next answer's head: a hung
+    /// server would hold a reused connection forever.
+    fn deadline(&self, bytes: u64) -> Duration {
+        self.cfg.timeout + Duration::from_secs_f64(bytes as f64 / STALL_RATE as f64)
+    }
+
     /// Runs one operation with retries: `prepare` signs each attempt,
     /// `read` takes a successful answer apart. A 404 is `absent()` when
     /// given, an error otherwise. `down` is the bytes expected back, for
@@ -190,7 +209,10 @@ impl S3Store {
             self.limits.admit(body.len() as u64 + down);
             self.metrics.request(op);
             let p = prepare();
-            let mut req = self.agent.request(p.method, &p.url);
+            let mut req = self
+                .agent
+                .request(p.method, &p.url)
+                .timeout(self.deadline(body.len() as u64 + down));
             for (k, v) in &p.headers {
                 req = req.set(k, v);
             }
@@ -357,7 +379,7 @@ impl S3Store {
         prefix: &str,
         max_keys: usize,
         token: Option<&str>,
-    ) -> Result<(Vec<(String, u64)>, Option<String>), TierError> {
+    ) -> Result<(Listing, Option<String>), TierError> {
         let full = self.full_key(prefix);
         let prepare = || {
             let mut a = self.bucket.list_objects_v2(Some(&self.creds));
@@ -392,17 +414,13 @@ impl S3Store {
 
     /// Every object under `prefix` with its size, keys relative to the
     /// configured prefix, in the store's (lexical) order.
-    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, TierError> {
+    pub fn list(&self, prefix: &str) -> Result<Listing, TierError> {
         self.list_paged(prefix, 1000).map(|(v, _)| v)
     }
 
     /// [`S3Store::list`] with pages of `page` keys; also returns the
     /// number of requests it took.
-    pub fn list_paged(
-        &self,
-        prefix: &str,
-        page: usize,
-    ) -> Result<(Vec<(String, u64)>, usize), TierError> {
+    pub fn list_paged(&self, prefix: &str, page: usize) -> Result<(Listing, usize), TierError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         let mut pages = 0;
