@@ -21,7 +21,7 @@ pub mod limit;
 pub mod metrics;
 pub mod reader;
 pub mod store;
-mod xml;
+pub mod xml;
 
 pub use cache::{CacheConfig, PackCache};
 pub use config::S3Config;

@@ -400,14 +400,7 @@ impl S3Store {
                 .read_to_string(&mut body)
                 .map_err(read_error)?;
             TierMetrics::add(&self.metrics.bytes_down, body.len() as u64);
-            let page = ListObjectsV2::parse_response(&body)
-                .map_err(|e| TierError::Protocol(format!("ListObjectsV2 answer: {e}")))?;
-            let keys = page
-                .contents
-                .into_iter()
-                .map(|c| (c.key, c.size.unwrap_or(0)))
-                .collect();
-            Ok((keys, page.next_continuation_token))
+            parse_list(&body)
         };
         self.execute(Op::List, &[], 0, &prepare, None, &mut read)
     }
@@ -468,8 +461,7 @@ impl S3Store {
                 resp.into_reader()
                     .read_to_string(&mut text)
                     .map_err(read_error)?;
-                DeleteObjectsResponse::parse(&text)
-                    .map_err(|e| TierError::Protocol(format!("DeleteObjects answer: {e}")))
+                parse_delete(&text)
             };
             let answer = self.execute(Op::Delete, body.as_bytes(), 0, &prepare, None, &mut read)?;
             report.requests += 1;
@@ -500,4 +492,23 @@ impl S3Store {
         };
         self.execute(Op::Delete, &[], 0, &prepare, Some(|| ()), &mut |_| Ok(()))
     }
+}
+
+/// A ListObjectsV2 answer (outside bytes): keys with their sizes, and the
+/// continuation token of the next page.
+pub fn parse_list(body: &str) -> Result<(Listing, Option<String>), TierError> {
+    let page = ListObjectsV2::parse_response(body)
+        .map_err(|e| TierError::Protocol(format!("ListObjectsV2 answer: {e}")))?;
+    let keys = page
+        .contents
+        .into_iter()
+        .map(|c| (c.key, c.size.unwrap_or(0)))
+        .collect();
+    Ok((keys, page.next_continuation_token))
+}
+
+/// A DeleteObjects answer (outside bytes).
+pub fn parse_delete(body: &str) -> Result<DeleteObjectsResponse, TierError> {
+    DeleteObjectsResponse::parse(body)
+        .map_err(|e| TierError::Protocol(format!("DeleteObjects answer: {e}")))
 }

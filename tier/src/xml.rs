@@ -21,7 +21,7 @@ fn unescape(s: &str) -> String {
 
 /// `(code, message)` of an S3 error body; empty strings for what is
 /// missing (a HEAD answer has no body at all).
-pub(crate) fn error_fields(body: &str) -> (String, String) {
+pub fn error_fields(body: &str) -> (String, String) {
     (
         field(body, "Code").unwrap_or_default(),
         field(body, "Message").unwrap_or_default(),
