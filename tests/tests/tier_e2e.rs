@@ -319,3 +319,78 @@ fn damage_in_the_store_is_named_and_wrong_credentials_move_nothing() {
     std::fs::write(&pack, &b).expect("repair");
     assert_eq!(export_sha(&a, &format!("db@{s1}")), sha(&gens[0]));
 }
+
+#[test]
+fn kill_9_during_repack_and_gc_loses_nothing_and_leaves_nothing_dangling() {
+    require("nbdcopy");
+    let s3 = S3Server::start();
+    let mut a = appliance();
+    let api = Api::new(&a, &a.admin_token());
+    let (s1, _, gens) = history(&a, &api, "db", 64 * MIB);
+    api.expect(200, "PUT", "/v1/tier", Some(tier_config(&s3)));
+    run_job(
+        &api,
+        json!({"kind": "tier", "volume": "db", "snapshot": s1}),
+    );
+    // A clone of the tiered point, then s1 deleted: the clone alone holds
+    // the tiered objects. Rewriting 3 of every 4 blocks in it leaves each
+    // pack a quarter live: GC repacks all of them.
+    api.expect(
+        201,
+        "POST",
+        &format!("/v1/volumes/db/snapshots/{s1}/clones"),
+        Some(json!({"name": "c"})),
+    );
+    api.expect(
+        204,
+        "DELETE",
+        &format!("/v1/volumes/db/snapshots/{s1}?force=true"),
+        None,
+    );
+    let mut want = gens[0].clone();
+    let mut nbd = a.nbd("c");
+    let fresh = random_bytes((32 * MIB) as usize, 9);
+    let mut k = 0;
+    for blk in (0..32 * MIB / 65536).filter(|b| b % 4 != 0) {
+        let at = (blk * 65536) as usize;
+        nbd.write(at as u64, &fresh[k..k + 65536], false)
+            .expect("write");
+        want[at..at + 65536].copy_from_slice(&fresh[k..k + 65536]);
+        k += 65536;
+    }
+    nbd.flush().expect("flush");
+    drop(nbd);
+    // Slow the store down so the repack is under way when the daemon dies.
+    let mut slow = tier_config(&s3);
+    slow["max_mib_per_sec"] = json!(4);
+    api.expect(200, "PUT", "/v1/tier", Some(slow));
+    let j = api.expect(202, "POST", "/v1/jobs", Some(json!({"kind": "tier-gc"})));
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(
+        api.get(&format!("/v1/jobs/{}", j["id"]))["state"],
+        "running",
+        "the repack should still run"
+    );
+    a.kill();
+    fsck_clean(&a.data);
+    a.restart();
+    let api = Api::new(&a, &a.admin_token());
+    assert_eq!(export_sha(&a, "c"), sha(&want));
+    api.expect(200, "PUT", "/v1/tier", Some(tier_config(&s3)));
+    let done = run_job(&api, json!({"kind": "tier-gc"}));
+    assert!(
+        done["result"]["repacked_packs"].as_u64() > Some(0),
+        "{done}"
+    );
+    assert_eq!(export_sha(&a, "c"), sha(&want));
+    // Nothing dangling: a further GC finds nothing to repack or delete.
+    let again = run_job(&api, json!({"kind": "tier-gc"}));
+    assert_eq!(again["result"]["repacked_packs"], 0, "{again}");
+    assert_eq!(again["result"]["gc"]["deleted"], 0, "{again}");
+    assert_eq!(
+        again["result"]["gc"]["kept"], again["result"]["gc"]["listed"],
+        "{again}"
+    );
+    a.stop();
+    fsck_clean(&a.data);
+}
