@@ -32,6 +32,11 @@ pub const MAX_BLOCK_ADDR: u64 = 1 << 51;
 pub const TIER_BASE: u64 = MAX_BLOCK_ADDR;
 /// Tier ids stay below this (2^40 objects).
 pub const MAX_TIER_ID: u64 = 1 << 40;
+/// Packs are numbered below this, and an object lies below this offset in
+/// its pack (a checksum-valid but impossible entry must not overflow a
+/// reader's arithmetic).
+pub const MAX_PACKS: u64 = 1 << 48;
+pub const MAX_PACK_OFFSET: u64 = 1 << 40;
 /// Incompatible feature flag: the pool has a tier map (older code must
 /// not open it).
 pub const INCOMPAT_TIER: u32 = 1;
@@ -175,6 +180,7 @@ impl Superblock {
             || rd_u64(b, 136) >= MAX_BLOCK_ADDR
             || rd_u64(b, 148) >= MAX_BLOCK_ADDR
             || rd_u64(b, 160) > MAX_TIER_ID
+            || rd_u64(b, 168) > MAX_PACKS
         {
             return Err(SbError::Torn);
         }
@@ -793,6 +799,8 @@ impl Node {
                         let t = TierEnt::decode(v);
                         node.keys[i] < MAX_TIER_ID
                             && t.len > 0
+                            && t.offset < MAX_PACK_OFFSET
+                            && t.pack < MAX_PACKS
                             && t.orig >= RESERVED_BLOCKS
                             && t.orig < MAX_BLOCK_ADDR
                             && (t.local == 0

@@ -117,6 +117,10 @@ pub struct Runtime {
     pub metrics: Arc<TierMetrics>,
     jobs: Mutex<()>,
     recalling: Mutex<BTreeSet<u64>>,
+    /// Points a tier run found nothing to move for (all their data shared
+    /// with what stays, or recalled): the sweep does not start jobs for
+    /// them again (until a restart).
+    settled: Mutex<BTreeSet<u64>>,
     cache_dir: OnceLock<PathBuf>,
 }
 
@@ -135,6 +139,7 @@ pub fn runtime() -> &'static Runtime {
         metrics: Arc::new(TierMetrics::default()),
         jobs: Mutex::new(()),
         recalling: Mutex::new(BTreeSet::new()),
+        settled: Mutex::new(BTreeSet::new()),
         cache_dir: OnceLock::new(),
     })
 }
@@ -199,6 +204,11 @@ impl Runtime {
             store: store.clone(),
         });
         Ok(store)
+    }
+
+    /// Whether a tier run found nothing to move for point `id`.
+    pub fn settled(&self, id: u64) -> bool {
+        lock(&self.settled).contains(&id)
     }
 
     /// Whether a tier job is running.
@@ -309,6 +319,9 @@ pub fn run_tier(
         progress: &report,
     };
     let rep = tier_points(pool, &store, &points, sizes(settings), &ctl).map_err(failed)?;
+    if rep.objects == 0 {
+        lock(&rt.settled).extend(points.iter().copied());
+    }
     tracing::info!(volume, points = ?rep.points, objects = rep.objects, bytes = rep.bytes,
         packs = rep.packs, "tiered");
     json(&rep)

@@ -156,6 +156,11 @@ impl PackCache {
             ));
         }
         std::fs::create_dir_all(&cfg.dir)?;
+        // Chunks of unencrypted volumes are plaintext: the owner only.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&cfg.dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let mut removed = 0;
         for e in std::fs::read_dir(&cfg.dir)? {
             let e = e?;

@@ -316,7 +316,15 @@ pub fn gc_and_repack(
         }
         rep.repacked_packs += 1;
         for e in &live[&p].1 {
-            let data = store.get_range(&pack_key(e.pack), e.offset, e.len as u64)?;
+            let data = match store.get_range(&pack_key(e.pack), e.offset, e.len as u64) {
+                Ok(d) => d,
+                Err(err) => {
+                    if let Some((pack, _, _)) = cur.take() {
+                        pool.tier_release_pack(pack);
+                    }
+                    return Err(err.into());
+                }
+            };
             if crc32c::crc32c(&data) != e.crc {
                 rep.damaged.push(format!(
                     "tiered object {} in pack {:016x} at {} fails its checksum",

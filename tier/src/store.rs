@@ -232,7 +232,7 @@ impl S3Store {
                 Err(ureq::Error::Status(status, resp)) => {
                     Err(status_error(status, resp, &self.cfg.bucket))
                 }
-                Err(ureq::Error::Transport(t)) => Err(TierError::Unreachable(t.to_string())),
+                Err(ureq::Error::Transport(t)) => Err(TierError::Unreachable(transport_error(&t))),
             };
             match out {
                 Ok(v) => return Ok(v),
@@ -511,4 +511,17 @@ pub fn parse_list(body: &str) -> Result<(Listing, Option<String>), TierError> {
 pub fn parse_delete(body: &str) -> Result<DeleteObjectsResponse, TierError> {
     DeleteObjectsResponse::parse(body)
         .map_err(|e| TierError::Protocol(format!("DeleteObjects answer: {e}")))
+}
+
+/// A transport failure's message without the request's query string: a
+/// presigned URL carries the access key id and a signature valid for
+/// minutes, which must not reach logs, job results or read errors.
+fn transport_error(t: &ureq::Transport) -> String {
+    let url = t.url().map(|u| {
+        let mut u = u.clone();
+        u.set_query(None);
+        format!("{u}: ")
+    });
+    let msg = t.message().map(|m| format!(": {m}")).unwrap_or_default();
+    format!("{}{}{msg}", url.unwrap_or_default(), t.kind())
 }

@@ -78,7 +78,10 @@ impl Pool {
         let bs64 = bs as u64;
         let b0 = offset / bs64;
         let b1 = (offset + buf.len() as u64 - 1) / bs64 + 1;
-        let mut last_err = None;
+        let mut last_err: Option<Error> = None;
+        // A tiered read that failed: the map entries it used (a repack may
+        // have moved them and GC deleted the old pack meanwhile).
+        let mut failed_view: Option<TierView> = None;
         for _attempt in 0..2 {
             // Blocks of one unit never have pieces: no second lookup.
             let (map, pieces, tv) = self.locked_no_io(|g| {
@@ -95,6 +98,10 @@ impl Pool {
                 let tv = tier::tier_view(g, exts)?;
                 Ok((map, pieces, tv))
             })?;
+            if failed_view.as_ref().is_some_and(|old| *old == tv) {
+                // Nothing moved: the store itself failed.
+                return Err(last_err.unwrap_or(Error::Failed));
+            }
             let r = self
                 .read_mapped(t, &map, &tv, bs64, offset, buf)
                 .and_then(|()| self.read_pieces(t, &pieces, &tv, bs, offset, buf));
@@ -103,6 +110,10 @@ impl Pool {
                 // The extent may have been freed and reused by a concurrent
                 // write and commit: look the mapping up again once.
                 Err(e @ Error::DataChecksum { .. }) => last_err = Some(e),
+                Err(Error::Tier(m)) if !tv.is_empty() => {
+                    failed_view = Some(tv);
+                    last_err = Some(Error::Tier(m));
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -311,6 +311,9 @@ impl Pool {
     pub fn tier_reserve_pack(&self) -> Result<u64> {
         let mut g = self.lock_writable()?;
         let id = g.store.next_pack;
+        if id >= MAX_PACKS {
+            return Err(Error::NoSpace);
+        }
         g.store.next_pack += 1;
         g.store.tier_reserved.insert(id);
         Ok(id)
@@ -336,76 +339,90 @@ impl Pool {
             .filter(|id| g.snapshots.contains_key(id))
             .collect();
         let scan = g.tier_scan(&eligible)?;
-        let mut moved: HashMap<u64, u64> = HashMap::new();
-        let mut out = TierCommit::default();
-        for &TierPlaced {
-            addr,
-            pack,
-            offset,
-            crc: csum,
-        } in placed
-        {
-            let Some(o) = scan.objects.get(&addr) else {
-                out.skipped += 1;
-                continue;
-            };
-            if g.store.next_tier_id >= MAX_TIER_ID {
-                return Err(Error::NoSpace);
+        // From the first moved refcount on, a failure would leave the trees
+        // naming freed blocks: the pool then reloads its last durable state
+        // (as a revert that fails halfway does).
+        let r = (|g: &mut Inner| -> Result<TierCommit> {
+            let mut moved: HashMap<u64, u64> = HashMap::new();
+            let mut out = TierCommit::default();
+            for &TierPlaced {
+                addr,
+                pack,
+                offset,
+                crc: csum,
+            } in placed
+            {
+                let Some(o) = scan.objects.get(&addr) else {
+                    out.skipped += 1;
+                    continue;
+                };
+                if g.store.next_tier_id >= MAX_TIER_ID {
+                    return Err(Error::NoSpace);
+                }
+                let id = g.store.next_tier_id;
+                g.store.next_tier_id += 1;
+                let rv = g
+                    .store
+                    .rc_get(addr)?
+                    .ok_or_else(|| internal("tiered object lost its refcount"))?;
+                g.store.rc_put(addr, None);
+                g.store.rc_put(TIER_BASE + id, Some(rv));
+                g.store.free_blocks_later(addr, rv.blocks as u64);
+                if o.dedup {
+                    g.store.dd_freed.push(addr);
+                }
+                g.store.tier_pending.insert(
+                    id,
+                    Some(TierEnt {
+                        pack,
+                        offset,
+                        len: o.blocks * UNIT as u32,
+                        orig: addr,
+                        local: 0,
+                        crc: csum,
+                    }),
+                );
+                moved.insert(addr, TIER_BASE + id);
+                out.objects += 1;
+                out.bytes += o.bytes();
             }
-            let id = g.store.next_tier_id;
-            g.store.next_tier_id += 1;
-            let rv = g
-                .store
-                .rc_get(addr)?
-                .ok_or_else(|| internal("tiered object lost its refcount"))?;
-            g.store.rc_put(addr, None);
-            g.store.rc_put(TIER_BASE + id, Some(rv));
-            g.store.free_blocks_later(addr, rv.blocks as u64);
-            if o.dedup {
-                g.store.dd_freed.push(addr);
+            let mut memo = HashMap::new();
+            for id in eligible {
+                let Some(s) = g.snapshots.get(&id) else {
+                    continue;
+                };
+                let root = Ptr {
+                    addr: s.root,
+                    csum: s.root_csum,
+                };
+                if root.is_null() || moved.is_empty() {
+                    continue;
+                }
+                if let Some(new) = g.tier_rewrite(root, &moved, &scan.nodes, &mut memo)? {
+                    let s = g
+                        .snapshots
+                        .get_mut(&id)
+                        .ok_or_else(|| internal("snapshot vanished"))?;
+                    s.root = new;
+                    s.root_csum = 0;
+                    s.tiered = true;
+                    g.catalog_dirty.insert(KEY_SNAPSHOT | id, true);
+                    out.snapshots.push(id);
+                }
             }
-            g.store.tier_pending.insert(
-                id,
-                Some(TierEnt {
-                    pack,
-                    offset,
-                    len: o.blocks * UNIT as u32,
-                    orig: addr,
-                    local: 0,
-                    crc: csum,
-                }),
-            );
-            moved.insert(addr, TIER_BASE + id);
-            out.objects += 1;
-            out.bytes += o.bytes();
-        }
-        let mut memo = HashMap::new();
-        for id in eligible {
-            let Some(s) = g.snapshots.get(&id) else {
-                continue;
-            };
-            let root = Ptr {
-                addr: s.root,
-                csum: s.root_csum,
-            };
-            if root.is_null() || moved.is_empty() {
-                continue;
-            }
-            if let Some(new) = g.tier_rewrite(root, &moved, &scan.nodes, &mut memo)? {
-                let s = g
-                    .snapshots
-                    .get_mut(&id)
-                    .ok_or_else(|| internal("snapshot vanished"))?;
-                s.root = new;
-                s.root_csum = 0;
-                s.tiered = true;
-                g.catalog_dirty.insert(KEY_SNAPSHOT | id, true);
-                out.snapshots.push(id);
-            }
-        }
+            Ok(out)
+        })(&mut g);
         for p in placed {
             g.store.tier_reserved.remove(&p.pack);
         }
+        let out = match r {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::error!(error = %e, "a tiering commit failed halfway; the pool reloads its last durable state");
+                g.failed = true;
+                return Err(e);
+            }
+        };
         g.ops += 1;
         g.log.structural = true;
         g.commit()?;
@@ -436,9 +453,19 @@ impl Pool {
 
     /// Packs the pool references (map entries and reserved packs): what
     /// GC must keep.
+    /// A removal not yet committed still counts: until its commit, a crash
+    /// or a reload brings the entry back, and its pack must still be there.
     pub fn tier_packs(&self) -> Result<BTreeSet<u64>> {
-        let mut packs: BTreeSet<u64> = self.tier_entries()?.iter().map(|e| e.pack).collect();
-        packs.extend(self.lock()?.store.tier_reserved.iter().copied());
+        let mut g = self.lock()?;
+        let mut packs = BTreeSet::new();
+        let root = g.store.tier_root;
+        g.store
+            .range(TreeKind::Tier, root, 0, u64::MAX, &mut |_, b| {
+                packs.insert(TierEnt::decode(b).pack);
+                Ok(())
+            })?;
+        packs.extend(g.store.tier_pending.values().flatten().map(|t| t.pack));
+        packs.extend(g.store.tier_reserved.iter().copied());
         Ok(packs)
     }
 
@@ -520,9 +547,18 @@ impl Pool {
             }
             return Err(e);
         }
-        for (id, mut t, at) in placed {
-            t.local = at;
-            g.store.tier_pending.insert(id, Some(t));
+        for (id, was, at) in placed {
+            // The entry as it is now: its point may have been deleted (the
+            // entry gone) or another recall placed a copy while the lock
+            // was released; then these blocks are not needed (never named,
+            // so free at once).
+            match g.store.tier_get(id)? {
+                Some(mut t) if t.local == 0 => {
+                    t.local = at;
+                    g.store.tier_pending.insert(id, Some(t));
+                }
+                _ => g.store.alloc.free(at, was.blocks()),
+            }
         }
         for &p in points {
             if g.snapshots.contains_key(&p) {

@@ -134,7 +134,8 @@ impl Appliance {
                 continue;
             }
             let due = crate::tier::due_points(&self.pool, &v.name, &policy, now);
-            if !due.is_ok_and(|d| d.iter().any(|s| !s.tiered)) {
+            let rt = crate::tier::runtime();
+            if !due.is_ok_and(|d| d.iter().any(|s| !s.tiered && !rt.settled(s.id))) {
                 continue;
             }
             let job = TierJob::Tier {
@@ -163,6 +164,25 @@ impl TierBackend for Appliance {
             config: req.validated(&uuid)?,
             updated_unix: self.clock.now(),
         };
+        // Packs already in the store stay where they are: while the pool
+        // references any, the place (endpoint, bucket, prefix) is fixed —
+        // reads, recalls and GC would look elsewhere, and a GC under
+        // another pool's prefix would delete that pool's packs.
+        if let Some(old) = self.state.tier_config().map_err(stored)? {
+            let (a, b) = (&old.config, &settings.config);
+            if (&a.endpoint, &a.bucket, &a.prefix) != (&b.endpoint, &b.bucket, &b.prefix)
+                && self.tier_has_data()?
+            {
+                return Err(ApiError::conflict(format!(
+                    "points' data is in bucket {} under {} at {}: the endpoint, bucket and \
+                     prefix cannot change while the pool references packs there (credentials, \
+                     region, limits, cache and pack size can)",
+                    a.bucket,
+                    a.prefix.as_deref().unwrap_or(""),
+                    a.endpoint
+                )));
+            }
+        }
         // A client that cannot be built (virtual-host addressing on an IP
         // address, an unreadable endpoint) is refused before it is stored;
         // reads of tiered points go through the new store from now on.
