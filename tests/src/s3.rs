@@ -4,11 +4,24 @@
 //! and Content-MD5, and keeps each object as a plain file
 //! `ROOT/BUCKET/KEY`, so a test can inspect, corrupt or remove objects
 //! behind the client's back.
+//!
+//! External mode: when `CDM_S3_ENDPOINT`, `CDM_S3_BUCKET`,
+//! `CDM_S3_ACCESS_KEY` and `CDM_S3_SECRET_KEY` are set (and optionally
+//! `CDM_S3_REGION`), [`S3Server::start`] hands out that server instead —
+//! scripts/test-s3-garage runs the tier tests against a three-node Garage
+//! cluster so. Each handle has its own key prefix ([`S3Server::prefix`]),
+//! so tests sharing one bucket never see each other's objects. What needs
+//! s3s-fs's process or directory (`kill`, `pause`, `restart`, `root`,
+//! `object_path`) fails loudly there; tests reach objects through the S3
+//! API instead ([`read_object`], [`flip_object_byte`]).
 
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use cdm_tier::{S3Config, S3Store};
 
 use crate::START_TIMEOUT;
 
@@ -31,23 +44,94 @@ fn binary() -> PathBuf {
         .expect("s3s-fs is not installed: scripts/test installs it (s3_test_server in scripts/lib.sh: cargo install s3s-fs@0.14.1 --features binary --locked)")
 }
 
+/// The region s3s-fs accepts (any; the client's default).
+const DEFAULT_REGION: &str = "us-east-1";
+
+/// A server named by `CDM_S3_*` rather than started here.
+struct External {
+    endpoint: String,
+    bucket: String,
+    region: String,
+}
+
+/// Reads `CDM_S3_*`: `None` when `CDM_S3_ENDPOINT` is unset; a clear
+/// failure when it is set and the rest is not.
+fn external() -> Option<External> {
+    let endpoint = std::env::var("CDM_S3_ENDPOINT").ok()?;
+    let var = |name: &str| {
+        std::env::var(name).unwrap_or_else(|_| {
+            panic!("CDM_S3_ENDPOINT is set ({endpoint}) but {name} is not: an external S3 server needs CDM_S3_BUCKET, CDM_S3_ACCESS_KEY and CDM_S3_SECRET_KEY")
+        })
+    };
+    Some(External {
+        bucket: var("CDM_S3_BUCKET"),
+        region: std::env::var("CDM_S3_REGION").unwrap_or_else(|_| DEFAULT_REGION.into()),
+        endpoint: endpoint.trim_end_matches('/').to_string(),
+    })
+}
+
+/// A key prefix no other handle in any test process gets.
+fn unique_prefix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "cdm-test/{}-{}-{nanos}/",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The port of an `http://HOST:PORT/...` endpoint.
+fn endpoint_port(endpoint: &str) -> u16 {
+    let authority = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, r)| r)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    authority
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or_else(|| panic!("CDM_S3_ENDPOINT {endpoint:?} has no :PORT"))
+}
+
 pub struct S3Server {
     child: Option<Child>,
     root: tempfile::TempDir,
     port: u16,
     pub access_key: String,
     pub secret_key: String,
+    external: Option<External>,
+    prefix: String,
 }
 
 impl S3Server {
     /// Starts s3s-fs on a free loopback port with a fresh root holding one
     /// empty bucket ([`BUCKET`]: s3s-fs serves each directory of its root
-    /// as a bucket).
+    /// as a bucket) — or, with `CDM_S3_*` set, hands out that server.
     pub fn start() -> S3Server {
         let root = tempfile::Builder::new()
             .prefix("cdm-s3-")
             .tempdir_in(std::env::var("CDM_TEST_DIR").unwrap_or_else(|_| "/var/tmp".into()))
             .expect("tempdir");
+        if let Some(x) = external() {
+            return S3Server {
+                child: None,
+                root,
+                port: endpoint_port(&x.endpoint),
+                access_key: std::env::var("CDM_S3_ACCESS_KEY").unwrap_or_default(),
+                secret_key: std::env::var("CDM_S3_SECRET_KEY").unwrap_or_default(),
+                external: Some(x),
+                prefix: unique_prefix(),
+            };
+        }
+        Self::start_s3s_fs(root)
+    }
+
+    fn start_s3s_fs(root: tempfile::TempDir) -> S3Server {
         std::fs::create_dir(root.path().join(BUCKET)).expect("bucket directory");
         let mut s = S3Server {
             child: None,
@@ -55,6 +139,8 @@ impl S3Server {
             port: 0,
             access_key: ACCESS_KEY.into(),
             secret_key: SECRET_KEY.into(),
+            external: None,
+            prefix: unique_prefix(),
         };
         // s3s-fs takes a port number and cannot report one it picked: a
         // port free a moment ago is used, and if someone took it in
@@ -124,8 +210,30 @@ impl S3Server {
         }
     }
 
+    /// True when `CDM_S3_*` named the server (not s3s-fs started here).
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
+
+    /// Fails the test with the reason when the server is external: what
+    /// `what` does needs s3s-fs's process or directory, and passing
+    /// without doing it would prove nothing.
+    fn require_local(&self, what: &str) {
+        if let Some(x) = &self.external {
+            panic!(
+                "{what} needs the s3s-fs server the harness starts, but CDM_S3_ENDPOINT names an external server ({}); this test cannot run against it (scripts/test-s3-garage leaves it out)",
+                x.endpoint
+            );
+        }
+    }
+
     /// Kills the server (SIGKILL) and waits for it; the data stays.
     pub fn kill(&mut self) {
+        self.require_local("killing the S3 server");
+        self.stop();
+    }
+
+    fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             // SAFETY: kill(2) on our child: a paused server dies too.
             unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
@@ -137,6 +245,7 @@ impl S3Server {
     /// Stops the server (SIGSTOP): connections are still accepted by the
     /// kernel but nothing answers, as with a hung server.
     pub fn pause(&self) {
+        self.require_local("pausing the S3 server");
         self.signal(libc::SIGSTOP);
     }
 
@@ -170,7 +279,10 @@ impl S3Server {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        match &self.external {
+            Some(x) => x.endpoint.clone(),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -178,7 +290,31 @@ impl S3Server {
     }
 
     pub fn bucket(&self) -> &str {
-        BUCKET
+        self.external.as_ref().map_or(BUCKET, |x| &x.bucket)
+    }
+
+    pub fn region(&self) -> &str {
+        self.external.as_ref().map_or(DEFAULT_REGION, |x| &x.region)
+    }
+
+    /// This handle's own key prefix (`cdm-test/…/`): tests put their
+    /// objects under it so that tests sharing a bucket stay apart.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A client configuration for this server: endpoint, bucket, keys,
+    /// region and [`S3Server::prefix`].
+    pub fn config(&self) -> S3Config {
+        let mut c = S3Config::new(
+            &self.endpoint(),
+            self.bucket(),
+            &self.access_key,
+            &self.secret_key,
+        );
+        c.region = self.region().to_string();
+        c.prefix = self.prefix.clone();
+        c
     }
 
     pub fn keys(&self) -> (&str, &str) {
@@ -187,19 +323,46 @@ impl S3Server {
 
     /// The server's data directory.
     pub fn root(&self) -> &Path {
+        self.require_local("the server's data directory");
         self.root.path()
     }
 
     /// Where s3s-fs keeps the object with the full key `key`.
     pub fn object_path(&self, key: &str) -> PathBuf {
+        self.require_local("an object's file on the server");
         self.root.path().join(BUCKET).join(key)
     }
 }
 
 impl Drop for S3Server {
     fn drop(&mut self) {
-        self.kill();
+        self.stop();
     }
+}
+
+/// The whole object `key` (relative to the store's prefix), read through
+/// the S3 API; a clear failure when it is missing.
+pub fn read_object(store: &S3Store, key: &str) -> Vec<u8> {
+    let len = store
+        .head(key)
+        .unwrap_or_else(|e| panic!("HEAD {key}: {e}"))
+        .unwrap_or_else(|| panic!("object {key} is not in the store"));
+    store
+        .get_range(key, 0, len)
+        .unwrap_or_else(|e| panic!("GET {key}: {e}"))
+}
+
+/// Damage behind the client's back that works on any server: reads the
+/// object, XORs byte `at` with `mask`, and puts it back. Returns the
+/// bytes now stored.
+pub fn flip_object_byte(store: &S3Store, key: &str, at: usize, mask: u8) -> Vec<u8> {
+    let mut b = read_object(store, key);
+    assert!(at < b.len(), "{key} has {} bytes, not {}", b.len(), at + 1);
+    b[at] ^= mask;
+    store
+        .put(key, &b)
+        .unwrap_or_else(|e| panic!("PUT {key}: {e}"));
+    b
 }
 
 /// A TCP proxy on loopback in front of a server that flips one bit of

@@ -1,5 +1,7 @@
 //! The object-storage tier end to end: snapshotd with a real S3 server
-//! (s3s-fs on loopback). Old points tier by job and by policy, read back
+//! (s3s-fs on loopback, or the server `CDM_S3_*` names:
+//! scripts/test-s3-garage). Objects are counted and damaged through the
+//! S3 API, under the test's own prefix, so that both servers serve. Old points tier by job and by policy, read back
 //! bit-exact over NBD (nbdcopy) and as an instant-recovery clone, show
 //! where their data is, survive `kill -9` in the middle of tiering, are
 //! recalled; damage in the store is named by scrub; wrong credentials
@@ -7,7 +9,7 @@
 
 use std::process::Command;
 
-use cdm_e2e::s3::S3Server;
+use cdm_e2e::s3::{flip_object_byte, S3Server};
 use cdm_e2e::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -30,8 +32,25 @@ fn appliance() -> Appliance {
 
 fn tier_config(s3: &S3Server) -> Value {
     let (a, k) = s3.keys();
-    json!({"endpoint": s3.endpoint(), "bucket": s3.bucket(), "access_key": a,
-        "secret_key": k, "path_style": true, "pack_mib": 16, "cache_bytes": 64 * MIB})
+    json!({"endpoint": s3.endpoint(), "bucket": s3.bucket(), "region": s3.region(),
+        "prefix": s3.prefix(), "access_key": a, "secret_key": k, "path_style": true,
+        "pack_mib": 16, "cache_bytes": 64 * MIB})
+}
+
+/// A client of the appliance's store: the server's keys, the prefix the
+/// appliance uses.
+fn store(api: &Api, s3: &S3Server) -> cdm_tier::S3Store {
+    let mut c = s3.config();
+    c.prefix = api.get("/v1/tier")["prefix"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    cdm_tier::S3Store::new(c).expect("store")
+}
+
+/// Objects under the appliance's prefix, listed through the S3 API.
+fn count_objects(api: &Api, s3: &S3Server) -> usize {
+    store(api, s3).list("").expect("list").len()
 }
 
 fn wait_job(api: &Api, id: u64) -> Value {
@@ -135,7 +154,7 @@ fn tiered_points_read_over_nbd_and_instant_recovery_then_recall() {
     assert_eq!(location(&api, "db", s1), "tiered");
     assert_eq!(location(&api, "db", s2), "local");
     // The store holds two objects for 512 extents of 64 KiB.
-    assert_eq!(count_files(&s3.root().join(s3.bucket())), 2);
+    assert_eq!(count_objects(&api, &s3), 2);
 
     // Bit-exact over NBD, cold then warm, and as an instant recovery.
     assert_eq!(export_sha(&a, &format!("db@{s1}")), sha(&gens[0]));
@@ -165,24 +184,25 @@ fn tiered_points_read_over_nbd_and_instant_recovery_then_recall() {
     );
     assert_eq!(done["result"]["bytes"], 32 * MIB, "{done}");
     assert_eq!(location(&api, "db", s1), "local");
+    // The place of the packs cannot change while the pool references
+    // them (reads, recalls and GC would look elsewhere).
+    let mut moved = tier_config(&s3);
+    moved["endpoint"] = json!("http://127.0.0.1:9");
+    let e = api.expect(409, "PUT", "/v1/tier", Some(moved));
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("cannot change"),
+        "{e}"
+    );
+    // No store any more: credentials it refuses (which works against any
+    // server), and s3s-fs is gone.
+    let mut gone = tier_config(&s3);
+    gone["secret_key"] = json!("not-the-secret-any-more");
+    api.expect(200, "PUT", "/v1/tier", Some(gone));
     drop(s3);
     assert_eq!(export_sha(&a, &format!("db@{s1}")), sha(&gens[0]));
-}
-
-fn count_files(dir: &std::path::Path) -> usize {
-    let mut n = 0;
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if !p.to_string_lossy().contains(".s3s") {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 #[test]
@@ -229,16 +249,7 @@ fn policy_tiers_old_points_and_kill_9_mid_tiering_loses_nothing() {
     assert_eq!(export_sha(&a, &format!("db@{s1}")), sha(&gens[0]));
     // An orphan (a pack uploaded by a run killed before its commit, or
     // planted here): GC deletes it and keeps what is referenced.
-    let store = cdm_tier::S3Store::new({
-        let (ak, sk) = s3.keys();
-        let mut c = cdm_tier::S3Config::new(&s3.endpoint(), s3.bucket(), ak, sk);
-        c.prefix = api.get("/v1/tier")["prefix"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        c
-    })
-    .expect("store");
+    let store = store(&api, &s3);
     store
         .put(&cdm_tier::pack_key(0xdead), b"orphan")
         .expect("plant an orphan");
@@ -276,7 +287,7 @@ fn damage_in_the_store_is_named_and_wrong_credentials_move_nothing() {
     let msg = done["message"].as_str().unwrap_or("").to_string();
     assert!(msg.contains("credentials"), "{msg}");
     assert_eq!(location(&api, "db", s1), "local");
-    assert_eq!(count_files(&s3.root().join(s3.bucket())), 0);
+    assert_eq!(count_objects(&api, &s3), 0);
 
     api.expect(200, "PUT", "/v1/tier", Some(tier_config(&s3)));
     run_job(
@@ -284,22 +295,11 @@ fn damage_in_the_store_is_named_and_wrong_credentials_move_nothing() {
         json!({"kind": "tier", "volume": "db", "snapshot": s1}),
     );
     // Flip a byte in the pack as the store holds it.
-    let mut pack = None;
-    let mut todo = vec![s3.root().join(s3.bucket())];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).expect("read_dir") {
-            let p = e.expect("entry").path();
-            if p.is_dir() {
-                todo.push(p);
-            } else if p.to_string_lossy().contains("/packs/") {
-                pack = Some(p);
-            }
-        }
-    }
-    let pack = pack.expect("a pack in the store");
-    let mut b = std::fs::read(&pack).expect("pack");
-    b[(5 * MIB + 7) as usize] ^= 0x40;
-    std::fs::write(&pack, &b).expect("damage");
+    let st = store(&api, &s3);
+    let packs = st.list(cdm_tier::PACKS_DIR).expect("list");
+    let (pack, _) = packs.first().expect("a pack in the store");
+    let at = (5 * MIB + 7) as usize;
+    flip_object_byte(&st, pack, at, 0x40);
     let done = run_job(&api, json!({"kind": "scrub"}));
     let text = done["result"].to_string();
     assert!(text.contains(&format!("db@{s1}")), "{done}");
@@ -315,8 +315,7 @@ fn damage_in_the_store_is_named_and_wrong_credentials_move_nothing() {
         http(&a.url(), "GET", "/v1/pool", Some(&a.admin_token()), None).0,
         200
     );
-    b[(5 * MIB + 7) as usize] ^= 0x40;
-    std::fs::write(&pack, &b).expect("repair");
+    flip_object_byte(&st, pack, at, 0x40);
     assert_eq!(export_sha(&a, &format!("db@{s1}")), sha(&gens[0]));
 }
 

@@ -1,4 +1,5 @@
-//! The tier's jobs against a real S3 server (s3s-fs on loopback) and a
+//! The tier's jobs against a real S3 server (s3s-fs on loopback, or the
+//! server `CDM_S3_*` names: scripts/test-s3-garage) and a
 //! pool on a file: old points' own data packed into few large objects,
 //! read back bit-exact through the cache (cold, then warm), damage in the
 //! store named by scrub, recall, repack and GC, wrong credentials and a
@@ -7,7 +8,7 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use cdm_e2e::s3::S3Server;
+use cdm_e2e::s3::{flip_object_byte, read_object, S3Server};
 use cdm_tier::{
     engine_reader, gc_and_repack, recall_point, tier_points, CacheConfig, Control, JobError,
     PackCache, PackSizes, S3Config, S3Store, TierError, TierMetrics, TierReader, PACKS_DIR,
@@ -44,9 +45,7 @@ struct Fixture {
 }
 
 fn config(s3: &S3Server) -> S3Config {
-    let (a, k) = s3.keys();
-    let mut c = S3Config::new(&s3.endpoint(), s3.bucket(), a, k);
-    c.prefix = "cdm/test-pool/".into();
+    let mut c = s3.config();
     c.retries = 1;
     c.timeout = std::time::Duration::from_secs(5);
     c
@@ -232,19 +231,15 @@ fn old_points_tier_into_few_objects_and_read_back() {
 
     // Damage behind our back: scrub names the point and the offset.
     let (key, _) = &f.packs()[0];
-    let path = s3.object_path(&format!("cdm/test-pool/{key}"));
-    let mut bytes = std::fs::read(&path).unwrap();
     let at = 3 * BS as usize + 1000;
-    bytes[at] ^= 0x55;
-    std::fs::write(&path, &bytes).unwrap();
+    flip_object_byte(&f.store, key, at, 0x55);
     let scrub = f.pool.scrub().unwrap();
     assert_eq!(scrub.errors.len(), 1, "{:?}", scrub.errors);
     assert!(scrub.errors[0].target.ends_with(&format!("@{}", f.s1)));
     assert!(scrub.errors[0]
         .what
         .contains("tiered data checksum mismatch"));
-    bytes[at] ^= 0x55;
-    std::fs::write(&path, &bytes).unwrap();
+    flip_object_byte(&f.store, key, at, 0x55);
     assert!(f.pool.scrub().unwrap().errors.is_empty());
 
     // Recall: the point reads with the store gone.
@@ -275,7 +270,7 @@ fn encrypted_volumes_put_no_plaintext_in_the_store() {
     f.check();
     let mut all = Vec::new();
     for (key, _) in f.packs() {
-        all.extend(std::fs::read(s3.object_path(&format!("cdm/test-pool/{key}"))).unwrap());
+        all.extend(read_object(&f.store, &key));
     }
     for b in (0..16 * MIB / BS).step_by(7) {
         let needle = &f.gens[0][(b * BS) as usize..(b * BS) as usize + 48];
@@ -318,8 +313,8 @@ fn repack_and_gc_reclaim_what_deleted_points_left() {
 }
 
 #[test]
-fn wrong_credentials_move_nothing_and_a_lost_store_fails_only_its_reads() {
-    let mut s3 = S3Server::start();
+fn wrong_credentials_move_nothing() {
+    let s3 = S3Server::start();
     let f = fixture(&s3, DataPolicy::default());
     let (cancel, progress) = ctl();
     let c = Control {
@@ -340,7 +335,18 @@ fn wrong_credentials_move_nothing_and_a_lost_store_fails_only_its_reads() {
     );
     assert!(!f.pool.snapshot(f.s1).unwrap().tiered);
     f.check();
+}
 
+/// Kills the server: s3s-fs only (scripts/test-s3-garage leaves it out).
+#[test]
+fn a_lost_store_fails_only_its_reads() {
+    let mut s3 = S3Server::start();
+    let f = fixture(&s3, DataPolicy::default());
+    let (cancel, progress) = ctl();
+    let c = Control {
+        cancel: &cancel,
+        progress: &progress,
+    };
     tier_points(&f.pool, &f.store, &[f.s1], PackSizes::default(), &c).unwrap();
     f.attach(64 * MIB);
     s3.kill();
