@@ -119,7 +119,9 @@ impl Inner {
             };
         }
         for (a, b) in objs {
-            if !nodes.contains(&a) {
+            // Tiered objects take no pool blocks (their recalled copies
+            // are not counted as data either).
+            if !nodes.contains(&a) && !is_tier_addr(a) {
                 total += b;
             }
         }
