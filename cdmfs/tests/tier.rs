@@ -69,9 +69,10 @@ fn read_all(pool: &Pool, t: Target, len: u64) -> cdmfs::Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Tiers `points` the way the daemon does: plan, read each object, pack,
-/// "upload", commit. Returns the pack number.
-fn tier(pool: &Pool, store: &Packs, points: &[u64]) -> (u64, cdmfs::TierCommit) {
+/// Plans `points`, reads each object and "uploads" them as one pack, as
+/// the daemon does; returns the objects and where they went (not yet
+/// committed).
+fn upload(pool: &Pool, store: &Packs, points: &[u64]) -> (Vec<cdmfs::TierObject>, Vec<TierPlaced>) {
     let objects = pool.tier_plan(points).unwrap();
     let pack = pool.tier_reserve_pack().unwrap();
     let mut bytes = Vec::new();
@@ -87,6 +88,13 @@ fn tier(pool: &Pool, store: &Packs, points: &[u64]) -> (u64, cdmfs::TierCommit) 
         bytes.extend_from_slice(&b);
     }
     store.0.lock().unwrap().insert(pack, bytes);
+    (objects, placed)
+}
+
+/// Tiers `points`: [`upload`], then commit. Returns the pack number.
+fn tier(pool: &Pool, store: &Packs, points: &[u64]) -> (u64, cdmfs::TierCommit) {
+    let (_, placed) = upload(pool, store, points);
+    let pack = placed.first().map_or(u64::MAX, |p| p.pack);
     let done = pool.tier_commit(points, &placed).unwrap();
     (pack, done)
 }
@@ -304,21 +312,7 @@ fn a_clone_made_after_planning_keeps_its_objects_local() {
     let store = Arc::new(Packs::default());
     pool.set_tier(Some(store.clone()));
     let (_, s1, _, gens) = history(&pool, "db", DataPolicy::default());
-    let objects = pool.tier_plan(&[s1]).unwrap();
-    let pack = pool.tier_reserve_pack().unwrap();
-    let mut bytes = Vec::new();
-    let mut placed = Vec::new();
-    for o in &objects {
-        let b = pool.tier_read_object(o).unwrap();
-        placed.push(TierPlaced {
-            addr: o.addr,
-            pack,
-            offset: bytes.len() as u64,
-            crc: crc32c::crc32c(&b),
-        });
-        bytes.extend_from_slice(&b);
-    }
-    store.0.lock().unwrap().insert(pack, bytes);
+    let (objects, placed) = upload(&pool, &store, &[s1]);
     // Between upload and commit, a clone of s1 appears.
     pool.clone_snapshot(s1, "late").unwrap();
     let done = pool.tier_commit(&[s1], &placed).unwrap();
@@ -395,21 +389,7 @@ fn power_cuts_during_tiering_lose_nothing() {
         let dev = Arc::new(CrashDev::from_image(image.clone()));
         let pool = open(dev.clone(), None);
         pool.set_tier(Some(store.clone()));
-        let objects = pool.tier_plan(&[s1]).unwrap();
-        let pack = pool.tier_reserve_pack().unwrap();
-        let mut bytes = Vec::new();
-        let mut placed = Vec::new();
-        for o in &objects {
-            let b = pool.tier_read_object(o).unwrap();
-            placed.push(TierPlaced {
-                addr: o.addr,
-                pack,
-                offset: bytes.len() as u64,
-                crc: crc32c::crc32c(&b),
-            });
-            bytes.extend_from_slice(&b);
-        }
-        store.0.lock().unwrap().insert(pack, bytes);
+        let (_, placed) = upload(&pool, &store, &[s1]);
         dev.cut_after(cut);
         let finished = pool.tier_commit(&[s1], &placed).is_ok() && !dev.is_dead();
         drop(pool);
