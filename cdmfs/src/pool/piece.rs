@@ -245,10 +245,7 @@ impl Pool {
             // the pool block it was written at.
             let (mut stored, ext) = match tv.get(&p.ext.addr.wrapping_sub(TIER_BASE)) {
                 Some(ent) if p.ext.is_tiered() => {
-                    let mut b = self.tier_stored(ent, &p.ext, false)?;
-                    if crc(&b) != p.ext.csum && ent.local == 0 {
-                        b = self.tier_stored(ent, &p.ext, true)?;
-                    }
+                    let b = self.tier_read(ent, &p.ext)?;
                     (b, super::tier::as_written(&p.ext, ent))
                 }
                 _ => {

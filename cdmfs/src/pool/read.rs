@@ -247,11 +247,7 @@ impl Pool {
                 .get(&(e.addr - TIER_BASE))
                 .ok_or_else(|| internal("tiered extent without its map entry"))?;
             if last.as_ref().is_none_or(|(key, _)| *key != (e.addr, e.aux)) {
-                let mut stored = self.tier_stored(ent, &e, false)?;
-                if crc(&stored) != e.csum && ent.local == 0 {
-                    // A cache may hold damaged bytes: ask the store itself.
-                    stored = self.tier_stored(ent, &e, true)?;
-                }
+                let mut stored = self.tier_read(ent, &e)?;
                 verify(t, &(k, e), &stored, bs)?;
                 let plain = if e.is_plain() {
                     stored

@@ -624,6 +624,18 @@ impl Pool {
         }
     }
 
+    /// What a read of tiered extent `e` gets: its stored bytes through the
+    /// cache, or from the store itself when the cached ones fail the
+    /// extent's checksum (a cache may hold damaged bytes). The caller
+    /// verifies the result.
+    pub(super) fn tier_read(&self, t: &TierEnt, e: &Extent) -> Result<Vec<u8>> {
+        let b = self.tier_stored(t, e, false)?;
+        if crc(&b) == e.csum || t.local != 0 {
+            return Ok(b);
+        }
+        self.tier_stored(t, e, true)
+    }
+
     /// The stored bytes of extent `e` (tiered) from its map entry `t`:
     /// the recalled copy if there is one, else the object store.
     pub(super) fn tier_stored(&self, t: &TierEnt, e: &Extent, direct: bool) -> Result<Vec<u8>> {
