@@ -586,15 +586,7 @@ impl Pool {
     /// while it runs are not reused until it ends, so nothing it reads can be
     /// overwritten under it.
     pub fn scrub_with(&self, progress: &dyn Fn(u64, u64)) -> Result<ScrubReport> {
-        struct Pin<'a>(&'a Pool);
-        impl Drop for Pin<'_> {
-            fn drop(&mut self) {
-                if let Ok(mut g) = self.0.lock() {
-                    g.pins = g.pins.saturating_sub(1);
-                }
-            }
-        }
-        let (roots, total) = {
+        let (roots, total, _pin) = {
             let mut g = self.lock()?;
             // Wait out a flush commit in flight, then commit under the lock
             // so every root is on the device.
@@ -604,15 +596,14 @@ impl Pool {
                 g = self.lock()?;
             }
             g.commit()?;
-            g.pins += 1;
+            let pin = self.pin_locked(&mut g);
             let roots = g.roots();
             let total: u64 = roots
                 .iter()
                 .map(|r| g.allocated_blocks_of(&r.name).unwrap_or(0) * r.block_size as u64)
                 .sum();
-            (roots, total)
+            (roots, total, pin)
         };
-        let _pin = Pin(self);
         let mut rep = ScrubReport::default();
         let mut seen_nodes: HashMap<u64, bool> = HashMap::new();
         // Each stored chunk once: None if it verified, else what is wrong.

@@ -88,7 +88,9 @@ fn run_to_cut(seed: u64, h: &mut Harness, crash: &CrashDev, rng: &mut impl Rng, 
                 matches!(&e, Error::Io(io) if io.to_string() == "simulated power cut"),
                 "seed {seed}: {op:?} failed with {e:?}, not with the power cut"
             );
-            if matches!(op, Op::Flush) {
+            // A defragmentation step commits what it moved: cut there,
+            // the state is the one before it or the one it made durable.
+            if matches!(op, Op::Flush | Op::Defrag { .. }) {
                 in_flight = Some(before);
                 in_log = h.pool().log_stats().0 > records;
             }

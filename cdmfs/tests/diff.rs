@@ -315,6 +315,12 @@ fn a_clone_diffs_against_its_origin_and_block_sizes_must_match() {
 /// snapshot whose nodes are evicted from the small cache, the device armed
 /// so that the next read (a diff's node read, outside the pool lock) stops.
 fn gated_pool_with_evicted_snapshot() -> (Arc<GateDev>, Arc<Pool>, u64, u64) {
+    gated_pool(false)
+}
+
+/// The same; `scattered` writes `v` block by block from the end, so every
+/// block is a run of its own (defragmentation has work).
+fn gated_pool(scattered: bool) -> (Arc<GateDev>, Arc<Pool>, u64, u64) {
     let dev = Arc::new(GateDev::new(64 << 20));
     Pool::format(&*dev, &FormatOptions { max_fanout: 4 }).unwrap();
     let opts = OpenOptions {
@@ -323,7 +329,15 @@ fn gated_pool_with_evicted_snapshot() -> (Arc<GateDev>, Arc<Pool>, u64, u64) {
     };
     let p = Arc::new(Pool::open(dev.clone(), &opts).unwrap());
     let v = p.create_volume("v", 4 << 20, 4096).unwrap();
-    p.write(v.id, 0, &data(1, 0, 4 << 20)).unwrap();
+    let d = data(1, 0, 4 << 20);
+    if scattered {
+        for b in (0..1024).rev() {
+            p.write(v.id, b * 4096, &d[b as usize * 4096..][..4096])
+                .unwrap();
+        }
+    } else {
+        p.write(v.id, 0, &d).unwrap();
+    }
     p.commit().unwrap();
     let s = p
         .create_snapshot("v", "", serde_json::json!({}))
@@ -365,6 +379,51 @@ fn a_snapshot_deleted_during_a_diff_ends_it_with_an_error() {
         Err(Error::NotFound(m)) => assert!(m.contains("deleted"), "{m}"),
         other => panic!("a diff of a deleted snapshot gave {other:?}"),
     }
+}
+
+/// Defragmentation relocating a snapshot's extents (its tree replaced,
+/// the old nodes freed) while a diff reads that snapshot's old nodes
+/// outside the pool lock: the diff's pin keeps them readable, and its
+/// answer is the same.
+#[test]
+fn a_relocation_during_a_diff_keeps_its_answer() {
+    let (dev, p, v, s) = gated_pool(true);
+    let q = p.clone();
+    let walker = std::thread::spawn(move || q.diff(None, s));
+    dev.wait_reached();
+    // (The gate stops one read: the walker's. The rest go on.)
+    let root0 = p.physical_map(Target::Snapshot(s)).unwrap().nodes;
+    let mut next = 0;
+    let mut moved = 0;
+    loop {
+        let st = p.defragment_step(v, next, 1 << 20).unwrap();
+        moved += st.bytes_moved;
+        next = st.next_block;
+        if st.done {
+            break;
+        }
+    }
+    assert!(moved >= 2 << 20, "moved {moved}");
+    // The snapshot's tree was replaced.
+    assert_ne!(p.physical_map(Target::Snapshot(s)).unwrap().nodes, root0);
+    for _ in 0..4 {
+        p.write(v, 0, &data(3, 0, 1 << 20)).unwrap();
+        p.commit().unwrap();
+    }
+    // The old nodes are not reusable while the diff runs, however many
+    // commits pass...
+    for _ in 0..4 {
+        p.commit().unwrap();
+    }
+    assert!(p.space().unwrap().freeing_bytes > 0, "frees did not wait");
+    dev.release();
+    assert_eq!(walker.join().unwrap().unwrap(), vec![(0, 4 << 20)]);
+    // ... and are once it ended.
+    for _ in 0..4 {
+        p.commit().unwrap();
+    }
+    assert_eq!(p.space().unwrap().freeing_bytes, 0);
+    assert!(p.fsck().unwrap().is_clean());
 }
 
 /// A reload of the pool (after a failed sync) while a diff reads a node

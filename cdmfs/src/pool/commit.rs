@@ -471,3 +471,25 @@ impl Inner {
             || !self.store.ddr_pending.is_empty()
     }
 }
+
+/// While alive, no block that a committed root reached is reused (frees
+/// wait, see `Inner::pins`): for readers of committed trees outside the
+/// pool lock (a live scrub, a diff), whose trees a relocation or a
+/// delete may replace meanwhile.
+pub(crate) struct Pin<'a>(&'a Pool);
+
+impl Pool {
+    /// Pins with the pool lock held (`g` is this pool's).
+    pub(crate) fn pin_locked(&self, g: &mut Inner) -> Pin<'_> {
+        g.pins += 1;
+        Pin(self)
+    }
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.0.lock() {
+            g.pins = g.pins.saturating_sub(1);
+        }
+    }
+}

@@ -3,41 +3,44 @@
 //! Copy-on-write puts every rewrite somewhere new, so after months of
 //! incrementals a volume's logically consecutive blocks are scattered and a
 //! sequential read becomes many small device reads. A step rewrites the
-//! fragmented blocks of one range, in logical order, into one newly
-//! allocated contiguous run, and remaps them.
+//! fragmented blocks of one range, in logical order, into newly allocated
+//! contiguous runs, and remaps them.
 //!
-//! Only extents the live volume owns alone move: every node on the path
-//! from its root and the extent itself have one reference (not shared with
-//! a snapshot, a clone or a dedup hit). A shared extent stays in place:
-//! moving it for this volume alone would keep the old copy alive for its
-//! other owners and duplicate its space, and remapping every owner would
-//! rewrite snapshot records, which never change. So defragmenting costs no
-//! space for what the volume owns alone (the old blocks are freed with the
-//! commit that follows, like any overwrite's) and never breaks sharing.
+//! An extent moves for every owner at once (`relocate.rs`): the volume,
+//! and every snapshot and clone sharing it at the same block, are made to
+//! name the new place in one commit. So sharing is kept, a pass costs no
+//! space (the old blocks are freed by that commit, reusable `FREE_DELAY`
+//! commits later) and defragmenting the live volume also defragments the
+//! points that share its blocks, which is what a stage disk with a year
+//! of daily points needs: with every point kept, the newest shares almost
+//! the whole volume, and a pass that moved only what the volume owns alone
+//! would move nothing.
 //!
-//! Also left in place: blocks with pieces (their sub-block extents would
-//! stay scattered anyway, and rewriting the block whole folds them, which
-//! the write path does when a block gains too many), packed chunks (a pack
-//! is one object shared by the chunks in it), and extents whose stored
-//! bytes fail their checksum (moving would hide the damage from scrub).
-//! Encrypted extents are decrypted and encrypted again, because the XTS
-//! tweak is where the bytes live; everything else is copied as stored.
+//! Left in place: extents also named from elsewhere (a dedup hit at another
+//! block or in another volume: the walk over the range does not see it, so
+//! the object's count is higher than the references found), blocks with
+//! pieces (their sub-block extents would stay scattered anyway, and
+//! rewriting the block whole folds them, which the write path does when a
+//! block gains too many), packed chunks (a pack is one object shared by the
+//! chunks in it), tiered extents (not on the pool), and extents whose
+//! stored bytes fail their checksum (moving would hide the damage from
+//! scrub). Encrypted extents are decrypted and encrypted again, because the
+//! XTS tweak is where the bytes live; everything else is copied as stored.
 //!
-//! A step is an ordinary write: it holds the range lock writes take, goes
-//! through the stall gate (`begin_write`), re-checks under the pool lock
-//! that the blocks are still mapped as it read them and still unshared (a
-//! write or snapshot racing the copy wins; the copy is freed), and maps the
-//! new extents with an intent-log op (`Action::Blocks`), so a flush after
-//! it is durable, replay redoes it, and a crash before a flush loses only
-//! the step (the old extents are freed only by a later commit).
+//! A step holds the range lock writes take and goes through the stall gate
+//! (`begin_write`), copies outside the pool lock, then under it re-checks
+//! that the blocks are still mapped as it read them (a racing write wins;
+//! its copy is freed), finds the owners again (a snapshot or clone made
+//! meanwhile is among them) and relocates, and commits. A crash before
+//! that commit loses only the step.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::format::*;
 use crate::pipeline::{self, Cipher};
 
-use super::intent::{Action, LogOp};
+use super::relocate::NewPlace;
 use super::{Inner, Pool, Target};
 
 /// Most blocks one step looks at, whatever the budget: bounds how long a
@@ -65,8 +68,9 @@ pub struct DefragProgress {
     /// before and after the step.
     pub runs_before: u64,
     pub runs_after: u64,
-    /// Mapped blocks of the range left in place because another tree or
-    /// a dedup hit shares them.
+    /// Mapped blocks of the range left in place because something the
+    /// step cannot remap also names them (a dedup hit at another block or
+    /// in another volume, a piece).
     pub shared_blocks: u64,
     /// Blocks left in place for other reasons: pieces, packed chunks,
     /// bytes failing their checksum, a racing write or snapshot, or no
@@ -74,8 +78,14 @@ pub struct DefragProgress {
     pub skipped_blocks: u64,
 }
 
-/// A mapped block as a step sees it: block, extent, owned alone.
+/// A mapped block as a step sees it: block, extent, may move.
 type Entry = (u64, Extent, bool);
+
+/// A segment copied to a new run: its entries and their new extents.
+struct Copy {
+    seg: Vec<Entry>,
+    moved: Vec<(u64, Extent)>,
+}
 
 /// Smallest segment split further when no contiguous space holds it
 /// (1 MiB in 4 KiB units).
@@ -83,18 +93,18 @@ const MIN_SPLIT_UNITS: u64 = 256;
 
 /// What became of a segment.
 enum Moved {
-    /// Remapped to these extents.
+    /// Copied to these extents.
     Yes(Vec<(u64, Extent)>),
     /// No contiguous free space for it.
     NoSpace,
-    /// Left in place: damaged bytes, or a write or snapshot raced it.
+    /// Left in place: damaged bytes.
     Left,
 }
 
 impl Pool {
-    /// Rewrites the fragmented, uniquely owned blocks of
-    /// `from_block..from_block + budget_bytes / block size` of a live
-    /// volume into contiguous new space (see the module comment). Loop on
+    /// Rewrites the fragmented blocks of `from_block..from_block +
+    /// budget_bytes / block size` of a live volume into contiguous new
+    /// space, for every owner (see the module comment). Loop on
     /// `next_block` until `done`; each step is independent, so a caller
     /// may sleep between steps (rate limit), stop and resume later.
     pub fn defragment_step(
@@ -127,8 +137,8 @@ impl Pool {
         };
         let (entries, pieces) = {
             let mut g = self.lock_writable()?;
+            let entries = g.defrag_scan(vol, b0, b1)?;
             let root = g.target(Target::Volume(vol))?.root;
-            let entries = g.defrag_scan(root, b0, b1)?;
             let pieces: HashSet<u64> = g
                 .pieces_in(root, b0, b1)?
                 .iter()
@@ -139,22 +149,33 @@ impl Pool {
         p.extents = entries.len() as u64;
         p.runs_before = count_runs(entries.iter().map(|(b, e, _)| (*b, *e)));
         let mut after: Vec<(u64, Extent)> = entries.iter().map(|(b, e, _)| (*b, *e)).collect();
-        // In logical order; a segment with no contiguous free space for it
-        // is split in halves (down to 1 MiB), which still merges runs.
-        let mut todo = self.segments(&entries, &pieces, &mut p);
+        let copies = self.copy_segments(vol, &entries, &pieces, &mut p)?;
+        for (b, e) in self.relocate_copies(vol, b0, b1, copies, &mut p)? {
+            if let Ok(i) = after.binary_search_by_key(&b, |x| x.0) {
+                after[i].1 = e;
+            }
+        }
+        p.runs_after = count_runs(after.into_iter());
+        Ok(p)
+    }
+
+    /// Copies the segments worth moving to new runs, in logical order; a
+    /// segment with no contiguous free space for it is split in halves
+    /// (down to 1 MiB), which still merges runs.
+    fn copy_segments(
+        &self,
+        vol: u64,
+        entries: &[Entry],
+        pieces: &HashSet<u64>,
+        p: &mut DefragProgress,
+    ) -> Result<Vec<Copy>> {
+        let mut todo = self.segments(entries, pieces, p);
         todo.reverse();
+        let mut out = Vec::new();
         while let Some(seg) = todo.pop() {
             let units: u64 = seg.iter().map(|(_, e, _)| e.blocks() as u64).sum();
-            match self.move_segment(vol, bs, &seg, units)? {
-                Moved::Yes(moved) => {
-                    p.extents_moved += moved.len() as u64;
-                    p.bytes_moved += units * UNIT;
-                    for (b, e) in moved {
-                        if let Ok(i) = after.binary_search_by_key(&b, |x| x.0) {
-                            after[i].1 = e;
-                        }
-                    }
-                }
+            match self.copy_to_new_run(vol, &seg, units)? {
+                Moved::Yes(moved) => out.push(Copy { seg, moved }),
                 Moved::NoSpace if seg.len() >= 2 && units > MIN_SPLIT_UNITS => {
                     let (a, b) = seg.split_at(seg.len() / 2);
                     for half in [b, a] {
@@ -166,12 +187,79 @@ impl Pool {
                 Moved::NoSpace | Moved::Left => p.skipped_blocks += seg.len() as u64,
             }
         }
-        p.runs_after = count_runs(after.into_iter());
-        let need_commit = self.lock()?.needs_commit();
-        if need_commit {
-            self.commit_for_memory()?;
+        Ok(out)
+    }
+
+    /// Under the pool lock: drops copies whose blocks a write changed
+    /// meanwhile, relocates the rest for every owner and commits. The new
+    /// extents of what moved.
+    fn relocate_copies(
+        &self,
+        vol: u64,
+        b0: u64,
+        b1: u64,
+        copies: Vec<Copy>,
+        p: &mut DefragProgress,
+    ) -> Result<Vec<(u64, Extent)>> {
+        if copies.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(p)
+        let mut g = self.lock()?;
+        // `Inner::commit` must not overlap a flush's commit in flight.
+        while g.committing() {
+            drop(g);
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            g = self.lock()?;
+        }
+        let free_all = |g: &mut Inner, copies: &[Copy]| {
+            for c in copies {
+                for (_, e) in &c.moved {
+                    g.store.alloc.free(e.addr, e.blocks() as u64);
+                }
+            }
+        };
+        if let Err(e) = g.check_writable() {
+            free_all(&mut g, &copies);
+            return Err(e);
+        }
+        let mut keep = Vec::new();
+        let mut places = HashMap::new();
+        for c in copies {
+            if !g.defrag_unchanged(vol, &c.seg)? {
+                p.skipped_blocks += c.seg.len() as u64;
+                free_all(&mut g, std::slice::from_ref(&c));
+                continue;
+            }
+            for ((_, old, _), (_, new)) in c.seg.iter().zip(&c.moved) {
+                places.insert(
+                    old.addr,
+                    NewPlace {
+                        addr: new.addr,
+                        csum: new.csum,
+                        dedup: old.flags & flags::DEDUP != 0,
+                    },
+                );
+            }
+            keep.push(c);
+        }
+        let stay: HashSet<u64> = g.relocate(b0, b1, places)?.into_iter().collect();
+        let mut out = Vec::new();
+        for c in &keep {
+            for ((b, old, _), (_, new)) in c.seg.iter().zip(&c.moved) {
+                if stay.contains(&old.addr) {
+                    g.store.alloc.free(new.addr, new.blocks() as u64);
+                    p.shared_blocks += 1;
+                } else {
+                    out.push((*b, *new));
+                    p.extents_moved += 1;
+                    p.bytes_moved += new.blocks() as u64 * UNIT;
+                }
+            }
+        }
+        if !out.is_empty() {
+            g.commit()?;
+        }
+        Ok(out)
     }
 
     /// Splits a range's entries into the segments worth moving: maximal
@@ -191,8 +279,8 @@ impl Pool {
                 out.push(seg);
             }
         };
-        for &(b, e, unique) in entries {
-            if !unique {
+        for &(b, e, movable) in entries {
+            if !movable {
                 p.shared_blocks += 1;
                 close(&mut cur, &mut out);
                 continue;
@@ -206,16 +294,16 @@ impl Pool {
             if cur.last().is_some_and(|l| l.0 + 1 != b) {
                 close(&mut cur, &mut out);
             }
-            cur.push((b, e, unique));
+            cur.push((b, e, movable));
         }
         close(&mut cur, &mut out);
         out
     }
 
-    /// Copies one segment to a new contiguous run and remaps it, unless
-    /// there is no contiguous space, its bytes are damaged or a write or
-    /// snapshot raced it.
-    fn move_segment(&self, vol: u64, bs: u32, seg: &[Entry], units: u64) -> Result<Moved> {
+    /// Copies one segment to a new contiguous run (allocated, not yet
+    /// referenced), unless there is no contiguous space or its bytes are
+    /// damaged.
+    fn copy_to_new_run(&self, vol: u64, seg: &[Entry], units: u64) -> Result<Moved> {
         let addr = {
             let mut g = self.lock_writable()?;
             // Data leaves the reserve to metadata (see `health.rs`); and a
@@ -235,37 +323,14 @@ impl Pool {
                 }
             }
         };
-        let copied = match self.copy_segment(seg, addr, units) {
-            Ok(Some(c)) => c,
+        match self.copy_segment(seg, addr, units) {
+            Ok(Some(c)) => Ok(Moved::Yes(c)),
             r => {
                 self.lock()?.store.alloc.free(addr, units);
-                return r.map(|_| Moved::Left);
+                r.map(|_| Moved::Left)
             }
-        };
-        let mut g = self.lock()?;
-        let unchanged = match g.check_writable() {
-            Ok(()) => g.defrag_unchanged(vol, seg, bs)?,
-            Err(e) => {
-                g.store.alloc.free(addr, units);
-                return Err(e);
-            }
-        };
-        if !unchanged {
-            g.store.alloc.free(addr, units);
-            return Ok(Moved::Left);
         }
-        g.apply_logged(LogOp {
-            vol,
-            objects: copied
-                .iter()
-                .map(|(_, e)| (e.addr, e.blocks(), 1))
-                .collect(),
-            taken: Vec::new(),
-            action: Action::Blocks(copied.iter().map(|(b, e)| (*b, Some(*e))).collect()),
-        })?;
-        Ok(Moved::Yes(copied))
     }
-
     /// Reads a segment's stored bytes, verifies them, re-encrypts them for
     /// their new place and writes them at `addr`; the new extents, or None
     /// when some bytes fail their checksum.
@@ -333,54 +398,40 @@ impl Pool {
 }
 
 impl Inner {
-    /// The mapped whole blocks of `b0..b1` under `root`, each with whether
-    /// the tree owns it alone: every node on its path and the extent have
-    /// one reference (a snapshot or clone shares a node, a dedup hit the
-    /// extent).
-    fn defrag_scan(&mut self, root: Ptr, b0: u64, b1: u64) -> Result<Vec<Entry>> {
-        let mut out = Vec::new();
-        if !root.is_null() && b0 < b1 {
-            self.defrag_scan_node(root, false, b0, b1, &mut out)?;
+    /// The volume's mapped whole blocks of `b0..b1`, each with whether it
+    /// may move for every owner: its object is one whole extent on the
+    /// pool, named only by the trees' entries at this block (walked over
+    /// the range: see `relocate.rs`) and once in the range.
+    fn defrag_scan(&mut self, vol: u64, b0: u64, b1: u64) -> Result<Vec<Entry>> {
+        let mapped = self.mapped(vol, b0, b1)?;
+        let mut once: HashMap<u64, u32> = HashMap::new();
+        for (_, e) in &mapped {
+            *once.entry(e.addr).or_insert(0) += 1;
+        }
+        let mut candidates = HashSet::new();
+        for (_, e) in &mapped {
+            if e.is_tiered() || e.packed() || once[&e.addr] != 1 {
+                continue;
+            }
+            if self
+                .store
+                .rc_get(e.addr)?
+                .is_some_and(|v| v.blocks == e.blocks())
+            {
+                candidates.insert(e.addr);
+            }
+        }
+        let owners = self.owners(b0, b1, &candidates)?;
+        let mut out = Vec::with_capacity(mapped.len());
+        for (b, e) in mapped {
+            let movable = candidates.contains(&e.addr)
+                && self
+                    .store
+                    .rc_get(e.addr)?
+                    .is_some_and(|v| Some(&v.refs) == owners.refs.get(&e.addr));
+            out.push((b, e, movable));
         }
         Ok(out)
-    }
-
-    fn defrag_scan_node(
-        &mut self,
-        p: Ptr,
-        shared: bool,
-        b0: u64,
-        b1: u64,
-        out: &mut Vec<Entry>,
-    ) -> Result<()> {
-        let shared = shared || self.store.rc_get(p.addr)?.is_none_or(|v| v.refs != 1);
-        let n = self.store.load(TreeKind::Volume, p)?;
-        if n.is_leaf() {
-            let start = n.keys.partition_point(|&k| k < b0);
-            for i in start..n.len() {
-                if n.keys[i] >= b1 {
-                    break;
-                }
-                let e = Extent::decode(n.val(i));
-                // Tiered extents are not on the pool to move.
-                let alone = !shared
-                    && !e.is_tiered()
-                    && self
-                        .store
-                        .rc_get(e.addr)?
-                        .is_some_and(|v| v.refs == 1 && v.blocks == e.blocks());
-                out.push((n.keys[i], e, alone));
-            }
-            return Ok(());
-        }
-        let start = if n.is_empty() { 0 } else { n.child_index(b0) };
-        for i in start..n.len() {
-            if n.keys[i] >= b1 {
-                break;
-            }
-            self.defrag_scan_node(n.child(i), shared, b0, b1, out)?;
-        }
-        Ok(())
     }
 
     /// Where the extent of logical block `b` ends on the pool: the place
@@ -426,22 +477,21 @@ impl Inner {
     }
 
     /// Whether a segment's blocks are still mapped as a step read them,
-    /// owned alone and without pieces: a write or snapshot that raced the
-    /// copy wins.
-    fn defrag_unchanged(&mut self, vol: u64, seg: &[Entry], bs: u32) -> Result<bool> {
+    /// without pieces: a write that raced the copy wins. (Who shares them
+    /// is found again by the relocation itself.)
+    fn defrag_unchanged(&mut self, vol: u64, seg: &[Entry]) -> Result<bool> {
         let (Some(first), Some(last)) = (seg.first(), seg.last()) else {
             return Ok(false);
         };
-        let t = match self.target(Target::Volume(vol)) {
-            Ok(t) => t,
+        let root = match self.target(Target::Volume(vol)) {
+            Ok(t) => t.root,
             Err(Error::NotFound(_)) => return Ok(false),
             Err(e) => return Err(e),
         };
-        if t.block_size != bs {
-            return Ok(false);
-        }
-        let now = self.defrag_scan(t.root, first.0, last.0 + 1)?;
-        Ok(now.as_slice() == seg && self.pieces_in(t.root, first.0, last.0 + 1)?.is_empty())
+        let now = self.mapped(vol, first.0, last.0 + 1)?;
+        Ok(now.len() == seg.len()
+            && now.iter().zip(seg).all(|(a, b)| a.0 == b.0 && a.1 == b.1)
+            && self.pieces_in(root, first.0, last.0 + 1)?.is_empty())
     }
 }
 

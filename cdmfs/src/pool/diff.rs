@@ -21,10 +21,12 @@
 //! one side lacks, makes its block changed, whichever kind it is.
 //!
 //! The walk holds the pool lock for a bounded number of steps at a time
-//! and reads a missing node outside it (as `locked_no_io` does); at each hold it
-//! checks that both snapshots still exist with the roots it started from,
-//! so a snapshot deleted meanwhile (whose nodes may be freed and reused)
-//! ends the diff with an error instead of a wrong answer.
+//! and reads a missing node outside it (as `locked_no_io` does). It pins
+//! the pool (`commit::Pin`: no freed block is reused while it runs), so
+//! the trees it started from stay readable even when a relocation
+//! (defragmentation, tiering) gives a point a new tree with the same
+//! entries; at each hold it checks that both snapshots still exist, so a
+//! snapshot deleted meanwhile ends the diff with an error.
 
 use crate::error::{Error, Result};
 use crate::format::*;
@@ -106,7 +108,7 @@ impl Pool {
         base: Option<u64>,
         new: u64,
     ) -> Result<(Vec<(u64, u64)>, DiffStats)> {
-        let (b, n) = self.committed_roots(base, new)?;
+        let (b, n, _pin) = self.committed_roots(base, new)?;
         if let Some(b) = b {
             if b.block_size != n.block_size {
                 return Err(Error::Invalid(format!(
@@ -147,10 +149,11 @@ impl Pool {
         while !walk.todo.is_empty() {
             let miss = {
                 let mut g = self.lock()?;
+                // A point whose tree a relocation (defragmentation,
+                // tiering) replaced meanwhile is fine: the pin keeps the
+                // old tree, which holds the same entries, readable.
                 for r in &roots {
-                    if g.reloads != r.reloads
-                        || g.snapshots.get(&r.id).map(|s| s.root) != Some(r.root.addr)
-                    {
+                    if g.reloads != r.reloads || !g.snapshots.contains_key(&r.id) {
                         return Err(Error::NotFound(format!(
                             "snapshot {} (deleted, or lost to a reload after a failed sync, \
                              while a diff read it)",
@@ -214,10 +217,15 @@ impl Pool {
     /// usual sender: snapshot, then diff at once) is committed first, so
     /// the walk always goes a slice at a time and reads outside the pool
     /// lock. Committed trees reach only committed nodes and never change.
-    fn committed_roots(&self, base: Option<u64>, new: u64) -> Result<(Option<Root>, Root)> {
+    /// With them, a pin that keeps their nodes readable to the end.
+    fn committed_roots(
+        &self,
+        base: Option<u64>,
+        new: u64,
+    ) -> Result<(Option<Root>, Root, super::commit::Pin<'_>)> {
         for _ in 0..4 {
             {
-                let g = self.lock()?;
+                let mut g = self.lock()?;
                 let n = snapshot_root(&g, new)?;
                 let b = base.map(|id| snapshot_root(&g, id)).transpose()?;
                 let dirty = [b.map(|r| r.root), Some(n.root)]
@@ -225,7 +233,8 @@ impl Pool {
                     .flatten()
                     .any(|p| !p.is_null() && g.store.dirty.contains_key(&p.addr));
                 if !dirty {
-                    return Ok((b, n));
+                    let pin = self.pin_locked(&mut g);
+                    return Ok((b, n, pin));
                 }
             }
             // A commit (on a stalled pool, the retry of the stalled one).

@@ -38,6 +38,7 @@ mod piece;
 mod read;
 mod records;
 mod reduce;
+mod relocate;
 mod seal;
 mod superblock;
 mod tier;
@@ -87,8 +88,9 @@ pub(crate) struct Inner {
     /// Since when (Unix seconds) data allocations are refused for space.
     full_since: Option<u64>,
     dirty_limit: usize,
-    /// Readers outside the pool lock (a live scrub) that need every block a
-    /// committed root reached to stay unreused: frees wait while this is > 0.
+    /// Readers outside the pool lock (a live scrub, a diff) that need every
+    /// block a committed root reached to stay unreused: frees wait while
+    /// this is > 0 (`commit::Pin`).
     pub(crate) pins: usize,
     /// A commit is writing and syncing without the pool lock (see
     /// [`Pool::flush`]); no other commit may start until it publishes.

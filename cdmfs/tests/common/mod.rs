@@ -42,7 +42,8 @@ pub enum Op {
         add_kib: u32,
     },
     /// One defragmentation step from block `from` moving at most
-    /// `budget_kib` (contents unchanged: the model does nothing).
+    /// `budget_kib` (contents unchanged; a step that moves anything
+    /// commits, so it is a flush for the crash tests).
     Defrag {
         v: usize,
         from: u32,
@@ -384,8 +385,14 @@ impl Harness {
                     return Ok(None);
                 };
                 let id = self.pool().volume_id(&name)?;
-                self.pool()
+                let p = self
+                    .pool()
                     .defragment_step(id, from as u64, budget_kib as u64 * 1024)?;
+                if p.extents_moved > 0 {
+                    // A step that moved anything committed (a relocation
+                    // is made durable by a commit): like a flush.
+                    self.durable = self.model.clone();
+                }
                 Ok(Some(name))
             }
             Op::Reopen => {
