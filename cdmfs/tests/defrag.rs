@@ -209,7 +209,8 @@ fn shared_extents_move_for_every_owner() {
     assert_eq!(p.shared_blocks, 0, "{p:?}");
     assert!(p.bytes_moved >= 8 * MIB, "{p:?}");
     let f1 = pool.fragmentation(t).unwrap();
-    assert!(f1.runs <= 16, "runs {} -> {}: {p:?}", f0.runs, f1.runs);
+    // Steps chain their runs: the volume is (almost) one run.
+    assert!(f1.runs <= 2, "runs {} -> {}: {p:?}", f0.runs, f1.runs);
     assert_eq!(read_vol(&pool, t, 16 * MIB), live);
     for (pt, want) in &points {
         assert_eq!(&read_vol(&pool, *pt, 16 * MIB), want, "{pt:?}");

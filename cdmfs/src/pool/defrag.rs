@@ -87,6 +87,10 @@ struct Copy {
     moved: Vec<(u64, Extent)>,
 }
 
+/// Steps' worth of free space a step that cannot continue the previous
+/// run looks for, so that the steps after it can continue its run.
+const RUN_AHEAD: u64 = 8;
+
 /// Smallest segment split further when no contiguous space holds it
 /// (1 MiB in 4 KiB units).
 const MIN_SPLIT_UNITS: u64 = 256;
@@ -448,14 +452,24 @@ impl Inner {
     }
 
     /// Takes `n` contiguous blocks for a step: right after the previous
-    /// step's run if that is free, else next-fit. Then moves the next-fit
-    /// cursor past the `n` blocks after the run (taken and given back), so
-    /// the commits and writes in between allocate beyond them and the next
+    /// step's run if that is free. Else next-fit, preferring a place with
+    /// room for the next steps after it (`RUN_AHEAD` runs, taken and the
+    /// tail given back), so the pass's runs chain instead of starting
+    /// over in whatever hole comes next. Then moves the next-fit cursor
+    /// past the `n` blocks after the run (taken and given back), so the
+    /// commits and writes in between allocate beyond them and the next
     /// step finds its place free.
     fn take_run(&mut self, hint: Option<u64>, n: u64) -> Option<u64> {
-        let a = self
-            .alloc_at(hint, n)
-            .or_else(|| self.store.alloc.alloc(n))?;
+        let a = match self.alloc_at(hint, n) {
+            Some(a) => a,
+            None => match self.store.alloc.alloc(n.saturating_mul(RUN_AHEAD)) {
+                Some(a) => {
+                    self.store.alloc.free(a + n, n * (RUN_AHEAD - 1));
+                    a
+                }
+                None => self.store.alloc.alloc(n)?,
+            },
+        };
         if let Some(x) = self.store.alloc.alloc(n) {
             self.store.alloc.free(x, n);
         }
