@@ -190,10 +190,8 @@ pub fn run(
     Ok(v)
 }
 
-/// Whether the booted slot's entry is still counting its tries. Its last
-/// try counts too: systemd-boot renamed `+1-2` to `+0-3` before booting
-/// it, so "bad" on the booted entry means "this is the last try" (the
-/// reboot then finds it bad and boots the other slot).
+/// Whether the booted slot's entry is still counting its tries, its last
+/// try included (`EntryName::counting`).
 fn being_tried(p: &Paths) -> bool {
     let esp = p.esp();
     let Ok(booted) = p.booted() else {
@@ -202,7 +200,7 @@ fn being_tried(p: &Paths) -> bool {
     esp.entries()
         .ok()
         .and_then(|all| esp.slot_entry(&all, booted))
-        .is_some_and(|e| matches!(e.name.state(), EntryState::Trying | EntryState::Bad))
+        .is_some_and(|e| e.name.counting())
 }
 
 #[cfg(test)]

@@ -132,6 +132,15 @@ impl EntryName {
         }
     }
 
+    /// Whether boot counting still runs on this entry: not yet blessed.
+    /// On the booted entry that includes `Bad`: systemd-boot renamed
+    /// `+1-2` to `+0-3` before booting it, so it is on its last try, and a
+    /// failed health check must still reboot (the next boot takes the
+    /// other slot). The one home of that rule.
+    pub fn counting(&self) -> bool {
+        self.tries_left.is_some()
+    }
+
     pub fn state(&self) -> EntryState {
         match self.tries_left {
             None => EntryState::Good,
@@ -406,6 +415,15 @@ mod tests {
             "cdm-b+0-3.conf",
         ] {
             assert_eq!(EntryName::parse(f).unwrap().file_name(), f);
+        }
+        // Counting: every entry with a counter, the last try's `+0` too.
+        for (f, counting) in [
+            ("cdm-a.conf", false),
+            ("cdm-a+3.conf", true),
+            ("cdm-a+1-2.conf", true),
+            ("cdm-b+0-3.conf", true),
+        ] {
+            assert_eq!(EntryName::parse(f).unwrap().counting(), counting, "{f}");
         }
         for junk in [
             "cdm-c.conf",
