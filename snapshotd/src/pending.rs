@@ -307,7 +307,7 @@ fn open_append(file: &Path) -> std::io::Result<std::fs::File> {
 /// Syncs the directory holding `file`, so its creation or removal lasts.
 fn sync_dir(file: &Path) -> std::io::Result<()> {
     match file.parent() {
-        Some(d) => std::fs::File::open(d)?.sync_all(),
+        Some(d) => cdm_common::fs::sync_dir(d).map_err(|e| e.source),
         None => Ok(()),
     }
 }
