@@ -2,17 +2,30 @@
 //!
 //! Every run reads every source file in blocks, hashes each block (BLAKE3,
 //! first 128 bits) and compares it with the fingerprint file the last run
-//! left on the stage disk (`.cdm/fingerprints`); only blocks whose hash
-//! differs are written, new files are written without their zero blocks
-//! (holes), shrunk files are truncated, files and directories that are gone
-//! are removed, and owner, mode and mtime follow the source.
+//! left; only blocks whose hash differs are written (and of those only the
+//! 4 KiB units whose bytes differ from the stage's), new files are written
+//! without their zero blocks (holes), shrunk files are truncated, files and
+//! directories that are gone are removed, and owner, mode and mtime follow
+//! the source.
+//!
+//! Where: the fingerprint file is kept on the host, in the agent's state
+//! directory (`STATE/merge/VOLUME.fp`), and the stage disk holds only its
+//! BLAKE3 hash (`.cdm/fingerprints.id`, 72 bytes). The fingerprints change
+//! at scattered places on every run (one hash per changed block), so a copy
+//! on the stage disk was rewritten whole into every snapshot (16 bytes per
+//! 8 KiB of source: 2 MB per point for a 1 GB database). A stage disk of
+//! the previous layout (`.cdm/fingerprints` on the stage) is still read,
+//! and moved to the host by the next run.
 //!
 //! Trust: the run first writes and syncs `.cdm/in-progress`, and removes it
 //! only after the new fingerprint file is in place (written aside, synced,
-//! renamed). A run that finds the marker, or a fingerprint file that fails
-//! its checksum or was made with another block size, does not trust it: it
-//! compares against the bytes on the stage disk instead (slower: it reads
-//! them back), so a backup cut half way never leaves a stale block behind.
+//! renamed) and its hash recorded on the stage. A run that finds the
+//! marker, a fingerprint file that fails its checksum, is missing here (the
+//! last run was made from another host, or the state directory was lost),
+//! does not hash to what the stage records, or was made with another block
+//! size, does not trust it: it compares against the bytes on the stage disk
+//! instead (slower: it reads them back), so a backup cut half way never
+//! leaves a stale block behind.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -27,8 +40,13 @@ use crate::throttle::Throttle;
 pub const MAGIC: &[u8; 8] = b"CDMFP001";
 pub const META_DIR: &str = ".cdm";
 const FINGERPRINTS: &str = "fingerprints";
+const FINGERPRINTS_ID: &str = "fingerprints.id";
+const ID_MAGIC: &[u8; 8] = b"CDMFPID1";
 const MARKER: &str = "in-progress";
 const IO_BYTES: usize = 1 << 20;
+/// The block a stage filesystem (ext4, xfs) writes: the unit of what a
+/// merge rewrites.
+const UNIT: u64 = 4096;
 
 pub use crate::statefile::Hash;
 use crate::statefile::{self, hash, DecodeError, Untrusted};
@@ -214,10 +232,57 @@ fn sync_dir(p: &Path) -> Result<(), MergeError> {
     File::open(p).and_then(|f| f.sync_all()).map_err(io(p))
 }
 
-/// The last run's fingerprints, or why they cannot be trusted.
-fn load(root: &Path, block_size: u32) -> Result<Manifest, Untrusted> {
+/// Writes `b` to `p` durably: aside, synced, renamed, directory synced.
+fn replace(p: &Path, b: &[u8]) -> Result<(), MergeError> {
+    let mut tmp = p.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = File::create(&tmp).map_err(io(&tmp))?;
+        f.write_all(b).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+    }
+    std::fs::rename(&tmp, p).map_err(io(p))?;
+    sync_dir(p.parent().unwrap_or(Path::new("/")))
+}
+
+/// Where the agent keeps the fingerprints of the file-tree merges into
+/// stage volume `volume` (state directory `state`).
+pub fn host_fingerprints(state: &Path, volume: &str) -> PathBuf {
+    state.join("merge").join(format!("{volume}.fp"))
+}
+
+/// The last run's fingerprints, or why they cannot be trusted: the host's
+/// file when it hashes to what the stage records, or a stage of the
+/// previous layout's own file.
+fn load(root: &Path, host_fp: &Path, block_size: u32) -> Result<Manifest, Untrusted> {
     let meta = root.join(META_DIR);
-    let b = statefile::read_unless_cut(&meta.join(MARKER), &meta.join(FINGERPRINTS))?;
+    let marker = meta.join(MARKER);
+    let b = match std::fs::read(meta.join(FINGERPRINTS_ID)) {
+        Ok(id) => {
+            if marker.exists() {
+                return Err(Untrusted::Unfinished);
+            }
+            let mut r = statefile::Reader::open(&id, ID_MAGIC, 32, "fingerprint id file")?;
+            let want = r.take(32)?.to_vec();
+            r.finish()?;
+            let b = std::fs::read(host_fp).map_err(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    Untrusted::NotOnThisHost
+                } else {
+                    Untrusted::Io(e)
+                }
+            })?;
+            if blake3::hash(&b).as_bytes()[..] != want[..] {
+                return Err(Untrusted::NotTheLastRun);
+            }
+            b
+        }
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            statefile::read_unless_cut(&marker, &meta.join(FINGERPRINTS))?
+        }
+        Err(e) => return Err(Untrusted::Io(e)),
+    };
     let (bs, m) = decode_records(&b)?;
     if bs != block_size {
         return Err(Untrusted::OtherBlockSize(bs));
@@ -348,6 +413,8 @@ pub struct Merger<'a> {
     /// Directories whose entries this run added, replaced or removed.
     touched: std::collections::HashSet<PathBuf>,
     pub root: PathBuf,
+    /// The fingerprint file on the host ([`host_fingerprints`]).
+    pub host_fp: PathBuf,
     pub block_size: u32,
     pub throttle: &'a mut Throttle,
     pub progress: Option<&'a indicatif::ProgressBar>,
@@ -356,6 +423,7 @@ pub struct Merger<'a> {
 impl<'a> Merger<'a> {
     pub fn new(
         root: PathBuf,
+        host_fp: PathBuf,
         block_size: u32,
         throttle: &'a mut Throttle,
         progress: Option<&'a indicatif::ProgressBar>,
@@ -363,6 +431,7 @@ impl<'a> Merger<'a> {
         Merger {
             touched: Default::default(),
             root,
+            host_fp,
             block_size,
             throttle,
             progress,
@@ -380,7 +449,7 @@ impl<'a> Merger<'a> {
         more: &mut dyn FnMut() -> Result<Vec<Entry>, MergeError>,
     ) -> Result<MergeStats, MergeError> {
         let meta_dir = self.root.join(META_DIR);
-        let old = load(&self.root, self.block_size);
+        let old = load(&self.root, &self.host_fp, self.block_size);
         let mut st = MergeStats {
             block_size: self.block_size,
             fingerprints: match &old {
@@ -453,15 +522,20 @@ impl<'a> Merger<'a> {
             }
         }
 
-        let fp = meta_dir.join(FINGERPRINTS);
-        let tmp = meta_dir.join("fingerprints.tmp");
-        {
-            let mut f = File::create(&tmp).map_err(io(&tmp))?;
-            f.write_all(&encode(self.block_size, &records))
-                .map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
+        // The fingerprints on the host, then their hash on the stage: a cut
+        // between the two leaves the marker, so neither is trusted.
+        let fp = encode(self.block_size, &records);
+        let host_dir = self.host_fp.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(host_dir).map_err(io(host_dir))?;
+        replace(&self.host_fp, &fp)?;
+        let mut w = statefile::Writer::new(ID_MAGIC, 32);
+        w.bytes(blake3::hash(&fp).as_bytes());
+        replace(&meta_dir.join(FINGERPRINTS_ID), &w.finish())?;
+        let legacy = meta_dir.join(FINGERPRINTS);
+        match std::fs::remove_file(&legacy) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(io(&legacy)(e)),
+            _ => {}
         }
-        std::fs::rename(&tmp, &fp).map_err(io(&fp))?;
         sync_dir(&meta_dir)?;
         std::fs::remove_file(&marker).map_err(io(&marker))?;
         sync_dir(&meta_dir)?;
@@ -645,12 +719,14 @@ impl<'a> Merger<'a> {
                         None => (at, at + blk.len()),
                     });
                 } else if let Some((s, e)) = run.take() {
-                    self.write(&tgt, dst, &buf[s..e], off + s as u64, st)?;
+                    let old = &mut tbuf[s..e];
+                    self.write(&tgt, dst, &buf[s..e], off + s as u64, tlen, old, st)?;
                     changed_any = true;
                 }
             }
             if let Some((s, e)) = run.take() {
-                self.write(&tgt, dst, &buf[s..e], off + s as u64, st)?;
+                let old = &mut tbuf[s..e];
+                self.write(&tgt, dst, &buf[s..e], off + s as u64, tlen, old, st)?;
                 changed_any = true;
             }
             off += n as u64;
@@ -671,7 +747,54 @@ impl<'a> Merger<'a> {
         Ok(changed_any)
     }
 
+    /// Writes the changed blocks `data` at `off`, but only the
+    /// filesystem blocks ([`UNIT`]) whose bytes differ from what the stage
+    /// file holds (`old` is scratch space as long as `data`): a database
+    /// page of 8 KiB often changes in one of its 4 KiB halves only, and
+    /// every unit written is one the next snapshot stores anew.
+    #[allow(clippy::too_many_arguments)]
     fn write(
+        &mut self,
+        f: &File,
+        p: &Path,
+        data: &[u8],
+        off: u64,
+        tlen: u64,
+        old: &mut [u8],
+        st: &mut MergeStats,
+    ) -> Result<(), MergeError> {
+        // What the file holds in the range (shorter past its end: the
+        // rest is new and written whole).
+        let have = tlen.saturating_sub(off).min(data.len() as u64) as usize;
+        let have = if have > 0 {
+            read_src(f, off, &mut old[..have], None, tlen).map_err(io(p))?
+        } else {
+            0
+        };
+        let mut run: Option<usize> = None;
+        let mut at = 0usize;
+        while at < data.len() {
+            // Units are aligned to the file, not to the range.
+            let pos = off + at as u64;
+            let end = (((pos / UNIT) + 1) * UNIT - off).min(data.len() as u64) as usize;
+            let same = end <= have && data[at..end] == old[at..end];
+            match (same, run) {
+                (false, None) => run = Some(at),
+                (true, Some(s)) => {
+                    self.put(f, p, &data[s..at], off + s as u64, st)?;
+                    run = None;
+                }
+                _ => {}
+            }
+            at = end;
+        }
+        if let Some(s) = run {
+            self.put(f, p, &data[s..], off + s as u64, st)?;
+        }
+        Ok(())
+    }
+
+    fn put(
         &mut self,
         f: &File,
         p: &Path,
@@ -824,6 +947,11 @@ mod tests {
         v
     }
 
+    /// The host's copy of a test stage's fingerprints (beside the stage).
+    fn host_fp(stage: &Path) -> PathBuf {
+        stage.with_extension("fp")
+    }
+
     fn run_merge(src: &Path, stage: &Path, bs: u32) -> MergeStats {
         let mut e = vec![Entry {
             rel: "files".into(),
@@ -832,7 +960,7 @@ mod tests {
         }];
         walk(src, Path::new("files"), &|_| false, &|_| false, &mut e).unwrap();
         let mut t = Throttle::new(Bandwidth::default());
-        Merger::new(stage.to_path_buf(), bs, &mut t, None)
+        Merger::new(stage.to_path_buf(), host_fp(stage), bs, &mut t, None)
             .merge(e, &mut || Ok(Vec::new()))
             .unwrap()
     }
@@ -869,6 +997,10 @@ mod tests {
             byte: u8,
         },
         Damage,
+        /// The host lost its copy of the fingerprints.
+        Lost,
+        /// The host's copy is an older run's (the first round's).
+        Stale,
         /// The directory d0 becomes a symlink (to a canary directory
         /// outside both trees, whose files must survive) or a file.
         DirReplaced {
@@ -886,6 +1018,8 @@ mod tests {
             1 => (0u8..6, 0u16..0o777).prop_map(|(file, mode)| Op::Chmod { file, mode }),
             1 => (0u8..6, any::<u8>()).prop_map(|(file, byte)| Op::Cut { file, byte }),
             1 => Just(Op::Damage),
+            1 => Just(Op::Lost),
+            1 => Just(Op::Stale),
             1 => any::<bool>().prop_map(|link| Op::DirReplaced { link }),
         ]
     }
@@ -1008,8 +1142,18 @@ mod tests {
                     std::fs::write(&d0, b"now a file").unwrap();
                 }
             }
+            Op::Lost => {
+                let _ = std::fs::remove_file(host_fp(stage));
+            }
+            Op::Stale => {
+                // The host's copy from the run before the last one.
+                let old = stage.with_extension("older");
+                if old.exists() {
+                    std::fs::copy(&old, host_fp(stage)).unwrap();
+                }
+            }
             Op::Damage => {
-                let fp = stage.join(META_DIR).join(FINGERPRINTS);
+                let fp = host_fp(stage);
                 if let Ok(mut b) = std::fs::read(&fp) {
                     let n = b.len();
                     b[n / 2] ^= 0x55;
@@ -1046,8 +1190,82 @@ mod tests {
                 let again = run_merge(&src, &stage, bs);
                 prop_assert_eq!(again.bytes_written, 0);
                 prop_assert_eq!(&again.fingerprints, "trusted");
+                let older = stage.with_extension("older");
+                if !older.exists() {
+                    std::fs::copy(host_fp(&stage), older).unwrap();
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_changed_block_rewrites_only_the_units_that_differ() {
+        let d = tempfile::tempdir().unwrap();
+        let (src, stage) = (d.path().join("src"), d.path().join("stage"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&stage).unwrap();
+        let mut page: Vec<u8> = (0..64 << 10).map(|i| (i % 251) as u8).collect();
+        std::fs::write(src.join("f"), &page).unwrap();
+        run_merge(&src, &stage, 8192);
+        // The second 4 KiB of the second 8 KiB block, and one byte of the
+        // fifth block's first unit.
+        page[12288..16384].fill(0xaa);
+        page[32768] ^= 1;
+        std::fs::write(src.join("f"), &page).unwrap();
+        let st = run_merge(&src, &stage, 8192);
+        assert_eq!(st.changed_blocks, 2);
+        assert_eq!(st.bytes_written, 8192);
+        assert_eq!(std::fs::read(stage.join("files/f")).unwrap(), page);
+        // Growing: the new tail is written whole.
+        page.extend_from_slice(&[3; 8192]);
+        std::fs::write(src.join("f"), &page).unwrap();
+        assert_eq!(run_merge(&src, &stage, 8192).bytes_written, 8192);
+        assert_eq!(std::fs::read(stage.join("files/f")).unwrap(), page);
+    }
+
+    #[test]
+    fn fingerprints_live_on_the_host_and_a_stage_of_the_old_layout_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        let (src, stage) = (d.path().join("src"), d.path().join("stage"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::create_dir_all(&stage).unwrap();
+        std::fs::write(src.join("f"), vec![9u8; 20000]).unwrap();
+        run_merge(&src, &stage, 8192);
+        let meta = stage.join(META_DIR);
+        assert!(!meta.join(FINGERPRINTS).exists());
+        assert_eq!(
+            std::fs::metadata(meta.join(FINGERPRINTS_ID)).unwrap().len(),
+            8 + 32 + 32
+        );
+        assert_eq!(run_merge(&src, &stage, 8192).fingerprints, "trusted");
+        // The previous layout: the fingerprints on the stage, no id.
+        std::fs::rename(host_fp(&stage), meta.join(FINGERPRINTS)).unwrap();
+        std::fs::remove_file(meta.join(FINGERPRINTS_ID)).unwrap();
+        assert_eq!(run_merge(&src, &stage, 8192).fingerprints, "trusted");
+        assert!(!meta.join(FINGERPRINTS).exists() && host_fp(&stage).exists());
+        // Another host (no copy here) or another run's copy: not trusted.
+        std::fs::remove_file(host_fp(&stage)).unwrap();
+        let st = run_merge(&src, &stage, 8192);
+        assert!(
+            st.fingerprints.contains("not on this host"),
+            "{}",
+            st.fingerprints
+        );
+        let mine = std::fs::read(host_fp(&stage)).unwrap();
+        std::fs::write(src.join("f"), vec![8u8; 20000]).unwrap();
+        run_merge(&src, &stage, 8192);
+        std::fs::write(host_fp(&stage), mine).unwrap();
+        std::fs::write(src.join("f"), vec![7u8; 20000]).unwrap();
+        let st = run_merge(&src, &stage, 8192);
+        assert!(
+            st.fingerprints.contains("not the last run's"),
+            "{}",
+            st.fingerprints
+        );
+        assert_eq!(
+            std::fs::read(stage.join("files/f")).unwrap(),
+            vec![7u8; 20000]
+        );
     }
 
     #[test]

@@ -331,6 +331,7 @@ pub fn backup_postgres(
         let pb = bar(ctx, total_bytes(&entries), "postgres");
         let mut merger = Merger::new(
             m.a.mount.clone(),
+            crate::merge::host_fingerprints(&ctx.state_dir, &stage.volume),
             stage.block_size,
             &mut throttle,
             pb.as_ref(),
@@ -453,6 +454,7 @@ pub fn backup_files(ctx: &Ctx, stage: &Stage, source: &Path) -> Result<Value> {
         let pb = bar(ctx, total_bytes(&entries), "files");
         let st = Merger::new(
             m.a.mount.clone(),
+            crate::merge::host_fingerprints(&ctx.state_dir, &stage.volume),
             stage.block_size,
             &mut throttle,
             pb.as_ref(),
