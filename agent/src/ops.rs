@@ -53,7 +53,7 @@ pub fn ensure_volume(
 /// write (pieces), while the volume's tree holds one entry per 64 KiB
 /// instead of per 4 KiB, so the tree leaves a point copies on write are
 /// 16× fewer (measured on a 1 GB pgbench database with 1% of its pages
-/// changed per point: 10.7 MB of tree nodes per point at 4 KiB, 0.6–2.0 MB
+/// changed per point: 6.0 MB of tree nodes per point at 4 KiB, 0.2–0.3 MB
 /// at 64 KiB; docs/benchmarks.md, issue 14).
 pub const STAGE_BLOCK_SIZE: u32 = 65536;
 
