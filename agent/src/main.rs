@@ -217,7 +217,7 @@ struct StageArgs {
     /// Snapshot label.
     #[arg(long)]
     label: Option<String>,
-    /// Block size of a new stage volume [default: 4096].
+    /// Block size of a new stage volume [default: 65536].
     #[arg(long)]
     stage_block_size: Option<u32>,
     #[command(flatten)]

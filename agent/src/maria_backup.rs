@@ -248,7 +248,13 @@ pub fn backup_mariadb(
     }
     ops::check_name(&stage.volume)?;
     let _lock = ops::lock(ctx, &stage.volume)?;
-    let (vol, _) = ops::ensure_stage_volume(ctx, &stage.volume, stage.size, 4096, &stage.settings)?;
+    let (vol, _) = ops::ensure_stage_volume(
+        ctx,
+        &stage.volume,
+        stage.size,
+        ops::STAGE_BLOCK_SIZE,
+        &stage.settings,
+    )?;
     let last = last_point(ctx, &stage.volume, &datadir, si.server_id)?;
     let last_id = last.as_ref().map(|l| l.0);
     let work = scratch(ctx, &stage.volume);

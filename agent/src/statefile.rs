@@ -1,6 +1,6 @@
-//! The agent's two state files, one codec: the block fingerprints kept in
-//! the state directory ([`crate::block`]) and the file-tree fingerprints
-//! kept on the stage disk ([`crate::merge`]).
+//! The agent's state files, one codec: the block fingerprints and the
+//! file-tree fingerprints kept in the state directory ([`crate::block`],
+//! [`crate::merge`]), and the latter's hash kept on the stage disk.
 //!
 //! Both are `MAGIC` (8 bytes), little-endian fields, then the BLAKE3 hash
 //! of everything before it. The hash makes a half-written or damaged file
@@ -174,6 +174,10 @@ pub enum Untrusted {
     OtherGeometry,
     #[error("made with {0}-byte blocks")]
     OtherBlockSize(u32),
+    #[error("not on this host (the last run was made from another host, or the state directory was lost)")]
+    NotOnThisHost,
+    #[error("this host's copy is not the last run's (the stage disk records another)")]
+    NotTheLastRun,
     #[error("they describe snapshot {have} and the stage's newest is {latest:?}")]
     OtherSnapshot { have: u64, latest: Option<u64> },
 }
