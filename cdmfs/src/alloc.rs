@@ -170,6 +170,44 @@ impl Allocator {
         Some(found + offset)
     }
 
+    /// The longest free run, capped at `max` blocks: the first run of
+    /// `max` from the cursor on (wrapping), else the longest of the pool.
+    /// Nothing is taken. For placements that can use less than they asked
+    /// for when free space is fragmented (defragmentation).
+    pub fn longest_free(&self, max: u64) -> Option<(u64, u64)> {
+        if max == 0 {
+            return None;
+        }
+        let mut best: Option<(u64, u64)> = None;
+        for (from, to) in [(self.cursor, self.total), (self.first, self.cursor)] {
+            let (mut b, mut start, mut run) = (from, from, 0u64);
+            while b < to {
+                let w = self.bits[(b / 64) as usize];
+                let step = if b.is_multiple_of(64) && to - b >= 64 && (w == 0 || w == u64::MAX) {
+                    64
+                } else {
+                    1
+                };
+                if w & (1 << (b % 64)) == 0 {
+                    if run == 0 {
+                        start = b;
+                    }
+                    run += step;
+                    if run >= max {
+                        return Some((start, max));
+                    }
+                    if best.is_none_or(|(_, l)| run > l) {
+                        best = Some((start, run));
+                    }
+                } else {
+                    run = 0;
+                }
+                b += step;
+            }
+        }
+        best
+    }
+
     fn scan(&self, from: u64, to: u64, n: u64) -> Option<u64> {
         let mut b = from;
         let mut run_start = from;
@@ -209,6 +247,27 @@ impl Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn longest_free_finds_the_first_long_enough_or_the_longest() {
+        let mut a = Allocator::new(1000, 10);
+        assert!(a.mark(10, 990));
+        a.free(100, 5);
+        a.free(300, 200);
+        a.free(700, 40);
+        // Long enough: the first from the cursor (at 10), capped.
+        assert_eq!(a.longest_free(30), Some((300, 30)));
+        // None long enough: the longest.
+        assert_eq!(a.longest_free(500), Some((300, 200)));
+        // From the cursor on, wrapping: past 300's run the 40 comes first.
+        assert_eq!(a.alloc(200), Some(300));
+        assert_eq!(a.longest_free(30), Some((700, 30)));
+        assert_eq!(a.longest_free(1000), Some((700, 40)));
+        assert!(a.mark(700, 40));
+        assert_eq!(a.longest_free(10), Some((100, 5)));
+        assert!(a.mark(100, 5));
+        assert_eq!(a.longest_free(1), None);
+    }
 
     #[test]
     fn alloc_free_reuse() {

@@ -243,6 +243,52 @@ fn shared_extents_move_for_every_owner() {
     assert!(pool.fsck().unwrap().is_clean());
 }
 
+/// Free space in holes of 8 blocks only (another volume fills the rest)
+/// and every old version kept by a point: no hole holds a step's
+/// segment, so the segments fill the longest holes, and the volume still
+/// ends in runs of those holes' length instead of single blocks.
+#[test]
+fn fragmented_free_space_still_gives_runs_of_its_holes() {
+    let (_dev, pool) = new_pool(96);
+    let v = pool.create_volume("v", 8 * MIB, BS as u32).unwrap().id;
+    let t = Target::Volume(v);
+    let data = fragmented(&pool, v, 8, 30, 17);
+    let s = pool
+        .create_snapshot("v", "s", serde_json::Value::Null)
+        .unwrap()
+        .id;
+    settled_used(&pool);
+    // A filler volume takes the free space, then gives back 8 of every 9
+    // blocks: holes of 512 KiB.
+    let free = pool.space().unwrap().free_bytes;
+    let fmib = free / MIB - 4;
+    let f = pool.create_volume("f", fmib * MIB, BS as u32).unwrap().id;
+    for m in 0..fmib {
+        pool.write(f, m * MIB, &block(m, 77).repeat(16)).unwrap();
+    }
+    pool.flush().unwrap();
+    for k in 0..fmib * 16 / 9 {
+        pool.trim(f, 9 * k * BS, 8 * BS).unwrap();
+    }
+    settled_used(&pool);
+    let f0 = pool.fragmentation(t).unwrap();
+    assert!(f0.runs > 60, "the workload fragments: {f0:?}");
+
+    let p = full_pass(&pool, v, 2 * MIB);
+    let f1 = pool.fragmentation(t).unwrap();
+    assert!(p.bytes_moved > 4 * MIB, "{p:?}");
+    assert!(
+        f1.runs * 4 <= f0.runs,
+        "runs {} -> {}: {p:?}",
+        f0.runs,
+        f1.runs
+    );
+    assert_eq!(read_vol(&pool, t, 8 * MIB), data);
+    assert_eq!(read_vol(&pool, Target::Snapshot(s), 8 * MIB), data);
+    let rep = pool.fsck().unwrap();
+    assert!(rep.is_clean(), "{:?}", rep.errors);
+}
+
 /// An object also named from another block (a dedup hit the walk over the
 /// step's range cannot see) stays where it is, and so does everything
 /// that names it; the rest moves.

@@ -91,9 +91,10 @@ struct Copy {
 /// run looks for, so that the steps after it can continue its run.
 const RUN_AHEAD: u64 = 8;
 
-/// Smallest segment split further when no contiguous space holds it
-/// (1 MiB in 4 KiB units).
-const MIN_SPLIT_UNITS: u64 = 256;
+/// Fewest blocks a part of a segment placed in a hole smaller than the
+/// segment must hold (shorter runs would hardly read faster than the
+/// scattered blocks they replace).
+const MIN_PIECE_BLOCKS: usize = 4;
 
 /// What became of a segment.
 enum Moved {
@@ -164,8 +165,8 @@ impl Pool {
     }
 
     /// Copies the segments worth moving to new runs, in logical order; a
-    /// segment with no contiguous free space for it is split in halves
-    /// (down to 1 MiB), which still merges runs.
+    /// segment no hole holds is split to fill the longest holes (runs of
+    /// at least `MIN_PIECE_BLOCKS`), which still merges runs.
     fn copy_segments(
         &self,
         vol: u64,
@@ -173,22 +174,47 @@ impl Pool {
         pieces: &HashSet<u64>,
         p: &mut DefragProgress,
     ) -> Result<Vec<Copy>> {
-        let mut todo = self.segments(entries, pieces, p);
-        todo.reverse();
-        let mut out = Vec::new();
-        while let Some(seg) = todo.pop() {
+        let mut todo: Vec<(Vec<Entry>, Option<u64>)> = self
+            .segments(entries, pieces, p)
+            .into_iter()
+            .rev()
+            .map(|seg| (seg, None))
+            .collect();
+        let mut out: Vec<Copy> = Vec::new();
+        while let Some((seg, at)) = todo.pop() {
             let units: u64 = seg.iter().map(|(_, e, _)| e.blocks() as u64).sum();
-            match self.copy_to_new_run(vol, &seg, units)? {
+            // Where the run goes: the hole found for it, else right after
+            // the copy of the block before it (copied earlier in this
+            // step), else after that block where it is now.
+            let after_prev = out.last().and_then(|c| {
+                let (b, e) = c.moved.last()?;
+                (seg.first()?.0 == b + 1).then(|| e.addr + e.blocks() as u64)
+            });
+            match self.copy_to_new_run(vol, &seg, units, at.or(after_prev))? {
                 Moved::Yes(moved) => out.push(Copy { seg, moved }),
-                Moved::NoSpace if seg.len() >= 2 && units > MIN_SPLIT_UNITS => {
-                    let (a, b) = seg.split_at(seg.len() / 2);
-                    for half in [b, a] {
-                        if count_runs(half.iter().map(|(b, e, _)| (*b, *e))) > 1 {
-                            todo.push(half.to_vec());
+                Moved::NoSpace => {
+                    // No hole holds the segment: free space is fragmented
+                    // (say, by the old versions the points keep). Its first
+                    // blocks go to the longest hole, if that makes a run
+                    // worth having; the rest is placed after them.
+                    let per = units / seg.len() as u64;
+                    let hole = self.lock()?.store.alloc.longest_free(units);
+                    let fit = hole.map_or(0, |(_, len)| (len / per.max(1)) as usize);
+                    match hole {
+                        Some((at, _)) if fit >= MIN_PIECE_BLOCKS && fit < seg.len() => {
+                            let (a, b) = seg.split_at(fit);
+                            for (part, at) in [(b, None), (a, Some(at))] {
+                                if count_runs(part.iter().map(|(b, e, _)| (*b, *e))) > 1 {
+                                    todo.push((part.to_vec(), at));
+                                } else {
+                                    p.skipped_blocks += part.len() as u64;
+                                }
+                            }
                         }
+                        _ => p.skipped_blocks += seg.len() as u64,
                     }
                 }
-                Moved::NoSpace | Moved::Left => p.skipped_blocks += seg.len() as u64,
+                Moved::Left => p.skipped_blocks += seg.len() as u64,
             }
         }
         Ok(out)
@@ -307,13 +333,20 @@ impl Pool {
     /// Copies one segment to a new contiguous run (allocated, not yet
     /// referenced), unless there is no contiguous space or its bytes are
     /// damaged.
-    fn copy_to_new_run(&self, vol: u64, seg: &[Entry], units: u64) -> Result<Moved> {
+    fn copy_to_new_run(
+        &self,
+        vol: u64,
+        seg: &[Entry],
+        units: u64,
+        at: Option<u64>,
+    ) -> Result<Moved> {
         let addr = {
             let mut g = self.lock_writable()?;
             // Data leaves the reserve to metadata (see `health.rs`); and a
             // scattered new copy would defeat the purpose.
-            let hint = match seg.first() {
-                Some(&(b, _, _)) if b > 0 => g.defrag_hint(vol, b - 1)?,
+            let hint = match (at, seg.first()) {
+                (Some(a), _) => Some(a),
+                (None, Some(&(b, _, _))) if b > 0 => g.defrag_hint(vol, b - 1)?,
                 _ => None,
             };
             match (g.data_free() >= units)
@@ -335,6 +368,7 @@ impl Pool {
             }
         }
     }
+
     /// Reads a segment's stored bytes, verifies them, re-encrypts them for
     /// their new place and writes them at `addr`; the new extents, or None
     /// when some bytes fail their checksum.
