@@ -46,6 +46,8 @@ pub(crate) struct Store {
     /// Blocks freed in this transaction; reusable only once later commits
     /// no longer let any valid superblock reach them.
     pub pending_free: Vec<(u64, u64)>,
+    /// Blocks in `pending_free` (asked after every write: kept, not summed).
+    pub pending_free_blocks: u64,
     pub stats: StoreStats,
     /// While set, `load` never reads the device: a miss fails with
     /// [`Error::NodeMiss`] and records the node in `missing`, so callers can
@@ -98,6 +100,7 @@ impl Store {
             rc_root: Ptr::NULL,
             rc_delta: HashMap::new(),
             pending_free: Vec::new(),
+            pending_free_blocks: 0,
             stats: StoreStats::default(),
             no_io: false,
             missing: None,
@@ -217,11 +220,20 @@ impl Store {
         } else {
             self.cache.pop(&addr);
             self.pending_free.push((addr, 1));
+            self.pending_free_blocks += 1;
         }
     }
 
     pub fn free_blocks_later(&mut self, addr: u64, n: u64) {
         self.pending_free.push((addr, n));
+        self.pending_free_blocks += n;
+    }
+
+    /// The blocks freed in this transaction, for the commit that frees
+    /// them.
+    pub fn take_pending_free(&mut self) -> Vec<(u64, u64)> {
+        self.pending_free_blocks = 0;
+        std::mem::take(&mut self.pending_free)
     }
 
     // ---- reference counts -------------------------------------------------

@@ -353,7 +353,7 @@ impl Inner {
         Ok(Some(Prepared {
             out,
             sb,
-            freed: std::mem::take(&mut self.store.pending_free),
+            freed: self.store.take_pending_free(),
         }))
     }
 

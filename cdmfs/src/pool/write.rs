@@ -591,7 +591,7 @@ impl Inner {
 
     pub(super) fn needs_commit(&self) -> bool {
         let free = self.store.alloc.total() - self.store.alloc.used();
-        let pending: u64 = self.store.pending_free.iter().map(|(_, n)| n).sum();
+        let pending = self.store.pending_free_blocks;
         self.store.dirty.len() > self.dirty_limit || pending > (free / 4).max(4096)
     }
 }
